@@ -1245,13 +1245,21 @@ GLOBAL_FLAGS = ("--format", "--help", "-h")
 
 def bind(command: Command, argv: Argv, extra: tuple[str, ...], node: Any) -> tuple[Call, bool]:
     """Check ``argv`` against ``command``; return the Call and whether --help was asked."""
+    try:
+        return _bind(command, argv, extra, node)
+    except BadRequest as exc:
+        exc.usage = exc.usage or command.usage()
+        raise
+
+
+def _bind(command: Command, argv: Argv, extra: tuple[str, ...], node: Any) -> tuple[Call, bool]:
     args: dict[str, Any] = {}
     for key, value in argv.args:
         if key in args:
-            raise BadRequest(f"argument {key!r} is given twice", command.usage())
+            raise BadRequest(f"argument {key!r} is given twice")
         spec = command.key(key)
         if spec is None and not command.open_keys:
-            raise InvalidKey(f"{' '.join(command.words)} takes no argument {key!r}", command.usage())
+            raise InvalidKey(f"{' '.join(command.words)} takes no argument {key!r}")
         args[key] = spec.cast(value) if spec else value
     flags: dict[str, Any] = {}
     wants_help = False
@@ -1259,13 +1267,13 @@ def bind(command: Command, argv: Argv, extra: tuple[str, ...], node: Any) -> tup
         if name in GLOBAL_FLAGS:
             wants_help = wants_help or name != "--format"
             if name == "--format" and value not in ("json", "human", None):
-                raise InvalidValue("--format takes json or human", command.usage())
+                raise InvalidValue("--format takes json or human")
             continue
         spec = command.flag(name)
         if spec is None:
-            raise InvalidFlag(f"{' '.join(command.words)} takes no flag {name!r}", command.usage())
+            raise InvalidFlag(f"{' '.join(command.words)} takes no flag {name!r}")
         if spec.name in flags:
-            raise BadRequest(f"flag --{spec.name} is given twice", command.usage())
+            raise BadRequest(f"flag --{spec.name} is given twice")
         flags[spec.name] = spec.cast(value)
     return Call(command, node, types.MappingProxyType(args), types.MappingProxyType(flags), extra), wants_help
 
