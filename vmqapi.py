@@ -1913,6 +1913,9 @@ class _Server(http.server.ThreadingHTTPServer):
             self._deadlines.pop(request, None)
         super().shutdown_request(request)
 
+    def handle_error(self, request, client_address) -> None:
+        log.exception("error serving %s", client_address[0])
+
     def active(self) -> int:
         """Return the number of open connections."""
         with self._lock:
@@ -1964,6 +1967,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def handle_one_request(self) -> None:
         srv = self.server
+        self.command = self.path = self.requestline = ""
         srv.arm(self.connection)
         limit = srv.listener.option("max_request_line_length")
         try:
@@ -1978,7 +1982,6 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self._send(error_response(UriTooLong(f"request line longer than {limit} bytes")))
             return
         self.raw_requestline = line
-        self.requestline = self.command = ""
         if not self.parse_request():
             return
         try:

@@ -1,0 +1,437 @@
+"""The HTTP admin API: SPEC sections 2-3, over the pure function and over real sockets."""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import os
+import socket
+import time
+
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from conftest import Client, basic, body_json
+import vmqapi
+from vmqapi import Request
+
+
+@pytest.fixture
+def offline_node(tmp_path):
+    """A node that is configured but not started: enough for handle_http."""
+    return vmqapi.Node({"data_dir": str(tmp_path / "d")})
+
+
+def call(node, target, method="GET", headers=None, body=b""):
+    return vmqapi.handle_http(node, Request(method, target, {k.lower(): v for k, v in (headers or {}).items()}, body))
+
+
+# -- authentication, pure ----------------------------------------------------------
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(value=st.text(max_size=60) | st.binary(max_size=60).map(lambda b: b.decode("latin-1"))
+       | st.binary(max_size=40).map(lambda b: "Basic " + base64.b64encode(b).decode())
+       | st.text(max_size=30).map(lambda t: "Basic " + t))
+def test_any_authorization_gives_200_400_or_401(offline_node, value):
+    resp = call(offline_node, "/api/v1/cluster/show", headers={"Authorization": value})
+    assert resp.status in (200, 400, 401)
+    body = json.loads(resp.body)
+    if resp.status != 200:
+        assert body["type"] == "error" and body["error"] in ("bad_request", "unauthorized")
+
+
+@pytest.mark.parametrize("value, status", [
+    ("Basic !!!", 400), ("Token abc", 400), ("Basic " + base64.b64encode(b"nocolon").decode(), 400),
+    ("Bearer abc", 401), ("Digest x=1", 401), ("Basic " + base64.b64encode(b":").decode(), 401),
+    ("", 400),
+])
+def test_malformed_or_refused_authorization(offline_node, value, status):
+    assert call(offline_node, "/api/v1/cluster/show", headers={"Authorization": value}).status == status
+
+
+def test_x_api_key_only_without_authorization(offline_node):
+    key = offline_node.keystore.create()
+    assert call(offline_node, "/api/v1/cluster/show", headers={"x-api-key": key}).status == 200
+    wrong = {"x-api-key": key, "Authorization": basic("other")}
+    assert call(offline_node, "/api/v1/cluster/show", headers=wrong).status == 401
+
+
+def test_password_part_is_ignored(offline_node):
+    key = offline_node.keystore.create()
+    value = "basic " + base64.b64encode(f"{key}:whatever:else".encode()).decode()
+    assert call(offline_node, "/api/v1/cluster/show", headers={"Authorization": value}).status == 200
+
+
+def test_authentication_before_validation(offline_node):
+    resp = call(offline_node, "/api/v1/no/such/command")
+    assert resp.status == 401 and ("WWW-Authenticate", 'Basic realm="VerneMQ"') in resp.headers
+
+
+def test_noauth_mode(tmp_path):
+    node = vmqapi.Node({"data_dir": str(tmp_path), "http_module.vmq_http_mgmt_api.auth.mode": "noauth"})
+    assert call(node, "/api/v1/cluster/show").status == 200
+
+
+def test_failed_authentications_are_counted(offline_node):
+    call(offline_node, "/api/v1/cluster/show")
+    call(offline_node, "/api/v1/cluster/show", headers={"Authorization": "Basic !"})
+    assert offline_node.metrics.value("http_api_auth_failed") == 2
+
+
+# -- routing and commands, pure --------------------------------------------------------
+
+@pytest.fixture
+def mgmt(offline_node):
+    key = offline_node.keystore.create()
+    return lambda target, **kw: call(offline_node, target, headers={"Authorization": basic(key),
+                                                                    **kw.pop("headers", {})}, **kw)
+
+
+@pytest.mark.parametrize("target, expected", [
+    ("/api/v1/cluster", {"table": [{"Node": "vmqapi@127.0.0.1", "Running": True}], "type": "table"}),
+    ("/api/v1/cluster/show/", {"table": [{"Node": "vmqapi@127.0.0.1", "Running": True}], "type": "table"}),
+    ("/api/v1/sessions", {"table": [], "type": "table"}),
+    ("/api/v1/sessions/show?--client_id=x", {"table": [], "type": "table"}),
+    ("/api/v1/plugins", {"table": [], "type": "table"}),
+    ("/api/v1/listeners", {"table": [], "type": "table"}),
+])
+def test_aliases(mgmt, target, expected):
+    resp = mgmt(target)
+    assert resp.status == 200 and json.loads(resp.body) == expected
+
+
+@pytest.mark.parametrize("target, code", [
+    ("/api/v1/foo/bar", "unknown_command"), ("/api/v1/session", "unknown_command"), ("/api/v1", "unknown_command"),
+    ("/api/v1/session/disconnect", "missing_argument"),
+    ("/api/v1/session/disconnect?client-id=", "bad_request"),
+    ("/api/v1/session/disconnect?client-id", "bad_request"),
+    ("/api/v1/session/disconnect?client-id=a&client-id=b", "bad_request"),
+    ("/api/v1/session/disconnect?client-id=a&bogus=1", "invalid_key"),
+    ("/api/v1/session/disconnect?client-id=a&--bogus", "invalid_flag"),
+    ("/api/v1/session/show?--limit=abc", "invalid_value"),
+    ("/api/v1/session/show?--limit=0", "invalid_value"),
+    ("/api/v1/session/show?--client_id=~(", "invalid_value"),
+    ("/api/v1/set?nosuchkey=1", "invalid_key"),
+    ("/api/v1/set?nodename=x", "invalid_key"),
+    ("/api/v1/set?max_client_id_size=big", "invalid_value"),
+    ("/api/v1/set?allow_anonymous=maybe", "invalid_value"),
+    ("/api/v1/set?allow_anonymous=on&--node=other@host", "invalid_value"),
+    ("/api/v1/show", "missing_argument"),
+    ("/api/v1/show/nosuchkey", "invalid_key"),
+    ("/api/v1/cluster/join", "missing_argument"),
+    ("/api/v1/a%zz", "bad_request"),
+])
+def test_bad_requests_get_400_with_a_reason(mgmt, target, code):
+    resp = mgmt(target)
+    body = json.loads(resp.body)
+    assert resp.status == 400 and body["error"] == code and body["type"] == "error" and body["text"]
+    if code in ("missing_argument", "invalid_flag", "invalid_value") and "show?" not in target[:14]:
+        assert "usage" in body or target.startswith("/api/v1/set") or target.startswith("/api/v1/show")
+
+
+def test_missing_argument_carries_usage(mgmt):
+    body = json.loads(mgmt("/api/v1/session/disconnect").body)
+    assert body["usage"].startswith("vmq-admin session disconnect client-id=<client-id>")
+
+
+def test_help_is_text_200(mgmt):
+    resp = mgmt("/api/v1/session/disconnect?--help")
+    body = json.loads(resp.body)
+    assert resp.status == 200 and body["type"] == "text" and "--cleanup" in body["text"]
+
+
+def test_set_then_show(mgmt, offline_node):
+    resp = mgmt("/api/v1/set?allow_publish_during_netsplit=on&max_client_id_size=5")
+    assert resp.status == 200 and resp.body == b"[]\n"
+    body = json.loads(mgmt("/api/v1/show/max_client_id_size/allow_publish_during_netsplit").body)
+    assert body == {"table": [{"node": "vmqapi@127.0.0.1", "max_client_id_size": 5,
+                               "allow_publish_during_netsplit": "on"}], "type": "table"}
+    assert offline_node.config["max_client_id_size"] == 5
+
+
+def test_describe(mgmt):
+    body = json.loads(mgmt("/api/v1/describe/retry_interval/max_client_id_size").body)
+    assert [e["text"].split(":")[0] for e in body] == ["retry_interval", "max_client_id_size"]
+
+
+def test_methods(mgmt):
+    for method in ("PUT", "DELETE", "PATCH"):
+        resp = mgmt("/api/v1/cluster/show", method=method)
+        assert resp.status == 405 and ("Allow", "GET, OPTIONS, HEAD, POST") in resp.headers
+        assert json.loads(resp.body)["error"] == "method_not_allowed"
+    assert mgmt("/api/v1/cluster/show", method="BREW").status == 501
+
+
+def test_options(mgmt):
+    resp = mgmt("/api/v1/cluster/show", method="OPTIONS")
+    assert resp.status == 200 and resp.body == b""
+    assert dict(resp.headers) == dict(vmqapi.CORS_HEADERS)
+
+
+@pytest.mark.parametrize("accept, status", [
+    ("text/html", 406), ("application/json", 200), ("*/*", 200), ("application/*;q=0.5", 200),
+    ("application/json;q=0", 406), ("text/plain, application/json", 200), ("", 200),
+])
+def test_accept(mgmt, accept, status):
+    assert mgmt("/api/v1/cluster/show", headers={"Accept": accept}).status == status
+
+
+def test_post_form_body(mgmt, offline_node):
+    form = "key=formkey123&scope=status"
+    resp = mgmt("/api/v1/api-key/add", method="POST", body=form.encode(),
+                headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert json.loads(resp.body) == {"text": "ok", "type": "text"}
+    assert offline_node.keystore.authenticate("formkey123", ["status"]) == "status"
+    resp = mgmt("/api/v1/api-key/add", method="POST", body=b"key=x", headers={"Content-Type": "text/plain"})
+    assert resp.status == 400
+
+
+def test_read_only_key(offline_node):
+    ro = offline_node.keystore.create("mgmt_ro")
+    hdr = {"Authorization": basic(ro)}
+    assert call(offline_node, "/api/v1/cluster/show", headers=hdr).status == 200
+    assert call(offline_node, "/api/v1/api-key/show", headers=hdr).status == 200
+    for target in ("/api/v1/set?retry_interval=5", "/api/v1/api-key/create", "/api/v1/node/stop",
+                   "/api/v1/session/disconnect?client-id=x"):
+        resp = call(offline_node, target, headers=hdr)
+        assert resp.status == 403 and json.loads(resp.body)["error"] == "forbidden"
+    assert offline_node.config["retry_interval"] == 20
+
+
+def test_other_scopes_do_not_unlock_the_api(offline_node):
+    for scope in ("status", "metrics", "health"):
+        key = offline_node.keystore.create(scope)
+        assert call(offline_node, "/api/v1/cluster/show", headers={"Authorization": basic(key)}).status == 401
+
+
+def test_crash_in_a_command_is_a_logged_500(offline_node, caplog):
+    def broken(call):
+        raise RuntimeError("boom")
+    offline_node.commands.register(("broken",), broken)
+    key = offline_node.keystore.create()
+    with caplog.at_level(logging.ERROR, logger="vmqapi"):
+        resp = call(offline_node, "/api/v1/broken", headers={"Authorization": basic(key)})
+    assert resp.status == 500 and json.loads(resp.body)["error"] == "internal_error"
+    assert "boom" in caplog.text
+    assert call(offline_node, "/api/v1/cluster/show", headers={"Authorization": basic(key)}).status == 200
+
+
+def test_unknown_path_is_404_json(offline_node):
+    resp = call(offline_node, "/nothing/here")
+    assert resp.status == 404 and json.loads(resp.body)["error"] == "not_found"
+
+
+def test_redact_hides_keys():
+    assert vmqapi.redact("/api/v1/api-key/add?key=s3cret&scope=mgmt") == "/api/v1/api-key/add?key=***&scope=mgmt"
+    assert vmqapi.redact("/x?--key=s3cret") == "/x?--key=***"
+
+
+# -- end to end over real sockets --------------------------------------------------------
+
+SEED = [  # every example of the seed page, with the documented shape
+    ("/api/v1/cluster/show", {"table": [{"Node": "vmqapi@127.0.0.1", "Running": True}], "type": "table"}),
+    ("/api/v1/session/show", {"table": [], "type": "table"}),
+    ("/api/v1/plugin/show", {"table": [], "type": "table"}),
+    ("/api/v1/set?allow_publish_during_netsplit=on", []),
+    ("/api/v1/session/disconnect?client-id=myclient&--cleanup", {"text": "Done", "type": "text"}),
+]
+
+
+@pytest.mark.parametrize("target, expected", SEED)
+def test_seed_examples(client, key, target, expected):
+    status, headers, data = client.get(target, key=key)
+    assert status == 200 and headers["content-type"] == "application/json"
+    assert body_json(data) == expected
+
+
+def test_seed_listener_show(client, key, node):
+    status, _, data = client.get("/api/v1/listener/show", key=key)
+    (row,) = body_json(data)["table"]
+    port = node.listeners()[0]["port"]
+    assert row == {"type": "http", "status": "running", "address": "127.0.0.1", "port": str(port),
+                   "mountpoint": "", "max_conns": 10000, "active_conns": 1, "all_conns": row["all_conns"]}
+    assert row["all_conns"] >= 1
+
+
+def test_seed_cluster_join_is_an_honest_alert(client, key):
+    status, _, data = client.get("/api/v1/cluster/join?discovery-node=NodeB@10.0.0.2", key=key)
+    body = body_json(data)
+    assert status == 200 and body["type"] == "alert" and "standalone" in body["alert"][0]["text"]
+
+
+def test_framing_bytes(client, key):
+    _, _, data = client.get("/api/v1/session/disconnect?client-id=x", key=key)
+    assert data == b'{"text":"Done","type":"text"}'
+    _, _, data = client.get("/api/v1/set?retry_interval=30", key=key)
+    assert data == b"[]\n"
+
+
+def test_unauthorized_variants(client, node, key):
+    assert client.get("/api/v1/cluster/show")[0] == 401
+    assert client.get("/api/v1/cluster/show", key="wrong")[0] == 401
+    status_key = node.keystore.create("status")
+    assert client.get("/api/v1/cluster/show", key=status_key)[0] == 401
+    doomed = node.keystore.create()
+    assert client.get("/api/v1/cluster/show", key=doomed)[0] == 200
+    node.keystore.delete(doomed)
+    assert client.get("/api/v1/cluster/show", key=doomed)[0] == 401
+    status, headers, data = client.get("/api/v1/cluster/show", key="wrong")
+    assert headers["www-authenticate"] == 'Basic realm="VerneMQ"' and body_json(data)["error"] == "unauthorized"
+
+
+def test_expired_key_written_by_someone_else_fails_at_once(client, node, key):
+    path = os.path.join(node.data_dir, vmqapi.KEY_FILE)
+    with open(path) as fh:
+        doc = json.load(fh)
+    doc["keys"].append({"key": "expiredkey123", "scope": "mgmt", "expires": int(time.time()) - 5})
+    doc["keys"].append({"key": "freshkey123", "scope": "mgmt", "expires": int(time.time()) + 3600})
+    vmqapi.write_file_atomically(path, json.dumps(doc).encode())
+    assert client.get("/api/v1/cluster/show", key="expiredkey123")[0] == 401
+    assert client.get("/api/v1/cluster/show", key="freshkey123")[0] == 200
+    rows = {r["Key"]: r for r in body_json(client.get("/api/v1/api-key/show", key=key)[2])["table"]}
+    assert rows["expiredkey123"]["has expired"] is True and rows["freshkey123"]["has expired"] is False
+
+
+def test_methods_over_the_wire(client, key):
+    hdr = {"Authorization": basic(key)}
+    for method in ("PUT", "DELETE"):
+        status, headers, data = client.request(method, "/api/v1/cluster/show", hdr)
+        assert status == 405 and headers["allow"] == "GET, OPTIONS, HEAD, POST"
+    status, headers, data = client.request("OPTIONS", "/api/v1/cluster/show", hdr)
+    assert status == 200 and data == b"" and headers["access-control-max-age"] == "1728000"
+    status, headers, data = client.request("HEAD", "/api/v1/cluster/show", hdr)
+    assert status == 200 and data == b"" and int(headers["content-length"]) > 0
+    status, _, data = client.request("GET", "/api/v1/cluster/show", {**hdr, "Accept": "text/html"})
+    assert status == 406 and body_json(data)["error"] == "not_acceptable"
+    status, _, data = client.request("GET", "/api/v1/foo", hdr)
+    assert status == 400 and body_json(data)["error"] == "unknown_command"
+
+
+def test_post_over_the_wire_keeps_key_out_of_the_log(client, node, key, caplog):
+    hdr = {"Authorization": basic(key), "Content-Type": "application/x-www-form-urlencoded"}
+    with caplog.at_level(logging.INFO, logger="vmqapi"):
+        status, _, data = client.request("POST", "/api/v1/api-key/add", hdr, body="key=postedsecret99")
+        assert status == 200 and body_json(data) == {"text": "ok", "type": "text"}
+        client.get("/api/v1/api-key/delete?key=querysecret77", key=key)
+    assert node.keystore.authenticate("postedsecret99", ["mgmt"]) == "mgmt"
+    assert "postedsecret99" not in caplog.text and "querysecret77" not in caplog.text
+    assert key not in caplog.text and "key=***" in caplog.text
+
+
+def test_keep_alive_serves_many_requests_on_one_connection(client, key, node):
+    for _ in range(20):
+        assert client.get("/api/v1/cluster/show", key=key)[0] == 200
+    _, _, data = client.get("/api/v1/listener/show", key=key)
+    assert body_json(data)["table"][0]["all_conns"] == 1
+
+
+def raw_exchange(node, data, read_timeout=5.0):
+    port = node.listeners()[0]["port"]
+    with socket.create_connection(("127.0.0.1", port), timeout=read_timeout) as sock:
+        sock.sendall(data)
+        chunks = []
+        while True:
+            try:
+                chunk = sock.recv(65536)
+            except socket.timeout:
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def test_request_line_too_long(node):
+    answer = raw_exchange(node, b"GET /api/v1/" + b"a" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 414 ") and b'"error":"uri_too_long"' in answer
+
+
+def test_header_value_too_long(node, key):
+    answer = raw_exchange(node, b"GET /api/v1/cluster/show HTTP/1.1\r\nHost: x\r\nX-Big: " + b"b" * 5000
+                          + b"\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 431 ") and b'"error":"header_too_large"' in answer
+
+
+def test_too_many_headers(node):
+    headers = b"".join(b"X-%d: 1\r\n" % n for n in range(150))
+    answer = raw_exchange(node, b"GET /api/v1/cluster/show HTTP/1.1\r\n" + headers + b"\r\n")
+    assert answer.startswith(b"HTTP/1.1 431 ")
+
+
+@pytest.mark.parametrize("request_bytes", [
+    b"NONSENSE\r\n\r\n", b"GET / HTTP/9.9\r\n\r\n", b"GET /api/v1 HTTP/1.1\r\nContent-Length: x\r\n\r\n",
+    b"POST /api/v1/cluster/show HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
+])
+def test_malformed_requests_get_json_4xx(node, request_bytes):
+    answer = raw_exchange(node, request_bytes)
+    status = int(answer.split(b" ")[1])
+    assert 400 <= status < 600 and status != 500
+    assert b'"type":"error"' in answer
+
+
+def test_body_too_large(node):
+    answer = raw_exchange(node, b"POST /api/v1/cluster/show HTTP/1.1\r\nContent-Length: 999999\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 413 ")
+
+
+def test_slow_request_is_cut_off(make_node):
+    node = make_node(http_request_timeout="1")
+    port = node.listeners()[0]["port"]
+    started = time.monotonic()
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(b"GET /api/v1/cluster/show HTTP/1.1\r\n")
+        for _ in range(10):  # one header byte at a time, slower than the timeout allows
+            try:
+                sock.sendall(b"X")
+            except OSError:
+                break
+            time.sleep(0.3)
+        assert sock.recv(100) == b""
+    assert time.monotonic() - started < 5
+
+
+def test_idle_keep_alive_connection_is_closed(make_node):
+    node = make_node(http_request_timeout="1")
+    key = node.keystore.create()
+    c = Client(node)
+    try:
+        assert c.get("/api/v1/cluster/show", key=key)[0] == 200
+        time.sleep(1.6)
+        sock = c.conn.sock
+        sock.settimeout(5)
+        assert sock.recv(10) == b""
+    finally:
+        c.close()
+
+
+def test_max_connections(make_node):
+    node = make_node(**{"listener.max_connections": "2"})
+    key = node.keystore.create()
+    clients = [Client(node) for _ in range(2)]
+    try:
+        for c in clients:
+            assert c.get("/api/v1/cluster/show", key=key)[0] == 200
+        answer = raw_exchange(node, b"GET /api/v1/cluster/show HTTP/1.1\r\n\r\n", read_timeout=3)
+        assert answer == b""
+    finally:
+        for c in clients:
+            c.close()
+
+
+def test_node_stop_over_http(node, client, key):
+    status, _, data = client.get("/api/v1/node/stop", key=key)
+    assert status == 200 and body_json(data) == {"text": "Done", "type": "text"}
+    assert node.wait(10)
+    assert not os.path.exists(os.path.join(node.data_dir, vmqapi.NODE_FILE))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(value=st.binary(max_size=80).map(lambda b: b.replace(b"\r", b"").replace(b"\n", b""))
+       | st.binary(max_size=40).map(lambda b: b"Basic " + base64.b64encode(b)))
+def test_any_authorization_bytes_over_the_wire(node, value):
+    answer = raw_exchange(node, b"GET /api/v1/cluster/show HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                          b"Authorization: " + value + b"\r\n\r\n")
+    assert answer, "the connection was dropped without an answer"
+    assert int(answer.split(b" ")[1]) in (200, 400, 401)
+    assert b'"type":' in answer
