@@ -2402,8 +2402,9 @@ def admin(config: Config, tokens: Sequence[str]) -> int:
     try:
         argv = parse_cli_tokens(tokens)
         if not argv.words:
-            print(CommandTable(CATALOGUE).usage(), end="")
-            return 0 if any(n in ("--help", "-h") for n, _ in argv.flags) else 2
+            asked = any(n in ("--help", "-h") for n, _ in argv.flags)
+            print(CommandTable(CATALOGUE).usage(), end="", file=sys.stdout if asked else sys.stderr)
+            return 0 if asked else 2
         if teach:
             return _teach(config, argv)
         try:

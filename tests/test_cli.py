@@ -1,0 +1,239 @@
+"""The CLI: api-key without a node, commands on the live node, exit codes, node processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, Client, basic, run_cli
+import vmqapi
+
+
+@pytest.fixture
+def data_dir(tmp_path):
+    return tmp_path / "data"
+
+
+def test_api_key_commands_work_without_a_node(data_dir):
+    created = run_cli("admin", "api-key", "create", data_dir=data_dir)
+    assert created.returncode == 0, created.stderr
+    key = created.stdout.strip()
+    assert len(key) == 32 and key.isalnum()
+    path = data_dir / vmqapi.KEY_FILE
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    shown = run_cli("admin", "api-key", "show", data_dir=data_dir)
+    assert shown.returncode == 0
+    assert shown.stdout.splitlines()[1] == "|              Key               |Scope|Expires (UTC)|has expired|"
+    assert f"|{key}|mgmt |never        |false      |" in shown.stdout
+    again = run_cli("admin", "api-key", "add", f"key={key}", data_dir=data_dir)
+    assert again.returncode == 1 and again.stderr.strip() == "key_already_exists"
+    gone = run_cli("admin", "api-key", "delete", f"key={key}", data_dir=data_dir)
+    assert gone.returncode == 0 and gone.stdout.strip() == "ok"
+    as_json = run_cli("admin", "api-key", "show", "--format=json", data_dir=data_dir)
+    assert as_json.stdout == '{"table":[],"type":"table"}'
+
+
+def test_usage_errors_exit_2(data_dir):
+    for args in (["admin", "no", "such"], ["admin", "api-key", "add"], ["admin", "api-key", "show", "bogus=1"],
+                 ["admin"], ["frobnicate"]):
+        result = run_cli(*args, data_dir=data_dir)
+        assert result.returncode == 2, args
+        assert result.stderr.strip()
+    missing = run_cli("admin", "api-key", "add", data_dir=data_dir)
+    assert "vmq-admin api-key add key=<key>" in missing.stderr
+
+
+def test_help_is_generated_from_the_table(data_dir):
+    result = run_cli("admin", "--help", data_dir=data_dir)
+    assert result.returncode == 0
+    for cmd in vmqapi.CATALOGUE:
+        assert cmd.synopsis() in result.stdout
+    one = run_cli("admin", "session", "disconnect", "--help", data_dir=data_dir)
+    assert one.returncode == 0 and one.stdout.startswith("vmq-admin session disconnect client-id=<client-id>")
+
+
+def test_no_node_running(data_dir):
+    result = run_cli("admin", "cluster", "show", data_dir=data_dir)
+    assert result.returncode == 1 and "no node is running" in result.stderr
+
+
+def test_stale_node_file(data_dir):
+    data_dir.mkdir()
+    (data_dir / vmqapi.NODE_FILE).write_text(json.dumps(
+        {"node": "x", "pid": 999999, "secret": "s", "listeners": [{"type": "http", "address": "127.0.0.1",
+                                                                    "port": 9}]}))
+    result = run_cli("admin", "cluster", "show", data_dir=data_dir)
+    assert result.returncode == 1 and "nothing answers" in result.stderr
+
+
+def test_teaching_mode_prints_the_request(data_dir):
+    result = run_cli("admin", "session", "disconnect", "client-id=a b", "--cleanup", "--http", data_dir=data_dir)
+    assert result.returncode == 0
+    get, curl = result.stdout.splitlines()
+    assert get == "GET /api/v1/session/disconnect?client-id=a+b&--cleanup"
+    assert curl == 'curl -u "$VMQAPI_KEY:" "http://127.0.0.1:8888/api/v1/session/disconnect?client-id=a+b&--cleanup"'
+
+
+# -- against a live node --------------------------------------------------------------
+
+def test_commands_run_in_the_live_node(make_node):
+    node = make_node()
+    data_dir = Path(node.data_dir)
+    key = node.keystore.create()
+    human = run_cli("admin", "listener", "show", data_dir=data_dir)
+    assert human.returncode == 0 and "|http|running|127.0.0.1|" in human.stdout
+    as_json = run_cli("admin", "cluster", "show", "--format=json", data_dir=data_dir)
+    client = Client(node)
+    try:
+        assert as_json.stdout == client.get("/api/v1/cluster/show", key=key)[2].decode()
+    finally:
+        client.close()
+    alert = run_cli("admin", "cluster", "join", "discovery-node=a@b", data_dir=data_dir)
+    assert alert.returncode == 1 and "standalone" in alert.stderr
+    bad = run_cli("admin", "set", "max_client_id_size=huge", data_dir=data_dir)
+    assert bad.returncode == 2 and "max_client_id_size" in bad.stderr
+    ok = run_cli("admin", "set", "max_client_id_size=50", data_dir=data_dir)
+    assert ok.returncode == 0 and node.config["max_client_id_size"] == 50
+    shown = run_cli("admin", "show", "max_client_id_size", "--format=json", data_dir=data_dir)
+    assert json.loads(shown.stdout)["table"][0]["max_client_id_size"] == 50
+
+
+def test_embedder_commands_reach_the_cli(make_node):
+    node = make_node()
+    node.commands.register(("gateway", "show"), lambda call: "gateway up", usage="Show the gateway.",
+                           read_only=True)
+    result = run_cli("admin", "gateway", "show", data_dir=Path(node.data_dir))
+    assert result.returncode == 0 and result.stdout == "gateway up\n"
+
+
+def test_key_added_by_cli_works_at_once_and_deleted_fails_at_once(make_node):
+    node = make_node()
+    data_dir = Path(node.data_dir)
+    client = Client(node)
+    try:
+        assert run_cli("admin", "api-key", "add", "key=clikey12345", data_dir=data_dir).returncode == 0
+        assert client.get("/api/v1/cluster/show", key="clikey12345")[0] == 200
+        assert run_cli("admin", "api-key", "delete", "key=clikey12345", data_dir=data_dir).returncode == 0
+        assert client.get("/api/v1/cluster/show", key="clikey12345")[0] == 401
+    finally:
+        client.close()
+
+
+# -- node processes --------------------------------------------------------------------
+
+def start_node_process(data_dir, *extra, env=None):
+    cmd = [sys.executable, os.path.join(ROOT, "vmqapi.py"), "--data-dir", str(data_dir),
+           "--set", "listener.http.default=127.0.0.1:0", *extra]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, **(env or {})))
+
+
+def wait_for_node_file(data_dir, proc, timeout=20):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        info = vmqapi.read_node_file(str(data_dir))
+        if info:
+            return info
+        if proc.poll() is not None:
+            raise AssertionError(f"node exited: {proc.communicate()}")
+        time.sleep(0.05)
+    raise AssertionError("node.json never appeared")
+
+
+def stop_process(proc):
+    if proc.poll() is None:
+        proc.kill()
+    proc.communicate(timeout=20)
+
+
+def test_node_process_sigterm(data_dir):
+    proc = start_node_process(data_dir)
+    try:
+        info = wait_for_node_file(data_dir, proc)
+        assert info["pid"] == proc.pid and info["listeners"][0]["port"] > 0
+        assert stat.S_IMODE(os.stat(data_dir / vmqapi.NODE_FILE).st_mode) == 0o600
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=20)
+        assert proc.returncode == 0
+        assert f"http listener on 127.0.0.1:{info['listeners'][0]['port']}" in out
+        assert not (data_dir / vmqapi.NODE_FILE).exists()
+    finally:
+        stop_process(proc)
+
+
+def test_node_stop_via_cli(data_dir):
+    proc = start_node_process(data_dir)
+    try:
+        wait_for_node_file(data_dir, proc)
+        result = run_cli("admin", "node", "stop", data_dir=data_dir)
+        assert result.returncode == 0 and result.stdout == "Done\n"
+        proc.wait(20)
+        assert proc.returncode == 0
+    finally:
+        stop_process(proc)
+
+
+def test_provisioned_keys_work_and_are_never_printed(data_dir, tmp_path):
+    boot = tmp_path / "boot.txt"
+    boot.write_text("# bootstrap\nbootkey-from-file1:mgmt\n")
+    env = {"VMQAPI_API_KEYS": "envkey-number-one,envkey-status-two:status"}
+    proc = start_node_process(data_dir, "--set", f"api_key_bootstrap_file={boot}", env=env)
+    try:
+        info = wait_for_node_file(data_dir, proc)
+        node_port = info["listeners"][0]["port"]
+        import http.client
+        for key, status in (("envkey-number-one", 200), ("bootkey-from-file1", 200), ("envkey-status-two", 401)):
+            conn = http.client.HTTPConnection("127.0.0.1", node_port, timeout=10)
+            conn.request("GET", "/api/v1/cluster/show", headers={"Authorization": basic(key)})
+            assert conn.getresponse().status == status
+            conn.close()
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=20)
+        for secret in ("envkey-number-one", "envkey-status-two", "bootkey-from-file1"):
+            assert secret not in out and secret not in err
+    finally:
+        stop_process(proc)
+    again = start_node_process(data_dir, "--set", f"api_key_bootstrap_file={boot}", env=env)
+    try:
+        wait_for_node_file(data_dir, again)  # idempotent: starts again with the same keys
+        assert len(vmqapi.KeyStore(str(data_dir / vmqapi.KEY_FILE)).entries()) == 3
+    finally:
+        stop_process(again)
+
+
+def test_corrupt_key_file_stops_the_node(data_dir):
+    data_dir.mkdir()
+    path = data_dir / vmqapi.KEY_FILE
+    path.write_bytes(b'{"keys": [oops')
+    proc = start_node_process(data_dir)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 1
+    assert "corrupt" in err and str(path) in err
+    assert path.read_bytes() == b'{"keys": [oops'
+    assert not (data_dir / vmqapi.NODE_FILE).exists()
+
+
+def test_bad_config_file_names_file_and_line(data_dir, tmp_path):
+    conf = tmp_path / "vernemq.conf"
+    conf.write_text("# comment\nnodename = a@b\n\nno_such_key = 1\n")
+    result = run_cli("--config", str(conf), data_dir=data_dir)
+    assert result.returncode == 2 and f"{conf}:4: unknown configuration key 'no_such_key'" in result.stderr
+
+
+def test_second_node_on_the_same_data_dir_is_refused(data_dir):
+    proc = start_node_process(data_dir)
+    try:
+        wait_for_node_file(data_dir, proc)
+        second = start_node_process(data_dir)
+        out, err = second.communicate(timeout=30)
+        assert second.returncode == 1 and "another node" in err
+    finally:
+        stop_process(proc)
