@@ -439,3 +439,16 @@ def test_any_authorization_bytes_over_the_wire(node, value):
     assert answer, "the connection was dropped without an answer"
     assert int(answer.split(b" ")[1]) in (200, 400, 401)
     assert b'"type":' in answer
+
+
+def test_key_file_corrupted_while_running_fails_closed(client, node, key):
+    path = os.path.join(node.data_dir, vmqapi.KEY_FILE)
+    with open(path, "rb") as fh:
+        good = fh.read()
+    vmqapi.write_file_atomically(path, b"{not json")
+    status, _, data = client.get("/api/v1/cluster/show", key=key)
+    assert status == 500 and "corrupt" in body_json(data)["text"]
+    with open(path, "rb") as fh:
+        assert fh.read() == b"{not json"
+    vmqapi.write_file_atomically(path, good)
+    assert client.get("/api/v1/cluster/show", key=key)[0] == 200
