@@ -23,12 +23,17 @@ Contents (``grep -nE '^# [0-9]+\\. ' vmqapi.py`` prints them with line numbers):
     1. Errors
     2. Configuration: the settings table and the frozen Config
     3. Metrics registry
-    4. Key store: the API key file
-    5. Command machinery: argv grammar, command table, result elements
-    6. Command catalogue
-    7. HTTP: request -> response, then the socket server
-    8. Node
-    9. CLI
+    4. MQTT codec
+    5. Topics: validation and trie
+    6. Broker core
+    7. Message store
+    8. MQTT I/O
+    9. Key store: the API key file
+    10. Command machinery: argv grammar, command table, result elements
+    11. Command catalogue
+    12. HTTP: request -> response, then the socket server
+    13. Node
+    14. CLI
 """
 
 ###############################################################################
@@ -40,11 +45,15 @@ Contents (``grep -nE '^# [0-9]+\\. ' vmqapi.py`` prints them with line numbers):
 from __future__ import annotations
 
 import argparse
+import asyncio
 import base64
 import binascii
+import collections
+import concurrent.futures
 import contextlib
 import dataclasses
 import datetime as _dt
+import functools
 import hashlib
 import hmac
 import http.client
@@ -57,6 +66,7 @@ import re
 import secrets
 import signal
 import socket
+import sqlite3
 import string
 import sys
 import tempfile
@@ -236,6 +246,12 @@ class NotImplementedMethod(VmqError):
     http_status, code = 501, "not_implemented"
 
 
+class MalformedPacket(VmqError):
+    """Bytes that break the MQTT specification; only the connection that sent them is closed."""
+
+    http_status, code = 400, "malformed_packet"
+
+
 class ConfigError(VmqError):
     """A configuration the node cannot start with; the text names file and line."""
 
@@ -349,6 +365,14 @@ def parse_address(text: str) -> tuple[str, int]:
     return host, port
 
 
+def parse_versions(text: str) -> tuple[int, ...]:
+    """Parse ``allowed_protocol_versions``: a comma list of 3 (MQTT 3.1) and 4 (3.1.1)."""
+    versions = tuple(sorted({parse_int_range(3, 4)(v) for v in text.split(",") if v.strip()}))
+    if not versions:
+        raise ValueError("expected a comma separated list of 3 and 4")
+    return versions
+
+
 def render_value(value: Any) -> str:
     """Render a parsed setting back into its vernemq.conf form."""
     if value is True:
@@ -357,9 +381,11 @@ def render_value(value: Any) -> str:
         return "off"
     if value is None:
         return "undefined"
-    if isinstance(value, tuple) and len(value) == 2:
+    if isinstance(value, tuple) and len(value) == 2 and isinstance(value[0], str):
         host, port = value
         return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    if isinstance(value, tuple):
+        return ",".join(map(str, value))
     return str(value)
 
 
@@ -378,8 +404,9 @@ class Setting:
             raise ValueError(f"bad setting name {self.name!r}")
 
 
+DEFAULT_LISTENERS = {"http": ("127.0.0.1", 8888), "tcp": ("127.0.0.1", 1883)}
 HTTP_MODULES = ("vmq_http_mgmt_api", "vmq_status_http", "vmq_metrics_http", "vmq_health_http")
-LISTENER_TYPES = ("http",)  # grows with the broker: tcp, ssl, ws, wss, https
+LISTENER_TYPES = ("http", "tcp")  # grows with TLS and WebSocket: ssl, ws, wss, https
 
 _S = Setting
 SETTINGS: tuple[Setting, ...] = (
@@ -403,6 +430,13 @@ SETTINGS: tuple[Setting, ...] = (
     _S("listener.$type.$name", parse_address, None, "Address (ip:port) of a listener; port 0 binds any free port."),
     _S("listener.max_connections", parse_max_connections, 10000,
        "Connections a listener accepts at once (integer or infinity)."),
+    _S("listener.mountpoint", parse_text, "", "Topic prefix that separates this listener's clients from others."),
+    _S("listener.allowed_protocol_versions", parse_versions, (3, 4),
+       "MQTT versions a listener accepts: 3 (3.1) and 4 (3.1.1)."),
+    _S("listener.allow_anonymous_override", parse_flag, False,
+       "Let this listener's clients in without credentials whatever allow_anonymous says."),
+    _S("message_store", parse_choice("sqlite", "memory"), "sqlite",
+       "sqlite keeps retained messages and persistent sessions in DATA_DIR/messages.db; memory keeps nothing."),
     _S("listener.max_request_line_length", parse_int_range(64, 1 << 20), 8000,
        "Longest HTTP request line, in bytes; longer ones get 414."),
     _S("listener.max_header_value_length", parse_int_range(64, 1 << 20), 4096,
@@ -510,8 +544,8 @@ class Config:
     def listeners(self, kind: str) -> dict[str, tuple[str, int]]:
         """Return name -> (host, port) for every listener of ``kind`` (``http``, ...)."""
         found = {}
-        if kind == "http":
-            found["default"] = ("127.0.0.1", 8888)  # VerneMQ include_default "default"
+        if kind in DEFAULT_LISTENERS:
+            found["default"] = DEFAULT_LISTENERS[kind]  # VerneMQ include_default "default"
         prefix = f"listener.{kind}."
         for key, value in self.values.items():
             rest = key[len(prefix):]
@@ -606,6 +640,11 @@ class Metrics:
         self._lock = threading.Lock()
         self._values: dict[tuple[str, tuple[tuple[str, str], ...]], int] = {}
         self._gauge_fns: dict[str, Callable[[], int]] = {}
+        self._sources: list[tuple[Callable[[], Iterable], Callable[[], Mapping[str, int]]]] = []
+
+    def add_source(self, counters: Callable[[], Iterable], gauges: Callable[[], Mapping[str, int]]) -> None:
+        """Read counters ``((name, labels), n)`` and gauges ``{name: n}`` kept by their owner thread."""
+        self._sources.append((counters, gauges))
 
     def incr(self, name: str, amount: int = 1, **labels: str) -> None:
         """Add ``amount`` to a counter."""
@@ -619,12 +658,19 @@ class Metrics:
             self._gauge_fns[name] = fn
 
     def value(self, name: str) -> int:
-        """Return the value of ``name`` summed over all its labels."""
+        """Return the value of ``name`` summed over all its labels and sources."""
         with self._lock:
             fn = self._gauge_fns.get(name)
-            if fn is None:
-                return sum(v for (n, _), v in self._values.items() if n == name)
-        return int(fn())
+            total = sum(v for (n, _), v in self._values.items() if n == name)
+            sources = list(self._sources)
+        if fn is not None:
+            return int(fn())
+        for counters, gauges in sources:
+            live = gauges()
+            if name in live:
+                return live[name]
+            total += sum(v for (n, _), v in list(counters()) if n == name)
+        return total
 
     def reset(self) -> None:
         """Zero every counter (gauges follow their source)."""
@@ -633,7 +679,1576 @@ class Metrics:
 
 
 ###############################################################################
-# 4. Key store: the API key file ##############################################
+# 4. MQTT codec ###############################################################
+###############################################################################
+# Owns: MQTT 3.1/3.1.1 bytes <-> frozen packet dataclasses, strict validation
+#       with the conformance statement it enforces, incremental decoding.
+# Must not know: sockets, sessions, clocks.
+
+CONNECT, CONNACK, PUBLISH, PUBACK, PUBREC, PUBREL, PUBCOMP = 1, 2, 3, 4, 5, 6, 7
+SUBSCRIBE, SUBACK, UNSUBSCRIBE, UNSUBACK, PINGREQ, PINGRESP, DISCONNECT = 8, 9, 10, 11, 12, 13, 14
+MAX_REMAINING_LENGTH = 268_435_455  # MQTT 3.1.1 2.2.3: four bytes of variable length
+MAX_PACKET_ID = 65535  # MQTT 3.1.1 2.3.1
+PROTOCOLS = {3: "MQIsdp", 4: "MQTT"}  # MQTT 3.1 and 3.1.1: level -> protocol name
+SUBACK_FAILURE = 0x80  # MQTT 3.1.1 3.9.3
+CONNACK_ACCEPTED, CONNACK_BAD_VERSION, CONNACK_BAD_ID, CONNACK_UNAVAILABLE = 0, 1, 2, 3
+CONNACK_BAD_CREDENTIALS, CONNACK_NOT_AUTHORIZED = 4, 5  # MQTT 3.1.1 3.2.2.3
+CONNACK_RETURN_NAMES = ("success", "unsupported_protocol_version", "client_identifier_not_valid",
+                        "server_unavailable", "bad_username_or_password", "not_authorized")  # VerneMQ labels
+
+
+@dataclass(frozen=True, slots=True)
+class Connect:
+    """CONNECT: who the client is, how its session should be kept, its will."""
+
+    client_id: str = ""
+    proto_level: int = 4
+    clean_session: bool = True
+    keepalive: int = 0
+    username: str | None = None
+    password: bytes | None = None
+    will_topic: str | None = None
+    will_payload: bytes = b""
+    will_qos: int = 0
+    will_retain: bool = False
+
+    def __post_init__(self):
+        if not 0 <= self.keepalive <= 65535 or self.will_qos not in (0, 1, 2):
+            raise MalformedPacket("keep-alive or will QoS out of range")
+        if self.password is not None and self.username is None:
+            raise MalformedPacket("password without user name")  # MQTT 3.1.1 [MQTT-3.1.2-22]
+
+
+@dataclass(frozen=True, slots=True)
+class Connack:
+    """CONNACK: the server's answer to CONNECT."""
+
+    return_code: int = 0
+    session_present: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Publish:
+    """PUBLISH: one application message."""
+
+    topic: str
+    payload: bytes = b""
+    qos: int = 0
+    retain: bool = False
+    dup: bool = False
+    packet_id: int | None = None
+
+    def __post_init__(self):
+        if self.qos not in (0, 1, 2) or (self.packet_id is None) != (self.qos == 0):
+            raise MalformedPacket("QoS and packet identifier disagree")  # MQTT 3.1.1 [MQTT-2.3.1-5]
+
+
+@dataclass(frozen=True, slots=True)
+class Puback:
+    """PUBACK: QoS 1 acknowledgement."""
+
+    packet_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class Pubrec:
+    """PUBREC: QoS 2 delivery, part 1."""
+
+    packet_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class Pubrel:
+    """PUBREL: QoS 2 delivery, part 2."""
+
+    packet_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class Pubcomp:
+    """PUBCOMP: QoS 2 delivery, part 3."""
+
+    packet_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class Subscribe:
+    """SUBSCRIBE: (filter, requested QoS) pairs."""
+
+    packet_id: int
+    topics: tuple[tuple[str, int], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Suback:
+    """SUBACK: granted QoS (or 0x80) per requested filter."""
+
+    packet_id: int
+    return_codes: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Unsubscribe:
+    """UNSUBSCRIBE: filters to drop."""
+
+    packet_id: int
+    topics: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Unsuback:
+    """UNSUBACK."""
+
+    packet_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class Pingreq:
+    """PINGREQ."""
+
+
+@dataclass(frozen=True, slots=True)
+class Pingresp:
+    """PINGRESP."""
+
+
+@dataclass(frozen=True, slots=True)
+class Disconnect:
+    """DISCONNECT: a clean goodbye (no will)."""
+
+
+def _u16(buf, i: int, end: int) -> int:
+    if i + 2 > end:
+        raise MalformedPacket("packet ends inside a two-byte integer")
+    return buf[i] << 8 | buf[i + 1]
+
+
+def _string(buf, i: int, end: int) -> tuple[str, int]:
+    """Read a UTF-8 string with its two-byte length (MQTT 3.1.1 1.5.3)."""
+    size = _u16(buf, i, end)
+    stop = i + 2 + size
+    if stop > end:
+        raise MalformedPacket("string longer than the packet")
+    try:
+        text = str(buf[i + 2:stop], "utf-8")
+    except UnicodeDecodeError:
+        raise MalformedPacket("string is not well-formed UTF-8") from None  # [MQTT-1.5.3-1]
+    if "\x00" in text:
+        raise MalformedPacket("string contains U+0000")  # [MQTT-1.5.3-2]
+    return text, stop
+
+
+def _binary(buf, i: int, end: int) -> tuple[bytes, int]:
+    size = _u16(buf, i, end)
+    if i + 2 + size > end:
+        raise MalformedPacket("field longer than the packet")
+    return bytes(buf[i + 2:i + 2 + size]), i + 2 + size
+
+
+def _packet_id(buf, i: int, end: int) -> int:
+    pid = _u16(buf, i, end)
+    if pid == 0:
+        raise MalformedPacket("packet identifier 0")  # [MQTT-2.3.1-1]
+    return pid
+
+
+def _check_flags(flags: int, expected: int, name: str) -> None:
+    if flags != expected:
+        raise MalformedPacket(f"reserved flags of {name} are {flags:#x}")  # [MQTT-2.2.2-2]
+
+
+def decode_connect(flags: int, buf, i: int, end: int) -> Connect:
+    """Decode CONNECT; an unknown protocol level comes back for CONNACK 1."""
+    _check_flags(flags, 0, "CONNECT")
+    name, i = _string(buf, i, end)
+    if i >= end:
+        raise MalformedPacket("CONNECT ends before the protocol level")
+    level = buf[i]
+    if name not in ("MQTT", "MQIsdp"):
+        raise MalformedPacket(f"unknown protocol name {name!r}")  # [MQTT-3.1.2-1]
+    if PROTOCOLS.get(level) != name:
+        return Connect(proto_level=level)  # answered with CONNACK 1 [MQTT-3.1.2-2]
+    if i + 4 > end:
+        raise MalformedPacket("CONNECT ends inside its variable header")
+    cflags, keepalive, i = buf[i + 1], buf[i + 2] << 8 | buf[i + 3], i + 4
+    if cflags & 1:
+        raise MalformedPacket("CONNECT reserved flag is set")  # [MQTT-3.1.2-3]
+    will, will_qos, will_retain = cflags & 4, (cflags >> 3) & 3, bool(cflags & 32)
+    if not will and (will_qos or will_retain):
+        raise MalformedPacket("will QoS or retain without a will")  # [MQTT-3.1.2-13], [MQTT-3.1.2-15]
+    if will_qos == 3:
+        raise MalformedPacket("will QoS 3")  # [MQTT-3.1.2-14]
+    client_id, i = _string(buf, i, end)
+    will_topic, will_payload, username, password = None, b"", None, None
+    if will:
+        will_topic, i = _string(buf, i, end)
+        will_payload, i = _binary(buf, i, end)
+    if cflags & 128:
+        username, i = _string(buf, i, end)
+    if cflags & 64:
+        password, i = _binary(buf, i, end)
+    if i != end:
+        raise MalformedPacket("bytes after the CONNECT payload")
+    return Connect(client_id, level, bool(cflags & 2), keepalive, username, password, will_topic, will_payload,
+                   will_qos, will_retain)
+
+
+def decode_connack(flags: int, buf, i: int, end: int) -> Connack:
+    """Decode CONNACK."""
+    _check_flags(flags, 0, "CONNACK")
+    if end - i != 2 or buf[i] & 0xFE:
+        raise MalformedPacket("bad CONNACK")  # MQTT 3.1.1 3.2.2.1
+    return Connack(buf[i + 1], bool(buf[i]))
+
+
+def decode_publish(flags: int, buf, i: int, end: int) -> Publish:
+    """Decode PUBLISH."""
+    qos = (flags >> 1) & 3
+    if qos == 3:
+        raise MalformedPacket("PUBLISH with QoS 3")  # [MQTT-3.3.1-4]
+    if qos == 0 and flags & 8:
+        raise MalformedPacket("DUP set on a QoS 0 PUBLISH")  # [MQTT-3.3.1-2]
+    topic, i = _string(buf, i, end)
+    if not topic or "+" in topic or "#" in topic:
+        raise MalformedPacket("PUBLISH topic is empty or has a wildcard")  # [MQTT-3.3.2-2], [MQTT-4.7.3-1]
+    pid = None
+    if qos:
+        pid = _packet_id(buf, i, end)
+        i += 2
+    return Publish(topic, bytes(buf[i:end]), qos, bool(flags & 1), bool(flags & 8), pid)
+
+
+def _decode_ack(cls: type, expected_flags: int) -> Callable[..., Any]:
+    def decode(flags: int, buf, i: int, end: int):
+        _check_flags(flags, expected_flags, cls.__name__.upper())
+        if end - i != 2:
+            raise MalformedPacket(f"{cls.__name__.upper()} must have 2 bytes")
+        return cls(_packet_id(buf, i, end))
+    decode.__doc__ = f"Decode {cls.__name__.upper()}."
+    return decode
+
+
+def decode_subscribe(flags: int, buf, i: int, end: int) -> Subscribe:
+    """Decode SUBSCRIBE; filters are validated by the broker (SUBACK 0x80)."""
+    _check_flags(flags, 2, "SUBSCRIBE")  # [MQTT-3.8.1-1]
+    pid, i = _packet_id(buf, i, end), i + 2
+    topics = []
+    while i < end:
+        topic, i = _string(buf, i, end)
+        if i >= end or buf[i] > 2:
+            raise MalformedPacket("bad requested QoS")  # [MQTT-3-8.3-4]
+        topics.append((topic, buf[i]))
+        i += 1
+    if not topics:
+        raise MalformedPacket("SUBSCRIBE without a topic")  # [MQTT-3.8.3-3]
+    return Subscribe(pid, tuple(topics))
+
+
+def decode_suback(flags: int, buf, i: int, end: int) -> Suback:
+    """Decode SUBACK."""
+    _check_flags(flags, 0, "SUBACK")
+    pid = _packet_id(buf, i, end)
+    codes = tuple(buf[i + 2:end])
+    if not codes or any(c not in (0, 1, 2, SUBACK_FAILURE) for c in codes):
+        raise MalformedPacket("bad SUBACK return code")  # [MQTT-3.9.3-2]
+    return Suback(pid, codes)
+
+
+def decode_unsubscribe(flags: int, buf, i: int, end: int) -> Unsubscribe:
+    """Decode UNSUBSCRIBE."""
+    _check_flags(flags, 2, "UNSUBSCRIBE")  # [MQTT-3.10.1-1]
+    pid, i = _packet_id(buf, i, end), i + 2
+    topics = []
+    while i < end:
+        topic, i = _string(buf, i, end)
+        topics.append(topic)
+    if not topics:
+        raise MalformedPacket("UNSUBSCRIBE without a topic")  # [MQTT-3.10.3-2]
+    return Unsubscribe(pid, tuple(topics))
+
+
+def _decode_empty(cls: type) -> Callable[..., Any]:
+    instance = cls()
+
+    def decode(flags: int, buf, i: int, end: int):
+        _check_flags(flags, 0, cls.__name__.upper())
+        if end != i:
+            raise MalformedPacket(f"{cls.__name__.upper()} has a body")
+        return instance
+    decode.__doc__ = f"Decode {cls.__name__.upper()}."
+    return decode
+
+
+DECODERS: dict[int, Callable[..., Any]] = {
+    CONNECT: decode_connect, CONNACK: decode_connack, PUBLISH: decode_publish,
+    PUBACK: _decode_ack(Puback, 0), PUBREC: _decode_ack(Pubrec, 0), PUBREL: _decode_ack(Pubrel, 2),
+    PUBCOMP: _decode_ack(Pubcomp, 0), SUBSCRIBE: decode_subscribe, SUBACK: decode_suback,
+    UNSUBSCRIBE: decode_unsubscribe, UNSUBACK: _decode_ack(Unsuback, 0), PINGREQ: _decode_empty(Pingreq),
+    PINGRESP: _decode_empty(Pingresp), DISCONNECT: _decode_empty(Disconnect),
+}
+
+
+def decode_packet(buf, pos: int = 0, max_size: int = 0) -> tuple[Any, int] | None:
+    """Decode the packet at ``buf[pos:]``: (packet, next position), or None if incomplete.
+
+    Raises MalformedPacket for anything the specification forbids, and for a
+    packet larger than ``max_size`` bytes (0: no limit) as soon as its length is known.
+    """
+    n = len(buf)
+    i = pos + 1
+    length = shift = 0
+    while True:
+        if i >= n:
+            return None
+        byte = buf[i]
+        length |= (byte & 127) << shift
+        i += 1
+        if not byte & 128:
+            break
+        shift += 7
+        if shift > 21:
+            raise MalformedPacket("remaining length longer than four bytes")  # MQTT 3.1.1 2.2.3
+    if max_size and i - pos + length > max_size:
+        raise MalformedPacket(f"packet of {i - pos + length} bytes exceeds max_message_size {max_size}")
+    end = i + length
+    if end > n:
+        return None
+    decoder = DECODERS.get(buf[pos] >> 4)
+    if decoder is None:
+        raise MalformedPacket(f"reserved packet type {buf[pos] >> 4}")  # MQTT 3.1.1 2.2.1
+    return decoder(buf[pos] & 15, buf, i, end), end
+
+
+def encode_length(n: int) -> bytes:
+    """Encode a remaining length (MQTT 3.1.1 2.2.3)."""
+    if not 0 <= n <= MAX_REMAINING_LENGTH:
+        raise MalformedPacket(f"remaining length {n} out of range")
+    out = bytearray()
+    while True:
+        byte, n = n & 127, n >> 7
+        out.append(byte | 128 if n else byte)
+        if not n:
+            return bytes(out)
+
+
+def _str(text: str) -> bytes:
+    data = text.encode("utf-8")
+    if len(data) > 65535:
+        raise MalformedPacket("string longer than 65535 bytes")
+    return len(data).to_bytes(2, "big") + data
+
+
+def _bin(data: bytes) -> bytes:
+    if len(data) > 65535:
+        raise MalformedPacket("field longer than 65535 bytes")
+    return len(data).to_bytes(2, "big") + data
+
+
+def _frame(first: int, body: bytes) -> bytes:
+    return bytes((first,)) + encode_length(len(body)) + body
+
+
+def encode_connect(p: Connect) -> bytes:
+    """Encode CONNECT."""
+    flags = (2 if p.clean_session else 0) | (128 if p.username is not None else 0) \
+        | (64 if p.password is not None else 0)
+    payload = _str(p.client_id)
+    if p.will_topic is not None:
+        flags |= 4 | p.will_qos << 3 | (32 if p.will_retain else 0)
+        payload += _str(p.will_topic) + _bin(p.will_payload)
+    if p.username is not None:
+        payload += _str(p.username)
+    if p.password is not None:
+        payload += _bin(p.password)
+    header = _str(PROTOCOLS.get(p.proto_level, "MQTT")) + bytes((p.proto_level, flags)) \
+        + p.keepalive.to_bytes(2, "big")
+    return _frame(CONNECT << 4, header + payload)
+
+
+def encode_publish_header(topic: bytes, payload_len: int, qos: int, retain: bool, dup: bool,
+                          packet_id: int | None) -> bytes:
+    """Encode a PUBLISH up to its payload; ``topic`` is the length-prefixed topic."""
+    first = PUBLISH << 4 | qos << 1 | (8 if dup else 0) | (1 if retain else 0)
+    if qos:
+        return bytes((first,)) + encode_length(len(topic) + 2 + payload_len) + topic + packet_id.to_bytes(2, "big")
+    return bytes((first,)) + encode_length(len(topic) + payload_len) + topic
+
+
+def encode_publish(p: Publish) -> bytes:
+    """Encode PUBLISH."""
+    return encode_publish_header(_str(p.topic), len(p.payload), p.qos, p.retain, p.dup, p.packet_id) + p.payload
+
+
+ENCODERS: dict[type, Callable[[Any], bytes]] = {
+    Connect: encode_connect,
+    Connack: lambda p: bytes((CONNACK << 4, 2, 1 if p.session_present else 0, p.return_code)),
+    Publish: encode_publish,
+    Puback: lambda p: bytes((PUBACK << 4, 2)) + p.packet_id.to_bytes(2, "big"),
+    Pubrec: lambda p: bytes((PUBREC << 4, 2)) + p.packet_id.to_bytes(2, "big"),
+    Pubrel: lambda p: bytes((PUBREL << 4 | 2, 2)) + p.packet_id.to_bytes(2, "big"),
+    Pubcomp: lambda p: bytes((PUBCOMP << 4, 2)) + p.packet_id.to_bytes(2, "big"),
+    Subscribe: lambda p: _frame(SUBSCRIBE << 4 | 2, p.packet_id.to_bytes(2, "big")
+                                + b"".join(_str(t) + bytes((q,)) for t, q in p.topics)),
+    Suback: lambda p: _frame(SUBACK << 4, p.packet_id.to_bytes(2, "big") + bytes(p.return_codes)),
+    Unsubscribe: lambda p: _frame(UNSUBSCRIBE << 4 | 2, p.packet_id.to_bytes(2, "big")
+                                  + b"".join(_str(t) for t in p.topics)),
+    Unsuback: lambda p: bytes((UNSUBACK << 4, 2)) + p.packet_id.to_bytes(2, "big"),
+    Pingreq: lambda p: bytes((PINGREQ << 4, 0)),
+    Pingresp: lambda p: bytes((PINGRESP << 4, 0)),
+    Disconnect: lambda p: bytes((DISCONNECT << 4, 0)),
+}
+
+
+def encode_packet(packet: Any) -> bytes:
+    """Encode any packet."""
+    return ENCODERS[type(packet)](packet)
+
+
+###############################################################################
+# 5. Topics: validation and trie ##############################################
+###############################################################################
+# Owns: topic name and filter rules, and a subscription trie whose matching
+#       cost grows with the depth of the topic, not with the subscriptions.
+# Must not know: clients, sessions, sockets.
+
+
+def valid_topic_name(topic: str) -> bool:
+    """Return whether ``topic`` may be published to (MQTT 3.1.1 4.7)."""
+    return bool(topic) and "+" not in topic and "#" not in topic and len(topic.encode()) <= 65535
+
+
+def valid_topic_filter(topic: str) -> bool:
+    """Return whether ``topic`` may be subscribed to (MQTT 3.1.1 4.7.1)."""
+    if not topic or len(topic.encode()) > 65535:
+        return False  # [MQTT-4.7.3-1]
+    levels = topic.split("/")
+    for n, level in enumerate(levels):
+        if "#" in level and (level != "#" or n != len(levels) - 1):
+            return False  # [MQTT-4.7.1-2]
+        if "+" in level and level != "+":
+            return False  # [MQTT-4.7.1-3]
+    return True
+
+
+def topic_matches(topic_filter: str, topic: str) -> bool:
+    """Match one filter against one topic name directly (used for ACLs and checks)."""
+    if topic.startswith("$") and topic_filter[:1] in ("+", "#"):
+        return False  # [MQTT-4.7.2-1]
+    fl, tl = topic_filter.split("/"), topic.split("/")
+    for n, level in enumerate(fl):
+        if level == "#":
+            return True
+        if n >= len(tl) or (level != "+" and level != tl[n]):
+            return False
+    return len(fl) == len(tl)
+
+
+class _TrieNode:
+    __slots__ = ("children", "subscribers")
+
+    def __init__(self):
+        self.children: dict[str, _TrieNode] = {}
+        self.subscribers: dict[Any, int] = {}  # subscriber -> QoS
+
+
+class TopicTrie:
+    """Subscriptions by filter level; ``match`` walks only the branches a topic can reach."""
+
+    def __init__(self):
+        self._root = _TrieNode()
+        self.count = 0
+
+    def add(self, topic_filter: str, subscriber: Any, qos: int) -> bool:
+        """Subscribe; return True when the subscription is new (False: QoS replaced)."""
+        node = self._root
+        for level in topic_filter.split("/"):
+            child = node.children.get(level)
+            if child is None:
+                child = node.children[level] = _TrieNode()
+            node = child
+        new = subscriber not in node.subscribers
+        node.subscribers[subscriber] = qos
+        self.count += new
+        return new
+
+    def remove(self, topic_filter: str, subscriber: Any) -> bool:
+        """Unsubscribe; return whether the subscription existed. Prunes empty branches."""
+        path = [self._root]
+        for level in topic_filter.split("/"):
+            nxt = path[-1].children.get(level)
+            if nxt is None:
+                return False
+            path.append(nxt)
+        if path[-1].subscribers.pop(subscriber, None) is None:
+            return False
+        self.count -= 1
+        levels = topic_filter.split("/")
+        for n in range(len(levels), 0, -1):
+            node = path[n]
+            if node.children or node.subscribers:
+                break
+            del path[n - 1].children[levels[n - 1]]
+        return True
+
+    def match(self, topic: str) -> dict[Any, int]:
+        """Return subscriber -> highest QoS over every filter that matches ``topic``."""
+        out: dict[Any, int] = {}
+        levels = topic.split("/")
+        last = len(levels)
+        stack = [(self._root, 0)]
+        dollar = topic.startswith("$")
+        while stack:
+            node, depth = stack.pop()
+            children = node.children
+            hash_node = children.get("#")
+            if hash_node is not None and not (dollar and depth == 0):
+                _merge(out, hash_node.subscribers)  # '#' also matches the parent level [MQTT-4.7.1-2]
+            if depth == last:
+                _merge(out, node.subscribers)
+                continue
+            level = levels[depth]
+            child = children.get(level)
+            if child is not None:
+                stack.append((child, depth + 1))
+            plus = children.get("+")
+            if plus is not None and not (dollar and depth == 0):
+                stack.append((plus, depth + 1))
+        return out
+
+
+def _merge(out: dict[Any, int], subscribers: dict[Any, int]) -> None:
+    for sub, qos in subscribers.items():
+        if out.get(sub, -1) < qos:
+            out[sub] = qos
+
+
+###############################################################################
+# 6. Broker core ##############################################################
+###############################################################################
+# Owns: sessions, queues, in-flight windows, retained messages, wills, routing,
+#       authentication plugins (vmq_passwd, vmq_acl); it writes bytes to Links.
+# Must not know: sockets, threads, the event loop (the clock is passed in).
+
+PASSWD_SALT_BYTES = 12  # VerneMQ vmq_passwd: 12-byte salt, sha512(password ++ salt)
+
+
+def hash_password(password: str, salt: bytes | None = None) -> str:
+    """Return vmq_passwd's ``$6$<b64 salt>$<b64 sha512(password + salt)>``."""
+    salt = secrets.token_bytes(PASSWD_SALT_BYTES) if salt is None else salt
+    digest = hashlib.sha512(password.encode() + salt).digest()
+    return f"$6${base64.b64encode(salt).decode()}${base64.b64encode(digest).decode()}"
+
+
+def check_password(password: bytes, stored: str) -> bool:
+    """Check a password against a vmq_passwd hash in constant time."""
+    try:
+        _, kind, salt, digest = stored.split("$")
+        expected = base64.b64decode(digest)
+        actual = hashlib.sha512(password + base64.b64decode(salt)).digest()
+    except (ValueError, binascii.Error):
+        return False
+    return kind == "6" and hmac.compare_digest(actual, expected)
+
+
+class ReloadingFile:
+    """A file parsed again when its mtime changes, checked at most every ``interval`` s."""
+
+    def __init__(self, parse: Callable[[str], Any], empty: Any):
+        self._parse, self._empty = parse, empty
+        self.path, self.value = "", empty
+        self._signature: tuple | None = None
+        self._checked = -1e18
+
+    def get(self, path: str, interval: int, now: float) -> Any:
+        """Return the parsed content of ``path`` (``empty`` when no path)."""
+        if path != self.path:
+            self.path, self._signature, self._checked = path, None, -1e18
+        if not path:
+            return self._empty
+        if self._signature is None or (interval and now - self._checked >= interval):
+            self._checked = now
+            try:
+                st = os.stat(path)
+                signature = (st.st_ino, st.st_mtime_ns, st.st_size)
+                if signature != self._signature:
+                    with open(path, encoding="utf-8") as fh:
+                        self.value = self._parse(fh.read())
+                    self._signature = signature
+            except (OSError, ValueError, UnicodeDecodeError) as exc:
+                log.error("cannot load %s: %s; keeping the previous rules", path, exc)
+                self._signature = self._signature or ("failed",)
+        return self.value
+
+
+def parse_passwd(text: str) -> dict[str, str]:
+    """Parse a vmq_passwd file: ``user:$6$salt$hash`` lines."""
+    users = {}
+    for line in text.split("\n"):
+        if not line:
+            continue
+        user, sep, stored = line.partition(":")
+        if not sep or stored.count("$") != 3:
+            raise ValueError(f"bad password line for user {user!r}")
+        users[user] = stored
+    return users
+
+
+@dataclass(frozen=True, slots=True)
+class AclRules:
+    """vmq_acl rules: topics for all, per user, and patterns with %u %c %m."""
+
+    everyone: tuple[tuple[str, str], ...] = ()
+    users: Mapping[str, tuple[tuple[str, str], ...]] = field(default_factory=dict)
+    patterns: tuple[tuple[str, str], ...] = ()
+
+
+def parse_acl(text: str) -> AclRules:
+    """Parse a vmq_acl file (``topic [read|write] T``, ``user U``, ``pattern [read|write] T``)."""
+    everyone, users, patterns, user = [], {}, [], None
+    for number, line in enumerate(text.split("\n"), 1):
+        if not line or line.startswith("#"):
+            continue
+        word, _, rest = line.partition(" ")
+        if word == "user":
+            user = rest.strip(" \t")
+            users.setdefault(user, [])
+            continue
+        if word not in ("topic", "pattern"):
+            raise ValueError(f"line {number}: expected topic, user or pattern")
+        access, _, topic = rest.partition(" ")
+        if access not in ("read", "write"):
+            access, topic = "readwrite", rest
+        topic = topic.strip(" \t")
+        if not valid_topic_filter(topic):
+            log.warning("acl line %d: invalid topic %r skipped", number, topic)
+            continue
+        target = patterns if word == "pattern" else (users[user] if user is not None else everyone)
+        target.append((access, topic))
+    return AclRules(tuple(everyone), {u: tuple(r) for u, r in users.items()}, tuple(patterns))
+
+
+def acl_allows(rules: AclRules, access: str, topic: str, user: str | None, client_id: str,
+               mountpoint: str) -> bool:
+    """Check all-users rules, then the user's, then patterns (whole-level %u %c %m)."""
+    def hit(entries):
+        return any(a in (access, "readwrite") and topic_matches(t, topic) for a, t in entries)
+    if hit(rules.everyone) or (user is not None and hit(rules.users.get(user, ()))):
+        return True
+    subst = {"%u": user, "%c": client_id, "%m": mountpoint}
+    for a, pattern in rules.patterns:
+        levels = [subst.get(level, level) for level in pattern.split("/")]
+        if None not in levels and a in (access, "readwrite") and topic_matches("/".join(levels), topic):
+            return True
+    return False
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """An application message inside one mountpoint; ``ref`` is its stable id."""
+
+    topic: str
+    payload: bytes
+    qos: int
+    retain: bool = False
+    ref: int = 0
+
+
+class Session:
+    """An MQTT session: subscriptions, queue and in-flight window of one client id."""
+
+    __slots__ = ("mountpoint", "client_id", "clean", "subs", "client", "queue", "inflight", "incoming",
+                 "next_pid", "user", "peer", "protocol", "started_at", "offline_since", "rows")
+
+    def __init__(self, mountpoint: str, client_id: str, clean: bool, now: float):
+        self.mountpoint, self.client_id, self.clean = mountpoint, client_id, clean
+        self.subs: dict[str, int] = {}
+        self.client: Client | None = None
+        self.queue: collections.deque[tuple[Message, int, int]] = collections.deque()  # (msg, qos, row)
+        self.inflight: dict[int, list] = {}  # pid -> [msg, qos, row, stage]; stage 1: PUBREL sent
+        self.incoming: set[int] = set()  # QoS 2 packet ids received, PUBREL pending
+        self.next_pid = 1
+        self.user: str | None = None
+        self.peer = ("", 0)
+        self.protocol = 4
+        self.started_at = now
+        self.offline_since: float | None = now
+        self.rows = 0  # stored messages, for the offline count
+
+    def take_pid(self) -> int:
+        """Return a packet id not in flight (MQTT 3.1.1 2.3.1)."""
+        pid = self.next_pid
+        while pid in self.inflight:
+            pid = pid % MAX_PACKET_ID + 1
+        self.next_pid = pid % MAX_PACKET_ID + 1
+        return pid
+
+
+class Client:
+    """One network connection's state, from accept to close."""
+
+    __slots__ = ("link", "session", "connected", "closed", "proto", "keepalive", "last_seen", "opened_at",
+                 "user", "will", "clean_exit")
+
+    def __init__(self, link: Any, now: float):
+        self.link = link
+        self.session: Session | None = None
+        self.connected = self.closed = self.clean_exit = False
+        self.proto = 4
+        self.keepalive = 0
+        self.last_seen = self.opened_at = now
+        self.user: str | None = None
+        self.will: Message | None = None
+
+
+class Broker:
+    """MQTT 3.1/3.1.1 broker state, driven by packets; writes go to each Client's link.
+
+    A link offers ``write(bytes)``, ``close()``, ``writable``, ``peer`` and
+    ``listener`` (with ``mountpoint``, ``allowed_versions`` and ``loopback``).
+    ``settings()`` returns the Config in force, so ``set`` takes effect at once.
+    """
+
+    def __init__(self, settings: Callable[[], Config], store: Any, clock: Callable[[], float] = time.time):
+        self.settings, self.store, self.clock = settings, store, clock
+        self.sessions: dict[tuple[str, str], Session] = {}
+        self.tries: dict[str, TopicTrie] = collections.defaultdict(TopicTrie)
+        self.retained: dict[str, dict[str, Message]] = collections.defaultdict(dict)
+        self.clients: set[Client] = set()
+        self.counters: dict[tuple, int] = collections.defaultdict(int)
+        self.anonymous_default = True  # the node sets it: every MQTT listener on loopback
+        self._passwd = ReloadingFile(parse_passwd, {})
+        self._acl = ReloadingFile(parse_acl, None)
+        self._next_ref = 1
+
+    # -- bookkeeping ------------------------------------------------------
+    def count(self, name: str, amount: int = 1, **labels: str) -> None:
+        """Bump a counter of the metrics registry's broker source."""
+        self.counters[(name, tuple(labels.items()))] += amount
+
+    def gauges(self) -> dict[str, int]:
+        """Return the live gauges."""
+        online = sum(1 for c in self.clients if c.connected)
+        return {"active_mqtt_connections": online, "total_active_connections": len(self.clients),
+                "queue_processes": len(self.sessions),
+                "router_subscriptions": sum(t.count for t in self.tries.values()),
+                "retain_messages": sum(len(r) for r in self.retained.values())}
+
+    def new_ref(self) -> int:
+        """Return a fresh message reference."""
+        self._next_ref += 1
+        return self._next_ref
+
+    # -- connections ------------------------------------------------------
+    def connection_made(self, link: Any) -> Client:
+        """Register a new network connection."""
+        client = Client(link, self.clock())
+        self.clients.add(client)
+        self.count("socket_open")
+        return client
+
+    def connection_lost(self, client: Client) -> None:
+        """The network connection ended; publish the will unless it said DISCONNECT."""
+        self.close_client(client, close_link=False)
+        self.clients.discard(client)
+
+    def close_client(self, client: Client, close_link: bool = True) -> None:
+        """End a client: its will (if due), its session's link, then its socket."""
+        if client.closed:
+            return
+        client.closed = True
+        self.count("socket_close")
+        session = client.session
+        if client.connected and not client.clean_exit and client.will is not None:
+            mountpoint = session.mountpoint if session else ""
+            if client.will.retain:
+                self.retain(mountpoint, client.will)
+            self.route(mountpoint, client.will)  # [MQTT-3.1.2-8]
+        if session is not None and session.client is client:
+            session.client = None
+            session.offline_since = self.clock()
+            if session.clean:
+                self.drop_session(session)
+        if close_link:
+            client.link.close()
+
+    def drop_session(self, session: Session) -> None:
+        """Forget a session: subscriptions, queue and stored rows."""
+        trie = self.tries[session.mountpoint]
+        for topic_filter in session.subs:
+            trie.remove(topic_filter, session)
+        self.sessions.pop((session.mountpoint, session.client_id), None)
+        if not session.clean:
+            self.store.delete_session(session.mountpoint, session.client_id)
+
+    def send(self, client: Client, packet: Any) -> None:
+        """Encode and write one packet to a client."""
+        client.link.write(encode_packet(packet))
+
+    def handle(self, client: Client, packet: Any) -> None:
+        """Act on one decoded packet from ``client``."""
+        client.last_seen = self.clock()
+        kind = type(packet)
+        if not client.connected:
+            if kind is not Connect:
+                raise MalformedPacket("the first packet must be CONNECT")  # [MQTT-3.1.0-1]
+            self.on_connect(client, packet)
+            return
+        handler = self._HANDLERS.get(kind)
+        if handler is None:
+            raise MalformedPacket(f"a client may not send {kind.__name__.upper()}")
+        handler(self, client, packet)
+
+    # -- CONNECT ----------------------------------------------------------
+    def on_connect(self, client: Client, p: Connect) -> None:
+        """Check version, client id and credentials; attach or create the session."""
+        config = self.settings()
+        listener = client.link.listener
+        self.count("mqtt_connect_received", mqtt_version="4")
+        if p.proto_level not in PROTOCOLS or p.proto_level not in listener.allowed_versions:
+            return self.refuse(client, CONNACK_BAD_VERSION)  # [MQTT-3.1.2-2]
+        client_id = p.client_id
+        if not client_id:
+            if not p.clean_session:
+                return self.refuse(client, CONNACK_BAD_ID)  # [MQTT-3.1.3-8]
+            client_id = "anon-" + secrets.token_hex(8)  # [MQTT-3.1.3-6]
+        if len(client_id) > config["max_client_id_size"]:
+            return self.refuse(client, CONNACK_BAD_ID)
+        verdict = self.authenticate(p, client_id, listener, config)
+        if verdict:
+            return self.refuse(client, verdict)
+        mountpoint = listener.mountpoint
+        key = (mountpoint, client_id)
+        old = self.sessions.get(key)
+        if old is not None and old.client is not None:
+            self.close_client(old.client)  # takeover [MQTT-3.1.4-2]
+        if old is not None and p.clean_session:
+            self.drop_session(old)
+            old = None
+        present = old is not None
+        session = old or Session(mountpoint, client_id, p.clean_session, self.clock())
+        self.sessions[key] = session
+        if not p.clean_session and not present:
+            self.store.put_session(mountpoint, client_id)
+        session.client, session.offline_since = client, None
+        session.user, session.peer, session.protocol = p.username, client.link.peer, p.proto_level
+        client.session, client.connected, client.proto = session, True, p.proto_level
+        client.keepalive, client.user = p.keepalive, p.username
+        if p.will_topic is not None:
+            client.will = Message(p.will_topic, p.will_payload, p.will_qos, p.will_retain, self.new_ref())
+        self.send(client, Connack(CONNACK_ACCEPTED, present))  # [MQTT-3.2.2-2]
+        self.count("mqtt_connack_sent", mqtt_version="4", return_code="success")
+        self.resume(session)
+
+    def refuse(self, client: Client, code: int) -> None:
+        """Answer CONNACK with a refusal and close [MQTT-3.2.2-5]."""
+        self.send(client, Connack(code))
+        self.count("mqtt_connack_sent", mqtt_version="4", return_code=CONNACK_RETURN_NAMES[code])
+        self.close_client(client)
+
+    def authenticate(self, p: Connect, client_id: str, listener: Any, config: Config) -> int:
+        """Return 0 to accept, or CONNACK 4 (bad credentials) / 5 (not authorized)."""
+        anonymous = config["allow_anonymous"]
+        if anonymous is None:
+            anonymous = self.anonymous_default
+        if anonymous or getattr(listener, "allow_anonymous_override", False):
+            return 0  # VerneMQ: allow_anonymous skips the auth plugins
+        users = self._passwd.get(config["vmq_passwd.password_file"], config["vmq_passwd.password_reload_interval"],
+                                 self.clock())
+        if p.username is None or p.password is None or p.username not in users:
+            return CONNACK_NOT_AUTHORIZED  # every plugin said next
+        return 0 if check_password(p.password, users[p.username]) else CONNACK_BAD_CREDENTIALS
+
+    def acl(self, client: Client, access: str, topic: str) -> bool:
+        """Ask vmq_acl; with no ACL file configured everything is allowed."""
+        config = self.settings()
+        rules = self._acl.get(config["vmq_acl.acl_file"], config["vmq_acl.acl_reload_interval"], self.clock())
+        if rules is None:
+            return True
+        session = client.session
+        return acl_allows(rules, access, topic, client.user, session.client_id, session.mountpoint)
+
+    def resume(self, session: Session) -> None:
+        """Resend what was in flight (DUP) [MQTT-4.4.0-1], then drain the queue."""
+        client = session.client
+        for pid, (msg, qos, _row, stage) in session.inflight.items():
+            if stage:
+                self.send(client, Pubrel(pid))
+            else:
+                self.write_publish(client, msg, qos, pid, dup=True)
+        self.drain(session)
+
+    # -- publishing -------------------------------------------------------
+    def on_publish(self, client: Client, p: Publish) -> None:
+        """Route an incoming PUBLISH and acknowledge it."""
+        self.count("mqtt_publish_received", mqtt_version="4")
+        session = client.session
+        if p.qos == 2 and p.packet_id in session.incoming:
+            self.send(client, Pubrec(p.packet_id))  # a resent QoS 2 message is routed once
+            return
+        if not self.acl(client, "write", p.topic):
+            self.count("mqtt_publish_auth_error")
+        else:
+            msg = Message(p.topic, p.payload, p.qos, p.retain, self.new_ref())
+            if p.retain:
+                self.retain(session.mountpoint, msg)
+            self.route(session.mountpoint, msg)
+        if p.qos == 1:
+            client.link.write(b"\x40\x02" + p.packet_id.to_bytes(2, "big"))
+            self.count("mqtt_puback_sent", mqtt_version="4")
+        elif p.qos == 2:
+            session.incoming.add(p.packet_id)
+            self.send(client, Pubrec(p.packet_id))
+            self.count("mqtt_pubrec_sent", mqtt_version="4")
+
+    def retain(self, mountpoint: str, msg: Message) -> None:
+        """Store, replace or (empty payload) delete a retained message [MQTT-3.3.1-5..11]."""
+        if msg.payload:
+            self.retained[mountpoint][msg.topic] = msg
+            self.store.put_retained(mountpoint, msg)
+        elif self.retained[mountpoint].pop(msg.topic, None) is not None:
+            self.store.delete_retained(mountpoint, msg.topic)
+
+    def route(self, mountpoint: str, msg: Message) -> int:
+        """Deliver ``msg`` to every matching session; return how many matched.
+
+        The routing seam: remote nodes will join here, beside the local trie.
+        """
+        matches = self.tries[mountpoint].match(msg.topic)
+        if not matches:
+            self.count("queue_message_unhandled")
+            return 0
+        self.count("router_matches_local", len(matches))
+        upgrade = self.settings()["upgrade_outgoing_qos"]
+        frame0 = None
+        for session, sub_qos in matches.items():
+            qos = sub_qos if upgrade else min(msg.qos, sub_qos)
+            client = session.client
+            if qos == 0 and client is not None and client.link.writable and not session.queue:
+                if frame0 is None:  # one encoding for every QoS 0 receiver
+                    frame0 = encode_publish_header(_str(msg.topic), len(msg.payload), 0, False, False, None) \
+                        + msg.payload
+                client.link.write(frame0)
+                self.count("mqtt_publish_sent", mqtt_version="4")
+                self.count("queue_message_in")
+                self.count("queue_message_out")
+            else:
+                self.enqueue(session, msg, qos)
+        return len(matches)
+
+    def enqueue(self, session: Session, msg: Message, qos: int) -> None:
+        """Queue for a session (bounded by max_online/offline_messages), then drain."""
+        config = self.settings()
+        online = session.client is not None
+        limit = config["max_online_messages" if online else "max_offline_messages"]
+        if limit >= 0 and len(session.queue) >= limit:
+            self.count("queue_message_drop")
+            return
+        if online and qos == 0 and not session.client.link.writable:
+            self.count("queue_message_drop")  # a slow subscriber loses QoS 0, never blocks others
+            return
+        row = self.store.add_message(session.mountpoint, session.client_id, msg, qos) \
+            if qos and not session.clean else 0
+        session.queue.append((msg, qos, row))
+        self.count("queue_message_in")
+        if online:
+            self.drain(session)
+
+    def drain(self, session: Session) -> None:
+        """Send queued messages while the in-flight window has room."""
+        client = session.client
+        if client is None:
+            return
+        window = self.settings()["max_inflight_messages"]
+        queue, inflight = session.queue, session.inflight
+        while queue and (not window or len(inflight) < window or queue[0][1] == 0):
+            msg, qos, row = queue.popleft()
+            pid = None
+            if qos:
+                pid = session.take_pid()
+                inflight[pid] = [msg, qos, row, 0]
+            self.write_publish(client, msg, qos, pid)
+            self.count("queue_message_out")
+
+    def write_publish(self, client: Client, msg: Message, qos: int, pid: int | None, dup: bool = False,
+                      retain: bool = False) -> None:
+        """Write one outgoing PUBLISH."""
+        client.link.write(encode_publish_header(_str(msg.topic), len(msg.payload), qos, retain, dup, pid)
+                          + msg.payload)
+        self.count("mqtt_publish_sent", mqtt_version="4")
+
+    # -- acknowledgements -------------------------------------------------
+    def on_puback(self, client: Client, p: Puback) -> None:
+        """QoS 1 delivered: forget it, send the next."""
+        self.count("mqtt_puback_received", mqtt_version="4")
+        session = client.session
+        entry = session.inflight.get(p.packet_id)
+        if entry is None or entry[1] != 1:
+            self.count("mqtt_puback_invalid_error")
+            return
+        del session.inflight[p.packet_id]
+        if entry[2]:
+            self.store.delete_message(entry[2])
+        self.drain(session)
+
+    def on_pubrec(self, client: Client, p: Pubrec) -> None:
+        """QoS 2 received by the client: answer PUBREL [MQTT-4.3.3-1]."""
+        self.count("mqtt_pubrec_received", mqtt_version="4")
+        entry = client.session.inflight.get(p.packet_id)
+        if entry is None or entry[1] != 2:
+            self.count("mqtt_pubrec_invalid_error")
+        elif entry[3] == 0:
+            entry[3] = 1
+            if entry[2]:
+                self.store.delete_message(entry[2])
+                entry[2] = 0
+        self.send(client, Pubrel(p.packet_id))
+        self.count("mqtt_pubrel_sent", mqtt_version="4")
+
+    def on_pubrel(self, client: Client, p: Pubrel) -> None:
+        """The client releases a QoS 2 message it sent: answer PUBCOMP [MQTT-4.3.3-2]."""
+        self.count("mqtt_pubrel_received", mqtt_version="4")
+        client.session.incoming.discard(p.packet_id)
+        self.send(client, Pubcomp(p.packet_id))
+        self.count("mqtt_pubcomp_sent", mqtt_version="4")
+
+    def on_pubcomp(self, client: Client, p: Pubcomp) -> None:
+        """QoS 2 complete: forget it, send the next."""
+        self.count("mqtt_pubcomp_received", mqtt_version="4")
+        session = client.session
+        entry = session.inflight.get(p.packet_id)
+        if entry is None or entry[3] != 1:
+            self.count("mqtt_pubcomp_invalid_error")
+            return
+        del session.inflight[p.packet_id]
+        self.drain(session)
+
+    # -- subscriptions ----------------------------------------------------
+    def on_subscribe(self, client: Client, p: Subscribe) -> None:
+        """Subscribe each filter (0x80 when invalid or refused), then send retained matches."""
+        self.count("mqtt_subscribe_received", mqtt_version="4")
+        session = client.session
+        codes, granted = [], []
+        for topic_filter, qos in p.topics:
+            if not valid_topic_filter(topic_filter) or not self.acl(client, "read", topic_filter):
+                codes.append(SUBACK_FAILURE)
+                self.count("mqtt_subscribe_auth_error" if valid_topic_filter(topic_filter)
+                           else "mqtt_subscribe_error")
+                continue
+            self.subscribe(session, topic_filter, qos)
+            codes.append(qos)
+            granted.append((topic_filter, qos))
+        self.send(client, Suback(p.packet_id, tuple(codes)))
+        self.count("mqtt_suback_sent", mqtt_version="4")
+        for topic_filter, qos in granted:
+            self.send_retained(session, topic_filter, qos)
+
+    def subscribe(self, session: Session, topic_filter: str, qos: int) -> None:
+        """Add or replace one subscription [MQTT-3.8.4-3]."""
+        self.tries[session.mountpoint].add(topic_filter, session, qos)
+        session.subs[topic_filter] = qos
+        if not session.clean:
+            self.store.put_subscription(session.mountpoint, session.client_id, topic_filter, qos)
+
+    def send_retained(self, session: Session, topic_filter: str, qos: int) -> None:
+        """Deliver retained messages matching a new subscription, retain flag set [MQTT-3.3.1-8]."""
+        client = session.client
+        for msg in list(self.retained[session.mountpoint].values()):
+            if topic_matches(topic_filter, msg.topic):
+                out_qos = min(qos, msg.qos)
+                pid = None
+                if out_qos:
+                    pid = session.take_pid()
+                    session.inflight[pid] = [msg, out_qos, 0, 0]
+                self.write_publish(client, msg, out_qos, pid, retain=True)
+
+    def on_unsubscribe(self, client: Client, p: Unsubscribe) -> None:
+        """Drop filters and answer UNSUBACK [MQTT-3.10.4-4]."""
+        self.count("mqtt_unsubscribe_received", mqtt_version="4")
+        for topic_filter in p.topics:
+            self.unsubscribe(client.session, topic_filter)
+        self.send(client, Unsuback(p.packet_id))
+        self.count("mqtt_unsuback_sent", mqtt_version="4")
+
+    def unsubscribe(self, session: Session, topic_filter: str) -> bool:
+        """Remove one subscription; return whether it existed."""
+        if session.subs.pop(topic_filter, None) is None:
+            return False
+        self.tries[session.mountpoint].remove(topic_filter, session)
+        if not session.clean:
+            self.store.delete_subscription(session.mountpoint, session.client_id, topic_filter)
+        return True
+
+    def on_pingreq(self, client: Client, p: Pingreq) -> None:
+        """Answer PINGRESP [MQTT-3.12.4-1]."""
+        self.count("mqtt_pingreq_received", mqtt_version="4")
+        client.link.write(b"\xd0\x00")
+        self.count("mqtt_pingresp_sent", mqtt_version="4")
+
+    def on_disconnect(self, client: Client, p: Disconnect) -> None:
+        """A clean goodbye: drop the will [MQTT-3.14.4-3] and close."""
+        self.count("mqtt_disconnect_received", mqtt_version="4")
+        client.clean_exit = True
+        self.close_client(client)
+
+    _HANDLERS: dict[type, Callable[..., None]] = {
+        Publish: on_publish, Puback: on_puback, Pubrec: on_pubrec, Pubrel: on_pubrel, Pubcomp: on_pubcomp,
+        Subscribe: on_subscribe, Unsubscribe: on_unsubscribe, Pingreq: on_pingreq, Disconnect: on_disconnect,
+    }
+
+    # -- time -------------------------------------------------------------
+    def tick(self, now: float) -> None:
+        """Close silent clients (1.5 x keep-alive, CONNECT timeout); expire old sessions."""
+        config = self.settings()
+        connect_timeout = config["mqtt_connect_timeout"] / 1000
+        for client in list(self.clients):
+            if client.connected:
+                if client.keepalive and now - client.last_seen > 1.5 * client.keepalive:  # [MQTT-3.1.2-24]
+                    self.count("client_keepalive_expired")
+                    self.close_client(client)
+            elif now - client.opened_at > connect_timeout and not client.closed:
+                self.close_client(client)
+        expiry = config["persistent_client_expiration"]
+        if expiry is not None:
+            for session in [s for s in self.sessions.values()
+                            if s.client is None and s.offline_since is not None and now - s.offline_since > expiry]:
+                self.drop_session(session)
+
+    # -- administration ---------------------------------------------------
+    def disconnect(self, client_id: str, mountpoint: str = "", cleanup: bool = False) -> bool:
+        """Close a client's connection (its will is due); with ``cleanup`` drop its session."""
+        session = self.sessions.get((mountpoint, client_id))
+        if session is None:
+            return False
+        if session.client is not None:
+            self.close_client(session.client)
+        if cleanup and (mountpoint, client_id) in self.sessions:
+            self.drop_session(session)
+        return True
+
+    def restore(self, retained: Iterable[tuple[str, Message]], sessions: Iterable[tuple[str, str]],
+                subscriptions: Iterable[tuple[str, str, str, int]],
+                messages: Iterable[tuple[str, str, Message, int, int]]) -> None:
+        """Rebuild state from the message store after a restart."""
+        now = self.clock()
+        for mountpoint, msg in retained:
+            self.retained[mountpoint][msg.topic] = msg
+        for mountpoint, client_id in sessions:
+            self.sessions[(mountpoint, client_id)] = Session(mountpoint, client_id, False, now)
+        for mountpoint, client_id, topic_filter, qos in subscriptions:
+            session = self.sessions.get((mountpoint, client_id))
+            if session is not None:
+                self.tries[mountpoint].add(topic_filter, session, qos)
+                session.subs[topic_filter] = qos
+        for mountpoint, client_id, msg, qos, row in messages:
+            session = self.sessions.get((mountpoint, client_id))
+            if session is not None:
+                session.queue.append((msg, qos, row))
+            self._next_ref = max(self._next_ref, msg.ref)
+
+    def session_records(self, client_id: str | None = None) -> list[dict]:
+        """Return every field of session show for each session (or the one with ``client_id``)."""
+        if client_id is not None:
+            sessions = [s for (mp, cid), s in self.sessions.items() if cid == client_id]
+        else:
+            sessions = list(self.sessions.values())
+        return [self._record(s) for s in sessions]
+
+    def _record(self, s: Session) -> dict:
+        online = s.client is not None
+        queued = [(m, q) for m, q, _ in s.queue] + [(e[0], e[1]) for e in s.inflight.values()]
+        return {
+            "node": "", "mountpoint": s.mountpoint, "client_id": s.client_id,
+            "queue_pid": f"<q.{id(s):x}>", "queue_size": None, "session_pid": f"<s.{id(s):x}>" if online else None,
+            "is_offline": not online, "is_online": online, "statename": "online" if online else "offline",
+            "deliver_mode": "fanout", "offline_messages": 0 if online else len(s.queue),
+            "online_messages": len(s.queue) if online else 0, "num_sessions": 1 if online else 0,
+            "clean_session": s.clean, "is_plugin": False, "queue_started_at": int(s.started_at * 1000),
+            "user": s.user, "peer_host": s.peer[0], "peer_port": s.peer[1], "protocol": s.protocol,
+            "waiting_acks": len(s.inflight), "session_started_at": int(s.started_at * 1000),
+            "subscriptions": [{"topic": t, "qos": q, "rap": False, "no_local": False} for t, q in s.subs.items()],
+            "messages": [{"msg_ref": base64.b64encode(m.ref.to_bytes(8, "big")).decode(), "msg_qos": q,
+                          "routing_key": m.topic, "dup": False, "payload": m.payload.decode("utf-8", "replace")}
+                         for m, q in queued],
+        }
+
+    def retained_rows(self, mountpoint: str | None = None) -> list[dict]:
+        """Return (mountpoint, topic, payload) of each retained message."""
+        return [{"mountpoint": mp, "topic": t, "payload": m.payload.decode("utf-8", "replace")}
+                for mp, table in sorted(self.retained.items()) if mountpoint in (None, mp)
+                for t, m in sorted(table.items())]
+
+    def delete_retained(self, mountpoint: str, topic: str) -> bool:
+        """Delete one retained message; return whether it existed."""
+        if self.retained[mountpoint].pop(topic, None) is None:
+            return False
+        self.store.delete_retained(mountpoint, topic)
+        return True
+
+
+###############################################################################
+# 7. Message store ############################################################
+###############################################################################
+# Owns: retained messages and persistent sessions (subscriptions, queued QoS 1/2
+#       messages) in SQLite, committed once per batch of packets.
+# Must not know: sockets, packets, the broker's in-memory shapes beyond Message.
+
+MESSAGE_DB = "messages.db"
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS retained (mountpoint TEXT, topic TEXT, payload BLOB, qos INTEGER, ref INTEGER,
+                                     PRIMARY KEY (mountpoint, topic));
+CREATE TABLE IF NOT EXISTS sessions (mountpoint TEXT, client_id TEXT, PRIMARY KEY (mountpoint, client_id));
+CREATE TABLE IF NOT EXISTS subscriptions (mountpoint TEXT, client_id TEXT, filter TEXT, qos INTEGER,
+                                          PRIMARY KEY (mountpoint, client_id, filter));
+CREATE TABLE IF NOT EXISTS messages (id INTEGER PRIMARY KEY AUTOINCREMENT, mountpoint TEXT, client_id TEXT,
+                                     topic TEXT, payload BLOB, qos INTEGER, msg_qos INTEGER, ref INTEGER);
+CREATE INDEX IF NOT EXISTS messages_by_session ON messages (mountpoint, client_id);
+"""
+
+
+class MemoryStore:
+    """``message_store = memory``: nothing is kept across restarts."""
+
+    def load(self) -> tuple[list, list, list, list]:
+        """Return nothing to restore."""
+        return [], [], [], []
+
+    def put_retained(self, mountpoint: str, msg: Message) -> None:
+        """Keep nothing."""
+
+    def delete_retained(self, mountpoint: str, topic: str) -> None:
+        """Keep nothing."""
+
+    def put_session(self, mountpoint: str, client_id: str) -> None:
+        """Keep nothing."""
+
+    def delete_session(self, mountpoint: str, client_id: str) -> None:
+        """Keep nothing."""
+
+    def put_subscription(self, mountpoint: str, client_id: str, topic_filter: str, qos: int) -> None:
+        """Keep nothing."""
+
+    def delete_subscription(self, mountpoint: str, client_id: str, topic_filter: str) -> None:
+        """Keep nothing."""
+
+    def add_message(self, mountpoint: str, client_id: str, msg: Message, qos: int) -> int:
+        """Keep nothing; 0 means no row."""
+        return 0
+
+    def delete_message(self, row: int) -> None:
+        """Keep nothing."""
+
+    def commit(self) -> None:
+        """Nothing to commit."""
+
+    def close(self) -> None:
+        """Nothing to close."""
+
+
+class SqliteStore(MemoryStore):
+    """SQLite in WAL mode; ``commit`` once per batch makes acknowledged messages survive kill -9."""
+
+    def __init__(self, path: str):
+        self.path = path
+        try:
+            self.db = sqlite3.connect(path, check_same_thread=False, isolation_level="DEFERRED")
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=NORMAL")  # WAL: durable across process crashes
+            self.db.executescript(_SCHEMA)
+        except sqlite3.Error as exc:
+            raise ConfigError(f"cannot open the message store {path}: {exc}") from None
+        self._dirty = False
+
+    def _run(self, sql: str, args: tuple) -> sqlite3.Cursor:
+        self._dirty = True
+        return self.db.execute(sql, args)
+
+    def load(self) -> tuple[list, list, list, list]:
+        """Return (retained, sessions, subscriptions, messages) as stored."""
+        q = self.db.execute
+        retained = [(mp, Message(t, p, qos, True, ref)) for mp, t, p, qos, ref in
+                    q("SELECT mountpoint, topic, payload, qos, ref FROM retained")]
+        sessions = list(q("SELECT mountpoint, client_id FROM sessions"))
+        subs = list(q("SELECT mountpoint, client_id, filter, qos FROM subscriptions"))
+        messages = [(mp, cid, Message(t, p, mq, False, ref), qos, row) for row, mp, cid, t, p, qos, mq, ref in
+                    q("SELECT id, mountpoint, client_id, topic, payload, qos, msg_qos, ref FROM messages ORDER BY id")]
+        return retained, sessions, subs, messages
+
+    def put_retained(self, mountpoint: str, msg: Message) -> None:
+        """Store or replace a retained message."""
+        self._run("INSERT OR REPLACE INTO retained VALUES (?, ?, ?, ?, ?)",
+                  (mountpoint, msg.topic, msg.payload, msg.qos, msg.ref))
+
+    def delete_retained(self, mountpoint: str, topic: str) -> None:
+        """Delete a retained message."""
+        self._run("DELETE FROM retained WHERE mountpoint = ? AND topic = ?", (mountpoint, topic))
+
+    def put_session(self, mountpoint: str, client_id: str) -> None:
+        """Record a persistent session."""
+        self._run("INSERT OR IGNORE INTO sessions VALUES (?, ?)", (mountpoint, client_id))
+
+    def delete_session(self, mountpoint: str, client_id: str) -> None:
+        """Forget a session with its subscriptions and messages."""
+        for table in ("sessions", "subscriptions", "messages"):
+            self._run(f"DELETE FROM {table} WHERE mountpoint = ? AND client_id = ?", (mountpoint, client_id))
+
+    def put_subscription(self, mountpoint: str, client_id: str, topic_filter: str, qos: int) -> None:
+        """Store or replace a subscription."""
+        self._run("INSERT OR REPLACE INTO subscriptions VALUES (?, ?, ?, ?)", (mountpoint, client_id, topic_filter, qos))
+
+    def delete_subscription(self, mountpoint: str, client_id: str, topic_filter: str) -> None:
+        """Delete a subscription."""
+        self._run("DELETE FROM subscriptions WHERE mountpoint = ? AND client_id = ? AND filter = ?",
+                  (mountpoint, client_id, topic_filter))
+
+    def add_message(self, mountpoint: str, client_id: str, msg: Message, qos: int) -> int:
+        """Store a message queued for a persistent session; return its row id."""
+        return self._run("INSERT INTO messages (mountpoint, client_id, topic, payload, qos, msg_qos, ref) "
+                         "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                         (mountpoint, client_id, msg.topic, msg.payload, qos, msg.qos, msg.ref)).lastrowid
+
+    def delete_message(self, row: int) -> None:
+        """Delete a delivered message."""
+        self._run("DELETE FROM messages WHERE id = ?", (row,))
+
+    def commit(self) -> None:
+        """Commit what the last batch of packets changed."""
+        if self._dirty:
+            self.db.commit()
+            self._dirty = False
+
+    def close(self) -> None:
+        """Commit and close."""
+        self.commit()
+        self.db.close()
+
+
+###############################################################################
+# 8. MQTT I/O #################################################################
+###############################################################################
+# Owns: the event loop thread, asyncio listeners and per-connection buffers;
+#       one flush per batch, after the store has committed.
+# Must not know: HTTP, commands.
+
+
+class MqttLink(asyncio.Protocol):
+    """One MQTT connection: decodes every packet of a read, then writes once."""
+
+    def __init__(self, listener: MqttListener):
+        self.listener = listener
+        self.io = listener.io
+        self.transport: asyncio.Transport | None = None
+        self.client: Client | None = None
+        self.pending: list[bytes] = []
+        self.buffer = b""
+        self.writable = True
+        self.closing = False
+        self.peer = ("", 0)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        listener = self.listener
+        listener.active += 1
+        listener.all_conns += 1
+        limit = listener.max_connections
+        if listener.status != "running" or (limit is not None and listener.active > limit):
+            self.closing = True
+            transport.abort()
+            return
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.peer = tuple(transport.get_extra_info("peername") or ("", 0))[:2]
+        self.client = self.io.broker.connection_made(self)
+
+    def data_received(self, data: bytes) -> None:
+        if self.closing or self.client is None:
+            return
+        buf = self.buffer + data if self.buffer else data
+        pos, broker, client = 0, self.io.broker, self.client
+        max_size = self.io.settings()["max_message_size"]
+        self.io.broker.count("bytes_received", len(data))
+        try:
+            while not self.closing:
+                result = decode_packet(buf, pos, max_size)
+                if result is None:
+                    break
+                packet, pos = result
+                broker.handle(client, packet)
+        except MalformedPacket as exc:
+            log.info("closing MQTT connection from %s: %s", self.peer[0], exc.text)
+            broker.close_client(client)
+        self.buffer = buf[pos:] if pos < len(buf) else b""
+        self.io.after_batch()
+
+    def write(self, data: bytes) -> None:
+        """Queue bytes for this batch's single write."""
+        if self.closing:
+            return
+        if not self.pending:
+            self.io.dirty.append(self)
+        self.pending.append(data)
+
+    def flush(self) -> None:
+        """Write what this batch queued, in one call."""
+        if self.pending and self.transport is not None:
+            data = self.pending[0] if len(self.pending) == 1 else b"".join(self.pending)
+            self.pending = []
+            self.io.broker.count("bytes_sent", len(data))
+            self.transport.write(data)
+
+    def close(self) -> None:
+        """Flush and close (asyncio sends what is buffered first)."""
+        if not self.closing and self.transport is not None:
+            self.flush()
+            self.closing = True
+            self.transport.close()
+
+    def pause_writing(self) -> None:
+        self.writable = False
+
+    def resume_writing(self) -> None:
+        self.writable = True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.listener.active -= 1
+        self.closing = True
+        self.pending = []
+        if self.client is not None:
+            self.io.broker.connection_lost(self.client)
+            self.io.after_batch()
+
+
+class MqttListener:
+    """One MQTT listener: address, mountpoint, limits, status and counters."""
+
+    kind = "mqtt"
+
+    def __init__(self, io: MqttIO, name: str, address: tuple[str, int], config: Config):
+        self.io, self.name = io, name
+        self.address, self.port = address
+        option = functools.partial(config.listener_option, "tcp", name)
+        self.mountpoint = option("mountpoint")
+        self.max_connections = option("max_connections")
+        self.allowed_versions = option("allowed_protocol_versions")
+        self.allow_anonymous_override = option("allow_anonymous_override")
+        self.status = "running"
+        self.active = self.all_conns = 0
+        self.server: asyncio.base_events.Server | None = None
+
+    @property
+    def loopback(self) -> bool:
+        """Whether this listener accepts only local connections."""
+        return ipaddress.ip_address(self.address).is_loopback
+
+    def row(self, tls: bool = False, mqtt: bool = False) -> dict:
+        """Return this listener's row of listener show."""
+        row = {"type": self.kind, "status": self.status, "address": self.address, "port": str(self.port),
+               "mountpoint": self.mountpoint, "max_conns": "infinity" if self.max_connections is None
+               else self.max_connections, "active_conns": self.active, "all_conns": self.all_conns}
+        if tls:
+            row.update(dict.fromkeys(("tls_version", "certfile", "cafile", "keyfile", "require_certificate",
+                                      "use_identity_as_username", "psk_support", "pskfile"), ""))
+        if mqtt:
+            names = {3: "mqtt 3.1", 4: "mqtt 3.1.1", 5: "mqtt 5"}
+            row["allowed_protocol_versions"] = ", ".join(names.get(v, str(v)) for v in self.allowed_versions)
+            row["allow_anonymous_override"] = "on" if self.allow_anonymous_override else "off"
+        return row
+
+
+class MqttIO:
+    """The broker's event loop thread: listeners, ticks, and calls from other threads."""
+
+    def __init__(self, settings: Callable[[], Config], store: Any):
+        self.settings = settings
+        self.store = store
+        self.broker = Broker(settings, store)
+        self.listeners: list[MqttListener] = []
+        self.dirty: list[MqttLink] = []
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._run, name="vmqapi-mqtt", daemon=True)
+        self._tick_handle: asyncio.TimerHandle | None = None
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_forever()
+
+    def start(self, addresses: Mapping[str, tuple[str, int]]) -> None:
+        """Start the loop thread and bind every listener; raise ConfigError on a bind failure."""
+        self._thread.start()
+        config = self.settings()
+        for name, address in sorted(addresses.items()):
+            listener = MqttListener(self, name, address, config)
+            try:
+                self.call_async(self._bind(listener))
+            except OSError as exc:
+                raise ConfigError(f"cannot bind listener.tcp.{name} on {render_value(address)}: "
+                                  f"{exc.strerror or exc}") from None
+            self.listeners.append(listener)
+        self.call(self._tick)
+
+    async def _bind(self, listener: MqttListener) -> None:
+        listener.server = await self.loop.create_server(lambda: MqttLink(listener), listener.address,
+                                                        listener.port, backlog=1024, reuse_address=True)
+        listener.port = listener.server.sockets[0].getsockname()[1]
+
+    def _tick(self) -> None:
+        self.broker.tick(time.time())
+        self.after_batch()
+        self._tick_handle = self.loop.call_later(0.5, self._tick)
+
+    def after_batch(self) -> None:
+        """Commit the store, then flush every connection written to in this batch."""
+        self.store.commit()
+        dirty, self.dirty = self.dirty, []
+        for link in dirty:
+            link.flush()
+
+    def call(self, fn: Callable[..., Any], *args: Any, timeout: float = 30) -> Any:
+        """Run ``fn(*args)`` in the loop thread and return its result (from any other thread)."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+
+        def run() -> None:
+            try:
+                future.set_result(fn(*args))
+            except BaseException as exc:  # re-raised in the calling thread
+                future.set_exception(exc)
+            finally:
+                self.after_batch()
+        self.loop.call_soon_threadsafe(run)
+        return future.result(timeout)
+
+    def call_async(self, coro: Any, timeout: float = 30) -> Any:
+        """Run a coroutine in the loop thread and return its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def stop(self) -> None:
+        """Close listeners and connections, stop the loop, close the store."""
+        if not self._thread.is_alive():
+            return
+        with contextlib.suppress(concurrent.futures.TimeoutError, RuntimeError):
+            self.call_async(self._shutdown(), timeout=10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+        self.loop.close()
+        self.store.close()
+
+    async def _shutdown(self) -> None:
+        if self._tick_handle is not None:
+            self._tick_handle.cancel()
+        for listener in self.listeners:
+            if listener.server is not None:
+                listener.server.close()
+        for client in list(self.broker.clients):
+            client.link.close()
+        self.after_batch()
+        for listener in self.listeners:
+            if listener.server is not None:
+                await listener.server.wait_closed()
+        await asyncio.sleep(0)
+
+
+###############################################################################
+# 9. Key store: the API key file ##############################################
 ###############################################################################
 # Owns: api_keys.json (atomic writes, inter-process lock, reload on change),
 #       key generation, expiry parsing, constant-time authentication.
@@ -943,7 +2558,7 @@ class KeyStore:
 
 
 ###############################################################################
-# 5. Command machinery: argv grammar, command table, result elements ##########
+# 10. Command machinery: argv grammar, command table, result elements #########
 ###############################################################################
 # Owns: the vmq-admin argv grammar and its query-string form, Command specs,
 #       the CommandTable, binding argv to a command, result elements and their
@@ -1443,7 +3058,7 @@ def render_human(elements: Sequence) -> tuple[str, str]:
 
 
 ###############################################################################
-# 6. Command catalogue ########################################################
+# 11. Command catalogue #######################################################
 ###############################################################################
 # Owns: one cmd_<words> function per vmq-admin command; its docstring is its usage.
 # Must not know: sockets, HTTP, how the answer is rendered.
@@ -1645,6 +3260,23 @@ def cmd_plugin_show(call: Call) -> Any:
     return Table(tuple(rows), ("Plugin", "Type", "Hook(s)", "M:F/A"))
 
 
+@command("retain", "show", read_only=True, flags=(
+    Param("limit", parse_positive_int, doc="rows to return at most (default 100)"),
+    Param("rowtimeout", parse_positive_int, doc="milliseconds to wait for a row (default 100)"),
+    Param("payload", value="optional", doc="select; =value filters"),
+    Param("topic", value="optional", doc="select; =value filters"),
+    Param("mountpoint", value="optional", doc="select; =value filters (default: the empty mountpoint)")))
+def cmd_retain_show(call: Call) -> Any:
+    """Show retained messages; --field selects a column, --field=value filters."""
+    fields = ("mountpoint", "payload", "topic")
+    selected = [f for f in fields if f in call.flags and call.flags[f] is None] or ["payload", "topic"]
+    filters = {f: call.flags[f] for f in fields if call.flags.get(f) is not None}
+    filters.setdefault("mountpoint", "")
+    rows = [r for r in call.node.retained_rows() if all(r[f] == v for f, v in filters.items())]
+    limit = call.flags.get("limit") or 100
+    return Table(tuple({f: r[f] for f in sorted(selected)} for r in rows[:limit]), tuple(sorted(selected)))
+
+
 _NODE_FLAGS = (Param("node", short="n", doc="the node to act on (this node)"),
                Param("all", short="a", value="none", doc="act on every node of the cluster"))
 
@@ -1701,7 +3333,7 @@ del _catalogue
 
 
 ###############################################################################
-# 7. HTTP: request -> response, then the socket server ########################
+# 12. HTTP: request -> response, then the socket server #######################
 ###############################################################################
 # Owns: the admin API's rules (method, auth, command, OPTIONS, Accept, run) as a
 #       pure function, and a thin ThreadingHTTPServer with limits and timeouts.
@@ -2099,7 +3731,7 @@ class HttpListener:
 
 
 ###############################################################################
-# 8. Node #####################################################################
+# 13. Node ####################################################################
 ###############################################################################
 # Owns: the running node: its config snapshot, key store, command table,
 #       listeners, node.json, start and stop.
@@ -2153,6 +3785,7 @@ class Node:
         self.keystore = keystore_for(self._config)
         self.started_at = time.time()
         self._listeners: list[HttpListener] = []
+        self.mqtt: MqttIO | None = None
         self._stopped = threading.Event()
         self._running = False
 
@@ -2176,12 +3809,18 @@ class Node:
         self.keystore.load()
         self._provision()
         try:
+            self._start_mqtt()
+        except BaseException:
+            self._stop_mqtt()
+            raise
+        try:
             for name, address in sorted(self._config.listeners("http").items()):
                 listener = HttpListener(self, name, address)
                 self._listeners.append(listener)
                 listener.start()
         except OSError as exc:
             self._close_listeners()
+            self._stop_mqtt()
             raise ConfigError(f"cannot bind listener.http.{name} on {render_value(address)}: {exc.strerror}") \
                 from None
         self._write_node_file()
@@ -2190,6 +3829,32 @@ class Node:
         log.info("node %s started: %s", self.name,
                  ", ".join(f"{x['type']} {x['address']}:{x['port']}" for x in self.listeners()))
         return self
+
+    def _start_mqtt(self) -> None:
+        addresses = self._config.listeners("tcp")
+        if self._config["message_store"] == "sqlite":
+            store: MemoryStore = SqliteStore(os.path.join(self.data_dir, MESSAGE_DB))
+        else:
+            store = MemoryStore()
+        self.mqtt = MqttIO(lambda: self._config, store)
+        broker = self.mqtt.broker
+        broker.anonymous_default = all(ipaddress.ip_address(h).is_loopback for h, _ in addresses.values())
+        if self._config["allow_anonymous"] is None and broker.anonymous_default:
+            log.warning("allow_anonymous is not set and every MQTT listener is on loopback: "
+                        "clients may connect without credentials (set allow_anonymous = off to refuse them)")
+        broker.restore(*store.load())
+        self.metrics.add_source(lambda: broker.counters.items(), broker.gauges)
+        self.mqtt.start(addresses)
+
+    def _stop_mqtt(self) -> None:
+        if self.mqtt is not None:
+            self.mqtt.stop()
+
+    def in_broker(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run ``fn(*args)`` in the broker's thread (directly when the node has no broker running)."""
+        if self.mqtt is None or not self._running:
+            return fn(*args)
+        return self.mqtt.call(fn, *args)
 
     def _provision(self) -> None:
         env = os.environ.get("VMQAPI_API_KEYS", "")
@@ -2222,6 +3887,7 @@ class Node:
         for listener in listeners:
             listener.stop()
         if was_running:
+            self._stop_mqtt()
             path = os.path.join(self.data_dir, NODE_FILE)
             info = read_node_file(self.data_dir)
             if info and info.get("secret") == self.secret:
@@ -2245,16 +3911,22 @@ class Node:
         self.stop()
 
     # -- what the commands read -------------------------------------------
+    def _all_listeners(self) -> list[Any]:
+        return [*self._listeners, *(self.mqtt.listeners if self.mqtt else ())]
+
     def listeners(self) -> list[dict]:
         """Return type, address and port of each listener, as node.json lists them."""
-        return [{"type": x.kind, "address": x.address, "port": x.port} for x in self._listeners]
+        return [{"type": x.kind, "address": x.address, "port": x.port} for x in self._all_listeners()]
 
     def listener_rows(self, tls: bool = False, mqtt: bool = False) -> list[dict]:
         """Return the rows of listener show."""
-        return [x.row(tls, mqtt) for x in self._listeners]
+        return [x.row(tls, mqtt) for x in self._all_listeners()]
 
     def status(self) -> dict[str, Any]:
         """Return node status's values, read from the metrics registry."""
+        return self.in_broker(self._status)
+
+    def _status(self) -> dict[str, Any]:
         m = self.metrics.value
         online = m("active_mqtt_connections")
         return {"num_online": online, "num_offline": max(0, m("queue_processes") - online),
@@ -2266,12 +3938,23 @@ class Node:
                 "version": __version__}
 
     def session_records(self, client_id: str | None = None) -> list[dict]:
-        """Return session records for session show (none: this node has no MQTT broker yet)."""
-        return []
+        """Return every session show field of each session (or of ``client_id``'s)."""
+        if self.mqtt is None:
+            return []
+        records = self.in_broker(self.mqtt.broker.session_records, client_id)
+        for record in records:
+            record["node"] = self.name
+        return records
 
     def disconnect_session(self, client_id: str, mountpoint: str = "", cleanup: bool = False) -> bool:
-        """Disconnect a client; return whether one was found (none: no MQTT broker yet)."""
-        return False
+        """Disconnect a client (and with ``cleanup`` drop its session); return whether it existed."""
+        if self.mqtt is None:
+            return False
+        return self.in_broker(self.mqtt.broker.disconnect, client_id, mountpoint, cleanup)
+
+    def retained_rows(self) -> list[dict]:
+        """Return mountpoint, topic and payload of every retained message."""
+        return [] if self.mqtt is None else self.in_broker(self.mqtt.broker.retained_rows)
 
     def plugin_rows(self, internal: bool = False) -> list[dict]:
         """Return the rows of plugin show (none: no plugins are loaded yet)."""
@@ -2279,7 +3962,7 @@ class Node:
 
 
 ###############################################################################
-# 9. CLI ######################################################################
+# 14. CLI #####################################################################
 ###############################################################################
 # Owns: argv of the process: start a node, or run vmq-admin commands locally or
 #       against the live node found through node.json.

@@ -131,7 +131,7 @@ def test_key_added_by_cli_works_at_once_and_deleted_fails_at_once(make_node):
 
 def start_node_process(data_dir, *extra, env=None):
     cmd = [sys.executable, os.path.join(ROOT, "vmqapi.py"), "--data-dir", str(data_dir),
-           "--set", "listener.http.default=127.0.0.1:0", *extra]
+           "--set", "listener.http.default=127.0.0.1:0", "--set", "listener.tcp.default=127.0.0.1:0", *extra]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=dict(os.environ, **(env or {})))
 

@@ -247,11 +247,13 @@ def test_seed_examples(client, key, target, expected):
 
 def test_seed_listener_show(client, key, node):
     status, _, data = client.get("/api/v1/listener/show", key=key)
-    (row,) = body_json(data)["table"]
-    port = node.listeners()[0]["port"]
-    assert row == {"type": "http", "status": "running", "address": "127.0.0.1", "port": str(port),
+    row, mqtt = body_json(data)["table"]
+    ports = {x["type"]: x["port"] for x in node.listeners()}
+    assert row == {"type": "http", "status": "running", "address": "127.0.0.1", "port": str(ports["http"]),
                    "mountpoint": "", "max_conns": 10000, "active_conns": 1, "all_conns": row["all_conns"]}
     assert row["all_conns"] >= 1
+    assert mqtt == {"type": "mqtt", "status": "running", "address": "127.0.0.1", "port": str(ports["mqtt"]),
+                    "mountpoint": "", "max_conns": 10000, "active_conns": 0, "all_conns": 0}
 
 
 def test_seed_cluster_join_is_an_honest_alert(client, key):
