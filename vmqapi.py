@@ -878,6 +878,8 @@ def decode_connect(flags: int, buf, i: int, end: int) -> Connect:
         raise MalformedPacket("will QoS or retain without a will")  # [MQTT-3.1.2-13], [MQTT-3.1.2-15]
     if will_qos == 3:
         raise MalformedPacket("will QoS 3")  # [MQTT-3.1.2-14]
+    if cflags & 64 and not cflags & 128:
+        raise MalformedPacket("password without user name")  # [MQTT-3.1.2-22]
     client_id, i = _string(buf, i, end)
     will_topic, will_payload, username, password = None, b"", None, None
     if will:

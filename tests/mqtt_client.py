@@ -1,0 +1,137 @@
+"""A small blocking MQTT client for tests, built on vmqapi's own codec."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import vmqapi
+from vmqapi import (Connack, Connect, Disconnect, Pingreq, Puback, Pubcomp, Publish, Pubrec, Pubrel, Suback,
+                    Subscribe, Unsuback, Unsubscribe)
+
+
+class MqttClient:
+    """One connection; every wait is bounded by ``timeout`` seconds."""
+
+    def __init__(self, port, timeout=5.0):
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        self.timeout = timeout
+        self.buffer = b""
+        self.next_pid = 1
+        self.received = []  # packets read while waiting for something else
+
+    def send(self, packet):
+        self.sock.sendall(vmqapi.encode_packet(packet))
+
+    def send_raw(self, data):
+        self.sock.sendall(data)
+
+    def read(self, timeout=None):
+        """Return the next packet, or None when the server closed the connection."""
+        if self.received:
+            return self.received.pop(0)
+        deadline = time.monotonic() + (timeout or self.timeout)
+        while True:
+            result = vmqapi.decode_packet(self.buffer)
+            if result is not None:
+                packet, used = result
+                self.buffer = self.buffer[used:]
+                return packet
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("no packet")
+            self.sock.settimeout(left)
+            try:
+                chunk = self.sock.recv(65536)
+            except socket.timeout:
+                raise TimeoutError("no packet") from None
+            except ConnectionResetError:
+                return None
+            if not chunk:
+                return None
+            self.buffer += chunk
+
+    def expect(self, kind, timeout=None):
+        """Read until a packet of ``kind`` arrives; keep the others for later."""
+        kept = []
+        try:
+            while True:
+                packet = self.read(timeout)
+                if packet is None:
+                    raise ConnectionError(f"closed while waiting for {kind.__name__}")
+                if isinstance(packet, kind):
+                    return packet
+                kept.append(packet)
+        finally:
+            self.received = kept + self.received
+
+    def closed(self, timeout=None):
+        """Return True once the server has closed the connection."""
+        try:
+            while True:
+                if self.read(timeout) is None:
+                    return True
+        except TimeoutError:
+            return False
+
+    def pid(self):
+        pid = self.next_pid
+        self.next_pid = pid % 65535 + 1
+        return pid
+
+    def connect(self, client_id, clean=True, **kwargs):
+        self.send(Connect(client_id, clean_session=clean, **kwargs))
+        return self.expect(Connack)
+
+    def subscribe(self, *topics):
+        pid = self.pid()
+        self.send(Subscribe(pid, tuple(topics)))
+        ack = self.expect(Suback)
+        assert ack.packet_id == pid
+        return ack.return_codes
+
+    def unsubscribe(self, *topics):
+        pid = self.pid()
+        self.send(Unsubscribe(pid, tuple(topics)))
+        assert self.expect(Unsuback).packet_id == pid
+
+    def publish(self, topic, payload, qos=0, retain=False):
+        """Publish and finish the QoS flow."""
+        pid = self.pid() if qos else None
+        self.send(Publish(topic, payload, qos, retain, False, pid))
+        if qos == 1:
+            assert self.expect(Puback).packet_id == pid
+        elif qos == 2:
+            assert self.expect(Pubrec).packet_id == pid
+            self.send(Pubrel(pid))
+            assert self.expect(Pubcomp).packet_id == pid
+
+    def message(self, ack=True, timeout=None):
+        """Wait for a PUBLISH; acknowledge it unless told not to."""
+        p = self.expect(Publish, timeout)
+        if ack and p.qos == 1:
+            self.send(Puback(p.packet_id))
+        elif ack and p.qos == 2:
+            self.send(Pubrec(p.packet_id))
+            assert self.expect(Pubrel).packet_id == p.packet_id
+            self.send(Pubcomp(p.packet_id))
+        return p
+
+    def no_message(self, timeout=0.3):
+        """Assert nothing is published to us within ``timeout``."""
+        try:
+            p = self.expect(Publish, timeout)
+        except TimeoutError:
+            return True
+        raise AssertionError(f"unexpected {p}")
+
+    def ping(self):
+        self.send(Pingreq())
+        return self.expect(vmqapi.Pingresp)
+
+    def disconnect(self):
+        self.send(Disconnect())
+        self.close()
+
+    def close(self):
+        self.sock.close()

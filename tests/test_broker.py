@@ -1,0 +1,347 @@
+"""The MQTT broker end to end: real sockets on 127.0.0.1, the module's own codec as client."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+
+import pytest
+
+from conftest import Client, basic, body_json, run_cli
+from mqtt_client import MqttClient
+import vmqapi
+from vmqapi import Publish
+
+
+def mqtt_port(node):
+    return next(x["port"] for x in node.listeners() if x["type"] == "mqtt")
+
+
+@pytest.fixture
+def connect(node):
+    """Open MQTT clients to ``node``; all are closed at the end."""
+    clients = []
+
+    def make(client_id="c", clean=True, target=None, **kwargs):
+        c = MqttClient(mqtt_port(target or node))
+        clients.append(c)
+        ack = c.connect(client_id, clean, **kwargs)
+        assert ack.return_code == 0, ack
+        c.session_present = ack.session_present
+        return c
+
+    try:
+        yield make
+    finally:
+        for c in clients:
+            c.close()
+
+
+@pytest.mark.parametrize("pub_qos", [0, 1, 2])
+@pytest.mark.parametrize("sub_qos", [0, 1, 2])
+def test_publish_subscribe_each_qos(connect, pub_qos, sub_qos):
+    sub = connect("sub")
+    assert sub.subscribe(("t/+", sub_qos)) == (sub_qos,)
+    pub = connect("pub")
+    pub.publish("t/1", b"hello", pub_qos)
+    msg = sub.message()
+    assert (msg.topic, msg.payload, msg.qos, msg.retain) == ("t/1", b"hello", min(pub_qos, sub_qos), False)
+    sub.no_message()
+
+
+def test_overlapping_subscriptions_deliver_once_at_the_highest_qos(connect):
+    sub = connect("sub")
+    sub.subscribe(("a/#", 0), ("a/+", 1))
+    connect("pub").publish("a/b", b"x", 1)
+    assert sub.message().qos == 1
+    sub.no_message()
+
+
+def test_unsubscribe_stops_delivery(connect):
+    sub = connect("sub")
+    sub.subscribe(("x", 0))
+    pub = connect("pub")
+    pub.publish("x", b"1")
+    assert sub.message().payload == b"1"
+    sub.unsubscribe("x")
+    pub.publish("x", b"2")
+    sub.no_message()
+
+
+def test_retained_set_replace_delete(connect):
+    pub = connect("pub")
+    pub.publish("r/1", b"first", 1, retain=True)
+    pub.publish("r/1", b"second", 1, retain=True)
+    pub.publish("r/2", b"other", 0, retain=True)
+    sub = connect("sub")
+    sub.subscribe(("r/#", 1))
+    got = {m.topic: m for m in (sub.message(), sub.message())}
+    assert got["r/1"].payload == b"second" and got["r/1"].retain and got["r/1"].qos == 1
+    assert got["r/2"].qos == 0 and got["r/2"].retain
+    pub.publish("r/1", b"live", 0, retain=True)
+    live = sub.message()
+    assert live.payload == b"live" and not live.retain  # [MQTT-3.3.1-9]
+    pub.publish("r/1", b"", 0, retain=True)
+    sub.message()
+    later = connect("later")
+    later.subscribe(("r/#", 0))
+    assert later.message().topic == "r/2"
+    later.no_message()
+
+
+def test_will_on_abnormal_close_only(connect):
+    watcher = connect("watcher")
+    watcher.subscribe(("will/#", 1))
+    doomed = connect("doomed", will_topic="will/doomed", will_payload=b"gone", will_qos=1)
+    doomed.close()
+    msg = watcher.message()
+    assert (msg.topic, msg.payload, msg.qos) == ("will/doomed", b"gone", 1)
+    polite = connect("polite", will_topic="will/polite", will_payload=b"gone")
+    polite.disconnect()
+    watcher.no_message()
+
+
+def test_retained_will(connect):
+    doomed = connect("doomed", will_topic="will/r", will_payload=b"bye", will_retain=True)
+    doomed.close()
+    time.sleep(0.2)
+    sub = connect("sub")
+    sub.subscribe(("will/r", 0))
+    msg = sub.message()
+    assert msg.payload == b"bye" and msg.retain
+
+
+def test_session_takeover(connect):
+    first = connect("same")
+    second = connect("same")
+    assert first.closed(2)
+    assert second.ping()
+
+
+def test_keepalive_expiry_closes_and_sends_the_will(connect, node):
+    watcher = connect("watcher")
+    watcher.subscribe(("will/k", 0))
+    started = time.monotonic()
+    silent = connect("silent", keepalive=1, will_topic="will/k", will_payload=b"timeout")
+    assert silent.closed(5)
+    assert 1.4 < time.monotonic() - started < 4
+    assert watcher.message().payload == b"timeout"
+    assert node.metrics.value("client_keepalive_expired") == 1
+
+
+def test_pings_keep_a_client_alive(connect):
+    c = connect("alive", keepalive=1)
+    for _ in range(4):
+        time.sleep(0.5)
+        c.ping()
+
+
+def test_connack_refusals(node, make_node, tmp_path):
+    port = mqtt_port(node)
+    cases = [(vmqapi.Connect("x", proto_level=5), 1), (vmqapi.Connect("", clean_session=False), 2),
+             (vmqapi.Connect("x" * 101), 2)]
+    for packet, code in cases:
+        c = MqttClient(port)
+        c.send(packet)
+        assert c.expect(vmqapi.Connack).return_code == code
+        assert c.closed(2)
+        c.close()
+    c = MqttClient(port)
+    ack = c.connect("", True)
+    assert ack.return_code == 0
+    c.close()
+
+
+def test_passwords_and_anonymous(make_node, tmp_path):
+    passwd = tmp_path / "vmq.passwd"
+    passwd.write_text("alice:" + vmqapi.hash_password("secret") + "\n")
+    node = make_node(allow_anonymous="off", **{"vmq_passwd.password_file": str(passwd)})
+    port = mqtt_port(node)
+    for kwargs, code in [({}, 5), ({"username": "bob", "password": b"x"}, 5),
+                         ({"username": "alice", "password": b"wrong"}, 4),
+                         ({"username": "alice", "password": b"secret"}, 0)]:
+        c = MqttClient(port)
+        assert c.connect("c", **kwargs).return_code == code, kwargs
+        c.close()
+
+
+def test_acl(make_node, tmp_path):
+    acl = tmp_path / "vmq.acl"
+    acl.write_text("# everyone\ntopic read public/#\nuser alice\ntopic alice/#\npattern write users/%c/out\n")
+    node = make_node(**{"vmq_acl.acl_file": str(acl)})
+    c = MqttClient(mqtt_port(node))
+    assert c.connect("me", username="alice", password=b"").return_code == 0
+    assert c.subscribe(("public/x", 0), ("alice/x", 1), ("private/x", 0)) == (0, 1, 0x80)
+    c.publish("users/me/out", b"ok")
+    c.publish("public/x", b"refused")  # read-only for everyone: dropped, counted
+    c.publish("alice/x", b"mine", 1)
+    assert c.message().payload == b"mine"
+    c.no_message()
+    assert node.metrics.value("mqtt_publish_auth_error") == 1
+    c.close()
+
+
+def test_persistent_session_gets_offline_messages_and_dup_redelivery(connect, node):
+    sub = connect("persist", clean=False)
+    assert not sub.session_present
+    sub.subscribe(("p/#", 1))
+    sub.disconnect()
+    pub = connect("pub")
+    pub.publish("p/1", b"while away", 1)
+    pub.publish("p/2", b"qos0 too", 0)
+    back = connect("persist", clean=False)
+    assert back.session_present
+    first = back.message(ack=False)
+    assert first.payload == b"while away" and first.qos == 1
+    assert back.message().payload == b"qos0 too"
+    back.close()  # without acknowledging the QoS 1 message
+    again = connect("persist", clean=False)
+    dup = again.message()
+    assert dup.payload == b"while away" and dup.dup
+    again.no_message()
+
+
+def test_clean_session_discards_the_old_one(connect):
+    sub = connect("s", clean=False)
+    sub.subscribe(("c/#", 1))
+    sub.disconnect()
+    fresh = connect("s", clean=True)
+    assert not fresh.session_present
+    connect("pub").publish("c/1", b"x", 1)
+    fresh.no_message()
+
+
+def test_inflight_window(make_node, connect):
+    node = make_node(max_inflight_messages="2")
+    sub = connect("sub", target=node)
+    sub.subscribe(("w", 1))
+    pub = connect("pub", target=node)
+    for n in range(5):
+        pub.publish("w", str(n).encode(), 1)
+    first = [sub.message(ack=False) for _ in range(2)]
+    sub.no_message()
+    for p in first:
+        sub.send(vmqapi.Puback(p.packet_id))
+    assert [sub.message().payload for _ in range(3)] == [b"2", b"3", b"4"]
+
+
+def test_offline_queue_limit_counts_drops(make_node, connect):
+    node = make_node(max_offline_messages="3")
+    sub = connect("sub", clean=False, target=node)
+    sub.subscribe(("q", 1))
+    sub.disconnect()
+    pub = connect("pub", target=node)
+    for n in range(5):
+        pub.publish("q", str(n).encode(), 1)
+    back = connect("sub", clean=False, target=node)
+    assert [back.message().payload for _ in range(3)] == [b"0", b"1", b"2"]
+    back.no_message()
+    assert node.metrics.value("queue_message_drop") == 2
+
+
+def test_malformed_packet_closes_only_that_connection(connect):
+    sub = connect("sub")
+    sub.subscribe(("m", 0))
+    bad = connect("bad")
+    bad.send_raw(b"\x36\x05\x00\x01a\x00\x01")  # PUBLISH with QoS 3
+    assert bad.closed(2)
+    connect("pub").publish("m", b"still here")
+    assert sub.message().payload == b"still here"
+
+
+def test_first_packet_must_be_connect(node):
+    c = MqttClient(mqtt_port(node))
+    c.send(vmqapi.Pingreq())
+    assert c.closed(2)
+    c.close()
+
+
+def test_connect_timeout(make_node):
+    node = make_node(mqtt_connect_timeout="500")
+    c = MqttClient(mqtt_port(node))
+    assert c.closed(3)
+    c.close()
+
+
+def test_hundred_concurrent_clients(connect, node):
+    subs = [connect(f"s{n}") for n in range(100)]
+    for n, s in enumerate(subs):
+        s.subscribe((f"each/{n}", 1), ("all", 0))
+    pub = connect("pub")
+    for n in range(100):
+        pub.publish(f"each/{n}", str(n).encode(), 1)
+    pub.publish("all", b"everyone")
+    for n, s in enumerate(subs):
+        got = sorted([s.message().payload, s.message().payload])
+        assert got == sorted([str(n).encode(), b"everyone"])
+    assert node.status()["num_online"] == 101
+
+
+def test_mountpoints_separate_listeners(make_node):
+    node = make_node(**{"listener.tcp.other": "127.0.0.1:0", "listener.tcp.other.mountpoint": "tenant"})
+    ports = [x["port"] for x in node.listeners() if x["type"] == "mqtt"]
+    a, b = MqttClient(ports[0]), MqttClient(ports[1])
+    try:
+        a.connect("a"), b.connect("b")
+        a.subscribe(("t", 0))
+        b.subscribe(("t", 0))
+        a.publish("t", b"from default")
+        assert a.message().payload == b"from default"
+        b.no_message()
+    finally:
+        a.close(), b.close()
+
+
+# -- admin commands on the live broker ---------------------------------------------------
+
+def test_session_show_and_disconnect(connect, node, client, key):
+    c = connect("admin-me", username="u1")
+    c.subscribe(("some/topic/1", 0), ("with/wildcard/#", 1))
+    status, _, data = client.get("/api/v1/session/show", key=key)
+    (row,) = body_json(data)["table"]
+    assert row["client_id"] == "admin-me" and row["is_online"] is True and row["user"] == "u1"
+    assert row["mountpoint"] == "" and row["peer_host"] == "127.0.0.1" and isinstance(row["peer_port"], int)
+    assert list(row) == sorted(row)
+    _, _, data = client.get("/api/v1/session/show?--client_id=admin-me&--topic&--qos", key=key)
+    assert body_json(data)["table"] == [{"qos": 0, "topic": "some/topic/1"}, {"qos": 1, "topic": "with/wildcard/#"}]
+    _, _, data = client.get("/api/v1/session/show?--protocol=4&--statename&--clean_session", key=key)
+    assert body_json(data)["table"] == [{"clean_session": True, "statename": "online"}]
+    _, _, data = client.get("/api/v1/session/disconnect?client-id=admin-me", key=key)
+    assert body_json(data) == {"text": "Done", "type": "text"}
+    assert c.closed(2)
+    assert body_json(client.get("/api/v1/session/show", key=key)[2])["table"] == []
+
+
+def test_session_disconnect_cleanup_removes_a_persistent_session(connect, client, key):
+    c = connect("keeper", clean=False)
+    c.subscribe(("k", 1))
+    c.disconnect()
+    time.sleep(0.1)
+    rows = body_json(client.get("/api/v1/session/show?--client_id&--is_online", key=key)[2])["table"]
+    assert rows == [{"client_id": "keeper", "is_online": False}]
+    client.get("/api/v1/session/disconnect?client-id=keeper&--cleanup", key=key)
+    assert body_json(client.get("/api/v1/session/show", key=key)[2])["table"] == []
+
+
+def test_retain_show_and_listener_counts(connect, client, key):
+    pub = connect("pub")
+    pub.publish("status/door", b"open", 1, retain=True)
+    data = body_json(client.get("/api/v1/retain/show", key=key)[2])
+    assert data == {"table": [{"payload": "open", "topic": "status/door"}], "type": "table"}
+    rows = body_json(client.get("/api/v1/listener/show", key=key)[2])["table"]
+    mqtt = next(r for r in rows if r["type"] == "mqtt")
+    assert mqtt["active_conns"] == 1 and mqtt["all_conns"] == 1
+    status = {r["Status"]: r["Value"] for r in body_json(client.get("/api/v1/node/status", key=key)[2])["table"]}
+    assert status["num_online"] == 1 and status["msg_in"] == 1 and status["num_retained"] == 1
+
+
+def test_set_takes_effect_at_once(connect, client, key, node):
+    client.get("/api/v1/set?max_client_id_size=5", key=key)
+    c = MqttClient(mqtt_port(node))
+    try:
+        assert c.connect("toolong").return_code == 2
+    finally:
+        c.close()
+    assert connect("short") is not None

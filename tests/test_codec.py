@@ -1,0 +1,111 @@
+"""MQTT codec: round trips, prefixes, byte-at-a-time feeding, arbitrary bytes."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from hypothesis import example, given, settings, strategies as st
+
+import strategies
+import vmqapi
+from vmqapi import MalformedPacket
+
+
+def decode_stream(data, chunks):
+    """Feed ``data`` in pieces as a connection would; return the packets."""
+    out, buf = [], b""
+    for piece in chunks(data):
+        buf += piece
+        pos = 0
+        while True:
+            result = vmqapi.decode_packet(buf, pos)
+            if result is None:
+                break
+            packet, pos = result
+            out.append(packet)
+        buf = buf[pos:]
+    assert buf == b""
+    return out
+
+
+@given(strategies.packets)
+def test_decode_inverts_encode(packet):
+    data = vmqapi.encode_packet(packet)
+    assert vmqapi.decode_packet(data) == (packet, len(data))
+
+
+@given(strategies.packets)
+def test_every_proper_prefix_needs_more(packet):
+    data = vmqapi.encode_packet(packet)
+    for n in range(len(data)):
+        assert vmqapi.decode_packet(data[:n]) is None
+
+
+@given(st.lists(strategies.packets, max_size=6))
+def test_byte_at_a_time_gives_the_same_packets(packets):
+    data = b"".join(vmqapi.encode_packet(p) for p in packets)
+    assert decode_stream(data, lambda d: (d[i:i + 1] for i in range(len(d)))) == packets
+    assert decode_stream(data, lambda d: [d]) == packets
+
+
+@settings(max_examples=500)
+@given(st.binary(max_size=200))
+@example(b"\x30\xff\xff\xff\xff\x01")
+@example(b"\x00\x00")
+@example(b"\xf0\x00")
+def test_arbitrary_bytes_give_packets_or_our_error(data):
+    pos = 0
+    try:
+        while True:
+            result = vmqapi.decode_packet(data, pos)
+            if result is None:
+                return
+            _, pos = result
+    except MalformedPacket:
+        pass
+
+
+@pytest.mark.parametrize("data, reason", [
+    (b"\x36\x05\x00\x01a\x00\x01", "QoS 3"),
+    (b"\x38\x03\x00\x01a", "DUP"),
+    (b"\x30\x03\x00\x01#", "wildcard"),
+    (b"\x32\x05\x00\x01a\x00\x00", "identifier 0"),
+    (b"\x30\x04\x00\x02\xc3\x28", "UTF-8"),
+    (b"\x30\x03\x00\x01\x00", "U+0000"),
+    (b"\x82\x05\x00\x01\x00\x01a", "requested QoS"),
+    (b"\x80\x06\x00\x01\x00\x01a\x00", "reserved flags"),
+    (b"\x82\x02\x00\x01", "without a topic"),
+    (b"\xa2\x02\x00\x01", "without a topic"),
+    (b"\x62\x02\x00\x01", None),
+    (b"\x60\x02\x00\x01", "reserved flags"),
+    (b"\xc0\x01\x00", "has a body"),
+    (b"\x10\x0c\x00\x04MQTT\x04\x01\x00\x00\x00\x00", "reserved flag"),
+    (b"\x10\x0c\x00\x04MQTT\x04\x40\x00\x00\x00\x00", "password without user"),
+    (b"\x10\x0c\x00\x04MQTT\x04\x18\x00\x00\x00\x00", "will QoS"),
+    (b"\x10\x0c\x00\x04HTTP\x04\x02\x00\x00\x00\x00", "protocol name"),
+    (b"\x30\xff\xff\xff\xff\x01", "four bytes"),
+])
+def test_violations_are_refused(data, reason):
+    if reason is None:
+        assert vmqapi.decode_packet(data)[0] == vmqapi.Pubrel(1)
+        return
+    with pytest.raises(MalformedPacket, match=re.escape(reason)):
+        vmqapi.decode_packet(data)
+
+
+def test_unknown_protocol_level_is_decoded_for_connack_1():
+    packet, _ = vmqapi.decode_packet(b"\x10\x0c\x00\x04MQTT\x05\x02\x00\x00\x00\x00")
+    assert packet.proto_level == 5
+
+
+def test_max_size_refuses_before_the_body_arrives():
+    header = vmqapi.encode_publish_header(b"\x00\x01a", 1000, 0, False, False, None)
+    with pytest.raises(MalformedPacket, match="max_message_size"):
+        vmqapi.decode_packet(header, 0, max_size=100)
+
+
+def test_mqtt31_connect():
+    packet = vmqapi.Connect("c", proto_level=3)
+    data = vmqapi.encode_packet(packet)
+    assert data[4:10] == b"MQIsdp" and vmqapi.decode_packet(data)[0] == packet

@@ -1,0 +1,70 @@
+"""Topic rules and the subscription trie against a naive matcher."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, strategies as st
+
+import strategies
+import vmqapi
+
+
+def naive_match(topic_filter, topic):
+    """Ten lines of the MQTT 3.1.1 4.7 rules, level by level."""
+    if topic.startswith("$") and topic_filter[:1] in "+#" and topic_filter:
+        return False
+    f, t = topic_filter.split("/"), topic.split("/")
+    for i, level in enumerate(f):
+        if level == "#":
+            return True
+        if i == len(t) or level not in ("+", t[i]):
+            return False
+    return len(f) == len(t)
+
+
+topics = st.lists(st.sampled_from(["a", "b", "$SYS", "", "c d"]), min_size=1, max_size=4).map("/".join)
+
+
+@given(st.lists(st.tuples(strategies.topic_filter, st.integers(0, 2)), max_size=12), st.lists(topics, max_size=8),
+       st.data())
+def test_trie_agrees_with_naive_matcher(subs, probes, data):
+    trie = vmqapi.TopicTrie()
+    model = {}
+    for n, (topic_filter, qos) in enumerate(subs):
+        subscriber = n % 4
+        trie.add(topic_filter, subscriber, qos)
+        model[(topic_filter, subscriber)] = qos
+    removals = data.draw(st.lists(st.sampled_from(sorted(model)), max_size=4)) if model else []
+    for topic_filter, subscriber in removals:
+        if (topic_filter, subscriber) in model:
+            assert trie.remove(topic_filter, subscriber)
+            del model[(topic_filter, subscriber)]
+    assert trie.count == len(model)
+    for topic in probes:
+        expected = {}
+        for (topic_filter, subscriber), qos in model.items():
+            if naive_match(topic_filter, topic):
+                expected[subscriber] = max(qos, expected.get(subscriber, -1))
+        assert trie.match(topic) == expected
+        assert all(vmqapi.topic_matches(f, topic) == naive_match(f, topic) for f, _ in model)
+
+
+def test_removing_everything_prunes_the_trie():
+    trie = vmqapi.TopicTrie()
+    trie.add("a/b/c", 1, 0)
+    trie.add("a/+", 2, 1)
+    assert trie.remove("a/b/c", 1) and trie.remove("a/+", 2) and not trie.remove("a/+", 2)
+    assert trie._root.children == {}
+
+
+@pytest.mark.parametrize("topic_filter, ok", [
+    ("a/#", True), ("#", True), ("+/+", True), ("a/#/b", False), ("a#", False), ("a/b+", False), ("", False),
+    ("/", True), ("$SYS/#", True),
+])
+def test_filter_validation(topic_filter, ok):
+    assert vmqapi.valid_topic_filter(topic_filter) is ok
+
+
+def test_dollar_topics_are_not_matched_by_leading_wildcards():
+    assert not vmqapi.topic_matches("#", "$SYS/x") and not vmqapi.topic_matches("+/x", "$SYS/x")
+    assert vmqapi.topic_matches("$SYS/#", "$SYS/x")
