@@ -4017,6 +4017,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_node(config)
     if rest[0] == "admin":
         return admin(config, rest[1:])
+    if rest[0] == "passwd":
+        return passwd(rest[1:])
     print(f"vmqapi: unknown sub-command {rest[0]!r}; use 'admin <words>' or no sub-command to start a node",
           file=sys.stderr)
     return 2
@@ -4047,6 +4049,50 @@ def run_node(config: Config) -> int:
         pass
     node.stop()
     return 0
+
+
+def passwd(tokens: Sequence[str]) -> int:
+    """Manage a vmq_passwd file: ``passwd [-c|-D] FILE USER`` (password from the terminal or stdin)."""
+    parser = argparse.ArgumentParser(prog="vmqapi passwd", description="Add, change or delete a user of a "
+                                     "vmq_passwd file. The password is asked for, or read from standard input.")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("-c", action="store_true", help="create the file (refuses to overwrite one)")
+    mode.add_argument("-D", action="store_true", help="delete the user")
+    parser.add_argument("file")
+    parser.add_argument("user")
+    ns = parser.parse_args(tokens)
+    if not ns.user or ":" in ns.user:
+        parser.error("a user name must be non-empty and may not contain ':'")
+    if ns.c and os.path.exists(ns.file):
+        print(f"vmqapi passwd: {ns.file} exists; leave out -c to change it", file=sys.stderr)
+        return 1
+    try:
+        users = {} if ns.c else parse_passwd(open(ns.file, encoding="utf-8").read())
+    except FileNotFoundError:
+        users = {}
+    except (OSError, ValueError) as exc:
+        print(f"vmqapi passwd: cannot read {ns.file}: {exc}", file=sys.stderr)
+        return 1
+    if ns.D:
+        if users.pop(ns.user, None) is None:
+            print(f"vmqapi passwd: no user {ns.user!r} in {ns.file}", file=sys.stderr)
+            return 1
+    else:
+        password = _read_password()
+        if not password:
+            print("vmqapi passwd: empty password, nothing changed", file=sys.stderr)
+            return 1
+        users[ns.user] = hash_password(password)
+    write_file_atomically(ns.file, "".join(f"{u}:{h}\n" for u, h in users.items()).encode())
+    return 0
+
+
+def _read_password() -> str | None:
+    if not sys.stdin.isatty():
+        return sys.stdin.readline().rstrip("\r\n")
+    import getpass
+    first = getpass.getpass("Password: ")
+    return first if first == getpass.getpass("Reenter password: ") else None
 
 
 def _print(elements: Sequence, fmt: str, body: bytes | None = None) -> int:

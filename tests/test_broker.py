@@ -345,3 +345,85 @@ def test_set_takes_effect_at_once(connect, client, key, node):
     finally:
         c.close()
     assert connect("short") is not None
+
+
+# -- the passwd command ------------------------------------------------------------------
+
+def run_passwd(tmp_path, *args, password="pw\n"):
+    import subprocess
+    import sys
+    from conftest import ROOT
+    return subprocess.run([sys.executable, os.path.join(ROOT, "vmqapi.py"), "passwd", *args], input=password,
+                          capture_output=True, text=True, timeout=60, cwd=tmp_path)
+
+
+def test_passwd_command(tmp_path):
+    path = str(tmp_path / "vmq.passwd")
+    assert run_passwd(tmp_path, "-c", path, "alice", password="s3cret\n").returncode == 0
+    assert run_passwd(tmp_path, "-c", path, "bob").returncode == 1  # -c refuses to overwrite
+    assert run_passwd(tmp_path, path, "bob", password="b0b\n").returncode == 0
+    users = vmqapi.parse_passwd(open(path).read())
+    assert set(users) == {"alice", "bob"} and vmqapi.check_password(b"s3cret", users["alice"])
+    salt_b64 = users["alice"].split("$")[2]
+    assert len(salt_b64) == 16 and len(users["alice"].split("$")[3]) == 88  # 12-byte salt, sha512
+    assert run_passwd(tmp_path, "-D", path, "alice").returncode == 0
+    assert set(vmqapi.parse_passwd(open(path).read())) == {"bob"}
+    assert run_passwd(tmp_path, "-D", path, "nobody").returncode == 1
+    assert oct(os.stat(path).st_mode & 0o777) == "0o600"
+
+
+# -- persistence across restarts and kill -9 ----------------------------------------------
+
+def start_node(data_dir):
+    import subprocess
+    import sys
+    from conftest import ROOT
+    from test_cli import wait_for_node_file
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "vmqapi.py"), "--data-dir", str(data_dir),
+                             "--set", "listener.http.default=127.0.0.1:0", "--set", "listener.tcp.default=127.0.0.1:0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    info = wait_for_node_file(data_dir, proc)
+    return proc, next(x["port"] for x in info["listeners"] if x["type"] == "mqtt")
+
+
+@pytest.mark.parametrize("how", ["sigterm", "kill -9"])
+def test_acknowledged_messages_survive_a_restart(tmp_path, how):
+    import signal
+    data_dir = tmp_path / "data"
+    proc, port = start_node(data_dir)
+    try:
+        sub = MqttClient(port)
+        sub.connect("durable", clean=False)
+        sub.subscribe(("d/#", 1))
+        sub.disconnect()
+        pub = MqttClient(port)
+        pub.connect("pub")
+        for n in range(20):
+            pub.publish(f"d/{n}", str(n).encode(), 1 + n % 2)  # each one acknowledged before the next
+        pub.publish("d/retained", b"kept", 1, retain=True)
+        pub.close()
+        proc.send_signal(signal.SIGTERM if how == "sigterm" else signal.SIGKILL)
+        proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    if how == "kill -9":
+        assert (data_dir / vmqapi.NODE_FILE).exists()  # left behind; the next start sees its pid is dead
+    proc, port = start_node(data_dir)
+    try:
+        back = MqttClient(port)
+        assert back.connect("durable", clean=False).session_present
+        payloads = [back.message().payload for _ in range(21)]
+        assert sorted(p for p in payloads if p != b"kept") == sorted(str(n).encode() for n in range(20))
+        assert b"kept" in payloads
+        back.no_message()
+        back.close()
+        late = MqttClient(port)
+        late.connect("late")
+        late.subscribe(("d/retained", 0))
+        assert late.message().payload == b"kept"
+        late.close()
+    finally:
+        proc.kill()
+        proc.communicate()
