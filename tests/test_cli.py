@@ -140,7 +140,7 @@ def wait_for_node_file(data_dir, proc, timeout=20):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         info = vmqapi.read_node_file(str(data_dir))
-        if info:
+        if info and info.get("pid") == proc.pid:
             return info
         if proc.poll() is not None:
             raise AssertionError(f"node exited: {proc.communicate()}")
