@@ -1523,6 +1523,7 @@ class Broker:
         old = self.sessions.get(key)
         if old is not None and old.client is not None:
             self.close_client(old.client)  # takeover [MQTT-3.1.4-2]
+            old = self.sessions.get(key)  # a clean session ended with its connection
         if old is not None and p.clean_session:
             self.drop_session(old)
             old = None
