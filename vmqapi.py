@@ -693,6 +693,7 @@ PROTOCOLS = {3: "MQIsdp", 4: "MQTT"}  # MQTT 3.1 and 3.1.1: level -> protocol na
 SUBACK_FAILURE = 0x80  # MQTT 3.1.1 3.9.3
 CONNACK_ACCEPTED, CONNACK_BAD_VERSION, CONNACK_BAD_ID, CONNACK_UNAVAILABLE = 0, 1, 2, 3
 CONNACK_BAD_CREDENTIALS, CONNACK_NOT_AUTHORIZED = 4, 5  # MQTT 3.1.1 3.2.2.3
+V4 = (("mqtt_version", "4"),)  # metric labels of MQTT 3.1 and 3.1.1 packets, as VerneMQ counts them
 CONNACK_RETURN_NAMES = ("success", "unsupported_protocol_version", "client_identifier_not_valid",
                         "server_unavailable", "bad_username_or_password", "not_authorized")  # VerneMQ labels
 
@@ -1353,6 +1354,7 @@ class Message:
     qos: int
     retain: bool = False
     ref: int = 0
+    frame: bytes = b""  # the message as a QoS 0, non-retained PUBLISH, when already at hand
 
 
 class Session:
@@ -1421,6 +1423,21 @@ class Broker:
         self._passwd = ReloadingFile(parse_passwd, {})
         self._acl = ReloadingFile(parse_acl, None)
         self._next_ref = 1
+        self._match_cache: dict[tuple[str, str], dict] = {}
+        self._config: Config | None = None
+        self.refresh_settings()
+
+    def refresh_settings(self) -> Config:
+        """Read the Config in force; cache the values the hot path needs when it changed."""
+        config = self.settings()
+        if config is not self._config:
+            self._config = config
+            self.upgrade_qos = config["upgrade_outgoing_qos"]
+            self.max_inflight = config["max_inflight_messages"]
+            self.max_online = config["max_online_messages"]
+            self.max_offline = config["max_offline_messages"]
+            self.acl_file = config["vmq_acl.acl_file"]
+        return config
 
     # -- bookkeeping ------------------------------------------------------
     def count(self, name: str, amount: int = 1, **labels: str) -> None:
@@ -1445,7 +1462,7 @@ class Broker:
         """Register a new network connection."""
         client = Client(link, self.clock())
         self.clients.add(client)
-        self.count("socket_open")
+        self.counters["socket_open", ()] += 1
         return client
 
     def connection_lost(self, client: Client) -> None:
@@ -1458,7 +1475,7 @@ class Broker:
         if client.closed:
             return
         client.closed = True
-        self.count("socket_close")
+        self.counters["socket_close", ()] += 1
         session = client.session
         if client.connected and not client.clean_exit and client.will is not None:
             mountpoint = session.mountpoint if session else ""
@@ -1478,6 +1495,7 @@ class Broker:
         trie = self.tries[session.mountpoint]
         for topic_filter in session.subs:
             trie.remove(topic_filter, session)
+        self._match_cache.clear()
         self.sessions.pop((session.mountpoint, session.client_id), None)
         if not session.clean:
             self.store.delete_session(session.mountpoint, session.client_id)
@@ -1486,14 +1504,19 @@ class Broker:
         """Encode and write one packet to a client."""
         client.link.write(encode_packet(packet))
 
-    def handle(self, client: Client, packet: Any) -> None:
-        """Act on one decoded packet from ``client``."""
+    def handle(self, client: Client, packet: Any, raw: bytes = b"") -> None:
+        """Act on one decoded packet from ``client``; ``raw`` is its wire form if it is a plain QoS 0 PUBLISH."""
         client.last_seen = self.clock()
+        if self.settings() is not self._config:
+            self.refresh_settings()
         kind = type(packet)
         if not client.connected:
             if kind is not Connect:
                 raise MalformedPacket("the first packet must be CONNECT")  # [MQTT-3.1.0-1]
             self.on_connect(client, packet)
+            return
+        if kind is Publish:
+            self.on_publish(client, packet, raw)
             return
         handler = self._HANDLERS.get(kind)
         if handler is None:
@@ -1505,7 +1528,7 @@ class Broker:
         """Check version, client id and credentials; attach or create the session."""
         config = self.settings()
         listener = client.link.listener
-        self.count("mqtt_connect_received", mqtt_version="4")
+        self.counters["mqtt_connect_received", V4] += 1
         if p.proto_level not in PROTOCOLS or p.proto_level not in listener.allowed_versions:
             return self.refuse(client, CONNACK_BAD_VERSION)  # [MQTT-3.1.2-2]
         client_id = p.client_id
@@ -1563,8 +1586,10 @@ class Broker:
 
     def acl(self, client: Client, access: str, topic: str) -> bool:
         """Ask vmq_acl; with no ACL file configured everything is allowed."""
-        config = self.settings()
-        rules = self._acl.get(config["vmq_acl.acl_file"], config["vmq_acl.acl_reload_interval"], self.clock())
+        if not self.acl_file:
+            return True
+        config = self._config
+        rules = self._acl.get(self.acl_file, config["vmq_acl.acl_reload_interval"], self.clock())
         if rules is None:
             return True
         session = client.session
@@ -1581,27 +1606,27 @@ class Broker:
         self.drain(session)
 
     # -- publishing -------------------------------------------------------
-    def on_publish(self, client: Client, p: Publish) -> None:
-        """Route an incoming PUBLISH and acknowledge it."""
-        self.count("mqtt_publish_received", mqtt_version="4")
+    def on_publish(self, client: Client, p: Publish, raw: bytes = b"") -> None:
+        """Route an incoming PUBLISH and acknowledge it; ``raw`` lets QoS 0 go out as it came in."""
+        self.counters["mqtt_publish_received", V4] += 1
         session = client.session
         if p.qos == 2 and p.packet_id in session.incoming:
             self.send(client, Pubrec(p.packet_id))  # a resent QoS 2 message is routed once
             return
         if not self.acl(client, "write", p.topic):
-            self.count("mqtt_publish_auth_error")
+            self.counters["mqtt_publish_auth_error", ()] += 1
         else:
-            msg = Message(p.topic, p.payload, p.qos, p.retain, self.new_ref())
+            msg = Message(p.topic, p.payload, p.qos, p.retain, self.new_ref(), raw)
             if p.retain:
                 self.retain(session.mountpoint, msg)
             self.route(session.mountpoint, msg)
         if p.qos == 1:
             client.link.write(b"\x40\x02" + p.packet_id.to_bytes(2, "big"))
-            self.count("mqtt_puback_sent", mqtt_version="4")
+            self.counters["mqtt_puback_sent", V4] += 1
         elif p.qos == 2:
             session.incoming.add(p.packet_id)
             self.send(client, Pubrec(p.packet_id))
-            self.count("mqtt_pubrec_sent", mqtt_version="4")
+            self.counters["mqtt_pubrec_sent", V4] += 1
 
     def retain(self, mountpoint: str, msg: Message) -> None:
         """Store, replace or (empty payload) delete a retained message [MQTT-3.3.1-5..11]."""
@@ -1616,43 +1641,49 @@ class Broker:
 
         The routing seam: remote nodes will join here, beside the local trie.
         """
-        matches = self.tries[mountpoint].match(msg.topic)
+        key = (mountpoint, msg.topic)
+        matches = self._match_cache.get(key)
+        if matches is None:
+            if len(self._match_cache) > 10_000:
+                self._match_cache.clear()
+            matches = self._match_cache[key] = self.tries[mountpoint].match(msg.topic)
+        counters = self.counters
         if not matches:
-            self.count("queue_message_unhandled")
+            counters["queue_message_unhandled", ()] += 1
             return 0
-        self.count("router_matches_local", len(matches))
-        upgrade = self.settings()["upgrade_outgoing_qos"]
-        frame0 = None
+        counters["router_matches_local", ()] += len(matches)
+        upgrade, frame0, direct = self.upgrade_qos, None, 0
         for session, sub_qos in matches.items():
             qos = sub_qos if upgrade else min(msg.qos, sub_qos)
             client = session.client
             if qos == 0 and client is not None and client.link.writable and not session.queue:
                 if frame0 is None:  # one encoding for every QoS 0 receiver
-                    frame0 = encode_publish_header(_str(msg.topic), len(msg.payload), 0, False, False, None) \
-                        + msg.payload
+                    frame0 = msg.frame or encode_publish_header(_str(msg.topic), len(msg.payload), 0, False, False,
+                                                                None) + msg.payload
                 client.link.write(frame0)
-                self.count("mqtt_publish_sent", mqtt_version="4")
-                self.count("queue_message_in")
-                self.count("queue_message_out")
+                direct += 1
             else:
                 self.enqueue(session, msg, qos)
+        if direct:
+            counters["mqtt_publish_sent", V4] += direct
+            counters["queue_message_in", ()] += direct
+            counters["queue_message_out", ()] += direct
         return len(matches)
 
     def enqueue(self, session: Session, msg: Message, qos: int) -> None:
         """Queue for a session (bounded by max_online/offline_messages), then drain."""
-        config = self.settings()
         online = session.client is not None
-        limit = config["max_online_messages" if online else "max_offline_messages"]
+        limit = self.max_online if online else self.max_offline
         if limit >= 0 and len(session.queue) >= limit:
-            self.count("queue_message_drop")
+            self.counters["queue_message_drop", ()] += 1
             return
         if online and qos == 0 and not session.client.link.writable:
-            self.count("queue_message_drop")  # a slow subscriber loses QoS 0, never blocks others
+            self.counters["queue_message_drop", ()] += 1  # a slow subscriber loses QoS 0, never blocks others
             return
         row = self.store.add_message(session.mountpoint, session.client_id, msg, qos) \
             if qos and not session.clean else 0
         session.queue.append((msg, qos, row))
-        self.count("queue_message_in")
+        self.counters["queue_message_in", ()] += 1
         if online:
             self.drain(session)
 
@@ -1661,7 +1692,7 @@ class Broker:
         client = session.client
         if client is None:
             return
-        window = self.settings()["max_inflight_messages"]
+        window = self.max_inflight
         queue, inflight = session.queue, session.inflight
         while queue and (not window or len(inflight) < window or queue[0][1] == 0):
             msg, qos, row = queue.popleft()
@@ -1670,23 +1701,23 @@ class Broker:
                 pid = session.take_pid()
                 inflight[pid] = [msg, qos, row, 0]
             self.write_publish(client, msg, qos, pid)
-            self.count("queue_message_out")
+            self.counters["queue_message_out", ()] += 1
 
     def write_publish(self, client: Client, msg: Message, qos: int, pid: int | None, dup: bool = False,
                       retain: bool = False) -> None:
         """Write one outgoing PUBLISH."""
         client.link.write(encode_publish_header(_str(msg.topic), len(msg.payload), qos, retain, dup, pid)
                           + msg.payload)
-        self.count("mqtt_publish_sent", mqtt_version="4")
+        self.counters["mqtt_publish_sent", V4] += 1
 
     # -- acknowledgements -------------------------------------------------
     def on_puback(self, client: Client, p: Puback) -> None:
         """QoS 1 delivered: forget it, send the next."""
-        self.count("mqtt_puback_received", mqtt_version="4")
+        self.counters["mqtt_puback_received", V4] += 1
         session = client.session
         entry = session.inflight.get(p.packet_id)
         if entry is None or entry[1] != 1:
-            self.count("mqtt_puback_invalid_error")
+            self.counters["mqtt_puback_invalid_error", ()] += 1
             return
         del session.inflight[p.packet_id]
         if entry[2]:
@@ -1695,32 +1726,32 @@ class Broker:
 
     def on_pubrec(self, client: Client, p: Pubrec) -> None:
         """QoS 2 received by the client: answer PUBREL [MQTT-4.3.3-1]."""
-        self.count("mqtt_pubrec_received", mqtt_version="4")
+        self.counters["mqtt_pubrec_received", V4] += 1
         entry = client.session.inflight.get(p.packet_id)
         if entry is None or entry[1] != 2:
-            self.count("mqtt_pubrec_invalid_error")
+            self.counters["mqtt_pubrec_invalid_error", ()] += 1
         elif entry[3] == 0:
             entry[3] = 1
             if entry[2]:
                 self.store.delete_message(entry[2])
                 entry[2] = 0
         self.send(client, Pubrel(p.packet_id))
-        self.count("mqtt_pubrel_sent", mqtt_version="4")
+        self.counters["mqtt_pubrel_sent", V4] += 1
 
     def on_pubrel(self, client: Client, p: Pubrel) -> None:
         """The client releases a QoS 2 message it sent: answer PUBCOMP [MQTT-4.3.3-2]."""
-        self.count("mqtt_pubrel_received", mqtt_version="4")
+        self.counters["mqtt_pubrel_received", V4] += 1
         client.session.incoming.discard(p.packet_id)
         self.send(client, Pubcomp(p.packet_id))
-        self.count("mqtt_pubcomp_sent", mqtt_version="4")
+        self.counters["mqtt_pubcomp_sent", V4] += 1
 
     def on_pubcomp(self, client: Client, p: Pubcomp) -> None:
         """QoS 2 complete: forget it, send the next."""
-        self.count("mqtt_pubcomp_received", mqtt_version="4")
+        self.counters["mqtt_pubcomp_received", V4] += 1
         session = client.session
         entry = session.inflight.get(p.packet_id)
         if entry is None or entry[3] != 1:
-            self.count("mqtt_pubcomp_invalid_error")
+            self.counters["mqtt_pubcomp_invalid_error", ()] += 1
             return
         del session.inflight[p.packet_id]
         self.drain(session)
@@ -1728,7 +1759,7 @@ class Broker:
     # -- subscriptions ----------------------------------------------------
     def on_subscribe(self, client: Client, p: Subscribe) -> None:
         """Subscribe each filter (0x80 when invalid or refused), then send retained matches."""
-        self.count("mqtt_subscribe_received", mqtt_version="4")
+        self.counters["mqtt_subscribe_received", V4] += 1
         session = client.session
         codes, granted = [], []
         for topic_filter, qos in p.topics:
@@ -1741,13 +1772,14 @@ class Broker:
             codes.append(qos)
             granted.append((topic_filter, qos))
         self.send(client, Suback(p.packet_id, tuple(codes)))
-        self.count("mqtt_suback_sent", mqtt_version="4")
+        self.counters["mqtt_suback_sent", V4] += 1
         for topic_filter, qos in granted:
             self.send_retained(session, topic_filter, qos)
 
     def subscribe(self, session: Session, topic_filter: str, qos: int) -> None:
         """Add or replace one subscription [MQTT-3.8.4-3]."""
         self.tries[session.mountpoint].add(topic_filter, session, qos)
+        self._match_cache.clear()
         session.subs[topic_filter] = qos
         if not session.clean:
             self.store.put_subscription(session.mountpoint, session.client_id, topic_filter, qos)
@@ -1766,35 +1798,36 @@ class Broker:
 
     def on_unsubscribe(self, client: Client, p: Unsubscribe) -> None:
         """Drop filters and answer UNSUBACK [MQTT-3.10.4-4]."""
-        self.count("mqtt_unsubscribe_received", mqtt_version="4")
+        self.counters["mqtt_unsubscribe_received", V4] += 1
         for topic_filter in p.topics:
             self.unsubscribe(client.session, topic_filter)
         self.send(client, Unsuback(p.packet_id))
-        self.count("mqtt_unsuback_sent", mqtt_version="4")
+        self.counters["mqtt_unsuback_sent", V4] += 1
 
     def unsubscribe(self, session: Session, topic_filter: str) -> bool:
         """Remove one subscription; return whether it existed."""
         if session.subs.pop(topic_filter, None) is None:
             return False
         self.tries[session.mountpoint].remove(topic_filter, session)
+        self._match_cache.clear()
         if not session.clean:
             self.store.delete_subscription(session.mountpoint, session.client_id, topic_filter)
         return True
 
     def on_pingreq(self, client: Client, p: Pingreq) -> None:
         """Answer PINGRESP [MQTT-3.12.4-1]."""
-        self.count("mqtt_pingreq_received", mqtt_version="4")
+        self.counters["mqtt_pingreq_received", V4] += 1
         client.link.write(b"\xd0\x00")
-        self.count("mqtt_pingresp_sent", mqtt_version="4")
+        self.counters["mqtt_pingresp_sent", V4] += 1
 
     def on_disconnect(self, client: Client, p: Disconnect) -> None:
         """A clean goodbye: drop the will [MQTT-3.14.4-3] and close."""
-        self.count("mqtt_disconnect_received", mqtt_version="4")
+        self.counters["mqtt_disconnect_received", V4] += 1
         client.clean_exit = True
         self.close_client(client)
 
     _HANDLERS: dict[type, Callable[..., None]] = {
-        Publish: on_publish, Puback: on_puback, Pubrec: on_pubrec, Pubrel: on_pubrel, Pubcomp: on_pubcomp,
+        Puback: on_puback, Pubrec: on_pubrec, Pubrel: on_pubrel, Pubcomp: on_pubcomp,
         Subscribe: on_subscribe, Unsubscribe: on_unsubscribe, Pingreq: on_pingreq, Disconnect: on_disconnect,
     }
 
@@ -1806,7 +1839,7 @@ class Broker:
         for client in list(self.clients):
             if client.connected:
                 if client.keepalive and now - client.last_seen > 1.5 * client.keepalive:  # [MQTT-3.1.2-24]
-                    self.count("client_keepalive_expired")
+                    self.counters["client_keepalive_expired", ()] += 1
                     self.close_client(client)
             elif now - client.opened_at > connect_timeout and not client.closed:
                 self.close_client(client)
@@ -1842,6 +1875,7 @@ class Broker:
             if session is not None:
                 self.tries[mountpoint].add(topic_filter, session, qos)
                 session.subs[topic_filter] = qos
+        self._match_cache.clear()
         for mountpoint, client_id, msg, qos, row in messages:
             session = self.sessions.get((mountpoint, client_id))
             if session is not None:
@@ -2069,14 +2103,16 @@ class MqttLink(asyncio.Protocol):
         buf = self.buffer + data if self.buffer else data
         pos, broker, client = 0, self.io.broker, self.client
         max_size = self.io.settings()["max_message_size"]
-        self.io.broker.count("bytes_received", len(data))
+        self.io.broker.counters["bytes_received", ()] += len(data)
         try:
             while not self.closing:
+                start = pos
                 result = decode_packet(buf, pos, max_size)
                 if result is None:
                     break
                 packet, pos = result
-                broker.handle(client, packet)
+                # A plain QoS 0 PUBLISH (first byte 0x30) is forwarded as the bytes it came in.
+                broker.handle(client, packet, buf[start:pos] if buf[start] == 0x30 else b"")
         except MalformedPacket as exc:
             log.info("closing MQTT connection from %s: %s", self.peer[0], exc.text)
             broker.close_client(client)
@@ -2096,7 +2132,7 @@ class MqttLink(asyncio.Protocol):
         if self.pending and self.transport is not None:
             data = self.pending[0] if len(self.pending) == 1 else b"".join(self.pending)
             self.pending = []
-            self.io.broker.count("bytes_sent", len(data))
+            self.io.broker.counters["bytes_sent", ()] += len(data)
             self.transport.write(data)
 
     def close(self) -> None:
