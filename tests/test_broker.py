@@ -427,3 +427,37 @@ def test_acknowledged_messages_survive_a_restart(tmp_path, how):
     finally:
         proc.kill()
         proc.communicate()
+
+
+@pytest.mark.slow
+def test_slow_subscriber_never_blocks_the_others(connect, node):
+    import socket
+    slow = MqttClient(mqtt_port(node))
+    slow.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    slow.connect("slow")
+    slow.subscribe(("flood", 0))  # and then never reads again
+    fast = connect("fast")
+    fast.subscribe(("flood", 0))
+    pub = connect("pub")
+    payload = b"p" * 1000
+    count = 20000  # 20 MB: more than the kernel's socket buffers hold for the slow one
+    for start in range(0, count, 200):
+        pub.send_raw(vmqapi.encode_packet(Publish("flood", payload)) * 200)
+        for _ in range(200):
+            assert fast.message(timeout=10).payload == payload
+    assert node.metrics.value("queue_message_drop") > 0
+    assert fast.ping()
+    slow.close()
+
+
+def test_mqtt_max_connections(make_node):
+    node = make_node(**{"listener.tcp.default.max_connections": "2"})
+    port = mqtt_port(node)
+    first, second, third = MqttClient(port), MqttClient(port), MqttClient(port)
+    try:
+        assert first.connect("a").return_code == 0 and second.connect("b").return_code == 0
+        with pytest.raises((ConnectionError, OSError)):
+            third.connect("c")
+        assert first.ping()
+    finally:
+        first.close(), second.close(), third.close()
