@@ -885,6 +885,8 @@ def decode_connect(flags: int, buf, i: int, end: int) -> Connect:
     will_topic, will_payload, username, password = None, b"", None, None
     if will:
         will_topic, i = _string(buf, i, end)
+        if not will_topic or "+" in will_topic or "#" in will_topic:
+            raise MalformedPacket("will topic is empty or has a wildcard")  # [MQTT-3.1.3-10], 4.7
         will_payload, i = _binary(buf, i, end)
     if cflags & 128:
         username, i = _string(buf, i, end)
@@ -1694,7 +1696,8 @@ class Broker:
             return
         window = self.max_inflight
         queue, inflight = session.queue, session.inflight
-        while queue and (not window or len(inflight) < window or queue[0][1] == 0):
+        while queue and (queue[0][1] == 0 or ((not window or len(inflight) < window)
+                                               and len(inflight) < MAX_PACKET_ID)):
             msg, qos, row = queue.popleft()
             pid = None
             if qos:
@@ -1791,6 +1794,8 @@ class Broker:
             if topic_matches(topic_filter, msg.topic):
                 out_qos = min(qos, msg.qos)
                 pid = None
+                if out_qos and len(session.inflight) >= MAX_PACKET_ID:
+                    continue  # no packet identifier left for it
                 if out_qos:
                     pid = session.take_pid()
                     session.inflight[pid] = [msg, out_qos, 0, 0]

@@ -85,6 +85,7 @@ def test_arbitrary_bytes_give_packets_or_our_error(data):
     (b"\x10\x0c\x00\x04MQTT\x04\x18\x00\x00\x00\x00", "will QoS"),
     (b"\x10\x0c\x00\x04HTTP\x04\x02\x00\x00\x00\x00", "protocol name"),
     (b"\x30\xff\xff\xff\xff\x01", "four bytes"),
+    (b"\x10\x11\x00\x04MQTT\x04\x06\x00\x00\x00\x00\x00\x01#\x00\x00", "will topic"),
 ])
 def test_violations_are_refused(data, reason):
     if reason is None:
