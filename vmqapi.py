@@ -610,40 +610,89 @@ def _read_config_file(path: str) -> dict[str, Any]:
 # Owns: counters and gauges by VerneMQ name and labels, and their descriptions.
 # Must not know: who increments them, how they are rendered on the wire.
 
-METRIC_DEFINITIONS = {  # name -> (type, description); VerneMQ vmq_metrics.hrl
-    "socket_open": ("counter", "The number of times an MQTT socket has been opened."),
-    "socket_close": ("counter", "The number of times an MQTT socket has been closed."),
-    "mqtt_publish_received": ("counter", "The number of PUBLISH packets received."),
-    "mqtt_publish_sent": ("counter", "The number of PUBLISH packets sent."),
-    "queue_message_in": ("counter", "The number of messages that entered a queue."),
-    "queue_message_out": ("counter", "The number of messages that left a queue."),
-    "queue_message_drop": ("counter", "The number of messages dropped from queues."),
-    "queue_message_unhandled": ("counter", "The number of messages no queue took."),
-    "router_matches_local": ("counter", "The number of local subscriptions a publish matched."),
-    "router_matches_remote": ("counter", "The number of remote subscriptions a publish matched."),
-    "http_api_auth_failed": ("counter", "The number of HTTP requests refused for a missing or bad API key."),
-    "active_mqtt_connections": ("gauge", "The number of open MQTT connections."),
-    "queue_processes": ("gauge", "The number of session queues, online and offline."),
-    "router_subscriptions": ("gauge", "The number of subscriptions in the routing table."),
-    "retain_messages": ("gauge", "The number of retained messages."),
+LabelSet = tuple[tuple[str, str], ...]
+_NO_LABELS: tuple[LabelSet, ...] = ((),)
+_BY_VERSION: tuple[LabelSet, ...] = ((("mqtt_version", "4"),),)  # MQTT 3.1 and 3.1.1 count as "4"
+_CONNACK: tuple[LabelSet, ...] = tuple(
+    (("mqtt_version", "4"), ("return_code", code)) for code in (
+        "success", "unsupported_protocol_version", "client_identifier_not_valid", "server_unavailable",
+        "bad_username_or_password", "not_authorized"))
+
+
+def _packets(kind: str, direction: str) -> tuple[str, str, tuple[LabelSet, ...]]:
+    return ("counter", f"The number of {kind} packets {direction}.", _BY_VERSION)
+
+
+METRIC_DEFINITIONS: dict[str, tuple[str, str, tuple[LabelSet, ...]]] = {  # VerneMQ vmq_metrics.hrl names
+    "socket_open": ("counter", "The number of times an MQTT socket has been opened.", _NO_LABELS),
+    "socket_close": ("counter", "The number of times an MQTT socket has been closed.", _NO_LABELS),
+    "bytes_received": ("counter", "The total number of bytes received.", _NO_LABELS),
+    "bytes_sent": ("counter", "The total number of bytes sent.", _NO_LABELS),
+    "mqtt_connect_received": _packets("CONNECT", "received"),
+    "mqtt_connack_sent": ("counter", "The number of CONNACK packets sent.", _CONNACK),
+    "mqtt_publish_received": _packets("PUBLISH", "received"),
+    "mqtt_publish_sent": _packets("PUBLISH", "sent"),
+    "mqtt_puback_received": _packets("PUBACK", "received"),
+    "mqtt_puback_sent": _packets("PUBACK", "sent"),
+    "mqtt_pubrec_received": _packets("PUBREC", "received"),
+    "mqtt_pubrec_sent": _packets("PUBREC", "sent"),
+    "mqtt_pubrel_received": _packets("PUBREL", "received"),
+    "mqtt_pubrel_sent": _packets("PUBREL", "sent"),
+    "mqtt_pubcomp_received": _packets("PUBCOMP", "received"),
+    "mqtt_pubcomp_sent": _packets("PUBCOMP", "sent"),
+    "mqtt_subscribe_received": _packets("SUBSCRIBE", "received"),
+    "mqtt_suback_sent": _packets("SUBACK", "sent"),
+    "mqtt_unsubscribe_received": _packets("UNSUBSCRIBE", "received"),
+    "mqtt_unsuback_sent": _packets("UNSUBACK", "sent"),
+    "mqtt_pingreq_received": _packets("PINGREQ", "received"),
+    "mqtt_pingresp_sent": _packets("PINGRESP", "sent"),
+    "mqtt_disconnect_received": _packets("DISCONNECT", "received"),
+    "mqtt_publish_auth_error": ("counter", "The number of unauthorized publish attempts.", _NO_LABELS),
+    "mqtt_subscribe_auth_error": ("counter", "The number of unauthorized subscription attempts.", _NO_LABELS),
+    "mqtt_subscribe_error": ("counter", "The number of subscriptions refused as invalid.", _NO_LABELS),
+    "mqtt_invalid_msg_size_error": ("counter", "The number of packets larger than max_message_size.", _NO_LABELS),
+    "mqtt_puback_invalid_error": ("counter", "The number of unexpected PUBACK packets received.", _NO_LABELS),
+    "mqtt_pubrec_invalid_error": ("counter", "The number of unexpected PUBREC packets received.", _NO_LABELS),
+    "mqtt_pubcomp_invalid_error": ("counter", "The number of unexpected PUBCOMP packets received.", _NO_LABELS),
+    "mqtt_malformed_packet_error": ("counter", "The number of connections closed for a protocol violation.",
+                                    _NO_LABELS),
+    "client_keepalive_expired": ("counter", "The number of clients that failed to communicate within the "
+                                 "keepalive time frame.", _NO_LABELS),
+    "queue_message_in": ("counter", "The number of messages that entered a queue.", _NO_LABELS),
+    "queue_message_out": ("counter", "The number of messages that left a queue.", _NO_LABELS),
+    "queue_message_drop": ("counter", "The number of messages dropped because a queue was full or its client "
+                           "could not keep up.", _NO_LABELS),
+    "queue_message_expired": ("counter", "The number of messages that expired before delivery.", _NO_LABELS),
+    "queue_message_unhandled": ("counter", "The number of published messages no subscription matched.",
+                                _NO_LABELS),
+    "router_matches_local": ("counter", "The number of matched local subscriptions.", _NO_LABELS),
+    "router_matches_remote": ("counter", "The number of matched remote subscriptions.", _NO_LABELS),
+    "http_api_auth_failed": ("counter", "The number of HTTP requests refused for a missing, malformed or "
+                             "unknown API key.", _NO_LABELS),
+    "active_mqtt_connections": ("gauge", "The number of open MQTT connections that completed CONNECT.",
+                                _NO_LABELS),
+    "total_active_connections": ("gauge", "The number of open MQTT sockets.", _NO_LABELS),
+    "queue_processes": ("gauge", "The number of sessions, online and offline.", _NO_LABELS),
+    "router_subscriptions": ("gauge", "The number of subscriptions in the routing table.", _NO_LABELS),
+    "retain_messages": ("gauge", "The number of retained messages.", _NO_LABELS),
 }
 
 
 class Metrics:
-    """Counters and gauges keyed by (name, labels), safe to bump from any thread.
+    """Counters and gauges keyed by (name, labels).
 
-    Gauges that are a view of live state register a function instead of being
-    set, so they cannot drift from what they measure.
+    The node's own counters are bumped under ``_lock``; the broker keeps its
+    counters in its event loop thread without a lock and registers them as a
+    source, read (summed) only from that thread.
     """
 
     def __init__(self):
         self._lock = threading.Lock()
-        self._values: dict[tuple[str, tuple[tuple[str, str], ...]], int] = {}
-        self._gauge_fns: dict[str, Callable[[], int]] = {}
-        self._sources: list[tuple[Callable[[], Iterable], Callable[[], Mapping[str, int]]]] = []
+        self._values: dict[tuple[str, LabelSet], int] = {}
+        self._sources: list[tuple[Callable[[], Mapping], Callable[[], Mapping[str, int]]]] = []
 
-    def add_source(self, counters: Callable[[], Iterable], gauges: Callable[[], Mapping[str, int]]) -> None:
-        """Read counters ``((name, labels), n)`` and gauges ``{name: n}`` kept by their owner thread."""
+    def add_source(self, counters: Callable[[], Mapping], gauges: Callable[[], Mapping[str, int]]) -> None:
+        """Read counters ``{(name, labels): n}`` (zeroed by reset) and gauges ``{name: n}`` from an owner."""
         self._sources.append((counters, gauges))
 
     def incr(self, name: str, amount: int = 1, **labels: str) -> None:
@@ -652,30 +701,28 @@ class Metrics:
         with self._lock:
             self._values[key] = self._values.get(key, 0) + amount
 
-    def gauge(self, name: str, fn: Callable[[], int]) -> None:
-        """Make gauge ``name`` read ``fn()`` whenever it is looked at."""
+    def samples(self) -> dict[tuple[str, LabelSet], int]:
+        """Return every series, defined ones first and at 0 when never bumped."""
+        out = {(name, labels): 0 for name, (_, _, sets) in METRIC_DEFINITIONS.items() for labels in sets}
         with self._lock:
-            self._gauge_fns[name] = fn
+            own = list(self._values.items())
+        for counters, gauges in self._sources:
+            own += list(counters().items())
+            own += [((name, ()), value) for name, value in gauges().items()]
+        for key, value in own:
+            out[key] = out.get(key, 0) + value
+        return out
 
     def value(self, name: str) -> int:
-        """Return the value of ``name`` summed over all its labels and sources."""
-        with self._lock:
-            fn = self._gauge_fns.get(name)
-            total = sum(v for (n, _), v in self._values.items() if n == name)
-            sources = list(self._sources)
-        if fn is not None:
-            return int(fn())
-        for counters, gauges in sources:
-            live = gauges()
-            if name in live:
-                return live[name]
-            total += sum(v for (n, _), v in list(counters()) if n == name)
-        return total
+        """Return the value of ``name`` summed over its labels and sources."""
+        return sum(v for (n, _), v in self.samples().items() if n == name)
 
     def reset(self) -> None:
-        """Zero every counter (gauges follow their source)."""
+        """Zero every counter (gauges follow what they measure)."""
         with self._lock:
             self._values.clear()
+        for counters, _ in self._sources:
+            counters().clear()
 
 
 ###############################################################################
@@ -1448,11 +1495,11 @@ class Broker:
 
     def gauges(self) -> dict[str, int]:
         """Return the live gauges."""
-        online = sum(1 for c in self.clients if c.connected)
-        return {"active_mqtt_connections": online, "total_active_connections": len(self.clients),
-                "queue_processes": len(self.sessions),
-                "router_subscriptions": sum(t.count for t in self.tries.values()),
-                "retain_messages": sum(len(r) for r in self.retained.values())}
+        clients = list(self.clients)  # copies, so another thread may read a consistent view
+        return {"active_mqtt_connections": sum(1 for c in clients if c.connected),
+                "total_active_connections": len(clients), "queue_processes": len(self.sessions),
+                "router_subscriptions": sum(t.count for t in list(self.tries.values())),
+                "retain_messages": sum(len(r) for r in list(self.retained.values()))}
 
     def new_ref(self) -> int:
         """Return a fresh message reference."""
@@ -3887,7 +3934,7 @@ class Node:
             log.warning("allow_anonymous is not set and every MQTT listener is on loopback: "
                         "clients may connect without credentials (set allow_anonymous = off to refuse them)")
         broker.restore(*store.load())
-        self.metrics.add_source(lambda: broker.counters.items(), broker.gauges)
+        self.metrics.add_source(lambda: broker.counters, broker.gauges)
         self.mqtt.start(addresses)
 
     def _stop_mqtt(self) -> None:
@@ -3971,7 +4018,10 @@ class Node:
         return self.in_broker(self._status)
 
     def _status(self) -> dict[str, Any]:
-        m = self.metrics.value
+        totals: dict[str, int] = collections.defaultdict(int)
+        for (name, _), value in self.metrics.samples().items():
+            totals[name] += value
+        m = totals.__getitem__
         online = m("active_mqtt_connections")
         return {"num_online": online, "num_offline": max(0, m("queue_processes") - online),
                 "msg_in": m("mqtt_publish_received"), "msg_out": m("mqtt_publish_sent"),
