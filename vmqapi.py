@@ -31,9 +31,11 @@ Contents (``grep -nE '^# [0-9]+\\. ' vmqapi.py`` prints them with line numbers):
     9. Key store: the API key file
     10. Command machinery: argv grammar, command table, result elements
     11. Command catalogue
-    12. HTTP: request -> response, then the socket server
-    13. Node
-    14. CLI
+    12. HTTP: the admin API
+    13. Observability endpoints
+    14. HTTP server
+    15. Node
+    16. CLI
 """
 
 ###############################################################################
@@ -252,6 +254,10 @@ class MalformedPacket(VmqError):
     http_status, code = 400, "malformed_packet"
 
 
+class PacketTooLarge(MalformedPacket):
+    """A packet larger than max_message_size."""
+
+
 class ConfigError(VmqError):
     """A configuration the node cannot start with; the text names file and line."""
 
@@ -425,6 +431,7 @@ SETTINGS: tuple[Setting, ...] = (
     _S("http_request_timeout", parse_int_range(1, 3600), 15,
        "Seconds a client has to send a whole HTTP request; also the keep-alive idle limit."),
     _S("http_cors_allow_origin", parse_text, "*", "Access-Control-Allow-Origin sent with /status.json."),
+    _S("prometheus_namespace", parse_text, "vernemq_", "Prefix of every metric name in /metrics."),
     _S("http_module.$module.auth.mode", parse_choice("apikey", "noauth"), None,
        "apikey or noauth for one HTTP module (vmq_http_mgmt_api defaults to apikey, others to noauth)."),
     _S("listener.$type.$name", parse_address, None, "Address (ip:port) of a listener; port 0 binds any free port."),
@@ -477,6 +484,7 @@ SETTINGS: tuple[Setting, ...] = (
 del _S
 
 _SETTINGS_BY_NAME = types.MappingProxyType({s.name: s for s in SETTINGS})
+LISTENER_MQTT_OPTIONS = ("mountpoint", "max_connections", "allowed_protocol_versions", "allow_anonymous_override")
 LISTENER_OPTIONS = frozenset(
     s.name.split(".", 1)[1] for s in SETTINGS if s.name.startswith("listener.") and "$" not in s.name)
 
@@ -1061,7 +1069,7 @@ def decode_packet(buf, pos: int = 0, max_size: int = 0) -> tuple[Any, int] | Non
         if shift > 21:
             raise MalformedPacket("remaining length longer than four bytes")  # MQTT 3.1.1 2.2.3
     if max_size and i - pos + length > max_size:
-        raise MalformedPacket(f"packet of {i - pos + length} bytes exceeds max_message_size {max_size}")
+        raise PacketTooLarge(f"packet of {i - pos + length} bytes exceeds max_message_size {max_size}")
     end = i + length
     if end > n:
         return None
@@ -2167,6 +2175,8 @@ class MqttLink(asyncio.Protocol):
                 broker.handle(client, packet, buf[start:pos] if buf[start] == 0x30 else b"")
         except MalformedPacket as exc:
             log.info("closing MQTT connection from %s: %s", self.peer[0], exc.text)
+            kind = "mqtt_invalid_msg_size_error" if isinstance(exc, PacketTooLarge) else "mqtt_malformed_packet_error"
+            broker.counters[kind, ()] += 1
             broker.close_client(client)
         self.buffer = buf[pos:] if pos < len(buf) else b""
         self.io.after_batch()
@@ -2214,14 +2224,13 @@ class MqttListener:
 
     kind = "mqtt"
 
-    def __init__(self, io: MqttIO, name: str, address: tuple[str, int], config: Config):
+    def __init__(self, io: MqttIO, name: str, address: tuple[str, int], options: Mapping[str, Any]):
         self.io, self.name = io, name
         self.address, self.port = address
-        option = functools.partial(config.listener_option, "tcp", name)
-        self.mountpoint = option("mountpoint")
-        self.max_connections = option("max_connections")
-        self.allowed_versions = option("allowed_protocol_versions")
-        self.allow_anonymous_override = option("allow_anonymous_override")
+        self.mountpoint = options["mountpoint"]
+        self.max_connections = options["max_connections"]
+        self.allowed_versions = options["allowed_protocol_versions"]
+        self.allow_anonymous_override = options["allow_anonymous_override"]
         self.status = "running"
         self.active = self.all_conns = 0
         self.server: asyncio.base_events.Server | None = None
@@ -2249,9 +2258,11 @@ class MqttListener:
 class MqttIO:
     """The broker's event loop thread: listeners, ticks, and calls from other threads."""
 
-    def __init__(self, settings: Callable[[], Config], store: Any):
+    def __init__(self, settings: Callable[[], Config], store: Any, metrics: Metrics, node_name: str):
         self.settings = settings
         self.store = store
+        self.metrics, self.node_name = metrics, node_name
+        self._systree_at = time.time()
         self.broker = Broker(settings, store)
         self.listeners: list[MqttListener] = []
         self.dirty: list[MqttLink] = []
@@ -2268,14 +2279,54 @@ class MqttIO:
         self._thread.start()
         config = self.settings()
         for name, address in sorted(addresses.items()):
-            listener = MqttListener(self, name, address, config)
+            options = {o: config.listener_option("tcp", name, o) for o in LISTENER_MQTT_OPTIONS}
             try:
-                self.call_async(self._bind(listener))
+                self.open_listener(name, address, options)
             except OSError as exc:
                 raise ConfigError(f"cannot bind listener.tcp.{name} on {render_value(address)}: "
                                   f"{exc.strerror or exc}") from None
-            self.listeners.append(listener)
         self.call(self._tick)
+
+    def open_listener(self, name: str, address: tuple[str, int], options: Mapping[str, Any]) -> MqttListener:
+        """Bind a new MQTT listener (from any thread but the loop's); raise OSError on failure."""
+        listener = MqttListener(self, name, address, options)
+        self.call_async(self._bind(listener))
+        self.listeners.append(listener)
+        return listener
+
+    def find_listener(self, address: str, port: int) -> MqttListener | None:
+        """Return the MQTT listener bound to address:port."""
+        return next((x for x in self.listeners if (x.address, x.port) == (address, port)), None)
+
+    def suspend_listener(self, listener: MqttListener, kill_sessions: bool = False) -> None:
+        """Stop accepting; keep the clients (status suspended) or close them (status stopped)."""
+        self.call_async(self._unbind(listener))
+        listener.status = "suspended"
+        if kill_sessions:
+            self.call(self._kill_clients, listener)
+            listener.status = "stopped"
+
+    def resume_listener(self, listener: MqttListener) -> None:
+        """Accept again on the same address and port; raise OSError on failure."""
+        if listener.status != "running":
+            self.call_async(self._bind(listener))
+            listener.status = "running"
+
+    def delete_listener(self, listener: MqttListener) -> None:
+        """Stop a listener, close its clients and forget it."""
+        self.suspend_listener(listener, kill_sessions=True)
+        self.listeners.remove(listener)
+
+    async def _unbind(self, listener: MqttListener) -> None:
+        if listener.server is not None:
+            listener.server.close()
+            await listener.server.wait_closed()
+            listener.server = None
+
+    def _kill_clients(self, listener: MqttListener) -> None:
+        for client in list(self.broker.clients):
+            if client.link.listener is listener:
+                self.broker.close_client(client)
 
     async def _bind(self, listener: MqttListener) -> None:
         listener.server = await self.loop.create_server(lambda: MqttLink(listener), listener.address,
@@ -2283,9 +2334,25 @@ class MqttIO:
         listener.port = listener.server.sockets[0].getsockname()[1]
 
     def _tick(self) -> None:
-        self.broker.tick(time.time())
+        now = time.time()
+        self.broker.tick(now)
+        config = self.settings()
+        interval = config["systree_interval"] / 1000
+        if config["systree_enabled"] and interval and now - self._systree_at >= interval:
+            self._systree_at = now
+            self.publish_systree()
         self.after_batch()
-        self._tick_handle = self.loop.call_later(0.5, self._tick)
+        self._tick_handle = self.loop.call_later(min(0.5, interval or 0.5), self._tick)
+
+    def publish_systree(self) -> None:
+        """Publish every metric, aggregated, as ``$SYS/<node>/<name split on _>`` (QoS 0)."""
+        totals: dict[str, int] = collections.defaultdict(int)
+        for (name, _), value in self.metrics.samples().items():
+            totals[name] += value
+        for name, value in totals.items():
+            topic = f"$SYS/{self.node_name}/" + name.replace("_", "/")
+            if self.broker.tries[""].match(topic):  # nobody listening: not an unhandled message
+                self.broker.route("", Message(topic, str(value).encode(), 0))
 
     def after_batch(self) -> None:
         """Commit the store, then flush every connection written to in this batch."""
@@ -3267,6 +3334,125 @@ def cmd_listener_show(call: Call) -> Any:
     return Table(tuple(call.node.listener_rows(tls="tls" in call.flags, mqtt="mqtt" in call.flags)))
 
 
+def parse_ip(text: str) -> str:
+    """Parse an IP address."""
+    return str(ipaddress.ip_address(text.strip()))
+
+
+_LISTENER_KEYS = (Param("address", parse_ip, doc="IP address of the listener"),
+                  Param("port", parse_int_range(0, 65535), doc="port of the listener"))
+_NOT_YET = "only MQTT over TCP listeners can be started at run time in this version"
+
+
+def _flag_bool(text: str) -> bool:
+    return parse_flag(text)
+
+
+@command("listener", "start", keys=_LISTENER_KEYS, required=("address", "port"), flags=(
+    Param("mountpoint", short="m", doc="topic prefix of the listener's clients"),
+    Param("max_connections", parse_max_connections, doc="connections at once (integer or infinity)"),
+    Param("allowed_protocol_versions", parse_versions, doc="comma list of 3 (3.1) and 4 (3.1.1)"),
+    Param("allow_anonymous_override", _flag_bool, doc="on: let clients in without credentials"),
+    Param("websocket", value="none", doc="a WebSocket listener (not yet)"),
+    Param("http", value="none", doc="an HTTP listener (not yet)"),
+    Param("ssl", value="none", doc="a TLS listener (not yet)"),
+    *(Param(f, doc="TLS option (not yet)") for f in ("certfile", "keyfile", "cafile", "require_certificate",
+                                                     "use_identity_as_username", "tls_version", "ciphers"))))
+def cmd_listener_start(call: Call) -> Any:
+    """Start an MQTT listener at run time (not kept across restarts)."""
+    if any(f in call.flags for f in ("websocket", "http", "ssl")):
+        return alert(f"can't start listener due to '{_NOT_YET}'")
+    address, port = call.args["address"], call.args["port"]
+    if call.node.find_listener(address, port) is not None:
+        return alert(f"can't start listener due to 'a listener exists at {address}:{port}'")
+    config = call.node.config
+    options = {o: call.flags.get(o, config.listener_option("tcp", "default", o)) for o in LISTENER_MQTT_OPTIONS}
+    if "mountpoint" in call.flags:
+        options["mountpoint"] = call.flags["mountpoint"] or ""
+    try:
+        call.node.start_listener(address, port, options)
+    except OSError as exc:
+        return alert(f"can't start listener due to '{exc.strerror or exc}'")
+    return "Done"
+
+
+def _mqtt_listener(call: Call, verb: str) -> Any:
+    """Return the MQTT listener named by address= and port=, or the alert to answer."""
+    listener = call.node.find_listener(call.args["address"], call.args["port"])
+    if listener is None:
+        return alert(f"can't {verb} listener due to 'not_found'")
+    if listener.kind != "mqtt":
+        return alert(f"can't {verb} listener due to 'HTTP listeners are set in the configuration only'")
+    return listener
+
+
+@command("listener", "stop", keys=_LISTENER_KEYS, required=("address", "port"), flags=(
+    Param("kill_sessions", short="k", value="none", doc="also close the listener's clients"),))
+def cmd_listener_stop(call: Call) -> Any:
+    """Stop accepting connections; without --kill_sessions the clients stay (status suspended)."""
+    listener = _mqtt_listener(call, "stop")
+    if isinstance(listener, Alert):
+        return listener
+    call.node.mqtt.suspend_listener(listener, "kill_sessions" in call.flags)
+    return "Done"
+
+
+@command("listener", "restart", keys=_LISTENER_KEYS, required=("address", "port"))
+def cmd_listener_restart(call: Call) -> Any:
+    """Accept connections again on a stopped or suspended listener."""
+    listener = _mqtt_listener(call, "restart")
+    if isinstance(listener, Alert):
+        return listener
+    try:
+        call.node.mqtt.resume_listener(listener)
+    except OSError as exc:
+        return alert(f"can't restart listener due to '{exc.strerror or exc}'")
+    return "Done"
+
+
+@command("listener", "delete", keys=_LISTENER_KEYS, required=("address", "port"))
+def cmd_listener_delete(call: Call) -> Any:
+    """Stop a listener, close its clients and remove it."""
+    listener = _mqtt_listener(call, "delete")
+    if isinstance(listener, Alert):
+        return listener
+    call.node.mqtt.delete_listener(listener)
+    return "Done"
+
+
+METRIC_LABELS = ("mqtt_version", "reason_code", "return_code")
+
+
+@command("metrics", "show", read_only=True, flags=(
+    Param("with-descriptions", short="d", value="none", doc="print each metric's description"),
+    Param("aggregate", lambda v: v == "true", short="a", doc="true (default): sum series of one name"),
+    *(Param(label, doc=f"only metrics with this {label}") for label in METRIC_LABELS)))
+def cmd_metrics_show(call: Call) -> Any:
+    """Show every metric as lines of <type>.<name> = <value>."""
+    wanted = {k: call.flags[k] for k in METRIC_LABELS if k in call.flags}
+    series = [(name, labels, value) for (name, labels), value in call.node.metric_samples().items()
+              if all(dict(labels).get(k) == v for k, v in wanted.items())]
+    if call.flags.get("aggregate", True):
+        totals: dict[str, int] = {}
+        for name, _, value in series:
+            totals[name] = totals.get(name, 0) + value
+        series = [(name, (), value) for name, value in totals.items()]
+    lines = []
+    for name, labels, value in series:
+        kind, doc = METRIC_DEFINITIONS.get(name, ("gauge", name, ()))[:2]
+        shown = name + ("{" + ",".join(f'{k}="{v}"' for k, v in labels) + "}" if labels else "")
+        line = f"{kind}.{shown} = {value}\n"
+        lines.append(f"# {doc}\n{line}\n" if "with-descriptions" in call.flags else line)
+    return Text("".join(lines))
+
+
+@command("metrics", "reset")
+def cmd_metrics_reset(call: Call) -> Any:
+    """Set every counter back to zero."""
+    call.node.reset_metrics()
+    return "Done"
+
+
 SESSION_FIELDS = (  # SPEC 5; VerneMQ vmq_info:fields_config/0
     "node", "mountpoint", "client_id", "queue_pid", "queue_size", "session_pid", "is_offline", "is_online",
     "statename", "deliver_mode", "offline_messages", "online_messages", "num_sessions", "clean_session",
@@ -3424,11 +3610,11 @@ del _catalogue
 
 
 ###############################################################################
-# 12. HTTP: request -> response, then the socket server #######################
+# 12. HTTP: the admin API #####################################################
 ###############################################################################
-# Owns: the admin API's rules (method, auth, command, OPTIONS, Accept, run) as a
-#       pure function, and a thin ThreadingHTTPServer with limits and timeouts.
-# Must not know: MQTT internals, the key file's format.
+# Owns: the admin API's rules (method, auth, command, OPTIONS, Accept, run) as
+#       pure functions from a Request to a Response.
+# Must not know: sockets, MQTT internals, the key file's format.
 
 HTTP_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "POST"})
 REFUSED_METHODS = frozenset({"PUT", "PATCH", "DELETE"})  # known to HTTP, refused with 405
@@ -3462,7 +3648,7 @@ def error_response(exc: VmqError, extra: Iterable[tuple[str, str]] = ()) -> Resp
     if exc.http_status == 401:
         headers.append(("WWW-Authenticate", REALM))
     if exc.http_status == 405:
-        headers.append(("Allow", ALLOW))
+        headers.append(("Allow", getattr(exc, "allow", ALLOW)))
     body = json.dumps(exc.to_json(), separators=(",", ":"), ensure_ascii=False).encode()
     return Response(exc.http_status, tuple(headers), body)
 
@@ -3573,6 +3759,212 @@ def serve_api(node: Any, req: Request, rest: str, query: str) -> Response:
     return Response(200, (("Content-Type", JSON_TYPE),), body, tuple(call.after))
 
 
+###############################################################################
+# 13. Observability endpoints #################################################
+###############################################################################
+# Owns: /metrics (Prometheus text 0.0.4), /health, /status.json and the /status page.
+# Must not know: sockets, MQTT internals (it reads the metrics registry and the node).
+
+PROMETHEUS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+STATUS_GAUGES = {  # SPEC 6 [better]: the status page's numbers as gauges too
+    "num_online": "Sessions with a connected client.",
+    "num_offline": "Persistent sessions without a connected client.",
+    "msg_in": "PUBLISH packets received (mqtt_publish_received).",
+    "msg_out": "PUBLISH packets sent (mqtt_publish_sent).",
+    "queue_in": "Messages that entered a queue (queue_message_in).",
+    "queue_out": "Messages that left a queue (queue_message_out).",
+    "queue_drop": "Messages dropped from queues (queue_message_drop).",
+    "queue_unhandled": "Messages no subscription matched (queue_message_unhandled).",
+    "num_subscriptions": "Subscriptions in the routing table.",
+    "num_retained": "Retained messages.",
+    "matches_local": "Matched local subscriptions (router_matches_local).",
+    "matches_remote": "Matched remote subscriptions (router_matches_remote).",
+}
+
+
+def _label_value(text: str) -> str:
+    return text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def render_prometheus(samples: Mapping[tuple[str, LabelSet], int], node: str, namespace: str,
+                      status: Mapping[str, Any]) -> str:
+    """Render series as Prometheus text 0.0.4: HELP and TYPE once per name, ``node`` the first label."""
+    order: dict[str, int] = {}
+    for name, _ in samples:
+        order.setdefault(name, len(order))
+    lines: list[str] = []
+    current = None
+    node_label = f'node="{_label_value(node)}"'
+    for (name, labels), value in sorted(samples.items(), key=lambda kv: order[kv[0][0]]):
+        full = namespace + name
+        if name != current:
+            kind, doc = METRIC_DEFINITIONS.get(name, ("gauge", name, ()))[:2]
+            help_text = doc.replace("\\", "\\\\").replace("\n", "\\n")
+            lines += [f"# HELP {full} {help_text}", f"# TYPE {full} {kind}"]
+            current = name
+        extra = "".join(f',{k}="{_label_value(v)}"' for k, v in labels)
+        lines.append(f"{full}{{{node_label}{extra}}} {value}")
+    for name, doc in STATUS_GAUGES.items():
+        full = namespace + name
+        lines += [f"# HELP {full} {doc}", f"# TYPE {full} gauge", f"{full}{{{node_label}}} {status[name]}"]
+    return "\n".join(lines) + "\n"
+
+
+def _only_get(req: Request) -> None:
+    if req.method not in ("GET", "HEAD"):
+        exc = MethodNotAllowed(f"{req.method} is not allowed here; use GET or HEAD")
+        exc.allow = "GET, HEAD"
+        raise exc
+
+
+def serve_metrics(node: Any, req: Request, rest: str, query: str) -> Response:
+    """Answer /metrics in Prometheus text format (any Accept header is fine)."""
+    _only_get(req)
+    if rest:
+        raise NotFound(f"no endpoint at /metrics/{rest}")
+    authenticate(node, "vmq_metrics_http", req.headers, ("metrics",))
+    body = render_prometheus(node.metric_samples(), node.name, node.config["prometheus_namespace"], node.status())
+    return Response(200, (("Content-Type", PROMETHEUS_TYPE),), body.encode())
+
+
+def serve_health(node: Any, req: Request, rest: str, query: str) -> Response:
+    """Answer /health, /health/ping and /health/listeners: 200 OK, or 503 with the reasons."""
+    _only_get(req)
+    if rest not in ("", "ping", "listeners"):
+        raise NotFound(f"no endpoint at /health/{rest}")
+    authenticate(node, "vmq_health_http", req.headers, ("health",))
+    reasons = [] if rest == "ping" else node.health_reasons()
+    body = {"status": "DOWN", "reasons": reasons} if reasons else {"status": "OK"}
+    return Response(503 if reasons else 200, (("Content-Type", JSON_TYPE),),
+                    json.dumps(body, separators=(",", ":")).encode())
+
+
+def status_document(node: Any) -> list:
+    """Return /status.json: ``[{node: {node status..., listeners, mystatus}}]`` as VerneMQ shapes it."""
+    listeners = [{"type": r["type"], "status": r["status"], "ip": r["address"], "port": int(r["port"]),
+                  "mountpoint": r["mountpoint"], "max_conns": r["max_conns"], "active_conns": r["active_conns"]}
+                 for r in node.listener_rows()]
+    return [{node.name: {**node.status(), "listeners": listeners, "mystatus": [{node.name: True}]}}]
+
+
+def serve_status_json(node: Any, req: Request, rest: str, query: str) -> Response:
+    """Answer /status.json, with CORS from http_cors_allow_origin."""
+    _only_get(req)
+    authenticate(node, "vmq_status_http", req.headers, ("status",))
+    body = json.dumps(status_document(node), separators=(",", ":"), ensure_ascii=False).encode()
+    return Response(200, (("Content-Type", JSON_TYPE),
+                          ("Access-Control-Allow-Origin", node.config["http_cors_allow_origin"])), body)
+
+
+def serve_status_page(node: Any, req: Request, rest: str, query: str) -> Response:
+    """Answer /status: one self-contained page that polls status.json."""
+    _only_get(req)
+    if rest:
+        raise NotFound(f"no endpoint at /status/{rest}")
+    return Response(200, (("Content-Type", "text/html; charset=utf-8"),
+                          ("Content-Security-Policy", "default-src 'self'; style-src 'unsafe-inline'; "
+                                                      "script-src 'unsafe-inline'")), STATUS_PAGE.encode())
+
+
+STATUS_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>vmqapi status</title>
+<style>
+:root{--bg:#f6f7f9;--card:#fff;--ink:#1d2330;--mute:#667085;--line:#e3e6ea;--in:#2e7d32;--out:#1565c0}
+@media (prefers-color-scheme:dark){:root{--bg:#14171c;--card:#1c2027;--ink:#e8eaed;--mute:#9aa3af;--line:#2b313a}}
+*{box-sizing:border-box}body{margin:0;font:15px/1.4 system-ui,sans-serif;background:var(--bg);color:var(--ink)}
+header{padding:16px 20px;border-bottom:1px solid var(--line);display:flex;flex-wrap:wrap;gap:8px 20px;
+align-items:baseline}h1{font-size:20px;margin:0}#state{color:var(--mute)}
+main{padding:16px 20px;display:grid;gap:16px;grid-template-columns:repeat(auto-fit,minmax(260px,1fr))}
+.card{background:var(--card);border:1px solid var(--line);border-radius:10px;padding:14px 16px}
+.card h2{font-size:13px;text-transform:uppercase;letter-spacing:.04em;color:var(--mute);margin:0 0 8px}
+.nums{display:grid;grid-template-columns:repeat(2,1fr);gap:8px}.num b{display:block;font-size:26px}
+.num span{color:var(--mute);font-size:13px}svg{width:100%;height:90px;display:block}
+.wide{grid-column:1/-1}table{width:100%;border-collapse:collapse;font-size:14px}
+th,td{text-align:left;padding:6px 8px;border-bottom:1px solid var(--line)}th{color:var(--mute);font-weight:600}
+.running{color:var(--in)}.suspended,.stopped{color:#c62828}.rate{font-size:13px;color:var(--mute)}
+</style></head><body>
+<header><h1 id="node">vmqapi</h1><span id="version"></span><span id="state">loading status.json ...</span></header>
+<main>
+<section class="card"><h2>Sessions</h2><div class="nums">
+<div class="num"><b id="num_online">-</b><span>online</span></div>
+<div class="num"><b id="num_offline">-</b><span>offline</span></div>
+<div class="num"><b id="num_subscriptions">-</b><span>subscriptions</span></div>
+<div class="num"><b id="num_retained">-</b><span>retained</span></div></div></section>
+<section class="card"><h2>Messages in <span class="rate" id="rate_in"></span></h2>
+<div class="nums"><div class="num"><b id="msg_in">-</b><span>received</span></div>
+<div class="num"><b id="queue_drop">-</b><span>dropped</span></div></div>
+<svg id="chart_in" viewBox="0 0 300 90" preserveAspectRatio="none"></svg></section>
+<section class="card"><h2>Messages out <span class="rate" id="rate_out"></span></h2>
+<div class="nums"><div class="num"><b id="msg_out">-</b><span>sent</span></div>
+<div class="num"><b id="queue_unhandled">-</b><span>unhandled</span></div></div>
+<svg id="chart_out" viewBox="0 0 300 90" preserveAspectRatio="none"></svg></section>
+<section class="card wide"><h2>Listeners</h2><table id="listeners"><thead><tr><th>type</th><th>status</th>
+<th>address</th><th>port</th><th>mountpoint</th><th>connections</th><th>max</th></tr></thead>
+<tbody></tbody></table></section>
+</main>
+<script>
+"use strict";
+const POLL_MS = 2000, POINTS = 60, history = {in: [], out: []};
+let last = null;
+function text(id, value) { document.getElementById(id).textContent = String(value); }
+function chart(id, points, colour) {
+  const svg = document.getElementById(id), max = Math.max(1, ...points);
+  const step = 300 / (POINTS - 1), start = POINTS - points.length;
+  const xy = points.map((v, i) => ((start + i) * step).toFixed(1) + "," + (88 - v / max * 84).toFixed(1));
+  svg.innerHTML = '<polyline fill="none" stroke-width="2" stroke="' + colour + '" points="' + xy.join(" ") + '"/>';
+}
+function rate(kind, total, now) {
+  if (last) {
+    const seconds = Math.max(0.001, (now - last.at) / 1000);
+    history[kind].push(Math.max(0, (total - last[kind]) / seconds));
+    if (history[kind].length > POINTS) history[kind].shift();
+  }
+  const series = history[kind];
+  return series.length ? series[series.length - 1] : 0;
+}
+function render(doc) {
+  const name = Object.keys(doc[0])[0], s = doc[0][name], now = Date.now();
+  text("node", name); text("version", "version " + s.version);
+  for (const key of ["num_online", "num_offline", "num_subscriptions", "num_retained", "msg_in", "msg_out",
+                     "queue_drop", "queue_unhandled"]) text(key, s[key]);
+  text("rate_in", rate("in", s.msg_in, now).toFixed(1) + "/s");
+  text("rate_out", rate("out", s.msg_out, now).toFixed(1) + "/s");
+  last = {at: now, in: s.msg_in, out: s.msg_out};
+  chart("chart_in", history.in, "var(--in)"); chart("chart_out", history.out, "var(--out)");
+  const body = document.querySelector("#listeners tbody");
+  body.replaceChildren(...s.listeners.map(l => {
+    const row = document.createElement("tr");
+    for (const v of [l.type, l.status, l.ip, l.port, l.mountpoint || "-", l.active_conns, l.max_conns]) {
+      const cell = document.createElement("td"); cell.textContent = String(v); row.appendChild(cell);
+    }
+    row.children[1].className = l.status;
+    return row;
+  }));
+  text("state", "updated " + new Date(now).toLocaleTimeString());
+}
+async function poll() {
+  try {
+    const answer = await fetch("status.json", {cache: "no-store"});
+    if (answer.status === 401) text("state", "status.json needs an API key with scope status");
+    else if (!answer.ok) text("state", "status.json answered " + answer.status);
+    else render(await answer.json());
+  } catch (err) { text("state", "node unreachable: " + err.message); }
+  setTimeout(poll, POLL_MS);
+}
+poll();
+</script></body></html>
+"""
+
+
+###############################################################################
+# 14. HTTP server #############################################################
+###############################################################################
+# Owns: the route table, handle_http, and a thin ThreadingHTTPServer with limits
+#       and timeouts around it.
+# Must not know: MQTT internals, the key file's format.
+
 def route(path: str) -> tuple[Callable[..., Response], str]:
     """Return the endpoint serving ``path`` and the rest of the path after its prefix."""
     for prefix, endpoint in ROUTES:
@@ -3581,7 +3973,9 @@ def route(path: str) -> tuple[Callable[..., Response], str]:
     raise NotFound(f"no endpoint at {path}")
 
 
-ROUTES: tuple[tuple[str, Callable[..., Response]], ...] = (("/api/v1", serve_api),)
+ROUTES: tuple[tuple[str, Callable[..., Response]], ...] = (
+    ("/api/v1", serve_api), ("/metrics", serve_metrics), ("/health", serve_health),
+    ("/status.json", serve_status_json), ("/status", serve_status_page))
 
 
 def handle_http(node: Any, req: Request) -> Response:
@@ -3822,7 +4216,7 @@ class HttpListener:
 
 
 ###############################################################################
-# 13. Node ####################################################################
+# 15. Node ####################################################################
 ###############################################################################
 # Owns: the running node: its config snapshot, key store, command table,
 #       listeners, node.json, start and stop.
@@ -3927,7 +4321,7 @@ class Node:
             store: MemoryStore = SqliteStore(os.path.join(self.data_dir, MESSAGE_DB))
         else:
             store = MemoryStore()
-        self.mqtt = MqttIO(lambda: self._config, store)
+        self.mqtt = MqttIO(lambda: self._config, store, self.metrics, self.name)
         broker = self.mqtt.broker
         broker.anonymous_default = all(ipaddress.ip_address(h).is_loopback for h, _ in addresses.values())
         if self._config["allow_anonymous"] is None and broker.anonymous_default:
@@ -4046,6 +4440,29 @@ class Node:
             return False
         return self.in_broker(self.mqtt.broker.disconnect, client_id, mountpoint, cleanup)
 
+    def find_listener(self, address: str, port: int) -> Any:
+        """Return the listener at address:port (HTTP or MQTT), or None."""
+        return next((x for x in self._all_listeners() if (x.address, x.port) == (address, port)), None)
+
+    def start_listener(self, address: str, port: int, options: Mapping[str, Any]) -> None:
+        """Start an MQTT listener at run time; raise OSError when it cannot bind."""
+        if self.mqtt is None:
+            raise OSError("the broker is not running")
+        self.mqtt.open_listener(f"{address}:{port}", (address, port), options)
+
+    def metric_samples(self) -> dict[tuple[str, LabelSet], int]:
+        """Return every metric series (read in the broker's thread)."""
+        return self.in_broker(self.metrics.samples)
+
+    def reset_metrics(self) -> None:
+        """Zero every counter."""
+        self.in_broker(self.metrics.reset)
+
+    def health_reasons(self) -> list[str]:
+        """Return why the node is not healthy: listeners that are not running."""
+        down = [f"{x.kind} {x.address}:{x.port} ({x.status})" for x in self._all_listeners() if x.status != "running"]
+        return [f"Listeners are not ready: [{', '.join(down)}]"] if down else []
+
     def retained_rows(self) -> list[dict]:
         """Return mountpoint, topic and payload of every retained message."""
         return [] if self.mqtt is None else self.in_broker(self.mqtt.broker.retained_rows)
@@ -4056,7 +4473,7 @@ class Node:
 
 
 ###############################################################################
-# 14. CLI #####################################################################
+# 16. CLI #####################################################################
 ###############################################################################
 # Owns: argv of the process: start a node, or run vmq-admin commands locally or
 #       against the live node found through node.json.

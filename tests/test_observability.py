@@ -1,0 +1,291 @@
+"""Observability: /metrics, /health, /status.json, the /status page, $SYS, metrics show, listeners."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+
+import pytest
+
+from conftest import Client, basic, body_json
+from mqtt_client import MqttClient
+from test_broker import mqtt_port
+import vmqapi
+
+NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
+SAMPLE = re.compile(r'([a-zA-Z_:][a-zA-Z0-9_:]*)\{((?:[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\\n]|\\.)*",?)*)\} (-?[0-9]+)')
+
+
+def parse_prometheus(text):
+    """A strict reader of text format 0.0.4: returns {(name, labels): value}, or fails."""
+    assert text.endswith("\n")
+    helps, types, samples = set(), {}, {}
+    for line in text[:-1].split("\n"):
+        if line.startswith("# HELP "):
+            name = line.split(" ")[2]
+            assert NAME.fullmatch(name) and name not in helps, line
+            helps.add(name)
+        elif line.startswith("# TYPE "):
+            _, _, name, kind = line.split(" ")
+            assert name in helps and name not in types and kind in ("counter", "gauge"), line
+            types[name] = kind
+        else:
+            match = SAMPLE.fullmatch(line)
+            assert match, f"not a sample line: {line!r}"
+            name, labels = match.group(1), tuple(re.findall(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"',
+                                                            match.group(2)))
+            assert name in types, f"sample before its TYPE: {line}"
+            assert labels[0][0] == "node", line
+            assert (name, labels) not in samples, f"duplicate series {line}"
+            samples[(name, labels)] = int(match.group(3))
+    return samples
+
+
+def test_one_subscribe_everywhere(make_node):
+    node = make_node(systree_interval="200")
+    key = node.keystore.create()
+    c = MqttClient(mqtt_port(node))
+    c.connect("watcher")
+    c.subscribe(("$SYS/+/mqtt/subscribe/received", 0))
+    msg = c.message(timeout=5)
+    assert (msg.topic, msg.payload) == (f"$SYS/{node.name}/mqtt/subscribe/received", b"1")
+    http = Client(node)
+    try:
+        _, headers, data = http.get("/metrics")
+        assert headers["content-type"].startswith("text/plain; version=0.0.4")
+        text = data.decode()
+        assert f'vernemq_mqtt_subscribe_received{{node="{node.name}",mqtt_version="4"}} 1\n' in text
+        samples = parse_prometheus(text)
+        assert samples[("vernemq_num_online", (("node", node.name),))] == 1
+        _, _, data = http.get("/api/v1/metrics/show", key=key)
+        assert "counter.mqtt_subscribe_received = 1\n" in body_json(data)["text"]
+    finally:
+        http.close()
+        c.close()
+
+
+def test_prometheus_never_406_and_methods(client):
+    for accept in ("application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5,*/*;q=0.1",
+                   "text/plain", "application/json"):
+        assert client.get("/metrics", Accept=accept)[0] == 200
+    status, headers, _ = client.request("POST", "/metrics")
+    assert status == 405 and headers["allow"] == "GET, HEAD"
+
+
+def test_label_values_are_escaped():
+    text = vmqapi.render_prometheus({("x_total", (("path", 'a"b\\c\nd'),)): 1}, 'n"1', "p_",
+                                    dict.fromkeys(vmqapi.STATUS_GAUGES, 0))
+    assert 'p_x_total{node="n\\"1",path="a\\"b\\\\c\\nd"} 1' in text
+    parse_prometheus(text)
+
+
+def test_metrics_auth_mode(make_node):
+    node = make_node(**{"http_module.vmq_metrics_http.auth.mode": "apikey"})
+    metrics_key, mgmt_key = node.keystore.create("metrics"), node.keystore.create("mgmt")
+    http = Client(node)
+    try:
+        assert http.get("/metrics")[0] == 401
+        assert http.get("/metrics", key=mgmt_key)[0] == 401
+        assert http.get("/metrics", key=metrics_key)[0] == 200
+    finally:
+        http.close()
+
+
+def test_health_follows_the_listeners(node, client, key):
+    assert client.get("/health") == (200, client.get("/health")[1], b'{"status":"OK"}')
+    port = mqtt_port(node)
+    _, _, data = client.get(f"/api/v1/listener/stop?address=127.0.0.1&port={port}", key=key)
+    assert body_json(data) == {"text": "Done", "type": "text"}
+    for path in ("/health", "/health/listeners"):
+        status, _, data = client.get(path)
+        body = body_json(data)
+        assert status == 503 and body["status"] == "DOWN"
+        assert body["reasons"] == [f"Listeners are not ready: [mqtt 127.0.0.1:{port} (suspended)]"]
+    assert client.get("/health/ping")[0] == 200
+    client.get(f"/api/v1/listener/restart?address=127.0.0.1&port={port}", key=key)
+    assert client.get("/health")[0] == 200
+    c = MqttClient(port)
+    assert c.connect("back").return_code == 0
+    c.close()
+
+
+def test_suspended_listener_keeps_its_clients(node, client, key):
+    port = mqtt_port(node)
+    c = MqttClient(port)
+    c.connect("stays")
+    client.get(f"/api/v1/listener/stop?address=127.0.0.1&port={port}", key=key)
+    assert c.ping()
+    with pytest.raises(OSError):
+        MqttClient(port).connect("new")
+    rows = body_json(client.get("/api/v1/listener/show", key=key)[2])["table"]
+    assert next(r for r in rows if r["type"] == "mqtt")["status"] == "suspended"
+    client.get(f"/api/v1/listener/stop?address=127.0.0.1&port={port}&--kill_sessions", key=key)
+    assert c.closed(3)
+    c.close()
+
+
+def test_listener_start_and_delete_at_run_time(node, client, key):
+    with socket_free_port() as port:
+        pass
+    _, _, data = client.get(f"/api/v1/listener/start?address=127.0.0.1&port={port}&--mountpoint=lab", key=key)
+    assert body_json(data) == {"text": "Done", "type": "text"}
+    c = MqttClient(port)
+    assert c.connect("late").return_code == 0
+    rows = body_json(client.get("/api/v1/listener/show?--mqtt", key=key)[2])["table"]
+    row = next(r for r in rows if r["port"] == str(port))
+    assert row["mountpoint"] == "lab" and row["allowed_protocol_versions"] == "mqtt 3.1, mqtt 3.1.1"
+    _, _, data = client.get(f"/api/v1/listener/start?address=127.0.0.1&port={port}", key=key)
+    assert body_json(data)["type"] == "alert"
+    _, _, data = client.get(f"/api/v1/listener/start?address=127.0.0.1&port={mqtt_port(node)}&--ssl", key=key)
+    assert "can't start listener due to" in body_json(data)["alert"][0]["text"]
+    client.get(f"/api/v1/listener/delete?address=127.0.0.1&port={port}", key=key)
+    assert c.closed(3)
+    c.close()
+    _, _, data = client.get(f"/api/v1/listener/stop?address=127.0.0.1&port={port}", key=key)
+    assert body_json(data)["alert"][0]["text"] == "can't stop listener due to 'not_found'"
+
+
+def test_listener_start_bind_failure_is_an_alert(node, client, key):
+    import socket
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        _, _, data = client.get(f"/api/v1/listener/start?address=127.0.0.1&port={port}", key=key)
+    body = body_json(data)
+    assert body["type"] == "alert" and body["alert"][0]["text"].startswith("can't start listener due to '")
+
+
+def socket_free_port():
+    import contextlib
+    import socket
+
+    @contextlib.contextmanager
+    def free():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        yield port
+    return free()
+
+
+def test_status_json(make_node):
+    node = make_node(http_cors_allow_origin="https://dash.example")
+    http = Client(node)
+    try:
+        status, headers, data = http.get("/status.json")
+        assert status == 200 and headers["access-control-allow-origin"] == "https://dash.example"
+        (doc,) = body_json(data)
+        body = doc[node.name]
+        assert set(vmqapi.STATUS_KEYS) <= set(body) and body["mystatus"] == [{node.name: True}]
+        assert {x["type"] for x in body["listeners"]} == {"http", "mqtt"}
+        assert all(isinstance(x["port"], int) and isinstance(x["mountpoint"], str) for x in body["listeners"])
+    finally:
+        http.close()
+
+
+def test_status_json_scope(make_node):
+    node = make_node(**{"http_module.vmq_status_http.auth.mode": "apikey"})
+    http = Client(node)
+    try:
+        assert http.get("/status.json")[0] == 401
+        assert http.get("/status.json", key=node.keystore.create("status"))[0] == 200
+        assert http.get("/status")[0] == 200  # the page itself needs no key
+    finally:
+        http.close()
+
+
+def test_metrics_show_flags_and_reset(connect_one, client, key):
+    data = body_json(client.get("/api/v1/metrics/show?--with-descriptions", key=key)[2])["text"]
+    assert "# The number of SUBSCRIBE packets received.\ncounter.mqtt_subscribe_received = 1\n\n" in data
+    data = body_json(client.get("/api/v1/metrics/show?--aggregate=false&--return_code=success", key=key)[2])["text"]
+    assert data == 'counter.mqtt_connack_sent{mqtt_version="4",return_code="success"} = 1\n'
+    assert "gauge.active_mqtt_connections = 1\n" in body_json(client.get("/api/v1/metrics/show", key=key)[2])["text"]
+    assert body_json(client.get("/api/v1/metrics/reset", key=key)[2]) == {"text": "Done", "type": "text"}
+    data = body_json(client.get("/api/v1/metrics/show", key=key)[2])["text"]
+    assert "counter.mqtt_subscribe_received = 0\n" in data and "gauge.active_mqtt_connections = 1\n" in data
+
+
+@pytest.fixture
+def connect_one(node):
+    c = MqttClient(mqtt_port(node))
+    c.connect("one")
+    c.subscribe(("t", 0))
+    yield c
+    c.close()
+
+
+def test_systree_can_be_switched_off_at_run_time(make_node):
+    node = make_node(systree_interval="100")
+    key = node.keystore.create()
+    c = MqttClient(mqtt_port(node))
+    c.connect("w")
+    c.subscribe(("$SYS/#", 0))
+    c.message(timeout=3)
+    http = Client(node)
+    try:
+        http.get("/api/v1/set?systree_enabled=off", key=key)
+        time.sleep(0.3)
+        while True:  # drain what was already on its way
+            try:
+                c.message(timeout=0.3)
+            except TimeoutError:
+                break
+        c.no_message(0.5)
+    finally:
+        http.close()
+        c.close()
+
+
+# -- the status page in a real browser -----------------------------------------------------
+
+def chromium():
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+@pytest.mark.browser
+def test_status_page_in_headless_chromium(node, caplog):
+    browser = chromium()
+    if browser is None:
+        print("SKIPPED REASON: no Chromium on this machine (.ci/run installs Debian's chromium)")
+        pytest.skip("no Chromium on this machine (.ci/run installs Debian's chromium)")
+    c = MqttClient(mqtt_port(node))
+    c.connect("page")
+    c.subscribe(("t", 0))
+    for _ in range(5):
+        c.publish("t", b"x")
+        c.message()
+    http_port = next(x["port"] for x in node.listeners() if x["type"] == "http")
+    with tempfile.TemporaryDirectory() as profile, caplog.at_level(logging.INFO, logger="vmqapi"):
+        result = subprocess.run(
+            [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+             "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic",
+             f"--user-data-dir={profile}", "--virtual-time-budget=5000", "--dump-dom",
+             f"http://127.0.0.1:{http_port}/status"], capture_output=True, text=True, timeout=120)
+    c.close()
+    dom = result.stdout
+    assert result.returncode == 0, result.stderr[-2000:]
+
+    def field(ident):
+        return re.search(f'id="{ident}"[^>]*>([^<]*)<', dom).group(1)
+
+    assert field("node") == node.name
+    assert int(field("msg_in")) >= 5 and int(field("msg_out")) >= 5
+    rows = re.findall(r"<tr><td>(\w+)</td><td class=\"(\w+)\">", dom)
+    assert ("http", "running") in rows and ("mqtt", "running") in rows
+    paths = set(re.findall(r'"GET ([^" ]+)"', caplog.text))
+    assert {"/status", "/status.json"} <= paths and paths <= {"/status", "/status.json", "/favicon.ico"}
+
+
+def test_status_page_has_no_external_assets():
+    page = vmqapi.STATUS_PAGE
+    assert not re.search(r"(src|href)\s*=|@import|url\(|https?:|//[a-z]", page)
