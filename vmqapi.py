@@ -60,6 +60,7 @@ import hashlib
 import hmac
 import http.client
 import http.server
+import inspect
 import ipaddress
 import json
 import logging
@@ -1402,6 +1403,107 @@ def acl_allows(rules: AclRules, access: str, topic: str, user: str | None, clien
     return False
 
 
+HOOK_NAMES = (  # VerneMQ's plugin hooks (SPEC 9)
+    "auth_on_register", "auth_on_publish", "auth_on_subscribe", "on_register", "on_publish", "on_subscribe",
+    "on_unsubscribe", "on_deliver", "on_client_offline", "on_client_gone", "on_offline_message",
+    "on_client_wakeup",
+)
+BUILTIN_PLUGINS = {  # plugin -> ((hook, arity), ...) as plugin show lists them
+    "vmq_passwd": (("auth_on_register", 5),),
+    "vmq_acl": (("auth_on_publish", 6), ("auth_on_subscribe", 3)),
+}
+
+
+class Hooks:
+    """Python plugin hooks by VerneMQ hook name, called in the broker's thread.
+
+    Each hook name is also an attribute holding a tuple of functions, so the
+    broker's hot path pays one attribute read when nothing is registered.
+    An ``auth_on_*`` hook returns ``"ok"``/True (allow), ``"next"``/None (ask the
+    next plugin), ``"error"``/False (refuse) or a dict of changes (allow with
+    them: ``topic``, ``payload``, ``qos``, ``retain`` for publish; for subscribe
+    a list of (topic, qos) pairs replaces the request).
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._entries: list[tuple[str, Callable[..., Any], str, bool]] = []  # hook, fn, plugin, enabled
+        self.builtin = dict.fromkeys(BUILTIN_PLUGINS, True)
+        self._publish()
+
+    def _publish(self) -> None:
+        for name in HOOK_NAMES:
+            setattr(self, name, tuple(fn for hook, fn, _, on in self._entries if hook == name and on))
+
+    def register(self, name: str, fn: Callable[..., Any], plugin: str | None = None) -> None:
+        """Add ``fn`` to hook ``name``; ``plugin`` (default: fn's module) groups it in plugin show."""
+        if name not in HOOK_NAMES:
+            raise ValueError(f"unknown hook {name!r}; hooks: {', '.join(HOOK_NAMES)}")
+        with self._lock:
+            self._entries.append((name, fn, plugin or getattr(fn, "__module__", None) or "python", True))
+            self._publish()
+
+    def enable(self, plugin: str, on: bool) -> bool:
+        """Turn a plugin's hooks on or off; return whether such a plugin exists."""
+        with self._lock:
+            if plugin in self.builtin:
+                self.builtin[plugin] = on
+                return True
+            found = [e for e in self._entries if e[2] == plugin]
+            self._entries = [(h, f, p, on if p == plugin else e) for h, f, p, e in self._entries]
+            self._publish()
+            return bool(found)
+
+    def rows(self) -> list[dict]:
+        """Return plugin show's rows: enabled plugins, their hooks and module:function/arity."""
+        with self._lock:
+            plugins: dict[str, list[tuple[str, str]]] = {}
+            kinds = {}
+            for plugin, hooks in BUILTIN_PLUGINS.items():
+                if self.builtin[plugin]:
+                    plugins[plugin] = [(h, f"{plugin}:{h}/{arity}") for h, arity in hooks]
+                    kinds[plugin] = "application"
+            for hook, fn, plugin, on in self._entries:
+                if on:
+                    plugins.setdefault(plugin, []).append((hook, f"{_mfa(fn)}"))
+                    kinds.setdefault(plugin, "python")
+        return [{"Plugin": p, "Type": kinds[p], "Hook(s)": "".join(h + "\n" for h, _ in hooks),
+                 "M:F/A": "".join(m + "\n" for _, m in hooks)} for p, hooks in plugins.items()]
+
+
+def _mfa(fn: Callable[..., Any]) -> str:
+    try:
+        arity = len(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):
+        arity = 0
+    return f"{getattr(fn, '__module__', '?')}:{getattr(fn, '__qualname__', repr(fn))}/{arity}"
+
+
+def run_auth_hooks(hooks: tuple[Callable[..., Any], ...], *args: Any) -> Any:
+    """Ask hooks in order; return the first answer that is not ``next`` (None when all said next).
+
+    A hook that raises refuses: its exception is logged and the answer is ``error``.
+    """
+    for fn in hooks:
+        try:
+            answer = fn(*args)
+        except Exception:
+            log.exception("plugin hook %s failed; refusing", _mfa(fn))
+            return "error"
+        if answer is not None and answer != "next":
+            return "ok" if answer is True else "error" if answer is False else answer
+    return None
+
+
+def notify(hooks: tuple[Callable[..., Any], ...], *args: Any) -> None:
+    """Call notification hooks; an exception is logged and does not stop the broker."""
+    for fn in hooks:
+        try:
+            fn(*args)
+        except Exception:
+            log.exception("plugin hook %s failed", _mfa(fn))
+
+
 @dataclass(frozen=True, slots=True)
 class Message:
     """An application message inside one mountpoint; ``ref`` is its stable id."""
@@ -1469,8 +1571,10 @@ class Broker:
     ``settings()`` returns the Config in force, so ``set`` takes effect at once.
     """
 
-    def __init__(self, settings: Callable[[], Config], store: Any, clock: Callable[[], float] = time.time):
+    def __init__(self, settings: Callable[[], Config], store: Any, clock: Callable[[], float] = time.time,
+                 hooks: Hooks | None = None):
         self.settings, self.store, self.clock = settings, store, clock
+        self.hooks = hooks or Hooks()
         self.sessions: dict[tuple[str, str], Session] = {}
         self.tries: dict[str, TopicTrie] = collections.defaultdict(TopicTrie)
         self.retained: dict[str, dict[str, Message]] = collections.defaultdict(dict)
@@ -1542,8 +1646,12 @@ class Broker:
         if session is not None and session.client is client:
             session.client = None
             session.offline_since = self.clock()
+            key = (session.mountpoint, session.client_id)
             if session.clean:
                 self.drop_session(session)
+                notify(self.hooks.on_client_gone, key)
+            else:
+                notify(self.hooks.on_client_offline, key)
         if close_link:
             client.link.close()
 
@@ -1595,7 +1703,7 @@ class Broker:
             client_id = "anon-" + secrets.token_hex(8)  # [MQTT-3.1.3-6]
         if len(client_id) > config["max_client_id_size"]:
             return self.refuse(client, CONNACK_BAD_ID)
-        verdict = self.authenticate(p, client_id, listener, config)
+        verdict = self.authenticate(client, p, client_id, listener, config)
         if verdict:
             return self.refuse(client, verdict)
         mountpoint = listener.mountpoint
@@ -1620,6 +1728,9 @@ class Broker:
             client.will = Message(p.will_topic, p.will_payload, p.will_qos, p.will_retain, self.new_ref())
         self.send(client, Connack(CONNACK_ACCEPTED, present))  # [MQTT-3.2.2-2]
         self.count("mqtt_connack_sent", mqtt_version="4", return_code="success")
+        if self.hooks.on_register or self.hooks.on_client_wakeup:
+            notify(self.hooks.on_register, client.link.peer, key, p.username)
+            notify(self.hooks.on_client_wakeup, key)
         self.resume(session)
 
     def refuse(self, client: Client, code: int) -> None:
@@ -1628,13 +1739,19 @@ class Broker:
         self.count("mqtt_connack_sent", mqtt_version="4", return_code=CONNACK_RETURN_NAMES[code])
         self.close_client(client)
 
-    def authenticate(self, p: Connect, client_id: str, listener: Any, config: Config) -> int:
+    def authenticate(self, client: Client, p: Connect, client_id: str, listener: Any, config: Config) -> int:
         """Return 0 to accept, or CONNACK 4 (bad credentials) / 5 (not authorized)."""
         anonymous = config["allow_anonymous"]
         if anonymous is None:
             anonymous = self.anonymous_default
         if anonymous or getattr(listener, "allow_anonymous_override", False):
             return 0  # VerneMQ: allow_anonymous skips the auth plugins
+        answer = run_auth_hooks(self.hooks.auth_on_register, client.link.peer, (listener.mountpoint, client_id),
+                                p.username, p.password, p.clean_session)
+        if answer is not None:
+            return CONNACK_NOT_AUTHORIZED if answer == "error" else 0
+        if not self.hooks.builtin["vmq_passwd"]:
+            return CONNACK_NOT_AUTHORIZED  # every plugin said next
         users = self._passwd.get(config["vmq_passwd.password_file"], config["vmq_passwd.password_reload_interval"],
                                  self.clock())
         if p.username is None or p.password is None or p.username not in users:
@@ -1642,8 +1759,8 @@ class Broker:
         return 0 if check_password(p.password, users[p.username]) else CONNACK_BAD_CREDENTIALS
 
     def acl(self, client: Client, access: str, topic: str) -> bool:
-        """Ask vmq_acl; with no ACL file configured everything is allowed."""
-        if not self.acl_file:
+        """Ask vmq_acl; with no ACL file configured (or vmq_acl disabled) everything is allowed."""
+        if not self.acl_file or not self.hooks.builtin["vmq_acl"]:
             return True
         config = self._config
         rules = self._acl.get(self.acl_file, config["vmq_acl.acl_reload_interval"], self.clock())
@@ -1670,11 +1787,17 @@ class Broker:
         if p.qos == 2 and p.packet_id in session.incoming:
             self.send(client, Pubrec(p.packet_id))  # a resent QoS 2 message is routed once
             return
-        if not self.acl(client, "write", p.topic):
+        hooks = self.hooks
+        if hooks.auth_on_publish or hooks.on_publish:
+            msg = self.authorize_publish(client, p)
+        elif self.acl(client, "write", p.topic):
+            msg = Message(p.topic, p.payload, p.qos, p.retain, self.new_ref(), raw)
+        else:
+            msg = None
+        if msg is None:
             self.counters["mqtt_publish_auth_error", ()] += 1
         else:
-            msg = Message(p.topic, p.payload, p.qos, p.retain, self.new_ref(), raw)
-            if p.retain:
+            if msg.retain:
                 self.retain(session.mountpoint, msg)
             self.route(session.mountpoint, msg)
         if p.qos == 1:
@@ -1684,6 +1807,23 @@ class Broker:
             session.incoming.add(p.packet_id)
             self.send(client, Pubrec(p.packet_id))
             self.counters["mqtt_pubrec_sent", V4] += 1
+
+    def authorize_publish(self, client: Client, p: Publish) -> Message | None:
+        """Ask auth_on_publish hooks, then vmq_acl; apply a hook's changes; call on_publish."""
+        session = client.session
+        sid = (session.mountpoint, session.client_id)
+        answer = run_auth_hooks(self.hooks.auth_on_publish, client.user, sid, p.qos, p.topic, p.payload, p.retain)
+        if answer == "error" or (answer is None and not self.acl(client, "write", p.topic)):
+            return None
+        topic, payload, qos, retain = p.topic, p.payload, p.qos, p.retain
+        if isinstance(answer, Mapping):
+            topic, payload = answer.get("topic", topic), answer.get("payload", payload)
+            qos, retain = answer.get("qos", qos), answer.get("retain", retain)
+            if not valid_topic_name(topic) or qos not in (0, 1, 2) or not isinstance(payload, bytes):
+                log.error("auth_on_publish returned bad changes %r; refusing", answer)
+                return None
+        notify(self.hooks.on_publish, client.user, sid, qos, topic, payload, retain)
+        return Message(topic, payload, qos, bool(retain), self.new_ref())
 
     def retain(self, mountpoint: str, msg: Message) -> None:
         """Store, replace or (empty payload) delete a retained message [MQTT-3.3.1-5..11]."""
@@ -1710,6 +1850,7 @@ class Broker:
             return 0
         counters["router_matches_local", ()] += len(matches)
         upgrade, frame0, direct = self.upgrade_qos, None, 0
+        on_deliver = self.hooks.on_deliver
         for session, sub_qos in matches.items():
             qos = sub_qos if upgrade else min(msg.qos, sub_qos)
             client = session.client
@@ -1719,6 +1860,8 @@ class Broker:
                                                                 None) + msg.payload
                 client.link.write(frame0)
                 direct += 1
+                if on_deliver:
+                    notify(on_deliver, client.user, (session.mountpoint, session.client_id), msg.topic, msg.payload)
             else:
                 self.enqueue(session, msg, qos)
         if direct:
@@ -1739,6 +1882,9 @@ class Broker:
             return
         row = self.store.add_message(session.mountpoint, session.client_id, msg, qos) \
             if qos and not session.clean else 0
+        if not online and self.hooks.on_offline_message:
+            notify(self.hooks.on_offline_message, (session.mountpoint, session.client_id), qos, msg.topic,
+                   msg.payload, msg.retain)
         session.queue.append((msg, qos, row))
         self.counters["queue_message_in", ()] += 1
         if online:
@@ -1767,6 +1913,10 @@ class Broker:
         client.link.write(encode_publish_header(_str(msg.topic), len(msg.payload), qos, retain, dup, pid)
                           + msg.payload)
         self.counters["mqtt_publish_sent", V4] += 1
+        if self.hooks.on_deliver:
+            session = client.session
+            notify(self.hooks.on_deliver, client.user, (session.mountpoint, session.client_id), msg.topic,
+                   msg.payload)
 
     # -- acknowledgements -------------------------------------------------
     def on_puback(self, client: Client, p: Puback) -> None:
@@ -1819,18 +1969,30 @@ class Broker:
         """Subscribe each filter (0x80 when invalid or refused), then send retained matches."""
         self.counters["mqtt_subscribe_received", V4] += 1
         session = client.session
+        sid = (session.mountpoint, session.client_id)
+        topics = list(p.topics)
+        answer = run_auth_hooks(self.hooks.auth_on_subscribe, client.user, sid, topics) \
+            if self.hooks.auth_on_subscribe else None
+        if isinstance(answer, list):
+            if len(answer) != len(topics):
+                log.error("auth_on_subscribe changed the number of topics; refusing")
+                answer = "error"
+            else:
+                topics, answer = [(str(t), int(q)) for t, q in answer], "ok"
         codes, granted = [], []
-        for topic_filter, qos in p.topics:
-            if not valid_topic_filter(topic_filter) or not self.acl(client, "read", topic_filter):
+        for topic_filter, qos in topics:
+            valid = valid_topic_filter(topic_filter) and qos in (0, 1, 2)
+            if not valid or answer == "error" or (answer is None and not self.acl(client, "read", topic_filter)):
                 codes.append(SUBACK_FAILURE)
-                self.count("mqtt_subscribe_auth_error" if valid_topic_filter(topic_filter)
-                           else "mqtt_subscribe_error")
+                self.counters["mqtt_subscribe_auth_error" if valid else "mqtt_subscribe_error", ()] += 1
                 continue
             self.subscribe(session, topic_filter, qos)
             codes.append(qos)
             granted.append((topic_filter, qos))
         self.send(client, Suback(p.packet_id, tuple(codes)))
         self.counters["mqtt_suback_sent", V4] += 1
+        if granted:
+            notify(self.hooks.on_subscribe, client.user, sid, granted)
         for topic_filter, qos in granted:
             self.send_retained(session, topic_filter, qos)
 
@@ -1861,6 +2023,8 @@ class Broker:
         self.counters["mqtt_unsubscribe_received", V4] += 1
         for topic_filter in p.topics:
             self.unsubscribe(client.session, topic_filter)
+        session = client.session
+        notify(self.hooks.on_unsubscribe, client.user, (session.mountpoint, session.client_id), list(p.topics))
         self.send(client, Unsuback(p.packet_id))
         self.counters["mqtt_unsuback_sent", V4] += 1
 
@@ -2258,12 +2422,13 @@ class MqttListener:
 class MqttIO:
     """The broker's event loop thread: listeners, ticks, and calls from other threads."""
 
-    def __init__(self, settings: Callable[[], Config], store: Any, metrics: Metrics, node_name: str):
+    def __init__(self, settings: Callable[[], Config], store: Any, metrics: Metrics, node_name: str,
+                 hooks: Hooks | None = None):
         self.settings = settings
         self.store = store
         self.metrics, self.node_name = metrics, node_name
         self._systree_at = time.time()
-        self.broker = Broker(settings, store)
+        self.broker = Broker(settings, store, hooks=hooks)
         self.listeners: list[MqttListener] = []
         self.dirty: list[MqttLink] = []
         self.loop = asyncio.new_event_loop()
@@ -3554,6 +3719,27 @@ def cmd_retain_show(call: Call) -> Any:
     return Table(tuple({f: r[f] for f in sorted(selected)} for r in rows[:limit]), tuple(sorted(selected)))
 
 
+def _plugin_switch(call: Call, on: bool) -> Any:
+    name = call.flags.get("name")
+    if not name:
+        return alert("Incomplete plugin specification")
+    if not call.node.hooks.enable(name, on):
+        return alert(f"Can't {'enable' if on else 'disable'} plugin: {name} due to 'not_found'")
+    return "Done"
+
+
+@command("plugin", "enable", flags=(Param("name", short="n", doc="the plugin to enable"),))
+def cmd_plugin_enable(call: Call) -> Any:
+    """Turn a plugin's checks and hooks on."""
+    return _plugin_switch(call, True)
+
+
+@command("plugin", "disable", flags=(Param("name", short="n", doc="the plugin to disable"),))
+def cmd_plugin_disable(call: Call) -> Any:
+    """Turn a plugin's checks and hooks off (vmq_passwd off: nobody logs in with a password)."""
+    return _plugin_switch(call, False)
+
+
 _NODE_FLAGS = (Param("node", short="n", doc="the node to act on (this node)"),
                Param("all", short="a", value="none", doc="act on every node of the cluster"))
 
@@ -4266,6 +4452,7 @@ class Node:
         self.data_dir = os.path.abspath(self._config["data_dir"])
         self.secret = secrets.token_urlsafe(32)
         self.metrics = Metrics()
+        self.hooks = Hooks()
         self.commands = CommandTable(CATALOGUE)
         self.keystore = keystore_for(self._config)
         self.started_at = time.time()
@@ -4321,7 +4508,7 @@ class Node:
             store: MemoryStore = SqliteStore(os.path.join(self.data_dir, MESSAGE_DB))
         else:
             store = MemoryStore()
-        self.mqtt = MqttIO(lambda: self._config, store, self.metrics, self.name)
+        self.mqtt = MqttIO(lambda: self._config, store, self.metrics, self.name, self.hooks)
         broker = self.mqtt.broker
         broker.anonymous_default = all(ipaddress.ip_address(h).is_loopback for h, _ in addresses.values())
         if self._config["allow_anonymous"] is None and broker.anonymous_default:
@@ -4468,8 +4655,8 @@ class Node:
         return [] if self.mqtt is None else self.in_broker(self.mqtt.broker.retained_rows)
 
     def plugin_rows(self, internal: bool = False) -> list[dict]:
-        """Return the rows of plugin show (none: no plugins are loaded yet)."""
-        return []
+        """Return the rows of plugin show: enabled built-in plugins and Python hooks."""
+        return self.hooks.rows()
 
 
 ###############################################################################

@@ -17,6 +17,9 @@ import vmqapi
 from vmqapi import Request
 
 
+PLUGINS = '{"table":[{"Plugin":"vmq_passwd","Type":"application","Hook(s)":"auth_on_register\\n","M:F/A":"vmq_passwd:auth_on_register/5\\n"},{"Plugin":"vmq_acl","Type":"application","Hook(s)":"auth_on_publish\\nauth_on_subscribe\\n","M:F/A":"vmq_acl:auth_on_publish/6\\nvmq_acl:auth_on_subscribe/3\\n"}],"type":"table"}'
+
+
 @pytest.fixture
 def offline_node(tmp_path):
     """A node that is configured but not started: enough for handle_http."""
@@ -93,7 +96,7 @@ def mgmt(offline_node):
     ("/api/v1/cluster/show/", {"table": [{"Node": "vmqapi@127.0.0.1", "Running": True}], "type": "table"}),
     ("/api/v1/sessions", {"table": [], "type": "table"}),
     ("/api/v1/sessions/show?--client_id=x", {"table": [], "type": "table"}),
-    ("/api/v1/plugins", {"table": [], "type": "table"}),
+    ("/api/v1/plugins", json.loads(PLUGINS)),
     ("/api/v1/listeners", {"table": [], "type": "table"}),
 ])
 def test_aliases(mgmt, target, expected):
@@ -232,7 +235,7 @@ def test_redact_hides_keys():
 SEED = [  # every example of the seed page, with the documented shape
     ("/api/v1/cluster/show", {"table": [{"Node": "vmqapi@127.0.0.1", "Running": True}], "type": "table"}),
     ("/api/v1/session/show", {"table": [], "type": "table"}),
-    ("/api/v1/plugin/show", {"table": [], "type": "table"}),
+    ("/api/v1/plugin/show", json.loads(PLUGINS)),
     ("/api/v1/set?allow_publish_during_netsplit=on", []),
     ("/api/v1/session/disconnect?client-id=myclient&--cleanup", {"text": "Done", "type": "text"}),
 ]
