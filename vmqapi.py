@@ -1550,7 +1550,7 @@ class Client:
     """One network connection's state, from accept to close."""
 
     __slots__ = ("link", "session", "connected", "closed", "proto", "keepalive", "last_seen", "opened_at",
-                 "user", "will", "clean_exit")
+                 "user", "will", "clean_exit", "rate_second", "rate_count")
 
     def __init__(self, link: Any, now: float):
         self.link = link
@@ -1561,6 +1561,7 @@ class Client:
         self.last_seen = self.opened_at = now
         self.user: str | None = None
         self.will: Message | None = None
+        self.rate_second = self.rate_count = 0
 
 
 class Broker:
@@ -1598,6 +1599,7 @@ class Broker:
             self.max_online = config["max_online_messages"]
             self.max_offline = config["max_offline_messages"]
             self.acl_file = config["vmq_acl.acl_file"]
+            self.max_rate = config["max_message_rate"]
         return config
 
     # -- bookkeeping ------------------------------------------------------
@@ -1772,7 +1774,9 @@ class Broker:
     def resume(self, session: Session) -> None:
         """Resend what was in flight (DUP) [MQTT-4.4.0-1], then drain the queue."""
         client = session.client
-        for pid, (msg, qos, _row, stage) in session.inflight.items():
+        for pid, entry in session.inflight.items():
+            msg, qos, _row, stage = entry[:4]
+            entry[4] = self.clock()
             if stage:
                 self.send(client, Pubrel(pid))
             else:
@@ -1787,6 +1791,8 @@ class Broker:
         if p.qos == 2 and p.packet_id in session.incoming:
             self.send(client, Pubrec(p.packet_id))  # a resent QoS 2 message is routed once
             return
+        if self.max_rate:
+            self.throttle(client)
         hooks = self.hooks
         if hooks.auth_on_publish or hooks.on_publish:
             msg = self.authorize_publish(client, p)
@@ -1807,6 +1813,16 @@ class Broker:
             session.incoming.add(p.packet_id)
             self.send(client, Pubrec(p.packet_id))
             self.counters["mqtt_pubrec_sent", V4] += 1
+
+    def throttle(self, client: Client) -> None:
+        """Enforce max_message_rate: at the limit, stop reading the client until the next second."""
+        now = self.clock()
+        second = int(now)
+        if client.rate_second != second:
+            client.rate_second, client.rate_count = second, 0
+        client.rate_count += 1
+        if client.rate_count >= self.max_rate:
+            client.link.throttle(second + 1 - now)
 
     def authorize_publish(self, client: Client, p: Publish) -> Message | None:
         """Ask auth_on_publish hooks, then vmq_acl; apply a hook's changes; call on_publish."""
@@ -1903,7 +1919,7 @@ class Broker:
             pid = None
             if qos:
                 pid = session.take_pid()
-                inflight[pid] = [msg, qos, row, 0]
+                inflight[pid] = [msg, qos, row, 0, self.clock()]
             self.write_publish(client, msg, qos, pid)
             self.counters["queue_message_out", ()] += 1
 
@@ -1939,7 +1955,7 @@ class Broker:
         if entry is None or entry[1] != 2:
             self.counters["mqtt_pubrec_invalid_error", ()] += 1
         elif entry[3] == 0:
-            entry[3] = 1
+            entry[3], entry[4] = 1, self.clock()
             if entry[2]:
                 self.store.delete_message(entry[2])
                 entry[2] = 0
@@ -2015,7 +2031,7 @@ class Broker:
                     continue  # no packet identifier left for it
                 if out_qos:
                     pid = session.take_pid()
-                    session.inflight[pid] = [msg, out_qos, 0, 0]
+                    session.inflight[pid] = [msg, out_qos, 0, 0, self.clock()]
                 self.write_publish(client, msg, out_qos, pid, retain=True)
 
     def on_unsubscribe(self, client: Client, p: Unsubscribe) -> None:
@@ -2067,11 +2083,26 @@ class Broker:
                     self.close_client(client)
             elif now - client.opened_at > connect_timeout and not client.closed:
                 self.close_client(client)
+        retry = config["retry_interval"]
+        for session in list(self.sessions.values()):
+            if session.client is not None and session.inflight:
+                self.retry(session, now, retry)
         expiry = config["persistent_client_expiration"]
         if expiry is not None:
             for session in [s for s in self.sessions.values()
                             if s.client is None and s.offline_since is not None and now - s.offline_since > expiry]:
                 self.drop_session(session)
+
+    def retry(self, session: Session, now: float, interval: float) -> None:
+        """Resend (DUP) what waited longer than retry_interval for its acknowledgement."""
+        client = session.client
+        for pid, entry in session.inflight.items():
+            if now - entry[4] >= interval:
+                entry[4] = now
+                if entry[3]:
+                    self.send(client, Pubrel(pid))
+                else:
+                    self.write_publish(client, entry[0], entry[1], pid, dup=True)
 
     # -- administration ---------------------------------------------------
     def disconnect(self, client_id: str, mountpoint: str = "", cleanup: bool = False) -> bool:
@@ -2084,6 +2115,32 @@ class Broker:
         if cleanup and (mountpoint, client_id) in self.sessions:
             self.drop_session(session)
         return True
+
+    def disconnect_batch(self, count: int, mountpoint: str, cleanup: bool, keep: Iterable[str]) -> int:
+        """Disconnect up to ``count`` online clients of a mountpoint, sparing ``keep``; return how many."""
+        spared = set(keep)
+        chosen = [s.client_id for (mp, cid), s in sorted(self.sessions.items())
+                  if mp == mountpoint and s.client is not None and cid not in spared][:count]
+        for client_id in chosen:
+            self.disconnect(client_id, mountpoint, cleanup)
+        return len(chosen)
+
+    def admin_unsubscribe(self, client_id: str, topic: str, mountpoint: str = "") -> bool:
+        """Remove one subscription of a session; return whether it existed."""
+        session = self.sessions.get((mountpoint, client_id))
+        return session is not None and self.unsubscribe(session, topic)
+
+    def reauthorize(self, username: str, client_id: str, mountpoint: str = "") -> int:
+        """Check a session's subscriptions again as ``username``; drop the refused ones; return how many."""
+        session = self.sessions.get((mountpoint, client_id))
+        if session is None:
+            return 0
+        probe = Client(None, self.clock())
+        probe.user, probe.session = username, session
+        refused = [t for t in list(session.subs) if not self.acl(probe, "read", t)]
+        for topic_filter in refused:
+            self.unsubscribe(session, topic_filter)
+        return len(refused)
 
     def restore(self, retained: Iterable[tuple[str, Message]], sessions: Iterable[tuple[str, str]],
                 subscriptions: Iterable[tuple[str, str, str, int]],
@@ -2302,7 +2359,7 @@ class MqttLink(asyncio.Protocol):
         self.pending: list[bytes] = []
         self.buffer = b""
         self.writable = True
-        self.closing = False
+        self.closing = self.paused = False
         self.peer = ("", 0)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -2329,7 +2386,7 @@ class MqttLink(asyncio.Protocol):
         max_size = self.io.settings()["max_message_size"]
         self.io.broker.counters["bytes_received", ()] += len(data)
         try:
-            while not self.closing:
+            while not self.closing and not self.paused:
                 start = pos
                 result = decode_packet(buf, pos, max_size)
                 if result is None:
@@ -2344,6 +2401,20 @@ class MqttLink(asyncio.Protocol):
             broker.close_client(client)
         self.buffer = buf[pos:] if pos < len(buf) else b""
         self.io.after_batch()
+
+    def throttle(self, delay: float) -> None:
+        """Read nothing more from this client for ``delay`` seconds (max_message_rate)."""
+        if not self.paused and not self.closing:
+            self.paused = True
+            self.transport.pause_reading()
+            self.io.loop.call_later(delay, self._unthrottle)
+
+    def _unthrottle(self) -> None:
+        self.paused = False
+        if not self.closing:
+            self.transport.resume_reading()
+            if self.buffer:
+                self.data_received(b"")
 
     def write(self, data: bytes) -> None:
         """Queue bytes for this batch's single write."""
@@ -3691,6 +3762,107 @@ def cmd_session_disconnect(call: Call) -> Any:
     return "Done"
 
 
+def parse_id_list(text: str) -> tuple[str, ...]:
+    """Parse a comma separated list of client ids."""
+    ids = tuple(i for i in text.split(",") if i)
+    if not ids:
+        raise ValueError("expected a comma separated list of client ids")
+    return ids
+
+
+@command("session", "disconnect", "clients", keys=(Param("client-ids", parse_id_list, doc="a,b,c"),),
+         required=("client-ids",),
+         flags=(_MOUNTPOINT, Param("cleanup", short="c", value="none", doc="also remove the sessions")))
+def cmd_session_disconnect_clients(call: Call) -> Any:
+    """Disconnect several clients at once."""
+    for client_id in call.args["client-ids"]:
+        call.node.disconnect_session(client_id, call.flags.get("mountpoint") or "", "cleanup" in call.flags)
+    return "Done"
+
+
+@command("session", "disconnect", "batch", keys=(Param("count", parse_positive_int, doc="clients to disconnect"),),
+         required=("count",), flags=(
+             _MOUNTPOINT, Param("cleanup", short="c", value="none", doc="also remove the sessions"),
+             Param("filter-client-ids", parse_id_list, short="f", doc="client ids to spare (a,b)"),
+             Param("node", short="n", doc="only on this node")))
+def cmd_session_disconnect_batch(call: Call) -> Any:
+    """Disconnect up to count online clients, for example to move load off a node."""
+    if call.flags.get("node") not in (None, call.node.name):
+        return "Done"  # VerneMQ: no session of another node matches
+    call.node.broker_call("disconnect_batch", call.args["count"], call.flags.get("mountpoint") or "",
+                          "cleanup" in call.flags, call.flags.get("filter-client-ids") or ())
+    return "Done"
+
+
+@command("session", "unsubscribe", keys=(Param("client-id", doc="the session's client id"),
+                                         Param("topic", doc="the subscription's filter")),
+         required=("client-id", "topic"), flags=(_MOUNTPOINT,))
+def cmd_session_unsubscribe(call: Call) -> Any:
+    """Remove one subscription from a session."""
+    done = call.node.broker_call("admin_unsubscribe", call.args["client-id"], call.args["topic"],
+                                 call.flags.get("mountpoint") or "")
+    return "Done" if done else "Not successful"
+
+
+@command("session", "reauthorize", keys=(Param("username", doc="the user to check as"),
+                                         Param("client-id", doc="the session's client id")),
+         required=("username", "client-id"), flags=(_MOUNTPOINT,))
+def cmd_session_reauthorize(call: Call) -> Any:
+    """Check a session's subscriptions against the ACL again and drop the refused ones."""
+    dropped = call.node.broker_call("reauthorize", call.args["username"], call.args["client-id"],
+                                    call.flags.get("mountpoint") or "")
+    return "Done" if dropped else "Unchanged"
+
+
+@command("retain", "delete", flags=(Param("topic", short="t", value="optional", doc="the retained topic"),
+                                    Param("mountpoint", short="m", doc="its mountpoint (default none)")))
+def cmd_retain_delete(call: Call) -> Any:
+    """Delete one retained message."""
+    topic = call.flags.get("topic")
+    if not topic or not valid_topic_name(topic):
+        return alert("No valid topic given.")
+    if not call.node.broker_call("delete_retained", call.flags.get("mountpoint") or "", topic):
+        return alert(f"No retained message for topic {topic!r}.")
+    return "Done"
+
+
+@command("retain", "delete-expired")
+def cmd_retain_delete_expired(call: Call) -> Any:
+    """Delete expired retained messages (MQTT 3.1.1 messages never expire, so none are)."""
+    return Table(({"expired": 0},))
+
+
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+@command("log", "show", "config", read_only=True)
+def cmd_log_show_config(call: Call) -> Any:
+    """Show the loggers: name, level, where they write."""
+    rows = [{"logger": "vmqapi", "level": logging.getLevelName(log.getEffectiveLevel()).lower(),
+             "type": "logger", "file": "-"}]
+    for n, handler in enumerate(logging.getLogger().handlers + log.handlers):
+        rows.append({"logger": f"handler{n}", "level": logging.getLevelName(handler.level).lower(),
+                     "type": "file" if isinstance(handler, logging.FileHandler) else "console",
+                     "file": getattr(handler, "baseFilename", "-")})
+    return Table(tuple(rows), ("logger", "level", "type", "file"))
+
+
+@command("log", "level", keys=(Param("logger", doc="vmqapi or a handlerN of log show config"),
+                               Param("level", parse_choice(*LOG_LEVELS), doc=", ".join(LOG_LEVELS))),
+         required=("logger", "level"))
+def cmd_log_level(call: Call) -> Any:
+    """Change a logger's level at run time."""
+    name, level = call.args["logger"], call.args["level"].upper()
+    handlers = logging.getLogger().handlers + log.handlers
+    if name == "vmqapi":
+        log.setLevel(level)
+    elif re.fullmatch(r"handler[0-9]+", name) and int(name[7:]) < len(handlers):
+        handlers[int(name[7:])].setLevel(level)
+    else:
+        return alert(f"unknown logger {name!r}; log show config lists them")
+    return "Done"
+
+
 @command("plugin", "show", read_only=True, flags=(
     Param("plugin", doc="show only this plugin"), Param("hook", doc="show only plugins with this hook"),
     Param("internal", value="none", doc="show internal hooks too")))
@@ -4626,6 +4798,12 @@ class Node:
         if self.mqtt is None:
             return False
         return self.in_broker(self.mqtt.broker.disconnect, client_id, mountpoint, cleanup)
+
+    def broker_call(self, method: str, *args: Any) -> Any:
+        """Call a Broker method in the broker's thread (None when the node has no broker)."""
+        if self.mqtt is None:
+            return None
+        return self.in_broker(getattr(self.mqtt.broker, method), *args)
 
     def find_listener(self, address: str, port: int) -> Any:
         """Return the listener at address:port (HTTP or MQTT), or None."""
