@@ -1564,6 +1564,60 @@ class Client:
         self.rate_second = self.rate_count = 0
 
 
+def describe_packet(packet: Any, trunc: int = 200) -> str:
+    """Return one readable line for a packet, its payload cut to ``trunc`` bytes."""
+    kind = type(packet).__name__.upper()
+    if isinstance(packet, Publish):
+        payload = packet.payload[:trunc]
+        more = f" (+{len(packet.payload) - trunc} bytes)" if len(packet.payload) > trunc else ""
+        return (f"PUBLISH(q{packet.qos}, r{int(packet.retain)}, d{int(packet.dup)}, m{packet.packet_id or 0}, "
+                f"{packet.topic!r}) payload {payload!r}{more}")
+    if isinstance(packet, Connect):
+        return (f"CONNECT(c: {packet.client_id!r}, v: {packet.proto_level}, u: {packet.username!r}, "
+                f"cs: {int(packet.clean_session)}, ka: {packet.keepalive}, will: {packet.will_topic!r})")
+    if isinstance(packet, (Subscribe, Unsubscribe, Suback)):
+        detail = packet.return_codes if isinstance(packet, Suback) else packet.topics
+        return f"{kind}(m{packet.packet_id}, {list(detail)!r})"
+    fields = ", ".join(f"{f.name}: {getattr(packet, f.name)!r}" for f in dataclasses.fields(packet))
+    return f"{kind}({fields})"
+
+
+class Tracer:
+    """Collects one client's packets, both ways, as lines; at most ``rate_max`` per ``rate_interval`` ms."""
+
+    def __init__(self, client_id: str, rate_max: int = 10, rate_interval: int = 100, trunc: int = 200):
+        self.client_id, self.rate_max, self.rate_interval, self.trunc = client_id, rate_max, rate_interval, trunc
+        self._lock = threading.Lock()
+        self._lines: collections.deque[str] = collections.deque(maxlen=100_000)
+        self._window, self._in_window, self._skipped = 0.0, 0, 0
+
+    def packet(self, direction: str, packet: Any, now: float) -> None:
+        """Record one packet (``in`` from the client, ``out`` to it)."""
+        window = now - now % (self.rate_interval / 1000)
+        with self._lock:
+            if window != self._window:
+                if self._skipped:
+                    self._lines.append(f"... {self._skipped} packets not shown (rate limit)")
+                self._window, self._in_window, self._skipped = window, 0, 0
+            self._in_window += 1
+            if self._in_window > self.rate_max:
+                self._skipped += 1
+                return
+            stamp = _dt.datetime.fromtimestamp(now, _dt.timezone.utc).strftime("%H:%M:%S.%f")[:-3]
+            arrow = "MQTT RECV" if direction == "in" else "MQTT SEND"
+            self._lines.append(f"{stamp} {arrow}: CID: {self.client_id!r} {describe_packet(packet, self.trunc)}")
+
+    def take(self) -> list[str]:
+        """Return and forget the lines collected so far."""
+        with self._lock:
+            lines = list(self._lines)
+            self._lines.clear()
+            if self._skipped:
+                lines.append(f"... {self._skipped} packets not shown (rate limit)")
+                self._skipped = 0
+        return lines
+
+
 class Broker:
     """MQTT 3.1/3.1.1 broker state, driven by packets; writes go to each Client's link.
 
@@ -1586,6 +1640,7 @@ class Broker:
         self._acl = ReloadingFile(parse_acl, None)
         self._next_ref = 1
         self._match_cache: dict[tuple[str, str], dict] = {}
+        self.tracers: dict[tuple[str, str], Tracer] = {}
         self._config: Config | None = None
         self.refresh_settings()
 
@@ -1725,6 +1780,10 @@ class Broker:
         session.client, session.offline_since = client, None
         session.user, session.peer, session.protocol = p.username, client.link.peer, p.proto_level
         client.session, client.connected, client.proto = session, True, p.proto_level
+        tracer = self.tracers.get(key)
+        if tracer is not None:
+            client.link.tracer = tracer
+            tracer.packet("in", p, self.clock())
         client.keepalive, client.user = p.keepalive, p.username
         if p.will_topic is not None:
             client.will = Message(p.will_topic, p.will_payload, p.will_qos, p.will_retain, self.new_ref())
@@ -2116,6 +2175,16 @@ class Broker:
             self.drop_session(session)
         return True
 
+    def trace(self, key: tuple[str, str], tracer: Tracer | None) -> None:
+        """Start (or with None stop) tracing the client of ``key``, now and at its next CONNECT."""
+        if tracer is None:
+            self.tracers.pop(key, None)
+        else:
+            self.tracers[key] = tracer
+        session = self.sessions.get(key)
+        if session is not None and session.client is not None:
+            session.client.link.tracer = tracer
+
     def disconnect_batch(self, count: int, mountpoint: str, cleanup: bool, keep: Iterable[str]) -> int:
         """Disconnect up to ``count`` online clients of a mountpoint, sparing ``keep``; return how many."""
         spared = set(keep)
@@ -2360,6 +2429,7 @@ class MqttLink(asyncio.Protocol):
         self.buffer = b""
         self.writable = True
         self.closing = self.paused = False
+        self.tracer: Tracer | None = None
         self.peer = ("", 0)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -2392,6 +2462,8 @@ class MqttLink(asyncio.Protocol):
                 if result is None:
                     break
                 packet, pos = result
+                if self.tracer is not None and client.connected:
+                    self.tracer.packet("in", packet, time.time())
                 # A plain QoS 0 PUBLISH (first byte 0x30) is forwarded as the bytes it came in.
                 broker.handle(client, packet, buf[start:pos] if buf[start] == 0x30 else b"")
         except MalformedPacket as exc:
@@ -2423,6 +2495,11 @@ class MqttLink(asyncio.Protocol):
         if not self.pending:
             self.io.dirty.append(self)
         self.pending.append(data)
+        if self.tracer is not None:
+            pos, now = 0, time.time()
+            while pos < len(data):
+                packet, pos = decode_packet(data, pos)
+                self.tracer.packet("out", packet, now)
 
     def flush(self) -> None:
         """Write what this batch queued, in one call."""
@@ -3447,7 +3524,7 @@ def render_human(elements: Sequence) -> tuple[str, str]:
         elif isinstance(e, ListElement):
             out.append((e.title + "\n" if e.title else "") + "".join(f"{i}\n" for i in e.items))
         else:
-            out.append(e.text if e.text.endswith("\n") else e.text + "\n")
+            out.append(e.text if not e.text or e.text.endswith("\n") else e.text + "\n")
     return "".join(out), "".join(err)
 
 
@@ -3863,6 +3940,23 @@ def cmd_log_level(call: Call) -> Any:
     return "Done"
 
 
+@command("trace", "client", keys=(Param("client-id", doc="the client to trace"),), required=("client-id",),
+         read_only=True, flags=(
+             _MOUNTPOINT, Param("rate-max", parse_positive_int, doc="lines per interval (10)"),
+             Param("rate-interval", parse_positive_int, doc="the interval in ms (100)"),
+             Param("trunc-payload", parse_int_range(0), doc="payload bytes shown (200)"),
+             Param("duration", parse_int_range(1, 600), doc="seconds to trace over HTTP (5)")))
+def cmd_trace_client(call: Call) -> Any:
+    """Trace a client's packets both ways (the CLI streams until Ctrl-C; HTTP answers after --duration)."""
+    client_id = call.args["client-id"]
+    trunc = call.flags.get("trunc-payload")
+    tracer = Tracer(client_id, call.flags.get("rate-max") or 10, call.flags.get("rate-interval") or 100,
+                    200 if trunc is None else trunc)
+    lines = call.node.trace_client(client_id, call.flags.get("mountpoint") or "", call.flags.get("duration") or 5,
+                                   tracer)
+    return Text("".join(line + "\n" for line in lines))
+
+
 @command("plugin", "show", read_only=True, flags=(
     Param("plugin", doc="show only this plugin"), Param("hook", doc="show only plugins with this hook"),
     Param("internal", value="none", doc="show internal hooks too")))
@@ -4098,6 +4192,62 @@ def request_argv(req: Request, path_words: tuple[str, ...], query: str) -> Argv:
     return parse_query(apply_alias(path_words), query)
 
 
+_ELEMENT_SCHEMAS = {
+    "Text": {"type": "object", "required": ["text", "type"],
+             "properties": {"text": {"type": "string"}, "type": {"const": "text"}}},
+    "Table": {"type": "object", "required": ["table", "type"],
+              "properties": {"table": {"type": "array", "items": {"type": "object"}}, "type": {"const": "table"}}},
+    "Alert": {"type": "object", "required": ["alert", "type"],
+              "properties": {"alert": {"type": "array", "items": {"$ref": "#/components/schemas/Element"}},
+                             "type": {"const": "alert"}}},
+    "List": {"type": "object", "required": ["list", "type"],
+             "properties": {"list": {"type": "array"}, "title": {"type": "string"}, "type": {"const": "list"}}},
+    "Element": {"oneOf": [{"$ref": f"#/components/schemas/{n}"} for n in ("Text", "Table", "Alert", "List")]},
+    "Result": {"oneOf": [{"$ref": "#/components/schemas/Element"},
+                         {"type": "array", "items": {"$ref": "#/components/schemas/Element"}}]},
+    "Error": {"type": "object", "required": ["error", "text", "type"],
+              "properties": {"error": {"type": "string"}, "text": {"type": "string"}, "type": {"const": "error"},
+                             "usage": {"type": "string"}}},
+}
+
+
+def _openapi_operation(cmd: Command) -> dict:
+    params = [{"name": k.name, "in": "query", "required": k.name in cmd.required, "description": k.doc,
+               "schema": {"type": "string", "minLength": 1}} for k in cmd.keys]
+    for f in cmd.flags:
+        schema = {"type": "string", "maxLength": 0} if f.value == "none" else {"type": "string"}
+        params.append({"name": f"--{f.name}", "in": "query", "required": False, "description": f.doc,
+                       "allowEmptyValue": f.value != "required", "schema": schema})
+    if cmd.extra_words:
+        params.append({"name": cmd.extra_words, "in": "path", "required": True, "schema": {"type": "string"},
+                       "description": "one or more words, separated by /"})
+    error = {"description": "error", "content": {JSON_TYPE: {"schema": {"$ref": "#/components/schemas/Error"}}}}
+    return {"summary": " ".join((cmd.doc or "").split()) or " ".join(cmd.words),
+            "operationId": "_".join(w.replace("-", "_") for w in cmd.words),
+            "tags": [cmd.words[0]], "parameters": params,
+            "responses": {"200": {"description": "the command's result",
+                                  "content": {JSON_TYPE: {"schema": {"$ref": "#/components/schemas/Result"}}}},
+                          **{code: error for code in ("400", "401", "403", "406", "500")}}}
+
+
+def openapi_document(commands: CommandTable) -> dict:
+    """Return an OpenAPI 3.1 description of /api/v1, generated from the command table."""
+    paths = {}
+    for cmd in commands:
+        path = "/api/v1/" + "/".join(cmd.words) + (f"/{{{cmd.extra_words}}}" if cmd.extra_words else "")
+        paths[path] = {"get": _openapi_operation(cmd)}
+    return {"openapi": "3.1.0",
+            "info": {"title": "vmqapi admin API (VerneMQ /api/v1)", "version": __version__,
+                     "description": "Every vmq-admin command as GET /api/v1/<words>?key=value&--flag; "
+                                    "POST with a form body takes the same arguments."},
+            "paths": paths,
+            "components": {"schemas": _ELEMENT_SCHEMAS, "securitySchemes": {
+                "apiKeyBasic": {"type": "http", "scheme": "basic",
+                                "description": "the API key as user name, empty password"},
+                "apiKeyHeader": {"type": "apiKey", "in": "header", "name": "x-api-key"}}},
+            "security": [{"apiKeyBasic": []}, {"apiKeyHeader": []}]}
+
+
 def serve_api(node: Any, req: Request, rest: str, query: str) -> Response:
     """Answer /api/v1: method, auth, command, OPTIONS, Accept, run (SPEC section 3)."""
     if req.method in REFUSED_METHODS:
@@ -4105,6 +4255,9 @@ def serve_api(node: Any, req: Request, rest: str, query: str) -> Response:
     if req.method not in HTTP_METHODS:
         raise NotImplementedMethod(f"method {req.method} is not implemented")
     scope = authenticate(node, "vmq_http_mgmt_api", req.headers, ("mgmt", "mgmt_ro"))
+    if rest == "openapi.json" and req.method in ("GET", "HEAD"):
+        body = json.dumps(openapi_document(node.commands), separators=(",", ":")).encode()
+        return Response(200, (("Content-Type", JSON_TYPE),), body)
     argv = request_argv(req, parse_path_words(rest), query)
     call, wants_help = prepare(node.commands, argv, node)
     if scope == "mgmt_ro" and not call.command.read_only and not wants_help:
@@ -4805,6 +4958,17 @@ class Node:
             return None
         return self.in_broker(getattr(self.mqtt.broker, method), *args)
 
+    def trace_client(self, client_id: str, mountpoint: str, duration: float, tracer: Tracer) -> list[str]:
+        """Trace a client for ``duration`` seconds; return the lines."""
+        key = (mountpoint, client_id)
+        self.broker_call("trace", key, tracer)
+        try:
+            self._stopped.wait(duration)
+        finally:
+            if self._running:
+                self.broker_call("trace", key, None)
+        return tracer.take()
+
     def find_listener(self, address: str, port: int) -> Any:
         """Return the listener at address:port (HTTP or MQTT), or None."""
         return next((x for x in self._all_listeners() if (x.address, x.port) == (address, port)), None)
@@ -5024,6 +5188,8 @@ def admin(config: Config, tokens: Sequence[str]) -> int:
             context = LocalContext(config, keystore_for(config), config["nodename"])
             call = dataclasses.replace(call, node=context)
             return _print(execute(call), fmt)
+        if call.command.words == ("trace", "client") and "duration" not in call.flags:
+            return _stream_trace(config, argv, fmt)
         return _remote(config, argv, fmt)
     except VmqError as exc:
         return _print_error(exc, fmt)
@@ -5039,6 +5205,18 @@ def _teach(config: Config, argv: Argv) -> int:
     print(f"GET {target}")
     print(f'curl -u "$VMQAPI_KEY:" "http://{host}:{port}{target}"')
     return 0
+
+
+def _stream_trace(config: Config, argv: Argv, fmt: str) -> int:
+    """Print a client's trace until Ctrl-C, asking the node for a second at a time."""
+    argv = dataclasses.replace(argv, flags=(*argv.flags, ("--duration", "1")))
+    try:
+        while True:
+            code = _remote(config, argv, fmt)
+            if code:
+                return code
+    except KeyboardInterrupt:
+        return 0
 
 
 def _remote(config: Config, argv: Argv, fmt: str) -> int:

@@ -178,3 +178,118 @@ def test_mqtt_connect_timeout_set_at_run_time(node, api):
     c = MqttClient(mqtt_port(node))
     assert c.closed(3)
     c.close()
+
+
+# -- trace -------------------------------------------------------------------------------
+
+def test_trace_client_over_http(node, key):
+    import threading
+    (c,) = clients(node, "traced")
+    c.subscribe(("t", 1))
+    http = Client(node)
+    answer = {}
+    worker = threading.Thread(target=lambda: answer.update(
+        r=http.get("/api/v1/trace/client?client-id=traced&--duration=1&--trunc-payload=3", key=key)))
+    worker.start()
+    time.sleep(0.3)
+    c.publish("t", b"hello world", 1)
+    c.message()
+    worker.join(10)
+    http.close()
+    c.close()
+    text = body_json(answer["r"][2])["text"]
+    lines = text.splitlines()
+    assert any("MQTT RECV: CID: 'traced' PUBLISH(q1, r0, d0, m" in l and "payload b'hel' (+8 bytes)" in l for l in lines)
+    assert any("MQTT SEND: CID: 'traced' PUBACK" in l for l in lines)
+    assert any("MQTT SEND: CID: 'traced' PUBLISH" in l for l in lines)
+    assert any("MQTT RECV: CID: 'traced' PUBACK" in l for l in lines)
+
+
+def test_trace_rate_limit():
+    tracer = vmqapi.Tracer("c", rate_max=2, rate_interval=1000)
+    for n in range(5):
+        tracer.packet("in", vmqapi.Pingreq(), 100.0 + n / 100)
+    lines = tracer.take()
+    assert len(lines) == 3 and lines[-1] == "... 3 packets not shown (rate limit)"
+
+
+def test_trace_streams_in_the_cli_until_interrupted(node):
+    import os
+    import signal
+    import subprocess
+    import sys
+    from conftest import ROOT
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "vmqapi.py"), "--data-dir", node.data_dir, "admin",
+                             "trace", "client", "client-id=streamed"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(1.0)
+        (c,) = clients(node, "streamed")
+        c.ping()
+        time.sleep(1.5)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err
+    assert "CONNECT(c: 'streamed'" in out and "PINGREQ" in out and "PINGRESP" in out
+    c.close()
+
+
+# -- OpenAPI -----------------------------------------------------------------------------
+
+def check_openapi(doc):
+    """A structural check of an OpenAPI 3.1 document: versions, paths, operations, refs."""
+    assert doc["openapi"].startswith("3.1.") and doc["info"]["title"] and doc["info"]["version"]
+    schemes = doc["components"]["securitySchemes"]
+    assert all(next(iter(req)) in schemes for req in doc["security"])
+
+    def refs(value):
+        if isinstance(value, dict):
+            for k, v in value.items():
+                if k == "$ref":
+                    yield v
+                else:
+                    yield from refs(v)
+        elif isinstance(value, list):
+            for v in value:
+                yield from refs(v)
+
+    for ref in refs(doc):
+        assert ref.startswith("#/components/schemas/") and ref.rsplit("/", 1)[1] in doc["components"]["schemas"]
+    operation_ids = set()
+    for path, item in doc["paths"].items():
+        assert path.startswith("/")
+        for method, op in item.items():
+            assert method in ("get", "post", "put", "delete", "head", "options", "patch")
+            assert op["operationId"] not in operation_ids
+            operation_ids.add(op["operationId"])
+            assert "200" in op["responses"] and all("description" in r for r in op["responses"].values())
+            for param in op.get("parameters", ()):
+                assert param["in"] in ("query", "path", "header", "cookie") and "schema" in param
+                assert param["name"]
+                if param["in"] == "path":
+                    assert param["required"] is True and "{" + param["name"] + "}" in path
+
+
+def test_openapi_lists_every_command(node, key):
+    node.commands.register(("gateway", "show"), lambda call: "up", usage="Show the gateway.")
+    http = Client(node)
+    try:
+        status, headers, data = http.get("/api/v1/openapi.json", key=key)
+        assert status == 200
+        doc = body_json(data)
+        assert http.get("/api/v1/openapi.json")[0] == 401
+    finally:
+        http.close()
+    check_openapi(doc)
+    paths = set(doc["paths"])
+    for cmd in node.commands:
+        expected = "/api/v1/" + "/".join(cmd.words) + (f"/{{{cmd.extra_words}}}" if cmd.extra_words else "")
+        assert expected in paths
+    assert "/api/v1/gateway/show" in paths
+    op = doc["paths"]["/api/v1/session/disconnect"]["get"]
+    names = {p["name"]: p for p in op["parameters"]}
+    assert names["client-id"]["required"] is True and names["--cleanup"]["allowEmptyValue"] is True
