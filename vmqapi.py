@@ -54,6 +54,7 @@ import collections
 import concurrent.futures
 import contextlib
 import dataclasses
+import email.utils
 import datetime as _dt
 import functools
 import hashlib
@@ -102,6 +103,8 @@ __all__ = [
 log = logging.getLogger("vmqapi")
 
 NODE_FILE = "node.json"
+SESSION_CHUNK = 500  # sessions session show reads per turn of the broker's loop (about 2 ms)
+JSON_CHUNK = 1000  # table rows per json.dumps call, so a big answer never holds the GIL for long
 KEY_FILE = "api_keys.json"
 DEFAULT_DATA_DIR = "vmqapi-data"
 KEY_ALPHABET = string.ascii_letters + string.digits  # VerneMQ: [A-Za-z0-9]
@@ -1618,6 +1621,44 @@ class Tracer:
         return lines
 
 
+def _online(s: Session) -> bool:
+    return s.client is not None
+
+
+def _subscriptions(s: Session) -> list[dict]:
+    return [{"topic": t, "qos": q, "rap": False, "no_local": False} for t, q in s.subs.items()]
+
+
+def _messages(s: Session) -> list[dict]:
+    queued = [(m, q) for m, q, _ in s.queue] + [(e[0], e[1]) for e in s.inflight.values()]
+    return [{"msg_ref": base64.b64encode(m.ref.to_bytes(8, "big")).decode(), "msg_qos": q, "routing_key": m.topic,
+             "dup": False, "payload": m.payload.decode("utf-8", "replace")} for m, q in queued]
+
+
+SESSION_DEFAULT_COLUMNS = ("client_id", "is_online", "mountpoint", "peer_host", "peer_port", "user")
+
+
+def _default_row(s: Session) -> dict:
+    return {"client_id": s.client_id, "is_online": s.client is not None, "mountpoint": s.mountpoint,
+            "peer_host": s.peer[0], "peer_port": s.peer[1], "user": s.user}
+
+
+SESSION_GETTERS: dict[str, Callable[[Session], Any]] = {  # session show's per-session fields
+    "node": lambda s: "", "mountpoint": lambda s: s.mountpoint, "client_id": lambda s: s.client_id,
+    "queue_pid": lambda s: f"<q.{id(s):x}>", "queue_size": lambda s: None,
+    "session_pid": lambda s: f"<s.{id(s):x}>" if _online(s) else None,
+    "is_offline": lambda s: not _online(s), "is_online": _online,
+    "statename": lambda s: "online" if _online(s) else "offline", "deliver_mode": lambda s: "fanout",
+    "offline_messages": lambda s: 0 if _online(s) else len(s.queue),
+    "online_messages": lambda s: len(s.queue) if _online(s) else 0,
+    "num_sessions": lambda s: 1 if _online(s) else 0, "clean_session": lambda s: s.clean,
+    "is_plugin": lambda s: False, "queue_started_at": lambda s: int(s.started_at * 1000),
+    "user": lambda s: s.user, "peer_host": lambda s: s.peer[0], "peer_port": lambda s: s.peer[1],
+    "protocol": lambda s: s.protocol, "waiting_acks": lambda s: len(s.inflight),
+    "session_started_at": lambda s: int(s.started_at * 1000),
+}
+
+
 class Broker:
     """MQTT 3.1/3.1.1 broker state, driven by packets; writes go to each Client's link.
 
@@ -1641,6 +1682,7 @@ class Broker:
         self._next_ref = 1
         self._match_cache: dict[tuple[str, str], dict] = {}
         self.tracers: dict[tuple[str, str], Tracer] = {}
+        self.mountpoints: set[str] = {""}
         self._config: Config | None = None
         self.refresh_settings()
 
@@ -1764,6 +1806,7 @@ class Broker:
         if verdict:
             return self.refuse(client, verdict)
         mountpoint = listener.mountpoint
+        self.mountpoints.add(mountpoint)
         key = (mountpoint, client_id)
         old = self.sessions.get(key)
         if old is not None and old.client is not None:
@@ -2220,6 +2263,7 @@ class Broker:
             self.retained[mountpoint][msg.topic] = msg
         for mountpoint, client_id in sessions:
             self.sessions[(mountpoint, client_id)] = Session(mountpoint, client_id, False, now)
+            self.mountpoints.add(mountpoint)
         for mountpoint, client_id, topic_filter, qos in subscriptions:
             session = self.sessions.get((mountpoint, client_id))
             if session is not None:
@@ -2232,18 +2276,32 @@ class Broker:
                 session.queue.append((msg, qos, row))
             self._next_ref = max(self._next_ref, msg.ref)
 
-    def session_records(self, client_id: str | None = None) -> list[dict]:
-        """Return every field of session show for each session (or the one with ``client_id``)."""
-        if client_id is not None:
-            sessions = [s for (mp, cid), s in self.sessions.items() if cid == client_id]
-        else:
-            sessions = list(self.sessions.values())
-        return [self._record(s) for s in sessions]
+    def session_keys(self, client_id: str | None = None) -> list[tuple[str, str]]:
+        """Return the sorted (mountpoint, client id) of every session; for one client id, a lookup per mountpoint."""
+        if client_id is None:
+            return sorted(self.sessions)
+        return [key for key in ((mp, client_id) for mp in sorted(self.mountpoints)) if key in self.sessions]
 
-    def _record(self, s: Session) -> dict:
+    def session_records(self, keys: Iterable[tuple[str, str]], subscriptions: bool = True,
+                        messages: bool = True) -> list[dict]:
+        """Return every session show field of the sessions of ``keys`` that still exist.
+
+        The per-subscription and per-message lists are built only when asked for.
+        """
+        sessions = self.sessions
+        return [self._record(sessions[key], subscriptions, messages) for key in keys if key in sessions]
+
+    def session_rows(self, keys: Iterable[tuple[str, str]], columns: Sequence[str]) -> list[dict]:
+        """Return finished session show rows (``columns``, alphabetical) for listings without filters."""
+        sessions = self.sessions
+        if tuple(columns) == SESSION_DEFAULT_COLUMNS:
+            return [_default_row(sessions[key]) for key in keys if key in sessions]
+        getters = [(c, SESSION_GETTERS[c]) for c in columns]
+        return [{c: get(sessions[key]) for c, get in getters} for key in keys if key in sessions]
+
+    def _record(self, s: Session, subscriptions: bool, messages: bool) -> dict:
         online = s.client is not None
-        queued = [(m, q) for m, q, _ in s.queue] + [(e[0], e[1]) for e in s.inflight.values()]
-        return {
+        record = {
             "node": "", "mountpoint": s.mountpoint, "client_id": s.client_id,
             "queue_pid": f"<q.{id(s):x}>", "queue_size": None, "session_pid": f"<s.{id(s):x}>" if online else None,
             "is_offline": not online, "is_online": online, "statename": "online" if online else "offline",
@@ -2252,11 +2310,12 @@ class Broker:
             "clean_session": s.clean, "is_plugin": False, "queue_started_at": int(s.started_at * 1000),
             "user": s.user, "peer_host": s.peer[0], "peer_port": s.peer[1], "protocol": s.protocol,
             "waiting_acks": len(s.inflight), "session_started_at": int(s.started_at * 1000),
-            "subscriptions": [{"topic": t, "qos": q, "rap": False, "no_local": False} for t, q in s.subs.items()],
-            "messages": [{"msg_ref": base64.b64encode(m.ref.to_bytes(8, "big")).decode(), "msg_qos": q,
-                          "routing_key": m.topic, "dup": False, "payload": m.payload.decode("utf-8", "replace")}
-                         for m, q in queued],
         }
+        if subscriptions:
+            record["subscriptions"] = _subscriptions(s)
+        if messages:
+            record["messages"] = _messages(s)
+        return record
 
     def retained_rows(self, mountpoint: str | None = None) -> list[dict]:
         """Return (mountpoint, topic, payload) of each retained message."""
@@ -2857,11 +2916,9 @@ class KeyStore:
         self.min_length = min_length
         self.max_expiry_days = max_expiry_days
         self._clock = clock
-        self._lock = threading.Lock()
-        self._signature: tuple | None = ("unread",)
-        self._salt = b""
-        self._entries: tuple[StoredKey, ...] = ()
-        self._index: dict[tuple[str, str], StoredKey] = {}
+        self._lock = threading.Lock()  # held by writers and reloaders; readers use the current view
+        # One immutable view (signature, salt, entries, index), swapped whole, read without a lock.
+        self._view: tuple[tuple | None, bytes, tuple[StoredKey, ...], dict] = (("unread",), b"", (), {})
 
     # -- reading ----------------------------------------------------------
     def load(self) -> None:
@@ -2905,37 +2962,38 @@ class KeyStore:
         return StoredKey(item["scope"], expires, item["hash"], prefix=str(item.get("prefix", "")))
 
     def _install(self, signature, salt, entries) -> None:
-        self._signature, self._salt, self._entries = signature, salt, entries
-        self._index = {(e.scope, e.digest): e for e in entries}
+        self._view = (signature, salt, entries, {(e.scope, e.digest): e for e in entries})
 
-    def _refresh(self) -> None:
-        """Reload if the file changed on disk (caller holds ``_lock``)."""
+    def _current(self) -> tuple:
+        """Return the view of the file as it is on disk now: one stat, a reload only when it changed."""
+        view = self._view
         try:
             st = os.stat(self.path)
             signature = (st.st_ino, st.st_size, st.st_mtime_ns)
         except FileNotFoundError:
             signature = None
-        if signature != self._signature:
-            self._install(*self._read())
+        if signature != view[0]:
+            with self._lock:
+                if signature != self._view[0]:
+                    self._install(*self._read())
+                view = self._view
+        return view
 
     def authenticate(self, key: str, scopes: Iterable[str]) -> str | None:
         """Return the first of ``scopes`` for which ``key`` is valid now, or None."""
-        with self._lock:
-            self._refresh()
-            digest = _key_digest(self._salt, key)
-            now = self._clock()
-            for scope in scopes:
-                entry = self._index.get((scope, digest))
-                if entry is not None and hmac.compare_digest(entry.digest, digest) \
-                        and (entry.expires is None or now < entry.expires):
-                    return scope
+        _, salt, _, index = self._current()
+        digest = _key_digest(salt, key)
+        now = self._clock()
+        for scope in scopes:
+            entry = index.get((scope, digest))
+            if entry is not None and hmac.compare_digest(entry.digest, digest) \
+                    and (entry.expires is None or now < entry.expires):
+                return scope
         return None
 
     def entries(self) -> tuple[StoredKey, ...]:
         """Return the stored keys, oldest first, as on disk now."""
-        with self._lock:
-            self._refresh()
-            return self._entries
+        return self._current()[2]
 
     # -- changing ---------------------------------------------------------
     def _mutate(self, change: Callable[[bytes, list[StoredKey]], Any]) -> Any:
@@ -3175,8 +3233,8 @@ class CommandTable:
 
     def add(self, command: Command) -> Command:
         """Add (or replace) ``command``."""
-        with self._lock:
-            self._commands[command.words] = command
+        with self._lock:  # copy on write: readers use the dict they got, no lock
+            self._commands = {**self._commands, command.words: command}
         return command
 
     def register(self, words: Sequence[str], fn: Callable[[Call], Any], *, keys: Iterable[Any] = (),
@@ -3192,19 +3250,17 @@ class CommandTable:
                                 read_only=read_only))
 
     def __iter__(self):
-        with self._lock:
-            return iter(sorted(self._commands.values(), key=lambda c: c.words))
+        return iter(sorted(self._commands.values(), key=lambda c: c.words))
 
     def resolve(self, words: Sequence[str]) -> tuple[Command, tuple[str, ...]]:
         """Return the command with the longest matching prefix and the words left over."""
-        words = tuple(words)
-        with self._lock:
-            for n in range(len(words), 0, -1):
-                cmd = self._commands.get(words[:n])
-                if cmd is not None and (n == len(words) or cmd.extra_words):
-                    return cmd, words[n:]
-            below = sorted({c.words[len(words)] for c in self._commands.values()
-                            if len(c.words) > len(words) and c.words[:len(words)] == words})
+        words, commands = tuple(words), self._commands
+        for n in range(len(words), 0, -1):
+            cmd = commands.get(words[:n])
+            if cmd is not None and (n == len(words) or cmd.extra_words):
+                return cmd, words[n:]
+        below = sorted({c.words[len(words)] for c in commands.values()
+                        if len(c.words) > len(words) and c.words[:len(words)] == words})
         shown = " ".join(words) or "(none)"
         if below:
             raise UnknownCommand(f"{shown!r} is not a whole command; it continues with: {', '.join(below)}")
@@ -3386,6 +3442,7 @@ def execute(call: Call, wants_help: bool = False) -> list:
 # -- result elements -------------------------------------------------------
 
 _CELL_TYPES = (str, int, float, bool, type(None))
+_CELL_TYPE_SET = frozenset(_CELL_TYPES)
 
 
 @dataclass(frozen=True, slots=True)
@@ -3407,10 +3464,11 @@ class Table:
     columns: tuple[str, ...] = ()
 
     def __post_init__(self):
-        rows = tuple(dict(r) for r in self.rows)
+        rows = tuple(r if type(r) is dict else dict(r) for r in self.rows)
         for row in rows:
             for key, value in row.items():
-                if not isinstance(key, str) or not isinstance(value, _CELL_TYPES):
+                if type(value) not in _CELL_TYPE_SET and not isinstance(value, _CELL_TYPES) \
+                        or type(key) is not str:
                     raise TypeError(f"table cell {key!r} must be a string, number, bool or None")
         object.__setattr__(self, "rows", rows)
         if not self.columns and rows:
@@ -3462,12 +3520,24 @@ def as_elements(result: Any) -> list:
     return [Text(r) if isinstance(r, str) else r for r in result]
 
 
+def _dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+def _element_json(element: Any) -> str:
+    """Encode one element; a big table goes JSON_CHUNK rows per call, letting other threads run between."""
+    if isinstance(element, Table) and len(element.rows) > JSON_CHUNK:
+        rows = element.rows
+        parts = [_dumps(list(rows[i:i + JSON_CHUNK]))[1:-1] for i in range(0, len(rows), JSON_CHUNK)]
+        return '{"table":[' + ",".join(parts) + '],"type":"table"}'
+    return _dumps(element.to_json())
+
+
 def render_json(elements: Sequence) -> bytes:
     """Frame elements as VerneMQ does: one -> the object; else an array and a newline."""
     if len(elements) == 1:
-        return json.dumps(elements[0].to_json(), separators=(",", ":"), ensure_ascii=False).encode()
-    body = json.dumps([e.to_json() for e in elements], separators=(",", ":"), ensure_ascii=False)
-    return (body + "\n").encode()
+        return _element_json(elements[0]).encode()
+    return ("[" + ",".join(_element_json(e) for e in elements) + "]\n").encode()
 
 
 def elements_from_json(data: Any) -> list:
@@ -3657,15 +3727,11 @@ _LISTENER_KEYS = (Param("address", parse_ip, doc="IP address of the listener"),
 _NOT_YET = "only MQTT over TCP listeners can be started at run time in this version"
 
 
-def _flag_bool(text: str) -> bool:
-    return parse_flag(text)
-
-
 @command("listener", "start", keys=_LISTENER_KEYS, required=("address", "port"), flags=(
     Param("mountpoint", short="m", doc="topic prefix of the listener's clients"),
     Param("max_connections", parse_max_connections, doc="connections at once (integer or infinity)"),
     Param("allowed_protocol_versions", parse_versions, doc="comma list of 3 (3.1) and 4 (3.1.1)"),
-    Param("allow_anonymous_override", _flag_bool, doc="on: let clients in without credentials"),
+    Param("allow_anonymous_override", parse_flag, doc="on: let clients in without credentials"),
     Param("websocket", value="none", doc="a WebSocket listener (not yet)"),
     Param("http", value="none", doc="an HTTP listener (not yet)"),
     Param("ssl", value="none", doc="a TLS listener (not yet)"),
@@ -3774,16 +3840,22 @@ SESSION_FIELDS = (  # SPEC 5; VerneMQ vmq_info:fields_config/0
 )
 SUBSCRIPTION_FIELDS = ("topic", "qos", "rap", "no_local")
 MESSAGE_FIELDS = ("msg_ref", "msg_qos", "routing_key", "dup", "payload")
-SESSION_DEFAULT_COLUMNS = ("client_id", "is_online", "mountpoint", "peer_host", "peer_port", "user")
 
 
-def _expand(record: Mapping[str, Any], fields: set[str]) -> list[dict]:
+def _expand(record: Mapping[str, Any], fields: set[str]) -> list[Mapping[str, Any]]:
     """One row per subscription and/or queued message when their fields are used."""
-    rows = [dict(record)]
+    rows: list[Mapping[str, Any]] = [record]
     for group, items in ((SUBSCRIPTION_FIELDS, "subscriptions"), (MESSAGE_FIELDS, "messages")):
-        if fields & set(group):
+        if not fields.isdisjoint(group):
             rows = [{**row, **item} for row in rows for item in record.get(items, ())]
     return rows
+
+
+def session_query(flags: Mapping[str, Any]) -> tuple[list[str], dict[str, str], set[str]]:
+    """Return session show's (selected columns, filters, every field used) for its flags."""
+    selected = [f for f in SESSION_FIELDS if f in flags and flags[f] is None] or list(SESSION_DEFAULT_COLUMNS)
+    filters = {f: flags[f] for f in SESSION_FIELDS if flags.get(f) is not None}
+    return selected, filters, set(selected) | set(filters)
 
 
 def _matches(row: Mapping[str, Any], filters: Mapping[str, str]) -> bool:
@@ -3804,11 +3876,9 @@ def session_table(records: Iterable[Mapping[str, Any]], flags: Mapping[str, Any]
     expression); filters AND; rows come ordered by (mountpoint, client_id) and
     their keys alphabetically.
     """
-    selected = [f for f in SESSION_FIELDS if f in flags and flags[f] is None] or list(SESSION_DEFAULT_COLUMNS)
-    filters = {f: flags[f] for f in SESSION_FIELDS if flags.get(f) is not None}
-    used = set(selected) | set(filters)
+    selected, filters, used = session_query(flags)
     ordered = sorted(records, key=lambda r: (r.get("mountpoint", ""), r.get("client_id", "")))
-    rows = [row for rec in ordered for row in _expand(rec, used) if _matches(row, filters)]
+    rows = [row for rec in ordered for row in _expand(rec, used) if not filters or _matches(row, filters)]
     offset, limit = flags.get("offset") or 0, flags.get("limit") or 100
     columns = tuple(sorted(selected))
     return Table(tuple({c: row.get(c) for c in columns} for row in rows[offset:offset + limit]), columns)
@@ -3824,7 +3894,13 @@ def cmd_session_show(call: Call) -> Any:
     """Show sessions; --field selects a column, --field=value filters (=~regex too)."""
     wanted = call.flags.get("client_id")
     lookup = wanted if wanted is not None and not wanted.startswith("~") else None
-    return session_table(call.node.session_records(client_id=lookup), call.flags)
+    selected, filters, used = session_query(call.flags)
+    subs, msgs = not used.isdisjoint(SUBSCRIPTION_FIELDS), not used.isdisjoint(MESSAGE_FIELDS)
+    if filters or subs or msgs:
+        return session_table(call.node.session_records(lookup, subs, msgs), call.flags)
+    offset, limit = call.flags.get("offset") or 0, call.flags.get("limit") or 100
+    columns = tuple(sorted(selected))
+    return Table(tuple(call.node.session_rows(lookup, columns, slice(offset, offset + limit))), columns)
 
 
 _MOUNTPOINT = Param("mountpoint", short="m", doc="the session's mountpoint (default none)")
@@ -4510,6 +4586,12 @@ def redact(target: str) -> str:
     return _SECRET_ARG.sub(r"\1***", target)
 
 
+@functools.lru_cache(maxsize=2)
+def _http_date(second: int) -> str:
+    """Return the Date header for a second (cached: every answer of that second shares it)."""
+    return email.utils.formatdate(second, usegmt=True)
+
+
 class _Server(http.server.ThreadingHTTPServer):
     """ThreadingHTTPServer that counts, limits and times out its connections."""
 
@@ -4659,7 +4741,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         head = self.command == "HEAD"
         status = http.HTTPStatus(resp.status)
         lines = [f"HTTP/1.1 {status.value} {status.phrase}", f"Server: {self.server_version}",
-                 f"Date: {self.date_time_string()}"]
+                 f"Date: {_http_date(int(time.time()))}"]
         lines += [f"{k}: {v}" for k, v in resp.headers]
         lines.append(f"Content-Length: {len(resp.body)}")
         if self.close_connection:
@@ -4669,8 +4751,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.wfile.write(data)
         except OSError:
             self.close_connection = True
-        log.info('%s "%s %s" %d %d', self.client_address[0], self.command or "-", redact(self.path or "-"),
-                 resp.status, len(resp.body))
+        if log.isEnabledFor(logging.INFO):
+            log.info('%s "%s %s" %d %d', self.client_address[0], self.command or "-", redact(self.path or "-"),
+                     resp.status, len(resp.body))
 
     def log_message(self, format: str, *args: Any) -> None:
         log.info("http: " + format, *args)
@@ -4937,14 +5020,31 @@ class Node:
                 "matches_local": m("router_matches_local"), "matches_remote": m("router_matches_remote"),
                 "version": __version__}
 
-    def session_records(self, client_id: str | None = None) -> list[dict]:
-        """Return every session show field of each session (or of ``client_id``'s)."""
-        if self.mqtt is None:
-            return []
-        records = self.in_broker(self.mqtt.broker.session_records, client_id)
+    def session_records(self, client_id: str | None = None, subscriptions: bool = True,
+                        messages: bool = True) -> list[dict]:
+        """Return every session show field of each session (or ``client_id``'s), ordered by (mountpoint, id)."""
+        records = self._in_chunks("session_records", client_id, slice(None), subscriptions, messages)
         for record in records:
             record["node"] = self.name
         return records
+
+    def session_rows(self, client_id: str | None, columns: Sequence[str], window: slice) -> list[dict]:
+        """Return finished session show rows for a listing without filters, paged before they are built."""
+        rows = self._in_chunks("session_rows", client_id, window, tuple(columns))
+        if "node" in columns:
+            for row in rows:
+                row["node"] = self.name
+        return rows
+
+    def _in_chunks(self, method: str, client_id: str | None, window: slice, *args: Any) -> list[dict]:
+        if self.mqtt is None:
+            return []
+        fn = getattr(self.mqtt.broker, method)
+        keys = self.in_broker(self.mqtt.broker.session_keys, client_id)[window]
+        out: list[dict] = []
+        for start in range(0, len(keys), SESSION_CHUNK):  # the broker's thread delivers between chunks
+            out += self.in_broker(fn, keys[start:start + SESSION_CHUNK], *args)
+        return out
 
     def disconnect_session(self, client_id: str, mountpoint: str = "", cleanup: bool = False) -> bool:
         """Disconnect a client (and with ``cleanup`` drop its session); return whether it existed."""

@@ -202,3 +202,14 @@ def test_session_table_filters_select_and_expand():
     rows = vmqapi.session_table(RECORDS, {"payload": None, "msg_qos": "1"}).rows
     assert rows == ({"payload": "hi"},)
     assert vmqapi.session_table(RECORDS, {"user": "null"}).rows[0]["client_id"] == "b"
+
+
+@given(st.lists(st.dictionaries(st.sampled_from("abc"), st.integers() | st.text(max_size=3), max_size=3),
+                max_size=30), st.integers(1, 7))
+def test_chunked_table_json_equals_one_dumps(rows, chunk):
+    import unittest.mock
+    table = Table(tuple(rows))
+    expected = json.dumps(table.to_json(), separators=(",", ":"), ensure_ascii=False).encode()
+    with unittest.mock.patch.object(vmqapi, "JSON_CHUNK", chunk):
+        assert vmqapi.render_json([table]) == expected
+        assert vmqapi.render_json([table, Text("x")]) == b"[" + expected + b',{"text":"x","type":"text"}]\n'
