@@ -66,6 +66,7 @@ import ipaddress
 import json
 import logging
 import os
+import random
 import re
 import secrets
 import signal
@@ -1194,6 +1195,25 @@ def valid_topic_filter(topic: str) -> bool:
     return True
 
 
+SHARE_PREFIX = "$share/"  # MQTT 5 4.8.2, which VerneMQ also allows for 3.1.1 clients
+
+
+def split_shared(topic_filter: str) -> tuple[str | None, str]:
+    """Return (group, filter) of ``$share/<group>/<filter>``, or (None, topic_filter) for a plain one."""
+    if not topic_filter.startswith(SHARE_PREFIX):
+        return None, topic_filter
+    group, sep, rest = topic_filter[len(SHARE_PREFIX):].partition("/")
+    if not sep or not group or "+" in group or "#" in group:
+        return "", rest  # an empty group marks an invalid shared filter [MQTT-4.8.2-1], [MQTT-4.8.2-2]
+    return group, rest
+
+
+def valid_subscription(topic_filter: str) -> bool:
+    """Return whether ``topic_filter`` (plain or shared) may be subscribed to."""
+    group, rest = split_shared(topic_filter)
+    return group != "" and valid_topic_filter(rest)
+
+
 def topic_matches(topic_filter: str, topic: str) -> bool:
     """Match one filter against one topic name directly (used for ACLs and checks)."""
     if topic.startswith("$") and topic_filter[:1] in ("+", "#"):
@@ -1621,6 +1641,25 @@ class Tracer:
         return lines
 
 
+class SharedGroup:
+    """The members of one ``$share/<group>/<filter>``; the trie sees the group as one subscriber."""
+
+    __slots__ = ("name", "members")
+
+    def __init__(self, name: str):
+        self.name = name
+        self.members: dict[Session, int] = {}
+
+    def pick(self, policy: str, choose: Callable[[Sequence[Any]], Any]) -> tuple[Session, int] | None:
+        """Choose the member that gets a message: among online members, else any (its queue keeps it)."""
+        online = [m for m in self.members if m.client is not None]
+        pool = online or list(self.members)
+        if not pool:
+            return None
+        member = choose(pool)  # one node: prefer_local, local_only and random all choose among local members
+        return member, self.members[member]
+
+
 def _online(s: Session) -> bool:
     return s.client is not None
 
@@ -1683,6 +1722,8 @@ class Broker:
         self._match_cache: dict[tuple[str, str], dict] = {}
         self.tracers: dict[tuple[str, str], Tracer] = {}
         self.mountpoints: set[str] = {""}
+        self.groups: dict[tuple[str, str, str], SharedGroup] = {}  # (mountpoint, group, filter)
+        self.choose: Callable[[Sequence[Any]], Any] = random.choice
         self._config: Config | None = None
         self.refresh_settings()
 
@@ -1697,6 +1738,7 @@ class Broker:
             self.max_offline = config["max_offline_messages"]
             self.acl_file = config["vmq_acl.acl_file"]
             self.max_rate = config["max_message_rate"]
+            self.shared_policy = config["shared_subscription_policy"]
         return config
 
     # -- bookkeeping ------------------------------------------------------
@@ -1756,9 +1798,8 @@ class Broker:
 
     def drop_session(self, session: Session) -> None:
         """Forget a session: subscriptions, queue and stored rows."""
-        trie = self.tries[session.mountpoint]
         for topic_filter in session.subs:
-            trie.remove(topic_filter, session)
+            self._detach(session, topic_filter)
         self._match_cache.clear()
         self.sessions.pop((session.mountpoint, session.client_id), None)
         if not session.clean:
@@ -1970,6 +2011,11 @@ class Broker:
         upgrade, frame0, direct = self.upgrade_qos, None, 0
         on_deliver = self.hooks.on_deliver
         for session, sub_qos in matches.items():
+            if type(session) is SharedGroup:
+                picked = session.pick(self.shared_policy, self.choose)
+                if picked is None:
+                    continue
+                session, sub_qos = picked
             qos = sub_qos if upgrade else min(msg.qos, sub_qos)
             client = session.client
             if qos == 0 and client is not None and client.link.writable and not session.queue:
@@ -2099,8 +2145,9 @@ class Broker:
                 topics, answer = [(str(t), int(q)) for t, q in answer], "ok"
         codes, granted = [], []
         for topic_filter, qos in topics:
-            valid = valid_topic_filter(topic_filter) and qos in (0, 1, 2)
-            if not valid or answer == "error" or (answer is None and not self.acl(client, "read", topic_filter)):
+            valid = valid_subscription(topic_filter) and qos in (0, 1, 2)
+            plain = split_shared(topic_filter)[1]
+            if not valid or answer == "error" or (answer is None and not self.acl(client, "read", plain)):
                 codes.append(SUBACK_FAILURE)
                 self.counters["mqtt_subscribe_auth_error" if valid else "mqtt_subscribe_error", ()] += 1
                 continue
@@ -2112,12 +2159,41 @@ class Broker:
         if granted:
             notify(self.hooks.on_subscribe, client.user, sid, granted)
         for topic_filter, qos in granted:
-            self.send_retained(session, topic_filter, qos)
+            if not topic_filter.startswith(SHARE_PREFIX):  # no retained messages on shared subscriptions
+                self.send_retained(session, topic_filter, qos)
+
+    def _attach(self, session: Session, topic_filter: str, qos: int) -> None:
+        """Put a subscription in the trie; a shared one joins its group, which the trie holds once."""
+        group, plain = split_shared(topic_filter)
+        trie = self.tries[session.mountpoint]
+        if group is None:
+            trie.add(topic_filter, session, qos)
+        else:
+            key = (session.mountpoint, group, plain)
+            shared = self.groups.get(key)
+            if shared is None:
+                shared = self.groups[key] = SharedGroup(group)
+                trie.add(plain, shared, 2)
+            shared.members[session] = qos
+        self._match_cache.clear()
+
+    def _detach(self, session: Session, topic_filter: str) -> None:
+        group, plain = split_shared(topic_filter)
+        trie = self.tries[session.mountpoint]
+        if group is None:
+            trie.remove(topic_filter, session)
+            return
+        key = (session.mountpoint, group, plain)
+        shared = self.groups.get(key)
+        if shared is not None:
+            shared.members.pop(session, None)
+            if not shared.members:
+                del self.groups[key]
+                trie.remove(plain, shared)
 
     def subscribe(self, session: Session, topic_filter: str, qos: int) -> None:
         """Add or replace one subscription [MQTT-3.8.4-3]."""
-        self.tries[session.mountpoint].add(topic_filter, session, qos)
-        self._match_cache.clear()
+        self._attach(session, topic_filter, qos)
         session.subs[topic_filter] = qos
         if not session.clean:
             self.store.put_subscription(session.mountpoint, session.client_id, topic_filter, qos)
@@ -2150,7 +2226,7 @@ class Broker:
         """Remove one subscription; return whether it existed."""
         if session.subs.pop(topic_filter, None) is None:
             return False
-        self.tries[session.mountpoint].remove(topic_filter, session)
+        self._detach(session, topic_filter)
         self._match_cache.clear()
         if not session.clean:
             self.store.delete_subscription(session.mountpoint, session.client_id, topic_filter)
@@ -2267,9 +2343,8 @@ class Broker:
         for mountpoint, client_id, topic_filter, qos in subscriptions:
             session = self.sessions.get((mountpoint, client_id))
             if session is not None:
-                self.tries[mountpoint].add(topic_filter, session, qos)
+                self._attach(session, topic_filter, qos)
                 session.subs[topic_filter] = qos
-        self._match_cache.clear()
         for mountpoint, client_id, msg, qos, row in messages:
             session = self.sessions.get((mountpoint, client_id))
             if session is not None:

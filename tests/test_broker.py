@@ -461,3 +461,43 @@ def test_mqtt_max_connections(make_node):
         assert first.ping()
     finally:
         first.close(), second.close(), third.close()
+
+
+def test_shared_subscriptions_spread_the_load(connect, node):
+    members = [connect(f"m{n}") for n in range(3)]
+    for m in members:
+        assert m.subscribe(("$share/workers/jobs/+", 1)) == (1,)
+    watcher = connect("watcher")
+    watcher.subscribe(("jobs/+", 0))
+    pub = connect("pub")
+    pub.publish("jobs/retained", b"r", 1, retain=True)  # shared subscriptions get no retained messages
+    late = connect("late")
+    late.subscribe(("$share/workers/jobs/+", 1))
+    late.no_message()
+    late.unsubscribe("$share/workers/jobs/+")
+    for n in range(30):
+        pub.publish("jobs/x", str(n).encode(), 1)
+    got = {}
+    for m in members:
+        got[m] = []
+        while True:
+            try:
+                got[m].append(m.message(timeout=0.5).payload)
+            except TimeoutError:
+                break
+    received = sorted(p for payloads in got.values() for p in payloads if p != b"r")
+    assert received == sorted(str(n).encode() for n in range(30))  # each message to exactly one member
+    assert all(len(payloads) > 0 for payloads in got.values())
+    assert len([watcher.message() for _ in range(31)]) == 31  # plain subscribers still get everything
+    codes = members[0].subscribe(("$share//jobs", 0), ("$share/g+/jobs", 0), ("$share/g", 0))
+    assert codes == (0x80, 0x80, 0x80)
+
+
+def test_shared_group_member_offline_keeps_its_messages(connect, node):
+    a = connect("a", clean=False)
+    a.subscribe(("$share/g/t", 1))
+    a.disconnect()
+    pub = connect("pub")
+    pub.publish("t", b"for the only member", 1)
+    back = connect("a", clean=False)
+    assert back.message().payload == b"for the only member"
