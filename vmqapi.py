@@ -2808,6 +2808,10 @@ class MqttIO:
         for link in dirty:
             link.flush()
 
+    def in_loop_thread(self) -> bool:
+        """Whether the caller runs in the broker's event loop thread."""
+        return threading.current_thread() is self._thread
+
     def call(self, fn: Callable[..., Any], *args: Any, timeout: float = 30) -> Any:
         """Run ``fn(*args)`` in the loop thread and return its result (from any other thread)."""
         future: concurrent.futures.Future = concurrent.futures.Future()
@@ -5007,8 +5011,8 @@ class Node:
 
     def in_broker(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run ``fn(*args)`` in the broker's thread (directly when the node has no broker running)."""
-        if self.mqtt is None or not self._running:
-            return fn(*args)
+        if self.mqtt is None or not self._running or self.mqtt.in_loop_thread():
+            return fn(*args)  # a hook calling back into the node is already in the broker's thread
         return self.mqtt.call(fn, *args)
 
     def _provision(self) -> None:

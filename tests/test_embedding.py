@@ -133,3 +133,16 @@ def test_unknown_hook_name_is_refused():
     import pytest
     with pytest.raises(ValueError):
         vmqapi.Hooks().register("on_everything", print)
+
+
+def test_a_hook_may_call_back_into_the_node(make_node):
+    node = make_node()
+    seen = []
+    node.hooks.register("on_register", lambda peer, sid, user: seen.append(len(node.session_records())))
+    c = MqttClient(mqtt_port(node))
+    try:
+        assert c.connect("me").return_code == 0
+        assert c.ping()
+        assert seen == [1]
+    finally:
+        c.close()
