@@ -457,3 +457,27 @@ def test_key_file_corrupted_while_running_fails_closed(client, node, key):
         assert fh.read() == b"{not json"
     vmqapi.write_file_atomically(path, good)
     assert client.get("/api/v1/cluster/show", key=key)[0] == 200
+
+
+@pytest.mark.parametrize("request_bytes, status", [
+    (b"GET /api/v1/cluster/show HTTP/2.0\r\n\r\n", 505),
+    (b"GET /api/v1/cluster/show HTTP/1.1\r\nHost : x\r\n\r\n", 400),
+    (b"GET /api/v1/cluster/show HTTP/1.1\r\nX-A: 1\r\n folded\r\n\r\n", 400),
+    (b"GET /api/v1/cluster/show HTTP/1.1\r\nNoColon\r\n\r\n", 400),
+    (b"GET /api/v1/cluster/show\r\n\r\n", 400),
+])
+def test_request_head_errors(node, request_bytes, status):
+    answer = raw_exchange(node, request_bytes)
+    assert int(answer.split(b" ")[1]) == status and b'"type":"error"' in answer
+
+
+def test_http_10_closes_and_expect_100_continue(node, key):
+    answer = raw_exchange(node, b"GET /api/v1/cluster/show HTTP/1.0\r\nAuthorization: " + basic(key).encode()
+                          + b"\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 200 ") and b"Connection: close" in answer
+    body = b"key=viaexpect123"
+    answer = raw_exchange(node, b"POST /api/v1/api-key/add HTTP/1.1\r\nConnection: close\r\nAuthorization: "
+                          + basic(key).encode() + b"\r\nExpect: 100-continue\r\nContent-Type: "
+                          b"application/x-www-form-urlencoded\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+    assert answer.startswith(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 ")
+    assert node.keystore.authenticate("viaexpect123", ["mgmt"]) == "mgmt"
