@@ -70,6 +70,7 @@ import re
 import secrets
 import signal
 import socket
+import ssl
 import sqlite3
 import string
 import sys
@@ -389,6 +390,14 @@ def parse_versions(text: str) -> tuple[int, ...]:
     return versions
 
 
+def parse_tls_versions(text: str) -> tuple[str, ...]:
+    """Parse ``tls_version``: a comma list of tlsv1.2 and tlsv1.3 (older ones are refused)."""
+    versions = tuple(sorted({v.strip() for v in text.split(",") if v.strip()}))
+    if not versions or any(v not in TLS_VERSIONS for v in versions):
+        raise ValueError(f"expected tlsv1.2 and/or tlsv1.3, got {text!r}")
+    return versions
+
+
 def render_value(value: Any) -> str:
     """Render a parsed setting back into its vernemq.conf form."""
     if value is True:
@@ -422,7 +431,9 @@ class Setting:
 
 DEFAULT_LISTENERS = {"http": ("127.0.0.1", 8888), "tcp": ("127.0.0.1", 1883)}
 HTTP_MODULES = ("vmq_http_mgmt_api", "vmq_status_http", "vmq_metrics_http", "vmq_health_http")
-LISTENER_TYPES = ("http", "tcp")  # grows with TLS and WebSocket: ssl, ws, wss, https
+LISTENER_TYPES = ("http", "tcp", "ssl", "ws", "wss")  # VerneMQ's listener types (https: not yet)
+MQTT_LISTENER_KINDS = {"tcp": "mqtt", "ssl": "mqtts", "ws": "mqttws", "wss": "mqttwss"}  # as listener show names them
+TLS_VERSIONS = {"tlsv1.2": ssl.TLSVersion.TLSv1_2, "tlsv1.3": ssl.TLSVersion.TLSv1_3}
 
 _S = Setting
 SETTINGS: tuple[Setting, ...] = (
@@ -454,6 +465,16 @@ SETTINGS: tuple[Setting, ...] = (
        "Let this listener's clients in without credentials whatever allow_anonymous says."),
     _S("message_store", parse_choice("sqlite", "memory"), "sqlite",
        "sqlite keeps retained messages and persistent sessions in DATA_DIR/messages.db; memory keeps nothing."),
+    _S("listener.certfile", parse_text, "", "PEM certificate (chain) of a TLS listener."),
+    _S("listener.keyfile", parse_text, "", "PEM private key of a TLS listener (empty: in the certfile)."),
+    _S("listener.cafile", parse_text, "", "PEM CA certificates that client certificates are checked against."),
+    _S("listener.require_certificate", parse_flag, False, "Refuse TLS clients without a valid certificate."),
+    _S("listener.use_identity_as_username", parse_flag, False,
+       "Use the client certificate's CN as the MQTT user name (the certificate then authenticates)."),
+    _S("listener.tls_version", parse_tls_versions, ("tlsv1.2",), "Comma list of tlsv1.2 and tlsv1.3; the lowest "
+       "one is the minimum."),
+    _S("listener.ciphers", parse_text, "", "OpenSSL cipher list of a TLS listener (empty: OpenSSL's default)."),
+    _S("max_ws_frame_size", parse_int_range(2, 268435456), 268435456, "Largest WebSocket frame accepted, in bytes."),
     _S("listener.max_request_line_length", parse_int_range(64, 1 << 20), 8000,
        "Longest HTTP request line, in bytes; longer ones get 414."),
     _S("listener.max_header_value_length", parse_int_range(64, 1 << 20), 4096,
@@ -494,7 +515,10 @@ SETTINGS: tuple[Setting, ...] = (
 del _S
 
 _SETTINGS_BY_NAME = types.MappingProxyType({s.name: s for s in SETTINGS})
-LISTENER_MQTT_OPTIONS = ("mountpoint", "max_connections", "allowed_protocol_versions", "allow_anonymous_override")
+LISTENER_TLS_OPTIONS = ("certfile", "keyfile", "cafile", "require_certificate", "use_identity_as_username",
+                        "tls_version", "ciphers")
+LISTENER_MQTT_OPTIONS = ("mountpoint", "max_connections", "allowed_protocol_versions", "allow_anonymous_override",
+                         *LISTENER_TLS_OPTIONS)
 LISTENER_OPTIONS = frozenset(
     s.name.split(".", 1)[1] for s in SETTINGS if s.name.startswith("listener.") and "$" not in s.name)
 
@@ -1857,7 +1881,14 @@ class Broker:
             client_id = "anon-" + secrets.token_hex(8)  # [MQTT-3.1.3-6]
         if len(client_id) > config["max_client_id_size"]:
             return self.refuse(client, CONNACK_BAD_ID)
-        verdict = self.authenticate(client, p, client_id, listener, config)
+        if getattr(listener, "use_identity_as_username", False):
+            identity = getattr(client.link, "identity", None)
+            if identity is None:
+                return self.refuse(client, CONNACK_NOT_AUTHORIZED)  # no certificate, no user name
+            p = dataclasses.replace(p, username=identity, password=None)
+            verdict = 0  # the verified certificate is the credential
+        else:
+            verdict = self.authenticate(client, p, client_id, listener, config)
         if verdict:
             return self.refuse(client, verdict)
         mountpoint = listener.mountpoint
@@ -2578,6 +2609,7 @@ class MqttLink(asyncio.Protocol):
         self.writable = True
         self.closing = self.paused = False
         self.tracer: Tracer | None = None
+        self.identity: str | None = None  # the client certificate's CN, on TLS listeners
         self.peer = ("", 0)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -2594,6 +2626,7 @@ class MqttLink(asyncio.Protocol):
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.peer = tuple(transport.get_extra_info("peername") or ("", 0))[:2]
+        self.identity = certificate_cn(transport.get_extra_info("peercert")) if listener.tls else None
         self.client = self.io.broker.connection_made(self)
 
     def data_received(self, data: bytes) -> None:
@@ -2679,13 +2712,221 @@ class MqttLink(asyncio.Protocol):
             self.io.after_batch()
 
 
+WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455 1.3
+WS_PATH = "/mqtt"  # SPEC 7
+WS_MAX_HANDSHAKE = 8192
+WS_CLOSE_PROTOCOL, WS_CLOSE_UNSUPPORTED, WS_CLOSE_TOO_BIG = 1002, 1003, 1009  # RFC 6455 7.4.1
+
+
+def ws_frame(opcode: int, payload: bytes) -> bytes:
+    """Encode one unmasked, final server frame (RFC 6455 5.2)."""
+    n = len(payload)
+    if n < 126:
+        head = bytes((0x80 | opcode, n))
+    elif n < 65536:
+        head = bytes((0x80 | opcode, 126)) + n.to_bytes(2, "big")
+    else:
+        head = bytes((0x80 | opcode, 127)) + n.to_bytes(8, "big")
+    return head + payload
+
+
+class WsError(Exception):
+    """A WebSocket protocol violation, with the close code to send."""
+
+    def __init__(self, code: int, reason: str):
+        super().__init__(reason)
+        self.code, self.reason = code, reason
+
+
+def ws_decode(buf: bytes, pos: int, max_size: int) -> tuple[int, bool, bytes, int] | None:
+    """Decode one client frame at ``buf[pos:]``: (opcode, fin, unmasked payload, next pos), or None.
+
+    Raises WsError for an unmasked frame, reserved bits, a bad control frame or one over ``max_size``.
+    """
+    if len(buf) - pos < 2:
+        return None
+    b0, b1 = buf[pos], buf[pos + 1]
+    if b0 & 0x70:
+        raise WsError(WS_CLOSE_PROTOCOL, "reserved bits set")  # RFC 6455 5.2: no extension was agreed
+    if not b1 & 0x80:
+        raise WsError(WS_CLOSE_PROTOCOL, "client frame not masked")  # RFC 6455 5.1
+    opcode, fin, n, i = b0 & 0x0F, bool(b0 & 0x80), b1 & 0x7F, pos + 2
+    if n >= 126:
+        width = 2 if n == 126 else 8
+        if len(buf) < i + width:
+            return None
+        n, i = int.from_bytes(buf[i:i + width], "big"), i + width
+    if opcode >= 8 and (not fin or n > 125):
+        raise WsError(WS_CLOSE_PROTOCOL, "bad control frame")  # RFC 6455 5.5
+    if n > max_size:
+        raise WsError(WS_CLOSE_TOO_BIG, f"frame of {n} bytes is over max_ws_frame_size")
+    if len(buf) < i + 4 + n:
+        return None
+    mask, data = buf[i:i + 4], buf[i + 4:i + 4 + n]
+    payload = (int.from_bytes(data, "little") ^ int.from_bytes(mask * (n // 4 + 1), "little")
+               ).to_bytes(n + 4, "little")[:n] if n else b""
+    return opcode, fin, payload, i + 4 + n
+
+
+def ws_handshake(request: bytes) -> tuple[bytes, bool]:
+    """Answer an opening handshake: (response bytes, accepted) (RFC 6455 4.2)."""
+    lines = request.decode("iso-8859-1").split("\r\n")
+    words = lines[0].split()
+    headers = {}
+    for line in lines[1:]:
+        name, sep, value = line.partition(":")
+        if sep:
+            headers[name.strip().lower()] = value.strip()
+    protocols = [p.strip() for p in headers.get("sec-websocket-protocol", "").split(",")]
+    key = headers.get("sec-websocket-key", "")
+    if len(words) != 3 or words[0] != "GET" or words[1].split("?")[0] != WS_PATH:
+        return b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n", False
+    if headers.get("upgrade", "").lower() != "websocket" or "upgrade" not in headers.get("connection", "").lower() \
+            or headers.get("sec-websocket-version") != "13" or len(key) != 24 or "mqtt" not in protocols:
+        return (b"HTTP/1.1 400 Bad Request\r\nSec-WebSocket-Version: 13\r\nContent-Length: 0\r\n"
+                b"Connection: close\r\n\r\n"), False
+    accept = base64.b64encode(hashlib.sha1(key.encode() + WS_GUID).digest()).decode()
+    return (f"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            f"Sec-WebSocket-Accept: {accept}\r\nSec-WebSocket-Protocol: mqtt\r\n\r\n").encode(), True
+
+
+class WsTransport:
+    """What an MqttLink needs of a transport, carried in WebSocket binary frames."""
+
+    def __init__(self, transport: asyncio.Transport):
+        self._transport = transport
+
+    def write(self, data: bytes) -> None:
+        self._transport.write(ws_frame(2, data))
+
+    def close(self) -> None:
+        if not self._transport.is_closing():
+            self._transport.write(ws_frame(8, (1000).to_bytes(2, "big")))
+        self._transport.close()
+
+    def abort(self) -> None:
+        self._transport.abort()
+
+    def pause_reading(self) -> None:
+        self._transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        self._transport.resume_reading()
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self._transport.get_extra_info(name, default)
+
+
+class WsLink(asyncio.Protocol):
+    """MQTT over WebSocket: the opening handshake, then frames in, MqttLink inside."""
+
+    def __init__(self, listener: MqttListener):
+        self.listener = listener
+        self.inner = MqttLink(listener)
+        self.transport: asyncio.Transport | None = None
+        self.buffer = b""
+        self.open = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        if not self.open:
+            end = self.buffer.find(b"\r\n\r\n")
+            if end < 0:
+                if len(self.buffer) > WS_MAX_HANDSHAKE:
+                    self.transport.close()
+                return
+            answer, self.open = ws_handshake(self.buffer[:end])
+            self.transport.write(answer)
+            if not self.open:
+                self.transport.close()
+                return
+            self.buffer = self.buffer[end + 4:]
+            self.inner.connection_made(WsTransport(self.transport))
+        self._frames()
+
+    def _frames(self) -> None:
+        pos, max_size = 0, self.inner.io.settings()["max_ws_frame_size"]
+        try:
+            while True:
+                frame = ws_decode(self.buffer, pos, max_size)
+                if frame is None:
+                    break
+                opcode, _, payload, pos = frame
+                if opcode in (0, 2):
+                    self.inner.data_received(payload)  # MQTT is a byte stream: fragments feed it as they come
+                elif opcode == 1:
+                    raise WsError(WS_CLOSE_UNSUPPORTED, "MQTT needs binary frames")
+                elif opcode == 8:
+                    self._close(int.from_bytes(payload[:2], "big") if len(payload) >= 2 else 1000)
+                    return
+                elif opcode == 9:
+                    self.transport.write(ws_frame(10, payload))  # ping -> pong, RFC 6455 5.5.2
+                elif opcode != 10:
+                    raise WsError(WS_CLOSE_PROTOCOL, f"unknown opcode {opcode}")
+        except WsError as exc:
+            log.info("closing WebSocket from %s: %s", self.inner.peer[0], exc.reason)
+            self._close(exc.code)
+            return
+        self.buffer = self.buffer[pos:]
+
+    def _close(self, code: int) -> None:
+        self.buffer = b""
+        if self.inner.client is not None:
+            self.inner.io.broker.close_client(self.inner.client, close_link=False)
+            self.inner.io.after_batch()
+        if not self.transport.is_closing():
+            self.transport.write(ws_frame(8, code.to_bytes(2, "big")))
+            self.transport.close()
+
+    def pause_writing(self) -> None:
+        self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.inner.resume_writing()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.open:
+            self.inner.connection_lost(exc)
+
+
+def tls_context(options: Mapping[str, Any]) -> ssl.SSLContext:
+    """Build a server TLS context from a listener's certfile, keyfile, cafile, versions and ciphers."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = TLS_VERSIONS[min(options["tls_version"])]
+    ctx.load_cert_chain(options["certfile"], options["keyfile"] or None)
+    if options["cafile"]:
+        ctx.load_verify_locations(options["cafile"])
+        ctx.verify_mode = ssl.CERT_REQUIRED if options["require_certificate"] else ssl.CERT_OPTIONAL
+    elif options["require_certificate"]:
+        raise ssl.SSLError("require_certificate needs a cafile")
+    if options["ciphers"]:
+        ctx.set_ciphers(options["ciphers"])
+    return ctx
+
+
+def certificate_cn(cert: Mapping[str, Any] | None) -> str | None:
+    """Return the common name of a peer certificate as ``ssl`` decodes it."""
+    for rdn in (cert or {}).get("subject", ()):
+        for key, value in rdn:
+            if key == "commonName":
+                return value
+    return None
+
+
 class MqttListener:
-    """One MQTT listener: address, mountpoint, limits, status and counters."""
+    """One MQTT listener (TCP, TLS, WebSocket or both): address, options, status and counters."""
 
-    kind = "mqtt"
-
-    def __init__(self, io: MqttIO, name: str, address: tuple[str, int], options: Mapping[str, Any]):
+    def __init__(self, io: MqttIO, name: str, address: tuple[str, int], options: Mapping[str, Any],
+                 kind: str = "tcp"):
         self.io, self.name = io, name
+        self.kind = MQTT_LISTENER_KINDS[kind]
+        self.websocket = kind in ("ws", "wss")
+        self.options = dict(options)
+        self.tls = tls_context(options) if kind in ("ssl", "wss") else None
+        self.use_identity_as_username = bool(self.tls) and options["use_identity_as_username"]
         self.address, self.port = address
         self.mountpoint = options["mountpoint"]
         self.max_connections = options["max_connections"]
@@ -2706,8 +2947,10 @@ class MqttListener:
                "mountpoint": self.mountpoint, "max_conns": "infinity" if self.max_connections is None
                else self.max_connections, "active_conns": self.active, "all_conns": self.all_conns}
         if tls:
-            row.update(dict.fromkeys(("tls_version", "certfile", "cafile", "keyfile", "require_certificate",
-                                      "use_identity_as_username", "psk_support", "pskfile"), ""))
+            opts = self.options if self.tls else dict.fromkeys(LISTENER_TLS_OPTIONS, "")
+            row.update({k: render_value(opts[k]) if opts[k] != "" else "" for k in (
+                "tls_version", "certfile", "cafile", "keyfile", "require_certificate", "use_identity_as_username")})
+            row.update(psk_support="", pskfile="")
         if mqtt:
             names = {3: "mqtt 3.1", 4: "mqtt 3.1.1", 5: "mqtt 5"}
             row["allowed_protocol_versions"] = ", ".join(names.get(v, str(v)) for v in self.allowed_versions)
@@ -2735,22 +2978,24 @@ class MqttIO:
         asyncio.set_event_loop(self.loop)
         self.loop.run_forever()
 
-    def start(self, addresses: Mapping[str, tuple[str, int]]) -> None:
-        """Start the loop thread and bind every listener; raise ConfigError on a bind failure."""
+    def start(self) -> None:
+        """Start the loop thread and bind every MQTT listener; raise ConfigError on a failure."""
         self._thread.start()
         config = self.settings()
-        for name, address in sorted(addresses.items()):
-            options = {o: config.listener_option("tcp", name, o) for o in LISTENER_MQTT_OPTIONS}
-            try:
-                self.open_listener(name, address, options)
-            except OSError as exc:
-                raise ConfigError(f"cannot bind listener.tcp.{name} on {render_value(address)}: "
-                                  f"{exc.strerror or exc}") from None
+        for kind in MQTT_LISTENER_KINDS:
+            for name, address in sorted(config.listeners(kind).items()):
+                options = {o: config.listener_option(kind, name, o) for o in LISTENER_MQTT_OPTIONS}
+                try:
+                    self.open_listener(name, address, options, kind)
+                except (OSError, ssl.SSLError) as exc:  # SSLError: a bad certificate or key file
+                    raise ConfigError(f"cannot start listener.{kind}.{name} on {render_value(address)}: "
+                                      f"{getattr(exc, 'strerror', None) or exc}") from None
         self.call(self._tick)
 
-    def open_listener(self, name: str, address: tuple[str, int], options: Mapping[str, Any]) -> MqttListener:
+    def open_listener(self, name: str, address: tuple[str, int], options: Mapping[str, Any],
+                      kind: str = "tcp") -> MqttListener:
         """Bind a new MQTT listener (from any thread but the loop's); raise OSError on failure."""
-        listener = MqttListener(self, name, address, options)
+        listener = MqttListener(self, name, address, options, kind)
         self.call_async(self._bind(listener))
         self.listeners.append(listener)
         return listener
@@ -2790,8 +3035,10 @@ class MqttIO:
                 self.broker.close_client(client)
 
     async def _bind(self, listener: MqttListener) -> None:
-        listener.server = await self.loop.create_server(lambda: MqttLink(listener), listener.address,
-                                                        listener.port, backlog=1024, reuse_address=True)
+        protocol = (lambda: WsLink(listener)) if listener.websocket else (lambda: MqttLink(listener))
+        listener.server = await self.loop.create_server(protocol, listener.address, listener.port, backlog=1024,
+                                                        reuse_address=True, ssl=listener.tls,
+                                                        ssl_handshake_timeout=10 if listener.tls else None)
         listener.port = listener.server.sockets[0].getsockname()[1]
 
     def _tick(self) -> None:
@@ -5027,7 +5274,7 @@ class Node:
         return self
 
     def _start_mqtt(self) -> None:
-        addresses = self._config.listeners("tcp")
+        addresses = {(k, n): a for k in MQTT_LISTENER_KINDS for n, a in self._config.listeners(k).items()}
         if self._config["message_store"] == "sqlite":
             store: MemoryStore = SqliteStore(os.path.join(self.data_dir, MESSAGE_DB))
         else:
@@ -5040,7 +5287,7 @@ class Node:
                         "clients may connect without credentials (set allow_anonymous = off to refuse them)")
         broker.restore(*store.load())
         self.metrics.add_source(lambda: broker.counters, broker.gauges)
-        self.mqtt.start(addresses)
+        self.mqtt.start()
 
     def _stop_mqtt(self) -> None:
         if self.mqtt is not None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import socket
+import ssl
 import time
 
 import vmqapi
@@ -13,18 +15,24 @@ from vmqapi import (Connack, Connect, Disconnect, Pingreq, Puback, Pubcomp, Publ
 class MqttClient:
     """One connection; every wait is bounded by ``timeout`` seconds."""
 
-    def __init__(self, port, timeout=5.0):
+    def __init__(self, port, timeout=5.0, tls=None):
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        if tls is not None:
+            self.sock = tls.wrap_socket(self.sock, server_hostname="localhost")
         self.timeout = timeout
         self.buffer = b""
         self.next_pid = 1
         self.received = []  # packets read while waiting for something else
 
     def send(self, packet):
-        self.sock.sendall(vmqapi.encode_packet(packet))
+        self.send_raw(vmqapi.encode_packet(packet))
 
     def send_raw(self, data):
         self.sock.sendall(data)
+
+    def recv_raw(self):
+        """Return the next bytes of the MQTT stream (b"" when closed)."""
+        return self.sock.recv(65536)
 
     def read(self, timeout=None):
         """Return the next packet, or None when the server closed the connection."""
@@ -42,10 +50,10 @@ class MqttClient:
                 raise TimeoutError("no packet")
             self.sock.settimeout(left)
             try:
-                chunk = self.sock.recv(65536)
+                chunk = self.recv_raw()
             except socket.timeout:
                 raise TimeoutError("no packet") from None
-            except ConnectionResetError:
+            except (ConnectionResetError, ssl.SSLError):
                 return None
             if not chunk:
                 return None
@@ -135,3 +143,59 @@ class MqttClient:
 
     def close(self):
         self.sock.close()
+
+
+class WsMqttClient(MqttClient):
+    """MQTT over a WebSocket (RFC 6455): masked binary frames out, frames in."""
+
+    def __init__(self, port, timeout=5.0, tls=None, path="/mqtt", protocol="mqtt"):
+        super().__init__(port, timeout, tls)
+        key = "dGhlIHNhbXBsZSBub25jZQ=="
+        self.sock.sendall((f"GET {path} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                           f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+                           f"Sec-WebSocket-Protocol: {protocol}\r\n\r\n").encode())
+        head = b""
+        while b"\r\n\r\n" not in head:
+            chunk = self.sock.recv(1)
+            if not chunk:
+                break
+            head += chunk
+        self.handshake = head.decode("iso-8859-1")
+        self.frames = b""
+        self.close_code = None
+
+    @staticmethod
+    def frame(opcode, payload, fin=True, mask=True):
+        """Encode one client frame."""
+        n = len(payload)
+        head = bytes((0x80 * fin | opcode,))
+        length = bytes((0x80 * mask | n,)) if n < 126 else bytes((0x80 * mask | 126,)) + n.to_bytes(2, "big")
+        if not mask:
+            return head + length + payload
+        key = os.urandom(4)
+        return head + length + key + bytes(b ^ key[i % 4] for i, b in enumerate(payload))
+
+    def send_raw(self, data):
+        self.sock.sendall(self.frame(2, data))
+
+    def recv_raw(self):
+        while True:
+            if len(self.frames) >= 2:
+                n, i = self.frames[1] & 0x7F, 2
+                if n == 126:
+                    n, i = int.from_bytes(self.frames[2:4], "big"), 4
+                elif n == 127:
+                    n, i = int.from_bytes(self.frames[2:10], "big"), 10
+                if len(self.frames) >= i + n:
+                    opcode, payload = self.frames[0] & 0x0F, self.frames[i:i + n]
+                    self.frames = self.frames[i + n:]
+                    if opcode == 8:
+                        self.close_code = int.from_bytes(payload[:2], "big")
+                        return b""
+                    if opcode == 2:
+                        return payload
+                    continue
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                return b""
+            self.frames += chunk

@@ -1,0 +1,199 @@
+"""TLS and WebSocket listeners: certificates made at run time with openssl, MQTT over both."""
+
+from __future__ import annotations
+
+import shutil
+import ssl
+import subprocess
+
+import pytest
+
+from conftest import Client, body_json
+from mqtt_client import MqttClient, WsMqttClient
+import vmqapi
+
+
+def openssl(*args, cwd):
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    """A CA, a server certificate for 127.0.0.1, a client certificate, and one from another CA."""
+    if shutil.which("openssl") is None:
+        print("SKIPPED REASON: no openssl command to make test certificates")
+        pytest.skip("no openssl command to make test certificates")
+    d = tmp_path_factory.mktemp("pki")
+    for ca in ("ca", "other"):
+        openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", f"/CN={ca}",
+                "-keyout", f"{ca}.key", "-out", f"{ca}.pem", cwd=d)
+    (d / "san.cnf").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    for name, ca, cn in (("server", "ca", "localhost"), ("client", "ca", "device-7"), ("rogue", "other", "rogue")):
+        openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={cn}", "-keyout", f"{name}.key",
+                "-out", f"{name}.csr", cwd=d)
+        openssl("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.pem", "-CAkey", f"{ca}.key",
+                "-CAcreateserial", "-days", "2", "-out", f"{name}.pem",
+                *(["-extfile", "san.cnf"] if name == "server" else []), cwd=d)
+    return d
+
+
+def client_context(pki, cert=None):
+    ctx = ssl.create_default_context(cafile=str(pki / "ca.pem"))
+    if cert:
+        ctx.load_cert_chain(str(pki / f"{cert}.pem"), str(pki / f"{cert}.key"))
+    return ctx
+
+
+def tls_node(make_node, pki, kind="ssl", **extra):
+    return make_node(**{f"listener.{kind}.secure": "127.0.0.1:0", f"listener.{kind}.certfile": str(pki / "server.pem"),
+                        f"listener.{kind}.keyfile": str(pki / "server.key"),
+                        f"listener.{kind}.cafile": str(pki / "ca.pem"), **extra})
+
+
+def port_of(node, kind):
+    return next(x["port"] for x in node.listeners() if x["type"] == kind)
+
+
+def test_mqtt_over_tls(make_node, pki):
+    node = tls_node(make_node, pki)
+    c = MqttClient(port_of(node, "mqtts"), tls=client_context(pki))
+    try:
+        assert c.connect("tls-client").return_code == 0
+        c.subscribe(("t", 1))
+        c.publish("t", b"secret", 1)
+        assert c.message().payload == b"secret"
+    finally:
+        c.close()
+    key = node.keystore.create()
+    http = Client(node)
+    try:
+        rows = body_json(http.get("/api/v1/listener/show?--tls", key=key)[2])["table"]
+        row = next(r for r in rows if r["type"] == "mqtts")
+        assert row["certfile"] == str(pki / "server.pem") and row["tls_version"] == "tlsv1.2"
+    finally:
+        http.close()
+
+
+def test_required_certificate_and_wrong_ca(make_node, pki):
+    node = tls_node(make_node, pki, **{"listener.ssl.secure.require_certificate": "on"})
+    port = port_of(node, "mqtts")
+    with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
+        c = MqttClient(port, tls=client_context(pki))
+        c.connect("no-cert")  # TLS 1.3 may report the refusal only on the first read
+    with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
+        c = MqttClient(port, tls=client_context(pki, "rogue"))
+        c.connect("rogue")
+    good = MqttClient(port, tls=client_context(pki, "client"))
+    try:
+        assert good.connect("with-cert").return_code == 0
+    finally:
+        good.close()
+
+
+def test_identity_as_username(make_node, pki):
+    node = tls_node(make_node, pki, allow_anonymous="off", **{"listener.ssl.secure.require_certificate": "on",
+                                                             "listener.ssl.secure.use_identity_as_username": "on"})
+    c = MqttClient(port_of(node, "mqtts"), tls=client_context(pki, "client"))
+    try:
+        assert c.connect("dev", username="ignored", password=b"x").return_code == 0
+        key = node.keystore.create()
+        http = Client(node)
+        try:
+            rows = body_json(http.get("/api/v1/session/show?--client_id=dev&--user", key=key)[2])["table"]
+            assert rows == [{"user": "device-7"}]
+        finally:
+            http.close()
+    finally:
+        c.close()
+
+
+def test_bad_certificate_file_stops_the_node(tmp_path, pki):
+    from conftest import node_config
+    node = vmqapi.Node(node_config(tmp_path / "d", **{"listener.ssl.x": "127.0.0.1:0",
+                                                     "listener.ssl.x.certfile": str(tmp_path / "missing.pem")}))
+    with pytest.raises(vmqapi.ConfigError, match="listener.ssl.x"):
+        node.start()
+    node.stop()
+
+
+# -- WebSocket ---------------------------------------------------------------------------
+
+def ws_node(make_node):
+    return make_node(**{"listener.ws.web": "127.0.0.1:0"})
+
+
+def test_mqtt_over_websocket(make_node):
+    node = ws_node(make_node)
+    port = port_of(node, "mqttws")
+    c = WsMqttClient(port)
+    try:
+        assert c.handshake.startswith("HTTP/1.1 101 ")
+        assert "Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=" in c.handshake  # RFC 6455 1.3's example
+        assert "Sec-WebSocket-Protocol: mqtt" in c.handshake
+        assert c.connect("ws-client").return_code == 0
+        c.subscribe(("w", 1))
+        tcp = MqttClient(port_of(node, "mqtt"))
+        tcp.connect("tcp-pub")
+        tcp.publish("w", b"x" * 300, 1)  # a 16-bit frame length
+        assert c.message().payload == b"x" * 300
+        tcp.close()
+    finally:
+        c.close()
+
+
+def test_fragmented_message_and_ping(make_node):
+    node = ws_node(make_node)
+    c = WsMqttClient(port_of(node, "mqttws"))
+    try:
+        data = vmqapi.encode_packet(vmqapi.Connect("frag"))
+        c.sock.sendall(c.frame(2, data[:5], fin=False) + c.frame(9, b"hi") + c.frame(0, data[5:9], fin=False)
+                       + c.frame(0, data[9:]))
+        assert c.expect(vmqapi.Connack).return_code == 0
+        assert c.ping()
+    finally:
+        c.close()
+
+
+@pytest.mark.parametrize("frame, code", [
+    (WsMqttClient.frame(2, b"\x10\x00", mask=False), 1002),
+    (WsMqttClient.frame(1, b"text"), 1003),
+    (bytes((0xC2, 0x80)) + b"\x00\x00\x00\x00", 1002),  # a reserved bit
+])
+def test_websocket_violations_close_with_a_code(make_node, frame, code):
+    node = ws_node(make_node)
+    c = WsMqttClient(port_of(node, "mqttws"))
+    try:
+        c.sock.sendall(frame)
+        assert c.closed(3) and c.close_code == code
+    finally:
+        c.close()
+
+
+def test_websocket_frame_size_limit(make_node):
+    node = make_node(**{"listener.ws.web": "127.0.0.1:0", "max_ws_frame_size": "64"})
+    c = WsMqttClient(port_of(node, "mqttws"))
+    try:
+        c.sock.sendall(c.frame(2, b"x" * 100))
+        assert c.closed(3) and c.close_code == 1009
+    finally:
+        c.close()
+
+
+@pytest.mark.parametrize("path, protocol, status", [("/other", "mqtt", "404"), ("/mqtt", "chat", "400")])
+def test_websocket_handshake_refusals(make_node, path, protocol, status):
+    node = ws_node(make_node)
+    c = WsMqttClient(port_of(node, "mqttws"), path=path, protocol=protocol)
+    try:
+        assert c.handshake.split(" ")[1] == status
+    finally:
+        c.close()
+
+
+def test_mqtt_over_secure_websocket(make_node, pki):
+    node = tls_node(make_node, pki, kind="wss")
+    c = WsMqttClient(port_of(node, "mqttwss"), tls=client_context(pki))
+    try:
+        assert c.connect("wss-client").return_code == 0
+        assert c.ping()
+    finally:
+        c.close()
