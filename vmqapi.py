@@ -5187,6 +5187,19 @@ def keystore_for(config: Config, clock: Callable[[], float] = time.time) -> KeyS
                     clock=clock)
 
 
+def refuse_if_readable_by_others(path: str) -> None:
+    """Raise ConfigError when a secret file (keys, passwords) can be read by group or others."""
+    try:
+        mode = os.stat(path).st_mode
+    except (FileNotFoundError, ValueError):
+        return
+    except OSError as exc:
+        raise ConfigError(f"cannot check {path}: {exc.strerror}") from None
+    if os.name == "posix" and mode & 0o077:
+        raise ConfigError(f"{path} holds secrets but can be read by others (mode {mode & 0o777:o}); "
+                          f"run: chmod 600 {path}")
+
+
 def read_node_file(data_dir: str) -> dict | None:
     """Return the node.json of ``data_dir``, or None when there is none (or it is unreadable)."""
     try:
@@ -5250,6 +5263,8 @@ class Node:
         if other and other.get("pid") != os.getpid() and _pid_alive(other.get("pid")):
             raise ConfigError(f"another node (pid {other['pid']}) runs with data dir {self.data_dir}")
         self.keystore.load()
+        for path in (self.keystore.path, self._config["vmq_passwd.password_file"]):
+            refuse_if_readable_by_others(path)
         self._provision()
         try:
             self._start_mqtt()

@@ -157,6 +157,7 @@ def test_connack_refusals(node, make_node, tmp_path):
 def test_passwords_and_anonymous(make_node, tmp_path):
     passwd = tmp_path / "vmq.passwd"
     passwd.write_text("alice:" + vmqapi.hash_password("secret") + "\n")
+    passwd.chmod(0o600)
     node = make_node(allow_anonymous="off", **{"vmq_passwd.password_file": str(passwd)})
     port = mqtt_port(node)
     for kwargs, code in [({}, 5), ({"username": "bob", "password": b"x"}, 5),

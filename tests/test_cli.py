@@ -237,3 +237,21 @@ def test_second_node_on_the_same_data_dir_is_refused(data_dir):
         assert second.returncode == 1 and "another node" in err
     finally:
         stop_process(proc)
+
+
+def test_secret_files_readable_by_others_are_refused(data_dir, tmp_path):
+    import os
+    keys = run_cli("admin", "api-key", "create", data_dir=data_dir)
+    assert keys.returncode == 0
+    path = data_dir / vmqapi.KEY_FILE
+    os.chmod(path, 0o644)
+    proc = start_node_process(data_dir)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 1 and f"run: chmod 600 {path}" in err
+    os.chmod(path, 0o600)
+    passwd = tmp_path / "vmq.passwd"
+    passwd.write_text("u:" + vmqapi.hash_password("p") + "\n")
+    os.chmod(passwd, 0o640)
+    proc = start_node_process(data_dir, "--set", f"vmq_passwd.password_file={passwd}")
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 1 and f"run: chmod 600 {passwd}" in err

@@ -114,6 +114,7 @@ def test_auth_on_register_and_a_failing_hook(make_node):
 def test_disabling_vmq_passwd_turns_its_checks_off(make_node, tmp_path):
     passwd = tmp_path / "pw"
     passwd.write_text("alice:" + vmqapi.hash_password("pw") + "\n")
+    passwd.chmod(0o600)
     node = make_node(allow_anonymous="off", **{"vmq_passwd.password_file": str(passwd)})
     key = node.keystore.create()
     http = Client(node)
