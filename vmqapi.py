@@ -431,7 +431,7 @@ class Setting:
 
 DEFAULT_LISTENERS = {"http": ("127.0.0.1", 8888), "tcp": ("127.0.0.1", 1883)}
 HTTP_MODULES = ("vmq_http_mgmt_api", "vmq_status_http", "vmq_metrics_http", "vmq_health_http")
-LISTENER_TYPES = ("http", "tcp", "ssl", "ws", "wss")  # VerneMQ's listener types (https: not yet)
+LISTENER_TYPES = ("http", "https", "tcp", "ssl", "ws", "wss")  # VerneMQ's listener types
 MQTT_LISTENER_KINDS = {"tcp": "mqtt", "ssl": "mqtts", "ws": "mqttws", "wss": "mqttwss"}  # as listener show names them
 TLS_VERSIONS = {"tlsv1.2": ssl.TLSVersion.TLSv1_2, "tlsv1.3": ssl.TLSVersion.TLSv1_3}
 
@@ -4065,7 +4065,7 @@ def parse_ip(text: str) -> str:
 
 _LISTENER_KEYS = (Param("address", parse_ip, doc="IP address of the listener"),
                   Param("port", parse_int_range(0, 65535), doc="port of the listener"))
-_NOT_YET = "only MQTT over TCP listeners can be started at run time in this version"
+_NOT_YET = "HTTP listeners are set in the configuration only"
 
 
 @command("listener", "start", keys=_LISTENER_KEYS, required=("address", "port"), flags=(
@@ -4073,25 +4073,28 @@ _NOT_YET = "only MQTT over TCP listeners can be started at run time in this vers
     Param("max_connections", parse_max_connections, doc="connections at once (integer or infinity)"),
     Param("allowed_protocol_versions", parse_versions, doc="comma list of 3 (3.1) and 4 (3.1.1)"),
     Param("allow_anonymous_override", parse_flag, doc="on: let clients in without credentials"),
-    Param("websocket", value="none", doc="a WebSocket listener (not yet)"),
-    Param("http", value="none", doc="an HTTP listener (not yet)"),
-    Param("ssl", value="none", doc="a TLS listener (not yet)"),
-    *(Param(f, doc="TLS option (not yet)") for f in ("certfile", "keyfile", "cafile", "require_certificate",
-                                                     "use_identity_as_username", "tls_version", "ciphers"))))
+    Param("websocket", value="none", doc="MQTT over WebSocket (with --ssl: over TLS)"),
+    Param("http", value="none", doc="an HTTP listener (refused: set them in the configuration)"),
+    Param("ssl", value="none", doc="MQTT over TLS"),
+    *(Param(f, doc="TLS: as listener.ssl.<name>." + f) for f in ("certfile", "keyfile", "cafile", "ciphers")),
+    *(Param(f, parse_flag, doc="TLS: on or off") for f in ("require_certificate", "use_identity_as_username")),
+    Param("tls_version", parse_tls_versions, doc="TLS: tlsv1.2 and/or tlsv1.3")))
 def cmd_listener_start(call: Call) -> Any:
     """Start an MQTT listener at run time (not kept across restarts)."""
-    if any(f in call.flags for f in ("websocket", "http", "ssl")):
+    if "http" in call.flags:
         return alert(f"can't start listener due to '{_NOT_YET}'")
+    kind = {(False, False): "tcp", (True, False): "ssl", (False, True): "ws", (True, True): "wss"}[
+        ("ssl" in call.flags, "websocket" in call.flags)]
     address, port = call.args["address"], call.args["port"]
     if call.node.find_listener(address, port) is not None:
         return alert(f"can't start listener due to 'a listener exists at {address}:{port}'")
     config = call.node.config
-    options = {o: call.flags.get(o, config.listener_option("tcp", "default", o)) for o in LISTENER_MQTT_OPTIONS}
+    options = {o: call.flags.get(o, config.listener_option(kind, "default", o)) for o in LISTENER_MQTT_OPTIONS}
     if "mountpoint" in call.flags:
         options["mountpoint"] = call.flags["mountpoint"] or ""
     try:
-        call.node.start_listener(address, port, options)
-    except OSError as exc:
+        call.node.start_listener(address, port, options, kind)
+    except OSError as exc:  # ssl.SSLError too: a bad certificate or key
         return alert(f"can't start listener due to '{exc.strerror or exc}'")
     return "Done"
 
@@ -4138,6 +4141,58 @@ def cmd_listener_delete(call: Call) -> Any:
         return listener
     call.node.mqtt.delete_listener(listener)
     return "Done"
+
+
+def certificate_rows(files: Iterable[str], now: float) -> list[dict]:
+    """Describe PEM certificate files as tls show does (the first certificate of each file)."""
+    rows = []
+    for path in files:
+        try:
+            cert = ssl._ssl._test_decode_cert(path)  # the standard library's own PEM decoder
+        except (OSError, ssl.SSLError, AttributeError) as exc:
+            rows.append({"File": path, "Not_Before": "", "Not_After": "", "CN": f"unreadable: {exc}", "Issuer": "",
+                         "SAN": "", "expires": now})
+            continue
+        issuer = certificate_cn({"subject": cert.get("issuer", ())}) or ""
+        rows.append({"File": path, "Not_Before": cert["notBefore"], "Not_After": cert["notAfter"],
+                     "CN": certificate_cn(cert) or "", "Issuer": issuer,
+                     "SAN": ", ".join(v for _, v in cert.get("subjectAltName", ())),
+                     "expires": ssl.cert_time_to_seconds(cert["notAfter"]),
+                     "valid_from": ssl.cert_time_to_seconds(cert["notBefore"])})
+    return rows
+
+
+def _certificate_files(node: Any) -> list[str]:
+    files = []
+    for listener in node.tls_listeners():
+        for key in ("certfile", "cafile"):
+            path = listener.options.get(key) if hasattr(listener, "options") else listener.option(key)
+            if path and path not in files:
+                files.append(path)
+    return files
+
+
+@command("tls", "show", read_only=True)
+def cmd_tls_show(call: Call) -> Any:
+    """Show the certificates of the TLS listeners: validity, CN, issuer, SAN."""
+    rows = certificate_rows(_certificate_files(call.node), time.time())
+    return Table(tuple({k: r[k] for k in ("File", "Not_Before", "Not_After", "CN", "Issuer", "SAN")} for r in rows),
+                 ("File", "Not_Before", "Not_After", "CN", "Issuer", "SAN"))
+
+
+@command("tls", "check", read_only=True, flags=(
+    Param("validity", parse_int_range(0), short="v", doc="seconds a certificate must stay valid (172800)"),))
+def cmd_tls_check(call: Call) -> Any:
+    """Check that every TLS certificate stays valid for --validity seconds."""
+    now, validity = time.time(), call.flags.get("validity")
+    validity = 172800 if validity is None else validity
+    bad = [r for r in certificate_rows(_certificate_files(call.node), now)
+           if r["expires"] - now < validity or r.get("valid_from", now) > now]
+    if not bad:
+        return "All fine"
+    return Table(tuple({"File": r["File"], "Not_Before": r["Not_Before"], "Not_After": r["Not_After"],
+                        "SecExp": int(r["expires"] - now), "SecToVal": int(max(0, r.get("valid_from", now) - now))}
+                       for r in bad))
 
 
 METRIC_LABELS = ("mqtt_version", "reason_code", "return_code")
@@ -4943,6 +4998,7 @@ class _Server(http.server.ThreadingHTTPServer):
         self.node, self.listener = node, listener
         self._lock = threading.Lock()
         self._deadlines: dict[socket.socket, float | None] = {}
+        self._wrapped: dict[socket.socket, socket.socket] = {}  # accepted socket -> its TLS socket
         self._closing = threading.Event()
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
@@ -4961,8 +5017,28 @@ class _Server(http.server.ThreadingHTTPServer):
 
     def shutdown_request(self, request) -> None:
         with self._lock:
-            self._deadlines.pop(request, None)
+            wrapped = self._wrapped.pop(request, None)
+            self._deadlines.pop(wrapped or request, None)
+        if wrapped is not None:
+            with contextlib.suppress(OSError):
+                wrapped.close()
         super().shutdown_request(request)
+
+    def finish_request(self, request, client_address) -> None:
+        tls = self.listener.tls
+        if tls is not None:  # the TLS handshake happens here, in the connection's own thread
+            request.settimeout(10)
+            try:
+                wrapped = tls.wrap_socket(request, server_side=True)
+            except (ssl.SSLError, OSError) as exc:
+                log.info("TLS handshake with %s failed: %s", client_address[0], exc)
+                return
+            wrapped.settimeout(None)
+            with self._lock:
+                self._deadlines[wrapped] = self._deadlines.pop(request, None)
+                self._wrapped[request] = wrapped
+            request = wrapped
+        super().finish_request(request, client_address)
 
     def handle_error(self, request, client_address) -> None:
         log.exception("error serving %s", client_address[0])
@@ -5125,12 +5201,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 class HttpListener:
     """One HTTP listener of the node: its server, serving thread and reaper thread."""
 
-    kind = "http"
-
-    def __init__(self, node: Any, name: str, address: tuple[str, int]):
+    def __init__(self, node: Any, name: str, address: tuple[str, int], tls: bool = False):
         self.node, self.name = node, name
+        self.kind = "https" if tls else "http"
         self.all_conns = 0
         self.status = "running"
+        self.tls = tls_context({o: self.option(o) for o in LISTENER_TLS_OPTIONS}) if tls else None
         self.server = _Server(address, node, self)
         self.address = self.server.server_address[0]
         self.port = self.server.server_address[1]
@@ -5165,8 +5241,9 @@ class HttpListener:
                "mountpoint": "", "max_conns": "infinity" if limit is None else limit,
                "active_conns": self.server.active(), "all_conns": self.all_conns}
         if tls:
-            row.update(dict.fromkeys(("tls_version", "certfile", "cafile", "keyfile", "require_certificate",
-                                      "use_identity_as_username", "psk_support", "pskfile"), ""))
+            row.update({k: render_value(self.option(k)) if self.tls and self.option(k) != "" else "" for k in (
+                "tls_version", "certfile", "cafile", "keyfile", "require_certificate", "use_identity_as_username")})
+            row.update(psk_support="", pskfile="")
         if mqtt:
             row.update(allowed_protocol_versions="", allow_anonymous_override="")
         return row
@@ -5272,15 +5349,16 @@ class Node:
             self._stop_mqtt()
             raise
         try:
-            for name, address in sorted(self._config.listeners("http").items()):
-                listener = HttpListener(self, name, address)
-                self._listeners.append(listener)
-                listener.start()
-        except OSError as exc:
+            for kind in ("http", "https"):
+                for name, address in sorted(self._config.listeners(kind).items()):
+                    listener = HttpListener(self, name, address, tls=kind == "https")
+                    self._listeners.append(listener)
+                    listener.start()
+        except (OSError, ssl.SSLError) as exc:
             self._close_listeners()
             self._stop_mqtt()
-            raise ConfigError(f"cannot bind listener.http.{name} on {render_value(address)}: {exc.strerror}") \
-                from None
+            raise ConfigError(f"cannot start listener.{kind}.{name} on {render_value(address)}: "
+                              f"{exc.strerror or exc}") from None
         self._write_node_file()
         self._running = True
         self._stopped.clear()
@@ -5447,15 +5525,19 @@ class Node:
                 self.broker_call("trace", key, None)
         return tracer.take()
 
+    def tls_listeners(self) -> list[Any]:
+        """Return the listeners that speak TLS."""
+        return [x for x in self._all_listeners() if getattr(x, "tls", None) is not None]
+
     def find_listener(self, address: str, port: int) -> Any:
         """Return the listener at address:port (HTTP or MQTT), or None."""
         return next((x for x in self._all_listeners() if (x.address, x.port) == (address, port)), None)
 
-    def start_listener(self, address: str, port: int, options: Mapping[str, Any]) -> None:
-        """Start an MQTT listener at run time; raise OSError when it cannot bind."""
+    def start_listener(self, address: str, port: int, options: Mapping[str, Any], kind: str = "tcp") -> None:
+        """Start an MQTT listener at run time; raise OSError when it cannot bind or load its certificate."""
         if self.mqtt is None:
             raise OSError("the broker is not running")
-        self.mqtt.open_listener(f"{address}:{port}", (address, port), options)
+        self.mqtt.open_listener(f"{address}:{port}", (address, port), options, kind)
 
     def metric_samples(self) -> dict[tuple[str, LabelSet], int]:
         """Return every metric series (read in the broker's thread)."""
@@ -5633,12 +5715,17 @@ def _print_error(exc: VmqError, fmt: str) -> int:
     return exc.exit_code
 
 
-def _http_address(config: Config) -> tuple[str, int]:
+def _http_address(config: Config) -> tuple[str, str, int]:
+    """Return (scheme, host, port) of the node's admin API: its first HTTP listener, else HTTPS."""
     info = read_node_file(config["data_dir"]) or {}
-    for x in info.get("listeners", ()):
-        if x.get("type") == "http":
-            return x["address"], x["port"]
-    return config.listeners("http")["default"]
+    listeners = info.get("listeners", ())
+    for kind in ("http", "https"):
+        for x in listeners:
+            if x.get("type") == kind:
+                host = f"[{x['address']}]" if ":" in x["address"] else x["address"]
+                return kind, host, x["port"]
+    host, port = config.listeners("http")["default"]
+    return "http", host, port
 
 
 def admin(config: Config, tokens: Sequence[str]) -> int:
@@ -5678,10 +5765,9 @@ def _teach(config: Config, argv: Argv) -> int:
     flags = tuple(f for f in argv.flags if f[0] != "--format")
     path, query = render_query(dataclasses.replace(argv, flags=flags))
     target = path + ("?" + query if query else "")
-    host, port = _http_address(config)
-    host = f"[{host}]" if ":" in host else host
+    scheme, host, port = _http_address(config)
     print(f"GET {target}")
-    print(f'curl -u "$VMQAPI_KEY:" "http://{host}:{port}{target}"')
+    print(f'curl -u "$VMQAPI_KEY:" "{scheme}://{host}:{port}{target}"')
     return 0
 
 
@@ -5703,13 +5789,15 @@ def _remote(config: Config, argv: Argv, fmt: str) -> int:
     if info is None:
         raise NodeNotRunning(f"no node is running with data dir {os.path.abspath(config['data_dir'])} "
                              "(no node.json); start one with: python vmqapi.py --data-dir DIR")
-    host, port = _http_address(config)
-    host = f"[{host}]" if ":" in host else host
+    scheme, host, port = _http_address(config)
     path, form = render_query(argv)
     request = urllib.request.Request(
-        f"http://{host}:{port}{path}", data=form.encode("ascii"), method="POST",
+        f"{scheme}://{host}:{port}{path}", data=form.encode("ascii"), method="POST",
         headers={"Content-Type": FORM_TYPE, "Accept": JSON_TYPE, SECRET_HEADER: str(info.get("secret", ""))})
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    # The node's own listener, found through node.json: its certificate needs no check here.
+    local_tls = ssl._create_unverified_context() if scheme == "https" else None
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}),
+                                         urllib.request.HTTPSHandler(context=local_tls))
     try:
         with opener.open(request, timeout=60) as resp:
             body = resp.read()

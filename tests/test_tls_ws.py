@@ -25,14 +25,14 @@ def pki(tmp_path_factory):
         pytest.skip("no openssl command to make test certificates")
     d = tmp_path_factory.mktemp("pki")
     for ca in ("ca", "other"):
-        openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", f"/CN={ca}",
+        openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "30", "-subj", f"/CN={ca}",
                 "-keyout", f"{ca}.key", "-out", f"{ca}.pem", cwd=d)
     (d / "san.cnf").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
     for name, ca, cn in (("server", "ca", "localhost"), ("client", "ca", "device-7"), ("rogue", "other", "rogue")):
         openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={cn}", "-keyout", f"{name}.key",
                 "-out", f"{name}.csr", cwd=d)
         openssl("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.pem", "-CAkey", f"{ca}.key",
-                "-CAcreateserial", "-days", "2", "-out", f"{name}.pem",
+                "-CAcreateserial", "-days", "30", "-out", f"{name}.pem",
                 *(["-extfile", "san.cnf"] if name == "server" else []), cwd=d)
     return d
 
@@ -197,3 +197,78 @@ def test_mqtt_over_secure_websocket(make_node, pki):
         assert c.ping()
     finally:
         c.close()
+
+
+# -- HTTPS, tls show and check, TLS and WebSocket listeners started at run time -------------
+
+def https_get(port, path, key, pki):
+    import http.client
+    from conftest import basic
+    conn = http.client.HTTPSConnection("127.0.0.1", port, context=client_context(pki), timeout=10)
+    try:
+        conn.request("GET", path, headers={"Authorization": basic(key)})
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+def test_admin_api_over_https_and_tls_commands(make_node, pki):
+    node = make_node(**{"listener.https.admin": "127.0.0.1:0", "listener.https.admin.certfile": str(pki / "server.pem"),
+                        "listener.https.admin.keyfile": str(pki / "server.key")})
+    key = node.keystore.create()
+    port = port_of(node, "https")
+    status, body = https_get(port, "/api/v1/cluster/show", key, pki)
+    assert status == 200 and body_json(body)["table"][0]["Running"] is True
+    status, body = https_get(port, "/api/v1/tls/show", key, pki)
+    (row,) = body_json(body)["table"]
+    assert row["File"] == str(pki / "server.pem") and row["CN"] == "localhost" and row["Issuer"] == "ca"
+    assert "127.0.0.1" in row["SAN"]
+    status, body = https_get(port, "/api/v1/tls/check", key, pki)
+    assert body_json(body) == {"text": "All fine", "type": "text"}
+    status, body = https_get(port, "/api/v1/tls/check?--validity=3456000", key, pki)  # certificates last 30 days
+    assert body_json(body)["table"][0]["SecExp"] < 3456000
+    with socket_to(port) as raw:  # plain HTTP on the HTTPS port: the handshake fails, the node carries on
+        raw.sendall(b"GET / HTTP/1.1\r\n\r\n")
+    assert https_get(port, "/api/v1/cluster/show", key, pki)[0] == 200
+
+
+def socket_to(port):
+    import socket
+    return socket.create_connection(("127.0.0.1", port), timeout=5)
+
+
+def test_cli_reaches_a_node_that_only_speaks_https(make_node, pki):
+    from conftest import run_cli
+    from pathlib import Path
+    node = make_node(**{"listener.http.default": "127.0.0.1:0", "listener.https.admin": "127.0.0.1:0",
+                        "listener.https.admin.certfile": str(pki / "server.pem"),
+                        "listener.https.admin.keyfile": str(pki / "server.key")})
+    result = run_cli("admin", "listener", "show", data_dir=Path(node.data_dir))
+    assert result.returncode == 0 and "|https|running|" in result.stdout
+
+
+def test_tls_and_websocket_listeners_started_at_run_time(node, pki):
+    key = node.keystore.create()
+    http = Client(node)
+    try:
+        tls_flags = (f"&--ssl&--certfile={pki / 'server.pem'}&--keyfile={pki / 'server.key'}"
+                     f"&--cafile={pki / 'ca.pem'}")
+        for flags, kind in ((tls_flags, "mqtts"), ("&--websocket", "mqttws"), (tls_flags + "&--websocket", "mqttwss")):
+            import socket
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            _, _, data = http.get(f"/api/v1/listener/start?address=127.0.0.1&port={port}{flags}", key=key)
+            assert body_json(data) == {"text": "Done", "type": "text"}, kind
+            tls = client_context(pki) if "ssl" in flags else None
+            c = WsMqttClient(port, tls=tls) if "websocket" in flags else MqttClient(port, tls=tls)
+            try:
+                assert c.connect(f"late-{kind}").return_code == 0
+            finally:
+                c.close()
+        _, _, data = http.get("/api/v1/listener/start?address=127.0.0.1&port=1&--ssl&--certfile=/nonexistent",
+                              key=key)
+        assert body_json(data)["alert"][0]["text"].startswith("can't start listener due to")
+    finally:
+        http.close()
