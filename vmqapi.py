@@ -112,8 +112,6 @@ KEY_ALPHABET = string.ascii_letters + string.digits  # VerneMQ: [A-Za-z0-9]
 DEFAULT_KEY_LENGTH = 32  # VerneMQ vmq_auth_apikey: max(32, min_apikey_length)
 HASHED_PREFIX_LENGTH = 6  # SPEC 4: hashed keys show their first 6 characters
 SCOPES = ("mgmt", "mgmt_ro", "status", "metrics", "health")  # SPEC 4
-MAX_HTTP_BODY = 64 * 1024  # a form body holds a command's arguments, nothing more
-MAX_HTTP_HEADERS = 100  # as http.client's limit; more are answered with 431
 SECRET_HEADER = "x-vmqapi-node-secret"  # the CLI's credential, from node.json
 REALM = 'Basic realm="VerneMQ"'  # SPEC 3 (VerneMQ 1.x form; 2.x sends a malformed one)
 ALLOW = "GET, OPTIONS, HEAD, POST"
@@ -230,7 +228,7 @@ class NotAcceptable(VmqError):
 
 
 class PayloadTooLarge(VmqError):
-    """A request body larger than MAX_HTTP_BODY."""
+    """A request body larger than listener.max_body_size."""
 
     http_status, code = 413, "payload_too_large"
 
@@ -475,6 +473,11 @@ SETTINGS: tuple[Setting, ...] = (
        "one is the minimum."),
     _S("listener.ciphers", parse_text, "", "OpenSSL cipher list of a TLS listener (empty: OpenSSL's default)."),
     _S("max_ws_frame_size", parse_int_range(2, 268435456), 268435456, "Largest WebSocket frame accepted, in bytes."),
+    _S("listener.max_body_size", parse_int_range(0, 1 << 24), 65536,
+       "Largest HTTP request body (a POST form of arguments), in bytes; larger ones get 413."),
+    _S("listener.max_headers", parse_int_range(1, 1000), 100, "Most header lines in an HTTP request; more get 431."),
+    _S("listener.tls_handshake_timeout", parse_int_range(100, 600000), 5000,
+       "Milliseconds a TLS client has to finish its handshake (VerneMQ's name and default)."),
     _S("listener.max_request_line_length", parse_int_range(64, 1 << 20), 8000,
        "Longest HTTP request line, in bytes; longer ones get 414."),
     _S("listener.max_header_value_length", parse_int_range(64, 1 << 20), 4096,
@@ -516,7 +519,7 @@ del _S
 
 _SETTINGS_BY_NAME = types.MappingProxyType({s.name: s for s in SETTINGS})
 LISTENER_TLS_OPTIONS = ("certfile", "keyfile", "cafile", "require_certificate", "use_identity_as_username",
-                        "tls_version", "ciphers")
+                        "tls_version", "ciphers", "tls_handshake_timeout")
 LISTENER_MQTT_OPTIONS = ("mountpoint", "max_connections", "allowed_protocol_versions", "allow_anonymous_override",
                          *LISTENER_TLS_OPTIONS)
 LISTENER_OPTIONS = frozenset(
@@ -2714,7 +2717,7 @@ class MqttLink(asyncio.Protocol):
 
 WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455 1.3
 WS_PATH = "/mqtt"  # SPEC 7
-WS_MAX_HANDSHAKE = 8192
+WS_MAX_HANDSHAKE = 8192  # bytes of an opening handshake; a browser's is well under 1 KB
 WS_CLOSE_PROTOCOL, WS_CLOSE_UNSUPPORTED, WS_CLOSE_TOO_BIG = 1002, 1003, 1009  # RFC 6455 7.4.1
 
 
@@ -3038,7 +3041,8 @@ class MqttIO:
         protocol = (lambda: WsLink(listener)) if listener.websocket else (lambda: MqttLink(listener))
         listener.server = await self.loop.create_server(protocol, listener.address, listener.port, backlog=1024,
                                                         reuse_address=True, ssl=listener.tls,
-                                                        ssl_handshake_timeout=10 if listener.tls else None)
+                                                        ssl_handshake_timeout=listener.options[
+                                                            "tls_handshake_timeout"] / 1000 if listener.tls else None)
         listener.port = listener.server.sockets[0].getsockname()[1]
 
     def _tick(self) -> None:
@@ -5027,7 +5031,7 @@ class _Server(http.server.ThreadingHTTPServer):
     def finish_request(self, request, client_address) -> None:
         tls = self.listener.tls
         if tls is not None:  # the TLS handshake happens here, in the connection's own thread
-            request.settimeout(10)
+            request.settimeout(self.listener.option("tls_handshake_timeout") / 1000)
             try:
                 wrapped = tls.wrap_socket(request, server_side=True)
             except (ssl.SSLError, OSError) as exc:
@@ -5148,8 +5152,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if not length_text.isdigit():
             raise BadRequest("bad Content-Length")
         length = int(length_text)
-        if length > MAX_HTTP_BODY:
-            raise PayloadTooLarge(f"a request body may hold {MAX_HTTP_BODY} bytes at most")
+        limit = self.server.listener.option("max_body_size")
+        if length > limit:
+            raise PayloadTooLarge(f"a request body may hold {limit} bytes at most (listener.max_body_size)")
         body = self.rfile.read(length) if length else b""
         if len(body) < length:
             raise BadRequest("the body is shorter than Content-Length")
@@ -5159,7 +5164,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         """Read header lines into a dict (lower-case names, the first of repeated ones)."""
         limit = self.server.listener.option("max_header_value_length")
         headers: dict[str, str] = {}
-        for _ in range(MAX_HTTP_HEADERS + 1):
+        most = self.server.listener.option("max_headers")
+        for _ in range(most + 1):
             raw = self.rfile.readline(limit + 257)
             if raw in (b"\r\n", b"\n"):
                 return headers
@@ -5174,7 +5180,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             if len(value) > limit:
                 raise HeaderTooLarge(f"header {name} is longer than {limit} bytes")
             headers.setdefault(name.lower(), value)
-        raise HeaderTooLarge(f"more than {MAX_HTTP_HEADERS} headers")
+        raise HeaderTooLarge(f"more than {most} headers (listener.max_headers)")
 
     def _send(self, resp: Response) -> None:
         head = self.command == "HEAD"

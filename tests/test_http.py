@@ -481,3 +481,12 @@ def test_http_10_closes_and_expect_100_continue(node, key):
                           b"application/x-www-form-urlencoded\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
     assert answer.startswith(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 ")
     assert node.keystore.authenticate("viaexpect123", ["mgmt"]) == "mgmt"
+
+
+def test_body_and_header_limits_are_settings(make_node):
+    node = make_node(**{"listener.max_headers": "5", "listener.http.max_body_size": "10"})
+    headers = b"".join(b"X-%d: 1\r\n" % n for n in range(6))
+    assert raw_exchange(node, b"GET /api/v1/cluster/show HTTP/1.1\r\n" + headers + b"\r\n").startswith(
+        b"HTTP/1.1 431 ")
+    answer = raw_exchange(node, b"POST /api/v1/cluster/show HTTP/1.1\r\nContent-Length: 11\r\n\r\n" + b"x" * 11)
+    assert answer.startswith(b"HTTP/1.1 413 ") and b"listener.max_body_size" in answer
