@@ -258,9 +258,20 @@ class NotImplementedMethod(VmqError):
 
 
 class MalformedPacket(VmqError):
-    """Bytes that break the MQTT specification; only the connection that sent them is closed."""
+    """Bytes that break the MQTT specification; only the connection that sent them is closed.
+
+    ``reason_code`` is the MQTT 5 reason a DISCONNECT would carry: 0x81 Malformed Packet,
+    0x82 Protocol Error (MQTT 5.0 2.4).
+    """
 
     http_status, code = 400, "malformed_packet"
+    reason_code = 0x81
+
+
+class ProtocolError(MalformedPacket):
+    """Well-formed bytes that break a protocol rule (a repeated property, say)."""
+
+    reason_code = 0x82
 
 
 class PacketTooLarge(MalformedPacket):
@@ -1208,6 +1219,104 @@ ENCODERS: dict[type, Callable[[Any], bytes]] = {
 def encode_packet(packet: Any) -> bytes:
     """Encode any packet."""
     return ENCODERS[type(packet)](packet)
+
+
+# -- MQTT 5 properties (2.2.2): the first piece of MQTT 5 support ----------------------------
+
+PROPERTY_TYPES = {  # MQTT 5.0 2.2.2.2: identifier -> (name, type)
+    0x01: ("payload_format_indicator", "byte"), 0x02: ("message_expiry_interval", "u32"),
+    0x03: ("content_type", "str"), 0x08: ("response_topic", "str"), 0x09: ("correlation_data", "bin"),
+    0x0B: ("subscription_identifier", "varint"), 0x11: ("session_expiry_interval", "u32"),
+    0x12: ("assigned_client_identifier", "str"), 0x13: ("server_keep_alive", "u16"),
+    0x15: ("authentication_method", "str"), 0x16: ("authentication_data", "bin"),
+    0x17: ("request_problem_information", "byte"), 0x18: ("will_delay_interval", "u32"),
+    0x19: ("request_response_information", "byte"), 0x1A: ("response_information", "str"),
+    0x1C: ("server_reference", "str"), 0x1F: ("reason_string", "str"), 0x21: ("receive_maximum", "u16"),
+    0x22: ("topic_alias_maximum", "u16"), 0x23: ("topic_alias", "u16"), 0x24: ("maximum_qos", "byte"),
+    0x25: ("retain_available", "byte"), 0x26: ("user_property", "pair"), 0x27: ("maximum_packet_size", "u32"),
+    0x28: ("wildcard_subscription_available", "byte"), 0x29: ("subscription_identifier_available", "byte"),
+    0x2A: ("shared_subscription_available", "byte"),
+}
+PROPERTY_IDS = {name: (ident, kind) for ident, (name, kind) in PROPERTY_TYPES.items()}
+REPEATABLE_PROPERTIES = frozenset({"user_property", "subscription_identifier"})  # MQTT 5.0 2.2.2.2
+_FIXED_WIDTH = {"byte": 1, "u16": 2, "u32": 4}
+
+
+def decode_varint(buf, i: int, end: int) -> tuple[int, int]:
+    """Read a Variable Byte Integer (MQTT 5.0 1.5.5) that must lie within ``end``."""
+    value = shift = 0
+    while True:
+        if i >= end:
+            raise MalformedPacket("packet ends inside a variable byte integer")
+        byte = buf[i]
+        value |= (byte & 127) << shift
+        i += 1
+        if not byte & 128:
+            return value, i
+        shift += 7
+        if shift > 21:
+            raise MalformedPacket("variable byte integer longer than four bytes")
+
+
+def decode_properties(buf, i: int, end: int, allowed: frozenset[str] | None = None) -> tuple[tuple, int]:
+    """Read a property list: ((name, value), ...) in order, and the position after it.
+
+    An unknown identifier is a Malformed Packet; a property repeated that may not be, or
+    one ``allowed`` does not hold, is a Protocol Error (MQTT 5.0 2.2.2.2).
+    """
+    length, i = decode_varint(buf, i, end)
+    stop = i + length
+    if stop > end:
+        raise MalformedPacket("property list longer than the packet")
+    props, seen = [], set()
+    while i < stop:
+        ident, i = decode_varint(buf, i, stop)
+        if ident not in PROPERTY_TYPES:
+            raise MalformedPacket(f"unknown property identifier {ident:#x}")
+        name, kind = PROPERTY_TYPES[ident]
+        if name in seen and name not in REPEATABLE_PROPERTIES:
+            raise ProtocolError(f"property {name} given twice")
+        if allowed is not None and name not in allowed:
+            raise ProtocolError(f"property {name} is not allowed here")
+        seen.add(name)
+        if kind in _FIXED_WIDTH:
+            width = _FIXED_WIDTH[kind]
+            if i + width > stop:
+                raise MalformedPacket(f"property {name} is cut short")
+            value, i = int.from_bytes(buf[i:i + width], "big"), i + width
+        elif kind == "varint":
+            value, i = decode_varint(buf, i, stop)
+            if value == 0:
+                raise ProtocolError("subscription identifier 0")  # MQTT 5.0 3.8.2.1.2
+        elif kind == "str":
+            value, i = _string(buf, i, stop)
+        elif kind == "bin":
+            value, i = _binary(buf, i, stop)
+        else:
+            key, i = _string(buf, i, stop)
+            text, i = _string(buf, i, stop)
+            value = (key, text)
+        props.append((name, value))
+    return tuple(props), stop
+
+
+def encode_properties(props: Iterable[tuple[str, Any]]) -> bytes:
+    """Encode a property list with its length (the inverse of decode_properties)."""
+    out = bytearray()
+    for name, value in props:
+        ident, kind = PROPERTY_IDS[name]
+        out += encode_length(ident)
+        if kind in _FIXED_WIDTH:
+            out += value.to_bytes(_FIXED_WIDTH[kind], "big")
+        elif kind == "varint":
+            out += encode_length(value)
+        elif kind == "str":
+            out += _str(value)
+        elif kind == "bin":
+            out += _bin(value)
+        else:
+            out += _str(value[0]) + _str(value[1])
+    return encode_length(len(out)) + bytes(out)
 
 
 ###############################################################################

@@ -110,3 +110,52 @@ def test_mqtt31_connect():
     packet = vmqapi.Connect("c", proto_level=3)
     data = vmqapi.encode_packet(packet)
     assert data[4:10] == b"MQIsdp" and vmqapi.decode_packet(data)[0] == packet
+
+
+# -- MQTT 5 properties ---------------------------------------------------------------------
+
+def property_value(kind):
+    return {"byte": st.integers(0, 255), "u16": st.integers(0, 65535), "u32": st.integers(0, 2**32 - 1),
+            "varint": st.integers(1, 268_435_455), "str": strategies.mqtt_text, "bin": strategies.payload,
+            "pair": st.tuples(strategies.mqtt_text, strategies.mqtt_text)}[kind]
+
+
+@st.composite
+def property_lists(draw):
+    names = draw(st.lists(st.sampled_from(sorted(vmqapi.PROPERTY_IDS)), max_size=8))
+    seen, props = set(), []
+    for name in names:
+        if name in seen and name not in vmqapi.REPEATABLE_PROPERTIES:
+            continue
+        seen.add(name)
+        props.append((name, draw(property_value(vmqapi.PROPERTY_IDS[name][1]))))
+    return tuple(props)
+
+
+@given(property_lists())
+def test_properties_round_trip(props):
+    data = vmqapi.encode_properties(props)
+    assert vmqapi.decode_properties(data, 0, len(data)) == (props, len(data))
+    for n in range(len(data)):  # a cut list is refused, never misread
+        with pytest.raises(MalformedPacket):
+            vmqapi.decode_properties(data[:n], 0, n)
+
+
+def test_property_errors_carry_reason_codes():
+    unknown = b"\x02\x7f\x00"
+    with pytest.raises(MalformedPacket) as info:
+        vmqapi.decode_properties(unknown, 0, len(unknown))
+    assert info.value.reason_code == 0x81
+    twice = vmqapi.encode_properties([("content_type", "a")])[1:] * 2
+    twice = bytes((len(twice),)) + twice
+    with pytest.raises(vmqapi.ProtocolError) as info:
+        vmqapi.decode_properties(twice, 0, len(twice))
+    assert info.value.reason_code == 0x82
+    users = vmqapi.encode_properties([("user_property", ("a", "1")), ("user_property", ("a", "2"))])
+    assert len(vmqapi.decode_properties(users, 0, len(users))[0]) == 2
+    topic_alias = vmqapi.encode_properties([("topic_alias", 3)])
+    with pytest.raises(vmqapi.ProtocolError, match="not allowed"):
+        vmqapi.decode_properties(topic_alias, 0, len(topic_alias), frozenset({"user_property"}))
+    zero_id = b"\x02\x0b\x00"
+    with pytest.raises(vmqapi.ProtocolError):
+        vmqapi.decode_properties(zero_id, 0, len(zero_id))
