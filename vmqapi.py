@@ -801,7 +801,9 @@ CONNECT, CONNACK, PUBLISH, PUBACK, PUBREC, PUBREL, PUBCOMP = 1, 2, 3, 4, 5, 6, 7
 SUBSCRIBE, SUBACK, UNSUBSCRIBE, UNSUBACK, PINGREQ, PINGRESP, DISCONNECT = 8, 9, 10, 11, 12, 13, 14
 MAX_REMAINING_LENGTH = 268_435_455  # MQTT 3.1.1 2.2.3: four bytes of variable length
 MAX_PACKET_ID = 65535  # MQTT 3.1.1 2.3.1
-PROTOCOLS = {3: "MQIsdp", 4: "MQTT"}  # MQTT 3.1 and 3.1.1: level -> protocol name
+PROTOCOLS = {3: "MQIsdp", 4: "MQTT"}  # what the broker speaks: MQTT 3.1 and 3.1.1, level -> protocol name
+CODEC_PROTOCOLS = {**PROTOCOLS, 5: "MQTT"}  # what the codec reads and writes
+AUTH = 15
 SUBACK_FAILURE = 0x80  # MQTT 3.1.1 3.9.3
 CONNACK_ACCEPTED, CONNACK_BAD_VERSION, CONNACK_BAD_ID, CONNACK_UNAVAILABLE = 0, 1, 2, 3
 CONNACK_BAD_CREDENTIALS, CONNACK_NOT_AUTHORIZED = 4, 5  # MQTT 3.1.1 3.2.2.3
@@ -824,6 +826,8 @@ class Connect:
     will_payload: bytes = b""
     will_qos: int = 0
     will_retain: bool = False
+    properties: tuple = ()  # MQTT 5: ((name, value), ...)
+    will_properties: tuple = ()
 
     def __post_init__(self):
         if not 0 <= self.keepalive <= 65535 or self.will_qos not in (0, 1, 2):
@@ -836,8 +840,9 @@ class Connect:
 class Connack:
     """CONNACK: the server's answer to CONNECT."""
 
-    return_code: int = 0
+    return_code: int = 0  # MQTT 5: the reason code
     session_present: bool = False
+    properties: tuple = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -850,6 +855,7 @@ class Publish:
     retain: bool = False
     dup: bool = False
     packet_id: int | None = None
+    properties: tuple = ()
 
     def __post_init__(self):
         if self.qos not in (0, 1, 2) or (self.packet_id is None) != (self.qos == 0):
@@ -861,6 +867,8 @@ class Puback:
     """PUBACK: QoS 1 acknowledgement."""
 
     packet_id: int
+    reason_code: int = 0  # MQTT 5
+    properties: tuple = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -868,6 +876,8 @@ class Pubrec:
     """PUBREC: QoS 2 delivery, part 1."""
 
     packet_id: int
+    reason_code: int = 0  # MQTT 5
+    properties: tuple = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -875,6 +885,8 @@ class Pubrel:
     """PUBREL: QoS 2 delivery, part 2."""
 
     packet_id: int
+    reason_code: int = 0  # MQTT 5
+    properties: tuple = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -882,6 +894,8 @@ class Pubcomp:
     """PUBCOMP: QoS 2 delivery, part 3."""
 
     packet_id: int
+    reason_code: int = 0  # MQTT 5
+    properties: tuple = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -889,7 +903,8 @@ class Subscribe:
     """SUBSCRIBE: (filter, requested QoS) pairs."""
 
     packet_id: int
-    topics: tuple[tuple[str, int], ...]
+    topics: tuple[tuple[str, int], ...]  # (filter, options): QoS in bits 0-1; MQTT 5 adds NL, RAP, RH
+    properties: tuple = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -898,6 +913,7 @@ class Suback:
 
     packet_id: int
     return_codes: tuple[int, ...]
+    properties: tuple = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -906,6 +922,7 @@ class Unsubscribe:
 
     packet_id: int
     topics: tuple[str, ...]
+    properties: tuple = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -913,6 +930,8 @@ class Unsuback:
     """UNSUBACK."""
 
     packet_id: int
+    reason_codes: tuple[int, ...] = ()  # MQTT 5
+    properties: tuple = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -927,7 +946,18 @@ class Pingresp:
 
 @dataclass(frozen=True, slots=True)
 class Disconnect:
-    """DISCONNECT: a clean goodbye (no will)."""
+    """DISCONNECT: a clean goodbye (no will); MQTT 5 adds a reason."""
+
+    reason_code: int = 0
+    properties: tuple = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Auth:
+    """AUTH (MQTT 5): a step of enhanced authentication."""
+
+    reason_code: int = 0
+    properties: tuple = ()
 
 
 def _u16(buf, i: int, end: int) -> int:
@@ -979,11 +1009,14 @@ def decode_connect(flags: int, buf, i: int, end: int) -> Connect:
     level = buf[i]
     if name not in ("MQTT", "MQIsdp"):
         raise MalformedPacket(f"unknown protocol name {name!r}")  # [MQTT-3.1.2-1]
-    if PROTOCOLS.get(level) != name:
+    if CODEC_PROTOCOLS.get(level) != name:
         return Connect(proto_level=level)  # answered with CONNACK 1 [MQTT-3.1.2-2]
     if i + 4 > end:
         raise MalformedPacket("CONNECT ends inside its variable header")
     cflags, keepalive, i = buf[i + 1], buf[i + 2] << 8 | buf[i + 3], i + 4
+    props = will_props = ()
+    if level == 5:
+        props, i = decode_properties(buf, i, end, ALLOWED_PROPERTIES["connect"])
     if cflags & 1:
         raise MalformedPacket("CONNECT reserved flag is set")  # [MQTT-3.1.2-3]
     will, will_qos, will_retain = cflags & 4, (cflags >> 3) & 3, bool(cflags & 32)
@@ -996,6 +1029,8 @@ def decode_connect(flags: int, buf, i: int, end: int) -> Connect:
     client_id, i = _string(buf, i, end)
     will_topic, will_payload, username, password = None, b"", None, None
     if will:
+        if level == 5:
+            will_props, i = decode_properties(buf, i, end, ALLOWED_PROPERTIES["will"])
         will_topic, i = _string(buf, i, end)
         if not will_topic or "+" in will_topic or "#" in will_topic:
             raise MalformedPacket("will topic is empty or has a wildcard")  # [MQTT-3.1.3-10], 4.7
@@ -1007,7 +1042,7 @@ def decode_connect(flags: int, buf, i: int, end: int) -> Connect:
     if i != end:
         raise MalformedPacket("bytes after the CONNECT payload")
     return Connect(client_id, level, bool(cflags & 2), keepalive, username, password, will_topic, will_payload,
-                   will_qos, will_retain)
+                   will_qos, will_retain, props, will_props)
 
 
 def decode_connack(flags: int, buf, i: int, end: int) -> Connack:
@@ -1105,8 +1140,10 @@ DECODERS: dict[int, Callable[..., Any]] = {
 }
 
 
-def decode_packet(buf, pos: int = 0, max_size: int = 0) -> tuple[Any, int] | None:
+def decode_packet(buf, pos: int = 0, max_size: int = 0, version: int = 4) -> tuple[Any, int] | None:
     """Decode the packet at ``buf[pos:]``: (packet, next position), or None if incomplete.
+
+    ``version`` is the connection's protocol level once CONNECT told it (5: MQTT 5 forms).
 
     Raises MalformedPacket for anything the specification forbids, and for a
     packet larger than ``max_size`` bytes (0: no limit) as soon as its length is known.
@@ -1130,7 +1167,7 @@ def decode_packet(buf, pos: int = 0, max_size: int = 0) -> tuple[Any, int] | Non
     end = i + length
     if end > n:
         return None
-    decoder = DECODERS.get(buf[pos] >> 4)
+    decoder = (DECODERS5 if version == 5 else DECODERS).get(buf[pos] >> 4)
     if decoder is None:
         raise MalformedPacket(f"reserved packet type {buf[pos] >> 4}")  # MQTT 3.1.1 2.2.1
     return decoder(buf[pos] & 15, buf, i, end), end
@@ -1172,13 +1209,14 @@ def encode_connect(p: Connect) -> bytes:
     payload = _str(p.client_id)
     if p.will_topic is not None:
         flags |= 4 | p.will_qos << 3 | (32 if p.will_retain else 0)
-        payload += _str(p.will_topic) + _bin(p.will_payload)
+        will_props = encode_properties(p.will_properties) if p.proto_level == 5 else b""
+        payload += will_props + _str(p.will_topic) + _bin(p.will_payload)
     if p.username is not None:
         payload += _str(p.username)
     if p.password is not None:
         payload += _bin(p.password)
-    header = _str(PROTOCOLS.get(p.proto_level, "MQTT")) + bytes((p.proto_level, flags)) \
-        + p.keepalive.to_bytes(2, "big")
+    header = _str(CODEC_PROTOCOLS.get(p.proto_level, "MQTT")) + bytes((p.proto_level, flags)) \
+        + p.keepalive.to_bytes(2, "big") + (encode_properties(p.properties) if p.proto_level == 5 else b"")
     return _frame(CONNECT << 4, header + payload)
 
 
@@ -1216,9 +1254,9 @@ ENCODERS: dict[type, Callable[[Any], bytes]] = {
 }
 
 
-def encode_packet(packet: Any) -> bytes:
-    """Encode any packet."""
-    return ENCODERS[type(packet)](packet)
+def encode_packet(packet: Any, version: int = 4) -> bytes:
+    """Encode any packet (``version`` 5: in its MQTT 5 form)."""
+    return (ENCODERS5 if version == 5 else ENCODERS)[type(packet)](packet)
 
 
 # -- MQTT 5 properties (2.2.2): the first piece of MQTT 5 support ----------------------------
@@ -1317,6 +1355,190 @@ def encode_properties(props: Iterable[tuple[str, Any]]) -> bytes:
         else:
             out += _str(value[0]) + _str(value[1])
     return encode_length(len(out)) + bytes(out)
+
+
+_F = frozenset
+ALLOWED_PROPERTIES = {  # MQTT 5.0 2.2.2.2, table 2-4
+    "connect": _F({"session_expiry_interval", "receive_maximum", "maximum_packet_size", "topic_alias_maximum",
+                   "request_response_information", "request_problem_information", "user_property",
+                   "authentication_method", "authentication_data"}),
+    "will": _F({"will_delay_interval", "payload_format_indicator", "message_expiry_interval", "content_type",
+                "response_topic", "correlation_data", "user_property"}),
+    "connack": _F({"session_expiry_interval", "receive_maximum", "maximum_qos", "retain_available",
+                   "maximum_packet_size", "assigned_client_identifier", "topic_alias_maximum", "reason_string",
+                   "user_property", "wildcard_subscription_available", "subscription_identifier_available",
+                   "shared_subscription_available", "server_keep_alive", "response_information", "server_reference",
+                   "authentication_method", "authentication_data"}),
+    "publish": _F({"payload_format_indicator", "message_expiry_interval", "topic_alias", "response_topic",
+                   "correlation_data", "user_property", "subscription_identifier", "content_type"}),
+    "ack": _F({"reason_string", "user_property"}),
+    "subscribe": _F({"subscription_identifier", "user_property"}),
+    "unsubscribe": _F({"user_property"}),
+    "disconnect": _F({"session_expiry_interval", "reason_string", "user_property", "server_reference"}),
+    "auth": _F({"authentication_method", "authentication_data", "reason_string", "user_property"}),
+}
+del _F
+SUBACK_CODES_5 = frozenset({0, 1, 2, 0x80, 0x83, 0x87, 0x8F, 0x91, 0x97, 0x9E, 0xA1, 0xA2})  # MQTT 5.0 3.9.3
+
+
+def _reason_and_properties(buf, i: int, end: int, allowed: str) -> tuple[int, tuple]:
+    """Read the optional reason code and properties that end MQTT 5 acks, DISCONNECT and AUTH."""
+    if i == end:
+        return 0, ()  # MQTT 5.0 3.4.2.1: no reason code means 0x00 Success
+    reason = buf[i]
+    if i + 1 == end:
+        return reason, ()
+    props, i = decode_properties(buf, i + 1, end, ALLOWED_PROPERTIES[allowed])
+    if i != end:
+        raise MalformedPacket("bytes after the properties")
+    return reason, props
+
+
+def _encode_reason_and_properties(reason: int, props: tuple) -> bytes:
+    if props:
+        return bytes((reason,)) + encode_properties(props)
+    return bytes((reason,)) if reason else b""
+
+
+def decode_connack5(flags: int, buf, i: int, end: int) -> Connack:
+    """Decode an MQTT 5 CONNACK."""
+    _check_flags(flags, 0, "CONNACK")
+    if end - i < 3 or buf[i] & 0xFE:
+        raise MalformedPacket("bad CONNACK")
+    props, stop = decode_properties(buf, i + 2, end, ALLOWED_PROPERTIES["connack"])
+    if stop != end:
+        raise MalformedPacket("bytes after the CONNACK properties")
+    return Connack(buf[i + 1], bool(buf[i]), props)
+
+
+def decode_publish5(flags: int, buf, i: int, end: int) -> Publish:
+    """Decode an MQTT 5 PUBLISH (an empty topic needs a topic alias, MQTT 5.0 3.3.2.3.4)."""
+    qos = (flags >> 1) & 3
+    if qos == 3 or (qos == 0 and flags & 8):
+        raise MalformedPacket("PUBLISH with QoS 3, or DUP on QoS 0")  # [MQTT-3.3.1-4], [MQTT-3.3.1-2]
+    topic, i = _string(buf, i, end)
+    if "+" in topic or "#" in topic:
+        raise MalformedPacket("PUBLISH topic has a wildcard")  # [MQTT-3.3.2-2]
+    pid = None
+    if qos:
+        pid, i = _packet_id(buf, i, end), i + 2
+    props, i = decode_properties(buf, i, end, ALLOWED_PROPERTIES["publish"])
+    if not topic and not any(name == "topic_alias" for name, _ in props):
+        raise ProtocolError("empty PUBLISH topic without a topic alias")
+    return Publish(topic, bytes(buf[i:end]), qos, bool(flags & 1), bool(flags & 8), pid, props)
+
+
+def _decode_ack5(cls: type, expected_flags: int) -> Callable[..., Any]:
+    def decode(flags: int, buf, i: int, end: int):
+        _check_flags(flags, expected_flags, cls.__name__.upper())
+        pid = _packet_id(buf, i, end)
+        return cls(pid, *_reason_and_properties(buf, i + 2, end, "ack"))
+    decode.__doc__ = f"Decode an MQTT 5 {cls.__name__.upper()}."
+    return decode
+
+
+def decode_subscribe5(flags: int, buf, i: int, end: int) -> Subscribe:
+    """Decode an MQTT 5 SUBSCRIBE: options carry QoS, No Local, Retain As Published, Retain Handling."""
+    _check_flags(flags, 2, "SUBSCRIBE")  # [MQTT-3.8.1-1]
+    pid = _packet_id(buf, i, end)
+    props, i = decode_properties(buf, i + 2, end, ALLOWED_PROPERTIES["subscribe"])
+    topics = []
+    while i < end:
+        topic, i = _string(buf, i, end)
+        if i >= end:
+            raise MalformedPacket("subscription without options")
+        options = buf[i]
+        if options & 0xC0 or options & 3 == 3 or (options >> 4) & 3 == 3:
+            raise MalformedPacket("bad subscription options")  # MQTT 5.0 3.8.3.1
+        topics.append((topic, options))
+        i += 1
+    if not topics:
+        raise ProtocolError("SUBSCRIBE without a topic")  # [MQTT-3.8.3-2]
+    return Subscribe(pid, tuple(topics), props)
+
+
+def decode_suback5(flags: int, buf, i: int, end: int) -> Suback:
+    """Decode an MQTT 5 SUBACK."""
+    _check_flags(flags, 0, "SUBACK")
+    pid = _packet_id(buf, i, end)
+    props, i = decode_properties(buf, i + 2, end, ALLOWED_PROPERTIES["ack"])
+    codes = tuple(buf[i:end])
+    if not codes or any(c not in SUBACK_CODES_5 for c in codes):
+        raise MalformedPacket("bad SUBACK reason code")
+    return Suback(pid, codes, props)
+
+
+def decode_unsubscribe5(flags: int, buf, i: int, end: int) -> Unsubscribe:
+    """Decode an MQTT 5 UNSUBSCRIBE."""
+    _check_flags(flags, 2, "UNSUBSCRIBE")  # [MQTT-3.10.1-1]
+    pid = _packet_id(buf, i, end)
+    props, i = decode_properties(buf, i + 2, end, ALLOWED_PROPERTIES["unsubscribe"])
+    topics = []
+    while i < end:
+        topic, i = _string(buf, i, end)
+        topics.append(topic)
+    if not topics:
+        raise ProtocolError("UNSUBSCRIBE without a topic")  # [MQTT-3.10.3-2]
+    return Unsubscribe(pid, tuple(topics), props)
+
+
+def decode_unsuback5(flags: int, buf, i: int, end: int) -> Unsuback:
+    """Decode an MQTT 5 UNSUBACK."""
+    _check_flags(flags, 0, "UNSUBACK")
+    pid = _packet_id(buf, i, end)
+    props, i = decode_properties(buf, i + 2, end, ALLOWED_PROPERTIES["ack"])
+    codes = tuple(buf[i:end])
+    if not codes:
+        raise MalformedPacket("UNSUBACK without reason codes")
+    return Unsuback(pid, codes, props)
+
+
+def _decode_reasoned(cls: type, allowed: str) -> Callable[..., Any]:
+    def decode(flags: int, buf, i: int, end: int):
+        _check_flags(flags, 0, cls.__name__.upper())
+        return cls(*_reason_and_properties(buf, i, end, allowed))
+    decode.__doc__ = f"Decode an MQTT 5 {cls.__name__.upper()}."
+    return decode
+
+
+DECODERS5: dict[int, Callable[..., Any]] = {
+    **DECODERS, CONNACK: decode_connack5, PUBLISH: decode_publish5, PUBACK: _decode_ack5(Puback, 0),
+    PUBREC: _decode_ack5(Pubrec, 0), PUBREL: _decode_ack5(Pubrel, 2), PUBCOMP: _decode_ack5(Pubcomp, 0),
+    SUBSCRIBE: decode_subscribe5, SUBACK: decode_suback5, UNSUBSCRIBE: decode_unsubscribe5,
+    UNSUBACK: decode_unsuback5, DISCONNECT: _decode_reasoned(Disconnect, "disconnect"),
+    AUTH: _decode_reasoned(Auth, "auth"),
+}
+
+
+def _ack5(kind: int, flags: int = 0) -> Callable[[Any], bytes]:
+    return lambda p: _frame(kind << 4 | flags, p.packet_id.to_bytes(2, "big")
+                            + _encode_reason_and_properties(p.reason_code, p.properties))
+
+
+def encode_publish5(p: Publish) -> bytes:
+    """Encode an MQTT 5 PUBLISH."""
+    first = PUBLISH << 4 | p.qos << 1 | (8 if p.dup else 0) | (1 if p.retain else 0)
+    pid = p.packet_id.to_bytes(2, "big") if p.qos else b""
+    return _frame(first, _str(p.topic) + pid + encode_properties(p.properties) + p.payload)
+
+
+ENCODERS5: dict[type, Callable[[Any], bytes]] = {
+    **ENCODERS,
+    Connack: lambda p: _frame(CONNACK << 4, bytes((1 if p.session_present else 0, p.return_code))
+                              + encode_properties(p.properties)),
+    Publish: encode_publish5,
+    Puback: _ack5(PUBACK), Pubrec: _ack5(PUBREC), Pubrel: _ack5(PUBREL, 2), Pubcomp: _ack5(PUBCOMP),
+    Subscribe: lambda p: _frame(SUBSCRIBE << 4 | 2, p.packet_id.to_bytes(2, "big") + encode_properties(p.properties)
+                                + b"".join(_str(t) + bytes((o,)) for t, o in p.topics)),
+    Suback: lambda p: _frame(SUBACK << 4, p.packet_id.to_bytes(2, "big") + encode_properties(p.properties)
+                             + bytes(p.return_codes)),
+    Unsubscribe: lambda p: _frame(UNSUBSCRIBE << 4 | 2, p.packet_id.to_bytes(2, "big")
+                                  + encode_properties(p.properties) + b"".join(_str(t) for t in p.topics)),
+    Unsuback: lambda p: _frame(UNSUBACK << 4, p.packet_id.to_bytes(2, "big") + encode_properties(p.properties)
+                               + bytes(p.reason_codes)),
+    Disconnect: lambda p: _frame(DISCONNECT << 4, _encode_reason_and_properties(p.reason_code, p.properties)),
+    Auth: lambda p: _frame(AUTH << 4, _encode_reason_and_properties(p.reason_code, p.properties)),
+}
 
 
 ###############################################################################

@@ -96,8 +96,8 @@ def test_violations_are_refused(data, reason):
 
 
 def test_unknown_protocol_level_is_decoded_for_connack_1():
-    packet, _ = vmqapi.decode_packet(b"\x10\x0c\x00\x04MQTT\x05\x02\x00\x00\x00\x00")
-    assert packet.proto_level == 5
+    packet, _ = vmqapi.decode_packet(b"\x10\x0c\x00\x04MQTT\x06\x02\x00\x00\x00\x00")
+    assert packet.proto_level == 6
 
 
 def test_max_size_refuses_before_the_body_arrives():
@@ -159,3 +159,89 @@ def test_property_errors_carry_reason_codes():
     zero_id = b"\x02\x0b\x00"
     with pytest.raises(vmqapi.ProtocolError):
         vmqapi.decode_properties(zero_id, 0, len(zero_id))
+
+
+# -- MQTT 5 packets ------------------------------------------------------------------------
+
+def props_for(allowed):
+    return property_lists().map(lambda props: tuple(p for p in props if p[0] in allowed))
+
+
+A = vmqapi.ALLOWED_PROPERTIES
+reason = st.integers(0, 255)
+
+
+@st.composite
+def publishes5(draw):
+    qos = draw(st.integers(0, 2))
+    props = draw(props_for(A["publish"]))
+    return vmqapi.Publish(draw(strategies.topic_name), draw(strategies.payload), qos, draw(st.booleans()),
+                          draw(st.booleans()) if qos else False, draw(strategies.pid) if qos else None, props)
+
+
+@st.composite
+def connects5(draw):
+    base = draw(strategies.connects())
+    will = base.will_topic is not None
+    return vmqapi.dataclasses.replace(base, proto_level=5, properties=draw(props_for(A["connect"])),
+                                      will_properties=draw(props_for(A["will"])) if will else ())
+
+
+options = st.builds(lambda q, nl, rap, rh: q | nl << 2 | rap << 3 | rh << 4, st.integers(0, 2), st.integers(0, 1),
+                    st.integers(0, 1), st.integers(0, 2))
+packets5 = st.one_of(
+    connects5(), publishes5(),
+    st.builds(vmqapi.Connack, reason, st.booleans(), props_for(A["connack"])),
+    *(st.builds(cls, strategies.pid, reason, props_for(A["ack"]))
+      for cls in (vmqapi.Puback, vmqapi.Pubrec, vmqapi.Pubrel, vmqapi.Pubcomp)),
+    st.builds(vmqapi.Subscribe, strategies.pid, st.lists(st.tuples(strategies.mqtt_text, options), min_size=1,
+                                                         max_size=3).map(tuple), props_for(A["subscribe"])),
+    st.builds(vmqapi.Suback, strategies.pid, st.lists(st.sampled_from(sorted(vmqapi.SUBACK_CODES_5)), min_size=1,
+                                                      max_size=3).map(tuple), props_for(A["ack"])),
+    st.builds(vmqapi.Unsubscribe, strategies.pid, st.lists(strategies.mqtt_text, min_size=1, max_size=3).map(tuple),
+              props_for(A["unsubscribe"])),
+    st.builds(vmqapi.Unsuback, strategies.pid, st.lists(reason, min_size=1, max_size=3).map(tuple),
+              props_for(A["ack"])),
+    st.builds(vmqapi.Disconnect, reason, props_for(A["disconnect"])),
+    st.builds(vmqapi.Auth, reason, props_for(A["auth"])),
+    st.just(vmqapi.Pingreq()), st.just(vmqapi.Pingresp()),
+)
+
+
+@given(packets5)
+def test_mqtt5_decode_inverts_encode(packet):
+    data = vmqapi.encode_packet(packet, 5)
+    assert vmqapi.decode_packet(data, 0, 0, 5) == (packet, len(data))
+    for n in range(len(data)):
+        assert vmqapi.decode_packet(data[:n], 0, 0, 5) is None
+
+
+@settings(max_examples=300)
+@given(st.binary(max_size=120))
+def test_mqtt5_arbitrary_bytes_give_packets_or_our_error(data):
+    pos = 0
+    try:
+        while (result := vmqapi.decode_packet(data, pos, 0, 5)) is not None:
+            pos = result[1]
+    except MalformedPacket:
+        pass
+
+
+def test_mqtt5_misplaced_or_repeated_property_is_a_protocol_error():
+    bad = vmqapi.Puback(1, 0, (("topic_alias", 1),))  # topic alias belongs to PUBLISH only
+    with pytest.raises(vmqapi.ProtocolError):
+        vmqapi.decode_packet(vmqapi.encode_packet(bad, 5), 0, 0, 5)
+    twice = vmqapi.Publish("t", b"", 0, properties=(("content_type", "a"), ("content_type", "b")))
+    with pytest.raises(vmqapi.ProtocolError) as info:
+        vmqapi.decode_packet(vmqapi.encode_packet(twice, 5), 0, 0, 5)
+    assert info.value.reason_code == 0x82
+    no_alias = vmqapi.encode_packet(vmqapi.Publish("x", b"p"), 5).replace(b"\x00\x01x", b"\x00\x00", 1)
+    no_alias = bytes((no_alias[0], no_alias[1] - 1)) + no_alias[2:]
+    with pytest.raises(vmqapi.ProtocolError, match="topic alias"):
+        vmqapi.decode_packet(no_alias, 0, 0, 5)
+
+
+def test_short_mqtt5_acks_mean_success():
+    assert vmqapi.decode_packet(b"\x40\x02\x00\x07", 0, 0, 5)[0] == vmqapi.Puback(7)
+    assert vmqapi.decode_packet(b"\x40\x03\x00\x07\x10", 0, 0, 5)[0] == vmqapi.Puback(7, 0x10)
+    assert vmqapi.decode_packet(b"\xe0\x00", 0, 0, 5)[0] == vmqapi.Disconnect()
