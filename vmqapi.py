@@ -1672,6 +1672,107 @@ class TopicTrie:
         return out
 
 
+class _RetainNode:
+    __slots__ = ("children", "value")
+
+    def __init__(self):
+        self.children: dict[str, _RetainNode] = {}
+        self.value: Any = None
+
+
+class RetainTree:
+    """Retained messages by topic level: a new subscription walks only the branches its filter reaches.
+
+    Dict-like (``tree[topic] = value``, ``pop``, ``items``, ``len``), plus ``match(filter)``.
+    """
+
+    def __init__(self):
+        self._root = _RetainNode()
+        self._count = 0
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __setitem__(self, topic: str, value: Any) -> None:
+        node = self._root
+        for level in topic.split("/"):
+            child = node.children.get(level)
+            if child is None:
+                child = node.children[level] = _RetainNode()
+            node = child
+        self._count += node.value is None
+        node.value = value
+
+    def pop(self, topic: str, default: Any = None) -> Any:
+        """Remove and return the value at ``topic`` (``default`` when none); prune empty branches."""
+        path, node = [], self._root
+        for level in topic.split("/"):
+            path.append((node, level))
+            node = node.children.get(level)
+            if node is None:
+                return default
+        value = node.value
+        if value is None:
+            return default
+        node.value = None
+        self._count -= 1
+        for parent, level in reversed(path):
+            child = parent.children[level]
+            if child.children or child.value is not None:
+                break
+            del parent.children[level]
+        return value
+
+    def items(self) -> list[tuple[str, Any]]:
+        """Return (topic, value) of every entry, sorted by topic."""
+        out, stack = [], [(self._root, "")]
+        while stack:
+            node, prefix = stack.pop()
+            for level, child in node.children.items():
+                topic = f"{prefix}/{level}" if node is not self._root else level
+                if child.value is not None:
+                    out.append((topic, child.value))
+                stack.append((child, topic))
+        return sorted(out, key=lambda item: item[0])
+
+    def match(self, topic_filter: str) -> list[Any]:
+        """Return the values whose topic ``topic_filter`` matches, by topic (MQTT 3.1.1 4.7)."""
+        levels = topic_filter.split("/")
+        found: list[tuple[str, Any]] = []
+        stack = [(self._root, 0, "")]
+        while stack:
+            node, depth, prefix = stack.pop()
+            if depth == len(levels):
+                if node.value is not None:
+                    found.append((prefix, node.value))
+                continue
+            level = levels[depth]
+            if level == "#":
+                self._everything(node, depth, prefix, found)
+                continue
+            for name, child in node.children.items() if level == "+" else \
+                    [(level, node.children[level])] if level in node.children else []:
+                if depth == 0 and level == "+" and name.startswith("$"):
+                    continue  # [MQTT-4.7.2-1]
+                stack.append((child, depth + 1, f"{prefix}/{name}" if depth else name))
+        return [value for _, value in sorted(found, key=lambda item: item[0])]
+
+    def _everything(self, node: _RetainNode, depth: int, prefix: str, found: list) -> None:
+        """Collect ``node`` (a '#' also matches its parent level) and every descendant."""
+        if depth and node.value is not None:
+            found.append((prefix, node.value))
+        stack = [(node, depth, prefix)]
+        while stack:
+            current, d, pre = stack.pop()
+            for name, child in current.children.items():
+                if d == 0 and name.startswith("$"):
+                    continue  # [MQTT-4.7.2-1]
+                topic = f"{pre}/{name}" if d else name
+                if child.value is not None:
+                    found.append((topic, child.value))
+                stack.append((child, d + 1, topic))
+
+
 def _merge(out: dict[Any, int], subscribers: dict[Any, int]) -> None:
     for sub, qos in subscribers.items():
         if out.get(sub, -1) < qos:
@@ -2084,7 +2185,7 @@ class Broker:
         self.hooks = hooks or Hooks()
         self.sessions: dict[tuple[str, str], Session] = {}
         self.tries: dict[str, TopicTrie] = collections.defaultdict(TopicTrie)
-        self.retained: dict[str, dict[str, Message]] = collections.defaultdict(dict)
+        self.retained: dict[str, RetainTree] = collections.defaultdict(RetainTree)
         self.clients: set[Client] = set()
         self.counters: dict[tuple, int] = collections.defaultdict(int)
         self.anonymous_default = True  # the node sets it: every MQTT listener on loopback
@@ -2580,16 +2681,15 @@ class Broker:
     def send_retained(self, session: Session, topic_filter: str, qos: int) -> None:
         """Deliver retained messages matching a new subscription, retain flag set [MQTT-3.3.1-8]."""
         client = session.client
-        for msg in list(self.retained[session.mountpoint].values()):
-            if topic_matches(topic_filter, msg.topic):
-                out_qos = min(qos, msg.qos)
-                pid = None
-                if out_qos and len(session.inflight) >= MAX_PACKET_ID:
-                    continue  # no packet identifier left for it
-                if out_qos:
-                    pid = session.take_pid()
-                    session.inflight[pid] = [msg, out_qos, 0, 0, self.clock()]
-                self.write_publish(client, msg, out_qos, pid, retain=True)
+        for msg in self.retained[session.mountpoint].match(topic_filter):
+            out_qos = min(qos, msg.qos)
+            pid = None
+            if out_qos and len(session.inflight) >= MAX_PACKET_ID:
+                continue  # no packet identifier left for it
+            if out_qos:
+                pid = session.take_pid()
+                session.inflight[pid] = [msg, out_qos, 0, 0, self.clock()]
+            self.write_publish(client, msg, out_qos, pid, retain=True)
 
     def on_unsubscribe(self, client: Client, p: Unsubscribe) -> None:
         """Drop filters and answer UNSUBACK [MQTT-3.10.4-4]."""
@@ -2775,7 +2875,7 @@ class Broker:
         """Return (mountpoint, topic, payload) of each retained message."""
         return [{"mountpoint": mp, "topic": t, "payload": m.payload.decode("utf-8", "replace")}
                 for mp, table in sorted(self.retained.items()) if mountpoint in (None, mp)
-                for t, m in sorted(table.items())]
+                for t, m in table.items()]
 
     def delete_retained(self, mountpoint: str, topic: str) -> bool:
         """Delete one retained message; return whether it existed."""

@@ -113,7 +113,7 @@ class BrokerModel(RuleBasedStateMachine):
         cid = data.draw(st.sampled_from(sorted(self.clients)))
         self.broker.handle(self.clients[cid][0], vmqapi.Subscribe(1, ((topic_filter, qos),)))
         self.model[cid]["subs"][topic_filter] = qos
-        for topic, (payload, msg_qos) in self.retained.items():  # both keep first-stored order
+        for topic, (payload, msg_qos) in sorted(self.retained.items()):  # retained come by topic
             if vmqapi.topic_matches(topic_filter, topic):
                 self.expected.setdefault(cid, []).append((topic, payload, min(qos, msg_qos)))
         self.pump()

@@ -68,3 +68,18 @@ def test_filter_validation(topic_filter, ok):
 def test_dollar_topics_are_not_matched_by_leading_wildcards():
     assert not vmqapi.topic_matches("#", "$SYS/x") and not vmqapi.topic_matches("+/x", "$SYS/x")
     assert vmqapi.topic_matches("$SYS/#", "$SYS/x")
+
+
+@given(st.lists(st.tuples(st.booleans(), topics), max_size=20), st.lists(strategies.topic_filter, max_size=6))
+def test_retain_tree_agrees_with_a_scan(ops, filters):
+    tree, model = vmqapi.RetainTree(), {}
+    for n, (store, topic) in enumerate(ops):
+        if store:
+            tree[topic] = n
+            model[topic] = n
+        else:
+            assert tree.pop(topic) == model.pop(topic, None)
+    assert len(tree) == len(model) and tree.items() == sorted(model.items())
+    for topic_filter in filters:
+        expected = [model[t] for t in sorted(model) if naive_match(topic_filter, t)]
+        assert tree.match(topic_filter) == expected
