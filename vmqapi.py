@@ -1,20 +1,22 @@
-"""vmqapi: VerneMQ's admin surface in one dependency-free Python module.
+"""vmqapi: a small MQTT node with VerneMQ's admin surface, in one dependency-free module.
 
-vmqapi serves VerneMQ's HTTP admin API (``GET /api/v1/<command words>?k=v&--flag``)
-and its ``vmq-admin`` command set from one command table, with API keys kept in a
-JSON file, so that scripts, dashboards and curl lines written for VerneMQ keep
-working. It runs on Python 3.10+ with the standard library only.
+vmqapi is an MQTT 3.1/3.1.1 broker (QoS 0-2, retained messages, wills, persistent
+sessions in SQLite, TLS and WebSocket listeners, vmq_passwd and vmq_acl) that serves
+VerneMQ's HTTP admin API (``GET /api/v1/<command words>?k=v&--flag``) and its
+``vmq-admin`` command set from one command table, with API keys kept in a JSON file,
+so that scripts, dashboards and curl lines written for VerneMQ keep working. It runs
+on Python 3.10+ with the standard library only.
 
 Quick start, a node::
 
-    python vmqapi.py                      # HTTP on 127.0.0.1:8888, state in ./vmqapi-data
+    python vmqapi.py                      # MQTT on 127.0.0.1:1883, HTTP on :8888, state in ./vmqapi-data
     python vmqapi.py admin api-key create # prints a new key
     curl "http://KEY@127.0.0.1:8888/api/v1/cluster/show"
 
 Quick start, embedded::
 
     import vmqapi
-    with vmqapi.Node({"listener.http.default": "127.0.0.1:0"}) as node:
+    with vmqapi.Node({"listener.http.default": "127.0.0.1:0", "listener.tcp.default": "127.0.0.1:0"}) as node:
         print(node.listeners())
 
 Contents (``grep -nE '^# [0-9]+\\. ' vmqapi.py`` prints them with line numbers):
