@@ -2550,6 +2550,8 @@ class Broker:
             if qos:
                 pid = session.take_pid()
                 inflight[pid] = [msg, qos, row, 0, self.clock()]
+                if qos == 2 and row:
+                    self.store.mark_sent(row, pid)  # exactly once survives a restart too
             self.write_publish(client, msg, qos, pid)
             self.counters["queue_message_out", ()] += 1
 
@@ -2587,8 +2589,7 @@ class Broker:
         elif entry[3] == 0:
             entry[3], entry[4] = 1, self.clock()
             if entry[2]:
-                self.store.delete_message(entry[2])
-                entry[2] = 0
+                self.store.mark_released(entry[2])
         self.send(client, Pubrel(p.packet_id))
         self.counters["mqtt_pubrel_sent", V4] += 1
 
@@ -2608,6 +2609,8 @@ class Broker:
             self.counters["mqtt_pubcomp_invalid_error", ()] += 1
             return
         del session.inflight[p.packet_id]
+        if entry[2]:
+            self.store.delete_message(entry[2])
         self.drain(session)
 
     # -- subscriptions ----------------------------------------------------
@@ -2813,7 +2816,7 @@ class Broker:
 
     def restore(self, retained: Iterable[tuple[str, Message]], sessions: Iterable[tuple[str, str]],
                 subscriptions: Iterable[tuple[str, str, str, int]],
-                messages: Iterable[tuple[str, str, Message, int, int]]) -> None:
+                messages: Iterable[tuple[str, str, Message, int, int, int, bool]]) -> None:
         """Rebuild state from the message store after a restart."""
         now = self.clock()
         for mountpoint, msg in retained:
@@ -2826,9 +2829,11 @@ class Broker:
             if session is not None:
                 self._attach(session, topic_filter, qos)
                 session.subs[topic_filter] = qos
-        for mountpoint, client_id, msg, qos, row in messages:
+        for mountpoint, client_id, msg, qos, row, pid, released in messages:
             session = self.sessions.get((mountpoint, client_id))
-            if session is not None:
+            if session is not None and qos == 2 and pid:  # in flight when the node stopped: same id again
+                session.inflight[pid] = [msg, qos, row, 1 if released else 0, now]
+            elif session is not None:
                 session.queue.append((msg, qos, row))
             self._next_ref = max(self._next_ref, msg.ref)
 
@@ -2902,7 +2907,8 @@ CREATE TABLE IF NOT EXISTS sessions (mountpoint TEXT, client_id TEXT, PRIMARY KE
 CREATE TABLE IF NOT EXISTS subscriptions (mountpoint TEXT, client_id TEXT, filter TEXT, qos INTEGER,
                                           PRIMARY KEY (mountpoint, client_id, filter));
 CREATE TABLE IF NOT EXISTS messages (id INTEGER PRIMARY KEY AUTOINCREMENT, mountpoint TEXT, client_id TEXT,
-                                     topic TEXT, payload BLOB, qos INTEGER, msg_qos INTEGER, ref INTEGER);
+                                     topic TEXT, payload BLOB, qos INTEGER, msg_qos INTEGER, ref INTEGER,
+                                     pid INTEGER DEFAULT 0, released INTEGER DEFAULT 0);
 CREATE INDEX IF NOT EXISTS messages_by_session ON messages (mountpoint, client_id);
 """
 
@@ -2939,6 +2945,12 @@ class MemoryStore:
     def delete_message(self, row: int) -> None:
         """Keep nothing."""
 
+    def mark_sent(self, row: int, pid: int) -> None:
+        """Keep nothing."""
+
+    def mark_released(self, row: int) -> None:
+        """Keep nothing."""
+
     def commit(self) -> None:
         """Nothing to commit."""
 
@@ -2956,6 +2968,9 @@ class SqliteStore(MemoryStore):
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=NORMAL")  # WAL: durable across process crashes
             self.db.executescript(_SCHEMA)
+            columns = {row[1] for row in self.db.execute("PRAGMA table_info(messages)")}
+            for column in sorted({"pid", "released"} - columns):
+                self.db.execute(f"ALTER TABLE messages ADD COLUMN {column} INTEGER DEFAULT 0")  # older stores
         except sqlite3.Error as exc:
             raise ConfigError(f"cannot open the message store {path}: {exc}") from None
         self._dirty = False
@@ -2971,8 +2986,10 @@ class SqliteStore(MemoryStore):
                     q("SELECT mountpoint, topic, payload, qos, ref FROM retained")]
         sessions = list(q("SELECT mountpoint, client_id FROM sessions"))
         subs = list(q("SELECT mountpoint, client_id, filter, qos FROM subscriptions"))
-        messages = [(mp, cid, Message(t, p, mq, False, ref), qos, row) for row, mp, cid, t, p, qos, mq, ref in
-                    q("SELECT id, mountpoint, client_id, topic, payload, qos, msg_qos, ref FROM messages ORDER BY id")]
+        messages = [(mp, cid, Message(t, p, mq, False, ref), qos, row, pid, bool(released))
+                    for row, mp, cid, t, p, qos, mq, ref, pid, released in
+                    q("SELECT id, mountpoint, client_id, topic, payload, qos, msg_qos, ref, pid, released "
+                      "FROM messages ORDER BY id")]
         return retained, sessions, subs, messages
 
     def put_retained(self, mountpoint: str, msg: Message) -> None:
@@ -3011,6 +3028,14 @@ class SqliteStore(MemoryStore):
     def delete_message(self, row: int) -> None:
         """Delete a delivered message."""
         self._run("DELETE FROM messages WHERE id = ?", (row,))
+
+    def mark_sent(self, row: int, pid: int) -> None:
+        """Record the packet id a QoS 2 message went out with (a restart resends it with that id)."""
+        self._run("UPDATE messages SET pid = ? WHERE id = ?", (pid, row))
+
+    def mark_released(self, row: int) -> None:
+        """Record that PUBREC came for a QoS 2 message (a restart resends PUBREL, not the message)."""
+        self._run("UPDATE messages SET released = 1 WHERE id = ?", (row,))
 
     def commit(self) -> None:
         """Commit what the last batch of packets changed."""

@@ -502,3 +502,47 @@ def test_shared_group_member_offline_keeps_its_messages(connect, node):
     pub.publish("t", b"for the only member", 1)
     back = connect("a", clean=False)
     assert back.message().payload == b"for the only member"
+
+
+@pytest.mark.parametrize("stage", ["published", "released"])
+def test_qos2_in_flight_survives_kill_9_with_its_packet_id(tmp_path, stage):
+    import signal
+    data_dir = tmp_path / "data"
+    proc, port = start_node(data_dir)
+    try:
+        sub = MqttClient(port)
+        sub.connect("exactly-once", clean=False)
+        sub.subscribe(("x", 2))
+        pub = MqttClient(port)
+        pub.connect("pub")
+        pub.publish("x", b"once", 2)
+        first = sub.message(ack=False)
+        if stage == "released":
+            sub.send(vmqapi.Pubrec(first.packet_id))
+            assert sub.expect(vmqapi.Pubrel).packet_id == first.packet_id
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=20)
+        sub.close(), pub.close()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    proc, port = start_node(data_dir)
+    try:
+        back = MqttClient(port)
+        assert back.connect("exactly-once", clean=False).session_present
+        if stage == "released":
+            assert back.expect(vmqapi.Pubrel).packet_id == first.packet_id  # not the message again
+            back.send(vmqapi.Pubcomp(first.packet_id))
+        else:
+            again = back.message()
+            assert (again.packet_id, again.payload, again.dup) == (first.packet_id, b"once", True)
+        back.no_message()
+        back.close()
+        again = MqttClient(port)  # and nothing is left in the store afterwards
+        assert again.connect("exactly-once", clean=False).session_present
+        again.no_message()
+        again.close()
+    finally:
+        proc.kill()
+        proc.communicate()
