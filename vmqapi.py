@@ -106,6 +106,7 @@ __all__ = [
 log = logging.getLogger("vmqapi")
 
 NODE_FILE = "node.json"
+TRACE_FOLLOW_GRACE = 5.0  # seconds a followed trace stays on after its last call
 SESSION_CHUNK = 500  # sessions session show reads per turn of the broker's loop (about 2 ms)
 JSON_CHUNK = 1000  # table rows per json.dumps call, so a big answer never holds the GIL for long
 KEY_FILE = "api_keys.json"
@@ -4879,7 +4880,9 @@ def cmd_log_level(call: Call) -> Any:
              _MOUNTPOINT, Param("rate-max", parse_positive_int, doc="lines per interval (10)"),
              Param("rate-interval", parse_positive_int, doc="the interval in ms (100)"),
              Param("trunc-payload", parse_int_range(0), doc="payload bytes shown (200)"),
-             Param("duration", parse_int_range(1, 600), doc="seconds to trace over HTTP (5)")))
+             Param("duration", parse_int_range(1, 600), doc="seconds to trace over HTTP (5)"),
+             Param("follow", doc="a token of your choosing: the trace stays on between calls that give it, "
+                                 "so repeated calls miss nothing (the CLI's streaming uses it)")))
 def cmd_trace_client(call: Call) -> Any:
     """Trace a client's packets both ways (the CLI streams until Ctrl-C; HTTP answers after --duration)."""
     client_id = call.args["client-id"]
@@ -4887,7 +4890,7 @@ def cmd_trace_client(call: Call) -> Any:
     tracer = Tracer(client_id, call.flags.get("rate-max") or 10, call.flags.get("rate-interval") or 100,
                     200 if trunc is None else trunc)
     lines = call.node.trace_client(client_id, call.flags.get("mountpoint") or "", call.flags.get("duration") or 5,
-                                   tracer)
+                                   tracer, call.flags.get("follow"))
     return Text("".join(line + "\n" for line in lines))
 
 
@@ -5783,6 +5786,7 @@ class Node:
         self.started_at = time.time()
         self._listeners: list[HttpListener] = []
         self.mqtt: MqttIO | None = None
+        self._follows: dict[str, tuple[Tracer, tuple[str, str], float]] = {}  # trace client --follow tokens
         self._stopped = threading.Event()
         self._running = False
 
@@ -5978,16 +5982,40 @@ class Node:
             return None
         return self.in_broker(getattr(self.mqtt.broker, method), *args)
 
-    def trace_client(self, client_id: str, mountpoint: str, duration: float, tracer: Tracer) -> list[str]:
-        """Trace a client for ``duration`` seconds; return the lines."""
+    def trace_client(self, client_id: str, mountpoint: str, duration: float, tracer: Tracer,
+                     follow: str | None = None) -> list[str]:
+        """Trace a client for ``duration`` seconds; return the lines.
+
+        With a ``follow`` token the trace stays on after the call (for ``TRACE_FOLLOW_GRACE``
+        seconds unless the token comes again), so back-to-back calls miss no packet.
+        """
         key = (mountpoint, client_id)
+        with self._lock:
+            stale = self._expire_follows()
+            held = self._follows.pop(follow, None) if follow else None
+            tracer = held[0] if held is not None and held[1] == key else tracer
+        for old_key in stale - {key}:
+            self.broker_call("trace", old_key, None)
         self.broker_call("trace", key, tracer)
         try:
             self._stopped.wait(duration)
         finally:
-            if self._running:
+            if follow and self._running:
+                with self._lock:
+                    self._follows[follow] = (tracer, key, time.monotonic() + TRACE_FOLLOW_GRACE)
+            elif self._running:
                 self.broker_call("trace", key, None)
         return tracer.take()
+
+    def _expire_follows(self) -> set[tuple[str, str]]:
+        """Forget followed traces nobody asked for lately; return the clients no trace follows now.
+
+        The caller holds ``_lock`` and switches those traces off after releasing it.
+        """
+        now = time.monotonic()
+        expired = {key for _, key, until in self._follows.values() if until < now}
+        self._follows = {token: held for token, held in self._follows.items() if held[2] >= now}
+        return expired - {key for _, key, _ in self._follows.values()}
 
     def tls_listeners(self) -> list[Any]:
         """Return the listeners that speak TLS."""
@@ -6236,8 +6264,8 @@ def _teach(config: Config, argv: Argv) -> int:
 
 
 def _stream_trace(config: Config, argv: Argv, fmt: str) -> int:
-    """Print a client's trace until Ctrl-C, asking the node for a second at a time."""
-    argv = dataclasses.replace(argv, flags=(*argv.flags, ("--duration", "1")))
+    """Print a client's trace until Ctrl-C, a second at a time, on one followed trace (no gaps)."""
+    argv = dataclasses.replace(argv, flags=(*argv.flags, ("--duration", "1"), ("--follow", secrets.token_hex(8))))
     try:
         while True:
             code = _remote(config, argv, fmt)

@@ -293,3 +293,17 @@ def test_openapi_lists_every_command(node, key):
     op = doc["paths"]["/api/v1/session/disconnect"]["get"]
     names = {p["name"]: p for p in op["parameters"]}
     assert names["client-id"]["required"] is True and names["--cleanup"]["allowEmptyValue"] is True
+
+
+def test_followed_trace_misses_nothing_between_calls(node, key):
+    (c,) = clients(node, "followed")
+    http = Client(node)
+    try:
+        target = "/api/v1/trace/client?client-id=followed&--duration=1&--follow=tok1"
+        first = body_json(http.get(target, key=key)[2])["text"]
+        assert "PINGREQ" not in first
+        c.ping()  # between the two calls
+        second = body_json(http.get(target, key=key)[2])["text"]
+        assert "PINGREQ" in second and "PINGRESP" in second
+    finally:
+        http.close(), c.close()
