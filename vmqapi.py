@@ -523,6 +523,9 @@ SETTINGS: tuple[Setting, ...] = (
        "How a shared subscription picks its member.", True),
     _S("mqtt_connect_timeout", parse_int_range(1), 30000, "Milliseconds a new MQTT connection has to send CONNECT.",
        True),
+    _S("mqtt_packet_timeout", parse_int_range(1), 60000,
+       "Milliseconds a client has to finish a packet it started sending (cuts trickling clients, keep-alive or not).",
+       True),
     _S("vmq_acl.acl_file", parse_text, "", "ACL file of vmq_acl (empty: none).", True),
     _S("vmq_acl.acl_reload_interval", parse_int_range(0), 10, "Seconds between ACL file reloads (0: never).", True),
     _S("vmq_passwd.password_file", parse_text, "", "Password file of vmq_passwd (empty: none).", True),
@@ -694,6 +697,8 @@ def _packets(kind: str, direction: str) -> tuple[str, str, tuple[LabelSet, ...]]
 METRIC_DEFINITIONS: dict[str, tuple[str, str, tuple[LabelSet, ...]]] = {  # VerneMQ vmq_metrics.hrl names
     "socket_open": ("counter", "The number of times an MQTT socket has been opened.", _NO_LABELS),
     "socket_close": ("counter", "The number of times an MQTT socket has been closed.", _NO_LABELS),
+    "socket_close_timeout": ("counter", "The number of MQTT sockets closed for a packet not finished in time.",
+                             _NO_LABELS),
     "bytes_received": ("counter", "The total number of bytes received.", _NO_LABELS),
     "bytes_sent": ("counter", "The total number of bytes sent.", _NO_LABELS),
     "mqtt_connect_received": _packets("CONNECT", "received"),
@@ -2739,7 +2744,13 @@ class Broker:
         """Close silent clients (1.5 x keep-alive, CONNECT timeout); expire old sessions."""
         config = self.settings()
         connect_timeout = config["mqtt_connect_timeout"] / 1000
+        packet_timeout = config["mqtt_packet_timeout"] / 1000
         for client in list(self.clients):
+            started = getattr(client.link, "partial_since", None)
+            if started is not None and now - started > packet_timeout and not client.closed:
+                self.counters["socket_close_timeout", ()] += 1
+                self.close_client(client)  # a packet begun and never finished
+                continue
             if client.connected:
                 if client.keepalive and now - client.last_seen > 1.5 * client.keepalive:  # [MQTT-3.1.2-24]
                     self.counters["client_keepalive_expired", ()] += 1
@@ -3070,6 +3081,7 @@ class MqttLink(asyncio.Protocol):
         self.buffer = b""
         self.writable = True
         self.closing = self.paused = False
+        self.partial_since: float | None = None  # when the unfinished packet in ``buffer`` began
         self.tracer: Tracer | None = None
         self.identity: str | None = None  # the client certificate's CN, on TLS listeners
         self.peer = ("", 0)
@@ -3115,6 +3127,10 @@ class MqttLink(asyncio.Protocol):
             broker.counters[kind, ()] += 1
             broker.close_client(client)
         self.buffer = buf[pos:] if pos < len(buf) else b""
+        if not self.buffer:
+            self.partial_since = None
+        elif self.partial_since is None or pos:
+            self.partial_since = time.time()  # a packet has begun; mqtt_packet_timeout runs from here
         self.io.after_batch()
 
     def throttle(self, delay: float) -> None:

@@ -209,3 +209,31 @@ def test_connection_flood_beyond_max_connections(make_node):
     finally:
         for c in clients:
             c.close()
+
+
+def test_a_packet_trickled_after_connect_is_cut_off(make_node):
+    node = make_node(mqtt_packet_timeout="700")
+    c = MqttClient(mqtt_port(node))
+    try:
+        assert c.connect("slow-after-connect", keepalive=0).return_code == 0  # no keep-alive to save it
+        frame = vmqapi.encode_packet(vmqapi.Publish("t", b"x" * 20))
+        started = time.monotonic()
+        for n in range(len(frame) - 1):
+            try:
+                c.send_raw(frame[n:n + 1])
+            except OSError:
+                break
+            time.sleep(0.1)
+            if c.closed(0.01):
+                break
+        assert time.monotonic() - started < 3 and c.closed(3)
+        assert node.metrics.value("socket_close_timeout") == 1
+    finally:
+        c.close()
+    idle = MqttClient(mqtt_port(node))
+    try:
+        assert idle.connect("idle-is-fine", keepalive=0).return_code == 0
+        time.sleep(1.2)  # nothing half-sent: no timeout
+        assert idle.ping()
+    finally:
+        idle.close()
