@@ -3385,6 +3385,15 @@ def tls_context(options: Mapping[str, Any]) -> ssl.SSLContext:
     return ctx
 
 
+def tls_columns(option: Callable[[str], Any] | None) -> dict[str, str]:
+    """Return listener show --tls's columns for a listener (``option`` reads its settings; None: no TLS)."""
+    row = {}
+    for key in ("tls_version", "certfile", "cafile", "keyfile", "require_certificate", "use_identity_as_username"):
+        value = option(key) if option else ""
+        row[key] = render_value(value) if value != "" else ""
+    return {**row, "psk_support": "", "pskfile": ""}
+
+
 def certificate_cn(cert: Mapping[str, Any] | None) -> str | None:
     """Return the common name of a peer certificate as ``ssl`` decodes it."""
     for rdn in (cert or {}).get("subject", ()):
@@ -3425,10 +3434,7 @@ class MqttListener:
                "mountpoint": self.mountpoint, "max_conns": "infinity" if self.max_connections is None
                else self.max_connections, "active_conns": self.active, "all_conns": self.all_conns}
         if tls:
-            opts = self.options if self.tls else dict.fromkeys(LISTENER_TLS_OPTIONS, "")
-            row.update({k: render_value(opts[k]) if opts[k] != "" else "" for k in (
-                "tls_version", "certfile", "cafile", "keyfile", "require_certificate", "use_identity_as_username")})
-            row.update(psk_support="", pskfile="")
+            row.update(tls_columns(self.options.get if self.tls else None))
         if mqtt:
             names = {3: "mqtt 3.1", 4: "mqtt 3.1.1", 5: "mqtt 5"}
             row["allowed_protocol_versions"] = ", ".join(names.get(v, str(v)) for v in self.allowed_versions)
@@ -5724,9 +5730,7 @@ class HttpListener:
                "mountpoint": "", "max_conns": "infinity" if limit is None else limit,
                "active_conns": self.server.active(), "all_conns": self.all_conns}
         if tls:
-            row.update({k: render_value(self.option(k)) if self.tls and self.option(k) != "" else "" for k in (
-                "tls_version", "certfile", "cafile", "keyfile", "require_certificate", "use_identity_as_username")})
-            row.update(psk_support="", pskfile="")
+            row.update(tls_columns(self.option if self.tls else None))
         if mqtt:
             row.update(allowed_protocol_versions="", allow_anonymous_override="")
         return row
