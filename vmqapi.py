@@ -5064,6 +5064,18 @@ def error_response(exc: VmqError, extra: Iterable[tuple[str, str]] = ()) -> Resp
     return Response(exc.http_status, tuple(headers), body)
 
 
+@functools.lru_cache(maxsize=256)
+def _basic_user(credentials: str) -> str:
+    """Return the user part of Basic credentials (memoised: a client sends the same header each time)."""
+    try:
+        decoded = base64.b64decode(credentials, validate=True).decode("utf-8")
+    except (binascii.Error, ValueError):
+        raise BadRequest("malformed Authorization header: the credentials are not base64 of UTF-8") from None
+    if ":" not in decoded:
+        raise BadRequest("malformed Authorization header: the credentials have no ':'")
+    return decoded.partition(":")[0]
+
+
 def request_key(headers: Mapping[str, str]) -> str:
     """Return the API key a request carries (Basic user name, else x-api-key).
 
@@ -5080,13 +5092,7 @@ def request_key(headers: Mapping[str, str]) -> str:
         raise Unauthorized(f"{scheme} credentials are not accepted; send the API key with Basic")
     if scheme.lower() != "basic":
         raise BadRequest("malformed Authorization header: expected Basic base64(<key>:)")
-    try:
-        decoded = base64.b64decode(credentials.strip(), validate=True).decode("utf-8")
-    except (binascii.Error, ValueError):
-        raise BadRequest("malformed Authorization header: the credentials are not base64 of UTF-8") from None
-    if ":" not in decoded:
-        raise BadRequest("malformed Authorization header: the credentials have no ':'")
-    key = decoded.partition(":")[0]
+    key = _basic_user(credentials.strip())
     if not key:
         raise Unauthorized("the Authorization header carries an empty key")
     return key
@@ -5137,8 +5143,14 @@ def apply_alias(words: tuple[str, ...]) -> tuple[str, ...]:
     return words
 
 
-def request_argv(req: Request, path_words: tuple[str, ...], query: str) -> Argv:
-    """Build the Argv from path words, query string and (for POST) a form body."""
+@functools.lru_cache(maxsize=1024)
+def parse_target(rest: str, query: str) -> Argv:
+    """Parse the path after /api/v1/ and the query into an Argv (memoised: dashboards repeat themselves)."""
+    return parse_query(apply_alias(parse_path_words(rest)), query)
+
+
+def request_argv(req: Request, rest: str, query: str) -> Argv:
+    """Build the Argv from the path, query string and (for POST) a form body."""
     if req.method == "POST" and req.body:
         ctype = req.headers.get("content-type", "").split(";")[0].strip().lower()
         if ctype != FORM_TYPE:
@@ -5148,7 +5160,7 @@ def request_argv(req: Request, path_words: tuple[str, ...], query: str) -> Argv:
         except UnicodeDecodeError:
             raise BadRequest("a form body must be percent-encoded ASCII") from None
         query = f"{query}&{form}" if query else form
-    return parse_query(apply_alias(path_words), query)
+    return parse_target(rest, query)
 
 
 _ELEMENT_SCHEMAS = {
@@ -5217,7 +5229,7 @@ def serve_api(node: Any, req: Request, rest: str, query: str) -> Response:
     if rest == "openapi.json" and req.method in ("GET", "HEAD"):
         body = json.dumps(openapi_document(node.commands), separators=(",", ":")).encode()
         return Response(200, (("Content-Type", JSON_TYPE),), body)
-    argv = request_argv(req, parse_path_words(rest), query)
+    argv = request_argv(req, rest, query)
     call, wants_help = prepare(node.commands, argv, node)
     if scope == "mgmt_ro" and not call.command.read_only and not wants_help:
         raise Forbidden(f"a mgmt_ro key may not run {' '.join(call.command.words)}, which changes the node")
