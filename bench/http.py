@@ -271,7 +271,11 @@ def main():
                     idle = None
         finally:
             node.terminate()
-            node.wait(20)
+            try:
+                node.wait(20)
+            except subprocess.TimeoutExpired:
+                node.kill()
+                node.wait()
     print(f"{'measure':42}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}  note")
     for label, rate, p50, p99, errors, note in rows:
         print(f"{label:42}{rate:10,.0f}{p50:9.2f}{p99:9.2f}{errors:8}  {note}")
