@@ -786,9 +786,16 @@ class Metrics:
             out[key] = out.get(key, 0) + value
         return out
 
+    def totals(self) -> dict[str, int]:
+        """Return every metric summed over its labels (as metrics show, node status and $SYS give them)."""
+        totals: dict[str, int] = {}
+        for (name, _), value in self.samples().items():
+            totals[name] = totals.get(name, 0) + value
+        return totals
+
     def value(self, name: str) -> int:
         """Return the value of ``name`` summed over its labels and sources."""
-        return sum(v for (n, _), v in self.samples().items() if n == name)
+        return self.totals().get(name, 0)
 
     def reset(self) -> None:
         """Zero every counter (gauges follow what they measure)."""
@@ -3539,10 +3546,7 @@ class MqttIO:
 
     def publish_systree(self) -> None:
         """Publish every metric, aggregated, as ``$SYS/<node>/<name split on _>`` (QoS 0)."""
-        totals: dict[str, int] = collections.defaultdict(int)
-        for (name, _), value in self.metrics.samples().items():
-            totals[name] += value
-        for name, value in totals.items():
+        for name, value in self.metrics.totals().items():
             topic = f"$SYS/{self.node_name}/" + name.replace("_", "/")
             if self.broker.tries[""].match(topic):  # nobody listening: not an unhandled message
                 self.broker.route("", Message(topic, str(value).encode(), 0))
@@ -5963,10 +5967,7 @@ class Node:
         return self.in_broker(self._status)
 
     def _status(self) -> dict[str, Any]:
-        totals: dict[str, int] = collections.defaultdict(int)
-        for (name, _), value in self.metrics.samples().items():
-            totals[name] += value
-        m = totals.__getitem__
+        m = self.metrics.totals().__getitem__
         online = m("active_mqtt_connections")
         return {"num_online": online, "num_offline": max(0, m("queue_processes") - online),
                 "msg_in": m("mqtt_publish_received"), "msg_out": m("mqtt_publish_sent"),

@@ -35,6 +35,7 @@ def raise_fd_limit():
 # -- raw MQTT --------------------------------------------------------------------------
 
 def varint(n):
+    # vmqapi.encode_length's twin: importing vmqapi from here would find bench/http.py as "http".
     out = bytearray()
     while True:
         b, n = n & 127, n >> 7

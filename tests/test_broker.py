@@ -11,6 +11,7 @@ import pytest
 
 from conftest import Client, basic, body_json, run_cli
 from mqtt_client import MqttClient
+from test_cli import stop_process
 import vmqapi
 from vmqapi import Publish
 
@@ -376,13 +377,8 @@ def test_passwd_command(tmp_path):
 # -- persistence across restarts and kill -9 ----------------------------------------------
 
 def start_node(data_dir):
-    import subprocess
-    import sys
-    from conftest import ROOT
-    from test_cli import wait_for_node_file
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "vmqapi.py"), "--data-dir", str(data_dir),
-                             "--set", "listener.http.default=127.0.0.1:0", "--set", "listener.tcp.default=127.0.0.1:0"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    from test_cli import start_node_process, wait_for_node_file
+    proc = start_node_process(data_dir)
     info = wait_for_node_file(data_dir, proc)
     return proc, next(x["port"] for x in info["listeners"] if x["type"] == "mqtt")
 
@@ -406,9 +402,7 @@ def test_acknowledged_messages_survive_a_restart(tmp_path, how):
         proc.send_signal(signal.SIGTERM if how == "sigterm" else signal.SIGKILL)
         proc.communicate(timeout=20)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+        stop_process(proc)
     if how == "kill -9":
         assert (data_dir / vmqapi.NODE_FILE).exists()  # left behind; the next start sees its pid is dead
     proc, port = start_node(data_dir)
@@ -426,8 +420,7 @@ def test_acknowledged_messages_survive_a_restart(tmp_path, how):
         assert late.message().payload == b"kept"
         late.close()
     finally:
-        proc.kill()
-        proc.communicate()
+        stop_process(proc)
 
 
 @pytest.mark.slow
@@ -524,9 +517,7 @@ def test_qos2_in_flight_survives_kill_9_with_its_packet_id(tmp_path, stage):
         proc.communicate(timeout=20)
         sub.close(), pub.close()
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+        stop_process(proc)
     proc, port = start_node(data_dir)
     try:
         back = MqttClient(port)
@@ -544,5 +535,4 @@ def test_qos2_in_flight_survives_kill_9_with_its_packet_id(tmp_path, stage):
         again.no_message()
         again.close()
     finally:
-        proc.kill()
-        proc.communicate()
+        stop_process(proc)

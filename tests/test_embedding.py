@@ -147,3 +147,18 @@ def test_a_hook_may_call_back_into_the_node(make_node):
         assert seen == [1]
     finally:
         c.close()
+
+
+def test_admin_disconnect_runs_the_same_hooks_as_a_client_leaving(make_node):
+    events = []
+    node = make_node()
+    node.hooks.register("on_client_offline", lambda sid: events.append(("offline", sid)))
+    node.hooks.register("on_client_gone", lambda sid: events.append(("gone", sid)))
+    keeper, passer = MqttClient(mqtt_port(node)), MqttClient(mqtt_port(node))
+    try:
+        keeper.connect("keeper", clean=False)
+        passer.connect("passer", clean=True)
+        assert node.disconnect_session("keeper") and node.disconnect_session("passer")
+        assert events == [("offline", ("", "keeper")), ("gone", ("", "passer"))]
+    finally:
+        keeper.close(), passer.close()
