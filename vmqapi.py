@@ -66,6 +66,7 @@ import inspect
 import ipaddress
 import json
 import logging
+import math
 import os
 import random
 import re
@@ -280,6 +281,20 @@ class ProtocolError(MalformedPacket):
 class PacketTooLarge(MalformedPacket):
     """A packet larger than max_message_size."""
 
+    reason_code = 0x95
+
+
+class ReceiveMaxExceeded(ProtocolError):
+    """An MQTT 5 client sent more unacknowledged QoS 2 messages than the node's Receive Maximum."""
+
+    reason_code = 0x93
+
+
+class TopicAliasInvalid(ProtocolError):
+    """An MQTT 5 topic alias of 0 or above the Topic Alias Maximum the node announced."""
+
+    reason_code = 0x94
+
 
 class ConfigError(VmqError):
     """A configuration the node cannot start with; the text names file and line."""
@@ -395,10 +410,10 @@ def parse_address(text: str) -> tuple[str, int]:
 
 
 def parse_versions(text: str) -> tuple[int, ...]:
-    """Parse ``allowed_protocol_versions``: a comma list of 3 (MQTT 3.1) and 4 (3.1.1)."""
-    versions = tuple(sorted({parse_int_range(3, 4)(v) for v in text.split(",") if v.strip()}))
+    """Parse ``allowed_protocol_versions``: a comma list of 3 (MQTT 3.1), 4 (3.1.1) and 5 (5.0)."""
+    versions = tuple(sorted({parse_int_range(3, 5)(v) for v in text.split(",") if v.strip()}))
     if not versions:
-        raise ValueError("expected a comma separated list of 3 and 4")
+        raise ValueError("expected a comma separated list of 3, 4 and 5")
     return versions
 
 
@@ -471,8 +486,8 @@ SETTINGS: tuple[Setting, ...] = (
     _S("listener.max_connections", parse_max_connections, 10000,
        "Connections a listener accepts at once (integer or infinity)."),
     _S("listener.mountpoint", parse_text, "", "Topic prefix that separates this listener's clients from others."),
-    _S("listener.allowed_protocol_versions", parse_versions, (3, 4),
-       "MQTT versions a listener accepts: 3 (3.1) and 4 (3.1.1)."),
+    _S("listener.allowed_protocol_versions", parse_versions, (3, 4, 5),
+       "MQTT versions a listener accepts: 3 (3.1), 4 (3.1.1) and 5 (5.0)."),
     _S("listener.allow_anonymous_override", parse_flag, False,
        "Let this listener's clients in without credentials whatever allow_anonymous says."),
     _S("message_store", parse_choice("sqlite", "memory"), "sqlite",
@@ -526,6 +541,20 @@ SETTINGS: tuple[Setting, ...] = (
     _S("mqtt_packet_timeout", parse_int_range(1), 60000,
        "Milliseconds a client has to finish a packet it started sending (cuts trickling clients, keep-alive or not).",
        True),
+    _S("receive_max_broker", parse_int_range(1, 65535), 65535,
+       "MQTT 5: QoS 1/2 PUBLISHes a client may have unacknowledged towards the node (Receive Maximum in CONNACK).",
+       True),
+    _S("receive_max_client", parse_int_range(1, 65535), 65535,
+       "MQTT 5: most QoS 1/2 messages in flight to a client, whatever larger Receive Maximum it asks for.", True),
+    _S("topic_alias_max_broker", parse_int_range(0, 65535), 0,
+       "MQTT 5: topic aliases a client may use towards the node (Topic Alias Maximum in CONNACK; 0: none).", True),
+    _S("topic_alias_max_client", parse_int_range(0, 65535), 0,
+       "MQTT 5: topic aliases the node uses towards a client, at most what the client allows (0: none).", True),
+    _S("max_keepalive", parse_int_range(1, 65535), 65535,
+       "Longest keep-alive in seconds: MQTT 5 clients asking for more (or 0) get this as Server Keep Alive; "
+       "MQTT 3 clients asking for more are refused.", True),
+    _S("max_last_will_delay", parse_int_range(0, 4294967295), 4294967295,
+       "MQTT 5: longest Will Delay Interval honoured, in seconds.", True),
     _S("vmq_acl.acl_file", parse_text, "", "ACL file of vmq_acl (empty: none).", True),
     _S("vmq_acl.acl_reload_interval", parse_int_range(0), 10, "Seconds between ACL file reloads (0: never).", True),
     _S("vmq_passwd.password_file", parse_text, "", "Password file of vmq_passwd (empty: none).", True),
@@ -683,15 +712,18 @@ def _read_config_file(path: str) -> dict[str, Any]:
 
 LabelSet = tuple[tuple[str, str], ...]
 _NO_LABELS: tuple[LabelSet, ...] = ((),)
-_BY_VERSION: tuple[LabelSet, ...] = ((("mqtt_version", "4"),),)  # MQTT 3.1 and 3.1.1 count as "4"
+_BY_VERSION: tuple[LabelSet, ...] = ((("mqtt_version", "4"),), (("mqtt_version", "5"),))  # 3.1 and 3.1.1 are "4"
+_V5_SUCCESS: LabelSet = (("mqtt_version", "5"), ("reason_code", "success"))
 _CONNACK: tuple[LabelSet, ...] = tuple(
     (("mqtt_version", "4"), ("return_code", code)) for code in (
         "success", "unsupported_protocol_version", "client_identifier_not_valid", "server_unavailable",
-        "bad_username_or_password", "not_authorized"))
+        "bad_username_or_password", "not_authorized")) + (_V5_SUCCESS,)
 
 
-def _packets(kind: str, direction: str) -> tuple[str, str, tuple[LabelSet, ...]]:
-    return ("counter", f"The number of {kind} packets {direction}.", _BY_VERSION)
+def _packets(kind: str, direction: str, reasons: bool = False) -> tuple[str, str, tuple[LabelSet, ...]]:
+    """A packet counter by protocol; ``reasons``: MQTT 5 packets also carry their reason code."""
+    sets = (_BY_VERSION[0], _V5_SUCCESS) if reasons else _BY_VERSION
+    return ("counter", f"The number of {kind} packets {direction}.", sets)
 
 
 METRIC_DEFINITIONS: dict[str, tuple[str, str, tuple[LabelSet, ...]]] = {  # VerneMQ vmq_metrics.hrl names
@@ -705,21 +737,26 @@ METRIC_DEFINITIONS: dict[str, tuple[str, str, tuple[LabelSet, ...]]] = {  # Vern
     "mqtt_connack_sent": ("counter", "The number of CONNACK packets sent.", _CONNACK),
     "mqtt_publish_received": _packets("PUBLISH", "received"),
     "mqtt_publish_sent": _packets("PUBLISH", "sent"),
-    "mqtt_puback_received": _packets("PUBACK", "received"),
-    "mqtt_puback_sent": _packets("PUBACK", "sent"),
-    "mqtt_pubrec_received": _packets("PUBREC", "received"),
-    "mqtt_pubrec_sent": _packets("PUBREC", "sent"),
-    "mqtt_pubrel_received": _packets("PUBREL", "received"),
-    "mqtt_pubrel_sent": _packets("PUBREL", "sent"),
-    "mqtt_pubcomp_received": _packets("PUBCOMP", "received"),
-    "mqtt_pubcomp_sent": _packets("PUBCOMP", "sent"),
+    "mqtt_puback_received": _packets("PUBACK", "received", True),
+    "mqtt_puback_sent": _packets("PUBACK", "sent", True),
+    "mqtt_pubrec_received": _packets("PUBREC", "received", True),
+    "mqtt_pubrec_sent": _packets("PUBREC", "sent", True),
+    "mqtt_pubrel_received": _packets("PUBREL", "received", True),
+    "mqtt_pubrel_sent": _packets("PUBREL", "sent", True),
+    "mqtt_pubcomp_received": _packets("PUBCOMP", "received", True),
+    "mqtt_pubcomp_sent": _packets("PUBCOMP", "sent", True),
     "mqtt_subscribe_received": _packets("SUBSCRIBE", "received"),
     "mqtt_suback_sent": _packets("SUBACK", "sent"),
     "mqtt_unsubscribe_received": _packets("UNSUBSCRIBE", "received"),
     "mqtt_unsuback_sent": _packets("UNSUBACK", "sent"),
     "mqtt_pingreq_received": _packets("PINGREQ", "received"),
     "mqtt_pingresp_sent": _packets("PINGRESP", "sent"),
-    "mqtt_disconnect_received": _packets("DISCONNECT", "received"),
+    "mqtt_disconnect_received": ("counter", "The number of DISCONNECT packets received.",
+                                 (_BY_VERSION[0], (("mqtt_version", "5"), ("reason_code", "normal_disconnect")))),
+    "mqtt_disconnect_sent": ("counter", "The number of DISCONNECT packets sent (MQTT 5).",
+                             ((("mqtt_version", "5"), ("reason_code", "normal_disconnect")),)),
+    "mqtt_auth_received": ("counter", "The number of AUTH packets received (MQTT 5).", (_V5_SUCCESS,)),
+    "mqtt_auth_sent": ("counter", "The number of AUTH packets sent (MQTT 5).", (_V5_SUCCESS,)),
     "mqtt_publish_auth_error": ("counter", "The number of unauthorized publish attempts.", _NO_LABELS),
     "mqtt_subscribe_auth_error": ("counter", "The number of unauthorized subscription attempts.", _NO_LABELS),
     "mqtt_subscribe_error": ("counter", "The number of subscriptions refused as invalid.", _NO_LABELS),
@@ -808,7 +845,7 @@ class Metrics:
 ###############################################################################
 # 4. MQTT codec ###############################################################
 ###############################################################################
-# Owns: MQTT 3.1/3.1.1 bytes <-> frozen packet dataclasses, strict validation
+# Owns: MQTT 3.1/3.1.1/5.0 bytes <-> frozen packet dataclasses, strict validation
 #       with the conformance statement it enforces, incremental decoding.
 # Must not know: sockets, sessions, clocks.
 
@@ -816,13 +853,31 @@ CONNECT, CONNACK, PUBLISH, PUBACK, PUBREC, PUBREL, PUBCOMP = 1, 2, 3, 4, 5, 6, 7
 SUBSCRIBE, SUBACK, UNSUBSCRIBE, UNSUBACK, PINGREQ, PINGRESP, DISCONNECT = 8, 9, 10, 11, 12, 13, 14
 MAX_REMAINING_LENGTH = 268_435_455  # MQTT 3.1.1 2.2.3: four bytes of variable length
 MAX_PACKET_ID = 65535  # MQTT 3.1.1 2.3.1
-PROTOCOLS = {3: "MQIsdp", 4: "MQTT"}  # what the broker speaks: MQTT 3.1 and 3.1.1, level -> protocol name
-CODEC_PROTOCOLS = {**PROTOCOLS, 5: "MQTT"}  # what the codec reads and writes
+PROTOCOLS = {3: "MQIsdp", 4: "MQTT", 5: "MQTT"}  # MQTT 3.1, 3.1.1 and 5.0: level -> protocol name
+CODEC_PROTOCOLS = PROTOCOLS
 AUTH = 15
 SUBACK_FAILURE = 0x80  # MQTT 3.1.1 3.9.3
 CONNACK_ACCEPTED, CONNACK_BAD_VERSION, CONNACK_BAD_ID, CONNACK_UNAVAILABLE = 0, 1, 2, 3
 CONNACK_BAD_CREDENTIALS, CONNACK_NOT_AUTHORIZED = 4, 5  # MQTT 3.1.1 3.2.2.3
 V4 = (("mqtt_version", "4"),)  # metric labels of MQTT 3.1 and 3.1.1 packets, as VerneMQ counts them
+V5 = (("mqtt_version", "5"),)
+V5_SUCCESS = (("mqtt_version", "5"), ("reason_code", "success"))
+REASON_NAMES = {  # MQTT 5.0 2.4: reason code -> VerneMQ's label atom
+    0x00: "success", 0x01: "granted_qos1", 0x02: "granted_qos2", 0x04: "disconnect_with_will_msg",
+    0x10: "no_matching_subscribers", 0x11: "no_subscription_existed", 0x18: "continue_authentication",
+    0x19: "reauthenticate", 0x80: "unspecified_error", 0x81: "malformed_packet", 0x82: "protocol_error",
+    0x83: "impl_specific_error", 0x84: "unsupported_protocol_version", 0x85: "client_identifier_not_valid",
+    0x86: "bad_username_or_password", 0x87: "not_authorized", 0x88: "server_unavailable", 0x89: "server_busy",
+    0x8A: "banned", 0x8B: "server_shutting_down", 0x8C: "bad_authentication_method", 0x8D: "keep_alive_timeout",
+    0x8E: "session_taken_over", 0x8F: "topic_filter_invalid", 0x90: "topic_name_invalid",
+    0x91: "packet_id_in_use", 0x92: "packet_id_not_found", 0x93: "receive_max_exceeded",
+    0x94: "topic_alias_invalid", 0x95: "packet_too_large", 0x96: "message_rate_too_high", 0x97: "quota_exceeded",
+    0x98: "administrative_action", 0x99: "payload_format_invalid", 0x9A: "retain_not_supported",
+    0x9B: "qos_not_supported", 0x9C: "use_another_server", 0x9D: "server_moved",
+    0x9E: "shared_subs_not_supported", 0x9F: "connection_rate_exceeded", 0xA0: "max_connect_time",
+    0xA1: "subscription_ids_not_supported", 0xA2: "wildcard_subs_not_supported",
+}
+CONNACK_V5_CODES = (0x00, 0x84, 0x85, 0x88, 0x86, 0x87)  # the MQTT 5 reason of each MQTT 3.1.1 CONNACK code
 CONNACK_RETURN_NAMES = ("success", "unsupported_protocol_version", "client_identifier_not_valid",
                         "server_unavailable", "bad_username_or_password", "not_authorized")  # VerneMQ labels
 
@@ -1917,7 +1972,7 @@ def acl_allows(rules: AclRules, access: str, topic: str, user: str | None, clien
 HOOK_NAMES = (  # VerneMQ's plugin hooks (SPEC 9)
     "auth_on_register", "auth_on_publish", "auth_on_subscribe", "on_register", "on_publish", "on_subscribe",
     "on_unsubscribe", "on_deliver", "on_client_offline", "on_client_gone", "on_offline_message",
-    "on_client_wakeup",
+    "on_client_wakeup", "on_auth_m5",
 )
 BUILTIN_PLUGINS = {  # plugin -> ((hook, arity), ...) as plugin show lists them
     "vmq_passwd": (("auth_on_register", 5),),
@@ -1934,6 +1989,12 @@ class Hooks:
     next plugin), ``"error"``/False (refuse) or a dict of changes (allow with
     them: ``topic``, ``payload``, ``qos``, ``retain`` for publish; for subscribe
     a list of (topic, qos) pairs replaces the request).
+
+    ``on_auth_m5(username, subscriber_id, {"authentication_method": m,
+    "authentication_data": d})`` runs MQTT 5 enhanced authentication: it answers
+    like an ``auth_on_*`` hook, or with a dict ``{"reason": "success" |
+    "continue_authentication", "authentication_data": bytes}``; "continue"
+    sends the data to the client in AUTH and asks the hook again with its reply.
     """
 
     def __init__(self):
@@ -2025,20 +2086,27 @@ class Message:
     retain: bool = False
     ref: int = 0
     frame: bytes = b""  # the message as a QoS 0, non-retained PUBLISH, when already at hand
+    frame5: bool = False  # ``frame`` is in its MQTT 5 form (else MQTT 3.1.1)
+    props: tuple = ()  # MQTT 5 properties passed on to subscribers (user properties, content type, ...)
+    expires: float | None = None  # MQTT 5 message expiry, as a clock time
+    origin: Any = None  # the publishing Session, for No Local subscriptions
 
 
 class Session:
     """An MQTT session: subscriptions, queue and in-flight window of one client id."""
 
     __slots__ = ("mountpoint", "client_id", "clean", "subs", "client", "queue", "inflight", "incoming",
-                 "next_pid", "user", "peer", "protocol", "started_at", "offline_since", "rows")
+                 "next_pid", "user", "peer", "protocol", "started_at", "offline_since", "rows", "expiry", "will")
 
-    def __init__(self, mountpoint: str, client_id: str, clean: bool, now: float):
-        self.mountpoint, self.client_id, self.clean = mountpoint, client_id, clean
-        self.subs: dict[str, int] = {}
+    def __init__(self, mountpoint: str, client_id: str, clean: bool, now: float, expiry: int | None = None):
+        self.mountpoint, self.client_id, self.clean = mountpoint, client_id, clean  # clean: ends with its link
+        self.expiry = 0 if clean else expiry  # seconds kept offline; None: until persistent_client_expiration
+        self.will: tuple[Message, float] | None = None  # a delayed will (MQTT 5) and when it is due
+        self.subs: dict[str, int] = {}  # filter -> options: QoS, MQTT 5 flags (bits 2-3), subscription id << 8
         self.client: Client | None = None
-        self.queue: collections.deque[tuple[Message, int, int]] = collections.deque()  # (msg, qos, row)
-        self.inflight: dict[int, list] = {}  # pid -> [msg, qos, row, stage]; stage 1: PUBREL sent
+        # (msg, qos, row, extra); extra: None, or (retain flag, subscription ids) for an MQTT 5 delivery
+        self.queue: collections.deque[tuple[Message, int, int, Any]] = collections.deque()
+        self.inflight: dict[int, list] = {}  # pid -> [msg, qos, row, stage, sent at, extra]; stage 1: PUBREL sent
         self.incoming: set[int] = set()  # QoS 2 packet ids received, PUBREL pending
         self.next_pid = 1
         self.user: str | None = None
@@ -2061,18 +2129,72 @@ class Client:
     """One network connection's state, from accept to close."""
 
     __slots__ = ("link", "session", "connected", "closed", "proto", "keepalive", "last_seen", "opened_at",
-                 "user", "will", "clean_exit", "rate_second", "rate_count")
+                 "user", "will", "clean_exit", "rate_second", "rate_count", "labels", "plain", "receive_max",
+                 "receive_max_in", "max_packet", "alias_max", "aliases_out", "aliases_in", "alias_max_in",
+                 "will_delay", "auth", "auth_method", "expiry_at_connect", "problem_info")
 
     def __init__(self, link: Any, now: float):
         self.link = link
         self.session: Session | None = None
         self.connected = self.closed = self.clean_exit = False
         self.proto = 4
+        self.labels = V4  # metric labels of this client's packets
+        self.plain = True  # QoS 0 may go out as a frame shared with other clients of its version
         self.keepalive = 0
         self.last_seen = self.opened_at = now
         self.user: str | None = None
         self.will: Message | None = None
         self.rate_second = self.rate_count = 0
+        # MQTT 5 (MQTT 5.0 3.1.2.11): what the client asked for in CONNECT and what the node granted
+        self.receive_max = 0  # most QoS 1/2 in flight to the client (0: max_inflight_messages alone)
+        self.receive_max_in = 65535  # most unacknowledged QoS 2 PUBLISHes from the client
+        self.max_packet = 0  # largest packet the client accepts (0: no limit)
+        self.alias_max = 0  # topic aliases the node may use towards the client
+        self.aliases_out: dict[str, int] = {}
+        self.alias_max_in = 0  # topic aliases the client may use towards the node
+        self.aliases_in: dict[int, str] = {}
+        self.will_delay = 0
+        self.auth: tuple | None = None  # an enhanced authentication in progress: (CONNECT, client id)
+        self.auth_method: str | None = None
+        self.expiry_at_connect = 0
+        self.problem_info = True
+
+
+def reason_labels(code: int, zero: str = "success") -> LabelSet:
+    """Return the metric labels of an MQTT 5 packet with reason ``code`` (``zero`` names 0x00)."""
+    return (("mqtt_version", "5"), ("reason_code", REASON_NAMES.get(code, f"{code:#04x}") if code else zero))
+
+
+def ack_labels(client: Client, code: int) -> LabelSet:
+    """Return the metric labels of an acknowledgement to or from ``client``."""
+    if client.proto != 5:
+        return V4
+    return V5_SUCCESS if not code else reason_labels(code)
+
+
+FORWARDED_PROPERTIES = frozenset({"payload_format_indicator", "content_type", "response_topic", "correlation_data",
+                                  "user_property"})  # MQTT 5.0 3.3.2.3: passed unaltered to subscribers
+
+
+def forwarded_properties(props: Iterable[tuple[str, Any]]) -> tuple:
+    """Return the properties of a PUBLISH or will that go on to subscribers, in order."""
+    return tuple((name, value) for name, value in props if name in FORWARDED_PROPERTIES)
+
+
+def connack_properties(config: Config, client: Client, p: Connect, assigned_id: str | None) -> tuple:
+    """Return the properties of an accepting MQTT 5 CONNACK: only those that differ from the defaults."""
+    props: list[tuple[str, Any]] = []
+    if assigned_id is not None:
+        props.append(("assigned_client_identifier", assigned_id))  # MQTT 5.0 3.2.2.3.7
+    if client.keepalive != p.keepalive:
+        props.append(("server_keep_alive", client.keepalive))  # MQTT 5.0 3.2.2.3.14
+    if client.receive_max_in < 65535:
+        props.append(("receive_maximum", client.receive_max_in))
+    if config["max_message_size"]:
+        props.append(("maximum_packet_size", config["max_message_size"]))
+    if client.alias_max_in:
+        props.append(("topic_alias_maximum", client.alias_max_in))
+    return tuple(props)
 
 
 def describe_packet(packet: Any, trunc: int = 200) -> str:
@@ -2153,11 +2275,11 @@ def _online(s: Session) -> bool:
 
 
 def _subscriptions(s: Session) -> list[dict]:
-    return [{"topic": t, "qos": q, "rap": False, "no_local": False} for t, q in s.subs.items()]
+    return [{"topic": t, "qos": o & 3, "rap": bool(o & 8), "no_local": bool(o & 4)} for t, o in s.subs.items()]
 
 
 def _messages(s: Session) -> list[dict]:
-    queued = [(m, q) for m, q, _ in s.queue] + [(e[0], e[1]) for e in s.inflight.values()]
+    queued = [(e[0], e[1]) for e in s.queue] + [(e[0], e[1]) for e in s.inflight.values()]
     return [{"msg_ref": base64.b64encode(m.ref.to_bytes(8, "big")).decode(), "msg_qos": q, "routing_key": m.topic,
              "dup": False, "payload": m.payload.decode("utf-8", "replace")} for m, q in queued]
 
@@ -2187,7 +2309,7 @@ SESSION_GETTERS: dict[str, Callable[[Session], Any]] = {  # session show's per-s
 
 
 class Broker:
-    """MQTT 3.1/3.1.1 broker state, driven by packets; writes go to each Client's link.
+    """MQTT 3.1/3.1.1/5.0 broker state, driven by packets; writes go to each Client's link.
 
     A link offers ``write(bytes)``, ``close()``, ``writable``, ``peer`` and
     ``listener`` (with ``mountpoint``, ``allowed_versions`` and ``loopback``).
@@ -2260,18 +2382,27 @@ class Broker:
         self.close_client(client, close_link=False)
         self.clients.discard(client)
 
-    def close_client(self, client: Client, close_link: bool = True) -> None:
-        """End a client: its will (if due), its session's link, then its socket."""
+    def say_disconnect(self, client: Client, reason: int, text: str = "") -> None:
+        """Tell an MQTT 5 client why the node closes its connection (MQTT 5.0 3.14); others hear nothing."""
+        if client.proto == 5 and client.connected and not client.closed:
+            self.send(client, Disconnect(reason, (("reason_string", text),) if text else ()))
+            self.counters["mqtt_disconnect_sent", reason_labels(reason, "normal_disconnect")] += 1
+
+    def close_client(self, client: Client, close_link: bool = True, reason: int | None = None,
+                     text: str = "") -> None:
+        """End a client: its will (if due), its session's link, then its socket.
+
+        ``reason``: the reason code of the DISCONNECT an MQTT 5 client gets first.
+        """
         if client.closed:
             return
+        if reason is not None and close_link:
+            self.say_disconnect(client, reason, text)
         client.closed = True
         self.counters["socket_close", ()] += 1
         session = client.session
         if client.connected and not client.clean_exit and client.will is not None:
-            mountpoint = session.mountpoint if session else ""
-            if client.will.retain:
-                self.retain(mountpoint, client.will)
-            self.route(mountpoint, client.will)  # [MQTT-3.1.2-8]
+            self.publish_will(client, session)
         if session is not None and session.client is client:
             session.client = None
             session.offline_since = self.clock()
@@ -2284,18 +2415,47 @@ class Broker:
         if close_link:
             client.link.close()
 
+    def publish_will(self, client: Client, session: Session | None) -> None:
+        """Publish a will now [MQTT-3.1.2-8], or after its Will Delay Interval while the session lives on."""
+        will, client.will = client.will, None
+        delay = min(client.will_delay, self._config["max_last_will_delay"])
+        if delay and session is not None and not session.clean and session.client is client:
+            session.will = (will, self.clock() + delay)  # sent by tick, or when the session ends [MQTT-3.1.3-9]
+            return
+        self.send_will(session.mountpoint if session else "", will)
+
+    def send_will(self, mountpoint: str, will: Message) -> None:
+        """Route (and retain) a will; its Message Expiry Interval counts from now."""
+        if will.expires is not None:  # a will keeps its interval, not a clock time, until it is sent
+            will = dataclasses.replace(will, expires=self.clock() + will.expires)
+        if will.retain:
+            self.retain(mountpoint, will)
+        self.route(mountpoint, will)
+
     def drop_session(self, session: Session) -> None:
-        """Forget a session: subscriptions, queue and stored rows."""
+        """Forget a session: subscriptions, queue and stored rows; a delayed will goes out now."""
         for topic_filter in session.subs:
             self._detach(session, topic_filter)
         self._match_cache.clear()
         self.sessions.pop((session.mountpoint, session.client_id), None)
         if not session.clean:
             self.store.delete_session(session.mountpoint, session.client_id)
+        if session.will is not None:
+            will, session.will = session.will[0], None
+            self.send_will(session.mountpoint, will)
+
+    def set_expiry(self, session: Session, expiry: int | None) -> None:
+        """Change how long a session outlives its connection (0: it ends with it)."""
+        if expiry == 0 and not session.clean:
+            self.store.delete_session(session.mountpoint, session.client_id)
+            session.clean = True
+        elif expiry != 0:
+            self.store.put_session(session.mountpoint, session.client_id, expiry)
+        session.expiry = expiry
 
     def send(self, client: Client, packet: Any) -> None:
-        """Encode and write one packet to a client."""
-        client.link.write(encode_packet(packet))
+        """Encode and write one packet to a client, in its protocol version's form."""
+        client.link.write(encode_packet(packet, client.proto))
 
     def handle(self, client: Client, packet: Any, raw: bytes = b"") -> None:
         """Act on one decoded packet from ``client``; ``raw`` is its wire form if it is a plain QoS 0 PUBLISH."""
@@ -2304,33 +2464,54 @@ class Broker:
             self.refresh_settings()
         kind = type(packet)
         if not client.connected:
-            if kind is not Connect:
-                raise MalformedPacket("the first packet must be CONNECT")  # [MQTT-3.1.0-1]
-            self.on_connect(client, packet)
+            if kind is Connect and client.auth is None:
+                self.on_connect(client, packet)
+            elif kind is Auth and client.auth is not None:
+                self.on_auth(client, packet)
+            else:
+                raise ProtocolError("the first packet must be CONNECT")  # [MQTT-3.1.0-1]
             return
         if kind is Publish:
             self.on_publish(client, packet, raw)
             return
         handler = self._HANDLERS.get(kind)
         if handler is None:
-            raise MalformedPacket(f"a client may not send {kind.__name__.upper()}")
+            raise ProtocolError(f"a client may not send {kind.__name__.upper()}")
         handler(self, client, packet)
 
     # -- CONNECT ----------------------------------------------------------
     def on_connect(self, client: Client, p: Connect) -> None:
-        """Check version, client id and credentials; attach or create the session."""
+        """Check version, client id, keep-alive and credentials; then accept."""
         config = self.settings()
         listener = client.link.listener
-        self.counters["mqtt_connect_received", V4] += 1
+        v5 = p.proto_level == 5
+        if v5:
+            client.proto, client.labels = 5, V5  # from here on the link reads and writes MQTT 5
+        self.counters["mqtt_connect_received", client.labels] += 1
         if p.proto_level not in PROTOCOLS or p.proto_level not in listener.allowed_versions:
             return self.refuse(client, CONNACK_BAD_VERSION)  # [MQTT-3.1.2-2]
-        client_id = p.client_id
+        props = dict(p.properties)
+        client_id, assigned = p.client_id, False
         if not client_id:
-            if not p.clean_session:
+            if not p.clean_session and not v5:
                 return self.refuse(client, CONNACK_BAD_ID)  # [MQTT-3.1.3-8]
-            client_id = "anon-" + secrets.token_hex(8)  # [MQTT-3.1.3-6]
+            client_id, assigned = "anon-" + secrets.token_hex(8), v5  # [MQTT-3.1.3-6], MQTT 5.0 3.1.3.1
         if len(client_id) > config["max_client_id_size"]:
             return self.refuse(client, CONNACK_BAD_ID)
+        keepalive, max_keepalive = p.keepalive, config["max_keepalive"]
+        if keepalive > max_keepalive or (v5 and not keepalive and max_keepalive < 65535):
+            if not v5:
+                return self.refuse(client, CONNACK_BAD_ID)  # MQTT 3 cannot be told another keep-alive
+            keepalive = max_keepalive  # sent back as Server Keep Alive (MQTT 5.0 3.2.2.3.14)
+        if v5:
+            self.connect_options(client, props, config)
+        client.keepalive = keepalive
+        method = props.get("authentication_method")
+        if method is not None:  # enhanced authentication (MQTT 5.0 4.12) through the on_auth_m5 hook
+            if not self.hooks.on_auth_m5:
+                return self.refuse(client, 0x8C)
+            client.auth, client.auth_method = (p, client_id, assigned), method
+            return self.auth_step(client, props.get("authentication_data"))
         if getattr(listener, "use_identity_as_username", False):
             identity = getattr(client.link, "identity", None)
             if identity is None:
@@ -2341,21 +2522,54 @@ class Broker:
             verdict = self.authenticate(client, p, client_id, listener, config)
         if verdict:
             return self.refuse(client, verdict)
+        self.accept(client, p, client_id, assigned)
+
+    def connect_options(self, client: Client, props: Mapping[str, Any], config: Config) -> None:
+        """Take an MQTT 5 client's limits from its CONNECT properties, within the node's settings."""
+        receive_max = props.get("receive_maximum", 65535)
+        max_packet = props.get("maximum_packet_size")
+        if receive_max == 0 or max_packet == 0:
+            raise ProtocolError("Receive Maximum or Maximum Packet Size of 0")  # MQTT 5.0 3.1.2.11.3-4
+        client.receive_max = min(receive_max, config["receive_max_client"])
+        client.receive_max_in = config["receive_max_broker"]
+        client.max_packet = max_packet or 0
+        client.alias_max = min(props.get("topic_alias_maximum", 0), config["topic_alias_max_client"])
+        client.alias_max_in = config["topic_alias_max_broker"]
+        client.plain = not client.alias_max and not client.max_packet
+        client.expiry_at_connect = props.get("session_expiry_interval", 0)
+
+    def accept(self, client: Client, p: Connect, client_id: str, assigned: bool = False,
+               auth_props: tuple = ()) -> None:
+        """Attach the client to its session (a takeover closes the old link) and answer CONNACK."""
+        config = self._config
+        v5 = client.proto == 5
+        listener = client.link.listener
         mountpoint = listener.mountpoint
         self.mountpoints.add(mountpoint)
         key = (mountpoint, client_id)
+        if v5:
+            interval = client.expiry_at_connect
+            expiry = None if interval == 0xFFFFFFFF else interval  # MQTT 5.0 3.1.2.11.2
+        else:
+            expiry = 0 if p.clean_session else None
         old = self.sessions.get(key)
         if old is not None and old.client is not None:
-            self.close_client(old.client)  # takeover [MQTT-3.1.4-2]
+            self.close_client(old.client, reason=0x8E)  # takeover [MQTT-3.1.4-2]; MQTT 5: Session taken over
             old = self.sessions.get(key)  # a clean session ended with its connection
-        if old is not None and p.clean_session:
-            self.drop_session(old)
-            old = None
+        if old is not None:
+            old.will = None  # a new connection for this client id: no delayed will [MQTT-3.1.3-9]
+            if p.clean_session:  # MQTT 5: Clean Start
+                self.drop_session(old)
+                old = None
         present = old is not None
-        session = old or Session(mountpoint, client_id, p.clean_session, self.clock())
+        if old is None:
+            session = Session(mountpoint, client_id, expiry == 0, self.clock(), expiry)
+            if expiry != 0:
+                self.store.put_session(mountpoint, client_id, expiry)
+        else:
+            session = old
+            self.set_expiry(session, expiry)
         self.sessions[key] = session
-        if not p.clean_session and not present:
-            self.store.put_session(mountpoint, client_id)
         session.client, session.offline_since = client, None
         session.user, session.peer, session.protocol = p.username, client.link.peer, p.proto_level
         client.session, client.connected, client.proto = session, True, p.proto_level
@@ -2363,21 +2577,74 @@ class Broker:
         if tracer is not None:
             client.link.tracer = tracer
             tracer.packet("in", p, self.clock())
-        client.keepalive, client.user = p.keepalive, p.username
+        client.user = p.username
         if p.will_topic is not None:
-            client.will = Message(p.will_topic, p.will_payload, p.will_qos, p.will_retain, self.new_ref())
-        self.send(client, Connack(CONNACK_ACCEPTED, present))  # [MQTT-3.2.2-2]
-        self.count("mqtt_connack_sent", mqtt_version="4", return_code="success")
+            will_props = dict(p.will_properties)
+            client.will = Message(p.will_topic, p.will_payload, p.will_qos, p.will_retain, self.new_ref(),
+                                  props=forwarded_properties(p.will_properties),
+                                  expires=will_props.get("message_expiry_interval"), origin=session)
+            client.will_delay = will_props.get("will_delay_interval", 0)
+        if v5:
+            props = connack_properties(config, client, p, client_id if assigned else None) + auth_props
+            self.send(client, Connack(CONNACK_ACCEPTED, present, props))
+            self.counters["mqtt_connack_sent", V5_SUCCESS] += 1
+        else:
+            self.send(client, Connack(CONNACK_ACCEPTED, present))  # [MQTT-3.2.2-2]
+            self.count("mqtt_connack_sent", mqtt_version="4", return_code="success")
         if self.hooks.on_register or self.hooks.on_client_wakeup:
             notify(self.hooks.on_register, client.link.peer, key, p.username)
             notify(self.hooks.on_client_wakeup, key)
         self.resume(session)
 
     def refuse(self, client: Client, code: int) -> None:
-        """Answer CONNACK with a refusal and close [MQTT-3.2.2-5]."""
-        self.send(client, Connack(code))
-        self.count("mqtt_connack_sent", mqtt_version="4", return_code=CONNACK_RETURN_NAMES[code])
+        """Answer CONNACK with a refusal and close [MQTT-3.2.2-5]; ``code`` is 3.1.1's or an MQTT 5 reason."""
+        if client.proto == 5:
+            reason = CONNACK_V5_CODES[code] if code < len(CONNACK_V5_CODES) else code
+            self.send(client, Connack(reason))
+            self.counters["mqtt_connack_sent", reason_labels(reason)] += 1
+        else:
+            self.send(client, Connack(code))
+            self.count("mqtt_connack_sent", mqtt_version="4", return_code=CONNACK_RETURN_NAMES[code])
         self.close_client(client)
+
+    def auth_step(self, client: Client, data: bytes | None) -> None:
+        """Ask the on_auth_m5 hooks about one step of enhanced authentication and answer it."""
+        connect, client_id, assigned = client.auth or (None, client.session.client_id, False)
+        mountpoint = client.link.listener.mountpoint
+        user = connect.username if connect is not None else client.user
+        answer = run_auth_hooks(self.hooks.on_auth_m5, user, (mountpoint, client_id),
+                                {"authentication_method": client.auth_method, "authentication_data": data})
+        if answer == "ok":
+            answer = {}
+        reason = answer.get("reason", "success") if isinstance(answer, Mapping) else None
+        if reason not in ("success", "continue_authentication"):
+            code = 0x8C if answer is None else 0x87  # nobody knew the method / refused
+            if connect is not None:
+                return self.refuse(client, code)
+            return self.close_client(client, reason=code)
+        out = (("authentication_method", client.auth_method),)
+        if answer.get("authentication_data") is not None:
+            out += (("authentication_data", bytes(answer["authentication_data"])),)
+        if reason == "continue_authentication":
+            self.send(client, Auth(0x18, out))
+            self.counters["mqtt_auth_sent", reason_labels(0x18)] += 1
+        elif connect is not None:
+            client.auth = None
+            self.accept(client, connect, client_id, assigned, out)
+        else:
+            self.send(client, Auth(0, out))  # re-authentication succeeded
+            self.counters["mqtt_auth_sent", V5_SUCCESS] += 1
+
+    def on_auth(self, client: Client, p: Auth) -> None:
+        """AUTH: the client's next step of enhanced authentication, or a re-authentication (MQTT 5.0 4.12)."""
+        self.counters["mqtt_auth_received", reason_labels(p.reason_code)] += 1
+        props = dict(p.properties)
+        if client.auth_method is None or props.get("authentication_method") != client.auth_method:
+            raise ProtocolError("AUTH without the authentication method of CONNECT")  # [MQTT-4.12.0-5]
+        expected = (0x18,) if not client.connected else (0x18, 0x19)
+        if p.reason_code not in expected:
+            raise ProtocolError(f"AUTH reason code {p.reason_code:#x} out of turn")
+        self.auth_step(client, props.get("authentication_data"))
 
     def authenticate(self, client: Client, p: Connect, client_id: str, listener: Any, config: Config) -> int:
         """Return 0 to accept, or CONNACK 4 (bad credentials) / 5 (not authorized)."""
@@ -2412,45 +2679,89 @@ class Broker:
     def resume(self, session: Session) -> None:
         """Resend what was in flight (DUP) [MQTT-4.4.0-1], then drain the queue."""
         client = session.client
-        for pid, entry in session.inflight.items():
-            msg, qos, _row, stage = entry[:4]
-            entry[4] = self.clock()
+        now = self.clock()
+        for pid, entry in list(session.inflight.items()):
+            msg, qos, _row, stage, _sent, extra = entry
+            entry[4] = now
             if stage:
                 self.send(client, Pubrel(pid))
             else:
-                self.write_publish(client, msg, qos, pid, dup=True)
+                self.write_publish(client, msg, qos, pid, True, *(extra or ()))
         self.drain(session)
 
     # -- publishing -------------------------------------------------------
     def on_publish(self, client: Client, p: Publish, raw: bytes = b"") -> None:
         """Route an incoming PUBLISH and acknowledge it; ``raw`` lets QoS 0 go out as it came in."""
-        self.counters["mqtt_publish_received", V4] += 1
+        self.counters["mqtt_publish_received", client.labels] += 1
         session = client.session
+        v5 = client.proto == 5
         if p.qos == 2 and p.packet_id in session.incoming:
             self.send(client, Pubrec(p.packet_id))  # a resent QoS 2 message is routed once
             return
         if self.max_rate:
             self.throttle(client)
+        topic, props, expires = p.topic, (), None
+        if v5:
+            if p.properties:
+                topic, props, expires, raw = self.publish_properties(client, p, raw)
+            if p.qos == 2 and len(session.incoming) >= client.receive_max_in:
+                raise ReceiveMaxExceeded(f"more than {client.receive_max_in} QoS 2 messages unacknowledged")
         hooks = self.hooks
         if hooks.auth_on_publish or hooks.on_publish:
-            msg = self.authorize_publish(client, p)
-        elif self.acl(client, "write", p.topic):
-            msg = Message(p.topic, p.payload, p.qos, p.retain, self.new_ref(), raw)
+            msg = self.authorize_publish(client, p, topic, props, expires)
+        elif self.acl(client, "write", topic):
+            msg = Message(topic, p.payload, p.qos, p.retain, self.new_ref(), raw, v5, props, expires, session)
         else:
             msg = None
+        reason = 0
         if msg is None:
             self.counters["mqtt_publish_auth_error", ()] += 1
+            reason = 0x87  # MQTT 5 tells the publisher; MQTT 3.1.1 acknowledges as if delivered
         else:
             if msg.retain:
                 self.retain(session.mountpoint, msg)
-            self.route(session.mountpoint, msg)
-        if p.qos == 1:
-            client.link.write(b"\x40\x02" + p.packet_id.to_bytes(2, "big"))
-            self.counters["mqtt_puback_sent", V4] += 1
-        elif p.qos == 2:
-            session.incoming.add(p.packet_id)
-            self.send(client, Pubrec(p.packet_id))
-            self.counters["mqtt_pubrec_sent", V4] += 1
+            if not self.route(session.mountpoint, msg):
+                reason = 0x10  # No matching subscribers (MQTT 5.0 3.4.2.1)
+        if not p.qos:
+            return
+        if not v5 or not reason:
+            if p.qos == 1:
+                client.link.write(b"\x40\x02" + p.packet_id.to_bytes(2, "big"))  # the same bytes in MQTT 5
+                self.counters["mqtt_puback_sent", V5_SUCCESS if v5 else V4] += 1
+            else:
+                session.incoming.add(p.packet_id)
+                client.link.write(b"\x50\x02" + p.packet_id.to_bytes(2, "big"))
+                self.counters["mqtt_pubrec_sent", V5_SUCCESS if v5 else V4] += 1
+        elif p.qos == 1:
+            self.send(client, Puback(p.packet_id, reason))
+            self.counters["mqtt_puback_sent", reason_labels(reason)] += 1
+        else:
+            if reason < 0x80:
+                session.incoming.add(p.packet_id)  # an error reason ends the exchange (MQTT 5.0 4.3.3)
+            self.send(client, Pubrec(p.packet_id, reason))
+            self.counters["mqtt_pubrec_sent", reason_labels(reason)] += 1
+
+    def publish_properties(self, client: Client, p: Publish, raw: bytes) -> tuple[str, tuple, float | None, bytes]:
+        """Read an MQTT 5 PUBLISH's properties: (topic, properties to pass on, expiry time, raw frame or b"")."""
+        topic, props, expires = p.topic, [], None
+        for name, value in p.properties:
+            if name == "topic_alias":  # MQTT 5.0 3.3.2.3.4
+                if not 0 < value <= client.alias_max_in:
+                    raise TopicAliasInvalid(f"topic alias {value} outside 1..{client.alias_max_in}")
+                if topic:
+                    client.aliases_in[value] = topic
+                else:
+                    topic = client.aliases_in.get(value)
+                    if topic is None:
+                        raise ProtocolError(f"topic alias {value} was never set")
+                raw = b""  # the frame names an alias of this connection: it cannot be passed on
+            elif name == "message_expiry_interval":
+                expires = self.clock() + value
+            elif name == "subscription_identifier":
+                raise ProtocolError("a client PUBLISH with a subscription identifier")  # [MQTT-3.3.4-6]
+            else:
+                props.append((name, value))
+        return topic, tuple(props), expires, raw
 
     def throttle(self, client: Client) -> None:
         """Enforce max_message_rate: at the limit, stop reading the client until the next second."""
@@ -2462,14 +2773,15 @@ class Broker:
         if client.rate_count >= self.max_rate:
             client.link.throttle(second + 1 - now)
 
-    def authorize_publish(self, client: Client, p: Publish) -> Message | None:
+    def authorize_publish(self, client: Client, p: Publish, topic: str, props: tuple = (),
+                          expires: float | None = None) -> Message | None:
         """Ask auth_on_publish hooks, then vmq_acl; apply a hook's changes; call on_publish."""
         session = client.session
         sid = (session.mountpoint, session.client_id)
-        answer = run_auth_hooks(self.hooks.auth_on_publish, client.user, sid, p.qos, p.topic, p.payload, p.retain)
-        if answer == "error" or (answer is None and not self.acl(client, "write", p.topic)):
+        answer = run_auth_hooks(self.hooks.auth_on_publish, client.user, sid, p.qos, topic, p.payload, p.retain)
+        if answer == "error" or (answer is None and not self.acl(client, "write", topic)):
             return None
-        topic, payload, qos, retain = p.topic, p.payload, p.qos, p.retain
+        payload, qos, retain = p.payload, p.qos, p.retain
         if isinstance(answer, Mapping):
             topic, payload = answer.get("topic", topic), answer.get("payload", payload)
             qos, retain = answer.get("qos", qos), answer.get("retain", retain)
@@ -2477,7 +2789,8 @@ class Broker:
                 log.error("auth_on_publish returned bad changes %r; refusing", answer)
                 return None
         notify(self.hooks.on_publish, client.user, sid, qos, topic, payload, retain)
-        return Message(topic, payload, qos, bool(retain), self.new_ref())
+        return Message(topic, payload, qos, bool(retain), self.new_ref(), props=props, expires=expires,
+                       origin=session)
 
     def retain(self, mountpoint: str, msg: Message) -> None:
         """Store, replace or (empty payload) delete a retained message [MQTT-3.3.1-5..11]."""
@@ -2503,33 +2816,79 @@ class Broker:
             counters["queue_message_unhandled", ()] += 1
             return 0
         counters["router_matches_local", ()] += len(matches)
-        upgrade, frame0, direct = self.upgrade_qos, None, 0
+        upgrade, frame4, frame5, direct4, direct5 = self.upgrade_qos, None, None, 0, 0
         on_deliver = self.hooks.on_deliver
-        for session, sub_qos in matches.items():
+        for session, opts in matches.items():
             if type(session) is SharedGroup:
                 picked = session.pick(self.shared_policy, self.choose)
                 if picked is None:
                     continue
-                session, sub_qos = picked
-            qos = sub_qos if upgrade else min(msg.qos, sub_qos)
+                session, opts = picked
+                if opts > 3:  # MQTT 5 options: this member's own
+                    self.deliver_with_options(session, msg, opts & 3, opts & 8, (opts >> 8,) if opts >> 8 else ())
+                    continue
+            elif opts > 3:  # some matching filter of this session has MQTT 5 options
+                self.deliver_matching(session, msg)
+                continue
+            qos = opts if upgrade else min(msg.qos, opts)
             client = session.client
             if qos == 0 and client is not None and client.link.writable and not session.queue:
-                if frame0 is None:  # one encoding for every QoS 0 receiver
-                    frame0 = msg.frame or encode_publish_header(_str(msg.topic), len(msg.payload), 0, False, False,
-                                                                None) + msg.payload
-                client.link.write(frame0)
-                direct += 1
+                if not client.plain:  # MQTT 5 topic aliases or a packet size limit: its own encoding
+                    self.write_publish(client, msg, 0, None)
+                    counters["queue_message_in", ()] += 1
+                    counters["queue_message_out", ()] += 1
+                    continue
+                if client.proto == 5:  # one encoding per protocol version for every QoS 0 receiver
+                    if frame5 is None:
+                        frame5 = msg.frame if msg.frame5 else self.publish_frame5(None, msg, 0, None, False, False)
+                    client.link.write(frame5)
+                    direct5 += 1
+                else:
+                    if frame4 is None:
+                        frame4 = msg.frame if msg.frame and not msg.frame5 else encode_publish_header(
+                            _str(msg.topic), len(msg.payload), 0, False, False, None) + msg.payload
+                    client.link.write(frame4)
+                    direct4 += 1
                 if on_deliver:
                     notify(on_deliver, client.user, (session.mountpoint, session.client_id), msg.topic, msg.payload)
             else:
                 self.enqueue(session, msg, qos)
-        if direct:
-            counters["mqtt_publish_sent", V4] += direct
+        if direct4 or direct5:
+            direct = direct4 + direct5
+            if direct4:
+                counters["mqtt_publish_sent", V4] += direct4
+            if direct5:
+                counters["mqtt_publish_sent", V5] += direct5
             counters["queue_message_in", ()] += direct
             counters["queue_message_out", ()] += direct
         return len(matches)
 
-    def enqueue(self, session: Session, msg: Message, qos: int) -> None:
+    def deliver_matching(self, session: Session, msg: Message) -> None:
+        """Deliver to a session whose matching filters carry MQTT 5 options: highest QoS, every subscription id."""
+        qos, rap, ids = -1, 0, []
+        for topic_filter, opts in session.subs.items():
+            if (opts & 4 and msg.origin is session) or topic_filter.startswith(SHARE_PREFIX) \
+                    or not topic_matches(topic_filter, msg.topic):
+                continue  # No Local: not back to its publisher [MQTT-3.8.3-3]
+            qos, rap = max(qos, opts & 3), rap | opts & 8
+            if opts >> 8:
+                ids.append(opts >> 8)
+        if qos >= 0:
+            self.deliver_with_options(session, msg, qos, rap, tuple(ids))
+
+    def deliver_with_options(self, session: Session, msg: Message, sub_qos: int, rap: int, ids: tuple) -> None:
+        """Deliver one message with its Retain As Published flag and subscription identifiers."""
+        qos = sub_qos if self.upgrade_qos else min(msg.qos, sub_qos)
+        extra = (bool(rap and msg.retain), ids)
+        client = session.client
+        if qos == 0 and client is not None and client.link.writable and not session.queue:
+            self.write_publish(client, msg, 0, None, False, *extra)
+            self.counters["queue_message_in", ()] += 1
+            self.counters["queue_message_out", ()] += 1
+        else:
+            self.enqueue(session, msg, qos, extra)
+
+    def enqueue(self, session: Session, msg: Message, qos: int, extra: tuple | None = None) -> None:
         """Queue for a session (bounded by max_online/offline_messages), then drain."""
         online = session.client is not None
         limit = self.max_online if online else self.max_offline
@@ -2539,50 +2898,98 @@ class Broker:
         if online and qos == 0 and not session.client.link.writable:
             self.counters["queue_message_drop", ()] += 1  # a slow subscriber loses QoS 0, never blocks others
             return
-        row = self.store.add_message(session.mountpoint, session.client_id, msg, qos) \
+        row = self.store.add_message(session.mountpoint, session.client_id, msg, qos, extra) \
             if qos and not session.clean else 0
         if not online and self.hooks.on_offline_message:
             notify(self.hooks.on_offline_message, (session.mountpoint, session.client_id), qos, msg.topic,
                    msg.payload, msg.retain)
-        session.queue.append((msg, qos, row))
+        session.queue.append((msg, qos, row, extra))
         self.counters["queue_message_in", ()] += 1
         if online:
             self.drain(session)
 
     def drain(self, session: Session) -> None:
-        """Send queued messages while the in-flight window has room."""
+        """Send queued messages while the in-flight window (and an MQTT 5 Receive Maximum) has room."""
         client = session.client
         if client is None:
             return
         window = self.max_inflight
+        if client.receive_max and (not window or client.receive_max < window):
+            window = client.receive_max  # [MQTT-3.3.4-7]
         queue, inflight = session.queue, session.inflight
         while queue and (queue[0][1] == 0 or ((not window or len(inflight) < window)
                                                and len(inflight) < MAX_PACKET_ID)):
-            msg, qos, row = queue.popleft()
+            msg, qos, row, extra = queue.popleft()
+            if msg.expires is not None and msg.expires <= self.clock():
+                self.counters["queue_message_expired", ()] += 1  # MQTT 5.0 3.3.2.3.3
+                if row:
+                    self.store.delete_message(row)
+                continue
             pid = None
             if qos:
                 pid = session.take_pid()
-                inflight[pid] = [msg, qos, row, 0, self.clock()]
+                inflight[pid] = [msg, qos, row, 0, self.clock(), extra]
                 if qos == 2 and row:
                     self.store.mark_sent(row, pid)  # exactly once survives a restart too
-            self.write_publish(client, msg, qos, pid)
+            if extra:
+                self.write_publish(client, msg, qos, pid, False, *extra)
+            else:
+                self.write_publish(client, msg, qos, pid)
             self.counters["queue_message_out", ()] += 1
 
     def write_publish(self, client: Client, msg: Message, qos: int, pid: int | None, dup: bool = False,
-                      retain: bool = False) -> None:
-        """Write one outgoing PUBLISH."""
-        client.link.write(encode_publish_header(_str(msg.topic), len(msg.payload), qos, retain, dup, pid)
-                          + msg.payload)
-        self.counters["mqtt_publish_sent", V4] += 1
+                      retain: bool = False, ids: tuple = ()) -> None:
+        """Write one outgoing PUBLISH in the client's protocol version.
+
+        A message larger than an MQTT 5 client's Maximum Packet Size is dropped as if
+        delivered [MQTT-3.1.2-25].
+        """
+        if client.proto == 5:
+            frame = self.publish_frame5(client, msg, qos, pid, dup, retain, ids)
+            if client.max_packet and len(frame) > client.max_packet:
+                self.counters["queue_message_drop", ()] += 1
+                entry = client.session.inflight.pop(pid, None) if pid is not None else None
+                if entry is not None and entry[2]:
+                    self.store.delete_message(entry[2])
+                return
+            client.link.write(frame)
+            self.counters["mqtt_publish_sent", V5] += 1
+        else:
+            client.link.write(encode_publish_header(_str(msg.topic), len(msg.payload), qos, retain, dup, pid)
+                              + msg.payload)
+            self.counters["mqtt_publish_sent", V4] += 1
         if self.hooks.on_deliver:
             session = client.session
             notify(self.hooks.on_deliver, client.user, (session.mountpoint, session.client_id), msg.topic,
                    msg.payload)
 
+    def publish_frame5(self, client: Client | None, msg: Message, qos: int, pid: int | None, dup: bool,
+                       retain: bool, ids: tuple = ()) -> bytes:
+        """Encode an MQTT 5 PUBLISH: the message's properties, its remaining expiry, ids, a topic alias."""
+        topic, alias = msg.topic, 0
+        if client is not None and client.alias_max:  # MQTT 5.0 3.3.2.3.4: the node picks its aliases
+            alias = client.aliases_out.get(topic, 0)
+            if alias:
+                topic = ""
+            elif len(client.aliases_out) < client.alias_max:
+                alias = client.aliases_out[topic] = len(client.aliases_out) + 1
+        props = msg.props
+        if msg.expires is not None or alias or ids:
+            extra = [("subscription_identifier", i) for i in ids]
+            if msg.expires is not None:
+                extra.append(("message_expiry_interval", max(0, math.ceil(msg.expires - self.clock()))))
+            if alias:
+                extra.append(("topic_alias", alias))
+            props = props + tuple(extra)
+        if not props:  # the common case: an empty property list is one zero byte
+            return encode_publish_header(_str(topic), len(msg.payload) + 1, qos, retain, dup, pid) + b"\x00" \
+                + msg.payload
+        return encode_packet(Publish(topic, msg.payload, qos, retain, dup, pid, props), 5)
+
     # -- acknowledgements -------------------------------------------------
     def on_puback(self, client: Client, p: Puback) -> None:
         """QoS 1 delivered: forget it, send the next."""
-        self.counters["mqtt_puback_received", V4] += 1
+        self.counters["mqtt_puback_received", ack_labels(client, p.reason_code)] += 1
         session = client.session
         entry = session.inflight.get(p.packet_id)
         if entry is None or entry[1] != 1:
@@ -2594,28 +3001,44 @@ class Broker:
         self.drain(session)
 
     def on_pubrec(self, client: Client, p: Pubrec) -> None:
-        """QoS 2 received by the client: answer PUBREL [MQTT-4.3.3-1]."""
-        self.counters["mqtt_pubrec_received", V4] += 1
-        entry = client.session.inflight.get(p.packet_id)
+        """QoS 2 received by the client: answer PUBREL [MQTT-4.3.3-1]; an MQTT 5 error reason ends it."""
+        self.counters["mqtt_pubrec_received", ack_labels(client, p.reason_code)] += 1
+        session = client.session
+        entry = session.inflight.get(p.packet_id)
+        if p.reason_code >= 0x80 and entry is not None and entry[1] == 2 and entry[3] == 0:
+            del session.inflight[p.packet_id]  # MQTT 5.0 4.3.3: no PUBREL after an error
+            if entry[2]:
+                self.store.delete_message(entry[2])
+            self.drain(session)
+            return
         if entry is None or entry[1] != 2:
             self.counters["mqtt_pubrec_invalid_error", ()] += 1
+            if client.proto == 5:
+                self.send(client, Pubrel(p.packet_id, 0x92))  # Packet Identifier not found
+                self.counters["mqtt_pubrel_sent", reason_labels(0x92)] += 1
+                return
         elif entry[3] == 0:
             entry[3], entry[4] = 1, self.clock()
             if entry[2]:
                 self.store.mark_released(entry[2])
         self.send(client, Pubrel(p.packet_id))
-        self.counters["mqtt_pubrel_sent", V4] += 1
+        self.counters["mqtt_pubrel_sent", ack_labels(client, 0)] += 1
 
     def on_pubrel(self, client: Client, p: Pubrel) -> None:
         """The client releases a QoS 2 message it sent: answer PUBCOMP [MQTT-4.3.3-2]."""
-        self.counters["mqtt_pubrel_received", V4] += 1
-        client.session.incoming.discard(p.packet_id)
+        self.counters["mqtt_pubrel_received", ack_labels(client, p.reason_code)] += 1
+        incoming = client.session.incoming
+        if p.packet_id not in incoming and client.proto == 5:
+            self.send(client, Pubcomp(p.packet_id, 0x92))  # Packet Identifier not found
+            self.counters["mqtt_pubcomp_sent", reason_labels(0x92)] += 1
+            return
+        incoming.discard(p.packet_id)
         self.send(client, Pubcomp(p.packet_id))
-        self.counters["mqtt_pubcomp_sent", V4] += 1
+        self.counters["mqtt_pubcomp_sent", ack_labels(client, 0)] += 1
 
     def on_pubcomp(self, client: Client, p: Pubcomp) -> None:
         """QoS 2 complete: forget it, send the next."""
-        self.counters["mqtt_pubcomp_received", V4] += 1
+        self.counters["mqtt_pubcomp_received", ack_labels(client, p.reason_code)] += 1
         session = client.session
         entry = session.inflight.get(p.packet_id)
         if entry is None or entry[3] != 1:
@@ -2628,11 +3051,22 @@ class Broker:
 
     # -- subscriptions ----------------------------------------------------
     def on_subscribe(self, client: Client, p: Subscribe) -> None:
-        """Subscribe each filter (0x80 when invalid or refused), then send retained matches."""
-        self.counters["mqtt_subscribe_received", V4] += 1
+        """Subscribe each filter (a failure code when invalid or refused), then send retained matches.
+
+        MQTT 5 options are kept with the subscription: QoS in bits 0-1, No Local (bit 2),
+        Retain As Published (bit 3), the subscription identifier from bit 8 on.
+        """
+        self.counters["mqtt_subscribe_received", client.labels] += 1
         session = client.session
         sid = (session.mountpoint, session.client_id)
-        topics = list(p.topics)
+        v5 = client.proto == 5
+        sub_id = 0
+        if v5:
+            ids = [value for name, value in p.properties if name == "subscription_identifier"]
+            if len(ids) > 1:
+                raise ProtocolError("SUBSCRIBE with more than one subscription identifier")  # MQTT 5.0 3.8.2.1.2
+            sub_id = ids[0] if ids else 0
+        topics = [(t, o & 3) for t, o in p.topics]
         answer = run_auth_hooks(self.hooks.auth_on_subscribe, client.user, sid, topics) \
             if self.hooks.auth_on_subscribe else None
         if isinstance(answer, list):
@@ -2642,23 +3076,28 @@ class Broker:
             else:
                 topics, answer = [(str(t), int(q)) for t, q in answer], "ok"
         codes, granted = [], []
-        for topic_filter, qos in topics:
+        for (topic_filter, qos), (_, options) in zip(topics, p.topics):
             valid = valid_subscription(topic_filter) and qos in (0, 1, 2)
-            plain = split_shared(topic_filter)[1]
+            shared, plain = split_shared(topic_filter)
+            if v5 and options & 4 and shared is not None:
+                raise ProtocolError("No Local on a shared subscription")  # [MQTT-3.8.3-4]
             if not valid or answer == "error" or (answer is None and not self.acl(client, "read", plain)):
-                codes.append(SUBACK_FAILURE)
+                codes.append((0x8F if not valid else 0x87) if v5 else SUBACK_FAILURE)
                 self.counters["mqtt_subscribe_auth_error" if valid else "mqtt_subscribe_error", ()] += 1
                 continue
-            self.subscribe(session, topic_filter, qos)
+            opts = qos | options & 12 | sub_id << 8 if v5 else qos
+            existed = topic_filter in session.subs
+            self.subscribe(session, topic_filter, opts)
             codes.append(qos)
-            granted.append((topic_filter, qos))
+            granted.append((topic_filter, qos, opts, (options >> 4) & 3 if v5 else 0, existed))
         self.send(client, Suback(p.packet_id, tuple(codes)))
-        self.counters["mqtt_suback_sent", V4] += 1
+        self.counters["mqtt_suback_sent", client.labels] += 1
         if granted:
-            notify(self.hooks.on_subscribe, client.user, sid, granted)
-        for topic_filter, qos in granted:
-            if not topic_filter.startswith(SHARE_PREFIX):  # no retained messages on shared subscriptions
-                self.send_retained(session, topic_filter, qos)
+            notify(self.hooks.on_subscribe, client.user, sid, [(t, q) for t, q, *_ in granted])
+        for topic_filter, qos, opts, handling, existed in granted:
+            # no retained messages on shared subscriptions; Retain Handling 1: only if new, 2: never
+            if not topic_filter.startswith(SHARE_PREFIX) and handling != 2 and not (handling == 1 and existed):
+                self.send_retained(session, topic_filter, qos, (opts >> 8,) if opts >> 8 else ())
 
     def _attach(self, session: Session, topic_filter: str, qos: int) -> None:
         """Put a subscription in the trie; a shared one joins its group, which the trie holds once."""
@@ -2696,28 +3135,31 @@ class Broker:
         if not session.clean:
             self.store.put_subscription(session.mountpoint, session.client_id, topic_filter, qos)
 
-    def send_retained(self, session: Session, topic_filter: str, qos: int) -> None:
+    def send_retained(self, session: Session, topic_filter: str, qos: int, ids: tuple = ()) -> None:
         """Deliver retained messages matching a new subscription, retain flag set [MQTT-3.3.1-8]."""
         client = session.client
+        now = self.clock()
         for msg in self.retained[session.mountpoint].match(topic_filter):
+            if msg.expires is not None and msg.expires <= now:
+                self.delete_retained(session.mountpoint, msg.topic)  # expired (MQTT 5.0 3.3.2.3.3)
+                continue
             out_qos = min(qos, msg.qos)
             pid = None
             if out_qos and len(session.inflight) >= MAX_PACKET_ID:
                 continue  # no packet identifier left for it
             if out_qos:
                 pid = session.take_pid()
-                session.inflight[pid] = [msg, out_qos, 0, 0, self.clock()]
-            self.write_publish(client, msg, out_qos, pid, retain=True)
+                session.inflight[pid] = [msg, out_qos, 0, 0, now, (True, ids)]
+            self.write_publish(client, msg, out_qos, pid, False, True, ids)
 
     def on_unsubscribe(self, client: Client, p: Unsubscribe) -> None:
-        """Drop filters and answer UNSUBACK [MQTT-3.10.4-4]."""
-        self.counters["mqtt_unsubscribe_received", V4] += 1
-        for topic_filter in p.topics:
-            self.unsubscribe(client.session, topic_filter)
+        """Drop filters and answer UNSUBACK [MQTT-3.10.4-4]; MQTT 5 says per filter whether it existed."""
+        self.counters["mqtt_unsubscribe_received", client.labels] += 1
         session = client.session
+        codes = tuple(0 if self.unsubscribe(session, topic_filter) else 0x11 for topic_filter in p.topics)
         notify(self.hooks.on_unsubscribe, client.user, (session.mountpoint, session.client_id), list(p.topics))
-        self.send(client, Unsuback(p.packet_id))
-        self.counters["mqtt_unsuback_sent", V4] += 1
+        self.send(client, Unsuback(p.packet_id, codes if client.proto == 5 else ()))
+        self.counters["mqtt_unsuback_sent", client.labels] += 1
 
     def unsubscribe(self, session: Session, topic_filter: str) -> bool:
         """Remove one subscription; return whether it existed."""
@@ -2731,24 +3173,33 @@ class Broker:
 
     def on_pingreq(self, client: Client, p: Pingreq) -> None:
         """Answer PINGRESP [MQTT-3.12.4-1]."""
-        self.counters["mqtt_pingreq_received", V4] += 1
+        self.counters["mqtt_pingreq_received", client.labels] += 1
         client.link.write(b"\xd0\x00")
-        self.counters["mqtt_pingresp_sent", V4] += 1
+        self.counters["mqtt_pingresp_sent", client.labels] += 1
 
     def on_disconnect(self, client: Client, p: Disconnect) -> None:
-        """A clean goodbye: drop the will [MQTT-3.14.4-3] and close."""
-        self.counters["mqtt_disconnect_received", V4] += 1
-        client.clean_exit = True
+        """A goodbye: drop the will [MQTT-3.14.4-3] (MQTT 5: unless reason 0x04 asks for it) and close."""
+        if client.proto == 5:
+            self.counters["mqtt_disconnect_received", reason_labels(p.reason_code, "normal_disconnect")] += 1
+            for name, value in p.properties:
+                if name == "session_expiry_interval":
+                    if not client.expiry_at_connect and value:
+                        raise ProtocolError("DISCONNECT sets a Session Expiry Interval CONNECT had at 0")
+                    self.set_expiry(client.session, None if value == 0xFFFFFFFF else value)  # [MQTT-3.14.2-2]
+        else:
+            self.counters["mqtt_disconnect_received", V4] += 1
+        client.clean_exit = p.reason_code != 0x04  # Disconnect with Will Message
         self.close_client(client)
 
     _HANDLERS: dict[type, Callable[..., None]] = {
         Puback: on_puback, Pubrec: on_pubrec, Pubrel: on_pubrel, Pubcomp: on_pubcomp,
         Subscribe: on_subscribe, Unsubscribe: on_unsubscribe, Pingreq: on_pingreq, Disconnect: on_disconnect,
+        Auth: on_auth,
     }
 
     # -- time -------------------------------------------------------------
     def tick(self, now: float) -> None:
-        """Close silent clients (1.5 x keep-alive, CONNECT timeout); expire old sessions."""
+        """Close silent clients (1.5 x keep-alive, CONNECT timeout); send delayed wills; expire sessions."""
         config = self.settings()
         connect_timeout = config["mqtt_connect_timeout"] / 1000
         packet_timeout = config["mqtt_packet_timeout"] / 1000
@@ -2761,29 +3212,36 @@ class Broker:
             if client.connected:
                 if client.keepalive and now - client.last_seen > 1.5 * client.keepalive:  # [MQTT-3.1.2-24]
                     self.counters["client_keepalive_expired", ()] += 1
-                    self.close_client(client)
+                    self.close_client(client, reason=0x8D)  # MQTT 5: Keep Alive timeout
             elif now - client.opened_at > connect_timeout and not client.closed:
                 self.close_client(client)
         retry = config["retry_interval"]
+        limit = config["persistent_client_expiration"]
+        expired = []
         for session in list(self.sessions.values()):
-            if session.client is not None and session.inflight:
-                self.retry(session, now, retry)
-        expiry = config["persistent_client_expiration"]
-        if expiry is not None:
-            for session in [s for s in self.sessions.values()
-                            if s.client is None and s.offline_since is not None and now - s.offline_since > expiry]:
-                self.drop_session(session)
+            if session.client is not None:
+                if session.inflight:
+                    self.retry(session, now, retry)
+                continue
+            if session.will is not None and session.will[1] <= now:
+                will, session.will = session.will[0], None
+                self.send_will(session.mountpoint, will)  # its Will Delay Interval has passed
+            offline = now - session.offline_since if session.offline_since is not None else 0
+            if (session.expiry is not None and offline > session.expiry) or (limit is not None and offline > limit):
+                expired.append(session)
+        for session in expired:
+            self.drop_session(session)
 
     def retry(self, session: Session, now: float, interval: float) -> None:
         """Resend (DUP) what waited longer than retry_interval for its acknowledgement."""
         client = session.client
-        for pid, entry in session.inflight.items():
+        for pid, entry in list(session.inflight.items()):
             if now - entry[4] >= interval:
                 entry[4] = now
                 if entry[3]:
                     self.send(client, Pubrel(pid))
                 else:
-                    self.write_publish(client, entry[0], entry[1], pid, dup=True)
+                    self.write_publish(client, entry[0], entry[1], pid, True, *(entry[5] or ()))
 
     # -- administration ---------------------------------------------------
     def disconnect(self, client_id: str, mountpoint: str = "", cleanup: bool = False) -> bool:
@@ -2792,7 +3250,7 @@ class Broker:
         if session is None:
             return False
         if session.client is not None:
-            self.close_client(session.client)
+            self.close_client(session.client, reason=0x98)  # MQTT 5: Administrative action
         if cleanup and (mountpoint, client_id) in self.sessions:
             self.drop_session(session)
         return True
@@ -2833,27 +3291,27 @@ class Broker:
             self.unsubscribe(session, topic_filter)
         return len(refused)
 
-    def restore(self, retained: Iterable[tuple[str, Message]], sessions: Iterable[tuple[str, str]],
+    def restore(self, retained: Iterable[tuple[str, Message]], sessions: Iterable[tuple[str, str, int | None]],
                 subscriptions: Iterable[tuple[str, str, str, int]],
-                messages: Iterable[tuple[str, str, Message, int, int, int, bool]]) -> None:
-        """Rebuild state from the message store after a restart."""
+                messages: Iterable[tuple[str, str, Message, int, int, int, bool, Any]]) -> None:
+        """Rebuild state from the message store after a restart (offline time counts from now)."""
         now = self.clock()
         for mountpoint, msg in retained:
             self.retained[mountpoint][msg.topic] = msg
-        for mountpoint, client_id in sessions:
-            self.sessions[(mountpoint, client_id)] = Session(mountpoint, client_id, False, now)
+        for mountpoint, client_id, expiry in sessions:
+            self.sessions[(mountpoint, client_id)] = Session(mountpoint, client_id, False, now, expiry)
             self.mountpoints.add(mountpoint)
         for mountpoint, client_id, topic_filter, qos in subscriptions:
             session = self.sessions.get((mountpoint, client_id))
             if session is not None:
                 self._attach(session, topic_filter, qos)
                 session.subs[topic_filter] = qos
-        for mountpoint, client_id, msg, qos, row, pid, released in messages:
+        for mountpoint, client_id, msg, qos, row, pid, released, extra in messages:
             session = self.sessions.get((mountpoint, client_id))
             if session is not None and qos == 2 and pid:  # in flight when the node stopped: same id again
-                session.inflight[pid] = [msg, qos, row, 1 if released else 0, now]
+                session.inflight[pid] = [msg, qos, row, 1 if released else 0, now, extra]
             elif session is not None:
-                session.queue.append((msg, qos, row))
+                session.queue.append((msg, qos, row, extra))
             self._next_ref = max(self._next_ref, msg.ref)
 
     def session_keys(self, client_id: str | None = None) -> list[tuple[str, str]]:
@@ -2921,15 +3379,43 @@ class Broker:
 MESSAGE_DB = "messages.db"
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS retained (mountpoint TEXT, topic TEXT, payload BLOB, qos INTEGER, ref INTEGER,
-                                     PRIMARY KEY (mountpoint, topic));
-CREATE TABLE IF NOT EXISTS sessions (mountpoint TEXT, client_id TEXT, PRIMARY KEY (mountpoint, client_id));
+                                     props BLOB, expires REAL, PRIMARY KEY (mountpoint, topic));
+CREATE TABLE IF NOT EXISTS sessions (mountpoint TEXT, client_id TEXT, expiry INTEGER,
+                                     PRIMARY KEY (mountpoint, client_id));
 CREATE TABLE IF NOT EXISTS subscriptions (mountpoint TEXT, client_id TEXT, filter TEXT, qos INTEGER,
                                           PRIMARY KEY (mountpoint, client_id, filter));
 CREATE TABLE IF NOT EXISTS messages (id INTEGER PRIMARY KEY AUTOINCREMENT, mountpoint TEXT, client_id TEXT,
                                      topic TEXT, payload BLOB, qos INTEGER, msg_qos INTEGER, ref INTEGER,
-                                     pid INTEGER DEFAULT 0, released INTEGER DEFAULT 0);
+                                     pid INTEGER DEFAULT 0, released INTEGER DEFAULT 0, props BLOB,
+                                     expires REAL, extra TEXT);
 CREATE INDEX IF NOT EXISTS messages_by_session ON messages (mountpoint, client_id);
 """
+_ADDED_COLUMNS = {  # columns newer than the first stores: table -> ((name, type), ...)
+    "messages": (("pid", "INTEGER DEFAULT 0"), ("released", "INTEGER DEFAULT 0"), ("props", "BLOB"),
+                 ("expires", "REAL"), ("extra", "TEXT")),
+    "retained": (("props", "BLOB"), ("expires", "REAL")),
+    "sessions": (("expiry", "INTEGER"),),
+}
+
+
+def _props_blob(props: tuple) -> bytes | None:
+    return encode_properties(props) if props else None
+
+
+def _blob_props(blob: bytes | None) -> tuple:
+    return decode_properties(blob, 0, len(blob))[0] if blob else ()
+
+
+def _extra_text(extra: Any) -> str | None:
+    """Write a delivery's (retain flag, subscription ids) as text: ``1:3,4``."""
+    return f"{int(extra[0])}:{','.join(map(str, extra[1]))}" if extra else None
+
+
+def _text_extra(text: str | None) -> Any:
+    if not text:
+        return None
+    flag, _, ids = text.partition(":")
+    return (flag == "1", tuple(int(i) for i in ids.split(",") if i))
 
 
 class MemoryStore:
@@ -2945,7 +3431,7 @@ class MemoryStore:
     def delete_retained(self, mountpoint: str, topic: str) -> None:
         """Keep nothing."""
 
-    def put_session(self, mountpoint: str, client_id: str) -> None:
+    def put_session(self, mountpoint: str, client_id: str, expiry: int | None = None) -> None:
         """Keep nothing."""
 
     def delete_session(self, mountpoint: str, client_id: str) -> None:
@@ -2957,7 +3443,7 @@ class MemoryStore:
     def delete_subscription(self, mountpoint: str, client_id: str, topic_filter: str) -> None:
         """Keep nothing."""
 
-    def add_message(self, mountpoint: str, client_id: str, msg: Message, qos: int) -> int:
+    def add_message(self, mountpoint: str, client_id: str, msg: Message, qos: int, extra: Any = None) -> int:
         """Keep nothing; 0 means no row."""
         return 0
 
@@ -2987,9 +3473,11 @@ class SqliteStore(MemoryStore):
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=NORMAL")  # WAL: durable across process crashes
             self.db.executescript(_SCHEMA)
-            columns = {row[1] for row in self.db.execute("PRAGMA table_info(messages)")}
-            for column in sorted({"pid", "released"} - columns):
-                self.db.execute(f"ALTER TABLE messages ADD COLUMN {column} INTEGER DEFAULT 0")  # older stores
+            for table, added in _ADDED_COLUMNS.items():
+                columns = {row[1] for row in self.db.execute(f"PRAGMA table_info({table})")}
+                for column, kind in added:
+                    if column not in columns:
+                        self.db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")  # an older store
         except sqlite3.Error as exc:
             raise ConfigError(f"cannot open the message store {path}: {exc}") from None
         self._dirty = False
@@ -3001,28 +3489,32 @@ class SqliteStore(MemoryStore):
     def load(self) -> tuple[list, list, list, list]:
         """Return (retained, sessions, subscriptions, messages) as stored."""
         q = self.db.execute
-        retained = [(mp, Message(t, p, qos, True, ref)) for mp, t, p, qos, ref in
-                    q("SELECT mountpoint, topic, payload, qos, ref FROM retained")]
-        sessions = list(q("SELECT mountpoint, client_id FROM sessions"))
+        retained = [(mp, Message(t, p, qos, True, ref, props=_blob_props(props), expires=expires))
+                    for mp, t, p, qos, ref, props, expires in
+                    q("SELECT mountpoint, topic, payload, qos, ref, props, expires FROM retained")]
+        sessions = list(q("SELECT mountpoint, client_id, expiry FROM sessions"))
         subs = list(q("SELECT mountpoint, client_id, filter, qos FROM subscriptions"))
-        messages = [(mp, cid, Message(t, p, mq, False, ref), qos, row, pid, bool(released))
-                    for row, mp, cid, t, p, qos, mq, ref, pid, released in
-                    q("SELECT id, mountpoint, client_id, topic, payload, qos, msg_qos, ref, pid, released "
-                      "FROM messages ORDER BY id")]
+        messages = [(mp, cid, Message(t, p, mq, False, ref, props=_blob_props(props), expires=expires), qos, row,
+                     pid, bool(released), _text_extra(extra))
+                    for row, mp, cid, t, p, qos, mq, ref, pid, released, props, expires, extra in
+                    q("SELECT id, mountpoint, client_id, topic, payload, qos, msg_qos, ref, pid, released, props, "
+                      "expires, extra FROM messages ORDER BY id")]
         return retained, sessions, subs, messages
 
     def put_retained(self, mountpoint: str, msg: Message) -> None:
         """Store or replace a retained message."""
-        self._run("INSERT OR REPLACE INTO retained VALUES (?, ?, ?, ?, ?)",
-                  (mountpoint, msg.topic, msg.payload, msg.qos, msg.ref))
+        self._run("INSERT OR REPLACE INTO retained (mountpoint, topic, payload, qos, ref, props, expires) "
+                  "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                  (mountpoint, msg.topic, msg.payload, msg.qos, msg.ref, _props_blob(msg.props), msg.expires))
 
     def delete_retained(self, mountpoint: str, topic: str) -> None:
         """Delete a retained message."""
         self._run("DELETE FROM retained WHERE mountpoint = ? AND topic = ?", (mountpoint, topic))
 
-    def put_session(self, mountpoint: str, client_id: str) -> None:
-        """Record a persistent session."""
-        self._run("INSERT OR IGNORE INTO sessions VALUES (?, ?)", (mountpoint, client_id))
+    def put_session(self, mountpoint: str, client_id: str, expiry: int | None = None) -> None:
+        """Record a persistent session and how long it outlives its connection (None: no limit of its own)."""
+        self._run("INSERT OR REPLACE INTO sessions (mountpoint, client_id, expiry) VALUES (?, ?, ?)",
+                  (mountpoint, client_id, expiry))
 
     def delete_session(self, mountpoint: str, client_id: str) -> None:
         """Forget a session with its subscriptions and messages."""
@@ -3038,11 +3530,12 @@ class SqliteStore(MemoryStore):
         self._run("DELETE FROM subscriptions WHERE mountpoint = ? AND client_id = ? AND filter = ?",
                   (mountpoint, client_id, topic_filter))
 
-    def add_message(self, mountpoint: str, client_id: str, msg: Message, qos: int) -> int:
+    def add_message(self, mountpoint: str, client_id: str, msg: Message, qos: int, extra: Any = None) -> int:
         """Store a message queued for a persistent session; return its row id."""
-        return self._run("INSERT INTO messages (mountpoint, client_id, topic, payload, qos, msg_qos, ref) "
-                         "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                         (mountpoint, client_id, msg.topic, msg.payload, qos, msg.qos, msg.ref)).lastrowid
+        return self._run("INSERT INTO messages (mountpoint, client_id, topic, payload, qos, msg_qos, ref, props, "
+                         "expires, extra) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                         (mountpoint, client_id, msg.topic, msg.payload, qos, msg.qos, msg.ref,
+                          _props_blob(msg.props), msg.expires, _extra_text(extra))).lastrowid
 
     def delete_message(self, row: int) -> None:
         """Delete a delivered message."""
@@ -3120,7 +3613,7 @@ class MqttLink(asyncio.Protocol):
         try:
             while not self.closing and not self.paused:
                 start = pos
-                result = decode_packet(buf, pos, max_size)
+                result = decode_packet(buf, pos, max_size, client.proto)  # CONNECT may change the version
                 if result is None:
                     break
                 packet, pos = result
@@ -3132,7 +3625,7 @@ class MqttLink(asyncio.Protocol):
             log.info("closing MQTT connection from %s: %s", self.peer[0], exc.text)
             kind = "mqtt_invalid_msg_size_error" if isinstance(exc, PacketTooLarge) else "mqtt_malformed_packet_error"
             broker.counters[kind, ()] += 1
-            broker.close_client(client)
+            broker.close_client(client, reason=exc.reason_code, text=exc.text)  # MQTT 5 hears why
         self.buffer = buf[pos:] if pos < len(buf) else b""
         if not self.buffer:
             self.partial_since = None
@@ -3164,7 +3657,7 @@ class MqttLink(asyncio.Protocol):
         if self.tracer is not None:
             pos, now = 0, time.time()
             while pos < len(data):
-                packet, pos = decode_packet(data, pos)
+                packet, pos = decode_packet(data, pos, 0, self.client.proto if self.client else 4)
                 self.tracer.packet("out", packet, now)
 
     def flush(self) -> None:
@@ -3598,6 +4091,7 @@ class MqttIO:
             if listener.server is not None:
                 listener.server.close()
         for client in list(self.broker.clients):
+            self.broker.say_disconnect(client, 0x8B)  # MQTT 5: Server shutting down
             client.link.close()
         self.after_batch()
         for listener in self.listeners:

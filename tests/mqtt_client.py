@@ -13,9 +13,12 @@ from vmqapi import (Connack, Connect, Disconnect, Pingreq, Puback, Pubcomp, Publ
 
 
 class MqttClient:
-    """One connection; every wait is bounded by ``timeout`` seconds."""
+    """One connection; every wait is bounded by ``timeout`` seconds.
 
-    def __init__(self, port, timeout=5.0, tls=None):
+    ``version`` 5 speaks MQTT 5 once ``connect`` (or ``send`` of a level 5 CONNECT) said so.
+    """
+
+    def __init__(self, port, timeout=5.0, tls=None, version=4):
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
         if tls is not None:
             self.sock = tls.wrap_socket(self.sock, server_hostname="localhost")
@@ -23,9 +26,11 @@ class MqttClient:
         self.buffer = b""
         self.next_pid = 1
         self.received = []  # packets read while waiting for something else
+        self.version = version
+        self.aliases = {}  # topic aliases the server set, for MQTT 5
 
     def send(self, packet):
-        self.send_raw(vmqapi.encode_packet(packet))
+        self.send_raw(vmqapi.encode_packet(packet, self.version))
 
     def send_raw(self, data):
         self.sock.sendall(data)
@@ -40,7 +45,7 @@ class MqttClient:
             return self.received.pop(0)
         deadline = time.monotonic() + (timeout or self.timeout)
         while True:
-            result = vmqapi.decode_packet(self.buffer)
+            result = vmqapi.decode_packet(self.buffer, 0, 0, self.version)
             if result is not None:
                 packet, used = result
                 self.buffer = self.buffer[used:]
@@ -88,12 +93,13 @@ class MqttClient:
         return pid
 
     def connect(self, client_id, clean=True, **kwargs):
-        self.send(Connect(client_id, clean_session=clean, **kwargs))
+        self.send(Connect(client_id, clean_session=clean, proto_level=kwargs.pop("proto_level", self.version),
+                          **kwargs))
         return self.expect(Connack)
 
-    def subscribe(self, *topics):
+    def subscribe(self, *topics, properties=()):
         pid = self.pid()
-        self.send(Subscribe(pid, tuple(topics)))
+        self.send(Subscribe(pid, tuple(topics), properties))
         ack = self.expect(Suback)
         assert ack.packet_id == pid
         return ack.return_codes
@@ -101,22 +107,36 @@ class MqttClient:
     def unsubscribe(self, *topics):
         pid = self.pid()
         self.send(Unsubscribe(pid, tuple(topics)))
-        assert self.expect(Unsuback).packet_id == pid
+        ack = self.expect(Unsuback)
+        assert ack.packet_id == pid
+        return ack.reason_codes
 
-    def publish(self, topic, payload, qos=0, retain=False):
-        """Publish and finish the QoS flow."""
+    def publish(self, topic, payload, qos=0, retain=False, properties=()):
+        """Publish and finish the QoS flow; return the acknowledgement's reason code (MQTT 5)."""
         pid = self.pid() if qos else None
-        self.send(Publish(topic, payload, qos, retain, False, pid))
+        self.send(Publish(topic, payload, qos, retain, False, pid, tuple(properties)))
         if qos == 1:
-            assert self.expect(Puback).packet_id == pid
-        elif qos == 2:
-            assert self.expect(Pubrec).packet_id == pid
-            self.send(Pubrel(pid))
-            assert self.expect(Pubcomp).packet_id == pid
+            ack = self.expect(Puback)
+            assert ack.packet_id == pid
+            return ack.reason_code
+        if qos == 2:
+            ack = self.expect(Pubrec)
+            assert ack.packet_id == pid
+            if ack.reason_code < 0x80:
+                self.send(Pubrel(pid))
+                assert self.expect(Pubcomp).packet_id == pid
+            return ack.reason_code
+        return 0
 
     def message(self, ack=True, timeout=None):
-        """Wait for a PUBLISH; acknowledge it unless told not to."""
+        """Wait for a PUBLISH (an MQTT 5 topic alias resolved); acknowledge it unless told not to."""
         p = self.expect(Publish, timeout)
+        alias = dict(p.properties).get("topic_alias")
+        if alias is not None:
+            if p.topic:
+                self.aliases[alias] = p.topic
+            else:
+                p = vmqapi.dataclasses.replace(p, topic=self.aliases[alias])
         if ack and p.qos == 1:
             self.send(Puback(p.packet_id))
         elif ack and p.qos == 2:
@@ -148,8 +168,8 @@ class MqttClient:
 class WsMqttClient(MqttClient):
     """MQTT over a WebSocket (RFC 6455): masked binary frames out, frames in."""
 
-    def __init__(self, port, timeout=5.0, tls=None, path="/mqtt", protocol="mqtt"):
-        super().__init__(port, timeout, tls)
+    def __init__(self, port, timeout=5.0, tls=None, path="/mqtt", protocol="mqtt", version=4):
+        super().__init__(port, timeout, tls, version)
         key = "dGhlIHNhbXBsZSBub25jZQ=="
         self.sock.sendall((f"GET {path} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
                            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"

@@ -141,7 +141,7 @@ def test_pings_keep_a_client_alive(connect):
 
 def test_connack_refusals(node, make_node, tmp_path):
     port = mqtt_port(node)
-    cases = [(vmqapi.Connect("x", proto_level=5), 1), (vmqapi.Connect("", clean_session=False), 2),
+    cases = [(vmqapi.Connect("x", proto_level=6), 1), (vmqapi.Connect("", clean_session=False), 2),
              (vmqapi.Connect("x" * 101), 2)]
     for packet, code in cases:
         c = MqttClient(port)

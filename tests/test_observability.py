@@ -138,7 +138,7 @@ def test_listener_start_and_delete_at_run_time(node, client, key):
     assert c.connect("late").return_code == 0
     rows = body_json(client.get("/api/v1/listener/show?--mqtt", key=key)[2])["table"]
     row = next(r for r in rows if r["port"] == str(port))
-    assert row["mountpoint"] == "lab" and row["allowed_protocol_versions"] == "mqtt 3.1, mqtt 3.1.1"
+    assert row["mountpoint"] == "lab" and row["allowed_protocol_versions"] == "mqtt 3.1, mqtt 3.1.1, mqtt 5"
     _, _, data = client.get(f"/api/v1/listener/start?address=127.0.0.1&port={port}", key=key)
     assert body_json(data)["type"] == "alert"
     _, _, data = client.get(f"/api/v1/listener/start?address=127.0.0.1&port={mqtt_port(node)}&--ssl", key=key)
