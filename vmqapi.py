@@ -2686,7 +2686,7 @@ class Broker:
             if stage:
                 self.send(client, Pubrel(pid))
             else:
-                self.write_publish(client, msg, qos, pid, True, *(extra or ()))
+                self.write_publish(client, msg, qos, pid, True, *(extra if client.proto == 5 and extra else ()))
         self.drain(session)
 
     # -- publishing -------------------------------------------------------
@@ -2840,7 +2840,8 @@ class Broker:
                     continue
                 if client.proto == 5:  # one encoding per protocol version for every QoS 0 receiver
                     if frame5 is None:
-                        frame5 = msg.frame if msg.frame5 else self.publish_frame5(None, msg, 0, None, False, False)
+                        frame5 = msg.frame if msg.frame and msg.frame5 else self.publish_frame5(
+                            None, msg, 0, None, False, False)
                     client.link.write(frame5)
                     direct5 += 1
                 else:
@@ -2882,7 +2883,7 @@ class Broker:
         extra = (bool(rap and msg.retain), ids)
         client = session.client
         if qos == 0 and client is not None and client.link.writable and not session.queue:
-            self.write_publish(client, msg, 0, None, False, *extra)
+            self.write_publish(client, msg, 0, None, False, *(extra if client.proto == 5 else ()))
             self.counters["queue_message_in", ()] += 1
             self.counters["queue_message_out", ()] += 1
         else:
@@ -2931,7 +2932,7 @@ class Broker:
                 inflight[pid] = [msg, qos, row, 0, self.clock(), extra]
                 if qos == 2 and row:
                     self.store.mark_sent(row, pid)  # exactly once survives a restart too
-            if extra:
+            if extra and client.proto == 5:  # MQTT 3.1.1 gets retain 0 and no ids [MQTT-3.3.1-9]
                 self.write_publish(client, msg, qos, pid, False, *extra)
             else:
                 self.write_publish(client, msg, qos, pid)
@@ -3241,7 +3242,8 @@ class Broker:
                 if entry[3]:
                     self.send(client, Pubrel(pid))
                 else:
-                    self.write_publish(client, entry[0], entry[1], pid, True, *(entry[5] or ()))
+                    extra = entry[5] if client.proto == 5 and entry[5] else ()
+                    self.write_publish(client, entry[0], entry[1], pid, True, *extra)
 
     # -- administration ---------------------------------------------------
     def disconnect(self, client_id: str, mountpoint: str = "", cleanup: bool = False) -> bool:

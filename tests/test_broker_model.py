@@ -1,4 +1,8 @@
-"""The broker core against a dict model (Hypothesis RuleBasedStateMachine), without sockets."""
+"""The broker core against a dict model (Hypothesis RuleBasedStateMachine), without sockets.
+
+Clients speak MQTT 3.1.1 or 5; MQTT 5 adds session expiry (0 or long), No Local,
+Retain As Published, Retain Handling and subscription identifiers to the model.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +14,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 import vmqapi
 from vmqapi import Puback, Pubcomp, Publish, Pubrec, Pubrel
 
-LISTENER = types.SimpleNamespace(mountpoint="", allowed_versions=(3, 4), allow_anonymous_override=False)
+LISTENER = types.SimpleNamespace(mountpoint="", allowed_versions=(3, 4, 5), allow_anonymous_override=False)
 CLIENT_IDS = st.sampled_from(["c1", "c2", "c3"])
 FILTERS = st.sampled_from(["a", "a/#", "+", "#", "+/b", "a/b"])
 TOPICS = st.sampled_from(["a", "a/b", "b", "b/b"])
@@ -36,8 +40,11 @@ class BrokerModel(RuleBasedStateMachine):
         super().__init__()
         self.broker = vmqapi.Broker(lambda: vmqapi.Config({}), vmqapi.MemoryStore(), clock=lambda: 1000.0)
         self.clients = {}  # client id -> (Client, FakeLink) while connected
-        self.model = {}  # client id -> {"clean", "subs": {filter: qos}, "pending": [(topic, payload, qos)]}
-        self.received = {}  # client id -> [(topic, payload, qos)] since the last check
+        self.versions = {}  # client id -> protocol level of its connection
+        # client id -> {"clean": ends with its connection, "subs": {filter: (qos, no_local, rap, sub_id)},
+        #               "pending": [delivery]}; a delivery is (topic, payload, qos, rap retain, ids, retained)
+        self.model = {}
+        self.received = {}  # client id -> [(topic, payload, qos, retain, ids)] since the last check
         self.expected = {}
         self.retained = {}
         self.counter = 0
@@ -52,9 +59,11 @@ class BrokerModel(RuleBasedStateMachine):
                 data, link.data = link.data, b""
                 pos = 0
                 while pos < len(data):
-                    packet, pos = vmqapi.decode_packet(data, pos)
+                    packet, pos = vmqapi.decode_packet(data, pos, 0, self.versions[cid])
                     if isinstance(packet, Publish):
-                        self.received.setdefault(cid, []).append((packet.topic, packet.payload, packet.qos))
+                        ids = tuple(sorted(v for n, v in packet.properties if n == "subscription_identifier"))
+                        self.received.setdefault(cid, []).append((packet.topic, packet.payload, packet.qos,
+                                                                  packet.retain, ids))
                         if packet.qos == 1:
                             self.broker.handle(client, Puback(packet.packet_id))
                         elif packet.qos == 2:
@@ -72,28 +81,39 @@ class BrokerModel(RuleBasedStateMachine):
         if self.model[cid]["clean"]:
             del self.model[cid]
 
+    def expect(self, cid, deliveries):
+        """What ``cid``'s connection should see of ``deliveries``: MQTT 3.1.1 has no ids, no RAP retain flag."""
+        v5 = self.versions[cid] == 5
+        self.expected.setdefault(cid, []).extend(
+            (topic, payload, qos, retained or (v5 and rap), ids if v5 else ())
+            for topic, payload, qos, rap, ids, retained in deliveries)
+
     # -- rules ----------------------------------------------------------------------
-    @rule(cid=CLIENT_IDS, clean=st.booleans())
-    def connect(self, cid, clean):
+    @rule(cid=CLIENT_IDS, clean=st.booleans(), version=st.sampled_from([4, 5]), expiry=st.sampled_from([0, 100]))
+    def connect(self, cid, clean, version, expiry):
         if cid in self.clients:
             old_client, old_link = self.clients.pop(cid)
         else:
             old_client = None
         link = FakeLink()
         client = self.broker.connection_made(link)
-        self.broker.handle(client, vmqapi.Connect(cid, clean_session=clean))
-        connack, _ = vmqapi.decode_packet(link.data)
-        link.data = link.data[4:]
+        props = (("session_expiry_interval", expiry),) if version == 5 and expiry else ()
+        self.broker.handle(client, vmqapi.Connect(cid, version, clean, properties=props))
+        connack, used = vmqapi.decode_packet(link.data, 0, 0, version)
+        assert connack.return_code == 0
+        link.data = link.data[used:]
         if old_client is not None:
             self.broker.connection_lost(old_client)  # the takeover closed its link
+        ephemeral = clean if version == 4 else expiry == 0  # MQTT 5: Clean Start and the expiry are apart
         previous = self.model.get(cid)
         assert connack.session_present == (previous is not None and not clean and not previous["clean"])
         if clean or previous is None or previous["clean"]:
-            self.model[cid] = {"clean": clean, "subs": {}, "pending": []}
+            self.model[cid] = {"clean": ephemeral, "subs": {}, "pending": []}
         else:
-            self.model[cid]["clean"] = clean
+            self.model[cid]["clean"] = ephemeral
         self.clients[cid] = (client, link)
-        self.expected.setdefault(cid, []).extend(self.model[cid]["pending"])
+        self.versions[cid] = version
+        self.expect(cid, self.model[cid]["pending"])
         self.model[cid]["pending"] = []
         self.pump()
 
@@ -108,14 +128,22 @@ class BrokerModel(RuleBasedStateMachine):
         self.go_offline(cid)
 
     @precondition(lambda self: self.clients)
-    @rule(data=st.data(), topic_filter=FILTERS, qos=st.integers(0, 2))
-    def subscribe(self, data, topic_filter, qos):
+    @rule(data=st.data(), topic_filter=FILTERS, qos=st.integers(0, 2), no_local=st.booleans(), rap=st.booleans(),
+          handling=st.integers(0, 2), sub_id=st.sampled_from([0, 1, 300]))
+    def subscribe(self, data, topic_filter, qos, no_local, rap, handling, sub_id):
         cid = data.draw(st.sampled_from(sorted(self.clients)))
-        self.broker.handle(self.clients[cid][0], vmqapi.Subscribe(1, ((topic_filter, qos),)))
-        self.model[cid]["subs"][topic_filter] = qos
-        for topic, (payload, msg_qos) in sorted(self.retained.items()):  # retained come by topic
-            if vmqapi.topic_matches(topic_filter, topic):
-                self.expected.setdefault(cid, []).append((topic, payload, min(qos, msg_qos)))
+        if self.versions[cid] == 4:
+            no_local = rap = False
+            handling = sub_id = 0
+        options = qos | no_local << 2 | rap << 3 | handling << 4
+        props = (("subscription_identifier", sub_id),) if sub_id else ()
+        self.broker.handle(self.clients[cid][0], vmqapi.Subscribe(1, ((topic_filter, options),), props))
+        existed = topic_filter in self.model[cid]["subs"]
+        self.model[cid]["subs"][topic_filter] = (qos, no_local, rap, sub_id)
+        if handling == 0 or (handling == 1 and not existed):
+            self.expect(cid, [(topic, payload, min(qos, msg_qos), False, (sub_id,) if sub_id else (), True)
+                              for topic, (payload, msg_qos) in sorted(self.retained.items())  # by topic
+                              if vmqapi.topic_matches(topic_filter, topic)])
         self.pump()
 
     @precondition(lambda self: self.clients)
@@ -138,12 +166,15 @@ class BrokerModel(RuleBasedStateMachine):
         if retain:
             self.retained[topic] = (payload, qos)
         for other, state in self.model.items():
-            matching = [q for f, q in state["subs"].items() if vmqapi.topic_matches(f, topic)]
+            matching = [sub for f, sub in state["subs"].items()
+                        if vmqapi.topic_matches(f, topic) and not (sub[1] and other == cid)]  # No Local
             if not matching:
                 continue
-            delivery = (topic, payload, min(qos, max(matching)))
+            ids = tuple(sorted(sub[3] for sub in matching if sub[3]))
+            delivery = (topic, payload, min(qos, max(sub[0] for sub in matching)),
+                        retain and any(sub[2] for sub in matching), ids, False)
             if other in self.clients:
-                self.expected.setdefault(other, []).append(delivery)
+                self.expect(other, [delivery])
             else:
                 state["pending"].append(delivery)
         self.pump()
@@ -160,7 +191,9 @@ class BrokerModel(RuleBasedStateMachine):
     def sessions_agree(self):
         assert {cid for (_, cid) in self.broker.sessions} == set(self.model)
         for cid, state in self.model.items():
-            assert self.broker.sessions[("", cid)].subs == state["subs"]
+            assert self.broker.sessions[("", cid)].subs == {
+                f: qos | no_local << 2 | rap << 3 | sub_id << 8 for f, (qos, no_local, rap, sub_id) in
+                state["subs"].items()}
 
 
 TestBrokerModel = BrokerModel.TestCase

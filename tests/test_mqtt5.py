@@ -247,10 +247,15 @@ def test_topic_aliases_both_ways(make_node):
     sub = MqttClient(port, version=5)
     sub.connect("sub", properties=(("topic_alias_maximum", 10),))
     sub.subscribe(("alias/#", 0))
+    plain = MqttClient(port, version=5)
+    plain.connect("plain")  # allows no aliases: gets whole topics
+    plain.subscribe(("alias/long/#", 0))
     pub = MqttClient(port, version=5)
     pub.connect("pub")
     pub.publish("alias/long/topic/name", b"1", properties=[("topic_alias", 1)])
     pub.publish("", b"2", properties=[("topic_alias", 1)])  # the alias stands for the topic
+    assert [(p.topic, p.payload, p.properties) for p in (plain.expect(Publish), plain.expect(Publish))] == \
+        [("alias/long/topic/name", b"1", ()), ("alias/long/topic/name", b"2", ())]
     got = [sub.expect(Publish), sub.expect(Publish)]
     assert got[0].topic == "alias/long/topic/name" and props(got[0])["topic_alias"] == 1
     assert got[1].topic == "" and props(got[1])["topic_alias"] == 1  # the node uses an alias too
@@ -266,7 +271,7 @@ def test_topic_aliases_both_ways(make_node):
     late.connect("late")
     late.publish("", b"?", properties=[("topic_alias", 2)])  # never set on this connection
     assert late.expect(Disconnect).reason_code == 0x82
-    for c in (sub, pub, late):
+    for c in (sub, plain, pub, late):
         c.close()
 
 
