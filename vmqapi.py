@@ -1492,7 +1492,10 @@ def decode_publish5(flags: int, buf, i: int, end: int) -> Publish:
     pid = None
     if qos:
         pid, i = _packet_id(buf, i, end), i + 2
-    props, i = decode_properties(buf, i, end, ALLOWED_PROPERTIES["publish"])
+    if i < end and buf[i] == 0:  # the common case: no properties
+        props, i = (), i + 1
+    else:
+        props, i = decode_properties(buf, i, end, ALLOWED_PROPERTIES["publish"])
     if not topic and not any(name == "topic_alias" for name, _ in props):
         raise ProtocolError("empty PUBLISH topic without a topic alias")
     return Publish(topic, bytes(buf[i:end]), qos, bool(flags & 1), bool(flags & 8), pid, props)
@@ -1502,6 +1505,8 @@ def _decode_ack5(cls: type, expected_flags: int) -> Callable[..., Any]:
     def decode(flags: int, buf, i: int, end: int):
         _check_flags(flags, expected_flags, cls.__name__.upper())
         pid = _packet_id(buf, i, end)
+        if end - i == 2:  # the common case: success, no properties
+            return cls(pid)
         return cls(pid, *_reason_and_properties(buf, i + 2, end, "ack"))
     decode.__doc__ = f"Decode an MQTT 5 {cls.__name__.upper()}."
     return decode
@@ -2131,7 +2136,7 @@ class Client:
     __slots__ = ("link", "session", "connected", "closed", "proto", "keepalive", "last_seen", "opened_at",
                  "user", "will", "clean_exit", "rate_second", "rate_count", "labels", "plain", "receive_max",
                  "receive_max_in", "max_packet", "alias_max", "aliases_out", "aliases_in", "alias_max_in",
-                 "will_delay", "auth", "auth_method", "expiry_at_connect", "problem_info")
+                 "will_delay", "auth", "auth_method", "expiry_at_connect")
 
     def __init__(self, link: Any, now: float):
         self.link = link
@@ -2156,8 +2161,7 @@ class Client:
         self.will_delay = 0
         self.auth: tuple | None = None  # an enhanced authentication in progress: (CONNECT, client id)
         self.auth_method: str | None = None
-        self.expiry_at_connect = 0
-        self.problem_info = True
+        self.expiry_at_connect = 0  # the Session Expiry Interval CONNECT asked for
 
 
 def reason_labels(code: int, zero: str = "success") -> LabelSet:
@@ -4018,7 +4022,7 @@ class MqttIO:
     def _kill_clients(self, listener: MqttListener) -> None:
         for client in list(self.broker.clients):
             if client.link.listener is listener:
-                self.broker.close_client(client)
+                self.broker.close_client(client, reason=0x98)  # MQTT 5: Administrative action
 
     async def _bind(self, listener: MqttListener) -> None:
         protocol = (lambda: WsLink(listener)) if listener.websocket else (lambda: MqttLink(listener))

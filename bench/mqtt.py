@@ -1,10 +1,11 @@
 """MQTT throughput, CPU per delivery and memory per connection: vmqapi, and mosquitto when installed.
 
-    python bench/mqtt.py [--messages N] [--rounds R] [--connections 1000,5000]
+    python bench/mqtt.py [--messages N] [--rounds R] [--connections 1000,5000] [--protocol 4|5|4,5]
 
 Every load runs in separate processes speaking raw MQTT over loopback sockets, bounded
 in count and time. When ``mosquitto`` is on PATH, the same loads run against it in the
-same run, interleaved, and the table shows vmqapi / mosquitto.
+same run, interleaved, and the table shows vmqapi / mosquitto. ``--protocol`` picks
+MQTT 3.1.1 (4), MQTT 5 (5) or both (4,5: the table adds vmqapi's v5 / v4 ratio).
 """
 
 from __future__ import annotations
@@ -44,38 +45,52 @@ def varint(n):
             return bytes(out)
 
 
-def connect_packet(client_id):
+def connect_packet(client_id, version):
     cid = client_id.encode()
-    body = b"\x00\x04MQTT\x04\x02\x00\x00" + len(cid).to_bytes(2, "big") + cid
+    props = b"\x00" if version == 5 else b""  # MQTT 5: an empty property list
+    body = b"\x00\x04MQTT" + bytes((version,)) + b"\x02\x00\x00" + props + len(cid).to_bytes(2, "big") + cid
     return b"\x10" + varint(len(body)) + body
 
 
-def publish_packet(qos, pid=0):
+def publish_packet(qos, pid=0, version=4):
     topic = len(TOPIC).to_bytes(2, "big") + TOPIC
-    body = topic + (pid.to_bytes(2, "big") if qos else b"") + PAYLOAD
+    body = topic + (pid.to_bytes(2, "big") if qos else b"") + (b"\x00" if version == 5 else b"") + PAYLOAD
     return bytes((0x30 | qos << 1,)) + varint(len(body)) + body
 
 
-def open_client(port, client_id):
+def read_packet(sock):
+    """Read one whole packet (small ones: CONNACK, SUBACK)."""
+    data = b""
+    while True:
+        chunk = sock.recv(1)
+        if not chunk:
+            raise ConnectionError("closed")
+        data += chunk
+        if len(data) >= 2 and not data[-1] & 128:
+            break
+    need = sum((b & 127) << 7 * k for k, b in enumerate(data[1:]))  # the remaining length
+    while need > 0:
+        chunk = sock.recv(need)
+        if not chunk:
+            raise ConnectionError("closed")
+        data, need = data + chunk, need - len(chunk)
+    return data
+
+
+def open_client(port, client_id, version):
     sock = socket.create_connection(("127.0.0.1", port), timeout=DEADLINE)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    sock.sendall(connect_packet(client_id))
-    ack = b""
-    while len(ack) < 4:
-        chunk = sock.recv(4 - len(ack))
-        if not chunk:
-            raise ConnectionError("closed before CONNACK")
-        ack += chunk
-    assert ack[3] == 0, ack
+    sock.sendall(connect_packet(client_id, version))
+    ack = read_packet(sock)
+    assert ack[0] == 0x20 and ack[3] == 0, ack
     return sock
 
 
-def subscribe(sock, qos):
-    body = b"\x00\x01" + len(TOPIC).to_bytes(2, "big") + TOPIC + bytes((qos,))
+def subscribe(sock, qos, version):
+    props = b"\x00" if version == 5 else b""
+    body = b"\x00\x01" + props + len(TOPIC).to_bytes(2, "big") + TOPIC + bytes((qos,))
     sock.sendall(b"\x82" + varint(len(body)) + body)
-    got = b""
-    while len(got) < 5:
-        got += sock.recv(5 - len(got))
+    assert read_packet(sock)[0] == 0x90
 
 
 def packets(buf, pos):
@@ -102,9 +117,9 @@ def packets(buf, pos):
 
 # -- load processes ----------------------------------------------------------------------
 
-def subscriber(port, qos, count, ready, results, name):
-    sock = open_client(port, name)
-    subscribe(sock, qos)
+def subscriber(port, qos, count, ready, results, name, version):
+    sock = open_client(port, name, version)
+    subscribe(sock, qos, version)
     ready.put(name)
     got, first, buf = 0, None, b""
     end_by = time.monotonic() + DEADLINE
@@ -130,12 +145,12 @@ def subscriber(port, qos, count, ready, results, name):
     sock.close()
 
 
-def publisher(port, qos, count, go, results):
-    sock = open_client(port, "pub")
+def publisher(port, qos, count, go, results, version):
+    sock = open_client(port, "pub", version)
     go.wait(DEADLINE)
     start = time.perf_counter()
     if qos == 0:
-        frame = publish_packet(0)
+        frame = publish_packet(0, 0, version)
         batch = 500
         for sent in range(0, count, batch):
             sock.sendall(frame * min(batch, count - sent))
@@ -145,7 +160,7 @@ def publisher(port, qos, count, go, results):
         while acked < count and time.monotonic() < end_by:
             burst = min(window - (sent - acked), count - sent)
             if burst > 0:
-                sock.sendall(b"".join(publish_packet(1, (sent + k) % 65535 + 1) for k in range(burst)))
+                sock.sendall(b"".join(publish_packet(1, (sent + k) % 65535 + 1, version) for k in range(burst)))
                 sent += burst
             chunk = sock.recv(1 << 16)
             if not chunk:
@@ -161,9 +176,9 @@ def publisher(port, qos, count, go, results):
     sock.close()
 
 
-def idle_clients(port, count, ready, done):
+def idle_clients(port, count, ready, done, version):
     raise_fd_limit()
-    socks = [open_client(port, f"idle{n}") for n in range(count)]
+    socks = [open_client(port, f"idle{n}", version) for n in range(count)]
     ready.set()
     done.wait(DEADLINE)
     for s in socks:
@@ -238,17 +253,17 @@ def start_mosquitto(tmp):
 
 # -- scenarios --------------------------------------------------------------------------
 
-def run_flow(broker, qos, subscribers, count):
+def run_flow(broker, qos, subscribers, count, version):
     """Return (deliveries per second, broker CPU seconds per delivery)."""
     ctx = mp.get_context("fork")
     ready, results, go = ctx.Queue(), ctx.Queue(), ctx.Event()
-    subs = [ctx.Process(target=subscriber, args=(broker.port, qos, count, ready, results, f"sub{n}"))
+    subs = [ctx.Process(target=subscriber, args=(broker.port, qos, count, ready, results, f"sub{n}", version))
             for n in range(subscribers)]
     for p in subs:
         p.start()
     for _ in subs:
         ready.get(timeout=DEADLINE)
-    pub = ctx.Process(target=publisher, args=(broker.port, qos, count, go, results))
+    pub = ctx.Process(target=publisher, args=(broker.port, qos, count, go, results, version))
     pub.start()
     time.sleep(0.2)
     cpu0 = broker.cpu()
@@ -267,13 +282,13 @@ def run_flow(broker, qos, subscribers, count):
     return delivered / (finished - start), (cpu1 - cpu0) / max(delivered, 1)
 
 
-def run_idle(broker, count):
+def run_idle(broker, count, version):
     """Return bytes of broker memory per idle connection."""
     ctx = mp.get_context("fork")
     ready, done = ctx.Event(), ctx.Event()
     time.sleep(0.3)
     before = broker.rss()
-    p = ctx.Process(target=idle_clients, args=(broker.port, count, ready, done))
+    p = ctx.Process(target=idle_clients, args=(broker.port, count, ready, done, version))
     p.start()
     ready.wait(DEADLINE)
     time.sleep(0.5)
@@ -288,36 +303,45 @@ def main():
     parser.add_argument("--messages", type=int, default=200_000)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--connections", default="1000,5000")
+    parser.add_argument("--protocol", default="4", choices=("4", "5", "4,5"),
+                        help="MQTT protocol level of every client: 4 (3.1.1), 5, or both")
     args = parser.parse_args()
     raise_fd_limit()
     peers = [start_vmqapi] + ([start_mosquitto] if shutil.which("mosquitto") else [])
+    versions = [int(v) for v in args.protocol.split(",")]
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
         for _ in range(args.rounds):
             for start in peers:  # interleaved, so both see the same machine
-                broker = start(tmp)
-                try:
-                    for k in args.connections.split(","):  # first, on a broker that has not grown yet
-                        rows.setdefault(f"KB per idle connection ({k})", {}).setdefault(broker.name, []).append(
-                            run_idle(broker, int(k)) / 1024)
-                    for label, qos, subs, n in (("1->1 QoS 0 msg/s", 0, 1, args.messages),
-                                                ("1->1 QoS 1 msg/s", 1, 1, args.messages // 2),
-                                                ("1->10 QoS 0 deliveries/s", 0, 10, args.messages // 10)):
-                        rate, cpu = run_flow(broker, qos, subs, n)
-                        rows.setdefault(label, {}).setdefault(broker.name, []).append(rate)
-                        if subs == 10:
-                            rows.setdefault("CPU us per delivery (fan-out)", {}).setdefault(
-                                broker.name, []).append(cpu * 1e6)
-                finally:
-                    broker.stop()
-    names = [p.__name__.replace("start_", "") for p in peers]
+                for version in versions:
+                    broker = start(tmp)
+                    column = broker.name + (f" v{version}" if len(versions) > 1 else "")
+                    try:
+                        for k in args.connections.split(","):  # first, on a broker that has not grown yet
+                            rows.setdefault(f"KB per idle connection ({k})", {}).setdefault(column, []).append(
+                                run_idle(broker, int(k), version) / 1024)
+                        for label, qos, subs, n in (("1->1 QoS 0 msg/s", 0, 1, args.messages),
+                                                    ("1->1 QoS 1 msg/s", 1, 1, args.messages // 2),
+                                                    ("1->10 QoS 0 deliveries/s", 0, 10, args.messages // 10)):
+                            rate, cpu = run_flow(broker, qos, subs, n, version)
+                            rows.setdefault(label, {}).setdefault(column, []).append(rate)
+                            if subs == 10:
+                                rows.setdefault("CPU us per delivery (fan-out)", {}).setdefault(
+                                    column, []).append(cpu * 1e6)
+                    finally:
+                        broker.stop()
+    suffixes = [f" v{v}" for v in versions] if len(versions) > 1 else [""]
+    names = [p.__name__.replace("start_", "") + s for p in peers for s in suffixes]
+    ratios = [(f"{s.strip() or 'ratio'} vs mosq", "vmqapi" + s, "mosquitto" + s) for s in suffixes
+              if "mosquitto" + s in names]
+    if len(versions) > 1:
+        ratios.append(("v5 / v4", "vmqapi v5", "vmqapi v4"))
     print(f"{'measure (median of ' + str(args.rounds) + ')':34}" + "".join(f"{n:>14}" for n in names)
-          + ("       ratio" if len(names) > 1 else ""))
+          + "".join(f"{label:>14}" for label, _, _ in ratios))
     for label, by in rows.items():
-        values = [statistics.median(by[n]) for n in names]
-        line = f"{label:34}" + "".join(f"{v:14,.1f}" for v in values)
-        if len(values) > 1 and values[1]:
-            line += f"{values[0] / values[1]:12.2f}"
+        values = {n: statistics.median(by[n]) for n in names}
+        line = f"{label:34}" + "".join(f"{values[n]:14,.1f}" for n in names)
+        line += "".join(f"{values[a] / values[b]:14.2f}" if values[b] else f"{'-':>14}" for _, a, b in ratios)
         print(line)
 
 

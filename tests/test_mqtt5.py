@@ -406,6 +406,9 @@ def test_session_show_and_metrics_know_version_5(connect, node):
         text = data.decode()
         assert 'mqtt_connack_sent{node="' in text and 'mqtt_version="5",reason_code="success"' in text
         assert 'mqtt_subscribe_received{node="vmqapi@127.0.0.1",mqtt_version="5"} 1' in text
+        _, _, data = client.get("/api/v1/metrics/show?--mqtt_version=5", key=key)
+        shown = body_json(data)["text"]
+        assert "counter.mqtt_connect_received = 1\n" in shown and "counter.mqtt_suback_sent = 1\n" in shown
     finally:
         client.close()
 
