@@ -45,7 +45,7 @@ def varint(n):
             return bytes(out)
 
 
-def connect_packet(client_id, version):
+def connect_packet(client_id, version=4):
     cid = client_id.encode()
     props = b"\x00" if version == 5 else b""  # MQTT 5: an empty property list
     body = b"\x00\x04MQTT" + bytes((version,)) + b"\x02\x00\x00" + props + len(cid).to_bytes(2, "big") + cid
@@ -77,7 +77,7 @@ def read_packet(sock):
     return data
 
 
-def open_client(port, client_id, version):
+def open_client(port, client_id, version=4):
     sock = socket.create_connection(("127.0.0.1", port), timeout=DEADLINE)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.sendall(connect_packet(client_id, version))
@@ -86,7 +86,7 @@ def open_client(port, client_id, version):
     return sock
 
 
-def subscribe(sock, qos, version):
+def subscribe(sock, qos, version=4):
     props = b"\x00" if version == 5 else b""
     body = b"\x00\x01" + props + len(TOPIC).to_bytes(2, "big") + TOPIC + bytes((qos,))
     sock.sendall(b"\x82" + varint(len(body)) + body)
@@ -176,7 +176,7 @@ def publisher(port, qos, count, go, results, version):
     sock.close()
 
 
-def idle_clients(port, count, ready, done, version):
+def idle_clients(port, count, ready, done, version=4):
     raise_fd_limit()
     socks = [open_client(port, f"idle{n}", version) for n in range(count)]
     ready.set()

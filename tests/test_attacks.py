@@ -83,6 +83,32 @@ def test_arbitrary_bytes_after_connect(target, tail):
     still_serving(node, control)
 
 
+CONNECT5 = vmqapi.encode_packet(vmqapi.Connect("attacker5", 5, properties=(("topic_alias_maximum", 5),)), 5)
+
+
+@ATTACK
+@given(tail=st.binary(max_size=300))
+def test_arbitrary_bytes_after_an_mqtt5_connect(target, tail):
+    node, control = target
+    blast(mqtt_port(node), CONNECT5 + tail)
+    still_serving(node, control)
+
+
+@ATTACK
+@given(packets=st.lists(st.sampled_from([
+    vmqapi.Publish("", b"x", properties=(("topic_alias", 1),)), vmqapi.Publish("a", b"x", properties=(
+        ("topic_alias", 1), ("message_expiry_interval", 0))), vmqapi.Publish("b", b"y", 2, packet_id=1),
+    vmqapi.Pubrel(1), vmqapi.Pubrel(9, 0x92), vmqapi.Puback(3, 0x80), vmqapi.Pubrec(4, 0x80),
+    vmqapi.Subscribe(2, (("a/#", 0x2E),), (("subscription_identifier", 268435455),)),
+    vmqapi.Subscribe(3, (("$share/g/a", 1),)), vmqapi.Unsubscribe(4, ("a/#", "zz")),
+    vmqapi.Auth(0x19, (("authentication_method", "x"),)), vmqapi.Disconnect(0, (("session_expiry_interval", 9),)),
+    vmqapi.Disconnect(0x04), vmqapi.Pingreq()]), max_size=8))
+def test_well_formed_mqtt5_packets_in_any_order(target, packets):
+    node, control = target
+    blast(mqtt_port(node), CONNECT5 + b"".join(vmqapi.encode_packet(p, 5) for p in packets))
+    still_serving(node, control)
+
+
 @ATTACK
 @given(first=st.integers(0, 255), length=st.binary(min_size=1, max_size=5), body=st.binary(max_size=40))
 def test_bad_fixed_headers_and_lengths(target, first, length, body):
