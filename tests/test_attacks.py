@@ -48,7 +48,7 @@ def still_serving(node, control):
     finally:
         http.close()
     names = {t.name for t in threading.enumerate()}
-    assert {"vmqapi-mqtt", "vmqapi-http-default", "vmqapi-reap-default"} <= names
+    assert {"vmqapi-mqtt", "vmqapi-http-default"} <= names
 
 
 def blast(port, data, read=True):

