@@ -73,24 +73,15 @@ def blast(port, data, read=True):
 
 
 CONNECT = vmqapi.encode_packet(vmqapi.Connect("attacker"))
-
-
-@ATTACK
-@given(tail=st.binary(max_size=300))
-def test_arbitrary_bytes_after_connect(target, tail):
-    node, control = target
-    blast(mqtt_port(node), CONNECT + tail)
-    still_serving(node, control)
-
-
 CONNECT5 = vmqapi.encode_packet(vmqapi.Connect("attacker5", 5, properties=(("topic_alias_maximum", 5),)), 5)
 
 
+@pytest.mark.parametrize("connect", [CONNECT, CONNECT5], ids=["mqtt3.1.1", "mqtt5"])
 @ATTACK
 @given(tail=st.binary(max_size=300))
-def test_arbitrary_bytes_after_an_mqtt5_connect(target, tail):
+def test_arbitrary_bytes_after_connect(target, connect, tail):
     node, control = target
-    blast(mqtt_port(node), CONNECT5 + tail)
+    blast(mqtt_port(node), connect + tail)
     still_serving(node, control)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import threading
@@ -20,17 +21,17 @@ def mqtt_port(node):
     return next(x["port"] for x in node.listeners() if x["type"] == "mqtt")
 
 
-@pytest.fixture
-def connect(node):
-    """Open MQTT clients to ``node``; all are closed at the end."""
+@contextlib.contextmanager
+def client_maker(node, default_version=4):
+    """Yield ``make(client_id, clean, target=None, version=..., **connect_args)``; every client is closed after."""
     clients = []
 
-    def make(client_id="c", clean=True, target=None, **kwargs):
-        c = MqttClient(mqtt_port(target or node))
+    def make(client_id="c", clean=True, target=None, version=default_version, **kwargs):
+        c = MqttClient(mqtt_port(target or node), version=version)
         clients.append(c)
         ack = c.connect(client_id, clean, **kwargs)
         assert ack.return_code == 0, ack
-        c.session_present = ack.session_present
+        c.ack, c.session_present = ack, ack.session_present
         return c
 
     try:
@@ -38,6 +39,13 @@ def connect(node):
     finally:
         for c in clients:
             c.close()
+
+
+@pytest.fixture
+def connect(node):
+    """Open MQTT 3.1.1 clients to ``node``; all are closed at the end."""
+    with client_maker(node) as make:
+        yield make
 
 
 @pytest.mark.parametrize("pub_qos", [0, 1, 2])

@@ -8,7 +8,7 @@ import pytest
 
 from conftest import Client, body_json, node_config
 from mqtt_client import MqttClient
-from test_broker import mqtt_port
+from test_broker import client_maker, mqtt_port
 import vmqapi
 from vmqapi import Auth, Connack, Connect, Disconnect, Publish
 
@@ -16,21 +16,8 @@ from vmqapi import Auth, Connack, Connect, Disconnect, Publish
 @pytest.fixture
 def connect(node):
     """Open MQTT clients (MQTT 5 unless told) to ``node`` or ``target``; all are closed at the end."""
-    clients = []
-
-    def make(client_id="c", clean=True, target=None, version=5, **kwargs):
-        c = MqttClient(mqtt_port(target or node), version=version)
-        clients.append(c)
-        ack = c.connect(client_id, clean, **kwargs)
-        assert ack.return_code == 0, ack
-        c.ack = ack
-        return c
-
-    try:
+    with client_maker(node, 5) as make:
         yield make
-    finally:
-        for c in clients:
-            c.close()
 
 
 def props(packet):
