@@ -2096,7 +2096,7 @@ class Message:
     frame5: bool = False  # ``frame`` is in its MQTT 5 form (else MQTT 3.1.1)
     props: tuple = ()  # MQTT 5 properties passed on to subscribers (user properties, content type, ...)
     expires: float | None = None  # MQTT 5 message expiry, as a clock time
-    origin: Any = None  # the publishing Session, for No Local subscriptions
+    origin: str | None = None  # the publisher's client id (in this mountpoint), for No Local subscriptions
 
 
 class Session:
@@ -2590,7 +2590,7 @@ class Broker:
             will_props = dict(p.will_properties)
             client.will = Message(p.will_topic, p.will_payload, p.will_qos, p.will_retain, self.new_ref(),
                                   props=forwarded_properties(p.will_properties),
-                                  expires=will_props.get("message_expiry_interval"), origin=session)
+                                  expires=will_props.get("message_expiry_interval"), origin=client_id)
             client.will_delay = will_props.get("will_delay_interval", 0)
         if v5:
             props = connack_properties(config, client, p, client_id if assigned else None) + auth_props
@@ -2718,7 +2718,8 @@ class Broker:
         if hooks.auth_on_publish or hooks.on_publish:
             msg = self.authorize_publish(client, p, topic, props, expires)
         elif self.acl(client, "write", topic):
-            msg = Message(topic, p.payload, p.qos, p.retain, self.new_ref(), raw, v5, props, expires, session)
+            msg = Message(topic, p.payload, p.qos, p.retain, self.new_ref(), raw, v5, props, expires,
+                          session.client_id)
         else:
             msg = None
         reason = 0
@@ -2798,7 +2799,7 @@ class Broker:
                 return None
         notify(self.hooks.on_publish, client.user, sid, qos, topic, payload, retain)
         return Message(topic, payload, qos, bool(retain), self.new_ref(), props=props, expires=expires,
-                       origin=session)
+                       origin=session.client_id)
 
     def retain(self, mountpoint: str, msg: Message) -> None:
         """Store, replace or (empty payload) delete a retained message [MQTT-3.3.1-5..11]."""
@@ -2876,7 +2877,7 @@ class Broker:
         """Deliver to a session whose matching filters carry MQTT 5 options: highest QoS, every subscription id."""
         qos, rap, ids = -1, 0, []
         for topic_filter, opts in session.subs.items():
-            if (opts & 4 and msg.origin is session) or topic_filter.startswith(SHARE_PREFIX) \
+            if (opts & 4 and msg.origin == session.client_id) or topic_filter.startswith(SHARE_PREFIX) \
                     or not topic_matches(topic_filter, msg.topic):
                 continue  # No Local: not back to its publisher [MQTT-3.8.3-3]
             qos, rap = max(qos, opts & 3), rap | opts & 8
@@ -6047,8 +6048,11 @@ class HttpConnection(asyncio.Protocol):
         limit = listener.option("max_connections")
         if listener.status != "running" or (limit is not None and len(listener.conns) >= limit):
             self.closed = True  # refused: a FIN now, reading (and dropping) until the client closes, 1 s at most
-            transport.write_eof()
-            listener.loop.call_later(1.0, transport.abort)
+            if transport.can_write_eof():
+                transport.write_eof()
+                listener.loop.call_later(1.0, transport.abort)
+            else:
+                transport.close()  # TLS has no half-close
             return
         listener.conns.add(self)
         listener.all_conns += 1

@@ -233,6 +233,26 @@ def test_admin_api_over_https_and_tls_commands(make_node, pki):
     assert https_get(port, "/api/v1/cluster/show", key, pki)[0] == 200
 
 
+def test_https_connections_beyond_max_connections_are_closed(make_node, pki):
+    node = make_node(**{"listener.https.admin": "127.0.0.1:0", "listener.https.admin.certfile": str(pki / "server.pem"),
+                        "listener.https.admin.keyfile": str(pki / "server.key"),
+                        "listener.https.admin.max_connections": "1"})
+    port = port_of(node, "https")
+    held = client_context(pki).wrap_socket(socket_to(port), server_hostname="localhost")
+    try:
+        refused = client_context(pki).wrap_socket(socket_to(port), server_hostname="localhost")
+        with refused:
+            refused.sendall(b"GET /health HTTP/1.1\r\n\r\n")
+            try:
+                assert refused.recv(100) == b""  # closed without an answer
+            except (ConnectionResetError, ssl.SSLError):
+                pass  # or cut short: either way, no answer
+        held.sendall(b"GET /health HTTP/1.1\r\n\r\n")
+        assert held.recv(100).startswith(b"HTTP/1.1 200 ")
+    finally:
+        held.close()
+
+
 def socket_to(port):
     import socket
     return socket.create_connection(("127.0.0.1", port), timeout=5)
