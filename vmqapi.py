@@ -4587,15 +4587,16 @@ class CommandTable:
 
     def register(self, words: Sequence[str], fn: Callable[[Call], Any], *, keys: Iterable[Any] = (),
                  flags: Iterable[Any] = (), usage: str | None = None, required: Iterable[str] = (),
-                 read_only: bool = False) -> Command:
+                 read_only: bool = False, quick: bool = False) -> Command:
         """Add a command from an embedding program; it then exists in CLI, HTTP and --help.
 
         ``keys`` and ``flags`` are names, ``(name, parser)`` pairs or Params;
-        ``fn(call)`` returns a string, an element, or a list of elements.
+        ``fn(call)`` returns a string, an element, or a list of elements. Over HTTP it
+        runs in a worker thread, unless ``quick`` says its work is small and bounded.
         """
         return self.add(Command(tuple(words), fn, keys=_params(keys, False), flags=_params(flags, True),
                                 required=tuple(required), doc=usage or fn.__doc__ or "",
-                                read_only=read_only))
+                                read_only=read_only, quick=quick))
 
     def __iter__(self):
         return iter(sorted(self._commands.values(), key=lambda c: c.words))

@@ -536,3 +536,15 @@ def test_a_client_that_half_closes_still_gets_a_slow_answer(node, key):
         while chunk := sock.recv(65536):
             answer += chunk
     assert answer.startswith(b"HTTP/1.1 200 ")  # and then the node closed the connection
+
+
+def test_quick_commands_run_in_the_loop_and_others_in_a_worker(node, client, key):
+    import threading
+
+    def where(call):
+        return threading.current_thread().name
+
+    node.commands.register(("where", "quick"), where, quick=True)
+    node.commands.register(("where", "slow"), where)
+    assert body_json(client.get("/api/v1/where/quick", key=key)[2])["text"] == "vmqapi-http-default"
+    assert body_json(client.get("/api/v1/where/slow", key=key)[2])["text"] == "vmqapi-http-default-work"
