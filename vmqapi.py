@@ -5078,31 +5078,34 @@ def parse_ip(text: str) -> str:
 
 _LISTENER_KEYS = (Param("address", parse_ip, doc="IP address of the listener"),
                   Param("port", parse_int_range(0, 65535), doc="port of the listener"))
-_NOT_YET = "HTTP listeners are set in the configuration only"
+HTTP_LISTENER_OPTIONS = ("max_connections", *LISTENER_TLS_OPTIONS)
 
 
 @command("listener", "start", keys=_LISTENER_KEYS, required=("address", "port"), flags=(
     Param("mountpoint", short="m", doc="topic prefix of the listener's clients"),
     Param("max_connections", parse_max_connections, doc="connections at once (integer or infinity)"),
-    Param("allowed_protocol_versions", parse_versions, doc="comma list of 3 (3.1) and 4 (3.1.1)"),
+    Param("allowed_protocol_versions", parse_versions, doc="comma list of 3 (3.1), 4 (3.1.1) and 5"),
     Param("allow_anonymous_override", parse_flag, doc="on: let clients in without credentials"),
     Param("websocket", value="none", doc="MQTT over WebSocket (with --ssl: over TLS)"),
-    Param("http", value="none", doc="an HTTP listener (refused: set them in the configuration)"),
+    Param("http", value="none", doc="an HTTP listener of the admin API (with --ssl: HTTPS)"),
     Param("ssl", value="none", doc="MQTT over TLS"),
     *(Param(f, doc="TLS: as listener.ssl.<name>." + f) for f in ("certfile", "keyfile", "cafile", "ciphers")),
     *(Param(f, parse_flag, doc="TLS: on or off") for f in ("require_certificate", "use_identity_as_username")),
     Param("tls_version", parse_tls_versions, doc="TLS: tlsv1.2 and/or tlsv1.3")))
 def cmd_listener_start(call: Call) -> Any:
-    """Start an MQTT listener at run time (not kept across restarts)."""
+    """Start a listener at run time (not kept across restarts): MQTT, WebSocket or HTTP, each with --ssl."""
+    ssl_on = "ssl" in call.flags
     if "http" in call.flags:
-        return alert(f"can't start listener due to '{_NOT_YET}'")
-    kind = {(False, False): "tcp", (True, False): "ssl", (False, True): "ws", (True, True): "wss"}[
-        ("ssl" in call.flags, "websocket" in call.flags)]
+        kind, names = ("https" if ssl_on else "http"), HTTP_LISTENER_OPTIONS
+    else:
+        kind = {(False, False): "tcp", (True, False): "ssl", (False, True): "ws", (True, True): "wss"}[
+            (ssl_on, "websocket" in call.flags)]
+        names = LISTENER_MQTT_OPTIONS
     address, port = call.args["address"], call.args["port"]
     if call.node.find_listener(address, port) is not None:
         return alert(f"can't start listener due to 'a listener exists at {address}:{port}'")
     config = call.node.config
-    options = {o: call.flags.get(o, config.listener_option(kind, "default", o)) for o in LISTENER_MQTT_OPTIONS}
+    options = {o: call.flags.get(o, config.listener_option(kind, "default", o)) for o in names}
     if "mountpoint" in call.flags:
         options["mountpoint"] = call.flags["mountpoint"] or ""
     try:
@@ -5112,13 +5115,11 @@ def cmd_listener_start(call: Call) -> Any:
     return "Done"
 
 
-def _mqtt_listener(call: Call, verb: str) -> Any:
-    """Return the MQTT listener named by address= and port=, or the alert to answer."""
+def _find_listener(call: Call, verb: str) -> Any:
+    """Return the listener named by address= and port=, or the alert to answer."""
     listener = call.node.find_listener(call.args["address"], call.args["port"])
     if listener is None:
         return alert(f"can't {verb} listener due to 'not_found'")
-    if listener.kind != "mqtt":
-        return alert(f"can't {verb} listener due to 'HTTP listeners are set in the configuration only'")
     return listener
 
 
@@ -5126,21 +5127,27 @@ def _mqtt_listener(call: Call, verb: str) -> Any:
     Param("kill_sessions", short="k", value="none", doc="also close the listener's clients"),))
 def cmd_listener_stop(call: Call) -> Any:
     """Stop accepting connections; without --kill_sessions the clients stay (status suspended)."""
-    listener = _mqtt_listener(call, "stop")
+    listener = _find_listener(call, "stop")
     if isinstance(listener, Alert):
         return listener
-    call.node.mqtt.suspend_listener(listener, "kill_sessions" in call.flags)
+    if isinstance(listener, HttpListener):
+        listener.suspend("kill_sessions" in call.flags)
+    else:
+        call.node.mqtt.suspend_listener(listener, "kill_sessions" in call.flags)
     return "Done"
 
 
 @command("listener", "restart", keys=_LISTENER_KEYS, required=("address", "port"))
 def cmd_listener_restart(call: Call) -> Any:
     """Accept connections again on a stopped or suspended listener."""
-    listener = _mqtt_listener(call, "restart")
+    listener = _find_listener(call, "restart")
     if isinstance(listener, Alert):
         return listener
     try:
-        call.node.mqtt.resume_listener(listener)
+        if isinstance(listener, HttpListener):
+            listener.resume()
+        else:
+            call.node.mqtt.resume_listener(listener)
     except OSError as exc:
         return alert(f"can't restart listener due to '{exc.strerror or exc}'")
     return "Done"
@@ -5149,10 +5156,10 @@ def cmd_listener_restart(call: Call) -> Any:
 @command("listener", "delete", keys=_LISTENER_KEYS, required=("address", "port"))
 def cmd_listener_delete(call: Call) -> Any:
     """Stop a listener, close its clients and remove it."""
-    listener = _mqtt_listener(call, "delete")
+    listener = _find_listener(call, "delete")
     if isinstance(listener, Alert):
         return listener
-    call.node.mqtt.delete_listener(listener)
+    call.node.delete_listener(listener)
     return "Done"
 
 
@@ -5179,7 +5186,7 @@ def _certificate_files(node: Any) -> list[str]:
     files = []
     for listener in node.tls_listeners():
         for key in ("certfile", "cafile"):
-            path = listener.options.get(key) if hasattr(listener, "options") else listener.option(key)
+            path = listener.option(key) if isinstance(listener, HttpListener) else listener.options.get(key)
             if path and path not in files:
                 files.append(path)
     return files
@@ -6211,21 +6218,16 @@ SERVER_HEADER = f"Server: vmqapi/{__version__}\r\n".encode()
 class HttpListener:
     """One HTTP listener of the node: an event loop thread for its connections, worker threads for slow commands."""
 
-    def __init__(self, node: Any, name: str, address: tuple[str, int], tls: bool = False):
+    def __init__(self, node: Any, name: str, address: tuple[str, int], tls: bool = False,
+                 options: Mapping[str, Any] | None = None):
         self.node, self.name = node, name
         self.kind = "https" if tls else "http"
+        self.options = dict(options or {})  # a listener started at run time: its own options
         self.all_conns = 0
         self.status = "running"
         self.tls = tls_context({o: self.option(o) for o in LISTENER_TLS_OPTIONS}) if tls else None
         self.conns: set[HttpConnection] = set()
-        self._sock = socket.socket(socket.AF_INET6 if ":" in address[0] else socket.AF_INET, socket.SOCK_STREAM)
-        try:
-            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            self._sock.bind(address)
-            self._sock.listen(128)  # the default backlog of 5 turns 16 clients into a 300 ms p99
-        except OSError:
-            self._sock.close()
-            raise
+        self._sock = self._bind(address)
         self.address, self.port = self._sock.getsockname()[:2]
         self.loop = asyncio.new_event_loop()
         self._server: asyncio.base_events.Server | None = None
@@ -6233,8 +6235,22 @@ class HttpListener:
         self._limits: tuple[Any, tuple[int, int, int, int]] | None = None
         self._quick: tuple[Any, dict[str, bool]] = (None, {})
 
+    @staticmethod
+    def _bind(address: tuple[str, int]) -> socket.socket:
+        sock = socket.socket(socket.AF_INET6 if ":" in address[0] else socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(address)
+            sock.listen(128)  # the default backlog of 5 turns 16 clients into a 300 ms p99
+        except OSError:
+            sock.close()
+            raise
+        return sock
+
     def option(self, name: str) -> Any:
-        """Return a listener option, the most specific config key winning."""
+        """Return a listener option: its own, else the most specific config key."""
+        if name in self.options:
+            return self.options[name]
         return self.node.config.listener_option(self.kind, self.name, name)
 
     def limits(self) -> tuple[int, int, int, int]:
@@ -6290,6 +6306,31 @@ class HttpListener:
     def active(self) -> int:
         """Return the number of open connections."""
         return len(self.conns)
+
+    def suspend(self, kill_sessions: bool = False) -> None:
+        """Stop accepting (status suspended); with ``kill_sessions`` also cut every connection (stopped)."""
+        async def close() -> None:
+            if self._server is not None:
+                self._server.close()  # closes the listening socket too
+                self._server = None
+            if kill_sessions:
+                for conn in list(self.conns):
+                    conn.closed = True
+                    conn.transport.abort()
+        asyncio.run_coroutine_threadsafe(close(), self.loop).result(10)
+        self.status = "stopped" if kill_sessions else "suspended"
+
+    def resume(self) -> None:
+        """Accept again on the same address and port; raise OSError when it is taken meanwhile."""
+        if self.status == "running":
+            return
+        self._sock = self._bind((self.address, self.port))
+        self.status = "running"
+        try:
+            asyncio.run_coroutine_threadsafe(self._serve(), self.loop).result(10)
+        except BaseException:
+            self.status = "stopped"
+            raise
 
     def stop(self) -> None:
         """Stop serving, cut every connection and close the socket."""
@@ -6630,10 +6671,24 @@ class Node:
         return next((x for x in self._all_listeners() if (x.address, x.port) == (address, port)), None)
 
     def start_listener(self, address: str, port: int, options: Mapping[str, Any], kind: str = "tcp") -> None:
-        """Start an MQTT listener at run time; raise OSError when it cannot bind or load its certificate."""
+        """Start a listener at run time; raise OSError when it cannot bind or load its certificate."""
+        if kind in ("http", "https"):
+            listener = HttpListener(self, f"{address}:{port}", (address, port), kind == "https", options)
+            listener.start()
+            self._listeners.append(listener)
+            return
         if self.mqtt is None:
             raise OSError("the broker is not running")
         self.mqtt.open_listener(f"{address}:{port}", (address, port), options, kind)
+
+    def delete_listener(self, listener: Any) -> None:
+        """Stop a listener, close its connections and forget it."""
+        if isinstance(listener, HttpListener):
+            if listener in self._listeners:
+                self._listeners.remove(listener)
+            listener.stop()
+        elif self.mqtt is not None:
+            self.mqtt.delete_listener(listener)
 
     def metric_samples(self) -> dict[tuple[str, LabelSet], int]:
         """Return every metric series (read in the broker's thread)."""

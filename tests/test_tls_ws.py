@@ -253,6 +253,88 @@ def test_https_connections_beyond_max_connections_are_closed(make_node, pki):
         held.close()
 
 
+def test_http_and_https_listeners_at_run_time(node, pki):
+    import http.client
+    key = node.keystore.create()
+    admin = Client(node)
+    ports = []
+    try:
+        for flags in ("&--http", f"&--http&--ssl&--certfile={pki / 'server.pem'}&--keyfile={pki / 'server.key'}"):
+            with socket_to_free() as port:
+                pass
+            ports.append(port)
+            _, _, data = admin.get(f"/api/v1/listener/start?address=127.0.0.1&port={port}{flags}", key=key)
+            assert body_json(data) == {"text": "Done", "type": "text"}
+        assert http_get(ports[0], "/health") == 200
+        assert https_get(ports[1], "/api/v1/cluster/show", key, pki)[0] == 200
+        rows = {r["port"]: r for r in body_json(admin.get("/api/v1/listener/show", key=key)[2])["table"]}
+        assert (rows[str(ports[0])]["type"], rows[str(ports[1])]["type"]) == ("http", "https")
+        kept = http.client.HTTPConnection("127.0.0.1", ports[0], timeout=5)  # a keep-alive client
+        kept.request("GET", "/health")
+        assert kept.getresponse().read() == b'{"status":"OK"}'
+        admin.get(f"/api/v1/listener/stop?address=127.0.0.1&port={ports[0]}", key=key)
+        with pytest.raises(OSError):
+            http_get(ports[0], "/health")  # suspended: no new connections
+        kept.request("GET", "/health")
+        assert kept.getresponse().status == 503  # ... the open ones stay, and health reports the suspension
+        kept.close()
+        _, _, data = admin.get(f"/api/v1/listener/restart?address=127.0.0.1&port={ports[0]}", key=key)
+        assert body_json(data) == {"text": "Done", "type": "text"}
+        assert http_get(ports[0], "/health") == 200
+        for port in ports:
+            _, _, data = admin.get(f"/api/v1/listener/delete?address=127.0.0.1&port={port}", key=key)
+            assert body_json(data) == {"text": "Done", "type": "text"}
+        rows = body_json(admin.get("/api/v1/listener/show", key=key)[2])["table"]
+        assert not {str(p) for p in ports} & {r["port"] for r in rows}
+    finally:
+        admin.close()
+
+
+def test_tls_mqtt_listener_stop_and_restart(node, pki):
+    key = node.keystore.create()
+    admin = Client(node)
+    try:
+        with socket_to_free() as port:
+            pass
+        admin.get(f"/api/v1/listener/start?address=127.0.0.1&port={port}&--ssl&--certfile={pki / 'server.pem'}"
+                  f"&--keyfile={pki / 'server.key'}", key=key)
+        c = MqttClient(port, tls=client_context(pki))
+        assert c.connect("tls-kept").return_code == 0
+        _, _, data = admin.get(f"/api/v1/listener/stop?address=127.0.0.1&port={port}&--kill_sessions", key=key)
+        assert body_json(data) == {"text": "Done", "type": "text"}
+        assert c.closed(3)
+        c.close()
+        _, _, data = admin.get(f"/api/v1/listener/restart?address=127.0.0.1&port={port}", key=key)
+        assert body_json(data) == {"text": "Done", "type": "text"}
+        c = MqttClient(port, tls=client_context(pki))
+        assert c.connect("tls-back").return_code == 0
+        c.close()
+    finally:
+        admin.close()
+
+
+def http_get(port, path):
+    import http.client
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    try:
+        conn.request("GET", path)
+        return conn.getresponse().status
+    finally:
+        conn.close()
+
+
+def socket_to_free():
+    import contextlib
+    import socket
+
+    @contextlib.contextmanager
+    def free():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            yield s.getsockname()[1]
+    return free()
+
+
 def socket_to(port):
     import socket
     return socket.create_connection(("127.0.0.1", port), timeout=5)
