@@ -109,6 +109,7 @@ log = logging.getLogger("vmqapi")
 NODE_FILE = "node.json"
 TRACE_FOLLOW_GRACE = 5.0  # seconds a followed trace stays on after its last call
 GIL_SWITCH_INTERVAL = 0.0005  # s; the CLI node's: MQTT waits less for the GIL while HTTP builds a big answer
+QUICK_SESSION_SHOW = 1000  # sessions up to which session show (a few ms) is answered in the HTTP loop
 TICK_BATCH = 2000  # clients and sessions the broker's tick (every 0.5 s) looks at
 SESSION_CHUNK = 500  # sessions session show reads per turn of the broker's loop (about 2 ms)
 JSON_CHUNK = 1000  # table rows per json.dumps call, so a big answer never holds the GIL for long
@@ -2132,6 +2133,9 @@ class Session:
         return pid
 
 
+_NO_ALIASES: Mapping[Any, Any] = types.MappingProxyType({})  # shared by every client without topic aliases
+
+
 class Client:
     """One network connection's state, from accept to close."""
 
@@ -2157,9 +2161,9 @@ class Client:
         self.receive_max_in = 65535  # most unacknowledged QoS 2 PUBLISHes from the client
         self.max_packet = 0  # largest packet the client accepts (0: no limit)
         self.alias_max = 0  # topic aliases the node may use towards the client
-        self.aliases_out: dict[str, int] = {}
+        self.aliases_out: Mapping[str, int] = _NO_ALIASES  # a dict of its own once aliases are allowed
         self.alias_max_in = 0  # topic aliases the client may use towards the node
-        self.aliases_in: dict[int, str] = {}
+        self.aliases_in: Mapping[int, str] = _NO_ALIASES
         self.will_delay = 0
         self.auth: tuple | None = None  # an enhanced authentication in progress: (CONNECT, client id)
         self.auth_method: str | None = None
@@ -2543,6 +2547,10 @@ class Broker:
         client.max_packet = max_packet or 0
         client.alias_max = min(props.get("topic_alias_maximum", 0), config["topic_alias_max_client"])
         client.alias_max_in = config["topic_alias_max_broker"]
+        if client.alias_max:
+            client.aliases_out = {}
+        if client.alias_max_in:
+            client.aliases_in = {}
         client.plain = not client.alias_max and not client.max_packet
         client.expiry_at_connect = props.get("session_expiry_interval", 0)
 
@@ -4508,7 +4516,7 @@ class Command:
     local: bool = False
     extra_words: str = ""
     open_keys: bool = False
-    quick: bool = False  # bounded work: HTTP answers it in its loop instead of a worker thread
+    quick: bool | Callable[[Any], bool] = False  # small work: HTTP answers it in its loop (a callable: ask node)
 
     def __post_init__(self):
         if not self.words or not all(_NAME_RE.fullmatch(w) for w in self.words):
@@ -4587,7 +4595,7 @@ class CommandTable:
 
     def register(self, words: Sequence[str], fn: Callable[[Call], Any], *, keys: Iterable[Any] = (),
                  flags: Iterable[Any] = (), usage: str | None = None, required: Iterable[str] = (),
-                 read_only: bool = False, quick: bool = False) -> Command:
+                 read_only: bool = False, quick: bool | Callable[[Any], bool] = False) -> Command:
         """Add a command from an embedding program; it then exists in CLI, HTTP and --help.
 
         ``keys`` and ``flags`` are names, ``(name, parser)`` pairs or Params;
@@ -4962,7 +4970,7 @@ _catalogue: list[Command] = []  # filled by @command below, frozen into CATALOGU
 
 def command(*words: str, keys: Iterable[Param] = (), flags: Iterable[Param] = (), required: Iterable[str] = (),
             read_only: bool = False, local: bool = False, extra_words: str = "", open_keys: bool = False,
-            quick: bool = False):
+            quick: bool | Callable[[Any], bool] = False):
     """Declare a catalogue command; the decorated function is its handler."""
     def register(fn: Callable[[Call], Any]) -> Callable[[Call], Any]:
         _catalogue.append(Command(tuple(words), fn, tuple(keys), tuple(flags), tuple(required), fn.__doc__ or "",
@@ -5017,7 +5025,8 @@ def cmd_api_key_delete(call: Call) -> Any:
     return _key_change(lambda: call.node.keystore.delete(call.args["key"], call.args.get("scope", "mgmt")) or "ok")
 
 
-@command("api-key", "show", quick=True, keys=(Param("scope", doc="a scope, or all (default)"),), read_only=True, local=True)
+@command("api-key", "show", quick=True, keys=(Param("scope", doc="a scope, or all (default)"),), read_only=True,
+         local=True)
 def cmd_api_key_show(call: Call) -> Any:
     """List the API keys with their scope and expiry, oldest first."""
     columns = ("Key", "Scope", "Expires (UTC)", "has expired")
@@ -5300,7 +5309,8 @@ def session_table(records: Iterable[Mapping[str, Any]], flags: Mapping[str, Any]
     return Table(tuple({c: row.get(c) for c in columns} for row in rows[offset:offset + limit]), columns)
 
 
-@command("session", "show", read_only=True, flags=(
+@command("session", "show", read_only=True, quick=lambda node: node.session_count() <= QUICK_SESSION_SHOW,
+         flags=(
     Param("limit", parse_positive_int, doc="rows to return at most (default 100)"),
     Param("rowtimeout", parse_positive_int, doc="milliseconds to wait for a row (default 100)"),
     Param("offset", parse_int_range(0), doc="rows to skip first, for paging"),
@@ -6278,7 +6288,7 @@ class HttpListener:
                 answer = True  # an error answer is quick
             if len(cache) < 1024:
                 cache[path] = answer
-        return answer
+        return answer(self.node) if callable(answer) else answer
 
     def _run(self) -> None:
         asyncio.set_event_loop(self.loop)
@@ -6588,6 +6598,10 @@ class Node:
                 "num_subscriptions": m("router_subscriptions"), "num_retained": m("retain_messages"),
                 "matches_local": m("router_matches_local"), "matches_remote": m("router_matches_remote"),
                 "version": __version__}
+
+    def session_count(self) -> int:
+        """Return how many sessions the broker holds (read without a call into its thread)."""
+        return len(self.mqtt.broker.sessions) if self.mqtt is not None else 0
 
     def session_records(self, client_id: str | None = None, subscriptions: bool = True,
                         messages: bool = True) -> list[dict]:

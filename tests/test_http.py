@@ -518,19 +518,20 @@ def test_a_slow_command_does_not_hold_up_other_connections(node, key):
 
 def test_pipelined_requests_are_answered_in_order_even_when_one_is_slow(node, key):
     auth = b"Authorization: " + basic(key).encode() + b"\r\n"
-    requests = (b"GET /api/v1/session/show HTTP/1.1\r\n" + auth + b"\r\n"  # a worker thread answers this one
+    requests = (b"GET /api/v1/trace/client?client-id=x&--duration=1 HTTP/1.1\r\n" + auth + b"\r\n"  # in a worker
                 + b"GET /api/v1/cluster/show HTTP/1.1\r\n" + auth + b"\r\n"
                 + b"GET /api/v1/nonsense HTTP/1.1\r\n" + auth + b"Connection: close\r\n\r\n")
     answer = raw_exchange(node, requests)
     statuses = re.findall(rb"HTTP/1\.1 (\d{3}) ", answer)
     assert statuses == [b"200", b"200", b"400"]
-    assert answer.index(b'"table":[]') < answer.index(b"Node") < answer.index(b"unknown_command")
+    assert answer.index(b'"type":"text"') < answer.index(b"Node") < answer.index(b"unknown_command")
 
 
 def test_a_client_that_half_closes_still_gets_a_slow_answer(node, key):
     port = node.listeners()[0]["port"]
     with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
-        sock.sendall(b"GET /api/v1/session/show HTTP/1.1\r\nAuthorization: " + basic(key).encode() + b"\r\n\r\n")
+        sock.sendall(b"GET /api/v1/trace/client?client-id=x&--duration=1 HTTP/1.1\r\nAuthorization: "
+                     + basic(key).encode() + b"\r\n\r\n")
         sock.shutdown(socket.SHUT_WR)
         answer = b""
         while chunk := sock.recv(65536):
@@ -548,3 +549,5 @@ def test_quick_commands_run_in_the_loop_and_others_in_a_worker(node, client, key
     node.commands.register(("where", "slow"), where)
     assert body_json(client.get("/api/v1/where/quick", key=key)[2])["text"] == "vmqapi-http-default"
     assert body_json(client.get("/api/v1/where/slow", key=key)[2])["text"] == "vmqapi-http-default-work"
+    node.commands.register(("where", "small"), where, quick=lambda n: n is node)  # asks the node each time
+    assert body_json(client.get("/api/v1/where/small", key=key)[2])["text"] == "vmqapi-http-default"
