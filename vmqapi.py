@@ -762,6 +762,8 @@ METRIC_DEFINITIONS: dict[str, tuple[str, str, tuple[LabelSet, ...]]] = {  # Vern
     "mqtt_auth_sent": ("counter", "The number of AUTH packets sent (MQTT 5).", (_V5_SUCCESS,)),
     "mqtt_publish_auth_error": ("counter", "The number of unauthorized publish attempts.", _NO_LABELS),
     "mqtt_subscribe_auth_error": ("counter", "The number of unauthorized subscription attempts.", _NO_LABELS),
+    "mqtt_publish_error": ("counter", "The number of PUBLISH packets refused as invalid (an MQTT 5 payload that is "
+                           "not the UTF-8 it claims to be).", _NO_LABELS),
     "mqtt_subscribe_error": ("counter", "The number of subscriptions refused as invalid.", _NO_LABELS),
     "mqtt_invalid_msg_size_error": ("counter", "The number of packets larger than max_message_size.", _NO_LABELS),
     "mqtt_puback_invalid_error": ("counter", "The number of unexpected PUBACK packets received.", _NO_LABELS),
@@ -2182,6 +2184,15 @@ def ack_labels(client: Client, code: int) -> LabelSet:
     return V5_SUCCESS if not code else reason_labels(code)
 
 
+def utf8_payload(payload: bytes) -> bool:
+    """Whether a payload is well-formed UTF-8, as Payload Format Indicator 1 promises."""
+    try:
+        payload.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
 FORWARDED_PROPERTIES = frozenset({"payload_format_indicator", "content_type", "response_topic", "correlation_data",
                                   "user_property"})  # MQTT 5.0 3.3.2.3: passed unaltered to subscribers
 
@@ -2723,17 +2734,21 @@ class Broker:
             if p.qos == 2 and len(session.incoming) >= client.receive_max_in:
                 raise ReceiveMaxExceeded(f"more than {client.receive_max_in} QoS 2 messages unacknowledged")
         hooks = self.hooks
-        if hooks.auth_on_publish or hooks.on_publish:
+        reason = 0
+        if props and ("payload_format_indicator", 1) in props and not utf8_payload(p.payload):
+            msg, reason = None, 0x99  # Payload format invalid (MQTT 5.0 3.3.2.3.2): dropped, and said so
+            self.counters["mqtt_publish_error", ()] += 1
+        elif hooks.auth_on_publish or hooks.on_publish:
             msg = self.authorize_publish(client, p, topic, props, expires)
         elif self.acl(client, "write", topic):
             msg = Message(topic, p.payload, p.qos, p.retain, self.new_ref(), raw, v5, props, expires,
                           session.client_id)
         else:
             msg = None
-        reason = 0
         if msg is None:
-            self.counters["mqtt_publish_auth_error", ()] += 1
-            reason = 0x87  # MQTT 5 tells the publisher; MQTT 3.1.1 acknowledges as if delivered
+            if not reason:
+                self.counters["mqtt_publish_auth_error", ()] += 1
+                reason = 0x87  # MQTT 5 tells the publisher; MQTT 3.1.1 acknowledges as if delivered
         else:
             if msg.retain:
                 self.retain(session.mountpoint, msg)

@@ -81,6 +81,18 @@ def test_properties_are_passed_through(connect):
     assert tuple(p for p in got.properties if p[0] != "message_expiry_interval") == sent
 
 
+def test_payload_that_is_not_the_utf8_it_claims_is_refused(connect, node):
+    sub = connect("sub")
+    sub.subscribe(("text", 1))
+    pub = connect("pub")
+    utf8 = [("payload_format_indicator", 1)]
+    assert pub.publish("text", b"\xff\xfe", 1, properties=utf8) == 0x99  # Payload format invalid
+    assert pub.publish("text", "grüße".encode(), 1, properties=utf8) == 0
+    assert sub.message().payload == "grüße".encode()
+    sub.no_message()
+    assert node.metrics.value("mqtt_publish_error") == 1
+
+
 def test_connack_assigns_a_client_id_and_reports_limits(make_node):
     node = make_node(receive_max_broker="10", topic_alias_max_broker="5", max_message_size="4096",
                      max_keepalive="30")
