@@ -2207,6 +2207,9 @@ def connack_properties(config: Config, client: Client, p: Connect, assigned_id: 
     props: list[tuple[str, Any]] = []
     if assigned_id is not None:
         props.append(("assigned_client_identifier", assigned_id))  # MQTT 5.0 3.2.2.3.7
+    limit = config["persistent_client_expiration"]
+    if limit is not None and client.expiry_at_connect > limit:
+        props.append(("session_expiry_interval", limit))  # the node keeps it no longer (MQTT 5.0 3.2.2.3.2)
     if client.keepalive != p.keepalive:
         props.append(("server_keep_alive", client.keepalive))  # MQTT 5.0 3.2.2.3.14
     if client.receive_max_in < 65535:
@@ -2512,7 +2515,7 @@ class Broker:
             client.proto, client.labels = 5, V5  # from here on the link reads and writes MQTT 5
         self.counters["mqtt_connect_received", client.labels] += 1
         if p.proto_level not in PROTOCOLS or p.proto_level not in listener.allowed_versions:
-            return self.refuse(client, CONNACK_BAD_VERSION)  # [MQTT-3.1.2-2]
+            return self.refuse(client, CONNACK_BAD_VERSION, f"protocol level {p.proto_level} is not accepted here")
         props = dict(p.properties)
         client_id, assigned = p.client_id, False
         if not client_id:
@@ -2520,7 +2523,7 @@ class Broker:
                 return self.refuse(client, CONNACK_BAD_ID)  # [MQTT-3.1.3-8]
             client_id, assigned = "anon-" + secrets.token_hex(8), v5  # [MQTT-3.1.3-6], MQTT 5.0 3.1.3.1
         if len(client_id) > config["max_client_id_size"]:
-            return self.refuse(client, CONNACK_BAD_ID)
+            return self.refuse(client, CONNACK_BAD_ID, f"client id longer than {config['max_client_id_size']}")
         keepalive, max_keepalive = p.keepalive, config["max_keepalive"]
         if keepalive > max_keepalive or (v5 and not keepalive and max_keepalive < 65535):
             if not v5:
@@ -2532,7 +2535,7 @@ class Broker:
         method = props.get("authentication_method")
         if method is not None:  # enhanced authentication (MQTT 5.0 4.12) through the on_auth_m5 hook
             if not self.hooks.on_auth_m5:
-                return self.refuse(client, 0x8C)
+                return self.refuse(client, 0x8C, f"no plugin knows authentication method {method!r}")
             client.auth, client.auth_method = (p, client_id, assigned), method
             return self.auth_step(client, props.get("authentication_data"))
         if getattr(listener, "use_identity_as_username", False):
@@ -2623,11 +2626,14 @@ class Broker:
             notify(self.hooks.on_client_wakeup, key)
         self.resume(session)
 
-    def refuse(self, client: Client, code: int) -> None:
-        """Answer CONNACK with a refusal and close [MQTT-3.2.2-5]; ``code`` is 3.1.1's or an MQTT 5 reason."""
+    def refuse(self, client: Client, code: int, text: str = "") -> None:
+        """Answer CONNACK with a refusal and close [MQTT-3.2.2-5]; ``code`` is 3.1.1's or an MQTT 5 reason.
+
+        An MQTT 5 client also gets ``text`` as the Reason String.
+        """
         if client.proto == 5:
             reason = CONNACK_V5_CODES[code] if code < len(CONNACK_V5_CODES) else code
-            self.send(client, Connack(reason))
+            self.send(client, Connack(reason, properties=(("reason_string", text),) if text else ()))
             self.counters["mqtt_connack_sent", reason_labels(reason)] += 1
         else:
             self.send(client, Connack(code))

@@ -95,11 +95,12 @@ def test_payload_that_is_not_the_utf8_it_claims_is_refused(connect, node):
 
 def test_connack_assigns_a_client_id_and_reports_limits(make_node):
     node = make_node(receive_max_broker="10", topic_alias_max_broker="5", max_message_size="4096",
-                     max_keepalive="30")
+                     max_keepalive="30", persistent_client_expiration="1h")
     c = MqttClient(mqtt_port(node), version=5)
-    ack = c.connect("", True, keepalive=600)
+    ack = c.connect("", True, keepalive=600, properties=(("session_expiry_interval", 0xFFFFFFFF),))
     p = props(ack)
     assert p["assigned_client_identifier"].startswith("anon-")
+    assert p["session_expiry_interval"] == 3600  # what the node will really keep
     assert (p["receive_maximum"], p["topic_alias_maximum"], p["maximum_packet_size"]) == (10, 5, 4096)
     assert p["server_keep_alive"] == 30
     c.close()
@@ -109,7 +110,8 @@ def test_connack_assigns_a_client_id_and_reports_limits(make_node):
 def test_listener_without_version_5_refuses_it_in_mqtt5_form(make_node):
     node = make_node(**{"listener.allowed_protocol_versions": "3,4"})
     c = MqttClient(mqtt_port(node), version=5)
-    assert c.connect("x").return_code == 0x84  # Unsupported Protocol Version
+    ack = c.connect("x")
+    assert ack.return_code == 0x84 and "protocol level 5" in props(ack)["reason_string"]
     assert c.closed(2)
     assert MqttClient(mqtt_port(node)).connect("y").return_code == 0
 
