@@ -1,6 +1,6 @@
 """vmqapi: a small MQTT node with VerneMQ's admin surface, in one dependency-free module.
 
-vmqapi is an MQTT 3.1/3.1.1 broker (QoS 0-2, retained messages, wills, persistent
+vmqapi is an MQTT 3.1/3.1.1/5.0 broker (QoS 0-2, retained messages, wills, persistent
 sessions in SQLite, TLS and WebSocket listeners, vmq_passwd and vmq_acl) that serves
 VerneMQ's HTTP admin API (``GET /api/v1/<command words>?k=v&--flag``) and its
 ``vmq-admin`` command set from one command table, with API keys kept in a JSON file,
