@@ -4061,9 +4061,9 @@ class MqttIO:
 
     async def _unbind(self, listener: MqttListener) -> None:
         if listener.server is not None:
-            listener.server.close()
-            await listener.server.wait_closed()
+            listener.server.close()  # stops accepting at once; its clients stay (wait_closed would wait for them)
             listener.server = None
+            await asyncio.sleep(0)
 
     def _kill_clients(self, listener: MqttListener) -> None:
         for client in list(self.broker.clients):
@@ -4147,8 +4147,9 @@ class MqttIO:
             client.link.close()
         self.after_batch()
         for listener in self.listeners:
-            if listener.server is not None:
-                await listener.server.wait_closed()
+            if listener.server is not None:  # since 3.12 this also waits for the connections: bounded
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(listener.server.wait_closed(), 2)
         await asyncio.sleep(0)
 
 

@@ -24,16 +24,19 @@ def pki(tmp_path_factory):
         print("SKIPPED REASON: no openssl command to make test certificates")
         pytest.skip("no openssl command to make test certificates")
     d = tmp_path_factory.mktemp("pki")
-    for ca in ("ca", "other"):
+    for ca in ("ca", "other"):  # CA extensions that strict X.509 checking (Python 3.13's default) asks for
         openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "30", "-subj", f"/CN={ca}",
+                "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign",
                 "-keyout", f"{ca}.key", "-out", f"{ca}.pem", cwd=d)
-    (d / "san.cnf").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    leaf = "authorityKeyIdentifier=keyid\nsubjectKeyIdentifier=hash\nbasicConstraints=CA:FALSE\n"
+    (d / "server.cnf").write_text(leaf + "subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    (d / "leaf.cnf").write_text(leaf)
     for name, ca, cn in (("server", "ca", "localhost"), ("client", "ca", "device-7"), ("rogue", "other", "rogue")):
         openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={cn}", "-keyout", f"{name}.key",
                 "-out", f"{name}.csr", cwd=d)
         openssl("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.pem", "-CAkey", f"{ca}.key",
                 "-CAcreateserial", "-days", "30", "-out", f"{name}.pem",
-                *(["-extfile", "san.cnf"] if name == "server" else []), cwd=d)
+                "-extfile", "server.cnf" if name == "server" else "leaf.cnf", cwd=d)
     return d
 
 
