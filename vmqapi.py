@@ -2477,6 +2477,10 @@ class Broker:
             session.clean = True
         elif expiry != 0:
             self.store.put_session(session.mountpoint, session.client_id, expiry)
+            if session.clean:  # from now on kept: its subscriptions too
+                session.clean = False
+                for topic_filter, opts in session.subs.items():
+                    self.store.put_subscription(session.mountpoint, session.client_id, topic_filter, opts)
         session.expiry = expiry
 
     def send(self, client: Client, packet: Any) -> None:
@@ -3005,13 +3009,21 @@ class Broker:
     def publish_frame5(self, client: Client | None, msg: Message, qos: int, pid: int | None, dup: bool,
                        retain: bool, ids: tuple = ()) -> bytes:
         """Encode an MQTT 5 PUBLISH: the message's properties, its remaining expiry, ids, a topic alias."""
-        topic, alias = msg.topic, 0
+        topic, alias, new_alias = msg.topic, 0, False
         if client is not None and client.alias_max:  # MQTT 5.0 3.3.2.3.4: the node picks its aliases
             alias = client.aliases_out.get(topic, 0)
             if alias:
                 topic = ""
             elif len(client.aliases_out) < client.alias_max:
                 alias = client.aliases_out[topic] = len(client.aliases_out) + 1
+                new_alias = True
+        frame = self._encode5(msg, topic, alias, qos, pid, dup, retain, ids)
+        if new_alias and client.max_packet and len(frame) > client.max_packet:
+            del client.aliases_out[msg.topic]  # this frame will be dropped: the client never learns the alias
+        return frame
+
+    def _encode5(self, msg: Message, topic: str, alias: int, qos: int, pid: int | None, dup: bool, retain: bool,
+                 ids: tuple) -> bytes:
         props = msg.props
         if msg.expires is not None or alias or ids:
             extra = [("subscription_identifier", i) for i in ids]

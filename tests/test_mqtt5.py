@@ -276,6 +276,22 @@ def test_topic_aliases_both_ways(make_node):
         c.close()
 
 
+def test_an_alias_is_not_used_before_the_client_learned_it(make_node):
+    node = make_node(topic_alias_max_client="5")
+    port = mqtt_port(node)
+    sub = MqttClient(port, version=5)
+    sub.connect("sub", properties=(("topic_alias_maximum", 5), ("maximum_packet_size", 64)))
+    sub.subscribe(("big/#", 0))
+    pub = MqttClient(port, version=5)
+    pub.connect("pub")
+    pub.publish("big/t", b"x" * 100)  # too large for sub: dropped, with the alias it would have set
+    pub.publish("big/t", b"small")
+    got = sub.expect(Publish)
+    assert (got.topic, got.payload, props(got)["topic_alias"]) == ("big/t", b"small", 1)
+    sub.close()
+    pub.close()
+
+
 def test_no_local_and_retain_as_published(connect):
     c = connect("self")
     c.subscribe(("nl", 1 | 4), ("rap", 1 | 8), ("plain", 1))
