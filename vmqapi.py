@@ -2105,11 +2105,11 @@ class Message:
 class Session:
     """An MQTT session: subscriptions, queue and in-flight window of one client id."""
 
-    __slots__ = ("mountpoint", "client_id", "clean", "subs", "client", "queue", "inflight", "incoming",
+    __slots__ = ("mountpoint", "client_id", "subs", "client", "queue", "inflight", "incoming",
                  "next_pid", "user", "peer", "protocol", "started_at", "offline_since", "rows", "expiry", "will")
 
     def __init__(self, mountpoint: str, client_id: str, clean: bool, now: float, expiry: int | None = None):
-        self.mountpoint, self.client_id, self.clean = mountpoint, client_id, clean  # clean: ends with its link
+        self.mountpoint, self.client_id = mountpoint, client_id
         self.expiry = 0 if clean else expiry  # seconds kept offline; None: until persistent_client_expiration
         self.will: tuple[Message, float] | None = None  # a delayed will (MQTT 5) and when it is due
         self.subs: dict[str, int] = {}  # filter -> options: QoS, MQTT 5 flags (bits 2-3), subscription id << 8
@@ -2125,6 +2125,11 @@ class Session:
         self.started_at = now
         self.offline_since: float | None = now
         self.rows = 0  # stored messages, for the offline count
+
+    @property
+    def clean(self) -> bool:
+        """Whether the session ends with its connection (and is never stored)."""
+        return self.expiry == 0
 
     def take_pid(self) -> int:
         """Return a packet id not in flight (MQTT 3.1.1 2.3.1)."""
@@ -2474,11 +2479,9 @@ class Broker:
         """Change how long a session outlives its connection (0: it ends with it)."""
         if expiry == 0 and not session.clean:
             self.store.delete_session(session.mountpoint, session.client_id)
-            session.clean = True
         elif expiry != 0:
             self.store.put_session(session.mountpoint, session.client_id, expiry)
             if session.clean:  # from now on kept: its subscriptions too
-                session.clean = False
                 for topic_filter, opts in session.subs.items():
                     self.store.put_subscription(session.mountpoint, session.client_id, topic_filter, opts)
         session.expiry = expiry
@@ -2876,9 +2879,7 @@ class Broker:
             client = session.client
             if qos == 0 and client is not None and client.link.writable and not session.queue:
                 if not client.plain:  # MQTT 5 topic aliases or a packet size limit: its own encoding
-                    self.write_publish(client, msg, 0, None)
-                    counters["queue_message_in", ()] += 1
-                    counters["queue_message_out", ()] += 1
+                    self.deliver_with_options(session, msg, 0, 0, ())
                     continue
                 if client.proto == 5:  # one encoding per protocol version for every QoS 0 receiver
                     if frame5 is None:
@@ -6239,8 +6240,8 @@ class HttpConnection(asyncio.Protocol):
         close = self.close_after or (self.eof and not self.buffer)
         head = [_status_line(resp.status), SERVER_HEADER, f"Date: {_http_date(int(time.time()))}\r\n".encode()]
         head += [f"{k}: {v}\r\n".encode("latin-1") for k, v in resp.headers]
-        head.append(f"Content-Length: {len(resp.body)}\r\n{'Connection: close' + chr(13) + chr(10) if close else ''}"
-                    f"\r\n".encode())
+        head.append(f"Content-Length: {len(resp.body)}\r\n".encode())
+        head.append(b"Connection: close\r\n\r\n" if close else b"\r\n")
         if req is None or req.method != "HEAD":
             head.append(resp.body)
         self.transport.write(b"".join(head))
