@@ -92,6 +92,11 @@ try:  # POSIX advisory locks; Windows falls back to msvcrt below.
 except ImportError:  # pragma: no cover - not POSIX
     fcntl = None  # type: ignore[assignment]
 
+try:  # POSIX resource limits (file descriptors)
+    import resource
+except ImportError:  # pragma: no cover - not POSIX
+    resource = None  # type: ignore[assignment]
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -110,7 +115,7 @@ NODE_FILE = "node.json"
 TRACE_FOLLOW_GRACE = 5.0  # seconds a followed trace stays on after its last call
 GIL_SWITCH_INTERVAL = 0.0005  # s; the CLI node's: MQTT waits less for the GIL while HTTP builds a big answer
 QUICK_SESSION_SHOW = 1000  # sessions up to which session show (a few ms) is answered in the HTTP loop
-TICK_BATCH = 2000  # clients and sessions the broker's tick (every 0.5 s) looks at
+TICK_BATCH = 2000  # sessions the broker's tick (every 0.5 s) looks at
 SESSION_CHUNK = 500  # sessions session show reads per turn of the broker's loop (about 2 ms)
 JSON_CHUNK = 1000  # table rows per json.dumps call, so a big answer never holds the GIL for long
 KEY_FILE = "api_keys.json"
@@ -544,6 +549,15 @@ SETTINGS: tuple[Setting, ...] = (
     _S("mqtt_packet_timeout", parse_int_range(1), 60000,
        "Milliseconds a client has to finish a packet it started sending (cuts trickling clients, keep-alive or not).",
        True),
+    _S("max_connect_size", parse_int_range(64, 268435455), 262144,
+       "Largest packet a connection may send before it is accepted (its CONNECT, will included), in bytes; "
+       "never more than max_message_size when that is set.", True),
+    _S("partial_packet_budget", parse_int_range(65536), 67108864,
+       "Bytes of unfinished packets and WebSocket frames the node holds for all connections together; past it "
+       "the connections holding the most are closed.", True),
+    _S("mqtt_write_timeout", parse_int_range(1), 60000,
+       "Milliseconds a connection may leave its answers unread (outgoing buffer full, its input paused) before "
+       "it is closed.", True),
     _S("receive_max_broker", parse_int_range(1, 65535), 65535,
        "MQTT 5: QoS 1/2 PUBLISHes a client may have unacknowledged towards the node (Receive Maximum in CONNACK).",
        True),
@@ -773,6 +787,12 @@ METRIC_DEFINITIONS: dict[str, tuple[str, str, tuple[LabelSet, ...]]] = {  # Vern
                                     _NO_LABELS),
     "client_keepalive_expired": ("counter", "The number of clients that failed to communicate within the "
                                  "keepalive time frame.", _NO_LABELS),
+    "socket_close_partial_budget": ("counter", "The number of connections closed because unfinished packets "
+                                    "held more than partial_packet_budget bytes (largest first).", _NO_LABELS),
+    "socket_close_write_timeout": ("counter", "The number of connections closed for leaving their answers unread "
+                                   "longer than mqtt_write_timeout.", _NO_LABELS),
+    "socket_close_no_descriptors": ("counter", "The number of MQTT connections refused to keep file descriptors "
+                                    "for the admin API.", _NO_LABELS),
     "queue_message_in": ("counter", "The number of messages that entered a queue.", _NO_LABELS),
     "queue_message_out": ("counter", "The number of messages that left a queue.", _NO_LABELS),
     "queue_message_drop": ("counter", "The number of messages dropped because a queue was full or its client "
@@ -1215,14 +1235,8 @@ DECODERS: dict[int, Callable[..., Any]] = {
 }
 
 
-def decode_packet(buf, pos: int = 0, max_size: int = 0, version: int = 4) -> tuple[Any, int] | None:
-    """Decode the packet at ``buf[pos:]``: (packet, next position), or None if incomplete.
-
-    ``version`` is the connection's protocol level once CONNECT told it (5: MQTT 5 forms).
-
-    Raises MalformedPacket for anything the specification forbids, and for a
-    packet larger than ``max_size`` bytes (0: no limit) as soon as its length is known.
-    """
+def fixed_header(buf, pos: int = 0) -> tuple[int, int] | None:
+    """Decode the fixed header at ``buf[pos:]``: (remaining length, where the body starts), or None if incomplete."""
     n = len(buf)
     i = pos + 1
     length = shift = 0
@@ -1233,14 +1247,28 @@ def decode_packet(buf, pos: int = 0, max_size: int = 0, version: int = 4) -> tup
         length |= (byte & 127) << shift
         i += 1
         if not byte & 128:
-            break
+            return length, i
         shift += 7
         if shift > 21:
             raise MalformedPacket("remaining length longer than four bytes")  # MQTT 3.1.1 2.2.3
+
+
+def decode_packet(buf, pos: int = 0, max_size: int = 0, version: int = 4) -> tuple[Any, int] | None:
+    """Decode the packet at ``buf[pos:]``: (packet, next position), or None if incomplete.
+
+    ``version`` is the connection's protocol level once CONNECT told it (5: MQTT 5 forms).
+
+    Raises MalformedPacket for anything the specification forbids, and for a
+    packet larger than ``max_size`` bytes (0: no limit) as soon as its length is known.
+    """
+    header = fixed_header(buf, pos)
+    if header is None:
+        return None
+    length, i = header
     if max_size and i - pos + length > max_size:
-        raise PacketTooLarge(f"packet of {i - pos + length} bytes exceeds max_message_size {max_size}")
+        raise PacketTooLarge(f"packet of {i - pos + length} bytes exceeds the limit of {max_size}")
     end = i + length
-    if end > n:
+    if end > len(buf):
         return None
     decoder = (DECODERS5 if version == 5 else DECODERS).get(buf[pos] >> 4)
     if decoder is None:
@@ -2363,8 +2391,7 @@ class Broker:
         self.mountpoints: set[str] = {""}
         self.groups: dict[tuple[str, str, str], SharedGroup] = {}  # (mountpoint, group, filter)
         self.choose: Callable[[Sequence[Any]], Any] = random.choice
-        self._tick_clients: list[Client] = []  # what the next ticks still have to look at
-        self._tick_sessions: list[Session] = []
+        self._tick_sessions: list[Session] = []  # what the next ticks still have to look at
         self._config: Config | None = None
         self.refresh_settings()
 
@@ -3250,30 +3277,45 @@ class Broker:
     }
 
     # -- time -------------------------------------------------------------
-    def tick(self, now: float) -> None:
-        """Close silent clients (1.5 x keep-alive, CONNECT timeout); send delayed wills; expire sessions.
+    def deadline(self, client: Client, now: float, partial_since: float | None = None) -> float | None:
+        """Close ``client`` if one of its deadlines has passed; else return when the next one falls.
 
-        Each tick looks at up to TICK_BATCH clients and sessions, going round, so ten thousand
-        idle connections never hold up deliveries for long.
+        The deadlines: CONNECT within mqtt_connect_timeout, a begun packet (``partial_since``)
+        finished within mqtt_packet_timeout, a packet within 1.5 x keep-alive [MQTT-3.1.2-24].
+        None: the client is closed, or has no deadline until it sends again.
         """
+        if client.closed:
+            return None
         config = self.settings()
-        connect_timeout = config["mqtt_connect_timeout"] / 1000
-        packet_timeout = config["mqtt_packet_timeout"] / 1000
-        if not self._tick_clients:
-            self._tick_clients = list(self.clients)
-        batch, self._tick_clients = self._tick_clients[-TICK_BATCH:], self._tick_clients[:-TICK_BATCH]
-        for client in batch:
-            started = getattr(client.link, "partial_since", None)
-            if started is not None and now - started > packet_timeout and not client.closed:
+        due: list[float] = []
+        if partial_since is not None:
+            due.append(partial_since + config["mqtt_packet_timeout"] / 1000)
+            if now >= due[-1]:
                 self.counters["socket_close_timeout", ()] += 1
                 self.close_client(client)  # a packet begun and never finished
-                continue
-            if client.connected:
-                if client.keepalive and now - client.last_seen > 1.5 * client.keepalive:  # [MQTT-3.1.2-24]
+                return None
+        if client.connected:
+            if client.keepalive:
+                due.append(client.last_seen + 1.5 * client.keepalive)
+                if now >= due[-1]:
                     self.counters["client_keepalive_expired", ()] += 1
                     self.close_client(client, reason=0x8D)  # MQTT 5: Keep Alive timeout
-            elif now - client.opened_at > connect_timeout and not client.closed:
-                self.close_client(client)
+                    return None
+        else:
+            due.append(client.opened_at + config["mqtt_connect_timeout"] / 1000)
+            if now >= due[-1]:
+                self.close_client(client)  # no CONNECT in time
+                return None
+        return min(due) if due else None
+
+    def tick(self, now: float) -> None:
+        """Send delayed wills, retry unacknowledged messages, expire sessions.
+
+        Each tick looks at up to TICK_BATCH sessions, going round, so ten thousand idle
+        sessions never hold up deliveries for long. Connections keep their own deadlines
+        (``deadline``), timed exactly by the I/O shell.
+        """
+        config = self.settings()
         retry = config["retry_interval"]
         limit = config["persistent_client_expiration"]
         expired = []
@@ -3634,47 +3676,95 @@ class SqliteStore(MemoryStore):
 # Must not know: HTTP, commands.
 
 
-class MqttLink(asyncio.Protocol):
-    """One MQTT connection: decodes every packet of a read, then writes once."""
+PARTIAL_BIG = 65536  # bytes: an unfinished packet this large grows in a bytearray, not by copying per read
+FD_RESERVE = 128  # file descriptors MQTT connections leave to the admin API, the store and the listeners
+CONNECT_FIRST_BYTE = 0x10  # CONNECT, flags 0 [MQTT-3.1.0-1]: a new connection starting otherwise is closed at once
 
-    def __init__(self, listener: MqttListener):
+
+class MqttLink(asyncio.Protocol):
+    """One MQTT connection: decodes every packet of a read, then writes once.
+
+    Reading pauses while the outgoing buffer is over its high-water mark (a peer gets
+    answers only as fast as it takes them), and for ``throttle``; the connection's
+    deadlines (CONNECT, keep-alive, a begun packet) are timed by one timer.
+    """
+
+    def __init__(self, listener: MqttListener, counted: bool = True):
         self.listener = listener
         self.io = listener.io
+        self.counted = counted  # False inside a WsLink, which counts the socket itself
         self.transport: asyncio.Transport | None = None
         self.client: Client | None = None
         self.pending: list[bytes] = []
-        self.buffer = b""
+        self.buffer = b""  # the unfinished end of the last read
+        self.big: bytearray | None = None  # an unfinished packet over PARTIAL_BIG, growing in place
+        self.need = 0  # the whole size of ``big``
+        self.held = 0  # unfinished bytes this link holds, counted in the node's partial_packet_budget
         self.writable = True
         self.closing = self.paused = False
+        self.reading = True
+        self.fresh = True  # nothing received yet
         self.partial_since: float | None = None  # when the unfinished packet in ``buffer`` began
+        self.timer: asyncio.TimerHandle | None = None
+        self.timer_at = 0.0
+        self.armed_connected = False  # whether the timer was set for a connected client
+        self.stall: asyncio.TimerHandle | None = None
         self.tracer: Tracer | None = None
         self.identity: str | None = None  # the client certificate's CN, on TLS listeners
         self.peer = ("", 0)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        listener = self.listener
-        listener.active += 1
-        listener.all_conns += 1
-        limit = listener.max_connections
-        if listener.status != "running" or (limit is not None and listener.active > limit):
+        if not self.listener.admit():
             self.closing = True
             transport.abort()
             return
+        self.attach(transport, time.time())
+
+    def attach(self, transport: Any, opened_at: float) -> None:
+        """Start the MQTT side of an admitted connection (``opened_at``: when its socket was accepted)."""
+        self.transport = transport
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.peer = tuple(transport.get_extra_info("peername") or ("", 0))[:2]
-        self.identity = certificate_cn(transport.get_extra_info("peercert")) if listener.tls else None
+        self.identity = certificate_cn(transport.get_extra_info("peercert")) if self.listener.tls else None
         self.client = self.io.broker.connection_made(self)
+        self.client.opened_at = opened_at  # mqtt_connect_timeout counts from the accept, handshakes included
+        self.arm(time.time())
 
     def data_received(self, data: bytes) -> None:
         if self.closing or self.client is None:
             return
-        buf = self.buffer + data if self.buffer else data
-        pos, broker, client = 0, self.io.broker, self.client
-        max_size = self.io.settings()["max_message_size"]
         self.io.broker.counters["bytes_received", ()] += len(data)
+        if self.fresh and data:
+            self.fresh = False
+            if data[0] != CONNECT_FIRST_BYTE:
+                log.info("closing MQTT connection from %s: it did not begin with CONNECT", self.peer[0])
+                self.io.broker.counters["mqtt_malformed_packet_error", ()] += 1
+                self.abort()
+                return
+        if self.big is not None:
+            self.big += data
+            if len(self.big) < self.need:
+                self.io.hold(self, len(self.big))
+                return
+            buf, self.big = bytes(self.big), None  # complete: one copy, then decoded as usual
+        else:
+            buf = self.buffer + data if self.buffer else data
+        self._decode(buf)
+        self.io.after_batch()
+
+    def _max_size(self) -> int:
+        config = self.io.settings()
+        limit = config["max_message_size"]
+        if self.client.connected:
+            return limit
+        return min(limit, config["max_connect_size"]) if limit else config["max_connect_size"]
+
+    def _decode(self, buf: bytes) -> None:
+        pos, broker, client = 0, self.io.broker, self.client
+        max_size = self._max_size()
         try:
             while not self.closing and not self.paused:
                 start = pos
@@ -3686,31 +3776,78 @@ class MqttLink(asyncio.Protocol):
                     self.tracer.packet("in", packet, time.time())
                 # A plain QoS 0 PUBLISH (first byte 0x30) is forwarded as the bytes it came in.
                 broker.handle(client, packet, buf[start:pos] if buf[start] == 0x30 else b"")
+                if not client.connected:
+                    max_size = self._max_size()
         except MalformedPacket as exc:
             log.info("closing MQTT connection from %s: %s", self.peer[0], exc.text)
             kind = "mqtt_invalid_msg_size_error" if isinstance(exc, PacketTooLarge) else "mqtt_malformed_packet_error"
             broker.counters[kind, ()] += 1
             broker.close_client(client, reason=exc.reason_code, text=exc.text)  # MQTT 5 hears why
-        self.buffer = buf[pos:] if pos < len(buf) else b""
-        if not self.buffer:
-            self.partial_since = None
-        elif self.partial_since is None or pos:
-            self.partial_since = time.time()  # a packet has begun; mqtt_packet_timeout runs from here
+        except Exception:  # a bug: it costs this connection, never the node or its other clients
+            log.exception("internal error on the MQTT connection from %s; closing it", self.peer[0])
+            broker.close_client(client, reason=0x83)  # MQTT 5: Implementation specific error
+        self._keep(buf, pos)
+
+    def _keep(self, buf: bytes, pos: int) -> None:
+        """Keep the unfinished end of ``buf`` (from ``pos``) for the next read, and time it."""
+        if self.closing or pos >= len(buf):
+            self.buffer, self.partial_since = b"", None
+            self.io.hold(self, 0)
+        else:
+            now = time.time()
+            began = self.partial_since is None or pos > 0  # a new packet has begun; mqtt_packet_timeout runs
+            self.buffer = buf[pos:] if pos else buf
+            if began:
+                self.partial_since = now
+            header = None if self.paused else fixed_header(self.buffer)
+            if header is not None and sum(header) > max(len(self.buffer), PARTIAL_BIG):
+                self.big, self.need, self.buffer = bytearray(self.buffer), sum(header), b""
+            self.io.hold(self, len(self.buffer) or len(self.big or b""))
+            if began:
+                self.arm(now)
+        if self.client.connected != self.armed_connected:
+            self.arm(time.time())
+
+    def arm(self, now: float) -> None:
+        """Set the deadline timer for this connection's next deadline (the broker closes it once one passes)."""
+        if self.client is None or self.closing:
+            return
+        self.armed_connected = self.client.connected
+        when = self.io.broker.deadline(self.client, now, self.partial_since)
+        if when is None:
+            return
+        if self.timer is not None:
+            if self.timer_at <= when:
+                return  # it fires first and sets the next one then
+            self.timer.cancel()
+        self.timer_at = when
+        self.timer = self.io.loop.call_later(max(0.0, when - now), self._deadline)
+
+    def _deadline(self) -> None:
+        self.timer = None
+        self.arm(time.time())
         self.io.after_batch()
 
     def throttle(self, delay: float) -> None:
         """Read nothing more from this client for ``delay`` seconds (max_message_rate)."""
         if not self.paused and not self.closing:
             self.paused = True
-            self.transport.pause_reading()
+            self._reading()
             self.io.loop.call_later(delay, self._unthrottle)
 
     def _unthrottle(self) -> None:
         self.paused = False
         if not self.closing:
-            self.transport.resume_reading()
+            self._reading()
             if self.buffer:
                 self.data_received(b"")
+
+    def _reading(self) -> None:
+        """Read while neither throttled nor holding answers the peer has not taken."""
+        want = self.writable and not self.paused and not self.closing
+        if want != self.reading and self.transport is not None:
+            self.reading = want
+            (self.transport.resume_reading if want else self.transport.pause_reading)()
 
     def write(self, data: bytes) -> None:
         """Queue bytes for this batch's single write."""
@@ -3740,16 +3877,52 @@ class MqttLink(asyncio.Protocol):
             self.closing = True
             self.transport.close()
 
+    def abort(self) -> None:
+        """Close at once, dropping what is buffered (the peer is not reading, or never spoke MQTT)."""
+        if self.client is not None and not self.client.closed:
+            self.io.broker.close_client(self.client, close_link=False)
+        self.pending = []
+        self.closing = True
+        if self.transport is not None:
+            self.transport.abort()
+
+    def drop_partial(self) -> None:
+        """Give up the unfinished packet (the node-wide partial_packet_budget is exceeded) and close."""
+        self.buffer, self.big = b"", None
+        self.io.hold(self, 0)
+        self.abort()
+
     def pause_writing(self) -> None:
         self.writable = False
+        self._reading()
+        if self.stall is None and not self.closing:
+            self.stall = self.io.loop.call_later(self.io.settings()["mqtt_write_timeout"] / 1000, self._stalled)
 
     def resume_writing(self) -> None:
         self.writable = True
+        if self.stall is not None:
+            self.stall.cancel()
+            self.stall = None
+        self._reading()
+
+    def _stalled(self) -> None:
+        self.stall = None
+        if not self.writable and not self.closing:
+            log.info("closing MQTT connection from %s: it left its answers unread", self.peer[0])
+            self.io.broker.counters["socket_close_write_timeout", ()] += 1
+            self.abort()
+            self.io.after_batch()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.listener.active -= 1
+        if self.counted:
+            self.listener.release()
         self.closing = True
         self.pending = []
+        self.buffer, self.big = b"", None
+        self.io.hold(self, 0)
+        for handle in (self.timer, self.stall):
+            if handle is not None:
+                handle.cancel()
         if self.client is not None:
             self.io.broker.connection_lost(self.client)
             self.io.after_batch()
@@ -3861,44 +4034,81 @@ class WsTransport:
 
 
 class WsLink(asyncio.Protocol):
-    """MQTT over WebSocket: the opening handshake, then frames in, MqttLink inside."""
+    """MQTT over WebSocket: the opening handshake, then frames in, MqttLink inside.
+
+    The socket is counted against the listener's max_connections from the accept, and the
+    handshake shares mqtt_connect_timeout with the CONNECT that must follow it.
+    """
 
     def __init__(self, listener: MqttListener):
         self.listener = listener
-        self.inner = MqttLink(listener)
+        self.io = listener.io
+        self.inner = MqttLink(listener, counted=False)
         self.transport: asyncio.Transport | None = None
-        self.buffer = b""
-        self.open = False
+        self.buffer = bytearray()
+        self.held = 0  # unfinished bytes, counted in the node's partial_packet_budget
+        self.open = self.admitted = self.fragmented = False
+        self.opened_at = 0.0
+        self.timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        self.admitted = True
+        if not self.listener.admit():
+            self.open = False
+            transport.abort()
+            return
+        self.opened_at = time.time()
+        timeout = self.io.settings()["mqtt_connect_timeout"] / 1000
+        self.timer = self.io.loop.call_later(timeout, self._handshake_timeout)
+
+    def _handshake_timeout(self) -> None:
+        self.timer = None
+        if not self.open and not self.transport.is_closing():
+            self.io.broker.counters["socket_close_timeout", ()] += 1
+            self.transport.abort()
 
     def data_received(self, data: bytes) -> None:
+        if self.transport.is_closing():
+            return
         self.buffer += data
-        if not self.open:
-            end = self.buffer.find(b"\r\n\r\n")
-            if end < 0:
-                if len(self.buffer) > WS_MAX_HANDSHAKE:
-                    self.transport.close()
-                return
-            answer, self.open = ws_handshake(self.buffer[:end])
-            self.transport.write(answer)
-            if not self.open:
-                self.transport.close()
-                return
-            self.buffer = self.buffer[end + 4:]
-            self.inner.connection_made(WsTransport(self.transport))
+        if not self.open and not self._handshake():
+            return
         self._frames()
 
+    def _handshake(self) -> bool:
+        end = self.buffer.find(b"\r\n\r\n")
+        if end < 0 and len(self.buffer) <= WS_MAX_HANDSHAKE:
+            return False
+        if end < 0 or end + 4 > WS_MAX_HANDSHAKE:  # whether it came in one read or many
+            self.transport.write(b"HTTP/1.1 431 Request Header Fields Too Large\r\nContent-Length: 0\r\n"
+                                 b"Connection: close\r\n\r\n")
+            self.transport.close()
+            return False
+        answer, self.open = ws_handshake(bytes(self.buffer[:end]))
+        self.transport.write(answer)
+        if not self.open:
+            self.transport.close()
+            return False
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        del self.buffer[:end + 4]
+        self.inner.attach(WsTransport(self.transport), self.opened_at)
+        return True
+
     def _frames(self) -> None:
-        pos, max_size = 0, self.inner.io.settings()["max_ws_frame_size"]
+        pos, max_size = 0, self.io.settings()["max_ws_frame_size"]
         try:
-            while True:
+            while not self.inner.closing:
                 frame = ws_decode(self.buffer, pos, max_size)
                 if frame is None:
                     break
-                opcode, _, payload, pos = frame
+                opcode, fin, payload, pos = frame
                 if opcode in (0, 2):
+                    if (opcode == 0) != self.fragmented:  # RFC 6455 5.4: a continuation needs a start, a start none
+                        raise WsError(WS_CLOSE_PROTOCOL, "continuation frame out of place")
+                    self.fragmented = not fin
                     self.inner.data_received(payload)  # MQTT is a byte stream: fragments feed it as they come
                 elif opcode == 1:
                     raise WsError(WS_CLOSE_UNSUPPORTED, "MQTT needs binary frames")
@@ -3913,24 +4123,47 @@ class WsLink(asyncio.Protocol):
             log.info("closing WebSocket from %s: %s", self.inner.peer[0], exc.reason)
             self._close(exc.code)
             return
-        self.buffer = self.buffer[pos:]
+        del self.buffer[:pos]
+        self.io.hold(self, len(self.buffer))
 
     def _close(self, code: int) -> None:
-        self.buffer = b""
+        self.buffer = bytearray()
+        self.io.hold(self, 0)
         if self.inner.client is not None:
-            self.inner.io.broker.close_client(self.inner.client, close_link=False)
-            self.inner.io.after_batch()
+            self.io.broker.close_client(self.inner.client, close_link=False)
+            self.io.after_batch()
         if not self.transport.is_closing():
             self.transport.write(ws_frame(8, code.to_bytes(2, "big")))
             self.transport.close()
 
+    def drop_partial(self) -> None:
+        """Give up the unfinished frame (the node-wide partial_packet_budget is exceeded) and close."""
+        self.buffer = bytearray()
+        self.io.hold(self, 0)
+        if self.inner.client is not None:
+            self.inner.abort()
+        else:
+            self.transport.abort()
+
     def pause_writing(self) -> None:
-        self.inner.pause_writing()
+        if self.open:
+            self.inner.pause_writing()
+        else:
+            self.transport.pause_reading()  # a handshake answer is small; a peer that takes none waits
 
     def resume_writing(self) -> None:
-        self.inner.resume_writing()
+        if self.open:
+            self.inner.resume_writing()
+        else:
+            self.transport.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.admitted:
+            self.listener.release()
+        if self.timer is not None:
+            self.timer.cancel()
+        self.buffer = bytearray()
+        self.io.hold(self, 0)
         if self.open:
             self.inner.connection_lost(exc)
 
@@ -3968,6 +4201,36 @@ def certificate_cn(cert: Mapping[str, Any] | None) -> str | None:
     return None
 
 
+def descriptor_limit() -> int | None:
+    """Return the soft limit on open file descriptors (None: unknown or unlimited)."""
+    if resource is None:
+        return None
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return None if soft == resource.RLIM_INFINITY else soft
+
+
+def raise_descriptor_limit() -> int | None:
+    """Raise the soft file descriptor limit to the hard one (as far as the kernel allows); return the soft limit."""
+    if resource is None:
+        return None
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    for wanted in (hard, 1 << 20, 1 << 16):
+        if wanted == resource.RLIM_INFINITY or wanted <= soft:
+            continue
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+            break
+        except (ValueError, OSError):
+            continue  # above the kernel's nr_open: try a lower one
+    return descriptor_limit()
+
+
+def socket_budget() -> float:
+    """Return how many MQTT sockets may be open at once so that FD_RESERVE descriptors stay for the rest."""
+    soft = descriptor_limit()
+    return math.inf if soft is None else max(1, soft - min(FD_RESERVE, soft // 4))
+
+
 class MqttListener:
     """One MQTT listener (TCP, TLS, WebSocket or both): address, options, status and counters."""
 
@@ -3987,6 +4250,29 @@ class MqttListener:
         self.status = "running"
         self.active = self.all_conns = 0
         self.server: asyncio.base_events.Server | None = None
+
+    def admit(self) -> bool:
+        """Count a new socket; say whether to keep it (running, under max_connections, descriptors to spare)."""
+        self.active += 1
+        self.all_conns += 1
+        io = self.io
+        io.sockets += 1
+        limit = self.max_connections
+        if self.status != "running" or (limit is not None and self.active > limit):
+            return False
+        if io.sockets > io.socket_budget:
+            io.broker.counters["socket_close_no_descriptors", ()] += 1
+            if not io.warned_descriptors:
+                io.warned_descriptors = True
+                log.warning("refusing MQTT connections: %d are open and the file descriptor limit keeps %d for the "
+                            "admin API and the store (raise ulimit -n)", io.sockets - 1, FD_RESERVE)
+            return False
+        return True
+
+    def release(self) -> None:
+        """Uncount a socket that closed."""
+        self.active -= 1
+        self.io.sockets -= 1
 
     @property
     def loopback(self) -> bool:
@@ -4019,6 +4305,11 @@ class MqttIO:
         self.broker = Broker(settings, store, hooks=hooks)
         self.listeners: list[MqttListener] = []
         self.dirty: list[MqttLink] = []
+        self.sockets = 0  # MQTT sockets open on every listener
+        self.socket_budget = socket_budget()
+        self.warned_descriptors = False
+        self.partial_bytes = 0  # unfinished packet and frame bytes held for all connections
+        self.holders: set[Any] = set()  # the links holding some
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._run, name="vmqapi-mqtt", daemon=True)
         self._tick_handle: asyncio.TimerHandle | None = None
@@ -4108,6 +4399,27 @@ class MqttIO:
             topic = f"$SYS/{self.node_name}/" + name.replace("_", "/")
             if self.broker.tries[""].match(topic):  # nobody listening: not an unhandled message
                 self.broker.route("", Message(topic, str(value).encode(), 0))
+
+    def hold(self, link: Any, n: int) -> None:
+        """Record that ``link`` holds ``n`` unfinished bytes; past partial_packet_budget close the biggest holders."""
+        delta = n - link.held
+        if not delta:
+            return
+        link.held = n
+        self.partial_bytes += delta
+        if n:
+            self.holders.add(link)
+        else:
+            self.holders.discard(link)
+        budget = self.settings()["partial_packet_budget"]
+        if delta > 0 and self.partial_bytes > budget:
+            for holder in sorted(self.holders, key=lambda x: x.held, reverse=True):
+                if self.partial_bytes <= budget:
+                    break
+                log.info("closing the connection holding %d unfinished bytes: partial_packet_budget is exceeded",
+                         holder.held)
+                self.broker.counters["socket_close_partial_budget", ()] += 1
+                holder.drop_partial()
 
     def after_batch(self) -> None:
         """Commit the store, then flush every connection written to in this batch."""
@@ -6527,8 +6839,21 @@ class Node:
                  ", ".join(f"{x['type']} {x['address']}:{x['port']}" for x in self.listeners()))
         return self
 
+    def _check_descriptors(self) -> None:
+        """Raise the file descriptor limit as far as allowed; warn when it is below what the listeners may hold."""
+        soft = raise_descriptor_limit()
+        config = self._config
+        limits = [config.listener_option(kind, name, "max_connections")
+                  for kind in LISTENER_TYPES for name in config.listeners(kind)]
+        wanted = sum(x for x in limits if x is not None)
+        if soft is not None and wanted > soft:
+            log.warning("the file descriptor limit (%d) is below the listeners' max_connections (%d together): "
+                        "MQTT connections are refused %d before the limit, so the admin API stays reachable; "
+                        "raise it with ulimit -n", soft, wanted, min(FD_RESERVE, soft // 4))
+
     def _start_mqtt(self) -> None:
         addresses = {(k, n): a for k in MQTT_LISTENER_KINDS for n, a in self._config.listeners(k).items()}
+        self._check_descriptors()
         if self._config["message_store"] == "sqlite":
             store: MemoryStore = SqliteStore(os.path.join(self.data_dir, MESSAGE_DB))
         else:
