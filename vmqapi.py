@@ -57,6 +57,7 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import email.utils
+import errno
 import datetime as _dt
 import functools
 import hashlib
@@ -2443,7 +2444,12 @@ class Broker:
     def say_disconnect(self, client: Client, reason: int, text: str = "") -> None:
         """Tell an MQTT 5 client why the node closes its connection (MQTT 5.0 3.14); others hear nothing."""
         if client.proto == 5 and client.connected and not client.closed:
-            self.send(client, Disconnect(reason, (("reason_string", text),) if text else ()))
+            frame = encode_packet(Disconnect(reason, (("reason_string", text),) if text else ()), 5)
+            if client.max_packet and len(frame) > client.max_packet:
+                frame = encode_packet(Disconnect(reason), 5)  # the reason string goes first [MQTT-3.14.2-3]
+            if client.max_packet and len(frame) > client.max_packet:
+                return  # not even the reason code fits (MQTT 5.0 [MQTT-3.1.2-24]): the client hears nothing
+            client.link.write(frame)
             self.counters["mqtt_disconnect_sent", reason_labels(reason, "normal_disconnect")] += 1
 
     def close_client(self, client: Client, close_link: bool = True, reason: int | None = None,
@@ -4264,8 +4270,8 @@ class MqttListener:
             io.broker.counters["socket_close_no_descriptors", ()] += 1
             if not io.warned_descriptors:
                 io.warned_descriptors = True
-                log.warning("refusing MQTT connections: %d are open and the file descriptor limit keeps %d for the "
-                            "admin API and the store (raise ulimit -n)", io.sockets - 1, FD_RESERVE)
+                log.warning("refusing MQTT connections: %d are open, the most the file descriptor limit allows "
+                            "while keeping some for the admin API and the store (raise ulimit -n)", io.sockets - 1)
             return False
         return True
 
@@ -4308,6 +4314,7 @@ class MqttIO:
         self.sockets = 0  # MQTT sockets open on every listener
         self.socket_budget = socket_budget()
         self.warned_descriptors = False
+        self._resource_warned = -math.inf
         self.partial_bytes = 0  # unfinished packet and frame bytes held for all connections
         self.holders: set[Any] = set()  # the links holding some
         self.loop = asyncio.new_event_loop()
@@ -4316,7 +4323,20 @@ class MqttIO:
 
     def _run(self) -> None:
         asyncio.set_event_loop(self.loop)
+        self.loop.set_exception_handler(self._loop_error)
         self.loop.run_forever()
+
+    def _loop_error(self, loop: asyncio.AbstractEventLoop, context: dict) -> None:
+        """Log what asyncio reports; running out of descriptors is a condition, not a bug: no traceback."""
+        exc = context.get("exception")
+        if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+            self.broker.counters["socket_close_no_descriptors", ()] += 1
+            now = time.monotonic()
+            if now - self._resource_warned >= 10:  # asyncio retries the accept every second: say it now and then
+                self._resource_warned = now
+                log.warning("MQTT listeners wait: %s (raise ulimit -n)", exc.strerror)
+            return
+        loop.default_exception_handler(context)
 
     def start(self) -> None:
         """Start the loop thread and bind every MQTT listener; raise ConfigError on a failure."""

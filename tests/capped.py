@@ -1,0 +1,92 @@
+"""A node in a child process under an address-space cap, for attack tests that measure memory.
+
+A regression that makes the node hold what an attacker sends then fails the test (the node
+hits its cap) instead of taking the machine down.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import resource
+import signal
+import subprocess
+import sys
+import time
+
+import vmqapi
+from conftest import ROOT
+
+CAP = 1 << 30  # bytes of address space: well above an idle node (~300 MB of it), far below the attacks
+
+
+def _limits(cap, nofile):
+    def apply():
+        resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+        if nofile is not None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, nofile)
+        for sig in (signal.SIGINT, signal.SIGTERM):  # whatever the test runner's shell ignores
+            signal.signal(sig, signal.SIG_DFL)
+    return apply
+
+
+class CappedNode:
+    """A running child node: its pid, ports, RSS and log."""
+
+    def __init__(self, proc, info, log_path):
+        self.proc, self.info, self.log_path = proc, info, log_path
+        self.pid = proc.pid
+
+    def port(self, kind):
+        return next(x["port"] for x in self.info["listeners"] if x["type"] == kind)
+
+    def rss(self):
+        """Resident set size in bytes, from /proc/<pid>/status."""
+        with open(f"/proc/{self.pid}/status") as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+        raise AssertionError("no VmRSS")
+
+    def alive(self):
+        return self.proc.poll() is None
+
+    def log(self):
+        with open(self.log_path, errors="replace") as fh:
+            return fh.read()
+
+    def metric(self, name):
+        """Read one counter from /metrics (noauth by default), summed over its labels."""
+        import urllib.request
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port('http')}/metrics", timeout=10) as resp:
+            text = resp.read().decode()
+        return sum(int(float(line.split()[-1])) for line in text.splitlines()
+                   if line.startswith("vernemq_" + name) and (line[len("vernemq_" + name)] in " {"))
+
+
+@contextlib.contextmanager
+def capped_node(data_dir, *settings, cap=CAP, nofile=None, timeout=30):
+    """Start ``python vmqapi.py`` on port 0 with ``--set`` items; kill it (by its pid) at the end."""
+    os.makedirs(data_dir, exist_ok=True)
+    log_path = os.path.join(os.path.dirname(str(data_dir)), os.path.basename(str(data_dir)) + ".log")
+    cmd = [sys.executable, os.path.join(ROOT, "vmqapi.py"), "--data-dir", str(data_dir),
+           "--set", "listener.http.default=127.0.0.1:0", "--set", "listener.tcp.default=127.0.0.1:0"]
+    for item in settings:
+        cmd += ["--set", item]
+    with open(log_path, "w") as log:  # a file, not a pipe: a chatty node never blocks on a full pipe
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_limits(cap, nofile))
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            info = vmqapi.read_node_file(str(data_dir))
+            if info and info.get("pid") == proc.pid:
+                break
+            if proc.poll() is not None or time.monotonic() > deadline:
+                with open(log_path) as fh:
+                    raise AssertionError(f"node did not start: {fh.read()}")
+            time.sleep(0.05)
+        yield CappedNode(proc, info, log_path)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(20)

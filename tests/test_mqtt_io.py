@@ -1,0 +1,332 @@
+"""The MQTT I/O shell's bounds: what a client can make the node hold, and when it is cut off.
+
+Memory attacks run the node in a child process under an address-space cap (tests/capped.py)
+and measure its RSS while a control client keeps its round trip.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+import urllib.request
+
+import pytest
+
+from capped import capped_node
+from mqtt_client import MqttClient, WsMqttClient
+from test_broker import mqtt_port
+import vmqapi
+
+MB = 1 << 20
+
+
+def control_round_trip(port, client_id="control"):
+    """Connect, subscribe, publish at QoS 1 and receive it; return the seconds it took."""
+    started = time.monotonic()
+    c = MqttClient(port)
+    try:
+        assert c.connect(client_id).return_code == 0
+        c.subscribe(("ctl/" + client_id, 1))
+        c.publish("ctl/" + client_id, b"ping", 1)
+        assert c.message().payload == b"ping"
+    finally:
+        c.close()
+    return time.monotonic() - started
+
+
+def publish_header(size, topic=b"big"):
+    """The first bytes of a QoS 0 PUBLISH whose whole payload is ``size`` bytes."""
+    body = len(topic).to_bytes(2, "big") + topic
+    return b"\x30" + vmqapi.encode_length(len(body) + size) + body
+
+
+def send_some(sock, data, seconds):
+    """Send as much of ``data`` as the peer takes within ``seconds``; return the bytes sent."""
+    sock.setblocking(False)
+    sent, end = 0, time.monotonic() + seconds
+    while sent < len(data) and time.monotonic() < end:
+        try:
+            sent += sock.send(data[sent:sent + 65536])
+        except BlockingIOError:
+            time.sleep(0.005)
+        except OSError:
+            break
+    return sent
+
+
+def is_closed(sock, timeout):
+    """Whether the peer closed ``sock`` (or reset it) within ``timeout`` seconds."""
+    sock.setblocking(True)
+    sock.settimeout(timeout)
+    end = time.monotonic() + timeout
+    try:
+        while time.monotonic() < end:
+            if not sock.recv(65536):
+                return True
+    except (ConnectionResetError, BrokenPipeError):
+        return True
+    except socket.timeout:
+        return False
+    return False
+
+
+# -- before CONNECT ------------------------------------------------------------------------
+
+def test_a_connection_that_does_not_begin_with_connect_is_closed_at_once(make_node):
+    node = make_node(mqtt_connect_timeout="30000")
+    with socket.create_connection(("127.0.0.1", mqtt_port(node)), timeout=5) as sock:
+        sock.sendall(publish_header(1000))  # a PUBLISH announcing more to come, before any CONNECT
+        assert is_closed(sock, 1.0)
+
+
+def test_sockets_that_are_not_yet_accepted_cannot_make_the_node_hold_much(tmp_path):
+    with capped_node(tmp_path / "d", "allow_anonymous=off") as node:
+        port = node.port("mqtt")
+        before = node.rss()
+        socks, chunk = [], b"\0" * 65536
+        try:
+            for _ in range(30):  # each announces a 200 MB CONNECT and sends 3 MB of it
+                sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+                socks.append(sock)
+                head = b"\x10" + vmqapi.encode_length(200 * MB)
+                send_some(sock, head + chunk * 48, 2)
+            grown = node.rss() - before
+            assert all(is_closed(s, 2) for s in socks)
+            assert grown < 20 * MB, f"the node grew by {grown / MB:.0f} MB"
+            assert node.alive() and "Traceback" not in node.log()
+        finally:
+            for s in socks:
+                s.close()
+
+
+# -- after CONNECT: unfinished packets share one budget ---------------------------------------
+
+def test_unfinished_packets_share_a_node_wide_budget(tmp_path):
+    budget = 16 * MB
+    with capped_node(tmp_path / "d", f"partial_packet_budget={budget}") as node:
+        port = node.port("mqtt")
+        before = node.rss()
+        clients = []
+        try:
+            for n in range(12):  # each sends 4 MB of a 200 MB PUBLISH: 48 MB against a 16 MB budget
+                c = MqttClient(port)
+                clients.append(c)
+                assert c.connect(f"big{n}").return_code == 0
+                send_some(c.sock, publish_header(200 * MB) + b"\0" * (4 * MB), 5)
+            assert control_round_trip(port) < 5
+            grown = node.rss() - before
+            assert grown < budget + 24 * MB, f"the node grew by {grown / MB:.0f} MB"
+            assert node.metric("socket_close_partial_budget") >= 7
+            assert sum(is_closed(c.sock, 0.5) for c in clients) >= 7  # the largest holders went
+            assert node.alive() and "Traceback" not in node.log()
+        finally:
+            for c in clients:
+                c.close()
+
+
+@pytest.mark.slow
+def test_a_large_packet_is_taken_in_without_quadratic_copies(tmp_path):
+    size = 96 * MB
+    with capped_node(tmp_path / "d", "partial_packet_budget=134217728", cap=3 << 30) as node:
+        port = node.port("mqtt")
+        sub = MqttClient(port, timeout=60)
+        pub = MqttClient(port, timeout=60)
+        try:
+            assert sub.connect("sub").return_code == 0
+            sub.subscribe(("big", 0))
+            assert pub.connect("pub").return_code == 0
+            started = time.monotonic()
+            pub.send_raw(publish_header(size) + b"\1" * size)  # copying the buffer per read: minutes
+            got, want = 0, len(publish_header(size)) + size
+            while got < want:  # counted, not decoded: the test client's own buffer would be the slow part
+                chunk = sub.sock.recv(1 << 20)
+                assert chunk, "the subscriber was disconnected"
+                got += len(chunk)
+            assert got == want and time.monotonic() - started < 30
+        finally:
+            sub.close()
+            pub.close()
+
+
+# -- answers a peer does not read ----------------------------------------------------------
+
+def flood(sock, frame, seconds):
+    """Send ``frame`` again and again without reading; return how many bytes went out."""
+    return send_some(sock, frame * (4 * MB // len(frame)) * 16, seconds)
+
+
+@pytest.mark.parametrize("transport", ["tcp", "ws"])
+def test_a_peer_that_never_reads_cannot_grow_the_node(tmp_path, transport):
+    settings = ["mqtt_write_timeout=3000"]
+    if transport == "ws":
+        settings.append("listener.ws.default=127.0.0.1:0")
+    with capped_node(tmp_path / "d", *settings) as node:
+        before = node.rss()
+        if transport == "ws":
+            c = WsMqttClient(node.port("mqttws"))
+            assert c.handshake.startswith("HTTP/1.1 101")
+            frame = WsMqttClient.frame(9, b"p" * 125)  # WebSocket pings: each asks for a pong
+        else:
+            c = MqttClient(node.port("mqtt"))
+            frame = vmqapi.encode_packet(vmqapi.Pingreq())
+        try:
+            c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            assert c.connect("flooder", keepalive=0).return_code == 0
+            sent = flood(c.sock, frame, 2.5)
+            assert control_round_trip(node.port("mqtt")) < 5
+            grown = node.rss() - before
+            assert grown < 16 * MB, f"{sent / MB:.0f} MB of pings grew the node by {grown / MB:.0f} MB"
+            assert node.metric("socket_close_write_timeout") <= 1
+        finally:
+            c.close()
+        assert node.alive() and "Traceback" not in node.log()
+
+
+def test_a_connection_that_leaves_its_answers_unread_is_closed_after_mqtt_write_timeout(make_node):
+    node = make_node(mqtt_write_timeout="1000")
+    c = MqttClient(mqtt_port(node))
+    try:
+        c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        assert c.connect("stalled", keepalive=0).return_code == 0
+        flood(c.sock, vmqapi.encode_packet(vmqapi.Pingreq()), 1.5)
+        deadline = time.monotonic() + 10
+        while node.metrics.value("socket_close_write_timeout") < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert node.metrics.value("socket_close_write_timeout") == 1
+    finally:
+        c.close()
+
+
+# -- WebSocket before the upgrade ----------------------------------------------------------
+
+def ws_port(node):
+    return next(x["port"] for x in node.listeners() if x["type"] == "mqttws")
+
+
+def test_websocket_handshakes_and_silent_sockets_are_timed_out(make_node):
+    node = make_node(**{"listener.ws.default": "127.0.0.1:0", "mqtt_connect_timeout": "1000"})
+    socks = []
+    try:
+        for n in range(40):
+            sock = socket.create_connection(("127.0.0.1", ws_port(node)), timeout=5)
+            if n % 2:
+                sock.sendall(b"GET /mqtt HTTP/1.1\r\nHost: x\r\n")  # a handshake never finished
+            socks.append(sock)
+        upgraded = WsMqttClient(ws_port(node))  # upgraded, then no CONNECT
+        socks.append(upgraded.sock)
+        assert upgraded.handshake.startswith("HTTP/1.1 101")
+        time.sleep(1.5)
+        assert all(is_closed(s, 1.5) for s in socks)
+    finally:
+        for s in socks:
+            s.close()
+
+
+def test_websocket_sockets_count_against_max_connections(make_node):
+    node = make_node(**{"listener.ws.default": "127.0.0.1:0", "listener.ws.default.max_connections": "5"})
+    socks = [socket.create_connection(("127.0.0.1", ws_port(node)), timeout=5) for _ in range(5)]
+    try:
+        extra = socket.create_connection(("127.0.0.1", ws_port(node)), timeout=5)
+        socks.append(extra)
+        assert is_closed(extra, 2)  # the sixth, before any handshake
+        row = next(x for x in node.listeners() if x["type"] == "mqttws")
+        assert row["port"] == ws_port(node)
+    finally:
+        for s in socks:
+            s.close()
+
+
+def test_a_websocket_handshake_over_the_cap_in_one_read_is_refused(make_node):
+    node = make_node(**{"listener.ws.default": "127.0.0.1:0"})
+    headers = "".join(f"X-H{n}: v\r\n" for n in range(10000))  # about 120 KB
+    with socket.create_connection(("127.0.0.1", ws_port(node)), timeout=5) as sock:
+        sock.sendall((f"GET /mqtt HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                      f"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+                      f"Sec-WebSocket-Protocol: mqtt\r\n{headers}\r\n").encode())
+        answer = sock.recv(200)
+        assert not answer.startswith(b"HTTP/1.1 101") and answer.startswith(b"HTTP/1.1 431")
+
+
+def test_a_continuation_frame_with_nothing_to_continue_fails_the_connection(make_node):
+    node = make_node(**{"listener.ws.default": "127.0.0.1:0"})
+    c = WsMqttClient(ws_port(node))
+    try:
+        c.sock.sendall(c.frame(0, vmqapi.encode_packet(vmqapi.Connect("orphan"))))
+        assert c.read() is None and c.close_code == 1002  # RFC 6455 5.4
+    finally:
+        c.close()
+
+
+# -- timing ----------------------------------------------------------------------------------
+
+def test_keepalive_is_enforced_at_one_and_a_half_times(make_node):
+    node = make_node()
+    for n in range(3):  # the old half-second tick let such a client live half of the time
+        c = MqttClient(mqtt_port(node))
+        try:
+            assert c.connect(f"ka{n}", keepalive=1).return_code == 0
+            time.sleep(1.75)
+            try:
+                c.send(vmqapi.Pingreq())
+            except OSError:
+                continue
+            assert c.closed(1), "a client silent 1.75 s with keep-alive 1 is still connected"
+        finally:
+            c.close()
+    alive = MqttClient(mqtt_port(node))
+    try:
+        assert alive.connect("pinger", keepalive=1).return_code == 0
+        for _ in range(3):
+            time.sleep(1.2)
+            assert alive.ping()
+    finally:
+        alive.close()
+
+
+def test_a_server_disconnect_respects_the_clients_maximum_packet_size(make_node):
+    node = make_node()
+    c = MqttClient(mqtt_port(node), version=5)
+    try:
+        assert c.connect("tiny", properties=(("maximum_packet_size", 10),)).return_code == 0
+        c.send_raw(b"\x30\x02\x00\x05")  # a topic length past the packet: malformed, with a reason string
+        data, end = b"", time.monotonic() + 5
+        while time.monotonic() < end:
+            chunk = c.sock.recv(100)
+            if not chunk:
+                break
+            data += chunk
+        assert data and data[0] == 0xE0 and len(data) <= 10, data  # DISCONNECT, reason code only
+    finally:
+        c.close()
+
+
+# -- file descriptors --------------------------------------------------------------------------
+
+def test_the_admin_api_stays_reachable_when_mqtt_sockets_use_every_descriptor(tmp_path):
+    with capped_node(tmp_path / "d", nofile=(400, 400)) as node:
+        socks = []
+        try:
+            for _ in range(450):
+                try:
+                    socks.append(socket.create_connection(("127.0.0.1", node.port("mqtt")), timeout=2))
+                except OSError:
+                    break
+            time.sleep(0.5)
+            started = time.monotonic()
+            with urllib.request.urlopen(f"http://127.0.0.1:{node.port('http')}/health", timeout=5) as resp:
+                assert resp.status == 200
+            assert time.monotonic() - started < 2
+            assert node.metric("socket_close_no_descriptors") > 0
+        finally:
+            for s in socks:
+                s.close()
+        assert "Traceback" not in node.log()
+
+
+def test_the_node_raises_its_descriptor_limit_toward_the_hard_one(tmp_path):
+    with capped_node(tmp_path / "d", nofile=(256, 4096)) as node:
+        with open(f"/proc/{node.pid}/limits") as fh:
+            line = next(x for x in fh if x.startswith("Max open files"))
+        assert line.split()[3:5] == ["4096", "4096"]
+        assert "file descriptor limit (4096) is below" in node.log()  # 10000 + 10000 wanted
