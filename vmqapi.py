@@ -2369,8 +2369,10 @@ SESSION_GETTERS: dict[str, Callable[[Session], Any]] = {  # session show's per-s
 class Broker:
     """MQTT 3.1/3.1.1/5.0 broker state, driven by packets; writes go to each Client's link.
 
-    A link offers ``write(bytes)``, ``close()``, ``writable``, ``peer`` and
-    ``listener`` (with ``mountpoint``, ``allowed_versions`` and ``loopback``).
+    A link offers ``write(bytes)``, ``close()``, ``throttle(seconds)``, ``writable``,
+    ``peer``, ``identity``, ``tracer`` and ``listener`` (with ``mountpoint``,
+    ``allowed_versions``, ``allow_anonymous_override``, ``use_identity_as_username``
+    and ``loopback``). The I/O shell times each connection with ``deadline``.
     ``settings()`` returns the Config in force, so ``set`` takes effect at once.
     """
 
