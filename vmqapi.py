@@ -1267,7 +1267,8 @@ def decode_packet(buf, pos: int = 0, max_size: int = 0, version: int = 4) -> tup
         return None
     length, i = header
     if max_size and i - pos + length > max_size:
-        raise PacketTooLarge(f"packet of {i - pos + length} bytes exceeds the limit of {max_size}")
+        raise PacketTooLarge(f"packet of {i - pos + length} bytes is over the {max_size}-byte limit "
+                             f"(max_message_size; before CONNECT, max_connect_size)")
     end = i + length
     if end > len(buf):
         return None
