@@ -762,6 +762,8 @@ METRIC_DEFINITIONS: dict[str, tuple[str, str, tuple[LabelSet, ...]]] = {  # Vern
     "mqtt_auth_sent": ("counter", "The number of AUTH packets sent (MQTT 5).", (_V5_SUCCESS,)),
     "mqtt_publish_auth_error": ("counter", "The number of unauthorized publish attempts.", _NO_LABELS),
     "mqtt_subscribe_auth_error": ("counter", "The number of unauthorized subscription attempts.", _NO_LABELS),
+    "acl_reload_error": ("counter", "The number of times the vmq_acl file could not be loaded again (the "
+                         "previous rules stay in force).", _NO_LABELS),
     "mqtt_publish_error": ("counter", "The number of PUBLISH packets refused as invalid (an MQTT 5 payload that is "
                            "not the UTF-8 it claims to be).", _NO_LABELS),
     "mqtt_subscribe_error": ("counter", "The number of subscriptions refused as invalid.", _NO_LABELS),
@@ -1890,8 +1892,8 @@ def check_password(password: bytes, stored: str) -> bool:
 class ReloadingFile:
     """A file parsed again when its mtime changes, checked at most every ``interval`` s."""
 
-    def __init__(self, parse: Callable[[str], Any], empty: Any):
-        self._parse, self._empty = parse, empty
+    def __init__(self, parse: Callable[[str], Any], empty: Any, on_error: Callable[[], None] = lambda: None):
+        self._parse, self._empty, self._on_error = parse, empty, on_error
         self.path, self.value = "", empty
         self._signature: tuple | None = None
         self._checked = -1e18
@@ -1904,6 +1906,7 @@ class ReloadingFile:
             return self._empty
         if self._signature is None or (interval and now - self._checked >= interval):
             self._checked = now
+            signature = ("failed",)
             try:
                 st = os.stat(path)
                 signature = (st.st_ino, st.st_mtime_ns, st.st_size)
@@ -1913,8 +1916,21 @@ class ReloadingFile:
                     self._signature = signature
             except (OSError, ValueError, UnicodeDecodeError) as exc:
                 log.error("cannot load %s: %s; keeping the previous rules", path, exc)
-                self._signature = self._signature or ("failed",)
+                self._signature = signature  # a bad version is reported once, tried again when it changes
+                self._on_error()
         return self.value
+
+
+def check_acl_file(path: str) -> None:
+    """Raise ConfigError naming the file and line when the vmq_acl file cannot be used (start-up)."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            parse_acl(fh.read())
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"vmq_acl.acl_file {path}: cannot read it: {getattr(exc, 'strerror', None) or exc}") \
+            from None
+    except ValueError as exc:
+        raise ConfigError(f"vmq_acl.acl_file {path}: {exc}") from None
 
 
 def parse_passwd(text: str) -> dict[str, str]:
@@ -1940,7 +1956,11 @@ class AclRules:
 
 
 def parse_acl(text: str) -> AclRules:
-    """Parse a vmq_acl file (``topic [read|write] T``, ``user U``, ``pattern [read|write] T``)."""
+    """Parse a vmq_acl file (``topic [read|write] T``, ``user U``, ``pattern [read|write] T``).
+
+    Any line that is not one of these raises ValueError naming the line: a rule
+    file read half is a rule file that grants what its author did not write.
+    """
     everyone, users, patterns, user = [], {}, [], None
     for number, line in enumerate(text.split("\n"), 1):
         if not line or line.startswith("#"):
@@ -1957,24 +1977,66 @@ def parse_acl(text: str) -> AclRules:
             access, topic = "readwrite", rest
         topic = topic.strip(" \t")
         if not valid_topic_filter(topic):
-            log.warning("acl line %d: invalid topic %r skipped", number, topic)
-            continue
+            raise ValueError(f"line {number}: invalid topic filter {topic!r}")
         target = patterns if word == "pattern" else (users[user] if user is not None else everyone)
         target.append((access, topic))
     return AclRules(tuple(everyone), {u: tuple(r) for u, r in users.items()}, tuple(patterns))
 
 
+def filter_covers(granted: str, wanted: str) -> bool:
+    """Tell whether every topic ``wanted`` (a name or a filter) matches is matched by ``granted``.
+
+    For a topic name this is ``topic_matches``; for a filter it is filter
+    inclusion, so ``sensors/+`` does not cover ``sensors/#``. A leading wildcard
+    matches no ``$`` topic [MQTT-4.7.2-1], so ``#`` does not cover ``$SYS/x``.
+    """
+    g, w = granted.split("/"), wanted.split("/")
+    for n, level in enumerate(g):
+        if level == "#":  # also matches the parent level [MQTT-4.7.1-2], as a wanted "#" does
+            return n > 0 or not w[0].startswith("$")
+        if n >= len(w) or w[n] == "#" or (level != w[n] and level != "+"):
+            return False
+        if n == 0 and level == "+" and w[0].startswith("$"):
+            return False  # [MQTT-4.7.2-1]
+    return len(g) == len(w)
+
+
+ACL_WARNED_MAX = 10_000  # clients remembered as already warned about, before the memory starts over
+ACL_ID_WILDCARDS = ("+", "#", "/")  # mosquitto CVE-2017-7650: an id with these would widen a pattern
+
+
+def acl_unsafe_id(user: str | None, client_id: str) -> str:
+    """Return why patterns with ``%u``/``%c`` cannot apply to this client ('' when they can)."""
+    for name, value in (("client id", client_id), ("user name", user)):
+        bad = [c for c in ACL_ID_WILDCARDS if value is not None and c in value]
+        if bad:
+            return f"its {name} {value!r} contains {' '.join(bad)}"
+    return ""
+
+
 def acl_allows(rules: AclRules, access: str, topic: str, user: str | None, client_id: str,
                mountpoint: str) -> bool:
-    """Check all-users rules, then the user's, then patterns (whole-level %u %c %m)."""
+    """Check all-users rules, then the user's, then patterns (whole-level %u %c %m).
+
+    ``topic`` is a topic name (write) or a subscription filter (read): a filter
+    must be covered by one granted filter. A pattern never applies through a
+    substituted id holding ``+``, ``#`` or ``/``.
+    """
     def hit(entries):
-        return any(a in (access, "readwrite") and topic_matches(t, topic) for a, t in entries)
+        return any(a in (access, "readwrite") and filter_covers(t, topic) for a, t in entries)
     if hit(rules.everyone) or (user is not None and hit(rules.users.get(user, ()))):
         return True
     subst = {"%u": user, "%c": client_id, "%m": mountpoint}
+    unsafe = {"%u": user, "%c": client_id}
     for a, pattern in rules.patterns:
-        levels = [subst.get(level, level) for level in pattern.split("/")]
-        if None not in levels and a in (access, "readwrite") and topic_matches("/".join(levels), topic):
+        if a not in (access, "readwrite"):
+            continue
+        levels = pattern.split("/")
+        if any(unsafe.get(level) is not None and any(c in unsafe[level] for c in ACL_ID_WILDCARDS)
+               for level in levels):
+            continue  # the substituted id would be a wildcard or reach into another level
+        levels = [subst.get(level, level) for level in levels]
+        if None not in levels and filter_covers("/".join(levels), topic):
             return True
     return False
 
@@ -2075,6 +2137,18 @@ def run_auth_hooks(hooks: tuple[Callable[..., Any], ...], *args: Any) -> Any:
         if answer is not None and answer != "next":
             return "ok" if answer is True else "error" if answer is False else answer
     return None
+
+
+def hook_refusal_code(qos: int, v5: bool) -> int:
+    """Return the SUBACK code for an auth_on_subscribe answer outside QoS 0-2 for one topic.
+
+    128 is VerneMQ's "not allowed"; an MQTT 5 client hears it as 0x80, and a
+    hook may name an MQTT 5 failure code (0x87, 0x97, ...) itself, which is
+    passed on. MQTT 3.1.1 has only 0x80 (3.9.3).
+    """
+    if v5 and qos in SUBACK_CODES_5 and qos >= SUBACK_FAILURE:
+        return qos
+    return SUBACK_FAILURE
 
 
 def notify(hooks: tuple[Callable[..., Any], ...], *args: Any) -> None:
@@ -2356,7 +2430,8 @@ class Broker:
         self.counters: dict[tuple, int] = collections.defaultdict(int)
         self.anonymous_default = True  # the node sets it: every MQTT listener on loopback
         self._passwd = ReloadingFile(parse_passwd, {})
-        self._acl = ReloadingFile(parse_acl, None)
+        self._acl = ReloadingFile(parse_acl, None, lambda: self.count("acl_reload_error"))
+        self._acl_warned: set[tuple[str, str, str | None]] = set()  # clients told patterns skip them
         self._next_ref = 1
         self._match_cache: dict[tuple[str, str], dict] = {}
         self.tracers: dict[tuple[str, str], Tracer] = {}
@@ -2712,9 +2787,23 @@ class Broker:
         config = self._config
         rules = self._acl.get(self.acl_file, config["vmq_acl.acl_reload_interval"], self.clock())
         if rules is None:
-            return True
+            return False  # a file is configured but never loaded: refuse rather than grant all
         session = client.session
+        if rules.patterns:
+            self._warn_unsafe_id(client.user, session)
         return acl_allows(rules, access, topic, client.user, session.client_id, session.mountpoint)
+
+    def _warn_unsafe_id(self, user: str | None, session: Session) -> None:
+        """Log once per client that vmq_acl patterns do not apply to it, and why."""
+        key = (session.mountpoint, session.client_id, user)
+        if key in self._acl_warned:
+            return
+        reason = acl_unsafe_id(user, session.client_id)
+        if reason:
+            if len(self._acl_warned) >= ACL_WARNED_MAX:
+                self._acl_warned.clear()  # bounded: a flood of odd ids cannot grow it without end
+            self._acl_warned.add(key)
+            log.warning("vmq_acl: patterns do not apply to client %r: %s", session.client_id, reason)
 
     def resume(self, session: Session) -> None:
         """Resend what was in flight (DUP) [MQTT-4.4.0-1], then drain the queue."""
@@ -3129,7 +3218,11 @@ class Broker:
                 topics, answer = [(str(t), int(q)) for t, q in answer], "ok"
         codes, granted = [], []
         for (topic_filter, qos), (_, options) in zip(topics, p.topics):
-            valid = valid_subscription(topic_filter) and qos in (0, 1, 2)
+            if qos not in (0, 1, 2):  # only a hook's answer can say so: it refused this one topic
+                codes.append(hook_refusal_code(qos, v5))
+                self.counters["mqtt_subscribe_auth_error", ()] += 1
+                continue
+            valid = valid_subscription(topic_filter)
             shared, plain = split_shared(topic_filter)
             if v5 and options & 4 and shared is not None:
                 raise ProtocolError("No Local on a shared subscription")  # [MQTT-3.8.3-4]
@@ -3351,7 +3444,7 @@ class Broker:
             return 0
         probe = Client(None, self.clock())
         probe.user, probe.session = username, session
-        refused = [t for t in list(session.subs) if not self.acl(probe, "read", t)]
+        refused = [t for t in list(session.subs) if not self.acl(probe, "read", split_shared(t)[1])]
         for topic_filter in refused:
             self.unsubscribe(session, topic_filter)
         return len(refused)
@@ -6503,6 +6596,8 @@ class Node:
         self.keystore.load()
         for path in (self.keystore.path, self._config["vmq_passwd.password_file"]):
             refuse_if_readable_by_others(path)
+        if self._config["vmq_acl.acl_file"]:
+            check_acl_file(self._config["vmq_acl.acl_file"])
         self._provision()
         try:
             self._start_mqtt()
