@@ -4587,7 +4587,8 @@ class Param:
 
     ``value`` says whether a flag takes a value: ``none`` (``--cleanup``),
     ``optional`` (``--topic`` selects, ``--topic=x`` filters) or ``required``.
-    Argument keys always take one.
+    Argument keys always take one. ``secret``: given at all (to select or to
+    filter), the flag shows message payloads, so a read-only key may not use it.
     """
 
     name: str
@@ -4595,6 +4596,7 @@ class Param:
     short: str = ""
     doc: str = ""
     value: str = "required"
+    secret: bool = False
 
     def __post_init__(self):
         if not _NAME_RE.fullmatch(self.name):
@@ -4632,7 +4634,14 @@ def _params(items: Iterable[Any], flag: bool) -> tuple[Param, ...]:
 
 @dataclass(frozen=True, slots=True)
 class Command:
-    """One vmq-admin command: its words, parameters, usage and handler."""
+    """One vmq-admin command: its words, parameters, usage and handler.
+
+    What a read-only (``mgmt_ro``) key may run is marked here, not in the HTTP
+    handler: ``read_only`` (it changes nothing), ``secret`` (its answer holds
+    key material or payloads, whatever the flags), a Param's ``secret`` (that
+    flag shows payloads), and ``default_columns`` (the columns shown when no
+    ``optional`` flag selects one, so a secret default column counts as given).
+    """
 
     words: tuple[str, ...]
     handler: Callable[[Call], Any]
@@ -4645,6 +4654,8 @@ class Command:
     extra_words: str = ""
     open_keys: bool = False
     quick: bool | Callable[[Any], bool] = False  # small work: HTTP answers it in its loop (a callable: ask node)
+    secret: bool = False
+    default_columns: tuple[str, ...] = ()
 
     def __post_init__(self):
         if not self.words or not all(_NAME_RE.fullmatch(w) for w in self.words):
@@ -4652,6 +4663,19 @@ class Command:
         names = {k.name for k in self.keys}
         if not set(self.required) <= names:
             raise ValueError(f"required keys not declared: {set(self.required) - names}")
+
+    def read_only_refusal(self, flags: Mapping[str, Any]) -> str:
+        """Return why a read-only key may not run this command with ``flags`` ('' when it may)."""
+        words = " ".join(self.words)
+        if not self.read_only:
+            return f"a mgmt_ro key may not run {words}, which changes the node"
+        if self.secret:
+            return f"a mgmt_ro key may not run {words}, which shows key material or message payloads"
+        selecting = any(flags.get(f.name, "") is None for f in self.flags if f.value == "optional")
+        for f in self.flags:
+            if f.secret and (f.name in flags or (not selecting and f.name in self.default_columns)):
+                return f"a mgmt_ro key may not see --{f.name} of {words}, which shows message payloads"
+        return ""
 
     def key(self, name: str) -> Param | None:
         """Return the argument key ``name``, or None."""
@@ -4723,16 +4747,18 @@ class CommandTable:
 
     def register(self, words: Sequence[str], fn: Callable[[Call], Any], *, keys: Iterable[Any] = (),
                  flags: Iterable[Any] = (), usage: str | None = None, required: Iterable[str] = (),
-                 read_only: bool = False, quick: bool | Callable[[Any], bool] = False) -> Command:
+                 read_only: bool = False, quick: bool | Callable[[Any], bool] = False,
+                 secret: bool = False) -> Command:
         """Add a command from an embedding program; it then exists in CLI, HTTP and --help.
 
         ``keys`` and ``flags`` are names, ``(name, parser)`` pairs or Params;
         ``fn(call)`` returns a string, an element, or a list of elements. Over HTTP it
         runs in a worker thread, unless ``quick`` says its work is small and bounded.
+        ``read_only`` lets mgmt_ro keys run it, unless ``secret`` says its answer shows secrets.
         """
         return self.add(Command(tuple(words), fn, keys=_params(keys, False), flags=_params(flags, True),
                                 required=tuple(required), doc=usage or fn.__doc__ or "",
-                                read_only=read_only, quick=quick))
+                                read_only=read_only, quick=quick, secret=secret))
 
     def __iter__(self):
         return iter(sorted(self._commands.values(), key=lambda c: c.words))
@@ -5098,11 +5124,11 @@ _catalogue: list[Command] = []  # filled by @command below, frozen into CATALOGU
 
 def command(*words: str, keys: Iterable[Param] = (), flags: Iterable[Param] = (), required: Iterable[str] = (),
             read_only: bool = False, local: bool = False, extra_words: str = "", open_keys: bool = False,
-            quick: bool | Callable[[Any], bool] = False):
+            quick: bool | Callable[[Any], bool] = False, secret: bool = False, default_columns: Iterable[str] = ()):
     """Declare a catalogue command; the decorated function is its handler."""
     def register(fn: Callable[[Call], Any]) -> Callable[[Call], Any]:
         _catalogue.append(Command(tuple(words), fn, tuple(keys), tuple(flags), tuple(required), fn.__doc__ or "",
-                                  read_only, local, extra_words, open_keys, quick))
+                                  read_only, local, extra_words, open_keys, quick, secret, tuple(default_columns)))
         return fn
     return register
 
@@ -5154,7 +5180,7 @@ def cmd_api_key_delete(call: Call) -> Any:
 
 
 @command("api-key", "show", quick=True, keys=(Param("scope", doc="a scope, or all (default)"),), read_only=True,
-         local=True)
+         local=True, secret=True)
 def cmd_api_key_show(call: Call) -> Any:
     """List the API keys with their scope and expiry, oldest first."""
     columns = ("Key", "Scope", "Expires (UTC)", "has expired")
@@ -5393,6 +5419,7 @@ SESSION_FIELDS = (  # SPEC 5; VerneMQ vmq_info:fields_config/0
 )
 SUBSCRIPTION_FIELDS = ("topic", "qos", "rap", "no_local")
 MESSAGE_FIELDS = ("msg_ref", "msg_qos", "routing_key", "dup", "payload")
+SECRET_SESSION_FIELDS = ("payload",)  # what a mgmt_ro key may not select or filter on (SPEC 4)
 
 
 def _expand(record: Mapping[str, Any], fields: set[str]) -> list[Mapping[str, Any]]:
@@ -5442,8 +5469,8 @@ def session_table(records: Iterable[Mapping[str, Any]], flags: Mapping[str, Any]
     Param("limit", parse_positive_int, doc="rows to return at most (default 100)"),
     Param("rowtimeout", parse_positive_int, doc="milliseconds to wait for a row (default 100)"),
     Param("offset", parse_int_range(0), doc="rows to skip first, for paging"),
-    *(Param(f, parse_regex_or_text, value="optional", doc="select; =value or =~regex filters")
-      for f in SESSION_FIELDS)))
+    *(Param(f, parse_regex_or_text, value="optional", doc="select; =value or =~regex filters",
+            secret=f in SECRET_SESSION_FIELDS) for f in SESSION_FIELDS)))
 def cmd_session_show(call: Call) -> Any:
     """Show sessions; --field selects a column, --field=value filters (=~regex too)."""
     wanted = call.flags.get("client_id")
@@ -5571,7 +5598,7 @@ def cmd_log_level(call: Call) -> Any:
 
 
 @command("trace", "client", keys=(Param("client-id", doc="the client to trace"),), required=("client-id",),
-         read_only=True, flags=(
+         read_only=True, secret=True, flags=(
              _MOUNTPOINT, Param("rate-max", parse_positive_int, doc="lines per interval (10)"),
              Param("rate-interval", parse_positive_int, doc="the interval in ms (100)"),
              Param("trunc-payload", parse_int_range(0), doc="payload bytes shown (200)"),
@@ -5600,16 +5627,16 @@ def cmd_plugin_show(call: Call) -> Any:
     return Table(tuple(rows), ("Plugin", "Type", "Hook(s)", "M:F/A"))
 
 
-@command("retain", "show", read_only=True, flags=(
+@command("retain", "show", read_only=True, default_columns=("payload", "topic"), flags=(
     Param("limit", parse_positive_int, doc="rows to return at most (default 100)"),
     Param("rowtimeout", parse_positive_int, doc="milliseconds to wait for a row (default 100)"),
-    Param("payload", value="optional", doc="select; =value filters"),
+    Param("payload", value="optional", doc="select; =value filters", secret=True),
     Param("topic", value="optional", doc="select; =value filters"),
     Param("mountpoint", value="optional", doc="select; =value filters (default: the empty mountpoint)")))
 def cmd_retain_show(call: Call) -> Any:
     """Show retained messages; --field selects a column, --field=value filters."""
     fields = ("mountpoint", "payload", "topic")
-    selected = [f for f in fields if f in call.flags and call.flags[f] is None] or ["payload", "topic"]
+    selected = [f for f in fields if f in call.flags and call.flags[f] is None] or list(call.command.default_columns)
     filters = {f: call.flags[f] for f in fields if call.flags.get(f) is not None}
     filters.setdefault("mountpoint", "")
     rows = [r for r in call.node.retained_rows() if all(r[f] == v for f, v in filters.items())]
@@ -5904,8 +5931,9 @@ def serve_api(node: Any, req: Request, rest: str, query: str) -> Response:
         return Response(200, (("Content-Type", JSON_TYPE),), body)
     argv = request_argv(req, rest, query)
     call, wants_help = prepare(node.commands, argv, node)
-    if scope == "mgmt_ro" and not call.command.read_only and not wants_help:
-        raise Forbidden(f"a mgmt_ro key may not run {' '.join(call.command.words)}, which changes the node")
+    refusal = call.command.read_only_refusal(call.flags) if scope == "mgmt_ro" and not wants_help else ""
+    if refusal:
+        raise Forbidden(refusal)
     if req.method == "OPTIONS":
         return Response(200, CORS_HEADERS)
     if not accepts_json(req.headers.get("accept")):
