@@ -5138,9 +5138,96 @@ def parse_positive_int(text: str) -> int:
     return parse_int_range(1)(text)
 
 
+# A ~regex filter runs in Python's re, which backtracks while holding the GIL, so one search
+# can stop every thread (the broker's too). What could backtrack without bound is refused;
+# what is left costs about len(text) ** (quantifiers + 1) * 4 ** alternations steps (measured:
+# 2**24 of them take a few ms), so the text a regex looks at is capped to keep one search that short.
+REGEX_MAX_LENGTH = 100  # characters of a ~regex
+REGEX_MAX_REPEATS = 3  # quantifiers (* + ? {m,n}) in one ~regex
+REGEX_MAX_ALTERNATIONS = 8  # | in one ~regex: at most 2**8 ways through its groups
+REGEX_WORK = 2 ** 24  # steps one search may take: a few milliseconds with the GIL held
+REGEX_TEXT_MAX = 65536  # characters of a value any ~regex looks at
+_REGEX_QUANTIFIER = re.compile(r"[*+?]|\{[0-9]*(?:,[0-9]*)?\}")
+_REGEX_GROUP_OPENINGS = ("(?:", "(?P<", "(?>")  # groups that only group; flags (?i) are fine too
+
+
+def _regex_group(pattern: str, i: int) -> str:
+    """Return why the group opening at ``pattern[i]`` is refused ('' when it is a plain group)."""
+    if not pattern.startswith("(?", i) or pattern.startswith(_REGEX_GROUP_OPENINGS, i):
+        return ""
+    if re.match(r"\(\?[aiLmsux]+(?:-[imsx]+)?[:)]", pattern[i:]):
+        return ""
+    return "backreferences, lookarounds and conditional groups are not supported"
+
+
+def _regex_quantifier(pattern: str, i: int) -> int:
+    """Return the length of the quantifier at ``pattern[i]`` (0: none), a lazy or possessive suffix included."""
+    match = _REGEX_QUANTIFIER.match(pattern, i)
+    if match is None:
+        return 0
+    return match.end() - i + (match.end() < len(pattern) and pattern[match.end()] in "?+")
+
+
+def analyse_regex(pattern: str) -> tuple[str, int, int]:
+    """Return (why ``pattern`` may backtrack without bound or '', its quantifiers, its alternations).
+
+    A refused pattern's counts are 0.
+
+    Refused: more than REGEX_MAX_LENGTH characters, backreferences, lookarounds,
+    a repeated group that holds a repetition or an alternation (``(a+)+``,
+    ``(a|aa)*``), more than REGEX_MAX_REPEATS quantifiers or REGEX_MAX_ALTERNATIONS ``|``.
+    """
+    if len(pattern) > REGEX_MAX_LENGTH:
+        return f"longer than {REGEX_MAX_LENGTH} characters", 0, 0
+    groups, repeats, alternations, i = [[False]], 0, 0, 0  # per open group: holds a repetition or |
+    while i < len(pattern):
+        char, atom = pattern[i], None
+        if char == "\\":
+            if pattern[i + 1:i + 2].isdigit() and pattern[i + 1] != "0":
+                return "backreferences are not supported", 0, 0
+            atom, i = False, i + 2
+        elif char == "[":
+            end = re.match(r"\[\^?\]?(?:\\.|[^\]\\])*\]", pattern[i:])
+            atom, i = False, i + (end.end() if end else len(pattern))
+        elif char == "(":
+            reason = _regex_group(pattern, i)
+            if reason:
+                return reason, 0, 0
+            groups.append([False])
+            i += 1
+            continue
+        elif char == ")" and len(groups) > 1:
+            atom, i = groups.pop()[0], i + 1
+        elif char == "|":
+            alternations += 1
+            groups[-1][0] = True
+            i += 1
+            continue
+        else:
+            atom, i = False, i + 1
+        size = _regex_quantifier(pattern, i)
+        if size:
+            if atom:
+                return "a repeated group holds a repetition or an alternation (nested repetition)", 0, 0
+            repeats, i = repeats + 1, i + size
+        groups[-1][0] = groups[-1][0] or atom or bool(size)
+    if repeats > REGEX_MAX_REPEATS or alternations > REGEX_MAX_ALTERNATIONS:
+        return f"more than {REGEX_MAX_REPEATS} quantifiers or {REGEX_MAX_ALTERNATIONS} alternations", 0, 0
+    return "", repeats, alternations
+
+
+def regex_text_limit(pattern: str) -> int:
+    """Return how many characters of a value the (accepted) ``pattern`` looks at."""
+    _, repeats, alternations = analyse_regex(pattern)
+    return min(REGEX_TEXT_MAX, int((REGEX_WORK / 4 ** alternations) ** (1 / (repeats + 1)) + 1e-6))
+
+
 def parse_regex_or_text(text: str) -> str:
-    """Accept a filter value; ``~regex`` must compile."""
+    """Accept a filter value; ``~regex`` must compile and be one whose work is bounded."""
     if text.startswith("~"):
+        reason = analyse_regex(text[1:])[0]
+        if reason:
+            raise ValueError(f"regular expression refused: {reason}")
         try:
             re.compile(text[1:])
         except re.error as exc:
@@ -5438,30 +5525,59 @@ def session_query(flags: Mapping[str, Any]) -> tuple[list[str], dict[str, str], 
     return selected, filters, set(selected) | set(filters)
 
 
-def _matches(row: Mapping[str, Any], filters: Mapping[str, str]) -> bool:
+def compile_filters(filters: Mapping[str, str]) -> list[tuple[str, str, Any, int]]:
+    """Return (field, wanted text, compiled ~regex or None, characters the regex sees) per filter."""
+    out = []
     for name, wanted in filters.items():
+        regex = wanted[1:] if wanted.startswith("~") else None
+        out.append((name, wanted, regex and re.compile(regex), regex and regex_text_limit(regex)))
+    return out
+
+
+def _matches(row: Mapping[str, Any], filters: Sequence[tuple[str, str, Any, int]]) -> bool:
+    for name, wanted, regex, limit in filters:
         shown = _cell(row.get(name)) if row.get(name) is not None else "null"
-        if wanted.startswith("~"):
-            if not re.search(wanted[1:], shown):
+        if regex is not None:
+            if not regex.search(shown, 0, limit):
                 return False
         elif shown != wanted:
             return False
     return True
 
 
-def session_table(records: Iterable[Mapping[str, Any]], flags: Mapping[str, Any]) -> Table:
+ROWTIMEOUT_DEFAULT = 100  # ms, VerneMQ session show --rowtimeout
+
+
+def session_table(records: Iterable[Mapping[str, Any]], flags: Mapping[str, Any],
+                  clock: Callable[[], float] = time.monotonic) -> Any:
     """Select, filter, expand, order and page session records as session show does.
 
     ``--field`` selects a column, ``--field=v`` filters (``~regex`` by regular
     expression); filters AND; rows come ordered by (mountpoint, client_id) and
-    their keys alphabetically.
+    their keys alphabetically. A scan that finds no row within ``--rowtimeout``
+    ms stops: the answer is the rows found and an alert saying so.
     """
     selected, filters, used = session_query(flags)
+    matchers = compile_filters(filters)
     ordered = sorted(records, key=lambda r: (r.get("mountpoint", ""), r.get("client_id", "")))
-    rows = [row for rec in ordered for row in _expand(rec, used) if not filters or _matches(row, filters)]
     offset, limit = flags.get("offset") or 0, flags.get("limit") or 100
+    budget = (flags.get("rowtimeout") or ROWTIMEOUT_DEFAULT) / 1000
+    rows, last, cut = [], clock(), False
+    for row in (row for rec in ordered for row in _expand(rec, used)):
+        if not matchers or _matches(row, matchers):
+            rows.append(row)
+            last = clock()
+            if len(rows) >= offset + limit:
+                break
+        elif clock() - last > budget:
+            cut = True
+            break
     columns = tuple(sorted(selected))
-    return Table(tuple({c: row.get(c) for c in columns} for row in rows[offset:offset + limit]), columns)
+    table = Table(tuple({c: row.get(c) for c in columns} for row in rows[offset:offset + limit]), columns)
+    if not cut:
+        return table
+    return [table, alert(f"session show stopped after {len(rows)} rows: no further row matched within "
+                         f"--rowtimeout={int(budget * 1000)} ms; narrow the filter or raise --rowtimeout")]
 
 
 @command("session", "show", read_only=True, quick=lambda node: node.session_count() <= QUICK_SESSION_SHOW,
