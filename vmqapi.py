@@ -777,6 +777,8 @@ METRIC_DEFINITIONS: dict[str, tuple[str, str, tuple[LabelSet, ...]]] = {  # Vern
     "mqtt_auth_sent": ("counter", "The number of AUTH packets sent (MQTT 5).", (_V5_SUCCESS,)),
     "mqtt_publish_auth_error": ("counter", "The number of unauthorized publish attempts.", _NO_LABELS),
     "mqtt_subscribe_auth_error": ("counter", "The number of unauthorized subscription attempts.", _NO_LABELS),
+    "acl_reload_error": ("counter", "The number of times the vmq_acl file could not be loaded again (the "
+                         "previous rules stay in force).", _NO_LABELS),
     "mqtt_publish_error": ("counter", "The number of PUBLISH packets refused as invalid (an MQTT 5 payload that is "
                            "not the UTF-8 it claims to be).", _NO_LABELS),
     "mqtt_subscribe_error": ("counter", "The number of subscriptions refused as invalid.", _NO_LABELS),
@@ -1920,8 +1922,8 @@ def check_password(password: bytes, stored: str) -> bool:
 class ReloadingFile:
     """A file parsed again when its mtime changes, checked at most every ``interval`` s."""
 
-    def __init__(self, parse: Callable[[str], Any], empty: Any):
-        self._parse, self._empty = parse, empty
+    def __init__(self, parse: Callable[[str], Any], empty: Any, on_error: Callable[[], None] = lambda: None):
+        self._parse, self._empty, self._on_error = parse, empty, on_error
         self.path, self.value = "", empty
         self._signature: tuple | None = None
         self._checked = -1e18
@@ -1934,6 +1936,7 @@ class ReloadingFile:
             return self._empty
         if self._signature is None or (interval and now - self._checked >= interval):
             self._checked = now
+            signature = ("failed",)
             try:
                 st = os.stat(path)
                 signature = (st.st_ino, st.st_mtime_ns, st.st_size)
@@ -1943,8 +1946,21 @@ class ReloadingFile:
                     self._signature = signature
             except (OSError, ValueError, UnicodeDecodeError) as exc:
                 log.error("cannot load %s: %s; keeping the previous rules", path, exc)
-                self._signature = self._signature or ("failed",)
+                self._signature = signature  # a bad version is reported once, tried again when it changes
+                self._on_error()
         return self.value
+
+
+def check_acl_file(path: str) -> None:
+    """Raise ConfigError naming the file and line when the vmq_acl file cannot be used (start-up)."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            parse_acl(fh.read())
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"vmq_acl.acl_file {path}: cannot read it: {getattr(exc, 'strerror', None) or exc}") \
+            from None
+    except ValueError as exc:
+        raise ConfigError(f"vmq_acl.acl_file {path}: {exc}") from None
 
 
 def parse_passwd(text: str) -> dict[str, str]:
@@ -1970,7 +1986,11 @@ class AclRules:
 
 
 def parse_acl(text: str) -> AclRules:
-    """Parse a vmq_acl file (``topic [read|write] T``, ``user U``, ``pattern [read|write] T``)."""
+    """Parse a vmq_acl file (``topic [read|write] T``, ``user U``, ``pattern [read|write] T``).
+
+    Any line that is not one of these raises ValueError naming the line: a rule
+    file read half is a rule file that grants what its author did not write.
+    """
     everyone, users, patterns, user = [], {}, [], None
     for number, line in enumerate(text.split("\n"), 1):
         if not line or line.startswith("#"):
@@ -1987,24 +2007,66 @@ def parse_acl(text: str) -> AclRules:
             access, topic = "readwrite", rest
         topic = topic.strip(" \t")
         if not valid_topic_filter(topic):
-            log.warning("acl line %d: invalid topic %r skipped", number, topic)
-            continue
+            raise ValueError(f"line {number}: invalid topic filter {topic!r}")
         target = patterns if word == "pattern" else (users[user] if user is not None else everyone)
         target.append((access, topic))
     return AclRules(tuple(everyone), {u: tuple(r) for u, r in users.items()}, tuple(patterns))
 
 
+def filter_covers(granted: str, wanted: str) -> bool:
+    """Tell whether every topic ``wanted`` (a name or a filter) matches is matched by ``granted``.
+
+    For a topic name this is ``topic_matches``; for a filter it is filter
+    inclusion, so ``sensors/+`` does not cover ``sensors/#``. A leading wildcard
+    matches no ``$`` topic [MQTT-4.7.2-1], so ``#`` does not cover ``$SYS/x``.
+    """
+    g, w = granted.split("/"), wanted.split("/")
+    for n, level in enumerate(g):
+        if level == "#":  # also matches the parent level [MQTT-4.7.1-2], as a wanted "#" does
+            return n > 0 or not w[0].startswith("$")
+        if n >= len(w) or w[n] == "#" or (level != w[n] and level != "+"):
+            return False
+        if n == 0 and level == "+" and w[0].startswith("$"):
+            return False  # [MQTT-4.7.2-1]
+    return len(g) == len(w)
+
+
+ACL_WARNED_MAX = 10_000  # clients remembered as already warned about, before the memory starts over
+ACL_ID_WILDCARDS = ("+", "#", "/")  # mosquitto CVE-2017-7650: an id with these would widen a pattern
+
+
+def acl_unsafe_id(user: str | None, client_id: str) -> str:
+    """Return why patterns with ``%u``/``%c`` cannot apply to this client ('' when they can)."""
+    for name, value in (("client id", client_id), ("user name", user)):
+        bad = [c for c in ACL_ID_WILDCARDS if value is not None and c in value]
+        if bad:
+            return f"its {name} {value!r} contains {' '.join(bad)}"
+    return ""
+
+
 def acl_allows(rules: AclRules, access: str, topic: str, user: str | None, client_id: str,
                mountpoint: str) -> bool:
-    """Check all-users rules, then the user's, then patterns (whole-level %u %c %m)."""
+    """Check all-users rules, then the user's, then patterns (whole-level %u %c %m).
+
+    ``topic`` is a topic name (write) or a subscription filter (read): a filter
+    must be covered by one granted filter. A pattern never applies through a
+    substituted id holding ``+``, ``#`` or ``/``.
+    """
     def hit(entries):
-        return any(a in (access, "readwrite") and topic_matches(t, topic) for a, t in entries)
+        return any(a in (access, "readwrite") and filter_covers(t, topic) for a, t in entries)
     if hit(rules.everyone) or (user is not None and hit(rules.users.get(user, ()))):
         return True
     subst = {"%u": user, "%c": client_id, "%m": mountpoint}
+    unsafe = {"%u": user, "%c": client_id}
     for a, pattern in rules.patterns:
-        levels = [subst.get(level, level) for level in pattern.split("/")]
-        if None not in levels and a in (access, "readwrite") and topic_matches("/".join(levels), topic):
+        if a not in (access, "readwrite"):
+            continue
+        levels = pattern.split("/")
+        if any(unsafe.get(level) is not None and any(c in unsafe[level] for c in ACL_ID_WILDCARDS)
+               for level in levels):
+            continue  # the substituted id would be a wildcard or reach into another level
+        levels = [subst.get(level, level) for level in levels]
+        if None not in levels and filter_covers("/".join(levels), topic):
             return True
     return False
 
@@ -2105,6 +2167,18 @@ def run_auth_hooks(hooks: tuple[Callable[..., Any], ...], *args: Any) -> Any:
         if answer is not None and answer != "next":
             return "ok" if answer is True else "error" if answer is False else answer
     return None
+
+
+def hook_refusal_code(qos: int, v5: bool) -> int:
+    """Return the SUBACK code for an auth_on_subscribe answer outside QoS 0-2 for one topic.
+
+    128 is VerneMQ's "not allowed"; an MQTT 5 client hears it as 0x80, and a
+    hook may name an MQTT 5 failure code (0x87, 0x97, ...) itself, which is
+    passed on. MQTT 3.1.1 has only 0x80 (3.9.3).
+    """
+    if v5 and qos in SUBACK_CODES_5 and qos >= SUBACK_FAILURE:
+        return qos
+    return SUBACK_FAILURE
 
 
 def notify(hooks: tuple[Callable[..., Any], ...], *args: Any) -> None:
@@ -2388,7 +2462,8 @@ class Broker:
         self.counters: dict[tuple, int] = collections.defaultdict(int)
         self.anonymous_default = True  # the node sets it: every MQTT listener on loopback
         self._passwd = ReloadingFile(parse_passwd, {})
-        self._acl = ReloadingFile(parse_acl, None)
+        self._acl = ReloadingFile(parse_acl, None, lambda: self.count("acl_reload_error"))
+        self._acl_warned: set[tuple[str, str, str | None]] = set()  # clients told patterns skip them
         self._next_ref = 1
         self._match_cache: dict[tuple[str, str], dict] = {}
         self.tracers: dict[tuple[str, str], Tracer] = {}
@@ -2748,9 +2823,23 @@ class Broker:
         config = self._config
         rules = self._acl.get(self.acl_file, config["vmq_acl.acl_reload_interval"], self.clock())
         if rules is None:
-            return True
+            return False  # a file is configured but never loaded: refuse rather than grant all
         session = client.session
+        if rules.patterns:
+            self._warn_unsafe_id(client.user, session)
         return acl_allows(rules, access, topic, client.user, session.client_id, session.mountpoint)
+
+    def _warn_unsafe_id(self, user: str | None, session: Session) -> None:
+        """Log once per client that vmq_acl patterns do not apply to it, and why."""
+        key = (session.mountpoint, session.client_id, user)
+        if key in self._acl_warned:
+            return
+        reason = acl_unsafe_id(user, session.client_id)
+        if reason:
+            if len(self._acl_warned) >= ACL_WARNED_MAX:
+                self._acl_warned.clear()  # bounded: a flood of odd ids cannot grow it without end
+            self._acl_warned.add(key)
+            log.warning("vmq_acl: patterns do not apply to client %r: %s", session.client_id, reason)
 
     def resume(self, session: Session) -> None:
         """Resend what was in flight (DUP) [MQTT-4.4.0-1], then drain the queue."""
@@ -3165,7 +3254,11 @@ class Broker:
                 topics, answer = [(str(t), int(q)) for t, q in answer], "ok"
         codes, granted = [], []
         for (topic_filter, qos), (_, options) in zip(topics, p.topics):
-            valid = valid_subscription(topic_filter) and qos in (0, 1, 2)
+            if qos not in (0, 1, 2):  # only a hook's answer can say so: it refused this one topic
+                codes.append(hook_refusal_code(qos, v5))
+                self.counters["mqtt_subscribe_auth_error", ()] += 1
+                continue
+            valid = valid_subscription(topic_filter)
             shared, plain = split_shared(topic_filter)
             if v5 and options & 4 and shared is not None:
                 raise ProtocolError("No Local on a shared subscription")  # [MQTT-3.8.3-4]
@@ -3402,7 +3495,7 @@ class Broker:
             return 0
         probe = Client(None, self.clock())
         probe.user, probe.session = username, session
-        refused = [t for t in list(session.subs) if not self.acl(probe, "read", t)]
+        refused = [t for t in list(session.subs) if not self.acl(probe, "read", split_shared(t)[1])]
         for topic_filter in refused:
             self.unsubscribe(session, topic_filter)
         return len(refused)
@@ -4829,7 +4922,8 @@ class Param:
 
     ``value`` says whether a flag takes a value: ``none`` (``--cleanup``),
     ``optional`` (``--topic`` selects, ``--topic=x`` filters) or ``required``.
-    Argument keys always take one.
+    Argument keys always take one. ``secret``: given at all (to select or to
+    filter), the flag shows message payloads, so a read-only key may not use it.
     """
 
     name: str
@@ -4837,6 +4931,7 @@ class Param:
     short: str = ""
     doc: str = ""
     value: str = "required"
+    secret: bool = False
 
     def __post_init__(self):
         if not _NAME_RE.fullmatch(self.name):
@@ -4874,7 +4969,14 @@ def _params(items: Iterable[Any], flag: bool) -> tuple[Param, ...]:
 
 @dataclass(frozen=True, slots=True)
 class Command:
-    """One vmq-admin command: its words, parameters, usage and handler."""
+    """One vmq-admin command: its words, parameters, usage and handler.
+
+    What a read-only (``mgmt_ro``) key may run is marked here, not in the HTTP
+    handler: ``read_only`` (it changes nothing), ``secret`` (its answer holds
+    key material or payloads, whatever the flags), a Param's ``secret`` (that
+    flag shows payloads), and ``default_columns`` (the columns shown when no
+    ``optional`` flag selects one, so a secret default column counts as given).
+    """
 
     words: tuple[str, ...]
     handler: Callable[[Call], Any]
@@ -4887,6 +4989,8 @@ class Command:
     extra_words: str = ""
     open_keys: bool = False
     quick: bool | Callable[[Any], bool] = False  # small work: HTTP answers it in its loop (a callable: ask node)
+    secret: bool = False
+    default_columns: tuple[str, ...] = ()
 
     def __post_init__(self):
         if not self.words or not all(_NAME_RE.fullmatch(w) for w in self.words):
@@ -4894,6 +4998,19 @@ class Command:
         names = {k.name for k in self.keys}
         if not set(self.required) <= names:
             raise ValueError(f"required keys not declared: {set(self.required) - names}")
+
+    def read_only_refusal(self, flags: Mapping[str, Any]) -> str:
+        """Return why a read-only key may not run this command with ``flags`` ('' when it may)."""
+        words = " ".join(self.words)
+        if not self.read_only:
+            return f"a mgmt_ro key may not run {words}, which changes the node"
+        if self.secret:
+            return f"a mgmt_ro key may not run {words}, which shows key material or message payloads"
+        selecting = any(flags.get(f.name, "") is None for f in self.flags if f.value == "optional")
+        for f in self.flags:
+            if f.secret and (f.name in flags or (not selecting and f.name in self.default_columns)):
+                return f"a mgmt_ro key may not see --{f.name} of {words}, which shows message payloads"
+        return ""
 
     def key(self, name: str) -> Param | None:
         """Return the argument key ``name``, or None."""
@@ -4965,16 +5082,18 @@ class CommandTable:
 
     def register(self, words: Sequence[str], fn: Callable[[Call], Any], *, keys: Iterable[Any] = (),
                  flags: Iterable[Any] = (), usage: str | None = None, required: Iterable[str] = (),
-                 read_only: bool = False, quick: bool | Callable[[Any], bool] = False) -> Command:
+                 read_only: bool = False, quick: bool | Callable[[Any], bool] = False,
+                 secret: bool = False) -> Command:
         """Add a command from an embedding program; it then exists in CLI, HTTP and --help.
 
         ``keys`` and ``flags`` are names, ``(name, parser)`` pairs or Params;
         ``fn(call)`` returns a string, an element, or a list of elements. Over HTTP it
         runs in a worker thread, unless ``quick`` says its work is small and bounded.
+        ``read_only`` lets mgmt_ro keys run it, unless ``secret`` says its answer shows secrets.
         """
         return self.add(Command(tuple(words), fn, keys=_params(keys, False), flags=_params(flags, True),
                                 required=tuple(required), doc=usage or fn.__doc__ or "",
-                                read_only=read_only, quick=quick))
+                                read_only=read_only, quick=quick, secret=secret))
 
     def __iter__(self):
         return iter(sorted(self._commands.values(), key=lambda c: c.words))
@@ -5340,11 +5459,11 @@ _catalogue: list[Command] = []  # filled by @command below, frozen into CATALOGU
 
 def command(*words: str, keys: Iterable[Param] = (), flags: Iterable[Param] = (), required: Iterable[str] = (),
             read_only: bool = False, local: bool = False, extra_words: str = "", open_keys: bool = False,
-            quick: bool | Callable[[Any], bool] = False):
+            quick: bool | Callable[[Any], bool] = False, secret: bool = False, default_columns: Iterable[str] = ()):
     """Declare a catalogue command; the decorated function is its handler."""
     def register(fn: Callable[[Call], Any]) -> Callable[[Call], Any]:
         _catalogue.append(Command(tuple(words), fn, tuple(keys), tuple(flags), tuple(required), fn.__doc__ or "",
-                                  read_only, local, extra_words, open_keys, quick))
+                                  read_only, local, extra_words, open_keys, quick, secret, tuple(default_columns)))
         return fn
     return register
 
@@ -5354,9 +5473,96 @@ def parse_positive_int(text: str) -> int:
     return parse_int_range(1)(text)
 
 
+# A ~regex filter runs in Python's re, which backtracks while holding the GIL, so one search
+# can stop every thread (the broker's too). What could backtrack without bound is refused;
+# what is left costs about len(text) ** (quantifiers + 1) * 4 ** alternations steps (measured:
+# 2**24 of them take a few ms), so the text a regex looks at is capped to keep one search that short.
+REGEX_MAX_LENGTH = 100  # characters of a ~regex
+REGEX_MAX_REPEATS = 3  # quantifiers (* + ? {m,n}) in one ~regex
+REGEX_MAX_ALTERNATIONS = 8  # | in one ~regex: at most 2**8 ways through its groups
+REGEX_WORK = 2 ** 24  # steps one search may take: a few milliseconds with the GIL held
+REGEX_TEXT_MAX = 65536  # characters of a value any ~regex looks at
+_REGEX_QUANTIFIER = re.compile(r"[*+?]|\{[0-9]*(?:,[0-9]*)?\}")
+_REGEX_GROUP_OPENINGS = ("(?:", "(?P<", "(?>")  # groups that only group; flags (?i) are fine too
+
+
+def _regex_group(pattern: str, i: int) -> str:
+    """Return why the group opening at ``pattern[i]`` is refused ('' when it is a plain group)."""
+    if not pattern.startswith("(?", i) or pattern.startswith(_REGEX_GROUP_OPENINGS, i):
+        return ""
+    if re.match(r"\(\?[aiLmsux]+(?:-[imsx]+)?[:)]", pattern[i:]):
+        return ""
+    return "backreferences, lookarounds and conditional groups are not supported"
+
+
+def _regex_quantifier(pattern: str, i: int) -> int:
+    """Return the length of the quantifier at ``pattern[i]`` (0: none), a lazy or possessive suffix included."""
+    match = _REGEX_QUANTIFIER.match(pattern, i)
+    if match is None:
+        return 0
+    return match.end() - i + (match.end() < len(pattern) and pattern[match.end()] in "?+")
+
+
+def analyse_regex(pattern: str) -> tuple[str, int, int]:
+    """Return (why ``pattern`` may backtrack without bound or '', its quantifiers, its alternations).
+
+    A refused pattern's counts are 0.
+
+    Refused: more than REGEX_MAX_LENGTH characters, backreferences, lookarounds,
+    a repeated group that holds a repetition or an alternation (``(a+)+``,
+    ``(a|aa)*``), more than REGEX_MAX_REPEATS quantifiers or REGEX_MAX_ALTERNATIONS ``|``.
+    """
+    if len(pattern) > REGEX_MAX_LENGTH:
+        return f"longer than {REGEX_MAX_LENGTH} characters", 0, 0
+    groups, repeats, alternations, i = [[False]], 0, 0, 0  # per open group: holds a repetition or |
+    while i < len(pattern):
+        char, atom = pattern[i], None
+        if char == "\\":
+            if pattern[i + 1:i + 2].isdigit() and pattern[i + 1] != "0":
+                return "backreferences are not supported", 0, 0
+            atom, i = False, i + 2
+        elif char == "[":
+            end = re.match(r"\[\^?\]?(?:\\.|[^\]\\])*\]", pattern[i:])
+            atom, i = False, i + (end.end() if end else len(pattern))
+        elif char == "(":
+            reason = _regex_group(pattern, i)
+            if reason:
+                return reason, 0, 0
+            groups.append([False])
+            i += 1
+            continue
+        elif char == ")" and len(groups) > 1:
+            atom, i = groups.pop()[0], i + 1
+        elif char == "|":
+            alternations += 1
+            groups[-1][0] = True
+            i += 1
+            continue
+        else:
+            atom, i = False, i + 1
+        size = _regex_quantifier(pattern, i)
+        if size:
+            if atom:
+                return "a repeated group holds a repetition or an alternation (nested repetition)", 0, 0
+            repeats, i = repeats + 1, i + size
+        groups[-1][0] = groups[-1][0] or atom or bool(size)
+    if repeats > REGEX_MAX_REPEATS or alternations > REGEX_MAX_ALTERNATIONS:
+        return f"more than {REGEX_MAX_REPEATS} quantifiers or {REGEX_MAX_ALTERNATIONS} alternations", 0, 0
+    return "", repeats, alternations
+
+
+def regex_text_limit(pattern: str) -> int:
+    """Return how many characters of a value the (accepted) ``pattern`` looks at."""
+    _, repeats, alternations = analyse_regex(pattern)
+    return min(REGEX_TEXT_MAX, int((REGEX_WORK / 4 ** alternations) ** (1 / (repeats + 1)) + 1e-6))
+
+
 def parse_regex_or_text(text: str) -> str:
-    """Accept a filter value; ``~regex`` must compile."""
+    """Accept a filter value; ``~regex`` must compile and be one whose work is bounded."""
     if text.startswith("~"):
+        reason = analyse_regex(text[1:])[0]
+        if reason:
+            raise ValueError(f"regular expression refused: {reason}")
         try:
             re.compile(text[1:])
         except re.error as exc:
@@ -5396,7 +5602,7 @@ def cmd_api_key_delete(call: Call) -> Any:
 
 
 @command("api-key", "show", quick=True, keys=(Param("scope", doc="a scope, or all (default)"),), read_only=True,
-         local=True)
+         local=True, secret=True)
 def cmd_api_key_show(call: Call) -> Any:
     """List the API keys with their scope and expiry, oldest first."""
     columns = ("Key", "Scope", "Expires (UTC)", "has expired")
@@ -5635,6 +5841,7 @@ SESSION_FIELDS = (  # SPEC 5; VerneMQ vmq_info:fields_config/0
 )
 SUBSCRIPTION_FIELDS = ("topic", "qos", "rap", "no_local")
 MESSAGE_FIELDS = ("msg_ref", "msg_qos", "routing_key", "dup", "payload")
+SECRET_SESSION_FIELDS = ("payload",)  # what a mgmt_ro key may not select or filter on (SPEC 4)
 
 
 def _expand(record: Mapping[str, Any], fields: set[str]) -> list[Mapping[str, Any]]:
@@ -5653,30 +5860,59 @@ def session_query(flags: Mapping[str, Any]) -> tuple[list[str], dict[str, str], 
     return selected, filters, set(selected) | set(filters)
 
 
-def _matches(row: Mapping[str, Any], filters: Mapping[str, str]) -> bool:
+def compile_filters(filters: Mapping[str, str]) -> list[tuple[str, str, Any, int]]:
+    """Return (field, wanted text, compiled ~regex or None, characters the regex sees) per filter."""
+    out = []
     for name, wanted in filters.items():
+        regex = wanted[1:] if wanted.startswith("~") else None
+        out.append((name, wanted, regex and re.compile(regex), regex and regex_text_limit(regex)))
+    return out
+
+
+def _matches(row: Mapping[str, Any], filters: Sequence[tuple[str, str, Any, int]]) -> bool:
+    for name, wanted, regex, limit in filters:
         shown = _cell(row.get(name)) if row.get(name) is not None else "null"
-        if wanted.startswith("~"):
-            if not re.search(wanted[1:], shown):
+        if regex is not None:
+            if not regex.search(shown, 0, limit):
                 return False
         elif shown != wanted:
             return False
     return True
 
 
-def session_table(records: Iterable[Mapping[str, Any]], flags: Mapping[str, Any]) -> Table:
+ROWTIMEOUT_DEFAULT = 100  # ms, VerneMQ session show --rowtimeout
+
+
+def session_table(records: Iterable[Mapping[str, Any]], flags: Mapping[str, Any],
+                  clock: Callable[[], float] = time.monotonic) -> Any:
     """Select, filter, expand, order and page session records as session show does.
 
     ``--field`` selects a column, ``--field=v`` filters (``~regex`` by regular
     expression); filters AND; rows come ordered by (mountpoint, client_id) and
-    their keys alphabetically.
+    their keys alphabetically. A scan that finds no row within ``--rowtimeout``
+    ms stops: the answer is the rows found and an alert saying so.
     """
     selected, filters, used = session_query(flags)
+    matchers = compile_filters(filters)
     ordered = sorted(records, key=lambda r: (r.get("mountpoint", ""), r.get("client_id", "")))
-    rows = [row for rec in ordered for row in _expand(rec, used) if not filters or _matches(row, filters)]
     offset, limit = flags.get("offset") or 0, flags.get("limit") or 100
+    budget = (flags.get("rowtimeout") or ROWTIMEOUT_DEFAULT) / 1000
+    rows, last, cut = [], clock(), False
+    for row in (row for rec in ordered for row in _expand(rec, used)):
+        if not matchers or _matches(row, matchers):
+            rows.append(row)
+            last = clock()
+            if len(rows) >= offset + limit:
+                break
+        elif clock() - last > budget:
+            cut = True
+            break
     columns = tuple(sorted(selected))
-    return Table(tuple({c: row.get(c) for c in columns} for row in rows[offset:offset + limit]), columns)
+    table = Table(tuple({c: row.get(c) for c in columns} for row in rows[offset:offset + limit]), columns)
+    if not cut:
+        return table
+    return [table, alert(f"session show stopped after {len(rows)} rows: no further row matched within "
+                         f"--rowtimeout={int(budget * 1000)} ms; narrow the filter or raise --rowtimeout")]
 
 
 @command("session", "show", read_only=True, quick=lambda node: node.session_count() <= QUICK_SESSION_SHOW,
@@ -5684,8 +5920,8 @@ def session_table(records: Iterable[Mapping[str, Any]], flags: Mapping[str, Any]
     Param("limit", parse_positive_int, doc="rows to return at most (default 100)"),
     Param("rowtimeout", parse_positive_int, doc="milliseconds to wait for a row (default 100)"),
     Param("offset", parse_int_range(0), doc="rows to skip first, for paging"),
-    *(Param(f, parse_regex_or_text, value="optional", doc="select; =value or =~regex filters")
-      for f in SESSION_FIELDS)))
+    *(Param(f, parse_regex_or_text, value="optional", doc="select; =value or =~regex filters",
+            secret=f in SECRET_SESSION_FIELDS) for f in SESSION_FIELDS)))
 def cmd_session_show(call: Call) -> Any:
     """Show sessions; --field selects a column, --field=value filters (=~regex too)."""
     wanted = call.flags.get("client_id")
@@ -5813,7 +6049,7 @@ def cmd_log_level(call: Call) -> Any:
 
 
 @command("trace", "client", keys=(Param("client-id", doc="the client to trace"),), required=("client-id",),
-         read_only=True, flags=(
+         read_only=True, secret=True, flags=(
              _MOUNTPOINT, Param("rate-max", parse_positive_int, doc="lines per interval (10)"),
              Param("rate-interval", parse_positive_int, doc="the interval in ms (100)"),
              Param("trunc-payload", parse_int_range(0), doc="payload bytes shown (200)"),
@@ -5842,16 +6078,16 @@ def cmd_plugin_show(call: Call) -> Any:
     return Table(tuple(rows), ("Plugin", "Type", "Hook(s)", "M:F/A"))
 
 
-@command("retain", "show", read_only=True, flags=(
+@command("retain", "show", read_only=True, default_columns=("payload", "topic"), flags=(
     Param("limit", parse_positive_int, doc="rows to return at most (default 100)"),
     Param("rowtimeout", parse_positive_int, doc="milliseconds to wait for a row (default 100)"),
-    Param("payload", value="optional", doc="select; =value filters"),
+    Param("payload", value="optional", doc="select; =value filters", secret=True),
     Param("topic", value="optional", doc="select; =value filters"),
     Param("mountpoint", value="optional", doc="select; =value filters (default: the empty mountpoint)")))
 def cmd_retain_show(call: Call) -> Any:
     """Show retained messages; --field selects a column, --field=value filters."""
     fields = ("mountpoint", "payload", "topic")
-    selected = [f for f in fields if f in call.flags and call.flags[f] is None] or ["payload", "topic"]
+    selected = [f for f in fields if f in call.flags and call.flags[f] is None] or list(call.command.default_columns)
     filters = {f: call.flags[f] for f in fields if call.flags.get(f) is not None}
     filters.setdefault("mountpoint", "")
     rows = [r for r in call.node.retained_rows() if all(r[f] == v for f, v in filters.items())]
@@ -6146,8 +6382,9 @@ def serve_api(node: Any, req: Request, rest: str, query: str) -> Response:
         return Response(200, (("Content-Type", JSON_TYPE),), body)
     argv = request_argv(req, rest, query)
     call, wants_help = prepare(node.commands, argv, node)
-    if scope == "mgmt_ro" and not call.command.read_only and not wants_help:
-        raise Forbidden(f"a mgmt_ro key may not run {' '.join(call.command.words)}, which changes the node")
+    refusal = call.command.read_only_refusal(call.flags) if scope == "mgmt_ro" and not wants_help else ""
+    if refusal:
+        raise Forbidden(refusal)
     if req.method == "OPTIONS":
         return Response(200, CORS_HEADERS)
     if not accepts_json(req.headers.get("accept")):
@@ -6838,6 +7075,8 @@ class Node:
         self.keystore.load()
         for path in (self.keystore.path, self._config["vmq_passwd.password_file"]):
             refuse_if_readable_by_others(path)
+        if self._config["vmq_acl.acl_file"]:
+            check_acl_file(self._config["vmq_acl.acl_file"])
         self._provision()
         try:
             self._start_mqtt()

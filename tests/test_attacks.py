@@ -254,3 +254,65 @@ def test_a_packet_trickled_after_connect_is_cut_off(make_node):
         assert idle.ping()
     finally:
         idle.close()
+
+
+def _capped_child():
+    """In the child before exec: default signal dispositions, at most 1 GiB of address space."""
+    import resource
+    import signal
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGPIPE):
+        signal.signal(sig, signal.SIG_DFL)
+    resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
+
+
+def test_a_catastrophic_regex_cannot_freeze_the_node(tmp_path):
+    import http.client
+    import os
+    import subprocess
+    import sys
+    from test_cli import ROOT, stop_process, wait_for_node_file
+    key = "k" * 32
+    proc = subprocess.Popen(
+        [sys.executable, os.path.join(ROOT, "vmqapi.py"), "--data-dir", str(tmp_path / "d"),
+         "--set", "listener.http.default=127.0.0.1:0", "--set", "listener.tcp.default=127.0.0.1:0"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ, VMQAPI_API_KEYS=f"{key}:mgmt"),
+        preexec_fn=_capped_child)
+    clients = []
+    try:
+        info = wait_for_node_file(tmp_path / "d", proc)
+        ports = {x["type"]: x["port"] for x in info["listeners"]}
+        for client_id in ("a" * 25 + "!", "control"):  # (a+)+$ against 25 a's and a "!": 2**25 steps
+            clients.append(MqttClient(ports["mqtt"]))
+            assert clients[-1].connect(client_id).return_code == 0
+        control = clients[-1]
+        control.subscribe(("control", 1))
+        answers = {}
+
+        def ask(name, query):
+            conn = http.client.HTTPConnection("127.0.0.1", ports["http"], timeout=60)
+            conn.request("GET", "/api/v1/session/show?" + query, headers={"x-api-key": key})
+            resp = conn.getresponse()
+            answers[name] = (resp.status, body_json(resp.read()))
+            conn.close()
+
+        worst = 0.0
+        for name, query in (("nested", "--client_id=~(a%2B)%2B%24"), ("allowed", "--client_id=~.*.*.*%21%24")):
+            asker = threading.Thread(target=ask, args=(name, query))
+            asker.start()
+            deadline = time.monotonic() + 60
+            while True:
+                started = time.monotonic()
+                control.publish("control", b"ping", 1)
+                assert control.message(timeout=30).payload == b"ping"
+                worst = max(worst, time.monotonic() - started)
+                if not asker.is_alive() or time.monotonic() > deadline:
+                    break
+            asker.join(60)
+        assert worst < 0.5, f"a control round trip took {worst:.2f} s"
+        assert answers["nested"][0] == 400 and answers["nested"][1]["error"] == "invalid_value", answers
+        status, body = answers["allowed"]
+        assert status == 200 and [r["client_id"] for r in body["table"]] == ["a" * 25 + "!"], answers
+    finally:
+        for c in clients:
+            c.close()
+        stop_process(proc)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 from hypothesis import example, given, strategies as st
@@ -202,6 +203,41 @@ def test_session_table_filters_select_and_expand():
     rows = vmqapi.session_table(RECORDS, {"payload": None, "msg_qos": "1"}).rows
     assert rows == ({"payload": "hi"},)
     assert vmqapi.session_table(RECORDS, {"user": "null"}).rows[0]["client_id"] == "b"
+
+
+@pytest.mark.parametrize("pattern", ["(a+)+$", "(a|aa)*$", "(?:a*)*b", "(x+x+)+y", r"(\w)\1", "(?P<n>a)(?P=n)",
+                                     "(?=a)a", "a*a*a*a*b", "a" * 101, "x|" * 9 + "y"])
+def test_regexes_that_can_backtrack_without_bound_are_refused(pattern):
+    session_show = next(c for c in vmqapi.CATALOGUE if c.words == ("session", "show"))
+    with pytest.raises(vmqapi.InvalidValue, match="regular expression refused"):
+        session_show.flag("--client_id").cast("~" + pattern)
+
+
+@pytest.mark.parametrize("pattern", ["^client-[0-9]+$", "(?i)^abc", ".*foo.*", "^(?:ab|cd)x", "[a(]+x", r"\(a+\)+",
+                                     "a{2,5}b", "(?P<name>abc)"])
+def test_ordinary_regexes_are_accepted(pattern):
+    assert vmqapi.parse_regex_or_text("~" + pattern) == "~" + pattern
+
+
+def test_a_regex_looks_at_a_bounded_part_of_a_long_value():
+    long_topic = {**RECORDS[0], "client_id": "long", "subscriptions": [
+        {"topic": "a" * 3000, "qos": 0, "rap": False, "no_local": False}]}
+    started = time.perf_counter()
+    assert vmqapi.session_table([long_topic], {"topic": "~.*.*x"}).rows == ()  # ~2 s without the cap
+    assert time.perf_counter() - started < 0.3
+    assert vmqapi.regex_text_limit(".*.*x") == 256 and vmqapi.regex_text_limit("abc") == vmqapi.REGEX_TEXT_MAX
+    assert vmqapi.session_table([long_topic], {"topic": "~^a{200}", "client_id": None}).rows == ({"client_id": "long"},)
+
+
+def test_rowtimeout_stops_a_scan_that_finds_nothing():
+    ticks = iter(range(10**6))  # each clock read is one second later
+    records = [{**RECORDS[1], "client_id": f"c{n}"} for n in range(50)]
+    answer = vmqapi.session_table(records, {"client_id": "~^c4", "rowtimeout": 3000}, clock=lambda: next(ticks))
+    table, note = answer
+    assert table.rows == ()  # four misses (c0, c1, c10, c11) took longer than 3 s: the scan stopped
+    assert isinstance(note, Alert) and "--rowtimeout=3000" in note.items[0].text
+    fast = vmqapi.session_table(records, {"client_id": "~^c4"})
+    assert [r["client_id"] for r in fast.rows] == ["c4"] + [f"c{n}" for n in range(40, 50)]
 
 
 @given(st.lists(st.dictionaries(st.sampled_from("abc"), st.integers() | st.text(max_size=3), max_size=3),

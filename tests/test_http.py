@@ -195,12 +195,33 @@ def test_read_only_key(offline_node):
     ro = offline_node.keystore.create("mgmt_ro")
     hdr = {"Authorization": basic(ro)}
     assert call(offline_node, "/api/v1/cluster/show", headers=hdr).status == 200
-    assert call(offline_node, "/api/v1/api-key/show", headers=hdr).status == 200
     for target in ("/api/v1/set?retry_interval=5", "/api/v1/api-key/create", "/api/v1/node/stop",
                    "/api/v1/session/disconnect?client-id=x"):
         resp = call(offline_node, target, headers=hdr)
         assert resp.status == 403 and json.loads(resp.body)["error"] == "forbidden"
     assert offline_node.config["retry_interval"] == 20
+
+
+def test_read_only_key_sees_no_key_material_and_no_payloads(offline_node):
+    mgmt = offline_node.keystore.create("mgmt")
+    ro = offline_node.keystore.create("mgmt_ro")
+    hdr = {"Authorization": basic(ro)}
+    for target in ("/api/v1/api-key/show", "/api/v1/api-key/show?scope=mgmt", "/api/v1/trace/client?client-id=x",
+                   "/api/v1/session/show?--payload", "/api/v1/session/show?--payload=~secret",
+                   "/api/v1/session/show?--client_id&--payload", "/api/v1/retain/show",
+                   "/api/v1/retain/show?--payload", "/api/v1/retain/show?--topic=a&--payload=x",
+                   "/api/v1/retain/show?--topic=a"):
+        resp = call(offline_node, target, headers=hdr)
+        body = json.loads(resp.body)
+        assert resp.status == 403 and body["error"] == "forbidden", target
+        assert "mgmt_ro" in json.dumps(body) and mgmt not in resp.body.decode() and ro not in resp.body.decode()
+    for target in ("/api/v1/session/show", "/api/v1/session/show?--client_id&--topic", "/api/v1/retain/show?--topic",
+                   "/api/v1/retain/show?--topic&--mountpoint=", "/api/v1/cluster/show", "/api/v1/metrics/show",
+                   "/api/v1/api-key/show?--help"):
+        assert call(offline_node, target, headers=hdr).status == 200, target
+    full = {"Authorization": basic(mgmt)}
+    for target in ("/api/v1/api-key/show", "/api/v1/session/show?--payload", "/api/v1/retain/show"):
+        assert call(offline_node, target, headers=full).status == 200, target
 
 
 def test_other_scopes_do_not_unlock_the_api(offline_node):
