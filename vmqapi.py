@@ -3701,6 +3701,7 @@ def create_private_file(path: str) -> None:
 
 
 def _corrupt_store(path: str, detail: str) -> ConfigError:
+    detail = " ".join(detail.split())  # quick_check's lines, on the one line of the error
     return ConfigError(f"the message store {path} is corrupt ({detail}); vmqapi did not change it. Move it away "
                        "(the node then starts with no retained messages or persistent sessions) or restore it "
                        "from a backup, then start again")
