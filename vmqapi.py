@@ -2349,8 +2349,10 @@ def _queued(s: Session) -> int:
     return len(s.queue) + s.stored
 
 
-def _messages(s: Session) -> list[dict]:
-    queued = [(e[0], e[1]) for e in s.queue] + [(e[0], e[1]) for e in s.inflight.values()]
+def _messages(s: Session, stored: Iterable[tuple] = ()) -> list[dict]:
+    """List a session's queued and in-flight messages; ``stored``: (msg, qos, ...) of those only in the store."""
+    queued = [(e[0], e[1]) for e in s.queue] + [(e[0], e[1]) for e in stored] + \
+        [(e[0], e[1]) for e in s.inflight.values()]
     return [{"msg_ref": base64.b64encode(m.ref.to_bytes(8, "big")).decode(), "msg_qos": q, "routing_key": m.topic,
              "dup": False, "payload": m.payload.decode("utf-8", "replace")} for m, q in queued]
 
@@ -2966,7 +2968,8 @@ class Broker:
                 continue
             qos = opts if upgrade else min(msg.qos, opts)
             client = session.client
-            if qos == 0 and client is not None and client.link.writable and not session.queue:
+            if qos == 0 and client is not None and client.link.writable and not session.queue \
+                    and not session.stored:  # else behind what waits, in order
                 if not client.plain:  # MQTT 5 topic aliases or a packet size limit: its own encoding
                     self.deliver_with_options(session, msg, 0, 0, ())
                     continue
@@ -3014,7 +3017,7 @@ class Broker:
         qos = sub_qos if self.upgrade_qos else min(msg.qos, sub_qos)
         extra = (bool(rap and msg.retain), ids)
         client = session.client
-        if qos == 0 and client is not None and client.link.writable and not session.queue:
+        if qos == 0 and client is not None and client.link.writable and not session.queue and not session.stored:
             self.write_publish(client, msg, 0, None, False, *(extra if client.proto == 5 else ()))
             self.counters["queue_message_in", ()] += 1
             self.counters["queue_message_out", ()] += 1
@@ -3554,8 +3557,22 @@ class Broker:
         if subscriptions:
             record["subscriptions"] = _subscriptions(s)
         if messages:
-            record["messages"] = _messages(s)
+            record["messages"] = _messages(s, self.stored_messages(s))
         return record
+
+    def stored_messages(self, s: Session) -> list[tuple]:
+        """Return the messages of a session that wait only in the store (session show asked for them)."""
+        found: list[tuple] = []
+        if s.parked:
+            found += self.store.load_inflight(s.mountpoint, s.client_id)
+        after = s.loaded_upto
+        while len(found) < s.stored + s.parked:
+            page = self.store.load_queue(s.mountpoint, s.client_id, after)
+            if not page:
+                break
+            found += page
+            after = page[-1][2]
+        return found
 
     def retained_rows(self, mountpoint: str | None = None) -> list[dict]:
         """Return (mountpoint, topic, payload) of each retained message."""
@@ -3881,7 +3898,7 @@ class SqliteStore(MemoryStore):
                          (row, mountpoint, client_id, msg.topic, msg.payload, qos, msg.qos, msg.ref,
                           _props_blob(msg.props), msg.expires, _extra_text(extra))):
             return 0
-        self._next_row, self._promised = row, True
+        self._next_row, self._promised = row, self._promised or qos > 0
         return row
 
     def delete_message(self, row: int) -> None:
