@@ -117,6 +117,8 @@ TRACE_FOLLOW_GRACE = 5.0  # seconds a followed trace stays on after its last cal
 GIL_SWITCH_INTERVAL = 0.0005  # s; the CLI node's: MQTT waits less for the GIL while HTTP builds a big answer
 QUICK_SESSION_SHOW = 1000  # sessions up to which session show (a few ms) is answered in the HTTP loop
 TICK_BATCH = 2000  # sessions the broker's tick (every 0.5 s) looks at
+TICK_INTERVAL = 0.5  # seconds between housekeeping ticks (retries, session expiry, delayed wills, $SYS)
+TICK_ERROR_LOG_INTERVAL = 60  # seconds between log lines about failing ticks (each is counted in tick_error)
 SESSION_CHUNK = 500  # sessions session show reads per turn of the broker's loop (about 2 ms)
 JSON_CHUNK = 1000  # table rows per json.dumps call, so a big answer never holds the GIL for long
 KEY_FILE = "api_keys.json"
@@ -536,6 +538,18 @@ SETTINGS: tuple[Setting, ...] = (
        "Messages queued for an online client before drops (-1: no limit).", True),
     _S("max_offline_messages", parse_int_range(-1), 1000,
        "Messages queued for an offline persistent session before drops (-1: no limit).", True),
+    _S("max_online_bytes", parse_int_range(-1), 8 << 20,
+       "Bytes (payloads and topics) queued for an online client before drops (-1: no limit).", True),
+    _S("max_offline_bytes", parse_int_range(-1), 8 << 20,
+       "Bytes (payloads and topics) queued for an offline persistent session before drops (-1: no limit).", True),
+    _S("max_queued_bytes", parse_int_range(-1), 128 << 20,
+       "Bytes queued for every session together, in memory and in the message store, before drops (-1: no limit).",
+       True),
+    _S("max_retained_messages", parse_int_range(-1), 100_000,
+       "Retained topics kept; a retained message for a new topic past this is refused (-1: no limit).", True),
+    _S("max_retained_bytes", parse_int_range(-1), 32 << 20,
+       "Bytes (payloads and topics) of every retained message together; a retained message that would pass it "
+       "is refused (-1: no limit).", True),
     _S("max_message_size", parse_int_range(0, 268435455), 0, "Largest accepted PUBLISH in bytes (0: no limit).", True),
     _S("max_message_rate", parse_int_range(0), 0, "PUBLISHes per second accepted from one client (0: no limit).", True),
     _S("persistent_client_expiration", parse_duration, None,
@@ -813,6 +827,10 @@ METRIC_DEFINITIONS: dict[str, tuple[str, str, tuple[LabelSet, ...]]] = {  # Vern
     "queue_processes": ("gauge", "The number of sessions, online and offline.", _NO_LABELS),
     "router_subscriptions": ("gauge", "The number of subscriptions in the routing table.", _NO_LABELS),
     "retain_messages": ("gauge", "The number of retained messages.", _NO_LABELS),
+    "retain_message_refused": ("counter", "The number of retained messages refused for max_retained_messages or "
+                               "max_retained_bytes.", _NO_LABELS),
+    "store_error": ("counter", "The number of message store reads, writes or commits that failed.", _NO_LABELS),
+    "tick_error": ("counter", "The number of housekeeping ticks that failed (and were run again).", _NO_LABELS),
 }
 
 
@@ -1815,6 +1833,15 @@ class RetainTree:
         self._count += node.value is None
         node.value = value
 
+    def get(self, topic: str, default: Any = None) -> Any:
+        """Return the value at ``topic`` (``default`` when none)."""
+        node = self._root
+        for level in topic.split("/"):
+            node = node.children.get(level)
+            if node is None:
+                return default
+        return default if node.value is None else node.value
+
     def pop(self, topic: str, default: Any = None) -> Any:
         """Remove and return the value at ``topic`` (``default`` when none); prune empty branches."""
         path, node = [], self._root
@@ -2210,7 +2237,8 @@ class Session:
     """An MQTT session: subscriptions, queue and in-flight window of one client id."""
 
     __slots__ = ("mountpoint", "client_id", "subs", "client", "queue", "inflight", "incoming",
-                 "next_pid", "user", "peer", "protocol", "started_at", "offline_since", "rows", "expiry", "will")
+                 "next_pid", "user", "peer", "protocol", "started_at", "offline_since", "rows", "expiry", "will",
+                 "queue_bytes", "stored", "stored_bytes", "loaded_upto", "parked")
 
     def __init__(self, mountpoint: str, client_id: str, clean: bool, now: float, expiry: int | None = None):
         self.mountpoint, self.client_id = mountpoint, client_id
@@ -2229,6 +2257,11 @@ class Session:
         self.started_at = now
         self.offline_since: float | None = now
         self.rows = 0  # stored messages, for the offline count
+        # The queue is ``queue`` (in memory) followed by ``stored`` messages only in the message store
+        # (rows after ``loaded_upto``), read a page at a time as they are delivered.
+        self.queue_bytes = 0  # bytes of the whole queue (see message_bytes), in memory and stored
+        self.stored = self.stored_bytes = self.loaded_upto = 0
+        self.parked = 0  # QoS 2 messages in flight when the node stopped, still only in the store
 
     @property
     def clean(self) -> bool:
@@ -2411,8 +2444,19 @@ def _subscriptions(s: Session) -> list[dict]:
     return [{"topic": t, "qos": o & 3, "rap": bool(o & 8), "no_local": bool(o & 4)} for t, o in s.subs.items()]
 
 
-def _messages(s: Session) -> list[dict]:
-    queued = [(e[0], e[1]) for e in s.queue] + [(e[0], e[1]) for e in s.inflight.values()]
+def message_bytes(msg: Message) -> int:
+    """Return what a queued or retained message counts against the byte limits: payload and topic."""
+    return len(msg.payload) + len(msg.topic)
+
+
+def _queued(s: Session) -> int:
+    return len(s.queue) + s.stored
+
+
+def _messages(s: Session, stored: Iterable[tuple] = ()) -> list[dict]:
+    """List a session's queued and in-flight messages; ``stored``: (msg, qos, ...) of those only in the store."""
+    queued = [(e[0], e[1]) for e in s.queue] + [(e[0], e[1]) for e in stored] + \
+        [(e[0], e[1]) for e in s.inflight.values()]
     return [{"msg_ref": base64.b64encode(m.ref.to_bytes(8, "big")).decode(), "msg_qos": q, "routing_key": m.topic,
              "dup": False, "payload": m.payload.decode("utf-8", "replace")} for m, q in queued]
 
@@ -2431,14 +2475,17 @@ SESSION_GETTERS: dict[str, Callable[[Session], Any]] = {  # session show's per-s
     "session_pid": lambda s: f"<s.{id(s):x}>" if _online(s) else None,
     "is_offline": lambda s: not _online(s), "is_online": _online,
     "statename": lambda s: "online" if _online(s) else "offline", "deliver_mode": lambda s: "fanout",
-    "offline_messages": lambda s: 0 if _online(s) else len(s.queue),
-    "online_messages": lambda s: len(s.queue) if _online(s) else 0,
+    "offline_messages": lambda s: 0 if _online(s) else _queued(s),
+    "online_messages": lambda s: _queued(s) if _online(s) else 0,
     "num_sessions": lambda s: 1 if _online(s) else 0, "clean_session": lambda s: s.clean,
     "is_plugin": lambda s: False, "queue_started_at": lambda s: int(s.started_at * 1000),
     "user": lambda s: s.user, "peer_host": lambda s: s.peer[0], "peer_port": lambda s: s.peer[1],
-    "protocol": lambda s: s.protocol, "waiting_acks": lambda s: len(s.inflight),
+    "protocol": lambda s: s.protocol, "waiting_acks": lambda s: len(s.inflight) + s.parked,
     "session_started_at": lambda s: int(s.started_at * 1000),
 }
+
+
+STORE_DOWN = "the message store cannot write"  # the Reason String of a QoS 1/2 PUBLISH refused for it
 
 
 class Broker:
@@ -2471,6 +2518,8 @@ class Broker:
         self.groups: dict[tuple[str, str, str], SharedGroup] = {}  # (mountpoint, group, filter)
         self.choose: Callable[[Sequence[Any]], Any] = random.choice
         self._tick_sessions: list[Session] = []  # what the next ticks still have to look at
+        self.queued_bytes = 0  # of every session's queue together (max_queued_bytes)
+        self.retained_bytes = 0  # of every retained message together (max_retained_bytes)
         self._config: Config | None = None
         self.refresh_settings()
 
@@ -2483,6 +2532,11 @@ class Broker:
             self.max_inflight = config["max_inflight_messages"]
             self.max_online = config["max_online_messages"]
             self.max_offline = config["max_offline_messages"]
+            self.max_online_bytes = config["max_online_bytes"]
+            self.max_offline_bytes = config["max_offline_bytes"]
+            self.max_queued_bytes = config["max_queued_bytes"]
+            self.max_retained = config["max_retained_messages"]
+            self.max_retained_bytes = config["max_retained_bytes"]
             self.acl_file = config["vmq_acl.acl_file"]
             self.max_rate = config["max_message_rate"]
             self.shared_policy = config["shared_subscription_policy"]
@@ -2580,6 +2634,8 @@ class Broker:
             self._detach(session, topic_filter)
         self._match_cache.clear()
         self.sessions.pop((session.mountpoint, session.client_id), None)
+        self.queued_bytes -= session.queue_bytes
+        session.queue_bytes = session.stored = session.stored_bytes = 0
         if not session.clean:
             self.store.delete_session(session.mountpoint, session.client_id)
         if session.will is not None:
@@ -2845,6 +2901,10 @@ class Broker:
         """Resend what was in flight (DUP) [MQTT-4.4.0-1], then drain the queue."""
         client = session.client
         now = self.clock()
+        if session.parked:  # in flight when the node stopped: the same packet ids again
+            session.parked = 0
+            for msg, qos, row, pid, released, extra in self.store.load_inflight(session.mountpoint, session.client_id):
+                session.inflight[pid] = [msg, qos, row, 1 if released else 0, now, extra]
         for pid, entry in list(session.inflight.items()):
             msg, qos, _row, stage, _sent, extra = entry
             entry[4] = now
@@ -2865,6 +2925,9 @@ class Broker:
             return
         if self.max_rate:
             self.throttle(client)
+        if p.qos and self.store.error is not None:
+            self.refuse_unsaved(client, p)
+            return
         topic, props, expires = p.topic, (), None
         if v5:
             if p.properties:
@@ -2887,12 +2950,14 @@ class Broker:
             if not reason:
                 self.counters["mqtt_publish_auth_error", ()] += 1
                 reason = 0x87  # MQTT 5 tells the publisher; MQTT 3.1.1 acknowledges as if delivered
-        else:
-            if msg.retain:
-                self.retain(session.mountpoint, msg)
-            if not self.route(session.mountpoint, msg):
-                reason = 0x10  # No matching subscribers (MQTT 5.0 3.4.2.1)
+        elif msg.retain and not self.retain(session.mountpoint, msg):
+            reason = 0x97  # Quota exceeded (MQTT 5.0 3.4.2.1): max_retained_messages or max_retained_bytes
+        elif not self.route(session.mountpoint, msg):
+            reason = 0x10  # No matching subscribers (MQTT 5.0 3.4.2.1)
         if not p.qos:
+            return
+        if self.store.error is not None:  # the store failed while keeping this message
+            self.refuse_unsaved(client, p)
             return
         if not v5 or not reason:
             if p.qos == 1:
@@ -2910,6 +2975,18 @@ class Broker:
                 session.incoming.add(p.packet_id)  # an error reason ends the exchange (MQTT 5.0 4.3.3)
             self.send(client, Pubrec(p.packet_id, reason))
             self.counters["mqtt_pubrec_sent", reason_labels(reason)] += 1
+
+    def refuse_unsaved(self, client: Client, p: Publish) -> None:
+        """Refuse a QoS 1/2 PUBLISH the store cannot keep: MQTT 5 hears 0x80, MQTT 3 is cut off (it resends)."""
+        self.counters["mqtt_publish_error", ()] += 1
+        if client.proto != 5:
+            self.close_client(client)  # 3.1.1 has no negative acknowledgement
+        elif p.qos == 1:
+            self.send(client, Puback(p.packet_id, 0x80, (("reason_string", STORE_DOWN),)))
+            self.counters["mqtt_puback_sent", reason_labels(0x80)] += 1
+        else:
+            self.send(client, Pubrec(p.packet_id, 0x80, (("reason_string", STORE_DOWN),)))
+            self.counters["mqtt_pubrec_sent", reason_labels(0x80)] += 1
 
     def publish_properties(self, client: Client, p: Publish, raw: bytes) -> tuple[str, tuple, float | None, bytes]:
         """Read an MQTT 5 PUBLISH's properties: (topic, properties to pass on, expiry time, raw frame or b"")."""
@@ -2962,13 +3039,27 @@ class Broker:
         return Message(topic, payload, qos, bool(retain), self.new_ref(), props=props, expires=expires,
                        origin=session.client_id)
 
-    def retain(self, mountpoint: str, msg: Message) -> None:
-        """Store, replace or (empty payload) delete a retained message [MQTT-3.3.1-5..11]."""
-        if msg.payload:
-            self.retained[mountpoint][msg.topic] = msg
-            self.store.put_retained(mountpoint, msg)
-        elif self.retained[mountpoint].pop(msg.topic, None) is not None:
-            self.store.delete_retained(mountpoint, msg.topic)
+    def retain(self, mountpoint: str, msg: Message) -> bool:
+        """Store, replace or (empty payload) delete a retained message [MQTT-3.3.1-5..11].
+
+        Return False when a new topic (or a bigger message) would pass max_retained_messages
+        or max_retained_bytes: it is refused and counted. Replacing by a message no bigger,
+        and deleting, are always allowed.
+        """
+        if not msg.payload:
+            self.delete_retained(mountpoint, msg.topic)
+            return True
+        table = self.retained[mountpoint]
+        old = table.get(msg.topic)
+        grow = message_bytes(msg) - (message_bytes(old) if old is not None else 0)
+        full = old is None and 0 <= self.max_retained <= sum(len(t) for t in self.retained.values())
+        if full or (grow > 0 and 0 <= self.max_retained_bytes < self.retained_bytes + grow):
+            self.counters["retain_message_refused", ()] += 1
+            return False
+        table[msg.topic] = msg
+        self.retained_bytes += grow
+        self.store.put_retained(mountpoint, msg)
+        return True
 
     def route(self, mountpoint: str, msg: Message) -> int:
         """Deliver ``msg`` to every matching session; return how many matched.
@@ -3002,7 +3093,8 @@ class Broker:
                 continue
             qos = opts if upgrade else min(msg.qos, opts)
             client = session.client
-            if qos == 0 and client is not None and client.link.writable and not session.queue:
+            if qos == 0 and client is not None and client.link.writable and not session.queue \
+                    and not session.stored:  # else behind what waits, in order
                 if not client.plain:  # MQTT 5 topic aliases or a packet size limit: its own encoding
                     self.deliver_with_options(session, msg, 0, 0, ())
                     continue
@@ -3050,32 +3142,65 @@ class Broker:
         qos = sub_qos if self.upgrade_qos else min(msg.qos, sub_qos)
         extra = (bool(rap and msg.retain), ids)
         client = session.client
-        if qos == 0 and client is not None and client.link.writable and not session.queue:
+        if qos == 0 and client is not None and client.link.writable and not session.queue and not session.stored:
             self.write_publish(client, msg, 0, None, False, *(extra if client.proto == 5 else ()))
             self.counters["queue_message_in", ()] += 1
             self.counters["queue_message_out", ()] += 1
         else:
             self.enqueue(session, msg, qos, extra)
 
+    def queue_full(self, session: Session, online: bool, size: int) -> bool:
+        """Whether one more message of ``size`` bytes passes a count or byte limit of its queue or of all queues."""
+        limit, byte_limit = (self.max_online, self.max_online_bytes) if online else \
+            (self.max_offline, self.max_offline_bytes)
+        return (0 <= limit <= _queued(session) or 0 <= byte_limit < session.queue_bytes + size
+                or 0 <= self.max_queued_bytes < self.queued_bytes + size)
+
     def enqueue(self, session: Session, msg: Message, qos: int, extra: tuple | None = None) -> None:
-        """Queue for a session (bounded by max_online/offline_messages), then drain."""
+        """Queue for a session (bounded in messages and bytes), then drain.
+
+        A stored message for an offline session (or behind other stored ones) waits only in the
+        store: memory does not grow with offline queues.
+        """
         online = session.client is not None
-        limit = self.max_online if online else self.max_offline
-        if limit >= 0 and len(session.queue) >= limit:
+        size = message_bytes(msg)
+        if self.queue_full(session, online, size):
             self.counters["queue_message_drop", ()] += 1
             return
         if online and qos == 0 and not session.client.link.writable:
             self.counters["queue_message_drop", ()] += 1  # a slow subscriber loses QoS 0, never blocks others
             return
-        row = self.store.add_message(session.mountpoint, session.client_id, msg, qos, extra) \
-            if qos and not session.clean else 0
+        # QoS 0 is stored too when it must wait behind stored messages: the queue keeps its order
+        keep = not session.clean and (qos or not online or session.stored)
+        row = self.store.add_message(session.mountpoint, session.client_id, msg, qos, extra) if keep else 0
         if not online and self.hooks.on_offline_message:
             notify(self.hooks.on_offline_message, (session.mountpoint, session.client_id), qos, msg.topic,
                    msg.payload, msg.retain)
-        session.queue.append((msg, qos, row, extra))
+        session.queue_bytes += size
+        self.queued_bytes += size
+        if row and (session.stored or not online):
+            session.stored += 1
+            session.stored_bytes += size
+        else:
+            session.queue.append((msg, qos, row, extra))
+            session.loaded_upto = max(session.loaded_upto, row)
         self.counters["queue_message_in", ()] += 1
         if online:
             self.drain(session)
+
+    def fill(self, session: Session) -> bool:
+        """Read the next page of a session's stored queue into memory; return whether there was any."""
+        page = self.store.load_queue(session.mountpoint, session.client_id, session.loaded_upto)
+        for msg, qos, row, extra in page:
+            session.queue.append((msg, qos, row, extra))
+            session.loaded_upto = row
+            session.stored_bytes -= message_bytes(msg)
+        session.stored = max(0, session.stored - len(page))
+        if not page and session.stored:  # rows lost to a failed commit: the queue is shorter than counted
+            session.queue_bytes -= session.stored_bytes
+            self.queued_bytes -= session.stored_bytes
+            session.stored = session.stored_bytes = 0
+        return bool(page)
 
     def drain(self, session: Session) -> None:
         """Send queued messages while the in-flight window (and an MQTT 5 Receive Maximum) has room."""
@@ -3086,9 +3211,16 @@ class Broker:
         if client.receive_max and (not window or client.receive_max < window):
             window = client.receive_max  # [MQTT-3.3.4-7]
         queue, inflight = session.queue, session.inflight
-        while queue and (queue[0][1] == 0 or ((not window or len(inflight) < window)
-                                               and len(inflight) < MAX_PACKET_ID)):
+        while True:
+            room = (not window or len(inflight) < window) and len(inflight) < MAX_PACKET_ID
+            if not queue and not (room and session.stored and self.fill(session)):
+                break
+            if queue[0][1] and not room:
+                break
             msg, qos, row, extra = queue.popleft()
+            size = message_bytes(msg)
+            session.queue_bytes -= size
+            self.queued_bytes -= size
             if msg.expires is not None and msg.expires <= self.clock():
                 self.counters["queue_message_expired", ()] += 1  # MQTT 5.0 3.3.2.3.3
                 if row:
@@ -3100,6 +3232,8 @@ class Broker:
                 inflight[pid] = [msg, qos, row, 0, self.clock(), extra]
                 if qos == 2 and row:
                     self.store.mark_sent(row, pid)  # exactly once survives a restart too
+            elif row:
+                self.store.delete_message(row)  # QoS 0 is done once sent
             if extra and client.proto == 5:  # MQTT 3.1.1 gets retain 0 and no ids [MQTT-3.3.1-9]
                 self.write_publish(client, msg, qos, pid, False, *extra)
             else:
@@ -3502,11 +3636,17 @@ class Broker:
 
     def restore(self, retained: Iterable[tuple[str, Message]], sessions: Iterable[tuple[str, str, int | None]],
                 subscriptions: Iterable[tuple[str, str, str, int]],
-                messages: Iterable[tuple[str, str, Message, int, int, int, bool, Any]]) -> None:
-        """Rebuild state from the message store after a restart (offline time counts from now)."""
+                queues: Iterable[tuple[str, str, int, int, int, int]]) -> None:
+        """Rebuild state from the message store after a restart (offline time counts from now).
+
+        Queued messages stay in the store: ``queues`` says how many each session has (and their
+        bytes); they are read a page at a time once the session is back online.
+        """
         now = self.clock()
         for mountpoint, msg in retained:
             self.retained[mountpoint][msg.topic] = msg
+            self.retained_bytes += message_bytes(msg)
+            self._next_ref = max(self._next_ref, msg.ref)
         for mountpoint, client_id, expiry in sessions:
             self.sessions[(mountpoint, client_id)] = Session(mountpoint, client_id, False, now, expiry)
             self.mountpoints.add(mountpoint)
@@ -3515,13 +3655,13 @@ class Broker:
             if session is not None:
                 self._attach(session, topic_filter, qos)
                 session.subs[topic_filter] = qos
-        for mountpoint, client_id, msg, qos, row, pid, released, extra in messages:
+        for mountpoint, client_id, waiting, size, parked, last_ref in queues:
             session = self.sessions.get((mountpoint, client_id))
-            if session is not None and qos == 2 and pid:  # in flight when the node stopped: same id again
-                session.inflight[pid] = [msg, qos, row, 1 if released else 0, now, extra]
-            elif session is not None:
-                session.queue.append((msg, qos, row, extra))
-            self._next_ref = max(self._next_ref, msg.ref)
+            if session is not None:
+                session.stored, session.stored_bytes, session.parked = waiting or 0, size or 0, parked or 0
+                session.queue_bytes = session.stored_bytes
+                self.queued_bytes += session.stored_bytes
+            self._next_ref = max(self._next_ref, last_ref or 0)
 
     def session_keys(self, client_id: str | None = None) -> list[tuple[str, str]]:
         """Return the sorted (mountpoint, client id) of every session; for one client id, a lookup per mountpoint."""
@@ -3552,17 +3692,31 @@ class Broker:
             "node": "", "mountpoint": s.mountpoint, "client_id": s.client_id,
             "queue_pid": f"<q.{id(s):x}>", "queue_size": None, "session_pid": f"<s.{id(s):x}>" if online else None,
             "is_offline": not online, "is_online": online, "statename": "online" if online else "offline",
-            "deliver_mode": "fanout", "offline_messages": 0 if online else len(s.queue),
-            "online_messages": len(s.queue) if online else 0, "num_sessions": 1 if online else 0,
+            "deliver_mode": "fanout", "offline_messages": 0 if online else _queued(s),
+            "online_messages": _queued(s) if online else 0, "num_sessions": 1 if online else 0,
             "clean_session": s.clean, "is_plugin": False, "queue_started_at": int(s.started_at * 1000),
             "user": s.user, "peer_host": s.peer[0], "peer_port": s.peer[1], "protocol": s.protocol,
-            "waiting_acks": len(s.inflight), "session_started_at": int(s.started_at * 1000),
+            "waiting_acks": len(s.inflight) + s.parked, "session_started_at": int(s.started_at * 1000),
         }
         if subscriptions:
             record["subscriptions"] = _subscriptions(s)
         if messages:
-            record["messages"] = _messages(s)
+            record["messages"] = _messages(s, self.stored_messages(s))
         return record
+
+    def stored_messages(self, s: Session) -> list[tuple]:
+        """Return the messages of a session that wait only in the store (session show asked for them)."""
+        found: list[tuple] = []
+        if s.parked:
+            found += self.store.load_inflight(s.mountpoint, s.client_id)
+        after = s.loaded_upto
+        while len(found) < s.stored + s.parked:
+            page = self.store.load_queue(s.mountpoint, s.client_id, after)
+            if not page:
+                break
+            found += page
+            after = page[-1][2]
+        return found
 
     def retained_rows(self, mountpoint: str | None = None) -> list[dict]:
         """Return (mountpoint, topic, payload) of each retained message."""
@@ -3572,8 +3726,10 @@ class Broker:
 
     def delete_retained(self, mountpoint: str, topic: str) -> bool:
         """Delete one retained message; return whether it existed."""
-        if self.retained[mountpoint].pop(topic, None) is None:
+        old = self.retained[mountpoint].pop(topic, None)
+        if old is None:
             return False
+        self.retained_bytes -= message_bytes(old)
         self.store.delete_retained(mountpoint, topic)
         return True
 
@@ -3598,6 +3754,7 @@ CREATE TABLE IF NOT EXISTS messages (id INTEGER PRIMARY KEY AUTOINCREMENT, mount
                                      pid INTEGER DEFAULT 0, released INTEGER DEFAULT 0, props BLOB,
                                      expires REAL, extra TEXT);
 CREATE INDEX IF NOT EXISTS messages_by_session ON messages (mountpoint, client_id);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value);
 """
 _ADDED_COLUMNS = {  # columns newer than the first stores: table -> ((name, type), ...)
     "messages": (("pid", "INTEGER DEFAULT 0"), ("released", "INTEGER DEFAULT 0"), ("props", "BLOB"),
@@ -3630,9 +3787,22 @@ def _text_extra(text: str | None) -> Any:
 class MemoryStore:
     """``message_store = memory``: nothing is kept across restarts."""
 
+    error: str | None = None  # why the store cannot write now (None: it can)
+
+    def __init__(self):
+        self.counters: dict[tuple, int] = collections.defaultdict(int)  # a metrics source
+
     def load(self) -> tuple[list, list, list, list]:
         """Return nothing to restore."""
         return [], [], [], []
+
+    def load_queue(self, mountpoint: str, client_id: str, after: int) -> list:
+        """Return nothing: no message is ever kept here."""
+        return []
+
+    def load_inflight(self, mountpoint: str, client_id: str) -> list:
+        """Return nothing: no message is ever kept here."""
+        return []
 
     def put_retained(self, mountpoint: str, msg: Message) -> None:
         """Keep nothing."""
@@ -3665,20 +3835,82 @@ class MemoryStore:
     def mark_released(self, row: int) -> None:
         """Keep nothing."""
 
-    def commit(self) -> None:
-        """Nothing to commit."""
+    def commit(self) -> bool:
+        """Nothing to commit: nothing acknowledged is ever lost here."""
+        return True
+
+    def probe(self) -> None:
+        """Nothing to try."""
 
     def close(self) -> None:
         """Nothing to close."""
 
 
+STORE_PAGE = 100  # queued messages read from the store at a time, so memory never holds a whole stored queue
+STORE_PAGE_BYTES = 1 << 20  # ... and at most about this many payload bytes per read
+_SQLITE_OK = [("ok",)]  # what PRAGMA quick_check answers for a sound file (sqlite.org/pragma.html#pragma_quick_check)
+
+
+def create_private_file(path: str) -> None:
+    """Create ``path`` (mode 0600, whatever the umask) if missing; make an existing one 0600."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        if os.name == "posix":
+            os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
+
+
+def _corrupt_store(path: str, detail: str) -> ConfigError:
+    detail = " ".join(detail.split())  # quick_check's lines, on the one line of the error
+    return ConfigError(f"the message store {path} is corrupt ({detail}); vmqapi did not change it. Move it away "
+                       "(the node then starts with no retained messages or persistent sessions) or restore it "
+                       "from a backup, then start again")
+
+
 class SqliteStore(MemoryStore):
-    """SQLite in WAL mode; ``commit`` once per batch makes acknowledged messages survive kill -9."""
+    """SQLite in WAL mode; ``commit`` once per batch makes acknowledged messages survive kill -9.
+
+    A write that fails (disk full, I/O error) never raises: it sets ``error`` and is counted
+    in ``store_error``; the broker then refuses QoS 1/2 messages until a write succeeds again
+    (``probe`` tries one).
+    """
 
     def __init__(self, path: str):
+        super().__init__()
         self.path = path
+        for suffix in ("", "-wal", "-shm"):  # SQLite gives -wal and -shm the database file's mode
+            if suffix == "" or os.path.exists(path + suffix):
+                try:
+                    create_private_file(path + suffix)
+                except OSError as exc:
+                    raise ConfigError(f"cannot open the message store {path}{suffix}: {exc.strerror}") from None
         try:
             self.db = sqlite3.connect(path, check_same_thread=False, isolation_level="DEFERRED")
+        except sqlite3.Error as exc:
+            raise ConfigError(f"cannot open the message store {path}: {exc}") from None
+        try:
+            self._check()
+            self._prepare()
+        except BaseException:
+            self.db.close()
+            raise
+        self._dirty = False
+        self._promised = False  # the open transaction holds messages a QoS 1/2 publisher may hear were kept
+        self._lost = False  # a transaction that failed since the last commit held such messages
+        self._next_row = self._last_row()
+
+    def _check(self) -> None:
+        """Refuse a damaged file before anything writes to it."""
+        try:
+            found = self.db.execute("PRAGMA quick_check").fetchall()
+        except sqlite3.DatabaseError as exc:
+            raise _corrupt_store(self.path, str(exc)) from None
+        if found != _SQLITE_OK:
+            raise _corrupt_store(self.path, "; ".join(str(row[0]) for row in found[:3]))
+
+    def _prepare(self) -> None:
+        try:
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=NORMAL")  # WAL: durable across process crashes
             self.db.executescript(_SCHEMA)
@@ -3687,34 +3919,97 @@ class SqliteStore(MemoryStore):
                 for column, kind in added:
                     if column not in columns:
                         self.db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")  # an older store
+        except sqlite3.DatabaseError as exc:
+            raise _corrupt_store(self.path, str(exc)) from None
         except sqlite3.Error as exc:
-            raise ConfigError(f"cannot open the message store {path}: {exc}") from None
+            raise ConfigError(f"cannot open the message store {self.path}: {exc}") from None
+
+    def _last_row(self) -> int:
+        """Return the highest message row id ever given out (row ids are never reused, even after a failure)."""
+        ids = [self.db.execute("SELECT MAX(id) FROM messages").fetchone()[0] or 0]
+        ids += [row[0] for row in self.db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'messages'")]
+        return max(ids)
+
+    def _failed(self, exc: sqlite3.Error) -> None:
+        """Note a failed write: the transaction is gone (SQLite rolls it back on a full disk, so do we)."""
+        if self.error is None:
+            log.error("the message store %s cannot write: %s; QoS 1/2 messages are refused until it can",
+                      self.path, exc)
+        self.error = str(exc)
+        self.counters["store_error", ()] += 1
+        with contextlib.suppress(sqlite3.Error):
+            self.db.rollback()
         self._dirty = False
 
-    def _run(self, sql: str, args: tuple) -> sqlite3.Cursor:
+    def _run(self, sql: str, args: tuple) -> bool:
         self._dirty = True
-        return self.db.execute(sql, args)
+        try:
+            self.db.execute(sql, args)
+        except sqlite3.Error as exc:
+            self._lost, self._promised = self._lost or self._promised, False
+            self._failed(exc)
+            return False
+        return True
 
     def load(self) -> tuple[list, list, list, list]:
-        """Return (retained, sessions, subscriptions, messages) as stored."""
+        """Return (retained, sessions, subscriptions, queue summaries); queued messages stay on disk.
+
+        A queue summary is (mountpoint, client id, messages waiting, their bytes, messages in
+        flight, highest message reference).
+        """
         q = self.db.execute
-        retained = [(mp, Message(t, p, qos, True, ref, props=_blob_props(props), expires=expires))
-                    for mp, t, p, qos, ref, props, expires in
-                    q("SELECT mountpoint, topic, payload, qos, ref, props, expires FROM retained")]
-        sessions = list(q("SELECT mountpoint, client_id, expiry FROM sessions"))
-        subs = list(q("SELECT mountpoint, client_id, filter, qos FROM subscriptions"))
-        messages = [(mp, cid, Message(t, p, mq, False, ref, props=_blob_props(props), expires=expires), qos, row,
-                     pid, bool(released), _text_extra(extra))
-                    for row, mp, cid, t, p, qos, mq, ref, pid, released, props, expires, extra in
-                    q("SELECT id, mountpoint, client_id, topic, payload, qos, msg_qos, ref, pid, released, props, "
-                      "expires, extra FROM messages ORDER BY id")]
-        return retained, sessions, subs, messages
+        try:
+            retained = [(mp, Message(t, p, qos, True, ref, props=_blob_props(props), expires=expires))
+                        for mp, t, p, qos, ref, props, expires in
+                        q("SELECT mountpoint, topic, payload, qos, ref, props, expires FROM retained")]
+            sessions = list(q("SELECT mountpoint, client_id, expiry FROM sessions"))
+            subs = list(q("SELECT mountpoint, client_id, filter, qos FROM subscriptions"))
+            queues = list(q("SELECT mountpoint, client_id, SUM(pid = 0), "  # length() reads no payload
+                            "SUM(CASE WHEN pid = 0 THEN length(payload) + length(CAST(topic AS BLOB)) ELSE 0 END), "
+                            "SUM(pid != 0), MAX(ref) FROM messages GROUP BY mountpoint, client_id"))
+        except sqlite3.DatabaseError as exc:
+            raise _corrupt_store(self.path, str(exc)) from None
+        return retained, sessions, subs, queues
+
+    def _messages(self, where: str, args: tuple, limit: int = -1) -> sqlite3.Cursor:
+        return self.db.execute("SELECT id, topic, payload, qos, msg_qos, ref, pid, released, props, expires, extra "
+                               f"FROM messages WHERE mountpoint = ? AND client_id = ? AND {where} ORDER BY id LIMIT ?",
+                               (*args, limit))
+
+    def load_queue(self, mountpoint: str, client_id: str, after: int) -> list:
+        """Return the next page of a session's waiting messages after row ``after``: (msg, qos, row, extra)."""
+        page, size = [], 0
+        try:
+            for row, t, p, qos, mq, ref, _pid, _rel, props, expires, extra in self._messages(
+                    "pid = 0 AND id > ?", (mountpoint, client_id, after), STORE_PAGE):
+                page.append((Message(t, p, mq, False, ref, props=_blob_props(props), expires=expires), qos, row,
+                             _text_extra(extra)))
+                size += len(p)
+                if size >= STORE_PAGE_BYTES:
+                    break
+        except sqlite3.Error as exc:
+            log.error("cannot read the queue of %r from the message store: %s", client_id, exc)
+            self.counters["store_error", ()] += 1
+        return page
+
+    def load_inflight(self, mountpoint: str, client_id: str) -> list:
+        """Return a session's QoS 2 messages in flight when the node stopped: (msg, qos, row, pid, released, extra)."""
+        try:
+            return [(Message(t, p, mq, False, ref, props=_blob_props(props), expires=expires), qos, row, pid,
+                     bool(released), _text_extra(extra))
+                    for row, t, p, qos, mq, ref, pid, released, props, expires, extra in
+                    self._messages("pid != 0", (mountpoint, client_id))]
+        except sqlite3.Error as exc:
+            log.error("cannot read the messages in flight to %r from the message store: %s", client_id, exc)
+            self.counters["store_error", ()] += 1
+            return []
 
     def put_retained(self, mountpoint: str, msg: Message) -> None:
         """Store or replace a retained message."""
-        self._run("INSERT OR REPLACE INTO retained (mountpoint, topic, payload, qos, ref, props, expires) "
-                  "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                  (mountpoint, msg.topic, msg.payload, msg.qos, msg.ref, _props_blob(msg.props), msg.expires))
+        if self._run("INSERT OR REPLACE INTO retained (mountpoint, topic, payload, qos, ref, props, expires) "
+                     "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                     (mountpoint, msg.topic, msg.payload, msg.qos, msg.ref, _props_blob(msg.props), msg.expires)):
+            self._promised = self._promised or msg.qos > 0
 
     def delete_retained(self, mountpoint: str, topic: str) -> None:
         """Delete a retained message."""
@@ -3740,11 +4035,15 @@ class SqliteStore(MemoryStore):
                   (mountpoint, client_id, topic_filter))
 
     def add_message(self, mountpoint: str, client_id: str, msg: Message, qos: int, extra: Any = None) -> int:
-        """Store a message queued for a persistent session; return its row id."""
-        return self._run("INSERT INTO messages (mountpoint, client_id, topic, payload, qos, msg_qos, ref, props, "
-                         "expires, extra) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                         (mountpoint, client_id, msg.topic, msg.payload, qos, msg.qos, msg.ref,
-                          _props_blob(msg.props), msg.expires, _extra_text(extra))).lastrowid
+        """Store a message queued for a persistent session; return its row id (0: it could not be stored)."""
+        row = self._next_row + 1
+        if not self._run("INSERT INTO messages (id, mountpoint, client_id, topic, payload, qos, msg_qos, ref, props, "
+                         "expires, extra) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                         (row, mountpoint, client_id, msg.topic, msg.payload, qos, msg.qos, msg.ref,
+                          _props_blob(msg.props), msg.expires, _extra_text(extra))):
+            return 0
+        self._next_row, self._promised = row, self._promised or qos > 0
+        return row
 
     def delete_message(self, row: int) -> None:
         """Delete a delivered message."""
@@ -3758,11 +4057,31 @@ class SqliteStore(MemoryStore):
         """Record that PUBREC came for a QoS 2 message (a restart resends PUBREL, not the message)."""
         self._run("UPDATE messages SET released = 1 WHERE id = ?", (row,))
 
-    def commit(self) -> None:
-        """Commit what the last batch of packets changed."""
+    def commit(self) -> bool:
+        """Commit what the last batch of packets changed.
+
+        Return False when this batch's changes are lost and held messages that may have been
+        acknowledged (the caller must not send those acknowledgements).
+        """
         if self._dirty:
-            self.db.commit()
-            self._dirty = False
+            try:
+                self.db.commit()
+            except sqlite3.Error as exc:
+                self._lost = self._lost or self._promised
+                self._failed(exc)
+            else:
+                self._dirty = False
+                if self.error is not None:
+                    log.warning("the message store %s writes again", self.path)
+                self.error = None
+        lost, self._lost, self._promised = self._lost, False, False
+        return not lost
+
+    def probe(self) -> None:
+        """While ``error`` is set, try a small write; success clears it."""
+        if self.error is not None and self._run("INSERT OR REPLACE INTO meta (key, value) VALUES ('probe', ?)",
+                                                (time.time(),)):
+            self.commit()
 
     def close(self) -> None:
         """Commit and close."""
@@ -4416,6 +4735,7 @@ class MqttIO:
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._run, name="vmqapi-mqtt", daemon=True)
         self._tick_handle: asyncio.TimerHandle | None = None
+        self._tick_error_at = 0.0  # when a failed tick was last logged
 
     def _run(self) -> None:
         asyncio.set_event_loop(self.loop)
@@ -4499,7 +4819,24 @@ class MqttIO:
         listener.port = listener.server.sockets[0].getsockname()[1]
 
     def _tick(self) -> None:
+        """Run the housekeeping; whatever fails is logged and counted, and the next tick is always due."""
+        delay = TICK_INTERVAL
+        try:
+            delay = self._housekeeping()
+        except Exception as exc:  # keep-alive, retries, expiry and wills must outlive any one failure
+            self.broker.counters["tick_error", ()] += 1
+            now = time.time()
+            if now - self._tick_error_at >= TICK_ERROR_LOG_INTERVAL:
+                self._tick_error_at = now
+                log.error("housekeeping failed, trying again in %.1f s: %s", delay, exc, exc_info=True)
+        finally:
+            if not self.loop.is_closed():
+                self._tick_handle = self.loop.call_later(delay, self._tick)
+
+    def _housekeeping(self) -> float:
+        """Tick the broker, publish $SYS when due, commit and flush; return when to run again."""
         now = time.time()
+        self.store.probe()
         self.broker.tick(now)
         config = self.settings()
         interval = config["systree_interval"] / 1000
@@ -4507,7 +4844,7 @@ class MqttIO:
             self._systree_at = now
             self.publish_systree()
         self.after_batch()
-        self._tick_handle = self.loop.call_later(min(0.5, interval or 0.5), self._tick)
+        return min(TICK_INTERVAL, interval or TICK_INTERVAL)
 
     def publish_systree(self) -> None:
         """Publish every metric, aggregated, as ``$SYS/<node>/<name split on _>`` (QoS 0)."""
@@ -4538,9 +4875,21 @@ class MqttIO:
                 holder.drop_partial()
 
     def after_batch(self) -> None:
-        """Commit the store, then flush every connection written to in this batch."""
-        self.store.commit()
+        """Commit the store, then flush every connection written to in this batch.
+
+        When the commit failed and lost messages whose PUBACK or PUBREC this batch wrote, no
+        connection of the batch gets its output: each is closed (MQTT 5: DISCONNECT 0x80) and
+        its client resends what was not acknowledged.
+        """
+        saved = self.store.commit()
         dirty, self.dirty = self.dirty, []
+        if not saved:
+            for link in dirty:
+                link.pending = []
+            for link in dirty:
+                if link.client is not None:
+                    self.broker.close_client(link.client, reason=0x80, text=STORE_DOWN)
+            dirty, self.dirty = self.dirty, []  # the DISCONNECTs, and wills routed to others
         for link in dirty:
             link.flush()
 
@@ -4763,6 +5112,10 @@ class KeyStore:
                 raise ValueError('expected an object with a "keys" list')
             salt = bytes.fromhex(doc.get("salt", ""))
             entries = tuple(self._parse_entry(salt, item) for item in doc["keys"])
+        except RecursionError:  # json nests deeper than the interpreter's stack
+            raise KeyStoreError(
+                f"the API key file {self.path} is corrupt (nested too deeply); fix or move it away, "
+                "vmqapi will not overwrite it") from None
         except (ValueError, TypeError, KeyError, AttributeError) as exc:
             raise KeyStoreError(
                 f"the API key file {self.path} is corrupt ({exc}); fix or move it away, "
@@ -7126,8 +7479,13 @@ class Node:
         if self._config["allow_anonymous"] is None and broker.anonymous_default:
             log.warning("allow_anonymous is not set and every MQTT listener is on loopback: "
                         "clients may connect without credentials (set allow_anonymous = off to refuse them)")
-        broker.restore(*store.load())
+        try:
+            broker.restore(*store.load())
+        except VmqError:
+            store.close()
+            raise
         self.metrics.add_source(lambda: broker.counters, broker.gauges)
+        self.metrics.add_source(lambda: store.counters, dict)
         self.mqtt.start()
 
     def _stop_mqtt(self) -> None:
@@ -7335,9 +7693,13 @@ class Node:
         self.in_broker(self.metrics.reset)
 
     def health_reasons(self) -> list[str]:
-        """Return why the node is not healthy: listeners that are not running."""
+        """Return why the node is not healthy: listeners that are not running, a store that cannot write."""
         down = [f"{x.kind} {x.address}:{x.port} ({x.status})" for x in self._all_listeners() if x.status != "running"]
-        return [f"Listeners are not ready: [{', '.join(down)}]"] if down else []
+        reasons = [f"Listeners are not ready: [{', '.join(down)}]"] if down else []
+        error = self.mqtt.store.error if self.mqtt is not None else None
+        if error is not None:
+            reasons.append(f"The message store cannot write: {error}")
+        return reasons
 
     def retained_rows(self) -> list[dict]:
         """Return mountpoint, topic and payload of every retained message."""

@@ -103,7 +103,8 @@ def test_add_refusals(tmp_path):
 
 
 @pytest.mark.parametrize("content", [b"{", b"[]", b'{"keys": [{"key": "a"}]}', b'{"keys": [{"key": "a", '
-                                     b'"scope": "root", "expires": null}]}', b"\xff\xfe"])
+                                     b'"scope": "root", "expires": null}]}', b"\xff\xfe",
+                                     pytest.param(b"[" * 100_000 + b"]" * 100_000, id="nested-too-deep")])
 def test_corrupt_file_is_refused_and_left_alone(tmp_path, content):
     path = tmp_path / "k.json"
     path.write_bytes(content)

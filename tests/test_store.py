@@ -1,0 +1,398 @@
+"""The message store under hostile conditions: byte limits, lazy restart, full disk, corruption, file modes."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import resource
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+from conftest import ROOT, node_config, run_cli
+from mqtt_client import MqttClient
+from test_broker import client_maker
+import vmqapi
+
+MB = 1 << 20
+
+
+# -- a node in a child Python -------------------------------------------------
+def _child_setup(cap: int | None, umask: int | None):
+    def setup():
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGPIPE):
+            signal.signal(sig, signal.SIG_DFL)  # never the parent's (pytest's) dispositions
+        if cap is not None:
+            resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+        if umask is not None:
+            os.umask(umask)
+    return setup
+
+
+@contextlib.contextmanager
+def child_node(data_dir, *sets, cap=None, umask=None, env=None):
+    """Run ``vmqapi.py`` in a child Python; yield (process, node.json); stop it at the end."""
+    cmd = [sys.executable, os.path.join(ROOT, "vmqapi.py"), "--data-dir", str(data_dir),
+           "--set", "listener.tcp.default=127.0.0.1:0", "--set", "listener.http.default=127.0.0.1:0"]
+    for item in sets:
+        cmd += ["--set", item]
+    full_env = dict(os.environ, MALLOC_ARENA_MAX="2", **(env or {}))  # address space that threads do not inflate
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=full_env,
+                            preexec_fn=_child_setup(cap, umask))
+    try:
+        info = None
+        deadline = time.monotonic() + 20
+        while info is None and time.monotonic() < deadline and proc.poll() is None:
+            info = vmqapi.read_node_file(str(data_dir))
+            if info is None or info.get("pid") != proc.pid:
+                info = None
+                time.sleep(0.05)
+        if info is None:
+            proc.kill()
+            raise AssertionError(f"the node did not start: {proc.stderr.read().decode()[-2000:]}")
+        yield proc, info
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+        proc.stderr.close()
+
+
+def port_of(info, kind="mqtt"):
+    return next(x["port"] for x in info["listeners"] if x["type"] == kind)
+
+
+def rss(pid) -> int:
+    """Return a process's resident set size in bytes."""
+    with open(f"/proc/{pid}/status") as fh:
+        return next(int(line.split()[1]) * 1024 for line in fh if line.startswith("VmRSS:"))
+
+
+def round_trip(port, timeout=10.0):
+    """Return how long a PINGREQ takes to be answered by a fresh control client."""
+    c = MqttClient(port, timeout=timeout)
+    try:
+        c.connect("control")
+        started = time.monotonic()
+        c.ping()
+        return time.monotonic() - started
+    finally:
+        c.close()
+
+
+def new_client(port, client_id, clean=True, version=4, timeout=10.0):
+    c = MqttClient(port, timeout=timeout, version=version)
+    ack = c.connect(client_id, clean)
+    assert ack.return_code == 0, ack
+    return c
+
+
+def metric(port, name):
+    """Read one counter from /metrics (noauth)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    return sum(float(line.split()[-1]) for line in text.splitlines()
+               if line.startswith(f"vernemq_{name}{{") or line.startswith(f"vernemq_{name} "))
+
+
+# -- 3. queues in bytes ---------------------------------------------------------
+@pytest.mark.slow
+def test_a_subscriber_that_never_reads_holds_at_most_max_online_bytes(tmp_path):
+    """60 MB queued at QoS 1 to a subscriber that never reads: the node keeps 20 MB of it, drops the rest."""
+    with child_node(tmp_path / "d", "max_online_bytes=20000000", "max_inflight_messages=2", cap=700 * MB) as (
+            proc, info):
+        port = port_of(info)
+        sub = new_client(port, "sink")
+        sub.subscribe(("big/#", 1))
+        sub.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # and never reads again
+        pub = new_client(port, "pub")
+        time.sleep(0.3)
+        before = rss(proc.pid)
+        payload = b"x" * MB
+        for n in range(60):
+            pub.publish(f"big/{n}", payload, 1)
+        assert round_trip(port) < 2
+        grown = rss(proc.pid) - before
+        assert grown < 40 * MB, f"the node grew by {grown / MB:.0f} MB for a 20 MB queue"
+        assert metric(port_of(info, "http"), "queue_message_drop") >= 30
+        sub.close()
+        pub.close()
+
+
+def test_offline_queue_and_all_queues_are_bounded_in_bytes(make_node):
+    node = make_node(max_offline_bytes="2500", max_queued_bytes="4000")
+    with client_maker(node) as connect:
+        for name in ("a", "b"):
+            c = connect(name, clean=False)
+            c.subscribe(("q", 1))
+            c.disconnect()
+        pub = connect("pub")
+        for n in range(4):
+            pub.publish("q", b"%d" % n + b"." * 999, 1)  # 1000 bytes of payload, 1 of topic
+    rows = {r["client_id"]: r["offline_messages"] for r in node.session_records(subscriptions=False, messages=False)}
+    # a: 2 (a third passes 2500 bytes); b: 1 (a second passes 4000 bytes for all queues together)
+    assert (rows["a"], rows["b"]) == (2, 1), rows
+    assert node.metrics.value("queue_message_drop") == 5
+    assert node.mqtt.broker.queued_bytes == 3 * 1001
+
+
+@pytest.mark.slow
+def test_a_restart_reads_stored_queues_lazily(tmp_path):
+    """150 MB queued on disk for offline sessions; the node restarts under a cap the whole queue would pass."""
+    data = tmp_path / "d"
+    payload = b"y" * MB
+    sets = ("max_offline_bytes=-1", "max_queued_bytes=-1", "max_offline_messages=-1")
+    with child_node(data, *sets) as (proc, info):
+        port = port_of(info)
+        for name in ("s1", "s2", "s3"):
+            c = new_client(port, name, clean=False)
+            c.subscribe(("big/#", 1))
+            c.disconnect()
+        pub = new_client(port, "pub")
+        for n in range(50):
+            pub.publish(f"big/{n}", payload, 1)
+        pub.close()
+    assert os.path.getsize(data / "messages.db") > 140 * MB
+    # Idle, the node needs an address space of about 150 MB; reading the whole queue at start needed 225 MB.
+    with child_node(data, *sets, "max_inflight_messages=4", cap=200 * MB) as (proc, info):
+        port = port_of(info)
+        assert rss(proc.pid) < 100 * MB
+        shown = run_cli("admin", "session", "show", "--client_id", "--offline_messages", data_dir=data)
+        assert shown.returncode == 0, shown.stderr
+        rows = [line.replace(" ", "") for line in shown.stdout.splitlines()]
+        assert {"|s1|50|", "|s2|50|", "|s3|50|"} <= set(rows), shown.stdout
+        back = new_client(port, "s1", clean=False)
+        got = [back.message().topic for _ in range(50)]
+        assert got == [f"big/{n}" for n in range(50)]
+        back.no_message()
+        assert rss(proc.pid) < 100 * MB  # delivered a page at a time
+        back.close()
+
+
+# -- 4. retained messages --------------------------------------------------------
+def test_retained_messages_are_limited_in_number_and_bytes(make_node):
+    node = make_node(max_retained_messages="3", max_retained_bytes="3000")
+    with client_maker(node, default_version=5) as connect:
+        pub = connect("pub")
+        for n in range(3):
+            assert pub.publish(f"r/{n}", b"v", 1, retain=True) == 0x10  # no subscribers, kept
+        assert pub.publish("r/new", b"v", 1, retain=True) == 0x97  # quota exceeded
+        assert pub.publish("r/new", b"v", 2, retain=True) == 0x97
+        assert pub.publish("r/0", b"replaced", 1, retain=True) == 0x10  # replacing stays allowed
+        assert pub.publish("r/1", b"", 1, retain=True) == 0x10  # and clearing
+        assert pub.publish("r/big", b"z" * 2990, 1, retain=True) == 0x97  # past max_retained_bytes
+        assert pub.publish("r/ok", b"z" * 2000, 1, retain=True) == 0x10
+        sub = connect("sub")
+        sub.subscribe(("r/#", 0))
+        assert sorted(sub.message().topic for _ in range(3)) == ["r/0", "r/2", "r/ok"]
+        sub.no_message()
+    assert node.metrics.value("retain_message_refused") == 3
+    assert node.mqtt.broker.retained_bytes == len("r/0replaced") + len("r/2v") + len("r/ok") + 2000
+
+
+@pytest.mark.slow
+def test_retained_flood_stays_within_max_retained_bytes(tmp_path):
+    """60 MB of retained messages on distinct topics: the node keeps 20 MB."""
+    with child_node(tmp_path / "d", "max_retained_bytes=20000000", "message_store=memory", cap=700 * MB) as (
+            proc, info):
+        port = port_of(info)
+        pub = new_client(port, "pub")
+        time.sleep(0.3)
+        before = rss(proc.pid)
+        payload = b"r" * MB
+        for n in range(60):
+            pub.send(vmqapi.Publish(f"keep/{n}", payload, 0, True))
+        pub.ping()
+        assert round_trip(port) < 2
+        grown = rss(proc.pid) - before
+        assert grown < 40 * MB, f"the node grew by {grown / MB:.0f} MB for 20 MB of retained messages"
+        assert metric(port_of(info, "http"), "retain_message_refused") >= 30
+        pub.close()
+
+
+# -- 10. a store that cannot write ----------------------------------------------
+@contextlib.contextmanager
+def small_tmpfs(path, size="8m"):
+    os.makedirs(path, exist_ok=True)
+    try:
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], check=True,
+                       capture_output=True, timeout=10)
+    except (OSError, subprocess.SubprocessError) as exc:
+        pytest.skip(f"cannot mount a tmpfs here ({exc}); the full-disk test needs one")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True, timeout=10)
+
+
+def fill(path):
+    """Write a file until the file system is full."""
+    with open(path, "wb") as fh:
+        with contextlib.suppress(OSError):
+            for _ in range(10_000):
+                fh.write(b"\0" * 65536)
+                fh.flush()
+            os.fsync(fh.fileno())
+
+
+def health(node):
+    port = next(x["port"] for x in node.listeners() if x["type"] == "http")
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def session_ids(node):
+    return {r["client_id"] for r in node.session_records(subscriptions=False, messages=False)}
+
+
+def publish_until_refused(c, payload, tries=300):
+    """Publish QoS 1 until the node refuses (a reason >= 0x80) or closes; return what happened."""
+    for n in range(tries):
+        try:
+            reason = c.publish(f"t/{n}", payload, 1)
+        except (ConnectionError, OSError):
+            return "closed"
+        if reason >= 0x80:
+            return reason
+    return None
+
+
+def test_a_full_disk_refuses_qos1_says_so_on_health_and_recovers(tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    with small_tmpfs(tmp_path / "fs") as fs:
+        node = vmqapi.Node(node_config(fs / "data", mqtt_connect_timeout="1000"))
+        node.start()
+        try:
+            with client_maker(node, default_version=5) as connect:
+                sub = connect("sub", clean=False, properties=(("session_expiry_interval", 3600),))
+                sub.subscribe(("t/#", 1))
+                sub.disconnect()
+                fill(fs / "filler")
+                payload = b"p" * 65536
+                outcome = publish_until_refused(connect("pub5"), payload)
+                if outcome == "closed":  # the batch whose commit failed: its connection is closed, say so again
+                    outcome = publish_until_refused(connect("pub5b"), payload)
+                assert outcome == 0x80
+                status, body = health(node)
+                assert status == 503 and any("message store" in r for r in body["reasons"]), body
+                v3 = connect("pub3", version=4)
+                with pytest.raises((ConnectionError, OSError)):
+                    v3.publish("t/x", b"no", 1)  # MQTT 3.1.1: no acknowledgement, the connection is closed
+                os.unlink(fs / "filler")
+                deadline = time.monotonic() + 10
+                while health(node)[0] != 200 and time.monotonic() < deadline:
+                    time.sleep(0.1)
+                assert health(node)[0] == 200
+                assert connect("pub5c").publish("t/again", b"ok", 1) == 0
+                brief = connect("brief", clean=False, properties=(("session_expiry_interval", 1),))
+                brief.disconnect()
+                deadline = time.monotonic() + 10  # the housekeeping still runs: the session expires
+                while session_ids(node) & {"brief"} and time.monotonic() < deadline:
+                    time.sleep(0.1)
+                assert "brief" not in session_ids(node)
+        finally:
+            node.stop()
+    assert node.metrics.value("store_error") >= 1
+    text = "\n".join(r.getMessage() for r in caplog.records)
+    assert "Fatal error" not in text and not any(r.exc_info for r in caplog.records if r.name == "asyncio"), text
+
+
+def test_the_tick_survives_an_error(make_node, monkeypatch):
+    node = make_node()
+    broker = node.mqtt.broker
+    real, calls = broker.tick, []
+
+    def failing_once(now):
+        calls.append(now)
+        if len(calls) == 1:
+            raise vmqapi.sqlite3.OperationalError("database or disk is full")
+        real(now)
+    monkeypatch.setattr(broker, "tick", failing_once)
+    deadline = time.monotonic() + 5
+    while len(calls) < 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(calls) >= 3  # ticks go on after the one that failed
+    assert node.metrics.value("tick_error") == 1
+    with client_maker(node, default_version=5) as connect:  # and they still do their work
+        connect("brief", clean=False, properties=(("session_expiry_interval", 1),)).disconnect()
+        deadline = time.monotonic() + 10
+        while "brief" in session_ids(node) and time.monotonic() < deadline:
+            time.sleep(0.1)
+    assert "brief" not in session_ids(node)
+
+
+# -- 11. a corrupt store ------------------------------------------------------------
+def make_store(path):
+    store = vmqapi.SqliteStore(str(path))
+    store.put_session("", "s", None)
+    for n in range(400):
+        store.add_message("", f"s{n % 7}", vmqapi.Message(f"t/{n}", b"m" * 300, 1, ref=n), 1)
+    store.put_retained("", vmqapi.Message("r", b"kept", 0, True, 1))
+    store.close()
+    db = vmqapi.sqlite3.connect(str(path))
+    pages = dict(db.execute("SELECT name, rootpage FROM sqlite_master WHERE name IN ('messages', "
+                            "'messages_by_session')"))
+    page_size = db.execute("PRAGMA page_size").fetchone()[0]
+    db.close()
+    return pages, page_size
+
+
+@pytest.mark.parametrize("which", ["messages", "messages_by_session"])
+def test_a_corrupt_store_stops_the_node_with_one_message(tmp_path, which):
+    data = tmp_path / "d"
+    data.mkdir(mode=0o700)
+    db = data / "messages.db"
+    pages, page_size = make_store(db)
+    with open(db, "r+b") as fh:
+        fh.seek((pages[which] - 1) * page_size)
+        fh.write(bytes(range(256)) * (page_size // 256))
+    digest = hashlib.sha256(db.read_bytes()).hexdigest()
+    cmd = [sys.executable, os.path.join(ROOT, "vmqapi.py"), "--data-dir", str(data),
+           "--set", "listener.tcp.default=127.0.0.1:0", "--set", "listener.http.default=127.0.0.1:0"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=_child_setup(None, None))
+    try:
+        out, err = proc.communicate(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise AssertionError("the node started on a corrupt store") from None
+    err = err.decode()
+    assert proc.returncode != 0
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if "messages.db" in line]
+    assert len(lines) == 1 and "corrupt" in lines[0] and "Move it away" in lines[0], err
+    assert hashlib.sha256(db.read_bytes()).hexdigest() == digest
+
+
+# -- 12. file modes --------------------------------------------------------------------
+@pytest.mark.parametrize("umask", [0o000, 0o022])
+def test_data_dir_and_files_are_private_whatever_the_umask(tmp_path, umask):
+    data = tmp_path / "new" / "data"
+    with child_node(data, umask=umask, env={"VMQAPI_API_KEYS": "k" * 32}) as (proc, info):
+        c = new_client(port_of(info), "keep", clean=False)
+        c.subscribe(("t", 1))
+        c.publish("t", b"secret", 1, retain=True)
+        c.message()
+        c.close()
+        time.sleep(0.2)
+        assert os.stat(data).st_mode & 0o777 == 0o700
+        names = sorted(os.listdir(data))
+        assert {"messages.db", "messages.db-wal", "messages.db-shm", "node.json", "api_keys.json"} <= set(names)
+        modes = {name: oct(os.stat(data / name).st_mode & 0o777) for name in names}
+        assert all(mode == "0o600" for mode in modes.values()), modes
