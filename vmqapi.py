@@ -161,6 +161,8 @@ SESSION_CHUNK = 500  # sessions session show reads per turn of the broker's loop
 JSON_CHUNK = 1000  # table rows per json.dumps call, so a big answer never holds the GIL for long
 KEY_FILE = "api_keys.json"
 DEFAULT_DATA_DIR = "vmqapi-data"
+DATA_DIR_ENV = "VMQAPI_DATA_DIR"  # the data dir when --data-dir is not given (then ./vmqapi-data)
+COLUMNS_HEADER = "x-vmqapi-columns"  # an empty table's columns, for the CLI's box (the JSON has none)
 KEY_ALPHABET = string.ascii_letters + string.digits  # VerneMQ: [A-Za-z0-9]
 DEFAULT_KEY_LENGTH = 32  # VerneMQ vmq_auth_apikey: max(32, min_apikey_length)
 HASHED_PREFIX_LENGTH = 6  # SPEC 4: hashed keys show their first 6 characters
@@ -6191,8 +6193,12 @@ def serve_api(node: Any, req: Request, rest: str, query: str) -> Response:
         return Response(200, CORS_HEADERS)
     if not accepts_json(req.headers.get("accept")):
         raise NotAcceptable("this API answers application/json only")
-    body = render_json(execute(call, wants_help))
-    return Response(200, (("Content-Type", JSON_TYPE),), body, tuple(call.after))
+    elements = execute(call, wants_help)
+    headers = [("Content-Type", JSON_TYPE)]
+    empty = next((e.columns for e in elements if isinstance(e, Table) and not e.rows and e.columns), None)
+    if empty:
+        headers.append((COLUMNS_HEADER, json.dumps(empty)))
+    return Response(200, tuple(headers), render_json(elements), tuple(call.after))
 
 
 ###############################################################################
@@ -6300,6 +6306,29 @@ def serve_status_page(node: Any, req: Request, rest: str, query: str) -> Respons
     return Response(200, (("Content-Type", "text/html; charset=utf-8"),
                           ("Content-Security-Policy", "default-src 'self'; style-src 'unsafe-inline'; "
                                                       "script-src 'unsafe-inline'")), STATUS_PAGE.encode())
+
+
+ENDPOINTS = {  # GET / for a JSON client: where to go
+    "/status": "the status page, for a browser",
+    "/status.json": "the node's status, sessions and listeners as JSON",
+    "/api/v1": "the admin API: /api/v1/<vmq-admin words>?key=value&--flag (an API key as Basic user name)",
+    "/api/v1/openapi.json": "the admin API described as OpenAPI 3.1",
+    "/metrics": "Prometheus text format 0.0.4",
+    "/health": "200 OK, or 503 with the reasons",
+}
+
+
+def serve_root(node: Any, req: Request, rest: str, query: str) -> Response:
+    """Answer /: a redirect to /status for browsers, an index of the endpoints for JSON clients."""
+    _only_get(req)
+    if rest:
+        raise NotFound(f"no endpoint at //{rest}")
+    accept = req.headers.get("accept", "")
+    if JSON_TYPE in accept.lower() and accepts_json(accept):
+        body = json.dumps({"endpoints": ENDPOINTS}, separators=(",", ":")).encode()
+        return Response(200, (("Content-Type", JSON_TYPE),), body)
+    text = "The status page is at /status, the admin API at /api/v1 (GET / with Accept: application/json lists all).\n"
+    return Response(302, (("Location", "/status"), ("Content-Type", "text/plain; charset=utf-8")), text.encode())
 
 
 STATUS_PAGE = """<!doctype html>
@@ -6411,7 +6440,7 @@ def route(path: str) -> tuple[Callable[..., Response], str]:
 
 ROUTES: tuple[tuple[str, Callable[..., Response]], ...] = (
     ("/api/v1", serve_api), ("/metrics", serve_metrics), ("/health", serve_health),
-    ("/status.json", serve_status_json), ("/status", serve_status_page))
+    ("/status.json", serve_status_json), ("/status", serve_status_page), ("/", serve_root))
 
 
 def handle_http(node: Any, req: Request) -> Response:
@@ -7177,10 +7206,25 @@ def split_global_options(tokens: Sequence[str]) -> tuple[list[str], list[str]]:
     return tokens[:n], tokens[n:]
 
 
+CLI_EPILOG = f"""sub-commands:
+  (none)                      start a node; Ctrl-C or SIGTERM stops it
+  admin <words> [key=value ...] [--flag[=value]]
+                              run a vmq-admin command in the running node (api-key: in the key file);
+                              admin --help lists the commands, admin <words> --help explains one
+    --format=json             print the HTTP API's JSON answer instead of a table
+    --http, --print-url       print the equal HTTP request and curl line instead of running it
+  passwd [-c|-D] FILE USER    add, change (-c: create the file) or delete (-D) a vmq_passwd user
+
+The data dir is --data-dir, else ${DATA_DIR_ENV}, else ./{DEFAULT_DATA_DIR}: give a second terminal the
+same one as the node, or set {DATA_DIR_ENV} for both.
+"""
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="vmqapi", description="Start a vmqapi node, or run vmq-admin commands: vmqapi [options] admin <words>")
-    parser.add_argument("--data-dir", help=f"state directory (default ./{DEFAULT_DATA_DIR})")
+        prog="vmqapi", description="Start a vmqapi node, or run vmq-admin commands: vmqapi [options] admin <words>",
+        epilog=CLI_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-dir", help=f"state directory (default ${DATA_DIR_ENV}, else ./{DEFAULT_DATA_DIR})")
     parser.add_argument("--config", help="a vernemq.conf-style file of key = value lines")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one config key")
     parser.add_argument("--version", action="version", version=f"vmqapi {__version__}")
@@ -7192,7 +7236,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     options, rest = split_global_options(sys.argv[1:] if argv is None else argv)
     ns = _parser().parse_args(options)
     try:
-        config = Config.from_sources(ns.config, ns.set)
+        base = {"data_dir": os.environ[DATA_DIR_ENV]} if os.environ.get(DATA_DIR_ENV) else None
+        config = Config.from_sources(ns.config, ns.set, base)
         if ns.data_dir:
             config = config.with_values({"data_dir": ns.data_dir})
     except VmqError as exc:
@@ -7210,9 +7255,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def admin_main() -> None:
-    """Entry point of the ``vmq-admin`` console script."""
-    options, rest = split_global_options(sys.argv[1:])
-    sys.exit(main([*options, "admin", *rest]))
+    """Entry point of the ``vmq-admin`` console script: ``vmq-admin [--data-dir D] <words> ...``."""
+    tokens, n = sys.argv[1:], 0
+    while n < len(tokens) and tokens[n].partition("=")[0] in GLOBAL_OPTIONS:  # only the node's own options
+        n += 1 if "=" in tokens[n] else 2
+    sys.exit(main([*tokens[:n], "admin", *tokens[n:]]))
 
 
 def run_node(config: Config) -> int:
@@ -7323,8 +7370,11 @@ def admin(config: Config, tokens: Sequence[str]) -> int:
     fmt = "json" if "--format=json" in tokens else "human"
     try:
         argv = parse_cli_tokens(tokens)
+        asked = any(n in ("--help", "-h") for n, _ in argv.flags)
         if not argv.words:
-            asked = any(n in ("--help", "-h") for n, _ in argv.flags)
+            if any(n == "--version" for n, _ in argv.flags):
+                print(f"vmqapi {__version__}")
+                return 0
             print(CommandTable(CATALOGUE).usage(), end="", file=sys.stdout if asked else sys.stderr)
             return 0 if asked else 2
         if teach:
@@ -7332,20 +7382,44 @@ def admin(config: Config, tokens: Sequence[str]) -> int:
         try:
             call, wants_help = prepare(CommandTable(CATALOGUE), argv, None)
         except UnknownCommand:
+            group = [c for c in CommandTable(CATALOGUE) if c.words[:len(argv.words)] == argv.words]
+            if asked and group:  # a group such as "session": list its commands, as admin --help does
+                print("".join(c.synopsis() + "\n" for c in group), end="")
+                return 0
+            _refuse_word_for_argument(argv.words)
             if read_node_file(config["data_dir"]) is None:
                 raise
             return _remote(config, argv, fmt)  # the node may have commands an embedder registered
         if wants_help:
             return _print(execute(call, True), fmt)
         if call.command.local:
-            context = LocalContext(config, keystore_for(config), config["nodename"])
-            call = dataclasses.replace(call, node=context)
-            return _print(execute(call), fmt)
+            return _run_local(config, call, fmt)
         if call.command.words == ("trace", "client") and "duration" not in call.flags:
             return _stream_trace(config, argv, fmt)
         return _remote(config, argv, fmt)
     except VmqError as exc:
         return _print_error(exc, fmt)
+
+
+def _refuse_word_for_argument(words: tuple[str, ...]) -> None:
+    """Raise HTTP's error for ``client-id`` written as a word after a whole command (no ``=``)."""
+    commands = CommandTable(CATALOGUE).table()
+    for n in range(len(words) - 1, 0, -1):
+        cmd = commands.get(words[:n])
+        if cmd is not None and cmd.key(words[n]) is not None:
+            raise BadRequest(f"argument {words[n]!r} has no value (write {words[n]}=<value>)")
+
+
+def _run_local(config: Config, call: Call, fmt: str) -> int:
+    """Run an api-key command on the key file; say so when that makes a file no running node reads."""
+    keystore = keystore_for(config)
+    existed = os.path.exists(keystore.path)
+    code = _print(execute(dataclasses.replace(call, node=LocalContext(config, keystore, config["nodename"]))), fmt)
+    if not existed and os.path.exists(keystore.path) and read_node_file(config["data_dir"]) is None:
+        folder = os.path.abspath(config["data_dir"])
+        print(f"vmq-admin: made a new key file in {folder}, where no node runs now; a node started with "
+              f"another data dir will not see this key (use --data-dir or ${DATA_DIR_ENV})", file=sys.stderr)
+    return code
 
 
 def _teach(config: Config, argv: Argv) -> int:
@@ -7355,7 +7429,7 @@ def _teach(config: Config, argv: Argv) -> int:
     target = path + ("?" + query if query else "")
     scheme, host, port = _http_address(config)
     print(f"GET {target}")
-    print(f'curl -u "$VMQAPI_KEY:" "{scheme}://{host}:{port}{target}"')
+    print(f'curl -u "$KEY:" "{scheme}://{host}:{port}{target}"')  # the README's name for the key
     return 0
 
 
@@ -7388,13 +7462,17 @@ def _remote(config: Config, argv: Argv, fmt: str) -> int:
                                          urllib.request.HTTPSHandler(context=local_tls))
     try:
         with opener.open(request, timeout=60) as resp:
-            body = resp.read()
+            body, columns = resp.read(), resp.headers.get(COLUMNS_HEADER)
     except urllib.error.HTTPError as exc:
         return _remote_error(exc, fmt)
     except (urllib.error.URLError, OSError) as exc:
         raise NodeNotRunning(f"node.json names pid {info.get('pid')}, but nothing answers at {host}:{port} "
                              f"({getattr(exc, 'reason', exc)}); is the node running?") from None
-    return _print(elements_from_json(json.loads(body)), fmt, body)
+    elements = elements_from_json(json.loads(body))
+    if columns:  # an empty table still prints its header box, as vmq-admin does
+        elements = [Table((), tuple(json.loads(columns))) if isinstance(e, Table) and not e.rows else e
+                    for e in elements]
+    return _print(elements, fmt, body)
 
 
 def _remote_error(exc: urllib.error.HTTPError, fmt: str) -> int:

@@ -290,3 +290,19 @@ def test_status_page_in_headless_chromium(node, caplog):
 def test_status_page_has_no_external_assets():
     page = vmqapi.STATUS_PAGE
     assert not re.search(r"(src|href)\s*=|@import|url\(|https?:|//[a-z]", page)
+
+
+def test_root_points_to_the_status_page_and_the_api(node):
+    http = Client(node)
+    try:
+        browser = "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"
+        status, headers, data = http.get("/", accept=browser)
+        assert status == 302 and headers["location"] == "/status" and b"/api/v1" in data
+        status, headers, data = http.get("/", accept="application/json")
+        assert status == 200 and headers["content-type"] == "application/json"
+        endpoints = json.loads(data)["endpoints"]
+        assert {"/status", "/status.json", "/api/v1", "/metrics", "/health"} <= set(endpoints)
+        assert http.get("/nothing-here")[0] == 404
+        assert http.request("POST", "/")[0] == 405
+    finally:
+        http.close()
