@@ -6298,9 +6298,99 @@ def serve_status_json(node: Any, req: Request, rest: str, query: str) -> Respons
                           ("Access-Control-Allow-Origin", node.config["http_cors_allow_origin"])), body)
 
 
+HISTORY_INTERVAL = 2.0  # s between two samples of the status page's charts (the page polls as often)
+HISTORY_SAMPLES = 450  # 15 minutes at HISTORY_INTERVAL
+HISTORY_FIELDS = ("at", "msg_in", "msg_out", "num_online", "num_offline", "queued")
+STATUS_PAGE_ROWS = 100  # sessions and retained topics the page lists
+STATUS_SESSION_ROWS = 5000  # session show rows the page's filter looks through (sessions, subscriptions)
+
+
+def history_sample(status: Mapping[str, Any], at: float) -> tuple:
+    """Return one history point (HISTORY_FIELDS) from node status values."""
+    queued = max(0, status["queue_in"] - status["queue_out"] - status["queue_drop"])  # entered, not yet left
+    return (round(at, 1), status["msg_in"], status["msg_out"], status["num_online"], status["num_offline"], queued)
+
+
+class StatusHistory:
+    """The last HISTORY_SAMPLES points of the node's status, sampled by a thread of its own."""
+
+    def __init__(self, status: Callable[[], Mapping[str, Any]], interval: float = HISTORY_INTERVAL,
+                 size: int = HISTORY_SAMPLES, clock: Callable[[], float] = time.time):
+        self._status, self.interval, self._clock = status, interval, clock
+        self._lock = threading.Lock()
+        self._points: collections.deque = collections.deque(maxlen=size)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Take a first sample now, then one every ``interval`` seconds until stop()."""
+        self._stop.clear()
+        self.record()
+        self._thread = threading.Thread(target=self._run, name="vmqapi-status-history", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop sampling and wait for the thread; safe to call twice."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(10)
+            self._thread = None
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.record()
+            except (RuntimeError, concurrent.futures.CancelledError, TimeoutError):
+                log.debug("status history: the broker did not answer (stopping?)")  # the next turn retries
+
+    def record(self) -> None:
+        """Add one sample of the node's status."""
+        point = history_sample(self._status(), self._clock())
+        with self._lock:
+            self._points.append(point)
+
+    def points(self) -> list[tuple]:
+        """Return the samples, oldest first."""
+        with self._lock:
+            return list(self._points)
+
+
+def _command_rows(node: Any, words: tuple[str, ...], flags: Iterable[tuple[str, str | None]]) -> list[dict]:
+    """Run a read-only command of the node's own table and return its first table's rows."""
+    call, _ = prepare(node.commands, Argv(words, (), tuple(flags)), node)
+    return next((list(e.rows) for e in execute(call) if isinstance(e, Table)), [])
+
+
+def status_sessions(node: Any, contains: str, state: str) -> list[dict]:
+    """Return the page's sessions (client id, online, protocol, subscriptions) from session show."""
+    wanted = {"online": True, "offline": False}.get(state)
+    listed = _command_rows(node, ("session", "show"), (("--client_id", None), ("--is_online", None),
+                                                       ("--protocol", None), ("--limit", str(STATUS_SESSION_ROWS))))
+    picked = [r for r in listed if contains in r["client_id"] and wanted in (None, r["is_online"])][:STATUS_PAGE_ROWS]
+    counts = collections.Counter(r["client_id"] for r in _command_rows(
+        node, ("session", "show"), (("--client_id", None), ("--topic", None), ("--limit", str(STATUS_SESSION_ROWS)))))
+    return [{"client_id": r["client_id"], "online": r["is_online"], "protocol": r["protocol"],
+             "subscriptions": counts[r["client_id"]]} for r in picked]
+
+
+def status_details(node: Any, query: str) -> dict:
+    """Return /status/details.json: the charts' history, sessions, retained topics and cluster members."""
+    params = urllib.parse.parse_qs(query)
+    contains, state = params.get("client_id", [""])[0], params.get("state", ["all"])[0]
+    now = history_sample(node.status(), time.time())
+    retained = _command_rows(node, ("retain", "show"), (("--topic", None), ("--limit", str(STATUS_PAGE_ROWS))))
+    return {"interval": node.history.interval, "fields": HISTORY_FIELDS, "history": [*node.history.points(), now],
+            "sessions": status_sessions(node, contains, state), "retained": [r["topic"] for r in retained],
+            "cluster": _command_rows(node, ("cluster", "show"), ())}
+
+
 def serve_status_page(node: Any, req: Request, rest: str, query: str) -> Response:
-    """Answer /status: one self-contained page that polls status.json."""
+    """Answer /status, one self-contained page, and /status/details.json, the data it draws."""
     _only_get(req)
+    if rest == "details.json":
+        authenticate(node, "vmq_status_http", req.headers, ("status",))
+        body = json.dumps(status_details(node, query), separators=(",", ":"), ensure_ascii=False).encode()
+        return Response(200, (("Content-Type", JSON_TYPE), ("Cache-Control", "no-store")), body)
     if rest:
         raise NotFound(f"no endpoint at /status/{rest}")
     return Response(200, (("Content-Type", "text/html; charset=utf-8"),
@@ -6880,6 +6970,7 @@ class Node:
         self.commands = CommandTable(CATALOGUE)
         self.keystore = keystore_for(self._config)
         self.started_at = time.time()
+        self.history = StatusHistory(self.status)  # the status page's charts, off the MQTT path
         self._listeners: list[HttpListener] = []
         self.mqtt: MqttIO | None = None
         self._follows: dict[str, tuple[Tracer, tuple[str, str], float]] = {}  # trace client --follow tokens
@@ -6926,6 +7017,7 @@ class Node:
         self._write_node_file()
         self._running = True
         self._stopped.clear()
+        self.history.start()
         log.info("node %s started: %s", self.name,
                  ", ".join(f"{x['type']} {x['address']}:{x['port']}" for x in self.listeners()))
         return self
@@ -6999,6 +7091,7 @@ class Node:
             was_running, self._running = self._running, False
         for listener in listeners:
             listener.stop()
+        self.history.stop()
         if was_running:
             self._stop_mqtt()
             path = os.path.join(self.data_dir, NODE_FILE)
