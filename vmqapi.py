@@ -6426,89 +6426,156 @@ STATUS_PAGE = """<!doctype html>
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>vmqapi status</title>
 <style>
-:root{--bg:#f6f7f9;--card:#fff;--ink:#1d2330;--mute:#667085;--line:#e3e6ea;--in:#2e7d32;--out:#1565c0}
-@media (prefers-color-scheme:dark){:root{--bg:#14171c;--card:#1c2027;--ink:#e8eaed;--mute:#9aa3af;--line:#2b313a}}
+:root{--bg:#f6f7f9;--card:#fff;--ink:#1d2330;--mute:#667085;--line:#e3e6ea;--grid:#eef0f3;--in:#2e7d32;--out:#1565c0;
+--on:#2e7d32;--off:#b26a00;--q:#6a1b9a;--bad:#c62828}
+@media (prefers-color-scheme:dark){:root{--bg:#14171c;--card:#1c2027;--ink:#e8eaed;--mute:#9aa3af;--line:#2b313a;
+--grid:#252a32;--in:#66bb6a;--out:#64b5f6;--on:#66bb6a;--off:#ffb74d;--q:#ce93d8}}
 *{box-sizing:border-box}body{margin:0;font:15px/1.4 system-ui,sans-serif;background:var(--bg);color:var(--ink)}
-header{padding:16px 20px;border-bottom:1px solid var(--line);display:flex;flex-wrap:wrap;gap:8px 20px;
-align-items:baseline}h1{font-size:20px;margin:0}#state{color:var(--mute)}
-main{padding:16px 20px;display:grid;gap:16px;grid-template-columns:repeat(auto-fit,minmax(260px,1fr))}
-.card{background:var(--card);border:1px solid var(--line);border-radius:10px;padding:14px 16px}
+header{padding:14px 20px;border-bottom:1px solid var(--line);display:flex;flex-wrap:wrap;gap:6px 18px;align-items:baseline}
+h1{font-size:20px;margin:0}#state,#version{color:var(--mute);font-size:14px}#health{font-weight:600}
+main{padding:16px 20px;display:grid;gap:16px;grid-template-columns:repeat(2,minmax(0,1fr))}
+@media (max-width:700px){main{grid-template-columns:1fr;padding:12px}}
+.card{background:var(--card);border:1px solid var(--line);border-radius:10px;padding:14px 16px;min-width:0}
 .card h2{font-size:13px;text-transform:uppercase;letter-spacing:.04em;color:var(--mute);margin:0 0 8px}
-.nums{display:grid;grid-template-columns:repeat(2,1fr);gap:8px}.num b{display:block;font-size:26px}
-.num span{color:var(--mute);font-size:13px}svg{width:100%;height:90px;display:block}
-.wide{grid-column:1/-1}table{width:100%;border-collapse:collapse;font-size:14px}
-th,td{text-align:left;padding:6px 8px;border-bottom:1px solid var(--line)}th{color:var(--mute);font-weight:600}
-.running{color:var(--in)}.suspended,.stopped{color:#c62828}.rate{font-size:13px;color:var(--mute)}
+.wide{grid-column:1/-1}.nums{display:grid;grid-template-columns:repeat(auto-fit,minmax(130px,1fr));gap:10px}
+.num b{display:block;font-size:24px}.num span{color:var(--mute);font-size:13px}.num small{display:block;color:var(--mute);font-size:12px}
+svg.chart{width:100%;height:190px;display:block}svg text{fill:var(--mute);font-size:11px}
+.legend{display:flex;gap:14px;font-size:13px;color:var(--mute);margin-top:4px}.legend i{display:inline-block;width:12px;height:3px;margin-right:5px;vertical-align:middle}
+.scroll{overflow-x:auto}table{width:100%;border-collapse:collapse;font-size:14px}
+th,td{text-align:left;padding:5px 8px;border-bottom:1px solid var(--line);white-space:nowrap}th{color:var(--mute);font-weight:600}
+td.n,th.n{text-align:right}.running,.online,.ok{color:var(--on)}.offline{color:var(--off)}.suspended,.stopped,.down{color:var(--bad)}
+.filters{display:flex;gap:8px;flex-wrap:wrap;margin-bottom:8px}.filters input,.filters select{font:inherit;padding:4px 8px;border:1px solid var(--line);border-radius:6px;background:var(--bg);color:var(--ink)}
+.empty{color:var(--mute);font-size:14px;padding:6px 0}.note{color:var(--mute);font-size:12px;margin:6px 0 0}
 </style></head><body>
-<header><h1 id="node">vmqapi</h1><span id="version"></span><span id="state">loading status.json ...</span></header>
+<header><h1 id="node">vmqapi</h1><span id="health"></span><span id="version"></span><span id="state">loading status.json ...</span></header>
 <main>
 <section class="card"><h2>Sessions</h2><div class="nums">
-<div class="num"><b id="num_online">-</b><span>online</span></div>
-<div class="num"><b id="num_offline">-</b><span>offline</span></div>
-<div class="num"><b id="num_subscriptions">-</b><span>subscriptions</span></div>
-<div class="num"><b id="num_retained">-</b><span>retained</span></div></div></section>
-<section class="card"><h2>Messages in <span class="rate" id="rate_in"></span></h2>
-<div class="nums"><div class="num"><b id="msg_in">-</b><span>received</span></div>
-<div class="num"><b id="queue_drop">-</b><span>dropped</span></div></div>
-<svg id="chart_in" viewBox="0 0 300 90" preserveAspectRatio="none"></svg></section>
-<section class="card"><h2>Messages out <span class="rate" id="rate_out"></span></h2>
-<div class="nums"><div class="num"><b id="msg_out">-</b><span>sent</span></div>
-<div class="num"><b id="queue_unhandled">-</b><span>unhandled</span></div></div>
-<svg id="chart_out" viewBox="0 0 300 90" preserveAspectRatio="none"></svg></section>
-<section class="card wide"><h2>Listeners</h2><table id="listeners"><thead><tr><th>type</th><th>status</th>
-<th>address</th><th>port</th><th>mountpoint</th><th>connections</th><th>max</th></tr></thead>
-<tbody></tbody></table></section>
+<div class="num"><b id="num_online">-</b><span>online</span><small>clients connected now</small></div>
+<div class="num"><b id="num_offline">-</b><span>offline</span><small>persistent sessions whose client is away</small></div>
+<div class="num"><b id="num_subscriptions">-</b><span>subscriptions</span><small>in the routing table</small></div>
+<div class="num"><b id="num_retained">-</b><span>retained</span><small>retained messages kept</small></div></div></section>
+<section class="card"><h2>Messages since start</h2><div class="nums">
+<div class="num"><b id="msg_in">-</b><span>received</span><small>PUBLISH packets from clients</small></div>
+<div class="num"><b id="msg_out">-</b><span>sent</span><small>PUBLISH packets to subscribers</small></div>
+<div class="num"><b id="queue_drop">-</b><span>dropped</span><small>lost: a queue was full or a slow client could not take QoS 0</small></div>
+<div class="num"><b id="queue_unhandled">-</b><span>unhandled</span><small>published to a topic no subscription matched</small></div></div></section>
+<section class="card"><h2>Messages per second</h2><svg class="chart" id="chart_rate" viewBox="0 0 600 190" role="img" aria-label="messages in and out per second"></svg>
+<div class="legend"><span><i style="background:var(--in)"></i>in (received)</span><span><i style="background:var(--out)"></i>out (sent)</span></div></section>
+<section class="card"><h2>Connections</h2><svg class="chart" id="chart_conn" viewBox="0 0 600 190" role="img" aria-label="sessions online and offline"></svg>
+<div class="legend"><span><i style="background:var(--on)"></i>online sessions</span><span><i style="background:var(--off)"></i>offline sessions</span></div></section>
+<section class="card"><h2>Queued messages</h2><svg class="chart" id="chart_queue" viewBox="0 0 600 190" role="img" aria-label="messages waiting in queues"></svg>
+<div class="legend"><span><i style="background:var(--q)"></i>waiting in session queues (entered, not yet sent or dropped)</span></div></section>
+<section class="card"><h2>Listeners</h2><div class="scroll"><table id="listeners"><thead><tr><th>type</th><th>status</th>
+<th>address</th><th class="n">port</th><th>mountpoint</th><th class="n">connections</th><th class="n">max</th></tr></thead><tbody></tbody></table></div>
+<h2 style="margin-top:14px">Cluster</h2><div class="scroll"><table id="cluster"><thead><tr><th>node</th><th>running</th></tr></thead><tbody></tbody></table></div></section>
+<section class="card wide"><h2>Sessions <span id="sessions_note" class="note"></span></h2>
+<div class="filters"><input id="filter" type="search" placeholder="client id contains ..." aria-label="filter by client id">
+<select id="stateFilter" aria-label="online or offline"><option value="all">online and offline</option><option value="online">online</option><option value="offline">offline</option></select></div>
+<div class="scroll"><table id="sessions"><thead><tr><th>client id</th><th>state</th><th class="n">protocol</th><th class="n">subscriptions</th></tr></thead><tbody></tbody></table></div>
+<div class="empty" id="sessions_empty" hidden>no session matches</div></section>
+<section class="card wide"><h2>Retained topics <span id="retained_note" class="note"></span></h2><div class="scroll"><table id="retained"><thead><tr><th>topic</th></tr></thead><tbody></tbody></table></div>
+<div class="empty" id="retained_empty" hidden>no retained messages</div></section>
 </main>
 <script>
 "use strict";
-const POLL_MS = 2000, POINTS = 60, history = {in: [], out: []};
-let last = null;
-function text(id, value) { document.getElementById(id).textContent = String(value); }
-function chart(id, points, colour) {
-  const svg = document.getElementById(id), max = Math.max(1, ...points);
-  const step = 300 / (POINTS - 1), start = POINTS - points.length;
-  const xy = points.map((v, i) => ((start + i) * step).toFixed(1) + "," + (88 - v / max * 84).toFixed(1));
-  svg.innerHTML = '<polyline fill="none" stroke-width="2" stroke="' + colour + '" points="' + xy.join(" ") + '"/>';
+const POLL_MS = 2000, H = 190, L = 48, R = 12, T = 24, B = 26, PROTOCOLS = {3: "3.1", 4: "3.1.1", 5: "5.0"};
+function $(id) { return document.getElementById(id); }
+function text(id, value) { $(id).textContent = String(value); }
+function fmt(v) { return v >= 1e6 ? (v / 1e6).toFixed(1) + "M" : v >= 1e4 ? (v / 1e3).toFixed(0) + "k" : v >= 100 ? v.toFixed(0) : v >= 10 ? String(+v.toFixed(1)) : String(+v.toFixed(2)); }
+function niceMax(v) { if (v <= 0) return 1; const p = Math.pow(10, Math.floor(Math.log10(v))); for (const m of [1, 2, 2.5, 5, 10]) if (m * p >= v) return m * p; return 10 * p; }
+function clock(t, seconds) { return new Date(t * 1000).toTimeString().slice(0, seconds ? 8 : 5); }
+function el(name, attrs, content) {  // numbers and clock times only: nothing to escape
+  let out = "<" + name;
+  for (const k in attrs) out += " " + k + '="' + attrs[k] + '"';
+  return out + (content === undefined ? "/>" : ">" + content + "</" + name + ">");
 }
-function rate(kind, total, now) {
-  if (last) {
-    const seconds = Math.max(0.001, (now - last.at) / 1000);
-    history[kind].push(Math.max(0, (total - last[kind]) / seconds));
-    if (history[kind].length > POINTS) history[kind].shift();
+function chart(id, times, series, unit) {
+  const svg = $(id), W = Math.max(280, Math.round(svg.getBoundingClientRect().width) || 600);
+  const now = times[times.length - 1] || Date.now() / 1000, span = Math.max(60, now - (times[0] || now));
+  svg.setAttribute("viewBox", "0 0 " + W + " " + H);
+  const top = niceMax(Math.max(0, ...series.flatMap(s => s.values))), x = t => L + (W - L - R) * (1 - (now - t) / span);
+  const y = v => H - B - (H - B - T) * v / top, parts = [];
+  for (let i = 0; i <= 4; i++) {
+    const v = top * i / 4;
+    parts.push(el("line", {x1: L, x2: W - R, y1: y(v), y2: y(v), stroke: "var(--grid)"}));
+    parts.push(el("text", {x: L - 6, y: y(v) + 4, "text-anchor": "end"}, fmt(v)));
   }
-  const series = history[kind];
-  return series.length ? series[series.length - 1] : 0;
+  parts.push(el("text", {x: 4, y: 12}, unit));
+  for (let i = 0; i <= 4; i++) {
+    const t = now - span * (4 - i) / 4;
+    if (W < 420 && i % 2) continue;  // a phone: three labels fit
+    parts.push(el("text", {x: x(t), y: H - 8, "text-anchor": i === 0 ? "start" : i === 4 ? "end" : "middle"},
+                  clock(t, span < 600)));
+  }
+  parts.push(el("line", {x1: L, x2: W - R, y1: H - B, y2: H - B, stroke: "var(--line)"}));
+  for (const s of series) {
+    if (!s.values.length) continue;
+    const d = s.values.map((v, i) => (i ? "L" : "M") + x(s.times[i]).toFixed(1) + "," + y(v).toFixed(1)).join("");
+    parts.push(el("path", {d: d, fill: "none", stroke: s.colour, "stroke-width": 2, "data-points": s.values.length}));
+  }
+  svg.innerHTML = parts.join("");
 }
-function render(doc) {
-  const name = Object.keys(doc[0])[0], s = doc[0][name], now = Date.now();
-  text("node", name); text("version", "version " + s.version);
-  for (const key of ["num_online", "num_offline", "num_subscriptions", "num_retained", "msg_in", "msg_out",
-                     "queue_drop", "queue_unhandled"]) text(key, s[key]);
-  text("rate_in", rate("in", s.msg_in, now).toFixed(1) + "/s");
-  text("rate_out", rate("out", s.msg_out, now).toFixed(1) + "/s");
-  last = {at: now, in: s.msg_in, out: s.msg_out};
-  chart("chart_in", history.in, "var(--in)"); chart("chart_out", history.out, "var(--out)");
-  const body = document.querySelector("#listeners tbody");
-  body.replaceChildren(...s.listeners.map(l => {
+function rows(id, items, cells) {
+  $(id).querySelector("tbody").replaceChildren(...items.map(item => {
     const row = document.createElement("tr");
-    for (const v of [l.type, l.status, l.ip, l.port, l.mountpoint || "-", l.active_conns, l.max_conns]) {
-      const cell = document.createElement("td"); cell.textContent = String(v); row.appendChild(cell);
+    for (const [value, cls] of cells(item)) {
+      const cell = document.createElement("td"); cell.textContent = String(value);
+      if (cls) cell.className = cls; row.appendChild(cell);
     }
-    row.children[1].className = l.status;
     return row;
   }));
-  text("state", "updated " + new Date(now).toLocaleTimeString());
+}
+function renderStatus(doc) {
+  const name = Object.keys(doc[0])[0], s = doc[0][name];
+  text("node", name); text("version", "vmqapi " + s.version);
+  for (const key of ["num_online", "num_offline", "num_subscriptions", "num_retained", "msg_in", "msg_out",
+                     "queue_drop", "queue_unhandled"]) text(key, s[key]);
+  const down = s.listeners.filter(l => l.status !== "running");
+  text("health", down.length ? down.length + " listener(s) down" : "healthy");
+  $("health").className = down.length ? "down" : "ok";
+  rows("listeners", s.listeners, l => [[l.type], [l.status, l.status], [l.ip], [l.port, "n"], [l.mountpoint || "-"],
+                                      [l.active_conns, "n"], [l.max_conns, "n"]]);
+}
+function renderDetails(d) {
+  const at = d.fields.indexOf("at"), h = d.history, col = name => h.map(p => p[d.fields.indexOf(name)]);
+  const times = col("at"), rate = name => {
+    const v = col(name), out = [];
+    for (let i = 1; i < v.length; i++) out.push(Math.max(0, (v[i] - v[i - 1]) / Math.max(0.1, times[i] - times[i - 1])));
+    return out;
+  };
+  const later = times.slice(1);
+  chart("chart_rate", times, [{values: rate("msg_in"), times: later, colour: "var(--in)"},
+                              {values: rate("msg_out"), times: later, colour: "var(--out)"}], "msg/s");
+  chart("chart_conn", times, [{values: col("num_online"), times: times, colour: "var(--on)"},
+                              {values: col("num_offline"), times: times, colour: "var(--off)"}], "sessions");
+  chart("chart_queue", times, [{values: col("queued"), times: times, colour: "var(--q)"}], "messages");
+  rows("sessions", d.sessions, s => [[s.client_id], [s.online ? "online" : "offline", s.online ? "online" : "offline"],
+                                     [PROTOCOLS[s.protocol] || s.protocol, "n"], [s.subscriptions, "n"]]);
+  $("sessions_empty").hidden = d.sessions.length > 0;
+  text("sessions_note", d.sessions.length >= 100 ? "(the first 100)" : "");
+  rows("retained", d.retained, t => [[t]]);
+  $("retained_empty").hidden = d.retained.length > 0;
+  text("retained_note", d.retained.length >= 100 ? "(the first 100)" : "");
+  rows("cluster", d.cluster, m => [[m.Node], [m.Running ? "yes" : "no", m.Running ? "running" : "down"]]);
+}
+async function fetchJson(url) {
+  const answer = await fetch(url, {cache: "no-store"});
+  if (answer.status === 401) throw new Error(url + " needs an API key with scope status");
+  if (!answer.ok) throw new Error(url + " answered " + answer.status);
+  return answer.json();
 }
 async function poll() {
   try {
-    const answer = await fetch("status.json", {cache: "no-store"});
-    if (answer.status === 401) text("state", "status.json needs an API key with scope status");
-    else if (!answer.ok) text("state", "status.json answered " + answer.status);
-    else render(await answer.json());
+    const query = "?client_id=" + encodeURIComponent($("filter").value) + "&state=" + $("stateFilter").value;
+    const [doc, details] = await Promise.all([fetchJson("status.json"), fetchJson("status/details.json" + query)]);
+    renderStatus(doc); renderDetails(details);
+    text("state", "updated " + new Date().toLocaleTimeString() + ", every 2 s; charts: the last 15 minutes");
   } catch (err) { text("state", "node unreachable: " + err.message); }
-  setTimeout(poll, POLL_MS);
 }
-poll();
+let timer = null;
+function loop() { clearTimeout(timer); poll().finally(() => { timer = setTimeout(loop, POLL_MS); }); }
+$("filter").addEventListener("input", loop); $("stateFilter").addEventListener("change", loop);
+loop();
 </script></body></html>
 """
 
