@@ -48,6 +48,48 @@ Contents (``grep -nE '^# [0-9]+\\. ' vmqapi.py`` prints them with line numbers):
 
 from __future__ import annotations
 
+import os
+import sys
+
+# Python compiles a script run directly (``python vmqapi.py``) on every start and never
+# reads its .pyc; compiling this module leaves about 18 MB of the compiler's memory in the
+# process (measured with bench/startup.py). The script therefore hands over, before the
+# rest of this file runs, to a fresh interpreter in the same process (os.execv keeps the
+# pid, the arguments, the descriptors and the exit code) that runs this very file from its
+# cached bytecode, as ``import vmqapi`` would. ``__spec__`` is None only in the script.
+_FROM_BYTECODE = ("import importlib.util as u,os,sys;sys.argv.pop(0);p=sys.argv[0]\n"
+                  "if sys.path and sys.path[0]=='':sys.path[0]=os.path.dirname(os.path.abspath(p))\n"
+                  "s=u.spec_from_file_location('__main__',p);m=u.module_from_spec(s);"
+                  "sys.modules['__main__']=m;s.loader.exec_module(m)")
+
+
+def _start_from_bytecode() -> None:
+    """Run this script again, in this process, from its cached bytecode (written on first use)."""
+    options = sys.orig_argv[1:len(sys.orig_argv) - len(sys.argv)]
+    try:
+        os.execv(sys.executable, [sys.executable, *options, "-c", _FROM_BYTECODE, os.path.abspath(__file__),
+                                  *sys.argv[1:]])
+    except OSError:
+        pass  # run on from the source, as Python started it
+
+
+def _free_compiler_memory() -> None:
+    """Give the memory that compiling this file took back to the system (glibc's malloc_trim)."""
+    import ctypes
+    trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
+    if trim is not None:
+        trim(0)
+
+
+if __name__ == "__main__" and os.name == "posix" and sys.executable:
+    if __spec__ is None and globals().get("__file__", "").endswith(".py"):
+        _start_from_bytecode()
+    elif __spec__ is not None and __spec__.name == "__main__" and not os.path.exists(__spec__.cached or ""):
+        # Handed over, but no .pyc can be kept (PYTHONDONTWRITEBYTECODE, a read-only folder), so
+        # the loader compiled this file; that compiler's memory is free by now.
+        if sys.platform.startswith("linux"):
+            _free_compiler_memory()
+
 import argparse
 import asyncio
 import base64
@@ -68,7 +110,6 @@ import ipaddress
 import json
 import logging
 import math
-import os
 import random
 import re
 import secrets
@@ -77,7 +118,6 @@ import socket
 import ssl
 import sqlite3
 import string
-import sys
 import tempfile
 import threading
 import time
@@ -123,6 +163,8 @@ SESSION_CHUNK = 500  # sessions session show reads per turn of the broker's loop
 JSON_CHUNK = 1000  # table rows per json.dumps call, so a big answer never holds the GIL for long
 KEY_FILE = "api_keys.json"
 DEFAULT_DATA_DIR = "vmqapi-data"
+DATA_DIR_ENV = "VMQAPI_DATA_DIR"  # the data dir when --data-dir is not given (then ./vmqapi-data)
+COLUMNS_HEADER = "x-vmqapi-columns"  # an empty table's columns, for the CLI's box (the JSON has none)
 KEY_ALPHABET = string.ascii_letters + string.digits  # VerneMQ: [A-Za-z0-9]
 DEFAULT_KEY_LENGTH = 32  # VerneMQ vmq_auth_apikey: max(32, min_apikey_length)
 HASHED_PREFIX_LENGTH = 6  # SPEC 4: hashed keys show their first 6 characters
@@ -6742,8 +6784,12 @@ def serve_api(node: Any, req: Request, rest: str, query: str) -> Response:
         return Response(200, CORS_HEADERS)
     if not accepts_json(req.headers.get("accept")):
         raise NotAcceptable("this API answers application/json only")
-    body = render_json(execute(call, wants_help))
-    return Response(200, (("Content-Type", JSON_TYPE),), body, tuple(call.after))
+    elements = execute(call, wants_help)
+    headers = [("Content-Type", JSON_TYPE)]
+    empty = next((e.columns for e in elements if isinstance(e, Table) and not e.rows and e.columns), None)
+    if empty:
+        headers.append((COLUMNS_HEADER, json.dumps(empty)))
+    return Response(200, tuple(headers), render_json(elements), tuple(call.after))
 
 
 ###############################################################################
@@ -6843,9 +6889,99 @@ def serve_status_json(node: Any, req: Request, rest: str, query: str) -> Respons
                           ("Access-Control-Allow-Origin", node.config["http_cors_allow_origin"])), body)
 
 
+HISTORY_INTERVAL = 2.0  # s between two samples of the status page's charts (the page polls as often)
+HISTORY_SAMPLES = 450  # 15 minutes at HISTORY_INTERVAL
+HISTORY_FIELDS = ("at", "msg_in", "msg_out", "num_online", "num_offline", "queued")
+STATUS_PAGE_ROWS = 100  # sessions and retained topics the page lists
+STATUS_SESSION_ROWS = 5000  # session show rows the page's filter looks through (sessions, subscriptions)
+
+
+def history_sample(status: Mapping[str, Any], at: float) -> tuple:
+    """Return one history point (HISTORY_FIELDS) from node status values."""
+    queued = max(0, status["queue_in"] - status["queue_out"] - status["queue_drop"])  # entered, not yet left
+    return (round(at, 1), status["msg_in"], status["msg_out"], status["num_online"], status["num_offline"], queued)
+
+
+class StatusHistory:
+    """The last HISTORY_SAMPLES points of the node's status, sampled by a thread of its own."""
+
+    def __init__(self, status: Callable[[], Mapping[str, Any]], interval: float = HISTORY_INTERVAL,
+                 size: int = HISTORY_SAMPLES, clock: Callable[[], float] = time.time):
+        self._status, self.interval, self._clock = status, interval, clock
+        self._lock = threading.Lock()
+        self._points: collections.deque = collections.deque(maxlen=size)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Take a first sample now, then one every ``interval`` seconds until stop()."""
+        self._stop.clear()
+        self.record()
+        self._thread = threading.Thread(target=self._run, name="vmqapi-status-history", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop sampling and wait for the thread; safe to call twice."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(10)
+            self._thread = None
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.record()
+            except (RuntimeError, concurrent.futures.CancelledError, TimeoutError):
+                log.debug("status history: the broker did not answer (stopping?)")  # the next turn retries
+
+    def record(self) -> None:
+        """Add one sample of the node's status."""
+        point = history_sample(self._status(), self._clock())
+        with self._lock:
+            self._points.append(point)
+
+    def points(self) -> list[tuple]:
+        """Return the samples, oldest first."""
+        with self._lock:
+            return list(self._points)
+
+
+def _command_rows(node: Any, words: tuple[str, ...], flags: Iterable[tuple[str, str | None]]) -> list[dict]:
+    """Run a read-only command of the node's own table and return its first table's rows."""
+    call, _ = prepare(node.commands, Argv(words, (), tuple(flags)), node)
+    return next((list(e.rows) for e in execute(call) if isinstance(e, Table)), [])
+
+
+def status_sessions(node: Any, contains: str, state: str) -> list[dict]:
+    """Return the page's sessions (client id, online, protocol, subscriptions) from session show."""
+    wanted = {"online": True, "offline": False}.get(state)
+    listed = _command_rows(node, ("session", "show"), (("--client_id", None), ("--is_online", None),
+                                                       ("--protocol", None), ("--limit", str(STATUS_SESSION_ROWS))))
+    picked = [r for r in listed if contains in r["client_id"] and wanted in (None, r["is_online"])][:STATUS_PAGE_ROWS]
+    counts = collections.Counter(r["client_id"] for r in _command_rows(
+        node, ("session", "show"), (("--client_id", None), ("--topic", None), ("--limit", str(STATUS_SESSION_ROWS)))))
+    return [{"client_id": r["client_id"], "online": r["is_online"], "protocol": r["protocol"],
+             "subscriptions": counts[r["client_id"]]} for r in picked]
+
+
+def status_details(node: Any, query: str) -> dict:
+    """Return /status/details.json: the charts' history, sessions, retained topics and cluster members."""
+    params = urllib.parse.parse_qs(query)
+    contains, state = params.get("client_id", [""])[0], params.get("state", ["all"])[0]
+    now = history_sample(node.status(), time.time())
+    retained = _command_rows(node, ("retain", "show"), (("--topic", None), ("--limit", str(STATUS_PAGE_ROWS))))
+    return {"interval": node.history.interval, "fields": HISTORY_FIELDS, "history": [*node.history.points(), now],
+            "sessions": status_sessions(node, contains, state), "retained": [r["topic"] for r in retained],
+            "cluster": _command_rows(node, ("cluster", "show"), ())}
+
+
 def serve_status_page(node: Any, req: Request, rest: str, query: str) -> Response:
-    """Answer /status: one self-contained page that polls status.json."""
+    """Answer /status, one self-contained page, and /status/details.json, the data it draws."""
     _only_get(req)
+    if rest == "details.json":
+        authenticate(node, "vmq_status_http", req.headers, ("status",))
+        body = json.dumps(status_details(node, query), separators=(",", ":"), ensure_ascii=False).encode()
+        return Response(200, (("Content-Type", JSON_TYPE), ("Cache-Control", "no-store")), body)
     if rest:
         raise NotFound(f"no endpoint at /status/{rest}")
     return Response(200, (("Content-Type", "text/html; charset=utf-8"),
@@ -6853,94 +6989,184 @@ def serve_status_page(node: Any, req: Request, rest: str, query: str) -> Respons
                                                       "script-src 'unsafe-inline'")), STATUS_PAGE.encode())
 
 
+ENDPOINTS = {  # GET / for a JSON client: where to go
+    "/status": "the status page, for a browser",
+    "/status.json": "the node's status, sessions and listeners as JSON",
+    "/api/v1": "the admin API: /api/v1/<vmq-admin words>?key=value&--flag (an API key as Basic user name)",
+    "/api/v1/openapi.json": "the admin API described as OpenAPI 3.1",
+    "/metrics": "Prometheus text format 0.0.4",
+    "/health": "200 OK, or 503 with the reasons",
+}
+
+
+def serve_root(node: Any, req: Request, rest: str, query: str) -> Response:
+    """Answer /: a redirect to /status for browsers, an index of the endpoints for JSON clients."""
+    _only_get(req)
+    if rest:
+        raise NotFound(f"no endpoint at //{rest}")
+    accept = req.headers.get("accept", "")
+    if JSON_TYPE in accept.lower() and accepts_json(accept):
+        body = json.dumps({"endpoints": ENDPOINTS}, separators=(",", ":")).encode()
+        return Response(200, (("Content-Type", JSON_TYPE),), body)
+    text = "The status page is at /status, the admin API at /api/v1 (GET / with Accept: application/json lists all).\n"
+    return Response(302, (("Location", "/status"), ("Content-Type", "text/plain; charset=utf-8")), text.encode())
+
+
 STATUS_PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>vmqapi status</title>
 <style>
-:root{--bg:#f6f7f9;--card:#fff;--ink:#1d2330;--mute:#667085;--line:#e3e6ea;--in:#2e7d32;--out:#1565c0}
-@media (prefers-color-scheme:dark){:root{--bg:#14171c;--card:#1c2027;--ink:#e8eaed;--mute:#9aa3af;--line:#2b313a}}
+:root{--bg:#f6f7f9;--card:#fff;--ink:#1d2330;--mute:#667085;--line:#e3e6ea;--grid:#eef0f3;--in:#2e7d32;--out:#1565c0;
+--on:#2e7d32;--off:#b26a00;--q:#6a1b9a;--bad:#c62828}
+@media (prefers-color-scheme:dark){:root{--bg:#14171c;--card:#1c2027;--ink:#e8eaed;--mute:#9aa3af;--line:#2b313a;
+--grid:#252a32;--in:#66bb6a;--out:#64b5f6;--on:#66bb6a;--off:#ffb74d;--q:#ce93d8}}
 *{box-sizing:border-box}body{margin:0;font:15px/1.4 system-ui,sans-serif;background:var(--bg);color:var(--ink)}
-header{padding:16px 20px;border-bottom:1px solid var(--line);display:flex;flex-wrap:wrap;gap:8px 20px;
-align-items:baseline}h1{font-size:20px;margin:0}#state{color:var(--mute)}
-main{padding:16px 20px;display:grid;gap:16px;grid-template-columns:repeat(auto-fit,minmax(260px,1fr))}
-.card{background:var(--card);border:1px solid var(--line);border-radius:10px;padding:14px 16px}
+header{padding:14px 20px;border-bottom:1px solid var(--line);display:flex;flex-wrap:wrap;gap:6px 18px;align-items:baseline}
+h1{font-size:20px;margin:0}#state,#version{color:var(--mute);font-size:14px}#health{font-weight:600}
+main{padding:16px 20px;display:grid;gap:16px;grid-template-columns:repeat(2,minmax(0,1fr))}
+@media (max-width:700px){main{grid-template-columns:1fr;padding:12px}}
+.card{background:var(--card);border:1px solid var(--line);border-radius:10px;padding:14px 16px;min-width:0}
 .card h2{font-size:13px;text-transform:uppercase;letter-spacing:.04em;color:var(--mute);margin:0 0 8px}
-.nums{display:grid;grid-template-columns:repeat(2,1fr);gap:8px}.num b{display:block;font-size:26px}
-.num span{color:var(--mute);font-size:13px}svg{width:100%;height:90px;display:block}
-.wide{grid-column:1/-1}table{width:100%;border-collapse:collapse;font-size:14px}
-th,td{text-align:left;padding:6px 8px;border-bottom:1px solid var(--line)}th{color:var(--mute);font-weight:600}
-.running{color:var(--in)}.suspended,.stopped{color:#c62828}.rate{font-size:13px;color:var(--mute)}
+.wide{grid-column:1/-1}.nums{display:grid;grid-template-columns:repeat(auto-fit,minmax(130px,1fr));gap:10px}
+.num b{display:block;font-size:24px}.num span{color:var(--mute);font-size:13px}.num small{display:block;color:var(--mute);font-size:12px}
+svg.chart{width:100%;height:190px;display:block}svg text{fill:var(--mute);font-size:11px}
+.legend{display:flex;gap:14px;font-size:13px;color:var(--mute);margin-top:4px}.legend i{display:inline-block;width:12px;height:3px;margin-right:5px;vertical-align:middle}
+.scroll{overflow-x:auto}table{width:100%;border-collapse:collapse;font-size:14px}
+th,td{text-align:left;padding:5px 8px;border-bottom:1px solid var(--line);white-space:nowrap}th{color:var(--mute);font-weight:600}
+td.n,th.n{text-align:right}.running,.online,.ok{color:var(--on)}.offline{color:var(--off)}.suspended,.stopped,.down{color:var(--bad)}
+.filters{display:flex;gap:8px;flex-wrap:wrap;margin-bottom:8px}.filters input,.filters select{font:inherit;padding:4px 8px;border:1px solid var(--line);border-radius:6px;background:var(--bg);color:var(--ink)}
+.empty{color:var(--mute);font-size:14px;padding:6px 0}.note{color:var(--mute);font-size:12px;margin:6px 0 0}
 </style></head><body>
-<header><h1 id="node">vmqapi</h1><span id="version"></span><span id="state">loading status.json ...</span></header>
+<header><h1 id="node">vmqapi</h1><span id="health"></span><span id="version"></span><span id="state">loading status.json ...</span></header>
 <main>
 <section class="card"><h2>Sessions</h2><div class="nums">
-<div class="num"><b id="num_online">-</b><span>online</span></div>
-<div class="num"><b id="num_offline">-</b><span>offline</span></div>
-<div class="num"><b id="num_subscriptions">-</b><span>subscriptions</span></div>
-<div class="num"><b id="num_retained">-</b><span>retained</span></div></div></section>
-<section class="card"><h2>Messages in <span class="rate" id="rate_in"></span></h2>
-<div class="nums"><div class="num"><b id="msg_in">-</b><span>received</span></div>
-<div class="num"><b id="queue_drop">-</b><span>dropped</span></div></div>
-<svg id="chart_in" viewBox="0 0 300 90" preserveAspectRatio="none"></svg></section>
-<section class="card"><h2>Messages out <span class="rate" id="rate_out"></span></h2>
-<div class="nums"><div class="num"><b id="msg_out">-</b><span>sent</span></div>
-<div class="num"><b id="queue_unhandled">-</b><span>unhandled</span></div></div>
-<svg id="chart_out" viewBox="0 0 300 90" preserveAspectRatio="none"></svg></section>
-<section class="card wide"><h2>Listeners</h2><table id="listeners"><thead><tr><th>type</th><th>status</th>
-<th>address</th><th>port</th><th>mountpoint</th><th>connections</th><th>max</th></tr></thead>
-<tbody></tbody></table></section>
+<div class="num"><b id="num_online">-</b><span>online</span><small>clients connected now</small></div>
+<div class="num"><b id="num_offline">-</b><span>offline</span><small>persistent sessions whose client is away</small></div>
+<div class="num"><b id="num_subscriptions">-</b><span>subscriptions</span><small>in the routing table</small></div>
+<div class="num"><b id="num_retained">-</b><span>retained</span><small>retained messages kept</small></div></div></section>
+<section class="card"><h2>Messages since start</h2><div class="nums">
+<div class="num"><b id="msg_in">-</b><span>received</span><small>PUBLISH packets from clients</small></div>
+<div class="num"><b id="msg_out">-</b><span>sent</span><small>PUBLISH packets to subscribers</small></div>
+<div class="num"><b id="queue_drop">-</b><span>dropped</span><small>lost: a queue was full or a slow client could not take QoS 0</small></div>
+<div class="num"><b id="queue_unhandled">-</b><span>unhandled</span><small>published to a topic no subscription matched</small></div></div></section>
+<section class="card"><h2>Messages per second</h2><svg class="chart" id="chart_rate" viewBox="0 0 600 190" role="img" aria-label="messages in and out per second"></svg>
+<div class="legend"><span><i style="background:var(--in)"></i>in (received)</span><span><i style="background:var(--out)"></i>out (sent)</span></div></section>
+<section class="card"><h2>Connections</h2><svg class="chart" id="chart_conn" viewBox="0 0 600 190" role="img" aria-label="sessions online and offline"></svg>
+<div class="legend"><span><i style="background:var(--on)"></i>online sessions</span><span><i style="background:var(--off)"></i>offline sessions</span></div></section>
+<section class="card"><h2>Queued messages</h2><svg class="chart" id="chart_queue" viewBox="0 0 600 190" role="img" aria-label="messages waiting in queues"></svg>
+<div class="legend"><span><i style="background:var(--q)"></i>waiting in session queues (entered, not yet sent or dropped)</span></div></section>
+<section class="card"><h2>Listeners</h2><div class="scroll"><table id="listeners"><thead><tr><th>type</th><th>status</th>
+<th>address</th><th class="n">port</th><th>mountpoint</th><th class="n">connections</th><th class="n">max</th></tr></thead><tbody></tbody></table></div>
+<h2 style="margin-top:14px">Cluster</h2><div class="scroll"><table id="cluster"><thead><tr><th>node</th><th>running</th></tr></thead><tbody></tbody></table></div></section>
+<section class="card wide"><h2>Sessions <span id="sessions_note" class="note"></span></h2>
+<div class="filters"><input id="filter" type="search" placeholder="client id contains ..." aria-label="filter by client id">
+<select id="stateFilter" aria-label="online or offline"><option value="all">online and offline</option><option value="online">online</option><option value="offline">offline</option></select></div>
+<div class="scroll"><table id="sessions"><thead><tr><th>client id</th><th>state</th><th class="n">protocol</th><th class="n">subscriptions</th></tr></thead><tbody></tbody></table></div>
+<div class="empty" id="sessions_empty" hidden>no session matches</div></section>
+<section class="card wide"><h2>Retained topics <span id="retained_note" class="note"></span></h2><div class="scroll"><table id="retained"><thead><tr><th>topic</th></tr></thead><tbody></tbody></table></div>
+<div class="empty" id="retained_empty" hidden>no retained messages</div></section>
 </main>
 <script>
 "use strict";
-const POLL_MS = 2000, POINTS = 60, history = {in: [], out: []};
-let last = null;
-function text(id, value) { document.getElementById(id).textContent = String(value); }
-function chart(id, points, colour) {
-  const svg = document.getElementById(id), max = Math.max(1, ...points);
-  const step = 300 / (POINTS - 1), start = POINTS - points.length;
-  const xy = points.map((v, i) => ((start + i) * step).toFixed(1) + "," + (88 - v / max * 84).toFixed(1));
-  svg.innerHTML = '<polyline fill="none" stroke-width="2" stroke="' + colour + '" points="' + xy.join(" ") + '"/>';
+const POLL_MS = 2000, H = 190, L = 48, R = 12, T = 24, B = 26, PROTOCOLS = {3: "3.1", 4: "3.1.1", 5: "5.0"};
+function $(id) { return document.getElementById(id); }
+function text(id, value) { $(id).textContent = String(value); }
+function fmt(v) { return v >= 1e6 ? (v / 1e6).toFixed(1) + "M" : v >= 1e4 ? (v / 1e3).toFixed(0) + "k" : v >= 100 ? v.toFixed(0) : v >= 10 ? String(+v.toFixed(1)) : String(+v.toFixed(2)); }
+function niceMax(v) { if (v <= 0) return 1; const p = Math.pow(10, Math.floor(Math.log10(v))); for (const m of [1, 2, 2.5, 5, 10]) if (m * p >= v) return m * p; return 10 * p; }
+function clock(t, seconds) { return new Date(t * 1000).toTimeString().slice(0, seconds ? 8 : 5); }
+function el(name, attrs, content) {  // numbers and clock times only: nothing to escape
+  let out = "<" + name;
+  for (const k in attrs) out += " " + k + '="' + attrs[k] + '"';
+  return out + (content === undefined ? "/>" : ">" + content + "</" + name + ">");
 }
-function rate(kind, total, now) {
-  if (last) {
-    const seconds = Math.max(0.001, (now - last.at) / 1000);
-    history[kind].push(Math.max(0, (total - last[kind]) / seconds));
-    if (history[kind].length > POINTS) history[kind].shift();
+function chart(id, times, series, unit) {
+  const svg = $(id), W = Math.max(280, Math.round(svg.getBoundingClientRect().width) || 600);
+  const now = times[times.length - 1] || Date.now() / 1000, span = Math.max(60, now - (times[0] || now));
+  svg.setAttribute("viewBox", "0 0 " + W + " " + H);
+  const top = niceMax(Math.max(0, ...series.flatMap(s => s.values))), x = t => L + (W - L - R) * (1 - (now - t) / span);
+  const y = v => H - B - (H - B - T) * v / top, parts = [];
+  for (let i = 0; i <= 4; i++) {
+    const v = top * i / 4;
+    parts.push(el("line", {x1: L, x2: W - R, y1: y(v), y2: y(v), stroke: "var(--grid)"}));
+    parts.push(el("text", {x: L - 6, y: y(v) + 4, "text-anchor": "end"}, fmt(v)));
   }
-  const series = history[kind];
-  return series.length ? series[series.length - 1] : 0;
+  parts.push(el("text", {x: 4, y: 12}, unit));
+  for (let i = 0; i <= 4; i++) {
+    const t = now - span * (4 - i) / 4;
+    if (W < 420 && i % 2) continue;  // a phone: three labels fit
+    parts.push(el("text", {x: x(t), y: H - 8, "text-anchor": i === 0 ? "start" : i === 4 ? "end" : "middle"},
+                  clock(t, span < 600)));
+  }
+  parts.push(el("line", {x1: L, x2: W - R, y1: H - B, y2: H - B, stroke: "var(--line)"}));
+  for (const s of series) {
+    if (!s.values.length) continue;
+    const d = s.values.map((v, i) => (i ? "L" : "M") + x(s.times[i]).toFixed(1) + "," + y(v).toFixed(1)).join("");
+    parts.push(el("path", {d: d, fill: "none", stroke: s.colour, "stroke-width": 2, "data-points": s.values.length}));
+  }
+  svg.innerHTML = parts.join("");
 }
-function render(doc) {
-  const name = Object.keys(doc[0])[0], s = doc[0][name], now = Date.now();
-  text("node", name); text("version", "version " + s.version);
-  for (const key of ["num_online", "num_offline", "num_subscriptions", "num_retained", "msg_in", "msg_out",
-                     "queue_drop", "queue_unhandled"]) text(key, s[key]);
-  text("rate_in", rate("in", s.msg_in, now).toFixed(1) + "/s");
-  text("rate_out", rate("out", s.msg_out, now).toFixed(1) + "/s");
-  last = {at: now, in: s.msg_in, out: s.msg_out};
-  chart("chart_in", history.in, "var(--in)"); chart("chart_out", history.out, "var(--out)");
-  const body = document.querySelector("#listeners tbody");
-  body.replaceChildren(...s.listeners.map(l => {
+function rows(id, items, cells) {
+  $(id).querySelector("tbody").replaceChildren(...items.map(item => {
     const row = document.createElement("tr");
-    for (const v of [l.type, l.status, l.ip, l.port, l.mountpoint || "-", l.active_conns, l.max_conns]) {
-      const cell = document.createElement("td"); cell.textContent = String(v); row.appendChild(cell);
+    for (const [value, cls] of cells(item)) {
+      const cell = document.createElement("td"); cell.textContent = String(value);
+      if (cls) cell.className = cls; row.appendChild(cell);
     }
-    row.children[1].className = l.status;
     return row;
   }));
-  text("state", "updated " + new Date(now).toLocaleTimeString());
+}
+function renderStatus(doc) {
+  const name = Object.keys(doc[0])[0], s = doc[0][name];
+  text("node", name); text("version", "vmqapi " + s.version);
+  for (const key of ["num_online", "num_offline", "num_subscriptions", "num_retained", "msg_in", "msg_out",
+                     "queue_drop", "queue_unhandled"]) text(key, s[key]);
+  const down = s.listeners.filter(l => l.status !== "running");
+  text("health", down.length ? down.length + " listener(s) down" : "healthy");
+  $("health").className = down.length ? "down" : "ok";
+  rows("listeners", s.listeners, l => [[l.type], [l.status, l.status], [l.ip], [l.port, "n"], [l.mountpoint || "-"],
+                                      [l.active_conns, "n"], [l.max_conns, "n"]]);
+}
+function renderDetails(d) {
+  const at = d.fields.indexOf("at"), h = d.history, col = name => h.map(p => p[d.fields.indexOf(name)]);
+  const times = col("at"), rate = name => {
+    const v = col(name), out = [];
+    for (let i = 1; i < v.length; i++) out.push(Math.max(0, (v[i] - v[i - 1]) / Math.max(0.1, times[i] - times[i - 1])));
+    return out;
+  };
+  const later = times.slice(1);
+  chart("chart_rate", times, [{values: rate("msg_in"), times: later, colour: "var(--in)"},
+                              {values: rate("msg_out"), times: later, colour: "var(--out)"}], "msg/s");
+  chart("chart_conn", times, [{values: col("num_online"), times: times, colour: "var(--on)"},
+                              {values: col("num_offline"), times: times, colour: "var(--off)"}], "sessions");
+  chart("chart_queue", times, [{values: col("queued"), times: times, colour: "var(--q)"}], "messages");
+  rows("sessions", d.sessions, s => [[s.client_id], [s.online ? "online" : "offline", s.online ? "online" : "offline"],
+                                     [PROTOCOLS[s.protocol] || s.protocol, "n"], [s.subscriptions, "n"]]);
+  $("sessions_empty").hidden = d.sessions.length > 0;
+  text("sessions_note", d.sessions.length >= 100 ? "(the first 100)" : "");
+  rows("retained", d.retained, t => [[t]]);
+  $("retained_empty").hidden = d.retained.length > 0;
+  text("retained_note", d.retained.length >= 100 ? "(the first 100)" : "");
+  rows("cluster", d.cluster, m => [[m.Node], [m.Running ? "yes" : "no", m.Running ? "running" : "down"]]);
+}
+async function fetchJson(url) {
+  const answer = await fetch(url, {cache: "no-store"});
+  if (answer.status === 401) throw new Error(url + " needs an API key with scope status");
+  if (!answer.ok) throw new Error(url + " answered " + answer.status);
+  return answer.json();
 }
 async function poll() {
   try {
-    const answer = await fetch("status.json", {cache: "no-store"});
-    if (answer.status === 401) text("state", "status.json needs an API key with scope status");
-    else if (!answer.ok) text("state", "status.json answered " + answer.status);
-    else render(await answer.json());
+    const query = "?client_id=" + encodeURIComponent($("filter").value) + "&state=" + $("stateFilter").value;
+    const [doc, details] = await Promise.all([fetchJson("status.json"), fetchJson("status/details.json" + query)]);
+    renderStatus(doc); renderDetails(details);
+    text("state", "updated " + new Date().toLocaleTimeString() + ", every 2 s; charts: the last 15 minutes");
   } catch (err) { text("state", "node unreachable: " + err.message); }
-  setTimeout(poll, POLL_MS);
 }
-poll();
+let timer = null;
+function loop() { clearTimeout(timer); poll().finally(() => { timer = setTimeout(loop, POLL_MS); }); }
+$("filter").addEventListener("input", loop); $("stateFilter").addEventListener("change", loop);
+loop();
 </script></body></html>
 """
 
@@ -6962,7 +7188,7 @@ def route(path: str) -> tuple[Callable[..., Response], str]:
 
 ROUTES: tuple[tuple[str, Callable[..., Response]], ...] = (
     ("/api/v1", serve_api), ("/metrics", serve_metrics), ("/health", serve_health),
-    ("/status.json", serve_status_json), ("/status", serve_status_page))
+    ("/status.json", serve_status_json), ("/status", serve_status_page), ("/", serve_root))
 
 
 def handle_http(node: Any, req: Request) -> Response:
@@ -7402,6 +7628,7 @@ class Node:
         self.commands = CommandTable(CATALOGUE)
         self.keystore = keystore_for(self._config)
         self.started_at = time.time()
+        self.history = StatusHistory(self.status)  # the status page's charts, off the MQTT path
         self._listeners: list[HttpListener] = []
         self.mqtt: MqttIO | None = None
         self._follows: dict[str, tuple[Tracer, tuple[str, str], float]] = {}  # trace client --follow tokens
@@ -7450,6 +7677,7 @@ class Node:
         self._write_node_file()
         self._running = True
         self._stopped.clear()
+        self.history.start()
         log.info("node %s started: %s", self.name,
                  ", ".join(f"{x['type']} {x['address']}:{x['port']}" for x in self.listeners()))
         return self
@@ -7528,6 +7756,7 @@ class Node:
             was_running, self._running = self._running, False
         for listener in listeners:
             listener.stop()
+        self.history.stop()
         if was_running:
             self._stop_mqtt()
             path = os.path.join(self.data_dir, NODE_FILE)
@@ -7739,10 +7968,25 @@ def split_global_options(tokens: Sequence[str]) -> tuple[list[str], list[str]]:
     return tokens[:n], tokens[n:]
 
 
+CLI_EPILOG = f"""sub-commands:
+  (none)                      start a node; Ctrl-C or SIGTERM stops it
+  admin <words> [key=value ...] [--flag[=value]]
+                              run a vmq-admin command in the running node (api-key: in the key file);
+                              admin --help lists the commands, admin <words> --help explains one
+    --format=json             print the HTTP API's JSON answer instead of a table
+    --http, --print-url       print the equal HTTP request and curl line instead of running it
+  passwd [-c|-D] FILE USER    add, change (-c: create the file) or delete (-D) a vmq_passwd user
+
+The data dir is --data-dir, else ${DATA_DIR_ENV}, else ./{DEFAULT_DATA_DIR}: give a second terminal the
+same one as the node, or set {DATA_DIR_ENV} for both.
+"""
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="vmqapi", description="Start a vmqapi node, or run vmq-admin commands: vmqapi [options] admin <words>")
-    parser.add_argument("--data-dir", help=f"state directory (default ./{DEFAULT_DATA_DIR})")
+        prog="vmqapi", description="Start a vmqapi node, or run vmq-admin commands: vmqapi [options] admin <words>",
+        epilog=CLI_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-dir", help=f"state directory (default ${DATA_DIR_ENV}, else ./{DEFAULT_DATA_DIR})")
     parser.add_argument("--config", help="a vernemq.conf-style file of key = value lines")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one config key")
     parser.add_argument("--version", action="version", version=f"vmqapi {__version__}")
@@ -7754,7 +7998,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     options, rest = split_global_options(sys.argv[1:] if argv is None else argv)
     ns = _parser().parse_args(options)
     try:
-        config = Config.from_sources(ns.config, ns.set)
+        base = {"data_dir": os.environ[DATA_DIR_ENV]} if os.environ.get(DATA_DIR_ENV) else None
+        config = Config.from_sources(ns.config, ns.set, base)
         if ns.data_dir:
             config = config.with_values({"data_dir": ns.data_dir})
     except VmqError as exc:
@@ -7772,9 +8017,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def admin_main() -> None:
-    """Entry point of the ``vmq-admin`` console script."""
-    options, rest = split_global_options(sys.argv[1:])
-    sys.exit(main([*options, "admin", *rest]))
+    """Entry point of the ``vmq-admin`` console script: ``vmq-admin [--data-dir D] <words> ...``."""
+    tokens, n = sys.argv[1:], 0
+    while n < len(tokens) and tokens[n].partition("=")[0] in GLOBAL_OPTIONS:  # only the node's own options
+        n += 1 if "=" in tokens[n] else 2
+    sys.exit(main([*tokens[:n], "admin", *tokens[n:]]))
 
 
 def run_node(config: Config) -> int:
@@ -7885,8 +8132,11 @@ def admin(config: Config, tokens: Sequence[str]) -> int:
     fmt = "json" if "--format=json" in tokens else "human"
     try:
         argv = parse_cli_tokens(tokens)
+        asked = any(n in ("--help", "-h") for n, _ in argv.flags)
         if not argv.words:
-            asked = any(n in ("--help", "-h") for n, _ in argv.flags)
+            if any(n == "--version" for n, _ in argv.flags):
+                print(f"vmqapi {__version__}")
+                return 0
             print(CommandTable(CATALOGUE).usage(), end="", file=sys.stdout if asked else sys.stderr)
             return 0 if asked else 2
         if teach:
@@ -7894,20 +8144,44 @@ def admin(config: Config, tokens: Sequence[str]) -> int:
         try:
             call, wants_help = prepare(CommandTable(CATALOGUE), argv, None)
         except UnknownCommand:
+            group = [c for c in CommandTable(CATALOGUE) if c.words[:len(argv.words)] == argv.words]
+            if asked and group:  # a group such as "session": list its commands, as admin --help does
+                print("".join(c.synopsis() + "\n" for c in group), end="")
+                return 0
+            _refuse_word_for_argument(argv.words)
             if read_node_file(config["data_dir"]) is None:
                 raise
             return _remote(config, argv, fmt)  # the node may have commands an embedder registered
         if wants_help:
             return _print(execute(call, True), fmt)
         if call.command.local:
-            context = LocalContext(config, keystore_for(config), config["nodename"])
-            call = dataclasses.replace(call, node=context)
-            return _print(execute(call), fmt)
+            return _run_local(config, call, fmt)
         if call.command.words == ("trace", "client") and "duration" not in call.flags:
             return _stream_trace(config, argv, fmt)
         return _remote(config, argv, fmt)
     except VmqError as exc:
         return _print_error(exc, fmt)
+
+
+def _refuse_word_for_argument(words: tuple[str, ...]) -> None:
+    """Raise HTTP's error for ``client-id`` written as a word after a whole command (no ``=``)."""
+    commands = CommandTable(CATALOGUE).table()
+    for n in range(len(words) - 1, 0, -1):
+        cmd = commands.get(words[:n])
+        if cmd is not None and cmd.key(words[n]) is not None:
+            raise BadRequest(f"argument {words[n]!r} has no value (write {words[n]}=<value>)")
+
+
+def _run_local(config: Config, call: Call, fmt: str) -> int:
+    """Run an api-key command on the key file; say so when that makes a file no running node reads."""
+    keystore = keystore_for(config)
+    existed = os.path.exists(keystore.path)
+    code = _print(execute(dataclasses.replace(call, node=LocalContext(config, keystore, config["nodename"]))), fmt)
+    if not existed and os.path.exists(keystore.path) and read_node_file(config["data_dir"]) is None:
+        folder = os.path.abspath(config["data_dir"])
+        print(f"vmq-admin: made a new key file in {folder}, where no node runs now; a node started with "
+              f"another data dir will not see this key (use --data-dir or ${DATA_DIR_ENV})", file=sys.stderr)
+    return code
 
 
 def _teach(config: Config, argv: Argv) -> int:
@@ -7917,7 +8191,7 @@ def _teach(config: Config, argv: Argv) -> int:
     target = path + ("?" + query if query else "")
     scheme, host, port = _http_address(config)
     print(f"GET {target}")
-    print(f'curl -u "$VMQAPI_KEY:" "{scheme}://{host}:{port}{target}"')
+    print(f'curl -u "$KEY:" "{scheme}://{host}:{port}{target}"')  # the README's name for the key
     return 0
 
 
@@ -7950,13 +8224,17 @@ def _remote(config: Config, argv: Argv, fmt: str) -> int:
                                          urllib.request.HTTPSHandler(context=local_tls))
     try:
         with opener.open(request, timeout=60) as resp:
-            body = resp.read()
+            body, columns = resp.read(), resp.headers.get(COLUMNS_HEADER)
     except urllib.error.HTTPError as exc:
         return _remote_error(exc, fmt)
     except (urllib.error.URLError, OSError) as exc:
         raise NodeNotRunning(f"node.json names pid {info.get('pid')}, but nothing answers at {host}:{port} "
                              f"({getattr(exc, 'reason', exc)}); is the node running?") from None
-    return _print(elements_from_json(json.loads(body)), fmt, body)
+    elements = elements_from_json(json.loads(body))
+    if columns:  # an empty table still prints its header box, as vmq-admin does
+        elements = [Table((), tuple(json.loads(columns))) if isinstance(e, Table) and not e.rows else e
+                    for e in elements]
+    return _print(elements, fmt, body)
 
 
 def _remote_error(exc: urllib.error.HTTPError, fmt: str) -> int:

@@ -221,7 +221,9 @@ def test_trace_streams_in_the_cli_until_interrupted(node):
     from conftest import ROOT
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "vmqapi.py"), "--data-dir", node.data_dir, "admin",
                              "trace", "client", "client-id=streamed"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            # a background shell starts the suite with SIGINT ignored; the child must not inherit that
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         time.sleep(1.0)
         (c,) = clients(node, "streamed")

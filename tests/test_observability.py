@@ -7,7 +7,8 @@ import logging
 import re
 import shutil
 import subprocess
-import tempfile
+import os
+import threading
 import time
 
 import pytest
@@ -253,40 +254,149 @@ def chromium():
     return None
 
 
+def run_chromium(browser, url, profile, *extra):
+    return subprocess.run(
+        [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic", "--hide-scrollbars",
+         f"--user-data-dir={profile}", "--virtual-time-budget=5000", *extra, url],
+        capture_output=True, text=True, timeout=120)
+
+
+def status_page_traffic(node):
+    """Online clients with subscriptions, an offline session, retained topics, messages over 3 samples."""
+    port = mqtt_port(node)
+    gone = MqttClient(port)
+    gone.connect("sleeper", clean=False)
+    gone.subscribe(("news/#", 1))
+    gone.close()
+    clients = []
+    for n in range(3):
+        c = MqttClient(port, version=5 if n == 2 else 4)
+        c.connect(f"sensor-{n}")
+        c.subscribe(("t", 0), (f"own/{n}", 1))
+        clients.append(c)
+    for round_ in range(2):  # across two history samples (2 s apart), so the rate chart has points
+        for n in range(20):
+            clients[0].publish("t", b"x", retain=n < 3 and round_ == 0)
+        clients[1].publish("retained/a", b"1", retain=True)
+        clients[1].publish("retained/b", b"2", retain=True)
+        time.sleep(vmqapi.HISTORY_INTERVAL + 0.3)
+    return clients
+
+
 @pytest.mark.browser
-def test_status_page_in_headless_chromium(node, caplog):
+def test_status_page_in_headless_chromium(node, caplog, tmp_path):
     browser = chromium()
     if browser is None:
         print("SKIPPED REASON: no Chromium on this machine (.ci/run installs Debian's chromium)")
         pytest.skip("no Chromium on this machine (.ci/run installs Debian's chromium)")
-    c = MqttClient(mqtt_port(node))
-    c.connect("page")
-    c.subscribe(("t", 0))
-    for _ in range(5):
-        c.publish("t", b"x")
-        c.message()
+    clients = status_page_traffic(node)
     http_port = next(x["port"] for x in node.listeners() if x["type"] == "http")
-    with tempfile.TemporaryDirectory() as profile, caplog.at_level(logging.INFO, logger="vmqapi"):
-        result = subprocess.run(
-            [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-             "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic",
-             f"--user-data-dir={profile}", "--virtual-time-budget=5000", "--dump-dom",
-             f"http://127.0.0.1:{http_port}/status"], capture_output=True, text=True, timeout=120)
-    c.close()
-    dom = result.stdout
+    url = f"http://127.0.0.1:{http_port}/status"
+    try:
+        with caplog.at_level(logging.INFO, logger="vmqapi"):
+            shots = {}
+            for width, height in ((1280, 900), (390, 844)):
+                shot = tmp_path / f"status-{width}x{height}.png"
+                done = run_chromium(browser, url, tmp_path / f"p{width}", f"--window-size={width},{height}",
+                                    f"--screenshot={shot}")
+                assert done.returncode == 0 and shot.stat().st_size > 10_000, done.stderr[-2000:]
+                shots[width] = shot.read_bytes()
+            result = run_chromium(browser, url, tmp_path / "dom", "--window-size=1280,900", "--dump-dom")
+    finally:
+        for c in clients:
+            c.close()
     assert result.returncode == 0, result.stderr[-2000:]
+    dom = result.stdout
+    if os.environ.get("VMQAPI_SCREENSHOTS"):  # keep them to look at
+        for width, data in shots.items():
+            with open(os.path.join(os.environ["VMQAPI_SCREENSHOTS"], f"status-{width}.png"), "wb") as f:
+                f.write(data)
+    # PNG width and height (IHDR): the phone shot is the phone's width
+    assert int.from_bytes(shots[390][16:20], "big") == 390 and int.from_bytes(shots[1280][16:20], "big") == 1280
 
     def field(ident):
         return re.search(f'id="{ident}"[^>]*>([^<]*)<', dom).group(1)
 
-    assert field("node") == node.name
-    assert int(field("msg_in")) >= 5 and int(field("msg_out")) >= 5
+    assert field("node") == node.name and field("health") == "healthy"
+    assert int(field("msg_in")) >= 44 and int(field("msg_out")) >= 40 and field("num_offline") == "1"
+    for chart in ("chart_rate", "chart_conn", "chart_queue"):
+        svg = re.search(f'<svg[^>]*id="{chart}"[^>]*>(.*?)</svg>', dom, re.S).group(1)
+        points = [int(n) for n in re.findall(r'<path d="M[^"]+"[^>]*data-points="(\d+)"', svg)]
+        assert points and max(points) >= 2, (chart, svg[:500])
+        assert re.search(r"<text[^>]*>\d\d:\d\d(:\d\d)?</text>", svg) and "<line" in svg  # a time axis and a grid
+    sessions = re.search(r'<table id="sessions">(.*?)</table>', dom, re.S).group(1)
+    for n in range(3):
+        assert f"<td>sensor-{n}</td>" in sessions
+    assert re.search(r'<td>sleeper</td><td class="offline">offline</td><td class="n">3.1.1</td><td class="n">1</td>',
+                     sessions)
+    assert '<td>sensor-2</td><td class="online">online</td><td class="n">5.0</td><td class="n">2</td>' in sessions
+    retained = re.search(r'<table id="retained">(.*?)</table>', dom, re.S).group(1)
+    assert "<td>retained/a</td>" in retained and "<td>t</td>" in retained
     rows = re.findall(r"<tr><td>(\w+)</td><td class=\"(\w+)\">", dom)
     assert ("http", "running") in rows and ("mqtt", "running") in rows
-    paths = set(re.findall(r'"GET ([^" ]+)"', caplog.text))
-    assert {"/status", "/status.json"} <= paths and paths <= {"/status", "/status.json", "/favicon.ico"}
+    assert f"<td>{node.name}</td>" in re.search(r'<table id="cluster">(.*?)</table>', dom, re.S).group(1)
+    assert "queue was full" in dom and "no subscription matched" in dom  # dropped and unhandled, explained
+    paths = set(re.findall(r'"GET ([^" ?]+)', caplog.text))
+    assert {"/status", "/status.json", "/status/details.json"} <= paths
+    assert paths <= {"/status", "/status.json", "/status/details.json", "/favicon.ico"}
+
+
+def test_status_history_is_kept_by_the_node_and_stops_with_it(make_node):
+    node = make_node()
+    http = Client(node)
+    try:
+        status, headers, data = http.get("/status/details.json")
+        assert status == 200 and headers["content-type"] == "application/json"
+        doc = json.loads(data)
+        assert doc["fields"][0] == "at" and len(doc["history"]) >= 2  # the start sample and now: never empty
+        assert doc["cluster"] == [{"Node": node.name, "Running": True}]
+        assert http.get("/status/nothing")[0] == 404
+    finally:
+        http.close()
+    assert any(t.name == "vmqapi-status-history" for t in threading.enumerate())
+    node.stop()
+    assert not any(t.name == "vmqapi-status-history" for t in threading.enumerate())
+
+
+def test_status_history_is_a_ring_of_fifteen_minutes():
+    assert vmqapi.HISTORY_SAMPLES * vmqapi.HISTORY_INTERVAL == 15 * 60
+    status = dict.fromkeys(vmqapi.STATUS_KEYS, 0)
+    clock = iter(range(10_000))
+    history = vmqapi.StatusHistory(lambda: {**status, "queue_in": 7, "queue_out": 2, "queue_drop": 1},
+                                   size=5, clock=lambda: next(clock))
+    for _ in range(8):
+        history.record()
+    points = history.points()
+    assert [p[0] for p in points] == [3, 4, 5, 6, 7] and points[-1][-1] == 4  # oldest first; 7 in, 3 out
+
+
+def test_status_details_need_the_status_scope_when_asked(make_node):
+    node = make_node(**{"http_module.vmq_status_http.auth.mode": "apikey"})
+    http = Client(node)
+    try:
+        assert http.get("/status/details.json")[0] == 401
+        assert http.get("/status/details.json", key=node.keystore.create("status"))[0] == 200
+    finally:
+        http.close()
 
 
 def test_status_page_has_no_external_assets():
     page = vmqapi.STATUS_PAGE
     assert not re.search(r"(src|href)\s*=|@import|url\(|https?:|//[a-z]", page)
+
+
+def test_root_points_to_the_status_page_and_the_api(node):
+    http = Client(node)
+    try:
+        browser = "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"
+        status, headers, data = http.get("/", accept=browser)
+        assert status == 302 and headers["location"] == "/status" and b"/api/v1" in data
+        status, headers, data = http.get("/", accept="application/json")
+        assert status == 200 and headers["content-type"] == "application/json"
+        endpoints = json.loads(data)["endpoints"]
+        assert {"/status", "/status.json", "/api/v1", "/metrics", "/health"} <= set(endpoints)
+        assert http.get("/nothing-here")[0] == 404
+        assert http.request("POST", "/")[0] == 405
+    finally:
+        http.close()

@@ -80,3 +80,33 @@ def test_readme_curl_lines(node):
         if expected is not None:
             want = expected.replace(" ...\"", "\"")
             assert normalise(body, ports) == normalise(want.encode(), {}), line
+
+
+def test_the_http_teaching_line_uses_the_key_variable_the_readme_sets(tmp_path):
+    from conftest import run_cli
+    result = run_cli("admin", "cluster", "show", "--http", data_dir=tmp_path / "data")
+    name = re.search(r'curl -u "\$(\w+):"', result.stdout).group(1)
+    assert re.search(rf"^    \$ (export )?{name}=", README, re.M), f"the README never sets ${name}"
+    assert f'curl -u "${name}:"' in README
+
+
+def test_the_piped_metrics_example_prints_what_it_shows(node):
+    from mqtt_client import MqttClient
+    lines = README.splitlines()
+    n = next(i for i, line in enumerate(lines) if line.startswith("    $ curl -s http://127.0.0.1:8888/metrics | grep"))
+    pattern = shlex.split(lines[n].partition("| grep ")[2])[0]
+    shown = []
+    for line in lines[n + 1:]:
+        if not line.startswith("    ") or line.startswith("    $"):
+            break
+        shown.append(line[4:])
+    c = MqttClient(next(x["port"] for x in node.listeners() if x["type"] == "mqtt"))  # MQTT 3.1.1
+    try:
+        c.connect("readme")
+        c.subscribe(("t", 0))
+    finally:
+        c.close()
+    port = next(x["port"] for x in node.listeners() if x["type"] == "http")
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    text = opener.open(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    assert [line for line in text.splitlines() if re.search(pattern, line)] == shown
