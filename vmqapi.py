@@ -27,17 +27,23 @@ Contents (``grep -nE '^# [0-9]+\\. ' vmqapi.py`` prints them with line numbers):
     3. Metrics registry
     4. MQTT codec
     5. Topics: validation and trie
-    6. Broker core
-    7. Message store
-    8. MQTT I/O
-    9. Key store: the API key file
-    10. Command machinery: argv grammar, command table, result elements
-    11. Command catalogue
-    12. HTTP: the admin API
-    13. Observability endpoints
-    14. HTTP server
-    15. Node
-    16. CLI
+    6. Broker values: messages, options, deliveries, sessions, connections
+    7. Policy: passwords, ACL rules and the hook chain
+    8. Routing and retained messages
+    9. Delivery: queues, in-flight windows, packet ids, resends
+    10. Sessions: connections, CONNECT, wills, administration
+    11. Engine: packets and time
+    12. Message store
+    13. Broker shell: plugin hooks, rule files, tracing
+    14. MQTT I/O
+    15. Key store: the API key file
+    16. Command machinery: argv grammar, command table, result elements
+    17. Command catalogue
+    18. HTTP: the admin API
+    19. Observability endpoints
+    20. HTTP server
+    21. Node
+    22. CLI
 """
 
 ###############################################################################
@@ -99,6 +105,7 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import email.utils
+import enum
 import errno
 import datetime as _dt
 import functools
@@ -786,17 +793,19 @@ def _read_config_file(path: str) -> dict[str, Any]:
 
 LabelSet = tuple[tuple[str, str], ...]
 _NO_LABELS: tuple[LabelSet, ...] = ((),)
-_BY_VERSION: tuple[LabelSet, ...] = ((("mqtt_version", "4"),), (("mqtt_version", "5"),))  # 3.1 and 3.1.1 are "4"
-_V5_SUCCESS: LabelSet = (("mqtt_version", "5"), ("reason_code", "success"))
+V4: LabelSet = (("mqtt_version", "4"),)  # metric labels of MQTT 3.1 and 3.1.1 packets, as VerneMQ counts them
+V5: LabelSet = (("mqtt_version", "5"),)
+V5_SUCCESS: LabelSet = (("mqtt_version", "5"), ("reason_code", "success"))
+_BY_VERSION: tuple[LabelSet, ...] = (V4, V5)
 _CONNACK: tuple[LabelSet, ...] = tuple(
     (("mqtt_version", "4"), ("return_code", code)) for code in (
         "success", "unsupported_protocol_version", "client_identifier_not_valid", "server_unavailable",
-        "bad_username_or_password", "not_authorized")) + (_V5_SUCCESS,)
+        "bad_username_or_password", "not_authorized")) + (V5_SUCCESS,)
 
 
 def _packets(kind: str, direction: str, reasons: bool = False) -> tuple[str, str, tuple[LabelSet, ...]]:
     """A packet counter by protocol; ``reasons``: MQTT 5 packets also carry their reason code."""
-    sets = (_BY_VERSION[0], _V5_SUCCESS) if reasons else _BY_VERSION
+    sets = (_BY_VERSION[0], V5_SUCCESS) if reasons else _BY_VERSION
     return ("counter", f"The number of {kind} packets {direction}.", sets)
 
 
@@ -829,8 +838,8 @@ METRIC_DEFINITIONS: dict[str, tuple[str, str, tuple[LabelSet, ...]]] = {  # Vern
                                  (_BY_VERSION[0], (("mqtt_version", "5"), ("reason_code", "normal_disconnect")))),
     "mqtt_disconnect_sent": ("counter", "The number of DISCONNECT packets sent (MQTT 5).",
                              ((("mqtt_version", "5"), ("reason_code", "normal_disconnect")),)),
-    "mqtt_auth_received": ("counter", "The number of AUTH packets received (MQTT 5).", (_V5_SUCCESS,)),
-    "mqtt_auth_sent": ("counter", "The number of AUTH packets sent (MQTT 5).", (_V5_SUCCESS,)),
+    "mqtt_auth_received": ("counter", "The number of AUTH packets received (MQTT 5).", (V5_SUCCESS,)),
+    "mqtt_auth_sent": ("counter", "The number of AUTH packets sent (MQTT 5).", (V5_SUCCESS,)),
     "mqtt_publish_auth_error": ("counter", "The number of unauthorized publish attempts.", _NO_LABELS),
     "mqtt_subscribe_auth_error": ("counter", "The number of unauthorized subscription attempts.", _NO_LABELS),
     "acl_reload_error": ("counter", "The number of times the vmq_acl file could not be loaded again (the "
@@ -947,9 +956,6 @@ AUTH = 15
 SUBACK_FAILURE = 0x80  # MQTT 3.1.1 3.9.3
 CONNACK_ACCEPTED, CONNACK_BAD_VERSION, CONNACK_BAD_ID, CONNACK_UNAVAILABLE = 0, 1, 2, 3
 CONNACK_BAD_CREDENTIALS, CONNACK_NOT_AUTHORIZED = 4, 5  # MQTT 3.1.1 3.2.2.3
-V4 = (("mqtt_version", "4"),)  # metric labels of MQTT 3.1 and 3.1.1 packets, as VerneMQ counts them
-V5 = (("mqtt_version", "5"),)
-V5_SUCCESS = (("mqtt_version", "5"), ("reason_code", "success"))
 REASON_NAMES = {  # MQTT 5.0 2.4: reason code -> VerneMQ's label atom
     0x00: "success", 0x01: "granted_qos1", 0x02: "granted_qos2", 0x04: "disconnect_with_will_msg",
     0x10: "no_matching_subscribers", 0x11: "no_subscription_existed", 0x18: "continue_authentication",
@@ -968,6 +974,43 @@ REASON_NAMES = {  # MQTT 5.0 2.4: reason code -> VerneMQ's label atom
 CONNACK_V5_CODES = (0x00, 0x84, 0x85, 0x88, 0x86, 0x87)  # the MQTT 5 reason of each MQTT 3.1.1 CONNACK code
 CONNACK_RETURN_NAMES = ("success", "unsupported_protocol_version", "client_identifier_not_valid",
                         "server_unavailable", "bad_username_or_password", "not_authorized")  # VerneMQ labels
+REASON_FAILURE = 0x80  # MQTT 5.0 2.4: reason codes from 0x80 on say the operation failed
+
+
+class Reason(enum.IntEnum):
+    """The MQTT 5 reason codes the node sends or acts on (MQTT 5.0 2.4)."""
+
+    SUCCESS = 0x00
+    DISCONNECT_WITH_WILL = 0x04
+    NO_MATCHING_SUBSCRIBERS = 0x10
+    NO_SUBSCRIPTION_EXISTED = 0x11
+    CONTINUE_AUTHENTICATION = 0x18
+    REAUTHENTICATE = 0x19
+    UNSPECIFIED_ERROR = 0x80
+    MALFORMED_PACKET = 0x81
+    PROTOCOL_ERROR = 0x82
+    IMPLEMENTATION_SPECIFIC_ERROR = 0x83
+    NOT_AUTHORIZED = 0x87
+    SERVER_SHUTTING_DOWN = 0x8B
+    BAD_AUTHENTICATION_METHOD = 0x8C
+    KEEP_ALIVE_TIMEOUT = 0x8D
+    SESSION_TAKEN_OVER = 0x8E
+    TOPIC_FILTER_INVALID = 0x8F
+    PACKET_ID_NOT_FOUND = 0x92
+    RECEIVE_MAXIMUM_EXCEEDED = 0x93
+    TOPIC_ALIAS_INVALID = 0x94
+    PACKET_TOO_LARGE = 0x95
+    QUOTA_EXCEEDED = 0x97
+    ADMINISTRATIVE_ACTION = 0x98
+    PAYLOAD_FORMAT_INVALID = 0x99
+
+
+PINGRESP_FRAME = bytes((PINGRESP << 4, 0))  # MQTT 3.1.1 3.13, the same in MQTT 5
+
+
+def ack_frame(kind: int, packet_id: int) -> bytes:
+    """Encode a PUBACK, PUBREC, PUBREL or PUBCOMP without reason (the same bytes in MQTT 3.1.1 and 5)."""
+    return bytes((kind << 4 | (2 if kind == PUBREL else 0), 2)) + packet_id.to_bytes(2, "big")
 
 
 @dataclass(frozen=True, slots=True)
@@ -1954,28 +1997,433 @@ class RetainTree:
                 stack.append((child, d + 1, topic))
 
 
-def _merge(out: dict[Any, int], subscribers: dict[Any, int]) -> None:
-    for sub, qos in subscribers.items():
-        if out.get(sub, -1) < qos:
-            out[sub] = qos
+def _merge(out: dict[Any, Any], subscribers: dict[Any, Any]) -> None:
+    for sub, opts in subscribers.items():
+        old = out.get(sub)
+        if old is None or old < opts:
+            out[sub] = opts
 
 
 ###############################################################################
-# 6. Broker core ##############################################################
+# 6. Broker values: messages, options, deliveries, sessions, connections ######
 ###############################################################################
-# Owns: sessions, queues, in-flight windows, retained messages, wills, routing,
-#       authentication plugins (vmq_passwd, vmq_acl); it writes bytes to Links.
-# Must not know: sockets, threads, the event loop (the clock is passed in).
+# Owns: the values the engine works on, and the two protocol dialects that put
+#       them into packets (MQTT 3.1/3.1.1 and MQTT 5).
+# Must not know: sockets, clocks, files, threads.
 
-PASSWD_SALT_BYTES = 12  # VerneMQ vmq_passwd: 12-byte salt, sha512(password ++ salt)
+@dataclass(frozen=True, slots=True)
+class Message:
+    """An application message inside one mountpoint; ``ref`` is its stable id."""
+
+    topic: str
+    payload: bytes
+    qos: int
+    retain: bool = False
+    ref: int = 0
+    frame: bytes = b""  # the message as a QoS 0, non-retained PUBLISH, when already at hand
+    frame5: bool = False  # ``frame`` is in its MQTT 5 form (else MQTT 3.1.1)
+    props: tuple = ()  # MQTT 5 properties passed on to subscribers (user properties, content type, ...)
+    expires: float | None = None  # MQTT 5 message expiry, as a clock time
+    origin: str | None = None  # the publisher's client id (in this mountpoint), for No Local subscriptions
 
 
-def hash_password(password: str, salt: bytes | None = None) -> str:
-    """Return vmq_passwd's ``$6$<b64 salt>$<b64 sha512(password + salt)>``."""
-    salt = secrets.token_bytes(PASSWD_SALT_BYTES) if salt is None else salt
-    digest = hashlib.sha512(password.encode() + salt).digest()
-    return f"$6${base64.b64encode(salt).decode()}${base64.b64encode(digest).decode()}"
+def message_bytes(msg: Message) -> int:
+    """Return what a queued or retained message counts against the byte limits: payload and topic."""
+    return len(msg.payload) + len(msg.topic)
 
+
+MAX_SUBSCRIPTION_ID = 268_435_455  # MQTT 5.0 3.8.2.1.2: a Variable Byte Integer of 1 to this
+
+
+@dataclass(frozen=True, slots=True)
+class SubOptions:
+    """One subscription's options (MQTT 5.0 3.8.3.1); MQTT 3.1.1 subscriptions carry a QoS only.
+
+    ``plain``: nothing but a QoS, so a message may go out in a frame shared with others.
+    Ordered so that a session's best match over several filters is the one with options
+    (the engine then looks at every filter), else the highest QoS.
+    """
+
+    qos: int
+    no_local: bool = False
+    retain_as_published: bool = False
+    retain_handling: int = 0
+    identifier: int = 0
+    plain: bool = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        if self.qos not in (0, 1, 2) or self.retain_handling not in (0, 1, 2) \
+                or not 0 <= self.identifier <= MAX_SUBSCRIPTION_ID:
+            raise ValueError(f"bad subscription options {self!r}")
+        object.__setattr__(self, "plain", not (self.no_local or self.retain_as_published or self.identifier))
+
+    def __lt__(self, other: SubOptions) -> bool:
+        return (not self.plain, self.qos) < (not other.plain, other.qos)
+
+    @property
+    def ids(self) -> tuple[int, ...]:
+        """The subscription identifiers a delivery for this subscription carries."""
+        return (self.identifier,) if self.identifier else ()
+
+    def packed(self) -> int:
+        """Return the options as the message store keeps them: QoS, flags in bits 2-5, the id from bit 8."""
+        return (self.qos | self.no_local << 2 | self.retain_as_published << 3 | self.retain_handling << 4
+                | self.identifier << 8)
+
+    @classmethod
+    def unpack(cls, n: int) -> SubOptions:
+        """Rebuild options from ``packed()`` (a store of MQTT 3.1.1 days holds the bare QoS)."""
+        return cls(n & 3, bool(n & 4), bool(n & 8), (n >> 4) & 3, n >> 8)
+
+
+QOS_ONLY = tuple(SubOptions(qos) for qos in (0, 1, 2))  # shared by every MQTT 3.1.1 subscription
+
+
+class Stage(enum.Enum):
+    """Where a delivery to a session stands (MQTT 3.1.1 4.3)."""
+
+    QUEUED = "queued"  # waiting in the session's queue
+    SENT = "sent"  # PUBLISH sent, PUBACK or PUBREC awaited
+    RELEASED = "released"  # PUBREL sent, PUBCOMP awaited (QoS 2)
+
+
+class Outgoing:
+    """One message on its way to one session: queued, then in flight until acknowledged.
+
+    ``retain`` is the flag an MQTT 5 client sees (Retain As Published, or a retained
+    message sent for a new subscription, ``retained``, which MQTT 3.1.1 clients see too).
+    """
+
+    __slots__ = ("msg", "qos", "row", "retain", "ids", "retained", "stage", "sent_at")
+
+    def __init__(self, msg: Message, qos: int, row: int = 0, retain: bool = False, ids: tuple = (),
+                 retained: bool = False):
+        self.msg, self.qos, self.row = msg, qos, row  # row: its id in the message store (0: not stored)
+        self.retain, self.ids, self.retained = retain or retained, ids, retained
+        self.stage = Stage.QUEUED
+        self.sent_at = 0.0
+
+    @property
+    def extra(self) -> tuple | None:
+        """The delivery options the message store keeps with a queued message (None: none)."""
+        return (self.retain, self.ids) if self.retain or self.ids else None
+
+
+class Session:
+    """An MQTT session: subscriptions, queue and in-flight window of one client id."""
+
+    __slots__ = ("mountpoint", "client_id", "subs", "client", "queue", "inflight", "incoming",
+                 "next_pid", "user", "peer", "protocol", "started_at", "offline_since", "expiry", "will",
+                 "queue_bytes", "stored", "stored_bytes", "loaded_upto", "parked")
+
+    def __init__(self, mountpoint: str, client_id: str, now: float, expiry: int | None = 0):
+        self.mountpoint, self.client_id = mountpoint, client_id
+        self.expiry = expiry  # seconds kept offline (0: it ends with its connection); None: persistent_client_expiration
+        self.will: tuple[Message, float] | None = None  # a delayed will (MQTT 5) and when it is due
+        self.subs: dict[str, SubOptions] = {}
+        self.client: Connection | None = None
+        self.queue: collections.deque[Outgoing] = collections.deque()
+        self.inflight: dict[int, Outgoing] = {}  # packet id -> delivery awaiting its acknowledgement
+        self.incoming: set[int] = set()  # QoS 2 packet ids received, PUBREL pending
+        self.next_pid = 1
+        self.user: str | None = None
+        self.peer = ("", 0)
+        self.protocol = 4
+        self.started_at = now
+        self.offline_since: float | None = now
+        # The queue is ``queue`` (in memory) followed by ``stored`` messages only in the message store
+        # (rows after ``loaded_upto``), read a page at a time as they are delivered.
+        self.queue_bytes = 0  # bytes of the whole queue (see message_bytes), in memory and stored
+        self.stored = self.stored_bytes = self.loaded_upto = 0
+        self.parked = 0  # QoS 2 messages in flight when the node stopped, still only in the store
+
+    @property
+    def clean(self) -> bool:
+        """Whether the session ends with its connection (and is never stored)."""
+        return self.expiry == 0
+
+    @property
+    def key(self) -> tuple[str, str]:
+        """(mountpoint, client id): the session's name, and VerneMQ's subscriber id."""
+        return self.mountpoint, self.client_id
+
+    def take_pid(self) -> int:
+        """Return a packet id not in flight (MQTT 3.1.1 2.3.1)."""
+        pid = self.next_pid
+        while pid in self.inflight:
+            pid = pid % MAX_PACKET_ID + 1
+        self.next_pid = pid % MAX_PACKET_ID + 1
+        return pid
+
+
+def _online(s: Session) -> bool:
+    return s.client is not None
+
+
+def _queued(s: Session) -> int:
+    return len(s.queue) + s.stored
+
+
+def _subscriptions(s: Session) -> list[dict]:
+    return [{"topic": t, "qos": o.qos, "rap": o.retain_as_published, "no_local": o.no_local} for t, o in s.subs.items()]
+
+
+def _messages(s: Session, stored: Iterable[tuple] = ()) -> list[dict]:
+    """List a session's queued and in-flight messages; ``stored``: (msg, qos, ...) of those only in the store."""
+    queued = [(e.msg, e.qos) for e in s.queue] + [(e[0], e[1]) for e in stored] + \
+        [(e.msg, e.qos) for e in s.inflight.values()]
+    return [{"msg_ref": base64.b64encode(m.ref.to_bytes(8, "big")).decode(), "msg_qos": q, "routing_key": m.topic,
+             "dup": False, "payload": m.payload.decode("utf-8", "replace")} for m, q in queued]
+
+
+SESSION_DEFAULT_COLUMNS = ("client_id", "is_online", "mountpoint", "peer_host", "peer_port", "user")
+
+
+def _default_row(s: Session) -> dict:
+    """session show's default columns, in one go (the common listing of many sessions)."""
+    return {"client_id": s.client_id, "is_online": s.client is not None, "mountpoint": s.mountpoint,
+            "peer_host": s.peer[0], "peer_port": s.peer[1], "user": s.user}
+
+
+SESSION_GETTERS: dict[str, Callable[[Session], Any]] = {  # session show's per-session fields
+    "node": lambda s: "", "mountpoint": lambda s: s.mountpoint, "client_id": lambda s: s.client_id,
+    "queue_pid": lambda s: f"<q.{id(s):x}>", "queue_size": lambda s: None,
+    "session_pid": lambda s: f"<s.{id(s):x}>" if _online(s) else None,
+    "is_offline": lambda s: not _online(s), "is_online": _online,
+    "statename": lambda s: "online" if _online(s) else "offline", "deliver_mode": lambda s: "fanout",
+    "offline_messages": lambda s: 0 if _online(s) else _queued(s),
+    "online_messages": lambda s: _queued(s) if _online(s) else 0,
+    "num_sessions": lambda s: 1 if _online(s) else 0, "clean_session": lambda s: s.clean,
+    "is_plugin": lambda s: False, "queue_started_at": lambda s: int(s.started_at * 1000),
+    "user": lambda s: s.user, "peer_host": lambda s: s.peer[0], "peer_port": lambda s: s.peer[1],
+    "protocol": lambda s: s.protocol, "waiting_acks": lambda s: len(s.inflight) + s.parked,
+    "session_started_at": lambda s: int(s.started_at * 1000),
+}
+
+
+def session_record(s: Session, subscriptions: bool, messages: Iterable[tuple] | None) -> dict:
+    """Return every session show field of ``s`` (``messages``: those only in the store, or None: no list)."""
+    record = {name: get(s) for name, get in SESSION_GETTERS.items()}
+    if subscriptions:
+        record["subscriptions"] = _subscriptions(s)
+    if messages is not None:
+        record["messages"] = _messages(s, messages)
+    return record
+
+
+_NO_ALIASES: Mapping[Any, Any] = types.MappingProxyType({})  # shared by every client without topic aliases
+
+
+class Connection:
+    """One network connection's state from accept to close, and its outbox.
+
+    The engine never touches a socket: what must go out is left here (``out``: frames;
+    ``closing``: close once they are sent; ``pause_for``: stop reading for so many
+    seconds), and the I/O shell takes it after each batch, once the store has committed.
+    ``link`` is the shell's own handle; the engine only carries it. The shell keeps
+    ``writable`` (whether the socket takes more now) up to date.
+    """
+
+    __slots__ = ("link", "listener", "peer", "identity", "session", "connected", "closed", "proto", "dialect",
+                 "keepalive", "last_seen", "opened_at", "user", "will", "clean_exit", "rate_second", "rate_count",
+                 "labels", "plain", "receive_max", "receive_max_in", "max_packet", "alias_max", "aliases_out",
+                 "aliases_in", "alias_max_in", "will_delay", "auth", "auth_method", "expiry_at_connect", "out",
+                 "closing", "pause_for", "writable", "tracer")
+
+    def __init__(self, link: Any, listener: Any, peer: tuple, identity: str | None, now: float):
+        self.link, self.listener, self.peer, self.identity = link, listener, peer, identity
+        self.session: Session | None = None
+        self.connected = self.closed = self.clean_exit = False
+        self.proto = 4
+        self.dialect: Dialect = V311
+        self.labels = V4  # metric labels of this client's packets
+        self.plain = True  # QoS 0 may go out as a frame shared with other clients of its version
+        self.keepalive = 0
+        self.last_seen = self.opened_at = now
+        self.user: str | None = None
+        self.will: Message | None = None
+        self.rate_second = self.rate_count = 0
+        # MQTT 5 (MQTT 5.0 3.1.2.11): what the client asked for in CONNECT and what the node granted
+        self.receive_max = 0  # most QoS 1/2 in flight to the client (0: max_inflight_messages alone)
+        self.receive_max_in = 65535  # most unacknowledged QoS 2 PUBLISHes from the client
+        self.max_packet = 0  # largest packet the client accepts (0: no limit)
+        self.alias_max = 0  # topic aliases the node may use towards the client
+        self.aliases_out: Mapping[str, int] = _NO_ALIASES  # a dict of its own once aliases are allowed
+        self.alias_max_in = 0  # topic aliases the client may use towards the node
+        self.aliases_in: Mapping[int, str] = _NO_ALIASES
+        self.will_delay = 0
+        self.auth: tuple | None = None  # an enhanced authentication in progress: (CONNECT, client id, assigned)
+        self.auth_method: str | None = None
+        self.expiry_at_connect = 0  # the Session Expiry Interval CONNECT asked for
+        self.out: list[bytes] = []
+        self.closing = False
+        self.pause_for = 0.0
+        self.writable = True
+        self.tracer: Any = None  # the I/O shell's tracer of this client, when one is on
+
+    def speak(self, proto: int) -> None:
+        """Read and write protocol level ``proto`` from now on."""
+        self.proto, self.dialect = proto, DIALECTS[proto]
+        self.labels = self.dialect.labels
+
+
+def reason_labels(code: int, zero: str = "success") -> LabelSet:
+    """Return the metric labels of an MQTT 5 packet with reason ``code`` (``zero`` names 0x00)."""
+    return (("mqtt_version", "5"), ("reason_code", REASON_NAMES.get(code, f"{code:#04x}") if code else zero))
+
+
+class Dialect:
+    """How one protocol version says things: CONNACK, acknowledgements, refusals, DISCONNECT.
+
+    The engine asks its connection's dialect (``DIALECTS[level]``) instead of testing the version.
+    """
+
+    v5 = False
+    labels: LabelSet = V4
+
+    def ack_labels(self, code: int) -> LabelSet:
+        """Return the metric labels of an acknowledgement with reason ``code``."""
+        return self.labels
+
+    def connack(self, present: bool, props: tuple = ()) -> tuple[Connack, LabelSet]:
+        """Accept: (CONNACK, its metric labels) [MQTT-3.2.2-2]."""
+        return Connack(CONNACK_ACCEPTED, present), (("mqtt_version", "4"), ("return_code", "success"))
+
+    def refusal(self, code: int, text: str = "") -> tuple[Connack, LabelSet]:
+        """Refuse with MQTT 3.1.1 return ``code`` (or an MQTT 5 reason): (CONNACK, labels) [MQTT-3.2.2-5]."""
+        code = code if code < len(CONNACK_RETURN_NAMES) else CONNACK_NOT_AUTHORIZED
+        return Connack(code), (("mqtt_version", "4"), ("return_code", CONNACK_RETURN_NAMES[code]))
+
+    def ack(self, kind: type, pid: int, reason: int = Reason.SUCCESS, text: str = "") -> Any:
+        """Return an acknowledgement packet; MQTT 3.1.1 has no reason codes."""
+        return kind(pid)
+
+    def subscribe_failure(self, valid: bool) -> int:
+        """The SUBACK code of a filter that is invalid (or, ``valid``, refused) (MQTT 3.1.1 3.9.3)."""
+        return SUBACK_FAILURE
+
+    def hook_refusal(self, qos: int) -> int:
+        """The SUBACK code of an auth_on_subscribe answer outside QoS 0-2: 0x80 (MQTT 3.1.1 3.9.3)."""
+        return SUBACK_FAILURE
+
+    def unsuback(self, pid: int, existed: Sequence[bool]) -> Unsuback:
+        """Answer UNSUBSCRIBE [MQTT-3.10.4-4]; MQTT 3.1.1 says nothing per filter."""
+        return Unsuback(pid)
+
+    def disconnect(self, reason: int, text: str, max_packet: int) -> bytes | None:
+        """Return the server DISCONNECT telling why, or None: before MQTT 5 the server says nothing."""
+        return None
+
+    def wire_retain(self, out: Outgoing) -> bool:
+        """The retain flag a delivery carries: MQTT 3.1.1 sets it only for retained messages of a new
+        subscription [MQTT-3.3.1-8, MQTT-3.3.1-9]."""
+        return out.retained
+
+
+class _Mqtt5(Dialect):
+    """MQTT 5.0: reason codes and properties."""
+
+    v5 = True
+    labels = V5
+
+    def ack_labels(self, code: int) -> LabelSet:
+        return V5_SUCCESS if not code else reason_labels(code)
+
+    def connack(self, present: bool, props: tuple = ()) -> tuple[Connack, LabelSet]:
+        return Connack(CONNACK_ACCEPTED, present, props), V5_SUCCESS
+
+    def refusal(self, code: int, text: str = "") -> tuple[Connack, LabelSet]:
+        reason = CONNACK_V5_CODES[code] if code < len(CONNACK_V5_CODES) else code
+        return Connack(reason, properties=(("reason_string", text),) if text else ()), reason_labels(reason)
+
+    def ack(self, kind: type, pid: int, reason: int = Reason.SUCCESS, text: str = "") -> Any:
+        return kind(pid, reason, (("reason_string", text),) if text else ())
+
+    def subscribe_failure(self, valid: bool) -> int:
+        return Reason.NOT_AUTHORIZED if valid else Reason.TOPIC_FILTER_INVALID
+
+    def hook_refusal(self, qos: int) -> int:
+        # 128 is VerneMQ's "not allowed"; a hook may name an MQTT 5 failure code (0x87, 0x97, ...) itself
+        return qos if qos in SUBACK_CODES_5 and qos >= REASON_FAILURE else SUBACK_FAILURE
+
+    def unsuback(self, pid: int, existed: Sequence[bool]) -> Unsuback:
+        return Unsuback(pid, tuple(Reason.SUCCESS if e else Reason.NO_SUBSCRIPTION_EXISTED for e in existed))
+
+    def disconnect(self, reason: int, text: str, max_packet: int) -> bytes | None:
+        frame = encode_packet(Disconnect(reason, (("reason_string", text),) if text else ()), 5)
+        if max_packet and len(frame) > max_packet:
+            frame = encode_packet(Disconnect(reason), 5)  # the reason string goes first [MQTT-3.14.2-3]
+        return None if max_packet and len(frame) > max_packet else frame  # MQTT 5.0 [MQTT-3.1.2-24]
+
+    def wire_retain(self, out: Outgoing) -> bool:
+        return out.retain
+
+
+V311, V5_DIALECT = Dialect(), _Mqtt5()
+DIALECTS: Mapping[int, Dialect] = types.MappingProxyType({3: V311, 4: V311, 5: V5_DIALECT})
+
+
+FORWARDED_PROPERTIES = frozenset({"payload_format_indicator", "content_type", "response_topic", "correlation_data",
+                                  "user_property"})  # MQTT 5.0 3.3.2.3: passed unaltered to subscribers
+
+
+def forwarded_properties(props: Iterable[tuple[str, Any]]) -> tuple:
+    """Return the properties of a PUBLISH or will that go on to subscribers, in order."""
+    return tuple((name, value) for name, value in props if name in FORWARDED_PROPERTIES)
+
+
+def utf8_payload(payload: bytes) -> bool:
+    """Whether a payload is well-formed UTF-8, as Payload Format Indicator 1 promises."""
+    try:
+        payload.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def connack_properties(config: Config, client: Connection, p: Connect, assigned_id: str | None) -> tuple:
+    """Return the properties of an accepting MQTT 5 CONNACK: only those that differ from the defaults."""
+    props: list[tuple[str, Any]] = []
+    if assigned_id is not None:
+        props.append(("assigned_client_identifier", assigned_id))  # MQTT 5.0 3.2.2.3.7
+    limit = config["persistent_client_expiration"]
+    if limit is not None and client.expiry_at_connect > limit:
+        props.append(("session_expiry_interval", limit))  # the node keeps it no longer (MQTT 5.0 3.2.2.3.2)
+    if client.keepalive != p.keepalive:
+        props.append(("server_keep_alive", client.keepalive))  # MQTT 5.0 3.2.2.3.14
+    if client.receive_max_in < 65535:
+        props.append(("receive_maximum", client.receive_max_in))
+    if config["max_message_size"]:
+        props.append(("maximum_packet_size", config["max_message_size"]))
+    if client.alias_max_in:
+        props.append(("topic_alias_maximum", client.alias_max_in))
+    return tuple(props)
+
+
+def describe_packet(packet: Any, trunc: int = 200) -> str:
+    """Return one readable line for a packet, its payload cut to ``trunc`` bytes."""
+    kind = type(packet).__name__.upper()
+    if isinstance(packet, Publish):
+        payload = packet.payload[:trunc]
+        more = f" (+{len(packet.payload) - trunc} bytes)" if len(packet.payload) > trunc else ""
+        return (f"PUBLISH(q{packet.qos}, r{int(packet.retain)}, d{int(packet.dup)}, m{packet.packet_id or 0}, "
+                f"{packet.topic!r}) payload {payload!r}{more}")
+    if isinstance(packet, Connect):
+        return (f"CONNECT(c: {packet.client_id!r}, v: {packet.proto_level}, u: {packet.username!r}, "
+                f"cs: {int(packet.clean_session)}, ka: {packet.keepalive}, will: {packet.will_topic!r})")
+    if isinstance(packet, (Subscribe, Unsubscribe, Suback)):
+        detail = packet.return_codes if isinstance(packet, Suback) else packet.topics
+        return f"{kind}(m{packet.packet_id}, {list(detail)!r})"
+    fields = ", ".join(f"{f.name}: {getattr(packet, f.name)!r}" for f in dataclasses.fields(packet))
+    return f"{kind}({fields})"
+
+
+###############################################################################
+# 7. Policy: passwords, ACL rules and the hook chain ##########################
+###############################################################################
+# Owns: vmq_passwd and vmq_acl decisions on rules they are given, and calling
+#       plugin hooks in order.
+# Must not know: files (the I/O shell reads and reloads them), sockets, clocks.
 
 def check_password(password: bytes, stored: str) -> bool:
     """Check a password against a vmq_passwd hash in constant time."""
@@ -1986,50 +2434,6 @@ def check_password(password: bytes, stored: str) -> bool:
     except (ValueError, binascii.Error):
         return False
     return kind == "6" and hmac.compare_digest(actual, expected)
-
-
-class ReloadingFile:
-    """A file parsed again when its mtime changes, checked at most every ``interval`` s."""
-
-    def __init__(self, parse: Callable[[str], Any], empty: Any, on_error: Callable[[], None] = lambda: None):
-        self._parse, self._empty, self._on_error = parse, empty, on_error
-        self.path, self.value = "", empty
-        self._signature: tuple | None = None
-        self._checked = -1e18
-
-    def get(self, path: str, interval: int, now: float) -> Any:
-        """Return the parsed content of ``path`` (``empty`` when no path)."""
-        if path != self.path:
-            self.path, self._signature, self._checked = path, None, -1e18
-        if not path:
-            return self._empty
-        if self._signature is None or (interval and now - self._checked >= interval):
-            self._checked = now
-            signature = ("failed",)
-            try:
-                st = os.stat(path)
-                signature = (st.st_ino, st.st_mtime_ns, st.st_size)
-                if signature != self._signature:
-                    with open(path, encoding="utf-8") as fh:
-                        self.value = self._parse(fh.read())
-                    self._signature = signature
-            except (OSError, ValueError, UnicodeDecodeError) as exc:
-                log.error("cannot load %s: %s; keeping the previous rules", path, exc)
-                self._signature = signature  # a bad version is reported once, tried again when it changes
-                self._on_error()
-        return self.value
-
-
-def check_acl_file(path: str) -> None:
-    """Raise ConfigError naming the file and line when the vmq_acl file cannot be used (start-up)."""
-    try:
-        with open(path, encoding="utf-8") as fh:
-            parse_acl(fh.read())
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"vmq_acl.acl_file {path}: cannot read it: {getattr(exc, 'strerror', None) or exc}") \
-            from None
-    except ValueError as exc:
-        raise ConfigError(f"vmq_acl.acl_file {path}: {exc}") from None
 
 
 def parse_passwd(text: str) -> dict[str, str]:
@@ -2151,69 +2555,6 @@ BUILTIN_PLUGINS = {  # plugin -> ((hook, arity), ...) as plugin show lists them
 }
 
 
-class Hooks:
-    """Python plugin hooks by VerneMQ hook name, called in the broker's thread.
-
-    Each hook name is also an attribute holding a tuple of functions, so the
-    broker's hot path pays one attribute read when nothing is registered.
-    An ``auth_on_*`` hook returns ``"ok"``/True (allow), ``"next"``/None (ask the
-    next plugin), ``"error"``/False (refuse) or a dict of changes (allow with
-    them: ``topic``, ``payload``, ``qos``, ``retain`` for publish; for subscribe
-    a list of (topic, qos) pairs replaces the request).
-
-    ``on_auth_m5(username, subscriber_id, {"authentication_method": m,
-    "authentication_data": d})`` runs MQTT 5 enhanced authentication: it answers
-    like an ``auth_on_*`` hook, or with a dict ``{"reason": "success" |
-    "continue_authentication", "authentication_data": bytes}``; "continue"
-    sends the data to the client in AUTH and asks the hook again with its reply.
-    """
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self._entries: list[tuple[str, Callable[..., Any], str, bool]] = []  # hook, fn, plugin, enabled
-        self.builtin = dict.fromkeys(BUILTIN_PLUGINS, True)
-        self._publish()
-
-    def _publish(self) -> None:
-        for name in HOOK_NAMES:
-            setattr(self, name, tuple(fn for hook, fn, _, on in self._entries if hook == name and on))
-
-    def register(self, name: str, fn: Callable[..., Any], plugin: str | None = None) -> None:
-        """Add ``fn`` to hook ``name``; ``plugin`` (default: fn's module) groups it in plugin show."""
-        if name not in HOOK_NAMES:
-            raise ValueError(f"unknown hook {name!r}; hooks: {', '.join(HOOK_NAMES)}")
-        with self._lock:
-            self._entries.append((name, fn, plugin or getattr(fn, "__module__", None) or "python", True))
-            self._publish()
-
-    def enable(self, plugin: str, on: bool) -> bool:
-        """Turn a plugin's hooks on or off; return whether such a plugin exists."""
-        with self._lock:
-            if plugin in self.builtin:
-                self.builtin[plugin] = on
-                return True
-            found = [e for e in self._entries if e[2] == plugin]
-            self._entries = [(h, f, p, on if p == plugin else e) for h, f, p, e in self._entries]
-            self._publish()
-            return bool(found)
-
-    def rows(self) -> list[dict]:
-        """Return plugin show's rows: enabled plugins, their hooks and module:function/arity."""
-        with self._lock:
-            plugins: dict[str, list[tuple[str, str]]] = {}
-            kinds = {}
-            for plugin, hooks in BUILTIN_PLUGINS.items():
-                if self.builtin[plugin]:
-                    plugins[plugin] = [(h, f"{plugin}:{h}/{arity}") for h, arity in hooks]
-                    kinds[plugin] = "application"
-            for hook, fn, plugin, on in self._entries:
-                if on:
-                    plugins.setdefault(plugin, []).append((hook, f"{_mfa(fn)}"))
-                    kinds.setdefault(plugin, "python")
-        return [{"Plugin": p, "Type": kinds[p], "Hook(s)": "".join(h + "\n" for h, _ in hooks),
-                 "M:F/A": "".join(m + "\n" for _, m in hooks)} for p, hooks in plugins.items()]
-
-
 def _mfa(fn: Callable[..., Any]) -> str:
     try:
         arity = len(inspect.signature(fn).parameters)
@@ -2238,18 +2579,6 @@ def run_auth_hooks(hooks: tuple[Callable[..., Any], ...], *args: Any) -> Any:
     return None
 
 
-def hook_refusal_code(qos: int, v5: bool) -> int:
-    """Return the SUBACK code for an auth_on_subscribe answer outside QoS 0-2 for one topic.
-
-    128 is VerneMQ's "not allowed"; an MQTT 5 client hears it as 0x80, and a
-    hook may name an MQTT 5 failure code (0x87, 0x97, ...) itself, which is
-    passed on. MQTT 3.1.1 has only 0x80 (3.9.3).
-    """
-    if v5 and qos in SUBACK_CODES_5 and qos >= SUBACK_FAILURE:
-        return qos
-    return SUBACK_FAILURE
-
-
 def notify(hooks: tuple[Callable[..., Any], ...], *args: Any) -> None:
     """Call notification hooks; an exception is logged and does not stop the broker."""
     for fn in hooks:
@@ -2259,205 +2588,12 @@ def notify(hooks: tuple[Callable[..., Any], ...], *args: Any) -> None:
             log.exception("plugin hook %s failed", _mfa(fn))
 
 
-@dataclass(frozen=True, slots=True)
-class Message:
-    """An application message inside one mountpoint; ``ref`` is its stable id."""
-
-    topic: str
-    payload: bytes
-    qos: int
-    retain: bool = False
-    ref: int = 0
-    frame: bytes = b""  # the message as a QoS 0, non-retained PUBLISH, when already at hand
-    frame5: bool = False  # ``frame`` is in its MQTT 5 form (else MQTT 3.1.1)
-    props: tuple = ()  # MQTT 5 properties passed on to subscribers (user properties, content type, ...)
-    expires: float | None = None  # MQTT 5 message expiry, as a clock time
-    origin: str | None = None  # the publisher's client id (in this mountpoint), for No Local subscriptions
-
-
-class Session:
-    """An MQTT session: subscriptions, queue and in-flight window of one client id."""
-
-    __slots__ = ("mountpoint", "client_id", "subs", "client", "queue", "inflight", "incoming",
-                 "next_pid", "user", "peer", "protocol", "started_at", "offline_since", "rows", "expiry", "will",
-                 "queue_bytes", "stored", "stored_bytes", "loaded_upto", "parked")
-
-    def __init__(self, mountpoint: str, client_id: str, clean: bool, now: float, expiry: int | None = None):
-        self.mountpoint, self.client_id = mountpoint, client_id
-        self.expiry = 0 if clean else expiry  # seconds kept offline; None: until persistent_client_expiration
-        self.will: tuple[Message, float] | None = None  # a delayed will (MQTT 5) and when it is due
-        self.subs: dict[str, int] = {}  # filter -> options: QoS, MQTT 5 flags (bits 2-3), subscription id << 8
-        self.client: Client | None = None
-        # (msg, qos, row, extra); extra: None, or (retain flag, subscription ids) for an MQTT 5 delivery
-        self.queue: collections.deque[tuple[Message, int, int, Any]] = collections.deque()
-        self.inflight: dict[int, list] = {}  # pid -> [msg, qos, row, stage, sent at, extra]; stage 1: PUBREL sent
-        self.incoming: set[int] = set()  # QoS 2 packet ids received, PUBREL pending
-        self.next_pid = 1
-        self.user: str | None = None
-        self.peer = ("", 0)
-        self.protocol = 4
-        self.started_at = now
-        self.offline_since: float | None = now
-        self.rows = 0  # stored messages, for the offline count
-        # The queue is ``queue`` (in memory) followed by ``stored`` messages only in the message store
-        # (rows after ``loaded_upto``), read a page at a time as they are delivered.
-        self.queue_bytes = 0  # bytes of the whole queue (see message_bytes), in memory and stored
-        self.stored = self.stored_bytes = self.loaded_upto = 0
-        self.parked = 0  # QoS 2 messages in flight when the node stopped, still only in the store
-
-    @property
-    def clean(self) -> bool:
-        """Whether the session ends with its connection (and is never stored)."""
-        return self.expiry == 0
-
-    def take_pid(self) -> int:
-        """Return a packet id not in flight (MQTT 3.1.1 2.3.1)."""
-        pid = self.next_pid
-        while pid in self.inflight:
-            pid = pid % MAX_PACKET_ID + 1
-        self.next_pid = pid % MAX_PACKET_ID + 1
-        return pid
-
-
-_NO_ALIASES: Mapping[Any, Any] = types.MappingProxyType({})  # shared by every client without topic aliases
-
-
-class Client:
-    """One network connection's state, from accept to close."""
-
-    __slots__ = ("link", "session", "connected", "closed", "proto", "keepalive", "last_seen", "opened_at",
-                 "user", "will", "clean_exit", "rate_second", "rate_count", "labels", "plain", "receive_max",
-                 "receive_max_in", "max_packet", "alias_max", "aliases_out", "aliases_in", "alias_max_in",
-                 "will_delay", "auth", "auth_method", "expiry_at_connect")
-
-    def __init__(self, link: Any, now: float):
-        self.link = link
-        self.session: Session | None = None
-        self.connected = self.closed = self.clean_exit = False
-        self.proto = 4
-        self.labels = V4  # metric labels of this client's packets
-        self.plain = True  # QoS 0 may go out as a frame shared with other clients of its version
-        self.keepalive = 0
-        self.last_seen = self.opened_at = now
-        self.user: str | None = None
-        self.will: Message | None = None
-        self.rate_second = self.rate_count = 0
-        # MQTT 5 (MQTT 5.0 3.1.2.11): what the client asked for in CONNECT and what the node granted
-        self.receive_max = 0  # most QoS 1/2 in flight to the client (0: max_inflight_messages alone)
-        self.receive_max_in = 65535  # most unacknowledged QoS 2 PUBLISHes from the client
-        self.max_packet = 0  # largest packet the client accepts (0: no limit)
-        self.alias_max = 0  # topic aliases the node may use towards the client
-        self.aliases_out: Mapping[str, int] = _NO_ALIASES  # a dict of its own once aliases are allowed
-        self.alias_max_in = 0  # topic aliases the client may use towards the node
-        self.aliases_in: Mapping[int, str] = _NO_ALIASES
-        self.will_delay = 0
-        self.auth: tuple | None = None  # an enhanced authentication in progress: (CONNECT, client id)
-        self.auth_method: str | None = None
-        self.expiry_at_connect = 0  # the Session Expiry Interval CONNECT asked for
-
-
-def reason_labels(code: int, zero: str = "success") -> LabelSet:
-    """Return the metric labels of an MQTT 5 packet with reason ``code`` (``zero`` names 0x00)."""
-    return (("mqtt_version", "5"), ("reason_code", REASON_NAMES.get(code, f"{code:#04x}") if code else zero))
-
-
-def ack_labels(client: Client, code: int) -> LabelSet:
-    """Return the metric labels of an acknowledgement to or from ``client``."""
-    if client.proto != 5:
-        return V4
-    return V5_SUCCESS if not code else reason_labels(code)
-
-
-def utf8_payload(payload: bytes) -> bool:
-    """Whether a payload is well-formed UTF-8, as Payload Format Indicator 1 promises."""
-    try:
-        payload.decode("utf-8")
-    except UnicodeDecodeError:
-        return False
-    return True
-
-
-FORWARDED_PROPERTIES = frozenset({"payload_format_indicator", "content_type", "response_topic", "correlation_data",
-                                  "user_property"})  # MQTT 5.0 3.3.2.3: passed unaltered to subscribers
-
-
-def forwarded_properties(props: Iterable[tuple[str, Any]]) -> tuple:
-    """Return the properties of a PUBLISH or will that go on to subscribers, in order."""
-    return tuple((name, value) for name, value in props if name in FORWARDED_PROPERTIES)
-
-
-def connack_properties(config: Config, client: Client, p: Connect, assigned_id: str | None) -> tuple:
-    """Return the properties of an accepting MQTT 5 CONNACK: only those that differ from the defaults."""
-    props: list[tuple[str, Any]] = []
-    if assigned_id is not None:
-        props.append(("assigned_client_identifier", assigned_id))  # MQTT 5.0 3.2.2.3.7
-    limit = config["persistent_client_expiration"]
-    if limit is not None and client.expiry_at_connect > limit:
-        props.append(("session_expiry_interval", limit))  # the node keeps it no longer (MQTT 5.0 3.2.2.3.2)
-    if client.keepalive != p.keepalive:
-        props.append(("server_keep_alive", client.keepalive))  # MQTT 5.0 3.2.2.3.14
-    if client.receive_max_in < 65535:
-        props.append(("receive_maximum", client.receive_max_in))
-    if config["max_message_size"]:
-        props.append(("maximum_packet_size", config["max_message_size"]))
-    if client.alias_max_in:
-        props.append(("topic_alias_maximum", client.alias_max_in))
-    return tuple(props)
-
-
-def describe_packet(packet: Any, trunc: int = 200) -> str:
-    """Return one readable line for a packet, its payload cut to ``trunc`` bytes."""
-    kind = type(packet).__name__.upper()
-    if isinstance(packet, Publish):
-        payload = packet.payload[:trunc]
-        more = f" (+{len(packet.payload) - trunc} bytes)" if len(packet.payload) > trunc else ""
-        return (f"PUBLISH(q{packet.qos}, r{int(packet.retain)}, d{int(packet.dup)}, m{packet.packet_id or 0}, "
-                f"{packet.topic!r}) payload {payload!r}{more}")
-    if isinstance(packet, Connect):
-        return (f"CONNECT(c: {packet.client_id!r}, v: {packet.proto_level}, u: {packet.username!r}, "
-                f"cs: {int(packet.clean_session)}, ka: {packet.keepalive}, will: {packet.will_topic!r})")
-    if isinstance(packet, (Subscribe, Unsubscribe, Suback)):
-        detail = packet.return_codes if isinstance(packet, Suback) else packet.topics
-        return f"{kind}(m{packet.packet_id}, {list(detail)!r})"
-    fields = ", ".join(f"{f.name}: {getattr(packet, f.name)!r}" for f in dataclasses.fields(packet))
-    return f"{kind}({fields})"
-
-
-class Tracer:
-    """Collects one client's packets, both ways, as lines; at most ``rate_max`` per ``rate_interval`` ms."""
-
-    def __init__(self, client_id: str, rate_max: int = 10, rate_interval: int = 100, trunc: int = 200):
-        self.client_id, self.rate_max, self.rate_interval, self.trunc = client_id, rate_max, rate_interval, trunc
-        self._lock = threading.Lock()
-        self._lines: collections.deque[str] = collections.deque(maxlen=100_000)
-        self._window, self._in_window, self._skipped = 0.0, 0, 0
-
-    def packet(self, direction: str, packet: Any, now: float) -> None:
-        """Record one packet (``in`` from the client, ``out`` to it)."""
-        window = now - now % (self.rate_interval / 1000)
-        with self._lock:
-            if window != self._window:
-                if self._skipped:
-                    self._lines.append(f"... {self._skipped} packets not shown (rate limit)")
-                self._window, self._in_window, self._skipped = window, 0, 0
-            self._in_window += 1
-            if self._in_window > self.rate_max:
-                self._skipped += 1
-                return
-            stamp = _dt.datetime.fromtimestamp(now, _dt.timezone.utc).strftime("%H:%M:%S.%f")[:-3]
-            arrow = "MQTT RECV" if direction == "in" else "MQTT SEND"
-            self._lines.append(f"{stamp} {arrow}: CID: {self.client_id!r} {describe_packet(packet, self.trunc)}")
-
-    def take(self) -> list[str]:
-        """Return and forget the lines collected so far."""
-        with self._lock:
-            lines = list(self._lines)
-            self._lines.clear()
-            if self._skipped:
-                lines.append(f"... {self._skipped} packets not shown (rate limit)")
-                self._skipped = 0
-        return lines
-
+###############################################################################
+# 8. Routing and retained messages ############################################
+###############################################################################
+# Owns: who wants a topic (the subscription tries and shared groups of every
+#       mountpoint) and the retained messages, with their limits.
+# Must not know: queues, connections, packets, the message store.
 
 class SharedGroup:
     """The members of one ``$share/<group>/<filter>``; the trie sees the group as one subscriber."""
@@ -2466,102 +2602,508 @@ class SharedGroup:
 
     def __init__(self, name: str):
         self.name = name
-        self.members: dict[Session, int] = {}
+        self.members: dict[Session, SubOptions] = {}
 
-    def pick(self, policy: str, choose: Callable[[Sequence[Any]], Any]) -> tuple[Session, int] | None:
-        """Choose the member that gets a message: among online members, else any (its queue keeps it)."""
+    def pick(self, choose: Callable[[Sequence[Any]], Any]) -> tuple[Session, SubOptions] | None:
+        """Choose the member that gets a message: among online members, else any (its queue keeps it).
+
+        One node: prefer_local, local_only and random all choose among the (local) members.
+        """
         online = [m for m in self.members if m.client is not None]
         pool = online or list(self.members)
         if not pool:
             return None
-        member = choose(pool)  # one node: prefer_local, local_only and random all choose among local members
+        member = choose(pool)
         return member, self.members[member]
 
 
-def _online(s: Session) -> bool:
-    return s.client is not None
+MATCH_CACHE_MAX = 10_000  # (mountpoint, topic) answers remembered between subscription changes
 
 
-def _subscriptions(s: Session) -> list[dict]:
-    return [{"topic": t, "qos": o & 3, "rap": bool(o & 8), "no_local": bool(o & 4)} for t, o in s.subs.items()]
+class Router:
+    """Subscriptions and retained messages by mountpoint; ``match`` answers who wants a topic.
+
+    The seam to the rest of a cluster: a message's recipients come from one ``match``.
+    ``choose`` picks a shared group's member (the I/O shell hands in its randomness).
+    """
+
+    def __init__(self, choose: Callable[[Sequence[Any]], Any]):
+        self.choose = choose
+        self.tries: dict[str, TopicTrie] = collections.defaultdict(TopicTrie)
+        self.groups: dict[tuple[str, str, str], SharedGroup] = {}  # (mountpoint, group, filter)
+        self.retained: dict[str, RetainTree] = collections.defaultdict(RetainTree)
+        self.retained_bytes = 0  # of every retained message together (max_retained_bytes)
+        self._cache: dict[tuple[str, str], dict] = {}
+
+    # -- subscriptions ----------------------------------------------------
+    def add(self, session: Session, topic_filter: str, opts: SubOptions) -> None:
+        """Route ``topic_filter`` to ``session``; a shared one joins its group, which the trie holds once."""
+        group, plain = split_shared(topic_filter)
+        trie = self.tries[session.mountpoint]
+        if group is None:
+            trie.add(topic_filter, session, opts)
+        else:
+            key = (session.mountpoint, group, plain)
+            shared = self.groups.get(key)
+            if shared is None:
+                shared = self.groups[key] = SharedGroup(group)
+                trie.add(plain, shared, QOS_ONLY[2])
+            shared.members[session] = opts
+        self._cache.clear()
+
+    def remove(self, session: Session, topic_filter: str) -> None:
+        """Stop routing ``topic_filter`` to ``session``."""
+        group, plain = split_shared(topic_filter)
+        trie = self.tries[session.mountpoint]
+        self._cache.clear()
+        if group is None:
+            trie.remove(topic_filter, session)
+            return
+        key = (session.mountpoint, group, plain)
+        shared = self.groups.get(key)
+        if shared is not None:
+            shared.members.pop(session, None)
+            if not shared.members:
+                del self.groups[key]
+                trie.remove(plain, shared)
+
+    def match(self, mountpoint: str, topic: str) -> dict[Any, SubOptions]:
+        """Return who wants ``topic``: each session (or shared group) with its best matching options."""
+        key = (mountpoint, topic)
+        matches = self._cache.get(key)
+        if matches is None:
+            if len(self._cache) > MATCH_CACHE_MAX:
+                self._cache.clear()
+            matches = self._cache[key] = self.tries[mountpoint].match(topic)
+        return matches
+
+    def subscription_count(self) -> int:
+        """Return how many subscriptions the tries hold (a shared group counts once)."""
+        return sum(t.count for t in list(self.tries.values()))
+
+    # -- retained messages -------------------------------------------------
+    def retain(self, mountpoint: str, msg: Message, max_count: int, max_bytes: int) -> bool | None:
+        """Keep, replace or (empty payload) delete a retained message [MQTT-3.3.1-5..11].
+
+        Return True when kept, None when deleted, and False when a new topic (or a bigger
+        message) would pass ``max_count`` or ``max_bytes`` (-1: no limit): it is refused.
+        Replacing by a message no bigger, and deleting, are always allowed.
+        """
+        if not msg.payload:
+            self.unretain(mountpoint, msg.topic)
+            return None
+        table = self.retained[mountpoint]
+        old = table.get(msg.topic)
+        grow = message_bytes(msg) - (message_bytes(old) if old is not None else 0)
+        full = old is None and 0 <= max_count <= self.retained_count()
+        if full or (grow > 0 and 0 <= max_bytes < self.retained_bytes + grow):
+            return False
+        table[msg.topic] = msg
+        self.retained_bytes += grow
+        return True
+
+    def unretain(self, mountpoint: str, topic: str) -> Message | None:
+        """Delete one retained message; return it (None when there was none)."""
+        old = self.retained[mountpoint].pop(topic, None)
+        if old is not None:
+            self.retained_bytes -= message_bytes(old)
+        return old
+
+    def restore_retained(self, mountpoint: str, msg: Message) -> None:
+        """Put back a retained message read from the store at start."""
+        self.retained[mountpoint][msg.topic] = msg
+        self.retained_bytes += message_bytes(msg)
+
+    def retained_count(self) -> int:
+        """Return how many retained messages every mountpoint holds together."""
+        return sum(len(r) for r in list(self.retained.values()))
+
+    def retained_for(self, mountpoint: str, topic_filter: str) -> list[Message]:
+        """Return the retained messages a new subscription to ``topic_filter`` gets, by topic."""
+        return self.retained[mountpoint].match(topic_filter)
+
+    def retained_rows(self, mountpoint: str | None = None) -> list[dict]:
+        """Return (mountpoint, topic, payload) of each retained message."""
+        return [{"mountpoint": mp, "topic": t, "payload": m.payload.decode("utf-8", "replace")}
+                for mp, table in sorted(self.retained.items()) if mountpoint in (None, mp)
+                for t, m in table.items()]
+
+    def expired_retained(self, now: float) -> list[tuple[str, str]]:
+        """Return (mountpoint, topic) of every retained message whose MQTT 5 expiry has passed."""
+        return [(mp, t) for mp, table in list(self.retained.items()) for t, m in table.items()
+                if m.expires is not None and m.expires <= now]
 
 
-def message_bytes(msg: Message) -> int:
-    """Return what a queued or retained message counts against the byte limits: payload and topic."""
-    return len(msg.payload) + len(msg.topic)
+###############################################################################
+# 9. Delivery: queues, in-flight windows, packet ids, resends #################
+###############################################################################
+# Owns: getting a routed message to each session: the QoS 0 fast path, bounded
+#       queues (in memory and in the store), windows, packet ids, one resend path,
+#       and what goes into each connection's outbox.
+# Must not know: sockets, clocks (``now`` is set by the engine's entry points).
+
+class Delivery:
+    """The delivery half of the engine (``Engine`` adds connections, packets and time).
+
+    Expects of its subclass: ``store``, ``router``, ``hooks``, ``counters``, ``now``
+    and the cached settings ``refresh_settings`` sets.
+    """
+
+    store: Any
+    router: Router
+    hooks: Any
+    counters: dict[tuple, int]
+    now: float
+
+    def __init__(self):
+        self.dirty: list[Connection] = []  # connections with output since the I/O shell last took it
+        self.queued_bytes = 0  # of every session's queue together (max_queued_bytes)
+
+    # -- the outbox -------------------------------------------------------
+    def emit(self, conn: Connection, data: bytes) -> None:
+        """Leave bytes in a connection's outbox; nothing is written once it is closed."""
+        if conn.closed:
+            return
+        if not conn.out and not conn.closing:
+            self.dirty.append(conn)
+        conn.out.append(data)
+
+    def emit_packet(self, conn: Connection, packet: Any) -> None:
+        """Encode a packet in the connection's protocol version and leave it in its outbox."""
+        self.emit(conn, encode_packet(packet, conn.proto))
+
+    def request_close(self, conn: Connection) -> None:
+        """Ask the I/O shell to close the connection once its outbox is sent."""
+        if not conn.out and not conn.closing:
+            self.dirty.append(conn)
+        conn.closing = True
+
+    def take_dirty(self) -> list[Connection]:
+        """Return (and forget) the connections with output to send, a close or a pause."""
+        dirty, self.dirty = self.dirty, []
+        return dirty
+
+    # -- routing ------------------------------------------------------------
+    def route(self, mountpoint: str, msg: Message) -> int:
+        """Deliver ``msg`` to everyone the router names; return how many matched.
+
+        QoS 0 to a plain subscriber that keeps up goes out at once, one encoding per
+        protocol version shared by all of them; everything else goes through the queue.
+        """
+        matches = self.router.match(mountpoint, msg.topic)
+        counters = self.counters
+        if not matches:
+            counters["queue_message_unhandled", ()] += 1
+            return 0
+        counters["router_matches_local", ()] += len(matches)
+        upgrade, frame4, frame5, direct4, direct5 = self.upgrade_qos, None, None, 0, 0
+        on_deliver = self.hooks.on_deliver
+        for session, opts in matches.items():
+            if type(session) is SharedGroup:
+                picked = session.pick(self.router.choose)
+                if picked is None:
+                    continue
+                session, opts = picked
+                if not opts.plain:  # MQTT 5 options: this member's own
+                    self.deliver(session, msg, opts.qos, opts.retain_as_published, opts.ids)
+                    continue
+            elif not opts.plain:  # some matching filter of this session has MQTT 5 options
+                self.deliver_matching(session, msg)
+                continue
+            qos = opts.qos if upgrade else min(msg.qos, opts.qos)
+            client = session.client
+            if qos == 0 and client is not None and client.writable and not session.queue \
+                    and not session.stored:  # else behind what waits, in order
+                if not client.plain:  # MQTT 5 topic aliases or a packet size limit: its own encoding
+                    self.deliver(session, msg, 0, False, ())
+                    continue
+                if client.proto == 5:
+                    if frame5 is None:
+                        frame5 = msg.frame if msg.frame and msg.frame5 else self._encode5(
+                            msg, msg.topic, 0, 0, None, False, False, ())
+                    self.emit(client, frame5)
+                    direct5 += 1
+                else:
+                    if frame4 is None:
+                        frame4 = msg.frame if msg.frame and not msg.frame5 else encode_publish_header(
+                            _str(msg.topic), len(msg.payload), 0, False, False, None) + msg.payload
+                    self.emit(client, frame4)
+                    direct4 += 1
+                if on_deliver:
+                    notify(on_deliver, client.user, session.key, msg.topic, msg.payload)
+            else:
+                self.enqueue(session, Outgoing(msg, qos))
+        if direct4 or direct5:
+            if direct4:
+                counters["mqtt_publish_sent", V4] += direct4
+            if direct5:
+                counters["mqtt_publish_sent", V5] += direct5
+            counters["queue_message_in", ()] += direct4 + direct5
+            counters["queue_message_out", ()] += direct4 + direct5
+        return len(matches)
+
+    def deliver_matching(self, session: Session, msg: Message) -> None:
+        """Deliver to a session whose matching filters carry MQTT 5 options: highest QoS, every subscription id."""
+        qos, rap, ids = -1, False, []
+        for topic_filter, opts in session.subs.items():
+            if (opts.no_local and msg.origin == session.client_id) or topic_filter.startswith(SHARE_PREFIX) \
+                    or not topic_matches(topic_filter, msg.topic):
+                continue  # No Local: not back to its publisher [MQTT-3.8.3-3]
+            qos, rap = max(qos, opts.qos), rap or opts.retain_as_published
+            ids += opts.ids
+        if qos >= 0:
+            self.deliver(session, msg, qos, rap, tuple(ids))
+
+    def deliver(self, session: Session, msg: Message, sub_qos: int, rap: bool, ids: tuple) -> None:
+        """Deliver one message with its Retain As Published flag and subscription identifiers."""
+        qos = sub_qos if self.upgrade_qos else min(msg.qos, sub_qos)
+        out = Outgoing(msg, qos, 0, rap and msg.retain, ids)
+        client = session.client
+        if qos == 0 and client is not None and client.writable and not session.queue and not session.stored:
+            self.send_publish(client, out, None)
+            self.counters["queue_message_in", ()] += 1
+            self.counters["queue_message_out", ()] += 1
+        else:
+            self.enqueue(session, out)
+
+    # -- queues -----------------------------------------------------------
+    def queue_full(self, session: Session, online: bool, size: int) -> bool:
+        """Whether one more message of ``size`` bytes passes a count or byte limit of its queue or of all queues."""
+        limit, byte_limit = (self.max_online, self.max_online_bytes) if online else \
+            (self.max_offline, self.max_offline_bytes)
+        return (0 <= limit <= _queued(session) or 0 <= byte_limit < session.queue_bytes + size
+                or 0 <= self.max_queued_bytes < self.queued_bytes + size)
+
+    def enqueue(self, session: Session, out: Outgoing) -> None:
+        """Queue for a session (bounded in messages and bytes), then drain.
+
+        A stored message for an offline session (or behind other stored ones) waits only in the
+        store: memory does not grow with offline queues.
+        """
+        online = session.client is not None
+        msg, qos = out.msg, out.qos
+        size = message_bytes(msg)
+        if self.queue_full(session, online, size):
+            self.counters["queue_message_drop", ()] += 1
+            return
+        if online and qos == 0 and not session.client.writable:
+            self.counters["queue_message_drop", ()] += 1  # a slow subscriber loses QoS 0, never blocks others
+            return
+        # QoS 0 is stored too when it must wait behind stored messages: the queue keeps its order
+        if not session.clean and (qos or not online or session.stored):
+            out.row = self.store.add_message(session.mountpoint, session.client_id, msg, qos, out.extra)
+        if not online and self.hooks.on_offline_message:
+            notify(self.hooks.on_offline_message, session.key, qos, msg.topic, msg.payload, msg.retain)
+        session.queue_bytes += size
+        self.queued_bytes += size
+        if out.row and (session.stored or not online):
+            session.stored += 1
+            session.stored_bytes += size
+        else:
+            session.queue.append(out)
+            session.loaded_upto = max(session.loaded_upto, out.row)
+        self.counters["queue_message_in", ()] += 1
+        if online:
+            self.drain(session)
+
+    def fill(self, session: Session) -> bool:
+        """Read the next page of a session's stored queue into memory; return whether there was any."""
+        page = self.store.load_queue(session.mountpoint, session.client_id, session.loaded_upto)
+        for msg, qos, row, extra in page:
+            retain, ids = extra or (False, ())
+            session.queue.append(Outgoing(msg, qos, row, retain, ids))
+            session.loaded_upto = row
+            session.stored_bytes -= message_bytes(msg)
+        session.stored = max(0, session.stored - len(page))
+        if not page and session.stored:  # rows lost to a failed commit: the queue is shorter than counted
+            session.queue_bytes -= session.stored_bytes
+            self.queued_bytes -= session.stored_bytes
+            session.stored = session.stored_bytes = 0
+        return bool(page)
+
+    def forget_queue(self, session: Session) -> None:
+        """Take a session's queue out of the node-wide byte count (the session ends)."""
+        self.queued_bytes -= session.queue_bytes
+        session.queue_bytes = session.stored = session.stored_bytes = 0
+
+    def drain(self, session: Session) -> None:
+        """Send queued messages while the in-flight window (and an MQTT 5 Receive Maximum) has room."""
+        client = session.client
+        if client is None:
+            return
+        window = self.max_inflight
+        if client.receive_max and (not window or client.receive_max < window):
+            window = client.receive_max  # [MQTT-3.3.4-7]
+        queue, inflight = session.queue, session.inflight
+        while True:
+            room = (not window or len(inflight) < window) and len(inflight) < MAX_PACKET_ID
+            if not queue and not (room and session.stored and self.fill(session)):
+                break
+            if queue[0].qos and not room:
+                break
+            out = queue.popleft()
+            size = message_bytes(out.msg)
+            session.queue_bytes -= size
+            self.queued_bytes -= size
+            if out.msg.expires is not None and out.msg.expires <= self.now:
+                self.counters["queue_message_expired", ()] += 1  # MQTT 5.0 3.3.2.3.3
+                if out.row:
+                    self.store.delete_message(out.row)
+                continue
+            pid = None
+            if out.qos:
+                pid = session.take_pid()
+                out.stage, out.sent_at = Stage.SENT, self.now
+                inflight[pid] = out
+                if out.qos == 2 and out.row:
+                    self.store.mark_sent(out.row, pid)  # exactly once survives a restart too
+            elif out.row:
+                self.store.delete_message(out.row)  # QoS 0 is done once sent
+            self.send_publish(client, out, pid)
+            self.counters["queue_message_out", ()] += 1
+
+    # -- in flight --------------------------------------------------------
+    def forget(self, session: Session, pid: int) -> None:
+        """Forget a delivery in flight, and its row in the store."""
+        out = session.inflight.pop(pid)
+        if out.row:
+            self.store.delete_message(out.row)
+
+    def complete(self, session: Session, pid: int) -> None:
+        """A delivery is acknowledged (or ended by an MQTT 5 error): forget it, send the next."""
+        self.forget(session, pid)
+        self.drain(session)
+
+    def resend(self, session: Session, older_than: float = 0.0) -> None:
+        """Send again (DUP) what waited at least ``older_than`` s for its acknowledgement [MQTT-4.4.0-1]."""
+        client = session.client
+        for pid, out in list(session.inflight.items()):
+            if self.now - out.sent_at >= older_than:
+                out.sent_at = self.now
+                if out.stage is Stage.RELEASED:
+                    self.emit_packet(client, Pubrel(pid))
+                else:
+                    self.send_publish(client, out, pid, dup=True)
+
+    def send_retained(self, session: Session, topic_filter: str, opts: SubOptions) -> None:
+        """Deliver retained messages matching a new subscription, retain flag set [MQTT-3.3.1-8]."""
+        client = session.client
+        for msg in self.router.retained_for(session.mountpoint, topic_filter):
+            if msg.expires is not None and msg.expires <= self.now:
+                self.delete_retained(session.mountpoint, msg.topic)  # expired (MQTT 5.0 3.3.2.3.3)
+                continue
+            out = Outgoing(msg, min(opts.qos, msg.qos), 0, True, opts.ids, retained=True)
+            pid = None
+            if out.qos and len(session.inflight) >= MAX_PACKET_ID:
+                continue  # no packet identifier left for it
+            if out.qos:
+                pid = session.take_pid()
+                out.stage, out.sent_at = Stage.SENT, self.now
+                session.inflight[pid] = out
+            self.send_publish(client, out, pid)
+
+    def delete_retained(self, mountpoint: str, topic: str) -> bool:
+        """Delete one retained message, in the store too; return whether it existed."""
+        if self.router.unretain(mountpoint, topic) is None:
+            return False
+        self.store.delete_retained(mountpoint, topic)
+        return True
+
+    # -- encoding ---------------------------------------------------------
+    def send_publish(self, client: Connection, out: Outgoing, pid: int | None, dup: bool = False) -> None:
+        """Leave one PUBLISH of ``out`` in the client's outbox, in its protocol version.
+
+        A message larger than an MQTT 5 client's Maximum Packet Size is dropped as if
+        delivered [MQTT-3.1.2-25].
+        """
+        msg, retain = out.msg, client.dialect.wire_retain(out)
+        if client.proto == 5:
+            frame = self.publish_frame5(client, msg, out.qos, pid, dup, retain, out.ids)
+            if client.max_packet and len(frame) > client.max_packet:
+                self.counters["queue_message_drop", ()] += 1
+                if pid is not None and pid in client.session.inflight:
+                    self.forget(client.session, pid)
+                return
+            self.emit(client, frame)
+            self.counters["mqtt_publish_sent", V5] += 1
+        else:
+            self.emit(client, encode_publish_header(_str(msg.topic), len(msg.payload), out.qos, retain, dup, pid)
+                      + msg.payload)
+            self.counters["mqtt_publish_sent", V4] += 1
+        if self.hooks.on_deliver:
+            notify(self.hooks.on_deliver, client.user, client.session.key, msg.topic, msg.payload)
+
+    def publish_frame5(self, client: Connection, msg: Message, qos: int, pid: int | None, dup: bool,
+                       retain: bool, ids: tuple = ()) -> bytes:
+        """Encode an MQTT 5 PUBLISH: the message's properties, its remaining expiry, ids, a topic alias."""
+        topic, alias, new_alias = msg.topic, 0, False
+        if client.alias_max:  # MQTT 5.0 3.3.2.3.4: the node picks its aliases
+            alias = client.aliases_out.get(topic, 0)
+            if alias:
+                topic = ""
+            elif len(client.aliases_out) < client.alias_max:
+                alias = client.aliases_out[topic] = len(client.aliases_out) + 1
+                new_alias = True
+        frame = self._encode5(msg, topic, alias, qos, pid, dup, retain, ids)
+        if new_alias and client.max_packet and len(frame) > client.max_packet:
+            del client.aliases_out[msg.topic]  # this frame will be dropped: the client never learns the alias
+        return frame
+
+    def _encode5(self, msg: Message, topic: str, alias: int, qos: int, pid: int | None, dup: bool, retain: bool,
+                 ids: tuple) -> bytes:
+        props = msg.props
+        if msg.expires is not None or alias or ids:
+            extra = [("subscription_identifier", i) for i in ids]
+            if msg.expires is not None:
+                extra.append(("message_expiry_interval", max(0, math.ceil(msg.expires - self.now))))
+            if alias:
+                extra.append(("topic_alias", alias))
+            props = props + tuple(extra)
+        if not props:  # the common case: an empty property list is one zero byte
+            return encode_publish_header(_str(topic), len(msg.payload) + 1, qos, retain, dup, pid) + b"\x00" \
+                + msg.payload
+        return encode_packet(Publish(topic, msg.payload, qos, retain, dup, pid, props), 5)
 
 
-def _queued(s: Session) -> int:
-    return len(s.queue) + s.stored
-
-
-def _messages(s: Session, stored: Iterable[tuple] = ()) -> list[dict]:
-    """List a session's queued and in-flight messages; ``stored``: (msg, qos, ...) of those only in the store."""
-    queued = [(e[0], e[1]) for e in s.queue] + [(e[0], e[1]) for e in stored] + \
-        [(e[0], e[1]) for e in s.inflight.values()]
-    return [{"msg_ref": base64.b64encode(m.ref.to_bytes(8, "big")).decode(), "msg_qos": q, "routing_key": m.topic,
-             "dup": False, "payload": m.payload.decode("utf-8", "replace")} for m, q in queued]
-
-
-SESSION_DEFAULT_COLUMNS = ("client_id", "is_online", "mountpoint", "peer_host", "peer_port", "user")
-
-
-def _default_row(s: Session) -> dict:
-    return {"client_id": s.client_id, "is_online": s.client is not None, "mountpoint": s.mountpoint,
-            "peer_host": s.peer[0], "peer_port": s.peer[1], "user": s.user}
-
-
-SESSION_GETTERS: dict[str, Callable[[Session], Any]] = {  # session show's per-session fields
-    "node": lambda s: "", "mountpoint": lambda s: s.mountpoint, "client_id": lambda s: s.client_id,
-    "queue_pid": lambda s: f"<q.{id(s):x}>", "queue_size": lambda s: None,
-    "session_pid": lambda s: f"<s.{id(s):x}>" if _online(s) else None,
-    "is_offline": lambda s: not _online(s), "is_online": _online,
-    "statename": lambda s: "online" if _online(s) else "offline", "deliver_mode": lambda s: "fanout",
-    "offline_messages": lambda s: 0 if _online(s) else _queued(s),
-    "online_messages": lambda s: _queued(s) if _online(s) else 0,
-    "num_sessions": lambda s: 1 if _online(s) else 0, "clean_session": lambda s: s.clean,
-    "is_plugin": lambda s: False, "queue_started_at": lambda s: int(s.started_at * 1000),
-    "user": lambda s: s.user, "peer_host": lambda s: s.peer[0], "peer_port": lambda s: s.peer[1],
-    "protocol": lambda s: s.protocol, "waiting_acks": lambda s: len(s.inflight) + s.parked,
-    "session_started_at": lambda s: int(s.started_at * 1000),
-}
-
+###############################################################################
+# 10. Sessions: connections, CONNECT, wills, administration ###################
+###############################################################################
+# Owns: a connection's life (CONNECT and authentication, takeover, wills, close),
+#       session life (expiry, drop, restore) and the named operations the admin
+#       commands call. Its output is left in each connection's outbox.
+# Must not know: sockets, the clock (``now`` comes with every entry point),
+#       randomness and id generation (handed in), files (rules are handed in).
 
 STORE_DOWN = "the message store cannot write"  # the Reason String of a QoS 1/2 PUBLISH refused for it
 
 
-class Broker:
-    """MQTT 3.1/3.1.1/5.0 broker state, driven by packets; writes go to each Client's link.
+class Sessions(Delivery):
+    """The sessions half of the engine: connections, CONNECT, wills, session life, admin operations.
 
-    A link offers ``write(bytes)``, ``close()``, ``throttle(seconds)``, ``writable``,
-    ``peer``, ``identity``, ``tracer`` and ``listener`` (with ``mountpoint``,
-    ``allowed_versions``, ``allow_anonymous_override``, ``use_identity_as_username``
-    and ``loopback``). The I/O shell times each connection with ``deadline``.
-    ``settings()`` returns the Config in force, so ``set`` takes effect at once.
+    ``Engine`` adds what each packet means and time. ``settings()`` returns the Config
+    in force, so ``set`` takes effect at once. The I/O shell hands in ``new_client_id``
+    (assigned client ids), ``choose`` (a shared group's member) and, through
+    ``set_rules``, the password and ACL rules it reads from their files; it sets
+    ``now`` before it calls an admin operation.
     """
 
-    def __init__(self, settings: Callable[[], Config], store: Any, clock: Callable[[], float] = time.time,
-                 hooks: Hooks | None = None):
-        self.settings, self.store, self.clock = settings, store, clock
-        self.hooks = hooks or Hooks()
+    def __init__(self, settings: Callable[[], Config], store: Any, hooks: Any, new_client_id: Callable[[], str],
+                 choose: Callable[[Sequence[Any]], Any], now: float = 0.0):
+        super().__init__()
+        self.settings, self.store, self.hooks, self.now = settings, store, hooks, now
+        self.new_client_id = new_client_id
+        self.router = Router(choose)
         self.sessions: dict[tuple[str, str], Session] = {}
-        self.tries: dict[str, TopicTrie] = collections.defaultdict(TopicTrie)
-        self.retained: dict[str, RetainTree] = collections.defaultdict(RetainTree)
-        self.clients: set[Client] = set()
+        self.clients: set[Connection] = set()
         self.counters: dict[tuple, int] = collections.defaultdict(int)
         self.anonymous_default = True  # the node sets it: every MQTT listener on loopback
-        self._passwd = ReloadingFile(parse_passwd, {})
-        self._acl = ReloadingFile(parse_acl, None, lambda: self.count("acl_reload_error"))
+        self.users: Mapping[str, str] = {}  # vmq_passwd: user -> hash
+        self.acl_rules: AclRules | None = None  # vmq_acl (None: a configured file that never loaded)
         self._acl_warned: set[tuple[str, str, str | None]] = set()  # clients told patterns skip them
         self._next_ref = 1
-        self._match_cache: dict[tuple[str, str], dict] = {}
-        self.tracers: dict[tuple[str, str], Tracer] = {}
+        self.tracers: dict[tuple[str, str], Any] = {}
         self.mountpoints: set[str] = {""}
-        self.groups: dict[tuple[str, str, str], SharedGroup] = {}  # (mountpoint, group, filter)
-        self.choose: Callable[[Sequence[Any]], Any] = random.choice
         self._tick_sessions: list[Session] = []  # what the next ticks still have to look at
-        self.queued_bytes = 0  # of every session's queue together (max_queued_bytes)
-        self.retained_bytes = 0  # of every retained message together (max_retained_bytes)
         self._config: Config | None = None
         self.refresh_settings()
 
@@ -2581,21 +3123,19 @@ class Broker:
             self.max_retained_bytes = config["max_retained_bytes"]
             self.acl_file = config["vmq_acl.acl_file"]
             self.max_rate = config["max_message_rate"]
-            self.shared_policy = config["shared_subscription_policy"]
         return config
 
-    # -- bookkeeping ------------------------------------------------------
-    def count(self, name: str, amount: int = 1, **labels: str) -> None:
-        """Bump a counter of the metrics registry's broker source."""
-        self.counters[(name, tuple(labels.items()))] += amount
+    def set_rules(self, users: Mapping[str, str], acl_rules: AclRules | None) -> None:
+        """Take the vmq_passwd users and vmq_acl rules in force (the I/O shell reloads their files)."""
+        self.users, self.acl_rules = users, acl_rules
 
     def gauges(self) -> dict[str, int]:
         """Return the live gauges."""
         clients = list(self.clients)  # copies, so another thread may read a consistent view
         return {"active_mqtt_connections": sum(1 for c in clients if c.connected),
                 "total_active_connections": len(clients), "queue_processes": len(self.sessions),
-                "router_subscriptions": sum(t.count for t in list(self.tries.values())),
-                "retain_messages": sum(len(r) for r in list(self.retained.values()))}
+                "router_subscriptions": self.router.subscription_count(),
+                "retain_messages": self.router.retained_count()}
 
     def new_ref(self) -> int:
         """Return a fresh message reference."""
@@ -2603,32 +3143,36 @@ class Broker:
         return self._next_ref
 
     # -- connections ------------------------------------------------------
-    def connection_made(self, link: Any) -> Client:
-        """Register a new network connection."""
-        client = Client(link, self.clock())
+    def connection_made(self, link: Any, listener: Any, peer: tuple, identity: str | None, now: float) -> Connection:
+        """Register a new network connection (``listener``: its mountpoint, versions and options)."""
+        self.now = now
+        client = Connection(link, listener, peer, identity, now)
         self.clients.add(client)
         self.counters["socket_open", ()] += 1
         return client
 
-    def connection_lost(self, client: Client) -> None:
+    def connection_lost(self, client: Connection, now: float) -> None:
         """The network connection ended; publish the will unless it said DISCONNECT."""
+        self.now = now
         self.close_client(client, close_link=False)
         self.clients.discard(client)
 
-    def say_disconnect(self, client: Client, reason: int, text: str = "") -> None:
+    def say_disconnect(self, client: Connection, reason: int, text: str = "") -> None:
         """Tell an MQTT 5 client why the node closes its connection (MQTT 5.0 3.14); others hear nothing."""
-        if client.proto == 5 and client.connected and not client.closed:
-            frame = encode_packet(Disconnect(reason, (("reason_string", text),) if text else ()), 5)
-            if client.max_packet and len(frame) > client.max_packet:
-                frame = encode_packet(Disconnect(reason), 5)  # the reason string goes first [MQTT-3.14.2-3]
-            if client.max_packet and len(frame) > client.max_packet:
-                return  # not even the reason code fits (MQTT 5.0 [MQTT-3.1.2-24]): the client hears nothing
-            client.link.write(frame)
-            self.counters["mqtt_disconnect_sent", reason_labels(reason, "normal_disconnect")] += 1
+        if client.connected and not client.closed:
+            frame = client.dialect.disconnect(reason, text, client.max_packet)
+            if frame is not None:
+                self.emit(client, frame)
+                self.counters["mqtt_disconnect_sent", reason_labels(reason, "normal_disconnect")] += 1
 
-    def close_client(self, client: Client, close_link: bool = True, reason: int | None = None,
+    def goodbye(self, client: Connection, reason: int) -> None:
+        """Say why and close, leaving the session as it is (the node stops)."""
+        self.say_disconnect(client, reason)
+        self.request_close(client)
+
+    def close_client(self, client: Connection, close_link: bool = True, reason: int | None = None,
                      text: str = "") -> None:
-        """End a client: its will (if due), its session's link, then its socket.
+        """End a client: its will (if due), its session's link, then (``close_link``) its socket.
 
         ``reason``: the reason code of the DISCONNECT an MQTT 5 client gets first.
         """
@@ -2636,36 +3180,34 @@ class Broker:
             return
         if reason is not None and close_link:
             self.say_disconnect(client, reason, text)
+        if close_link:
+            self.request_close(client)
         client.closed = True
         self.counters["socket_close", ()] += 1
         session = client.session
         if client.connected and not client.clean_exit and client.will is not None:
             self.publish_will(client, session)
         if session is not None and session.client is client:
-            session.client = None
-            session.offline_since = self.clock()
-            key = (session.mountpoint, session.client_id)
+            session.client, session.offline_since = None, self.now
             if session.clean:
                 self.drop_session(session)
-                notify(self.hooks.on_client_gone, key)
+                notify(self.hooks.on_client_gone, session.key)
             else:
-                notify(self.hooks.on_client_offline, key)
-        if close_link:
-            client.link.close()
+                notify(self.hooks.on_client_offline, session.key)
 
-    def publish_will(self, client: Client, session: Session | None) -> None:
+    def publish_will(self, client: Connection, session: Session | None) -> None:
         """Publish a will now [MQTT-3.1.2-8], or after its Will Delay Interval while the session lives on."""
         will, client.will = client.will, None
         delay = min(client.will_delay, self._config["max_last_will_delay"])
         if delay and session is not None and not session.clean and session.client is client:
-            session.will = (will, self.clock() + delay)  # sent by tick, or when the session ends [MQTT-3.1.3-9]
+            session.will = (will, self.now + delay)  # sent by tick, or when the session ends [MQTT-3.1.3-9]
             return
         self.send_will(session.mountpoint if session else "", will)
 
     def send_will(self, mountpoint: str, will: Message) -> None:
         """Route (and retain) a will; its Message Expiry Interval counts from now."""
         if will.expires is not None:  # a will keeps its interval, not a clock time, until it is sent
-            will = dataclasses.replace(will, expires=self.clock() + will.expires)
+            will = dataclasses.replace(will, expires=self.now + will.expires)
         if will.retain:
             self.retain(mountpoint, will)
         self.route(mountpoint, will)
@@ -2673,11 +3215,9 @@ class Broker:
     def drop_session(self, session: Session) -> None:
         """Forget a session: subscriptions, queue and stored rows; a delayed will goes out now."""
         for topic_filter in session.subs:
-            self._detach(session, topic_filter)
-        self._match_cache.clear()
-        self.sessions.pop((session.mountpoint, session.client_id), None)
-        self.queued_bytes -= session.queue_bytes
-        session.queue_bytes = session.stored = session.stored_bytes = 0
+            self.router.remove(session, topic_filter)
+        self.sessions.pop(session.key, None)
+        self.forget_queue(session)
         if not session.clean:
             self.store.delete_session(session.mountpoint, session.client_id)
         if session.will is not None:
@@ -2692,43 +3232,19 @@ class Broker:
             self.store.put_session(session.mountpoint, session.client_id, expiry)
             if session.clean:  # from now on kept: its subscriptions too
                 for topic_filter, opts in session.subs.items():
-                    self.store.put_subscription(session.mountpoint, session.client_id, topic_filter, opts)
+                    self.store.put_subscription(session.mountpoint, session.client_id, topic_filter, opts.packed())
         session.expiry = expiry
 
-    def send(self, client: Client, packet: Any) -> None:
-        """Encode and write one packet to a client, in its protocol version's form."""
-        client.link.write(encode_packet(packet, client.proto))
-
-    def handle(self, client: Client, packet: Any, raw: bytes = b"") -> None:
-        """Act on one decoded packet from ``client``; ``raw`` is its wire form if it is a plain QoS 0 PUBLISH."""
-        client.last_seen = self.clock()
-        if self.settings() is not self._config:
-            self.refresh_settings()
-        kind = type(packet)
-        if not client.connected:
-            if kind is Connect and client.auth is None:
-                self.on_connect(client, packet)
-            elif kind is Auth and client.auth is not None:
-                self.on_auth(client, packet)
-            else:
-                raise ProtocolError("the first packet must be CONNECT")  # [MQTT-3.1.0-1]
-            return
-        if kind is Publish:
-            self.on_publish(client, packet, raw)
-            return
-        handler = self._HANDLERS.get(kind)
-        if handler is None:
-            raise ProtocolError(f"a client may not send {kind.__name__.upper()}")
-        handler(self, client, packet)
-
     # -- CONNECT ----------------------------------------------------------
-    def on_connect(self, client: Client, p: Connect) -> None:
+    def on_connect(self, client: Connection, p: Connect, raw: bytes = b"") -> None:
         """Check version, client id, keep-alive and credentials; then accept."""
+        if client.auth is not None:
+            raise ProtocolError("CONNECT during enhanced authentication")  # [MQTT-3.1.0-2]
         config = self.settings()
-        listener = client.link.listener
+        listener = client.listener
         v5 = p.proto_level == 5
         if v5:
-            client.proto, client.labels = 5, V5  # from here on the link reads and writes MQTT 5
+            client.speak(5)  # from here on the link reads and writes MQTT 5
         self.counters["mqtt_connect_received", client.labels] += 1
         if p.proto_level not in PROTOCOLS or p.proto_level not in listener.allowed_versions:
             return self.refuse(client, CONNACK_BAD_VERSION, f"protocol level {p.proto_level} is not accepted here")
@@ -2737,7 +3253,7 @@ class Broker:
         if not client_id:
             if not p.clean_session and not v5:
                 return self.refuse(client, CONNACK_BAD_ID)  # [MQTT-3.1.3-8]
-            client_id, assigned = "anon-" + secrets.token_hex(8), v5  # [MQTT-3.1.3-6], MQTT 5.0 3.1.3.1
+            client_id, assigned = self.new_client_id(), v5  # [MQTT-3.1.3-6], MQTT 5.0 3.1.3.1
         if len(client_id) > config["max_client_id_size"]:
             return self.refuse(client, CONNACK_BAD_ID, f"client id longer than {config['max_client_id_size']}")
         keepalive, max_keepalive = p.keepalive, config["max_keepalive"]
@@ -2751,22 +3267,22 @@ class Broker:
         method = props.get("authentication_method")
         if method is not None:  # enhanced authentication (MQTT 5.0 4.12) through the on_auth_m5 hook
             if not self.hooks.on_auth_m5:
-                return self.refuse(client, 0x8C, f"no plugin knows authentication method {method!r}")
+                return self.refuse(client, Reason.BAD_AUTHENTICATION_METHOD,
+                                   f"no plugin knows authentication method {method!r}")
             client.auth, client.auth_method = (p, client_id, assigned), method
             return self.auth_step(client, props.get("authentication_data"))
         if getattr(listener, "use_identity_as_username", False):
-            identity = getattr(client.link, "identity", None)
-            if identity is None:
+            if client.identity is None:
                 return self.refuse(client, CONNACK_NOT_AUTHORIZED)  # no certificate, no user name
-            p = dataclasses.replace(p, username=identity, password=None)
+            p = dataclasses.replace(p, username=client.identity, password=None)
             verdict = 0  # the verified certificate is the credential
         else:
-            verdict = self.authenticate(client, p, client_id, listener, config)
+            verdict = self.authenticate(client, p, client_id, config)
         if verdict:
             return self.refuse(client, verdict)
         self.accept(client, p, client_id, assigned)
 
-    def connect_options(self, client: Client, props: Mapping[str, Any], config: Config) -> None:
+    def connect_options(self, client: Connection, props: Mapping[str, Any], config: Config) -> None:
         """Take an MQTT 5 client's limits from its CONNECT properties, within the node's settings."""
         receive_max = props.get("receive_maximum", 65535)
         max_packet = props.get("maximum_packet_size")
@@ -2784,90 +3300,75 @@ class Broker:
         client.plain = not client.alias_max and not client.max_packet
         client.expiry_at_connect = props.get("session_expiry_interval", 0)
 
-    def accept(self, client: Client, p: Connect, client_id: str, assigned: bool = False,
+    def accept(self, client: Connection, p: Connect, client_id: str, assigned: bool = False,
                auth_props: tuple = ()) -> None:
         """Attach the client to its session (a takeover closes the old link) and answer CONNACK."""
-        config = self._config
-        v5 = client.proto == 5
-        listener = client.link.listener
-        mountpoint = listener.mountpoint
+        mountpoint = client.listener.mountpoint
         self.mountpoints.add(mountpoint)
         key = (mountpoint, client_id)
-        if v5:
+        if client.dialect.v5:
             interval = client.expiry_at_connect
             expiry = None if interval == 0xFFFFFFFF else interval  # MQTT 5.0 3.1.2.11.2
         else:
             expiry = 0 if p.clean_session else None
         old = self.sessions.get(key)
         if old is not None and old.client is not None:
-            self.close_client(old.client, reason=0x8E)  # takeover [MQTT-3.1.4-2]; MQTT 5: Session taken over
+            self.close_client(old.client, reason=Reason.SESSION_TAKEN_OVER)  # takeover [MQTT-3.1.4-2]
             old = self.sessions.get(key)  # a clean session ended with its connection
         if old is not None:
             old.will = None  # a new connection for this client id: no delayed will [MQTT-3.1.3-9]
             if p.clean_session:  # MQTT 5: Clean Start
                 self.drop_session(old)
                 old = None
-        present = old is not None
         if old is None:
-            session = Session(mountpoint, client_id, expiry == 0, self.clock(), expiry)
+            session = self.sessions[key] = Session(mountpoint, client_id, self.now, expiry)
             if expiry != 0:
                 self.store.put_session(mountpoint, client_id, expiry)
         else:
             session = old
             self.set_expiry(session, expiry)
-        self.sessions[key] = session
         session.client, session.offline_since = client, None
-        session.user, session.peer, session.protocol = p.username, client.link.peer, p.proto_level
-        client.session, client.connected, client.proto = session, True, p.proto_level
-        tracer = self.tracers.get(key)
-        if tracer is not None:
-            client.link.tracer = tracer
-            tracer.packet("in", p, self.clock())
-        client.user = p.username
+        session.user, session.peer, session.protocol = p.username, client.peer, p.proto_level
+        client.session, client.connected, client.user = session, True, p.username
+        client.speak(p.proto_level)
+        client.tracer = self.tracers.get(key)
         if p.will_topic is not None:
             will_props = dict(p.will_properties)
             client.will = Message(p.will_topic, p.will_payload, p.will_qos, p.will_retain, self.new_ref(),
                                   props=forwarded_properties(p.will_properties),
                                   expires=will_props.get("message_expiry_interval"), origin=client_id)
             client.will_delay = will_props.get("will_delay_interval", 0)
-        if v5:
-            props = connack_properties(config, client, p, client_id if assigned else None) + auth_props
-            self.send(client, Connack(CONNACK_ACCEPTED, present, props))
-            self.counters["mqtt_connack_sent", V5_SUCCESS] += 1
-        else:
-            self.send(client, Connack(CONNACK_ACCEPTED, present))  # [MQTT-3.2.2-2]
-            self.count("mqtt_connack_sent", mqtt_version="4", return_code="success")
+        props = connack_properties(self._config, client, p, client_id if assigned else None) + auth_props \
+            if client.dialect.v5 else ()
+        connack, labels = client.dialect.connack(old is not None, props)
+        self.emit_packet(client, connack)
+        self.counters["mqtt_connack_sent", labels] += 1
         if self.hooks.on_register or self.hooks.on_client_wakeup:
-            notify(self.hooks.on_register, client.link.peer, key, p.username)
+            notify(self.hooks.on_register, client.peer, key, p.username)
             notify(self.hooks.on_client_wakeup, key)
         self.resume(session)
 
-    def refuse(self, client: Client, code: int, text: str = "") -> None:
+    def refuse(self, client: Connection, code: int, text: str = "") -> None:
         """Answer CONNACK with a refusal and close [MQTT-3.2.2-5]; ``code`` is 3.1.1's or an MQTT 5 reason.
 
         An MQTT 5 client also gets ``text`` as the Reason String.
         """
-        if client.proto == 5:
-            reason = CONNACK_V5_CODES[code] if code < len(CONNACK_V5_CODES) else code
-            self.send(client, Connack(reason, properties=(("reason_string", text),) if text else ()))
-            self.counters["mqtt_connack_sent", reason_labels(reason)] += 1
-        else:
-            self.send(client, Connack(code))
-            self.count("mqtt_connack_sent", mqtt_version="4", return_code=CONNACK_RETURN_NAMES[code])
+        connack, labels = client.dialect.refusal(code, text)
+        self.emit_packet(client, connack)
+        self.counters["mqtt_connack_sent", labels] += 1
         self.close_client(client)
 
-    def auth_step(self, client: Client, data: bytes | None) -> None:
+    def auth_step(self, client: Connection, data: bytes | None) -> None:
         """Ask the on_auth_m5 hooks about one step of enhanced authentication and answer it."""
         connect, client_id, assigned = client.auth or (None, client.session.client_id, False)
-        mountpoint = client.link.listener.mountpoint
         user = connect.username if connect is not None else client.user
-        answer = run_auth_hooks(self.hooks.on_auth_m5, user, (mountpoint, client_id),
+        answer = run_auth_hooks(self.hooks.on_auth_m5, user, (client.listener.mountpoint, client_id),
                                 {"authentication_method": client.auth_method, "authentication_data": data})
         if answer == "ok":
             answer = {}
         reason = answer.get("reason", "success") if isinstance(answer, Mapping) else None
         if reason not in ("success", "continue_authentication"):
-            code = 0x8C if answer is None else 0x87  # nobody knew the method / refused
+            code = Reason.BAD_AUTHENTICATION_METHOD if answer is None else Reason.NOT_AUTHORIZED
             if connect is not None:
                 return self.refuse(client, code)
             return self.close_client(client, reason=code)
@@ -2875,51 +3376,50 @@ class Broker:
         if answer.get("authentication_data") is not None:
             out += (("authentication_data", bytes(answer["authentication_data"])),)
         if reason == "continue_authentication":
-            self.send(client, Auth(0x18, out))
-            self.counters["mqtt_auth_sent", reason_labels(0x18)] += 1
+            self.emit_packet(client, Auth(Reason.CONTINUE_AUTHENTICATION, out))
+            self.counters["mqtt_auth_sent", reason_labels(Reason.CONTINUE_AUTHENTICATION)] += 1
         elif connect is not None:
             client.auth = None
             self.accept(client, connect, client_id, assigned, out)
         else:
-            self.send(client, Auth(0, out))  # re-authentication succeeded
+            self.emit_packet(client, Auth(Reason.SUCCESS, out))  # re-authentication succeeded
             self.counters["mqtt_auth_sent", V5_SUCCESS] += 1
 
-    def on_auth(self, client: Client, p: Auth) -> None:
+    def on_auth(self, client: Connection, p: Auth, raw: bytes = b"") -> None:
         """AUTH: the client's next step of enhanced authentication, or a re-authentication (MQTT 5.0 4.12)."""
         self.counters["mqtt_auth_received", reason_labels(p.reason_code)] += 1
         props = dict(p.properties)
         if client.auth_method is None or props.get("authentication_method") != client.auth_method:
             raise ProtocolError("AUTH without the authentication method of CONNECT")  # [MQTT-4.12.0-5]
-        expected = (0x18,) if not client.connected else (0x18, 0x19)
+        expected = (Reason.CONTINUE_AUTHENTICATION,) if not client.connected else \
+            (Reason.CONTINUE_AUTHENTICATION, Reason.REAUTHENTICATE)
         if p.reason_code not in expected:
             raise ProtocolError(f"AUTH reason code {p.reason_code:#x} out of turn")
         self.auth_step(client, props.get("authentication_data"))
 
-    def authenticate(self, client: Client, p: Connect, client_id: str, listener: Any, config: Config) -> int:
+    def authenticate(self, client: Connection, p: Connect, client_id: str, config: Config) -> int:
         """Return 0 to accept, or CONNACK 4 (bad credentials) / 5 (not authorized)."""
         anonymous = config["allow_anonymous"]
         if anonymous is None:
             anonymous = self.anonymous_default
-        if anonymous or getattr(listener, "allow_anonymous_override", False):
+        if anonymous or getattr(client.listener, "allow_anonymous_override", False):
             return 0  # VerneMQ: allow_anonymous skips the auth plugins
-        answer = run_auth_hooks(self.hooks.auth_on_register, client.link.peer, (listener.mountpoint, client_id),
+        answer = run_auth_hooks(self.hooks.auth_on_register, client.peer, (client.listener.mountpoint, client_id),
                                 p.username, p.password, p.clean_session)
         if answer is not None:
             return CONNACK_NOT_AUTHORIZED if answer == "error" else 0
         if not self.hooks.builtin["vmq_passwd"]:
             return CONNACK_NOT_AUTHORIZED  # every plugin said next
-        users = self._passwd.get(config["vmq_passwd.password_file"], config["vmq_passwd.password_reload_interval"],
-                                 self.clock())
+        users = self.users
         if p.username is None or p.password is None or p.username not in users:
             return CONNACK_NOT_AUTHORIZED  # every plugin said next
         return 0 if check_password(p.password, users[p.username]) else CONNACK_BAD_CREDENTIALS
 
-    def acl(self, client: Client, access: str, topic: str) -> bool:
+    def acl(self, client: Connection, access: str, topic: str) -> bool:
         """Ask vmq_acl; with no ACL file configured (or vmq_acl disabled) everything is allowed."""
         if not self.acl_file or not self.hooks.builtin["vmq_acl"]:
             return True
-        config = self._config
-        rules = self._acl.get(self.acl_file, config["vmq_acl.acl_reload_interval"], self.clock())
+        rules = self.acl_rules
         if rules is None:
             return False  # a file is configured but never loaded: refuse rather than grant all
         session = client.session
@@ -2940,693 +3440,15 @@ class Broker:
             log.warning("vmq_acl: patterns do not apply to client %r: %s", session.client_id, reason)
 
     def resume(self, session: Session) -> None:
-        """Resend what was in flight (DUP) [MQTT-4.4.0-1], then drain the queue."""
-        client = session.client
-        now = self.clock()
+        """Send again what was in flight (DUP), then drain the queue."""
         if session.parked:  # in flight when the node stopped: the same packet ids again
             session.parked = 0
             for msg, qos, row, pid, released, extra in self.store.load_inflight(session.mountpoint, session.client_id):
-                session.inflight[pid] = [msg, qos, row, 1 if released else 0, now, extra]
-        for pid, entry in list(session.inflight.items()):
-            msg, qos, _row, stage, _sent, extra = entry
-            entry[4] = now
-            if stage:
-                self.send(client, Pubrel(pid))
-            else:
-                self.write_publish(client, msg, qos, pid, True, *(extra if client.proto == 5 and extra else ()))
+                retain, ids = extra or (False, ())
+                out = session.inflight[pid] = Outgoing(msg, qos, row, retain, ids)
+                out.stage = Stage.RELEASED if released else Stage.SENT
+        self.resend(session)
         self.drain(session)
-
-    # -- publishing -------------------------------------------------------
-    def on_publish(self, client: Client, p: Publish, raw: bytes = b"") -> None:
-        """Route an incoming PUBLISH and acknowledge it; ``raw`` lets QoS 0 go out as it came in."""
-        self.counters["mqtt_publish_received", client.labels] += 1
-        session = client.session
-        v5 = client.proto == 5
-        if p.qos == 2 and p.packet_id in session.incoming:
-            self.send(client, Pubrec(p.packet_id))  # a resent QoS 2 message is routed once
-            return
-        if self.max_rate:
-            self.throttle(client)
-        if p.qos and self.store.error is not None:
-            self.refuse_unsaved(client, p)
-            return
-        topic, props, expires = p.topic, (), None
-        if v5:
-            if p.properties:
-                topic, props, expires, raw = self.publish_properties(client, p, raw)
-            if p.qos == 2 and len(session.incoming) >= client.receive_max_in:
-                raise ReceiveMaxExceeded(f"more than {client.receive_max_in} QoS 2 messages unacknowledged")
-        hooks = self.hooks
-        reason = 0
-        if props and ("payload_format_indicator", 1) in props and not utf8_payload(p.payload):
-            msg, reason = None, 0x99  # Payload format invalid (MQTT 5.0 3.3.2.3.2): dropped, and said so
-            self.counters["mqtt_publish_error", ()] += 1
-        elif hooks.auth_on_publish or hooks.on_publish:
-            msg = self.authorize_publish(client, p, topic, props, expires)
-        elif self.acl(client, "write", topic):
-            msg = Message(topic, p.payload, p.qos, p.retain, self.new_ref(), raw, v5, props, expires,
-                          session.client_id)
-        else:
-            msg = None
-        if msg is None:
-            if not reason:
-                self.counters["mqtt_publish_auth_error", ()] += 1
-                reason = 0x87  # MQTT 5 tells the publisher; MQTT 3.1.1 acknowledges as if delivered
-        elif msg.retain and not self.retain(session.mountpoint, msg):
-            reason = 0x97  # Quota exceeded (MQTT 5.0 3.4.2.1): max_retained_messages or max_retained_bytes
-        elif not self.route(session.mountpoint, msg):
-            reason = 0x10  # No matching subscribers (MQTT 5.0 3.4.2.1)
-        if not p.qos:
-            return
-        if self.store.error is not None:  # the store failed while keeping this message
-            self.refuse_unsaved(client, p)
-            return
-        if not v5 or not reason:
-            if p.qos == 1:
-                client.link.write(b"\x40\x02" + p.packet_id.to_bytes(2, "big"))  # the same bytes in MQTT 5
-                self.counters["mqtt_puback_sent", V5_SUCCESS if v5 else V4] += 1
-            else:
-                session.incoming.add(p.packet_id)
-                client.link.write(b"\x50\x02" + p.packet_id.to_bytes(2, "big"))
-                self.counters["mqtt_pubrec_sent", V5_SUCCESS if v5 else V4] += 1
-        elif p.qos == 1:
-            self.send(client, Puback(p.packet_id, reason))
-            self.counters["mqtt_puback_sent", reason_labels(reason)] += 1
-        else:
-            if reason < 0x80:
-                session.incoming.add(p.packet_id)  # an error reason ends the exchange (MQTT 5.0 4.3.3)
-            self.send(client, Pubrec(p.packet_id, reason))
-            self.counters["mqtt_pubrec_sent", reason_labels(reason)] += 1
-
-    def refuse_unsaved(self, client: Client, p: Publish) -> None:
-        """Refuse a QoS 1/2 PUBLISH the store cannot keep: MQTT 5 hears 0x80, MQTT 3 is cut off (it resends)."""
-        self.counters["mqtt_publish_error", ()] += 1
-        if client.proto != 5:
-            self.close_client(client)  # 3.1.1 has no negative acknowledgement
-        elif p.qos == 1:
-            self.send(client, Puback(p.packet_id, 0x80, (("reason_string", STORE_DOWN),)))
-            self.counters["mqtt_puback_sent", reason_labels(0x80)] += 1
-        else:
-            self.send(client, Pubrec(p.packet_id, 0x80, (("reason_string", STORE_DOWN),)))
-            self.counters["mqtt_pubrec_sent", reason_labels(0x80)] += 1
-
-    def publish_properties(self, client: Client, p: Publish, raw: bytes) -> tuple[str, tuple, float | None, bytes]:
-        """Read an MQTT 5 PUBLISH's properties: (topic, properties to pass on, expiry time, raw frame or b"")."""
-        topic, props, expires = p.topic, [], None
-        for name, value in p.properties:
-            if name == "topic_alias":  # MQTT 5.0 3.3.2.3.4
-                if not 0 < value <= client.alias_max_in:
-                    raise TopicAliasInvalid(f"topic alias {value} outside 1..{client.alias_max_in}")
-                if topic:
-                    client.aliases_in[value] = topic
-                else:
-                    topic = client.aliases_in.get(value)
-                    if topic is None:
-                        raise ProtocolError(f"topic alias {value} was never set")
-                raw = b""  # the frame names an alias of this connection: it cannot be passed on
-            elif name == "message_expiry_interval":
-                expires = self.clock() + value
-            elif name == "subscription_identifier":
-                raise ProtocolError("a client PUBLISH with a subscription identifier")  # [MQTT-3.3.4-6]
-            else:
-                props.append((name, value))
-        return topic, tuple(props), expires, raw
-
-    def throttle(self, client: Client) -> None:
-        """Enforce max_message_rate: at the limit, stop reading the client until the next second."""
-        now = self.clock()
-        second = int(now)
-        if client.rate_second != second:
-            client.rate_second, client.rate_count = second, 0
-        client.rate_count += 1
-        if client.rate_count >= self.max_rate:
-            client.link.throttle(second + 1 - now)
-
-    def authorize_publish(self, client: Client, p: Publish, topic: str, props: tuple = (),
-                          expires: float | None = None) -> Message | None:
-        """Ask auth_on_publish hooks, then vmq_acl; apply a hook's changes; call on_publish."""
-        session = client.session
-        sid = (session.mountpoint, session.client_id)
-        answer = run_auth_hooks(self.hooks.auth_on_publish, client.user, sid, p.qos, topic, p.payload, p.retain)
-        if answer == "error" or (answer is None and not self.acl(client, "write", topic)):
-            return None
-        payload, qos, retain = p.payload, p.qos, p.retain
-        if isinstance(answer, Mapping):
-            topic, payload = answer.get("topic", topic), answer.get("payload", payload)
-            qos, retain = answer.get("qos", qos), answer.get("retain", retain)
-            if not valid_topic_name(topic) or qos not in (0, 1, 2) or not isinstance(payload, bytes):
-                log.error("auth_on_publish returned bad changes %r; refusing", answer)
-                return None
-        notify(self.hooks.on_publish, client.user, sid, qos, topic, payload, retain)
-        return Message(topic, payload, qos, bool(retain), self.new_ref(), props=props, expires=expires,
-                       origin=session.client_id)
-
-    def retain(self, mountpoint: str, msg: Message) -> bool:
-        """Store, replace or (empty payload) delete a retained message [MQTT-3.3.1-5..11].
-
-        Return False when a new topic (or a bigger message) would pass max_retained_messages
-        or max_retained_bytes: it is refused and counted. Replacing by a message no bigger,
-        and deleting, are always allowed.
-        """
-        if not msg.payload:
-            self.delete_retained(mountpoint, msg.topic)
-            return True
-        table = self.retained[mountpoint]
-        old = table.get(msg.topic)
-        grow = message_bytes(msg) - (message_bytes(old) if old is not None else 0)
-        full = old is None and 0 <= self.max_retained <= sum(len(t) for t in self.retained.values())
-        if full or (grow > 0 and 0 <= self.max_retained_bytes < self.retained_bytes + grow):
-            self.counters["retain_message_refused", ()] += 1
-            return False
-        table[msg.topic] = msg
-        self.retained_bytes += grow
-        self.store.put_retained(mountpoint, msg)
-        return True
-
-    def route(self, mountpoint: str, msg: Message) -> int:
-        """Deliver ``msg`` to every matching session; return how many matched.
-
-        The routing seam: remote nodes will join here, beside the local trie.
-        """
-        key = (mountpoint, msg.topic)
-        matches = self._match_cache.get(key)
-        if matches is None:
-            if len(self._match_cache) > 10_000:
-                self._match_cache.clear()
-            matches = self._match_cache[key] = self.tries[mountpoint].match(msg.topic)
-        counters = self.counters
-        if not matches:
-            counters["queue_message_unhandled", ()] += 1
-            return 0
-        counters["router_matches_local", ()] += len(matches)
-        upgrade, frame4, frame5, direct4, direct5 = self.upgrade_qos, None, None, 0, 0
-        on_deliver = self.hooks.on_deliver
-        for session, opts in matches.items():
-            if type(session) is SharedGroup:
-                picked = session.pick(self.shared_policy, self.choose)
-                if picked is None:
-                    continue
-                session, opts = picked
-                if opts > 3:  # MQTT 5 options: this member's own
-                    self.deliver_with_options(session, msg, opts & 3, opts & 8, (opts >> 8,) if opts >> 8 else ())
-                    continue
-            elif opts > 3:  # some matching filter of this session has MQTT 5 options
-                self.deliver_matching(session, msg)
-                continue
-            qos = opts if upgrade else min(msg.qos, opts)
-            client = session.client
-            if qos == 0 and client is not None and client.link.writable and not session.queue \
-                    and not session.stored:  # else behind what waits, in order
-                if not client.plain:  # MQTT 5 topic aliases or a packet size limit: its own encoding
-                    self.deliver_with_options(session, msg, 0, 0, ())
-                    continue
-                if client.proto == 5:  # one encoding per protocol version for every QoS 0 receiver
-                    if frame5 is None:
-                        frame5 = msg.frame if msg.frame and msg.frame5 else self.publish_frame5(
-                            None, msg, 0, None, False, False)
-                    client.link.write(frame5)
-                    direct5 += 1
-                else:
-                    if frame4 is None:
-                        frame4 = msg.frame if msg.frame and not msg.frame5 else encode_publish_header(
-                            _str(msg.topic), len(msg.payload), 0, False, False, None) + msg.payload
-                    client.link.write(frame4)
-                    direct4 += 1
-                if on_deliver:
-                    notify(on_deliver, client.user, (session.mountpoint, session.client_id), msg.topic, msg.payload)
-            else:
-                self.enqueue(session, msg, qos)
-        if direct4 or direct5:
-            direct = direct4 + direct5
-            if direct4:
-                counters["mqtt_publish_sent", V4] += direct4
-            if direct5:
-                counters["mqtt_publish_sent", V5] += direct5
-            counters["queue_message_in", ()] += direct
-            counters["queue_message_out", ()] += direct
-        return len(matches)
-
-    def deliver_matching(self, session: Session, msg: Message) -> None:
-        """Deliver to a session whose matching filters carry MQTT 5 options: highest QoS, every subscription id."""
-        qos, rap, ids = -1, 0, []
-        for topic_filter, opts in session.subs.items():
-            if (opts & 4 and msg.origin == session.client_id) or topic_filter.startswith(SHARE_PREFIX) \
-                    or not topic_matches(topic_filter, msg.topic):
-                continue  # No Local: not back to its publisher [MQTT-3.8.3-3]
-            qos, rap = max(qos, opts & 3), rap | opts & 8
-            if opts >> 8:
-                ids.append(opts >> 8)
-        if qos >= 0:
-            self.deliver_with_options(session, msg, qos, rap, tuple(ids))
-
-    def deliver_with_options(self, session: Session, msg: Message, sub_qos: int, rap: int, ids: tuple) -> None:
-        """Deliver one message with its Retain As Published flag and subscription identifiers."""
-        qos = sub_qos if self.upgrade_qos else min(msg.qos, sub_qos)
-        extra = (bool(rap and msg.retain), ids)
-        client = session.client
-        if qos == 0 and client is not None and client.link.writable and not session.queue and not session.stored:
-            self.write_publish(client, msg, 0, None, False, *(extra if client.proto == 5 else ()))
-            self.counters["queue_message_in", ()] += 1
-            self.counters["queue_message_out", ()] += 1
-        else:
-            self.enqueue(session, msg, qos, extra)
-
-    def queue_full(self, session: Session, online: bool, size: int) -> bool:
-        """Whether one more message of ``size`` bytes passes a count or byte limit of its queue or of all queues."""
-        limit, byte_limit = (self.max_online, self.max_online_bytes) if online else \
-            (self.max_offline, self.max_offline_bytes)
-        return (0 <= limit <= _queued(session) or 0 <= byte_limit < session.queue_bytes + size
-                or 0 <= self.max_queued_bytes < self.queued_bytes + size)
-
-    def enqueue(self, session: Session, msg: Message, qos: int, extra: tuple | None = None) -> None:
-        """Queue for a session (bounded in messages and bytes), then drain.
-
-        A stored message for an offline session (or behind other stored ones) waits only in the
-        store: memory does not grow with offline queues.
-        """
-        online = session.client is not None
-        size = message_bytes(msg)
-        if self.queue_full(session, online, size):
-            self.counters["queue_message_drop", ()] += 1
-            return
-        if online and qos == 0 and not session.client.link.writable:
-            self.counters["queue_message_drop", ()] += 1  # a slow subscriber loses QoS 0, never blocks others
-            return
-        # QoS 0 is stored too when it must wait behind stored messages: the queue keeps its order
-        keep = not session.clean and (qos or not online or session.stored)
-        row = self.store.add_message(session.mountpoint, session.client_id, msg, qos, extra) if keep else 0
-        if not online and self.hooks.on_offline_message:
-            notify(self.hooks.on_offline_message, (session.mountpoint, session.client_id), qos, msg.topic,
-                   msg.payload, msg.retain)
-        session.queue_bytes += size
-        self.queued_bytes += size
-        if row and (session.stored or not online):
-            session.stored += 1
-            session.stored_bytes += size
-        else:
-            session.queue.append((msg, qos, row, extra))
-            session.loaded_upto = max(session.loaded_upto, row)
-        self.counters["queue_message_in", ()] += 1
-        if online:
-            self.drain(session)
-
-    def fill(self, session: Session) -> bool:
-        """Read the next page of a session's stored queue into memory; return whether there was any."""
-        page = self.store.load_queue(session.mountpoint, session.client_id, session.loaded_upto)
-        for msg, qos, row, extra in page:
-            session.queue.append((msg, qos, row, extra))
-            session.loaded_upto = row
-            session.stored_bytes -= message_bytes(msg)
-        session.stored = max(0, session.stored - len(page))
-        if not page and session.stored:  # rows lost to a failed commit: the queue is shorter than counted
-            session.queue_bytes -= session.stored_bytes
-            self.queued_bytes -= session.stored_bytes
-            session.stored = session.stored_bytes = 0
-        return bool(page)
-
-    def drain(self, session: Session) -> None:
-        """Send queued messages while the in-flight window (and an MQTT 5 Receive Maximum) has room."""
-        client = session.client
-        if client is None:
-            return
-        window = self.max_inflight
-        if client.receive_max and (not window or client.receive_max < window):
-            window = client.receive_max  # [MQTT-3.3.4-7]
-        queue, inflight = session.queue, session.inflight
-        while True:
-            room = (not window or len(inflight) < window) and len(inflight) < MAX_PACKET_ID
-            if not queue and not (room and session.stored and self.fill(session)):
-                break
-            if queue[0][1] and not room:
-                break
-            msg, qos, row, extra = queue.popleft()
-            size = message_bytes(msg)
-            session.queue_bytes -= size
-            self.queued_bytes -= size
-            if msg.expires is not None and msg.expires <= self.clock():
-                self.counters["queue_message_expired", ()] += 1  # MQTT 5.0 3.3.2.3.3
-                if row:
-                    self.store.delete_message(row)
-                continue
-            pid = None
-            if qos:
-                pid = session.take_pid()
-                inflight[pid] = [msg, qos, row, 0, self.clock(), extra]
-                if qos == 2 and row:
-                    self.store.mark_sent(row, pid)  # exactly once survives a restart too
-            elif row:
-                self.store.delete_message(row)  # QoS 0 is done once sent
-            if extra and client.proto == 5:  # MQTT 3.1.1 gets retain 0 and no ids [MQTT-3.3.1-9]
-                self.write_publish(client, msg, qos, pid, False, *extra)
-            else:
-                self.write_publish(client, msg, qos, pid)
-            self.counters["queue_message_out", ()] += 1
-
-    def write_publish(self, client: Client, msg: Message, qos: int, pid: int | None, dup: bool = False,
-                      retain: bool = False, ids: tuple = ()) -> None:
-        """Write one outgoing PUBLISH in the client's protocol version.
-
-        A message larger than an MQTT 5 client's Maximum Packet Size is dropped as if
-        delivered [MQTT-3.1.2-25].
-        """
-        if client.proto == 5:
-            frame = self.publish_frame5(client, msg, qos, pid, dup, retain, ids)
-            if client.max_packet and len(frame) > client.max_packet:
-                self.counters["queue_message_drop", ()] += 1
-                entry = client.session.inflight.pop(pid, None) if pid is not None else None
-                if entry is not None and entry[2]:
-                    self.store.delete_message(entry[2])
-                return
-            client.link.write(frame)
-            self.counters["mqtt_publish_sent", V5] += 1
-        else:
-            client.link.write(encode_publish_header(_str(msg.topic), len(msg.payload), qos, retain, dup, pid)
-                              + msg.payload)
-            self.counters["mqtt_publish_sent", V4] += 1
-        if self.hooks.on_deliver:
-            session = client.session
-            notify(self.hooks.on_deliver, client.user, (session.mountpoint, session.client_id), msg.topic,
-                   msg.payload)
-
-    def publish_frame5(self, client: Client | None, msg: Message, qos: int, pid: int | None, dup: bool,
-                       retain: bool, ids: tuple = ()) -> bytes:
-        """Encode an MQTT 5 PUBLISH: the message's properties, its remaining expiry, ids, a topic alias."""
-        topic, alias, new_alias = msg.topic, 0, False
-        if client is not None and client.alias_max:  # MQTT 5.0 3.3.2.3.4: the node picks its aliases
-            alias = client.aliases_out.get(topic, 0)
-            if alias:
-                topic = ""
-            elif len(client.aliases_out) < client.alias_max:
-                alias = client.aliases_out[topic] = len(client.aliases_out) + 1
-                new_alias = True
-        frame = self._encode5(msg, topic, alias, qos, pid, dup, retain, ids)
-        if new_alias and client.max_packet and len(frame) > client.max_packet:
-            del client.aliases_out[msg.topic]  # this frame will be dropped: the client never learns the alias
-        return frame
-
-    def _encode5(self, msg: Message, topic: str, alias: int, qos: int, pid: int | None, dup: bool, retain: bool,
-                 ids: tuple) -> bytes:
-        props = msg.props
-        if msg.expires is not None or alias or ids:
-            extra = [("subscription_identifier", i) for i in ids]
-            if msg.expires is not None:
-                extra.append(("message_expiry_interval", max(0, math.ceil(msg.expires - self.clock()))))
-            if alias:
-                extra.append(("topic_alias", alias))
-            props = props + tuple(extra)
-        if not props:  # the common case: an empty property list is one zero byte
-            return encode_publish_header(_str(topic), len(msg.payload) + 1, qos, retain, dup, pid) + b"\x00" \
-                + msg.payload
-        return encode_packet(Publish(topic, msg.payload, qos, retain, dup, pid, props), 5)
-
-    # -- acknowledgements -------------------------------------------------
-    def on_puback(self, client: Client, p: Puback) -> None:
-        """QoS 1 delivered: forget it, send the next."""
-        self.counters["mqtt_puback_received", ack_labels(client, p.reason_code)] += 1
-        session = client.session
-        entry = session.inflight.get(p.packet_id)
-        if entry is None or entry[1] != 1:
-            self.counters["mqtt_puback_invalid_error", ()] += 1
-            return
-        del session.inflight[p.packet_id]
-        if entry[2]:
-            self.store.delete_message(entry[2])
-        self.drain(session)
-
-    def on_pubrec(self, client: Client, p: Pubrec) -> None:
-        """QoS 2 received by the client: answer PUBREL [MQTT-4.3.3-1]; an MQTT 5 error reason ends it."""
-        self.counters["mqtt_pubrec_received", ack_labels(client, p.reason_code)] += 1
-        session = client.session
-        entry = session.inflight.get(p.packet_id)
-        if p.reason_code >= 0x80 and entry is not None and entry[1] == 2 and entry[3] == 0:
-            del session.inflight[p.packet_id]  # MQTT 5.0 4.3.3: no PUBREL after an error
-            if entry[2]:
-                self.store.delete_message(entry[2])
-            self.drain(session)
-            return
-        if entry is None or entry[1] != 2:
-            self.counters["mqtt_pubrec_invalid_error", ()] += 1
-            if client.proto == 5:
-                self.send(client, Pubrel(p.packet_id, 0x92))  # Packet Identifier not found
-                self.counters["mqtt_pubrel_sent", reason_labels(0x92)] += 1
-                return
-        elif entry[3] == 0:
-            entry[3], entry[4] = 1, self.clock()
-            if entry[2]:
-                self.store.mark_released(entry[2])
-        self.send(client, Pubrel(p.packet_id))
-        self.counters["mqtt_pubrel_sent", ack_labels(client, 0)] += 1
-
-    def on_pubrel(self, client: Client, p: Pubrel) -> None:
-        """The client releases a QoS 2 message it sent: answer PUBCOMP [MQTT-4.3.3-2]."""
-        self.counters["mqtt_pubrel_received", ack_labels(client, p.reason_code)] += 1
-        incoming = client.session.incoming
-        if p.packet_id not in incoming and client.proto == 5:
-            self.send(client, Pubcomp(p.packet_id, 0x92))  # Packet Identifier not found
-            self.counters["mqtt_pubcomp_sent", reason_labels(0x92)] += 1
-            return
-        incoming.discard(p.packet_id)
-        self.send(client, Pubcomp(p.packet_id))
-        self.counters["mqtt_pubcomp_sent", ack_labels(client, 0)] += 1
-
-    def on_pubcomp(self, client: Client, p: Pubcomp) -> None:
-        """QoS 2 complete: forget it, send the next."""
-        self.counters["mqtt_pubcomp_received", ack_labels(client, p.reason_code)] += 1
-        session = client.session
-        entry = session.inflight.get(p.packet_id)
-        if entry is None or entry[3] != 1:
-            self.counters["mqtt_pubcomp_invalid_error", ()] += 1
-            return
-        del session.inflight[p.packet_id]
-        if entry[2]:
-            self.store.delete_message(entry[2])
-        self.drain(session)
-
-    # -- subscriptions ----------------------------------------------------
-    def on_subscribe(self, client: Client, p: Subscribe) -> None:
-        """Subscribe each filter (a failure code when invalid or refused), then send retained matches.
-
-        MQTT 5 options are kept with the subscription: QoS in bits 0-1, No Local (bit 2),
-        Retain As Published (bit 3), the subscription identifier from bit 8 on.
-        """
-        self.counters["mqtt_subscribe_received", client.labels] += 1
-        session = client.session
-        sid = (session.mountpoint, session.client_id)
-        v5 = client.proto == 5
-        sub_id = 0
-        if v5:
-            ids = [value for name, value in p.properties if name == "subscription_identifier"]
-            if len(ids) > 1:
-                raise ProtocolError("SUBSCRIBE with more than one subscription identifier")  # MQTT 5.0 3.8.2.1.2
-            sub_id = ids[0] if ids else 0
-        topics = [(t, o & 3) for t, o in p.topics]
-        answer = run_auth_hooks(self.hooks.auth_on_subscribe, client.user, sid, topics) \
-            if self.hooks.auth_on_subscribe else None
-        if isinstance(answer, list):
-            if len(answer) != len(topics):
-                log.error("auth_on_subscribe changed the number of topics; refusing")
-                answer = "error"
-            else:
-                topics, answer = [(str(t), int(q)) for t, q in answer], "ok"
-        codes, granted = [], []
-        for (topic_filter, qos), (_, options) in zip(topics, p.topics):
-            if qos not in (0, 1, 2):  # only a hook's answer can say so: it refused this one topic
-                codes.append(hook_refusal_code(qos, v5))
-                self.counters["mqtt_subscribe_auth_error", ()] += 1
-                continue
-            valid = valid_subscription(topic_filter)
-            shared, plain = split_shared(topic_filter)
-            if v5 and options & 4 and shared is not None:
-                raise ProtocolError("No Local on a shared subscription")  # [MQTT-3.8.3-4]
-            if not valid or answer == "error" or (answer is None and not self.acl(client, "read", plain)):
-                codes.append((0x8F if not valid else 0x87) if v5 else SUBACK_FAILURE)
-                self.counters["mqtt_subscribe_auth_error" if valid else "mqtt_subscribe_error", ()] += 1
-                continue
-            opts = qos | options & 12 | sub_id << 8 if v5 else qos
-            existed = topic_filter in session.subs
-            self.subscribe(session, topic_filter, opts)
-            codes.append(qos)
-            granted.append((topic_filter, qos, opts, (options >> 4) & 3 if v5 else 0, existed))
-        self.send(client, Suback(p.packet_id, tuple(codes)))
-        self.counters["mqtt_suback_sent", client.labels] += 1
-        if granted:
-            notify(self.hooks.on_subscribe, client.user, sid, [(t, q) for t, q, *_ in granted])
-        for topic_filter, qos, opts, handling, existed in granted:
-            # no retained messages on shared subscriptions; Retain Handling 1: only if new, 2: never
-            if not topic_filter.startswith(SHARE_PREFIX) and handling != 2 and not (handling == 1 and existed):
-                self.send_retained(session, topic_filter, qos, (opts >> 8,) if opts >> 8 else ())
-
-    def _attach(self, session: Session, topic_filter: str, qos: int) -> None:
-        """Put a subscription in the trie; a shared one joins its group, which the trie holds once."""
-        group, plain = split_shared(topic_filter)
-        trie = self.tries[session.mountpoint]
-        if group is None:
-            trie.add(topic_filter, session, qos)
-        else:
-            key = (session.mountpoint, group, plain)
-            shared = self.groups.get(key)
-            if shared is None:
-                shared = self.groups[key] = SharedGroup(group)
-                trie.add(plain, shared, 2)
-            shared.members[session] = qos
-        self._match_cache.clear()
-
-    def _detach(self, session: Session, topic_filter: str) -> None:
-        group, plain = split_shared(topic_filter)
-        trie = self.tries[session.mountpoint]
-        if group is None:
-            trie.remove(topic_filter, session)
-            return
-        key = (session.mountpoint, group, plain)
-        shared = self.groups.get(key)
-        if shared is not None:
-            shared.members.pop(session, None)
-            if not shared.members:
-                del self.groups[key]
-                trie.remove(plain, shared)
-
-    def subscribe(self, session: Session, topic_filter: str, qos: int) -> None:
-        """Add or replace one subscription [MQTT-3.8.4-3]."""
-        self._attach(session, topic_filter, qos)
-        session.subs[topic_filter] = qos
-        if not session.clean:
-            self.store.put_subscription(session.mountpoint, session.client_id, topic_filter, qos)
-
-    def send_retained(self, session: Session, topic_filter: str, qos: int, ids: tuple = ()) -> None:
-        """Deliver retained messages matching a new subscription, retain flag set [MQTT-3.3.1-8]."""
-        client = session.client
-        now = self.clock()
-        for msg in self.retained[session.mountpoint].match(topic_filter):
-            if msg.expires is not None and msg.expires <= now:
-                self.delete_retained(session.mountpoint, msg.topic)  # expired (MQTT 5.0 3.3.2.3.3)
-                continue
-            out_qos = min(qos, msg.qos)
-            pid = None
-            if out_qos and len(session.inflight) >= MAX_PACKET_ID:
-                continue  # no packet identifier left for it
-            if out_qos:
-                pid = session.take_pid()
-                session.inflight[pid] = [msg, out_qos, 0, 0, now, (True, ids)]
-            self.write_publish(client, msg, out_qos, pid, False, True, ids)
-
-    def on_unsubscribe(self, client: Client, p: Unsubscribe) -> None:
-        """Drop filters and answer UNSUBACK [MQTT-3.10.4-4]; MQTT 5 says per filter whether it existed."""
-        self.counters["mqtt_unsubscribe_received", client.labels] += 1
-        session = client.session
-        codes = tuple(0 if self.unsubscribe(session, topic_filter) else 0x11 for topic_filter in p.topics)
-        notify(self.hooks.on_unsubscribe, client.user, (session.mountpoint, session.client_id), list(p.topics))
-        self.send(client, Unsuback(p.packet_id, codes if client.proto == 5 else ()))
-        self.counters["mqtt_unsuback_sent", client.labels] += 1
-
-    def unsubscribe(self, session: Session, topic_filter: str) -> bool:
-        """Remove one subscription; return whether it existed."""
-        if session.subs.pop(topic_filter, None) is None:
-            return False
-        self._detach(session, topic_filter)
-        self._match_cache.clear()
-        if not session.clean:
-            self.store.delete_subscription(session.mountpoint, session.client_id, topic_filter)
-        return True
-
-    def on_pingreq(self, client: Client, p: Pingreq) -> None:
-        """Answer PINGRESP [MQTT-3.12.4-1]."""
-        self.counters["mqtt_pingreq_received", client.labels] += 1
-        client.link.write(b"\xd0\x00")
-        self.counters["mqtt_pingresp_sent", client.labels] += 1
-
-    def on_disconnect(self, client: Client, p: Disconnect) -> None:
-        """A goodbye: drop the will [MQTT-3.14.4-3] (MQTT 5: unless reason 0x04 asks for it) and close."""
-        if client.proto == 5:
-            self.counters["mqtt_disconnect_received", reason_labels(p.reason_code, "normal_disconnect")] += 1
-            for name, value in p.properties:
-                if name == "session_expiry_interval":
-                    if not client.expiry_at_connect and value:
-                        raise ProtocolError("DISCONNECT sets a Session Expiry Interval CONNECT had at 0")
-                    self.set_expiry(client.session, None if value == 0xFFFFFFFF else value)  # [MQTT-3.14.2-2]
-        else:
-            self.counters["mqtt_disconnect_received", V4] += 1
-        client.clean_exit = p.reason_code != 0x04  # Disconnect with Will Message
-        self.close_client(client)
-
-    _HANDLERS: dict[type, Callable[..., None]] = {
-        Puback: on_puback, Pubrec: on_pubrec, Pubrel: on_pubrel, Pubcomp: on_pubcomp,
-        Subscribe: on_subscribe, Unsubscribe: on_unsubscribe, Pingreq: on_pingreq, Disconnect: on_disconnect,
-        Auth: on_auth,
-    }
-
-    # -- time -------------------------------------------------------------
-    def deadline(self, client: Client, now: float, partial_since: float | None = None) -> float | None:
-        """Close ``client`` if one of its deadlines has passed; else return when the next one falls.
-
-        The deadlines: CONNECT within mqtt_connect_timeout, a begun packet (``partial_since``)
-        finished within mqtt_packet_timeout, a packet within 1.5 x keep-alive [MQTT-3.1.2-24].
-        None: the client is closed, or has no deadline until it sends again.
-        """
-        if client.closed:
-            return None
-        config = self.settings()
-        due: list[float] = []
-        if partial_since is not None:
-            due.append(partial_since + config["mqtt_packet_timeout"] / 1000)
-            if now >= due[-1]:
-                self.counters["socket_close_timeout", ()] += 1
-                self.close_client(client)  # a packet begun and never finished
-                return None
-        if client.connected:
-            if client.keepalive:
-                due.append(client.last_seen + 1.5 * client.keepalive)
-                if now >= due[-1]:
-                    self.counters["client_keepalive_expired", ()] += 1
-                    self.close_client(client, reason=0x8D)  # MQTT 5: Keep Alive timeout
-                    return None
-        else:
-            due.append(client.opened_at + config["mqtt_connect_timeout"] / 1000)
-            if now >= due[-1]:
-                self.close_client(client)  # no CONNECT in time
-                return None
-        return min(due) if due else None
-
-    def tick(self, now: float) -> None:
-        """Send delayed wills, retry unacknowledged messages, expire sessions.
-
-        Each tick looks at up to TICK_BATCH sessions, going round, so ten thousand idle
-        sessions never hold up deliveries for long. Connections keep their own deadlines
-        (``deadline``), timed exactly by the I/O shell.
-        """
-        config = self.settings()
-        retry = config["retry_interval"]
-        limit = config["persistent_client_expiration"]
-        expired = []
-        if not self._tick_sessions:
-            self._tick_sessions = list(self.sessions.values())
-        batch, self._tick_sessions = self._tick_sessions[-TICK_BATCH:], self._tick_sessions[:-TICK_BATCH]
-        for session in batch:
-            if self.sessions.get((session.mountpoint, session.client_id)) is not session:
-                continue  # ended since the round began
-            if session.client is not None:
-                if session.inflight:
-                    self.retry(session, now, retry)
-                continue
-            if session.will is not None and session.will[1] <= now:
-                will, session.will = session.will[0], None
-                self.send_will(session.mountpoint, will)  # its Will Delay Interval has passed
-            offline = now - session.offline_since if session.offline_since is not None else 0
-            if (session.expiry is not None and offline > session.expiry) or (limit is not None and offline > limit):
-                expired.append(session)
-        for session in expired:
-            self.drop_session(session)
-
-    def retry(self, session: Session, now: float, interval: float) -> None:
-        """Resend (DUP) what waited longer than retry_interval for its acknowledgement."""
-        client = session.client
-        for pid, entry in list(session.inflight.items()):
-            if now - entry[4] >= interval:
-                entry[4] = now
-                if entry[3]:
-                    self.send(client, Pubrel(pid))
-                else:
-                    extra = entry[5] if client.proto == 5 and entry[5] else ()
-                    self.write_publish(client, entry[0], entry[1], pid, True, *extra)
 
     # -- administration ---------------------------------------------------
     def disconnect(self, client_id: str, mountpoint: str = "", cleanup: bool = False) -> bool:
@@ -3635,12 +3457,18 @@ class Broker:
         if session is None:
             return False
         if session.client is not None:
-            self.close_client(session.client, reason=0x98)  # MQTT 5: Administrative action
+            self.close_client(session.client, reason=Reason.ADMINISTRATIVE_ACTION)
         if cleanup and (mountpoint, client_id) in self.sessions:
             self.drop_session(session)
         return True
 
-    def trace(self, key: tuple[str, str], tracer: Tracer | None) -> None:
+    def close_listener_clients(self, listener: Any) -> None:
+        """Close every client of one listener (listener stop --kill_sessions, delete)."""
+        for client in list(self.clients):
+            if client.listener is listener:
+                self.close_client(client, reason=Reason.ADMINISTRATIVE_ACTION)
+
+    def trace(self, key: tuple[str, str], tracer: Any) -> None:
         """Start (or with None stop) tracing the client of ``key``, now and at its next CONNECT."""
         if tracer is None:
             self.tracers.pop(key, None)
@@ -3648,7 +3476,7 @@ class Broker:
             self.tracers[key] = tracer
         session = self.sessions.get(key)
         if session is not None and session.client is not None:
-            session.client.link.tracer = tracer
+            session.client.tracer = tracer
 
     def disconnect_batch(self, count: int, mountpoint: str, cleanup: bool, keep: Iterable[str]) -> int:
         """Disconnect up to ``count`` online clients of a mountpoint, sparing ``keep``; return how many."""
@@ -3669,34 +3497,41 @@ class Broker:
         session = self.sessions.get((mountpoint, client_id))
         if session is None:
             return 0
-        probe = Client(None, self.clock())
+        probe = Connection(None, None, ("", 0), None, self.now)
         probe.user, probe.session = username, session
         refused = [t for t in list(session.subs) if not self.acl(probe, "read", split_shared(t)[1])]
         for topic_filter in refused:
             self.unsubscribe(session, topic_filter)
         return len(refused)
 
+    def delete_expired_retained(self) -> int:
+        """Delete the retained messages whose MQTT 5 Message Expiry Interval has passed; return how many."""
+        expired = self.router.expired_retained(self.now)
+        for mountpoint, topic in expired:
+            self.delete_retained(mountpoint, topic)
+        return len(expired)
+
     def restore(self, retained: Iterable[tuple[str, Message]], sessions: Iterable[tuple[str, str, int | None]],
                 subscriptions: Iterable[tuple[str, str, str, int]],
-                queues: Iterable[tuple[str, str, int, int, int, int]]) -> None:
-        """Rebuild state from the message store after a restart (offline time counts from now).
+                queues: Iterable[tuple[str, str, int, int, int, int]], now: float) -> None:
+        """Rebuild state from the message store after a restart (offline time counts from ``now``).
 
         Queued messages stay in the store: ``queues`` says how many each session has (and their
         bytes); they are read a page at a time once the session is back online.
         """
-        now = self.clock()
+        self.now = now
         for mountpoint, msg in retained:
-            self.retained[mountpoint][msg.topic] = msg
-            self.retained_bytes += message_bytes(msg)
+            self.router.restore_retained(mountpoint, msg)
             self._next_ref = max(self._next_ref, msg.ref)
         for mountpoint, client_id, expiry in sessions:
-            self.sessions[(mountpoint, client_id)] = Session(mountpoint, client_id, False, now, expiry)
+            self.sessions[(mountpoint, client_id)] = Session(mountpoint, client_id, self.now, expiry)
             self.mountpoints.add(mountpoint)
-        for mountpoint, client_id, topic_filter, qos in subscriptions:
+        for mountpoint, client_id, topic_filter, packed in subscriptions:
             session = self.sessions.get((mountpoint, client_id))
             if session is not None:
-                self._attach(session, topic_filter, qos)
-                session.subs[topic_filter] = qos
+                opts = SubOptions.unpack(packed)
+                self.router.add(session, topic_filter, opts)
+                session.subs[topic_filter] = opts
         for mountpoint, client_id, waiting, size, parked, last_ref in queues:
             session = self.sessions.get((mountpoint, client_id))
             if session is not None:
@@ -3718,7 +3553,8 @@ class Broker:
         The per-subscription and per-message lists are built only when asked for.
         """
         sessions = self.sessions
-        return [self._record(sessions[key], subscriptions, messages) for key in keys if key in sessions]
+        return [session_record(sessions[key], subscriptions, self.stored_messages(sessions[key]) if messages
+                               else None) for key in keys if key in sessions]
 
     def session_rows(self, keys: Iterable[tuple[str, str]], columns: Sequence[str]) -> list[dict]:
         """Return finished session show rows (``columns``, alphabetical) for listings without filters."""
@@ -3727,24 +3563,6 @@ class Broker:
             return [_default_row(sessions[key]) for key in keys if key in sessions]
         getters = [(c, SESSION_GETTERS[c]) for c in columns]
         return [{c: get(sessions[key]) for c, get in getters} for key in keys if key in sessions]
-
-    def _record(self, s: Session, subscriptions: bool, messages: bool) -> dict:
-        online = s.client is not None
-        record = {
-            "node": "", "mountpoint": s.mountpoint, "client_id": s.client_id,
-            "queue_pid": f"<q.{id(s):x}>", "queue_size": None, "session_pid": f"<s.{id(s):x}>" if online else None,
-            "is_offline": not online, "is_online": online, "statename": "online" if online else "offline",
-            "deliver_mode": "fanout", "offline_messages": 0 if online else _queued(s),
-            "online_messages": _queued(s) if online else 0, "num_sessions": 1 if online else 0,
-            "clean_session": s.clean, "is_plugin": False, "queue_started_at": int(s.started_at * 1000),
-            "user": s.user, "peer_host": s.peer[0], "peer_port": s.peer[1], "protocol": s.protocol,
-            "waiting_acks": len(s.inflight) + s.parked, "session_started_at": int(s.started_at * 1000),
-        }
-        if subscriptions:
-            record["subscriptions"] = _subscriptions(s)
-        if messages:
-            record["messages"] = _messages(s, self.stored_messages(s))
-        return record
 
     def stored_messages(self, s: Session) -> list[tuple]:
         """Return the messages of a session that wait only in the store (session show asked for them)."""
@@ -3762,22 +3580,390 @@ class Broker:
 
     def retained_rows(self, mountpoint: str | None = None) -> list[dict]:
         """Return (mountpoint, topic, payload) of each retained message."""
-        return [{"mountpoint": mp, "topic": t, "payload": m.payload.decode("utf-8", "replace")}
-                for mp, table in sorted(self.retained.items()) if mountpoint in (None, mp)
-                for t, m in table.items()]
-
-    def delete_retained(self, mountpoint: str, topic: str) -> bool:
-        """Delete one retained message; return whether it existed."""
-        old = self.retained[mountpoint].pop(topic, None)
-        if old is None:
-            return False
-        self.retained_bytes -= message_bytes(old)
-        self.store.delete_retained(mountpoint, topic)
-        return True
+        return self.router.retained_rows(mountpoint)
 
 
 ###############################################################################
-# 7. Message store ############################################################
+# 11. Engine: packets and time ################################################
+###############################################################################
+# Owns: what each packet means (one dispatch table from connection state and
+#       packet type to its handler), acknowledgements, subscriptions, deadlines
+#       and the tick.
+# Must not know: sockets, the clock (``now`` comes with every entry point).
+
+class Engine(Sessions):
+    """MQTT 3.1/3.1.1/5.0 broker state, driven by packets; output goes to each Connection's outbox.
+
+    Entry points: ``connection_made``, ``handle(conn, packet, now)``, ``deadline``,
+    ``tick(now)``, ``connection_lost`` and the admin operations of ``Sessions``.
+    """
+
+    def handle(self, client: Connection, packet: Any, now: float, raw: bytes = b"") -> None:
+        """Act on one decoded packet from ``client``; ``raw`` is its wire form if it is a plain QoS 0 PUBLISH."""
+        self.now = client.last_seen = now
+        if self.settings() is not self._config:
+            self.refresh_settings()
+        handler = self._DISPATCH.get((client.connected, type(packet)))
+        if handler is None:
+            if not client.connected:
+                raise ProtocolError("the first packet must be CONNECT")  # [MQTT-3.1.0-1]
+            raise ProtocolError(f"a client may not send {type(packet).__name__.upper()}")  # [MQTT-3.1.0-2] too
+        handler(self, client, packet, raw)
+
+    # -- publishing -------------------------------------------------------
+    def on_publish(self, client: Connection, p: Publish, raw: bytes = b"") -> None:
+        """Route an incoming PUBLISH and acknowledge it; ``raw`` lets QoS 0 go out as it came in."""
+        self.counters["mqtt_publish_received", client.labels] += 1
+        session = client.session
+        v5 = client.dialect.v5
+        if p.qos == 2 and p.packet_id in session.incoming:
+            self.emit_packet(client, Pubrec(p.packet_id))  # a resent QoS 2 message is routed once
+            return
+        if self.max_rate:
+            self.throttle(client)
+        if p.qos and self.store.error is not None:
+            return self.refuse_unsaved(client, p)
+        topic, props, expires = p.topic, (), None
+        if v5:
+            if p.properties:
+                topic, props, expires, raw = self.publish_properties(client, p, raw)
+            if p.qos == 2 and len(session.incoming) >= client.receive_max_in:
+                raise ReceiveMaxExceeded(f"more than {client.receive_max_in} QoS 2 messages unacknowledged")
+        reason = self.publish_message(client, p, topic, props, expires, raw)
+        if not p.qos:
+            return
+        if self.store.error is not None:  # the store failed while keeping this message
+            return self.refuse_unsaved(client, p)
+        if not v5 or not reason:  # MQTT 3.1.1 acknowledges a refused message as if delivered
+            if p.qos == 1:
+                self.emit(client, ack_frame(PUBACK, p.packet_id))  # the same bytes in MQTT 5
+                self.counters["mqtt_puback_sent", client.labels if not v5 else V5_SUCCESS] += 1
+            else:
+                session.incoming.add(p.packet_id)
+                self.emit(client, ack_frame(PUBREC, p.packet_id))
+                self.counters["mqtt_pubrec_sent", client.labels if not v5 else V5_SUCCESS] += 1
+            return
+        kind = Puback if p.qos == 1 else Pubrec
+        if kind is Pubrec and reason < REASON_FAILURE:
+            session.incoming.add(p.packet_id)  # an error reason ends the exchange (MQTT 5.0 4.3.3)
+        self.emit_packet(client, client.dialect.ack(kind, p.packet_id, reason))
+        self.counters["mqtt_puback_sent" if kind is Puback else "mqtt_pubrec_sent", reason_labels(reason)] += 1
+
+    def publish_message(self, client: Connection, p: Publish, topic: str, props: tuple, expires: float | None,
+                        raw: bytes) -> int:
+        """Authorize, retain and route what a client published; return the MQTT 5 reason of its acknowledgement."""
+        session, hooks = client.session, self.hooks
+        if props and ("payload_format_indicator", 1) in props and not utf8_payload(p.payload):
+            self.counters["mqtt_publish_error", ()] += 1
+            return Reason.PAYLOAD_FORMAT_INVALID  # MQTT 5.0 3.3.2.3.2: dropped, and said so
+        if hooks.auth_on_publish or hooks.on_publish:
+            msg = self.authorize_publish(client, p, topic, props, expires)
+        elif self.acl(client, "write", topic):
+            msg = Message(topic, p.payload, p.qos, p.retain, self.new_ref(), raw, client.dialect.v5, props, expires,
+                          session.client_id)
+        else:
+            msg = None
+        if msg is None:
+            self.counters["mqtt_publish_auth_error", ()] += 1
+            return Reason.NOT_AUTHORIZED
+        if msg.retain and self.retain(session.mountpoint, msg) is False:
+            return Reason.QUOTA_EXCEEDED  # MQTT 5.0 3.4.2.1: max_retained_messages or max_retained_bytes
+        if not self.route(session.mountpoint, msg):
+            return Reason.NO_MATCHING_SUBSCRIBERS  # MQTT 5.0 3.4.2.1
+        return Reason.SUCCESS
+
+    def refuse_unsaved(self, client: Connection, p: Publish) -> None:
+        """Refuse a QoS 1/2 PUBLISH the store cannot keep: MQTT 5 hears 0x80, MQTT 3 is cut off (it resends)."""
+        self.counters["mqtt_publish_error", ()] += 1
+        if not client.dialect.v5:
+            return self.close_client(client)  # 3.1.1 has no negative acknowledgement
+        kind = Puback if p.qos == 1 else Pubrec
+        self.emit_packet(client, client.dialect.ack(kind, p.packet_id, Reason.UNSPECIFIED_ERROR, STORE_DOWN))
+        self.counters["mqtt_puback_sent" if kind is Puback else "mqtt_pubrec_sent",
+                      reason_labels(Reason.UNSPECIFIED_ERROR)] += 1
+
+    def publish_properties(self, client: Connection, p: Publish, raw: bytes) -> tuple[str, tuple, float | None, bytes]:
+        """Read an MQTT 5 PUBLISH's properties: (topic, properties to pass on, expiry time, raw frame or b"")."""
+        topic, props, expires = p.topic, [], None
+        for name, value in p.properties:
+            if name == "topic_alias":  # MQTT 5.0 3.3.2.3.4
+                if not 0 < value <= client.alias_max_in:
+                    raise TopicAliasInvalid(f"topic alias {value} outside 1..{client.alias_max_in}")
+                if topic:
+                    client.aliases_in[value] = topic
+                else:
+                    topic = client.aliases_in.get(value)
+                    if topic is None:
+                        raise ProtocolError(f"topic alias {value} was never set")
+                raw = b""  # the frame names an alias of this connection: it cannot be passed on
+            elif name == "message_expiry_interval":
+                expires = self.now + value
+            elif name == "subscription_identifier":
+                raise ProtocolError("a client PUBLISH with a subscription identifier")  # [MQTT-3.3.4-6]
+            else:
+                props.append((name, value))
+        return topic, tuple(props), expires, raw
+
+    def throttle(self, client: Connection) -> None:
+        """Enforce max_message_rate: at the limit, ask the I/O shell to stop reading until the next second."""
+        second = int(self.now)
+        if client.rate_second != second:
+            client.rate_second, client.rate_count = second, 0
+        client.rate_count += 1
+        if client.rate_count >= self.max_rate and not client.pause_for:
+            if not client.out and not client.closing:
+                self.dirty.append(client)
+            client.pause_for = second + 1 - self.now
+
+    def authorize_publish(self, client: Connection, p: Publish, topic: str, props: tuple = (),
+                          expires: float | None = None) -> Message | None:
+        """Ask auth_on_publish hooks, then vmq_acl; apply a hook's changes; call on_publish."""
+        sid = client.session.key
+        answer = run_auth_hooks(self.hooks.auth_on_publish, client.user, sid, p.qos, topic, p.payload, p.retain)
+        if answer == "error" or (answer is None and not self.acl(client, "write", topic)):
+            return None
+        payload, qos, retain = p.payload, p.qos, p.retain
+        if isinstance(answer, Mapping):
+            topic, payload = answer.get("topic", topic), answer.get("payload", payload)
+            qos, retain = answer.get("qos", qos), answer.get("retain", retain)
+            if not valid_topic_name(topic) or qos not in (0, 1, 2) or not isinstance(payload, bytes):
+                log.error("auth_on_publish returned bad changes %r; refusing", answer)
+                return None
+        notify(self.hooks.on_publish, client.user, sid, qos, topic, payload, retain)
+        return Message(topic, payload, qos, bool(retain), self.new_ref(), props=props, expires=expires,
+                       origin=sid[1])
+
+    def retain(self, mountpoint: str, msg: Message) -> bool | None:
+        """Retain (or with an empty payload delete) a message, in the store too; False: refused, counted."""
+        kept = self.router.retain(mountpoint, msg, self.max_retained, self.max_retained_bytes)
+        if kept:
+            self.store.put_retained(mountpoint, msg)
+        elif kept is None:
+            self.store.delete_retained(mountpoint, msg.topic)
+        else:
+            self.counters["retain_message_refused", ()] += 1
+        return kept
+
+    # -- acknowledgements -------------------------------------------------
+    def on_puback(self, client: Connection, p: Puback, raw: bytes = b"") -> None:
+        """QoS 1 delivered: forget it, send the next."""
+        self.counters["mqtt_puback_received", client.dialect.ack_labels(p.reason_code)] += 1
+        out = client.session.inflight.get(p.packet_id)
+        if out is None or out.qos != 1:
+            self.counters["mqtt_puback_invalid_error", ()] += 1
+            return
+        self.complete(client.session, p.packet_id)
+
+    def on_pubrec(self, client: Connection, p: Pubrec, raw: bytes = b"") -> None:
+        """QoS 2 received by the client: answer PUBREL [MQTT-4.3.3-1]; an MQTT 5 error reason ends it."""
+        self.counters["mqtt_pubrec_received", client.dialect.ack_labels(p.reason_code)] += 1
+        session = client.session
+        out = session.inflight.get(p.packet_id)
+        if out is None or out.qos != 2:
+            self.counters["mqtt_pubrec_invalid_error", ()] += 1
+            if client.dialect.v5:
+                self.emit_packet(client, Pubrel(p.packet_id, Reason.PACKET_ID_NOT_FOUND))
+                self.counters["mqtt_pubrel_sent", reason_labels(Reason.PACKET_ID_NOT_FOUND)] += 1
+                return
+        elif out.stage is Stage.SENT:
+            if p.reason_code >= REASON_FAILURE:
+                return self.complete(session, p.packet_id)  # MQTT 5.0 4.3.3: no PUBREL after an error
+            out.stage, out.sent_at = Stage.RELEASED, self.now
+            if out.row:
+                self.store.mark_released(out.row)
+        self.emit_packet(client, Pubrel(p.packet_id))
+        self.counters["mqtt_pubrel_sent", client.dialect.ack_labels(0)] += 1
+
+    def on_pubrel(self, client: Connection, p: Pubrel, raw: bytes = b"") -> None:
+        """The client releases a QoS 2 message it sent: answer PUBCOMP [MQTT-4.3.3-2]."""
+        self.counters["mqtt_pubrel_received", client.dialect.ack_labels(p.reason_code)] += 1
+        incoming = client.session.incoming
+        if p.packet_id not in incoming and client.dialect.v5:
+            self.emit_packet(client, Pubcomp(p.packet_id, Reason.PACKET_ID_NOT_FOUND))
+            self.counters["mqtt_pubcomp_sent", reason_labels(Reason.PACKET_ID_NOT_FOUND)] += 1
+            return
+        incoming.discard(p.packet_id)
+        self.emit_packet(client, Pubcomp(p.packet_id))
+        self.counters["mqtt_pubcomp_sent", client.dialect.ack_labels(0)] += 1
+
+    def on_pubcomp(self, client: Connection, p: Pubcomp, raw: bytes = b"") -> None:
+        """QoS 2 complete: forget it, send the next."""
+        self.counters["mqtt_pubcomp_received", client.dialect.ack_labels(p.reason_code)] += 1
+        out = client.session.inflight.get(p.packet_id)
+        if out is None or out.stage is not Stage.RELEASED:
+            self.counters["mqtt_pubcomp_invalid_error", ()] += 1
+            return
+        self.complete(client.session, p.packet_id)
+
+    # -- subscriptions ----------------------------------------------------
+    def on_subscribe(self, client: Connection, p: Subscribe, raw: bytes = b"") -> None:
+        """Subscribe each filter (a failure code when invalid or refused), then send retained matches."""
+        self.counters["mqtt_subscribe_received", client.labels] += 1
+        session, dialect = client.session, client.dialect
+        sub_id = 0
+        if dialect.v5:
+            ids = [value for name, value in p.properties if name == "subscription_identifier"]
+            if len(ids) > 1:
+                raise ProtocolError("SUBSCRIBE with more than one subscription identifier")  # MQTT 5.0 3.8.2.1.2
+            sub_id = ids[0] if ids else 0
+        topics = [(t, o & 3) for t, o in p.topics]
+        answer = run_auth_hooks(self.hooks.auth_on_subscribe, client.user, session.key, topics) \
+            if self.hooks.auth_on_subscribe else None
+        if isinstance(answer, list):
+            if len(answer) != len(topics):
+                log.error("auth_on_subscribe changed the number of topics; refusing")
+                answer = "error"
+            else:
+                topics, answer = [(str(t), int(q)) for t, q in answer], "ok"
+        codes, granted = [], []
+        for (topic_filter, qos), (_, options) in zip(topics, p.topics):
+            if qos not in (0, 1, 2):  # only a hook's answer can say so: it refused this one topic
+                codes.append(dialect.hook_refusal(qos))
+                self.counters["mqtt_subscribe_auth_error", ()] += 1
+                continue
+            valid = valid_subscription(topic_filter)
+            shared, plain = split_shared(topic_filter)
+            if dialect.v5 and options & 4 and shared is not None:
+                raise ProtocolError("No Local on a shared subscription")  # [MQTT-3.8.3-4]
+            if not valid or answer == "error" or (answer is None and not self.acl(client, "read", plain)):
+                codes.append(dialect.subscribe_failure(valid))
+                self.counters["mqtt_subscribe_auth_error" if valid else "mqtt_subscribe_error", ()] += 1
+                continue
+            opts = SubOptions(qos, bool(options & 4), bool(options & 8), (options >> 4) & 3, sub_id) \
+                if dialect.v5 else QOS_ONLY[qos]
+            existed = topic_filter in session.subs
+            self.subscribe(session, topic_filter, opts)
+            codes.append(qos)
+            granted.append((topic_filter, opts, existed))
+        self.emit_packet(client, Suback(p.packet_id, tuple(codes)))
+        self.counters["mqtt_suback_sent", client.labels] += 1
+        if granted:
+            notify(self.hooks.on_subscribe, client.user, session.key, [(t, o.qos) for t, o, _ in granted])
+        for topic_filter, opts, existed in granted:
+            # no retained messages on shared subscriptions; Retain Handling 1: only if new, 2: never
+            handling = opts.retain_handling
+            if not topic_filter.startswith(SHARE_PREFIX) and handling != 2 and not (handling == 1 and existed):
+                self.send_retained(session, topic_filter, opts)
+
+    def subscribe(self, session: Session, topic_filter: str, opts: SubOptions) -> None:
+        """Add or replace one subscription [MQTT-3.8.4-3]."""
+        self.router.add(session, topic_filter, opts)
+        session.subs[topic_filter] = opts
+        if not session.clean:
+            self.store.put_subscription(session.mountpoint, session.client_id, topic_filter, opts.packed())
+
+    def on_unsubscribe(self, client: Connection, p: Unsubscribe, raw: bytes = b"") -> None:
+        """Drop filters and answer UNSUBACK [MQTT-3.10.4-4]; MQTT 5 says per filter whether it existed."""
+        self.counters["mqtt_unsubscribe_received", client.labels] += 1
+        session = client.session
+        existed = [self.unsubscribe(session, topic_filter) for topic_filter in p.topics]
+        notify(self.hooks.on_unsubscribe, client.user, session.key, list(p.topics))
+        self.emit_packet(client, client.dialect.unsuback(p.packet_id, existed))
+        self.counters["mqtt_unsuback_sent", client.labels] += 1
+
+    def unsubscribe(self, session: Session, topic_filter: str) -> bool:
+        """Remove one subscription; return whether it existed."""
+        if session.subs.pop(topic_filter, None) is None:
+            return False
+        self.router.remove(session, topic_filter)
+        if not session.clean:
+            self.store.delete_subscription(session.mountpoint, session.client_id, topic_filter)
+        return True
+
+    def on_pingreq(self, client: Connection, p: Pingreq, raw: bytes = b"") -> None:
+        """Answer PINGRESP [MQTT-3.12.4-1]."""
+        self.counters["mqtt_pingreq_received", client.labels] += 1
+        self.emit(client, PINGRESP_FRAME)
+        self.counters["mqtt_pingresp_sent", client.labels] += 1
+
+    def on_disconnect(self, client: Connection, p: Disconnect, raw: bytes = b"") -> None:
+        """A goodbye: drop the will [MQTT-3.14.4-3] (MQTT 5: unless reason 0x04 asks for it) and close."""
+        if client.dialect.v5:
+            self.counters["mqtt_disconnect_received", reason_labels(p.reason_code, "normal_disconnect")] += 1
+            for name, value in p.properties:
+                if name == "session_expiry_interval":
+                    if not client.expiry_at_connect and value:
+                        raise ProtocolError("DISCONNECT sets a Session Expiry Interval CONNECT had at 0")
+                    self.set_expiry(client.session, None if value == 0xFFFFFFFF else value)  # [MQTT-3.14.2-2]
+        else:
+            self.counters["mqtt_disconnect_received", V4] += 1
+        client.clean_exit = p.reason_code != Reason.DISCONNECT_WITH_WILL
+        self.close_client(client)
+
+    _DISPATCH: dict[tuple[bool, type], Callable[..., None]] = {  # (connected, packet type) -> handler
+        (False, Connect): Sessions.on_connect, (False, Auth): Sessions.on_auth,
+        (True, Publish): on_publish, (True, Puback): on_puback, (True, Pubrec): on_pubrec,
+        (True, Pubrel): on_pubrel, (True, Pubcomp): on_pubcomp, (True, Subscribe): on_subscribe,
+        (True, Unsubscribe): on_unsubscribe, (True, Pingreq): on_pingreq, (True, Disconnect): on_disconnect,
+        (True, Auth): Sessions.on_auth,
+    }
+
+    # -- time -------------------------------------------------------------
+    def deadline(self, client: Connection, now: float, partial_since: float | None = None) -> float | None:
+        """Close ``client`` if one of its deadlines has passed; else return when the next one falls.
+
+        The deadlines: CONNECT within mqtt_connect_timeout, a begun packet (``partial_since``)
+        finished within mqtt_packet_timeout, a packet within 1.5 x keep-alive [MQTT-3.1.2-24].
+        None: the client is closed, or has no deadline until it sends again.
+        """
+        if client.closed:
+            return None
+        self.now = now
+        config = self.settings()
+        due: list[float] = []
+        if partial_since is not None:
+            due.append(partial_since + config["mqtt_packet_timeout"] / 1000)
+            if now >= due[-1]:
+                self.counters["socket_close_timeout", ()] += 1
+                self.close_client(client)  # a packet begun and never finished
+                return None
+        if client.connected:
+            if client.keepalive:
+                due.append(client.last_seen + 1.5 * client.keepalive)
+                if now >= due[-1]:
+                    self.counters["client_keepalive_expired", ()] += 1
+                    self.close_client(client, reason=Reason.KEEP_ALIVE_TIMEOUT)
+                    return None
+        else:
+            due.append(client.opened_at + config["mqtt_connect_timeout"] / 1000)
+            if now >= due[-1]:
+                self.close_client(client)  # no CONNECT in time
+                return None
+        return min(due) if due else None
+
+    def tick(self, now: float) -> None:
+        """Send delayed wills, retry unacknowledged messages, expire sessions.
+
+        Each tick looks at up to TICK_BATCH sessions, going round, so ten thousand idle
+        sessions never hold up deliveries for long. Connections keep their own deadlines
+        (``deadline``), which the I/O shell times exactly.
+        """
+        self.now = now
+        config = self.settings()
+        retry = config["retry_interval"]
+        limit = config["persistent_client_expiration"]
+        expired = []
+        if not self._tick_sessions:
+            self._tick_sessions = list(self.sessions.values())
+        batch, self._tick_sessions = self._tick_sessions[-TICK_BATCH:], self._tick_sessions[:-TICK_BATCH]
+        for session in batch:
+            if self.sessions.get(session.key) is not session:
+                continue  # ended since the round began
+            if session.client is not None:
+                if session.inflight:
+                    self.resend(session, retry)
+                continue
+            if session.will is not None and session.will[1] <= now:
+                will, session.will = session.will[0], None
+                self.send_will(session.mountpoint, will)  # its Will Delay Interval has passed
+            offline = now - session.offline_since if session.offline_since is not None else 0
+            if (session.expiry is not None and offline > session.expiry) or (limit is not None and offline > limit):
+                expired.append(session)
+        for session in expired:
+            self.drop_session(session)
+
+###############################################################################
+# 12. Message store ###########################################################
 ###############################################################################
 # Owns: retained messages and persistent sessions (subscriptions, queued QoS 1/2
 #       messages) in SQLite, committed once per batch of packets.
@@ -4132,7 +4318,168 @@ class SqliteStore(MemoryStore):
 
 
 ###############################################################################
-# 8. MQTT I/O #################################################################
+# 13. Broker shell: plugin hooks, rule files, tracing #########################
+###############################################################################
+# Owns: what the engine is handed from outside: the hook registry (threads add to
+#       it), the password and ACL files (read and reloaded), password hashing (with
+#       its random salt) and packet tracing (with its clock).
+# Must not know: sockets, packets' meaning.
+
+PASSWD_SALT_BYTES = 12  # VerneMQ vmq_passwd: 12-byte salt, sha512(password ++ salt)
+
+
+def hash_password(password: str, salt: bytes | None = None) -> str:
+    """Return vmq_passwd's ``$6$<b64 salt>$<b64 sha512(password + salt)>``."""
+    salt = secrets.token_bytes(PASSWD_SALT_BYTES) if salt is None else salt
+    digest = hashlib.sha512(password.encode() + salt).digest()
+    return f"$6${base64.b64encode(salt).decode()}${base64.b64encode(digest).decode()}"
+
+
+class ReloadingFile:
+    """A file parsed again when its mtime changes, checked at most every ``interval`` s."""
+
+    def __init__(self, parse: Callable[[str], Any], empty: Any, on_error: Callable[[], None] = lambda: None):
+        self._parse, self._empty, self._on_error = parse, empty, on_error
+        self.path, self.value = "", empty
+        self._signature: tuple | None = None
+        self._checked = -1e18
+
+    def get(self, path: str, interval: int, now: float) -> Any:
+        """Return the parsed content of ``path`` (``empty`` when no path)."""
+        if path != self.path:
+            self.path, self._signature, self._checked = path, None, -1e18
+        if not path:
+            return self._empty
+        if self._signature is None or (interval and now - self._checked >= interval):
+            self._checked = now
+            signature = ("failed",)
+            try:
+                st = os.stat(path)
+                signature = (st.st_ino, st.st_mtime_ns, st.st_size)
+                if signature != self._signature:
+                    with open(path, encoding="utf-8") as fh:
+                        self.value = self._parse(fh.read())
+                    self._signature = signature
+            except (OSError, ValueError, UnicodeDecodeError) as exc:
+                log.error("cannot load %s: %s; keeping the previous rules", path, exc)
+                self._signature = signature  # a bad version is reported once, tried again when it changes
+                self._on_error()
+        return self.value
+
+
+def check_acl_file(path: str) -> None:
+    """Raise ConfigError naming the file and line when the vmq_acl file cannot be used (start-up)."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            parse_acl(fh.read())
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"vmq_acl.acl_file {path}: cannot read it: {getattr(exc, 'strerror', None) or exc}") \
+            from None
+    except ValueError as exc:
+        raise ConfigError(f"vmq_acl.acl_file {path}: {exc}") from None
+
+
+class Hooks:
+    """Python plugin hooks by VerneMQ hook name, called in the broker's thread.
+
+    Each hook name is also an attribute holding a tuple of functions, so the
+    broker's hot path pays one attribute read when nothing is registered.
+    An ``auth_on_*`` hook returns ``"ok"``/True (allow), ``"next"``/None (ask the
+    next plugin), ``"error"``/False (refuse) or a dict of changes (allow with
+    them: ``topic``, ``payload``, ``qos``, ``retain`` for publish; for subscribe
+    a list of (topic, qos) pairs replaces the request).
+
+    ``on_auth_m5(username, subscriber_id, {"authentication_method": m,
+    "authentication_data": d})`` runs MQTT 5 enhanced authentication: it answers
+    like an ``auth_on_*`` hook, or with a dict ``{"reason": "success" |
+    "continue_authentication", "authentication_data": bytes}``; "continue"
+    sends the data to the client in AUTH and asks the hook again with its reply.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._entries: list[tuple[str, Callable[..., Any], str, bool]] = []  # hook, fn, plugin, enabled
+        self.builtin = dict.fromkeys(BUILTIN_PLUGINS, True)
+        self._publish()
+
+    def _publish(self) -> None:
+        for name in HOOK_NAMES:
+            setattr(self, name, tuple(fn for hook, fn, _, on in self._entries if hook == name and on))
+
+    def register(self, name: str, fn: Callable[..., Any], plugin: str | None = None) -> None:
+        """Add ``fn`` to hook ``name``; ``plugin`` (default: fn's module) groups it in plugin show."""
+        if name not in HOOK_NAMES:
+            raise ValueError(f"unknown hook {name!r}; hooks: {', '.join(HOOK_NAMES)}")
+        with self._lock:
+            self._entries.append((name, fn, plugin or getattr(fn, "__module__", None) or "python", True))
+            self._publish()
+
+    def enable(self, plugin: str, on: bool) -> bool:
+        """Turn a plugin's hooks on or off; return whether such a plugin exists."""
+        with self._lock:
+            if plugin in self.builtin:
+                self.builtin[plugin] = on
+                return True
+            found = [e for e in self._entries if e[2] == plugin]
+            self._entries = [(h, f, p, on if p == plugin else e) for h, f, p, e in self._entries]
+            self._publish()
+            return bool(found)
+
+    def rows(self) -> list[dict]:
+        """Return plugin show's rows: enabled plugins, their hooks and module:function/arity."""
+        with self._lock:
+            plugins: dict[str, list[tuple[str, str]]] = {}
+            kinds = {}
+            for plugin, hooks in BUILTIN_PLUGINS.items():
+                if self.builtin[plugin]:
+                    plugins[plugin] = [(h, f"{plugin}:{h}/{arity}") for h, arity in hooks]
+                    kinds[plugin] = "application"
+            for hook, fn, plugin, on in self._entries:
+                if on:
+                    plugins.setdefault(plugin, []).append((hook, f"{_mfa(fn)}"))
+                    kinds.setdefault(plugin, "python")
+        return [{"Plugin": p, "Type": kinds[p], "Hook(s)": "".join(h + "\n" for h, _ in hooks),
+                 "M:F/A": "".join(m + "\n" for _, m in hooks)} for p, hooks in plugins.items()]
+
+
+class Tracer:
+    """Collects one client's packets, both ways, as lines; at most ``rate_max`` per ``rate_interval`` ms."""
+
+    def __init__(self, client_id: str, rate_max: int = 10, rate_interval: int = 100, trunc: int = 200):
+        self.client_id, self.rate_max, self.rate_interval, self.trunc = client_id, rate_max, rate_interval, trunc
+        self._lock = threading.Lock()
+        self._lines: collections.deque[str] = collections.deque(maxlen=100_000)
+        self._window, self._in_window, self._skipped = 0.0, 0, 0
+
+    def packet(self, direction: str, packet: Any, now: float) -> None:
+        """Record one packet (``in`` from the client, ``out`` to it)."""
+        window = now - now % (self.rate_interval / 1000)
+        with self._lock:
+            if window != self._window:
+                if self._skipped:
+                    self._lines.append(f"... {self._skipped} packets not shown (rate limit)")
+                self._window, self._in_window, self._skipped = window, 0, 0
+            self._in_window += 1
+            if self._in_window > self.rate_max:
+                self._skipped += 1
+                return
+            stamp = _dt.datetime.fromtimestamp(now, _dt.timezone.utc).strftime("%H:%M:%S.%f")[:-3]
+            arrow = "MQTT RECV" if direction == "in" else "MQTT SEND"
+            self._lines.append(f"{stamp} {arrow}: CID: {self.client_id!r} {describe_packet(packet, self.trunc)}")
+
+    def take(self) -> list[str]:
+        """Return and forget the lines collected so far."""
+        with self._lock:
+            lines = list(self._lines)
+            self._lines.clear()
+            if self._skipped:
+                lines.append(f"... {self._skipped} packets not shown (rate limit)")
+                self._skipped = 0
+        return lines
+
+
+###############################################################################
+# 14. MQTT I/O ################################################################
 ###############################################################################
 # Owns: the event loop thread, asyncio listeners and per-connection buffers;
 #       one flush per batch, after the store has committed.
@@ -4157,8 +4504,7 @@ class MqttLink(asyncio.Protocol):
         self.io = listener.io
         self.counted = counted  # False inside a WsLink, which counts the socket itself
         self.transport: asyncio.Transport | None = None
-        self.client: Client | None = None
-        self.pending: list[bytes] = []
+        self.client: Connection | None = None
         self.buffer = b""  # the unfinished end of the last read
         self.big: bytearray | None = None  # an unfinished packet over PARTIAL_BIG, growing in place
         self.need = 0  # the whole size of ``big``
@@ -4172,8 +4518,6 @@ class MqttLink(asyncio.Protocol):
         self.timer_at = 0.0
         self.armed_connected = False  # whether the timer was set for a connected client
         self.stall: asyncio.TimerHandle | None = None
-        self.tracer: Tracer | None = None
-        self.identity: str | None = None  # the client certificate's CN, on TLS listeners
         self.peer = ("", 0)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -4191,20 +4535,20 @@ class MqttLink(asyncio.Protocol):
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.peer = tuple(transport.get_extra_info("peername") or ("", 0))[:2]
-        self.identity = certificate_cn(transport.get_extra_info("peercert")) if self.listener.tls else None
-        self.client = self.io.broker.connection_made(self)
-        self.client.opened_at = opened_at  # mqtt_connect_timeout counts from the accept, handshakes included
+        identity = certificate_cn(transport.get_extra_info("peercert")) if self.listener.tls else None
+        # mqtt_connect_timeout counts from the accept, handshakes included
+        self.client = self.io.engine.connection_made(self, self.listener, self.peer, identity, opened_at)
         self.arm(time.time())
 
     def data_received(self, data: bytes) -> None:
         if self.closing or self.client is None:
             return
-        self.io.broker.counters["bytes_received", ()] += len(data)
+        self.io.engine.counters["bytes_received", ()] += len(data)
         if self.fresh and data:
             self.fresh = False
             if data[0] != CONNECT_FIRST_BYTE:
                 log.info("closing MQTT connection from %s: it did not begin with CONNECT", self.peer[0])
-                self.io.broker.counters["mqtt_malformed_packet_error", ()] += 1
+                self.io.engine.counters["mqtt_malformed_packet_error", ()] += 1
                 self.abort()
                 return
         if self.big is not None:
@@ -4226,29 +4570,32 @@ class MqttLink(asyncio.Protocol):
         return min(limit, config["max_connect_size"]) if limit else config["max_connect_size"]
 
     def _decode(self, buf: bytes) -> None:
-        pos, broker, client = 0, self.io.broker, self.client
+        pos, engine, client, io = 0, self.io.engine, self.client, self.io
+        now = time.time()
+        if io.settings() is not io.rules_config:
+            io.refresh_rules(now)  # a set of vmq_acl.* or vmq_passwd.* counts from the next packet
         max_size = self._max_size()
         try:
-            while not self.closing and not self.paused:
+            while not self.closing and not self.paused and not client.closing and not client.pause_for:
                 start = pos
                 result = decode_packet(buf, pos, max_size, client.proto)  # CONNECT may change the version
                 if result is None:
                     break
                 packet, pos = result
-                if self.tracer is not None and client.connected:
-                    self.tracer.packet("in", packet, time.time())
                 # A plain QoS 0 PUBLISH (first byte 0x30) is forwarded as the bytes it came in.
-                broker.handle(client, packet, buf[start:pos] if buf[start] == 0x30 else b"")
+                engine.handle(client, packet, now, buf[start:pos] if buf[start] == 0x30 else b"")
+                if client.tracer is not None:
+                    client.tracer.packet("in", packet, now)
                 if not client.connected:
                     max_size = self._max_size()
         except MalformedPacket as exc:
             log.info("closing MQTT connection from %s: %s", self.peer[0], exc.text)
             kind = "mqtt_invalid_msg_size_error" if isinstance(exc, PacketTooLarge) else "mqtt_malformed_packet_error"
-            broker.counters[kind, ()] += 1
-            broker.close_client(client, reason=exc.reason_code, text=exc.text)  # MQTT 5 hears why
+            engine.counters[kind, ()] += 1
+            engine.close_client(client, reason=exc.reason_code, text=exc.text)  # MQTT 5 hears why
         except Exception:  # a bug: it costs this connection, never the node or its other clients
             log.exception("internal error on the MQTT connection from %s; closing it", self.peer[0])
-            broker.close_client(client, reason=0x83)  # MQTT 5: Implementation specific error
+            engine.close_client(client, reason=Reason.IMPLEMENTATION_SPECIFIC_ERROR)
         self._keep(buf, pos)
 
     def _keep(self, buf: bytes, pos: int) -> None:
@@ -4276,7 +4623,7 @@ class MqttLink(asyncio.Protocol):
         if self.client is None or self.closing:
             return
         self.armed_connected = self.client.connected
-        when = self.io.broker.deadline(self.client, now, self.partial_since)
+        when = self.io.engine.deadline(self.client, now, self.partial_since)
         if when is None:
             return
         if self.timer is not None:
@@ -4312,39 +4659,39 @@ class MqttLink(asyncio.Protocol):
             self.reading = want
             (self.transport.resume_reading if want else self.transport.pause_reading)()
 
-    def write(self, data: bytes) -> None:
-        """Queue bytes for this batch's single write."""
-        if self.closing:
+    def drain(self) -> None:
+        """Send what the engine left in this connection's outbox in one write; then pause or close as it asked."""
+        conn = self.client
+        if self.closing or self.transport is None:
+            conn.out.clear()
             return
-        if not self.pending:
-            self.io.dirty.append(self)
-        self.pending.append(data)
-        if self.tracer is not None:
-            pos, now = 0, time.time()
-            while pos < len(data):
-                packet, pos = decode_packet(data, pos, 0, self.client.proto if self.client else 4)
-                self.tracer.packet("out", packet, now)
-
-    def flush(self) -> None:
-        """Write what this batch queued, in one call."""
-        if self.pending and self.transport is not None:
-            data = self.pending[0] if len(self.pending) == 1 else b"".join(self.pending)
-            self.pending = []
-            self.io.broker.counters["bytes_sent", ()] += len(data)
+        if conn.out:
+            data = conn.out[0] if len(conn.out) == 1 else b"".join(conn.out)
+            conn.out.clear()
+            self.io.engine.counters["bytes_sent", ()] += len(data)
+            if conn.tracer is not None:
+                self._trace_out(conn, data)
             self.transport.write(data)
-
-    def close(self) -> None:
-        """Flush and close (asyncio sends what is buffered first)."""
-        if not self.closing and self.transport is not None:
-            self.flush()
+        if conn.pause_for:
+            delay, conn.pause_for = conn.pause_for, 0.0
+            self.throttle(delay)
+        if conn.closing:
             self.closing = True
-            self.transport.close()
+            self.transport.close()  # asyncio sends what is buffered first
+
+    @staticmethod
+    def _trace_out(conn: Connection, data: bytes) -> None:
+        pos, now = 0, time.time()
+        while pos < len(data):
+            packet, pos = decode_packet(data, pos, 0, conn.proto)
+            conn.tracer.packet("out", packet, now)
 
     def abort(self) -> None:
         """Close at once, dropping what is buffered (the peer is not reading, or never spoke MQTT)."""
-        if self.client is not None and not self.client.closed:
-            self.io.broker.close_client(self.client, close_link=False)
-        self.pending = []
+        if self.client is not None:
+            self.client.out.clear()
+            if not self.client.closed:
+                self.io.engine.close_client(self.client, close_link=False)
         self.closing = True
         if self.transport is not None:
             self.transport.abort()
@@ -4357,12 +4704,16 @@ class MqttLink(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self.writable = False
+        if self.client is not None:
+            self.client.writable = False
         self._reading()
         if self.stall is None and not self.closing:
             self.stall = self.io.loop.call_later(self.io.settings()["mqtt_write_timeout"] / 1000, self._stalled)
 
     def resume_writing(self) -> None:
         self.writable = True
+        if self.client is not None:
+            self.client.writable = True
         if self.stall is not None:
             self.stall.cancel()
             self.stall = None
@@ -4372,7 +4723,7 @@ class MqttLink(asyncio.Protocol):
         self.stall = None
         if not self.writable and not self.closing:
             log.info("closing MQTT connection from %s: it left its answers unread", self.peer[0])
-            self.io.broker.counters["socket_close_write_timeout", ()] += 1
+            self.io.engine.counters["socket_close_write_timeout", ()] += 1
             self.abort()
             self.io.after_batch()
 
@@ -4380,14 +4731,14 @@ class MqttLink(asyncio.Protocol):
         if self.counted:
             self.listener.release()
         self.closing = True
-        self.pending = []
         self.buffer, self.big = b"", None
         self.io.hold(self, 0)
         for handle in (self.timer, self.stall):
             if handle is not None:
                 handle.cancel()
         if self.client is not None:
-            self.io.broker.connection_lost(self.client)
+            self.client.out.clear()
+            self.io.engine.connection_lost(self.client, time.time())
             self.io.after_batch()
 
 
@@ -4528,7 +4879,7 @@ class WsLink(asyncio.Protocol):
     def _handshake_timeout(self) -> None:
         self.timer = None
         if not self.open and not self.transport.is_closing():
-            self.io.broker.counters["socket_close_timeout", ()] += 1
+            self.io.engine.counters["socket_close_timeout", ()] += 1
             self.transport.abort()
 
     def data_received(self, data: bytes) -> None:
@@ -4593,7 +4944,7 @@ class WsLink(asyncio.Protocol):
         self.buffer = bytearray()
         self.io.hold(self, 0)
         if self.inner.client is not None:
-            self.io.broker.close_client(self.inner.client, close_link=False)
+            self.io.engine.close_client(self.inner.client, close_link=False)
             self.io.after_batch()
         if not self.transport.is_closing():
             self.transport.write(ws_frame(8, code.to_bytes(2, "big")))
@@ -4724,7 +5075,7 @@ class MqttListener:
         if self.status != "running" or (limit is not None and self.active > limit):
             return False
         if io.sockets > io.socket_budget:
-            io.broker.counters["socket_close_no_descriptors", ()] += 1
+            io.engine.counters["socket_close_no_descriptors", ()] += 1
             if not io.warned_descriptors:
                 io.warned_descriptors = True
                 log.warning("refusing MQTT connections: %d are open, the most the file descriptor limit allows "
@@ -4765,9 +5116,12 @@ class MqttIO:
         self.store = store
         self.metrics, self.node_name = metrics, node_name
         self._systree_at = time.time()
-        self.broker = Broker(settings, store, hooks=hooks)
+        self.engine = Engine(settings, store, hooks, new_client_id=lambda: "anon-" + secrets.token_hex(8),
+                             choose=random.choice, now=time.time())
+        self._passwd = ReloadingFile(parse_passwd, {})
+        self._acl = ReloadingFile(parse_acl, None, self._acl_failed)
+        self.rules_config: Config | None = None  # the Config the rules were last read for
         self.listeners: list[MqttListener] = []
-        self.dirty: list[MqttLink] = []
         self.sockets = 0  # MQTT sockets open on every listener
         self.socket_budget = socket_budget()
         self.warned_descriptors = False
@@ -4788,7 +5142,7 @@ class MqttIO:
         """Log what asyncio reports; running out of descriptors is a condition, not a bug: no traceback."""
         exc = context.get("exception")
         if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-            self.broker.counters["socket_close_no_descriptors", ()] += 1
+            self.engine.counters["socket_close_no_descriptors", ()] += 1
             now = time.monotonic()
             if now - self._resource_warned >= 10:  # asyncio retries the accept every second: say it now and then
                 self._resource_warned = now
@@ -4848,9 +5202,7 @@ class MqttIO:
             await asyncio.sleep(0)
 
     def _kill_clients(self, listener: MqttListener) -> None:
-        for client in list(self.broker.clients):
-            if client.link.listener is listener:
-                self.broker.close_client(client, reason=0x98)  # MQTT 5: Administrative action
+        self.engine.close_listener_clients(listener)
 
     async def _bind(self, listener: MqttListener) -> None:
         protocol = (lambda: WsLink(listener)) if listener.websocket else (lambda: MqttLink(listener))
@@ -4866,7 +5218,7 @@ class MqttIO:
         try:
             delay = self._housekeeping()
         except Exception as exc:  # keep-alive, retries, expiry and wills must outlive any one failure
-            self.broker.counters["tick_error", ()] += 1
+            self.engine.counters["tick_error", ()] += 1
             now = time.time()
             if now - self._tick_error_at >= TICK_ERROR_LOG_INTERVAL:
                 self._tick_error_at = now
@@ -4879,7 +5231,8 @@ class MqttIO:
         """Tick the broker, publish $SYS when due, commit and flush; return when to run again."""
         now = time.time()
         self.store.probe()
-        self.broker.tick(now)
+        self.refresh_rules(now)
+        self.engine.tick(now)
         config = self.settings()
         interval = config["systree_interval"] / 1000
         if config["systree_enabled"] and interval and now - self._systree_at >= interval:
@@ -4892,8 +5245,8 @@ class MqttIO:
         """Publish every metric, aggregated, as ``$SYS/<node>/<name split on _>`` (QoS 0)."""
         for name, value in self.metrics.totals().items():
             topic = f"$SYS/{self.node_name}/" + name.replace("_", "/")
-            if self.broker.tries[""].match(topic):  # nobody listening: not an unhandled message
-                self.broker.route("", Message(topic, str(value).encode(), 0))
+            if self.engine.router.match("", topic):  # nobody listening: not an unhandled message
+                self.engine.route("", Message(topic, str(value).encode(), 0))
 
     def hold(self, link: Any, n: int) -> None:
         """Record that ``link`` holds ``n`` unfinished bytes; past partial_packet_budget close the biggest holders."""
@@ -4913,7 +5266,7 @@ class MqttIO:
                     break
                 log.info("closing the connection holding %d unfinished bytes: partial_packet_budget is exceeded",
                          holder.held)
-                self.broker.counters["socket_close_partial_budget", ()] += 1
+                self.engine.counters["socket_close_partial_budget", ()] += 1
                 holder.drop_partial()
 
     def after_batch(self) -> None:
@@ -4924,16 +5277,27 @@ class MqttIO:
         its client resends what was not acknowledged.
         """
         saved = self.store.commit()
-        dirty, self.dirty = self.dirty, []
+        engine = self.engine
+        dirty = engine.take_dirty()
         if not saved:
-            for link in dirty:
-                link.pending = []
-            for link in dirty:
-                if link.client is not None:
-                    self.broker.close_client(link.client, reason=0x80, text=STORE_DOWN)
-            dirty, self.dirty = self.dirty, []  # the DISCONNECTs, and wills routed to others
-        for link in dirty:
-            link.flush()
+            for conn in dirty:
+                conn.out.clear()
+            for conn in dirty:
+                engine.close_client(conn, reason=Reason.UNSPECIFIED_ERROR, text=STORE_DOWN)
+            dirty = engine.take_dirty()  # the DISCONNECTs, and wills routed to others
+        for conn in dirty:
+            conn.link.drain()
+
+    def refresh_rules(self, now: float) -> None:
+        """Hand the engine the vmq_passwd users and vmq_acl rules in force (files reloaded as configured)."""
+        config = self.rules_config = self.settings()
+        users = self._passwd.get(config["vmq_passwd.password_file"], config["vmq_passwd.password_reload_interval"],
+                                 now)
+        rules = self._acl.get(config["vmq_acl.acl_file"], config["vmq_acl.acl_reload_interval"], now)
+        self.engine.set_rules(users, rules)
+
+    def _acl_failed(self) -> None:
+        self.engine.counters["acl_reload_error", ()] += 1
 
     def in_loop_thread(self) -> bool:
         """Whether the caller runs in the broker's event loop thread."""
@@ -4945,6 +5309,7 @@ class MqttIO:
 
         def run() -> None:
             try:
+                self.engine.now = time.time()
                 future.set_result(fn(*args))
             except BaseException as exc:  # re-raised in the calling thread
                 future.set_exception(exc)
@@ -4974,9 +5339,8 @@ class MqttIO:
         for listener in self.listeners:
             if listener.server is not None:
                 listener.server.close()
-        for client in list(self.broker.clients):
-            self.broker.say_disconnect(client, 0x8B)  # MQTT 5: Server shutting down
-            client.link.close()
+        for client in list(self.engine.clients):
+            self.engine.goodbye(client, Reason.SERVER_SHUTTING_DOWN)
         self.after_batch()
         for listener in self.listeners:
             if listener.server is not None:  # since 3.12 this also waits for the connections: bounded
@@ -4986,7 +5350,7 @@ class MqttIO:
 
 
 ###############################################################################
-# 9. Key store: the API key file ##############################################
+# 15. Key store: the API key file #############################################
 ###############################################################################
 # Owns: api_keys.json (atomic writes, inter-process lock, reload on change),
 #       key generation, expiry parsing, constant-time authentication.
@@ -5300,7 +5664,7 @@ class KeyStore:
 
 
 ###############################################################################
-# 10. Command machinery: argv grammar, command table, result elements #########
+# 16. Command machinery: argv grammar, command table, result elements #########
 ###############################################################################
 # Owns: the vmq-admin argv grammar and its query-string form, Command specs,
 #       the CommandTable, binding argv to a command, result elements and their
@@ -5844,7 +6208,7 @@ def render_human(elements: Sequence) -> tuple[str, str]:
 
 
 ###############################################################################
-# 11. Command catalogue #######################################################
+# 17. Command catalogue #######################################################
 ###############################################################################
 # Owns: one cmd_<words> function per vmq-admin command; its docstring is its usage.
 # Must not know: sockets, HTTP, how the answer is rendered.
@@ -6408,8 +6772,8 @@ def cmd_retain_delete(call: Call) -> Any:
 
 @command("retain", "delete-expired")
 def cmd_retain_delete_expired(call: Call) -> Any:
-    """Delete expired retained messages (MQTT 3.1.1 messages never expire, so none are)."""
-    return Table(({"expired": 0},))
+    """Delete the retained messages whose MQTT 5 Message Expiry Interval has passed (3.1.1 ones never expire)."""
+    return Table(({"expired": call.node.broker_call("delete_expired_retained") or 0},))
 
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
@@ -6567,7 +6931,7 @@ del _catalogue
 
 
 ###############################################################################
-# 12. HTTP: the admin API #####################################################
+# 18. HTTP: the admin API #####################################################
 ###############################################################################
 # Owns: the admin API's rules (method, auth, command, OPTIONS, Accept, run) as
 #       pure functions from a Request to a Response.
@@ -6793,7 +7157,7 @@ def serve_api(node: Any, req: Request, rest: str, query: str) -> Response:
 
 
 ###############################################################################
-# 13. Observability endpoints #################################################
+# 19. Observability endpoints #################################################
 ###############################################################################
 # Owns: /metrics (Prometheus text 0.0.4), /health, /status.json and the /status page.
 # Must not know: sockets, MQTT internals (it reads the metrics registry and the node).
@@ -7172,7 +7536,7 @@ loop();
 
 
 ###############################################################################
-# 14. HTTP server #############################################################
+# 20. HTTP server #############################################################
 ###############################################################################
 # Owns: the route table, handle_http, and an asyncio HTTP/1.1 server with limits
 #       and timeouts around it (worker threads for commands that may take long).
@@ -7561,7 +7925,7 @@ class HttpListener:
 
 
 ###############################################################################
-# 15. Node ####################################################################
+# 21. Node ####################################################################
 ###############################################################################
 # Owns: the running node: its config snapshot, key store, command table,
 #       listeners, node.json, start and stop.
@@ -7702,17 +8066,17 @@ class Node:
         else:
             store = MemoryStore()
         self.mqtt = MqttIO(lambda: self._config, store, self.metrics, self.name, self.hooks)
-        broker = self.mqtt.broker
-        broker.anonymous_default = all(ipaddress.ip_address(h).is_loopback for h, _ in addresses.values())
-        if self._config["allow_anonymous"] is None and broker.anonymous_default:
+        engine = self.mqtt.engine
+        engine.anonymous_default = all(ipaddress.ip_address(h).is_loopback for h, _ in addresses.values())
+        if self._config["allow_anonymous"] is None and engine.anonymous_default:
             log.warning("allow_anonymous is not set and every MQTT listener is on loopback: "
                         "clients may connect without credentials (set allow_anonymous = off to refuse them)")
         try:
-            broker.restore(*store.load())
+            engine.restore(*store.load(), now=time.time())
         except VmqError:
             store.close()
             raise
-        self.metrics.add_source(lambda: broker.counters, broker.gauges)
+        self.metrics.add_source(lambda: engine.counters, engine.gauges)
         self.metrics.add_source(lambda: store.counters, dict)
         self.mqtt.start()
 
@@ -7810,7 +8174,7 @@ class Node:
 
     def session_count(self) -> int:
         """Return how many sessions the broker holds (read without a call into its thread)."""
-        return len(self.mqtt.broker.sessions) if self.mqtt is not None else 0
+        return len(self.mqtt.engine.sessions) if self.mqtt is not None else 0
 
     def session_records(self, client_id: str | None = None, subscriptions: bool = True,
                         messages: bool = True) -> list[dict]:
@@ -7831,8 +8195,8 @@ class Node:
     def _in_chunks(self, method: str, client_id: str | None, window: slice, *args: Any) -> list[dict]:
         if self.mqtt is None:
             return []
-        fn = getattr(self.mqtt.broker, method)
-        keys = self.in_broker(self.mqtt.broker.session_keys, client_id)[window]
+        fn = getattr(self.mqtt.engine, method)
+        keys = self.in_broker(self.mqtt.engine.session_keys, client_id)[window]
         out: list[dict] = []
         for start in range(0, len(keys), SESSION_CHUNK):  # the broker's thread delivers between chunks
             out += self.in_broker(fn, keys[start:start + SESSION_CHUNK], *args)
@@ -7842,13 +8206,13 @@ class Node:
         """Disconnect a client (and with ``cleanup`` drop its session); return whether it existed."""
         if self.mqtt is None:
             return False
-        return self.in_broker(self.mqtt.broker.disconnect, client_id, mountpoint, cleanup)
+        return self.in_broker(self.mqtt.engine.disconnect, client_id, mountpoint, cleanup)
 
     def broker_call(self, method: str, *args: Any) -> Any:
         """Call a Broker method in the broker's thread (None when the node has no broker)."""
         if self.mqtt is None:
             return None
-        return self.in_broker(getattr(self.mqtt.broker, method), *args)
+        return self.in_broker(getattr(self.mqtt.engine, method), *args)
 
     def trace_client(self, client_id: str, mountpoint: str, duration: float, tracer: Tracer,
                      follow: str | None = None) -> list[str]:
@@ -7932,7 +8296,7 @@ class Node:
 
     def retained_rows(self) -> list[dict]:
         """Return mountpoint, topic and payload of every retained message."""
-        return [] if self.mqtt is None else self.in_broker(self.mqtt.broker.retained_rows)
+        return [] if self.mqtt is None else self.in_broker(self.mqtt.engine.retained_rows)
 
     def plugin_rows(self, internal: bool = False) -> list[dict]:
         """Return the rows of plugin show: enabled built-in plugins and Python hooks."""
@@ -7940,7 +8304,7 @@ class Node:
 
 
 ###############################################################################
-# 16. CLI #####################################################################
+# 22. CLI #####################################################################
 ###############################################################################
 # Owns: argv of the process: start a node, or run vmq-admin commands locally or
 #       against the live node found through node.json.

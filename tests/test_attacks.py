@@ -152,19 +152,19 @@ def test_memory_returns_to_baseline_after_attack_clients_leave(target):
     node, control = target
     import gc
     gc.collect()
-    before = len(node.mqtt.broker.clients)
+    before = len(node.mqtt.engine.clients)
     socks = [socket.create_connection(("127.0.0.1", mqtt_port(node))) for _ in range(50)]
     for s in socks:
         s.sendall(CONNECT[:5])  # half a CONNECT each
     time.sleep(0.2)
-    assert len(node.mqtt.broker.clients) >= before + 50
+    assert len(node.mqtt.engine.clients) >= before + 50
     for s in socks:
         s.close()
     end = time.monotonic() + 5
-    while time.monotonic() < end and len(node.mqtt.broker.clients) > before:
+    while time.monotonic() < end and len(node.mqtt.engine.clients) > before:
         time.sleep(0.05)
-    assert len(node.mqtt.broker.clients) == before
-    assert node.in_broker(lambda: len(node.mqtt.dirty)) == 0
+    assert len(node.mqtt.engine.clients) == before
+    assert node.in_broker(lambda: len(node.mqtt.engine.dirty)) == 0
     still_serving(node, control)
 
 

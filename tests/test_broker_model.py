@@ -1,4 +1,4 @@
-"""The broker core against a dict model (Hypothesis RuleBasedStateMachine), without sockets.
+"""The broker engine against a dict model (Hypothesis RuleBasedStateMachine), without sockets or a clock.
 
 Clients speak MQTT 3.1.1 or 5; MQTT 5 adds session expiry (0 or long), No Local,
 Retain As Published, Retain Handling and subscription identifiers to the model.
@@ -6,6 +6,7 @@ Retain As Published, Retain Handling and subscription identifiers to the model.
 
 from __future__ import annotations
 
+import itertools
 import types
 
 from hypothesis import settings, strategies as st
@@ -18,30 +19,19 @@ LISTENER = types.SimpleNamespace(mountpoint="", allowed_versions=(3, 4, 5), allo
 CLIENT_IDS = st.sampled_from(["c1", "c2", "c3"])
 FILTERS = st.sampled_from(["a", "a/#", "+", "#", "+/b", "a/b"])
 TOPICS = st.sampled_from(["a", "a/b", "b", "b/b"])
-
-
-class FakeLink:
-    """What MqttLink offers the broker, recording bytes instead of sending them."""
-
-    def __init__(self):
-        self.listener, self.peer, self.writable = LISTENER, ("127.0.0.1", 1), True
-        self.data, self.closed = b"", False
-
-    def write(self, data):
-        if not self.closed:
-            self.data += data
-
-    def close(self):
-        self.closed = True
+NOW = 1000.0  # the model's clock: it never moves, so nothing expires or is resent
 
 
 class BrokerModel(RuleBasedStateMachine):
     def __init__(self):
         super().__init__()
-        self.broker = vmqapi.Broker(lambda: vmqapi.Config({}), vmqapi.MemoryStore(), clock=lambda: 1000.0)
-        self.clients = {}  # client id -> (Client, FakeLink) while connected
+        ids = itertools.count()
+        self.engine = vmqapi.Engine(lambda: vmqapi.Config({}), vmqapi.MemoryStore(), vmqapi.Hooks(),
+                                    new_client_id=lambda: f"anon-{next(ids)}", choose=lambda pool: pool[0], now=NOW)
+        self.clients = {}  # client id -> Connection while connected
+        self.gone = []  # connections the engine closed or lost: nothing may be written for them again
         self.versions = {}  # client id -> protocol level of its connection
-        # client id -> {"clean": ends with its connection, "subs": {filter: (qos, no_local, rap, sub_id)},
+        # client id -> {"clean": ends with its connection, "subs": {filter: SubOptions},
         #               "pending": [delivery]}; a delivery is (topic, payload, qos, rap retain, ids, retained)
         self.model = {}
         self.received = {}  # client id -> [(topic, payload, qos, retain, ids)] since the last check
@@ -50,13 +40,23 @@ class BrokerModel(RuleBasedStateMachine):
         self.counter = 0
 
     # -- plumbing -------------------------------------------------------------------
+    def handle(self, conn, packet):
+        self.engine.handle(conn, packet, NOW)
+
+    def output(self, conn):
+        """Take what the engine left in a connection's outbox, as the I/O shell does after a batch."""
+        self.engine.take_dirty()
+        data = b"".join(conn.out)
+        conn.out.clear()
+        return data
+
     def pump(self):
-        """Decode what the broker wrote; acknowledge publishes as a well-behaved client."""
+        """Decode what the engine wrote; acknowledge publishes as a well-behaved client."""
         busy = True
         while busy:
             busy = False
-            for cid, (client, link) in list(self.clients.items()):
-                data, link.data = link.data, b""
+            for cid, client in list(self.clients.items()):
+                data = self.output(client)
                 pos = 0
                 while pos < len(data):
                     packet, pos = vmqapi.decode_packet(data, pos, 0, self.versions[cid])
@@ -65,17 +65,19 @@ class BrokerModel(RuleBasedStateMachine):
                         self.received.setdefault(cid, []).append((packet.topic, packet.payload, packet.qos,
                                                                   packet.retain, ids))
                         if packet.qos == 1:
-                            self.broker.handle(client, Puback(packet.packet_id))
+                            self.handle(client, Puback(packet.packet_id))
                         elif packet.qos == 2:
-                            self.broker.handle(client, Pubrec(packet.packet_id))
+                            self.handle(client, Pubrec(packet.packet_id))
                         busy = True
                     elif isinstance(packet, Pubrel):
-                        self.broker.handle(client, Pubcomp(packet.packet_id))
+                        self.handle(client, Pubcomp(packet.packet_id))
                         busy = True
 
     def drop_connection(self, cid):
-        client, link = self.clients.pop(cid)
-        self.broker.connection_lost(client)
+        client = self.clients.pop(cid)
+        self.output(client)  # a DISCONNECT's goodbye, if any, before the socket goes
+        self.engine.connection_lost(client, NOW)
+        self.gone.append(client)
 
     def go_offline(self, cid):
         if self.model[cid]["clean"]:
@@ -91,19 +93,19 @@ class BrokerModel(RuleBasedStateMachine):
     # -- rules ----------------------------------------------------------------------
     @rule(cid=CLIENT_IDS, clean=st.booleans(), version=st.sampled_from([4, 5]), expiry=st.sampled_from([0, 100]))
     def connect(self, cid, clean, version, expiry):
-        if cid in self.clients:
-            old_client, old_link = self.clients.pop(cid)
-        else:
-            old_client = None
-        link = FakeLink()
-        client = self.broker.connection_made(link)
+        old_client = self.clients.pop(cid, None)
+        client = self.engine.connection_made(None, LISTENER, ("127.0.0.1", 1), None, NOW)
         props = (("session_expiry_interval", expiry),) if version == 5 and expiry else ()
-        self.broker.handle(client, vmqapi.Connect(cid, version, clean, properties=props))
-        connack, used = vmqapi.decode_packet(link.data, 0, 0, version)
+        self.handle(client, vmqapi.Connect(cid, version, clean, properties=props))
+        data = self.output(client)
+        connack, used = vmqapi.decode_packet(data, 0, 0, version)
         assert connack.return_code == 0
-        link.data = link.data[used:]
+        client.out.append(data[used:])  # what follows CONNACK (its queued messages) is read by pump below
         if old_client is not None:
-            self.broker.connection_lost(old_client)  # the takeover closed its link
+            assert old_client.closing and old_client.closed  # the takeover closed it
+            self.output(old_client)
+            self.engine.connection_lost(old_client, NOW)
+            self.gone.append(old_client)
         ephemeral = clean if version == 4 else expiry == 0  # MQTT 5: Clean Start and the expiry are apart
         previous = self.model.get(cid)
         assert connack.session_present == (previous is not None and not clean and not previous["clean"])
@@ -111,7 +113,7 @@ class BrokerModel(RuleBasedStateMachine):
             self.model[cid] = {"clean": ephemeral, "subs": {}, "pending": []}
         else:
             self.model[cid]["clean"] = ephemeral
-        self.clients[cid] = (client, link)
+        self.clients[cid] = client
         self.versions[cid] = version
         self.expect(cid, self.model[cid]["pending"])
         self.model[cid]["pending"] = []
@@ -122,8 +124,7 @@ class BrokerModel(RuleBasedStateMachine):
     def leave(self, data, graceful):
         cid = data.draw(st.sampled_from(sorted(self.clients)))
         if graceful:
-            client, _ = self.clients[cid]
-            self.broker.handle(client, vmqapi.Disconnect())
+            self.handle(self.clients[cid], vmqapi.Disconnect())
         self.drop_connection(cid)
         self.go_offline(cid)
 
@@ -137,9 +138,9 @@ class BrokerModel(RuleBasedStateMachine):
             handling = sub_id = 0
         options = qos | no_local << 2 | rap << 3 | handling << 4
         props = (("subscription_identifier", sub_id),) if sub_id else ()
-        self.broker.handle(self.clients[cid][0], vmqapi.Subscribe(1, ((topic_filter, options),), props))
+        self.handle(self.clients[cid], vmqapi.Subscribe(1, ((topic_filter, options),), props))
         existed = topic_filter in self.model[cid]["subs"]
-        self.model[cid]["subs"][topic_filter] = (qos, no_local, rap, sub_id)
+        self.model[cid]["subs"][topic_filter] = vmqapi.SubOptions(qos, no_local, rap, handling, sub_id)
         if handling == 0 or (handling == 1 and not existed):
             self.expect(cid, [(topic, payload, min(qos, msg_qos), False, (sub_id,) if sub_id else (), True)
                               for topic, (payload, msg_qos) in sorted(self.retained.items())  # by topic
@@ -150,7 +151,7 @@ class BrokerModel(RuleBasedStateMachine):
     @rule(data=st.data(), topic_filter=FILTERS)
     def unsubscribe(self, data, topic_filter):
         cid = data.draw(st.sampled_from(sorted(self.clients)))
-        self.broker.handle(self.clients[cid][0], vmqapi.Unsubscribe(2, (topic_filter,)))
+        self.handle(self.clients[cid], vmqapi.Unsubscribe(2, (topic_filter,)))
         self.model[cid]["subs"].pop(topic_filter, None)
         self.pump()
 
@@ -160,19 +161,19 @@ class BrokerModel(RuleBasedStateMachine):
         cid = data.draw(st.sampled_from(sorted(self.clients)))
         self.counter += 1
         payload = str(self.counter).encode()
-        self.broker.handle(self.clients[cid][0], Publish(topic, payload, qos, retain, False, 7 if qos else None))
+        self.handle(self.clients[cid], Publish(topic, payload, qos, retain, False, 7 if qos else None))
         if qos == 2:
-            self.broker.handle(self.clients[cid][0], Pubrel(7))
+            self.handle(self.clients[cid], Pubrel(7))
         if retain:
             self.retained[topic] = (payload, qos)
         for other, state in self.model.items():
             matching = [sub for f, sub in state["subs"].items()
-                        if vmqapi.topic_matches(f, topic) and not (sub[1] and other == cid)]  # No Local
+                        if vmqapi.topic_matches(f, topic) and not (sub.no_local and other == cid)]  # No Local
             if not matching:
                 continue
-            ids = tuple(sorted(sub[3] for sub in matching if sub[3]))
-            delivery = (topic, payload, min(qos, max(sub[0] for sub in matching)),
-                        retain and any(sub[2] for sub in matching), ids, False)
+            ids = tuple(sorted(sub.identifier for sub in matching if sub.identifier))
+            delivery = (topic, payload, min(qos, max(sub.qos for sub in matching)),
+                        retain and any(sub.retain_as_published for sub in matching), ids, False)
             if other in self.clients:
                 self.expect(other, [delivery])
             else:
@@ -189,11 +190,13 @@ class BrokerModel(RuleBasedStateMachine):
 
     @invariant()
     def sessions_agree(self):
-        assert {cid for (_, cid) in self.broker.sessions} == set(self.model)
+        assert {cid for (_, cid) in self.engine.sessions} == set(self.model)
         for cid, state in self.model.items():
-            assert self.broker.sessions[("", cid)].subs == {
-                f: qos | no_local << 2 | rap << 3 | sub_id << 8 for f, (qos, no_local, rap, sub_id) in
-                state["subs"].items()}
+            assert self.engine.sessions[("", cid)].subs == state["subs"]
+
+    @invariant()
+    def nothing_is_written_after_a_close(self):
+        assert not any(conn.out for conn in self.gone)
 
 
 TestBrokerModel = BrokerModel.TestCase

@@ -146,7 +146,7 @@ def test_offline_queue_and_all_queues_are_bounded_in_bytes(make_node):
     # a: 2 (a third passes 2500 bytes); b: 1 (a second passes 4000 bytes for all queues together)
     assert (rows["a"], rows["b"]) == (2, 1), rows
     assert node.metrics.value("queue_message_drop") == 5
-    assert node.mqtt.broker.queued_bytes == 3 * 1001
+    assert node.mqtt.engine.queued_bytes == 3 * 1001
 
 
 @pytest.mark.slow
@@ -200,7 +200,7 @@ def test_retained_messages_are_limited_in_number_and_bytes(make_node):
         assert sorted(sub.message().topic for _ in range(3)) == ["r/0", "r/2", "r/ok"]
         sub.no_message()
     assert node.metrics.value("retain_message_refused") == 3
-    assert node.mqtt.broker.retained_bytes == len("r/0replaced") + len("r/2v") + len("r/ok") + 2000
+    assert node.mqtt.engine.router.retained_bytes == len("r/0replaced") + len("r/2v") + len("r/ok") + 2000
 
 
 @pytest.mark.slow
@@ -315,7 +315,7 @@ def test_a_full_disk_refuses_qos1_says_so_on_health_and_recovers(tmp_path, caplo
 
 def test_the_tick_survives_an_error(make_node, monkeypatch):
     node = make_node()
-    broker = node.mqtt.broker
+    broker = node.mqtt.engine
     real, calls = broker.tick, []
 
     def failing_once(now):
