@@ -517,13 +517,14 @@ SETTINGS: tuple[Setting, ...] = (
     _S("max_ws_frame_size", parse_int_range(2, 268435456), 268435456, "Largest WebSocket frame accepted, in bytes."),
     _S("listener.max_body_size", parse_int_range(0, 1 << 24), 65536,
        "Largest HTTP request body (a POST form of arguments), in bytes; larger ones get 413."),
-    _S("listener.max_headers", parse_int_range(1, 1000), 100, "Most header lines in an HTTP request; more get 431."),
+    _S("listener.max_headers", parse_int_range(1, 100), 100,  # http.server's parser stops at 100 (_MAXHEADERS)
+       "Most header lines in an HTTP request (at most 100); more get 431."),
     _S("listener.tls_handshake_timeout", parse_int_range(100, 600000), 5000,
        "Milliseconds a TLS client has to finish its handshake (VerneMQ's name and default)."),
     _S("listener.max_request_line_length", parse_int_range(64, 1 << 20), 8000,
        "Longest HTTP request line, in bytes; longer ones get 414."),
-    _S("listener.max_header_value_length", parse_int_range(64, 1 << 20), 4096,
-       "Longest HTTP header value, in bytes; longer ones get 431."),
+    _S("listener.max_header_value_length", parse_int_range(64, 65000), 4096,  # its lines: 64 KiB (_MAXLINE)
+       "Longest HTTP header value, in bytes (at most 65000); longer ones get 431."),
     # SPEC 5: the keys set/show/describe work on at run time.
     _S("allow_anonymous", parse_flag, None,
        "Let clients connect without credentials. Unset: on while every MQTT listener is on loopback.",
@@ -4561,7 +4562,7 @@ class Command:
     local: bool = False
     extra_words: str = ""
     open_keys: bool = False
-    quick: bool | Callable[[Any], bool] = False  # small, bounded work: runs without a slow-command slot (callable: ask node)
+    quick: bool | Callable[[Any], bool] = False  # small, bounded work: needs no slow-command slot (callable: ask node)
 
     def __post_init__(self):
         if not self.words or not all(_NAME_RE.fullmatch(w) for w in self.words):
@@ -6119,6 +6120,12 @@ BUSY_ANSWER = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/j
                b'{"error":"service_unavailable","text":"the node cannot start a thread now","type":"error"}')
 
 
+@functools.lru_cache(maxsize=2)
+def _server_and_date(second: int) -> bytes:
+    """Return the Server and Date header lines for a second (every answer of that second shares them)."""
+    return SERVER_HEADER + f"Date: {_http_date(second)}\r\n".encode()
+
+
 def _status_line(status: int) -> bytes:
     line = _STATUS_LINES.get(status)
     if line is None:
@@ -6311,6 +6318,7 @@ class HttpHandler(http.server.BaseHTTPRequestHandler):
     disable_nagle_algorithm = True  # one write per answer plus no Nagle: no 40 ms delayed-ACK stall
     server: HttpServer
     deadline = 0.0  # time.monotonic() by which the request being read must be whole
+    fields: dict[str, str] | None = None  # the request's header fields, once check_head passed them
     ERRORS = {400: BadRequest, 414: UriTooLong, 431: HeaderTooLarge, 501: NotImplementedMethod,
               505: VersionNotSupported}  # what http.server's send_error codes mean here
 
@@ -6342,46 +6350,50 @@ class HttpHandler(http.server.BaseHTTPRequestHandler):
 
     def read_request(self) -> Request | None:
         """Return the next request, None when the connection ended (or http.server already answered)."""
-        limit = self.server.listener.option("max_request_line_length")
-        self.raw_requestline = self.rfile.readline(limit + 3)
-        if len(self.raw_requestline.rstrip(b"\r\n")) > limit:
-            raise UriTooLong(f"request line longer than {limit} bytes")
+        line_limit = self.server.listener.limits()[0]
+        self.raw_requestline = self.rfile.readline(line_limit + 3)
+        if len(self.raw_requestline.rstrip(b"\r\n")) > line_limit:
+            raise UriTooLong(f"request line longer than {line_limit} bytes")
+        self.fields = None
         if not self.raw_requestline.endswith(b"\n") or not self.parse_request():
             return None  # ended mid-line, or http.server's send_error (below) answered
-        self.check_head()
-        length = int(self.headers.get("content-length", "0").strip())
+        fields = self.fields or self.check_head()
+        length = int(fields.get("content-length", "0"))
         body = self.rfile.read(length) if length else b""
         if len(body) < length:
             return None  # the client went away inside the body
-        headers: dict[str, str] = {}
-        for name, value in self.headers.items():
-            headers.setdefault(name.lower(), value.strip())
-        return Request(self.command, self.path, headers, body)
+        return Request(self.command, self.path, fields, body)
 
-    def check_head(self) -> None:
-        """Raise for a head http.server read but the limits or RFC 9112 refuse."""
+    def check_head(self) -> dict[str, str]:
+        """Return the header fields http.server read (lower-case names, the first of repeated ones).
+
+        Raise for a head that the limits or RFC 9112 refuse.
+        """
         if self.request_version == "HTTP/0.9":
             raise BadRequest(f"bad request line {self.requestline[:80]!r}")
-        headers, listener = self.headers, self.server.listener
+        headers = self.headers
         if headers.defects or headers.get_payload():  # email's parser stopped at a line that is no header
             raise BadRequest("malformed header line")  # RFC 9112 5.1: no space before ':', a name
-        most = listener.option("max_headers")
-        if len(headers) > most:
-            raise HeaderTooLarge(f"more than {most} headers (listener.max_headers)")
-        limit = listener.option("max_header_value_length")
-        for name, value in headers.items():
-            if len(value) > limit:
-                raise HeaderTooLarge(f"header {name} is longer than {limit} bytes")
+        _, value_limit, most, body_limit = self.server.listener.limits()
+        raw = headers.raw_items()
+        fields: dict[str, str] = {}
+        for n, (name, value) in enumerate(raw):
+            if n == most:
+                raise HeaderTooLarge(f"more than {most} headers (listener.max_headers)")
+            if len(value) > value_limit:
+                raise HeaderTooLarge(f"header {name} is longer than {value_limit} bytes")
             if "\n" in value:
                 raise BadRequest("malformed header line: obsolete line folding")  # RFC 9112 5.2
-        if "transfer-encoding" in headers:
+            fields.setdefault(name.lower(), value.strip())
+        if "transfer-encoding" in fields:
             raise BadRequest("send a Content-Length body; Transfer-Encoding is not accepted")
-        length = headers.get("content-length", "0").strip()
-        if not length.isdigit():
+        length = fields.get("content-length", "0")
+        if not (length.isascii() and length.isdigit()):
             raise BadRequest("bad Content-Length")
-        body_limit = listener.option("max_body_size")
         if int(length) > body_limit:
             raise PayloadTooLarge(f"a request body may hold {body_limit} bytes at most (listener.max_body_size)")
+        self.fields = fields
+        return fields
 
     def handle_expect_100(self) -> bool:
         """Send 100 Continue only for a request that will be read (RFC 9110 10.1.1)."""
@@ -6401,16 +6413,15 @@ class HttpHandler(http.server.BaseHTTPRequestHandler):
 
     def answer(self, req: Request | None, resp: Response) -> None:
         """Write the whole answer in one call (HEAD: without its body), then log it without keys."""
-        head = [_status_line(resp.status), SERVER_HEADER, f"Date: {_http_date(int(time.time()))}\r\n".encode()]
-        head += [f"{k}: {v}\r\n".encode("latin-1") for k, v in resp.headers]
-        head.append(f"Content-Length: {len(resp.body)}\r\n".encode())
-        head.append(b"Connection: close\r\n\r\n" if self.close_connection else b"\r\n")
-        if req is None or req.method != "HEAD":
-            head.append(resp.body)
+        head = "".join([f"{k}: {v}\r\n" for k, v in resp.headers])
+        end = "Connection: close\r\n\r\n" if self.close_connection else "\r\n"
+        data = b"".join((_status_line(resp.status), _server_and_date(int(time.time())),
+                         f"{head}Content-Length: {len(resp.body)}\r\n{end}".encode("latin-1"),
+                         b"" if req is not None and req.method == "HEAD" else resp.body))
         # A client that reads nothing: the write gives up after http_request_timeout.
         self.connection.settimeout(self.server.node.config["http_request_timeout"])
         try:
-            self.wfile.write(b"".join(head))
+            self.wfile.write(data)
         except OSError:
             self.close_connection = True
         if log.isEnabledFor(logging.INFO):
@@ -6437,6 +6448,7 @@ class HttpListener:
         self.server = HttpServer(self, address)
         self.address, self.port = self.server.server_address[:2]
         self._thread: threading.Thread | None = None
+        self._limits: tuple[Any, tuple[int, int, int, int]] | None = None
 
     @property
     def all_conns(self) -> int:
@@ -6448,6 +6460,14 @@ class HttpListener:
         if name in self.options:
             return self.options[name]
         return self.node.config.listener_option(self.kind, self.name, name)
+
+    def limits(self) -> tuple[int, int, int, int]:
+        """Return (request line, header value, header count, body) limits, read again after a ``set``."""
+        config = self.node.config
+        if self._limits is None or self._limits[0] is not config:
+            self._limits = (config, tuple(self.option(o) for o in ("max_request_line_length", "max_header_value_length",
+                                                                   "max_headers", "max_body_size")))
+        return self._limits[1]
 
     def start(self) -> None:
         """Start accepting."""

@@ -493,6 +493,13 @@ def test_body_and_header_limits_are_settings(make_node):
     assert answer.startswith(b"HTTP/1.1 413 ") and b"listener.max_body_size" in answer
 
 
+@pytest.mark.parametrize("key, value", [("listener.max_headers", "101"),
+                                        ("listener.max_header_value_length", "65001")])
+def test_limits_beyond_what_http_server_reads_are_refused(key, value):
+    with pytest.raises(vmqapi.VmqError, match="out of range"):  # http.client stops at 100 lines of 64 KiB
+        vmqapi.Config({key: value})
+
+
 # -- the server: a thread per connection, slots for slow commands ------------------------------
 
 def test_a_slow_command_does_not_hold_up_other_connections(node, key):
