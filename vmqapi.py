@@ -111,8 +111,9 @@ import datetime as _dt
 import functools
 import hashlib
 import hmac
-import http
+import http.server
 import inspect
+import io
 import ipaddress
 import json
 import logging
@@ -122,6 +123,7 @@ import re
 import secrets
 import signal
 import socket
+import socketserver
 import ssl
 import sqlite3
 import string
@@ -162,7 +164,8 @@ log = logging.getLogger("vmqapi")
 NODE_FILE = "node.json"
 TRACE_FOLLOW_GRACE = 5.0  # seconds a followed trace stays on after its last call
 GIL_SWITCH_INTERVAL = 0.0005  # s; the CLI node's: MQTT waits less for the GIL while HTTP builds a big answer
-QUICK_SESSION_SHOW = 1000  # sessions up to which session show (a few ms) is answered in the HTTP loop
+QUICK_SESSION_SHOW = 1000  # sessions up to which session show (a few ms) is quick: it takes no slow-command slot
+SLOW_COMMANDS = 16  # commands not marked quick that run at once, node-wide; more get 503 (a thread each is no cap)
 TICK_BATCH = 2000  # sessions the broker's tick (every 0.5 s) looks at
 TICK_INTERVAL = 0.5  # seconds between housekeeping ticks (retries, session expiry, delayed wills, $SYS)
 TICK_ERROR_LOG_INTERVAL = 60  # seconds between log lines about failing ticks (each is counted in tick_error)
@@ -313,6 +316,13 @@ class VersionNotSupported(VmqError):
     """An HTTP version other than 1.x."""
 
     http_status, code = 505, "http_version_not_supported"
+
+
+class ServiceUnavailable(VmqError):
+    """Too many slow commands run at once; the answer carries Retry-After."""
+
+    http_status, code = 503, "service_unavailable"
+    retry_after = 1  # seconds
 
 
 class NotImplementedMethod(VmqError):
@@ -564,13 +574,14 @@ SETTINGS: tuple[Setting, ...] = (
     _S("max_ws_frame_size", parse_int_range(2, 268435456), 268435456, "Largest WebSocket frame accepted, in bytes."),
     _S("listener.max_body_size", parse_int_range(0, 1 << 24), 65536,
        "Largest HTTP request body (a POST form of arguments), in bytes; larger ones get 413."),
-    _S("listener.max_headers", parse_int_range(1, 1000), 100, "Most header lines in an HTTP request; more get 431."),
+    _S("listener.max_headers", parse_int_range(1, 100), 100,  # http.server's parser stops at 100 (_MAXHEADERS)
+       "Most header lines in an HTTP request (at most 100); more get 431."),
     _S("listener.tls_handshake_timeout", parse_int_range(100, 600000), 5000,
        "Milliseconds a TLS client has to finish its handshake (VerneMQ's name and default)."),
     _S("listener.max_request_line_length", parse_int_range(64, 1 << 20), 8000,
        "Longest HTTP request line, in bytes; longer ones get 414."),
-    _S("listener.max_header_value_length", parse_int_range(64, 1 << 20), 4096,
-       "Longest HTTP header value, in bytes; longer ones get 431."),
+    _S("listener.max_header_value_length", parse_int_range(64, 65000), 4096,  # its lines: 64 KiB (_MAXLINE)
+       "Longest HTTP header value, in bytes (at most 65000); longer ones get 431."),
     # SPEC 5: the keys set/show/describe work on at run time.
     _S("allow_anonymous", parse_flag, None,
        "Let clients connect without credentials. Unset: on while every MQTT listener is on loopback.",
@@ -5747,7 +5758,7 @@ class Command:
     local: bool = False
     extra_words: str = ""
     open_keys: bool = False
-    quick: bool | Callable[[Any], bool] = False  # small work: HTTP answers it in its loop (a callable: ask node)
+    quick: bool | Callable[[Any], bool] = False  # small, bounded work: needs no slow-command slot (callable: ask node)
     secret: bool = False
     default_columns: tuple[str, ...] = ()
 
@@ -5847,7 +5858,8 @@ class CommandTable:
 
         ``keys`` and ``flags`` are names, ``(name, parser)`` pairs or Params;
         ``fn(call)`` returns a string, an element, or a list of elements. Over HTTP it
-        runs in a worker thread, unless ``quick`` says its work is small and bounded.
+        runs in the connection's thread and takes one of the node's SLOW_COMMANDS slots
+        (past them: 503), unless ``quick`` says its work is small and bounded.
         ``read_only`` lets mgmt_ro keys run it, unless ``secret`` says its answer shows secrets.
         """
         return self.add(Command(tuple(words), fn, keys=_params(keys, False), flags=_params(flags, True),
@@ -6938,7 +6950,8 @@ del _catalogue
 # Must not know: sockets, MQTT internals, the key file's format.
 
 HTTP_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "POST"})
-REFUSED_METHODS = frozenset({"PUT", "PATCH", "DELETE"})  # known to HTTP, refused with 405
+# Known to HTTP (RFC 9110 9.3), refused with 405 and Allow; 501 is for methods not known (15.6.2).
+REFUSED_METHODS = frozenset({"PUT", "PATCH", "DELETE", "TRACE", "CONNECT"})
 JSON_TYPE = "application/json"
 FORM_TYPE = "application/x-www-form-urlencoded"
 
@@ -6970,6 +6983,8 @@ def error_response(exc: VmqError, extra: Iterable[tuple[str, str]] = ()) -> Resp
         headers.append(("WWW-Authenticate", REALM))
     if exc.http_status == 405:
         headers.append(("Allow", getattr(exc, "allow", ALLOW)))
+    if exc.http_status == 503:
+        headers.append(("Retry-After", str(getattr(exc, "retry_after", 1))))
     body = json.dumps(exc.to_json(), separators=(",", ":"), ensure_ascii=False).encode()
     return Response(exc.http_status, tuple(headers), body)
 
@@ -7129,6 +7144,28 @@ def openapi_document(commands: CommandTable) -> dict:
             "security": [{"apiKeyBasic": []}, {"apiKeyHeader": []}]}
 
 
+@contextlib.contextmanager
+def slow_command_slot(node: Any, command: Command, wants_help: bool = False) -> Iterable[None]:
+    """Hold one of the node's SLOW_COMMANDS slots while a command not marked quick runs.
+
+    Each connection has its own thread, so a slow command holds up nobody else; the slots
+    bound how many run at once (trace client waits, a big session show builds megabytes and
+    competes with MQTT for the GIL). Past them the answer is 503 with Retry-After.
+    """
+    quick = command.quick
+    if wants_help or quick is True or (callable(quick) and quick(node)):
+        yield
+        return
+    slots = node.slow_commands
+    if not slots.acquire(blocking=False):
+        raise ServiceUnavailable(f"{SLOW_COMMANDS} slow commands (session show, trace client, ...) run already; "
+                                 f"try again in a moment")
+    try:
+        yield
+    finally:
+        slots.release()
+
+
 def serve_api(node: Any, req: Request, rest: str, query: str) -> Response:
     """Answer /api/v1: method, auth, command, OPTIONS, Accept, run (SPEC section 3)."""
     if req.method in REFUSED_METHODS:
@@ -7148,12 +7185,14 @@ def serve_api(node: Any, req: Request, rest: str, query: str) -> Response:
         return Response(200, CORS_HEADERS)
     if not accepts_json(req.headers.get("accept")):
         raise NotAcceptable("this API answers application/json only")
-    elements = execute(call, wants_help)
+    with slow_command_slot(node, call.command, wants_help):
+        elements = execute(call, wants_help)
+        body = render_json(elements)
     headers = [("Content-Type", JSON_TYPE)]
     empty = next((e.columns for e in elements if isinstance(e, Table) and not e.rows and e.columns), None)
     if empty:
         headers.append((COLUMNS_HEADER, json.dumps(empty)))
-    return Response(200, tuple(headers), render_json(elements), tuple(call.after))
+    return Response(200, tuple(headers), body, tuple(call.after))
 
 
 ###############################################################################
@@ -7538,8 +7577,8 @@ loop();
 ###############################################################################
 # 20. HTTP server #############################################################
 ###############################################################################
-# Owns: the route table, handle_http, and an asyncio HTTP/1.1 server with limits
-#       and timeouts around it (worker threads for commands that may take long).
+# Owns: the route table, handle_http, and http.server's ThreadingHTTPServer (a
+#       thread per connection) with the limits and timeouts around it.
 # Must not know: MQTT internals, the key file's format.
 
 def route(path: str) -> tuple[Callable[..., Response], str]:
@@ -7559,6 +7598,8 @@ def handle_http(node: Any, req: Request) -> Response:
     """Answer one request; every VmqError becomes its JSON error, any other one a logged 500."""
     try:
         path, _, query = req.target.partition("?")
+        if req.method == "CONNECT":  # a tunnel, which no resource here is (RFC 9110 9.3.6)
+            raise MethodNotAllowed("CONNECT is not allowed; use GET, HEAD, POST or OPTIONS")
         endpoint, rest = route(path)
         return endpoint(node, req, rest, query)
     except VmqError as exc:
@@ -7583,7 +7624,22 @@ def _http_date(second: int) -> str:
 
 
 _STATUS_LINES: dict[int, bytes] = {}
-HTTP_SWEEP = 0.2  # seconds between checks for requests slower than http_request_timeout
+HTTP_THREAD_STACK = 512 * 1024  # bytes per connection thread (Python's default: 8 MiB). Measured on 3.11:
+# 256 KiB already runs our deepest paths (TLS handshake, JSON of nested results, 1,000 Python frames);
+# twice that leaves room for an embedding program's command. Recursion hundreds of levels deep
+# through C code (map/sorted calling back into Python) needs about 2 MiB: do such work in a thread of its own.
+HTTP_POLL = 0.1  # s between serve_forever's looks at suspend/stop and at refused sockets
+REFUSED_LINGER = 1.0  # s a refused connection is drained before it is closed (a close with unread data is a RST)
+_STACK_LOCK = threading.Lock()  # threading.stack_size is process-wide: set and restore it around one start
+BUSY_ANSWER = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
+               b"Connection: close\r\nContent-Length: 89\r\n\r\n"
+               b'{"error":"service_unavailable","text":"the node cannot start a thread now","type":"error"}')
+
+
+@functools.lru_cache(maxsize=2)
+def _server_and_date(second: int) -> bytes:
+    """Return the Server and Date header lines for a second (every answer of that second shares them)."""
+    return SERVER_HEADER + f"Date: {_http_date(second)}\r\n".encode()
 
 
 def _status_line(status: int) -> bytes:
@@ -7593,219 +7649,327 @@ def _status_line(status: int) -> bytes:
     return line
 
 
-class HttpConnection(asyncio.Protocol):
-    """One HTTP/1.1 connection: parses requests within the limits and answers each in one write.
+def start_with_small_stack(thread: threading.Thread) -> None:
+    """Start ``thread`` with an HTTP_THREAD_STACK stack; the process default is back afterwards."""
+    with _STACK_LOCK:
+        previous = threading.stack_size(HTTP_THREAD_STACK)
+        try:
+            thread.start()
+        finally:
+            threading.stack_size(previous)
 
-    A request for a command that answers quickly is answered in the listener's loop; any
-    other one (session show, trace client, an embedding program's command) runs in a worker
-    thread while this connection reads nothing more, so answers keep their order.
+
+class _DeadlineReader(socket.SocketIO):
+    """A connection's reads, each allowed only what is left of its handler's deadline.
+
+    A socket timeout bounds one recv; a client trickling a byte at a time would renew it
+    forever. Setting the timeout to what is left before each recv bounds the whole request.
     """
 
-    def __init__(self, listener: HttpListener):
+    def __init__(self, sock: socket.socket, handler: HttpHandler):
+        super().__init__(sock, "rb")
+        self._handler = handler
+
+    def readinto(self, buffer: Any) -> int | None:
+        left = self._handler.deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("http_request_timeout passed")
+        self._sock.settimeout(left)
+        return super().readinto(buffer)
+
+
+class HttpServer(http.server.ThreadingHTTPServer):
+    """http.server's threading server for one listener: a thread per connection, counted and capped."""
+
+    request_queue_size = 128  # socketserver's 5 turns 16 clients into a 300 ms p99
+    daemon_threads = True
+    block_on_close = False  # stop cuts the connections and joins their threads itself, bounded
+
+    def __init__(self, listener: HttpListener, address: tuple[str, int]):
         self.listener = listener
         self.node = listener.node
-        self.transport: asyncio.Transport | None = None
-        self.buffer = b""
-        self.busy = self.closed = self.close_after = self.continued = self.eof = False
-        self.deadline: float | None = None  # when the request being read must be complete
-        self.peer = ("", 0)
+        self._lock = threading.Lock()
+        self.conns: dict[socket.socket, socket.socket] = {}  # accepted socket -> the one its thread uses
+        self.threads: set[threading.Thread] = set()
+        self.all_conns = 0
+        self.closing = False  # stop: a TLS handshake that ends now is not served
+        self._refused: list[tuple[socket.socket, float]] = []  # touched by the serving thread only
+        if ":" in address[0]:
+            self.address_family = socket.AF_INET6
+        super().__init__(address, HttpHandler)
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-        listener = self.listener
-        limit = listener.option("max_connections")
-        if listener.status != "running" or (limit is not None and len(listener.conns) >= limit):
-            self.closed = True  # refused: a FIN now, reading (and dropping) until the client closes, 1 s at most
-            if transport.can_write_eof():
-                transport.write_eof()
-                listener.loop.call_later(1.0, transport.abort)
-            else:
-                transport.close()  # TLS has no half-close
-            return
-        listener.conns.add(self)
-        listener.all_conns += 1
-        sock = transport.get_extra_info("socket")
-        if sock is not None:  # one write per answer plus no Nagle: no 40 ms delayed-ACK stall
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.peer = tuple(transport.get_extra_info("peername") or ("", 0))[:2]
-        self.deadline = time.monotonic() + self.node.config["http_request_timeout"]
+    @property
+    def max_connections(self) -> int | None:
+        """Connections served at once (listener.max_connections; None: no limit)."""
+        return self.listener.option("max_connections")
 
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
-        self.listener.conns.discard(self)
+    def connections(self) -> int:
+        """Return the number of open connections (each has its thread)."""
+        return len(self.conns)
 
-    def data_received(self, data: bytes) -> None:
-        if self.closed:
-            return
-        self.buffer = self.buffer + data if self.buffer else data
-        if self.deadline is None and not self.busy:
-            self.deadline = time.monotonic() + self.node.config["http_request_timeout"]
-        if not self.busy:
-            self.serve()
+    def server_bind(self) -> None:
+        socketserver.TCPServer.server_bind(self)  # not HTTPServer's: its getfqdn may wait on DNS, for CGI only
+        self.server_name, self.server_port = self.server_address[:2]
 
-    def eof_received(self) -> bool:
-        """The client sent all it will: answer what is in hand, then close."""
-        self.eof = True
-        return self.busy  # True keeps the transport open for the answer a worker is preparing
-
-    def serve(self) -> None:
-        """Answer every whole request in the buffer, in order."""
-        listener = self.listener
-        while self.buffer and not self.busy and not self.closed:
-            try:
-                req = self.parse()
-            except VmqError as exc:  # the request could not be read: answer and close
-                self.close_after = True
-                self.finish(None, error_response(exc))
-                return
-            if req is None:
-                if self.eof:  # half a request and nothing more will come
-                    self.closed = True
-                    self.transport.close()
-                return
-            self.deadline = None  # the request is in; no deadline while it is answered
-            if listener.quick(req):
-                self.finish(req, handle_http(self.node, req))
-            else:
-                self.busy = True
-                self.transport.pause_reading()
-                threading.Thread(target=self.work, args=(req,), name=f"vmqapi-http-{listener.name}-work",
-                                 daemon=True).start()
-
-    def work(self, req: Request) -> None:
-        """Answer ``req`` in this worker thread; the loop sends the answer."""
-        response = handle_http(self.node, req)
-        with contextlib.suppress(RuntimeError):  # the loop is closed: the node stopped meanwhile
-            self.listener.loop.call_soon_threadsafe(self.answered, req, response)
-
-    def answered(self, req: Request, response: Response) -> None:
-        """A worker thread's answer is ready: send it, then read on."""
-        self.busy = False
-        if self.closed:
-            return
-        self.finish(req, response)
-        if not self.closed:
-            self.transport.resume_reading()
-            self.serve()
-
-    def parse(self) -> Request | None:
-        """Take one whole request off the buffer (RFC 9112), or None until more arrives."""
-        buf = self.buffer
-        line_limit, value_limit, most, body_limit = self.listener.limits()
-        end, skip = buf.find(b"\r\n\r\n"), 4
-        if end < 0 or b"\n\n" in buf[:end]:
-            lf = buf.find(b"\n\n")
-            if lf >= 0:
-                end, skip = lf, 2
-        if end < 0:
-            first = buf.find(b"\n")
-            if (first < 0 and len(buf) > line_limit + 2) or first > line_limit + 2:
-                raise UriTooLong(f"request line longer than {line_limit} bytes")
-            if len(buf) > line_limit + 2 + (most + 1) * (value_limit + 258):
-                raise HeaderTooLarge("the request head is too large")
-            return None
-        lines = buf[:end].split(b"\n")
-        text = str(lines[0], "iso-8859-1").rstrip("\r")
-        if len(text) > line_limit:
-            raise UriTooLong(f"request line longer than {line_limit} bytes")
-        words = text.split()
-        if len(words) != 3 or not words[2].startswith("HTTP/"):
-            raise BadRequest(f"bad request line {text[:80]!r}")
-        method, target, version = words
+    def reopen(self) -> None:
+        """Bind and listen again on the same address and port (after suspend); raise OSError when taken."""
+        self.socket = socket.socket(self.address_family, self.socket_type)
         try:
-            major, minor = (int(part) for part in version[5:].split("."))
-        except ValueError:
-            raise BadRequest(f"bad HTTP version {version[:20]!r}") from None
-        if major != 1:
-            raise VersionNotSupported(f"HTTP/{major}.{minor} is not supported; use HTTP/1.1")
-        if len(lines) - 1 > most:
-            raise HeaderTooLarge(f"more than {most} headers (listener.max_headers)")
-        headers: dict[str, str] = {}
-        for raw in lines[1:]:
-            if len(raw) > value_limit + 257:
-                raise HeaderTooLarge(f"a header line is longer than {value_limit} bytes")
-            name, sep, value = str(raw, "iso-8859-1").rstrip("\r").partition(":")
-            if not sep or not name or name != name.strip():
-                raise BadRequest("malformed header line")  # RFC 9112 5.1: no space before ':', no folding
-            value = value.strip()
+            self.server_bind()
+            self.server_activate()
+        except OSError:
+            self.socket.close()
+            raise
+
+    def process_request(self, request: socket.socket, client_address: Any) -> None:
+        """Give the connection its thread, or refuse it past max_connections."""
+        limit = self.max_connections
+        with self._lock:
+            full = limit is not None and len(self.conns) >= limit
+            if not full:
+                self.conns[request] = request
+                self.all_conns += 1
+        if full:
+            self._refuse(request)
+            return
+        thread = threading.Thread(target=self.process_request_thread, args=(request, client_address),
+                                  name=f"vmqapi-http-{self.listener.name}-conn", daemon=True)
+        with self._lock:
+            self.threads.add(thread)
+        try:
+            start_with_small_stack(thread)
+        except RuntimeError:  # no thread to be had: answer, never drop the request silently
+            log.warning("http %s: cannot start a connection thread; answered 503", self.listener.name)
+            with self._lock:
+                self.conns.pop(request, None)
+                self.threads.discard(thread)
+            self._refuse(request, b"" if self.listener.tls else BUSY_ANSWER)
+
+    def _refuse(self, sock: socket.socket, answer: bytes = b"") -> None:
+        """Send ``answer`` and a FIN now; drain what the client sends until it closes, REFUSED_LINGER at most."""
+        try:
+            sock.setblocking(False)
+            if answer:
+                sock.send(answer)
+            sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            sock.close()
+            return
+        self._refused.append((sock, time.monotonic() + REFUSED_LINGER))
+
+    def service_actions(self) -> None:
+        """Close refused connections once their client closed, or REFUSED_LINGER passed."""
+        if not self._refused:
+            return
+        now, keep = time.monotonic(), []
+        for sock, until in self._refused:
+            try:
+                done = not sock.recv(65536) or now > until  # b"": the client closed
+            except BlockingIOError:
+                done = now > until
+            except OSError:
+                done = True
+            if done:
+                sock.close()
+            else:
+                keep.append((sock, until))
+        self._refused = keep
+
+    def close_refused(self) -> None:
+        """Close every refused connection still draining (the serving thread has stopped)."""
+        for sock, _ in self._refused:
+            sock.close()
+        self._refused = []
+
+    def finish_request(self, request: socket.socket, client_address: Any) -> None:
+        """Serve one connection; an HTTPS one first finishes its handshake here, in its own thread."""
+        tls = self.listener.tls
+        if tls is not None:
+            try:
+                wrapped = tls.wrap_socket(request, server_side=True, do_handshake_on_connect=False)
+                with self._lock:
+                    self.conns[request] = wrapped  # stop cuts the TLS socket from now on
+                if self.closing:
+                    return
+                wrapped.settimeout(self.listener.option("tls_handshake_timeout") / 1000)
+                wrapped.do_handshake()
+            except (OSError, ValueError) as exc:  # ssl.SSLError, a timeout, a reset
+                log.info("TLS handshake with %s failed: %s", client_address[0], exc)
+                return
+            request = wrapped
+        self.RequestHandlerClass(request, client_address, self)
+
+    def shutdown_request(self, request: socket.socket) -> None:
+        with self._lock:
+            used = self.conns.pop(request, request)
+            self.threads.discard(threading.current_thread())
+        if used is not request:  # the TLS socket: the accepted one was detached into it
+            used.close()
+        super().shutdown_request(request)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        if isinstance(sys.exc_info()[1], OSError):  # the client went away mid-answer
+            return
+        log.exception("error serving %s", client_address[0])
+
+    def cut(self) -> None:
+        """Cut every open connection: its thread sees the end of its stream and finishes."""
+        with self._lock:
+            socks = list(self.conns.values())
+        for sock in socks:
+            with contextlib.suppress(OSError):  # the plain socket's shutdown: SSLSocket's drops its TLS state
+                socket.socket.shutdown(sock, socket.SHUT_RDWR)
+
+
+class HttpHandler(http.server.BaseHTTPRequestHandler):
+    """One connection: http.server reads each request; handle_http answers it in one write.
+
+    The limits of listener.max_* and http_request_timeout are checked on what http.server
+    parsed; every error is the JSON answer of SPEC section 3.
+    """
+
+    protocol_version = "HTTP/1.1"  # keep-alive, 100-continue
+    server_version = "vmqapi/" + __version__
+    sys_version = ""
+    disable_nagle_algorithm = True  # one write per answer plus no Nagle: no 40 ms delayed-ACK stall
+    server: HttpServer
+    deadline = 0.0  # time.monotonic() by which the request being read must be whole
+    fields: dict[str, str] | None = None  # the request's header fields, once check_head passed them
+    ERRORS = {400: BadRequest, 414: UriTooLong, 431: HeaderTooLarge, 501: NotImplementedMethod,
+              505: VersionNotSupported}  # what http.server's send_error codes mean here
+
+    def setup(self) -> None:
+        super().setup()
+        self.rfile.close()  # http.server's reader, replaced by one that keeps the request's deadline
+        self.rfile = io.BufferedReader(_DeadlineReader(self.connection, self))
+
+    def handle_one_request(self) -> None:
+        """Read one request within the limits and the deadline, answer it, run its ``after`` actions."""
+        node = self.server.node
+        self.deadline = time.monotonic() + node.config["http_request_timeout"]  # also the keep-alive idle limit
+        try:
+            request = self.read_request()
+        except VmqError as exc:  # the request could not be read: answer and close
+            self.close_connection = True
+            self.answer(None, error_response(exc))
+            return
+        except (OSError, ValueError):  # a timeout, a reset, a client gone mid-request: nobody to answer
+            self.close_connection = True
+            return
+        if request is None:
+            self.close_connection = True
+            return
+        response = handle_http(node, request)
+        self.answer(request, response)
+        for fn in response.after:
+            fn()
+
+    def read_request(self) -> Request | None:
+        """Return the next request, None when the connection ended (or http.server already answered)."""
+        line_limit = self.server.listener.limits()[0]
+        self.raw_requestline = self.rfile.readline(line_limit + 3)
+        if len(self.raw_requestline.rstrip(b"\r\n")) > line_limit:
+            raise UriTooLong(f"request line longer than {line_limit} bytes")
+        self.fields = None
+        if not self.raw_requestline.endswith(b"\n") or not self.parse_request():
+            return None  # ended mid-line, or http.server's send_error (below) answered
+        fields = self.fields or self.check_head()
+        length = int(fields.get("content-length", "0"))
+        body = self.rfile.read(length) if length else b""
+        if len(body) < length:
+            return None  # the client went away inside the body
+        return Request(self.command, self.path, fields, body)
+
+    def check_head(self) -> dict[str, str]:
+        """Return the header fields http.server read (lower-case names, the first of repeated ones).
+
+        Raise for a head that the limits or RFC 9112 refuse.
+        """
+        if self.request_version == "HTTP/0.9":
+            raise BadRequest(f"bad request line {self.requestline[:80]!r}")
+        headers = self.headers
+        if headers.defects or headers.get_payload():  # email's parser stopped at a line that is no header
+            raise BadRequest("malformed header line")  # RFC 9112 5.1: no space before ':', a name
+        _, value_limit, most, body_limit = self.server.listener.limits()
+        raw = headers.raw_items()
+        fields: dict[str, str] = {}
+        for n, (name, value) in enumerate(raw):
+            if n == most:
+                raise HeaderTooLarge(f"more than {most} headers (listener.max_headers)")
             if len(value) > value_limit:
                 raise HeaderTooLarge(f"header {name} is longer than {value_limit} bytes")
-            headers.setdefault(name.lower(), value)
-        connection = headers.get("connection", "").lower()
-        self.close_after = "close" in connection or (minor == 0 and "keep-alive" not in connection)
-        if "transfer-encoding" in headers:
+            if "\n" in value:
+                raise BadRequest("malformed header line: obsolete line folding")  # RFC 9112 5.2
+            fields.setdefault(name.lower(), value.strip())
+        if "transfer-encoding" in fields:
             raise BadRequest("send a Content-Length body; Transfer-Encoding is not accepted")
-        length_text = headers.get("content-length", "0").strip()
-        if not length_text.isdigit():
+        length = fields.get("content-length", "0")
+        if not (length.isascii() and length.isdigit()):
             raise BadRequest("bad Content-Length")
-        length = int(length_text)
-        if length > body_limit:
+        if int(length) > body_limit:
             raise PayloadTooLarge(f"a request body may hold {body_limit} bytes at most (listener.max_body_size)")
-        start = end + skip
-        if minor and not self.continued and headers.get("expect", "").lower() == "100-continue":
-            self.continued = True  # RFC 9110 10.1.1: the client may wait for this before its body
-            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        if len(buf) - start < length:
-            return None
-        self.buffer, self.continued = buf[start + length:], False
-        return Request(method, target, headers, buf[start:start + length])
+        self.fields = fields
+        return fields
 
-    def finish(self, req: Request | None, resp: Response) -> None:
-        """Write one answer in one call; then its ``after`` actions; close or wait for the next request."""
-        close = self.close_after or (self.eof and not self.buffer)
-        head = [_status_line(resp.status), SERVER_HEADER, f"Date: {_http_date(int(time.time()))}\r\n".encode()]
-        head += [f"{k}: {v}\r\n".encode("latin-1") for k, v in resp.headers]
-        head.append(f"Content-Length: {len(resp.body)}\r\n".encode())
-        head.append(b"Connection: close\r\n\r\n" if close else b"\r\n")
-        if req is None or req.method != "HEAD":
-            head.append(resp.body)
-        self.transport.write(b"".join(head))
+    def handle_expect_100(self) -> bool:
+        """Send 100 Continue only for a request that will be read (RFC 9110 10.1.1)."""
+        try:
+            self.check_head()
+        except VmqError as exc:
+            self.close_connection = True
+            self.answer(None, error_response(exc))
+            return False
+        return super().handle_expect_100()
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """Answer http.server's own refusals (bad request line, version, header lines) as JSON errors."""
+        exc = self.ERRORS.get(code, BadRequest)(message or http.HTTPStatus(code).phrase)
+        self.close_connection = True
+        self.answer(None, error_response(exc))
+
+    def answer(self, req: Request | None, resp: Response) -> None:
+        """Write the whole answer in one call (HEAD: without its body), then log it without keys."""
+        head = "".join([f"{k}: {v}\r\n" for k, v in resp.headers])
+        end = "Connection: close\r\n\r\n" if self.close_connection else "\r\n"
+        data = b"".join((_status_line(resp.status), _server_and_date(int(time.time())),
+                         f"{head}Content-Length: {len(resp.body)}\r\n{end}".encode("latin-1"),
+                         b"" if req is not None and req.method == "HEAD" else resp.body))
+        # A client that reads nothing: the write gives up after http_request_timeout.
+        self.connection.settimeout(self.server.node.config["http_request_timeout"])
+        try:
+            self.wfile.write(data)
+        except OSError:
+            self.close_connection = True
         if log.isEnabledFor(logging.INFO):
-            log.info('%s "%s %s" %d %d', self.peer[0], req.method if req else "-", redact(req.target) if req else "-",
-                     resp.status, len(resp.body))
-        for fn in resp.after:
-            fn()
-        if close:
-            self.closed = True
-            self.transport.close()
-        else:
-            self.deadline = time.monotonic() + self.node.config["http_request_timeout"]
+            log.info('%s "%s %s" %d %d', self.client_address[0], req.method if req else "-",
+                     redact(req.target) if req else "-", resp.status, len(resp.body))
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log.info("http %s: %s", self.client_address[0], redact(format % args))
 
 
 SERVER_HEADER = f"Server: vmqapi/{__version__}\r\n".encode()
 
 
 class HttpListener:
-    """One HTTP listener of the node: an event loop thread for its connections, worker threads for slow commands."""
+    """One HTTP listener of the node: its HttpServer and the thread that accepts for it."""
 
     def __init__(self, node: Any, name: str, address: tuple[str, int], tls: bool = False,
                  options: Mapping[str, Any] | None = None):
         self.node, self.name = node, name
         self.kind = "https" if tls else "http"
         self.options = dict(options or {})  # a listener started at run time: its own options
-        self.all_conns = 0
         self.status = "running"
         self.tls = tls_context({o: self.option(o) for o in LISTENER_TLS_OPTIONS}) if tls else None
-        self.conns: set[HttpConnection] = set()
-        self._sock = self._bind(address)
-        self.address, self.port = self._sock.getsockname()[:2]
-        self.loop = asyncio.new_event_loop()
-        self._server: asyncio.base_events.Server | None = None
-        self._thread = threading.Thread(target=self._run, name=f"vmqapi-http-{name}", daemon=True)
+        self.server = HttpServer(self, address)
+        self.address, self.port = self.server.server_address[:2]
+        self._thread: threading.Thread | None = None
         self._limits: tuple[Any, tuple[int, int, int, int]] | None = None
-        self._quick: tuple[Any, dict[str, bool]] = (None, {})
 
-    @staticmethod
-    def _bind(address: tuple[str, int]) -> socket.socket:
-        sock = socket.socket(socket.AF_INET6 if ":" in address[0] else socket.AF_INET, socket.SOCK_STREAM)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind(address)
-            sock.listen(128)  # the default backlog of 5 turns 16 clients into a 300 ms p99
-        except OSError:
-            sock.close()
-            raise
-        return sock
+    @property
+    def all_conns(self) -> int:
+        """Connections accepted since the listener started."""
+        return self.server.all_conns
 
     def option(self, name: str) -> Any:
         """Return a listener option: its own, else the most specific config key."""
@@ -7821,95 +7985,51 @@ class HttpListener:
                                                                    "max_headers", "max_body_size")))
         return self._limits[1]
 
-    def quick(self, req: Request) -> bool:
-        """Whether ``req`` is answered in the loop: anything but an /api/v1 command not marked quick."""
-        path = req.target.partition("?")[0]
-        if not path.startswith("/api/v1/"):
-            return True  # health, metrics and status pages do bounded work
-        table, cache = self._quick
-        commands = self.node.commands.table()
-        if table is not commands:
-            table, cache = self._quick = (commands, {})
-        answer = cache.get(path)
-        if answer is None:
-            try:
-                answer = self.node.commands.resolve(apply_alias(parse_path_words(path[8:])))[0].quick
-            except VmqError:
-                answer = True  # an error answer is quick
-            if len(cache) < 1024:
-                cache[path] = answer
-        return answer(self.node) if callable(answer) else answer
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self.loop)
-        self.loop.call_later(HTTP_SWEEP, self._sweep)
-        self.loop.run_forever()
-
-    async def _serve(self) -> None:
-        timeout = self.option("tls_handshake_timeout") / 1000 if self.tls else None
-        self._server = await self.loop.create_server(lambda: HttpConnection(self), sock=self._sock, ssl=self.tls,
-                                                     ssl_handshake_timeout=timeout)
-
-    def _sweep(self) -> None:
-        """Cut connections whose request did not arrive whole within http_request_timeout."""
-        now = time.monotonic()
-        for conn in [c for c in self.conns if c.deadline is not None and c.deadline < now]:
-            conn.closed = True
-            conn.transport.abort()
-        self.loop.call_later(HTTP_SWEEP, self._sweep)
-
     def start(self) -> None:
-        """Start serving."""
+        """Start accepting."""
+        self._thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": HTTP_POLL},
+                                        name=f"vmqapi-http-{self.name}", daemon=True)
         self._thread.start()
-        asyncio.run_coroutine_threadsafe(self._serve(), self.loop).result(10)
 
     def active(self) -> int:
         """Return the number of open connections."""
-        return len(self.conns)
+        return self.server.connections()
+
+    def _stop_accepting(self) -> None:
+        if self._thread is not None and self._thread.is_alive():
+            self.server.shutdown()  # serve_forever returns within HTTP_POLL
+            self._thread.join(5)
+        self._thread = None
+        self.server.close_refused()
+        self.server.socket.close()
 
     def suspend(self, kill_sessions: bool = False) -> None:
         """Stop accepting (status suspended); with ``kill_sessions`` also cut every connection (stopped)."""
-        async def close() -> None:
-            if self._server is not None:
-                self._server.close()  # closes the listening socket too
-                self._server = None
-            if kill_sessions:
-                for conn in list(self.conns):
-                    conn.closed = True
-                    conn.transport.abort()
-        asyncio.run_coroutine_threadsafe(close(), self.loop).result(10)
+        self._stop_accepting()
+        if kill_sessions:
+            self.server.cut()
         self.status = "stopped" if kill_sessions else "suspended"
 
     def resume(self) -> None:
         """Accept again on the same address and port; raise OSError when it is taken meanwhile."""
         if self.status == "running":
             return
-        self._sock = self._bind((self.address, self.port))
+        self.server.reopen()
         self.status = "running"
-        try:
-            asyncio.run_coroutine_threadsafe(self._serve(), self.loop).result(10)
-        except BaseException:
-            self.status = "stopped"
-            raise
+        self.start()
 
     def stop(self) -> None:
-        """Stop serving, cut every connection and close the socket."""
-        if self._thread.is_alive():
-            asyncio.run_coroutine_threadsafe(self._shutdown(), self.loop).result(10)
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self._thread.join(5)
-        if not self.loop.is_running():
-            self.loop.close()
-        self._sock.close()
+        """Stop serving, cut every connection and wait for their threads (5 s at most in all)."""
+        self.server.closing = True
+        self._stop_accepting()
+        self.server.cut()
+        end = time.monotonic() + 5
+        with self.server._lock:
+            threads = list(self.server.threads)
+        for thread in threads:  # one busy in a command ends with it; its write then fails
+            if thread.is_alive() and thread is not threading.current_thread():
+                thread.join(max(0.0, end - time.monotonic()))
         self.status = "stopped"
-
-    async def _shutdown(self) -> None:
-        if self._server is not None:
-            self._server.close()
-        for conn in list(self.conns):
-            conn.closed = True
-            conn.transport.abort()
-        await asyncio.sleep(0)
 
     def row(self, tls: bool = False, mqtt: bool = False) -> dict:
         """Return this listener's row of listener show."""
@@ -7994,6 +8114,7 @@ class Node:
         self.started_at = time.time()
         self.history = StatusHistory(self.status)  # the status page's charts, off the MQTT path
         self._listeners: list[HttpListener] = []
+        self.slow_commands = threading.BoundedSemaphore(SLOW_COMMANDS)  # see slow_command_slot
         self.mqtt: MqttIO | None = None
         self._follows: dict[str, tuple[Tracer, tuple[str, str], float]] = {}  # trace client --follow tokens
         self._stopped = threading.Event()

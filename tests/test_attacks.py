@@ -316,3 +316,223 @@ def test_a_catastrophic_regex_cannot_freeze_the_node(tmp_path):
         for c in clients:
             c.close()
         stop_process(proc)
+
+
+# -- the admin API in a child node under an address-space cap -----------------------------------
+
+CHILD_KEY = "attackkey" + "x" * 24
+NOFILE_NEEDED = 2300  # 2,000 stalled connections, the node's own files, the test's control clients
+
+
+def raise_nofile_soft_limit():
+    """Raise this process's open-file soft limit toward the hard one; return the soft limit now."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        soft = min(hard, 65536) if hard != resource.RLIM_INFINITY else 65536
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    return soft
+
+
+@pytest.fixture
+def child_node(tmp_path):
+    """Start ``python vmqapi.py`` (the CLI node) under an RLIMIT_AS cap; yield (process, http port)."""
+    import json
+    import os
+    import resource
+    import subprocess
+    import sys
+    from conftest import ROOT
+    procs = []
+
+    def start(cap_mib, *settings):
+        def limits():  # in the child, before exec
+            resource.setrlimit(resource.RLIMIT_AS, (cap_mib << 20, cap_mib << 20))
+            raise_nofile_soft_limit()
+        data = tmp_path / f"child{len(procs)}"
+        sets = ["listener.http.default=127.0.0.1:0", "listener.tcp.default=127.0.0.1:0", "log.console.level=error",
+                *settings]
+        proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "vmqapi.py"), "--data-dir", str(data),
+                                 *(a for s in sets for a in ("--set", s))],
+                                env=dict(os.environ, VMQAPI_API_KEYS=CHILD_KEY), preexec_fn=limits,
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        procs.append(proc)
+        end = time.monotonic() + 30
+        while time.monotonic() < end and proc.poll() is None:
+            try:
+                info = json.loads((data / "node.json").read_text())
+                if info["pid"] == proc.pid:
+                    return proc, next(x["port"] for x in info["listeners"] if x["type"] == "http")
+            except (OSError, ValueError, KeyError):
+                pass
+            time.sleep(0.05)
+        raise AssertionError(f"the child node did not start: {proc.stderr.read(2000) if proc.poll() else ''}")
+
+    try:
+        yield start
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(20)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(10)
+            proc.stderr.close()
+
+
+def proc_status(pid):
+    """Return /proc/<pid>/status as a dict of strings."""
+    with open(f"/proc/{pid}/status") as fh:
+        return {k: v.strip() for k, _, v in (line.partition(":") for line in fh)}
+
+
+def settled_threads(pid):
+    """Return the child's thread count once the control connections' threads have ended (2 s at most)."""
+    counts = []
+    for _ in range(40):
+        counts.append(int(proc_status(pid)["Threads"]))
+        if len(counts) >= 3 and counts[-1] == counts[-2] == counts[-3]:
+            break
+        time.sleep(0.05)
+    return counts[-1]
+
+
+def control_get(port, path="/api/v1/cluster/show"):
+    """GET ``path`` on a fresh connection with the child's key; return (status, headers, body, seconds)."""
+    import base64
+    import http.client
+    started = time.monotonic()
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request("GET", path, headers={"Authorization": "Basic " + base64.b64encode(
+            f"{CHILD_KEY}:".encode()).decode()})
+        resp = conn.getresponse()
+        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read(), time.monotonic() - started
+    finally:
+        conn.close()
+
+
+def wait_all_closed(socks, seconds):
+    """Wait until the node closed every socket; return (closed, bytes any of them received)."""
+    import selectors
+    sel = selectors.DefaultSelector()
+    for s in socks:
+        s.setblocking(False)
+        sel.register(s, selectors.EVENT_READ)
+    closed, received = 0, 0
+    end = time.monotonic() + seconds
+    while closed < len(socks) and time.monotonic() < end:
+        for sel_key, _ in sel.select(0.5):
+            try:
+                data = sel_key.fileobj.recv(4096)
+            except OSError:
+                data = b""
+            received += len(data)
+            if not data:
+                sel.unregister(sel_key.fileobj)
+                closed += 1
+    sel.close()
+    return closed, received
+
+
+@pytest.mark.slow
+def test_2000_stalled_http_connections_cost_little_and_are_cut(child_node):
+    """Each stalled connection holds its thread (a small stack): 2,000 of them stay near 100 MB, all cut."""
+    if raise_nofile_soft_limit() < NOFILE_NEEDED:
+        pytest.skip(f"needs {NOFILE_NEEDED} open files (RLIMIT_NOFILE hard limit is lower)")
+    timeout = 10
+    proc, port = child_node(3072, f"http_request_timeout={timeout}", "listener.max_connections=3000")
+    assert control_get(port)[0] == 200
+    base_threads = settled_threads(proc.pid)
+    base_rss = int(proc_status(proc.pid)["VmRSS"].split()[0])
+    socks, peak_rss, peak_threads, slowest = [], base_rss, base_threads, 0.0
+    started = time.monotonic()
+    try:
+        while len(socks) < 2000:
+            for _ in range(100):  # in batches, so the listen backlog never overflows into SYN retries
+                s = socket.create_connection(("127.0.0.1", port), timeout=10)
+                s.sendall(b"GET /api/v1/cluster/show HTTP/1.1\r\nX-Slow: ")
+                socks.append(s)
+            for _ in range(100):
+                status = proc_status(proc.pid)
+                if int(status["Threads"]) >= base_threads + len(socks):
+                    break
+                time.sleep(0.02)
+            peak_rss = max(peak_rss, int(status["VmRSS"].split()[0]))
+            peak_threads = max(peak_threads, int(status["Threads"]))
+            answer = control_get(port)
+            assert answer[0] == 200
+            slowest = max(slowest, answer[3])
+        for _ in range(5):
+            status = proc_status(proc.pid)
+            peak_rss = max(peak_rss, int(status["VmRSS"].split()[0]))
+            time.sleep(0.2)
+        assert time.monotonic() - started < timeout, "opening the connections took longer than the timeout"
+        assert peak_threads >= base_threads + 2000  # every stalled connection holds its own thread ...
+        assert (peak_rss - base_rss) / 1024 <= 100, f"{(peak_rss - base_rss) / 1024:.0f} MB for 2000 connections"
+        assert slowest < 2.0  # ... and the API answered others meanwhile
+        closed, received = wait_all_closed(socks, timeout + 15)
+        assert (closed, received) == (2000, 0)  # all cut by http_request_timeout, without an answer
+        assert time.monotonic() - started >= timeout - 1
+    finally:
+        for s in socks:
+            s.close()
+    assert control_get(port)[0] == 200 and proc.poll() is None
+    assert settled_threads(proc.pid) <= base_threads
+
+
+def test_many_concurrent_slow_commands_each_get_an_answer(child_node):
+    """300 trace client calls at once: each gets 200 or 503 (Retry-After); control requests answer meanwhile."""
+    import json
+    import selectors
+    if raise_nofile_soft_limit() < 400:
+        pytest.skip("needs 400 open files")
+    proc, port = child_node(2048)
+    import base64
+    auth = "Basic " + base64.b64encode(f"{CHILD_KEY}:".encode()).decode()
+    request = (f"GET /api/v1/trace/client?client-id=nobody&--duration=1 HTTP/1.1\r\nAuthorization: {auth}\r\n"
+               f"Connection: close\r\n\r\n").encode()
+    socks = []
+    try:
+        for _ in range(300):
+            s = socket.create_connection(("127.0.0.1", port), timeout=10)
+            s.sendall(request)
+            socks.append(s)
+        control = control_get(port)
+        assert control[0] == 200 and control[3] < 2.0
+        answers = {s: b"" for s in socks}
+        sel = selectors.DefaultSelector()
+        for s in socks:
+            s.setblocking(False)
+            sel.register(s, selectors.EVENT_READ)
+        done, end = 0, time.monotonic() + 30
+        while done < len(socks) and time.monotonic() < end:
+            for sel_key, _ in sel.select(0.5):
+                try:
+                    data = sel_key.fileobj.recv(65536)
+                except OSError:
+                    data = b""
+                answers[sel_key.fileobj] += data
+                if not data:
+                    sel.unregister(sel_key.fileobj)
+                    done += 1
+        sel.close()
+    finally:
+        for s in socks:
+            s.close()
+    statuses = {}
+    for answer in answers.values():
+        assert answer, "a request was dropped without an answer"
+        head, _, body = answer.partition(b"\r\n\r\n")
+        status = int(head.split(b" ")[1])
+        statuses[status] = statuses.get(status, 0) + 1
+        if status == 503:
+            assert b"\r\nRetry-After: 1" in head
+            error = json.loads(body)
+            assert error["type"] == "error" and error["error"] == "service_unavailable" and error["text"]
+    assert set(statuses) == {200, 503} and statuses[200] >= vmqapi.SLOW_COMMANDS, statuses
+    assert proc.poll() is None and control_get(port)[0] == 200
+    proc.terminate()
+    assert proc.wait(20) == 0 and b"Traceback" not in proc.stderr.read()

@@ -160,7 +160,7 @@ def test_describe(mgmt):
 
 
 def test_methods(mgmt):
-    for method in ("PUT", "DELETE", "PATCH"):
+    for method in ("PUT", "DELETE", "PATCH", "TRACE", "CONNECT"):  # RFC 9110 methods: 405, not 501
         resp = mgmt("/api/v1/cluster/show", method=method)
         assert resp.status == 405 and ("Allow", "GET, OPTIONS, HEAD, POST") in resp.headers
         assert json.loads(resp.body)["error"] == "method_not_allowed"
@@ -514,7 +514,14 @@ def test_body_and_header_limits_are_settings(make_node):
     assert answer.startswith(b"HTTP/1.1 413 ") and b"listener.max_body_size" in answer
 
 
-# -- the server: quick answers in the loop, slow commands in worker threads ---------------------
+@pytest.mark.parametrize("key, value", [("listener.max_headers", "101"),
+                                        ("listener.max_header_value_length", "65001")])
+def test_limits_beyond_what_http_server_reads_are_refused(key, value):
+    with pytest.raises(vmqapi.VmqError, match="out of range"):  # http.client stops at 100 lines of 64 KiB
+        vmqapi.Config({key: value})
+
+
+# -- the server: a thread per connection, slots for slow commands ------------------------------
 
 def test_a_slow_command_does_not_hold_up_other_connections(node, key):
     auth = basic(key).encode()
@@ -560,7 +567,7 @@ def test_a_client_that_half_closes_still_gets_a_slow_answer(node, key):
     assert answer.startswith(b"HTTP/1.1 200 ")  # and then the node closed the connection
 
 
-def test_quick_commands_run_in_the_loop_and_others_in_a_worker(node, client, key):
+def test_commands_run_in_their_connections_thread_and_slow_ones_take_a_slot(node, client, key):
     import threading
 
     def where(call):
@@ -568,7 +575,76 @@ def test_quick_commands_run_in_the_loop_and_others_in_a_worker(node, client, key
 
     node.commands.register(("where", "quick"), where, quick=True)
     node.commands.register(("where", "slow"), where)
-    assert body_json(client.get("/api/v1/where/quick", key=key)[2])["text"] == "vmqapi-http-default"
-    assert body_json(client.get("/api/v1/where/slow", key=key)[2])["text"] == "vmqapi-http-default-work"
     node.commands.register(("where", "small"), where, quick=lambda n: n is node)  # asks the node each time
-    assert body_json(client.get("/api/v1/where/small", key=key)[2])["text"] == "vmqapi-http-default"
+    for name in ("quick", "slow", "small"):
+        assert body_json(client.get(f"/api/v1/where/{name}", key=key)[2])["text"] == "vmqapi-http-default-conn"
+    held = 0
+    while held < 100 and node.slow_commands.acquire(blocking=False):  # every slot busy
+        held += 1
+    try:
+        assert held == vmqapi.SLOW_COMMANDS
+        status, headers, data = client.get("/api/v1/where/slow", key=key)
+        body = body_json(data)
+        assert status == 503 and headers["retry-after"] == "1"
+        assert body["type"] == "error" and body["error"] == "service_unavailable" and body["text"]
+        for target in ("/api/v1/where/quick", "/api/v1/where/small", "/api/v1/where/slow?--help",
+                       "/api/v1/cluster/show"):
+            assert client.get(target, key=key)[0] == 200
+        assert client.get("/api/v1/where/slow")[0] == 401  # authentication first, then the slot
+    finally:
+        for _ in range(held):
+            node.slow_commands.release()
+    assert client.get("/api/v1/where/slow", key=key)[0] == 200
+
+
+def test_a_thread_per_connection_bounded_by_max_connections(make_node):
+    import threading
+    node = make_node(**{"listener.max_connections": "3"})
+    port = node.listeners()[0]["port"]
+
+    def conn_threads():
+        return [t for t in threading.enumerate() if t.name == "vmqapi-http-default-conn"]
+    socks = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(6)]
+    try:
+        for s in socks:
+            s.sendall(b"GET /health HTTP/1.1\r\n")  # half a request each: every connection stays open
+        for _ in range(100):
+            if len(conn_threads()) == 3 and node.listener_rows()[0]["all_conns"] == 3:
+                break
+            time.sleep(0.02)
+        time.sleep(0.2)
+        assert len(conn_threads()) == 3
+        row = node.listener_rows()[0]
+        assert (row["max_conns"], row["active_conns"]) == (3, 3)
+        assert threading.stack_size() == 0  # the small stack was for the connection threads only
+    finally:
+        for s in socks:
+            s.close()
+    for _ in range(100):
+        if not conn_threads():
+            break
+        time.sleep(0.05)
+    assert not conn_threads()
+
+
+def test_no_thread_for_a_connection_still_gets_an_answer(node, monkeypatch):
+    def no_thread(thread):
+        raise RuntimeError("can't start new thread")
+    monkeypatch.setattr(vmqapi, "start_with_small_stack", no_thread)
+    answer = raw_exchange(node, b"GET /health HTTP/1.1\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 503 ") and b"Retry-After: 1\r\n" in answer
+    body = json.loads(answer.partition(b"\r\n\r\n")[2])
+    assert body["type"] == "error" and body["error"] == "service_unavailable"
+    monkeypatch.undo()
+    assert raw_exchange(node, b"GET /health HTTP/1.1\r\nConnection: close\r\n\r\n").startswith(b"HTTP/1.1 200 ")
+
+
+@pytest.mark.parametrize("request_line, allow", [
+    (b"TRACE /api/v1/cluster/show HTTP/1.1", b"GET, OPTIONS, HEAD, POST"),
+    (b"CONNECT example.com:443 HTTP/1.1", b"GET, OPTIONS, HEAD, POST"),
+    (b"TRACE /metrics HTTP/1.1", b"GET, HEAD"),
+])
+def test_trace_and_connect_are_405_with_allow(node, request_line, allow):
+    answer = raw_exchange(node, request_line + b"\r\nConnection: close\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 405 ") and b"\r\nAllow: " + allow + b"\r\n" in answer
+    assert b'"error":"method_not_allowed"' in answer
