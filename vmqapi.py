@@ -342,6 +342,16 @@ class MalformedPacket(VmqError):
     reason_code = 0x81
 
 
+class WsError(VmqError):
+    """A WebSocket protocol violation (RFC 6455), with the close code to send; only that connection ends."""
+
+    http_status, code = 400, "websocket_error"
+
+    def __init__(self, close_code: int, reason: str):
+        super().__init__(reason)
+        self.close_code, self.reason = close_code, reason
+
+
 class ProtocolError(MalformedPacket):
     """Well-formed bytes that break a protocol rule (a repeated property, say)."""
 
@@ -4771,14 +4781,6 @@ def ws_frame(opcode: int, payload: bytes) -> bytes:
     return head + payload
 
 
-class WsError(Exception):
-    """A WebSocket protocol violation, with the close code to send."""
-
-    def __init__(self, code: int, reason: str):
-        super().__init__(reason)
-        self.code, self.reason = code, reason
-
-
 def ws_decode(buf: bytes, pos: int, max_size: int) -> tuple[int, bool, bytes, int] | None:
     """Decode one client frame at ``buf[pos:]``: (opcode, fin, unmasked payload, next pos), or None.
 
@@ -4946,7 +4948,7 @@ class WsLink(asyncio.Protocol):
                     raise WsError(WS_CLOSE_PROTOCOL, f"unknown opcode {opcode}")
         except WsError as exc:
             log.info("closing WebSocket from %s: %s", self.inner.peer[0], exc.reason)
-            self._close(exc.code)
+            self._close(exc.close_code)
             return
         del self.buffer[:pos]
         self.io.hold(self, len(self.buffer))
@@ -6840,10 +6842,10 @@ def cmd_trace_client(call: Call) -> Any:
 
 @command("plugin", "show", quick=True, read_only=True, flags=(
     Param("plugin", doc="show only this plugin"), Param("hook", doc="show only plugins with this hook"),
-    Param("internal", value="none", doc="show internal hooks too")))
+    Param("internal", value="none", doc="show internal hooks too (accepted as in VerneMQ; vmqapi has none)")))
 def cmd_plugin_show(call: Call) -> Any:
     """Show the enabled plugins and the hooks they register."""
-    rows = [r for r in call.node.plugin_rows(internal="internal" in call.flags)
+    rows = [r for r in call.node.plugin_rows()
             if call.flags.get("plugin") in (None, r["Plugin"])
             and (call.flags.get("hook") is None or call.flags["hook"] in r["Hook(s)"].split("\n"))]
     return Table(tuple(rows), ("Plugin", "Type", "Hook(s)", "M:F/A"))
@@ -8419,7 +8421,7 @@ class Node:
         """Return mountpoint, topic and payload of every retained message."""
         return [] if self.mqtt is None else self.in_broker(self.mqtt.engine.retained_rows)
 
-    def plugin_rows(self, internal: bool = False) -> list[dict]:
+    def plugin_rows(self) -> list[dict]:
         """Return the rows of plugin show: enabled built-in plugins and Python hooks."""
         return self.hooks.rows()
 
