@@ -352,6 +352,12 @@ class WsError(VmqError):
         self.close_code, self.reason = close_code, reason
 
 
+class TopicTooDeep(MalformedPacket):
+    """A topic name or will topic with more levels than max_topic_levels; MQTT 5 hears 0x90."""
+
+    reason_code = 0x90  # Topic Name invalid (MQTT 5.0 2.4)
+
+
 class ProtocolError(MalformedPacket):
     """Well-formed bytes that break a protocol rule (a repeated property, say)."""
 
@@ -640,6 +646,9 @@ SETTINGS: tuple[Setting, ...] = (
     _S("partial_packet_budget", parse_int_range(65536), 67108864,
        "Bytes of unfinished packets and WebSocket frames the node holds for all connections together; past it "
        "the connections holding the most are closed.", True),
+    _S("max_topic_levels", parse_int_range(1, 65535), 200,
+       "Most levels in a topic name or filter (mosquitto's fixed limit, 200): each level costs the routing and "
+       "retained trees memory whatever its length.", True),
     _S("mqtt_write_timeout", parse_int_range(1), 60000,
        "Milliseconds a connection may leave its answers unread (outgoing buffer full, its input paused) before "
        "it is closed.", True),
@@ -2249,7 +2258,7 @@ class Connection:
                  "keepalive", "last_seen", "opened_at", "user", "will", "clean_exit", "rate_second", "rate_count",
                  "labels", "plain", "receive_max", "receive_max_in", "max_packet", "alias_max", "aliases_out",
                  "aliases_in", "alias_max_in", "will_delay", "auth", "auth_method", "expiry_at_connect", "out",
-                 "closing", "pause_for", "writable", "tracer")
+                 "out_bytes", "held_back", "closing", "pause_for", "writable", "tracer")
 
     def __init__(self, link: Any, listener: Any, peer: tuple, identity: str | None, now: float):
         self.link, self.listener, self.peer, self.identity = link, listener, peer, identity
@@ -2277,6 +2286,8 @@ class Connection:
         self.auth_method: str | None = None
         self.expiry_at_connect = 0  # the Session Expiry Interval CONNECT asked for
         self.out: list[bytes] = []
+        self.out_bytes = 0  # bytes in ``out``, bounded like a queue (max_online_bytes)
+        self.held_back = False  # the engine kept queued messages back for a full outbox: drain again once sent
         self.closing = False
         self.pause_for = 0.0
         self.writable = True
@@ -2461,6 +2472,7 @@ def parse_passwd(text: str) -> dict[str, str]:
     """Parse a vmq_passwd file: ``user:$6$salt$hash`` lines."""
     users = {}
     for line in text.split("\n"):
+        line = line.rstrip("\r")  # a file written on Windows means the same
         if not line:
             continue
         user, sep, stored = line.partition(":")
@@ -2487,9 +2499,11 @@ def parse_acl(text: str) -> AclRules:
     """
     everyone, users, patterns, user = [], {}, [], None
     for number, line in enumerate(text.split("\n"), 1):
+        line = line.rstrip("\r")  # a file written on Windows means the same
         if not line or line.startswith("#"):
             continue
         word, _, rest = line.partition(" ")
+        rest = rest.lstrip(" \t")
         if word == "user":
             user = rest.strip(" \t")
             users.setdefault(user, [])
@@ -2497,6 +2511,7 @@ def parse_acl(text: str) -> AclRules:
         if word not in ("topic", "pattern"):
             raise ValueError(f"line {number}: expected topic, user or pattern")
         access, _, topic = rest.partition(" ")
+        topic = topic.lstrip(" \t")
         if access not in ("read", "write"):
             access, topic = "readwrite", rest
         topic = topic.strip(" \t")
@@ -2788,6 +2803,12 @@ class Delivery:
         if not conn.out and not conn.closing:
             self.dirty.append(conn)
         conn.out.append(data)
+        conn.out_bytes += len(data)
+
+    def fits(self, conn: Connection, size: int) -> bool:
+        """Whether ``size`` more bytes may go to a connection now: its socket takes more, its outbox has room."""
+        limit = self.max_online_bytes
+        return conn.writable and (limit < 0 or conn.out_bytes + size <= limit)
 
     def emit_packet(self, conn: Connection, packet: Any) -> None:
         """Encode a packet in the connection's protocol version and leave it in its outbox."""
@@ -2818,7 +2839,7 @@ class Delivery:
             return 0
         counters["router_matches_local", ()] += len(matches)
         upgrade, frame4, frame5, direct4, direct5 = self.upgrade_qos, None, None, 0, 0
-        on_deliver = self.hooks.on_deliver
+        on_deliver, size = self.hooks.on_deliver, message_bytes(msg)
         for session, opts in matches.items():
             if type(session) is SharedGroup:
                 picked = session.pick(self.router.choose)
@@ -2833,8 +2854,8 @@ class Delivery:
                 continue
             qos = opts.qos if upgrade else min(msg.qos, opts.qos)
             client = session.client
-            if qos == 0 and client is not None and client.writable and not session.queue \
-                    and not session.stored:  # else behind what waits, in order
+            if qos == 0 and client is not None and not session.queue and not session.stored \
+                    and self.fits(client, size):  # else behind what waits, in order, or dropped when full
                 if not client.plain:  # MQTT 5 topic aliases or a packet size limit: its own encoding
                     self.deliver(session, msg, 0, False, ())
                     continue
@@ -2880,7 +2901,8 @@ class Delivery:
         qos = sub_qos if self.upgrade_qos else min(msg.qos, sub_qos)
         out = Outgoing(msg, qos, 0, rap and msg.retain, ids)
         client = session.client
-        if qos == 0 and client is not None and client.writable and not session.queue and not session.stored:
+        if qos == 0 and client is not None and not session.queue and not session.stored \
+                and self.fits(client, message_bytes(msg)):
             self.send_publish(client, out, None)
             self.counters["queue_message_in", ()] += 1
             self.counters["queue_message_out", ()] += 1
@@ -2960,7 +2982,11 @@ class Delivery:
             room = (not window or len(inflight) < window) and len(inflight) < MAX_PACKET_ID
             if not queue and not (room and session.stored and self.fill(session)):
                 break
-            if queue[0].qos and not room:
+            head = queue[0]
+            if head.qos and not room:
+                break
+            if not client.writable or (client.out and not self.fits(client, message_bytes(head.msg))):
+                client.held_back = True  # the I/O shell drains again once the peer has taken its output
                 break
             out = queue.popleft()
             size = message_bytes(out.msg)
@@ -2999,6 +3025,8 @@ class Delivery:
         """Send again (DUP) what waited at least ``older_than`` s for its acknowledgement [MQTT-4.4.0-1]."""
         client = session.client
         for pid, out in list(session.inflight.items()):
+            if not client.writable:
+                break  # a peer that takes nothing gets nothing again: the next tick tries
             if self.now - out.sent_at >= older_than:
                 out.sent_at = self.now
                 if out.stage is Stage.RELEASED:
@@ -3007,21 +3035,23 @@ class Delivery:
                     self.send_publish(client, out, pid, dup=True)
 
     def send_retained(self, session: Session, topic_filter: str, opts: SubOptions) -> None:
-        """Deliver retained messages matching a new subscription, retain flag set [MQTT-3.3.1-8]."""
-        client = session.client
+        """Deliver retained messages matching a new subscription, retain flag set [MQTT-3.3.1-8].
+
+        They go through the session's queue like any delivery, so its window and limits hold.
+        """
         for msg in self.router.retained_for(session.mountpoint, topic_filter):
             if msg.expires is not None and msg.expires <= self.now:
                 self.delete_retained(session.mountpoint, msg.topic)  # expired (MQTT 5.0 3.3.2.3.3)
                 continue
-            out = Outgoing(msg, min(opts.qos, msg.qos), 0, True, opts.ids, retained=True)
-            pid = None
-            if out.qos and len(session.inflight) >= MAX_PACKET_ID:
-                continue  # no packet identifier left for it
-            if out.qos:
-                pid = session.take_pid()
-                out.stage, out.sent_at = Stage.SENT, self.now
-                session.inflight[pid] = out
-            self.send_publish(client, out, pid)
+            self.enqueue(session, Outgoing(msg, min(opts.qos, msg.qos), 0, True, opts.ids, retained=True))
+
+    def writable_again(self, conn: Connection, now: float) -> None:
+        """The I/O shell sent a full outbox: go on with the messages held back for it."""
+        self.now = now
+        conn.held_back = False
+        session = conn.session
+        if session is not None and session.client is conn and not conn.closed:
+            self.drain(session)
 
     def delete_retained(self, mountpoint: str, topic: str) -> bool:
         """Delete one retained message, in the store too; return whether it existed."""
@@ -3144,6 +3174,7 @@ class Sessions(Delivery):
             self.max_retained_bytes = config["max_retained_bytes"]
             self.acl_file = config["vmq_acl.acl_file"]
             self.max_rate = config["max_message_rate"]
+            self.max_levels = config["max_topic_levels"]
         return config
 
     def set_rules(self, users: Mapping[str, str], acl_rules: AclRules | None) -> None:
@@ -3325,6 +3356,11 @@ class Sessions(Delivery):
                auth_props: tuple = ()) -> None:
         """Attach the client to its session (a takeover closes the old link) and answer CONNACK."""
         mountpoint = client.listener.mountpoint
+        if p.will_topic is not None and p.will_topic.count("/") >= self.max_levels:
+            raise TopicTooDeep(f"will topic of more than {self.max_levels} levels (max_topic_levels)")
+        if p.will_topic is not None and not self.will_allowed(p, client_id, mountpoint):
+            self.counters["mqtt_publish_auth_error", ()] += 1
+            return self.refuse(client, CONNACK_NOT_AUTHORIZED, "the will's topic is not allowed")
         self.mountpoints.add(mountpoint)
         key = (mountpoint, client_id)
         if client.dialect.v5:
@@ -3437,28 +3473,40 @@ class Sessions(Delivery):
         return 0 if check_password(p.password, users[p.username]) else CONNACK_BAD_CREDENTIALS
 
     def acl(self, client: Connection, access: str, topic: str) -> bool:
-        """Ask vmq_acl; with no ACL file configured (or vmq_acl disabled) everything is allowed."""
+        """Ask vmq_acl about a connected client; with no ACL file configured (or vmq_acl disabled) all is allowed."""
+        session = client.session
+        return self.acl_check(client.user, session.client_id, session.mountpoint, access, topic)
+
+    def acl_check(self, user: str | None, client_id: str, mountpoint: str, access: str, topic: str) -> bool:
+        """Ask vmq_acl whether ``user``/``client_id`` may ``access`` (read or write) ``topic``."""
         if not self.acl_file or not self.hooks.builtin["vmq_acl"]:
             return True
         rules = self.acl_rules
         if rules is None:
             return False  # a file is configured but never loaded: refuse rather than grant all
-        session = client.session
         if rules.patterns:
-            self._warn_unsafe_id(client.user, session)
-        return acl_allows(rules, access, topic, client.user, session.client_id, session.mountpoint)
+            self._warn_unsafe_id(user, mountpoint, client_id)
+        return acl_allows(rules, access, topic, user, client_id, mountpoint)
 
-    def _warn_unsafe_id(self, user: str | None, session: Session) -> None:
+    def will_allowed(self, p: Connect, client_id: str, mountpoint: str) -> bool:
+        """Whether a CONNECT's will may be published: asked of auth_on_publish and vmq_acl like a PUBLISH."""
+        answer = run_auth_hooks(self.hooks.auth_on_publish, p.username, (mountpoint, client_id), p.will_qos,
+                                p.will_topic, p.will_payload, p.will_retain)
+        if answer is not None:
+            return answer != "error"
+        return self.acl_check(p.username, client_id, mountpoint, "write", p.will_topic)
+
+    def _warn_unsafe_id(self, user: str | None, mountpoint: str, client_id: str) -> None:
         """Log once per client that vmq_acl patterns do not apply to it, and why."""
-        key = (session.mountpoint, session.client_id, user)
+        key = (mountpoint, client_id, user)
         if key in self._acl_warned:
             return
-        reason = acl_unsafe_id(user, session.client_id)
+        reason = acl_unsafe_id(user, client_id)
         if reason:
             if len(self._acl_warned) >= ACL_WARNED_MAX:
                 self._acl_warned.clear()  # bounded: a flood of odd ids cannot grow it without end
             self._acl_warned.add(key)
-            log.warning("vmq_acl: patterns do not apply to client %r: %s", session.client_id, reason)
+            log.warning("vmq_acl: patterns do not apply to client %r: %s", client_id, reason)
 
     def resume(self, session: Session) -> None:
         """Send again what was in flight (DUP), then drain the queue."""
@@ -3650,6 +3698,8 @@ class Engine(Sessions):
                 topic, props, expires, raw = self.publish_properties(client, p, raw)
             if p.qos == 2 and len(session.incoming) >= client.receive_max_in:
                 raise ReceiveMaxExceeded(f"more than {client.receive_max_in} QoS 2 messages unacknowledged")
+        if topic.count("/") >= self.max_levels:
+            raise TopicTooDeep(f"topic of more than {self.max_levels} levels (max_topic_levels)")
         reason = self.publish_message(client, p, topic, props, expires, raw)
         if not p.qos:
             return
@@ -3842,7 +3892,7 @@ class Engine(Sessions):
                 codes.append(dialect.hook_refusal(qos))
                 self.counters["mqtt_subscribe_auth_error", ()] += 1
                 continue
-            valid = valid_subscription(topic_filter)
+            valid = valid_subscription(topic_filter) and topic_filter.count("/") < self.max_levels
             shared, plain = split_shared(topic_filter)
             if dialect.v5 and options & 4 and shared is not None:
                 raise ProtocolError("No Local on a shared subscription")  # [MQTT-3.8.3-4]
@@ -4595,7 +4645,7 @@ class MqttLink(asyncio.Protocol):
         now = time.time()
         if io.settings() is not io.rules_config:
             io.refresh_rules(now)  # a set of vmq_acl.* or vmq_passwd.* counts from the next packet
-        max_size = self._max_size()
+        max_size, connected = self._max_size(), client.connected
         try:
             while not self.closing and not self.paused and not client.closing and not client.pause_for:
                 start = pos
@@ -4607,8 +4657,8 @@ class MqttLink(asyncio.Protocol):
                 engine.handle(client, packet, now, buf[start:pos] if buf[start] == 0x30 else b"")
                 if client.tracer is not None:
                     client.tracer.packet("in", packet, now)
-                if not client.connected:
-                    max_size = self._max_size()
+                if client.connected != connected:  # accepted: max_message_size from the next packet on
+                    max_size, connected = self._max_size(), client.connected
         except MalformedPacket as exc:
             log.info("closing MQTT connection from %s: %s", self.peer[0], exc.text)
             kind = "mqtt_invalid_msg_size_error" if isinstance(exc, PacketTooLarge) else "mqtt_malformed_packet_error"
@@ -4689,10 +4739,13 @@ class MqttLink(asyncio.Protocol):
         if conn.out:
             data = conn.out[0] if len(conn.out) == 1 else b"".join(conn.out)
             conn.out.clear()
+            conn.out_bytes = 0
             self.io.engine.counters["bytes_sent", ()] += len(data)
             if conn.tracer is not None:
                 self._trace_out(conn, data)
-            self.transport.write(data)
+            self.transport.write(data)  # may call pause_writing: then resume_writing goes on
+            if conn.held_back and self.writable:
+                self.io.loop.call_soon(self._deliver_more)
         if conn.pause_for:
             delay, conn.pause_for = conn.pause_for, 0.0
             self.throttle(delay)
@@ -4739,6 +4792,13 @@ class MqttLink(asyncio.Protocol):
             self.stall.cancel()
             self.stall = None
         self._reading()
+        self._deliver_more()
+
+    def _deliver_more(self) -> None:
+        conn = self.client
+        if conn is not None and conn.held_back and self.writable and not self.closing:
+            self.io.engine.writable_again(conn, time.time())
+            self.io.after_batch()
 
     def _stalled(self) -> None:
         self.stall = None
@@ -4925,10 +4985,10 @@ class WsLink(asyncio.Protocol):
         return True
 
     def _frames(self) -> None:
-        pos, max_size = 0, self.io.settings()["max_ws_frame_size"]
+        pos = 0
         try:
             while not self.inner.closing:
-                frame = ws_decode(self.buffer, pos, max_size)
+                frame = ws_decode(self.buffer, pos, self._max_frame())
                 if frame is None:
                     break
                 opcode, fin, payload, pos = frame
@@ -4952,6 +5012,12 @@ class WsLink(asyncio.Protocol):
             return
         del self.buffer[:pos]
         self.io.hold(self, len(self.buffer))
+
+    def _max_frame(self) -> int:
+        config = self.io.settings()
+        if self.inner.client is None or not self.inner.client.connected:  # nobody is known yet: a CONNECT's worth
+            return min(config["max_ws_frame_size"], config["max_connect_size"])
+        return config["max_ws_frame_size"]
 
     def _close(self, code: int) -> None:
         self.buffer = bytearray()
@@ -5056,6 +5122,12 @@ def socket_budget() -> float:
     """Return how many MQTT sockets may be open at once so that FD_RESERVE descriptors stay for the rest."""
     soft = descriptor_limit()
     return math.inf if soft is None else max(1, soft - min(FD_RESERVE, soft // 4))
+
+
+def _budget_order(link: Any) -> tuple[bool, int]:
+    """Who goes first when the partial packet budget is exceeded: connections not yet accepted, then the biggest."""
+    client = link.client if isinstance(link, MqttLink) else link.inner.client
+    return client is not None and client.connected, -link.held
 
 
 class MqttListener:
@@ -5274,7 +5346,7 @@ class MqttIO:
             self.holders.discard(link)
         budget = self.settings()["partial_packet_budget"]
         if delta > 0 and self.partial_bytes > budget:
-            for holder in sorted(self.holders, key=lambda x: x.held, reverse=True):
+            for holder in sorted(self.holders, key=_budget_order):
                 if self.partial_bytes <= budget:
                     break
                 log.info("closing the connection holding %d unfinished bytes: partial_packet_budget is exceeded",
@@ -5594,7 +5666,11 @@ class KeyStore:
             entries = list(entries)
             result = change(salt, entries)
             doc = {"version": 1, "salt": salt.hex(), "keys": [e.to_json() for e in entries]}
-            write_file_atomically(self.path, json.dumps(doc, indent=1).encode() + b"\n")
+            try:
+                write_file_atomically(self.path, json.dumps(doc, indent=1).encode() + b"\n")
+            except OSError as exc:  # a full disk, a read-only folder: the old file stands, nothing changed
+                raise KeyStoreError(f"cannot write {self.path}: {exc.strerror or exc}; nothing was changed") \
+                    from None
             st = os.stat(self.path)
             self._install((st.st_ino, st.st_size, st.st_mtime_ns), salt, tuple(entries))
             return result
@@ -8080,7 +8156,7 @@ def read_node_file(data_dir: str) -> dict | None:
         with open(os.path.join(data_dir, NODE_FILE), encoding="utf-8") as fh:
             info = json.load(fh)
         return info if isinstance(info, dict) else None
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # unreadable or garbled: as good as none
         return None
 
 
