@@ -3251,10 +3251,21 @@ class Sessions(Delivery):
         """Publish a will now [MQTT-3.1.2-8], or after its Will Delay Interval while the session lives on."""
         will, client.will = client.will, None
         delay = min(client.will_delay, self._config["max_last_will_delay"])
-        if delay and session is not None and not session.clean and session.client is client:
+        size = message_bytes(will)
+        if delay and session is not None and not session.clean and session.client is client \
+                and not 0 <= self.max_queued_bytes < self.queued_bytes + size:  # waiting wills count as queued
             session.will = (will, self.now + delay)  # sent by tick, or when the session ends [MQTT-3.1.3-9]
+            self.queued_bytes += size
             return
         self.send_will(session.mountpoint if session else "", will)
+
+    def take_will(self, session: Session) -> Message | None:
+        """Take a session's delayed will out of it (to send it, or because it is no longer due)."""
+        if session.will is None:
+            return None
+        will, session.will = session.will[0], None
+        self.queued_bytes -= message_bytes(will)
+        return will
 
     def send_will(self, mountpoint: str, will: Message) -> None:
         """Route (and retain) a will; its Message Expiry Interval counts from now."""
@@ -3272,8 +3283,8 @@ class Sessions(Delivery):
         self.forget_queue(session)
         if not session.clean:
             self.store.delete_session(session.mountpoint, session.client_id)
-        if session.will is not None:
-            will, session.will = session.will[0], None
+        will = self.take_will(session)
+        if will is not None:
             self.send_will(session.mountpoint, will)
 
     def set_expiry(self, session: Session, expiry: int | None) -> None:
@@ -3373,7 +3384,7 @@ class Sessions(Delivery):
             self.close_client(old.client, reason=Reason.SESSION_TAKEN_OVER)  # takeover [MQTT-3.1.4-2]
             old = self.sessions.get(key)  # a clean session ended with its connection
         if old is not None:
-            old.will = None  # a new connection for this client id: no delayed will [MQTT-3.1.3-9]
+            self.take_will(old)  # a new connection for this client id: no delayed will [MQTT-3.1.3-9]
             if p.clean_session:  # MQTT 5: Clean Start
                 self.drop_session(old)
                 old = None
@@ -4025,8 +4036,7 @@ class Engine(Sessions):
                     self.resend(session, retry)
                 continue
             if session.will is not None and session.will[1] <= now:
-                will, session.will = session.will[0], None
-                self.send_will(session.mountpoint, will)  # its Will Delay Interval has passed
+                self.send_will(session.mountpoint, self.take_will(session))  # its Will Delay Interval has passed
             offline = now - session.offline_since if session.offline_since is not None else 0
             if (session.expiry is not None and offline > session.expiry) or (limit is not None and offline > limit):
                 expired.append(session)

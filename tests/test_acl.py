@@ -221,3 +221,23 @@ def test_auth_on_subscribe_refusal_codes(node, answer, v4, v5):
     for version, expected in ((4, v4), (5, v5)):
         with client_maker(node, default_version=version) as connect:
             assert connect(f"c{version}").subscribe(("no/x", 1), ("yes/x", 1)) == (expected, 1)
+
+
+@pytest.mark.parametrize("version, refused", [(4, 5), (5, 0x87)])
+def test_a_will_is_authorized_like_a_publish(acl_node, version, refused):
+    node, _ = acl_node("pattern clients/%c/#\n")
+    c = MqttClient(mqtt_port(node), version=version)
+    try:  # a will into another client's topics would go out when the connection drops
+        ack = c.connect("attacker", will_topic="clients/victim/cmd", will_payload=b"x", will_retain=True)
+        assert ack.return_code == refused and c.closed(2)
+    finally:
+        c.close()
+    with client_maker(node, default_version=version) as connect:
+        connect("ok", will_topic="clients/ok/gone", will_payload=b"bye")  # its own topic is fine
+    assert node.metrics.value("mqtt_publish_auth_error") == 1
+
+
+def test_rule_files_with_windows_line_ends_and_extra_spaces_mean_the_same():
+    rules = vmqapi.parse_acl("user alice\r\ntopic  read  sensors/+\r\n")
+    assert rules.users == {"alice": (("read", "sensors/+"),)}
+    assert vmqapi.parse_passwd("u:" + vmqapi.hash_password("p") + "\r\n").keys() == {"u"}

@@ -304,3 +304,21 @@ def test_concurrent_cli_writers_lose_nothing(make_node):
 def contextlib_suppress_missing():
     import contextlib
     return contextlib.suppress(FileNotFoundError)
+
+
+def test_a_key_file_that_cannot_be_written_is_a_clear_error_and_changes_nothing(tmp_path, monkeypatch):
+    store = KeyStore(str(tmp_path / "api_keys.json"))
+    kept = store.create("mgmt")
+    before = (tmp_path / "api_keys.json").read_bytes()
+
+    def full_disk(path, data):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(vmqapi, "write_file_atomically", full_disk)
+    with pytest.raises(vmqapi.KeyStoreError, match="No space left on device"):
+        store.create("mgmt")
+    assert (tmp_path / "api_keys.json").read_bytes() == before and store.authenticate(kept, ("mgmt",)) is not None
+
+
+def test_a_garbled_node_file_counts_as_none(tmp_path):
+    (tmp_path / "node.json").write_text("[" * 100_000)  # nested past the parser's recursion limit
+    assert vmqapi.read_node_file(str(tmp_path)) is None

@@ -334,3 +334,150 @@ def test_the_node_raises_its_descriptor_limit_toward_the_hard_one(tmp_path):
             line = next(x for x in fh if x.startswith("Max open files"))
         assert line.split()[3:5] == ["4096", "4096"]
         assert "file descriptor limit (4096) is below" in node.log()  # 10000 + 10000 wanted
+
+
+# -- what a client can make the node send ------------------------------------------------------
+
+def slow_reader(port, client_id, *subscriptions, version=4):
+    """A connected client with a tiny receive buffer that never reads after its SUBACK."""
+    c = MqttClient(port, version=version)
+    c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    assert c.connect(client_id, keepalive=0).return_code == 0
+    if subscriptions:
+        pid = c.pid()
+        c.send(vmqapi.Subscribe(pid, tuple(subscriptions)))
+    return c
+
+
+@pytest.mark.slow
+def test_one_subscribe_cannot_make_the_node_send_retained_messages_without_bound(tmp_path):
+    with capped_node(tmp_path / "d") as node:
+        port = node.port("mqtt")
+        pub = MqttClient(port)
+        try:
+            assert pub.connect("retainer").return_code == 0
+            for n in range(8):
+                pub.publish(f"r/{n}", b"\1" * MB, 1, retain=True)
+            before = node.rss()
+            reader = slow_reader(port, "amplifier", *[("#", 1)] * 30)  # 30 x 8 MB of retained copies asked
+            time.sleep(2)
+            assert control_round_trip(port) < 5
+            grown = node.rss() - before
+            assert grown < 64 * MB, f"one SUBSCRIBE grew the node by {grown / MB:.0f} MB"
+            reader.close()
+        finally:
+            pub.close()
+        assert node.alive() and "Traceback" not in node.log()
+
+
+@pytest.mark.slow
+def test_a_large_qos0_message_is_not_copied_for_every_subscriber_that_does_not_read(tmp_path):
+    with capped_node(tmp_path / "d") as node:
+        port = node.port("mqtt")
+        readers = [slow_reader(port, f"slow{n}", ("big", 0)) for n in range(8)]
+        pub = MqttClient(port, timeout=30)
+        try:
+            time.sleep(0.5)
+            before = node.rss()
+            assert pub.connect("pub").return_code == 0
+            pub.send_raw(publish_header(40 * MB) + b"\1" * (40 * MB))  # over max_online_bytes (8 MB)
+            time.sleep(2)
+            assert control_round_trip(port) < 5
+            grown = node.rss() - before
+            assert grown < 48 * MB, f"one 40 MB message grew the node by {grown / MB:.0f} MB"
+            assert node.metric("queue_message_drop") >= 8
+        finally:
+            pub.close()
+            for r in readers:
+                r.close()
+
+
+def test_a_connect_and_a_large_publish_in_one_write_are_both_taken(make_node):
+    node = make_node()
+    sub = MqttClient(mqtt_port(node))
+    pub = MqttClient(mqtt_port(node))
+    try:
+        assert sub.connect("sub").return_code == 0
+        sub.subscribe(("big", 0))
+        payload = b"\2" * (300 * 1024)  # over max_connect_size: allowed once CONNECT is accepted
+        pub.send_raw(vmqapi.encode_packet(vmqapi.Connect("pipelined")) + publish_header(len(payload)) + payload)
+        assert sub.message(timeout=10).payload == payload
+    finally:
+        sub.close()
+        pub.close()
+
+
+def test_a_websocket_frame_before_connect_is_bounded_by_max_connect_size(make_node):
+    node = make_node(**{"listener.ws.default": "127.0.0.1:0", "max_connect_size": "65536"})
+    with socket.create_connection(("127.0.0.1", ws_port(node)), timeout=5) as sock:
+        sock.sendall(b"GET /mqtt HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                     b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+                     b"Sec-WebSocket-Protocol: mqtt\r\n\r\n")
+        assert sock.recv(4096).startswith(b"HTTP/1.1 101")
+        sock.sendall(bytes((0x82, 0xFF)) + (1 << 20).to_bytes(8, "big") + b"mask")  # a 1 MB frame announced
+        data = b""
+        while len(data) < 4:
+            chunk = sock.recv(64)
+            if not chunk:
+                break
+            data += chunk
+        assert data[:4] == b"\x88\x02\x03\xf1"  # close 1009: too big, said at once (RFC 6455 7.4.1)
+
+
+def test_the_partial_packet_budget_closes_connections_not_yet_accepted_first(make_node):
+    node = make_node(partial_packet_budget="1048576", max_connect_size="262144")
+    port = mqtt_port(node)
+    uploader = MqttClient(port)
+    strangers = []
+    try:
+        assert uploader.connect("uploader").return_code == 0
+        uploader.send_raw(publish_header(2 * MB) + b"\0" * (700 * 1024))  # 700 KB of an upload held
+        time.sleep(0.3)
+        for _ in range(6):  # 6 x 200 KB of CONNECTs never finished: over the 1 MB budget together
+            s = socket.create_connection(("127.0.0.1", port), timeout=5)
+            s.sendall(b"\x10" + vmqapi.encode_length(250 * 1024) + b"\0" * (200 * 1024))
+            strangers.append(s)
+        time.sleep(0.5)
+        assert node.metrics.value("socket_close_partial_budget") >= 1
+        assert not uploader.closed(0.3)  # the known client's upload goes on
+    finally:
+        uploader.close()
+        for s in strangers:
+            s.close()
+
+
+def test_topics_deeper_than_max_topic_levels_are_refused(make_node):
+    node = make_node(max_topic_levels="8")
+    deep = "/".join("a" * 8) + "/b"  # 9 levels
+    c = MqttClient(mqtt_port(node))
+    try:
+        assert c.connect("deep").return_code == 0
+        assert c.subscribe((deep, 0), ("a/b", 0)) == (0x80, 0)
+        c.send(vmqapi.Publish(deep, b"x"))
+        assert c.closed(2)
+    finally:
+        c.close()
+
+
+def test_delayed_wills_count_against_max_queued_bytes(make_node):
+    node = make_node(max_queued_bytes="120000")
+    watcher = MqttClient(mqtt_port(node))
+    clients = []
+    try:
+        assert watcher.connect("watcher").return_code == 0
+        watcher.subscribe(("wills/#", 0))
+        for n in range(5):  # 5 x 50 KB wills waiting an hour: only two fit in 120 KB
+            c = MqttClient(mqtt_port(node), version=5)
+            clients.append(c)
+            assert c.connect(f"w{n}", False, will_topic=f"wills/{n}", will_payload=b"w" * 50_000,
+                             will_properties=(("will_delay_interval", 3600),),
+                             properties=(("session_expiry_interval", 3600),)).return_code == 0
+            c.close()  # no DISCONNECT: the will is due, after its delay
+        got = set()
+        for _ in range(3):  # the three that do not fit go out at once
+            got.add(watcher.message(timeout=5).topic)
+        assert len(got) == 3
+        watcher.no_message(0.5)
+        assert node.in_broker(lambda: node.mqtt.engine.queued_bytes) <= 120000
+    finally:
+        watcher.close()
