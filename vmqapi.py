@@ -35,15 +35,16 @@ Contents (``grep -nE '^# [0-9]+\\. ' vmqapi.py`` prints them with line numbers):
     11. Engine: packets and time
     12. Message store
     13. Broker shell: plugin hooks, rule files, tracing
-    14. MQTT I/O
-    15. Key store: the API key file
-    16. Command machinery: argv grammar, command table, result elements
-    17. Command catalogue
-    18. HTTP: the admin API
-    19. Observability endpoints
-    20. HTTP server
-    21. Node
-    22. CLI
+    14. MQTT connections: TCP, TLS and WebSocket links
+    15. MQTT listeners and the broker's loop
+    16. Key store: the API key file
+    17. Command machinery: argv grammar, command table, result elements
+    18. Command catalogue
+    19. HTTP: the admin API
+    20. Observability endpoints
+    21. HTTP server
+    22. Node
+    23. CLI
 """
 
 ###############################################################################
@@ -4560,16 +4561,25 @@ class Tracer:
 
 
 ###############################################################################
-# 14. MQTT I/O ################################################################
+# 14. MQTT connections: TCP, TLS and WebSocket links ##########################
 ###############################################################################
-# Owns: the event loop thread, asyncio listeners and per-connection buffers;
-#       one flush per batch, after the store has committed.
-# Must not know: HTTP, commands.
-
+# Owns: bytes in and out of one connection: packets decoded per read and handed
+#       to the engine with the time, input bounds (CONNECT, the partial-packet
+#       budget), deadlines, and one write per batch of what its outbox holds.
+# Must not know: HTTP, commands, what a packet means.
 
 PARTIAL_BIG = 65536  # bytes: an unfinished packet this large grows in a bytearray, not by copying per read
 FD_RESERVE = 128  # file descriptors MQTT connections leave to the admin API, the store and the listeners
 CONNECT_FIRST_BYTE = 0x10  # CONNECT, flags 0 [MQTT-3.1.0-1]: a new connection starting otherwise is closed at once
+
+
+def certificate_cn(cert: Mapping[str, Any] | None) -> str | None:
+    """Return the common name of a peer certificate as ``ssl`` decodes it."""
+    for rdn in (cert or {}).get("subject", ()):
+        for key, value in rdn:
+            if key == "commonName":
+                return value
+    return None
 
 
 class MqttLink(asyncio.Protocol):
@@ -5071,6 +5081,14 @@ class WsLink(asyncio.Protocol):
             self.inner.connection_lost(exc)
 
 
+###############################################################################
+# 15. MQTT listeners and the broker's loop ####################################
+###############################################################################
+# Owns: TLS contexts, file descriptor limits, the listeners and the event loop
+#       thread that runs the engine, drains outboxes after each commit, and
+#       takes calls from other threads.
+# Must not know: HTTP, the meaning of packets.
+
 def tls_context(options: Mapping[str, Any]) -> ssl.SSLContext:
     """Build a server TLS context from a listener's certfile, keyfile, cafile, versions and ciphers."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -5093,15 +5111,6 @@ def tls_columns(option: Callable[[str], Any] | None) -> dict[str, str]:
         value = option(key) if option else ""
         row[key] = render_value(value) if value != "" else ""
     return {**row, "psk_support": "", "pskfile": ""}
-
-
-def certificate_cn(cert: Mapping[str, Any] | None) -> str | None:
-    """Return the common name of a peer certificate as ``ssl`` decodes it."""
-    for rdn in (cert or {}).get("subject", ()):
-        for key, value in rdn:
-            if key == "commonName":
-                return value
-    return None
 
 
 def descriptor_limit() -> int | None:
@@ -5445,7 +5454,7 @@ class MqttIO:
 
 
 ###############################################################################
-# 15. Key store: the API key file #############################################
+# 16. Key store: the API key file #############################################
 ###############################################################################
 # Owns: api_keys.json (atomic writes, inter-process lock, reload on change),
 #       key generation, expiry parsing, constant-time authentication.
@@ -5763,7 +5772,7 @@ class KeyStore:
 
 
 ###############################################################################
-# 16. Command machinery: argv grammar, command table, result elements #########
+# 17. Command machinery: argv grammar, command table, result elements #########
 ###############################################################################
 # Owns: the vmq-admin argv grammar and its query-string form, Command specs,
 #       the CommandTable, binding argv to a command, result elements and their
@@ -6308,7 +6317,7 @@ def render_human(elements: Sequence) -> tuple[str, str]:
 
 
 ###############################################################################
-# 17. Command catalogue #######################################################
+# 18. Command catalogue #######################################################
 ###############################################################################
 # Owns: one cmd_<words> function per vmq-admin command; its docstring is its usage.
 # Must not know: sockets, HTTP, how the answer is rendered.
@@ -7031,7 +7040,7 @@ del _catalogue
 
 
 ###############################################################################
-# 18. HTTP: the admin API #####################################################
+# 19. HTTP: the admin API #####################################################
 ###############################################################################
 # Owns: the admin API's rules (method, auth, command, OPTIONS, Accept, run) as
 #       pure functions from a Request to a Response.
@@ -7284,7 +7293,7 @@ def serve_api(node: Any, req: Request, rest: str, query: str) -> Response:
 
 
 ###############################################################################
-# 19. Observability endpoints #################################################
+# 20. Observability endpoints #################################################
 ###############################################################################
 # Owns: /metrics (Prometheus text 0.0.4), /health, /status.json and the /status page.
 # Must not know: sockets, MQTT internals (it reads the metrics registry and the node).
@@ -7663,7 +7672,7 @@ loop();
 
 
 ###############################################################################
-# 20. HTTP server #############################################################
+# 21. HTTP server #############################################################
 ###############################################################################
 # Owns: the route table, handle_http, and http.server's ThreadingHTTPServer (a
 #       thread per connection) with the limits and timeouts around it.
@@ -8133,7 +8142,7 @@ class HttpListener:
 
 
 ###############################################################################
-# 21. Node ####################################################################
+# 22. Node ####################################################################
 ###############################################################################
 # Owns: the running node: its config snapshot, key store, command table,
 #       listeners, node.json, start and stop.
@@ -8513,7 +8522,7 @@ class Node:
 
 
 ###############################################################################
-# 22. CLI #####################################################################
+# 23. CLI #####################################################################
 ###############################################################################
 # Owns: argv of the process: start a node, or run vmq-admin commands locally or
 #       against the live node found through node.json.

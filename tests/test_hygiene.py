@@ -59,3 +59,54 @@ def test_every_command_has_a_usage():
     for cmd in vmqapi.CATALOGUE:
         assert cmd.doc.strip(), cmd.words
         assert cmd.usage().startswith("vmq-admin " + " ".join(cmd.words))
+
+
+def sections():
+    """Return {section number: (title, first line, last line)} from the banners (1-based, inclusive)."""
+    lines = SOURCE.splitlines()
+    marks = [(n + 1, re.match(r"^# ([0-9]+)\. (.+?) #+$", line)) for n, line in enumerate(lines)]
+    marks = [(n, int(m.group(1)), m.group(2)) for n, m in marks if m]
+    return {number: (title, start - 1, (marks[k + 1][0] - 2) if k + 1 < len(marks) else len(lines))
+            for k, (start, number, title) in enumerate(marks)}
+
+
+CORE = ("MQTT codec", "Topics", "Broker values", "Policy", "Routing", "Delivery", "Sessions", "Engine")
+FORBIDDEN_MODULES = {"time", "secrets", "random", "threading", "socket", "asyncio", "os", "sqlite3", "ssl"}
+FORBIDDEN_CALLS = {"open", "print", "input"}
+TRANSPORT_METHODS = {"write", "writelines", "close", "abort", "pause_reading", "resume_reading", "get_extra_info",
+                     "sendall", "send", "recv", "flush"}
+
+
+def test_core_sections_have_no_clock_randomness_file_lock_or_transport():
+    tree = ast.parse(SOURCE)
+    core = [(start, end, title) for title, start, end in sections().values() if title.startswith(CORE)]
+    assert len(core) == len(CORE), core
+    found = []
+    for node in ast.walk(tree):
+        line = getattr(node, "lineno", 0)
+        title = next((t for s, e, t in core if s <= line <= e), None)
+        if title is None:
+            continue
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) \
+                and node.value.id in FORBIDDEN_MODULES:
+            found.append(f"{line}: {node.value.id}.{node.attr} in {title}")
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in FORBIDDEN_CALLS:
+            found.append(f"{line}: {node.func.id}() in {title}")
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) \
+                and node.func.attr in TRANSPORT_METHODS:
+            found.append(f"{line}: .{node.func.attr}() in {title}")
+        elif isinstance(node, ast.Name) and node.id.endswith("_lock"):
+            found.append(f"{line}: {node.id} in {title}")
+    assert not found, "\n".join(found)
+
+
+def test_rooms_stay_small():
+    total = len(SOURCE.splitlines())
+    for number, (title, start, end) in sections().items():
+        assert end - start + 1 <= 850, f"section {number} ({title}) has {end - start + 1} lines"
+    for node in ast.parse(SOURCE).body:
+        if isinstance(node, (ast.ClassDef, ast.FunctionDef)):
+            size = node.end_lineno - node.lineno + 1
+            assert size <= total // 10, f"{node.name} is {size} lines, over a tenth of the file"
+            if isinstance(node, ast.ClassDef):
+                assert size <= 600, f"class {node.name} is {size} lines"
