@@ -1,6 +1,7 @@
 """MQTT throughput, CPU per delivery and memory per connection: vmqapi, and mosquitto when installed.
 
     python bench/mqtt.py [--messages N] [--rounds R] [--connections 1000,5000] [--protocol 4|5|4,5]
+                         [--inflight 20|0]
 
 Every load runs in separate processes speaking raw MQTT over loopback sockets, bounded
 in count and time. When ``mosquitto`` is on PATH, the same loads run against it in the
@@ -234,12 +235,16 @@ class Broker:
             self.proc.wait()
 
 
+INFLIGHT = [20]  # the in-flight window both brokers keep (--inflight); VerneMQ's default is 20
+
+
 def start_vmqapi(tmp):
     port = free_port()
     data = tempfile.mkdtemp(dir=tmp)
     cmd = [sys.executable, os.path.join(ROOT, "vmqapi.py"), "--data-dir", data, "--set",
            f"listener.tcp.default=127.0.0.1:{port}", "--set", "listener.http.default=127.0.0.1:0",
-           "--set", "log.console.level=warning", "--set", "max_online_messages=-1"]
+           "--set", "log.console.level=warning", "--set", "max_online_messages=-1",
+           "--set", f"max_inflight_messages={INFLIGHT[0]}"]
     return Broker("vmqapi", cmd, port, tmp)
 
 
@@ -247,7 +252,8 @@ def start_mosquitto(tmp):
     port = free_port()
     conf = os.path.join(tmp, f"mosquitto-{port}.conf")
     with open(conf, "w") as fh:
-        fh.write(f"listener {port} 127.0.0.1\nallow_anonymous true\nmax_queued_messages 0\n")
+        fh.write(f"listener {port} 127.0.0.1\nallow_anonymous true\nmax_queued_messages 0\n"
+                 f"max_inflight_messages {INFLIGHT[0]}\n")  # 0: no limit, in both brokers
     return Broker("mosquitto", ["mosquitto", "-c", conf], port, tmp)
 
 
@@ -305,7 +311,11 @@ def main():
     parser.add_argument("--connections", default="1000,5000")
     parser.add_argument("--protocol", default="4", choices=("4", "5", "4,5"),
                         help="MQTT protocol level of every client: 4 (3.1.1), 5, or both")
+    parser.add_argument("--inflight", type=int, default=20,
+                        help="max_inflight_messages of both brokers (0: no limit; mosquitto applies its own "
+                             "limit to MQTT 5 clients only)")
     args = parser.parse_args()
+    INFLIGHT[0] = args.inflight
     raise_fd_limit()
     peers = [start_vmqapi] + ([start_mosquitto] if shutil.which("mosquitto") else [])
     versions = [int(v) for v in args.protocol.split(",")]
