@@ -1398,10 +1398,13 @@ def decode_packet(buf, pos: int = 0, max_size: int = 0, version: int = 4) -> tup
     Raises MalformedPacket for anything the specification forbids, and for a
     packet larger than ``max_size`` bytes (0: no limit) as soon as its length is known.
     """
-    header = fixed_header(buf, pos)
-    if header is None:
-        return None
-    length, i = header
+    if len(buf) > pos + 1 and buf[pos + 1] < 128:  # a remaining length of one byte: most packets
+        length, i = buf[pos + 1], pos + 2
+    else:
+        header = fixed_header(buf, pos)
+        if header is None:
+            return None
+        length, i = header
     if max_size and i - pos + length > max_size:
         raise PacketTooLarge(f"packet of {i - pos + length} bytes is over the {max_size}-byte limit "
                              f"(max_message_size; before CONNECT, max_connect_size)")
@@ -2347,11 +2350,6 @@ class Dialect:
         """Return the server DISCONNECT telling why, or None: before MQTT 5 the server says nothing."""
         return None
 
-    def wire_retain(self, out: Outgoing) -> bool:
-        """The retain flag a delivery carries: MQTT 3.1.1 sets it only for retained messages of a new
-        subscription [MQTT-3.3.1-8, MQTT-3.3.1-9]."""
-        return out.retained
-
 
 class _Mqtt5(Dialect):
     """MQTT 5.0: reason codes and properties."""
@@ -2387,9 +2385,6 @@ class _Mqtt5(Dialect):
         if max_packet and len(frame) > max_packet:
             frame = encode_packet(Disconnect(reason), 5)  # the reason string goes first [MQTT-3.14.2-3]
         return None if max_packet and len(frame) > max_packet else frame  # MQTT 5.0 [MQTT-3.1.2-24]
-
-    def wire_retain(self, out: Outgoing) -> bool:
-        return out.retain
 
 
 V311, V5_DIALECT = Dialect(), _Mqtt5()
@@ -2670,7 +2665,7 @@ class Router:
         self.groups: dict[tuple[str, str, str], SharedGroup] = {}  # (mountpoint, group, filter)
         self.retained: dict[str, RetainTree] = collections.defaultdict(RetainTree)
         self.retained_bytes = 0  # of every retained message together (max_retained_bytes)
-        self._cache: dict[tuple[str, str], dict] = {}
+        self.cache: dict[tuple[str, str], dict] = {}  # match's answers, read directly on the hot path
 
     # -- subscriptions ----------------------------------------------------
     def add(self, session: Session, topic_filter: str, opts: SubOptions) -> None:
@@ -2686,13 +2681,13 @@ class Router:
                 shared = self.groups[key] = SharedGroup(group)
                 trie.add(plain, shared, QOS_ONLY[2])
             shared.members[session] = opts
-        self._cache.clear()
+        self.cache.clear()
 
     def remove(self, session: Session, topic_filter: str) -> None:
         """Stop routing ``topic_filter`` to ``session``."""
         group, plain = split_shared(topic_filter)
         trie = self.tries[session.mountpoint]
-        self._cache.clear()
+        self.cache.clear()
         if group is None:
             trie.remove(topic_filter, session)
             return
@@ -2707,11 +2702,11 @@ class Router:
     def match(self, mountpoint: str, topic: str) -> dict[Any, SubOptions]:
         """Return who wants ``topic``: each session (or shared group) with its best matching options."""
         key = (mountpoint, topic)
-        matches = self._cache.get(key)
+        matches = self.cache.get(key)
         if matches is None:
-            if len(self._cache) > MATCH_CACHE_MAX:
-                self._cache.clear()
-            matches = self._cache[key] = self.tries[mountpoint].match(topic)
+            if len(self.cache) > MATCH_CACHE_MAX:
+                self.cache.clear()
+            matches = self.cache[key] = self.tries[mountpoint].match(topic)
         return matches
 
     def subscription_count(self) -> int:
@@ -2801,9 +2796,10 @@ class Delivery:
         """Leave bytes in a connection's outbox; nothing is written once it is closed."""
         if conn.closed:
             return
-        if not conn.out and not conn.closing:
+        out = conn.out
+        if not out:  # (a connection asked to close is listed already; twice is harmless)
             self.dirty.append(conn)
-        conn.out.append(data)
+        out.append(data)
         conn.out_bytes += len(data)
 
     def fits(self, conn: Connection, size: int) -> bool:
@@ -2833,14 +2829,16 @@ class Delivery:
         QoS 0 to a plain subscriber that keeps up goes out at once, one encoding per
         protocol version shared by all of them; everything else goes through the queue.
         """
-        matches = self.router.match(mountpoint, msg.topic)
+        router = self.router
+        matches = router.cache.get((mountpoint, msg.topic)) or router.match(mountpoint, msg.topic)
         counters = self.counters
         if not matches:
             counters["queue_message_unhandled", ()] += 1
             return 0
         counters["router_matches_local", ()] += len(matches)
         upgrade, frame4, frame5, direct4, direct5 = self.upgrade_qos, None, None, 0, 0
-        on_deliver, size = self.hooks.on_deliver, message_bytes(msg)
+        on_deliver, size, limit = self.hooks.on_deliver, len(msg.payload) + len(msg.topic), self.max_online_bytes
+        dirty = self.dirty
         for session, opts in matches.items():
             if type(session) is SharedGroup:
                 picked = session.pick(self.router.choose)
@@ -2855,8 +2853,8 @@ class Delivery:
                 continue
             qos = opts.qos if upgrade else min(msg.qos, opts.qos)
             client = session.client
-            if qos == 0 and client is not None and not session.queue and not session.stored \
-                    and self.fits(client, size):  # else behind what waits, in order, or dropped when full
+            if qos == 0 and client is not None and client.writable and not session.queue and not session.stored \
+                    and (limit < 0 or client.out_bytes + size <= limit):  # else queued behind what waits, or dropped
                 if not client.plain:  # MQTT 5 topic aliases or a packet size limit: its own encoding
                     self.deliver(session, msg, 0, False, ())
                     continue
@@ -2864,14 +2862,19 @@ class Delivery:
                     if frame5 is None:
                         frame5 = msg.frame if msg.frame and msg.frame5 else self._encode5(
                             msg, msg.topic, 0, 0, None, False, False, ())
-                    self.emit(client, frame5)
+                    frame = frame5
                     direct5 += 1
                 else:
                     if frame4 is None:
                         frame4 = msg.frame if msg.frame and not msg.frame5 else encode_publish_header(
                             _str(msg.topic), len(msg.payload), 0, False, False, None) + msg.payload
-                    self.emit(client, frame4)
+                    frame = frame4
                     direct4 += 1
+                out = client.out  # emit, inlined: the hot loop; an online session's connection is never closed
+                if not out:
+                    dirty.append(client)
+                out.append(frame)
+                client.out_bytes += len(frame)
                 if on_deliver:
                     notify(on_deliver, client.user, session.key, msg.topic, msg.payload)
             else:
@@ -3068,8 +3071,9 @@ class Delivery:
         A message larger than an MQTT 5 client's Maximum Packet Size is dropped as if
         delivered [MQTT-3.1.2-25].
         """
-        msg, retain = out.msg, client.dialect.wire_retain(out)
+        msg = out.msg
         if client.proto == 5:
+            retain = out.retain
             frame = self.publish_frame5(client, msg, out.qos, pid, dup, retain, out.ids)
             if client.max_packet and len(frame) > client.max_packet:
                 self.counters["queue_message_drop", ()] += 1
@@ -3078,9 +3082,9 @@ class Delivery:
                 return
             self.emit(client, frame)
             self.counters["mqtt_publish_sent", V5] += 1
-        else:
-            self.emit(client, encode_publish_header(_str(msg.topic), len(msg.payload), out.qos, retain, dup, pid)
-                      + msg.payload)
+        else:  # MQTT 3.1.1 sets retain only for a retained message of a new subscription [MQTT-3.3.1-8..9]
+            self.emit(client, encode_publish_header(_str(msg.topic), len(msg.payload), out.qos, out.retained, dup,
+                                                    pid) + msg.payload)
             self.counters["mqtt_publish_sent", V4] += 1
         if self.hooks.on_deliver:
             notify(self.hooks.on_deliver, client.user, client.session.key, msg.topic, msg.payload)
@@ -3486,6 +3490,8 @@ class Sessions(Delivery):
 
     def acl(self, client: Connection, access: str, topic: str) -> bool:
         """Ask vmq_acl about a connected client; with no ACL file configured (or vmq_acl disabled) all is allowed."""
+        if not self.acl_file or not self.hooks.builtin["vmq_acl"]:
+            return True  # the common case, without a call
         session = client.session
         return self.acl_check(client.user, session.client_id, session.mountpoint, access, topic)
 
@@ -3684,7 +3690,7 @@ class Engine(Sessions):
         self.now = client.last_seen = now
         if self.settings() is not self._config:
             self.refresh_settings()
-        handler = self._DISPATCH.get((client.connected, type(packet)))
+        handler = self._DISPATCH[client.connected].get(type(packet))
         if handler is None:
             if not client.connected:
                 raise ProtocolError("the first packet must be CONNECT")  # [MQTT-3.1.0-1]
@@ -3710,9 +3716,27 @@ class Engine(Sessions):
                 topic, props, expires, raw = self.publish_properties(client, p, raw)
             if p.qos == 2 and len(session.incoming) >= client.receive_max_in:
                 raise ReceiveMaxExceeded(f"more than {client.receive_max_in} QoS 2 messages unacknowledged")
-        if topic.count("/") >= self.max_levels:
+        if len(topic) >= self.max_levels and topic.count("/") >= self.max_levels:  # a short topic cannot be deep
             raise TopicTooDeep(f"topic of more than {self.max_levels} levels (max_topic_levels)")
-        reason = self.publish_message(client, p, topic, props, expires, raw)
+        reason, hooks = Reason.SUCCESS, self.hooks
+        if props and ("payload_format_indicator", 1) in props and not utf8_payload(p.payload):
+            msg, reason = None, Reason.PAYLOAD_FORMAT_INVALID  # MQTT 5.0 3.3.2.3.2: dropped, and said so
+            self.counters["mqtt_publish_error", ()] += 1
+        elif hooks.auth_on_publish or hooks.on_publish:
+            msg = self.authorize_publish(client, p, topic, props, expires)
+        elif self.acl(client, "write", topic):
+            msg = Message(topic, p.payload, p.qos, p.retain, self.new_ref(), raw, v5, props, expires,
+                          session.client_id)
+        else:
+            msg = None
+        if msg is None:
+            if not reason:
+                self.counters["mqtt_publish_auth_error", ()] += 1
+                reason = Reason.NOT_AUTHORIZED
+        elif msg.retain and self.retain(session.mountpoint, msg) is False:
+            reason = Reason.QUOTA_EXCEEDED  # MQTT 5.0 3.4.2.1: max_retained_messages or max_retained_bytes
+        elif not self.route(session.mountpoint, msg):
+            reason = Reason.NO_MATCHING_SUBSCRIBERS  # MQTT 5.0 3.4.2.1
         if not p.qos:
             return
         if self.store.error is not None:  # the store failed while keeping this message
@@ -3731,29 +3755,6 @@ class Engine(Sessions):
             session.incoming.add(p.packet_id)  # an error reason ends the exchange (MQTT 5.0 4.3.3)
         self.emit_packet(client, client.dialect.ack(kind, p.packet_id, reason))
         self.counters["mqtt_puback_sent" if kind is Puback else "mqtt_pubrec_sent", reason_labels(reason)] += 1
-
-    def publish_message(self, client: Connection, p: Publish, topic: str, props: tuple, expires: float | None,
-                        raw: bytes) -> int:
-        """Authorize, retain and route what a client published; return the MQTT 5 reason of its acknowledgement."""
-        session, hooks = client.session, self.hooks
-        if props and ("payload_format_indicator", 1) in props and not utf8_payload(p.payload):
-            self.counters["mqtt_publish_error", ()] += 1
-            return Reason.PAYLOAD_FORMAT_INVALID  # MQTT 5.0 3.3.2.3.2: dropped, and said so
-        if hooks.auth_on_publish or hooks.on_publish:
-            msg = self.authorize_publish(client, p, topic, props, expires)
-        elif self.acl(client, "write", topic):
-            msg = Message(topic, p.payload, p.qos, p.retain, self.new_ref(), raw, client.dialect.v5, props, expires,
-                          session.client_id)
-        else:
-            msg = None
-        if msg is None:
-            self.counters["mqtt_publish_auth_error", ()] += 1
-            return Reason.NOT_AUTHORIZED
-        if msg.retain and self.retain(session.mountpoint, msg) is False:
-            return Reason.QUOTA_EXCEEDED  # MQTT 5.0 3.4.2.1: max_retained_messages or max_retained_bytes
-        if not self.route(session.mountpoint, msg):
-            return Reason.NO_MATCHING_SUBSCRIBERS  # MQTT 5.0 3.4.2.1
-        return Reason.SUCCESS
 
     def refuse_unsaved(self, client: Connection, p: Publish) -> None:
         """Refuse a QoS 1/2 PUBLISH the store cannot keep: MQTT 5 hears 0x80, MQTT 3 is cut off (it resends)."""
@@ -3973,12 +3974,11 @@ class Engine(Sessions):
         client.clean_exit = p.reason_code != Reason.DISCONNECT_WITH_WILL
         self.close_client(client)
 
-    _DISPATCH: dict[tuple[bool, type], Callable[..., None]] = {  # (connected, packet type) -> handler
-        (False, Connect): Sessions.on_connect, (False, Auth): Sessions.on_auth,
-        (True, Publish): on_publish, (True, Puback): on_puback, (True, Pubrec): on_pubrec,
-        (True, Pubrel): on_pubrel, (True, Pubcomp): on_pubcomp, (True, Subscribe): on_subscribe,
-        (True, Unsubscribe): on_unsubscribe, (True, Pingreq): on_pingreq, (True, Disconnect): on_disconnect,
-        (True, Auth): Sessions.on_auth,
+    _DISPATCH: dict[bool, dict[type, Callable[..., None]]] = {  # connected? -> packet type -> handler
+        False: {Connect: Sessions.on_connect, Auth: Sessions.on_auth},
+        True: {Publish: on_publish, Puback: on_puback, Pubrec: on_pubrec, Pubrel: on_pubrel, Pubcomp: on_pubcomp,
+               Subscribe: on_subscribe, Unsubscribe: on_unsubscribe, Pingreq: on_pingreq,
+               Disconnect: on_disconnect, Auth: Sessions.on_auth},
     }
 
     # -- time -------------------------------------------------------------
@@ -5310,10 +5310,12 @@ class MqttIO:
 
     async def _bind(self, listener: MqttListener) -> None:
         protocol = (lambda: WsLink(listener)) if listener.websocket else (lambda: MqttLink(listener))
+        # A TLS socket reaches the listener's accounting only once its handshake is done (asyncio calls
+        # connection_made then): the handshake therefore gets no longer than a CONNECT would.
+        handshake = min(listener.options["tls_handshake_timeout"], self.settings()["mqtt_connect_timeout"]) / 1000
         listener.server = await self.loop.create_server(protocol, listener.address, listener.port, backlog=1024,
                                                         reuse_address=True, ssl=listener.tls,
-                                                        ssl_handshake_timeout=listener.options[
-                                                            "tls_handshake_timeout"] / 1000 if listener.tls else None)
+                                                        ssl_handshake_timeout=handshake if listener.tls else None)
         listener.port = listener.server.sockets[0].getsockname()[1]
 
     def _tick(self) -> None:
