@@ -3311,8 +3311,7 @@ class Sessions(Delivery):
         config = self.settings()
         listener = client.listener
         v5 = p.proto_level == 5
-        if v5:
-            client.speak(5)  # from here on the link reads and writes MQTT 5
+        client.speak(p.proto_level if p.proto_level in DIALECTS else 4)  # an MQTT 5 refusal is said in MQTT 5
         self.counters["mqtt_connect_received", client.labels] += 1
         if p.proto_level not in PROTOCOLS or p.proto_level not in listener.allowed_versions:
             return self.refuse(client, CONNACK_BAD_VERSION, f"protocol level {p.proto_level} is not accepted here")
@@ -3403,7 +3402,6 @@ class Sessions(Delivery):
         session.client, session.offline_since = client, None
         session.user, session.peer, session.protocol = p.username, client.peer, p.proto_level
         client.session, client.connected, client.user = session, True, p.username
-        client.speak(p.proto_level)
         client.tracer = self.tracers.get(key)
         if p.will_topic is not None:
             will_props = dict(p.will_properties)

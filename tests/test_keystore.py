@@ -212,7 +212,7 @@ def test_failed_write_leaves_old_file(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(vmqapi.os, "replace", boom)
-    with pytest.raises(OSError):
+    with pytest.raises(vmqapi.KeyStoreError, match="disk full"):  # a clear error, not a traceback
         store.add("secondkey")
     monkeypatch.undo()
     assert (tmp_path / "k.json").read_bytes() == before
