@@ -5015,8 +5015,9 @@ class WsLink(asyncio.Protocol):
                         raise WsError(WS_CLOSE_PROTOCOL, "continuation frame out of place")
                     self.fragmented = not fin
                     self.inner.data_received(payload)  # MQTT is a byte stream: fragments feed it as they come
-                elif opcode == 1:
-                    raise WsError(WS_CLOSE_UNSUPPORTED, "MQTT needs binary frames")
+                elif opcode == 1:  # inside a fragmented message a new data frame is itself a violation (5.4)
+                    raise WsError(WS_CLOSE_PROTOCOL if self.fragmented else WS_CLOSE_UNSUPPORTED,
+                                  "MQTT needs binary frames")
                 elif opcode == 8:
                     self._close(int.from_bytes(payload[:2], "big") if len(payload) >= 2 else 1000)
                     return

@@ -262,6 +262,17 @@ def test_a_continuation_frame_with_nothing_to_continue_fails_the_connection(make
         c.close()
 
 
+def test_a_text_frame_inside_a_fragmented_message_fails_the_connection(make_node):
+    node = make_node(**{"listener.ws.default": "127.0.0.1:0"})
+    c = WsMqttClient(ws_port(node))
+    try:
+        connect = vmqapi.encode_packet(vmqapi.Connect("fragments"))
+        c.sock.sendall(c.frame(2, connect[:4], fin=False) + c.frame(1, b"text"))
+        assert c.read() is None and c.close_code == 1002  # RFC 6455 5.4, not 1003
+    finally:
+        c.close()
+
+
 # -- timing ----------------------------------------------------------------------------------
 
 def test_keepalive_is_enforced_at_one_and_a_half_times(make_node):
