@@ -2346,7 +2346,7 @@ class Dialect:
         """Answer UNSUBSCRIBE [MQTT-3.10.4-4]; MQTT 3.1.1 says nothing per filter."""
         return Unsuback(pid)
 
-    def disconnect(self, reason: int, text: str, max_packet: int) -> bytes | None:
+    def disconnect(self, reason: int, text: str) -> Disconnect | None:
         """Return the server DISCONNECT telling why, or None: before MQTT 5 the server says nothing."""
         return None
 
@@ -2380,11 +2380,8 @@ class _Mqtt5(Dialect):
     def unsuback(self, pid: int, existed: Sequence[bool]) -> Unsuback:
         return Unsuback(pid, tuple(Reason.SUCCESS if e else Reason.NO_SUBSCRIPTION_EXISTED for e in existed))
 
-    def disconnect(self, reason: int, text: str, max_packet: int) -> bytes | None:
-        frame = encode_packet(Disconnect(reason, (("reason_string", text),) if text else ()), 5)
-        if max_packet and len(frame) > max_packet:
-            frame = encode_packet(Disconnect(reason), 5)  # the reason string goes first [MQTT-3.14.2-3]
-        return None if max_packet and len(frame) > max_packet else frame  # MQTT 5.0 [MQTT-3.1.2-24]
+    def disconnect(self, reason: int, text: str) -> Disconnect | None:
+        return Disconnect(reason, (("reason_string", text),) if text else ())
 
 
 V311, V5_DIALECT = Dialect(), _Mqtt5()
@@ -2807,9 +2804,25 @@ class Delivery:
         limit = self.max_online_bytes
         return conn.writable and (limit < 0 or conn.out_bytes + size <= limit)
 
-    def emit_packet(self, conn: Connection, packet: Any) -> None:
-        """Encode a packet in the connection's protocol version and leave it in its outbox."""
-        self.emit(conn, encode_packet(packet, conn.proto))
+    def emit_packet(self, conn: Connection, packet: Any) -> bool:
+        """Encode a packet in the connection's protocol version and leave it in its outbox.
+
+        Over an MQTT 5 client's Maximum Packet Size, the Reason String and User Properties go
+        first (MQTT 5.0 3.1.2.11.4, [MQTT-3.14.2-3]); a packet that still does not fit is not sent
+        [MQTT-3.1.2-24]. Return whether it was.
+        """
+        frame = encode_packet(packet, conn.proto)
+        if conn.max_packet and len(frame) > conn.max_packet:
+            props = getattr(packet, "properties", ())
+            kept = tuple(p for p in props if p[0] not in ("reason_string", "user_property"))
+            if kept != props:
+                frame = encode_packet(dataclasses.replace(packet, properties=kept), conn.proto)
+            if len(frame) > conn.max_packet:
+                log.info("not sending %s of %d bytes: over the client's Maximum Packet Size %d",
+                         type(packet).__name__.upper(), len(frame), conn.max_packet)
+                return False
+        self.emit(conn, frame)
+        return True
 
     def request_close(self, conn: Connection) -> None:
         """Ask the I/O shell to close the connection once its outbox is sent."""
@@ -3217,9 +3230,8 @@ class Sessions(Delivery):
     def say_disconnect(self, client: Connection, reason: int, text: str = "") -> None:
         """Tell an MQTT 5 client why the node closes its connection (MQTT 5.0 3.14); others hear nothing."""
         if client.connected and not client.closed:
-            frame = client.dialect.disconnect(reason, text, client.max_packet)
-            if frame is not None:
-                self.emit(client, frame)
+            packet = client.dialect.disconnect(reason, text)
+            if packet is not None and self.emit_packet(client, packet):
                 self.counters["mqtt_disconnect_sent", reason_labels(reason, "normal_disconnect")] += 1
 
     def goodbye(self, client: Connection, reason: int) -> None:
@@ -3316,6 +3328,8 @@ class Sessions(Delivery):
         if p.proto_level not in PROTOCOLS or p.proto_level not in listener.allowed_versions:
             return self.refuse(client, CONNACK_BAD_VERSION, f"protocol level {p.proto_level} is not accepted here")
         props = dict(p.properties)
+        if v5:
+            self.connect_options(client, props, config)  # first: a refusal must fit its Maximum Packet Size too
         client_id, assigned = p.client_id, False
         if not client_id:
             if not p.clean_session and not v5:
@@ -3328,8 +3342,6 @@ class Sessions(Delivery):
             if not v5:
                 return self.refuse(client, CONNACK_BAD_ID)  # MQTT 3 cannot be told another keep-alive
             keepalive = max_keepalive  # sent back as Server Keep Alive (MQTT 5.0 3.2.2.3.14)
-        if v5:
-            self.connect_options(client, props, config)
         client.keepalive = keepalive
         method = props.get("authentication_method")
         if method is not None:  # enhanced authentication (MQTT 5.0 4.12) through the on_auth_m5 hook

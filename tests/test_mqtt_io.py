@@ -492,3 +492,22 @@ def test_delayed_wills_count_against_max_queued_bytes(make_node):
         assert node.in_broker(lambda: node.mqtt.engine.queued_bytes) <= 120000
     finally:
         watcher.close()
+
+
+def test_acknowledgements_fit_the_clients_maximum_packet_size(make_node):
+    node = make_node(max_client_id_size="5")
+    c = MqttClient(mqtt_port(node), version=5)
+    try:  # refused for its long id: the CONNACK's reason string would make it 40 bytes
+        c.send(vmqapi.Connect("much-too-long", 5, properties=(("maximum_packet_size", 8),)))
+        data = c.sock.recv(100)
+        assert len(data) <= 8 and data[0] == 0x20 and data[3] == 0x85, data
+    finally:
+        c.close()
+    c = MqttClient(mqtt_port(node), version=5)
+    try:
+        assert c.connect("tiny", properties=(("maximum_packet_size", 12),)).return_code == 0
+        c.send(vmqapi.Subscribe(1, tuple((f"t/{n}", 0) for n in range(20))))  # a 25-byte SUBACK: not sent
+        c.send(vmqapi.Subscribe(2, (("a", 0),)))
+        assert c.expect(vmqapi.Suback).packet_id == 2
+    finally:
+        c.close()
