@@ -7094,7 +7094,7 @@ del _catalogue
 # 19. HTTP: the admin API #####################################################
 ###############################################################################
 # Owns: the admin API's rules (method, auth, command, OPTIONS, Accept, run) as
-#       pure functions from a Request to a Response.
+#       pure functions from a Request to a Response; /api/v2 and HTTP publish (SPEC 11).
 # Must not know: sockets, MQTT internals, the key file's format.
 
 HTTP_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "POST"})
