@@ -179,7 +179,7 @@ COLUMNS_HEADER = "x-vmqapi-columns"  # an empty table's columns, for the CLI's b
 KEY_ALPHABET = string.ascii_letters + string.digits  # VerneMQ: [A-Za-z0-9]
 DEFAULT_KEY_LENGTH = 32  # VerneMQ vmq_auth_apikey: max(32, min_apikey_length)
 HASHED_PREFIX_LENGTH = 6  # SPEC 4: hashed keys show their first 6 characters
-SCOPES = ("mgmt", "mgmt_ro", "status", "metrics", "health")  # SPEC 4
+SCOPES = ("mgmt", "mgmt_ro", "status", "metrics", "health", "api2", "httppub")  # SPEC 4, 11
 SECRET_HEADER = "x-vmqapi-node-secret"  # the CLI's credential, from node.json
 REALM = 'Basic realm="VerneMQ"'  # SPEC 3 (VerneMQ 1.x form; 2.x sends a malformed one)
 ALLOW = "GET, OPTIONS, HEAD, POST"
@@ -299,6 +299,14 @@ class PayloadTooLarge(VmqError):
     """A request body larger than listener.max_body_size."""
 
     http_status, code = 413, "payload_too_large"
+
+
+class PublishRefused(VmqError):
+    """An HTTP publish (vmq_http_pub) refused; ``reason`` names VerneMQ's answer (HTTP_PUB_ANSWERS)."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
 
 
 class UriTooLong(VmqError):
@@ -544,7 +552,9 @@ class Setting:
 
 
 DEFAULT_LISTENERS = {"http": ("127.0.0.1", 8888), "tcp": ("127.0.0.1", 1883)}
-HTTP_MODULES = ("vmq_http_mgmt_api", "vmq_status_http", "vmq_metrics_http", "vmq_health_http")
+HTTP_MODULES = ("vmq_http_mgmt_api", "vmq_status_http", "vmq_metrics_http", "vmq_health_http", "vmq_http_v2_api",
+                "vmq_http_pub")
+APIKEY_MODULES = ("vmq_http_mgmt_api", "vmq_http_v2_api", "vmq_http_pub")  # VerneMQ schema: auth.mode apikey
 LISTENER_TYPES = ("http", "https", "tcp", "ssl", "ws", "wss")  # VerneMQ's listener types
 MQTT_LISTENER_KINDS = {"tcp": "mqtt", "ssl": "mqtts", "ws": "mqttws", "wss": "mqttwss"}  # as listener show names them
 TLS_VERSIONS = {"tlsv1.2": ssl.TLSVersion.TLSv1_2, "tlsv1.3": ssl.TLSVersion.TLSv1_3}
@@ -568,7 +578,15 @@ SETTINGS: tuple[Setting, ...] = (
     _S("http_cors_allow_origin", parse_text, "*", "Access-Control-Allow-Origin sent with /status.json."),
     _S("prometheus_namespace", parse_text, "vernemq_", "Prefix of every metric name in /metrics."),
     _S("http_module.$module.auth.mode", parse_choice("apikey", "noauth"), None,
-       "apikey or noauth for one HTTP module (vmq_http_mgmt_api defaults to apikey, others to noauth)."),
+       "apikey or noauth for one HTTP module (vmq_http_mgmt_api, vmq_http_v2_api and vmq_http_pub default to "
+       "apikey, others to noauth)."),
+    _S("vmq_http_pub.mqtt_auth.mode", parse_choice("on-behalf-of", "predefined"), "on-behalf-of",
+       "HTTP publish: on-behalf-of takes user, password and client_id from each request; predefined publishes "
+       "as vmq_http_pub.mqtt_auth.user/password/client_id.", True),
+    _S("vmq_http_pub.mqtt_auth.user", parse_text, "", "HTTP publish, predefined: the MQTT user name.", True),
+    _S("vmq_http_pub.mqtt_auth.password", parse_text, "", "HTTP publish, predefined: the MQTT password.", True),
+    _S("vmq_http_pub.mqtt_auth.client_id", parse_text, "", "HTTP publish, predefined: the MQTT client id.", True),
+    _S("vmq_http_pub.mountpoint", parse_text, "", "Mountpoint that HTTP publishes go to.", True),
     _S("listener.$type.$name", parse_address, None, "Address (ip:port) of a listener; port 0 binds any free port."),
     _S("listener.max_connections", parse_max_connections, 10000,
        "Connections a listener accepts at once (integer or infinity)."),
@@ -743,10 +761,8 @@ class Config:
     @staticmethod
     def _default(key: str) -> Any:
         setting = find_setting(key)
-        if key == "http_module.vmq_http_mgmt_api.auth.mode":
-            return "apikey"  # VerneMQ schema: only the management API defaults to apikey
         if setting.name == "http_module.$module.auth.mode":
-            return "noauth"
+            return "apikey" if key.split(".")[1] in APIKEY_MODULES else "noauth"
         return setting.default
 
     def with_values(self, changes: Mapping[str, Any]) -> Config:
@@ -3559,6 +3575,13 @@ class Sessions(Delivery):
             self.drop_session(session)
         return True
 
+    def client_status(self, key: tuple[str, str]) -> tuple[str, dict[str, int]] | None:
+        """Return (online or offline, {topic filter: QoS}) of a session; None when there is none (API v2)."""
+        session = self.sessions.get(key)
+        if session is None:
+            return None
+        return "online" if session.client is not None else "offline", {t: o.qos for t, o in session.subs.items()}
+
     def close_listener_clients(self, listener: Any) -> None:
         """Close every client of one listener (listener stop --kill_sessions, delete)."""
         for client in list(self.clients):
@@ -3826,6 +3849,33 @@ class Engine(Sessions):
         notify(self.hooks.on_publish, client.user, sid, qos, topic, payload, retain)
         return Message(topic, payload, qos, bool(retain), self.new_ref(), props=props, expires=expires,
                        origin=sid[1])
+
+    def http_publish(self, peer: tuple, user: str | None, password: bytes | None, client_id: str,
+                     mountpoint: str, p: Publish) -> str:
+        """Publish a message that came over HTTP (vmq_http_pub) as client ``client_id`` would over MQTT.
+
+        The credentials go through auth_on_register and vmq_passwd as a CONNECT's do (skipped
+        when anonymous clients are let in, as for MQTT), the message through auth_on_publish
+        and vmq_acl as a PUBLISH's. No session is made: a client connected with that id is left
+        alone. Returns published, authentication_failed, authorization_failed, quota_exceeded or store_down.
+        """
+        if self.settings() is not self._config:
+            self.refresh_settings()
+        probe = Connection(None, types.SimpleNamespace(mountpoint=mountpoint), peer, None, self.now)
+        connect = Connect(client_id, username=user, password=password if user is not None else None)
+        if self.authenticate(probe, connect, client_id, self._config):
+            return "authentication_failed"
+        probe.user, probe.session = user, Session(mountpoint, client_id, self.now)
+        msg = self.authorize_publish(probe, p, p.topic, p.properties)
+        if msg is None:
+            self.counters["mqtt_publish_auth_error", ()] += 1
+            return "authorization_failed"
+        if msg.qos and self.store.error is not None:
+            return "store_down"
+        if msg.retain and self.retain(mountpoint, msg) is False:
+            return "quota_exceeded"  # max_retained_messages or max_retained_bytes: not routed either, as for MQTT
+        self.route(mountpoint, msg)
+        return "published"
 
     def retain(self, mountpoint: str, msg: Message) -> bool | None:
         """Retain (or with an empty payload delete) a message, in the store too; False: refused, counted."""
@@ -6451,7 +6501,7 @@ def parse_regex_or_text(text: str) -> str:
     return text
 
 
-_SCOPE = Param("scope", doc="mgmt (default), mgmt_ro, status, metrics or health")
+_SCOPE = Param("scope", doc="mgmt (default), mgmt_ro, status, metrics, health, api2 or httppub")
 _EXPIRES = Param("expires", doc="YYYY-MM-DDThh:mm:ss local time, or ISO 8601 with Z or an offset")
 
 
@@ -7056,7 +7106,7 @@ del _catalogue
 # 19. HTTP: the admin API #####################################################
 ###############################################################################
 # Owns: the admin API's rules (method, auth, command, OPTIONS, Accept, run) as
-#       pure functions from a Request to a Response.
+#       pure functions from a Request to a Response; /api/v2 and HTTP publish (SPEC 11).
 # Must not know: sockets, MQTT internals, the key file's format.
 
 HTTP_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "POST"})
@@ -7074,6 +7124,7 @@ class Request:
     target: str
     headers: Mapping[str, str] = field(default_factory=dict)
     body: bytes = b""
+    peer: tuple = ("", 0)  # the client's (address, port), for the plugin hooks of an HTTP publish
 
 
 @dataclass(frozen=True, slots=True)
@@ -7236,12 +7287,54 @@ def _openapi_operation(cmd: Command) -> dict:
                           **{code: error for code in ("400", "401", "403", "406", "500")}}}
 
 
+def _openapi_plugin_paths() -> dict:
+    """Return the OpenAPI paths of /api/v2 and HTTP publish (SPEC 11), which are not commands."""
+    def query(name: str, doc: str, required: bool = False, empty: bool = False) -> dict:
+        return {"name": name, "in": "query", "required": required, "description": doc,
+                "allowEmptyValue": empty, "schema": {"type": "string"}}
+    subscriber = [query("client_id", "the client id", True), query("mountpoint", "its mountpoint (default empty)")]
+    text = {"content": {TEXT_TYPE: {"schema": {"type": "string"}}}}
+    v2 = {code: {"description": "bad request", **text} for code in ("400",)}
+    v2["401"] = {"description": "no API key of scope api2"}
+    client = {"summary": "A session's status (online, offline, unknown), with &topics its subscriptions",
+              "operationId": "api_v2_client", "tags": ["api2"],
+              "parameters": [*subscriber, query("topics", "list the subscriptions too", empty=True)],
+              "responses": {"200": {"description": "status and topics", "content": {JSON_TYPE: {"schema": {
+                  "type": "object", "required": ["status"], "properties": {
+                      "status": {"enum": ["online", "offline", "unknown", "no_queue"]},
+                      "topics": {"oneOf": [{"type": "object", "additionalProperties": {"type": "integer"}},
+                                           {"type": "array", "maxItems": 0}]}}}}}}, **v2}}
+    disconnect = {"summary": "Disconnect a client; with &cleanup drop its session too",
+                  "operationId": "api_v2_disconnect", "tags": ["api2"],
+                  "parameters": [*subscriber, query("cleanup", "drop the session too", empty=True)],
+                  "responses": {"200": {"description": "ok, or unknown when there is no such session",
+                                        "content": {JSON_TYPE: {"schema": {"enum": ["ok", "unknown"]}}}}, **v2}}
+    answers: dict[str, dict] = {}
+    for code, line in HTTP_PUB_ANSWERS.values():  # the plain-text body names the case
+        answer = answers.setdefault(str(code), {"description": "", **text})
+        answer["description"] = f"{answer['description']}; {line}" if answer["description"] else line
+    body = {"type": "object", "required": ["topic", "payload"], "properties": {
+        **{k: {"type": "string"} for k in ("topic", "payload", "user", "password", "client_id")},
+        "qos": {"enum": [0, 1, 2]}, "retain": {"type": "boolean"},
+        "user_properties": {"type": "array", "items": {"type": "object"}}}}
+    publish = {"summary": "Publish a message as an MQTT client would (vmq_http_pub); the fields in a JSON "
+                          "body, or in headers or the query with the payload as the body",
+               "tags": ["httppub"], "responses": answers,
+               "parameters": [query("encoding", "plain (default) or base64: how the JSON payload is written")],
+               "requestBody": {"content": {JSON_TYPE: {"schema": body},
+                                           "application/octet-stream": {"schema": {"type": "string"}}}}}
+    return {"/api/v2/client": {"get": client}, "/api/v2/disconnect": {"get": disconnect},
+            "/restmqtt/api/v1/publish": {"post": {**publish, "operationId": "http_publish"},
+                                         "put": {**publish, "operationId": "http_publish_put"}}}
+
+
 def openapi_document(commands: CommandTable) -> dict:
     """Return an OpenAPI 3.1 description of /api/v1, generated from the command table."""
     paths = {}
     for cmd in commands:
         path = "/api/v1/" + "/".join(cmd.words) + (f"/{{{cmd.extra_words}}}" if cmd.extra_words else "")
         paths[path] = {"get": _openapi_operation(cmd)}
+    paths.update(_openapi_plugin_paths())
     return {"openapi": "3.1.0",
             "info": {"title": "vmqapi admin API (VerneMQ /api/v1)", "version": __version__,
                      "description": "Every vmq-admin command as GET /api/v1/<words>?key=value&--flag; "
@@ -7303,6 +7396,211 @@ def serve_api(node: Any, req: Request, rest: str, query: str) -> Response:
     if empty:
         headers.append((COLUMNS_HEADER, json.dumps(empty)))
     return Response(200, tuple(headers), body, tuple(call.after))
+
+
+# -- HTTP publish (vmq_http_pub) and API v2 (vmq_http_v2_api), SPEC 11 ---------------------------
+
+HTTP_PUB_ALLOW = "PUT, POST"  # VerneMQ vmq_http_pub:allowed_methods/2
+API_V2_ALLOW = "GET, OPTIONS, HEAD"  # VerneMQ vmq_http_v2_api:allowed_methods/2
+TEXT_TYPE = "text/plain"
+HTTP_PUB_FIELDS = ("topic", "qos", "retain", "user", "password", "client_id", "user_properties")
+HTTP_PUB_ANSWERS = {  # VerneMQ vmq_http_pub:map_to_response_code/1 and map_to_response_text/1
+    "published": (200, "Published"),
+    "invalid_topic": (400, "Invalid topic"),
+    "invalid_qos_value": (400, "Invalid QoS value. Must be in range 0..2"),
+    "invalid_retain_value": (400, "Invalid retain flag. Must be in true or false"),
+    "invalid_user_properties": (400, "User properties need to be a key/value list (json encoded)"),
+    "parameters_in_header_and_url": (400, "Parameters found in header as well as url-encoded"),
+    "content_not_json": (400, "Content is not a valid json"),
+    "wrong_url_parameters": (400, "Only encoding plain or base64 allows. No more URL parameters supported."),
+    "unknown_payload_encoding": (400, "Unknown payload encoding"),
+    "authentication_failed": (401, "Authentication failure."),
+    "authorization_failed": (403, "Authorization failure."),
+    "message_too_large": (413, "Payload too large."),
+    # vmqapi's own, where VerneMQ crashes (500) or has no such case
+    "payload_missing": (400, "Payload missing: the JSON form needs a \"payload\" string"),
+    "invalid_credentials": (400, "user, password and client_id must be strings"),
+    "quota_exceeded": (507, "Retained message refused: max_retained_messages or max_retained_bytes reached"),
+    "store_down": (503, "The message store cannot keep a QoS 1 or 2 message now; try again later"),
+    "no_broker": (503, "The node runs no MQTT broker"),
+}
+
+
+def query_pairs(query: str) -> dict[str, str]:
+    """Return a query string's parameters, the first of repeated ones (as proplists:get_value); a bare one is ""."""
+    try:
+        pairs = urllib.parse.parse_qsl(query, keep_blank_values=True, errors="strict")
+    except (UnicodeDecodeError, ValueError):
+        raise BadRequest("malformed query string: bad percent-encoding or not UTF-8") from None
+    found: dict[str, str] = {}
+    for name, value in pairs:
+        found.setdefault(name, value)
+    return found
+
+
+def _pub_json(body: bytes, encoding: str) -> tuple[dict, bytes]:
+    """Read the JSON form: the fields and the payload, decoded by ``?encoding``."""
+    try:
+        doc = json.loads(body)
+    except (ValueError, UnicodeDecodeError):  # json.JSONDecodeError is a ValueError
+        raise PublishRefused("content_not_json") from None
+    if not isinstance(doc, dict):
+        raise PublishRefused("content_not_json")
+    payload = doc.get("payload")
+    if not isinstance(payload, str):
+        raise PublishRefused("payload_missing")
+    if encoding != "base64":
+        return doc, payload.encode()
+    try:
+        return doc, base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise PublishRefused("unknown_payload_encoding") from None
+
+
+def publish_fields(req: Request, query: str) -> tuple[dict, bytes]:
+    """Return an HTTP publish's fields and payload, in VerneMQ's three forms.
+
+    A ``topic`` header: the fields in headers, the body is the payload. A ``topic`` query
+    parameter: the fields in the query. Neither: a JSON body, ``?encoding=plain|base64``
+    its only query parameter (VerneMQ vmq_http_pub:process_post/2).
+    """
+    params = query_pairs(query)
+    in_header, in_query = "topic" in req.headers, "topic" in params
+    if in_header and in_query:
+        raise PublishRefused("parameters_in_header_and_url")
+    if in_header:
+        fields = {k: req.headers[k] for k in HTTP_PUB_FIELDS if k in req.headers}
+        if "user_properties" in fields:
+            try:
+                fields["user_properties"] = json.loads(fields["user_properties"])
+            except ValueError:
+                raise PublishRefused("invalid_user_properties") from None
+        return fields, req.body
+    if in_query:
+        return {k: params[k] for k in HTTP_PUB_FIELDS if k in params and k != "user_properties"}, req.body
+    if set(params) - {"encoding"} or params.get("encoding", "plain") not in ("plain", "base64"):
+        raise PublishRefused("wrong_url_parameters")
+    return _pub_json(req.body, params.get("encoding", "plain"))
+
+
+def _pub_qos(value: Any) -> int:
+    if isinstance(value, str) and value.isascii() and value.isdigit():
+        value = int(value)
+    if type(value) is not int or value not in (0, 1, 2):
+        raise PublishRefused("invalid_qos_value")
+    return value
+
+
+def _pub_retain(value: Any) -> bool:
+    flag = {"true": True, "false": False}.get(value) if isinstance(value, str) else value
+    if not isinstance(flag, bool):
+        raise PublishRefused("invalid_retain_value")
+    return flag
+
+
+def _pub_user_properties(value: Any) -> tuple:
+    """Return MQTT 5 user properties from ``{"k": "v"}`` or VerneMQ's ``[{"k": "v"}]``."""
+    if value is None:
+        return ()
+    if isinstance(value, list) and len(value) == 1:
+        value = value[0]  # VerneMQ vmq_http_pub:list_from_map/1 reads the first map
+    if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+        raise PublishRefused("invalid_user_properties")
+    return tuple(("user_property", (k, v)) for k, v in value.items())
+
+
+def publish_packet(fields: Mapping[str, Any], payload: bytes) -> Publish:
+    """Check an HTTP publish's fields as VerneMQ does (check_values/2) and return its PUBLISH."""
+    topic = fields.get("topic")
+    if not isinstance(topic, str) or topic.startswith("$") or not valid_topic_name(topic):
+        raise PublishRefused("invalid_topic")  # VerneMQ: no $ topics over HTTP
+    qos = _pub_qos(fields.get("qos", 0))
+    retain = _pub_retain(fields.get("retain", False))
+    props = _pub_user_properties(fields.get("user_properties"))
+    return Publish(topic, payload, qos, retain, packet_id=1 if qos else None, properties=props)
+
+
+def publish_credentials(config: Config, fields: Mapping[str, Any]) -> tuple[str | None, bytes | None, str]:
+    """Return (user, password, client id) to authenticate as: the request's, or predefined ones."""
+    if config["vmq_http_pub.mqtt_auth.mode"] == "predefined":
+        fields = {k: config[f"vmq_http_pub.mqtt_auth.{k}"] for k in ("user", "password", "client_id")}
+    user, password, client_id = (fields.get(k) for k in ("user", "password", "client_id"))
+    if any(v is not None and not isinstance(v, str) for v in (user, password, client_id)):
+        raise PublishRefused("invalid_credentials")
+    return user or None, None if password is None else password.encode(), client_id or ""
+
+
+def publish_answer(reason: str) -> Response:
+    """Return VerneMQ's plain-text answer for an HTTP publish."""
+    status, text = HTTP_PUB_ANSWERS[reason]
+    return Response(status, (("Content-Type", TEXT_TYPE),), text.encode())
+
+
+def serve_http_pub(node: Any, req: Request, rest: str, query: str) -> Response:
+    """Answer POST/PUT /restmqtt/api/v1/publish: publish as an MQTT client would (SPEC 11)."""
+    if rest:
+        raise NotFound(f"no endpoint at /restmqtt/api/v1/publish/{rest}")
+    if req.method not in HTTP_PUB_ALLOW.split(", "):
+        exc = MethodNotAllowed(f"{req.method} is not allowed here; use POST or PUT")
+        exc.allow = HTTP_PUB_ALLOW
+        raise exc
+    authenticate(node, "vmq_http_pub", req.headers, ("httppub",))
+    config = node.config
+    try:
+        fields, payload = publish_fields(req, query)
+        packet = publish_packet(fields, payload)
+        user, password, client_id = publish_credentials(config, fields)
+        limit = config["max_message_size"]
+        if limit and len(payload) > limit:
+            raise PublishRefused("message_too_large")
+    except PublishRefused as exc:
+        return publish_answer(exc.reason)
+    reason = node.broker_call("http_publish", req.peer, user, password, client_id,
+                              config["vmq_http_pub.mountpoint"], packet)
+    return publish_answer(reason or "no_broker")
+
+
+def _api_v2_client(node: Any, key: tuple[str, str], topics: bool) -> Any:
+    """The answer of /api/v2/client: the session's status and, when asked, its subscriptions."""
+    record = node.broker_call("client_status", key)
+    status, subs = record if record is not None else ("unknown", {})
+    answer: dict[str, Any] = {"status": status}
+    if topics:
+        answer["topics"] = subs or []  # VerneMQ: jsx writes no subscriptions as []
+    return answer
+
+
+def _api_v2_disconnect(node: Any, key: tuple[str, str], cleanup: bool) -> Any:
+    """The answer of /api/v2/disconnect: ok, or unknown when there is no such session."""
+    return "ok" if node.disconnect_session(key[1], key[0], cleanup) else "unknown"
+
+
+API_V2_COMMANDS = {"client": (_api_v2_client, "topics"), "disconnect": (_api_v2_disconnect, "cleanup")}
+
+
+def serve_api_v2(node: Any, req: Request, rest: str, query: str) -> Response:
+    """Answer GET /api/v2/client and /api/v2/disconnect (VerneMQ vmq_http_v2_api, SPEC 11)."""
+    if req.method in ("POST", *REFUSED_METHODS):
+        exc = MethodNotAllowed(f"{req.method} is not allowed here; use GET, HEAD or OPTIONS")
+        exc.allow = API_V2_ALLOW
+        raise exc
+    if req.method not in HTTP_METHODS:
+        raise NotImplementedMethod(f"method {req.method} is not implemented")
+    authenticate(node, "vmq_http_v2_api", req.headers, ("api2",))
+    if req.method == "OPTIONS":
+        return Response(200, CORS_HEADERS)
+    if not accepts_json(req.headers.get("accept")):
+        raise NotAcceptable("this API answers application/json only")
+    command = API_V2_COMMANDS.get(rest)
+    if command is None:
+        return Response(400, (("Content-Type", TEXT_TYPE),), b"invalid_command")  # VerneMQ's answer
+    params = query_pairs(query)
+    client_id = params.get("client_id", "")
+    if not client_id:
+        raise BadRequest("client_id is required: /api/v2/<command>?client_id=<id>[&mountpoint=<mp>]")
+    fn, flag = command
+    answer = fn(node, (params.get("mountpoint", ""), client_id), flag in params)
+    return Response(200, (("Content-Type", JSON_TYPE),), json.dumps(answer, separators=(",", ":")).encode())
 
 
 ###############################################################################
@@ -7700,7 +7998,8 @@ def route(path: str) -> tuple[Callable[..., Response], str]:
 
 
 ROUTES: tuple[tuple[str, Callable[..., Response]], ...] = (
-    ("/api/v1", serve_api), ("/metrics", serve_metrics), ("/health", serve_health),
+    ("/api/v1", serve_api), ("/api/v2", serve_api_v2), ("/restmqtt/api/v1/publish", serve_http_pub),
+    ("/metrics", serve_metrics), ("/health", serve_health),
     ("/status.json", serve_status_json), ("/status", serve_status_page), ("/", serve_root))
 
 
@@ -7988,7 +8287,7 @@ class HttpHandler(http.server.BaseHTTPRequestHandler):
         body = self.rfile.read(length) if length else b""
         if len(body) < length:
             return None  # the client went away inside the body
-        return Request(self.command, self.path, fields, body)
+        return Request(self.command, self.path, fields, body, tuple(self.client_address[:2]))
 
     def check_head(self) -> dict[str, str]:
         """Return the header fields http.server read (lower-case names, the first of repeated ones).

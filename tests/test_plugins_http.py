@@ -1,0 +1,297 @@
+"""HTTP publish (vmq_http_pub) and API v2 (vmq_http_v2_api) over real sockets (SPEC 11)."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import pytest
+
+from conftest import Client, basic, body_json
+from mqtt_client import MqttClient
+
+import vmqapi
+
+PUBLISH = "/restmqtt/api/v1/publish"
+
+
+def mqtt_port(node):
+    return next(x["port"] for x in node.listeners() if x["type"] == "mqtt")
+
+
+@pytest.fixture
+def pub(node):
+    """(HTTP client, httppub key, a subscribed MQTT client on t/#) for ``node``."""
+    http, sub = Client(node), MqttClient(mqtt_port(node), version=5)
+    try:
+        sub.connect("sub")
+        sub.subscribe(("t/#", 1))
+        yield http, node.keystore.create("httppub"), sub
+    finally:
+        sub.close()
+        http.close()
+
+
+def post(http, key, body=b"", query="", method="POST", **headers):
+    hdrs = dict(headers)
+    if key is not None:
+        hdrs["Authorization"] = basic(key)
+    return http.request(method, PUBLISH + query, hdrs, body)
+
+
+def js(**fields):
+    return json.dumps(fields).encode()
+
+
+def test_json_plain_publish_reaches_a_subscriber(pub):
+    http, key, sub = pub
+    status, headers, data = post(http, key, js(topic="t/a", payload="hello", qos=1, retain=False,
+                                               user_properties=[{"k": "v"}]))
+    assert (status, data) == (200, b"Published") and headers["content-type"] == "text/plain"
+    msg = sub.message()
+    assert (msg.topic, msg.payload, msg.qos) == ("t/a", b"hello", 1)
+    assert ("user_property", ("k", "v")) in msg.properties
+
+
+def test_json_base64_publish_is_decoded(pub):
+    http, key, sub = pub
+    raw = bytes(range(256))
+    status, _, data = post(http, key, js(topic="t/b", payload=base64.b64encode(raw).decode()),
+                           query="?encoding=base64")
+    assert (status, data) == (200, b"Published")
+    assert sub.message().payload == raw
+    status, _, data = post(http, key, js(topic="t/b", payload="not base64!"), query="?encoding=base64")
+    assert (status, data) == (400, b"Unknown payload encoding")
+
+
+def test_header_and_query_forms_take_the_body_as_the_payload(pub):
+    http, key, sub = pub
+    assert post(http, key, b"\x00raw", method="PUT", topic="t/h", qos="2")[0] == 200
+    msg = sub.message()
+    assert (msg.topic, msg.payload, msg.qos) == ("t/h", b"\x00raw", 1)  # the subscription's QoS 1
+    assert post(http, key, b"q", query="?topic=t/q&qos=1")[0] == 200
+    msg = sub.message()
+    assert (msg.topic, msg.payload, msg.qos) == ("t/q", b"q", 1)
+
+
+def test_query_form_retains(node, pub):
+    http, key, sub = pub
+    assert post(http, key, b"kept", query="?topic=t/r&retain=true")[:1] == (200,)
+    assert sub.message().payload == b"kept"
+    late = MqttClient(mqtt_port(node))
+    try:
+        late.connect("late")
+        late.subscribe(("t/r", 0))
+        msg = late.message()
+        assert (msg.payload, msg.retain) == (b"kept", True)
+    finally:
+        late.close()
+
+
+@pytest.mark.parametrize("body,query,headers,text", [
+    (js(topic="t/#", payload="x"), "", {}, b"Invalid topic"),
+    (js(topic="$SYS/x", payload="x"), "", {}, b"Invalid topic"),
+    (js(payload="x"), "", {}, b"Invalid topic"),
+    (js(topic="t/x", payload="x", qos=3), "", {}, b"Invalid QoS value. Must be in range 0..2"),
+    (js(topic="t/x", payload="x", retain="yes"), "", {}, b"Invalid retain flag. Must be in true or false"),
+    (js(topic="t/x", payload="x", user_properties=[{"k": 1}]), "", {},
+     b"User properties need to be a key/value list (json encoded)"),
+    (b"{not json", "", {}, b"Content is not a valid json"),
+    (js(topic="t/x", payload="x"), "?encoding=hex", {}, b"Only encoding plain or base64 allows. "
+                                                         b"No more URL parameters supported."),
+    (js(topic="t/x", payload="x"), "?foo=1", {}, b"Only encoding plain or base64 allows. "
+                                                  b"No more URL parameters supported."),
+    (b"x", "?topic=t/x", {"topic": "t/x"}, b"Parameters found in header as well as url-encoded"),
+    (b"x", "", {"topic": "t/x", "qos": "x"}, b"Invalid QoS value. Must be in range 0..2"),
+    (js(topic="t/x"), "", {}, b'Payload missing: the JSON form needs a "payload" string'),
+])
+def test_bad_requests_get_400_and_publish_nothing(pub, body, query, headers, text):
+    http, key, sub = pub
+    status, _, data = post(http, key, body, query=query, **headers)
+    assert (status, data) == (400, text)
+    sub.no_message(0.1)
+
+
+def test_the_api_key_needs_scope_httppub(node, pub):
+    http, key, sub = pub
+    assert post(http, None, js(topic="t/x", payload="x"))[0] == 401
+    assert post(http, node.keystore.create("mgmt"), js(topic="t/x", payload="x"))[0] == 401
+    assert post(http, node.keystore.create("api2"), js(topic="t/x", payload="x"))[0] == 401
+    status, headers, _ = post(http, key, method="GET")
+    assert status == 405 and headers["allow"] == "PUT, POST"
+    sub.no_message(0.1)
+
+
+def test_max_message_size_gives_413(make_node):
+    node = make_node(max_message_size="10")
+    http = Client(node)
+    try:
+        key = node.keystore.create("httppub")
+        status, _, data = post(http, key, js(topic="t/x", payload="x" * 11))
+        assert (status, data) == (413, b"Payload too large.")
+        assert post(http, key, js(topic="t/x", payload="x" * 10))[0] == 200
+    finally:
+        http.close()
+
+
+@pytest.fixture
+def secured(make_node, tmp_path):
+    """A node with vmq_passwd (alice/secret) and vmq_acl (alice may write t/alice/# only)."""
+    passwd = tmp_path / "vmq.passwd"
+    passwd.write_text("alice:" + vmqapi.hash_password("secret") + "\n")
+    passwd.chmod(0o600)
+    acl = tmp_path / "vmq.acl"
+    acl.write_text("user alice\ntopic write t/alice/#\ntopic read t/#\n")
+    return make_node(allow_anonymous="off", **{"vmq_passwd.password_file": str(passwd),
+                                               "vmq_acl.acl_file": str(acl)})
+
+
+def watch(node, user="alice", password=b"secret"):
+    sub = MqttClient(mqtt_port(node))
+    assert sub.connect("watcher", username=user, password=password).return_code == 0
+    sub.subscribe(("t/#", 0))
+    return sub
+
+
+def test_on_behalf_of_checks_credentials_and_the_acl(secured):
+    http, sub = Client(secured), watch(secured)
+    try:
+        key = secured.keystore.create("httppub")
+        me = {"user": "alice", "password": "secret", "client_id": "http-1"}
+        assert post(http, key, js(topic="t/alice/1", payload="ok", **me))[2] == b"Published"
+        assert sub.message().payload == b"ok"
+        status, _, data = post(http, key, js(topic="t/bob/1", payload="no", **me))
+        assert (status, data) == (403, b"Authorization failure.")
+        status, _, data = post(http, key, js(topic="t/alice/1", payload="no", **{**me, "password": "wrong"}))
+        assert (status, data) == (401, b"Authentication failure.")
+        status, _, data = post(http, key, js(topic="t/alice/1", payload="no", client_id="c"))
+        assert (status, data) == (401, b"Authentication failure.")
+        assert post(http, key, b"hdr", topic="t/alice/2", user="alice", password="secret")[0] == 200
+        assert sub.message().payload == b"hdr"
+        sub.no_message(0.1)
+    finally:
+        sub.close()
+        http.close()
+
+
+def test_predefined_credentials_ignore_the_request(secured):
+    secured.apply_settings({"vmq_http_pub.mqtt_auth.mode": "predefined", "vmq_http_pub.mqtt_auth.user": "alice",
+                            "vmq_http_pub.mqtt_auth.password": "secret", "vmq_http_pub.mqtt_auth.client_id": "gw"})
+    http, sub = Client(secured), watch(secured)
+    try:
+        key = secured.keystore.create("httppub")
+        body = js(topic="t/alice/p", payload="pre", user="mallory", password="x")
+        assert post(http, key, body)[:3:2] == (200, b"Published")
+        assert sub.message().payload == b"pre"
+        secured.apply_settings({"vmq_http_pub.mqtt_auth.password": "wrong"})
+        assert post(http, key, js(topic="t/alice/p", payload="x"))[0] == 401
+    finally:
+        sub.close()
+        http.close()
+
+
+def test_publish_goes_through_the_plugin_hooks(node, pub):
+    http, key, sub = pub
+    seen = []
+
+    def on_publish(user, sid, qos, topic, payload, retain):
+        seen.append((user, sid, topic))
+        return {"topic": "t/changed"} if topic == "t/change" else False if topic == "t/deny" else None
+    node.hooks.register("auth_on_publish", on_publish)
+    me = {"user": "u", "client_id": "c1"}
+    assert post(http, key, js(topic="t/change", payload="x", **me))[0] == 200
+    assert sub.message().topic == "t/changed"
+    assert post(http, key, js(topic="t/deny", payload="x", **me))[0] == 403
+    sub.no_message(0.1)
+    assert seen[0] == ("u", ("", "c1"), "t/change")
+
+
+def test_mountpoint_setting(make_node):
+    node = make_node(**{"vmq_http_pub.mountpoint": "site1", "listener.mountpoint": "site1"})
+    http, sub = Client(node), MqttClient(mqtt_port(node))
+    try:
+        sub.connect("s")
+        sub.subscribe(("t/#", 0))
+        assert post(http, node.keystore.create("httppub"), js(topic="t/m", payload="mp"))[0] == 200
+        assert sub.message().payload == b"mp"
+    finally:
+        sub.close()
+        http.close()
+
+
+def test_noauth_mode_needs_no_key(make_node):
+    node = make_node(**{"http_module.vmq_http_pub.auth.mode": "noauth"})
+    http = Client(node)
+    try:
+        assert post(http, None, js(topic="t/x", payload="x"))[:3:2] == (200, b"Published")
+    finally:
+        http.close()
+
+
+# -- API v2 -------------------------------------------------------------------------------
+
+def v2(http, target, key, method="GET"):
+    status, headers, data = http.request(method, "/api/v2/" + target, {"Authorization": basic(key)} if key else {})
+    return status, headers, data
+
+
+def test_api_v2_client_and_disconnect(node):
+    http, c = Client(node), MqttClient(mqtt_port(node))
+    try:
+        key = node.keystore.create("api2")
+        c.connect("dev1", clean=False)
+        c.subscribe(("a/b", 1), ("c/#", 0))
+        status, headers, data = v2(http, "client?client_id=dev1", key)
+        assert status == 200 and headers["content-type"] == "application/json" and body_json(data) == \
+            {"status": "online"}
+        assert body_json(v2(http, "client?client_id=dev1&topics", key)[2]) == \
+            {"status": "online", "topics": {"a/b": 1, "c/#": 0}}
+        assert body_json(v2(http, "client?client_id=nobody&topics", key)[2]) == {"status": "unknown", "topics": []}
+        assert body_json(v2(http, "client?client_id=dev1&mountpoint=other", key)[2]) == {"status": "unknown"}
+        assert body_json(v2(http, "disconnect?client_id=dev1", key)[2]) == "ok"
+        assert c.closed()
+        assert body_json(v2(http, "client?client_id=dev1", key)[2]) == {"status": "offline"}
+        assert body_json(v2(http, "disconnect?client_id=dev1&cleanup", key)[2]) == "ok"
+        assert body_json(v2(http, "client?client_id=dev1", key)[2]) == {"status": "unknown"}
+        assert body_json(v2(http, "disconnect?client_id=dev1", key)[2]) == "unknown"
+    finally:
+        c.close()
+        http.close()
+
+
+def test_api_v2_answers(node):
+    http = Client(node)
+    try:
+        key = node.keystore.create("api2")
+        assert v2(http, "bogus?client_id=x", key)[::2] == (400, b"invalid_command")
+        assert v2(http, "client", key)[0] == 400
+        assert v2(http, "client?client_id=x", None)[0] == 401
+        assert v2(http, "client?client_id=x", node.keystore.create("mgmt"))[0] == 401
+        status, headers, _ = v2(http, "client?client_id=x", key, method="POST")
+        assert status == 405 and headers["allow"] == "GET, OPTIONS, HEAD"
+        status, headers, _ = v2(http, "client?client_id=x", key, method="OPTIONS")
+        assert status == 200 and headers["access-control-allow-methods"] == "HEAD, GET"
+    finally:
+        http.close()
+
+
+def test_openapi_lists_api_v2_and_http_publish(node, key):
+    from test_catalogue import check_openapi
+    http = Client(node)
+    try:
+        status, _, data = http.get("/api/v1/openapi.json", key=key)
+    finally:
+        http.close()
+    doc = body_json(data)
+    check_openapi(doc)
+    assert {"/api/v2/client", "/api/v2/disconnect", PUBLISH} <= set(doc["paths"])
+    assert {"post", "put"} == set(doc["paths"][PUBLISH])
+    assert "413" in doc["paths"][PUBLISH]["post"]["responses"]
+
+
+def test_scopes_are_verneMQs_six_and_mgmt_ro():
+    assert set(vmqapi.SCOPES) == {"status", "mgmt", "metrics", "health", "api2", "httppub", "mgmt_ro"}
+    config = vmqapi.Config()
+    assert config["http_module.vmq_http_pub.auth.mode"] == "apikey"
+    assert config["http_module.vmq_http_v2_api.auth.mode"] == "apikey"
+    assert config["vmq_http_pub.mqtt_auth.mode"] == "on-behalf-of"
