@@ -545,6 +545,7 @@ class Setting:
     default: Any
     doc: str
     settable: bool = False
+    secret: bool = False  # show never prints its value
 
     def __post_init__(self):
         if not re.fullmatch(r"[a-z0-9_.$]+", self.name):
@@ -584,7 +585,8 @@ SETTINGS: tuple[Setting, ...] = (
        "HTTP publish: on-behalf-of takes user, password and client_id from each request; predefined publishes "
        "as vmq_http_pub.mqtt_auth.user/password/client_id.", True),
     _S("vmq_http_pub.mqtt_auth.user", parse_text, "", "HTTP publish, predefined: the MQTT user name.", True),
-    _S("vmq_http_pub.mqtt_auth.password", parse_text, "", "HTTP publish, predefined: the MQTT password.", True),
+    _S("vmq_http_pub.mqtt_auth.password", parse_text, "", "HTTP publish, predefined: the MQTT password.", True,
+       secret=True),
     _S("vmq_http_pub.mqtt_auth.client_id", parse_text, "", "HTTP publish, predefined: the MQTT client id.", True),
     _S("vmq_http_pub.mountpoint", parse_text, "", "Mountpoint that HTTP publishes go to.", True),
     _S("listener.$type.$name", parse_address, None, "Address (ip:port) of a listener; port 0 binds any free port."),
@@ -5477,11 +5479,13 @@ class MqttIO:
         def run() -> None:
             try:
                 self.engine.now = time.time()
-                future.set_result(fn(*args))
+                result = fn(*args)
             except BaseException as exc:  # re-raised in the calling thread
-                future.set_exception(exc)
-            finally:
                 self.after_batch()
+                future.set_exception(exc)
+                return
+            self.after_batch()  # the answer leaves only once what it did is committed
+            future.set_result(result)
         self.loop.call_soon_threadsafe(run)
         return future.result(timeout)
 
@@ -7086,8 +7090,12 @@ def cmd_show(call: Call) -> Any:
     config = call.node.config
     row = {"node": call.node.name}
     for key in call.extra:
-        row[key] = _shown_setting(config[key])
+        secret = find_setting(key).secret and config[key]
+        row[key] = SECRET_SHOWN if secret else _shown_setting(config[key])
     return Table((row,))
+
+
+SECRET_SHOWN = "********"  # what show prints for a password setting that is set
 
 
 @command("describe", extra_words="key", quick=True, read_only=True)

@@ -295,3 +295,10 @@ def test_scopes_are_verneMQs_six_and_mgmt_ro():
     assert config["http_module.vmq_http_pub.auth.mode"] == "apikey"
     assert config["http_module.vmq_http_v2_api.auth.mode"] == "apikey"
     assert config["vmq_http_pub.mqtt_auth.mode"] == "on-behalf-of"
+
+
+def test_show_never_prints_the_predefined_password(node, key, client):
+    status, _, data = client.get("/api/v1/set?vmq_http_pub.mqtt_auth.password=s3cret", key=key)
+    assert status == 200
+    status, _, data = client.get("/api/v1/show/vmq_http_pub.mqtt_auth.password", key=key)
+    assert status == 200 and b"s3cret" not in data and b"********" in data, data
