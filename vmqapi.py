@@ -114,6 +114,7 @@ import hashlib
 import hmac
 import http.server
 import inspect
+import itertools
 import io
 import ipaddress
 import json
@@ -2999,6 +3000,23 @@ class Delivery:
             session.stored = session.stored_bytes = 0
         return bool(page)
 
+    def unstore(self, session: Session) -> None:
+        """Bring what a session keeps only in the store into memory: it is to live without the store now."""
+        if session.parked:
+            self.load_parked(session)
+        while session.stored and self.fill(session):
+            pass
+        for out in itertools.chain(session.queue, session.inflight.values()):
+            out.row = 0  # its row goes with the session's
+
+    def load_parked(self, session: Session) -> None:
+        """Read the QoS 2 messages in flight when the node stopped: the same packet ids again."""
+        session.parked = 0
+        for msg, qos, row, pid, released, extra in self.store.load_inflight(session.mountpoint, session.client_id):
+            retain, ids = extra or (False, ())
+            out = session.inflight[pid] = Outgoing(msg, qos, row, retain, ids)
+            out.stage = Stage.RELEASED if released else Stage.SENT
+
     def forget_queue(self, session: Session) -> None:
         """Take a session's queue out of the node-wide byte count (the session ends)."""
         self.queued_bytes -= session.queue_bytes
@@ -3272,22 +3290,27 @@ class Sessions(Delivery):
         client.closed = True
         self.counters["socket_close", ()] += 1
         session = client.session
-        if client.connected and not client.clean_exit and client.will is not None:
-            self.publish_will(client, session)
-        if session is not None and session.client is client:
+        attached = session is not None and session.client is client
+        if attached:  # first: the will must not go back to the connection that is closing
             session.client, session.offline_since = None, self.now
+        if client.connected and not client.clean_exit and client.will is not None:
+            self.publish_will(client, session, attached)
+        if attached:
             if session.clean:
                 self.drop_session(session)
                 notify(self.hooks.on_client_gone, session.key)
             else:
                 notify(self.hooks.on_client_offline, session.key)
 
-    def publish_will(self, client: Connection, session: Session | None) -> None:
-        """Publish a will now [MQTT-3.1.2-8], or after its Will Delay Interval while the session lives on."""
+    def publish_will(self, client: Connection, session: Session | None, attached: bool) -> None:
+        """Publish a will now [MQTT-3.1.2-8], or after its Will Delay Interval while the session lives on.
+
+        ``attached``: the session was this client's until now (not taken over).
+        """
         will, client.will = client.will, None
         delay = min(client.will_delay, self._config["max_last_will_delay"])
         size = message_bytes(will)
-        if delay and session is not None and not session.clean and session.client is client \
+        if delay and attached and not session.clean \
                 and not 0 <= self.max_queued_bytes < self.queued_bytes + size:  # waiting wills count as queued
             session.will = (will, self.now + delay)  # sent by tick, or when the session ends [MQTT-3.1.3-9]
             self.queued_bytes += size
@@ -3325,6 +3348,7 @@ class Sessions(Delivery):
     def set_expiry(self, session: Session, expiry: int | None) -> None:
         """Change how long a session outlives its connection (0: it ends with it)."""
         if expiry == 0 and not session.clean:
+            self.unstore(session)
             self.store.delete_session(session.mountpoint, session.client_id)
         elif expiry != 0:
             self.store.put_session(session.mountpoint, session.client_id, expiry)
@@ -3557,11 +3581,7 @@ class Sessions(Delivery):
     def resume(self, session: Session) -> None:
         """Send again what was in flight (DUP), then drain the queue."""
         if session.parked:  # in flight when the node stopped: the same packet ids again
-            session.parked = 0
-            for msg, qos, row, pid, released, extra in self.store.load_inflight(session.mountpoint, session.client_id):
-                retain, ids = extra or (False, ())
-                out = session.inflight[pid] = Outgoing(msg, qos, row, retain, ids)
-                out.stage = Stage.RELEASED if released else Stage.SENT
+            self.load_parked(session)
         self.resend(session)
         self.drain(session)
 
@@ -4753,7 +4773,7 @@ class MqttLink(asyncio.Protocol):
 
     def _keep(self, buf: bytes, pos: int) -> None:
         """Keep the unfinished end of ``buf`` (from ``pos``) for the next read, and time it."""
-        if self.closing or pos >= len(buf):
+        if self.closing or self.client.closing or pos >= len(buf):
             self.buffer, self.partial_since = b"", None
             self.io.hold(self, 0)
         else:
@@ -4762,7 +4782,11 @@ class MqttLink(asyncio.Protocol):
             self.buffer = buf[pos:] if pos else buf
             if began:
                 self.partial_since = now
-            header = None if self.paused else fixed_header(self.buffer)
+            try:
+                header = None if self.paused or self.client.pause_for else fixed_header(self.buffer)
+            except MalformedPacket:
+                header = None  # the next read's decode says so, and closes
+
             if header is not None and sum(header) > max(len(self.buffer), PARTIAL_BIG):
                 self.big, self.need, self.buffer = bytearray(self.buffer), sum(header), b""
             self.io.hold(self, len(self.buffer) or len(self.big or b""))
@@ -4863,7 +4887,7 @@ class MqttLink(asyncio.Protocol):
         if self.client is not None:
             self.client.writable = False
         self._reading()
-        if self.stall is None and not self.closing:
+        if self.stall is None:  # closing too: a close waits for the buffer, which a peer that never reads keeps full
             self.stall = self.io.loop.call_later(self.io.settings()["mqtt_write_timeout"] / 1000, self._stalled)
 
     def resume_writing(self) -> None:
@@ -4884,7 +4908,7 @@ class MqttLink(asyncio.Protocol):
 
     def _stalled(self) -> None:
         self.stall = None
-        if not self.writable and not self.closing:
+        if not self.writable and self.transport is not None:  # closing or not: its buffer never drained
             log.info("closing MQTT connection from %s: it left its answers unread", self.peer[0])
             self.io.engine.counters["socket_close_write_timeout", ()] += 1
             self.abort()

@@ -6,8 +6,10 @@ and measure its RSS while a control client keeps its round trip.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
+import struct
 import time
 import urllib.request
 
@@ -55,6 +57,13 @@ def send_some(sock, data, seconds):
     return sent
 
 
+def hard_close(sock):
+    """Close with a reset: what the socket still had to send is dropped at once, not left to the kernel."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
 def is_closed(sock, timeout):
     """Whether the peer closed ``sock`` (or reset it) within ``timeout`` seconds."""
     sock.setblocking(True)
@@ -97,7 +106,7 @@ def test_sockets_that_are_not_yet_accepted_cannot_make_the_node_hold_much(tmp_pa
             assert node.alive() and "Traceback" not in node.log()
         finally:
             for s in socks:
-                s.close()
+                hard_close(s)
 
 
 # -- after CONNECT: unfinished packets share one budget ---------------------------------------
@@ -122,7 +131,7 @@ def test_unfinished_packets_share_a_node_wide_budget(tmp_path):
             assert node.alive() and "Traceback" not in node.log()
         finally:
             for c in clients:
-                c.close()
+                hard_close(c.sock)
 
 
 @pytest.mark.slow
@@ -335,7 +344,7 @@ def test_the_admin_api_stays_reachable_when_mqtt_sockets_use_every_descriptor(tm
             assert node.metric("socket_close_no_descriptors") > 0
         finally:
             for s in socks:
-                s.close()
+                hard_close(s)
         assert "Traceback" not in node.log()
 
 
