@@ -2666,6 +2666,7 @@ class SharedGroup:
 
 
 MATCH_CACHE_MAX = 10_000  # (mountpoint, topic) answers remembered between subscription changes
+MATCH_CACHE_TOPIC = 256  # characters: longer topics are matched afresh, so the cache holds at most about 2.5 MB
 
 
 class Router:
@@ -2720,9 +2721,11 @@ class Router:
         key = (mountpoint, topic)
         matches = self.cache.get(key)
         if matches is None:
-            if len(self.cache) > MATCH_CACHE_MAX:
-                self.cache.clear()
-            matches = self.cache[key] = self.tries[mountpoint].match(topic)
+            matches = self.tries[mountpoint].match(topic)
+            if len(topic) <= MATCH_CACHE_TOPIC:
+                if len(self.cache) >= MATCH_CACHE_MAX:
+                    self.cache.clear()
+                self.cache[key] = matches
         return matches
 
     def subscription_count(self) -> int:
@@ -4357,7 +4360,7 @@ class SqliteStore(MemoryStore):
             sessions = list(q("SELECT mountpoint, client_id, expiry FROM sessions"))
             subs = list(q("SELECT mountpoint, client_id, filter, qos FROM subscriptions"))
             queues = list(q("SELECT mountpoint, client_id, SUM(pid = 0), "  # length() reads no payload
-                            "SUM(CASE WHEN pid = 0 THEN length(payload) + length(CAST(topic AS BLOB)) ELSE 0 END), "
+                            "SUM(CASE WHEN pid = 0 THEN length(payload) + length(topic) ELSE 0 END), "
                             "SUM(pid != 0), MAX(ref) FROM messages GROUP BY mountpoint, client_id"))
         except sqlite3.DatabaseError as exc:
             raise _corrupt_store(self.path, str(exc)) from None
@@ -8648,8 +8651,10 @@ class Node:
 
     def in_broker(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run ``fn(*args)`` in the broker's thread (directly when the node has no broker running)."""
-        if self.mqtt is None or not self._running or self.mqtt.in_loop_thread():
-            return fn(*args)  # a hook calling back into the node is already in the broker's thread
+        # The loop's state decides, not the node's: while the node starts or stops, HTTP threads
+        # may still call, and the engine must then be reached through its loop as ever.
+        if self.mqtt is None or not self.mqtt.loop.is_running() or self.mqtt.in_loop_thread():
+            return fn(*args)  # no loop to ask; or a hook calling back into the node, already in the loop
         return self.mqtt.call(fn, *args)
 
     def _provision(self) -> None:

@@ -544,3 +544,37 @@ def test_qos2_in_flight_survives_kill_9_with_its_packet_id(tmp_path, stage):
         again.close()
     finally:
         stop_process(proc)
+
+
+def test_long_topics_are_not_remembered_by_the_match_cache(connect, node):
+    publisher = connect("long-topics")
+    for n in range(50):  # each distinct and unmatched: remembering them would hold 50 x 10 KB for nothing
+        publisher.publish(f"t/{n}/" + "x" * 10_000, b"", 1)
+    assert node.in_broker(lambda: len(node.mqtt.engine.router.cache)) == 0
+    publisher.publish("short", b"", 1)
+    assert node.in_broker(lambda: len(node.mqtt.engine.router.cache)) == 1
+
+
+def test_queued_bytes_agree_across_a_restart_with_non_ascii_topics(tmp_path):
+    from conftest import node_config
+    config = node_config(tmp_path / "same")
+    node = vmqapi.Node(config).start()
+    try:
+        with client_maker(node) as make:
+            make("offline", clean=False).subscribe(("ü/#", 1))
+        with client_maker(node) as make:
+            for n in range(5):
+                make("pub").publish(f"ü/{n}", b"12345", 1)
+        before = node.in_broker(lambda: node.mqtt.engine.queued_bytes)
+    finally:
+        node.stop()
+    again = vmqapi.Node(config).start()
+    try:
+        assert again.in_broker(lambda: again.mqtt.engine.queued_bytes) == before  # characters both times
+        with client_maker(again) as make:
+            c = make("offline", clean=False)
+            for _ in range(5):
+                c.message()
+        assert again.in_broker(lambda: again.mqtt.engine.queued_bytes) == 0
+    finally:
+        again.stop()
