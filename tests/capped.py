@@ -20,12 +20,16 @@ from conftest import ROOT
 CAP = 1 << 30  # bytes of address space: well above an idle node (~300 MB of it), far below the attacks
 
 
-def _limits(cap, nofile):
+def child_setup(cap=None, nofile=None, umask=None):
+    """Return a preexec_fn: address-space cap, descriptor limit, umask, default signal dispositions."""
     def apply():
-        resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+        if cap is not None:
+            resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
         if nofile is not None:
             resource.setrlimit(resource.RLIMIT_NOFILE, nofile)
-        for sig in (signal.SIGINT, signal.SIGTERM):  # whatever the test runner's shell ignores
+        if umask is not None:
+            os.umask(umask)
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGPIPE):  # never the test runner's dispositions
             signal.signal(sig, signal.SIG_DFL)
     return apply
 
@@ -65,16 +69,21 @@ class CappedNode:
 
 
 @contextlib.contextmanager
-def capped_node(data_dir, *settings, cap=CAP, nofile=None, timeout=30):
-    """Start ``python vmqapi.py`` on port 0 with ``--set`` items; kill it (by its pid) at the end."""
-    os.makedirs(data_dir, exist_ok=True)
+def capped_node(data_dir, *settings, cap=CAP, nofile=None, umask=None, env=None, timeout=30):
+    """Start ``python vmqapi.py`` on port 0 with ``--set`` items; kill it (by its pid) at the end.
+
+    ``cap`` (None: none) bounds its address space; the node itself creates ``data_dir``.
+    """
+    os.makedirs(os.path.dirname(os.path.abspath(str(data_dir))), exist_ok=True)
     log_path = os.path.join(os.path.dirname(str(data_dir)), os.path.basename(str(data_dir)) + ".log")
     cmd = [sys.executable, os.path.join(ROOT, "vmqapi.py"), "--data-dir", str(data_dir),
            "--set", "listener.http.default=127.0.0.1:0", "--set", "listener.tcp.default=127.0.0.1:0"]
     for item in settings:
         cmd += ["--set", item]
     with open(log_path, "w") as log:  # a file, not a pipe: a chatty node never blocks on a full pipe
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_limits(cap, nofile))
+        full_env = dict(os.environ, MALLOC_ARENA_MAX="2", **(env or {}))  # address space threads do not inflate
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=full_env,
+                                preexec_fn=child_setup(cap, nofile, umask))
     try:
         deadline = time.monotonic() + timeout
         while True:

@@ -161,6 +161,17 @@ def test_a_large_packet_is_taken_in_without_quadratic_copies(tmp_path):
 
 # -- answers a peer does not read ----------------------------------------------------------
 
+def slow_reader(port, client_id, *subscriptions, version=4):
+    """A connected client with a tiny receive buffer that never reads after its SUBACK."""
+    c = MqttClient(port, version=version)
+    c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    assert c.connect(client_id, keepalive=0).return_code == 0
+    if subscriptions:
+        pid = c.pid()
+        c.send(vmqapi.Subscribe(pid, tuple(subscriptions)))
+    return c
+
+
 def flood(sock, frame, seconds):
     """Send ``frame`` again and again without reading; return how many bytes went out."""
     return send_some(sock, frame * (4 * MB // len(frame)) * 16, seconds)
@@ -199,16 +210,22 @@ def test_a_peer_that_never_reads_cannot_grow_the_node(tmp_path, transport):
 
 def test_a_connection_that_leaves_its_answers_unread_is_closed_after_mqtt_write_timeout(make_node):
     node = make_node(mqtt_write_timeout="1000")
-    c = MqttClient(mqtt_port(node))
+    stalled = slow_reader(mqtt_port(node), "stalled", ("big", 0))
+    pub = MqttClient(mqtt_port(node))
     try:
-        c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        assert c.connect("stalled", keepalive=0).return_code == 0
-        deadline = time.monotonic() + 20  # until both sides' socket buffers are full, then 1 s more
+        assert pub.connect("pub").return_code == 0
+        time.sleep(0.2)
+        for _ in range(12):  # 12 MB for a reader that takes nothing: more than both sides' socket buffers
+            pub.publish("big", b"\0" * MB)
+        deadline = time.monotonic() + 10
         while node.metrics.value("socket_close_write_timeout") < 1 and time.monotonic() < deadline:
-            flood(c.sock, vmqapi.encode_packet(vmqapi.Pingreq()), 0.2)
+            time.sleep(0.05)
         assert node.metrics.value("socket_close_write_timeout") == 1
+        assert node.in_broker(lambda: "stalled" not in {c.session.client_id for c in node.mqtt.engine.clients
+                                                        if c.session is not None})
     finally:
-        c.close()
+        hard_close(stalled.sock)
+        pub.close()
 
 
 # -- WebSocket before the upgrade ----------------------------------------------------------
@@ -357,17 +374,6 @@ def test_the_node_raises_its_descriptor_limit_toward_the_hard_one(tmp_path):
 
 
 # -- what a client can make the node send ------------------------------------------------------
-
-def slow_reader(port, client_id, *subscriptions, version=4):
-    """A connected client with a tiny receive buffer that never reads after its SUBACK."""
-    c = MqttClient(port, version=version)
-    c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    assert c.connect(client_id, keepalive=0).return_code == 0
-    if subscriptions:
-        pid = c.pid()
-        c.send(vmqapi.Subscribe(pid, tuple(subscriptions)))
-    return c
-
 
 @pytest.mark.slow
 def test_one_subscribe_cannot_make_the_node_send_retained_messages_without_bound(tmp_path):

@@ -7,8 +7,6 @@ import hashlib
 import json
 import logging
 import os
-import resource
-import signal
 import socket
 import subprocess
 import sys
@@ -18,6 +16,7 @@ import urllib.request
 
 import pytest
 
+from capped import capped_node, child_setup
 from conftest import ROOT, node_config, run_cli
 from mqtt_client import MqttClient
 from test_broker import client_maker
@@ -27,48 +26,11 @@ MB = 1 << 20
 
 
 # -- a node in a child Python -------------------------------------------------
-def _child_setup(cap: int | None, umask: int | None):
-    def setup():
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGPIPE):
-            signal.signal(sig, signal.SIG_DFL)  # never the parent's (pytest's) dispositions
-        if cap is not None:
-            resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
-        if umask is not None:
-            os.umask(umask)
-    return setup
-
-
 @contextlib.contextmanager
 def child_node(data_dir, *sets, cap=None, umask=None, env=None):
     """Run ``vmqapi.py`` in a child Python; yield (process, node.json); stop it at the end."""
-    cmd = [sys.executable, os.path.join(ROOT, "vmqapi.py"), "--data-dir", str(data_dir),
-           "--set", "listener.tcp.default=127.0.0.1:0", "--set", "listener.http.default=127.0.0.1:0"]
-    for item in sets:
-        cmd += ["--set", item]
-    full_env = dict(os.environ, MALLOC_ARENA_MAX="2", **(env or {}))  # address space that threads do not inflate
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=full_env,
-                            preexec_fn=_child_setup(cap, umask))
-    try:
-        info = None
-        deadline = time.monotonic() + 20
-        while info is None and time.monotonic() < deadline and proc.poll() is None:
-            info = vmqapi.read_node_file(str(data_dir))
-            if info is None or info.get("pid") != proc.pid:
-                info = None
-                time.sleep(0.05)
-        if info is None:
-            proc.kill()
-            raise AssertionError(f"the node did not start: {proc.stderr.read().decode()[-2000:]}")
-        yield proc, info
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
-        proc.stderr.close()
+    with capped_node(data_dir, *sets, cap=cap, umask=umask, env=env, timeout=20) as node:
+        yield node.proc, node.info
 
 
 def port_of(info, kind="mqtt"):
@@ -365,7 +327,7 @@ def test_a_corrupt_store_stops_the_node_with_one_message(tmp_path, which):
     digest = hashlib.sha256(db.read_bytes()).hexdigest()
     cmd = [sys.executable, os.path.join(ROOT, "vmqapi.py"), "--data-dir", str(data),
            "--set", "listener.tcp.default=127.0.0.1:0", "--set", "listener.http.default=127.0.0.1:0"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=_child_setup(None, None))
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=child_setup())
     try:
         out, err = proc.communicate(timeout=20)
     except subprocess.TimeoutExpired:
