@@ -462,3 +462,18 @@ def test_persistent_v5_session_survives_a_restart_with_its_options(tmp_path):
         late.close()
     finally:
         node.stop()
+
+
+def test_retain_delete_expired_deletes_retained_messages_whose_expiry_passed(connect, node, key):
+    pub = connect("retainer")
+    pub.publish("keep/short", b"gone", 1, retain=True, properties=[("message_expiry_interval", 1)])
+    pub.publish("keep/long", b"kept", 1, retain=True, properties=[("message_expiry_interval", 100)])
+    pub.publish("keep/plain", b"kept", 1, retain=True)
+    time.sleep(1.2)
+    http = Client(node)
+    try:
+        status, _, data = http.get("/api/v1/retain/delete-expired", key=key)
+    finally:
+        http.close()
+    assert status == 200 and body_json(data) == {"table": [{"expired": 1}], "type": "table"}
+    assert sorted(r["topic"] for r in node.retained_rows()) == ["keep/long", "keep/plain"]
