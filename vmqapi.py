@@ -33,18 +33,23 @@ Contents (``grep -nE '^# [0-9]+\\. ' vmqapi.py`` prints them with line numbers):
     9. Delivery: queues, in-flight windows, packet ids, resends
     10. Sessions: connections, CONNECT, wills, administration
     11. Engine: packets and time
-    12. Message store
-    13. Broker shell: plugin hooks, rule files, tracing
-    14. MQTT connections: TCP, TLS and WebSocket links
-    15. MQTT listeners and the broker's loop
-    16. Key store: the API key file
-    17. Command machinery: argv grammar, command table, result elements
-    18. Command catalogue
-    19. HTTP: the admin API
-    20. Observability endpoints
-    21. HTTP server
-    22. Node
-    23. CLI
+    12. Cluster state: replicated metadata and the node-to-node codec
+    13. Message store
+    14. Broker shell: plugin hooks, rule files, tracing
+    15. MQTT connections: TCP, TLS and WebSocket links
+    16. MQTT listeners and the broker's loop
+    17. Key store: the API key file
+    18. Command machinery: argv grammar, command table, result elements
+    19. Command catalogue
+    20. Cluster links: node-to-node connections
+    21. Cluster: membership, replication, routing and sessions across nodes
+    22. Bridge: vmq_bridge
+    23. Webhooks: vmq_webhooks
+    24. HTTP: the admin API
+    25. Observability endpoints
+    26. HTTP server
+    27. Node
+    28. CLI
 """
 
 ###############################################################################
@@ -693,6 +698,12 @@ SETTINGS: tuple[Setting, ...] = (
     _S("vmq_passwd.password_file", parse_text, "", "Password file of vmq_passwd (empty: none).", True),
     _S("vmq_passwd.password_reload_interval", parse_int_range(0), 10,
        "Seconds between password file reloads (0: never).", True),
+    # -- cluster (SPEC 10) --
+
+    # -- vmq_bridge (SPEC 11) --
+
+    # -- vmq_webhooks (SPEC 11) --
+
 )
 del _S
 
@@ -723,6 +734,12 @@ def find_setting(key: str) -> Setting:
     if len(parts) == 4 and parts[0] == "http_module" and parts[1] in HTTP_MODULES \
             and parts[2:] == ["auth", "mode"]:
         return _SETTINGS_BY_NAME["http_module.$module.auth.mode"]
+    # -- cluster keys --
+
+    # -- vmq_bridge keys --
+
+    # -- vmq_webhooks keys --
+
     raise InvalidKey(f"unknown configuration key {key!r}")
 
 
@@ -4130,7 +4147,16 @@ class Engine(Sessions):
             self.drop_session(session)
 
 ###############################################################################
-# 12. Message store ###########################################################
+# 12. Cluster state: replicated metadata and the node-to-node codec ###########
+###############################################################################
+# Owns: the replicated state of a cluster (last writer wins per key, tombstones,
+#       anti-entropy digests) and the codec of node-to-node frames, as pure values.
+# Must not know: sockets, clocks, the store, the engine's shapes.
+
+
+
+###############################################################################
+# 13. Message store ###########################################################
 ###############################################################################
 # Owns: retained messages and persistent sessions (subscriptions, queued QoS 1/2
 #       messages) in SQLite, committed once per batch of packets.
@@ -4485,7 +4511,7 @@ class SqliteStore(MemoryStore):
 
 
 ###############################################################################
-# 13. Broker shell: plugin hooks, rule files, tracing #########################
+# 14. Broker shell: plugin hooks, rule files, tracing #########################
 ###############################################################################
 # Owns: what the engine is handed from outside: the hook registry (threads add to
 #       it), the password and ACL files (read and reloaded), password hashing (with
@@ -4646,7 +4672,7 @@ class Tracer:
 
 
 ###############################################################################
-# 14. MQTT connections: TCP, TLS and WebSocket links ##########################
+# 15. MQTT connections: TCP, TLS and WebSocket links ##########################
 ###############################################################################
 # Owns: bytes in and out of one connection: packets decoded per read and handed
 #       to the engine with the time, input bounds (CONNECT, the partial-packet
@@ -5172,7 +5198,7 @@ class WsLink(asyncio.Protocol):
 
 
 ###############################################################################
-# 15. MQTT listeners and the broker's loop ####################################
+# 16. MQTT listeners and the broker's loop ####################################
 ###############################################################################
 # Owns: TLS contexts, file descriptor limits, the listeners and the event loop
 #       thread that runs the engine, drains outboxes after each commit, and
@@ -5548,7 +5574,7 @@ class MqttIO:
 
 
 ###############################################################################
-# 16. Key store: the API key file #############################################
+# 17. Key store: the API key file #############################################
 ###############################################################################
 # Owns: api_keys.json (atomic writes, inter-process lock, reload on change),
 #       key generation, expiry parsing, constant-time authentication.
@@ -5866,7 +5892,7 @@ class KeyStore:
 
 
 ###############################################################################
-# 17. Command machinery: argv grammar, command table, result elements #########
+# 18. Command machinery: argv grammar, command table, result elements #########
 ###############################################################################
 # Owns: the vmq-admin argv grammar and its query-string form, Command specs,
 #       the CommandTable, binding argv to a command, result elements and their
@@ -6411,7 +6437,7 @@ def render_human(elements: Sequence) -> tuple[str, str]:
 
 
 ###############################################################################
-# 18. Command catalogue #######################################################
+# 19. Command catalogue #######################################################
 ###############################################################################
 # Owns: one cmd_<words> function per vmq-admin command; its docstring is its usage.
 # Must not know: sockets, HTTP, how the answer is rendered.
@@ -7133,12 +7159,49 @@ def cmd_describe(call: Call) -> Any:
     return [Text(f"{key}:\n  {find_setting(key).doc}\n") for key in call.extra]
 
 
+###############################################################################
+# 20. Cluster links: node-to-node connections #################################
+###############################################################################
+# Owns: the cluster listener and the links to peers on the broker's loop: the
+#       cookie's HMAC challenge, heartbeats, reconnects, per-peer buffers.
+# Must not know: what the frames mean.
+
+
+
+###############################################################################
+# 21. Cluster: membership, replication, routing and sessions across nodes #####
+###############################################################################
+# Owns: joining and leaving, applying replicated state to the router, keys and
+#       config, forwarding messages, sessions that move, netsplits; cluster commands.
+# Must not know: the bytes on a link.
+
+
+
+###############################################################################
+# 22. Bridge: vmq_bridge ######################################################
+###############################################################################
+# Owns: bridges to other brokers (vmq_bridge): an MQTT client per bridge, its
+#       store-backed outgoing buffer, loop prevention; bridge commands.
+# Must not know: HTTP.
+
+
+
+###############################################################################
+# 23. Webhooks: vmq_webhooks ##################################################
+###############################################################################
+# Owns: webhooks (vmq_webhooks): endpoints per hook, JSON bodies, answers, the
+#       auth answer cache and the bounded pool of calls; webhooks commands.
+# Must not know: sockets of MQTT clients.
+
+
+
+# The cluster, bridge and webhooks sections add their commands above; the table is complete here.
 CATALOGUE: tuple[Command, ...] = tuple(_catalogue)
 del _catalogue
 
 
 ###############################################################################
-# 19. HTTP: the admin API #####################################################
+# 24. HTTP: the admin API #####################################################
 ###############################################################################
 # Owns: the admin API's rules (method, auth, command, OPTIONS, Accept, run) as
 #       pure functions from a Request to a Response; /api/v2 and HTTP publish (SPEC 11).
@@ -7639,7 +7702,7 @@ def serve_api_v2(node: Any, req: Request, rest: str, query: str) -> Response:
 
 
 ###############################################################################
-# 20. Observability endpoints #################################################
+# 25. Observability endpoints #################################################
 ###############################################################################
 # Owns: /metrics (Prometheus text 0.0.4), /health, /status.json and the /status page.
 # Must not know: sockets, MQTT internals (it reads the metrics registry and the node).
@@ -8018,7 +8081,7 @@ loop();
 
 
 ###############################################################################
-# 21. HTTP server #############################################################
+# 26. HTTP server #############################################################
 ###############################################################################
 # Owns: the route table, handle_http, and http.server's ThreadingHTTPServer (a
 #       thread per connection) with the limits and timeouts around it.
@@ -8489,7 +8552,7 @@ class HttpListener:
 
 
 ###############################################################################
-# 22. Node ####################################################################
+# 27. Node ####################################################################
 ###############################################################################
 # Owns: the running node: its config snapshot, key store, command table,
 #       listeners, node.json, start and stop.
@@ -8871,7 +8934,7 @@ class Node:
 
 
 ###############################################################################
-# 23. CLI #####################################################################
+# 28. CLI #####################################################################
 ###############################################################################
 # Owns: argv of the process: start a node, or run vmq-admin commands locally or
 #       against the live node found through node.json.
