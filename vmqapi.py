@@ -397,6 +397,13 @@ class TopicAliasInvalid(ProtocolError):
     reason_code = 0x94
 
 
+class ClusterError(VmqError):
+    """A peer node that broke the cluster protocol (bad frame, failed challenge) or cannot be reached;
+    only that link ends."""
+
+    http_status, code = 503, "cluster_error"
+
+
 class ConfigError(VmqError):
     """A configuration the node cannot start with; the text names file and line."""
 
