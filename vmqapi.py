@@ -956,6 +956,12 @@ METRIC_DEFINITIONS: dict[str, tuple[str, str, tuple[LabelSet, ...]]] = {  # Vern
                                "max_retained_bytes.", _NO_LABELS),
     "store_error": ("counter", "The number of message store reads, writes or commits that failed.", _NO_LABELS),
     "tick_error": ("counter", "The number of housekeeping ticks that failed (and were run again).", _NO_LABELS),
+    # -- cluster metrics (SPEC 10) --
+
+    # -- vmq_bridge metrics --
+
+    # -- vmq_webhooks metrics --
+
 }
 
 
