@@ -5637,13 +5637,18 @@ def render_expiry(expires: int | None) -> str:
 
 @dataclass(frozen=True, slots=True)
 class StoredKey:
-    """One entry of api_keys.json; ``key`` is None when only its hash is kept."""
+    """One entry of api_keys.json; ``key`` is None when only its hash is kept.
+
+    ``salt`` (hex) is set only on a hashed key that another node of the cluster made: its
+    hash was taken with that node's salt, which this file's salt cannot replace.
+    """
 
     scope: str
     expires: int | None
     digest: str
     key: str | None = None
     prefix: str = ""
+    salt: str = ""
 
     def __post_init__(self):
         if self.scope not in SCOPES:
@@ -5652,6 +5657,8 @@ class StoredKey:
             raise ValueError("expires must be an integer or null")
         if not re.fullmatch(r"[0-9a-f]{64}", self.digest):
             raise ValueError("bad digest")
+        if self.salt and (self.key is not None or not re.fullmatch(r"(?:[0-9a-f]{2}){1,64}", self.salt)):
+            raise ValueError("bad salt")
 
     def shown(self) -> str:
         """Return the key as api-key show prints it."""
@@ -5661,12 +5668,39 @@ class StoredKey:
         """Return the entry as stored on disk."""
         if self.key is not None:
             return {"key": self.key, "scope": self.scope, "expires": self.expires}
-        return {"hash": self.digest, "prefix": self.prefix, "scope": self.scope, "expires": self.expires}
+        entry = {"hash": self.digest, "prefix": self.prefix, "scope": self.scope, "expires": self.expires}
+        if self.salt:
+            entry["salt"] = self.salt
+        return entry
+
+    def replica_id(self, file_salt: bytes) -> str:
+        """Return the name the cluster knows this key by: the same on every node that holds it.
+
+        A plain key is named by an unsalted hash of itself (never the key); a hashed one by
+        its salt and hash, since nothing else of it is known.
+        """
+        if self.key is not None:
+            return f"{self.scope}:{hashlib.sha256(self.key.encode('utf-8', 'surrogatepass')).hexdigest()}"
+        return f"{self.scope}:{self.salt or file_salt.hex()}:{self.digest}"
+
+    def replica_value(self, file_salt: bytes) -> dict:
+        """Return the entry as the cluster carries it (a hashed key with the salt its hash needs)."""
+        entry = self.to_json()
+        if self.key is None:
+            entry["salt"] = self.salt or file_salt.hex()
+        return entry
 
 
 def _key_digest(salt: bytes, key: str) -> str:
     # Keys are looked up by this digest; a salted SHA-256 costs ~1 us where OpenSSL's HMAC costs ~8.
     return hashlib.sha256(salt + key.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def _holds(entry: StoredKey, file_salt: bytes, key: str) -> bool:
+    """Whether ``entry`` is ``key`` (its hash taken with its own salt, or the file's)."""
+    if entry.key is not None:
+        return entry.key == key
+    return entry.digest == _key_digest(bytes.fromhex(entry.salt) if entry.salt else file_salt, key)
 
 
 @contextlib.contextmanager
@@ -5728,7 +5762,9 @@ class KeyStore:
         self._clock = clock
         self._lock = threading.Lock()  # held by writers and reloaders; readers use the current view
         # One immutable view (signature, salt, entries, index), swapped whole, read without a lock.
-        self._view: tuple[tuple | None, bytes, tuple[StoredKey, ...], dict] = (("unread",), b"", (), {})
+        # The salts: the file's, then those of keys other nodes hashed (usually none).
+        self._view: tuple[tuple | None, bytes, tuple[StoredKey, ...], dict, tuple[bytes, ...]] = \
+            (("unread",), b"", (), {}, (b"",))
 
     # -- reading ----------------------------------------------------------
     def load(self) -> None:
@@ -5773,10 +5809,13 @@ class KeyStore:
             if not isinstance(key, str) or not key:
                 raise ValueError("a key must be a non-empty string")
             return StoredKey(item["scope"], expires, _key_digest(salt, key), key=key)
-        return StoredKey(item["scope"], expires, item["hash"], prefix=str(item.get("prefix", "")))
+        own_salt = str(item.get("salt", ""))
+        return StoredKey(item["scope"], expires, item["hash"], prefix=str(item.get("prefix", "")),
+                         salt="" if own_salt == salt.hex() else own_salt)
 
     def _install(self, signature, salt, entries) -> None:
-        self._view = (signature, salt, entries, {(e.scope, e.digest): e for e in entries})
+        salts = (salt, *sorted({bytes.fromhex(e.salt) for e in entries if e.salt}))
+        self._view = (signature, salt, entries, {(e.scope, e.digest): e for e in entries}, salts)
 
     def _current(self) -> tuple:
         """Return the view of the file as it is on disk now: one stat, a reload only when it changed."""
@@ -5795,14 +5834,15 @@ class KeyStore:
 
     def authenticate(self, key: str, scopes: Iterable[str]) -> str | None:
         """Return the first of ``scopes`` for which ``key`` is valid now, or None."""
-        _, salt, _, index = self._current()
-        digest = _key_digest(salt, key)
+        _, _, _, index, salts = self._current()
         now = self._clock()
-        for scope in scopes:
-            entry = index.get((scope, digest))
-            if entry is not None and hmac.compare_digest(entry.digest, digest) \
-                    and (entry.expires is None or now < entry.expires):
-                return scope
+        for salt in salts:
+            digest = _key_digest(salt, key)
+            for scope in scopes:
+                entry = index.get((scope, digest))
+                if entry is not None and hmac.compare_digest(entry.digest, digest) \
+                        and (entry.expires is None or now < entry.expires):
+                    return scope
         return None
 
     def entries(self) -> tuple[StoredKey, ...]:
@@ -5842,7 +5882,7 @@ class KeyStore:
 
         def change(salt: bytes, entries: list[StoredKey]) -> None:
             digest = _key_digest(salt, key)
-            if any(e.scope == scope and e.digest == digest for e in entries):
+            if any(e.scope == scope and _holds(e, salt, key) for e in entries):
                 raise KeyRejected("key_already_exists")
             if self.storage == "hashed":
                 entries.append(StoredKey(scope, expiry, digest, prefix=key[:HASHED_PREFIX_LENGTH]))
@@ -5867,11 +5907,37 @@ class KeyStore:
         self._check_scope(scope)
 
         def change(salt: bytes, entries: list[StoredKey]) -> None:
-            digest = _key_digest(salt, key)
-            keep = [e for e in entries if not (e.scope == scope and e.digest == digest)]
+            keep = [e for e in entries if not (e.scope == scope and _holds(e, salt, key))]
             if len(keep) == len(entries):
                 raise KeyRejected("key_not_found")
             entries[:] = keep
+        self._mutate(change)
+
+    def replicated(self) -> dict[str, dict]:
+        """Return every key as the cluster carries it, by its replica id."""
+        _, salt, entries, _, _ = self._current()
+        return {e.replica_id(salt): e.replica_value(salt) for e in entries}
+
+    def apply_replicated(self, adds: Mapping[str, dict], removes: Iterable[str]) -> None:
+        """Take keys added and deleted elsewhere in the cluster: one locked rewrite of the file.
+
+        An entry that cannot be read is skipped and logged: a peer never corrupts this file.
+        """
+        removes = set(removes)
+
+        def change(salt: bytes, entries: list[StoredKey]) -> None:
+            held = {e.replica_id(salt) for e in entries}
+            entries[:] = [e for e in entries if e.replica_id(salt) not in removes]
+            for rid, item in adds.items():
+                if rid in held:
+                    continue
+                try:
+                    entry = self._parse_entry(salt, dict(item))
+                except (ValueError, TypeError, KeyError, AttributeError) as exc:
+                    log.warning("cluster: skipped an API key that cannot be read (%s)", exc)
+                    continue
+                if entry.replica_id(salt) == rid:
+                    entries.append(entry)
         self._mutate(change)
 
     def rows(self, scope: str = "all") -> list[dict]:

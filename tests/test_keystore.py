@@ -322,3 +322,34 @@ def test_a_key_file_that_cannot_be_written_is_a_clear_error_and_changes_nothing(
 def test_a_garbled_node_file_counts_as_none(tmp_path):
     (tmp_path / "node.json").write_text("[" * 100_000)  # nested past the parser's recursion limit
     assert vmqapi.read_node_file(str(tmp_path)) is None
+
+
+@pytest.mark.parametrize("storage", ["plain", "hashed"])
+def test_keys_replicate_between_files_with_different_salts(tmp_path, storage):
+    a = KeyStore(str(tmp_path / "a.json"), storage=storage)
+    b = KeyStore(str(tmp_path / "b.json"), storage=storage)
+    b.add("b-own-key-1234", "mgmt")  # b's file gets a salt of its own first
+    a.add("a-made-key-5678", "mgmt")
+    b.apply_replicated(a.replicated(), ())
+    assert b.authenticate("a-made-key-5678", ["mgmt"]) == "mgmt"
+    assert b.authenticate("b-own-key-1234", ["mgmt"]) == "mgmt"
+    assert b.authenticate("a-made-key-567", ["mgmt"]) is None
+    assert set(a.replicated()) <= set(b.replicated())  # the same names on both sides: no churn
+    b.apply_replicated(a.replicated(), ())  # idempotent
+    assert len(b.entries()) == 2
+    with pytest.raises(KeyRejected):
+        b.add("a-made-key-5678", "mgmt")  # known under a's salt
+    b.delete("a-made-key-5678", "mgmt")
+    assert b.authenticate("a-made-key-5678", ["mgmt"]) is None
+    gone = set(a.replicated())
+    b.apply_replicated(a.replicated(), ())
+    b.apply_replicated({}, gone)
+    assert b.authenticate("a-made-key-5678", ["mgmt"]) is None
+    assert b.authenticate("b-own-key-1234", ["mgmt"]) == "mgmt"
+
+
+def test_replicated_entries_that_cannot_be_read_are_skipped(tmp_path):
+    b = KeyStore(str(tmp_path / "b.json"))
+    b.apply_replicated({"mgmt:x": {"scope": "nope", "key": "k"}, "mgmt:y": {"hash": "zz", "scope": "mgmt"},
+                        "mgmt:z": "not a dict"}, ())
+    assert b.entries() == ()
