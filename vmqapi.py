@@ -5365,6 +5365,7 @@ class MqttIO:
         self._thread = threading.Thread(target=self._run, name="vmqapi-mqtt", daemon=True)
         self._tick_handle: asyncio.TimerHandle | None = None
         self._tick_error_at = 0.0  # when a failed tick was last logged
+        self.batch_hooks: list[Callable[[], None]] = []  # run first in after_batch (the cluster's sends)
 
     def _run(self) -> None:
         asyncio.set_event_loop(self.loop)
@@ -5511,6 +5512,11 @@ class MqttIO:
         connection of the batch gets its output: each is closed (MQTT 5: DISCONNECT 0x80) and
         its client resends what was not acknowledged.
         """
+        for hook in self.batch_hooks:
+            try:
+                hook()
+            except Exception:  # the commit and the flush below must happen whatever a hook did
+                log.exception("a batch hook failed")
         saved = self.store.commit()
         engine = self.engine
         dirty = engine.take_dirty()
@@ -6676,31 +6682,6 @@ def cmd_api_key_show(call: Call) -> Any:
     return _key_change(lambda: Table(tuple(call.node.keystore.rows(call.args.get("scope", "all"))), columns))
 
 
-@command("cluster", "show", quick=True, read_only=True)
-def cmd_cluster_show(call: Call) -> Any:
-    """Show the nodes of the cluster and whether they run."""
-    return Table(({"Node": call.node.name, "Running": True},))
-
-
-_STANDALONE = "this node runs standalone: vmqapi has no clustering yet, so {} did nothing"
-
-
-@command("cluster", "join", keys=(Param("discovery-node", doc="a node of the cluster to join"),),
-         required=("discovery-node",))
-def cmd_cluster_join(call: Call) -> Any:
-    """Join the cluster that the discovery node belongs to."""
-    return alert(_STANDALONE.format("cluster join"))
-
-
-@command("cluster", "leave", keys=(Param("node", doc="the node to take out of the cluster"),), required=("node",),
-         flags=(Param("kill_sessions", short="k", value="none", doc="tear down and migrate sessions"),
-                Param("summary-interval", parse_positive_int, short="i", doc="seconds between progress reports"),
-                Param("timeout", parse_positive_int, short="t", doc="seconds to wait for the leave")))
-def cmd_cluster_leave(call: Call) -> Any:
-    """Take a node out of the cluster."""
-    return alert(_STANDALONE.format("cluster leave"))
-
-
 @command("node", "status", quick=True, read_only=True)
 def cmd_node_status(call: Call) -> Any:
     """Show the node's counters: sessions, messages, queues, subscriptions."""
@@ -7052,7 +7033,7 @@ def cmd_session_disconnect_batch(call: Call) -> Any:
 def cmd_session_unsubscribe(call: Call) -> Any:
     """Remove one subscription from a session."""
     done = call.node.broker_call("admin_unsubscribe", call.args["client-id"], call.args["topic"],
-                                 call.flags.get("mountpoint") or "")
+                                 call.flags.get("mountpoint") or "", local=False)
     return "Done" if done else "Not successful"
 
 
@@ -7062,7 +7043,7 @@ def cmd_session_unsubscribe(call: Call) -> Any:
 def cmd_session_reauthorize(call: Call) -> Any:
     """Check a session's subscriptions against the ACL again and drop the refused ones."""
     dropped = call.node.broker_call("reauthorize", call.args["username"], call.args["client-id"],
-                                    call.flags.get("mountpoint") or "")
+                                    call.flags.get("mountpoint") or "", local=False)
     return "Done" if dropped else "Unchanged"
 
 
@@ -7190,7 +7171,9 @@ _NODE_FLAGS = (Param("node", short="n", doc="the node to act on (this node)"),
 def _check_node_flags(call: Call) -> None:
     if "node" in call.flags and "all" in call.flags:
         raise BadRequest("--node and --all exclude each other", call.command.usage())
-    if call.flags.get("node") not in (None, call.node.name):
+    cluster = getattr(call.node, "cluster", None)
+    members = cluster.in_loop(cluster.members) if cluster is not None else []
+    if call.flags.get("node") not in (None, call.node.name, *members):
         raise InvalidValue(f"bad_node: {call.flags['node']!r} is not a node of this cluster", call.command.usage())
 
 
@@ -7205,7 +7188,12 @@ def cmd_set(call: Call) -> Any:
         if not find_setting(key).settable:
             raise InvalidKey(f"{key} cannot be set at run time", call.command.usage())
         changes[key] = parse_setting(key, text)
-    call.node.apply_settings(changes)
+    target = "*" if "all" in call.flags else call.flags.get("node") or call.node.name
+    if target in ("*", call.node.name):
+        call.node.apply_settings(changes)
+    cluster = getattr(call.node, "cluster", None)
+    if cluster is not None and target != call.node.name:  # replicated: a node that is down takes it on return
+        cluster.set_all(target, {key: str(text) for key, text in call.args.items()})
     return []
 
 
@@ -7219,12 +7207,23 @@ def cmd_show(call: Call) -> Any:
     _check_node_flags(call)
     if not call.extra:
         raise MissingArgument("show needs at least one setting name", call.command.usage())
-    config = call.node.config
-    row = {"node": call.node.name}
-    for key in call.extra:
+    rows = [_setting_row(call.node, call.extra)]
+    cluster = getattr(call.node, "cluster", None)
+    if cluster is not None and ("all" in call.flags or call.flags.get("node") not in (None, call.node.name)):
+        wanted = call.flags.get("node")
+        rows = [r for r in rows if wanted in (None, r["node"])]
+        rows += [row for peer, row in cluster.gather("show", list(call.extra)) if wanted in (None, peer)]
+    return Table(tuple(rows))
+
+
+def _setting_row(node: Any, keys: Sequence[str]) -> dict:
+    """Return show's row of one node: its name and each setting's value (a secret one masked)."""
+    config = node.config
+    row = {"node": node.name}
+    for key in keys:
         secret = find_setting(key).secret and config[key]
         row[key] = SECRET_SHOWN if secret else _shown_setting(config[key])
-    return Table((row,))
+    return row
 
 
 SECRET_SHOWN = "********"  # what show prints for a password setting that is set
@@ -7253,6 +7252,716 @@ def cmd_describe(call: Call) -> Any:
 # Owns: joining and leaving, applying replicated state to the router, keys and
 #       config, forwarding messages, sessions that move, netsplits; cluster commands.
 # Must not know: the bytes on a link.
+
+CLUSTER_PORT = 44053  # VerneMQ's cluster port: a discovery node without one is asked there
+CLUSTER_DB = "cluster.db"  # the replicated state, kept so a restarted node knows its peers
+FRAME_META, FRAME_FORWARD, FRAME_CALL, FRAME_REPLY, FRAME_MIGRATE = 16, 17, 18, 19, 20
+CLUSTER_TIMER = 1.0  # s between two rounds of housekeeping: digests, the key file, saving rows
+SYNC_EVERY = 2  # timer rounds between anti-entropy digests to each peer
+JOIN_TIMEOUT = 10.0  # s a join waits for the link and the first merge
+CALL_TIMEOUT = 10.0  # s a command waits for another node's answer
+TOMBSTONE_DAYS = 7  # deleted rows are remembered this long (a node away longer may bring old rows back)
+CLUSTER_CALL_WORKERS = 4  # threads that run other nodes' requests (they may call into this node's loop)
+LEAVE_HINT = "Done! Use -k to teardown and migrate existing sessions!"  # VerneMQ's words
+
+
+def parse_discovery_node(text: str) -> tuple[str, str, int]:
+    """Split VerneMQ's discovery-node ``name@host[:port]``: return the node name (``name@host``), host, port."""
+    name, at, rest = text.partition("@")
+    host, port = rest, str(CLUSTER_PORT)
+    if rest.startswith("["):  # [IPv6]:port
+        host, _, tail = rest[1:].partition("]")
+        port = tail[1:] if tail.startswith(":") else port if not tail else ""
+    elif rest.count(":") == 1:
+        host, _, port = rest.partition(":")
+    if not at or not name or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise InvalidValue(f"bad discovery-node {text!r}: expected name@host[:port]")
+    return f"{name}@{host}", host, int(port)
+
+
+def session_key(mountpoint: str, client_id: str) -> str:
+    """Return the replica key of a session."""
+    return json.dumps([mountpoint, client_id], ensure_ascii=False, separators=(",", ":"))
+
+
+def split_session_key(key: str) -> tuple[str, str]:
+    """Return (mountpoint, client id) of a replica session key."""
+    mountpoint, client_id = json.loads(key)
+    return mountpoint, client_id
+
+
+class ClusterStore:
+    """The replica's rows in DATA_DIR/cluster.db: membership survives a restart."""
+
+    def __init__(self, path: str):
+        self.path = path
+        try:
+            create_private_file(path)
+            self.db = sqlite3.connect(path, check_same_thread=False)
+            found = self.db.execute("PRAGMA quick_check").fetchall()
+            if found != _SQLITE_OK:
+                raise sqlite3.DatabaseError("; ".join(str(row[0]) for row in found[:3]))
+            self.db.execute("CREATE TABLE IF NOT EXISTS rows (kind TEXT, key TEXT, value BLOB, at REAL, node TEXT, "
+                            "PRIMARY KEY (kind, key))")
+            self.db.commit()
+        except sqlite3.DatabaseError as exc:
+            raise ConfigError(f"the cluster state {path} is corrupt ({' '.join(str(exc).split())}); vmqapi did "
+                              "not change it. Move it away (the node then starts outside any cluster) and "
+                              "start again") from None
+        except (sqlite3.Error, OSError) as exc:
+            raise ConfigError(f"cannot open the cluster state {path}: {exc}") from None
+
+    def load(self) -> list[Update]:
+        """Return every row kept; a row that cannot be read stops the start, naming the file."""
+        try:
+            return [Update(kind, key, decode_term(value), (at, node))
+                    for kind, key, value, at, node in self.db.execute("SELECT kind, key, value, at, node FROM rows")]
+        except (sqlite3.Error, ClusterError) as exc:
+            raise ConfigError(f"the cluster state {self.path} cannot be read ({exc}); vmqapi did not change it. "
+                              "Move it away and start again") from None
+
+    def save(self, updates: Iterable[Update]) -> None:
+        """Keep ``updates`` (one transaction); a failure is logged, the peers still hold the rows."""
+        try:
+            with self.db:
+                self.db.executemany("INSERT OR REPLACE INTO rows VALUES (?, ?, ?, ?, ?)",
+                                    [(u.kind, u.key, encode_term(u.value), u.stamp[0], u.stamp[1])
+                                     for u in updates])
+        except sqlite3.Error as exc:
+            log.error("cannot save the cluster state to %s: %s", self.path, exc)
+
+    def forget(self, updates: Iterable[Update]) -> None:
+        """Delete rows the replica purged."""
+        with contextlib.suppress(sqlite3.Error), self.db:
+            self.db.executemany("DELETE FROM rows WHERE kind = ? AND key = ?", [(u.kind, u.key) for u in updates])
+
+    def close(self) -> None:
+        """Close the database."""
+        with contextlib.suppress(sqlite3.Error):
+            self.db.close()
+
+
+class Cluster:
+    """This node's part in a cluster: the replica, the links, and what they mean for the engine.
+
+    Everything but the command entry points (``join``, ``leave``, ``gather``, ``set_remote``...)
+    runs in the broker's loop thread, which owns the engine, the replica and the links.
+    """
+
+    def __init__(self, node: Any, io: MqttIO):
+        self.node, self.io, self.engine = node, io, io.engine
+        self.me: str = node.name
+        config = node.config
+        check_cluster_config(config)
+        self.tls = "listener.vmqs.clustering" in config.values
+        self.explicit = self.tls or "listener.vmq.clustering" in config.values
+        self.address: tuple[str, int] = config["listener.vmqs.clustering" if self.tls else "listener.vmq.clustering"]
+        self.store = ClusterStore(os.path.join(node.data_dir, CLUSTER_DB))
+        self.replica = Replica(self.me, self.store.load())
+        self.links: ClusterLinks | None = None
+        self.bound: tuple[str, int] | None = None
+        self._dirty: dict[tuple[str, str], Update] = {}  # rows to save at the next timer round
+        self._outgoing: list[Update] = []  # local updates to announce after this batch
+        self._owned: dict[str, tuple[str, tuple[str, ...], bool]] = {}  # session key -> node, filters, online
+        self._interest: dict[tuple[str, str, str], list[int]] = {}  # (node, mp, filter) -> [members, online]
+        self._quiet: dict[str, bool] = {}  # peer -> a merge with it found nothing new since the link came up
+        self._calls: dict[int, tuple[str, concurrent.futures.Future]] = {}
+        self._next_call = 0
+        self._keys_synced: set[str] | None = None
+        self._round = 0
+        self._timer: asyncio.TimerHandle | None = None
+        self._flush_due = False
+        self.pool = concurrent.futures.ThreadPoolExecutor(CLUSTER_CALL_WORKERS, thread_name_prefix="vmqapi-cluster")
+        self.split = ""  # why the cluster is not whole ('' when it is)
+
+    # -- life cycle -------------------------------------------------------
+    def start(self) -> None:
+        """Bind the cluster listener, apply the kept state, reconnect to the members (from any thread)."""
+        config = self.node.config
+        server_tls = client_tls = None
+        if self.tls:
+            server_tls, client_tls = cluster_tls_contexts(config)
+        self.links = ClusterLinks(self.io.loop, self.me, config["distributed_cookie"], self.node.metrics,
+                                  buffer_size=config["outgoing_clustering_buffer_size"], on_up=self._on_up,
+                                  on_down=self._on_down, on_frame=self._on_frame, server_tls=server_tls,
+                                  client_tls=client_tls)
+        try:
+            self.bound = self.io.call_async(self.links.listen(*self.address))
+        except OSError as exc:
+            if self.explicit or exc.errno != errno.EADDRINUSE:
+                raise ConfigError(f"cannot start the cluster listener on {render_value(self.address)}: "
+                                  f"{exc.strerror or exc}") from None
+            log.warning("cluster listener %s is in use: this node runs standalone (set listener.vmq.clustering "
+                        "to join a cluster)", render_value(self.address))
+            self.bound = None
+        self.io.call(self._started)
+
+    def _started(self) -> None:
+        engine = self.engine
+        engine.elsewhere = self._elsewhere
+        self.io.batch_hooks.append(self.after_batch)
+        members = dict(self.replica.items("member"))
+        if self.bound is not None and (len(members) > 1 or self.me in members):
+            self._put("member", self.me, {"address": self._advertised()})
+        for key, value in self.replica.items("session"):
+            self._index_session(key, value)
+        for key, value in self.replica.items("config"):
+            self._apply_config(key, value)
+        self._connect_members()
+        self._check_split()
+        self._timer = self.io.loop.call_later(CLUSTER_TIMER, self._tick)
+
+    def _advertised(self) -> str:
+        host, port = self.bound or self.address
+        if ipaddress.ip_address(host).is_unspecified:
+            host = self.me.partition("@")[2] or "127.0.0.1"
+        return f"{host}:{port}"
+
+    def stop(self) -> None:
+        """Close the links and save the rows (from any thread; the loop still runs)."""
+        if self.links is not None:
+            with contextlib.suppress(concurrent.futures.TimeoutError, RuntimeError):
+                self.io.call(self._stop_timer)
+                self.io.call_async(self.links.close(), timeout=5)
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        self._save()
+        self.store.close()
+
+    def _stop_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        for _, future in self._calls.values():
+            if not future.done():
+                future.set_exception(ClusterError("the node stops"))
+        self._calls.clear()
+
+    # -- the replica ------------------------------------------------------
+    def members(self) -> list[str]:
+        """Return every member's name, this node's included when it is in a cluster."""
+        return sorted(k for k, _ in self.replica.items("member"))
+
+    def peers(self) -> list[str]:
+        """Return the other members."""
+        return [m for m in self.members() if m != self.me]
+
+    def _put(self, kind: str, key: str, value: Any) -> None:
+        update = self.replica.put(kind, key, value, time.time())
+        if update is not None:
+            self._dirty[kind, key] = update
+            self._outgoing.append(update)
+
+    def _take_remote(self, updates: list[Update]) -> None:
+        """Apply updates that came from other nodes and changed the replica."""
+        for update in updates:
+            self._dirty[update.kind, update.key] = update
+            try:
+                self._apply(update)
+            except Exception:  # one bad row must not stop the others; the row stays for the next look
+                log.exception("cluster: cannot apply %s %r", update.kind, update.key)
+
+    def _apply(self, update: Update) -> None:
+        kind, key, value = update.kind, update.key, update.value
+        if kind == "session":
+            self._index_session(key, value)
+            if isinstance(value, dict) and value.get("node") != self.me:
+                self._moved(key, value["node"])
+        elif kind == "retain":
+            mountpoint, topic = split_session_key(key)
+            msg = decode_forward(value)[1] if isinstance(value, bytes) else None
+            self.engine.apply_remote_retained(mountpoint, topic, msg)
+        elif kind == "member":
+            if key == self.me and value is None:
+                self._left()
+            elif value is None:
+                self._member_gone(key)
+            self._connect_members()
+            self._check_split()
+        elif kind == "config":
+            self._apply_config(key, value)
+        elif kind == "apikey":
+            self._sync_keys()
+
+    def _announce(self) -> None:
+        updates, self._outgoing = self._outgoing, []
+        if updates and self.links is not None:
+            body = encode_term(self.replica.announce(updates))
+            for peer in self.peers():
+                if self.links.is_up(peer):
+                    self.links.send(peer, FRAME_META, body)
+
+    def _save(self) -> None:
+        rows, self._dirty = list(self._dirty.values()), {}
+        if rows:
+            self.store.save(rows)
+
+    # -- sessions and subscriptions -----------------------------------------
+    def _index_session(self, key: str, value: Any) -> None:
+        """Keep the router's view of other nodes' subscriptions in step with a session row."""
+        mountpoint, _ = split_session_key(key)
+        old = self._owned.pop(key, None)
+        touched = set()
+        if old is not None:
+            node, filters, online = old
+            for topic_filter in filters:
+                counts = self._interest[node, mountpoint, topic_filter]
+                counts[0] -= 1
+                counts[1] -= online
+                touched.add((node, mountpoint, topic_filter))
+        if isinstance(value, dict) and value.get("node") != self.me and value.get("node"):
+            node, online = value["node"], bool(value.get("online"))
+            filters = tuple(value.get("subs") or ())
+            self._owned[key] = (node, filters, online)
+            for topic_filter in filters:
+                counts = self._interest.setdefault((node, mountpoint, topic_filter), [0, 0])
+                counts[0] += 1
+                counts[1] += online
+                touched.add((node, mountpoint, topic_filter))
+        for node, mp, topic_filter in touched:
+            members, online = self._interest[node, mp, topic_filter]
+            if members <= 0:
+                del self._interest[node, mp, topic_filter]
+            self.engine.router.set_remote(node, mp, topic_filter, max(members, 0), max(online, 0))
+
+    def _elsewhere(self, mountpoint: str, client_id: str) -> dict | None:
+        value = self.replica.get("session", session_key(mountpoint, client_id))
+        if isinstance(value, dict) and value.get("node") not in (None, self.me):
+            return value
+        return None
+
+    def _moved(self, key: str, owner: str) -> None:
+        """A newer row puts a session this node holds on ``owner``: hand it over there."""
+        mountpoint, client_id = split_session_key(key)
+        if self.engine.session_summary(mountpoint, client_id) is None:
+            return
+        messages = self.engine.hand_over(mountpoint, client_id, time.time())
+        self._migrate(owner, mountpoint, client_id, None, messages)
+
+    def _migrate(self, owner: str, mountpoint: str, client_id: str, summary: dict | None,
+                 messages: Sequence[Message]) -> None:
+        if self.links is None:
+            return
+        body = encode_term([mountpoint, client_id, summary,
+                            [encode_forward(mountpoint, m, True, ()) for m in messages]])
+        if not self.links.send(owner, FRAME_MIGRATE, body) and messages:
+            log.warning("cluster: %d queued message(s) of %r could not be handed to %s", len(messages), client_id,
+                        owner)
+
+    def _on_migrate(self, body: bytes) -> None:
+        mountpoint, client_id, summary, bodies = decode_term(body)
+        now = time.time()
+        if summary is not None:
+            self.engine.adopt_session(mountpoint, client_id, summary, now)
+        self.engine.adopt_messages(mountpoint, client_id, [decode_forward(b)[1] for b in bodies], now)
+
+    def _session_changes(self) -> None:
+        engine = self.engine
+        for mountpoint, client_id in engine.take_session_changes():
+            key = session_key(mountpoint, client_id)
+            summary = engine.session_summary(mountpoint, client_id)
+            held = self.replica.get("session", key)
+            if summary is None:
+                if isinstance(held, dict) and held.get("node") == self.me:
+                    self._put("session", key, None)
+                continue
+            self._put("session", key, {"node": self.me, "clean": bool(summary["clean"]),
+                                       "online": bool(summary["online"]), "subs": summary["subs"]})
+
+    def _retained_changes(self) -> None:
+        engine = self.engine
+        for mountpoint, topic in engine.take_retained_changes():
+            msg = engine.router.retained[mountpoint].get(topic)
+            self._put("retain", session_key(mountpoint, topic),
+                      None if msg is None else encode_forward(mountpoint, msg, False, ()))
+
+    def _member_gone(self, name: str) -> None:
+        """A member was removed while down: its persistent sessions live on among the others."""
+        self.engine.router.drop_remote(name)
+        alive = sorted(set(self.members()) | {self.me})
+        for key, value in self.replica.items("session"):
+            if not isinstance(value, dict) or value.get("node") != name:
+                continue
+            if value.get("clean"):
+                continue
+            if alive[zlib.crc32(key.encode()) % len(alive)] == self.me:
+                mountpoint, client_id = split_session_key(key)
+                self.engine.adopt_session(mountpoint, client_id, value, time.time())
+
+    # -- the links --------------------------------------------------------
+    def _connect_members(self) -> None:
+        if self.links is None or self.bound is None:
+            return
+        members = dict(self.replica.items("member"))
+        for name, value in members.items():
+            if name != self.me and isinstance(value, dict):
+                host, _, port = str(value.get("address", "")).rpartition(":")
+                if host and port.isdigit():
+                    self.links.connect(name, host.strip("[]"), int(port))
+        for row in self.links.rows():
+            if row["name"] not in members:
+                self.links.forget(row["name"])
+
+    def _on_up(self, peer: str) -> None:
+        self._quiet[peer] = False
+        self.links.send(peer, FRAME_META, encode_term(self.replica.digest_message()))
+        self._check_split()
+
+    def _on_down(self, peer: str, reason: str) -> None:
+        self._quiet.pop(peer, None)
+        for call_id, (target, future) in list(self._calls.items()):
+            if target == peer:
+                del self._calls[call_id]
+                if not future.done():
+                    future.set_exception(ClusterError(f"{peer} is not reachable ({reason})"))
+        if peer in self.members():
+            log.warning("cluster: lost %s (%s)", peer, reason)
+        self._check_split()
+
+    def _on_frame(self, peer: str, kind: int, body: bytes) -> None:
+        try:
+            if kind == FRAME_FORWARD:
+                mountpoint, msg, plain, groups = decode_forward(body)
+                self.engine.deliver_forwarded(mountpoint, msg, plain, groups, time.time())
+            elif kind == FRAME_META:
+                changed, replies = self.replica.receive(decode_term(body))
+                self._take_remote(changed)
+                for reply in replies:
+                    self.links.send(peer, FRAME_META, encode_term(reply))
+                if not changed and not replies:
+                    self._quiet[peer] = True
+            elif kind == FRAME_CALL:
+                call_id, op, args = decode_term(body)
+                self.pool.submit(self._serve_call, peer, call_id, op, args)
+            elif kind == FRAME_REPLY:
+                call_id, ok, result = decode_term(body)
+                target, future = self._calls.pop(call_id, (None, None))
+                if future is not None and not future.done():
+                    future.set_result(result) if ok else future.set_exception(ClusterError(str(result)))
+            elif kind == FRAME_MIGRATE:
+                self._on_migrate(body)
+        except (ClusterError, ValueError, TypeError) as exc:
+            log.warning("cluster: a frame from %s could not be used (%s)", peer, exc)
+        self._flush_soon()
+
+    def _flush_soon(self) -> None:
+        if not self._flush_due:
+            self._flush_due = True
+            self.io.loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_due = False
+        self.io.after_batch()
+
+    def after_batch(self) -> None:
+        """Send what the engine left for other nodes; announce local changes (MqttIO.after_batch calls this)."""
+        engine = self.engine
+        if self.links is not None:
+            send = self.links.send
+            for node, mountpoint, msg, plain, groups in engine.take_forwards():
+                send(node, FRAME_FORWARD, encode_forward(mountpoint, msg, plain, groups))
+        self._session_changes()
+        self._retained_changes()
+        self._announce()
+
+    def _tick(self) -> None:
+        try:
+            self._round += 1
+            self._sync_keys()
+            if self._round % SYNC_EVERY == 0 and self.links is not None:
+                body = encode_term(self.replica.digest_message())
+                for peer in self.peers():
+                    if self.links.is_up(peer):
+                        self.links.send(peer, FRAME_META, body)
+            if self._round % 3600 == 0:
+                self.replica.purge(time.time() - TOMBSTONE_DAYS * 86400)
+            self._announce()
+            self._save()
+        except Exception:
+            log.exception("cluster housekeeping failed")
+        finally:
+            self._timer = self.io.loop.call_later(CLUSTER_TIMER, self._tick)
+
+    def _check_split(self) -> None:
+        down = [p for p in self.peers() if self.links is None or not self.links.is_up(p)]
+        split = f"cluster nodes not reachable: {', '.join(down)}" if down else ""
+        if bool(split) != bool(self.split):
+            self.engine.counters["netsplit_detected" if split else "netsplit_resolved", ()] += 1
+            log.warning("cluster: netsplit: %s", split) if split else log.info("cluster: every member is back")
+        self.split = self.engine.netsplit = split
+
+    # -- keys and config ----------------------------------------------------
+    def _sync_keys(self) -> None:
+        """Bring the key file and the replica's keys together: local changes go out, remote ones in."""
+        keystore = self.node.keystore
+        try:
+            local = keystore.replicated()
+        except KeyStoreError as exc:
+            log.warning("cluster: the API key file cannot be read: %s", exc.text)
+            return
+        live = dict(self.replica.items("apikey"))
+        if self._keys_synced is None:  # first look: what both hold is in step; the rest is new on one side
+            self._keys_synced = set(local) & set(live)
+        for rid in set(local) - self._keys_synced:
+            self._put("apikey", rid, local[rid])
+        for rid in self._keys_synced - set(local):
+            self._put("apikey", rid, None)
+        live = dict(self.replica.items("apikey"))
+        adds = {rid: v for rid, v in live.items() if rid not in local and isinstance(v, dict)}
+        removes = {rid for rid in local if rid not in live}
+        if adds or removes:
+            try:
+                keystore.apply_replicated(adds, removes)
+            except KeyStoreError as exc:
+                log.warning("cluster: cannot write the API key file: %s", exc.text)
+                return
+        self._keys_synced = set(keystore.replicated())
+
+    def _apply_config(self, key: str, value: Any) -> None:
+        target, _, setting = key.partition("\0")
+        if target not in ("*", self.me) or not isinstance(value, str):
+            return
+        try:
+            self.node.apply_settings({setting: parse_setting(setting, value)})
+        except VmqError as exc:
+            log.warning("cluster: cannot apply %s = %s: %s", setting, value, exc)
+
+    # -- what commands ask (any thread but the loop's) -------------------------
+    def in_loop(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run ``fn`` in the loop thread and return its result."""
+        return self.io.call(fn, *args)
+
+    def call(self, peer: str, op: str, *args: Any, timeout: float = CALL_TIMEOUT) -> Any:
+        """Ask ``peer`` to run ``op`` (one of CLUSTER_OPS) and return its answer; raise ClusterError."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+
+        def send() -> None:
+            self._next_call += 1
+            self._calls[self._next_call] = (peer, future)
+            if self.links is None or not self.links.is_up(peer):
+                self._calls.pop(self._next_call)
+                future.set_exception(ClusterError(f"{peer} is not reachable"))
+                return
+            self.links.send(peer, FRAME_CALL, encode_term([self._next_call, op, list(args)]))
+        self.io.loop.call_soon_threadsafe(send)
+        try:
+            return future.result(timeout)
+        except concurrent.futures.TimeoutError:
+            raise ClusterError(f"{peer} did not answer within {timeout:g} s") from None
+
+    def _serve_call(self, peer: str, call_id: int, op: str, args: list) -> None:
+        try:
+            fn = CLUSTER_OPS[op]
+            reply = [call_id, True, fn(self.node, *args)]
+        except KeyError:
+            reply = [call_id, False, f"unknown request {op!r}"]
+        except VmqError as exc:
+            reply = [call_id, False, exc.text]
+        except Exception as exc:  # the caller hears it; this node logs it
+            log.exception("cluster: request %s from %s failed", op, peer)
+            reply = [call_id, False, f"{type(exc).__name__}: {exc}"]
+        try:
+            body = encode_term(reply)
+        except ClusterError as exc:
+            body = encode_term([call_id, False, f"the answer cannot be sent: {exc}"])
+        with contextlib.suppress(RuntimeError):
+            self.io.loop.call_soon_threadsafe(lambda: self.links.send(peer, FRAME_REPLY, body))
+
+    def gather(self, op: str, *args: Any) -> list[tuple[str, Any]]:
+        """Ask every reachable peer ``op``; return (peer, answer) for those that answered."""
+        answers = []
+        for peer in self.peers():
+            try:
+                answers.append((peer, self.call(peer, op, *args)))
+            except ClusterError as exc:
+                log.info("cluster: %s did not answer %s: %s", peer, op, exc.text)
+        return answers
+
+    def show_rows(self) -> list[dict]:
+        """Return cluster show's rows."""
+        def rows() -> list[dict]:
+            members = self.members() or [self.me]
+            return [{"Node": m, "Running": m == self.me or (self.links is not None and self.links.is_up(m))}
+                    for m in sorted(set(members) | {self.me})]
+        return self.in_loop(rows)
+
+    def join(self, discovery: str) -> str:
+        """Join the cluster ``discovery`` belongs to; return Done, or raise ClusterError saying why not."""
+        name, host, port = parse_discovery_node(discovery)
+        if self.bound is None:
+            raise ClusterError("this node has no cluster listener (set listener.vmq.clustering)")
+        if name == self.me:
+            raise ClusterError(f"{name} is this node")
+        if name in self.in_loop(self.members) and self.in_loop(lambda: self.links.is_up(name)):
+            raise ClusterError(f"{name} is already a member of this node's cluster")
+        remote = self.io.call_async(self.links.probe(host, port), timeout=JOIN_TIMEOUT + 5)
+        if remote != name:
+            raise ClusterError(f"the node at {host}:{port} is {remote}, not {name}")
+        self.in_loop(self._add_member, name, f"{host}:{port}")
+        deadline = time.monotonic() + JOIN_TIMEOUT
+        while time.monotonic() < deadline:
+            if self.in_loop(lambda: self.links.is_up(name) and self._quiet.get(name, False)):
+                return "Done"
+            time.sleep(0.05)
+        raise ClusterError(f"{name} answered, but the link to it did not come up within {JOIN_TIMEOUT:g} s; "
+                           "this node keeps trying")
+
+    def _add_member(self, name: str, address: str) -> None:
+        self._put("member", self.me, {"address": self._advertised()})
+        self._put("member", name, {"address": address})
+        self._connect_members()
+        self._check_split()
+        self._announce()
+        self._save()
+
+    def leave(self, name: str, kill_sessions: bool, timeout: float) -> str:
+        """Take ``name`` out of the cluster, as VerneMQ's cluster leave (SPEC 10)."""
+        members = self.in_loop(self.members)
+        if name not in members:
+            raise ClusterError(f"{name} is not a member of this cluster")
+        if name == self.me:
+            return leave_here(self.node, kill_sessions, timeout)
+        if self.in_loop(lambda: self.links.is_up(name)):
+            return self.call(name, "leave", kill_sessions, timeout, timeout=timeout + CALL_TIMEOUT)
+        self.in_loop(self._remove_down, name)
+        return "Done"
+
+    def _remove_down(self, name: str) -> None:
+        self._put("member", name, None)
+        self._member_gone(name)
+        self._connect_members()
+        self._check_split()
+        self._announce()
+        self._save()
+
+    def leave_now(self, kill_sessions: bool) -> None:
+        """This node leaves (loop thread): with ``kill_sessions`` its sessions move to the others first."""
+        others = self.peers()
+        if kill_sessions and others:
+            engine, now = self.engine, time.time()
+            for mountpoint, client_id in list(engine.session_keys(None)):
+                summary = engine.session_summary(mountpoint, client_id)
+                if summary is None:
+                    continue
+                messages = engine.hand_over(mountpoint, client_id, now)
+                if not summary["clean"]:
+                    key = session_key(mountpoint, client_id)
+                    target = others[zlib.crc32(key.encode()) % len(others)]
+                    self._migrate(target, mountpoint, client_id, summary, messages)
+        self._put("member", self.me, None)
+        self._announce()
+        self._save()
+
+    def _left(self) -> None:
+        """Another node removed this one: forget the peers, run standalone."""
+        log.warning("cluster: this node was taken out of the cluster")
+        for peer in self.peers():
+            self.engine.router.drop_remote(peer)
+        self._owned.clear()
+        self._interest.clear()
+
+    def set_all(self, target: str, changes: Mapping[str, str]) -> None:
+        """Replicate ``set`` changes to ``target`` (a node name, or ``*`` for every node)."""
+        def put() -> None:
+            for key, text in changes.items():
+                self._put("config", f"{target}\0{key}", text)
+            self._announce()
+        self.in_loop(put)
+
+    def health_reason(self) -> str:
+        """Return why the cluster is not whole ('' when it is)."""
+        return self.split
+
+
+def leave_here(node: Any, kill_sessions: bool, timeout: float) -> str:
+    """Run cluster leave on the node that leaves (VerneMQ's two cases for a live node)."""
+    cluster = node.cluster
+    if not kill_sessions:
+        for listener in list(node.mqtt.listeners):
+            if listener.status == "running":
+                node.mqtt.suspend_listener(listener)
+        return LEAVE_HINT
+    for listener in list(node.mqtt.listeners):
+        node.mqtt.suspend_listener(listener, kill_sessions=True)
+    cluster.in_loop(cluster.leave_now, True)
+    deadline = time.monotonic() + min(timeout, 5)
+    while time.monotonic() < deadline and any(r["buffered"] for r in cluster.in_loop(cluster.links.rows)):
+        time.sleep(0.05)
+    node.request_stop()
+    return "Done"
+
+
+def _op_session_rows(node: Any, client_id: str | None, columns: list, stop: int) -> list[dict]:
+    return node.session_rows(client_id, columns, slice(0, stop), local=True)
+
+
+def _op_session_records(node: Any, client_id: str | None, subscriptions: bool, messages: bool) -> list[dict]:
+    return node.session_records(client_id, subscriptions, messages, local=True)
+
+
+def _op_disconnect(node: Any, client_id: str, mountpoint: str, cleanup: bool) -> bool:
+    return node.disconnect_session(client_id, mountpoint, cleanup, local=True)
+
+
+_BROKER_OPS = frozenset({"admin_unsubscribe", "reauthorize", "disconnect_batch"})
+
+
+def _op_broker(node: Any, method: str, *args: Any) -> Any:
+    if method not in _BROKER_OPS:
+        raise BadRequest(f"{method} is not asked of other nodes")
+    return node.broker_call(method, *args, local=True)
+
+
+def _op_show(node: Any, keys: list) -> dict:
+    return _setting_row(node, keys)
+
+
+def _op_leave(node: Any, kill_sessions: bool, timeout: float) -> str:
+    return leave_here(node, kill_sessions, timeout)
+
+
+CLUSTER_OPS: dict[str, Callable[..., Any]] = {  # what one node may ask another (FRAME_CALL)
+    "session_rows": _op_session_rows, "session_records": _op_session_records, "disconnect": _op_disconnect,
+    "broker": _op_broker, "show": _op_show, "leave": _op_leave}
+
+
+def _cluster(call: Call) -> Cluster | None:
+    return getattr(call.node, "cluster", None)
+
+
+@command("cluster", "show", quick=True, read_only=True)
+def cmd_cluster_show(call: Call) -> Any:
+    """Show the nodes of the cluster and whether they run."""
+    cluster = _cluster(call)
+    if cluster is None:
+        return Table(({"Node": call.node.name, "Running": True},))
+    return Table(tuple(cluster.show_rows()))
+
+
+@command("cluster", "join", keys=(Param("discovery-node", doc="a node of the cluster to join: name@host[:port]"),),
+         required=("discovery-node",))
+def cmd_cluster_join(call: Call) -> Any:
+    """Join the cluster that the discovery node belongs to."""
+    cluster = _cluster(call)
+    if cluster is None:
+        return alert("this node runs no broker, so it cannot join a cluster")
+    try:
+        return cluster.join(call.args["discovery-node"])
+    except ClusterError as exc:
+        return alert(f"cannot join {call.args['discovery-node']}: {exc.text}")
+
+
+@command("cluster", "leave", keys=(Param("node", doc="the node to take out of the cluster"),), required=("node",),
+         flags=(Param("kill_sessions", short="k", value="none", doc="tear down and migrate sessions"),
+                Param("summary-interval", parse_positive_int, short="i", doc="seconds between progress reports"),
+                Param("timeout", parse_positive_int, short="t", doc="seconds to wait for the leave")))
+def cmd_cluster_leave(call: Call) -> Any:
+    """Take a node out of the cluster; a live node without -k stops its MQTT listeners only."""
+    cluster = _cluster(call)
+    if cluster is None:
+        return alert("this node runs no broker, so it is in no cluster")
+    try:
+        return cluster.leave(call.args["node"], "kill_sessions" in call.flags, call.flags.get("timeout") or 60)
+    except ClusterError as exc:
+        return alert(f"cannot take {call.args['node']} out: {exc.text}")
 
 
 
@@ -7865,7 +8574,7 @@ def status_document(node: Any) -> list:
     listeners = [{"type": r["type"], "status": r["status"], "ip": r["address"], "port": int(r["port"]),
                   "mountpoint": r["mountpoint"], "max_conns": r["max_conns"], "active_conns": r["active_conns"]}
                  for r in node.listener_rows()]
-    return [{node.name: {**node.status(), "listeners": listeners, "mystatus": [{node.name: True}]}}]
+    return [{node.name: {**node.status(), "listeners": listeners, "mystatus": [{r["Node"]: r["Running"]} for r in _command_rows(node, ("cluster", "show"), ())]}}]
 
 
 def serve_status_json(node: Any, req: Request, rest: str, query: str) -> Response:
@@ -8702,6 +9411,7 @@ class Node:
         self._listeners: list[HttpListener] = []
         self.slow_commands = threading.BoundedSemaphore(SLOW_COMMANDS)  # see slow_command_slot
         self.mqtt: MqttIO | None = None
+        self.cluster: Cluster | None = None
         self._follows: dict[str, tuple[Tracer, tuple[str, str], float]] = {}  # trace client --follow tokens
         self._stopped = threading.Event()
         self._running = False
@@ -8731,6 +9441,8 @@ class Node:
         self._provision()
         try:
             self._start_mqtt()
+            self.cluster = Cluster(self, self.mqtt)
+            self.cluster.start()
         except BaseException:
             self._stop_mqtt()
             raise
@@ -8788,6 +9500,8 @@ class Node:
         self.mqtt.start()
 
     def _stop_mqtt(self) -> None:
+        if self.cluster is not None:
+            self.cluster.stop()
         if self.mqtt is not None:
             self.mqtt.stop()
 
@@ -8860,11 +9574,21 @@ class Node:
 
     def listeners(self) -> list[dict]:
         """Return type, address and port of each listener, as node.json lists them."""
-        return [{"type": x.kind, "address": x.address, "port": x.port} for x in self._all_listeners()]
+        found = [{"type": x.kind, "address": x.address, "port": x.port} for x in self._all_listeners()]
+        if self.cluster is not None and self.cluster.bound is not None:
+            found.append({"type": "vmqs" if self.cluster.tls else "vmq", "address": self.cluster.bound[0],
+                          "port": self.cluster.bound[1]})
+        return found
 
     def listener_rows(self, tls: bool = False, mqtt: bool = False) -> list[dict]:
-        """Return the rows of listener show."""
-        return [x.row(tls, mqtt) for x in self._all_listeners()]
+        """Return the rows of listener show (the cluster's listener last, type vmq)."""
+        rows = [x.row(tls, mqtt) for x in self._all_listeners()]
+        if self.cluster is not None and self.cluster.bound is not None:
+            address, port = self.cluster.bound
+            rows.append({"type": "vmqs" if self.cluster.tls else "vmq", "status": "running", "address": address,
+                         "port": str(port), "mountpoint": "", "max_conns": "infinity",
+                         "active_conns": len(self.cluster.peers()), "all_conns": len(self.cluster.peers())})
+        return rows
 
     def status(self) -> dict[str, Any]:
         """Return node status's values, read from the metrics registry."""
@@ -8886,19 +9610,32 @@ class Node:
         return len(self.mqtt.engine.sessions) if self.mqtt is not None else 0
 
     def session_records(self, client_id: str | None = None, subscriptions: bool = True,
-                        messages: bool = True) -> list[dict]:
-        """Return every session show field of each session (or ``client_id``'s), ordered by (mountpoint, id)."""
+                        messages: bool = True, local: bool = False) -> list[dict]:
+        """Return every session show field of each session (or ``client_id``'s), ordered by (mountpoint, id).
+
+        In a cluster the other nodes' sessions follow this node's (``local``: this node's only).
+        """
         records = self._in_chunks("session_records", client_id, slice(None), subscriptions, messages)
         for record in records:
             record["node"] = self.name
+        if self.cluster is not None and not local:
+            records += [r for _, rows in self.cluster.gather("session_records", client_id, subscriptions, messages)
+                        for r in rows]
         return records
 
-    def session_rows(self, client_id: str | None, columns: Sequence[str], window: slice) -> list[dict]:
+    def session_rows(self, client_id: str | None, columns: Sequence[str], window: slice,
+                     local: bool = False) -> list[dict]:
         """Return finished session show rows for a listing without filters, paged before they are built."""
-        rows = self._in_chunks("session_rows", client_id, window, tuple(columns))
+        remote = self.cluster is not None and not local and self.cluster.in_loop(self.cluster.peers)
+        rows = self._in_chunks("session_rows", client_id, slice(0, window.stop) if remote else window,
+                               tuple(columns))
         if "node" in columns:
             for row in rows:
                 row["node"] = self.name
+        if remote:
+            rows += [r for _, part in self.cluster.gather("session_rows", client_id, list(columns), window.stop)
+                     for r in part]
+            rows = rows[window]
         return rows
 
     def _in_chunks(self, method: str, client_id: str | None, window: slice, *args: Any) -> list[dict]:
@@ -8911,17 +9648,31 @@ class Node:
             out += self.in_broker(fn, keys[start:start + SESSION_CHUNK], *args)
         return out
 
-    def disconnect_session(self, client_id: str, mountpoint: str = "", cleanup: bool = False) -> bool:
-        """Disconnect a client (and with ``cleanup`` drop its session); return whether it existed."""
+    def disconnect_session(self, client_id: str, mountpoint: str = "", cleanup: bool = False,
+                           local: bool = False) -> bool:
+        """Disconnect a client wherever it is in the cluster (and with ``cleanup`` drop its session).
+
+        Return whether it existed (``local``: on this node only).
+        """
         if self.mqtt is None:
             return False
-        return self.in_broker(self.mqtt.engine.disconnect, client_id, mountpoint, cleanup)
+        found = self.in_broker(self.mqtt.engine.disconnect, client_id, mountpoint, cleanup)
+        if self.cluster is not None and not local:
+            found = any([found, *(a for _, a in self.cluster.gather("disconnect", client_id, mountpoint, cleanup))])
+        return found
 
-    def broker_call(self, method: str, *args: Any) -> Any:
-        """Call a Broker method in the broker's thread (None when the node has no broker)."""
+    def broker_call(self, method: str, *args: Any, local: bool = True) -> Any:
+        """Call a Broker method in the broker's thread (None when the node has no broker).
+
+        ``local=False``: on every node of the cluster; the answer is the first true one.
+        """
         if self.mqtt is None:
             return None
-        return self.in_broker(getattr(self.mqtt.engine, method), *args)
+        answer = self.in_broker(getattr(self.mqtt.engine, method), *args)
+        if self.cluster is not None and not local:
+            answers = [a for _, a in self.cluster.gather("broker", method, *args)]
+            answer = next((a for a in [answer, *answers] if a), answer)
+        return answer
 
     def trace_client(self, client_id: str, mountpoint: str, duration: float, tracer: Tracer,
                      follow: str | None = None) -> list[str]:
@@ -9001,6 +9752,8 @@ class Node:
         error = self.mqtt.store.error if self.mqtt is not None else None
         if error is not None:
             reasons.append(f"The message store cannot write: {error}")
+        if self.cluster is not None and self.cluster.split:
+            reasons.append(f"The cluster is not ready: {self.cluster.split}")
         return reasons
 
     def retained_rows(self) -> list[dict]:
