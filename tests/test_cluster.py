@@ -1,0 +1,385 @@
+"""A cluster of real nodes on loopback: join, replication, routing, sessions, netsplits, leave (SPEC 10)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import socket
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+
+import pytest
+
+import vmqapi
+from capped import capped_node
+from mqtt_client import MqttClient
+
+COOKIE = "cluster-test-cookie"
+OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def wait_for(predicate, timeout=10.0, what="a condition"):
+    """Poll ``predicate`` until it is true; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def port_of(info_or_node, kind):
+    listeners = info_or_node.listeners() if hasattr(info_or_node, "listeners") else info_or_node["listeners"]
+    return next(x["port"] for x in listeners if x["type"] == kind)
+
+
+def api(port, path, key, timeout=30, **params):
+    """GET /api/v1/<path>?params with ``key``; return (status, JSON body)."""
+    query = urllib.parse.urlencode([(k.replace("_dash_", "-"), v) for k, v in params.items()])
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/api/v1/{path}" + (f"?{query}" if query else ""),
+                                     headers={"Authorization": "Basic " + base64.b64encode(f"{key}:".encode())
+                                              .decode()})
+    try:
+        with OPENER.open(request, timeout=timeout) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"null")
+
+
+def text_of(body):
+    """The texts of a command's answer (Done, an alert's words)."""
+    out = []
+    for element in body if isinstance(body, list) else [body]:
+        if isinstance(element, dict):
+            out += [element.get("text", "")] + [t.get("text", "") for t in element.get("alert", [])]
+    return " ".join(x for x in out if x)
+
+
+def table_of(body):
+    return next((e["table"] for e in body if isinstance(e, dict) and "table" in e), [])
+
+
+def cluster_settings(name, **extra):
+    values = {"nodename": f"{name}@127.0.0.1", "listener.vmq.clustering": "127.0.0.1:0",
+              "distributed_cookie": COOKIE}
+    values.update(extra)
+    return values
+
+
+class Member:
+    """An in-process node of a test cluster, with a mgmt key and its ports."""
+
+    def __init__(self, node):
+        self.node = node
+        self.name = node.name
+        self.key = node.keystore.create("mgmt")
+        self.http, self.mqtt, self.vmq = (port_of(node, k) for k in ("http", "mqtt", "vmq"))
+
+    def api(self, path, **params):
+        return api(self.http, path, self.key, **params)
+
+    def join(self, other):
+        return self.api("cluster/join", discovery_dash_node=f"{other.name}:{other.vmq}")
+
+    def running(self):
+        status, body = self.api("cluster/show")
+        return {row["Node"]: row["Running"] for row in table_of(body)}
+
+    def client(self, client_id, version=4, clean=True, **kwargs):
+        c = MqttClient(self.mqtt, version=version)
+        c.connect(client_id, clean=clean, **kwargs)
+        return c
+
+
+@pytest.fixture
+def make_cluster(make_node):
+    """Start ``n`` in-process nodes and join them into one cluster."""
+    def make(n=3, **extra):
+        members = [Member(make_node(**cluster_settings(f"n{i}", **extra))) for i in range(n)]
+        for member in members[1:]:
+            status, body = member.join(members[0])
+            assert status == 200 and text_of(body) == "Done", body
+        everyone = {m.name for m in members}
+        for member in members:
+            wait_for(lambda: member.running() == dict.fromkeys(everyone, True), what=f"{member.name} to see all")
+        return members
+    return make
+
+
+def test_join_show_listener_and_keys_everywhere(make_cluster):
+    a, b, c = make_cluster(3)
+    assert a.running() == {"n0@127.0.0.1": True, "n1@127.0.0.1": True, "n2@127.0.0.1": True}
+    _, body = b.api("listener/show")
+    assert any(row["type"] == "vmq" and row["port"] == str(b.vmq) for row in table_of(body))
+    assert {"type": "vmq", "address": "127.0.0.1", "port": c.vmq} in vmqapi.read_node_file(c.node.data_dir)[
+        "listeners"]
+    # a key made on one node counts on every node within a second or two
+    status, _ = api(c.http, "cluster/show", a.key)
+    wait_for(lambda: api(c.http, "cluster/show", a.key)[0] == 200, what="a's key on c")
+    made = b.api("api-key/create")[1]
+    new_key = text_of(made) or table_of(made)
+    assert isinstance(new_key, str) and new_key
+    wait_for(lambda: api(a.http, "cluster/show", new_key)[0] == 200, what="b's new key on a")
+    # deleted on one, refused on all
+    assert b.api("api-key/delete", key=new_key)[0] == 200
+    wait_for(lambda: api(c.http, "cluster/show", new_key)[0] == 401, what="the deleted key refused on c")
+
+
+def test_join_answers_why_not(make_cluster, make_node):
+    a, b = make_cluster(2)
+    status, body = b.join(a)
+    assert "already a member" in text_of(body)
+    status, body = a.api("cluster/join", discovery_dash_node="nobody@127.0.0.1:1")
+    assert status == 200 and "unreachable" in text_of(body)
+    stranger = Member(make_node(**cluster_settings("n9", distributed_cookie="another-cookie")))
+    status, body = stranger.join(a)
+    assert "cookie" in text_of(body)
+    assert "n9@127.0.0.1" not in a.running()
+    status, body = a.api("cluster/join", discovery_dash_node=f"wrong@127.0.0.1:{b.vmq}")
+    assert "is n1@127.0.0.1" in text_of(body)
+
+
+@pytest.mark.parametrize("qos", [0, 1, 2])
+def test_cross_node_publish_exactly_once_in_order(make_cluster, qos):
+    a, b, c = make_cluster(3)
+    sub = b.client("sub")
+    assert sub.subscribe((f"t/{qos}/#", qos)) == [qos]
+    other = c.client("other")
+    other.subscribe(("t/#", 1), (f"t/{qos}/x", 0))  # two matching filters: still one copy per node
+    wait_for(lambda: a.node.mqtt.engine.router.match("", f"t/{qos}/x"), what="b's subscription on a")
+    pub = a.client("pub")
+    for n in range(50):
+        pub.publish(f"t/{qos}/x", str(n).encode(), qos)
+    got = [sub.message().payload for _ in range(50)]
+    assert got == [str(n).encode() for n in range(50)]
+    sub.no_message(0.3)
+    assert [other.message().payload for _ in range(50)] == got
+    other.no_message(0.3)
+    for client in (sub, other, pub):
+        client.disconnect()
+
+
+def test_retained_replicated_and_deleted(make_cluster):
+    a, b, c = make_cluster(3)
+    pub = a.client("pub")
+    pub.publish("r/1", b"kept", 1, retain=True)
+    wait_for(lambda: c.api("retain/show", topic="")[1] and any(
+        r.get("topic") == "r/1" for r in table_of(c.api("retain/show", payload="", topic="")[1])),
+        what="the retained message on c")
+    sub = c.client("sub")
+    sub.subscribe(("r/#", 1))
+    msg = sub.message()
+    assert (msg.topic, msg.payload, msg.retain) == ("r/1", b"kept", True)
+    pub.publish("r/1", b"", 1, retain=True)  # deleted on a: gone everywhere
+    wait_for(lambda: not table_of(b.api("retain/show", topic="")[1]), what="the delete on b")
+
+
+def test_shared_subscriptions_spread_and_never_duplicated(make_cluster):
+    a, b, c = make_cluster(3, shared_subscription_policy="random")
+    subs = [b.client("s1"), c.client("s2")]
+    for s in subs:
+        assert s.subscribe(("$share/g/job", 1)) == [1]
+    wait_for(lambda: len(a.node.mqtt.engine.router.match("", "job")) >= 1, what="the group on a")
+    time.sleep(0.3)
+    pub = a.client("pub")
+    for n in range(60):
+        pub.publish("job", str(n).encode(), 1)
+    got = []
+    for s in subs:
+        while True:
+            try:
+                got.append((s, s.message(timeout=1.0).payload))
+            except TimeoutError:
+                break
+    payloads = sorted(int(p) for _, p in got)
+    assert payloads == list(range(60))  # each once
+    assert {s for s, _ in got} == set(subs)  # spread over both nodes
+
+
+def test_local_only_policy_keeps_messages_on_the_node(make_cluster):
+    a, b = make_cluster(2, shared_subscription_policy="local_only")
+    remote = b.client("remote")
+    remote.subscribe(("$share/g/job", 1))
+    local = a.client("local")
+    local.subscribe(("$share/g/job", 1))
+    time.sleep(0.5)
+    pub = a.client("pub")
+    for n in range(10):
+        pub.publish("job", str(n).encode(), 1)
+    assert [local.message().payload for _ in range(10)] == [str(n).encode() for n in range(10)]
+    remote.no_message(0.5)
+
+
+def test_takeover_moves_a_persistent_session_and_its_queue(make_cluster):
+    a, b, c = make_cluster(3)
+    first = a.client("mover", clean=False)
+    first.subscribe(("q/#", 1))
+    first.disconnect()
+    time.sleep(0.3)
+    pub = c.client("pub")
+    for n in range(10):
+        pub.publish("q/x", str(n).encode(), 1)  # queued on a
+    wait_for(lambda: b.node.mqtt.engine.router.match("", "q/x") or True)
+    second = MqttClient(b.mqtt)
+    ack = second.connect("mover", clean=False)
+    assert ack.session_present
+    got = [second.message().payload for _ in range(10)]
+    assert got == [str(n).encode() for n in range(10)]
+    second.no_message(0.3)
+    pub.publish("q/y", b"after", 1)  # now routed to b
+    assert second.message().payload == b"after"
+    assert a.node.mqtt.engine.session_summary("", "mover") is None
+
+
+def test_online_takeover_disconnects_the_old_connection_with_0x8e(make_cluster):
+    a, b = make_cluster(2)
+    old = a.client("dup", version=5)
+    old.subscribe(("d", 0))
+    new = b.client("dup", version=5)
+    packet = old.expect(vmqapi.Disconnect, 5)
+    assert packet.reason_code == 0x8E
+    assert new.ping()
+
+
+def test_session_show_and_disconnect_reach_every_node(make_cluster):
+    a, b, c = make_cluster(3)
+    client = c.client("far-away")
+    status, body = a.api("session/show", client_id="", node="")
+    rows = table_of(body)
+    assert {"client_id": "far-away", "node": "n2@127.0.0.1"} in rows
+    status, body = a.api("session/disconnect", client_dash_id="far-away")
+    assert text_of(body) == "Done"
+    assert client.closed(5)
+
+
+def test_set_all_and_show_all(make_cluster):
+    a, b, c = make_cluster(3)
+    status, body = a.api("set", max_inflight_messages="7", **{"--all": ""})
+    assert status == 200, body
+    def rows():
+        return {r["node"]: r["max_inflight_messages"] for r in table_of(b.api("show/max_inflight_messages",
+                                                                               **{"--all": ""})[1])}
+    wait_for(lambda: rows() == {m.name: 7 for m in (a, b, c)}, what="the setting on every node")
+    status, body = a.api("set", max_inflight_messages="9", **{"--node": "n2@127.0.0.1"})
+    wait_for(lambda: c.node.config["max_inflight_messages"] == 9, what="the setting on n2")
+    assert b.node.config["max_inflight_messages"] == 7
+
+
+def test_a_hostile_client_on_the_cluster_port_disturbs_nothing(make_cluster):
+    a, b = make_cluster(2)
+    sub = b.client("sub")
+    sub.subscribe(("h", 0))
+    wait_for(lambda: a.node.mqtt.engine.router.match("", "h"), what="the subscription on a")
+    socks = []
+    try:
+        for n in range(30):
+            s = socket.create_connection(("127.0.0.1", a.vmq), timeout=5)
+            s.sendall(os.urandom(512) if n % 2 else b"\x00\x00")  # garbage, or a half frame left open
+            socks.append(s)
+        pub = a.client("pub")
+        for n in range(20):
+            pub.publish("h", str(n).encode(), 0)
+        assert [sub.message().payload for _ in range(20)] == [str(n).encode() for n in range(20)]
+        assert a.running()[b.name] is True
+    finally:
+        for s in socks:
+            s.close()
+
+
+def test_leave_a_live_node_without_and_with_kill_sessions(make_cluster):
+    a, b, c = make_cluster(3)
+    status, body = a.api("cluster/leave", node=c.name)
+    assert text_of(body) == vmqapi.LEAVE_HINT
+    wait_for(lambda: all(r["status"] != "running" for r in table_of(c.api("listener/show")[1])
+                         if r["type"] == "mqtt"), what="c's MQTT listeners to stop")
+    keep = b.client("keeper", clean=False)
+    keep.subscribe(("k/#", 1))
+    keep.disconnect()
+    time.sleep(0.3)
+    a.client("pub").publish("k/1", b"queued", 1)
+    time.sleep(0.3)
+    status, body = a.api("cluster/leave", node=b.name, **{"--kill_sessions": ""})
+    assert text_of(body) == "Done", body
+    wait_for(lambda: b.name not in a.running(), what="b gone from a's cluster show")
+    wait_for(lambda: not b.node._running, what="b to stop")
+    again = MqttClient(a.mqtt)
+    assert again.connect("keeper", clean=False).session_present
+    assert again.message().payload == b"queued"
+
+
+# -- real processes: kill -9, netsplits, restart -------------------------------
+
+def child_settings(name):
+    return [f"nodename={name}@127.0.0.1", "listener.vmq.clustering=127.0.0.1:0", f"distributed_cookie={COOKIE}"]
+
+
+def child_key(data_dir):
+    result = vmqapi.KeyStore(os.path.join(str(data_dir), vmqapi.KEY_FILE))
+    return result.create("mgmt")
+
+
+def health(port):
+    try:
+        with OPENER.open(f"http://127.0.0.1:{port}/health", timeout=5) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+@pytest.mark.slow
+def test_netsplit_behaviour_and_restart(tmp_path):
+    with capped_node(tmp_path / "a", *child_settings("a")) as a:
+        key_a = child_key(tmp_path / "a")
+        with capped_node(tmp_path / "b", *child_settings("b")) as b:
+            key_b = child_key(tmp_path / "b")
+            status, body = api(b.port("http"), "cluster/join", key_b,
+                               **{"discovery-node": f"a@127.0.0.1:{a.port('vmq')}"})
+            assert text_of(body) == "Done", body
+            assert health(a.port("http"))[0] == 200
+            os.kill(b.pid, signal.SIGKILL)
+            b.proc.wait(10)
+            started = time.monotonic()
+            wait_for(lambda: {r["Node"]: r["Running"] for r in
+                              table_of(api(a.port("http"), "cluster/show", key_a)[1])}.get("b@127.0.0.1") is False,
+                     timeout=15, what="b shown down")
+            detected = time.monotonic() - started
+            assert detected < 10
+            status, body = health(a.port("http"))
+            assert status == 503 and "b@127.0.0.1" in " ".join(body["reasons"])
+            # the four allow_* settings are off: CONNECT refused (3.1.1: 3, MQTT 5: 0x88)
+            c = MqttClient(a.port("mqtt"))
+            assert c.connect("during-split").return_code == 3
+            c5 = MqttClient(a.port("mqtt"), version=5)
+            assert c5.connect("during-split5").reason_code == 0x88
+            api(a.port("http"), "set", key_a, allow_register_during_netsplit="on")
+            c5 = MqttClient(a.port("mqtt"), version=5)
+            assert c5.connect("during-split5").reason_code == 0
+            assert c5.subscribe(("s", 1))[0] >= 0x80  # subscribe refused
+            assert c5.publish("s", b"x", 1) == 0x80  # publish not acknowledged as delivered
+            api(a.port("http"), "set", key_a, allow_subscribe_during_netsplit="on",
+                allow_publish_during_netsplit="on")
+            assert c5.subscribe(("s", 1)) == [1]
+            assert c5.publish("s", b"x", 1) == 0
+            assert c5.message().payload == b"x"
+            assert a.metric("netsplit_detected") == 1
+        # b comes back with the same data dir: it reconnects and resyncs by itself
+        with capped_node(tmp_path / "b", *child_settings("b")) as b:
+            wait_for(lambda: health(a.port("http"))[0] == 200, timeout=15, what="the cluster whole again")
+            rows = {r["Node"]: r["Running"] for r in table_of(api(a.port("http"), "cluster/show", key_a)[1])}
+            assert rows == {"a@127.0.0.1": True, "b@127.0.0.1": True}
+            assert a.metric("netsplit_resolved") == 1
+            # the key made on b before the kill counts on a (and a's on b)
+            assert api(b.port("http"), "cluster/show", key_a)[0] == 200
+            assert api(a.port("http"), "cluster/show", key_b)[0] == 200
+            # leave of a node that is down: removed, and reported Done
+        os.kill(b.pid, signal.SIGKILL) if b.alive() else None
+        wait_for(lambda: health(a.port("http"))[0] == 503, timeout=15, what="b down again")
+        status, body = api(a.port("http"), "cluster/leave", key_a, node="b@127.0.0.1")
+        assert text_of(body) == "Done"
+        assert health(a.port("http"))[0] == 200
+        assert [r["Node"] for r in table_of(api(a.port("http"), "cluster/show", key_a)[1])] == ["a@127.0.0.1"]
