@@ -11,6 +11,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
 
 import pytest
@@ -258,7 +259,7 @@ def test_a_silent_peer_is_down_with_timeout():
     run(main())
 
 
-async def rtt(a, b, n=1):
+async def rtt(a, n=1):
     """Send ``n`` frames a -> b and wait for b's echo of each; return the worst round trip."""
     worst = 0.0
     for _ in range(n):
@@ -291,20 +292,20 @@ def test_hostile_clients_never_disturb_an_established_link():
         a, b = await pair(handshake_timeout=1.0)
         b.on_frame = lambda peer, kind, body: b.send(peer, kind, body)  # echo
         port = a.bound[1]
-        assert await rtt(a, b) < 0.2
+        assert await rtt(a) < 0.2
         garbage = await raw(port, os.urandom(10000))
         huge = await raw(port, b"\xff\xff\xff\xff\x01")
         hello = vmqapi.encode_cluster_frame(vmqapi.K_HELLO, vmqapi.encode_hello(b"n" * 16, "mallory"))
         half = await raw(port, hello)  # the handshake begun, never finished
         flood = await asyncio.gather(*(raw(port) for _ in range(200)))
-        worst = await rtt(a, b, 20)
+        worst = await rtt(a, 20)
         assert len(a.pending) <= vmqapi.CLUSTER_MAX_UNAUTHENTICATED
         assert await closed_by_peer(garbage[0], 0.5) and await closed_by_peer(huge[0], 0.5)
         assert not await closed_by_peer(half[0], 0.2)  # it got a's HELLO and waits
         assert await closed_by_peer(half[0], 2.0)  # cut at the handshake timeout
         refused = await asyncio.gather(*(closed_by_peer(r, 2.0) for r, _ in flood))
         assert all(refused)  # past 64 at once at arrival, the others at the handshake timeout
-        worst = max(worst, await rtt(a, b, 20))
+        worst = max(worst, await rtt(a, 20))
         assert worst < 0.5 and a.is_up("b") and a.rec.downs == []
         for _, writer in [garbage, huge, half, *flood]:
             writer.close()
@@ -323,7 +324,7 @@ def test_a_peer_breaking_the_protocol_loses_only_its_link(caplog):
             c.peers["a"].link.transport.write(b"\x7f\xff\xff\xff\x10")  # a frame of 2 GB announced
             await until(lambda: ("c" in [d[0] for d in a.rec.downs]))
         assert "frame of 2147483647 bytes" in a.rec.downs[0][1]
-        assert a.is_up("b") and await rtt(a, b) < 0.2
+        assert a.is_up("b") and await rtt(a) < 0.2
         lines = [r for r in caplog.records if "2147483647" in r.getMessage()]
         assert [r.levelno for r in lines].count(logging.WARNING) == 1 and not any(r.exc_info for r in lines)
         await closing(a, b, c)
@@ -407,3 +408,77 @@ def test_a_cluster_listener_off_loopback_needs_a_cookie_of_its_own(pki):
     assert vmqapi.find_setting("distributed_cookie").secret
     with pytest.raises(vmqapi.InvalidKey):
         vmqapi.find_setting("listener.vmq.nonsense")
+
+
+# -- the cluster port under attack, in a child under an address-space cap --
+
+CHILD = """
+import asyncio, sys
+sys.path.insert(0, sys.argv[1])
+import vmqapi
+
+async def main():
+    loop = asyncio.get_running_loop()
+    links = vmqapi.ClusterLinks(loop, "b", sys.argv[2], vmqapi.Metrics(), buffer_size=10000, on_up=lambda p: None,
+                                on_down=lambda p, r: None, on_frame=lambda p, k, body: links.send(p, k, body),
+                                handshake_timeout=2.0)
+    await links.listen("127.0.0.1", 0)
+    print(links.bound[1], flush=True)
+    await loop.run_in_executor(None, sys.stdin.read)  # until the test closes our stdin
+    await links.close()
+
+asyncio.run(main())
+"""
+
+
+def rss(pid):
+    with open(f"/proc/{pid}/status") as fh:
+        return next(int(line.split()[1]) << 10 for line in fh if line.startswith("VmRSS:"))
+
+
+@pytest.mark.slow
+def test_cluster_port_floods_cost_a_capped_child_little_memory_and_no_latency():
+    from capped import child_setup
+    from conftest import ROOT
+    proc = subprocess.Popen([sys.executable, "-c", CHILD, ROOT, COOKIE], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True, preexec_fn=child_setup(512 << 20))
+
+    async def main(port):
+        a = make("a")
+        a.connect("b", "127.0.0.1", port)
+        await until(lambda: a.is_up("b"))
+        before, worst = rss(proc.pid), 0.0
+        held = []
+        for round_ in range(3):
+            # 60 connections sending a MB of a 60 MB "HELLO" (under the frame limit: only the handshake's
+            # 4 KB bound stops it), 60 holding a nearly complete 4 KB handshake frame, 100 announcing 64 MB,
+            # 200 connecting and saying nothing
+            big = (60 << 20).to_bytes(4, "big") + b"\x01" + os.urandom(1 << 20)
+            part = (4000).to_bytes(4, "big") + b"\x01" + b"h" * 3990
+            held += await asyncio.gather(*(raw(port, big) for _ in range(60)))
+            await asyncio.sleep(0.3)  # the child reads what it is given
+            held += await asyncio.gather(*(raw(port, part) for _ in range(60)))
+            held += await asyncio.gather(*(raw(port, b"\x04\x00\x00\x00\x01") for _ in range(100)))
+            held += await asyncio.gather(*(raw(port) for _ in range(200)))
+            worst = max(worst, await rtt(a, 10))
+        grown = rss(proc.pid) - before
+        for _, writer in held:
+            writer.close()
+        assert a.is_up("b") and a.rec.downs == []
+        assert worst < 0.5, worst
+        print(f"child RSS grew {grown >> 20} MB, worst round trip {worst * 1000:.0f} ms")
+        assert grown < 25 << 20, grown
+        await closing(a)
+
+    try:
+        port = int(proc.stdout.readline())
+        run(main(port), timeout=60)
+        assert proc.poll() is None  # the cap was never hit
+    finally:
+        proc.stdin.close()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
