@@ -7360,6 +7360,7 @@ class PeerLink(asyncio.Protocol):
         return self.name is not None and self.stage is not LinkStage.CLOSED
 
     def describe(self) -> str:
+        """Name the link for a log line: direction, node, address."""
         return f"{'to' if self.dialer else 'from'} {self.name or '?'} at {self.address[0]}:{self.address[1]}"
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -7794,6 +7795,7 @@ class ClusterLinks:
             self._retry(entry)
 
     def deliver(self, peer: str, kind: int, body: bytes) -> None:
+        """Hand a frame of kind 16-255 to on_frame."""
         self._callback(self.on_frame, peer, kind, body)
 
     @staticmethod
