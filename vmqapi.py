@@ -518,6 +518,16 @@ def parse_address(text: str) -> tuple[str, int]:
     return host, port
 
 
+def parse_optional_address(text: str) -> tuple[str, int] | None:
+    """Parse ``ip:port``, or ``undefined``/``off``/empty for none."""
+    return None if text.strip() in ("undefined", "off", "") else parse_address(text)
+
+
+CLUSTER_PORT = 44053  # VerneMQ: the port of listener.vmq.clustering, and of cluster join's discovery-node
+DEFAULT_COOKIE = "vmq"  # VerneMQ's distributed_cookie; refused off loopback (SPEC 10)
+CLUSTER_TLS_OPTIONS = ("certfile", "keyfile", "cafile", "tls_version")  # what listener.vmqs[.clustering] takes
+
+
 def parse_versions(text: str) -> tuple[int, ...]:
     """Parse ``allowed_protocol_versions``: a comma list of 3 (MQTT 3.1), 4 (3.1.1) and 5 (5.0)."""
     versions = tuple(sorted({parse_int_range(3, 5)(v) for v in text.split(",") if v.strip()}))
@@ -707,6 +717,16 @@ SETTINGS: tuple[Setting, ...] = (
     _S("vmq_passwd.password_reload_interval", parse_int_range(0), 10,
        "Seconds between password file reloads (0: never).", True),
     # -- cluster (SPEC 10) --
+    _S("listener.vmq.clustering", parse_address, ("127.0.0.1", CLUSTER_PORT),
+       "Address (ip:port) of the listener other nodes link to (port 0: any free port)."),
+    _S("listener.vmqs.clustering", parse_optional_address, None,
+       "Address of a TLS cluster listener (used instead of listener.vmq.clustering; the node then dials its "
+       "peers with TLS too): listener.vmqs.certfile, keyfile and cafile, peers checked against the cafile."),
+    _S("distributed_cookie", parse_text, DEFAULT_COOKIE,
+       "The cluster's shared secret: nodes prove it to each other by HMAC challenge and never send it. Must be "
+       "changed from vmq when the cluster listener is not on loopback.", secret=True),
+    _S("outgoing_clustering_buffer_size", parse_int_range(0), 10000,
+       "Bytes of frames kept for each unreachable peer node; past it frames are dropped (cluster_bytes_dropped)."),
 
     # -- vmq_bridge (SPEC 11) --
 
@@ -743,6 +763,9 @@ def find_setting(key: str) -> Setting:
             and parts[2:] == ["auth", "mode"]:
         return _SETTINGS_BY_NAME["http_module.$module.auth.mode"]
     # -- cluster keys --
+    if parts[:2] == ["listener", "vmqs"] and parts[-1] in CLUSTER_TLS_OPTIONS \
+            and (len(parts) == 3 or (len(parts) == 4 and parts[2] == "clustering")):
+        return _SETTINGS_BY_NAME["listener." + parts[-1]]  # most specific wins, as for the other listeners
 
     # -- vmq_bridge keys --
 
@@ -958,6 +981,10 @@ METRIC_DEFINITIONS: dict[str, tuple[str, str, tuple[LabelSet, ...]]] = {  # Vern
     "store_error": ("counter", "The number of message store reads, writes or commits that failed.", _NO_LABELS),
     "tick_error": ("counter", "The number of housekeeping ticks that failed (and were run again).", _NO_LABELS),
     # -- cluster metrics (SPEC 10) --
+    "cluster_bytes_received": ("counter", "The number of bytes received from other nodes.", _NO_LABELS),
+    "cluster_bytes_sent": ("counter", "The number of bytes sent to other nodes.", _NO_LABELS),
+    "cluster_bytes_dropped": ("counter", "The number of bytes for other nodes dropped because the node's buffer "
+                              "for an unreachable or slow peer was full.", _NO_LABELS),
 
     # -- vmq_bridge metrics --
 
@@ -7245,6 +7272,670 @@ def cmd_describe(call: Call) -> Any:
 #       cookie's HMAC challenge, heartbeats, reconnects, per-peer buffers.
 # Must not know: what the frames mean.
 
+CLUSTER_PROTOCOL = 1  # version byte of this node-to-node protocol, in HELLO
+CLUSTER_MAX_FRAME = 64 << 20  # bytes; a peer declaring a longer frame is cut off (a retained message is at most 256 MB
+#                              in MQTT, but a cluster frame carries one message, and 64 MB bounds what a peer makes us hold)
+CLUSTER_HANDSHAKE_BYTES = 4096  # bytes a connection may send before its handshake is done (a HELLO and a PROOF: < 300)
+CLUSTER_HANDSHAKE_TIMEOUT = 5.0  # seconds to finish the handshake (TLS included), as listener.tls_handshake_timeout
+CLUSTER_MAX_UNAUTHENTICATED = 64  # incoming connections in their handshake at once; more are closed on arrival
+CLUSTER_HEARTBEAT_INTERVAL = 1.0  # seconds between heartbeats on a link
+CLUSTER_HEARTBEAT_TIMEOUT = 5.0  # seconds of silence after which a link is down ("timeout")
+CLUSTER_REDIAL_FIRST, CLUSTER_REDIAL_MAX = 0.1, 3.0  # seconds: back-off between dials to a lost peer, doubling
+CLUSTER_WRITE_LIMIT = 64 << 20  # bytes unsent to an up peer past which send() drops (it does not read)
+CLUSTER_READ_PAUSE = 0.25  # seconds reading a peer pauses while our writes to it pile up (never longer: two
+#                            peers that both write much would otherwise wait for each other forever)
+CLUSTER_NONCE_BYTES = 16
+CLUSTER_MAX_NAME = 1024  # bytes of a node name in HELLO
+CLUSTER_PRIVATE_KINDS = 16  # frame kinds below this belong to the links; 16-255 are the cluster's (on_frame)
+K_HELLO, K_PROOF, K_HEARTBEAT, K_BYE = 1, 2, 3, 4
+HELLO_PROBE = 0x01  # HELLO flag: the dialer only checks the cookie and name (probe), it does not link
+ROLE_DIALER, ROLE_LISTENER = b"vmqapi-dialer", b"vmqapi-listener"  # distinct, so a proof cannot be reflected
+FRAME_HEADER = 5  # 4 bytes of length (kind and body), 1 of kind
+CLUSTER_RECEIVED, CLUSTER_SENT, CLUSTER_DROPPED = (
+    ("cluster_bytes_received", ()), ("cluster_bytes_sent", ()), ("cluster_bytes_dropped", ()))
+
+
+def encode_cluster_frame(kind: int, body: bytes = b"") -> bytes:
+    """Encode one frame: 4-byte big-endian length of what follows, the kind byte, the body."""
+    return (len(body) + 1).to_bytes(4, "big") + bytes((kind,)) + body
+
+
+def decode_cluster_frame(buf: bytes | bytearray, pos: int, limit: int) -> tuple[int, bytes, int] | None:
+    """Decode the frame at ``buf[pos:]``: (kind, body, next pos), None when incomplete.
+
+    Raises ClusterError for a length of 0 or over ``limit``, before the body arrives.
+    """
+    if len(buf) - pos < FRAME_HEADER:
+        return None
+    size = int.from_bytes(buf[pos:pos + 4], "big")
+    if not 1 <= size <= limit:
+        raise ClusterError(f"frame of {size} bytes (at most {limit})")
+    end = pos + 4 + size
+    if len(buf) < end:
+        return None
+    with memoryview(buf) as view:
+        return buf[pos + 4], bytes(view[pos + 5:end]), end
+
+
+def encode_hello(nonce: bytes, name: str, probe: bool = False) -> bytes:
+    """The body of HELLO: protocol version, flags, nonce, node name."""
+    return bytes((CLUSTER_PROTOCOL, HELLO_PROBE if probe else 0)) + nonce + name.encode()
+
+
+def decode_hello(body: bytes) -> tuple[bytes, str, bool]:
+    """Return (nonce, name, probe) of a HELLO body; raise ClusterError if it is not one."""
+    if len(body) < 3 + CLUSTER_NONCE_BYTES or len(body) > 2 + CLUSTER_NONCE_BYTES + CLUSTER_MAX_NAME:
+        raise ClusterError("malformed hello")
+    if body[0] != CLUSTER_PROTOCOL:
+        raise ClusterError(f"cluster protocol {body[0]}, this node speaks {CLUSTER_PROTOCOL}")
+    try:
+        name = body[2 + CLUSTER_NONCE_BYTES:].decode()
+    except UnicodeDecodeError:
+        raise ClusterError("node name is not UTF-8") from None
+    return body[2:2 + CLUSTER_NONCE_BYTES], name, bool(body[1] & HELLO_PROBE)
+
+
+def cluster_proof(cookie: str, role: bytes, nonce_other: bytes, nonce_own: bytes, dialer: str, listener: str) -> bytes:
+    """HMAC-SHA256 by which a node proves the cookie: its role, both nonces and both names (dialer first)."""
+    names = len(dialer.encode()).to_bytes(2, "big") + dialer.encode() + listener.encode()
+    return hmac.new(cookie.encode(), role + nonce_other + nonce_own + names, hashlib.sha256).digest()
+
+
+def cluster_listener(config: Config) -> tuple[tuple[str, int], bool]:
+    """Return the cluster listener's address and whether it is the TLS one (listener.vmqs.clustering)."""
+    secure = config["listener.vmqs.clustering"]
+    return (secure, True) if secure is not None else (config["listener.vmq.clustering"], False)
+
+
+def cluster_tls_contexts(config: Config) -> tuple[ssl.SSLContext | None, ssl.SSLContext | None]:
+    """Return (server, client) TLS contexts for the links, (None, None) without listener.vmqs.clustering.
+
+    Both sides show a certificate and check the other's against the cafile; host names are not
+    checked (peers are dialed by address, and the cookie's challenge follows anyway).
+    """
+    if not cluster_listener(config)[1]:
+        return None, None
+    opts = {o: config.listener_option("vmqs", "clustering", o) for o in CLUSTER_TLS_OPTIONS}
+    if not opts["certfile"] or not opts["cafile"]:
+        raise ConfigError("listener.vmqs.clustering needs listener.vmqs.certfile and listener.vmqs.cafile: "
+                          "nodes show each other certificates from that CA")
+    contexts = []
+    try:
+        for purpose in (ssl.PROTOCOL_TLS_SERVER, ssl.PROTOCOL_TLS_CLIENT):
+            ctx = ssl.SSLContext(purpose)
+            ctx.minimum_version = TLS_VERSIONS[min(opts["tls_version"])]
+            ctx.load_cert_chain(opts["certfile"], opts["keyfile"] or None)
+            ctx.load_verify_locations(opts["cafile"])
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_REQUIRED
+            contexts.append(ctx)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"listener.vmqs.clustering: cannot load its certificates: "
+                          f"{getattr(exc, 'strerror', None) or exc}") from None
+    return contexts[0], contexts[1]
+
+
+def check_cluster_config(config: Config) -> None:
+    """Raise ConfigError for a cluster listener off loopback without a cookie of its own, or bad TLS files."""
+    (host, port), _ = cluster_listener(config)
+    if not ipaddress.ip_address(host).is_loopback and config["distributed_cookie"] in ("", DEFAULT_COOKIE):
+        raise ConfigError(f"the cluster listener {render_value((host, port))} is not on loopback: set "
+                          f"distributed_cookie to a secret of your own (not {DEFAULT_COOKIE!r}), the same on "
+                          "every node, so that only your nodes can join")
+    cluster_tls_contexts(config)
+
+
+class LinkStage(enum.Enum):
+    """Where a link stands: HELLO sent or awaited, PROOF awaited, PROBED (a probe's, done), UP, CLOSED."""
+
+    HELLO = "hello"
+    PROOF = "proof"
+    PROBED = "probed"
+    UP = "up"
+    CLOSED = "closed"
+
+
+class PeerLink(asyncio.Protocol):
+    """One connection to another node: the handshake, then frames both ways, heartbeats, flow control.
+
+    The dialer sends HELLO; the listener answers with its own; the dialer proves the cookie, the
+    listener checks that and only then proves it too (an unauthenticated dialer learns no HMAC).
+    """
+
+    def __init__(self, links: ClusterLinks, dialer: bool, peer: str | None = None,
+                 probe: asyncio.Future | None = None):
+        self.links, self.dialer, self.expect, self.probe = links, dialer, peer, probe
+        self.transport: asyncio.Transport | None = None
+        self.stage = LinkStage.HELLO
+        self.inbuf = bytearray()
+        self.name: str | None = None  # the remote node's, once its HELLO is in
+        self.nonce, self.remote_nonce = secrets.token_bytes(CLUSTER_NONCE_BYTES), b""
+        self.probing = False  # a listener's: the dialer only probes
+        self.handshake_bytes = 0
+        self.out: list[bytes] = []
+        self.out_bytes = 0
+        self.flush_handle: asyncio.Handle | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.unpause: asyncio.TimerHandle | None = None
+        self.last_rx = time.monotonic()
+        self.address = ("", 0)
+
+    @property
+    def live(self) -> bool:
+        """Whether the remote answered (its HELLO came in) and the link is not closed."""
+        return self.name is not None and self.stage is not LinkStage.CLOSED
+
+    def describe(self) -> str:
+        """Name the link for a log line: direction, node, address."""
+        return f"{'to' if self.dialer else 'from'} {self.name or '?'} at {self.address[0]}:{self.address[1]}"
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.address = tuple(transport.get_extra_info("peername") or ("", 0))[:2]
+        if self.stage is LinkStage.CLOSED or (not self.dialer and not self.links.admit(self)):
+            self.stage = LinkStage.CLOSED
+            transport.abort()
+            return
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.timer = self.links.loop.call_later(self.links.handshake_timeout, self._handshake_timeout)
+        if self.dialer:
+            self.write(K_HELLO, encode_hello(self.nonce, self.links.me, self.probe is not None))
+
+    def _handshake_timeout(self) -> None:
+        self.timer = None
+        if self.stage not in (LinkStage.UP, LinkStage.CLOSED):
+            self.fail(f"no handshake within {self.links.handshake_timeout:g} s", quiet=True)
+
+    def data_received(self, data: bytes) -> None:
+        if self.stage is LinkStage.CLOSED:
+            return
+        self.last_rx = time.monotonic()
+        self.links.counters[CLUSTER_RECEIVED] += len(data)
+        buf = self.inbuf
+        buf += data
+        pos = 0
+        try:
+            while self.stage is not LinkStage.CLOSED:
+                up = self.stage is LinkStage.UP
+                frame = decode_cluster_frame(buf, pos, CLUSTER_MAX_FRAME if up else CLUSTER_HANDSHAKE_BYTES)
+                if frame is None:
+                    break
+                kind, body, end = frame
+                if not up:
+                    self.handshake_bytes += end - pos
+                pos = end
+                self._frame(kind, body)
+            if self.stage not in (LinkStage.UP, LinkStage.CLOSED) \
+                    and self.handshake_bytes + len(buf) - pos > CLUSTER_HANDSHAKE_BYTES:
+                raise ClusterError(f"more than {CLUSTER_HANDSHAKE_BYTES} bytes before the handshake was done")
+        except ClusterError as exc:
+            self.fail(exc.text, quiet=self.stage is not LinkStage.UP)
+            return
+        if self.stage is LinkStage.CLOSED:
+            self.inbuf = bytearray()
+        else:
+            del buf[:pos]
+
+    def _frame(self, kind: int, body: bytes) -> None:
+        if kind >= CLUSTER_PRIVATE_KINDS:
+            if self.stage is not LinkStage.UP:
+                raise ClusterError(f"frame of kind {kind} before the handshake")
+            self.links.deliver(self.name, kind, body)
+            return
+        handler = self._HANDLERS.get((kind, self.stage))
+        if handler is None:
+            raise ClusterError(f"unexpected frame of kind {kind} in stage {self.stage.value}")
+        handler(self, body)
+
+    def _hello(self, body: bytes) -> None:
+        self.remote_nonce, name, self.probing = decode_hello(body)
+        self.name = name
+        if name == self.links.me:
+            self.refuse("name already taken", f"the node at {self.address[0]}:{self.address[1]} is also called {name}")
+            return
+        if self.dialer and self.expect is not None and name != self.expect:
+            self.refuse("wrong node", f"the node at {self.address[0]}:{self.address[1]} is {name}, not {self.expect}")
+            return
+        self.stage = LinkStage.PROOF
+        if self.dialer:
+            self.write(K_PROOF, self._proof(ROLE_DIALER))
+        else:
+            self.write(K_HELLO, encode_hello(self.nonce, self.links.me))
+
+    def _proof(self, role: bytes, own: bool = True) -> bytes:
+        """This node's proof (``own``) or the one expected from the remote, for ``role``."""
+        dialer, listener = (self.links.me, self.name) if self.dialer else (self.name, self.links.me)
+        nonces = (self.remote_nonce, self.nonce) if own else (self.nonce, self.remote_nonce)
+        return cluster_proof(self.links.cookie, role, *nonces, dialer, listener)
+
+    def _check(self, body: bytes) -> None:
+        role = ROLE_LISTENER if self.dialer else ROLE_DIALER
+        if not hmac.compare_digest(body, self._proof(role, own=False)):
+            log.warning("cluster link %s refused: wrong cookie", self.describe())
+            self.refuse("wrong cookie")
+            return
+        if self.dialer:
+            self._dialer_proven()
+        elif self.probing:
+            self.stage = LinkStage.PROBED
+            self.write(K_PROOF, self._proof(ROLE_LISTENER))
+        elif not self.links.accept(self):
+            log.debug("cluster link %s: closed, the link dialed the other way is kept", self.describe())
+            self.refuse("duplicate")
+        else:
+            self.write(K_PROOF, self._proof(ROLE_LISTENER))
+            self.links.up(self)
+
+    def _dialer_proven(self) -> None:
+        if self.probe is not None:
+            if not self.probe.done():
+                self.probe.set_result(self.name)
+            self.close("probe done")
+        else:
+            self.links.up(self)
+
+    def _bye(self, body: bytes) -> None:
+        reason = body[:200].decode("utf-8", "replace")
+        if reason == "wrong cookie":
+            log.warning("cluster link %s refused: wrong cookie", self.describe())
+        elif reason == "name already taken":
+            reason += f": the node at {self.address[0]}:{self.address[1]} is also called {self.links.me}"
+        self.close(reason if self.stage is not LinkStage.UP else f"closed by the peer: {reason}", bye=False)
+
+    def _heartbeat(self, body: bytes) -> None:
+        pass  # data_received noted the time
+
+    _HANDLERS: dict[tuple[int, LinkStage], Callable[[PeerLink, bytes], None]] = {
+        (K_HELLO, LinkStage.HELLO): _hello,
+        (K_PROOF, LinkStage.PROOF): _check,
+        (K_HEARTBEAT, LinkStage.UP): _heartbeat,
+        (K_BYE, LinkStage.HELLO): _bye,
+        (K_BYE, LinkStage.PROOF): _bye,
+        (K_BYE, LinkStage.PROBED): _bye,
+        (K_BYE, LinkStage.UP): _bye,
+    }
+
+    def write(self, kind: int, body: bytes = b"") -> None:
+        """Queue a frame; the queue goes out in one write once this turn of the loop is over."""
+        self.out += ((len(body) + 1).to_bytes(4, "big") + bytes((kind,)), body)
+        self.out_bytes += len(body) + FRAME_HEADER
+        if self.flush_handle is None:
+            self.flush_handle = self.links.loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        self.flush_handle = None
+        if self.out and self.transport is not None and not self.transport.is_closing():
+            data = b"".join(self.out)
+            self.links.counters[CLUSTER_SENT] += len(data)
+            self.transport.write(data)
+        self.out.clear()
+        self.out_bytes = 0
+
+    def unsent(self) -> int:
+        """Bytes queued or in the transport's buffer, not yet taken by the kernel."""
+        return self.out_bytes + (self.transport.get_write_buffer_size() if self.transport is not None else 0)
+
+    def refuse(self, reason: str, text: str | None = None) -> None:
+        """End the handshake: tell the remote why, then close."""
+        if text is not None:
+            log.warning("cluster link %s refused: %s", self.describe(), text)
+        self.close(reason)
+
+    def fail(self, text: str, quiet: bool = False, reason: str | None = None) -> None:
+        """Close for a broken protocol or a timeout, logged in one line (``quiet``: at info level)."""
+        (log.info if quiet else log.warning)("closing cluster link %s: %s", self.describe(), text)
+        self.close(reason or text)
+
+    def close(self, reason: str, bye: bool = True) -> None:
+        """Close (after a BYE with ``reason`` when ``bye``) and tell the links, once."""
+        if self.stage is LinkStage.CLOSED:
+            return
+        self.stage = LinkStage.CLOSED
+        if bye and self.transport is not None:
+            self.write(K_BYE, reason.encode()[:200])
+        self.flush()
+        if self.transport is not None:
+            self.transport.close()
+        self._cancel_timers()
+        self.links.lost(self, reason)
+
+    def abort(self) -> None:
+        """Close at once, dropping what is unsent (the node stops)."""
+        self.out.clear()
+        self.close("closed", bye=False)
+        if self.transport is not None:
+            self.transport.abort()
+
+    def _cancel_timers(self) -> None:
+        for handle in (self.timer, self.unpause, self.flush_handle):
+            if handle is not None:
+                handle.cancel()
+        self.timer = self.unpause = self.flush_handle = None
+
+    def pause_writing(self) -> None:
+        # The peer takes our frames slower than we make them: read it no further for a while.
+        if self.transport is not None and self.unpause is None and self.stage is not LinkStage.CLOSED:
+            self.transport.pause_reading()
+            self.unpause = self.links.loop.call_later(CLUSTER_READ_PAUSE, self.resume_writing)
+
+    def resume_writing(self) -> None:
+        if self.unpause is not None:
+            self.unpause.cancel()
+            self.unpause = None
+            self.last_rx = time.monotonic()  # the silence while we did not read is not the peer's
+            if self.transport is not None and self.stage is not LinkStage.CLOSED:
+                self.transport.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.inbuf = bytearray()
+        if self.stage is not LinkStage.CLOSED:
+            reason = f"connection lost: {exc}" if exc else "connection closed"
+            if self.stage is LinkStage.HELLO and self.dialer and self.name is None:
+                reason = "closed before the handshake" + (" (does the peer take this node's certificate?)"
+                                                          if self.links.client_tls else "")
+            self.stage = LinkStage.CLOSED
+            self._cancel_timers()
+            self.links.lost(self, reason)
+
+
+@dataclass(slots=True, eq=False)
+class Peer:
+    """What the links keep for one other node: where to dial it, its link, frames waiting for it."""
+
+    name: str
+    address: tuple[str, int]
+    wanted: bool = False  # connect() asked for it: dial, and redial after a loss
+    link: PeerLink | None = None  # the link that is up
+    dialing: PeerLink | None = None  # our link to it in its handshake
+    task: asyncio.Task | None = None  # our TCP (and TLS) connect in progress
+    retry: asyncio.TimerHandle | None = None
+    backoff: float = CLUSTER_REDIAL_FIRST
+    buffer: collections.deque = field(default_factory=collections.deque)  # (kind, body) while down
+    buffered: int = 0  # bytes in ``buffer``, frame headers included
+    since: float = field(default_factory=time.time)  # when it last went up or down
+    failing: bool = False  # the last dial failed (later failures are logged at debug level)
+
+
+class ClusterLinks:
+    """The links to the other nodes, on the broker's asyncio loop (MqttIO.loop).
+
+    Every method but the constructor is called in the loop thread; callbacks run there too.
+    ``on_up(peer)`` fires once a link is authenticated, ``on_down(peer, reason)`` when an up
+    link is lost ("timeout" after a silent heartbeat timeout), ``on_frame(peer, kind, body)``
+    for each frame of kind 16-255. Two links for one pair (both nodes dialed at once) end as
+    one: the link dialed by the node with the smaller name survives.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, me: str, cookie: str, metrics: Metrics, *,
+                 buffer_size: int, on_up: Callable[[str], None], on_down: Callable[[str, str], None],
+                 on_frame: Callable[[str, int, bytes], None], server_tls: ssl.SSLContext | None = None,
+                 client_tls: ssl.SSLContext | None = None, heartbeat: float = CLUSTER_HEARTBEAT_INTERVAL,
+                 timeout: float = CLUSTER_HEARTBEAT_TIMEOUT, handshake_timeout: float = CLUSTER_HANDSHAKE_TIMEOUT):
+        self.loop, self.me, self.cookie, self.metrics = loop, me, cookie, metrics
+        self.buffer_size = buffer_size
+        self.on_up, self.on_down, self.on_frame = on_up, on_down, on_frame
+        self.server_tls, self.client_tls = server_tls, client_tls
+        self.heartbeat, self.timeout, self.handshake_timeout = heartbeat, timeout, handshake_timeout
+        self.peers: dict[str, Peer] = {}
+        self.pending: set[PeerLink] = set()  # incoming links in their handshake
+        self.probes: set[PeerLink] = set()
+        self.bound: tuple[str, int] | None = None
+        self._server: asyncio.base_events.Server | None = None
+        self._tick_handle: asyncio.TimerHandle | None = None
+        self._closed = False
+        # Counted in the loop thread without a lock; Metrics reads (and resets) them there, as the broker's.
+        self.counters: dict[tuple[str, LabelSet], int] = dict.fromkeys((CLUSTER_RECEIVED, CLUSTER_SENT,
+                                                                         CLUSTER_DROPPED), 0)
+        metrics.add_source(lambda: self.counters, dict)
+
+    async def listen(self, host: str, port: int) -> tuple[str, int]:
+        """Open the cluster listener; return the address actually bound."""
+        self._server = await self.loop.create_server(
+            lambda: PeerLink(self, dialer=False), host, port, reuse_address=True, backlog=256, ssl=self.server_tls,
+            ssl_handshake_timeout=self.handshake_timeout if self.server_tls else None)
+        self.bound = tuple(self._server.sockets[0].getsockname()[:2])
+        self._start_ticking()
+        return self.bound
+
+    def connect(self, peer: str, host: str, port: int) -> None:
+        """Keep a link to ``peer`` at host:port from now on: dial, and on loss redial with back-off
+        (capped at a few seconds) until forget(peer). Idempotent; a new address replaces the old."""
+        if peer == self.me:
+            raise ClusterError(f"{peer} is this node")
+        entry = self._peer(peer, (host, port))
+        moved = entry.address != (host, port)
+        entry.address, entry.wanted = (host, port), True
+        if moved and entry.retry is not None:
+            entry.retry.cancel()
+            entry.retry = None
+            entry.backoff = CLUSTER_REDIAL_FIRST
+        self._start_ticking()
+        self._dial(entry)
+
+    def forget(self, peer: str) -> None:
+        """Stop dialing ``peer``, close its link (on_down does not fire) and drop what waits for it."""
+        entry = self.peers.pop(peer, None)
+        if entry is None:
+            return
+        self._stop_dialing(entry)
+        if entry.link is not None:
+            link, entry.link = entry.link, None
+            link.close("forgotten")
+
+    def send(self, peer: str, kind: int, body: bytes) -> bool:
+        """Queue a frame. While the peer is down, frames wait in its buffer up to buffer_size bytes and go
+        out in order once it is up; past that they are dropped, counted in cluster_bytes_dropped, and False
+        is returned. Frames to an up peer are written at once (one write per turn of the loop)."""
+        if not CLUSTER_PRIVATE_KINDS <= kind <= 255:
+            raise ValueError(f"frame kind {kind} is not in 16..255")
+        entry, size = self.peers.get(peer), len(body) + FRAME_HEADER
+        if entry is not None and entry.link is not None:
+            if entry.link.unsent() + size <= CLUSTER_WRITE_LIMIT:
+                entry.link.write(kind, body)
+                return True
+        elif entry is not None and entry.buffered + size <= self.buffer_size:
+            entry.buffer.append((kind, body))
+            entry.buffered += size
+            return True
+        self.counters[CLUSTER_DROPPED] += size
+        return False
+
+    def is_up(self, peer: str) -> bool:
+        """Whether ``peer`` has an authenticated link."""
+        entry = self.peers.get(peer)
+        return entry is not None and entry.link is not None
+
+    def rows(self) -> list[dict]:
+        """Per known peer: name, address, up, since (epoch seconds), buffered (bytes waiting)."""
+        return [{"name": e.name, "address": render_value(e.address), "up": e.link is not None, "since": e.since,
+                 "buffered": e.buffered} for e in sorted(self.peers.values(), key=lambda e: e.name)]
+
+    async def probe(self, host: str, port: int, timeout: float = 5.0) -> str:
+        """Connect once, run the handshake, return the remote node's name, close.
+
+        Raise ClusterError with a reason a user can act on: "unreachable: ...", "wrong cookie",
+        "name already taken: ..." (the remote is called like this node), "no handshake: ...".
+        """
+        answer = self.loop.create_future()
+        started = time.monotonic()
+        try:
+            _, link = await asyncio.wait_for(self.loop.create_connection(
+                lambda: PeerLink(self, dialer=True, probe=answer), host, port, ssl=self.client_tls,
+                ssl_handshake_timeout=timeout if self.client_tls else None), timeout)
+        except (OSError, asyncio.TimeoutError) as exc:
+            why = os.strerror(exc.errno) if exc.errno else f"no answer within {timeout:g} s"
+            raise ClusterError(f"unreachable: {render_value((host, port))}: {why}") from None
+        self.probes.add(link)
+        try:
+            return await asyncio.wait_for(answer, max(0.0, timeout - (time.monotonic() - started)))
+        except asyncio.TimeoutError:
+            raise ClusterError(f"no handshake: {render_value((host, port))} did not finish it within "
+                               f"{timeout:g} s (is it a cluster listener?)") from None
+        finally:
+            self.probes.discard(link)
+            link.close("probe done")
+
+    async def close(self) -> None:
+        """Close the listener and every link, cancel the timers; on_down does not fire."""
+        self._closed = True
+        if self._tick_handle is not None:
+            self._tick_handle.cancel()
+        if self._server is not None:
+            self._server.close()
+        for entry in list(self.peers.values()):
+            self._stop_dialing(entry)
+            if entry.link is not None:
+                link, entry.link = entry.link, None
+                link.close("shutdown")
+        for link in list(self.pending) + list(self.probes):
+            link.abort()
+        if self._server is not None:
+            with contextlib.suppress(asyncio.TimeoutError):  # since 3.12 it waits for the connections too
+                await asyncio.wait_for(self._server.wait_closed(), 2)
+        await asyncio.sleep(0)
+
+    # -- used by PeerLink --
+
+    def admit(self, link: PeerLink) -> bool:
+        """Count an incoming connection in its handshake; refuse it past CLUSTER_MAX_UNAUTHENTICATED."""
+        if self._closed or len(self.pending) >= CLUSTER_MAX_UNAUTHENTICATED:
+            log.debug("cluster listener: closing a connection from %s: %d are in their handshake", link.address[0],
+                      len(self.pending))
+            return False
+        self.pending.add(link)
+        return True
+
+    def accept(self, link: PeerLink) -> bool:
+        """Whether to keep an authenticated incoming link: one dialed by the larger name loses to ours."""
+        entry = self.peers.get(link.name)
+        if entry is None or link.name < self.me:
+            return True
+        ours = entry.dialing if entry.dialing is not None and entry.dialing.live else None
+        return ours is None and (entry.link is None or not entry.link.dialer)
+
+    def up(self, link: PeerLink) -> None:
+        """Make ``link`` the peer's link: close any other, send what waited, then on_up."""
+        self.pending.discard(link)
+        if link.timer is not None:
+            link.timer.cancel()
+            link.timer = None
+        entry = self._peer(link.name, link.address)
+        if entry.dialing is not link:
+            self._stop_dialing(entry)  # ours loses, in its handshake (accept said so) or still connecting
+        entry.dialing = None
+        old, entry.link = entry.link, link
+        link.stage = LinkStage.UP
+        entry.since, entry.backoff, entry.failing = time.time(), CLUSTER_REDIAL_FIRST, False
+        if entry.retry is not None:
+            entry.retry.cancel()
+            entry.retry = None
+        if old is not None:  # the peer dialed anew, so it lost the old link: it is stale
+            old.close("replaced")
+            self._callback(self.on_down, link.name, "replaced")
+        for kind, body in entry.buffer:
+            link.write(kind, body)
+        entry.buffer.clear()
+        entry.buffered = 0
+        log.info("cluster link %s is up", link.describe())
+        self._callback(self.on_up, link.name)
+
+    def lost(self, link: PeerLink, reason: str) -> None:
+        """A link closed: a probe's answer, a failed dial to retry, or a peer down."""
+        self.pending.discard(link)
+        if link.probe is not None:
+            if not link.probe.done():
+                link.probe.set_exception(ClusterError(reason))
+            return
+        entry = self.peers.get(link.expect if link.dialer else link.name)
+        if entry is None:
+            return
+        if entry.dialing is link:
+            entry.dialing = None
+            self._retry(entry)
+        elif entry.link is link:
+            entry.link, entry.since = None, time.time()
+            log.info("cluster link %s is down: %s", link.describe(), reason)
+            self._callback(self.on_down, entry.name, reason)
+            self._retry(entry)
+
+    def deliver(self, peer: str, kind: int, body: bytes) -> None:
+        """Hand a frame of kind 16-255 to on_frame."""
+        self._callback(self.on_frame, peer, kind, body)
+
+    @staticmethod
+    def _callback(fn: Callable[..., None], *args: Any) -> None:
+        try:
+            fn(*args)
+        except Exception:  # a bug of the cluster above: it costs that callback, never the link or the loop
+            log.exception("internal error in a cluster link callback")
+
+    # -- dialing and heartbeats --
+
+    def _peer(self, name: str, address: tuple[str, int]) -> Peer:
+        entry = self.peers.get(name)
+        if entry is None:
+            entry = self.peers[name] = Peer(name, address)
+        return entry
+
+    def _dial(self, entry: Peer) -> None:
+        entry.retry = None
+        busy = entry.link or entry.dialing or (entry.task is not None and not entry.task.done())
+        if self._closed or busy or not entry.wanted or self.peers.get(entry.name) is not entry:
+            return
+        entry.task = self.loop.create_task(self._open(entry))
+
+    async def _open(self, entry: Peer) -> None:
+        host, port = entry.address
+        try:
+            await asyncio.wait_for(self.loop.create_connection(
+                lambda: self._dialing(entry), host, port, ssl=self.client_tls,
+                ssl_handshake_timeout=self.handshake_timeout if self.client_tls else None), self.handshake_timeout)
+        except (OSError, asyncio.TimeoutError) as exc:
+            (log.debug if entry.failing else log.info)("cannot reach cluster peer %s at %s: %s", entry.name,
+                                                        render_value(entry.address), exc or "no answer")
+            entry.failing = True
+            if entry.dialing is not None and entry.dialing.transport is None:
+                entry.dialing = None
+            self._retry(entry)
+
+    def _dialing(self, entry: Peer) -> PeerLink:
+        entry.dialing = PeerLink(self, dialer=True, peer=entry.name)
+        return entry.dialing
+
+    def _retry(self, entry: Peer) -> None:
+        if self._closed or not entry.wanted or entry.link or entry.dialing or entry.retry \
+                or self.peers.get(entry.name) is not entry:
+            return
+        entry.retry = self.loop.call_later(entry.backoff, self._dial, entry)
+        entry.backoff = min(entry.backoff * 2, CLUSTER_REDIAL_MAX)
+
+    def _stop_dialing(self, entry: Peer) -> None:
+        for handle in (entry.retry, entry.task):
+            if handle is not None:
+                handle.cancel()
+        entry.retry = entry.task = None
+        if entry.dialing is not None:
+            link, entry.dialing = entry.dialing, None
+            link.close("duplicate")
+
+    def _start_ticking(self) -> None:
+        if self._tick_handle is None and not self._closed:
+            self._tick_handle = self.loop.call_later(self.heartbeat, self._tick)
+
+    def _tick(self) -> None:
+        """Send a heartbeat on every up link; close those silent past the timeout."""
+        self._tick_handle = self.loop.call_later(self.heartbeat, self._tick)
+        now = time.monotonic()
+        for entry in list(self.peers.values()):
+            link = entry.link
+            if link is None:
+                continue
+            if now - link.last_rx > self.timeout and link.unpause is None:
+                link.fail(f"nothing heard for {self.timeout:g} s", reason="timeout")
+            else:
+                link.write(K_HEARTBEAT)
 
 
 ###############################################################################
