@@ -8045,9 +8045,8 @@ class Cluster:
         self.me: str = node.name
         config = node.config
         check_cluster_config(config)
-        self.tls = "listener.vmqs.clustering" in config.values
-        self.explicit = self.tls or "listener.vmq.clustering" in config.values
-        self.address: tuple[str, int] = config["listener.vmqs.clustering" if self.tls else "listener.vmq.clustering"]
+        self.address, self.tls = cluster_listener(config)
+        self.explicit = self.tls or "listener.vmq.clustering" in config.values  # the default port may be taken
         self.store = ClusterStore(os.path.join(node.data_dir, CLUSTER_DB))
         self.replica = Replica(self.me, self.store.load())
         self.links: ClusterLinks | None = None
@@ -8070,9 +8069,7 @@ class Cluster:
     def start(self) -> None:
         """Bind the cluster listener, apply the kept state, reconnect to the members (from any thread)."""
         config = self.node.config
-        server_tls = client_tls = None
-        if self.tls:
-            server_tls, client_tls = cluster_tls_contexts(config)
+        server_tls, client_tls = cluster_tls_contexts(config)
         self.links = ClusterLinks(self.io.loop, self.me, config["distributed_cookie"], self.node.metrics,
                                   buffer_size=config["outgoing_clustering_buffer_size"], on_up=self._on_up,
                                   on_down=self._on_down, on_frame=self._on_frame, server_tls=server_tls,
@@ -8133,8 +8130,9 @@ class Cluster:
         return sorted(k for k, _ in self.replica.items("member"))
 
     def peers(self) -> list[str]:
-        """Return the other members."""
-        return [m for m in self.members() if m != self.me]
+        """Return the other members (none while this node is in no cluster, or was taken out of it)."""
+        members = self.members()
+        return [m for m in members if m != self.me] if self.me in members else []
 
     def _put(self, kind: str, key: str, value: Any) -> None:
         update = self.replica.put(kind, key, value, time.time())
@@ -8166,6 +8164,7 @@ class Cluster:
                 self._left()
             elif value is None:
                 self._member_gone(key)
+                self.links.forget(key)
             self._connect_members()
             self._check_split()
         elif kind == "config":
@@ -8283,14 +8282,13 @@ class Cluster:
         if self.links is None or self.bound is None:
             return
         members = dict(self.replica.items("member"))
+        if self.me not in members:
+            return
         for name, value in members.items():
             if name != self.me and isinstance(value, dict):
                 host, _, port = str(value.get("address", "")).rpartition(":")
                 if host and port.isdigit():
                     self.links.connect(name, host.strip("[]"), int(port))
-        for row in self.links.rows():
-            if row["name"] not in members:
-                self.links.forget(row["name"])
 
     def _on_up(self, peer: str) -> None:
         self._quiet[peer] = False
@@ -8519,6 +8517,7 @@ class Cluster:
     def _remove_down(self, name: str) -> None:
         self._put("member", name, None)
         self._member_gone(name)
+        self.links.forget(name)
         self._connect_members()
         self._check_split()
         self._announce()
@@ -8547,6 +8546,7 @@ class Cluster:
         log.warning("cluster: this node was taken out of the cluster")
         for peer in self.peers():
             self.engine.router.drop_remote(peer)
+            self.links.forget(peer)
         self._owned.clear()
         self._interest.clear()
 
