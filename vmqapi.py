@@ -3063,16 +3063,11 @@ class Delivery:
         dirty, nodes, fwd = self.dirty, 0, None
         for session, opts in matches.items():
             if type(session) is not Session:  # another node, or a shared group
-                if type(session) is RemoteNode:
-                    nodes += 1
-                    if forward:
-                        fwd = add_forward(fwd, session.name, None)
-                    continue
-                member = session.pick(router.choose, self.share_policy) if forward else None
-                if member is None:
-                    continue
-                if type(member) is str:  # a member on that node: it picks which
-                    fwd = add_forward(fwd, member, session.label)
+                member = self.pick_member(session, forward)
+                if type(member) is not Session:  # a node's name (it picks a group's member itself), or nobody
+                    nodes += type(session) is RemoteNode
+                    if member is not None:
+                        fwd = add_forward(fwd, member, None if type(session) is RemoteNode else session.label)
                     continue
                 session, opts = member, session.members[member]
                 if not opts.plain:  # MQTT 5 options: this member's own
@@ -3121,6 +3116,14 @@ class Delivery:
             counters["queue_message_in", ()] += direct4 + direct5
             counters["queue_message_out", ()] += direct4 + direct5
         return len(matches)
+
+    def pick_member(self, entry: RemoteNode | SharedGroup, forward: bool) -> Session | str | None:
+        """Return who takes a message for a router entry other than a session: a node's name, a member, or None."""
+        if not forward:
+            return None  # a forwarded message: no other node, and the publisher's node picked group members
+        if type(entry) is RemoteNode:
+            return entry.name
+        return entry.pick(self.router.choose, self.share_policy)
 
     def take_forwards(self) -> list[tuple[str, str, Message, bool, tuple[str, ...]]]:
         """Return (and forget) the forwards for other nodes: (node, mountpoint, message, plain, groups).
