@@ -678,8 +678,9 @@ SETTINGS: tuple[Setting, ...] = (
     _S("upgrade_outgoing_qos", parse_flag, False, "Deliver at the subscription's QoS even when published lower.", True),
     _S("systree_enabled", parse_flag, True, "Publish the $SYS tree.", True),
     _S("systree_interval", parse_int_range(0), 20000, "Milliseconds between $SYS publications (0: off).", True),
-    _S("shared_subscription_policy", parse_choice("prefer_local", "local_only", "random"), "prefer_local",
-       "How a shared subscription picks its member.", True),
+    _S("shared_subscription_policy", parse_choice("prefer_local", "local_only", "random",
+                                                  "prefer_online_before_local"), "prefer_local",
+       "How a shared subscription picks its member across the cluster's nodes.", True),
     _S("mqtt_connect_timeout", parse_int_range(1), 30000, "Milliseconds a new MQTT connection has to send CONNECT.",
        True),
     _S("mqtt_packet_timeout", parse_int_range(1), 60000,
@@ -985,6 +986,9 @@ METRIC_DEFINITIONS: dict[str, tuple[str, str, tuple[LabelSet, ...]]] = {  # Vern
     "cluster_bytes_sent": ("counter", "The number of bytes sent to other nodes.", _NO_LABELS),
     "cluster_bytes_dropped": ("counter", "The number of bytes for other nodes dropped because the node's buffer "
                               "for an unreachable or slow peer was full.", _NO_LABELS),
+
+    "mqtt_unsubscribe_error": ("counter", "The number of UNSUBSCRIBE packets refused (during a netsplit).",
+                               _NO_LABELS),
 
     # -- vmq_bridge metrics --
 
@@ -2701,26 +2705,91 @@ def notify(hooks: tuple[Callable[..., Any], ...], *args: Any) -> None:
 #       mountpoint) and the retained messages, with their limits.
 # Must not know: queues, connections, packets, the message store.
 
+@dataclass(frozen=True, slots=True)
+class RemoteNode:
+    """Another node of the cluster as ``Router.match`` names it: some of its sessions want the topic."""
+
+    name: str
+
+
+SHARE_POLICY_TIERS: Mapping[str, tuple[tuple[str, ...], ...]] = types.MappingProxyType({
+    # shared_subscription_policy -> the pools tried in turn; the first that is not empty gives the member
+    "prefer_local": (("local_online",), ("local",), ("remote_online",), ("remote",)),
+    "local_only": (("local_online",), ("local",)),
+    "random": (("local_online", "remote_online"), ("local", "remote")),  # online members first, as one node did
+    "prefer_online_before_local": (("local_online",), ("remote_online",), ("local",), ("remote",)),
+})
+_POOL_PARTS = {"local_online": (True, True), "local": (True, False),  # part -> (local members?, online only?)
+               "remote_online": (False, True), "remote": (False, False)}
+
+
+class MemberPool:
+    """Local member sessions, then each remote node once per member it counts: what ``choose`` picks from.
+
+    A node with a thousand members is one entry, not a thousand: the pool is never spelled out.
+    """
+
+    __slots__ = ("local", "remote", "size")
+
+    def __init__(self, local: list, remote: list[tuple[str, int]]):
+        self.local, self.remote = local, remote
+        self.size = len(local) + sum(n for _, n in remote)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, i: int) -> Any:
+        if i < 0:
+            i += self.size
+        if not 0 <= i < self.size:
+            raise IndexError(i)
+        if i < len(self.local):
+            return self.local[i]
+        i -= len(self.local)
+        for node, count in self.remote:
+            if i < count:
+                return node
+            i -= count
+        raise IndexError(i)
+
+
 class SharedGroup:
-    """The members of one ``$share/<group>/<filter>``; the trie sees the group as one subscriber."""
+    """The members of one ``$share/<group>/<filter>``; the trie sees the group as one subscriber.
 
-    __slots__ = ("name", "members")
+    ``members``: local sessions; ``remote``: node name -> (members, online) there.
+    """
 
-    def __init__(self, name: str):
-        self.name = name
+    __slots__ = ("name", "label", "members", "remote")
+
+    def __init__(self, name: str, topic_filter: str = ""):
+        self.name, self.label = name, f"{name}/{topic_filter}"  # label: how a forward names the group
         self.members: dict[Session, SubOptions] = {}
+        self.remote: dict[str, tuple[int, int]] = {}
 
-    def pick(self, choose: Callable[[Sequence[Any]], Any]) -> tuple[Session, SubOptions] | None:
-        """Choose the member that gets a message: among online members, else any (its queue keeps it).
+    def pick(self, choose: Callable[[Sequence[Any]], Any], policy: str = "prefer_local") -> Session | str | None:
+        """Choose who gets a message: a local member session, or the name of a node that picks one of its own.
 
-        One node: prefer_local, local_only and random all choose among the (local) members.
+        ``policy`` is shared_subscription_policy (SHARE_POLICY_TIERS); None: nobody may take it.
         """
-        online = [m for m in self.members if m.client is not None]
-        pool = online or list(self.members)
-        if not pool:
-            return None
-        member = choose(pool)
-        return member, self.members[member]
+        for tier in SHARE_POLICY_TIERS[policy]:
+            local: list = []
+            remote: list[tuple[str, int]] = []
+            for part in tier:
+                is_local, online = _POOL_PARTS[part]
+                if is_local:
+                    local = [m for m in self.members if not online or m.client is not None]
+                else:  # counts[1]: online members there, counts[0]: all of them
+                    remote = [(node, counts[online]) for node, counts in self.remote.items() if counts[online]]
+            if remote:
+                return choose(MemberPool(local, remote))
+            if local:
+                return choose(local)
+        return None
+
+    @property
+    def empty(self) -> bool:
+        """Whether no node has a member left."""
+        return not self.members and not self.remote
 
 
 MATCH_CACHE_MAX = 10_000  # (mountpoint, topic) answers remembered between subscription changes
@@ -2730,8 +2799,9 @@ MATCH_CACHE_TOPIC = 256  # characters: longer topics are matched afresh, so the 
 class Router:
     """Subscriptions and retained messages by mountpoint; ``match`` answers who wants a topic.
 
-    The seam to the rest of a cluster: a message's recipients come from one ``match``.
-    ``choose`` picks a shared group's member (the I/O shell hands in its randomness).
+    The seam to the rest of a cluster: a message's recipients come from one ``match``, other
+    nodes among them (``RemoteNode``, from ``set_remote``). ``choose`` picks a shared group's
+    member (the I/O shell hands in its randomness).
     """
 
     def __init__(self, choose: Callable[[Sequence[Any]], Any]):
@@ -2741,22 +2811,35 @@ class Router:
         self.retained: dict[str, RetainTree] = collections.defaultdict(RetainTree)
         self.retained_bytes = 0  # of every retained message together (max_retained_bytes)
         self.cache: dict[tuple[str, str], dict] = {}  # match's answers, read directly on the hot path
+        self.remote: dict[str, dict[tuple[str, str], tuple[int, int]]] = {}  # node -> (mp, filter) -> counts
+        self.nodes: dict[str, RemoteNode] = {}  # one RemoteNode per node with interest, as the tries hold it
 
     # -- subscriptions ----------------------------------------------------
     def add(self, session: Session, topic_filter: str, opts: SubOptions) -> None:
         """Route ``topic_filter`` to ``session``; a shared one joins its group, which the trie holds once."""
         group, plain = split_shared(topic_filter)
-        trie = self.tries[session.mountpoint]
         if group is None:
-            trie.add(topic_filter, session, opts)
+            self.tries[session.mountpoint].add(topic_filter, session, opts)
         else:
-            key = (session.mountpoint, group, plain)
-            shared = self.groups.get(key)
-            if shared is None:
-                shared = self.groups[key] = SharedGroup(group)
-                trie.add(plain, shared, QOS_ONLY[2])
-            shared.members[session] = opts
+            self.group(session.mountpoint, group, plain).members[session] = opts
         self.cache.clear()
+
+    def group(self, mountpoint: str, group: str, topic_filter: str) -> SharedGroup:
+        """Return the shared group of ``$share/<group>/<topic_filter>``, made (and routed) if new."""
+        key = (mountpoint, group, topic_filter)
+        shared = self.groups.get(key)
+        if shared is None:
+            shared = self.groups[key] = SharedGroup(group, topic_filter)
+            self.tries[mountpoint].add(topic_filter, shared, QOS_ONLY[2])
+        return shared
+
+    def prune(self, mountpoint: str, group: str, topic_filter: str) -> None:
+        """Forget a shared group no node has members of any more."""
+        key = (mountpoint, group, topic_filter)
+        shared = self.groups.get(key)
+        if shared is not None and shared.empty:
+            del self.groups[key]
+            self.tries[mountpoint].remove(topic_filter, shared)
 
     def remove(self, session: Session, topic_filter: str) -> None:
         """Stop routing ``topic_filter`` to ``session``."""
@@ -2766,16 +2849,57 @@ class Router:
         if group is None:
             trie.remove(topic_filter, session)
             return
-        key = (session.mountpoint, group, plain)
-        shared = self.groups.get(key)
+        shared = self.groups.get((session.mountpoint, group, plain))
         if shared is not None:
             shared.members.pop(session, None)
-            if not shared.members:
-                del self.groups[key]
-                trie.remove(plain, shared)
+            self.prune(session.mountpoint, group, plain)
+
+    # -- other nodes' interest ------------------------------------------------
+    def set_remote(self, node: str, mountpoint: str, topic_filter: str, members: int, online: int) -> None:
+        """Say how many sessions on ``node`` hold ``topic_filter`` (0: none) and how many are online.
+
+        Idempotent: the cluster calls it again with recounted numbers. A shared filter's counts
+        feed its group's shared_subscription_policy; a plain one makes ``match`` name the node.
+        """
+        if not valid_subscription(topic_filter) or not 0 <= online <= members:
+            raise ClusterError(f"bad remote interest of {node}: {topic_filter!r} {members}/{online}")
+        interest = self.remote.get(node, {})
+        key, counts = (mountpoint, topic_filter), ((members, online) if members else None)
+        if interest.get(key) == counts:
+            return
+        group, plain = split_shared(topic_filter)
+        if group is not None:
+            shared = self.group(mountpoint, group, plain)
+            if counts is None:
+                shared.remote.pop(node, None)
+                self.prune(mountpoint, group, plain)
+            else:
+                shared.remote[node] = counts
+        elif counts is None:
+            self.tries[mountpoint].remove(topic_filter, self.nodes[node])
+        elif key not in interest:
+            self.tries[mountpoint].add(topic_filter, self.nodes.setdefault(node, RemoteNode(node)), QOS_ONLY[2])
+        if counts is None:
+            del interest[key]
+        else:
+            interest[key] = counts
+        if interest:
+            self.remote[node] = interest
+        else:
+            self.remote.pop(node, None)
+            self.nodes.pop(node, None)
+        self.cache.clear()
+
+    def drop_remote(self, node: str) -> None:
+        """Forget every filter ``node`` wanted (it left the cluster, or its interest is sent again)."""
+        for mountpoint, topic_filter in list(self.remote.get(node, ())):
+            self.set_remote(node, mountpoint, topic_filter, 0, 0)
 
     def match(self, mountpoint: str, topic: str) -> dict[Any, SubOptions]:
-        """Return who wants ``topic``: each session (or shared group) with its best matching options."""
+        """Return who wants ``topic``: each session, shared group or other node (``RemoteNode``), with options.
+
+        A node is named once, whatever number of its filters match; a session has its best options.
+        """
         key = (mountpoint, topic)
         matches = self.cache.get(key)
         if matches is None:
@@ -2787,7 +2911,7 @@ class Router:
         return matches
 
     def subscription_count(self) -> int:
-        """Return how many subscriptions the tries hold (a shared group counts once)."""
+        """Return how many subscriptions the tries hold (a shared group, and another node's filter, count once)."""
         return sum(t.count for t in list(self.tries.values()))
 
     # -- retained messages -------------------------------------------------
@@ -2851,6 +2975,34 @@ class Router:
 #       and what goes into each connection's outbox.
 # Must not know: sockets, clocks (``now`` is set by the engine's entry points).
 
+class _Discard:
+    """A change list that keeps nothing: a node outside a cluster records no changes for it."""
+
+    __slots__ = ()
+
+    def add(self, item: Any) -> None:
+        """Keep nothing."""
+
+    append = add
+
+
+DISCARD = _Discard()
+
+
+def add_forward(fwd: dict[str, list] | None, node: str, group: str | None) -> dict[str, list]:
+    """Note that ``node`` gets this message: for its plain subscribers (``group`` None) or for a shared group."""
+    if fwd is None:
+        fwd = {}
+    entry = fwd.get(node)
+    if entry is None:
+        entry = fwd[node] = [False, []]
+    if group is None:
+        entry[0] = True
+    else:
+        entry[1].append(group)
+    return fwd
+
+
 class Delivery:
     """The delivery half of the engine (``Engine`` adds connections, packets and time).
 
@@ -2867,6 +3019,9 @@ class Delivery:
     def __init__(self):
         self.dirty: list[Connection] = []  # connections with output since the I/O shell last took it
         self.queued_bytes = 0  # of every session's queue together (max_queued_bytes)
+        self.retained_changes: list[tuple[str, str]] | _Discard = DISCARD  # (mountpoint, topic) changed here
+        # (node, mountpoint, message, plain, groups) for other nodes, in publish order, until the shell takes them
+        self.forwards: list[tuple[str, str, Message, bool, tuple[str, ...]]] = []
 
     # -- the outbox -------------------------------------------------------
     def emit(self, conn: Connection, data: bytes) -> None:
@@ -2916,11 +3071,14 @@ class Delivery:
         return dirty
 
     # -- routing ------------------------------------------------------------
-    def route(self, mountpoint: str, msg: Message) -> int:
+    def route(self, mountpoint: str, msg: Message, forward: bool = True) -> int:
         """Deliver ``msg`` to everyone the router names; return how many matched.
 
         QoS 0 to a plain subscriber that keeps up goes out at once, one encoding per
         protocol version shared by all of them; everything else goes through the queue.
+        Other nodes (wanting it, or picked for a shared group) get one forward each in
+        ``forwards``; ``forward`` False (a message another node forwarded): local
+        subscribers only, and no shared group (the publisher's node picked their members).
         """
         router = self.router
         matches = router.cache.get((mountpoint, msg.topic)) or router.match(mountpoint, msg.topic)
@@ -2928,16 +3086,18 @@ class Delivery:
         if not matches:
             counters["queue_message_unhandled", ()] += 1
             return 0
-        counters["router_matches_local", ()] += len(matches)
         upgrade, frame4, frame5, direct4, direct5 = self.upgrade_qos, None, None, 0, 0
         on_deliver, size, limit = self.hooks.on_deliver, len(msg.payload) + len(msg.topic), self.max_online_bytes
-        dirty = self.dirty
+        dirty, nodes, fwd = self.dirty, 0, None
         for session, opts in matches.items():
-            if type(session) is SharedGroup:
-                picked = session.pick(self.router.choose)
-                if picked is None:
+            if type(session) is not Session:  # another node, or a shared group
+                member = self.pick_member(session, forward)
+                if type(member) is not Session:  # a node's name (it picks a group's member itself), or nobody
+                    nodes += type(session) is RemoteNode
+                    if member is not None:
+                        fwd = add_forward(fwd, member, None if type(session) is RemoteNode else session.label)
                     continue
-                session, opts = picked
+                session, opts = member, session.members[member]
                 if not opts.plain:  # MQTT 5 options: this member's own
                     self.deliver(session, msg, opts.qos, opts.retain_as_published, opts.ids)
                     continue
@@ -2972,6 +3132,10 @@ class Delivery:
                     notify(on_deliver, client.user, session.key, msg.topic, msg.payload)
             else:
                 self.enqueue(session, Outgoing(msg, qos))
+        counters["router_matches_local", ()] += len(matches) - nodes
+        if fwd is not None:
+            counters["router_matches_remote", ()] += len(fwd)
+            self.forwards += [(node, mountpoint, msg, plain, tuple(groups)) for node, (plain, groups) in fwd.items()]
         if direct4 or direct5:
             if direct4:
                 counters["mqtt_publish_sent", V4] += direct4
@@ -2980,6 +3144,23 @@ class Delivery:
             counters["queue_message_in", ()] += direct4 + direct5
             counters["queue_message_out", ()] += direct4 + direct5
         return len(matches)
+
+    def pick_member(self, entry: RemoteNode | SharedGroup, forward: bool) -> Session | str | None:
+        """Return who takes a message for a router entry other than a session: a node's name, a member, or None."""
+        if not forward:
+            return None  # a forwarded message: no other node, and the publisher's node picked group members
+        if type(entry) is RemoteNode:
+            return entry.name
+        return entry.pick(self.router.choose, self.share_policy)
+
+    def take_forwards(self) -> list[tuple[str, str, Message, bool, tuple[str, ...]]]:
+        """Return (and forget) the forwards for other nodes: (node, mountpoint, message, plain, groups).
+
+        ``plain``: that node's own non-shared subscribers want the message; ``groups``: the
+        "group/filter" of each shared group that node serves once. In publish order.
+        """
+        forwards, self.forwards = self.forwards, []
+        return forwards
 
     def deliver_matching(self, session: Session, msg: Message) -> None:
         """Deliver to a session whose matching filters carry MQTT 5 options: highest QoS, every subscription id."""
@@ -3172,6 +3353,7 @@ class Delivery:
         if self.router.unretain(mountpoint, topic) is None:
             return False
         self.store.delete_retained(mountpoint, topic)
+        self.retained_changes.append((mountpoint, topic))
         return True
 
     # -- encoding ---------------------------------------------------------
@@ -3271,6 +3453,11 @@ class Sessions(Delivery):
         self.mountpoints: set[str] = {""}
         self._tick_sessions: list[Session] = []  # what the next ticks still have to look at
         self._config: Config | None = None
+        # For the cluster: sessions whose summary (session_summary) changed since the cluster last took them,
+        # and what the cluster sets: the reason of a netsplit ('' when whole), and who has a client id elsewhere
+        self.session_changes: set[tuple[str, str]] | _Discard = DISCARD
+        self.netsplit = ""
+        self.elsewhere: Callable[[str, str], dict | None] | None = None
         self.refresh_settings()
 
     def refresh_settings(self) -> Config:
@@ -3290,6 +3477,8 @@ class Sessions(Delivery):
             self.acl_file = config["vmq_acl.acl_file"]
             self.max_rate = config["max_message_rate"]
             self.max_levels = config["max_topic_levels"]
+            self.share_policy = config["shared_subscription_policy"]
+            self.publish_in_netsplit = config["allow_publish_during_netsplit"]
         return config
 
     def set_rules(self, users: Mapping[str, str], acl_rules: AclRules | None) -> None:
@@ -3354,6 +3543,7 @@ class Sessions(Delivery):
         attached = session is not None and session.client is client
         if attached:  # first: the will must not go back to the connection that is closing
             session.client, session.offline_since = None, self.now
+            self.session_changes.add(session.key)
         if client.connected and not client.clean_exit and client.will is not None:
             self.publish_will(client, session, attached)
         if attached:
@@ -3399,6 +3589,7 @@ class Sessions(Delivery):
         for topic_filter in session.subs:
             self.router.remove(session, topic_filter)
         self.sessions.pop(session.key, None)
+        self.session_changes.add(session.key)
         self.forget_queue(session)
         if not session.clean:
             self.store.delete_session(session.mountpoint, session.client_id)
@@ -3416,6 +3607,8 @@ class Sessions(Delivery):
             if session.clean:  # from now on kept: its subscriptions too
                 for topic_filter, opts in session.subs.items():
                     self.store.put_subscription(session.mountpoint, session.client_id, topic_filter, opts.packed())
+        if (expiry == 0) != session.clean:
+            self.session_changes.add(session.key)
         session.expiry = expiry
 
     # -- CONNECT ----------------------------------------------------------
@@ -3515,6 +3708,7 @@ class Sessions(Delivery):
             session = old
             self.set_expiry(session, expiry)
         session.client, session.offline_since = client, None
+        self.session_changes.add(key)
         session.user, session.peer, session.protocol = p.username, client.peer, p.proto_level
         client.session, client.connected, client.user = session, True, p.username
         client.tracer = self.tracers.get(key)
@@ -3728,6 +3922,7 @@ class Sessions(Delivery):
             self._next_ref = max(self._next_ref, msg.ref)
         for mountpoint, client_id, expiry in sessions:
             self.sessions[(mountpoint, client_id)] = Session(mountpoint, client_id, self.now, expiry)
+            self.session_changes.add((mountpoint, client_id))
             self.mountpoints.add(mountpoint)
         for mountpoint, client_id, topic_filter, packed in subscriptions:
             session = self.sessions.get((mountpoint, client_id))
@@ -3791,10 +3986,214 @@ class Sessions(Delivery):
 ###############################################################################
 # Owns: what each packet means (one dispatch table from connection state and
 #       packet type to its handler), acknowledgements, subscriptions, deadlines
-#       and the tick.
-# Must not know: sockets, the clock (``now`` comes with every entry point).
+#       and the tick; the engine's side of a cluster (forwards in and out,
+#       sessions taken over from or by other nodes, netsplits, change lists).
+# Must not know: sockets, the clock (``now`` comes with every entry point),
+#       links between nodes (the cluster drains and feeds the seams of ``Peers``).
 
-class Engine(Sessions):
+def summary_subs(subs: Mapping[str, Sequence[Any]]) -> dict[str, SubOptions]:
+    """Read the ``subs`` of a session summary ({filter: [qos, no_local, rap, retain_handling, id]}).
+
+    Entries that are not valid are left out (and logged): a peer's bad data loses only them.
+    """
+    out: dict[str, SubOptions] = {}
+    for topic_filter, fields in subs.items():
+        try:
+            qos, no_local, rap, handling, identifier = fields
+            if not isinstance(topic_filter, str) or not valid_subscription(topic_filter):
+                raise ValueError(topic_filter)
+            out[topic_filter] = SubOptions(int(qos), bool(no_local), bool(rap), int(handling), int(identifier))
+        except (TypeError, ValueError):
+            log.warning("a session summary from another node has a bad subscription %r: %r", topic_filter, fields)
+    return out
+
+
+def summary_fields(opts: SubOptions) -> list:
+    """Return one subscription of a session summary: [qos, no_local, rap, retain_handling, identifier]."""
+    return [opts.qos, opts.no_local, opts.retain_as_published, opts.retain_handling, opts.identifier]
+
+
+class Peers(Sessions):
+    """The engine's side of a cluster: it never sends to another node, it leaves lists the cluster drains.
+
+    The cluster sets ``netsplit`` (a reason, '' when whole), ``elsewhere`` ((mountpoint,
+    client id) -> None or {"node", "clean", "subs"} of a session on another node),
+    ``clustered`` (record changes for it) and, through ``router.set_remote``, other nodes'
+    interest; it drains ``take_forwards``, ``take_session_changes``,
+    ``take_retained_changes`` and ``take_takeovers``, and feeds ``deliver_forwarded``,
+    ``apply_remote_retained``, ``hand_over`` and ``adopt_messages``.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.takeovers: list[tuple[str, str, str]] = []  # (old node, mountpoint, client id)
+        self.adopting: set[tuple[str, str]] = set()  # sessions taken over with their state: messages to come
+
+    @property
+    def clustered(self) -> bool:
+        """Whether changes are recorded for the cluster (off: a standalone node keeps no change lists)."""
+        return self.session_changes is not DISCARD
+
+    @clustered.setter
+    def clustered(self, on: bool) -> None:
+        # Turned on, every session and retained message counts as changed: the first take is the whole state.
+        if on and not self.clustered:
+            self.session_changes = set(self.sessions)
+            self.retained_changes = [(mp, t) for mp, table in self.router.retained.items() for t, _ in table.items()]
+        elif not on:
+            self.session_changes = self.retained_changes = DISCARD
+
+    # -- forwards -----------------------------------------------------------
+    def deliver_forwarded(self, mountpoint: str, msg: Message, plain: bool, groups: Sequence[str],
+                          now: float) -> None:
+        """Deliver a message another node forwarded, to local subscribers only; never forward it again.
+
+        ``plain``: every local non-shared match; ``groups``: "group/filter" of each shared group
+        that gets one local member (online first). Retained messages are not touched here.
+        """
+        self.now = now
+        if self.settings() is not self._config:
+            self.refresh_settings()
+        msg = dataclasses.replace(msg, ref=self.new_ref())  # references are this node's own
+        if plain:
+            self.route(mountpoint, msg, forward=False)
+        for label in groups:
+            name, _, topic_filter = label.partition("/")
+            shared = self.router.groups.get((mountpoint, name, topic_filter))
+            member = shared.pick(self.router.choose, "local_only") if shared is not None else None
+            if member is None:
+                self.counters["queue_message_unhandled", ()] += 1  # its members here left meanwhile
+                continue
+            opts = shared.members[member]
+            self.deliver(member, msg, opts.qos, opts.retain_as_published, opts.ids)
+
+    # -- change lists -------------------------------------------------------
+    def take_session_changes(self) -> set[tuple[str, str]]:
+        """Return (and forget) the (mountpoint, client id) of sessions made, ended, (un)subscribed, on or off line."""
+        changes = self.session_changes
+        if changes is DISCARD:
+            return set()
+        self.session_changes = set()
+        return changes
+
+    def session_summary(self, mountpoint: str, client_id: str) -> dict | None:
+        """Return what other nodes know of a local session: clean, online, subs; None: no session here."""
+        session = self.sessions.get((mountpoint, client_id))
+        if session is None:
+            return None
+        return {"clean": session.clean, "online": session.client is not None,
+                "subs": {t: summary_fields(o) for t, o in session.subs.items()}}
+
+    def take_retained_changes(self) -> list[tuple[str, str]]:
+        """Return (and forget) the (mountpoint, topic) whose retained message a client or command changed here."""
+        changes = self.retained_changes
+        if changes is DISCARD:
+            return []
+        self.retained_changes = []
+        return changes
+
+    def apply_remote_retained(self, mountpoint: str, topic: str, msg: Message | None) -> bool:
+        """Set (or with None or an empty payload delete) a retained message another node changed.
+
+        Kept in the store as any retained message, not reported back as a local change. The
+        node's own limits hold: False when refused (counted in retain_message_refused).
+        """
+        if msg is None or not msg.payload:
+            if self.router.unretain(mountpoint, topic) is not None:
+                self.store.delete_retained(mountpoint, topic)
+            return True
+        msg = dataclasses.replace(msg, topic=topic, ref=self.new_ref(), frame=b"")
+        if not self.router.retain(mountpoint, msg, self.max_retained, self.max_retained_bytes):
+            self.counters["retain_message_refused", ()] += 1
+            return False
+        self.store.put_retained(mountpoint, msg)
+        return True
+
+    # -- sessions across nodes ----------------------------------------------
+    def accept(self, client: Connection, p: Connect, client_id: str, assigned: bool = False,
+               auth_props: tuple = ()) -> None:
+        """Refuse during a netsplit (unless allowed); take a session over from another node; then accept."""
+        if self.netsplit and not self._config["allow_register_during_netsplit"]:
+            return self.refuse(client, CONNACK_UNAVAILABLE, f"netsplit: {self.netsplit}")  # MQTT 5: 0x88
+        key = (client.listener.mountpoint, client_id)
+        there = self.elsewhere(*key) if self.elsewhere is not None and key not in self.sessions else None
+        made = there is not None and not p.clean_session and not there.get("clean", True)
+        if made:  # found here as an offline session, with its subscriptions: CONNACK says session present
+            self.make_session(key, summary_subs(there.get("subs") or {}))
+        try:
+            super().accept(client, p, client_id, assigned, auth_props)
+        finally:
+            if made and not client.connected:  # refused after all: the session stays on its node
+                self.drop_session(self.sessions[key])
+        if there is not None and client.connected:
+            self.takeovers.append((str(there.get("node", "")), *key))
+            if made:
+                self.adopting.add(key)
+
+    def make_session(self, key: tuple[str, str], subs: Mapping[str, SubOptions]) -> Session:
+        """Make an offline persistent session with ``subs`` (one taken over from another node)."""
+        mountpoint, client_id = key
+        session = self.sessions[key] = Session(mountpoint, client_id, self.now, None)
+        self.mountpoints.add(mountpoint)
+        self.store.put_session(mountpoint, client_id, None)
+        for topic_filter, opts in subs.items():
+            self.router.add(session, topic_filter, opts)
+            session.subs[topic_filter] = opts
+            self.store.put_subscription(mountpoint, client_id, topic_filter, opts.packed())
+        return session
+
+    def take_takeovers(self) -> list[tuple[str, str, str]]:
+        """Return (and forget) (old node, mountpoint, client id) of sessions clients took over from other nodes."""
+        takeovers, self.takeovers = self.takeovers, []
+        return takeovers
+
+    def hand_over(self, mountpoint: str, client_id: str, now: float) -> list[Message]:
+        """Give a session up to another node: close its connection (MQTT 5: 0x8E), end it here, return its messages.
+
+        The messages are those queued and those sent but not acknowledged, in order, each
+        with the QoS of its delivery; a QoS 2 message the client already received (PUBREL
+        sent) is not among them. Also removes a session that a newer owner elsewhere won.
+        """
+        self.now = now
+        key = (mountpoint, client_id)
+        session = self.sessions.get(key)
+        if session is not None and session.client is not None:
+            self.close_client(session.client, reason=Reason.SESSION_TAKEN_OVER)  # [MQTT-3.1.4-2]
+            session = self.sessions.get(key)  # a clean session ended with its connection
+        if session is None:
+            return []
+        self.take_will(session)  # its client connects elsewhere: no delayed will [MQTT-3.1.3-9]
+        self.unstore(session)
+        moving = [dataclasses.replace(out.msg, qos=out.qos, retain=out.retain, frame=b"")
+                  for out in itertools.chain(session.inflight.values(), session.queue)
+                  if out.stage is not Stage.RELEASED]
+        self.drop_session(session)
+        self.adopting.discard(key)
+        return moving
+
+    def adopt_messages(self, mountpoint: str, client_id: str, messages: Iterable[Message], now: float) -> int:
+        """Queue the messages ``hand_over`` gave up on the old node into the session that took it over.
+
+        Only a session made here with the old one's state (session present) takes them, once.
+        Return how many were offered to its queue (its limits still hold).
+        """
+        self.now = now
+        key = (mountpoint, client_id)
+        session = self.sessions.get(key)
+        if key not in self.adopting or session is None:
+            return 0
+        self.adopting.discard(key)
+        count = 0
+        for msg in messages:
+            ids = tuple(o.identifier for t, o in session.subs.items()
+                        if o.identifier and topic_matches(split_shared(t)[1], msg.topic))
+            msg = dataclasses.replace(msg, ref=self.new_ref())
+            self.enqueue(session, Outgoing(msg, msg.qos, 0, msg.retain, ids, retained=msg.retain))
+            count += 1
+        return count
+
+
+class Engine(Peers):
     """MQTT 3.1/3.1.1/5.0 broker state, driven by packets; output goes to each Connection's outbox.
 
     Entry points: ``connection_made``, ``handle(conn, packet, now)``, ``deadline``,
@@ -3824,6 +4223,8 @@ class Engine(Sessions):
             return
         if self.max_rate:
             self.throttle(client)
+        if self.netsplit and not self.publish_in_netsplit:
+            return self.refuse_unsaved(client, p, f"netsplit: {self.netsplit}")
         if p.qos and self.store.error is not None:
             return self.refuse_unsaved(client, p)
         topic, props, expires = p.topic, (), None
@@ -3872,13 +4273,18 @@ class Engine(Sessions):
         self.emit_packet(client, client.dialect.ack(kind, p.packet_id, reason))
         self.counters["mqtt_puback_sent" if kind is Puback else "mqtt_pubrec_sent", reason_labels(reason)] += 1
 
-    def refuse_unsaved(self, client: Connection, p: Publish) -> None:
-        """Refuse a QoS 1/2 PUBLISH the store cannot keep: MQTT 5 hears 0x80, MQTT 3 is cut off (it resends)."""
+    def refuse_unsaved(self, client: Connection, p: Publish, text: str = STORE_DOWN) -> None:
+        """Refuse a PUBLISH the node cannot take (the store cannot keep it, or a netsplit).
+
+        MQTT 5 QoS 1/2 hears 0x80 with ``text``, MQTT 3 QoS 1/2 is cut off (it resends), QoS 0 is dropped.
+        """
         self.counters["mqtt_publish_error", ()] += 1
+        if not p.qos:
+            return  # nothing to acknowledge, so nothing to refuse
         if not client.dialect.v5:
             return self.close_client(client)  # 3.1.1 has no negative acknowledgement
         kind = Puback if p.qos == 1 else Pubrec
-        self.emit_packet(client, client.dialect.ack(kind, p.packet_id, Reason.UNSPECIFIED_ERROR, STORE_DOWN))
+        self.emit_packet(client, client.dialect.ack(kind, p.packet_id, Reason.UNSPECIFIED_ERROR, text))
         self.counters["mqtt_puback_sent" if kind is Puback else "mqtt_pubrec_sent",
                       reason_labels(Reason.UNSPECIFIED_ERROR)] += 1
 
@@ -3969,6 +4375,8 @@ class Engine(Sessions):
             self.store.delete_retained(mountpoint, msg.topic)
         else:
             self.counters["retain_message_refused", ()] += 1
+            return kept
+        self.retained_changes.append((mountpoint, msg.topic))
         return kept
 
     # -- acknowledgements -------------------------------------------------
@@ -4027,6 +4435,8 @@ class Engine(Sessions):
         """Subscribe each filter (a failure code when invalid or refused), then send retained matches."""
         self.counters["mqtt_subscribe_received", client.labels] += 1
         session, dialect = client.session, client.dialect
+        if self.netsplit and not self._config["allow_subscribe_during_netsplit"]:
+            return self.refuse_split(client, p)
         sub_id = 0
         if dialect.v5:
             ids = [value for name, value in p.properties if name == "subscription_identifier"]
@@ -4076,6 +4486,7 @@ class Engine(Sessions):
         """Add or replace one subscription [MQTT-3.8.4-3]."""
         self.router.add(session, topic_filter, opts)
         session.subs[topic_filter] = opts
+        self.session_changes.add(session.key)
         if not session.clean:
             self.store.put_subscription(session.mountpoint, session.client_id, topic_filter, opts.packed())
 
@@ -4083,9 +4494,31 @@ class Engine(Sessions):
         """Drop filters and answer UNSUBACK [MQTT-3.10.4-4]; MQTT 5 says per filter whether it existed."""
         self.counters["mqtt_unsubscribe_received", client.labels] += 1
         session = client.session
+        if self.netsplit and not self._config["allow_unsubscribe_during_netsplit"]:
+            return self.refuse_split(client, p)
         existed = [self.unsubscribe(session, topic_filter) for topic_filter in p.topics]
         notify(self.hooks.on_unsubscribe, client.user, session.key, list(p.topics))
         self.emit_packet(client, client.dialect.unsuback(p.packet_id, existed))
+        self.counters["mqtt_unsuback_sent", client.labels] += 1
+
+    def refuse_split(self, client: Connection, p: Subscribe | Unsubscribe) -> None:
+        """Refuse a SUBSCRIBE or UNSUBSCRIBE during a netsplit, every filter with 0x80.
+
+        MQTT 3.1.1 has no failure code in UNSUBACK (3.11.3): acknowledging would say the
+        filters are gone while messages keep coming, so the connection is closed instead, as
+        for a PUBLISH the node cannot take; the client unsubscribes again once it is back.
+        """
+        codes = (SUBACK_FAILURE,) * len(p.topics)  # MQTT 3.1.1 3.9.3, MQTT 5.0 3.9.3 and 3.11.3: 0x80
+        text = (("reason_string", f"netsplit: {self.netsplit}"),) if client.dialect.v5 else ()
+        if isinstance(p, Subscribe):
+            self.counters["mqtt_subscribe_error", ()] += len(codes)
+            self.emit_packet(client, Suback(p.packet_id, codes, text))
+            self.counters["mqtt_suback_sent", client.labels] += 1
+            return
+        self.counters["mqtt_unsubscribe_error", ()] += 1
+        if not client.dialect.v5:
+            return self.close_client(client)
+        self.emit_packet(client, Unsuback(p.packet_id, codes, text))
         self.counters["mqtt_unsuback_sent", client.labels] += 1
 
     def unsubscribe(self, session: Session, topic_filter: str) -> bool:
@@ -4093,6 +4526,7 @@ class Engine(Sessions):
         if session.subs.pop(topic_filter, None) is None:
             return False
         self.router.remove(session, topic_filter)
+        self.session_changes.add(session.key)
         if not session.clean:
             self.store.delete_subscription(session.mountpoint, session.client_id, topic_filter)
         return True
