@@ -4142,6 +4142,21 @@ class Peers(Sessions):
             self.store.put_subscription(mountpoint, client_id, topic_filter, opts.packed())
         return session
 
+    def adopt_session(self, mountpoint: str, client_id: str, summary: Mapping[str, Any], now: float) -> bool:
+        """Make here, offline, a persistent session another node gave up (it left, or was removed while down).
+
+        Its messages may follow with ``adopt_messages``. Return False when a session of that
+        name is here already (it wins) or the summary is of a clean session.
+        """
+        self.now = now
+        key = (mountpoint, client_id)
+        if key in self.sessions or summary.get("clean", True):
+            return False
+        self.make_session(key, summary_subs(summary.get("subs") or {}))
+        self.adopting.add(key)
+        self.session_changes.add(key)
+        return True
+
     def take_takeovers(self) -> list[tuple[str, str, str]]:
         """Return (and forget) (old node, mountpoint, client id) of sessions clients took over from other nodes."""
         takeovers, self.takeovers = self.takeovers, []
@@ -8385,6 +8400,7 @@ FRAME_META, FRAME_FORWARD, FRAME_CALL, FRAME_REPLY, FRAME_MIGRATE = 16, 17, 18, 
 CLUSTER_TIMER = 1.0  # s between two rounds of housekeeping: digests, the key file, saving rows
 SYNC_EVERY = 2  # timer rounds between anti-entropy digests to each peer
 JOIN_TIMEOUT = 10.0  # s a join waits for the link and the first merge
+FIRST_SYNC_WAIT = 10.0  # s a restarted node waits for its peers' state before it reports its sessions
 CALL_TIMEOUT = 10.0  # s a command waits for another node's answer
 TOMBSTONE_DAYS = 7  # deleted rows are remembered this long (a node away longer may bring old rows back)
 CLUSTER_CALL_WORKERS = 4  # threads that run other nodes' requests (they may call into this node's loop)
@@ -8496,6 +8512,8 @@ class Cluster:
         self._round = 0
         self._timer: asyncio.TimerHandle | None = None
         self._flush_due = False
+        self._unsynced: set[str] = set()
+        self._record_after = 0.0
         self.pool = concurrent.futures.ThreadPoolExecutor(CLUSTER_CALL_WORKERS, thread_name_prefix="vmqapi-cluster")
         self.split = ""  # why the cluster is not whole ('' when it is)
 
@@ -8532,7 +8550,16 @@ class Cluster:
             self._apply_config(key, value)
         self._connect_members()
         self._check_split()
+        # A restarted node first hears what its peers hold, so that it never claims back with a
+        # fresh stamp a session that moved while it was away; on its own it records changes at once.
+        self._unsynced = set(self.peers())
+        self._record_after = time.monotonic() + FIRST_SYNC_WAIT
+        self._maybe_record()
         self._timer = self.io.loop.call_later(CLUSTER_TIMER, self._tick)
+
+    def _maybe_record(self) -> None:
+        if not self.engine.clustered and (not self._unsynced or time.monotonic() >= self._record_after):
+            self.engine.clustered = True
 
     def _advertised(self) -> str:
         host, port = self.bound or self.address
@@ -8752,6 +8779,8 @@ class Cluster:
                     self.links.send(peer, FRAME_META, encode_term(reply))
                 if not changed and not replies:
                     self._quiet[peer] = True
+                    self._unsynced.discard(peer)
+                    self._maybe_record()
             elif kind == FRAME_CALL:
                 call_id, op, args = decode_term(body)
                 self.pool.submit(self._serve_call, peer, call_id, op, args)
@@ -8782,6 +8811,7 @@ class Cluster:
             send = self.links.send
             for node, mountpoint, msg, plain, groups in engine.take_forwards():
                 send(node, FRAME_FORWARD, encode_forward(mountpoint, msg, plain, groups))
+        engine.take_takeovers()  # the old node hands over when it sees the newer session row
         self._session_changes()
         self._retained_changes()
         self._announce()
@@ -8789,6 +8819,7 @@ class Cluster:
     def _tick(self) -> None:
         try:
             self._round += 1
+            self._maybe_record()
             self._sync_keys()
             if self._round % SYNC_EVERY == 0 and self.links is not None:
                 body = encode_term(self.replica.digest_message())
