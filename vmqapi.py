@@ -8558,7 +8558,9 @@ class Cluster:
         self._timer = self.io.loop.call_later(CLUSTER_TIMER, self._tick)
 
     def _maybe_record(self) -> None:
-        if not self.engine.clustered and (not self._unsynced or time.monotonic() >= self._record_after):
+        """Let the engine record changes once this node is in a cluster (a standalone node keeps none)."""
+        if not self.engine.clustered and self.peers() and \
+                (not self._unsynced or time.monotonic() >= self._record_after):
             self.engine.clustered = True
 
     def _advertised(self) -> str:
@@ -8964,7 +8966,8 @@ class Cluster:
         self._put("member", name, {"address": address})
         self._connect_members()
         self._check_split()
-        self._announce()
+        self._maybe_record()
+        self.after_batch()
         self._save()
 
     def leave(self, name: str, kill_sessions: bool, timeout: float) -> str:
@@ -9014,6 +9017,7 @@ class Cluster:
             self.links.forget(peer)
         self._owned.clear()
         self._interest.clear()
+        self.engine.clustered = False
 
     def set_all(self, target: str, changes: Mapping[str, str]) -> None:
         """Replicate ``set`` changes to ``target`` (a node name, or ``*`` for every node)."""
