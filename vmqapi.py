@@ -4369,10 +4369,11 @@ def encode_forward(mountpoint: str, msg: Message, plain: bool, groups: tuple[str
 
 def decode_forward(body: bytes) -> tuple[str, Message, bool, tuple[str, ...]]:
     """Decode what encode_forward made: (mountpoint, message, plain, groups)."""
+    if type(body) is not bytes:
+        body = bytes(body)  # slices of it become the payload and frame
     if len(body) < _FORWARD.size or body[0] != FORWARD_VERSION:
         raise ClusterError("forwarded message cut short or of another version")
-    version, flags, n_mp, n_topic, n_origin, n_groups, n_props, n_payload, n_frame, ref, expires = \
-        _FORWARD.unpack_from(body)
+    _, flags, n_mp, n_topic, n_origin, n_groups, n_props, n_payload, n_frame, ref, expires = _FORWARD.unpack_from(body)
     a = _FORWARD.size + n_mp
     b = a + n_topic
     c = b + n_origin
@@ -4382,7 +4383,8 @@ def decode_forward(body: bytes) -> tuple[str, Message, bool, tuple[str, ...]]:
     if (f != len(body) if not n_groups else f + 2 * n_groups > len(body)) or flags & 3 == 3 or flags >= 128:
         raise ClusterError("forwarded message of the wrong length or with bad flags")
     try:
-        mountpoint, topic, origin = str(body[_FORWARD.size:a], "utf-8"), str(body[a:b], "utf-8"), str(body[b:c], "utf-8")
+        mountpoint, topic = str(body[_FORWARD.size:a], "utf-8"), str(body[a:b], "utf-8")
+        origin = str(body[b:c], "utf-8")
         props = _forward_props(body, c, d) if n_props else ()
     except UnicodeDecodeError:
         raise ClusterError("forwarded message with a string that is not UTF-8") from None
