@@ -134,6 +134,7 @@ import socketserver
 import ssl
 import sqlite3
 import string
+import struct
 import tempfile
 import threading
 import time
@@ -4643,6 +4644,547 @@ class Engine(Peers):
 #       anti-entropy digests) and the codec of node-to-node frames, as pure values.
 # Must not know: sockets, clocks, the store, the engine's shapes.
 
+# -- terms: the encoding of everything nodes tell each other about their state -----------
+# A tag byte, then (for sizes) a 4-byte count or length: compact, self-describing, and
+# checkable against the bytes at hand before anything is allocated. Tuples travel as lists.
+
+TERM_MAX_DEPTH = 32  # containers a term may nest; replicated metadata needs a handful
+_U16 = struct.Struct(">H")
+_U32 = struct.Struct(">I")
+_I64 = struct.Struct(">q")
+_F64 = struct.Struct(">d")
+_I64_MIN, _I64_MAX = -2 ** 63, 2 ** 63 - 1
+_SMALLEST_DICT_ENTRY = 6  # an empty key (tag and length) and a one-byte value
+
+
+def encode_term(obj: Any) -> bytes:
+    """Encode a term: None, bool, int, float, str, bytes, list, tuple (decoded as a list), dict with str keys.
+
+    Dict keys are written sorted, so equal terms have equal bytes (anti-entropy hashes them).
+    """
+    out = bytearray()
+    _put_term(out, obj, 0)
+    return bytes(out)
+
+
+def _put_term(out: bytearray, obj: Any, depth: int) -> None:
+    writer = _TERM_WRITERS.get(type(obj)) or _term_writer_for(obj)
+    writer(out, obj, depth)
+
+
+def _term_writer_for(obj: Any) -> Callable:
+    """Find the writer of a subclass of a term type (an IntEnum, say), or refuse the value."""
+    for cls in (bool, int, float, str, bytes, bytearray, memoryview, list, tuple, dict):
+        if isinstance(obj, cls):
+            return _TERM_WRITERS[cls]
+    raise ClusterError(f"a {type(obj).__name__} is not a term")
+
+
+def _put_int(out: bytearray, n: int, depth: int) -> None:
+    if _I64_MIN <= n <= _I64_MAX:
+        out += b"i" + _I64.pack(n)
+    else:
+        raw = int(n).to_bytes(n.bit_length() // 8 + 1, "big", signed=True)
+        out += b"I" + _U32.pack(len(raw)) + raw
+
+
+def _put_str(out: bytearray, text: str, depth: int) -> None:
+    raw = text.encode("utf-8", "surrogatepass")  # any Python str travels, lone surrogates too
+    out += b"s" + _U32.pack(len(raw)) + raw
+
+
+def _put_bytes(out: bytearray, raw: bytes, depth: int) -> None:
+    out += b"b" + _U32.pack(len(raw)) + raw
+
+
+def _nest(depth: int) -> None:
+    if depth >= TERM_MAX_DEPTH:
+        raise ClusterError(f"term nested deeper than {TERM_MAX_DEPTH}")
+
+
+def _put_list(out: bytearray, items: Sequence, depth: int) -> None:
+    _nest(depth)
+    out += b"l" + _U32.pack(len(items))
+    for item in items:
+        _put_term(out, item, depth + 1)
+
+
+def _put_dict(out: bytearray, mapping: dict, depth: int) -> None:
+    _nest(depth)
+    keys = list(mapping)
+    if not all(isinstance(key, str) for key in keys):
+        raise ClusterError("a term's dict keys must be str")
+    out += b"d" + _U32.pack(len(keys))
+    for key in sorted(keys):
+        _put_str(out, key, depth)
+        _put_term(out, mapping[key], depth + 1)
+
+
+_TERM_WRITERS: Mapping[type, Callable] = types.MappingProxyType({
+    type(None): lambda out, obj, depth: out.append(0x4E),  # N
+    bool: lambda out, obj, depth: out.append(0x54 if obj else 0x46),  # T, F
+    int: _put_int,
+    float: lambda out, obj, depth: out.extend(b"f" + _F64.pack(obj)),
+    str: _put_str,
+    bytes: _put_bytes, bytearray: _put_bytes, memoryview: lambda out, obj, depth: _put_bytes(out, bytes(obj), depth),
+    list: _put_list, tuple: _put_list,
+    dict: _put_dict,
+})
+
+
+def decode_term(data: bytes) -> Any:
+    """Decode one term that fills ``data`` exactly; anything else raises ClusterError."""
+    data = bytes(data)
+    value, i = _get_term(data, 0, 0)
+    if i != len(data):
+        raise ClusterError(f"{len(data) - i} bytes after a term")
+    return value
+
+
+def _get_term(data: bytes, i: int, depth: int) -> tuple[Any, int]:
+    if i >= len(data):
+        raise ClusterError("term cut short")
+    reader = _TERM_READERS.get(data[i])
+    if reader is None:
+        raise ClusterError(f"unknown term tag {data[i]:#04x}")
+    return reader(data, i + 1, depth)
+
+
+def _get_fixed(data: bytes, i: int, codec: struct.Struct) -> tuple[Any, int]:
+    if i + codec.size > len(data):
+        raise ClusterError("term cut short")
+    return codec.unpack_from(data, i)[0], i + codec.size
+
+
+def _get_size(data: bytes, i: int, unit: int = 1) -> tuple[int, int]:
+    """Read a count or length, refused when its ``unit``-byte items cannot fit in what is left."""
+    n, i = _get_fixed(data, i, _U32)
+    if n * unit > len(data) - i:
+        raise ClusterError("term declares more than its bytes hold")
+    return n, i
+
+
+def _get_str(data: bytes, i: int, depth: int) -> tuple[str, int]:
+    n, i = _get_size(data, i)
+    try:
+        return str(data[i:i + n], "utf-8", "surrogatepass"), i + n
+    except UnicodeDecodeError:
+        raise ClusterError("term string is not UTF-8") from None
+
+
+def _get_bigint(data: bytes, i: int, depth: int) -> tuple[int, int]:
+    n, i = _get_size(data, i)
+    return int.from_bytes(data[i:i + n], "big", signed=True), i + n
+
+
+def _get_bytes(data: bytes, i: int, depth: int) -> tuple[bytes, int]:
+    n, i = _get_size(data, i)
+    return data[i:i + n], i + n
+
+
+def _get_list(data: bytes, i: int, depth: int) -> tuple[list, int]:
+    _nest(depth)
+    n, i = _get_size(data, i)
+    items = []
+    for _ in range(n):
+        item, i = _get_term(data, i, depth + 1)
+        items.append(item)
+    return items, i
+
+
+def _get_dict(data: bytes, i: int, depth: int) -> tuple[dict, int]:
+    _nest(depth)
+    n, i = _get_size(data, i, _SMALLEST_DICT_ENTRY)
+    mapping = {}
+    for _ in range(n):
+        if i >= len(data) or data[i] != 0x73:  # s
+            raise ClusterError("a term's dict key is not a str")
+        key, i = _get_str(data, i + 1, depth)
+        mapping[key], i = _get_term(data, i, depth + 1)
+    return mapping, i
+
+
+_TERM_READERS: Mapping[int, Callable] = types.MappingProxyType({
+    0x4E: lambda data, i, depth: (None, i), 0x54: lambda data, i, depth: (True, i),
+    0x46: lambda data, i, depth: (False, i),
+    0x69: lambda data, i, depth: _get_fixed(data, i, _I64), 0x49: _get_bigint,  # i, I
+    0x66: lambda data, i, depth: _get_fixed(data, i, _F64),  # f
+    0x73: _get_str, 0x62: _get_bytes, 0x6C: _get_list, 0x64: _get_dict,  # s, b, l, d
+})
+
+
+# -- the forward codec: one message on its way to a node with subscribers --------------
+# The hot path between nodes: a fixed struct header with every length, then the raw parts,
+# so decoding is one unpack and a slice per part. Properties keep their MQTT 5 encoding.
+
+FORWARD_VERSION = 1  # first byte of a forward body; a node refuses another layout
+_FORWARD = struct.Struct(">BBHHHHIIIQd")  # version, flags, lengths of mountpoint, topic, origin,
+# the number of groups, lengths of properties, payload and frame, then ref and expiry time
+_FWD_RETAIN, _FWD_FRAME5, _FWD_PLAIN, _FWD_EXPIRES, _FWD_ORIGIN = 4, 8, 16, 32, 64  # flag bits above the QoS
+
+
+def encode_forward(mountpoint: str, msg: Message, plain: bool, groups: tuple[str, ...]) -> bytes:
+    """Encode a message forwarded to a node: ``plain`` (its subscribers need no options) and the shared
+    ``groups`` ("group/filter") the receiver serves once."""
+    try:
+        mp, topic, props = mountpoint.encode(), msg.topic.encode(), encode_properties(msg.props) if msg.props else b""
+        origin = b"" if msg.origin is None else msg.origin.encode()
+        if msg.qos not in (0, 1, 2):
+            raise ValueError(f"QoS {msg.qos}")
+        flags = (msg.qos | _FWD_RETAIN * bool(msg.retain) | _FWD_FRAME5 * bool(msg.frame5) | _FWD_PLAIN * bool(plain)
+                 | _FWD_EXPIRES * (msg.expires is not None) | _FWD_ORIGIN * (msg.origin is not None))
+        head = _FORWARD.pack(FORWARD_VERSION, flags, len(mp), len(topic), len(origin), len(groups), len(props),
+                             len(msg.payload), len(msg.frame), msg.ref, 0.0 if msg.expires is None else msg.expires)
+        parts = [head, mp, topic, origin, props, msg.payload, msg.frame]
+        for group in groups:
+            raw = group.encode()
+            parts += (_U16.pack(len(raw)), raw)
+    except (struct.error, ValueError, TypeError, KeyError, AttributeError, OverflowError) as e:
+        raise ClusterError(f"cannot forward this message: {e}") from None
+    return b"".join(parts)
+
+
+def decode_forward(body: bytes) -> tuple[str, Message, bool, tuple[str, ...]]:
+    """Decode what encode_forward made: (mountpoint, message, plain, groups)."""
+    if type(body) is not bytes:
+        body = bytes(body)  # slices of it become the payload and frame
+    if len(body) < _FORWARD.size or body[0] != FORWARD_VERSION:
+        raise ClusterError("forwarded message cut short or of another version")
+    _, flags, n_mp, n_topic, n_origin, n_groups, n_props, n_payload, n_frame, ref, expires = _FORWARD.unpack_from(body)
+    a = _FORWARD.size + n_mp
+    b = a + n_topic
+    c = b + n_origin
+    d = c + n_props
+    e = d + n_payload
+    f = e + n_frame
+    if (f != len(body) if not n_groups else f + 2 * n_groups > len(body)) or flags & 3 == 3 or flags >= 128:
+        raise ClusterError("forwarded message of the wrong length or with bad flags")
+    try:
+        mountpoint, topic = str(body[_FORWARD.size:a], "utf-8"), str(body[a:b], "utf-8")
+        origin = str(body[b:c], "utf-8")
+        props = _forward_props(body, c, d) if n_props else ()
+    except UnicodeDecodeError:
+        raise ClusterError("forwarded message with a string that is not UTF-8") from None
+    groups = _forward_groups(body, f, n_groups) if n_groups else ()
+    msg = Message(topic, body[d:e], flags & 3, bool(flags & _FWD_RETAIN), ref, body[e:f], bool(flags & _FWD_FRAME5),
+                  props, expires if flags & _FWD_EXPIRES else None, origin if flags & _FWD_ORIGIN else None)
+    return mountpoint, msg, bool(flags & _FWD_PLAIN), groups
+
+
+def _forward_props(body: bytes, start: int, stop: int) -> tuple:
+    try:
+        props, end = decode_properties(body, start, stop)
+    except MalformedPacket as e:
+        raise ClusterError(f"forwarded message with bad properties: {e}") from None
+    if end != stop:
+        raise ClusterError("forwarded message with bytes after its properties")
+    return props
+
+
+def _forward_groups(body: bytes, i: int, count: int) -> tuple[str, ...]:
+    groups = []
+    for _ in range(count):
+        if i + 2 > len(body):
+            raise ClusterError("forwarded message cut short in its groups")
+        n = _U16.unpack_from(body, i)[0]
+        if i + 2 + n > len(body):
+            raise ClusterError("forwarded message cut short in its groups")
+        try:
+            groups.append(str(body[i + 2:i + 2 + n], "utf-8"))
+        except UnicodeDecodeError:
+            raise ClusterError("forwarded message with a group that is not UTF-8") from None
+        i += 2 + n
+    if i != len(body):
+        raise ClusterError("forwarded message with bytes after its groups")
+    return tuple(groups)
+
+
+# -- the replicated state: last writer wins per key, with tombstones ---------------------
+
+Stamp = tuple[float, str]  # (wall-clock seconds, node name): newer time wins, then the greater name
+STAMP_STEP = 1e-6  # s; a local write's stamp is at least this past the one it replaces
+SYNC_BUCKETS = 256  # key buckets per kind that anti-entropy compares: 10,000 sessions make ~40 keys each
+SYNC_KEYS = 512  # key stamps one listing holds (whole buckets, at least one)
+SYNC_ROWS = 256  # rows one message holds; the rest follows in the next round
+SYNC_KINDS = 64  # kinds a digest may name (the glue uses five)
+
+
+def _stamp_time(t: Any) -> float:
+    if type(t) not in (int, float):
+        raise ClusterError(f"stamp time {t!r} is not a number")
+    try:
+        t = float(t)
+    except OverflowError:
+        raise ClusterError("stamp time out of range") from None
+    if not math.isfinite(t):
+        raise ClusterError(f"stamp time {t!r} is not finite")
+    return t
+
+
+@dataclass(frozen=True, slots=True)
+class Update:
+    """One row of the replicated state; ``value`` None is a tombstone, ``stamp`` orders the writes to a key."""
+
+    kind: str
+    key: str
+    value: Any  # a term
+    stamp: Stamp
+
+    def __post_init__(self):
+        stamp = self.stamp
+        if not (isinstance(self.kind, str) and isinstance(self.key, str) and isinstance(stamp, (tuple, list))
+                and len(stamp) == 2 and isinstance(stamp[1], str)):
+            raise ClusterError(f"bad replicated row {self.kind!r} {self.key!r} {stamp!r}")
+        if type(stamp) is not tuple or type(stamp[0]) is not float:
+            object.__setattr__(self, "stamp", (_stamp_time(stamp[0]), stamp[1]))
+        elif not math.isfinite(stamp[0]):
+            raise ClusterError(f"stamp time {stamp[0]!r} is not finite")
+
+
+def _key_bucket(key: str) -> int:
+    digest = hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=4).digest()
+    return int.from_bytes(digest, "big") % SYNC_BUCKETS
+
+
+def _row_hash(update: Update, value_term: bytes) -> int:
+    head = encode_term([update.kind, update.key, update.stamp[0], update.stamp[1]])
+    return int.from_bytes(hashlib.blake2b(head + value_term, digest_size=8).digest(), "big")
+
+
+class _Kind:
+    """The rows of one kind, with the XOR of their hashes per bucket of keys and in all."""
+
+    __slots__ = ("rows", "hashes", "members", "sums", "total")
+
+    def __init__(self):
+        self.rows: dict[str, Update] = {}
+        self.hashes: dict[str, int] = {}
+        self.members: dict[int, set[str]] = {}  # bucket -> keys
+        self.sums = [0] * SYNC_BUCKETS
+        self.total = 0
+
+    def set(self, update: Update, value_term: bytes) -> None:
+        """Hold ``update`` for its key, in place of what was held."""
+        key, bucket, new = update.key, _key_bucket(update.key), _row_hash(update, value_term)
+        old = self.hashes.get(key)
+        if old is None:
+            self.members.setdefault(bucket, set()).add(key)
+            old = 0
+        self.rows[key], self.hashes[key] = update, new
+        self.sums[bucket] ^= old ^ new
+        self.total ^= old ^ new
+
+    def remove(self, key: str) -> None:
+        """Forget ``key`` altogether (a purged tombstone)."""
+        bucket, old = _key_bucket(key), self.hashes.pop(key)
+        del self.rows[key]
+        self.members[bucket].discard(key)
+        self.sums[bucket] ^= old
+        self.total ^= old
+
+    def entries(self, bucket: int) -> list[list]:
+        """The listing of one bucket: [key, stamp time, stamp node, row hash] per key, sorted."""
+        return [[key, self.rows[key].stamp[0], self.rows[key].stamp[1], self.hashes[key]]
+                for key in sorted(self.members.get(bucket, ()))]
+
+
+def _check(ok: bool, what: str) -> None:
+    if not ok:
+        raise ClusterError(f"malformed cluster state message: {what}")
+
+
+def _row_term(update: Update) -> list:
+    return [update.kind, update.key, update.value, update.stamp[0], update.stamp[1]]
+
+
+def _row_from_term(row: Any) -> Update:
+    _check(isinstance(row, list) and len(row) == 5, "a row is [kind, key, value, time, node]")
+    return Update(row[0], row[1], row[2], (row[3], row[4]))
+
+
+class Replica:
+    """This node's copy of the cluster's replicated state, and the anti-entropy protocol with its peers.
+
+    Rows are grouped by kind; per key the newest stamp wins, a delete being a tombstone with
+    its own stamp. Messages (terms, see ``receive``) are lists that start with a tag:
+    ``["r", rows, more]`` rows to merge (what ``announce`` sends); ``["d", {kind: hash}]`` the
+    digest; ``["b", kind, hashes]`` the 8-byte hashes of a kind's buckets of keys, when its
+    digest differs; ``["k", kind, buckets, [[key, time, node, hash], ...], more]`` the rows'
+    stamps in the buckets that differ; ``["w", kind, keys, more]`` rows asked for. A digest of
+    replicas that agree gets no answer. A round that was cut at a bound carries ``more`` on
+    to its last message, which is answered with a digest, so the next round starts at once.
+    Anything lost is found by a later digest.
+    """
+
+    def __init__(self, me: str, rows: Iterable[Update] = ()):
+        self.me = me
+        self._kinds: dict[str, _Kind] = {}
+        self.merge(rows)
+
+    # -- local use ----------------------------------------------------------------
+    def put(self, kind: str, key: str, value: Any, now: float) -> Update | None:
+        """Write locally (value None deletes). The stamp is (max(now, held stamp's time + 1e-6), me) so a
+        local write always wins over what this node holds. Return None (and change nothing) when the live
+        value is already equal (deleting an absent key is also None)."""
+        value_term = encode_term(value)
+        held = self._held(kind, key)
+        live = None if held is None else held.value
+        if (live is None) if value is None else (live is not None and encode_term(live) == value_term):
+            return None
+        t = _stamp_time(now)
+        if held is not None:
+            t = max(t, held.stamp[0] + STAMP_STEP)
+            if t <= held.stamp[0]:  # a time so large that the step vanishes in its precision
+                t = math.nextafter(held.stamp[0], math.inf)
+        update = Update(kind, key, decode_term(value_term), (t, self.me))  # decoded: as every peer will hold it
+        self._kind(kind).set(update, value_term)
+        return update
+
+    def get(self, kind: str, key: str, default: Any = None) -> Any:
+        """Return the live value of ``key`` or ``default``."""
+        held = self._held(kind, key)
+        return default if held is None or held.value is None else held.value
+
+    def items(self, kind: str) -> list[tuple[str, Any]]:
+        """Return the live (key, value) pairs of a kind, sorted by key."""
+        rows = self._kinds[kind].rows if kind in self._kinds else {}
+        return [(key, rows[key].value) for key in sorted(rows) if rows[key].value is not None]
+
+    def rows(self) -> list[Update]:
+        """Return every row, tombstones too (what the store keeps), by kind and key."""
+        return [held.rows[key] for kind, held in sorted(self._kinds.items()) for key in sorted(held.rows)]
+
+    def merge(self, updates: Iterable[Update]) -> list[Update]:
+        """Keep each update that is newer than what is held for its key; return those kept."""
+        kept = []
+        for update in updates:
+            if not isinstance(update, Update):
+                raise ClusterError(f"not a replicated row: {update!r}")
+            value_term = encode_term(update.value)
+            update = dataclasses.replace(update, value=decode_term(value_term))  # lists, not tuples, as peers hold
+            if self._newer(update, value_term):
+                self._kind(update.kind).set(update, value_term)
+                kept.append(update)
+        return kept
+
+    def purge(self, before: float) -> int:
+        """Drop the tombstones stamped before ``before``; return how many.
+
+        Safe only once every peer holds the delete: a peer that still holds the old value
+        would bring it back.
+        """
+        dropped = 0
+        for name, kind in list(self._kinds.items()):
+            for key in [key for key, held in kind.rows.items() if held.value is None and held.stamp[0] < before]:
+                kind.remove(key)
+                dropped += 1
+            if not kind.rows:
+                del self._kinds[name]
+        return dropped
+
+    def _held(self, kind: str, key: str) -> Update | None:
+        held = self._kinds.get(kind)
+        return None if held is None else held.rows.get(key)
+
+    def _kind(self, kind: str) -> _Kind:
+        held = self._kinds.get(kind)
+        if held is None:
+            held = self._kinds[kind] = _Kind()
+        return held
+
+    def _newer(self, update: Update, value_term: bytes) -> bool:
+        """Whether ``update`` beats the held row; equal stamps (a node restored from an old store)
+        are settled by the greater value encoding, the same way on every node."""
+        held = self._held(update.kind, update.key)
+        if held is None or update.stamp > held.stamp:
+            return True
+        return update.stamp == held.stamp and value_term > encode_term(held.value)
+
+    # -- the protocol between replicas --------------------------------------------------
+    def announce(self, updates: Sequence[Update]) -> Any:
+        """Return the message that carries local updates to a peer (keep batches to a few hundred rows)."""
+        return ["r", [_row_term(update) for update in updates], False]
+
+    def digest_message(self) -> Any:
+        """Return the anti-entropy summary sent on link-up and every few seconds to each peer."""
+        return ["d", {name: kind.total for name, kind in self._kinds.items() if kind.total}]
+
+    def receive(self, message: Any) -> tuple[list[Update], list[Any]]:
+        """Take a message from one peer: return (updates that changed this replica, messages to send back
+        to that same peer). Raise ClusterError (only ClusterError) for a message that is not well formed."""
+        _check(isinstance(message, list) and message and isinstance(message[0], str), "not a tagged list")
+        handler = _REPLICA_HANDLERS.get(message[0])
+        _check(handler is not None, f"unknown tag {message[0]!r}")
+        return handler(self, message)
+
+    def _on_rows(self, message: list) -> tuple[list[Update], list[Any]]:
+        _check(len(message) == 3 and isinstance(message[1], list) and isinstance(message[2], bool), "rows")
+        updates = [_row_from_term(row) for row in message[1]]
+        return self.merge(updates), [self.digest_message()] if message[2] else []
+
+    def _on_digest(self, message: list) -> tuple[list[Update], list[Any]]:
+        _check(len(message) == 2 and isinstance(message[1], dict) and len(message[1]) <= SYNC_KINDS, "digest")
+        theirs = message[1]
+        _check(all(type(h) is int for h in theirs.values()), "digest hashes")
+        names = sorted(set(theirs) | {name for name, kind in self._kinds.items() if kind.total})
+        replies = []
+        for name in names:
+            kind = self._kinds.get(name) or _Kind()
+            if kind.total != theirs.get(name, 0):
+                replies.append(["b", name, b"".join(h.to_bytes(8, "big") for h in kind.sums)])
+        return [], replies
+
+    def _on_buckets(self, message: list) -> tuple[list[Update], list[Any]]:
+        _check(len(message) == 3 and isinstance(message[1], str) and isinstance(message[2], bytes)
+               and len(message[2]) == 8 * SYNC_BUCKETS, "buckets")
+        blob, kind = message[2], self._kinds.get(message[1]) or _Kind()
+        differ = [i for i in range(SYNC_BUCKETS) if kind.sums[i] != int.from_bytes(blob[8 * i:8 * i + 8], "big")]
+        covered, entries = [], []
+        for i in differ:
+            listing = kind.entries(i)
+            if covered and len(entries) + len(listing) > SYNC_KEYS:
+                break
+            covered.append(i)
+            entries += listing
+        more = len(covered) < len(differ)
+        return [], [["k", message[1], covered, entries, more]] if differ else []
+
+    def _on_keys(self, message: list) -> tuple[list[Update], list[Any]]:
+        _check(len(message) == 5 and isinstance(message[1], str) and isinstance(message[2], list)
+               and isinstance(message[3], list) and isinstance(message[4], bool), "keys")
+        _check(all(type(i) is int and 0 <= i < SYNC_BUCKETS for i in message[2]), "bucket indices")
+        kind = self._kinds.get(message[1]) or _Kind()
+        theirs, send, want = {}, [], []
+        for entry in message[3]:
+            _check(isinstance(entry, list) and len(entry) == 4 and isinstance(entry[0], str)
+                   and isinstance(entry[2], str) and type(entry[3]) is int, "a key stamp is [key, time, node, hash]")
+            theirs[entry[0]] = stamp = (_stamp_time(entry[1]), entry[2])
+            held = kind.rows.get(entry[0])
+            if held is None or held.stamp < stamp or (held.stamp == stamp and kind.hashes[entry[0]] != entry[3]):
+                want.append(entry[0])  # equal stamps, other values: both send, the tie-break picks one
+            if held is not None and (held.stamp > stamp or (held.stamp == stamp and kind.hashes[entry[0]] != entry[3])):
+                send.append(held)
+        for i in message[2]:
+            send += [kind.rows[key] for key in sorted(kind.members.get(i, ())) if key not in theirs]
+        more = message[4] or len(send) > SYNC_ROWS  # the W's answer, else the R, carries it on
+        replies = [["w", message[1], want, more]] if want else []
+        if send or (more and not want):
+            replies.append(["r", [_row_term(update) for update in send[:SYNC_ROWS]], more and not want])
+        return [], replies
+
+    def _on_want(self, message: list) -> tuple[list[Update], list[Any]]:
+        _check(len(message) == 4 and isinstance(message[1], str) and isinstance(message[2], list)
+               and all(isinstance(key, str) for key in message[2]) and isinstance(message[3], bool), "want")
+        kind = self._kinds.get(message[1]) or _Kind()
+        rows = [kind.rows[key] for key in message[2][:SYNC_ROWS] if key in kind.rows]
+        more = message[3] or len(message[2]) > SYNC_ROWS
+        return [], [["r", [_row_term(update) for update in rows], more]] if rows or more else []
+
+
+_REPLICA_HANDLERS: Mapping[str, Callable] = types.MappingProxyType({
+    "r": Replica._on_rows, "d": Replica._on_digest, "b": Replica._on_buckets, "k": Replica._on_keys,
+    "w": Replica._on_want,
+})
 
 
 ###############################################################################
