@@ -8947,6 +8947,8 @@ CALL_TIMEOUT = 10.0  # s a command waits for another node's answer
 TOMBSTONE_DAYS = 7  # deleted rows are remembered this long (a node away longer may bring old rows back)
 CLUSTER_CALL_WORKERS = 4  # threads that run other nodes' requests (they may call into this node's loop)
 LEAVE_HINT = "Done! Use -k to teardown and migrate existing sessions!"  # VerneMQ's words
+LEAVE_STOP_DELAY = 0.5  # s between a leaving node's answer and its stop, so that the answer is sent
+FORGET_DELAY = 3.0  # s the link to a removed node stays, for the answers still on their way
 
 
 def parse_discovery_node(text: str) -> tuple[str, str, int]:
@@ -9058,6 +9060,7 @@ class Cluster:
         self._record_after = 0.0
         self.pool = concurrent.futures.ThreadPoolExecutor(CLUSTER_CALL_WORKERS, thread_name_prefix="vmqapi-cluster")
         self.split = ""  # why the cluster is not whole ('' when it is)
+        self.stop_after_answer = False  # set by cluster leave -k on the node that leaves
 
     # -- life cycle -------------------------------------------------------
     def start(self) -> None:
@@ -9169,7 +9172,8 @@ class Cluster:
                 self._left()
             elif value is None:
                 self._member_gone(key)
-                self.links.forget(key)
+                # later: a node that leaves with -k sends its answer right after this row
+                self.io.loop.call_later(FORGET_DELAY, self._forget_if_gone, key)
             self._connect_members()
             self._check_split()
         elif kind == "config":
@@ -9181,9 +9185,9 @@ class Cluster:
         updates, self._outgoing = self._outgoing, []
         if updates and self.links is not None:
             body = encode_term(self.replica.announce(updates))
-            for peer in self.peers():
-                if self.links.is_up(peer):
-                    self.links.send(peer, FRAME_META, body)
+            for row in self.links.rows():  # every linked node, a member just removed too: it hears why
+                if row["up"]:
+                    self.links.send(row["name"], FRAME_META, body)
 
     def _save(self) -> None:
         rows, self._dirty = list(self._dirty.values()), {}
@@ -9294,6 +9298,10 @@ class Cluster:
                 host, _, port = str(value.get("address", "")).rpartition(":")
                 if host and port.isdigit():
                     self.links.connect(name, host.strip("[]"), int(port))
+
+    def _forget_if_gone(self, name: str) -> None:
+        if name not in self.members() and self.links is not None:
+            self.links.forget(name)
 
     def _on_up(self, peer: str) -> None:
         self._quiet[peer] = False
@@ -9463,6 +9471,8 @@ class Cluster:
             body = encode_term([call_id, False, f"the answer cannot be sent: {exc}"])
         with contextlib.suppress(RuntimeError):
             self.io.loop.call_soon_threadsafe(lambda: self.links.send(peer, FRAME_REPLY, body))
+            if self.stop_after_answer:  # cluster leave -k: the asking node hears Done first
+                self.io.loop.call_soon_threadsafe(self.io.loop.call_later, LEAVE_STOP_DELAY, self.node.request_stop)
 
     def gather(self, op: str, *args: Any) -> list[tuple[str, Any]]:
         """Ask every reachable peer ``op``; return (peer, answer) for those that answered."""
@@ -9506,8 +9516,7 @@ class Cluster:
     def _add_member(self, name: str, address: str) -> None:
         self._put("member", self.me, {"address": self._advertised()})
         self._put("member", name, {"address": address})
-        self._connect_members()
-        self._check_split()
+        self._connect_members()  # no netsplit check: the link is on its way (on_up / on_down tell)
         self._maybe_record()
         self.after_batch()
         self._save()
@@ -9588,7 +9597,7 @@ def leave_here(node: Any, kill_sessions: bool, timeout: float) -> str:
     deadline = time.monotonic() + min(timeout, 5)
     while time.monotonic() < deadline and any(r["buffered"] for r in cluster.in_loop(cluster.links.rows)):
         time.sleep(0.05)
-    node.request_stop()
+    cluster.stop_after_answer = True  # the node stops once its answer is on its way
     return "Done"
 
 
@@ -9662,7 +9671,10 @@ def cmd_cluster_leave(call: Call) -> Any:
     if cluster is None:
         return alert("this node runs no broker, so it is in no cluster")
     try:
-        return cluster.leave(call.args["node"], "kill_sessions" in call.flags, call.flags.get("timeout") or 60)
+        answer = cluster.leave(call.args["node"], "kill_sessions" in call.flags, call.flags.get("timeout") or 60)
+        if cluster.stop_after_answer and call.args["node"] == call.node.name:
+            call.after.append(call.node.request_stop)
+        return answer
     except ClusterError as exc:
         return alert(f"cannot take {call.args['node']} out: {exc.text}")
 

@@ -77,7 +77,8 @@ def capped_node(data_dir, *settings, cap=CAP, nofile=None, umask=None, env=None,
     os.makedirs(os.path.dirname(os.path.abspath(str(data_dir))), exist_ok=True)
     log_path = os.path.join(os.path.dirname(str(data_dir)), os.path.basename(str(data_dir)) + ".log")
     cmd = [sys.executable, os.path.join(ROOT, "vmqapi.py"), "--data-dir", str(data_dir),
-           "--set", "listener.http.default=127.0.0.1:0", "--set", "listener.tcp.default=127.0.0.1:0"]
+           "--set", "listener.http.default=127.0.0.1:0", "--set", "listener.tcp.default=127.0.0.1:0",
+           "--set", "listener.vmq.clustering=127.0.0.1:0"]
     for item in settings:
         cmd += ["--set", item]
     with open(log_path, "w") as log:  # a file, not a pipe: a chatty node never blocks on a full pipe
