@@ -2328,6 +2328,14 @@ class Session:
         return pid
 
 
+def bridge_session(s: Session) -> bool:
+    """Whether a session is a bridge's: this node's own (vmq_bridge), or a remote bridge's that connected as one.
+
+    A message that came in over a bridge goes to neither: two brokers bridged both ways never loop.
+    """
+    return s.relay or s.protocol in BRIDGE_LEVELS
+
+
 def _online(s: Session) -> bool:
     return s.client is not None
 
@@ -3048,7 +3056,7 @@ class Delivery:
         qos, rap, ids = -1, False, []
         for topic_filter, opts in session.subs.items():
             if (opts.no_local and msg.origin == session.client_id) or topic_filter.startswith(SHARE_PREFIX) \
-                    or not topic_matches(topic_filter, msg.topic) or (msg.bridged and session.relay):
+                    or not topic_matches(topic_filter, msg.topic) or (msg.bridged and bridge_session(session)):
                 continue  # No Local: not back to its publisher [MQTT-3.8.3-3]; nor over a bridge again
             qos, rap = max(qos, opts.qos), rap or opts.retain_as_published
             ids += opts.ids
@@ -3255,7 +3263,8 @@ class Delivery:
             self.emit(client, frame)
             self.counters["mqtt_publish_sent", V5] += 1
         else:  # MQTT 3.1.1 sets retain only for a retained message of a new subscription [MQTT-3.3.1-8..9]
-            self.emit(client, encode_publish_header(_str(msg.topic), len(msg.payload), out.qos, out.retained, dup,
+            retain = out.retain if client.bridge else out.retained  # a bridge's: Retain As Published
+            self.emit(client, encode_publish_header(_str(msg.topic), len(msg.payload), out.qos, retain, dup,
                                                     pid) + msg.payload)
             self.counters["mqtt_publish_sent", V4] += 1
         if self.hooks.on_deliver:
@@ -7438,18 +7447,21 @@ def _bridge_spec(config: Config, kind: str, name: str) -> BridgeSpec:
 def bridge_tls_context(spec: BridgeSpec) -> ssl.SSLContext:
     """Build the client TLS context of a bridge; raise ConfigError for a file that cannot be used."""
     options = spec.tls_options
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = TLS_VERSIONS[min(options["tls_version"])]
+    ctx.maximum_version = TLS_VERSIONS[max(options["tls_version"])]
+    option, path = ("cafile", options["cafile"]) if options["cafile"] else ("certfile", options["certfile"])
     try:
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        ctx.minimum_version = TLS_VERSIONS[min(options["tls_version"])]
-        ctx.maximum_version = TLS_VERSIONS[max(options["tls_version"])]
         if options["cafile"]:
             ctx.load_verify_locations(options["cafile"])
         else:
             ctx.load_default_certs()
+        option, path = "certfile", options["certfile"]
         if options["certfile"]:
             ctx.load_cert_chain(options["certfile"], options["keyfile"] or None)
     except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(f"vmq_bridge.ssl.{spec.name}: {getattr(exc, 'strerror', None) or exc}") from None
+        raise ConfigError(f"vmq_bridge.ssl.{spec.name}.{option} {path}: {getattr(exc, 'strerror', None) or exc}") \
+            from None
     if options["insecure"]:
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
