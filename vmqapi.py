@@ -7500,12 +7500,14 @@ class Bridge:
         self.wake = asyncio.Event()
         self.stopping = False
         self.version = spec.version
+        self.passthrough = spec.version != 5 and all(t.local_prefix == t.remote_prefix for t in spec.topics)
         self.remote_pids: dict[int, int] = {}  # remote packet id -> the local one, QoS 1/2 on their way out
         self.local_pids: dict[int, int] = {}  # local packet id -> the remote one
         self.incoming: set[int] = set()  # remote QoS 2 packet ids whose PUBREL is awaited
         self.next_pid = 1
         self.pinger: asyncio.TimerHandle | None = None
         self.pending = b""  # what came with CONNACK
+        self.outbox: list[bytes] = []  # encoded packets for the remote, written once per batch
         self.dropped_seen = 0  # the session's drops already counted in bridge_messages_dropped
 
     # -- this node's side ---------------------------------------------------
@@ -7531,10 +7533,12 @@ class Bridge:
         engine.now = time.time()
         self.session()
         conn = engine.connection_made(self, BRIDGE_LISTENER, (self.spec.host, self.spec.port), None, engine.now)
-        conn.speak(5)  # properties and the retain flag pass through unchanged
+        level = 5 if self.version == 5 else 4  # the remote's form: QoS 0 frames can go on as they are
+        conn.speak(level)
+        conn.bridge = True  # the retain flag as published, in MQTT 3.1.1 too
         conn.expiry_at_connect = 0xFFFFFFFF
         self.conn = conn
-        engine.accept(conn, Connect(self.spec.local_id, 5, clean_session=False), self.spec.local_id)
+        engine.accept(conn, Connect(self.spec.local_id, level, clean_session=False), self.spec.local_id)
 
     def detach(self) -> None:
         """Take the bridge's session offline: from now on its messages wait in the store."""
@@ -7551,9 +7555,16 @@ class Bridge:
         data = b"".join(conn.out)
         conn.out.clear()
         conn.out_bytes = 0
-        pos, deferred = 0, []
+        pos, deferred, passthrough = 0, [], self.passthrough and self.writer is not None
         while pos < len(data):
-            packet, pos = decode_packet(data, pos, 0, 5)
+            if passthrough and data[pos] in (0x30, 0x31):  # QoS 0 under the same topic there: the frame as it is
+                length, start = fixed_header(data, pos)
+                self.outbox.append(data[pos:start + length])
+                self.counters["bridge_messages_out", self.labels] += 1
+                self.counters["bridge_bytes_out", self.labels] += length - 2  # the topic's length field
+                pos = start + length
+                continue
+            packet, pos = decode_packet(data, pos, 0, conn.proto)
             if isinstance(packet, Publish):
                 self.send_out(packet, deferred)
             elif isinstance(packet, Pubrel):
@@ -7568,6 +7579,7 @@ class Bridge:
                 self.io.loop.call_soon(self.attach)
         elif deferred:
             self.io.loop.call_soon(self.local_acks, conn, deferred)
+        self.flush()
         self.watch_buffer(conn)
 
     def send_out(self, p: Publish, deferred: list) -> None:
@@ -7618,7 +7630,13 @@ class Bridge:
         return pid
 
     def write(self, packet: Any) -> None:
-        self.writer.write(encode_packet(packet, self.version))
+        """Queue a packet for the remote; ``flush`` writes what is queued in one go."""
+        self.outbox.append(encode_packet(packet, self.version))
+
+    def flush(self) -> None:
+        if self.outbox and self.writer is not None:
+            self.writer.write(b"".join(self.outbox))
+        self.outbox.clear()
 
     async def run(self) -> None:
         """Connect, serve, and after any failure connect again, waiting longer after each one in a row."""
@@ -7655,6 +7673,7 @@ class Bridge:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.writer = writer
         self.write(spec.connect_packet())
+        self.flush()
         connack, rest = await asyncio.wait_for(self.read_connack(reader), BRIDGE_CONNECT_TIMEOUT)
         if connack.return_code:
             raise VmqError(f"{spec.endpoint} refused the connection: {connack_refusal(connack, spec.version == 5)}")
@@ -7665,6 +7684,7 @@ class Bridge:
         topics = spec.remote_subscriptions()
         if topics:
             self.write(Subscribe(self.take_pid(), topics))
+            self.flush()
         self.status = "up"
         log.info("bridge %s is up: connected to %s as %r", spec.name, spec.endpoint, spec.client_id)
         self.arm_ping()
@@ -7701,7 +7721,9 @@ class Bridge:
             if acks:
                 if self.io.store.error is not None:
                     raise VmqError(f"not acknowledging the remote's messages: {STORE_DOWN}")
-                self.writer.write(b"".join(encode_packet(a, self.version) for a in acks))
+                for ack in acks:
+                    self.write(ack)
+                self.flush()
             data = await asyncio.wait_for(reader.read(BRIDGE_READ), silence)
             if not data:
                 return
@@ -7765,6 +7787,7 @@ class Bridge:
         if self.spec.keepalive and self.writer is not None and not self.writer.is_closing():
             if self.pinger is not None:
                 self.write(Pingreq())
+                self.flush()
             self.pinger = self.io.loop.call_later(self.spec.keepalive, self.arm_ping)
 
     def down(self, reason: str) -> None:
@@ -7775,6 +7798,7 @@ class Bridge:
         if self.writer is not None:
             self.writer.transport.abort()
             self.writer = None
+        self.outbox.clear()
         self.detach()
         self.io.after_batch()
         if (self.status, self.error) != ("down", reason) and not self.stopping:

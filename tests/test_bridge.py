@@ -524,3 +524,19 @@ def test_both_through_mosquitto_never_echoes(make_node, mosquitto):
     assert [p.payload for p in messages(far, 1)] == [b"remote"]  # and not sent back up
     near.close()
     far.close()
+
+
+def test_qos_0_under_the_same_topics_goes_on_as_published_retain_flag_included(make_node):
+    remote = make_node()
+    local = make_node(**bridge_config(port_of(remote), "plain/* out 0"))
+    bridge_up(local)
+    far = connected(port_of(remote), "far")
+    far.subscribe(("plain/#", 0))
+    near = connected(port_of(local), "near")
+    near.publish("plain/kept", b"retained", 0, retain=True)
+    near.publish("plain/live", b"live", 0)
+    assert [(p.topic, p.payload) for p in messages(far, 2)] == [("plain/kept", b"retained"), ("plain/live", b"live")]
+    assert [r["topic"] for r in remote.retained_rows()] == ["plain/kept"]  # the retain flag crossed the bridge
+    assert local.metric_samples()[("bridge_bytes_out", (("bridge", "br0"),))] == len("plain/keptretainedplain/live")
+    far.close()
+    near.close()
