@@ -537,6 +537,6 @@ def test_qos_0_under_the_same_topics_goes_on_as_published_retain_flag_included(m
     near.publish("plain/live", b"live", 0)
     assert [(p.topic, p.payload) for p in messages(far, 2)] == [("plain/kept", b"retained"), ("plain/live", b"live")]
     assert [r["topic"] for r in remote.retained_rows()] == ["plain/kept"]  # the retain flag crossed the bridge
-    assert local.metric_samples()[("bridge_bytes_out", (("bridge", "br0"),))] == len("plain/keptretainedplain/live")
+    assert local.metric_samples()[("bridge_bytes_out", (("bridge", "br0"),))] == len("plain/keptretainedplain/livelive")
     far.close()
     near.close()
