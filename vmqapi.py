@@ -7646,13 +7646,16 @@ class Bridge:
                 reader = await self.connect()
                 failures = 0
                 await self.serve(reader)
-                reason = "the remote closed the connection"
+                reason = "reconnecting (bridge start)" if self.wake.is_set() else "the remote closed the connection"
             except asyncio.TimeoutError:
                 reason = "the remote did not answer in time"
             except (OSError, EOFError) as exc:
                 reason = f"cannot reach {self.spec.endpoint}: {getattr(exc, 'strerror', None) or exc}"
             except VmqError as exc:  # a refusal, or a packet that breaks the protocol
                 reason = exc.text
+            except Exception:  # a bug: it costs this connection, never the node or the bridge
+                log.exception("bridge %s: internal error", self.spec.name)
+                reason = "internal error (see the log)"
             self.down(reason)
             if self.stopping:
                 break
@@ -7712,8 +7715,8 @@ class Bridge:
         buf, self.pending = self.pending, b""
         silence = 1.5 * self.spec.keepalive if self.spec.keepalive else None  # MQTT 3.1.1 3.1.2.10
         while True:
-            pos, acks = 0, []
-            while (result := decode_packet(buf, pos, 0, self.version)) is not None:
+            pos, acks, limit = 0, [], self.io.settings()["max_message_size"]
+            while (result := decode_packet(buf, pos, limit, self.version)) is not None:
                 packet, pos = result
                 self.from_remote(packet, acks)
             buf = buf[pos:]

@@ -540,3 +540,39 @@ def test_qos_0_under_the_same_topics_goes_on_as_published_retain_flag_included(m
     assert local.metric_samples()[("bridge_bytes_out", (("bridge", "br0"),))] == len("plain/keptretainedplain/livelive")
     far.close()
     near.close()
+
+
+def test_the_readme_gateway_config_works_as_printed(make_node, pki, tmp_path):  # noqa: F811
+    readme = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")).read()
+    section = readme[readme.index("## Bridge\n"):]
+    block = section[section.index("    plugins.vmq_bridge = on"):].split("\n\n")[0]
+    passwd = tmp_path / "passwd"
+    passwd.write_text(f"gateway-17:{vmqapi.hash_password('s3cret')}\n")
+    passwd.chmod(0o600)
+    cloud = make_node(**{"listener.ssl.secure": "127.0.0.1:0", "listener.ssl.certfile": str(pki / "server.pem"),
+                         "listener.ssl.keyfile": str(pki / "server.key"), "allow_anonymous": "off",
+                         "vmq_passwd.password_file": str(passwd)})
+    conf = tmp_path / "gateway.conf"  # only the address and the CA file differ from the README's
+    conf.write_text("\n".join(line.strip() for line in block.splitlines())
+                    .replace("broker.example.com:8883", f"127.0.0.1:{port_of(cloud, 'mqtts')}")
+                    .replace("/etc/vmqapi/upstream-ca.pem", str(pki / "ca.pem")) + "\n")
+    config = vmqapi.Config.from_sources(str(conf), base={"data_dir": str(tmp_path / "gw"),
+                                                         "listener.http.default": "127.0.0.1:0",
+                                                         "listener.tcp.default": "127.0.0.1:0"})
+    gateway = vmqapi.Node(config).start()
+    try:
+        bridge_up(gateway, "cloud")
+        operator = MqttClient(port_of(cloud))
+        assert operator.connect("operator", username="gateway-17", password=b"s3cret").return_code == 0
+        operator.subscribe(("site/17/#", 1))
+        sensor = connected(port_of(gateway), "sensor")
+        sensor.subscribe(("commands/#", 1))
+        time.sleep(0.3)
+        sensor.publish("sensors/t1", b"21.5", 1)
+        assert [(p.topic, p.payload) for p in messages(operator, 1)] == [("site/17/sensors/t1", b"21.5")]
+        operator.publish("site/17/commands/open", b"1", 1)
+        assert [(p.topic, p.payload) for p in messages(sensor, 1)] == [("commands/open", b"1")]
+        operator.close()
+        sensor.close()
+    finally:
+        gateway.stop()
