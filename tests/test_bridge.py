@@ -576,3 +576,16 @@ def test_the_readme_gateway_config_works_as_printed(make_node, pki, tmp_path):  
         sensor.close()
     finally:
         gateway.stop()
+
+
+def test_the_bridge_session_outlives_persistent_client_expiration(make_node, proxy):
+    link = proxy(1)
+    link.cut()
+    local = make_node(persistent_client_expiration="1", **bridge_config(link.port, "e/* out 1"))
+    bridge_down(local)
+    pub = connected(port_of(local), "pub")
+    pub.publish("e/x", b"kept", 1)
+    pub.close()
+    time.sleep(2.5)  # past the expiration, several ticks
+    assert bridge_rows(local)[0]["buffer size"] == 1
+    assert "$bridge/br0" in {r["client_id"] for r in local.session_records()}
