@@ -7309,7 +7309,7 @@ BRIDGE_HIGH_WATER = 1 << 20  # bytes waiting for the remote's socket before the 
 BRIDGE_COLUMNS = ("name", "endpoint", "buffer size", "buffer max", "buffer dropped msgs", "MQTT process mailbox len",
                   "status", "error")  # VerneMQ vmq_bridge_cli's, then status and the last error
 BRIDGE_LISTENER = types.SimpleNamespace(  # what the engine reads of a listener, for a bridge's own connection
-    mountpoint="", allowed_versions=(5,), allow_anonymous_override=True, use_identity_as_username=False)
+    mountpoint="", allowed_versions=(4, 5), allow_anonymous_override=True, use_identity_as_username=False)
 _NOT_RELAYED = frozenset({"subscription_identifier", "topic_alias"})  # properties of one hop only
 
 
@@ -7364,7 +7364,7 @@ class BridgeSpec:
     clean: bool = False
     keepalive: int = 60
     username: str | None = None
-    password: bytes | None = None
+    password: bytes | None = field(default=None, repr=False)  # never in a log line
     restart_timeout: int = 10
     try_private: bool = True
     version: int = 4
@@ -7540,6 +7540,12 @@ class Bridge:
         self.conn = conn
         engine.accept(conn, Connect(self.spec.local_id, level, clean_session=False), self.spec.local_id)
 
+    def reattach(self) -> None:
+        """Attach again after the engine closed the bridge's connection, while the remote is still up."""
+        if self.conn is None and self.writer is not None and not self.stopping:
+            self.attach()
+            self.io.after_batch()
+
     def detach(self) -> None:
         """Take the bridge's session offline: from now on its messages wait in the store."""
         conn, self.conn = self.conn, None
@@ -7576,7 +7582,7 @@ class Bridge:
         if conn.closing:  # the engine closed it (session disconnect, shutdown): attach again while up
             self.detach()
             if self.writer is not None and not self.stopping:
-                self.io.loop.call_soon(self.attach)
+                self.io.loop.call_soon(self.reattach)
         elif deferred:
             self.io.loop.call_soon(self.local_acks, conn, deferred)
         self.flush()

@@ -589,3 +589,17 @@ def test_the_bridge_session_outlives_persistent_client_expiration(make_node, pro
     time.sleep(2.5)  # past the expiration, several ticks
     assert bridge_rows(local)[0]["buffer size"] == 1
     assert "$bridge/br0" in {r["client_id"] for r in local.session_records()}
+
+
+def test_a_session_disconnect_of_the_bridge_reattaches_it(make_node):
+    remote = make_node()
+    local = make_node(**bridge_config(port_of(remote), "r/* out 1"))
+    bridge_up(local)
+    assert local.disconnect_session("$bridge/br0")
+    far = connected(port_of(remote), "far")
+    far.subscribe(("r/#", 1))
+    near = connected(port_of(local), "near")
+    near.publish("r/1", b"still bridged", 1)
+    assert [p.payload for p in messages(far, 1)] == [b"still bridged"]
+    far.close()
+    near.close()
