@@ -545,6 +545,40 @@ def parse_tls_versions(text: str) -> tuple[str, ...]:
     return versions
 
 
+def parse_endpoint(text: str) -> tuple[str, int]:
+    """Parse a remote broker's ``host:port`` (a name or an address; ``[ipv6]:port`` too)."""
+    value = text.strip()
+    match = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:([0-9]+)|([A-Za-z0-9_.-]+):([0-9]+)", value)
+    if not match:
+        raise ValueError(f"expected host:port, got {text!r}")
+    port = int(match.group(2) or match.group(4))
+    if not 0 < port <= 65535:
+        raise ValueError(f"port {port} is out of range (1..65535)")
+    return match.group(1) or match.group(3), port
+
+
+BRIDGE_DIRECTIONS = ("in", "out", "both")  # VerneMQ vmq_bridge (mosquitto's topic syntax)
+
+
+def parse_bridge_topic(text: str) -> tuple[str, str, int, str, str]:
+    """Parse ``pattern [in|out|both] [qos] [local-prefix] [remote-prefix]``: (filter, direction, qos, local, remote).
+
+    ``*`` as a level stands for ``#``, as in VerneMQ's config (whose parser takes ``#`` for a comment);
+    ``""`` is an empty prefix. Direction defaults to out and QoS to 0, as in VerneMQ.
+    """
+    words = [w[1:-1] if len(w) >= 2 and w[0] == w[-1] == '"' else w for w in text.split()]
+    if not words or not words[0]:
+        raise ValueError("expected a topic pattern")
+    pattern = "/".join("#" if level == "*" else level for level in words[0].split("/"))
+    rest = words[1:]
+    direction = rest.pop(0) if rest and rest[0] in BRIDGE_DIRECTIONS else "out"
+    qos = int(rest.pop(0)) if rest and rest[0] in ("0", "1", "2") else 0
+    if len(rest) > 2:
+        raise ValueError(f"expected pattern [in|out|both] [qos] [local-prefix] [remote-prefix], got {text!r}")
+    local, remote = (rest + ["", ""])[:2]
+    return pattern, direction, qos, local, remote
+
+
 def render_value(value: Any) -> str:
     """Render a parsed setting back into its vernemq.conf form."""
     if value is True:
@@ -732,6 +766,34 @@ SETTINGS: tuple[Setting, ...] = (
 
     # -- vmq_bridge (SPEC 11) --
 
+    _S("plugins.vmq_bridge", parse_flag, False, "Run the bridges configured as vmq_bridge.tcp.<name> and "
+       "vmq_bridge.ssl.<name> (VerneMQ's vmq_bridge)."),
+    _S("vmq_bridge.$type.$name", parse_endpoint, None, "host:port of a bridge's remote broker (tcp: plain, ssl: TLS)."),
+    _S("vmq_bridge.$type.$name.topic.$n", parse_bridge_topic, None,
+       "pattern [in|out|both] [qos] [local-prefix] [remote-prefix]; * stands for #."),
+    _S("vmq_bridge.$type.$name.cleansession", parse_flag, False, "Connect to the remote with a clean session."),
+    _S("vmq_bridge.$type.$name.client_id", parse_text, "auto",
+       "Client id at the remote (auto: the node's name and the bridge's)."),
+    _S("vmq_bridge.$type.$name.keepalive_interval", parse_int_range(0, 65535), 60,
+       "Keep-alive towards the remote, in seconds."),
+    _S("vmq_bridge.$type.$name.username", parse_text, "", "User name at the remote (empty: none)."),
+    _S("vmq_bridge.$type.$name.password", parse_text, "", "Password at the remote.", secret=True),
+    _S("vmq_bridge.$type.$name.restart_timeout", parse_int_range(1, 3600), 10,
+       "Seconds before the first reconnect; it doubles on each failure, up to ten times as long."),
+    _S("vmq_bridge.$type.$name.try_private", parse_flag, True,
+       "Tell the remote it is a bridge (MQTT 3.1/3.1.1 protocol level + 128): no echo, retain as published."),
+    _S("vmq_bridge.$type.$name.mqtt_version", parse_int_range(3, 5), 4,
+       "MQTT version spoken to the remote: 3 (3.1), 4 (3.1.1) or 5."),
+    _S("vmq_bridge.$type.$name.max_outgoing_buffered_messages", parse_int_range(1), 100,
+       "Messages for the remote kept (in the message store) while it is unreachable; more are dropped."),
+    _S("vmq_bridge.$type.$name.cafile", parse_text, "", "ssl: PEM CA certificates the remote's is checked against "
+       "(empty: the system's)."),
+    _S("vmq_bridge.$type.$name.certfile", parse_text, "", "ssl: PEM client certificate for the remote."),
+    _S("vmq_bridge.$type.$name.keyfile", parse_text, "", "ssl: PEM key of the client certificate."),
+    _S("vmq_bridge.$type.$name.insecure", parse_flag, False, "ssl: do not check the remote's certificate or name."),
+    _S("vmq_bridge.$type.$name.tls_version", parse_tls_versions, ("tlsv1.2",),
+       "ssl: tlsv1.2 and/or tlsv1.3, the TLS versions the bridge may use."),
+
     # -- vmq_webhooks (SPEC 11) --
 
 )
@@ -742,6 +804,7 @@ LISTENER_TLS_OPTIONS = ("certfile", "keyfile", "cafile", "require_certificate", 
                         "tls_version", "ciphers", "tls_handshake_timeout")
 LISTENER_MQTT_OPTIONS = ("mountpoint", "max_connections", "allowed_protocol_versions", "allow_anonymous_override",
                          *LISTENER_TLS_OPTIONS)
+BRIDGE_TLS_OPTIONS = ("cafile", "certfile", "keyfile", "insecure", "tls_version")  # only for vmq_bridge.ssl.<name>
 LISTENER_OPTIONS = frozenset(
     s.name.split(".", 1)[1] for s in SETTINGS if s.name.startswith("listener.") and "$" not in s.name)
 
@@ -770,6 +833,15 @@ def find_setting(key: str) -> Setting:
         return _SETTINGS_BY_NAME["listener." + parts[-1]]  # most specific wins, as for the other listeners
 
     # -- vmq_bridge keys --
+
+    if parts[0] == "vmq_bridge" and len(parts) in (3, 4, 5) and parts[1] in ("tcp", "ssl") \
+            and re.fullmatch(r"[A-Za-z0-9_-]+", parts[2]):
+        pattern = "vmq_bridge.$type.$name" + ("." + parts[3] if len(parts) > 3 else "")
+        if len(parts) == 5 and parts[3] == "topic" and re.fullmatch(r"[A-Za-z0-9_-]+", parts[4]):
+            return _SETTINGS_BY_NAME["vmq_bridge.$type.$name.topic.$n"]
+        tls_only = parts[1] == "tcp" and len(parts) == 4 and parts[3] in BRIDGE_TLS_OPTIONS
+        if len(parts) < 5 and pattern in _SETTINGS_BY_NAME and not pattern.endswith(".topic") and not tls_only:
+            return _SETTINGS_BY_NAME[pattern]
 
     # -- vmq_webhooks keys --
 
@@ -993,6 +1065,13 @@ METRIC_DEFINITIONS: dict[str, tuple[str, str, tuple[LabelSet, ...]]] = {  # Vern
 
     # -- vmq_bridge metrics --
 
+    "bridge_messages_in": ("counter", "The number of messages a bridge received from its remote broker.", ()),
+    "bridge_messages_out": ("counter", "The number of messages a bridge sent to its remote broker.", ()),
+    "bridge_bytes_in": ("counter", "The payload and topic bytes a bridge received from its remote broker.", ()),
+    "bridge_bytes_out": ("counter", "The payload and topic bytes a bridge sent to its remote broker.", ()),
+    "bridge_messages_dropped": ("counter", "The number of messages for a bridge's remote broker dropped because "
+                                "max_outgoing_buffered_messages were waiting.", ()),
+
     # -- vmq_webhooks metrics --
 
 }
@@ -1065,6 +1144,8 @@ MAX_REMAINING_LENGTH = 268_435_455  # MQTT 3.1.1 2.2.3: four bytes of variable l
 MAX_PACKET_ID = 65535  # MQTT 3.1.1 2.3.1
 PROTOCOLS = {3: "MQIsdp", 4: "MQTT", 5: "MQTT"}  # MQTT 3.1, 3.1.1 and 5.0: level -> protocol name
 CODEC_PROTOCOLS = PROTOCOLS
+BRIDGE_BIT = 0x80  # a bridge's CONNECT sets it on the protocol level (mosquitto's try_private)
+BRIDGE_LEVELS = (3 | BRIDGE_BIT, 4 | BRIDGE_BIT)  # VerneMQ's 131 and 132: MQTT 3.1 and 3.1.1 from a bridge
 AUTH = 15
 SUBACK_FAILURE = 0x80  # MQTT 3.1.1 3.9.3
 CONNACK_ACCEPTED, CONNACK_BAD_VERSION, CONNACK_BAD_ID, CONNACK_UNAVAILABLE = 0, 1, 2, 3
@@ -1323,7 +1404,7 @@ def decode_connect(flags: int, buf, i: int, end: int) -> Connect:
     level = buf[i]
     if name not in ("MQTT", "MQIsdp"):
         raise MalformedPacket(f"unknown protocol name {name!r}")  # [MQTT-3.1.2-1]
-    if CODEC_PROTOCOLS.get(level) != name:
+    if CODEC_PROTOCOLS.get(level & ~BRIDGE_BIT if level in BRIDGE_LEVELS else level) != name:
         return Connect(proto_level=level)  # answered with CONNACK 1 [MQTT-3.1.2-2]
     if i + 4 > end:
         raise MalformedPacket("CONNECT ends inside its variable header")
@@ -1541,7 +1622,7 @@ def encode_connect(p: Connect) -> bytes:
         payload += _str(p.username)
     if p.password is not None:
         payload += _bin(p.password)
-    header = _str(CODEC_PROTOCOLS.get(p.proto_level, "MQTT")) + bytes((p.proto_level, flags)) \
+    header = _str(CODEC_PROTOCOLS.get(p.proto_level & ~BRIDGE_BIT, "MQTT")) + bytes((p.proto_level, flags)) \
         + p.keepalive.to_bytes(2, "big") + (encode_properties(p.properties) if p.proto_level == 5 else b"")
     return _frame(CONNECT << 4, header + payload)
 
@@ -2141,6 +2222,7 @@ class Message:
     props: tuple = ()  # MQTT 5 properties passed on to subscribers (user properties, content type, ...)
     expires: float | None = None  # MQTT 5 message expiry, as a clock time
     origin: str | None = None  # the publisher's client id (in this mountpoint), for No Local subscriptions
+    bridged: bool = False  # came in over a bridge (vmq_bridge, or a client that connected as one): no bridge sends it on
 
 
 def message_bytes(msg: Message) -> int:
@@ -2193,6 +2275,8 @@ class SubOptions:
 
 
 QOS_ONLY = tuple(SubOptions(qos) for qos in (0, 1, 2))  # shared by every MQTT 3.1.1 subscription
+BRIDGE_OPTIONS = tuple(SubOptions(qos, True, True) for qos in (0, 1, 2))  # a bridge's (VerneMQ, mosquitto): no echo
+BRIDGE_CLIENT_PREFIX = "$bridge/"  # the client id of a bridge's own session; no MQTT client may take it
 
 
 class Stage(enum.Enum):
@@ -2230,7 +2314,7 @@ class Session:
 
     __slots__ = ("mountpoint", "client_id", "subs", "client", "queue", "inflight", "incoming",
                  "next_pid", "user", "peer", "protocol", "started_at", "offline_since", "expiry", "will",
-                 "queue_bytes", "stored", "stored_bytes", "loaded_upto", "parked")
+                 "queue_bytes", "stored", "stored_bytes", "loaded_upto", "parked", "relay", "limit", "dropped")
 
     def __init__(self, mountpoint: str, client_id: str, now: float, expiry: int | None = 0):
         self.mountpoint, self.client_id = mountpoint, client_id
@@ -2252,6 +2336,11 @@ class Session:
         self.queue_bytes = 0  # bytes of the whole queue (see message_bytes), in memory and stored
         self.stored = self.stored_bytes = self.loaded_upto = 0
         self.parked = 0  # QoS 2 messages in flight when the node stopped, still only in the store
+        # A bridge's own session (vmq_bridge): it never expires, gets no message that came in over a
+        # bridge, and queues at most ``limit`` messages (max_outgoing_buffered_messages), counting drops.
+        self.relay = False
+        self.limit: int | None = None
+        self.dropped = 0
 
     @property
     def clean(self) -> bool:
@@ -2270,6 +2359,14 @@ class Session:
             pid = pid % MAX_PACKET_ID + 1
         self.next_pid = pid % MAX_PACKET_ID + 1
         return pid
+
+
+def bridge_session(s: Session) -> bool:
+    """Whether a session is a bridge's: this node's own (vmq_bridge), or a remote bridge's that connected as one.
+
+    A message that came in over a bridge goes to neither: two brokers bridged both ways never loop.
+    """
+    return s.relay or s.protocol in BRIDGE_LEVELS
 
 
 def _online(s: Session) -> bool:
@@ -2344,7 +2441,7 @@ class Connection:
                  "keepalive", "last_seen", "opened_at", "user", "will", "clean_exit", "rate_second", "rate_count",
                  "labels", "plain", "receive_max", "receive_max_in", "max_packet", "alias_max", "aliases_out",
                  "aliases_in", "alias_max_in", "will_delay", "auth", "auth_method", "expiry_at_connect", "out",
-                 "out_bytes", "held_back", "closing", "pause_for", "writable", "tracer")
+                 "out_bytes", "held_back", "closing", "pause_for", "writable", "tracer", "bridge")
 
     def __init__(self, link: Any, listener: Any, peer: tuple, identity: str | None, now: float):
         self.link, self.listener, self.peer, self.identity = link, listener, peer, identity
@@ -2378,6 +2475,7 @@ class Connection:
         self.pause_for = 0.0
         self.writable = True
         self.tracer: Any = None  # the I/O shell's tracer of this client, when one is on
+        self.bridge = False  # connected as a bridge (protocol level + 128): No Local, Retain As Published
 
     def speak(self, proto: int) -> None:
         """Read and write protocol level ``proto`` from now on."""
@@ -3168,8 +3266,8 @@ class Delivery:
         qos, rap, ids = -1, False, []
         for topic_filter, opts in session.subs.items():
             if (opts.no_local and msg.origin == session.client_id) or topic_filter.startswith(SHARE_PREFIX) \
-                    or not topic_matches(topic_filter, msg.topic):
-                continue  # No Local: not back to its publisher [MQTT-3.8.3-3]
+                    or not topic_matches(topic_filter, msg.topic) or (msg.bridged and bridge_session(session)):
+                continue  # No Local: not back to its publisher [MQTT-3.8.3-3]; nor over a bridge again
             qos, rap = max(qos, opts.qos), rap or opts.retain_as_published
             ids += opts.ids
         if qos >= 0:
@@ -3193,6 +3291,8 @@ class Delivery:
         """Whether one more message of ``size`` bytes passes a count or byte limit of its queue or of all queues."""
         limit, byte_limit = (self.max_online, self.max_online_bytes) if online else \
             (self.max_offline, self.max_offline_bytes)
+        if session.limit is not None:
+            limit = session.limit
         return (0 <= limit <= _queued(session) or 0 <= byte_limit < session.queue_bytes + size
                 or 0 <= self.max_queued_bytes < self.queued_bytes + size)
 
@@ -3205,11 +3305,9 @@ class Delivery:
         online = session.client is not None
         msg, qos = out.msg, out.qos
         size = message_bytes(msg)
-        if self.queue_full(session, online, size):
-            self.counters["queue_message_drop", ()] += 1
-            return
-        if online and qos == 0 and not session.client.writable:
+        if self.queue_full(session, online, size) or (online and qos == 0 and not session.client.writable):
             self.counters["queue_message_drop", ()] += 1  # a slow subscriber loses QoS 0, never blocks others
+            session.dropped += 1
             return
         # QoS 0 is stored too when it must wait behind stored messages: the queue keeps its order
         if not session.clean and (qos or not online or session.stored):
@@ -3376,7 +3474,8 @@ class Delivery:
             self.emit(client, frame)
             self.counters["mqtt_publish_sent", V5] += 1
         else:  # MQTT 3.1.1 sets retain only for a retained message of a new subscription [MQTT-3.3.1-8..9]
-            self.emit(client, encode_publish_header(_str(msg.topic), len(msg.payload), out.qos, out.retained, dup,
+            retain = out.retain if client.bridge else out.retained  # a bridge's: Retain As Published
+            self.emit(client, encode_publish_header(_str(msg.topic), len(msg.payload), out.qos, retain, dup,
                                                     pid) + msg.payload)
             self.counters["mqtt_publish_sent", V4] += 1
         if self.hooks.on_deliver:
@@ -3620,9 +3719,11 @@ class Sessions(Delivery):
         config = self.settings()
         listener = client.listener
         v5 = p.proto_level == 5
-        client.speak(p.proto_level if p.proto_level in DIALECTS else 4)  # an MQTT 5 refusal is said in MQTT 5
+        client.bridge = p.proto_level in BRIDGE_LEVELS  # VerneMQ answers 131/132 as a bridge too
+        level = p.proto_level & ~BRIDGE_BIT if client.bridge else p.proto_level
+        client.speak(level if level in DIALECTS else 4)  # an MQTT 5 refusal is said in MQTT 5
         self.counters["mqtt_connect_received", client.labels] += 1
-        if p.proto_level not in PROTOCOLS or p.proto_level not in listener.allowed_versions:
+        if level not in PROTOCOLS or level not in listener.allowed_versions:
             return self.refuse(client, CONNACK_BAD_VERSION, f"protocol level {p.proto_level} is not accepted here")
         props = dict(p.properties)
         if v5:
@@ -3634,6 +3735,8 @@ class Sessions(Delivery):
             client_id, assigned = self.new_client_id(), v5  # [MQTT-3.1.3-6], MQTT 5.0 3.1.3.1
         if len(client_id) > config["max_client_id_size"]:
             return self.refuse(client, CONNACK_BAD_ID, f"client id longer than {config['max_client_id_size']}")
+        if client_id.startswith(BRIDGE_CLIENT_PREFIX):
+            return self.refuse(client, CONNACK_BAD_ID, f"client ids beginning {BRIDGE_CLIENT_PREFIX} are the bridges'")
         keepalive, max_keepalive = p.keepalive, config["max_keepalive"]
         if keepalive > max_keepalive or (v5 and not keepalive and max_keepalive < 65535):
             if not v5:
@@ -4259,7 +4362,7 @@ class Engine(Peers):
             msg = self.authorize_publish(client, p, topic, props, expires)
         elif self.acl(client, "write", topic):
             msg = Message(topic, p.payload, p.qos, p.retain, self.new_ref(), raw, v5, props, expires,
-                          session.client_id)
+                          session.client_id, client.bridge)
         else:
             msg = None
         if msg is None:
@@ -4353,7 +4456,7 @@ class Engine(Peers):
                 return None
         notify(self.hooks.on_publish, client.user, sid, qos, topic, payload, retain)
         return Message(topic, payload, qos, bool(retain), self.new_ref(), props=props, expires=expires,
-                       origin=sid[1])
+                       origin=sid[1], bridged=client.bridge)
 
     def http_publish(self, peer: tuple, user: str | None, password: bytes | None, client_id: str,
                      mountpoint: str, p: Publish) -> str:
@@ -4483,7 +4586,7 @@ class Engine(Peers):
                 self.counters["mqtt_subscribe_auth_error" if valid else "mqtt_subscribe_error", ()] += 1
                 continue
             opts = SubOptions(qos, bool(options & 4), bool(options & 8), (options >> 4) & 3, sub_id) \
-                if dialect.v5 else QOS_ONLY[qos]
+                if dialect.v5 else BRIDGE_OPTIONS[qos] if client.bridge else QOS_ONLY[qos]
             existed = topic_filter in session.subs
             self.subscribe(session, topic_filter, opts)
             codes.append(qos)
@@ -4632,6 +4735,8 @@ class Engine(Peers):
             if session.will is not None and session.will[1] <= now:
                 self.send_will(session.mountpoint, self.take_will(session))  # its Will Delay Interval has passed
             offline = now - session.offline_since if session.offline_since is not None else 0
+            if session.relay:
+                continue  # a bridge's session waits for its remote however long
             if (session.expiry is not None and offline > session.expiry) or (limit is not None and offline > limit):
                 expired.append(session)
         for session in expired:
@@ -4820,7 +4925,7 @@ _TERM_READERS: Mapping[int, Callable] = types.MappingProxyType({
 FORWARD_VERSION = 1  # first byte of a forward body; a node refuses another layout
 _FORWARD = struct.Struct(">BBHHHHIIIQd")  # version, flags, lengths of mountpoint, topic, origin,
 # the number of groups, lengths of properties, payload and frame, then ref and expiry time
-_FWD_RETAIN, _FWD_FRAME5, _FWD_PLAIN, _FWD_EXPIRES, _FWD_ORIGIN = 4, 8, 16, 32, 64  # flag bits above the QoS
+_FWD_RETAIN, _FWD_FRAME5, _FWD_PLAIN, _FWD_EXPIRES, _FWD_ORIGIN, _FWD_BRIDGED = 4, 8, 16, 32, 64, 128  # above the QoS
 
 
 def encode_forward(mountpoint: str, msg: Message, plain: bool, groups: tuple[str, ...]) -> bytes:
@@ -4832,7 +4937,8 @@ def encode_forward(mountpoint: str, msg: Message, plain: bool, groups: tuple[str
         if msg.qos not in (0, 1, 2):
             raise ValueError(f"QoS {msg.qos}")
         flags = (msg.qos | _FWD_RETAIN * bool(msg.retain) | _FWD_FRAME5 * bool(msg.frame5) | _FWD_PLAIN * bool(plain)
-                 | _FWD_EXPIRES * (msg.expires is not None) | _FWD_ORIGIN * (msg.origin is not None))
+                 | _FWD_EXPIRES * (msg.expires is not None) | _FWD_ORIGIN * (msg.origin is not None)
+                 | _FWD_BRIDGED * bool(msg.bridged))
         head = _FORWARD.pack(FORWARD_VERSION, flags, len(mp), len(topic), len(origin), len(groups), len(props),
                              len(msg.payload), len(msg.frame), msg.ref, 0.0 if msg.expires is None else msg.expires)
         parts = [head, mp, topic, origin, props, msg.payload, msg.frame]
@@ -4857,7 +4963,7 @@ def decode_forward(body: bytes) -> tuple[str, Message, bool, tuple[str, ...]]:
     d = c + n_props
     e = d + n_payload
     f = e + n_frame
-    if (f != len(body) if not n_groups else f + 2 * n_groups > len(body)) or flags & 3 == 3 or flags >= 128:
+    if (f != len(body) if not n_groups else f + 2 * n_groups > len(body)) or flags & 3 == 3:
         raise ClusterError("forwarded message of the wrong length or with bad flags")
     try:
         mountpoint, topic = str(body[_FORWARD.size:a], "utf-8"), str(body[a:b], "utf-8")
@@ -4867,7 +4973,8 @@ def decode_forward(body: bytes) -> tuple[str, Message, bool, tuple[str, ...]]:
         raise ClusterError("forwarded message with a string that is not UTF-8") from None
     groups = _forward_groups(body, f, n_groups) if n_groups else ()
     msg = Message(topic, body[d:e], flags & 3, bool(flags & _FWD_RETAIN), ref, body[e:f], bool(flags & _FWD_FRAME5),
-                  props, expires if flags & _FWD_EXPIRES else None, origin if flags & _FWD_ORIGIN else None)
+                  props, expires if flags & _FWD_EXPIRES else None, origin if flags & _FWD_ORIGIN else None,
+                  bool(flags & _FWD_BRIDGED))
     return mountpoint, msg, bool(flags & _FWD_PLAIN), groups
 
 
@@ -9687,6 +9794,618 @@ def cmd_cluster_leave(call: Call) -> Any:
 #       store-backed outgoing buffer, loop prevention; bridge commands.
 # Must not know: HTTP.
 
+BRIDGE_CONNECT_TIMEOUT = 10  # seconds for the TCP connect, the TLS handshake and CONNACK together
+BRIDGE_BACKOFF_FACTOR = 10  # reconnect delays double from restart_timeout up to this many times it
+BRIDGE_READ = 65536  # bytes read from the remote at a time
+BRIDGE_HIGH_WATER = 1 << 20  # bytes waiting for the remote's socket before the bridge takes no more QoS 0
+BRIDGE_COLUMNS = ("name", "endpoint", "buffer size", "buffer max", "buffer dropped msgs", "MQTT process mailbox len",
+                  "status", "error")  # VerneMQ vmq_bridge_cli's, then status and the last error
+BRIDGE_LISTENER = types.SimpleNamespace(  # what the engine reads of a listener, for a bridge's own connection
+    mountpoint="", allowed_versions=(4, 5), allow_anonymous_override=True, use_identity_as_username=False)
+_NOT_RELAYED = frozenset({"subscription_identifier", "topic_alias"})  # properties of one hop only
+
+
+@dataclass(frozen=True, slots=True)
+class BridgeTopic:
+    """One ``topic.<n>`` of a bridge: a pattern shared with the remote, its direction, QoS and prefixes."""
+
+    pattern: str
+    direction: str = "out"
+    qos: int = 0
+    local_prefix: str = ""
+    remote_prefix: str = ""
+
+    def __post_init__(self):
+        for topic_filter in (self.local_filter, self.remote_filter):
+            if not valid_subscription(topic_filter) or topic_filter.startswith(SHARE_PREFIX):
+                raise ValueError(f"{topic_filter!r} is not a topic filter")
+
+    @property
+    def local_filter(self) -> str:
+        return self.local_prefix + self.pattern
+
+    @property
+    def remote_filter(self) -> str:
+        return self.remote_prefix + self.pattern
+
+    def to_remote(self, topic: str) -> str | None:
+        """Return the remote topic of a local message this topic sends out (None: not one of them)."""
+        if self.direction == "in" or not topic.startswith(self.local_prefix) \
+                or not topic_matches(self.local_filter, topic):
+            return None
+        return self.remote_prefix + topic[len(self.local_prefix):]
+
+    def to_local(self, topic: str) -> str | None:
+        """Return the local topic of a remote message this topic brings in (None: not one of them)."""
+        if self.direction == "out" or not topic.startswith(self.remote_prefix) \
+                or not topic_matches(self.remote_filter, topic):
+            return None
+        return self.local_prefix + topic[len(self.remote_prefix):]
+
+
+@dataclass(frozen=True, slots=True)
+class BridgeSpec:
+    """A bridge as the config describes it (``vmq_bridge.<tcp|ssl>.<name>...``)."""
+
+    name: str
+    tls: bool
+    host: str
+    port: int
+    topics: tuple[BridgeTopic, ...]
+    client_id: str
+    clean: bool = False
+    keepalive: int = 60
+    username: str | None = None
+    password: bytes | None = field(default=None, repr=False)  # never in a log line
+    restart_timeout: int = 10
+    try_private: bool = True
+    version: int = 4
+    max_buffered: int = 100
+    tls_options: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def local_id(self) -> str:
+        """The client id of the bridge's own session in this node."""
+        return BRIDGE_CLIENT_PREFIX + self.name
+
+    @property
+    def endpoint(self) -> str:
+        return render_value((self.host, self.port))
+
+    def local_subscriptions(self) -> dict[str, SubOptions]:
+        """The filters (and options) whose messages go to the remote: no echo, retain flag kept, no retained."""
+        return {t.local_filter: SubOptions(t.qos, True, True, 2) for t in self.topics if t.direction != "in"}
+
+    def remote_subscriptions(self) -> tuple[tuple[str, int], ...]:
+        """The remote filters to subscribe to, with their SUBSCRIBE options byte (MQTT 5: No Local, RAP)."""
+        flags = 4 | 8 if self.version == 5 else 0
+        return tuple((t.remote_filter, t.qos | flags) for t in self.topics if t.direction != "out")
+
+    def to_remote(self, topic: str) -> str | None:
+        return next((r for r in (t.to_remote(topic) for t in self.topics) if r is not None), None)
+
+    def to_local(self, topic: str) -> str | None:
+        return next((r for r in (t.to_local(topic) for t in self.topics) if r is not None), None)
+
+    def connect_packet(self) -> Connect:
+        """The CONNECT the remote gets; try_private sets the bridge bit of MQTT 3.1/3.1.1 (MQTT 5 has none)."""
+        level = self.version | BRIDGE_BIT if self.try_private and self.version != 5 else self.version
+        props = (("session_expiry_interval", 0xFFFFFFFF),) if self.version == 5 and not self.clean else ()
+        return Connect(self.client_id, level, self.clean, self.keepalive, self.username, self.password,
+                       properties=props)
+
+
+def bridge_specs(config: Config) -> list[BridgeSpec]:
+    """Read every bridge of the config; raise ConfigError for one that cannot work."""
+    if not config["plugins.vmq_bridge"]:
+        return []
+    specs = []
+    for key in sorted(config.values):
+        parts = key.split(".")
+        if parts[0] == "vmq_bridge" and len(parts) == 3:
+            specs.append(_bridge_spec(config, parts[1], parts[2]))
+    return specs
+
+
+def _bridge_spec(config: Config, kind: str, name: str) -> BridgeSpec:
+    prefix = f"vmq_bridge.{kind}.{name}"
+    option = lambda o: config[f"{prefix}.{o}"]  # noqa: E731 - a reader of this bridge's keys
+    topics = []
+    for key in sorted(k for k in config.values if k.startswith(prefix + ".topic.")):
+        try:
+            topics.append(BridgeTopic(*config[key]))
+        except ValueError as exc:
+            raise ConfigError(f"{key}: {exc}") from None
+    if not topics:
+        raise ConfigError(f"{prefix} has no {prefix}.topic.<n> = <pattern> [in|out|both] ...: it would bridge nothing")
+    username, password = option("username") or None, option("password")
+    if password and username is None:
+        raise ConfigError(f"{prefix}.password needs {prefix}.username (MQTT sends no password alone)")
+    version = option("mqtt_version")
+    client_id = option("client_id")
+    if client_id == "auto":
+        client_id = f"{config['nodename']}-{name}"[:23 if version == 3 else None]  # MQTT 3.1: at most 23
+    host, port = config[prefix]
+    tls_options = {o: option(o) for o in BRIDGE_TLS_OPTIONS} if kind == "ssl" else {}
+    spec = BridgeSpec(name, kind == "ssl", host, port, tuple(topics), client_id, option("cleansession"),
+                      option("keepalive_interval"), username, password.encode() if username else None,
+                      option("restart_timeout"), option("try_private"), version,
+                      option("max_outgoing_buffered_messages"), tls_options)
+    if spec.tls:
+        bridge_tls_context(spec)  # a missing or bad file is said now, not at every reconnect
+    return spec
+
+
+def bridge_tls_context(spec: BridgeSpec) -> ssl.SSLContext:
+    """Build the client TLS context of a bridge; raise ConfigError for a file that cannot be used."""
+    options = spec.tls_options
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = TLS_VERSIONS[min(options["tls_version"])]
+    ctx.maximum_version = TLS_VERSIONS[max(options["tls_version"])]
+    option, path = ("cafile", options["cafile"]) if options["cafile"] else ("certfile", options["certfile"])
+    try:
+        if options["cafile"]:
+            ctx.load_verify_locations(options["cafile"])
+        else:
+            ctx.load_default_certs()
+        option, path = "certfile", options["certfile"]
+        if options["certfile"]:
+            ctx.load_cert_chain(options["certfile"], options["keyfile"] or None)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"vmq_bridge.ssl.{spec.name}.{option} {path}: {getattr(exc, 'strerror', None) or exc}") \
+            from None
+    if options["insecure"]:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+def connack_refusal(connack: Connack, v5: bool) -> str:
+    """Say why a remote refused the bridge's CONNECT."""
+    code = connack.return_code
+    if v5:
+        text = dict(connack.properties).get("reason_string")
+        return f"{REASON_NAMES.get(code, hex(code))} (CONNACK {code:#04x})" + (f": {text}" if text else "")
+    name = CONNACK_RETURN_NAMES[code] if code < len(CONNACK_RETURN_NAMES) else "unknown"
+    return f"{name} (CONNACK {code})"
+
+
+class Bridge:
+    """One bridge on the broker's loop: an MQTT client of the remote, and a session of this node.
+
+    Its session (``$bridge/<name>``, persistent, subscribed to the out patterns) is the
+    outgoing buffer: while the remote is down the session is offline and its messages wait in
+    the message store; once the remote is up the bridge attaches a connection to it, and the
+    engine's outbox (``drain``) hands it the PUBLISHes to send on. A local QoS 1/2 message is
+    acknowledged to the engine only once the remote acknowledged it, so it leaves the store
+    only then. Messages from the remote are routed here marked ``bridged``, which no bridge
+    sends out again.
+    """
+
+    def __init__(self, io: MqttIO, spec: BridgeSpec, counters: dict):
+        self.io, self.engine, self.spec, self.counters = io, io.engine, spec, counters
+        self.labels = (("bridge", spec.name),)
+        self.status, self.error = "down", ""
+        self.conn: Connection | None = None  # this node's side, while the remote is up
+        self.writer: asyncio.StreamWriter | None = None
+        self.task: asyncio.Task | None = None
+        self.wake = asyncio.Event()
+        self.stopping = False
+        self.version = spec.version
+        self.passthrough = spec.version != 5 and all(t.local_prefix == t.remote_prefix for t in spec.topics)
+        self.remote_pids: dict[int, int] = {}  # remote packet id -> the local one, QoS 1/2 on their way out
+        self.local_pids: dict[int, int] = {}  # local packet id -> the remote one
+        self.incoming: set[int] = set()  # remote QoS 2 packet ids whose PUBREL is awaited
+        self.next_pid = 1
+        self.pinger: asyncio.TimerHandle | None = None
+        self.pending = b""  # what came with CONNACK
+        self.outbox: list[bytes] = []  # encoded packets for the remote, written once per batch
+        self.dropped_seen = 0  # the session's drops already counted in bridge_messages_dropped
+
+    # -- this node's side ---------------------------------------------------
+    def session(self) -> Session:
+        """Return the bridge's session, made (or brought up to date with the config) first."""
+        engine, spec = self.engine, self.spec
+        session = engine.sessions.get(("", spec.local_id))
+        if session is None:
+            session = engine.sessions[("", spec.local_id)] = Session("", spec.local_id, engine.now, None)
+            engine.store.put_session("", spec.local_id, None)
+        session.relay, session.limit = True, spec.max_buffered
+        wanted = spec.local_subscriptions()
+        for topic_filter in [f for f in session.subs if f not in wanted]:
+            engine.unsubscribe(session, topic_filter)
+        for topic_filter, opts in wanted.items():
+            if session.subs.get(topic_filter) != opts:
+                engine.subscribe(session, topic_filter, opts)
+        return session
+
+    def attach(self) -> None:
+        """Connect the bridge's session: what waits in it (in flight first, DUP) comes to ``drain``."""
+        engine = self.engine
+        engine.now = time.time()
+        self.session()
+        conn = engine.connection_made(self, BRIDGE_LISTENER, (self.spec.host, self.spec.port), None, engine.now)
+        level = 5 if self.version == 5 else 4  # the remote's form: QoS 0 frames can go on as they are
+        conn.speak(level)
+        conn.bridge = True  # the retain flag as published, in MQTT 3.1.1 too
+        conn.expiry_at_connect = 0xFFFFFFFF
+        self.conn = conn
+        engine.accept(conn, Connect(self.spec.local_id, level, clean_session=False), self.spec.local_id)
+
+    def reattach(self) -> None:
+        """Attach again after the engine closed the bridge's connection, while the remote is still up."""
+        if self.conn is None and self.writer is not None and not self.stopping:
+            self.attach()
+            self.io.after_batch()
+
+    def detach(self) -> None:
+        """Take the bridge's session offline: from now on its messages wait in the store."""
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            conn.out.clear()
+            self.engine.connection_lost(conn, time.time())
+
+    def drain(self) -> None:
+        """Send on what the engine left in the outbox of the bridge's connection (called after each commit)."""
+        conn = self.conn
+        if conn is None:
+            return
+        data = b"".join(conn.out)
+        conn.out.clear()
+        conn.out_bytes = 0
+        pos, deferred, passthrough = 0, [], self.passthrough and self.writer is not None
+        while pos < len(data):
+            if passthrough and data[pos] in (0x30, 0x31):  # QoS 0 under the same topic there: the frame as it is
+                length, start = fixed_header(data, pos)
+                self.outbox.append(data[pos:start + length])
+                self.counters["bridge_messages_out", self.labels] += 1
+                self.counters["bridge_bytes_out", self.labels] += length - 2  # the topic's length field
+                pos = start + length
+                continue
+            packet, pos = decode_packet(data, pos, 0, conn.proto)
+            if isinstance(packet, Publish):
+                self.send_out(packet, deferred)
+            elif isinstance(packet, Pubrel):
+                remote = self.local_pids.get(packet.packet_id)
+                if remote is None or self.writer is None:
+                    deferred.append(Pubcomp(packet.packet_id))  # its remote exchange ended with the old connection
+                else:
+                    self.write(Pubrel(remote))
+        if conn.closing:  # the engine closed it (session disconnect, shutdown): attach again while up
+            self.detach()
+            if self.writer is not None and not self.stopping:
+                self.io.loop.call_soon(self.reattach)
+        elif deferred:
+            self.io.loop.call_soon(self.local_acks, conn, deferred)
+        self.flush()
+        self.watch_buffer(conn)
+
+    def send_out(self, p: Publish, deferred: list) -> None:
+        """Send one local message to the remote under its remote topic and a packet id of the remote's."""
+        topic = self.spec.to_remote(p.topic)
+        if topic is None or self.writer is None:
+            if p.qos and topic is None:
+                deferred.append(Puback(p.packet_id) if p.qos == 1 else Pubrec(p.packet_id))  # not ours: done
+            return  # QoS 1/2 stay in flight in the session and go again after the reconnect
+        pid = None
+        if p.qos:
+            pid = self.take_pid()
+            self.remote_pids[pid], self.local_pids[p.packet_id] = p.packet_id, pid
+        props = tuple(x for x in p.properties if x[0] not in _NOT_RELAYED) if self.version == 5 else ()
+        self.write(Publish(topic, p.payload, p.qos, p.retain, False, pid, props))
+        self.counters["bridge_messages_out", self.labels] += 1
+        self.counters["bridge_bytes_out", self.labels] += len(p.payload) + len(topic)
+
+    def local_acks(self, conn: Connection, packets: list) -> None:
+        """Hand the engine acknowledgements for the bridge's session (after the batch that asked for them)."""
+        if conn is self.conn:
+            now = time.time()
+            for packet in packets:
+                self.engine.handle(conn, packet, now)
+            self.io.after_batch()
+
+    def watch_buffer(self, conn: Connection) -> None:
+        """Take no more QoS 0 for a remote that reads slower than the node publishes; go on once it caught up."""
+        writer = self.writer
+        if writer is not None and conn.writable and writer.transport.get_write_buffer_size() > BRIDGE_HIGH_WATER:
+            conn.writable = False
+            self.io.loop.create_task(self.writable_again(conn, writer))
+
+    async def writable_again(self, conn: Connection, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError):
+            await writer.drain()
+        conn.writable = True
+        if conn is self.conn:
+            self.engine.writable_again(conn, time.time())
+            self.io.after_batch()
+
+    # -- the remote's side --------------------------------------------------
+    def take_pid(self) -> int:
+        pid = self.next_pid
+        while pid in self.remote_pids:
+            pid = pid % MAX_PACKET_ID + 1
+        self.next_pid = pid % MAX_PACKET_ID + 1
+        return pid
+
+    def write(self, packet: Any) -> None:
+        """Queue a packet for the remote; ``flush`` writes what is queued in one go."""
+        self.outbox.append(encode_packet(packet, self.version))
+
+    def flush(self) -> None:
+        if self.outbox and self.writer is not None:
+            self.writer.write(b"".join(self.outbox))
+        self.outbox.clear()
+
+    async def run(self) -> None:
+        """Connect, serve, and after any failure connect again, waiting longer after each one in a row."""
+        failures = 0
+        while not self.stopping:
+            try:
+                reader = await self.connect()
+                failures = 0
+                await self.serve(reader)
+                reason = "reconnecting (bridge start)" if self.wake.is_set() else "the remote closed the connection"
+            except asyncio.TimeoutError:
+                reason = "the remote did not answer in time"
+            except (OSError, EOFError) as exc:
+                reason = f"cannot reach {self.spec.endpoint}: {getattr(exc, 'strerror', None) or exc}"
+            except VmqError as exc:  # a refusal, or a packet that breaks the protocol
+                reason = exc.text
+            except Exception:  # a bug: it costs this connection, never the node or the bridge
+                log.exception("bridge %s: internal error", self.spec.name)
+                reason = "internal error (see the log)"
+            self.down(reason)
+            if self.stopping:
+                break
+            delay = min(self.spec.restart_timeout * 2 ** failures, self.spec.restart_timeout * BRIDGE_BACKOFF_FACTOR)
+            failures += 1
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.wake.wait(), delay)
+            self.wake.clear()
+
+    async def connect(self) -> asyncio.StreamReader:
+        """Open the connection, CONNECT and wait for CONNACK; subscribe; attach the session."""
+        spec = self.spec
+        ctx = bridge_tls_context(spec) if spec.tls else None
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(
+            spec.host, spec.port, ssl=ctx, server_hostname=spec.host if ctx else None), BRIDGE_CONNECT_TIMEOUT)
+        sock = writer.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.writer = writer
+        self.write(spec.connect_packet())
+        self.flush()
+        connack, rest = await asyncio.wait_for(self.read_connack(reader), BRIDGE_CONNECT_TIMEOUT)
+        if connack.return_code:
+            raise VmqError(f"{spec.endpoint} refused the connection: {connack_refusal(connack, spec.version == 5)}")
+        self.remote_pids.clear()
+        self.local_pids.clear()
+        if not connack.session_present:
+            self.incoming.clear()
+        topics = spec.remote_subscriptions()
+        if topics:
+            self.write(Subscribe(self.take_pid(), topics))
+            self.flush()
+        self.status = "up"
+        log.info("bridge %s is up: connected to %s as %r", spec.name, spec.endpoint, spec.client_id)
+        self.arm_ping()
+        self.attach()
+        self.io.after_batch()
+        self.pending = rest
+        return reader
+
+    async def read_connack(self, reader: asyncio.StreamReader) -> tuple[Connack, bytes]:
+        buf = b""
+        while True:
+            result = decode_packet(buf, 0, 0, self.version)
+            if result is not None:
+                packet, pos = result
+                if not isinstance(packet, Connack):
+                    raise ProtocolError(f"the remote sent {type(packet).__name__.upper()} before CONNACK")
+                return packet, buf[pos:]
+            data = await reader.read(BRIDGE_READ)
+            if not data:
+                raise EOFError("the remote closed the connection before CONNACK")
+            buf += data
+
+    async def serve(self, reader: asyncio.StreamReader) -> None:
+        """Read the remote's packets until the connection ends; acknowledge them once the store has committed."""
+        buf, self.pending = self.pending, b""
+        silence = 1.5 * self.spec.keepalive if self.spec.keepalive else None  # MQTT 3.1.1 3.1.2.10
+        while True:
+            pos, acks, limit = 0, [], self.io.settings()["max_message_size"]
+            while (result := decode_packet(buf, pos, limit, self.version)) is not None:
+                packet, pos = result
+                self.from_remote(packet, acks)
+            buf = buf[pos:]
+            self.io.after_batch()
+            if acks:
+                if self.io.store.error is not None:
+                    raise VmqError(f"not acknowledging the remote's messages: {STORE_DOWN}")
+                for ack in acks:
+                    self.write(ack)
+                self.flush()
+            data = await asyncio.wait_for(reader.read(BRIDGE_READ), silence)
+            if not data:
+                return
+            buf += data
+
+    def from_remote(self, packet: Any, acks: list) -> None:
+        """Act on one packet from the remote; acknowledgements it needs go to ``acks``."""
+        conn, now = self.conn, time.time()
+        kind = type(packet)
+        if kind is Publish:
+            self.bring_in(packet, acks)
+        elif kind is Pubrel:
+            self.incoming.discard(packet.packet_id)
+            acks.append(Pubcomp(packet.packet_id))
+        elif kind in (Puback, Pubrec, Pubcomp):
+            local = self.remote_pids.get(packet.packet_id)
+            if local is None or conn is None:
+                return
+            failed = getattr(packet, "reason_code", 0) >= REASON_FAILURE
+            if kind is not Pubrec or failed:
+                del self.remote_pids[packet.packet_id]
+                self.local_pids.pop(local, None)
+            self.engine.handle(conn, kind(local, packet.reason_code) if failed else kind(local), now)
+        elif kind is Suback:
+            refused = [c for c in packet.return_codes if c >= REASON_FAILURE]
+            if refused:
+                self.error = f"the remote refused {len(refused)} of the bridge's subscriptions"
+                log.warning("bridge %s: %s", self.spec.name, self.error)
+        elif kind is Disconnect:
+            text = dict(packet.properties).get("reason_string", "")
+            raise VmqError(f"the remote disconnected: {REASON_NAMES.get(packet.reason_code, 'normal')}"
+                                + (f" ({text})" if text else ""))
+
+    def bring_in(self, p: Publish, acks: list) -> None:
+        """Route a remote message here under its local topic, marked as bridged; acknowledge it after the commit."""
+        if p.qos == 2 and p.packet_id in self.incoming:
+            acks.append(Pubrec(p.packet_id))  # sent again: routed once
+            return
+        topic = self.spec.to_local(p.topic)
+        if topic is not None and valid_topic_name(topic):
+            engine = self.engine
+            engine.now = time.time()
+            props = dict(p.properties)
+            expiry = props.get("message_expiry_interval")
+            msg = Message(topic, p.payload, p.qos, p.retain, engine.new_ref(),
+                          props=forwarded_properties(p.properties),
+                          expires=engine.now + expiry if expiry is not None else None,
+                          origin=self.spec.local_id, bridged=True)
+            if not msg.retain or engine.retain("", msg) is not False:
+                engine.route("", msg)
+            self.counters["bridge_messages_in", self.labels] += 1
+            self.counters["bridge_bytes_in", self.labels] += len(p.payload) + len(topic)
+        if p.qos == 1:
+            acks.append(Puback(p.packet_id))
+        elif p.qos == 2:
+            self.incoming.add(p.packet_id)
+            acks.append(Pubrec(p.packet_id))
+
+    def arm_ping(self) -> None:
+        """Send PINGREQ every keep-alive interval while connected [MQTT-3.1.2-23]."""
+        if self.spec.keepalive and self.writer is not None and not self.writer.is_closing():
+            if self.pinger is not None:
+                self.write(Pingreq())
+                self.flush()
+            self.pinger = self.io.loop.call_later(self.spec.keepalive, self.arm_ping)
+
+    def down(self, reason: str) -> None:
+        """The remote is gone (or never came): keep its messages in the store, say why once."""
+        if self.pinger is not None:
+            self.pinger.cancel()
+            self.pinger = None
+        if self.writer is not None:
+            self.writer.transport.abort()
+            self.writer = None
+        self.outbox.clear()
+        self.detach()
+        self.io.after_batch()
+        if (self.status, self.error) != ("down", reason) and not self.stopping:
+            log.warning("bridge %s is down: %s", self.spec.name, reason)
+        self.status, self.error = "down", reason
+
+    def row(self) -> dict:
+        """Return this bridge's row of bridge show."""
+        session = self.engine.sessions.get(("", self.spec.local_id))
+        waiting = _queued(session) + len(session.inflight) + session.parked if session is not None else 0
+        return {"name": self.spec.name, "endpoint": self.spec.endpoint, "buffer size": waiting,
+                "buffer max": self.spec.max_buffered, "buffer dropped msgs": session.dropped if session else 0,
+                "MQTT process mailbox len": len(self.remote_pids), "status": self.status, "error": self.error}
+
+
+class Bridges:
+    """Every bridge of the node (vmq_bridge), run on the broker's loop."""
+
+    def __init__(self, io: MqttIO, config: Config):
+        self.io = io
+        self.enabled = config["plugins.vmq_bridge"]
+        self.specs = bridge_specs(config)
+        self._counters: dict[tuple, int] = collections.defaultdict(int)
+        self.bridges: list[Bridge] = []
+
+    def start(self) -> None:
+        """Make each bridge's session (dropping those of bridges no longer configured) and start connecting."""
+        self.io.call(self._start)
+
+    def _start(self) -> None:
+        engine = self.io.engine
+        if self.enabled:
+            names = {spec.local_id for spec in self.specs}
+            for (mountpoint, client_id), session in list(engine.sessions.items()):
+                if mountpoint == "" and client_id.startswith(BRIDGE_CLIENT_PREFIX) and client_id not in names:
+                    log.warning("dropping the session of bridge %s (no longer configured) and its %d messages",
+                                client_id[len(BRIDGE_CLIENT_PREFIX):], _queued(session) + len(session.inflight))
+                    engine.drop_session(session)
+        for spec in self.specs:
+            bridge = Bridge(self.io, spec, self._counters)
+            bridge.session()
+            bridge.task = self.io.loop.create_task(bridge.run())
+            self.bridges.append(bridge)
+
+    def stop(self) -> None:
+        """Close every bridge; what waits for the remotes stays in the store."""
+        if self.bridges:
+            with contextlib.suppress(concurrent.futures.TimeoutError, RuntimeError):
+                self.io.call_async(self._stop(), timeout=10)
+
+    async def _stop(self) -> None:
+        for bridge in self.bridges:
+            bridge.stopping = True
+            bridge.task.cancel()
+        await asyncio.gather(*(b.task for b in self.bridges), return_exceptions=True)
+        for bridge in self.bridges:
+            bridge.down("the node stops")
+        self.bridges = []
+
+    def restart(self) -> None:
+        """Reconnect every bridge now (bridge start): a connected one is closed first; waits are cut short."""
+        for bridge in self.bridges:
+            if bridge.writer is not None:
+                bridge.writer.transport.abort()  # its run sees the end and reconnects at once
+            bridge.wake.set()
+
+    def rows(self) -> list[dict]:
+        return [bridge.row() for bridge in self.bridges]
+
+    def counters(self) -> dict[tuple, int]:
+        """The bridges' counters for the metrics registry; drops are the sessions' own counts since the last read."""
+        for bridge in self.bridges:
+            session = self.io.engine.sessions.get(("", bridge.spec.local_id))
+            dropped = session.dropped if session is not None else 0
+            if dropped > bridge.dropped_seen:
+                self._counters["bridge_messages_dropped", bridge.labels] += dropped - bridge.dropped_seen
+            bridge.dropped_seen = dropped
+        return self._counters
+
+
+BRIDGE_OFF = "vmq_bridge is not enabled (plugins.vmq_bridge = on)"
+
+
+def _bridges(call: Call) -> Bridges | None:
+    bridges = getattr(call.node, "bridges", None)
+    return bridges if bridges is not None and bridges.enabled else None
+
+
+@command("bridge", "show", quick=True, read_only=True)
+def cmd_bridge_show(call: Call) -> Any:
+    """Show each bridge: its remote, its buffer (messages waiting, the most, dropped), status and last error."""
+    bridges = _bridges(call)
+    if bridges is None:
+        return alert(BRIDGE_OFF)
+    return Table(tuple(call.node.in_broker(bridges.rows)), BRIDGE_COLUMNS)
+
+
+@command("bridge", "start")
+def cmd_bridge_start(call: Call) -> Any:
+    """Reconnect every bridge now."""
+    bridges = _bridges(call)
+    if bridges is None:
+        return alert(BRIDGE_OFF)
+    call.node.in_broker(bridges.restart)
+    return alert("VerneMQ Bridges restarted.")  # VerneMQ vmq_bridge_cli answers with an alert
+
 
 
 ###############################################################################
@@ -11127,6 +11846,7 @@ class Node:
         self.slow_commands = threading.BoundedSemaphore(SLOW_COMMANDS)  # see slow_command_slot
         self.mqtt: MqttIO | None = None
         self.cluster: Cluster | None = None
+        self.bridges: Bridges | None = None  # vmq_bridge
         self._follows: dict[str, tuple[Tracer, tuple[str, str], float]] = {}  # trace client --follow tokens
         self._stopped = threading.Event()
         self._running = False
@@ -11212,9 +11932,14 @@ class Node:
             raise
         self.metrics.add_source(lambda: engine.counters, engine.gauges)
         self.metrics.add_source(lambda: store.counters, dict)
+        self.bridges = Bridges(self.mqtt, self._config)  # first: a bridge that cannot work stops the start
+        self.metrics.add_source(self.bridges.counters, dict)
         self.mqtt.start()
+        self.bridges.start()
 
     def _stop_mqtt(self) -> None:
+        if self.bridges is not None:
+            self.bridges.stop()
         if self.cluster is not None:
             self.cluster.stop()
         if self.mqtt is not None:
@@ -11477,7 +12202,9 @@ class Node:
 
     def plugin_rows(self) -> list[dict]:
         """Return the rows of plugin show: enabled built-in plugins and Python hooks."""
-        return self.hooks.rows()
+        bridge = [{"Plugin": "vmq_bridge", "Type": "application", "Hook(s)": "", "M:F/A": ""}] \
+            if self._config["plugins.vmq_bridge"] else []  # it registers no hooks
+        return self.hooks.rows() + bridge
 
 
 ###############################################################################

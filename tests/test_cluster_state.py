@@ -138,7 +138,7 @@ def forwarded_props(draw):
 messages = st.builds(
     Message, topic=text, payload=st.binary(max_size=64), qos=st.integers(0, 2), retain=st.booleans(),
     ref=st.integers(0, 2 ** 64 - 1), frame=st.binary(max_size=16), frame5=st.booleans(), props=forwarded_props(),
-    expires=st.none() | st.floats(allow_nan=False), origin=st.none() | text)
+    expires=st.none() | st.floats(allow_nan=False), origin=st.none() | text, bridged=st.booleans())
 forwards = st.tuples(text, messages, st.booleans(), st.lists(text, max_size=3).map(tuple))
 
 
