@@ -404,6 +404,14 @@ class ClusterError(VmqError):
     http_status, code = 503, "cluster_error"
 
 
+class WebhookFailed(VmqError):
+    """A webhook call that got no usable answer (unreachable, timed out, not 200, not JSON); an auth hook refuses."""
+
+    def __init__(self, reason: str, timeout: bool = False):
+        super().__init__(reason)
+        self.timeout = timeout
+
+
 class ConfigError(VmqError):
     """A configuration the node cannot start with; the text names file and line."""
 
@@ -7281,7 +7289,6 @@ WEBHOOK_NEVER_CALLED = {  # accepted for VerneMQ configs, but the broker has no 
     "on_session_expired": "vmqapi calls no hook when a session expires",
     "on_auth_m5": "enhanced authentication (MQTT 5 AUTH) does not go to webhooks",
 }
-WEBHOOK_OPTIONS = ("hook", "endpoint", "base64encode", "no_payload", "response_timeout")  # vmq_webhooks.<n>.<opt>
 WEBHOOK_TIMEOUT = 5000  # ms; VerneMQ vmq_webhooks_cli get_opts: response_timeout default
 WEBHOOK_NOTIFY_QUEUE = 10_000  # notifications waiting for the pool; past it new ones are dropped and counted
 WEBHOOK_CACHE_MAX = 100_000  # cached auth answers (VerneMQ keeps them forever); past it the oldest go first
@@ -7301,14 +7308,6 @@ WEBHOOK_ARGS = {  # the engine's hook arguments by VerneMQ's names; peer and sid
     "on_client_wakeup": ("sid",), "on_client_offline": ("sid",), "on_client_gone": ("sid",),
     "on_session_expired": ("sid",),
 }
-
-
-class WebhookFailed(VmqError):
-    """A webhook call that got no usable answer: unreachable, timed out, not 200, not JSON."""
-
-    def __init__(self, reason: str, timeout: bool = False):
-        super().__init__(reason)
-        self.timeout = timeout
 
 
 @dataclass(frozen=True, slots=True)
@@ -7346,13 +7345,6 @@ def parse_webhook_hook(text: str) -> str:
     if text not in WEBHOOK_HOOKS:
         raise ValueError(f"unknown hook {text!r}; hooks: {', '.join(WEBHOOK_HOOKS)}")
     return text
-
-
-def parse_true_false(text: str) -> bool:
-    """Parse VerneMQ's true/false flag values (webhooks register)."""
-    if text not in ("true", "false"):
-        raise ValueError(f"expected true or false, got {text!r}")
-    return text == "true"
 
 
 # -- bodies and answers (pure) ----------------------------------------------
@@ -7617,67 +7609,54 @@ class WebhookClient:
             self._tls = (options, ctx)
         return ctx
 
-    def _connection(self, url: urllib.parse.SplitResult, timeout: float) -> tuple[Any, bool]:
-        """Return (a connection to the endpoint, whether it was used before)."""
-        conns = getattr(self._local, "conns", None)
-        if conns is None:
-            conns = self._local.conns = {}
+    def _connection(self, url: urllib.parse.SplitResult, timeout: float) -> Any:
+        """Return this thread's connection to the endpoint (http.client reconnects a closed one by itself)."""
+        conns = self._local.__dict__.setdefault("conns", {})
         key = (url.scheme, url.hostname, url.port)
-        held = conns.get(key)
-        idle = self.settings()["vmq_webhooks.pool_timeout"] / 1000
-        if held is not None and time.monotonic() - held[1] <= idle:
-            held[0].timeout = timeout
-            if held[0].sock is not None:
-                held[0].sock.settimeout(timeout)
-            return held[0], True
-        if held is not None:
-            self._close(held[0])
-        if url.scheme == "https":
-            conn: Any = http.client.HTTPSConnection(url.hostname, url.port, timeout=timeout,
-                                                    context=self.tls_context())
-        else:
-            conn = http.client.HTTPConnection(url.hostname, url.port, timeout=timeout)
-        conns[key] = (conn, time.monotonic())
-        with self._lock:
-            self._open.add(conn)
-        return conn, False
-
-    def _close(self, conn: Any) -> None:
-        conn.close()
-        with self._lock:
-            self._open.discard(conn)
-        conns = getattr(self._local, "conns", {})
-        for key, held in list(conns.items()):
-            if held[0] is conn:
-                del conns[key]
+        conn = conns.get(key)
+        if conn is None:
+            if url.scheme == "https":
+                conn = http.client.HTTPSConnection(url.hostname, url.port, context=self.tls_context())
+            else:
+                conn = http.client.HTTPConnection(url.hostname, url.port)
+            conns[key] = conn
+            with self._lock:
+                self._open.add(conn)
+        idle = time.monotonic() - getattr(conn, "used_at", 0.0)
+        if conn.sock is not None and idle > self.settings()["vmq_webhooks.pool_timeout"] / 1000:
+            conn.close()  # idle past pool_timeout: a new connection
+        conn.timeout = timeout
+        if conn.sock is not None:
+            conn.sock.settimeout(timeout)
+        return conn
 
     def post(self, webhook: Webhook, hook: str, body: bytes) -> tuple[int, dict[str, str], bytes]:
         """POST ``body`` to the endpoint; return (status, headers, answer). A stale keep-alive is retried once."""
         url = urllib.parse.urlsplit(webhook.endpoint)
         target = (url.path or "/") + (f"?{url.query}" if url.query else "")
         headers = {"Content-Type": JSON_TYPE, "vernemq-hook": hook}
-        for _attempt in range(2):
-            conn, reused = self._connection(url, webhook.response_timeout / 1000)
+        for attempt in range(2):
+            conn = self._connection(url, webhook.response_timeout / 1000)
+            reused = conn.sock is not None
             try:
                 conn.request("POST", target, body, headers)
                 resp = conn.getresponse()
                 data = resp.read(WEBHOOK_MAX_ANSWER + 1)
             except (socket.timeout, TimeoutError):
-                self._close(conn)
+                conn.close()
                 raise WebhookFailed(f"no answer within {webhook.response_timeout} ms", timeout=True) from None
             except (OSError, http.client.HTTPException) as exc:
-                self._close(conn)
-                if reused and isinstance(exc, (http.client.RemoteDisconnected, ConnectionError)):
+                conn.close()
+                if reused and not attempt and isinstance(exc, (http.client.RemoteDisconnected, ConnectionError)):
                     continue  # the endpoint closed an idle keep-alive connection: once more on a new one
                 raise WebhookFailed(f"{type(exc).__name__}: {exc}") from None
+            conn.used_at = time.monotonic()
             if len(data) > WEBHOOK_MAX_ANSWER or resp.will_close:
-                self._close(conn)
-            else:
-                self._local.conns[(url.scheme, url.hostname, url.port)] = (conn, time.monotonic())
+                conn.close()
             if len(data) > WEBHOOK_MAX_ANSWER:
                 raise WebhookFailed(f"answer larger than {WEBHOOK_MAX_ANSWER} bytes")
             return resp.status, {k.lower(): v for k, v in resp.getheaders()}, data
-        raise WebhookFailed("the endpoint closed the connection")  # pragma: no cover - the loop returns or raises
+        raise WebhookFailed("the endpoint closed the connection twice")
 
     def call(self, webhook: Webhook, hook: str, args: Mapping[str, Any]) -> tuple[Any, int | None]:
         """Call one endpoint and read its answer; count requests, bytes, errors and timeouts."""
@@ -7799,12 +7778,9 @@ class Webhooks:
 
     def _hook_function(self, name: str) -> Callable[..., Any]:
         """Return the function Hooks calls for ``name``; plugin show names it vmq_webhooks_plugin:<hook>/<arity>."""
-        if name in WEBHOOK_AUTH:
-            fn = functools.partial(self._answer, name)
-        else:
-            fn = functools.partial(self._notify, name)
-        params = [inspect.Parameter(f"a{i}", inspect.Parameter.POSITIONAL_ONLY) for i in range(len(WEBHOOK_ARGS[name]))]
-        fn.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+        fn = functools.partial(self._answer if name in WEBHOOK_AUTH else self._notify, name)
+        fn.__signature__ = inspect.Signature([inspect.Parameter(a, inspect.Parameter.POSITIONAL_ONLY)  # type: ignore
+                                              for a in WEBHOOK_ARGS[name]])
         fn.__module__, fn.__qualname__ = "vmq_webhooks_plugin", name  # type: ignore[attr-defined]
         return fn
 
@@ -7959,15 +7935,11 @@ class Webhooks:
         finally:
             self.slot = None
 
-    # -- what each packet will ask ---------------------------------------------------
-    def _variant(self, client: Any, name: str) -> str:
-        """The hook an MQTT 5 client's packet goes to (VerneMQ calls the _m5 hooks for MQTT 5)."""
-        return name + "_m5" if client.proto == 5 else name
-
+    # -- what each packet will ask (VerneMQ calls the _m5 hooks for MQTT 5 clients) -------
     def _publish_calls(self, client: Any, p: Publish) -> list:
         if "auth_on_publish" not in self._functions or not client.connected:
             return []
-        hook = self._variant(client, "auth_on_publish")
+        hook = "auth_on_publish_m5" if client.proto == 5 else "auth_on_publish"
         topic, props = p.topic, []
         for name, value in p.properties:
             if name == "topic_alias":
@@ -7982,7 +7954,7 @@ class Webhooks:
     def _subscribe_calls(self, client: Any, p: Subscribe) -> list:
         if "auth_on_subscribe" not in self._functions or not client.connected:
             return []
-        hook = self._variant(client, "auth_on_subscribe")
+        hook = "auth_on_subscribe_m5" if client.proto == 5 else "auth_on_subscribe"
         if client.proto == 5:
             topics = [(t, o & 3, {"no_local": bool(o & 4), "rap": bool(o & 8),
                                   "retain_handling": RETAIN_HANDLING_NAMES[min((o >> 4) & 3, 2)]})
@@ -8080,8 +8052,8 @@ def cmd_webhooks_show(call: Call) -> Any:
 
 
 @command("webhooks", "register", keys=(_HOOK_KEY, _ENDPOINT_KEY), required=("hook", "endpoint"), quick=True, flags=(
-    Param("base64payload", parse_true_false, doc="true (default) or false: base64 encode the MQTT payload"),
-    Param("no_payload", parse_true_false, doc="true or false (default): leave the payload out of auth_on_publish"),
+    Param("base64payload", parse_flag, doc="true (default) or false: base64 encode the MQTT payload"),
+    Param("no_payload", parse_flag, doc="true or false (default): leave the payload out of auth_on_publish"),
     Param("response_timeout", parse_positive_int, doc="milliseconds the endpoint has to answer (default 5000)")))
 def cmd_webhooks_register(call: Call) -> Any:
     """Register a webhook endpoint with a hook."""
