@@ -3937,7 +3937,7 @@ class Engine(Sessions):
         if answer == "error" or (answer is None and not self.acl(client, "write", topic)):
             return None
         payload, qos, retain = p.payload, p.qos, p.retain
-        if isinstance(answer, Mapping):
+        if answer != "ok" and isinstance(answer, Mapping):  # "ok", the usual answer, skips the slow ABC check
             topic, payload = answer.get("topic", topic), answer.get("payload", payload)
             qos, retain = answer.get("qos", qos), answer.get("retain", retain)
             if not valid_topic_name(topic) or qos not in (0, 1, 2) or not isinstance(payload, bytes):
@@ -7512,9 +7512,14 @@ def _frozen(value: Any) -> Any:
     return value
 
 
+_UNKEYED = frozenset({"payload", "peer_port"})  # VerneMQ vmq_webhooks_cache: not part of the key
+_SCALARS = frozenset({str, int, bool, bytes, type(None)})
+
+
 def webhook_cache_key(endpoint: str, hook: str, args: Mapping[str, Any]) -> tuple:
     """Key an auth answer by what VerneMQ keys it by: every argument but the payload and the peer's port."""
-    return endpoint, hook, tuple((k, _frozen(v)) for k, v in args.items() if k not in ("payload", "peer_port"))
+    return endpoint, hook, tuple([v if v.__class__ in _SCALARS else _frozen(v)
+                                  for k, v in args.items() if k not in _UNKEYED])
 
 
 class WebhookCache:
@@ -7525,6 +7530,7 @@ class WebhookCache:
         self._clock = clock
         self._entries: dict[tuple, tuple[float, Any]] = {}  # key -> (expires at, answer)
         self._stats: dict[tuple[str, str, str], int] = {}  # (stat, endpoint, hook) -> n
+        self._loop_hits: dict[tuple, int] = {}  # (endpoint, hook) -> hits counted by the broker's loop, lock-free
 
     def _count(self, stat: str, key: tuple, n: int = 1) -> None:
         name = (stat, key[0], key[1])
@@ -7532,14 +7538,24 @@ class WebhookCache:
 
     def lookup(self, key: tuple) -> Any:
         """Return the cached answer (None: a miss); both are counted."""
+        entry = self._entries.get(key)  # one dict read is atomic; a change is made under _lock
         with self._lock:
-            entry = self._entries.get(key)
             if entry is not None and entry[0] < self._clock():
-                del self._entries[key]
-                self._count("entries", key, -1)
+                if self._entries.pop(key, None) is not None:
+                    self._count("entries", key, -1)
                 entry = None
-            self._count("misses" if entry is None else "hits", key)
+            stat = ("misses" if entry is None else "hits", key[0], key[1])
+            self._stats[stat] = self._stats.get(stat, 0) + 1
         return None if entry is None else entry[1]
+
+    def lookup_in_loop(self, key: tuple, now: float) -> Any:
+        """``lookup`` for the broker's loop: a hit takes no lock (only this thread counts _loop_hits)."""
+        entry = self._entries.get(key)  # one dict read is atomic
+        if entry is None or entry[0] < now:
+            return self.lookup(key)
+        hits, where = self._loop_hits, key[:2]
+        hits[where] = hits.get(where, 0) + 1
+        return entry[1]
 
     def insert(self, key: tuple, max_age: int, answer: Any) -> None:
         """Keep an ok answer (without a payload change, as VerneMQ) for ``max_age`` seconds."""
@@ -7562,19 +7578,24 @@ class WebhookCache:
     def rows(self) -> list[dict]:
         """Return webhooks cache show's rows: stat, endpoint, hook, value."""
         with self._lock:
-            stats = sorted(self._stats.items(), key=lambda item: (item[0][1], item[0][2], item[0][0]))
+            merged = dict(self._stats)
+        for (endpoint, hook), n in dict(self._loop_hits).items():  # copied in one step: the loop may add keys
+            merged["hits", endpoint, hook] = merged.get(("hits", endpoint, hook), 0) + n
+        stats = sorted(merged.items(), key=lambda item: (item[0][1], item[0][2], item[0][0]))
         return [{"stat": s, "endpoint": e, "hook": h, "value": n} for (s, e, h), n in stats]
 
     def reset_stats(self) -> None:
         """Zero hits and misses (entries keep counting what is cached)."""
         with self._lock:
             self._stats = {k: v for k, v in self._stats.items() if k[0] == "entries" and v}
+            self._loop_hits = {}  # a hit the loop counts meanwhile may be lost: it is only a statistic
 
     def clear(self) -> None:
         """Forget every cached answer and every statistic (VerneMQ purge_all)."""
         with self._lock:
             self._entries.clear()
             self._stats.clear()
+            self._loop_hits = {}
 
 
 # -- calls (worker threads) --------------------------------------------------
@@ -7710,7 +7731,7 @@ class Webhooks:
     def __init__(self, settings: Callable[[], Config], hooks: Hooks, metrics: Metrics, io: MqttIO):
         self.settings, self.hooks, self.metrics, self.io = settings, hooks, metrics, io
         self._lock = threading.Lock()
-        self.endpoints: Mapping[str, tuple[Webhook, ...]] = {}  # hook -> endpoints in order; replaced, not changed
+        self.endpoints: dict[str, tuple[Webhook, ...]] = {}  # hook -> endpoints in order; replaced whole, never changed
         self._functions: dict[str, Callable[..., Any]] = {}  # Hooks name -> the function registered for it
         self.cache = WebhookCache()
         self.client = WebhookClient(settings, metrics)
@@ -7746,7 +7767,7 @@ class Webhooks:
             present = self.endpoints.get(webhook.hook, ())
             if any(w.endpoint == webhook.endpoint for w in present):
                 return "already_registered"
-            self.endpoints = types.MappingProxyType({**self.endpoints, webhook.hook: (*present, webhook)})
+            self.endpoints = {**self.endpoints, webhook.hook: (*present, webhook)}
             self._sync_hooks()
         if webhook.hook in WEBHOOK_NEVER_CALLED:
             log.warning("webhook %s at %s is registered but never called: %s", webhook.hook, webhook.endpoint,
@@ -7763,7 +7784,7 @@ class Webhooks:
             endpoints = {**self.endpoints, hook: kept}
             if not kept:
                 del endpoints[hook]
-            self.endpoints = types.MappingProxyType(endpoints)
+            self.endpoints = endpoints
             self._sync_hooks()
         return ""
 
@@ -7778,7 +7799,7 @@ class Webhooks:
 
     def _hook_function(self, name: str) -> Callable[..., Any]:
         """Return the function Hooks calls for ``name``; plugin show names it vmq_webhooks_plugin:<hook>/<arity>."""
-        fn = functools.partial(self._answer if name in WEBHOOK_AUTH else self._notify, name)
+        fn = self._answer_function(name) if name in WEBHOOK_AUTH else functools.partial(self._notify, name)
         fn.__signature__ = inspect.Signature([inspect.Parameter(a, inspect.Parameter.POSITIONAL_ONLY)  # type: ignore
                                               for a in WEBHOOK_ARGS[name]])
         fn.__module__, fn.__qualname__ = "vmq_webhooks_plugin", name  # type: ignore[attr-defined]
@@ -7791,11 +7812,17 @@ class Webhooks:
                 for hook in WEBHOOK_HOOKS for w in self.endpoints.get(hook, ())]
 
     # -- the hook functions (broker's loop) -------------------------------------
+    def _answer_function(self, name: str) -> Callable[..., Any]:
+        """An auth hook: the answer the gate fetched for this packet, else ``_answer``'s."""
+        def answer(*args: Any) -> Any:
+            slot = self.slot
+            if slot is not None and name in slot:
+                return slot.pop(name)
+            return self._answer(name, *args)
+        return answer
+
     def _answer(self, name: str, *args: Any) -> Any:
-        """An auth hook: the answer the gate fetched for this packet, or (not gated) the cache or a refusal."""
-        slot = self.slot
-        if slot is not None and name in slot:
-            return slot.pop(name)
+        """Answer an auth hook the gate did not see (an embedding program's call): the cache, or a refusal."""
         hook = name  # not gated (an HTTP publish, say): the MQTT 3 hook's endpoints
         webhooks = self.endpoints.get(hook)
         if not webhooks:
@@ -7850,27 +7877,61 @@ class Webhooks:
         """Hand a packet to the engine with its webhook answers (True), or hold it until they come (False)."""
         kind = type(packet)
         if kind is Publish:
-            calls = self._publish_calls(link.client, packet)
-        elif kind is Subscribe:
+            return self._gate_publish(link, packet, raw, now)
+        calls = None
+        if kind is Subscribe:
             calls = self._subscribe_calls(link.client, packet)
         elif kind is Connect:
             calls = self._connect_calls(link.client, packet)
-        else:
-            calls = None
         slot, pending = self._prepare(calls) if calls else (None, ())
         if pending:
-            link.hold()
-            future = self._auth_pool.submit(self._ask, pending)
-            future.add_done_callback(functools.partial(self._asked, link, packet, raw, slot, pending))
-            return False
-        if slot is not None:
+            return self._hold(link, packet, raw, slot, pending)
+        if kind is Connect and slot is not None:
             packet = apply_register_changes(packet, slot, link.client)
+        return self._handle(link, packet, raw, now, slot)
+
+    def _handle(self, link: Any, packet: Any, raw: bytes, now: float, slot: dict | None) -> bool:
         self.slot = slot
         try:
             self.io.engine.handle(link.client, packet, now, raw)
         finally:
             self.slot = None  # an answer is for this packet only
         return True
+
+    def _hold(self, link: Any, packet: Any, raw: bytes, slot: dict, pending: list) -> bool:
+        link.hold()
+        future = self._auth_pool.submit(self._ask, pending)
+        future.add_done_callback(functools.partial(self._asked, link, packet, raw, slot, pending))
+        return False
+
+    def _gate_publish(self, link: Any, p: Publish, raw: bytes, now: float) -> bool:
+        """PUBLISH, the hot path: a cached answer costs a key and one look in the cache (webhook_cache_key inlined)."""
+        client = link.client
+        if "auth_on_publish" not in self._functions or not client.connected:
+            return self._handle(link, p, raw, now, None)
+        v5 = client.proto == 5
+        hook = "auth_on_publish_m5" if v5 else "auth_on_publish"
+        webhooks = self.endpoints.get(hook)
+        if not webhooks:
+            return self._handle(link, p, raw, now, {"auth_on_publish": "next"})
+        topic, props, session = p.topic, (), client.session
+        if p.properties:
+            topic, props = publish_topic(client, p)
+        if not topic or (p.qos == 2 and p.packet_id in session.incoming):
+            return self._handle(link, p, raw, now, None)  # refused, or a resent QoS 2 message: nothing is asked
+        keyed = (client.user, session.mountpoint, session.client_id, p.qos, topic, p.retain)
+        if v5:
+            keyed += (_frozen(props),)
+        cached = self.cache.lookup_in_loop((webhooks[0].endpoint, hook, keyed), now)
+        if cached is not None:  # _handle, inlined
+            self.slot = {"auth_on_publish": cached}
+            try:
+                self.io.engine.handle(client, p, now, raw)
+            finally:
+                self.slot = None
+            return True
+        args = webhook_args(hook, (client.user, session.key, p.qos, topic, p.payload, p.retain), props)
+        return self._hold(link, p, raw, {}, [("auth_on_publish", hook, args, webhooks)])
 
     def _prepare(self, calls: list[tuple[str, str, dict]]) -> tuple[dict, list]:
         """Answer from the cache what it holds; return (answers so far, calls that must go out)."""
@@ -7936,21 +7997,6 @@ class Webhooks:
             self.slot = None
 
     # -- what each packet will ask (VerneMQ calls the _m5 hooks for MQTT 5 clients) -------
-    def _publish_calls(self, client: Any, p: Publish) -> list:
-        if "auth_on_publish" not in self._functions or not client.connected:
-            return []
-        hook = "auth_on_publish_m5" if client.proto == 5 else "auth_on_publish"
-        topic, props = p.topic, []
-        for name, value in p.properties:
-            if name == "topic_alias":
-                topic = topic or client.aliases_in.get(value)
-            elif name != "subscription_identifier":
-                props.append((name, value))
-        if not topic or (p.qos == 2 and p.packet_id in client.session.incoming):
-            return []  # the engine refuses it, or routes a resent QoS 2 message once, without asking
-        args = webhook_args(hook, (client.user, client.session.key, p.qos, topic, p.payload, p.retain), props)
-        return [("auth_on_publish", hook, args)]
-
     def _subscribe_calls(self, client: Any, p: Subscribe) -> list:
         if "auth_on_subscribe" not in self._functions or not client.connected:
             return []
@@ -7995,6 +8041,17 @@ class Webhooks:
             calls.append(("auth_on_publish", hook, webhook_args(
                 hook, (user, sid, p.will_qos, p.will_topic, p.will_payload, p.will_retain), p.will_properties)))
         return calls
+
+
+def publish_topic(client: Any, p: Publish) -> tuple[str | None, tuple]:
+    """Return an MQTT 5 PUBLISH's topic (an alias resolved) and the properties a webhook sees."""
+    topic, props = p.topic, []
+    for name, value in p.properties:
+        if name == "topic_alias":
+            topic = topic or client.aliases_in.get(value)
+        elif name != "subscription_identifier":
+            props.append((name, value))
+    return topic, tuple(props)
 
 
 def apply_register_changes(packet: Any, slot: dict, client: Any) -> Any:
