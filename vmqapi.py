@@ -7285,29 +7285,21 @@ WEBHOOK_HOOKS = (  # VerneMQ vmq_webhooks_cli hook_keyspec: what webhooks regist
     "on_register_m5", "on_publish_m5", "on_subscribe_m5", "on_unsubscribe_m5", "on_deliver_m5", "on_auth_m5",
 )
 WEBHOOK_AUTH = frozenset({"auth_on_register", "auth_on_publish", "auth_on_subscribe"})  # answered; may be cached
-WEBHOOK_NEVER_CALLED = {  # accepted for VerneMQ configs, but the broker has no such moment (said at register)
-    "on_session_expired": "vmqapi calls no hook when a session expires",
-    "on_auth_m5": "enhanced authentication (MQTT 5 AUTH) does not go to webhooks",
-}
+WEBHOOK_NEVER_CALLED = {"on_session_expired": "vmqapi calls no hook when a session expires",  # registered, but
+                        "on_auth_m5": "enhanced authentication (MQTT 5 AUTH) does not go to webhooks"}  # never called
 WEBHOOK_TIMEOUT = 5000  # ms; VerneMQ vmq_webhooks_cli get_opts: response_timeout default
 WEBHOOK_NOTIFY_QUEUE = 10_000  # notifications waiting for the pool; past it new ones are dropped and counted
 WEBHOOK_CACHE_MAX = 100_000  # cached auth answers (VerneMQ keeps them forever); past it the oldest go first
 WEBHOOK_MAX_ANSWER = 1 << 20  # bytes of an endpoint's answer read at most; more is an error
 WEBHOOK_LOG_INTERVAL = 60  # seconds between log lines about one kind of failing webhook call
 RETAIN_HANDLING_NAMES = ("send_retain", "send_if_new_sub", "dont_send")  # VerneMQ's names for MQTT 5 RH 0-2
-WEBHOOK_ARGS = {  # the engine's hook arguments by VerneMQ's names; peer and sid each give two fields
-    "auth_on_register": ("peer", "sid", "username", "password", "clean_session"),
-    "auth_on_publish": ("username", "sid", "qos", "topic", "payload", "retain"),
-    "auth_on_subscribe": ("username", "sid", "topics"),
-    "on_register": ("peer", "sid", "username"),
-    "on_publish": ("username", "sid", "qos", "topic", "payload", "retain"),
-    "on_subscribe": ("username", "sid", "topics"),
-    "on_unsubscribe": ("username", "sid", "topics"),
-    "on_deliver": ("username", "sid", "topic", "payload"),
-    "on_offline_message": ("sid", "qos", "topic", "payload", "retain"),
-    "on_client_wakeup": ("sid",), "on_client_offline": ("sid",), "on_client_gone": ("sid",),
-    "on_session_expired": ("sid",),
-}
+WEBHOOK_ARGS = {hook: tuple(names.split()) for hook, names in (  # the engine's hook arguments by VerneMQ's names;
+    ("auth_on_register", "peer sid username password clean_session"),  # peer and sid give two fields each
+    ("auth_on_publish", "username sid qos topic payload retain"), ("auth_on_subscribe", "username sid topics"),
+    ("on_register", "peer sid username"), ("on_publish", "username sid qos topic payload retain"),
+    ("on_subscribe", "username sid topics"), ("on_unsubscribe", "username sid topics"),
+    ("on_deliver", "username sid topic payload"), ("on_offline_message", "sid qos topic payload retain"),
+    ("on_client_wakeup", "sid"), ("on_client_offline", "sid"), ("on_client_gone", "sid"), ("on_session_expired", "sid"))}
 
 
 @dataclass(frozen=True, slots=True)
@@ -7321,11 +7313,8 @@ class Webhook:
     response_timeout: int = WEBHOOK_TIMEOUT  # ms
 
     def __post_init__(self):
-        if self.hook not in WEBHOOK_HOOKS:
-            raise ValueError(f"unknown hook {self.hook!r}; hooks: {', '.join(WEBHOOK_HOOKS)}")
+        parse_webhook_hook(self.hook)
         parse_webhook_endpoint(self.endpoint)
-        if self.response_timeout < 1:
-            raise ValueError("response_timeout must be at least 1 ms")
 
 
 def parse_webhook_endpoint(text: str) -> str:
@@ -7351,32 +7340,23 @@ def parse_webhook_hook(text: str) -> str:
 
 def webhook_args(hook: str, values: Sequence[Any], properties: Any = None) -> dict[str, Any]:
     """Name the engine's hook arguments as VerneMQ's webhook body does; ``_m5`` hooks add properties."""
-    base = hook[:-3] if hook.endswith("_m5") else hook
-    args: dict[str, Any] = {}
-    for name, value in zip(WEBHOOK_ARGS[base], values):
+    m5, args = hook.endswith("_m5"), {}
+    for name, value in zip(WEBHOOK_ARGS[hook[:-3] if m5 else hook], values):
         if name == "peer":
             args["peer_addr"], args["peer_port"] = (value[0], value[1]) if value else (None, None)
         elif name == "sid":
             args["mountpoint"], args["client_id"] = value
-        elif name == "clean_session" and hook.endswith("_m5"):
-            args["clean_start"] = value
         else:
-            args[name] = value
-    if hook.endswith("_m5"):
+            args["clean_start" if m5 and name == "clean_session" else name] = value
+    if m5:
         args["properties"] = properties or ()
     return args
 
 
 def _webhook_topics(hook: str, topics: Iterable[Any]) -> list:
     if hook.startswith("on_unsubscribe"):
-        return [str(t) for t in topics]
-    out = []
-    for entry in topics:
-        item = {"topic": entry[0], "qos": entry[1]}
-        if len(entry) > 2:  # MQTT 5 subscription options
-            item.update(entry[2])
-        out.append(item)
-    return out
+        return list(topics)
+    return [{"topic": t[0], "qos": t[1], **(t[2] if len(t) > 2 else {})} for t in topics]  # t[2]: MQTT 5 options
 
 
 def _json_bytes(value: bytes, encode: bool) -> str:
@@ -7424,16 +7404,18 @@ def parse_max_age(cache_control: str | None) -> int | None:
     return int(match.group(1)) if match else None
 
 
+def _typed_modifiers(mods: Mapping[str, Any], fields: Iterable[tuple[str, type]]) -> dict[str, Any]:
+    changes = {}
+    for name, kind in fields:
+        if name in mods and type(mods[name]) is not kind:
+            raise WebhookFailed(f"modifier {name} must be a {kind.__name__}")
+        changes.update({name: mods[name]} if name in mods else {})
+    return changes
+
+
 def _publish_modifiers(mods: Mapping[str, Any], base64_payload: bool) -> dict[str, Any]:
-    changes: dict[str, Any] = {}
-    for name, kind in (("topic", str), ("qos", int), ("retain", bool)):
-        if name in mods:
-            if type(mods[name]) is not kind:
-                raise WebhookFailed(f"modifier {name} must be a {kind.__name__}")
-            changes[name] = mods[name]
-    if "payload" in mods:
-        if not isinstance(mods["payload"], str):
-            raise WebhookFailed("modifier payload must be a string")
+    changes = _typed_modifiers(mods, (("topic", str), ("qos", int), ("retain", bool), ("payload", str)))
+    if "payload" in changes:
         try:
             changes["payload"] = base64.b64decode(mods["payload"], validate=True) if base64_payload \
                 else mods["payload"].encode()
@@ -7458,30 +7440,24 @@ def _subscribe_modifiers(topics: Any) -> list[tuple[str, int]] | str:
 
 
 def _register_modifiers(mods: Mapping[str, Any]) -> dict[str, Any]:
-    changes = {}
-    for name, kind in (("client_id", str), ("mountpoint", str), ("clean_session", bool), ("clean_start", bool)):
-        if name in mods:
-            if type(mods[name]) is not kind:
-                raise WebhookFailed(f"modifier {name} must be a {kind.__name__}")
-            changes["clean_session" if name == "clean_start" else name] = mods[name]
+    changes = _typed_modifiers(mods, (("client_id", str), ("mountpoint", str), ("clean_session", bool),
+                                      ("clean_start", bool)))
+    if "clean_start" in changes:  # MQTT 5's name
+        changes["clean_session"] = changes.pop("clean_start")
     return changes
 
 
 def parse_webhook_answer(hook: str, status: int, headers: Mapping[str, str], data: bytes,
                          base64_payload: bool = True) -> tuple[Any, int | None]:
-    """Read an endpoint's answer: (answer in Hooks' terms, max-age seconds to cache it or None).
-
-    The answer is ``"ok"``, ``"next"``, ``"error"``, a dict of changes (register, publish)
-    or a list of (topic, qos) (subscribe). Only a 200 with a JSON body counts (VerneMQ);
-    anything else raises WebhookFailed.
-    """
+    """Read an endpoint's answer: (``ok``, ``next``, ``error``, a dict of changes or a list of (topic, qos), and
+    the max-age seconds to cache it or None). Only a 200 with a JSON body counts; else WebhookFailed."""
     if status != 200:
         raise WebhookFailed(f"invalid_response_code {status}")
     try:
         decoded = json.loads(data)
     except (ValueError, RecursionError):
         raise WebhookFailed("received_payload_not_json") from None
-    base = hook[:-3] if hook.endswith("_m5") else hook
+    base = hook.removesuffix("_m5")
     result = decoded.get("result") if isinstance(decoded, dict) else None
     if base not in WEBHOOK_AUTH:
         return "next", None  # a notification's answer is not used
@@ -7550,7 +7526,7 @@ class WebhookCache:
 
     def lookup_in_loop(self, key: tuple, now: float) -> Any:
         """``lookup`` for the broker's loop: a hit takes no lock (only this thread counts _loop_hits)."""
-        entry = self._entries.get(key)  # one dict read is atomic
+        entry = self._entries.get(key)
         if entry is None or entry[0] < now:
             return self.lookup(key)
         hits, where = self._loop_hits, key[:2]
@@ -7598,8 +7574,6 @@ class WebhookCache:
             self._loop_hits = {}
 
 
-# -- calls (worker threads) --------------------------------------------------
-
 class WebhookClient:
     """POSTs to endpoints from worker threads, over keep-alive connections (one per thread and endpoint)."""
 
@@ -7613,12 +7587,11 @@ class WebhookClient:
 
     def tls_context(self) -> ssl.SSLContext:
         """Return the client TLS context vmq_webhooks.cafile/certfile/keyfile/verify_peer/tls_version describe."""
-        config = self.settings()
-        options = tuple(config[f"vmq_webhooks.{k}"] for k in ("cafile", "certfile", "keyfile", "verify_peer",
+        config, held = self.settings(), self._tls
+        options = tuple(config["vmq_webhooks." + k] for k in ("cafile", "certfile", "keyfile", "verify_peer",
                                                               "tls_version"))
-        with self._lock:
-            if self._tls is not None and self._tls[0] == options:
-                return self._tls[1]
+        if held is not None and held[0] == options:
+            return held[1]
         cafile, certfile, keyfile, verify, versions = options
         ctx = ssl.create_default_context(cafile=cafile or None)
         ctx.minimum_version = TLS_VERSIONS[min(versions)]
@@ -7626,8 +7599,7 @@ class WebhookClient:
             ctx.load_cert_chain(certfile, keyfile or None)
         if not verify:
             ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
-        with self._lock:
-            self._tls = (options, ctx)
+        self._tls = (options, ctx)  # one assignment; two threads may each build it once
         return ctx
 
     def _connection(self, url: urllib.parse.SplitResult, timeout: float) -> Any:
@@ -7636,11 +7608,9 @@ class WebhookClient:
         key = (url.scheme, url.hostname, url.port)
         conn = conns.get(key)
         if conn is None:
-            if url.scheme == "https":
-                conn = http.client.HTTPSConnection(url.hostname, url.port, context=self.tls_context())
-            else:
-                conn = http.client.HTTPConnection(url.hostname, url.port)
-            conns[key] = conn
+            tls = {"context": self.tls_context()} if url.scheme == "https" else {}
+            conn = conns[key] = (http.client.HTTPSConnection if tls else http.client.HTTPConnection)(
+                url.hostname, url.port, **tls)
             with self._lock:
                 self._open.add(conn)
         idle = time.monotonic() - getattr(conn, "used_at", 0.0)
@@ -7657,7 +7627,10 @@ class WebhookClient:
         target = (url.path or "/") + (f"?{url.query}" if url.query else "")
         headers = {"Content-Type": JSON_TYPE, "vernemq-hook": hook}
         for attempt in range(2):
-            conn = self._connection(url, webhook.response_timeout / 1000)
+            try:
+                conn = self._connection(url, webhook.response_timeout / 1000)
+            except (OSError, ValueError) as exc:  # the TLS files cannot be read
+                raise WebhookFailed(f"cannot set up TLS: {exc}") from None
             reused = conn.sock is not None
             try:
                 conn.request("POST", target, body, headers)
@@ -7781,16 +7754,14 @@ class Webhooks:
             kept = tuple(w for w in present if w.endpoint != endpoint)
             if len(kept) == len(present):
                 return "not_found"
-            endpoints = {**self.endpoints, hook: kept}
-            if not kept:
-                del endpoints[hook]
-            self.endpoints = endpoints
+            self.endpoints = {**self.endpoints, hook: kept} if kept else \
+                {h: w for h, w in self.endpoints.items() if h != hook}
             self._sync_hooks()
         return ""
 
     def _sync_hooks(self) -> None:
         """Register a function in Hooks for each hook some endpoint wants, and only those (holds _lock)."""
-        wanted = {h[:-3] if h.endswith("_m5") else h for h in self.endpoints} - set(WEBHOOK_NEVER_CALLED)
+        wanted = {h.removesuffix("_m5") for h in self.endpoints if h not in WEBHOOK_NEVER_CALLED}
         for name in wanted - set(self._functions):
             self._functions[name] = fn = self._hook_function(name)
             self.hooks.register(name, fn, plugin="vmq_webhooks")
@@ -7807,9 +7778,8 @@ class Webhooks:
 
     def rows(self) -> list[dict]:
         """Return webhooks show's rows: hook, endpoint, base64payload, response_timeout."""
-        return [{"hook": w.hook, "endpoint": w.endpoint, "base64payload": w.base64,
-                 "response_timeout": w.response_timeout}
-                for hook in WEBHOOK_HOOKS for w in self.endpoints.get(hook, ())]
+        return [{"hook": w.hook, "endpoint": w.endpoint, "base64payload": w.base64, "response_timeout":
+                 w.response_timeout} for hook in WEBHOOK_HOOKS for w in self.endpoints.get(hook, ())]
 
     # -- the hook functions (broker's loop) -------------------------------------
     def _answer_function(self, name: str) -> Callable[..., Any]:
@@ -7822,20 +7792,14 @@ class Webhooks:
         return answer
 
     def _answer(self, name: str, *args: Any) -> Any:
-        """Answer an auth hook the gate did not see (an embedding program's call): the cache, or a refusal."""
-        hook = name  # not gated (an HTTP publish, say): the MQTT 3 hook's endpoints
-        webhooks = self.endpoints.get(hook)
+        """Answer an auth hook the gate did not see (an embedding program's call): a cached answer, or refuse."""
+        webhooks = self.endpoints.get(name)  # the MQTT 3 hook's endpoints
         if not webhooks:
             return "next"
-        args = webhook_args(hook, args)
-        if not self.io.in_loop_thread():
-            return self._chain(hook, args, webhooks, True)  # another thread may wait for the endpoint
-        cached = self.cache.lookup(webhook_cache_key(webhooks[0].endpoint, hook, args))
-        if cached is not None:
-            return cached
-        self.client.complain(hook, webhooks[0].endpoint, "asked outside an MQTT connection's packet and not "
-                             "cached; refusing (the broker's loop never waits for an endpoint)")
-        return "error"
+        cached = self.cache.lookup(webhook_cache_key(webhooks[0].endpoint, name, webhook_args(name, args)))
+        if cached is None:  # the broker's loop never waits for an endpoint
+            self.client.complain(name, webhooks[0].endpoint, "asked outside a packet the gate saw; refusing")
+        return "error" if cached is None else cached
 
     def _notify(self, name: str, *args: Any) -> None:
         """A notification hook: queue a call per endpoint (dropped and counted when the queue is full)."""
@@ -7891,12 +7855,16 @@ class Webhooks:
         return self._handle(link, packet, raw, now, slot)
 
     def _handle(self, link: Any, packet: Any, raw: bytes, now: float, slot: dict | None) -> bool:
+        self._with_slot(slot, self.io.engine.handle, link.client, packet, now, raw)
+        return True
+
+    def _with_slot(self, slot: dict | None, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run ``fn`` (in the loop) with ``slot`` the answers the hook functions return; they are for it only."""
         self.slot = slot
         try:
-            self.io.engine.handle(link.client, packet, now, raw)
+            return fn(*args)
         finally:
-            self.slot = None  # an answer is for this packet only
-        return True
+            self.slot = None
 
     def _hold(self, link: Any, packet: Any, raw: bytes, slot: dict, pending: list) -> bool:
         link.hold()
@@ -7923,13 +7891,8 @@ class Webhooks:
         if v5:
             keyed += (_frozen(props),)
         cached = self.cache.lookup_in_loop((webhooks[0].endpoint, hook, keyed), now)
-        if cached is not None:  # _handle, inlined
-            self.slot = {"auth_on_publish": cached}
-            try:
-                self.io.engine.handle(client, p, now, raw)
-            finally:
-                self.slot = None
-            return True
+        if cached is not None:
+            return self._handle(link, p, raw, now, {"auth_on_publish": cached})
         args = webhook_args(hook, (client.user, session.key, p.qos, topic, p.payload, p.retain), props)
         return self._hold(link, p, raw, {}, [("auth_on_publish", hook, args, webhooks)])
 
@@ -7954,12 +7917,12 @@ class Webhooks:
 
     def _ask(self, pending: list) -> dict[str, Any]:
         """Walk each hook's endpoints in order, as VerneMQ's all_till_ok (worker thread)."""
-        return {name: self._chain(hook, args, webhooks, False) for name, hook, args, webhooks in pending}
+        return {name: self._chain(hook, args, webhooks) for name, hook, args, webhooks in pending}
 
-    def _chain(self, hook: str, args: Mapping[str, Any], webhooks: Sequence[Webhook], look_first: bool) -> Any:
+    def _chain(self, hook: str, args: Mapping[str, Any], webhooks: Sequence[Webhook]) -> Any:
         for n, webhook in enumerate(webhooks):
             key = webhook_cache_key(webhook.endpoint, hook, args)
-            if n or look_first:
+            if n:  # the first endpoint's cache was looked at already
                 cached = self.cache.lookup(key)
                 if cached is not None:
                     return cached
@@ -7979,34 +7942,47 @@ class Webhooks:
         """The answers are in (a worker thread): hand them to the loop."""
         if future.cancelled():
             return  # the node stops
-        if future.exception() is not None:
-            log.error("webhook calls failed: %s; refusing", future.exception())
-            answers = {name: "error" for name, *_ in pending}  # fail closed
-        else:
-            answers = future.result()
+        error = future.exception()
+        if error is not None:
+            log.error("webhook calls failed: %s; refusing", error)
+        answers = future.result() if error is None else {name: "error" for name, *_ in pending}  # fail closed
         with contextlib.suppress(RuntimeError):  # the loop has closed: the node stops
             self.io.loop.call_soon_threadsafe(self._release, link, packet, raw, {**slot, **answers})
 
     def _release(self, link: Any, packet: Any, raw: bytes, slot: dict) -> None:
         """Hand the engine the held packet with its answers, then let the connection read on (loop thread)."""
         packet = apply_register_changes(packet, slot, link.client)
-        self.slot = slot
-        try:
-            link.release(packet, raw)  # the held packet first; each later one comes through gate again
-        finally:
-            self.slot = None
+        self._with_slot(slot, link.release, packet, raw)  # the held packet first; later ones come through gate
+
+    def http_publish(self, node: Any, peer: tuple, user: str | None, password: bytes | None, client_id: str,
+                     mountpoint: str, p: Publish) -> str | None:
+        """An HTTP publish (vmq_http_pub): ask auth_on_register and auth_on_publish here, in the HTTP thread
+        (which may wait), then publish in the broker's loop with the answers."""
+        sid, calls = (mountpoint, client_id), []
+        if "auth_on_register" in self._functions and not self._anonymous():
+            calls.append(("auth_on_register", "auth_on_register", webhook_args(
+                "auth_on_register", (peer, sid, user, password if user is not None else None, True))))
+        if "auth_on_publish" in self._functions:
+            calls.append(("auth_on_publish", "auth_on_publish", webhook_args(
+                "auth_on_publish", (user, sid, p.qos, p.topic, p.payload, p.retain))))
+        slot, pending = self._prepare(calls)
+        slot.update(self._ask(pending))
+        return node.in_broker(self._with_slot, slot, self.io.engine.http_publish, peer, user, password, client_id,
+                              mountpoint, p)
+
+    def _anonymous(self) -> bool:
+        """Whether allow_anonymous lets clients in without asking auth_on_register (as the engine decides)."""
+        anonymous = self.settings()["allow_anonymous"]
+        return self.io.engine.anonymous_default if anonymous is None else anonymous
 
     # -- what each packet will ask (VerneMQ calls the _m5 hooks for MQTT 5 clients) -------
     def _subscribe_calls(self, client: Any, p: Subscribe) -> list:
         if "auth_on_subscribe" not in self._functions or not client.connected:
             return []
         hook = "auth_on_subscribe_m5" if client.proto == 5 else "auth_on_subscribe"
-        if client.proto == 5:
-            topics = [(t, o & 3, {"no_local": bool(o & 4), "rap": bool(o & 8),
-                                  "retain_handling": RETAIN_HANDLING_NAMES[min((o >> 4) & 3, 2)]})
-                      for t, o in p.topics]
-        else:
-            topics = [(t, o & 3) for t, o in p.topics]
+        topics = [(t, o & 3, {"no_local": bool(o & 4), "rap": bool(o & 8), "retain_handling":
+                              RETAIN_HANDLING_NAMES[min((o >> 4) & 3, 2)]}) if client.proto == 5 else (t, o & 3)
+                  for t, o in p.topics]
         props = [(n, v) for n, v in p.properties if n != "subscription_identifier"]
         return [("auth_on_subscribe", hook, webhook_args(hook, (client.user, client.session.key, topics), props))]
 
@@ -8016,10 +7992,8 @@ class Webhooks:
         if client.connected or client.auth is not None or p.proto_level not in DIALECTS \
                 or p.proto_level not in listener.allowed_versions or "authentication_method" in dict(p.properties):
             return []  # refused, or enhanced authentication: the engine asks no auth hook
-        anonymous = self.settings()["allow_anonymous"]
-        anonymous = self.io.engine.anonymous_default if anonymous is None else anonymous
         user = client.identity if listener.use_identity_as_username else p.username
-        register = "auth_on_register" in functions and not (anonymous or listener.allow_anonymous_override
+        register = "auth_on_register" in functions and not (self._anonymous() or listener.allow_anonymous_override
                                                             or listener.use_identity_as_username)
         will = "auth_on_publish" in functions and p.will_topic is not None
         if not register and not will:
@@ -8064,12 +8038,9 @@ def apply_register_changes(packet: Any, slot: dict, client: Any) -> Any:
                   packet.client_id, changes["mountpoint"])
         slot["auth_on_register"] = "error"
         return packet
-    replace = {}
-    if changes.get("client_id"):
-        replace["client_id"] = changes["client_id"]
-        slot.pop("assigned", None)
-    if "clean_session" in changes:
-        replace["clean_session"] = changes["clean_session"]
+    replace = {k: changes[k] for k in ("client_id", "clean_session") if changes.get(k) not in (None, "")}
+    if "client_id" in replace:
+        slot.pop("assigned", None)  # the engine assigns no id to a client the webhook named
     return dataclasses.replace(packet, **replace) if replace else packet
 
 
@@ -8077,11 +8048,9 @@ def configured_webhooks(config: Config) -> list[Webhook]:
     """Return the vmq_webhooks.<name>.* webhooks of the config, ordered by name; raise ConfigError when one is bad."""
     names = sorted({k.split(".")[1] for k in config.values if k.startswith("vmq_webhooks.") and k.count(".") == 2})
     webhooks = []
-    for name in names:
-        prefix = f"vmq_webhooks.{name}."
-        for option in ("hook", "endpoint"):
-            if prefix + option not in config.values:
-                raise ConfigError(f"{prefix}{option} is not defined")  # VerneMQ's schema message
+    for prefix in (f"vmq_webhooks.{name}." for name in names):
+        for missing in [o for o in ("hook", "endpoint") if prefix + o not in config.values][:1]:
+            raise ConfigError(f"{prefix}{missing} is not defined")  # VerneMQ's schema message
         try:
             webhooks.append(Webhook(parse_webhook_hook(config[prefix + "hook"]), config[prefix + "endpoint"],
                                     config[prefix + "base64encode"], config[prefix + "no_payload"],
@@ -8134,8 +8103,7 @@ def cmd_webhooks_cache_show(call: Call) -> Any:
     """Show statistics about the cache of auth answers (hits, misses, entries per endpoint and hook)."""
     cache = _webhooks(call).cache
     if "reset" in call.flags:
-        cache.reset_stats()
-        return "Done"
+        return cache.reset_stats() or "Done"
     return Table(tuple(cache.rows()), ("stat", "endpoint", "hook", "value"))
 
 
@@ -8604,8 +8572,9 @@ def serve_http_pub(node: Any, req: Request, rest: str, query: str) -> Response:
             raise PublishRefused("message_too_large")
     except PublishRefused as exc:
         return publish_answer(exc.reason)
-    reason = node.broker_call("http_publish", req.peer, user, password, client_id,
-                              config["vmq_http_pub.mountpoint"], packet)
+    args = (req.peer, user, password, client_id, config["vmq_http_pub.mountpoint"], packet)
+    webhooks = getattr(node, "webhooks", None)  # section 23: asked here, where waiting for an endpoint is allowed
+    reason = webhooks.http_publish(node, *args) if webhooks is not None else node.broker_call("http_publish", *args)
     return publish_answer(reason or "no_broker")
 
 

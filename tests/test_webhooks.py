@@ -587,3 +587,41 @@ def test_the_readme_example_works_as_printed(make_node, tmp_path):
         server.shutdown()
         server.server_close()
         thread.join(5)
+
+
+def test_an_http_publish_asks_the_webhooks_too(make_node, endpoint):
+    node = hooked(make_node, endpoint, "auth_on_register", "auth_on_publish")
+    endpoint.answers["auth_on_register"] = lambda body: OK if body["username"] == "web" else {"result": {"error": "x"}}
+    endpoint.answers["auth_on_publish"] = lambda body: OK if body["topic"] == "ok/t" else {"result": {"error": "x"}}
+    key = node.keystore.create("httppub")
+    http = Client(node)
+    try:
+        for user, topic, expected in (("web", "ok/t", 200), ("web", "no/t", 403), ("eve", "ok/t", 401)):
+            body = json.dumps({"topic": topic, "payload": "p", "user": user, "password": "pw",
+                               "client_id": "h"}).encode()
+            status, _, _ = http.request("POST", "/restmqtt/api/v1/publish",
+                                        {"Authorization": vmqapi_basic(key)}, body)
+            assert status == expected, (user, topic)
+    finally:
+        http.close()
+    register = endpoint.bodies("auth_on_register")[0]
+    assert (register["username"], register["password"], register["client_id"]) == ("web", "pw", "h")
+
+
+def vmqapi_basic(key):
+    return "Basic " + base64.b64encode(f"{key}:".encode()).decode()
+
+
+def test_hooks_vmqapi_never_calls_can_be_registered(make_node, endpoint):
+    node = make_node(**{"plugins.vmq_webhooks": "on", "allow_anonymous": "on"})
+    key = node.keystore.create("mgmt")
+    url = endpoint.url.replace(":", "%3A").replace("/", "%2F")
+    for hook in ("on_auth_m5", "on_session_expired"):
+        assert body_json(admin(node, f"webhooks/register?hook={hook}&endpoint={url}", key)[2])["text"] == "Done"
+    assert {r["hook"] for r in body_json(admin(node, "webhooks/show", key)[2])["table"]} == \
+        {"on_auth_m5", "on_session_expired"}
+    c = client(node, version=5)
+    try:  # no plugin knows the method: enhanced authentication does not go to webhooks
+        assert c.connect("c", properties=(("authentication_method", "X"),)).return_code == 0x8C
+    finally:
+        c.close()
