@@ -7538,18 +7538,14 @@ class WebhookCache:
         if isinstance(answer, dict):
             answer = {k: v for k, v in answer.items() if k != "payload"} or "ok"
         with self._lock:
-            if key not in self._entries:
-                if len(self._entries) >= WEBHOOK_CACHE_MAX:
-                    self._evict()
+            now, entries = self._clock(), self._entries
+            if key not in entries:
+                if len(entries) >= WEBHOOK_CACHE_MAX:  # full: the expired go, or else the oldest
+                    for gone in [k for k, (at, _) in entries.items() if at < now] or [next(iter(entries))]:
+                        del entries[gone]
+                        self._count("entries", gone, -1)
                 self._count("entries", key)
-            self._entries[key] = (self._clock() + max_age, answer)
-
-    def _evict(self) -> None:
-        now = self._clock()
-        gone = [k for k, (at, _) in self._entries.items() if at < now] or [next(iter(self._entries))]
-        for key in gone:
-            del self._entries[key]
-            self._count("entries", key, -1)
+            entries[key] = (now + max_age, answer)
 
     def rows(self) -> list[dict]:
         """Return webhooks cache show's rows: stat, endpoint, hook, value."""
@@ -7716,7 +7712,6 @@ class Webhooks:
         self._new_client_id = io.engine.new_client_id
         self._running = True
 
-    # -- life cycle -----------------------------------------------------------
     def start(self) -> Webhooks:
         """Register the configured webhooks (in the order of their names) and put the gate in place."""
         for webhook in configured_webhooks(self.settings()):
@@ -7733,7 +7728,6 @@ class Webhooks:
             pool.shutdown(wait=True, cancel_futures=True)
         self.client.close()
 
-    # -- registration ---------------------------------------------------------
     def register(self, webhook: Webhook) -> str:
         """Add an endpoint to a hook; return '' or VerneMQ's reason (already_registered)."""
         with self._lock:
@@ -7875,7 +7869,7 @@ class Webhooks:
     def _gate_publish(self, link: Any, p: Publish, raw: bytes, now: float) -> bool:
         """PUBLISH, the hot path: a cached answer costs a key and one look in the cache (webhook_cache_key inlined)."""
         client = link.client
-        if "auth_on_publish" not in self._functions or not client.connected:
+        if not self._asks("auth_on_publish") or not client.connected:
             return self._handle(link, p, raw, now, None)
         v5 = client.proto == 5
         hook = "auth_on_publish_m5" if v5 else "auth_on_publish"
@@ -7959,16 +7953,21 @@ class Webhooks:
         """An HTTP publish (vmq_http_pub): ask auth_on_register and auth_on_publish here, in the HTTP thread
         (which may wait), then publish in the broker's loop with the answers."""
         sid, calls = (mountpoint, client_id), []
-        if "auth_on_register" in self._functions and not self._anonymous():
+        if self._asks("auth_on_register") and not self._anonymous():
             calls.append(("auth_on_register", "auth_on_register", webhook_args(
                 "auth_on_register", (peer, sid, user, password if user is not None else None, True))))
-        if "auth_on_publish" in self._functions:
+        if self._asks("auth_on_publish"):
             calls.append(("auth_on_publish", "auth_on_publish", webhook_args(
                 "auth_on_publish", (user, sid, p.qos, p.topic, p.payload, p.retain))))
         slot, pending = self._prepare(calls)
         slot.update(self._ask(pending))
         return node.in_broker(self._with_slot, slot, self.io.engine.http_publish, peer, user, password, client_id,
                               mountpoint, p)
+
+    def _asks(self, name: str) -> bool:
+        """Whether the engine will call our function for hook ``name`` (registered, and not plugin disable'd)."""
+        fn = self._functions.get(name)
+        return fn is not None and fn in getattr(self.hooks, name)
 
     def _anonymous(self) -> bool:
         """Whether allow_anonymous lets clients in without asking auth_on_register (as the engine decides)."""
@@ -7977,7 +7976,7 @@ class Webhooks:
 
     # -- what each packet will ask (VerneMQ calls the _m5 hooks for MQTT 5 clients) -------
     def _subscribe_calls(self, client: Any, p: Subscribe) -> list:
-        if "auth_on_subscribe" not in self._functions or not client.connected:
+        if not self._asks("auth_on_subscribe") or not client.connected:
             return []
         hook = "auth_on_subscribe_m5" if client.proto == 5 else "auth_on_subscribe"
         topics = [(t, o & 3, {"no_local": bool(o & 4), "rap": bool(o & 8), "retain_handling":
@@ -7988,14 +7987,14 @@ class Webhooks:
 
     def _connect_calls(self, client: Any, p: Connect) -> list:
         """auth_on_register (unless the engine lets the client in without asking) and the will's auth_on_publish."""
-        functions, listener = self._functions, client.listener
+        listener = client.listener
         if client.connected or client.auth is not None or p.proto_level not in DIALECTS \
                 or p.proto_level not in listener.allowed_versions or "authentication_method" in dict(p.properties):
             return []  # refused, or enhanced authentication: the engine asks no auth hook
         user = client.identity if listener.use_identity_as_username else p.username
-        register = "auth_on_register" in functions and not (self._anonymous() or listener.allow_anonymous_override
+        register = self._asks("auth_on_register") and not (self._anonymous() or listener.allow_anonymous_override
                                                             or listener.use_identity_as_username)
-        will = "auth_on_publish" in functions and p.will_topic is not None
+        will = self._asks("auth_on_publish") and p.will_topic is not None
         if not register and not will:
             return []
         calls: list = []

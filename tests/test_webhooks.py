@@ -625,3 +625,35 @@ def test_hooks_vmqapi_never_calls_can_be_registered(make_node, endpoint):
         assert c.connect("c", properties=(("authentication_method", "X"),)).return_code == 0x8C
     finally:
         c.close()
+
+
+def test_plugin_disable_stops_the_calls(make_node, endpoint):
+    node = hooked(make_node, endpoint, "auth_on_publish", allow_anonymous="on")
+    endpoint.answers["auth_on_publish"] = {"result": {"error": "no"}}
+    key = node.keystore.create("mgmt")
+    assert body_json(admin(node, "plugin/disable?--name=vmq_webhooks", key)[2])["text"] == "Done"
+    c = client(node)
+    try:
+        c.connect("c")
+        c.subscribe(("t", 0))
+        c.publish("t", b"through", qos=1)
+        assert c.message().payload == b"through"  # nobody asked the endpoint, which would refuse
+    finally:
+        c.close()
+    assert endpoint.bodies("auth_on_publish") == []
+
+
+def test_a_full_cache_drops_the_expired_then_the_oldest(monkeypatch):
+    monkeypatch.setattr(vmqapi, "WEBHOOK_CACHE_MAX", 2)
+    now = [100.0]
+    cache = vmqapi.WebhookCache(clock=lambda: now[0])
+    key = lambda n: ("http://e/", "auth_on_publish", (n,))  # noqa: E731
+    cache.insert(key(1), 10, "ok")
+    cache.insert(key(2), 1, {"payload": b"not kept", "qos": 0})
+    assert cache.lookup(key(2)) == {"qos": 0}  # a payload change is never cached (VerneMQ)
+    now[0] = 102  # key 2 has expired
+    cache.insert(key(3), 10, "ok")
+    assert cache.lookup(key(1)) == "ok" and cache.lookup(key(2)) is None
+    cache.insert(key(4), 10, "ok")  # full, nothing expired: the oldest goes
+    assert cache.lookup(key(1)) is None and cache.lookup(key(4)) == "ok"
+    assert [r["value"] for r in cache.rows() if r["stat"] == "entries"] == [2]
