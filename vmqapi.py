@@ -406,6 +406,14 @@ class ClusterError(VmqError):
     http_status, code = 503, "cluster_error"
 
 
+class WebhookFailed(VmqError):
+    """A webhook call that got no usable answer (unreachable, timed out, not 200, not JSON); an auth hook refuses."""
+
+    def __init__(self, reason: str, timeout: bool = False):
+        super().__init__(reason)
+        self.timeout = timeout
+
+
 class ConfigError(VmqError):
     """A configuration the node cannot start with; the text names file and line."""
 
@@ -796,6 +804,25 @@ SETTINGS: tuple[Setting, ...] = (
 
     # -- vmq_webhooks (SPEC 11) --
 
+    _S("plugins.vmq_webhooks", parse_flag, False, "Turn vmq_webhooks on: HTTP endpoints as plugin hooks."),
+    _S("vmq_webhooks.$name.hook", parse_text, None, "The hook of webhook <name> (auth_on_register, ...)."),
+    _S("vmq_webhooks.$name.endpoint", parse_text, None, "The http:// or https:// URL webhook <name> POSTs to."),
+    _S("vmq_webhooks.$name.base64encode", parse_flag, True, "Base64 encode the MQTT payload in webhook <name>'s "
+       "bodies."),
+    _S("vmq_webhooks.$name.no_payload", parse_flag, False, "Leave the payload out of auth_on_publish bodies."),
+    _S("vmq_webhooks.$name.response_timeout", parse_int_range(1, 3600000), 5000,
+       "Milliseconds webhook <name>'s endpoint has to answer; an auth hook then refuses."),
+    _S("vmq_webhooks.pool_max_connections", parse_int_range(1, 1000), 100,
+       "Webhook calls at once (each pool of worker threads: auth hooks, notifications), read at start."),
+    _S("vmq_webhooks.pool_timeout", parse_int_range(0), 60000,
+       "Milliseconds an idle keep-alive connection to an endpoint is kept.", True),
+    _S("vmq_webhooks.cafile", parse_text, "", "PEM CA certificates for https endpoints (empty: the system's).",
+       True),
+    _S("vmq_webhooks.certfile", parse_text, "", "PEM client certificate for https endpoints.", True),
+    _S("vmq_webhooks.keyfile", parse_text, "", "PEM key of vmq_webhooks.certfile (empty: in the certfile).", True),
+    _S("vmq_webhooks.verify_peer", parse_flag, True, "Check https endpoints' certificates and host names.", True),
+    _S("vmq_webhooks.tls_version", parse_tls_versions, ("tlsv1.2",),
+       "Lowest TLS version (tlsv1.2 or tlsv1.3) for https endpoints.", True),
 )
 del _S
 
@@ -845,6 +872,9 @@ def find_setting(key: str) -> Setting:
 
     # -- vmq_webhooks keys --
 
+    if len(parts) == 3 and parts[0] == "vmq_webhooks" and re.fullmatch(r"[A-Za-z0-9_-]+", parts[1]) \
+            and parts[2] in ("hook", "endpoint", "base64encode", "no_payload", "response_timeout"):
+        return _SETTINGS_BY_NAME[f"vmq_webhooks.$name.{parts[2]}"]
     raise InvalidKey(f"unknown configuration key {key!r}")
 
 
@@ -1074,6 +1104,18 @@ METRIC_DEFINITIONS: dict[str, tuple[str, str, tuple[LabelSet, ...]]] = {  # Vern
 
     # -- vmq_webhooks metrics --
 
+    **{f"webhooks_{hook}_{kind}": ("counter", f"The number of {what} {hook} webhooks.", _NO_LABELS)
+       for hook in ("auth_on_register", "auth_on_publish", "auth_on_subscribe", "on_register", "on_publish",
+                    "on_subscribe", "on_unsubscribe", "on_deliver", "on_offline_message", "on_client_wakeup",
+                    "on_client_offline", "on_client_gone", "auth_on_register_m5", "auth_on_publish_m5",
+                    "auth_on_subscribe_m5", "on_register_m5", "on_publish_m5", "on_subscribe_m5",
+                    "on_unsubscribe_m5", "on_deliver_m5")  # VerneMQ vmq_webhooks_metrics names
+       for kind, what in (("requests", "requests to"), ("errors", "errors calling"), ("bytes_sent", "bytes sent to"))},
+    **{f"webhooks_{hook}_timeouts": ("counter", f"The number of {hook} webhook requests that timed out.", _NO_LABELS)
+       for hook in ("auth_on_register", "auth_on_publish", "auth_on_subscribe", "auth_on_register_m5",
+                    "auth_on_publish_m5", "auth_on_subscribe_m5")},
+    "webhooks_notifications_dropped": ("counter", "The number of webhook notifications (on_publish, ...) dropped "
+                                       "because the queue for the endpoints was full.", _NO_LABELS),
 }
 
 
@@ -4448,7 +4490,7 @@ class Engine(Peers):
         if answer == "error" or (answer is None and not self.acl(client, "write", topic)):
             return None
         payload, qos, retain = p.payload, p.qos, p.retain
-        if isinstance(answer, Mapping):
+        if answer != "ok" and isinstance(answer, Mapping):  # "ok", the usual answer, skips the slow ABC check
             topic, payload = answer.get("topic", topic), answer.get("payload", payload)
             qos, retain = answer.get("qos", qos), answer.get("retain", retain)
             if not valid_topic_name(topic) or qos not in (0, 1, 2) or not isinstance(payload, bytes):
@@ -5746,6 +5788,12 @@ class Hooks:
             self._entries.append((name, fn, plugin or getattr(fn, "__module__", None) or "python", True))
             self._publish()
 
+    def unregister(self, name: str, fn: Callable[..., Any]) -> None:
+        """Remove ``fn`` from hook ``name`` (webhooks deregister takes a hook's last endpoint away)."""
+        with self._lock:
+            self._entries = [e for e in self._entries if not (e[0] == name and e[1] is fn)]
+            self._publish()
+
     def enable(self, plugin: str, on: bool) -> bool:
         """Turn a plugin's hooks on or off; return whether such a plugin exists."""
         with self._lock:
@@ -5852,6 +5900,7 @@ class MqttLink(asyncio.Protocol):
         self.held = 0  # unfinished bytes this link holds, counted in the node's partial_packet_budget
         self.writable = True
         self.closing = self.paused = False
+        self.waiting = False  # a packet waits for webhook answers (section 23): read and decode nothing more
         self.reading = True
         self.fresh = True  # nothing received yet
         self.partial_since: float | None = None  # when the unfinished packet in ``buffer`` began
@@ -5910,21 +5959,29 @@ class MqttLink(asyncio.Protocol):
             return limit
         return min(limit, config["max_connect_size"]) if limit else config["max_connect_size"]
 
-    def _decode(self, buf: bytes) -> None:
+    def _decode(self, buf: bytes, held: tuple | None = None) -> None:
         pos, engine, client, io = 0, self.io.engine, self.client, self.io
         now = time.time()
         if io.settings() is not io.rules_config:
             io.refresh_rules(now)  # a set of vmq_acl.* or vmq_passwd.* counts from the next packet
         max_size, connected = self._max_size(), client.connected
         try:
-            while not self.closing and not self.paused and not client.closing and not client.pause_for:
+            if held is not None:  # it waited for webhook answers, which the gate has set
+                engine.handle(client, held[0], now, held[1])
+                max_size, connected = self._max_size(), client.connected
+            while not self.closing and not self.paused and not self.waiting and not client.closing \
+                    and not client.pause_for:
                 start = pos
                 result = decode_packet(buf, pos, max_size, client.proto)  # CONNECT may change the version
                 if result is None:
                     break
                 packet, pos = result
                 # A plain QoS 0 PUBLISH (first byte 0x30) is forwarded as the bytes it came in.
-                engine.handle(client, packet, now, buf[start:pos] if buf[start] == 0x30 else b"")
+                frame = buf[start:pos] if buf[start] == 0x30 else b""
+                if io.gate is None:
+                    engine.handle(client, packet, now, frame)
+                elif not io.gate(self, packet, frame, now):
+                    break  # held until its webhook answers come (release)
                 if client.tracer is not None:
                     client.tracer.packet("in", packet, now)
                 if client.connected != connected:  # accepted: max_message_size from the next packet on
@@ -5951,7 +6008,7 @@ class MqttLink(asyncio.Protocol):
             if began:
                 self.partial_since = now
             try:
-                header = None if self.paused or self.client.pause_for else fixed_header(self.buffer)
+                header = None if self.paused or self.waiting or self.client.pause_for else fixed_header(self.buffer)
             except MalformedPacket:
                 header = None  # the next read's decode says so, and closes
 
@@ -5997,9 +6054,23 @@ class MqttLink(asyncio.Protocol):
             if self.buffer:
                 self.data_received(b"")
 
+    def hold(self) -> None:
+        """Read nothing more until ``release``: the packet just decoded waits for webhook answers."""
+        self.waiting = True
+        self._reading()
+
+    def release(self, packet: Any, raw: bytes) -> None:
+        """Hand the engine the packet that waited, then decode what came after it and read on."""
+        self.waiting = False
+        if self.closing or self.client is None or self.client.closed:
+            return
+        self._reading()
+        self._decode(self.buffer, (packet, raw))
+        self.io.after_batch()
+
     def _reading(self) -> None:
-        """Read while neither throttled nor holding answers the peer has not taken."""
-        want = self.writable and not self.paused and not self.closing
+        """Read while neither throttled, nor holding answers the peer has not taken, nor waiting for webhooks."""
+        want = self.writable and not self.paused and not self.waiting and not self.closing
         if want != self.reading and self.transport is not None:
             self.reading = want
             (self.transport.resume_reading if want else self.transport.pause_reading)()
@@ -6487,6 +6558,7 @@ class MqttIO:
         self._resource_warned = -math.inf
         self.partial_bytes = 0  # unfinished packet and frame bytes held for all connections
         self.holders: set[Any] = set()  # the links holding some
+        self.gate: Callable[..., bool] | None = None  # webhooks (section 23) see packets first: handled, or held
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._run, name="vmqapi-mqtt", daemon=True)
         self._tick_handle: asyncio.TimerHandle | None = None
@@ -10415,6 +10487,839 @@ def cmd_bridge_start(call: Call) -> Any:
 #       auth answer cache and the bounded pool of calls; webhooks commands.
 # Must not know: sockets of MQTT clients.
 
+WEBHOOK_HOOKS = (  # VerneMQ vmq_webhooks_cli hook_keyspec: what webhooks register accepts
+    "auth_on_register", "auth_on_publish", "auth_on_subscribe", "on_register", "on_publish", "on_subscribe",
+    "on_unsubscribe", "on_deliver", "on_offline_message", "on_client_wakeup", "on_client_offline",
+    "on_client_gone", "on_session_expired", "auth_on_register_m5", "auth_on_publish_m5", "auth_on_subscribe_m5",
+    "on_register_m5", "on_publish_m5", "on_subscribe_m5", "on_unsubscribe_m5", "on_deliver_m5", "on_auth_m5",
+)
+WEBHOOK_AUTH = frozenset({"auth_on_register", "auth_on_publish", "auth_on_subscribe"})  # answered; may be cached
+WEBHOOK_NEVER_CALLED = {"on_session_expired": "vmqapi calls no hook when a session expires",  # registered, but
+                        "on_auth_m5": "enhanced authentication (MQTT 5 AUTH) does not go to webhooks"}  # never called
+WEBHOOK_TIMEOUT = 5000  # ms; VerneMQ vmq_webhooks_cli get_opts: response_timeout default
+WEBHOOK_NOTIFY_QUEUE = 10_000  # notifications waiting for the pool; past it new ones are dropped and counted
+WEBHOOK_CACHE_MAX = 100_000  # cached auth answers (VerneMQ keeps them forever); past it the oldest go first
+WEBHOOK_MAX_ANSWER = 1 << 20  # bytes of an endpoint's answer read at most; more is an error
+WEBHOOK_LOG_INTERVAL = 60  # seconds between log lines about one kind of failing webhook call
+RETAIN_HANDLING_NAMES = ("send_retain", "send_if_new_sub", "dont_send")  # VerneMQ's names for MQTT 5 RH 0-2
+WEBHOOK_ARGS = {hook: tuple(names.split()) for hook, names in (  # the engine's hook arguments by VerneMQ's names;
+    ("auth_on_register", "peer sid username password clean_session"),  # peer and sid give two fields each
+    ("auth_on_publish", "username sid qos topic payload retain"), ("auth_on_subscribe", "username sid topics"),
+    ("on_register", "peer sid username"), ("on_publish", "username sid qos topic payload retain"),
+    ("on_subscribe", "username sid topics"), ("on_unsubscribe", "username sid topics"),
+    ("on_deliver", "username sid topic payload"), ("on_offline_message", "sid qos topic payload retain"),
+    ("on_client_wakeup", "sid"), ("on_client_offline", "sid"), ("on_client_gone", "sid"), ("on_session_expired", "sid"))}
+
+
+@dataclass(frozen=True, slots=True)
+class Webhook:
+    """One registered endpoint of one hook, with its options (VerneMQ's register flags)."""
+
+    hook: str
+    endpoint: str
+    base64: bool = True
+    no_payload: bool = False
+    response_timeout: int = WEBHOOK_TIMEOUT  # ms
+
+    def __post_init__(self):
+        parse_webhook_hook(self.hook)
+        parse_webhook_endpoint(self.endpoint)
+
+
+def parse_webhook_endpoint(text: str) -> str:
+    """Accept an http:// or https:// URL with a host (as VerneMQ's hackney_url parses it)."""
+    url = urllib.parse.urlsplit(text.strip())
+    try:
+        url.port  # a bad port raises ValueError
+    except ValueError:
+        raise ValueError(f"bad port in endpoint {text!r}") from None
+    if url.scheme not in ("http", "https") or not url.hostname:
+        raise ValueError(f"expected an http:// or https:// URL, got {text!r}")
+    return text.strip()
+
+
+def parse_webhook_hook(text: str) -> str:
+    """Accept one of VerneMQ's webhook hook names."""
+    if text not in WEBHOOK_HOOKS:
+        raise ValueError(f"unknown hook {text!r}; hooks: {', '.join(WEBHOOK_HOOKS)}")
+    return text
+
+
+# -- bodies and answers (pure) ----------------------------------------------
+
+def webhook_args(hook: str, values: Sequence[Any], properties: Any = None) -> dict[str, Any]:
+    """Name the engine's hook arguments as VerneMQ's webhook body does; ``_m5`` hooks add properties."""
+    m5, args = hook.endswith("_m5"), {}
+    for name, value in zip(WEBHOOK_ARGS[hook[:-3] if m5 else hook], values):
+        if name == "peer":
+            args["peer_addr"], args["peer_port"] = (value[0], value[1]) if value else (None, None)
+        elif name == "sid":
+            args["mountpoint"], args["client_id"] = value
+        else:
+            args["clean_start" if m5 and name == "clean_session" else name] = value
+    if m5:
+        args["properties"] = properties or ()
+    return args
+
+
+def _webhook_topics(hook: str, topics: Iterable[Any]) -> list:
+    if hook.startswith("on_unsubscribe"):
+        return list(topics)
+    return [{"topic": t[0], "qos": t[1], **(t[2] if len(t) > 2 else {})} for t in topics]  # t[2]: MQTT 5 options
+
+
+def _json_bytes(value: bytes, encode: bool) -> str:
+    return base64.b64encode(value).decode() if encode else value.decode("utf-8", "replace")
+
+
+def webhook_properties(properties: Iterable[tuple[str, Any]]) -> dict[str, Any]:
+    """Encode MQTT 5 properties as VerneMQ's webhooks do (``p_`` names, user properties as key/val, base64)."""
+    out: dict[str, Any] = {}
+    for name, value in properties:
+        key = "p_" + name
+        if name == "user_property":
+            out.setdefault(key, []).append({"key": _json_bytes(value[0].encode(), True),
+                                            "val": _json_bytes(value[1].encode(), True)})
+        elif name == "payload_format_indicator":
+            out[key] = "utf8" if value else "unspecified"
+        elif isinstance(value, bytes):
+            out[key] = _json_bytes(value, True)
+        else:
+            out[key] = value
+    return out
+
+
+def webhook_body(hook: str, args: Mapping[str, Any], webhook: Webhook) -> bytes:
+    """Return the JSON body VerneMQ posts for ``hook``: payloads base64 unless base64encode is off."""
+    body: dict[str, Any] = {}
+    for name, value in args.items():
+        if name == "payload":
+            if webhook.no_payload and hook.startswith("auth_on_publish"):
+                continue  # VerneMQ filter_args: no_payload applies to auth_on_publish only
+            value = _json_bytes(value, webhook.base64)
+        elif name == "password" and value is not None:
+            value = value.decode("utf-8", "replace")
+        elif name == "topics":
+            value = _webhook_topics(hook, value)
+        elif name == "properties":
+            value = webhook_properties(value)
+        body[name] = value
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
+def parse_max_age(cache_control: str | None) -> int | None:
+    """Return the ``max-age`` seconds of a cache-control header (VerneMQ parse_max_age), or None."""
+    match = re.search(r"max-age=([0-9]+)", cache_control or "")
+    return int(match.group(1)) if match else None
+
+
+def _typed_modifiers(mods: Mapping[str, Any], fields: Iterable[tuple[str, type]]) -> dict[str, Any]:
+    changes = {}
+    for name, kind in fields:
+        if name in mods and type(mods[name]) is not kind:
+            raise WebhookFailed(f"modifier {name} must be a {kind.__name__}")
+        changes.update({name: mods[name]} if name in mods else {})
+    return changes
+
+
+def _publish_modifiers(mods: Mapping[str, Any], base64_payload: bool) -> dict[str, Any]:
+    changes = _typed_modifiers(mods, (("topic", str), ("qos", int), ("retain", bool), ("payload", str)))
+    if "payload" in changes:
+        try:
+            changes["payload"] = base64.b64decode(mods["payload"], validate=True) if base64_payload \
+                else mods["payload"].encode()
+        except binascii.Error:
+            raise WebhookFailed("modifier payload is not base64") from None
+    if "topic" in changes and not valid_topic_name(changes["topic"]):
+        raise WebhookFailed(f"modifier topic {changes['topic']!r} is not a valid topic")
+    return changes
+
+
+def _subscribe_modifiers(topics: Any) -> list[tuple[str, int]] | str:
+    if not isinstance(topics, list):
+        raise WebhookFailed("topics must be a list")
+    if not topics:
+        return "ok"
+    out = []
+    for item in topics:
+        if not isinstance(item, dict) or not isinstance(item.get("topic"), str) or type(item.get("qos")) is not int:
+            raise WebhookFailed("each topic must be {\"topic\": string, \"qos\": integer}")
+        out.append((item["topic"], item["qos"]))  # qos 128: that one topic is refused
+    return out
+
+
+def _register_modifiers(mods: Mapping[str, Any]) -> dict[str, Any]:
+    changes = _typed_modifiers(mods, (("client_id", str), ("mountpoint", str), ("clean_session", bool),
+                                      ("clean_start", bool)))
+    if "clean_start" in changes:  # MQTT 5's name
+        changes["clean_session"] = changes.pop("clean_start")
+    return changes
+
+
+def parse_webhook_answer(hook: str, status: int, headers: Mapping[str, str], data: bytes,
+                         base64_payload: bool = True) -> tuple[Any, int | None]:
+    """Read an endpoint's answer: (``ok``, ``next``, ``error``, a dict of changes or a list of (topic, qos), and
+    the max-age seconds to cache it or None). Only a 200 with a JSON body counts; else WebhookFailed."""
+    if status != 200:
+        raise WebhookFailed(f"invalid_response_code {status}")
+    try:
+        decoded = json.loads(data)
+    except (ValueError, RecursionError):
+        raise WebhookFailed("received_payload_not_json") from None
+    base = hook.removesuffix("_m5")
+    result = decoded.get("result") if isinstance(decoded, dict) else None
+    if base not in WEBHOOK_AUTH:
+        return "next", None  # a notification's answer is not used
+    if result == "next":
+        return "next", None
+    if isinstance(result, dict):
+        log.info("webhook %s refused: %s", hook, str(result.get("error", "unknown_error"))[:200])
+        return "error", None
+    if result != "ok":
+        raise WebhookFailed("the answer has no result ok, next or {\"error\": ...}")
+    mods = decoded.get("modifiers") or {}
+    if not isinstance(mods, dict):
+        raise WebhookFailed("modifiers must be an object")
+    if base == "auth_on_subscribe":
+        answer: Any = _subscribe_modifiers(decoded.get("topics", mods.get("topics", [])))
+    elif base == "auth_on_publish":
+        answer = _publish_modifiers(mods, base64_payload) or "ok"
+    else:
+        answer = _register_modifiers(mods) or "ok"
+    return answer, parse_max_age(headers.get("cache-control"))
+
+
+def _frozen(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return tuple(_frozen(v) for v in value)
+    if isinstance(value, dict):
+        return tuple(sorted((k, _frozen(v)) for k, v in value.items()))
+    return value
+
+
+_UNKEYED = frozenset({"payload", "peer_port"})  # VerneMQ vmq_webhooks_cache: not part of the key
+_SCALARS = frozenset({str, int, bool, bytes, type(None)})
+
+
+def webhook_cache_key(endpoint: str, hook: str, args: Mapping[str, Any]) -> tuple:
+    """Key an auth answer by what VerneMQ keys it by: every argument but the payload and the peer's port."""
+    return endpoint, hook, tuple([v if v.__class__ in _SCALARS else _frozen(v)
+                                  for k, v in args.items() if k not in _UNKEYED])
+
+
+class WebhookCache:
+    """Auth answers by call, until their max-age passes; hits, misses and entries per endpoint and hook."""
+
+    def __init__(self, clock: Callable[[], float] = time.time):
+        self._lock = threading.Lock()
+        self._clock = clock
+        self._entries: dict[tuple, tuple[float, Any]] = {}  # key -> (expires at, answer)
+        self._stats: dict[tuple[str, str, str], int] = {}  # (stat, endpoint, hook) -> n
+        self._loop_hits: dict[tuple, int] = {}  # (endpoint, hook) -> hits counted by the broker's loop, lock-free
+
+    def _count(self, stat: str, key: tuple, n: int = 1) -> None:
+        name = (stat, key[0], key[1])
+        self._stats[name] = self._stats.get(name, 0) + n
+
+    def lookup(self, key: tuple) -> Any:
+        """Return the cached answer (None: a miss); both are counted."""
+        entry = self._entries.get(key)  # one dict read is atomic; a change is made under _lock
+        with self._lock:
+            if entry is not None and entry[0] < self._clock():
+                if self._entries.pop(key, None) is not None:
+                    self._count("entries", key, -1)
+                entry = None
+            stat = ("misses" if entry is None else "hits", key[0], key[1])
+            self._stats[stat] = self._stats.get(stat, 0) + 1
+        return None if entry is None else entry[1]
+
+    def lookup_in_loop(self, key: tuple, now: float) -> Any:
+        """``lookup`` for the broker's loop: a hit takes no lock (only this thread counts _loop_hits)."""
+        entry = self._entries.get(key)
+        if entry is None or entry[0] < now:
+            return self.lookup(key)
+        hits, where = self._loop_hits, key[:2]
+        hits[where] = hits.get(where, 0) + 1
+        return entry[1]
+
+    def insert(self, key: tuple, max_age: int, answer: Any) -> None:
+        """Keep an ok answer (without a payload change, as VerneMQ) for ``max_age`` seconds."""
+        if isinstance(answer, dict):
+            answer = {k: v for k, v in answer.items() if k != "payload"} or "ok"
+        with self._lock:
+            now, entries = self._clock(), self._entries
+            if key not in entries:
+                if len(entries) >= WEBHOOK_CACHE_MAX:  # full: the expired go, or else the oldest
+                    for gone in [k for k, (at, _) in entries.items() if at < now] or [next(iter(entries))]:
+                        del entries[gone]
+                        self._count("entries", gone, -1)
+                self._count("entries", key)
+            entries[key] = (now + max_age, answer)
+
+    def rows(self) -> list[dict]:
+        """Return webhooks cache show's rows: stat, endpoint, hook, value."""
+        with self._lock:
+            merged = dict(self._stats)
+        for (endpoint, hook), n in dict(self._loop_hits).items():  # copied in one step: the loop may add keys
+            merged["hits", endpoint, hook] = merged.get(("hits", endpoint, hook), 0) + n
+        stats = sorted(merged.items(), key=lambda item: (item[0][1], item[0][2], item[0][0]))
+        return [{"stat": s, "endpoint": e, "hook": h, "value": n} for (s, e, h), n in stats]
+
+    def reset_stats(self) -> None:
+        """Zero hits and misses (entries keep counting what is cached)."""
+        with self._lock:
+            self._stats = {k: v for k, v in self._stats.items() if k[0] == "entries" and v}
+            self._loop_hits = {}  # a hit the loop counts meanwhile may be lost: it is only a statistic
+
+    def clear(self) -> None:
+        """Forget every cached answer and every statistic (VerneMQ purge_all)."""
+        with self._lock:
+            self._entries.clear()
+            self._stats.clear()
+            self._loop_hits = {}
+
+
+class WebhookClient:
+    """POSTs to endpoints from worker threads, over keep-alive connections (one per thread and endpoint)."""
+
+    def __init__(self, settings: Callable[[], Config], metrics: Metrics):
+        self.settings, self.metrics = settings, metrics
+        self._lock = threading.Lock()
+        self._local = threading.local()
+        self._open: set[http.client.HTTPConnection] = set()  # every connection, closed at stop
+        self._tls: tuple[tuple, ssl.SSLContext] | None = None
+        self._logged: dict[str, float] = {}
+
+    def tls_context(self) -> ssl.SSLContext:
+        """Return the client TLS context vmq_webhooks.cafile/certfile/keyfile/verify_peer/tls_version describe."""
+        config, held = self.settings(), self._tls
+        options = tuple(config["vmq_webhooks." + k] for k in ("cafile", "certfile", "keyfile", "verify_peer",
+                                                              "tls_version"))
+        if held is not None and held[0] == options:
+            return held[1]
+        cafile, certfile, keyfile, verify, versions = options
+        ctx = ssl.create_default_context(cafile=cafile or None)
+        ctx.minimum_version = TLS_VERSIONS[min(versions)]
+        if certfile:
+            ctx.load_cert_chain(certfile, keyfile or None)
+        if not verify:
+            ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+        self._tls = (options, ctx)  # one assignment; two threads may each build it once
+        return ctx
+
+    def _connection(self, url: urllib.parse.SplitResult, timeout: float) -> Any:
+        """Return this thread's connection to the endpoint (http.client reconnects a closed one by itself)."""
+        conns = self._local.__dict__.setdefault("conns", {})
+        key = (url.scheme, url.hostname, url.port)
+        conn = conns.get(key)
+        if conn is None:
+            tls = {"context": self.tls_context()} if url.scheme == "https" else {}
+            conn = conns[key] = (http.client.HTTPSConnection if tls else http.client.HTTPConnection)(
+                url.hostname, url.port, **tls)
+            with self._lock:
+                self._open.add(conn)
+        idle = time.monotonic() - getattr(conn, "used_at", 0.0)
+        if conn.sock is not None and idle > self.settings()["vmq_webhooks.pool_timeout"] / 1000:
+            conn.close()  # idle past pool_timeout: a new connection
+        conn.timeout = timeout
+        if conn.sock is not None:
+            conn.sock.settimeout(timeout)
+        return conn
+
+    def post(self, webhook: Webhook, hook: str, body: bytes) -> tuple[int, dict[str, str], bytes]:
+        """POST ``body`` to the endpoint; return (status, headers, answer). A stale keep-alive is retried once."""
+        url = urllib.parse.urlsplit(webhook.endpoint)
+        target = (url.path or "/") + (f"?{url.query}" if url.query else "")
+        headers = {"Content-Type": JSON_TYPE, "vernemq-hook": hook}
+        for attempt in range(2):
+            try:
+                conn = self._connection(url, webhook.response_timeout / 1000)
+            except (OSError, ValueError) as exc:  # the TLS files cannot be read
+                raise WebhookFailed(f"cannot set up TLS: {exc}") from None
+            reused = conn.sock is not None
+            try:
+                conn.request("POST", target, body, headers)
+                resp = conn.getresponse()
+                data = resp.read(WEBHOOK_MAX_ANSWER + 1)
+            except (socket.timeout, TimeoutError):
+                conn.close()
+                raise WebhookFailed(f"no answer within {webhook.response_timeout} ms", timeout=True) from None
+            except (OSError, http.client.HTTPException) as exc:
+                conn.close()
+                if reused and not attempt and isinstance(exc, (http.client.RemoteDisconnected, ConnectionError)):
+                    continue  # the endpoint closed an idle keep-alive connection: once more on a new one
+                raise WebhookFailed(f"{type(exc).__name__}: {exc}") from None
+            conn.used_at = time.monotonic()
+            if len(data) > WEBHOOK_MAX_ANSWER or resp.will_close:
+                conn.close()
+            if len(data) > WEBHOOK_MAX_ANSWER:
+                raise WebhookFailed(f"answer larger than {WEBHOOK_MAX_ANSWER} bytes")
+            return resp.status, {k.lower(): v for k, v in resp.getheaders()}, data
+        raise WebhookFailed("the endpoint closed the connection twice")
+
+    def call(self, webhook: Webhook, hook: str, args: Mapping[str, Any]) -> tuple[Any, int | None]:
+        """Call one endpoint and read its answer; count requests, bytes, errors and timeouts."""
+        body = webhook_body(hook, args, webhook)
+        self.metrics.incr(f"webhooks_{hook}_requests")
+        self.metrics.incr(f"webhooks_{hook}_bytes_sent", len(body))
+        try:
+            status, headers, data = self.post(webhook, hook, body)
+            answer = parse_webhook_answer(hook, status, headers, data, webhook.base64)
+        except WebhookFailed as exc:
+            self.metrics.incr(f"webhooks_{hook}_errors")
+            if exc.timeout and f"webhooks_{hook}_timeouts" in METRIC_DEFINITIONS:
+                self.metrics.incr(f"webhooks_{hook}_timeouts")
+            self.complain(hook, webhook.endpoint, exc.text)
+            raise
+        if answer[0] == "error":
+            self.metrics.incr(f"webhooks_{hook}_errors")  # VerneMQ counts a refusal as an error too
+        return answer
+
+    def complain(self, hook: str, endpoint: str, reason: str) -> None:
+        """Log a failing call, at most once a minute per hook and endpoint."""
+        now = time.monotonic()
+        with self._lock:
+            if now - self._logged.get(hook + endpoint, -math.inf) < WEBHOOK_LOG_INTERVAL:
+                return
+            self._logged[hook + endpoint] = now
+        log.error("webhook %s at %s failed: %s", hook, endpoint, reason)
+
+    def close(self) -> None:
+        """Close every keep-alive connection (the workers have stopped)."""
+        with self._lock:
+            conns, self._open = self._open, set()
+        for conn in conns:
+            conn.close()
+
+
+# -- the plugin --------------------------------------------------------------
+
+class Webhooks:
+    """vmq_webhooks on a node: endpoints per hook, the gate in front of the engine, the pool of calls.
+
+    The engine calls hooks synchronously in the broker's loop, where no HTTP call may run.
+    So ``gate`` sees each CONNECT, PUBLISH and SUBSCRIBE before the engine does: when an
+    auth webhook must be asked and its answer is not cached, the connection holds the packet
+    (it reads nothing more; later packets wait in order), a worker asks the endpoints, and
+    the answer comes back to the loop, which hands the engine the packet with the answers in
+    ``slot``; the hook functions registered in ``Hooks`` return them at once. Notifications
+    go to a bounded queue that the workers drain; a full queue drops and counts.
+    """
+
+    def __init__(self, settings: Callable[[], Config], hooks: Hooks, metrics: Metrics, io: MqttIO):
+        self.settings, self.hooks, self.metrics, self.io = settings, hooks, metrics, io
+        self._lock = threading.Lock()
+        self.endpoints: dict[str, tuple[Webhook, ...]] = {}  # hook -> endpoints in order; replaced whole, never changed
+        self._functions: dict[str, Callable[..., Any]] = {}  # Hooks name -> the function registered for it
+        self.cache = WebhookCache()
+        self.client = WebhookClient(settings, metrics)
+        size = settings()["vmq_webhooks.pool_max_connections"]
+        self._auth_pool = concurrent.futures.ThreadPoolExecutor(size, thread_name_prefix="vmqapi-webhook-auth")
+        self._note_pool = concurrent.futures.ThreadPoolExecutor(size, thread_name_prefix="vmqapi-webhook")
+        self._notes = 0  # notifications queued or running
+        self.slot: dict[str, Any] | None = None  # answers for the packet the engine handles now (loop thread)
+        self._new_client_id = io.engine.new_client_id
+        self._running = True
+
+    def start(self) -> Webhooks:
+        """Register the configured webhooks (in the order of their names) and put the gate in place."""
+        for webhook in configured_webhooks(self.settings()):
+            self.register(webhook)
+        self.io.engine.new_client_id = self.assigned_client_id
+        self.io.gate = self.gate
+        return self
+
+    def stop(self) -> None:
+        """Stop calling: wait for calls under way (each bounded by its response_timeout), close connections."""
+        self._running = False
+        self.io.gate = None
+        for pool in (self._auth_pool, self._note_pool):
+            pool.shutdown(wait=True, cancel_futures=True)
+        self.client.close()
+
+    def register(self, webhook: Webhook) -> str:
+        """Add an endpoint to a hook; return '' or VerneMQ's reason (already_registered)."""
+        with self._lock:
+            present = self.endpoints.get(webhook.hook, ())
+            if any(w.endpoint == webhook.endpoint for w in present):
+                return "already_registered"
+            self.endpoints = {**self.endpoints, webhook.hook: (*present, webhook)}
+            self._sync_hooks()
+        if webhook.hook in WEBHOOK_NEVER_CALLED:
+            log.warning("webhook %s at %s is registered but never called: %s", webhook.hook, webhook.endpoint,
+                        WEBHOOK_NEVER_CALLED[webhook.hook])
+        return ""
+
+    def deregister(self, hook: str, endpoint: str) -> str:
+        """Remove an endpoint from a hook; return '' or VerneMQ's reason (not_found)."""
+        with self._lock:
+            present = self.endpoints.get(hook, ())
+            kept = tuple(w for w in present if w.endpoint != endpoint)
+            if len(kept) == len(present):
+                return "not_found"
+            self.endpoints = {**self.endpoints, hook: kept} if kept else \
+                {h: w for h, w in self.endpoints.items() if h != hook}
+            self._sync_hooks()
+        return ""
+
+    def _sync_hooks(self) -> None:
+        """Register a function in Hooks for each hook some endpoint wants, and only those (holds _lock)."""
+        wanted = {h.removesuffix("_m5") for h in self.endpoints if h not in WEBHOOK_NEVER_CALLED}
+        for name in wanted - set(self._functions):
+            self._functions[name] = fn = self._hook_function(name)
+            self.hooks.register(name, fn, plugin="vmq_webhooks")
+        for name in set(self._functions) - wanted:
+            self.hooks.unregister(name, self._functions.pop(name))
+
+    def _hook_function(self, name: str) -> Callable[..., Any]:
+        """Return the function Hooks calls for ``name``; plugin show names it vmq_webhooks_plugin:<hook>/<arity>."""
+        fn = self._answer_function(name) if name in WEBHOOK_AUTH else functools.partial(self._notify, name)
+        fn.__signature__ = inspect.Signature([inspect.Parameter(a, inspect.Parameter.POSITIONAL_ONLY)  # type: ignore
+                                              for a in WEBHOOK_ARGS[name]])
+        fn.__module__, fn.__qualname__ = "vmq_webhooks_plugin", name  # type: ignore[attr-defined]
+        return fn
+
+    def rows(self) -> list[dict]:
+        """Return webhooks show's rows: hook, endpoint, base64payload, response_timeout."""
+        return [{"hook": w.hook, "endpoint": w.endpoint, "base64payload": w.base64, "response_timeout":
+                 w.response_timeout} for hook in WEBHOOK_HOOKS for w in self.endpoints.get(hook, ())]
+
+    # -- the hook functions (broker's loop) -------------------------------------
+    def _answer_function(self, name: str) -> Callable[..., Any]:
+        """An auth hook: the answer the gate fetched for this packet, else ``_answer``'s."""
+        def answer(*args: Any) -> Any:
+            slot = self.slot
+            if slot is not None and name in slot:
+                return slot.pop(name)
+            return self._answer(name, *args)
+        return answer
+
+    def _answer(self, name: str, *args: Any) -> Any:
+        """Answer an auth hook the gate did not see (an embedding program's call): a cached answer, or refuse."""
+        webhooks = self.endpoints.get(name)  # the MQTT 3 hook's endpoints
+        if not webhooks:
+            return "next"
+        cached = self.cache.lookup(webhook_cache_key(webhooks[0].endpoint, name, webhook_args(name, args)))
+        if cached is None:  # the broker's loop never waits for an endpoint
+            self.client.complain(name, webhooks[0].endpoint, "asked outside a packet the gate saw; refusing")
+        return "error" if cached is None else cached
+
+    def _notify(self, name: str, *args: Any) -> None:
+        """A notification hook: queue a call per endpoint (dropped and counted when the queue is full)."""
+        hook = name
+        if name + "_m5" in self.endpoints and "sid" in WEBHOOK_ARGS[name]:
+            session = self.io.engine.sessions.get(args[WEBHOOK_ARGS[name].index("sid")])
+            if session is not None and session.protocol == 5:
+                hook = name + "_m5"
+        webhooks = self.endpoints.get(hook)
+        if not webhooks or not self._running:
+            return
+        for webhook in webhooks:
+            with self._lock:
+                full = self._notes >= WEBHOOK_NOTIFY_QUEUE
+                self._notes += not full
+            if full:
+                self.metrics.incr("webhooks_notifications_dropped")
+                continue
+            self._note_pool.submit(self._send_note, webhook, hook, args)
+
+    def _send_note(self, webhook: Webhook, hook: str, args: tuple) -> None:
+        try:
+            self.client.call(webhook, hook, webhook_args(hook, args))
+        except WebhookFailed:
+            pass  # counted and logged by the client; a notification's failure changes nothing
+        finally:
+            with self._lock:
+                self._notes -= 1
+
+    def assigned_client_id(self) -> str:
+        """The engine's new client id: the one the gate already sent to auth_on_register, if any."""
+        slot = self.slot
+        if slot is not None and "assigned" in slot:
+            return slot.pop("assigned")
+        return self._new_client_id()
+
+    # -- the gate (broker's loop) -------------------------------------------------
+    def gate(self, link: Any, packet: Any, raw: bytes, now: float) -> bool:
+        """Hand a packet to the engine with its webhook answers (True), or hold it until they come (False)."""
+        kind = type(packet)
+        if kind is Publish:
+            return self._gate_publish(link, packet, raw, now)
+        calls = None
+        if kind is Subscribe:
+            calls = self._subscribe_calls(link.client, packet)
+        elif kind is Connect:
+            calls = self._connect_calls(link.client, packet)
+        slot, pending = self._prepare(calls) if calls else (None, ())
+        if pending:
+            return self._hold(link, packet, raw, slot, pending)
+        if kind is Connect and slot is not None:
+            packet = apply_register_changes(packet, slot, link.client)
+        return self._handle(link, packet, raw, now, slot)
+
+    def _handle(self, link: Any, packet: Any, raw: bytes, now: float, slot: dict | None) -> bool:
+        self._with_slot(slot, self.io.engine.handle, link.client, packet, now, raw)
+        return True
+
+    def _with_slot(self, slot: dict | None, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run ``fn`` (in the loop) with ``slot`` the answers the hook functions return; they are for it only."""
+        self.slot = slot
+        try:
+            return fn(*args)
+        finally:
+            self.slot = None
+
+    def _hold(self, link: Any, packet: Any, raw: bytes, slot: dict, pending: list) -> bool:
+        link.hold()
+        future = self._auth_pool.submit(self._ask, pending)
+        future.add_done_callback(functools.partial(self._asked, link, packet, raw, slot, pending))
+        return False
+
+    def _gate_publish(self, link: Any, p: Publish, raw: bytes, now: float) -> bool:
+        """PUBLISH, the hot path: a cached answer costs a key and one look in the cache (webhook_cache_key inlined)."""
+        client = link.client
+        if not self._asks("auth_on_publish") or not client.connected:
+            return self._handle(link, p, raw, now, None)
+        v5 = client.proto == 5
+        hook = "auth_on_publish_m5" if v5 else "auth_on_publish"
+        webhooks = self.endpoints.get(hook)
+        if not webhooks:
+            return self._handle(link, p, raw, now, {"auth_on_publish": "next"})
+        topic, props, session = p.topic, (), client.session
+        if p.properties:
+            topic, props = publish_topic(client, p)
+        if not topic or (p.qos == 2 and p.packet_id in session.incoming):
+            return self._handle(link, p, raw, now, None)  # refused, or a resent QoS 2 message: nothing is asked
+        keyed = (client.user, session.mountpoint, session.client_id, p.qos, topic, p.retain)
+        if v5:
+            keyed += (_frozen(props),)
+        cached = self.cache.lookup_in_loop((webhooks[0].endpoint, hook, keyed), now)
+        if cached is not None:
+            return self._handle(link, p, raw, now, {"auth_on_publish": cached})
+        args = webhook_args(hook, (client.user, session.key, p.qos, topic, p.payload, p.retain), props)
+        return self._hold(link, p, raw, {}, [("auth_on_publish", hook, args, webhooks)])
+
+    def _prepare(self, calls: list[tuple[str, str, dict]]) -> tuple[dict, list]:
+        """Answer from the cache what it holds; return (answers so far, calls that must go out)."""
+        slot: dict[str, Any] = {}
+        pending = []
+        for name, hook, args in calls:
+            if name == "assigned":
+                slot[name] = hook
+                continue
+            webhooks = self.endpoints.get(hook)
+            if not webhooks:
+                slot[name] = "next"
+                continue
+            cached = self.cache.lookup(webhook_cache_key(webhooks[0].endpoint, hook, args))
+            if cached is not None:
+                slot[name] = cached
+            else:
+                pending.append((name, hook, args, webhooks))
+        return slot, pending
+
+    def _ask(self, pending: list) -> dict[str, Any]:
+        """Walk each hook's endpoints in order, as VerneMQ's all_till_ok (worker thread)."""
+        return {name: self._chain(hook, args, webhooks) for name, hook, args, webhooks in pending}
+
+    def _chain(self, hook: str, args: Mapping[str, Any], webhooks: Sequence[Webhook]) -> Any:
+        for n, webhook in enumerate(webhooks):
+            key = webhook_cache_key(webhook.endpoint, hook, args)
+            if n:  # the first endpoint's cache was looked at already
+                cached = self.cache.lookup(key)
+                if cached is not None:
+                    return cached
+            try:
+                answer, max_age = self.client.call(webhook, hook, args)
+            except WebhookFailed:
+                return "error"  # fail closed: no answer is no permission
+            if answer == "next":
+                continue
+            if max_age is not None and answer != "error":
+                self.cache.insert(key, max_age, answer)
+            return answer
+        return "next"
+
+    def _asked(self, link: Any, packet: Any, raw: bytes, slot: dict, pending: list,
+               future: concurrent.futures.Future) -> None:
+        """The answers are in (a worker thread): hand them to the loop."""
+        if future.cancelled():
+            return  # the node stops
+        error = future.exception()
+        if error is not None:
+            log.error("webhook calls failed: %s; refusing", error)
+        answers = future.result() if error is None else {name: "error" for name, *_ in pending}  # fail closed
+        with contextlib.suppress(RuntimeError):  # the loop has closed: the node stops
+            self.io.loop.call_soon_threadsafe(self._release, link, packet, raw, {**slot, **answers})
+
+    def _release(self, link: Any, packet: Any, raw: bytes, slot: dict) -> None:
+        """Hand the engine the held packet with its answers, then let the connection read on (loop thread)."""
+        packet = apply_register_changes(packet, slot, link.client)
+        self._with_slot(slot, link.release, packet, raw)  # the held packet first; later ones come through gate
+
+    def http_publish(self, node: Any, peer: tuple, user: str | None, password: bytes | None, client_id: str,
+                     mountpoint: str, p: Publish) -> str | None:
+        """An HTTP publish (vmq_http_pub): ask auth_on_register and auth_on_publish here, in the HTTP thread
+        (which may wait), then publish in the broker's loop with the answers."""
+        sid, calls = (mountpoint, client_id), []
+        if self._asks("auth_on_register") and not self._anonymous():
+            calls.append(("auth_on_register", "auth_on_register", webhook_args(
+                "auth_on_register", (peer, sid, user, password if user is not None else None, True))))
+        if self._asks("auth_on_publish"):
+            calls.append(("auth_on_publish", "auth_on_publish", webhook_args(
+                "auth_on_publish", (user, sid, p.qos, p.topic, p.payload, p.retain))))
+        slot, pending = self._prepare(calls)
+        slot.update(self._ask(pending))
+        return node.in_broker(self._with_slot, slot, self.io.engine.http_publish, peer, user, password, client_id,
+                              mountpoint, p)
+
+    def _asks(self, name: str) -> bool:
+        """Whether the engine will call our function for hook ``name`` (registered, and not plugin disable'd)."""
+        fn = self._functions.get(name)
+        return fn is not None and fn in getattr(self.hooks, name)
+
+    def _anonymous(self) -> bool:
+        """Whether allow_anonymous lets clients in without asking auth_on_register (as the engine decides)."""
+        anonymous = self.settings()["allow_anonymous"]
+        return self.io.engine.anonymous_default if anonymous is None else anonymous
+
+    # -- what each packet will ask (VerneMQ calls the _m5 hooks for MQTT 5 clients) -------
+    def _subscribe_calls(self, client: Any, p: Subscribe) -> list:
+        if not self._asks("auth_on_subscribe") or not client.connected:
+            return []
+        hook = "auth_on_subscribe_m5" if client.proto == 5 else "auth_on_subscribe"
+        topics = [(t, o & 3, {"no_local": bool(o & 4), "rap": bool(o & 8), "retain_handling":
+                              RETAIN_HANDLING_NAMES[min((o >> 4) & 3, 2)]}) if client.proto == 5 else (t, o & 3)
+                  for t, o in p.topics]
+        props = [(n, v) for n, v in p.properties if n != "subscription_identifier"]
+        return [("auth_on_subscribe", hook, webhook_args(hook, (client.user, client.session.key, topics), props))]
+
+    def _connect_calls(self, client: Any, p: Connect) -> list:
+        """auth_on_register (unless the engine lets the client in without asking) and the will's auth_on_publish."""
+        listener = client.listener
+        if client.connected or client.auth is not None or p.proto_level not in DIALECTS \
+                or p.proto_level not in listener.allowed_versions or "authentication_method" in dict(p.properties):
+            return []  # refused, or enhanced authentication: the engine asks no auth hook
+        user = client.identity if listener.use_identity_as_username else p.username
+        register = self._asks("auth_on_register") and not (self._anonymous() or listener.allow_anonymous_override
+                                                            or listener.use_identity_as_username)
+        will = self._asks("auth_on_publish") and p.will_topic is not None
+        if not register and not will:
+            return []
+        calls: list = []
+        client_id, v5 = p.client_id, p.proto_level == 5
+        if not client_id:
+            if not p.clean_session and not v5:
+                return []  # refused with CONNACK 2 before any plugin is asked
+            client_id = self._new_client_id()
+            calls.append(("assigned", client_id, {}))
+        sid = (listener.mountpoint, client_id)
+        if register:
+            hook = "auth_on_register_m5" if v5 else "auth_on_register"
+            calls.append(("auth_on_register", hook, webhook_args(
+                hook, (client.peer, sid, p.username, p.password, p.clean_session), p.properties)))
+        if will:
+            hook = "auth_on_publish_m5" if v5 else "auth_on_publish"
+            calls.append(("auth_on_publish", hook, webhook_args(
+                hook, (user, sid, p.will_qos, p.will_topic, p.will_payload, p.will_retain), p.will_properties)))
+        return calls
+
+
+def publish_topic(client: Any, p: Publish) -> tuple[str | None, tuple]:
+    """Return an MQTT 5 PUBLISH's topic (an alias resolved) and the properties a webhook sees."""
+    topic, props = p.topic, []
+    for name, value in p.properties:
+        if name == "topic_alias":
+            topic = topic or client.aliases_in.get(value)
+        elif name != "subscription_identifier":
+            props.append((name, value))
+    return topic, tuple(props)
+
+
+def apply_register_changes(packet: Any, slot: dict, client: Any) -> Any:
+    """Apply auth_on_register's client_id and clean_session changes to the CONNECT (a mountpoint change refuses)."""
+    changes = slot.get("auth_on_register")
+    if not isinstance(packet, Connect) or not isinstance(changes, dict):
+        return packet
+    if changes.get("mountpoint", client.listener.mountpoint) != client.listener.mountpoint:
+        log.error("auth_on_register webhook moved client %r to mountpoint %r; vmqapi cannot, so it refuses",
+                  packet.client_id, changes["mountpoint"])
+        slot["auth_on_register"] = "error"
+        return packet
+    replace = {k: changes[k] for k in ("client_id", "clean_session") if changes.get(k) not in (None, "")}
+    if "client_id" in replace:
+        slot.pop("assigned", None)  # the engine assigns no id to a client the webhook named
+    return dataclasses.replace(packet, **replace) if replace else packet
+
+
+def configured_webhooks(config: Config) -> list[Webhook]:
+    """Return the vmq_webhooks.<name>.* webhooks of the config, ordered by name; raise ConfigError when one is bad."""
+    names = sorted({k.split(".")[1] for k in config.values if k.startswith("vmq_webhooks.") and k.count(".") == 2})
+    webhooks = []
+    for prefix in (f"vmq_webhooks.{name}." for name in names):
+        for missing in [o for o in ("hook", "endpoint") if prefix + o not in config.values][:1]:
+            raise ConfigError(f"{prefix}{missing} is not defined")  # VerneMQ's schema message
+        try:
+            webhooks.append(Webhook(parse_webhook_hook(config[prefix + "hook"]), config[prefix + "endpoint"],
+                                    config[prefix + "base64encode"], config[prefix + "no_payload"],
+                                    config[prefix + "response_timeout"]))
+        except ValueError as exc:
+            raise ConfigError(f"{prefix}*: {exc}") from None
+    return webhooks
+
+
+def _webhooks(call: Call) -> Webhooks:
+    plugin = getattr(call.node, "webhooks", None)
+    if plugin is None:
+        raise UnknownCommand("the webhooks commands need the vmq_webhooks plugin: plugins.vmq_webhooks = on")
+    return plugin
+
+
+_HOOK_KEY = Param("hook", parse_webhook_hook, doc="one of " + ", ".join(WEBHOOK_HOOKS))
+_ENDPOINT_KEY = Param("endpoint", parse_webhook_endpoint, doc="the http:// or https:// URL to POST to")
+
+
+@command("webhooks", "show", quick=True, read_only=True)
+def cmd_webhooks_show(call: Call) -> Any:
+    """Show the registered webhooks."""
+    return Table(tuple(_webhooks(call).rows()), ("hook", "endpoint", "base64payload", "response_timeout"))
+
+
+@command("webhooks", "register", keys=(_HOOK_KEY, _ENDPOINT_KEY), required=("hook", "endpoint"), quick=True, flags=(
+    Param("base64payload", parse_flag, doc="true (default) or false: base64 encode the MQTT payload"),
+    Param("no_payload", parse_flag, doc="true or false (default): leave the payload out of auth_on_publish"),
+    Param("response_timeout", parse_positive_int, doc="milliseconds the endpoint has to answer (default 5000)")))
+def cmd_webhooks_register(call: Call) -> Any:
+    """Register a webhook endpoint with a hook."""
+    flags = call.flags
+    webhook = Webhook(call.args["hook"], call.args["endpoint"], flags.get("base64payload", True),
+                      flags.get("no_payload", False), flags.get("response_timeout") or WEBHOOK_TIMEOUT)
+    reason = _webhooks(call).register(webhook)
+    return alert(f"can't register endpoint due to '{reason}'") if reason else "Done"
+
+
+@command("webhooks", "deregister", keys=(_HOOK_KEY, _ENDPOINT_KEY), required=("hook", "endpoint"), quick=True)
+def cmd_webhooks_deregister(call: Call) -> Any:
+    """Deregister a webhook endpoint."""
+    reason = _webhooks(call).deregister(call.args["hook"], call.args["endpoint"])
+    return alert(f"can't deregister endpoint due to '{reason}'") if reason else "Done"
+
+
+@command("webhooks", "cache", "show", quick=True, flags=(
+    Param("reset", value="none", doc="zero the hits and misses instead"),))
+def cmd_webhooks_cache_show(call: Call) -> Any:
+    """Show statistics about the cache of auth answers (hits, misses, entries per endpoint and hook)."""
+    cache = _webhooks(call).cache
+    if "reset" in call.flags:
+        return cache.reset_stats() or "Done"
+    return Table(tuple(cache.rows()), ("stat", "endpoint", "hook", "value"))
+
+
+@command("webhooks", "cache", "clear", quick=True)
+def cmd_webhooks_cache_clear(call: Call) -> Any:
+    """Clear the cache of auth answers."""
+    _webhooks(call).cache.clear()
+    return "Done"
 
 
 # The cluster, bridge and webhooks sections add their commands above; the table is complete here.
@@ -10875,8 +11780,9 @@ def serve_http_pub(node: Any, req: Request, rest: str, query: str) -> Response:
             raise PublishRefused("message_too_large")
     except PublishRefused as exc:
         return publish_answer(exc.reason)
-    reason = node.broker_call("http_publish", req.peer, user, password, client_id,
-                              config["vmq_http_pub.mountpoint"], packet)
+    args = (req.peer, user, password, client_id, config["vmq_http_pub.mountpoint"], packet)
+    webhooks = getattr(node, "webhooks", None)  # section 23: asked here, where waiting for an endpoint is allowed
+    reason = webhooks.http_publish(node, *args) if webhooks is not None else node.broker_call("http_publish", *args)
     return publish_answer(reason or "no_broker")
 
 
@@ -11847,6 +12753,7 @@ class Node:
         self.mqtt: MqttIO | None = None
         self.cluster: Cluster | None = None
         self.bridges: Bridges | None = None  # vmq_bridge
+        self.webhooks: Webhooks | None = None  # plugins.vmq_webhooks
         self._follows: dict[str, tuple[Tracer, tuple[str, str], float]] = {}  # trace client --follow tokens
         self._stopped = threading.Event()
         self._running = False
@@ -11936,10 +12843,14 @@ class Node:
         self.metrics.add_source(self.bridges.counters, dict)
         self.mqtt.start()
         self.bridges.start()
+        if self._config["plugins.vmq_webhooks"]:
+            self.webhooks = Webhooks(lambda: self._config, self.hooks, self.metrics, self.mqtt).start()
 
     def _stop_mqtt(self) -> None:
         if self.bridges is not None:
             self.bridges.stop()
+        if self.webhooks is not None:
+            self.webhooks.stop()
         if self.cluster is not None:
             self.cluster.stop()
         if self.mqtt is not None:
