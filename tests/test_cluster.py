@@ -391,3 +391,52 @@ def test_netsplit_behaviour_and_restart(tmp_path):
         assert text_of(body) == "Done"
         assert health(a.port("http"))[0] == 200
         assert [r["Node"] for r in table_of(api(a.port("http"), "cluster/show", key_a)[1])] == ["a@127.0.0.1"]
+
+
+@pytest.mark.slow
+def test_the_readme_cluster_section_works_as_printed(tmp_path):
+    import re
+    import shlex
+    import subprocess
+    import sys
+    from capped import child_setup
+    from conftest import ROOT
+    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    lines = readme.split("\n## Cluster\n", 1)[1].split("\n## ", 1)[0].splitlines()
+    fixed = sorted({int(p) for p in re.findall(r"127\.0\.0\.1:(\d+)", "\n".join(lines))})
+    ports = {}
+    for p in fixed:  # the README's ports, each replaced by one that is free now
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            ports[p] = s.getsockname()[1]
+    procs, ran = [], 0
+    try:
+        for n, line in enumerate(lines):
+            if not line.startswith("    $ python vmqapi.py "):
+                continue
+            expected = []
+            for following in lines[n + 1:]:
+                if not following.startswith("    ") or following.startswith("    $"):
+                    break
+                expected.append(following[4:])
+            command = re.sub(r"127\.0\.0\.1:(\d+)", lambda m: f"127.0.0.1:{ports[int(m.group(1))]}", line[6:])
+            words = shlex.split(command)
+            argv = [sys.executable, os.path.join(ROOT, "vmqapi.py"), *words[2:]]
+            if words[-1] == "&":
+                data_dir = tmp_path / words[words.index("--data-dir") + 1]
+                log = open(tmp_path / f"node{len(procs)}.log", "w")
+                procs.append(subprocess.Popen(argv[:-1], cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
+                                              preexec_fn=child_setup()))
+                log.close()
+                wait_for(lambda: (vmqapi.read_node_file(str(data_dir)) or {}).get("pid") == procs[-1].pid,
+                         timeout=30, what=f"the node of {data_dir.name}")
+            else:
+                result = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+                assert result.returncode == 0, result.stderr
+                assert result.stdout.rstrip("\n").splitlines() == expected, (command, result.stdout)
+                ran += 1
+        assert len(procs) == 3 and ran == 3
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait(20)
