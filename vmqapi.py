@@ -8935,7 +8935,10 @@ class ClusterLinks:
                 lambda: PeerLink(self, dialer=True, probe=answer), host, port, ssl=self.client_tls,
                 ssl_handshake_timeout=timeout if self.client_tls else None), timeout)
         except (OSError, asyncio.TimeoutError) as exc:
-            why = os.strerror(exc.errno) if exc.errno else f"no answer within {timeout:g} s"
+            if isinstance(exc, socket.gaierror):
+                why = f"the host name is not known ({exc.strerror})"
+            else:
+                why = os.strerror(exc.errno) if getattr(exc, "errno", None) else f"no answer within {timeout:g} s"
             raise ClusterError(f"unreachable: {render_value((host, port))}: {why}") from None
         self.probes.add(link)
         try:
@@ -9578,6 +9581,8 @@ class Cluster:
     def _sync_keys(self) -> None:
         """Bring the key file and the replica's keys together: local changes go out, remote ones in."""
         keystore = self.node.keystore
+        if not self.peers():
+            return  # standalone: the file is the only copy
         try:
             local = keystore.replicated()
         except KeyStoreError as exc:
@@ -9599,21 +9604,24 @@ class Cluster:
             except KeyStoreError as exc:
                 log.warning("cluster: cannot write the API key file: %s", exc.text)
                 return
-        self._keys_synced = set(keystore.replicated())
+        # What was reconciled, not the file read again: a key the CLI adds meanwhile is new next time.
+        self._keys_synced = (set(local) | set(adds)) - removes
 
     def _apply_config(self, key: str, value: Any) -> None:
         target, _, setting = key.partition("\0")
         if target not in ("*", self.me) or not isinstance(value, str):
             return
         try:
+            if not find_setting(setting).settable:  # set --all checked it; a peer's row is checked again
+                raise InvalidKey(f"{setting} cannot be set at run time")
             self.node.apply_settings({setting: parse_setting(setting, value)})
         except VmqError as exc:
             log.warning("cluster: cannot apply %s = %s: %s", setting, value, exc)
 
     # -- what commands ask (any thread but the loop's) -------------------------
     def in_loop(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """Run ``fn`` in the loop thread and return its result."""
-        return self.io.call(fn, *args)
+        """Run ``fn`` in the loop thread (directly when called there) and return its result."""
+        return self.node.in_broker(fn, *args)
 
     def call(self, peer: str, op: str, *args: Any, timeout: float = CALL_TIMEOUT) -> Any:
         """Ask ``peer`` to run ``op`` (one of CLUSTER_OPS) and return its answer; raise ClusterError."""
@@ -9674,10 +9682,10 @@ class Cluster:
     def join(self, discovery: str) -> str:
         """Join the cluster ``discovery`` belongs to; return Done, or raise ClusterError saying why not."""
         name, host, port = parse_discovery_node(discovery)
-        if self.bound is None:
-            raise ClusterError("this node has no cluster listener (set listener.vmq.clustering)")
         if name == self.me:
             raise ClusterError(f"{name} is this node")
+        if self.bound is None:
+            raise ClusterError("this node has no cluster listener (set listener.vmq.clustering)")
         if name in self.in_loop(self.members) and self.in_loop(lambda: self.links.is_up(name)):
             raise ClusterError(f"{name} is already a member of this node's cluster")
         remote = self.io.call_async(self.links.probe(host, port), timeout=JOIN_TIMEOUT + 5)

@@ -185,7 +185,7 @@ def test_status_json(make_node):
         (doc,) = body_json(data)
         body = doc[node.name]
         assert set(vmqapi.STATUS_KEYS) <= set(body) and body["mystatus"] == [{node.name: True}]
-        assert {x["type"] for x in body["listeners"]} == {"http", "mqtt"}
+        assert {x["type"] for x in body["listeners"]} == {"http", "mqtt", "vmq"}
         assert all(isinstance(x["port"], int) and isinstance(x["mountpoint"], str) for x in body["listeners"])
     finally:
         http.close()

@@ -72,7 +72,8 @@ def test_readme_curl_lines(node):
     scoped = {"$PUBKEY": node.keystore.create("httppub"), "$V2KEY": node.keystore.create("api2")}
     port = next(x["port"] for x in node.listeners() if x["type"] == "http")
     mqtt_port = next(x["port"] for x in node.listeners() if x["type"] == "mqtt")
-    ports = {str(port): "8888", str(mqtt_port): "1883"}
+    vmq_port = next(x["port"] for x in node.listeners() if x["type"] == "vmq")
+    ports = {str(port): "8888", str(mqtt_port): "1883", str(vmq_port): "44053"}
     found = list(examples())
     assert len(found) >= 10
     for line, expected in found:
