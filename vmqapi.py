@@ -4332,16 +4332,19 @@ class Peers(Sessions):
         self.adopting.discard(key)
         return moving
 
-    def adopt_messages(self, mountpoint: str, client_id: str, messages: Iterable[Message], now: float) -> int:
+    def adopt_messages(self, mountpoint: str, client_id: str, messages: Iterable[Message], now: float,
+                       force: bool = False) -> int:
         """Queue the messages ``hand_over`` gave up on the old node into the session that took it over.
 
-        Only a session made here with the old one's state (session present) takes them, once.
-        Return how many were offered to its queue (its limits still hold).
+        Only a session made here with the old one's state (session present) takes them, once;
+        ``force``: a persistent session the cluster says is here takes them too (this node
+        restarted since it took the session over). Return how many were offered to its queue
+        (its limits still hold).
         """
         self.now = now
         key = (mountpoint, client_id)
         session = self.sessions.get(key)
-        if key not in self.adopting or session is None:
+        if session is None or (key not in self.adopting and not (force and not session.clean)):
             return 0
         self.adopting.discard(key)
         count = 0
@@ -9147,6 +9150,11 @@ def parse_discovery_node(text: str) -> tuple[str, str, int]:
     return f"{name}@{host}", host, int(port)
 
 
+def retained_value(mountpoint: str, msg: Message) -> bytes:
+    """Return a retained message as the replica keeps it: the same bytes on every node that holds it."""
+    return encode_forward(mountpoint, dataclasses.replace(msg, ref=0, frame=b"", frame5=False), False, ())
+
+
 def session_key(mountpoint: str, client_id: str) -> str:
     """Return the replica key of a session."""
     return json.dumps([mountpoint, client_id], ensure_ascii=False, separators=(",", ":"))
@@ -9171,6 +9179,7 @@ class ClusterStore:
                 raise sqlite3.DatabaseError("; ".join(str(row[0]) for row in found[:3]))
             self.db.execute("CREATE TABLE IF NOT EXISTS rows (kind TEXT, key TEXT, value BLOB, at REAL, node TEXT, "
                             "PRIMARY KEY (kind, key))")
+            self.db.execute("CREATE TABLE IF NOT EXISTS local (name TEXT PRIMARY KEY, value BLOB)")  # not replicated
             self.db.commit()
         except sqlite3.DatabaseError as exc:
             raise ConfigError(f"the cluster state {path} is corrupt ({' '.join(str(exc).split())}); vmqapi did "
@@ -9198,6 +9207,22 @@ class ClusterStore:
         except sqlite3.Error as exc:
             log.error("cannot save the cluster state to %s: %s", self.path, exc)
 
+    def get_local(self, name: str) -> Any:
+        """Return a value only this node keeps (None when there is none or it cannot be read)."""
+        try:
+            row = self.db.execute("SELECT value FROM local WHERE name = ?", (name,)).fetchone()
+            return None if row is None else decode_term(row[0])
+        except (sqlite3.Error, ClusterError):
+            return None
+
+    def put_local(self, name: str, value: Any) -> None:
+        """Keep a value only this node needs (what its key file and the cluster agreed on last)."""
+        try:
+            with self.db:
+                self.db.execute("INSERT OR REPLACE INTO local VALUES (?, ?)", (name, encode_term(value)))
+        except sqlite3.Error as exc:
+            log.error("cannot save the cluster state to %s: %s", self.path, exc)
+
     def forget(self, updates: Iterable[Update]) -> None:
         """Delete rows the replica purged."""
         with contextlib.suppress(sqlite3.Error), self.db:
@@ -9209,7 +9234,169 @@ class ClusterStore:
             self.db.close()
 
 
-class Cluster:
+class ClusterAdmin:
+    """What commands ask of the cluster (from HTTP and CLI threads): joins, leaves, requests to peers.
+
+    The loop-side state these use belongs to ``Cluster``, which is the only class built on this one.
+    """
+
+    def in_loop(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run ``fn`` in the loop thread (directly when called there) and return its result."""
+        return self.node.in_broker(fn, *args)
+
+    def call(self, peer: str, op: str, *args: Any, timeout: float = CALL_TIMEOUT) -> Any:
+        """Ask ``peer`` to run ``op`` (one of CLUSTER_OPS) and return its answer; raise ClusterError."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+
+        def send() -> None:
+            self._next_call += 1
+            self._calls[self._next_call] = (peer, future)
+            if self.links is None or not self.links.is_up(peer):
+                self._calls.pop(self._next_call)
+                future.set_exception(ClusterError(f"{peer} is not reachable"))
+                return
+            self.links.send(peer, FRAME_CALL, encode_term([self._next_call, op, list(args)]))
+        self.io.loop.call_soon_threadsafe(send)
+        try:
+            return future.result(timeout)
+        except concurrent.futures.TimeoutError:
+            raise ClusterError(f"{peer} did not answer within {timeout:g} s") from None
+
+    def _serve_call(self, peer: str, call_id: int, op: str, args: list) -> None:
+        try:
+            fn = CLUSTER_OPS[op]
+            reply = [call_id, True, fn(self.node, *args)]
+        except KeyError:
+            reply = [call_id, False, f"unknown request {op!r}"]
+        except VmqError as exc:
+            reply = [call_id, False, exc.text]
+        except Exception as exc:  # the caller hears it; this node logs it
+            log.exception("cluster: request %s from %s failed", op, peer)
+            reply = [call_id, False, f"{type(exc).__name__}: {exc}"]
+        try:
+            body = encode_term(reply)
+        except ClusterError as exc:
+            body = encode_term([call_id, False, f"the answer cannot be sent: {exc}"])
+        with contextlib.suppress(RuntimeError):
+            self.io.loop.call_soon_threadsafe(lambda: self.links.send(peer, FRAME_REPLY, body))
+            if self.stop_after_answer:  # cluster leave -k: the asking node hears Done first
+                self.io.loop.call_soon_threadsafe(self.io.loop.call_later, LEAVE_STOP_DELAY, self.node.request_stop)
+
+    def gather(self, op: str, *args: Any) -> list[tuple[str, Any]]:
+        """Ask every reachable peer ``op``; return (peer, answer) for those that answered."""
+        answers = []
+        for peer in self.in_loop(self.peers):
+            try:
+                answers.append((peer, self.call(peer, op, *args)))
+            except ClusterError as exc:
+                log.info("cluster: %s did not answer %s: %s", peer, op, exc.text)
+        return answers
+
+    def show_rows(self) -> list[dict]:
+        """Return cluster show's rows."""
+        def rows() -> list[dict]:
+            members = [*self.peers(), self.me]  # a node in no cluster (or taken out) lists itself alone
+            return [{"Node": m, "Running": m == self.me or (self.links is not None and self.links.is_up(m))}
+                    for m in sorted(members)]
+        return self.in_loop(rows)
+
+    def join(self, discovery: str) -> str:
+        """Join the cluster ``discovery`` belongs to; return Done, or raise ClusterError saying why not."""
+        name, host, port = parse_discovery_node(discovery)
+        if name == self.me:
+            raise ClusterError(f"{name} is this node")
+        if self.bound is None:
+            raise ClusterError("this node has no cluster listener (set listener.vmq.clustering)")
+        if name in self.in_loop(self.members) and self.in_loop(lambda: self.links.is_up(name)):
+            raise ClusterError(f"{name} is already a member of this node's cluster")
+        remote = self.io.call_async(self.links.probe(host, port), timeout=JOIN_TIMEOUT + 5)
+        if remote != name:
+            raise ClusterError(f"the node at {host}:{port} is {remote}, not {name}")
+        self.in_loop(self._add_member, name, f"{host}:{port}")
+        deadline = time.monotonic() + JOIN_TIMEOUT
+        while time.monotonic() < deadline:
+            if self.in_loop(lambda: self.links.is_up(name) and self._quiet.get(name, False)):
+                return "Done"
+            time.sleep(0.05)
+        raise ClusterError(f"{name} answered, but the link to it did not come up within {JOIN_TIMEOUT:g} s; "
+                           "this node keeps trying")
+
+    def _add_member(self, name: str, address: str) -> None:
+        self._put("member", self.me, {"address": self._advertised()})
+        if not isinstance(self.replica.get("member", name), dict):  # its own address wins over the one typed
+            self._put("member", name, {"address": address})
+        self._arriving[name] = time.monotonic() + JOIN_TIMEOUT
+        self.io.loop.call_later(JOIN_TIMEOUT, self._check_split)
+        self._connect_members()
+        self._maybe_record()
+        self.after_batch()
+        self._save()
+
+    def leave(self, name: str, kill_sessions: bool, timeout: float) -> str:
+        """Take ``name`` out of the cluster, as VerneMQ's cluster leave (SPEC 10)."""
+        members = self.in_loop(self.members)
+        if name not in members:
+            raise ClusterError(f"{name} is not a member of this cluster")
+        if name == self.me:
+            return leave_here(self.node, kill_sessions, timeout)
+        if self.in_loop(lambda: self.links.is_up(name)):
+            return self.call(name, "leave", kill_sessions, timeout, timeout=timeout + CALL_TIMEOUT)
+        self.in_loop(self._remove_down, name)
+        return "Done"
+
+    def _remove_down(self, name: str) -> None:
+        self._put("member", name, None)
+        self._member_gone(name)
+        self.links.forget(name)
+        self._connect_members()
+        self._check_split()
+        self._announce()
+        self._save()
+
+    def leave_now(self, kill_sessions: bool) -> None:
+        """This node leaves (loop thread): with ``kill_sessions`` its sessions move to the others first."""
+        others = self.peers()
+        if kill_sessions and others:
+            engine, now = self.engine, time.time()
+            for mountpoint, client_id in list(engine.session_keys(None)):
+                summary = engine.session_summary(mountpoint, client_id)
+                if summary is None:
+                    continue
+                messages = engine.hand_over(mountpoint, client_id, now)
+                if not summary["clean"]:
+                    key = session_key(mountpoint, client_id)
+                    target = others[zlib.crc32(key.encode()) % len(others)]
+                    self._migrate(target, mountpoint, client_id, summary, messages)
+        self._put("member", self.me, None)
+        self._announce()
+        self._save()
+
+    def _left(self) -> None:
+        """Another node removed this one: forget the peers, run standalone."""
+        log.warning("cluster: this node was taken out of the cluster")
+        for peer in list(self.engine.router.remote):
+            self.engine.router.drop_remote(peer)
+        for row in self.links.rows():  # after a moment: hand-overs to the others are still on their way
+            self.io.loop.call_later(FORGET_DELAY, self.links.forget, row["name"])
+        self._owned.clear()
+        self._interest.clear()
+        self.engine.clustered = False
+
+    def set_all(self, target: str, changes: Mapping[str, str]) -> None:
+        """Replicate ``set`` changes to ``target`` (a node name, or ``*`` for every node)."""
+        def put() -> None:
+            for key, text in changes.items():
+                self._put("config", f"{target}\0{key}", text)
+            self._announce()
+        self.in_loop(put)
+
+    def health_reason(self) -> str:
+        """Return why the cluster is not whole ('' when it is)."""
+        return self.split
+
+
+
+class Cluster(ClusterAdmin):
     """This node's part in a cluster: the replica, the links, and what they mean for the engine.
 
     Everything but the command entry points (``join``, ``leave``, ``gather``, ``set_remote``...)
@@ -9240,6 +9427,8 @@ class Cluster:
         self._flush_due = False
         self._unsynced: set[str] = set()
         self._record_after = 0.0
+        self._arriving: dict[str, float] = {}  # members learned of while running -> until when not missing
+        self._initial = False
         self.pool = concurrent.futures.ThreadPoolExecutor(CLUSTER_CALL_WORKERS, thread_name_prefix="vmqapi-cluster")
         self.split = ""  # why the cluster is not whole ('' when it is)
         self.stop_after_answer = False  # set by cluster leave -k on the node that leaves
@@ -9269,7 +9458,7 @@ class Cluster:
         engine.elsewhere = self._elsewhere
         self.io.batch_hooks.append(self.after_batch)
         members = dict(self.replica.items("member"))
-        if self.bound is not None and (len(members) > 1 or self.me in members):
+        if self.bound is not None and self.me in members:  # a node that left or was removed stays out
             self._put("member", self.me, {"address": self._advertised()})
         for key, value in self.replica.items("session"):
             self._index_session(key, value)
@@ -9289,6 +9478,7 @@ class Cluster:
         if not self.engine.clustered and self.peers() and \
                 (not self._unsynced or time.monotonic() >= self._record_after):
             self.engine.clustered = True
+            self._initial = True  # the first take is every session: see _session_changes
 
     def _advertised(self) -> str:
         host, port = self.bound or self.address
@@ -9297,14 +9487,20 @@ class Cluster:
         return f"{host}:{port}"
 
     def stop(self) -> None:
-        """Close the links and save the rows (from any thread; the loop still runs)."""
+        """Say goodbye to the clients and tell the peers, then close the links and save (the loop still runs)."""
         if self.links is not None:
             with contextlib.suppress(concurrent.futures.TimeoutError, RuntimeError):
-                self.io.call(self._stop_timer)
+                self.io.call(self._farewell)  # its after_batch announces the sessions that went offline or ended
+                self.io.call(self._stop_timer)  # the frames of the farewell are flushed before this runs
                 self.io.call_async(self.links.close(), timeout=5)
         self.pool.shutdown(wait=False, cancel_futures=True)
-        self._save()
+        with contextlib.suppress(concurrent.futures.TimeoutError, RuntimeError):
+            self.in_loop(self._save)
         self.store.close()
+
+    def _farewell(self) -> None:
+        for client in list(self.engine.clients):
+            self.engine.goodbye(client, Reason.SERVER_SHUTTING_DOWN)
 
     def _stop_timer(self) -> None:
         if self._timer is not None:
@@ -9319,6 +9515,10 @@ class Cluster:
         """Return every member's name, this node's included when it is in a cluster."""
         return sorted(k for k, _ in self.replica.items("member"))
 
+    def links_up(self) -> int:
+        """Return how many peers this node has a link to now."""
+        return sum(row["up"] for row in self.links.rows()) if self.links is not None else 0
+
     def peers(self) -> list[str]:
         """Return the other members (none while this node is in no cluster, or was taken out of it)."""
         members = self.members()
@@ -9329,6 +9529,8 @@ class Cluster:
         if update is not None:
             self._dirty[kind, key] = update
             self._outgoing.append(update)
+            if kind == "session":  # the node it moved from no longer wants its filters
+                self._index_session(key, update.value)
 
     def _take_remote(self, updates: list[Update]) -> None:
         """Apply updates that came from other nodes and changed the replica."""
@@ -9356,6 +9558,9 @@ class Cluster:
                 self._member_gone(key)
                 # later: a node that leaves with -k sends its answer right after this row
                 self.io.loop.call_later(FORGET_DELAY, self._forget_if_gone, key)
+            elif self.links is not None and not self.links.is_up(key):
+                self._arriving.setdefault(key, time.monotonic() + JOIN_TIMEOUT)
+                self.io.loop.call_later(JOIN_TIMEOUT, self._check_split)
             self._connect_members()
             self._check_split()
         elif kind == "config":
@@ -9433,27 +9638,42 @@ class Cluster:
         now = time.time()
         if summary is not None:
             self.engine.adopt_session(mountpoint, client_id, summary, now)
-        self.engine.adopt_messages(mountpoint, client_id, [decode_forward(b)[1] for b in bodies], now)
+        held = self.replica.get("session", session_key(mountpoint, client_id))
+        ours = isinstance(held, dict) and held.get("node") == self.me  # it is here, whatever this node forgot
+        self.engine.adopt_messages(mountpoint, client_id, [decode_forward(b)[1] for b in bodies], now, force=ours)
 
     def _session_changes(self) -> None:
         engine = self.engine
-        for mountpoint, client_id in engine.take_session_changes():
+        changes = engine.take_session_changes()
+        initial, self._initial = self._initial, False
+        if initial:  # rows of this node's that name sessions it no longer has (it stopped, or was killed)
+            for key, value in self.replica.items("session"):
+                if isinstance(value, dict) and value.get("node") == self.me \
+                        and split_session_key(key) not in engine.sessions:
+                    self._put("session", key, None)
+        for mountpoint, client_id in changes:
             key = session_key(mountpoint, client_id)
             summary = engine.session_summary(mountpoint, client_id)
             held = self.replica.get("session", key)
+            ours = isinstance(held, dict) and held.get("node") == self.me
             if summary is None:
-                if isinstance(held, dict) and held.get("node") == self.me:
+                if ours:
                     self._put("session", key, None)
                 continue
-            self._put("session", key, {"node": self.me, "clean": bool(summary["clean"]),
-                                       "online": bool(summary["online"]), "subs": summary["subs"]})
+            row = {"node": self.me, "clean": bool(summary["clean"]), "online": bool(summary["online"]),
+                   "subs": summary["subs"]}
+            # A session restored from the store claims nothing: not one another node holds now, and
+            # not with a fresh stamp for being offline after a kill (its row still wins or loses as it was).
+            if initial and (isinstance(held, dict) and not ours
+                            or ours and encode_term({**held, "online": row["online"]}) == encode_term(row)):
+                continue
+            self._put("session", key, row)
 
     def _retained_changes(self) -> None:
         engine = self.engine
         for mountpoint, topic in engine.take_retained_changes():
             msg = engine.router.retained[mountpoint].get(topic)
-            self._put("retain", session_key(mountpoint, topic),
-                      None if msg is None else encode_forward(mountpoint, msg, False, ()))
+            self._put("retain", session_key(mountpoint, topic), None if msg is None else retained_value(mountpoint, msg))
 
     def _member_gone(self, name: str) -> None:
         """A member was removed while down: its persistent sessions live on among the others."""
@@ -9462,7 +9682,8 @@ class Cluster:
         for key, value in self.replica.items("session"):
             if not isinstance(value, dict) or value.get("node") != name:
                 continue
-            if value.get("clean"):
+            if value.get("clean"):  # its client was connected there: that session is gone
+                self._put("session", key, None)
                 continue
             if alive[zlib.crc32(key.encode()) % len(alive)] == self.me:
                 mountpoint, client_id = split_session_key(key)
@@ -9487,11 +9708,14 @@ class Cluster:
 
     def _on_up(self, peer: str) -> None:
         self._quiet[peer] = False
+        self._arriving.pop(peer, None)
         self.links.send(peer, FRAME_META, encode_term(self.replica.digest_message()))
         self._check_split()
 
     def _on_down(self, peer: str, reason: str) -> None:
         self._quiet.pop(peer, None)
+        if reason == "replaced":  # a fresher link to the same peer comes up at once
+            return
         for call_id, (target, future) in list(self._calls.items()):
             if target == peer:
                 del self._calls[call_id]
@@ -9570,7 +9794,9 @@ class Cluster:
             self._timer = self.io.loop.call_later(CLUSTER_TIMER, self._tick)
 
     def _check_split(self) -> None:
-        down = [p for p in self.peers() if self.links is None or not self.links.is_up(p)]
+        now = time.monotonic()
+        down = [p for p in self.peers() if (self.links is None or not self.links.is_up(p))
+                and self._arriving.get(p, 0) <= now]  # a member being joined is not missing yet
         split = f"cluster nodes not reachable: {', '.join(down)}" if down else ""
         if bool(split) != bool(self.split):
             self.engine.counters["netsplit_detected" if split else "netsplit_resolved", ()] += 1
@@ -9589,8 +9815,10 @@ class Cluster:
             log.warning("cluster: the API key file cannot be read: %s", exc.text)
             return
         live = dict(self.replica.items("apikey"))
-        if self._keys_synced is None:  # first look: what both hold is in step; the rest is new on one side
-            self._keys_synced = set(local) & set(live)
+        if self._keys_synced is None:  # first look: what the file and the cluster agreed on when last in step
+            kept = self.store.get_local("keys_synced")
+            self._keys_synced = set(kept) if isinstance(kept, list) else set(local) & set(live)
+        before = self._keys_synced
         for rid in set(local) - self._keys_synced:
             self._put("apikey", rid, local[rid])
         for rid in self._keys_synced - set(local):
@@ -9606,6 +9834,8 @@ class Cluster:
                 return
         # What was reconciled, not the file read again: a key the CLI adds meanwhile is new next time.
         self._keys_synced = (set(local) | set(adds)) - removes
+        if self._keys_synced != before:  # kept, so that a key deleted while this node was down stays deleted
+            self.store.put_local("keys_synced", sorted(self._keys_synced))
 
     def _apply_config(self, key: str, value: Any) -> None:
         target, _, setting = key.partition("\0")
@@ -9617,157 +9847,6 @@ class Cluster:
             self.node.apply_settings({setting: parse_setting(setting, value)})
         except VmqError as exc:
             log.warning("cluster: cannot apply %s = %s: %s", setting, value, exc)
-
-    # -- what commands ask (any thread but the loop's) -------------------------
-    def in_loop(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """Run ``fn`` in the loop thread (directly when called there) and return its result."""
-        return self.node.in_broker(fn, *args)
-
-    def call(self, peer: str, op: str, *args: Any, timeout: float = CALL_TIMEOUT) -> Any:
-        """Ask ``peer`` to run ``op`` (one of CLUSTER_OPS) and return its answer; raise ClusterError."""
-        future: concurrent.futures.Future = concurrent.futures.Future()
-
-        def send() -> None:
-            self._next_call += 1
-            self._calls[self._next_call] = (peer, future)
-            if self.links is None or not self.links.is_up(peer):
-                self._calls.pop(self._next_call)
-                future.set_exception(ClusterError(f"{peer} is not reachable"))
-                return
-            self.links.send(peer, FRAME_CALL, encode_term([self._next_call, op, list(args)]))
-        self.io.loop.call_soon_threadsafe(send)
-        try:
-            return future.result(timeout)
-        except concurrent.futures.TimeoutError:
-            raise ClusterError(f"{peer} did not answer within {timeout:g} s") from None
-
-    def _serve_call(self, peer: str, call_id: int, op: str, args: list) -> None:
-        try:
-            fn = CLUSTER_OPS[op]
-            reply = [call_id, True, fn(self.node, *args)]
-        except KeyError:
-            reply = [call_id, False, f"unknown request {op!r}"]
-        except VmqError as exc:
-            reply = [call_id, False, exc.text]
-        except Exception as exc:  # the caller hears it; this node logs it
-            log.exception("cluster: request %s from %s failed", op, peer)
-            reply = [call_id, False, f"{type(exc).__name__}: {exc}"]
-        try:
-            body = encode_term(reply)
-        except ClusterError as exc:
-            body = encode_term([call_id, False, f"the answer cannot be sent: {exc}"])
-        with contextlib.suppress(RuntimeError):
-            self.io.loop.call_soon_threadsafe(lambda: self.links.send(peer, FRAME_REPLY, body))
-            if self.stop_after_answer:  # cluster leave -k: the asking node hears Done first
-                self.io.loop.call_soon_threadsafe(self.io.loop.call_later, LEAVE_STOP_DELAY, self.node.request_stop)
-
-    def gather(self, op: str, *args: Any) -> list[tuple[str, Any]]:
-        """Ask every reachable peer ``op``; return (peer, answer) for those that answered."""
-        answers = []
-        for peer in self.peers():
-            try:
-                answers.append((peer, self.call(peer, op, *args)))
-            except ClusterError as exc:
-                log.info("cluster: %s did not answer %s: %s", peer, op, exc.text)
-        return answers
-
-    def show_rows(self) -> list[dict]:
-        """Return cluster show's rows."""
-        def rows() -> list[dict]:
-            members = self.members() or [self.me]
-            return [{"Node": m, "Running": m == self.me or (self.links is not None and self.links.is_up(m))}
-                    for m in sorted(set(members) | {self.me})]
-        return self.in_loop(rows)
-
-    def join(self, discovery: str) -> str:
-        """Join the cluster ``discovery`` belongs to; return Done, or raise ClusterError saying why not."""
-        name, host, port = parse_discovery_node(discovery)
-        if name == self.me:
-            raise ClusterError(f"{name} is this node")
-        if self.bound is None:
-            raise ClusterError("this node has no cluster listener (set listener.vmq.clustering)")
-        if name in self.in_loop(self.members) and self.in_loop(lambda: self.links.is_up(name)):
-            raise ClusterError(f"{name} is already a member of this node's cluster")
-        remote = self.io.call_async(self.links.probe(host, port), timeout=JOIN_TIMEOUT + 5)
-        if remote != name:
-            raise ClusterError(f"the node at {host}:{port} is {remote}, not {name}")
-        self.in_loop(self._add_member, name, f"{host}:{port}")
-        deadline = time.monotonic() + JOIN_TIMEOUT
-        while time.monotonic() < deadline:
-            if self.in_loop(lambda: self.links.is_up(name) and self._quiet.get(name, False)):
-                return "Done"
-            time.sleep(0.05)
-        raise ClusterError(f"{name} answered, but the link to it did not come up within {JOIN_TIMEOUT:g} s; "
-                           "this node keeps trying")
-
-    def _add_member(self, name: str, address: str) -> None:
-        self._put("member", self.me, {"address": self._advertised()})
-        self._put("member", name, {"address": address})
-        self._connect_members()  # no netsplit check: the link is on its way (on_up / on_down tell)
-        self._maybe_record()
-        self.after_batch()
-        self._save()
-
-    def leave(self, name: str, kill_sessions: bool, timeout: float) -> str:
-        """Take ``name`` out of the cluster, as VerneMQ's cluster leave (SPEC 10)."""
-        members = self.in_loop(self.members)
-        if name not in members:
-            raise ClusterError(f"{name} is not a member of this cluster")
-        if name == self.me:
-            return leave_here(self.node, kill_sessions, timeout)
-        if self.in_loop(lambda: self.links.is_up(name)):
-            return self.call(name, "leave", kill_sessions, timeout, timeout=timeout + CALL_TIMEOUT)
-        self.in_loop(self._remove_down, name)
-        return "Done"
-
-    def _remove_down(self, name: str) -> None:
-        self._put("member", name, None)
-        self._member_gone(name)
-        self.links.forget(name)
-        self._connect_members()
-        self._check_split()
-        self._announce()
-        self._save()
-
-    def leave_now(self, kill_sessions: bool) -> None:
-        """This node leaves (loop thread): with ``kill_sessions`` its sessions move to the others first."""
-        others = self.peers()
-        if kill_sessions and others:
-            engine, now = self.engine, time.time()
-            for mountpoint, client_id in list(engine.session_keys(None)):
-                summary = engine.session_summary(mountpoint, client_id)
-                if summary is None:
-                    continue
-                messages = engine.hand_over(mountpoint, client_id, now)
-                if not summary["clean"]:
-                    key = session_key(mountpoint, client_id)
-                    target = others[zlib.crc32(key.encode()) % len(others)]
-                    self._migrate(target, mountpoint, client_id, summary, messages)
-        self._put("member", self.me, None)
-        self._announce()
-        self._save()
-
-    def _left(self) -> None:
-        """Another node removed this one: forget the peers, run standalone."""
-        log.warning("cluster: this node was taken out of the cluster")
-        for peer in self.peers():
-            self.engine.router.drop_remote(peer)
-            self.links.forget(peer)
-        self._owned.clear()
-        self._interest.clear()
-        self.engine.clustered = False
-
-    def set_all(self, target: str, changes: Mapping[str, str]) -> None:
-        """Replicate ``set`` changes to ``target`` (a node name, or ``*`` for every node)."""
-        def put() -> None:
-            for key, text in changes.items():
-                self._put("config", f"{target}\0{key}", text)
-            self._announce()
-        self.in_loop(put)
-
-    def health_reason(self) -> str:
-        """Return why the cluster is not whole ('' when it is)."""
-        return self.split
 
 
 def leave_here(node: Any, kill_sessions: bool, timeout: float) -> str:
@@ -12946,7 +13025,8 @@ class Node:
             address, port = self.cluster.bound
             rows.append({"type": "vmqs" if self.cluster.tls else "vmq", "status": "running", "address": address,
                          "port": str(port), "mountpoint": "", "max_conns": "infinity",
-                         "active_conns": len(self.cluster.peers()), "all_conns": len(self.cluster.peers())})
+                         "active_conns": self.cluster.in_loop(self.cluster.links_up),
+                         "all_conns": self.cluster.in_loop(self.cluster.links_up)})
         return rows
 
     def status(self) -> dict[str, Any]:

@@ -115,6 +115,8 @@ def make_cluster(make_node):
         everyone = {m.name for m in members}
         for member in members:
             wait_for(lambda: member.running() == dict.fromkeys(everyone, True), what=f"{member.name} to see all")
+        for member in members:  # a join is no netsplit for the nodes already in the cluster
+            assert member.node.metric_samples().get(("netsplit_detected", ()), 0) == 0, member.name
         return members
     return make
 
@@ -242,6 +244,8 @@ def test_takeover_moves_a_persistent_session_and_its_queue(make_cluster):
     pub.publish("q/y", b"after", 1)  # now routed to b
     assert second.message().payload == b"after"
     assert a.node.mqtt.engine.session_summary("", "mover") is None
+    # b no longer sends q/... to a: the session's filters moved with it
+    assert not any(isinstance(k, vmqapi.RemoteNode) for k in b.node.mqtt.engine.router.match("", "q/z"))
 
 
 def test_online_takeover_disconnects_the_old_connection_with_0x8e(make_cluster):
@@ -440,3 +444,48 @@ def test_the_readme_cluster_section_works_as_printed(tmp_path):
         for proc in procs:
             proc.kill()
             proc.wait(20)
+
+
+def restarted(member):
+    """Start ``member``'s node again on its data dir (new ports), as a new Member."""
+    return Member(vmqapi.Node(member.node.config).start())
+
+
+def test_a_stopped_node_takes_its_clean_sessions_out_of_routing(make_cluster):
+    a, b = make_cluster(2)
+    b.client("clean-sub").subscribe(("gone/#", 0))
+    wait_for(lambda: a.node.mqtt.engine.router.match("", "gone/x"), what="the subscription on a")
+    b.node.stop()
+    wait_for(lambda: not a.node.mqtt.engine.router.match("", "gone/x"), what="b's clean session gone from a")
+
+
+def test_a_key_deleted_while_a_node_is_down_stays_deleted(make_cluster):
+    a, b = make_cluster(2)
+    made = a.node.keystore.create("mgmt")
+    wait_for(lambda: api(b.http, "cluster/show", made)[0] == 200, what="the key on b")
+    time.sleep(1.5)  # b's key sync has recorded it as agreed
+    b.node.stop()
+    a.node.keystore.delete(made, "mgmt")
+    wait_for(lambda: api(a.http, "cluster/show", made)[0] == 401, what="the key refused on a")
+    b2 = restarted(b)
+    try:
+        wait_for(lambda: b2.running().get(a.name) is True, what="b back in the cluster")
+        time.sleep(2.5)  # a few key sync rounds on both
+        assert api(b2.http, "cluster/show", made)[0] == 401
+        assert api(a.http, "cluster/show", made)[0] == 401
+    finally:
+        b2.node.stop()
+
+
+def test_a_node_that_left_stays_out_after_a_restart(make_cluster):
+    a, b, c = make_cluster(3)
+    status, body = a.api("cluster/leave", "--kill_sessions", node=c.name)
+    assert text_of(body) == "Done", body
+    wait_for(lambda: not c.node._running, what="c to stop")
+    c2 = restarted(c)
+    try:
+        time.sleep(2)
+        assert c2.running() == {c.name: True}
+        assert set(a.running()) == {a.name, b.name} and set(b.running()) == {a.name, b.name}
+    finally:
+        c2.node.stop()
