@@ -9499,8 +9499,12 @@ class Cluster(ClusterAdmin):
         self.store.close()
 
     def _farewell(self) -> None:
+        if not self.peers():
+            return
+        # In a cluster a stop ends the connections here and now, as a lost connection does (clean
+        # sessions end, wills go out), so the peers hear of it before the links close.
         for client in list(self.engine.clients):
-            self.engine.goodbye(client, Reason.SERVER_SHUTTING_DOWN)
+            self.engine.close_client(client, reason=Reason.SERVER_SHUTTING_DOWN)
 
     def _stop_timer(self) -> None:
         if self._timer is not None:
