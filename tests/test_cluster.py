@@ -453,10 +453,12 @@ def restarted(member):
 
 def test_a_stopped_node_takes_its_clean_sessions_out_of_routing(make_cluster):
     a, b = make_cluster(2)
-    b.client("clean-sub").subscribe(("gone/#", 0))
+    sub = b.client("clean-sub")  # kept: a client dropped here would close its socket at once
+    sub.subscribe(("gone/#", 0))
     wait_for(lambda: a.node.mqtt.engine.router.match("", "gone/x"), what="the subscription on a")
     b.node.stop()
     wait_for(lambda: not a.node.mqtt.engine.router.match("", "gone/x"), what="b's clean session gone from a")
+    sub.close()
 
 
 def test_a_key_deleted_while_a_node_is_down_stays_deleted(make_cluster):
