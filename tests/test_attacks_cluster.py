@@ -231,3 +231,73 @@ def test_a_config_row_cannot_change_a_setting_that_set_refuses(hostile):
     (reply,) = [r for r in peer.replies() if r[0] == 8]
     assert reply[1] is True
     assert str(reply[2]["min_apikey_length"]) == "0", reply
+
+
+# -- webhooks: a hostile endpoint ------------------------------------------------------------
+
+class TricklingEndpoint:
+    """An HTTP endpoint that answers 200 at once, then its body one byte every ``gap`` seconds."""
+
+    def __init__(self, gap=0.3, size=200):
+        import socket
+        self.gap, self.size, self.stop = gap, size, threading.Event()
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.server.settimeout(0.2)
+        self.port = self.server.getsockname()[1]
+        self.threads = [threading.Thread(target=self._serve, name="trickle", daemon=True)]
+        self.threads[0].start()
+
+    def _serve(self):
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.server.accept()
+            except OSError:
+                continue
+            worker = threading.Thread(target=self._answer, args=(conn,), name="trickle-conn", daemon=True)
+            self.threads.append(worker)
+            worker.start()
+
+    def _answer(self, conn):
+        with conn:
+            conn.settimeout(5)
+            try:
+                conn.recv(65536)
+                conn.sendall(f"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                             f"Content-Length: {self.size}\r\n\r\n".encode())
+                for _ in range(self.size):  # bounded: size bytes, gap apart, until told to stop
+                    if self.stop.wait(self.gap):
+                        return
+                    conn.sendall(b" ")
+            except OSError:
+                return
+
+    def close(self):
+        self.stop.set()
+        for t in self.threads:
+            t.join(5)
+        self.server.close()
+
+
+def test_an_endpoint_that_answers_byte_by_byte_is_cut_at_response_timeout(tmp_path):
+    """README: an auth hook that answers later than response_timeout refuses. A trickle of one byte
+    every 0.3 s never trips a per-read timeout of 1 s, so the call (and the client) waits a minute."""
+    endpoint = TricklingEndpoint()
+    try:
+        with capped_node(tmp_path / "n", "plugins.vmq_webhooks=on", "vmq_webhooks.reg.hook=auth_on_register",
+                         f"vmq_webhooks.reg.endpoint=http://127.0.0.1:{endpoint.port}/",
+                         "vmq_webhooks.reg.response_timeout=1000", "allow_anonymous=off") as node:
+            client = MqttClient(node.port("mqtt"), timeout=15)
+            try:
+                started = time.monotonic()
+                client.send(vmqapi.Connect("slow", clean_session=True, proto_level=4))
+                try:
+                    ack = client.expect(vmqapi.Connack, timeout=10)
+                except TimeoutError:
+                    ack = None
+                took = time.monotonic() - started
+            finally:
+                client.close()
+            assert ack is not None and ack.return_code != 0, f"no refusal after {took:.1f} s"
+            assert took < 5
+    finally:
+        endpoint.close()
