@@ -9125,6 +9125,8 @@ FIRST_SYNC_WAIT = 10.0  # s a restarted node waits for its peers' state before i
 CALL_TIMEOUT = 10.0  # s a command waits for another node's answer
 TOMBSTONE_DAYS = 7  # deleted rows are remembered this long (a node away longer may bring old rows back)
 CLUSTER_CALL_WORKERS = 4  # threads that run other nodes' requests (they may call into this node's loop)
+CLUSTER_MAX_CALLS = 256  # other nodes' requests queued or running at once; more are answered "busy" (the queue
+#                          of a thread pool has no bound, and each waiting request holds a few KB)
 LEAVE_HINT = "Done! Use -k to teardown and migrate existing sessions!"  # VerneMQ's words
 LEAVE_STOP_DELAY = 0.5  # s between a leaving node's answer and its stop, so that the answer is sent
 FORGET_DELAY = 3.0  # s the link to a removed node stays, for the answers still on their way
@@ -9149,9 +9151,20 @@ def session_key(mountpoint: str, client_id: str) -> str:
     return json.dumps([mountpoint, client_id], ensure_ascii=False, separators=(",", ":"))
 
 
+def check_publishable(topic: str) -> None:
+    """Raise ClusterError for a topic from another node that no client may be sent (a wildcard, U+0000)."""
+    if not valid_topic_name(topic) or "\0" in topic:  # [MQTT-4.7.3-1], [MQTT-1.5.3-2]
+        raise ClusterError(f"a message for the topic {topic[:100]!r}, which no client may publish to")
+
+
 def split_session_key(key: str) -> tuple[str, str]:
-    """Return (mountpoint, client id) of a replica session key."""
-    mountpoint, client_id = json.loads(key)
+    """Return (mountpoint, client id) of a replica session (or retain) key; ClusterError for a peer's bad one."""
+    try:
+        mountpoint, client_id = json.loads(key)
+    except (ValueError, TypeError):
+        raise ClusterError(f"bad replica key {key[:100]!r}") from None
+    if not isinstance(mountpoint, str) or not isinstance(client_id, str):
+        raise ClusterError(f"bad replica key {key[:100]!r}")
     return mountpoint, client_id
 
 
@@ -9238,6 +9251,7 @@ class Cluster:
         self._unsynced: set[str] = set()
         self._record_after = 0.0
         self.pool = concurrent.futures.ThreadPoolExecutor(CLUSTER_CALL_WORKERS, thread_name_prefix="vmqapi-cluster")
+        self._serving = threading.BoundedSemaphore(CLUSTER_MAX_CALLS)  # taken in the loop, given back by a worker
         self.split = ""  # why the cluster is not whole ('' when it is)
         self.stop_after_answer = False  # set by cluster leave -k on the node that leaves
 
@@ -9269,7 +9283,10 @@ class Cluster:
         if self.bound is not None and (len(members) > 1 or self.me in members):
             self._put("member", self.me, {"address": self._advertised()})
         for key, value in self.replica.items("session"):
-            self._index_session(key, value)
+            try:
+                self._index_session(key, value)
+            except ClusterError as exc:  # a bad row a peer sent once must not stop every later start
+                log.warning("cluster: cannot apply session %r: %s", key[:100], exc.text)
         for key, value in self.replica.items("config"):
             self._apply_config(key, value)
         self._connect_members()
@@ -9333,6 +9350,8 @@ class Cluster:
             self._dirty[update.kind, update.key] = update
             try:
                 self._apply(update)
+            except ClusterError as exc:  # a peer's bad row: one line, and the others still apply
+                log.warning("cluster: cannot apply %s %r: %s", update.kind, update.key[:100], exc.text)
             except Exception:  # one bad row must not stop the others; the row stays for the next look
                 log.exception("cluster: cannot apply %s %r", update.kind, update.key)
 
@@ -9344,6 +9363,7 @@ class Cluster:
                 self._moved(key, value["node"])
         elif kind == "retain":
             mountpoint, topic = split_session_key(key)
+            check_publishable(topic)
             msg = decode_forward(value)[1] if isinstance(value, bytes) else None
             self.engine.apply_remote_retained(mountpoint, topic, msg)
         elif kind == "member":
@@ -9386,9 +9406,12 @@ class Cluster:
                 counts[0] -= 1
                 counts[1] -= online
                 touched.add((node, mountpoint, topic_filter))
-        if isinstance(value, dict) and value.get("node") != self.me and value.get("node"):
+        if isinstance(value, dict) and value.get("node") != self.me and value.get("node") \
+                and isinstance(value["node"], str):
             node, online = value["node"], bool(value.get("online"))
-            filters = tuple(value.get("subs") or ())
+            subs = value.get("subs") or ()
+            filters = tuple(f for f in subs if isinstance(f, str) and valid_subscription(f)) \
+                if isinstance(subs, (list, dict)) else ()
             self._owned[key] = (node, filters, online)
             for topic_filter in filters:
                 counts = self._interest.setdefault((node, mountpoint, topic_filter), [0, 0])
@@ -9427,10 +9450,16 @@ class Cluster:
 
     def _on_migrate(self, body: bytes) -> None:
         mountpoint, client_id, summary, bodies = decode_term(body)
+        if not (isinstance(mountpoint, str) and isinstance(client_id, str) and isinstance(bodies, list)
+                and (summary is None or _summary_ok(summary))):
+            raise ClusterError(f"a session handed over with a bad summary: {str(client_id)[:100]!r}")
         now = time.time()
         if summary is not None:
             self.engine.adopt_session(mountpoint, client_id, summary, now)
-        self.engine.adopt_messages(mountpoint, client_id, [decode_forward(b)[1] for b in bodies], now)
+        messages = [decode_forward(b)[1] for b in bodies]
+        for msg in messages:
+            check_publishable(msg.topic)
+        self.engine.adopt_messages(mountpoint, client_id, messages, now)
 
     def _session_changes(self) -> None:
         engine = self.engine
@@ -9459,7 +9488,7 @@ class Cluster:
         for key, value in self.replica.items("session"):
             if not isinstance(value, dict) or value.get("node") != name:
                 continue
-            if value.get("clean"):
+            if value.get("clean") or not _summary_ok(value):
                 continue
             if alive[zlib.crc32(key.encode()) % len(alive)] == self.me:
                 mountpoint, client_id = split_session_key(key)
@@ -9502,6 +9531,7 @@ class Cluster:
         try:
             if kind == FRAME_FORWARD:
                 mountpoint, msg, plain, groups = decode_forward(body)
+                check_publishable(msg.topic)
                 self.engine.deliver_forwarded(mountpoint, msg, plain, groups, time.time())
             elif kind == FRAME_META:
                 changed, replies = self.replica.receive(decode_term(body))
@@ -9514,7 +9544,7 @@ class Cluster:
                     self._maybe_record()
             elif kind == FRAME_CALL:
                 call_id, op, args = decode_term(body)
-                self.pool.submit(self._serve_call, peer, call_id, op, args)
+                self._take_call(peer, call_id, op, args)
             elif kind == FRAME_REPLY:
                 call_id, ok, result = decode_term(body)
                 target, future = self._calls.pop(call_id, (None, None))
@@ -9633,12 +9663,33 @@ class Cluster:
         except concurrent.futures.TimeoutError:
             raise ClusterError(f"{peer} did not answer within {timeout:g} s") from None
 
+    def _take_call(self, peer: str, call_id: Any, op: Any, args: Any) -> None:
+        """Run another node's request in a worker, or answer busy when CLUSTER_MAX_CALLS wait already."""
+        if not self._serving.acquire(blocking=False):
+            self.links.send(peer, FRAME_REPLY, encode_term([call_id, False, f"busy: {CLUSTER_MAX_CALLS} requests "
+                                                                               "wait already"]))
+            return
+        try:
+            self.pool.submit(self._serve_call, peer, call_id, op, args)
+        except RuntimeError:  # the node stops
+            self._serving.release()
+
     def _serve_call(self, peer: str, call_id: int, op: str, args: list) -> None:
         try:
-            fn = CLUSTER_OPS[op]
+            self._answer_call(peer, call_id, op, args)
+        finally:
+            self._serving.release()
+
+    def _answer_call(self, peer: str, call_id: int, op: str, args: list) -> None:
+        fn = CLUSTER_OPS.get(op) if isinstance(op, str) else None
+        try:
+            if fn is None:
+                raise BadRequest(f"unknown request {op[:100]!r}" if isinstance(op, str) else "a request without a name")
+            try:
+                inspect.signature(fn).bind(self.node, *args)
+            except TypeError:
+                raise BadRequest(f"bad arguments for {op}") from None
             reply = [call_id, True, fn(self.node, *args)]
-        except KeyError:
-            reply = [call_id, False, f"unknown request {op!r}"]
         except VmqError as exc:
             reply = [call_id, False, exc.text]
         except Exception as exc:  # the caller hears it; this node logs it
@@ -9760,6 +9811,11 @@ class Cluster:
     def health_reason(self) -> str:
         """Return why the cluster is not whole ('' when it is)."""
         return self.split
+
+
+def _summary_ok(summary: Any) -> bool:
+    """Whether a session summary from another node has the shape adopt_session reads (its entries are checked there)."""
+    return isinstance(summary, dict) and isinstance(summary.get("subs") or {}, dict)
 
 
 def leave_here(node: Any, kill_sessions: bool, timeout: float) -> str:
