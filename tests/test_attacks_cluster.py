@@ -214,7 +214,11 @@ def test_a_forwarded_message_with_a_topic_no_client_may_publish_is_dropped(hosti
 # -- keys and config -----------------------------------------------------------------------
 
 def test_an_unreadable_apikey_row_is_logged_once_not_every_second(hostile):
+    """In a cluster (the key file is synced every second), a key entry that cannot be read is retried
+    and logged every second, and the key file rewritten each time."""
     node, peer = hostile
+    peer.rows(("member", NODE, {"address": f"127.0.0.1:{node.port('vmq')}"}),
+              ("member", EVIL, {"address": f"127.0.0.1:{peer.links.bound[1]}"}))
     peer.rows(("apikey", "k1", {"not": "a key"}))
     _settle(node, peer, seconds=5)
     assert node.log().count("skipped an API key") <= 1
