@@ -42,14 +42,16 @@ Contents (``grep -nE '^# [0-9]+\\. ' vmqapi.py`` prints them with line numbers):
     18. Command machinery: argv grammar, command table, result elements
     19. Command catalogue
     20. Cluster links: node-to-node connections
-    21. Cluster: membership, replication, routing and sessions across nodes
-    22. Bridge: vmq_bridge
-    23. Webhooks: vmq_webhooks
-    24. HTTP: the admin API
-    25. Observability endpoints
-    26. HTTP server
-    27. Node
-    28. CLI
+    21. Cluster requests: joins, leaves and calls between nodes
+    22. Cluster: membership, replication, routing and sessions across nodes
+    23. Bridge: vmq_bridge
+    24. Webhooks: bodies, answers, the cache and the client
+    25. Webhooks: the plugin, its gate and commands
+    26. HTTP: the admin API
+    27. Observability endpoints
+    28. HTTP server
+    29. Node
+    30. CLI
 """
 
 ###############################################################################
@@ -9115,11 +9117,11 @@ class ClusterLinks:
 
 
 ###############################################################################
-# 21. Cluster: membership, replication, routing and sessions across nodes #####
+# 21. Cluster requests: joins, leaves and calls between nodes #################
 ###############################################################################
-# Owns: joining and leaving, applying replicated state to the router, keys and
-#       config, forwarding messages, sessions that move, netsplits; cluster commands.
-# Must not know: the bytes on a link.
+# Owns: the cluster's constants, the store of its replicated rows, and what
+#       commands ask of it: joins, leaves, requests to other nodes and their answers.
+# Must not know: the bytes on a link, the engine's shapes.
 
 CLUSTER_PORT = 44053  # VerneMQ's cluster port: a discovery node without one is asked there
 CLUSTER_DB = "cluster.db"  # the replicated state, kept so a restarted node knows its peers
@@ -9131,6 +9133,8 @@ FIRST_SYNC_WAIT = 10.0  # s a restarted node waits for its peers' state before i
 CALL_TIMEOUT = 10.0  # s a command waits for another node's answer
 TOMBSTONE_DAYS = 7  # deleted rows are remembered this long (a node away longer may bring old rows back)
 CLUSTER_CALL_WORKERS = 4  # threads that run other nodes' requests (they may call into this node's loop)
+CLUSTER_MAX_CALLS = 256  # other nodes' requests queued or running at once; more are answered "busy" (the queue
+#                          of a thread pool has no bound, and each waiting request holds a few KB)
 LEAVE_HINT = "Done! Use -k to teardown and migrate existing sessions!"  # VerneMQ's words
 LEAVE_STOP_DELAY = 0.5  # s between a leaving node's answer and its stop, so that the answer is sent
 FORGET_DELAY = 3.0  # s the link to a removed node stays, for the answers still on their way
@@ -9160,9 +9164,20 @@ def session_key(mountpoint: str, client_id: str) -> str:
     return json.dumps([mountpoint, client_id], ensure_ascii=False, separators=(",", ":"))
 
 
+def check_publishable(topic: str) -> None:
+    """Raise ClusterError for a topic from another node that no client may be sent (a wildcard, U+0000)."""
+    if not valid_topic_name(topic) or "\0" in topic:  # [MQTT-4.7.3-1], [MQTT-1.5.3-2]
+        raise ClusterError(f"a message for the topic {topic[:100]!r}, which no client may publish to")
+
+
 def split_session_key(key: str) -> tuple[str, str]:
-    """Return (mountpoint, client id) of a replica session key."""
-    mountpoint, client_id = json.loads(key)
+    """Return (mountpoint, client id) of a replica session (or retain) key; ClusterError for a peer's bad one."""
+    try:
+        mountpoint, client_id = json.loads(key)
+    except (ValueError, TypeError):
+        raise ClusterError(f"bad replica key {key[:100]!r}") from None
+    if not isinstance(mountpoint, str) or not isinstance(client_id, str):
+        raise ClusterError(f"bad replica key {key[:100]!r}")
     return mountpoint, client_id
 
 
@@ -9262,12 +9277,33 @@ class ClusterAdmin:
         except concurrent.futures.TimeoutError:
             raise ClusterError(f"{peer} did not answer within {timeout:g} s") from None
 
+    def _take_call(self, peer: str, call_id: Any, op: Any, args: Any) -> None:
+        """Run another node's request in a worker, or answer busy when CLUSTER_MAX_CALLS wait already."""
+        if not self._serving.acquire(blocking=False):
+            self.links.send(peer, FRAME_REPLY, encode_term([call_id, False, f"busy: {CLUSTER_MAX_CALLS} requests "
+                                                                               "wait already"]))
+            return
+        try:
+            self.pool.submit(self._serve_call, peer, call_id, op, args)
+        except RuntimeError:  # the node stops
+            self._serving.release()
+
     def _serve_call(self, peer: str, call_id: int, op: str, args: list) -> None:
         try:
-            fn = CLUSTER_OPS[op]
+            self._answer_call(peer, call_id, op, args)
+        finally:
+            self._serving.release()
+
+    def _answer_call(self, peer: str, call_id: int, op: str, args: list) -> None:
+        fn = CLUSTER_OPS.get(op) if isinstance(op, str) else None
+        try:
+            if fn is None:
+                raise BadRequest(f"unknown request {op[:100]!r}" if isinstance(op, str) else "a request without a name")
+            try:
+                inspect.signature(fn).bind(self.node, *args)
+            except TypeError:
+                raise BadRequest(f"bad arguments for {op}") from None
             reply = [call_id, True, fn(self.node, *args)]
-        except KeyError:
-            reply = [call_id, False, f"unknown request {op!r}"]
         except VmqError as exc:
             reply = [call_id, False, exc.text]
         except Exception as exc:  # the caller hears it; this node logs it
@@ -9396,6 +9432,14 @@ class ClusterAdmin:
 
 
 
+###############################################################################
+# 22. Cluster: membership, replication, routing and sessions across nodes #####
+###############################################################################
+# Owns: applying replicated state to the router, keys and config, forwarding
+#       messages, sessions that move, netsplits; the cluster commands.
+# Must not know: the bytes on a link.
+
+
 class Cluster(ClusterAdmin):
     """This node's part in a cluster: the replica, the links, and what they mean for the engine.
 
@@ -9430,6 +9474,7 @@ class Cluster(ClusterAdmin):
         self._arriving: dict[str, float] = {}  # members learned of while running -> until when not missing
         self._initial = False
         self.pool = concurrent.futures.ThreadPoolExecutor(CLUSTER_CALL_WORKERS, thread_name_prefix="vmqapi-cluster")
+        self._serving = threading.BoundedSemaphore(CLUSTER_MAX_CALLS)  # taken in the loop, given back by a worker
         self.split = ""  # why the cluster is not whole ('' when it is)
         self.stop_after_answer = False  # set by cluster leave -k on the node that leaves
 
@@ -9461,7 +9506,10 @@ class Cluster(ClusterAdmin):
         if self.bound is not None and self.me in members:  # a node that left or was removed stays out
             self._put("member", self.me, {"address": self._advertised()})
         for key, value in self.replica.items("session"):
-            self._index_session(key, value)
+            try:
+                self._index_session(key, value)
+            except ClusterError as exc:  # a bad row a peer sent once must not stop every later start
+                log.warning("cluster: cannot apply session %r: %s", key[:100], exc.text)
         for key, value in self.replica.items("config"):
             self._apply_config(key, value)
         self._connect_members()
@@ -9542,6 +9590,8 @@ class Cluster(ClusterAdmin):
             self._dirty[update.kind, update.key] = update
             try:
                 self._apply(update)
+            except ClusterError as exc:  # a peer's bad row: one line, and the others still apply
+                log.warning("cluster: cannot apply %s %r: %s", update.kind, update.key[:100], exc.text)
             except Exception:  # one bad row must not stop the others; the row stays for the next look
                 log.exception("cluster: cannot apply %s %r", update.kind, update.key)
 
@@ -9553,6 +9603,7 @@ class Cluster(ClusterAdmin):
                 self._moved(key, value["node"])
         elif kind == "retain":
             mountpoint, topic = split_session_key(key)
+            check_publishable(topic)
             msg = decode_forward(value)[1] if isinstance(value, bytes) else None
             self.engine.apply_remote_retained(mountpoint, topic, msg)
         elif kind == "member":
@@ -9598,9 +9649,12 @@ class Cluster(ClusterAdmin):
                 counts[0] -= 1
                 counts[1] -= online
                 touched.add((node, mountpoint, topic_filter))
-        if isinstance(value, dict) and value.get("node") != self.me and value.get("node"):
+        if isinstance(value, dict) and value.get("node") != self.me and value.get("node") \
+                and isinstance(value["node"], str):
             node, online = value["node"], bool(value.get("online"))
-            filters = tuple(value.get("subs") or ())
+            subs = value.get("subs") or ()
+            filters = tuple(f for f in subs if isinstance(f, str) and valid_subscription(f)) \
+                if isinstance(subs, (list, dict)) else ()
             self._owned[key] = (node, filters, online)
             for topic_filter in filters:
                 counts = self._interest.setdefault((node, mountpoint, topic_filter), [0, 0])
@@ -9639,12 +9693,18 @@ class Cluster(ClusterAdmin):
 
     def _on_migrate(self, body: bytes) -> None:
         mountpoint, client_id, summary, bodies = decode_term(body)
+        if not (isinstance(mountpoint, str) and isinstance(client_id, str) and isinstance(bodies, list)
+                and (summary is None or _summary_ok(summary))):
+            raise ClusterError(f"a session handed over with a bad summary: {str(client_id)[:100]!r}")
         now = time.time()
         if summary is not None:
             self.engine.adopt_session(mountpoint, client_id, summary, now)
+        messages = [decode_forward(b)[1] for b in bodies]
+        for msg in messages:
+            check_publishable(msg.topic)
         held = self.replica.get("session", session_key(mountpoint, client_id))
         ours = isinstance(held, dict) and held.get("node") == self.me  # it is here, whatever this node forgot
-        self.engine.adopt_messages(mountpoint, client_id, [decode_forward(b)[1] for b in bodies], now, force=ours)
+        self.engine.adopt_messages(mountpoint, client_id, messages, now, force=ours)
 
     def _session_changes(self) -> None:
         engine = self.engine
@@ -9688,6 +9748,8 @@ class Cluster(ClusterAdmin):
                 continue
             if value.get("clean"):  # its client was connected there: that session is gone
                 self._put("session", key, None)
+                continue
+            if not _summary_ok(value):
                 continue
             if alive[zlib.crc32(key.encode()) % len(alive)] == self.me:
                 mountpoint, client_id = split_session_key(key)
@@ -9733,6 +9795,7 @@ class Cluster(ClusterAdmin):
         try:
             if kind == FRAME_FORWARD:
                 mountpoint, msg, plain, groups = decode_forward(body)
+                check_publishable(msg.topic)
                 self.engine.deliver_forwarded(mountpoint, msg, plain, groups, time.time())
             elif kind == FRAME_META:
                 changed, replies = self.replica.receive(decode_term(body))
@@ -9745,7 +9808,7 @@ class Cluster(ClusterAdmin):
                     self._maybe_record()
             elif kind == FRAME_CALL:
                 call_id, op, args = decode_term(body)
-                self.pool.submit(self._serve_call, peer, call_id, op, args)
+                self._take_call(peer, call_id, op, args)
             elif kind == FRAME_REPLY:
                 call_id, ok, result = decode_term(body)
                 target, future = self._calls.pop(call_id, (None, None))
@@ -9853,6 +9916,11 @@ class Cluster(ClusterAdmin):
             log.warning("cluster: cannot apply %s = %s: %s", setting, value, exc)
 
 
+def _summary_ok(summary: Any) -> bool:
+    """Whether a session summary from another node has the shape adopt_session reads (its entries are checked there)."""
+    return isinstance(summary, dict) and isinstance(summary.get("subs") or {}, dict)
+
+
 def leave_here(node: Any, kill_sessions: bool, timeout: float) -> str:
     """Run cluster leave on the node that leaves (VerneMQ's two cases for a live node)."""
     cluster = node.cluster
@@ -9871,15 +9939,28 @@ def leave_here(node: Any, kill_sessions: bool, timeout: float) -> str:
     return "Done"
 
 
-def _op_session_rows(node: Any, client_id: str | None, columns: list, stop: int) -> list[dict]:
+def _checked(*pairs: tuple[Any, Any]) -> None:
+    """Raise BadRequest unless each (value, type or types) matches: another node's request is checked."""
+    for value, kinds in pairs:
+        if not isinstance(value, kinds) or isinstance(value, bool) and bool not in (kinds if isinstance(kinds, tuple)
+                                                                                    else (kinds,)):
+            raise BadRequest(f"a request argument of the wrong type: {type(value).__name__}")
+
+
+def _op_session_rows(node: Any, client_id: str | None, columns: list, stop: int | None) -> list[dict]:
+    _checked((client_id, (str, type(None))), (columns, list), (stop, (int, type(None))))
+    if not all(c in SESSION_FIELDS for c in columns):
+        raise BadRequest("a session show column that does not exist")
     return node.session_rows(client_id, columns, slice(0, stop), local=True)
 
 
 def _op_session_records(node: Any, client_id: str | None, subscriptions: bool, messages: bool) -> list[dict]:
+    _checked((client_id, (str, type(None))), (subscriptions, bool), (messages, bool))
     return node.session_records(client_id, subscriptions, messages, local=True)
 
 
 def _op_disconnect(node: Any, client_id: str, mountpoint: str, cleanup: bool) -> bool:
+    _checked((client_id, str), (mountpoint, str), (cleanup, bool))
     return node.disconnect_session(client_id, mountpoint, cleanup, local=True)
 
 
@@ -9893,10 +9974,12 @@ def _op_broker(node: Any, method: str, *args: Any) -> Any:
 
 
 def _op_show(node: Any, keys: list) -> dict:
+    _checked((keys, list), *((k, str) for k in keys))
     return _setting_row(node, keys)
 
 
 def _op_leave(node: Any, kill_sessions: bool, timeout: float) -> str:
+    _checked((kill_sessions, bool), (timeout, (int, float)))
     return leave_here(node, kill_sessions, timeout)
 
 
@@ -9951,7 +10034,7 @@ def cmd_cluster_leave(call: Call) -> Any:
 
 
 ###############################################################################
-# 22. Bridge: vmq_bridge ######################################################
+# 23. Bridge: vmq_bridge ######################################################
 ###############################################################################
 # Owns: bridges to other brokers (vmq_bridge): an MQTT client per bridge, its
 #       store-backed outgoing buffer, loop prevention; bridge commands.
@@ -10572,11 +10655,11 @@ def cmd_bridge_start(call: Call) -> Any:
 
 
 ###############################################################################
-# 23. Webhooks: vmq_webhooks ##################################################
+# 24. Webhooks: bodies, answers, the cache and the client #####################
 ###############################################################################
-# Owns: webhooks (vmq_webhooks): endpoints per hook, JSON bodies, answers, the
-#       auth answer cache and the bounded pool of calls; webhooks commands.
-# Must not know: sockets of MQTT clients.
+# Owns: webhooks (vmq_webhooks) as values: endpoints per hook, VerneMQ's JSON
+#       bodies and answers, the auth answer cache, the keep-alive HTTP client.
+# Must not know: the engine, sockets of MQTT clients.
 
 WEBHOOK_HOOKS = (  # VerneMQ vmq_webhooks_cli hook_keyspec: what webhooks register accepts
     "auth_on_register", "auth_on_publish", "auth_on_subscribe", "on_register", "on_publish", "on_subscribe",
@@ -10870,6 +10953,13 @@ class WebhookCache:
             self._loop_hits = {}
 
 
+def _cut_connection(conn: Any) -> None:
+    """End a webhook call whose response_timeout passed (its thread is blocked in a read)."""
+    conn.cut_off = True
+    with contextlib.suppress(OSError, AttributeError):
+        conn.sock.shutdown(socket.SHUT_RDWR)
+
+
 class WebhookClient:
     """POSTs to endpoints from worker threads, over keep-alive connections (one per thread and endpoint)."""
 
@@ -10928,15 +11018,26 @@ class WebhookClient:
             except (OSError, ValueError) as exc:  # the TLS files cannot be read
                 raise WebhookFailed(f"cannot set up TLS: {exc}") from None
             reused = conn.sock is not None
+            # response_timeout bounds the whole call, not each read: an endpoint trickling bytes is cut
+            conn.cut_off = False
+            cut = threading.Timer(webhook.response_timeout / 1000, _cut_connection, (conn,))
+            cut.daemon = True
+            cut.start()
             try:
                 conn.request("POST", target, body, headers)
                 resp = conn.getresponse()
                 data = resp.read(WEBHOOK_MAX_ANSWER + 1)
+                cut.cancel()
             except (socket.timeout, TimeoutError):
+                cut.cancel()
                 conn.close()
                 raise WebhookFailed(f"no answer within {webhook.response_timeout} ms", timeout=True) from None
             except (OSError, http.client.HTTPException) as exc:
+                cut.cancel()
                 conn.close()
+                if getattr(conn, "cut_off", False):
+                    raise WebhookFailed(f"no whole answer within {webhook.response_timeout} ms", timeout=True) \
+                        from None
                 if reused and not attempt and isinstance(exc, (http.client.RemoteDisconnected, ConnectionError)):
                     continue  # the endpoint closed an idle keep-alive connection: once more on a new one
                 raise WebhookFailed(f"{type(exc).__name__}: {exc}") from None
@@ -10984,6 +11085,14 @@ class WebhookClient:
 
 
 # -- the plugin --------------------------------------------------------------
+
+###############################################################################
+# 25. Webhooks: the plugin, its gate and commands #############################
+###############################################################################
+# Owns: the vmq_webhooks plugin: its hooks in the chain, the gate that holds a
+#       connection's packet while its answer comes, the bounded pools; webhooks commands.
+# Must not know: sockets of MQTT clients.
+
 
 class Webhooks:
     """vmq_webhooks on a node: endpoints per hook, the gate in front of the engine, the pool of calls.
@@ -11419,7 +11528,7 @@ del _catalogue
 
 
 ###############################################################################
-# 24. HTTP: the admin API #####################################################
+# 26. HTTP: the admin API #####################################################
 ###############################################################################
 # Owns: the admin API's rules (method, auth, command, OPTIONS, Accept, run) as
 #       pure functions from a Request to a Response; /api/v2 and HTTP publish (SPEC 11).
@@ -11921,7 +12030,7 @@ def serve_api_v2(node: Any, req: Request, rest: str, query: str) -> Response:
 
 
 ###############################################################################
-# 25. Observability endpoints #################################################
+# 27. Observability endpoints #################################################
 ###############################################################################
 # Owns: /metrics (Prometheus text 0.0.4), /health, /status.json and the /status page.
 # Must not know: sockets, MQTT internals (it reads the metrics registry and the node).
@@ -12300,7 +12409,7 @@ loop();
 
 
 ###############################################################################
-# 26. HTTP server #############################################################
+# 28. HTTP server #############################################################
 ###############################################################################
 # Owns: the route table, handle_http, and http.server's ThreadingHTTPServer (a
 #       thread per connection) with the limits and timeouts around it.
@@ -12771,7 +12880,7 @@ class HttpListener:
 
 
 ###############################################################################
-# 27. Node ####################################################################
+# 29. Node ####################################################################
 ###############################################################################
 # Owns: the running node: its config snapshot, key store, command table,
 #       listeners, node.json, start and stop.
@@ -13211,7 +13320,7 @@ class Node:
 
 
 ###############################################################################
-# 28. CLI #####################################################################
+# 30. CLI #####################################################################
 ###############################################################################
 # Owns: argv of the process: start a node, or run vmq-admin commands locally or
 #       against the live node found through node.json.

@@ -1,0 +1,307 @@
+"""Attacks on this round's surfaces: a peer with the cookie that sends hostile frames of kinds 16-20.
+
+The node runs in a child process under an address-space cap (tests/capped.py); the hostile
+peer is the module's own ClusterLinks (it runs the cookie's handshake) on a loop of its own
+in this process. The project's rule: a bad frame or row costs one log line, never a
+traceback, never the node's start, never memory without bound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+
+import pytest
+
+import vmqapi
+from capped import capped_node
+from mqtt_client import MqttClient
+
+COOKIE = "attack-cookie"
+NODE = "vmqapi@127.0.0.1"  # the default nodename of a capped node
+EVIL = "evil@127.0.0.1"
+T = vmqapi.encode_term
+
+
+class FakePeer:
+    """A node with the cookie, linked to the capped node: it sends what it likes and records what comes back."""
+
+    def __init__(self, port, cookie=COOKIE, timeout=10.0):
+        self.frames: list[tuple[int, bytes]] = []
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="fake-peer", daemon=True)
+        self.thread.start()
+        self.links = self._run(self._make(port, cookie))
+        deadline = time.monotonic() + timeout
+        while not self._run(self._is_up()):
+            assert time.monotonic() < deadline, "the fake peer's link did not come up"
+            time.sleep(0.02)
+
+    async def _make(self, port, cookie):
+        links = vmqapi.ClusterLinks(self.loop, EVIL, cookie, vmqapi.Metrics(), buffer_size=1 << 30,
+                                    on_up=lambda peer: None, on_down=lambda peer, why: None,
+                                    on_frame=lambda peer, kind, body: self.frames.append((kind, body)))
+        await links.listen("127.0.0.1", 0)
+        links.connect(NODE, "127.0.0.1", port)
+        return links
+
+    async def _is_up(self):
+        return self.links.is_up(NODE)
+
+    def _run(self, coro, timeout=10):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def send(self, kind, body):
+        self.loop.call_soon_threadsafe(self.links.send, NODE, kind, body)
+
+    def rows(self, *rows):
+        """Send replica rows [kind, key, value] stamped by this peer (a META "r" message)."""
+        self.send(vmqapi.FRAME_META, T(["r", [[kind, key, value, 1000.0, EVIL] for kind, key, value in rows], False]))
+
+    def replies(self):
+        return [vmqapi.decode_term(body) for kind, body in list(self.frames) if kind == vmqapi.FRAME_REPLY]
+
+    def close(self):
+        self._run(self.links.close())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+        self.loop.close()
+
+
+def _until(cond, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def _settle(node, peer, seconds=1.0):
+    """Let the node take what was sent: a CALL's answer comes after every frame before it."""
+    marker = 10 ** 6 + len(peer.frames)
+    peer.send(vmqapi.FRAME_CALL, T([marker, "no-such-op", []]))
+    assert _until(lambda: any(r[0] == marker for r in peer.replies()), 20), "the node did not answer"
+    time.sleep(seconds)
+    assert node.alive()
+
+
+def _forward(topic, payload=b"x", retain=False):
+    msg = vmqapi.Message(topic, payload, 0, retain, 1, b"", False, (), None, None, False)
+    return vmqapi.encode_forward("", msg, True, ())
+
+
+@pytest.fixture
+def hostile(tmp_path):
+    """A capped node with the cookie and a fake peer linked to it: (node, peer)."""
+    with capped_node(tmp_path / "n", f"distributed_cookie={COOKIE}") as node:
+        peer = FakePeer(node.port("vmq"))
+        try:
+            yield node, peer
+        finally:
+            peer.close()
+
+
+# -- a bad replica row poisons the cluster ------------------------------------------------
+
+@pytest.mark.parametrize("key, value", [
+    ("not json", {"node": EVIL, "clean": False, "online": False, "subs": {"a": [0, False, False, 0, 0]}}),
+    ('["", "c"]', {"node": EVIL, "clean": False, "online": False, "subs": {"a/#/b": [0, False, False, 0, 0]}}),
+    ('["", "c", "x"]', {"node": EVIL, "clean": False, "online": False, "subs": {}}),
+])
+def test_bad_session_row_from_a_peer_does_not_stop_the_next_start(tmp_path, key, value):
+    """One bad "session" row is kept in cluster.db (and spread to every node); the next start must still work."""
+    data = tmp_path / "n"
+    with capped_node(data, f"distributed_cookie={COOKIE}") as node:
+        peer = FakePeer(node.port("vmq"))
+        try:
+            peer.rows(("session", key, value))
+            _settle(node, peer, seconds=2.5)  # the timer saves the rows every second
+        finally:
+            peer.close()
+    with capped_node(data, f"distributed_cookie={COOKIE}") as again:
+        time.sleep(0.5)
+        assert again.alive()
+        assert "Traceback" not in again.log()
+
+
+@pytest.mark.parametrize("rows", [
+    [("session", "not json", {"node": EVIL, "subs": {"a": [0, False, False, 0, 0]}})],
+    [("session", '["", "c"]', {"node": EVIL, "subs": {"a/#/b": [0, False, False, 0, 0]}})],
+    [("retain", '["", "r/t"]', b"not a forward body")],
+    [("retain", "not json", _forward("r/t", retain=True))],
+])
+def test_bad_replica_rows_cost_a_log_line_not_a_traceback(hostile, rows):
+    node, peer = hostile
+    peer.rows(*rows)
+    _settle(node, peer)
+    assert "Traceback" not in node.log()
+
+
+# -- RPC between nodes ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("op, args", [("show", 5), ("show", []), (["show"], []), ("disconnect", ["c"]),
+                                      ("session_rows", ["x", "y", "z"])])
+def test_call_with_bad_args_answers_an_error_without_a_traceback(hostile, op, args):
+    node, peer = hostile
+    peer.send(vmqapi.FRAME_CALL, T([7, op, args]))
+    assert _until(lambda: any(r[0] == 7 for r in peer.replies()))
+    (reply,) = [r for r in peer.replies() if r[0] == 7]
+    assert reply[1] is False
+    _settle(node, peer, seconds=0.2)
+    assert "Traceback" not in node.log()
+
+
+@pytest.mark.slow
+def test_a_flood_of_calls_does_not_grow_the_node_without_bound(hostile):
+    """Each CALL waits in the call workers' queue, which has no bound: 300k small frames (18 MB) cost GBs."""
+    node, peer = hostile
+    before = node.rss()
+    body = T([1, "session_rows", [None, ["client_id"], 10]])
+    for _ in range(300_000):
+        peer.send(vmqapi.FRAME_CALL, body)
+    peak, deadline = 0, time.monotonic() + 20
+    while time.monotonic() < deadline and node.alive():
+        peak = max(peak, node.rss())
+        time.sleep(0.5)
+    assert node.alive()
+    assert peak - before < 200 << 20, f"RSS grew by {(peak - before) >> 20} MB"
+
+
+# -- sessions handed over ------------------------------------------------------------------
+
+@pytest.mark.parametrize("summary", ["not a dict", {"clean": False, "subs": "not a dict"}])
+def test_migrate_with_a_bad_summary_costs_a_log_line(hostile, summary):
+    node, peer = hostile
+    peer.send(vmqapi.FRAME_MIGRATE, T(["", "moved", summary, []]))
+    _settle(node, peer)
+    assert "Traceback" not in node.log()
+
+
+# -- what reaches MQTT clients -------------------------------------------------------------
+
+@pytest.mark.parametrize("topic", ["r/#", "r/+/x", "bad\0topic"])
+def test_a_retained_row_with_a_topic_no_client_may_publish_is_refused(hostile, topic):
+    """A subscriber to # must never get a PUBLISH whose topic has a wildcard or U+0000 (its client drops it)."""
+    node, peer = hostile
+    peer.rows(("retain", vmqapi.session_key("", topic), _forward(topic, retain=True)))
+    _settle(node, peer, seconds=0.3)
+    client = MqttClient(node.port("mqtt"))
+    try:
+        client.connect("watcher")
+        client.subscribe(("#", 0))
+        client.no_message(timeout=1.0)  # raises (MalformedPacket) on the bad PUBLISH
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize("topic", ["f/#", "bad\0topic"])
+def test_a_forwarded_message_with_a_topic_no_client_may_publish_is_dropped(hostile, topic):
+    node, peer = hostile
+    client = MqttClient(node.port("mqtt"))
+    try:
+        client.connect("watcher")
+        client.subscribe(("#", 0))
+        peer.send(vmqapi.FRAME_FORWARD, _forward(topic))
+        _settle(node, peer, seconds=0.3)
+        client.no_message(timeout=1.0)
+    finally:
+        client.close()
+
+
+# -- keys and config -----------------------------------------------------------------------
+
+def test_an_unreadable_apikey_row_is_logged_once_not_every_second(hostile):
+    """In a cluster (the key file is synced every second), a key entry that cannot be read is retried
+    and logged every second, and the key file rewritten each time."""
+    node, peer = hostile
+    peer.rows(("member", NODE, {"address": f"127.0.0.1:{node.port('vmq')}"}),
+              ("member", EVIL, {"address": f"127.0.0.1:{peer.links.bound[1]}"}))
+    peer.rows(("apikey", "k1", {"not": "a key"}))
+    _settle(node, peer, seconds=5)
+    assert node.log().count("skipped an API key") <= 1
+
+
+def test_a_config_row_cannot_change_a_setting_that_set_refuses(hostile):
+    """`set` refuses keys not settable at run time; a replicated config row must not get past that."""
+    node, peer = hostile
+    assert not vmqapi.find_setting("min_apikey_length").settable
+    peer.rows(("config", "*\0min_apikey_length", "4000"))
+    _settle(node, peer, seconds=0.3)
+    peer.send(vmqapi.FRAME_CALL, T([8, "show", [["min_apikey_length"]]]))
+    assert _until(lambda: any(r[0] == 8 for r in peer.replies()))
+    (reply,) = [r for r in peer.replies() if r[0] == 8]
+    assert reply[1] is True
+    assert str(reply[2]["min_apikey_length"]) == "0", reply
+
+
+# -- webhooks: a hostile endpoint ------------------------------------------------------------
+
+class TricklingEndpoint:
+    """An HTTP endpoint that answers 200 at once, then its body one byte every ``gap`` seconds."""
+
+    def __init__(self, gap=0.3, size=200):
+        import socket
+        self.gap, self.size, self.stop = gap, size, threading.Event()
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.server.settimeout(0.2)
+        self.port = self.server.getsockname()[1]
+        self.threads = [threading.Thread(target=self._serve, name="trickle", daemon=True)]
+        self.threads[0].start()
+
+    def _serve(self):
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.server.accept()
+            except OSError:
+                continue
+            worker = threading.Thread(target=self._answer, args=(conn,), name="trickle-conn", daemon=True)
+            self.threads.append(worker)
+            worker.start()
+
+    def _answer(self, conn):
+        with conn:
+            conn.settimeout(5)
+            try:
+                conn.recv(65536)
+                conn.sendall(f"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                             f"Content-Length: {self.size}\r\n\r\n".encode())
+                for _ in range(self.size):  # bounded: size bytes, gap apart, until told to stop
+                    if self.stop.wait(self.gap):
+                        return
+                    conn.sendall(b" ")
+            except OSError:
+                return
+
+    def close(self):
+        self.stop.set()
+        for t in self.threads:
+            t.join(5)
+        self.server.close()
+
+
+def test_an_endpoint_that_answers_byte_by_byte_is_cut_at_response_timeout(tmp_path):
+    """README: an auth hook that answers later than response_timeout refuses. A trickle of one byte
+    every 0.3 s never trips a per-read timeout of 1 s, so the call (and the client) waits a minute."""
+    endpoint = TricklingEndpoint()
+    try:
+        with capped_node(tmp_path / "n", "plugins.vmq_webhooks=on", "vmq_webhooks.reg.hook=auth_on_register",
+                         f"vmq_webhooks.reg.endpoint=http://127.0.0.1:{endpoint.port}/",
+                         "vmq_webhooks.reg.response_timeout=1000", "allow_anonymous=off") as node:
+            client = MqttClient(node.port("mqtt"), timeout=15)
+            try:
+                started = time.monotonic()
+                client.send(vmqapi.Connect("slow", clean_session=True, proto_level=4))
+                try:
+                    ack = client.expect(vmqapi.Connack, timeout=10)
+                except TimeoutError:
+                    ack = None
+                took = time.monotonic() - started
+            finally:
+                client.close()
+            assert ack is not None and ack.return_code != 0, f"no refusal after {took:.1f} s"
+            assert took < 5
+    finally:
+        endpoint.close()
