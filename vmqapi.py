@@ -8223,8 +8223,17 @@ def cmd_session_disconnect_clients(call: Call) -> Any:
              Param("node", short="n", doc="only on this node")))
 def cmd_session_disconnect_batch(call: Call) -> Any:
     """Disconnect up to count online clients, for example to move load off a node."""
-    if call.flags.get("node") not in (None, call.node.name):
-        return "Done"  # VerneMQ: no session of another node matches
+    target = call.flags.get("node")
+    cluster = getattr(call.node, "cluster", None)
+    if target not in (None, call.node.name):
+        if cluster is not None and target in cluster.in_loop(cluster.peers):
+            try:
+                cluster.call(target, "broker", "disconnect_batch", call.args["count"],
+                             call.flags.get("mountpoint") or "", "cleanup" in call.flags,
+                             list(call.flags.get("filter-client-ids") or ()))
+            except ClusterError as exc:
+                return alert(f"cannot reach {target}: {exc.text}")
+        return "Done"  # VerneMQ: no session of a node outside the cluster matches
     call.node.broker_call("disconnect_batch", call.args["count"], call.flags.get("mountpoint") or "",
                           "cleanup" in call.flags, call.flags.get("filter-client-ids") or ())
     return "Done"

@@ -267,6 +267,10 @@ def test_session_show_and_disconnect_reach_every_node(make_cluster):
     status, body = a.api("session/disconnect", client_dash_id="far-away")
     assert text_of(body) == "Done"
     assert client.closed(5)
+    batch = [b.client(f"batch{n}") for n in range(3)]
+    status, body = a.api("session/disconnect/batch", "--node=n1@127.0.0.1", count="2")
+    assert text_of(body) == "Done"
+    assert sum(c.closed(5) for c in batch[:2]) + sum(c.closed(0.5) for c in batch[2:]) == 2
 
 
 def test_set_all_and_show_all(make_cluster):
