@@ -118,6 +118,7 @@ import errno
 import datetime as _dt
 import functools
 import hashlib
+import heapq
 import hmac
 import http.server
 import inspect
@@ -10969,10 +10970,71 @@ def _cut_connection(conn: Any) -> None:
         conn.sock.shutdown(socket.SHUT_RDWR)
 
 
+class CallDeadlines:
+    """One thread that cuts the webhook calls whose response_timeout passed (a timer thread each costs more
+    than the call); it starts with the first call and ends after a second with none."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._heap: list[list] = []  # [deadline, sequence, connection or None once done]
+        self._seq = itertools.count()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+
+    def watch(self, conn: Any, seconds: float) -> list:
+        """Cut ``conn`` after ``seconds`` unless ``done`` is called first; return the entry for done."""
+        entry = [time.monotonic() + seconds, next(self._seq), conn]
+        with self._cond:
+            heapq.heappush(self._heap, entry)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="vmqapi-webhook-deadlines", daemon=True)
+                self._thread.start()
+            self._cond.notify()
+        return entry
+
+    @staticmethod
+    def done(entry: list) -> None:
+        """The call ended in time: forget it (the entry is dropped when its time comes)."""
+        entry[2] = None
+
+    def _run(self) -> None:
+        with self._cond:
+            while True:
+                if self._closed:
+                    self._thread = None
+                    return
+                while self._heap and self._heap[0][2] is None:
+                    heapq.heappop(self._heap)
+                if not self._heap:
+                    if not self._cond.wait(1.0) and not self._heap:
+                        self._thread = None
+                        return
+                    continue
+                delay = self._heap[0][0] - time.monotonic()
+                if delay > 0:
+                    self._cond.wait(delay)
+                    continue
+                conn = heapq.heappop(self._heap)[2]
+                if conn is not None:
+                    _cut_connection(conn)
+
+    def stop(self) -> None:
+        """Forget every call and end the thread (the calls themselves have ended)."""
+        with self._cond:
+            self._heap.clear()
+            self._closed = True
+            thread = self._thread
+            self._cond.notify()
+        if thread is not None:
+            thread.join(5)
+
+
+
 class WebhookClient:
     """POSTs to endpoints from worker threads, over keep-alive connections (one per thread and endpoint)."""
 
     def __init__(self, settings: Callable[[], Config], metrics: Metrics):
+        self.deadlines = CallDeadlines()
         self.settings, self.metrics = settings, metrics
         self._lock = threading.Lock()
         self._local = threading.local()
@@ -11029,20 +11091,18 @@ class WebhookClient:
             reused = conn.sock is not None
             # response_timeout bounds the whole call, not each read: an endpoint trickling bytes is cut
             conn.cut_off = False
-            cut = threading.Timer(webhook.response_timeout / 1000, _cut_connection, (conn,))
-            cut.daemon = True
-            cut.start()
+            cut = self.deadlines.watch(conn, webhook.response_timeout / 1000)
             try:
                 conn.request("POST", target, body, headers)
                 resp = conn.getresponse()
                 data = resp.read(WEBHOOK_MAX_ANSWER + 1)
-                cut.cancel()
+                self.deadlines.done(cut)
             except (socket.timeout, TimeoutError):
-                cut.cancel()
+                self.deadlines.done(cut)
                 conn.close()
                 raise WebhookFailed(f"no answer within {webhook.response_timeout} ms", timeout=True) from None
             except (OSError, http.client.HTTPException) as exc:
-                cut.cancel()
+                self.deadlines.done(cut)
                 conn.close()
                 if getattr(conn, "cut_off", False):
                     raise WebhookFailed(f"no whole answer within {webhook.response_timeout} ms", timeout=True) \
@@ -11087,6 +11147,7 @@ class WebhookClient:
 
     def close(self) -> None:
         """Close every keep-alive connection (the workers have stopped)."""
+        self.deadlines.stop()
         with self._lock:
             conns, self._open = self._open, set()
         for conn in conns:
