@@ -6859,6 +6859,7 @@ class StoredKey:
     key: str | None = None
     prefix: str = ""
     salt: str = ""
+    rid: str = ""  # the cluster's name of a plain key another node made, kept here only hashed
 
     def __post_init__(self):
         if self.scope not in SCOPES:
@@ -6881,6 +6882,8 @@ class StoredKey:
         entry = {"hash": self.digest, "prefix": self.prefix, "scope": self.scope, "expires": self.expires}
         if self.salt:
             entry["salt"] = self.salt
+        if self.rid:
+            entry["rid"] = self.rid
         return entry
 
     def replica_id(self, file_salt: bytes) -> str:
@@ -6891,7 +6894,7 @@ class StoredKey:
         """
         if self.key is not None:
             return f"{self.scope}:{hashlib.sha256(self.key.encode('utf-8', 'surrogatepass')).hexdigest()}"
-        return f"{self.scope}:{self.salt or file_salt.hex()}:{self.digest}"
+        return self.rid or f"{self.scope}:{self.salt or file_salt.hex()}:{self.digest}"
 
     def replica_value(self, file_salt: bytes) -> dict:
         """Return the entry as the cluster carries it (a hashed key with the salt its hash needs)."""
@@ -7021,7 +7024,7 @@ class KeyStore:
             return StoredKey(item["scope"], expires, _key_digest(salt, key), key=key)
         own_salt = str(item.get("salt", ""))
         return StoredKey(item["scope"], expires, item["hash"], prefix=str(item.get("prefix", "")),
-                         salt="" if own_salt == salt.hex() else own_salt)
+                         salt="" if own_salt == salt.hex() else own_salt, rid=str(item.get("rid", "")))
 
     def _install(self, signature, salt, entries) -> None:
         salts = (salt, *sorted({bytes.fromhex(e.salt) for e in entries if e.salt}))
@@ -7143,6 +7146,9 @@ class KeyStore:
                     continue
                 try:
                     entry = self._parse_entry(salt, dict(item))
+                    if entry.key is not None and self.storage == "hashed":  # this file keeps no key itself
+                        entry = StoredKey(entry.scope, entry.expires, entry.digest,
+                                          prefix=entry.key[:HASHED_PREFIX_LENGTH], rid=entry.replica_id(salt))
                 except (ValueError, TypeError, KeyError, AttributeError) as exc:
                     log.warning("cluster: skipped an API key that cannot be read (%s)", exc)
                     continue

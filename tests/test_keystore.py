@@ -353,3 +353,15 @@ def test_replicated_entries_that_cannot_be_read_are_skipped(tmp_path):
     b.apply_replicated({"mgmt:x": {"scope": "nope", "key": "k"}, "mgmt:y": {"hash": "zz", "scope": "mgmt"},
                         "mgmt:z": "not a dict"}, ())
     assert b.entries() == ()
+
+
+def test_a_hashed_file_keeps_a_plain_key_from_another_node_hashed_under_the_same_name(tmp_path):
+    plain = KeyStore(str(tmp_path / "a.json"), storage="plain")
+    hashed = KeyStore(str(tmp_path / "b.json"), storage="hashed")
+    plain.add("plain-made-key-123", "mgmt")
+    hashed.apply_replicated(plain.replicated(), ())
+    assert "plain-made-key-123" not in (tmp_path / "b.json").read_text()
+    assert hashed.authenticate("plain-made-key-123", ["mgmt"]) == "mgmt"
+    assert set(hashed.replicated()) == set(plain.replicated())  # no churn between the two
+    hashed.delete("plain-made-key-123", "mgmt")
+    assert hashed.authenticate("plain-made-key-123", ["mgmt"]) is None
