@@ -9254,10 +9254,10 @@ class ClusterStore:
         except sqlite3.Error as exc:
             log.error("cannot save the cluster state to %s: %s", self.path, exc)
 
-    def forget(self, updates: Iterable[Update]) -> None:
-        """Delete rows the replica purged."""
+    def purge(self, before: float) -> None:
+        """Delete the tombstones stamped before ``before``, as the replica does (Replica.purge)."""
         with contextlib.suppress(sqlite3.Error), self.db:
-            self.db.executemany("DELETE FROM rows WHERE kind = ? AND key = ?", [(u.kind, u.key) for u in updates])
+            self.db.execute("DELETE FROM rows WHERE at < ? AND value = ?", (before, encode_term(None)))
 
     def close(self) -> None:
         """Close the database."""
@@ -9441,10 +9441,6 @@ class ClusterAdmin:
                 self._put("config", f"{target}\0{key}", text)
             self._announce()
         self.in_loop(put)
-
-    def health_reason(self) -> str:
-        """Return why the cluster is not whole ('' when it is)."""
-        return self.split
 
 
 
@@ -9868,7 +9864,9 @@ class Cluster(ClusterAdmin):
                     if self.links.is_up(peer):
                         self.links.send(peer, FRAME_META, body)
             if self._round % 3600 == 0:
-                self.replica.purge(time.time() - TOMBSTONE_DAYS * 86400)
+                before = time.time() - TOMBSTONE_DAYS * 86400
+                self.replica.purge(before)
+                self.store.purge(before)  # else a restart would load them again
             self._announce()
             self._save()
         except Exception:

@@ -13,6 +13,7 @@ messages that never arrived (a queue that was full). Every load is bounded in ti
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import multiprocessing as mp
 import os
@@ -24,32 +25,18 @@ import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PAYLOAD = b"x" * 64
-TOPIC = b"bench/t"
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+_spec = importlib.util.spec_from_file_location("bench_mqtt", os.path.join(HERE, "mqtt.py"))
+load = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(load)
+PAYLOAD = load.PAYLOAD  # the same loads as bench/mqtt.py's
 DEADLINE = 60.0  # seconds any one load may take
 IDLE = 3.0  # seconds without a message after which the subscriber stops counting
 WINDOW = 100  # QoS 1 PUBLISHes the publisher has unacknowledged at once
 
 
-def varint(n):
-    out = bytearray()
-    while True:
-        b, n = n & 127, n >> 7
-        out.append(b | 128 if n else b)
-        if not n:
-            return bytes(out)
-
-
-def connect_packet(client_id):
-    cid = client_id.encode()
-    body = b"\x00\x04MQTT\x04\x02\x00\x00" + len(cid).to_bytes(2, "big") + cid
-    return b"\x10" + varint(len(body)) + body
-
-
-def publish_packet(qos, pid):
-    body = len(TOPIC).to_bytes(2, "big") + TOPIC + (pid.to_bytes(2, "big") if qos else b"") + PAYLOAD
-    return bytes((0x30 | qos << 1,)) + varint(len(body)) + body
+varint, connect_packet, publish_packet = load.varint, load.connect_packet, load.publish_packet  # MQTT 3.1.1
 
 
 def frames(buf):

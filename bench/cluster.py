@@ -61,9 +61,6 @@ class Node:
         load.wait_port(self.mqtt, self.proc)
         load.wait_port(self.http, self.proc)
         self.key = vmqapi.KeyStore(os.path.join(self.data, vmqapi.KEY_FILE)).create("mgmt")
-        self.port = self.mqtt  # what bench/mqtt.py's loads connect to
-        self.broker = load.Broker.__new__(load.Broker)
-        self.broker.proc, self.broker.port, self.broker.name = self.proc, self.mqtt, name
 
     def api(self, path):
         auth = base64.b64encode(f"{self.key}:".encode()).decode()
@@ -74,12 +71,7 @@ class Node:
 
     def stop(self):
         if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+            load.Broker.stop(self)  # terminate, then kill after 10 s
 
 
 def running(node):
