@@ -170,6 +170,9 @@ def test_cross_node_publish_exactly_once_in_order(make_cluster, qos):
     sub.no_message(0.3)
     assert [other.message().payload for _ in range(50)] == got
     other.no_message(0.3)
+    assert a.node.status()["matches_remote"] == 100  # one per node per message: b and c
+    samples = b.node.metric_samples()
+    assert samples[("cluster_bytes_received", ())] > 0 and samples[("cluster_bytes_sent", ())] > 0
     for client in (sub, other, pub):
         client.disconnect()
 
