@@ -12968,7 +12968,7 @@ class HttpHandler(http.server.BaseHTTPRequestHandler):
         if headers.defects or headers.get_payload():  # email's parser stopped at a line that is no header
             raise BadRequest("malformed header line")  # RFC 9112 5.1: no space before ':', a name
         _, value_limit, most, body_limit = self.server.listener.limits()
-        raw = headers.raw_items()
+        raw = list(headers.raw_items())
         fields: dict[str, str] = {}
         for n, (name, value) in enumerate(raw):
             if n == most:
