@@ -400,3 +400,72 @@ def test_root_points_to_the_status_page_and_the_api(node):
         assert http.request("POST", "/")[0] == 405
     finally:
         http.close()
+
+
+def test_status_rows_are_computed_once_per_interval_whatever_the_readers():
+    """One reader computes, the others wait for its rows and share them; the next interval computes again."""
+    now, started = [100.0], threading.Barrier(16)
+
+    def compute():
+        time.sleep(0.05)  # long enough for every reader to arrive meanwhile
+        return {"n": now[0]}
+    rows = vmqapi.StatusRows(compute, interval=2.0, clock=lambda: now[0])
+    got = []
+
+    def reader():
+        started.wait(5)
+        got.append(rows.get())
+    threads = [threading.Thread(target=reader) for _ in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert rows.computations == 1 and len(got) == 16 and all(g is got[0] for g in got)
+    now[0] += 1.9
+    assert rows.get() is got[0] and rows.computations == 1
+    now[0] += 0.1
+    assert rows.get()["n"] == 102.0 and rows.computations == 2
+
+
+def test_many_readers_of_status_details_scan_the_sessions_once_per_interval(make_node, monkeypatch):
+    """16 pages polling at once, each with its own filter: the sessions are scanned once, not 32 times."""
+    node = make_node()
+    port = mqtt_port(node)
+    clients = []
+    for n in range(6):
+        c = MqttClient(port)
+        c.connect(f"{'odd' if n % 2 else 'even'}-{n}")
+        clients.append(c)
+    scans, real = [], vmqapi._command_rows
+
+    def counting(node_, words, flags):
+        if words == ("session", "show"):
+            scans.append(words)
+        return real(node_, words, flags)
+    monkeypatch.setattr(vmqapi, "_command_rows", counting)
+    answers, barrier = {}, threading.Barrier(16)
+
+    def reader(n):
+        c = Client(node)
+        try:
+            barrier.wait(5)
+            answers[n] = body_json(c.get(f"/status/details.json?client_id={'odd' if n % 2 else 'even'}")[2])
+        finally:
+            c.close()
+    started = time.monotonic()
+    threads = [threading.Thread(target=reader, args=(n,)) for n in range(16)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(10)
+    finally:
+        for c in clients:
+            c.close()
+    elapsed = time.monotonic() - started
+    assert len(answers) == 16
+    for n, doc in answers.items():
+        want = "odd" if n % 2 else "even"
+        assert sorted(s["client_id"] for s in doc["sessions"]) == [f"{want}-{i}" for i in range(n % 2, 6, 2)]
+    computations = 1 + int(elapsed / vmqapi.HISTORY_INTERVAL) + 1  # one, and one more per interval crossed
+    assert len(scans) <= 2 * computations, f"{len(scans)} session scans for 16 readers in {elapsed:.1f} s"
