@@ -541,5 +541,5 @@ def test_8_pages_polling_status_details_leave_mqtt_round_trips_alone(tmp_path):
             for t in readers:
                 t.join(30)
         p99, idle_p99 = loaded[int(len(loaded) * 0.99)], idle[int(len(idle) * 0.99)]
-        assert set(answers) == {200} and len(answers) > 100
         assert p99 < 0.05 + 5 * idle_p99, f"MQTT p99 {p99 * 1000:.0f} ms under the readers ({idle_p99 * 1000:.1f} idle)"
+        assert set(answers) == {200} and len(answers) > 100
