@@ -12864,8 +12864,10 @@ class HttpServer(http.server.ThreadingHTTPServer):
 class HttpHandler(http.server.BaseHTTPRequestHandler):
     """One connection: http.server reads each request; handle_http answers it in one write.
 
-    The limits of listener.max_* and http_request_timeout are checked on what http.server
-    parsed; every error is the JSON answer of SPEC section 3.
+    The head reaches http.server's parser through _HeadReader, which keeps http_max_header_bytes
+    and the node's http_max_unfinished_bytes while it reads; listener.max_* are checked on what
+    http.server parsed, http_request_timeout on every read. Every error is the JSON answer of
+    SPEC section 3.
     """
 
     protocol_version = "HTTP/1.1"  # keep-alive, 100-continue
