@@ -668,6 +668,11 @@ SETTINGS: tuple[Setting, ...] = (
     _S("listener.$type.$name", parse_address, None, "Address (ip:port) of a listener; port 0 binds any free port."),
     _S("listener.max_connections", parse_max_connections, 10000,
        "Connections a listener accepts at once (integer or infinity)."),
+    _S("listener.http.max_connections", parse_max_connections, 1000,
+       "Connections an HTTP listener serves at once: each holds a thread (about 25 KB resident, 512 KiB of stack "
+       "reserved); an explicit listener.max_connections applies too."),
+    _S("listener.https.max_connections", parse_max_connections, 1000,
+       "Connections an HTTPS listener serves at once, as listener.http.max_connections."),
     _S("listener.mountpoint", parse_text, "", "Topic prefix that separates this listener's clients from others."),
     _S("listener.allowed_protocol_versions", parse_versions, (3, 4, 5),
        "MQTT versions a listener accepts: 3 (3.1), 4 (3.1.1) and 5 (5.0)."),
@@ -856,8 +861,8 @@ def find_setting(key: str) -> Setting:
         return _SETTINGS_BY_NAME[key]
     parts = key.split(".")
     if parts[0] == "listener" and len(parts) in (3, 4) and parts[1] in LISTENER_TYPES:
-        if parts[-1] in LISTENER_OPTIONS:
-            return _SETTINGS_BY_NAME["listener." + parts[-1]]
+        if parts[-1] in LISTENER_OPTIONS:  # the type's own setting where it has one (listener.http.max_connections)
+            return _SETTINGS_BY_NAME.get(f"listener.{parts[1]}.{parts[-1]}") or _SETTINGS_BY_NAME["listener." + parts[-1]]
         if len(parts) == 3 and re.fullmatch(r"[A-Za-z0-9_-]+", parts[2]):
             return _SETTINGS_BY_NAME["listener.$type.$name"]
     if len(parts) == 4 and parts[0] == "http_module" and parts[1] in HTTP_MODULES \
@@ -950,7 +955,8 @@ class Config:
         for key in (f"listener.{kind}.{name}.{option}", f"listener.{kind}.{option}", f"listener.{option}"):
             if key in self.values:
                 return self.values[key]
-        return self[f"listener.{option}"]
+        kind_default = f"listener.{kind}.{option}"  # an HTTP listener's own default (a thread per connection)
+        return self[kind_default if kind_default in _SETTINGS_BY_NAME else f"listener.{option}"]
 
     @classmethod
     def from_sources(cls, file_path: str | None = None, sets: Sequence[str] = (),

@@ -277,7 +277,7 @@ def test_seed_listener_show(client, key, node):
     assert vmq == {"type": "vmq", "status": "running", "address": "127.0.0.1", "port": str(ports["vmq"]),
                    "mountpoint": "", "max_conns": "infinity", "active_conns": 0, "all_conns": 0}
     assert row == {"type": "http", "status": "running", "address": "127.0.0.1", "port": str(ports["http"]),
-                   "mountpoint": "", "max_conns": 10000, "active_conns": 1, "all_conns": row["all_conns"]}
+                   "mountpoint": "", "max_conns": 1000, "active_conns": 1, "all_conns": row["all_conns"]}
     assert row["all_conns"] >= 1
     assert mqtt == {"type": "mqtt", "status": "running", "address": "127.0.0.1", "port": str(ports["mqtt"]),
                     "mountpoint": "", "max_conns": 10000, "active_conns": 0, "all_conns": 0}
