@@ -862,7 +862,8 @@ def find_setting(key: str) -> Setting:
     parts = key.split(".")
     if parts[0] == "listener" and len(parts) in (3, 4) and parts[1] in LISTENER_TYPES:
         if parts[-1] in LISTENER_OPTIONS:  # the type's own setting where it has one (listener.http.max_connections)
-            return _SETTINGS_BY_NAME.get(f"listener.{parts[1]}.{parts[-1]}") or _SETTINGS_BY_NAME["listener." + parts[-1]]
+            own = _SETTINGS_BY_NAME.get(f"listener.{parts[1]}.{parts[-1]}")
+            return own or _SETTINGS_BY_NAME["listener." + parts[-1]]
         if len(parts) == 3 and re.fullmatch(r"[A-Za-z0-9_-]+", parts[2]):
             return _SETTINGS_BY_NAME["listener.$type.$name"]
     if len(parts) == 4 and parts[0] == "http_module" and parts[1] in HTTP_MODULES \
