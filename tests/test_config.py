@@ -78,3 +78,15 @@ def test_every_settable_key_of_the_spec_exists():
             "vmq_passwd.password_reload_interval").split()
     for key in spec:
         assert vmqapi.find_setting(key).settable, key
+
+
+def test_http_listeners_hold_a_thread_per_connection_so_their_default_cap_is_lower():
+    config = vmqapi.Config({})
+    assert config.listener_option("http", "default", "max_connections") == 1000
+    assert config.listener_option("https", "admin", "max_connections") == 1000
+    assert config.listener_option("tcp", "default", "max_connections") == 10000
+    assert config["listener.http.default.max_connections"] == 1000  # what show prints is what applies
+    explicit = vmqapi.Config({"listener.max_connections": "5000"})
+    assert explicit.listener_option("http", "default", "max_connections") == 5000  # a key given wins
+    assert vmqapi.Config({"listener.http.max_connections": "infinity"}).listener_option(
+        "http", "default", "max_connections") is None

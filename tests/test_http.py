@@ -277,7 +277,7 @@ def test_seed_listener_show(client, key, node):
     assert vmq == {"type": "vmq", "status": "running", "address": "127.0.0.1", "port": str(ports["vmq"]),
                    "mountpoint": "", "max_conns": "infinity", "active_conns": 0, "all_conns": 0}
     assert row == {"type": "http", "status": "running", "address": "127.0.0.1", "port": str(ports["http"]),
-                   "mountpoint": "", "max_conns": 10000, "active_conns": 1, "all_conns": row["all_conns"]}
+                   "mountpoint": "", "max_conns": 1000, "active_conns": 1, "all_conns": row["all_conns"]}
     assert row["all_conns"] >= 1
     assert mqtt == {"type": "mqtt", "status": "running", "address": "127.0.0.1", "port": str(ports["mqtt"]),
                     "mountpoint": "", "max_conns": 10000, "active_conns": 0, "all_conns": 0}
@@ -652,3 +652,239 @@ def test_trace_and_connect_are_405_with_allow(node, request_line, allow):
     answer = raw_exchange(node, request_line + b"\r\nConnection: close\r\n\r\n")
     assert answer.startswith(b"HTTP/1.1 405 ") and b"\r\nAllow: " + allow + b"\r\n" in answer
     assert b'"error":"method_not_allowed"' in answer
+
+
+# -- the head, the body's framing and other sites' pages ----------------------------------------
+
+def read_until_closed(sock, seconds=5.0):
+    """Return everything the node sends until it closes the connection (``seconds`` at most)."""
+    sock.settimeout(seconds)
+    chunks, end = [], time.monotonic() + seconds
+    while time.monotonic() < end:
+        try:
+            chunk = sock.recv(65536)
+        except socket.timeout:
+            raise AssertionError("the node did not close the connection") from None
+        except ConnectionResetError:
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def test_a_head_just_under_http_max_header_bytes_is_served_and_one_over_gets_431(node, key):
+    limit = node.config["http_max_header_bytes"]
+    start = b"GET /api/v1/cluster/show HTTP/1.1\r\nAuthorization: " + basic(key).encode() + b"\r\n"
+    filler = lambda size: b"".join(b"X-F%d: %s\r\n" % (n, b"f" * 3000) for n in range(size // 3010)) \
+        + b"X-Last: " + b"l" * (size % 3010 - 10 if size % 3010 > 10 else 0) + b"\r\n"
+    under = start + filler(limit - len(start) - 2 - 100) + b"Connection: close\r\n\r\n"
+    assert limit - 200 < len(under) <= limit
+    answer = raw_exchange(node, under)
+    assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]
+    port = node.listeners()[0]["port"]
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(start + filler(limit))  # the head never ends: the node answers once it passes the bound
+        answer = read_until_closed(sock)
+    assert answer.startswith(b"HTTP/1.1 431 ") and b"Connection: close\r\n" in answer
+    body = json.loads(answer.partition(b"\r\n\r\n")[2])
+    assert body["error"] == "header_too_large" and "http_max_header_bytes" in body["text"]
+    assert node.unfinished_http.total == 0
+
+
+def test_100_lines_of_64_kib_are_cut_at_the_bound_not_read_first(make_node):
+    """http.server alone takes 100 lines of 64 KiB before anyone looks: the node answers 431 within the first."""
+    node = make_node(http_max_header_bytes="4096")
+    port = node.listeners()[0]["port"]
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nX-Big: " + b"b" * 20000)  # one line, not finished
+        answer = read_until_closed(sock)
+    assert answer.startswith(b"HTTP/1.1 431 ")
+
+
+def test_unfinished_requests_node_wide_the_biggest_holder_is_cut(make_node):
+    """Past http_max_unfinished_bytes the request holding the most gets 503; a small one still gets through."""
+    node = make_node(http_max_unfinished_bytes="65536")
+    key = node.keystore.create("mgmt")
+    port = node.listeners()[0]["port"]
+    socks = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(3)]
+    try:
+        for sock, lines in zip(socks, (8, 1, 8)):  # 32, 4 and 32 KB heads, none finished: 68 KB in all
+            sock.sendall(b"GET /health HTTP/1.1\r\n" + b"".join(b"X-%d: %s\r\n" % (i, b"h" * 3990)
+                                                             for i in range(lines)))
+            time.sleep(0.2)
+        biggest = read_until_closed(socks[0])  # it held the most when the third one passed the budget
+        assert biggest.startswith(b"HTTP/1.1 503 ") and b"http_max_unfinished_bytes" in biggest
+        assert node.unfinished_http.total <= 65536
+        answer = raw_exchange(node, b"GET /api/v1/cluster/show HTTP/1.1\r\nConnection: close\r\nAuthorization: "
+                              + basic(key).encode() + b"\r\n\r\n")
+        assert answer.startswith(b"HTTP/1.1 200 ")
+        for sock in socks[1:]:  # the others finish their requests and are answered
+            sock.sendall(b"\r\n")
+            assert sock.recv(100).startswith(b"HTTP/1.1 200 ")
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+@pytest.mark.parametrize("framing, status", [
+    (b"Content-Length: 0\r\nContent-Length: 44\r\n", 400),
+    (b"Content-Length: 44\r\nContent-Length: 0\r\n", 400),
+    (b"Transfer-Encoding: chunked\r\nContent-Length: 44\r\n", 400),
+    (b"Content-Length: 44\r\nTransfer-Encoding: chunked\r\n", 400),
+    (b"Transfer-Encoding: chunked\r\n", 501),
+])
+def test_a_request_with_two_readings_of_its_length_gets_one_answer_and_a_close(node, key, framing, status):
+    """RFC 9112 6.3: never a second, smuggled request answered from what a first one carried."""
+    smuggled = b"GET /api/v1/api-key/show HTTP/1.1\r\nX: yz\r\n\r\n"
+    assert len(smuggled) == 44
+    port = node.listeners()[0]["port"]
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(b"POST /api/v1/cluster/show HTTP/1.1\r\nHost: x\r\nAuthorization: " + basic(key).encode()
+                     + b"\r\nContent-Type: application/x-www-form-urlencoded\r\n" + framing + b"\r\n" + smuggled)
+        answer = read_until_closed(sock)
+    assert re.findall(rb"HTTP/1\.1 (\d{3}) ", answer) == [str(status).encode()]
+    assert b"Connection: close\r\n" in answer and json.loads(answer.partition(b"\r\n\r\n")[2])["type"] == "error"
+
+
+def test_two_equal_content_lengths_are_one(node, key):
+    answer = raw_exchange(node, b"POST /api/v1/cluster/show HTTP/1.1\r\nConnection: close\r\nAuthorization: "
+                          + basic(key).encode() + b"\r\nContent-Length: 0\r\nContent-Length: 0\r\n\r\n")
+    assert re.findall(rb"HTTP/1\.1 (\d{3}) ", answer) == [b"200"]
+
+
+CROSS_SITE = [{"Sec-Fetch-Site": "cross-site"}, {"Sec-Fetch-Site": "same-site"},
+              {"Origin": "http://evil.example"}, {"Origin": "null"},
+              {"Origin": "http://127.0.0.1:1"}, {"Origin": "https://{host}"}]
+
+
+@pytest.mark.parametrize("extra", CROSS_SITE)
+@pytest.mark.parametrize("method", ["GET", "POST"])
+def test_another_sites_page_cannot_change_the_node(node, client, key, extra, method):
+    """A form POST or an <img> GET from elsewhere carries the browser's cached Basic key: 403, nothing made."""
+    host = client.conn.host + ":" + str(client.conn.port)
+    headers = {"Authorization": basic(key), **{k: v.format(host=host) for k, v in extra.items()}}
+    before = len(node.keystore.entries())
+    if method == "GET":
+        status, _, data = client.request("GET", "/api/v1/api-key/create?scope=mgmt", headers)
+    else:
+        headers["Content-Type"] = "application/x-www-form-urlencoded"
+        status, _, data = client.request("POST", "/api/v1/api-key/create", headers, b"scope=mgmt")
+    body = body_json(data)
+    assert status == 403 and body["error"] == "forbidden" and "api-key create" in body["text"], body
+    assert len(node.keystore.entries()) == before
+    status, _, data = client.request("GET", "/api/v1/cluster/show", headers)  # reading stays allowed
+    assert status == 200
+
+
+def test_the_nodes_own_page_and_curl_may_change_it(node, client, key):
+    host = f"{client.conn.host}:{client.conn.port}"
+    for extra in ({}, {"Origin": f"http://{host}", "Sec-Fetch-Site": "same-origin"}, {"Sec-Fetch-Site": "none"},
+                  {"Origin": f"HTTP://{host.upper()}"}):
+        status, _, data = client.request("GET", "/api/v1/api-key/create?scope=mgmt_ro",
+                                         {"Authorization": basic(key), **extra})
+        assert status == 200, (extra, data)
+
+
+def test_http_publish_and_disconnect_refuse_other_sites(make_node):
+    node = make_node(**{"http_module.vmq_http_pub.auth.mode": "noauth",
+                        "http_module.vmq_http_v2_api.auth.mode": "noauth"})
+    c = Client(node)
+    try:
+        evil = {"Origin": "http://evil.example", "topic": "a/b"}
+        assert c.request("POST", "/restmqtt/api/v1/publish", evil, b"x")[0] == 403
+        assert c.request("GET", "/api/v2/disconnect?client_id=x", {"Sec-Fetch-Site": "cross-site"})[0] == 403
+        assert c.request("GET", "/api/v2/client?client_id=x", {"Sec-Fetch-Site": "cross-site"})[0] == 200
+        assert c.request("GET", "/api/v2/disconnect?client_id=x")[0] == 200
+    finally:
+        c.close()
+
+
+ATTACK_KEY = "headattack" + "k" * 22
+
+
+def _keep_heads_coming(port, conns, seconds, lines=99, line_size=65000):
+    """Hold ``conns`` connections each sending a head of ``lines`` header lines, never finished.
+
+    A connection the node closes is opened again at once. Return (connections opened, bytes sent).
+    """
+    import selectors
+    line = b"X-Pad: " + b"p" * (line_size - 9) + b"\r\n"
+    sel, opened, sent = selectors.DefaultSelector(), 0, 0
+    end = time.monotonic() + seconds
+
+    def open_one():
+        nonlocal opened
+        s = socket.create_connection(("127.0.0.1", port), timeout=5)
+        s.setblocking(False)
+        sel.register(s, selectors.EVENT_WRITE, [b"GET /api/v1/cluster/show HTTP/1.1\r\n" + line * lines, 0])
+        opened += 1
+    try:
+        for _ in range(conns):
+            open_one()
+        while time.monotonic() < end:
+            for key, _ in sel.select(0.1):
+                data, offset = key.data
+                try:
+                    n = key.fileobj.send(data[offset:offset + 262144]) if offset < len(data) else 0
+                except BlockingIOError:
+                    n = 0
+                except OSError:  # the node answered and closed: a new connection takes its place
+                    sel.unregister(key.fileobj)
+                    key.fileobj.close()
+                    open_one()
+                    continue
+                key.data[1] += n
+                sent += n
+                if key.data[1] >= len(data):
+                    sel.modify(key.fileobj, selectors.EVENT_READ, key.data)  # all sent: wait for the close
+    finally:
+        for key in list(sel.get_map().values()):
+            key.fileobj.close()
+        sel.close()
+    return opened, sent
+
+
+def test_150_connections_trickling_huge_heads_cannot_grow_the_node(tmp_path):
+    """150 connections, each 99 header lines of 65 KB never finished (once: ~6 MB each, 800 MB in all).
+
+    Each head is cut at http_max_header_bytes with 431, so the node grows by little; an MQTT
+    round trip and HTTP requests from others (one with a head just under the bound) are
+    served meanwhile.
+    """
+    import http.client
+    import threading
+    from capped import capped_node
+    from test_mqtt_io import control_round_trip
+    with capped_node(tmp_path / "d", env={"VMQAPI_API_KEYS": ATTACK_KEY}) as node:
+        port = node.port("http")
+        auth = {"Authorization": basic(ATTACK_KEY)}
+        control_round_trip(node.port("mqtt"))
+        base = node.rss()
+        result = {}
+        attacker = threading.Thread(target=lambda: result.update(done=_keep_heads_coming(port, 150, 4.0)))
+        attacker.start()
+        peak, rtts, gets = base, [], []
+        try:
+            while attacker.is_alive():
+                peak = max(peak, node.rss())
+                if len(rtts) < 3:
+                    rtts.append(control_round_trip(node.port("mqtt"), f"ctl{len(rtts)}"))
+                    started = time.monotonic()
+                    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+                    for extra in ({}, {f"X-Big-{n}": "b" * 3900 for n in range(8)}):  # then a head just under the bound
+                        conn.request("GET", "/api/v1/cluster/show", headers={**auth, **extra})
+                        resp = conn.getresponse()
+                        resp.read()
+                        gets.append((resp.status, time.monotonic() - started))
+                    conn.close()
+                time.sleep(0.05)
+        finally:
+            attacker.join(30)
+        opened, sent = result["done"]
+        growth = (peak - base) / (1 << 20)
+        assert opened > 150 and sent > 150 * 32768  # the node cut the heads and the attack came again
+        assert growth < 64, f"the node grew by {growth:.0f} MB"  # 4 MB measured; 340 MB in 4 s without the bound
+        assert [s for s, _ in gets] == [200] * 6 and max(t for _, t in gets) < 2.0, gets
+        assert max(rtts) < 2.0, rtts
+        assert node.alive() and "Traceback" not in node.log()
