@@ -5986,6 +5986,7 @@ class Tracer:
 PARTIAL_BIG = 65536  # bytes: an unfinished packet this large grows in a bytearray, not by copying per read
 FD_RESERVE = 128  # file descriptors MQTT connections leave to the admin API, the store and the listeners
 CONNECT_FIRST_BYTE = 0x10  # CONNECT, flags 0 [MQTT-3.1.0-1]: a new connection starting otherwise is closed at once
+BATCH_SECONDS = 0.005  # one read's packets hold the loop this long at most; the rest waits for others' turn
 
 
 def certificate_cn(cert: Mapping[str, Any] | None) -> str | None:
@@ -6083,7 +6084,7 @@ class MqttLink(asyncio.Protocol):
             io.refresh_rules(now)  # a set of vmq_acl.* or vmq_passwd.* counts from the next packet
         max_size, connected = self._max_size(), client.connected
         engine.refresh_settings()
-        limits = engine.packet_limits
+        limits, turn_ends = engine.packet_limits, time.perf_counter() + BATCH_SECONDS
         try:
             if held is not None:  # it waited for webhook answers, which the gate has set
                 engine.handle(client, held[0], now, held[1])
@@ -6105,6 +6106,8 @@ class MqttLink(asyncio.Protocol):
                     client.tracer.packet("in", packet, now)
                 if client.connected != connected:  # accepted: max_message_size from the next packet on
                     max_size, connected = self._max_size(), client.connected
+                if time.perf_counter() > turn_ends and pos < len(buf):
+                    self.throttle(0.0)  # the rest is decoded on a later turn of the loop
         except MalformedPacket as exc:
             log.info("closing MQTT connection from %s: %s", self.peer[0], exc.text)
             engine.counters[exc.metric, ()] += 1

@@ -637,3 +637,43 @@ def test_a_packet_with_as_many_properties_as_allowed_is_delivered_whole(tmp_path
         finally:
             sub.close()
             pub.close()
+
+
+def measure_round_trips(control, busy, limit=100_000):
+    """Round trips (seconds, sorted) of a control client's QoS 0 message while ``busy()`` is true."""
+    trips = []
+    while busy() and len(trips) < limit:
+        started = time.monotonic()
+        control.publish("ctl", b"ping")
+        assert control.message(timeout=30).payload == b"ping"
+        trips.append(time.monotonic() - started)
+    return sorted(trips)
+
+
+def test_topic_filters_cannot_hold_the_loop(tmp_path):
+    with capped_node(tmp_path / "d") as node:  # max_subscriptions_per_client 1000: filters per packet too
+        port = node.port("mqtt")
+        control, piped, huge = MqttClient(port), MqttClient(port, timeout=30), MqttClient(port, timeout=30)
+        try:
+            for c, name in ((control, "control"), (piped, "piped"), (huge, "huge")):
+                assert c.connect(name).return_code == 0
+            control.subscribe(("ctl", 0))
+            full = vmqapi.encode_packet(vmqapi.Subscribe(1, tuple((f"f/{n}", 1) for n in range(1000))))
+            over = vmqapi.encode_packet(vmqapi.Subscribe(2, tuple((f"f/{n}", 1) for n in range(50_000))))
+            piped.send_raw(full * 40)  # pipelined: one read of the node holds many
+            huge.send_raw(over)
+            done = []
+            waiter = threading.Thread(target=lambda: done.append(
+                [piped.expect(vmqapi.Suback).return_codes for _ in range(40)]))
+            waiter.start()
+            trips = measure_round_trips(control, waiter.is_alive)
+            waiter.join(60)
+            worst = trips[-1]
+            print(f"control round trips: {len(trips)}, worst {worst * 1000:.0f} ms")
+            assert worst < 0.25, f"a control round trip took {worst * 1000:.0f} ms"
+            assert done and all(codes == (1,) * 1000 for codes in done[0])  # 1000 filters: as many as allowed
+            assert huge.closed(5)
+            assert node.metric("mqtt_packet_limit_error") == 1
+        finally:
+            for c in (control, piped, huge):
+                c.close()
