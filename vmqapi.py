@@ -3228,6 +3228,7 @@ class Delivery:
     def __init__(self):
         self.dirty: list[Connection] = []  # connections with output since the I/O shell last took it
         self.queued_bytes = 0  # of every session's queue together (max_queued_bytes)
+        self.unsent_bytes = 0  # the I/O shell's: bytes sent to peers that do not read, still in their transports
         self.retained_changes: list[tuple[str, str]] | _Discard = DISCARD  # (mountpoint, topic) changed here
         # (node, mountpoint, message, plain, groups) for other nodes, in publish order, until the shell takes them
         self.forwards: list[tuple[str, str, Message, bool, tuple[str, ...]]] = []
@@ -3410,9 +3411,14 @@ class Delivery:
         queued = _queued(session)
         if 0 <= limit <= queued:
             return "max_online_messages" if online else "max_offline_messages"
-        if queued and 0 <= byte_limit < session.queue_bytes + size:
-            return "max_online_bytes" if online else "max_offline_bytes"
-        return "max_queued_bytes" if 0 <= self.max_queued_bytes < self.queued_bytes + size else ""
+        total = self.queued_bytes + size
+        if 0 <= byte_limit < session.queue_bytes + size:
+            if queued:
+                return "max_online_bytes" if online else "max_offline_bytes"
+            # such big ones, copied for every subscriber (in this batch's outboxes, then in the buffers of
+            # peers that do not read), share the node-wide bound
+            total += self.unsent_bytes + sum(c.out_bytes for c in self.dirty)
+        return "max_queued_bytes" if 0 <= self.max_queued_bytes < total else ""
 
     def enqueue(self, session: Session, out: Outgoing) -> None:
         """Queue for a session (bounded in messages and bytes), then drain.
@@ -6026,6 +6032,7 @@ class MqttLink(asyncio.Protocol):
         self.timer_at = 0.0
         self.armed_connected = False  # whether the timer was set for a connected client
         self.stall: asyncio.TimerHandle | None = None
+        self.unsent = 0  # bytes its transport held when it last paused writing (in the engine's unsent_bytes)
         self.peer = ("", 0)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -6210,6 +6217,8 @@ class MqttLink(asyncio.Protocol):
             if conn.tracer is not None:
                 self._trace_out(conn, data)
             self.transport.write(data)  # may call pause_writing: then resume_writing goes on
+            if not self.writable:
+                self._unsent(self.transport.get_write_buffer_size())
             if conn.held_back and self.writable:
                 self.io.loop.call_soon(self._deliver_more)
         if conn.pause_for:
@@ -6250,7 +6259,13 @@ class MqttLink(asyncio.Protocol):
         if self.stall is None:  # closing too: a close waits for the buffer, which a peer that never reads keeps full
             self.stall = self.io.loop.call_later(self.io.settings()["mqtt_write_timeout"] / 1000, self._stalled)
 
+    def _unsent(self, size: int) -> None:
+        """Tell the engine how many bytes this peer leaves unread in its transport (0: none that matter)."""
+        self.io.engine.unsent_bytes += size - self.unsent
+        self.unsent = size
+
     def resume_writing(self) -> None:
+        self._unsent(0)
         self.writable = True
         if self.client is not None:
             self.client.writable = True
@@ -6280,6 +6295,7 @@ class MqttLink(asyncio.Protocol):
         self.closing = True
         self.buffer, self.big = b"", None
         self.io.hold(self, 0)
+        self._unsent(0)
         for handle in (self.timer, self.stall):
             if handle is not None:
                 handle.cancel()
@@ -6378,6 +6394,9 @@ class WsTransport:
 
     def pause_reading(self) -> None:
         self._transport.pause_reading()
+
+    def get_write_buffer_size(self) -> int:
+        return self._transport.get_write_buffer_size()
 
     def resume_reading(self) -> None:
         self._transport.resume_reading()

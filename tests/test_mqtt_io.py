@@ -399,7 +399,9 @@ def test_one_subscribe_cannot_make_the_node_send_retained_messages_without_bound
 
 @pytest.mark.slow
 def test_a_large_qos0_message_is_not_copied_for_every_subscriber_that_does_not_read(tmp_path):
-    with capped_node(tmp_path / "d") as node:
+    # Over max_online_bytes (8 MB), it goes to an empty queue all the same, but such messages still in
+    # the buffers of peers that do not read share max_queued_bytes: one copy here, not eight.
+    with capped_node(tmp_path / "d", f"max_queued_bytes={48 * MB}") as node:
         port = node.port("mqtt")
         readers = [slow_reader(port, f"slow{n}", ("big", 0)) for n in range(8)]
         pub = MqttClient(port, timeout=30)
@@ -407,12 +409,12 @@ def test_a_large_qos0_message_is_not_copied_for_every_subscriber_that_does_not_r
             time.sleep(0.5)
             before = node.rss()
             assert pub.connect("pub").return_code == 0
-            pub.send_raw(publish_header(40 * MB) + b"\1" * (40 * MB))  # over max_online_bytes (8 MB)
+            pub.send_raw(publish_header(40 * MB) + b"\1" * (40 * MB))
             time.sleep(2)
             assert control_round_trip(port) < 5
             grown = node.rss() - before
-            assert grown < 48 * MB, f"one 40 MB message grew the node by {grown / MB:.0f} MB"
-            assert node.metric("queue_message_drop") >= 8
+            assert grown < 96 * MB, f"one 40 MB message grew the node by {grown / MB:.0f} MB"
+            assert node.metric("queue_message_drop") >= 7
         finally:
             pub.close()
             for r in readers:
