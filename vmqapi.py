@@ -759,6 +759,9 @@ SETTINGS: tuple[Setting, ...] = (
        "Subscriptions one session may hold (EMQX's max_subscriptions; 0: no limit); past it SUBACK says 0x97 "
        "(MQTT 3.1.1: 0x80). Also the most topic filters in one SUBSCRIBE or UNSUBSCRIBE. A subscription costs "
        "about 1 KB of memory: 1000 bounds a session near 1 MB and one SUBSCRIBE near 20 ms of the loop.", True),
+    _S("max_subscriptions_total", parse_int_range(0), 1_000_000,
+       "Subscriptions the node's routing tables hold for every session together (0: no limit); past it a new "
+       "filter gets SUBACK 0x97 (MQTT 3.1.1: 0x80). At about 1 KB each, 1000000 bounds them near 1 GB.", True),
     _S("max_persistent_sessions", parse_int_range(0), 100_000,
        "Persistent sessions (online or offline) the node keeps (0: no limit); past it a CONNECT that would make "
        "a new one is refused with 0x97 (MQTT 3.1.1: 3, server unavailable). A session costs about 1.6 KB of "
@@ -1094,7 +1097,8 @@ METRIC_DEFINITIONS: dict[str, tuple[str, str, tuple[LabelSet, ...]]] = {  # Vern
                                 "max_properties_per_packet, or more topic filters than "
                                 "max_subscriptions_per_client.", _NO_LABELS),
     "mqtt_subscription_quota_error": ("counter", "The number of topic filters refused because their session "
-                                      "held max_subscriptions_per_client.", _NO_LABELS),
+                                      "held max_subscriptions_per_client, or the node max_subscriptions_total.",
+                                      _NO_LABELS),
     "mqtt_session_quota_error": ("counter", "The number of CONNECTs refused because the node held "
                                  "max_persistent_sessions persistent sessions.", _NO_LABELS),
     "mqtt_puback_invalid_error": ("counter", "The number of unexpected PUBACK packets received.", _NO_LABELS),
@@ -3713,6 +3717,7 @@ class Sessions(Delivery):
             self.share_policy = config["shared_subscription_policy"]
             self.publish_in_netsplit = config["allow_publish_during_netsplit"]
             self.max_subs = config["max_subscriptions_per_client"]
+            self.max_subs_total = config["max_subscriptions_total"]
             self.max_persistent = config["max_persistent_sessions"]
             self.packet_limits = Limits(config["max_properties_per_packet"], self.max_subs)
         return config
@@ -4748,7 +4753,8 @@ class Engine(Peers):
             opts = SubOptions(qos, bool(options & 4), bool(options & 8), (options >> 4) & 3, sub_id) \
                 if dialect.v5 else BRIDGE_OPTIONS[qos] if client.bridge else QOS_ONLY[qos]
             existed = topic_filter in session.subs
-            if not existed and 0 < self.max_subs <= len(session.subs):
+            if not existed and (0 < self.max_subs <= len(session.subs)
+                                or 0 < self.max_subs_total <= self.router.subscription_count()):
                 codes.append(dialect.subscribe_quota)
                 self.counters["mqtt_subscription_quota_error", ()] += 1
                 continue

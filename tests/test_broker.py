@@ -627,6 +627,19 @@ def test_subscriptions_per_client_are_capped(make_node):
     assert node.metrics.value("mqtt_packet_limit_error") == 1
 
 
+def test_subscriptions_are_capped_node_wide(make_node):
+    node = make_node(max_subscriptions_total="3")
+    with client_maker(node, 5) as make:
+        a, b = make("a"), make("b")
+        assert a.subscribe(("x", 0), ("y", 0)) == (0, 0)
+        assert b.subscribe(("x", 0)) == (0,)
+        assert b.subscribe(("z", 0)) == (0x97,)
+        assert a.subscribe(("x", 1)) == (1,)  # one it holds may be subscribed again
+        a.unsubscribe("y")
+        assert b.subscribe(("z", 0)) == (0,)
+    assert node.metrics.value("mqtt_subscription_quota_error") == 1
+
+
 def test_the_subscription_cap_holds_across_a_restart(tmp_path):
     from conftest import node_config
     config = node_config(tmp_path / "subs", max_subscriptions_per_client="2")
