@@ -6122,7 +6122,7 @@ class MqttLink(asyncio.Protocol):
                     client.tracer.packet("in", packet, now)
                 if client.connected != connected:  # accepted: max_message_size from the next packet on
                     max_size, connected = self._max_size(), client.connected
-                if time.perf_counter() > turn_ends and pos < len(buf):
+                if time.perf_counter() > turn_ends and pos < len(buf) and not client.pause_for:
                     self.throttle(0.0)  # the rest is decoded on a later turn of the loop
         except MalformedPacket as exc:
             log.info("closing MQTT connection from %s: %s", self.peer[0], exc.text)
