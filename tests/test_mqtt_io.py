@@ -593,8 +593,8 @@ def test_packets_full_of_properties_cannot_hold_the_loop(tmp_path):
             + publish5_with(empty_user_properties(1_900_000))  # 9.5 MB: 1.9 million properties
         heavy_connect = connect5_with(empty_user_properties(52_000))  # 260 KB, before any credential
         seen = {"publish": [], "connect": []}
-        threads = [threading.Thread(target=attack, args=(port, heavy_publish, 3, seen["publish"]))] + [
-            threading.Thread(target=attack, args=(port, heavy_connect, 3, seen["connect"])) for _ in range(3)]
+        threads = [threading.Thread(target=attack, args=(port, heavy_publish, 2, seen["publish"]))] + [
+            threading.Thread(target=attack, args=(port, heavy_connect, 2, seen["connect"])) for _ in range(3)]
         trips = []
         try:
             for t in threads:
