@@ -764,8 +764,8 @@ SETTINGS: tuple[Setting, ...] = (
        "filter gets SUBACK 0x97 (MQTT 3.1.1: 0x80). At about 1 KB each, 1000000 bounds them near 1 GB.", True),
     _S("max_persistent_sessions", parse_int_range(0), 100_000,
        "Persistent sessions (online or offline) the node keeps (0: no limit); past it a CONNECT that would make "
-       "a new one is refused with 0x97 (MQTT 3.1.1: 3, server unavailable). A session costs about 1.6 KB of "
-       "memory and 0.9 KB on disk before its subscriptions and messages: 100000 bounds them near 250 MB.", True),
+       "a new one is refused with 0x97 (MQTT 3.1.1: 3, server unavailable). A session costs about 2 KB of "
+       "memory and under 1 KB on disk before its subscriptions and messages: 100000 bounds them near 300 MB.", True),
     _S("mqtt_write_timeout", parse_int_range(1), 60000,
        "Milliseconds a connection may leave its answers unread (outgoing buffer full, its input paused) before "
        "it is closed.", True),
