@@ -360,6 +360,8 @@ class MalformedPacket(VmqError):
 
     http_status, code = 400, "malformed_packet"
     reason_code = 0x81
+    metric = "mqtt_malformed_packet_error"  # what the MQTT link counts it in
+    proto_level = 0  # a CONNECT's protocol level, once read: MQTT 5 hears CONNACK with the reason
 
 
 class WsError(VmqError):
@@ -388,6 +390,13 @@ class PacketTooLarge(MalformedPacket):
     """A packet larger than max_message_size."""
 
     reason_code = 0x95
+    metric = "mqtt_invalid_msg_size_error"
+
+
+class PacketLimitExceeded(PacketTooLarge):
+    """A packet with more properties, or topic filters, than one packet may carry; MQTT 5 hears 0x95."""
+
+    metric = "mqtt_packet_limit_error"
 
 
 class ReceiveMaxExceeded(ProtocolError):
@@ -752,6 +761,22 @@ SETTINGS: tuple[Setting, ...] = (
     _S("max_topic_levels", parse_int_range(1, 65535), 200,
        "Most levels in a topic name or filter (mosquitto's fixed limit, 200): each level costs the routing and "
        "retained trees memory whatever its length.", True),
+    _S("max_properties_per_packet", parse_int_range(0, 65535), 128,
+       "MQTT 5: most properties in one packet (all its lists together; 0: no limit); past it the client is closed "
+       "with 0x95. Each costs a turn of the loop every client waits on (an empty user property is 5 bytes); 128 is "
+       "far more than applications send and is read in well under a millisecond.",
+       True),
+    _S("max_subscriptions_per_client", parse_int_range(0), 1000,
+       "Subscriptions one session may hold (EMQX's max_subscriptions; 0: no limit); past it SUBACK says 0x97 "
+       "(MQTT 3.1.1: 0x80). Also the most topic filters in one SUBSCRIBE or UNSUBSCRIBE. A subscription costs "
+       "about 1 KB of memory: 1000 bounds a session near 1 MB and one SUBSCRIBE near 20 ms of the loop.", True),
+    _S("max_subscriptions_total", parse_int_range(0), 1_000_000,
+       "Subscriptions the node's routing tables hold for every session together (0: no limit); past it a new "
+       "filter gets SUBACK 0x97 (MQTT 3.1.1: 0x80). At about 1 KB each, 1000000 bounds them near 1 GB.", True),
+    _S("max_persistent_sessions", parse_int_range(0), 100_000,
+       "Persistent sessions (online or offline) the node keeps (0: no limit); past it a CONNECT that would make "
+       "a new one is refused with 0x97 (MQTT 3.1.1: 3, server unavailable). A session costs about 2 KB of "
+       "memory and under 1 KB on disk before its subscriptions and messages: 100000 bounds them near 300 MB.", True),
     _S("mqtt_write_timeout", parse_int_range(1), 60000,
        "Milliseconds a connection may leave its answers unread (outgoing buffer full, its input paused) before "
        "it is closed.", True),
@@ -1003,6 +1028,21 @@ def _read_config_file(path: str) -> dict[str, Any]:
     return values
 
 
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """What one packet may carry (0: no limit): each property or filter costs a turn of the loop all clients share."""
+
+    properties: int = 0  # properties of every list in the packet together (max_properties_per_packet)
+    topics: int = 0  # topic filters of a SUBSCRIBE or UNSUBSCRIBE (max_subscriptions_per_client)
+
+    def __post_init__(self):
+        if self.properties < 0 or self.topics < 0:
+            raise ValueError("packet limits are counts, 0 or more")
+
+
+NO_LIMITS = Limits()
+
+
 ###############################################################################
 # 3. Metrics registry #########################################################
 ###############################################################################
@@ -1066,6 +1106,14 @@ METRIC_DEFINITIONS: dict[str, tuple[str, str, tuple[LabelSet, ...]]] = {  # Vern
                            "not the UTF-8 it claims to be).", _NO_LABELS),
     "mqtt_subscribe_error": ("counter", "The number of subscriptions refused as invalid.", _NO_LABELS),
     "mqtt_invalid_msg_size_error": ("counter", "The number of packets larger than max_message_size.", _NO_LABELS),
+    "mqtt_packet_limit_error": ("counter", "The number of packets with more properties than "
+                                "max_properties_per_packet, or more topic filters than "
+                                "max_subscriptions_per_client.", _NO_LABELS),
+    "mqtt_subscription_quota_error": ("counter", "The number of topic filters refused because their session "
+                                      "held max_subscriptions_per_client, or the node max_subscriptions_total.",
+                                      _NO_LABELS),
+    "mqtt_session_quota_error": ("counter", "The number of CONNECTs refused because the node held "
+                                 "max_persistent_sessions persistent sessions.", _NO_LABELS),
     "mqtt_puback_invalid_error": ("counter", "The number of unexpected PUBACK packets received.", _NO_LABELS),
     "mqtt_pubrec_invalid_error": ("counter", "The number of unexpected PUBREC packets received.", _NO_LABELS),
     "mqtt_pubcomp_invalid_error": ("counter", "The number of unexpected PUBCOMP packets received.", _NO_LABELS),
@@ -1453,8 +1501,8 @@ def _check_flags(flags: int, expected: int, name: str) -> None:
         raise MalformedPacket(f"reserved flags of {name} are {flags:#x}")  # [MQTT-2.2.2-2]
 
 
-def decode_connect(flags: int, buf, i: int, end: int) -> Connect:
-    """Decode CONNECT; an unknown protocol level comes back for CONNACK 1."""
+def decode_connect(flags: int, buf, i: int, end: int, limits: Limits = NO_LIMITS) -> Connect:
+    """Decode CONNECT; an unknown protocol level comes back for CONNACK 1, an error carries the level read."""
     _check_flags(flags, 0, "CONNECT")
     name, i = _string(buf, i, end)
     if i >= end:
@@ -1466,10 +1514,19 @@ def decode_connect(flags: int, buf, i: int, end: int) -> Connect:
         return Connect(proto_level=level)  # answered with CONNACK 1 [MQTT-3.1.2-2]
     if i + 4 > end:
         raise MalformedPacket("CONNECT ends inside its variable header")
+    try:
+        return _connect_body(level, buf, i, end, limits)
+    except MalformedPacket as exc:
+        exc.proto_level = level
+        raise
+
+
+def _connect_body(level: int, buf, i: int, end: int, limits: Limits) -> Connect:
     cflags, keepalive, i = buf[i + 1], buf[i + 2] << 8 | buf[i + 3], i + 4
     props = will_props = ()
+    cap = limits.properties or None
     if level == 5:
-        props, i = decode_properties(buf, i, end, ALLOWED_PROPERTIES["connect"])
+        props, i = decode_properties(buf, i, end, ALLOWED_PROPERTIES["connect"], cap)
     if cflags & 1:
         raise MalformedPacket("CONNECT reserved flag is set")  # [MQTT-3.1.2-3]
     will, will_qos, will_retain = cflags & 4, (cflags >> 3) & 3, bool(cflags & 32)
@@ -1483,7 +1540,7 @@ def decode_connect(flags: int, buf, i: int, end: int) -> Connect:
     will_topic, will_payload, username, password = None, b"", None, None
     if will:
         if level == 5:
-            will_props, i = decode_properties(buf, i, end, ALLOWED_PROPERTIES["will"])
+            will_props, i = decode_properties(buf, i, end, ALLOWED_PROPERTIES["will"], cap and cap - len(props))
         will_topic, i = _string(buf, i, end)
         if not will_topic or "+" in will_topic or "#" in will_topic:
             raise MalformedPacket("will topic is empty or has a wildcard")  # [MQTT-3.1.3-10], 4.7
@@ -1498,7 +1555,7 @@ def decode_connect(flags: int, buf, i: int, end: int) -> Connect:
                    will_qos, will_retain, props, will_props)
 
 
-def decode_connack(flags: int, buf, i: int, end: int) -> Connack:
+def decode_connack(flags: int, buf, i: int, end: int, limits: Limits = NO_LIMITS) -> Connack:
     """Decode CONNACK."""
     _check_flags(flags, 0, "CONNACK")
     if end - i != 2 or buf[i] & 0xFE:
@@ -1506,7 +1563,7 @@ def decode_connack(flags: int, buf, i: int, end: int) -> Connack:
     return Connack(buf[i + 1], bool(buf[i]))
 
 
-def decode_publish(flags: int, buf, i: int, end: int) -> Publish:
+def decode_publish(flags: int, buf, i: int, end: int, limits: Limits = NO_LIMITS) -> Publish:
     """Decode PUBLISH."""
     qos = (flags >> 1) & 3
     if qos == 3:
@@ -1524,7 +1581,7 @@ def decode_publish(flags: int, buf, i: int, end: int) -> Publish:
 
 
 def _decode_ack(cls: type, expected_flags: int) -> Callable[..., Any]:
-    def decode(flags: int, buf, i: int, end: int):
+    def decode(flags: int, buf, i: int, end: int, limits: Limits = NO_LIMITS):
         _check_flags(flags, expected_flags, cls.__name__.upper())
         if end - i != 2:
             raise MalformedPacket(f"{cls.__name__.upper()} must have 2 bytes")
@@ -1533,12 +1590,18 @@ def _decode_ack(cls: type, expected_flags: int) -> Callable[..., Any]:
     return decode
 
 
-def decode_subscribe(flags: int, buf, i: int, end: int) -> Subscribe:
+def _too_many_topics(topics: list, limits: Limits) -> None:
+    if limits.topics and len(topics) >= limits.topics:
+        raise PacketLimitExceeded(f"more than {limits.topics} topic filters (max_subscriptions_per_client)")
+
+
+def decode_subscribe(flags: int, buf, i: int, end: int, limits: Limits = NO_LIMITS) -> Subscribe:
     """Decode SUBSCRIBE; filters are validated by the broker (SUBACK 0x80)."""
     _check_flags(flags, 2, "SUBSCRIBE")  # [MQTT-3.8.1-1]
     pid, i = _packet_id(buf, i, end), i + 2
     topics = []
     while i < end:
+        _too_many_topics(topics, limits)
         topic, i = _string(buf, i, end)
         if i >= end or buf[i] > 2:
             raise MalformedPacket("bad requested QoS")  # [MQTT-3-8.3-4]
@@ -1549,7 +1612,7 @@ def decode_subscribe(flags: int, buf, i: int, end: int) -> Subscribe:
     return Subscribe(pid, tuple(topics))
 
 
-def decode_suback(flags: int, buf, i: int, end: int) -> Suback:
+def decode_suback(flags: int, buf, i: int, end: int, limits: Limits = NO_LIMITS) -> Suback:
     """Decode SUBACK."""
     _check_flags(flags, 0, "SUBACK")
     pid = _packet_id(buf, i, end)
@@ -1559,12 +1622,13 @@ def decode_suback(flags: int, buf, i: int, end: int) -> Suback:
     return Suback(pid, codes)
 
 
-def decode_unsubscribe(flags: int, buf, i: int, end: int) -> Unsubscribe:
+def decode_unsubscribe(flags: int, buf, i: int, end: int, limits: Limits = NO_LIMITS) -> Unsubscribe:
     """Decode UNSUBSCRIBE."""
     _check_flags(flags, 2, "UNSUBSCRIBE")  # [MQTT-3.10.1-1]
     pid, i = _packet_id(buf, i, end), i + 2
     topics = []
     while i < end:
+        _too_many_topics(topics, limits)
         topic, i = _string(buf, i, end)
         topics.append(topic)
     if not topics:
@@ -1575,7 +1639,7 @@ def decode_unsubscribe(flags: int, buf, i: int, end: int) -> Unsubscribe:
 def _decode_empty(cls: type) -> Callable[..., Any]:
     instance = cls()
 
-    def decode(flags: int, buf, i: int, end: int):
+    def decode(flags: int, buf, i: int, end: int, limits: Limits = NO_LIMITS):
         _check_flags(flags, 0, cls.__name__.upper())
         if end != i:
             raise MalformedPacket(f"{cls.__name__.upper()} has a body")
@@ -1611,13 +1675,13 @@ def fixed_header(buf, pos: int = 0) -> tuple[int, int] | None:
             raise MalformedPacket("remaining length longer than four bytes")  # MQTT 3.1.1 2.2.3
 
 
-def decode_packet(buf, pos: int = 0, max_size: int = 0, version: int = 4) -> tuple[Any, int] | None:
+def decode_packet(buf, pos: int = 0, max_size: int = 0, version: int = 4,
+                  limits: Limits = NO_LIMITS) -> tuple[Any, int] | None:
     """Decode the packet at ``buf[pos:]``: (packet, next position), or None if incomplete.
 
-    ``version`` is the connection's protocol level once CONNECT told it (5: MQTT 5 forms).
-
-    Raises MalformedPacket for anything the specification forbids, and for a
-    packet larger than ``max_size`` bytes (0: no limit) as soon as its length is known.
+    ``version`` is the connection's protocol level once CONNECT told it (5: MQTT 5 forms). Raises
+    MalformedPacket for anything the specification forbids, for a packet larger than ``max_size``
+    bytes (0: no limit) as soon as its length is known, and past ``limits`` as soon as passed.
     """
     if len(buf) > pos + 1 and buf[pos + 1] < 128:  # a remaining length of one byte: most packets
         length, i = buf[pos + 1], pos + 2
@@ -1635,7 +1699,7 @@ def decode_packet(buf, pos: int = 0, max_size: int = 0, version: int = 4) -> tup
     decoder = (DECODERS5 if version == 5 else DECODERS).get(buf[pos] >> 4)
     if decoder is None:
         raise MalformedPacket(f"reserved packet type {buf[pos] >> 4}")  # MQTT 3.1.1 2.2.1
-    return decoder(buf[pos] & 15, buf, i, end), end
+    return decoder(buf[pos] & 15, buf, i, end, limits), end
 
 
 def encode_length(n: int) -> bytes:
@@ -1761,11 +1825,12 @@ def decode_varint(buf, i: int, end: int) -> tuple[int, int]:
             raise MalformedPacket("variable byte integer longer than four bytes")
 
 
-def decode_properties(buf, i: int, end: int, allowed: frozenset[str] | None = None) -> tuple[tuple, int]:
+def decode_properties(buf, i: int, end: int, allowed: frozenset[str] | None = None,
+                      limit: int | None = None) -> tuple[tuple, int]:
     """Read a property list: ((name, value), ...) in order, and the position after it.
 
-    An unknown identifier is a Malformed Packet; a property repeated that may not be, or
-    one ``allowed`` does not hold, is a Protocol Error (MQTT 5.0 2.2.2.2).
+    An unknown identifier is a Malformed Packet; a property repeated that may not be, or one ``allowed``
+    does not hold, is a Protocol Error (MQTT 5.0 2.2.2.2); more than ``limit`` (None: any) PacketLimitExceeded.
     """
     length, i = decode_varint(buf, i, end)
     stop = i + length
@@ -1773,6 +1838,8 @@ def decode_properties(buf, i: int, end: int, allowed: frozenset[str] | None = No
         raise MalformedPacket("property list longer than the packet")
     props, seen = [], set()
     while i < stop:
+        if limit is not None and len(props) >= limit:
+            raise PacketLimitExceeded(f"more than {limit} properties in one packet (max_properties_per_packet)")
         ident, i = decode_varint(buf, i, stop)
         if ident not in PROPERTY_TYPES:
             raise MalformedPacket(f"unknown property identifier {ident:#x}")
@@ -1846,14 +1913,14 @@ del _F
 SUBACK_CODES_5 = frozenset({0, 1, 2, 0x80, 0x83, 0x87, 0x8F, 0x91, 0x97, 0x9E, 0xA1, 0xA2})  # MQTT 5.0 3.9.3
 
 
-def _reason_and_properties(buf, i: int, end: int, allowed: str) -> tuple[int, tuple]:
+def _reason_and_properties(buf, i: int, end: int, allowed: str, limits: Limits) -> tuple[int, tuple]:
     """Read the optional reason code and properties that end MQTT 5 acks, DISCONNECT and AUTH."""
     if i == end:
         return 0, ()  # MQTT 5.0 3.4.2.1: no reason code means 0x00 Success
     reason = buf[i]
     if i + 1 == end:
         return reason, ()
-    props, i = decode_properties(buf, i + 1, end, ALLOWED_PROPERTIES[allowed])
+    props, i = decode_properties(buf, i + 1, end, ALLOWED_PROPERTIES[allowed], limits.properties or None)
     if i != end:
         raise MalformedPacket("bytes after the properties")
     return reason, props
@@ -1865,18 +1932,18 @@ def _encode_reason_and_properties(reason: int, props: tuple) -> bytes:
     return bytes((reason,)) if reason else b""
 
 
-def decode_connack5(flags: int, buf, i: int, end: int) -> Connack:
+def decode_connack5(flags: int, buf, i: int, end: int, limits: Limits = NO_LIMITS) -> Connack:
     """Decode an MQTT 5 CONNACK."""
     _check_flags(flags, 0, "CONNACK")
     if end - i < 3 or buf[i] & 0xFE:
         raise MalformedPacket("bad CONNACK")
-    props, stop = decode_properties(buf, i + 2, end, ALLOWED_PROPERTIES["connack"])
+    props, stop = decode_properties(buf, i + 2, end, ALLOWED_PROPERTIES["connack"], limits.properties or None)
     if stop != end:
         raise MalformedPacket("bytes after the CONNACK properties")
     return Connack(buf[i + 1], bool(buf[i]), props)
 
 
-def decode_publish5(flags: int, buf, i: int, end: int) -> Publish:
+def decode_publish5(flags: int, buf, i: int, end: int, limits: Limits = NO_LIMITS) -> Publish:
     """Decode an MQTT 5 PUBLISH (an empty topic needs a topic alias, MQTT 5.0 3.3.2.3.4)."""
     qos = (flags >> 1) & 3
     if qos == 3 or (qos == 0 and flags & 8):
@@ -1890,30 +1957,31 @@ def decode_publish5(flags: int, buf, i: int, end: int) -> Publish:
     if i < end and buf[i] == 0:  # the common case: no properties
         props, i = (), i + 1
     else:
-        props, i = decode_properties(buf, i, end, ALLOWED_PROPERTIES["publish"])
+        props, i = decode_properties(buf, i, end, ALLOWED_PROPERTIES["publish"], limits.properties or None)
     if not topic and not any(name == "topic_alias" for name, _ in props):
         raise ProtocolError("empty PUBLISH topic without a topic alias")
     return Publish(topic, bytes(buf[i:end]), qos, bool(flags & 1), bool(flags & 8), pid, props)
 
 
 def _decode_ack5(cls: type, expected_flags: int) -> Callable[..., Any]:
-    def decode(flags: int, buf, i: int, end: int):
+    def decode(flags: int, buf, i: int, end: int, limits: Limits = NO_LIMITS):
         _check_flags(flags, expected_flags, cls.__name__.upper())
         pid = _packet_id(buf, i, end)
         if end - i == 2:  # the common case: success, no properties
             return cls(pid)
-        return cls(pid, *_reason_and_properties(buf, i + 2, end, "ack"))
+        return cls(pid, *_reason_and_properties(buf, i + 2, end, "ack", limits))
     decode.__doc__ = f"Decode an MQTT 5 {cls.__name__.upper()}."
     return decode
 
 
-def decode_subscribe5(flags: int, buf, i: int, end: int) -> Subscribe:
+def decode_subscribe5(flags: int, buf, i: int, end: int, limits: Limits = NO_LIMITS) -> Subscribe:
     """Decode an MQTT 5 SUBSCRIBE: options carry QoS, No Local, Retain As Published, Retain Handling."""
     _check_flags(flags, 2, "SUBSCRIBE")  # [MQTT-3.8.1-1]
     pid = _packet_id(buf, i, end)
-    props, i = decode_properties(buf, i + 2, end, ALLOWED_PROPERTIES["subscribe"])
+    props, i = decode_properties(buf, i + 2, end, ALLOWED_PROPERTIES["subscribe"], limits.properties or None)
     topics = []
     while i < end:
+        _too_many_topics(topics, limits)
         topic, i = _string(buf, i, end)
         if i >= end:
             raise MalformedPacket("subscription without options")
@@ -1927,24 +1995,25 @@ def decode_subscribe5(flags: int, buf, i: int, end: int) -> Subscribe:
     return Subscribe(pid, tuple(topics), props)
 
 
-def decode_suback5(flags: int, buf, i: int, end: int) -> Suback:
+def decode_suback5(flags: int, buf, i: int, end: int, limits: Limits = NO_LIMITS) -> Suback:
     """Decode an MQTT 5 SUBACK."""
     _check_flags(flags, 0, "SUBACK")
     pid = _packet_id(buf, i, end)
-    props, i = decode_properties(buf, i + 2, end, ALLOWED_PROPERTIES["ack"])
+    props, i = decode_properties(buf, i + 2, end, ALLOWED_PROPERTIES["ack"], limits.properties or None)
     codes = tuple(buf[i:end])
     if not codes or any(c not in SUBACK_CODES_5 for c in codes):
         raise MalformedPacket("bad SUBACK reason code")
     return Suback(pid, codes, props)
 
 
-def decode_unsubscribe5(flags: int, buf, i: int, end: int) -> Unsubscribe:
+def decode_unsubscribe5(flags: int, buf, i: int, end: int, limits: Limits = NO_LIMITS) -> Unsubscribe:
     """Decode an MQTT 5 UNSUBSCRIBE."""
     _check_flags(flags, 2, "UNSUBSCRIBE")  # [MQTT-3.10.1-1]
     pid = _packet_id(buf, i, end)
-    props, i = decode_properties(buf, i + 2, end, ALLOWED_PROPERTIES["unsubscribe"])
+    props, i = decode_properties(buf, i + 2, end, ALLOWED_PROPERTIES["unsubscribe"], limits.properties or None)
     topics = []
     while i < end:
+        _too_many_topics(topics, limits)
         topic, i = _string(buf, i, end)
         topics.append(topic)
     if not topics:
@@ -1952,11 +2021,11 @@ def decode_unsubscribe5(flags: int, buf, i: int, end: int) -> Unsubscribe:
     return Unsubscribe(pid, tuple(topics), props)
 
 
-def decode_unsuback5(flags: int, buf, i: int, end: int) -> Unsuback:
+def decode_unsuback5(flags: int, buf, i: int, end: int, limits: Limits = NO_LIMITS) -> Unsuback:
     """Decode an MQTT 5 UNSUBACK."""
     _check_flags(flags, 0, "UNSUBACK")
     pid = _packet_id(buf, i, end)
-    props, i = decode_properties(buf, i + 2, end, ALLOWED_PROPERTIES["ack"])
+    props, i = decode_properties(buf, i + 2, end, ALLOWED_PROPERTIES["ack"], limits.properties or None)
     codes = tuple(buf[i:end])
     if not codes:
         raise MalformedPacket("UNSUBACK without reason codes")
@@ -1964,9 +2033,9 @@ def decode_unsuback5(flags: int, buf, i: int, end: int) -> Unsuback:
 
 
 def _decode_reasoned(cls: type, allowed: str) -> Callable[..., Any]:
-    def decode(flags: int, buf, i: int, end: int):
+    def decode(flags: int, buf, i: int, end: int, limits: Limits = NO_LIMITS):
         _check_flags(flags, 0, cls.__name__.upper())
-        return cls(*_reason_and_properties(buf, i, end, allowed))
+        return cls(*_reason_and_properties(buf, i, end, allowed, limits))
     decode.__doc__ = f"Decode an MQTT 5 {cls.__name__.upper()}."
     return decode
 
@@ -2553,6 +2622,8 @@ class Dialect:
     """
 
     v5 = False
+    subscribe_quota = SUBACK_FAILURE  # a filter past max_subscriptions_per_client (MQTT 3.1.1 3.9.3)
+    session_quota = CONNACK_UNAVAILABLE  # a CONNECT past max_persistent_sessions (MQTT 3.1.1 3.2.2.3)
     labels: LabelSet = V4
 
     def ack_labels(self, code: int) -> LabelSet:
@@ -2594,6 +2665,7 @@ class _Mqtt5(Dialect):
 
     v5 = True
     labels = V5
+    subscribe_quota = session_quota = Reason.QUOTA_EXCEEDED  # MQTT 5.0 3.9.3, 3.2.2.2
 
     def ack_labels(self, code: int) -> LabelSet:
         return V5_SUCCESS if not code else reason_labels(code)
@@ -3176,6 +3248,7 @@ class Delivery:
     def __init__(self):
         self.dirty: list[Connection] = []  # connections with output since the I/O shell last took it
         self.queued_bytes = 0  # of every session's queue together (max_queued_bytes)
+        self.unsent_bytes = 0  # the I/O shell's: bytes sent to peers that do not read, still in their transports
         self.retained_changes: list[tuple[str, str]] | _Discard = DISCARD  # (mountpoint, topic) changed here
         # (node, mountpoint, message, plain, groups) for other nodes, in publish order, until the shell takes them
         self.forwards: list[tuple[str, str, Message, bool, tuple[str, ...]]] = []
@@ -3345,14 +3418,27 @@ class Delivery:
             self.enqueue(session, out)
 
     # -- queues -----------------------------------------------------------
-    def queue_full(self, session: Session, online: bool, size: int) -> bool:
-        """Whether one more message of ``size`` bytes passes a count or byte limit of its queue or of all queues."""
+    def queue_full(self, session: Session, online: bool, size: int) -> str:
+        """Which limit one more message of ``size`` bytes passes ('' none): its queue's count or bytes, or all queues'.
+
+        An empty queue takes one message of any size (its byte limit bounds what waits behind
+        it): a message the node accepted must reach an idle subscriber whatever its size.
+        """
         limit, byte_limit = (self.max_online, self.max_online_bytes) if online else \
             (self.max_offline, self.max_offline_bytes)
         if session.limit is not None:
             limit = session.limit
-        return (0 <= limit <= _queued(session) or 0 <= byte_limit < session.queue_bytes + size
-                or 0 <= self.max_queued_bytes < self.queued_bytes + size)
+        queued = _queued(session)
+        if 0 <= limit <= queued:
+            return "max_online_messages" if online else "max_offline_messages"
+        total = self.queued_bytes + size
+        if 0 <= byte_limit < session.queue_bytes + size:
+            if queued:
+                return "max_online_bytes" if online else "max_offline_bytes"
+            # such big ones, copied for every subscriber (in this batch's outboxes, then in the buffers of
+            # peers that do not read), share the node-wide bound
+            total += self.unsent_bytes + sum(c.out_bytes for c in self.dirty)
+        return "max_queued_bytes" if 0 <= self.max_queued_bytes < total else ""
 
     def enqueue(self, session: Session, out: Outgoing) -> None:
         """Queue for a session (bounded in messages and bytes), then drain.
@@ -3363,8 +3449,13 @@ class Delivery:
         online = session.client is not None
         msg, qos = out.msg, out.qos
         size = message_bytes(msg)
-        if self.queue_full(session, online, size) or (online and qos == 0 and not session.client.writable):
+        full = self.queue_full(session, online, size) or (online and qos == 0 and not session.client.writable
+                                                          and "its connection takes no more")
+        if full:
             self.counters["queue_message_drop", ()] += 1  # a slow subscriber loses QoS 0, never blocks others
+            if not session.dropped:  # one line per session, not per message
+                log.warning("dropping messages for client %r: %s (the first of %d bytes; queue_message_drop counts "
+                            "the rest)", session.client_id, full, size)
             session.dropped += 1
             return
         # QoS 0 is stored too when it must wait behind stored messages: the queue keeps its order
@@ -3600,6 +3691,7 @@ class Sessions(Delivery):
         self.new_client_id = new_client_id
         self.router = Router(choose)
         self.sessions: dict[tuple[str, str], Session] = {}
+        self.persistent = 0  # sessions in ``sessions`` that outlive their connection (max_persistent_sessions)
         self.clients: set[Connection] = set()
         self.counters: dict[tuple, int] = collections.defaultdict(int)
         self.anonymous_default = True  # the node sets it: every MQTT listener on loopback
@@ -3637,6 +3729,10 @@ class Sessions(Delivery):
             self.max_levels = config["max_topic_levels"]
             self.share_policy = config["shared_subscription_policy"]
             self.publish_in_netsplit = config["allow_publish_during_netsplit"]
+            self.max_subs = config["max_subscriptions_per_client"]
+            self.max_subs_total = config["max_subscriptions_total"]
+            self.max_persistent = config["max_persistent_sessions"]
+            self.packet_limits = Limits(config["max_properties_per_packet"], self.max_subs)
         return config
 
     def set_rules(self, users: Mapping[str, str], acl_rules: AclRules | None) -> None:
@@ -3677,6 +3773,14 @@ class Sessions(Delivery):
             packet = client.dialect.disconnect(reason, text)
             if packet is not None and self.emit_packet(client, packet):
                 self.counters["mqtt_disconnect_sent", reason_labels(reason, "normal_disconnect")] += 1
+
+    def refuse_packet(self, client: Connection, exc: MalformedPacket) -> None:
+        """Close a client whose packet broke a rule or a limit: MQTT 5 hears the reason, in CONNACK if the
+        packet was its CONNECT (MQTT 5.0 4.13.1), else in DISCONNECT."""
+        if not client.connected and exc.proto_level == 5 and not client.closed:
+            client.speak(5)
+            return self.refuse(client, exc.reason_code, exc.text)
+        self.close_client(client, reason=exc.reason_code, text=exc.text)
 
     def goodbye(self, client: Connection, reason: int) -> None:
         """Say why and close, leaving the session as it is (the node stops)."""
@@ -3742,11 +3846,18 @@ class Sessions(Delivery):
             self.retain(mountpoint, will)
         self.route(mountpoint, will)
 
+    def add_session(self, mountpoint: str, client_id: str, expiry: int | None) -> Session:
+        """Make a session and keep it (counted in ``persistent`` unless it ends with its connection)."""
+        session = self.sessions[(mountpoint, client_id)] = Session(mountpoint, client_id, self.now, expiry)
+        self.persistent += not session.clean
+        return session
+
     def drop_session(self, session: Session) -> None:
         """Forget a session: subscriptions, queue and stored rows; a delayed will goes out now."""
         for topic_filter in session.subs:
             self.router.remove(session, topic_filter)
-        self.sessions.pop(session.key, None)
+        if self.sessions.pop(session.key, None) is session:
+            self.persistent -= not session.clean
         self.session_changes.add(session.key)
         self.forget_queue(session)
         if not session.clean:
@@ -3767,6 +3878,8 @@ class Sessions(Delivery):
                     self.store.put_subscription(session.mountpoint, session.client_id, topic_filter, opts.packed())
         if (expiry == 0) != session.clean:
             self.session_changes.add(session.key)
+            if self.sessions.get(session.key) is session:
+                self.persistent += 1 if session.clean else -1
         session.expiry = expiry
 
     # -- CONNECT ----------------------------------------------------------
@@ -3863,7 +3976,11 @@ class Sessions(Delivery):
                 self.drop_session(old)
                 old = None
         if old is None:
-            session = self.sessions[key] = Session(mountpoint, client_id, self.now, expiry)
+            if expiry != 0 and 0 < self.max_persistent <= self.persistent:
+                self.counters["mqtt_session_quota_error", ()] += 1
+                return self.refuse(client, client.dialect.session_quota,
+                                   f"the node holds {self.persistent} persistent sessions (max_persistent_sessions)")
+            session = self.add_session(mountpoint, client_id, expiry)
             if expiry != 0:
                 self.store.put_session(mountpoint, client_id, expiry)
         else:
@@ -4083,7 +4200,7 @@ class Sessions(Delivery):
             self.router.restore_retained(mountpoint, msg)
             self._next_ref = max(self._next_ref, msg.ref)
         for mountpoint, client_id, expiry in sessions:
-            self.sessions[(mountpoint, client_id)] = Session(mountpoint, client_id, self.now, expiry)
+            self.add_session(mountpoint, client_id, expiry)
             self.session_changes.add((mountpoint, client_id))
             self.mountpoints.add(mountpoint)
         for mountpoint, client_id, topic_filter, packed in subscriptions:
@@ -4295,7 +4412,7 @@ class Peers(Sessions):
     def make_session(self, key: tuple[str, str], subs: Mapping[str, SubOptions]) -> Session:
         """Make an offline persistent session with ``subs`` (one taken over from another node)."""
         mountpoint, client_id = key
-        session = self.sessions[key] = Session(mountpoint, client_id, self.now, None)
+        session = self.add_session(mountpoint, client_id, None)
         self.mountpoints.add(mountpoint)
         self.store.put_session(mountpoint, client_id, None)
         for topic_filter, opts in subs.items():
@@ -4649,6 +4766,11 @@ class Engine(Peers):
             opts = SubOptions(qos, bool(options & 4), bool(options & 8), (options >> 4) & 3, sub_id) \
                 if dialect.v5 else BRIDGE_OPTIONS[qos] if client.bridge else QOS_ONLY[qos]
             existed = topic_filter in session.subs
+            if not existed and (0 < self.max_subs <= len(session.subs)
+                                or 0 < self.max_subs_total <= self.router.subscription_count()):
+                codes.append(dialect.subscribe_quota)
+                self.counters["mqtt_subscription_quota_error", ()] += 1
+                continue
             self.subscribe(session, topic_filter, opts)
             codes.append(qos)
             granted.append((topic_filter, opts, existed))
@@ -5011,8 +5133,12 @@ def encode_forward(mountpoint: str, msg: Message, plain: bool, groups: tuple[str
     return b"".join(parts)
 
 
-def decode_forward(body: bytes) -> tuple[str, Message, bool, tuple[str, ...]]:
-    """Decode what encode_forward made: (mountpoint, message, plain, groups)."""
+def decode_forward(body: bytes, max_props: int = 0) -> tuple[str, Message, bool, tuple[str, ...]]:
+    """Decode what encode_forward made: (mountpoint, message, plain, groups).
+
+    More than ``max_props`` properties (0: no limit; max_properties_per_packet) is refused as soon as
+    it is seen, as an MQTT client's packet would be.
+    """
     if type(body) is not bytes:
         body = bytes(body)  # slices of it become the payload and frame
     if len(body) < _FORWARD.size or body[0] != FORWARD_VERSION:
@@ -5029,7 +5155,7 @@ def decode_forward(body: bytes) -> tuple[str, Message, bool, tuple[str, ...]]:
     try:
         mountpoint, topic = str(body[_FORWARD.size:a], "utf-8"), str(body[a:b], "utf-8")
         origin = str(body[b:c], "utf-8")
-        props = _forward_props(body, c, d) if n_props else ()
+        props = _forward_props(body, c, d, max_props or None) if n_props else ()
     except UnicodeDecodeError:
         raise ClusterError("forwarded message with a string that is not UTF-8") from None
     groups = _forward_groups(body, f, n_groups) if n_groups else ()
@@ -5039,9 +5165,9 @@ def decode_forward(body: bytes) -> tuple[str, Message, bool, tuple[str, ...]]:
     return mountpoint, msg, bool(flags & _FWD_PLAIN), groups
 
 
-def _forward_props(body: bytes, start: int, stop: int) -> tuple:
+def _forward_props(body: bytes, start: int, stop: int, limit: int | None) -> tuple:
     try:
-        props, end = decode_properties(body, start, stop)
+        props, end = decode_properties(body, start, stop, None, limit)
     except MalformedPacket as e:
         raise ClusterError(f"forwarded message with bad properties: {e}") from None
     if end != stop:
@@ -5888,6 +6014,7 @@ class Tracer:
 PARTIAL_BIG = 65536  # bytes: an unfinished packet this large grows in a bytearray, not by copying per read
 FD_RESERVE = 128  # file descriptors MQTT connections leave to the admin API, the store and the listeners
 CONNECT_FIRST_BYTE = 0x10  # CONNECT, flags 0 [MQTT-3.1.0-1]: a new connection starting otherwise is closed at once
+BATCH_SECONDS = 0.005  # one read's packets hold the loop this long at most; the rest waits for others' turn
 
 
 def certificate_cn(cert: Mapping[str, Any] | None) -> str | None:
@@ -5927,6 +6054,7 @@ class MqttLink(asyncio.Protocol):
         self.timer_at = 0.0
         self.armed_connected = False  # whether the timer was set for a connected client
         self.stall: asyncio.TimerHandle | None = None
+        self.unsent = 0  # bytes its transport held when it last paused writing (in the engine's unsent_bytes)
         self.peer = ("", 0)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -5984,6 +6112,8 @@ class MqttLink(asyncio.Protocol):
         if io.settings() is not io.rules_config:
             io.refresh_rules(now)  # a set of vmq_acl.* or vmq_passwd.* counts from the next packet
         max_size, connected = self._max_size(), client.connected
+        engine.refresh_settings()
+        limits, turn_ends = engine.packet_limits, time.perf_counter() + BATCH_SECONDS
         try:
             if held is not None:  # it waited for webhook answers, which the gate has set
                 engine.handle(client, held[0], now, held[1])
@@ -5991,7 +6121,7 @@ class MqttLink(asyncio.Protocol):
             while not self.closing and not self.paused and not self.waiting and not client.closing \
                     and not client.pause_for:
                 start = pos
-                result = decode_packet(buf, pos, max_size, client.proto)  # CONNECT may change the version
+                result = decode_packet(buf, pos, max_size, client.proto, limits)  # CONNECT may change the version
                 if result is None:
                     break
                 packet, pos = result
@@ -6005,11 +6135,12 @@ class MqttLink(asyncio.Protocol):
                     client.tracer.packet("in", packet, now)
                 if client.connected != connected:  # accepted: max_message_size from the next packet on
                     max_size, connected = self._max_size(), client.connected
+                if time.perf_counter() > turn_ends and pos < len(buf) and not client.pause_for:
+                    self.throttle(0.0)  # the rest is decoded on a later turn of the loop
         except MalformedPacket as exc:
             log.info("closing MQTT connection from %s: %s", self.peer[0], exc.text)
-            kind = "mqtt_invalid_msg_size_error" if isinstance(exc, PacketTooLarge) else "mqtt_malformed_packet_error"
-            engine.counters[kind, ()] += 1
-            engine.close_client(client, reason=exc.reason_code, text=exc.text)  # MQTT 5 hears why
+            engine.counters[exc.metric, ()] += 1
+            engine.refuse_packet(client, exc)
         except Exception:  # a bug: it costs this connection, never the node or its other clients
             log.exception("internal error on the MQTT connection from %s; closing it", self.peer[0])
             engine.close_client(client, reason=Reason.IMPLEMENTATION_SPECIFIC_ERROR)
@@ -6108,6 +6239,8 @@ class MqttLink(asyncio.Protocol):
             if conn.tracer is not None:
                 self._trace_out(conn, data)
             self.transport.write(data)  # may call pause_writing: then resume_writing goes on
+            if not self.writable:
+                self._unsent(self.transport.get_write_buffer_size())
             if conn.held_back and self.writable:
                 self.io.loop.call_soon(self._deliver_more)
         if conn.pause_for:
@@ -6148,7 +6281,13 @@ class MqttLink(asyncio.Protocol):
         if self.stall is None:  # closing too: a close waits for the buffer, which a peer that never reads keeps full
             self.stall = self.io.loop.call_later(self.io.settings()["mqtt_write_timeout"] / 1000, self._stalled)
 
+    def _unsent(self, size: int) -> None:
+        """Tell the engine how many bytes this peer leaves unread in its transport (0: none that matter)."""
+        self.io.engine.unsent_bytes += size - self.unsent
+        self.unsent = size
+
     def resume_writing(self) -> None:
+        self._unsent(0)
         self.writable = True
         if self.client is not None:
             self.client.writable = True
@@ -6178,6 +6317,7 @@ class MqttLink(asyncio.Protocol):
         self.closing = True
         self.buffer, self.big = b"", None
         self.io.hold(self, 0)
+        self._unsent(0)
         for handle in (self.timer, self.stall):
             if handle is not None:
                 handle.cancel()
@@ -6276,6 +6416,9 @@ class WsTransport:
 
     def pause_reading(self) -> None:
         self._transport.pause_reading()
+
+    def get_write_buffer_size(self) -> int:
+        return self._transport.get_write_buffer_size()
 
     def resume_reading(self) -> None:
         self._transport.resume_reading()
@@ -9629,7 +9772,7 @@ class Cluster(ClusterAdmin):
         elif kind == "retain":
             mountpoint, topic = split_session_key(key)
             check_publishable(topic)
-            msg = decode_forward(value)[1] if isinstance(value, bytes) else None
+            msg = decode_forward(value, self.engine.packet_limits.properties)[1] if isinstance(value, bytes) else None
             self.engine.apply_remote_retained(mountpoint, topic, msg)
         elif kind == "member":
             if key == self.me and value is None:
@@ -9724,7 +9867,7 @@ class Cluster(ClusterAdmin):
         now = time.time()
         if summary is not None:
             self.engine.adopt_session(mountpoint, client_id, summary, now)
-        messages = [decode_forward(b)[1] for b in bodies]
+        messages = [decode_forward(b, self.engine.packet_limits.properties)[1] for b in bodies]
         for msg in messages:
             check_publishable(msg.topic)
         held = self.replica.get("session", session_key(mountpoint, client_id))
@@ -9819,7 +9962,7 @@ class Cluster(ClusterAdmin):
     def _on_frame(self, peer: str, kind: int, body: bytes) -> None:
         try:
             if kind == FRAME_FORWARD:
-                mountpoint, msg, plain, groups = decode_forward(body)
+                mountpoint, msg, plain, groups = decode_forward(body, self.engine.packet_limits.properties)
                 check_publishable(msg.topic)
                 self.engine.deliver_forwarded(mountpoint, msg, plain, groups, time.time())
             elif kind == FRAME_META:
@@ -10281,7 +10424,7 @@ class Bridge:
         engine, spec = self.engine, self.spec
         session = engine.sessions.get(("", spec.local_id))
         if session is None:
-            session = engine.sessions[("", spec.local_id)] = Session("", spec.local_id, engine.now, None)
+            session = engine.add_session("", spec.local_id, None)
             engine.store.put_session("", spec.local_id, None)
         session.relay, session.limit = True, spec.max_buffered
         wanted = spec.local_subscriptions()

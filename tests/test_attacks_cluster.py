@@ -211,6 +211,25 @@ def test_a_forwarded_message_with_a_topic_no_client_may_publish_is_dropped(hosti
         client.close()
 
 
+def test_a_forwarded_message_with_more_properties_than_a_client_may_send_is_dropped(hostile):
+    node, peer = hostile  # max_properties_per_packet: 128 by default, for a peer's frames as for a client's
+    client = MqttClient(node.port("mqtt"), version=5)
+    try:
+        client.connect("watcher")
+        client.subscribe(("p/#", 0))
+        for n in (129, 128):
+            props = tuple(("user_property", ("k", str(i))) for i in range(n))
+            msg = vmqapi.Message(f"p/{n}", b"x", 0, False, 1, b"", False, props, None, None, False)
+            peer.send(vmqapi.FRAME_FORWARD, vmqapi.encode_forward("", msg, True, ()))
+        _settle(node, peer, seconds=0.3)
+        got = client.message(timeout=5)
+        assert got.topic == "p/128" and len(got.properties) == 128
+        client.no_message(timeout=0.5)
+        assert "max_properties_per_packet" in node.log() and "Traceback" not in node.log()
+    finally:
+        client.close()
+
+
 # -- keys and config -----------------------------------------------------------------------
 
 def test_an_unreadable_apikey_row_is_logged_once_not_every_second(hostile):

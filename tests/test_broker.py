@@ -578,3 +578,119 @@ def test_queued_bytes_agree_across_a_restart_with_non_ascii_topics(tmp_path):
         assert again.in_broker(lambda: again.mqtt.engine.queued_bytes) == 0
     finally:
         again.stop()
+
+
+# -- bounds on what one client makes the node hold -------------------------------------------
+
+KEEP = (("session_expiry_interval", 3600),)  # MQTT 5: the session outlives its connection
+
+
+def test_an_idle_subscriber_takes_one_message_of_any_size_the_node_accepts(make_node, caplog):
+    import logging
+    node = make_node()  # defaults: max_message_size 0 (no limit), max_online_bytes and max_offline_bytes 8 MiB
+    big, small = b"b" * (8 * 1024 * 1024 + 1), b"s"
+    with client_maker(node, 5) as make, caplog.at_level(logging.WARNING, logger="vmqapi"):
+        online = make("online")
+        online.subscribe(("big", 1))
+        offline = make("offline", clean=False, properties=KEEP)
+        offline.subscribe(("big", 1))
+        offline.disconnect()
+        pub = make("pub")
+        assert pub.publish("big", big, 1) == 0
+        assert online.message(timeout=20).payload == big
+        for _ in range(3):  # behind the big one, the byte bound holds as before: dropped, logged once
+            assert pub.publish("big", small, 1) == 0
+        assert online.message().payload == small  # the online queue had emptied
+        back = make("offline", clean=False, properties=KEEP)
+        assert back.message(timeout=20).payload == big
+        back.no_message()
+    assert node.metrics.value("queue_message_drop") == 3
+    lines = [r.getMessage() for r in caplog.records if "dropping messages" in r.getMessage()]
+    assert len(lines) == 1 and "'offline'" in lines[0] and "max_offline_bytes" in lines[0], lines
+
+
+def test_subscriptions_per_client_are_capped(make_node):
+    node = make_node(max_subscriptions_per_client="3")
+    with client_maker(node, 5) as make:
+        c5 = make("c5")
+        assert c5.subscribe(("a", 0), ("b", 1), ("c", 2)) == (0, 1, 2)
+        assert c5.subscribe(("d", 0)) == (0x97,)  # Quota exceeded (MQTT 5.0 3.9.3)
+        assert c5.subscribe(("a", 1)) == (1,)  # a filter it holds may be subscribed again
+        c5.unsubscribe("c")
+        assert c5.subscribe(("d", 0), ("e", 0)) == (0, 0x97)
+        c4 = make("c4", version=4)
+        assert c4.subscribe(("a", 0), ("b", 0), ("c", 0)) == (0, 0, 0)
+        assert c4.subscribe(("d", 0)) == (0x80,)
+        c4.send(vmqapi.Subscribe(c4.pid(), tuple((f"x/{n}", 0) for n in range(4))))  # more than it may hold
+        assert c4.closed(5)
+    assert node.metrics.value("mqtt_subscription_quota_error") == 3
+    assert node.metrics.value("mqtt_packet_limit_error") == 1
+
+
+def test_subscriptions_are_capped_node_wide(make_node):
+    node = make_node(max_subscriptions_total="3")
+    with client_maker(node, 5) as make:
+        a, b = make("a"), make("b")
+        assert a.subscribe(("x", 0), ("y", 0)) == (0, 0)
+        assert b.subscribe(("x", 0)) == (0,)
+        assert b.subscribe(("z", 0)) == (0x97,)
+        assert a.subscribe(("x", 1)) == (1,)  # one it holds may be subscribed again
+        a.unsubscribe("y")
+        assert b.subscribe(("z", 0)) == (0,)
+    assert node.metrics.value("mqtt_subscription_quota_error") == 1
+
+
+def test_the_subscription_cap_holds_across_a_restart(tmp_path):
+    from conftest import node_config
+    config = node_config(tmp_path / "subs", max_subscriptions_per_client="2")
+    node = vmqapi.Node(config).start()
+    try:
+        with client_maker(node, 5) as make:
+            c = make("kept", clean=False, properties=KEEP)
+            assert c.subscribe(("a", 1), ("b", 1)) == (1, 1)
+            assert c.subscribe(("c", 1)) == (0x97,)
+    finally:
+        node.stop()
+    again = vmqapi.Node(config).start()
+    try:
+        with client_maker(again, 5) as make:
+            c = make("kept", clean=False, properties=KEEP)
+            assert c.session_present
+            assert c.subscribe(("c", 1)) == (0x97,)
+            c.unsubscribe("a")
+            assert c.subscribe(("c", 1)) == (1,)
+    finally:
+        again.stop()
+
+
+def test_persistent_sessions_are_capped_node_wide(tmp_path):
+    from conftest import node_config
+    config = node_config(tmp_path / "sessions", max_persistent_sessions="2")
+    node = vmqapi.Node(config).start()
+    try:
+        with client_maker(node) as make:
+            make("p1", clean=False).disconnect()
+            make("p2", clean=False, version=5, properties=KEEP)
+            refused = MqttClient(mqtt_port(node))
+            assert refused.connect("p3", clean=False).return_code == 3  # MQTT 3.1.1: server unavailable
+            refused.close()
+            refused = MqttClient(mqtt_port(node), version=5)
+            assert refused.connect("p3", properties=KEEP).return_code == 0x97  # Quota exceeded
+            refused.close()
+            make("clean")  # sessions that end with their connection are not counted
+            assert make("p1", clean=False).session_present  # nor is taking up one that exists
+    finally:
+        node.stop()
+    again = vmqapi.Node(config).start()
+    try:
+        assert again.in_broker(lambda: again.mqtt.engine.persistent) == 2
+        with client_maker(again) as make:
+            refused = MqttClient(mqtt_port(again))
+            assert refused.connect("p3", clean=False).return_code == 3
+            refused.close()
+            make("p1", clean=True)  # a clean session ends p1's
+            assert again.in_broker(lambda: again.mqtt.engine.persistent) == 1
+            make("p3", clean=False)
+        assert again.metrics.value("mqtt_session_quota_error") == 1
+    finally:
+        again.stop()

@@ -149,6 +149,14 @@ def test_forward_round_trip(forward):
     assert decode_forward(body) == forward
 
 
+def test_a_forward_with_more_properties_than_the_node_allows_is_refused():
+    props = tuple(("user_property", ("k", "v")) for _ in range(129))
+    body = encode_forward("", Message("t", b"x", 0, props=props), True, ())
+    assert decode_forward(body, 129)[1].props == props
+    with pytest.raises(ClusterError, match="max_properties_per_packet"):
+        decode_forward(body, 128)
+
+
 @given(forwards)
 def test_every_truncation_of_a_forward_and_any_extra_byte_raise_cluster_error(forward):
     body = encode_forward(*forward)

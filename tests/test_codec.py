@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import time
 
 import pytest
 from hypothesis import example, given, settings, strategies as st
@@ -159,6 +160,59 @@ def test_property_errors_carry_reason_codes():
     zero_id = b"\x02\x0b\x00"
     with pytest.raises(vmqapi.ProtocolError):
         vmqapi.decode_properties(zero_id, 0, len(zero_id))
+
+
+def empty_user_properties(n):
+    """A property list of ``n`` empty user properties (5 bytes each): the cheapest to send, costly to read."""
+    body = b"\x26\x00\x00\x00\x00" * n
+    return vmqapi.encode_length(len(body)) + body
+
+
+def test_decoding_stops_at_the_property_limit():
+    data = empty_user_properties(129)
+    assert len(vmqapi.decode_properties(data, 0, len(data), limit=129)[0]) == 129
+    with pytest.raises(vmqapi.PacketLimitExceeded) as info:
+        vmqapi.decode_properties(data, 0, len(data), limit=128)
+    assert info.value.reason_code == 0x95 and info.value.metric == "mqtt_packet_limit_error"
+    huge = empty_user_properties(1_000_000)  # refused after reading 129 of them, not a million
+    started = time.perf_counter()
+    with pytest.raises(vmqapi.PacketLimitExceeded):
+        vmqapi.decode_properties(huge, 0, len(huge), limit=128)
+    assert time.perf_counter() - started < 0.05
+
+
+@pytest.mark.parametrize("kind", ["publish", "subscribe", "unsubscribe", "puback", "disconnect", "auth"])
+def test_every_mqtt5_packet_with_properties_obeys_the_limit(kind):
+    user = tuple(("user_property", ("k", str(n))) for n in range(5))
+    packet = {"publish": vmqapi.Publish("t", b"x", properties=user),
+              "subscribe": vmqapi.Subscribe(1, (("a", 0),), user), "unsubscribe": vmqapi.Unsubscribe(1, ("a",), user),
+              "puback": vmqapi.Puback(1, 0x10, user), "disconnect": vmqapi.Disconnect(0, user),
+              "auth": vmqapi.Auth(0x18, (("authentication_method", "m"),) + user)}[kind]
+    data = vmqapi.encode_packet(packet, 5)
+    needed = len(packet.properties)
+    assert vmqapi.decode_packet(data, 0, 0, 5, vmqapi.Limits(properties=needed))[0] == packet
+    with pytest.raises(vmqapi.PacketLimitExceeded):
+        vmqapi.decode_packet(data, 0, 0, 5, vmqapi.Limits(properties=needed - 1))
+
+
+def test_a_connect_counts_its_own_and_its_will_properties_together_and_names_its_level():
+    connect = vmqapi.Connect("c", 5, properties=(("user_property", ("a", "1")),) * 3, will_topic="w",
+                             will_properties=(("user_property", ("b", "2")),) * 3)
+    data = vmqapi.encode_packet(connect)
+    assert vmqapi.decode_packet(data, 0, 0, 4, vmqapi.Limits(properties=6))[0] == connect
+    with pytest.raises(vmqapi.PacketLimitExceeded) as info:
+        vmqapi.decode_packet(data, 0, 0, 4, vmqapi.Limits(properties=5))
+    assert info.value.proto_level == 5  # so the node can answer CONNACK 0x95
+
+
+@pytest.mark.parametrize("version", [4, 5])
+def test_subscribe_and_unsubscribe_stop_at_the_topic_filter_limit(version):
+    for packet in (vmqapi.Subscribe(1, tuple((f"t/{n}", 0) for n in range(4))),
+                   vmqapi.Unsubscribe(1, tuple(f"t/{n}" for n in range(4)))):
+        data = vmqapi.encode_packet(packet, version)
+        assert vmqapi.decode_packet(data, 0, 0, version, vmqapi.Limits(topics=4))[0] == packet
+        with pytest.raises(vmqapi.PacketLimitExceeded, match="max_subscriptions_per_client"):
+            vmqapi.decode_packet(data, 0, 0, version, vmqapi.Limits(topics=3))
 
 
 # -- MQTT 5 packets ------------------------------------------------------------------------
