@@ -10191,7 +10191,7 @@ def cmd_cluster_join(call: Call) -> Any:
         return alert(f"cannot join {call.args['discovery-node']}: {exc.text}")
 
 
-@command("cluster", "leave", keys=(Param("node", parse_node_name, doc="the node to take out of the cluster"),),
+@command("cluster", "leave", keys=(Param("node", check_node_name, doc="the node to take out of the cluster"),),
          required=("node",),
          flags=(Param("kill_sessions", short="k", value="none", doc="tear down and migrate sessions"),
                 Param("summary-interval", parse_positive_int, short="i", doc="seconds between progress reports"),
