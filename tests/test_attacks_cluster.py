@@ -9,7 +9,10 @@ traceback, never the node's start, never memory without bound.
 from __future__ import annotations
 
 import asyncio
+import base64
 import os
+import select
+import socket
 import threading
 import time
 
@@ -305,3 +308,126 @@ def test_an_endpoint_that_answers_byte_by_byte_is_cut_at_response_timeout(tmp_pa
             assert took < 5
     finally:
         endpoint.close()
+
+
+# -- strangers on the cluster port ----------------------------------------------------------
+
+class Strangers:
+    """``count`` connections to a cluster port, held open without a word (or after ``greeting``) and
+    opened again as soon as the node closes one, from a thread, until close(); bounded in reopenings."""
+
+    def __init__(self, port, count=80, greeting=b"", max_reopen=200_000, max_seconds=120.0):
+        self.port, self.count, self.greeting = port, count, greeting
+        self.max_reopen, self.deadline = max_reopen, time.monotonic() + max_seconds
+        self.reopened = 0
+        self.socks: list = []
+        self.stop = threading.Event()
+        for _ in range(count):
+            self.socks.append(self._open())
+        self.thread = threading.Thread(target=self._run, name="strangers", daemon=True)
+        self.thread.start()
+
+    def _open(self):
+        s = socket.create_connection(("127.0.0.1", self.port), timeout=2)
+        if self.greeting:
+            s.sendall(self.greeting)
+        return s
+
+    def _run(self):
+        while not self.stop.is_set() and time.monotonic() < self.deadline and self.reopened < self.max_reopen:
+            readable, _, _ = select.select(self.socks, [], [], 0.05)
+            for s in readable:
+                try:
+                    if s.recv(65536):
+                        continue  # what the node says (its HELLO): the stranger stays silent
+                except OSError:
+                    pass
+                self.socks.remove(s)
+                s.close()
+                try:
+                    self.socks.append(self._open())
+                    self.reopened += 1
+                except OSError:
+                    pass  # the node's queue is full: try again next round
+            while len(self.socks) < self.count and not self.stop.is_set():
+                try:
+                    self.socks.append(self._open())
+                    self.reopened += 1
+                except OSError:
+                    break
+
+    def open(self):
+        """How many of them the node holds open now (those it closed are not yet seen)."""
+        return len(self.socks)
+
+    def close(self):
+        self.stop.set()
+        self.thread.join(10)
+        for s in self.socks:
+            s.close()
+
+
+def _connack(port):
+    c = MqttClient(port, timeout=5)
+    try:
+        return c.connect("control").return_code
+    finally:
+        c.close()
+
+
+def _cluster_show(port, key):
+    import json
+    import urllib.request
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/api/v1/cluster/show",
+                                     headers={"Authorization": "Basic " + base64.b64encode(f"{key}:".encode()).decode()})
+    with urllib.request.urlopen(request, timeout=30) as resp:
+        body = json.loads(resp.read())
+    return {row["Node"]: row["Running"] for row in body["table"]}
+
+
+def _join(port, key, discovery):
+    import json
+    import urllib.parse
+    import urllib.request
+    query = urllib.parse.urlencode({"discovery-node": discovery})
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/api/v1/cluster/join?{query}",
+                                     headers={"Authorization": "Basic " + base64.b64encode(f"{key}:".encode()).decode()})
+    with urllib.request.urlopen(request, timeout=30) as resp:
+        return json.loads(resp.read())
+
+
+@pytest.mark.slow
+def test_strangers_holding_the_cluster_ports_never_keep_a_node_out(tmp_path):
+    """80 idle connections on each node's cluster port, reopened as soon as closed, kept a restarted peer out
+    for as long as they stayed (40 s tried) and every MQTT CONNECT got CONNACK 3 (netsplit) meanwhile."""
+    env = {vmqapi.COOKIE_ENV: COOKIE}  # one cookie for every node, off the command line
+    names = {n: [f"nodename={n}@127.0.0.1"] for n in "abc"}
+    with capped_node(tmp_path / "a", *names["a"], env=env) as a:
+        key = vmqapi.KeyStore(os.path.join(str(tmp_path / "a"), vmqapi.KEY_FILE)).create("mgmt")
+        with capped_node(tmp_path / "b", *names["b"], env=env) as b:
+            assert _join(b.port("http"), key_of(tmp_path / "b"), f"a@127.0.0.1:{a.port('vmq')}")["text"] == "Done"
+        # b is down; strangers take a's cluster port, then b's as soon as it is back
+        on_a = Strangers(a.port("vmq"))
+        try:
+            with capped_node(tmp_path / "b", *names["b"], env=env) as b:
+                on_b = Strangers(b.port("vmq"))
+                try:
+                    assert _until(lambda: _cluster_show(a.port("http"), key).get("b@127.0.0.1") is True, 8), \
+                        "b restarted was kept out of the cluster"
+                    for port in (a.port("mqtt"), b.port("mqtt")):
+                        assert _connack(port) == 0  # no netsplit
+                    with capped_node(tmp_path / "c", *names["c"], env=env) as c:  # a join, meanwhile
+                        started = time.monotonic()
+                        answer = _join(c.port("http"), key_of(tmp_path / "c"), f"a@127.0.0.1:{a.port('vmq')}")
+                        assert answer.get("text") == "Done" and time.monotonic() - started < 8, answer
+                        assert _connack(c.port("mqtt")) == 0
+                    assert on_a.reopened > 0 and on_b.reopened > 0  # the node made room: strangers were closed
+                    assert "Traceback" not in a.log() + b.log()
+                finally:
+                    on_b.close()
+        finally:
+            on_a.close()
+
+
+def key_of(data_dir):
+    return vmqapi.KeyStore(os.path.join(str(data_dir), vmqapi.KEY_FILE)).create("mgmt")
