@@ -431,3 +431,58 @@ def test_strangers_holding_the_cluster_ports_never_keep_a_node_out(tmp_path):
 
 def key_of(data_dir):
     return vmqapi.KeyStore(os.path.join(str(data_dir), vmqapi.KEY_FILE)).create("mgmt")
+
+
+def _fds(pid):
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def _threads(pid):
+    with open(f"/proc/{pid}/status") as fh:
+        return next(int(line.split()[1]) for line in fh if line.startswith("Threads:"))
+
+
+def _ping(port):
+    c = MqttClient(port, timeout=5)
+    try:
+        assert c.connect("control").return_code == 0
+        started = time.monotonic()
+        c.ping()
+        return time.monotonic() - started
+    finally:
+        c.close()
+
+
+@pytest.mark.slow
+def test_what_strangers_on_the_cluster_port_can_make_a_node_hold(tmp_path):
+    """Past cluster_max_pending_handshakes (64) a newcomer takes the oldest one's place: 400 strangers that each
+    send a frame of 4 KB they never finish hold at most 64 descriptors and a few KB each, and no thread."""
+    import urllib.request
+    partial = (4091).to_bytes(4, "big") + b"\x01" + b"x" * 4090  # 4095 bytes: one short of the HELLO they announce
+    with capped_node(tmp_path / "n", env={vmqapi.COOKIE_ENV: COOKIE}) as node:
+        time.sleep(0.5)
+        fds, threads, rss = _fds(node.pid), _threads(node.pid), node.rss()
+        strangers = Strangers(node.port("vmq"), count=400, greeting=partial)
+        try:
+            peak_fds = peak_threads = peak_rss = worst = 0
+            deadline = time.monotonic() + 4
+            while time.monotonic() < deadline:
+                peak_fds, peak_threads = max(peak_fds, _fds(node.pid)), max(peak_threads, _threads(node.pid))
+                peak_rss = max(peak_rss, node.rss())
+                worst = max(worst, _ping(node.port("mqtt")))
+                with urllib.request.urlopen(f"http://127.0.0.1:{node.port('http')}/health", timeout=5) as resp:
+                    assert resp.status == 200
+                time.sleep(0.1)
+            started = time.monotonic()
+            peer = FakePeer(node.port("vmq"))  # a node with the cookie gets in, meanwhile
+            joined = time.monotonic() - started
+            peer.close()
+            assert strangers.reopened > 0
+        finally:
+            strangers.close()
+        assert peak_fds - fds <= vmqapi.CLUSTER_MAX_UNAUTHENTICATED + 8, (fds, peak_fds)
+        assert peak_threads == threads, (threads, peak_threads)
+        assert peak_rss - rss < 16 << 20, f"RSS grew by {(peak_rss - rss) >> 10} KB"
+        assert worst < 0.5 and joined < 5, (worst, joined)
+        print(f"fds {fds}->{peak_fds} threads {threads}->{peak_threads} rss +{(peak_rss - rss) >> 10} KB "
+              f"ping {worst * 1000:.1f} ms joined {joined:.2f} s reopened {strangers.reopened}")
