@@ -538,6 +538,8 @@ def parse_optional_address(text: str) -> tuple[str, int] | None:
 
 CLUSTER_PORT = 44053  # VerneMQ: the port of listener.vmq.clustering, and of cluster join's discovery-node
 WELL_KNOWN_COOKIE = "vmq"  # VerneMQ's default distributed_cookie: known to everyone, so refused as a cookie
+CLUSTER_HANDSHAKE_TIMEOUT = 5  # seconds to finish the handshake (TLS included): cluster_handshake_timeout
+CLUSTER_MAX_UNAUTHENTICATED = 64  # incoming connections in their handshake at once: cluster_max_pending_handshakes
 COOKIE_ENV = "VMQAPI_DISTRIBUTED_COOKIE"  # a cookie given by the environment (never on a command line)
 COOKIE_FILE = "cookie"  # in the data dir: the cookie a node given none made at its first start (mode 0600)
 COOKIE_HINT = (f"leave distributed_cookie unset (the node then makes a random one in DATA_DIR/{COOKIE_FILE}) or "
@@ -819,9 +821,9 @@ SETTINGS: tuple[Setting, ...] = (
     _S("distributed_cookie_file", parse_text, "",
        "File holding the cookie (its first line; readable by its owner only, as Erlang's .erlang.cookie), used "
        "when distributed_cookie is empty: copy one node's DATA_DIR/cookie to give the others the same."),
-    _S("cluster_handshake_timeout", parse_int_range(1, 60), 5,
+    _S("cluster_handshake_timeout", parse_int_range(1, 60), CLUSTER_HANDSHAKE_TIMEOUT,
        "Seconds an incoming cluster connection has to prove the cookie (TLS included) before it is closed."),
-    _S("cluster_max_pending_handshakes", parse_int_range(1, 4096), 64,
+    _S("cluster_max_pending_handshakes", parse_int_range(1, 4096), CLUSTER_MAX_UNAUTHENTICATED,
        "Incoming cluster connections that have not proven the cookie yet, held at once; past it the oldest "
        "(first one that sent nothing) is closed for the newcomer."),
     _S("outgoing_clustering_buffer_size", parse_int_range(0), 10000,
@@ -8519,8 +8521,6 @@ CLUSTER_PROTOCOL = 1  # version byte of this node-to-node protocol, in HELLO
 CLUSTER_MAX_FRAME = 64 << 20  # bytes; a peer declaring a longer frame is cut off (a retained message is at most 256 MB
 #                              in MQTT, but a cluster frame carries one message, and 64 MB bounds what a peer makes us hold)
 CLUSTER_HANDSHAKE_BYTES = 4096  # bytes a connection may send before its handshake is done (a HELLO and a PROOF: < 300)
-CLUSTER_HANDSHAKE_TIMEOUT = 5.0  # seconds to finish the handshake (TLS included): cluster_handshake_timeout
-CLUSTER_MAX_UNAUTHENTICATED = 64  # incoming connections in their handshake at once: cluster_max_pending_handshakes
 CLUSTER_HANDSHAKE_GRACE = 0.5  # seconds a newcomer is spared when the handshakes are full (see ClusterLinks._victim)
 CLUSTER_BACKLOG = 256  # connections the kernel queues for the cluster listener
 CLUSTER_ACCEPT_BATCH = 8  # connections taken from that queue per turn of the loop: strangers that reconnect
@@ -8683,7 +8683,7 @@ def load_cookie(config: Config, data_dir: str, environ: Mapping[str, str]) -> tu
     if os.path.lexists(path):
         return _some_cookie(read_cookie_file(path), path), path
     try:
-        return make_cookie_file(path), f"{path} (made now)"
+        return make_cookie_file(path), f"{path}, made now (give the other nodes of a cluster the same)"
     except OSError as exc:
         raise ConfigError(f"cannot make the cookie file {path}: {exc.strerror}") from None
 
