@@ -8765,6 +8765,26 @@ class PeerLink(asyncio.Protocol):
         self.timer = self.links.loop.call_later(self.links.handshake_timeout, self._handshake_timeout)
         if self.dialer:
             self.write(K_HELLO, encode_hello(self.nonce, self.links.me, self.probe is not None))
+        elif self.links.server_tls is not None:
+            self.links.loop.create_task(self._start_tls(transport))  # once admitted: it counts as pending
+
+    async def _start_tls(self, raw: asyncio.Transport) -> None:
+        """Run the listener's TLS handshake on an admitted connection (within the handshake's deadline)."""
+        try:
+            tls = await self.links.loop.start_tls(raw, self, self.links.server_tls, server_side=True,
+                                                  ssl_handshake_timeout=self.links.handshake_timeout)
+        except (OSError, ssl.SSLError, asyncio.TimeoutError, ConnectionError) as exc:
+            raw.abort()
+            if self.stage is not LinkStage.CLOSED:
+                self.stage = LinkStage.CLOSED
+                self._cancel_timers()
+                log.info("closing cluster link %s: TLS handshake failed: %s", self.describe(), exc or "closed")
+                self.links.lost(self, "TLS handshake failed")
+            return
+        if self.stage is LinkStage.CLOSED:
+            tls.abort()
+        else:
+            self.transport = tls  # type: ignore[assignment]
 
     def _handshake_timeout(self) -> None:
         self.timer = None
@@ -9021,9 +9041,10 @@ class ClusterLinks:
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind((host, port))
+            # TLS starts once a connection is admitted (PeerLink._start_tls), so that a stranger's TLS
+            # handshake counts among the pending ones too.
             self._server = await self.loop.create_server(
-                lambda: PeerLink(self, dialer=False), sock=sock, backlog=CLUSTER_ACCEPT_BATCH, ssl=self.server_tls,
-                ssl_handshake_timeout=self.handshake_timeout if self.server_tls else None)
+                lambda: PeerLink(self, dialer=False), sock=sock, backlog=CLUSTER_ACCEPT_BATCH)
         except BaseException:
             sock.close()
             raise

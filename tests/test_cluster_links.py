@@ -385,6 +385,28 @@ def test_tls_links_check_the_peer_against_the_cafile(pki):
     run(main())
 
 
+def test_strangers_in_their_tls_handshake_count_among_the_pending_ones(pki):
+    """TLS ran before a connection was counted: 200 strangers that never sent a ClientHello held 200 descriptors
+    for the handshake timeout, past the 64 pending handshakes."""
+    async def main():
+        server, client = vmqapi.cluster_tls_contexts(tls_config(pki))
+        a, b = make("a", server_tls=server, client_tls=client), make("b", server_tls=server, client_tls=client)
+        await a.listen("127.0.0.1", 0)
+        await b.listen("127.0.0.1", 0)
+        before = len(os.listdir("/proc/self/fd"))
+        strangers = [await raw(b.bound[1]) for _ in range(200)]
+        await asyncio.sleep(0.5)
+        held = len(os.listdir("/proc/self/fd")) - before - len(strangers)  # b's ends (both are in this process)
+        assert len(b.pending) <= vmqapi.CLUSTER_MAX_UNAUTHENTICATED
+        assert held <= vmqapi.CLUSTER_MAX_UNAUTHENTICATED + 4 * vmqapi.CLUSTER_ACCEPT_BATCH, held
+        a.connect("b", *b.bound)  # a node with the certificate and the cookie gets in, meanwhile
+        await until(lambda: a.is_up("b") and b.is_up("a"), timeout=5)
+        for _, writer in strangers:
+            writer.close()
+        await closing(a, b)
+    run(main())
+
+
 # -- configuration --
 
 def test_the_cluster_config_is_checked(pki):
