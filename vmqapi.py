@@ -581,6 +581,8 @@ def parse_cookie(text: str) -> str:
     if value == WELL_KNOWN_COOKIE:
         raise ValueError(f"{WELL_KNOWN_COOKIE!r} is VerneMQ's well-known default, not a secret: {COOKIE_HINT}")
     return value
+
+
 CLUSTER_TLS_OPTIONS = ("certfile", "keyfile", "cafile", "tls_version")  # what listener.vmqs[.clustering] takes
 
 
@@ -8722,6 +8724,7 @@ class PeerLink(asyncio.Protocol):
         self.probing = False  # a listener's: the dialer only probes
         self.handshake_bytes = 0
         self.admitted = 0.0  # when the listener counted it among its pending handshakes
+        self.in_tls = False  # a listener's, in its TLS handshake: nothing may be written in clear
         self.out: list[bytes] = []
         self.out_bytes = 0
         self.flush_handle: asyncio.Handle | None = None
@@ -8770,6 +8773,7 @@ class PeerLink(asyncio.Protocol):
 
     async def _start_tls(self, raw: asyncio.Transport) -> None:
         """Run the listener's TLS handshake on an admitted connection (within the handshake's deadline)."""
+        self.in_tls = True
         try:
             tls = await self.links.loop.start_tls(raw, self, self.links.server_tls, server_side=True,
                                                   ssl_handshake_timeout=self.links.handshake_timeout)
@@ -8781,6 +8785,7 @@ class PeerLink(asyncio.Protocol):
                 log.info("closing cluster link %s: TLS handshake failed: %s", self.describe(), exc or "closed")
                 self.links.lost(self, "TLS handshake failed")
             return
+        self.in_tls = False
         if self.stage is LinkStage.CLOSED:
             tls.abort()
         else:
@@ -8936,7 +8941,7 @@ class PeerLink(asyncio.Protocol):
         if self.stage is LinkStage.CLOSED:
             return
         self.stage = LinkStage.CLOSED
-        if bye and self.transport is not None:
+        if bye and self.transport is not None and not self.in_tls:
             self.write(K_BYE, reason.encode()[:200])
         self.flush()
         if self.transport is not None:
