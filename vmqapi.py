@@ -546,7 +546,8 @@ COOKIE_HINT = (f"leave distributed_cookie unset (the node then makes a random on
                f"give a secret of your own, the same on every node, in the config file, in a file named by "
                f"distributed_cookie_file, or in the environment variable {COOKIE_ENV}")
 MAX_NODE_NAME = 255  # characters of a node name (Erlang's limit on an atom)
-_NODE_NAME_RE = re.compile(r"[A-Za-z0-9_.+-]+@([A-Za-z0-9_-]{1,63}(?:\.[A-Za-z0-9_-]{1,63})*|[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*)")
+_NODE_NAME_RE = re.compile(r"[A-Za-z0-9_.+-]+@"  # the name, then a host name (labels of DNS's 63 at most) or an IPv6
+                           r"([A-Za-z0-9_-]{1,63}(?:\.[A-Za-z0-9_-]{1,63})*|[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*)")
 
 
 def parse_node_name(text: str) -> str:
