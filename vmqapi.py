@@ -827,8 +827,8 @@ SETTINGS: tuple[Setting, ...] = (
     _S("cluster_handshake_timeout", parse_int_range(1, 60), CLUSTER_HANDSHAKE_TIMEOUT,
        "Seconds an incoming cluster connection has to prove the cookie (TLS included) before it is closed."),
     _S("cluster_max_pending_handshakes", parse_int_range(1, 4096), CLUSTER_MAX_UNAUTHENTICATED,
-       "Incoming cluster connections that have not proven the cookie yet, held at once; past it the oldest "
-       "(first one that sent nothing) is closed for the newcomer."),
+       "Incoming cluster connections that have not proven the cookie yet, held at once; past it newcomers take "
+       "the places of those that sent nothing, then of the oldest."),
     _S("outgoing_clustering_buffer_size", parse_int_range(0), 10000,
        "Bytes of frames kept for each unreachable peer node; past it frames are dropped (cluster_bytes_dropped)."),
 
@@ -8524,7 +8524,7 @@ CLUSTER_PROTOCOL = 1  # version byte of this node-to-node protocol, in HELLO
 CLUSTER_MAX_FRAME = 64 << 20  # bytes; a peer declaring a longer frame is cut off (a retained message is at most 256 MB
 #                              in MQTT, but a cluster frame carries one message, and 64 MB bounds what a peer makes us hold)
 CLUSTER_HANDSHAKE_BYTES = 4096  # bytes a connection may send before its handshake is done (a HELLO and a PROOF: < 300)
-CLUSTER_HANDSHAKE_GRACE = 0.5  # seconds a newcomer is spared when the handshakes are full (see ClusterLinks._victim)
+CLUSTER_TRIM_SLACK = 32  # pending handshakes past max_pending at which the listener trims at once, not after reads
 CLUSTER_BACKLOG = 256  # connections the kernel queues for the cluster listener
 CLUSTER_ACCEPT_BATCH = 8  # connections taken from that queue per turn of the loop: strangers that reconnect
 #                           as fast as they are closed then replace at most a few per turn, not all at once
@@ -8725,6 +8725,7 @@ class PeerLink(asyncio.Protocol):
         self.probing = False  # a listener's: the dialer only probes
         self.handshake_bytes = 0
         self.admitted = 0.0  # when the listener counted it among its pending handshakes
+        self.generation = 0  # the listener's trims before it was admitted (see ClusterLinks._trim)
         self.in_tls = False  # a listener's, in its TLS handshake: nothing may be written in clear
         self.out: list[bytes] = []
         self.out_bytes = 0
@@ -8741,8 +8742,8 @@ class PeerLink(asyncio.Protocol):
 
     @property
     def silent(self) -> bool:
-        """Whether the remote has sent nothing yet."""
-        return self.handshake_bytes == 0 and not self.inbuf and self.stage is LinkStage.HELLO
+        """Whether the remote has sent nothing yet (in a TLS handshake, what it sent is not seen: not silent)."""
+        return self.handshake_bytes == 0 and not self.inbuf and self.stage is LinkStage.HELLO and not self.in_tls
 
     def evict(self, why: str) -> None:
         """Close an incoming link still in its handshake to make room (logged at debug level: strangers
@@ -9031,6 +9032,8 @@ class ClusterLinks:
         self.max_pending = max_pending
         self.peers: dict[str, Peer] = {}
         self.pending: dict[PeerLink, None] = {}  # incoming links in their handshake, oldest first
+        self._generation = 0  # trims so far: a link admitted before the last one has had its first read
+        self._trim_handle: asyncio.TimerHandle | None = None
         self.probes: set[PeerLink] = set()
         self.bound: tuple[str, int] | None = None
         self._server: asyncio.base_events.Server | None = None
@@ -9145,8 +9148,9 @@ class ClusterLinks:
     async def close(self) -> None:
         """Close the listener and every link, cancel the timers; on_down does not fire."""
         self._closed = True
-        if self._tick_handle is not None:
-            self._tick_handle.cancel()
+        for handle in (self._tick_handle, self._trim_handle):
+            if handle is not None:
+                handle.cancel()
         if self._server is not None:
             self._server.close()
         for entry in list(self.peers.values()):
@@ -9164,26 +9168,34 @@ class ClusterLinks:
     # -- used by PeerLink --
 
     def admit(self, link: PeerLink) -> bool:
-        """Count an incoming connection in its handshake; past max_pending, close another for it (_victim)."""
+        """Count an incoming connection in its handshake; past max_pending, close others for it (_trim)."""
         if self._closed:
             return False
-        if len(self.pending) >= self.max_pending:
-            victim = self._victim(time.monotonic())
-            victim.evict(f"{len(self.pending)} connections are in their handshake and it is the one to go")
         link.admitted = time.monotonic()
+        link.generation = self._generation
         self.pending[link] = None
+        if len(self.pending) >= self.max_pending + CLUSTER_TRIM_SLACK:
+            self._trim()  # the loop is too slow to look after each read: bound what strangers hold anyway
+        elif len(self.pending) > self.max_pending and self._trim_handle is None:
+            self._trim_handle = self.loop.call_later(0, self._trim)
         return True
 
-    def _victim(self, now: float) -> PeerLink:
-        """The pending link to close for a newcomer, the first of: one that sent nothing in its first
-        CLUSTER_HANDSHAKE_GRACE seconds, one older than that, one that sent nothing, the oldest.
+    def _trim(self) -> None:
+        """Close pending links until max_pending are left, the first of: one that has had its turn to be
+        read and sent nothing, the oldest one that has, the oldest.
 
-        A node that holds the cookie sends its HELLO at once and is done in a few round trips, so
-        strangers that hold connections open without a word (or cycle them) go first; a newcomer is
-        never turned away, since it cannot be told from a node before its first bytes are read.
+        A timer of 0 s runs after the reads of the turn it falls in, so every link admitted before the
+        previous trim has had its first bytes read: a node that holds the cookie sends its HELLO at once,
+        and is then kept over strangers that say nothing, and over the older strangers that speak. A
+        newcomer is never turned away: it cannot be told from a node before its first bytes are read.
         """
-        return min(self.pending, key=lambda x: (now - x.admitted < CLUSTER_HANDSHAKE_GRACE, not x.silent,
-                                                x.admitted))
+        if self._trim_handle is not None:
+            self._trim_handle.cancel()
+            self._trim_handle = None
+        current, self._generation = self._generation, self._generation + 1
+        while len(self.pending) > self.max_pending:
+            victim = min(self.pending, key=lambda x: (x.generation >= current, not x.silent, x.admitted))
+            victim.evict(f"{len(self.pending)} connections are in their handshake and it is the one to go")
 
     def accept(self, link: PeerLink) -> bool:
         """Whether to keep an authenticated incoming link: one dialed by the larger name loses to ours."""
