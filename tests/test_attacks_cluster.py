@@ -396,10 +396,15 @@ def _join(port, key, discovery):
         return json.loads(resp.read())
 
 
+HELLO = vmqapi.encode_cluster_frame(vmqapi.K_HELLO, vmqapi.encode_hello(b"n" * 16, "mallory@127.0.0.1"))
+
+
 @pytest.mark.slow
-def test_strangers_holding_the_cluster_ports_never_keep_a_node_out(tmp_path):
+@pytest.mark.parametrize("count, greeting", [(80, b""), (300, HELLO)], ids=["80-silent", "300-saying-hello"])
+def test_strangers_holding_the_cluster_ports_never_keep_a_node_out(tmp_path, count, greeting):
     """80 idle connections on each node's cluster port, reopened as soon as closed, kept a restarted peer out
-    for as long as they stayed (40 s tried) and every MQTT CONNECT got CONNACK 3 (netsplit) meanwhile."""
+    for as long as they stayed (40 s tried) and every MQTT CONNECT got CONNACK 3 (netsplit) meanwhile.
+    300 that each send a HELLO (and never a proof) must not either."""
     env = {vmqapi.COOKIE_ENV: COOKIE}  # one cookie for every node, off the command line
     names = {n: [f"nodename={n}@127.0.0.1"] for n in "abc"}
     with capped_node(tmp_path / "a", *names["a"], env=env) as a:
@@ -407,10 +412,10 @@ def test_strangers_holding_the_cluster_ports_never_keep_a_node_out(tmp_path):
         with capped_node(tmp_path / "b", *names["b"], env=env) as b:
             assert _join(b.port("http"), key_of(tmp_path / "b"), f"a@127.0.0.1:{a.port('vmq')}")["text"] == "Done"
         # b is down; strangers take a's cluster port, then b's as soon as it is back
-        on_a = Strangers(a.port("vmq"))
+        on_a = Strangers(a.port("vmq"), count, greeting)
         try:
             with capped_node(tmp_path / "b", *names["b"], env=env) as b:
-                on_b = Strangers(b.port("vmq"))
+                on_b = Strangers(b.port("vmq"), count, greeting)
                 try:
                     assert _until(lambda: _cluster_show(a.port("http"), key).get("b@127.0.0.1") is True, 8), \
                         "b restarted was kept out of the cluster"
