@@ -135,6 +135,7 @@ import signal
 import socket
 import socketserver
 import ssl
+import stat
 import sqlite3
 import string
 import struct
@@ -545,7 +546,53 @@ def parse_optional_address(text: str) -> tuple[str, int] | None:
 
 
 CLUSTER_PORT = 44053  # VerneMQ: the port of listener.vmq.clustering, and of cluster join's discovery-node
-DEFAULT_COOKIE = "vmq"  # VerneMQ's distributed_cookie; refused off loopback (SPEC 10)
+WELL_KNOWN_COOKIE = "vmq"  # VerneMQ's default distributed_cookie: known to everyone, so refused as a cookie
+CLUSTER_HANDSHAKE_TIMEOUT = 5  # seconds to finish the handshake (TLS included): cluster_handshake_timeout
+CLUSTER_MAX_UNAUTHENTICATED = 64  # incoming connections in their handshake at once: cluster_max_pending_handshakes
+COOKIE_ENV = "VMQAPI_DISTRIBUTED_COOKIE"  # a cookie given by the environment (never on a command line)
+COOKIE_FILE = "cookie"  # in the data dir: the cookie a node given none made at its first start (mode 0600)
+COOKIE_HINT = (f"leave distributed_cookie unset (the node then makes a random one in DATA_DIR/{COOKIE_FILE}) or "
+               f"give a secret of your own, the same on every node, in the config file, in a file named by "
+               f"distributed_cookie_file, or in the environment variable {COOKIE_ENV}")
+MAX_NODE_NAME = 255  # characters of a node name (Erlang's limit on an atom)
+_NODE_NAME_RE = re.compile(r"[A-Za-z0-9_.+-]+@"  # the name, then a host name (labels of DNS's 63 at most) or an IPv6
+                           r"([A-Za-z0-9_-]{1,63}(?:\.[A-Za-z0-9_-]{1,63})*|[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*)")
+
+
+def parse_node_name(text: str) -> str:
+    """Parse a node name ``name@host`` (VerneMQ's nodename): see check_node_name."""
+    return check_node_name(parse_text(text))
+
+
+def check_node_name(value: str) -> str:
+    """Return ``value`` if it is a node name ``name@host`` (no space or control character, a host name of
+    labels up to 63 characters or an address, at most MAX_NODE_NAME in all); raise ValueError if not."""
+    match = _NODE_NAME_RE.fullmatch(value)
+    ok = match is not None and len(value) <= MAX_NODE_NAME
+    if ok and ":" in match.group(1):
+        ok = _is_ip(match.group(1))
+    if not ok:
+        raise ValueError(f"expected a node name name@host (letters, digits, _ . + - in the name; a host name "
+                         f"or an address; at most {MAX_NODE_NAME} characters), got {ascii(value)}")
+    return value
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def parse_cookie(text: str) -> str:
+    """Parse ``distributed_cookie``: any secret but VerneMQ's well-known default (empty: none given)."""
+    value = parse_text(text)
+    if value == WELL_KNOWN_COOKIE:
+        raise ValueError(f"{WELL_KNOWN_COOKIE!r} is VerneMQ's well-known default, not a secret: {COOKIE_HINT}")
+    return value
+
+
 CLUSTER_TLS_OPTIONS = ("certfile", "keyfile", "cafile", "tls_version")  # what listener.vmqs[.clustering] takes
 
 
@@ -641,7 +688,8 @@ TLS_VERSIONS = {"tlsv1.2": ssl.TLSVersion.TLSv1_2, "tlsv1.3": ssl.TLSVersion.TLS
 
 _S = Setting
 SETTINGS: tuple[Setting, ...] = (
-    _S("nodename", parse_text, "vmqapi@127.0.0.1", "The node's name, shown by cluster show and in metrics."),
+    _S("nodename", parse_node_name, "vmqapi@127.0.0.1", "The node's name (name@host), shown by cluster show and "
+       "in metrics."),
     _S("data_dir", parse_text, DEFAULT_DATA_DIR, "Directory for node.json, api_keys.json and stored state (--data-dir)."),
     _S("log.console.level", parse_choice("debug", "info", "warning", "error"), "info",
        "Level of the log written to standard error."),
@@ -805,9 +853,18 @@ SETTINGS: tuple[Setting, ...] = (
     _S("listener.vmqs.clustering", parse_optional_address, None,
        "Address of a TLS cluster listener (used instead of listener.vmq.clustering; the node then dials its "
        "peers with TLS too): listener.vmqs.certfile, keyfile and cafile, peers checked against the cafile."),
-    _S("distributed_cookie", parse_text, DEFAULT_COOKIE,
-       "The cluster's shared secret: nodes prove it to each other by HMAC challenge and never send it. Must be "
-       "changed from vmq when the cluster listener is not on loopback.", secret=True),
+    _S("distributed_cookie", parse_cookie, "",
+       "The cluster's shared secret: nodes prove it to each other by HMAC challenge and never send it. Empty: "
+       "distributed_cookie_file, else the environment variable VMQAPI_DISTRIBUTED_COOKIE, else the random one "
+       "the node makes in DATA_DIR/cookie at its first start. vmq (VerneMQ's default) is refused.", secret=True),
+    _S("distributed_cookie_file", parse_text, "",
+       "File holding the cookie (its first line; readable by its owner only, as Erlang's .erlang.cookie), used "
+       "when distributed_cookie is empty: copy one node's DATA_DIR/cookie to give the others the same."),
+    _S("cluster_handshake_timeout", parse_int_range(1, 60), CLUSTER_HANDSHAKE_TIMEOUT,
+       "Seconds an incoming cluster connection has to prove the cookie (TLS included) before it is closed."),
+    _S("cluster_max_pending_handshakes", parse_int_range(1, 4096), CLUSTER_MAX_UNAUTHENTICATED,
+       "Incoming cluster connections that have not proven the cookie yet, held at once; past it newcomers take "
+       "the places of those that sent nothing, then of the oldest."),
     _S("outgoing_clustering_buffer_size", parse_int_range(0), 10000,
        "Bytes of frames kept for each unreachable peer node; past it frames are dropped (cluster_bytes_dropped)."),
 
@@ -8623,8 +8680,10 @@ CLUSTER_PROTOCOL = 1  # version byte of this node-to-node protocol, in HELLO
 CLUSTER_MAX_FRAME = 64 << 20  # bytes; a peer declaring a longer frame is cut off (a retained message is at most 256 MB
 #                              in MQTT, but a cluster frame carries one message, and 64 MB bounds what a peer makes us hold)
 CLUSTER_HANDSHAKE_BYTES = 4096  # bytes a connection may send before its handshake is done (a HELLO and a PROOF: < 300)
-CLUSTER_HANDSHAKE_TIMEOUT = 5.0  # seconds to finish the handshake (TLS included), as listener.tls_handshake_timeout
-CLUSTER_MAX_UNAUTHENTICATED = 64  # incoming connections in their handshake at once; more are closed on arrival
+CLUSTER_TRIM_SLACK = 32  # pending handshakes past max_pending at which the listener trims at once, not after reads
+CLUSTER_BACKLOG = 256  # connections the kernel queues for the cluster listener
+CLUSTER_ACCEPT_BATCH = 8  # connections taken from that queue per turn of the loop: strangers that reconnect
+#                           as fast as they are closed then replace at most a few per turn, not all at once
 CLUSTER_HEARTBEAT_INTERVAL = 1.0  # seconds between heartbeats on a link
 CLUSTER_HEARTBEAT_TIMEOUT = 5.0  # seconds of silence after which a link is down ("timeout")
 CLUSTER_REDIAL_FIRST, CLUSTER_REDIAL_MAX = 0.1, 3.0  # seconds: back-off between dials to a lost peer, doubling
@@ -8679,6 +8738,8 @@ def decode_hello(body: bytes) -> tuple[bytes, str, bool]:
         name = body[2 + CLUSTER_NONCE_BYTES:].decode()
     except UnicodeDecodeError:
         raise ClusterError("node name is not UTF-8") from None
+    if not name.isprintable() or any(c.isspace() for c in name):  # it goes into log lines
+        raise ClusterError("node name has spaces or control characters")
     return body[2:2 + CLUSTER_NONCE_BYTES], name, bool(body[1] & HELLO_PROBE)
 
 
@@ -8723,13 +8784,73 @@ def cluster_tls_contexts(config: Config) -> tuple[ssl.SSLContext | None, ssl.SSL
 
 
 def check_cluster_config(config: Config) -> None:
-    """Raise ConfigError for a cluster listener off loopback without a cookie of its own, or bad TLS files."""
-    (host, port), _ = cluster_listener(config)
-    if not ipaddress.ip_address(host).is_loopback and config["distributed_cookie"] in ("", DEFAULT_COOKIE):
-        raise ConfigError(f"the cluster listener {render_value((host, port))} is not on loopback: set "
-                          f"distributed_cookie to a secret of your own (not {DEFAULT_COOKIE!r}), the same on "
-                          "every node, so that only your nodes can join")
+    """Raise ConfigError for bad TLS files of the cluster listener."""
     cluster_tls_contexts(config)
+
+
+COOKIE_MAX_BYTES = 4096  # a cookie file longer than this is not one (a device, a log file named by mistake)
+
+
+def read_cookie_file(path: str) -> str:
+    """Return the cookie in ``path`` (its first line); raise ConfigError unless it is a small regular
+    file that only its owner can read (as Erlang insists for .erlang.cookie) holding a cookie."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # a FIFO must not hold the start
+    except OSError as exc:
+        raise ConfigError(f"cannot read the cookie file {path}: {exc.strerror}") from None
+    with os.fdopen(fd, "rb") as fh:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_size > COOKIE_MAX_BYTES:
+            raise ConfigError(f"the cookie file {path} is not a regular file of at most {COOKIE_MAX_BYTES} bytes")
+        if os.name == "posix" and info.st_mode & 0o077:
+            raise ConfigError(f"the cookie file {path} can be read by others (mode {info.st_mode & 0o777:o}); "
+                              f"run: chmod 600 {path}")
+        data = fh.read(COOKIE_MAX_BYTES + 1)
+    try:
+        lines = data.decode("utf-8").splitlines()
+        return parse_cookie(lines[0]) if lines and lines[0].strip() else ""
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ConfigError(f"the cookie file {path}: {exc}") from None
+
+
+def make_cookie_file(path: str) -> str:
+    """Write a new random cookie to ``path`` (created, mode 0600); return it."""
+    cookie = secrets.token_urlsafe(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(cookie + "\n")
+    return cookie
+
+
+def load_cookie(config: Config, data_dir: str, environ: Mapping[str, str]) -> tuple[str, str]:
+    """Return (cookie, where it came from): distributed_cookie, else distributed_cookie_file, else the
+    environment's VMQAPI_DISTRIBUTED_COOKIE, else DATA_DIR/cookie (made at the first start).
+
+    Raise ConfigError for an unusable one (VerneMQ's well-known vmq, a file others can read, ...).
+    """
+    if config["distributed_cookie"]:
+        return config["distributed_cookie"], "distributed_cookie"
+    named = config["distributed_cookie_file"]
+    if named:
+        return _some_cookie(read_cookie_file(named), named), f"distributed_cookie_file {named}"
+    if environ.get(COOKIE_ENV, "").strip():
+        try:
+            return parse_cookie(environ[COOKIE_ENV]), COOKIE_ENV
+        except ValueError as exc:
+            raise ConfigError(f"{COOKIE_ENV}: {exc}") from None
+    path = os.path.join(data_dir, COOKIE_FILE)
+    if os.path.lexists(path):
+        return _some_cookie(read_cookie_file(path), path), path
+    try:
+        return make_cookie_file(path), f"{path}, made now (give the other nodes of a cluster the same)"
+    except OSError as exc:
+        raise ConfigError(f"cannot make the cookie file {path}: {exc.strerror}") from None
+
+
+def _some_cookie(cookie: str, path: str) -> str:
+    if not cookie:
+        raise ConfigError(f"the cookie file {path} is empty: {COOKIE_HINT}")
+    return cookie
 
 
 class LinkStage(enum.Enum):
@@ -8759,6 +8880,9 @@ class PeerLink(asyncio.Protocol):
         self.nonce, self.remote_nonce = secrets.token_bytes(CLUSTER_NONCE_BYTES), b""
         self.probing = False  # a listener's: the dialer only probes
         self.handshake_bytes = 0
+        self.admitted = 0.0  # when the listener counted it among its pending handshakes
+        self.generation = 0  # the listener's trims before it was admitted (see ClusterLinks._trim)
+        self.in_tls = False  # a listener's, in its TLS handshake: nothing may be written in clear
         self.out: list[bytes] = []
         self.out_bytes = 0
         self.flush_handle: asyncio.Handle | None = None
@@ -8771,6 +8895,19 @@ class PeerLink(asyncio.Protocol):
     def live(self) -> bool:
         """Whether the remote answered (its HELLO came in) and the link is not closed."""
         return self.name is not None and self.stage is not LinkStage.CLOSED
+
+    @property
+    def silent(self) -> bool:
+        """Whether the remote has sent nothing yet (in a TLS handshake, what it sent is not seen: not silent)."""
+        return self.handshake_bytes == 0 and not self.inbuf and self.stage is LinkStage.HELLO and not self.in_tls
+
+    def evict(self, why: str) -> None:
+        """Close an incoming link still in its handshake to make room (logged at debug level: strangers
+        could otherwise fill the log)."""
+        log.debug("closing cluster link %s: %s", self.describe(), why)
+        self.close("too many handshakes", bye=False)
+        if self.transport is not None:
+            self.transport.abort()
 
     def describe(self) -> str:
         """Name the link for a log line: direction, node, address."""
@@ -8789,6 +8926,28 @@ class PeerLink(asyncio.Protocol):
         self.timer = self.links.loop.call_later(self.links.handshake_timeout, self._handshake_timeout)
         if self.dialer:
             self.write(K_HELLO, encode_hello(self.nonce, self.links.me, self.probe is not None))
+        elif self.links.server_tls is not None:
+            self.links.loop.create_task(self._start_tls(transport))  # once admitted: it counts as pending
+
+    async def _start_tls(self, raw: asyncio.Transport) -> None:
+        """Run the listener's TLS handshake on an admitted connection (within the handshake's deadline)."""
+        self.in_tls = True
+        try:
+            tls = await self.links.loop.start_tls(raw, self, self.links.server_tls, server_side=True,
+                                                  ssl_handshake_timeout=self.links.handshake_timeout)
+        except (OSError, ssl.SSLError, asyncio.TimeoutError, ConnectionError) as exc:
+            raw.abort()
+            if self.stage is not LinkStage.CLOSED:
+                self.stage = LinkStage.CLOSED
+                self._cancel_timers()
+                log.info("closing cluster link %s: TLS handshake failed: %s", self.describe(), exc or "closed")
+                self.links.lost(self, "TLS handshake failed")
+            return
+        self.in_tls = False
+        if self.stage is LinkStage.CLOSED:
+            tls.abort()
+        else:
+            self.transport = tls  # type: ignore[assignment]
 
     def _handshake_timeout(self) -> None:
         self.timer = None
@@ -8940,7 +9099,7 @@ class PeerLink(asyncio.Protocol):
         if self.stage is LinkStage.CLOSED:
             return
         self.stage = LinkStage.CLOSED
-        if bye and self.transport is not None:
+        if bye and self.transport is not None and not self.in_tls:
             self.write(K_BYE, reason.encode()[:200])
         self.flush()
         if self.transport is not None:
@@ -9019,14 +9178,18 @@ class ClusterLinks:
                  buffer_size: int, on_up: Callable[[str], None], on_down: Callable[[str, str], None],
                  on_frame: Callable[[str, int, bytes], None], server_tls: ssl.SSLContext | None = None,
                  client_tls: ssl.SSLContext | None = None, heartbeat: float = CLUSTER_HEARTBEAT_INTERVAL,
-                 timeout: float = CLUSTER_HEARTBEAT_TIMEOUT, handshake_timeout: float = CLUSTER_HANDSHAKE_TIMEOUT):
+                 timeout: float = CLUSTER_HEARTBEAT_TIMEOUT, handshake_timeout: float = CLUSTER_HANDSHAKE_TIMEOUT,
+                 max_pending: int = CLUSTER_MAX_UNAUTHENTICATED):
         self.loop, self.me, self.cookie, self.metrics = loop, me, cookie, metrics
         self.buffer_size = buffer_size
         self.on_up, self.on_down, self.on_frame = on_up, on_down, on_frame
         self.server_tls, self.client_tls = server_tls, client_tls
         self.heartbeat, self.timeout, self.handshake_timeout = heartbeat, timeout, handshake_timeout
+        self.max_pending = max_pending
         self.peers: dict[str, Peer] = {}
-        self.pending: set[PeerLink] = set()  # incoming links in their handshake
+        self.pending: dict[PeerLink, None] = {}  # incoming links in their handshake, oldest first
+        self._generation = 0  # trims so far: a link admitted before the last one has had its first read
+        self._trim_handle: asyncio.TimerHandle | None = None
         self.probes: set[PeerLink] = set()
         self.bound: tuple[str, int] | None = None
         self._server: asyncio.base_events.Server | None = None
@@ -9039,10 +9202,19 @@ class ClusterLinks:
 
     async def listen(self, host: str, port: int) -> tuple[str, int]:
         """Open the cluster listener; return the address actually bound."""
-        self._server = await self.loop.create_server(
-            lambda: PeerLink(self, dialer=False), host, port, reuse_address=True, backlog=256, ssl=self.server_tls,
-            ssl_handshake_timeout=self.handshake_timeout if self.server_tls else None)
-        self.bound = tuple(self._server.sockets[0].getsockname()[:2])
+        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
+            # TLS starts once a connection is admitted (PeerLink._start_tls), so that a stranger's TLS
+            # handshake counts among the pending ones too.
+            self._server = await self.loop.create_server(
+                lambda: PeerLink(self, dialer=False), sock=sock, backlog=CLUSTER_ACCEPT_BATCH)
+        except BaseException:
+            sock.close()
+            raise
+        sock.listen(CLUSTER_BACKLOG)  # asyncio takes its backlog as the batch it accepts per turn, too
+        self.bound = tuple(sock.getsockname()[:2])
         self._start_ticking()
         return self.bound
 
@@ -9111,8 +9283,10 @@ class ClusterLinks:
             _, link = await asyncio.wait_for(self.loop.create_connection(
                 lambda: PeerLink(self, dialer=True, probe=answer), host, port, ssl=self.client_tls,
                 ssl_handshake_timeout=timeout if self.client_tls else None), timeout)
-        except (OSError, asyncio.TimeoutError) as exc:
-            if isinstance(exc, socket.gaierror):
+        except (OSError, asyncio.TimeoutError, UnicodeError) as exc:
+            if isinstance(exc, UnicodeError):  # the IDNA codec's: a label too long for DNS
+                why = "the host name is not valid"
+            elif isinstance(exc, socket.gaierror):
                 why = f"the host name is not known ({exc.strerror})"
             else:
                 why = os.strerror(exc.errno) if getattr(exc, "errno", None) else f"no answer within {timeout:g} s"
@@ -9130,8 +9304,9 @@ class ClusterLinks:
     async def close(self) -> None:
         """Close the listener and every link, cancel the timers; on_down does not fire."""
         self._closed = True
-        if self._tick_handle is not None:
-            self._tick_handle.cancel()
+        for handle in (self._tick_handle, self._trim_handle):
+            if handle is not None:
+                handle.cancel()
         if self._server is not None:
             self._server.close()
         for entry in list(self.peers.values()):
@@ -9149,13 +9324,34 @@ class ClusterLinks:
     # -- used by PeerLink --
 
     def admit(self, link: PeerLink) -> bool:
-        """Count an incoming connection in its handshake; refuse it past CLUSTER_MAX_UNAUTHENTICATED."""
-        if self._closed or len(self.pending) >= CLUSTER_MAX_UNAUTHENTICATED:
-            log.debug("cluster listener: closing a connection from %s: %d are in their handshake", link.address[0],
-                      len(self.pending))
+        """Count an incoming connection in its handshake; past max_pending, close others for it (_trim)."""
+        if self._closed:
             return False
-        self.pending.add(link)
+        link.admitted = time.monotonic()
+        link.generation = self._generation
+        self.pending[link] = None
+        if len(self.pending) >= self.max_pending + CLUSTER_TRIM_SLACK:
+            self._trim()  # the loop is too slow to look after each read: bound what strangers hold anyway
+        elif len(self.pending) > self.max_pending and self._trim_handle is None:
+            self._trim_handle = self.loop.call_later(0, self._trim)
         return True
+
+    def _trim(self) -> None:
+        """Close pending links until max_pending are left, the first of: one that has had its turn to be
+        read and sent nothing, the oldest one that has, the oldest.
+
+        A timer of 0 s runs after the reads of the turn it falls in, so every link admitted before the
+        previous trim has had its first bytes read: a node that holds the cookie sends its HELLO at once,
+        and is then kept over strangers that say nothing, and over the older strangers that speak. A
+        newcomer is never turned away: it cannot be told from a node before its first bytes are read.
+        """
+        if self._trim_handle is not None:
+            self._trim_handle.cancel()
+            self._trim_handle = None
+        current, self._generation = self._generation, self._generation + 1
+        while len(self.pending) > self.max_pending:
+            victim = min(self.pending, key=lambda x: (x.generation >= current, not x.silent, x.admitted))
+            victim.evict(f"{len(self.pending)} connections are in their handshake and it is the one to go")
 
     def accept(self, link: PeerLink) -> bool:
         """Whether to keep an authenticated incoming link: one dialed by the larger name loses to ours."""
@@ -9167,7 +9363,7 @@ class ClusterLinks:
 
     def up(self, link: PeerLink) -> None:
         """Make ``link`` the peer's link: close any other, send what waited, then on_up."""
-        self.pending.discard(link)
+        self.pending.pop(link, None)
         if link.timer is not None:
             link.timer.cancel()
             link.timer = None
@@ -9193,7 +9389,7 @@ class ClusterLinks:
 
     def lost(self, link: PeerLink, reason: str) -> None:
         """A link closed: a probe's answer, a failed dial to retry, or a peer down."""
-        self.pending.discard(link)
+        self.pending.pop(link, None)
         if link.probe is not None:
             if not link.probe.done():
                 link.probe.set_exception(ClusterError(reason))
@@ -9322,8 +9518,11 @@ def parse_discovery_node(text: str) -> tuple[str, str, int]:
     elif rest.count(":") == 1:
         host, _, port = rest.partition(":")
     if not at or not name or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise InvalidValue(f"bad discovery-node {text!r}: expected name@host[:port]")
-    return f"{name}@{host}", host, int(port)
+        raise InvalidValue(f"bad discovery-node {ascii(text)}: expected name@host[:port]")
+    try:
+        return check_node_name(f"{name}@{host}"), host, int(port)
+    except ValueError as exc:
+        raise InvalidValue(f"bad discovery-node: {exc}") from None
 
 
 def retained_value(mountpoint: str, msg: Message) -> bytes:
@@ -9651,10 +9850,13 @@ class Cluster(ClusterAdmin):
         """Bind the cluster listener, apply the kept state, reconnect to the members (from any thread)."""
         config = self.node.config
         server_tls, client_tls = cluster_tls_contexts(config)
-        self.links = ClusterLinks(self.io.loop, self.me, config["distributed_cookie"], self.node.metrics,
+        cookie, source = load_cookie(config, self.node.data_dir, os.environ)
+        log.info("cluster cookie: %s", source)  # where it is, never what
+        self.links = ClusterLinks(self.io.loop, self.me, cookie, self.node.metrics,
                                   buffer_size=config["outgoing_clustering_buffer_size"], on_up=self._on_up,
                                   on_down=self._on_down, on_frame=self._on_frame, server_tls=server_tls,
-                                  client_tls=client_tls)
+                                  client_tls=client_tls, handshake_timeout=config["cluster_handshake_timeout"],
+                                  max_pending=config["cluster_max_pending_handshakes"])
         try:
             self.bound = self.io.call_async(self.links.listen(*self.address))
         except OSError as exc:
@@ -10184,7 +10386,8 @@ def cmd_cluster_join(call: Call) -> Any:
         return alert(f"cannot join {call.args['discovery-node']}: {exc.text}")
 
 
-@command("cluster", "leave", keys=(Param("node", doc="the node to take out of the cluster"),), required=("node",),
+@command("cluster", "leave", keys=(Param("node", check_node_name, doc="the node to take out of the cluster"),),
+         required=("node",),
          flags=(Param("kill_sessions", short="k", value="none", doc="tear down and migrate sessions"),
                 Param("summary-interval", parse_positive_int, short="i", doc="seconds between progress reports"),
                 Param("timeout", parse_positive_int, short="t", doc="seconds to wait for the leave")))

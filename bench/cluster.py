@@ -50,14 +50,15 @@ class Node:
         self.data = os.path.join(tmp, name)
         self.mqtt, self.http, self.vmq = load.free_port(), load.free_port(), load.free_port()
         cmd = [sys.executable, os.path.join(ROOT, "vmqapi.py"), "--data-dir", self.data,
-               "--set", f"nodename={self.name}", "--set", f"distributed_cookie={COOKIE}",
+               "--set", f"nodename={self.name}",
                "--set", f"listener.tcp.default=127.0.0.1:{self.mqtt}",
                "--set", f"listener.http.default=127.0.0.1:{self.http}",
                "--set", f"listener.vmq.clustering=127.0.0.1:{self.vmq}",
                "--set", "log.console.level=warning", "--set", "max_online_messages=-1",
                "--set", f"max_inflight_messages={load.INFLIGHT[0]}"]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                     preexec_fn=load.raise_fd_limit, cwd=tmp)
+                                     preexec_fn=load.raise_fd_limit, cwd=tmp,
+                                     env=dict(os.environ, **{vmqapi.COOKIE_ENV: COOKIE}))  # off the command line
         load.wait_port(self.mqtt, self.proc)
         load.wait_port(self.http, self.proc)
         self.key = vmqapi.KeyStore(os.path.join(self.data, vmqapi.KEY_FILE)).create("mgmt")

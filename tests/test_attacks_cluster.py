@@ -9,7 +9,10 @@ traceback, never the node's start, never memory without bound.
 from __future__ import annotations
 
 import asyncio
+import base64
 import os
+import select
+import socket
 import threading
 import time
 
@@ -324,3 +327,187 @@ def test_an_endpoint_that_answers_byte_by_byte_is_cut_at_response_timeout(tmp_pa
             assert took < 5
     finally:
         endpoint.close()
+
+
+# -- strangers on the cluster port ----------------------------------------------------------
+
+class Strangers:
+    """``count`` connections to a cluster port, held open without a word (or after ``greeting``) and
+    opened again as soon as the node closes one, from a thread, until close(); bounded in reopenings."""
+
+    def __init__(self, port, count=80, greeting=b"", max_reopen=200_000, max_seconds=120.0):
+        self.port, self.count, self.greeting = port, count, greeting
+        self.max_reopen, self.deadline = max_reopen, time.monotonic() + max_seconds
+        self.reopened = 0
+        self.socks: list = []
+        self.stop = threading.Event()
+        for _ in range(count):
+            self.socks.append(self._open())
+        self.thread = threading.Thread(target=self._run, name="strangers", daemon=True)
+        self.thread.start()
+
+    def _open(self):
+        s = socket.create_connection(("127.0.0.1", self.port), timeout=2)
+        if self.greeting:
+            s.sendall(self.greeting)
+        return s
+
+    def _run(self):
+        while not self.stop.is_set() and time.monotonic() < self.deadline and self.reopened < self.max_reopen:
+            readable, _, _ = select.select(self.socks, [], [], 0.05)
+            for s in readable:
+                try:
+                    if s.recv(65536):
+                        continue  # what the node says (its HELLO): the stranger stays silent
+                except OSError:
+                    pass
+                self.socks.remove(s)
+                s.close()
+                try:
+                    self.socks.append(self._open())
+                    self.reopened += 1
+                except OSError:
+                    pass  # the node's queue is full: try again next round
+            while len(self.socks) < self.count and not self.stop.is_set():
+                try:
+                    self.socks.append(self._open())
+                    self.reopened += 1
+                except OSError:
+                    break
+
+    def open(self):
+        """How many of them the node holds open now (those it closed are not yet seen)."""
+        return len(self.socks)
+
+    def close(self):
+        self.stop.set()
+        self.thread.join(10)
+        for s in self.socks:
+            s.close()
+
+
+def _connack(port):
+    c = MqttClient(port, timeout=5)
+    try:
+        return c.connect("control").return_code
+    finally:
+        c.close()
+
+
+def _cluster_show(port, key):
+    import json
+    import urllib.request
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/api/v1/cluster/show",
+                                     headers={"Authorization": "Basic " + base64.b64encode(f"{key}:".encode()).decode()})
+    with urllib.request.urlopen(request, timeout=30) as resp:
+        body = json.loads(resp.read())
+    return {row["Node"]: row["Running"] for row in body["table"]}
+
+
+def _join(port, key, discovery):
+    import json
+    import urllib.parse
+    import urllib.request
+    query = urllib.parse.urlencode({"discovery-node": discovery})
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/api/v1/cluster/join?{query}",
+                                     headers={"Authorization": "Basic " + base64.b64encode(f"{key}:".encode()).decode()})
+    with urllib.request.urlopen(request, timeout=30) as resp:
+        return json.loads(resp.read())
+
+
+HELLO = vmqapi.encode_cluster_frame(vmqapi.K_HELLO, vmqapi.encode_hello(b"n" * 16, "mallory@127.0.0.1"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("count, greeting", [(80, b""), (300, HELLO)], ids=["80-silent", "300-saying-hello"])
+def test_strangers_holding_the_cluster_ports_never_keep_a_node_out(tmp_path, count, greeting):
+    """80 idle connections on each node's cluster port, reopened as soon as closed, kept a restarted peer out
+    for as long as they stayed (40 s tried) and every MQTT CONNECT got CONNACK 3 (netsplit) meanwhile.
+    300 that each send a HELLO (and never a proof) must not either."""
+    env = {vmqapi.COOKIE_ENV: COOKIE}  # one cookie for every node, off the command line
+    names = {n: [f"nodename={n}@127.0.0.1"] for n in "abc"}
+    with capped_node(tmp_path / "a", *names["a"], env=env) as a:
+        key = vmqapi.KeyStore(os.path.join(str(tmp_path / "a"), vmqapi.KEY_FILE)).create("mgmt")
+        with capped_node(tmp_path / "b", *names["b"], env=env) as b:
+            assert _join(b.port("http"), key_of(tmp_path / "b"), f"a@127.0.0.1:{a.port('vmq')}")["text"] == "Done"
+        # b is down; strangers take a's cluster port, then b's as soon as it is back
+        on_a = Strangers(a.port("vmq"), count, greeting)
+        try:
+            with capped_node(tmp_path / "b", *names["b"], env=env) as b:
+                on_b = Strangers(b.port("vmq"), count, greeting)
+                try:
+                    assert _until(lambda: _cluster_show(a.port("http"), key).get("b@127.0.0.1") is True, 8), \
+                        "b restarted was kept out of the cluster"
+                    for port in (a.port("mqtt"), b.port("mqtt")):
+                        assert _connack(port) == 0  # no netsplit
+                    with capped_node(tmp_path / "c", *names["c"], env=env) as c:  # a join, meanwhile
+                        started = time.monotonic()
+                        answer = _join(c.port("http"), key_of(tmp_path / "c"), f"a@127.0.0.1:{a.port('vmq')}")
+                        assert answer.get("text") == "Done" and time.monotonic() - started < 8, answer
+                        assert _connack(c.port("mqtt")) == 0
+                    assert on_a.reopened > 0 and on_b.reopened > 0  # the node made room: strangers were closed
+                    assert "Traceback" not in a.log() + b.log()
+                finally:
+                    on_b.close()
+        finally:
+            on_a.close()
+
+
+def key_of(data_dir):
+    return vmqapi.KeyStore(os.path.join(str(data_dir), vmqapi.KEY_FILE)).create("mgmt")
+
+
+def _fds(pid):
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def _threads(pid):
+    with open(f"/proc/{pid}/status") as fh:
+        return next(int(line.split()[1]) for line in fh if line.startswith("Threads:"))
+
+
+def _ping(port):
+    c = MqttClient(port, timeout=5)
+    try:
+        assert c.connect("control").return_code == 0
+        started = time.monotonic()
+        c.ping()
+        return time.monotonic() - started
+    finally:
+        c.close()
+
+
+@pytest.mark.slow
+def test_what_strangers_on_the_cluster_port_can_make_a_node_hold(tmp_path):
+    """Past cluster_max_pending_handshakes (64) a newcomer takes the oldest one's place: 400 strangers that each
+    send 4 KB of a frame they never finish hold about 64 descriptors and 5.4 KB each, and no thread."""
+    import urllib.request
+    partial = (4091).to_bytes(4, "big") + b"\x01" + b"x" * 4089  # 4094 bytes: one short of the frame they announce
+    with capped_node(tmp_path / "n", env={vmqapi.COOKIE_ENV: COOKIE}) as node:
+        time.sleep(0.5)
+        fds, threads, rss = _fds(node.pid), _threads(node.pid), node.rss()
+        strangers = Strangers(node.port("vmq"), count=400, greeting=partial)
+        try:
+            peak_fds = peak_threads = peak_rss = worst = 0
+            deadline = time.monotonic() + 4
+            while time.monotonic() < deadline:
+                peak_fds, peak_threads = max(peak_fds, _fds(node.pid)), max(peak_threads, _threads(node.pid))
+                peak_rss = max(peak_rss, node.rss())
+                worst = max(worst, _ping(node.port("mqtt")))
+                with urllib.request.urlopen(f"http://127.0.0.1:{node.port('http')}/health", timeout=5) as resp:
+                    assert resp.status == 200
+                time.sleep(0.1)
+            started = time.monotonic()
+            peer = FakePeer(node.port("vmq"))  # a node with the cookie gets in, meanwhile
+            joined = time.monotonic() - started
+            peer.close()
+            assert strangers.reopened > 0
+        finally:
+            strangers.close()
+        # 64 in their handshake, a few turns' batches of 8 being accepted or closed, the control clients
+        assert peak_fds - fds <= vmqapi.CLUSTER_MAX_UNAUTHENTICATED + 8 * vmqapi.CLUSTER_ACCEPT_BATCH, (fds, peak_fds)
+        assert peak_threads == threads, (threads, peak_threads)
+        assert peak_rss - rss < 16 << 20, f"RSS grew by {(peak_rss - rss) >> 10} KB"
+        assert worst < 0.5 and joined < 5, (worst, joined)
+        print(f"fds {fds}->{peak_fds} threads {threads}->{peak_threads} rss +{(peak_rss - rss) >> 10} KB "
+              f"ping {worst * 1000:.1f} ms joined {joined:.2f} s reopened {strangers.reopened}")

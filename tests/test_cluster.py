@@ -428,6 +428,7 @@ def test_the_readme_cluster_section_works_as_printed(tmp_path):
                 if not following.startswith("    ") or following.startswith("    $"):
                     break
                 expected.append(following[4:])
+            assert "distributed_cookie=" not in line  # a cookie on a command line is in /proc/PID/cmdline
             command = re.sub(r"127\.0\.0\.1:(\d+)", lambda m: f"127.0.0.1:{ports[int(m.group(1))]}", line[6:])
             words = shlex.split(command)
             argv = [sys.executable, os.path.join(ROOT, "vmqapi.py"), *words[2:]]
@@ -445,6 +446,7 @@ def test_the_readme_cluster_section_works_as_printed(tmp_path):
                 assert result.stdout.rstrip("\n").splitlines() == expected, (command, result.stdout)
                 ran += 1
         assert len(procs) == 3 and ran == 3
+        assert os.stat(tmp_path / "n1" / vmqapi.COOKIE_FILE).st_mode & 0o777 == 0o600
     finally:
         for proc in procs:
             proc.kill()
@@ -508,3 +510,129 @@ def test_the_cluster_store_purges_old_tombstones_only(tmp_path):
         assert sorted(u.key for u in store.load()) == ["new-gone", "old-live"]
     finally:
         store.close()
+
+
+# -- the cookie and node names ------------------------------------------------------------
+
+def default_settings(name, **extra):
+    """A cluster node as a user who sets no cookie starts it."""
+    return {"nodename": f"{name}@127.0.0.1", "listener.vmq.clustering": "127.0.0.1:0", **extra}
+
+
+def cookie_of(node):
+    path = os.path.join(node.data_dir, vmqapi.COOKIE_FILE)
+    assert os.stat(path).st_mode & 0o777 == 0o600
+    with open(path) as fh:
+        return fh.read().strip()
+
+
+def test_a_node_with_default_settings_cannot_join_another(make_node, monkeypatch):
+    monkeypatch.delenv(vmqapi.COOKIE_ENV, raising=False)
+    a, b = (Member(make_node(**default_settings(n))) for n in ("d0", "d1"))
+    status, body = b.join(a)
+    assert status == 200 and text_of(body) != "Done" and "wrong cookie" in text_of(body), body
+    assert b.name not in a.running()
+    assert len(cookie_of(a.node)) >= 32 and cookie_of(a.node) != cookie_of(b.node)
+
+
+def test_the_made_cookie_is_kept_across_a_restart_and_shared_by_its_file(make_node, monkeypatch):
+    monkeypatch.delenv(vmqapi.COOKIE_ENV, raising=False)
+    a = Member(make_node(**default_settings("k0")))
+    made = cookie_of(a.node)
+    a.node.stop()
+    a = Member(vmqapi.Node(a.node.config).start())
+    try:
+        assert cookie_of(a.node) == made
+        shared = os.path.join(os.path.dirname(a.node.data_dir), "copy-of-the-cookie")
+        with open(os.open(shared, os.O_WRONLY | os.O_CREAT, 0o600), "w") as fh:
+            fh.write(made + "\n")
+        b = Member(make_node(**default_settings("k1", distributed_cookie_file=shared)))
+        status, body = b.join(a)
+        assert text_of(body) == "Done", body
+        for member in (a, b):  # the cookie is never shown, wherever it came from
+            for path, params in (("cluster/show", {}), ("show", {"distributed_cookie": ""}),
+                                 ("show", {"distributed_cookie_file": ""})):
+                assert made not in json.dumps(member.api(path, **params)[1])
+    finally:
+        a.node.stop()
+
+
+def test_a_cookie_from_the_environment_joins(make_node, monkeypatch):
+    monkeypatch.setenv(vmqapi.COOKIE_ENV, "from-the-environment")
+    a, b = (Member(make_node(**default_settings(n))) for n in ("e0", "e1"))
+    status, body = b.join(a)
+    assert text_of(body) == "Done", body
+    assert not os.path.exists(os.path.join(a.node.data_dir, vmqapi.COOKIE_FILE))  # none made
+    assert "from-the-environment" not in json.dumps(a.api("show", distributed_cookie="")[1])
+
+
+def test_vmq_is_refused_as_a_cookie_wherever_it_is_given(tmp_path, monkeypatch):
+    hint = "distributed_cookie_file"
+    with pytest.raises(vmqapi.ConfigError, match=hint):  # --set
+        vmqapi.Config.from_sources(None, ["distributed_cookie=vmq"])
+    conf = tmp_path / "vmqapi.conf"
+    conf.write_text('distributed_cookie = "vmq"\n')
+    with pytest.raises(vmqapi.ConfigError, match=hint):  # the config file
+        vmqapi.Config.from_sources(str(conf))
+    with pytest.raises(vmqapi.InvalidValue, match=hint):  # embedding
+        vmqapi.Node({"distributed_cookie": "vmq"})
+    named = tmp_path / "cookie-file"
+    named.write_text("vmq\n")
+    named.chmod(0o600)
+    data = str(tmp_path / "d")
+    os.makedirs(data)
+    with pytest.raises(vmqapi.ConfigError, match=hint):  # a file named by distributed_cookie_file
+        vmqapi.load_cookie(vmqapi.Config({"distributed_cookie_file": str(named)}), data, {})
+    with pytest.raises(vmqapi.ConfigError, match=hint):  # the environment
+        vmqapi.load_cookie(vmqapi.Config({}), data, {vmqapi.COOKIE_ENV: "vmq"})
+    (tmp_path / "d" / vmqapi.COOKIE_FILE).write_text("vmq\n")
+    (tmp_path / "d" / vmqapi.COOKIE_FILE).chmod(0o600)
+    with pytest.raises(vmqapi.ConfigError, match=hint):  # the data dir's file
+        vmqapi.load_cookie(vmqapi.Config({}), data, {})
+
+
+def test_a_cookie_file_must_be_small_regular_and_private(tmp_path):
+    data = str(tmp_path)
+    loose = tmp_path / "loose"
+    loose.write_text("s3cret\n")
+    loose.chmod(0o644)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo, 0o600)
+    for path, why in ((loose, "chmod 600"), (fifo, "regular file"), ("/dev/zero", "regular file"),
+                      (tmp_path / "missing", "cannot read")):
+        started = time.monotonic()
+        with pytest.raises(vmqapi.ConfigError, match=why):
+            vmqapi.load_cookie(vmqapi.Config({"distributed_cookie_file": str(path)}), data, {})
+        assert time.monotonic() - started < 1  # a FIFO never holds the start
+    loose.chmod(0o600)
+    assert vmqapi.load_cookie(vmqapi.Config({"distributed_cookie_file": str(loose)}), data, {})[0] == "s3cret"
+    # the order: distributed_cookie, its file, the environment, the data dir's file
+    env = {vmqapi.COOKIE_ENV: "env"}
+    assert vmqapi.load_cookie(vmqapi.Config({"distributed_cookie": "set"}), data, env)[0] == "set"
+    assert vmqapi.load_cookie(vmqapi.Config({"distributed_cookie_file": str(loose)}), data, env)[0] == "s3cret"
+    assert vmqapi.load_cookie(vmqapi.Config({}), data, env)[0] == "env"
+    assert not os.path.exists(tmp_path / vmqapi.COOKIE_FILE)
+
+
+@pytest.mark.parametrize("bad", ["a@b\x00", "a@b%00", "a@b\r", "a@b\r\n:44053", "a\x01@127.0.0.1", "a@b c",
+                                 "a@[::1\x00]:44053", "a@" + "b" * 64, "a@" + "b." * 130 + "c", "a@b\u2028"])
+def test_a_node_name_with_control_characters_is_a_bad_value(make_cluster, caplog, bad):
+    a, b = make_cluster(2)
+    bad = urllib.parse.unquote(bad)
+    for path, params in (("cluster/join", {"discovery_dash_node": bad}), ("cluster/leave", {"node": bad})):
+        status, body = a.api(path, **params)
+        assert status == 400 and body["error"] == "invalid_value", body
+        assert "node name" in body["text"] and "name@host" in body["text"]
+    name = bad.partition(":44053")[0]
+    if name.strip() == name:  # a config value loses its surrounding spaces first
+        with pytest.raises(vmqapi.InvalidValue, match="name@host"):
+            vmqapi.Config({"nodename": name})
+    assert not [r for r in caplog.records if r.exc_info or r.levelno >= 40]
+    assert a.running() == {a.name: True, b.name: True}
+
+
+def test_good_node_names_pass():
+    for name in ("vmqapi@127.0.0.1", "VerneMQ@10.0.0.2", "n1@host.example.com", "a.b-c_d+e@h", "n@::1",
+                 "x@" + "h" * 63):
+        assert vmqapi.parse_node_name(name) == name
+    assert vmqapi.parse_discovery_node("n@[::1]:44054") == ("n@::1", "::1", 44054)

@@ -78,7 +78,7 @@ def up_links(links):
     """The PeerLinks of ``links`` in stage UP, counted from the peers and the pending handshakes."""
     found = {e.link for e in links.peers.values() if e.link is not None}
     found |= {e.dialing for e in links.peers.values() if e.dialing is not None}
-    return [x for x in found | links.pending if x.stage is vmqapi.LinkStage.UP]
+    return [x for x in found | set(links.pending) if x.stage is vmqapi.LinkStage.UP]
 
 
 def free_port():
@@ -385,16 +385,38 @@ def test_tls_links_check_the_peer_against_the_cafile(pki):
     run(main())
 
 
+def test_strangers_in_their_tls_handshake_count_among_the_pending_ones(pki):
+    """TLS ran before a connection was counted: 200 strangers that never sent a ClientHello held 200 descriptors
+    for the handshake timeout, past the 64 pending handshakes."""
+    async def main():
+        server, client = vmqapi.cluster_tls_contexts(tls_config(pki))
+        a, b = make("a", server_tls=server, client_tls=client), make("b", server_tls=server, client_tls=client)
+        await a.listen("127.0.0.1", 0)
+        await b.listen("127.0.0.1", 0)
+        before = len(os.listdir("/proc/self/fd"))
+        strangers = [await raw(b.bound[1]) for _ in range(200)]
+        await asyncio.sleep(0.5)
+        held = len(os.listdir("/proc/self/fd")) - before - len(strangers)  # b's ends (both are in this process)
+        assert len(b.pending) <= vmqapi.CLUSTER_MAX_UNAUTHENTICATED
+        assert held <= vmqapi.CLUSTER_MAX_UNAUTHENTICATED + 4 * vmqapi.CLUSTER_ACCEPT_BATCH, held
+        a.connect("b", *b.bound)  # a node with the certificate and the cookie gets in, meanwhile
+        await until(lambda: a.is_up("b") and b.is_up("a"), timeout=5)
+        for _, writer in strangers:
+            writer.close()
+        await closing(a, b)
+    run(main())
+
+
 # -- configuration --
 
-def test_a_cluster_listener_off_loopback_needs_a_cookie_of_its_own(pki):
+def test_the_cluster_config_is_checked(pki):
     check = vmqapi.check_cluster_config
-    check(vmqapi.Config({}))  # loopback and the default cookie: fine
-    for values in ({"listener.vmq.clustering": "0.0.0.0:44053"},
-                   {"listener.vmq.clustering": "10.0.0.2:0", "distributed_cookie": "vmq"},
-                   {"listener.vmqs.clustering": "0.0.0.0:44054", "distributed_cookie": ""}):
-        with pytest.raises(vmqapi.ConfigError, match="distributed_cookie"):
-            check(vmqapi.Config(values))
+    check(vmqapi.Config({}))
+    for values in ({"listener.vmq.clustering": "10.0.0.2:0", "distributed_cookie": "vmq"},
+                   {"listener.vmqs.clustering": "0.0.0.0:44054", "distributed_cookie": ' "vmq" '}):
+        with pytest.raises(vmqapi.InvalidValue, match="distributed_cookie_file"):  # refused wherever it is
+            vmqapi.Config(values)
+    check(vmqapi.Config({"listener.vmq.clustering": "0.0.0.0:44053"}))  # no cookie given: the node makes one
     check(vmqapi.Config({"listener.vmq.clustering": "0.0.0.0:44053", "distributed_cookie": "s3cret"}))
     with pytest.raises(vmqapi.ConfigError, match="listener.vmqs.certfile"):
         check(vmqapi.Config({"listener.vmqs.clustering": "127.0.0.1:0"}))
