@@ -817,6 +817,13 @@ SETTINGS: tuple[Setting, ...] = (
        "Milliseconds webhook <name>'s endpoint has to answer; an auth hook then refuses."),
     _S("vmq_webhooks.pool_max_connections", parse_int_range(1, 1000), 100,
        "Webhook calls at once (each pool of worker threads: auth hooks, notifications), read at start."),
+    _S("vmq_webhooks.max_pending_calls", parse_int_range(1), 1000,
+       "Packets (CONNECT, PUBLISH, SUBSCRIBE) waiting for auth webhook answers, node-wide; past it a CONNECT is "
+       "refused at once (CONNACK 3, MQTT 5 0x89 Server busy), a PUBLISH or SUBSCRIBE as the endpoint failing.",
+       True),
+    _S("vmq_webhooks.max_pending_calls_per_hook", parse_int_range(1), 500,
+       "Packets waiting for one auth hook (auth_on_register, auth_on_publish, auth_on_subscribe); past it as "
+       "vmq_webhooks.max_pending_calls.", True),
     _S("vmq_webhooks.pool_timeout", parse_int_range(0), 60000,
        "Milliseconds an idle keep-alive connection to an endpoint is kept.", True),
     _S("vmq_webhooks.cafile", parse_text, "", "PEM CA certificates for https endpoints (empty: the system's).",
@@ -1119,6 +1126,10 @@ METRIC_DEFINITIONS: dict[str, tuple[str, str, tuple[LabelSet, ...]]] = {  # Vern
                     "auth_on_publish_m5", "auth_on_subscribe_m5")},
     "webhooks_notifications_dropped": ("counter", "The number of webhook notifications (on_publish, ...) dropped "
                                        "because the queue for the endpoints was full.", _NO_LABELS),
+    "webhooks_auth_busy": ("counter", "The number of packets refused without asking an auth webhook because "
+                           "vmq_webhooks.max_pending_calls(_per_hook) packets were waiting.", _NO_LABELS),
+    "webhooks_auth_dropped": ("counter", "The number of auth webhook calls not made because the connection "
+                              "had closed.", _NO_LABELS),
 }
 
 
@@ -1230,6 +1241,7 @@ class Reason(enum.IntEnum):
     PROTOCOL_ERROR = 0x82
     IMPLEMENTATION_SPECIFIC_ERROR = 0x83
     NOT_AUTHORIZED = 0x87
+    SERVER_BUSY = 0x89
     SERVER_SHUTTING_DOWN = 0x8B
     BAD_AUTHENTICATION_METHOD = 0x8C
     KEEP_ALIVE_TIMEOUT = 0x8D
@@ -3887,6 +3899,13 @@ class Sessions(Delivery):
         self.counters["mqtt_connack_sent", labels] += 1
         self.close_client(client)
 
+    def refuse_busy(self, client: Connection, p: Connect, text: str) -> None:
+        """Refuse a CONNECT the node cannot look at now: CONNACK 3, MQTT 5 0x89 Server busy (MQTT 5.0 3.2.2.2)."""
+        level = p.proto_level & ~BRIDGE_BIT if p.proto_level in BRIDGE_LEVELS else p.proto_level
+        client.speak(level if level in DIALECTS else 4)
+        self.counters["mqtt_connect_received", client.labels] += 1
+        self.refuse(client, Reason.SERVER_BUSY if client.dialect.v5 else CONNACK_UNAVAILABLE, text)
+
     def auth_step(self, client: Connection, data: bytes | None) -> None:
         """Ask the on_auth_m5 hooks about one step of enhanced authentication and answer it."""
         connect, client_id, assigned = client.auth or (None, client.session.client_id, False)
@@ -5906,7 +5925,9 @@ class MqttLink(asyncio.Protocol):
         self.held = 0  # unfinished bytes this link holds, counted in the node's partial_packet_budget
         self.writable = True
         self.closing = self.paused = False
-        self.waiting = False  # a packet waits for webhook answers (section 23): read and decode nothing more
+        self.waiting = False  # a packet waits for webhook answers (section 25): read and decode nothing more
+        self.waiting_size = 0  # its bytes, counted in partial_packet_budget while it waits
+        self.on_gone: Callable[[], Any] | None = None  # forgets its webhook call if the connection closes first
         self.reading = True
         self.fresh = True  # nothing received yet
         self.partial_since: float | None = None  # when the unfinished packet in ``buffer`` began
@@ -5987,6 +6008,7 @@ class MqttLink(asyncio.Protocol):
                 if io.gate is None:
                     engine.handle(client, packet, now, frame)
                 elif not io.gate(self, packet, frame, now):
+                    self.waiting_size = pos - start  # a held CONNECT counts as an unfinished one
                     break  # held until its webhook answers come (release)
                 if client.tracer is not None:
                     client.tracer.packet("in", packet, now)
@@ -6006,7 +6028,7 @@ class MqttLink(asyncio.Protocol):
         """Keep the unfinished end of ``buf`` (from ``pos``) for the next read, and time it."""
         if self.closing or self.client.closing or pos >= len(buf):
             self.buffer, self.partial_since = b"", None
-            self.io.hold(self, 0)
+            self.io.hold(self, 0 if self.closing or self.client.closing else self.waiting_size)
         else:
             now = time.time()
             began = self.partial_since is None or pos > 0  # a new packet has begun; mqtt_packet_timeout runs
@@ -6020,7 +6042,7 @@ class MqttLink(asyncio.Protocol):
 
             if header is not None and sum(header) > max(len(self.buffer), PARTIAL_BIG):
                 self.big, self.need, self.buffer = bytearray(self.buffer), sum(header), b""
-            self.io.hold(self, len(self.buffer) or len(self.big or b""))
+            self.io.hold(self, (len(self.buffer) or len(self.big or b"")) + self.waiting_size)
             if began:
                 self.arm(now)
         if self.client.connected != self.armed_connected:
@@ -6060,14 +6082,15 @@ class MqttLink(asyncio.Protocol):
             if self.buffer:
                 self.data_received(b"")
 
-    def hold(self) -> None:
-        """Read nothing more until ``release``: the packet just decoded waits for webhook answers."""
-        self.waiting = True
+    def hold(self, on_gone: Callable[[], Any] | None = None) -> None:
+        """Read nothing more until ``release``: the packet just decoded waits for webhook answers
+        (``on_gone``: what to call if the connection closes before they come)."""
+        self.waiting, self.on_gone = True, on_gone
         self._reading()
 
     def release(self, packet: Any, raw: bytes) -> None:
         """Hand the engine the packet that waited, then decode what came after it and read on."""
-        self.waiting = False
+        self.waiting, self.waiting_size, self.on_gone = False, 0, None
         if self.closing or self.client is None or self.client.closed:
             return
         self._reading()
@@ -6165,6 +6188,9 @@ class MqttLink(asyncio.Protocol):
         self.closing = True
         self.buffer, self.big = b"", None
         self.io.hold(self, 0)
+        if self.on_gone is not None:  # its webhook call is not made (or its answer not used)
+            on_gone, self.on_gone = self.on_gone, None
+            on_gone()
         for handle in (self.timer, self.stall):
             if handle is not None:
                 handle.cancel()
@@ -11168,6 +11194,79 @@ class WebhookClient:
 # Must not know: sockets of MQTT clients.
 
 
+class AuthQueue:
+    """Packets waiting for auth webhook answers: a bounded FIFO that ``workers`` threads take jobs from.
+
+    Each entry counts against max_pending_calls and, for each hook it asks, max_pending_calls_per_hook
+    from when it is queued until its job ends; an entry whose connection closes while it is queued
+    leaves at once (``cancel``), with what it held.
+    """
+
+    def __init__(self, workers: int):
+        self._cond = threading.Condition()
+        self._queue: collections.OrderedDict[int, tuple[tuple[str, ...], Callable[[], Any]]] = \
+            collections.OrderedDict()
+        self._seq = itertools.count()
+        self._workers, self._threads, self._idle = workers, [], 0
+        self.waiting = 0  # entries queued or running
+        self.by_hook: dict[str, int] = {}  # the same per hook name
+        self._closed = False
+
+    def put(self, hooks: tuple[str, ...], job: Callable[[], Any], limit: int, per_hook: int) -> int | None:
+        """Queue ``job`` (it asks ``hooks``); return its ticket, or None when a bound is reached."""
+        with self._cond:
+            if self._closed or self.waiting >= limit or any(self.by_hook.get(h, 0) >= per_hook for h in hooks):
+                return None
+            self._count(hooks, 1)
+            ticket = next(self._seq)
+            self._queue[ticket] = (hooks, job)
+            if len(self._queue) > self._idle and len(self._threads) < self._workers:
+                thread = threading.Thread(target=self._work, name="vmqapi-webhook-auth", daemon=True)
+                self._threads.append(thread)
+                thread.start()
+            self._cond.notify()
+            return ticket
+
+    def cancel(self, ticket: int) -> None:
+        """Forget a queued entry (its connection closed); one already running ends by itself."""
+        with self._cond:
+            entry = self._queue.pop(ticket, None)
+            if entry is not None:
+                self._count(entry[0], -1)
+
+    def _count(self, hooks: tuple[str, ...], n: int) -> None:
+        self.waiting += n
+        for hook in hooks:
+            self.by_hook[hook] = self.by_hook.get(hook, 0) + n
+
+    def _work(self) -> None:
+        while True:
+            with self._cond:
+                self._idle += 1
+                while not self._queue and not self._closed:
+                    self._cond.wait()
+                self._idle -= 1
+                if self._closed:
+                    return
+                hooks, job = self._queue.popitem(last=False)[1]
+            try:
+                job()
+            finally:
+                with self._cond:
+                    self._count(hooks, -1)
+
+    def stop(self) -> None:
+        """Drop what is queued and wait for the jobs under way (each bounded by its response_timeout)."""
+        with self._cond:
+            self._closed = True
+            for hooks, _ in self._queue.values():
+                self._count(hooks, -1)
+            self._queue.clear()
+            self._cond.notify_all()
+        for thread in self._threads:
+            thread.join()
+
+
 class Webhooks:
     """vmq_webhooks on a node: endpoints per hook, the gate in front of the engine, the pool of calls.
 
@@ -11188,7 +11287,7 @@ class Webhooks:
         self.cache = WebhookCache()
         self.client = WebhookClient(settings, metrics)
         size = settings()["vmq_webhooks.pool_max_connections"]
-        self._auth_pool = concurrent.futures.ThreadPoolExecutor(size, thread_name_prefix="vmqapi-webhook-auth")
+        self.waiting = AuthQueue(size)
         self._note_pool = concurrent.futures.ThreadPoolExecutor(size, thread_name_prefix="vmqapi-webhook")
         self._notes = 0  # notifications queued or running
         self.slot: dict[str, Any] | None = None  # answers for the packet the engine handles now (loop thread)
@@ -11207,8 +11306,8 @@ class Webhooks:
         """Stop calling: wait for calls under way (each bounded by its response_timeout), close connections."""
         self._running = False
         self.io.gate = None
-        for pool in (self._auth_pool, self._note_pool):
-            pool.shutdown(wait=True, cancel_futures=True)
+        self.waiting.stop()
+        self._note_pool.shutdown(wait=True, cancel_futures=True)
         self.client.close()
 
     def register(self, webhook: Webhook) -> str:
@@ -11344,10 +11443,25 @@ class Webhooks:
             self.slot = None
 
     def _hold(self, link: Any, packet: Any, raw: bytes, slot: dict, pending: list) -> bool:
-        link.hold()
-        future = self._auth_pool.submit(self._ask, pending)
-        future.add_done_callback(functools.partial(self._asked, link, packet, raw, slot, pending))
+        """Queue the calls for ``packet`` and hold its connection; past the bounds refuse it at once."""
+        config = self.settings()
+        job = functools.partial(self._asked, link, packet, raw, slot, pending)
+        ticket = self.waiting.put(tuple(name for name, *_ in pending), job, config["vmq_webhooks.max_pending_calls"],
+                                  config["vmq_webhooks.max_pending_calls_per_hook"])
+        if ticket is None:
+            return self._busy(link, packet, raw, slot, pending)
+        link.hold(functools.partial(self.waiting.cancel, ticket))
         return False
+
+    def _busy(self, link: Any, packet: Any, raw: bytes, slot: dict, pending: list) -> bool:
+        """Too many packets wait for answers: a CONNECT hears Server busy, others are refused as on a failed call."""
+        self.metrics.incr("webhooks_auth_busy")
+        self.client.complain("auth", "the endpoints", f"{self.waiting.waiting} packets wait for answers "
+                             "(vmq_webhooks.max_pending_calls, _per_hook); refusing new ones")
+        if type(packet) is Connect:
+            self.io.engine.refuse_busy(link.client, packet, "too many clients wait for authentication")
+            return True
+        return self._handle(link, packet, raw, time.time(), {**slot, **{name: "error" for name, *_ in pending}})
 
     def _gate_publish(self, link: Any, p: Publish, raw: bytes, now: float) -> bool:
         """PUBLISH, the hot path: a cached answer costs a key and one look in the cache (webhook_cache_key inlined)."""
@@ -11392,12 +11506,15 @@ class Webhooks:
                 pending.append((name, hook, args, webhooks))
         return slot, pending
 
-    def _ask(self, pending: list) -> dict[str, Any]:
+    def _ask(self, pending: list, link: Any = None) -> dict[str, Any]:
         """Walk each hook's endpoints in order, as VerneMQ's all_till_ok (worker thread)."""
-        return {name: self._chain(hook, args, webhooks) for name, hook, args, webhooks in pending}
+        return {name: self._chain(hook, args, webhooks, link) for name, hook, args, webhooks in pending}
 
-    def _chain(self, hook: str, args: Mapping[str, Any], webhooks: Sequence[Webhook]) -> Any:
+    def _chain(self, hook: str, args: Mapping[str, Any], webhooks: Sequence[Webhook], link: Any = None) -> Any:
         for n, webhook in enumerate(webhooks):
+            if link is not None and link.closing:  # nobody waits for this answer: no call
+                self.metrics.incr("webhooks_auth_dropped")
+                return "error"
             key = webhook_cache_key(webhook.endpoint, hook, args)
             if n:  # the first endpoint's cache was looked at already
                 cached = self.cache.lookup(key)
@@ -11414,15 +11531,15 @@ class Webhooks:
             return answer
         return "next"
 
-    def _asked(self, link: Any, packet: Any, raw: bytes, slot: dict, pending: list,
-               future: concurrent.futures.Future) -> None:
-        """The answers are in (a worker thread): hand them to the loop."""
-        if future.cancelled():
-            return  # the node stops
-        error = future.exception()
-        if error is not None:
-            log.error("webhook calls failed: %s; refusing", error)
-        answers = future.result() if error is None else {name: "error" for name, *_ in pending}  # fail closed
+    def _asked(self, link: Any, packet: Any, raw: bytes, slot: dict, pending: list) -> None:
+        """Ask the endpoints (a worker thread), then hand the answers to the loop."""
+        try:
+            answers = self._ask(pending, link)
+        except Exception as exc:  # a bug: this packet is refused (fail closed), the worker lives on
+            log.exception("webhook calls failed: %s; refusing", exc)
+            answers = {name: "error" for name, *_ in pending}
+        if link.closing:
+            return
         with contextlib.suppress(RuntimeError):  # the loop has closed: the node stops
             self.io.loop.call_soon_threadsafe(self._release, link, packet, raw, {**slot, **answers})
 
