@@ -5892,6 +5892,7 @@ class Tracer:
 # Must not know: HTTP, commands, what a packet means.
 
 PARTIAL_BIG = 65536  # bytes: an unfinished packet this large grows in a bytearray, not by copying per read
+WAIT_READ_AHEAD = 65536  # bytes read while a packet waits for webhook answers, so a peer that hangs up is seen
 FD_RESERVE = 128  # file descriptors MQTT connections leave to the admin API, the store and the listeners
 CONNECT_FIRST_BYTE = 0x10  # CONNECT, flags 0 [MQTT-3.1.0-1]: a new connection starting otherwise is closed at once
 
@@ -5977,6 +5978,8 @@ class MqttLink(asyncio.Protocol):
         else:
             buf = self.buffer + data if self.buffer else data
         self._decode(buf)
+        if self.waiting:
+            self._reading()  # read ahead is bounded
         self.io.after_batch()
 
     def _max_size(self) -> int:
@@ -6098,8 +6101,10 @@ class MqttLink(asyncio.Protocol):
         self.io.after_batch()
 
     def _reading(self) -> None:
-        """Read while neither throttled, nor holding answers the peer has not taken, nor waiting for webhooks."""
-        want = self.writable and not self.paused and not self.waiting and not self.closing
+        """Read while neither throttled, nor holding answers the peer has not taken, nor waiting for webhooks
+        with WAIT_READ_AHEAD bytes read (reading on while waiting sees a peer that hangs up, and forgets its call)."""
+        want = self.writable and not self.paused and not self.closing \
+            and not (self.waiting and len(self.buffer) >= WAIT_READ_AHEAD)
         if want != self.reading and self.transport is not None:
             self.reading = want
             (self.transport.resume_reading if want else self.transport.pause_reading)()
