@@ -313,11 +313,12 @@ class PayloadTooLarge(VmqError):
 
 
 class PublishRefused(VmqError):
-    """An HTTP publish (vmq_http_pub) refused; ``reason`` names VerneMQ's answer (HTTP_PUB_ANSWERS)."""
+    """An HTTP publish (vmq_http_pub) refused; ``reason`` names VerneMQ's answer (HTTP_PUB_ANSWERS), ``detail``
+    says more after it."""
 
-    def __init__(self, reason: str):
+    def __init__(self, reason: str, detail: str = ""):
         super().__init__(reason)
-        self.reason = reason
+        self.reason, self.detail = reason, detail
 
 
 class UriTooLong(VmqError):
@@ -2021,6 +2022,29 @@ ENCODERS5: dict[type, Callable[[Any], bytes]] = {
 def valid_topic_name(topic: str) -> bool:
     """Return whether ``topic`` may be published to (MQTT 3.1.1 4.7)."""
     return bool(topic) and "+" not in topic and "#" not in topic and len(topic.encode()) <= 65535
+
+
+def string_problem(text: str) -> str | None:
+    """Return why ``text`` cannot travel as an MQTT UTF-8 string (MQTT 3.1.1 1.5.3), or None."""
+    if "\x00" in text:
+        return "it contains U+0000"  # [MQTT-1.5.3-2]
+    try:
+        size = len(text.encode())
+    except UnicodeEncodeError:
+        return "it is not well-formed UTF-8 (a lone surrogate)"  # [MQTT-1.5.3-1]
+    return f"it is longer than 65535 bytes ({size})" if size > 65535 else None
+
+
+def topic_name_problem(topic: str, max_levels: int) -> str | None:
+    """Return why a PUBLISH to ``topic`` is refused, as the codec and the engine check one, or None."""
+    if not topic:
+        return "it is empty"  # [MQTT-4.7.3-1]
+    if "+" in topic or "#" in topic:
+        return "it contains a wildcard (+ or #)"  # [MQTT-3.3.2-2]
+    problem = string_problem(topic)
+    if problem is None and topic.count("/") >= max_levels:
+        problem = f"it has more than {max_levels} levels (max_topic_levels)"
+    return problem
 
 
 def valid_topic_filter(topic: str) -> bool:
@@ -12041,6 +12065,7 @@ HTTP_PUB_ANSWERS = {  # VerneMQ vmq_http_pub:map_to_response_code/1 and map_to_r
     # vmqapi's own, where VerneMQ crashes (500) or has no such case
     "payload_missing": (400, "Payload missing: the JSON form needs a \"payload\" string"),
     "invalid_credentials": (400, "user, password and client_id must be strings"),
+    "invalid_payload": (400, "Payload is not well-formed UTF-8"),
     "quota_exceeded": (507, "Retained message refused: max_retained_messages or max_retained_bytes reached"),
     "store_down": (503, "The message store cannot keep a QoS 1 or 2 message now; try again later"),
     "no_broker": (503, "The node runs no MQTT broker"),
@@ -12071,7 +12096,10 @@ def _pub_json(body: bytes, encoding: str) -> tuple[dict, bytes]:
     if not isinstance(payload, str):
         raise PublishRefused("payload_missing")
     if encoding != "base64":
-        return doc, payload.encode()
+        try:
+            return doc, payload.encode()
+        except UnicodeEncodeError:  # JSON may escape a lone surrogate: "\ud800"
+            raise PublishRefused("invalid_payload", "it holds a lone surrogate") from None
     try:
         return doc, base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError):
@@ -12127,14 +12155,24 @@ def _pub_user_properties(value: Any) -> tuple:
         value = value[0]  # VerneMQ vmq_http_pub:list_from_map/1 reads the first map
     if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
         raise PublishRefused("invalid_user_properties")
+    for text in (*value, *value.values()):
+        problem = string_problem(text)
+        if problem is not None:
+            raise PublishRefused("invalid_user_properties", f"{text[:40]!r}: {problem}")
     return tuple(("user_property", (k, v)) for k, v in value.items())
 
 
-def publish_packet(fields: Mapping[str, Any], payload: bytes) -> Publish:
-    """Check an HTTP publish's fields as VerneMQ does (check_values/2) and return its PUBLISH."""
+def publish_packet(fields: Mapping[str, Any], payload: bytes, max_levels: int = 200) -> Publish:
+    """Check an HTTP publish's fields as VerneMQ does (check_values/2), and its topic as an MQTT PUBLISH's
+    is checked; return its PUBLISH."""
     topic = fields.get("topic")
-    if not isinstance(topic, str) or topic.startswith("$") or not valid_topic_name(topic):
-        raise PublishRefused("invalid_topic")  # VerneMQ: no $ topics over HTTP
+    if not isinstance(topic, str):
+        raise PublishRefused("invalid_topic", "the topic must be a string")
+    if topic.startswith("$"):
+        raise PublishRefused("invalid_topic", "topics beginning with $ are not published over HTTP")  # as VerneMQ
+    problem = topic_name_problem(topic, max_levels)
+    if problem is not None:
+        raise PublishRefused("invalid_topic", problem)
     qos = _pub_qos(fields.get("qos", 0))
     retain = _pub_retain(fields.get("retain", False))
     props = _pub_user_properties(fields.get("user_properties"))
@@ -12148,13 +12186,17 @@ def publish_credentials(config: Config, fields: Mapping[str, Any]) -> tuple[str 
     user, password, client_id = (fields.get(k) for k in ("user", "password", "client_id"))
     if any(v is not None and not isinstance(v, str) for v in (user, password, client_id)):
         raise PublishRefused("invalid_credentials")
+    for name, value in (("user", user), ("password", password), ("client_id", client_id)):
+        problem = None if value is None else string_problem(value)
+        if problem is not None:
+            raise PublishRefused("invalid_credentials", f"{name}: {problem}")
     return user or None, None if password is None else password.encode(), client_id or ""
 
 
-def publish_answer(reason: str) -> Response:
-    """Return VerneMQ's plain-text answer for an HTTP publish."""
+def publish_answer(reason: str, detail: str = "") -> Response:
+    """Return VerneMQ's plain-text answer for an HTTP publish (``detail`` after it)."""
     status, text = HTTP_PUB_ANSWERS[reason]
-    return Response(status, (("Content-Type", TEXT_TYPE),), text.encode())
+    return Response(status, (("Content-Type", TEXT_TYPE),), (f"{text}: {detail}" if detail else text).encode())
 
 
 def serve_http_pub(node: Any, req: Request, rest: str, query: str) -> Response:
@@ -12169,13 +12211,13 @@ def serve_http_pub(node: Any, req: Request, rest: str, query: str) -> Response:
     config = node.config
     try:
         fields, payload = publish_fields(req, query)
-        packet = publish_packet(fields, payload)
+        packet = publish_packet(fields, payload, config["max_topic_levels"])
         user, password, client_id = publish_credentials(config, fields)
         limit = config["max_message_size"]
         if limit and len(payload) > limit:
             raise PublishRefused("message_too_large")
     except PublishRefused as exc:
-        return publish_answer(exc.reason)
+        return publish_answer(exc.reason, exc.detail)
     args = (req.peer, user, password, client_id, config["vmq_http_pub.mountpoint"], packet)
     webhooks = getattr(node, "webhooks", None)  # section 23: asked here, where waiting for an endpoint is allowed
     reason = webhooks.http_publish(node, *args) if webhooks is not None else node.broker_call("http_publish", *args)
@@ -12220,6 +12262,10 @@ def serve_api_v2(node: Any, req: Request, rest: str, query: str) -> Response:
     client_id = params.get("client_id", "")
     if not client_id:
         raise BadRequest("client_id is required: /api/v2/<command>?client_id=<id>[&mountpoint=<mp>]")
+    for name in ("client_id", "mountpoint"):  # what an MQTT client could not have sent is nobody's
+        problem = string_problem(params.get(name, ""))
+        if problem is not None:
+            raise BadRequest(f"{name}: {problem}")
     fn, flag = command
     answer = fn(node, (params.get("mountpoint", ""), client_id), flag in params)
     return Response(200, (("Content-Type", JSON_TYPE),), json.dumps(answer, separators=(",", ":")).encode())
