@@ -483,6 +483,22 @@ def parse_choice(*choices: str) -> Callable[[str], str]:
     return parse
 
 
+SECRET_SHOWN = "********"  # what show prints for a password setting that is set, and for the secret parts of a URL
+
+
+def mask_url(url: str) -> str:
+    """Return ``url`` with its user information (a password) and its query (a token) masked."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:
+        return SECRET_SHOWN
+    netloc = parts.netloc
+    if "@" in netloc:
+        netloc = SECRET_SHOWN + "@" + netloc.rpartition("@")[2]
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, SECRET_SHOWN if parts.query else "",
+                                    SECRET_SHOWN if parts.fragment else ""))
+
+
 def parse_text(text: str) -> str:
     """Accept any string; surrounding quotes as in vernemq.conf are removed."""
     text = text.strip()
@@ -617,6 +633,7 @@ class Setting:
     doc: str
     settable: bool = False
     secret: bool = False  # show never prints its value
+    masked: Callable[[Any], str] | None = None  # show prints masked(value): its secret parts hidden
 
     def __post_init__(self):
         if not re.fullmatch(r"[a-z0-9_.$]+", self.name):
@@ -810,7 +827,8 @@ SETTINGS: tuple[Setting, ...] = (
 
     _S("plugins.vmq_webhooks", parse_flag, False, "Turn vmq_webhooks on: HTTP endpoints as plugin hooks."),
     _S("vmq_webhooks.$name.hook", parse_text, None, "The hook of webhook <name> (auth_on_register, ...)."),
-    _S("vmq_webhooks.$name.endpoint", parse_text, None, "The http:// or https:// URL webhook <name> POSTs to."),
+    _S("vmq_webhooks.$name.endpoint", parse_text, None, "The http:// or https:// URL webhook <name> POSTs to "
+       "(show masks its user information and query).", masked=mask_url),
     _S("vmq_webhooks.$name.base64encode", parse_flag, True, "Base64 encode the MQTT payload in webhook <name>'s "
        "bodies."),
     _S("vmq_webhooks.$name.no_payload", parse_flag, False, "Leave the payload out of auth_on_publish bodies."),
@@ -7400,6 +7418,7 @@ class Call:
     flags: Mapping[str, Any]
     extra: tuple[str, ...] = ()
     after: list = field(default_factory=list)  # run once the answer has been sent
+    read_only: bool = False  # for a mgmt_ro key: the answer masks what such a key may not see
 
 
 class CommandTable:
@@ -8495,12 +8514,12 @@ def _setting_row(node: Any, keys: Sequence[str]) -> dict:
     config = node.config
     row = {"node": node.name}
     for key in keys:
-        secret = find_setting(key).secret and config[key]
-        row[key] = SECRET_SHOWN if secret else _shown_setting(config[key])
+        setting, value = find_setting(key), config[key]
+        if setting.secret and value:
+            row[key] = SECRET_SHOWN
+        else:
+            row[key] = setting.masked(value) if setting.masked and value else _shown_setting(value)
     return row
-
-
-SECRET_SHOWN = "********"  # what show prints for a password setting that is set
 
 
 @command("describe", extra_words="key", quick=True, read_only=True)
@@ -11202,7 +11221,7 @@ class WebhookClient:
             if now - self._logged.get(hook + endpoint, -math.inf) < WEBHOOK_LOG_INTERVAL:
                 return
             self._logged[hook + endpoint] = now
-        log.error("webhook %s at %s failed: %s", hook, endpoint, reason)
+        log.error("webhook %s at %s failed: %s", hook, mask_url(endpoint), reason)
 
     def close(self) -> None:
         """Close every keep-alive connection (the workers have stopped)."""
@@ -11348,8 +11367,8 @@ class Webhooks:
             self.endpoints = {**self.endpoints, webhook.hook: (*present, webhook)}
             self._sync_hooks()
         if webhook.hook in WEBHOOK_NEVER_CALLED:
-            log.warning("webhook %s at %s is registered but never called: %s", webhook.hook, webhook.endpoint,
-                        WEBHOOK_NEVER_CALLED[webhook.hook])
+            log.warning("webhook %s at %s is registered but never called: %s", webhook.hook,
+                        mask_url(webhook.endpoint), WEBHOOK_NEVER_CALLED[webhook.hook])
         return ""
 
     def deregister(self, hook: str, endpoint: str) -> str:
@@ -11381,10 +11400,12 @@ class Webhooks:
         fn.__module__, fn.__qualname__ = "vmq_webhooks_plugin", name  # type: ignore[attr-defined]
         return fn
 
-    def rows(self) -> list[dict]:
-        """Return webhooks show's rows: hook, endpoint, base64payload, response_timeout."""
-        return [{"hook": w.hook, "endpoint": w.endpoint, "base64payload": w.base64, "response_timeout":
-                 w.response_timeout} for hook in WEBHOOK_HOOKS for w in self.endpoints.get(hook, ())]
+    def rows(self, masked: bool = False) -> list[dict]:
+        """Return webhooks show's rows: hook, endpoint (``masked``: its user information and query hidden),
+        base64payload, response_timeout."""
+        return [{"hook": w.hook, "endpoint": mask_url(w.endpoint) if masked else w.endpoint, "base64payload":
+                 w.base64, "response_timeout": w.response_timeout}
+                for hook in WEBHOOK_HOOKS for w in self.endpoints.get(hook, ())]
 
     # -- the hook functions (broker's loop) -------------------------------------
     def _answer_function(self, name: str) -> Callable[..., Any]:
@@ -11701,8 +11722,8 @@ _ENDPOINT_KEY = Param("endpoint", parse_webhook_endpoint, doc="the http:// or ht
 
 @command("webhooks", "show", quick=True, read_only=True)
 def cmd_webhooks_show(call: Call) -> Any:
-    """Show the registered webhooks."""
-    return Table(tuple(_webhooks(call).rows()), ("hook", "endpoint", "base64payload", "response_timeout"))
+    """Show the registered webhooks (to a mgmt_ro key, endpoints without user information or query)."""
+    return Table(tuple(_webhooks(call).rows(call.read_only)), ("hook", "endpoint", "base64payload", "response_timeout"))
 
 
 @command("webhooks", "register", keys=(_HOOK_KEY, _ENDPOINT_KEY), required=("hook", "endpoint"), quick=True, flags=(
@@ -12029,6 +12050,8 @@ def serve_api(node: Any, req: Request, rest: str, query: str) -> Response:
     refusal = call.command.read_only_refusal(call.flags) if scope == "mgmt_ro" and not wants_help else ""
     if refusal:
         raise Forbidden(refusal)
+    if scope == "mgmt_ro":
+        call = dataclasses.replace(call, read_only=True)
     if req.method == "OPTIONS":
         return Response(200, CORS_HEADERS)
     if not accepts_json(req.headers.get("accept")):
@@ -12686,11 +12709,12 @@ def handle_http(node: Any, req: Request) -> Response:
         return error_response(VmqError("the command crashed; the node logged the error and keeps serving"))
 
 
-_SECRET_ARG = re.compile(r"(?i)((?:^|[?&])(?:--)?key=)[^&]*")
+_SECRET_ARG = re.compile(r"(?i)((?:^|[?&])(?:--)?[a-z0-9_.$%-]*(?:key|password|cookie|endpoint|secret|token)=)[^&]*")
 
 
 def redact(target: str) -> str:
-    """Hide the value of every ``key=`` argument, for logs."""
+    """Hide the value of every argument that may hold a secret (``key=``, ``endpoint=``, ``...password=``,
+    ``distributed_cookie=``), for logs."""
     return _SECRET_ARG.sub(r"\1***", target)
 
 

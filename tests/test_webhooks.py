@@ -11,6 +11,7 @@ import socket
 import ssl
 import threading
 import time
+import urllib.parse
 
 import pytest
 
@@ -776,3 +777,39 @@ def test_a_flood_of_connects_behind_a_slow_auth_webhook_is_bounded(tmp_path):
             assert node.alive() and "Traceback" not in node.log()
     finally:
         endpoint.stop()
+
+
+# -- credentials in an endpoint are seen by mgmt keys only, and never logged ------------------------
+
+def test_a_read_only_key_never_sees_the_endpoints_password_or_token(make_node, caplog):
+    """README (webhooks): with http://user:password@host/path?token=..., mgmt_ro read both the password and
+    the token through webhooks show and show vmq_webhooks.<name>.endpoint. Now the user information and the
+    query are masked for mgmt_ro (show masks them for every key, as it masks the cookie), and in the log."""
+    closed = socket.create_server(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()  # nothing listens there: the call fails, and the failure is logged
+    url = f"http://hookuser:HookPass777@127.0.0.1:{port}/hook?token=HookToken999"
+    secrets = ("hookuser", "HookPass777", "HookToken999")
+    caplog.set_level("INFO", logger="vmqapi")
+    node = make_node(**{"plugins.vmq_webhooks": "on", "allow_anonymous": "off", "vmq_webhooks.w.hook":
+                        "auth_on_register", "vmq_webhooks.w.endpoint": url})
+    ro, rw = node.keystore.create("mgmt_ro"), node.keystore.create("mgmt")
+    masked = f"http://********@127.0.0.1:{port}/hook?********"
+    status, _, data = admin(node, "webhooks/show", ro)
+    assert status == 200 and body_json(data)["table"][0]["endpoint"] == masked, data
+    status, _, data = admin(node, "show/vmq_webhooks.w.endpoint", ro)
+    assert status == 200 and masked in data.decode(), data
+    for path in ("plugin/show", "show/vmq_webhooks.w.endpoint"):
+        data = admin(node, path, ro)[2].decode()
+        assert not any(s in data for s in secrets), (path, data)
+    assert body_json(admin(node, "webhooks/show", rw)[2])["table"][0]["endpoint"] == url  # to deregister it
+    status, _, _ = admin(node, "webhooks/register?hook=auth_on_publish&endpoint=" + urllib.parse.quote(url), rw)
+    assert status == 200
+    c = client(node)
+    try:
+        assert c.connect("c", username="u", password=b"p").return_code == 5  # fail closed
+    finally:
+        c.close()
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert "webhook auth_on_register at http://********@" in logged
+    assert not any(s in logged for s in secrets), logged
