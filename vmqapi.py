@@ -63,6 +63,7 @@ Contents (``grep -nE '^# [0-9]+\\. ' vmqapi.py`` prints them with line numbers):
 from __future__ import annotations
 
 import os
+import stat
 import sys
 
 # Python compiles a script run directly (``python vmqapi.py``) on every start and never
@@ -422,6 +423,12 @@ class ConfigError(VmqError):
     """A configuration the node cannot start with; the text names file and line."""
 
     code = "config_error"
+
+
+class FileRefused(ConfigError):
+    """A file the node reads is not a regular file, or is larger than it reads; it is left untouched."""
+
+    exit_code, code = 2, "file_refused"
 
 
 class KeyStoreError(VmqError):
@@ -994,11 +1001,59 @@ class Config:
         return cls(values)
 
 
+MAX_SMALL_FILE = 16 << 20  # bytes of the config file, api_keys.json or node.json read at most (~80,000 keys)
+MAX_RULES_FILE = 64 << 20  # bytes of a vmq_passwd or vmq_acl file read at most (~400,000 users)
+_FILE_KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+               (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a directory"))
+
+
+def file_kind(mode: int) -> str:
+    """Name what a stat mode describes, for messages."""
+    return next((name for test, name in _FILE_KINDS if test(mode)), "not a regular file")
+
+
+def read_regular_file(path: str, limit: int, what: str) -> tuple[bytes, os.stat_result]:
+    """Return the bytes and stat of ``path``: a regular file (a symlink to one too) of at most ``limit`` bytes.
+
+    A FIFO, a device (``/dev/zero``) or a directory is never read, and a FIFO is opened without waiting
+    for a writer. Raises FileRefused naming ``what`` and the file; OSError when it cannot be opened.
+    """
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0))
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise FileRefused(f"{what} {path} is {file_kind(st.st_mode)}, not a regular file; vmqapi reads "
+                              "only regular files and left it alone")
+        chunks, size = [], 0
+        while size <= limit:
+            chunk = os.read(fd, min(1 << 20, limit + 1 - size))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    finally:
+        os.close(fd)
+    if size > limit:
+        raise FileRefused(f"{what} {path} is larger than {limit} bytes; vmqapi did not read it and left it alone")
+    return b"".join(chunks), st
+
+
+def require_regular_file(path: str, what: str) -> None:
+    """Raise FileRefused when ``path`` exists and is not a regular file (a database the node opens)."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise ConfigError(f"cannot check {what} {path}: {exc.strerror}") from None
+    if not stat.S_ISREG(mode):
+        raise FileRefused(f"{what} {path} is {file_kind(mode)}, not a regular file; vmqapi left it alone")
+
+
 def _read_config_file(path: str) -> dict[str, Any]:
     """Read ``key = value`` lines with ``#`` comments; report errors by file and line."""
     try:
-        with open(path, encoding="utf-8") as fh:
-            lines = fh.read().splitlines()
+        lines = read_regular_file(path, MAX_SMALL_FILE, "the config file")[0].decode("utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read config file {path}: {exc}") from None
     values = {}
@@ -5549,6 +5604,7 @@ class SqliteStore(MemoryStore):
         super().__init__()
         self.path = path
         for suffix in ("", "-wal", "-shm"):  # SQLite gives -wal and -shm the database file's mode
+            require_regular_file(path + suffix, "the message store")
             if suffix == "" or os.path.exists(path + suffix):
                 try:
                     create_private_file(path + suffix)
@@ -5779,8 +5835,9 @@ def hash_password(password: str, salt: bytes | None = None) -> str:
 class ReloadingFile:
     """A file parsed again when its mtime changes, checked at most every ``interval`` s."""
 
-    def __init__(self, parse: Callable[[str], Any], empty: Any, on_error: Callable[[], None] = lambda: None):
-        self._parse, self._empty, self._on_error = parse, empty, on_error
+    def __init__(self, parse: Callable[[str], Any], empty: Any, on_error: Callable[[], None] = lambda: None,
+                 what: str = "the file"):
+        self._parse, self._empty, self._on_error, self._what = parse, empty, on_error, what
         self.path, self.value = "", empty
         self._signature: tuple | None = None
         self._checked = -1e18
@@ -5798,21 +5855,27 @@ class ReloadingFile:
                 st = os.stat(path)
                 signature = (st.st_ino, st.st_mtime_ns, st.st_size)
                 if signature != self._signature:
-                    with open(path, encoding="utf-8") as fh:
-                        self.value = self._parse(fh.read())
+                    data = read_regular_file(path, MAX_RULES_FILE, self._what)[0]  # never blocks the loop
+                    self.value = self._parse(data.decode("utf-8"))
                     self._signature = signature
-            except (OSError, ValueError, UnicodeDecodeError) as exc:
-                log.error("cannot load %s: %s; keeping the previous rules", path, exc)
+            except (OSError, ValueError, UnicodeDecodeError, FileRefused) as exc:
+                log.error("cannot load %s: %s; keeping the previous rules", path, getattr(exc, "text", exc))
                 self._signature = signature  # a bad version is reported once, tried again when it changes
                 self._on_error()
         return self.value
 
 
+def check_passwd_file(path: str) -> None:
+    """Raise FileRefused when the vmq_passwd file is not a regular file or too large (start-up; a missing
+    or bad one is reported when it is read, and refuses every password meanwhile)."""
+    with contextlib.suppress(OSError):
+        read_regular_file(path, MAX_RULES_FILE, "vmq_passwd.password_file")
+
+
 def check_acl_file(path: str) -> None:
     """Raise ConfigError naming the file and line when the vmq_acl file cannot be used (start-up)."""
     try:
-        with open(path, encoding="utf-8") as fh:
-            parse_acl(fh.read())
+        parse_acl(read_regular_file(path, MAX_RULES_FILE, "vmq_acl.acl_file")[0].decode("utf-8"))
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"vmq_acl.acl_file {path}: cannot read it: {getattr(exc, 'strerror', None) or exc}") \
             from None
@@ -6627,8 +6690,8 @@ class MqttIO:
         self._systree_at = time.time()
         self.engine = Engine(settings, store, hooks, new_client_id=lambda: "anon-" + secrets.token_hex(8),
                              choose=random.choice, now=time.time())
-        self._passwd = ReloadingFile(parse_passwd, {})
-        self._acl = ReloadingFile(parse_acl, None, self._acl_failed)
+        self._passwd = ReloadingFile(parse_passwd, {}, what="vmq_passwd.password_file")
+        self._acl = ReloadingFile(parse_acl, None, self._acl_failed, what="vmq_acl.acl_file")
         self.rules_config: Config | None = None  # the Config the rules were last read for
         self.listeners: list[MqttListener] = []
         self.sockets = 0  # MQTT sockets open on every listener
@@ -7051,6 +7114,7 @@ class KeyStore:
         # The salts: the file's, then those of keys other nodes hashed (usually none).
         self._view: tuple[tuple | None, bytes, tuple[StoredKey, ...], dict, tuple[bytes, ...]] = \
             (("unread",), b"", (), {}, (b"",))
+        self._refused: tuple | None = None  # the signature of the last version of the file refused (logged)
 
     # -- reading ----------------------------------------------------------
     def load(self) -> None:
@@ -7060,15 +7124,16 @@ class KeyStore:
 
     def _read(self) -> tuple[tuple | None, bytes, tuple[StoredKey, ...]]:
         try:
-            with open(self.path, "rb") as fh:
-                st = os.fstat(fh.fileno())
-                data = fh.read()
+            data, st = read_regular_file(self.path, MAX_SMALL_FILE, "the API key file")
         except FileNotFoundError:
             return None, b"", ()
         except OSError as exc:
             raise KeyStoreError(f"cannot read the API key file {self.path}: {exc.strerror}") from None
+        if os.name == "posix" and st.st_mode & 0o077:  # as at start-up: a key file others may read is not used
+            raise KeyStoreError(f"the API key file {self.path} can be read by others (mode {st.st_mode & 0o777:o}); "
+                                f"vmqapi uses none of its keys until you run: chmod 600 {self.path}")
         salt, entries = self._parse(data)
-        return (st.st_ino, st.st_size, st.st_mtime_ns), salt, entries
+        return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_mode), salt, entries
 
     def _parse(self, data: bytes) -> tuple[bytes, tuple[StoredKey, ...]]:
         try:
@@ -7108,13 +7173,19 @@ class KeyStore:
         view = self._view
         try:
             st = os.stat(self.path)
-            signature = (st.st_ino, st.st_size, st.st_mtime_ns)
+            signature = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_mode)  # a chmod is a change
         except FileNotFoundError:
             signature = None
         if signature != view[0]:
             with self._lock:
                 if signature != self._view[0]:
-                    self._install(*self._read())
+                    try:
+                        self._install(*self._read())
+                    except VmqError as exc:  # fail closed: no key is valid until the file is fixed
+                        if self._refused != signature:  # said once per version of the file
+                            self._refused = signature
+                            log.error("%s", exc.text)
+                        raise
                 view = self._view
         return view
 
@@ -9276,6 +9347,7 @@ class ClusterStore:
 
     def __init__(self, path: str):
         self.path = path
+        require_regular_file(path, "the cluster state")
         try:
             create_private_file(path)
             self.db = sqlite3.connect(path, check_same_thread=False)
@@ -13173,13 +13245,29 @@ def refuse_if_readable_by_others(path: str) -> None:
                           f"run: chmod 600 {path}")
 
 
+def make_private_dir(path: str) -> None:
+    """Create the data dir 0700; make an existing one 0700 when this user owns it, else refuse it (README)."""
+    try:
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        st = os.stat(path)
+    except OSError as exc:
+        raise ConfigError(f"cannot create the data dir {path}: {exc.strerror}") from None
+    if os.name != "posix" or not st.st_mode & 0o077:
+        return
+    if st.st_uid != os.geteuid():
+        raise FileRefused(f"the data dir {path} belongs to uid {st.st_uid} and others may enter it (mode "
+                          f"{st.st_mode & 0o777:o}); use a directory of your own, or run: chmod 700 {path}")
+    os.chmod(path, 0o700)
+    log.warning("the data dir %s was mode %o; vmqapi made it 0700: it holds the API keys and the stores",
+                path, st.st_mode & 0o777)
+
+
 def read_node_file(data_dir: str) -> dict | None:
     """Return the node.json of ``data_dir``, or None when there is none (or it is unreadable)."""
     try:
-        with open(os.path.join(data_dir, NODE_FILE), encoding="utf-8") as fh:
-            info = json.load(fh)
+        info = json.loads(read_regular_file(os.path.join(data_dir, NODE_FILE), MAX_SMALL_FILE, NODE_FILE)[0])
         return info if isinstance(info, dict) else None
-    except (OSError, ValueError, RecursionError):  # unreadable or garbled: as good as none
+    except (OSError, ValueError, RecursionError, FileRefused):  # unreadable, garbled, a FIFO: as good as none
         return None
 
 
@@ -13237,11 +13325,13 @@ class Node:
     # -- life cycle -------------------------------------------------------
     def start(self) -> Node:
         """Load keys, provision, bind listeners, write node.json; raise VmqError on failure."""
-        os.makedirs(self.data_dir, mode=0o700, exist_ok=True)
+        make_private_dir(self.data_dir)
         other = read_node_file(self.data_dir)
         if other and other.get("pid") != os.getpid() and _pid_alive(other.get("pid")):
             raise ConfigError(f"another node (pid {other['pid']}) runs with data dir {self.data_dir}")
         self.keystore.load()
+        if self._config["vmq_passwd.password_file"]:
+            check_passwd_file(self._config["vmq_passwd.password_file"])
         for path in (self.keystore.path, self._config["vmq_passwd.password_file"]):
             refuse_if_readable_by_others(path)
         if self._config["vmq_acl.acl_file"]:
@@ -13336,10 +13426,10 @@ class Node:
         path = self._config["api_key_bootstrap_file"]
         if path:
             try:
-                with open(path, encoding="utf-8") as fh:
-                    lines = fh.read().splitlines()
-            except OSError as exc:
-                raise ConfigError(f"cannot read api_key_bootstrap_file {path}: {exc.strerror}") from None
+                lines = read_regular_file(path, MAX_SMALL_FILE, "api_key_bootstrap_file")[0].decode().splitlines()
+            except (OSError, UnicodeDecodeError) as exc:
+                raise ConfigError(f"cannot read api_key_bootstrap_file {path}: "
+                                  f"{getattr(exc, 'strerror', None) or exc}") from None
             added += self.keystore.provision(lines, path)
         if added:
             log.info("provisioned %d API key(s)", added)  # never the keys themselves
@@ -13680,7 +13770,7 @@ def run_node(config: Config) -> int:
         node.start()
     except VmqError as exc:
         print(f"vmqapi: {exc.text}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(exc, FileRefused) else 1
     for x in node.listeners():
         print(f"{node.name} {x['type']} listener on {x['address']}:{x['port']}", flush=True)
     interrupted = threading.Event()
@@ -13708,12 +13798,13 @@ def passwd(tokens: Sequence[str]) -> int:
         print(f"vmqapi passwd: {ns.file} exists; leave out -c to change it", file=sys.stderr)
         return 1
     try:
-        users = {} if ns.c else parse_passwd(open(ns.file, encoding="utf-8").read())
+        users = {} if ns.c else parse_passwd(read_regular_file(ns.file, MAX_RULES_FILE, "the password file")[0]
+                                             .decode("utf-8"))
     except FileNotFoundError:
         users = {}
-    except (OSError, ValueError) as exc:
-        print(f"vmqapi passwd: cannot read {ns.file}: {exc}", file=sys.stderr)
-        return 1
+    except (OSError, ValueError, FileRefused) as exc:
+        print(f"vmqapi passwd: cannot read {ns.file}: {getattr(exc, 'text', exc)}", file=sys.stderr)
+        return 2 if isinstance(exc, FileRefused) else 1
     if ns.D:
         if users.pop(ns.user, None) is None:
             print(f"vmqapi passwd: no user {ns.user!r} in {ns.file}", file=sys.stderr)
