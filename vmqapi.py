@@ -12025,15 +12025,38 @@ def _openapi_operation(cmd: Command) -> dict:
                           **{code: error for code in ("400", "401", "403", "406", "500")}}}
 
 
+OPENAPI_HTTP_ERRORS = {  # JSON errors the HTTP layer may answer to any request (SPEC 3)
+    "400": "a request that cannot be read (header lines, Content-Length, a query not UTF-8, Authorization)",
+    "413": "a body over listener.max_body_size", "414": "a request line over listener.max_request_line_length",
+    "431": "header fields over the listener's limits", "500": "a bug, logged; the node serves on",
+    "503": "no thread to answer now (Retry-After)", "505": "an HTTP version other than 1.0 and 1.1"}
+
+
+def _openapi_answers(texts: Iterable[tuple[int, str]], errors: Mapping[str, str]) -> dict:
+    """Return OpenAPI responses: plain-text answers (status, text) and JSON errors ({status: when}), merged
+    per status, each with the content type the node sends it as."""
+    answers: dict[str, dict] = {}
+
+    def add(code: str, kind: str, schema: dict, line: str) -> None:
+        entry = answers.setdefault(code, {"description": "", "content": {}})
+        entry["content"][kind] = {"schema": schema}
+        entry["description"] = f"{entry['description']}; {line}" if entry["description"] else line
+    for code, line in texts:
+        add(str(code), TEXT_TYPE, {"type": "string"}, line)
+    for code, when in errors.items():
+        add(code, JSON_TYPE, {"$ref": "#/components/schemas/Error"}, f"JSON error: {when}")
+    return dict(sorted(answers.items()))
+
+
 def _openapi_plugin_paths() -> dict:
     """Return the OpenAPI paths of /api/v2 and HTTP publish (SPEC 11), which are not commands."""
     def query(name: str, doc: str, required: bool = False, empty: bool = False) -> dict:
         return {"name": name, "in": "query", "required": required, "description": doc,
                 "allowEmptyValue": empty, "schema": {"type": "string"}}
     subscriber = [query("client_id", "the client id", True), query("mountpoint", "its mountpoint (default empty)")]
-    text = {"content": {TEXT_TYPE: {"schema": {"type": "string"}}}}
-    v2 = {code: {"description": "bad request", **text} for code in ("400",)}
-    v2["401"] = {"description": "no API key of scope api2"}
+    v2 = _openapi_answers([(400, "invalid_command: no such command")], {
+        **OPENAPI_HTTP_ERRORS, "400": "client_id missing, or an id no MQTT client could have; " +
+        OPENAPI_HTTP_ERRORS["400"], "401": "no API key of scope api2", "406": "Accept excludes application/json"})
     client = {"summary": "A session's status (online, offline, unknown), with &topics its subscriptions",
               "operationId": "api_v2_client", "tags": ["api2"],
               "parameters": [*subscriber, query("topics", "list the subscriptions too", empty=True)],
@@ -12047,10 +12070,8 @@ def _openapi_plugin_paths() -> dict:
                   "parameters": [*subscriber, query("cleanup", "drop the session too", empty=True)],
                   "responses": {"200": {"description": "ok, or unknown when there is no such session",
                                         "content": {JSON_TYPE: {"schema": {"enum": ["ok", "unknown"]}}}}, **v2}}
-    answers: dict[str, dict] = {}
-    for code, line in HTTP_PUB_ANSWERS.values():  # the plain-text body names the case
-        answer = answers.setdefault(str(code), {"description": "", **text})
-        answer["description"] = f"{answer['description']}; {line}" if answer["description"] else line
+    answers = _openapi_answers(HTTP_PUB_ANSWERS.values(), {  # the plain-text body names the case
+        **OPENAPI_HTTP_ERRORS, "401": "no API key of scope httppub"})
     body = {"type": "object", "required": ["topic", "payload"], "properties": {
         **{k: {"type": "string"} for k in ("topic", "payload", "user", "password", "client_id")},
         "qos": {"enum": [0, 1, 2]}, "retain": {"type": "boolean"},
