@@ -10204,6 +10204,7 @@ BRIDGE_CONNECT_TIMEOUT = 10  # seconds for the TCP connect, the TLS handshake an
 BRIDGE_BACKOFF_FACTOR = 10  # reconnect delays double from restart_timeout up to this many times it
 BRIDGE_READ = 65536  # bytes read from the remote at a time
 BRIDGE_HIGH_WATER = 1 << 20  # bytes waiting for the remote's socket before the bridge takes no more QoS 0
+BRIDGE_MAX_CONNACK = 65536  # bytes of the remote's first packet (its CONNACK, properties included) at most
 BRIDGE_COLUMNS = ("name", "endpoint", "buffer size", "buffer max", "buffer dropped msgs", "MQTT process mailbox len",
                   "status", "error")  # VerneMQ vmq_bridge_cli's, then status and the last error
 BRIDGE_LISTENER = types.SimpleNamespace(  # what the engine reads of a listener, for a bridge's own connection
@@ -10603,7 +10604,7 @@ class Bridge:
     async def read_connack(self, reader: asyncio.StreamReader) -> tuple[Connack, bytes]:
         buf = b""
         while True:
-            result = decode_packet(buf, 0, 0, self.version)
+            result = decode_packet(buf, 0, BRIDGE_MAX_CONNACK, self.version)
             if result is not None:
                 packet, pos = result
                 if not isinstance(packet, Connack):
@@ -10619,7 +10620,8 @@ class Bridge:
         buf, self.pending = self.pending, b""
         silence = 1.5 * self.spec.keepalive if self.spec.keepalive else None  # MQTT 3.1.1 3.1.2.10
         while True:
-            pos, acks, limit = 0, [], self.io.settings()["max_message_size"]
+            config = self.io.settings()  # a remote's packet is bounded as a client's unfinished one is
+            pos, acks, limit = 0, [], config["max_message_size"] or config["partial_packet_budget"]
             while (result := decode_packet(buf, pos, limit, self.version)) is not None:
                 packet, pos = result
                 self.from_remote(packet, acks)
@@ -10634,7 +10636,25 @@ class Bridge:
             data = await asyncio.wait_for(reader.read(BRIDGE_READ), silence)
             if not data:
                 return
-            buf += data
+            buf = await self.read_whole(reader, buf + data, limit, silence)
+
+    async def read_whole(self, reader: asyncio.StreamReader, buf: bytes, limit: int, silence: float | None) -> bytes:
+        """Return ``buf`` with the rest of the packet it begins, read in pieces and joined once (not copied per
+        read); a packet declared larger than ``limit`` is refused before it is read."""
+        header = fixed_header(buf)
+        if header is None or sum(header) <= len(buf):
+            return buf
+        if header[0] > limit:
+            raise PacketTooLarge(f"the remote sends a packet of {header[0]} bytes, more than {limit} "
+                                 "(max_message_size, else partial_packet_budget)")
+        parts, have = [buf], len(buf)
+        while have < sum(header):
+            data = await asyncio.wait_for(reader.read(min(sum(header) - have, 1 << 20)), silence)
+            if not data:
+                raise EOFError("the remote closed the connection inside a packet")
+            parts.append(data)
+            have += len(data)
+        return b"".join(parts)
 
     def from_remote(self, packet: Any, acks: list) -> None:
         """Act on one packet from the remote; acknowledgements it needs go to ``acks``."""
