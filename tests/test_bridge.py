@@ -668,3 +668,22 @@ def test_a_remote_that_sends_a_huge_packet_is_cut_at_its_header(make_node, stage
     finally:
         remote.close()
     assert remote.sent < 16 << 20  # the node stopped reading: the remote's flood met a closed socket
+
+
+def test_the_bridge_password_is_shown_to_no_key_and_never_logged(make_node, caplog):
+    caplog.set_level(logging.INFO, logger="vmqapi")
+    closed = socket.create_server(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()
+    node = make_node(**bridge_config(port, "c/* out 1", username="gw", password="BridgePass555"))
+    bridge_down(node)
+    http = Client(node)
+    try:
+        for scope in ("mgmt", "mgmt_ro"):
+            key = node.keystore.create(scope)
+            for path in ("/api/v1/show/vmq_bridge.tcp.br0.password", "/api/v1/bridge/show", "/api/v1/plugin/show"):
+                status, _, data = http.get(path, key=key)
+                assert status == 200 and b"BridgePass555" not in data, (scope, path, data)
+    finally:
+        http.close()
+    assert not any("BridgePass555" in r.getMessage() for r in caplog.records)
