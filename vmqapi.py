@@ -63,6 +63,7 @@ Contents (``grep -nE '^# [0-9]+\\. ' vmqapi.py`` prints them with line numbers):
 from __future__ import annotations
 
 import os
+import stat
 import sys
 
 # Python compiles a script run directly (``python vmqapi.py``) on every start and never
@@ -135,7 +136,6 @@ import signal
 import socket
 import socketserver
 import ssl
-import stat
 import sqlite3
 import string
 import struct
@@ -314,11 +314,12 @@ class PayloadTooLarge(VmqError):
 
 
 class PublishRefused(VmqError):
-    """An HTTP publish (vmq_http_pub) refused; ``reason`` names VerneMQ's answer (HTTP_PUB_ANSWERS)."""
+    """An HTTP publish (vmq_http_pub) refused; ``reason`` names VerneMQ's answer (HTTP_PUB_ANSWERS), ``detail``
+    says more after it."""
 
-    def __init__(self, reason: str):
+    def __init__(self, reason: str, detail: str = ""):
         super().__init__(reason)
-        self.reason = reason
+        self.reason, self.detail = reason, detail
 
 
 class UriTooLong(VmqError):
@@ -433,6 +434,12 @@ class ConfigError(VmqError):
     code = "config_error"
 
 
+class FileRefused(ConfigError):
+    """A file the node reads is not a regular file, or is larger than it reads; it is left untouched."""
+
+    exit_code, code = 2, "file_refused"
+
+
 class KeyStoreError(VmqError):
     """The API key file is unreadable or corrupt; it is left untouched."""
 
@@ -490,6 +497,22 @@ def parse_choice(*choices: str) -> Callable[[str], str]:
             raise ValueError(f"expected one of {', '.join(choices)}, got {text!r}")
         return text.strip()
     return parse
+
+
+SECRET_SHOWN = "********"  # what show prints for a password setting that is set, and for the secret parts of a URL
+
+
+def mask_url(url: str) -> str:
+    """Return ``url`` with its user information (a password) and its query (a token) masked."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:
+        return SECRET_SHOWN
+    netloc = parts.netloc
+    if "@" in netloc:
+        netloc = SECRET_SHOWN + "@" + netloc.rpartition("@")[2]
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, SECRET_SHOWN if parts.query else "",
+                                    SECRET_SHOWN if parts.fragment else ""))
 
 
 def parse_text(text: str) -> str:
@@ -672,6 +695,7 @@ class Setting:
     doc: str
     settable: bool = False
     secret: bool = False  # show never prints its value
+    masked: Callable[[Any], str] | None = None  # show prints masked(value): its secret parts hidden
 
     def __post_init__(self):
         if not re.fullmatch(r"[a-z0-9_.$]+", self.name):
@@ -902,7 +926,8 @@ SETTINGS: tuple[Setting, ...] = (
 
     _S("plugins.vmq_webhooks", parse_flag, False, "Turn vmq_webhooks on: HTTP endpoints as plugin hooks."),
     _S("vmq_webhooks.$name.hook", parse_text, None, "The hook of webhook <name> (auth_on_register, ...)."),
-    _S("vmq_webhooks.$name.endpoint", parse_text, None, "The http:// or https:// URL webhook <name> POSTs to."),
+    _S("vmq_webhooks.$name.endpoint", parse_text, None, "The http:// or https:// URL webhook <name> POSTs to "
+       "(show masks its user information and query).", masked=mask_url),
     _S("vmq_webhooks.$name.base64encode", parse_flag, True, "Base64 encode the MQTT payload in webhook <name>'s "
        "bodies."),
     _S("vmq_webhooks.$name.no_payload", parse_flag, False, "Leave the payload out of auth_on_publish bodies."),
@@ -910,6 +935,13 @@ SETTINGS: tuple[Setting, ...] = (
        "Milliseconds webhook <name>'s endpoint has to answer; an auth hook then refuses."),
     _S("vmq_webhooks.pool_max_connections", parse_int_range(1, 1000), 100,
        "Webhook calls at once (each pool of worker threads: auth hooks, notifications), read at start."),
+    _S("vmq_webhooks.max_pending_calls", parse_int_range(1), 1000,
+       "Packets (CONNECT, PUBLISH, SUBSCRIBE) waiting for auth webhook answers, node-wide; past it a CONNECT is "
+       "refused at once (CONNACK 3, MQTT 5 0x89 Server busy), a PUBLISH or SUBSCRIBE as the endpoint failing.",
+       True),
+    _S("vmq_webhooks.max_pending_calls_per_hook", parse_int_range(1), 500,
+       "Packets waiting for one auth hook (auth_on_register, auth_on_publish, auth_on_subscribe); past it as "
+       "vmq_webhooks.max_pending_calls.", True),
     _S("vmq_webhooks.pool_timeout", parse_int_range(0), 60000,
        "Milliseconds an idle keep-alive connection to an endpoint is kept.", True),
     _S("vmq_webhooks.cafile", parse_text, "", "PEM CA certificates for https endpoints (empty: the system's).",
@@ -1063,11 +1095,59 @@ class Config:
         return cls(values)
 
 
+MAX_SMALL_FILE = 16 << 20  # bytes of the config file, api_keys.json or node.json read at most (~80,000 keys)
+MAX_RULES_FILE = 64 << 20  # bytes of a vmq_passwd or vmq_acl file read at most (~400,000 users)
+_FILE_KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+               (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a directory"))
+
+
+def file_kind(mode: int) -> str:
+    """Name what a stat mode describes, for messages."""
+    return next((name for test, name in _FILE_KINDS if test(mode)), "not a regular file")
+
+
+def read_regular_file(path: str, limit: int, what: str) -> tuple[bytes, os.stat_result]:
+    """Return the bytes and stat of ``path``: a regular file (a symlink to one too) of at most ``limit`` bytes.
+
+    A FIFO, a device (``/dev/zero``) or a directory is never read, and a FIFO is opened without waiting
+    for a writer. Raises FileRefused naming ``what`` and the file; OSError when it cannot be opened.
+    """
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0))
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise FileRefused(f"{what} {path} is {file_kind(st.st_mode)}, not a regular file; vmqapi reads "
+                              "only regular files and left it alone")
+        chunks, size = [], 0
+        while size <= limit:
+            chunk = os.read(fd, min(1 << 20, limit + 1 - size))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    finally:
+        os.close(fd)
+    if size > limit:
+        raise FileRefused(f"{what} {path} is larger than {limit} bytes; vmqapi did not read it and left it alone")
+    return b"".join(chunks), st
+
+
+def require_regular_file(path: str, what: str) -> None:
+    """Raise FileRefused when ``path`` exists and is not a regular file (a database the node opens)."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise ConfigError(f"cannot check {what} {path}: {exc.strerror}") from None
+    if not stat.S_ISREG(mode):
+        raise FileRefused(f"{what} {path} is {file_kind(mode)}, not a regular file; vmqapi left it alone")
+
+
 def _read_config_file(path: str) -> dict[str, Any]:
     """Read ``key = value`` lines with ``#`` comments; report errors by file and line."""
     try:
-        with open(path, encoding="utf-8") as fh:
-            lines = fh.read().splitlines()
+        lines = read_regular_file(path, MAX_SMALL_FILE, "the config file")[0].decode("utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read config file {path}: {exc}") from None
     values = {}
@@ -1237,6 +1317,10 @@ METRIC_DEFINITIONS: dict[str, tuple[str, str, tuple[LabelSet, ...]]] = {  # Vern
                     "auth_on_publish_m5", "auth_on_subscribe_m5")},
     "webhooks_notifications_dropped": ("counter", "The number of webhook notifications (on_publish, ...) dropped "
                                        "because the queue for the endpoints was full.", _NO_LABELS),
+    "webhooks_auth_busy": ("counter", "The number of packets refused without asking an auth webhook because "
+                           "vmq_webhooks.max_pending_calls(_per_hook) packets were waiting.", _NO_LABELS),
+    "webhooks_auth_dropped": ("counter", "The number of auth webhook calls not made because the connection "
+                              "had closed.", _NO_LABELS),
 }
 
 
@@ -1348,6 +1432,7 @@ class Reason(enum.IntEnum):
     PROTOCOL_ERROR = 0x82
     IMPLEMENTATION_SPECIFIC_ERROR = 0x83
     NOT_AUTHORIZED = 0x87
+    SERVER_BUSY = 0x89
     SERVER_SHUTTING_DOWN = 0x8B
     BAD_AUTHENTICATION_METHOD = 0x8C
     KEEP_ALIVE_TIMEOUT = 0x8D
@@ -2148,6 +2233,29 @@ ENCODERS5: dict[type, Callable[[Any], bytes]] = {
 def valid_topic_name(topic: str) -> bool:
     """Return whether ``topic`` may be published to (MQTT 3.1.1 4.7)."""
     return bool(topic) and "+" not in topic and "#" not in topic and len(topic.encode()) <= 65535
+
+
+def string_problem(text: str) -> str | None:
+    """Return why ``text`` cannot travel as an MQTT UTF-8 string (MQTT 3.1.1 1.5.3), or None."""
+    if "\x00" in text:
+        return "it contains U+0000"  # [MQTT-1.5.3-2]
+    try:
+        size = len(text.encode())
+    except UnicodeEncodeError:
+        return "it is not well-formed UTF-8 (a lone surrogate)"  # [MQTT-1.5.3-1]
+    return f"it is longer than 65535 bytes ({size})" if size > 65535 else None
+
+
+def topic_name_problem(topic: str, max_levels: int) -> str | None:
+    """Return why a PUBLISH to ``topic`` is refused, as the codec and the engine check one, or None."""
+    if not topic:
+        return "it is empty"  # [MQTT-4.7.3-1]
+    if "+" in topic or "#" in topic:
+        return "it contains a wildcard (+ or #)"  # [MQTT-3.3.2-2]
+    problem = string_problem(topic)
+    if problem is None and topic.count("/") >= max_levels:
+        problem = f"it has more than {max_levels} levels (max_topic_levels)"
+    return problem
 
 
 def valid_topic_filter(topic: str) -> bool:
@@ -4074,6 +4182,13 @@ class Sessions(Delivery):
         self.counters["mqtt_connack_sent", labels] += 1
         self.close_client(client)
 
+    def refuse_busy(self, client: Connection, p: Connect, text: str) -> None:
+        """Refuse a CONNECT the node cannot look at now: CONNACK 3, MQTT 5 0x89 Server busy (MQTT 5.0 3.2.2.2)."""
+        level = p.proto_level & ~BRIDGE_BIT if p.proto_level in BRIDGE_LEVELS else p.proto_level
+        client.speak(level if level in DIALECTS else 4)
+        self.counters["mqtt_connect_received", client.labels] += 1
+        self.refuse(client, Reason.SERVER_BUSY if client.dialect.v5 else CONNACK_UNAVAILABLE, text)
+
     def auth_step(self, client: Connection, data: bytes | None) -> None:
         """Ask the on_auth_m5 hooks about one step of enhanced authentication and answer it."""
         connect, client_id, assigned = client.auth or (None, client.session.client_id, False)
@@ -5684,6 +5799,7 @@ class SqliteStore(MemoryStore):
         super().__init__()
         self.path = path
         for suffix in ("", "-wal", "-shm"):  # SQLite gives -wal and -shm the database file's mode
+            require_regular_file(path + suffix, "the message store")
             if suffix == "" or os.path.exists(path + suffix):
                 try:
                     create_private_file(path + suffix)
@@ -5914,8 +6030,9 @@ def hash_password(password: str, salt: bytes | None = None) -> str:
 class ReloadingFile:
     """A file parsed again when its mtime changes, checked at most every ``interval`` s."""
 
-    def __init__(self, parse: Callable[[str], Any], empty: Any, on_error: Callable[[], None] = lambda: None):
-        self._parse, self._empty, self._on_error = parse, empty, on_error
+    def __init__(self, parse: Callable[[str], Any], empty: Any, on_error: Callable[[], None] = lambda: None,
+                 what: str = "the file"):
+        self._parse, self._empty, self._on_error, self._what = parse, empty, on_error, what
         self.path, self.value = "", empty
         self._signature: tuple | None = None
         self._checked = -1e18
@@ -5933,21 +6050,27 @@ class ReloadingFile:
                 st = os.stat(path)
                 signature = (st.st_ino, st.st_mtime_ns, st.st_size)
                 if signature != self._signature:
-                    with open(path, encoding="utf-8") as fh:
-                        self.value = self._parse(fh.read())
+                    data = read_regular_file(path, MAX_RULES_FILE, self._what)[0]  # never blocks the loop
+                    self.value = self._parse(data.decode("utf-8"))
                     self._signature = signature
-            except (OSError, ValueError, UnicodeDecodeError) as exc:
-                log.error("cannot load %s: %s; keeping the previous rules", path, exc)
+            except (OSError, ValueError, UnicodeDecodeError, FileRefused) as exc:
+                log.error("cannot load %s: %s; keeping the previous rules", path, getattr(exc, "text", exc))
                 self._signature = signature  # a bad version is reported once, tried again when it changes
                 self._on_error()
         return self.value
 
 
+def check_passwd_file(path: str) -> None:
+    """Raise FileRefused when the vmq_passwd file is not a regular file or too large (start-up; a missing
+    or bad one is reported when it is read, and refuses every password meanwhile)."""
+    with contextlib.suppress(OSError):
+        read_regular_file(path, MAX_RULES_FILE, "vmq_passwd.password_file")
+
+
 def check_acl_file(path: str) -> None:
     """Raise ConfigError naming the file and line when the vmq_acl file cannot be used (start-up)."""
     try:
-        with open(path, encoding="utf-8") as fh:
-            parse_acl(fh.read())
+        parse_acl(read_regular_file(path, MAX_RULES_FILE, "vmq_acl.acl_file")[0].decode("utf-8"))
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"vmq_acl.acl_file {path}: cannot read it: {getattr(exc, 'strerror', None) or exc}") \
             from None
@@ -6069,6 +6192,7 @@ class Tracer:
 # Must not know: HTTP, commands, what a packet means.
 
 PARTIAL_BIG = 65536  # bytes: an unfinished packet this large grows in a bytearray, not by copying per read
+WAIT_READ_AHEAD = 65536  # bytes read while a packet waits for webhook answers, so a peer that hangs up is seen
 FD_RESERVE = 128  # file descriptors MQTT connections leave to the admin API, the store and the listeners
 CONNECT_FIRST_BYTE = 0x10  # CONNECT, flags 0 [MQTT-3.1.0-1]: a new connection starting otherwise is closed at once
 BATCH_SECONDS = 0.005  # one read's packets hold the loop this long at most; the rest waits for others' turn
@@ -6103,7 +6227,9 @@ class MqttLink(asyncio.Protocol):
         self.held = 0  # unfinished bytes this link holds, counted in the node's partial_packet_budget
         self.writable = True
         self.closing = self.paused = False
-        self.waiting = False  # a packet waits for webhook answers (section 23): read and decode nothing more
+        self.waiting = False  # a packet waits for webhook answers (section 25): read and decode nothing more
+        self.waiting_size = 0  # its bytes, counted in partial_packet_budget while it waits
+        self.on_gone: Callable[[], Any] | None = None  # forgets its webhook call if the connection closes first
         self.reading = True
         self.fresh = True  # nothing received yet
         self.partial_since: float | None = None  # when the unfinished packet in ``buffer`` began
@@ -6154,6 +6280,8 @@ class MqttLink(asyncio.Protocol):
         else:
             buf = self.buffer + data if self.buffer else data
         self._decode(buf)
+        if self.waiting:
+            self._reading()  # read ahead is bounded
         self.io.after_batch()
 
     def _max_size(self) -> int:
@@ -6187,6 +6315,7 @@ class MqttLink(asyncio.Protocol):
                 if io.gate is None:
                     engine.handle(client, packet, now, frame)
                 elif not io.gate(self, packet, frame, now):
+                    self.waiting_size = pos - start  # a held CONNECT counts as an unfinished one
                     break  # held until its webhook answers come (release)
                 if client.tracer is not None:
                     client.tracer.packet("in", packet, now)
@@ -6207,7 +6336,7 @@ class MqttLink(asyncio.Protocol):
         """Keep the unfinished end of ``buf`` (from ``pos``) for the next read, and time it."""
         if self.closing or self.client.closing or pos >= len(buf):
             self.buffer, self.partial_since = b"", None
-            self.io.hold(self, 0)
+            self.io.hold(self, 0 if self.closing or self.client.closing else self.waiting_size)
         else:
             now = time.time()
             began = self.partial_since is None or pos > 0  # a new packet has begun; mqtt_packet_timeout runs
@@ -6221,7 +6350,7 @@ class MqttLink(asyncio.Protocol):
 
             if header is not None and sum(header) > max(len(self.buffer), PARTIAL_BIG):
                 self.big, self.need, self.buffer = bytearray(self.buffer), sum(header), b""
-            self.io.hold(self, len(self.buffer) or len(self.big or b""))
+            self.io.hold(self, (len(self.buffer) or len(self.big or b"")) + self.waiting_size)
             if began:
                 self.arm(now)
         if self.client.connected != self.armed_connected:
@@ -6261,14 +6390,15 @@ class MqttLink(asyncio.Protocol):
             if self.buffer:
                 self.data_received(b"")
 
-    def hold(self) -> None:
-        """Read nothing more until ``release``: the packet just decoded waits for webhook answers."""
-        self.waiting = True
+    def hold(self, on_gone: Callable[[], Any] | None = None) -> None:
+        """Read nothing more until ``release``: the packet just decoded waits for webhook answers
+        (``on_gone``: what to call if the connection closes before they come)."""
+        self.waiting, self.on_gone = True, on_gone
         self._reading()
 
     def release(self, packet: Any, raw: bytes) -> None:
         """Hand the engine the packet that waited, then decode what came after it and read on."""
-        self.waiting = False
+        self.waiting, self.waiting_size, self.on_gone = False, 0, None
         if self.closing or self.client is None or self.client.closed:
             return
         self._reading()
@@ -6276,8 +6406,10 @@ class MqttLink(asyncio.Protocol):
         self.io.after_batch()
 
     def _reading(self) -> None:
-        """Read while neither throttled, nor holding answers the peer has not taken, nor waiting for webhooks."""
-        want = self.writable and not self.paused and not self.waiting and not self.closing
+        """Read while neither throttled, nor holding answers the peer has not taken, nor waiting for webhooks
+        with WAIT_READ_AHEAD bytes read (reading on while waiting sees a peer that hangs up, and forgets its call)."""
+        want = self.writable and not self.paused and not self.closing \
+            and not (self.waiting and len(self.buffer) >= WAIT_READ_AHEAD)
         if want != self.reading and self.transport is not None:
             self.reading = want
             (self.transport.resume_reading if want else self.transport.pause_reading)()
@@ -6375,6 +6507,9 @@ class MqttLink(asyncio.Protocol):
         self.buffer, self.big = b"", None
         self.io.hold(self, 0)
         self._unsent(0)
+        if self.on_gone is not None:  # its webhook call is not made (or its answer not used)
+            on_gone, self.on_gone = self.on_gone, None
+            on_gone()
         for handle in (self.timer, self.stall):
             if handle is not None:
                 handle.cancel()
@@ -6767,8 +6902,8 @@ class MqttIO:
         self._systree_at = time.time()
         self.engine = Engine(settings, store, hooks, new_client_id=lambda: "anon-" + secrets.token_hex(8),
                              choose=random.choice, now=time.time())
-        self._passwd = ReloadingFile(parse_passwd, {})
-        self._acl = ReloadingFile(parse_acl, None, self._acl_failed)
+        self._passwd = ReloadingFile(parse_passwd, {}, what="vmq_passwd.password_file")
+        self._acl = ReloadingFile(parse_acl, None, self._acl_failed, what="vmq_acl.acl_file")
         self.rules_config: Config | None = None  # the Config the rules were last read for
         self.listeners: list[MqttListener] = []
         self.sockets = 0  # MQTT sockets open on every listener
@@ -7191,6 +7326,7 @@ class KeyStore:
         # The salts: the file's, then those of keys other nodes hashed (usually none).
         self._view: tuple[tuple | None, bytes, tuple[StoredKey, ...], dict, tuple[bytes, ...]] = \
             (("unread",), b"", (), {}, (b"",))
+        self._refused: tuple | None = None  # the signature of the last version of the file refused (logged)
 
     # -- reading ----------------------------------------------------------
     def load(self) -> None:
@@ -7200,15 +7336,16 @@ class KeyStore:
 
     def _read(self) -> tuple[tuple | None, bytes, tuple[StoredKey, ...]]:
         try:
-            with open(self.path, "rb") as fh:
-                st = os.fstat(fh.fileno())
-                data = fh.read()
+            data, st = read_regular_file(self.path, MAX_SMALL_FILE, "the API key file")
         except FileNotFoundError:
             return None, b"", ()
         except OSError as exc:
             raise KeyStoreError(f"cannot read the API key file {self.path}: {exc.strerror}") from None
+        if os.name == "posix" and st.st_mode & 0o077:  # as at start-up: a key file others may read is not used
+            raise KeyStoreError(f"the API key file {self.path} can be read by others (mode {st.st_mode & 0o777:o}); "
+                                f"vmqapi uses none of its keys until you run: chmod 600 {self.path}")
         salt, entries = self._parse(data)
-        return (st.st_ino, st.st_size, st.st_mtime_ns), salt, entries
+        return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_mode), salt, entries
 
     def _parse(self, data: bytes) -> tuple[bytes, tuple[StoredKey, ...]]:
         try:
@@ -7248,13 +7385,19 @@ class KeyStore:
         view = self._view
         try:
             st = os.stat(self.path)
-            signature = (st.st_ino, st.st_size, st.st_mtime_ns)
+            signature = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_mode)  # a chmod is a change
         except FileNotFoundError:
             signature = None
         if signature != view[0]:
             with self._lock:
                 if signature != self._view[0]:
-                    self._install(*self._read())
+                    try:
+                        self._install(*self._read())
+                    except VmqError as exc:  # fail closed: no key is valid until the file is fixed
+                        if self._refused != signature:  # said once per version of the file
+                            self._refused = signature
+                            log.error("%s", exc.text)
+                        raise
                 view = self._view
         return view
 
@@ -7558,6 +7701,7 @@ class Call:
     flags: Mapping[str, Any]
     extra: tuple[str, ...] = ()
     after: list = field(default_factory=list)  # run once the answer has been sent
+    read_only: bool = False  # for a mgmt_ro key: the answer masks what such a key may not see
 
 
 class CommandTable:
@@ -8653,12 +8797,12 @@ def _setting_row(node: Any, keys: Sequence[str]) -> dict:
     config = node.config
     row = {"node": node.name}
     for key in keys:
-        secret = find_setting(key).secret and config[key]
-        row[key] = SECRET_SHOWN if secret else _shown_setting(config[key])
+        setting, value = find_setting(key), config[key]
+        if setting.secret and value:
+            row[key] = SECRET_SHOWN
+        else:
+            row[key] = setting.masked(value) if setting.masked and value else _shown_setting(value)
     return row
-
-
-SECRET_SHOWN = "********"  # what show prints for a password setting that is set
 
 
 @command("describe", extra_words="key", quick=True, read_only=True)
@@ -9557,6 +9701,7 @@ class ClusterStore:
 
     def __init__(self, path: str):
         self.path = path
+        require_regular_file(path, "the cluster state")
         try:
             create_private_file(path)
             self.db = sqlite3.connect(path, check_same_thread=False)
@@ -10417,6 +10562,7 @@ BRIDGE_CONNECT_TIMEOUT = 10  # seconds for the TCP connect, the TLS handshake an
 BRIDGE_BACKOFF_FACTOR = 10  # reconnect delays double from restart_timeout up to this many times it
 BRIDGE_READ = 65536  # bytes read from the remote at a time
 BRIDGE_HIGH_WATER = 1 << 20  # bytes waiting for the remote's socket before the bridge takes no more QoS 0
+BRIDGE_MAX_CONNACK = 65536  # bytes of the remote's first packet (its CONNACK, properties included) at most
 BRIDGE_COLUMNS = ("name", "endpoint", "buffer size", "buffer max", "buffer dropped msgs", "MQTT process mailbox len",
                   "status", "error")  # VerneMQ vmq_bridge_cli's, then status and the last error
 BRIDGE_LISTENER = types.SimpleNamespace(  # what the engine reads of a listener, for a bridge's own connection
@@ -10816,7 +10962,7 @@ class Bridge:
     async def read_connack(self, reader: asyncio.StreamReader) -> tuple[Connack, bytes]:
         buf = b""
         while True:
-            result = decode_packet(buf, 0, 0, self.version)
+            result = decode_packet(buf, 0, BRIDGE_MAX_CONNACK, self.version)
             if result is not None:
                 packet, pos = result
                 if not isinstance(packet, Connack):
@@ -10832,7 +10978,8 @@ class Bridge:
         buf, self.pending = self.pending, b""
         silence = 1.5 * self.spec.keepalive if self.spec.keepalive else None  # MQTT 3.1.1 3.1.2.10
         while True:
-            pos, acks, limit = 0, [], self.io.settings()["max_message_size"]
+            config = self.io.settings()  # a remote's packet is bounded as a client's unfinished one is
+            pos, acks, limit = 0, [], config["max_message_size"] or config["partial_packet_budget"]
             while (result := decode_packet(buf, pos, limit, self.version)) is not None:
                 packet, pos = result
                 self.from_remote(packet, acks)
@@ -10847,7 +10994,25 @@ class Bridge:
             data = await asyncio.wait_for(reader.read(BRIDGE_READ), silence)
             if not data:
                 return
-            buf += data
+            buf = await self.read_whole(reader, buf + data, limit, silence)
+
+    async def read_whole(self, reader: asyncio.StreamReader, buf: bytes, limit: int, silence: float | None) -> bytes:
+        """Return ``buf`` with the rest of the packet it begins, read in pieces and joined once (not copied per
+        read); a packet declared larger than ``limit`` is refused before it is read."""
+        header = fixed_header(buf)
+        if header is None or sum(header) <= len(buf):
+            return buf
+        if header[0] > limit:
+            raise PacketTooLarge(f"the remote sends a packet of {header[0]} bytes, more than {limit} "
+                                 "(max_message_size, else partial_packet_budget)")
+        parts, have = [buf], len(buf)
+        while have < sum(header):
+            data = await asyncio.wait_for(reader.read(min(sum(header) - have, 1 << 20)), silence)
+            if not data:
+                raise EOFError("the remote closed the connection inside a packet")
+            parts.append(data)
+            have += len(data)
+        return b"".join(parts)
 
     def from_remote(self, packet: Any, acks: list) -> None:
         """Act on one packet from the remote; acknowledgements it needs go to ``acks``."""
@@ -11506,7 +11671,7 @@ class WebhookClient:
             if now - self._logged.get(hook + endpoint, -math.inf) < WEBHOOK_LOG_INTERVAL:
                 return
             self._logged[hook + endpoint] = now
-        log.error("webhook %s at %s failed: %s", hook, endpoint, reason)
+        log.error("webhook %s at %s failed: %s", hook, mask_url(endpoint), reason)
 
     def close(self) -> None:
         """Close every keep-alive connection (the workers have stopped)."""
@@ -11525,6 +11690,79 @@ class WebhookClient:
 # Owns: the vmq_webhooks plugin: its hooks in the chain, the gate that holds a
 #       connection's packet while its answer comes, the bounded pools; webhooks commands.
 # Must not know: sockets of MQTT clients.
+
+
+class AuthQueue:
+    """Packets waiting for auth webhook answers: a bounded FIFO that ``workers`` threads take jobs from.
+
+    Each entry counts against max_pending_calls and, for each hook it asks, max_pending_calls_per_hook
+    from when it is queued until its job ends; an entry whose connection closes while it is queued
+    leaves at once (``cancel``), with what it held.
+    """
+
+    def __init__(self, workers: int):
+        self._cond = threading.Condition()
+        self._queue: collections.OrderedDict[int, tuple[tuple[str, ...], Callable[[], Any]]] = \
+            collections.OrderedDict()
+        self._seq = itertools.count()
+        self._workers, self._threads, self._idle = workers, [], 0
+        self.waiting = 0  # entries queued or running
+        self.by_hook: dict[str, int] = {}  # the same per hook name
+        self._closed = False
+
+    def put(self, hooks: tuple[str, ...], job: Callable[[], Any], limit: int, per_hook: int) -> int | None:
+        """Queue ``job`` (it asks ``hooks``); return its ticket, or None when a bound is reached."""
+        with self._cond:
+            if self._closed or self.waiting >= limit or any(self.by_hook.get(h, 0) >= per_hook for h in hooks):
+                return None
+            self._count(hooks, 1)
+            ticket = next(self._seq)
+            self._queue[ticket] = (hooks, job)
+            if len(self._queue) > self._idle and len(self._threads) < self._workers:
+                thread = threading.Thread(target=self._work, name="vmqapi-webhook-auth", daemon=True)
+                self._threads.append(thread)
+                thread.start()
+            self._cond.notify()
+            return ticket
+
+    def cancel(self, ticket: int) -> None:
+        """Forget a queued entry (its connection closed); one already running ends by itself."""
+        with self._cond:
+            entry = self._queue.pop(ticket, None)
+            if entry is not None:
+                self._count(entry[0], -1)
+
+    def _count(self, hooks: tuple[str, ...], n: int) -> None:
+        self.waiting += n
+        for hook in hooks:
+            self.by_hook[hook] = self.by_hook.get(hook, 0) + n
+
+    def _work(self) -> None:
+        while True:
+            with self._cond:
+                self._idle += 1
+                while not self._queue and not self._closed:
+                    self._cond.wait()
+                self._idle -= 1
+                if self._closed:
+                    return
+                hooks, job = self._queue.popitem(last=False)[1]
+            try:
+                job()
+            finally:
+                with self._cond:
+                    self._count(hooks, -1)
+
+    def stop(self) -> None:
+        """Drop what is queued and wait for the jobs under way (each bounded by its response_timeout)."""
+        with self._cond:
+            self._closed = True
+            for hooks, _ in self._queue.values():
+                self._count(hooks, -1)
+            self._queue.clear()
+            self._cond.notify_all()
+        for thread in self._threads:
+            thread.join()
 
 
 class Webhooks:
@@ -11547,7 +11785,7 @@ class Webhooks:
         self.cache = WebhookCache()
         self.client = WebhookClient(settings, metrics)
         size = settings()["vmq_webhooks.pool_max_connections"]
-        self._auth_pool = concurrent.futures.ThreadPoolExecutor(size, thread_name_prefix="vmqapi-webhook-auth")
+        self.waiting = AuthQueue(size)
         self._note_pool = concurrent.futures.ThreadPoolExecutor(size, thread_name_prefix="vmqapi-webhook")
         self._notes = 0  # notifications queued or running
         self.slot: dict[str, Any] | None = None  # answers for the packet the engine handles now (loop thread)
@@ -11566,8 +11804,8 @@ class Webhooks:
         """Stop calling: wait for calls under way (each bounded by its response_timeout), close connections."""
         self._running = False
         self.io.gate = None
-        for pool in (self._auth_pool, self._note_pool):
-            pool.shutdown(wait=True, cancel_futures=True)
+        self.waiting.stop()
+        self._note_pool.shutdown(wait=True, cancel_futures=True)
         self.client.close()
 
     def register(self, webhook: Webhook) -> str:
@@ -11579,8 +11817,8 @@ class Webhooks:
             self.endpoints = {**self.endpoints, webhook.hook: (*present, webhook)}
             self._sync_hooks()
         if webhook.hook in WEBHOOK_NEVER_CALLED:
-            log.warning("webhook %s at %s is registered but never called: %s", webhook.hook, webhook.endpoint,
-                        WEBHOOK_NEVER_CALLED[webhook.hook])
+            log.warning("webhook %s at %s is registered but never called: %s", webhook.hook,
+                        mask_url(webhook.endpoint), WEBHOOK_NEVER_CALLED[webhook.hook])
         return ""
 
     def deregister(self, hook: str, endpoint: str) -> str:
@@ -11612,10 +11850,12 @@ class Webhooks:
         fn.__module__, fn.__qualname__ = "vmq_webhooks_plugin", name  # type: ignore[attr-defined]
         return fn
 
-    def rows(self) -> list[dict]:
-        """Return webhooks show's rows: hook, endpoint, base64payload, response_timeout."""
-        return [{"hook": w.hook, "endpoint": w.endpoint, "base64payload": w.base64, "response_timeout":
-                 w.response_timeout} for hook in WEBHOOK_HOOKS for w in self.endpoints.get(hook, ())]
+    def rows(self, masked: bool = False) -> list[dict]:
+        """Return webhooks show's rows: hook, endpoint (``masked``: its user information and query hidden),
+        base64payload, response_timeout."""
+        return [{"hook": w.hook, "endpoint": mask_url(w.endpoint) if masked else w.endpoint, "base64payload":
+                 w.base64, "response_timeout": w.response_timeout}
+                for hook in WEBHOOK_HOOKS for w in self.endpoints.get(hook, ())]
 
     # -- the hook functions (broker's loop) -------------------------------------
     def _answer_function(self, name: str) -> Callable[..., Any]:
@@ -11703,10 +11943,25 @@ class Webhooks:
             self.slot = None
 
     def _hold(self, link: Any, packet: Any, raw: bytes, slot: dict, pending: list) -> bool:
-        link.hold()
-        future = self._auth_pool.submit(self._ask, pending)
-        future.add_done_callback(functools.partial(self._asked, link, packet, raw, slot, pending))
+        """Queue the calls for ``packet`` and hold its connection; past the bounds refuse it at once."""
+        config = self.settings()
+        job = functools.partial(self._asked, link, packet, raw, slot, pending)
+        ticket = self.waiting.put(tuple(name for name, *_ in pending), job, config["vmq_webhooks.max_pending_calls"],
+                                  config["vmq_webhooks.max_pending_calls_per_hook"])
+        if ticket is None:
+            return self._busy(link, packet, raw, slot, pending)
+        link.hold(functools.partial(self.waiting.cancel, ticket))
         return False
+
+    def _busy(self, link: Any, packet: Any, raw: bytes, slot: dict, pending: list) -> bool:
+        """Too many packets wait for answers: a CONNECT hears Server busy, others are refused as on a failed call."""
+        self.metrics.incr("webhooks_auth_busy")
+        self.client.complain("auth", "the endpoints", f"{self.waiting.waiting} packets wait for answers "
+                             "(vmq_webhooks.max_pending_calls, _per_hook); refusing new ones")
+        if type(packet) is Connect:
+            self.io.engine.refuse_busy(link.client, packet, "too many clients wait for authentication")
+            return True
+        return self._handle(link, packet, raw, time.time(), {**slot, **{name: "error" for name, *_ in pending}})
 
     def _gate_publish(self, link: Any, p: Publish, raw: bytes, now: float) -> bool:
         """PUBLISH, the hot path: a cached answer costs a key and one look in the cache (webhook_cache_key inlined)."""
@@ -11751,12 +12006,15 @@ class Webhooks:
                 pending.append((name, hook, args, webhooks))
         return slot, pending
 
-    def _ask(self, pending: list) -> dict[str, Any]:
+    def _ask(self, pending: list, link: Any = None) -> dict[str, Any]:
         """Walk each hook's endpoints in order, as VerneMQ's all_till_ok (worker thread)."""
-        return {name: self._chain(hook, args, webhooks) for name, hook, args, webhooks in pending}
+        return {name: self._chain(hook, args, webhooks, link) for name, hook, args, webhooks in pending}
 
-    def _chain(self, hook: str, args: Mapping[str, Any], webhooks: Sequence[Webhook]) -> Any:
+    def _chain(self, hook: str, args: Mapping[str, Any], webhooks: Sequence[Webhook], link: Any = None) -> Any:
         for n, webhook in enumerate(webhooks):
+            if link is not None and link.closing:  # nobody waits for this answer: no call
+                self.metrics.incr("webhooks_auth_dropped")
+                return "error"
             key = webhook_cache_key(webhook.endpoint, hook, args)
             if n:  # the first endpoint's cache was looked at already
                 cached = self.cache.lookup(key)
@@ -11773,15 +12031,15 @@ class Webhooks:
             return answer
         return "next"
 
-    def _asked(self, link: Any, packet: Any, raw: bytes, slot: dict, pending: list,
-               future: concurrent.futures.Future) -> None:
-        """The answers are in (a worker thread): hand them to the loop."""
-        if future.cancelled():
-            return  # the node stops
-        error = future.exception()
-        if error is not None:
-            log.error("webhook calls failed: %s; refusing", error)
-        answers = future.result() if error is None else {name: "error" for name, *_ in pending}  # fail closed
+    def _asked(self, link: Any, packet: Any, raw: bytes, slot: dict, pending: list) -> None:
+        """Ask the endpoints (a worker thread), then hand the answers to the loop."""
+        try:
+            answers = self._ask(pending, link)
+        except Exception as exc:  # a bug: this packet is refused (fail closed), the worker lives on
+            log.exception("webhook calls failed: %s; refusing", exc)
+            answers = {name: "error" for name, *_ in pending}
+        if link.closing:
+            return
         with contextlib.suppress(RuntimeError):  # the loop has closed: the node stops
             self.io.loop.call_soon_threadsafe(self._release, link, packet, raw, {**slot, **answers})
 
@@ -11914,8 +12172,8 @@ _ENDPOINT_KEY = Param("endpoint", parse_webhook_endpoint, doc="the http:// or ht
 
 @command("webhooks", "show", quick=True, read_only=True)
 def cmd_webhooks_show(call: Call) -> Any:
-    """Show the registered webhooks."""
-    return Table(tuple(_webhooks(call).rows()), ("hook", "endpoint", "base64payload", "response_timeout"))
+    """Show the registered webhooks (to a mgmt_ro key, endpoints without user information or query)."""
+    return Table(tuple(_webhooks(call).rows(call.read_only)), ("hook", "endpoint", "base64payload", "response_timeout"))
 
 
 @command("webhooks", "register", keys=(_HOOK_KEY, _ENDPOINT_KEY), required=("hook", "endpoint"), quick=True, flags=(
@@ -12146,15 +12404,41 @@ def _openapi_operation(cmd: Command) -> dict:
                           **{code: error for code in ("400", "401", "403", "406", "500")}}}
 
 
+OPENAPI_HTTP_ERRORS = {  # JSON errors the HTTP layer may answer to any request (SPEC 3)
+    "400": "a request that cannot be read (header lines, Content-Length, a query not UTF-8, Authorization)",
+    "413": "a body over listener.max_body_size", "414": "a request line over listener.max_request_line_length",
+    "431": "header fields over the listener's limits", "500": "a bug, logged; the node serves on",
+    "503": "no thread to answer now (Retry-After)", "505": "an HTTP version other than 1.0 and 1.1"}
+
+
+OPENAPI_CROSS_SITE = "a change asked by another site's page (Sec-Fetch-Site, Origin)"
+
+
+def _openapi_answers(texts: Iterable[tuple[int, str]], errors: Mapping[str, str]) -> dict:
+    """Return OpenAPI responses: plain-text answers (status, text) and JSON errors ({status: when}), merged
+    per status, each with the content type the node sends it as."""
+    answers: dict[str, dict] = {}
+
+    def add(code: str, kind: str, schema: dict, line: str) -> None:
+        entry = answers.setdefault(code, {"description": "", "content": {}})
+        entry["content"][kind] = {"schema": schema}
+        entry["description"] = f"{entry['description']}; {line}" if entry["description"] else line
+    for code, line in texts:
+        add(str(code), TEXT_TYPE, {"type": "string"}, line)
+    for code, when in errors.items():
+        add(code, JSON_TYPE, {"$ref": "#/components/schemas/Error"}, f"JSON error: {when}")
+    return dict(sorted(answers.items()))
+
+
 def _openapi_plugin_paths() -> dict:
     """Return the OpenAPI paths of /api/v2 and HTTP publish (SPEC 11), which are not commands."""
     def query(name: str, doc: str, required: bool = False, empty: bool = False) -> dict:
         return {"name": name, "in": "query", "required": required, "description": doc,
                 "allowEmptyValue": empty, "schema": {"type": "string"}}
     subscriber = [query("client_id", "the client id", True), query("mountpoint", "its mountpoint (default empty)")]
-    text = {"content": {TEXT_TYPE: {"schema": {"type": "string"}}}}
-    v2 = {code: {"description": "bad request", **text} for code in ("400",)}
-    v2["401"] = {"description": "no API key of scope api2"}
+    v2_errors = {**OPENAPI_HTTP_ERRORS, "400": "client_id missing, or an id no MQTT client could have; " +
+                 OPENAPI_HTTP_ERRORS["400"], "401": "no API key of scope api2", "406": "Accept excludes application/json"}
+    v2 = _openapi_answers([(400, "invalid_command: no such command")], v2_errors)
     client = {"summary": "A session's status (online, offline, unknown), with &topics its subscriptions",
               "operationId": "api_v2_client", "tags": ["api2"],
               "parameters": [*subscriber, query("topics", "list the subscriptions too", empty=True)],
@@ -12167,11 +12451,11 @@ def _openapi_plugin_paths() -> dict:
                   "operationId": "api_v2_disconnect", "tags": ["api2"],
                   "parameters": [*subscriber, query("cleanup", "drop the session too", empty=True)],
                   "responses": {"200": {"description": "ok, or unknown when there is no such session",
-                                        "content": {JSON_TYPE: {"schema": {"enum": ["ok", "unknown"]}}}}, **v2}}
-    answers: dict[str, dict] = {}
-    for code, line in HTTP_PUB_ANSWERS.values():  # the plain-text body names the case
-        answer = answers.setdefault(str(code), {"description": "", **text})
-        answer["description"] = f"{answer['description']}; {line}" if answer["description"] else line
+                                        "content": {JSON_TYPE: {"schema": {"enum": ["ok", "unknown"]}}}},
+                                **_openapi_answers([(400, "invalid_command: no such command")], {
+                                    **v2_errors, "403": OPENAPI_CROSS_SITE})}}
+    answers = _openapi_answers(HTTP_PUB_ANSWERS.values(), {  # the plain-text body names the case
+        **OPENAPI_HTTP_ERRORS, "401": "no API key of scope httppub", "403": OPENAPI_CROSS_SITE})
     body = {"type": "object", "required": ["topic", "payload"], "properties": {
         **{k: {"type": "string"} for k in ("topic", "payload", "user", "password", "client_id")},
         "qos": {"enum": [0, 1, 2]}, "retain": {"type": "boolean"},
@@ -12263,6 +12547,8 @@ def serve_api(node: Any, req: Request, rest: str, query: str) -> Response:
         raise Forbidden(refusal)
     if refusal:  # it changes the node (or shows secrets): never for another site's page
         refuse_cross_site(req, " ".join(call.command.words))
+    if scope == "mgmt_ro":
+        call = dataclasses.replace(call, read_only=True)
     if req.method == "OPTIONS":
         return Response(200, CORS_HEADERS)
     if not accepts_json(req.headers.get("accept")):
@@ -12299,6 +12585,7 @@ HTTP_PUB_ANSWERS = {  # VerneMQ vmq_http_pub:map_to_response_code/1 and map_to_r
     # vmqapi's own, where VerneMQ crashes (500) or has no such case
     "payload_missing": (400, "Payload missing: the JSON form needs a \"payload\" string"),
     "invalid_credentials": (400, "user, password and client_id must be strings"),
+    "invalid_payload": (400, "Payload is not well-formed UTF-8"),
     "quota_exceeded": (507, "Retained message refused: max_retained_messages or max_retained_bytes reached"),
     "store_down": (503, "The message store cannot keep a QoS 1 or 2 message now; try again later"),
     "no_broker": (503, "The node runs no MQTT broker"),
@@ -12329,7 +12616,10 @@ def _pub_json(body: bytes, encoding: str) -> tuple[dict, bytes]:
     if not isinstance(payload, str):
         raise PublishRefused("payload_missing")
     if encoding != "base64":
-        return doc, payload.encode()
+        try:
+            return doc, payload.encode()
+        except UnicodeEncodeError:  # JSON may escape a lone surrogate: "\ud800"
+            raise PublishRefused("invalid_payload", "it holds a lone surrogate") from None
     try:
         return doc, base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError):
@@ -12385,14 +12675,24 @@ def _pub_user_properties(value: Any) -> tuple:
         value = value[0]  # VerneMQ vmq_http_pub:list_from_map/1 reads the first map
     if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
         raise PublishRefused("invalid_user_properties")
+    for text in (*value, *value.values()):
+        problem = string_problem(text)
+        if problem is not None:
+            raise PublishRefused("invalid_user_properties", f"{text[:40]!r}: {problem}")
     return tuple(("user_property", (k, v)) for k, v in value.items())
 
 
-def publish_packet(fields: Mapping[str, Any], payload: bytes) -> Publish:
-    """Check an HTTP publish's fields as VerneMQ does (check_values/2) and return its PUBLISH."""
+def publish_packet(fields: Mapping[str, Any], payload: bytes, max_levels: int = 200) -> Publish:
+    """Check an HTTP publish's fields as VerneMQ does (check_values/2), and its topic as an MQTT PUBLISH's
+    is checked; return its PUBLISH."""
     topic = fields.get("topic")
-    if not isinstance(topic, str) or topic.startswith("$") or not valid_topic_name(topic):
-        raise PublishRefused("invalid_topic")  # VerneMQ: no $ topics over HTTP
+    if not isinstance(topic, str):
+        raise PublishRefused("invalid_topic", "the topic must be a string")
+    if topic.startswith("$"):
+        raise PublishRefused("invalid_topic", "topics beginning with $ are not published over HTTP")  # as VerneMQ
+    problem = topic_name_problem(topic, max_levels)
+    if problem is not None:
+        raise PublishRefused("invalid_topic", problem)
     qos = _pub_qos(fields.get("qos", 0))
     retain = _pub_retain(fields.get("retain", False))
     props = _pub_user_properties(fields.get("user_properties"))
@@ -12406,13 +12706,17 @@ def publish_credentials(config: Config, fields: Mapping[str, Any]) -> tuple[str 
     user, password, client_id = (fields.get(k) for k in ("user", "password", "client_id"))
     if any(v is not None and not isinstance(v, str) for v in (user, password, client_id)):
         raise PublishRefused("invalid_credentials")
+    for name, value in (("user", user), ("password", password), ("client_id", client_id)):
+        problem = None if value is None else string_problem(value)
+        if problem is not None:
+            raise PublishRefused("invalid_credentials", f"{name}: {problem}")
     return user or None, None if password is None else password.encode(), client_id or ""
 
 
-def publish_answer(reason: str) -> Response:
-    """Return VerneMQ's plain-text answer for an HTTP publish."""
+def publish_answer(reason: str, detail: str = "") -> Response:
+    """Return VerneMQ's plain-text answer for an HTTP publish (``detail`` after it)."""
     status, text = HTTP_PUB_ANSWERS[reason]
-    return Response(status, (("Content-Type", TEXT_TYPE),), text.encode())
+    return Response(status, (("Content-Type", TEXT_TYPE),), (f"{text}: {detail}" if detail else text).encode())
 
 
 def serve_http_pub(node: Any, req: Request, rest: str, query: str) -> Response:
@@ -12428,13 +12732,13 @@ def serve_http_pub(node: Any, req: Request, rest: str, query: str) -> Response:
     config = node.config
     try:
         fields, payload = publish_fields(req, query)
-        packet = publish_packet(fields, payload)
+        packet = publish_packet(fields, payload, config["max_topic_levels"])
         user, password, client_id = publish_credentials(config, fields)
         limit = config["max_message_size"]
         if limit and len(payload) > limit:
             raise PublishRefused("message_too_large")
     except PublishRefused as exc:
-        return publish_answer(exc.reason)
+        return publish_answer(exc.reason, exc.detail)
     args = (req.peer, user, password, client_id, config["vmq_http_pub.mountpoint"], packet)
     webhooks = getattr(node, "webhooks", None)  # section 23: asked here, where waiting for an endpoint is allowed
     reason = webhooks.http_publish(node, *args) if webhooks is not None else node.broker_call("http_publish", *args)
@@ -12480,6 +12784,10 @@ def serve_api_v2(node: Any, req: Request, rest: str, query: str) -> Response:
     client_id = params.get("client_id", "")
     if not client_id:
         raise BadRequest("client_id is required: /api/v2/<command>?client_id=<id>[&mountpoint=<mp>]")
+    for name in ("client_id", "mountpoint"):  # what an MQTT client could not have sent is nobody's
+        problem = string_problem(params.get(name, ""))
+        if problem is not None:
+            raise BadRequest(f"{name}: {problem}")
     fn, flag, changes = command
     if changes:
         refuse_cross_site(req, f"/api/v2/{rest}")
@@ -12935,11 +13243,12 @@ def handle_http(node: Any, req: Request) -> Response:
         return error_response(VmqError("the command crashed; the node logged the error and keeps serving"))
 
 
-_SECRET_ARG = re.compile(r"(?i)((?:^|[?&])(?:--)?key=)[^&]*")
+_SECRET_ARG = re.compile(r"(?i)((?:^|[?&])(?:--)?[a-z0-9_.$%-]*(?:key|password|cookie|endpoint|secret|token)=)[^&]*")
 
 
 def redact(target: str) -> str:
-    """Hide the value of every ``key=`` argument, for logs."""
+    """Hide the value of every argument that may hold a secret (``key=``, ``endpoint=``, ``...password=``,
+    ``distributed_cookie=``), for logs."""
     return _SECRET_ARG.sub(r"\1***", target)
 
 
@@ -13516,13 +13825,29 @@ def refuse_if_readable_by_others(path: str) -> None:
                           f"run: chmod 600 {path}")
 
 
+def make_private_dir(path: str) -> None:
+    """Create the data dir 0700; make an existing one 0700 when this user owns it, else refuse it (README)."""
+    try:
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        st = os.stat(path)
+    except OSError as exc:
+        raise ConfigError(f"cannot create the data dir {path}: {exc.strerror}") from None
+    if os.name != "posix" or not st.st_mode & 0o077:
+        return
+    if st.st_uid != os.geteuid():
+        raise FileRefused(f"the data dir {path} belongs to uid {st.st_uid} and others may enter it (mode "
+                          f"{st.st_mode & 0o777:o}); use a directory of your own, or run: chmod 700 {path}")
+    os.chmod(path, 0o700)
+    log.warning("the data dir %s was mode %o; vmqapi made it 0700: it holds the API keys and the stores",
+                path, st.st_mode & 0o777)
+
+
 def read_node_file(data_dir: str) -> dict | None:
     """Return the node.json of ``data_dir``, or None when there is none (or it is unreadable)."""
     try:
-        with open(os.path.join(data_dir, NODE_FILE), encoding="utf-8") as fh:
-            info = json.load(fh)
+        info = json.loads(read_regular_file(os.path.join(data_dir, NODE_FILE), MAX_SMALL_FILE, NODE_FILE)[0])
         return info if isinstance(info, dict) else None
-    except (OSError, ValueError, RecursionError):  # unreadable or garbled: as good as none
+    except (OSError, ValueError, RecursionError, FileRefused):  # unreadable, garbled, a FIFO: as good as none
         return None
 
 
@@ -13582,11 +13907,13 @@ class Node:
     # -- life cycle -------------------------------------------------------
     def start(self) -> Node:
         """Load keys, provision, bind listeners, write node.json; raise VmqError on failure."""
-        os.makedirs(self.data_dir, mode=0o700, exist_ok=True)
+        make_private_dir(self.data_dir)
         other = read_node_file(self.data_dir)
         if other and other.get("pid") != os.getpid() and _pid_alive(other.get("pid")):
             raise ConfigError(f"another node (pid {other['pid']}) runs with data dir {self.data_dir}")
         self.keystore.load()
+        if self._config["vmq_passwd.password_file"]:
+            check_passwd_file(self._config["vmq_passwd.password_file"])
         for path in (self.keystore.path, self._config["vmq_passwd.password_file"]):
             refuse_if_readable_by_others(path)
         if self._config["vmq_acl.acl_file"]:
@@ -13681,10 +14008,10 @@ class Node:
         path = self._config["api_key_bootstrap_file"]
         if path:
             try:
-                with open(path, encoding="utf-8") as fh:
-                    lines = fh.read().splitlines()
-            except OSError as exc:
-                raise ConfigError(f"cannot read api_key_bootstrap_file {path}: {exc.strerror}") from None
+                lines = read_regular_file(path, MAX_SMALL_FILE, "api_key_bootstrap_file")[0].decode().splitlines()
+            except (OSError, UnicodeDecodeError) as exc:
+                raise ConfigError(f"cannot read api_key_bootstrap_file {path}: "
+                                  f"{getattr(exc, 'strerror', None) or exc}") from None
             added += self.keystore.provision(lines, path)
         if added:
             log.info("provisioned %d API key(s)", added)  # never the keys themselves
@@ -14025,7 +14352,7 @@ def run_node(config: Config) -> int:
         node.start()
     except VmqError as exc:
         print(f"vmqapi: {exc.text}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(exc, FileRefused) else 1
     for x in node.listeners():
         print(f"{node.name} {x['type']} listener on {x['address']}:{x['port']}", flush=True)
     interrupted = threading.Event()
@@ -14053,12 +14380,13 @@ def passwd(tokens: Sequence[str]) -> int:
         print(f"vmqapi passwd: {ns.file} exists; leave out -c to change it", file=sys.stderr)
         return 1
     try:
-        users = {} if ns.c else parse_passwd(open(ns.file, encoding="utf-8").read())
+        users = {} if ns.c else parse_passwd(read_regular_file(ns.file, MAX_RULES_FILE, "the password file")[0]
+                                             .decode("utf-8"))
     except FileNotFoundError:
         users = {}
-    except (OSError, ValueError) as exc:
-        print(f"vmqapi passwd: cannot read {ns.file}: {exc}", file=sys.stderr)
-        return 1
+    except (OSError, ValueError, FileRefused) as exc:
+        print(f"vmqapi passwd: cannot read {ns.file}: {getattr(exc, 'text', exc)}", file=sys.stderr)
+        return 2 if isinstance(exc, FileRefused) else 1
     if ns.D:
         if users.pop(ns.user, None) is None:
             print(f"vmqapi passwd: no user {ns.user!r} in {ns.file}", file=sys.stderr)

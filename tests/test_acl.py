@@ -241,3 +241,26 @@ def test_rule_files_with_windows_line_ends_and_extra_spaces_mean_the_same():
     rules = vmqapi.parse_acl("user alice\r\ntopic  read  sensors/+\r\n")
     assert rules.users == {"alice": (("read", "sensors/+"),)}
     assert vmqapi.parse_passwd("u:" + vmqapi.hash_password("p") + "\r\n").keys() == {"u"}
+
+
+def test_a_password_file_swapped_for_a_fifo_never_freezes_the_broker(tmp_path):
+    """README (files): the reload read whatever the path named, in the broker's loop: a FIFO froze every
+    client. Now it is refused and logged, the rules read before stay, and the loop goes on."""
+    from capped import capped_node
+    passwd = tmp_path / "passwd"
+    passwd.write_text("u:" + vmqapi.hash_password("p") + "\n")
+    os.chmod(passwd, 0o600)
+    with capped_node(tmp_path / "n", f"vmq_passwd.password_file={passwd}", "allow_anonymous=off",
+                     "vmq_passwd.password_reload_interval=1") as node:
+        def connect(name):
+            c = MqttClient(node.port("mqtt"), timeout=3)
+            try:
+                return c.connect(name, username="u", password=b"p").return_code
+            finally:
+                c.close()
+        assert connect("before") == 0
+        passwd.unlink()
+        os.mkfifo(passwd, 0o600)
+        time.sleep(1.2)  # the next reload looks at it
+        assert [connect(f"after{n}") for n in range(3)] == [0, 0, 0]  # the rules read before still hold
+        assert "is a FIFO, not a regular file" in node.log()

@@ -603,3 +603,87 @@ def test_a_session_disconnect_of_the_bridge_reattaches_it(make_node):
     assert [p.payload for p in messages(far, 1)] == [b"still bridged"]
     far.close()
     near.close()
+
+
+# -- what a hostile remote can make the node hold ------------------------------------------------------
+
+class HostileRemote:
+    """A 'broker' on 127.0.0.1 port 0 that answers the bridge's CONNECT with ``first`` (bytes), then sends
+    ``flood`` bytes of filler (bounded), and notes how much it sent."""
+
+    def __init__(self, first, flood):
+        self.first, self.flood, self.sent = first, flood, 0
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.server.settimeout(0.2)
+        self.port = self.server.getsockname()[1]
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.server.accept()
+            except OSError:
+                continue
+            with conn:
+                try:
+                    conn.settimeout(5)
+                    conn.recv(65536)  # the CONNECT
+                    conn.sendall(self.first)
+                    chunk = b"x" * 65536
+                    while self.sent < self.flood and not self.stop.is_set():
+                        conn.sendall(chunk)
+                        self.sent += len(chunk)
+                    self.stop.wait(3)
+                except OSError:
+                    pass
+
+    def close(self):
+        self.stop.set()
+        self.thread.join(10)
+        self.server.close()
+
+
+def _huge_publish_header(size):
+    """A QoS 0 PUBLISH fixed header declaring ``size`` bytes (MQTT 3.1.1 2.2.3, four length bytes)."""
+    return bytes((0x30, (size & 127) | 128, ((size >> 7) & 127) | 128, ((size >> 14) & 127) | 128, size >> 21))
+
+
+@pytest.mark.parametrize("stage", ["before-connack", "after-connack"])
+def test_a_remote_that_sends_a_huge_packet_is_cut_at_its_header(make_node, stage):
+    """README (the bridge): a remote could declare a packet of 256 MB (before CONNACK, or after with
+    max_message_size 0, the default) and the node read it all, copying its buffer once per 64 KiB read.
+    Now the first packet may hold 64 KiB and later ones partial_packet_budget (or max_message_size): the
+    bridge goes down at the header, with the reason, having read almost nothing."""
+    first = _huge_publish_header(200 << 20)
+    if stage == "after-connack":
+        first = bytes((0x20, 2, 0, 0)) + first  # CONNACK accepted, then the huge PUBLISH
+    remote = HostileRemote(first, 16 << 20)
+    try:
+        node = make_node(**bridge_config(remote.port, "t/# in 0"), partial_packet_budget="1048576")
+        row = wait_for(lambda: next((r for r in bridge_rows(node) if "limit" in r["error"] or "more than"
+                                     in r["error"]), None), timeout=8, what="the bridge cut at the header")
+        assert row["status"] == "down"
+    finally:
+        remote.close()
+    assert remote.sent < 16 << 20  # the node stopped reading: the remote's flood met a closed socket
+
+
+def test_the_bridge_password_is_shown_to_no_key_and_never_logged(make_node, caplog):
+    caplog.set_level(logging.INFO, logger="vmqapi")
+    closed = socket.create_server(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()
+    node = make_node(**bridge_config(port, "c/* out 1", username="gw", password="BridgePass555"))
+    bridge_down(node)
+    http = Client(node)
+    try:
+        for scope in ("mgmt", "mgmt_ro"):
+            key = node.keystore.create(scope)
+            for path in ("/api/v1/show/vmq_bridge.tcp.br0.password", "/api/v1/bridge/show", "/api/v1/plugin/show"):
+                status, _, data = http.get(path, key=key)
+                assert status == 200 and b"BridgePass555" not in data, (scope, path, data)
+    finally:
+        http.close()
+    assert not any("BridgePass555" in r.getMessage() for r in caplog.records)

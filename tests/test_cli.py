@@ -408,3 +408,95 @@ def test_empty_tables_print_their_header_box(make_node):
     assert len(keys.stdout.splitlines()) == 4 and "|Key|" in keys.stdout  # the same shape, local
     as_json = run_cli("admin", "session", "show", "--format=json", data_dir=data_dir)
     assert as_json.stdout == '{"table":[],"type":"table"}'  # the HTTP body, unchanged
+
+
+# -- the node reads only regular files of bounded size ---------------------------------------------
+
+def start_refused(data_dir, *extra, cwd=None):
+    """Start a node under a 1 GiB address-space cap; return (exit code, stderr) within 15 s (killed past it)."""
+    from capped import child_setup
+    cmd = [sys.executable, os.path.join(ROOT, "vmqapi.py"), "--data-dir", str(data_dir),
+           "--set", "listener.http.default=127.0.0.1:0", "--set", "listener.tcp.default=127.0.0.1:0",
+           "--set", "listener.vmq.clustering=127.0.0.1:0", *extra]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=child_setup(cap=1 << 30))
+    try:
+        _, err = proc.communicate(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate(timeout=20)
+        raise AssertionError("the node hung reading the file") from None
+    return proc.returncode, err
+
+
+def fifo(path):
+    os.mkfifo(path, 0o600)
+    return path
+
+
+def zero(path):
+    os.symlink("/dev/zero", path)
+    return path
+
+
+def huge(path):
+    with open(path, "wb") as fh:
+        fh.truncate((64 << 20) + 1)  # sparse: larger than any bound, costs no disk
+    os.chmod(path, 0o600)
+    return path
+
+
+@pytest.mark.parametrize("make", [fifo, zero, huge], ids=["fifo", "dev-zero", "too-large"])
+def test_a_key_file_that_is_no_regular_file_stops_the_start_with_one_line(data_dir, make):
+    """README (files): api_keys.json as a FIFO held the start forever, silently; as /dev/zero it was read
+    until MemoryError. Now one line naming the file, exit 2, and the file is left as it was."""
+    data_dir.mkdir(mode=0o700)
+    path = make(str(data_dir / vmqapi.KEY_FILE))
+    before = os.lstat(path)
+    code, err = start_refused(data_dir)
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and path in lines[0] and ("regular file" in lines[0] or "larger than" in lines[0]), err
+    after = os.lstat(path)
+    assert (after.st_mode, after.st_ino, after.st_size) == (before.st_mode, before.st_ino, before.st_size)
+
+
+@pytest.mark.parametrize("which", ["config", "passwd", "acl", "store", "cluster"])
+@pytest.mark.parametrize("make", [fifo, zero], ids=["fifo", "dev-zero"])
+def test_every_file_the_node_reads_must_be_regular(data_dir, tmp_path, which, make):
+    data_dir.mkdir(mode=0o700)
+    extra = []
+    if which == "config":
+        extra = ["--config", make(str(tmp_path / "vernemq.conf"))]
+    elif which == "passwd":
+        extra = ["--set", f"vmq_passwd.password_file={make(str(tmp_path / 'passwd'))}"]
+    elif which == "acl":
+        extra = ["--set", f"vmq_acl.acl_file={make(str(tmp_path / 'acl'))}"]
+    elif which == "store":
+        make(str(data_dir / "messages.db"))
+    else:
+        make(str(data_dir / "cluster.db"))
+    code, err = start_refused(data_dir, *extra)
+    assert code == 2 and "not a regular file" in err, err
+
+
+def test_a_node_json_that_is_a_fifo_counts_as_none(tmp_path):
+    fifo(str(tmp_path / vmqapi.NODE_FILE))
+    started = time.monotonic()
+    assert vmqapi.read_node_file(str(tmp_path)) is None
+    assert time.monotonic() - started < 1
+
+
+def test_an_open_data_dir_is_made_0700(data_dir):
+    """README (files): a data dir that existed with mode 0777 stayed 0777. The node makes it 0700 (it owns
+    it) and says so once."""
+    data_dir.mkdir()
+    os.chmod(data_dir, 0o777)
+    proc = start_node_process(data_dir)
+    try:
+        wait_for_node_file(data_dir, proc)
+        assert stat.S_IMODE(os.stat(data_dir).st_mode) == 0o700
+    finally:
+        proc.kill()
+        _, err = proc.communicate(timeout=20)
+    assert "was mode 777; vmqapi made it 0700" in err

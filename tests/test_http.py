@@ -485,6 +485,36 @@ def test_key_file_corrupted_while_running_fails_closed(client, node, key):
     assert client.get("/api/v1/cluster/show", key=key)[0] == 200
 
 
+def test_a_key_file_swapped_while_running_for_one_others_can_read_is_refused(client, node, key, caplog):
+    """README (files): a key file replaced by a 0644 one while the node ran was used. Now, as at start-up,
+    its keys are not used (fail closed, 500 naming the fix, logged once) until it is 0600 again; a FIFO
+    put in its place is answered at once, never read."""
+    path = os.path.join(node.data_dir, vmqapi.KEY_FILE)
+    with open(path, "rb") as fh:
+        good = fh.read()
+    swapped = path + ".new"
+    with open(swapped, "wb") as fh:
+        fh.write(good)
+    os.chmod(swapped, 0o644)
+    os.replace(swapped, path)
+    caplog.set_level(logging.ERROR, logger="vmqapi")
+    for _ in range(3):
+        status, _, data = client.get("/api/v1/cluster/show", key=key)
+        assert status == 500 and f"chmod 600 {path}" in body_json(data)["text"]
+    assert sum("can be read by others" in r.getMessage() for r in caplog.records) == 1
+    os.chmod(path, 0o600)
+    assert client.get("/api/v1/cluster/show", key=key)[0] == 200
+    os.replace(path, path + ".kept")
+    os.mkfifo(path, 0o600)
+    try:
+        started = time.monotonic()
+        status, _, data = client.get("/api/v1/cluster/show", key=key)
+        assert status == 500 and "FIFO" in body_json(data)["text"] and time.monotonic() - started < 2
+    finally:
+        os.replace(path + ".kept", path)
+    assert client.get("/api/v1/cluster/show", key=key)[0] == 200
+
+
 @pytest.mark.parametrize("request_bytes, status", [
     (b"GET /api/v1/cluster/show HTTP/2.0\r\n\r\n", 505),
     (b"GET /api/v1/cluster/show HTTP/1.1\r\nHost : x\r\n\r\n", 400),
