@@ -2893,8 +2893,9 @@ def connack_properties(config: Config, client: Connection, p: Connect, assigned_
         props.append(("server_keep_alive", client.keepalive))  # MQTT 5.0 3.2.2.3.14
     if client.receive_max_in < 65535:
         props.append(("receive_maximum", client.receive_max_in))
-    if config["max_message_size"]:
-        props.append(("maximum_packet_size", config["max_message_size"]))
+    largest = min(n for n in (config["max_message_size"], config["partial_packet_budget"]) if n)
+    if largest < MAX_REMAINING_LENGTH:  # a packet over partial_packet_budget is cut off however big max_message_size
+        props.append(("maximum_packet_size", largest))
     if client.alias_max_in:
         props.append(("topic_alias_maximum", client.alias_max_in))
     return tuple(props)

@@ -477,3 +477,20 @@ def test_retain_delete_expired_deletes_retained_messages_whose_expiry_passed(con
         http.close()
     assert status == 200 and body_json(data) == {"table": [{"expired": 1}], "type": "table"}
     assert sorted(r["topic"] for r in node.retained_rows()) == ["keep/long", "keep/plain"]
+
+
+def test_connack_says_the_largest_packet_the_defaults_let_in(make_node):
+    """max_message_size 0 means the protocol's limit, but one packet over partial_packet_budget is cut
+    off anyway: an MQTT 5 client is told the smaller of the two (MQTT 5.0 3.2.2.3.6)."""
+    node = make_node()
+    c = MqttClient(mqtt_port(node), version=5)
+    try:
+        assert props(c.connect("sizes"))["maximum_packet_size"] == node.config["partial_packet_budget"]
+    finally:
+        c.close()
+    small = make_node(max_message_size="4096")
+    c = MqttClient(mqtt_port(small), version=5)
+    try:
+        assert props(c.connect("sizes"))["maximum_packet_size"] == 4096
+    finally:
+        c.close()
