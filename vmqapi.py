@@ -190,10 +190,10 @@ DATA_DIR_ENV = "VMQAPI_DATA_DIR"  # the data dir when --data-dir is not given (t
 COLUMNS_HEADER = "x-vmqapi-columns"  # an empty table's columns, for the CLI's box (the JSON has none)
 KEY_ALPHABET = string.ascii_letters + string.digits  # VerneMQ: [A-Za-z0-9]
 DEFAULT_KEY_LENGTH = 32  # VerneMQ vmq_auth_apikey: max(32, min_apikey_length)
-HASHED_PREFIX_LENGTH = 6  # SPEC 4: hashed keys show their first 6 characters
-SCOPES = ("mgmt", "mgmt_ro", "status", "metrics", "health", "api2", "httppub")  # SPEC 4, 11
+HASHED_PREFIX_LENGTH = 6  # README, "API keys": hashed keys show their first 6 characters
+SCOPES = ("mgmt", "mgmt_ro", "status", "metrics", "health", "api2", "httppub")  # README, "API keys"
 SECRET_HEADER = "x-vmqapi-node-secret"  # the CLI's credential, from node.json
-REALM = 'Basic realm="VerneMQ"'  # SPEC 3 (VerneMQ 1.x form; 2.x sends a malformed one)
+REALM = 'Basic realm="VerneMQ"'  # VerneMQ 1.x form; 2.x sends a malformed one
 ALLOW = "GET, OPTIONS, HEAD, POST"
 CORS_HEADERS = (  # VerneMQ vmq_http_mgmt_api:options/2
     ("Access-Control-Allow-Origin", "*"),
@@ -201,13 +201,13 @@ CORS_HEADERS = (  # VerneMQ vmq_http_mgmt_api:options/2
     ("Access-Control-Allow-Headers", "content-type, authorization"),
     ("Access-Control-Max-Age", "1728000"),
 )
-PATH_ALIASES = {  # SPEC 2 (VerneMQ maps "cluster" to the removed "cluster status")
+PATH_ALIASES = {  # VerneMQ maps "cluster" to the removed "cluster status"
     "sessions": ("session", "show"),
     "listeners": ("listener", "show"),
     "plugins": ("plugin", "show"),
     "cluster": ("cluster", "show"),
 }
-STATUS_KEYS = (  # SPEC 5, node status; VerneMQ vmq_info:node_status/0
+STATUS_KEYS = (  # README, "The command catalogue", node status; VerneMQ vmq_info:node_status/0
     "num_online", "num_offline", "msg_in", "msg_out", "queue_in", "queue_out",
     "queue_drop", "queue_unhandled", "num_subscriptions", "num_retained",
     "matches_local", "matches_remote", "version",
@@ -234,7 +234,7 @@ class VmqError(Exception):
         self.usage = usage
 
     def to_json(self) -> dict:
-        """Return the JSON error body of SPEC section 3."""
+        """Return the JSON error body of README, "The API by example"."""
         body = {"error": self.code, "text": self.text, "type": "error"}
         if self.usage:
             body["usage"] = self.usage
@@ -781,7 +781,7 @@ SETTINGS: tuple[Setting, ...] = (
        "Longest HTTP request line, in bytes; longer ones get 414."),
     _S("listener.max_header_value_length", parse_int_range(64, 65000), 4096,  # its lines: 64 KiB (_MAXLINE)
        "Longest HTTP header value, in bytes (at most 65000); longer ones get 431."),
-    # SPEC 5: the keys set/show/describe work on at run time.
+    # README, "The command catalogue": the keys set/show/describe work on at run time.
     _S("allow_anonymous", parse_flag, None,
        "Let clients connect without credentials. Unset: on while every MQTT listener is on loopback.",
        True),
@@ -871,7 +871,7 @@ SETTINGS: tuple[Setting, ...] = (
     _S("vmq_passwd.password_file", parse_text, "", "Password file of vmq_passwd (empty: none).", True),
     _S("vmq_passwd.password_reload_interval", parse_int_range(0), 10,
        "Seconds between password file reloads (0: never).", True),
-    # -- cluster (SPEC 10) --
+    # -- cluster (README, "Cluster") --
     _S("listener.vmq.clustering", parse_address, ("127.0.0.1", CLUSTER_PORT),
        "Address (ip:port) of the listener other nodes link to (port 0: any free port)."),
     _S("listener.vmqs.clustering", parse_optional_address, None,
@@ -892,7 +892,7 @@ SETTINGS: tuple[Setting, ...] = (
     _S("outgoing_clustering_buffer_size", parse_int_range(0), 10000,
        "Bytes of frames kept for each unreachable peer node; past it frames are dropped (cluster_bytes_dropped)."),
 
-    # -- vmq_bridge (SPEC 11) --
+    # -- vmq_bridge (README, "Bridge") --
 
     _S("plugins.vmq_bridge", parse_flag, False, "Run the bridges configured as vmq_bridge.tcp.<name> and "
        "vmq_bridge.ssl.<name> (VerneMQ's vmq_bridge)."),
@@ -922,7 +922,7 @@ SETTINGS: tuple[Setting, ...] = (
     _S("vmq_bridge.$type.$name.tls_version", parse_tls_versions, ("tlsv1.2",),
        "ssl: tlsv1.2 and/or tlsv1.3, the TLS versions the bridge may use."),
 
-    # -- vmq_webhooks (SPEC 11) --
+    # -- vmq_webhooks (README, "Webhooks") --
 
     _S("plugins.vmq_webhooks", parse_flag, False, "Turn vmq_webhooks on: HTTP endpoints as plugin hooks."),
     _S("vmq_webhooks.$name.hook", parse_text, None, "The hook of webhook <name> (auth_on_register, ...)."),
@@ -1285,7 +1285,7 @@ METRIC_DEFINITIONS: dict[str, tuple[str, str, tuple[LabelSet, ...]]] = {  # Vern
                                "max_retained_bytes.", _NO_LABELS),
     "store_error": ("counter", "The number of message store reads, writes or commits that failed.", _NO_LABELS),
     "tick_error": ("counter", "The number of housekeeping ticks that failed (and were run again).", _NO_LABELS),
-    # -- cluster metrics (SPEC 10) --
+    # -- cluster metrics (README, "Cluster") --
     "cluster_bytes_received": ("counter", "The number of bytes received from other nodes.", _NO_LABELS),
     "cluster_bytes_sent": ("counter", "The number of bytes sent to other nodes.", _NO_LABELS),
     "cluster_bytes_dropped": ("counter", "The number of bytes for other nodes dropped because the node's buffer "
@@ -3049,7 +3049,7 @@ def acl_allows(rules: AclRules, access: str, topic: str, user: str | None, clien
     return False
 
 
-HOOK_NAMES = (  # VerneMQ's plugin hooks (SPEC 9)
+HOOK_NAMES = (  # VerneMQ's plugin hooks (README, "Embedding")
     "auth_on_register", "auth_on_publish", "auth_on_subscribe", "on_register", "on_publish", "on_subscribe",
     "on_unsubscribe", "on_deliver", "on_client_offline", "on_client_gone", "on_offline_message",
     "on_client_wakeup", "on_auth_m5",
@@ -6521,7 +6521,7 @@ class MqttLink(asyncio.Protocol):
 
 
 WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455 1.3
-WS_PATH = "/mqtt"  # SPEC 7
+WS_PATH = "/mqtt"  # README, "The MQTT broker"
 WS_MAX_HANDSHAKE = 8192  # bytes of an opening handshake; a browser's is well under 1 KB
 WS_CLOSE_PROTOCOL, WS_CLOSE_UNSUPPORTED, WS_CLOSE_TOO_BIG = 1002, 1003, 1009  # RFC 6455 7.4.1
 
@@ -7819,7 +7819,7 @@ def _unquote(text: str, plus: bool) -> str:
 
 
 def parse_query(words: Sequence[str], query: str) -> Argv:
-    """Translate path words and a query string into an Argv (SPEC section 2).
+    """Translate path words and a query string into an Argv (README, "How a request becomes a command").
 
     ``k=v`` is an argument, ``--f`` a bare flag, ``--f=v`` a flag with a value,
     ``-x``/``-xV`` a short flag; values may hold ``=``; ``+`` is a space.
@@ -8449,7 +8449,7 @@ def cmd_metrics_reset(call: Call) -> Any:
     return "Done"
 
 
-SESSION_FIELDS = (  # SPEC 5; VerneMQ vmq_info:fields_config/0
+SESSION_FIELDS = (  # README, "The command catalogue"; VerneMQ vmq_info:fields_config/0
     "node", "mountpoint", "client_id", "queue_pid", "queue_size", "session_pid", "is_offline", "is_online",
     "statename", "deliver_mode", "offline_messages", "online_messages", "num_sessions", "clean_session",
     "is_plugin", "queue_started_at", "user", "peer_host", "peer_port", "protocol", "waiting_acks",
@@ -8457,7 +8457,7 @@ SESSION_FIELDS = (  # SPEC 5; VerneMQ vmq_info:fields_config/0
 )
 SUBSCRIPTION_FIELDS = ("topic", "qos", "rap", "no_local")
 MESSAGE_FIELDS = ("msg_ref", "msg_qos", "routing_key", "dup", "payload")
-SECRET_SESSION_FIELDS = ("payload",)  # what a mgmt_ro key may not select or filter on (SPEC 4)
+SECRET_SESSION_FIELDS = ("payload",)  # what a mgmt_ro key may not select or filter on (README, "API keys")
 
 
 def _expand(record: Mapping[str, Any], fields: set[str]) -> list[Mapping[str, Any]]:
@@ -9886,7 +9886,7 @@ class ClusterAdmin:
         self._save()
 
     def leave(self, name: str, kill_sessions: bool, timeout: float) -> str:
-        """Take ``name`` out of the cluster, as VerneMQ's cluster leave (SPEC 10)."""
+        """Take ``name`` out of the cluster, as VerneMQ's cluster leave (README, "Cluster")."""
         members = self.in_loop(self.members)
         if name not in members:
             raise ClusterError(f"{name} is not a member of this cluster")
@@ -12223,7 +12223,7 @@ del _catalogue
 # 26. HTTP: the admin API #####################################################
 ###############################################################################
 # Owns: the admin API's rules (method, auth, command, OPTIONS, Accept, run) as
-#       pure functions from a Request to a Response; /api/v2 and HTTP publish (SPEC 11).
+#       pure functions from a Request to a Response; /api/v2 and HTTP publish (README, "HTTP publish").
 # Must not know: sockets, MQTT internals, the key file's format.
 
 HTTP_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "POST"})
@@ -12256,7 +12256,7 @@ class Response:
 
 
 def error_response(exc: VmqError, extra: Iterable[tuple[str, str]] = ()) -> Response:
-    """Return the JSON error answer of SPEC section 3 for ``exc``."""
+    """Return the JSON error answer of README, "The API by example" for ``exc``."""
     headers = [("Content-Type", JSON_TYPE), *extra]
     if exc.http_status == 401:
         headers.append(("WWW-Authenticate", REALM))
@@ -12405,7 +12405,7 @@ def _openapi_operation(cmd: Command) -> dict:
                           **{code: error for code in ("400", "401", "403", "406", "500")}}}
 
 
-OPENAPI_HTTP_ERRORS = {  # JSON errors the HTTP layer may answer to any request (SPEC 3)
+OPENAPI_HTTP_ERRORS = {  # JSON errors the HTTP layer may answer to any request (README, "The API by example")
     "400": "a request that cannot be read (header lines, Content-Length, a query not UTF-8, Authorization)",
     "413": "a body over listener.max_body_size", "414": "a request line over listener.max_request_line_length",
     "431": "header fields over the listener's limits", "500": "a bug, logged; the node serves on",
@@ -12432,7 +12432,7 @@ def _openapi_answers(texts: Iterable[tuple[int, str]], errors: Mapping[str, str]
 
 
 def _openapi_plugin_paths() -> dict:
-    """Return the OpenAPI paths of /api/v2 and HTTP publish (SPEC 11), which are not commands."""
+    """Return the OpenAPI paths of /api/v2 and HTTP publish, which are not commands."""
     def query(name: str, doc: str, required: bool = False, empty: bool = False) -> dict:
         return {"name": name, "in": "query", "required": required, "description": doc,
                 "allowEmptyValue": empty, "schema": {"type": "string"}}
@@ -12532,7 +12532,7 @@ def slow_command_slot(node: Any, command: Command, wants_help: bool = False) -> 
 
 
 def serve_api(node: Any, req: Request, rest: str, query: str) -> Response:
-    """Answer /api/v1: method, auth, command, OPTIONS, Accept, run (SPEC section 3)."""
+    """Answer /api/v1: method, auth, command, OPTIONS, Accept, run (README, "The API by example")."""
     if req.method in REFUSED_METHODS:
         raise MethodNotAllowed(f"{req.method} is not allowed; use GET, HEAD, POST or OPTIONS")
     if req.method not in HTTP_METHODS:
@@ -12564,7 +12564,7 @@ def serve_api(node: Any, req: Request, rest: str, query: str) -> Response:
     return Response(200, tuple(headers), body, tuple(call.after))
 
 
-# -- HTTP publish (vmq_http_pub) and API v2 (vmq_http_v2_api), SPEC 11 ---------------------------
+# -- HTTP publish (vmq_http_pub) and API v2 (vmq_http_v2_api) --------------------------------------
 
 HTTP_PUB_ALLOW = "PUT, POST"  # VerneMQ vmq_http_pub:allowed_methods/2
 API_V2_ALLOW = "GET, OPTIONS, HEAD"  # VerneMQ vmq_http_v2_api:allowed_methods/2
@@ -12721,7 +12721,7 @@ def publish_answer(reason: str, detail: str = "") -> Response:
 
 
 def serve_http_pub(node: Any, req: Request, rest: str, query: str) -> Response:
-    """Answer POST/PUT /restmqtt/api/v1/publish: publish as an MQTT client would (SPEC 11)."""
+    """Answer POST/PUT /restmqtt/api/v1/publish: publish as an MQTT client would (README, "HTTP publish")."""
     if rest:
         raise NotFound(f"no endpoint at /restmqtt/api/v1/publish/{rest}")
     if req.method not in HTTP_PUB_ALLOW.split(", "):
@@ -12766,7 +12766,7 @@ API_V2_COMMANDS = {  # name: (answer, its flag, whether it changes the node)
 
 
 def serve_api_v2(node: Any, req: Request, rest: str, query: str) -> Response:
-    """Answer GET /api/v2/client and /api/v2/disconnect (VerneMQ vmq_http_v2_api, SPEC 11)."""
+    """Answer GET /api/v2/client and /api/v2/disconnect (VerneMQ vmq_http_v2_api)."""
     if req.method in ("POST", *REFUSED_METHODS):
         exc = MethodNotAllowed(f"{req.method} is not allowed here; use GET, HEAD or OPTIONS")
         exc.allow = API_V2_ALLOW
@@ -12803,7 +12803,7 @@ def serve_api_v2(node: Any, req: Request, rest: str, query: str) -> Response:
 # Must not know: sockets, MQTT internals (it reads the metrics registry and the node).
 
 PROMETHEUS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-STATUS_GAUGES = {  # SPEC 6 [better]: the status page's numbers as gauges too
+STATUS_GAUGES = {  # README, "Monitoring" [better]: the status page's numbers as gauges too
     "num_online": "Sessions with a connected client.",
     "num_offline": "Persistent sessions without a connected client.",
     "msg_in": "PUBLISH packets received (mqtt_publish_received).",
@@ -13530,7 +13530,7 @@ class HttpHandler(http.server.BaseHTTPRequestHandler):
     The head reaches http.server's parser through _HeadReader, which keeps http_max_header_bytes
     and the node's http_max_unfinished_bytes while it reads; listener.max_* are checked on what
     http.server parsed, http_request_timeout on every read. Every error is the JSON answer of
-    SPEC section 3.
+    README, "The API by example".
     """
 
     protocol_version = "HTTP/1.1"  # keep-alive, 100-continue

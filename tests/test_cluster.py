@@ -1,4 +1,4 @@
-"""A cluster of real nodes on loopback: join, replication, routing, sessions, netsplits, leave (SPEC 10)."""
+"""A cluster of real nodes on loopback: join, replication, routing, sessions, netsplits, leave (README, "Cluster")."""
 
 from __future__ import annotations
 

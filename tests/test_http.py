@@ -1,4 +1,4 @@
-"""The HTTP admin API: SPEC sections 2-3, over the pure function and over real sockets."""
+"""The HTTP admin API: the README's "The API by example", over the pure function and over real sockets."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""HTTP publish (vmq_http_pub) and API v2 (vmq_http_v2_api) over real sockets (SPEC 11)."""
+"""HTTP publish (vmq_http_pub) and API v2 (vmq_http_v2_api) over real sockets (README, "HTTP publish")."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Webhooks (vmq_webhooks, SPEC 11) against a real HTTP endpoint in the test process."""
+"""Webhooks (vmq_webhooks, README "Webhooks") against a real HTTP endpoint in the test process."""
 
 from __future__ import annotations
 
