@@ -1144,6 +1144,13 @@ def require_regular_file(path: str, what: str) -> None:
         raise FileRefused(f"{what} {path} is {file_kind(mode)}, not a regular file; vmqapi left it alone")
 
 
+def require_tls_files(options: Mapping[str, Any]) -> None:
+    """Raise FileRefused when a certfile, keyfile or cafile is no regular file: OpenSSL would wait on a FIFO."""
+    for option in ("certfile", "keyfile", "cafile"):
+        if options.get(option):
+            require_regular_file(options[option], f"the {option}")
+
+
 def _read_config_file(path: str) -> dict[str, Any]:
     """Read ``key = value`` lines with ``#`` comments; report errors by file and line."""
     try:
@@ -6772,6 +6779,7 @@ class WsLink(asyncio.Protocol):
 
 def tls_context(options: Mapping[str, Any]) -> ssl.SSLContext:
     """Build a server TLS context from a listener's certfile, keyfile, cafile, versions and ciphers."""
+    require_tls_files(options)
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = TLS_VERSIONS[min(options["tls_version"])]
     ctx.load_cert_chain(options["certfile"], options["keyfile"] or None)
@@ -8912,6 +8920,7 @@ def cluster_tls_contexts(config: Config) -> tuple[ssl.SSLContext | None, ssl.SSL
     if not opts["certfile"] or not opts["cafile"]:
         raise ConfigError("listener.vmqs.clustering needs listener.vmqs.certfile and listener.vmqs.cafile: "
                           "nodes show each other certificates from that CA")
+    require_tls_files(opts)
     contexts = []
     try:
         for purpose in (ssl.PROTOCOL_TLS_SERVER, ssl.PROTOCOL_TLS_CLIENT):
@@ -10709,6 +10718,7 @@ def bridge_tls_context(spec: BridgeSpec) -> ssl.SSLContext:
     ctx.minimum_version = TLS_VERSIONS[min(options["tls_version"])]
     ctx.maximum_version = TLS_VERSIONS[max(options["tls_version"])]
     option, path = ("cafile", options["cafile"]) if options["cafile"] else ("certfile", options["certfile"])
+    require_tls_files(options)
     try:
         if options["cafile"]:
             ctx.load_verify_locations(options["cafile"])
@@ -13332,8 +13342,8 @@ class UnfinishedRequests:
 
     def hold(self, handler: HttpHandler, n: int) -> None:
         """Count ``n`` more bytes for ``handler``; past the budget evict the biggest holders."""
-        budget, victims = self._budget(), []
-        with self._lock:
+        budget = self._budget()
+        with self._lock:  # evicted under the lock: a request released meanwhile (read whole) is never cut
             self._held[handler] = self._held.get(handler, 0) + n
             self.total += n
             if self.total > budget:
@@ -13342,9 +13352,7 @@ class UnfinishedRequests:
                         break
                     self.total -= held
                     del self._held[holder]
-                    victims.append(holder)
-        for holder in victims:
-            holder.evict()
+                    holder.evict()
 
     def release(self, handler: HttpHandler) -> None:
         """Forget what ``handler`` held: its request is read (or given up)."""
