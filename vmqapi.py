@@ -148,7 +148,7 @@ import urllib.parse
 import urllib.request
 import zlib
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Coroutine, Iterable, Mapping, Sequence
 
 try:  # POSIX advisory locks; Windows falls back to msvcrt below.
     import fcntl
@@ -9072,27 +9072,31 @@ class PeerLink(asyncio.Protocol):
         if self.dialer:
             self.write(K_HELLO, encode_hello(self.nonce, self.links.me, self.probe is not None))
         elif self.links.server_tls is not None:
-            self.links.loop.create_task(self._start_tls(transport))  # once admitted: it counts as pending
+            self.links.spawn(self._start_tls(transport))  # once admitted: it counts as pending
 
     async def _start_tls(self, raw: asyncio.Transport) -> None:
         """Run the listener's TLS handshake on an admitted connection (within the handshake's deadline)."""
         self.in_tls = True
+        tls: asyncio.Transport | None = None
+        why: BaseException | str = "closed"
         try:
             tls = await self.links.loop.start_tls(raw, self, self.links.server_tls, server_side=True,
                                                   ssl_handshake_timeout=self.links.handshake_timeout)
         except (OSError, ssl.SSLError, asyncio.TimeoutError, ConnectionError) as exc:
-            raw.abort()
-            if self.stage is not LinkStage.CLOSED:
-                self.stage = LinkStage.CLOSED
-                self._cancel_timers()
-                log.info("closing cluster link %s: TLS handshake failed: %s", self.describe(), exc or "closed")
-                self.links.lost(self, "TLS handshake failed")
-            return
+            why = exc or why
         self.in_tls = False
-        if self.stage is LinkStage.CLOSED:
-            tls.abort()
-        else:
+        # start_tls gives None when the raw transport was closed under it (evict, the handshake deadline).
+        if tls is not None and self.stage is not LinkStage.CLOSED:
             self.transport = tls  # type: ignore[assignment]
+            return
+        for transport in (tls, raw):
+            if transport is not None:
+                transport.abort()
+        if self.stage is not LinkStage.CLOSED:
+            self.stage = LinkStage.CLOSED
+            self._cancel_timers()
+            log.info("closing cluster link %s: TLS handshake failed: %s", self.describe(), why)
+            self.links.lost(self, "TLS handshake failed")
 
     def _handshake_timeout(self) -> None:
         self.timer = None
@@ -9340,6 +9344,7 @@ class ClusterLinks:
         self._server: asyncio.base_events.Server | None = None
         self._tick_handle: asyncio.TimerHandle | None = None
         self._closed = False
+        self.tasks: set[asyncio.Task[None]] = set()  # kept until done: the loop holds only weak references
         # Counted in the loop thread without a lock; Metrics reads (and resets) them there, as the broker's.
         self.counters: dict[tuple[str, LabelSet], int] = dict.fromkeys((CLUSTER_RECEIVED, CLUSTER_SENT,
                                                                          CLUSTER_DROPPED), 0)
@@ -9461,12 +9466,25 @@ class ClusterLinks:
                 link.close("shutdown")
         for link in list(self.pending) + list(self.probes):
             link.abort()
+        for task in list(self.tasks):
+            task.cancel()
         if self._server is not None:
             with contextlib.suppress(asyncio.TimeoutError):  # since 3.12 it waits for the connections too
                 await asyncio.wait_for(self._server.wait_closed(), 2)
         await asyncio.sleep(0)
 
     # -- used by PeerLink --
+
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Run ``coro`` as a task kept until done; an exception it raises is logged in one line."""
+        task = self.loop.create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self.tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("cluster links: a task failed: %r", task.exception())
 
     def admit(self, link: PeerLink) -> bool:
         """Count an incoming connection in its handshake; past max_pending, close others for it (_trim)."""

@@ -6,6 +6,7 @@ Every test runs its ClusterLinks on one asyncio loop of its own, on 127.0.0.1 po
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import shutil
@@ -405,6 +406,31 @@ def test_strangers_in_their_tls_handshake_count_among_the_pending_ones(pki):
             writer.close()
         await closing(a, b)
     run(main())
+
+
+def test_strangers_closed_in_their_tls_handshake_leave_no_traceback(pki, caplog):
+    """A stranger closed mid-TLS-handshake (evicted, or at the handshake deadline) left a task whose
+    exception was never retrieved: one logged traceback per stranger."""
+    async def main():
+        errors = []
+        asyncio.get_running_loop().set_exception_handler(lambda loop, ctx: errors.append(ctx.get("message")))
+        server, client = vmqapi.cluster_tls_contexts(tls_config(pki))
+        b = make("b", server_tls=server, client_tls=client, handshake_timeout=0.5, max_pending=4)
+        await b.listen("127.0.0.1", 0)
+        strangers = [await raw(b.bound[1]) for _ in range(12)]  # past 4 pending: evicted mid-TLS; the rest time out
+        await until(lambda: not b.pending, timeout=3)
+        await asyncio.sleep(0.1)
+        gc.collect()  # an unretrieved exception is reported when its task is collected
+        for _, writer in strangers:
+            writer.close()
+        await closing(b)
+        gc.collect()
+        await asyncio.sleep(0)
+        return errors
+    with caplog.at_level(logging.DEBUG):
+        errors = asyncio.run(asyncio.wait_for(main(), 30))
+    assert errors == []
+    assert not [r for r in caplog.records if r.exc_info or "never retrieved" in r.getMessage()]
 
 
 # -- configuration --
