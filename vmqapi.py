@@ -570,6 +570,7 @@ def parse_optional_address(text: str) -> tuple[str, int] | None:
 
 CLUSTER_PORT = 44053  # VerneMQ: the port of listener.vmq.clustering, and of cluster join's discovery-node
 WELL_KNOWN_COOKIE = "vmq"  # VerneMQ's default distributed_cookie: known to everyone, so refused as a cookie
+COOKIE_MIN_LENGTH = 16  # characters of a cookie: a shorter one is guessed (the made one has 43)
 CLUSTER_HANDSHAKE_TIMEOUT = 5  # seconds to finish the handshake (TLS included): cluster_handshake_timeout
 CLUSTER_MAX_UNAUTHENTICATED = 64  # incoming connections in their handshake at once: cluster_max_pending_handshakes
 COOKIE_ENV = "VMQAPI_DISTRIBUTED_COOKIE"  # a cookie given by the environment (never on a command line)
@@ -609,10 +610,20 @@ def _is_ip(host: str) -> bool:
 
 
 def parse_cookie(text: str) -> str:
-    """Parse ``distributed_cookie``: any secret but VerneMQ's well-known default (empty: none given)."""
+    """Parse ``distributed_cookie``: a secret that check_cookie takes (empty: none given)."""
     value = parse_text(text)
+    return check_cookie(value) if value else ""
+
+
+def check_cookie(value: str) -> str:
+    """Return ``value`` if it can be the cluster's cookie, wherever it came from; raise ValueError if it is
+    empty (an empty HMAC key), VerneMQ's well-known default or shorter than COOKIE_MIN_LENGTH."""
+    if not value:
+        raise ValueError(f"the cookie is empty: {COOKIE_HINT}")
     if value == WELL_KNOWN_COOKIE:
         raise ValueError(f"{WELL_KNOWN_COOKIE!r} is VerneMQ's well-known default, not a secret: {COOKIE_HINT}")
+    if len(value) < COOKIE_MIN_LENGTH:
+        raise ValueError(f"the cookie has {len(value)} characters, fewer than {COOKIE_MIN_LENGTH}: {COOKIE_HINT}")
     return value
 
 
@@ -880,7 +891,8 @@ SETTINGS: tuple[Setting, ...] = (
     _S("distributed_cookie", parse_cookie, "",
        "The cluster's shared secret: nodes prove it to each other by HMAC challenge and never send it. Empty: "
        "distributed_cookie_file, else the environment variable VMQAPI_DISTRIBUTED_COOKIE, else the random one "
-       "the node makes in DATA_DIR/cookie at its first start. vmq (VerneMQ's default) is refused.", secret=True),
+       "the node makes in DATA_DIR/cookie at its first start. Wherever it is given, vmq (VerneMQ's default), an "
+       "empty one and one shorter than 16 characters are refused.", secret=True),
     _S("distributed_cookie_file", parse_text, "",
        "File holding the cookie (its first line; readable by its owner only, as Erlang's .erlang.cookie), used "
        "when distributed_cookie is empty: copy one node's DATA_DIR/cookie to give the others the same."),
@@ -8953,8 +8965,8 @@ def read_cookie_file(path: str) -> str:
         data = fh.read(COOKIE_MAX_BYTES + 1)
     try:
         lines = data.decode("utf-8").splitlines()
-        return parse_cookie(lines[0]) if lines and lines[0].strip() else ""
-    except (UnicodeDecodeError, ValueError) as exc:
+        return parse_text(lines[0]) if lines else ""  # load_cookie checks it
+    except UnicodeDecodeError as exc:
         raise ConfigError(f"the cookie file {path}: {exc}") from None
 
 
@@ -8971,31 +8983,30 @@ def load_cookie(config: Config, data_dir: str, environ: Mapping[str, str]) -> tu
     """Return (cookie, where it came from): distributed_cookie, else distributed_cookie_file, else the
     environment's VMQAPI_DISTRIBUTED_COOKIE, else DATA_DIR/cookie (made at the first start).
 
-    Raise ConfigError for an unusable one (VerneMQ's well-known vmq, a file others can read, ...).
+    Raise ConfigError for an unusable one (see check_cookie; a file others can read, ...).
     """
+    cookie, where = _find_cookie(config, data_dir, environ)
+    try:
+        return check_cookie(cookie), where
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def _find_cookie(config: Config, data_dir: str, environ: Mapping[str, str]) -> tuple[str, str]:
     if config["distributed_cookie"]:
         return config["distributed_cookie"], "distributed_cookie"
     named = config["distributed_cookie_file"]
     if named:
-        return _some_cookie(read_cookie_file(named), named), f"distributed_cookie_file {named}"
+        return read_cookie_file(named), f"distributed_cookie_file {named}"
     if environ.get(COOKIE_ENV, "").strip():
-        try:
-            return parse_cookie(environ[COOKIE_ENV]), COOKIE_ENV
-        except ValueError as exc:
-            raise ConfigError(f"{COOKIE_ENV}: {exc}") from None
+        return parse_text(environ[COOKIE_ENV]), COOKIE_ENV
     path = os.path.join(data_dir, COOKIE_FILE)
     if os.path.lexists(path):
-        return _some_cookie(read_cookie_file(path), path), path
+        return read_cookie_file(path), f"the cookie file {path}"
     try:
         return make_cookie_file(path), f"{path}, made now (give the other nodes of a cluster the same)"
     except OSError as exc:
         raise ConfigError(f"cannot make the cookie file {path}: {exc.strerror}") from None
-
-
-def _some_cookie(cookie: str, path: str) -> str:
-    if not cookie:
-        raise ConfigError(f"the cookie file {path} is empty: {COOKIE_HINT}")
-    return cookie
 
 
 class LinkStage(enum.Enum):

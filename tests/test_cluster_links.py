@@ -20,7 +20,7 @@ from hypothesis import given, settings, strategies as st
 
 import vmqapi
 
-COOKIE = "s3cret-cookie"
+COOKIE = "s3cret-cookie-of-the-tests"
 
 
 class Recorder:
@@ -443,7 +443,7 @@ def test_the_cluster_config_is_checked(pki):
         with pytest.raises(vmqapi.InvalidValue, match="distributed_cookie_file"):  # refused wherever it is
             vmqapi.Config(values)
     check(vmqapi.Config({"listener.vmq.clustering": "0.0.0.0:44053"}))  # no cookie given: the node makes one
-    check(vmqapi.Config({"listener.vmq.clustering": "0.0.0.0:44053", "distributed_cookie": "s3cret"}))
+    check(vmqapi.Config({"listener.vmq.clustering": "0.0.0.0:44053", "distributed_cookie": "s3cret-of-sixteen"}))
     with pytest.raises(vmqapi.ConfigError, match="listener.vmqs.certfile"):
         check(vmqapi.Config({"listener.vmqs.clustering": "127.0.0.1:0"}))
     with pytest.raises(vmqapi.ConfigError, match="cannot load"):
