@@ -9366,6 +9366,9 @@ class ClusterLinks:
         sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if sock.family == socket.AF_INET6 and hasattr(socket, "IPV6_V6ONLY"):
+                # as create_server does: a listener on :: takes IPv6 only, IPv4 needs its own address
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             sock.bind((host, port))
             # TLS starts once a connection is admitted (PeerLink._start_tls), so that a stranger's TLS
             # handshake counts among the pending ones too.

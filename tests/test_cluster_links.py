@@ -433,6 +433,35 @@ def test_strangers_closed_in_their_tls_handshake_leave_no_traceback(pki, caplog)
     assert not [r for r in caplog.records if r.exc_info or "never retrieved" in r.getMessage()]
 
 
+def test_a_cluster_listener_on_an_ipv6_address_takes_ipv6_only(monkeypatch):
+    """create_server set IPV6_V6ONLY; the listener's own socket did not, so one on :: took IPv4 too. The
+    wildcard bind is moved to ::1 (loopback only); the option is read as it was when bind was called."""
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 here")
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError as exc:
+        pytest.skip(f"no IPv6 loopback here: {exc}")
+    seen = []
+
+    class Socket(socket.socket):
+        def bind(self, address):
+            if self.family == socket.AF_INET6 and address[0] == "::":
+                seen.append(self.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY))
+                address = ("::1", *address[1:])
+            return super().bind(address)
+
+    monkeypatch.setattr(vmqapi.socket, "socket", Socket)
+
+    async def main():
+        b = make("b")
+        await b.listen("::", 0)
+        await closing(b)
+    run(main())
+    assert seen == [1]
+
+
 # -- configuration --
 
 def test_the_cluster_config_is_checked(pki):
