@@ -630,6 +630,15 @@ def check_cookie(value: str) -> str:
 CLUSTER_TLS_OPTIONS = ("certfile", "keyfile", "cafile", "tls_version")  # what listener.vmqs[.clustering] takes
 
 
+def parse_origins(text: str) -> tuple[str, ...]:
+    """Parse ``websocket_allowed_origins``: a comma list of scheme://host[:port] (empty: none)."""
+    origins = tuple(o.strip().lower().rstrip("/") for o in text.split(",") if o.strip())
+    for origin in origins:
+        if not re.fullmatch(r"https?://[^/\s]+", origin):
+            raise ValueError(f"expected origins as http(s)://host[:port], got {origin!r}")
+    return origins
+
+
 def parse_versions(text: str) -> tuple[int, ...]:
     """Parse ``allowed_protocol_versions``: a comma list of 3 (MQTT 3.1), 4 (3.1.1) and 5 (5.0)."""
     versions = tuple(sorted({parse_int_range(3, 5)(v) for v in text.split(",") if v.strip()}))
@@ -782,6 +791,10 @@ SETTINGS: tuple[Setting, ...] = (
        "one is the minimum."),
     _S("listener.ciphers", parse_text, "", "OpenSSL cipher list of a TLS listener (empty: OpenSSL's default)."),
     _S("max_ws_frame_size", parse_int_range(2, 268435456), 268435456, "Largest WebSocket frame accepted, in bytes."),
+    _S("websocket_allowed_origins", parse_origins, (),
+       "Comma list of origins (scheme://host:port) whose pages may open an MQTT WebSocket (EMQX's "
+       "websocket.check_origins). Empty: a handshake with an Origin header is taken only from the node's own "
+       "host and port (its Host header); one without (MQTT libraries outside browsers) is taken."),
     _S("listener.max_body_size", parse_int_range(0, 1 << 24), 65536,
        "Largest HTTP request body (a POST form of arguments), in bytes; larger ones get 413."),
     _S("listener.max_headers", parse_int_range(1, 100), 100,  # http.server's parser stops at 100 (_MAXHEADERS)
@@ -6580,8 +6593,13 @@ def ws_decode(buf: bytes, pos: int, max_size: int) -> tuple[int, bool, bytes, in
     return opcode, fin, payload, i + 4 + n
 
 
-def ws_handshake(request: bytes) -> tuple[bytes, bool]:
-    """Answer an opening handshake: (response bytes, accepted) (RFC 6455 4.2)."""
+def ws_handshake(request: bytes, allowed_origins: tuple[str, ...] = ()) -> tuple[bytes, bool]:
+    """Answer an opening handshake: (response bytes, accepted) (RFC 6455 4.2).
+
+    A browser sends Origin with every handshake, and its page is not the user: another site's page
+    could publish and subscribe through a local listener with the anonymous access of loopback.
+    Only the node's own origin and ``allowed_origins`` are taken (RFC 6455 10.2).
+    """
     lines = request.decode("iso-8859-1").split("\r\n")
     words = lines[0].split()
     headers = {}
@@ -6597,9 +6615,20 @@ def ws_handshake(request: bytes) -> tuple[bytes, bool]:
             or headers.get("sec-websocket-version") != "13" or len(key) != 24 or "mqtt" not in protocols:
         return (b"HTTP/1.1 400 Bad Request\r\nSec-WebSocket-Version: 13\r\nContent-Length: 0\r\n"
                 b"Connection: close\r\n\r\n"), False
+    origin = headers.get("origin")
+    if origin is not None and not ws_origin_allowed(origin, headers.get("host", ""), allowed_origins):
+        return b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\nConnection: close\r\n\r\n", False
     accept = base64.b64encode(hashlib.sha1(key.encode() + WS_GUID).digest()).decode()
     return (f"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
             f"Sec-WebSocket-Accept: {accept}\r\nSec-WebSocket-Protocol: mqtt\r\n\r\n").encode(), True
+
+
+def ws_origin_allowed(origin: str, host: str, allowed: tuple[str, ...]) -> bool:
+    """Whether a page of ``origin`` may open a WebSocket to the node reached as ``host`` (its Host header)."""
+    origin = origin.strip().lower()
+    scheme, sep, netloc = origin.partition("://")
+    own = sep and scheme in ("http", "https") and netloc and netloc == host.strip().lower()
+    return bool(own) or origin in allowed
 
 
 class WsTransport:
@@ -6684,7 +6713,8 @@ class WsLink(asyncio.Protocol):
                                  b"Connection: close\r\n\r\n")
             self.transport.close()
             return False
-        answer, self.open = ws_handshake(bytes(self.buffer[:end]))
+        allowed = self.io.settings()["websocket_allowed_origins"]
+        answer, self.open = ws_handshake(bytes(self.buffer[:end]), allowed)
         self.transport.write(answer)
         if not self.open:
             self.transport.close()
