@@ -148,7 +148,7 @@ import urllib.parse
 import urllib.request
 import zlib
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Coroutine, Iterable, Mapping, Sequence
 
 try:  # POSIX advisory locks; Windows falls back to msvcrt below.
     import fcntl
@@ -570,6 +570,7 @@ def parse_optional_address(text: str) -> tuple[str, int] | None:
 
 CLUSTER_PORT = 44053  # VerneMQ: the port of listener.vmq.clustering, and of cluster join's discovery-node
 WELL_KNOWN_COOKIE = "vmq"  # VerneMQ's default distributed_cookie: known to everyone, so refused as a cookie
+COOKIE_MIN_LENGTH = 16  # characters of a cookie: a shorter one is guessed (the made one has 43)
 CLUSTER_HANDSHAKE_TIMEOUT = 5  # seconds to finish the handshake (TLS included): cluster_handshake_timeout
 CLUSTER_MAX_UNAUTHENTICATED = 64  # incoming connections in their handshake at once: cluster_max_pending_handshakes
 COOKIE_ENV = "VMQAPI_DISTRIBUTED_COOKIE"  # a cookie given by the environment (never on a command line)
@@ -609,14 +610,33 @@ def _is_ip(host: str) -> bool:
 
 
 def parse_cookie(text: str) -> str:
-    """Parse ``distributed_cookie``: any secret but VerneMQ's well-known default (empty: none given)."""
+    """Parse ``distributed_cookie``: a secret that check_cookie takes (empty: none given)."""
     value = parse_text(text)
+    return check_cookie(value) if value else ""
+
+
+def check_cookie(value: str) -> str:
+    """Return ``value`` if it can be the cluster's cookie, wherever it came from; raise ValueError if it is
+    empty (an empty HMAC key), VerneMQ's well-known default or shorter than COOKIE_MIN_LENGTH."""
+    if not value:
+        raise ValueError(f"the cookie is empty: {COOKIE_HINT}")
     if value == WELL_KNOWN_COOKIE:
         raise ValueError(f"{WELL_KNOWN_COOKIE!r} is VerneMQ's well-known default, not a secret: {COOKIE_HINT}")
+    if len(value) < COOKIE_MIN_LENGTH:
+        raise ValueError(f"the cookie has {len(value)} characters, fewer than {COOKIE_MIN_LENGTH}: {COOKIE_HINT}")
     return value
 
 
 CLUSTER_TLS_OPTIONS = ("certfile", "keyfile", "cafile", "tls_version")  # what listener.vmqs[.clustering] takes
+
+
+def parse_origins(text: str) -> tuple[str, ...]:
+    """Parse ``websocket_allowed_origins``: a comma list of scheme://host[:port] (empty: none)."""
+    origins = tuple(o.strip().lower().rstrip("/") for o in text.split(",") if o.strip())
+    for origin in origins:
+        if not re.fullmatch(r"https?://[^/\s]+", origin):
+            raise ValueError(f"expected origins as http(s)://host[:port], got {origin!r}")
+    return origins
 
 
 def parse_versions(text: str) -> tuple[int, ...]:
@@ -771,6 +791,10 @@ SETTINGS: tuple[Setting, ...] = (
        "one is the minimum."),
     _S("listener.ciphers", parse_text, "", "OpenSSL cipher list of a TLS listener (empty: OpenSSL's default)."),
     _S("max_ws_frame_size", parse_int_range(2, 268435456), 268435456, "Largest WebSocket frame accepted, in bytes."),
+    _S("websocket_allowed_origins", parse_origins, (),
+       "Comma list of origins (scheme://host:port) whose pages may open an MQTT WebSocket (EMQX's "
+       "websocket.check_origins). Empty: a handshake with an Origin header is taken only from the node's own "
+       "host and port (its Host header); one without (MQTT libraries outside browsers) is taken."),
     _S("listener.max_body_size", parse_int_range(0, 1 << 24), 65536,
        "Largest HTTP request body (a POST form of arguments), in bytes; larger ones get 413."),
     _S("listener.max_headers", parse_int_range(1, 100), 100,  # http.server's parser stops at 100 (_MAXHEADERS)
@@ -880,7 +904,8 @@ SETTINGS: tuple[Setting, ...] = (
     _S("distributed_cookie", parse_cookie, "",
        "The cluster's shared secret: nodes prove it to each other by HMAC challenge and never send it. Empty: "
        "distributed_cookie_file, else the environment variable VMQAPI_DISTRIBUTED_COOKIE, else the random one "
-       "the node makes in DATA_DIR/cookie at its first start. vmq (VerneMQ's default) is refused.", secret=True),
+       "the node makes in DATA_DIR/cookie at its first start. Wherever it is given, vmq (VerneMQ's default), an "
+       "empty one and one shorter than 16 characters are refused.", secret=True),
     _S("distributed_cookie_file", parse_text, "",
        "File holding the cookie (its first line; readable by its owner only, as Erlang's .erlang.cookie), used "
        "when distributed_cookie is empty: copy one node's DATA_DIR/cookie to give the others the same."),
@@ -6575,8 +6600,13 @@ def ws_decode(buf: bytes, pos: int, max_size: int) -> tuple[int, bool, bytes, in
     return opcode, fin, payload, i + 4 + n
 
 
-def ws_handshake(request: bytes) -> tuple[bytes, bool]:
-    """Answer an opening handshake: (response bytes, accepted) (RFC 6455 4.2)."""
+def ws_handshake(request: bytes, allowed_origins: tuple[str, ...] = ()) -> tuple[bytes, bool]:
+    """Answer an opening handshake: (response bytes, accepted) (RFC 6455 4.2).
+
+    A browser sends Origin with every handshake, and its page is not the user: another site's page
+    could publish and subscribe through a local listener with the anonymous access of loopback.
+    Only the node's own origin and ``allowed_origins`` are taken (RFC 6455 10.2).
+    """
     lines = request.decode("iso-8859-1").split("\r\n")
     words = lines[0].split()
     headers = {}
@@ -6592,9 +6622,20 @@ def ws_handshake(request: bytes) -> tuple[bytes, bool]:
             or headers.get("sec-websocket-version") != "13" or len(key) != 24 or "mqtt" not in protocols:
         return (b"HTTP/1.1 400 Bad Request\r\nSec-WebSocket-Version: 13\r\nContent-Length: 0\r\n"
                 b"Connection: close\r\n\r\n"), False
+    origin = headers.get("origin")
+    if origin is not None and not ws_origin_allowed(origin, headers.get("host", ""), allowed_origins):
+        return b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\nConnection: close\r\n\r\n", False
     accept = base64.b64encode(hashlib.sha1(key.encode() + WS_GUID).digest()).decode()
     return (f"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
             f"Sec-WebSocket-Accept: {accept}\r\nSec-WebSocket-Protocol: mqtt\r\n\r\n").encode(), True
+
+
+def ws_origin_allowed(origin: str, host: str, allowed: tuple[str, ...]) -> bool:
+    """Whether a page of ``origin`` may open a WebSocket to the node reached as ``host`` (its Host header)."""
+    origin = origin.strip().lower()
+    scheme, sep, netloc = origin.partition("://")
+    own = sep and scheme in ("http", "https") and netloc and netloc == host.strip().lower()
+    return bool(own) or origin in allowed
 
 
 class WsTransport:
@@ -6679,7 +6720,8 @@ class WsLink(asyncio.Protocol):
                                  b"Connection: close\r\n\r\n")
             self.transport.close()
             return False
-        answer, self.open = ws_handshake(bytes(self.buffer[:end]))
+        allowed = self.io.settings()["websocket_allowed_origins"]
+        answer, self.open = ws_handshake(bytes(self.buffer[:end]), allowed)
         self.transport.write(answer)
         if not self.open:
             self.transport.close()
@@ -8962,8 +9004,8 @@ def read_cookie_file(path: str) -> str:
         data = fh.read(COOKIE_MAX_BYTES + 1)
     try:
         lines = data.decode("utf-8").splitlines()
-        return parse_cookie(lines[0]) if lines and lines[0].strip() else ""
-    except (UnicodeDecodeError, ValueError) as exc:
+        return parse_text(lines[0]) if lines else ""  # load_cookie checks it
+    except UnicodeDecodeError as exc:
         raise ConfigError(f"the cookie file {path}: {exc}") from None
 
 
@@ -8980,31 +9022,30 @@ def load_cookie(config: Config, data_dir: str, environ: Mapping[str, str]) -> tu
     """Return (cookie, where it came from): distributed_cookie, else distributed_cookie_file, else the
     environment's VMQAPI_DISTRIBUTED_COOKIE, else DATA_DIR/cookie (made at the first start).
 
-    Raise ConfigError for an unusable one (VerneMQ's well-known vmq, a file others can read, ...).
+    Raise ConfigError for an unusable one (see check_cookie; a file others can read, ...).
     """
+    cookie, where = _find_cookie(config, data_dir, environ)
+    try:
+        return check_cookie(cookie), where
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def _find_cookie(config: Config, data_dir: str, environ: Mapping[str, str]) -> tuple[str, str]:
     if config["distributed_cookie"]:
         return config["distributed_cookie"], "distributed_cookie"
     named = config["distributed_cookie_file"]
     if named:
-        return _some_cookie(read_cookie_file(named), named), f"distributed_cookie_file {named}"
+        return read_cookie_file(named), f"distributed_cookie_file {named}"
     if environ.get(COOKIE_ENV, "").strip():
-        try:
-            return parse_cookie(environ[COOKIE_ENV]), COOKIE_ENV
-        except ValueError as exc:
-            raise ConfigError(f"{COOKIE_ENV}: {exc}") from None
+        return parse_text(environ[COOKIE_ENV]), COOKIE_ENV
     path = os.path.join(data_dir, COOKIE_FILE)
     if os.path.lexists(path):
-        return _some_cookie(read_cookie_file(path), path), path
+        return read_cookie_file(path), f"the cookie file {path}"
     try:
         return make_cookie_file(path), f"{path}, made now (give the other nodes of a cluster the same)"
     except OSError as exc:
         raise ConfigError(f"cannot make the cookie file {path}: {exc.strerror}") from None
-
-
-def _some_cookie(cookie: str, path: str) -> str:
-    if not cookie:
-        raise ConfigError(f"the cookie file {path} is empty: {COOKIE_HINT}")
-    return cookie
 
 
 class LinkStage(enum.Enum):
@@ -9081,27 +9122,31 @@ class PeerLink(asyncio.Protocol):
         if self.dialer:
             self.write(K_HELLO, encode_hello(self.nonce, self.links.me, self.probe is not None))
         elif self.links.server_tls is not None:
-            self.links.loop.create_task(self._start_tls(transport))  # once admitted: it counts as pending
+            self.links.spawn(self._start_tls(transport))  # once admitted: it counts as pending
 
     async def _start_tls(self, raw: asyncio.Transport) -> None:
         """Run the listener's TLS handshake on an admitted connection (within the handshake's deadline)."""
         self.in_tls = True
+        tls: asyncio.Transport | None = None
+        why: BaseException | str = "closed"
         try:
             tls = await self.links.loop.start_tls(raw, self, self.links.server_tls, server_side=True,
                                                   ssl_handshake_timeout=self.links.handshake_timeout)
         except (OSError, ssl.SSLError, asyncio.TimeoutError, ConnectionError) as exc:
-            raw.abort()
-            if self.stage is not LinkStage.CLOSED:
-                self.stage = LinkStage.CLOSED
-                self._cancel_timers()
-                log.info("closing cluster link %s: TLS handshake failed: %s", self.describe(), exc or "closed")
-                self.links.lost(self, "TLS handshake failed")
-            return
+            why = exc or why
         self.in_tls = False
-        if self.stage is LinkStage.CLOSED:
-            tls.abort()
-        else:
+        # start_tls gives None when the raw transport was closed under it (evict, the handshake deadline).
+        if tls is not None and self.stage is not LinkStage.CLOSED:
             self.transport = tls  # type: ignore[assignment]
+            return
+        for transport in (tls, raw):
+            if transport is not None:
+                transport.abort()
+        if self.stage is not LinkStage.CLOSED:
+            self.stage = LinkStage.CLOSED
+            self._cancel_timers()
+            log.info("closing cluster link %s: TLS handshake failed: %s", self.describe(), why)
+            self.links.lost(self, "TLS handshake failed")
 
     def _handshake_timeout(self) -> None:
         self.timer = None
@@ -9349,6 +9394,7 @@ class ClusterLinks:
         self._server: asyncio.base_events.Server | None = None
         self._tick_handle: asyncio.TimerHandle | None = None
         self._closed = False
+        self.tasks: set[asyncio.Task[None]] = set()  # kept until done: the loop holds only weak references
         # Counted in the loop thread without a lock; Metrics reads (and resets) them there, as the broker's.
         self.counters: dict[tuple[str, LabelSet], int] = dict.fromkeys((CLUSTER_RECEIVED, CLUSTER_SENT,
                                                                          CLUSTER_DROPPED), 0)
@@ -9359,6 +9405,9 @@ class ClusterLinks:
         sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if sock.family == socket.AF_INET6 and hasattr(socket, "IPV6_V6ONLY"):
+                # as create_server does: a listener on :: takes IPv6 only, IPv4 needs its own address
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             sock.bind((host, port))
             # TLS starts once a connection is admitted (PeerLink._start_tls), so that a stranger's TLS
             # handshake counts among the pending ones too.
@@ -9470,12 +9519,25 @@ class ClusterLinks:
                 link.close("shutdown")
         for link in list(self.pending) + list(self.probes):
             link.abort()
+        for task in list(self.tasks):
+            task.cancel()
         if self._server is not None:
             with contextlib.suppress(asyncio.TimeoutError):  # since 3.12 it waits for the connections too
                 await asyncio.wait_for(self._server.wait_closed(), 2)
         await asyncio.sleep(0)
 
     # -- used by PeerLink --
+
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Run ``coro`` as a task kept until done; an exception it raises is logged in one line."""
+        task = self.loop.create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self.tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("cluster links: a task failed: %r", task.exception())
 
     def admit(self, link: PeerLink) -> bool:
         """Count an incoming connection in its handshake; past max_pending, close others for it (_trim)."""

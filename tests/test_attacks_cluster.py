@@ -22,7 +22,7 @@ import vmqapi
 from capped import capped_node
 from mqtt_client import MqttClient
 
-COOKIE = "attack-cookie"
+COOKIE = "attack-cookie-of-the-tests"
 NODE = "vmqapi@127.0.0.1"  # the default nodename of a capped node
 EVIL = "evil@127.0.0.1"
 T = vmqapi.encode_term

@@ -145,7 +145,7 @@ def test_join_answers_why_not(make_cluster, make_node):
     assert "already a member" in text_of(body)
     status, body = a.api("cluster/join", discovery_dash_node="nobody@127.0.0.1:1")
     assert status == 200 and "unreachable" in text_of(body)
-    stranger = Member(make_node(**cluster_settings("n9", distributed_cookie="another-cookie")))
+    stranger = Member(make_node(**cluster_settings("n9", distributed_cookie="another-cookie-entirely")))
     status, body = stranger.join(a)
     assert "cookie" in text_of(body)
     assert "n9@127.0.0.1" not in a.running()
@@ -591,10 +591,35 @@ def test_vmq_is_refused_as_a_cookie_wherever_it_is_given(tmp_path, monkeypatch):
         vmqapi.load_cookie(vmqapi.Config({}), data, {})
 
 
+@pytest.mark.parametrize("text", ["", '""', "   ", "short-cookie", '"short-cookie"'])
+def test_an_empty_or_short_cookie_is_refused_wherever_it_is_given(tmp_path, text):
+    """An environment cookie of '""' became an empty HMAC key, as well known as vmq; a short one is guessed."""
+    data = tmp_path / "d"
+    data.mkdir()
+    named = tmp_path / "cookie-file"
+    named.write_text(text + "\n")
+    named.chmod(0o600)
+    (data / vmqapi.COOKIE_FILE).write_text(text + "\n")
+    (data / vmqapi.COOKIE_FILE).chmod(0o600)
+    sources = [({"distributed_cookie_file": str(named)}, {}), ({}, {vmqapi.COOKIE_ENV: text}), ({}, {})]
+    if text.strip() not in ("", '""'):  # an empty distributed_cookie is none given: the sources above are read
+        sources.append(({"distributed_cookie": text}, {}))
+        with pytest.raises(vmqapi.ConfigError, match="fewer than 16"):
+            vmqapi.Config.from_sources(None, [f"distributed_cookie={text}"])
+    for values, env in sources:
+        with pytest.raises((vmqapi.ConfigError, vmqapi.InvalidValue)) as refused:
+            vmqapi.load_cookie(vmqapi.Config(values), str(data), env)
+        line = str(refused.value)
+        assert "\n" not in line and ("is empty" in line or "fewer than 16" in line), line
+        assert "distributed_cookie_file" in line, line  # how to set one
+    assert vmqapi.load_cookie(vmqapi.Config({}), str(data), {vmqapi.COOKIE_ENV: "x" * 16})[0] == "x" * 16
+
+
 def test_a_cookie_file_must_be_small_regular_and_private(tmp_path):
     data = str(tmp_path)
     loose = tmp_path / "loose"
-    loose.write_text("s3cret\n")
+    secret = "s3cret-of-the-file"
+    loose.write_text(secret + "\n")
     loose.chmod(0o644)
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo, 0o600)
@@ -605,12 +630,13 @@ def test_a_cookie_file_must_be_small_regular_and_private(tmp_path):
             vmqapi.load_cookie(vmqapi.Config({"distributed_cookie_file": str(path)}), data, {})
         assert time.monotonic() - started < 1  # a FIFO never holds the start
     loose.chmod(0o600)
-    assert vmqapi.load_cookie(vmqapi.Config({"distributed_cookie_file": str(loose)}), data, {})[0] == "s3cret"
+    assert vmqapi.load_cookie(vmqapi.Config({"distributed_cookie_file": str(loose)}), data, {})[0] == secret
     # the order: distributed_cookie, its file, the environment, the data dir's file
-    env = {vmqapi.COOKIE_ENV: "env"}
-    assert vmqapi.load_cookie(vmqapi.Config({"distributed_cookie": "set"}), data, env)[0] == "set"
-    assert vmqapi.load_cookie(vmqapi.Config({"distributed_cookie_file": str(loose)}), data, env)[0] == "s3cret"
-    assert vmqapi.load_cookie(vmqapi.Config({}), data, env)[0] == "env"
+    env = {vmqapi.COOKIE_ENV: "cookie-of-the-environment"}
+    given = vmqapi.Config({"distributed_cookie": "cookie-of-the-config"})
+    assert vmqapi.load_cookie(given, data, env)[0] == "cookie-of-the-config"
+    assert vmqapi.load_cookie(vmqapi.Config({"distributed_cookie_file": str(loose)}), data, env)[0] == secret
+    assert vmqapi.load_cookie(vmqapi.Config({}), data, env)[0] == "cookie-of-the-environment"
     assert not os.path.exists(tmp_path / vmqapi.COOKIE_FILE)
 
 

@@ -6,6 +6,7 @@ Every test runs its ClusterLinks on one asyncio loop of its own, on 127.0.0.1 po
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import shutil
@@ -19,7 +20,7 @@ from hypothesis import given, settings, strategies as st
 
 import vmqapi
 
-COOKIE = "s3cret-cookie"
+COOKIE = "s3cret-cookie-of-the-tests"
 
 
 class Recorder:
@@ -407,6 +408,60 @@ def test_strangers_in_their_tls_handshake_count_among_the_pending_ones(pki):
     run(main())
 
 
+def test_strangers_closed_in_their_tls_handshake_leave_no_traceback(pki, caplog):
+    """A stranger closed mid-TLS-handshake (evicted, or at the handshake deadline) left a task whose
+    exception was never retrieved: one logged traceback per stranger."""
+    async def main():
+        errors = []
+        asyncio.get_running_loop().set_exception_handler(lambda loop, ctx: errors.append(ctx.get("message")))
+        server, client = vmqapi.cluster_tls_contexts(tls_config(pki))
+        b = make("b", server_tls=server, client_tls=client, handshake_timeout=0.5, max_pending=4)
+        await b.listen("127.0.0.1", 0)
+        strangers = [await raw(b.bound[1]) for _ in range(12)]  # past 4 pending: evicted mid-TLS; the rest time out
+        await until(lambda: not b.pending, timeout=3)
+        await asyncio.sleep(0.1)
+        gc.collect()  # an unretrieved exception is reported when its task is collected
+        for _, writer in strangers:
+            writer.close()
+        await closing(b)
+        gc.collect()
+        await asyncio.sleep(0)
+        return errors
+    with caplog.at_level(logging.DEBUG):
+        errors = asyncio.run(asyncio.wait_for(main(), 30))
+    assert errors == []
+    assert not [r for r in caplog.records if r.exc_info or "never retrieved" in r.getMessage()]
+
+
+def test_a_cluster_listener_on_an_ipv6_address_takes_ipv6_only(monkeypatch):
+    """create_server set IPV6_V6ONLY; the listener's own socket did not, so one on :: took IPv4 too. The
+    wildcard bind is moved to ::1 (loopback only); the option is read as it was when bind was called."""
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 here")
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError as exc:
+        pytest.skip(f"no IPv6 loopback here: {exc}")
+    seen = []
+
+    class Socket(socket.socket):
+        def bind(self, address):
+            if self.family == socket.AF_INET6 and address[0] == "::":
+                seen.append(self.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY))
+                address = ("::1", *address[1:])
+            return super().bind(address)
+
+    monkeypatch.setattr(vmqapi.socket, "socket", Socket)
+
+    async def main():
+        b = make("b")
+        await b.listen("::", 0)
+        await closing(b)
+    run(main())
+    assert seen == [1]
+
+
 # -- configuration --
 
 def test_the_cluster_config_is_checked(pki):
@@ -417,7 +472,7 @@ def test_the_cluster_config_is_checked(pki):
         with pytest.raises(vmqapi.InvalidValue, match="distributed_cookie_file"):  # refused wherever it is
             vmqapi.Config(values)
     check(vmqapi.Config({"listener.vmq.clustering": "0.0.0.0:44053"}))  # no cookie given: the node makes one
-    check(vmqapi.Config({"listener.vmq.clustering": "0.0.0.0:44053", "distributed_cookie": "s3cret"}))
+    check(vmqapi.Config({"listener.vmq.clustering": "0.0.0.0:44053", "distributed_cookie": "s3cret-of-sixteen"}))
     with pytest.raises(vmqapi.ConfigError, match="listener.vmqs.certfile"):
         check(vmqapi.Config({"listener.vmqs.clustering": "127.0.0.1:0"}))
     with pytest.raises(vmqapi.ConfigError, match="cannot load"):

@@ -279,6 +279,28 @@ def test_a_websocket_handshake_over_the_cap_in_one_read_is_refused(make_node):
         assert not answer.startswith(b"HTTP/1.1 101") and answer.startswith(b"HTTP/1.1 431")
 
 
+def test_a_websocket_handshake_from_another_sites_page_is_refused(make_node):
+    """A browser sends Origin with every WebSocket handshake: another site's page could publish and subscribe
+    through a local listener with loopback's anonymous access. Own origin, none, and listed ones are taken."""
+    node = make_node(**{"listener.ws.default": "127.0.0.1:0", "websocket_allowed_origins": "https://Dash.example"})
+    host = f"127.0.0.1:{ws_port(node)}"
+
+    def status(origin):
+        with socket.create_connection(("127.0.0.1", ws_port(node)), timeout=5) as sock:
+            sock.sendall((f"GET /mqtt HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                          f"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+                          f"Sec-WebSocket-Protocol: mqtt\r\n{origin}\r\n").encode())
+            return sock.recv(200).split(b"\r\n")[0]
+    for origin in ("http://evil.example", "null", "http://127.0.0.1:1", f"http://{host}.evil.example",
+                   "https://dash.example:444"):
+        assert status(f"Origin: {origin}\r\n") == b"HTTP/1.1 403 Forbidden", origin
+    for origin in ("", f"Origin: http://{host}\r\n", f"Origin: HTTPS://{host}\r\n",
+                   "Origin: https://dash.example\r\n"):
+        assert status(origin) == b"HTTP/1.1 101 Switching Protocols", origin
+    with pytest.raises(vmqapi.InvalidValue, match="http"):
+        make_node(websocket_allowed_origins="dash.example")
+
+
 def test_a_continuation_frame_with_nothing_to_continue_fails_the_connection(make_node):
     node = make_node(**{"listener.ws.default": "127.0.0.1:0"})
     c = WsMqttClient(ws_port(node))
