@@ -937,7 +937,8 @@ SETTINGS: tuple[Setting, ...] = (
        "Webhook calls at once (each pool of worker threads: auth hooks, notifications), read at start."),
     _S("vmq_webhooks.max_pending_calls", parse_int_range(1), 1000,
        "Packets (CONNECT, PUBLISH, SUBSCRIBE) waiting for auth webhook answers, node-wide; past it a CONNECT is "
-       "refused at once (CONNACK 3, MQTT 5 0x89 Server busy), a PUBLISH or SUBSCRIBE as the endpoint failing.",
+       "refused at once (CONNACK 3, MQTT 5 0x89 Server busy), a PUBLISH or SUBSCRIBE fails for now (MQTT 5 0x97; "
+       "a 3.1.1 QoS 1/2 publisher is disconnected unacknowledged, so it resends).",
        True),
     _S("vmq_webhooks.max_pending_calls_per_hook", parse_int_range(1), 500,
        "Packets waiting for one auth hook (auth_on_register, auth_on_publish, auth_on_subscribe); past it as "
@@ -4743,10 +4744,11 @@ class Engine(Peers):
         self.emit_packet(client, client.dialect.ack(kind, p.packet_id, reason))
         self.counters["mqtt_puback_sent" if kind is Puback else "mqtt_pubrec_sent", reason_labels(reason)] += 1
 
-    def refuse_unsaved(self, client: Connection, p: Publish, text: str = STORE_DOWN) -> None:
-        """Refuse a PUBLISH the node cannot take (the store cannot keep it, or a netsplit).
+    def refuse_unsaved(self, client: Connection, p: Publish, text: str = STORE_DOWN,
+                       reason: int = Reason.UNSPECIFIED_ERROR) -> None:
+        """Refuse a PUBLISH the node cannot take now (the store cannot keep it, a netsplit, busy webhooks).
 
-        MQTT 5 QoS 1/2 hears 0x80 with ``text``, MQTT 3 QoS 1/2 is cut off (it resends), QoS 0 is dropped.
+        MQTT 5 QoS 1/2 hears ``reason`` with ``text``, MQTT 3 QoS 1/2 is cut off (it resends), QoS 0 is dropped.
         """
         self.counters["mqtt_publish_error", ()] += 1
         if not p.qos:
@@ -4754,9 +4756,23 @@ class Engine(Peers):
         if not client.dialect.v5:
             return self.close_client(client)  # 3.1.1 has no negative acknowledgement
         kind = Puback if p.qos == 1 else Pubrec
-        self.emit_packet(client, client.dialect.ack(kind, p.packet_id, Reason.UNSPECIFIED_ERROR, text))
-        self.counters["mqtt_puback_sent" if kind is Puback else "mqtt_pubrec_sent",
-                      reason_labels(Reason.UNSPECIFIED_ERROR)] += 1
+        self.emit_packet(client, client.dialect.ack(kind, p.packet_id, reason, text))
+        self.counters["mqtt_puback_sent" if kind is Puback else "mqtt_pubrec_sent", reason_labels(reason)] += 1
+
+    def refuse_overloaded(self, client: Connection, p: Publish | Subscribe, text: str) -> None:
+        """Refuse a PUBLISH or SUBSCRIBE the node cannot look at now: a temporary failure, never a refusal.
+
+        Acknowledging a PUBLISH would lose it (MQTT 3.1.1 acknowledges refused messages as delivered),
+        and MQTT 5's Not authorized tells the client not to retry: it hears 0x97 Quota exceeded instead.
+        """
+        if type(p) is Publish:
+            self.counters["mqtt_publish_received", client.labels] += 1
+            return self.refuse_unsaved(client, p, text, Reason.QUOTA_EXCEEDED)
+        self.counters["mqtt_subscribe_received", client.labels] += 1
+        self.counters["mqtt_subscribe_error", ()] += len(p.topics)
+        props = (("reason_string", text),) if client.dialect.v5 else ()
+        self.emit_packet(client, Suback(p.packet_id, (client.dialect.subscribe_quota,) * len(p.topics), props))
+        self.counters["mqtt_suback_sent", client.labels] += 1
 
     def publish_properties(self, client: Connection, p: Publish, raw: bytes) -> tuple[str, tuple, float | None, bytes]:
         """Read an MQTT 5 PUBLISH's properties: (topic, properties to pass on, expiry time, raw frame or b"")."""
@@ -11950,19 +11966,20 @@ class Webhooks:
         ticket = self.waiting.put(tuple(name for name, *_ in pending), job, config["vmq_webhooks.max_pending_calls"],
                                   config["vmq_webhooks.max_pending_calls_per_hook"])
         if ticket is None:
-            return self._busy(link, packet, raw, slot, pending)
+            return self._busy(link, packet)
         link.hold(functools.partial(self.waiting.cancel, ticket))
         return False
 
-    def _busy(self, link: Any, packet: Any, raw: bytes, slot: dict, pending: list) -> bool:
-        """Too many packets wait for answers: a CONNECT hears Server busy, others are refused as on a failed call."""
+    def _busy(self, link: Any, packet: Any) -> bool:
+        """Too many packets wait for answers: a CONNECT hears Server busy, a PUBLISH or SUBSCRIBE fails for now."""
         self.metrics.incr("webhooks_auth_busy")
         self.client.complain("auth", "the endpoints", f"{self.waiting.waiting} packets wait for answers "
                              "(vmq_webhooks.max_pending_calls, _per_hook); refusing new ones")
         if type(packet) is Connect:
             self.io.engine.refuse_busy(link.client, packet, "too many clients wait for authentication")
-            return True
-        return self._handle(link, packet, raw, time.time(), {**slot, **{name: "error" for name, *_ in pending}})
+        else:
+            self.io.engine.refuse_overloaded(link.client, packet, "too many packets wait for authentication")
+        return True
 
     def _gate_publish(self, link: Any, p: Publish, raw: bytes, now: float) -> bool:
         """PUBLISH, the hot path: a cached answer costs a key and one look in the cache (webhook_cache_key inlined)."""
