@@ -10231,12 +10231,25 @@ class Cluster(ClusterAdmin):
         now = time.time()
         if summary is not None:
             self.engine.adopt_session(mountpoint, client_id, summary, now)
-        messages = [decode_forward(b, self.engine.packet_limits.properties)[1] for b in bodies]
-        for msg in messages:
-            check_publishable(msg.topic)
+        messages = [msg for msg in map(self._migrated_message, bodies) if msg is not None]
+        if len(messages) < len(bodies):
+            log.warning("cluster: %d of the %d queued message(s) of %r handed over could not be used",
+                        len(bodies) - len(messages), len(bodies), client_id[:100])
         held = self.replica.get("session", session_key(mountpoint, client_id))
         ours = isinstance(held, dict) and held.get("node") == self.me  # it is here, whatever this node forgot
         self.engine.adopt_messages(mountpoint, client_id, messages, now, force=ours)
+
+    def _migrated_message(self, body: Any) -> Message | None:
+        """Decode one message of a session handed over; None (logged) for a bad one: it alone is lost."""
+        try:
+            if not isinstance(body, bytes):
+                raise ClusterError("a queued message that is not a forwarded message")
+            msg = decode_forward(body, self.engine.packet_limits.properties)[1]
+            check_publishable(msg.topic)
+        except ClusterError as exc:
+            log.warning("cluster: a queued message handed over is dropped: %s", exc.text)
+            return None
+        return msg
 
     def _session_changes(self) -> None:
         engine = self.engine
@@ -12685,14 +12698,20 @@ def _pub_retain(value: Any) -> bool:
     return flag
 
 
-def _pub_user_properties(value: Any) -> tuple:
-    """Return MQTT 5 user properties from ``{"k": "v"}`` or VerneMQ's ``[{"k": "v"}]``."""
+def _pub_user_properties(value: Any, limit: int = 0) -> tuple:
+    """Return MQTT 5 user properties from ``{"k": "v"}`` or VerneMQ's ``[{"k": "v"}]``, at most ``limit`` (0: any).
+
+    The limit is max_properties_per_packet, which every node applies to a message forwarded to it:
+    a message with more would reach no other node, and its retained row would differ between them.
+    """
     if value is None:
         return ()
     if isinstance(value, list) and len(value) == 1:
         value = value[0]  # VerneMQ vmq_http_pub:list_from_map/1 reads the first map
     if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
         raise PublishRefused("invalid_user_properties")
+    if limit and len(value) > limit:
+        raise PublishRefused("invalid_user_properties", f"more than {limit} (max_properties_per_packet)")
     for text in (*value, *value.values()):
         problem = string_problem(text)
         if problem is not None:
@@ -12700,9 +12719,9 @@ def _pub_user_properties(value: Any) -> tuple:
     return tuple(("user_property", (k, v)) for k, v in value.items())
 
 
-def publish_packet(fields: Mapping[str, Any], payload: bytes, max_levels: int = 200) -> Publish:
-    """Check an HTTP publish's fields as VerneMQ does (check_values/2), and its topic as an MQTT PUBLISH's
-    is checked; return its PUBLISH."""
+def publish_packet(fields: Mapping[str, Any], payload: bytes, max_levels: int = 200, max_props: int = 0) -> Publish:
+    """Check an HTTP publish's fields as VerneMQ does (check_values/2), and its topic and properties as an
+    MQTT PUBLISH's are checked; return its PUBLISH."""
     topic = fields.get("topic")
     if not isinstance(topic, str):
         raise PublishRefused("invalid_topic", "the topic must be a string")
@@ -12713,7 +12732,7 @@ def publish_packet(fields: Mapping[str, Any], payload: bytes, max_levels: int = 
         raise PublishRefused("invalid_topic", problem)
     qos = _pub_qos(fields.get("qos", 0))
     retain = _pub_retain(fields.get("retain", False))
-    props = _pub_user_properties(fields.get("user_properties"))
+    props = _pub_user_properties(fields.get("user_properties"), max_props)  # the only properties it sets
     return Publish(topic, payload, qos, retain, packet_id=1 if qos else None, properties=props)
 
 
@@ -12750,7 +12769,7 @@ def serve_http_pub(node: Any, req: Request, rest: str, query: str) -> Response:
     config = node.config
     try:
         fields, payload = publish_fields(req, query)
-        packet = publish_packet(fields, payload, config["max_topic_levels"])
+        packet = publish_packet(fields, payload, config["max_topic_levels"], config["max_properties_per_packet"])
         user, password, client_id = publish_credentials(config, fields)
         limit = config["max_message_size"]
         if limit and len(payload) > limit:
