@@ -446,6 +446,12 @@ class KeyStoreError(VmqError):
     code = "key_store_error"
 
 
+class KeyFileRefused(KeyStoreError):
+    """The API key file is not a regular file, or larger than the node reads: exit 2, as FileRefused."""
+
+    exit_code = 2
+
+
 class NodeNotRunning(VmqError):
     """The CLI found no live node in the data dir."""
 
@@ -1107,11 +1113,13 @@ def file_kind(mode: int) -> str:
     return next((name for test, name in _FILE_KINDS if test(mode)), "not a regular file")
 
 
-def read_regular_file(path: str, limit: int, what: str) -> tuple[bytes, os.stat_result]:
+def read_regular_file(path: str, limit: int, what: str,
+                      check: Callable[[os.stat_result], None] | None = None) -> tuple[bytes, os.stat_result]:
     """Return the bytes and stat of ``path``: a regular file (a symlink to one too) of at most ``limit`` bytes.
 
     A FIFO, a device (``/dev/zero``) or a directory is never read, and a FIFO is opened without waiting
     for a writer. Raises FileRefused naming ``what`` and the file; OSError when it cannot be opened.
+    ``check`` may refuse the opened file by its stat before a byte of it is read.
     """
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0))
     try:
@@ -1119,6 +1127,8 @@ def read_regular_file(path: str, limit: int, what: str) -> tuple[bytes, os.stat_
         if not stat.S_ISREG(st.st_mode):
             raise FileRefused(f"{what} {path} is {file_kind(st.st_mode)}, not a regular file; vmqapi reads "
                               "only regular files and left it alone")
+        if check is not None:
+            check(st)
         chunks, size = [], 0
         while size <= limit:
             chunk = os.read(fd, min(1 << 20, limit + 1 - size))
@@ -7321,6 +7331,11 @@ def write_file_atomically(path: str, data: bytes) -> None:
             os.close(dfd)
 
 
+def _file_signature(st: os.stat_result) -> tuple:
+    """What tells one version of a file from another without reading it; a chmod is a change."""
+    return st.st_ino, st.st_size, st.st_mtime_ns, st.st_mode
+
+
 class KeyStore:
     """API keys in one JSON file, shared by a running node and the CLI.
 
@@ -7343,7 +7358,7 @@ class KeyStore:
         # The salts: the file's, then those of keys other nodes hashed (usually none).
         self._view: tuple[tuple | None, bytes, tuple[StoredKey, ...], dict, tuple[bytes, ...]] = \
             (("unread",), b"", (), {}, (b"",))
-        self._refused: tuple | None = None  # the signature of the last version of the file refused (logged)
+        self._refused: tuple | None = None  # (signature, why) of the version of the file refused (logged once)
 
     # -- reading ----------------------------------------------------------
     def load(self) -> None:
@@ -7353,16 +7368,21 @@ class KeyStore:
 
     def _read(self) -> tuple[tuple | None, bytes, tuple[StoredKey, ...]]:
         try:
-            data, st = read_regular_file(self.path, MAX_SMALL_FILE, "the API key file")
+            data, st = read_regular_file(self.path, MAX_SMALL_FILE, "the API key file", self._check_mode)
         except FileNotFoundError:
             return None, b"", ()
+        except FileRefused as exc:  # a FIFO or an oversized file: a key store problem, as a corrupt file is
+            raise KeyFileRefused(exc.text) from None
         except OSError as exc:
             raise KeyStoreError(f"cannot read the API key file {self.path}: {exc.strerror}") from None
-        if os.name == "posix" and st.st_mode & 0o077:  # as at start-up: a key file others may read is not used
+        salt, entries = self._parse(data)
+        return _file_signature(st), salt, entries
+
+    def _check_mode(self, st: os.stat_result) -> None:
+        """Refuse, before reading it, a key file others may read (as at start-up)."""
+        if os.name == "posix" and st.st_mode & 0o077:
             raise KeyStoreError(f"the API key file {self.path} can be read by others (mode {st.st_mode & 0o777:o}); "
                                 f"vmqapi uses none of its keys until you run: chmod 600 {self.path}")
-        salt, entries = self._parse(data)
-        return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_mode), salt, entries
 
     def _parse(self, data: bytes) -> tuple[bytes, tuple[StoredKey, ...]]:
         try:
@@ -7401,20 +7421,22 @@ class KeyStore:
         """Return the view of the file as it is on disk now: one stat, a reload only when it changed."""
         view = self._view
         try:
-            st = os.stat(self.path)
-            signature = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_mode)  # a chmod is a change
+            signature = _file_signature(os.stat(self.path))
         except FileNotFoundError:
             signature = None
         if signature != view[0]:
             with self._lock:
+                refused = self._refused
+                if refused is not None and refused[0] == signature:  # the same version: not read again
+                    raise KeyStoreError(refused[1])
                 if signature != self._view[0]:
                     try:
                         self._install(*self._read())
                     except VmqError as exc:  # fail closed: no key is valid until the file is fixed
-                        if self._refused != signature:  # said once per version of the file
-                            self._refused = signature
-                            log.error("%s", exc.text)
+                        self._refused = (signature, exc.text)
+                        log.error("%s", exc.text)  # once per version of the file
                         raise
+                    self._refused = None
                 view = self._view
         return view
 
@@ -7449,8 +7471,8 @@ class KeyStore:
             except OSError as exc:  # a full disk, a read-only folder: the old file stands, nothing changed
                 raise KeyStoreError(f"cannot write {self.path}: {exc.strerror or exc}; nothing was changed") \
                     from None
-            st = os.stat(self.path)
-            self._install((st.st_ino, st.st_size, st.st_mtime_ns), salt, tuple(entries))
+            self._install(_file_signature(os.stat(self.path)), salt, tuple(entries))
+            self._refused = None
             return result
 
     def _check_scope(self, scope: str) -> None:
@@ -10425,9 +10447,8 @@ class Cluster(ClusterAdmin):
             return  # standalone: the file is the only copy
         try:
             local = keystore.replicated()
-        except KeyStoreError as exc:
-            log.warning("cluster: the API key file cannot be read: %s", exc.text)
-            return
+        except KeyStoreError:
+            return  # the key store logged it, once for each version of the file; tried again next tick
         live = dict(self.replica.items("apikey"))
         if self._keys_synced is None:  # first look: what the file and the cluster agreed on when last in step
             kept = self.store.get_local("keys_synced")
@@ -14389,7 +14410,7 @@ def run_node(config: Config) -> int:
         node.start()
     except VmqError as exc:
         print(f"vmqapi: {exc.text}", file=sys.stderr)
-        return 2 if isinstance(exc, FileRefused) else 1
+        return 2 if isinstance(exc, (FileRefused, KeyFileRefused)) else 1
     for x in node.listeners():
         print(f"{node.name} {x['type']} listener on {x['address']}:{x['port']}", flush=True)
     interrupted = threading.Event()
