@@ -446,6 +446,12 @@ class KeyStoreError(VmqError):
     code = "key_store_error"
 
 
+class KeyFileRefused(KeyStoreError):
+    """The API key file is not a regular file, or larger than the node reads: exit 2, as FileRefused."""
+
+    exit_code = 2
+
+
 class NodeNotRunning(VmqError):
     """The CLI found no live node in the data dir."""
 
@@ -962,7 +968,8 @@ SETTINGS: tuple[Setting, ...] = (
        "Webhook calls at once (each pool of worker threads: auth hooks, notifications), read at start."),
     _S("vmq_webhooks.max_pending_calls", parse_int_range(1), 1000,
        "Packets (CONNECT, PUBLISH, SUBSCRIBE) waiting for auth webhook answers, node-wide; past it a CONNECT is "
-       "refused at once (CONNACK 3, MQTT 5 0x89 Server busy), a PUBLISH or SUBSCRIBE as the endpoint failing.",
+       "refused at once (CONNACK 3, MQTT 5 0x89 Server busy), a PUBLISH or SUBSCRIBE fails for now (MQTT 5 0x97; "
+       "a 3.1.1 QoS 1/2 publisher is disconnected unacknowledged, so it resends).",
        True),
     _S("vmq_webhooks.max_pending_calls_per_hook", parse_int_range(1), 500,
        "Packets waiting for one auth hook (auth_on_register, auth_on_publish, auth_on_subscribe); past it as "
@@ -1131,11 +1138,13 @@ def file_kind(mode: int) -> str:
     return next((name for test, name in _FILE_KINDS if test(mode)), "not a regular file")
 
 
-def read_regular_file(path: str, limit: int, what: str) -> tuple[bytes, os.stat_result]:
+def read_regular_file(path: str, limit: int, what: str,
+                      check: Callable[[os.stat_result], None] | None = None) -> tuple[bytes, os.stat_result]:
     """Return the bytes and stat of ``path``: a regular file (a symlink to one too) of at most ``limit`` bytes.
 
     A FIFO, a device (``/dev/zero``) or a directory is never read, and a FIFO is opened without waiting
     for a writer. Raises FileRefused naming ``what`` and the file; OSError when it cannot be opened.
+    ``check`` may refuse the opened file by its stat before a byte of it is read.
     """
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0))
     try:
@@ -1143,6 +1152,8 @@ def read_regular_file(path: str, limit: int, what: str) -> tuple[bytes, os.stat_
         if not stat.S_ISREG(st.st_mode):
             raise FileRefused(f"{what} {path} is {file_kind(st.st_mode)}, not a regular file; vmqapi reads "
                               "only regular files and left it alone")
+        if check is not None:
+            check(st)
         chunks, size = [], 0
         while size <= limit:
             chunk = os.read(fd, min(1 << 20, limit + 1 - size))
@@ -4775,10 +4786,11 @@ class Engine(Peers):
         self.emit_packet(client, client.dialect.ack(kind, p.packet_id, reason))
         self.counters["mqtt_puback_sent" if kind is Puback else "mqtt_pubrec_sent", reason_labels(reason)] += 1
 
-    def refuse_unsaved(self, client: Connection, p: Publish, text: str = STORE_DOWN) -> None:
-        """Refuse a PUBLISH the node cannot take (the store cannot keep it, or a netsplit).
+    def refuse_unsaved(self, client: Connection, p: Publish, text: str = STORE_DOWN,
+                       reason: int = Reason.UNSPECIFIED_ERROR) -> None:
+        """Refuse a PUBLISH the node cannot take now (the store cannot keep it, a netsplit, busy webhooks).
 
-        MQTT 5 QoS 1/2 hears 0x80 with ``text``, MQTT 3 QoS 1/2 is cut off (it resends), QoS 0 is dropped.
+        MQTT 5 QoS 1/2 hears ``reason`` with ``text``, MQTT 3 QoS 1/2 is cut off (it resends), QoS 0 is dropped.
         """
         self.counters["mqtt_publish_error", ()] += 1
         if not p.qos:
@@ -4786,9 +4798,23 @@ class Engine(Peers):
         if not client.dialect.v5:
             return self.close_client(client)  # 3.1.1 has no negative acknowledgement
         kind = Puback if p.qos == 1 else Pubrec
-        self.emit_packet(client, client.dialect.ack(kind, p.packet_id, Reason.UNSPECIFIED_ERROR, text))
-        self.counters["mqtt_puback_sent" if kind is Puback else "mqtt_pubrec_sent",
-                      reason_labels(Reason.UNSPECIFIED_ERROR)] += 1
+        self.emit_packet(client, client.dialect.ack(kind, p.packet_id, reason, text))
+        self.counters["mqtt_puback_sent" if kind is Puback else "mqtt_pubrec_sent", reason_labels(reason)] += 1
+
+    def refuse_overloaded(self, client: Connection, p: Publish | Subscribe, text: str) -> None:
+        """Refuse a PUBLISH or SUBSCRIBE the node cannot look at now: a temporary failure, never a refusal.
+
+        Acknowledging a PUBLISH would lose it (MQTT 3.1.1 acknowledges refused messages as delivered),
+        and MQTT 5's Not authorized tells the client not to retry: it hears 0x97 Quota exceeded instead.
+        """
+        if type(p) is Publish:
+            self.counters["mqtt_publish_received", client.labels] += 1
+            return self.refuse_unsaved(client, p, text, Reason.QUOTA_EXCEEDED)
+        self.counters["mqtt_subscribe_received", client.labels] += 1
+        self.counters["mqtt_subscribe_error", ()] += len(p.topics)
+        props = (("reason_string", text),) if client.dialect.v5 else ()
+        self.emit_packet(client, Suback(p.packet_id, (client.dialect.subscribe_quota,) * len(p.topics), props))
+        self.counters["mqtt_suback_sent", client.labels] += 1
 
     def publish_properties(self, client: Connection, p: Publish, raw: bytes) -> tuple[str, tuple, float | None, bytes]:
         """Read an MQTT 5 PUBLISH's properties: (topic, properties to pass on, expiry time, raw frame or b"")."""
@@ -7355,6 +7381,11 @@ def write_file_atomically(path: str, data: bytes) -> None:
             os.close(dfd)
 
 
+def _file_signature(st: os.stat_result) -> tuple:
+    """What tells one version of a file from another without reading it; a chmod is a change."""
+    return st.st_ino, st.st_size, st.st_mtime_ns, st.st_mode
+
+
 class KeyStore:
     """API keys in one JSON file, shared by a running node and the CLI.
 
@@ -7377,7 +7408,7 @@ class KeyStore:
         # The salts: the file's, then those of keys other nodes hashed (usually none).
         self._view: tuple[tuple | None, bytes, tuple[StoredKey, ...], dict, tuple[bytes, ...]] = \
             (("unread",), b"", (), {}, (b"",))
-        self._refused: tuple | None = None  # the signature of the last version of the file refused (logged)
+        self._refused: tuple | None = None  # (signature, why) of the version of the file refused (logged once)
 
     # -- reading ----------------------------------------------------------
     def load(self) -> None:
@@ -7387,16 +7418,21 @@ class KeyStore:
 
     def _read(self) -> tuple[tuple | None, bytes, tuple[StoredKey, ...]]:
         try:
-            data, st = read_regular_file(self.path, MAX_SMALL_FILE, "the API key file")
+            data, st = read_regular_file(self.path, MAX_SMALL_FILE, "the API key file", self._check_mode)
         except FileNotFoundError:
             return None, b"", ()
+        except FileRefused as exc:  # a FIFO or an oversized file: a key store problem, as a corrupt file is
+            raise KeyFileRefused(exc.text) from None
         except OSError as exc:
             raise KeyStoreError(f"cannot read the API key file {self.path}: {exc.strerror}") from None
-        if os.name == "posix" and st.st_mode & 0o077:  # as at start-up: a key file others may read is not used
+        salt, entries = self._parse(data)
+        return _file_signature(st), salt, entries
+
+    def _check_mode(self, st: os.stat_result) -> None:
+        """Refuse, before reading it, a key file others may read (as at start-up)."""
+        if os.name == "posix" and st.st_mode & 0o077:
             raise KeyStoreError(f"the API key file {self.path} can be read by others (mode {st.st_mode & 0o777:o}); "
                                 f"vmqapi uses none of its keys until you run: chmod 600 {self.path}")
-        salt, entries = self._parse(data)
-        return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_mode), salt, entries
 
     def _parse(self, data: bytes) -> tuple[bytes, tuple[StoredKey, ...]]:
         try:
@@ -7435,20 +7471,22 @@ class KeyStore:
         """Return the view of the file as it is on disk now: one stat, a reload only when it changed."""
         view = self._view
         try:
-            st = os.stat(self.path)
-            signature = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_mode)  # a chmod is a change
+            signature = _file_signature(os.stat(self.path))
         except FileNotFoundError:
             signature = None
         if signature != view[0]:
             with self._lock:
+                refused = self._refused
+                if refused is not None and refused[0] == signature:  # the same version: not read again
+                    raise KeyStoreError(refused[1])
                 if signature != self._view[0]:
                     try:
                         self._install(*self._read())
                     except VmqError as exc:  # fail closed: no key is valid until the file is fixed
-                        if self._refused != signature:  # said once per version of the file
-                            self._refused = signature
-                            log.error("%s", exc.text)
+                        self._refused = (signature, exc.text)
+                        log.error("%s", exc.text)  # once per version of the file
                         raise
+                    self._refused = None
                 view = self._view
         return view
 
@@ -7483,8 +7521,8 @@ class KeyStore:
             except OSError as exc:  # a full disk, a read-only folder: the old file stands, nothing changed
                 raise KeyStoreError(f"cannot write {self.path}: {exc.strerror or exc}; nothing was changed") \
                     from None
-            st = os.stat(self.path)
-            self._install((st.st_ino, st.st_size, st.st_mtime_ns), salt, tuple(entries))
+            self._install(_file_signature(os.stat(self.path)), salt, tuple(entries))
+            self._refused = None
             return result
 
     def _check_scope(self, scope: str) -> None:
@@ -10286,12 +10324,25 @@ class Cluster(ClusterAdmin):
         now = time.time()
         if summary is not None:
             self.engine.adopt_session(mountpoint, client_id, summary, now)
-        messages = [decode_forward(b, self.engine.packet_limits.properties)[1] for b in bodies]
-        for msg in messages:
-            check_publishable(msg.topic)
+        messages = [msg for msg in map(self._migrated_message, bodies) if msg is not None]
+        if len(messages) < len(bodies):
+            log.warning("cluster: %d of the %d queued message(s) of %r handed over could not be used",
+                        len(bodies) - len(messages), len(bodies), client_id[:100])
         held = self.replica.get("session", session_key(mountpoint, client_id))
         ours = isinstance(held, dict) and held.get("node") == self.me  # it is here, whatever this node forgot
         self.engine.adopt_messages(mountpoint, client_id, messages, now, force=ours)
+
+    def _migrated_message(self, body: Any) -> Message | None:
+        """Decode one message of a session handed over; None (logged) for a bad one: it alone is lost."""
+        try:
+            if not isinstance(body, bytes):
+                raise ClusterError("a queued message that is not a forwarded message")
+            msg = decode_forward(body, self.engine.packet_limits.properties)[1]
+            check_publishable(msg.topic)
+        except ClusterError as exc:
+            log.warning("cluster: a queued message handed over is dropped: %s", exc.text)
+            return None
+        return msg
 
     def _session_changes(self) -> None:
         engine = self.engine
@@ -10467,9 +10518,8 @@ class Cluster(ClusterAdmin):
             return  # standalone: the file is the only copy
         try:
             local = keystore.replicated()
-        except KeyStoreError as exc:
-            log.warning("cluster: the API key file cannot be read: %s", exc.text)
-            return
+        except KeyStoreError:
+            return  # the key store logged it, once for each version of the file; tried again next tick
         live = dict(self.replica.items("apikey"))
         if self._keys_synced is None:  # first look: what the file and the cluster agreed on when last in step
             kept = self.store.get_local("keys_synced")
@@ -12022,19 +12072,20 @@ class Webhooks:
         ticket = self.waiting.put(tuple(name for name, *_ in pending), job, config["vmq_webhooks.max_pending_calls"],
                                   config["vmq_webhooks.max_pending_calls_per_hook"])
         if ticket is None:
-            return self._busy(link, packet, raw, slot, pending)
+            return self._busy(link, packet)
         link.hold(functools.partial(self.waiting.cancel, ticket))
         return False
 
-    def _busy(self, link: Any, packet: Any, raw: bytes, slot: dict, pending: list) -> bool:
-        """Too many packets wait for answers: a CONNECT hears Server busy, others are refused as on a failed call."""
+    def _busy(self, link: Any, packet: Any) -> bool:
+        """Too many packets wait for answers: a CONNECT hears Server busy, a PUBLISH or SUBSCRIBE fails for now."""
         self.metrics.incr("webhooks_auth_busy")
         self.client.complain("auth", "the endpoints", f"{self.waiting.waiting} packets wait for answers "
                              "(vmq_webhooks.max_pending_calls, _per_hook); refusing new ones")
         if type(packet) is Connect:
             self.io.engine.refuse_busy(link.client, packet, "too many clients wait for authentication")
-            return True
-        return self._handle(link, packet, raw, time.time(), {**slot, **{name: "error" for name, *_ in pending}})
+        else:
+            self.io.engine.refuse_overloaded(link.client, packet, "too many packets wait for authentication")
+        return True
 
     def _gate_publish(self, link: Any, p: Publish, raw: bytes, now: float) -> bool:
         """PUBLISH, the hot path: a cached answer costs a key and one look in the cache (webhook_cache_key inlined)."""
@@ -12740,14 +12791,20 @@ def _pub_retain(value: Any) -> bool:
     return flag
 
 
-def _pub_user_properties(value: Any) -> tuple:
-    """Return MQTT 5 user properties from ``{"k": "v"}`` or VerneMQ's ``[{"k": "v"}]``."""
+def _pub_user_properties(value: Any, limit: int = 0) -> tuple:
+    """Return MQTT 5 user properties from ``{"k": "v"}`` or VerneMQ's ``[{"k": "v"}]``, at most ``limit`` (0: any).
+
+    The limit is max_properties_per_packet, which every node applies to a message forwarded to it:
+    a message with more would reach no other node, and its retained row would differ between them.
+    """
     if value is None:
         return ()
     if isinstance(value, list) and len(value) == 1:
         value = value[0]  # VerneMQ vmq_http_pub:list_from_map/1 reads the first map
     if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
         raise PublishRefused("invalid_user_properties")
+    if limit and len(value) > limit:
+        raise PublishRefused("invalid_user_properties", f"more than {limit} (max_properties_per_packet)")
     for text in (*value, *value.values()):
         problem = string_problem(text)
         if problem is not None:
@@ -12755,9 +12812,9 @@ def _pub_user_properties(value: Any) -> tuple:
     return tuple(("user_property", (k, v)) for k, v in value.items())
 
 
-def publish_packet(fields: Mapping[str, Any], payload: bytes, max_levels: int = 200) -> Publish:
-    """Check an HTTP publish's fields as VerneMQ does (check_values/2), and its topic as an MQTT PUBLISH's
-    is checked; return its PUBLISH."""
+def publish_packet(fields: Mapping[str, Any], payload: bytes, max_levels: int = 200, max_props: int = 0) -> Publish:
+    """Check an HTTP publish's fields as VerneMQ does (check_values/2), and its topic and properties as an
+    MQTT PUBLISH's are checked; return its PUBLISH."""
     topic = fields.get("topic")
     if not isinstance(topic, str):
         raise PublishRefused("invalid_topic", "the topic must be a string")
@@ -12768,7 +12825,7 @@ def publish_packet(fields: Mapping[str, Any], payload: bytes, max_levels: int = 
         raise PublishRefused("invalid_topic", problem)
     qos = _pub_qos(fields.get("qos", 0))
     retain = _pub_retain(fields.get("retain", False))
-    props = _pub_user_properties(fields.get("user_properties"))
+    props = _pub_user_properties(fields.get("user_properties"), max_props)  # the only properties it sets
     return Publish(topic, payload, qos, retain, packet_id=1 if qos else None, properties=props)
 
 
@@ -12805,7 +12862,7 @@ def serve_http_pub(node: Any, req: Request, rest: str, query: str) -> Response:
     config = node.config
     try:
         fields, payload = publish_fields(req, query)
-        packet = publish_packet(fields, payload, config["max_topic_levels"])
+        packet = publish_packet(fields, payload, config["max_topic_levels"], config["max_properties_per_packet"])
         user, password, client_id = publish_credentials(config, fields)
         limit = config["max_message_size"]
         if limit and len(payload) > limit:
@@ -14423,7 +14480,7 @@ def run_node(config: Config) -> int:
         node.start()
     except VmqError as exc:
         print(f"vmqapi: {exc.text}", file=sys.stderr)
-        return 2 if isinstance(exc, FileRefused) else 1
+        return 2 if isinstance(exc, (FileRefused, KeyFileRefused)) else 1
     for x in node.listeners():
         print(f"{node.name} {x['type']} listener on {x['address']}:{x['port']}", flush=True)
     interrupted = threading.Event()

@@ -183,6 +183,25 @@ def test_migrate_with_a_bad_summary_costs_a_log_line(hostile, summary):
     assert "Traceback" not in node.log()
 
 
+def test_a_bad_message_in_a_session_handed_over_is_dropped_alone(hostile):
+    """One queued message a node refuses (too many properties, a wildcard topic) lost every message of the session."""
+    node, peer = hostile
+    props = tuple(("user_property", ("k", str(i))) for i in range(129))
+    bad = vmqapi.Message("m/2", b"x", 1, False, 1, b"", False, props, None, None, False)
+    bodies = [_forward("m/1"), vmqapi.encode_forward("", bad, True, ()), _forward("m/#"), b"junk", 7, _forward("m/3")]
+    summary = {"clean": False, "online": False, "subs": {"m/#": [1, False, False, 0, 0]}}
+    peer.send(vmqapi.FRAME_MIGRATE, T(["", "moved", summary, bodies]))
+    _settle(node, peer, seconds=0.2)
+    client = MqttClient(node.port("mqtt"))
+    try:
+        assert client.connect("moved", clean=False).session_present
+        assert [client.message(timeout=5).topic for _ in range(2)] == ["m/1", "m/3"]
+        client.no_message(timeout=0.5)
+    finally:
+        client.close()
+    assert "4 of the 6 queued message(s)" in node.log() and "Traceback" not in node.log()
+
+
 # -- what reaches MQTT clients -------------------------------------------------------------
 
 @pytest.mark.parametrize("topic", ["r/#", "r/+/x", "bad\0topic"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import os
 import signal
 import socket
@@ -484,6 +485,25 @@ def test_a_key_deleted_while_a_node_is_down_stays_deleted(make_cluster):
         assert api(a.http, "cluster/show", made)[0] == 401
     finally:
         b2.node.stop()
+
+
+def test_a_key_file_swapped_for_a_fifo_costs_one_line_not_a_traceback_a_second(make_cluster, caplog):
+    """The refusal escaped the key sync into the cluster's housekeeping: a traceback every second."""
+    a, b = make_cluster(2)
+    caplog.set_level(logging.WARNING, logger="vmqapi")
+    path = a.node.keystore.path
+    os.replace(path, path + ".kept")
+    os.mkfifo(path, 0o600)
+    try:
+        time.sleep(3)  # three housekeeping ticks
+        assert api(a.http, "cluster/show", a.key)[0] == 500
+    finally:
+        os.replace(path + ".kept", path)
+    assert not [r for r in caplog.records if r.exc_info], "a traceback"
+    assert [r.levelno for r in caplog.records if path in r.getMessage()] == [logging.ERROR]  # said once
+    assert a.api("cluster/show")[0] == 200
+    made = a.node.keystore.create("mgmt")  # and the key sync works again
+    wait_for(lambda: api(b.http, "cluster/show", made)[0] == 200, what="a's new key on b")
 
 
 def test_a_node_that_left_stays_out_after_a_restart(make_cluster):

@@ -365,3 +365,26 @@ def test_a_hashed_file_keeps_a_plain_key_from_another_node_hashed_under_the_same
     assert set(hashed.replicated()) == set(plain.replicated())  # no churn between the two
     hashed.delete("plain-made-key-123", "mgmt")
     assert hashed.authenticate("plain-made-key-123", ["mgmt"]) is None
+
+
+def test_a_refused_key_file_is_read_once_per_version_and_its_mode_before_its_bytes(tmp_path, monkeypatch):
+    path = str(tmp_path / "keys.json")
+    store = KeyStore(path)
+    key = store.create("mgmt")
+    reads = []
+    real = vmqapi.read_regular_file
+    monkeypatch.setattr(vmqapi, "read_regular_file", lambda *a: reads.append(a) or real(*a))
+    assert store.authenticate(key, ["mgmt"]) == "mgmt"
+    assert not reads  # a change of its own is no change
+    with open(path, "r+b") as fh:
+        fh.truncate(vmqapi.MAX_SMALL_FILE + 1)  # sparse, and others may read it: refused for the mode, unread
+    os.chmod(path, 0o644)
+    for _ in range(3):
+        with pytest.raises(vmqapi.KeyStoreError, match="chmod 600"):
+            store.authenticate(key, ["mgmt"])
+    assert len(reads) == 1  # the same version is not read again
+    os.chmod(path, 0o600)
+    with pytest.raises(vmqapi.KeyStoreError, match="larger than"):
+        store.entries()
+    os.remove(path)
+    assert store.entries() == ()

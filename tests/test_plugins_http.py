@@ -113,6 +113,18 @@ def test_bad_requests_get_400_and_publish_nothing(pub, body, query, headers, tex
     sub.no_message(0.1)
 
 
+def test_more_user_properties_than_max_properties_per_packet_get_400(pub):
+    """Every node refuses a forwarded message with more: it would reach no other node's subscribers."""
+    http, key, sub = pub
+    for n, status in ((129, 400), (128, 200)):
+        props = {f"k{i}": "v" for i in range(n)}
+        answer = post(http, key, js(topic=f"t/{n}", payload="x", user_properties=props))
+        assert answer[0] == status, answer
+    msg = sub.message()
+    assert msg.topic == "t/128" and len(msg.properties) == 128
+    sub.no_message(0.1)
+
+
 def test_the_api_key_needs_scope_httppub(node, pub):
     http, key, sub = pub
     assert post(http, None, js(topic="t/x", payload="x"))[0] == 401

@@ -813,3 +813,37 @@ def test_a_read_only_key_never_sees_the_endpoints_password_or_token(make_node, c
     logged = "\n".join(r.getMessage() for r in caplog.records)
     assert "webhook auth_on_register at http://********@" in logged
     assert not any(s in logged for s in secrets), logged
+
+
+@pytest.mark.parametrize("version", [4, 5])
+def test_past_the_pending_bound_no_acknowledged_message_is_lost(make_node, endpoint, version):
+    """Busy auth webhooks are a temporary failure: MQTT 3 is cut off unacknowledged (it resends), MQTT 5 hears 0x97."""
+    pub_hook, sub_hook = ("auth_on_publish_m5", "auth_on_subscribe_m5") if version == 5 else \
+        ("auth_on_publish", "auth_on_subscribe")
+    node = hooked(make_node, endpoint, *dict.fromkeys((pub_hook, sub_hook, "auth_on_subscribe")), allow_anonymous="on",
+                  **{"vmq_webhooks.max_pending_calls_per_hook": "1"})
+    sub, p1, p2, s1, s2 = client(node), *(client(node, version) for _ in range(4))
+    try:
+        sub.connect("sub")
+        assert sub.subscribe(("t/#", 1)) == (1,)
+        for n, c in enumerate((p1, p2, s1, s2)):
+            c.connect(f"c{n}")
+        endpoint.delay[pub_hook] = endpoint.delay[sub_hook] = 0.5
+        p1.send(Publish("t/1", b"one", qos=1, packet_id=1))  # held while its endpoint answers
+        s1.send(vmqapi.Subscribe(1, (("s/#", 1),)))
+        endpoint.wait(pub_hook)
+        endpoint.wait(sub_hook, 2 if version == 4 else 1)
+        p2.send(Publish("t/2", b"two", qos=1, packet_id=1))
+        s2.send(vmqapi.Subscribe(1, (("s/#", 1),)))
+        answer = p2.read(timeout=3)
+        if version == 5:
+            assert (type(answer), answer.reason_code) == (Puback, 0x97)  # Quota exceeded: try later
+        else:
+            assert answer is None  # 3.1.1 has no negative acknowledgement
+        assert s2.expect(Suback).return_codes == (0x97 if version == 5 else 0x80,)
+        assert sub.message(timeout=3).topic == "t/1"
+        assert sub.no_message(0.5)
+        assert node.metrics.totals()["webhooks_auth_busy"] == 2
+    finally:
+        for c in (sub, p1, p2, s1, s2):
+            c.close()
