@@ -195,6 +195,11 @@ def test_a_member_learned_with_other_rows_is_arriving_not_split(make_cluster):
     cluster.in_loop(expire)
     assert b.node.metric_samples().get(("netsplit_detected", ()), 0) == 1
     assert newcomer in b.node.mqtt.engine.netsplit
+    # a later row of a member already missing (its address written again) gives it no new time
+    again = [["member", newcomer, {"address": "127.0.0.1:1"}, time.time() + 1, a.name]]
+    cluster.in_loop(cluster._on_frame, a.name, vmqapi.FRAME_META, vmqapi.encode_term(["r", again, False]))
+    assert newcomer in b.node.mqtt.engine.netsplit
+    assert b.node.metric_samples().get(("netsplit_resolved", ()), 0) == 0
 
 
 def test_retained_replicated_and_deleted(make_cluster):
