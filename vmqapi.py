@@ -9751,6 +9751,7 @@ FRAME_META, FRAME_FORWARD, FRAME_CALL, FRAME_REPLY, FRAME_MIGRATE = 16, 17, 18, 
 CLUSTER_TIMER = 1.0  # s between two rounds of housekeeping: digests, the key file, saving rows
 SYNC_EVERY = 2  # timer rounds between anti-entropy digests to each peer
 JOIN_TIMEOUT = 10.0  # s a join waits for the link and the first merge
+ARRIVAL_SLACK = 0.1  # s after a new member's JOIN_TIMEOUT at which the split is looked at again
 FIRST_SYNC_WAIT = 10.0  # s a restarted node waits for its peers' state before it reports its sessions
 CALL_TIMEOUT = 10.0  # s a command waits for another node's answer
 TOMBSTONE_DAYS = 7  # deleted rows are remembered this long (a node away longer may bring old rows back)
@@ -9987,8 +9988,7 @@ class ClusterAdmin:
         self._put("member", self.me, {"address": self._advertised()})
         if not isinstance(self.replica.get("member", name), dict):  # its own address wins over the one typed
             self._put("member", name, {"address": address})
-        self._arriving[name] = time.monotonic() + JOIN_TIMEOUT
-        self.io.loop.call_later(JOIN_TIMEOUT, self._check_split)
+        self._expect(name, time.monotonic())
         self._connect_members()
         self._maybe_record()
         self.after_batch()
@@ -10094,6 +10094,7 @@ class Cluster(ClusterAdmin):
         self._unsynced: set[str] = set()
         self._record_after = 0.0
         self._arriving: dict[str, float] = {}  # members learned of while running -> until when not missing
+        self._known: set[str] = set()  # the peers the last split check saw (a member not among them is new)
         self._initial = False
         self.pool = concurrent.futures.ThreadPoolExecutor(CLUSTER_CALL_WORKERS, thread_name_prefix="vmqapi-cluster")
         self._serving = threading.BoundedSemaphore(CLUSTER_MAX_CALLS)  # taken in the loop, given back by a worker
@@ -10138,6 +10139,7 @@ class Cluster(ClusterAdmin):
         for key, value in self.replica.items("config"):
             self._apply_config(key, value)
         self._connect_members()
+        self._known = set(self.peers())  # members kept from before a restart are missing until they link
         self._check_split()
         # A restarted node first hears what its peers hold, so that it never claims back with a
         # fresh stamp a session that moved while it was away; on its own it records changes at once.
@@ -10238,11 +10240,8 @@ class Cluster(ClusterAdmin):
                 self._member_gone(key)
                 # later: a node that leaves with -k sends its answer right after this row
                 self.io.loop.call_later(FORGET_DELAY, self._forget_if_gone, key)
-            elif self.links is not None and not self.links.is_up(key):
-                self._arriving.setdefault(key, time.monotonic() + JOIN_TIMEOUT)
-                self.io.loop.call_later(JOIN_TIMEOUT, self._check_split)
             self._connect_members()
-            self._check_split()
+            self._check_split()  # a member first heard of now is arriving, not missing: see there
         elif kind == "config":
             self._apply_config(key, value)
         elif kind == "apikey":
@@ -10500,10 +10499,30 @@ class Cluster(ClusterAdmin):
         finally:
             self._timer = self.io.loop.call_later(CLUSTER_TIMER, self._tick)
 
+    def _expect(self, peer: str, now: float) -> None:
+        """Give a member being joined JOIN_TIMEOUT to link before it counts as missing."""
+        self._arriving[peer] = now + JOIN_TIMEOUT
+        # a timer may run up to the clock's resolution early: look again once the time is surely over
+        self.io.loop.call_later(JOIN_TIMEOUT + ARRIVAL_SLACK, self._check_split)
+
     def _check_split(self) -> None:
+        """Count a netsplit when a member has no link: one that had, or one that did not link in time.
+
+        A member this node first hears of (a join here or through another node) gets JOIN_TIMEOUT
+        to link. That is decided here, from every member the replica holds, and not row by row: a
+        join reaches the others as one batch of rows, all merged before the first is applied, so a
+        check run for an earlier row of the batch already sees the newcomer of a later one.
+        """
         now = time.monotonic()
-        down = [p for p in self.peers() if (self.links is None or not self.links.is_up(p))
-                and self._arriving.get(p, 0) <= now]  # a member being joined is not missing yet
+        peers = self.peers()
+        for peer in set(peers) - self._known:
+            if self.links is not None and not self.links.is_up(peer):
+                self._expect(peer, now)
+        self._known = set(peers)
+        for peer in [p for p, until in self._arriving.items() if p not in self._known or until <= now]:
+            del self._arriving[peer]
+        down = [p for p in peers if (self.links is None or not self.links.is_up(p))
+                and p not in self._arriving]  # a member being joined is not missing yet
         split = f"cluster nodes not reachable: {', '.join(down)}" if down else ""
         if bool(split) != bool(self.split):
             self.engine.counters["netsplit_detected" if split else "netsplit_resolved", ()] += 1

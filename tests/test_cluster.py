@@ -178,6 +178,31 @@ def test_cross_node_publish_exactly_once_in_order(make_cluster, qos):
         client.disconnect()
 
 
+def test_a_member_learned_with_other_rows_is_arriving_not_split(make_cluster):
+    # A join elsewhere reaches a member as one batch of rows: the joiner's row and the row it
+    # rewrote of the node it joined through. Every row of the batch is in the replica before the
+    # first is applied, so the new member must count as arriving before any split check runs.
+    a, b = make_cluster(2)
+    cluster, newcomer, now = b.node.cluster, "n9@127.0.0.1", time.time()
+    rows = [["member", a.name, {"address": f"127.0.0.1:{a.vmq}"}, now, newcomer],  # sorts before the newcomer
+            ["member", newcomer, {"address": "127.0.0.1:1"}, now, newcomer]]
+    cluster.in_loop(cluster._on_frame, a.name, vmqapi.FRAME_META, vmqapi.encode_term(["r", rows, False]))
+    assert newcomer in cluster.in_loop(cluster.peers)
+    assert b.node.metric_samples().get(("netsplit_detected", ()), 0) == 0
+    # the check still counts it once its time to come up is over and no link to it exists
+    def expire():
+        cluster._arriving[newcomer] = 0.0
+        cluster._check_split()
+    cluster.in_loop(expire)
+    assert b.node.metric_samples().get(("netsplit_detected", ()), 0) == 1
+    assert newcomer in b.node.mqtt.engine.netsplit
+    # a later row of a member already missing (its address written again) gives it no new time
+    again = [["member", newcomer, {"address": "127.0.0.1:1"}, time.time() + 1, a.name]]
+    cluster.in_loop(cluster._on_frame, a.name, vmqapi.FRAME_META, vmqapi.encode_term(["r", again, False]))
+    assert newcomer in b.node.mqtt.engine.netsplit
+    assert b.node.metric_samples().get(("netsplit_resolved", ()), 0) == 0
+
+
 def test_retained_replicated_and_deleted(make_cluster):
     a, b, c = make_cluster(3)
     pub = a.client("pub")
