@@ -201,3 +201,85 @@ class BrokerModel(RuleBasedStateMachine):
 
 TestBrokerModel = BrokerModel.TestCase
 TestBrokerModel.settings = settings(max_examples=150, stateful_step_count=30, deadline=None)
+
+
+# -- retained messages handed out over turns of the loop --------------------------------
+
+def _engine_with_retained(count):
+    ids = itertools.count()
+    engine = vmqapi.Engine(lambda: vmqapi.Config({}), vmqapi.MemoryStore(), vmqapi.Hooks(),
+                           new_client_id=lambda: f"anon-{next(ids)}", choose=lambda pool: pool[0], now=NOW)
+    pub = _connected(engine, "pub")
+    for i in range(count):
+        engine.handle(pub, Publish(f"t/{i}", b"old", 0, True), NOW)
+    return engine, pub
+
+
+def _connected(engine, cid, version=4):
+    conn = engine.connection_made(None, LISTENER, ("127.0.0.1", 1), None, NOW)
+    engine.handle(conn, vmqapi.Connect(cid, version, True), NOW)
+    _publishes(engine, conn, version)
+    return conn
+
+
+def _publishes(engine, conn, version=4):
+    """Decode what the engine left for ``conn``: its PUBLISHes as (topic, payload, retain)."""
+    engine.take_dirty()
+    data, pos, out = b"".join(conn.out), 0, []
+    conn.out.clear()
+    conn.out_bytes = 0
+    while pos < len(data):
+        packet, pos = vmqapi.decode_packet(data, pos, 0, version)
+        if isinstance(packet, Publish):
+            out.append((packet.topic, packet.payload, packet.retain))
+    return out
+
+
+def test_retained_messages_past_a_chunk_go_out_a_chunk_a_turn_never_after_a_live_one(monkeypatch):
+    """A live message on a topic whose retained message is still to come gets it first (MQTT 5.0 4.6.0), once."""
+    monkeypatch.setattr(vmqapi, "RETAINED_CHUNK", 10)
+    engine, pub = _engine_with_retained(100)
+    sub = _connected(engine, "sub")
+    engine.handle(sub, vmqapi.Subscribe(1, (("#", 0),)), NOW)
+    got = _publishes(engine, sub)
+    assert 0 < len(got) < 10 and engine.handouts  # the first nodes of the walk, the rest waits
+    live = next(f"t/{i}" for i in range(100) if (f"t/{i}", b"old", True) not in got)
+    engine.handle(pub, Publish(live, b"live", 0, False), NOW)
+    replaced = next(f"t/{i}" for i in range(100) if f"t/{i}" != live and (f"t/{i}", b"old", True) not in got)
+    engine.handle(pub, Publish(replaced, b"new", 0, True), NOW)
+    got += _publishes(engine, sub)
+    assert got[-3:] == [(live, b"old", True), (live, b"live", False), (replaced, b"new", False)]
+    for _ in range(100):  # bounded: 100 topics, 10 nodes a turn
+        if not engine.handouts:
+            break
+        engine.hand_out(NOW)
+        turn = _publishes(engine, sub)
+        assert len(turn) <= 10
+        got += turn
+    assert not engine.handouts
+    olds = [t for t, payload, retain in got if payload == b"old"]
+    assert all(retain for _, payload, retain in got if payload == b"old")
+    assert sorted(olds) == sorted(f"t/{i}" for i in range(100) if f"t/{i}" != replaced)  # each once
+    assert engine.counters.get(("queue_message_drop", ()), 0) == 0
+
+
+def test_retained_hand_out_stops_with_the_subscription_or_the_session(monkeypatch):
+    monkeypatch.setattr(vmqapi, "RETAINED_CHUNK", 10)
+    engine, _ = _engine_with_retained(100)
+    sub, gone = _connected(engine, "sub"), _connected(engine, "gone")
+    for conn in (sub, gone):
+        engine.handle(conn, vmqapi.Subscribe(1, (("t/#", 0),)), NOW)
+        _publishes(engine, conn)
+    assert len(engine.handouts) == 2
+    engine.handle(sub, vmqapi.Unsubscribe(2, ("t/#",)), NOW)
+    engine.connection_lost(gone, NOW)  # a clean session: it ends
+    engine.hand_out(NOW)
+    assert not engine.handouts and _publishes(engine, sub) == []
+
+
+def test_small_retained_sets_go_out_at_once_sorted_by_topic():
+    engine, _ = _engine_with_retained(50)
+    sub = _connected(engine, "sub")
+    engine.handle(sub, vmqapi.Subscribe(1, (("t/+", 0),)), NOW)
+    got = _publishes(engine, sub)
+    assert [t for t, _, _ in got] == sorted(f"t/{i}" for i in range(50)) and not engine.handouts
