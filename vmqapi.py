@@ -2388,7 +2388,7 @@ class _RetainNode:
 class RetainTree:
     """Retained messages by topic level: a new subscription walks only the branches its filter reaches.
 
-    Dict-like (``tree[topic] = value``, ``pop``, ``items``, ``len``), plus ``match(filter)``.
+    Dict-like (``tree[topic] = value``, ``pop``, ``items``, ``len``), plus ``walk(filter)``.
     """
 
     def __init__(self):
@@ -2449,28 +2449,6 @@ class RetainTree:
                 stack.append((child, topic))
         return sorted(out, key=lambda item: item[0])
 
-    def match(self, topic_filter: str) -> list[Any]:
-        """Return the values whose topic ``topic_filter`` matches, by topic (MQTT 3.1.1 4.7)."""
-        levels = topic_filter.split("/")
-        found: list[tuple[str, Any]] = []
-        stack = [(self._root, 0, "")]
-        while stack:
-            node, depth, prefix = stack.pop()
-            if depth == len(levels):
-                if node.value is not None:
-                    found.append((prefix, node.value))
-                continue
-            level = levels[depth]
-            if level == "#":
-                self._everything(node, depth, prefix, found)
-                continue
-            for name, child in node.children.items() if level == "+" else \
-                    [(level, node.children[level])] if level in node.children else []:
-                if depth == 0 and level == "+" and name.startswith("$"):
-                    continue  # [MQTT-4.7.2-1]
-                stack.append((child, depth + 1, f"{prefix}/{name}" if depth else name))
-        return [value for _, value in sorted(found, key=lambda item: item[0])]
-
     def walk(self, topic_filter: str) -> Iterator[tuple[str, Any]]:
         """Yield (topic, value or None) for each node ``topic_filter`` reaches, lazily: one node a step.
 
@@ -2516,21 +2494,6 @@ class RetainTree:
                 break
             else:
                 stack.pop()
-
-    def _everything(self, node: _RetainNode, depth: int, prefix: str, found: list) -> None:
-        """Collect ``node`` (a '#' also matches its parent level) and every descendant."""
-        if depth and node.value is not None:
-            found.append((prefix, node.value))
-        stack = [(node, depth, prefix)]
-        while stack:
-            current, d, pre = stack.pop()
-            for name, child in current.children.items():
-                if d == 0 and name.startswith("$"):
-                    continue  # [MQTT-4.7.2-1]
-                topic = f"{pre}/{name}" if d else name
-                if child.value is not None:
-                    found.append((topic, child.value))
-                stack.append((child, d + 1, topic))
 
 
 def _merge(out: dict[Any, Any], subscribers: dict[Any, Any]) -> None:
@@ -3395,10 +3358,6 @@ class Router:
     def retained_walk(self, mountpoint: str, topic_filter: str) -> Iterator[tuple[str, Any]]:
         """Walk the retained messages a new subscription to ``topic_filter`` gets (``RetainTree.walk``)."""
         return self.retained[mountpoint].walk(topic_filter)
-
-    def retained_for(self, mountpoint: str, topic_filter: str) -> list[Message]:
-        """Return the retained messages a new subscription to ``topic_filter`` gets, by topic."""
-        return self.retained[mountpoint].match(topic_filter)
 
     def retained_rows(self, mountpoint: str | None = None) -> list[dict]:
         """Return (mountpoint, topic, payload) of each retained message."""
