@@ -2452,48 +2452,54 @@ class RetainTree:
     def walk(self, topic_filter: str) -> Iterator[tuple[str, Any]]:
         """Yield (topic, value or None) for each node ``topic_filter`` reaches, lazily: one node a step.
 
-        The same entries as ``match``, in trie order, not sorted; each node's children are copied
-        when it is reached, so the tree may change between steps (a pruned node yields None).
+        The same entries as a scan would find, in trie order, not sorted. A node's child names are
+        copied (not its items: no object per child for the collector) when the walk reaches it, so
+        the tree may change between steps; a child gone since yields nothing.
         """
         levels = topic_filter.split("/")
-        stack = [(self._root, 0, "")]
+        stack: list[tuple[_RetainNode, int, str, Iterator[str] | None]] = [(self._root, 0, "", None)]
         while stack:
-            node, depth, prefix = stack.pop()
-            if depth == len(levels):
-                yield prefix, node.value
-                continue
-            level = levels[depth]
-            if level == "#":
-                yield from self._descendants(node, depth, prefix)
-                continue
-            if level != "+":
-                child = node.children.get(level)
-                if child is not None:
-                    stack.append((child, depth + 1, f"{prefix}/{level}" if depth else level))
+            node, depth, prefix, names = stack[-1]
+            if names is None:  # reached: what does the filter's level here ask for?
+                stack.pop()
+                level = levels[depth] if depth < len(levels) else None
+                if level is None or level == "#":
+                    yield from (((prefix, node.value),) if level is None else self._descendants(node, depth, prefix))
+                    continue
+                if level == "+":
+                    stack.append((node, depth, prefix, iter(list(node.children))))
+                elif level in node.children:
+                    stack.append((node.children[level], depth + 1, f"{prefix}/{level}" if depth else level, None))
                 yield prefix, None
                 continue
-            for name, child in list(node.children.items()):
-                if not (depth == 0 and name.startswith("$")):  # [MQTT-4.7.2-1]
-                    yield prefix, None
-                    stack.append((child, depth + 1, f"{prefix}/{name}" if depth else name))
+            name = next(names, None)
+            if name is None:
+                stack.pop()
+                continue
+            child = node.children.get(name)
+            if child is not None and not (depth == 0 and name.startswith("$")):  # [MQTT-4.7.2-1]
+                stack.append((child, depth + 1, f"{prefix}/{name}" if depth else name, None))
+            yield prefix, None
 
     @staticmethod
     def _descendants(node: _RetainNode, depth: int, prefix: str) -> Iterator[tuple[str, Any]]:
         """Yield ``node`` (a '#' also matches its parent level) and every descendant, one node a step."""
         yield prefix, node.value if depth else None
-        stack = [(iter(list(node.children.items())), depth, prefix)]
+        stack = [(node, depth, prefix, iter(list(node.children)))]
         while stack:
-            children, d, pre = stack[-1]
-            for name, child in children:
-                if d == 0 and name.startswith("$"):
-                    continue  # [MQTT-4.7.2-1]
-                topic = f"{pre}/{name}" if d else name
-                yield topic, child.value
-                if child.children:
-                    stack.append((iter(list(child.children.items())), d + 1, topic))
-                break
-            else:
+            current, d, pre, names = stack[-1]
+            name = next(names, None)
+            if name is None:
                 stack.pop()
+                continue
+            child = current.children.get(name)
+            if child is None or (d == 0 and name.startswith("$")):  # [MQTT-4.7.2-1]
+                yield pre, None
+                continue
+            topic = f"{pre}/{name}" if d else name
+            yield topic, child.value
+            if child.children:
+                stack.append((child, d + 1, topic, iter(list(child.children))))
 
 
 def _merge(out: dict[Any, Any], subscribers: dict[Any, Any]) -> None:
