@@ -3790,17 +3790,18 @@ class Delivery:
         A walk of up to RETAINED_CHUNK trie nodes is handed out at once, by topic; the rest
         RETAINED_CHUNK a turn of the loop (``hand_out``): one SUBSCRIBE never holds it for long.
         """
-        jobs = [job for job in self.handouts.pop(session, ()) if job.topic_filter != topic_filter]  # re-subscribed
+        self.cancel_handout(session, topic_filter)  # subscribed again: the walk starts afresh
         job = Handout(topic_filter, opts, self.router.retained_walk(session.mountpoint, topic_filter))
-        first = list(itertools.islice(job.walk, RETAINED_CHUNK))
-        if len(first) < RETAINED_CHUNK:  # the whole walk
-            for _, msg in sorted((item for item in first if item[1] is not None), key=_first):
-                self.hand(session, opts, msg)
-        else:
-            jobs.append(job)
-            for topic, msg in sorted((item for item in first if item[1] is not None), key=_first):
-                job.sent.add(topic)
-                self.hand(session, opts, msg)
+        steps = list(itertools.islice(job.walk, RETAINED_CHUNK))
+        if len(steps) == RETAINED_CHUNK:  # more to walk: at the next turns
+            self.handouts.setdefault(session, []).append(job)
+        for topic, msg in sorted((step for step in steps if step[1] is not None), key=_first):
+            job.sent.add(topic)
+            self.hand(session, opts, msg)
+
+    def cancel_handout(self, session: Session, topic_filter: str) -> None:
+        """Hand out no more retained messages for one subscription of a session."""
+        jobs = [job for job in self.handouts.pop(session, ()) if job.topic_filter != topic_filter]
         if jobs:
             self.handouts[session] = jobs
 
@@ -3830,7 +3831,7 @@ class Delivery:
         """Go on with the retained messages of new subscriptions: RETAINED_CHUNK trie nodes, oldest first.
 
         A session whose connection takes no more waits (its queue would drop them) until it does;
-        one that ended, or dropped the subscription, gets no more.
+        one that ended gets no more (``unsubscribe`` ends a subscription's hand-out).
         """
         self.now = now
         budget = RETAINED_CHUNK
@@ -3842,7 +3843,7 @@ class Delivery:
             live = self.sessions.get(session.key) is session
             while jobs and budget > 0:
                 job, steps = jobs[0], 0
-                if live and session.subs.get(job.topic_filter) is job.opts:
+                if live and job.topic_filter in session.subs:
                     for topic, msg in job.walk:
                         steps += 1
                         if msg is not None and topic not in job.sent:
@@ -5108,6 +5109,8 @@ class Engine(Peers):
         self.session_changes.add(session.key)
         if not session.clean:
             self.store.delete_subscription(session.mountpoint, session.client_id, topic_filter)
+        if session in self.handouts:  # its retained messages still to come are not wanted now
+            self.cancel_handout(session, topic_filter)
         return True
 
     def on_pingreq(self, client: Connection, p: Pingreq, raw: bytes = b"") -> None:
