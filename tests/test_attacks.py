@@ -601,6 +601,7 @@ def test_subscribing_to_many_retained_messages_never_stalls_other_clients(tmp_pa
             topics = [p.topic for p in got]
             assert len(set(topics)) == 1020 and all(p.retain for p in got)
             assert all(t.startswith("r/") for t in topics)
+            assert _retained_received(port, RETAINED) == RETAINED  # QoS 0, read as fast as it comes: none lost
             control.publish("control", b"ping", 1)
             assert control.message(timeout=5).payload == b"ping"
         finally:
@@ -608,6 +609,29 @@ def test_subscribing_to_many_retained_messages_never_stalls_other_clients(tmp_pa
                 c.close()
         assert "Traceback" not in node.log()
 
+
+
+def _retained_received(port, expected, seconds=30.0):
+    """Subscribe to '#' at QoS 0 on a fresh connection; return how many distinct retained topics came (bounded)."""
+    reader = MqttClient(port, timeout=10)
+    try:
+        reader.connect("reader")
+        reader.send(vmqapi.Subscribe(1, (("#", 0),)))
+        topics, data, pos, deadline = set(), b"", 0, time.monotonic() + seconds
+        while len(topics) < expected and time.monotonic() < deadline:
+            reader.sock.settimeout(max(0.01, deadline - time.monotonic()))
+            chunk = reader.sock.recv(1 << 20)
+            if not chunk:
+                break
+            data = data[pos:] + chunk
+            pos = 0
+            while (result := vmqapi.decode_packet(data, pos, 0, 4)) is not None:
+                packet, pos = result
+                if isinstance(packet, vmqapi.Publish) and packet.retain:
+                    topics.add(packet.topic)
+        return len(topics)
+    finally:
+        reader.close()
 
 
 def _settled(node, metric, seconds=10.0):
