@@ -2378,11 +2378,18 @@ class TopicTrie:
 
 
 class _RetainNode:
-    __slots__ = ("children", "value")
+    __slots__ = ("children", "value", "names")
 
     def __init__(self):
         self.children: dict[str, _RetainNode] = {}
         self.value: Any = None
+        self.names: tuple[str, ...] | None = None  # the children's names as walks last copied them, until one changes
+
+    def child_names(self) -> tuple[str, ...]:
+        """Return the children's names: one copy shared by every walk until a child comes or goes."""
+        if self.names is None:
+            self.names = tuple(self.children)
+        return self.names
 
 
 class RetainTree:
@@ -2404,6 +2411,7 @@ class RetainTree:
             child = node.children.get(level)
             if child is None:
                 child = node.children[level] = _RetainNode()
+                node.names = None
             node = child
         self._count += node.value is None
         node.value = value
@@ -2435,6 +2443,7 @@ class RetainTree:
             if child.children or child.value is not None:
                 break
             del parent.children[level]
+            parent.names = None
         return value
 
     def items(self) -> list[tuple[str, Any]]:
@@ -2453,8 +2462,9 @@ class RetainTree:
         """Yield (topic, value or None) for each node ``topic_filter`` reaches, lazily: one node a step.
 
         The same entries as a scan would find, in trie order, not sorted. A node's child names are
-        copied (not its items: no object per child for the collector) when the walk reaches it, so
-        the tree may change between steps; a child gone since yields nothing.
+        copied (not its items: no object per child for the collector; one copy for every walk until
+        they change) when the walk reaches it, so the tree may change between steps; a child gone
+        since yields nothing.
         """
         levels = topic_filter.split("/")
         stack: list[tuple[_RetainNode, int, str, Iterator[str] | None]] = [(self._root, 0, "", None)]
@@ -2467,7 +2477,7 @@ class RetainTree:
                     yield from (((prefix, node.value),) if level is None else self._descendants(node, depth, prefix))
                     continue
                 if level == "+":
-                    stack.append((node, depth, prefix, iter(list(node.children))))
+                    stack.append((node, depth, prefix, iter(node.child_names())))
                 elif level in node.children:
                     stack.append((node.children[level], depth + 1, f"{prefix}/{level}" if depth else level, None))
                 yield prefix, None
@@ -2485,7 +2495,7 @@ class RetainTree:
     def _descendants(node: _RetainNode, depth: int, prefix: str) -> Iterator[tuple[str, Any]]:
         """Yield ``node`` (a '#' also matches its parent level) and every descendant, one node a step."""
         yield prefix, node.value if depth else None
-        stack = [(node, depth, prefix, iter(list(node.children)))]
+        stack = [(node, depth, prefix, iter(node.child_names()))]
         while stack:
             current, d, pre, names = stack[-1]
             name = next(names, None)
@@ -2499,7 +2509,7 @@ class RetainTree:
             topic = f"{pre}/{name}" if d else name
             yield topic, child.value
             if child.children:
-                stack.append((child, d + 1, topic, iter(list(child.children))))
+                stack.append((child, d + 1, topic, iter(child.child_names())))
 
 
 def _merge(out: dict[Any, Any], subscribers: dict[Any, Any]) -> None:
@@ -3789,12 +3799,16 @@ class Delivery:
         They go through the session's queue like any delivery, so its window and limits hold.
         A walk of up to RETAINED_CHUNK trie nodes is handed out at once, by topic; the rest
         RETAINED_CHUNK a turn of the loop (``hand_out``): one SUBSCRIBE never holds it for long.
+        A session still getting another subscription's gets these after it.
         """
         self.cancel_handout(session, topic_filter)  # subscribed again: the walk starts afresh
         job = Handout(topic_filter, opts, self.router.retained_walk(session.mountpoint, topic_filter))
+        if session in self.handouts:  # behind the walk under way: one walk (and its copies) a session at a time
+            self.handouts[session].append(job)
+            return
         steps = list(itertools.islice(job.walk, RETAINED_CHUNK))
         if len(steps) == RETAINED_CHUNK:  # more to walk: at the next turns
-            self.handouts.setdefault(session, []).append(job)
+            self.handouts[session] = [job]
         for topic, msg in sorted((step for step in steps if step[1] is not None), key=_first):
             job.sent.add(topic)
             self.hand(session, opts, msg)

@@ -277,6 +277,22 @@ def test_retained_hand_out_stops_with_the_subscription_or_the_session(monkeypatc
     assert not engine.handouts and _publishes(engine, sub) == []
 
 
+def test_a_second_subscriptions_retained_messages_wait_for_the_first_hand_out(monkeypatch):
+    """One walk under way a session: the next subscription's retained messages follow it, each subscription's once."""
+    monkeypatch.setattr(vmqapi, "RETAINED_CHUNK", 10)
+    engine, _ = _engine_with_retained(30)
+    sub = _connected(engine, "sub")
+    engine.handle(sub, vmqapi.Subscribe(1, (("t/#", 0),)), NOW)
+    got = _publishes(engine, sub)
+    engine.handle(sub, vmqapi.Subscribe(2, (("t/+", 0),)), NOW)
+    assert _publishes(engine, sub) == [] and len(engine.handouts[sub.session]) == 2
+    for _ in range(20):  # bounded: 2 x 31 nodes, 10 a turn
+        engine.hand_out(NOW)
+        got += _publishes(engine, sub)
+    assert not engine.handouts
+    assert sorted(t for t, _, _ in got) == sorted(f"t/{i}" for i in range(30) for _ in range(2))
+
+
 def test_small_retained_sets_go_out_at_once_sorted_by_topic():
     engine, _ = _engine_with_retained(50)
     sub = _connected(engine, "sub")
