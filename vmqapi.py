@@ -148,7 +148,7 @@ import urllib.parse
 import urllib.request
 import zlib
 from dataclasses import dataclass, field
-from typing import Any, Callable, Coroutine, Iterable, Mapping, Sequence
+from typing import Any, Callable, Coroutine, Iterable, Iterator, Mapping, Sequence
 
 try:  # POSIX advisory locks; Windows falls back to msvcrt below.
     import fcntl
@@ -182,6 +182,7 @@ SLOW_COMMANDS = 16  # commands not marked quick that run at once, node-wide; mor
 TICK_BATCH = 2000  # sessions the broker's tick (every 0.5 s) looks at
 TICK_INTERVAL = 0.5  # seconds between housekeeping ticks (retries, session expiry, delayed wills, $SYS)
 TICK_ERROR_LOG_INTERVAL = 60  # seconds between log lines about failing ticks (each is counted in tick_error)
+RETAINED_CHUNK = 500  # retained messages (or trie nodes) new subscriptions get per turn of the loop (about 3 ms)
 SESSION_CHUNK = 500  # sessions session show reads per turn of the broker's loop (about 2 ms)
 JSON_CHUNK = 1000  # table rows per json.dumps call, so a big answer never holds the GIL for long
 KEY_FILE = "api_keys.json"
@@ -2420,17 +2421,24 @@ class TopicTrie:
 
 
 class _RetainNode:
-    __slots__ = ("children", "value")
+    __slots__ = ("children", "value", "names")
 
     def __init__(self):
         self.children: dict[str, _RetainNode] = {}
         self.value: Any = None
+        self.names: tuple[str, ...] | None = None  # the children's names as walks last copied them, until one changes
+
+    def child_names(self) -> tuple[str, ...]:
+        """Return the children's names: one copy shared by every walk until a child comes or goes."""
+        if self.names is None:
+            self.names = tuple(self.children)
+        return self.names
 
 
 class RetainTree:
     """Retained messages by topic level: a new subscription walks only the branches its filter reaches.
 
-    Dict-like (``tree[topic] = value``, ``pop``, ``items``, ``len``), plus ``match(filter)``.
+    Dict-like (``tree[topic] = value``, ``pop``, ``items``, ``len``), plus ``walk(filter)``.
     """
 
     def __init__(self):
@@ -2446,6 +2454,7 @@ class RetainTree:
             child = node.children.get(level)
             if child is None:
                 child = node.children[level] = _RetainNode()
+                node.names = None
             node = child
         self._count += node.value is None
         node.value = value
@@ -2477,6 +2486,7 @@ class RetainTree:
             if child.children or child.value is not None:
                 break
             del parent.children[level]
+            parent.names = None
         return value
 
     def items(self) -> list[tuple[str, Any]]:
@@ -2491,42 +2501,58 @@ class RetainTree:
                 stack.append((child, topic))
         return sorted(out, key=lambda item: item[0])
 
-    def match(self, topic_filter: str) -> list[Any]:
-        """Return the values whose topic ``topic_filter`` matches, by topic (MQTT 3.1.1 4.7)."""
-        levels = topic_filter.split("/")
-        found: list[tuple[str, Any]] = []
-        stack = [(self._root, 0, "")]
-        while stack:
-            node, depth, prefix = stack.pop()
-            if depth == len(levels):
-                if node.value is not None:
-                    found.append((prefix, node.value))
-                continue
-            level = levels[depth]
-            if level == "#":
-                self._everything(node, depth, prefix, found)
-                continue
-            for name, child in node.children.items() if level == "+" else \
-                    [(level, node.children[level])] if level in node.children else []:
-                if depth == 0 and level == "+" and name.startswith("$"):
-                    continue  # [MQTT-4.7.2-1]
-                stack.append((child, depth + 1, f"{prefix}/{name}" if depth else name))
-        return [value for _, value in sorted(found, key=lambda item: item[0])]
+    def walk(self, topic_filter: str) -> Iterator[tuple[str, Any]]:
+        """Yield (topic, value or None) for each node ``topic_filter`` reaches, lazily: one node a step.
 
-    def _everything(self, node: _RetainNode, depth: int, prefix: str, found: list) -> None:
-        """Collect ``node`` (a '#' also matches its parent level) and every descendant."""
-        if depth and node.value is not None:
-            found.append((prefix, node.value))
-        stack = [(node, depth, prefix)]
+        The same entries as a scan would find, in trie order, not sorted. A node's child names are
+        copied (not its items: no object per child for the collector; one copy for every walk until
+        they change) when the walk reaches it, so the tree may change between steps; a child gone
+        since yields nothing.
+        """
+        levels = topic_filter.split("/")
+        stack: list[tuple[_RetainNode, int, str, Iterator[str] | None]] = [(self._root, 0, "", None)]
         while stack:
-            current, d, pre = stack.pop()
-            for name, child in current.children.items():
-                if d == 0 and name.startswith("$"):
-                    continue  # [MQTT-4.7.2-1]
-                topic = f"{pre}/{name}" if d else name
-                if child.value is not None:
-                    found.append((topic, child.value))
-                stack.append((child, d + 1, topic))
+            node, depth, prefix, names = stack[-1]
+            if names is None:  # reached: what does the filter's level here ask for?
+                stack.pop()
+                level = levels[depth] if depth < len(levels) else None
+                if level is None or level == "#":
+                    yield from (((prefix, node.value),) if level is None else self._descendants(node, depth, prefix))
+                    continue
+                if level == "+":
+                    stack.append((node, depth, prefix, iter(node.child_names())))
+                elif level in node.children:
+                    stack.append((node.children[level], depth + 1, f"{prefix}/{level}" if depth else level, None))
+                yield prefix, None
+                continue
+            name = next(names, None)
+            if name is None:
+                stack.pop()
+                continue
+            child = node.children.get(name)
+            if child is not None and not (depth == 0 and name.startswith("$")):  # [MQTT-4.7.2-1]
+                stack.append((child, depth + 1, f"{prefix}/{name}" if depth else name, None))
+            yield prefix, None
+
+    @staticmethod
+    def _descendants(node: _RetainNode, depth: int, prefix: str) -> Iterator[tuple[str, Any]]:
+        """Yield ``node`` (a '#' also matches its parent level) and every descendant, one node a step."""
+        yield prefix, node.value if depth else None
+        stack = [(node, depth, prefix, iter(node.child_names()))]
+        while stack:
+            current, d, pre, names = stack[-1]
+            name = next(names, None)
+            if name is None:
+                stack.pop()
+                continue
+            child = current.children.get(name)
+            if child is None or (d == 0 and name.startswith("$")):  # [MQTT-4.7.2-1]
+                yield pre, None
+                continue
+            topic = f"{pre}/{name}" if d else name
+            yield topic, child.value
+            if child.children:
+                stack.append((child, d + 1, topic, iter(child.child_names())))
 
 
 def _merge(out: dict[Any, Any], subscribers: dict[Any, Any]) -> None:
@@ -3389,9 +3415,9 @@ class Router:
         """Return how many retained messages every mountpoint holds together."""
         return sum(len(r) for r in list(self.retained.values()))
 
-    def retained_for(self, mountpoint: str, topic_filter: str) -> list[Message]:
-        """Return the retained messages a new subscription to ``topic_filter`` gets, by topic."""
-        return self.retained[mountpoint].match(topic_filter)
+    def retained_walk(self, mountpoint: str, topic_filter: str) -> Iterator[tuple[str, Any]]:
+        """Walk the retained messages a new subscription to ``topic_filter`` gets (``RetainTree.walk``)."""
+        return self.retained[mountpoint].walk(topic_filter)
 
     def retained_rows(self, mountpoint: str | None = None) -> list[dict]:
         """Return (mountpoint, topic, payload) of each retained message."""
@@ -3427,6 +3453,24 @@ class _Discard:
 DISCARD = _Discard()
 
 
+class Handout:
+    """The retained messages a new subscription has still to get: a lazy walk of the retained trie.
+
+    ``sent``: the topics handed out already, by the walk or ahead of a live message on the same
+    topic (the older retained message must not follow it, MQTT 5.0 4.6.0; nor come twice).
+    """
+
+    __slots__ = ("topic_filter", "opts", "walk", "sent")
+
+    def __init__(self, topic_filter: str, opts: SubOptions, walk: Iterator[tuple[str, Any]]):
+        self.topic_filter, self.opts, self.walk = topic_filter, opts, walk
+        self.sent: set[str] = set()
+
+
+def _first(item: tuple) -> Any:
+    return item[0]
+
+
 def add_forward(fwd: dict[str, list] | None, node: str, group: str | None) -> dict[str, list]:
     """Note that ``node`` gets this message: for its plain subscribers (``group`` None) or for a shared group."""
     if fwd is None:
@@ -3444,12 +3488,13 @@ def add_forward(fwd: dict[str, list] | None, node: str, group: str | None) -> di
 class Delivery:
     """The delivery half of the engine (``Engine`` adds connections, packets and time).
 
-    Expects of its subclass: ``store``, ``router``, ``hooks``, ``counters``, ``now``
+    Expects of its subclass: ``store``, ``router``, ``hooks``, ``counters``, ``now``, ``sessions``
     and the cached settings ``refresh_settings`` sets.
     """
 
     store: Any
     router: Router
+    sessions: dict[tuple[str, str], Session]
     hooks: Any
     counters: dict[tuple, int]
     now: float
@@ -3461,6 +3506,8 @@ class Delivery:
         self.retained_changes: list[tuple[str, str]] | _Discard = DISCARD  # (mountpoint, topic) changed here
         # (node, mountpoint, message, plain, groups) for other nodes, in publish order, until the shell takes them
         self.forwards: list[tuple[str, str, Message, bool, tuple[str, ...]]] = []
+        # sessions still getting retained messages for new subscriptions, oldest first (``hand_out``)
+        self.handouts: dict[Session, list[Handout]] = {}
 
     # -- the outbox -------------------------------------------------------
     def emit(self, conn: Connection, data: bytes) -> None:
@@ -3527,7 +3574,7 @@ class Delivery:
             return 0
         upgrade, frame4, frame5, direct4, direct5 = self.upgrade_qos, None, None, 0, 0
         on_deliver, size, limit = self.hooks.on_deliver, len(msg.payload) + len(msg.topic), self.max_online_bytes
-        dirty, nodes, fwd = self.dirty, 0, None
+        dirty, nodes, fwd, handouts = self.dirty, 0, None, self.handouts
         for session, opts in matches.items():
             if type(session) is not Session:  # another node, or a shared group
                 member = self.pick_member(session, forward)
@@ -3543,6 +3590,8 @@ class Delivery:
             elif not opts.plain:  # some matching filter of this session has MQTT 5 options
                 self.deliver_matching(session, msg)
                 continue
+            if handouts and session in handouts:
+                self.retained_first(session, msg)
             qos = opts.qos if upgrade else min(msg.qos, opts.qos)
             client = session.client
             if qos == 0 and client is not None and client.writable and not session.queue and not session.stored \
@@ -3615,6 +3664,8 @@ class Delivery:
 
     def deliver(self, session: Session, msg: Message, sub_qos: int, rap: bool, ids: tuple) -> None:
         """Deliver one message with its Retain As Published flag and subscription identifiers."""
+        if self.handouts and session in self.handouts:
+            self.retained_first(session, msg)
         qos = sub_qos if self.upgrade_qos else min(msg.qos, sub_qos)
         out = Outgoing(msg, qos, 0, rap and msg.retain, ids)
         client = session.client
@@ -3790,12 +3841,81 @@ class Delivery:
         """Deliver retained messages matching a new subscription, retain flag set [MQTT-3.3.1-8].
 
         They go through the session's queue like any delivery, so its window and limits hold.
+        A walk of up to RETAINED_CHUNK trie nodes is handed out at once, by topic; the rest
+        RETAINED_CHUNK a turn of the loop (``hand_out``): one SUBSCRIBE never holds it for long.
+        A session still getting another subscription's gets these after it.
         """
-        for msg in self.router.retained_for(session.mountpoint, topic_filter):
-            if msg.expires is not None and msg.expires <= self.now:
-                self.delete_retained(session.mountpoint, msg.topic)  # expired (MQTT 5.0 3.3.2.3.3)
+        self.cancel_handout(session, topic_filter)  # subscribed again: the walk starts afresh
+        job = Handout(topic_filter, opts, self.router.retained_walk(session.mountpoint, topic_filter))
+        if session in self.handouts:  # behind the walk under way: one walk (and its copies) a session at a time
+            self.handouts[session].append(job)
+            return
+        steps = list(itertools.islice(job.walk, RETAINED_CHUNK))
+        if len(steps) == RETAINED_CHUNK:  # more to walk: at the next turns
+            self.handouts[session] = [job]
+        for topic, msg in sorted((step for step in steps if step[1] is not None), key=_first):
+            job.sent.add(topic)
+            self.hand(session, opts, msg)
+
+    def cancel_handout(self, session: Session, topic_filter: str) -> None:
+        """Hand out no more retained messages for one subscription of a session."""
+        jobs = [job for job in self.handouts.pop(session, ()) if job.topic_filter != topic_filter]
+        if jobs:
+            self.handouts[session] = jobs
+
+    def hand(self, session: Session, opts: SubOptions, msg: Message) -> None:
+        """Queue one retained message for a new subscription (an expired one is deleted instead)."""
+        if msg.expires is not None and msg.expires <= self.now:
+            self.delete_retained(session.mountpoint, msg.topic)  # expired (MQTT 5.0 3.3.2.3.3)
+            return
+        self.enqueue(session, Outgoing(msg, min(opts.qos, msg.qos), 0, True, opts.ids, retained=True))
+
+    def retained_first(self, session: Session, msg: Message) -> None:
+        """A live message for a session still getting retained ones: the retained message of its topic goes
+        first, never after it (MQTT 5.0 4.6.0), and is not handed out again."""
+        topic = msg.topic
+        for job in self.handouts[session]:
+            if topic not in job.sent and topic_matches(job.topic_filter, topic):
+                job.sent.add(topic)
+                old = self.router.retained[session.mountpoint].get(topic)
+                if old is not None and old is not msg:
+                    self.hand(session, job.opts, old)
+
+    def handout_ready(self) -> bool:
+        """Whether ``hand_out`` has work: a session getting retained messages whose connection takes more."""
+        return any(session.client is None or session.client.writable for session in self.handouts)
+
+    def hand_out(self, now: float) -> None:
+        """Go on with the retained messages of new subscriptions: RETAINED_CHUNK trie nodes, oldest first.
+
+        A session whose connection takes no more waits (its queue would drop them) until it does;
+        one that ended gets no more (``unsubscribe`` ends a subscription's hand-out).
+        """
+        self.now = now
+        budget = RETAINED_CHUNK
+        for session, jobs in list(self.handouts.items()):
+            if budget <= 0:
+                break
+            if session.client is not None and not session.client.writable:
                 continue
-            self.enqueue(session, Outgoing(msg, min(opts.qos, msg.qos), 0, True, opts.ids, retained=True))
+            live = self.sessions.get(session.key) is session
+            while jobs and budget > 0:
+                job, steps = jobs[0], 0
+                if live and job.topic_filter in session.subs:
+                    for topic, msg in job.walk:
+                        steps += 1
+                        if msg is not None and topic not in job.sent:
+                            job.sent.add(topic)
+                            self.hand(session, job.opts, msg)
+                        if steps >= budget:
+                            break
+                    else:
+                        jobs.pop(0)
+                else:
+                    jobs.pop(0)
+                budget -= max(steps, 1)
+            if not jobs:
+                del self.handouts[session]
 
     def writable_again(self, conn: Connection, now: float) -> None:
         """The I/O shell sent a full outbox: go on with the messages held back for it."""
@@ -5062,6 +5182,8 @@ class Engine(Peers):
         self.session_changes.add(session.key)
         if not session.clean:
             self.store.delete_subscription(session.mountpoint, session.client_id, topic_filter)
+        if session in self.handouts:  # its retained messages still to come are not wanted now
+            self.cancel_handout(session, topic_filter)
         return True
 
     def on_pingreq(self, client: Connection, p: Pingreq, raw: bytes = b"") -> None:
@@ -6550,6 +6672,8 @@ class MqttLink(asyncio.Protocol):
         if conn is not None and conn.held_back and self.writable and not self.closing:
             self.io.engine.writable_again(conn, time.time())
             self.io.after_batch()
+        elif self.io.engine.handouts:
+            self.io.schedule_handout()  # it may have waited for this connection
 
     def _stalled(self) -> None:
         self.stall = None
@@ -6995,6 +7119,7 @@ class MqttIO:
         self._tick_handle: asyncio.TimerHandle | None = None
         self._tick_error_at = 0.0  # when a failed tick was last logged
         self.batch_hooks: list[Callable[[], None]] = []  # run first in after_batch (the cluster's sends)
+        self._handout_handle: asyncio.Handle | None = None  # the next turn's retained messages (Engine.hand_out)
 
     def _run(self) -> None:
         asyncio.set_event_loop(self.loop)
@@ -7157,6 +7282,22 @@ class MqttIO:
             dirty = engine.take_dirty()  # the DISCONNECTs, and wills routed to others
         for conn in dirty:
             conn.link.drain()
+        if engine.handouts:
+            self.schedule_handout()
+
+    def schedule_handout(self) -> None:
+        """Hand out more retained messages at the next turn of the loop, after what is ready to read."""
+        if self._handout_handle is None and self.engine.handout_ready():
+            self._handout_handle = self.loop.call_soon(self._hand_out)
+
+    def _hand_out(self) -> None:
+        self._handout_handle = None
+        try:
+            self.engine.hand_out(time.time())
+        except Exception:  # not again at every turn: the subscribers keep what they got
+            log.exception("handing out retained messages failed; the rest are not sent")
+            self.engine.handouts.clear()
+        self.after_batch()
 
     def refresh_rules(self, now: float) -> None:
         """Hand the engine the vmq_passwd users and vmq_acl rules in force (files reloaded as configured)."""

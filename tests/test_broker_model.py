@@ -9,7 +9,7 @@ from __future__ import annotations
 import itertools
 import types
 
-from hypothesis import settings, strategies as st
+from hypothesis import given, settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 import vmqapi
@@ -201,3 +201,148 @@ class BrokerModel(RuleBasedStateMachine):
 
 TestBrokerModel = BrokerModel.TestCase
 TestBrokerModel.settings = settings(max_examples=150, stateful_step_count=30, deadline=None)
+
+
+# -- retained messages handed out over turns of the loop --------------------------------
+
+def _engine_with_retained(count):
+    ids = itertools.count()
+    engine = vmqapi.Engine(lambda: vmqapi.Config({}), vmqapi.MemoryStore(), vmqapi.Hooks(),
+                           new_client_id=lambda: f"anon-{next(ids)}", choose=lambda pool: pool[0], now=NOW)
+    pub = _connected(engine, "pub")
+    for i in range(count):
+        engine.handle(pub, Publish(f"t/{i}", b"old", 0, True), NOW)
+    return engine, pub
+
+
+def _connected(engine, cid, version=4):
+    conn = engine.connection_made(None, LISTENER, ("127.0.0.1", 1), None, NOW)
+    engine.handle(conn, vmqapi.Connect(cid, version, True), NOW)
+    _publishes(engine, conn, version)
+    return conn
+
+
+def _publishes(engine, conn, version=4):
+    """Decode what the engine left for ``conn``: its PUBLISHes as (topic, payload, retain)."""
+    engine.take_dirty()
+    data, pos, out = b"".join(conn.out), 0, []
+    conn.out.clear()
+    conn.out_bytes = 0
+    while pos < len(data):
+        packet, pos = vmqapi.decode_packet(data, pos, 0, version)
+        if isinstance(packet, Publish):
+            out.append((packet.topic, packet.payload, packet.retain))
+    return out
+
+
+def test_retained_messages_past_a_chunk_go_out_a_chunk_a_turn_never_after_a_live_one(monkeypatch):
+    """A live message on a topic whose retained message is still to come gets it first (MQTT 5.0 4.6.0), once."""
+    monkeypatch.setattr(vmqapi, "RETAINED_CHUNK", 10)
+    engine, pub = _engine_with_retained(100)
+    sub = _connected(engine, "sub")
+    engine.handle(sub, vmqapi.Subscribe(1, (("#", 0),)), NOW)
+    got = _publishes(engine, sub)
+    assert 0 < len(got) < 10 and engine.handouts  # the first nodes of the walk, the rest waits
+    live = next(f"t/{i}" for i in range(100) if (f"t/{i}", b"old", True) not in got)
+    engine.handle(pub, Publish(live, b"live", 0, False), NOW)
+    replaced = next(f"t/{i}" for i in range(100) if f"t/{i}" != live and (f"t/{i}", b"old", True) not in got)
+    engine.handle(pub, Publish(replaced, b"new", 0, True), NOW)
+    got += _publishes(engine, sub)
+    assert got[-3:] == [(live, b"old", True), (live, b"live", False), (replaced, b"new", False)]
+    for _ in range(100):  # bounded: 100 topics, 10 nodes a turn
+        if not engine.handouts:
+            break
+        engine.hand_out(NOW)
+        turn = _publishes(engine, sub)
+        assert len(turn) <= 10
+        got += turn
+    assert not engine.handouts
+    olds = [t for t, payload, retain in got if payload == b"old"]
+    assert all(retain for _, payload, retain in got if payload == b"old")
+    assert sorted(olds) == sorted(f"t/{i}" for i in range(100) if f"t/{i}" != replaced)  # each once
+    assert engine.counters.get(("queue_message_drop", ()), 0) == 0
+
+
+def test_retained_hand_out_stops_with_the_subscription_or_the_session(monkeypatch):
+    monkeypatch.setattr(vmqapi, "RETAINED_CHUNK", 10)
+    engine, _ = _engine_with_retained(100)
+    sub, gone = _connected(engine, "sub"), _connected(engine, "gone")
+    for conn in (sub, gone):
+        engine.handle(conn, vmqapi.Subscribe(1, (("t/#", 0),)), NOW)
+        _publishes(engine, conn)
+    assert len(engine.handouts) == 2
+    engine.handle(sub, vmqapi.Unsubscribe(2, ("t/#",)), NOW)
+    engine.connection_lost(gone, NOW)  # a clean session: it ends
+    engine.hand_out(NOW)
+    assert not engine.handouts and _publishes(engine, sub) == []
+
+
+def test_a_second_subscriptions_retained_messages_wait_for_the_first_hand_out(monkeypatch):
+    """One walk under way a session: the next subscription's retained messages follow it, each subscription's once."""
+    monkeypatch.setattr(vmqapi, "RETAINED_CHUNK", 10)
+    engine, _ = _engine_with_retained(30)
+    sub = _connected(engine, "sub")
+    engine.handle(sub, vmqapi.Subscribe(1, (("t/#", 0),)), NOW)
+    got = _publishes(engine, sub)
+    engine.handle(sub, vmqapi.Subscribe(2, (("t/+", 0),)), NOW)
+    assert _publishes(engine, sub) == [] and len(engine.handouts[sub.session]) == 2
+    for _ in range(20):  # bounded: 2 x 31 nodes, 10 a turn
+        engine.hand_out(NOW)
+        got += _publishes(engine, sub)
+    assert not engine.handouts
+    assert sorted(t for t, _, _ in got) == sorted(f"t/{i}" for i in range(30) for _ in range(2))
+
+
+def test_small_retained_sets_go_out_at_once_sorted_by_topic():
+    engine, _ = _engine_with_retained(50)
+    sub = _connected(engine, "sub")
+    engine.handle(sub, vmqapi.Subscribe(1, (("t/+", 0),)), NOW)
+    got = _publishes(engine, sub)
+    assert [t for t, _, _ in got] == sorted(f"t/{i}" for i in range(50)) and not engine.handouts
+
+
+RETAINED_TOPICS = st.lists(st.sampled_from(["a", "b", "c"]), min_size=1, max_size=3).map("/".join)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(RETAINED_TOPICS, max_size=30), st.sampled_from(["#", "a/#", "+/b", "+/+", "a/+/c", "+"]),
+       st.lists(st.one_of(st.tuples(RETAINED_TOPICS, st.booleans()), st.none()), max_size=30))
+def test_retained_hand_out_in_turns_keeps_each_topics_order(initial, topic_filter, ops):
+    """Whatever live messages come between turns: per topic, nothing older after newer, no retained one twice,
+    every retained message not replaced meanwhile comes once, every live one comes."""
+    original = vmqapi.RETAINED_CHUNK
+    vmqapi.RETAINED_CHUNK = 3
+    try:
+        engine, pub = _engine_with_retained(0)
+        seq = itertools.count(1)
+        retained = {}
+        for topic in initial:
+            retained[topic] = n = next(seq)
+            engine.handle(pub, Publish(topic, str(n).encode(), 0, True), NOW)
+        sub = _connected(engine, "sub")
+        engine.handle(sub, vmqapi.Subscribe(1, ((topic_filter, 0),)), NOW)
+        got, live, replaced = _publishes(engine, sub), [], set()
+        for op in ops + [None] * 40:  # bounded: at most 39 topics, 3 nodes a turn
+            if op is None:
+                engine.hand_out(NOW)
+            else:
+                topic, retain = op
+                n = next(seq)
+                engine.handle(pub, Publish(topic, str(n).encode(), 0, retain), NOW)
+                if vmqapi.topic_matches(topic_filter, topic):
+                    live.append((topic, n))
+                    if retain:
+                        replaced.add(topic)
+            got += _publishes(engine, sub)
+        assert not engine.handouts
+    finally:
+        vmqapi.RETAINED_CHUNK = original
+    last = {}
+    for topic, payload, _ in got:
+        assert int(payload) > last.get(topic, 0), (topic, got)  # MQTT 5.0 4.6.0: per topic, in order, once
+        last[topic] = int(payload)
+    received = {(topic, int(payload)) for topic, payload, _ in got}
+    assert set(live) <= received
+    for topic, n in retained.items():
+        if vmqapi.topic_matches(topic_filter, topic) and topic not in replaced:
+            assert (topic, n) in received

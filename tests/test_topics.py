@@ -81,5 +81,23 @@ def test_retain_tree_agrees_with_a_scan(ops, filters):
             assert tree.pop(topic) == model.pop(topic, None)
     assert len(tree) == len(model) and tree.items() == sorted(model.items())
     for topic_filter in filters:
-        expected = [model[t] for t in sorted(model) if naive_match(topic_filter, t)]
-        assert tree.match(topic_filter) == expected
+        expected = [(t, model[t]) for t in sorted(model) if naive_match(topic_filter, t)]
+        assert sorted((t, v) for t, v in tree.walk(topic_filter) if v is not None) == expected
+
+
+@given(st.lists(topics, min_size=1, max_size=20), st.lists(st.tuples(st.booleans(), topics), max_size=20),
+       strategies.topic_filter)
+def test_retain_tree_walk_survives_changes_between_steps(initial, ops, topic_filter):
+    """A walk goes on while the tree changes: what it yields is what the tree holds at that step."""
+    tree = vmqapi.RetainTree()
+    for n, topic in enumerate(initial):
+        tree[topic] = n
+    walk = tree.walk(topic_filter)
+    for store, topic in ops + [(False, "")] * 200:  # bounded: a walk of 20 topics has fewer steps
+        for topic_seen, value in walk:
+            assert value is None or (tree.get(topic_seen) == value and naive_match(topic_filter, topic_seen))
+            break
+        if store:
+            tree[topic] = -1
+        else:
+            tree.pop(topic)
