@@ -6231,6 +6231,7 @@ class MqttLink(asyncio.Protocol):
         self.waiting = False  # a packet waits for webhook answers (section 25): read and decode nothing more
         self.waiting_size = 0  # its bytes, counted in partial_packet_budget while it waits
         self.on_gone: Callable[[], Any] | None = None  # forgets its webhook call if the connection closes first
+        self.on_ready: Callable[[], Any] | None = None  # a WsLink's: it may feed the frames it kept back
         self.reading = True
         self.fresh = True  # nothing received yet
         self.partial_since: float | None = None  # when the unfinished packet in ``buffer`` began
@@ -6262,6 +6263,10 @@ class MqttLink(asyncio.Protocol):
         self.arm(time.time())
 
     def data_received(self, data: bytes) -> None:
+        self.feed(data, time.perf_counter() + BATCH_SECONDS)
+
+    def feed(self, data: bytes, turn_ends: float) -> None:
+        """Decode ``data`` after what is kept; past ``turn_ends`` (a perf_counter time) the rest waits its turn."""
         if self.closing or self.client is None:
             return
         self.io.engine.counters["bytes_received", ()] += len(data)
@@ -6280,7 +6285,7 @@ class MqttLink(asyncio.Protocol):
             buf, self.big = bytes(self.big), None  # complete: one copy, then decoded as usual
         else:
             buf = self.buffer + data if self.buffer else data
-        self._decode(buf)
+        self._decode(buf, turn_ends=turn_ends)
         if self.waiting:
             self._reading()  # read ahead is bounded
         self.io.after_batch()
@@ -6292,14 +6297,15 @@ class MqttLink(asyncio.Protocol):
             return limit
         return min(limit, config["max_connect_size"]) if limit else config["max_connect_size"]
 
-    def _decode(self, buf: bytes, held: tuple | None = None) -> None:
+    def _decode(self, buf: bytes, held: tuple | None = None, turn_ends: float | None = None) -> None:
         pos, engine, client, io = 0, self.io.engine, self.client, self.io
         now = time.time()
         if io.settings() is not io.rules_config:
             io.refresh_rules(now)  # a set of vmq_acl.* or vmq_passwd.* counts from the next packet
         max_size, connected = self._max_size(), client.connected
         engine.refresh_settings()
-        limits, turn_ends = engine.packet_limits, time.perf_counter() + BATCH_SECONDS
+        limits = engine.packet_limits
+        turn_ends = time.perf_counter() + BATCH_SECONDS if turn_ends is None else turn_ends
         try:
             if held is not None:  # it waited for webhook answers, which the gate has set
                 engine.handle(client, held[0], now, held[1])
@@ -6414,6 +6420,14 @@ class MqttLink(asyncio.Protocol):
         if want != self.reading and self.transport is not None:
             self.reading = want
             (self.transport.resume_reading if want else self.transport.pause_reading)()
+        if self.on_ready is not None and self.decoding():
+            self.on_ready()
+
+    def decoding(self) -> bool:
+        """Whether a packet fed now would be decoded (not throttled, paused, waiting or closing)."""
+        client = self.client
+        return not (self.closing or self.paused or self.waiting or client is None or client.closing
+                    or client.pause_for)
 
     def drain(self) -> None:
         """Send what the engine left in this connection's outbox in one write; then pause or close as it asked."""
@@ -6593,8 +6607,8 @@ def ws_handshake(request: bytes) -> tuple[bytes, bool]:
 class WsTransport:
     """What an MqttLink needs of a transport, carried in WebSocket binary frames."""
 
-    def __init__(self, transport: asyncio.Transport):
-        self._transport = transport
+    def __init__(self, transport: asyncio.Transport, link: WsLink):
+        self._transport, self._link = transport, link
 
     def write(self, data: bytes) -> None:
         self._transport.write(ws_frame(2, data))
@@ -6608,13 +6622,13 @@ class WsTransport:
         self._transport.abort()
 
     def pause_reading(self) -> None:
-        self._transport.pause_reading()
+        self._link.inner_reading(False)
 
     def get_write_buffer_size(self) -> int:
         return self._transport.get_write_buffer_size()
 
     def resume_reading(self) -> None:
-        self._transport.resume_reading()
+        self._link.inner_reading(True)
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
         return self._transport.get_extra_info(name, default)
@@ -6637,6 +6651,10 @@ class WsLink(asyncio.Protocol):
         self.open = self.admitted = self.fragmented = False
         self.opened_at = 0.0
         self.timer: asyncio.TimerHandle | None = None
+        self.wanted = self.reading = True  # whether the inner link reads; whether the socket is read
+        self.kept = False  # ``buffer`` may hold whole frames kept back for a later turn of the loop
+        self.turn: asyncio.Handle | None = None  # the later turn, when one is due
+        self.inner.on_ready = self._ready
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -6681,13 +6699,24 @@ class WsLink(asyncio.Protocol):
             self.timer.cancel()
             self.timer = None
         del self.buffer[:end + 4]
-        self.inner.attach(WsTransport(self.transport), self.opened_at)
+        self.inner.attach(WsTransport(self.transport, self), self.opened_at)
         return True
 
     def _frames(self) -> None:
-        pos = 0
+        """Feed the inner link the frames read, for one turn of the loop (BATCH_SECONDS across all of them).
+
+        Frames the inner link cannot take now (throttled, waiting for webhook answers, its turn over)
+        stay in ``buffer``, unsliced, until it can; the socket is read meanwhile only up to
+        WAIT_READ_AHEAD bytes kept (so a peer that hangs up is still seen).
+        """
+        pos, inner = 0, self.inner
+        turn_ends = time.perf_counter() + BATCH_SECONDS
+        self.kept = False
         try:
-            while not self.inner.closing:
+            while not inner.closing:
+                if not inner.decoding() or time.perf_counter() > turn_ends:
+                    self.kept = True
+                    break
                 frame = ws_decode(self.buffer, pos, self._max_frame())
                 if frame is None:
                     break
@@ -6696,7 +6725,7 @@ class WsLink(asyncio.Protocol):
                     if (opcode == 0) != self.fragmented:  # RFC 6455 5.4: a continuation needs a start, a start none
                         raise WsError(WS_CLOSE_PROTOCOL, "continuation frame out of place")
                     self.fragmented = not fin
-                    self.inner.data_received(payload)  # MQTT is a byte stream: fragments feed it as they come
+                    inner.feed(payload, turn_ends)  # MQTT is a byte stream: fragments feed it as they come
                 elif opcode == 1:  # inside a fragmented message a new data frame is itself a violation (5.4)
                     raise WsError(WS_CLOSE_PROTOCOL if self.fragmented else WS_CLOSE_UNSUPPORTED,
                                   "MQTT needs binary frames")
@@ -6712,7 +6741,33 @@ class WsLink(asyncio.Protocol):
             self._close(exc.close_code)
             return
         del self.buffer[:pos]
-        self.io.hold(self, len(self.buffer))
+        # Whole frames kept back are not unfinished: one read's worth at most (the socket waits meanwhile)
+        self.io.hold(self, 0 if self.kept else len(self.buffer))
+        if self.kept and inner.decoding() and self.turn is None:
+            self.turn = self.io.loop.call_soon(self._next_turn)
+        self._socket_reading()
+
+    def _ready(self) -> None:
+        """The inner link decodes again: the frames kept back get a turn soon."""
+        if self.kept and self.turn is None:
+            self.turn = self.io.loop.call_soon(self._next_turn)
+
+    def _next_turn(self) -> None:
+        self.turn = None
+        if self.open and not self.transport.is_closing():
+            self._frames()
+            self.io.after_batch()
+
+    def inner_reading(self, want: bool) -> None:
+        """The inner link's pause_reading or resume_reading."""
+        self.wanted = want
+        self._socket_reading()
+
+    def _socket_reading(self) -> None:
+        want = self.wanted and not (self.kept and (self.turn is not None or len(self.buffer) >= WAIT_READ_AHEAD))
+        if want != self.reading and not self.transport.is_closing():
+            self.reading = want
+            (self.transport.resume_reading if want else self.transport.pause_reading)()
 
     def _max_frame(self) -> int:
         config = self.io.settings()
@@ -6756,6 +6811,8 @@ class WsLink(asyncio.Protocol):
             self.listener.release()
         if self.timer is not None:
             self.timer.cancel()
+        if self.turn is not None:
+            self.turn.cancel()
         self.buffer = bytearray()
         self.io.hold(self, 0)
         if self.open:

@@ -679,3 +679,56 @@ def test_topic_filters_cannot_hold_the_loop(tmp_path):
         finally:
             for c in (control, piped, huge):
                 c.close()
+
+
+def ws_payloads(data):
+    """The payloads of the unmasked server frames in ``data``, joined (every frame must be whole)."""
+    out, pos = bytearray(), 0
+    while pos < len(data):
+        n, i = data[pos + 1] & 0x7F, pos + 2
+        if n == 126:
+            n, i = int.from_bytes(data[i:i + 2], "big"), i + 2
+        elif n == 127:
+            n, i = int.from_bytes(data[i:i + 8], "big"), i + 8
+        assert data[pos] == 0x82 and i + n <= len(data)
+        out += data[i:i + n]
+        pos = i + n
+    return bytes(out)
+
+
+@pytest.mark.slow
+def test_a_websocket_read_of_many_frames_takes_one_turn_of_the_loop(tmp_path):
+    """One 256 KiB read of 32768 one-PINGREQ frames, eight times: a TCP client's PINGREQ still comes back
+    soon, and every PINGRESP is sent, in order."""
+    bursts, per_burst = 8, 256 * 1024 // 8
+    with capped_node(tmp_path / "data", "listener.ws.web=127.0.0.1:0") as node:
+        control = MqttClient(node.port("mqtt"))
+        attacker = WsMqttClient(node.port("mqttws"))
+        try:
+            assert control.connect("control").return_code == 0
+            assert attacker.connect("attacker").return_code == 0
+            burst = WsMqttClient.frame(2, b"\xc0\x00") * per_burst
+            received = bytearray()
+
+            def drain():  # until the node has sent nothing for half a second
+                attacker.sock.settimeout(0.5)
+                with contextlib.suppress(OSError):
+                    while chunk := attacker.sock.recv(1 << 20):
+                        received.extend(chunk)
+
+            reader = threading.Thread(target=drain, daemon=True)
+            sender = threading.Thread(target=lambda: [attacker.sock.sendall(burst) for _ in range(bursts)])
+            reader.start()
+            sender.start()
+            rtts, end = [], time.monotonic() + 20
+            while reader.is_alive() and time.monotonic() < end:  # while the node answers the attacker
+                started = time.perf_counter()
+                control.ping()
+                rtts.append(time.perf_counter() - started)
+            sender.join(20)
+            reader.join(20)
+            assert len(rtts) > 10 and max(rtts) < 0.1, (len(rtts), max(rtts, default=0))
+            assert ws_payloads(received) == b"\xd0\x00" * (bursts * per_burst)
+        finally:
+            control.close()
+            attacker.close()
