@@ -6357,7 +6357,11 @@ class MqttLink(asyncio.Protocol):
 
             if header is not None and sum(header) > max(len(self.buffer), PARTIAL_BIG):
                 self.big, self.need, self.buffer = bytearray(self.buffer), sum(header), b""
-            self.io.hold(self, (len(self.buffer) or len(self.big or b"")) + self.waiting_size)
+            # Complete packets left for a later turn (the 5 ms turn, max_message_rate, webhook answers) are not
+            # unfinished: they are bounded per link by one read (reading pauses meanwhile) and WAIT_READ_AHEAD.
+            deferred = self.paused or self.waiting or self.client.pause_for
+            unfinished = 0 if deferred else len(self.buffer) or len(self.big or b"")
+            self.io.hold(self, unfinished + self.waiting_size)
             if began:
                 self.arm(now)
         if self.client.connected != self.armed_connected:

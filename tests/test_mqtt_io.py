@@ -732,3 +732,26 @@ def test_a_websocket_read_of_many_frames_takes_one_turn_of_the_loop(tmp_path):
         finally:
             control.close()
             attacker.close()
+
+
+def test_whole_packets_left_for_a_later_turn_are_not_unfinished_ones(make_node):
+    """A known client's 256 KiB burst of small QoS 0 PUBLISHes, decoded over several turns of the loop,
+    is not charged to partial_packet_budget: only the packet still unfinished is."""
+    node = make_node(partial_packet_budget="65536")
+    port = mqtt_port(node)
+    sub, pub = MqttClient(port), MqttClient(port)
+    try:
+        assert sub.connect("sub").return_code == 0
+        sub.subscribe(("t", 0))
+        assert pub.connect("pub").return_code == 0
+        packet = vmqapi.encode_packet(vmqapi.Publish("t", b"x" * 10), 4)
+        pub.send_raw(packet * (256 * 1024 // len(packet)))
+        got, end = 0, time.monotonic() + 10
+        while got < 256 * 1024 // len(packet) and time.monotonic() < end and sub.read(2) is not None:
+            got += 1
+        assert got == 256 * 1024 // len(packet)
+        assert node.metrics.value("socket_close_partial_budget") == 0
+        assert pub.ping()
+    finally:
+        sub.close()
+        pub.close()
