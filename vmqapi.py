@@ -2586,7 +2586,7 @@ class Outgoing:
     message sent for a new subscription, ``retained``, which MQTT 3.1.1 clients see too).
     """
 
-    __slots__ = ("msg", "qos", "row", "retain", "ids", "retained", "stage", "sent_at")
+    __slots__ = ("msg", "qos", "row", "retain", "ids", "retained", "stage", "sent_at", "shared")
 
     def __init__(self, msg: Message, qos: int, row: int = 0, retain: bool = False, ids: tuple = (),
                  retained: bool = False):
@@ -2594,6 +2594,7 @@ class Outgoing:
         self.retain, self.ids, self.retained = retain or retained, ids, retained
         self.stage = Stage.QUEUED
         self.sent_at = 0.0
+        self.shared = False  # a large message queued for many: its bytes count once node-wide (Engine.shared)
 
     @property
     def extra(self) -> tuple | None:
@@ -3415,6 +3416,8 @@ class Delivery:
         self.dirty: list[Connection] = []  # connections with output since the I/O shell last took it
         self.queued_bytes = 0  # of every session's queue together (max_queued_bytes)
         self.unsent_bytes = 0  # the I/O shell's: bytes sent to peers that do not read, still in their transports
+        self.shared: dict[int, list] = {}  # id of a large queued message -> [it, queues holding it]
+        self.big_waiters: dict[Session, None] = {}  # sessions whose large message waits for outbox room
         self.retained_changes: list[tuple[str, str]] | _Discard = DISCARD  # (mountpoint, topic) changed here
         # (node, mountpoint, message, plain, groups) for other nodes, in publish order, until the shell takes them
         self.forwards: list[tuple[str, str, Message, bool, tuple[str, ...]]] = []
@@ -3584,11 +3587,13 @@ class Delivery:
             self.enqueue(session, out)
 
     # -- queues -----------------------------------------------------------
-    def queue_full(self, session: Session, online: bool, size: int) -> str:
+    def queue_full(self, session: Session, online: bool, size: int, out: Outgoing | None = None) -> str:
         """Which limit one more message of ``size`` bytes passes ('' none): its queue's count or bytes, or all queues'.
 
         An empty queue takes one message of any size (its byte limit bounds what waits behind
-        it): a message the node accepted must reach an idle subscriber whatever its size.
+        it): a message the node accepted must reach an idle subscriber whatever its size. At
+        QoS 1 or 2 to a connected subscriber it is marked shared (``out``): queued, it costs
+        max_queued_bytes once for all its queues, and waits in drain for room in the outboxes.
         """
         limit, byte_limit = (self.max_online, self.max_online_bytes) if online else \
             (self.max_offline, self.max_offline_bytes)
@@ -3601,10 +3606,49 @@ class Delivery:
         if 0 <= byte_limit < session.queue_bytes + size:
             if queued:
                 return "max_online_bytes" if online else "max_offline_bytes"
-            # such big ones, copied for every subscriber (in this batch's outboxes, then in the buffers of
-            # peers that do not read), share the node-wide bound
-            total += self.unsent_bytes + sum(c.out_bytes for c in self.dirty)
+            if out is not None and out.qos and online and not session.stored:
+                out.shared = True
+                if id(out.msg) in self.shared:
+                    total -= size  # already counted
+            else:
+                # such big ones, copied for every subscriber (in this batch's outboxes, then in the buffers of
+                # peers that do not read), share the node-wide bound
+                total += self.outbox_bytes()
+                if 0 <= self.max_queued_bytes < total:
+                    return "max_queued_bytes, with the large messages in outboxes and unread peer buffers"
         return "max_queued_bytes" if 0 <= self.max_queued_bytes < total else ""
+
+    def outbox_bytes(self) -> int:
+        """Bytes in this batch's outboxes and in the transports of peers that do not read."""
+        return self.unsent_bytes + sum(c.out_bytes for c in self.dirty)
+
+    def _share(self, out: Outgoing, size: int) -> None:
+        """Count a shared message's bytes node-wide when its first queue takes it."""
+        entry = self.shared.setdefault(id(out.msg), [out.msg, 0])
+        entry[1] += 1
+        if entry[1] == 1:
+            self.queued_bytes += size
+
+    def _unshare(self, out: Outgoing, size: int) -> None:
+        """A queue gave up a shared message: uncount its bytes once the last one has."""
+        entry = self.shared[id(out.msg)]
+        entry[1] -= 1
+        if not entry[1]:
+            del self.shared[id(out.msg)]
+            self.queued_bytes -= size
+
+    def room_for_big(self, size: int) -> bool:
+        """Whether one more copy of a shared message fits in the outboxes (always, when they hold none)."""
+        pending = self.outbox_bytes()
+        return not pending or self.max_queued_bytes < 0 or self.queued_bytes + pending + size <= self.max_queued_bytes
+
+    def retry_big(self, now: float) -> bool:
+        """Drain the sessions whose large message waited for outbox room; return whether any sent."""
+        self.now = now
+        waiters, self.big_waiters = self.big_waiters, {}
+        for session in waiters:
+            self.drain(session)
+        return len(self.big_waiters) < len(waiters)
 
     def enqueue(self, session: Session, out: Outgoing) -> None:
         """Queue for a session (bounded in messages and bytes), then drain.
@@ -3615,7 +3659,7 @@ class Delivery:
         online = session.client is not None
         msg, qos = out.msg, out.qos
         size = message_bytes(msg)
-        full = self.queue_full(session, online, size) or (online and qos == 0 and not session.client.writable
+        full = self.queue_full(session, online, size, out) or (online and qos == 0 and not session.client.writable
                                                           and "its connection takes no more")
         if full:
             self.counters["queue_message_drop", ()] += 1  # a slow subscriber loses QoS 0, never blocks others
@@ -3630,7 +3674,10 @@ class Delivery:
         if not online and self.hooks.on_offline_message:
             notify(self.hooks.on_offline_message, session.key, qos, msg.topic, msg.payload, msg.retain)
         session.queue_bytes += size
-        self.queued_bytes += size
+        if out.shared:
+            self._share(out, size)
+        else:
+            self.queued_bytes += size
         if out.row and (session.stored or not online):
             session.stored += 1
             session.stored_bytes += size
@@ -3676,6 +3723,12 @@ class Delivery:
     def forget_queue(self, session: Session) -> None:
         """Take a session's queue out of the node-wide byte count (the session ends)."""
         self.queued_bytes -= session.queue_bytes
+        for out in session.queue:
+            if out.shared:
+                out.shared = False
+                self.queued_bytes += message_bytes(out.msg)  # subtracted above; counted once, in _unshare
+                self._unshare(out, message_bytes(out.msg))
+        self.big_waiters.pop(session, None)
         session.queue_bytes = session.stored = session.stored_bytes = 0
 
     def drain(self, session: Session) -> None:
@@ -3697,10 +3750,16 @@ class Delivery:
             if not client.writable or (client.out and not self.fits(client, message_bytes(head.msg))):
                 client.held_back = True  # the I/O shell drains again once the peer has taken its output
                 break
+            if head.shared and not self.room_for_big(message_bytes(head.msg)):
+                self.big_waiters[session] = None  # retry_big sends it once outboxes have room
+                break
             out = queue.popleft()
             size = message_bytes(out.msg)
             session.queue_bytes -= size
-            self.queued_bytes -= size
+            if out.shared:
+                self._unshare(out, size)
+            else:
+                self.queued_bytes -= size
             if out.msg.expires is not None and out.msg.expires <= self.now:
                 self.counters["queue_message_expired", ()] += 1  # MQTT 5.0 3.3.2.3.3
                 if out.row:
@@ -6976,6 +7035,7 @@ class MqttIO:
         self.holders: set[Any] = set()  # the links holding some
         self.gate: Callable[..., bool] | None = None  # webhooks (section 23) see packets first: handled, or held
         self.loop = asyncio.new_event_loop()
+        self.big_retry: asyncio.Handle | None = None  # retry_big on the next turn of the loop
         self._thread = threading.Thread(target=self._run, name="vmqapi-mqtt", daemon=True)
         self._tick_handle: asyncio.TimerHandle | None = None
         self._tick_error_at = 0.0  # when a failed tick was last logged
@@ -7142,6 +7202,14 @@ class MqttIO:
             dirty = engine.take_dirty()  # the DISCONNECTs, and wills routed to others
         for conn in dirty:
             conn.link.drain()
+        if engine.big_waiters and self.big_retry is None:
+            self.big_retry = self.loop.call_soon(self._retry_big)
+
+    def _retry_big(self) -> None:
+        """Large messages waiting for outbox room go on; when none could, the next tick tries again."""
+        self.big_retry = None
+        if self.engine.retry_big(time.time()):
+            self.after_batch()
 
     def refresh_rules(self, now: float) -> None:
         """Hand the engine the vmq_passwd users and vmq_acl rules in force (files reloaded as configured)."""

@@ -755,3 +755,24 @@ def test_whole_packets_left_for_a_later_turn_are_not_unfinished_ones(make_node):
     finally:
         sub.close()
         pub.close()
+
+
+def test_a_large_qos1_message_reaches_every_subscriber_however_many(tmp_path):
+    """2 MB, over max_online_bytes, to eight QoS 1 subscribers: eight copies would pass max_queued_bytes in
+    the outboxes at once, so some wait for room there instead of being dropped."""
+    with capped_node(tmp_path / "d", f"max_online_bytes={MB}", f"max_queued_bytes={8 * MB}") as node:
+        port = node.port("mqtt")
+        subs = [MqttClient(port, timeout=10) for _ in range(8)]
+        pub = MqttClient(port, timeout=10)
+        try:
+            for n, sub in enumerate(subs):
+                assert sub.connect(f"s{n}").return_code == 0
+                sub.subscribe(("big", 1))
+            assert pub.connect("pub").return_code == 0
+            pub.publish("big", b"x" * 2_000_000, qos=1)
+            assert [len(sub.message(timeout=5).payload) for sub in subs] == [2_000_000] * 8
+            assert node.metric("queue_message_drop") == 0
+        finally:
+            pub.close()
+            for sub in subs:
+                sub.close()
