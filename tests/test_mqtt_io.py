@@ -421,6 +421,31 @@ def test_a_large_qos0_message_is_not_copied_for_every_subscriber_that_does_not_r
                 r.close()
 
 
+@pytest.mark.slow
+def test_a_large_qos1_message_waits_for_subscribers_that_do_not_read_without_a_copy_each(tmp_path):
+    # At QoS 1 it is not dropped: each queue holds it (counted once), and a copy leaves a queue only while
+    # the outboxes and unread peer buffers leave room under max_queued_bytes.
+    with capped_node(tmp_path / "d", f"max_queued_bytes={48 * MB}") as node:
+        port = node.port("mqtt")
+        readers = [slow_reader(port, f"slow{n}", ("big", 1)) for n in range(8)]
+        pub = MqttClient(port, timeout=30)
+        try:
+            time.sleep(0.5)
+            before = node.rss()
+            assert pub.connect("pub").return_code == 0
+            pub.send_raw(b"\x32" + vmqapi.encode_length(40 * MB + 7) + b"\0\3big\0\1" + b"\1" * (40 * MB))
+            assert isinstance(pub.read(20), vmqapi.Puback)
+            time.sleep(2)
+            assert control_round_trip(port) < 5
+            grown = node.rss() - before
+            assert grown < 96 * MB, f"one 40 MB message grew the node by {grown / MB:.0f} MB"
+            assert node.metric("queue_message_drop") == 0
+        finally:
+            pub.close()
+            for r in readers:
+                r.close()
+
+
 def test_a_connect_and_a_large_publish_in_one_write_are_both_taken(make_node):
     node = make_node()
     sub = MqttClient(mqtt_port(node))
