@@ -2655,7 +2655,7 @@ class Outgoing:
     message sent for a new subscription, ``retained``, which MQTT 3.1.1 clients see too).
     """
 
-    __slots__ = ("msg", "qos", "row", "retain", "ids", "retained", "stage", "sent_at")
+    __slots__ = ("msg", "qos", "row", "retain", "ids", "retained", "stage", "sent_at", "shared")
 
     def __init__(self, msg: Message, qos: int, row: int = 0, retain: bool = False, ids: tuple = (),
                  retained: bool = False):
@@ -2663,6 +2663,7 @@ class Outgoing:
         self.retain, self.ids, self.retained = retain or retained, ids, retained
         self.stage = Stage.QUEUED
         self.sent_at = 0.0
+        self.shared = False  # a large message queued for many: its bytes count once node-wide (Engine.shared)
 
     @property
     def extra(self) -> tuple | None:
@@ -3503,6 +3504,8 @@ class Delivery:
         self.dirty: list[Connection] = []  # connections with output since the I/O shell last took it
         self.queued_bytes = 0  # of every session's queue together (max_queued_bytes)
         self.unsent_bytes = 0  # the I/O shell's: bytes sent to peers that do not read, still in their transports
+        self.shared: dict[int, list] = {}  # id of a large queued message -> [it, queues holding it]
+        self.big_waiters: dict[Session, None] = {}  # sessions whose large message waits for outbox room
         self.retained_changes: list[tuple[str, str]] | _Discard = DISCARD  # (mountpoint, topic) changed here
         # (node, mountpoint, message, plain, groups) for other nodes, in publish order, until the shell takes them
         self.forwards: list[tuple[str, str, Message, bool, tuple[str, ...]]] = []
@@ -3678,11 +3681,13 @@ class Delivery:
             self.enqueue(session, out)
 
     # -- queues -----------------------------------------------------------
-    def queue_full(self, session: Session, online: bool, size: int) -> str:
+    def queue_full(self, session: Session, online: bool, size: int, out: Outgoing | None = None) -> str:
         """Which limit one more message of ``size`` bytes passes ('' none): its queue's count or bytes, or all queues'.
 
         An empty queue takes one message of any size (its byte limit bounds what waits behind
-        it): a message the node accepted must reach an idle subscriber whatever its size.
+        it): a message the node accepted must reach an idle subscriber whatever its size. At
+        QoS 1 or 2 to a connected subscriber it is marked shared (``out``): queued, it costs
+        max_queued_bytes once for all its queues, and waits in drain for room in the outboxes.
         """
         limit, byte_limit = (self.max_online, self.max_online_bytes) if online else \
             (self.max_offline, self.max_offline_bytes)
@@ -3695,10 +3700,49 @@ class Delivery:
         if 0 <= byte_limit < session.queue_bytes + size:
             if queued:
                 return "max_online_bytes" if online else "max_offline_bytes"
-            # such big ones, copied for every subscriber (in this batch's outboxes, then in the buffers of
-            # peers that do not read), share the node-wide bound
-            total += self.unsent_bytes + sum(c.out_bytes for c in self.dirty)
+            if out is not None and out.qos and online and not session.stored:
+                out.shared = True
+                if id(out.msg) in self.shared:
+                    total -= size  # already counted
+            else:
+                # such big ones, copied for every subscriber (in this batch's outboxes, then in the buffers of
+                # peers that do not read), share the node-wide bound
+                total += self.outbox_bytes()
+                if 0 <= self.max_queued_bytes < total:
+                    return "max_queued_bytes, with the large messages in outboxes and unread peer buffers"
         return "max_queued_bytes" if 0 <= self.max_queued_bytes < total else ""
+
+    def outbox_bytes(self) -> int:
+        """Bytes in this batch's outboxes and in the transports of peers that do not read."""
+        return self.unsent_bytes + sum(c.out_bytes for c in self.dirty)
+
+    def _share(self, out: Outgoing, size: int) -> None:
+        """Count a shared message's bytes node-wide when its first queue takes it."""
+        entry = self.shared.setdefault(id(out.msg), [out.msg, 0])
+        entry[1] += 1
+        if entry[1] == 1:
+            self.queued_bytes += size
+
+    def _unshare(self, out: Outgoing, size: int) -> None:
+        """A queue gave up a shared message: uncount its bytes once the last one has."""
+        entry = self.shared[id(out.msg)]
+        entry[1] -= 1
+        if not entry[1]:
+            del self.shared[id(out.msg)]
+            self.queued_bytes -= size
+
+    def room_for_big(self, size: int) -> bool:
+        """Whether one more copy of a shared message fits in the outboxes (always, when they hold none)."""
+        pending = self.outbox_bytes()
+        return not pending or self.max_queued_bytes < 0 or self.queued_bytes + pending + size <= self.max_queued_bytes
+
+    def retry_big(self, now: float) -> bool:
+        """Drain the sessions whose large message waited for outbox room; return whether any sent."""
+        self.now = now
+        waiters, self.big_waiters = self.big_waiters, {}
+        for session in waiters:
+            self.drain(session)
+        return len(self.big_waiters) < len(waiters)
 
     def enqueue(self, session: Session, out: Outgoing) -> None:
         """Queue for a session (bounded in messages and bytes), then drain.
@@ -3709,7 +3753,7 @@ class Delivery:
         online = session.client is not None
         msg, qos = out.msg, out.qos
         size = message_bytes(msg)
-        full = self.queue_full(session, online, size) or (online and qos == 0 and not session.client.writable
+        full = self.queue_full(session, online, size, out) or (online and qos == 0 and not session.client.writable
                                                           and "its connection takes no more")
         if full:
             self.counters["queue_message_drop", ()] += 1  # a slow subscriber loses QoS 0, never blocks others
@@ -3724,7 +3768,10 @@ class Delivery:
         if not online and self.hooks.on_offline_message:
             notify(self.hooks.on_offline_message, session.key, qos, msg.topic, msg.payload, msg.retain)
         session.queue_bytes += size
-        self.queued_bytes += size
+        if out.shared:
+            self._share(out, size)
+        else:
+            self.queued_bytes += size
         if out.row and (session.stored or not online):
             session.stored += 1
             session.stored_bytes += size
@@ -3770,6 +3817,12 @@ class Delivery:
     def forget_queue(self, session: Session) -> None:
         """Take a session's queue out of the node-wide byte count (the session ends)."""
         self.queued_bytes -= session.queue_bytes
+        for out in session.queue:
+            if out.shared:
+                out.shared = False
+                self.queued_bytes += message_bytes(out.msg)  # subtracted above; counted once, in _unshare
+                self._unshare(out, message_bytes(out.msg))
+        self.big_waiters.pop(session, None)
         session.queue_bytes = session.stored = session.stored_bytes = 0
 
     def drain(self, session: Session) -> None:
@@ -3791,10 +3844,16 @@ class Delivery:
             if not client.writable or (client.out and not self.fits(client, message_bytes(head.msg))):
                 client.held_back = True  # the I/O shell drains again once the peer has taken its output
                 break
+            if head.shared and not self.room_for_big(message_bytes(head.msg)):
+                self.big_waiters[session] = None  # retry_big sends it once outboxes have room
+                break
             out = queue.popleft()
             size = message_bytes(out.msg)
             session.queue_bytes -= size
-            self.queued_bytes -= size
+            if out.shared:
+                self._unshare(out, size)
+            else:
+                self.queued_bytes -= size
             if out.msg.expires is not None and out.msg.expires <= self.now:
                 self.counters["queue_message_expired", ()] += 1  # MQTT 5.0 3.3.2.3.3
                 if out.row:
@@ -6411,6 +6470,7 @@ class MqttLink(asyncio.Protocol):
         self.waiting = False  # a packet waits for webhook answers (section 25): read and decode nothing more
         self.waiting_size = 0  # its bytes, counted in partial_packet_budget while it waits
         self.on_gone: Callable[[], Any] | None = None  # forgets its webhook call if the connection closes first
+        self.on_ready: Callable[[], Any] | None = None  # a WsLink's: it may feed the frames it kept back
         self.reading = True
         self.fresh = True  # nothing received yet
         self.partial_since: float | None = None  # when the unfinished packet in ``buffer`` began
@@ -6442,6 +6502,10 @@ class MqttLink(asyncio.Protocol):
         self.arm(time.time())
 
     def data_received(self, data: bytes) -> None:
+        self.feed(data, time.perf_counter() + BATCH_SECONDS)
+
+    def feed(self, data: bytes, turn_ends: float) -> None:
+        """Decode ``data`` after what is kept; past ``turn_ends`` (a perf_counter time) the rest waits its turn."""
         if self.closing or self.client is None:
             return
         self.io.engine.counters["bytes_received", ()] += len(data)
@@ -6460,7 +6524,7 @@ class MqttLink(asyncio.Protocol):
             buf, self.big = bytes(self.big), None  # complete: one copy, then decoded as usual
         else:
             buf = self.buffer + data if self.buffer else data
-        self._decode(buf)
+        self._decode(buf, turn_ends=turn_ends)
         if self.waiting:
             self._reading()  # read ahead is bounded
         self.io.after_batch()
@@ -6472,14 +6536,15 @@ class MqttLink(asyncio.Protocol):
             return limit
         return min(limit, config["max_connect_size"]) if limit else config["max_connect_size"]
 
-    def _decode(self, buf: bytes, held: tuple | None = None) -> None:
+    def _decode(self, buf: bytes, held: tuple | None = None, turn_ends: float | None = None) -> None:
         pos, engine, client, io = 0, self.io.engine, self.client, self.io
         now = time.time()
         if io.settings() is not io.rules_config:
             io.refresh_rules(now)  # a set of vmq_acl.* or vmq_passwd.* counts from the next packet
         max_size, connected = self._max_size(), client.connected
         engine.refresh_settings()
-        limits, turn_ends = engine.packet_limits, time.perf_counter() + BATCH_SECONDS
+        limits = engine.packet_limits
+        turn_ends = time.perf_counter() + BATCH_SECONDS if turn_ends is None else turn_ends
         try:
             if held is not None:  # it waited for webhook answers, which the gate has set
                 engine.handle(client, held[0], now, held[1])
@@ -6531,7 +6596,11 @@ class MqttLink(asyncio.Protocol):
 
             if header is not None and sum(header) > max(len(self.buffer), PARTIAL_BIG):
                 self.big, self.need, self.buffer = bytearray(self.buffer), sum(header), b""
-            self.io.hold(self, (len(self.buffer) or len(self.big or b"")) + self.waiting_size)
+            # Complete packets left for a later turn (the 5 ms turn, max_message_rate, webhook answers) are not
+            # unfinished: they are bounded per link by one read (reading pauses meanwhile) and WAIT_READ_AHEAD.
+            deferred = self.paused or self.waiting or self.client.pause_for
+            unfinished = 0 if deferred else len(self.buffer) or len(self.big or b"")
+            self.io.hold(self, unfinished + self.waiting_size)
             if began:
                 self.arm(now)
         if self.client.connected != self.armed_connected:
@@ -6594,6 +6663,14 @@ class MqttLink(asyncio.Protocol):
         if want != self.reading and self.transport is not None:
             self.reading = want
             (self.transport.resume_reading if want else self.transport.pause_reading)()
+        if self.on_ready is not None and self.decoding():
+            self.on_ready()
+
+    def decoding(self) -> bool:
+        """Whether a packet fed now would be decoded (not throttled, paused, waiting or closing)."""
+        client = self.client
+        return not (self.closing or self.paused or self.waiting or client is None or client.closing
+                    or client.pause_for)
 
     def drain(self) -> None:
         """Send what the engine left in this connection's outbox in one write; then pause or close as it asked."""
@@ -6791,8 +6868,8 @@ def ws_origin_allowed(origin: str, host: str, allowed: tuple[str, ...]) -> bool:
 class WsTransport:
     """What an MqttLink needs of a transport, carried in WebSocket binary frames."""
 
-    def __init__(self, transport: asyncio.Transport):
-        self._transport = transport
+    def __init__(self, transport: asyncio.Transport, link: WsLink):
+        self._transport, self._link = transport, link
 
     def write(self, data: bytes) -> None:
         self._transport.write(ws_frame(2, data))
@@ -6806,13 +6883,13 @@ class WsTransport:
         self._transport.abort()
 
     def pause_reading(self) -> None:
-        self._transport.pause_reading()
+        self._link.inner_reading(False)
 
     def get_write_buffer_size(self) -> int:
         return self._transport.get_write_buffer_size()
 
     def resume_reading(self) -> None:
-        self._transport.resume_reading()
+        self._link.inner_reading(True)
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
         return self._transport.get_extra_info(name, default)
@@ -6835,6 +6912,10 @@ class WsLink(asyncio.Protocol):
         self.open = self.admitted = self.fragmented = False
         self.opened_at = 0.0
         self.timer: asyncio.TimerHandle | None = None
+        self.wanted = self.reading = True  # whether the inner link reads; whether the socket is read
+        self.kept = False  # ``buffer`` may hold whole frames kept back for a later turn of the loop
+        self.turn: asyncio.Handle | None = None  # the later turn, when one is due
+        self.inner.on_ready = self._ready
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -6880,13 +6961,24 @@ class WsLink(asyncio.Protocol):
             self.timer.cancel()
             self.timer = None
         del self.buffer[:end + 4]
-        self.inner.attach(WsTransport(self.transport), self.opened_at)
+        self.inner.attach(WsTransport(self.transport, self), self.opened_at)
         return True
 
     def _frames(self) -> None:
-        pos = 0
+        """Feed the inner link the frames read, for one turn of the loop (BATCH_SECONDS across all of them).
+
+        Frames the inner link cannot take now (throttled, waiting for webhook answers, its turn over)
+        stay in ``buffer``, unsliced, until it can; the socket is read meanwhile only up to
+        WAIT_READ_AHEAD bytes kept (so a peer that hangs up is still seen).
+        """
+        pos, inner = 0, self.inner
+        turn_ends = time.perf_counter() + BATCH_SECONDS
+        self.kept = False
         try:
-            while not self.inner.closing:
+            while not inner.closing:
+                if not inner.decoding() or time.perf_counter() > turn_ends:
+                    self.kept = True
+                    break
                 frame = ws_decode(self.buffer, pos, self._max_frame())
                 if frame is None:
                     break
@@ -6895,7 +6987,7 @@ class WsLink(asyncio.Protocol):
                     if (opcode == 0) != self.fragmented:  # RFC 6455 5.4: a continuation needs a start, a start none
                         raise WsError(WS_CLOSE_PROTOCOL, "continuation frame out of place")
                     self.fragmented = not fin
-                    self.inner.data_received(payload)  # MQTT is a byte stream: fragments feed it as they come
+                    inner.feed(payload, turn_ends)  # MQTT is a byte stream: fragments feed it as they come
                 elif opcode == 1:  # inside a fragmented message a new data frame is itself a violation (5.4)
                     raise WsError(WS_CLOSE_PROTOCOL if self.fragmented else WS_CLOSE_UNSUPPORTED,
                                   "MQTT needs binary frames")
@@ -6911,7 +7003,33 @@ class WsLink(asyncio.Protocol):
             self._close(exc.close_code)
             return
         del self.buffer[:pos]
-        self.io.hold(self, len(self.buffer))
+        # Whole frames kept back are not unfinished: one read's worth at most (the socket waits meanwhile)
+        self.io.hold(self, 0 if self.kept else len(self.buffer))
+        if self.kept and inner.decoding() and self.turn is None:
+            self.turn = self.io.loop.call_soon(self._next_turn)
+        self._socket_reading()
+
+    def _ready(self) -> None:
+        """The inner link decodes again: the frames kept back get a turn soon."""
+        if self.kept and self.turn is None:
+            self.turn = self.io.loop.call_soon(self._next_turn)
+
+    def _next_turn(self) -> None:
+        self.turn = None
+        if self.open and not self.transport.is_closing():
+            self._frames()
+            self.io.after_batch()
+
+    def inner_reading(self, want: bool) -> None:
+        """The inner link's pause_reading or resume_reading."""
+        self.wanted = want
+        self._socket_reading()
+
+    def _socket_reading(self) -> None:
+        want = self.wanted and not (self.kept and (self.turn is not None or len(self.buffer) >= WAIT_READ_AHEAD))
+        if want != self.reading and not self.transport.is_closing():
+            self.reading = want
+            (self.transport.resume_reading if want else self.transport.pause_reading)()
 
     def _max_frame(self) -> int:
         config = self.io.settings()
@@ -6955,6 +7073,8 @@ class WsLink(asyncio.Protocol):
             self.listener.release()
         if self.timer is not None:
             self.timer.cancel()
+        if self.turn is not None:
+            self.turn.cancel()
         self.buffer = bytearray()
         self.io.hold(self, 0)
         if self.open:
@@ -7115,6 +7235,7 @@ class MqttIO:
         self.holders: set[Any] = set()  # the links holding some
         self.gate: Callable[..., bool] | None = None  # webhooks (section 23) see packets first: handled, or held
         self.loop = asyncio.new_event_loop()
+        self.big_retry: asyncio.Handle | None = None  # retry_big on the next turn of the loop
         self._thread = threading.Thread(target=self._run, name="vmqapi-mqtt", daemon=True)
         self._tick_handle: asyncio.TimerHandle | None = None
         self._tick_error_at = 0.0  # when a failed tick was last logged
@@ -7284,6 +7405,8 @@ class MqttIO:
             conn.link.drain()
         if engine.handouts:
             self.schedule_handout()
+        if engine.big_waiters and self.big_retry is None:
+            self.big_retry = self.loop.call_soon(self._retry_big)
 
     def schedule_handout(self) -> None:
         """Hand out more retained messages at the next turn of the loop, after what is ready to read."""
@@ -7298,6 +7421,12 @@ class MqttIO:
             log.exception("handing out retained messages failed; the rest are not sent")
             self.engine.handouts.clear()
         self.after_batch()
+
+    def _retry_big(self) -> None:
+        """Large messages waiting for outbox room go on; when none could, the next tick tries again."""
+        self.big_retry = None
+        if self.engine.retry_big(time.time()):
+            self.after_batch()
 
     def refresh_rules(self, now: float) -> None:
         """Hand the engine the vmq_passwd users and vmq_acl rules in force (files reloaded as configured)."""

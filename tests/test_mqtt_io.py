@@ -443,6 +443,31 @@ def test_a_large_qos0_message_is_not_copied_for_every_subscriber_that_does_not_r
                 r.close()
 
 
+@pytest.mark.slow
+def test_a_large_qos1_message_waits_for_subscribers_that_do_not_read_without_a_copy_each(tmp_path):
+    # At QoS 1 it is not dropped: each queue holds it (counted once), and a copy leaves a queue only while
+    # the outboxes and unread peer buffers leave room under max_queued_bytes.
+    with capped_node(tmp_path / "d", f"max_queued_bytes={48 * MB}") as node:
+        port = node.port("mqtt")
+        readers = [slow_reader(port, f"slow{n}", ("big", 1)) for n in range(8)]
+        pub = MqttClient(port, timeout=30)
+        try:
+            time.sleep(0.5)
+            before = node.rss()
+            assert pub.connect("pub").return_code == 0
+            pub.send_raw(b"\x32" + vmqapi.encode_length(40 * MB + 7) + b"\0\3big\0\1" + b"\1" * (40 * MB))
+            assert isinstance(pub.read(20), vmqapi.Puback)
+            time.sleep(2)
+            assert control_round_trip(port) < 5
+            grown = node.rss() - before
+            assert grown < 96 * MB, f"one 40 MB message grew the node by {grown / MB:.0f} MB"
+            assert node.metric("queue_message_drop") == 0
+        finally:
+            pub.close()
+            for r in readers:
+                r.close()
+
+
 def test_a_connect_and_a_large_publish_in_one_write_are_both_taken(make_node):
     node = make_node()
     sub = MqttClient(mqtt_port(node))
@@ -701,3 +726,100 @@ def test_topic_filters_cannot_hold_the_loop(tmp_path):
         finally:
             for c in (control, piped, huge):
                 c.close()
+
+
+def ws_payloads(data):
+    """The payloads of the unmasked server frames in ``data``, joined (every frame must be whole)."""
+    out, pos = bytearray(), 0
+    while pos < len(data):
+        n, i = data[pos + 1] & 0x7F, pos + 2
+        if n == 126:
+            n, i = int.from_bytes(data[i:i + 2], "big"), i + 2
+        elif n == 127:
+            n, i = int.from_bytes(data[i:i + 8], "big"), i + 8
+        assert data[pos] == 0x82 and i + n <= len(data)
+        out += data[i:i + n]
+        pos = i + n
+    return bytes(out)
+
+
+@pytest.mark.slow
+def test_a_websocket_read_of_many_frames_takes_one_turn_of_the_loop(tmp_path):
+    """One 256 KiB read of 32768 one-PINGREQ frames, eight times: a TCP client's PINGREQ still comes back
+    soon, and every PINGRESP is sent, in order."""
+    bursts, per_burst = 8, 256 * 1024 // 8
+    with capped_node(tmp_path / "data", "listener.ws.web=127.0.0.1:0") as node:
+        control = MqttClient(node.port("mqtt"))
+        attacker = WsMqttClient(node.port("mqttws"))
+        try:
+            assert control.connect("control").return_code == 0
+            assert attacker.connect("attacker").return_code == 0
+            burst = WsMqttClient.frame(2, b"\xc0\x00") * per_burst
+            received = bytearray()
+
+            def drain():  # until the node has sent nothing for half a second
+                attacker.sock.settimeout(0.5)
+                with contextlib.suppress(OSError):
+                    while chunk := attacker.sock.recv(1 << 20):
+                        received.extend(chunk)
+
+            reader = threading.Thread(target=drain, daemon=True)
+            sender = threading.Thread(target=lambda: [attacker.sock.sendall(burst) for _ in range(bursts)])
+            reader.start()
+            sender.start()
+            rtts, end = [], time.monotonic() + 20
+            while reader.is_alive() and time.monotonic() < end:  # while the node answers the attacker
+                started = time.perf_counter()
+                control.ping()
+                rtts.append(time.perf_counter() - started)
+            sender.join(20)
+            reader.join(20)
+            assert len(rtts) > 10 and max(rtts) < 0.1, (len(rtts), max(rtts, default=0))
+            assert ws_payloads(received) == b"\xd0\x00" * (bursts * per_burst)
+        finally:
+            control.close()
+            attacker.close()
+
+
+def test_whole_packets_left_for_a_later_turn_are_not_unfinished_ones(make_node):
+    """A known client's 256 KiB burst of small QoS 0 PUBLISHes, decoded over several turns of the loop,
+    is not charged to partial_packet_budget: only the packet still unfinished is."""
+    node = make_node(partial_packet_budget="65536")
+    port = mqtt_port(node)
+    sub, pub = MqttClient(port), MqttClient(port)
+    try:
+        assert sub.connect("sub").return_code == 0
+        sub.subscribe(("t", 0))
+        assert pub.connect("pub").return_code == 0
+        packet = vmqapi.encode_packet(vmqapi.Publish("t", b"x" * 10), 4)
+        pub.send_raw(packet * (256 * 1024 // len(packet)))
+        got, end = 0, time.monotonic() + 10
+        while got < 256 * 1024 // len(packet) and time.monotonic() < end and sub.read(2) is not None:
+            got += 1
+        assert got == 256 * 1024 // len(packet)
+        assert node.metrics.value("socket_close_partial_budget") == 0
+        assert pub.ping()
+    finally:
+        sub.close()
+        pub.close()
+
+
+def test_a_large_qos1_message_reaches_every_subscriber_however_many(tmp_path):
+    """2 MB, over max_online_bytes, to eight QoS 1 subscribers: eight copies would pass max_queued_bytes in
+    the outboxes at once, so some wait for room there instead of being dropped."""
+    with capped_node(tmp_path / "d", f"max_online_bytes={MB}", f"max_queued_bytes={8 * MB}") as node:
+        port = node.port("mqtt")
+        subs = [MqttClient(port, timeout=10) for _ in range(8)]
+        pub = MqttClient(port, timeout=10)
+        try:
+            for n, sub in enumerate(subs):
+                assert sub.connect(f"s{n}").return_code == 0
+                sub.subscribe(("big", 1))
+            assert pub.connect("pub").return_code == 0
+            pub.publish("big", b"x" * 2_000_000, qos=1)
+            assert [len(sub.message(timeout=5).payload) for sub in subs] == [2_000_000] * 8
+            assert node.metric("queue_message_drop") == 0
+        finally:
+            pub.close()
+            for sub in subs:
+                sub.close()

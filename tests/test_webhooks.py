@@ -16,7 +16,7 @@ import urllib.parse
 import pytest
 
 from conftest import ROOT, Client, body_json, run_cli
-from mqtt_client import MqttClient
+from mqtt_client import MqttClient, WsMqttClient
 from test_tls_ws import pki  # noqa: F401  (the certificates fixture)
 
 import vmqapi
@@ -389,10 +389,13 @@ def test_an_expired_answer_is_asked_again(make_node, endpoint):
     assert len(endpoint.bodies("auth_on_subscribe")) == 2
 
 
-def test_packets_after_a_held_one_wait_in_order(make_node, endpoint):
-    node = hooked(make_node, endpoint, "auth_on_publish", allow_anonymous="on")
+@pytest.mark.parametrize("websocket", [False, True])
+def test_packets_after_a_held_one_wait_in_order(make_node, endpoint, websocket):
+    node = hooked(make_node, endpoint, "auth_on_publish", allow_anonymous="on",
+                  **{"listener.ws.default": "127.0.0.1:0"})
     endpoint.delay["auth_on_publish"] = 0.2
-    sub, pub = client(node), client(node)
+    ws = next(x["port"] for x in node.listeners() if x["type"] == "mqttws")
+    sub, pub = client(node), WsMqttClient(ws) if websocket else client(node)
     try:
         sub.connect("sub")
         sub.subscribe(("t/#", 0))
