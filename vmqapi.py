@@ -436,7 +436,8 @@ class ConfigError(VmqError):
 
 
 class FileRefused(ConfigError):
-    """A file the node reads is not a regular file, or is larger than it reads; it is left untouched."""
+    """A file the node reads is not a regular file, is larger than it reads, or (a bridge's TLS file) cannot be
+    used; it is left untouched."""
 
     exit_code, code = 2, "file_refused"
 
@@ -1044,7 +1045,7 @@ def parse_setting(key: str, text: str) -> Any:
     """Parse ``text`` as the value of ``key``; raise InvalidKey or InvalidValue."""
     setting = find_setting(key)
     try:
-        return setting.parse(text)
+        return setting.parse(text.strip())  # "key = value": the message quotes the value, not its spacing
     except ValueError as exc:
         raise InvalidValue(f"bad value for {key}: {exc}") from None
 
@@ -11128,8 +11129,8 @@ def bridge_tls_context(spec: BridgeSpec) -> ssl.SSLContext:
         option, path = "certfile", options["certfile"]
         if options["certfile"]:
             ctx.load_cert_chain(options["certfile"], options["keyfile"] or None)
-    except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(f"vmq_bridge.ssl.{spec.name}.{option} {path}: {getattr(exc, 'strerror', None) or exc}") \
+    except (OSError, ssl.SSLError) as exc:  # bad configuration: exit 2, as README, "The command line"
+        raise FileRefused(f"vmq_bridge.ssl.{spec.name}.{option} {path}: {getattr(exc, 'strerror', None) or exc}") \
             from None
     if options["insecure"]:
         ctx.check_hostname = False
@@ -14360,6 +14361,9 @@ class Node:
         self.history.start()
         log.info("node %s started: %s", self.name,
                  ", ".join(f"{x['type']} {x['address']}:{x['port']}" for x in self.listeners()))
+        if self._config["allow_anonymous"] is None and self.mqtt.engine.anonymous_default:  # said once it runs
+            log.warning("allow_anonymous is not set and every MQTT listener is on loopback: "
+                        "clients may connect without credentials (set allow_anonymous = off to refuse them)")
         return self
 
     def _check_descriptors(self) -> None:
@@ -14372,7 +14376,8 @@ class Node:
         if soft is not None and wanted > soft:
             log.warning("the file descriptor limit (%d) is below the listeners' max_connections (%d together): "
                         "MQTT connections are refused %d before the limit, so the admin API stays reachable; "
-                        "raise it with ulimit -n", soft, wanted, min(FD_RESERVE, soft // 4))
+                        "raise it (ulimit -n %d before the start) or lower listener.<type>.<name>.max_connections",
+                        soft, wanted, min(FD_RESERVE, soft // 4), wanted + FD_RESERVE)
 
     def _start_mqtt(self) -> None:
         addresses = {(k, n): a for k in MQTT_LISTENER_KINDS for n, a in self._config.listeners(k).items()}
@@ -14384,9 +14389,6 @@ class Node:
         self.mqtt = MqttIO(lambda: self._config, store, self.metrics, self.name, self.hooks)
         engine = self.mqtt.engine
         engine.anonymous_default = all(ipaddress.ip_address(h).is_loopback for h, _ in addresses.values())
-        if self._config["allow_anonymous"] is None and engine.anonymous_default:
-            log.warning("allow_anonymous is not set and every MQTT listener is on loopback: "
-                        "clients may connect without credentials (set allow_anonymous = off to refuse them)")
         try:
             engine.restore(*store.load(), now=time.time())
         except VmqError:
@@ -14769,7 +14771,7 @@ def run_node(config: Config) -> int:
         node.start()
     except VmqError as exc:
         print(f"vmqapi: {exc.text}", file=sys.stderr)
-        return 2 if isinstance(exc, (FileRefused, KeyFileRefused)) else 1
+        return exc.exit_code
     for x in node.listeners():
         print(f"{node.name} {x['type']} listener on {x['address']}:{x['port']}", flush=True)
     interrupted = threading.Event()
