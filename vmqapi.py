@@ -2763,7 +2763,7 @@ def _default_row(s: Session) -> dict:
 
 SESSION_GETTERS: dict[str, Callable[[Session], Any]] = {  # session show's per-session fields
     "node": lambda s: "", "mountpoint": lambda s: s.mountpoint, "client_id": lambda s: s.client_id,
-    "queue_pid": lambda s: f"<q.{id(s):x}>", "queue_size": lambda s: None,
+    "queue_pid": lambda s: f"<q.{id(s):x}>", "queue_size": _queued,  # messages queued, offline or online
     "session_pid": lambda s: f"<s.{id(s):x}>" if _online(s) else None,
     "is_offline": lambda s: not _online(s), "is_online": _online,
     "statename": lambda s: "online" if _online(s) else "offline", "deliver_mode": lambda s: "fanout",

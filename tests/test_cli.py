@@ -568,3 +568,26 @@ def test_the_descriptor_warning_says_what_to_do(data_dir):
         err = terminated_stderr(proc)
     assert "below the listeners' max_connections (3000 together)" in err, err
     assert "ulimit -n 3128" in err and "lower listener.<type>.<name>.max_connections" in err, err
+
+
+def test_session_show_queue_size_counts_the_queued_messages(make_node):
+    """queue_size was always null, even with messages queued for an offline and an online session."""
+    from test_broker import client_maker
+    node = make_node(max_inflight_messages="1")
+    with client_maker(node) as connect:
+        away = connect("away", clean=False)
+        away.subscribe(("q", 1))
+        away.disconnect()
+        slow = connect("slow", clean=False)
+        slow.subscribe(("q", 1))
+        pub = connect("pub")
+        for n in range(3):
+            pub.publish("q", b"%d" % n, 1)
+        slow.message(ack=False)  # holds the in-flight window of one: the two others wait in its queue
+        shown = run_cli("admin", "session", "show", "--client_id", "--queue_size", "--offline_messages",
+                        "--online_messages", "--format=json", data_dir=Path(node.data_dir))
+    assert shown.returncode == 0, shown.stderr
+    rows = {r["client_id"]: r for r in json.loads(shown.stdout)["table"]}
+    assert rows["away"]["queue_size"] == rows["away"]["offline_messages"] == 3, rows
+    assert rows["slow"]["queue_size"] == rows["slow"]["online_messages"] == 2, rows
+    assert rows["pub"]["queue_size"] == 0, rows
