@@ -7690,7 +7690,7 @@ class KeyStore:
     def _read(self) -> tuple[tuple | None, bytes, tuple[StoredKey, ...]]:
         try:
             data, st = read_regular_file(self.path, MAX_SMALL_FILE, "the API key file", self._check_mode)
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             return None, b"", ()
         except FileRefused as exc:  # a FIFO or an oversized file: a key store problem, as a corrupt file is
             raise KeyFileRefused(exc.text) from None
@@ -7743,7 +7743,7 @@ class KeyStore:
         view = self._view
         try:
             signature = _file_signature(os.stat(self.path))
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):  # no file, or a file where its directory should be: no keys
             signature = None
         if signature != view[0]:
             with self._lock:
@@ -7780,7 +7780,11 @@ class KeyStore:
 
     # -- changing ---------------------------------------------------------
     def _mutate(self, change: Callable[[bytes, list[StoredKey]], Any]) -> Any:
-        os.makedirs(os.path.dirname(os.path.abspath(self.path)), mode=0o700, exist_ok=True)
+        folder = os.path.dirname(os.path.abspath(self.path))
+        try:
+            os.makedirs(folder, mode=0o700, exist_ok=True)
+        except OSError as exc:  # a file on the way, /proc, a parent of another user: bad configuration
+            raise KeyFileRefused(f"cannot create the directory {folder}: {exc.strerror or exc}") from None
         with self._lock, _file_lock(self.path):
             _, salt, entries = self._read()
             salt = salt or secrets.token_bytes(16)
@@ -14248,8 +14252,8 @@ def make_private_dir(path: str) -> None:
     try:
         os.makedirs(path, mode=0o700, exist_ok=True)
         st = os.stat(path)
-    except OSError as exc:
-        raise ConfigError(f"cannot create the data dir {path}: {exc.strerror}") from None
+    except OSError as exc:  # bad configuration: exit 2
+        raise FileRefused(f"cannot create the data dir {path}: {exc.strerror or exc}") from None
     if os.name != "posix" or not st.st_mode & 0o077:
         return
     if st.st_uid != os.geteuid():

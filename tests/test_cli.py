@@ -591,3 +591,26 @@ def test_session_show_queue_size_counts_the_queued_messages(make_node):
     assert rows["away"]["queue_size"] == rows["away"]["offline_messages"] == 3, rows
     assert rows["slow"]["queue_size"] == rows["slow"]["online_messages"] == 2, rows
     assert rows["pub"]["queue_size"] == 0, rows
+
+
+@pytest.mark.parametrize("where", ["under_a_file", "in_proc", "in_a_parent_not_writable"])
+def test_a_data_dir_that_cannot_be_created_is_one_line_and_exit_2(tmp_path, where):
+    """A file on the way, /proc, a parent the user cannot write: the node and api-key create gave a traceback."""
+    if where == "under_a_file":
+        (tmp_path / "afile").write_text("")
+        folder = tmp_path / "afile" / "sub"
+    elif where == "in_proc":
+        folder = Path("/proc/vmqapi-data")
+    else:
+        if os.geteuid() == 0:
+            pytest.skip("root writes into any directory")
+        (tmp_path / "ro").mkdir(mode=0o500)
+        folder = tmp_path / "ro" / "data"
+    code, err = start_refused(folder)
+    lines = err.splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith(f"vmqapi: cannot create the data dir {folder}: "), err
+    created = subprocess.run([sys.executable, os.path.join(ROOT, "vmqapi.py"), "--data-dir", str(folder),
+                              "admin", "api-key", "create"], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert created.returncode == 2 and "Traceback" not in created.stderr, created.stderr
+    assert len(created.stderr.splitlines()) == 1 and str(folder) in created.stderr, created.stderr
+    assert not folder.exists()
