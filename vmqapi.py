@@ -14699,6 +14699,24 @@ class LocalContext:
     name: str
 
 
+def take_global_options(tokens: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Split the words after ``admin`` into the global options found anywhere among them and the rest."""
+    taken: list[str] = []
+    rest: list[str] = []
+    n = 0
+    while n < len(tokens):
+        option = tokens[n].partition("=")[0]
+        if option not in GLOBAL_OPTIONS:
+            rest.append(tokens[n])
+        elif "=" in tokens[n] or n + 1 == len(tokens):
+            taken.append(tokens[n])  # a bare last one: argparse says it needs a value
+        else:
+            taken += tokens[n:n + 2]
+            n += 1
+        n += 1
+    return taken, rest
+
+
 def split_global_options(tokens: Sequence[str]) -> tuple[list[str], list[str]]:
     """Split argv into the global options and the rest (sub-command and its words)."""
     tokens = list(tokens)
@@ -14737,6 +14755,9 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit code."""
     options, rest = split_global_options(sys.argv[1:] if argv is None else argv)
+    if rest[:1] == ["admin"]:  # as vmq-admin takes them: admin --data-dir D cluster show, or after the words
+        taken, words = take_global_options(rest[1:])
+        options, rest = options + taken, ["admin", *words]
     ns = _parser().parse_args(options)
     try:
         base = {"data_dir": os.environ[DATA_DIR_ENV]} if os.environ.get(DATA_DIR_ENV) else None

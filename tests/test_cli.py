@@ -614,3 +614,16 @@ def test_a_data_dir_that_cannot_be_created_is_one_line_and_exit_2(tmp_path, wher
     assert created.returncode == 2 and "Traceback" not in created.stderr, created.stderr
     assert len(created.stderr.splitlines()) == 1 and str(folder) in created.stderr, created.stderr
     assert not folder.exists()
+
+
+def test_global_options_after_admin_work_as_vmq_admin_takes_them(make_node):
+    """admin --data-dir D cluster show said "unexpected word", admin cluster show --data-dir=D "takes no flag"."""
+    node = make_node()
+    folder = Path(node.data_dir)
+    script = os.path.join(ROOT, "vmqapi.py")
+    for argv in (["admin", "--data-dir", str(folder), "cluster", "show"],
+                 ["admin", "cluster", "show", f"--data-dir={folder}"],
+                 ["admin", "cluster", "show", "--data-dir", str(folder), "--format=json"]):
+        done = subprocess.run([sys.executable, script, *argv], capture_output=True, text=True, timeout=60,
+                              cwd=folder.parent)
+        assert done.returncode == 0 and node.name in done.stdout, (argv, done.stderr)
