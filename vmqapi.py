@@ -436,7 +436,8 @@ class ConfigError(VmqError):
 
 
 class FileRefused(ConfigError):
-    """A file the node reads is not a regular file, or is larger than it reads; it is left untouched."""
+    """A file the node reads is not a regular file, is larger than it reads, or (a bridge's TLS file) cannot be
+    used; it is left untouched."""
 
     exit_code, code = 2, "file_refused"
 
@@ -1044,7 +1045,7 @@ def parse_setting(key: str, text: str) -> Any:
     """Parse ``text`` as the value of ``key``; raise InvalidKey or InvalidValue."""
     setting = find_setting(key)
     try:
-        return setting.parse(text)
+        return setting.parse(text.strip())  # "key = value": the message quotes the value, not its spacing
     except ValueError as exc:
         raise InvalidValue(f"bad value for {key}: {exc}") from None
 
@@ -2762,7 +2763,7 @@ def _default_row(s: Session) -> dict:
 
 SESSION_GETTERS: dict[str, Callable[[Session], Any]] = {  # session show's per-session fields
     "node": lambda s: "", "mountpoint": lambda s: s.mountpoint, "client_id": lambda s: s.client_id,
-    "queue_pid": lambda s: f"<q.{id(s):x}>", "queue_size": lambda s: None,
+    "queue_pid": lambda s: f"<q.{id(s):x}>", "queue_size": _queued,  # messages queued, offline or online
     "session_pid": lambda s: f"<s.{id(s):x}>" if _online(s) else None,
     "is_offline": lambda s: not _online(s), "is_online": _online,
     "statename": lambda s: "online" if _online(s) else "offline", "deliver_mode": lambda s: "fanout",
@@ -7689,7 +7690,7 @@ class KeyStore:
     def _read(self) -> tuple[tuple | None, bytes, tuple[StoredKey, ...]]:
         try:
             data, st = read_regular_file(self.path, MAX_SMALL_FILE, "the API key file", self._check_mode)
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             return None, b"", ()
         except FileRefused as exc:  # a FIFO or an oversized file: a key store problem, as a corrupt file is
             raise KeyFileRefused(exc.text) from None
@@ -7742,7 +7743,7 @@ class KeyStore:
         view = self._view
         try:
             signature = _file_signature(os.stat(self.path))
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):  # no file, or a file where its directory should be: no keys
             signature = None
         if signature != view[0]:
             with self._lock:
@@ -7779,7 +7780,11 @@ class KeyStore:
 
     # -- changing ---------------------------------------------------------
     def _mutate(self, change: Callable[[bytes, list[StoredKey]], Any]) -> Any:
-        os.makedirs(os.path.dirname(os.path.abspath(self.path)), mode=0o700, exist_ok=True)
+        folder = os.path.dirname(os.path.abspath(self.path))
+        try:
+            os.makedirs(folder, mode=0o700, exist_ok=True)
+        except OSError as exc:  # a file on the way, /proc, a parent of another user: bad configuration
+            raise KeyFileRefused(f"cannot create the directory {folder}: {exc.strerror or exc}") from None
         with self._lock, _file_lock(self.path):
             _, salt, entries = self._read()
             salt = salt or secrets.token_bytes(16)
@@ -11128,8 +11133,8 @@ def bridge_tls_context(spec: BridgeSpec) -> ssl.SSLContext:
         option, path = "certfile", options["certfile"]
         if options["certfile"]:
             ctx.load_cert_chain(options["certfile"], options["keyfile"] or None)
-    except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(f"vmq_bridge.ssl.{spec.name}.{option} {path}: {getattr(exc, 'strerror', None) or exc}") \
+    except (OSError, ssl.SSLError) as exc:  # bad configuration: exit 2, as README, "The command line"
+        raise FileRefused(f"vmq_bridge.ssl.{spec.name}.{option} {path}: {getattr(exc, 'strerror', None) or exc}") \
             from None
     if options["insecure"]:
         ctx.check_hostname = False
@@ -14247,8 +14252,8 @@ def make_private_dir(path: str) -> None:
     try:
         os.makedirs(path, mode=0o700, exist_ok=True)
         st = os.stat(path)
-    except OSError as exc:
-        raise ConfigError(f"cannot create the data dir {path}: {exc.strerror}") from None
+    except OSError as exc:  # bad configuration: exit 2
+        raise FileRefused(f"cannot create the data dir {path}: {exc.strerror or exc}") from None
     if os.name != "posix" or not st.st_mode & 0o077:
         return
     if st.st_uid != os.geteuid():
@@ -14360,6 +14365,9 @@ class Node:
         self.history.start()
         log.info("node %s started: %s", self.name,
                  ", ".join(f"{x['type']} {x['address']}:{x['port']}" for x in self.listeners()))
+        if self._config["allow_anonymous"] is None and self.mqtt.engine.anonymous_default:  # said once it runs
+            log.warning("allow_anonymous is not set and every MQTT listener is on loopback: "
+                        "clients may connect without credentials (set allow_anonymous = off to refuse them)")
         return self
 
     def _check_descriptors(self) -> None:
@@ -14372,7 +14380,8 @@ class Node:
         if soft is not None and wanted > soft:
             log.warning("the file descriptor limit (%d) is below the listeners' max_connections (%d together): "
                         "MQTT connections are refused %d before the limit, so the admin API stays reachable; "
-                        "raise it with ulimit -n", soft, wanted, min(FD_RESERVE, soft // 4))
+                        "raise it (ulimit -n %d before the start) or lower listener.<type>.<name>.max_connections",
+                        soft, wanted, min(FD_RESERVE, soft // 4), wanted + FD_RESERVE)
 
     def _start_mqtt(self) -> None:
         addresses = {(k, n): a for k in MQTT_LISTENER_KINDS for n, a in self._config.listeners(k).items()}
@@ -14384,9 +14393,6 @@ class Node:
         self.mqtt = MqttIO(lambda: self._config, store, self.metrics, self.name, self.hooks)
         engine = self.mqtt.engine
         engine.anonymous_default = all(ipaddress.ip_address(h).is_loopback for h, _ in addresses.values())
-        if self._config["allow_anonymous"] is None and engine.anonymous_default:
-            log.warning("allow_anonymous is not set and every MQTT listener is on loopback: "
-                        "clients may connect without credentials (set allow_anonymous = off to refuse them)")
         try:
             engine.restore(*store.load(), now=time.time())
         except VmqError:
@@ -14693,6 +14699,24 @@ class LocalContext:
     name: str
 
 
+def take_global_options(tokens: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Split the words after ``admin`` into the global options found anywhere among them and the rest."""
+    taken: list[str] = []
+    rest: list[str] = []
+    n = 0
+    while n < len(tokens):
+        option = tokens[n].partition("=")[0]
+        if option not in GLOBAL_OPTIONS:
+            rest.append(tokens[n])
+        elif "=" in tokens[n] or n + 1 == len(tokens):
+            taken.append(tokens[n])  # a bare last one: argparse says it needs a value
+        else:
+            taken += tokens[n:n + 2]
+            n += 1
+        n += 1
+    return taken, rest
+
+
 def split_global_options(tokens: Sequence[str]) -> tuple[list[str], list[str]]:
     """Split argv into the global options and the rest (sub-command and its words)."""
     tokens = list(tokens)
@@ -14731,6 +14755,9 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit code."""
     options, rest = split_global_options(sys.argv[1:] if argv is None else argv)
+    if rest[:1] == ["admin"]:  # as vmq-admin takes them: admin --data-dir D cluster show, or after the words
+        taken, words = take_global_options(rest[1:])
+        options, rest = options + taken, ["admin", *words]
     ns = _parser().parse_args(options)
     try:
         base = {"data_dir": os.environ[DATA_DIR_ENV]} if os.environ.get(DATA_DIR_ENV) else None
@@ -14769,7 +14796,7 @@ def run_node(config: Config) -> int:
         node.start()
     except VmqError as exc:
         print(f"vmqapi: {exc.text}", file=sys.stderr)
-        return 2 if isinstance(exc, (FileRefused, KeyFileRefused)) else 1
+        return exc.exit_code
     for x in node.listeners():
         print(f"{node.name} {x['type']} listener on {x['address']}:{x['port']}", flush=True)
     interrupted = threading.Event()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -503,3 +504,126 @@ def test_an_open_data_dir_is_made_0700(data_dir):
         proc.kill()
         _, err = proc.communicate(timeout=20)
     assert "was mode 777; vmqapi made it 0700" in err
+
+
+def terminated_stderr(proc):
+    """Stop a node process with SIGTERM (it logs to the end) and return its stderr."""
+    if proc.poll() is None:
+        proc.terminate()
+    try:
+        return proc.communicate(timeout=20)[1]
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.communicate(timeout=20)[1]
+
+
+def test_a_bad_value_is_quoted_without_its_spacing(data_dir, tmp_path):
+    """A config file line ``key = value`` quoted the value with the space after '='."""
+    conf = tmp_path / "vernemq.conf"
+    conf.write_text("max_client_id_size = ten\n")
+    code, err = start_refused(data_dir, "--config", str(conf))
+    assert code == 2 and "bad value for max_client_id_size: expected an integer, got 'ten'" in err, err
+
+
+def test_the_allow_anonymous_warning_waits_for_a_start_that_succeeds(data_dir):
+    """An address in use stops the start: the warning about anonymous clients would speak of a node that never ran."""
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        code, err = start_refused(data_dir, "--set", f"listener.tcp.default=127.0.0.1:{busy.getsockname()[1]}")
+    assert code != 0 and "cannot start" in err, err
+    assert "allow_anonymous" not in err, err
+    proc = start_node_process(data_dir)
+    try:
+        wait_for_node_file(data_dir, proc)
+    finally:
+        err = terminated_stderr(proc)
+    assert "allow_anonymous is not set" in err, "the warning is still given once the node runs"
+
+
+def test_a_missing_bridge_cafile_is_bad_configuration(data_dir, tmp_path):
+    """README, "The command line": bad configuration exits 2, with one line naming the file."""
+    missing = str(tmp_path / "no-such-ca.pem")
+    code, err = start_refused(data_dir, "--set", "plugins.vmq_bridge=on", "--set", "vmq_bridge.ssl.br0=127.0.0.1:1",
+                              "--set", "vmq_bridge.ssl.br0.topic.1=a out", "--set", f"vmq_bridge.ssl.br0.cafile={missing}")
+    lines = [x for x in err.splitlines() if x.startswith("vmqapi:")]
+    assert code == 2 and len(lines) == 1 and missing in lines[0], err
+    assert "Traceback" not in err
+
+
+def test_the_descriptor_warning_says_what_to_do(data_dir):
+    """With a WebSocket listener the listeners' max_connections together pass a low descriptor limit."""
+    import resource
+
+    def low_limit():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (1024, 1024))
+    cmd = [sys.executable, os.path.join(ROOT, "vmqapi.py"), "--data-dir", str(data_dir),
+           "--set", "listener.http.default=127.0.0.1:0", "--set", "listener.tcp.default=127.0.0.1:0",
+           "--set", "listener.vmq.clustering=127.0.0.1:0", "--set", "listener.ws.default=127.0.0.1:0",
+           "--set", "listener.tcp.default.max_connections=1000", "--set", "listener.ws.default.max_connections=1000"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=low_limit)
+    try:
+        wait_for_node_file(data_dir, proc)
+    finally:
+        err = terminated_stderr(proc)
+    assert "below the listeners' max_connections (3000 together)" in err, err
+    assert "ulimit -n 3128" in err and "lower listener.<type>.<name>.max_connections" in err, err
+
+
+def test_session_show_queue_size_counts_the_queued_messages(make_node):
+    """queue_size was always null, even with messages queued for an offline and an online session."""
+    from test_broker import client_maker
+    node = make_node(max_inflight_messages="1")
+    with client_maker(node) as connect:
+        away = connect("away", clean=False)
+        away.subscribe(("q", 1))
+        away.disconnect()
+        slow = connect("slow", clean=False)
+        slow.subscribe(("q", 1))
+        pub = connect("pub")
+        for n in range(3):
+            pub.publish("q", b"%d" % n, 1)
+        slow.message(ack=False)  # holds the in-flight window of one: the two others wait in its queue
+        shown = run_cli("admin", "session", "show", "--client_id", "--queue_size", "--offline_messages",
+                        "--online_messages", "--format=json", data_dir=Path(node.data_dir))
+    assert shown.returncode == 0, shown.stderr
+    rows = {r["client_id"]: r for r in json.loads(shown.stdout)["table"]}
+    assert rows["away"]["queue_size"] == rows["away"]["offline_messages"] == 3, rows
+    assert rows["slow"]["queue_size"] == rows["slow"]["online_messages"] == 2, rows
+    assert rows["pub"]["queue_size"] == 0, rows
+
+
+@pytest.mark.parametrize("where", ["under_a_file", "in_proc", "in_a_parent_not_writable"])
+def test_a_data_dir_that_cannot_be_created_is_one_line_and_exit_2(tmp_path, where):
+    """A file on the way, /proc, a parent the user cannot write: the node and api-key create gave a traceback."""
+    if where == "under_a_file":
+        (tmp_path / "afile").write_text("")
+        folder = tmp_path / "afile" / "sub"
+    elif where == "in_proc":
+        folder = Path("/proc/vmqapi-data")
+    else:
+        if os.geteuid() == 0:
+            pytest.skip("root writes into any directory")
+        (tmp_path / "ro").mkdir(mode=0o500)
+        folder = tmp_path / "ro" / "data"
+    code, err = start_refused(folder)
+    lines = err.splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith(f"vmqapi: cannot create the data dir {folder}: "), err
+    created = subprocess.run([sys.executable, os.path.join(ROOT, "vmqapi.py"), "--data-dir", str(folder),
+                              "admin", "api-key", "create"], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert created.returncode == 2 and "Traceback" not in created.stderr, created.stderr
+    assert len(created.stderr.splitlines()) == 1 and str(folder) in created.stderr, created.stderr
+    assert not folder.exists()
+
+
+def test_global_options_after_admin_work_as_vmq_admin_takes_them(make_node):
+    """admin --data-dir D cluster show said "unexpected word", admin cluster show --data-dir=D "takes no flag"."""
+    node = make_node()
+    folder = Path(node.data_dir)
+    script = os.path.join(ROOT, "vmqapi.py")
+    for argv in (["admin", "--data-dir", str(folder), "cluster", "show"],
+                 ["admin", "cluster", "show", f"--data-dir={folder}"],
+                 ["admin", "cluster", "show", "--data-dir", str(folder), "--format=json"]):
+        done = subprocess.run([sys.executable, script, *argv], capture_output=True, text=True, timeout=60,
+                              cwd=folder.parent)
+        assert done.returncode == 0 and node.name in done.stdout, (argv, done.stderr)
