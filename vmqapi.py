@@ -11133,7 +11133,7 @@ def bridge_tls_context(spec: BridgeSpec) -> ssl.SSLContext:
         option, path = "certfile", options["certfile"]
         if options["certfile"]:
             ctx.load_cert_chain(options["certfile"], options["keyfile"] or None)
-    except (OSError, ssl.SSLError) as exc:  # bad configuration: exit 2, as README, "The command line"
+    except (OSError, ssl.SSLError) as exc:  # bad configuration: exit 2, as README, "The CLI"
         raise FileRefused(f"vmq_bridge.ssl.{spec.name}.{option} {path}: {getattr(exc, 'strerror', None) or exc}") \
             from None
     if options["insecure"]:
