@@ -13432,7 +13432,7 @@ def status_details(node: Any, query: str) -> dict:
     rows = node.status_rows.get()
     return {"interval": node.history.interval, "fields": HISTORY_FIELDS, "history": [*node.history.points(), now],
             "sessions": status_sessions(rows, contains, state), "retained": rows["retained"],
-            "cluster": rows["cluster"]}
+            "cluster": rows["cluster"], "health": node.health_reasons()}  # what /health says, for the badge
 
 
 def serve_status_page(node: Any, req: Request, rest: str, query: str) -> Response:
@@ -13581,9 +13581,6 @@ function renderStatus(doc) {
   text("node", name); text("version", "vmqapi " + s.version);
   for (const key of ["num_online", "num_offline", "num_subscriptions", "num_retained", "msg_in", "msg_out",
                      "queue_drop", "queue_unhandled"]) text(key, s[key]);
-  const down = s.listeners.filter(l => l.status !== "running");
-  text("health", down.length ? down.length + " listener(s) down" : "healthy");
-  $("health").className = down.length ? "down" : "ok";
   rows("listeners", s.listeners, l => [[l.type], [l.status, l.status], [l.ip], [l.port, "n"], [l.mountpoint || "-"],
                                       [l.active_conns, "n"], [l.max_conns, "n"]]);
 }
@@ -13608,6 +13605,8 @@ function renderDetails(d) {
   $("retained_empty").hidden = d.retained.length > 0;
   text("retained_note", d.retained.length >= 100 ? "(the first 100)" : "");
   rows("cluster", d.cluster, m => [[m.Node], [m.Running ? "yes" : "no", m.Running ? "running" : "down"]]);
+  text("health", d.health.length ? d.health.join("; ") : "healthy");  // as /health: listeners, store, cluster
+  $("health").className = d.health.length ? "down" : "ok";
 }
 async function fetchJson(url) {
   const answer = await fetch(url, {cache: "no-store"});

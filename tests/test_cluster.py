@@ -707,3 +707,23 @@ def test_good_node_names_pass():
                  "x@" + "h" * 63):
         assert vmqapi.parse_node_name(name) == name
     assert vmqapi.parse_discovery_node("n@[::1]:44054") == ("n@::1", "::1", 44054)
+
+
+def test_the_status_page_says_what_health_says_when_a_member_is_down(make_cluster):
+    """The status page's badge said "healthy" while /health answered 503 for a member that was down: the page
+    reads the same reasons /health gives, from /status/details.json."""
+    a, b = make_cluster(2)
+    b.node.stop()
+
+    def details():
+        with OPENER.open(f"http://127.0.0.1:{a.http}/status/details.json", timeout=10) as answer:
+            return json.loads(answer.read())
+
+    wait_for(lambda: details()["health"], what="the page to hear of the split")
+    reasons = details()["health"]
+    try:
+        OPENER.open(f"http://127.0.0.1:{a.http}/health", timeout=10)
+        raise AssertionError("/health answered 200 with a member down")
+    except urllib.error.HTTPError as exc:
+        assert exc.code == 503 and json.loads(exc.read())["reasons"] == reasons
+    assert any("cluster" in r and b.name in r for r in reasons), reasons

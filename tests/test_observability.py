@@ -543,3 +543,15 @@ def test_8_pages_polling_status_details_leave_mqtt_round_trips_alone(tmp_path):
         p99, idle_p99 = loaded[int(len(loaded) * 0.99)], idle[int(len(idle) * 0.99)]
         assert p99 < 0.05 + 5 * idle_p99, f"MQTT p99 {p99 * 1000:.0f} ms under the readers ({idle_p99 * 1000:.1f} idle)"
         assert set(answers) == {200} and len(answers) > 100
+
+
+def test_status_details_carry_the_health_reasons(node, client, key):
+    """The page's badge reads them: a listener down is named as /health names it, and none means healthy."""
+    assert body_json(client.get("/status/details.json")[2])["health"] == []
+    port = mqtt_port(node)
+    client.get(f"/api/v1/listener/stop?address=127.0.0.1&port={port}", key=key)
+    try:
+        health = body_json(client.get("/health")[2])["reasons"]
+        assert body_json(client.get("/status/details.json")[2])["health"] == health != []
+    finally:
+        client.get(f"/api/v1/listener/restart?address=127.0.0.1&port={port}", key=key)
