@@ -63,7 +63,7 @@ def normalise(body, ports):
             if row.get("port") in ports:
                 row["port"] = ports[row["port"]]
         if isinstance(element, dict) and "usage" in element:
-            element["usage"] = element["usage"].split(" [")[0]
+            element["usage"] = element["usage"].split(" ...")[0]  # printed whole, or cut with " ..."
     return data
 
 
