@@ -2276,8 +2276,8 @@ ENCODERS5: dict[type, Callable[[Any], bytes]] = {
 
 
 def valid_topic_name(topic: str) -> bool:
-    """Return whether ``topic`` may be published to (MQTT 3.1.1 4.7)."""
-    return bool(topic) and "+" not in topic and "#" not in topic and len(topic.encode()) <= 65535
+    """Return whether ``topic`` may be published to (MQTT 3.1.1 4.7; topic_name_problem says why not)."""
+    return topic_name_problem(topic) is None
 
 
 def string_problem(text: str) -> str | None:
@@ -2291,14 +2291,17 @@ def string_problem(text: str) -> str | None:
     return f"it is longer than 65535 bytes ({size})" if size > 65535 else None
 
 
-def topic_name_problem(topic: str, max_levels: int) -> str | None:
-    """Return why a PUBLISH to ``topic`` is refused, as the codec and the engine check one, or None."""
+def topic_name_problem(topic: str, max_levels: int = 0) -> str | None:
+    """Return why a PUBLISH to ``topic`` is refused, as the codec and the engine check one, or None.
+
+    ``max_levels`` 0 checks no depth (max_topic_levels is the engine's, not the protocol's).
+    """
     if not topic:
         return "it is empty"  # [MQTT-4.7.3-1]
     if "+" in topic or "#" in topic:
         return "it contains a wildcard (+ or #)"  # [MQTT-3.3.2-2]
     problem = string_problem(topic)
-    if problem is None and topic.count("/") >= max_levels:
+    if problem is None and max_levels and topic.count("/") >= max_levels:
         problem = f"it has more than {max_levels} levels (max_topic_levels)"
     return problem
 
@@ -10067,7 +10070,7 @@ def session_key(mountpoint: str, client_id: str) -> str:
 
 def check_publishable(topic: str) -> None:
     """Raise ClusterError for a topic from another node that no client may be sent (a wildcard, U+0000)."""
-    if not valid_topic_name(topic) or "\0" in topic:  # [MQTT-4.7.3-1], [MQTT-1.5.3-2]
+    if not valid_topic_name(topic):  # [MQTT-4.7.3-1], [MQTT-1.5.3-2]
         raise ClusterError(f"a message for the topic {topic[:100]!r}, which no client may publish to")
 
 

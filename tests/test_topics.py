@@ -101,3 +101,10 @@ def test_retain_tree_walk_survives_changes_between_steps(initial, ops, topic_fil
             tree[topic] = -1
         else:
             tree.pop(topic)
+
+
+@given(st.text())
+def test_valid_topic_name_answers_any_string_as_topic_name_problem_does(topic):
+    """One rule for a topic name: a lone surrogate or U+0000 is refused, never an exception."""
+    assert vmqapi.valid_topic_name(topic) == (vmqapi.topic_name_problem(topic) is None)
+    assert not vmqapi.valid_topic_name("a/\ud800") and not vmqapi.valid_topic_name("a\x00b")
