@@ -647,6 +647,13 @@ def parse_origins(text: str) -> tuple[str, ...]:
     return origins
 
 
+def is_own_origin(origin: str, host: str, schemes: tuple[str, ...]) -> bool:
+    """Whether ``origin`` is one of ``schemes`` and the node's own host:port, as its Host header ``host`` names it
+    (RFC 6454: an origin is scheme, host and port; browsers send it with cross-site requests and WebSockets)."""
+    scheme, sep, netloc = origin.strip().lower().partition("://")
+    return bool(sep) and scheme in schemes and bool(netloc) and netloc == host.strip().lower()
+
+
 def parse_versions(text: str) -> tuple[int, ...]:
     """Parse ``allowed_protocol_versions``: a comma list of 3 (MQTT 3.1), 4 (3.1.1) and 5 (5.0)."""
     versions = tuple(sorted({parse_int_range(3, 5)(v) for v in text.split(",") if v.strip()}))
@@ -6863,10 +6870,7 @@ def ws_handshake(request: bytes, allowed_origins: tuple[str, ...] = ()) -> tuple
 
 def ws_origin_allowed(origin: str, host: str, allowed: tuple[str, ...]) -> bool:
     """Whether a page of ``origin`` may open a WebSocket to the node reached as ``host`` (its Host header)."""
-    origin = origin.strip().lower()
-    scheme, sep, netloc = origin.partition("://")
-    own = sep and scheme in ("http", "https") and netloc and netloc == host.strip().lower()
-    return bool(own) or origin in allowed
+    return is_own_origin(origin, host, ("http", "https")) or origin.strip().lower() in allowed
 
 
 class WsTransport:
@@ -12922,9 +12926,9 @@ def refuse_cross_site(req: Request, what: str) -> None:
     site = req.headers.get("sec-fetch-site", "").strip().lower()
     if site in ("cross-site", "same-site"):
         raise Forbidden(f"{what}: refused for a request sent from another site's page (Sec-Fetch-Site: {site})")
-    origin = req.headers.get("origin")
-    own = f"{req.scheme}://{req.headers.get('host', '').strip()}"
-    if origin is not None and origin.strip().lower() != own.lower():  # RFC 6454: scheme, host and port
+    origin, host = req.headers.get("origin"), req.headers.get("host", "")
+    if origin is not None and not is_own_origin(origin, host, (req.scheme,)):
+        own = f"{req.scheme}://{host.strip()}"
         raise Forbidden(f"{what}: refused for a request sent from another origin ({origin.strip()[:100]!r}, "
                         f"not {own[:100]!r})")
 
