@@ -930,7 +930,10 @@ SETTINGS: tuple[Setting, ...] = (
        "Incoming cluster connections that have not proven the cookie yet, held at once; past it newcomers take "
        "the places of those that sent nothing, then of the oldest."),
     _S("outgoing_clustering_buffer_size", parse_int_range(0), 10000,
-       "Bytes of frames kept for each unreachable peer node; past it frames are dropped (cluster_bytes_dropped)."),
+       "Bytes of QoS 0 frames kept for each unreachable peer node; past it they are dropped (cluster_bytes_dropped)."),
+    _S("cluster_max_unacknowledged_bytes", parse_int_range(1 << 16), 16 << 20,
+       "Bytes of QoS 1/2 messages forwarded to one peer node and not yet acknowledged by it (kept in the store "
+       "until it has committed them); past it QoS 1/2 publishes for its subscribers are refused (MQTT 5: 0x97)."),
 
     # -- vmq_bridge (README, "Bridge") --
 
@@ -4713,6 +4716,7 @@ class Peers(Sessions):
         super().__init__(*args, **kwargs)
         self.takeovers: list[tuple[str, str, str]] = []  # (old node, mountpoint, client id)
         self.adopting: set[tuple[str, str]] = set()  # sessions taken over with their state: messages to come
+        self.full_nodes: set[str] = set()  # nodes with too much unacknowledged: QoS 1/2 for them is refused
 
     @property
     def clustered(self) -> bool:
@@ -4751,6 +4755,23 @@ class Peers(Sessions):
                 continue
             opts = shared.members[member]
             self.deliver(member, msg, opts.qos, opts.retain_as_published, opts.ids)
+
+    def deliver_to(self, mountpoint: str, client_id: str, msg: Message, now: float) -> bool:
+        """Deliver a message passed on by the node that held a session before, to that session only.
+
+        False when it is not here (it moved on, or ended).
+        """
+        self.now = now
+        session = self.sessions.get((mountpoint, client_id))
+        if session is None:
+            return False
+        self.deliver_matching(session, dataclasses.replace(msg, ref=self.new_ref()))
+        return True
+
+    def forwards_to_full(self, mountpoint: str, topic: str) -> bool:
+        """Whether a message on ``topic`` would go to a node with too much unacknowledged (``full_nodes``)."""
+        matches = self.router.cache.get((mountpoint, topic)) or self.router.match(mountpoint, topic)
+        return any(type(entry) is RemoteNode and entry.name in self.full_nodes for entry in matches)
 
     # -- change lists -------------------------------------------------------
     def take_session_changes(self) -> set[tuple[str, str]]:
@@ -4938,6 +4959,9 @@ class Engine(Peers):
                 raise ReceiveMaxExceeded(f"more than {client.receive_max_in} QoS 2 messages unacknowledged")
         if len(topic) >= self.max_levels and topic.count("/") >= self.max_levels:  # a short topic cannot be deep
             raise TopicTooDeep(f"topic of more than {self.max_levels} levels (max_topic_levels)")
+        if p.qos and self.full_nodes and self.forwards_to_full(session.mountpoint, topic):
+            return self.refuse_unsaved(client, p, "a cluster node has too much unacknowledged",
+                                       Reason.QUOTA_EXCEEDED)  # kept is kept: refused, not dropped later
         reason, hooks = Reason.SUCCESS, self.hooks
         if props and ("payload_format_indicator", 1) in props and not utf8_payload(p.payload):
             msg, reason = None, Reason.PAYLOAD_FORMAT_INVALID  # MQTT 5.0 3.3.2.3.2: dropped, and said so
@@ -5904,6 +5928,138 @@ _REPLICA_HANDLERS: Mapping[str, Callable] = types.MappingProxyType({
 })
 
 
+# -- kept frames: what must reach another node, numbered until it says it committed it -------
+# A QoS 1/2 message forwarded to a node (and a session handed over with its queue) is acknowledged
+# to its publisher only once this node has committed it for that peer. The peer answers each kept
+# frame, after its own commit, with the highest number it has committed; everything up to that
+# number is then forgotten here. Lost links are redialed and everything still kept is sent again,
+# in order; the receiver drops what it has already by number. Numbers are (epoch, seq): the epoch
+# is drawn at each start, so they never repeat without a counter on disk, and entries restored
+# from the store keep the number they were first sent with.
+
+KEPT_FORWARD, KEPT_MIGRATE, KEPT_PASSED = 1, 2, 3  # what a kept frame carries (see Cluster._on_kept)
+_KEPT = struct.Struct(">QQQB")  # epoch, seq, the lowest seq of that epoch still kept (floor), kind
+_KEPT_ACK = struct.Struct(">QQ")  # epoch, the highest seq of it committed
+
+
+def encode_kept(epoch: int, seq: int, floor: int, kind: int, body: bytes) -> bytes:
+    """Encode a kept frame's body."""
+    return _KEPT.pack(epoch, seq, floor, kind) + body
+
+
+def decode_kept(frame: bytes) -> tuple[int, int, int, int, bytes]:
+    """Decode what encode_kept made: (epoch, seq, floor, kind, body)."""
+    if len(frame) < _KEPT.size:
+        raise ClusterError("a kept frame cut short")
+    epoch, seq, floor, kind = _KEPT.unpack_from(frame)
+    if not 0 < floor <= seq:
+        raise ClusterError("a kept frame with a bad number")
+    return epoch, seq, floor, kind, frame[_KEPT.size:]
+
+
+def decode_kept_ack(frame: bytes) -> tuple[int, int]:
+    """Decode an acknowledgement of kept frames: (epoch, highest seq committed)."""
+    if len(frame) != _KEPT_ACK.size:
+        raise ClusterError("an acknowledgement of the wrong length")
+    return _KEPT_ACK.unpack(frame)
+
+
+class Outbox:
+    """The kept frames this node owes each peer, in the order they were made, until acknowledged.
+
+    ``number`` numbers a new one and ``keep`` keeps it (or one from the store); ``pending`` lists a
+    peer's entries in order (send them all again when its link comes back), ``ack`` forgets those
+    a peer has committed and returns their store rows. ``size`` is bytes kept per peer.
+    """
+
+    def __init__(self, epoch: int):
+        self.epoch = epoch
+        self.seq: dict[str, int] = collections.defaultdict(int)  # peer -> the last seq given: one run per peer
+        # peer -> epoch -> seq -> (row in the store, kind, body); epochs in the order they were made
+        self.kept: dict[str, dict[int, dict[int, tuple[int, int, bytes]]]] = {}
+        self.size: dict[str, int] = collections.defaultdict(int)
+
+    def number(self, peer: str) -> tuple[int, int]:
+        """Return the number (epoch, seq) of a new entry for ``peer``."""
+        self.seq[peer] += 1
+        return self.epoch, self.seq[peer]
+
+    def keep(self, peer: str, epoch: int, seq: int, kind: int, body: bytes, row: int = 0) -> None:
+        """Keep an entry for ``peer``, numbered by ``number`` or earlier (from the store, in the order made)."""
+        self.kept.setdefault(peer, {}).setdefault(epoch, {})[seq] = (row, kind, body)
+        self.size[peer] += len(body)
+
+    def frame(self, peer: str, epoch: int, seq: int) -> bytes | None:
+        """Return the kept frame numbered (epoch, seq) for ``peer``; None once acknowledged."""
+        entries = self.kept.get(peer, {}).get(epoch)
+        entry = entries.get(seq) if entries else None
+        if entry is None:
+            return None
+        return encode_kept(epoch, seq, next(iter(entries)), entry[1], entry[2])
+
+    def pending(self, peer: str) -> list[tuple[int, int]]:
+        """Return the numbers of everything kept for ``peer``, oldest first."""
+        return [(epoch, seq) for epoch, entries in self.kept.get(peer, {}).items() for seq in entries]
+
+    def ack(self, peer: str, epoch: int, upto: int) -> list[int]:
+        """Forget the entries of ``epoch`` up to seq ``upto`` (the peer committed them); return their rows."""
+        entries = self.kept.get(peer, {}).get(epoch)
+        rows: list[int] = []
+        while entries:
+            seq = next(iter(entries))
+            if seq > upto:
+                break
+            row, _, body = entries.pop(seq)
+            self.size[peer] -= len(body)
+            rows.append(row)
+        if entries is not None and not entries:
+            del self.kept[peer][epoch]
+        return rows
+
+    def drop(self, peer: str) -> list[int]:
+        """Forget everything kept for a peer that left the cluster; return the rows."""
+        self.size.pop(peer, None)
+        return [row for entries in self.kept.pop(peer, {}).values() for row, _, _ in entries.values()]
+
+
+INBOX_EPOCHS = 16  # epochs of one origin whose highest number is remembered (older ones are forgotten)
+
+
+class Inbox:
+    """What this node has committed of each peer's kept frames: the highest seq per (origin, epoch).
+
+    ``take`` says what to do with a frame: "new" (use it, then record it with ``mark``),
+    "again" (had it: acknowledge only) or "gap" (an earlier one is missing: ignore it, it
+    comes again in order). An origin's epoch seen for the first time starts at the frame's
+    floor: everything below was acknowledged before, to this node or to one that lost its state.
+    """
+
+    def __init__(self, marks: Iterable[tuple[str, int, int]] = ()):
+        self.marks: dict[str, dict[int, int]] = {}
+        for origin, epoch, seq in marks:
+            self.marks.setdefault(origin, {})[epoch] = seq
+
+    def take(self, origin: str, epoch: int, seq: int, floor: int) -> str:
+        """Classify a kept frame: "new", "again" or "gap"."""
+        have = self.marks.get(origin, {}).get(epoch, floor - 1)
+        return "again" if seq <= have else "new" if seq == have + 1 else "gap"
+
+    def mark(self, origin: str, epoch: int, seq: int) -> int | None:
+        """Record a frame used; return an epoch of that origin forgotten to make room, or None."""
+        epochs = self.marks.setdefault(origin, {})
+        epochs[epoch] = seq
+        if len(epochs) > INBOX_EPOCHS:
+            oldest = next(iter(epochs))
+            del epochs[oldest]
+            return oldest
+        return None
+
+    def last(self, origin: str, epoch: int) -> int:
+        """The highest seq of (origin, epoch) recorded (0: none)."""
+        return self.marks.get(origin, {}).get(epoch, 0)
+
+
+
 ###############################################################################
 # 13. Message store ###########################################################
 ###############################################################################
@@ -5925,6 +6081,9 @@ CREATE TABLE IF NOT EXISTS messages (id INTEGER PRIMARY KEY AUTOINCREMENT, mount
                                      expires REAL, extra TEXT);
 CREATE INDEX IF NOT EXISTS messages_by_session ON messages (mountpoint, client_id);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value);
+CREATE TABLE IF NOT EXISTS kept (id INTEGER PRIMARY KEY AUTOINCREMENT, peer TEXT, epoch INTEGER, seq INTEGER,
+                                 kind INTEGER, body BLOB);
+CREATE TABLE IF NOT EXISTS kept_marks (origin TEXT, epoch INTEGER, seq INTEGER, PRIMARY KEY (origin, epoch));
 """
 _ADDED_COLUMNS = {  # columns newer than the first stores: table -> ((name, type), ...)
     "messages": (("pid", "INTEGER DEFAULT 0"), ("released", "INTEGER DEFAULT 0"), ("props", "BLOB"),
@@ -6004,6 +6163,27 @@ class MemoryStore:
 
     def mark_released(self, row: int) -> None:
         """Keep nothing."""
+
+    def add_kept(self, peer: str, epoch: int, seq: int, kind: int, body: bytes) -> int:
+        """Keep nothing; 0 means no row (the cluster keeps kept frames in memory only)."""
+        return 0
+
+    def delete_kept(self, rows: Iterable[int]) -> None:
+        """Keep nothing."""
+
+    def load_kept(self) -> list:
+        """Return nothing: no kept frame is ever stored here."""
+        return []
+
+    def put_mark(self, origin: str, epoch: int, seq: int) -> None:
+        """Keep nothing."""
+
+    def delete_mark(self, origin: str, epoch: int) -> None:
+        """Keep nothing."""
+
+    def load_marks(self) -> list:
+        """Return nothing."""
+        return []
 
     def commit(self) -> bool:
         """Nothing to commit: nothing acknowledged is ever lost here."""
@@ -6227,6 +6407,48 @@ class SqliteStore(MemoryStore):
     def mark_released(self, row: int) -> None:
         """Record that PUBREC came for a QoS 2 message (a restart resends PUBREL, not the message)."""
         self._run("UPDATE messages SET released = 1 WHERE id = ?", (row,))
+
+    # -- kept frames for other nodes, and what this node has of theirs (section 12, Outbox and Inbox) --
+    def add_kept(self, peer: str, epoch: int, seq: int, kind: int, body: bytes) -> int:
+        """Keep a frame for ``peer`` until it acknowledges it; return its row (0: it could not be stored)."""
+        try:
+            self._dirty = True
+            row = self.db.execute("INSERT INTO kept (peer, epoch, seq, kind, body) VALUES (?, ?, ?, ?, ?)",
+                                  (peer, epoch, seq, kind, body)).lastrowid
+        except sqlite3.Error as exc:
+            self._lost, self._promised = self._lost or self._promised, False
+            self._failed(exc)
+            return 0
+        self._promised = True  # a publisher hears its message was kept once this commits
+        return row or 0
+
+    def delete_kept(self, rows: Iterable[int]) -> None:
+        """Forget kept frames a peer has acknowledged."""
+        for row in rows:
+            if row:
+                self._run("DELETE FROM kept WHERE id = ?", (row,))
+
+    def load_kept(self) -> list:
+        """Return every kept frame, oldest first: (peer, epoch, seq, kind, body, row)."""
+        try:
+            return list(self.db.execute("SELECT peer, epoch, seq, kind, body, id FROM kept ORDER BY id"))
+        except sqlite3.DatabaseError as exc:
+            raise _corrupt_store(self.path, str(exc)) from None
+
+    def put_mark(self, origin: str, epoch: int, seq: int) -> None:
+        """Record the highest seq of (origin, epoch) this node has used."""
+        self._run("INSERT OR REPLACE INTO kept_marks (origin, epoch, seq) VALUES (?, ?, ?)", (origin, epoch, seq))
+
+    def delete_mark(self, origin: str, epoch: int) -> None:
+        """Forget an old epoch's mark."""
+        self._run("DELETE FROM kept_marks WHERE origin = ? AND epoch = ?", (origin, epoch))
+
+    def load_marks(self) -> list:
+        """Return every (origin, epoch, seq) recorded, the least recently written first."""
+        try:
+            return list(self.db.execute("SELECT origin, epoch, seq FROM kept_marks ORDER BY rowid"))
+        except sqlite3.DatabaseError as exc:
+            raise _corrupt_store(self.path, str(exc)) from None
 
     def commit(self) -> bool:
         """Commit what the last batch of packets changed.
@@ -7248,6 +7470,7 @@ class MqttIO:
         self._tick_handle: asyncio.TimerHandle | None = None
         self._tick_error_at = 0.0  # when a failed tick was last logged
         self.batch_hooks: list[Callable[[], None]] = []  # run first in after_batch (the cluster's sends)
+        self.commit_hooks: list[Callable[[], None]] = []  # run once a batch is committed (the cluster's acks)
         self._handout_handle: asyncio.Handle | None = None  # the next turn's retained messages (Engine.hand_out)
 
     def _run(self) -> None:
@@ -7409,6 +7632,12 @@ class MqttIO:
             for conn in dirty:
                 engine.close_client(conn, reason=Reason.UNSPECIFIED_ERROR, text=STORE_DOWN)
             dirty = engine.take_dirty()  # the DISCONNECTs, and wills routed to others
+        else:
+            for hook in self.commit_hooks:
+                try:
+                    hook()
+                except Exception:
+                    log.exception("a commit hook failed")
         for conn in dirty:
             conn.link.drain()
         if engine.handouts:
@@ -9784,6 +10013,12 @@ class ClusterLinks:
         self.counters[CLUSTER_DROPPED] += size
         return False
 
+    def room(self, peer: str, size: int) -> bool:
+        """Whether ``peer``'s link is up and takes a frame of ``size`` bytes now (send would not drop it)."""
+        entry = self.peers.get(peer)
+        return entry is not None and entry.link is not None \
+            and entry.link.unsent() + size + FRAME_HEADER <= CLUSTER_WRITE_LIMIT
+
     def is_up(self, peer: str) -> bool:
         """Whether ``peer`` has an authenticated link."""
         entry = self.peers.get(peer)
@@ -10030,6 +10265,9 @@ class ClusterLinks:
 CLUSTER_PORT = 44053  # VerneMQ's cluster port: a discovery node without one is asked there
 CLUSTER_DB = "cluster.db"  # the replicated state, kept so a restarted node knows its peers
 FRAME_META, FRAME_FORWARD, FRAME_CALL, FRAME_REPLY, FRAME_MIGRATE = 16, 17, 18, 19, 20
+FRAME_KEPT, FRAME_KEPT_ACK = 21, 22  # a frame kept until acknowledged, and its acknowledgement (section 12)
+MOVED_KEEP = 60.0  # s a node passes on what still arrives for a session it handed over
+MOVED_MAX = 10_000  # sessions handed over that it remembers so at once (the oldest are forgotten)
 CLUSTER_TIMER = 1.0  # s between two rounds of housekeeping: digests, the key file, saving rows
 SYNC_EVERY = 2  # timer rounds between anti-entropy digests to each peer
 JOIN_TIMEOUT = 10.0  # s a join waits for the link and the first merge
@@ -10382,6 +10620,13 @@ class Cluster(ClusterAdmin):
         self._serving = threading.BoundedSemaphore(CLUSTER_MAX_CALLS)  # taken in the loop, given back by a worker
         self.split = ""  # why the cluster is not whole ('' when it is)
         self.stop_after_answer = False  # set by cluster leave -k on the node that leaves
+        # Kept frames (section 12): what this node owes each peer, and what it has of theirs
+        self.outbox = Outbox(secrets.randbits(62) + 1)
+        self.inbox = Inbox()
+        self._unsent: dict[str, collections.deque[tuple[int, int]]] = {}  # up peer -> kept numbers to write
+        self._marks_due: dict[tuple[str, int], int] = {}  # (origin, epoch) -> seq to record before the commit
+        self._acks_due: dict[str, tuple[int, int]] = {}  # peer -> (epoch, seq) to acknowledge after it
+        self._handed: dict[tuple[str, str], tuple[str, tuple[str, ...], float]] = {}  # handed over: owner, filters
 
     # -- life cycle -------------------------------------------------------
     def start(self) -> None:
@@ -10390,6 +10635,7 @@ class Cluster(ClusterAdmin):
         server_tls, client_tls = cluster_tls_contexts(config)
         cookie, source = load_cookie(config, self.node.data_dir, os.environ)
         log.info("cluster cookie: %s", source)  # where it is, never what
+        self.io.call(self._load_kept)  # before any link can bring a frame
         self.links = ClusterLinks(self.io.loop, self.me, cookie, self.node.metrics,
                                   buffer_size=config["outgoing_clustering_buffer_size"], on_up=self._on_up,
                                   on_down=self._on_down, on_frame=self._on_frame, server_tls=server_tls,
@@ -10405,6 +10651,14 @@ class Cluster(ClusterAdmin):
                         "to join a cluster)", render_value(self.address))
             self.bound = None
         self.io.call(self._started)
+
+    def _load_kept(self) -> None:
+        store = self.io.store
+        for peer, epoch, seq, kind, body, row in store.load_kept():
+            self.outbox.keep(peer, epoch, seq, kind, body, row)
+        self.inbox = Inbox(store.load_marks())
+        self.io.commit_hooks.append(self._send_acks)
+        self._check_room()
 
     def _started(self) -> None:
         engine = self.engine
@@ -10582,10 +10836,17 @@ class Cluster(ClusterAdmin):
     def _moved(self, key: str, owner: str) -> None:
         """A newer row puts a session this node holds on ``owner``: hand it over there."""
         mountpoint, client_id = split_session_key(key)
-        if self.engine.session_summary(mountpoint, client_id) is None:
+        summary = self.engine.session_summary(mountpoint, client_id)
+        if summary is None:
             return
         messages = self.engine.hand_over(mountpoint, client_id, time.time())
         self._migrate(owner, mountpoint, client_id, None, messages)
+        if not summary["clean"]:  # what still comes here for it, sent before its publisher's node knew, follows it
+            filters = tuple(f for f in summary["subs"] if not f.startswith(SHARE_PREFIX))
+            self._handed.pop((mountpoint, client_id), None)
+            self._handed[mountpoint, client_id] = (owner, filters, time.monotonic() + MOVED_KEEP)
+            if len(self._handed) > MOVED_MAX:
+                del self._handed[next(iter(self._handed))]
 
     def _migrate(self, owner: str, mountpoint: str, client_id: str, summary: dict | None,
                  messages: Sequence[Message]) -> None:
@@ -10593,9 +10854,7 @@ class Cluster(ClusterAdmin):
             return
         body = encode_term([mountpoint, client_id, summary,
                             [encode_forward(mountpoint, m, True, ()) for m in messages]])
-        if not self.links.send(owner, FRAME_MIGRATE, body) and messages:
-            log.warning("cluster: %d queued message(s) of %r could not be handed to %s", len(messages), client_id,
-                        owner)
+        self._keep(owner, KEPT_MIGRATE, body)  # committed with the session's end here
 
     def _on_migrate(self, body: bytes) -> None:
         mountpoint, client_id, summary, bodies = decode_term(body)
@@ -10690,15 +10949,23 @@ class Cluster(ClusterAdmin):
     def _forget_if_gone(self, name: str) -> None:
         if name not in self.members() and self.links is not None:
             self.links.forget(name)
+            dropped = self.outbox.drop(name)
+            if dropped:
+                log.warning("cluster: %d kept frame(s) for %s are dropped: it left the cluster", len(dropped), name)
+            self.io.store.delete_kept(dropped)
+            self._check_room()
 
     def _on_up(self, peer: str) -> None:
         self._quiet[peer] = False
         self._arriving.pop(peer, None)
         self.links.send(peer, FRAME_META, encode_term(self.replica.digest_message()))
+        self._unsent[peer] = collections.deque(self.outbox.pending(peer))  # all again: the last link may have lost some
+        self._pump(peer)
         self._check_split()
 
     def _on_down(self, peer: str, reason: str) -> None:
         self._quiet.pop(peer, None)
+        self._unsent.pop(peer, None)
         if reason == "replaced":  # a fresher link to the same peer comes up at once
             return
         for call_id, (target, future) in list(self._calls.items()):
@@ -10713,9 +10980,11 @@ class Cluster(ClusterAdmin):
     def _on_frame(self, peer: str, kind: int, body: bytes) -> None:
         try:
             if kind == FRAME_FORWARD:
-                mountpoint, msg, plain, groups = decode_forward(body, self.engine.packet_limits.properties)
-                check_publishable(msg.topic)
-                self.engine.deliver_forwarded(mountpoint, msg, plain, groups, time.time())
+                self._on_forward(body)
+            elif kind == FRAME_KEPT:
+                self._on_kept(peer, body)
+            elif kind == FRAME_KEPT_ACK:
+                self._on_kept_ack(peer, body)
             elif kind == FRAME_META:
                 changed, replies = self.replica.receive(decode_term(body))
                 self._take_remote(changed)
@@ -10733,11 +11002,106 @@ class Cluster(ClusterAdmin):
                 target, future = self._calls.pop(call_id, (None, None))
                 if future is not None and not future.done():
                     future.set_result(result) if ok else future.set_exception(ClusterError(str(result)))
-            elif kind == FRAME_MIGRATE:
+            elif kind == FRAME_MIGRATE:  # as a node before kept frames sent it
                 self._on_migrate(body)
         except (ClusterError, ValueError, TypeError) as exc:
             log.warning("cluster: a frame from %s could not be used (%s)", peer, exc)
         self._flush_soon()
+
+    # -- forwards, and frames kept until acknowledged ------------------------
+    def _on_forward(self, body: bytes) -> tuple[str, Message, bool]:
+        mountpoint, msg, plain, groups = decode_forward(body, self.engine.packet_limits.properties)
+        check_publishable(msg.topic)
+        self.engine.deliver_forwarded(mountpoint, msg, plain, groups, time.time())
+        return mountpoint, msg, plain
+
+    def _keep(self, peer: str, kind: int, body: bytes) -> None:
+        """Keep a frame for ``peer`` until it says it committed it (in the store, in this batch's commit), and send it."""
+        epoch, seq = self.outbox.number(peer)
+        row = self.io.store.add_kept(peer, epoch, seq, kind, body)
+        self.outbox.keep(peer, epoch, seq, kind, body, row)
+        unsent = self._unsent.get(peer)
+        if unsent is not None:
+            unsent.append((epoch, seq))
+            self._pump(peer)
+        if self.outbox.size[peer] > self.node.config["cluster_max_unacknowledged_bytes"]:
+            self._check_room()
+
+    def _pump(self, peer: str) -> None:
+        """Write kept frames to an up peer while its link takes them (the rest when acknowledgements make room)."""
+        unsent, links = self._unsent.get(peer), self.links
+        while unsent and links is not None:
+            frame = self.outbox.frame(peer, *unsent[0])
+            if frame is not None and not links.room(peer, len(frame)):
+                break
+            unsent.popleft()
+            if frame is not None:
+                links.send(peer, FRAME_KEPT, frame)
+
+    def _check_room(self) -> None:
+        """Tell the engine which nodes have too much unacknowledged: QoS 1/2 publishes for them are refused."""
+        limit = self.node.config["cluster_max_unacknowledged_bytes"]
+        self.engine.full_nodes = {peer for peer, size in self.outbox.size.items() if size > limit}
+
+    def _on_kept(self, peer: str, frame: bytes) -> None:
+        epoch, seq, floor, kind, body = decode_kept(frame)
+        verdict = self.inbox.take(peer, epoch, seq, floor)
+        if verdict == "gap":
+            return  # an earlier one is missing: this one comes again after it
+        if verdict == "new":
+            try:
+                self._use_kept(peer, kind, body)
+            except (ClusterError, ValueError, TypeError) as exc:  # it alone is lost, not the frames after it
+                log.warning("cluster: a kept frame from %s could not be used (%s)", peer, exc)
+            forgotten = self.inbox.mark(peer, epoch, seq)
+            self._marks_due[peer, epoch] = seq
+            if forgotten is not None:
+                self._marks_due.pop((peer, forgotten), None)
+                self.io.store.delete_mark(peer, forgotten)
+        self._acks_due[peer] = (epoch, self.inbox.last(peer, epoch))
+
+    def _use_kept(self, peer: str, kind: int, body: bytes) -> None:
+        if kind == KEPT_FORWARD:
+            mountpoint, msg, plain = self._on_forward(body)
+            if plain and self._handed:
+                self._pass_on(mountpoint, msg, body)
+        elif kind == KEPT_MIGRATE:
+            self._on_migrate(body)
+        elif kind == KEPT_PASSED:
+            client_id, forward = decode_term(body)
+            if not isinstance(client_id, str) or not isinstance(forward, bytes):
+                raise ClusterError("a message passed on with a bad client id")
+            mountpoint, msg = decode_forward(forward, self.engine.packet_limits.properties)[:2]
+            check_publishable(msg.topic)
+            if not self.engine.deliver_to(mountpoint, client_id, msg, time.time()):
+                moved = self._handed.get((mountpoint, client_id))
+                if moved is None:
+                    self.engine.counters["queue_message_unhandled", ()] += 1
+                else:  # it moved on again
+                    self._keep(moved[0], KEPT_PASSED, body)
+        else:
+            raise ClusterError(f"a kept frame of unknown kind {kind}")
+
+    def _pass_on(self, mountpoint: str, msg: Message, forward: bytes) -> None:
+        """Send a forwarded message on to the new node of each session handed over that wants it."""
+        for (mp, client_id), (owner, filters, _) in self._handed.items():
+            if mp == mountpoint and any(topic_matches(f, msg.topic) for f in filters):
+                self._keep(owner, KEPT_PASSED, encode_term([client_id, forward]))
+
+    def _on_kept_ack(self, peer: str, frame: bytes) -> None:
+        epoch, upto = decode_kept_ack(frame)
+        full = peer in self.engine.full_nodes
+        self.io.store.delete_kept(self.outbox.ack(peer, epoch, upto))
+        if full:
+            self._check_room()
+        self._pump(peer)
+
+    def _send_acks(self) -> None:
+        """Acknowledge the kept frames this commit made safe (MqttIO runs this after each commit)."""
+        if self._acks_due and self.links is not None:
+            for peer, (epoch, seq) in self._acks_due.items():
+                self.links.send(peer, FRAME_KEPT_ACK, _KEPT_ACK.pack(epoch, seq))
+            self._acks_due.clear()
 
     def _flush_soon(self) -> None:
         if not self._flush_due:
@@ -10754,7 +11118,15 @@ class Cluster(ClusterAdmin):
         if self.links is not None:
             send = self.links.send
             for node, mountpoint, msg, plain, groups in engine.take_forwards():
-                send(node, FRAME_FORWARD, encode_forward(mountpoint, msg, plain, groups))
+                body = encode_forward(mountpoint, msg, plain, groups)
+                if msg.qos:  # kept until that node has committed it: committed here before the PUBACK
+                    self._keep(node, KEPT_FORWARD, body)
+                else:
+                    send(node, FRAME_FORWARD, body)
+        store = self.io.store
+        for (origin, epoch), seq in self._marks_due.items():  # in the commit of what they delivered
+            store.put_mark(origin, epoch, seq)
+        self._marks_due.clear()
         engine.take_takeovers()  # the old node hands over when it sees the newer session row
         self._session_changes()
         self._retained_changes()
@@ -10776,6 +11148,11 @@ class Cluster(ClusterAdmin):
                 self.store.purge(before)  # else a restart would load them again
             self._announce()
             self._save()
+            for peer in list(self._unsent):
+                self._pump(peer)
+            now = time.monotonic()
+            while self._handed and next(iter(self._handed.values()))[2] <= now:
+                del self._handed[next(iter(self._handed))]
         except Exception:
             log.exception("cluster housekeeping failed")
         finally:
