@@ -2690,7 +2690,8 @@ class Session:
 
     __slots__ = ("mountpoint", "client_id", "subs", "client", "queue", "inflight", "incoming",
                  "next_pid", "user", "peer", "protocol", "started_at", "offline_since", "expiry", "will",
-                 "queue_bytes", "stored", "stored_bytes", "loaded_upto", "parked", "relay", "limit", "dropped")
+                 "queue_bytes", "stored", "stored_bytes", "loaded_upto", "parked", "relay", "limit", "dropped",
+                 "waiting")
 
     def __init__(self, mountpoint: str, client_id: str, now: float, expiry: int | None = 0):
         self.mountpoint, self.client_id = mountpoint, client_id
@@ -2717,6 +2718,8 @@ class Session:
         self.relay = False
         self.limit: int | None = None
         self.dropped = 0
+        # Taken over from another node whose queue is on its way: queued messages wait for it (they are newer)
+        self.waiting = False
 
     @property
     def clean(self) -> bool:
@@ -3842,7 +3845,7 @@ class Delivery:
     def drain(self, session: Session) -> None:
         """Send queued messages while the in-flight window (and an MQTT 5 Receive Maximum) has room."""
         client = session.client
-        if client is None:
+        if client is None or session.waiting:
             return
         window = self.max_inflight
         if client.receive_max and (not window or client.receive_max < window):
@@ -4835,6 +4838,7 @@ class Peers(Sessions):
             self.takeovers.append((str(there.get("node", "")), *key))
             if made:
                 self.adopting.add(key)
+                self.sessions[key].waiting = True  # until its messages come (adopt_messages) or stop_waiting
 
     def make_session(self, key: tuple[str, str], subs: Mapping[str, SubOptions]) -> Session:
         """Make an offline persistent session with ``subs`` (one taken over from another node)."""
@@ -4908,13 +4912,24 @@ class Peers(Sessions):
             return 0
         self.adopting.discard(key)
         count = 0
+        later, session.queue = session.queue, collections.deque()  # what came meanwhile is newer: it goes after
         for msg in messages:
             ids = tuple(o.identifier for t, o in session.subs.items()
                         if o.identifier and topic_matches(split_shared(t)[1], msg.topic))
             msg = dataclasses.replace(msg, ref=self.new_ref())
             self.enqueue(session, Outgoing(msg, msg.qos, 0, msg.retain, ids, retained=msg.retain))
             count += 1
+        session.queue.extend(later)
+        self.stop_waiting(mountpoint, client_id, now)
         return count
+
+    def stop_waiting(self, mountpoint: str, client_id: str, now: float) -> None:
+        """Deliver a taken-over session's queue without waiting any longer for the old node's messages."""
+        self.now = now
+        session = self.sessions.get((mountpoint, client_id))
+        if session is not None and session.waiting:
+            session.waiting = False
+            self.drain(session)
 
 
 class Engine(Peers):
@@ -6809,7 +6824,7 @@ class MqttLink(asyncio.Protocol):
         except Exception:  # a bug: it costs this connection, never the node or its other clients
             log.exception("internal error on the MQTT connection from %s; closing it", self.peer[0])
             engine.close_client(client, reason=Reason.IMPLEMENTATION_SPECIFIC_ERROR)
-        self._keep(buf, pos)
+        self.kept.keep(buf, pos)
 
     def _keep(self, buf: bytes, pos: int) -> None:
         """Keep the unfinished end of ``buf`` (from ``pos``) for the next read, and time it."""
@@ -10266,6 +10281,7 @@ CLUSTER_PORT = 44053  # VerneMQ's cluster port: a discovery node without one is 
 CLUSTER_DB = "cluster.db"  # the replicated state, kept so a restarted node knows its peers
 FRAME_META, FRAME_FORWARD, FRAME_CALL, FRAME_REPLY, FRAME_MIGRATE = 16, 17, 18, 19, 20
 FRAME_KEPT, FRAME_KEPT_ACK = 21, 22  # a frame kept until acknowledged, and its acknowledgement (section 12)
+ADOPT_WAIT = 3.0  # s a session taken over from a running node holds its queue for the messages that node hands over
 MOVED_KEEP = 60.0  # s a node passes on what still arrives for a session it handed over
 MOVED_MAX = 10_000  # sessions handed over that it remembers so at once (the oldest are forgotten)
 CLUSTER_TIMER = 1.0  # s between two rounds of housekeeping: digests, the key file, saving rows
@@ -10582,6 +10598,126 @@ class ClusterAdmin:
 # Must not know: the bytes on a link.
 
 
+class KeptFrames:
+    """Frames to other nodes that must arrive (section 12's ``Outbox`` and ``Inbox``), on the links and the store.
+
+    ``keep`` stores a frame in this batch's commit and writes it to the peer's link when up;
+    ``up`` sends everything still kept again, in order; ``receive`` hands each new frame to its
+    user once and acknowledges it after the commit that holds what the user did
+    (``write_marks`` runs before the commit, ``send_acks`` after). Past ``limit()`` bytes
+    unacknowledged for a peer, the engine refuses QoS 1/2 publishes for it (``full_nodes``).
+    All in the loop thread.
+    """
+
+    def __init__(self, io: MqttIO, limit: Callable[[], int], epoch: int):
+        self.io, self.limit = io, limit
+        self.links: ClusterLinks | None = None
+        self.outbox, self.inbox = Outbox(epoch), Inbox()
+        self.unsent: dict[str, collections.deque[tuple[int, int]]] = {}  # up peer -> kept numbers to write
+        self.marks_due: dict[tuple[str, int], int] = {}  # (origin, epoch) -> seq to record before the commit
+        self.acks_due: dict[str, tuple[int, int]] = {}  # peer -> (epoch, seq) to acknowledge after it
+
+    def load(self) -> None:
+        """Bring back what the store keeps (before any link is up)."""
+        store = self.io.store
+        for peer, epoch, seq, kind, body, row in store.load_kept():
+            self.outbox.keep(peer, epoch, seq, kind, body, row)
+        self.inbox = Inbox(store.load_marks())
+        self.io.commit_hooks.append(self.send_acks)
+        self.check_room()
+
+    def keep(self, peer: str, kind: int, body: bytes) -> None:
+        """Keep a frame for ``peer`` until it says it committed it, and send it."""
+        epoch, seq = self.outbox.number(peer)
+        row = self.io.store.add_kept(peer, epoch, seq, kind, body)
+        self.outbox.keep(peer, epoch, seq, kind, body, row)
+        unsent = self.unsent.get(peer)
+        if unsent is not None:
+            unsent.append((epoch, seq))
+            self.pump(peer)
+        if self.outbox.size[peer] > self.limit():
+            self.check_room()
+
+    def up(self, peer: str) -> None:
+        """A link to ``peer`` came up: everything kept goes again (the last link may have lost some)."""
+        self.unsent[peer] = collections.deque(self.outbox.pending(peer))
+        self.pump(peer)
+
+    def down(self, peer: str) -> None:
+        """The link to ``peer`` is gone: nothing is written until it is up again."""
+        self.unsent.pop(peer, None)
+
+    def pump(self, peer: str) -> None:
+        """Write kept frames to an up peer while its link takes them (the rest as acknowledgements make room)."""
+        unsent, links = self.unsent.get(peer), self.links
+        while unsent and links is not None:
+            frame = self.outbox.frame(peer, *unsent[0])
+            if frame is not None and not links.room(peer, len(frame)):
+                break
+            unsent.popleft()
+            if frame is not None:
+                links.send(peer, FRAME_KEPT, frame)
+
+    def pump_all(self) -> None:
+        """Write what waits for link room, to every up peer (the cluster's timer)."""
+        for peer in list(self.unsent):
+            self.pump(peer)
+
+    def check_room(self) -> None:
+        """Tell the engine which nodes have too much unacknowledged: QoS 1/2 publishes for them are refused."""
+        limit = self.limit()
+        self.io.engine.full_nodes = {peer for peer, size in self.outbox.size.items() if size > limit}
+
+    def receive(self, peer: str, frame: bytes, use: Callable[[str, int, bytes], None]) -> None:
+        """Take a kept frame from ``peer``: ``use(peer, kind, body)`` a new one, acknowledge it after the commit."""
+        epoch, seq, floor, kind, body = decode_kept(frame)
+        verdict = self.inbox.take(peer, epoch, seq, floor)
+        if verdict == "gap":
+            return  # an earlier one is missing: this one comes again after it
+        if verdict == "new":
+            try:
+                use(peer, kind, body)
+            except (ClusterError, ValueError, TypeError) as exc:  # it alone is lost, not the frames after it
+                log.warning("cluster: a kept frame from %s could not be used (%s)", peer, exc)
+            forgotten = self.inbox.mark(peer, epoch, seq)
+            self.marks_due[peer, epoch] = seq
+            if forgotten is not None:
+                self.marks_due.pop((peer, forgotten), None)
+                self.io.store.delete_mark(peer, forgotten)
+        self.acks_due[peer] = (epoch, self.inbox.last(peer, epoch))
+
+    def acknowledged(self, peer: str, frame: bytes) -> None:
+        """``peer`` committed kept frames: forget them here."""
+        epoch, upto = decode_kept_ack(frame)
+        full = peer in self.io.engine.full_nodes
+        self.io.store.delete_kept(self.outbox.ack(peer, epoch, upto))
+        if full:
+            self.check_room()
+        self.pump(peer)
+
+    def write_marks(self) -> None:
+        """Record what this batch used of each peer's frames, in the commit of what it did with them."""
+        store = self.io.store
+        for (origin, epoch), seq in self.marks_due.items():
+            store.put_mark(origin, epoch, seq)
+        self.marks_due.clear()
+
+    def send_acks(self) -> None:
+        """Acknowledge the kept frames this commit made safe (MqttIO runs this after each commit)."""
+        if self.acks_due and self.links is not None:
+            for peer, (epoch, seq) in self.acks_due.items():
+                self.links.send(peer, FRAME_KEPT_ACK, _KEPT_ACK.pack(epoch, seq))
+            self.acks_due.clear()
+
+    def drop(self, peer: str) -> None:
+        """Forget what was kept for a node that left the cluster."""
+        dropped = self.outbox.drop(peer)
+        if dropped:
+            log.warning("cluster: %d kept frame(s) for %s are dropped: it left the cluster", len(dropped), peer)
+        self.io.store.delete_kept(dropped)
+        self.check_room()
+
+
 class Cluster(ClusterAdmin):
     """This node's part in a cluster: the replica, the links, and what they mean for the engine.
 
@@ -10620,12 +10756,7 @@ class Cluster(ClusterAdmin):
         self._serving = threading.BoundedSemaphore(CLUSTER_MAX_CALLS)  # taken in the loop, given back by a worker
         self.split = ""  # why the cluster is not whole ('' when it is)
         self.stop_after_answer = False  # set by cluster leave -k on the node that leaves
-        # Kept frames (section 12): what this node owes each peer, and what it has of theirs
-        self.outbox = Outbox(secrets.randbits(62) + 1)
-        self.inbox = Inbox()
-        self._unsent: dict[str, collections.deque[tuple[int, int]]] = {}  # up peer -> kept numbers to write
-        self._marks_due: dict[tuple[str, int], int] = {}  # (origin, epoch) -> seq to record before the commit
-        self._acks_due: dict[str, tuple[int, int]] = {}  # peer -> (epoch, seq) to acknowledge after it
+        self.kept = KeptFrames(io, lambda: node.config["cluster_max_unacknowledged_bytes"], secrets.randbits(62) + 1)
         self._handed: dict[tuple[str, str], tuple[str, tuple[str, ...], float]] = {}  # handed over: owner, filters
 
     # -- life cycle -------------------------------------------------------
@@ -10635,12 +10766,13 @@ class Cluster(ClusterAdmin):
         server_tls, client_tls = cluster_tls_contexts(config)
         cookie, source = load_cookie(config, self.node.data_dir, os.environ)
         log.info("cluster cookie: %s", source)  # where it is, never what
-        self.io.call(self._load_kept)  # before any link can bring a frame
+        self.io.call(self.kept.load)  # before any link can bring a frame
         self.links = ClusterLinks(self.io.loop, self.me, cookie, self.node.metrics,
                                   buffer_size=config["outgoing_clustering_buffer_size"], on_up=self._on_up,
                                   on_down=self._on_down, on_frame=self._on_frame, server_tls=server_tls,
                                   client_tls=client_tls, handshake_timeout=config["cluster_handshake_timeout"],
                                   max_pending=config["cluster_max_pending_handshakes"])
+        self.kept.links = self.links
         try:
             self.bound = self.io.call_async(self.links.listen(*self.address))
         except OSError as exc:
@@ -10652,13 +10784,9 @@ class Cluster(ClusterAdmin):
             self.bound = None
         self.io.call(self._started)
 
-    def _load_kept(self) -> None:
-        store = self.io.store
-        for peer, epoch, seq, kind, body, row in store.load_kept():
-            self.outbox.keep(peer, epoch, seq, kind, body, row)
-        self.inbox = Inbox(store.load_marks())
-        self.io.commit_hooks.append(self._send_acks)
-        self._check_room()
+    def _stop_waiting(self, mountpoint: str, client_id: str) -> None:
+        self.engine.stop_waiting(mountpoint, client_id, time.time())
+        self._flush_soon()
 
     def _started(self) -> None:
         engine = self.engine
@@ -10854,7 +10982,7 @@ class Cluster(ClusterAdmin):
             return
         body = encode_term([mountpoint, client_id, summary,
                             [encode_forward(mountpoint, m, True, ()) for m in messages]])
-        self._keep(owner, KEPT_MIGRATE, body)  # committed with the session's end here
+        self.kept.keep(owner, KEPT_MIGRATE, body)  # committed with the session's end here
 
     def _on_migrate(self, body: bytes) -> None:
         mountpoint, client_id, summary, bodies = decode_term(body)
@@ -10949,23 +11077,18 @@ class Cluster(ClusterAdmin):
     def _forget_if_gone(self, name: str) -> None:
         if name not in self.members() and self.links is not None:
             self.links.forget(name)
-            dropped = self.outbox.drop(name)
-            if dropped:
-                log.warning("cluster: %d kept frame(s) for %s are dropped: it left the cluster", len(dropped), name)
-            self.io.store.delete_kept(dropped)
-            self._check_room()
+            self.kept.drop(name)
 
     def _on_up(self, peer: str) -> None:
         self._quiet[peer] = False
         self._arriving.pop(peer, None)
         self.links.send(peer, FRAME_META, encode_term(self.replica.digest_message()))
-        self._unsent[peer] = collections.deque(self.outbox.pending(peer))  # all again: the last link may have lost some
-        self._pump(peer)
+        self.kept.up(peer)
         self._check_split()
 
     def _on_down(self, peer: str, reason: str) -> None:
         self._quiet.pop(peer, None)
-        self._unsent.pop(peer, None)
+        self.kept.down(peer)
         if reason == "replaced":  # a fresher link to the same peer comes up at once
             return
         for call_id, (target, future) in list(self._calls.items()):
@@ -10982,9 +11105,9 @@ class Cluster(ClusterAdmin):
             if kind == FRAME_FORWARD:
                 self._on_forward(body)
             elif kind == FRAME_KEPT:
-                self._on_kept(peer, body)
+                self.kept.receive(peer, body, self._use_kept)
             elif kind == FRAME_KEPT_ACK:
-                self._on_kept_ack(peer, body)
+                self.kept.acknowledged(peer, body)
             elif kind == FRAME_META:
                 changed, replies = self.replica.receive(decode_term(body))
                 self._take_remote(changed)
@@ -11015,51 +11138,6 @@ class Cluster(ClusterAdmin):
         self.engine.deliver_forwarded(mountpoint, msg, plain, groups, time.time())
         return mountpoint, msg, plain
 
-    def _keep(self, peer: str, kind: int, body: bytes) -> None:
-        """Keep a frame for ``peer`` until it says it committed it (in the store, in this batch's commit), and send it."""
-        epoch, seq = self.outbox.number(peer)
-        row = self.io.store.add_kept(peer, epoch, seq, kind, body)
-        self.outbox.keep(peer, epoch, seq, kind, body, row)
-        unsent = self._unsent.get(peer)
-        if unsent is not None:
-            unsent.append((epoch, seq))
-            self._pump(peer)
-        if self.outbox.size[peer] > self.node.config["cluster_max_unacknowledged_bytes"]:
-            self._check_room()
-
-    def _pump(self, peer: str) -> None:
-        """Write kept frames to an up peer while its link takes them (the rest when acknowledgements make room)."""
-        unsent, links = self._unsent.get(peer), self.links
-        while unsent and links is not None:
-            frame = self.outbox.frame(peer, *unsent[0])
-            if frame is not None and not links.room(peer, len(frame)):
-                break
-            unsent.popleft()
-            if frame is not None:
-                links.send(peer, FRAME_KEPT, frame)
-
-    def _check_room(self) -> None:
-        """Tell the engine which nodes have too much unacknowledged: QoS 1/2 publishes for them are refused."""
-        limit = self.node.config["cluster_max_unacknowledged_bytes"]
-        self.engine.full_nodes = {peer for peer, size in self.outbox.size.items() if size > limit}
-
-    def _on_kept(self, peer: str, frame: bytes) -> None:
-        epoch, seq, floor, kind, body = decode_kept(frame)
-        verdict = self.inbox.take(peer, epoch, seq, floor)
-        if verdict == "gap":
-            return  # an earlier one is missing: this one comes again after it
-        if verdict == "new":
-            try:
-                self._use_kept(peer, kind, body)
-            except (ClusterError, ValueError, TypeError) as exc:  # it alone is lost, not the frames after it
-                log.warning("cluster: a kept frame from %s could not be used (%s)", peer, exc)
-            forgotten = self.inbox.mark(peer, epoch, seq)
-            self._marks_due[peer, epoch] = seq
-            if forgotten is not None:
-                self._marks_due.pop((peer, forgotten), None)
-                self.io.store.delete_mark(peer, forgotten)
-        self._acks_due[peer] = (epoch, self.inbox.last(peer, epoch))
-
     def _use_kept(self, peer: str, kind: int, body: bytes) -> None:
         if kind == KEPT_FORWARD:
             mountpoint, msg, plain = self._on_forward(body)
@@ -11078,7 +11156,7 @@ class Cluster(ClusterAdmin):
                 if moved is None:
                     self.engine.counters["queue_message_unhandled", ()] += 1
                 else:  # it moved on again
-                    self._keep(moved[0], KEPT_PASSED, body)
+                    self.kept.keep(moved[0], KEPT_PASSED, body)
         else:
             raise ClusterError(f"a kept frame of unknown kind {kind}")
 
@@ -11086,22 +11164,7 @@ class Cluster(ClusterAdmin):
         """Send a forwarded message on to the new node of each session handed over that wants it."""
         for (mp, client_id), (owner, filters, _) in self._handed.items():
             if mp == mountpoint and any(topic_matches(f, msg.topic) for f in filters):
-                self._keep(owner, KEPT_PASSED, encode_term([client_id, forward]))
-
-    def _on_kept_ack(self, peer: str, frame: bytes) -> None:
-        epoch, upto = decode_kept_ack(frame)
-        full = peer in self.engine.full_nodes
-        self.io.store.delete_kept(self.outbox.ack(peer, epoch, upto))
-        if full:
-            self._check_room()
-        self._pump(peer)
-
-    def _send_acks(self) -> None:
-        """Acknowledge the kept frames this commit made safe (MqttIO runs this after each commit)."""
-        if self._acks_due and self.links is not None:
-            for peer, (epoch, seq) in self._acks_due.items():
-                self.links.send(peer, FRAME_KEPT_ACK, _KEPT_ACK.pack(epoch, seq))
-            self._acks_due.clear()
+                self.kept.keep(owner, KEPT_PASSED, encode_term([client_id, forward]))
 
     def _flush_soon(self) -> None:
         if not self._flush_due:
@@ -11120,14 +11183,13 @@ class Cluster(ClusterAdmin):
             for node, mountpoint, msg, plain, groups in engine.take_forwards():
                 body = encode_forward(mountpoint, msg, plain, groups)
                 if msg.qos:  # kept until that node has committed it: committed here before the PUBACK
-                    self._keep(node, KEPT_FORWARD, body)
+                    self.kept.keep(node, KEPT_FORWARD, body)
                 else:
                     send(node, FRAME_FORWARD, body)
-        store = self.io.store
-        for (origin, epoch), seq in self._marks_due.items():  # in the commit of what they delivered
-            store.put_mark(origin, epoch, seq)
-        self._marks_due.clear()
-        engine.take_takeovers()  # the old node hands over when it sees the newer session row
+        self.kept.write_marks()
+        for old, mountpoint, client_id in engine.take_takeovers():  # the old node hands over on the newer row
+            wait = ADOPT_WAIT if self.links is not None and self.links.is_up(old) else 0.0  # a node down sends later
+            self.io.loop.call_later(wait, self._stop_waiting, mountpoint, client_id)
         self._session_changes()
         self._retained_changes()
         self._announce()
@@ -11148,8 +11210,7 @@ class Cluster(ClusterAdmin):
                 self.store.purge(before)  # else a restart would load them again
             self._announce()
             self._save()
-            for peer in list(self._unsent):
-                self._pump(peer)
+            self.kept.pump_all()
             now = time.monotonic()
             while self._handed and next(iter(self._handed.values()))[2] <= now:
                 del self._handed[next(iter(self._handed))]
