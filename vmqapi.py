@@ -6824,7 +6824,7 @@ class MqttLink(asyncio.Protocol):
         except Exception:  # a bug: it costs this connection, never the node or its other clients
             log.exception("internal error on the MQTT connection from %s; closing it", self.peer[0])
             engine.close_client(client, reason=Reason.IMPLEMENTATION_SPECIFIC_ERROR)
-        self.kept.keep(buf, pos)
+        self._keep(buf, pos)
 
     def _keep(self, buf: bytes, pos: int) -> None:
         """Keep the unfinished end of ``buf`` (from ``pos``) for the next read, and time it."""
