@@ -4771,6 +4771,15 @@ class Peers(Sessions):
         self.deliver_matching(session, dataclasses.replace(msg, ref=self.new_ref()))
         return True
 
+    def full_for(self, mountpoint: str, msg: Message) -> bool:
+        """Whether a connected local subscriber of a forwarded QoS 1/2 message has no room in its queue now."""
+        if not msg.qos:
+            return False
+        matches = self.router.cache.get((mountpoint, msg.topic)) or self.router.match(mountpoint, msg.topic)
+        size = message_bytes(msg)
+        return any(type(session) is Session and session.client is not None and self.queue_full(session, True, size)
+                   for session in matches)
+
     def forwards_to_full(self, mountpoint: str, topic: str) -> bool:
         """Whether a message on ``topic`` would go to a node with too much unacknowledged (``full_nodes``)."""
         matches = self.router.cache.get((mountpoint, topic)) or self.router.match(mountpoint, topic)
@@ -10273,14 +10282,16 @@ class ClusterLinks:
 ###############################################################################
 # 21. Cluster requests: joins, leaves and calls between nodes #################
 ###############################################################################
-# Owns: the cluster's constants, the store of its replicated rows, and what
-#       commands ask of it: joins, leaves, requests to other nodes and their answers.
+# Owns: the cluster's constants, the store of its replicated rows, what
+#       commands ask of it (joins, leaves, requests to other nodes and their
+#       answers), and the frames kept until another node has committed them.
 # Must not know: the bytes on a link, the engine's shapes.
 
 CLUSTER_PORT = 44053  # VerneMQ's cluster port: a discovery node without one is asked there
 CLUSTER_DB = "cluster.db"  # the replicated state, kept so a restarted node knows its peers
 FRAME_META, FRAME_FORWARD, FRAME_CALL, FRAME_REPLY, FRAME_MIGRATE = 16, 17, 18, 19, 20
 FRAME_KEPT, FRAME_KEPT_ACK = 21, 22  # a frame kept until acknowledged, and its acknowledgement (section 12)
+KEPT_PATIENCE = 5.0  # s a peer's kept frames wait for a connected subscriber's queue to have room
 ADOPT_WAIT = 3.0  # s a session taken over from a running node holds its queue for the messages that node hands over
 MOVED_KEEP = 60.0  # s a node passes on what still arrives for a session it handed over
 MOVED_MAX = 10_000  # sessions handed over that it remembers so at once (the oldest are forgotten)
@@ -10590,32 +10601,33 @@ class ClusterAdmin:
 
 
 
-###############################################################################
-# 22. Cluster: membership, replication, routing and sessions across nodes #####
-###############################################################################
-# Owns: applying replicated state to the router, keys and config, forwarding
-#       messages, sessions that move, netsplits; the cluster commands.
-# Must not know: the bytes on a link.
-
-
 class KeptFrames:
     """Frames to other nodes that must arrive (section 12's ``Outbox`` and ``Inbox``), on the links and the store.
 
     ``keep`` stores a frame in this batch's commit and writes it to the peer's link when up;
-    ``up`` sends everything still kept again, in order; ``receive`` hands each new frame to its
-    user once and acknowledges it after the commit that holds what the user did
-    (``write_marks`` runs before the commit, ``send_acks`` after). Past ``limit()`` bytes
-    unacknowledged for a peer, the engine refuses QoS 1/2 publishes for it (``full_nodes``).
-    All in the loop thread.
+    ``up`` sends everything still kept again, in order; ``receive`` hands each new frame to
+    ``use(peer, kind, body, force)`` once and acknowledges it after the commit that holds what
+    was done with it (``write_marks`` runs before the commit, ``send_acks`` after). Past
+    ``limit()`` bytes unacknowledged for a peer, the engine refuses QoS 1/2 publishes for it
+    (``full_nodes``). All in the loop thread.
+
+    ``use`` answers "used", "full" (a connected subscriber's queue has no room now: the frame
+    and every later one from that peer wait, unacknowledged, and ``retry`` offers them again)
+    or "forced" (used although full, after KEPT_PATIENCE of waiting: the subscriber's own queue
+    bound drops it, as on one node, and the peer's frames flow again for everyone else).
     """
 
-    def __init__(self, io: MqttIO, limit: Callable[[], int], epoch: int):
-        self.io, self.limit = io, limit
+    def __init__(self, io: MqttIO, limit: Callable[[], int], epoch: int,
+                 use: Callable[[str, int, bytes, bool], str]):
+        self.io, self.limit, self.use = io, limit, use
         self.links: ClusterLinks | None = None
         self.outbox, self.inbox = Outbox(epoch), Inbox()
         self.unsent: dict[str, collections.deque[tuple[int, int]]] = {}  # up peer -> kept numbers to write
         self.marks_due: dict[tuple[str, int], int] = {}  # (origin, epoch) -> seq to record before the commit
         self.acks_due: dict[str, tuple[int, int]] = {}  # peer -> (epoch, seq) to acknowledge after it
+        self.parked: dict[str, collections.deque[bytes]] = {}  # peer -> its frames waiting for queue room
+        self.parked_at: dict[str, float] = {}  # peer -> since when its first parked frame waits
+        self.forcing: set[str] = set()  # peers whose frames go in though full (they waited KEPT_PATIENCE)
 
     def load(self) -> None:
         """Bring back what the store keeps (before any link is up)."""
@@ -10644,8 +10656,12 @@ class KeptFrames:
         self.pump(peer)
 
     def down(self, peer: str) -> None:
-        """The link to ``peer`` is gone: nothing is written until it is up again."""
+        """The link to ``peer`` is gone: nothing is written until it is up again, and its parked frames
+        are forgotten (unacknowledged, they all come again on the next link)."""
         self.unsent.pop(peer, None)
+        self.parked.pop(peer, None)
+        self.parked_at.pop(peer, None)
+        self.forcing.discard(peer)
 
     def pump(self, peer: str) -> None:
         """Write kept frames to an up peer while its link takes them (the rest as acknowledgements make room)."""
@@ -10668,23 +10684,50 @@ class KeptFrames:
         limit = self.limit()
         self.io.engine.full_nodes = {peer for peer, size in self.outbox.size.items() if size > limit}
 
-    def receive(self, peer: str, frame: bytes, use: Callable[[str, int, bytes], None]) -> None:
-        """Take a kept frame from ``peer``: ``use(peer, kind, body)`` a new one, acknowledge it after the commit."""
+    def receive(self, peer: str, frame: bytes) -> None:
+        """Take a kept frame from ``peer``: use a new one, acknowledge it after the commit; or park it."""
+        parked = self.parked.get(peer)
+        if parked is not None:
+            parked.append(frame)  # behind the one that waits: the peer's order holds
+        elif not self._take(peer, frame):
+            self.parked[peer] = collections.deque([frame])
+            self.parked_at[peer] = time.monotonic()
+
+    def retry(self) -> None:
+        """Offer parked frames again (after each batch: queues may have drained)."""
+        now = time.monotonic()
+        for peer, parked in list(self.parked.items()):
+            if now - self.parked_at[peer] >= KEPT_PATIENCE:
+                self.forcing.add(peer)
+            while parked and self._take(peer, parked[0]):
+                parked.popleft()
+                self.parked_at[peer] = now
+            if not parked:
+                del self.parked[peer], self.parked_at[peer]
+
+    def _take(self, peer: str, frame: bytes) -> bool:
+        """Use, acknowledge or ignore one frame; False when it must wait for room."""
         epoch, seq, floor, kind, body = decode_kept(frame)
         verdict = self.inbox.take(peer, epoch, seq, floor)
         if verdict == "gap":
-            return  # an earlier one is missing: this one comes again after it
+            return True  # an earlier one is missing: this one comes again after it
         if verdict == "new":
             try:
-                use(peer, kind, body)
+                used = self.use(peer, kind, body, peer in self.forcing)
             except (ClusterError, ValueError, TypeError) as exc:  # it alone is lost, not the frames after it
                 log.warning("cluster: a kept frame from %s could not be used (%s)", peer, exc)
+                used = "used"
+            if used == "full":
+                return False
+            if used == "used":
+                self.forcing.discard(peer)
             forgotten = self.inbox.mark(peer, epoch, seq)
             self.marks_due[peer, epoch] = seq
             if forgotten is not None:
                 self.marks_due.pop((peer, forgotten), None)
                 self.io.store.delete_mark(peer, forgotten)
         self.acks_due[peer] = (epoch, self.inbox.last(peer, epoch))
+        return True
 
     def acknowledged(self, peer: str, frame: bytes) -> None:
         """``peer`` committed kept frames: forget them here."""
@@ -10716,6 +10759,14 @@ class KeptFrames:
             log.warning("cluster: %d kept frame(s) for %s are dropped: it left the cluster", len(dropped), peer)
         self.io.store.delete_kept(dropped)
         self.check_room()
+
+
+###############################################################################
+# 22. Cluster: membership, replication, routing and sessions across nodes #####
+###############################################################################
+# Owns: applying replicated state to the router, keys and config, forwarding
+#       messages, sessions that move, netsplits; the cluster commands.
+# Must not know: the bytes on a link.
 
 
 class Cluster(ClusterAdmin):
@@ -10756,7 +10807,8 @@ class Cluster(ClusterAdmin):
         self._serving = threading.BoundedSemaphore(CLUSTER_MAX_CALLS)  # taken in the loop, given back by a worker
         self.split = ""  # why the cluster is not whole ('' when it is)
         self.stop_after_answer = False  # set by cluster leave -k on the node that leaves
-        self.kept = KeptFrames(io, lambda: node.config["cluster_max_unacknowledged_bytes"], secrets.randbits(62) + 1)
+        self.kept = KeptFrames(io, lambda: node.config["cluster_max_unacknowledged_bytes"], secrets.randbits(62) + 1,
+                               self._use_kept)
         self._handed: dict[tuple[str, str], tuple[str, tuple[str, ...], float]] = {}  # handed over: owner, filters
 
     # -- life cycle -------------------------------------------------------
@@ -11105,7 +11157,7 @@ class Cluster(ClusterAdmin):
             if kind == FRAME_FORWARD:
                 self._on_forward(body)
             elif kind == FRAME_KEPT:
-                self.kept.receive(peer, body, self._use_kept)
+                self.kept.receive(peer, body)
             elif kind == FRAME_KEPT_ACK:
                 self.kept.acknowledged(peer, body)
             elif kind == FRAME_META:
@@ -11132,18 +11184,24 @@ class Cluster(ClusterAdmin):
         self._flush_soon()
 
     # -- forwards, and frames kept until acknowledged ------------------------
-    def _on_forward(self, body: bytes) -> tuple[str, Message, bool]:
+    def _on_forward(self, body: bytes) -> None:
         mountpoint, msg, plain, groups = decode_forward(body, self.engine.packet_limits.properties)
         check_publishable(msg.topic)
         self.engine.deliver_forwarded(mountpoint, msg, plain, groups, time.time())
-        return mountpoint, msg, plain
 
-    def _use_kept(self, peer: str, kind: int, body: bytes) -> None:
+    def _use_kept(self, peer: str, kind: int, body: bytes, force: bool) -> str:
+        """Act on a kept frame (KeptFrames.receive): "used", "full" (not now) or "forced" (see KeptFrames)."""
         if kind == KEPT_FORWARD:
-            mountpoint, msg, plain = self._on_forward(body)
+            mountpoint, msg, plain, groups = decode_forward(body, self.engine.packet_limits.properties)
+            check_publishable(msg.topic)
+            full = plain and self.engine.full_for(mountpoint, msg)
+            if full and not force:
+                return "full"
+            self.engine.deliver_forwarded(mountpoint, msg, plain, groups, time.time())
             if plain and self._handed:
                 self._pass_on(mountpoint, msg, body)
-        elif kind == KEPT_MIGRATE:
+            return "forced" if full else "used"
+        if kind == KEPT_MIGRATE:
             self._on_migrate(body)
         elif kind == KEPT_PASSED:
             client_id, forward = decode_term(body)
@@ -11159,6 +11217,7 @@ class Cluster(ClusterAdmin):
                     self.kept.keep(moved[0], KEPT_PASSED, body)
         else:
             raise ClusterError(f"a kept frame of unknown kind {kind}")
+        return "used"
 
     def _pass_on(self, mountpoint: str, msg: Message, forward: bytes) -> None:
         """Send a forwarded message on to the new node of each session handed over that wants it."""
@@ -11186,6 +11245,7 @@ class Cluster(ClusterAdmin):
                     self.kept.keep(node, KEPT_FORWARD, body)
                 else:
                     send(node, FRAME_FORWARD, body)
+        self.kept.retry()
         self.kept.write_marks()
         for old, mountpoint, client_id in engine.take_takeovers():  # the old node hands over on the newer row
             wait = ADOPT_WAIT if self.links is not None and self.links.is_up(old) else 0.0  # a node down sends later
@@ -11211,6 +11271,8 @@ class Cluster(ClusterAdmin):
             self._announce()
             self._save()
             self.kept.pump_all()
+            if self.kept.parked:  # their patience may be over: the next batch offers them again
+                self._flush_soon()
             now = time.monotonic()
             while self._handed and next(iter(self._handed.values()))[2] <= now:
                 del self._handed[next(iter(self._handed))]

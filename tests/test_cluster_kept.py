@@ -151,13 +151,17 @@ class SimNode:
         self.store.pending = []
         self.io = types.SimpleNamespace(store=self.store, engine=types.SimpleNamespace(full_nodes=set()),
                                         commit_hooks=[])
-        self.kept = KeptFrames(self.io, lambda: 10 ** 9, next(self.epochs))
+        self.kept = KeptFrames(self.io, lambda: 10 ** 9, next(self.epochs), self.use)
         self.kept.links = SimLinks(self.net, self.name)
         self.kept.load()
         self.promised = []  # message ids whose PUBACK waits for the commit
+        self.full = False  # its subscriber's queue has no room now
 
-    def use(self, origin, kind, body):
+    def use(self, origin, kind, body, force):
+        if self.full and not force:
+            return "full"
         self.store.pending.append(("delivered", None, (origin, int.from_bytes(body, "big"))))
+        return "forced" if self.full else "used"
 
     def commit(self):
         """A batch ends: marks, commit, acknowledgements; return the message ids now acknowledged."""
@@ -226,7 +230,7 @@ class KeptNetwork(RuleBasedStateMachine):
         kind, frame = item
         node = self.nodes[dst]
         if kind == FRAME_KEPT:
-            node.kept.receive(src, frame, node.use)
+            node.kept.receive(src, frame)
         else:
             assert kind == FRAME_KEPT_ACK
             node.kept.acknowledged(src, frame)
@@ -239,6 +243,16 @@ class KeptNetwork(RuleBasedStateMachine):
     @rule(a=st.integers(0, 4))
     def tick(self, a):
         self.nodes[self.pick(a)].kept.pump_all()
+
+    @rule(a=st.integers(0, 4), full=st.booleans(), patience_over=st.booleans())
+    def subscriber(self, a, full, patience_over):
+        """A subscriber's queue fills or drains; parked frames are offered again, forced once patience is over."""
+        node = self.nodes[self.pick(a)]
+        node.full = full
+        if patience_over:
+            for peer in node.kept.parked_at:
+                node.kept.parked_at[peer] -= vmqapi.KEPT_PATIENCE
+        node.kept.retry()
 
     @rule(a=st.integers(0, 4), b=st.integers(0, 4))
     def break_link(self, a, b):
@@ -288,10 +302,14 @@ class KeptNetwork(RuleBasedStateMachine):
             return
         self.up = {frozenset((a, b)) for a in self.names for b in self.names if a != b}
         self.flight, self.room = {}, {}
+        for node in self.nodes.values():
+            node.full = False
         for _ in range(20):
             for a, b in itertools.combinations(self.names, 2):
                 self.link_up(a, b)
             for _ in range(3):
+                for node in self.nodes.values():
+                    node.kept.retry()
                 while any(self.flight.values()):
                     for key, frames in list(self.flight.items()):
                         if frames:
