@@ -2691,7 +2691,7 @@ class Session:
     __slots__ = ("mountpoint", "client_id", "subs", "client", "queue", "inflight", "incoming",
                  "next_pid", "user", "peer", "protocol", "started_at", "offline_since", "expiry", "will",
                  "queue_bytes", "stored", "stored_bytes", "loaded_upto", "parked", "relay", "limit", "dropped",
-                 "waiting")
+                 "waiting", "ahead")
 
     def __init__(self, mountpoint: str, client_id: str, now: float, expiry: int | None = 0):
         self.mountpoint, self.client_id = mountpoint, client_id
@@ -2718,8 +2718,10 @@ class Session:
         self.relay = False
         self.limit: int | None = None
         self.dropped = 0
-        # Taken over from another node whose queue is on its way: queued messages wait for it (they are newer)
+        # Taken over from another node whose queue is on its way: queued messages wait for it (they are newer),
+        # and the first ``ahead`` of the queue are the old node's, put before what came directly meanwhile
         self.waiting = False
+        self.ahead = 0
 
     @property
     def clean(self) -> bool:
@@ -4768,7 +4770,8 @@ class Peers(Sessions):
         session = self.sessions.get((mountpoint, client_id))
         if session is None:
             return False
-        self.deliver_matching(session, dataclasses.replace(msg, ref=self.new_ref()))
+        msg = dataclasses.replace(msg, ref=self.new_ref())
+        self.put_ahead(session, lambda: self.deliver_matching(session, msg))
         return True
 
     def full_for(self, mountpoint: str, msg: Message) -> bool:
@@ -4906,13 +4909,15 @@ class Peers(Sessions):
         return moving
 
     def adopt_messages(self, mountpoint: str, client_id: str, messages: Iterable[Message], now: float,
-                       force: bool = False) -> int:
+                       force: bool = False, settle: bool = False) -> int:
         """Queue the messages ``hand_over`` gave up on the old node into the session that took it over.
 
         Only a session made here with the old one's state (session present) takes them, once;
         ``force``: a persistent session the cluster says is here takes them too (this node
-        restarted since it took the session over). Return how many were offered to its queue
-        (its limits still hold).
+        restarted since it took the session over). They go before what came directly since the
+        takeover. ``settle``: the queue goes on waiting (for what the old node still passes on,
+        ``deliver_to``) until ``stop_waiting``. Return how many were offered to its queue (its
+        limits still hold).
         """
         self.now = now
         key = (mountpoint, client_id)
@@ -4921,23 +4926,31 @@ class Peers(Sessions):
             return 0
         self.adopting.discard(key)
         count = 0
-        later, session.queue = session.queue, collections.deque()  # what came meanwhile is newer: it goes after
         for msg in messages:
             ids = tuple(o.identifier for t, o in session.subs.items()
                         if o.identifier and topic_matches(split_shared(t)[1], msg.topic))
-            msg = dataclasses.replace(msg, ref=self.new_ref())
-            self.enqueue(session, Outgoing(msg, msg.qos, 0, msg.retain, ids, retained=msg.retain))
+            out = Outgoing(dataclasses.replace(msg, ref=self.new_ref()), msg.qos, 0, msg.retain, ids,
+                           retained=msg.retain)
+            self.put_ahead(session, lambda: self.enqueue(session, out))
             count += 1
-        session.queue.extend(later)
-        self.stop_waiting(mountpoint, client_id, now)
+        if not settle:
+            self.stop_waiting(mountpoint, client_id, now)
         return count
+
+    def put_ahead(self, session: Session, deliver: Callable[[], None]) -> None:
+        """Run ``deliver`` for a session; while it waits, what it queued goes before what came directly (newer)."""
+        queue, before = session.queue, len(session.queue)
+        deliver()
+        if session.waiting and len(queue) == before + 1 and session.ahead < before:
+            queue.insert(session.ahead, queue.pop())
+        session.ahead += session.waiting and len(queue) == before + 1
 
     def stop_waiting(self, mountpoint: str, client_id: str, now: float) -> None:
         """Deliver a taken-over session's queue without waiting any longer for the old node's messages."""
         self.now = now
         session = self.sessions.get((mountpoint, client_id))
         if session is not None and session.waiting:
-            session.waiting = False
+            session.waiting, session.ahead = False, 0
             self.drain(session)
 
 
@@ -10292,6 +10305,7 @@ CLUSTER_DB = "cluster.db"  # the replicated state, kept so a restarted node know
 FRAME_META, FRAME_FORWARD, FRAME_CALL, FRAME_REPLY, FRAME_MIGRATE = 16, 17, 18, 19, 20
 FRAME_KEPT, FRAME_KEPT_ACK = 21, 22  # a frame kept until acknowledged, and its acknowledgement (section 12)
 KEPT_PATIENCE = 5.0  # s a peer's kept frames wait for a connected subscriber's queue to have room
+ADOPT_SETTLE = 0.3  # s a taken-over session's queue still waits once the old node's messages came
 ADOPT_WAIT = 3.0  # s a session taken over from a running node holds its queue for the messages that node hands over
 MOVED_KEEP = 60.0  # s a node passes on what still arrives for a session it handed over
 MOVED_MAX = 10_000  # sessions handed over that it remembers so at once (the oldest are forgotten)
@@ -11050,7 +11064,9 @@ class Cluster(ClusterAdmin):
                         len(bodies) - len(messages), len(bodies), client_id[:100])
         held = self.replica.get("session", session_key(mountpoint, client_id))
         ours = isinstance(held, dict) and held.get("node") == self.me  # it is here, whatever this node forgot
-        self.engine.adopt_messages(mountpoint, client_id, messages, now, force=ours)
+        self.engine.adopt_messages(mountpoint, client_id, messages, now, force=ours, settle=True)
+        # what the old node still passes on comes right behind: the queue waits a little longer for it
+        self.io.loop.call_later(ADOPT_SETTLE, self._stop_waiting, mountpoint, client_id)
 
     def _migrated_message(self, body: Any) -> Message | None:
         """Decode one message of a session handed over; None (logged) for a bad one: it alone is lost."""

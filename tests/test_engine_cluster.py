@@ -475,6 +475,34 @@ def test_takeover_moves_a_persistent_session_and_its_messages(tmp_path, store):
             s.close()
 
 
+def test_a_taken_over_queue_goes_before_what_came_directly_meanwhile():
+    """The old node's queue, and what it passes on after the hand-over, are older than what the
+    publisher's node sends the new node directly once it knows: the new node holds its queue and
+    puts them first, in the order each came, until stop_waiting."""
+    a, b, cluster = pair(max_inflight_messages=2)
+    old = Client(a, "mover", clean=False, ack=False)
+    old.subscribe("q/#", qos=1)
+    pub = Client(a, "pub")
+    for n in range(4):
+        pub.publish("q/x", f"old{n}".encode(), 1)
+    new = Client(b, "mover", clean=False)
+    assert new.connack.session_present
+    [(_, mountpoint, client_id)] = b.engine.take_takeovers()
+    cluster.sync()
+    direct = vmqapi.Message("q/x", b"new0", 1, False, 1)
+    b.engine.deliver_forwarded("", direct, True, (), NOW)  # the publisher's node already sends to B
+    assert new.payloads() == []  # held: older messages are on their way
+    moving = a.engine.hand_over(mountpoint, client_id, NOW)
+    assert b.engine.adopt_messages("", "mover", moving, NOW, settle=True) == 4
+    late = vmqapi.Message("q/x", b"old4", 1, False, 2)  # reached A after the hand-over: A passes it on
+    assert b.engine.deliver_to("", "mover", late, NOW)
+    assert new.payloads() == []
+    b.engine.stop_waiting("", "mover", NOW)
+    for _ in range(5):
+        new.read()
+    assert new.payloads() == [b"old0", b"old1", b"old2", b"old3", b"old4", b"new0"]
+
+
 def test_a_clean_start_elsewhere_ends_the_old_session_and_takes_nothing():
     a, b, cluster = pair()
     old = Client(a, "c", clean=False, ack=False)
