@@ -2720,7 +2720,7 @@ class Session:
         self.dropped = 0
         # Taken over from another node whose queue is on its way: queued messages wait for it (they are newer),
         # and the first ``ahead`` of the queue are the old node's, put before what came directly meanwhile
-        self.waiting = False
+        self.waiting = 0  # (0: not waiting) which takeover it waits for: a timer of an earlier one does not end it
         self.ahead = 0
 
     @property
@@ -4722,6 +4722,7 @@ class Peers(Sessions):
         self.takeovers: list[tuple[str, str, str]] = []  # (old node, mountpoint, client id)
         self.adopting: set[tuple[str, str]] = set()  # sessions taken over with their state: messages to come
         self.full_nodes: set[str] = set()  # nodes with too much unacknowledged: QoS 1/2 for them is refused
+        self.waits = 0  # takeovers so far whose session waited for the old node's messages (Session.waiting)
 
     @property
     def clustered(self) -> bool:
@@ -4850,7 +4851,8 @@ class Peers(Sessions):
             self.takeovers.append((str(there.get("node", "")), *key))
             if made:
                 self.adopting.add(key)
-                self.sessions[key].waiting = True  # until its messages come (adopt_messages) or stop_waiting
+                self.waits += 1
+                self.sessions[key].waiting = self.waits  # until its messages come (adopt_messages) or stop_waiting
 
     def make_session(self, key: tuple[str, str], subs: Mapping[str, SubOptions]) -> Session:
         """Make an offline persistent session with ``subs`` (one taken over from another node)."""
@@ -4945,12 +4947,20 @@ class Peers(Sessions):
             queue.insert(session.ahead, queue.pop())
         session.ahead += session.waiting and len(queue) == before + 1
 
-    def stop_waiting(self, mountpoint: str, client_id: str, now: float) -> None:
-        """Deliver a taken-over session's queue without waiting any longer for the old node's messages."""
+    def waiting(self, mountpoint: str, client_id: str) -> int:
+        """Which takeover a session waits for (0: it does not wait)."""
+        session = self.sessions.get((mountpoint, client_id))
+        return session.waiting if session is not None else 0
+
+    def stop_waiting(self, mountpoint: str, client_id: str, now: float, which: int = 0) -> None:
+        """Deliver a taken-over session's queue without waiting any longer for the old node's messages.
+
+        ``which``: only if it still waits for that takeover (``waiting``); 0: whichever.
+        """
         self.now = now
         session = self.sessions.get((mountpoint, client_id))
-        if session is not None and session.waiting:
-            session.waiting, session.ahead = False, 0
+        if session is not None and session.waiting and which in (0, session.waiting):
+            session.waiting, session.ahead = 0, 0
             self.drain(session)
 
 
@@ -10305,7 +10315,7 @@ CLUSTER_DB = "cluster.db"  # the replicated state, kept so a restarted node know
 FRAME_META, FRAME_FORWARD, FRAME_CALL, FRAME_REPLY, FRAME_MIGRATE = 16, 17, 18, 19, 20
 FRAME_KEPT, FRAME_KEPT_ACK = 21, 22  # a frame kept until acknowledged, and its acknowledgement (section 12)
 KEPT_PATIENCE = 5.0  # s a peer's kept frames wait for a connected subscriber's queue to have room
-ADOPT_SETTLE = 0.3  # s a taken-over session's queue still waits once the old node's messages came
+ADOPT_SETTLE = 0.05  # s a taken-over session's queue still waits once the old node's messages came (a few link round trips)
 ADOPT_WAIT = 3.0  # s a session taken over from a running node holds its queue for the messages that node hands over
 MOVED_KEEP = 60.0  # s a node passes on what still arrives for a session it handed over
 MOVED_MAX = 10_000  # sessions handed over that it remembers so at once (the oldest are forgotten)
@@ -10850,8 +10860,8 @@ class Cluster(ClusterAdmin):
             self.bound = None
         self.io.call(self._started)
 
-    def _stop_waiting(self, mountpoint: str, client_id: str) -> None:
-        self.engine.stop_waiting(mountpoint, client_id, time.time())
+    def _stop_waiting(self, mountpoint: str, client_id: str, which: int) -> None:
+        self.engine.stop_waiting(mountpoint, client_id, time.time(), which)
         self._flush_soon()
 
     def _started(self) -> None:
@@ -11065,8 +11075,9 @@ class Cluster(ClusterAdmin):
         held = self.replica.get("session", session_key(mountpoint, client_id))
         ours = isinstance(held, dict) and held.get("node") == self.me  # it is here, whatever this node forgot
         self.engine.adopt_messages(mountpoint, client_id, messages, now, force=ours, settle=True)
-        # what the old node still passes on comes right behind: the queue waits a little longer for it
-        self.io.loop.call_later(ADOPT_SETTLE, self._stop_waiting, mountpoint, client_id)
+        which = self.engine.waiting(mountpoint, client_id)
+        if which:  # what the old node still passes on comes right behind: the queue waits a little longer for it
+            self.io.loop.call_later(ADOPT_SETTLE, self._stop_waiting, mountpoint, client_id, which)
 
     def _migrated_message(self, body: Any) -> Message | None:
         """Decode one message of a session handed over; None (logged) for a bad one: it alone is lost."""
@@ -11238,7 +11249,8 @@ class Cluster(ClusterAdmin):
     def _pass_on(self, mountpoint: str, msg: Message, forward: bytes) -> None:
         """Send a forwarded message on to the new node of each session handed over that wants it."""
         for (mp, client_id), (owner, filters, _) in self._handed.items():
-            if mp == mountpoint and any(topic_matches(f, msg.topic) for f in filters):
+            if mp == mountpoint and any(topic_matches(f, msg.topic) for f in filters) \
+                    and self.engine.session_summary(mp, client_id) is None:  # not made here again meanwhile
                 self.kept.keep(owner, KEPT_PASSED, encode_term([client_id, forward]))
 
     def _flush_soon(self) -> None:
@@ -11264,8 +11276,11 @@ class Cluster(ClusterAdmin):
         self.kept.retry()
         self.kept.write_marks()
         for old, mountpoint, client_id in engine.take_takeovers():  # the old node hands over on the newer row
+            self._handed.pop((mountpoint, client_id), None)  # back here: nothing to pass on any more
             wait = ADOPT_WAIT if self.links is not None and self.links.is_up(old) else 0.0  # a node down sends later
-            self.io.loop.call_later(wait, self._stop_waiting, mountpoint, client_id)
+            which = engine.waiting(mountpoint, client_id)
+            if which:
+                self.io.loop.call_later(wait, self._stop_waiting, mountpoint, client_id, which)
         self._session_changes()
         self._retained_changes()
         self._announce()
