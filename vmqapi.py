@@ -5778,14 +5778,16 @@ class Replica:
         self.merge(rows)
 
     # -- local use ----------------------------------------------------------------
-    def put(self, kind: str, key: str, value: Any, now: float) -> Update | None:
+    def put(self, kind: str, key: str, value: Any, now: float, renew: bool = False) -> Update | None:
         """Write locally (value None deletes). The stamp is (max(now, held stamp's time + 1e-6), me) so a
         local write always wins over what this node holds. Return None (and change nothing) when the live
-        value is already equal (deleting an absent key is also None)."""
+        value is already equal (deleting an absent key is also None), unless ``renew`` asks for a fresh
+        stamp all the same (a row this node holds may have lost, unseen, to a peer's newer delete)."""
         value_term = encode_term(value)
         held = self._held(kind, key)
         live = None if held is None else held.value
-        if (live is None) if value is None else (live is not None and encode_term(live) == value_term):
+        same = (live is None) if value is None else (live is not None and encode_term(live) == value_term)
+        if same and not renew:
             return None
         t = _stamp_time(now)
         if held is not None:
@@ -10506,7 +10508,9 @@ class ClusterAdmin:
             raise ClusterError(f"{name} is this node")
         if self.bound is None:
             raise ClusterError("this node has no cluster listener (set listener.vmq.clustering)")
-        if name in self.in_loop(self.members) and self.in_loop(lambda: self.links.is_up(name)):
+        # Only a peer heard since its link came up: a node removed while it was down still holds the
+        # others' rows, and links to them after a restart until it hears of its removal from them.
+        if self.in_loop(lambda: name in self.peers() and self.links.is_up(name) and self._quiet.get(name, False)):
             raise ClusterError(f"{name} is already a member of this node's cluster")
         remote = self.io.call_async(self.links.probe(host, port), timeout=JOIN_TIMEOUT + 5)
         if remote != name:
@@ -10521,9 +10525,14 @@ class ClusterAdmin:
                            "this node keeps trying")
 
     def _add_member(self, name: str, address: str) -> None:
-        self._put("member", self.me, {"address": self._advertised()})
+        rejoin = self.me not in self.members()
+        # renewed: the row this node kept may have lost already, unseen, to its removal while it was down
+        self._put("member", self.me, {"address": self._advertised()}, renew=True)
         if not isinstance(self.replica.get("member", name), dict):  # its own address wins over the one typed
             self._put("member", name, {"address": address})
+        if rejoin:
+            self._index_sessions()  # taken out before (_left): the others' subscribers count again
+        self._quiet[name] = False  # Done once the peer is heard after these rows, not on an earlier merge
         self._expect(name, time.monotonic())
         self._connect_members()
         self._maybe_record()
@@ -10575,7 +10584,7 @@ class ClusterAdmin:
         for peer in list(self.engine.router.remote):
             self.engine.router.drop_remote(peer)
         for row in self.links.rows():  # after a moment: hand-overs to the others are still on their way
-            self.io.loop.call_later(FORGET_DELAY, self.links.forget, row["name"])
+            self.io.loop.call_later(FORGET_DELAY, self._forget_if_out, row["name"])
         self._owned.clear()
         self._interest.clear()
         self.engine.clustered = False
@@ -10752,6 +10761,7 @@ class Cluster(ClusterAdmin):
         self._arriving: dict[str, float] = {}  # members learned of while running -> until when not missing
         self._known: set[str] = set()  # the peers the last split check saw (a member not among them is new)
         self._initial = False
+        self._new_address = False  # this node's address is to be put once a peer is heard: see _advertise
         self.pool = concurrent.futures.ThreadPoolExecutor(CLUSTER_CALL_WORKERS, thread_name_prefix="vmqapi-cluster")
         self._serving = threading.BoundedSemaphore(CLUSTER_MAX_CALLS)  # taken in the loop, given back by a worker
         self.split = ""  # why the cluster is not whole ('' when it is)
@@ -10792,14 +10802,10 @@ class Cluster(ClusterAdmin):
         engine = self.engine
         engine.elsewhere = self._elsewhere
         self.io.batch_hooks.append(self.after_batch)
-        members = dict(self.replica.items("member"))
-        if self.bound is not None and self.me in members:  # a node that left or was removed stays out
-            self._put("member", self.me, {"address": self._advertised()})
-        for key, value in self.replica.items("session"):
-            try:
-                self._index_session(key, value)
-            except ClusterError as exc:  # a bad row a peer sent once must not stop every later start
-                log.warning("cluster: cannot apply session %r: %s", key[:100], exc.text)
+        # A node that left or was removed stays out: its address, when it changed, is put only once
+        # a peer has been heard (see _advertise), not before a removal made while it was down.
+        self._new_address = self.bound is not None and self.me in self.members()
+        self._index_sessions()
         for key, value in self.replica.items("config"):
             self._apply_config(key, value)
         self._connect_members()
@@ -10812,8 +10818,28 @@ class Cluster(ClusterAdmin):
         self._maybe_record()
         self._timer = self.io.loop.call_later(CLUSTER_TIMER, self._tick)
 
+    def _index_sessions(self) -> None:
+        """Give the router every other node's subscriptions the replica holds (at the start, and on a rejoin)."""
+        for key, value in self.replica.items("session"):
+            try:
+                self._index_session(key, value)
+            except ClusterError as exc:  # a bad row a peer sent once must not stop every later start
+                log.warning("cluster: cannot apply session %r: %s", key[:100], exc.text)
+
+    def _advertise(self) -> None:
+        """Put this node's address once a peer has been heard since the start (the peers dial it there).
+
+        Stamped before that, the row would win over a removal made while this node was down, and
+        bring it back into the cluster unasked, only because its address changed.
+        """
+        if self._new_address and (not self.peers() or any(self._quiet.values())):
+            self._new_address = False
+            if self.me in self.members():
+                self._put("member", self.me, {"address": self._advertised()})
+
     def _maybe_record(self) -> None:
         """Let the engine record changes once this node is in a cluster (a standalone node keeps none)."""
+        self._advertise()
         if not self.engine.clustered and self.peers() and \
                 (not self._unsynced or time.monotonic() >= self._record_after):
             self.engine.clustered = True
@@ -10867,8 +10893,8 @@ class Cluster(ClusterAdmin):
         members = self.members()
         return [m for m in members if m != self.me] if self.me in members else []
 
-    def _put(self, kind: str, key: str, value: Any) -> None:
-        update = self.replica.put(kind, key, value, time.time())
+    def _put(self, kind: str, key: str, value: Any, renew: bool = False) -> None:
+        update = self.replica.put(kind, key, value, time.time(), renew)
         if update is not None:
             self._dirty[kind, key] = update
             self._outgoing.append(update)
@@ -10898,8 +10924,8 @@ class Cluster(ClusterAdmin):
             msg = decode_forward(value, self.engine.packet_limits.properties)[1] if isinstance(value, bytes) else None
             self.engine.apply_remote_retained(mountpoint, topic, msg)
         elif kind == "member":
-            if key == self.me and value is None:
-                self._left()
+            if key == self.me:
+                self._left() if value is None else self._index_sessions()  # a join elsewhere named this node
             elif value is None:
                 self._member_gone(key)
                 # later: a node that leaves with -k sends its answer right after this row
@@ -11078,6 +11104,10 @@ class Cluster(ClusterAdmin):
         if name not in self.members() and self.links is not None:
             self.links.forget(name)
             self.kept.drop(name)
+
+    def _forget_if_out(self, name: str) -> None:
+        if self.me not in self.members() and self.links is not None:  # not joined again meanwhile
+            self.links.forget(name)
 
     def _on_up(self, peer: str) -> None:
         self._quiet[peer] = False
