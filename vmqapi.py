@@ -744,6 +744,9 @@ APIKEY_MODULES = ("vmq_http_mgmt_api", "vmq_http_v2_api", "vmq_http_pub")  # Ver
 LISTENER_TYPES = ("http", "https", "tcp", "ssl", "ws", "wss")  # VerneMQ's listener types
 MQTT_LISTENER_KINDS = {"tcp": "mqtt", "ssl": "mqtts", "ws": "mqttws", "wss": "mqttwss"}  # as listener show names them
 TLS_VERSIONS = {"tlsv1.2": ssl.TLSVersion.TLSv1_2, "tlsv1.3": ssl.TLSVersion.TLSv1_3}
+# A bridge's outgoing buffer is bounded by bytes on disk, not by a message count: an outage of hours at
+# a sensor gateway's rate fits, and half of max_queued_bytes (128 MiB) is left to the node's own clients.
+BRIDGE_BUFFER_BYTES = 64 << 20
 
 _S = Setting
 SETTINGS: tuple[Setting, ...] = (
@@ -952,8 +955,14 @@ SETTINGS: tuple[Setting, ...] = (
        "Tell the remote it is a bridge (MQTT 3.1/3.1.1 protocol level + 128): no echo, retain as published."),
     _S("vmq_bridge.$type.$name.mqtt_version", parse_int_range(3, 5), 4,
        "MQTT version spoken to the remote: 3 (3.1), 4 (3.1.1) or 5."),
-    _S("vmq_bridge.$type.$name.max_outgoing_buffered_messages", parse_int_range(1), 100,
-       "Messages for the remote kept (in the message store) while it is unreachable; more are dropped."),
+    _S("vmq_bridge.$type.$name.max_outgoing_buffered_bytes", parse_int_range(0), BRIDGE_BUFFER_BYTES,
+       "Bytes (payloads and topics) for the remote kept in the message store while it is unreachable or slow "
+       "(0: no bound of its own). Past it a local QoS 1/2 publish for it is refused (MQTT 5 0x97; a 3.1.1 "
+       "publisher is disconnected unacknowledged, so it resends); QoS 0, and messages forwarded by other "
+       "nodes, are dropped and counted."),
+    _S("vmq_bridge.$type.$name.max_outgoing_buffered_messages", parse_int_range(0), 0,
+       "Messages for the remote kept in the message store (0: no count bound, only "
+       "max_outgoing_buffered_bytes); past it as max_outgoing_buffered_bytes."),
     _S("vmq_bridge.$type.$name.cafile", parse_text, "", "ssl: PEM CA certificates the remote's is checked against "
        "(empty: the system's)."),
     _S("vmq_bridge.$type.$name.certfile", parse_text, "", "ssl: PEM client certificate for the remote."),
@@ -1353,7 +1362,8 @@ METRIC_DEFINITIONS: dict[str, tuple[str, str, tuple[LabelSet, ...]]] = {  # Vern
     "bridge_bytes_in": ("counter", "The payload and topic bytes a bridge received from its remote broker.", ()),
     "bridge_bytes_out": ("counter", "The payload and topic bytes a bridge sent to its remote broker.", ()),
     "bridge_messages_dropped": ("counter", "The number of messages for a bridge's remote broker dropped because "
-                                "max_outgoing_buffered_messages were waiting.", ()),
+                                "its buffer was full (max_outgoing_buffered_bytes or _messages); kept in the "
+                                "message store, so it survives a restart.", ()),
 
     # -- vmq_webhooks metrics --
 
@@ -2687,7 +2697,8 @@ class Session:
 
     __slots__ = ("mountpoint", "client_id", "subs", "client", "queue", "inflight", "incoming",
                  "next_pid", "user", "peer", "protocol", "started_at", "offline_since", "expiry", "will",
-                 "queue_bytes", "stored", "stored_bytes", "loaded_upto", "parked", "relay", "limit", "dropped")
+                 "queue_bytes", "stored", "stored_bytes", "loaded_upto", "parked", "relay", "limit", "max_bytes",
+                 "dropped", "warned")
 
     def __init__(self, mountpoint: str, client_id: str, now: float, expiry: int | None = 0):
         self.mountpoint, self.client_id = mountpoint, client_id
@@ -2710,10 +2721,12 @@ class Session:
         self.stored = self.stored_bytes = self.loaded_upto = 0
         self.parked = 0  # QoS 2 messages in flight when the node stopped, still only in the store
         # A bridge's own session (vmq_bridge): it never expires, gets no message that came in over a
-        # bridge, and queues at most ``limit`` messages (max_outgoing_buffered_messages), counting drops.
+        # bridge, and queues at most ``limit`` messages and ``max_bytes`` bytes (max_outgoing_buffered_*,
+        # -1: no bound), counting drops in the store.
         self.relay = False
-        self.limit: int | None = None
+        self.limit = self.max_bytes = -1
         self.dropped = 0
+        self.warned = False  # its first drop since the node started was logged
 
     @property
     def clean(self) -> bool:
@@ -3497,6 +3510,11 @@ def add_forward(fwd: dict[str, list] | None, node: str, group: str | None) -> di
     return fwd
 
 
+QUEUE_BOUNDS = {  # online (None: a bridge's buffer) -> the settings that bound its queue: (messages, bytes)
+    True: ("max_online_messages", "max_online_bytes"), False: ("max_offline_messages", "max_offline_bytes"),
+    None: ("max_outgoing_buffered_messages", "max_outgoing_buffered_bytes")}
+
+
 class Delivery:
     """The delivery half of the engine (``Engine`` adds connections, packets and time).
 
@@ -3522,6 +3540,7 @@ class Delivery:
         self.forwards: list[tuple[str, str, Message, bool, tuple[str, ...]]] = []
         # sessions still getting retained messages for new subscriptions, oldest first (``hand_out``)
         self.handouts: dict[Session, list[Handout]] = {}
+        self.relays: dict[tuple[str, str], Session] = {}  # the bridges' own sessions (vmq_bridge), by key
 
     # -- the outbox -------------------------------------------------------
     def emit(self, conn: Connection, data: bytes) -> None:
@@ -3702,15 +3721,16 @@ class Delivery:
         """
         limit, byte_limit = (self.max_online, self.max_online_bytes) if online else \
             (self.max_offline, self.max_offline_bytes)
-        if session.limit is not None:
-            limit = session.limit
+        bounds = QUEUE_BOUNDS[None if session.relay else online]
+        if session.relay:
+            limit, byte_limit = session.limit, session.max_bytes  # a bridge's own bounds
         queued = _queued(session)
         if 0 <= limit <= queued:
-            return "max_online_messages" if online else "max_offline_messages"
+            return bounds[0]
         total = self.queued_bytes + size
         if 0 <= byte_limit < session.queue_bytes + size:
             if queued:
-                return "max_online_bytes" if online else "max_offline_bytes"
+                return bounds[1]
             if out is not None and out.qos and online and not session.stored:
                 out.shared = True
                 if id(out.msg) in self.shared:
@@ -3767,12 +3787,7 @@ class Delivery:
         full = self.queue_full(session, online, size, out) or (online and qos == 0 and not session.client.writable
                                                           and "its connection takes no more")
         if full:
-            self.counters["queue_message_drop", ()] += 1  # a slow subscriber loses QoS 0, never blocks others
-            if not session.dropped:  # one line per session, not per message
-                log.warning("dropping messages for client %r: %s (the first of %d bytes; queue_message_drop counts "
-                            "the rest)", session.client_id, full, size)
-            session.dropped += 1
-            return
+            return self.drop(session, full, size)
         # QoS 0 is stored too when it must wait behind stored messages: the queue keeps its order
         if not session.clean and (qos or not online or session.stored):
             out.row = self.store.add_message(session.mountpoint, session.client_id, msg, qos, out.extra)
@@ -3792,6 +3807,39 @@ class Delivery:
         self.counters["queue_message_in", ()] += 1
         if online:
             self.drain(session)
+
+    def drop(self, session: Session, full: str, size: int) -> None:
+        """Drop a message a full queue cannot take: counted (a bridge's in the store too), the first one logged."""
+        self.counters["queue_message_drop", ()] += 1  # a slow subscriber loses QoS 0, never blocks others
+        session.dropped += 1
+        if session.relay:  # bridge show and bridge_messages_dropped say the same after a restart
+            self.store.put_dropped(session.mountpoint, session.client_id, session.dropped)
+        if session.warned:
+            return  # one line per session, not per message
+        session.warned = True
+        if session.relay:
+            bound = session.limit if full.endswith("messages") else session.max_bytes
+            log.warning("bridge %s: dropping messages for the remote: its buffer is full (%s = %s; the first of "
+                        "%d bytes; bridge_messages_dropped counts the rest)",
+                        session.client_id[len(BRIDGE_CLIENT_PREFIX):], full, bound, size)
+        else:
+            log.warning("dropping messages for client %r: %s (the first of %d bytes; queue_message_drop counts "
+                        "the rest)", session.client_id, full, size)
+
+    def relay_full(self, mountpoint: str, msg: Message) -> str:
+        """Say which bridge's full buffer a QoS 1/2 message would be dropped by ('' none).
+
+        Refused before its acknowledgement, the publisher keeps it; dropped after, it would be lost.
+        """
+        size = message_bytes(msg)
+        for session in self.relays.values():
+            if session.mountpoint != mountpoint or msg.bridged:
+                continue
+            qos = max((o.qos for f, o in session.subs.items() if topic_matches(f, msg.topic)), default=0)
+            full = min(qos, msg.qos) and self.queue_full(session, session.client is not None, size)
+            if full:
+                return f"the buffer of bridge {session.client_id[len(BRIDGE_CLIENT_PREFIX):]} is full ({full})"
+        return ""
 
     def fill(self, session: Session) -> bool:
         """Read the next page of a session's stored queue into memory; return whether there was any."""
@@ -4257,6 +4305,8 @@ class Sessions(Delivery):
             self.router.remove(session, topic_filter)
         if self.sessions.pop(session.key, None) is session:
             self.persistent -= not session.clean
+        if session.relay:
+            self.relays.pop(session.key, None)
         self.session_changes.add(session.key)
         self.forget_queue(session)
         if not session.clean:
@@ -4953,6 +5003,8 @@ class Engine(Peers):
             if not reason:
                 self.counters["mqtt_publish_auth_error", ()] += 1
                 reason = Reason.NOT_AUTHORIZED
+        elif msg.qos and self.relays and (full := self.relay_full(session.mountpoint, msg)):
+            return self.refuse_unsaved(client, p, full, Reason.QUOTA_EXCEEDED)  # kept by its publisher, not lost
         elif msg.retain and self.retain(session.mountpoint, msg) is False:
             reason = Reason.QUOTA_EXCEEDED  # MQTT 5.0 3.4.2.1: max_retained_messages or max_retained_bytes
         elif not self.route(session.mountpoint, msg):
@@ -5934,6 +5986,11 @@ _ADDED_COLUMNS = {  # columns newer than the first stores: table -> ((name, type
 }
 
 
+def _dropped_key(mountpoint: str, client_id: str) -> str:
+    """The meta key of a bridge session's count of dropped messages."""
+    return f"dropped\x00{mountpoint}\x00{client_id}"
+
+
 def _props_blob(props: tuple) -> bytes | None:
     return encode_properties(props) if props else None
 
@@ -6004,6 +6061,13 @@ class MemoryStore:
 
     def mark_released(self, row: int) -> None:
         """Keep nothing."""
+
+    def put_dropped(self, mountpoint: str, client_id: str, count: int) -> None:
+        """Keep nothing."""
+
+    def load_dropped(self, mountpoint: str, client_id: str) -> int:
+        """Return 0: nothing is kept here."""
+        return 0
 
     def commit(self) -> bool:
         """Nothing to commit: nothing acknowledged is ever lost here."""
@@ -6192,9 +6256,11 @@ class SqliteStore(MemoryStore):
                   (mountpoint, client_id, expiry))
 
     def delete_session(self, mountpoint: str, client_id: str) -> None:
-        """Forget a session with its subscriptions and messages."""
+        """Forget a session with its subscriptions and messages (and a bridge's, its count of drops)."""
         for table in ("sessions", "subscriptions", "messages"):
             self._run(f"DELETE FROM {table} WHERE mountpoint = ? AND client_id = ?", (mountpoint, client_id))
+        if client_id.startswith(BRIDGE_CLIENT_PREFIX):
+            self._run("DELETE FROM meta WHERE key = ?", (_dropped_key(mountpoint, client_id),))
 
     def put_subscription(self, mountpoint: str, client_id: str, topic_filter: str, qos: int) -> None:
         """Store or replace a subscription."""
@@ -6227,6 +6293,22 @@ class SqliteStore(MemoryStore):
     def mark_released(self, row: int) -> None:
         """Record that PUBREC came for a QoS 2 message (a restart resends PUBREL, not the message)."""
         self._run("UPDATE messages SET released = 1 WHERE id = ?", (row,))
+
+    def put_dropped(self, mountpoint: str, client_id: str, count: int) -> None:
+        """Record how many messages a bridge's session has dropped (committed with the batch that dropped them)."""
+        self._run("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+                  (_dropped_key(mountpoint, client_id), count))
+
+    def load_dropped(self, mountpoint: str, client_id: str) -> int:
+        """Return how many messages a bridge's session has dropped, over every run of the node."""
+        try:
+            key = _dropped_key(mountpoint, client_id)
+            row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        except sqlite3.Error as exc:
+            log.error("cannot read the drops of %r from the message store: %s", client_id, exc)
+            self.counters["store_error", ()] += 1
+            return 0
+        return row[0] if row and isinstance(row[0], int) else 0
 
     def commit(self) -> bool:
         """Commit what the last batch of packets changed.
@@ -10987,7 +11069,7 @@ BRIDGE_READ = 65536  # bytes read from the remote at a time
 BRIDGE_HIGH_WATER = 1 << 20  # bytes waiting for the remote's socket before the bridge takes no more QoS 0
 BRIDGE_MAX_CONNACK = 65536  # bytes of the remote's first packet (its CONNACK, properties included) at most
 BRIDGE_COLUMNS = ("name", "endpoint", "buffer size", "buffer max", "buffer dropped msgs", "MQTT process mailbox len",
-                  "status", "error")  # VerneMQ vmq_bridge_cli's, then status and the last error
+                  "buffer bytes", "buffer max bytes", "status", "error")  # VerneMQ vmq_bridge_cli's, then ours
 BRIDGE_LISTENER = types.SimpleNamespace(  # what the engine reads of a listener, for a bridge's own connection
     mountpoint="", allowed_versions=(4, 5), allow_anonymous_override=True, use_identity_as_username=False)
 _NOT_RELAYED = frozenset({"subscription_identifier", "topic_alias"})  # properties of one hop only
@@ -11048,8 +11130,9 @@ class BridgeSpec:
     restart_timeout: int = 10
     try_private: bool = True
     version: int = 4
-    max_buffered: int = 100
+    max_buffered: int = 0  # messages waiting for the remote (0: no count bound)
     tls_options: Mapping[str, Any] = field(default_factory=dict)
+    max_buffered_bytes: int = BRIDGE_BUFFER_BYTES  # their payload and topic bytes (0: no bound of its own)
 
     @property
     def local_id(self) -> str:
@@ -11118,7 +11201,7 @@ def _bridge_spec(config: Config, kind: str, name: str) -> BridgeSpec:
     spec = BridgeSpec(name, kind == "ssl", host, port, tuple(topics), client_id, option("cleansession"),
                       option("keepalive_interval"), username, password.encode() if username else None,
                       option("restart_timeout"), option("try_private"), version,
-                      option("max_outgoing_buffered_messages"), tls_options)
+                      option("max_outgoing_buffered_messages"), tls_options, option("max_outgoing_buffered_bytes"))
     if spec.tls:
         bridge_tls_context(spec)  # a missing or bad file is said now, not at every reconnect
     return spec
@@ -11199,7 +11282,8 @@ class Bridge:
         if session is None:
             session = engine.add_session("", spec.local_id, None)
             engine.store.put_session("", spec.local_id, None)
-        session.relay, session.limit = True, spec.max_buffered
+        session.relay, session.limit, session.max_bytes = True, spec.max_buffered or -1, spec.max_buffered_bytes or -1
+        engine.relays[session.key] = session  # a local QoS 1/2 publish is refused, not dropped, when it is full
         wanted = spec.local_subscriptions()
         for topic_filter in [f for f in session.subs if f not in wanted]:
             engine.unsubscribe(session, topic_filter)
@@ -11375,7 +11459,7 @@ class Bridge:
         if topics:
             self.write(Subscribe(self.take_pid(), topics))
             self.flush()
-        self.status = "up"
+        self.status, self.error = "up", ""  # the last error was the outage's: it is over
         log.info("bridge %s is up: connected to %s as %r", spec.name, spec.endpoint, spec.client_id)
         self.arm_ping()
         self.attach()
@@ -11520,7 +11604,9 @@ class Bridge:
         waiting = _queued(session) + len(session.inflight) + session.parked if session is not None else 0
         return {"name": self.spec.name, "endpoint": self.spec.endpoint, "buffer size": waiting,
                 "buffer max": self.spec.max_buffered, "buffer dropped msgs": session.dropped if session else 0,
-                "MQTT process mailbox len": len(self.remote_pids), "status": self.status, "error": self.error}
+                "MQTT process mailbox len": len(self.remote_pids),
+                "buffer bytes": session.queue_bytes if session is not None else 0,
+                "buffer max bytes": self.spec.max_buffered_bytes, "status": self.status, "error": self.error}
 
 
 class Bridges:
@@ -11548,7 +11634,8 @@ class Bridges:
                     engine.drop_session(session)
         for spec in self.specs:
             bridge = Bridge(self.io, spec, self._counters)
-            bridge.session()
+            session = bridge.session()
+            session.dropped = max(session.dropped, engine.store.load_dropped("", spec.local_id))  # of earlier runs
             bridge.task = self.io.loop.create_task(bridge.run())
             self.bridges.append(bridge)
 
