@@ -5116,7 +5116,8 @@ class Engine(Peers):
         The credentials go through auth_on_register and vmq_passwd as a CONNECT's do (skipped
         when anonymous clients are let in, as for MQTT), the message through auth_on_publish
         and vmq_acl as a PUBLISH's. No session is made: a client connected with that id is left
-        alone. Returns published, authentication_failed, authorization_failed, quota_exceeded or store_down.
+        alone. Returns published, authentication_failed, authorization_failed, quota_exceeded, store_down or
+        bridge_full.
         """
         if self.settings() is not self._config:
             self.refresh_settings()
@@ -5131,6 +5132,8 @@ class Engine(Peers):
             return "authorization_failed"
         if msg.qos and self.store.error is not None:
             return "store_down"
+        if msg.qos and self.relays and self.relay_full(mountpoint, msg):
+            return "bridge_full"  # refused, not acknowledged and then dropped
         if msg.retain and self.retain(mountpoint, msg) is False:
             return "quota_exceeded"  # max_retained_messages or max_retained_bytes: not routed either, as for MQTT
         self.route(mountpoint, msg)
@@ -13100,6 +13103,8 @@ HTTP_PUB_ANSWERS = {  # VerneMQ vmq_http_pub:map_to_response_code/1 and map_to_r
     "invalid_payload": (400, "Payload is not well-formed UTF-8"),
     "quota_exceeded": (507, "Retained message refused: max_retained_messages or max_retained_bytes reached"),
     "store_down": (503, "The message store cannot keep a QoS 1 or 2 message now; try again later"),
+    "bridge_full": (503, "A bridge's buffer for its remote is full (max_outgoing_buffered_bytes or "
+                         "max_outgoing_buffered_messages); try a QoS 1 or 2 message again later"),
     "no_broker": (503, "The node runs no MQTT broker"),
 }
 

@@ -379,6 +379,13 @@ def test_a_full_buffer_refuses_qos_1_before_its_puback_drops_qos_0_counted_and_l
         old = connected(port_of(local), "old")
         with pytest.raises(ConnectionError):
             old.publish("d/x", b"3.1.1", 1)  # no negative PUBACK in MQTT 3.1.1: cut off unacknowledged, it resends
+        http = Client(local)
+        try:
+            status, _, body = http.request("POST", "/restmqtt/api/v1/publish?topic=d/x&qos=1",
+                                           {"x-api-key": local.keystore.create("httppub")}, b"over HTTP")
+        finally:
+            http.close()
+        assert status == 503 and b"max_outgoing_buffered_bytes" in body  # HTTP publish is refused too
         for n in range(20):
             pub.publish("d/x", b"best effort", 0)
         wait_for(lambda: bridge_rows(local)[0]["buffer dropped msgs"] == 20, what="20 QoS 0 drops")
