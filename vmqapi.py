@@ -3541,6 +3541,7 @@ class Delivery:
         # sessions still getting retained messages for new subscriptions, oldest first (``hand_out``)
         self.handouts: dict[Session, list[Handout]] = {}
         self.relays: dict[tuple[str, str], Session] = {}  # the bridges' own sessions (vmq_bridge), by key
+        self.drops_unsaved: dict[Session, None] = {}  # bridge sessions that dropped since the last save_drops
 
     # -- the outbox -------------------------------------------------------
     def emit(self, conn: Connection, data: bytes) -> None:
@@ -3813,7 +3814,7 @@ class Delivery:
         self.counters["queue_message_drop", ()] += 1  # a slow subscriber loses QoS 0, never blocks others
         session.dropped += 1
         if session.relay:  # bridge show and bridge_messages_dropped say the same after a restart
-            self.store.put_dropped(session.mountpoint, session.client_id, session.dropped)
+            self.drops_unsaved[session] = None
         if session.warned:
             return  # one line per session, not per message
         session.warned = True
@@ -3825,6 +3826,12 @@ class Delivery:
         else:
             log.warning("dropping messages for client %r: %s (the first of %d bytes; queue_message_drop counts "
                         "the rest)", session.client_id, full, size)
+
+    def save_drops(self) -> None:
+        """Write the bridges' counts of drops to the store: once per batch, not once per message dropped."""
+        for session in self.drops_unsaved:
+            self.store.put_dropped(session.mountpoint, session.client_id, session.dropped)
+        self.drops_unsaved.clear()
 
     def relay_full(self, mountpoint: str, msg: Message) -> str:
         """Say which bridge's full buffer a QoS 1/2 message would be dropped by ('' none).
@@ -4307,6 +4314,7 @@ class Sessions(Delivery):
             self.persistent -= not session.clean
         if session.relay:
             self.relays.pop(session.key, None)
+            self.drops_unsaved.pop(session, None)
         self.session_changes.add(session.key)
         self.forget_queue(session)
         if not session.clean:
@@ -7485,6 +7493,7 @@ class MqttIO:
                 hook()
             except Exception:  # the commit and the flush below must happen whatever a hook did
                 log.exception("a batch hook failed")
+        self.engine.save_drops()
         saved = self.store.commit()
         engine = self.engine
         dirty = engine.take_dirty()
