@@ -3838,13 +3838,15 @@ class Delivery:
 
         Refused before its acknowledgement, the publisher keeps it; dropped after, it would be lost.
         """
+        if msg.bridged:
+            return ""  # no bridge takes it
         size = message_bytes(msg)
         for session in self.relays.values():
-            if session.mountpoint != mountpoint or msg.bridged:
+            if session.mountpoint != mountpoint:
                 continue
             qos = max((o.qos for f, o in session.subs.items() if topic_matches(f, msg.topic)), default=0)
-            full = min(qos, msg.qos) and self.queue_full(session, session.client is not None, size)
-            if full:
+            full = self.queue_full(session, session.client is not None, size) if qos else ""
+            if full:  # at QoS 0 for the bridge it may be dropped: nothing was promised
                 return f"the buffer of bridge {session.client_id[len(BRIDGE_CLIENT_PREFIX):]} is full ({full})"
         return ""
 

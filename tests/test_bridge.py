@@ -376,6 +376,7 @@ def test_a_full_buffer_refuses_qos_1_before_its_puback_drops_qos_0_counted_and_l
         pub = connected(port_of(local), "pub", version=5)
         codes = [pub.publish("d/x", str(n).encode(), 1) for n in range(15)]
         assert codes == [0] * 10 + [0x97] * 5  # past the bound: Quota exceeded, never a PUBACK for a dropped one
+        assert pub.publish("d/x", b"two", 2) == 0x97  # PUBREC 0x97 ends the QoS 2 exchange
         old = connected(port_of(local), "old")
         with pytest.raises(ConnectionError):
             old.publish("d/x", b"3.1.1", 1)  # no negative PUBACK in MQTT 3.1.1: cut off unacknowledged, it resends
