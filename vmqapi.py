@@ -3833,23 +3833,6 @@ class Delivery:
             self.store.put_dropped(session.mountpoint, session.client_id, session.dropped)
         self.drops_unsaved.clear()
 
-    def relay_full(self, mountpoint: str, msg: Message) -> str:
-        """Say which bridge's full buffer a QoS 1/2 message would be dropped by ('' none).
-
-        Refused before its acknowledgement, the publisher keeps it; dropped after, it would be lost.
-        """
-        if msg.bridged:
-            return ""  # no bridge takes it
-        size = message_bytes(msg)
-        for session in self.relays.values():
-            if session.mountpoint != mountpoint:
-                continue
-            qos = max((o.qos for f, o in session.subs.items() if topic_matches(f, msg.topic)), default=0)
-            full = self.queue_full(session, session.client is not None, size) if qos else ""
-            if full:  # at QoS 0 for the bridge it may be dropped: nothing was promised
-                return f"the buffer of bridge {session.client_id[len(BRIDGE_CLIENT_PREFIX):]} is full ({full})"
-        return ""
-
     def fill(self, session: Session) -> bool:
         """Read the next page of a session's stored queue into memory; return whether there was any."""
         page = self.store.load_queue(session.mountpoint, session.client_id, session.loaded_upto)
@@ -5037,6 +5020,23 @@ class Engine(Peers):
             session.incoming.add(p.packet_id)  # an error reason ends the exchange (MQTT 5.0 4.3.3)
         self.emit_packet(client, client.dialect.ack(kind, p.packet_id, reason))
         self.counters["mqtt_puback_sent" if kind is Puback else "mqtt_pubrec_sent", reason_labels(reason)] += 1
+
+    def relay_full(self, mountpoint: str, msg: Message) -> str:
+        """Say which bridge's full buffer a QoS 1/2 message would be dropped by ('' none).
+
+        Refused before its acknowledgement, the publisher keeps it; dropped after, it would be lost.
+        """
+        if msg.bridged:
+            return ""  # no bridge takes it
+        size = message_bytes(msg)
+        for session in self.relays.values():
+            if session.mountpoint != mountpoint:
+                continue
+            qos = max((o.qos for f, o in session.subs.items() if topic_matches(f, msg.topic)), default=0)
+            full = self.queue_full(session, session.client is not None, size) if qos else ""
+            if full:  # at QoS 0 for the bridge it may be dropped: nothing was promised
+                return f"the buffer of bridge {session.client_id[len(BRIDGE_CLIENT_PREFIX):]} is full ({full})"
+        return ""
 
     def refuse_unsaved(self, client: Connection, p: Publish, text: str = STORE_DOWN,
                        reason: int = Reason.UNSPECIFIED_ERROR) -> None:
@@ -11264,8 +11264,10 @@ class Bridge:
     the message store; once the remote is up the bridge attaches a connection to it, and the
     engine's outbox (``drain``) hands it the PUBLISHes to send on. A local QoS 1/2 message is
     acknowledged to the engine only once the remote acknowledged it, so it leaves the store
-    only then. Messages from the remote are routed here marked ``bridged``, which no bridge
-    sends out again.
+    only then. The buffer is bounded in bytes (max_outgoing_buffered_bytes) and, when set, in
+    messages; at the bound the engine refuses a local QoS 1/2 publish before acknowledging it
+    (``relay_full``) and drops only what no publisher here waits for, counted in the store.
+    Messages from the remote are routed here marked ``bridged``, which no bridge sends out again.
     """
 
     def __init__(self, io: MqttIO, spec: BridgeSpec, counters: dict):
@@ -11699,7 +11701,8 @@ def _bridges(call: Call) -> Bridges | None:
 
 @command("bridge", "show", quick=True, read_only=True)
 def cmd_bridge_show(call: Call) -> Any:
-    """Show each bridge: its remote, its buffer (messages waiting, the most, dropped), status and last error."""
+    """Show each bridge: its remote, its buffer (messages waiting, the most, dropped; bytes waiting, the most),
+    status and last error."""
     bridges = _bridges(call)
     if bridges is None:
         return alert(BRIDGE_OFF)
