@@ -744,6 +744,9 @@ APIKEY_MODULES = ("vmq_http_mgmt_api", "vmq_http_v2_api", "vmq_http_pub")  # Ver
 LISTENER_TYPES = ("http", "https", "tcp", "ssl", "ws", "wss")  # VerneMQ's listener types
 MQTT_LISTENER_KINDS = {"tcp": "mqtt", "ssl": "mqtts", "ws": "mqttws", "wss": "mqttwss"}  # as listener show names them
 TLS_VERSIONS = {"tlsv1.2": ssl.TLSVersion.TLSv1_2, "tlsv1.3": ssl.TLSVersion.TLSv1_3}
+# A bridge's outgoing buffer is bounded by bytes on disk, not by a message count: an outage of hours at
+# a sensor gateway's rate fits, and half of max_queued_bytes (128 MiB) is left to the node's own clients.
+BRIDGE_BUFFER_BYTES = 64 << 20
 
 _S = Setting
 SETTINGS: tuple[Setting, ...] = (
@@ -955,8 +958,14 @@ SETTINGS: tuple[Setting, ...] = (
        "Tell the remote it is a bridge (MQTT 3.1/3.1.1 protocol level + 128): no echo, retain as published."),
     _S("vmq_bridge.$type.$name.mqtt_version", parse_int_range(3, 5), 4,
        "MQTT version spoken to the remote: 3 (3.1), 4 (3.1.1) or 5."),
-    _S("vmq_bridge.$type.$name.max_outgoing_buffered_messages", parse_int_range(1), 100,
-       "Messages for the remote kept (in the message store) while it is unreachable; more are dropped."),
+    _S("vmq_bridge.$type.$name.max_outgoing_buffered_bytes", parse_int_range(0), BRIDGE_BUFFER_BYTES,
+       "Bytes (payloads and topics) for the remote kept in the message store while it is unreachable or slow "
+       "(0: no bound of its own). Past it a local QoS 1/2 publish for it is refused (MQTT 5 0x97; a 3.1.1 "
+       "publisher is disconnected unacknowledged, so it resends); QoS 0, and messages forwarded by other "
+       "nodes, are dropped and counted."),
+    _S("vmq_bridge.$type.$name.max_outgoing_buffered_messages", parse_int_range(0), 0,
+       "Messages for the remote kept in the message store (0: no count bound, only "
+       "max_outgoing_buffered_bytes); past it as max_outgoing_buffered_bytes."),
     _S("vmq_bridge.$type.$name.cafile", parse_text, "", "ssl: PEM CA certificates the remote's is checked against "
        "(empty: the system's)."),
     _S("vmq_bridge.$type.$name.certfile", parse_text, "", "ssl: PEM client certificate for the remote."),
@@ -1356,7 +1365,8 @@ METRIC_DEFINITIONS: dict[str, tuple[str, str, tuple[LabelSet, ...]]] = {  # Vern
     "bridge_bytes_in": ("counter", "The payload and topic bytes a bridge received from its remote broker.", ()),
     "bridge_bytes_out": ("counter", "The payload and topic bytes a bridge sent to its remote broker.", ()),
     "bridge_messages_dropped": ("counter", "The number of messages for a bridge's remote broker dropped because "
-                                "max_outgoing_buffered_messages were waiting.", ()),
+                                "its buffer was full (max_outgoing_buffered_bytes or _messages); kept in the "
+                                "message store, so it survives a restart.", ()),
 
     # -- vmq_webhooks metrics --
 
@@ -2690,8 +2700,8 @@ class Session:
 
     __slots__ = ("mountpoint", "client_id", "subs", "client", "queue", "inflight", "incoming",
                  "next_pid", "user", "peer", "protocol", "started_at", "offline_since", "expiry", "will",
-                 "queue_bytes", "stored", "stored_bytes", "loaded_upto", "parked", "relay", "limit", "dropped",
-                 "waiting", "ahead")
+                 "queue_bytes", "stored", "stored_bytes", "loaded_upto", "parked", "relay", "limit", "max_bytes",
+                 "dropped", "warned", "waiting", "ahead")
 
     def __init__(self, mountpoint: str, client_id: str, now: float, expiry: int | None = 0):
         self.mountpoint, self.client_id = mountpoint, client_id
@@ -2714,10 +2724,12 @@ class Session:
         self.stored = self.stored_bytes = self.loaded_upto = 0
         self.parked = 0  # QoS 2 messages in flight when the node stopped, still only in the store
         # A bridge's own session (vmq_bridge): it never expires, gets no message that came in over a
-        # bridge, and queues at most ``limit`` messages (max_outgoing_buffered_messages), counting drops.
+        # bridge, and queues at most ``limit`` messages and ``max_bytes`` bytes (max_outgoing_buffered_*,
+        # -1: no bound), counting drops in the store.
         self.relay = False
-        self.limit: int | None = None
+        self.limit = self.max_bytes = -1
         self.dropped = 0
+        self.warned = False  # its first drop since the node started was logged
         # Taken over from another node whose queue is on its way: queued messages wait for it (they are newer),
         # and the first ``ahead`` of the queue are the old node's, put before what came directly meanwhile
         self.waiting = 0  # (0: not waiting) which takeover it waits for: a timer of an earlier one does not end it
@@ -3505,6 +3517,11 @@ def add_forward(fwd: dict[str, list] | None, node: str, group: str | None) -> di
     return fwd
 
 
+QUEUE_BOUNDS = {  # online (None: a bridge's buffer) -> the settings that bound its queue: (messages, bytes)
+    True: ("max_online_messages", "max_online_bytes"), False: ("max_offline_messages", "max_offline_bytes"),
+    None: ("max_outgoing_buffered_messages", "max_outgoing_buffered_bytes")}
+
+
 class Delivery:
     """The delivery half of the engine (``Engine`` adds connections, packets and time).
 
@@ -3530,6 +3547,8 @@ class Delivery:
         self.forwards: list[tuple[str, str, Message, bool, tuple[str, ...]]] = []
         # sessions still getting retained messages for new subscriptions, oldest first (``hand_out``)
         self.handouts: dict[Session, list[Handout]] = {}
+        self.relays: dict[tuple[str, str], Session] = {}  # the bridges' own sessions (vmq_bridge), by key
+        self.drops_unsaved: dict[Session, None] = {}  # bridge sessions that dropped since the last save_drops
 
     # -- the outbox -------------------------------------------------------
     def emit(self, conn: Connection, data: bytes) -> None:
@@ -3710,15 +3729,16 @@ class Delivery:
         """
         limit, byte_limit = (self.max_online, self.max_online_bytes) if online else \
             (self.max_offline, self.max_offline_bytes)
-        if session.limit is not None:
-            limit = session.limit
+        bounds = QUEUE_BOUNDS[None if session.relay else online]
+        if session.relay:
+            limit, byte_limit = session.limit, session.max_bytes  # a bridge's own bounds
         queued = _queued(session)
         if 0 <= limit <= queued:
-            return "max_online_messages" if online else "max_offline_messages"
+            return bounds[0]
         total = self.queued_bytes + size
         if 0 <= byte_limit < session.queue_bytes + size:
             if queued:
-                return "max_online_bytes" if online else "max_offline_bytes"
+                return bounds[1]
             if out is not None and out.qos and online and not session.stored:
                 out.shared = True
                 if id(out.msg) in self.shared:
@@ -3775,12 +3795,7 @@ class Delivery:
         full = self.queue_full(session, online, size, out) or (online and qos == 0 and not session.client.writable
                                                           and "its connection takes no more")
         if full:
-            self.counters["queue_message_drop", ()] += 1  # a slow subscriber loses QoS 0, never blocks others
-            if not session.dropped:  # one line per session, not per message
-                log.warning("dropping messages for client %r: %s (the first of %d bytes; queue_message_drop counts "
-                            "the rest)", session.client_id, full, size)
-            session.dropped += 1
-            return
+            return self.drop(session, full, size)
         # QoS 0 is stored too when it must wait behind stored messages: the queue keeps its order
         if not session.clean and (qos or not online or session.stored):
             out.row = self.store.add_message(session.mountpoint, session.client_id, msg, qos, out.extra)
@@ -3800,6 +3815,30 @@ class Delivery:
         self.counters["queue_message_in", ()] += 1
         if online:
             self.drain(session)
+
+    def drop(self, session: Session, full: str, size: int) -> None:
+        """Drop a message a full queue cannot take: counted (a bridge's in the store too), the first one logged."""
+        self.counters["queue_message_drop", ()] += 1  # a slow subscriber loses QoS 0, never blocks others
+        session.dropped += 1
+        if session.relay:  # bridge show and bridge_messages_dropped say the same after a restart
+            self.drops_unsaved[session] = None
+        if session.warned:
+            return  # one line per session, not per message
+        session.warned = True
+        if session.relay:
+            bound = session.limit if full.endswith("messages") else session.max_bytes
+            log.warning("bridge %s: dropping messages for the remote: its buffer is full (%s = %s; the first of "
+                        "%d bytes; bridge_messages_dropped counts the rest)",
+                        session.client_id[len(BRIDGE_CLIENT_PREFIX):], full, bound, size)
+        else:
+            log.warning("dropping messages for client %r: %s (the first of %d bytes; queue_message_drop counts "
+                        "the rest)", session.client_id, full, size)
+
+    def save_drops(self) -> None:
+        """Write the bridges' counts of drops to the store: once per batch, not once per message dropped."""
+        for session in self.drops_unsaved:
+            self.store.put_dropped(session.mountpoint, session.client_id, session.dropped)
+        self.drops_unsaved.clear()
 
     def fill(self, session: Session) -> bool:
         """Read the next page of a session's stored queue into memory; return whether there was any."""
@@ -4265,6 +4304,9 @@ class Sessions(Delivery):
             self.router.remove(session, topic_filter)
         if self.sessions.pop(session.key, None) is session:
             self.persistent -= not session.clean
+        if session.relay:
+            self.relays.pop(session.key, None)
+            self.drops_unsaved.pop(session, None)
         self.session_changes.add(session.key)
         self.forget_queue(session)
         if not session.clean:
@@ -5024,6 +5066,8 @@ class Engine(Peers):
             if not reason:
                 self.counters["mqtt_publish_auth_error", ()] += 1
                 reason = Reason.NOT_AUTHORIZED
+        elif msg.qos and self.relays and (full := self.relay_full(session.mountpoint, msg)):
+            return self.refuse_unsaved(client, p, full, Reason.QUOTA_EXCEEDED)  # kept by its publisher, not lost
         elif msg.retain and self.retain(session.mountpoint, msg) is False:
             reason = Reason.QUOTA_EXCEEDED  # MQTT 5.0 3.4.2.1: max_retained_messages or max_retained_bytes
         elif not self.route(session.mountpoint, msg):
@@ -5046,6 +5090,23 @@ class Engine(Peers):
             session.incoming.add(p.packet_id)  # an error reason ends the exchange (MQTT 5.0 4.3.3)
         self.emit_packet(client, client.dialect.ack(kind, p.packet_id, reason))
         self.counters["mqtt_puback_sent" if kind is Puback else "mqtt_pubrec_sent", reason_labels(reason)] += 1
+
+    def relay_full(self, mountpoint: str, msg: Message) -> str:
+        """Say which bridge's full buffer a QoS 1/2 message would be dropped by ('' none).
+
+        Refused before its acknowledgement, the publisher keeps it; dropped after, it would be lost.
+        """
+        if msg.bridged:
+            return ""  # no bridge takes it
+        size = message_bytes(msg)
+        for session in self.relays.values():
+            if session.mountpoint != mountpoint:
+                continue
+            qos = max((o.qos for f, o in session.subs.items() if topic_matches(f, msg.topic)), default=0)
+            full = self.queue_full(session, session.client is not None, size) if qos else ""
+            if full:  # at QoS 0 for the bridge it may be dropped: nothing was promised
+                return f"the buffer of bridge {session.client_id[len(BRIDGE_CLIENT_PREFIX):]} is full ({full})"
+        return ""
 
     def refuse_unsaved(self, client: Connection, p: Publish, text: str = STORE_DOWN,
                        reason: int = Reason.UNSPECIFIED_ERROR) -> None:
@@ -5135,7 +5196,8 @@ class Engine(Peers):
         The credentials go through auth_on_register and vmq_passwd as a CONNECT's do (skipped
         when anonymous clients are let in, as for MQTT), the message through auth_on_publish
         and vmq_acl as a PUBLISH's. No session is made: a client connected with that id is left
-        alone. Returns published, authentication_failed, authorization_failed, quota_exceeded or store_down.
+        alone. Returns published, authentication_failed, authorization_failed, quota_exceeded, store_down or
+        bridge_full.
         """
         if self.settings() is not self._config:
             self.refresh_settings()
@@ -5150,6 +5212,8 @@ class Engine(Peers):
             return "authorization_failed"
         if msg.qos and self.store.error is not None:
             return "store_down"
+        if msg.qos and self.relays and self.relay_full(mountpoint, msg):
+            return "bridge_full"  # refused, not acknowledged and then dropped
         if msg.retain and self.retain(mountpoint, msg) is False:
             return "quota_exceeded"  # max_retained_messages or max_retained_bytes: not routed either, as for MQTT
         self.route(mountpoint, msg)
@@ -5810,14 +5874,16 @@ class Replica:
         self.merge(rows)
 
     # -- local use ----------------------------------------------------------------
-    def put(self, kind: str, key: str, value: Any, now: float) -> Update | None:
+    def put(self, kind: str, key: str, value: Any, now: float, renew: bool = False) -> Update | None:
         """Write locally (value None deletes). The stamp is (max(now, held stamp's time + 1e-6), me) so a
         local write always wins over what this node holds. Return None (and change nothing) when the live
-        value is already equal (deleting an absent key is also None)."""
+        value is already equal (deleting an absent key is also None), unless ``renew`` asks for a fresh
+        stamp all the same (a row this node holds may have lost, unseen, to a peer's newer delete)."""
         value_term = encode_term(value)
         held = self._held(kind, key)
         live = None if held is None else held.value
-        if (live is None) if value is None else (live is not None and encode_term(live) == value_term):
+        same = (live is None) if value is None else (live is not None and encode_term(live) == value_term)
+        if same and not renew:
             return None
         t = _stamp_time(now)
         if held is not None:
@@ -6140,6 +6206,11 @@ _ADDED_COLUMNS = {  # columns newer than the first stores: table -> ((name, type
 }
 
 
+def _dropped_key(mountpoint: str, client_id: str) -> str:
+    """The meta key of a bridge session's count of dropped messages."""
+    return f"dropped\x00{mountpoint}\x00{client_id}"
+
+
 def _props_blob(props: tuple) -> bytes | None:
     return encode_properties(props) if props else None
 
@@ -6231,6 +6302,13 @@ class MemoryStore:
     def load_marks(self) -> list:
         """Return nothing."""
         return []
+
+    def put_dropped(self, mountpoint: str, client_id: str, count: int) -> None:
+        """Keep nothing."""
+
+    def load_dropped(self, mountpoint: str, client_id: str) -> int:
+        """Return 0: nothing is kept here."""
+        return 0
 
     def commit(self) -> bool:
         """Nothing to commit: nothing acknowledged is ever lost here."""
@@ -6419,9 +6497,11 @@ class SqliteStore(MemoryStore):
                   (mountpoint, client_id, expiry))
 
     def delete_session(self, mountpoint: str, client_id: str) -> None:
-        """Forget a session with its subscriptions and messages."""
+        """Forget a session with its subscriptions and messages (and a bridge's, its count of drops)."""
         for table in ("sessions", "subscriptions", "messages"):
             self._run(f"DELETE FROM {table} WHERE mountpoint = ? AND client_id = ?", (mountpoint, client_id))
+        if client_id.startswith(BRIDGE_CLIENT_PREFIX):
+            self._run("DELETE FROM meta WHERE key = ?", (_dropped_key(mountpoint, client_id),))
 
     def put_subscription(self, mountpoint: str, client_id: str, topic_filter: str, qos: int) -> None:
         """Store or replace a subscription."""
@@ -6496,6 +6576,22 @@ class SqliteStore(MemoryStore):
             return list(self.db.execute("SELECT origin, epoch, seq FROM kept_marks ORDER BY rowid"))
         except sqlite3.DatabaseError as exc:
             raise _corrupt_store(self.path, str(exc)) from None
+
+    def put_dropped(self, mountpoint: str, client_id: str, count: int) -> None:
+        """Record how many messages a bridge's session has dropped (committed with the batch that dropped them)."""
+        self._run("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+                  (_dropped_key(mountpoint, client_id), count))
+
+    def load_dropped(self, mountpoint: str, client_id: str) -> int:
+        """Return how many messages a bridge's session has dropped, over every run of the node."""
+        try:
+            key = _dropped_key(mountpoint, client_id)
+            row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        except sqlite3.Error as exc:
+            log.error("cannot read the drops of %r from the message store: %s", client_id, exc)
+            self.counters["store_error", ()] += 1
+            return 0
+        return row[0] if row and isinstance(row[0], int) else 0
 
     def commit(self) -> bool:
         """Commit what the last batch of packets changed.
@@ -7670,6 +7766,7 @@ class MqttIO:
                 hook()
             except Exception:  # the commit and the flush below must happen whatever a hook did
                 log.exception("a batch hook failed")
+        self.engine.save_drops()
         saved = self.store.commit()
         engine = self.engine
         dirty = engine.take_dirty()
@@ -10541,7 +10638,9 @@ class ClusterAdmin:
             raise ClusterError(f"{name} is this node")
         if self.bound is None:
             raise ClusterError("this node has no cluster listener (set listener.vmq.clustering)")
-        if name in self.in_loop(self.members) and self.in_loop(lambda: self.links.is_up(name)):
+        # Only a peer heard since its link came up: a node removed while it was down still holds the
+        # others' rows, and links to them after a restart until it hears of its removal from them.
+        if self.in_loop(lambda: name in self.peers() and self.links.is_up(name) and self._quiet.get(name, False)):
             raise ClusterError(f"{name} is already a member of this node's cluster")
         remote = self.io.call_async(self.links.probe(host, port), timeout=JOIN_TIMEOUT + 5)
         if remote != name:
@@ -10556,9 +10655,14 @@ class ClusterAdmin:
                            "this node keeps trying")
 
     def _add_member(self, name: str, address: str) -> None:
-        self._put("member", self.me, {"address": self._advertised()})
+        rejoin = self.me not in self.members()
+        # renewed: the row this node kept may have lost already, unseen, to its removal while it was down
+        self._put("member", self.me, {"address": self._advertised()}, renew=True)
         if not isinstance(self.replica.get("member", name), dict):  # its own address wins over the one typed
             self._put("member", name, {"address": address})
+        if rejoin:
+            self._index_sessions()  # taken out before (_left): the others' subscribers count again
+        self._quiet[name] = False  # Done once the peer is heard after these rows, not on an earlier merge
         self._expect(name, time.monotonic())
         self._connect_members()
         self._maybe_record()
@@ -10610,7 +10714,7 @@ class ClusterAdmin:
         for peer in list(self.engine.router.remote):
             self.engine.router.drop_remote(peer)
         for row in self.links.rows():  # after a moment: hand-overs to the others are still on their way
-            self.io.loop.call_later(FORGET_DELAY, self.links.forget, row["name"])
+            self.io.loop.call_later(FORGET_DELAY, self._forget_if_out, row["name"])
         self._owned.clear()
         self._interest.clear()
         self.engine.clustered = False
@@ -10827,6 +10931,7 @@ class Cluster(ClusterAdmin):
         self._arriving: dict[str, float] = {}  # members learned of while running -> until when not missing
         self._known: set[str] = set()  # the peers the last split check saw (a member not among them is new)
         self._initial = False
+        self._new_address = False  # this node's address is to be put once a peer is heard: see _advertise
         self.pool = concurrent.futures.ThreadPoolExecutor(CLUSTER_CALL_WORKERS, thread_name_prefix="vmqapi-cluster")
         self._serving = threading.BoundedSemaphore(CLUSTER_MAX_CALLS)  # taken in the loop, given back by a worker
         self.split = ""  # why the cluster is not whole ('' when it is)
@@ -10868,14 +10973,10 @@ class Cluster(ClusterAdmin):
         engine = self.engine
         engine.elsewhere = self._elsewhere
         self.io.batch_hooks.append(self.after_batch)
-        members = dict(self.replica.items("member"))
-        if self.bound is not None and self.me in members:  # a node that left or was removed stays out
-            self._put("member", self.me, {"address": self._advertised()})
-        for key, value in self.replica.items("session"):
-            try:
-                self._index_session(key, value)
-            except ClusterError as exc:  # a bad row a peer sent once must not stop every later start
-                log.warning("cluster: cannot apply session %r: %s", key[:100], exc.text)
+        # A node that left or was removed stays out: its address, when it changed, is put only once
+        # a peer has been heard (see _advertise), not before a removal made while it was down.
+        self._new_address = self.bound is not None and self.me in self.members()
+        self._index_sessions()
         for key, value in self.replica.items("config"):
             self._apply_config(key, value)
         self._connect_members()
@@ -10888,8 +10989,28 @@ class Cluster(ClusterAdmin):
         self._maybe_record()
         self._timer = self.io.loop.call_later(CLUSTER_TIMER, self._tick)
 
+    def _index_sessions(self) -> None:
+        """Give the router every other node's subscriptions the replica holds (at the start, and on a rejoin)."""
+        for key, value in self.replica.items("session"):
+            try:
+                self._index_session(key, value)
+            except ClusterError as exc:  # a bad row a peer sent once must not stop every later start
+                log.warning("cluster: cannot apply session %r: %s", key[:100], exc.text)
+
+    def _advertise(self) -> None:
+        """Put this node's address once a peer has been heard since the start (the peers dial it there).
+
+        Stamped before that, the row would win over a removal made while this node was down, and
+        bring it back into the cluster unasked, only because its address changed.
+        """
+        if self._new_address and (not self.peers() or any(self._quiet.values())):
+            self._new_address = False
+            if self.me in self.members():
+                self._put("member", self.me, {"address": self._advertised()})
+
     def _maybe_record(self) -> None:
         """Let the engine record changes once this node is in a cluster (a standalone node keeps none)."""
+        self._advertise()
         if not self.engine.clustered and self.peers() and \
                 (not self._unsynced or time.monotonic() >= self._record_after):
             self.engine.clustered = True
@@ -10943,8 +11064,8 @@ class Cluster(ClusterAdmin):
         members = self.members()
         return [m for m in members if m != self.me] if self.me in members else []
 
-    def _put(self, kind: str, key: str, value: Any) -> None:
-        update = self.replica.put(kind, key, value, time.time())
+    def _put(self, kind: str, key: str, value: Any, renew: bool = False) -> None:
+        update = self.replica.put(kind, key, value, time.time(), renew)
         if update is not None:
             self._dirty[kind, key] = update
             self._outgoing.append(update)
@@ -10974,8 +11095,8 @@ class Cluster(ClusterAdmin):
             msg = decode_forward(value, self.engine.packet_limits.properties)[1] if isinstance(value, bytes) else None
             self.engine.apply_remote_retained(mountpoint, topic, msg)
         elif kind == "member":
-            if key == self.me and value is None:
-                self._left()
+            if key == self.me:
+                self._left() if value is None else self._index_sessions()  # a join elsewhere named this node
             elif value is None:
                 self._member_gone(key)
                 # later: a node that leaves with -k sends its answer right after this row
@@ -11157,6 +11278,10 @@ class Cluster(ClusterAdmin):
         if name not in self.members() and self.links is not None:
             self.links.forget(name)
             self.kept.drop(name)
+
+    def _forget_if_out(self, name: str) -> None:
+        if self.me not in self.members() and self.links is not None:  # not joined again meanwhile
+            self.links.forget(name)
 
     def _on_up(self, peer: str) -> None:
         self._quiet[peer] = False
@@ -11518,7 +11643,7 @@ BRIDGE_READ = 65536  # bytes read from the remote at a time
 BRIDGE_HIGH_WATER = 1 << 20  # bytes waiting for the remote's socket before the bridge takes no more QoS 0
 BRIDGE_MAX_CONNACK = 65536  # bytes of the remote's first packet (its CONNACK, properties included) at most
 BRIDGE_COLUMNS = ("name", "endpoint", "buffer size", "buffer max", "buffer dropped msgs", "MQTT process mailbox len",
-                  "status", "error")  # VerneMQ vmq_bridge_cli's, then status and the last error
+                  "buffer bytes", "buffer max bytes", "status", "error")  # VerneMQ vmq_bridge_cli's, then ours
 BRIDGE_LISTENER = types.SimpleNamespace(  # what the engine reads of a listener, for a bridge's own connection
     mountpoint="", allowed_versions=(4, 5), allow_anonymous_override=True, use_identity_as_username=False)
 _NOT_RELAYED = frozenset({"subscription_identifier", "topic_alias"})  # properties of one hop only
@@ -11579,8 +11704,9 @@ class BridgeSpec:
     restart_timeout: int = 10
     try_private: bool = True
     version: int = 4
-    max_buffered: int = 100
+    max_buffered: int = 0  # messages waiting for the remote (0: no count bound)
     tls_options: Mapping[str, Any] = field(default_factory=dict)
+    max_buffered_bytes: int = BRIDGE_BUFFER_BYTES  # their payload and topic bytes (0: no bound of its own)
 
     @property
     def local_id(self) -> str:
@@ -11649,7 +11775,7 @@ def _bridge_spec(config: Config, kind: str, name: str) -> BridgeSpec:
     spec = BridgeSpec(name, kind == "ssl", host, port, tuple(topics), client_id, option("cleansession"),
                       option("keepalive_interval"), username, password.encode() if username else None,
                       option("restart_timeout"), option("try_private"), version,
-                      option("max_outgoing_buffered_messages"), tls_options)
+                      option("max_outgoing_buffered_messages"), tls_options, option("max_outgoing_buffered_bytes"))
     if spec.tls:
         bridge_tls_context(spec)  # a missing or bad file is said now, not at every reconnect
     return spec
@@ -11698,8 +11824,10 @@ class Bridge:
     the message store; once the remote is up the bridge attaches a connection to it, and the
     engine's outbox (``drain``) hands it the PUBLISHes to send on. A local QoS 1/2 message is
     acknowledged to the engine only once the remote acknowledged it, so it leaves the store
-    only then. Messages from the remote are routed here marked ``bridged``, which no bridge
-    sends out again.
+    only then. The buffer is bounded in bytes (max_outgoing_buffered_bytes) and, when set, in
+    messages; at the bound the engine refuses a local QoS 1/2 publish before acknowledging it
+    (``relay_full``) and drops only what no publisher here waits for, counted in the store.
+    Messages from the remote are routed here marked ``bridged``, which no bridge sends out again.
     """
 
     def __init__(self, io: MqttIO, spec: BridgeSpec, counters: dict):
@@ -11730,7 +11858,8 @@ class Bridge:
         if session is None:
             session = engine.add_session("", spec.local_id, None)
             engine.store.put_session("", spec.local_id, None)
-        session.relay, session.limit = True, spec.max_buffered
+        session.relay, session.limit, session.max_bytes = True, spec.max_buffered or -1, spec.max_buffered_bytes or -1
+        engine.relays[session.key] = session  # a local QoS 1/2 publish is refused, not dropped, when it is full
         wanted = spec.local_subscriptions()
         for topic_filter in [f for f in session.subs if f not in wanted]:
             engine.unsubscribe(session, topic_filter)
@@ -11906,7 +12035,7 @@ class Bridge:
         if topics:
             self.write(Subscribe(self.take_pid(), topics))
             self.flush()
-        self.status = "up"
+        self.status, self.error = "up", ""  # the last error was the outage's: it is over
         log.info("bridge %s is up: connected to %s as %r", spec.name, spec.endpoint, spec.client_id)
         self.arm_ping()
         self.attach()
@@ -12051,7 +12180,9 @@ class Bridge:
         waiting = _queued(session) + len(session.inflight) + session.parked if session is not None else 0
         return {"name": self.spec.name, "endpoint": self.spec.endpoint, "buffer size": waiting,
                 "buffer max": self.spec.max_buffered, "buffer dropped msgs": session.dropped if session else 0,
-                "MQTT process mailbox len": len(self.remote_pids), "status": self.status, "error": self.error}
+                "MQTT process mailbox len": len(self.remote_pids),
+                "buffer bytes": session.queue_bytes if session is not None else 0,
+                "buffer max bytes": self.spec.max_buffered_bytes, "status": self.status, "error": self.error}
 
 
 class Bridges:
@@ -12079,7 +12210,8 @@ class Bridges:
                     engine.drop_session(session)
         for spec in self.specs:
             bridge = Bridge(self.io, spec, self._counters)
-            bridge.session()
+            session = bridge.session()
+            session.dropped = max(session.dropped, engine.store.load_dropped("", spec.local_id))  # of earlier runs
             bridge.task = self.io.loop.create_task(bridge.run())
             self.bridges.append(bridge)
 
@@ -12129,7 +12261,8 @@ def _bridges(call: Call) -> Bridges | None:
 
 @command("bridge", "show", quick=True, read_only=True)
 def cmd_bridge_show(call: Call) -> Any:
-    """Show each bridge: its remote, its buffer (messages waiting, the most, dropped), status and last error."""
+    """Show each bridge: its remote, its buffer (messages waiting, the most, dropped; bytes waiting, the most),
+    status and last error."""
     bridges = _bridges(call)
     if bridges is None:
         return alert(BRIDGE_OFF)
@@ -13544,6 +13677,8 @@ HTTP_PUB_ANSWERS = {  # VerneMQ vmq_http_pub:map_to_response_code/1 and map_to_r
     "invalid_payload": (400, "Payload is not well-formed UTF-8"),
     "quota_exceeded": (507, "Retained message refused: max_retained_messages or max_retained_bytes reached"),
     "store_down": (503, "The message store cannot keep a QoS 1 or 2 message now; try again later"),
+    "bridge_full": (503, "A bridge's buffer for its remote is full (max_outgoing_buffered_bytes or "
+                         "max_outgoing_buffered_messages); try a QoS 1 or 2 message again later"),
     "no_broker": (503, "The node runs no MQTT broker"),
 }
 

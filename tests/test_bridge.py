@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import http.client
 import logging
 import os
 import shutil
@@ -364,25 +365,43 @@ def test_500_messages_wait_for_a_stopped_remote_and_arrive_once_in_order(make_no
         remote.stop()
 
 
-def test_a_full_buffer_drops_and_counts_per_bridge(make_node, proxy):
+def test_a_full_buffer_refuses_qos_1_before_its_puback_drops_qos_0_counted_and_logs_once(make_node, proxy,
+                                                                                           caplog):
     link = proxy(1)
     link.cut()
     remote = make_node()
-    local = make_node(**bridge_config(link.port, "d/* out 1", max_outgoing_buffered_messages=10))
-    bridge_down(local)
-    pub = connected(port_of(local), "pub")
-    for n in range(30):
-        pub.publish("d/x", str(n).encode(), 1)
+    with caplog.at_level(logging.WARNING, logger="vmqapi"):
+        local = make_node(**bridge_config(link.port, "d/* out 1", max_outgoing_buffered_messages=10))
+        wait_for(lambda: "cannot reach" in bridge_rows(local)[0]["error"], what="the outage in bridge show")
+        pub = connected(port_of(local), "pub", version=5)
+        codes = [pub.publish("d/x", str(n).encode(), 1) for n in range(15)]
+        assert codes == [0] * 10 + [0x97] * 5  # past the bound: Quota exceeded, never a PUBACK for a dropped one
+        assert pub.publish("d/x", b"two", 2) == 0x97  # PUBREC 0x97 ends the QoS 2 exchange
+        old = connected(port_of(local), "old")
+        with pytest.raises(ConnectionError):
+            old.publish("d/x", b"3.1.1", 1)  # no negative PUBACK in MQTT 3.1.1: cut off unacknowledged, it resends
+        http = Client(local)
+        try:
+            status, _, body = http.request("POST", "/restmqtt/api/v1/publish?topic=d/x&qos=1",
+                                           {"x-api-key": local.keystore.create("httppub")}, b"over HTTP")
+        finally:
+            http.close()
+        assert status == 503 and b"max_outgoing_buffered_bytes" in body  # HTTP publish is refused too
+        for n in range(20):
+            pub.publish("d/x", b"best effort", 0)
+        wait_for(lambda: bridge_rows(local)[0]["buffer dropped msgs"] == 20, what="20 QoS 0 drops")
     (row,) = bridge_rows(local)
     assert (row["buffer size"], row["buffer max"], row["buffer dropped msgs"]) == (10, 10, 20)
     assert local.metric_samples()[("bridge_messages_dropped", (("bridge", "br0"),))] == 20
+    warnings = [r.getMessage() for r in caplog.records if "dropping" in r.getMessage()]
+    assert len(warnings) == 1 and "bridge br0" in warnings[0] and "max_outgoing_buffered_messages = 10" in warnings[0]
     sub = connected(port_of(remote), "sub")
     sub.subscribe(("d/#", 1))
     link.restore(port_of(remote))
     local.in_broker(local.bridges.restart)
     assert [p.payload for p in messages(sub, 10)] == [str(n).encode() for n in range(10)]
-    pub.close()
-    sub.close()
+    for c in (pub, old, sub):
+        c.close()
 
 
 def test_a_bridge_reconnects_by_itself_with_back_off(make_node, proxy):
@@ -394,6 +413,19 @@ def test_a_bridge_reconnects_by_itself_with_back_off(make_node, proxy):
     time.sleep(1.5)  # a reconnect or two has failed by now
     link.restore(port_of(remote))
     wait_for(lambda: bridge_rows(local)[0]["status"] == "up", timeout=15, what="the reconnect")
+
+
+def test_bridge_show_clears_the_last_error_once_the_bridge_is_up_again(make_node, proxy):
+    link = proxy(1)
+    link.cut()
+    remote = make_node()
+    local = make_node(**bridge_config(link.port, "d/* out 1"))
+    wait_for(lambda: "cannot reach" in bridge_rows(local)[0]["error"], what="the outage in bridge show")
+    link.restore(port_of(remote))
+    local.in_broker(local.bridges.restart)
+    bridge_up(local)
+    (row,) = bridge_rows(local)
+    assert (row["status"], row["error"]) == ("up", "")  # the outage is over: its error is not shown as current
 
 
 @pytest.mark.slow
@@ -421,6 +453,86 @@ def test_kill_9_of_the_node_loses_none_of_the_buffered_messages(make_node, proxy
         assert got == [str(n).encode() for n in range(200)]
         assert "Traceback" not in second.log()
     sub.close()
+
+
+CHILD_KEY = "b" * 32  # the management key a child node takes from VMQAPI_API_KEYS
+
+
+def child_bridge_row(node):
+    """bridge show of a child node, over its HTTP API: the one bridge's row."""
+    conn = http.client.HTTPConnection("127.0.0.1", node.port("http"), timeout=10)
+    try:
+        conn.request("GET", "/api/v1/bridge/show", headers={"x-api-key": CHILD_KEY})
+        (row,) = body_json(conn.getresponse().read())["table"]
+        return row
+    finally:
+        conn.close()
+
+
+@pytest.mark.slow
+def test_the_default_buffer_keeps_300_acknowledged_messages_through_kill_9_for_mosquitto(mosquitto, proxy,
+                                                                                       tmp_path):
+    link = proxy(mosquitto)
+    link.cut()  # the remote is down
+    sub = connected(mosquitto, "sub")
+    sub.subscribe(("k/#", 1))
+    sets = [f"{k}={v}" for k, v in bridge_config(link.port, "k/* out 1").items()]  # the default buffer
+    env = {"VMQAPI_API_KEYS": f"{CHILD_KEY}:mgmt"}
+    data = tmp_path / "local"
+    with capped_node(data, *sets, cap=None, env=env) as first:
+        pub = MqttClient(first.port("mqtt"))
+        assert pub.connect("pub").return_code == 0
+        for n in range(300):
+            assert pub.publish("k/x", str(n).encode(), 1) == 0  # acknowledged: the node keeps it
+        pub.close()
+        row = child_bridge_row(first)
+        assert (row["buffer size"], row["buffer dropped msgs"], row["status"]) == (300, 0, "down")
+        assert row["buffer max"] == 0 and row["buffer max bytes"] == 64 << 20
+        first.proc.kill()  # SIGKILL: nothing is flushed on the way out
+        first.proc.wait(10)
+    link.restore()  # the remote is back
+    with capped_node(data, *sets, cap=None, env=env) as second:
+        got = [sub.message(timeout=20).payload for _ in range(300)]
+        sub.no_message(0.5)
+        assert got == [str(n).encode() for n in range(300)]
+        wait_for(lambda: child_bridge_row(second)["buffer size"] == 0, what="an empty buffer")
+        assert child_bridge_row(second)["buffer dropped msgs"] == second.metric("bridge_messages_dropped") == 0
+        assert "Traceback" not in second.log()
+    sub.close()
+
+
+@pytest.mark.slow
+def test_drops_past_the_byte_bound_are_counted_in_the_store_across_kill_9(proxy, tmp_path):
+    link = proxy(1)
+    link.cut()
+    sets = [f"{k}={v}" for k, v in bridge_config(link.port, "d/* out 1", max_outgoing_buffered_bytes=1000).items()]
+    env = {"VMQAPI_API_KEYS": f"{CHILD_KEY}:mgmt"}
+    data = tmp_path / "local"
+    payload = b"p" * 97  # 100 bytes with the topic d/x: 10 fill the buffer
+    with capped_node(data, *sets, cap=None, env=env) as first:
+        pub = MqttClient(first.port("mqtt"), version=5)
+        assert pub.connect("pub").return_code == 0
+        assert [pub.publish("d/x", payload, 1) for _ in range(11)] == [0] * 10 + [0x97]  # refused, not dropped
+        for _ in range(25):
+            pub.publish("d/x", payload, 0)  # QoS 0 past the bound: dropped and counted
+        wait_for(lambda: child_bridge_row(first)["buffer dropped msgs"] == 25, what="25 drops")
+        assert first.metric("bridge_messages_dropped") == 25
+        row = child_bridge_row(first)
+        assert (row["buffer size"], row["buffer bytes"], row["buffer max bytes"]) == (10, 1000, 1000)
+        lines = [line for line in first.log().splitlines() if "dropping" in line]
+        assert len(lines) == 1 and "bridge br0" in lines[0] and "max_outgoing_buffered_bytes = 1000" in lines[0]
+        pub.close()
+        first.proc.kill()
+        first.proc.wait(10)
+    with capped_node(data, *sets, cap=None, env=env) as second:
+        assert child_bridge_row(second)["buffer dropped msgs"] == second.metric("bridge_messages_dropped") == 25
+        pub = MqttClient(second.port("mqtt"), version=5)
+        assert pub.connect("pub").return_code == 0
+        pub.publish("d/x", payload, 0)
+        wait_for(lambda: child_bridge_row(second)["buffer dropped msgs"] == 26, what="one more drop")
+        assert second.metric("bridge_messages_dropped") == 26
+        assert "Traceback" not in second.log()
+        pub.close()
 
 
 # -- TLS and refusals ----------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import logging
 import os
@@ -426,6 +427,78 @@ def test_netsplit_behaviour_and_restart(tmp_path):
         assert text_of(body) == "Done"
         assert health(a.port("http"))[0] == 200
         assert [r["Node"] for r in table_of(api(a.port("http"), "cluster/show", key_a)[1])] == ["a@127.0.0.1"]
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def shown(node, key):
+    return {r["Node"]: r["Running"] for r in table_of(api(node.port("http"), "cluster/show", key)[1])}
+
+
+def flows(publisher, topic, subscriber, tag):
+    """Publish to ``topic`` until ``subscriber`` has a copy (routes spread within a second or two);
+    ``tag`` marks this round's messages, so that a late one of an earlier round does not count."""
+    for n in range(40):
+        publisher.publish(topic, f"{tag} {n}".encode(), 1)
+        with contextlib.suppress(TimeoutError):
+            while True:
+                if subscriber.message(timeout=0.25).payload.startswith(f"{tag} ".encode()):
+                    return True
+    return False
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("address", ["same", "new"])
+@pytest.mark.parametrize("joiner", ["removed", "member"])
+def test_a_node_removed_while_down_joins_again_at_once(tmp_path, joiner, address):
+    """It answered "already a member" for 2-5 s (its links, kept FORGET_DELAY after it heard of its
+    removal, made the others look like its members); with a new address it came back unasked."""
+    everyone = {"a@127.0.0.1": True, "b@127.0.0.1": True, "c@127.0.0.1": True}
+    c_port = free_port() if address == "same" else 0
+    c_settings = (*child_settings("c"), f"listener.vmq.clustering=127.0.0.1:{c_port}")
+    with capped_node(tmp_path / "a", *child_settings("a")) as a, \
+            capped_node(tmp_path / "b", *child_settings("b")) as b:
+        key_a, key_b = child_key(tmp_path / "a"), child_key(tmp_path / "b")
+        discover_a = {"discovery-node": f"a@127.0.0.1:{a.port('vmq')}"}
+        assert text_of(api(b.port("http"), "cluster/join", key_b, **discover_a)[1]) == "Done"
+        sub_a = MqttClient(a.port("mqtt"))
+        sub_a.connect("sub-a")
+        sub_a.subscribe(("to/a", 1))
+        with capped_node(tmp_path / "c", *c_settings) as c:
+            key_c = child_key(tmp_path / "c")
+            assert text_of(api(c.port("http"), "cluster/join", key_c, **discover_a)[1]) == "Done"
+            pub_c = MqttClient(c.port("mqtt"))
+            pub_c.connect("pub-c")
+            assert flows(pub_c, "to/a", sub_a, "before")
+            time.sleep(1.5)  # c has saved sub-a's row: after its restart it knows it from its store
+            os.kill(c.pid, signal.SIGKILL)
+            c.proc.wait(10)
+        wait_for(lambda: shown(a, key_a).get("c@127.0.0.1") is False, timeout=15, what="c shown down")
+        assert text_of(api(a.port("http"), "cluster/leave", key_a, node="c@127.0.0.1")[1]) == "Done"
+        with capped_node(tmp_path / "c", *c_settings) as c:
+            started = time.monotonic()
+            if joiner == "removed":
+                body = api(c.port("http"), "cluster/join", key_c, **discover_a)[1]
+            else:
+                discover_c = {"discovery-node": f"c@127.0.0.1:{c.port('vmq')}"}
+                body = api(a.port("http"), "cluster/join", key_a, **discover_c)[1]
+            assert text_of(body) == "Done", body
+            assert time.monotonic() - started < 5
+            for node, key in ((a, key_a), (b, key_b), (c, key_c)):
+                wait_for(lambda: shown(node, key) == everyone, timeout=15, what=f"{node.port('http')} to see all")
+            sub_c, pub_a, pub_c = (MqttClient(node.port("mqtt")) for node in (c, a, c))
+            sub_c.connect("sub-c")
+            sub_c.subscribe(("to/c", 1))
+            pub_a.connect("pub-a")
+            pub_c.connect("pub-c")
+            assert flows(pub_c, "to/a", sub_a, "after")  # a subscription c knew from before its removal
+            assert flows(pub_a, "to/c", sub_c, "after")
+            for client in (sub_c, pub_a, pub_c, sub_a):
+                client.close()
 
 
 @pytest.mark.slow

@@ -277,6 +277,19 @@ def test_a_delete_is_a_tombstone_that_beats_an_older_write_arriving_later():
     assert b.get("session", "c1") is None and b.items("session") == [] and b.rows() == [gone]
 
 
+def test_a_renewed_row_beats_a_delete_this_node_has_not_seen_yet():
+    """A join renews the joining node's own row: held unchanged, it would lose to its removal."""
+    c, a = Replica("c"), Replica("a")
+    kept = c.put("member", "c", {"address": "h:1"}, 10.0)
+    a.merge([kept])
+    removed = a.put("member", "c", None, 20.0)
+    assert c.put("member", "c", {"address": "h:1"}, 30.0) is None  # equal: no new stamp
+    renewed = c.put("member", "c", {"address": "h:1"}, 30.0, renew=True)
+    assert renewed.stamp == (30.0, "c") and renewed.value == {"address": "h:1"}
+    assert a.merge([renewed]) == [renewed] and c.merge([removed]) == []
+    assert a.get("member", "c") == c.get("member", "c") == {"address": "h:1"}
+
+
 def test_put_keeps_values_as_every_peer_will_hold_them():
     replica = Replica("a")
     update = replica.put("apikey", "k", ("mgmt", bytearray(b"x")), 1.0)
