@@ -15,14 +15,15 @@ shared cookie file; every child is stopped by its pid when the case ends (SIGCON
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
-import urllib.error
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
@@ -33,7 +34,7 @@ import vmqapi
 from capped import child_setup
 from conftest import ROOT
 from mqtt_client import MqttClient
-from vmqapi import Connack, Puback, Publish
+from vmqapi import Puback, Publish
 
 OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 TOPIC = "faults/stream"
@@ -105,14 +106,6 @@ class NodeProcess:
     def signal(self, sig):
         if self.alive():
             os.kill(self.proc.pid, sig)
-
-    def kill9(self):
-        self.signal(signal.SIGKILL)
-        self.proc.wait(20)
-
-    def terminate(self):
-        self.signal(signal.SIGTERM)
-        self.proc.wait(30)
 
     def restart(self):
         return self.spawn().ready()
@@ -212,6 +205,7 @@ class Subscriber:
         self.target = None
         self.client = None
         self.connects = 0
+        self.events: list[str] = []  # "+a": connected on a; "-N": connection ended after N arrivals
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"faults-{client_id}", daemon=True)
@@ -229,7 +223,8 @@ class Subscriber:
         with self._lock:
             self.target = node
             if self.client is not None:
-                self.client.close()  # the thread sees the close and reconnects to the target
+                with contextlib.suppress(OSError):  # the thread's read ends at once; it reconnects to the target
+                    self.client.sock.shutdown(socket.SHUT_RDWR)
 
     def offline(self):
         """Disconnect cleanly (the session stays, its messages are queued) and stay offline."""
@@ -255,6 +250,8 @@ class Subscriber:
                 with self._lock:
                     if self.client is client:
                         self.client = None
+                self.events.append(f"-{len(self.arrivals)}")
+                client.close()
                 continue
             self._take(client, packet)
 
@@ -267,6 +264,7 @@ class Subscriber:
         with self._lock:
             if self.target is target:
                 self.client, self.connects = client, self.connects + 1
+                self.events.append("+" + target.name[0])
                 return
         client.close()  # moved meanwhile
 
@@ -402,15 +400,15 @@ def check(acked, arrivals):
 
 
 def drain(publisher, subscribers, quiet=3.0):
-    """Wait until every subscriber has every acknowledged id, or nothing new came for ``quiet`` seconds."""
+    """Wait until every subscriber has every acknowledged id, or all were online and got nothing for ``quiet`` s."""
     acked = set(publisher.acked)
     deadline = time.monotonic() + CASE_DEADLINE
     last, last_change = None, time.monotonic()
     while time.monotonic() < deadline:
-        counts = tuple(len(s.arrivals) for s in subscribers)
+        counts = tuple(len(s.arrivals) if s.client is not None else None for s in subscribers)
         if all(acked <= set(s.arrivals) for s in subscribers):
             return
-        if counts != last:
+        if counts != last or None in counts:
             last, last_change = counts, time.monotonic()
         elif time.monotonic() - last_change > quiet:
             return
@@ -421,29 +419,30 @@ def drain(publisher, subscribers, quiet=3.0):
 # Each case: a cluster, a publisher on b, subscribers; BEFORE ids acknowledged, the fault, the
 # cluster whole again, AFTER more ids acknowledged, then every subscriber online and drained.
 
-def restart_when_down(cluster, name, how):
-    node = cluster[name]
-    how(node)
-    assert not node.alive()
-    time.sleep(0.5)  # the publisher meets the netsplit meanwhile
-    node.restart()
-    cluster.wait_whole()
+def at_puback(publisher, node, sig):
+    """Send ``sig`` to the node right after the publisher reads its next PUBACK; wait until it has exited.
+
+    The publisher's node acknowledges before its forwards are out, and the subscriber's node
+    stores a forward a little after it arrives: right after a PUBACK is when a message is on
+    its way between the nodes.
+    """
+    publisher.on_ack = lambda: os.kill(node.proc.pid, sig)  # not reaped before the wait below: still its pid
+    wait_for(lambda: not node.alive(), CASE_DEADLINE, f"{node.name} to exit on signal {sig}")
 
 
-def kill9(cluster, name, publisher):
-    restart_when_down(cluster, name, NodeProcess.kill9)
+def restart_after(sig):
+    """A fault: ``sig`` right after a PUBACK, a moment down, a restart with the same data dir."""
+    def fault(cluster, name, publisher):
+        node = cluster[name]
+        at_puback(publisher, node, sig)
+        time.sleep(0.5)  # the publisher meets the netsplit meanwhile
+        node.restart()
+        cluster.wait_whole()
+    return fault
 
 
-def kill9_after_puback(cluster, name, publisher):
-    """kill -9 the node right after the publisher reads a PUBACK from it."""
-    def after_puback(node):
-        publisher.on_ack = lambda: os.kill(node.proc.pid, signal.SIGKILL)  # not reaped before the wait below
-        wait_for(lambda: not node.alive(), CASE_DEADLINE, f"{node.name} killed after a PUBACK")
-    restart_when_down(cluster, name, after_puback)
-
-
-def sigterm(cluster, name, publisher):
-    restart_when_down(cluster, name, NodeProcess.terminate)
+kill9 = restart_after(signal.SIGKILL)
+sigterm = restart_after(signal.SIGTERM)
 
 
 def stall(cluster, name, publisher):
@@ -505,7 +504,7 @@ CASES = {
     "sigstop-subscriber-node-netsplit-flags-on": Case(stall, "a", flags=True,
                                                       on_main="past the 10 KB peer buffer forwards are dropped"),
     "session-moves-nothing-fails": Case(move_session, "c", during="a", after="c", rounds=16, on_main=TAKEN_ORDER),
-    "kill9-publisher-node": Case(kill9_after_puback, "b", subscribers=("a", "c"), rounds=2,
+    "kill9-publisher-node": Case(kill9, "b", subscribers=("a", "c"), rounds=2,
                                  on_main="the last PUBACK is written a loop turn before its forwards"),
 }
 BETWEEN = 50  # ids acknowledged between two faults of one run
@@ -515,8 +514,10 @@ def run_case(tmp_path, case):
     """Run one case; return a Verdict per subscriber and what happened, for the message."""
     cluster = Cluster(str(tmp_path), [f"{flag}=on" for flag in FLAGS] if case.flags else ())
     subscribers, publisher, marks = [], None, []
+    clock = [time.monotonic()]
     try:
         cluster.start()
+        clock.append(time.monotonic())
         subscribers = [Subscriber(f"faults-sub-{i}").subscribe(cluster[where])
                        for i, where in enumerate(case.subscribers)]
         probe(cluster["b"], subscribers)
@@ -527,13 +528,16 @@ def run_case(tmp_path, case):
         faults(case, cluster, first, publisher, marks)
         publisher.wait_acked(AFTER)
         publisher.stop()
+        clock.append(time.monotonic())
         if case.during is None:
             first.move(cluster[case.after])
         drain(publisher, subscribers)
+        clock.append(time.monotonic())
         verdicts = [check(publisher.acked, s.arrivals) for s in subscribers]
         story = (f"acknowledged ids at each fault and once whole again {marks}; sent {publisher.sent}, "
                  f"acknowledged {len(publisher.acked)}, not acknowledged {publisher.refused}; "
-                 f"subscriber reconnections {[s.connects for s in subscribers]}")
+                 f"subscriber connections {[' '.join(s.events) for s in subscribers]}; seconds to start, "
+                 f"stream and drain {[round(b - a, 1) for a, b in zip(clock, clock[1:])]}")
         return verdicts, story
     finally:
         if publisher is not None:
@@ -546,7 +550,8 @@ def run_case(tmp_path, case):
 def on_main(name):
     """The case as a parameter, expected to fail (strict) where main loses messages."""
     case = CASES[name]
-    return pytest.param(name, marks=[pytest.mark.xfail(strict=case.strict, reason=case.on_main)] if case.on_main else [])
+    marks = [pytest.mark.xfail(strict=case.strict, reason=case.on_main)] if case.on_main else []
+    return pytest.param(name, marks=marks)
 
 
 @pytest.mark.slow
