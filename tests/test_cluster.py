@@ -800,3 +800,33 @@ def test_the_status_page_says_what_health_says_when_a_member_is_down(make_cluste
     except urllib.error.HTTPError as exc:
         assert exc.code == 503 and json.loads(exc.read())["reasons"] == reasons
     assert any("cluster" in r and b.name in r for r in reasons), reasons
+
+
+def test_past_the_unacknowledged_bound_qos_1_is_refused_and_nothing_acknowledged_is_lost(make_cluster):
+    """With b down and publishing allowed during the netsplit, a keeps what it acknowledged for b's
+    subscriber until b has committed it; past cluster_max_unacknowledged_bytes it refuses (0x97)
+    instead of dropping, and once b is back every acknowledged message arrives, in order."""
+    a, b = make_cluster(2, allow_publish_during_netsplit="on", cluster_max_unacknowledged_bytes="65536")
+    sub = b.client("keeper", clean=False)
+    assert sub.subscribe(("kept/#", 1)) == (1,)
+    sub.disconnect()
+    wait_for(lambda: a.node.mqtt.engine.router.match("", "kept/x"), what="b's subscription on a")
+    pub = a.client("pub", version=5)  # before the netsplit: CONNECTs are refused during one
+    b.node.stop()
+    wait_for(lambda: a.running().get(b.name) is False, what="a to see b down")
+    answers = [pub.publish("kept/x", f"{n:03d}".encode() + bytes(10_000), 1) for n in range(20)]
+    acked = [n for n, reason in enumerate(answers) if reason == 0]
+    assert acked == list(range(len(acked))) and 5 <= len(acked) <= 8, answers  # 64 KB of 10 KB messages
+    assert set(answers[len(acked):]) == {0x97}
+    assert pub.publish("elsewhere/x", b"nobody wants it", 1) == 0x10  # other topics go on (no subscribers)
+    back = restarted(b)
+    try:
+        sub = back.client("keeper", clean=False)
+        got = [sub.message().payload[:3] for _ in acked]
+        assert got == [f"{n:03d}".encode() for n in acked]
+        wait_for(lambda: pub.publish("kept/x", b"again", 1) == 0, what="a to take QoS 1 for b again")
+        assert sub.message().payload == b"again"
+        for client in (sub, pub):
+            client.disconnect()
+    finally:
+        back.node.stop()
