@@ -6077,6 +6077,14 @@ def decode_kept_ack(frame: bytes) -> tuple[int, int]:
     return _KEPT_ACK.unpack(frame)
 
 
+def decode_passed(body: bytes) -> tuple[str, bytes]:
+    """Decode a KEPT_PASSED body, ``encode_term([client id, forward])``: (client id, forward)."""
+    term = decode_term(body)
+    if not (isinstance(term, list) and len(term) == 2 and isinstance(term[0], str) and isinstance(term[1], bytes)):
+        raise ClusterError("a message passed on without a client id and a forward")
+    return term[0], term[1]
+
+
 class Outbox:
     """The kept frames this node owes each peer, in the order they were made, until acknowledged.
 
@@ -10729,6 +10737,43 @@ class ClusterAdmin:
 
 
 
+class HandedOver:
+    """Persistent sessions this node handed to another node lately: what still arrives for them follows them.
+
+    Kept MOVED_KEEP seconds (a publisher's node learns of the move well before), MOVED_MAX at most.
+    """
+
+    def __init__(self):
+        self.sessions: dict[tuple[str, str], tuple[str, tuple[str, ...], float]] = {}  # -> owner, filters, until
+
+    def add(self, mountpoint: str, client_id: str, owner: str, filters: Iterable[str], now: float) -> None:
+        """Remember that a session went to ``owner`` with these subscriptions."""
+        self.forget(mountpoint, client_id)
+        plain = tuple(f for f in filters if not f.startswith(SHARE_PREFIX))
+        self.sessions[mountpoint, client_id] = (owner, plain, now + MOVED_KEEP)
+        if len(self.sessions) > MOVED_MAX:
+            del self.sessions[next(iter(self.sessions))]
+
+    def forget(self, mountpoint: str, client_id: str) -> None:
+        """The session is back here (or gone): nothing follows it any more."""
+        self.sessions.pop((mountpoint, client_id), None)
+
+    def expire(self, now: float) -> None:
+        """Forget those handed over more than MOVED_KEEP ago."""
+        while self.sessions and next(iter(self.sessions.values()))[2] <= now:
+            del self.sessions[next(iter(self.sessions))]
+
+    def owner(self, mountpoint: str, client_id: str) -> str | None:
+        """Where a session handed over went (None: not handed over lately)."""
+        entry = self.sessions.get((mountpoint, client_id))
+        return entry[0] if entry is not None else None
+
+    def wanting(self, mountpoint: str, topic: str) -> list[tuple[str, str]]:
+        """(client id, owner) of each session handed over with a subscription matching ``topic``."""
+        return [(client_id, owner) for (mp, client_id), (owner, filters, _) in self.sessions.items()
+                if mp == mountpoint and any(topic_matches(f, topic) for f in filters)]
+
+
 class KeptFrames:
     """Frames to other nodes that must arrive (section 12's ``Outbox`` and ``Inbox``), on the links and the store.
 
@@ -10938,7 +10983,7 @@ class Cluster(ClusterAdmin):
         self.stop_after_answer = False  # set by cluster leave -k on the node that leaves
         self.kept = KeptFrames(io, lambda: node.config["cluster_max_unacknowledged_bytes"], secrets.randbits(62) + 1,
                                self._use_kept)
-        self._handed: dict[tuple[str, str], tuple[str, tuple[str, ...], float]] = {}  # handed over: owner, filters
+        self.handed = HandedOver()
 
     # -- life cycle -------------------------------------------------------
     def start(self) -> None:
@@ -11167,11 +11212,7 @@ class Cluster(ClusterAdmin):
         messages = self.engine.hand_over(mountpoint, client_id, time.time())
         self._migrate(owner, mountpoint, client_id, None, messages)
         if not summary["clean"]:  # what still comes here for it, sent before its publisher's node knew, follows it
-            filters = tuple(f for f in summary["subs"] if not f.startswith(SHARE_PREFIX))
-            self._handed.pop((mountpoint, client_id), None)
-            self._handed[mountpoint, client_id] = (owner, filters, time.monotonic() + MOVED_KEEP)
-            if len(self._handed) > MOVED_MAX:
-                del self._handed[next(iter(self._handed))]
+            self.handed.add(mountpoint, client_id, owner, summary["subs"], time.monotonic())
 
     def _migrate(self, owner: str, mountpoint: str, client_id: str, summary: dict | None,
                  messages: Sequence[Message]) -> None:
@@ -11350,33 +11391,25 @@ class Cluster(ClusterAdmin):
             if full and not force:
                 return "full"
             self.engine.deliver_forwarded(mountpoint, msg, plain, groups, time.time())
-            if plain and self._handed:
-                self._pass_on(mountpoint, msg, body)
+            for client_id, owner in self.handed.wanting(mountpoint, msg.topic) if plain else ():
+                if self.engine.session_summary(mountpoint, client_id) is None:  # not made here again meanwhile
+                    self.kept.keep(owner, KEPT_PASSED, encode_term([client_id, body]))
             return "forced" if full else "used"
         if kind == KEPT_MIGRATE:
             self._on_migrate(body)
         elif kind == KEPT_PASSED:
-            client_id, forward = decode_term(body)
-            if not isinstance(client_id, str) or not isinstance(forward, bytes):
-                raise ClusterError("a message passed on with a bad client id")
+            client_id, forward = decode_passed(body)
             mountpoint, msg = decode_forward(forward, self.engine.packet_limits.properties)[:2]
             check_publishable(msg.topic)
             if not self.engine.deliver_to(mountpoint, client_id, msg, time.time()):
-                moved = self._handed.get((mountpoint, client_id))
-                if moved is None:
+                owner = self.handed.owner(mountpoint, client_id)
+                if owner is None:
                     self.engine.counters["queue_message_unhandled", ()] += 1
                 else:  # it moved on again
-                    self.kept.keep(moved[0], KEPT_PASSED, body)
+                    self.kept.keep(owner, KEPT_PASSED, body)
         else:
             raise ClusterError(f"a kept frame of unknown kind {kind}")
         return "used"
-
-    def _pass_on(self, mountpoint: str, msg: Message, forward: bytes) -> None:
-        """Send a forwarded message on to the new node of each session handed over that wants it."""
-        for (mp, client_id), (owner, filters, _) in self._handed.items():
-            if mp == mountpoint and any(topic_matches(f, msg.topic) for f in filters) \
-                    and self.engine.session_summary(mp, client_id) is None:  # not made here again meanwhile
-                self.kept.keep(owner, KEPT_PASSED, encode_term([client_id, forward]))
 
     def _flush_soon(self) -> None:
         if not self._flush_due:
@@ -11401,7 +11434,7 @@ class Cluster(ClusterAdmin):
         self.kept.retry()
         self.kept.write_marks()
         for old, mountpoint, client_id in engine.take_takeovers():  # the old node hands over on the newer row
-            self._handed.pop((mountpoint, client_id), None)  # back here: nothing to pass on any more
+            self.handed.forget(mountpoint, client_id)  # back here: nothing to pass on any more
             wait = ADOPT_WAIT if self.links is not None and self.links.is_up(old) else 0.0  # a node down sends later
             which = engine.waiting(mountpoint, client_id)
             if which:
@@ -11429,9 +11462,7 @@ class Cluster(ClusterAdmin):
             self.kept.pump_all()
             if self.kept.parked:  # their patience may be over: the next batch offers them again
                 self._flush_soon()
-            now = time.monotonic()
-            while self._handed and next(iter(self._handed.values()))[2] <= now:
-                del self._handed[next(iter(self._handed))]
+            self.handed.expire(time.monotonic())
         except Exception:
             log.exception("cluster housekeeping failed")
         finally:

@@ -33,11 +33,18 @@ def test_kept_frame_round_trip(epoch, floor, extra, kind, body):
 
 @given(data=st.binary(max_size=40))
 def test_arbitrary_bytes_are_a_kept_frame_an_ack_or_a_cluster_error(data):
-    for decode in (decode_kept, decode_kept_ack):
+    for decode in (decode_kept, decode_kept_ack, vmqapi.decode_passed):
         try:
             decode(data)
         except ClusterError:
             pass
+
+
+def test_a_message_passed_on_round_trips_and_a_bad_one_is_a_cluster_error():
+    assert vmqapi.decode_passed(vmqapi.encode_term(["client", b"forward"])) == ("client", b"forward")
+    for bad in (["client"], [b"client", b"forward"], ["client", "forward"], "client", ["c", b"f", 1]):
+        with pytest.raises(ClusterError):
+            vmqapi.decode_passed(vmqapi.encode_term(bad))
 
 
 def test_a_kept_frame_whose_floor_is_above_its_number_is_refused():
