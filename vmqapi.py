@@ -4118,6 +4118,7 @@ class Delivery:
 #       randomness and id generation (handed in), files (rules are handed in).
 
 STORE_DOWN = "the message store cannot write"  # the Reason String of a QoS 1/2 PUBLISH refused for it
+CLUSTER_FULL = "a cluster node has too much unacknowledged (cluster_max_unacknowledged_bytes)"
 
 
 class Sessions(Delivery):
@@ -5052,9 +5053,6 @@ class Engine(Peers):
                 raise ReceiveMaxExceeded(f"more than {client.receive_max_in} QoS 2 messages unacknowledged")
         if len(topic) >= self.max_levels and topic.count("/") >= self.max_levels:  # a short topic cannot be deep
             raise TopicTooDeep(f"topic of more than {self.max_levels} levels (max_topic_levels)")
-        if p.qos and self.full_nodes and self.forwards_to_full(session.mountpoint, topic):
-            return self.refuse_unsaved(client, p, "a cluster node has too much unacknowledged",
-                                       Reason.QUOTA_EXCEEDED)  # kept is kept: refused, not dropped later
         reason, hooks = Reason.SUCCESS, self.hooks
         if props and ("payload_format_indicator", 1) in props and not utf8_payload(p.payload):
             msg, reason = None, Reason.PAYLOAD_FORMAT_INVALID  # MQTT 5.0 3.3.2.3.2: dropped, and said so
@@ -5072,6 +5070,8 @@ class Engine(Peers):
                 reason = Reason.NOT_AUTHORIZED
         elif msg.qos and self.relays and (full := self.relay_full(session.mountpoint, msg)):
             return self.refuse_unsaved(client, p, full, Reason.QUOTA_EXCEEDED)  # kept by its publisher, not lost
+        elif msg.qos and self.full_nodes and self.forwards_to_full(session.mountpoint, msg.topic):
+            return self.refuse_unsaved(client, p, CLUSTER_FULL, Reason.QUOTA_EXCEEDED)  # refused, never dropped later
         elif msg.retain and self.retain(session.mountpoint, msg) is False:
             reason = Reason.QUOTA_EXCEEDED  # MQTT 5.0 3.4.2.1: max_retained_messages or max_retained_bytes
         elif not self.route(session.mountpoint, msg):
@@ -5200,8 +5200,8 @@ class Engine(Peers):
         The credentials go through auth_on_register and vmq_passwd as a CONNECT's do (skipped
         when anonymous clients are let in, as for MQTT), the message through auth_on_publish
         and vmq_acl as a PUBLISH's. No session is made: a client connected with that id is left
-        alone. Returns published, authentication_failed, authorization_failed, quota_exceeded, store_down or
-        bridge_full.
+        alone. Returns published, authentication_failed, authorization_failed, quota_exceeded, store_down,
+        bridge_full or cluster_full.
         """
         if self.settings() is not self._config:
             self.refresh_settings()
@@ -5218,6 +5218,8 @@ class Engine(Peers):
             return "store_down"
         if msg.qos and self.relays and self.relay_full(mountpoint, msg):
             return "bridge_full"  # refused, not acknowledged and then dropped
+        if msg.qos and self.full_nodes and self.forwards_to_full(mountpoint, msg.topic):
+            return "cluster_full"
         if msg.retain and self.retain(mountpoint, msg) is False:
             return "quota_exceeded"  # max_retained_messages or max_retained_bytes: not routed either, as for MQTT
         self.route(mountpoint, msg)
@@ -13768,6 +13770,8 @@ HTTP_PUB_ANSWERS = {  # VerneMQ vmq_http_pub:map_to_response_code/1 and map_to_r
     "invalid_payload": (400, "Payload is not well-formed UTF-8"),
     "quota_exceeded": (507, "Retained message refused: max_retained_messages or max_retained_bytes reached"),
     "store_down": (503, "The message store cannot keep a QoS 1 or 2 message now; try again later"),
+    "cluster_full": (503, "A cluster node with subscribers of this topic has cluster_max_unacknowledged_bytes "
+                          "of messages it has not confirmed yet; try again later"),
     "bridge_full": (503, "A bridge's buffer for its remote is full (max_outgoing_buffered_bytes or "
                          "max_outgoing_buffered_messages); try a QoS 1 or 2 message again later"),
     "no_broker": (503, "The node runs no MQTT broker"),
