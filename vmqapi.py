@@ -4118,6 +4118,7 @@ class Delivery:
 #       randomness and id generation (handed in), files (rules are handed in).
 
 STORE_DOWN = "the message store cannot write"  # the Reason String of a QoS 1/2 PUBLISH refused for it
+CLUSTER_FULL = "a cluster node has too much unacknowledged (cluster_max_unacknowledged_bytes)"
 
 
 class Sessions(Delivery):
@@ -4822,9 +4823,13 @@ class Peers(Sessions):
         if not msg.qos:
             return False
         matches = self.router.cache.get((mountpoint, msg.topic)) or self.router.match(mountpoint, msg.topic)
-        size = message_bytes(msg)
-        return any(type(session) is Session and session.client is not None and self.queue_full(session, True, size)
-                   for session in matches)
+        size, limit, byte_limit = message_bytes(msg), self.max_online, self.max_online_bytes
+        for session in matches:  # its own bounds only: queues that never drain (offline ones) must not stop the rest
+            if type(session) is Session and session.client is not None and not session.waiting:
+                queued = _queued(session)
+                if 0 <= limit <= queued or (queued and 0 <= byte_limit < session.queue_bytes + size):
+                    return True
+        return False
 
     def forwards_to_full(self, mountpoint: str, topic: str) -> bool:
         """Whether a message on ``topic`` would go to a node with too much unacknowledged (``full_nodes``)."""
@@ -5048,9 +5053,6 @@ class Engine(Peers):
                 raise ReceiveMaxExceeded(f"more than {client.receive_max_in} QoS 2 messages unacknowledged")
         if len(topic) >= self.max_levels and topic.count("/") >= self.max_levels:  # a short topic cannot be deep
             raise TopicTooDeep(f"topic of more than {self.max_levels} levels (max_topic_levels)")
-        if p.qos and self.full_nodes and self.forwards_to_full(session.mountpoint, topic):
-            return self.refuse_unsaved(client, p, "a cluster node has too much unacknowledged",
-                                       Reason.QUOTA_EXCEEDED)  # kept is kept: refused, not dropped later
         reason, hooks = Reason.SUCCESS, self.hooks
         if props and ("payload_format_indicator", 1) in props and not utf8_payload(p.payload):
             msg, reason = None, Reason.PAYLOAD_FORMAT_INVALID  # MQTT 5.0 3.3.2.3.2: dropped, and said so
@@ -5068,6 +5070,8 @@ class Engine(Peers):
                 reason = Reason.NOT_AUTHORIZED
         elif msg.qos and self.relays and (full := self.relay_full(session.mountpoint, msg)):
             return self.refuse_unsaved(client, p, full, Reason.QUOTA_EXCEEDED)  # kept by its publisher, not lost
+        elif msg.qos and self.full_nodes and self.forwards_to_full(session.mountpoint, msg.topic):
+            return self.refuse_unsaved(client, p, CLUSTER_FULL, Reason.QUOTA_EXCEEDED)  # refused, never dropped later
         elif msg.retain and self.retain(session.mountpoint, msg) is False:
             reason = Reason.QUOTA_EXCEEDED  # MQTT 5.0 3.4.2.1: max_retained_messages or max_retained_bytes
         elif not self.route(session.mountpoint, msg):
@@ -5196,8 +5200,8 @@ class Engine(Peers):
         The credentials go through auth_on_register and vmq_passwd as a CONNECT's do (skipped
         when anonymous clients are let in, as for MQTT), the message through auth_on_publish
         and vmq_acl as a PUBLISH's. No session is made: a client connected with that id is left
-        alone. Returns published, authentication_failed, authorization_failed, quota_exceeded, store_down or
-        bridge_full.
+        alone. Returns published, authentication_failed, authorization_failed, quota_exceeded, store_down,
+        bridge_full or cluster_full.
         """
         if self.settings() is not self._config:
             self.refresh_settings()
@@ -5214,6 +5218,8 @@ class Engine(Peers):
             return "store_down"
         if msg.qos and self.relays and self.relay_full(mountpoint, msg):
             return "bridge_full"  # refused, not acknowledged and then dropped
+        if msg.qos and self.full_nodes and self.forwards_to_full(mountpoint, msg.topic):
+            return "cluster_full"
         if msg.retain and self.retain(mountpoint, msg) is False:
             return "quota_exceeded"  # max_retained_messages or max_retained_bytes: not routed either, as for MQTT
         self.route(mountpoint, msg)
@@ -6097,7 +6103,7 @@ class Outbox:
         self.epoch = epoch
         self.seq: dict[str, int] = collections.defaultdict(int)  # peer -> the last seq given: one run per peer
         # peer -> epoch -> seq -> (row in the store, kind, body); epochs in the order they were made
-        self.kept: dict[str, dict[int, dict[int, tuple[int, int, bytes]]]] = {}
+        self.kept: dict[str, dict[int, collections.OrderedDict[int, tuple[int, int, bytes]]]] = {}
         self.size: dict[str, int] = collections.defaultdict(int)
 
     def number(self, peer: str) -> tuple[int, int]:
@@ -6107,7 +6113,8 @@ class Outbox:
 
     def keep(self, peer: str, epoch: int, seq: int, kind: int, body: bytes, row: int = 0) -> None:
         """Keep an entry for ``peer``, numbered by ``number`` or earlier (from the store, in the order made)."""
-        self.kept.setdefault(peer, {}).setdefault(epoch, {})[seq] = (row, kind, body)
+        # an OrderedDict: its first entry is found at once however many were taken off its front
+        self.kept.setdefault(peer, {}).setdefault(epoch, collections.OrderedDict())[seq] = (row, kind, body)
         self.size[peer] += len(body)
 
     def frame(self, peer: str, epoch: int, seq: int) -> bytes | None:
@@ -6151,8 +6158,8 @@ class Inbox:
 
     ``take`` says what to do with a frame: "new" (use it, then record it with ``mark``),
     "again" (had it: acknowledge only) or "gap" (an earlier one is missing: ignore it, it
-    comes again in order). An origin's epoch seen for the first time starts at the frame's
-    floor: everything below was acknowledged before, to this node or to one that lost its state.
+    comes again in order). Nothing below the frame's floor is waited for: the sender keeps
+    nothing below it (acknowledged before, to this node or to one that lost its state).
     """
 
     def __init__(self, marks: Iterable[tuple[str, int, int]] = ()):
@@ -6162,7 +6169,8 @@ class Inbox:
 
     def take(self, origin: str, epoch: int, seq: int, floor: int) -> str:
         """Classify a kept frame: "new", "again" or "gap"."""
-        have = self.marks.get(origin, {}).get(epoch, floor - 1)
+        # below the floor the sender holds nothing: acknowledged before, or given up (a peer removed)
+        have = max(self.marks.get(origin, {}).get(epoch, 0), floor - 1)
         return "again" if seq <= have else "new" if seq == have + 1 else "gap"
 
     def mark(self, origin: str, epoch: int, seq: int) -> int | None:
@@ -6551,7 +6559,7 @@ class SqliteStore(MemoryStore):
             row = self.db.execute("INSERT INTO kept (peer, epoch, seq, kind, body) VALUES (?, ?, ?, ?, ?)",
                                   (peer, epoch, seq, kind, body)).lastrowid
         except sqlite3.Error as exc:
-            self._lost, self._promised = self._lost or self._promised, False
+            self._lost, self._promised = True, False  # its publisher's acknowledgement is in this batch
             self._failed(exc)
             return 0
         self._promised = True  # a publisher hears its message was kept once this commits
@@ -6559,9 +6567,14 @@ class SqliteStore(MemoryStore):
 
     def delete_kept(self, rows: Iterable[int]) -> None:
         """Forget kept frames a peer has acknowledged."""
-        for row in rows:
-            if row:
-                self._run("DELETE FROM kept WHERE id = ?", (row,))
+        rows = [(row,) for row in rows if row]
+        if rows:
+            self._dirty = True
+            try:
+                self.db.executemany("DELETE FROM kept WHERE id = ?", rows)
+            except sqlite3.Error as exc:
+                self._lost, self._promised = self._lost or self._promised, False
+                self._failed(exc)
 
     def load_kept(self) -> list:
         """Return every kept frame, oldest first: (peer, epoch, seq, kind, body, row)."""
@@ -7622,6 +7635,7 @@ class MqttIO:
         self._tick_error_at = 0.0  # when a failed tick was last logged
         self.batch_hooks: list[Callable[[], None]] = []  # run first in after_batch (the cluster's sends)
         self.commit_hooks: list[Callable[[], None]] = []  # run once a batch is committed (the cluster's acks)
+        self.rollback_hooks: list[Callable[[], None]] = []  # run when its commit failed
         self._handout_handle: asyncio.Handle | None = None  # the next turn's retained messages (Engine.hand_out)
 
     def _run(self) -> None:
@@ -7779,6 +7793,11 @@ class MqttIO:
         engine = self.engine
         dirty = engine.take_dirty()
         if not saved:
+            for hook in self.rollback_hooks:
+                try:
+                    hook()
+                except Exception:
+                    log.exception("a rollback hook failed")
             for conn in dirty:
                 conn.out.clear()
             for conn in dirty:
@@ -10155,7 +10174,7 @@ class ClusterLinks:
             raise ValueError(f"frame kind {kind} is not in 16..255")
         entry, size = self.peers.get(peer), len(body) + FRAME_HEADER
         if entry is not None and entry.link is not None:
-            if entry.link.unsent() + size <= CLUSTER_WRITE_LIMIT:
+            if entry.link.unsent() == 0 or entry.link.unsent() + size <= CLUSTER_WRITE_LIMIT:
                 entry.link.write(kind, body)
                 return True
         elif entry is not None and entry.buffered + size <= self.buffer_size:
@@ -10169,7 +10188,7 @@ class ClusterLinks:
         """Whether ``peer``'s link is up and takes a frame of ``size`` bytes now (send would not drop it)."""
         entry = self.peers.get(peer)
         return entry is not None and entry.link is not None \
-            and entry.link.unsent() + size + FRAME_HEADER <= CLUSTER_WRITE_LIMIT
+            and (entry.link.unsent() == 0 or entry.link.unsent() + size + FRAME_HEADER <= CLUSTER_WRITE_LIMIT)
 
     def is_up(self, peer: str) -> bool:
         """Whether ``peer`` has an authenticated link."""
@@ -10419,6 +10438,7 @@ CLUSTER_PORT = 44053  # VerneMQ's cluster port: a discovery node without one is 
 CLUSTER_DB = "cluster.db"  # the replicated state, kept so a restarted node knows its peers
 FRAME_META, FRAME_FORWARD, FRAME_CALL, FRAME_REPLY, FRAME_MIGRATE = 16, 17, 18, 19, 20
 FRAME_KEPT, FRAME_KEPT_ACK = 21, 22  # a frame kept until acknowledged, and its acknowledgement (section 12)
+KEPT_RESEND = 30.0  # s without an acknowledgement from an up peer after which everything kept goes to it again
 KEPT_PATIENCE = 5.0  # s a peer's kept frames wait for a connected subscriber's queue to have room
 ADOPT_SETTLE = 0.05  # s a taken-over session's queue still waits once the old node's messages came (a few link round trips)
 ADOPT_WAIT = 3.0  # s a session taken over from a running node holds its queue for the messages that node hands over
@@ -10737,6 +10757,19 @@ class ClusterAdmin:
 
 
 
+def migrated_message(body: Any, max_props: int) -> Message | None:
+    """Decode one message of a session handed over; None (logged) for a bad one: it alone is lost."""
+    try:
+        if not isinstance(body, bytes):
+            raise ClusterError("a queued message that is not a forwarded message")
+        msg = decode_forward(body, max_props)[1]
+        check_publishable(msg.topic)
+    except ClusterError as exc:
+        log.warning("cluster: a queued message handed over is dropped: %s", exc.text)
+        return None
+    return msg
+
+
 class HandedOver:
     """Persistent sessions this node handed to another node lately: what still arrives for them follows them.
 
@@ -10797,8 +10830,10 @@ class KeptFrames:
         self.outbox, self.inbox = Outbox(epoch), Inbox()
         self.unsent: dict[str, collections.deque[tuple[int, int]]] = {}  # up peer -> kept numbers to write
         self.marks_due: dict[tuple[str, int], int] = {}  # (origin, epoch) -> seq to record before the commit
-        self.acks_due: dict[str, tuple[int, int]] = {}  # peer -> (epoch, seq) to acknowledge after it
-        self.parked: dict[str, collections.deque[bytes]] = {}  # peer -> its frames waiting for queue room
+        self.acks_due: dict[tuple[str, int], int] = {}  # (peer, epoch) -> seq to acknowledge after it
+        self.progress: dict[str, float] = {}  # up peer -> when it last acknowledged something (or came up)
+        # peer -> its frames (decoded) waiting for queue room or for the store to write again
+        self.parked: dict[str, collections.deque[tuple[int, int, int, int, bytes]]] = {}
         self.parked_at: dict[str, float] = {}  # peer -> since when its first parked frame waits
         self.forcing: set[str] = set()  # peers whose frames go in though full (they waited KEPT_PATIENCE)
 
@@ -10809,10 +10844,15 @@ class KeptFrames:
             self.outbox.keep(peer, epoch, seq, kind, body, row)
         self.inbox = Inbox(store.load_marks())
         self.io.commit_hooks.append(self.send_acks)
+        self.io.rollback_hooks.append(self.rolled_back)
         self.check_room()
 
     def keep(self, peer: str, kind: int, body: bytes) -> None:
         """Keep a frame for ``peer`` until it says it committed it, and send it."""
+        if len(body) + _KEPT.size > CLUSTER_MAX_FRAME:  # no link carries it: said, not kept for ever
+            log.error("cluster: a frame of %d bytes for %s is over the %d a link carries; it is dropped",
+                      len(body), peer, CLUSTER_MAX_FRAME)
+            return
         epoch, seq = self.outbox.number(peer)
         row = self.io.store.add_kept(peer, epoch, seq, kind, body)
         self.outbox.keep(peer, epoch, seq, kind, body, row)
@@ -10826,12 +10866,14 @@ class KeptFrames:
     def up(self, peer: str) -> None:
         """A link to ``peer`` came up: everything kept goes again (the last link may have lost some)."""
         self.unsent[peer] = collections.deque(self.outbox.pending(peer))
+        self.progress[peer] = time.monotonic()
         self.pump(peer)
 
     def down(self, peer: str) -> None:
         """The link to ``peer`` is gone: nothing is written until it is up again, and its parked frames
         are forgotten (unacknowledged, they all come again on the next link)."""
         self.unsent.pop(peer, None)
+        self.progress.pop(peer, None)
         self.parked.pop(peer, None)
         self.parked_at.pop(peer, None)
         self.forcing.discard(peer)
@@ -10848,8 +10890,12 @@ class KeptFrames:
                 links.send(peer, FRAME_KEPT, frame)
 
     def pump_all(self) -> None:
-        """Write what waits for link room, to every up peer (the cluster's timer)."""
+        """Write what waits for link room, to every up peer (the cluster's timer); send everything kept
+        again to a peer that has acknowledged nothing for KEPT_RESEND seconds (a frame it could not use)."""
+        now = time.monotonic()
         for peer in list(self.unsent):
+            if self.outbox.size[peer] and now - self.progress.get(peer, now) > KEPT_RESEND:
+                self.up(peer)
             self.pump(peer)
 
     def check_room(self) -> None:
@@ -10859,16 +10905,21 @@ class KeptFrames:
 
     def receive(self, peer: str, frame: bytes) -> None:
         """Take a kept frame from ``peer``: use a new one, acknowledge it after the commit; or park it."""
+        decoded = decode_kept(frame)
         parked = self.parked.get(peer)
         if parked is not None:
-            parked.append(frame)  # behind the one that waits: the peer's order holds
-        elif not self._take(peer, frame):
-            self.parked[peer] = collections.deque([frame])
+            parked.append(decoded)  # behind the one that waits: the peer's order holds
+        elif not self._take(peer, decoded):
+            self.parked[peer] = collections.deque([decoded])
             self.parked_at[peer] = time.monotonic()
 
     def retry(self) -> None:
-        """Offer parked frames again (after each batch: queues may have drained)."""
+        """Offer parked frames again (after each batch: queues may have drained, the store may write)."""
         now = time.monotonic()
+        if self.io.store.error is not None:  # waiting for the store is no subscriber's fault: no patience spent
+            for peer in self.parked:
+                self.parked_at[peer] = now
+            return
         for peer, parked in list(self.parked.items()):
             if now - self.parked_at[peer] >= KEPT_PATIENCE:
                 self.forcing.add(peer)
@@ -10878,17 +10929,22 @@ class KeptFrames:
             if not parked:
                 del self.parked[peer], self.parked_at[peer]
 
-    def _take(self, peer: str, frame: bytes) -> bool:
-        """Use, acknowledge or ignore one frame; False when it must wait for room."""
-        epoch, seq, floor, kind, body = decode_kept(frame)
+    def _take(self, peer: str, frame: tuple[int, int, int, int, bytes]) -> bool:
+        """Use, acknowledge or ignore one frame; False when it must wait for room (or for the store)."""
+        epoch, seq, floor, kind, body = frame
         verdict = self.inbox.take(peer, epoch, seq, floor)
         if verdict == "gap":
             return True  # an earlier one is missing: this one comes again after it
         if verdict == "new":
+            if self.io.store.error is not None:
+                return False  # what it brings could not be kept: it waits, unacknowledged
             try:
                 used = self.use(peer, kind, body, peer in self.forcing)
             except (ClusterError, ValueError, TypeError) as exc:  # it alone is lost, not the frames after it
                 log.warning("cluster: a kept frame from %s could not be used (%s)", peer, exc)
+                used = "used"
+            except Exception:  # a bug: it costs this frame, never the stream behind it
+                log.exception("cluster: internal error using a kept frame from %s", peer)
                 used = "used"
             if used == "full":
                 return False
@@ -10899,14 +10955,17 @@ class KeptFrames:
             if forgotten is not None:
                 self.marks_due.pop((peer, forgotten), None)
                 self.io.store.delete_mark(peer, forgotten)
-        self.acks_due[peer] = (epoch, self.inbox.last(peer, epoch))
+        self.acks_due[peer, epoch] = self.inbox.last(peer, epoch)
         return True
 
     def acknowledged(self, peer: str, frame: bytes) -> None:
         """``peer`` committed kept frames: forget them here."""
         epoch, upto = decode_kept_ack(frame)
         full = peer in self.io.engine.full_nodes
-        self.io.store.delete_kept(self.outbox.ack(peer, epoch, upto))
+        rows = self.outbox.ack(peer, epoch, upto)
+        if rows:
+            self.progress[peer] = time.monotonic()
+        self.io.store.delete_kept(rows)
         if full:
             self.check_room()
         self.pump(peer)
@@ -10921,9 +10980,16 @@ class KeptFrames:
     def send_acks(self) -> None:
         """Acknowledge the kept frames this commit made safe (MqttIO runs this after each commit)."""
         if self.acks_due and self.links is not None:
-            for peer, (epoch, seq) in self.acks_due.items():
+            for (peer, epoch), seq in self.acks_due.items():
                 self.links.send(peer, FRAME_KEPT_ACK, _KEPT_ACK.pack(epoch, seq))
             self.acks_due.clear()
+
+    def rolled_back(self) -> None:
+        """A commit failed: what this batch used is not kept, so nothing of it is acknowledged and the
+        marks are those of the store again (the peers send it again when KEPT_RESEND passes)."""
+        self.acks_due.clear()
+        self.marks_due.clear()
+        self.inbox = Inbox(self.io.store.load_marks())
 
     def drop(self, peer: str) -> None:
         """Forget what was kept for a node that left the cluster."""
@@ -11230,28 +11296,24 @@ class Cluster(ClusterAdmin):
         now = time.time()
         if summary is not None:
             self.engine.adopt_session(mountpoint, client_id, summary, now)
-        messages = [msg for msg in map(self._migrated_message, bodies) if msg is not None]
+        limit = self.engine.packet_limits.properties
+        messages = [msg for msg in (migrated_message(b, limit) for b in bodies) if msg is not None]
         if len(messages) < len(bodies):
             log.warning("cluster: %d of the %d queued message(s) of %r handed over could not be used",
                         len(bodies) - len(messages), len(bodies), client_id[:100])
         held = self.replica.get("session", session_key(mountpoint, client_id))
         ours = isinstance(held, dict) and held.get("node") == self.me  # it is here, whatever this node forgot
-        self.engine.adopt_messages(mountpoint, client_id, messages, now, force=ours, settle=True)
+        owner = self.handed.owner(mountpoint, client_id)
+        if owner is not None and self.engine.session_summary(mountpoint, client_id) is None:
+            self.kept.keep(owner, KEPT_MIGRATE, body)  # it moved on from here meanwhile: its queue follows it
+            return
+        if not self.engine.adopt_messages(mountpoint, client_id, messages, now, force=ours, settle=True) \
+                and messages:
+            log.warning("cluster: %d queued message(s) of %r handed over have no session here to go to",
+                        len(messages), client_id[:100])
         which = self.engine.waiting(mountpoint, client_id)
         if which:  # what the old node still passes on comes right behind: the queue waits a little longer for it
             self.io.loop.call_later(ADOPT_SETTLE, self._stop_waiting, mountpoint, client_id, which)
-
-    def _migrated_message(self, body: Any) -> Message | None:
-        """Decode one message of a session handed over; None (logged) for a bad one: it alone is lost."""
-        try:
-            if not isinstance(body, bytes):
-                raise ClusterError("a queued message that is not a forwarded message")
-            msg = decode_forward(body, self.engine.packet_limits.properties)[1]
-            check_publishable(msg.topic)
-        except ClusterError as exc:
-            log.warning("cluster: a queued message handed over is dropped: %s", exc.text)
-            return None
-        return msg
 
     def _session_changes(self) -> None:
         engine = self.engine
@@ -13708,6 +13770,8 @@ HTTP_PUB_ANSWERS = {  # VerneMQ vmq_http_pub:map_to_response_code/1 and map_to_r
     "invalid_payload": (400, "Payload is not well-formed UTF-8"),
     "quota_exceeded": (507, "Retained message refused: max_retained_messages or max_retained_bytes reached"),
     "store_down": (503, "The message store cannot keep a QoS 1 or 2 message now; try again later"),
+    "cluster_full": (503, "A cluster node with subscribers of this topic has cluster_max_unacknowledged_bytes "
+                          "of messages it has not confirmed yet; try again later"),
     "bridge_full": (503, "A bridge's buffer for its remote is full (max_outgoing_buffered_bytes or "
                          "max_outgoing_buffered_messages); try a QoS 1 or 2 message again later"),
     "no_broker": (503, "The node runs no MQTT broker"),

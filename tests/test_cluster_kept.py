@@ -11,6 +11,7 @@ may take only a few frames at a time.
 from __future__ import annotations
 
 import itertools
+import time
 import types
 
 import pytest
@@ -72,6 +73,17 @@ def test_the_outbox_keeps_in_order_forgets_what_is_acknowledged_and_counts_bytes
     assert box.drop("b") == [1, 13] and box.pending("b") == [] and box.size["b"] == 0
 
 
+def test_acknowledging_a_long_outbox_a_little_at_a_time_takes_linear_time():
+    box, count = Outbox(1), 200_000
+    for _ in range(count):
+        box.keep("b", *box.number("b"), KEPT_FORWARD, b"x")
+    started = time.perf_counter()
+    for upto in range(100, count + 1, 100):
+        assert len(box.ack("b", 1, upto)) == 100
+        box.frame("b", 1, upto + 1)
+    assert box.pending("b") == [] and time.perf_counter() - started < 5  # quadratic: minutes
+
+
 def test_the_inbox_says_new_again_or_gap():
     inbox = Inbox([("a", 5, 2)])
     assert inbox.take("a", 5, 2, 1) == "again"
@@ -79,6 +91,7 @@ def test_the_inbox_says_new_again_or_gap():
     assert inbox.take("a", 5, 3, 1) == "new"
     assert inbox.take("a", 6, 4, 4) == "new"  # an epoch first seen starts at the frame's floor
     assert inbox.take("a", 6, 5, 4) == "gap"
+    assert inbox.take("a", 5, 9, 9) == "new"  # the sender keeps nothing below its floor: nothing to wait for
     for epoch in range(100, 100 + vmqapi.INBOX_EPOCHS):
         inbox.mark("b", epoch, 1)
     assert inbox.mark("b", 999, 1) == 100  # the oldest epoch is forgotten
@@ -97,6 +110,7 @@ class SimStore:
         self.durable = {"kept": {}, "marks": {}, "delivered": []}  # what survives a crash
         self.rows = itertools.count(1)
         self.pending = []
+        self.error = None  # the store writes
 
     def add_kept(self, peer, epoch, seq, kind, body):
         row = next(self.rows)
@@ -157,7 +171,7 @@ class SimNode:
     def restart(self):
         self.store.pending = []
         self.io = types.SimpleNamespace(store=self.store, engine=types.SimpleNamespace(full_nodes=set()),
-                                        commit_hooks=[])
+                                        commit_hooks=[], rollback_hooks=[])
         self.kept = KeptFrames(self.io, lambda: 10 ** 9, next(self.epochs), self.use)
         self.kept.links = SimLinks(self.net, self.name)
         self.kept.load()
@@ -171,12 +185,19 @@ class SimNode:
         return "forced" if self.full else "used"
 
     def commit(self):
-        """A batch ends: marks, commit, acknowledgements; return the message ids now acknowledged."""
+        """A batch ends: marks, commit, acknowledgements; return the message ids now acknowledged.
+
+        With the store failing, the commit fails: nothing of the batch is kept or acknowledged."""
         self.kept.write_marks()
+        promised, self.promised = self.promised, []
+        if self.store.error is not None:
+            self.store.pending = []
+            for hook in self.io.rollback_hooks:
+                hook()
+            return []
         self.store.commit()
         for hook in self.io.commit_hooks:
             hook()
-        promised, self.promised = self.promised, []
         return promised
 
 
@@ -247,9 +268,18 @@ class KeptNetwork(RuleBasedStateMachine):
         """A link that takes only a few frames at a time: the rest wait in the outbox for room."""
         self.room[self.pick(a), self.pick(b)] = room
 
-    @rule(a=st.integers(0, 4))
-    def tick(self, a):
-        self.nodes[self.pick(a)].kept.pump_all()
+    @rule(a=st.integers(0, 4), resend=st.booleans())
+    def tick(self, a, resend):
+        node = self.nodes[self.pick(a)]
+        if resend:  # KEPT_RESEND passed without an acknowledgement
+            for peer in node.kept.progress:
+                node.kept.progress[peer] -= vmqapi.KEPT_RESEND + 1
+        node.kept.pump_all()
+
+    @rule(a=st.integers(0, 4), failing=st.booleans())
+    def store(self, a, failing):
+        """The store fails (a full disk) or writes again; a node takes no frame while it fails."""
+        self.nodes[self.pick(a)].store.error = "disk full" if failing else None
 
     @rule(a=st.integers(0, 4), full=st.booleans(), patience_over=st.booleans())
     def subscriber(self, a, full, patience_over):
@@ -310,7 +340,7 @@ class KeptNetwork(RuleBasedStateMachine):
         self.up = {frozenset((a, b)) for a in self.names for b in self.names if a != b}
         self.flight, self.room = {}, {}
         for node in self.nodes.values():
-            node.full = False
+            node.full, node.store.error = False, None
         for _ in range(20):
             for a, b in itertools.combinations(self.names, 2):
                 self.link_up(a, b)
