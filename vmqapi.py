@@ -10442,7 +10442,8 @@ KEPT_RESEND = 30.0  # s without an acknowledgement from an up peer after which e
 KEPT_PATIENCE = 5.0  # s a peer's kept frames wait for a connected subscriber's queue to have room
 ADOPT_SETTLE = 0.05  # s a taken-over session's queue still waits once the old node's messages came (a few link round trips)
 ADOPT_WAIT = 3.0  # s a session taken over from a running node holds its queue for the messages that node hands over
-MOVED_KEEP = 60.0  # s a node passes on what still arrives for a session it handed over
+MOVED_KEEP = 10.0  # s a node passes on what still arrives for a session it handed over (publishers' nodes
+#                   learn of the move within a round trip or two; meanwhile a message may come twice)
 MOVED_MAX = 10_000  # sessions handed over that it remembers so at once (the oldest are forgotten)
 CLUSTER_TIMER = 1.0  # s between two rounds of housekeeping: digests, the key file, saving rows
 SYNC_EVERY = 2  # timer rounds between anti-entropy digests to each peer

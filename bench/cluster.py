@@ -38,7 +38,7 @@ import urllib.request  # noqa: E402
 
 import vmqapi  # noqa: E402
 
-COOKIE = "bench-cookie"
+COOKIE = "bench-cookie-" + os.urandom(12).hex()  # 16 characters at least, as every node demands
 OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
