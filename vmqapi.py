@@ -6056,7 +6056,8 @@ _REPLICA_HANDLERS: Mapping[str, Callable] = types.MappingProxyType({
 # is drawn at each start, so they never repeat without a counter on disk, and entries restored
 # from the store keep the number they were first sent with.
 
-KEPT_FORWARD, KEPT_MIGRATE, KEPT_PASSED = 1, 2, 3  # what a kept frame carries (see Cluster._on_kept)
+KEPT_FORWARD, KEPT_MIGRATE, KEPT_PASSED = 1, 2, 3  # what a kept frame carries (see SessionMoves.use)
+KEPT_FLUSH, KEPT_FLUSHED = 4, 5  # the end of what a node sent the old node of a session that moved, and its echo
 _KEPT = struct.Struct(">QQQB")  # epoch, seq, the lowest seq of that epoch still kept (floor), kind
 _KEPT_ACK = struct.Struct(">QQ")  # epoch, the highest seq of it committed
 
@@ -6089,6 +6090,16 @@ def decode_passed(body: bytes) -> tuple[str, bytes]:
     if not (isinstance(term, list) and len(term) == 2 and isinstance(term[0], str) and isinstance(term[1], bytes)):
         raise ClusterError("a message passed on without a client id and a forward")
     return term[0], term[1]
+
+
+def decode_marker(body: bytes) -> tuple[str, str, float]:
+    """Decode a KEPT_FLUSH or KEPT_FLUSHED body, ``encode_term([session key, node, stamp])``: the session, a
+    node, and the time stamp of the session row that moved it (which move the marker is of)."""
+    term = decode_term(body)
+    if not (isinstance(term, list) and len(term) == 3 and isinstance(term[0], str) and isinstance(term[1], str)
+            and isinstance(term[2], float)):
+        raise ClusterError("a session marker without a session key, a node and a stamp")
+    return term[0], term[1], term[2]
 
 
 class Outbox:
@@ -10440,7 +10451,7 @@ FRAME_META, FRAME_FORWARD, FRAME_CALL, FRAME_REPLY, FRAME_MIGRATE = 16, 17, 18, 
 FRAME_KEPT, FRAME_KEPT_ACK = 21, 22  # a frame kept until acknowledged, and its acknowledgement (section 12)
 KEPT_RESEND = 30.0  # s without an acknowledgement from an up peer after which everything kept goes to it again
 KEPT_PATIENCE = 5.0  # s a peer's kept frames wait for a connected subscriber's queue to have room
-ADOPT_SETTLE = 0.05  # s a taken-over session's queue still waits once the old node's messages came (a few link round trips)
+MARKERS_MAX = 8  # markers one session still here may hold for the node it moves to (a cluster has 2-5 nodes)
 ADOPT_WAIT = 3.0  # s a session taken over from a running node holds its queue for the messages that node hands over
 MOVED_KEEP = 10.0  # s a node passes on what still arrives for a session it handed over (publishers' nodes
 #                   learn of the move within a round trip or two; meanwhile a message may come twice)
@@ -10732,7 +10743,7 @@ class ClusterAdmin:
                 if not summary["clean"]:
                     key = session_key(mountpoint, client_id)
                     target = others[zlib.crc32(key.encode()) % len(others)]
-                    self._migrate(target, mountpoint, client_id, summary, messages)
+                    self.moves.migrate(target, mountpoint, client_id, summary, messages)
         self._put("member", self.me, None)
         self._announce()
         self._save()
@@ -10806,6 +10817,171 @@ class HandedOver:
         """(client id, owner) of each session handed over with a subscription matching ``topic``."""
         return [(client_id, owner) for (mp, client_id), (owner, filters, _) in self.sessions.items()
                 if mp == mountpoint and any(topic_matches(f, topic) for f in filters)]
+
+
+class SessionMoves:
+    """Sessions moving between nodes, with their messages in order (the cluster's part; the engine's is
+    ``hand_over``, ``adopt_messages``, ``deliver_to`` and ``stop_waiting``).
+
+    The old node hands a session over (``moved``) as a kept frame and passes on, for a while, what
+    still reaches it (``HandedOver``). Every other node, on seeing the session's row move, sends
+    the old node a marker behind what it sent there (``row_moved``: KEPT_FLUSH); the old node
+    passes each marker on to the new one (KEPT_FLUSHED) behind what it passed on. The new node's
+    queue waits (``took_over``) until the old node's messages and the marker of every other node
+    up have come, at most ADOPT_WAIT: then every older message is ahead of every newer one.
+    """
+
+    def __init__(self, cluster: Any):
+        self.cluster, self.engine, self.kept = cluster, cluster.engine, cluster.kept
+        self.handed = HandedOver()
+        # session taken over here -> [its wait (Session.waiting), nodes whose marker is due, migrated, row stamp]
+        self.awaiting: dict[tuple[str, str], list[Any]] = {}
+        self.markers: dict[tuple[str, str], list[tuple[str, float]]] = {}  # sessions still here: markers that wait
+
+    # -- the old node -----------------------------------------------------
+    def moved(self, key: str, owner: str, stamp: float) -> None:
+        """A newer row (of time ``stamp``) puts a session this node holds on ``owner``: hand it over there."""
+        mountpoint, client_id = split_session_key(key)
+        summary = self.engine.session_summary(mountpoint, client_id)
+        if summary is None:
+            return
+        messages = self.engine.hand_over(mountpoint, client_id, time.time())
+        self.migrate(owner, mountpoint, client_id, None, messages)
+        if not summary["clean"]:  # what still comes here for it, sent before its publisher's node knew, follows it
+            self.handed.add(mountpoint, client_id, owner, summary["subs"], time.monotonic())
+        for node, of in self.markers.pop((mountpoint, client_id), ()):
+            if of >= stamp:  # an older one is of an earlier move
+                self.kept.keep(owner, KEPT_FLUSHED, encode_term([key, node, of]))
+
+    def migrate(self, owner: str, mountpoint: str, client_id: str, summary: dict | None,
+                messages: Sequence[Message]) -> None:
+        """Send a session's messages (and with ``summary`` the session itself) to ``owner``."""
+        body = encode_term([mountpoint, client_id, summary,
+                            [encode_forward(mountpoint, m, True, ()) for m in messages]])
+        self.kept.keep(owner, KEPT_MIGRATE, body)  # committed with the session's end here
+
+    def row_moved(self, key: str, old: str, owner: str, stamp: float) -> None:
+        """Another node's session row moved from ``old`` to ``owner``: mark the end of what went to ``old``."""
+        if old != self.cluster.me:
+            self.kept.keep(old, KEPT_FLUSH, encode_term([key, owner, stamp]))
+
+    def _on_flush(self, peer: str, body: bytes) -> None:
+        key, owner, stamp = decode_marker(body)
+        mountpoint, client_id = split_session_key(key)
+        target = self.handed.owner(mountpoint, client_id)
+        if target is None and self.engine.session_summary(mountpoint, client_id) is not None:
+            waiting = self.markers.setdefault((mountpoint, client_id), [])  # the row reaches this node later
+            if len(waiting) < MARKERS_MAX:
+                waiting.append((peer, stamp))
+        elif (target or owner) != self.cluster.me:
+            self.kept.keep(target or owner, KEPT_FLUSHED, encode_term([key, peer, stamp]))
+
+    # -- the new node -----------------------------------------------------
+    def took_over(self, old: str, mountpoint: str, client_id: str, up: Iterable[str]) -> None:
+        """A client took a session over here from ``old``: its queue waits for what the others owe it."""
+        self.handed.forget(mountpoint, client_id)  # back here: nothing to pass on any more
+        which = self.engine.waiting(mountpoint, client_id)
+        if not which:
+            return
+        if old not in up:  # a node down sends later: nothing to wait for
+            return self._done(mountpoint, client_id, which)
+        self.awaiting[mountpoint, client_id] = [which, set(up) - {old}, False, None]
+        self.cluster.io.loop.call_later(ADOPT_WAIT, self._done, mountpoint, client_id, which)
+
+    def _check(self, mountpoint: str, client_id: str) -> None:
+        entry = self.awaiting.get((mountpoint, client_id))
+        if entry is not None and entry[2] and not entry[1]:
+            self._done(mountpoint, client_id, entry[0])
+
+    def stamped(self, key: str, stamp: float) -> None:
+        """This node wrote a session's row: the first one since a takeover is the move the markers name."""
+        entry = self.awaiting.get(split_session_key(key))
+        if entry is not None and entry[3] is None:
+            entry[3] = stamp
+
+    def _done(self, mountpoint: str, client_id: str, which: int) -> None:
+        entry = self.awaiting.get((mountpoint, client_id))
+        if entry is not None and entry[0] == which:
+            del self.awaiting[mountpoint, client_id]
+        self.engine.stop_waiting(mountpoint, client_id, time.time(), which)
+        self.cluster._flush_soon()
+
+    def down(self, peer: str) -> None:
+        """A node is gone: no marker will come from it."""
+        for (mountpoint, client_id), entry in list(self.awaiting.items()):
+            entry[1].discard(peer)
+            self._check(mountpoint, client_id)
+
+    def on_migrate(self, body: bytes) -> None:
+        """A session (or its messages) handed over to this node."""
+        engine = self.engine
+        mountpoint, client_id, summary, bodies = decode_term(body)
+        if not (isinstance(mountpoint, str) and isinstance(client_id, str) and isinstance(bodies, list)
+                and (summary is None or _summary_ok(summary))):
+            raise ClusterError(f"a session handed over with a bad summary: {str(client_id)[:100]!r}")
+        now = time.time()
+        if summary is not None:
+            engine.adopt_session(mountpoint, client_id, summary, now)
+        limit = engine.packet_limits.properties
+        messages = [msg for msg in (migrated_message(b, limit) for b in bodies) if msg is not None]
+        if len(messages) < len(bodies):
+            log.warning("cluster: %d of the %d queued message(s) of %r handed over could not be used",
+                        len(bodies) - len(messages), len(bodies), client_id[:100])
+        held = self.cluster.replica.get("session", session_key(mountpoint, client_id))
+        ours = isinstance(held, dict) and held.get("node") == self.cluster.me  # here, whatever this node forgot
+        owner = self.handed.owner(mountpoint, client_id)
+        if owner is not None and engine.session_summary(mountpoint, client_id) is None:
+            self.kept.keep(owner, KEPT_MIGRATE, body)  # it moved on from here meanwhile: its queue follows it
+            return
+        if not engine.adopt_messages(mountpoint, client_id, messages, now, force=ours, settle=True) and messages:
+            log.warning("cluster: %d queued message(s) of %r handed over have no session here to go to",
+                        len(messages), client_id[:100])
+        entry = self.awaiting.get((mountpoint, client_id))
+        if entry is None:
+            self._done(mountpoint, client_id, engine.waiting(mountpoint, client_id))
+        else:
+            entry[2] = True
+            self._check(mountpoint, client_id)
+
+    # -- every node -------------------------------------------------------
+    def use(self, peer: str, kind: int, body: bytes, force: bool) -> str:
+        """Act on a kept frame (KeptFrames.receive): "used", "full" (not now) or "forced" (see KeptFrames)."""
+        engine = self.engine
+        if kind == KEPT_FORWARD:
+            mountpoint, msg, plain, groups = decode_forward(body, engine.packet_limits.properties)
+            check_publishable(msg.topic)
+            full = plain and engine.full_for(mountpoint, msg)
+            if full and not force:
+                return "full"
+            engine.deliver_forwarded(mountpoint, msg, plain, groups, time.time())
+            for client_id, owner in self.handed.wanting(mountpoint, msg.topic) if plain else ():
+                if engine.session_summary(mountpoint, client_id) is None:  # not made here again meanwhile
+                    self.kept.keep(owner, KEPT_PASSED, encode_term([client_id, body]))
+            return "forced" if full else "used"
+        if kind == KEPT_MIGRATE:
+            self.on_migrate(body)
+        elif kind == KEPT_PASSED:
+            client_id, forward = decode_passed(body)
+            mountpoint, msg = decode_forward(forward, engine.packet_limits.properties)[:2]
+            check_publishable(msg.topic)
+            if not engine.deliver_to(mountpoint, client_id, msg, time.time()):
+                owner = self.handed.owner(mountpoint, client_id)
+                if owner is None:
+                    engine.counters["queue_message_unhandled", ()] += 1
+                else:  # it moved on again
+                    self.kept.keep(owner, KEPT_PASSED, body)
+        elif kind == KEPT_FLUSH:
+            self._on_flush(peer, body)
+        elif kind == KEPT_FLUSHED:
+            key, node, stamp = decode_marker(body)
+            mountpoint, client_id = split_session_key(key)
+            entry = self.awaiting.get((mountpoint, client_id))
+            if entry is not None and entry[3] is not None and stamp >= entry[3]:  # of this move, not an earlier
+                entry[1].discard(node)
+                self._check(mountpoint, client_id)
+        else:
+            raise ClusterError(f"a kept frame of unknown kind {kind}")
+        return "used"
 
 
 class KeptFrames:
@@ -11049,8 +11225,8 @@ class Cluster(ClusterAdmin):
         self.split = ""  # why the cluster is not whole ('' when it is)
         self.stop_after_answer = False  # set by cluster leave -k on the node that leaves
         self.kept = KeptFrames(io, lambda: node.config["cluster_max_unacknowledged_bytes"], secrets.randbits(62) + 1,
-                               self._use_kept)
-        self.handed = HandedOver()
+                               lambda *args: self.moves.use(*args))
+        self.moves = SessionMoves(self)
 
     # -- life cycle -------------------------------------------------------
     def start(self) -> None:
@@ -11076,10 +11252,6 @@ class Cluster(ClusterAdmin):
                         "to join a cluster)", render_value(self.address))
             self.bound = None
         self.io.call(self._started)
-
-    def _stop_waiting(self, mountpoint: str, client_id: str, which: int) -> None:
-        self.engine.stop_waiting(mountpoint, client_id, time.time(), which)
-        self._flush_soon()
 
     def _started(self) -> None:
         engine = self.engine
@@ -11183,6 +11355,7 @@ class Cluster(ClusterAdmin):
             self._outgoing.append(update)
             if kind == "session":  # the node it moved from no longer wants its filters
                 self._index_session(key, update.value)
+                self.moves.stamped(key, float(update.stamp[0]))
 
     def _take_remote(self, updates: list[Update]) -> None:
         """Apply updates that came from other nodes and changed the replica."""
@@ -11198,9 +11371,13 @@ class Cluster(ClusterAdmin):
     def _apply(self, update: Update) -> None:
         kind, key, value = update.kind, update.key, update.value
         if kind == "session":
+            before = self._owned.get(key)
             self._index_session(key, value)
-            if isinstance(value, dict) and value.get("node") != self.me:
-                self._moved(key, value["node"])
+            owner, stamp = value.get("node") if isinstance(value, dict) else None, float(update.stamp[0])
+            if owner is not None and owner != self.me:
+                self.moves.moved(key, owner, stamp)
+            if before is not None and owner not in (None, before[0]):
+                self.moves.row_moved(key, before[0], owner, stamp)
         elif kind == "retain":
             mountpoint, topic = split_session_key(key)
             check_publishable(topic)
@@ -11269,52 +11446,6 @@ class Cluster(ClusterAdmin):
         if isinstance(value, dict) and value.get("node") not in (None, self.me):
             return value
         return None
-
-    def _moved(self, key: str, owner: str) -> None:
-        """A newer row puts a session this node holds on ``owner``: hand it over there."""
-        mountpoint, client_id = split_session_key(key)
-        summary = self.engine.session_summary(mountpoint, client_id)
-        if summary is None:
-            return
-        messages = self.engine.hand_over(mountpoint, client_id, time.time())
-        self._migrate(owner, mountpoint, client_id, None, messages)
-        if not summary["clean"]:  # what still comes here for it, sent before its publisher's node knew, follows it
-            self.handed.add(mountpoint, client_id, owner, summary["subs"], time.monotonic())
-
-    def _migrate(self, owner: str, mountpoint: str, client_id: str, summary: dict | None,
-                 messages: Sequence[Message]) -> None:
-        if self.links is None:
-            return
-        body = encode_term([mountpoint, client_id, summary,
-                            [encode_forward(mountpoint, m, True, ()) for m in messages]])
-        self.kept.keep(owner, KEPT_MIGRATE, body)  # committed with the session's end here
-
-    def _on_migrate(self, body: bytes) -> None:
-        mountpoint, client_id, summary, bodies = decode_term(body)
-        if not (isinstance(mountpoint, str) and isinstance(client_id, str) and isinstance(bodies, list)
-                and (summary is None or _summary_ok(summary))):
-            raise ClusterError(f"a session handed over with a bad summary: {str(client_id)[:100]!r}")
-        now = time.time()
-        if summary is not None:
-            self.engine.adopt_session(mountpoint, client_id, summary, now)
-        limit = self.engine.packet_limits.properties
-        messages = [msg for msg in (migrated_message(b, limit) for b in bodies) if msg is not None]
-        if len(messages) < len(bodies):
-            log.warning("cluster: %d of the %d queued message(s) of %r handed over could not be used",
-                        len(bodies) - len(messages), len(bodies), client_id[:100])
-        held = self.replica.get("session", session_key(mountpoint, client_id))
-        ours = isinstance(held, dict) and held.get("node") == self.me  # it is here, whatever this node forgot
-        owner = self.handed.owner(mountpoint, client_id)
-        if owner is not None and self.engine.session_summary(mountpoint, client_id) is None:
-            self.kept.keep(owner, KEPT_MIGRATE, body)  # it moved on from here meanwhile: its queue follows it
-            return
-        if not self.engine.adopt_messages(mountpoint, client_id, messages, now, force=ours, settle=True) \
-                and messages:
-            log.warning("cluster: %d queued message(s) of %r handed over have no session here to go to",
-                        len(messages), client_id[:100])
-        which = self.engine.waiting(mountpoint, client_id)
-        if which:  # what the old node still passes on comes right behind: the queue waits a little longer for it
-            self.io.loop.call_later(ADOPT_SETTLE, self._stop_waiting, mountpoint, client_id, which)
 
     def _session_changes(self) -> None:
         engine = self.engine
@@ -11397,6 +11528,7 @@ class Cluster(ClusterAdmin):
     def _on_down(self, peer: str, reason: str) -> None:
         self._quiet.pop(peer, None)
         self.kept.down(peer)
+        self.moves.down(peer)
         if reason == "replaced":  # a fresher link to the same peer comes up at once
             return
         for call_id, (target, future) in list(self._calls.items()):
@@ -11434,7 +11566,7 @@ class Cluster(ClusterAdmin):
                 if future is not None and not future.done():
                     future.set_result(result) if ok else future.set_exception(ClusterError(str(result)))
             elif kind == FRAME_MIGRATE:  # as a node before kept frames sent it
-                self._on_migrate(body)
+                self.moves.on_migrate(body)
         except (ClusterError, ValueError, TypeError) as exc:
             log.warning("cluster: a frame from %s could not be used (%s)", peer, exc)
         self._flush_soon()
@@ -11444,35 +11576,6 @@ class Cluster(ClusterAdmin):
         mountpoint, msg, plain, groups = decode_forward(body, self.engine.packet_limits.properties)
         check_publishable(msg.topic)
         self.engine.deliver_forwarded(mountpoint, msg, plain, groups, time.time())
-
-    def _use_kept(self, peer: str, kind: int, body: bytes, force: bool) -> str:
-        """Act on a kept frame (KeptFrames.receive): "used", "full" (not now) or "forced" (see KeptFrames)."""
-        if kind == KEPT_FORWARD:
-            mountpoint, msg, plain, groups = decode_forward(body, self.engine.packet_limits.properties)
-            check_publishable(msg.topic)
-            full = plain and self.engine.full_for(mountpoint, msg)
-            if full and not force:
-                return "full"
-            self.engine.deliver_forwarded(mountpoint, msg, plain, groups, time.time())
-            for client_id, owner in self.handed.wanting(mountpoint, msg.topic) if plain else ():
-                if self.engine.session_summary(mountpoint, client_id) is None:  # not made here again meanwhile
-                    self.kept.keep(owner, KEPT_PASSED, encode_term([client_id, body]))
-            return "forced" if full else "used"
-        if kind == KEPT_MIGRATE:
-            self._on_migrate(body)
-        elif kind == KEPT_PASSED:
-            client_id, forward = decode_passed(body)
-            mountpoint, msg = decode_forward(forward, self.engine.packet_limits.properties)[:2]
-            check_publishable(msg.topic)
-            if not self.engine.deliver_to(mountpoint, client_id, msg, time.time()):
-                owner = self.handed.owner(mountpoint, client_id)
-                if owner is None:
-                    self.engine.counters["queue_message_unhandled", ()] += 1
-                else:  # it moved on again
-                    self.kept.keep(owner, KEPT_PASSED, body)
-        else:
-            raise ClusterError(f"a kept frame of unknown kind {kind}")
-        return "used"
 
     def _flush_soon(self) -> None:
         if not self._flush_due:
@@ -11497,11 +11600,7 @@ class Cluster(ClusterAdmin):
         self.kept.retry()
         self.kept.write_marks()
         for old, mountpoint, client_id in engine.take_takeovers():  # the old node hands over on the newer row
-            self.handed.forget(mountpoint, client_id)  # back here: nothing to pass on any more
-            wait = ADOPT_WAIT if self.links is not None and self.links.is_up(old) else 0.0  # a node down sends later
-            which = engine.waiting(mountpoint, client_id)
-            if which:
-                self.io.loop.call_later(wait, self._stop_waiting, mountpoint, client_id, which)
+            self.moves.took_over(old, mountpoint, client_id, [p for p in self.peers() if self.links.is_up(p)])
         self._session_changes()
         self._retained_changes()
         self._announce()
@@ -11525,7 +11624,7 @@ class Cluster(ClusterAdmin):
             self.kept.pump_all()
             if self.kept.parked:  # their patience may be over: the next batch offers them again
                 self._flush_soon()
-            self.handed.expire(time.monotonic())
+            self.moves.handed.expire(time.monotonic())
         except Exception:
             log.exception("cluster housekeeping failed")
         finally:

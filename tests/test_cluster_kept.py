@@ -34,7 +34,7 @@ def test_kept_frame_round_trip(epoch, floor, extra, kind, body):
 
 @given(data=st.binary(max_size=40))
 def test_arbitrary_bytes_are_a_kept_frame_an_ack_or_a_cluster_error(data):
-    for decode in (decode_kept, decode_kept_ack, vmqapi.decode_passed):
+    for decode in (decode_kept, decode_kept_ack, vmqapi.decode_passed, vmqapi.decode_marker):
         try:
             decode(data)
         except ClusterError:
@@ -46,6 +46,13 @@ def test_a_message_passed_on_round_trips_and_a_bad_one_is_a_cluster_error():
     for bad in (["client"], [b"client", b"forward"], ["client", "forward"], "client", ["c", b"f", 1]):
         with pytest.raises(ClusterError):
             vmqapi.decode_passed(vmqapi.encode_term(bad))
+
+
+def test_a_session_marker_round_trips_and_a_bad_one_is_a_cluster_error():
+    assert vmqapi.decode_marker(vmqapi.encode_term(["key", "n1@host", 1.5])) == ("key", "n1@host", 1.5)
+    for bad in (["key", "n1@host"], ["key", b"node", 1.5], "key", ["k", "n", "x"], ["k", "n", 1]):
+        with pytest.raises(ClusterError):
+            vmqapi.decode_marker(vmqapi.encode_term(bad))
 
 
 def test_a_kept_frame_whose_floor_is_above_its_number_is_refused():
