@@ -23,7 +23,8 @@ import vmqapi  # noqa: E402
 def node_config(data_dir, **extra):
     """Config values for a test node: any free port, the given data dir."""
     values = {"data_dir": str(data_dir), "listener.http.default": "127.0.0.1:0",
-              "listener.tcp.default": "127.0.0.1:0", "listener.vmq.clustering": "127.0.0.1:0"}
+              "listener.tcp.default": "127.0.0.1:0", "listener.vmq.clustering": "127.0.0.1:0",
+              "http_poll_interval": "10"}  # a stop waits this long for the HTTP listener, 100 ms by default
     values.update(extra)
     return values
 

@@ -75,7 +75,7 @@ def table_of(body):
 
 def cluster_settings(name, **extra):
     values = {"nodename": f"{name}@127.0.0.1", "listener.vmq.clustering": "127.0.0.1:0",
-              "distributed_cookie": COOKIE}
+              "distributed_cookie": COOKIE, "cluster_sync_interval": "100"}  # a join waits for a digest round
     values.update(extra)
     return values
 
@@ -358,7 +358,8 @@ def test_leave_a_live_node_without_and_with_kill_sessions(make_cluster):
 # -- real processes: kill -9, netsplits, restart -------------------------------
 
 def child_settings(name):
-    return [f"nodename={name}@127.0.0.1", "listener.vmq.clustering=127.0.0.1:0", f"distributed_cookie={COOKIE}"]
+    return [f"nodename={name}@127.0.0.1", "listener.vmq.clustering=127.0.0.1:0", f"distributed_cookie={COOKIE}",
+            "cluster_sync_interval=100"]
 
 
 def child_key(data_dir):
