@@ -581,6 +581,7 @@ WELL_KNOWN_COOKIE = "vmq"  # VerneMQ's default distributed_cookie: known to ever
 COOKIE_MIN_LENGTH = 16  # characters of a cookie: a shorter one is guessed (the made one has 43)
 CLUSTER_HANDSHAKE_TIMEOUT = 5  # seconds to finish the handshake (TLS included): cluster_handshake_timeout
 CLUSTER_MAX_UNAUTHENTICATED = 64  # incoming connections in their handshake at once: cluster_max_pending_handshakes
+CLUSTER_SYNC_INTERVAL = 1000  # ms between two rounds of cluster housekeeping: cluster_sync_interval
 COOKIE_ENV = "VMQAPI_DISTRIBUTED_COOKIE"  # a cookie given by the environment (never on a command line)
 COOKIE_FILE = "cookie"  # in the data dir: the cookie a node given none made at its first start (mode 0600)
 COOKIE_HINT = (f"leave distributed_cookie unset (the node then makes a random one in DATA_DIR/{COOKIE_FILE}) or "
@@ -765,6 +766,9 @@ SETTINGS: tuple[Setting, ...] = (
        "File of key[:scope[:expires]] lines added, idempotently, when the node starts."),
     _S("http_request_timeout", parse_int_range(1, 3600), 15,
        "Seconds a client has to send a whole HTTP request; also the keep-alive idle limit."),
+    _S("http_poll_interval", parse_int_range(1, 1000), 100,
+       "Milliseconds between an HTTP listener's looks at a stop or suspend and at refused connections to close: "
+       "a stop waits up to this long for its listeners. Tests lower it."),
     _S("http_max_header_bytes", parse_int_range(1024, 1 << 20), 32768,
        "Bytes the head of an HTTP request (request line and header fields together) may hold; past it the "
        "request gets 431 as soon as they are read, and the connection is closed."),
@@ -932,6 +936,10 @@ SETTINGS: tuple[Setting, ...] = (
     _S("cluster_max_pending_handshakes", parse_int_range(1, 4096), CLUSTER_MAX_UNAUTHENTICATED,
        "Incoming cluster connections that have not proven the cookie yet, held at once; past it newcomers take "
        "the places of those that sent nothing, then of the oldest."),
+    _S("cluster_sync_interval", parse_int_range(10, 60000), CLUSTER_SYNC_INTERVAL,
+       "Milliseconds between two rounds of the cluster's housekeeping (the key file's sync, saving replicated "
+       "rows); every second round sends each peer an anti-entropy digest, and a join returns once one found "
+       "nothing new. Tests lower it; a cluster of many nodes may raise it."),
     _S("outgoing_clustering_buffer_size", parse_int_range(0), 10000,
        "Bytes of QoS 0 frames kept for each unreachable peer node; past it they are dropped (cluster_bytes_dropped)."),
     _S("cluster_max_unacknowledged_bytes", parse_int_range(1 << 16), 16 << 20,
@@ -10456,8 +10464,7 @@ ADOPT_WAIT = 3.0  # s a session taken over from a running node holds its queue f
 MOVED_KEEP = 10.0  # s a node passes on what still arrives for a session it handed over (publishers' nodes
 #                   learn of the move within a round trip or two; meanwhile a message may come twice)
 MOVED_MAX = 10_000  # sessions handed over that it remembers so at once (the oldest are forgotten)
-CLUSTER_TIMER = 1.0  # s between two rounds of housekeeping: digests, the key file, saving rows
-SYNC_EVERY = 2  # timer rounds between anti-entropy digests to each peer
+SYNC_EVERY = 2  # housekeeping rounds (cluster_sync_interval) between anti-entropy digests to each peer
 JOIN_TIMEOUT = 10.0  # s a join waits for the link and the first merge
 ARRIVAL_SLACK = 0.1  # s after a new member's JOIN_TIMEOUT at which the split is looked at again
 FIRST_SYNC_WAIT = 10.0  # s a restarted node waits for its peers' state before it reports its sessions
@@ -11271,7 +11278,7 @@ class Cluster(ClusterAdmin):
         self._unsynced = set(self.peers())
         self._record_after = time.monotonic() + FIRST_SYNC_WAIT
         self._maybe_record()
-        self._timer = self.io.loop.call_later(CLUSTER_TIMER, self._tick)
+        self._timer = self.io.loop.call_later(self._interval(), self._tick)
 
     def _index_sessions(self) -> None:
         """Give the router every other node's subscriptions the replica holds (at the start, and on a rejoin)."""
@@ -11615,7 +11622,7 @@ class Cluster(ClusterAdmin):
                 for peer in self.peers():
                     if self.links.is_up(peer):
                         self.links.send(peer, FRAME_META, body)
-            if self._round % 3600 == 0:
+            if self._round % max(1, round(3600 / self._interval())) == 0:  # about hourly
                 before = time.time() - TOMBSTONE_DAYS * 86400
                 self.replica.purge(before)
                 self.store.purge(before)  # else a restart would load them again
@@ -11628,7 +11635,11 @@ class Cluster(ClusterAdmin):
         except Exception:
             log.exception("cluster housekeeping failed")
         finally:
-            self._timer = self.io.loop.call_later(CLUSTER_TIMER, self._tick)
+            self._timer = self.io.loop.call_later(self._interval(), self._tick)
+
+    def _interval(self) -> float:
+        """Return the seconds between two housekeeping rounds (cluster_sync_interval)."""
+        return self.node.config["cluster_sync_interval"] / 1000
 
     def _expect(self, peer: str, now: float) -> None:
         """Give a member being joined JOIN_TIMEOUT to link before it counts as missing."""
@@ -14554,7 +14565,6 @@ HTTP_THREAD_STACK = 512 * 1024  # bytes per connection thread (Python's default:
 # 256 KiB already runs our deepest paths (TLS handshake, JSON of nested results, 1,000 Python frames);
 # twice that leaves room for an embedding program's command. Recursion hundreds of levels deep
 # through C code (map/sorted calling back into Python) needs about 2 MiB: do such work in a thread of its own.
-HTTP_POLL = 0.1  # s between serve_forever's looks at suspend/stop and at refused sockets
 REFUSED_LINGER = 1.0  # s a refused connection is drained before it is closed (a close with unread data is a RST)
 _STACK_LOCK = threading.Lock()  # threading.stack_size is process-wide: set and restore it around one start
 BUSY_ANSWER = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
@@ -15029,7 +15039,8 @@ class HttpListener:
 
     def start(self) -> None:
         """Start accepting."""
-        self._thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": HTTP_POLL},
+        poll = self.node.config["http_poll_interval"] / 1000  # s between looks at suspend/stop and refused sockets
+        self._thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": poll},
                                         name=f"vmqapi-http-{self.name}", daemon=True)
         self._thread.start()
 
@@ -15039,7 +15050,7 @@ class HttpListener:
 
     def _stop_accepting(self) -> None:
         if self._thread is not None and self._thread.is_alive():
-            self.server.shutdown()  # serve_forever returns within HTTP_POLL
+            self.server.shutdown()  # serve_forever returns within http_poll_interval
             self._thread.join(5)
         self._thread = None
         self.server.close_refused()

@@ -20,10 +20,67 @@ sys.path.insert(0, HERE)
 import vmqapi  # noqa: E402
 
 
+# The quick run (README, "Quick start": python -m pytest -q -m quick): every section's pure tests (values,
+# codecs, parsers, models and Hypothesis properties; no node process, no waiting), in well under a minute.
+# A file's name maps to "*" (all of its tests) or to the names of its tests that belong; a slow test never
+# does. test_hygiene.py checks that every name here is a test of its file.
+QUICK = {
+    "test_config.py": "*",
+    "test_codec.py": "*",
+    "test_topics.py": "*",
+    "test_commands.py": "*",
+    "test_transcripts.py": "*",
+    "test_broker_model.py": "*",
+    "test_cluster_state.py": "*",
+    "test_engine_cluster.py": "*",
+    "test_keystore.py": "*",
+    "test_hygiene.py": "*",
+    "test_acl.py": ("test_filter_covers_agrees_with_brute_force",
+                    "test_subscription_granted_only_if_every_topic_it_matches_is",
+                    "test_publish_granted_exactly_when_the_model_grants", "test_a_bad_acl_line_stops_the_start",
+                    "test_rule_files_with_windows_line_ends_and_extra_spaces_mean_the_same"),
+    "test_store.py": ("test_offline_queue_and_all_queues_are_bounded_in_bytes",
+                      "test_retained_messages_are_limited_in_number_and_bytes"),
+    "test_http.py": ("test_any_authorization_gives_200_400_or_401", "test_malformed_or_refused_authorization",
+                     "test_x_api_key_only_without_authorization", "test_password_part_is_ignored",
+                     "test_authentication_before_validation", "test_noauth_mode",
+                     "test_failed_authentications_are_counted", "test_aliases",
+                     "test_bad_requests_get_400_with_a_reason", "test_missing_argument_carries_usage",
+                     "test_help_is_text_200", "test_set_then_show", "test_describe", "test_methods", "test_options",
+                     "test_accept", "test_post_form_body", "test_read_only_key",
+                     "test_read_only_key_sees_no_key_material_and_no_payloads",
+                     "test_other_scopes_do_not_unlock_the_api", "test_crash_in_a_command_is_a_logged_500",
+                     "test_unknown_path_is_404_json", "test_redact_hides_keys"),
+    "test_observability.py": ("test_label_values_are_escaped", "test_status_history_is_a_ring_of_fifteen_minutes",
+                              "test_status_page_has_no_external_assets",
+                              "test_status_rows_are_computed_once_per_interval_whatever_the_readers"),
+    "test_plugins_http.py": ("test_scopes_are_verneMQs_six_and_mgmt_ro",),
+    "test_cluster_links.py": ("test_frames_decode_whatever_the_reads",
+                              "test_a_frame_over_the_limit_is_refused_from_its_header"),
+    "test_cluster.py": ("test_the_cluster_store_purges_old_tombstones_only", "test_good_node_names_pass"),
+    "test_bridge.py": ("test_topic_lines_parse_as_vernemq_documents_them",),
+    "test_webhooks.py": ("test_answers_in_hooks_terms", "test_unusable_answers_fail", "test_max_age_as_verneMQ_reads_it",
+                         "test_a_full_cache_drops_the_expired_then_the_oldest",
+                         "test_a_configured_webhook_needs_hook_and_endpoint"),
+    "test_embedding.py": ("test_unknown_hook_name_is_refused",),
+}
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m reads the marks
+def pytest_collection_modifyitems(items):
+    """Mark the quick run's tests (QUICK) ``quick``."""
+    for item in items:
+        spec = QUICK.get(item.path.name, ())
+        name = getattr(item, "originalname", item.name)
+        if (spec == "*" or name in spec) and item.get_closest_marker("slow") is None:
+            item.add_marker(pytest.mark.quick)
+
+
 def node_config(data_dir, **extra):
     """Config values for a test node: any free port, the given data dir."""
     values = {"data_dir": str(data_dir), "listener.http.default": "127.0.0.1:0",
-              "listener.tcp.default": "127.0.0.1:0", "listener.vmq.clustering": "127.0.0.1:0"}
+              "listener.tcp.default": "127.0.0.1:0", "listener.vmq.clustering": "127.0.0.1:0",
+              "http_poll_interval": "10"}  # a stop waits this long for the HTTP listener, 100 ms by default
     values.update(extra)
     return values
 

@@ -26,6 +26,7 @@ COOKIE = "attack-cookie-of-the-tests"
 NODE = "vmqapi@127.0.0.1"  # the default nodename of a capped node
 EVIL = "evil@127.0.0.1"
 T = vmqapi.encode_term
+SYNC = "cluster_sync_interval=100"  # ms between the cluster's rounds (key file sync, saving rows): 1 s by default
 
 
 class FakePeer:
@@ -82,8 +83,9 @@ def _until(cond, timeout=10.0):
     return True
 
 
-def _settle(node, peer, seconds=1.0):
-    """Let the node take what was sent: a CALL's answer comes after every frame before it."""
+def _settle(node, peer, seconds=0.5):
+    """Let the node take what was sent: a CALL's answer comes after every frame before it; then ``seconds`` of
+    its timers (the engine's tick is 0.5 s; SYNC, the cluster's rounds, 0.1 s here)."""
     marker = 10 ** 6 + len(peer.frames)
     peer.send(vmqapi.FRAME_CALL, T([marker, "no-such-op", []]))
     assert _until(lambda: any(r[0] == marker for r in peer.replies()), 20), "the node did not answer"
@@ -99,7 +101,7 @@ def _forward(topic, payload=b"x", retain=False):
 @pytest.fixture
 def hostile(tmp_path):
     """A capped node with the cookie and a fake peer linked to it: (node, peer)."""
-    with capped_node(tmp_path / "n", f"distributed_cookie={COOKIE}") as node:
+    with capped_node(tmp_path / "n", f"distributed_cookie={COOKIE}", SYNC) as node:
         peer = FakePeer(node.port("vmq"))
         try:
             yield node, peer
@@ -117,14 +119,14 @@ def hostile(tmp_path):
 def test_bad_session_row_from_a_peer_does_not_stop_the_next_start(tmp_path, key, value):
     """One bad "session" row is kept in cluster.db (and spread to every node); the next start must still work."""
     data = tmp_path / "n"
-    with capped_node(data, f"distributed_cookie={COOKIE}") as node:
+    with capped_node(data, f"distributed_cookie={COOKIE}", SYNC) as node:
         peer = FakePeer(node.port("vmq"))
         try:
             peer.rows(("session", key, value))
-            _settle(node, peer, seconds=2.5)  # the timer saves the rows every second
+            _settle(node, peer, seconds=0.5)  # the timer saves the rows every round (SYNC)
         finally:
             peer.close()
-    with capped_node(data, f"distributed_cookie={COOKIE}") as again:
+    with capped_node(data, f"distributed_cookie={COOKIE}", SYNC) as again:
         time.sleep(0.5)
         assert again.alive()
         assert "Traceback" not in again.log()
@@ -255,13 +257,13 @@ def test_a_forwarded_message_with_more_properties_than_a_client_may_send_is_drop
 # -- keys and config -----------------------------------------------------------------------
 
 def test_an_unreadable_apikey_row_is_logged_once_not_every_second(hostile):
-    """In a cluster (the key file is synced every second), a key entry that cannot be read is retried
-    and logged every second, and the key file rewritten each time."""
+    """In a cluster (the key file is synced every round: SYNC), a key entry that cannot be read was retried
+    and logged every round, and the key file rewritten each time."""
     node, peer = hostile
     peer.rows(("member", NODE, {"address": f"127.0.0.1:{node.port('vmq')}"}),
               ("member", EVIL, {"address": f"127.0.0.1:{peer.links.bound[1]}"}))
     peer.rows(("apikey", "k1", {"not": "a key"}))
-    _settle(node, peer, seconds=5)
+    _settle(node, peer, seconds=1.5)  # 15 rounds
     assert node.log().count("skipped an API key") <= 1
 
 
@@ -444,7 +446,7 @@ def test_strangers_holding_the_cluster_ports_never_keep_a_node_out(tmp_path, cou
     for as long as they stayed (40 s tried) and every MQTT CONNECT got CONNACK 3 (netsplit) meanwhile.
     300 that each send a HELLO (and never a proof) must not either."""
     env = {vmqapi.COOKIE_ENV: COOKIE}  # one cookie for every node, off the command line
-    names = {n: [f"nodename={n}@127.0.0.1"] for n in "abc"}
+    names = {n: [f"nodename={n}@127.0.0.1", SYNC] for n in "abc"}
     with capped_node(tmp_path / "a", *names["a"], env=env) as a:
         key = vmqapi.KeyStore(os.path.join(str(tmp_path / "a"), vmqapi.KEY_FILE)).create("mgmt")
         with capped_node(tmp_path / "b", *names["b"], env=env) as b:

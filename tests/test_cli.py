@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import signal
@@ -43,13 +44,14 @@ def test_api_key_commands_work_without_a_node(data_dir):
 
 
 def test_usage_errors_exit_2(data_dir):
-    for args in (["admin", "no", "such"], ["admin", "api-key", "add"], ["admin", "api-key", "show", "bogus=1"],
-                 ["admin"], ["frobnicate"]):
-        result = run_cli(*args, data_dir=data_dir)
+    cases = (["admin", "no", "such"], ["admin", "api-key", "add"], ["admin", "api-key", "show", "bogus=1"],
+             ["admin"], ["frobnicate"])
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:  # independent children: both cores
+        results = list(pool.map(lambda args: run_cli(*args, data_dir=data_dir), cases))
+    for args, result in zip(cases, results):
         assert result.returncode == 2, args
         assert result.stderr.strip()
-    missing = run_cli("admin", "api-key", "add", data_dir=data_dir)
-    assert "vmq-admin api-key add key=<key>" in missing.stderr
+    assert "vmq-admin api-key add key=<key>" in results[1].stderr  # the usage of the command missing an argument
 
 
 def test_help_is_generated_from_the_table(data_dir):

@@ -76,7 +76,7 @@ def table_of(body):
 
 def cluster_settings(name, **extra):
     values = {"nodename": f"{name}@127.0.0.1", "listener.vmq.clustering": "127.0.0.1:0",
-              "distributed_cookie": COOKIE}
+              "distributed_cookie": COOKIE, "cluster_sync_interval": "100"}  # a join waits for a digest round
     values.update(extra)
     return values
 
@@ -359,7 +359,8 @@ def test_leave_a_live_node_without_and_with_kill_sessions(make_cluster):
 # -- real processes: kill -9, netsplits, restart -------------------------------
 
 def child_settings(name):
-    return [f"nodename={name}@127.0.0.1", "listener.vmq.clustering=127.0.0.1:0", f"distributed_cookie={COOKIE}"]
+    return [f"nodename={name}@127.0.0.1", "listener.vmq.clustering=127.0.0.1:0", f"distributed_cookie={COOKIE}",
+            "cluster_sync_interval=100"]
 
 
 def child_key(data_dir):
@@ -571,14 +572,14 @@ def test_a_key_deleted_while_a_node_is_down_stays_deleted(make_cluster):
     a, b = make_cluster(2)
     made = a.node.keystore.create("mgmt")
     wait_for(lambda: api(b.http, "cluster/show", made)[0] == 200, what="the key on b")
-    time.sleep(1.5)  # b's key sync has recorded it as agreed
+    time.sleep(0.5)  # b's key sync has recorded it as agreed (five rounds of cluster_sync_interval)
     b.node.stop()
     a.node.keystore.delete(made, "mgmt")
     wait_for(lambda: api(a.http, "cluster/show", made)[0] == 401, what="the key refused on a")
     b2 = restarted(b)
     try:
         wait_for(lambda: b2.running().get(a.name) is True, what="b back in the cluster")
-        time.sleep(2.5)  # a few key sync rounds on both
+        time.sleep(0.5)  # a few key sync rounds on both (five)
         assert api(b2.http, "cluster/show", made)[0] == 401
         assert api(a.http, "cluster/show", made)[0] == 401
     finally:
@@ -593,7 +594,7 @@ def test_a_key_file_swapped_for_a_fifo_costs_one_line_not_a_traceback_a_second(m
     os.replace(path, path + ".kept")
     os.mkfifo(path, 0o600)
     try:
-        time.sleep(3)  # three housekeeping ticks
+        time.sleep(0.5)  # five housekeeping rounds (cluster_sync_interval)
         assert api(a.http, "cluster/show", a.key)[0] == 500
     finally:
         os.replace(path + ".kept", path)

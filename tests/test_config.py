@@ -90,3 +90,15 @@ def test_http_listeners_hold_a_thread_per_connection_so_their_default_cap_is_low
     assert explicit.listener_option("http", "default", "max_connections") == 5000  # a key given wins
     assert vmqapi.Config({"listener.http.max_connections": "infinity"}).listener_option(
         "http", "default", "max_connections") is None
+
+
+def test_the_waits_the_tests_lower_are_settings_with_the_shipped_defaults():
+    """A test node stops in 10 ms, not 100, and a test cluster's join answers within a few tenths of a second,
+    not about 2 s: by these settings, never by a different code path."""
+    config = Config({})
+    assert config["http_poll_interval"] == 100 and config["cluster_sync_interval"] == 1000
+    assert Config({"http_poll_interval": "10", "cluster_sync_interval": "100"})["cluster_sync_interval"] == 100
+    for key, value in (("http_poll_interval", "0"), ("http_poll_interval", "1001"),
+                       ("cluster_sync_interval", "9"), ("cluster_sync_interval", "60001")):
+        with pytest.raises(vmqapi.InvalidValue):
+            vmqapi.parse_setting(key, value)

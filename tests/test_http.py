@@ -875,6 +875,7 @@ def _keep_heads_coming(port, conns, seconds, lines=99, line_size=65000):
     return opened, sent
 
 
+@pytest.mark.slow
 def test_150_connections_trickling_huge_heads_cannot_grow_the_node(tmp_path):
     """150 connections, each 99 header lines of 65 KB never finished (once: ~6 MB each, 800 MB in all).
 

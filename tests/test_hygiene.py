@@ -111,3 +111,14 @@ def test_rooms_stay_small():
             assert size <= total // 10, f"{node.name} is {size} lines, over a tenth of the file"
             if isinstance(node, ast.ClassDef):
                 assert size <= 600, f"class {node.name} is {size} lines"
+
+
+def test_the_quick_run_names_real_tests_and_covers_the_pure_sections():
+    from conftest import HERE, QUICK
+    for name, spec in QUICK.items():
+        text = open(os.path.join(HERE, name), encoding="utf-8").read()
+        for test in () if spec == "*" else spec:
+            assert re.search(rf"^def {test}\(", text, re.M), f"QUICK names {test}, which {name} does not define"
+    pure = {"test_config.py", "test_codec.py", "test_topics.py", "test_commands.py", "test_broker_model.py",
+            "test_cluster_state.py", "test_engine_cluster.py", "test_keystore.py"}
+    assert {name for name, spec in QUICK.items() if spec == "*"} >= pure

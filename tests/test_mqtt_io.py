@@ -326,26 +326,39 @@ def test_a_text_frame_inside_a_fragmented_message_fails_the_connection(make_node
 
 def test_keepalive_is_enforced_at_one_and_a_half_times(make_node):
     node = make_node()
-    for n in range(3):  # the old half-second tick let such a client live half of the time
-        c = MqttClient(mqtt_port(node))
-        try:
+    alive, pings = MqttClient(mqtt_port(node)), []
+    assert alive.connect("pinger", keepalive=1).return_code == 0
+
+    def ping_every_1_2_s():  # beside the silent clients, in the same seconds
+        for _ in range(3):
+            time.sleep(1.2)
+            try:
+                pings.append(bool(alive.ping()))
+            except (OSError, ConnectionError) as exc:
+                pings.append(repr(exc))
+
+    pinger = threading.Thread(target=ping_every_1_2_s)
+    pinger.start()
+    silent = [MqttClient(mqtt_port(node)) for _ in range(3)]
+    try:
+        for n, c in enumerate(silent):  # the old half-second tick let such a client live half of the time
             assert c.connect(f"ka{n}", keepalive=1).return_code == 0
-            time.sleep(1.75)
+            time.sleep(0.17)  # the next one at another phase of the node's tick
+        time.sleep(1.75 - 0.17 * 3)
+        for n, c in enumerate(silent):
+            if n:
+                time.sleep(0.17)  # ka<n> too has been silent 1.75 s now
             try:
                 c.send(vmqapi.Pingreq())
             except OSError:
                 continue
             assert c.closed(1), "a client silent 1.75 s with keep-alive 1 is still connected"
-        finally:
-            c.close()
-    alive = MqttClient(mqtt_port(node))
-    try:
-        assert alive.connect("pinger", keepalive=1).return_code == 0
-        for _ in range(3):
-            time.sleep(1.2)
-            assert alive.ping()
+        pinger.join(10)
+        assert pings == [True] * 3, pings
     finally:
-        alive.close()
+        pinger.join(10)
+        for c in (*silent, alive):
+            c.close()
 
 
 def test_a_server_disconnect_respects_the_clients_maximum_packet_size(make_node):

@@ -285,6 +285,7 @@ def status_page_traffic(node):
     return clients
 
 
+@pytest.mark.slow
 @pytest.mark.browser
 def test_status_page_in_headless_chromium(node, caplog, tmp_path):
     browser = chromium()

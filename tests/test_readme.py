@@ -116,3 +116,13 @@ def test_the_piped_metrics_example_prints_what_it_shows(node):
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     text = opener.open(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
     assert [line for line in text.splitlines() if re.search(pattern, line)] == shown
+
+
+def test_the_readme_prints_the_quick_run_and_how_long_each_run_takes():
+    from conftest import QUICK
+    start = README.split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    assert "    python -m pip install -q pytest hypothesis && python -m pytest -q\n" in start
+    assert "    python -m pytest -q -m quick\n" in start
+    assert re.search(r"^    quick: ", open(os.path.join(ROOT, "tox.ini"), encoding="utf-8").read(), re.M)
+    assert len(re.findall(r"about \d+ (?:s|minutes?) on two cores", " ".join(start.split()))) >= 2, "how long"
+    assert "test_codec.py" in QUICK and "QUICK" in README
