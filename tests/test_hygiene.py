@@ -120,5 +120,5 @@ def test_the_quick_run_names_real_tests_and_covers_the_pure_sections():
         for test in () if spec == "*" else spec:
             assert re.search(rf"^def {test}\(", text, re.M), f"QUICK names {test}, which {name} does not define"
     pure = {"test_config.py", "test_codec.py", "test_topics.py", "test_commands.py", "test_broker_model.py",
-            "test_cluster_state.py", "test_engine_cluster.py", "test_keystore.py"}
+            "test_cluster_state.py", "test_cluster_kept.py", "test_engine_cluster.py", "test_keystore.py"}
     assert {name for name, spec in QUICK.items() if spec == "*"} >= pure
