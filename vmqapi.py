@@ -825,7 +825,8 @@ SETTINGS: tuple[Setting, ...] = (
        "Longest HTTP header value, in bytes (at most 65000); longer ones get 431."),
     # README, "The command catalogue": the keys set/show/describe work on at run time.
     _S("allow_anonymous", parse_flag, None,
-       "Let clients connect without credentials. Unset: on while every MQTT listener is on loopback.",
+       "Let clients connect without credentials. Unset: on while every MQTT listener is on loopback "
+       "and no authentication plugin (auth_on_register hook, vmq_passwd.password_file) is configured.",
        True),
     _S("allow_register_during_netsplit", parse_flag, False, "Accept CONNECTs during a netsplit.", True),
     _S("allow_publish_during_netsplit", parse_flag, False, "Accept PUBLISHes during a netsplit.", True),
@@ -4513,12 +4514,28 @@ class Sessions(Delivery):
             raise ProtocolError(f"AUTH reason code {p.reason_code:#x} out of turn")
         self.auth_step(client, props.get("authentication_data"))
 
-    def authenticate(self, client: Connection, p: Connect, client_id: str, config: Config) -> int:
-        """Return 0 to accept, or CONNACK 4 (bad credentials) / 5 (not authorized)."""
+    def auth_configured(self, config: Config) -> bool:
+        """Whether an authentication plugin would be asked: an auth_on_register hook (a Python one, or a
+        webhook on auth_on_register or auth_on_register_m5), or vmq_passwd with a password file."""
+        return bool(self.hooks.auth_on_register) or \
+            bool(self.hooks.builtin["vmq_passwd"] and config["vmq_passwd.password_file"])
+
+    def lets_in_unasked(self, listener: Any, config: Config) -> bool:
+        """Whether a client of ``listener`` is let in without asking the auth plugins (VerneMQ's allow_anonymous).
+
+        Unset, allow_anonymous is on only while every MQTT listener is on loopback and no
+        authentication plugin is configured: a plugin the operator configured is asked.
+        """
+        if getattr(listener, "allow_anonymous_override", False):
+            return True
         anonymous = config["allow_anonymous"]
         if anonymous is None:
-            anonymous = self.anonymous_default
-        if anonymous or getattr(client.listener, "allow_anonymous_override", False):
+            return self.anonymous_default and not self.auth_configured(config)
+        return anonymous
+
+    def authenticate(self, client: Connection, p: Connect, client_id: str, config: Config) -> int:
+        """Return 0 to accept, or CONNACK 4 (bad credentials) / 5 (not authorized)."""
+        if self.lets_in_unasked(client.listener, config):
             return 0  # VerneMQ: allow_anonymous skips the auth plugins
         answer = run_auth_hooks(self.hooks.auth_on_register, client.peer, (client.listener.mountpoint, client_id),
                                 p.username, p.password, p.clean_session)
@@ -13235,7 +13252,7 @@ class Webhooks:
         """An HTTP publish (vmq_http_pub): ask auth_on_register and auth_on_publish here, in the HTTP thread
         (which may wait), then publish in the broker's loop with the answers."""
         sid, calls = (mountpoint, client_id), []
-        if self._asks("auth_on_register") and not self._anonymous():
+        if self._asks("auth_on_register") and not self.io.engine.lets_in_unasked(None, self.settings()):
             calls.append(("auth_on_register", "auth_on_register", webhook_args(
                 "auth_on_register", (peer, sid, user, password if user is not None else None, True))))
         if self._asks("auth_on_publish"):
@@ -13250,11 +13267,6 @@ class Webhooks:
         """Whether the engine will call our function for hook ``name`` (registered, and not plugin disable'd)."""
         fn = self._functions.get(name)
         return fn is not None and fn in getattr(self.hooks, name)
-
-    def _anonymous(self) -> bool:
-        """Whether allow_anonymous lets clients in without asking auth_on_register (as the engine decides)."""
-        anonymous = self.settings()["allow_anonymous"]
-        return self.io.engine.anonymous_default if anonymous is None else anonymous
 
     # -- what each packet will ask (VerneMQ calls the _m5 hooks for MQTT 5 clients) -------
     def _subscribe_calls(self, client: Any, p: Subscribe) -> list:
@@ -13274,7 +13286,7 @@ class Webhooks:
                 or p.proto_level not in listener.allowed_versions or "authentication_method" in dict(p.properties):
             return []  # refused, or enhanced authentication: the engine asks no auth hook
         user = client.identity if listener.use_identity_as_username else p.username
-        register = self._asks("auth_on_register") and not (self._anonymous() or listener.allow_anonymous_override
+        register = self._asks("auth_on_register") and not (self.io.engine.lets_in_unasked(listener, self.settings())
                                                             or listener.use_identity_as_username)
         will = self._asks("auth_on_publish") and p.will_topic is not None
         if not register and not will:
@@ -15132,9 +15144,11 @@ class Node:
         self.history.start()
         log.info("node %s started: %s", self.name,
                  ", ".join(f"{x['type']} {x['address']}:{x['port']}" for x in self.listeners()))
-        if self._config["allow_anonymous"] is None and self.mqtt.engine.anonymous_default:  # said once it runs
-            log.warning("allow_anonymous is not set and every MQTT listener is on loopback: "
-                        "clients may connect without credentials (set allow_anonymous = off to refuse them)")
+        if self._config["allow_anonymous"] is None and self.mqtt.engine.lets_in_unasked(None, self._config):
+            # said once it runs: a start that fails would speak of a node that never ran
+            log.warning("allow_anonymous is not set, every MQTT listener is on loopback and no authentication "
+                        "plugin is configured: clients may connect without credentials (set allow_anonymous = off "
+                        "to refuse them; a password file or an auth_on_register hook is asked once configured)")
         return self
 
     def _check_descriptors(self) -> None:
