@@ -3170,6 +3170,24 @@ def _mfa(fn: Callable[..., Any]) -> str:
     return f"{getattr(fn, '__module__', '?')}:{getattr(fn, '__qualname__', repr(fn))}/{arity}"
 
 
+def auth_plugin_configured(hooks: Any, config: Config) -> bool:
+    """Whether an authentication plugin is asked at CONNECT: an auth_on_register hook (a Python one, or
+    a webhook on auth_on_register or auth_on_register_m5), or vmq_passwd with a password file."""
+    return bool(hooks.auth_on_register) or bool(hooks.builtin["vmq_passwd"] and config["vmq_passwd.password_file"])
+
+
+def anonymous_allowed(config: Config, loopback_only: bool, hooks: Any) -> bool:
+    """Whether allow_anonymous lets clients in before any auth plugin is asked (VerneMQ's meaning, when set).
+
+    Unset, it is on only while every MQTT listener is on loopback and no authentication plugin is
+    configured: a plugin the operator configured is always asked (README, "Security").
+    """
+    anonymous = config["allow_anonymous"]
+    if anonymous is None:
+        return loopback_only and not auth_plugin_configured(hooks, config)
+    return anonymous
+
+
 def run_auth_hooks(hooks: tuple[Callable[..., Any], ...], *args: Any) -> Any:
     """Ask hooks in order; return the first answer that is not ``next`` (None when all said next).
 
@@ -4514,24 +4532,10 @@ class Sessions(Delivery):
             raise ProtocolError(f"AUTH reason code {p.reason_code:#x} out of turn")
         self.auth_step(client, props.get("authentication_data"))
 
-    def auth_configured(self, config: Config) -> bool:
-        """Whether an authentication plugin would be asked: an auth_on_register hook (a Python one, or a
-        webhook on auth_on_register or auth_on_register_m5), or vmq_passwd with a password file."""
-        return bool(self.hooks.auth_on_register) or \
-            bool(self.hooks.builtin["vmq_passwd"] and config["vmq_passwd.password_file"])
-
     def lets_in_unasked(self, listener: Any, config: Config) -> bool:
-        """Whether a client of ``listener`` is let in without asking the auth plugins (VerneMQ's allow_anonymous).
-
-        Unset, allow_anonymous is on only while every MQTT listener is on loopback and no
-        authentication plugin is configured: a plugin the operator configured is asked.
-        """
-        if getattr(listener, "allow_anonymous_override", False):
-            return True
-        anonymous = config["allow_anonymous"]
-        if anonymous is None:
-            return self.anonymous_default and not self.auth_configured(config)
-        return anonymous
+        """Whether a client of ``listener`` is let in without asking the auth plugins."""
+        return getattr(listener, "allow_anonymous_override", False) or \
+            anonymous_allowed(config, self.anonymous_default, self.hooks)
 
     def authenticate(self, client: Connection, p: Connect, client_id: str, config: Config) -> int:
         """Return 0 to accept, or CONNACK 4 (bad credentials) / 5 (not authorized)."""
