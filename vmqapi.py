@@ -15142,17 +15142,18 @@ class Node:
             self._stop_mqtt()
             raise ConfigError(f"cannot start listener.{kind}.{name} on {render_value(address)}: "
                               f"{exc.strerror or exc}") from None
+        log.info("node %s started: %s", self.name,
+                 ", ".join(f"{x['type']} {x['address']}:{x['port']}" for x in self.listeners()))
+        if self._config["allow_anonymous"] is None and self.mqtt.engine.lets_in_unasked(None, self._config):
+            # said once the listeners are bound (a start that fails would speak of a node that never ran), and
+            # before node.json appears, so whoever waits for that file has been told
+            log.warning("allow_anonymous is not set, every MQTT listener is on loopback and no authentication "
+                        "plugin is configured: clients may connect without credentials (set allow_anonymous = off "
+                        "to refuse them; a password file or an auth_on_register hook is asked once configured)")
         self._write_node_file()
         self._running = True
         self._stopped.clear()
         self.history.start()
-        log.info("node %s started: %s", self.name,
-                 ", ".join(f"{x['type']} {x['address']}:{x['port']}" for x in self.listeners()))
-        if self._config["allow_anonymous"] is None and self.mqtt.engine.lets_in_unasked(None, self._config):
-            # said once it runs: a start that fails would speak of a node that never ran
-            log.warning("allow_anonymous is not set, every MQTT listener is on loopback and no authentication "
-                        "plugin is configured: clients may connect without credentials (set allow_anonymous = off "
-                        "to refuse them; a password file or an auth_on_register hook is asked once configured)")
         return self
 
     def _check_descriptors(self) -> None:
