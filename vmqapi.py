@@ -829,7 +829,8 @@ SETTINGS: tuple[Setting, ...] = (
        "Longest HTTP header value, in bytes (at most 65000); longer ones get 431."),
     # README, "The command catalogue": the keys set/show/describe work on at run time.
     _S("allow_anonymous", parse_flag, None,
-       "Let clients connect without credentials. Unset: on while every MQTT listener is on loopback.",
+       "Let clients connect without credentials. Unset: on while every MQTT listener is on loopback "
+       "and no authentication plugin (auth_on_register hook, vmq_passwd.password_file) is configured.",
        True),
     _S("allow_register_during_netsplit", parse_flag, False, "Accept CONNECTs during a netsplit.", True),
     _S("allow_publish_during_netsplit", parse_flag, False, "Accept PUBLISHes during a netsplit.", True),
@@ -3177,6 +3178,24 @@ def _mfa(fn: Callable[..., Any]) -> str:
     return f"{getattr(fn, '__module__', '?')}:{getattr(fn, '__qualname__', repr(fn))}/{arity}"
 
 
+def auth_plugin_configured(hooks: Any, config: Config) -> bool:
+    """Whether an authentication plugin is asked at CONNECT: an auth_on_register hook (a Python one, or
+    a webhook on auth_on_register or auth_on_register_m5), or vmq_passwd with a password file."""
+    return bool(hooks.auth_on_register) or bool(hooks.builtin["vmq_passwd"] and config["vmq_passwd.password_file"])
+
+
+def anonymous_allowed(config: Config, loopback_only: bool, hooks: Any) -> bool:
+    """Whether allow_anonymous lets clients in before any auth plugin is asked (VerneMQ's meaning, when set).
+
+    Unset, it is on only while every MQTT listener is on loopback and no authentication plugin is
+    configured: a plugin the operator configured is always asked (README, "Security").
+    """
+    anonymous = config["allow_anonymous"]
+    if anonymous is None:
+        return loopback_only and not auth_plugin_configured(hooks, config)
+    return anonymous
+
+
 def run_auth_hooks(hooks: tuple[Callable[..., Any], ...], *args: Any) -> Any:
     """Ask hooks in order; return the first answer that is not ``next`` (None when all said next).
 
@@ -4521,12 +4540,14 @@ class Sessions(Delivery):
             raise ProtocolError(f"AUTH reason code {p.reason_code:#x} out of turn")
         self.auth_step(client, props.get("authentication_data"))
 
+    def lets_in_unasked(self, listener: Any, config: Config) -> bool:
+        """Whether a client of ``listener`` is let in without asking the auth plugins."""
+        return getattr(listener, "allow_anonymous_override", False) or \
+            anonymous_allowed(config, self.anonymous_default, self.hooks)
+
     def authenticate(self, client: Connection, p: Connect, client_id: str, config: Config) -> int:
         """Return 0 to accept, or CONNACK 4 (bad credentials) / 5 (not authorized)."""
-        anonymous = config["allow_anonymous"]
-        if anonymous is None:
-            anonymous = self.anonymous_default
-        if anonymous or getattr(client.listener, "allow_anonymous_override", False):
+        if self.lets_in_unasked(client.listener, config):
             return 0  # VerneMQ: allow_anonymous skips the auth plugins
         answer = run_auth_hooks(self.hooks.auth_on_register, client.peer, (client.listener.mountpoint, client_id),
                                 p.username, p.password, p.clean_session)
@@ -13346,7 +13367,7 @@ class Webhooks:
         """An HTTP publish (vmq_http_pub): ask auth_on_register and auth_on_publish here, in the HTTP thread
         (which may wait), then publish in the broker's loop with the answers."""
         sid, calls = (mountpoint, client_id), []
-        if self._asks("auth_on_register") and not self._anonymous():
+        if self._asks("auth_on_register") and not self.io.engine.lets_in_unasked(None, self.settings()):
             calls.append(("auth_on_register", "auth_on_register", webhook_args(
                 "auth_on_register", (peer, sid, user, password if user is not None else None, True))))
         if self._asks("auth_on_publish"):
@@ -13361,11 +13382,6 @@ class Webhooks:
         """Whether the engine will call our function for hook ``name`` (registered, and not plugin disable'd)."""
         fn = self._functions.get(name)
         return fn is not None and fn in getattr(self.hooks, name)
-
-    def _anonymous(self) -> bool:
-        """Whether allow_anonymous lets clients in without asking auth_on_register (as the engine decides)."""
-        anonymous = self.settings()["allow_anonymous"]
-        return self.io.engine.anonymous_default if anonymous is None else anonymous
 
     # -- what each packet will ask (VerneMQ calls the _m5 hooks for MQTT 5 clients) -------
     def _subscribe_calls(self, client: Any, p: Subscribe) -> list:
@@ -13385,7 +13401,7 @@ class Webhooks:
                 or p.proto_level not in listener.allowed_versions or "authentication_method" in dict(p.properties):
             return []  # refused, or enhanced authentication: the engine asks no auth hook
         user = client.identity if listener.use_identity_as_username else p.username
-        register = self._asks("auth_on_register") and not (self._anonymous() or listener.allow_anonymous_override
+        register = self._asks("auth_on_register") and not (self.io.engine.lets_in_unasked(listener, self.settings())
                                                             or listener.use_identity_as_username)
         will = self._asks("auth_on_publish") and p.will_topic is not None
         if not register and not will:
@@ -15237,15 +15253,18 @@ class Node:
             self._stop_mqtt()
             raise ConfigError(f"cannot start listener.{kind}.{name} on {render_value(address)}: "
                               f"{exc.strerror or exc}") from None
+        log.info("node %s started: %s", self.name,
+                 ", ".join(f"{x['type']} {x['address']}:{x['port']}" for x in self.listeners()))
+        if self._config["allow_anonymous"] is None and self.mqtt.engine.lets_in_unasked(None, self._config):
+            # said once the listeners are bound (a start that fails would speak of a node that never ran), and
+            # before node.json appears, so whoever waits for that file has been told
+            log.warning("allow_anonymous is not set, every MQTT listener is on loopback and no authentication "
+                        "plugin is configured: clients may connect without credentials (set allow_anonymous = off "
+                        "to refuse them; a password file or an auth_on_register hook is asked once configured)")
         self._write_node_file()
         self._running = True
         self._stopped.clear()
         self.history.start()
-        log.info("node %s started: %s", self.name,
-                 ", ".join(f"{x['type']} {x['address']}:{x['port']}" for x in self.listeners()))
-        if self._config["allow_anonymous"] is None and self.mqtt.engine.anonymous_default:  # said once it runs
-            log.warning("allow_anonymous is not set and every MQTT listener is on loopback: "
-                        "clients may connect without credentials (set allow_anonymous = off to refuse them)")
         return self
 
     def _check_descriptors(self) -> None:

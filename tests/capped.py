@@ -69,14 +69,15 @@ class CappedNode:
 
 
 @contextlib.contextmanager
-def capped_node(data_dir, *settings, cap=CAP, nofile=None, umask=None, env=None, timeout=30):
+def capped_node(data_dir, *settings, cap=CAP, nofile=None, umask=None, env=None, timeout=30, args=()):
     """Start ``python vmqapi.py`` on port 0 with ``--set`` items; kill it (by its pid) at the end.
 
-    ``cap`` (None: none) bounds its address space; the node itself creates ``data_dir``.
+    ``cap`` (None: none) bounds its address space; the node itself creates ``data_dir``;
+    ``args`` go before the ``--set`` items (``("--config", path)``: those override the file).
     """
     os.makedirs(os.path.dirname(os.path.abspath(str(data_dir))), exist_ok=True)
     log_path = os.path.join(os.path.dirname(str(data_dir)), os.path.basename(str(data_dir)) + ".log")
-    cmd = [sys.executable, os.path.join(ROOT, "vmqapi.py"), "--data-dir", str(data_dir),
+    cmd = [sys.executable, os.path.join(ROOT, "vmqapi.py"), "--data-dir", str(data_dir), *args,
            "--set", "listener.http.default=127.0.0.1:0", "--set", "listener.tcp.default=127.0.0.1:0",
            "--set", "listener.vmq.clustering=127.0.0.1:0"]
     for item in settings:

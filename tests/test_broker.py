@@ -177,6 +177,38 @@ def test_passwords_and_anonymous(make_node, tmp_path):
         c.close()
 
 
+def test_a_password_file_is_asked_on_a_loopback_node_with_allow_anonymous_unset(make_node, tmp_path):
+    """Unset, allow_anonymous lets clients in unasked only while no authentication plugin is configured."""
+    passwd = tmp_path / "vmq.passwd"
+    passwd.write_text("joe:" + vmqapi.hash_password("secret") + "\n")
+    passwd.chmod(0o600)
+    node = make_node(**{"vmq_passwd.password_file": str(passwd)})  # every listener on 127.0.0.1
+    assert node.config["allow_anonymous"] is None
+    port = mqtt_port(node)
+    for version in (4, 5):
+        bad, unknown = (4, 5) if version == 4 else (0x86, 0x87)  # MQTT 5: Bad user name or password, Not authorized
+        for kwargs, code in [({}, unknown), ({"username": "joe", "password": b"wrong"}, bad),
+                             ({"username": "joe", "password": b"secret"}, 0)]:
+            c = MqttClient(port, version=version)
+            try:
+                assert c.connect("c", **kwargs).return_code == code, (version, kwargs)
+            finally:
+                c.close()
+
+
+def test_allow_anonymous_on_still_lets_clients_in_before_the_password_file(make_node, tmp_path):
+    """VerneMQ's meaning of an explicit allow_anonymous = on: anonymous clients in, no plugin asked."""
+    passwd = tmp_path / "vmq.passwd"
+    passwd.write_text("joe:" + vmqapi.hash_password("secret") + "\n")
+    passwd.chmod(0o600)
+    node = make_node(allow_anonymous="on", **{"vmq_passwd.password_file": str(passwd)})
+    c = MqttClient(mqtt_port(node))
+    try:
+        assert c.connect("c").return_code == 0
+    finally:
+        c.close()
+
+
 def test_acl(make_node, tmp_path):
     acl = tmp_path / "vmq.acl"
     acl.write_text("# everyone\ntopic read public/#\nuser alice\ntopic alice/#\npattern write users/%c/out\n")

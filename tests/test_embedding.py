@@ -111,6 +111,31 @@ def test_auth_on_register_and_a_failing_hook(make_node):
         ok.close(), refused.close()
 
 
+def test_an_auth_on_register_hook_is_asked_on_a_loopback_node_with_allow_anonymous_unset(make_node):
+    """A registered hook is asked; disabled, the loopback node lets clients in without credentials again."""
+    node = make_node()  # every listener on 127.0.0.1, allow_anonymous unset
+    node.hooks.register("auth_on_register", lambda peer, sid, user, password, clean: user == "robot",
+                        plugin="robots")
+    key = node.keystore.create()
+    http = Client(node)
+    try:
+        for version in (4, 5):
+            ok, refused = MqttClient(mqtt_port(node), version=version), MqttClient(mqtt_port(node), version=version)
+            try:
+                assert ok.connect("r", username="robot", password=b"").return_code == 0
+                assert refused.connect("h").return_code == (5 if version == 4 else 0x87)
+            finally:
+                ok.close(), refused.close()
+        http.get("/api/v1/plugin/disable?--name=robots", key=key)
+        anonymous = MqttClient(mqtt_port(node))
+        try:
+            assert anonymous.connect("h").return_code == 0
+        finally:
+            anonymous.close()
+    finally:
+        http.close()
+
+
 def test_disabling_vmq_passwd_turns_its_checks_off(make_node, tmp_path):
     passwd = tmp_path / "pw"
     passwd.write_text("alice:" + vmqapi.hash_password("pw") + "\n")

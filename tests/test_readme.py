@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import re
 import shlex
+import socket
+import subprocess
+import sys
+import time
 import urllib.error
 import urllib.request
 
 from conftest import ROOT
+from mqtt_client import MqttClient
 
 README = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
 LIVE_COUNTS = ("active_conns", "all_conns")
@@ -126,3 +132,55 @@ def test_the_readme_prints_the_quick_run_and_how_long_each_run_takes():
     assert re.search(r"^    quick: ", open(os.path.join(ROOT, "tox.ini"), encoding="utf-8").read(), re.M)
     assert len(re.findall(r"about \d+ (?:s|minutes?) on two cores", " ".join(start.split()))) >= 2, "how long"
     assert "test_codec.py" in QUICK and "QUICK" in README
+
+
+def webhooks_example():
+    """Return the README's hooks.py and vernemq.conf of "Webhooks", as printed."""
+    section = README.split("\n## Webhooks\n", 1)[1].split("\n## ", 1)[0]
+    hooks = re.search(r"An example: `hooks.py`.*?```python\n(.*?)```", section, re.S).group(1)
+    conf = re.search(r"and in `vernemq.conf`.*?```\n(.*?)```", section, re.S).group(1)
+    return hooks, conf
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_listening(port, proc, timeout=10):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, "hooks.py exited"
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"nothing listens on {port}")
+
+
+def test_the_webhooks_example_works_as_printed(tmp_path):
+    """hooks.py and vernemq.conf, word for word on a loopback node with allow_anonymous unset: only joe/secret
+    comes in, over MQTT 3.1.1 and MQTT 5."""
+    from capped import capped_node, child_setup
+    hooks, conf = webhooks_example()
+    assert "allow_anonymous" not in conf and hooks.count("8080") == 1 and conf.count("8080") >= 1
+    port = str(free_port())
+    (tmp_path / "hooks.py").write_text(hooks.replace("8080", port))
+    (tmp_path / "vernemq.conf").write_text(conf.replace("8080", port))
+    endpoint = subprocess.Popen([sys.executable, str(tmp_path / "hooks.py")], cwd=str(tmp_path),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=child_setup())
+    try:
+        wait_listening(int(port), endpoint)
+        with capped_node(tmp_path / "data", args=("--config", str(tmp_path / "vernemq.conf"))) as node:
+            for version, refused in ((4, 5), (5, 0x87)):  # MQTT 5: 0x87 Not authorized
+                for kwargs, code in (({}, refused), ({"username": "joe", "password": b"wrong"}, refused),
+                                     ({"username": "joe", "password": b"secret"}, 0)):
+                    c = MqttClient(node.port("mqtt"), version=version)
+                    try:
+                        assert c.connect("c", **kwargs).return_code == code, (version, kwargs)
+                    finally:
+                        c.close()
+            assert "allow_anonymous is not set" not in node.log(), "the warning speaks of a node that asks hooks.py"
+    finally:
+        endpoint.kill()
+        endpoint.wait(10)
