@@ -15604,21 +15604,21 @@ def run_node(config: Config) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     sys.setswitchinterval(GIL_SWITCH_INTERVAL)
     # From here on Ctrl-C and SIGTERM only ask for a stop: a node half started is stopped in order.
-    interrupted = threading.Event()
+    asked: list[int] = []  # the signals that asked
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: interrupted.set())
+        signal.signal(sig, lambda signum, _: asked.append(signum))
     node = Node(config)
     try:
         node.start()
     except VmqError as exc:
         print(f"vmqapi: {exc.text}", file=sys.stderr)
         return exc.exit_code
-    if interrupted.is_set():  # stopped before it served: the shell's code for Ctrl-C, as before the imports
+    if asked:  # stopped before it served: 128 + the signal, as a shell shows it (INTERRUPTED_EXIT for Ctrl-C)
         node.stop()
-        return INTERRUPTED_EXIT
+        return 128 + asked[0]
     for x in node.listeners():
         print(f"{node.name} {x['type']} listener on {x['address']}:{x['port']}", flush=True)
-    while not interrupted.is_set() and not node.wait(0.2):
+    while not asked and not node.wait(0.2):
         pass
     node.stop()
     return 0
