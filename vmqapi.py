@@ -113,19 +113,23 @@ def _show_script_in_cmdline() -> None:
 
     The kernel reads /proc/<pid>/cmdline from the process's own argument area; the stub's
     argv is longer than the one it stands for, so the script's fits there, padded with NULs.
-    The area is written only where it holds exactly what /proc/self/cmdline says it holds.
+    The area is written (through /proc/self/mem: no ctypes, which costs 0.4 MB of RSS) only
+    where it holds exactly what /proc/self/cmdline says it holds.
     """
-    import ctypes
     with open("/proc/self/stat", "rb") as fh:
         fields = fh.read().rpartition(b")")[2].split()
     with open("/proc/self/cmdline", "rb") as fh:
         old = fh.read()
     start, end = int(fields[45]), int(fields[46])  # arg_start and arg_end, fields 48 and 49 of proc(5)
     stub = sys.orig_argv.index("-c")
-    shown = [*sys.orig_argv[:stub], *sys.orig_argv[stub + 2:]]
-    new = b"".join(os.fsencode(arg) + b"\0" for arg in shown)
-    if start and end - start == len(old) >= len(new) and ctypes.string_at(start, len(old)) == old:
-        ctypes.memmove(start, new.ljust(len(old), b"\0"), len(old))
+    new = b"".join(os.fsencode(arg) + b"\0" for arg in [*sys.orig_argv[:stub], *sys.orig_argv[stub + 2:]])
+    if not start or end - start != len(old) or len(new) > len(old):
+        return
+    with open("/proc/self/mem", "r+b", buffering=0) as mem:
+        mem.seek(start)
+        if mem.read(len(old)) == old:
+            mem.seek(start)
+            mem.write(new.ljust(len(old), b"\0"))
 
 
 def _settle_as_script() -> None:
