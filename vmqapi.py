@@ -121,7 +121,7 @@ def _show_script_in_cmdline() -> None:
     with open("/proc/self/cmdline", "rb") as fh:
         old = fh.read()
     start, end = int(fields[45]), int(fields[46])  # arg_start and arg_end, fields 48 and 49 of proc(5)
-    stub = sys.orig_argv.index("-c")
+    stub = sys.orig_argv.index(_FROM_BYTECODE) - 1  # "-c" and the stub go
     new = b"".join(os.fsencode(arg) + b"\0" for arg in [*sys.orig_argv[:stub], *sys.orig_argv[stub + 2:]])
     if not start or end - start != len(old) or len(new) > len(old):
         return
@@ -136,7 +136,7 @@ def _settle_as_script() -> None:
     """Hand over to the cached bytecode, or, handed over, tidy up after the hand-over."""
     if __spec__ is None and globals().get("__file__", "").endswith(".py"):
         _start_from_bytecode()
-    elif __spec__ is not None and __spec__.name == "__main__" and "-c" in sys.orig_argv:
+    elif __spec__ is not None and __spec__.name == "__main__" and _FROM_BYTECODE in sys.orig_argv:
         if sys.platform.startswith("linux"):
             try:
                 _show_script_in_cmdline()
