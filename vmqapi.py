@@ -72,20 +72,32 @@ import sys
 # rest of this file runs, to a fresh interpreter in the same process (os.execv keeps the
 # pid, the arguments, the descriptors and the exit code) that runs this very file from its
 # cached bytecode, as ``import vmqapi`` would. ``__spec__`` is None only in the script.
-_FROM_BYTECODE = ("import importlib.util as u,os,sys;sys.argv.pop(0);p=sys.argv[0]\n"
-                  "if sys.path and sys.path[0]=='':sys.path[0]=os.path.dirname(os.path.abspath(p))\n"
-                  "s=u.spec_from_file_location('__main__',p);m=u.module_from_spec(s);"
-                  "sys.modules['__main__']=m;s.loader.exec_module(m)")
+# SIGINT stays blocked through the exec (the new interpreter keeps the mask and a pending
+# signal) until the stub below can turn Ctrl-C into exit 130, as a shell reports a command
+# that SIGINT stopped: no traceback however early the user gives up.
+_FROM_BYTECODE = ("import signal,sys\n"
+                  "try:\n"
+                  " signal.pthread_sigmask(signal.SIG_UNBLOCK,{signal.SIGINT})\n"
+                  " import importlib.util as u,os;sys.argv.pop(0);p=sys.argv[0]\n"
+                  " if sys.path and sys.path[0]=='':sys.path[0]=os.path.dirname(os.path.abspath(p))\n"
+                  " s=u.spec_from_file_location('__main__',p);m=u.module_from_spec(s);"
+                  "sys.modules['__main__']=m;s.loader.exec_module(m)\n"
+                  "except KeyboardInterrupt:\n"
+                  " sys.exit(130)\n")
+INTERRUPTED_EXIT = 130  # 128 + SIGINT: what a shell shows for a command Ctrl-C stopped before it served
 
 
 def _start_from_bytecode() -> None:
     """Run this script again, in this process, from its cached bytecode (written on first use)."""
+    import signal
     options = sys.orig_argv[1:len(sys.orig_argv) - len(sys.argv)]
+    # pthread_sigmask raises a KeyboardInterrupt that came before the block: no exec then.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
         os.execv(sys.executable, [sys.executable, *options, "-c", _FROM_BYTECODE, os.path.abspath(__file__),
                                   *sys.argv[1:]])
     except OSError:
-        pass  # run on from the source, as Python started it
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # run on from the source, as Python started it
 
 
 def _free_compiler_memory() -> None:
@@ -96,14 +108,51 @@ def _free_compiler_memory() -> None:
         trim(0)
 
 
-if __name__ == "__main__" and os.name == "posix" and sys.executable:
+def _show_script_in_cmdline() -> None:
+    """Make ``ps`` show ``python .../vmqapi.py ARGS`` again instead of the stub's ``python -c ...`` (Linux).
+
+    The kernel reads /proc/<pid>/cmdline from the process's own argument area; the stub's
+    argv is longer than the one it stands for, so the script's fits there, padded with NULs.
+    The area is written (through /proc/self/mem: no ctypes, which costs 0.4 MB of RSS) only
+    where it holds exactly what /proc/self/cmdline says it holds.
+    """
+    with open("/proc/self/stat", "rb") as fh:
+        fields = fh.read().rpartition(b")")[2].split()
+    with open("/proc/self/cmdline", "rb") as fh:
+        old = fh.read()
+    start, end = int(fields[45]), int(fields[46])  # arg_start and arg_end, fields 48 and 49 of proc(5)
+    stub = sys.orig_argv.index(_FROM_BYTECODE) - 1  # "-c" and the stub go
+    new = b"".join(os.fsencode(arg) + b"\0" for arg in [*sys.orig_argv[:stub], *sys.orig_argv[stub + 2:]])
+    if not start or end - start != len(old) or len(new) > len(old):
+        return
+    with open("/proc/self/mem", "r+b", buffering=0) as mem:
+        mem.seek(start)
+        if mem.read(len(old)) == old:
+            mem.seek(start)
+            mem.write(new.ljust(len(old), b"\0"))
+
+
+def _settle_as_script() -> None:
+    """Hand over to the cached bytecode, or, handed over, tidy up after the hand-over."""
     if __spec__ is None and globals().get("__file__", "").endswith(".py"):
         _start_from_bytecode()
-    elif __spec__ is not None and __spec__.name == "__main__" and not os.path.exists(__spec__.cached or ""):
+    elif __spec__ is not None and __spec__.name == "__main__" and _FROM_BYTECODE in sys.orig_argv:
+        if sys.platform.startswith("linux"):
+            try:
+                _show_script_in_cmdline()
+            except (OSError, ValueError, IndexError):  # no /proc, an odd stat line: ps shows the stub
+                pass
         # Handed over, but no .pyc can be kept (PYTHONDONTWRITEBYTECODE, a read-only folder), so
         # the loader compiled this file; that compiler's memory is free by now.
-        if sys.platform.startswith("linux"):
+        if sys.platform.startswith("linux") and not os.path.exists(__spec__.cached or ""):
             _free_compiler_memory()
+
+
+if __name__ == "__main__" and os.name == "posix" and sys.executable:
+    try:
+        _settle_as_script()
+    except KeyboardInterrupt:  # Ctrl-C before the hand-over: nothing has started
+        sys.exit(INTERRUPTED_EXIT)
 
 import argparse
 import asyncio
@@ -15688,18 +15737,22 @@ def run_node(config: Config) -> int:
     logging.basicConfig(level=config["log.console.level"].upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     sys.setswitchinterval(GIL_SWITCH_INTERVAL)
+    # From here on Ctrl-C and SIGTERM only ask for a stop: a node half started is stopped in order.
+    asked: list[int] = []  # the signals that asked
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, _: asked.append(signum))
     node = Node(config)
     try:
         node.start()
     except VmqError as exc:
         print(f"vmqapi: {exc.text}", file=sys.stderr)
         return exc.exit_code
+    if asked:  # stopped before it served: 128 + the signal, as a shell shows it (INTERRUPTED_EXIT for Ctrl-C)
+        node.stop()
+        return 128 + asked[0]
     for x in node.listeners():
         print(f"{node.name} {x['type']} listener on {x['address']}:{x['port']}", flush=True)
-    interrupted = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: interrupted.set())
-    while not interrupted.is_set() and not node.wait(0.2):
+    while not asked and not node.wait(0.2):
         pass
     node.stop()
     return 0

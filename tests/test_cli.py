@@ -318,6 +318,111 @@ def test_script_start_keeps_exit_codes_and_stdin(tmp_path):
     assert flags.returncode == 0 and "session show" in flags.stdout
 
 
+# -- Ctrl-C at any moment, and the name ps shows -----------------------------------------
+
+SIGINT_DELAYS = (0, 0.005, 0.02, 0.05, 0.1, 0.2, 0.5, "ready")  # s after the script's first lines run
+
+
+def script_copy(tmp_path, cached):
+    """A copy of vmqapi.py (its bytecode cached beside it, or none can be kept) and the env to start it with."""
+    import py_compile
+    from importlib.util import cache_from_source
+    folder = tmp_path / "app"
+    folder.mkdir()
+    script = folder / "vmqapi.py"
+    script.write_bytes(Path(ROOT, "vmqapi.py").read_bytes())
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    if cached:
+        py_compile.compile(str(script), cfile=cache_from_source(str(script)), doraise=True)
+    else:
+        env["PYTHONDONTWRITEBYTECODE"] = "1"  # the new interpreter compiles the file again, as the user saw
+    return script, env
+
+
+def start_script(script, data_dir, env):
+    from capped import child_setup
+    cmd = [sys.executable, str(script), "--data-dir", str(data_dir), "--set", "listener.http.default=127.0.0.1:0",
+           "--set", "listener.tcp.default=127.0.0.1:0", "--set", "listener.vmq.clustering=127.0.0.1:0"]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=child_setup())  # SIGINT as a terminal delivers it, not the runner's
+
+
+def wait_until_serving(proc, data_dir):
+    """Wait for node.json and then for the first line the node prints once it serves."""
+    import select
+    wait_for_node_file(data_dir, proc)
+    assert select.select([proc.stdout], [], [], 20)[0], "no listener line"
+    line = proc.stdout.readline()
+    assert " listener on " in line, line
+    return line
+
+
+def past_the_first_lines(pid):
+    """Whether the script has run its first lines: SIGINT blocked for the exec, or the new interpreter's argv.
+
+    Before them Python itself starts and compiles the 15,000-line file: a Ctrl-C then is
+    Python's to report, beyond the reach of anything the file says.
+    """
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            blocked = next(int(line.split()[1], 16) for line in fh if line.startswith("SigBlk:"))
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            cmdline = fh.read()
+    except (OSError, StopIteration):
+        return True  # gone already: its output says why
+    return bool(blocked & 1 << (signal.SIGINT - 1)) or b"\0-c\0" in cmdline or cmdline.endswith(b"\0\0")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs /proc")
+@pytest.mark.parametrize("cached", [True, False], ids=["bytecode", "source"])
+@pytest.mark.parametrize("delay", SIGINT_DELAYS)
+def test_ctrl_c_at_any_moment_of_start_up_run_and_stop_leaves_no_traceback(tmp_path, cached, delay):
+    # The hand-over's stub and the imports after it used to end in a KeyboardInterrupt traceback
+    # (in source_to_code, in import asyncio) and exit -2. Now: 130 if the node had not started
+    # serving (the shell's code for a command Ctrl-C stopped), 0 once it had (a clean stop).
+    script, env = script_copy(tmp_path, cached)
+    data_dir = tmp_path / "data"
+    proc = start_script(script, data_dir, env)
+    try:
+        deadline = time.monotonic() + 20
+        while not past_the_first_lines(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.0005)
+        first = wait_until_serving(proc, data_dir) if delay == "ready" else ""
+        time.sleep(0 if first else delay)
+        proc.send_signal(signal.SIGINT)
+        if first:  # and once more while it stops
+            time.sleep(0.02)
+            proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+        out = first + out
+    finally:
+        stop_process(proc)
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    served = " listener on " in out
+    assert proc.returncode == (0 if served else 130), (proc.returncode, out, err)
+    assert served or delay != "ready"
+    assert not (data_dir / vmqapi.NODE_FILE).exists()
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/cmdline"), reason="needs /proc")
+@pytest.mark.parametrize("cached", [True, False], ids=["bytecode", "source"])
+def test_ps_shows_the_node_as_the_script_it_was_started_as(tmp_path, cached):
+    # After the hand-over ps showed "python -c import importlib.util as u,..." first.
+    script, env = script_copy(tmp_path, cached)
+    data_dir = tmp_path / "data"
+    proc = start_script(script, data_dir, env)
+    try:
+        wait_until_serving(proc, data_dir)
+        with open(f"/proc/{proc.pid}/cmdline", "rb") as fh:
+            shown = [os.fsdecode(arg) for arg in fh.read().rstrip(b"\0").split(b"\0")]
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=20)
+    finally:
+        stop_process(proc)
+    assert shown == [sys.executable, str(script), *proc.args[2:]]
+    assert proc.returncode == 0
+
+
 # -- what a newcomer trips on ------------------------------------------------------------
 
 def test_vmq_admin_console_script_help_lists_the_commands(tmp_path):
