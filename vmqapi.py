@@ -6480,6 +6480,8 @@ class SqliteStore(MemoryStore):
         self._promised = False  # the open transaction holds messages a QoS 1/2 publisher may hear were kept
         self._lost = False  # a transaction that failed since the last commit held such messages
         self._next_row = self._last_row()
+        self._kept_rows: list[tuple] = []  # kept frames of this batch, written at its commit
+        self._next_kept = self.db.execute("SELECT MAX(id) FROM kept").fetchone()[0] or 0
 
     def _check(self) -> None:
         """Refuse a damaged file before anything writes to it."""
@@ -6642,21 +6644,28 @@ class SqliteStore(MemoryStore):
 
     # -- kept frames for other nodes, and what this node has of theirs (section 12, Outbox and Inbox) --
     def add_kept(self, peer: str, epoch: int, seq: int, kind: int, body: bytes) -> int:
-        """Keep a frame for ``peer`` until it acknowledges it; return its row (0: it could not be stored)."""
+        """Keep a frame for ``peer`` until it acknowledges it; return its row.
+
+        The rows of a batch are written together when it commits (one statement for all of them).
+        """
+        self._next_kept += 1
+        self._kept_rows.append((self._next_kept, peer, epoch, seq, kind, body))
+        self._dirty = self._promised = True  # a publisher hears its message was kept once this commits
+        return self._next_kept
+
+    def _write_kept(self) -> None:
+        rows, self._kept_rows = self._kept_rows, []
         try:
-            self._dirty = True
-            row = self.db.execute("INSERT INTO kept (peer, epoch, seq, kind, body) VALUES (?, ?, ?, ?, ?)",
-                                  (peer, epoch, seq, kind, body)).lastrowid
+            self.db.executemany("INSERT INTO kept (id, peer, epoch, seq, kind, body) VALUES (?, ?, ?, ?, ?, ?)", rows)
         except sqlite3.Error as exc:
-            self._lost, self._promised = True, False  # its publisher's acknowledgement is in this batch
+            self._lost, self._promised = True, False  # their publishers' acknowledgements are in this batch
             self._failed(exc)
-            return 0
-        self._promised = True  # a publisher hears its message was kept once this commits
-        return row or 0
 
     def delete_kept(self, rows: Iterable[int]) -> None:
         """Forget kept frames a peer has acknowledged."""
         rows = [(row,) for row in rows if row]
+        if rows and self._kept_rows:
+            self._write_kept()  # an acknowledgement may come before the batch that kept them commits
         if rows:
             self._dirty = True
             try:
@@ -6709,6 +6718,8 @@ class SqliteStore(MemoryStore):
         Return False when this batch's changes are lost and held messages that may have been
         acknowledged (the caller must not send those acknowledgements).
         """
+        if self._kept_rows:
+            self._write_kept()
         if self._dirty:
             try:
                 self.db.commit()

@@ -358,3 +358,25 @@ def test_data_dir_and_files_are_private_whatever_the_umask(tmp_path, umask):
         assert {"messages.db", "messages.db-wal", "messages.db-shm", "node.json", "api_keys.json"} <= set(names)
         modes = {name: oct(os.stat(data / name).st_mode & 0o777) for name in names}
         assert all(mode == "0o600" for mode in modes.values()), modes
+
+
+def test_kept_frames_and_marks_survive_a_restart_in_order(tmp_path):
+    """What the cluster keeps for other nodes (section 21, KeptFrames) is written in the batch's commit."""
+    path = str(tmp_path / "messages.db")
+    store = vmqapi.SqliteStore(path)
+    rows = [store.add_kept("n2@host", 7, seq, vmqapi.KEPT_FORWARD, f"body{seq}".encode()) for seq in (1, 2, 3)]
+    store.put_mark("n3@host", 9, 41)
+    assert store.commit()
+    store.delete_kept(rows[:1])
+    store.add_kept("n3@host", 7, 1, vmqapi.KEPT_MIGRATE, b"moved")
+    store.put_mark("n3@host", 9, 42)
+    store.close()
+    store = vmqapi.SqliteStore(path)
+    try:
+        assert [(peer, epoch, seq, kind, body) for peer, epoch, seq, kind, body, _ in store.load_kept()] == [
+            ("n2@host", 7, 2, vmqapi.KEPT_FORWARD, b"body2"), ("n2@host", 7, 3, vmqapi.KEPT_FORWARD, b"body3"),
+            ("n3@host", 7, 1, vmqapi.KEPT_MIGRATE, b"moved")]
+        assert store.load_marks() == [("n3@host", 9, 42)]
+        assert store.add_kept("n2@host", 8, 1, vmqapi.KEPT_FORWARD, b"new") > max(r for *_, r in store.load_kept())
+    finally:
+        store.close()
