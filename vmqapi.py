@@ -4896,18 +4896,23 @@ class Peers(Sessions):
         self.put_ahead(session, lambda: self.deliver_matching(session, msg))
         return True
 
-    def full_for(self, mountpoint: str, msg: Message) -> bool:
-        """Whether a connected local subscriber of a forwarded QoS 1/2 message has no room in its queue now."""
+    def full_for(self, mountpoint: str, msg: Message) -> list[tuple[str, str]]:
+        """The local subscribers of a forwarded QoS 1/2 message whose queue has no room for it now (their keys).
+
+        Only each queue's own bounds count (max_online_*/max_offline_*), not the node-wide one.
+        """
         if not msg.qos:
-            return False
+            return []
         matches = self.router.cache.get((mountpoint, msg.topic)) or self.router.match(mountpoint, msg.topic)
-        size, limit, byte_limit = message_bytes(msg), self.max_online, self.max_online_bytes
-        for session in matches:  # its own bounds only: queues that never drain (offline ones) must not stop the rest
-            if type(session) is Session and session.client is not None and not session.waiting:
+        size, full = message_bytes(msg), []
+        for session in matches:
+            if type(session) is Session and not session.clean:
+                limit, byte_limit = (self.max_online, self.max_online_bytes) if session.client is not None else \
+                    (self.max_offline, self.max_offline_bytes)
                 queued = _queued(session)
                 if 0 <= limit <= queued or (queued and 0 <= byte_limit < session.queue_bytes + size):
-                    return True
-        return False
+                    full.append(session.key)
+        return full
 
     def forwards_to_full(self, mountpoint: str, topic: str) -> bool:
         """Whether a message on ``topic`` would go to a node with too much unacknowledged (``full_nodes``)."""
@@ -10539,7 +10544,8 @@ CLUSTER_DB = "cluster.db"  # the replicated state, kept so a restarted node know
 FRAME_META, FRAME_FORWARD, FRAME_CALL, FRAME_REPLY, FRAME_MIGRATE = 16, 17, 18, 19, 20
 FRAME_KEPT, FRAME_KEPT_ACK = 21, 22  # a frame kept until acknowledged, and its acknowledgement (section 12)
 KEPT_RESEND = 30.0  # s without an acknowledgement from an up peer after which everything kept goes to it again
-KEPT_PATIENCE = 5.0  # s a peer's kept frames wait for a connected subscriber's queue to have room
+KEPT_PATIENCE = 5.0  # s a peer's kept frames wait for a persistent subscriber's queue to have room
+KEPT_GIVEN_UP = 60.0  # s after that during which that subscriber's full queue holds nothing up
 MARKERS_MAX = 8  # markers one session still here may hold for the node it moves to (a cluster has 2-5 nodes)
 ADOPT_WAIT = 3.0  # s a session taken over from a running node holds its queue for the messages that node hands over
 MOVED_KEEP = 10.0  # s a node passes on what still arrives for a session it handed over (publishers' nodes
@@ -10925,6 +10931,7 @@ class SessionMoves:
         # session taken over here -> [its wait (Session.waiting), nodes whose marker is due, migrated, row stamp]
         self.awaiting: dict[tuple[str, str], list[Any]] = {}
         self.markers: dict[tuple[str, str], list[tuple[str, float]]] = {}  # sessions still here: markers that wait
+        self.given_up: dict[tuple[str, str], float] = {}  # full queues forwards do not wait for, until when
 
     # -- the old node -----------------------------------------------------
     def moved(self, key: str, owner: str, stamp: float) -> None:
@@ -11038,9 +11045,15 @@ class SessionMoves:
         if kind == KEPT_FORWARD:
             mountpoint, msg, plain, groups = decode_forward(body, engine.packet_limits.properties)
             check_publishable(msg.topic)
-            full = plain and engine.full_for(mountpoint, msg)
+            now = time.monotonic()
+            full = [key for key in engine.full_for(mountpoint, msg) if self.given_up.get(key, 0) < now] if plain \
+                else []
             if full and not force:
                 return "full"
+            for key in full:  # a queue that did not drain in KEPT_PATIENCE: its bound drops, as on one node
+                self.given_up[key] = now + KEPT_GIVEN_UP
+            if len(self.given_up) > MOVED_MAX:
+                self.given_up = {k: t for k, t in self.given_up.items() if t >= now}
             engine.deliver_forwarded(mountpoint, msg, plain, groups, time.time())
             for client_id, owner in self.handed.wanting(mountpoint, msg.topic) if plain else ():
                 if engine.session_summary(mountpoint, client_id) is None:  # not made here again meanwhile
@@ -11082,10 +11095,10 @@ class KeptFrames:
     ``limit()`` bytes unacknowledged for a peer, the engine refuses QoS 1/2 publishes for it
     (``full_nodes``). All in the loop thread.
 
-    ``use`` answers "used", "full" (a connected subscriber's queue has no room now: the frame
+    ``use`` answers "used", "full" (a persistent subscriber's queue has no room now: the frame
     and every later one from that peer wait, unacknowledged, and ``retry`` offers them again)
-    or "forced" (used although full, after KEPT_PATIENCE of waiting: the subscriber's own queue
-    bound drops it, as on one node, and the peer's frames flow again for everyone else).
+    or "forced" (used although full: it waited KEPT_PATIENCE, ``force``; the subscriber's own
+    queue bound drops it, as on one node, and SessionMoves stops waiting for that subscriber).
     """
 
     def __init__(self, io: MqttIO, limit: Callable[[], int], epoch: int,
@@ -11100,7 +11113,6 @@ class KeptFrames:
         # peer -> its frames (decoded) waiting for queue room or for the store to write again
         self.parked: dict[str, collections.deque[tuple[int, int, int, int, bytes]]] = {}
         self.parked_at: dict[str, float] = {}  # peer -> since when its first parked frame waits
-        self.forcing: set[str] = set()  # peers whose frames go in though full (they waited KEPT_PATIENCE)
 
     def load(self) -> None:
         """Bring back what the store keeps (before any link is up)."""
@@ -11141,7 +11153,6 @@ class KeptFrames:
         self.progress.pop(peer, None)
         self.parked.pop(peer, None)
         self.parked_at.pop(peer, None)
-        self.forcing.discard(peer)
 
     def pump(self, peer: str) -> None:
         """Write kept frames to an up peer while its link takes them (the rest as acknowledgements make room)."""
@@ -11186,16 +11197,16 @@ class KeptFrames:
                 self.parked_at[peer] = now
             return
         for peer, parked in list(self.parked.items()):
-            if now - self.parked_at[peer] >= KEPT_PATIENCE:
-                self.forcing.add(peer)
-            while parked and self._take(peer, parked[0]):
+            while parked and self._take(peer, parked[0], now - self.parked_at[peer] >= KEPT_PATIENCE):
                 parked.popleft()
                 self.parked_at[peer] = now
             if not parked:
                 del self.parked[peer], self.parked_at[peer]
 
-    def _take(self, peer: str, frame: tuple[int, int, int, int, bytes]) -> bool:
-        """Use, acknowledge or ignore one frame; False when it must wait for room (or for the store)."""
+    def _take(self, peer: str, frame: tuple[int, int, int, int, bytes], force: bool = False) -> bool:
+        """Use, acknowledge or ignore one frame; False when it must wait for room (or for the store).
+
+        ``force``: it has waited KEPT_PATIENCE: it goes in whatever its subscribers' queues say."""
         epoch, seq, floor, kind, body = frame
         verdict = self.inbox.take(peer, epoch, seq, floor)
         if verdict == "gap":
@@ -11204,7 +11215,7 @@ class KeptFrames:
             if self.io.store.error is not None:
                 return False  # what it brings could not be kept: it waits, unacknowledged
             try:
-                used = self.use(peer, kind, body, peer in self.forcing)
+                used = self.use(peer, kind, body, force)
             except (ClusterError, ValueError, TypeError) as exc:  # it alone is lost, not the frames after it
                 log.warning("cluster: a kept frame from %s could not be used (%s)", peer, exc)
                 used = "used"
@@ -11213,8 +11224,6 @@ class KeptFrames:
                 used = "used"
             if used == "full":
                 return False
-            if used == "used":
-                self.forcing.discard(peer)
             forgotten = self.inbox.mark(peer, epoch, seq)
             self.marks_due[peer, epoch] = seq
             if forgotten is not None:
