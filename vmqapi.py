@@ -11445,8 +11445,10 @@ class Cluster(ClusterAdmin):
         members = self.members()
         return [m for m in members if m != self.me] if self.me in members else []
 
-    def _put(self, kind: str, key: str, value: Any, renew: bool = False) -> None:
-        update = self.replica.put(kind, key, value, time.time(), renew)
+    def _put(self, kind: str, key: str, value: Any, renew: bool = False, quiet: bool = False) -> None:
+        # quiet: stamped just after this node's last write of the row, so that a claim another node made
+        # meanwhile (a takeover, stamped with its time) still wins over it
+        update = self.replica.put(kind, key, value, 0.0 if quiet else time.time(), renew)
         if update is not None:
             self._dirty[kind, key] = update
             self._outgoing.append(update)
@@ -11560,7 +11562,7 @@ class Cluster(ClusterAdmin):
             ours = isinstance(held, dict) and held.get("node") == self.me
             if summary is None:
                 if ours:
-                    self._put("session", key, None)
+                    self._put("session", key, None, quiet=True)  # a takeover elsewhere meanwhile still wins
                 continue
             row = {"node": self.me, "clean": bool(summary["clean"]), "online": bool(summary["online"]),
                    "subs": summary["subs"]}
@@ -11569,7 +11571,9 @@ class Cluster(ClusterAdmin):
             if initial and (isinstance(held, dict) and not ours
                             or ours and encode_term({**held, "online": row["online"]}) == encode_term(row)):
                 continue
-            self._put("session", key, row)
+            # A session coming online here, or new here, claims it; a change of one that is here already (its
+            # client gone, its subscriptions) must not win over a takeover another node stamped a moment ago.
+            self._put("session", key, row, quiet=ours and not (row["online"] and not held.get("online")))
 
     def _retained_changes(self) -> None:
         engine = self.engine
