@@ -7,6 +7,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import time
@@ -501,9 +502,13 @@ def test_a_node_removed_while_down_joins_again_at_once(tmp_path, joiner, address
                 client.close()
 
 
+NODE_LINE = re.compile(r"n[0-9]@127\.0\.0\.1 \S+ listener on ")  # what a node started with & prints
+
+
 @pytest.mark.slow
-def test_the_readme_cluster_section_works_as_printed(tmp_path):
-    import re
+def test_the_readme_cluster_section_works_pasted_as_one_script(tmp_path):
+    """The README's cluster lines, pasted at once: no sleep between them, so each `cluster join` runs
+    while its node (and the first node, whose cookie the others name) is still starting."""
     import shlex
     import subprocess
     import sys
@@ -517,39 +522,41 @@ def test_the_readme_cluster_section_works_as_printed(tmp_path):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             ports[p] = s.getsockname()[1]
-    procs, ran = [], 0
+    script, expected = [], []
+    python = f"{shlex.quote(sys.executable)} {shlex.quote(os.path.join(ROOT, 'vmqapi.py'))}"
+    for n, line in enumerate(lines):
+        if not line.startswith("    $ python vmqapi.py "):
+            continue
+        assert "distributed_cookie=" not in line  # a cookie on a command line is in /proc/PID/cmdline
+        command = re.sub(r"127\.0\.0\.1:(\d+)", lambda m: f"127.0.0.1:{ports[int(m.group(1))]}", line[6:])
+        script.append(command.replace("python vmqapi.py", python, 1))
+        for following in lines[n + 1:]:
+            if not following.startswith("    ") or following.startswith("    $"):
+                break
+            expected.append(following[4:])
+    assert sum(x.endswith(" &") for x in script) == 3 and len(script) == 6
+    script += ["jobs -p > pids.new", "mv pids.new pids", "wait"]  # the nodes' pids, for the test to stop them
+    with open(tmp_path / "out", "w") as out, open(tmp_path / "err", "w") as err:
+        shell = subprocess.Popen(["bash", "-c", "\n".join(script)], cwd=tmp_path, stdout=out, stderr=err,
+                                 preexec_fn=child_setup(), start_new_session=True)
+    pids = []
     try:
-        for n, line in enumerate(lines):
-            if not line.startswith("    $ python vmqapi.py "):
-                continue
-            expected = []
-            for following in lines[n + 1:]:
-                if not following.startswith("    ") or following.startswith("    $"):
-                    break
-                expected.append(following[4:])
-            assert "distributed_cookie=" not in line  # a cookie on a command line is in /proc/PID/cmdline
-            command = re.sub(r"127\.0\.0\.1:(\d+)", lambda m: f"127.0.0.1:{ports[int(m.group(1))]}", line[6:])
-            words = shlex.split(command)
-            argv = [sys.executable, os.path.join(ROOT, "vmqapi.py"), *words[2:]]
-            if words[-1] == "&":
-                data_dir = tmp_path / words[words.index("--data-dir") + 1]
-                log = open(tmp_path / f"node{len(procs)}.log", "w")
-                procs.append(subprocess.Popen(argv[:-1], cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
-                                              preexec_fn=child_setup()))
-                log.close()
-                wait_for(lambda: (vmqapi.read_node_file(str(data_dir)) or {}).get("pid") == procs[-1].pid,
-                         timeout=30, what=f"the node of {data_dir.name}")
-            else:
-                result = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=60)
-                assert result.returncode == 0, result.stderr
-                assert result.stdout.rstrip("\n").splitlines() == expected, (command, result.stdout)
-                ran += 1
-        assert len(procs) == 3 and ran == 3
+        wait_for(lambda: (tmp_path / "pids").exists() or shell.poll() is not None, timeout=120, what="the script")
+        pids = [int(x) for x in (tmp_path / "pids").read_text().split()]
+        printed = [x for x in (tmp_path / "out").read_text().splitlines() if not NODE_LINE.match(x)]
+        assert printed == expected, (tmp_path / "err").read_text()
+        assert len(pids) == 3
         assert os.stat(tmp_path / "n1" / vmqapi.COOKIE_FILE).st_mode & 0o777 == 0o600
     finally:
-        for proc in procs:
-            proc.kill()
-            proc.wait(20)
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        try:
+            shell.wait(30)
+        finally:
+            with contextlib.suppress(ProcessLookupError):  # the shell's own group: only what it started
+                os.killpg(shell.pid, signal.SIGKILL)
+            shell.wait(10)
 
 
 def restarted(member):
