@@ -177,7 +177,9 @@ log = logging.getLogger("vmqapi")
 NODE_FILE = "node.json"
 START_FILE = "starting.pid"  # in the data dir: the pid of a node whose start is under way, until node.json is written
 NODE_START_WAIT = 10.0  # s the CLI (and a node reading another's cookie file) waits for a node whose start is under way
-NODE_START_GRACE = 1.0  # s to look again for a start marker: a node started at the same moment has not written it yet
+# s to look again for a start marker: a node started at the same moment as the command may not have
+# written it yet (seen: 0.6 s later, with four Pythons starting on two busy cores)
+NODE_START_GRACE = 2.0
 NODE_START_POLL = 0.05  # s between looks while waiting for a starting node
 TRACE_FOLLOW_GRACE = 5.0  # seconds a followed trace stays on after its last call
 GIL_SWITCH_INTERVAL = 0.0005  # s; the CLI node's: MQTT waits less for the GIL while HTTP builds a big answer

@@ -10,6 +10,7 @@ import os
 import re
 import signal
 import socket
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -738,6 +739,31 @@ def test_an_empty_or_short_cookie_is_refused_wherever_it_is_given(tmp_path, text
         assert "\n" not in line and ("is empty" in line or "fewer than 16" in line), line
         assert "distributed_cookie_file" in line, line  # how to set one
     assert vmqapi.load_cookie(vmqapi.Config({}), str(data), {vmqapi.COOKIE_ENV: "x" * 16})[0] == "x" * 16
+
+
+def test_a_cookie_file_that_a_starting_node_makes_is_waited_for(tmp_path, caplog):
+    """The README's cluster lines start n1, n2, n3 at once; n2 and n3 name n1/cookie, which n1 makes in its start."""
+    first = tmp_path / "n1"
+    first.mkdir(mode=0o700)
+    vmqapi.mark_start(str(first))  # this process: a start under way on n1
+    named = first / vmqapi.COOKIE_FILE
+    named.touch(0o600)  # made but not yet written: never read as an empty cookie
+    secret = "a-cookie-made-a-moment-later"
+    maker = threading.Timer(0.3, named.write_text, args=(secret + "\n",))
+    maker.start()
+    try:
+        with caplog.at_level(logging.INFO, logger="vmqapi"):
+            cookie, _ = vmqapi.load_cookie(vmqapi.Config({"distributed_cookie_file": str(named)}), str(tmp_path), {})
+    finally:
+        maker.join()
+        vmqapi.unmark_start(str(first))
+    assert cookie == secret and "waiting for the cookie file" in caplog.text
+    assert not (first / vmqapi.START_FILE).exists()
+    started = time.monotonic()  # no node starts on n3: its cookie is missing, after a short look
+    with pytest.raises(vmqapi.ConfigError, match="cannot read the cookie file"):
+        vmqapi.load_cookie(vmqapi.Config({"distributed_cookie_file": str(tmp_path / "n3" / vmqapi.COOKIE_FILE)}),
+                           str(tmp_path), {})
+    assert vmqapi.NODE_START_GRACE <= time.monotonic() - started < vmqapi.NODE_START_WAIT
 
 
 def test_a_cookie_file_must_be_small_regular_and_private(tmp_path):
