@@ -7910,7 +7910,7 @@ class MqttIO:
 ###############################################################################
 # Owns: api_keys.json (atomic writes, inter-process lock, reload on change),
 #       key generation, expiry parsing, constant-time authentication; the
-#       data dir's start marker (starting.pid).
+#       data dir's start marker (starting.pid) and waiting on it.
 # Must not know: HTTP, commands, the node.
 
 _EXPIRY_RE = re.compile(
@@ -8143,6 +8143,29 @@ def wait_for_start(data_dir: str, ready: Callable[[], bool], announce: Callable[
             return ready()
         sleep(NODE_START_POLL)
     return True
+
+
+def _cookie_written(path: str) -> bool:
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        return os.path.lexists(path)  # a dangling symlink: read_cookie_file says so at once
+    except OSError:
+        return True  # read_cookie_file says why
+    return not stat.S_ISREG(info.st_mode) or info.st_size > 0  # an empty one may be half made
+
+
+def await_cookie_file(path: str) -> None:
+    """Wait for a data dir's cookie file (``DIR/cookie``) not there yet while a node starting on DIR may make it.
+
+    The README's cluster lines start three nodes at once: the first makes ``n1/cookie``, which
+    the other two name. A file that stays missing fails as before, after the wait.
+    """
+    if os.path.basename(path) != COOKIE_FILE:
+        return  # no node makes it
+    folder = os.path.dirname(os.path.abspath(path))
+    wait_for_start(folder, lambda: _cookie_written(path), lambda pid: log.info(
+        "waiting for the cookie file %s: the node starting on %s (pid %d) makes it", path, folder, pid))
 
 
 def _file_signature(st: os.stat_result) -> tuple:
@@ -9822,29 +9845,6 @@ def make_cookie_file(path: str) -> str:
     with os.fdopen(fd, "w", encoding="utf-8") as fh:
         fh.write(cookie + "\n")  # one write: a reader that sees a size sees the whole cookie
     return cookie
-
-
-def _cookie_written(path: str) -> bool:
-    try:
-        info = os.stat(path)
-    except FileNotFoundError:
-        return os.path.lexists(path)  # a dangling symlink: read_cookie_file says so at once
-    except OSError:
-        return True  # read_cookie_file says why
-    return not stat.S_ISREG(info.st_mode) or info.st_size > 0  # an empty one may be half made
-
-
-def await_cookie_file(path: str) -> None:
-    """Wait for a data dir's cookie file (``DIR/cookie``) not there yet while a node starting on DIR may make it.
-
-    The README's cluster lines start three nodes at once: the first makes ``n1/cookie``, which
-    the other two name. A file that stays missing fails as before, after the wait.
-    """
-    if os.path.basename(path) != COOKIE_FILE:
-        return  # no node makes it
-    folder = os.path.dirname(os.path.abspath(path))
-    wait_for_start(folder, lambda: _cookie_written(path), lambda pid: log.info(
-        "waiting for the cookie file %s: the node starting on %s (pid %d) makes it", path, folder, pid))
 
 
 def load_cookie(config: Config, data_dir: str, environ: Mapping[str, str]) -> tuple[str, str]:
