@@ -15201,8 +15201,9 @@ class Node:
         mark_start(self.data_dir)  # a CLI finding no node.json yet waits for this start (README, Cluster)
         try:
             self._start()
-        finally:
-            unmark_start(self.data_dir)  # node.json supersedes it; a failed start leaves none
+        except BaseException:
+            unmark_start(self.data_dir)  # a failed start leaves none
+            raise
         self._running = True
         self._stopped.clear()
         self.history.start()
@@ -15211,6 +15212,7 @@ class Node:
         if self._config["allow_anonymous"] is None and self.mqtt.engine.anonymous_default:  # said once it runs
             log.warning("allow_anonymous is not set and every MQTT listener is on loopback: "
                         "clients may connect without credentials (set allow_anonymous = off to refuse them)")
+        unmark_start(self.data_dir)  # node.json supersedes it
         return self
 
     def _start(self) -> None:
