@@ -519,8 +519,9 @@ def test_the_readme_cluster_section_works_pasted_as_one_script(tmp_path):
     lines = readme.split("\n## Cluster\n", 1)[1].split("\n## ", 1)[0].splitlines()
     fixed = sorted({int(p) for p in re.findall(r"127\.0\.0\.1:(\d+)", "\n".join(lines))})
     ports = {}
-    for p in fixed:  # the README's ports, each replaced by one that is free now
-        with socket.socket() as s:
+    with contextlib.ExitStack() as held:  # every one held until all are chosen: no two the same
+        for p in fixed:  # the README's ports, each replaced by one that is free now
+            s = held.enter_context(socket.socket())
             s.bind(("127.0.0.1", 0))
             ports[p] = s.getsockname()[1]
     script, expected = [], []
