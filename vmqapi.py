@@ -224,6 +224,12 @@ __all__ = [
 log = logging.getLogger("vmqapi")
 
 NODE_FILE = "node.json"
+START_FILE = "starting.pid"  # in the data dir: the pid of a node whose start is under way, until node.json is written
+NODE_START_WAIT = 10.0  # s the CLI (and a node reading another's cookie file) waits for a node whose start is under way
+# s to look again for a start marker: a node started at the same moment as the command may not have
+# written it yet (seen: 0.6 s later, with four Pythons starting on two busy cores)
+NODE_START_GRACE = 2.0
+NODE_START_POLL = 0.05  # s between looks while waiting for a starting node
 TRACE_FOLLOW_GRACE = 5.0  # seconds a followed trace stays on after its last call
 GIL_SWITCH_INTERVAL = 0.0005  # s; the CLI node's: MQTT waits less for the GIL while HTTP builds a big answer
 QUICK_SESSION_SHOW = 1000  # sessions up to which session show (a few ms) is quick: it takes no slow-command slot
@@ -8008,7 +8014,8 @@ class MqttIO:
 # 17. Key store: the API key file #############################################
 ###############################################################################
 # Owns: api_keys.json (atomic writes, inter-process lock, reload on change),
-#       key generation, expiry parsing, constant-time authentication.
+#       key generation, expiry parsing, constant-time authentication; the
+#       data dir's start marker (starting.pid) and waiting on it.
 # Must not know: HTTP, commands, the node.
 
 _EXPIRY_RE = re.compile(
@@ -8162,6 +8169,110 @@ def write_file_atomically(path: str, data: bytes) -> None:
             os.fsync(dfd)
         finally:
             os.close(dfd)
+
+
+def _pid_alive(pid: Any) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    if os.name != "posix":
+        return True  # Windows' os.kill(pid, 0) would end the process: assume it runs
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError):  # gone; or a number no process can have
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+# A node writes its pid to DATA_DIR/starting.pid first thing in its start and removes it once
+# node.json is written (or the start failed), so that a command run a moment after the node
+# was started with "&" (the README's cluster lines) waits for it instead of finding no node.
+START_FILE_MAX = 64  # bytes of a start marker read at most (a pid and a newline)
+
+
+def mark_start(data_dir: str) -> None:
+    """Write the start marker: this process's pid in ``data_dir``/starting.pid (0600)."""
+    path = os.path.join(data_dir, START_FILE)
+    try:
+        write_file_atomically(path, f"{os.getpid()}\n".encode())
+    except OSError as exc:  # bad configuration, as a data dir that cannot be made
+        raise FileRefused(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
+def unmark_start(data_dir: str) -> None:
+    """Remove this process's start marker (node.json supersedes it, or the start failed)."""
+    _remove_marker(os.path.join(data_dir, START_FILE), os.getpid())
+
+
+def starting_pid(data_dir: str) -> int | None:
+    """Return the pid of the node whose start is under way in ``data_dir``, or None.
+
+    A marker whose process is gone (a start killed half-way) is stale: it is removed and counts as none.
+    """
+    path = os.path.join(data_dir, START_FILE)
+    pid = _marker_pid(path)
+    if pid is None or _pid_alive(pid):
+        return pid
+    _remove_marker(path, pid)
+    return None
+
+
+def _marker_pid(path: str) -> int | None:
+    try:
+        return int(read_regular_file(path, START_FILE_MAX, START_FILE)[0])
+    except (OSError, ValueError, FileRefused):  # none, unreadable, garbled, a FIFO (left alone): no start
+        return None
+
+
+def _remove_marker(path: str, pid: int) -> None:
+    """Remove the marker at ``path`` if it still names ``pid`` (a new start may have replaced it meanwhile)."""
+    if _marker_pid(path) == pid:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+
+
+def wait_for_start(data_dir: str, ready: Callable[[], bool], announce: Callable[[int], None],
+                   clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep) -> bool:
+    """Wait until ``ready()`` while a node's start is under way in ``data_dir``; return ``ready()``.
+
+    A start is under way while ``data_dir`` holds a live start marker: wait up to NODE_START_WAIT
+    seconds for it. With no marker, look again for NODE_START_GRACE seconds: a node started at the
+    same moment writes it a moment later. ``announce(pid)`` is called once, when a marker is seen.
+    """
+    began, told = clock(), False
+    while not ready():
+        pid = starting_pid(data_dir)
+        if pid is not None and not told:
+            announce(pid)
+            told = True
+        if clock() - began >= (NODE_START_WAIT if pid is not None else NODE_START_GRACE):
+            return ready()
+        sleep(NODE_START_POLL)
+    return True
+
+
+def _cookie_written(path: str) -> bool:
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        return os.path.lexists(path)  # a dangling symlink: read_cookie_file says so at once
+    except OSError:
+        return True  # read_cookie_file says why
+    return not stat.S_ISREG(info.st_mode) or info.st_size > 0  # an empty one may be half made
+
+
+def await_cookie_file(path: str) -> None:
+    """Wait for a data dir's cookie file (``DIR/cookie``) not there yet while a node starting on DIR may make it.
+
+    The README's cluster lines start three nodes at once: the first makes ``n1/cookie``, which
+    the other two name. A file that stays missing fails as before, after the wait.
+    """
+    if os.path.basename(path) != COOKIE_FILE:
+        return  # no node makes it
+    folder = os.path.dirname(os.path.abspath(path))
+    wait_for_start(folder, lambda: _cookie_written(path), lambda pid: log.info(
+        "waiting for the cookie file %s: the node starting on %s (pid %d) makes it", path, folder, pid))
 
 
 def _file_signature(st: os.stat_result) -> tuple:
@@ -9839,7 +9950,7 @@ def make_cookie_file(path: str) -> str:
     cookie = secrets.token_urlsafe(32)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write(cookie + "\n")
+        fh.write(cookie + "\n")  # one write: a reader that sees a size sees the whole cookie
     return cookie
 
 
@@ -9861,6 +9972,7 @@ def _find_cookie(config: Config, data_dir: str, environ: Mapping[str, str]) -> t
         return config["distributed_cookie"], "distributed_cookie"
     named = config["distributed_cookie_file"]
     if named:
+        await_cookie_file(named)
         return read_cookie_file(named), f"distributed_cookie_file {named}"
     if environ.get(COOKIE_ENV, "").strip():
         return parse_text(environ[COOKIE_ENV]), COOKIE_ENV
@@ -15240,18 +15352,6 @@ def read_node_file(data_dir: str) -> dict | None:
         return None
 
 
-def _pid_alive(pid: Any) -> bool:
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 class Node:
     """A vmqapi node: ``Node(config).start()`` ... ``.stop()``, or ``with Node(config) as node``.
 
@@ -15300,6 +15400,20 @@ class Node:
         other = read_node_file(self.data_dir)
         if other and other.get("pid") != os.getpid() and _pid_alive(other.get("pid")):
             raise ConfigError(f"another node (pid {other['pid']}) runs with data dir {self.data_dir}")
+        mark_start(self.data_dir)  # a CLI finding no node.json yet waits for this start (README, Cluster)
+        try:
+            self._start()
+        except BaseException:
+            unmark_start(self.data_dir)  # a failed start leaves none
+            raise
+        self._running = True
+        self._stopped.clear()
+        self.history.start()
+        unmark_start(self.data_dir)  # node.json supersedes it
+        return self
+
+    def _start(self) -> None:
+        """Load keys, provision, bind listeners, write node.json."""
         self.keystore.load()
         if self._config["vmq_passwd.password_file"]:
             check_passwd_file(self._config["vmq_passwd.password_file"])
@@ -15335,10 +15449,6 @@ class Node:
                         "plugin is configured: clients may connect without credentials (set allow_anonymous = off "
                         "to refuse them; a password file or an auth_on_register hook is asked once configured)")
         self._write_node_file()
-        self._running = True
-        self._stopped.clear()
-        self.history.start()
-        return self
 
     def _check_descriptors(self) -> None:
         """Raise the file descriptor limit as far as allowed; warn when it is below what the listeners may hold."""
@@ -15886,7 +15996,7 @@ def admin(config: Config, tokens: Sequence[str]) -> int:
                 print("".join(c.synopsis() + "\n" for c in group), end="")
                 return 0
             _refuse_word_for_argument(argv.words)
-            if read_node_file(config["data_dir"]) is None:
+            if read_node_file(config["data_dir"]) is None and starting_pid(config["data_dir"]) is None:
                 raise
             return _remote(config, argv, fmt)  # the node may have commands an embedder registered
         if wants_help:
@@ -15944,12 +16054,36 @@ def _stream_trace(config: Config, argv: Argv, fmt: str) -> int:
         return 0
 
 
+def running_node(data_dir: str) -> dict | None:
+    """Return the node.json of ``data_dir`` when its process is alive (not one a killed node left)."""
+    info = read_node_file(data_dir)
+    return info if info is not None and _pid_alive(info.get("pid")) else None
+
+
+def find_node(data_dir: str) -> dict:
+    """Return the node.json of the node running with ``data_dir``, waiting for one whose start is under way.
+
+    Raise NodeNotRunning when there is none. node.json is written once every listener is bound,
+    so the node it names answers (connections wait in the listen queue until it accepts them).
+    """
+    folder = os.path.abspath(data_dir)
+    wait_for_start(folder, lambda: running_node(folder) is not None, lambda pid: print(
+        f"vmq-admin: waiting for the node on {folder} to start (pid {pid}, at most {NODE_START_WAIT:g} s)...",
+        file=sys.stderr, flush=True))
+    info = read_node_file(folder)  # a dead pid's too: nothing answering there is said below
+    if info is not None:
+        return info
+    pid = starting_pid(folder)
+    if pid is not None:
+        raise NodeNotRunning(f"the node on {folder} (pid {pid}) has not finished its start within "
+                             f"{NODE_START_WAIT:g} s (no node.json yet); see its log")
+    raise NodeNotRunning(f"no node is running with data dir {folder} "
+                         "(no node.json); start one with: python vmqapi.py --data-dir DIR")
+
+
 def _remote(config: Config, argv: Argv, fmt: str) -> int:
     """Run ``argv`` on the live node through its HTTP listener and node secret."""
-    info = read_node_file(config["data_dir"])
-    if info is None:
-        raise NodeNotRunning(f"no node is running with data dir {os.path.abspath(config['data_dir'])} "
-                             "(no node.json); start one with: python vmqapi.py --data-dir DIR")
+    info = find_node(config["data_dir"])
     scheme, host, port = _http_address(config)
     path, form = render_query(argv)
     request = urllib.request.Request(

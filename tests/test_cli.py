@@ -10,6 +10,7 @@ import socket
 import stat
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -734,3 +735,71 @@ def test_global_options_after_admin_work_as_vmq_admin_takes_them(make_node):
         done = subprocess.run([sys.executable, script, *argv], capture_output=True, text=True, timeout=60,
                               cwd=folder.parent)
         assert done.returncode == 0 and node.name in done.stdout, (argv, done.stderr)
+
+
+# -- a node whose start is under way (the README's cluster lines, pasted) --------------
+
+def dead_pid():
+    """Return the pid of a process that has exited."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait(20)
+    return proc.pid
+
+
+def test_a_stale_start_marker_is_ignored_and_removed(data_dir):
+    """A start killed half-way leaves starting.pid naming a dead process: no wait, and it is removed."""
+    data_dir.mkdir(mode=0o700)
+    marker = data_dir / vmqapi.START_FILE
+    marker.write_text(f"{dead_pid()}\n")
+    started = time.monotonic()
+    result = run_cli("admin", "cluster", "show", data_dir=data_dir)
+    assert result.returncode == 1 and "no node is running" in result.stderr, result.stderr
+    assert "waiting" not in result.stderr and time.monotonic() - started < vmqapi.NODE_START_WAIT
+    assert not marker.exists()
+    fifo(str(marker))  # not a regular file: never read, never removed, no start under way
+    assert vmqapi.starting_pid(str(data_dir)) is None and stat.S_ISFIFO(os.lstat(marker).st_mode)
+    for garbled in (b"", b"not a pid", b"-1", b"9" * 40, b"1" * 100):  # none a live process's pid
+        marker.unlink(missing_ok=True)
+        marker.write_bytes(garbled)
+        assert vmqapi.starting_pid(str(data_dir)) is None
+
+
+def test_a_command_waits_for_a_node_whose_start_is_under_way(data_dir, capsys, monkeypatch):
+    data_dir.mkdir(mode=0o700)
+    vmqapi.mark_start(str(data_dir))  # this process: alive
+    assert stat.S_IMODE(os.stat(data_dir / vmqapi.START_FILE).st_mode) == 0o600
+    monkeypatch.setattr(vmqapi, "NODE_START_WAIT", 0.5)
+    started = time.monotonic()
+    with pytest.raises(vmqapi.NodeNotRunning, match="has not finished its start within 0.5 s"):
+        vmqapi.find_node(str(data_dir))
+    assert 0.5 <= time.monotonic() - started < 3
+    assert capsys.readouterr().err.count(f"waiting for the node on {data_dir} to start") == 1
+    monkeypatch.setattr(vmqapi, "NODE_START_WAIT", 10.0)
+    info = {"node": "n", "pid": os.getpid(), "secret": "s", "listeners": []}
+    writer = threading.Timer(0.3, lambda: vmqapi.write_file_atomically(str(data_dir / vmqapi.NODE_FILE),
+                                                                       json.dumps(info).encode()))
+    writer.start()
+    try:
+        assert vmqapi.find_node(str(data_dir)) == info
+    finally:
+        writer.join()
+    assert "waiting for the node" in capsys.readouterr().err
+
+
+def test_the_start_marker_lives_while_the_node_starts(make_node, tmp_path, monkeypatch):
+    seen = []
+    real = vmqapi.Node._start
+
+    def look(node):
+        seen.append(vmqapi.starting_pid(node.data_dir))
+        real(node)
+    monkeypatch.setattr(vmqapi.Node, "_start", look)
+    node = make_node()
+    assert seen == [os.getpid()] and not os.path.exists(os.path.join(node.data_dir, vmqapi.START_FILE))
+    taken = node.listeners()[0]
+    failing = vmqapi.Node({"data_dir": str(tmp_path / "other"),
+                           "listener.http.default": f"{taken['address']}:{taken['port']}",
+                           "listener.tcp.default": "127.0.0.1:0", "listener.vmq.clustering": "127.0.0.1:0"})
+    with pytest.raises(vmqapi.ConfigError):
+        failing.start()
+    assert seen[-1] == os.getpid() and not (tmp_path / "other" / vmqapi.START_FILE).exists()

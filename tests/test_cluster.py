@@ -7,8 +7,10 @@ import contextlib
 import json
 import logging
 import os
+import re
 import signal
 import socket
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -502,9 +504,13 @@ def test_a_node_removed_while_down_joins_again_at_once(tmp_path, joiner, address
                 client.close()
 
 
+NODE_LINE = re.compile(r"n[0-9]@127\.0\.0\.1 \S+ listener on ")  # what a node started with & prints
+
+
 @pytest.mark.slow
-def test_the_readme_cluster_section_works_as_printed(tmp_path):
-    import re
+def test_the_readme_cluster_section_works_pasted_as_one_script(tmp_path):
+    """The README's cluster lines, pasted at once: no sleep between them, so each `cluster join` runs
+    while its node (and the first node, whose cookie the others name) is still starting."""
     import shlex
     import subprocess
     import sys
@@ -514,43 +520,46 @@ def test_the_readme_cluster_section_works_as_printed(tmp_path):
     lines = readme.split("\n## Cluster\n", 1)[1].split("\n## ", 1)[0].splitlines()
     fixed = sorted({int(p) for p in re.findall(r"127\.0\.0\.1:(\d+)", "\n".join(lines))})
     ports = {}
-    for p in fixed:  # the README's ports, each replaced by one that is free now
-        with socket.socket() as s:
+    with contextlib.ExitStack() as held:  # every one held until all are chosen: no two the same
+        for p in fixed:  # the README's ports, each replaced by one that is free now
+            s = held.enter_context(socket.socket())
             s.bind(("127.0.0.1", 0))
             ports[p] = s.getsockname()[1]
-    procs, ran = [], 0
+    script, expected = [], []
+    python = f"{shlex.quote(sys.executable)} {shlex.quote(os.path.join(ROOT, 'vmqapi.py'))}"
+    for n, line in enumerate(lines):
+        if not line.startswith("    $ python vmqapi.py "):
+            continue
+        assert "distributed_cookie=" not in line  # a cookie on a command line is in /proc/PID/cmdline
+        command = re.sub(r"127\.0\.0\.1:(\d+)", lambda m: f"127.0.0.1:{ports[int(m.group(1))]}", line[6:])
+        script.append(command.replace("python vmqapi.py", python, 1))
+        for following in lines[n + 1:]:
+            if not following.startswith("    ") or following.startswith("    $"):
+                break
+            expected.append(following[4:])
+    assert sum(x.endswith(" &") for x in script) == 3 and len(script) == 6
+    script += ["jobs -p > pids.new", "mv pids.new pids", "wait"]  # the nodes' pids, for the test to stop them
+    with open(tmp_path / "out", "w") as out, open(tmp_path / "err", "w") as err:
+        shell = subprocess.Popen(["bash", "-c", "\n".join(script)], cwd=tmp_path, stdout=out, stderr=err,
+                                 preexec_fn=child_setup(), start_new_session=True)
+    pids = []
     try:
-        for n, line in enumerate(lines):
-            if not line.startswith("    $ python vmqapi.py "):
-                continue
-            expected = []
-            for following in lines[n + 1:]:
-                if not following.startswith("    ") or following.startswith("    $"):
-                    break
-                expected.append(following[4:])
-            assert "distributed_cookie=" not in line  # a cookie on a command line is in /proc/PID/cmdline
-            command = re.sub(r"127\.0\.0\.1:(\d+)", lambda m: f"127.0.0.1:{ports[int(m.group(1))]}", line[6:])
-            words = shlex.split(command)
-            argv = [sys.executable, os.path.join(ROOT, "vmqapi.py"), *words[2:]]
-            if words[-1] == "&":
-                data_dir = tmp_path / words[words.index("--data-dir") + 1]
-                log = open(tmp_path / f"node{len(procs)}.log", "w")
-                procs.append(subprocess.Popen(argv[:-1], cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
-                                              preexec_fn=child_setup()))
-                log.close()
-                wait_for(lambda: (vmqapi.read_node_file(str(data_dir)) or {}).get("pid") == procs[-1].pid,
-                         timeout=30, what=f"the node of {data_dir.name}")
-            else:
-                result = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=60)
-                assert result.returncode == 0, result.stderr
-                assert result.stdout.rstrip("\n").splitlines() == expected, (command, result.stdout)
-                ran += 1
-        assert len(procs) == 3 and ran == 3
+        wait_for(lambda: (tmp_path / "pids").exists() or shell.poll() is not None, timeout=120, what="the script")
+        pids = [int(x) for x in (tmp_path / "pids").read_text().split()]
+        printed = [x for x in (tmp_path / "out").read_text().splitlines() if not NODE_LINE.match(x)]
+        assert printed == expected, (tmp_path / "err").read_text()
+        assert len(pids) == 3
         assert os.stat(tmp_path / "n1" / vmqapi.COOKIE_FILE).st_mode & 0o777 == 0o600
     finally:
-        for proc in procs:
-            proc.kill()
-            proc.wait(20)
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        try:
+            shell.wait(30)
+        finally:
+            with contextlib.suppress(ProcessLookupError):  # the shell's own group: only what it started
+                os.killpg(shell.pid, signal.SIGKILL)
+            shell.wait(10)
 
 
 def restarted(member):
@@ -732,6 +741,31 @@ def test_an_empty_or_short_cookie_is_refused_wherever_it_is_given(tmp_path, text
         assert "\n" not in line and ("is empty" in line or "fewer than 16" in line), line
         assert "distributed_cookie_file" in line, line  # how to set one
     assert vmqapi.load_cookie(vmqapi.Config({}), str(data), {vmqapi.COOKIE_ENV: "x" * 16})[0] == "x" * 16
+
+
+def test_a_cookie_file_that_a_starting_node_makes_is_waited_for(tmp_path, caplog):
+    """The README's cluster lines start n1, n2, n3 at once; n2 and n3 name n1/cookie, which n1 makes in its start."""
+    first = tmp_path / "n1"
+    first.mkdir(mode=0o700)
+    vmqapi.mark_start(str(first))  # this process: a start under way on n1
+    named = first / vmqapi.COOKIE_FILE
+    named.touch(0o600)  # made but not yet written: never read as an empty cookie
+    secret = "a-cookie-made-a-moment-later"
+    maker = threading.Timer(0.3, named.write_text, args=(secret + "\n",))
+    maker.start()
+    try:
+        with caplog.at_level(logging.INFO, logger="vmqapi"):
+            cookie, _ = vmqapi.load_cookie(vmqapi.Config({"distributed_cookie_file": str(named)}), str(tmp_path), {})
+    finally:
+        maker.join()
+        vmqapi.unmark_start(str(first))
+    assert cookie == secret and "waiting for the cookie file" in caplog.text
+    assert not (first / vmqapi.START_FILE).exists()
+    started = time.monotonic()  # no node starts on n3: its cookie is missing, after a short look
+    with pytest.raises(vmqapi.ConfigError, match="cannot read the cookie file"):
+        vmqapi.load_cookie(vmqapi.Config({"distributed_cookie_file": str(tmp_path / "n3" / vmqapi.COOKIE_FILE)}),
+                           str(tmp_path), {})
+    assert vmqapi.NODE_START_GRACE <= time.monotonic() - started < vmqapi.NODE_START_WAIT
 
 
 def test_a_cookie_file_must_be_small_regular_and_private(tmp_path):
