@@ -11111,7 +11111,7 @@ class SessionMoves:
         if entry is not None and entry[0] == which:
             del self.awaiting[mountpoint, client_id]
         self.engine.stop_waiting(mountpoint, client_id, time.time(), which)
-        self.cluster._flush_soon()
+        self.cluster.flush_soon()
 
     def down(self, peer: str) -> None:
         """A node is gone: no marker will come from it."""
@@ -11782,7 +11782,7 @@ class Cluster(ClusterAdmin):
                 self.moves.on_migrate(body)
         except (ClusterError, ValueError, TypeError) as exc:
             log.warning("cluster: a frame from %s could not be used (%s)", peer, exc)
-        self._flush_soon()
+        self.flush_soon()
 
     # -- forwards, and frames kept until acknowledged ------------------------
     def _on_forward(self, body: bytes) -> None:
@@ -11790,7 +11790,8 @@ class Cluster(ClusterAdmin):
         check_publishable(msg.topic)
         self.engine.deliver_forwarded(mountpoint, msg, plain, groups, time.time())
 
-    def _flush_soon(self) -> None:
+    def flush_soon(self) -> None:
+        """Commit and flush at the next turn of the loop (what a frame or a timer did outside a batch)."""
         if not self._flush_due:
             self._flush_due = True
             self.io.loop.call_soon(self._flush)
@@ -11836,7 +11837,7 @@ class Cluster(ClusterAdmin):
             self._save()
             self.kept.pump_all()
             if self.kept.parked:  # their patience may be over: the next batch offers them again
-                self._flush_soon()
+                self.flush_soon()
             self.moves.handed.expire(time.monotonic())
         except Exception:
             log.exception("cluster housekeeping failed")
