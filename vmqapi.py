@@ -11080,6 +11080,8 @@ class SessionMoves:
             waiting = self.markers.setdefault((mountpoint, client_id), [])  # the row reaches this node later
             if len(waiting) < MARKERS_MAX:
                 waiting.append((peer, stamp))
+            if len(self.markers) > MOVED_MAX:  # of sessions that never moved after all: the oldest go
+                del self.markers[next(iter(self.markers))]
         elif (target or owner) != self.cluster.me:
             self.kept.keep(target or owner, KEPT_FLUSHED, encode_term([key, peer, stamp]))
 
