@@ -6687,8 +6687,12 @@ class SqliteStore(MemoryStore):
 
     def load_kept(self) -> list:
         """Return every kept frame, oldest first: (peer, epoch, seq, kind, body, row)."""
+        return self._read_all("SELECT peer, epoch, seq, kind, body, id FROM kept ORDER BY id")
+
+    def _read_all(self, sql: str) -> list:
+        """Every row a query gives, at start; a damaged file stops the node, naming it."""
         try:
-            return list(self.db.execute("SELECT peer, epoch, seq, kind, body, id FROM kept ORDER BY id"))
+            return list(self.db.execute(sql))
         except sqlite3.DatabaseError as exc:
             raise _corrupt_store(self.path, str(exc)) from None
 
@@ -6702,10 +6706,7 @@ class SqliteStore(MemoryStore):
 
     def load_marks(self) -> list:
         """Return every (origin, epoch, seq) recorded, the least recently written first."""
-        try:
-            return list(self.db.execute("SELECT origin, epoch, seq FROM kept_marks ORDER BY rowid"))
-        except sqlite3.DatabaseError as exc:
-            raise _corrupt_store(self.path, str(exc)) from None
+        return self._read_all("SELECT origin, epoch, seq FROM kept_marks ORDER BY rowid")
 
     def put_dropped(self, mountpoint: str, client_id: str, count: int) -> None:
         """Record how many messages a bridge's session has dropped (committed with the batch that dropped them)."""

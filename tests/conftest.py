@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 
@@ -75,6 +76,18 @@ def pytest_collection_modifyitems(items):
         name = getattr(item, "originalname", item.name)
         if (spec == "*" or name in spec) and item.get_closest_marker("slow") is None:
             item.add_marker(pytest.mark.quick)
+
+
+def wait_for(predicate, timeout=10.0, what="a condition"):
+    """Poll ``predicate`` until it returns something true (returned); fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
 
 
 def node_config(data_dir, **extra):

@@ -15,7 +15,7 @@ import time
 import pytest
 
 from capped import capped_node, child_setup
-from conftest import Client, body_json
+from conftest import Client, body_json, wait_for
 from mqtt_client import MqttClient
 from test_tls_ws import pki  # noqa: F401 - the module's CA and server certificate, made with openssl
 import vmqapi
@@ -29,16 +29,6 @@ def port_of(node, kind="mqtt"):
     return next(x["port"] for x in node.listeners() if x["type"] == kind)
 
 
-def wait_for(check, timeout=10.0, what="the condition"):
-    """Poll ``check`` until it returns something true; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def bridge_rows(node):

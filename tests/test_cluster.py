@@ -20,21 +20,13 @@ import pytest
 
 import vmqapi
 from capped import capped_node
+from conftest import wait_for
 from mqtt_client import MqttClient
 
 COOKIE = "cluster-test-cookie"
 OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
-def wait_for(predicate, timeout=10.0, what="a condition"):
-    """Poll ``predicate`` until it is true; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def port_of(info_or_node, kind):

@@ -39,7 +39,7 @@ import pytest
 
 import vmqapi
 from capped import child_setup
-from conftest import ROOT
+from conftest import ROOT, wait_for
 from mqtt_client import MqttClient
 from vmqapi import Puback, Publish
 
@@ -54,15 +54,6 @@ PACE = 0.001  # seconds between two publishes at least: a node that acknowledges
 CASE_DEADLINE = 60.0  # seconds any one wait of a case may take at most
 
 
-def wait_for(predicate, timeout=20.0, what="a condition"):
-    """Poll ``predicate`` until it is true; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 # -- the nodes ----------------------------------------------------------------------------
