@@ -10992,28 +10992,37 @@ def migrated_message(body: Any, max_props: int) -> Message | None:
 class HandedOver:
     """Persistent sessions this node handed to another node lately: what still arrives for them follows them.
 
-    Kept MOVED_KEEP seconds (a publisher's node learns of the move well before), MOVED_MAX at most.
+    Kept MOVED_KEEP seconds (a publisher's node learns of the move well before), MOVED_MAX at most;
+    their filters sit in a trie per mountpoint, so ``wanting`` costs a topic's levels, not a scan.
     """
 
     def __init__(self):
         self.sessions: dict[tuple[str, str], tuple[str, tuple[str, ...], float]] = {}  # -> owner, filters, until
+        self.tries: dict[str, TopicTrie] = {}
 
     def add(self, mountpoint: str, client_id: str, owner: str, filters: Iterable[str], now: float) -> None:
         """Remember that a session went to ``owner`` with these subscriptions."""
         self.forget(mountpoint, client_id)
         plain = tuple(f for f in filters if not f.startswith(SHARE_PREFIX))
         self.sessions[mountpoint, client_id] = (owner, plain, now + MOVED_KEEP)
+        trie = self.tries.setdefault(mountpoint, TopicTrie())
+        for topic_filter in plain:
+            trie.add(topic_filter, client_id, 0)
         if len(self.sessions) > MOVED_MAX:
-            del self.sessions[next(iter(self.sessions))]
+            self.forget(*next(iter(self.sessions)))
 
     def forget(self, mountpoint: str, client_id: str) -> None:
         """The session is back here (or gone): nothing follows it any more."""
-        self.sessions.pop((mountpoint, client_id), None)
+        entry = self.sessions.pop((mountpoint, client_id), None)
+        if entry is not None:
+            trie = self.tries[mountpoint]
+            for topic_filter in entry[1]:
+                trie.remove(topic_filter, client_id)  # an emptied trie stays: mountpoints are few
 
     def expire(self, now: float) -> None:
         """Forget those handed over more than MOVED_KEEP ago."""
         while self.sessions and next(iter(self.sessions.values()))[2] <= now:
-            del self.sessions[next(iter(self.sessions))]
+            self.forget(*next(iter(self.sessions)))
 
     def owner(self, mountpoint: str, client_id: str) -> str | None:
         """Where a session handed over went (None: not handed over lately)."""
@@ -11022,8 +11031,10 @@ class HandedOver:
 
     def wanting(self, mountpoint: str, topic: str) -> list[tuple[str, str]]:
         """(client id, owner) of each session handed over with a subscription matching ``topic``."""
-        return [(client_id, owner) for (mp, client_id), (owner, filters, _) in self.sessions.items()
-                if mp == mountpoint and any(topic_matches(f, topic) for f in filters)]
+        trie = self.tries.get(mountpoint)
+        if trie is None:
+            return []
+        return [(client_id, self.sessions[mountpoint, client_id][0]) for client_id in trie.match(topic)]
 
 
 class SessionMoves:

@@ -91,6 +91,36 @@ def test_acknowledging_a_long_outbox_a_little_at_a_time_takes_linear_time():
     assert box.pending("b") == [] and time.perf_counter() - started < 5  # quadratic: minutes
 
 
+FILTERS = ["a/b", "a/+", "a/#", "#", "+/b", "c", "$sys/x", "+/+/c"]
+TOPICS = ["a/b", "a/c", "a", "c", "x/b", "$sys/x", "a/b/c", "d/e/c"]
+
+
+@given(ops=st.lists(st.tuples(st.sampled_from(["add", "forget", "expire"]), st.sampled_from(["", "mp"]),
+                              st.sampled_from(["c1", "c2", "c3"]), st.sets(st.sampled_from(FILTERS), max_size=3),
+                              st.integers(0, 6)), max_size=30))
+def test_sessions_handed_over_want_what_their_filters_match(ops):
+    """HandedOver against a naive model: a dict of sessions scanned with topic_matches."""
+    handed, model, now = vmqapi.HandedOver(), {}, 0
+    for op, mountpoint, client_id, filters, step in ops:
+        now += step  # the monotonic clock
+        if op == "add":
+            handed.add(mountpoint, client_id, f"owner-{now}", list(filters) + ["$share/g/a/b"], now)
+            model[mountpoint, client_id] = (f"owner-{now}", filters, now + vmqapi.MOVED_KEEP)
+        elif op == "forget":
+            handed.forget(mountpoint, client_id)
+            model.pop((mountpoint, client_id), None)
+        else:
+            handed.expire(now)
+            model = {k: v for k, v in model.items() if v[2] > now}
+        for mp in ("", "mp"):
+            for topic in TOPICS:
+                want = sorted((cid, owner) for (m, cid), (owner, fs, _) in model.items()
+                              if m == mp and any(vmqapi.topic_matches(f, topic) for f in fs))
+                assert sorted(handed.wanting(mp, topic)) == want, (mp, topic)
+        for (mp, cid), (owner, _, _) in model.items():
+            assert handed.owner(mp, cid) == owner
+
+
 def test_the_inbox_says_new_again_or_gap():
     inbox = Inbox([("a", 5, 2)])
     assert inbox.take("a", 5, 2, 1) == "again"
