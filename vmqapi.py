@@ -6173,22 +6173,24 @@ def decode_kept_ack(frame: bytes) -> tuple[int, int]:
     return _KEPT_ACK.unpack(frame)
 
 
+def decode_fields(body: bytes, kinds: tuple[type, ...], what: str) -> tuple:
+    """Decode a term that must be a list of exactly these kinds of values; ClusterError names ``what`` else."""
+    term = decode_term(body)
+    if not (isinstance(term, list) and len(term) == len(kinds)
+            and all(type(value) is kind for value, kind in zip(term, kinds))):
+        raise ClusterError(f"{what} of the wrong shape")
+    return tuple(term)
+
+
 def decode_passed(body: bytes) -> tuple[str, bytes]:
     """Decode a KEPT_PASSED body, ``encode_term([client id, forward])``: (client id, forward)."""
-    term = decode_term(body)
-    if not (isinstance(term, list) and len(term) == 2 and isinstance(term[0], str) and isinstance(term[1], bytes)):
-        raise ClusterError("a message passed on without a client id and a forward")
-    return term[0], term[1]
+    return decode_fields(body, (str, bytes), "a message passed on")
 
 
 def decode_marker(body: bytes) -> tuple[str, str, float]:
     """Decode a KEPT_FLUSH or KEPT_FLUSHED body, ``encode_term([session key, node, stamp])``: the session, a
     node, and the time stamp of the session row that moved it (which move the marker is of)."""
-    term = decode_term(body)
-    if not (isinstance(term, list) and len(term) == 3 and isinstance(term[0], str) and isinstance(term[1], str)
-            and isinstance(term[2], float)):
-        raise ClusterError("a session marker without a session key, a node and a stamp")
-    return term[0], term[1], term[2]
+    return decode_fields(body, (str, str, float), "a session marker")
 
 
 class Outbox:
@@ -10392,7 +10394,8 @@ class ClusterLinks:
             raise ValueError(f"frame kind {kind} is not in 16..255")
         entry, size = self.peers.get(peer), len(body) + FRAME_HEADER
         if entry is not None and entry.link is not None:
-            if entry.link.unsent() == 0 or entry.link.unsent() + size <= CLUSTER_WRITE_LIMIT:
+            unsent = entry.link.unsent()
+            if unsent == 0 or unsent + size <= CLUSTER_WRITE_LIMIT:
                 entry.link.write(kind, body)
                 return True
         elif entry is not None and entry.buffered + size <= self.buffer_size:
