@@ -846,6 +846,12 @@ def test_past_the_unacknowledged_bound_qos_1_is_refused_and_nothing_acknowledged
     assert acked == list(range(len(acked))) and 5 <= len(acked) <= 8, answers  # 64 KB of 10 KB messages
     assert set(answers[len(acked):]) == {0x97}
     assert pub.publish("elsewhere/x", b"nobody wants it", 1) == 0x10  # other topics go on (no subscribers)
+    key = base64.b64encode(f"{a.node.keystore.create('httppub')}:".encode()).decode()
+    request = urllib.request.Request(f"http://127.0.0.1:{a.http}/restmqtt/api/v1/publish?topic=kept/x&qos=1",
+                                     data=b"over http", headers={"Authorization": f"Basic {key}"})
+    with pytest.raises(urllib.error.HTTPError) as refused:  # HTTP publish is refused the same way
+        OPENER.open(request, timeout=10)
+    assert refused.value.code == 503 and b"cluster_max_unacknowledged_bytes" in refused.value.read()
     back = restarted(b)
     try:
         sub = back.client("keeper", clean=False)
