@@ -15897,7 +15897,7 @@ class Node:
 
     def status(self) -> dict[str, Any]:
         """Return node status's values, read from the metrics registry."""
-        return self.in_broker(self._status)
+        return self._read(self._status)
 
     def _status(self) -> dict[str, Any]:
         m = self.metrics.totals().__getitem__
@@ -15922,12 +15922,12 @@ class Node:
         """
         if self.mqtt is None:
             return []
-        engine = self.mqtt.engine
-        records = self._in_chunks(engine.session_records, client_id, lambda _: slice(None), subscriptions,
-                                  messages)[1]
+        cluster = self.cluster if not local else None
+        remote, records = self._in_chunks(self.mqtt.engine.session_records, client_id, lambda _: slice(None),
+                                          subscriptions, messages, peers=cluster.peers if cluster is not None else None)
         for record in records:
             record["node"] = self.name
-        if self.cluster is not None and not local:
+        if remote:
             records += [r for _, rows in self.cluster.gather("session_records", client_id, subscriptions, messages)
                         for r in rows]
         return records
@@ -16111,7 +16111,7 @@ class Node:
 
     def metric_samples(self) -> dict[tuple[str, LabelSet], int]:
         """Return every metric series (read in the broker's thread)."""
-        return self.in_broker(self.metrics.samples)
+        return self._read(self.metrics.samples)
 
     def reset_metrics(self) -> None:
         """Zero every counter."""
@@ -16151,11 +16151,11 @@ class Node:
     # -- the cluster ------------------------------------------------------
     def cluster_members(self) -> list[str]:
         """Return every member's name (empty when the node is in no cluster)."""
-        return self.cluster.in_loop(self.cluster.members) if self.cluster is not None else []
+        return self._read(self.cluster.members) if self.cluster is not None else []
 
     def cluster_peers(self) -> list[str]:
         """Return the other members."""
-        return self.cluster.in_loop(self.cluster.peers) if self.cluster is not None else []
+        return self._read(self.cluster.peers) if self.cluster is not None else []
 
     def call_node(self, target: str, op: str, *args: Any) -> Any:
         """Ask node ``target`` to run cluster op ``op`` (CLUSTER_OPS); raise ClusterError."""
