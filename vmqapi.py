@@ -2848,8 +2848,6 @@ def _messages(s: Session, stored: Iterable[tuple] = ()) -> list[dict]:
              "dup": False, "payload": m.payload.decode("utf-8", "replace")} for m, q in queued]
 
 
-
-
 def _default_row(s: Session) -> dict:
     """session show's default columns, in one go (the common listing of many sessions)."""
     return {"client_id": s.client_id, "is_online": s.client is not None, "mountpoint": s.mountpoint,
@@ -7805,7 +7803,7 @@ class MqttIO:
         self.listeners.remove(listener)
 
     async def _unbind(self, listener: MqttListener) -> None:
-        listener.status = "suspended"  # the loop's, as the counters admit reads
+        listener.status = "suspended"  # written in the loop, where admit reads it
         if listener.server is not None:
             listener.server.close()  # stops accepting at once; its clients stay (wait_closed would wait for them)
             listener.server = None
@@ -8627,7 +8625,7 @@ class Command:
     local: bool = False
     extra_words: str = ""
     open_keys: bool = False
-    quick: bool | Callable[[NodeApi], bool] = False  # small, bounded work: needs no slow-command slot (callable: ask node)
+    quick: bool | Callable[[NodeApi], bool] = False  # small, bounded work: no slow-command slot (callable: ask node)
     secret: bool = False
     default_columns: tuple[str, ...] = ()
 
@@ -16185,7 +16183,7 @@ GLOBAL_OPTIONS = ("--data-dir", "--config", "--set")
 
 @dataclass(frozen=True, slots=True)
 class LocalContext:
-    """What a local command (api-key) sees when it runs in the CLI process."""
+    """What a local command (api-key) sees of NodeApi when it runs in the CLI process."""
 
     config: Config
     keystore: KeyStore
