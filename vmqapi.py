@@ -7731,7 +7731,7 @@ class MqttIO:
         self._resource_warned = -math.inf
         self.partial_bytes = 0  # unfinished packet and frame bytes held for all connections
         self.holders: set[Any] = set()  # the links holding some
-        self.gate: Callable[..., bool] | None = None  # webhooks (section 23) see packets first: handled, or held
+        self.gate: Callable[..., bool] | None = None  # webhooks (plugins.vmq_webhooks) see packets first: handled, or held
         self.loop = asyncio.new_event_loop()
         self.big_retry: asyncio.Handle | None = None  # retry_big on the next turn of the loop
         self._thread = threading.Thread(target=self._run, name="vmqapi-mqtt", daemon=True)
