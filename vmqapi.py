@@ -197,7 +197,7 @@ import urllib.parse
 import urllib.request
 import zlib
 from dataclasses import dataclass, field
-from typing import Any, Callable, Coroutine, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Coroutine, Iterable, Iterator, Mapping, Protocol, Sequence
 
 try:  # POSIX advisory locks; Windows falls back to msvcrt below.
     import fcntl
@@ -515,8 +515,10 @@ class NodeNotRunning(VmqError):
     code = "node_not_running"
 
 
-class KeyRejected(Exception):
-    """A key store change refused for a reason the user can fix (becomes an alert)."""
+class KeyRejected(VmqError):
+    """A key store change refused for a reason the user can fix (becomes an alert, not an error answer)."""
+
+    http_status = 400
 
     def __init__(self, code: str):
         super().__init__(code)
@@ -2844,9 +2846,6 @@ def _messages(s: Session, stored: Iterable[tuple] = ()) -> list[dict]:
         [(e.msg, e.qos) for e in s.inflight.values()]
     return [{"msg_ref": base64.b64encode(m.ref.to_bytes(8, "big")).decode(), "msg_qos": q, "routing_key": m.topic,
              "dup": False, "payload": m.payload.decode("utf-8", "replace")} for m, q in queued]
-
-
-SESSION_DEFAULT_COLUMNS = ("client_id", "is_online", "mountpoint", "peer_host", "peer_port", "user")
 
 
 def _default_row(s: Session) -> dict:
@@ -7592,35 +7591,10 @@ class WsLink(asyncio.Protocol):
 ###############################################################################
 # 16. MQTT listeners and the broker's loop ####################################
 ###############################################################################
-# Owns: TLS contexts, file descriptor limits, the listeners and the event loop
+# Owns: file descriptor limits, the MQTT listeners and the event loop
 #       thread that runs the engine, drains outboxes after each commit, and
 #       takes calls from other threads.
 # Must not know: HTTP, the meaning of packets.
-
-def tls_context(options: Mapping[str, Any]) -> ssl.SSLContext:
-    """Build a server TLS context from a listener's certfile, keyfile, cafile, versions and ciphers."""
-    require_tls_files(options)
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.minimum_version = TLS_VERSIONS[min(options["tls_version"])]
-    ctx.load_cert_chain(options["certfile"], options["keyfile"] or None)
-    if options["cafile"]:
-        ctx.load_verify_locations(options["cafile"])
-        ctx.verify_mode = ssl.CERT_REQUIRED if options["require_certificate"] else ssl.CERT_OPTIONAL
-    elif options["require_certificate"]:
-        raise ssl.SSLError("require_certificate needs a cafile")
-    if options["ciphers"]:
-        ctx.set_ciphers(options["ciphers"])
-    return ctx
-
-
-def tls_columns(option: Callable[[str], Any] | None) -> dict[str, str]:
-    """Return listener show --tls's columns for a listener (``option`` reads its settings; None: no TLS)."""
-    row = {}
-    for key in ("tls_version", "certfile", "cafile", "keyfile", "require_certificate", "use_identity_as_username"):
-        value = option(key) if option else ""
-        row[key] = render_value(value) if value != "" else ""
-    return {**row, "psk_support": "", "pskfile": ""}
-
 
 def descriptor_limit() -> int | None:
     """Return the soft limit on open file descriptors (None: unknown or unlimited)."""
@@ -7706,6 +7680,22 @@ class MqttListener:
         """Whether this listener accepts only local connections."""
         return ipaddress.ip_address(self.address).is_loopback
 
+    def option(self, key: str) -> Any:
+        """Return one of the listener's settings (None when it has no such one)."""
+        return self.options.get(key)
+
+    def suspend(self, kill_sessions: bool = False) -> None:
+        """Stop accepting (suspended); with ``kill_sessions`` also close the clients (stopped)."""
+        self.io.suspend_listener(self, kill_sessions)
+
+    def resume(self) -> None:
+        """Accept again on the same address and port; raise OSError when it is taken."""
+        self.io.resume_listener(self)
+
+    def delete(self) -> None:
+        """Stop for good, close the clients and leave the loop's listeners."""
+        self.io.delete_listener(self)
+
     def row(self, tls: bool = False, mqtt: bool = False) -> dict:
         """Return this listener's row of listener show."""
         row = {"type": self.kind, "status": self.status, "address": self.address, "port": str(self.port),
@@ -7741,7 +7731,7 @@ class MqttIO:
         self._resource_warned = -math.inf
         self.partial_bytes = 0  # unfinished packet and frame bytes held for all connections
         self.holders: set[Any] = set()  # the links holding some
-        self.gate: Callable[..., bool] | None = None  # webhooks (section 23) see packets first: handled, or held
+        self.gate: Callable[..., bool] | None = None  # webhooks (plugins.vmq_webhooks) see packets first: handled, or held
         self.loop = asyncio.new_event_loop()
         self.big_retry: asyncio.Handle | None = None  # retry_big on the next turn of the loop
         self._thread = threading.Thread(target=self._run, name="vmqapi-mqtt", daemon=True)
@@ -7751,6 +7741,7 @@ class MqttIO:
         self.commit_hooks: list[Callable[[], None]] = []  # run once a batch is committed (the cluster's acks)
         self.rollback_hooks: list[Callable[[], None]] = []  # run when its commit failed
         self._handout_handle: asyncio.Handle | None = None  # the next turn's retained messages (Engine.hand_out)
+        self.session_total = 0  # len(engine.sessions) after the last batch, published for other threads
 
     def _run(self) -> None:
         asyncio.set_event_loop(self.loop)
@@ -7798,16 +7789,13 @@ class MqttIO:
     def suspend_listener(self, listener: MqttListener, kill_sessions: bool = False) -> None:
         """Stop accepting; keep the clients (status suspended) or close them (status stopped)."""
         self.call_async(self._unbind(listener))
-        listener.status = "suspended"
         if kill_sessions:
             self.call(self._kill_clients, listener)
-            listener.status = "stopped"
 
     def resume_listener(self, listener: MqttListener) -> None:
         """Accept again on the same address and port; raise OSError on failure."""
-        if listener.status != "running":
+        if self.read(lambda: listener.status) != "running":
             self.call_async(self._bind(listener))
-            listener.status = "running"
 
     def delete_listener(self, listener: MqttListener) -> None:
         """Stop a listener, close its clients and forget it."""
@@ -7815,6 +7803,7 @@ class MqttIO:
         self.listeners.remove(listener)
 
     async def _unbind(self, listener: MqttListener) -> None:
+        listener.status = "suspended"  # written in the loop, where admit reads it
         if listener.server is not None:
             listener.server.close()  # stops accepting at once; its clients stay (wait_closed would wait for them)
             listener.server = None
@@ -7822,6 +7811,7 @@ class MqttIO:
 
     def _kill_clients(self, listener: MqttListener) -> None:
         self.engine.close_listener_clients(listener)
+        listener.status = "stopped"
 
     async def _bind(self, listener: MqttListener) -> None:
         protocol = (lambda: WsLink(listener)) if listener.websocket else (lambda: MqttLink(listener))
@@ -7832,6 +7822,7 @@ class MqttIO:
                                                         reuse_address=True, ssl=listener.tls,
                                                         ssl_handshake_timeout=handshake if listener.tls else None)
         listener.port = listener.server.sockets[0].getsockname()[1]
+        listener.status = "running"
 
     def _tick(self) -> None:
         """Run the housekeeping; whatever fails is logged and counted, and the next tick is always due."""
@@ -7925,6 +7916,7 @@ class MqttIO:
                     log.exception("a commit hook failed")
         for conn in dirty:
             conn.link.drain()
+        self.session_total = len(engine.sessions)
         if engine.handouts:
             self.schedule_handout()
         if engine.big_waiters and self.big_retry is None:
@@ -7980,6 +7972,23 @@ class MqttIO:
             self.after_batch()  # the answer leaves only once what it did is committed
             future.set_result(result)
         self.loop.call_soon_threadsafe(run)
+        return future.result(timeout)
+
+    def read(self, fn: Callable[..., Any], *args: Any, timeout: float = 30) -> Any:
+        """Run ``fn(*args)``, which changes nothing, in the loop thread and return its result: nothing to commit.
+
+        It runs a turn of the loop later, after what the sockets had delivered when it was asked:
+        a client that disconnected before the question is seen gone.
+        """
+        future: concurrent.futures.Future = concurrent.futures.Future()
+
+        def run() -> None:
+            try:
+                self.engine.now = time.time()
+                future.set_result(fn(*args))
+            except BaseException as exc:  # re-raised in the calling thread
+                future.set_exception(exc)
+        self.loop.call_soon_threadsafe(self.loop.call_soon, run)
         return future.result(timeout)
 
     def call_async(self, coro: Any, timeout: float = 30) -> Any:
@@ -8616,7 +8625,7 @@ class Command:
     local: bool = False
     extra_words: str = ""
     open_keys: bool = False
-    quick: bool | Callable[[Any], bool] = False  # small, bounded work: needs no slow-command slot (callable: ask node)
+    quick: bool | Callable[[NodeApi], bool] = False  # small, bounded work: no slow-command slot (callable: ask node)
     secret: bool = False
     default_columns: tuple[str, ...] = ()
 
@@ -8681,12 +8690,177 @@ class Command:
         return "\n".join(lines).rstrip() + "\n"
 
 
+# -- the node's interface --------------------------------------------------
+
+class Listener(Protocol):
+    """What listener show, stop, restart, delete and tls show read of a listener, MQTT or HTTP."""
+
+    name: str
+    kind: str  # tcp, ssl, ws, wss, http or https
+    address: str
+    port: int
+    status: str  # running, suspended or stopped
+    tls: ssl.SSLContext | None
+
+    def option(self, key: str) -> Any:
+        """Return one of the listener's settings (certfile, max_connections, ...)."""
+
+    def row(self, tls: bool = False, mqtt: bool = False) -> dict:
+        """Return the listener's row of listener show."""
+
+    def suspend(self, kill_sessions: bool = False) -> None:
+        """Stop accepting (suspended); with ``kill_sessions`` also close the connections (stopped)."""
+
+    def resume(self) -> None:
+        """Accept again on the same address and port; raise OSError when it is taken."""
+
+    def delete(self) -> None:
+        """Stop for good and close the connections."""
+
+
+class NodeApi(Protocol):
+    """What the admin API (commands, HTTP endpoints, observability) asks of the node; ``Node`` implements it.
+
+    Whatever touches the broker runs in the broker's loop thread: these methods are called
+    from HTTP connection threads and return values, never the broker's own objects.
+    ``local=True`` keeps a call on this node; otherwise it reaches every node of the cluster.
+    Commands marked ``local`` (api-key) run in the CLI against ``name``, ``config`` and
+    ``keystore`` alone.
+    """
+
+    name: str
+    data_dir: str
+    secret: str  # node.json's: the local CLI's credential
+    keystore: KeyStore
+    metrics: Metrics
+    commands: CommandTable
+    slow_commands: threading.BoundedSemaphore  # see slow_command_slot
+    history: StatusHistory
+    status_rows: StatusRows
+    unfinished_http: UnfinishedRequests
+
+    @property
+    def config(self) -> Config:
+        """The configuration in force now."""
+
+    def apply_settings(self, changes: Mapping[str, Any]) -> None:
+        """Swap in a Config with ``changes`` (already parsed) applied."""
+
+    def request_stop(self) -> None:
+        """Stop the node from another thread."""
+
+    def in_broker(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run ``fn(*args)`` in the broker's thread, committed (for the plugins, which own broker objects)."""
+
+    # -- status and metrics
+    def status(self) -> dict[str, Any]:
+        """Return node status's values."""
+
+    def metric_samples(self) -> dict[tuple[str, LabelSet], int]:
+        """Return every metric series."""
+
+    def reset_metrics(self) -> None:
+        """Zero every counter."""
+
+    def health_reasons(self) -> list[str]:
+        """Return why the node is not healthy (empty: it is)."""
+
+    def plugin_rows(self) -> list[dict]:
+        """Return the rows of plugin show."""
+
+    def enable_plugin(self, name: str, on: bool) -> bool:
+        """Switch a plugin on or off; return False when there is no such plugin."""
+
+    # -- listeners
+    def listener_rows(self, tls: bool = False, mqtt: bool = False) -> list[dict]:
+        """Return the rows of listener show."""
+
+    def find_listener(self, address: str, port: int) -> Listener | None:
+        """Return the listener at address:port, or None."""
+
+    def tls_listeners(self) -> list[Listener]:
+        """Return the listeners that speak TLS."""
+
+    def start_listener(self, address: str, port: int, options: Mapping[str, Any], kind: str = "tcp") -> None:
+        """Start a listener; raise OSError when it cannot bind or load its certificate."""
+
+    def delete_listener(self, listener: Listener) -> None:
+        """Stop a listener, close its connections and forget it."""
+
+    # -- sessions, subscriptions, retained messages
+    def session_count(self) -> int:
+        """Return how many sessions this node holds."""
+
+    def session_records(self, client_id: str | None = None, subscriptions: bool = True, messages: bool = True,
+                        local: bool = False) -> list[dict]:
+        """Return every session show field of each session (or ``client_id``'s)."""
+
+    def session_rows(self, client_id: str | None, columns: Sequence[str], window: slice,
+                     local: bool = False) -> list[dict]:
+        """Return session show rows of ``columns`` for a listing without filters, paged by ``window``."""
+
+    def client_status(self, key: tuple[str, str]) -> tuple[str, dict[str, int]] | None:
+        """Return (online or offline, {filter: QoS}) of the session of (mountpoint, client id), or None."""
+
+    def disconnect_session(self, client_id: str, mountpoint: str = "", cleanup: bool = False,
+                           local: bool = False) -> bool:
+        """Disconnect a client (``cleanup``: drop its session); return whether it existed."""
+
+    def disconnect_batch(self, count: int, mountpoint: str, cleanup: bool, keep: Iterable[str]) -> int:
+        """Disconnect up to ``count`` online clients of this node, sparing ``keep``; return how many."""
+
+    def unsubscribe(self, client_id: str, topic: str, mountpoint: str = "", local: bool = False) -> bool:
+        """Remove one subscription of a session; return whether it existed."""
+
+    def reauthorize(self, username: str, client_id: str, mountpoint: str = "", local: bool = False) -> int:
+        """Check a session's subscriptions against the ACL as ``username``; return how many were dropped."""
+
+    def retained_rows(self) -> list[dict]:
+        """Return mountpoint, topic and payload of every retained message."""
+
+    def delete_retained(self, mountpoint: str, topic: str) -> bool:
+        """Delete one retained message; return whether there was one."""
+
+    def delete_expired_retained(self) -> int:
+        """Delete the retained messages whose expiry has passed; return how many."""
+
+    def http_publish(self, peer: tuple, user: str | None, password: bytes | None, client_id: str,
+                     mountpoint: str, message: HttpMessage) -> str | None:
+        """Publish as an MQTT client would; return HTTP_PUB_ANSWERS' reason (None: no broker)."""
+
+    def trace_client(self, client_id: str, mountpoint: str, duration: float, rate: tuple[int, int, int],
+                     follow: str | None = None) -> list[str]:
+        """Trace a client for ``duration`` seconds (``rate``: lines, per ms, payload bytes); return the lines."""
+
+    def topic_problem(self, topic: str, max_levels: int = 0) -> str | None:
+        """Return why a PUBLISH to ``topic`` is refused (``max_levels`` 0: any depth), or None."""
+
+    def string_problem(self, text: str) -> str | None:
+        """Return why ``text`` cannot travel as an MQTT string, or None."""
+
+    # -- the cluster (alone, this node is the only member)
+    def cluster_members(self) -> list[str]:
+        """Return every member's name (empty when the node is in no cluster)."""
+
+    def cluster_peers(self) -> list[str]:
+        """Return the other members."""
+
+    def call_node(self, target: str, op: str, *args: Any) -> Any:
+        """Ask node ``target`` to run cluster op ``op``; raise ClusterError."""
+
+    def gather(self, op: str, *args: Any) -> list[tuple[str, Any]]:
+        """Ask every other reachable member to run ``op``; return (node, answer) pairs."""
+
+    def replicate_settings(self, target: str, texts: Mapping[str, str]) -> None:
+        """Hand ``set``'s changes to ``target`` (a node name or ``*``); a node that is down takes them on return."""
+
+
 @dataclass(frozen=True, slots=True)
 class Call:
     """A command bound to its arguments, ready to run against ``node``."""
 
     command: Command
-    node: Any
+    node: NodeApi
     args: Mapping[str, Any]
     flags: Mapping[str, Any]
     extra: tuple[str, ...] = ()
@@ -8711,7 +8885,7 @@ class CommandTable:
 
     def register(self, words: Sequence[str], fn: Callable[[Call], Any], *, keys: Iterable[Any] = (),
                  flags: Iterable[Any] = (), usage: str | None = None, required: Iterable[str] = (),
-                 read_only: bool = False, quick: bool | Callable[[Any], bool] = False,
+                 read_only: bool = False, quick: bool | Callable[[NodeApi], bool] = False,
                  secret: bool = False) -> Command:
         """Add a command from an embedding program; it then exists in CLI, HTTP and --help.
 
@@ -8865,7 +9039,7 @@ def parse_cli_tokens(tokens: Sequence[str]) -> Argv:
 GLOBAL_FLAGS = ("--format", "--help", "-h")
 
 
-def bind(command: Command, argv: Argv, extra: tuple[str, ...], node: Any) -> tuple[Call, bool]:
+def bind(command: Command, argv: Argv, extra: tuple[str, ...], node: NodeApi) -> tuple[Call, bool]:
     """Check ``argv`` against ``command``; return the Call and whether --help was asked."""
     try:
         return _bind(command, argv, extra, node)
@@ -8874,7 +9048,7 @@ def bind(command: Command, argv: Argv, extra: tuple[str, ...], node: Any) -> tup
         raise
 
 
-def _bind(command: Command, argv: Argv, extra: tuple[str, ...], node: Any) -> tuple[Call, bool]:
+def _bind(command: Command, argv: Argv, extra: tuple[str, ...], node: NodeApi) -> tuple[Call, bool]:
     args: dict[str, Any] = {}
     for key, value in argv.args:
         if key in args:
@@ -8900,7 +9074,7 @@ def _bind(command: Command, argv: Argv, extra: tuple[str, ...], node: Any) -> tu
     return Call(command, node, types.MappingProxyType(args), types.MappingProxyType(flags), extra), wants_help
 
 
-def prepare(table: CommandTable, argv: Argv, node: Any) -> tuple[Call, bool]:
+def prepare(table: CommandTable, argv: Argv, node: NodeApi) -> tuple[Call, bool]:
     """Resolve and bind ``argv``; raise a BadRequest subclass on any mistake."""
     command, extra = table.resolve(argv.words)
     call, wants_help = bind(command, argv, extra, node)
@@ -9089,7 +9263,7 @@ _catalogue: list[Command] = []  # filled by @command below, frozen into CATALOGU
 
 def command(*words: str, keys: Iterable[Param] = (), flags: Iterable[Param] = (), required: Iterable[str] = (),
             read_only: bool = False, local: bool = False, extra_words: str = "", open_keys: bool = False,
-            quick: bool | Callable[[Any], bool] = False, secret: bool = False, default_columns: Iterable[str] = ()):
+            quick: bool | Callable[[NodeApi], bool] = False, secret: bool = False, default_columns: Iterable[str] = ()):
     """Declare a catalogue command; the decorated function is its handler."""
     def register(fn: Callable[[Call], Any]) -> Callable[[Call], Any]:
         _catalogue.append(Command(tuple(words), fn, tuple(keys), tuple(flags), tuple(required), fn.__doc__ or "",
@@ -9305,7 +9479,7 @@ def cmd_listener_start(call: Call) -> Any:
     return "Done"
 
 
-def _find_listener(call: Call, verb: str) -> Any:
+def _find_listener(call: Call, verb: str) -> Listener | Alert:
     """Return the listener named by address= and port=, or the alert to answer."""
     listener = call.node.find_listener(call.args["address"], call.args["port"])
     if listener is None:
@@ -9320,10 +9494,7 @@ def cmd_listener_stop(call: Call) -> Any:
     listener = _find_listener(call, "stop")
     if isinstance(listener, Alert):
         return listener
-    if isinstance(listener, HttpListener):
-        listener.suspend("kill_sessions" in call.flags)
-    else:
-        call.node.mqtt.suspend_listener(listener, "kill_sessions" in call.flags)
+    listener.suspend("kill_sessions" in call.flags)
     return "Done"
 
 
@@ -9334,10 +9505,7 @@ def cmd_listener_restart(call: Call) -> Any:
     if isinstance(listener, Alert):
         return listener
     try:
-        if isinstance(listener, HttpListener):
-            listener.resume()
-        else:
-            call.node.mqtt.resume_listener(listener)
+        listener.resume()
     except OSError as exc:
         return alert(f"can't restart listener due to '{exc.strerror or exc}'")
     return "Done"
@@ -9353,30 +9521,104 @@ def cmd_listener_delete(call: Call) -> Any:
     return "Done"
 
 
+# -- the certificates of tls show: X.509 (RFC 5280) read as far as its columns need -----
+
+_PEM_CERTIFICATE = re.compile(rb"-----BEGIN CERTIFICATE-----([A-Za-z0-9+/=\s]+)-----END CERTIFICATE-----")
+_OID_CN, _OID_SAN = b"\x55\x04\x03", b"\x55\x1d\x11"  # 2.5.4.3 commonName, 2.5.29.17 subjectAltName
+_DER_TEXT = {0x0C: "utf-8", 0x13: "latin-1", 0x14: "latin-1", 0x16: "latin-1", 0x1E: "utf-16-be", 0x1C: "utf-32-be"}
+_SAN_KINDS = {0x81: "email", 0x82: "DNS", 0x86: "URI"}  # GeneralName's IA5String choices, named as ssl names them
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+
+
+def der_items(data: bytes, start: int = 0, end: int | None = None) -> list[tuple[int, bytes]]:
+    """Return the (tag, contents) of each DER element in ``data[start:end]``; raise ValueError when malformed."""
+    items, i, end = [], start, len(data) if end is None else end
+    while i < end:
+        tag, size, i = data[i], data[i + 1], i + 2
+        if size & 0x80:
+            n = size & 0x7F
+            size, i = int.from_bytes(data[i:i + n], "big"), i + n
+        if i + size > end:
+            raise ValueError("a DER element runs past its end")
+        items.append((tag, data[i:i + size]))
+        i += size
+    return items
+
+
+def _der_cn(name: bytes) -> str:
+    """Return the first commonName of an X.509 Name, '' when it has none."""
+    for _, rdn in der_items(name):
+        for _, pair in der_items(rdn):
+            (_, oid), (kind, value) = der_items(pair)[:2]
+            if oid == _OID_CN:
+                return value.decode(_DER_TEXT.get(kind, "latin-1"))
+    return ""
+
+
+def _der_time(tag: int, value: bytes) -> str:
+    """Return an X.509 UTCTime or GeneralizedTime as ssl shows it: 'Jan  5 09:34:43 2018 GMT'."""
+    text = value.decode("ascii")
+    if tag == 0x17:  # UTCTime: YY from 50 is 19YY (RFC 5280 4.1.2.5.1)
+        text = ("19" if int(text[:2]) >= 50 else "20") + text
+    year, month, day, hh, mm, ss = (int(text[a:b]) for a, b in ((0, 4), (4, 6), (6, 8), (8, 10), (10, 12), (12, 14)))
+    return f"{_MONTHS[month - 1]} {day:2d} {hh:02d}:{mm:02d}:{ss:02d} {year} GMT"
+
+
+def _san_value(kind: int, value: bytes) -> str:
+    """Return one GeneralName as ssl shows it (an IPv6 address as eight uncompressed hex groups)."""
+    if kind == 0x87 and len(value) == 16:
+        return ":".join(f"{int.from_bytes(value[i:i + 2], 'big'):X}" for i in range(0, 16, 2))
+    if kind == 0x87:
+        return str(ipaddress.ip_address(value))
+    return value.decode("latin-1") if kind in _SAN_KINDS else "<unsupported>"
+
+
+def _der_san(extensions: bytes) -> list[str]:
+    """Return the subjectAltName entries of X.509 extensions: DNS names, IP addresses, e-mails, URIs."""
+    for _, extension in der_items(der_items(extensions)[0][1]):
+        parts = der_items(extension)
+        if parts[0][1] == _OID_SAN:
+            names = der_items(parts[-1][1])[0][1]
+            return [_san_value(kind, value) for kind, value in der_items(names)]
+    return []
+
+
+def decode_certificate(pem: bytes) -> dict:
+    """Return CN, Issuer (its CN), Not_Before, Not_After and SAN of the first certificate of a PEM text."""
+    found = _PEM_CERTIFICATE.search(pem)
+    if found is None:
+        raise ValueError("no PEM certificate in it")
+    der = base64.b64decode(b"".join(found.group(1).split()))
+    tbs = der_items(der_items(der)[0][1])[0][1]
+    fields = der_items(tbs)
+    if fields[0][0] == 0xA0:  # [0] version
+        fields = fields[1:]
+    issuer, validity, subject = fields[2][1], der_items(fields[3][1]), fields[4][1]
+    extensions = next((v for t, v in fields[6:] if t == 0xA3), b"")
+    return {"CN": _der_cn(subject), "Issuer": _der_cn(issuer), "Not_Before": _der_time(*validity[0]),
+            "Not_After": _der_time(*validity[1]), "SAN": ", ".join(_der_san(extensions)) if extensions else ""}
+
+
 def certificate_rows(files: Iterable[str], now: float) -> list[dict]:
     """Describe PEM certificate files as tls show does (the first certificate of each file)."""
     rows = []
     for path in files:
         try:
-            cert = ssl._ssl._test_decode_cert(path)  # the standard library's own PEM decoder
-        except (OSError, ssl.SSLError, AttributeError) as exc:
+            cert = decode_certificate(read_regular_file(path, MAX_SMALL_FILE, "a certificate file")[0])
+        except (OSError, ValueError, IndexError, FileRefused) as exc:  # UnicodeDecodeError is a ValueError
             rows.append({"File": path, "Not_Before": "", "Not_After": "", "CN": f"unreadable: {exc}", "Issuer": "",
                          "SAN": "", "expires": now})
             continue
-        issuer = certificate_cn({"subject": cert.get("issuer", ())}) or ""
-        rows.append({"File": path, "Not_Before": cert["notBefore"], "Not_After": cert["notAfter"],
-                     "CN": certificate_cn(cert) or "", "Issuer": issuer,
-                     "SAN": ", ".join(v for _, v in cert.get("subjectAltName", ())),
-                     "expires": ssl.cert_time_to_seconds(cert["notAfter"]),
-                     "valid_from": ssl.cert_time_to_seconds(cert["notBefore"])})
+        rows.append({"File": path, **cert, "expires": ssl.cert_time_to_seconds(cert["Not_After"]),
+                     "valid_from": ssl.cert_time_to_seconds(cert["Not_Before"])})
     return rows
 
 
-def _certificate_files(node: Any) -> list[str]:
+def _certificate_files(node: NodeApi) -> list[str]:
     files = []
     for listener in node.tls_listeners():
         for key in ("certfile", "cafile"):
-            path = listener.option(key) if isinstance(listener, HttpListener) else listener.options.get(key)
+            path = listener.option(key)
             if path and path not in files:
                 files.append(path)
     return files
@@ -9444,6 +9686,7 @@ SESSION_FIELDS = (  # README, "The command catalogue"; VerneMQ vmq_info:fields_c
     "is_plugin", "queue_started_at", "user", "peer_host", "peer_port", "protocol", "waiting_acks",
     "session_started_at", "topic", "qos", "rap", "no_local", "msg_ref", "msg_qos", "routing_key", "dup", "payload",
 )
+SESSION_DEFAULT_COLUMNS = ("client_id", "is_online", "mountpoint", "peer_host", "peer_port", "user")
 SUBSCRIPTION_FIELDS = ("topic", "qos", "rap", "no_local")
 MESSAGE_FIELDS = ("msg_ref", "msg_qos", "routing_key", "dup", "payload")
 SECRET_SESSION_FIELDS = ("payload",)  # what a mgmt_ro key may not select or filter on (README, "API keys")
@@ -9578,18 +9821,17 @@ def cmd_session_disconnect_clients(call: Call) -> Any:
 def cmd_session_disconnect_batch(call: Call) -> Any:
     """Disconnect up to count online clients, for example to move load off a node."""
     target = call.flags.get("node")
-    cluster = getattr(call.node, "cluster", None)
     if target not in (None, call.node.name):
-        if cluster is not None and target in cluster.in_loop(cluster.peers):
+        if target in call.node.cluster_peers():
             try:
-                cluster.call(target, "broker", "disconnect_batch", call.args["count"],
-                             call.flags.get("mountpoint") or "", "cleanup" in call.flags,
-                             list(call.flags.get("filter-client-ids") or ()))
+                call.node.call_node(target, "broker", "disconnect_batch", call.args["count"],
+                                    call.flags.get("mountpoint") or "", "cleanup" in call.flags,
+                                    list(call.flags.get("filter-client-ids") or ()))
             except ClusterError as exc:
                 return alert(f"cannot reach {target}: {exc.text}")
         return "Done"  # VerneMQ: no session of a node outside the cluster matches
-    call.node.broker_call("disconnect_batch", call.args["count"], call.flags.get("mountpoint") or "",
-                          "cleanup" in call.flags, call.flags.get("filter-client-ids") or ())
+    call.node.disconnect_batch(call.args["count"], call.flags.get("mountpoint") or "", "cleanup" in call.flags,
+                               call.flags.get("filter-client-ids") or ())
     return "Done"
 
 
@@ -9598,8 +9840,7 @@ def cmd_session_disconnect_batch(call: Call) -> Any:
          required=("client-id", "topic"), flags=(_MOUNTPOINT,))
 def cmd_session_unsubscribe(call: Call) -> Any:
     """Remove one subscription from a session."""
-    done = call.node.broker_call("admin_unsubscribe", call.args["client-id"], call.args["topic"],
-                                 call.flags.get("mountpoint") or "", local=False)
+    done = call.node.unsubscribe(call.args["client-id"], call.args["topic"], call.flags.get("mountpoint") or "")
     return "Done" if done else "Not successful"
 
 
@@ -9608,8 +9849,7 @@ def cmd_session_unsubscribe(call: Call) -> Any:
          required=("username", "client-id"), flags=(_MOUNTPOINT,))
 def cmd_session_reauthorize(call: Call) -> Any:
     """Check a session's subscriptions against the ACL again and drop the refused ones."""
-    dropped = call.node.broker_call("reauthorize", call.args["username"], call.args["client-id"],
-                                    call.flags.get("mountpoint") or "", local=False)
+    dropped = call.node.reauthorize(call.args["username"], call.args["client-id"], call.flags.get("mountpoint") or "")
     return "Done" if dropped else "Unchanged"
 
 
@@ -9618,9 +9858,9 @@ def cmd_session_reauthorize(call: Call) -> Any:
 def cmd_retain_delete(call: Call) -> Any:
     """Delete one retained message."""
     topic = call.flags.get("topic")
-    if not topic or not valid_topic_name(topic):
+    if not topic or call.node.topic_problem(topic) is not None:
         return alert("No valid topic given.")
-    if not call.node.broker_call("delete_retained", call.flags.get("mountpoint") or "", topic):
+    if not call.node.delete_retained(call.flags.get("mountpoint") or "", topic):
         return alert(f"No retained message for topic {topic!r}.")
     return "Done"
 
@@ -9628,7 +9868,7 @@ def cmd_retain_delete(call: Call) -> Any:
 @command("retain", "delete-expired")
 def cmd_retain_delete_expired(call: Call) -> Any:
     """Delete the retained messages whose MQTT 5 Message Expiry Interval has passed (3.1.1 ones never expire)."""
-    return Table(({"expired": call.node.broker_call("delete_expired_retained") or 0},))
+    return Table(({"expired": call.node.delete_expired_retained() or 0},))
 
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
@@ -9672,12 +9912,10 @@ def cmd_log_level(call: Call) -> Any:
                                  "so repeated calls miss nothing (the CLI's streaming uses it)")))
 def cmd_trace_client(call: Call) -> Any:
     """Trace a client's packets both ways (the CLI streams until Ctrl-C; HTTP answers after --duration)."""
-    client_id = call.args["client-id"]
     trunc = call.flags.get("trunc-payload")
-    tracer = Tracer(client_id, call.flags.get("rate-max") or 10, call.flags.get("rate-interval") or 100,
-                    200 if trunc is None else trunc)
-    lines = call.node.trace_client(client_id, call.flags.get("mountpoint") or "", call.flags.get("duration") or 5,
-                                   tracer, call.flags.get("follow"))
+    rate = (call.flags.get("rate-max") or 10, call.flags.get("rate-interval") or 100, 200 if trunc is None else trunc)
+    lines = call.node.trace_client(call.args["client-id"], call.flags.get("mountpoint") or "",
+                                   call.flags.get("duration") or 5, rate, call.flags.get("follow"))
     return Text("".join(line + "\n" for line in lines))
 
 
@@ -9713,7 +9951,7 @@ def _plugin_switch(call: Call, on: bool) -> Any:
     name = call.flags.get("name")
     if not name:
         return alert("Incomplete plugin specification")
-    if not call.node.hooks.enable(name, on):
+    if not call.node.enable_plugin(name, on):
         return alert(f"Can't {'enable' if on else 'disable'} plugin: {name} due to 'not_found'")
     return "Done"
 
@@ -9737,9 +9975,7 @@ _NODE_FLAGS = (Param("node", short="n", doc="the node to act on (this node)"),
 def _check_node_flags(call: Call) -> None:
     if "node" in call.flags and "all" in call.flags:
         raise BadRequest("--node and --all exclude each other", call.command.usage())
-    cluster = getattr(call.node, "cluster", None)
-    members = cluster.in_loop(cluster.members) if cluster is not None else []
-    if call.flags.get("node") not in (None, call.node.name, *members):
+    if call.flags.get("node") not in (None, call.node.name, *call.node.cluster_members()):
         raise InvalidValue(f"bad_node: {call.flags['node']!r} is not a node of this cluster", call.command.usage())
 
 
@@ -9757,9 +9993,8 @@ def cmd_set(call: Call) -> Any:
     target = "*" if "all" in call.flags else call.flags.get("node") or call.node.name
     if target in ("*", call.node.name):
         call.node.apply_settings(changes)
-    cluster = getattr(call.node, "cluster", None)
-    if cluster is not None and target != call.node.name:  # replicated: a node that is down takes it on return
-        cluster.set_all(target, {key: str(text) for key, text in call.args.items()})
+    if target != call.node.name:  # replicated: a node that is down takes it on return
+        call.node.replicate_settings(target, {key: str(text) for key, text in call.args.items()})
     return []
 
 
@@ -9774,15 +10009,14 @@ def cmd_show(call: Call) -> Any:
     if not call.extra:
         raise MissingArgument("show needs at least one setting name", call.command.usage())
     rows = [_setting_row(call.node, call.extra)]
-    cluster = getattr(call.node, "cluster", None)
-    if cluster is not None and ("all" in call.flags or call.flags.get("node") not in (None, call.node.name)):
+    if "all" in call.flags or call.flags.get("node") not in (None, call.node.name):
         wanted = call.flags.get("node")
         rows = [r for r in rows if wanted in (None, r["node"])]
-        rows += [row for peer, row in cluster.gather("show", list(call.extra)) if wanted in (None, peer)]
+        rows += [row for peer, row in call.node.gather("show", list(call.extra)) if wanted in (None, peer)]
     return Table(tuple(rows))
 
 
-def _setting_row(node: Any, keys: Sequence[str]) -> dict:
+def _setting_row(node: NodeApi, keys: Sequence[str]) -> dict:
     """Return show's row of one node: its name and each setting's value (a secret one masked)."""
     config = node.config
     row = {"node": node.name}
@@ -11418,7 +11652,7 @@ class Cluster(ClusterAdmin):
     runs in the broker's loop thread, which owns the engine, the replica and the links.
     """
 
-    def __init__(self, node: Any, io: MqttIO):
+    def __init__(self, node: Node, io: MqttIO):
         self.node, self.io, self.engine = node, io, io.engine
         self.me: str = node.name
         config = node.config
@@ -11945,16 +12179,15 @@ def _summary_ok(summary: Any) -> bool:
     return isinstance(summary, dict) and isinstance(summary.get("subs") or {}, dict)
 
 
-def leave_here(node: Any, kill_sessions: bool, timeout: float) -> str:
+def leave_here(node: Node, kill_sessions: bool, timeout: float) -> str:
     """Run cluster leave on the node that leaves (VerneMQ's two cases for a live node)."""
     cluster = node.cluster
     if not kill_sessions:
-        for listener in list(node.mqtt.listeners):
-            if listener.status == "running":
-                node.mqtt.suspend_listener(listener)
+        for listener in node.mqtt.read(lambda: [x for x in node.mqtt.listeners if x.status == "running"]):
+            listener.suspend()
         return LEAVE_HINT
     for listener in list(node.mqtt.listeners):
-        node.mqtt.suspend_listener(listener, kill_sessions=True)
+        listener.suspend(kill_sessions=True)
     cluster.in_loop(cluster.leave_now, True)
     deadline = time.monotonic() + min(timeout, 5)
     while time.monotonic() < deadline and any(r["buffered"] for r in cluster.in_loop(cluster.links.rows)):
@@ -11971,38 +12204,42 @@ def _checked(*pairs: tuple[Any, Any]) -> None:
             raise BadRequest(f"a request argument of the wrong type: {type(value).__name__}")
 
 
-def _op_session_rows(node: Any, client_id: str | None, columns: list, stop: int | None) -> list[dict]:
+def _op_session_rows(node: NodeApi, client_id: str | None, columns: list, stop: int | None) -> list[dict]:
     _checked((client_id, (str, type(None))), (columns, list), (stop, (int, type(None))))
     if not all(c in SESSION_FIELDS for c in columns):
         raise BadRequest("a session show column that does not exist")
     return node.session_rows(client_id, columns, slice(0, stop), local=True)
 
 
-def _op_session_records(node: Any, client_id: str | None, subscriptions: bool, messages: bool) -> list[dict]:
+def _op_session_records(node: NodeApi, client_id: str | None, subscriptions: bool, messages: bool) -> list[dict]:
     _checked((client_id, (str, type(None))), (subscriptions, bool), (messages, bool))
     return node.session_records(client_id, subscriptions, messages, local=True)
 
 
-def _op_disconnect(node: Any, client_id: str, mountpoint: str, cleanup: bool) -> bool:
+def _op_disconnect(node: NodeApi, client_id: str, mountpoint: str, cleanup: bool) -> bool:
     _checked((client_id, str), (mountpoint, str), (cleanup, bool))
     return node.disconnect_session(client_id, mountpoint, cleanup, local=True)
 
 
-_BROKER_OPS = frozenset({"admin_unsubscribe", "reauthorize", "disconnect_batch"})
+_BROKER_OPS: dict[str, Callable[..., Any]] = {  # op "broker": the names on the wire, as older nodes send them
+    "admin_unsubscribe": lambda node, *args: node.unsubscribe(*args, local=True),
+    "reauthorize": lambda node, *args: node.reauthorize(*args, local=True),
+    "disconnect_batch": lambda node, *args: node.disconnect_batch(*args)}
 
 
-def _op_broker(node: Any, method: str, *args: Any) -> Any:
-    if method not in _BROKER_OPS:
+def _op_broker(node: NodeApi, method: str, *args: Any) -> Any:
+    op = _BROKER_OPS.get(method)
+    if op is None:
         raise BadRequest(f"{method} is not asked of other nodes")
-    return node.broker_call(method, *args, local=True)
+    return op(node, *args)
 
 
-def _op_show(node: Any, keys: list) -> dict:
+def _op_show(node: NodeApi, keys: list) -> dict:
     _checked((keys, list), *((k, str) for k in keys))
     return _setting_row(node, keys)
 
 
-def _op_leave(node: Any, kill_sessions: bool, timeout: float) -> str:
+def _op_leave(node: NodeApi, kill_sessions: bool, timeout: float) -> str:
     _checked((kill_sessions, bool), (timeout, (int, float)))
     return leave_here(node, kill_sessions, timeout)
 
@@ -13565,7 +13802,7 @@ class Webhooks:
         packet = apply_register_changes(packet, slot, link.client)
         self._with_slot(slot, link.release, packet, raw)  # the held packet first; later ones come through gate
 
-    def http_publish(self, node: Any, peer: tuple, user: str | None, password: bytes | None, client_id: str,
+    def http_publish(self, node: NodeApi, peer: tuple, user: str | None, password: bytes | None, client_id: str,
                      mountpoint: str, p: Publish) -> str | None:
         """An HTTP publish (vmq_http_pub): ask auth_on_register and auth_on_publish here, in the HTTP thread
         (which may wait), then publish in the broker's loop with the answers."""
@@ -13813,7 +14050,7 @@ def request_key(headers: Mapping[str, str]) -> str:
     return key
 
 
-def authenticate(node: Any, module: str, headers: Mapping[str, str], scopes: Sequence[str]) -> str:
+def authenticate(node: NodeApi, module: str, headers: Mapping[str, str], scopes: Sequence[str]) -> str:
     """Return the scope a request may act in for ``module``; raise on failure."""
     if node.config[f"http_module.{module}.auth.mode"] == "noauth":
         return scopes[0]
@@ -14021,7 +14258,7 @@ def refuse_cross_site(req: Request, what: str) -> None:
 
 
 @contextlib.contextmanager
-def slow_command_slot(node: Any, command: Command, wants_help: bool = False) -> Iterable[None]:
+def slow_command_slot(node: NodeApi, command: Command, wants_help: bool = False) -> Iterable[None]:
     """Hold one of the node's SLOW_COMMANDS slots while a command not marked quick runs.
 
     Each connection has its own thread, so a slow command holds up nobody else; the slots
@@ -14042,7 +14279,7 @@ def slow_command_slot(node: Any, command: Command, wants_help: bool = False) -> 
         slots.release()
 
 
-def serve_api(node: Any, req: Request, rest: str, query: str) -> Response:
+def serve_api(node: NodeApi, req: Request, rest: str, query: str) -> Response:
     """Answer /api/v1: method, auth, command, OPTIONS, Accept, run (README, "The API by example")."""
     if req.method in REFUSED_METHODS:
         raise MethodNotAllowed(f"{req.method} is not allowed; use GET, HEAD, POST or OPTIONS")
@@ -14183,7 +14420,7 @@ def _pub_retain(value: Any) -> bool:
     return flag
 
 
-def _pub_user_properties(value: Any, limit: int = 0) -> tuple:
+def _pub_user_properties(value: Any, node: NodeApi, limit: int = 0) -> tuple:
     """Return MQTT 5 user properties from ``{"k": "v"}`` or VerneMQ's ``[{"k": "v"}]``, at most ``limit`` (0: any).
 
     The limit is max_properties_per_packet, which every node applies to a message forwarded to it:
@@ -14198,30 +14435,43 @@ def _pub_user_properties(value: Any, limit: int = 0) -> tuple:
     if limit and len(value) > limit:
         raise PublishRefused("invalid_user_properties", f"more than {limit} (max_properties_per_packet)")
     for text in (*value, *value.values()):
-        problem = string_problem(text)
+        problem = node.string_problem(text)
         if problem is not None:
             raise PublishRefused("invalid_user_properties", f"{text[:40]!r}: {problem}")
     return tuple(("user_property", (k, v)) for k, v in value.items())
 
 
-def publish_packet(fields: Mapping[str, Any], payload: bytes, max_levels: int = 200, max_props: int = 0) -> Publish:
+@dataclass(frozen=True, slots=True)
+class HttpMessage:
+    """An HTTP publish's message, checked: the node makes it the PUBLISH of an MQTT client."""
+
+    topic: str
+    payload: bytes
+    qos: int
+    retain: bool
+    properties: tuple = ()  # ("user_property", (key, value)) pairs, the only properties it sets
+
+
+def publish_message(fields: Mapping[str, Any], payload: bytes, node: NodeApi, max_levels: int = 200,
+                    max_props: int = 0) -> HttpMessage:
     """Check an HTTP publish's fields as VerneMQ does (check_values/2), and its topic and properties as an
-    MQTT PUBLISH's are checked; return its PUBLISH."""
+    MQTT PUBLISH's are checked (by ``node``); return its message."""
     topic = fields.get("topic")
     if not isinstance(topic, str):
         raise PublishRefused("invalid_topic", "the topic must be a string")
     if topic.startswith("$"):
         raise PublishRefused("invalid_topic", "topics beginning with $ are not published over HTTP")  # as VerneMQ
-    problem = topic_name_problem(topic, max_levels)
+    problem = node.topic_problem(topic, max_levels)
     if problem is not None:
         raise PublishRefused("invalid_topic", problem)
     qos = _pub_qos(fields.get("qos", 0))
     retain = _pub_retain(fields.get("retain", False))
-    props = _pub_user_properties(fields.get("user_properties"), max_props)  # the only properties it sets
-    return Publish(topic, payload, qos, retain, packet_id=1 if qos else None, properties=props)
+    props = _pub_user_properties(fields.get("user_properties"), node, max_props)
+    return HttpMessage(topic, payload, qos, retain, props)
 
 
-def publish_credentials(config: Config, fields: Mapping[str, Any]) -> tuple[str | None, bytes | None, str]:
+def publish_credentials(config: Config, fields: Mapping[str, Any],
+                        node: NodeApi) -> tuple[str | None, bytes | None, str]:
     """Return (user, password, client id) to authenticate as: the request's, or predefined ones."""
     if config["vmq_http_pub.mqtt_auth.mode"] == "predefined":
         fields = {k: config[f"vmq_http_pub.mqtt_auth.{k}"] for k in ("user", "password", "client_id")}
@@ -14229,7 +14479,7 @@ def publish_credentials(config: Config, fields: Mapping[str, Any]) -> tuple[str 
     if any(v is not None and not isinstance(v, str) for v in (user, password, client_id)):
         raise PublishRefused("invalid_credentials")
     for name, value in (("user", user), ("password", password), ("client_id", client_id)):
-        problem = None if value is None else string_problem(value)
+        problem = None if value is None else node.string_problem(value)
         if problem is not None:
             raise PublishRefused("invalid_credentials", f"{name}: {problem}")
     return user or None, None if password is None else password.encode(), client_id or ""
@@ -14241,7 +14491,7 @@ def publish_answer(reason: str, detail: str = "") -> Response:
     return Response(status, (("Content-Type", TEXT_TYPE),), (f"{text}: {detail}" if detail else text).encode())
 
 
-def serve_http_pub(node: Any, req: Request, rest: str, query: str) -> Response:
+def serve_http_pub(node: NodeApi, req: Request, rest: str, query: str) -> Response:
     """Answer POST/PUT /restmqtt/api/v1/publish: publish as an MQTT client would (README, "HTTP publish")."""
     if rest:
         raise NotFound(f"no endpoint at /restmqtt/api/v1/publish/{rest}")
@@ -14254,22 +14504,21 @@ def serve_http_pub(node: Any, req: Request, rest: str, query: str) -> Response:
     config = node.config
     try:
         fields, payload = publish_fields(req, query)
-        packet = publish_packet(fields, payload, config["max_topic_levels"], config["max_properties_per_packet"])
-        user, password, client_id = publish_credentials(config, fields)
+        message = publish_message(fields, payload, node, config["max_topic_levels"],
+                                  config["max_properties_per_packet"])
+        user, password, client_id = publish_credentials(config, fields, node)
         limit = config["max_message_size"]
         if limit and len(payload) > limit:
             raise PublishRefused("message_too_large")
     except PublishRefused as exc:
         return publish_answer(exc.reason, exc.detail)
-    args = (req.peer, user, password, client_id, config["vmq_http_pub.mountpoint"], packet)
-    webhooks = getattr(node, "webhooks", None)  # section 23: asked here, where waiting for an endpoint is allowed
-    reason = webhooks.http_publish(node, *args) if webhooks is not None else node.broker_call("http_publish", *args)
+    reason = node.http_publish(req.peer, user, password, client_id, config["vmq_http_pub.mountpoint"], message)
     return publish_answer(reason or "no_broker")
 
 
-def _api_v2_client(node: Any, key: tuple[str, str], topics: bool) -> Any:
+def _api_v2_client(node: NodeApi, key: tuple[str, str], topics: bool) -> Any:
     """The answer of /api/v2/client: the session's status and, when asked, its subscriptions."""
-    record = node.broker_call("client_status", key)
+    record = node.client_status(key)
     status, subs = record if record is not None else ("unknown", {})
     answer: dict[str, Any] = {"status": status}
     if topics:
@@ -14277,7 +14526,7 @@ def _api_v2_client(node: Any, key: tuple[str, str], topics: bool) -> Any:
     return answer
 
 
-def _api_v2_disconnect(node: Any, key: tuple[str, str], cleanup: bool) -> Any:
+def _api_v2_disconnect(node: NodeApi, key: tuple[str, str], cleanup: bool) -> Any:
     """The answer of /api/v2/disconnect: ok, or unknown when there is no such session."""
     return "ok" if node.disconnect_session(key[1], key[0], cleanup) else "unknown"
 
@@ -14286,7 +14535,7 @@ API_V2_COMMANDS = {  # name: (answer, its flag, whether it changes the node)
     "client": (_api_v2_client, "topics", False), "disconnect": (_api_v2_disconnect, "cleanup", True)}
 
 
-def serve_api_v2(node: Any, req: Request, rest: str, query: str) -> Response:
+def serve_api_v2(node: NodeApi, req: Request, rest: str, query: str) -> Response:
     """Answer GET /api/v2/client and /api/v2/disconnect (VerneMQ vmq_http_v2_api)."""
     if req.method in ("POST", *REFUSED_METHODS):
         exc = MethodNotAllowed(f"{req.method} is not allowed here; use GET, HEAD or OPTIONS")
@@ -14307,7 +14556,7 @@ def serve_api_v2(node: Any, req: Request, rest: str, query: str) -> Response:
     if not client_id:
         raise BadRequest("client_id is required: /api/v2/<command>?client_id=<id>[&mountpoint=<mp>]")
     for name in ("client_id", "mountpoint"):  # what an MQTT client could not have sent is nobody's
-        problem = string_problem(params.get(name, ""))
+        problem = node.string_problem(params.get(name, ""))
         if problem is not None:
             raise BadRequest(f"{name}: {problem}")
     fn, flag, changes = command
@@ -14375,7 +14624,7 @@ def _only_get(req: Request) -> None:
         raise exc
 
 
-def serve_metrics(node: Any, req: Request, rest: str, query: str) -> Response:
+def serve_metrics(node: NodeApi, req: Request, rest: str, query: str) -> Response:
     """Answer /metrics in Prometheus text format (any Accept header is fine)."""
     _only_get(req)
     if rest:
@@ -14385,7 +14634,7 @@ def serve_metrics(node: Any, req: Request, rest: str, query: str) -> Response:
     return Response(200, (("Content-Type", PROMETHEUS_TYPE),), body.encode())
 
 
-def serve_health(node: Any, req: Request, rest: str, query: str) -> Response:
+def serve_health(node: NodeApi, req: Request, rest: str, query: str) -> Response:
     """Answer /health, /health/ping and /health/listeners: 200 OK, or 503 with the reasons."""
     _only_get(req)
     if rest not in ("", "ping", "listeners"):
@@ -14397,7 +14646,7 @@ def serve_health(node: Any, req: Request, rest: str, query: str) -> Response:
                     json.dumps(body, separators=(",", ":")).encode())
 
 
-def status_document(node: Any) -> list:
+def status_document(node: NodeApi) -> list:
     """Return /status.json: ``[{node: {node status..., listeners, mystatus}}]`` as VerneMQ shapes it."""
     listeners = [{"type": r["type"], "status": r["status"], "ip": r["address"], "port": int(r["port"]),
                   "mountpoint": r["mountpoint"], "max_conns": r["max_conns"], "active_conns": r["active_conns"]}
@@ -14405,7 +14654,7 @@ def status_document(node: Any) -> list:
     return [{node.name: {**node.status(), "listeners": listeners, "mystatus": [{r["Node"]: r["Running"]} for r in _command_rows(node, ("cluster", "show"), ())]}}]
 
 
-def serve_status_json(node: Any, req: Request, rest: str, query: str) -> Response:
+def serve_status_json(node: NodeApi, req: Request, rest: str, query: str) -> Response:
     """Answer /status.json, with CORS from http_cors_allow_origin."""
     _only_get(req)
     authenticate(node, "vmq_status_http", req.headers, ("status",))
@@ -14471,13 +14720,13 @@ class StatusHistory:
             return list(self._points)
 
 
-def _command_rows(node: Any, words: tuple[str, ...], flags: Iterable[tuple[str, str | None]]) -> list[dict]:
+def _command_rows(node: NodeApi, words: tuple[str, ...], flags: Iterable[tuple[str, str | None]]) -> list[dict]:
     """Run a read-only command of the node's own table and return its first table's rows."""
     call, _ = prepare(node.commands, Argv(words, (), tuple(flags)), node)
     return next((list(e.rows) for e in execute(call) if isinstance(e, Table)), [])
 
 
-def status_rows(node: Any) -> dict:
+def status_rows(node: NodeApi) -> dict:
     """Return what /status/details.json reads from commands: sessions, their subscription counts, retained, cluster."""
     listed = _command_rows(node, ("session", "show"), (("--client_id", None), ("--is_online", None),
                                                        ("--protocol", None), ("--limit", str(STATUS_SESSION_ROWS))))
@@ -14522,7 +14771,7 @@ def status_sessions(rows: Mapping[str, Any], contains: str, state: str) -> list[
              "subscriptions": counts[r["client_id"]]} for r in picked[:STATUS_PAGE_ROWS]]
 
 
-def status_details(node: Any, query: str) -> dict:
+def status_details(node: NodeApi, query: str) -> dict:
     """Return /status/details.json: the charts' history, sessions, retained topics and cluster members."""
     params = urllib.parse.parse_qs(query)
     contains, state = params.get("client_id", [""])[0], params.get("state", ["all"])[0]
@@ -14533,7 +14782,7 @@ def status_details(node: Any, query: str) -> dict:
             "cluster": rows["cluster"], "health": node.health_reasons()}  # what /health says, for the badge
 
 
-def serve_status_page(node: Any, req: Request, rest: str, query: str) -> Response:
+def serve_status_page(node: NodeApi, req: Request, rest: str, query: str) -> Response:
     """Answer /status, one self-contained page, and /status/details.json, the data it draws."""
     _only_get(req)
     if rest == "details.json":
@@ -14557,7 +14806,7 @@ ENDPOINTS = {  # GET / for a JSON client: where to go
 }
 
 
-def serve_root(node: Any, req: Request, rest: str, query: str) -> Response:
+def serve_root(node: NodeApi, req: Request, rest: str, query: str) -> Response:
     """Answer /: a redirect to /status for browsers, an index of the endpoints for JSON clients."""
     _only_get(req)
     if rest:
@@ -14732,8 +14981,34 @@ loop();
 # 28. HTTP server #############################################################
 ###############################################################################
 # Owns: the route table, handle_http, and http.server's ThreadingHTTPServer (a
-#       thread per connection) with the limits and timeouts around it.
+#       thread per connection) with the limits and timeouts around it; the
+#       listeners' TLS contexts (the MQTT listeners' too).
 # Must not know: MQTT internals, the key file's format.
+
+def tls_context(options: Mapping[str, Any]) -> ssl.SSLContext:
+    """Build a server TLS context from a listener's certfile, keyfile, cafile, versions and ciphers."""
+    require_tls_files(options)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = TLS_VERSIONS[min(options["tls_version"])]
+    ctx.load_cert_chain(options["certfile"], options["keyfile"] or None)
+    if options["cafile"]:
+        ctx.load_verify_locations(options["cafile"])
+        ctx.verify_mode = ssl.CERT_REQUIRED if options["require_certificate"] else ssl.CERT_OPTIONAL
+    elif options["require_certificate"]:
+        raise ssl.SSLError("require_certificate needs a cafile")
+    if options["ciphers"]:
+        ctx.set_ciphers(options["ciphers"])
+    return ctx
+
+
+def tls_columns(option: Callable[[str], Any] | None) -> dict[str, str]:
+    """Return listener show --tls's columns for a listener (``option`` reads its settings; None: no TLS)."""
+    row = {}
+    for key in ("tls_version", "certfile", "cafile", "keyfile", "require_certificate", "use_identity_as_username"):
+        value = option(key) if option else ""
+        row[key] = render_value(value) if value != "" else ""
+    return {**row, "psk_support": "", "pskfile": ""}
+
 
 def route(path: str) -> tuple[Callable[..., Response], str]:
     """Return the endpoint serving ``path`` and the rest of the path after its prefix."""
@@ -14749,7 +15024,7 @@ ROUTES: tuple[tuple[str, Callable[..., Response]], ...] = (
     ("/status.json", serve_status_json), ("/status", serve_status_page), ("/", serve_root))
 
 
-def handle_http(node: Any, req: Request) -> Response:
+def handle_http(node: NodeApi, req: Request) -> Response:
     """Answer one request; every VmqError becomes its JSON error, any other one a logged 500."""
     try:
         path, _, query = req.target.partition("?")
@@ -15225,7 +15500,7 @@ SERVER_HEADER = f"Server: vmqapi/{__version__}\r\n".encode()
 class HttpListener:
     """One HTTP listener of the node: its HttpServer and the thread that accepts for it."""
 
-    def __init__(self, node: Any, name: str, address: tuple[str, int], tls: bool = False,
+    def __init__(self, node: NodeApi, name: str, address: tuple[str, int], tls: bool = False,
                  options: Mapping[str, Any] | None = None):
         self.node, self.name = node, name
         self.kind = "https" if tls else "http"
@@ -15303,6 +15578,10 @@ class HttpListener:
                 thread.join(max(0.0, end - time.monotonic()))
         self.status = "stopped"
 
+    def delete(self) -> None:
+        """Stop for good (listener delete)."""
+        self.stop()
+
     def row(self, tls: bool = False, mqtt: bool = False) -> dict:
         """Return this listener's row of listener show."""
         limit = self.option("max_connections")
@@ -15375,6 +15654,7 @@ class Node:
 
     ``config`` is a Config or a mapping of config keys to values (strings are
     parsed as in vernemq.conf). ``node.commands.register(...)`` adds commands.
+    It implements NodeApi, what the admin API asks of it.
     """
 
     def __init__(self, config: Config | Mapping[str, Any] | None = None):
@@ -15460,7 +15740,8 @@ class Node:
                               f"{exc.strerror or exc}") from None
         log.info("node %s started: %s", self.name,
                  ", ".join(f"{x['type']} {x['address']}:{x['port']}" for x in self.listeners()))
-        if self._config["allow_anonymous"] is None and self.mqtt.engine.lets_in_unasked(None, self._config):
+        engine = self.mqtt.engine
+        if self._config["allow_anonymous"] is None and self._read(engine.lets_in_unasked, None, self._config):
             # said once the listeners are bound (a start that fails would speak of a node that never ran), and
             # before node.json appears, so whoever waits for that file has been told
             log.warning("allow_anonymous is not set, every MQTT listener is on loopback and no authentication "
@@ -15522,6 +15803,12 @@ class Node:
         if self.mqtt is None or not self.mqtt.loop.is_running() or self.mqtt.in_loop_thread():
             return fn(*args)  # no loop to ask; or a hook calling back into the node, already in the loop
         return self.mqtt.call(fn, *args)
+
+    def _read(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run ``fn(*args)``, which changes nothing, in the broker's thread: as in_broker, without a commit."""
+        if self.mqtt is None or not self.mqtt.loop.is_running() or self.mqtt.in_loop_thread():
+            return fn(*args)
+        return self.mqtt.read(fn, *args)
 
     def _provision(self) -> None:
         env = os.environ.get("VMQAPI_API_KEYS", "")
@@ -15592,18 +15879,23 @@ class Node:
 
     def listener_rows(self, tls: bool = False, mqtt: bool = False) -> list[dict]:
         """Return the rows of listener show (the cluster's listener last, type vmq)."""
-        rows = [x.row(tls, mqtt) for x in self._all_listeners()]
-        if self.cluster is not None and self.cluster.bound is not None:
-            address, port = self.cluster.bound
-            rows.append({"type": "vmqs" if self.cluster.tls else "vmq", "status": "running", "address": address,
-                         "port": str(port), "mountpoint": "", "max_conns": "infinity",
-                         "active_conns": self.cluster.in_loop(self.cluster.links_up),
-                         "all_conns": self.cluster.in_loop(self.cluster.links_up)})
+        cluster = self.cluster if self.cluster is not None and self.cluster.bound is not None else None
+
+        def in_loop() -> tuple[list[dict], int]:  # the MQTT listeners' counters and the links belong to the loop
+            return ([x.row(tls, mqtt) for x in self.mqtt.listeners] if self.mqtt is not None else [],
+                    cluster.links_up() if cluster is not None else 0)
+        mqtt_rows, links = self._read(in_loop)
+        rows = [*(x.row(tls, mqtt) for x in self._listeners), *mqtt_rows]
+        if cluster is not None:
+            address, port = cluster.bound
+            rows.append({"type": "vmqs" if cluster.tls else "vmq", "status": "running", "address": address,
+                         "port": str(port), "mountpoint": "", "max_conns": "infinity", "active_conns": links,
+                         "all_conns": links})
         return rows
 
     def status(self) -> dict[str, Any]:
         """Return node status's values, read from the metrics registry."""
-        return self.in_broker(self._status)
+        return self._read(self._status)
 
     def _status(self) -> dict[str, Any]:
         m = self.metrics.totals().__getitem__
@@ -15617,8 +15909,8 @@ class Node:
                 "version": __version__}
 
     def session_count(self) -> int:
-        """Return how many sessions the broker holds (read without a call into its thread)."""
-        return len(self.mqtt.engine.sessions) if self.mqtt is not None else 0
+        """Return how many sessions the broker holds (as its loop last published it: no call into its thread)."""
+        return self.mqtt.session_total if self.mqtt is not None else 0
 
     def session_records(self, client_id: str | None = None, subscriptions: bool = True,
                         messages: bool = True, local: bool = False) -> list[dict]:
@@ -15626,10 +15918,14 @@ class Node:
 
         In a cluster the other nodes' sessions follow this node's (``local``: this node's only).
         """
-        records = self._in_chunks("session_records", client_id, slice(None), subscriptions, messages)
+        if self.mqtt is None:
+            return []
+        cluster = self.cluster if not local else None
+        remote, records = self._in_chunks(self.mqtt.engine.session_records, client_id, lambda _: slice(None),
+                                          subscriptions, messages, peers=cluster.peers if cluster is not None else None)
         for record in records:
             record["node"] = self.name
-        if self.cluster is not None and not local:
+        if remote:
             records += [r for _, rows in self.cluster.gather("session_records", client_id, subscriptions, messages)
                         for r in rows]
         return records
@@ -15637,27 +15933,40 @@ class Node:
     def session_rows(self, client_id: str | None, columns: Sequence[str], window: slice,
                      local: bool = False) -> list[dict]:
         """Return finished session show rows for a listing without filters, paged before they are built."""
-        remote = self.cluster is not None and not local and self.cluster.in_loop(self.cluster.peers)
-        rows = self._in_chunks("session_rows", client_id, slice(0, window.stop) if remote else window,
-                               tuple(columns))
+        if self.mqtt is None:
+            return []
+        cluster = self.cluster if not local else None
+
+        def part(remote: bool) -> slice:  # with other nodes, this node's rows are paged with theirs
+            return slice(0, window.stop) if remote else window
+        remote, rows = self._in_chunks(self.mqtt.engine.session_rows, client_id, part, tuple(columns),
+                                       peers=cluster.peers if cluster is not None else None)
         if "node" in columns:
             for row in rows:
                 row["node"] = self.name
         if remote:
-            rows += [r for _, part in self.cluster.gather("session_rows", client_id, list(columns), window.stop)
-                     for r in part]
+            rows += [r for _, found in self.cluster.gather("session_rows", client_id, list(columns), window.stop)
+                     for r in found]
             rows = rows[window]
         return rows
 
-    def _in_chunks(self, method: str, client_id: str | None, window: slice, *args: Any) -> list[dict]:
-        if self.mqtt is None:
-            return []
-        fn = getattr(self.mqtt.engine, method)
-        keys = self.in_broker(self.mqtt.engine.session_keys, client_id)[window]
-        out: list[dict] = []
-        for start in range(0, len(keys), SESSION_CHUNK):  # the broker's thread delivers between chunks
-            out += self.in_broker(fn, keys[start:start + SESSION_CHUNK], *args)
-        return out
+    def _in_chunks(self, build: Callable[..., list[dict]], client_id: str | None, window: Callable[[bool], slice],
+                   *args: Any, peers: Callable[[], list[str]] | None = None) -> tuple[bool, list[dict]]:
+        """Return (whether ``peers`` named any, ``build(keys, *args)`` of the sessions in ``window(that)``).
+
+        One turn of the broker's loop finds the keys and builds the first SESSION_CHUNK; each
+        further chunk takes a turn of its own, so the broker delivers between them.
+        """
+        engine = self.mqtt.engine
+
+        def first() -> tuple[bool, list, list[dict]]:
+            remote = peers is not None and bool(peers())
+            keys = engine.session_keys(client_id)[window(remote)]
+            return remote, keys, build(keys[:SESSION_CHUNK], *args)
+        remote, keys, out = self._read(first)
+        for start in range(SESSION_CHUNK, len(keys), SESSION_CHUNK):
+            out += self._read(build, keys[start:start + SESSION_CHUNK], *args)
+        return remote, out
 
     def disconnect_session(self, client_id: str, mountpoint: str = "", cleanup: bool = False,
                            local: bool = False) -> bool:
@@ -15672,34 +15981,83 @@ class Node:
             found = any([found, *(a for _, a in self.cluster.gather("disconnect", client_id, mountpoint, cleanup))])
         return found
 
-    def broker_call(self, method: str, *args: Any, local: bool = True) -> Any:
-        """Call a Broker method in the broker's thread (None when the node has no broker).
+    def _everywhere(self, op: str, answer: Any, *args: Any) -> Any:
+        """Return the first true answer of this node's (``answer``) and the other nodes' to broker op ``op``."""
+        if self.cluster is None:
+            return answer
+        answers = [a for _, a in self.cluster.gather("broker", op, *args)]
+        return next((a for a in [answer, *answers] if a), answer)
 
-        ``local=False``: on every node of the cluster; the answer is the first true one.
-        """
+    def client_status(self, key: tuple[str, str]) -> tuple[str, dict[str, int]] | None:
+        """Return (online or offline, {filter: QoS}) of the session of (mountpoint, client id), or None."""
+        return None if self.mqtt is None else self._read(self.mqtt.engine.client_status, key)
+
+    def disconnect_batch(self, count: int, mountpoint: str, cleanup: bool, keep: Iterable[str]) -> int:
+        """Disconnect up to ``count`` online clients of this node, sparing ``keep``; return how many."""
+        return None if self.mqtt is None else self.in_broker(self.mqtt.engine.disconnect_batch, count, mountpoint,
+                                                             cleanup, keep)
+
+    def unsubscribe(self, client_id: str, topic: str, mountpoint: str = "", local: bool = False) -> bool:
+        """Remove one subscription of a session (on every node unless ``local``); return whether it existed."""
         if self.mqtt is None:
             return None
-        answer = self.in_broker(getattr(self.mqtt.engine, method), *args)
-        if self.cluster is not None and not local:
-            answers = [a for _, a in self.cluster.gather("broker", method, *args)]
-            answer = next((a for a in [answer, *answers] if a), answer)
-        return answer
+        done = self.in_broker(self.mqtt.engine.admin_unsubscribe, client_id, topic, mountpoint)
+        return done if local else self._everywhere("admin_unsubscribe", done, client_id, topic, mountpoint)
 
-    def trace_client(self, client_id: str, mountpoint: str, duration: float, tracer: Tracer,
+    def reauthorize(self, username: str, client_id: str, mountpoint: str = "", local: bool = False) -> int:
+        """Check a session's subscriptions as ``username`` (on every node unless ``local``); return how many dropped."""
+        if self.mqtt is None:
+            return None
+        dropped = self.in_broker(self.mqtt.engine.reauthorize, username, client_id, mountpoint)
+        return dropped if local else self._everywhere("reauthorize", dropped, username, client_id, mountpoint)
+
+    def delete_retained(self, mountpoint: str, topic: str) -> bool:
+        """Delete one retained message; return whether there was one."""
+        return None if self.mqtt is None else self.in_broker(self.mqtt.engine.delete_retained, mountpoint, topic)
+
+    def delete_expired_retained(self) -> int:
+        """Delete the retained messages whose MQTT 5 Message Expiry Interval has passed; return how many."""
+        return None if self.mqtt is None else self.in_broker(self.mqtt.engine.delete_expired_retained)
+
+    def http_publish(self, peer: tuple, user: str | None, password: bytes | None, client_id: str,
+                     mountpoint: str, message: HttpMessage) -> str | None:
+        """Publish as an MQTT client would; return HTTP_PUB_ANSWERS' reason (None: no broker).
+
+        With webhooks their endpoints are asked first, here in the HTTP thread, which may wait.
+        """
+        packet = Publish(message.topic, message.payload, message.qos, message.retain,
+                         packet_id=1 if message.qos else None, properties=message.properties)
+        if self.webhooks is not None:
+            return self.webhooks.http_publish(self, peer, user, password, client_id, mountpoint, packet)
+        if self.mqtt is None:
+            return None
+        return self.in_broker(self.mqtt.engine.http_publish, peer, user, password, client_id, mountpoint, packet)
+
+    def topic_problem(self, topic: str, max_levels: int = 0) -> str | None:
+        """Return why a PUBLISH to ``topic`` is refused (``max_levels`` 0: any depth), or None."""
+        return topic_name_problem(topic, max_levels)
+
+    def string_problem(self, text: str) -> str | None:
+        """Return why ``text`` cannot travel as an MQTT UTF-8 string, or None."""
+        return string_problem(text)
+
+    def trace_client(self, client_id: str, mountpoint: str, duration: float, rate: tuple[int, int, int],
                      follow: str | None = None) -> list[str]:
-        """Trace a client for ``duration`` seconds; return the lines.
+        """Trace a client for ``duration`` seconds (``rate``: lines per interval, the interval in ms, payload
+        bytes shown); return the lines.
 
         With a ``follow`` token the trace stays on after the call (for ``TRACE_FOLLOW_GRACE``
         seconds unless the token comes again), so back-to-back calls miss no packet.
         """
         key = (mountpoint, client_id)
+        tracer = Tracer(client_id, *rate)
         with self._lock:
             stale = self._expire_follows()
             held = self._follows.pop(follow, None) if follow else None
             tracer = held[0] if held is not None and held[1] == key else tracer
         for old_key in stale - {key}:
-            self.broker_call("trace", old_key, None)
-        self.broker_call("trace", key, tracer)
+            self._trace(old_key, None)
+        self._trace(key, tracer)
         try:
             self._stopped.wait(duration)
         finally:
@@ -15707,8 +16065,12 @@ class Node:
                 with self._lock:
                     self._follows[follow] = (tracer, key, time.monotonic() + TRACE_FOLLOW_GRACE)
             elif self._running:
-                self.broker_call("trace", key, None)
+                self._trace(key, None)
         return tracer.take()
+
+    def _trace(self, key: tuple[str, str], tracer: Tracer | None) -> None:
+        if self.mqtt is not None:
+            self.in_broker(self.mqtt.engine.trace, key, tracer)
 
     def _expire_follows(self) -> set[tuple[str, str]]:
         """Forget followed traces nobody asked for lately; return the clients no trace follows now.
@@ -15720,11 +16082,11 @@ class Node:
         self._follows = {token: held for token, held in self._follows.items() if held[2] >= now}
         return expired - {key for _, key, _ in self._follows.values()}
 
-    def tls_listeners(self) -> list[Any]:
+    def tls_listeners(self) -> list[Listener]:
         """Return the listeners that speak TLS."""
-        return [x for x in self._all_listeners() if getattr(x, "tls", None) is not None]
+        return [x for x in self._all_listeners() if x.tls is not None]
 
-    def find_listener(self, address: str, port: int) -> Any:
+    def find_listener(self, address: str, port: int) -> Listener | None:
         """Return the listener at address:port (HTTP or MQTT), or None."""
         return next((x for x in self._all_listeners() if (x.address, x.port) == (address, port)), None)
 
@@ -15739,18 +16101,15 @@ class Node:
             raise OSError("the broker is not running")
         self.mqtt.open_listener(f"{address}:{port}", (address, port), options, kind)
 
-    def delete_listener(self, listener: Any) -> None:
+    def delete_listener(self, listener: Listener) -> None:
         """Stop a listener, close its connections and forget it."""
-        if isinstance(listener, HttpListener):
-            if listener in self._listeners:
-                self._listeners.remove(listener)
-            listener.stop()
-        elif self.mqtt is not None:
-            self.mqtt.delete_listener(listener)
+        if listener in self._listeners:
+            self._listeners.remove(listener)
+        listener.delete()
 
     def metric_samples(self) -> dict[tuple[str, LabelSet], int]:
         """Return every metric series (read in the broker's thread)."""
-        return self.in_broker(self.metrics.samples)
+        return self._read(self.metrics.samples)
 
     def reset_metrics(self) -> None:
         """Zero every counter."""
@@ -15758,24 +16117,58 @@ class Node:
 
     def health_reasons(self) -> list[str]:
         """Return why the node is not healthy: listeners that are not running, a store that cannot write."""
-        down = [f"{x.kind} {x.address}:{x.port} ({x.status})" for x in self._all_listeners() if x.status != "running"]
+        def in_loop() -> tuple[list[tuple[Listener, str]], Any, str]:  # what the broker's loop owns
+            if self.mqtt is None:
+                return [], None, ""
+            return ([(x, x.status) for x in self.mqtt.listeners], self.mqtt.store.error,
+                    self.cluster.split if self.cluster is not None else "")
+        mqtt, error, split = self._read(in_loop)
+        listeners = [*((x, x.status) for x in self._listeners), *mqtt]
+        down = [f"{x.kind} {x.address}:{x.port} ({status})" for x, status in listeners if status != "running"]
         reasons = [f"Listeners are not ready: [{', '.join(down)}]"] if down else []
-        error = self.mqtt.store.error if self.mqtt is not None else None
         if error is not None:
             reasons.append(f"The message store cannot write: {error}")
-        if self.cluster is not None and self.cluster.split:
-            reasons.append(f"The cluster is not ready: {self.cluster.split}")
+        if split:
+            reasons.append(f"The cluster is not ready: {split}")
         return reasons
 
     def retained_rows(self) -> list[dict]:
         """Return mountpoint, topic and payload of every retained message."""
-        return [] if self.mqtt is None else self.in_broker(self.mqtt.engine.retained_rows)
+        return [] if self.mqtt is None else self._read(self.mqtt.engine.retained_rows)
 
     def plugin_rows(self) -> list[dict]:
         """Return the rows of plugin show: enabled built-in plugins and Python hooks."""
         bridge = [{"Plugin": "vmq_bridge", "Type": "application", "Hook(s)": "", "M:F/A": ""}] \
             if self._config["plugins.vmq_bridge"] else []  # it registers no hooks
         return self.hooks.rows() + bridge
+
+    def enable_plugin(self, name: str, on: bool) -> bool:
+        """Switch a plugin's checks and hooks on or off; return False when there is no such plugin."""
+        return self.hooks.enable(name, on)
+
+    # -- the cluster ------------------------------------------------------
+    def cluster_members(self) -> list[str]:
+        """Return every member's name (empty when the node is in no cluster)."""
+        return self._read(self.cluster.members) if self.cluster is not None else []
+
+    def cluster_peers(self) -> list[str]:
+        """Return the other members."""
+        return self._read(self.cluster.peers) if self.cluster is not None else []
+
+    def call_node(self, target: str, op: str, *args: Any) -> Any:
+        """Ask node ``target`` to run cluster op ``op`` (CLUSTER_OPS); raise ClusterError."""
+        if self.cluster is None:
+            raise ClusterError("this node runs no broker, so it is in no cluster")
+        return self.cluster.call(target, op, *args)
+
+    def gather(self, op: str, *args: Any) -> list[tuple[str, Any]]:
+        """Ask every other reachable member to run cluster op ``op``; return (node, answer) pairs."""
+        return self.cluster.gather(op, *args) if self.cluster is not None else []
+
+    def replicate_settings(self, target: str, texts: Mapping[str, str]) -> None:
+        """Hand ``set``'s changes to ``target`` (a node name or ``*``); a node that is down takes them on return."""
+        if self.cluster is not None:
+            self.cluster.set_all(target, texts)
 
 
 ###############################################################################
@@ -15790,7 +16183,7 @@ GLOBAL_OPTIONS = ("--data-dir", "--config", "--set")
 
 @dataclass(frozen=True, slots=True)
 class LocalContext:
-    """What a local command (api-key) sees when it runs in the CLI process."""
+    """What a local command (api-key) sees of NodeApi when it runs in the CLI process."""
 
     config: Config
     keystore: KeyStore

@@ -249,3 +249,13 @@ def test_chunked_table_json_equals_one_dumps(rows, chunk):
     with unittest.mock.patch.object(vmqapi, "JSON_CHUNK", chunk):
         assert vmqapi.render_json([table]) == expected
         assert vmqapi.render_json([table, Text("x")]) == b"[" + expected + b',{"text":"x","type":"text"}]\n'
+
+
+def test_the_node_and_the_listeners_implement_their_interfaces(tmp_path):
+    """Node has every member of NodeApi, and both listener kinds every method of Listener."""
+    node = vmqapi.Node({"data_dir": str(tmp_path)})  # not started: what __init__ sets
+    for name in [*vmqapi.NodeApi.__annotations__, *(n for n in vars(vmqapi.NodeApi) if not n.startswith("_"))]:
+        assert hasattr(node, name), name
+    methods = [n for n, v in vars(vmqapi.Listener).items() if callable(v) and not n.startswith("_")]
+    for cls in (vmqapi.MqttListener, vmqapi.HttpListener):
+        assert [n for n in methods if not callable(getattr(cls, n, None))] == [], cls

@@ -362,7 +362,7 @@ def test_takeover_and_admin_disconnect_give_reasons(connect, node):
     connect("dup")
     assert first.expect(Disconnect).reason_code == 0x8E  # Session taken over
     other = connect("kicked")
-    assert node.broker_call("disconnect", "kicked")
+    assert node.disconnect_session("kicked")
     assert other.expect(Disconnect).reason_code == 0x98  # Administrative action
 
 

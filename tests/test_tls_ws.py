@@ -236,6 +236,26 @@ def test_admin_api_over_https_and_tls_commands(make_node, pki):
     assert https_get(port, "/api/v1/cluster/show", key, pki)[0] == 200
 
 
+def test_tls_show_reads_certificates_as_ssl_decodes_them(pki, tmp_path):
+    """tls show's own X.509 reader agrees with the ssl module's decoding: names, dates, every SAN kind."""
+    (tmp_path / "san.cnf").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1,IP:2001:db8::1,email:a@b.c,"
+                                      "URI:http://x/y,otherName:1.2.3.4;UTF8:hi\n")
+    openssl("req", "-newkey", "rsa:2048", "-nodes", "-utf8", "-subj", "/C=DE/CN=l\u00f3calhost/CN=second",
+            "-keyout", "s.key", "-out", "s.csr", cwd=tmp_path)
+    openssl("x509", "-req", "-in", "s.csr", "-CA", str(pki / "ca.pem"), "-CAkey", str(pki / "ca.key"),
+            "-CAcreateserial", "-days", "20000", "-extfile", "san.cnf", "-out", "s.pem", cwd=tmp_path)
+    (tmp_path / "both.pem").write_bytes((tmp_path / "s.key").read_bytes() + (tmp_path / "s.pem").read_bytes())
+    got = vmqapi.decode_certificate((tmp_path / "both.pem").read_bytes())
+    assert got == {"CN": "l\u00f3calhost", "Issuer": "ca", "Not_Before": got["Not_Before"],
+                   "Not_After": got["Not_After"], "SAN": "localhost, 127.0.0.1, 2001:DB8:0:0:0:0:0:1, a@b.c, "
+                                                        "http://x/y, <unsupported>"}
+    assert got["Not_After"].endswith(" GMT") and int(got["Not_After"].split()[3]) >= 2080  # GeneralizedTime
+    (row,) = vmqapi.certificate_rows([str(tmp_path / "s.pem")], 0)
+    assert row["expires"] == ssl.cert_time_to_seconds(got["Not_After"])
+    (row,) = vmqapi.certificate_rows([str(tmp_path / "s.key")], 7)
+    assert row["CN"].startswith("unreadable") and row["expires"] == 7
+
+
 def test_https_connections_beyond_max_connections_are_closed(make_node, pki):
     node = make_node(**{"listener.https.admin": "127.0.0.1:0", "listener.https.admin.certfile": str(pki / "server.pem"),
                         "listener.https.admin.keyfile": str(pki / "server.key"),

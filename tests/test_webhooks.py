@@ -265,7 +265,7 @@ def test_subscribe_modifiers_rewrite_topics_and_128_refuses_one(make_node, endpo
     try:
         c.connect("c")
         assert c.subscribe(("a", 1), ("b", 1)) == (0, 0x80)
-        assert node.broker_call("client_status", ("", "c")) == ("online", {"mine/a": 0})
+        assert node.client_status(("", "c")) == ("online", {"mine/a": 0})
         c.publish("mine/a", b"m")
         assert c.message().payload == b"m"
     finally:
