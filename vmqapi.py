@@ -66,15 +66,9 @@ import os
 import stat
 import sys
 
-# Python compiles a script run directly (``python vmqapi.py``) on every start and never
-# reads its .pyc; compiling this module leaves about 18 MB of the compiler's memory in the
-# process (measured with bench/startup.py). The script therefore hands over, before the
-# rest of this file runs, to a fresh interpreter in the same process (os.execv keeps the
-# pid, the arguments, the descriptors and the exit code) that runs this very file from its
-# cached bytecode, as ``import vmqapi`` would. ``__spec__`` is None only in the script.
-# SIGINT stays blocked through the exec (the new interpreter keeps the mask and a pending
-# signal) until the stub below can turn Ctrl-C into exit 130, as a shell reports a command
-# that SIGINT stopped: no traceback however early the user gives up.
+# Run as a script (``python vmqapi.py``), this file first hands over to its own cached
+# bytecode; see "Start-up" in the CLI section, next to main(), for why and for the rest of
+# it. Only the hand-over itself stands here: it must come before the imports it saves.
 _FROM_BYTECODE = ("import signal,sys\n"
                   "try:\n"
                   " signal.pthread_sigmask(signal.SIG_UNBLOCK,{signal.SIGINT})\n"
@@ -100,57 +94,10 @@ def _start_from_bytecode() -> None:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # run on from the source, as Python started it
 
 
-def _free_compiler_memory() -> None:
-    """Give the memory that compiling this file took back to the system (glibc's malloc_trim)."""
-    import ctypes
-    trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
-    if trim is not None:
-        trim(0)
-
-
-def _show_script_in_cmdline() -> None:
-    """Make ``ps`` show ``python .../vmqapi.py ARGS`` again instead of the stub's ``python -c ...`` (Linux).
-
-    The kernel reads /proc/<pid>/cmdline from the process's own argument area; the stub's
-    argv is longer than the one it stands for, so the script's fits there, padded with NULs.
-    The area is written (through /proc/self/mem: no ctypes, which costs 0.4 MB of RSS) only
-    where it holds exactly what /proc/self/cmdline says it holds.
-    """
-    with open("/proc/self/stat", "rb") as fh:
-        fields = fh.read().rpartition(b")")[2].split()
-    with open("/proc/self/cmdline", "rb") as fh:
-        old = fh.read()
-    start, end = int(fields[45]), int(fields[46])  # arg_start and arg_end, fields 48 and 49 of proc(5)
-    stub = sys.orig_argv.index(_FROM_BYTECODE) - 1  # "-c" and the stub go
-    new = b"".join(os.fsencode(arg) + b"\0" for arg in [*sys.orig_argv[:stub], *sys.orig_argv[stub + 2:]])
-    if not start or end - start != len(old) or len(new) > len(old):
-        return
-    with open("/proc/self/mem", "r+b", buffering=0) as mem:
-        mem.seek(start)
-        if mem.read(len(old)) == old:
-            mem.seek(start)
-            mem.write(new.ljust(len(old), b"\0"))
-
-
-def _settle_as_script() -> None:
-    """Hand over to the cached bytecode, or, handed over, tidy up after the hand-over."""
-    if __spec__ is None and globals().get("__file__", "").endswith(".py"):
-        _start_from_bytecode()
-    elif __spec__ is not None and __spec__.name == "__main__" and _FROM_BYTECODE in sys.orig_argv:
-        if sys.platform.startswith("linux"):
-            try:
-                _show_script_in_cmdline()
-            except (OSError, ValueError, IndexError):  # no /proc, an odd stat line: ps shows the stub
-                pass
-        # Handed over, but no .pyc can be kept (PYTHONDONTWRITEBYTECODE, a read-only folder), so
-        # the loader compiled this file; that compiler's memory is free by now.
-        if sys.platform.startswith("linux") and not os.path.exists(__spec__.cached or ""):
-            _free_compiler_memory()
-
-
-if __name__ == "__main__" and os.name == "posix" and sys.executable:
+if __name__ == "__main__" and os.name == "posix" and sys.executable and __spec__ is None \
+        and globals().get("__file__", "").endswith(".py"):
     try:
-        _settle_as_script()
+        _start_from_bytecode()
     except KeyboardInterrupt:  # Ctrl-C before the hand-over: nothing has started
         sys.exit(INTERRUPTED_EXIT)
 
@@ -16534,5 +16481,67 @@ def _remote_error(exc: urllib.error.HTTPError, fmt: str) -> int:
     return _print_error(error, fmt)
 
 
+# -- Start-up ----------------------------------------------------------------
+# Python compiles a script run directly (``python vmqapi.py``) on every start and never
+# reads its .pyc; compiling this module leaves about 18 MB of the compiler's memory in the
+# process (measured with bench/startup.py). The script therefore hands over, before the
+# rest of the file runs (``_start_from_bytecode`` in the preamble: it must precede the
+# imports it saves), to a fresh interpreter in the same process (os.execv keeps the pid,
+# the arguments, the descriptors and the exit code) that runs this very file from its
+# cached bytecode, as ``import vmqapi`` would. ``__spec__`` is None only in the script.
+# SIGINT stays blocked through the exec (the new interpreter keeps the mask and a pending
+# signal) until the stub can turn Ctrl-C into exit 130, as a shell reports a command that
+# SIGINT stopped: no traceback however early the user gives up. What follows tidies up in
+# the new interpreter, before main() runs.
+
+
+def _free_compiler_memory() -> None:
+    """Give the memory that compiling this file took back to the system (glibc's malloc_trim)."""
+    import ctypes
+    trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
+    if trim is not None:
+        trim(0)
+
+
+def _show_script_in_cmdline() -> None:
+    """Make ``ps`` show ``python .../vmqapi.py ARGS`` again instead of the stub's ``python -c ...`` (Linux).
+
+    The kernel reads /proc/<pid>/cmdline from the process's own argument area; the stub's
+    argv is longer than the one it stands for, so the script's fits there, padded with NULs.
+    The area is written (through /proc/self/mem: no ctypes, which costs 0.4 MB of RSS) only
+    where it holds exactly what /proc/self/cmdline says it holds.
+    """
+    with open("/proc/self/stat", "rb") as fh:
+        fields = fh.read().rpartition(b")")[2].split()
+    with open("/proc/self/cmdline", "rb") as fh:
+        old = fh.read()
+    start, end = int(fields[45]), int(fields[46])  # arg_start and arg_end, fields 48 and 49 of proc(5)
+    stub = sys.orig_argv.index(_FROM_BYTECODE) - 1  # "-c" and the stub go
+    new = b"".join(os.fsencode(arg) + b"\0" for arg in [*sys.orig_argv[:stub], *sys.orig_argv[stub + 2:]])
+    if not start or end - start != len(old) or len(new) > len(old):
+        return
+    with open("/proc/self/mem", "r+b", buffering=0) as mem:
+        mem.seek(start)
+        if mem.read(len(old)) == old:
+            mem.seek(start)
+            mem.write(new.ljust(len(old), b"\0"))
+
+
+def settle_after_hand_over() -> None:
+    """Handed over from the script (see Start-up): let ``ps`` show the script, free the compiler's memory."""
+    if not (sys.platform.startswith("linux") and __spec__ is not None and __spec__.name == "__main__"
+            and _FROM_BYTECODE in sys.orig_argv):
+        return
+    try:
+        _show_script_in_cmdline()
+    except (OSError, ValueError, IndexError):  # no /proc, an odd stat line: ps shows the stub
+        pass
+    # Handed over, but no .pyc can be kept (PYTHONDONTWRITEBYTECODE, a read-only folder), so
+    # the loader compiled this file; that compiler's memory is free by now.
+    if not os.path.exists(__spec__.cached or ""):
+        _free_compiler_memory()
+
+
 if __name__ == "__main__":
+    settle_after_hand_over()
     sys.exit(main())
