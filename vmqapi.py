@@ -10650,9 +10650,9 @@ class ClusterLinks:
 ###############################################################################
 # 21. Cluster requests: joins, leaves and calls between nodes #################
 ###############################################################################
-# Owns: the cluster's constants, the store of its replicated rows, what
-#       commands ask of it (joins, leaves, requests to other nodes and their
-#       answers), and the frames kept until another node has committed them.
+# Owns: the cluster's constants, its replicated rows (their store and their
+#       flow), requests to other nodes and their answers, sessions moving
+#       between nodes, and the frames kept until another node committed them.
 # Must not know: the bytes on a link, the engine's shapes.
 
 CLUSTER_PORT = 44053  # VerneMQ's cluster port: a discovery node without one is asked there
@@ -11421,8 +11421,9 @@ class KeptFrames:
 ###############################################################################
 # 22. Cluster: membership, replication, routing and sessions across nodes #####
 ###############################################################################
-# Owns: applying replicated state to the router, keys and config, forwarding
-#       messages, sessions that move, netsplits; the cluster commands.
+# Owns: applying replicated state to the router, keys and config, membership
+#       (joins, leaves, netsplits), forwarding messages; the Cluster that
+#       holds the parts; the cluster commands.
 # Must not know: the bytes on a link.
 
 
