@@ -10944,6 +10944,10 @@ class ClusterCalls:
                 if not future.done():
                     future.set_exception(ClusterError(text))
 
+    def shutdown(self) -> None:
+        """Run no more requests (the node stops); those running finish on their own."""
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
     def take(self, peer: str, body: bytes) -> None:
         """Run another node's request (FRAME_CALL) in a worker, or answer busy when CLUSTER_MAX_CALLS wait."""
         call_id, op, args = decode_term(body)
@@ -12039,7 +12043,7 @@ class Cluster:
                 self.io.call(self._farewell)  # its after_batch announces the sessions that went offline or ended
                 self.io.call(self._stop_timer)  # the frames of the farewell are flushed before this runs
                 self.io.call_async(self.links.close(), timeout=5)
-        self.calls.pool.shutdown(wait=False, cancel_futures=True)
+        self.calls.shutdown()
         with contextlib.suppress(concurrent.futures.TimeoutError, RuntimeError):
             self.in_loop(self.rows.save)
         self.store.close()
