@@ -10831,9 +10831,9 @@ class ClusterLinks:
 ###############################################################################
 # 21. Cluster requests: joins, leaves and calls between nodes #################
 ###############################################################################
-# Owns: the cluster's constants, the store of its replicated rows, what
-#       commands ask of it (joins, leaves, requests to other nodes and their
-#       answers), and the frames kept until another node has committed them.
+# Owns: the cluster's constants, its replicated rows (their store and their
+#       flow), requests to other nodes and their answers, sessions moving
+#       between nodes, and the frames kept until another node committed them.
 # Must not know: the bytes on a link, the engine's shapes.
 
 CLUSTER_PORT = 44053  # VerneMQ's cluster port: a discovery node without one is asked there
@@ -10975,53 +10975,180 @@ class ClusterStore:
             self.db.close()
 
 
-class ClusterAdmin:
-    """What commands ask of the cluster (from HTTP and CLI threads): joins, leaves, requests to peers.
+class Replication:
+    """The replicated rows and their flow (loop thread): this node's writes (``put``) go to the peers after
+    the batch (``announce``) and to the store at the next round (``save``); a peer's rows come in through
+    ``merge``, each changed row given to its kind's applier (``appliers``, filled by the cluster).
 
-    The loop-side state these use belongs to ``Cluster``, which is the only class built on this one.
+    ``written`` holds what follows this node's own write of a row of a kind (a session's: its index).
     """
 
-    def in_loop(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """Run ``fn`` in the loop thread (directly when called there) and return its result."""
-        return self.node.in_broker(fn, *args)
+    def __init__(self, me: str, store: ClusterStore):
+        self.me, self.store = me, store
+        self.replica = Replica(me, store.load())
+        self.links: ClusterLinks | None = None
+        self.appliers: dict[str, Callable[[Update], None]] = {}
+        self.written: dict[str, Callable[[Update], None]] = {}
+        self.dirty: dict[tuple[str, str], Update] = {}  # rows to save at the next timer round
+        self.outgoing: list[Update] = []  # local updates to announce after this batch
+        self.quiet: dict[str, bool] = {}  # peer -> a merge with it found nothing new since the link came up
+        self.unsynced: set[str] = set()  # peers not heard in step with since the start
+
+    def put(self, kind: str, key: str, value: Any, renew: bool = False, quiet: bool = False) -> None:
+        """Write a row here; it goes out after the batch."""
+        # quiet: stamped just after this node's last write of the row, so that a claim another node made
+        # meanwhile (a takeover, stamped with its time) still wins over it
+        update = self.replica.put(kind, key, value, 0.0 if quiet else time.time(), renew)
+        if update is not None:
+            self.dirty[kind, key] = update
+            self.outgoing.append(update)
+            written = self.written.get(kind)
+            if written is not None:
+                written(update)
+
+    def merge(self, peer: str, body: bytes) -> bool:
+        """Merge a peer's FRAME_META and answer it; True when it brought nothing new and asked nothing."""
+        changed, replies = self.replica.receive(decode_term(body))
+        self.take_remote(changed)
+        for reply in replies:
+            self.links.send(peer, FRAME_META, encode_term(reply))
+        if changed or replies:
+            return False
+        self.quiet[peer] = True
+        self.unsynced.discard(peer)
+        return True
+
+    def take_remote(self, updates: list[Update]) -> None:
+        """Apply updates that came from other nodes and changed the replica."""
+        for update in updates:
+            self.dirty[update.kind, update.key] = update
+            apply = self.appliers.get(update.kind)
+            try:
+                if apply is not None:
+                    apply(update)
+            except ClusterError as exc:  # a peer's bad row: one line, and the others still apply
+                log.warning("cluster: cannot apply %s %r: %s", update.kind, update.key[:100], exc.text)
+            except Exception:  # one bad row must not stop the others; the row stays for the next look
+                log.exception("cluster: cannot apply %s %r", update.kind, update.key)
+
+    def hello(self, peer: str) -> None:
+        """A link to ``peer`` came up: offer it a digest (it answers what either side lacks)."""
+        self.quiet[peer] = False
+        self.links.send(peer, FRAME_META, encode_term(self.replica.digest_message()))
+
+    def digest(self, peers: Iterable[str]) -> None:
+        """Send the anti-entropy digest to each of ``peers`` that is up."""
+        body = encode_term(self.replica.digest_message())
+        for peer in peers:
+            if self.links.is_up(peer):
+                self.links.send(peer, FRAME_META, body)
+
+    def announce(self) -> None:
+        """Send this batch's writes to every linked node."""
+        updates, self.outgoing = self.outgoing, []
+        if updates and self.links is not None:
+            body = encode_term(self.replica.announce(updates))
+            for row in self.links.rows():  # every linked node, a member just removed too: it hears why
+                if row["up"]:
+                    self.links.send(row["name"], FRAME_META, body)
+
+    def save(self) -> None:
+        """Keep the rows changed since the last save."""
+        rows, self.dirty = list(self.dirty.values()), {}
+        if rows:
+            self.store.save(rows)
+
+    def purge(self, before: float) -> None:
+        """Forget the tombstones older than ``before``, here and in the store (else a restart loads them)."""
+        self.replica.purge(before)
+        self.store.purge(before)
+
+
+class ClusterCalls:
+    """Requests between nodes: this node's to a peer (``call``, ``gather``, from command threads) and the
+    peers' to this node (``take``), each run by ``ops`` (CLUSTER_OPS) on ``node`` in a worker thread.
+
+    ``peers`` and ``in_loop`` are the cluster's; ``links`` is set once the cluster's links exist. The
+    calls waiting for an answer belong to the loop thread.
+    """
+
+    def __init__(self, node: NodeApi, ops: Mapping[str, Callable[..., Any]], loop: asyncio.AbstractEventLoop,
+                 peers: Callable[[], list[str]], in_loop: Callable[..., Any]):
+        self.node, self.ops, self.loop, self.peers, self.in_loop = node, ops, loop, peers, in_loop
+        self.links: ClusterLinks | None = None
+        self.waiting: dict[int, tuple[str, concurrent.futures.Future]] = {}  # call id -> peer, its answer
+        self.last_id = 0
+        self.pool = concurrent.futures.ThreadPoolExecutor(CLUSTER_CALL_WORKERS, thread_name_prefix="vmqapi-cluster")
+        self.serving = threading.BoundedSemaphore(CLUSTER_MAX_CALLS)  # taken in the loop, given back by a worker
+        self.stop_after_answer = False  # set by cluster leave -k on the node that leaves
 
     def call(self, peer: str, op: str, *args: Any, timeout: float = CALL_TIMEOUT) -> Any:
         """Ask ``peer`` to run ``op`` (one of CLUSTER_OPS) and return its answer; raise ClusterError."""
         future: concurrent.futures.Future = concurrent.futures.Future()
 
         def send() -> None:
-            self._next_call += 1
-            self._calls[self._next_call] = (peer, future)
+            self.last_id += 1
+            self.waiting[self.last_id] = (peer, future)
             if self.links is None or not self.links.is_up(peer):
-                self._calls.pop(self._next_call)
+                self.waiting.pop(self.last_id)
                 future.set_exception(ClusterError(f"{peer} is not reachable"))
                 return
-            self.links.send(peer, FRAME_CALL, encode_term([self._next_call, op, list(args)]))
-        self.io.loop.call_soon_threadsafe(send)
+            self.links.send(peer, FRAME_CALL, encode_term([self.last_id, op, list(args)]))
+        self.loop.call_soon_threadsafe(send)
         try:
             return future.result(timeout)
         except concurrent.futures.TimeoutError:
             raise ClusterError(f"{peer} did not answer within {timeout:g} s") from None
 
-    def _take_call(self, peer: str, call_id: Any, op: Any, args: Any) -> None:
-        """Run another node's request in a worker, or answer busy when CLUSTER_MAX_CALLS wait already."""
-        if not self._serving.acquire(blocking=False):
+    def gather(self, op: str, *args: Any) -> list[tuple[str, Any]]:
+        """Ask every reachable peer ``op``; return (peer, answer) for those that answered."""
+        answers = []
+        for peer in self.in_loop(self.peers):
+            try:
+                answers.append((peer, self.call(peer, op, *args)))
+            except ClusterError as exc:
+                log.info("cluster: %s did not answer %s: %s", peer, op, exc.text)
+        return answers
+
+    def reply(self, peer: str, body: bytes) -> None:
+        """Take a peer's answer (FRAME_REPLY) to one of this node's calls."""
+        call_id, ok, result = decode_term(body)
+        target, future = self.waiting.pop(call_id, (None, None))
+        if future is not None and not future.done():
+            future.set_result(result) if ok else future.set_exception(ClusterError(str(result)))
+
+    def fail(self, peer: str | None, text: str) -> None:
+        """Fail the calls waiting for ``peer`` (None: every call) with ``text``."""
+        for call_id, (target, future) in list(self.waiting.items()):
+            if peer is None or target == peer:
+                del self.waiting[call_id]
+                if not future.done():
+                    future.set_exception(ClusterError(text))
+
+    def shutdown(self) -> None:
+        """Run no more requests (the node stops); those running finish on their own."""
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+    def take(self, peer: str, body: bytes) -> None:
+        """Run another node's request (FRAME_CALL) in a worker, or answer busy when CLUSTER_MAX_CALLS wait."""
+        call_id, op, args = decode_term(body)
+        if not self.serving.acquire(blocking=False):
             self.links.send(peer, FRAME_REPLY, encode_term([call_id, False, f"busy: {CLUSTER_MAX_CALLS} requests "
                                                                                "wait already"]))
             return
         try:
-            self.pool.submit(self._serve_call, peer, call_id, op, args)
+            self.pool.submit(self._serve, peer, call_id, op, args)
         except RuntimeError:  # the node stops
-            self._serving.release()
+            self.serving.release()
 
-    def _serve_call(self, peer: str, call_id: int, op: str, args: list) -> None:
+    def _serve(self, peer: str, call_id: int, op: str, args: list) -> None:
         try:
-            self._answer_call(peer, call_id, op, args)
+            self._answer(peer, call_id, op, args)
         finally:
-            self._serving.release()
+            self.serving.release()
 
-    def _answer_call(self, peer: str, call_id: int, op: str, args: list) -> None:
-        fn = CLUSTER_OPS.get(op) if isinstance(op, str) else None
+    def _answer(self, peer: str, call_id: int, op: str, args: list) -> None:
+        fn = self.ops.get(op) if isinstance(op, str) else None
         try:
             if fn is None:
                 raise BadRequest(f"unknown request {op[:100]!r}" if isinstance(op, str) else "a request without a name")
@@ -11040,124 +11167,9 @@ class ClusterAdmin:
         except ClusterError as exc:
             body = encode_term([call_id, False, f"the answer cannot be sent: {exc}"])
         with contextlib.suppress(RuntimeError):
-            self.io.loop.call_soon_threadsafe(lambda: self.links.send(peer, FRAME_REPLY, body))
+            self.loop.call_soon_threadsafe(lambda: self.links.send(peer, FRAME_REPLY, body))
             if self.stop_after_answer:  # cluster leave -k: the asking node hears Done first
-                self.io.loop.call_soon_threadsafe(self.io.loop.call_later, LEAVE_STOP_DELAY, self.node.request_stop)
-
-    def gather(self, op: str, *args: Any) -> list[tuple[str, Any]]:
-        """Ask every reachable peer ``op``; return (peer, answer) for those that answered."""
-        answers = []
-        for peer in self.in_loop(self.peers):
-            try:
-                answers.append((peer, self.call(peer, op, *args)))
-            except ClusterError as exc:
-                log.info("cluster: %s did not answer %s: %s", peer, op, exc.text)
-        return answers
-
-    def show_rows(self) -> list[dict]:
-        """Return cluster show's rows."""
-        def rows() -> list[dict]:
-            members = [*self.peers(), self.me]  # a node in no cluster (or taken out) lists itself alone
-            return [{"Node": m, "Running": m == self.me or (self.links is not None and self.links.is_up(m))}
-                    for m in sorted(members)]
-        return self.in_loop(rows)
-
-    def join(self, discovery: str) -> str:
-        """Join the cluster ``discovery`` belongs to; return Done, or raise ClusterError saying why not."""
-        name, host, port = parse_discovery_node(discovery)
-        if name == self.me:
-            raise ClusterError(f"{name} is this node")
-        if self.bound is None:
-            raise ClusterError("this node has no cluster listener (set listener.vmq.clustering)")
-        # Only a peer heard since its link came up: a node removed while it was down still holds the
-        # others' rows, and links to them after a restart until it hears of its removal from them.
-        if self.in_loop(lambda: name in self.peers() and self.links.is_up(name) and self._quiet.get(name, False)):
-            raise ClusterError(f"{name} is already a member of this node's cluster")
-        remote = self.io.call_async(self.links.probe(host, port), timeout=JOIN_TIMEOUT + 5)
-        if remote != name:
-            raise ClusterError(f"the node at {host}:{port} is {remote}, not {name}")
-        self.in_loop(self._add_member, name, f"{host}:{port}")
-        deadline = time.monotonic() + JOIN_TIMEOUT
-        while time.monotonic() < deadline:
-            if self.in_loop(lambda: self.links.is_up(name) and self._quiet.get(name, False)):
-                return "Done"
-            time.sleep(0.05)
-        raise ClusterError(f"{name} answered, but the link to it did not come up within {JOIN_TIMEOUT:g} s; "
-                           "this node keeps trying")
-
-    def _add_member(self, name: str, address: str) -> None:
-        rejoin = self.me not in self.members()
-        # renewed: the row this node kept may have lost already, unseen, to its removal while it was down
-        self._put("member", self.me, {"address": self._advertised()}, renew=True)
-        if not isinstance(self.replica.get("member", name), dict):  # its own address wins over the one typed
-            self._put("member", name, {"address": address})
-        if rejoin:
-            self._index_sessions()  # taken out before (_left): the others' subscribers count again
-        self._quiet[name] = False  # Done once the peer is heard after these rows, not on an earlier merge
-        self._expect(name, time.monotonic())
-        self._connect_members()
-        self._maybe_record()
-        self.after_batch()
-        self._save()
-
-    def leave(self, name: str, kill_sessions: bool, timeout: float) -> str:
-        """Take ``name`` out of the cluster, as VerneMQ's cluster leave (README, "Cluster")."""
-        members = self.in_loop(self.members)
-        if name not in members:
-            raise ClusterError(f"{name} is not a member of this cluster")
-        if name == self.me:
-            return leave_here(self.node, kill_sessions, timeout)
-        if self.in_loop(lambda: self.links.is_up(name)):
-            return self.call(name, "leave", kill_sessions, timeout, timeout=timeout + CALL_TIMEOUT)
-        self.in_loop(self._remove_down, name)
-        return "Done"
-
-    def _remove_down(self, name: str) -> None:
-        self._put("member", name, None)
-        self._member_gone(name)
-        self.links.forget(name)
-        self._connect_members()
-        self._check_split()
-        self._announce()
-        self._save()
-
-    def leave_now(self, kill_sessions: bool) -> None:
-        """This node leaves (loop thread): with ``kill_sessions`` its sessions move to the others first."""
-        others = self.peers()
-        if kill_sessions and others:
-            engine, now = self.engine, time.time()
-            for mountpoint, client_id in list(engine.session_keys(None)):
-                summary = engine.session_summary(mountpoint, client_id)
-                if summary is None:
-                    continue
-                messages = engine.hand_over(mountpoint, client_id, now)
-                if not summary["clean"]:
-                    key = session_key(mountpoint, client_id)
-                    target = others[zlib.crc32(key.encode()) % len(others)]
-                    self.moves.migrate(target, mountpoint, client_id, summary, messages)
-        self._put("member", self.me, None)
-        self._announce()
-        self._save()
-
-    def _left(self) -> None:
-        """Another node removed this one: forget the peers, run standalone."""
-        log.warning("cluster: this node was taken out of the cluster")
-        for peer in list(self.engine.router.remote):
-            self.engine.router.drop_remote(peer)
-        for row in self.links.rows():  # after a moment: hand-overs to the others are still on their way
-            self.io.loop.call_later(FORGET_DELAY, self._forget_if_out, row["name"])
-        self._owned.clear()
-        self._interest.clear()
-        self.engine.clustered = False
-
-    def set_all(self, target: str, changes: Mapping[str, str]) -> None:
-        """Replicate ``set`` changes to ``target`` (a node name, or ``*`` for every node)."""
-        def put() -> None:
-            for key, text in changes.items():
-                self._put("config", f"{target}\0{key}", text)
-            self._announce()
-        self.in_loop(put)
-
+                self.loop.call_soon_threadsafe(self.loop.call_later, LEAVE_STOP_DELAY, self.node.request_stop)
 
 
 def migrated_message(body: Any, max_props: int) -> Message | None:
@@ -11171,6 +11183,11 @@ def migrated_message(body: Any, max_props: int) -> Message | None:
         log.warning("cluster: a queued message handed over is dropped: %s", exc.text)
         return None
     return msg
+
+
+def _summary_ok(summary: Any) -> bool:
+    """Whether a session summary from another node has the shape adopt_session reads (its entries are checked there)."""
+    return isinstance(summary, dict) and isinstance(summary.get("subs") or {}, dict)
 
 
 class HandedOver:
@@ -11233,8 +11250,10 @@ class SessionMoves:
     up have come, at most ADOPT_WAIT: then every older message is ahead of every newer one.
     """
 
-    def __init__(self, cluster: Any):
-        self.cluster, self.engine, self.kept = cluster, cluster.engine, cluster.kept
+    def __init__(self, engine: Engine, kept: KeptFrames, me: str, replica: Replica, loop: asyncio.AbstractEventLoop,
+                 flush_soon: Callable[[], None]):
+        self.engine, self.kept, self.me, self.replica, self.loop = engine, kept, me, replica, loop
+        self.flush_soon = flush_soon  # the cluster's: what a timer did here is committed and sent
         self.handed = HandedOver()
         # session taken over here -> [its wait (Session.waiting), nodes whose marker is due, migrated, row stamp]
         self.awaiting: dict[tuple[str, str], list[Any]] = {}
@@ -11265,7 +11284,7 @@ class SessionMoves:
 
     def row_moved(self, key: str, old: str, owner: str, stamp: float) -> None:
         """Another node's session row moved from ``old`` to ``owner``: mark the end of what went to ``old``."""
-        if old != self.cluster.me:
+        if old != self.me:
             self.kept.keep(old, KEPT_FLUSH, encode_term([key, owner, stamp]))
 
     def _on_flush(self, peer: str, body: bytes) -> None:
@@ -11278,7 +11297,7 @@ class SessionMoves:
                 waiting.append((peer, stamp))
             if len(self.markers) > MOVED_MAX:  # of sessions that never moved after all: the oldest go
                 del self.markers[next(iter(self.markers))]
-        elif (target or owner) != self.cluster.me:
+        elif (target or owner) != self.me:
             self.kept.keep(target or owner, KEPT_FLUSHED, encode_term([key, peer, stamp]))
 
     # -- the new node -----------------------------------------------------
@@ -11291,7 +11310,7 @@ class SessionMoves:
         if old not in up:  # a node down sends later: nothing to wait for
             return self._done(mountpoint, client_id, which)
         self.awaiting[mountpoint, client_id] = [which, set(up) - {old}, False, None]
-        self.cluster.io.loop.call_later(ADOPT_WAIT, self._done, mountpoint, client_id, which)
+        self.loop.call_later(ADOPT_WAIT, self._done, mountpoint, client_id, which)
 
     def _check(self, mountpoint: str, client_id: str) -> None:
         entry = self.awaiting.get((mountpoint, client_id))
@@ -11309,7 +11328,7 @@ class SessionMoves:
         if entry is not None and entry[0] == which:
             del self.awaiting[mountpoint, client_id]
         self.engine.stop_waiting(mountpoint, client_id, time.time(), which)
-        self.cluster.flush_soon()
+        self.flush_soon()
 
     def down(self, peer: str) -> None:
         """A node is gone: no marker will come from it."""
@@ -11332,8 +11351,8 @@ class SessionMoves:
         if len(messages) < len(bodies):
             log.warning("cluster: %d of the %d queued message(s) of %r handed over could not be used",
                         len(bodies) - len(messages), len(bodies), client_id[:100])
-        held = self.cluster.replica.get("session", session_key(mountpoint, client_id))
-        ours = isinstance(held, dict) and held.get("node") == self.cluster.me  # here, whatever this node forgot
+        held = self.replica.get("session", session_key(mountpoint, client_id))
+        ours = isinstance(held, dict) and held.get("node") == self.me  # here, whatever this node forgot
         owner = self.handed.owner(mountpoint, client_id)
         if owner is not None and engine.session_summary(mountpoint, client_id) is None:
             self.kept.keep(owner, KEPT_MIGRATE, body)  # it moved on from here meanwhile: its queue follows it
@@ -11587,53 +11606,583 @@ class KeptFrames:
 ###############################################################################
 # 22. Cluster: membership, replication, routing and sessions across nodes #####
 ###############################################################################
-# Owns: applying replicated state to the router, keys and config, forwarding
-#       messages, sessions that move, netsplits; the cluster commands.
+# Owns: applying replicated state to the router, keys and config, membership
+#       (joins, leaves, netsplits), forwarding messages; the Cluster that
+#       holds the parts; the cluster commands.
 # Must not know: the bytes on a link.
 
 
-class Cluster(ClusterAdmin):
-    """This node's part in a cluster: the replica, the links, and what they mean for the engine.
+class SessionRows:
+    """The replica's session and retained rows and the engine, kept in step (loop thread).
 
-    Everything but the command entry points (``join``, ``leave``, ``gather``, ``set_remote``...)
+    Other nodes' sessions give the router their subscriptions (``index``); this node's session and
+    retained changes become rows (``record``); a session row that moves hands the session over
+    (``SessionMoves``); a member removed while down leaves its persistent sessions to the others.
+    """
+
+    def __init__(self, me: str, engine: Engine, rows: Replication, moves: SessionMoves):
+        self.me, self.engine, self.rows, self.moves = me, engine, rows, moves
+        self.replica = rows.replica
+        self.owned: dict[str, tuple[str, tuple[str, ...], bool]] = {}  # session key -> node, filters, online
+        self.interest: dict[tuple[str, str, str], list[int]] = {}  # (node, mp, filter) -> [members, online]
+        self.initial = False  # the next record is the first since this node records: every session
+
+    def index_all(self) -> None:
+        """Give the router every other node's subscriptions the replica holds (at the start, and on a rejoin)."""
+        for key, value in self.replica.items("session"):
+            try:
+                self.index(key, value)
+            except ClusterError as exc:  # a bad row a peer sent once must not stop every later start
+                log.warning("cluster: cannot apply session %r: %s", key[:100], exc.text)
+
+    def index(self, key: str, value: Any) -> None:
+        """Keep the router's view of other nodes' subscriptions in step with a session row."""
+        mountpoint, _ = split_session_key(key)
+        old = self.owned.pop(key, None)
+        touched = set()
+        if old is not None:
+            node, filters, online = old
+            for topic_filter in filters:
+                counts = self.interest[node, mountpoint, topic_filter]
+                counts[0] -= 1
+                counts[1] -= online
+                touched.add((node, mountpoint, topic_filter))
+        if isinstance(value, dict) and value.get("node") != self.me and value.get("node") \
+                and isinstance(value["node"], str):
+            node, online = value["node"], bool(value.get("online"))
+            subs = value.get("subs") or ()
+            filters = tuple(f for f in subs if isinstance(f, str) and valid_subscription(f)) \
+                if isinstance(subs, (list, dict)) else ()
+            self.owned[key] = (node, filters, online)
+            for topic_filter in filters:
+                counts = self.interest.setdefault((node, mountpoint, topic_filter), [0, 0])
+                counts[0] += 1
+                counts[1] += online
+                touched.add((node, mountpoint, topic_filter))
+        for node, mp, topic_filter in touched:
+            members, online = self.interest[node, mp, topic_filter]
+            if members <= 0:
+                del self.interest[node, mp, topic_filter]
+            self.engine.router.set_remote(node, mp, topic_filter, max(members, 0), max(online, 0))
+
+    def written(self, update: Update) -> None:
+        """This node wrote a session's row: the node it moved from no longer wants its filters."""
+        self.index(update.key, update.value)
+        self.moves.stamped(update.key, float(update.stamp[0]))
+
+    def apply_session(self, update: Update) -> None:
+        """A peer's session row: index it; hand the session over when it moved from here, mark a move elsewhere."""
+        key, value = update.key, update.value
+        before = self.owned.get(key)
+        self.index(key, value)
+        owner, stamp = value.get("node") if isinstance(value, dict) else None, float(update.stamp[0])
+        if owner is not None and owner != self.me:
+            self.moves.moved(key, owner, stamp)
+        if before is not None and owner not in (None, before[0]):
+            self.moves.row_moved(key, before[0], owner, stamp)
+
+    def apply_retained(self, update: Update) -> None:
+        """A peer's retained row: the engine's retained messages follow it."""
+        mountpoint, topic = split_session_key(update.key)
+        check_publishable(topic)
+        value = update.value
+        msg = decode_forward(value, self.engine.packet_limits.properties)[1] if isinstance(value, bytes) else None
+        self.engine.apply_remote_retained(mountpoint, topic, msg)
+
+    def elsewhere(self, mountpoint: str, client_id: str) -> dict | None:
+        """Return the row of a session another node holds (the engine's ``elsewhere``), else None."""
+        value = self.replica.get("session", session_key(mountpoint, client_id))
+        if isinstance(value, dict) and value.get("node") not in (None, self.me):
+            return value
+        return None
+
+    def record(self) -> None:
+        """Write the rows of what the engine changed in this batch: its sessions, its retained messages."""
+        self._session_changes()
+        engine = self.engine
+        for mountpoint, topic in engine.take_retained_changes():
+            msg = engine.router.retained[mountpoint].get(topic)
+            self.rows.put("retain", session_key(mountpoint, topic),
+                          None if msg is None else retained_value(mountpoint, msg))
+
+    def _session_changes(self) -> None:
+        engine, put = self.engine, self.rows.put
+        changes = engine.take_session_changes()
+        initial, self.initial = self.initial, False
+        if initial:  # rows of this node's that name sessions it no longer has (it stopped, or was killed)
+            for key, value in self.replica.items("session"):
+                if isinstance(value, dict) and value.get("node") == self.me \
+                        and split_session_key(key) not in engine.sessions:
+                    put("session", key, None)
+        for mountpoint, client_id in changes:
+            key = session_key(mountpoint, client_id)
+            summary = engine.session_summary(mountpoint, client_id)
+            held = self.replica.get("session", key)
+            ours = isinstance(held, dict) and held.get("node") == self.me
+            if summary is None:
+                if ours:
+                    put("session", key, None, quiet=True)  # a takeover elsewhere meanwhile still wins
+                continue
+            row = {"node": self.me, "clean": bool(summary["clean"]), "online": bool(summary["online"]),
+                   "subs": summary["subs"]}
+            # A session restored from the store claims nothing: not one another node holds now, and
+            # not with a fresh stamp for being offline after a kill (its row still wins or loses as it was).
+            if initial and (isinstance(held, dict) and not ours
+                            or ours and encode_term({**held, "online": row["online"]}) == encode_term(row)):
+                continue
+            # A session coming online here, or new here, claims it; a change of one that is here already (its
+            # client gone, its subscriptions) must not win over a takeover another node stamped a moment ago.
+            put("session", key, row, quiet=ours and not (row["online"] and not held.get("online")))
+
+    def member_gone(self, name: str, alive: list[str]) -> None:
+        """A member was removed while down: its persistent sessions live on among ``alive`` (sorted)."""
+        self.engine.router.drop_remote(name)
+        for key, value in self.replica.items("session"):
+            if not isinstance(value, dict) or value.get("node") != name:
+                continue
+            if value.get("clean"):  # its client was connected there: that session is gone
+                self.rows.put("session", key, None)
+                continue
+            if not _summary_ok(value):
+                continue
+            if alive[zlib.crc32(key.encode()) % len(alive)] == self.me:
+                mountpoint, client_id = split_session_key(key)
+                self.engine.adopt_session(mountpoint, client_id, value, time.time())
+
+    def forget_others(self) -> None:
+        """This node was taken out: no other node's subscription counts any more."""
+        for peer in list(self.engine.router.remote):
+            self.engine.router.drop_remote(peer)
+        self.owned.clear()
+        self.interest.clear()
+
+
+class Membership:
+    """Who is in the cluster and who is reachable (loop thread): members and their links, joins and
+    leaves, netsplits, and when this node starts recording its sessions for the others.
+
+    ``bound`` (the cluster listener's address) and ``links`` are set by the cluster's start;
+    ``after_batch`` is the cluster's, run when a join here changed rows outside a batch.
+    """
+
+    def __init__(self, me: str, address: tuple[str, int], engine: Engine, loop: asyncio.AbstractEventLoop,
+                 rows: Replication, sessions: SessionRows, kept: KeptFrames, moves: SessionMoves,
+                 after_batch: Callable[[], None]):
+        self.me, self.address, self.engine, self.loop = me, address, engine, loop
+        self.rows, self.replica, self.sessions, self.kept, self.moves = rows, rows.replica, sessions, kept, moves
+        self.after_batch = after_batch
+        self.links: ClusterLinks | None = None
+        self.bound: tuple[str, int] | None = None
+        self.split = ""  # why the cluster is not whole ('' when it is)
+        self.arriving: dict[str, float] = {}  # members learned of while running -> until when not missing
+        self.known: set[str] = set()  # the peers the last split check saw (a member not among them is new)
+        self.record_after = 0.0  # when a restarted node records its sessions even if a peer was not heard
+        self.new_address = False  # this node's address is to be put once a peer is heard: see advertise
+
+    def start(self) -> None:
+        """Take up the kept membership: index the others' sessions, link to the members, count the missing."""
+        # A node that left or was removed stays out: its address, when it changed, is put only once
+        # a peer has been heard (see advertise), not before a removal made while it was down.
+        self.new_address = self.bound is not None and self.me in self.members()
+        self.sessions.index_all()
+        self.connect()
+        self.known = set(self.peers())  # members kept from before a restart are missing until they link
+        self.check_split()
+        # A restarted node first hears what its peers hold, so that it never claims back with a
+        # fresh stamp a session that moved while it was away; on its own it records changes at once.
+        self.rows.unsynced = set(self.peers())
+        self.record_after = time.monotonic() + FIRST_SYNC_WAIT
+        self.maybe_record()
+
+    def members(self) -> list[str]:
+        """Return every member's name, this node's included when it is in a cluster."""
+        return sorted(k for k, _ in self.replica.items("member"))
+
+    def peers(self) -> list[str]:
+        """Return the other members (none while this node is in no cluster, or was taken out of it)."""
+        members = self.members()
+        return [m for m in members if m != self.me] if self.me in members else []
+
+    def links_up(self) -> int:
+        """Return how many peers this node has a link to now."""
+        return sum(row["up"] for row in self.links.rows()) if self.links is not None else 0
+
+    def show_rows(self) -> list[dict]:
+        """Return cluster show's rows."""
+        members = [*self.peers(), self.me]  # a node in no cluster (or taken out) lists itself alone
+        return [{"Node": m, "Running": m == self.me or (self.links is not None and self.links.is_up(m))}
+                for m in sorted(members)]
+
+    def in_step(self, name: str) -> bool:
+        """Whether ``name`` is a member linked and heard since its link came up."""
+        return self.links.is_up(name) and self.rows.quiet.get(name, False)
+
+    def advertise(self) -> None:
+        """Put this node's address once a peer has been heard since the start (the peers dial it there).
+
+        Stamped before that, the row would win over a removal made while this node was down, and
+        bring it back into the cluster unasked, only because its address changed.
+        """
+        if self.new_address and (not self.peers() or any(self.rows.quiet.values())):
+            self.new_address = False
+            if self.me in self.members():
+                self.rows.put("member", self.me, {"address": self.advertised()})
+
+    def maybe_record(self) -> None:
+        """Let the engine record changes once this node is in a cluster (a standalone node keeps none)."""
+        self.advertise()
+        if not self.engine.clustered and self.peers() and \
+                (not self.rows.unsynced or time.monotonic() >= self.record_after):
+            self.engine.clustered = True
+            self.sessions.initial = True  # the first take is every session: see SessionRows.record
+
+    def advertised(self) -> str:
+        """Return the address the peers dial this node at."""
+        host, port = self.bound or self.address
+        if ipaddress.ip_address(host).is_unspecified:
+            host = self.me.partition("@")[2] or "127.0.0.1"
+        return f"{host}:{port}"
+
+    # -- joins and leaves -------------------------------------------------
+    def add(self, name: str, address: str) -> None:
+        """Join ``name`` (at ``address``, as typed) and this node into one cluster."""
+        rejoin = self.me not in self.members()
+        # renewed: the row this node kept may have lost already, unseen, to its removal while it was down
+        self.rows.put("member", self.me, {"address": self.advertised()}, renew=True)
+        if not isinstance(self.replica.get("member", name), dict):  # its own address wins over the one typed
+            self.rows.put("member", name, {"address": address})
+        if rejoin:
+            self.sessions.index_all()  # taken out before (left): the others' subscribers count again
+        self.rows.quiet[name] = False  # Done once the peer is heard after these rows, not on an earlier merge
+        self.expect(name, time.monotonic())
+        self.connect()
+        self.maybe_record()
+        self.after_batch()
+        self.rows.save()
+
+    def remove_down(self, name: str) -> None:
+        """Take out a member that is down (its link is gone: it is not asked)."""
+        self.rows.put("member", name, None)
+        self.gone(name)
+        self.links.forget(name)
+        self.connect()
+        self.check_split()
+        self.rows.announce()
+        self.rows.save()
+
+    def leave_now(self, kill_sessions: bool) -> None:
+        """This node leaves: with ``kill_sessions`` its sessions move to the others first."""
+        others = self.peers()
+        if kill_sessions and others:
+            engine, now = self.engine, time.time()
+            for mountpoint, client_id in list(engine.session_keys(None)):
+                summary = engine.session_summary(mountpoint, client_id)
+                if summary is None:
+                    continue
+                messages = engine.hand_over(mountpoint, client_id, now)
+                if not summary["clean"]:
+                    key = session_key(mountpoint, client_id)
+                    target = others[zlib.crc32(key.encode()) % len(others)]
+                    self.moves.migrate(target, mountpoint, client_id, summary, messages)
+        self.rows.put("member", self.me, None)
+        self.rows.announce()
+        self.rows.save()
+
+    def member_row(self, update: Update) -> None:
+        """A peer's member row: a member joined, left, or took this node out."""
+        key, value = update.key, update.value
+        if key == self.me:
+            self.left() if value is None else self.sessions.index_all()  # a join elsewhere named this node
+        elif value is None:
+            self.gone(key)
+            # later: a node that leaves with -k sends its answer right after this row
+            self.loop.call_later(FORGET_DELAY, self.forget_if_gone, key)
+        self.connect()
+        self.check_split()  # a member first heard of now is arriving, not missing: see there
+
+    def left(self) -> None:
+        """Another node removed this one: forget the peers, run standalone."""
+        log.warning("cluster: this node was taken out of the cluster")
+        self.sessions.forget_others()
+        for row in self.links.rows():  # after a moment: hand-overs to the others are still on their way
+            self.loop.call_later(FORGET_DELAY, self.forget_if_out, row["name"])
+        self.engine.clustered = False
+
+    def gone(self, name: str) -> None:
+        """A member was removed while down: its persistent sessions live on among the others."""
+        self.sessions.member_gone(name, sorted(set(self.members()) | {self.me}))
+
+    # -- the links --------------------------------------------------------
+    def connect(self) -> None:
+        """Dial every member (ClusterLinks keeps a link to each it is told of)."""
+        if self.links is None or self.bound is None:
+            return
+        members = dict(self.replica.items("member"))
+        if self.me not in members:
+            return
+        for name, value in members.items():
+            if name != self.me and isinstance(value, dict):
+                host, _, port = str(value.get("address", "")).rpartition(":")
+                if host and port.isdigit():
+                    self.links.connect(name, host.strip("[]"), int(port))
+
+    def forget_if_gone(self, name: str) -> None:
+        """Drop the link to, and what is kept for, a member removed FORGET_DELAY ago (if still out)."""
+        if name not in self.members() and self.links is not None:
+            self.links.forget(name)
+            self.kept.drop(name)
+
+    def forget_if_out(self, name: str) -> None:
+        """Drop the link to a peer, this node being out of the cluster still."""
+        if self.me not in self.members() and self.links is not None:  # not joined again meanwhile
+            self.links.forget(name)
+
+    def up(self, peer: str) -> None:
+        """A link to ``peer`` came up: it is arriving no longer."""
+        self.arriving.pop(peer, None)
+        self.check_split()
+
+    def down(self, peer: str, reason: str) -> None:
+        """The link to ``peer`` is gone (not replaced)."""
+        if peer in self.members():
+            log.warning("cluster: lost %s (%s)", peer, reason)
+        self.check_split()
+
+    def expect(self, peer: str, now: float) -> None:
+        """Give a member being joined JOIN_TIMEOUT to link before it counts as missing."""
+        self.arriving[peer] = now + JOIN_TIMEOUT
+        # a timer may run up to the clock's resolution early: look again once the time is surely over
+        self.loop.call_later(JOIN_TIMEOUT + ARRIVAL_SLACK, self.check_split)
+
+    def check_split(self) -> None:
+        """Count a netsplit when a member has no link: one that had, or one that did not link in time.
+
+        A member this node first hears of (a join here or through another node) gets JOIN_TIMEOUT
+        to link. That is decided here, from every member the replica holds, and not row by row: a
+        join reaches the others as one batch of rows, all merged before the first is applied, so a
+        check run for an earlier row of the batch already sees the newcomer of a later one.
+        """
+        now = time.monotonic()
+        peers = self.peers()
+        for peer in set(peers) - self.known:
+            if self.links is not None and not self.links.is_up(peer):
+                self.expect(peer, now)
+        self.known = set(peers)
+        for peer in [p for p, until in self.arriving.items() if p not in self.known or until <= now]:
+            del self.arriving[peer]
+        down = [p for p in peers if (self.links is None or not self.links.is_up(p))
+                and p not in self.arriving]  # a member being joined is not missing yet
+        split = f"cluster nodes not reachable: {', '.join(down)}" if down else ""
+        if bool(split) != bool(self.split):
+            self.engine.counters["netsplit_detected" if split else "netsplit_resolved", ()] += 1
+            log.warning("cluster: netsplit: %s", split) if split else log.info("cluster: every member is back")
+        self.split = self.engine.netsplit = split
+
+
+class SharedSettings:
+    """The API keys and ``set --all`` values the cluster shares (loop thread): the key file and the
+    replica's keys brought together each round, and a setting for this node applied when its row comes."""
+
+    def __init__(self, me: str, keystore: KeyStore, apply_settings: Callable[[Mapping[str, Any]], None],
+                 rows: Replication, peers: Callable[[], list[str]]):
+        self.me, self.keystore, self.apply_settings, self.rows, self.peers = me, keystore, apply_settings, rows, peers
+        self.replica, self.store = rows.replica, rows.store
+        self.keys_synced: set[str] | None = None
+
+    def sync_keys(self) -> None:
+        """Bring the key file and the replica's keys together: local changes go out, remote ones in."""
+        keystore, put = self.keystore, self.rows.put
+        if not self.peers():
+            return  # standalone: the file is the only copy
+        try:
+            local = keystore.replicated()
+        except KeyStoreError:
+            return  # the key store logged it, once for each version of the file; tried again next tick
+        live = dict(self.replica.items("apikey"))
+        if self.keys_synced is None:  # first look: what the file and the cluster agreed on when last in step
+            kept = self.store.get_local("keys_synced")
+            self.keys_synced = set(kept) if isinstance(kept, list) else set(local) & set(live)
+        before = self.keys_synced
+        for rid in set(local) - self.keys_synced:
+            put("apikey", rid, local[rid])
+        for rid in self.keys_synced - set(local):
+            put("apikey", rid, None)
+        live = dict(self.replica.items("apikey"))
+        adds = {rid: v for rid, v in live.items() if rid not in local and isinstance(v, dict)}
+        removes = {rid for rid in local if rid not in live}
+        if adds or removes:
+            try:
+                keystore.apply_replicated(adds, removes)
+            except KeyStoreError as exc:
+                log.warning("cluster: cannot write the API key file: %s", exc.text)
+                return
+        # What was reconciled, not the file read again: a key the CLI adds meanwhile is new next time.
+        self.keys_synced = (set(local) | set(adds)) - removes
+        if self.keys_synced != before:  # kept, so that a key deleted while this node was down stays deleted
+            self.store.put_local("keys_synced", sorted(self.keys_synced))
+
+    def apply_all(self) -> None:
+        """Apply every kept setting row (at the start)."""
+        for key, value in self.replica.items("config"):
+            self.apply_config(key, value)
+
+    def config_row(self, update: Update) -> None:
+        """A peer's setting row."""
+        self.apply_config(update.key, update.value)
+
+    def apply_config(self, key: str, value: Any) -> None:
+        """Apply a ``set`` row meant for this node (``*`` or its name)."""
+        target, _, setting = key.partition("\0")
+        if target not in ("*", self.me) or not isinstance(value, str):
+            return
+        try:
+            if not find_setting(setting).settable:  # set --all checked it; a peer's row is checked again
+                raise InvalidKey(f"{setting} cannot be set at run time")
+            self.apply_settings({setting: parse_setting(setting, value)})
+        except VmqError as exc:
+            log.warning("cluster: cannot apply %s = %s: %s", setting, value, exc)
+
+    def set_all(self, target: str, changes: Mapping[str, str]) -> None:
+        """Write ``set`` changes for ``target`` (a node name, or ``*`` for every node) and send them."""
+        for key, text in changes.items():
+            self.rows.put("config", f"{target}\0{key}", text)
+        self.rows.announce()
+
+
+class Cluster:
+    """This node's part in a cluster: the links, and the parts that say what they mean for the engine.
+
+    Its parts: ``rows`` (the replica and its flow), ``sessions`` (session and retained rows and the
+    engine), ``membership`` (members, joins, leaves, netsplits), ``moves`` (sessions moving between
+    nodes), ``kept`` (frames kept until acknowledged), ``settings`` (shared keys and ``set --all``)
+    and ``calls`` (requests between nodes). Of the node it uses its name, config, data_dir, metrics,
+    keystore, apply_settings, in_broker and request_stop; CLUSTER_OPS run on it whole.
+
+    Everything but the command entry points (``join``, ``leave``, ``gather``, ``set_all``...)
     runs in the broker's loop thread, which owns the engine, the replica and the links.
     """
 
-    def __init__(self, node: Node, io: MqttIO):
+    def __init__(self, node: NodeApi, io: MqttIO):
         self.node, self.io, self.engine = node, io, io.engine
         self.me: str = node.name
         config = node.config
         check_cluster_config(config)
-        self.address, self.tls = cluster_listener(config)
+        address, self.tls = cluster_listener(config)
         self.explicit = self.tls or "listener.vmq.clustering" in config.values  # the default port may be taken
         self.store = ClusterStore(os.path.join(node.data_dir, CLUSTER_DB))
-        self.replica = Replica(self.me, self.store.load())
         self.links: ClusterLinks | None = None
-        self.bound: tuple[str, int] | None = None
-        self._dirty: dict[tuple[str, str], Update] = {}  # rows to save at the next timer round
-        self._outgoing: list[Update] = []  # local updates to announce after this batch
-        self._owned: dict[str, tuple[str, tuple[str, ...], bool]] = {}  # session key -> node, filters, online
-        self._interest: dict[tuple[str, str, str], list[int]] = {}  # (node, mp, filter) -> [members, online]
-        self._quiet: dict[str, bool] = {}  # peer -> a merge with it found nothing new since the link came up
-        self._calls: dict[int, tuple[str, concurrent.futures.Future]] = {}
-        self._next_call = 0
-        self._keys_synced: set[str] | None = None
         self._round = 0
         self._timer: asyncio.TimerHandle | None = None
         self._flush_due = False
-        self._unsynced: set[str] = set()
-        self._record_after = 0.0
-        self._arriving: dict[str, float] = {}  # members learned of while running -> until when not missing
-        self._known: set[str] = set()  # the peers the last split check saw (a member not among them is new)
-        self._initial = False
-        self._new_address = False  # this node's address is to be put once a peer is heard: see _advertise
-        self.pool = concurrent.futures.ThreadPoolExecutor(CLUSTER_CALL_WORKERS, thread_name_prefix="vmqapi-cluster")
-        self._serving = threading.BoundedSemaphore(CLUSTER_MAX_CALLS)  # taken in the loop, given back by a worker
-        self.split = ""  # why the cluster is not whole ('' when it is)
-        self.stop_after_answer = False  # set by cluster leave -k on the node that leaves
+        self.rows = Replication(self.me, self.store)
         self.kept = KeptFrames(io, lambda: node.config["cluster_max_unacknowledged_bytes"], secrets.randbits(62) + 1,
                                lambda *args: self.moves.use(*args))
-        self.moves = SessionMoves(self)
+        self.moves = SessionMoves(self.engine, self.kept, self.me, self.rows.replica, io.loop, self.flush_soon)
+        self.sessions = SessionRows(self.me, self.engine, self.rows, self.moves)
+        self.membership = Membership(self.me, address, self.engine, io.loop, self.rows, self.sessions, self.kept,
+                                     self.moves, self.after_batch)
+        self.settings = SharedSettings(self.me, node.keystore, node.apply_settings, self.rows, self.peers)
+        self.calls = ClusterCalls(node, CLUSTER_OPS, io.loop, self.peers, self.in_loop)
+        self.rows.appliers.update(session=self.sessions.apply_session, retain=self.sessions.apply_retained,
+                                  member=self.membership.member_row, config=self.settings.config_row,
+                                  apikey=lambda update: self.settings.sync_keys())
+        self.rows.written["session"] = self.sessions.written
+        self.frames: dict[int, Callable[[str, bytes], None]] = {  # kind -> what takes it (_on_frame)
+            FRAME_FORWARD: self._on_forward, FRAME_KEPT: self.kept.receive, FRAME_KEPT_ACK: self.kept.acknowledged,
+            FRAME_META: self._on_meta, FRAME_CALL: self.calls.take, FRAME_REPLY: self.calls.reply,
+            FRAME_MIGRATE: lambda peer, body: self.moves.on_migrate(body)}  # as a node before kept frames sent it
+
+    # -- what the node and the commands ask ---------------------------------
+    @property
+    def bound(self) -> tuple[str, int] | None:
+        """The cluster listener's address (None: this node runs standalone)."""
+        return self.membership.bound
+
+    @property
+    def split(self) -> str:
+        """Why the cluster is not whole ('' when it is)."""
+        return self.membership.split
+
+    @property
+    def stop_after_answer(self) -> bool:
+        """Whether the node stops once its answer to a request is sent (cluster leave -k here)."""
+        return self.calls.stop_after_answer
+
+    @stop_after_answer.setter
+    def stop_after_answer(self, value: bool) -> None:
+        self.calls.stop_after_answer = value
+
+    def in_loop(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run ``fn`` in the loop thread (directly when called there) and return its result."""
+        return self.node.in_broker(fn, *args)
+
+    def members(self) -> list[str]:
+        """Return every member's name, this node's included when it is in a cluster (loop thread)."""
+        return self.membership.members()
+
+    def peers(self) -> list[str]:
+        """Return the other members (loop thread)."""
+        return self.membership.peers()
+
+    def links_up(self) -> int:
+        """Return how many peers this node has a link to now (loop thread)."""
+        return self.membership.links_up()
+
+    def show_rows(self) -> list[dict]:
+        """Return cluster show's rows."""
+        return self.in_loop(self.membership.show_rows)
+
+    def call(self, peer: str, op: str, *args: Any, timeout: float = CALL_TIMEOUT) -> Any:
+        """Ask ``peer`` to run ``op`` (one of CLUSTER_OPS) and return its answer; raise ClusterError."""
+        return self.calls.call(peer, op, *args, timeout=timeout)
+
+    def gather(self, op: str, *args: Any) -> list[tuple[str, Any]]:
+        """Ask every reachable peer ``op``; return (peer, answer) for those that answered."""
+        return self.calls.gather(op, *args)
+
+    def set_all(self, target: str, changes: Mapping[str, str]) -> None:
+        """Replicate ``set`` changes to ``target`` (a node name, or ``*`` for every node)."""
+        self.in_loop(self.settings.set_all, target, changes)
+
+    def leave_now(self, kill_sessions: bool) -> None:
+        """This node leaves (loop thread): with ``kill_sessions`` its sessions move to the others first."""
+        self.membership.leave_now(kill_sessions)
+
+    def join(self, discovery: str) -> str:
+        """Join the cluster ``discovery`` belongs to; return Done, or raise ClusterError saying why not."""
+        name, host, port = parse_discovery_node(discovery)
+        if name == self.me:
+            raise ClusterError(f"{name} is this node")
+        if self.bound is None:
+            raise ClusterError("this node has no cluster listener (set listener.vmq.clustering)")
+        # Only a peer heard since its link came up: a node removed while it was down still holds the
+        # others' rows, and links to them after a restart until it hears of its removal from them.
+        membership = self.membership
+        if self.in_loop(lambda: name in membership.peers() and membership.in_step(name)):
+            raise ClusterError(f"{name} is already a member of this node's cluster")
+        remote = self.io.call_async(self.links.probe(host, port), timeout=JOIN_TIMEOUT + 5)
+        if remote != name:
+            raise ClusterError(f"the node at {host}:{port} is {remote}, not {name}")
+        self.in_loop(membership.add, name, f"{host}:{port}")
+        deadline = time.monotonic() + JOIN_TIMEOUT
+        while time.monotonic() < deadline:
+            if self.in_loop(membership.in_step, name):
+                return "Done"
+            time.sleep(0.05)
+        raise ClusterError(f"{name} answered, but the link to it did not come up within {JOIN_TIMEOUT:g} s; "
+                           "this node keeps trying")
+
+    def leave(self, name: str, kill_sessions: bool, timeout: float) -> str:
+        """Take ``name`` out of the cluster, as VerneMQ's cluster leave (README, "Cluster")."""
+        members = self.in_loop(self.members)
+        if name not in members:
+            raise ClusterError(f"{name} is not a member of this cluster")
+        if name == self.me:
+            return leave_here(self.node, kill_sessions, timeout)
+        if self.in_loop(lambda: self.links.is_up(name)):
+            return self.call(name, "leave", kill_sessions, timeout, timeout=timeout + CALL_TIMEOUT)
+        self.in_loop(self.membership.remove_down, name)
+        return "Done"
 
     # -- life cycle -------------------------------------------------------
     def start(self) -> None:
@@ -11648,70 +12197,25 @@ class Cluster(ClusterAdmin):
                                   on_down=self._on_down, on_frame=self._on_frame, server_tls=server_tls,
                                   client_tls=client_tls, handshake_timeout=config["cluster_handshake_timeout"],
                                   max_pending=config["cluster_max_pending_handshakes"])
-        self.kept.links = self.links
+        self.kept.links = self.rows.links = self.membership.links = self.calls.links = self.links
         try:
-            self.bound = self.io.call_async(self.links.listen(*self.address))
+            self.membership.bound = self.io.call_async(self.links.listen(*self.membership.address))
         except OSError as exc:
+            address = render_value(self.membership.address)
             if self.explicit or exc.errno != errno.EADDRINUSE:
-                raise ConfigError(f"cannot start the cluster listener on {render_value(self.address)}: "
+                raise ConfigError(f"cannot start the cluster listener on {address}: "
                                   f"{exc.strerror or exc}") from None
             log.warning("cluster listener %s is in use: this node runs standalone (set listener.vmq.clustering "
-                        "to join a cluster)", render_value(self.address))
-            self.bound = None
+                        "to join a cluster)", address)
+            self.membership.bound = None
         self.io.call(self._started)
 
     def _started(self) -> None:
-        engine = self.engine
-        engine.elsewhere = self._elsewhere
+        self.engine.elsewhere = self.sessions.elsewhere
         self.io.batch_hooks.append(self.after_batch)
-        # A node that left or was removed stays out: its address, when it changed, is put only once
-        # a peer has been heard (see _advertise), not before a removal made while it was down.
-        self._new_address = self.bound is not None and self.me in self.members()
-        self._index_sessions()
-        for key, value in self.replica.items("config"):
-            self._apply_config(key, value)
-        self._connect_members()
-        self._known = set(self.peers())  # members kept from before a restart are missing until they link
-        self._check_split()
-        # A restarted node first hears what its peers hold, so that it never claims back with a
-        # fresh stamp a session that moved while it was away; on its own it records changes at once.
-        self._unsynced = set(self.peers())
-        self._record_after = time.monotonic() + FIRST_SYNC_WAIT
-        self._maybe_record()
+        self.settings.apply_all()
+        self.membership.start()
         self._timer = self.io.loop.call_later(self._interval(), self._tick)
-
-    def _index_sessions(self) -> None:
-        """Give the router every other node's subscriptions the replica holds (at the start, and on a rejoin)."""
-        for key, value in self.replica.items("session"):
-            try:
-                self._index_session(key, value)
-            except ClusterError as exc:  # a bad row a peer sent once must not stop every later start
-                log.warning("cluster: cannot apply session %r: %s", key[:100], exc.text)
-
-    def _advertise(self) -> None:
-        """Put this node's address once a peer has been heard since the start (the peers dial it there).
-
-        Stamped before that, the row would win over a removal made while this node was down, and
-        bring it back into the cluster unasked, only because its address changed.
-        """
-        if self._new_address and (not self.peers() or any(self._quiet.values())):
-            self._new_address = False
-            if self.me in self.members():
-                self._put("member", self.me, {"address": self._advertised()})
-
-    def _maybe_record(self) -> None:
-        """Let the engine record changes once this node is in a cluster (a standalone node keeps none)."""
-        self._advertise()
-        if not self.engine.clustered and self.peers() and \
-                (not self._unsynced or time.monotonic() >= self._record_after):
-            self.engine.clustered = True
-            self._initial = True  # the first take is every session: see _session_changes
-
-    def _advertised(self) -> str:
-        host, port = self.bound or self.address
-        if ipaddress.ip_address(host).is_unspecified:
-            host = self.me.partition("@")[2] or "127.0.0.1"
-        return f"{host}:{port}"
 
     def stop(self) -> None:
         """Say goodbye to the clients and tell the peers, then close the links and save (the loop still runs)."""
@@ -11720,9 +12224,9 @@ class Cluster(ClusterAdmin):
                 self.io.call(self._farewell)  # its after_batch announces the sessions that went offline or ended
                 self.io.call(self._stop_timer)  # the frames of the farewell are flushed before this runs
                 self.io.call_async(self.links.close(), timeout=5)
-        self.pool.shutdown(wait=False, cancel_futures=True)
+        self.calls.shutdown()
         with contextlib.suppress(concurrent.futures.TimeoutError, RuntimeError):
-            self.in_loop(self._save)
+            self.in_loop(self.rows.save)
         self.store.close()
 
     def _farewell(self) -> None:
@@ -11736,258 +12240,42 @@ class Cluster(ClusterAdmin):
     def _stop_timer(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
-        for _, future in self._calls.values():
-            if not future.done():
-                future.set_exception(ClusterError("the node stops"))
-        self._calls.clear()
-
-    # -- the replica ------------------------------------------------------
-    def members(self) -> list[str]:
-        """Return every member's name, this node's included when it is in a cluster."""
-        return sorted(k for k, _ in self.replica.items("member"))
-
-    def links_up(self) -> int:
-        """Return how many peers this node has a link to now."""
-        return sum(row["up"] for row in self.links.rows()) if self.links is not None else 0
-
-    def peers(self) -> list[str]:
-        """Return the other members (none while this node is in no cluster, or was taken out of it)."""
-        members = self.members()
-        return [m for m in members if m != self.me] if self.me in members else []
-
-    def _put(self, kind: str, key: str, value: Any, renew: bool = False, quiet: bool = False) -> None:
-        # quiet: stamped just after this node's last write of the row, so that a claim another node made
-        # meanwhile (a takeover, stamped with its time) still wins over it
-        update = self.replica.put(kind, key, value, 0.0 if quiet else time.time(), renew)
-        if update is not None:
-            self._dirty[kind, key] = update
-            self._outgoing.append(update)
-            if kind == "session":  # the node it moved from no longer wants its filters
-                self._index_session(key, update.value)
-                self.moves.stamped(key, float(update.stamp[0]))
-
-    def _take_remote(self, updates: list[Update]) -> None:
-        """Apply updates that came from other nodes and changed the replica."""
-        for update in updates:
-            self._dirty[update.kind, update.key] = update
-            try:
-                self._apply(update)
-            except ClusterError as exc:  # a peer's bad row: one line, and the others still apply
-                log.warning("cluster: cannot apply %s %r: %s", update.kind, update.key[:100], exc.text)
-            except Exception:  # one bad row must not stop the others; the row stays for the next look
-                log.exception("cluster: cannot apply %s %r", update.kind, update.key)
-
-    def _apply(self, update: Update) -> None:
-        kind, key, value = update.kind, update.key, update.value
-        if kind == "session":
-            before = self._owned.get(key)
-            self._index_session(key, value)
-            owner, stamp = value.get("node") if isinstance(value, dict) else None, float(update.stamp[0])
-            if owner is not None and owner != self.me:
-                self.moves.moved(key, owner, stamp)
-            if before is not None and owner not in (None, before[0]):
-                self.moves.row_moved(key, before[0], owner, stamp)
-        elif kind == "retain":
-            mountpoint, topic = split_session_key(key)
-            check_publishable(topic)
-            msg = decode_forward(value, self.engine.packet_limits.properties)[1] if isinstance(value, bytes) else None
-            self.engine.apply_remote_retained(mountpoint, topic, msg)
-        elif kind == "member":
-            if key == self.me:
-                self._left() if value is None else self._index_sessions()  # a join elsewhere named this node
-            elif value is None:
-                self._member_gone(key)
-                # later: a node that leaves with -k sends its answer right after this row
-                self.io.loop.call_later(FORGET_DELAY, self._forget_if_gone, key)
-            self._connect_members()
-            self._check_split()  # a member first heard of now is arriving, not missing: see there
-        elif kind == "config":
-            self._apply_config(key, value)
-        elif kind == "apikey":
-            self._sync_keys()
-
-    def _announce(self) -> None:
-        updates, self._outgoing = self._outgoing, []
-        if updates and self.links is not None:
-            body = encode_term(self.replica.announce(updates))
-            for row in self.links.rows():  # every linked node, a member just removed too: it hears why
-                if row["up"]:
-                    self.links.send(row["name"], FRAME_META, body)
-
-    def _save(self) -> None:
-        rows, self._dirty = list(self._dirty.values()), {}
-        if rows:
-            self.store.save(rows)
-
-    # -- sessions and subscriptions -----------------------------------------
-    def _index_session(self, key: str, value: Any) -> None:
-        """Keep the router's view of other nodes' subscriptions in step with a session row."""
-        mountpoint, _ = split_session_key(key)
-        old = self._owned.pop(key, None)
-        touched = set()
-        if old is not None:
-            node, filters, online = old
-            for topic_filter in filters:
-                counts = self._interest[node, mountpoint, topic_filter]
-                counts[0] -= 1
-                counts[1] -= online
-                touched.add((node, mountpoint, topic_filter))
-        if isinstance(value, dict) and value.get("node") != self.me and value.get("node") \
-                and isinstance(value["node"], str):
-            node, online = value["node"], bool(value.get("online"))
-            subs = value.get("subs") or ()
-            filters = tuple(f for f in subs if isinstance(f, str) and valid_subscription(f)) \
-                if isinstance(subs, (list, dict)) else ()
-            self._owned[key] = (node, filters, online)
-            for topic_filter in filters:
-                counts = self._interest.setdefault((node, mountpoint, topic_filter), [0, 0])
-                counts[0] += 1
-                counts[1] += online
-                touched.add((node, mountpoint, topic_filter))
-        for node, mp, topic_filter in touched:
-            members, online = self._interest[node, mp, topic_filter]
-            if members <= 0:
-                del self._interest[node, mp, topic_filter]
-            self.engine.router.set_remote(node, mp, topic_filter, max(members, 0), max(online, 0))
-
-    def _elsewhere(self, mountpoint: str, client_id: str) -> dict | None:
-        value = self.replica.get("session", session_key(mountpoint, client_id))
-        if isinstance(value, dict) and value.get("node") not in (None, self.me):
-            return value
-        return None
-
-    def _session_changes(self) -> None:
-        engine = self.engine
-        changes = engine.take_session_changes()
-        initial, self._initial = self._initial, False
-        if initial:  # rows of this node's that name sessions it no longer has (it stopped, or was killed)
-            for key, value in self.replica.items("session"):
-                if isinstance(value, dict) and value.get("node") == self.me \
-                        and split_session_key(key) not in engine.sessions:
-                    self._put("session", key, None)
-        for mountpoint, client_id in changes:
-            key = session_key(mountpoint, client_id)
-            summary = engine.session_summary(mountpoint, client_id)
-            held = self.replica.get("session", key)
-            ours = isinstance(held, dict) and held.get("node") == self.me
-            if summary is None:
-                if ours:
-                    self._put("session", key, None, quiet=True)  # a takeover elsewhere meanwhile still wins
-                continue
-            row = {"node": self.me, "clean": bool(summary["clean"]), "online": bool(summary["online"]),
-                   "subs": summary["subs"]}
-            # A session restored from the store claims nothing: not one another node holds now, and
-            # not with a fresh stamp for being offline after a kill (its row still wins or loses as it was).
-            if initial and (isinstance(held, dict) and not ours
-                            or ours and encode_term({**held, "online": row["online"]}) == encode_term(row)):
-                continue
-            # A session coming online here, or new here, claims it; a change of one that is here already (its
-            # client gone, its subscriptions) must not win over a takeover another node stamped a moment ago.
-            self._put("session", key, row, quiet=ours and not (row["online"] and not held.get("online")))
-
-    def _retained_changes(self) -> None:
-        engine = self.engine
-        for mountpoint, topic in engine.take_retained_changes():
-            msg = engine.router.retained[mountpoint].get(topic)
-            self._put("retain", session_key(mountpoint, topic), None if msg is None else retained_value(mountpoint, msg))
-
-    def _member_gone(self, name: str) -> None:
-        """A member was removed while down: its persistent sessions live on among the others."""
-        self.engine.router.drop_remote(name)
-        alive = sorted(set(self.members()) | {self.me})
-        for key, value in self.replica.items("session"):
-            if not isinstance(value, dict) or value.get("node") != name:
-                continue
-            if value.get("clean"):  # its client was connected there: that session is gone
-                self._put("session", key, None)
-                continue
-            if not _summary_ok(value):
-                continue
-            if alive[zlib.crc32(key.encode()) % len(alive)] == self.me:
-                mountpoint, client_id = split_session_key(key)
-                self.engine.adopt_session(mountpoint, client_id, value, time.time())
+        self.calls.fail(None, "the node stops")
 
     # -- the links --------------------------------------------------------
-    def _connect_members(self) -> None:
-        if self.links is None or self.bound is None:
-            return
-        members = dict(self.replica.items("member"))
-        if self.me not in members:
-            return
-        for name, value in members.items():
-            if name != self.me and isinstance(value, dict):
-                host, _, port = str(value.get("address", "")).rpartition(":")
-                if host and port.isdigit():
-                    self.links.connect(name, host.strip("[]"), int(port))
-
-    def _forget_if_gone(self, name: str) -> None:
-        if name not in self.members() and self.links is not None:
-            self.links.forget(name)
-            self.kept.drop(name)
-
-    def _forget_if_out(self, name: str) -> None:
-        if self.me not in self.members() and self.links is not None:  # not joined again meanwhile
-            self.links.forget(name)
-
     def _on_up(self, peer: str) -> None:
-        self._quiet[peer] = False
-        self._arriving.pop(peer, None)
-        self.links.send(peer, FRAME_META, encode_term(self.replica.digest_message()))
+        self.rows.hello(peer)
         self.kept.up(peer)
-        self._check_split()
+        self.membership.up(peer)
 
     def _on_down(self, peer: str, reason: str) -> None:
-        self._quiet.pop(peer, None)
+        self.rows.quiet.pop(peer, None)
         self.kept.down(peer)
         self.moves.down(peer)
         if reason == "replaced":  # a fresher link to the same peer comes up at once
             return
-        for call_id, (target, future) in list(self._calls.items()):
-            if target == peer:
-                del self._calls[call_id]
-                if not future.done():
-                    future.set_exception(ClusterError(f"{peer} is not reachable ({reason})"))
-        if peer in self.members():
-            log.warning("cluster: lost %s (%s)", peer, reason)
-        self._check_split()
+        self.calls.fail(peer, f"{peer} is not reachable ({reason})")
+        self.membership.down(peer, reason)
 
     def _on_frame(self, peer: str, kind: int, body: bytes) -> None:
+        take = self.frames.get(kind)
         try:
-            if kind == FRAME_FORWARD:
-                self._on_forward(body)
-            elif kind == FRAME_KEPT:
-                self.kept.receive(peer, body)
-            elif kind == FRAME_KEPT_ACK:
-                self.kept.acknowledged(peer, body)
-            elif kind == FRAME_META:
-                changed, replies = self.replica.receive(decode_term(body))
-                self._take_remote(changed)
-                for reply in replies:
-                    self.links.send(peer, FRAME_META, encode_term(reply))
-                if not changed and not replies:
-                    self._quiet[peer] = True
-                    self._unsynced.discard(peer)
-                    self._maybe_record()
-            elif kind == FRAME_CALL:
-                call_id, op, args = decode_term(body)
-                self._take_call(peer, call_id, op, args)
-            elif kind == FRAME_REPLY:
-                call_id, ok, result = decode_term(body)
-                target, future = self._calls.pop(call_id, (None, None))
-                if future is not None and not future.done():
-                    future.set_result(result) if ok else future.set_exception(ClusterError(str(result)))
-            elif kind == FRAME_MIGRATE:  # as a node before kept frames sent it
-                self.moves.on_migrate(body)
+            if take is not None:
+                take(peer, body)
         except (ClusterError, ValueError, TypeError) as exc:
             log.warning("cluster: a frame from %s could not be used (%s)", peer, exc)
         self.flush_soon()
 
-    # -- forwards, and frames kept until acknowledged ------------------------
-    def _on_forward(self, body: bytes) -> None:
+    def _on_meta(self, peer: str, body: bytes) -> None:
+        if self.rows.merge(peer, body):  # in step with that peer now
+            self.membership.maybe_record()
+
+    def _on_forward(self, peer: str, body: bytes) -> None:
         mountpoint, msg, plain, groups = decode_forward(body, self.engine.packet_limits.properties)
         check_publishable(msg.topic)
         self.engine.deliver_forwarded(mountpoint, msg, plain, groups, time.time())
 
+    # -- after each batch, and housekeeping ---------------------------------
     def flush_soon(self) -> None:
         """Commit and flush at the next turn of the loop (what a frame or a timer did outside a batch)."""
         if not self._flush_due:
@@ -12013,26 +12301,20 @@ class Cluster(ClusterAdmin):
         self.kept.write_marks()
         for old, mountpoint, client_id in engine.take_takeovers():  # the old node hands over on the newer row
             self.moves.took_over(old, mountpoint, client_id, [p for p in self.peers() if self.links.is_up(p)])
-        self._session_changes()
-        self._retained_changes()
-        self._announce()
+        self.sessions.record()
+        self.rows.announce()
 
     def _tick(self) -> None:
         try:
             self._round += 1
-            self._maybe_record()
-            self._sync_keys()
+            self.membership.maybe_record()
+            self.settings.sync_keys()
             if self._round % SYNC_EVERY == 0 and self.links is not None:
-                body = encode_term(self.replica.digest_message())
-                for peer in self.peers():
-                    if self.links.is_up(peer):
-                        self.links.send(peer, FRAME_META, body)
+                self.rows.digest(self.peers())
             if self._round % max(1, round(3600 / self._interval())) == 0:  # about hourly
-                before = time.time() - TOMBSTONE_DAYS * 86400
-                self.replica.purge(before)
-                self.store.purge(before)  # else a restart would load them again
-            self._announce()
-            self._save()
+                self.rows.purge(time.time() - TOMBSTONE_DAYS * 86400)
+            self.rows.announce()
+            self.rows.save()
             self.kept.pump_all()
             if self.kept.parked:  # their patience may be over: the next batch offers them again
                 self.flush_soon()
@@ -12045,85 +12327,6 @@ class Cluster(ClusterAdmin):
     def _interval(self) -> float:
         """Return the seconds between two housekeeping rounds (cluster_sync_interval)."""
         return self.node.config["cluster_sync_interval"] / 1000
-
-    def _expect(self, peer: str, now: float) -> None:
-        """Give a member being joined JOIN_TIMEOUT to link before it counts as missing."""
-        self._arriving[peer] = now + JOIN_TIMEOUT
-        # a timer may run up to the clock's resolution early: look again once the time is surely over
-        self.io.loop.call_later(JOIN_TIMEOUT + ARRIVAL_SLACK, self._check_split)
-
-    def _check_split(self) -> None:
-        """Count a netsplit when a member has no link: one that had, or one that did not link in time.
-
-        A member this node first hears of (a join here or through another node) gets JOIN_TIMEOUT
-        to link. That is decided here, from every member the replica holds, and not row by row: a
-        join reaches the others as one batch of rows, all merged before the first is applied, so a
-        check run for an earlier row of the batch already sees the newcomer of a later one.
-        """
-        now = time.monotonic()
-        peers = self.peers()
-        for peer in set(peers) - self._known:
-            if self.links is not None and not self.links.is_up(peer):
-                self._expect(peer, now)
-        self._known = set(peers)
-        for peer in [p for p, until in self._arriving.items() if p not in self._known or until <= now]:
-            del self._arriving[peer]
-        down = [p for p in peers if (self.links is None or not self.links.is_up(p))
-                and p not in self._arriving]  # a member being joined is not missing yet
-        split = f"cluster nodes not reachable: {', '.join(down)}" if down else ""
-        if bool(split) != bool(self.split):
-            self.engine.counters["netsplit_detected" if split else "netsplit_resolved", ()] += 1
-            log.warning("cluster: netsplit: %s", split) if split else log.info("cluster: every member is back")
-        self.split = self.engine.netsplit = split
-
-    # -- keys and config ----------------------------------------------------
-    def _sync_keys(self) -> None:
-        """Bring the key file and the replica's keys together: local changes go out, remote ones in."""
-        keystore = self.node.keystore
-        if not self.peers():
-            return  # standalone: the file is the only copy
-        try:
-            local = keystore.replicated()
-        except KeyStoreError:
-            return  # the key store logged it, once for each version of the file; tried again next tick
-        live = dict(self.replica.items("apikey"))
-        if self._keys_synced is None:  # first look: what the file and the cluster agreed on when last in step
-            kept = self.store.get_local("keys_synced")
-            self._keys_synced = set(kept) if isinstance(kept, list) else set(local) & set(live)
-        before = self._keys_synced
-        for rid in set(local) - self._keys_synced:
-            self._put("apikey", rid, local[rid])
-        for rid in self._keys_synced - set(local):
-            self._put("apikey", rid, None)
-        live = dict(self.replica.items("apikey"))
-        adds = {rid: v for rid, v in live.items() if rid not in local and isinstance(v, dict)}
-        removes = {rid for rid in local if rid not in live}
-        if adds or removes:
-            try:
-                keystore.apply_replicated(adds, removes)
-            except KeyStoreError as exc:
-                log.warning("cluster: cannot write the API key file: %s", exc.text)
-                return
-        # What was reconciled, not the file read again: a key the CLI adds meanwhile is new next time.
-        self._keys_synced = (set(local) | set(adds)) - removes
-        if self._keys_synced != before:  # kept, so that a key deleted while this node was down stays deleted
-            self.store.put_local("keys_synced", sorted(self._keys_synced))
-
-    def _apply_config(self, key: str, value: Any) -> None:
-        target, _, setting = key.partition("\0")
-        if target not in ("*", self.me) or not isinstance(value, str):
-            return
-        try:
-            if not find_setting(setting).settable:  # set --all checked it; a peer's row is checked again
-                raise InvalidKey(f"{setting} cannot be set at run time")
-            self.node.apply_settings({setting: parse_setting(setting, value)})
-        except VmqError as exc:
-            log.warning("cluster: cannot apply %s = %s: %s", setting, value, exc)
-
-
-def _summary_ok(summary: Any) -> bool:
-    """Whether a session summary from another node has the shape adopt_session reads (its entries are checked there)."""
-    return isinstance(summary, dict) and isinstance(summary.get("subs") or {}, dict)
 
 
 def leave_here(node: Node, kill_sessions: bool, timeout: float) -> str:

@@ -186,8 +186,8 @@ def test_a_member_learned_with_other_rows_is_arriving_not_split(make_cluster):
     assert b.node.metric_samples().get(("netsplit_detected", ()), 0) == 0
     # the check still counts it once its time to come up is over and no link to it exists
     def expire():
-        cluster._arriving[newcomer] = 0.0
-        cluster._check_split()
+        cluster.membership.arriving[newcomer] = 0.0
+        cluster.membership.check_split()
     cluster.in_loop(expire)
     assert b.node.metric_samples().get(("netsplit_detected", ()), 0) == 1
     assert newcomer in b.node.mqtt.engine.netsplit
