@@ -6601,7 +6601,7 @@ class SqliteStore(MemoryStore):
         """Record that PUBREC came for a QoS 2 message (a restart resends PUBREL, not the message)."""
         self._run("UPDATE messages SET released = 1 WHERE id = ?", (row,))
 
-    # -- kept frames for other nodes, and what this node has of theirs (section 12, Outbox and Inbox) --
+    # -- kept frames for other nodes, and what this node has of theirs (Outbox and Inbox, in the cluster state) --
     def add_kept(self, peer: str, epoch: int, seq: int, kind: int, body: bytes) -> int:
         """Keep a frame for ``peer`` until it acknowledges it; return its row.
 
@@ -6924,7 +6924,7 @@ class MqttLink(asyncio.Protocol):
         self.held = 0  # unfinished bytes this link holds, counted in the node's partial_packet_budget
         self.writable = True
         self.closing = self.paused = False
-        self.waiting = False  # a packet waits for webhook answers (section 25): read and decode nothing more
+        self.waiting = False  # a packet waits for webhook answers (the webhooks plugin): read and decode nothing more
         self.waiting_size = 0  # its bytes, counted in partial_packet_budget while it waits
         self.on_gone: Callable[[], Any] | None = None  # forgets its webhook call if the connection closes first
         self.on_ready: Callable[[], Any] | None = None  # a WsLink's: it may feed the frames it kept back
@@ -10839,7 +10839,7 @@ class ClusterLinks:
 CLUSTER_PORT = 44053  # VerneMQ's cluster port: a discovery node without one is asked there
 CLUSTER_DB = "cluster.db"  # the replicated state, kept so a restarted node knows its peers
 FRAME_META, FRAME_FORWARD, FRAME_CALL, FRAME_REPLY, FRAME_MIGRATE = 16, 17, 18, 19, 20
-FRAME_KEPT, FRAME_KEPT_ACK = 21, 22  # a frame kept until acknowledged, and its acknowledgement (section 12)
+FRAME_KEPT, FRAME_KEPT_ACK = 21, 22  # a frame kept until acknowledged, and its acknowledgement (Outbox and Inbox)
 KEPT_RESEND = 30.0  # s without an acknowledgement from an up peer after which everything kept goes to it again
 KEPT_PATIENCE = 5.0  # s a peer's kept frames wait for a persistent subscriber's queue to have room
 KEPT_GIVEN_UP = 60.0  # s after that during which that subscriber's full queue holds nothing up
@@ -11415,7 +11415,7 @@ class SessionMoves:
 
 
 class KeptFrames:
-    """Frames to other nodes that must arrive (section 12's ``Outbox`` and ``Inbox``), on the links and the store.
+    """Frames to other nodes that must arrive (the cluster state's ``Outbox`` and ``Inbox``), on the links and the store.
 
     ``keep`` stores a frame in this batch's commit and writes it to the peer's link when up;
     ``up`` sends everything still kept again, in order; ``receive`` hands each new frame to
