@@ -2953,13 +2953,49 @@ class Dialect:
     """
 
     v5 = False
+    reason_codes = False  # acknowledgements say no reason: a refused PUBLISH is acknowledged, or the link closed
+    assigns_client_id = False  # an empty client id only with a clean session, and none is assigned [MQTT-3.1.3-8]
     subscribe_quota = SUBACK_FAILURE  # a filter past max_subscriptions_per_client (MQTT 3.1.1 3.9.3)
     session_quota = CONNACK_UNAVAILABLE  # a CONNECT past max_persistent_sessions (MQTT 3.1.1 3.2.2.3)
+    busy = CONNACK_UNAVAILABLE  # a CONNECT the node cannot look at now (MQTT 3.1.1 3.2.2.3)
     labels: LabelSet = V4
+    success_labels: LabelSet = V4  # of an acknowledgement that says success
 
     def ack_labels(self, code: int) -> LabelSet:
         """Return the metric labels of an acknowledgement with reason ``code``."""
         return self.labels
+
+    def ack_reason(self, reason: int) -> int:
+        """The reason an acknowledgement can say for ``reason``: MQTT 3.1.1 has none, it acknowledges as if delivered."""
+        return Reason.SUCCESS
+
+    def reason_string(self, text: str) -> tuple:
+        """Return the properties telling ``text`` (MQTT 3.1.1 has no properties)."""
+        return ()
+
+    def disconnect_labels(self, code: int) -> LabelSet:
+        """Return the metric labels of a DISCONNECT received with reason ``code``."""
+        return self.labels
+
+    def connect_options(self, client: Connection, props: Mapping[str, Any], config: Config) -> None:
+        """Take the client's limits from its CONNECT properties: MQTT 3.1.1 has none."""
+
+    def keepalive(self, asked: int, most: int) -> int | None:
+        """Return the keep-alive granted for ``asked`` (``most``: max_keepalive); None: refuse, MQTT 3 cannot be
+        told another one."""
+        return None if asked > most else asked
+
+    def session_expiry(self, client: Connection, p: Connect) -> int | None:
+        """Return how long the session outlives the connection: Clean Session ends it with it (0), else kept (None)."""
+        return 0 if p.clean_session else None
+
+    def connack_properties(self, config: Config, client: Connection, p: Connect, assigned_id: str | None) -> tuple:
+        """Return the properties of an accepting CONNACK (MQTT 3.1.1 has none)."""
+        return ()
+
+    def sub_options(self, qos: int, options: int, identifier: int, bridge: bool) -> SubOptions:
+        """Return a granted filter's options: a QoS alone (a bridge's: no echo, Retain As Published)."""
+        return BRIDGE_OPTIONS[qos] if bridge else QOS_ONLY[qos]
 
     def connack(self, present: bool, props: tuple = ()) -> tuple[Connack, LabelSet]:
         """Accept: (CONNACK, its metric labels) [MQTT-3.2.2-2]."""
@@ -2994,12 +3030,55 @@ class Dialect:
 class _Mqtt5(Dialect):
     """MQTT 5.0: reason codes and properties."""
 
-    v5 = True
-    labels = V5
+    v5 = reason_codes = True
+    assigns_client_id = True  # MQTT 5.0 3.1.3.1
+    labels, success_labels = V5, V5_SUCCESS
     subscribe_quota = session_quota = Reason.QUOTA_EXCEEDED  # MQTT 5.0 3.9.3, 3.2.2.2
+    busy = Reason.SERVER_BUSY  # MQTT 5.0 3.2.2.2
 
     def ack_labels(self, code: int) -> LabelSet:
         return V5_SUCCESS if not code else reason_labels(code)
+
+    def ack_reason(self, reason: int) -> int:
+        return reason
+
+    def reason_string(self, text: str) -> tuple:
+        return (("reason_string", text),) if text else ()
+
+    def disconnect_labels(self, code: int) -> LabelSet:
+        return reason_labels(code, "normal_disconnect")
+
+    def connect_options(self, client: Connection, props: Mapping[str, Any], config: Config) -> None:
+        """Take the client's limits from its CONNECT properties, within the node's settings."""
+        receive_max = props.get("receive_maximum", 65535)
+        max_packet = props.get("maximum_packet_size")
+        if receive_max == 0 or max_packet == 0:
+            raise ProtocolError("Receive Maximum or Maximum Packet Size of 0")  # MQTT 5.0 3.1.2.11.3-4
+        client.receive_max = min(receive_max, config["receive_max_client"])
+        client.receive_max_in = config["receive_max_broker"]
+        client.max_packet = max_packet or 0
+        client.alias_max = min(props.get("topic_alias_maximum", 0), config["topic_alias_max_client"])
+        client.alias_max_in = config["topic_alias_max_broker"]
+        if client.alias_max:
+            client.aliases_out = {}
+        if client.alias_max_in:
+            client.aliases_in = {}
+        client.plain = not client.alias_max and not client.max_packet
+        client.expiry_at_connect = props.get("session_expiry_interval", 0)
+
+    def keepalive(self, asked: int, most: int) -> int | None:
+        # over max_keepalive, or 0 where the node has a limit: sent back as Server Keep Alive (MQTT 5.0 3.2.2.3.14)
+        return most if asked > most or (not asked and most < 65535) else asked
+
+    def session_expiry(self, client: Connection, p: Connect) -> int | None:
+        interval = client.expiry_at_connect
+        return None if interval == 0xFFFFFFFF else interval  # MQTT 5.0 3.1.2.11.2
+
+    def connack_properties(self, config: Config, client: Connection, p: Connect, assigned_id: str | None) -> tuple:
+        return connack_properties(config, client, p, assigned_id)
+
+    def sub_options(self, qos: int, options: int, identifier: int, bridge: bool) -> SubOptions:
+        return SubOptions(qos, bool(options & 4), bool(options & 8), (options >> 4) & 3, identifier)
 
     def connack(self, present: bool, props: tuple = ()) -> tuple[Connack, LabelSet]:
         return Connack(CONNACK_ACCEPTED, present, props), V5_SUCCESS
@@ -4607,30 +4686,26 @@ class Sessions:
             raise ProtocolError("CONNECT during enhanced authentication")  # [MQTT-3.1.0-2]
         config = self.ctx.settings()
         listener = client.listener
-        v5 = p.proto_level == 5
         client.bridge = p.proto_level in BRIDGE_LEVELS  # VerneMQ answers 131/132 as a bridge too
         level = p.proto_level & ~BRIDGE_BIT if client.bridge else p.proto_level
         client.speak(level if level in DIALECTS else 4)  # an MQTT 5 refusal is said in MQTT 5
         self.counters["mqtt_connect_received", client.labels] += 1
         if level not in PROTOCOLS or level not in listener.allowed_versions:
             return self.refuse(client, CONNACK_BAD_VERSION, f"protocol level {p.proto_level} is not accepted here")
-        props = dict(p.properties)
-        if v5:
-            self.connect_options(client, props, config)  # first: a refusal must fit its Maximum Packet Size too
+        props, dialect = dict(p.properties), client.dialect
+        dialect.connect_options(client, props, config)  # first: a refusal must fit its Maximum Packet Size too
         client_id, assigned = p.client_id, False
         if not client_id:
-            if not p.clean_session and not v5:
+            if not p.clean_session and not dialect.assigns_client_id:
                 return self.refuse(client, CONNACK_BAD_ID)  # [MQTT-3.1.3-8]
-            client_id, assigned = self.new_client_id(), v5  # [MQTT-3.1.3-6], MQTT 5.0 3.1.3.1
+            client_id, assigned = self.new_client_id(), dialect.assigns_client_id  # [MQTT-3.1.3-6]
         if len(client_id) > config["max_client_id_size"]:
             return self.refuse(client, CONNACK_BAD_ID, f"client id longer than {config['max_client_id_size']}")
         if client_id.startswith(BRIDGE_CLIENT_PREFIX):
             return self.refuse(client, CONNACK_BAD_ID, f"client ids beginning {BRIDGE_CLIENT_PREFIX} are the bridges'")
-        keepalive, max_keepalive = p.keepalive, config["max_keepalive"]
-        if keepalive > max_keepalive or (v5 and not keepalive and max_keepalive < 65535):
-            if not v5:
-                return self.refuse(client, CONNACK_BAD_ID)  # MQTT 3 cannot be told another keep-alive
-            keepalive = max_keepalive  # sent back as Server Keep Alive (MQTT 5.0 3.2.2.3.14)
+        keepalive = dialect.keepalive(p.keepalive, config["max_keepalive"])
+        if keepalive is None:
+            return self.refuse(client, CONNACK_BAD_ID)  # MQTT 3 cannot be told another keep-alive
         client.keepalive = keepalive
         method = props.get("authentication_method")
         if method is not None:  # enhanced authentication (MQTT 5.0 4.12) through the on_auth_m5 hook
@@ -4649,24 +4724,6 @@ class Sessions:
         if verdict:
             return self.refuse(client, verdict)
         self.accept(client, p, client_id, assigned)
-
-    def connect_options(self, client: Connection, props: Mapping[str, Any], config: Config) -> None:
-        """Take an MQTT 5 client's limits from its CONNECT properties, within the node's settings."""
-        receive_max = props.get("receive_maximum", 65535)
-        max_packet = props.get("maximum_packet_size")
-        if receive_max == 0 or max_packet == 0:
-            raise ProtocolError("Receive Maximum or Maximum Packet Size of 0")  # MQTT 5.0 3.1.2.11.3-4
-        client.receive_max = min(receive_max, config["receive_max_client"])
-        client.receive_max_in = config["receive_max_broker"]
-        client.max_packet = max_packet or 0
-        client.alias_max = min(props.get("topic_alias_maximum", 0), config["topic_alias_max_client"])
-        client.alias_max_in = config["topic_alias_max_broker"]
-        if client.alias_max:
-            client.aliases_out = {}
-        if client.alias_max_in:
-            client.aliases_in = {}
-        client.plain = not client.alias_max and not client.max_packet
-        client.expiry_at_connect = props.get("session_expiry_interval", 0)
 
     def accept(self, client: Connection, p: Connect, client_id: str, assigned: bool = False,
                auth_props: tuple = ()) -> None:
@@ -4694,11 +4751,7 @@ class Sessions:
             return self.refuse(client, CONNACK_NOT_AUTHORIZED, "the will's topic is not allowed")
         self.mountpoints.add(mountpoint)
         key = (mountpoint, client_id)
-        if client.dialect.v5:
-            interval = client.expiry_at_connect
-            expiry = None if interval == 0xFFFFFFFF else interval  # MQTT 5.0 3.1.2.11.2
-        else:
-            expiry = 0 if p.clean_session else None
+        expiry = client.dialect.session_expiry(client, p)
         old = self.sessions.get(key)
         if old is not None and old.client is not None:
             self.close_client(old.client, reason=Reason.SESSION_TAKEN_OVER)  # takeover [MQTT-3.1.4-2]
@@ -4730,9 +4783,8 @@ class Sessions:
                                   props=forwarded_properties(p.will_properties),
                                   expires=will_props.get("message_expiry_interval"), origin=client_id)
             client.will_delay = will_props.get("will_delay_interval", 0)
-        props = connack_properties(self.ctx.config, client, p, client_id if assigned else None) + auth_props \
-            if client.dialect.v5 else ()
-        connack, labels = client.dialect.connack(old is not None, props)
+        props = client.dialect.connack_properties(self.ctx.config, client, p, client_id if assigned else None)
+        connack, labels = client.dialect.connack(old is not None, props + auth_props)
         self.emit_packet(client, connack)
         self.counters["mqtt_connack_sent", labels] += 1
         if self.hooks.on_register or self.hooks.on_client_wakeup:
@@ -4755,7 +4807,7 @@ class Sessions:
         level = p.proto_level & ~BRIDGE_BIT if p.proto_level in BRIDGE_LEVELS else p.proto_level
         client.speak(level if level in DIALECTS else 4)
         self.counters["mqtt_connect_received", client.labels] += 1
-        self.refuse(client, Reason.SERVER_BUSY if client.dialect.v5 else CONNACK_UNAVAILABLE, text)
+        self.refuse(client, client.dialect.busy, text)
 
     def auth_step(self, client: Connection, data: bytes | None) -> None:
         """Ask the on_auth_m5 hooks about one step of enhanced authentication and answer it."""
@@ -5085,8 +5137,7 @@ class Engine:
         """Route an incoming PUBLISH and acknowledge it; ``raw`` lets QoS 0 go out as it came in."""
         ctx, seam = self.ctx, self.seam
         self.counters["mqtt_publish_received", client.labels] += 1
-        session = client.session
-        v5 = client.dialect.v5
+        session, dialect = client.session, client.dialect
         if p.qos == 2 and p.packet_id in session.incoming:
             self.emit_packet(client, Pubrec(p.packet_id))  # a resent QoS 2 message is routed once
             return
@@ -5097,11 +5148,10 @@ class Engine:
         if p.qos and self.store.error is not None:
             return self.refuse_unsaved(client, p)
         topic, props, expires = p.topic, (), None
-        if v5:
-            if p.properties:
-                topic, props, expires, raw = self.publish_properties(client, p, raw)
-            if p.qos == 2 and len(session.incoming) >= client.receive_max_in:
-                raise ReceiveMaxExceeded(f"more than {client.receive_max_in} QoS 2 messages unacknowledged")
+        if p.properties:  # MQTT 5
+            topic, props, expires, raw = self.publish_properties(client, p, raw)
+        if p.qos == 2 and len(session.incoming) >= client.receive_max_in:  # (65535 packet ids: never MQTT 3)
+            raise ReceiveMaxExceeded(f"more than {client.receive_max_in} QoS 2 messages unacknowledged")
         if len(topic) >= ctx.max_levels and topic.count("/") >= ctx.max_levels:  # a short topic cannot be deep
             raise TopicTooDeep(f"topic of more than {ctx.max_levels} levels (max_topic_levels)")
         reason, hooks = Reason.SUCCESS, self.hooks
@@ -5111,7 +5161,7 @@ class Engine:
         elif hooks.auth_on_publish or hooks.on_publish:
             msg = self.authorize_publish(client, p, topic, props, expires)
         elif self.acl(client, "write", topic):
-            msg = Message(topic, p.payload, p.qos, p.retain, self.new_ref(), raw, v5, props, expires,
+            msg = Message(topic, p.payload, p.qos, p.retain, self.new_ref(), raw, dialect.v5, props, expires,
                           session.client_id, client.bridge)
         else:
             msg = None
@@ -5131,19 +5181,19 @@ class Engine:
             return
         if self.store.error is not None:  # the store failed while keeping this message
             return self.refuse_unsaved(client, p)
-        if not v5 or not reason:  # MQTT 3.1.1 acknowledges a refused message as if delivered
+        if not reason or not dialect.reason_codes:  # MQTT 3.1.1 acknowledges a refused message as if delivered
             if p.qos == 1:
                 self.emit(client, ack_frame(PUBACK, p.packet_id))  # the same bytes in MQTT 5
-                self.counters["mqtt_puback_sent", client.labels if not v5 else V5_SUCCESS] += 1
+                self.counters["mqtt_puback_sent", dialect.success_labels] += 1
             else:
                 session.incoming.add(p.packet_id)
                 self.emit(client, ack_frame(PUBREC, p.packet_id))
-                self.counters["mqtt_pubrec_sent", client.labels if not v5 else V5_SUCCESS] += 1
+                self.counters["mqtt_pubrec_sent", dialect.success_labels] += 1
             return
         kind = Puback if p.qos == 1 else Pubrec
         if kind is Pubrec and reason < REASON_FAILURE:
             session.incoming.add(p.packet_id)  # an error reason ends the exchange (MQTT 5.0 4.3.3)
-        self.emit_packet(client, client.dialect.ack(kind, p.packet_id, reason))
+        self.emit_packet(client, dialect.ack(kind, p.packet_id, reason))
         self.counters["mqtt_puback_sent" if kind is Puback else "mqtt_pubrec_sent", reason_labels(reason)] += 1
 
     def relay_full(self, mountpoint: str, msg: Message) -> str:
@@ -5172,7 +5222,7 @@ class Engine:
         self.counters["mqtt_publish_error", ()] += 1
         if not p.qos:
             return  # nothing to acknowledge, so nothing to refuse
-        if not client.dialect.v5:
+        if not client.dialect.reason_codes:
             return self.close_client(client)  # 3.1.1 has no negative acknowledgement
         kind = Puback if p.qos == 1 else Pubrec
         self.emit_packet(client, client.dialect.ack(kind, p.packet_id, reason, text))
@@ -5189,7 +5239,7 @@ class Engine:
             return self.refuse_unsaved(client, p, text, Reason.QUOTA_EXCEEDED)
         self.counters["mqtt_subscribe_received", client.labels] += 1
         self.counters["mqtt_subscribe_error", ()] += len(p.topics)
-        props = (("reason_string", text),) if client.dialect.v5 else ()
+        props = client.dialect.reason_string(text)
         self.emit_packet(client, Suback(p.packet_id, (client.dialect.subscribe_quota,) * len(p.topics), props))
         self.counters["mqtt_suback_sent", client.labels] += 1
 
@@ -5289,34 +5339,28 @@ class Engine:
     def on_pubrec(self, client: Connection, p: Pubrec, raw: bytes = b"") -> None:
         """QoS 2 received by the client: answer PUBREL [MQTT-4.3.3-1]; an MQTT 5 error reason ends it."""
         self.counters["mqtt_pubrec_received", client.dialect.ack_labels(p.reason_code)] += 1
-        session = client.session
+        session, dialect, reason = client.session, client.dialect, Reason.SUCCESS
         out = session.inflight.get(p.packet_id)
         if out is None or out.qos != 2:
             self.counters["mqtt_pubrec_invalid_error", ()] += 1
-            if client.dialect.v5:
-                self.emit_packet(client, Pubrel(p.packet_id, Reason.PACKET_ID_NOT_FOUND))
-                self.counters["mqtt_pubrel_sent", reason_labels(Reason.PACKET_ID_NOT_FOUND)] += 1
-                return
+            reason = dialect.ack_reason(Reason.PACKET_ID_NOT_FOUND)
         elif out.stage is Stage.SENT:
             if p.reason_code >= REASON_FAILURE:
                 return self.complete(session, p.packet_id)  # MQTT 5.0 4.3.3: no PUBREL after an error
             out.stage, out.sent_at = Stage.RELEASED, self.ctx.now
             if out.row:
                 self.store.mark_released(out.row)
-        self.emit_packet(client, Pubrel(p.packet_id))
-        self.counters["mqtt_pubrel_sent", client.dialect.ack_labels(0)] += 1
+        self.emit_packet(client, dialect.ack(Pubrel, p.packet_id, reason))
+        self.counters["mqtt_pubrel_sent", dialect.ack_labels(reason)] += 1
 
     def on_pubrel(self, client: Connection, p: Pubrel, raw: bytes = b"") -> None:
         """The client releases a QoS 2 message it sent: answer PUBCOMP [MQTT-4.3.3-2]."""
         self.counters["mqtt_pubrel_received", client.dialect.ack_labels(p.reason_code)] += 1
-        incoming = client.session.incoming
-        if p.packet_id not in incoming and client.dialect.v5:
-            self.emit_packet(client, Pubcomp(p.packet_id, Reason.PACKET_ID_NOT_FOUND))
-            self.counters["mqtt_pubcomp_sent", reason_labels(Reason.PACKET_ID_NOT_FOUND)] += 1
-            return
+        incoming, dialect = client.session.incoming, client.dialect
+        reason = Reason.SUCCESS if p.packet_id in incoming else dialect.ack_reason(Reason.PACKET_ID_NOT_FOUND)
         incoming.discard(p.packet_id)
-        self.emit_packet(client, Pubcomp(p.packet_id))
-        self.counters["mqtt_pubcomp_sent", client.dialect.ack_labels(0)] += 1
+        self.emit_packet(client, dialect.ack(Pubcomp, p.packet_id, reason))
+        self.counters["mqtt_pubcomp_sent", dialect.ack_labels(reason)] += 1
 
     def on_pubcomp(self, client: Connection, p: Pubcomp, raw: bytes = b"") -> None:
         """QoS 2 complete: forget it, send the next."""
@@ -5334,12 +5378,10 @@ class Engine:
         session, dialect = client.session, client.dialect
         if self.seam.netsplit and not self.ctx.config["allow_subscribe_during_netsplit"]:
             return self.refuse_split(client, p)
-        sub_id = 0
-        if dialect.v5:
-            ids = [value for name, value in p.properties if name == "subscription_identifier"]
-            if len(ids) > 1:
-                raise ProtocolError("SUBSCRIBE with more than one subscription identifier")  # MQTT 5.0 3.8.2.1.2
-            sub_id = ids[0] if ids else 0
+        ids = [value for name, value in p.properties if name == "subscription_identifier"]  # MQTT 5
+        if len(ids) > 1:
+            raise ProtocolError("SUBSCRIBE with more than one subscription identifier")  # MQTT 5.0 3.8.2.1.2
+        sub_id = ids[0] if ids else 0
         topics = [(t, o & 3) for t, o in p.topics]
         answer = run_auth_hooks(self.hooks.auth_on_subscribe, client.user, session.key, topics) \
             if self.hooks.auth_on_subscribe else None
@@ -5357,14 +5399,13 @@ class Engine:
                 continue
             valid = valid_subscription(topic_filter) and topic_filter.count("/") < self.ctx.max_levels
             shared, plain = split_shared(topic_filter)
-            if dialect.v5 and options & 4 and shared is not None:
+            if options & 4 and shared is not None:  # (MQTT 3.1.1 options are a QoS alone)
                 raise ProtocolError("No Local on a shared subscription")  # [MQTT-3.8.3-4]
             if not valid or answer == "error" or (answer is None and not self.acl(client, "read", plain)):
                 codes.append(dialect.subscribe_failure(valid))
                 self.counters["mqtt_subscribe_auth_error" if valid else "mqtt_subscribe_error", ()] += 1
                 continue
-            opts = SubOptions(qos, bool(options & 4), bool(options & 8), (options >> 4) & 3, sub_id) \
-                if dialect.v5 else BRIDGE_OPTIONS[qos] if client.bridge else QOS_ONLY[qos]
+            opts = dialect.sub_options(qos, options, sub_id, client.bridge)
             existed = topic_filter in session.subs
             if not existed and (0 < self.ctx.max_subs <= len(session.subs)
                                 or 0 < self.ctx.max_subs_total <= self.router.subscription_count()):
@@ -5403,14 +5444,14 @@ class Engine:
         for a PUBLISH the node cannot take; the client unsubscribes again once it is back.
         """
         codes = (SUBACK_FAILURE,) * len(p.topics)  # MQTT 3.1.1 3.9.3, MQTT 5.0 3.9.3 and 3.11.3: 0x80
-        text = (("reason_string", f"netsplit: {self.seam.netsplit}"),) if client.dialect.v5 else ()
+        text = client.dialect.reason_string(f"netsplit: {self.seam.netsplit}")
         if isinstance(p, Subscribe):
             self.counters["mqtt_subscribe_error", ()] += len(codes)
             self.emit_packet(client, Suback(p.packet_id, codes, text))
             self.counters["mqtt_suback_sent", client.labels] += 1
             return
         self.counters["mqtt_unsubscribe_error", ()] += 1
-        if not client.dialect.v5:
+        if not client.dialect.reason_codes:
             return self.close_client(client)
         self.emit_packet(client, Unsuback(p.packet_id, codes, text))
         self.counters["mqtt_unsuback_sent", client.labels] += 1
@@ -5423,15 +5464,12 @@ class Engine:
 
     def on_disconnect(self, client: Connection, p: Disconnect, raw: bytes = b"") -> None:
         """A goodbye: drop the will [MQTT-3.14.4-3] (MQTT 5: unless reason 0x04 asks for it) and close."""
-        if client.dialect.v5:
-            self.counters["mqtt_disconnect_received", reason_labels(p.reason_code, "normal_disconnect")] += 1
-            for name, value in p.properties:
-                if name == "session_expiry_interval":
-                    if not client.expiry_at_connect and value:
-                        raise ProtocolError("DISCONNECT sets a Session Expiry Interval CONNECT had at 0")
-                    self.set_expiry(client.session, None if value == 0xFFFFFFFF else value)  # [MQTT-3.14.2-2]
-        else:
-            self.counters["mqtt_disconnect_received", V4] += 1
+        self.counters["mqtt_disconnect_received", client.dialect.disconnect_labels(p.reason_code)] += 1
+        for name, value in p.properties:  # MQTT 5
+            if name == "session_expiry_interval":
+                if not client.expiry_at_connect and value:
+                    raise ProtocolError("DISCONNECT sets a Session Expiry Interval CONNECT had at 0")
+                self.set_expiry(client.session, None if value == 0xFFFFFFFF else value)  # [MQTT-3.14.2-2]
         client.clean_exit = p.reason_code != Reason.DISCONNECT_WITH_WILL
         self.close_client(client)
 
