@@ -32,8 +32,8 @@ Contents (``grep -nE '^# [0-9]+\\. ' vmqapi.py`` prints them with line numbers):
     8. Routing and retained messages
     9. Delivery: queues, in-flight windows, packet ids, resends
     10. Sessions: connections, CONNECT, wills, administration
-    11. Engine: packets and time
-    12. Peers: the engine's side of a cluster
+    11. Peers: the engine's side of a cluster
+    12. Engine: packets and time
     13. Cluster state: replicated metadata and the node-to-node codec
     14. Message store
     15. Broker shell: plugin hooks, rule files, tracing
@@ -2752,7 +2752,7 @@ class Outgoing:
         self.retain, self.ids, self.retained = retain or retained, ids, retained
         self.stage = Stage.QUEUED
         self.sent_at = 0.0
-        self.shared = False  # a large message queued for many: its bytes count once node-wide (Engine.shared)
+        self.shared = False  # a large message queued for many: its bytes count once node-wide (Delivery.shared)
 
     @property
     def extra(self) -> tuple | None:
@@ -3892,9 +3892,9 @@ class Output:
             frame = self.publish_frame5(client, msg, out.qos, pid, dup, retain, out.ids)
             if client.max_packet and len(frame) > client.max_packet:
                 self.counters["queue_message_drop", ()] += 1
-                out = client.session.inflight.pop(pid, None) if pid is not None else None
-                if out is not None and out.row:  # (Delivery.forget)
-                    self.store.delete_message(out.row)
+                dropped = client.session.inflight.pop(pid, None) if pid is not None else None
+                if dropped is not None and dropped.row:  # forgotten, its row in the store too
+                    self.store.delete_message(dropped.row)
                 return
             self.emit(client, frame)
             self.counters["mqtt_publish_sent", V5] += 1
@@ -4105,9 +4105,9 @@ class Delivery:
                 # such big ones, copied for every subscriber (in this batch's outboxes, then in the buffers of
                 # peers that do not read), share the node-wide bound
                 total += self.outbox_bytes()
-                if 0 <= self.ctx.max_queued_bytes < total:
+                if 0 <= ctx.max_queued_bytes < total:
                     return "max_queued_bytes, with the large messages in outboxes and unread peer buffers"
-        return "max_queued_bytes" if 0 <= self.ctx.max_queued_bytes < total else ""
+        return "max_queued_bytes" if 0 <= ctx.max_queued_bytes < total else ""
 
     def outbox_bytes(self) -> int:
         """Bytes in this batch's outboxes and in the transports of peers that do not read."""
@@ -4246,7 +4246,7 @@ class Delivery:
         client = session.client
         if client is None or session.waiting:
             return
-        window = self.ctx.max_inflight
+        window, now = self.ctx.max_inflight, self.ctx.now
         if client.receive_max and (not window or client.receive_max < window):
             window = client.receive_max  # [MQTT-3.3.4-7]
         queue, inflight = session.queue, session.inflight
@@ -4270,7 +4270,7 @@ class Delivery:
                 self._unshare(out, size)
             else:
                 self.queued_bytes -= size
-            if out.msg.expires is not None and out.msg.expires <= self.ctx.now:
+            if out.msg.expires is not None and out.msg.expires <= now:
                 self.counters["queue_message_expired", ()] += 1  # MQTT 5.0 3.3.2.3.3
                 if out.row:
                     self.store.delete_message(out.row)
@@ -4278,7 +4278,7 @@ class Delivery:
             pid = None
             if out.qos:
                 pid = session.take_pid()
-                out.stage, out.sent_at = Stage.SENT, self.ctx.now
+                out.stage, out.sent_at = Stage.SENT, now
                 inflight[pid] = out
                 if out.qos == 2 and out.row:
                     self.store.mark_sent(out.row, pid)  # exactly once survives a restart too
@@ -5018,7 +5018,354 @@ class Sessions:
 
 
 ###############################################################################
-# 11. Engine: packets and time ################################################
+# 11. Peers: the engine's side of a cluster ###################################
+###############################################################################
+# Owns: the ``ClusterSeam`` of a clustered node: forwards out and in, sessions
+#       taken over from or by other nodes, netsplits, full nodes, and the change
+#       lists the cluster drains.
+# Must not know: sockets, the clock (``now`` comes with every entry point),
+#       links between nodes (the cluster drains and feeds these seams).
+
+class _Discard:
+    """A change list that keeps nothing: a node outside a cluster records no changes for it."""
+
+    __slots__ = ()
+
+    def add(self, item: Any) -> None:
+        """Keep nothing."""
+
+    append = add
+
+
+DISCARD = _Discard()
+
+
+def summary_subs(subs: Mapping[str, Sequence[Any]]) -> dict[str, SubOptions]:
+    """Read the ``subs`` of a session summary ({filter: [qos, no_local, rap, retain_handling, id]}).
+
+    Entries that are not valid are left out (and logged): a peer's bad data loses only them.
+    """
+    out: dict[str, SubOptions] = {}
+    for topic_filter, fields in subs.items():
+        try:
+            qos, no_local, rap, handling, identifier = fields
+            if not isinstance(topic_filter, str) or not valid_subscription(topic_filter):
+                raise ValueError(topic_filter)
+            out[topic_filter] = SubOptions(int(qos), bool(no_local), bool(rap), int(handling), int(identifier))
+        except (TypeError, ValueError):
+            log.warning("a session summary from another node has a bad subscription %r: %r", topic_filter, fields)
+    return out
+
+
+def summary_fields(opts: SubOptions) -> list:
+    """Return one subscription of a session summary: [qos, no_local, rap, retain_handling, identifier]."""
+    return [opts.qos, opts.no_local, opts.retain_as_published, opts.retain_handling, opts.identifier]
+
+
+class Peers:
+    """The engine's side of a cluster: it never sends to another node, it leaves lists the cluster drains.
+
+    The engine's parts ask it as their ``ClusterSeam`` once the node is clustered. The
+    cluster sets ``netsplit`` (a reason, '' when whole), ``elsewhere`` ((mountpoint,
+    client id) -> None or {"node", "clean", "subs"} of a session on another node),
+    ``full_nodes``, ``clustered`` (record changes for it) and, through ``router.set_remote``,
+    other nodes' interest; it drains ``take_forwards``, ``take_session_changes``,
+    ``take_retained_changes`` and ``take_takeovers``, and feeds ``deliver_forwarded``,
+    ``apply_remote_retained``, ``hand_over`` and ``adopt_messages``.
+    """
+
+    def __init__(self, ctx: Context, life: Sessions):
+        self.ctx, self.life, self.delivery = ctx, life, life.delivery
+        self.router, self.store, self.counters, self.sessions = life.router, life.store, life.counters, life.sessions
+        self.netsplit = ""
+        self.elsewhere: Callable[[str, str], dict | None] | None = None
+        self.full_nodes: set[str] = set()  # nodes with too much unacknowledged: QoS 1/2 for them is refused
+        # sessions whose summary (session_summary) and retained messages that changed since the cluster last took them
+        self.session_changes: set[tuple[str, str]] | _Discard = DISCARD
+        self.retained_changes: list[tuple[str, str]] | _Discard = DISCARD
+        # (node, mountpoint, message, plain, groups) for other nodes, in publish order, until the shell takes them
+        self.forwards: list[tuple[str, str, Message, bool, tuple[str, ...]]] = []
+        self.takeovers: list[tuple[str, str, str]] = []  # (old node, mountpoint, client id)
+        self.adopting: set[tuple[str, str]] = set()  # sessions taken over with their state: messages to come
+        self.waits = 0  # takeovers so far whose session waited for the old node's messages (Session.waiting)
+
+    @property
+    def clustered(self) -> bool:
+        """Whether changes are recorded for the cluster (off: a standalone node keeps no change lists)."""
+        return self.session_changes is not DISCARD
+
+    @clustered.setter
+    def clustered(self, on: bool) -> None:
+        # Turned on, every session and retained message counts as changed: the first take is the whole state.
+        if on and not self.clustered:
+            self.session_changes = set(self.sessions)
+            self.retained_changes = [(mp, t) for mp, table in self.router.retained.items() for t, _ in table.items()]
+        elif not on:
+            self.session_changes = self.retained_changes = DISCARD
+
+    # -- the seam the engine's parts ask ------------------------------------
+    def forward(self, mountpoint: str, msg: Message, nodes: Mapping[str, list]) -> None:
+        """Keep a routed message for the nodes that get it (``take_forwards``)."""
+        self.forwards += [(node, mountpoint, msg, plain, tuple(groups)) for node, (plain, groups) in nodes.items()]
+
+    def session_changed(self, key: tuple[str, str]) -> None:
+        """Note a session whose summary changed (nothing while not clustered)."""
+        self.session_changes.add(key)
+
+    def retained_changed(self, mountpoint: str, topic: str) -> None:
+        """Note a retained message a client or command changed here (nothing while not clustered)."""
+        self.retained_changes.append((mountpoint, topic))
+
+    def claim(self, key: tuple[str, str], clean_start: bool) -> tuple | None:
+        """Find the session of a CONNECT on another node; made here, offline with its subscriptions, when it
+        is persistent and Clean Start is off (CONNACK then says session present). None: not elsewhere."""
+        there = self.elsewhere(*key) if self.elsewhere is not None and key not in self.sessions else None
+        if there is None:
+            return None
+        made = not clean_start and not there.get("clean", True)
+        if made:
+            self.make_session(key, summary_subs(there.get("subs") or {}))
+        return key, there, made
+
+    def release(self, claim: tuple) -> None:
+        """The CONNECT was refused after all: the session made here goes, it stays on its node."""
+        key, _, made = claim
+        if made:
+            self.life.drop_session(self.sessions[key])
+
+    def took_over(self, claim: tuple) -> None:
+        """The CONNECT was accepted: the old node gives the session up; one made here waits for its messages."""
+        key, there, made = claim
+        self.takeovers.append((str(there.get("node", "")), *key))
+        if made:
+            self.adopting.add(key)
+            self.waits += 1
+            self.sessions[key].waiting = self.waits  # until its messages come (adopt_messages) or stop_waiting
+
+    # -- forwards -----------------------------------------------------------
+    def take_forwards(self) -> list[tuple[str, str, Message, bool, tuple[str, ...]]]:
+        """Return (and forget) the forwards for other nodes: (node, mountpoint, message, plain, groups).
+
+        ``plain``: that node's own non-shared subscribers want the message; ``groups``: the
+        "group/filter" of each shared group that node serves once. In publish order.
+        """
+        forwards, self.forwards = self.forwards, []
+        return forwards
+
+    def deliver_forwarded(self, mountpoint: str, msg: Message, plain: bool, groups: Sequence[str],
+                          now: float) -> None:
+        """Deliver a message another node forwarded, to local subscribers only; never forward it again.
+
+        ``plain``: every local non-shared match; ``groups``: "group/filter" of each shared group
+        that gets one local member (online first). Retained messages are not touched here.
+        """
+        self.ctx.now = now
+        if self.ctx.settings() is not self.ctx.config:
+            self.ctx.refresh()
+        msg = dataclasses.replace(msg, ref=self.life.new_ref())  # references are this node's own
+        if plain:
+            self.delivery.route(mountpoint, msg, forward=False)
+        for label in groups:
+            name, _, topic_filter = label.partition("/")
+            shared = self.router.groups.get((mountpoint, name, topic_filter))
+            member = shared.pick(self.router.choose, "local_only") if shared is not None else None
+            if member is None:
+                self.counters["queue_message_unhandled", ()] += 1  # its members here left meanwhile
+                continue
+            opts = shared.members[member]
+            self.delivery.deliver(member, msg, opts.qos, opts.retain_as_published, opts.ids)
+
+    def deliver_to(self, mountpoint: str, client_id: str, msg: Message, now: float) -> bool:
+        """Deliver a message passed on by the node that held a session before, to that session only.
+
+        False when it is not here (it moved on, or ended).
+        """
+        self.ctx.now = now
+        session = self.sessions.get((mountpoint, client_id))
+        if session is None:
+            return False
+        msg = dataclasses.replace(msg, ref=self.life.new_ref())
+        self.put_ahead(session, lambda: self.delivery.deliver_matching(session, msg))
+        return True
+
+    def full_for(self, mountpoint: str, msg: Message) -> list[tuple[str, str]]:
+        """The local subscribers of a forwarded QoS 1/2 message whose queue has no room for it now (their keys).
+
+        Only each queue's own bounds count (max_online_*/max_offline_*), not the node-wide one.
+        """
+        if not msg.qos:
+            return []
+        matches = self.router.cache.get((mountpoint, msg.topic)) or self.router.match(mountpoint, msg.topic)
+        size, full, ctx = message_bytes(msg), [], self.ctx
+        for session in matches:
+            if type(session) is Session and not session.clean:
+                limit, byte_limit = (ctx.max_online, ctx.max_online_bytes) if session.client is not None else \
+                    (ctx.max_offline, ctx.max_offline_bytes)
+                queued = _queued(session)
+                if 0 <= limit <= queued or (queued and 0 <= byte_limit < session.queue_bytes + size):
+                    full.append(session.key)
+        return full
+
+    def forwards_to_full(self, mountpoint: str, topic: str) -> bool:
+        """Whether a message on ``topic`` would go to a node with too much unacknowledged (``full_nodes``)."""
+        matches = self.router.cache.get((mountpoint, topic)) or self.router.match(mountpoint, topic)
+        return any(type(entry) is RemoteNode and entry.name in self.full_nodes for entry in matches)
+
+    # -- change lists -------------------------------------------------------
+    def take_session_changes(self) -> set[tuple[str, str]]:
+        """Return (and forget) the (mountpoint, client id) of sessions made, ended, (un)subscribed, on or off line."""
+        changes = self.session_changes
+        if changes is DISCARD:
+            return set()
+        self.session_changes = set()
+        return changes
+
+    def session_summary(self, mountpoint: str, client_id: str) -> dict | None:
+        """Return what other nodes know of a local session: clean, online, subs; None: no session here."""
+        session = self.sessions.get((mountpoint, client_id))
+        if session is None:
+            return None
+        return {"clean": session.clean, "online": session.client is not None,
+                "subs": {t: summary_fields(o) for t, o in session.subs.items()}}
+
+    def take_retained_changes(self) -> list[tuple[str, str]]:
+        """Return (and forget) the (mountpoint, topic) whose retained message a client or command changed here."""
+        changes = self.retained_changes
+        if changes is DISCARD:
+            return []
+        self.retained_changes = []
+        return changes
+
+    def apply_remote_retained(self, mountpoint: str, topic: str, msg: Message | None) -> bool:
+        """Set (or with None or an empty payload delete) a retained message another node changed.
+
+        Kept in the store as any retained message, not reported back as a local change. The
+        node's own limits hold: False when refused (counted in retain_message_refused).
+        """
+        if msg is None or not msg.payload:
+            if self.router.unretain(mountpoint, topic) is not None:
+                self.store.delete_retained(mountpoint, topic)
+            return True
+        msg = dataclasses.replace(msg, topic=topic, ref=self.life.new_ref(), frame=b"")
+        if not self.router.retain(mountpoint, msg, self.ctx.max_retained, self.ctx.max_retained_bytes):
+            self.counters["retain_message_refused", ()] += 1
+            return False
+        self.store.put_retained(mountpoint, msg)
+        return True
+
+    # -- sessions across nodes ----------------------------------------------
+    def make_session(self, key: tuple[str, str], subs: Mapping[str, SubOptions]) -> Session:
+        """Make an offline persistent session with ``subs`` (one taken over from another node)."""
+        mountpoint, client_id = key
+        session = self.life.add_session(mountpoint, client_id, None)
+        self.life.mountpoints.add(mountpoint)
+        self.store.put_session(mountpoint, client_id, None)
+        for topic_filter, opts in subs.items():
+            self.router.add(session, topic_filter, opts)
+            session.subs[topic_filter] = opts
+            self.store.put_subscription(mountpoint, client_id, topic_filter, opts.packed())
+        return session
+
+    def adopt_session(self, mountpoint: str, client_id: str, summary: Mapping[str, Any], now: float) -> bool:
+        """Make here, offline, a persistent session another node gave up (it left, or was removed while down).
+
+        Its messages may follow with ``adopt_messages``. Return False when a session of that
+        name is here already (it wins) or the summary is of a clean session.
+        """
+        self.ctx.now = now
+        key = (mountpoint, client_id)
+        if key in self.sessions or summary.get("clean", True):
+            return False
+        self.make_session(key, summary_subs(summary.get("subs") or {}))
+        self.adopting.add(key)
+        self.session_changes.add(key)
+        return True
+
+    def take_takeovers(self) -> list[tuple[str, str, str]]:
+        """Return (and forget) (old node, mountpoint, client id) of sessions clients took over from other nodes."""
+        takeovers, self.takeovers = self.takeovers, []
+        return takeovers
+
+    def hand_over(self, mountpoint: str, client_id: str, now: float) -> list[Message]:
+        """Give a session up to another node: close its connection (MQTT 5: 0x8E), end it here, return its messages.
+
+        The messages are those queued and those sent but not acknowledged, in order, each
+        with the QoS of its delivery; a QoS 2 message the client already received (PUBREL
+        sent) is not among them. Also removes a session that a newer owner elsewhere won.
+        """
+        self.ctx.now = now
+        key = (mountpoint, client_id)
+        session = self.sessions.get(key)
+        if session is not None and session.client is not None:
+            self.life.close_client(session.client, reason=Reason.SESSION_TAKEN_OVER)  # [MQTT-3.1.4-2]
+            session = self.sessions.get(key)  # a clean session ended with its connection
+        if session is None:
+            return []
+        self.life.take_will(session)  # its client connects elsewhere: no delayed will [MQTT-3.1.3-9]
+        self.delivery.unstore(session)
+        moving = [dataclasses.replace(out.msg, qos=out.qos, retain=out.retain, frame=b"")
+                  for out in itertools.chain(session.inflight.values(), session.queue)
+                  if out.stage is not Stage.RELEASED]
+        self.life.drop_session(session)
+        self.adopting.discard(key)
+        return moving
+
+    def adopt_messages(self, mountpoint: str, client_id: str, messages: Iterable[Message], now: float,
+                       force: bool = False, settle: bool = False) -> int:
+        """Queue the messages ``hand_over`` gave up on the old node into the session that took it over.
+
+        Only a session made here with the old one's state (session present) takes them, once;
+        ``force``: a persistent session the cluster says is here takes them too (this node
+        restarted since it took the session over). They go before what came directly since the
+        takeover. ``settle``: the queue goes on waiting (for what the old node still passes on,
+        ``deliver_to``) until ``stop_waiting``. Return how many were offered to its queue (its
+        limits still hold).
+        """
+        self.ctx.now = now
+        key = (mountpoint, client_id)
+        session = self.sessions.get(key)
+        if session is None or (key not in self.adopting and not (force and not session.clean)):
+            return 0
+        self.adopting.discard(key)
+        count = 0
+        for msg in messages:
+            ids = tuple(o.identifier for t, o in session.subs.items()
+                        if o.identifier and topic_matches(split_shared(t)[1], msg.topic))
+            out = Outgoing(dataclasses.replace(msg, ref=self.life.new_ref()), msg.qos, 0, msg.retain, ids,
+                           retained=msg.retain)
+            self.put_ahead(session, lambda: self.delivery.enqueue(session, out))
+            count += 1
+        if not settle:
+            self.stop_waiting(mountpoint, client_id, now)
+        return count
+
+    def put_ahead(self, session: Session, deliver: Callable[[], None]) -> None:
+        """Run ``deliver`` for a session; while it waits, what it queued goes before what came directly (newer)."""
+        queue, before = session.queue, len(session.queue)
+        deliver()
+        if session.waiting and len(queue) == before + 1 and session.ahead < before:
+            queue.insert(session.ahead, queue.pop())
+        session.ahead += session.waiting and len(queue) == before + 1
+
+    def waiting(self, mountpoint: str, client_id: str) -> int:
+        """Which takeover a session waits for (0: it does not wait)."""
+        session = self.sessions.get((mountpoint, client_id))
+        return session.waiting if session is not None else 0
+
+    def stop_waiting(self, mountpoint: str, client_id: str, now: float, which: int = 0) -> None:
+        """Deliver a taken-over session's queue without waiting any longer for the old node's messages.
+
+        ``which``: only if it still waits for that takeover (``waiting``); 0: whichever.
+        """
+        self.ctx.now = now
+        session = self.sessions.get((mountpoint, client_id))
+        if session is not None and session.waiting and which in (0, session.waiting):
+            session.waiting, session.ahead = 0, 0
+            self.delivery.drain(session)
+
+
+###############################################################################
+# 12. Engine: packets and time ################################################
 ###############################################################################
 # Owns: what each packet means (one dispatch table from connection state and
 #       packet type to its handler), acknowledgements, subscriptions, deadlines
@@ -5537,353 +5884,6 @@ class Engine:
                 expired.append(session)
         for session in expired:
             self.drop_session(session)
-
-###############################################################################
-# 12. Peers: the engine's side of a cluster ###################################
-###############################################################################
-# Owns: the ``ClusterSeam`` of a clustered node: forwards out and in, sessions
-#       taken over from or by other nodes, netsplits, full nodes, and the change
-#       lists the cluster drains.
-# Must not know: sockets, the clock (``now`` comes with every entry point),
-#       links between nodes (the cluster drains and feeds these seams).
-
-class _Discard:
-    """A change list that keeps nothing: a node outside a cluster records no changes for it."""
-
-    __slots__ = ()
-
-    def add(self, item: Any) -> None:
-        """Keep nothing."""
-
-    append = add
-
-
-DISCARD = _Discard()
-
-
-def summary_subs(subs: Mapping[str, Sequence[Any]]) -> dict[str, SubOptions]:
-    """Read the ``subs`` of a session summary ({filter: [qos, no_local, rap, retain_handling, id]}).
-
-    Entries that are not valid are left out (and logged): a peer's bad data loses only them.
-    """
-    out: dict[str, SubOptions] = {}
-    for topic_filter, fields in subs.items():
-        try:
-            qos, no_local, rap, handling, identifier = fields
-            if not isinstance(topic_filter, str) or not valid_subscription(topic_filter):
-                raise ValueError(topic_filter)
-            out[topic_filter] = SubOptions(int(qos), bool(no_local), bool(rap), int(handling), int(identifier))
-        except (TypeError, ValueError):
-            log.warning("a session summary from another node has a bad subscription %r: %r", topic_filter, fields)
-    return out
-
-
-def summary_fields(opts: SubOptions) -> list:
-    """Return one subscription of a session summary: [qos, no_local, rap, retain_handling, identifier]."""
-    return [opts.qos, opts.no_local, opts.retain_as_published, opts.retain_handling, opts.identifier]
-
-
-class Peers:
-    """The engine's side of a cluster: it never sends to another node, it leaves lists the cluster drains.
-
-    The engine's parts ask it as their ``ClusterSeam`` once the node is clustered. The
-    cluster sets ``netsplit`` (a reason, '' when whole), ``elsewhere`` ((mountpoint,
-    client id) -> None or {"node", "clean", "subs"} of a session on another node),
-    ``full_nodes``, ``clustered`` (record changes for it) and, through ``router.set_remote``,
-    other nodes' interest; it drains ``take_forwards``, ``take_session_changes``,
-    ``take_retained_changes`` and ``take_takeovers``, and feeds ``deliver_forwarded``,
-    ``apply_remote_retained``, ``hand_over`` and ``adopt_messages``.
-    """
-
-    def __init__(self, ctx: Context, life: Sessions):
-        self.ctx, self.life, self.delivery = ctx, life, life.delivery
-        self.router, self.store, self.counters, self.sessions = life.router, life.store, life.counters, life.sessions
-        self.netsplit = ""
-        self.elsewhere: Callable[[str, str], dict | None] | None = None
-        self.full_nodes: set[str] = set()  # nodes with too much unacknowledged: QoS 1/2 for them is refused
-        # sessions whose summary (session_summary) and retained messages that changed since the cluster last took them
-        self.session_changes: set[tuple[str, str]] | _Discard = DISCARD
-        self.retained_changes: list[tuple[str, str]] | _Discard = DISCARD
-        # (node, mountpoint, message, plain, groups) for other nodes, in publish order, until the shell takes them
-        self.forwards: list[tuple[str, str, Message, bool, tuple[str, ...]]] = []
-        self.takeovers: list[tuple[str, str, str]] = []  # (old node, mountpoint, client id)
-        self.adopting: set[tuple[str, str]] = set()  # sessions taken over with their state: messages to come
-        self.waits = 0  # takeovers so far whose session waited for the old node's messages (Session.waiting)
-
-    @property
-    def clustered(self) -> bool:
-        """Whether changes are recorded for the cluster (off: a standalone node keeps no change lists)."""
-        return self.session_changes is not DISCARD
-
-    @clustered.setter
-    def clustered(self, on: bool) -> None:
-        # Turned on, every session and retained message counts as changed: the first take is the whole state.
-        if on and not self.clustered:
-            self.session_changes = set(self.sessions)
-            self.retained_changes = [(mp, t) for mp, table in self.router.retained.items() for t, _ in table.items()]
-        elif not on:
-            self.session_changes = self.retained_changes = DISCARD
-
-    # -- the seam the engine's parts ask ------------------------------------
-    def forward(self, mountpoint: str, msg: Message, nodes: Mapping[str, list]) -> None:
-        """Keep a routed message for the nodes that get it (``take_forwards``)."""
-        self.forwards += [(node, mountpoint, msg, plain, tuple(groups)) for node, (plain, groups) in nodes.items()]
-
-    def session_changed(self, key: tuple[str, str]) -> None:
-        """Note a session whose summary changed (nothing while not clustered)."""
-        self.session_changes.add(key)
-
-    def retained_changed(self, mountpoint: str, topic: str) -> None:
-        """Note a retained message a client or command changed here (nothing while not clustered)."""
-        self.retained_changes.append((mountpoint, topic))
-
-    def claim(self, key: tuple[str, str], clean_start: bool) -> tuple | None:
-        """Find the session of a CONNECT on another node; made here, offline with its subscriptions, when it
-        is persistent and Clean Start is off (CONNACK then says session present). None: not elsewhere."""
-        there = self.elsewhere(*key) if self.elsewhere is not None and key not in self.sessions else None
-        if there is None:
-            return None
-        made = not clean_start and not there.get("clean", True)
-        if made:
-            self.make_session(key, summary_subs(there.get("subs") or {}))
-        return key, there, made
-
-    def release(self, claim: tuple) -> None:
-        """The CONNECT was refused after all: the session made here goes, it stays on its node."""
-        key, _, made = claim
-        if made:
-            self.life.drop_session(self.sessions[key])
-
-    def took_over(self, claim: tuple) -> None:
-        """The CONNECT was accepted: the old node gives the session up; one made here waits for its messages."""
-        key, there, made = claim
-        self.takeovers.append((str(there.get("node", "")), *key))
-        if made:
-            self.adopting.add(key)
-            self.waits += 1
-            self.sessions[key].waiting = self.waits  # until its messages come (adopt_messages) or stop_waiting
-
-    # -- forwards -----------------------------------------------------------
-    def take_forwards(self) -> list[tuple[str, str, Message, bool, tuple[str, ...]]]:
-        """Return (and forget) the forwards for other nodes: (node, mountpoint, message, plain, groups).
-
-        ``plain``: that node's own non-shared subscribers want the message; ``groups``: the
-        "group/filter" of each shared group that node serves once. In publish order.
-        """
-        forwards, self.forwards = self.forwards, []
-        return forwards
-
-    def deliver_forwarded(self, mountpoint: str, msg: Message, plain: bool, groups: Sequence[str],
-                          now: float) -> None:
-        """Deliver a message another node forwarded, to local subscribers only; never forward it again.
-
-        ``plain``: every local non-shared match; ``groups``: "group/filter" of each shared group
-        that gets one local member (online first). Retained messages are not touched here.
-        """
-        self.ctx.now = now
-        if self.ctx.settings() is not self.ctx.config:
-            self.ctx.refresh()
-        msg = dataclasses.replace(msg, ref=self.life.new_ref())  # references are this node's own
-        if plain:
-            self.delivery.route(mountpoint, msg, forward=False)
-        for label in groups:
-            name, _, topic_filter = label.partition("/")
-            shared = self.router.groups.get((mountpoint, name, topic_filter))
-            member = shared.pick(self.router.choose, "local_only") if shared is not None else None
-            if member is None:
-                self.counters["queue_message_unhandled", ()] += 1  # its members here left meanwhile
-                continue
-            opts = shared.members[member]
-            self.delivery.deliver(member, msg, opts.qos, opts.retain_as_published, opts.ids)
-
-    def deliver_to(self, mountpoint: str, client_id: str, msg: Message, now: float) -> bool:
-        """Deliver a message passed on by the node that held a session before, to that session only.
-
-        False when it is not here (it moved on, or ended).
-        """
-        self.ctx.now = now
-        session = self.sessions.get((mountpoint, client_id))
-        if session is None:
-            return False
-        msg = dataclasses.replace(msg, ref=self.life.new_ref())
-        self.put_ahead(session, lambda: self.delivery.deliver_matching(session, msg))
-        return True
-
-    def full_for(self, mountpoint: str, msg: Message) -> list[tuple[str, str]]:
-        """The local subscribers of a forwarded QoS 1/2 message whose queue has no room for it now (their keys).
-
-        Only each queue's own bounds count (max_online_*/max_offline_*), not the node-wide one.
-        """
-        if not msg.qos:
-            return []
-        matches = self.router.cache.get((mountpoint, msg.topic)) or self.router.match(mountpoint, msg.topic)
-        size, full, ctx = message_bytes(msg), [], self.ctx
-        for session in matches:
-            if type(session) is Session and not session.clean:
-                limit, byte_limit = (ctx.max_online, ctx.max_online_bytes) if session.client is not None else \
-                    (ctx.max_offline, ctx.max_offline_bytes)
-                queued = _queued(session)
-                if 0 <= limit <= queued or (queued and 0 <= byte_limit < session.queue_bytes + size):
-                    full.append(session.key)
-        return full
-
-    def forwards_to_full(self, mountpoint: str, topic: str) -> bool:
-        """Whether a message on ``topic`` would go to a node with too much unacknowledged (``full_nodes``)."""
-        matches = self.router.cache.get((mountpoint, topic)) or self.router.match(mountpoint, topic)
-        return any(type(entry) is RemoteNode and entry.name in self.full_nodes for entry in matches)
-
-    # -- change lists -------------------------------------------------------
-    def take_session_changes(self) -> set[tuple[str, str]]:
-        """Return (and forget) the (mountpoint, client id) of sessions made, ended, (un)subscribed, on or off line."""
-        changes = self.session_changes
-        if changes is DISCARD:
-            return set()
-        self.session_changes = set()
-        return changes
-
-    def session_summary(self, mountpoint: str, client_id: str) -> dict | None:
-        """Return what other nodes know of a local session: clean, online, subs; None: no session here."""
-        session = self.sessions.get((mountpoint, client_id))
-        if session is None:
-            return None
-        return {"clean": session.clean, "online": session.client is not None,
-                "subs": {t: summary_fields(o) for t, o in session.subs.items()}}
-
-    def take_retained_changes(self) -> list[tuple[str, str]]:
-        """Return (and forget) the (mountpoint, topic) whose retained message a client or command changed here."""
-        changes = self.retained_changes
-        if changes is DISCARD:
-            return []
-        self.retained_changes = []
-        return changes
-
-    def apply_remote_retained(self, mountpoint: str, topic: str, msg: Message | None) -> bool:
-        """Set (or with None or an empty payload delete) a retained message another node changed.
-
-        Kept in the store as any retained message, not reported back as a local change. The
-        node's own limits hold: False when refused (counted in retain_message_refused).
-        """
-        if msg is None or not msg.payload:
-            if self.router.unretain(mountpoint, topic) is not None:
-                self.store.delete_retained(mountpoint, topic)
-            return True
-        msg = dataclasses.replace(msg, topic=topic, ref=self.life.new_ref(), frame=b"")
-        if not self.router.retain(mountpoint, msg, self.ctx.max_retained, self.ctx.max_retained_bytes):
-            self.counters["retain_message_refused", ()] += 1
-            return False
-        self.store.put_retained(mountpoint, msg)
-        return True
-
-    # -- sessions across nodes ----------------------------------------------
-    def make_session(self, key: tuple[str, str], subs: Mapping[str, SubOptions]) -> Session:
-        """Make an offline persistent session with ``subs`` (one taken over from another node)."""
-        mountpoint, client_id = key
-        session = self.life.add_session(mountpoint, client_id, None)
-        self.life.mountpoints.add(mountpoint)
-        self.store.put_session(mountpoint, client_id, None)
-        for topic_filter, opts in subs.items():
-            self.router.add(session, topic_filter, opts)
-            session.subs[topic_filter] = opts
-            self.store.put_subscription(mountpoint, client_id, topic_filter, opts.packed())
-        return session
-
-    def adopt_session(self, mountpoint: str, client_id: str, summary: Mapping[str, Any], now: float) -> bool:
-        """Make here, offline, a persistent session another node gave up (it left, or was removed while down).
-
-        Its messages may follow with ``adopt_messages``. Return False when a session of that
-        name is here already (it wins) or the summary is of a clean session.
-        """
-        self.ctx.now = now
-        key = (mountpoint, client_id)
-        if key in self.sessions or summary.get("clean", True):
-            return False
-        self.make_session(key, summary_subs(summary.get("subs") or {}))
-        self.adopting.add(key)
-        self.session_changes.add(key)
-        return True
-
-    def take_takeovers(self) -> list[tuple[str, str, str]]:
-        """Return (and forget) (old node, mountpoint, client id) of sessions clients took over from other nodes."""
-        takeovers, self.takeovers = self.takeovers, []
-        return takeovers
-
-    def hand_over(self, mountpoint: str, client_id: str, now: float) -> list[Message]:
-        """Give a session up to another node: close its connection (MQTT 5: 0x8E), end it here, return its messages.
-
-        The messages are those queued and those sent but not acknowledged, in order, each
-        with the QoS of its delivery; a QoS 2 message the client already received (PUBREL
-        sent) is not among them. Also removes a session that a newer owner elsewhere won.
-        """
-        self.ctx.now = now
-        key = (mountpoint, client_id)
-        session = self.sessions.get(key)
-        if session is not None and session.client is not None:
-            self.life.close_client(session.client, reason=Reason.SESSION_TAKEN_OVER)  # [MQTT-3.1.4-2]
-            session = self.sessions.get(key)  # a clean session ended with its connection
-        if session is None:
-            return []
-        self.life.take_will(session)  # its client connects elsewhere: no delayed will [MQTT-3.1.3-9]
-        self.delivery.unstore(session)
-        moving = [dataclasses.replace(out.msg, qos=out.qos, retain=out.retain, frame=b"")
-                  for out in itertools.chain(session.inflight.values(), session.queue)
-                  if out.stage is not Stage.RELEASED]
-        self.life.drop_session(session)
-        self.adopting.discard(key)
-        return moving
-
-    def adopt_messages(self, mountpoint: str, client_id: str, messages: Iterable[Message], now: float,
-                       force: bool = False, settle: bool = False) -> int:
-        """Queue the messages ``hand_over`` gave up on the old node into the session that took it over.
-
-        Only a session made here with the old one's state (session present) takes them, once;
-        ``force``: a persistent session the cluster says is here takes them too (this node
-        restarted since it took the session over). They go before what came directly since the
-        takeover. ``settle``: the queue goes on waiting (for what the old node still passes on,
-        ``deliver_to``) until ``stop_waiting``. Return how many were offered to its queue (its
-        limits still hold).
-        """
-        self.ctx.now = now
-        key = (mountpoint, client_id)
-        session = self.sessions.get(key)
-        if session is None or (key not in self.adopting and not (force and not session.clean)):
-            return 0
-        self.adopting.discard(key)
-        count = 0
-        for msg in messages:
-            ids = tuple(o.identifier for t, o in session.subs.items()
-                        if o.identifier and topic_matches(split_shared(t)[1], msg.topic))
-            out = Outgoing(dataclasses.replace(msg, ref=self.life.new_ref()), msg.qos, 0, msg.retain, ids,
-                           retained=msg.retain)
-            self.put_ahead(session, lambda: self.delivery.enqueue(session, out))
-            count += 1
-        if not settle:
-            self.stop_waiting(mountpoint, client_id, now)
-        return count
-
-    def put_ahead(self, session: Session, deliver: Callable[[], None]) -> None:
-        """Run ``deliver`` for a session; while it waits, what it queued goes before what came directly (newer)."""
-        queue, before = session.queue, len(session.queue)
-        deliver()
-        if session.waiting and len(queue) == before + 1 and session.ahead < before:
-            queue.insert(session.ahead, queue.pop())
-        session.ahead += session.waiting and len(queue) == before + 1
-
-    def waiting(self, mountpoint: str, client_id: str) -> int:
-        """Which takeover a session waits for (0: it does not wait)."""
-        session = self.sessions.get((mountpoint, client_id))
-        return session.waiting if session is not None else 0
-
-    def stop_waiting(self, mountpoint: str, client_id: str, now: float, which: int = 0) -> None:
-        """Deliver a taken-over session's queue without waiting any longer for the old node's messages.
-
-        ``which``: only if it still waits for that takeover (``waiting``); 0: whichever.
-        """
-        self.ctx.now = now
-        session = self.sessions.get((mountpoint, client_id))
-        if session is not None and session.waiting and which in (0, session.waiting):
-            session.waiting, session.ahead = 0, 0
-            self.delivery.drain(session)
-
 
 ###############################################################################
 # 13. Cluster state: replicated metadata and the node-to-node codec ###########
