@@ -4517,8 +4517,8 @@ class Gate:
 class Sessions:
     """Connections and sessions: CONNECT, authentication, takeover, wills, session life, admin operations.
 
-    Built with what it uses: the context, the delivery and output parts, the gate, the router,
-    the message store, the hooks, the counters and the sessions by key; ``seam`` is the
+    Built with what it uses: the context, the delivery part (with its output, router, counters
+    and sessions by key), the gate, the message store and the hooks; ``seam`` is the
     cluster's (``NO_CLUSTER`` on its own). The I/O shell hands in ``new_client_id`` (assigned
     client ids) and sets ``now`` before it calls an admin operation.
     """
