@@ -5407,10 +5407,10 @@ class Engine:
     """MQTT 3.1/3.1.1/5.0 broker state, driven by packets; output goes to each Connection's outbox.
 
     Composed of parts, each built with what it uses: ``ctx`` (the settings in force and
-    ``now``), ``output``, ``delivery``, ``gate`` (authentication and ACL), ``life`` (connections
-    and sessions) and ``peers`` (the side a cluster drains and feeds; the parts' ``ClusterSeam``
-    once the node is clustered, ``NO_CLUSTER`` before). The operations of ``ENGINE_PARTS`` are
-    the engine's own names. Entry points: ``connection_made``, ``handle(conn, packet, now)``,
+    ``now``), ``output``, ``delivery``, ``gate`` (authentication and ACL), ``life``
+    (``Sessions``: connections and sessions) and ``peers`` (the side a cluster drains and
+    feeds; the parts' ``ClusterSeam`` once the node is clustered, ``NO_CLUSTER`` before).
+    The operations of ``ENGINE_PARTS`` are the engine's own names. Entry points: ``connection_made``, ``handle(conn, packet, now)``,
     ``deadline``, ``tick(now)``, ``connection_lost`` and the admin operations of ``Sessions``.
     """
 
