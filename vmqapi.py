@@ -32,26 +32,27 @@ Contents (``grep -nE '^# [0-9]+\\. ' vmqapi.py`` prints them with line numbers):
     8. Routing and retained messages
     9. Delivery: queues, in-flight windows, packet ids, resends
     10. Sessions: connections, CONNECT, wills, administration
-    11. Engine: packets and time
-    12. Cluster state: replicated metadata and the node-to-node codec
-    13. Message store
-    14. Broker shell: plugin hooks, rule files, tracing
-    15. MQTT connections: TCP, TLS and WebSocket links
-    16. MQTT listeners and the broker's loop
-    17. Key store: the API key file
-    18. Command machinery: argv grammar, command table, result elements
-    19. Command catalogue
-    20. Cluster links: node-to-node connections
-    21. Cluster requests: joins, leaves and calls between nodes
-    22. Cluster: membership, replication, routing and sessions across nodes
-    23. Bridge: vmq_bridge
-    24. Webhooks: bodies, answers, the cache and the client
-    25. Webhooks: the plugin, its gate and commands
-    26. HTTP: the admin API
-    27. Observability endpoints
-    28. HTTP server
-    29. Node
-    30. CLI
+    11. Peers: the engine's side of a cluster
+    12. Engine: packets and time
+    13. Cluster state: replicated metadata and the node-to-node codec
+    14. Message store
+    15. Broker shell: plugin hooks, rule files, tracing
+    16. MQTT connections: TCP, TLS and WebSocket links
+    17. MQTT listeners and the broker's loop
+    18. Key store: the API key file
+    19. Command machinery: argv grammar, command table, result elements
+    20. Command catalogue
+    21. Cluster links: node-to-node connections
+    22. Cluster requests: joins, leaves and calls between nodes
+    23. Cluster: membership, replication, routing and sessions across nodes
+    24. Bridge: vmq_bridge
+    25. Webhooks: bodies, answers, the cache and the client
+    26. Webhooks: the plugin, its gate and commands
+    27. HTTP: the admin API
+    28. Observability endpoints
+    29. HTTP server
+    30. Node
+    31. CLI
 """
 
 ###############################################################################
@@ -144,7 +145,7 @@ import urllib.parse
 import urllib.request
 import zlib
 from dataclasses import dataclass, field
-from typing import Any, Callable, Coroutine, Iterable, Iterator, Mapping, Protocol, Sequence
+from typing import Any, Callable, Collection, Coroutine, Iterable, Iterator, Mapping, Protocol, Sequence
 
 try:  # POSIX advisory locks; Windows falls back to msvcrt below.
     import fcntl
@@ -2700,7 +2701,7 @@ class Outgoing:
         self.retain, self.ids, self.retained = retain or retained, ids, retained
         self.stage = Stage.QUEUED
         self.sent_at = 0.0
-        self.shared = False  # a large message queued for many: its bytes count once node-wide (Engine.shared)
+        self.shared = False  # a large message queued for many: its bytes count once node-wide (Delivery.shared)
 
     @property
     def extra(self) -> tuple | None:
@@ -2898,13 +2899,49 @@ class Dialect:
     """
 
     v5 = False
+    reason_codes = False  # acknowledgements say no reason: a refused PUBLISH is acknowledged, or the link closed
+    assigns_client_id = False  # an empty client id only with a clean session, and none is assigned [MQTT-3.1.3-8]
     subscribe_quota = SUBACK_FAILURE  # a filter past max_subscriptions_per_client (MQTT 3.1.1 3.9.3)
     session_quota = CONNACK_UNAVAILABLE  # a CONNECT past max_persistent_sessions (MQTT 3.1.1 3.2.2.3)
+    busy = CONNACK_UNAVAILABLE  # a CONNECT the node cannot look at now (MQTT 3.1.1 3.2.2.3)
     labels: LabelSet = V4
+    success_labels: LabelSet = V4  # of an acknowledgement that says success
 
     def ack_labels(self, code: int) -> LabelSet:
         """Return the metric labels of an acknowledgement with reason ``code``."""
         return self.labels
+
+    def ack_reason(self, reason: int) -> int:
+        """The reason an acknowledgement can say for ``reason``: MQTT 3.1.1 has none, it acknowledges as if delivered."""
+        return Reason.SUCCESS
+
+    def reason_string(self, text: str) -> tuple:
+        """Return the properties telling ``text`` (MQTT 3.1.1 has no properties)."""
+        return ()
+
+    def disconnect_labels(self, code: int) -> LabelSet:
+        """Return the metric labels of a DISCONNECT received with reason ``code``."""
+        return self.labels
+
+    def connect_options(self, client: Connection, props: Mapping[str, Any], config: Config) -> None:
+        """Take the client's limits from its CONNECT properties: MQTT 3.1.1 has none."""
+
+    def keepalive(self, asked: int, most: int) -> int | None:
+        """Return the keep-alive granted for ``asked`` (``most``: max_keepalive); None: refuse, MQTT 3 cannot be
+        told another one."""
+        return None if asked > most else asked
+
+    def session_expiry(self, client: Connection, p: Connect) -> int | None:
+        """Return how long the session outlives the connection: Clean Session ends it with it (0), else kept (None)."""
+        return 0 if p.clean_session else None
+
+    def connack_properties(self, config: Config, client: Connection, p: Connect, assigned_id: str | None) -> tuple:
+        """Return the properties of an accepting CONNACK (MQTT 3.1.1 has none)."""
+        return ()
+
+    def sub_options(self, qos: int, options: int, identifier: int, bridge: bool) -> SubOptions:
+        """Return a granted filter's options: a QoS alone (a bridge's: no echo, Retain As Published)."""
+        return BRIDGE_OPTIONS[qos] if bridge else QOS_ONLY[qos]
 
     def connack(self, present: bool, props: tuple = ()) -> tuple[Connack, LabelSet]:
         """Accept: (CONNACK, its metric labels) [MQTT-3.2.2-2]."""
@@ -2939,12 +2976,55 @@ class Dialect:
 class _Mqtt5(Dialect):
     """MQTT 5.0: reason codes and properties."""
 
-    v5 = True
-    labels = V5
+    v5 = reason_codes = True
+    assigns_client_id = True  # MQTT 5.0 3.1.3.1
+    labels, success_labels = V5, V5_SUCCESS
     subscribe_quota = session_quota = Reason.QUOTA_EXCEEDED  # MQTT 5.0 3.9.3, 3.2.2.2
+    busy = Reason.SERVER_BUSY  # MQTT 5.0 3.2.2.2
 
     def ack_labels(self, code: int) -> LabelSet:
         return V5_SUCCESS if not code else reason_labels(code)
+
+    def ack_reason(self, reason: int) -> int:
+        return reason
+
+    def reason_string(self, text: str) -> tuple:
+        return (("reason_string", text),) if text else ()
+
+    def disconnect_labels(self, code: int) -> LabelSet:
+        return reason_labels(code, "normal_disconnect")
+
+    def connect_options(self, client: Connection, props: Mapping[str, Any], config: Config) -> None:
+        """Take the client's limits from its CONNECT properties, within the node's settings."""
+        receive_max = props.get("receive_maximum", 65535)
+        max_packet = props.get("maximum_packet_size")
+        if receive_max == 0 or max_packet == 0:
+            raise ProtocolError("Receive Maximum or Maximum Packet Size of 0")  # MQTT 5.0 3.1.2.11.3-4
+        client.receive_max = min(receive_max, config["receive_max_client"])
+        client.receive_max_in = config["receive_max_broker"]
+        client.max_packet = max_packet or 0
+        client.alias_max = min(props.get("topic_alias_maximum", 0), config["topic_alias_max_client"])
+        client.alias_max_in = config["topic_alias_max_broker"]
+        if client.alias_max:
+            client.aliases_out = {}
+        if client.alias_max_in:
+            client.aliases_in = {}
+        client.plain = not client.alias_max and not client.max_packet
+        client.expiry_at_connect = props.get("session_expiry_interval", 0)
+
+    def keepalive(self, asked: int, most: int) -> int | None:
+        # over max_keepalive, or 0 where the node has a limit: sent back as Server Keep Alive (MQTT 5.0 3.2.2.3.14)
+        return most if asked > most or (not asked and most < 65535) else asked
+
+    def session_expiry(self, client: Connection, p: Connect) -> int | None:
+        interval = client.expiry_at_connect
+        return None if interval == 0xFFFFFFFF else interval  # MQTT 5.0 3.1.2.11.2
+
+    def connack_properties(self, config: Config, client: Connection, p: Connect, assigned_id: str | None) -> tuple:
+        return connack_properties(config, client, p, assigned_id)
+
+    def sub_options(self, qos: int, options: int, identifier: int, bridge: bool) -> SubOptions:
+        return SubOptions(qos, bool(options & 4), bool(options & 8), (options >> 4) & 3, identifier)
 
     def connack(self, present: bool, props: tuple = ()) -> tuple[Connack, LabelSet]:
         return Connack(CONNACK_ACCEPTED, present, props), V5_SUCCESS
@@ -3496,21 +3576,160 @@ class Router:
 ###############################################################################
 # Owns: getting a routed message to each session: the QoS 0 fast path, bounded
 #       queues (in memory and in the store), windows, packet ids, one resend path,
-#       and what goes into each connection's outbox.
-# Must not know: sockets, clocks (``now`` is set by the engine's entry points).
+#       and what goes into each connection's outbox; the interfaces the engine's
+#       parts are built with (the message store, the cluster's seam, the context).
+# Must not know: sockets, clocks (``now`` is set by the engine's entry points),
+#       other nodes (only through ``ClusterSeam``).
 
-class _Discard:
-    """A change list that keeps nothing: a node outside a cluster records no changes for it."""
+class Store(Protocol):
+    """What the engine asks of its message store (``MemoryStore``, ``SqliteStore``).
+
+    ``error``: why the store cannot write (None: it can); the engine then refuses QoS 1/2.
+    """
+
+    error: str | None
+
+    def load_queue(self, mountpoint: str, client_id: str, after: int) -> list:
+        """Return the next page of a session's queued messages: (msg, qos, row, extra) after row ``after``."""
+
+    def load_inflight(self, mountpoint: str, client_id: str) -> list:
+        """Return the QoS 2 messages in flight when the node stopped: (msg, qos, row, pid, released, extra)."""
+
+    def add_message(self, mountpoint: str, client_id: str, msg: Message, qos: int, extra: Any = None) -> int:
+        """Keep a queued message; return its row."""
+
+    def delete_message(self, row: int) -> None:
+        """Forget a queued message."""
+
+    def mark_sent(self, row: int, pid: int) -> None:
+        """Note the packet id a stored QoS 2 message went out with."""
+
+    def mark_released(self, row: int) -> None:
+        """Note that a stored QoS 2 message's PUBREL went out."""
+
+    def put_retained(self, mountpoint: str, msg: Message) -> None:
+        """Keep a retained message."""
+
+    def delete_retained(self, mountpoint: str, topic: str) -> None:
+        """Forget a retained message."""
+
+    def put_session(self, mountpoint: str, client_id: str, expiry: int | None = None) -> None:
+        """Keep a persistent session."""
+
+    def delete_session(self, mountpoint: str, client_id: str) -> None:
+        """Forget a session with its subscriptions and messages."""
+
+    def put_subscription(self, mountpoint: str, client_id: str, topic_filter: str, qos: int) -> None:
+        """Keep a subscription (``qos``: ``SubOptions.packed()``)."""
+
+    def delete_subscription(self, mountpoint: str, client_id: str, topic_filter: str) -> None:
+        """Forget a subscription."""
+
+    def put_dropped(self, mountpoint: str, client_id: str, count: int) -> None:
+        """Keep how many messages a bridge's session dropped."""
+
+
+class ClusterSeam(Protocol):
+    """What the core asks of the cluster, besides the router: the one small interface to other nodes.
+
+    ``NO_CLUSTER`` answers for a node on its own; ``Peers`` (the engine's cluster side) for a
+    member of a cluster.
+    """
+
+    netsplit: str  # why the cluster is split ('' when whole): registers, publishes, (un)subscribes may be refused
+    full_nodes: Collection[str]  # nodes with too much unacknowledged: QoS 1/2 for them is refused
+
+    def forwards_to_full(self, mountpoint: str, topic: str) -> bool:
+        """Whether a message on ``topic`` would go to one of ``full_nodes``."""
+
+    def forward(self, mountpoint: str, msg: Message, nodes: Mapping[str, list]) -> None:
+        """Pass a routed message on: node -> [its plain subscribers want it, ["group/filter", ...] it serves]."""
+
+    def session_changed(self, key: tuple[str, str]) -> None:
+        """A session was made, ended, (un)subscribed, or went on or off line."""
+
+    def retained_changed(self, mountpoint: str, topic: str) -> None:
+        """A client or command changed the retained message of ``topic``."""
+
+    def claim(self, key: tuple[str, str], clean_start: bool) -> Any:
+        """Before a CONNECT is accepted: find the session on another node (None: not elsewhere)."""
+
+    def release(self, claim: Any) -> None:
+        """The CONNECT was refused after ``claim``: the session stays on its node."""
+
+    def took_over(self, claim: Any) -> None:
+        """The CONNECT was accepted after ``claim``: the session moves here."""
+
+
+class _NoCluster:
+    """The cluster's seam of a node on its own: never split, nobody to forward to, nothing to record."""
 
     __slots__ = ()
+    netsplit = ""
+    full_nodes: Collection[str] = frozenset()
 
-    def add(self, item: Any) -> None:
-        """Keep nothing."""
+    def forwards_to_full(self, mountpoint: str, topic: str) -> bool:
+        """Nothing goes to another node."""
+        return False
 
-    append = add
+    def forward(self, mountpoint: str, msg: Message, nodes: Mapping[str, list]) -> None:
+        """No other node."""
+
+    def session_changed(self, key: tuple[str, str]) -> None:
+        """Nobody to tell."""
+
+    def retained_changed(self, mountpoint: str, topic: str) -> None:
+        """Nobody to tell."""
+
+    def claim(self, key: tuple[str, str], clean_start: bool) -> Any:
+        """No session is elsewhere."""
+        return None
+
+    def release(self, claim: Any) -> None:
+        """Nothing was claimed."""
+
+    took_over = release
 
 
-DISCARD = _Discard()
+NO_CLUSTER: ClusterSeam = _NoCluster()
+
+
+class Context:
+    """What every part of the engine reads: the settings in force, cached for the hot path, and ``now``.
+
+    ``settings()`` returns the Config in force, so ``set`` takes effect at once (``refresh``);
+    the engine sets ``now`` at each entry point (the core reads no clock).
+    """
+
+    def __init__(self, settings: Callable[[], Config], now: float = 0.0):
+        self.settings, self.now = settings, now
+        self.config: Config | None = None
+        self.refresh()
+
+    def refresh(self) -> Config:
+        """Read the Config in force; cache the values the hot path needs when it changed."""
+        config = self.settings()
+        if config is not self.config:
+            self.config = config
+            self.upgrade_qos = config["upgrade_outgoing_qos"]
+            self.max_inflight = config["max_inflight_messages"]
+            self.max_online = config["max_online_messages"]
+            self.max_offline = config["max_offline_messages"]
+            self.max_online_bytes = config["max_online_bytes"]
+            self.max_offline_bytes = config["max_offline_bytes"]
+            self.max_queued_bytes = config["max_queued_bytes"]
+            self.max_retained = config["max_retained_messages"]
+            self.max_retained_bytes = config["max_retained_bytes"]
+            self.acl_file = config["vmq_acl.acl_file"]
+            self.max_rate = config["max_message_rate"]
+            self.max_levels = config["max_topic_levels"]
+            self.share_policy = config["shared_subscription_policy"]
+            self.publish_in_netsplit = config["allow_publish_during_netsplit"]
+            self.max_subs = config["max_subscriptions_per_client"]
+            self.max_subs_total = config["max_subscriptions_total"]
+            self.max_persistent = config["max_persistent_sessions"]
+            self.packet_limits = Limits(config["max_properties_per_packet"], self.max_subs)
+        return config
 
 
 class Handout:
@@ -3550,35 +3769,16 @@ QUEUE_BOUNDS = {  # online (None: a bridge's buffer) -> the settings that bound 
     None: ("max_outgoing_buffered_messages", "max_outgoing_buffered_bytes")}
 
 
-class Delivery:
-    """The delivery half of the engine (``Engine`` adds connections, packets and time).
+class Output:
+    """The engine's output: frames left in each connection's outbox, and the encoding of PUBLISH.
 
-    Expects of its subclass: ``store``, ``router``, ``hooks``, ``counters``, ``now``, ``sessions``
-    and the cached settings ``refresh_settings`` sets.
+    ``dirty``: the connections with output since the I/O shell last took it (``take_dirty``).
     """
 
-    store: Any
-    router: Router
-    sessions: dict[tuple[str, str], Session]
-    hooks: Any
-    counters: dict[tuple, int]
-    now: float
+    def __init__(self, ctx: Context, counters: dict[tuple, int], hooks: Any, store: Store):
+        self.ctx, self.counters, self.hooks, self.store = ctx, counters, hooks, store
+        self.dirty: list[Connection] = []
 
-    def __init__(self):
-        self.dirty: list[Connection] = []  # connections with output since the I/O shell last took it
-        self.queued_bytes = 0  # of every session's queue together (max_queued_bytes)
-        self.unsent_bytes = 0  # the I/O shell's: bytes sent to peers that do not read, still in their transports
-        self.shared: dict[int, list] = {}  # id of a large queued message -> [it, queues holding it]
-        self.big_waiters: dict[Session, None] = {}  # sessions whose large message waits for outbox room
-        self.retained_changes: list[tuple[str, str]] | _Discard = DISCARD  # (mountpoint, topic) changed here
-        # (node, mountpoint, message, plain, groups) for other nodes, in publish order, until the shell takes them
-        self.forwards: list[tuple[str, str, Message, bool, tuple[str, ...]]] = []
-        # sessions still getting retained messages for new subscriptions, oldest first (``hand_out``)
-        self.handouts: dict[Session, list[Handout]] = {}
-        self.relays: dict[tuple[str, str], Session] = {}  # the bridges' own sessions (vmq_bridge), by key
-        self.drops_unsaved: dict[Session, None] = {}  # bridge sessions that dropped since the last save_drops
-
-    # -- the outbox -------------------------------------------------------
     def emit(self, conn: Connection, data: bytes) -> None:
         """Leave bytes in a connection's outbox; nothing is written once it is closed."""
         if conn.closed:
@@ -3591,7 +3791,7 @@ class Delivery:
 
     def fits(self, conn: Connection, size: int) -> bool:
         """Whether ``size`` more bytes may go to a connection now: its socket takes more, its outbox has room."""
-        limit = self.max_online_bytes
+        limit = self.ctx.max_online_bytes
         return conn.writable and (limit < 0 or conn.out_bytes + size <= limit)
 
     def emit_packet(self, conn: Connection, packet: Any) -> bool:
@@ -3625,25 +3825,109 @@ class Delivery:
         dirty, self.dirty = self.dirty, []
         return dirty
 
+    # -- encoding ---------------------------------------------------------
+    def send_publish(self, client: Connection, out: Outgoing, pid: int | None, dup: bool = False) -> None:
+        """Leave one PUBLISH of ``out`` in the client's outbox, in its protocol version.
+
+        A message larger than an MQTT 5 client's Maximum Packet Size is dropped as if
+        delivered [MQTT-3.1.2-25].
+        """
+        msg = out.msg
+        if client.proto == 5:
+            retain = out.retain
+            frame = self.publish_frame5(client, msg, out.qos, pid, dup, retain, out.ids)
+            if client.max_packet and len(frame) > client.max_packet:
+                self.counters["queue_message_drop", ()] += 1
+                dropped = client.session.inflight.pop(pid, None) if pid is not None else None
+                if dropped is not None and dropped.row:  # forgotten, its row in the store too
+                    self.store.delete_message(dropped.row)
+                return
+            self.emit(client, frame)
+            self.counters["mqtt_publish_sent", V5] += 1
+        else:  # MQTT 3.1.1 sets retain only for a retained message of a new subscription [MQTT-3.3.1-8..9]
+            retain = out.retain if client.bridge else out.retained  # a bridge's: Retain As Published
+            self.emit(client, encode_publish_header(_str(msg.topic), len(msg.payload), out.qos, retain, dup,
+                                                    pid) + msg.payload)
+            self.counters["mqtt_publish_sent", V4] += 1
+        if self.hooks.on_deliver:
+            notify(self.hooks.on_deliver, client.user, client.session.key, msg.topic, msg.payload)
+
+    def publish_frame5(self, client: Connection, msg: Message, qos: int, pid: int | None, dup: bool,
+                       retain: bool, ids: tuple = ()) -> bytes:
+        """Encode an MQTT 5 PUBLISH: the message's properties, its remaining expiry, ids, a topic alias."""
+        topic, alias, new_alias = msg.topic, 0, False
+        if client.alias_max:  # MQTT 5.0 3.3.2.3.4: the node picks its aliases
+            alias = client.aliases_out.get(topic, 0)
+            if alias:
+                topic = ""
+            elif len(client.aliases_out) < client.alias_max:
+                alias = client.aliases_out[topic] = len(client.aliases_out) + 1
+                new_alias = True
+        frame = self.encode5(msg, topic, alias, qos, pid, dup, retain, ids)
+        if new_alias and client.max_packet and len(frame) > client.max_packet:
+            del client.aliases_out[msg.topic]  # this frame will be dropped: the client never learns the alias
+        return frame
+
+    def encode5(self, msg: Message, topic: str, alias: int, qos: int, pid: int | None, dup: bool, retain: bool,
+                ids: tuple) -> bytes:
+        """Encode an MQTT 5 PUBLISH of ``msg`` under ``topic`` (or a topic ``alias``) with its properties."""
+        props = msg.props
+        if msg.expires is not None or alias or ids:
+            extra = [("subscription_identifier", i) for i in ids]
+            if msg.expires is not None:
+                extra.append(("message_expiry_interval", max(0, math.ceil(msg.expires - self.ctx.now))))
+            if alias:
+                extra.append(("topic_alias", alias))
+            props = props + tuple(extra)
+        if not props:  # the common case: an empty property list is one zero byte
+            return encode_publish_header(_str(topic), len(msg.payload) + 1, qos, retain, dup, pid) + b"\x00" \
+                + msg.payload
+        return encode_packet(Publish(topic, msg.payload, qos, retain, dup, pid, props), 5)
+
+
+class Delivery:
+    """Getting routed messages to sessions: the QoS 0 fast path, queues, in-flight windows, resends,
+    retained messages (kept, and handed out to new subscriptions).
+
+    Built with what it uses: the context, the output, the router, the message store, the hooks,
+    the counters and the sessions by key; ``seam`` is the cluster's (``NO_CLUSTER`` on its own).
+    """
+
+    def __init__(self, ctx: Context, output: Output, router: Router, store: Store, hooks: Any,
+                 counters: dict[tuple, int], sessions: dict[tuple[str, str], Session]):
+        self.ctx, self.output, self.router, self.store, self.hooks = ctx, output, router, store, hooks
+        self.counters, self.sessions = counters, sessions
+        self.seam: ClusterSeam = NO_CLUSTER
+        self.emit, self.emit_packet, self.fits = output.emit, output.emit_packet, output.fits  # bound once: hot
+        self.send_publish = output.send_publish
+        self.queued_bytes = 0  # of every session's queue together (max_queued_bytes)
+        self.unsent_bytes = 0  # the I/O shell's: bytes sent to peers that do not read, still in their transports
+        self.shared: dict[int, list] = {}  # id of a large queued message -> [it, queues holding it]
+        self.big_waiters: dict[Session, None] = {}  # sessions whose large message waits for outbox room
+        # sessions still getting retained messages for new subscriptions, oldest first (``hand_out``)
+        self.handouts: dict[Session, list[Handout]] = {}
+        self.relays: dict[tuple[str, str], Session] = {}  # the bridges' own sessions (vmq_bridge), by key
+        self.drops_unsaved: dict[Session, None] = {}  # bridge sessions that dropped since the last save_drops
+
     # -- routing ------------------------------------------------------------
     def route(self, mountpoint: str, msg: Message, forward: bool = True) -> int:
         """Deliver ``msg`` to everyone the router names; return how many matched.
 
         QoS 0 to a plain subscriber that keeps up goes out at once, one encoding per
         protocol version shared by all of them; everything else goes through the queue.
-        Other nodes (wanting it, or picked for a shared group) get one forward each in
-        ``forwards``; ``forward`` False (a message another node forwarded): local
+        Other nodes (wanting it, or picked for a shared group) get one forward each through
+        the cluster's seam; ``forward`` False (a message another node forwarded): local
         subscribers only, and no shared group (the publisher's node picked their members).
         """
-        router = self.router
+        router, ctx = self.router, self.ctx
         matches = router.cache.get((mountpoint, msg.topic)) or router.match(mountpoint, msg.topic)
         counters = self.counters
         if not matches:
             counters["queue_message_unhandled", ()] += 1
             return 0
-        upgrade, frame4, frame5, direct4, direct5 = self.upgrade_qos, None, None, 0, 0
-        on_deliver, size, limit = self.hooks.on_deliver, len(msg.payload) + len(msg.topic), self.max_online_bytes
-        dirty, nodes, fwd, handouts = self.dirty, 0, None, self.handouts
+        upgrade, frame4, frame5, direct4, direct5 = ctx.upgrade_qos, None, None, 0, 0
+        on_deliver, size, limit = self.hooks.on_deliver, len(msg.payload) + len(msg.topic), ctx.max_online_bytes
+        dirty, nodes, fwd, handouts = self.output.dirty, 0, None, self.handouts
         for session, opts in matches.items():
             if type(session) is not Session:  # another node, or a shared group
                 member = self.pick_member(session, forward)
@@ -3670,7 +3954,7 @@ class Delivery:
                     continue
                 if client.proto == 5:
                     if frame5 is None:
-                        frame5 = msg.frame if msg.frame and msg.frame5 else self._encode5(
+                        frame5 = msg.frame if msg.frame and msg.frame5 else self.output.encode5(
                             msg, msg.topic, 0, 0, None, False, False, ())
                     frame = frame5
                     direct5 += 1
@@ -3692,7 +3976,7 @@ class Delivery:
         counters["router_matches_local", ()] += len(matches) - nodes
         if fwd is not None:
             counters["router_matches_remote", ()] += len(fwd)
-            self.forwards += [(node, mountpoint, msg, plain, tuple(groups)) for node, (plain, groups) in fwd.items()]
+            self.seam.forward(mountpoint, msg, fwd)
         if direct4 or direct5:
             if direct4:
                 counters["mqtt_publish_sent", V4] += direct4
@@ -3708,16 +3992,7 @@ class Delivery:
             return None  # a forwarded message: no other node, and the publisher's node picked group members
         if type(entry) is RemoteNode:
             return entry.name
-        return entry.pick(self.router.choose, self.share_policy)
-
-    def take_forwards(self) -> list[tuple[str, str, Message, bool, tuple[str, ...]]]:
-        """Return (and forget) the forwards for other nodes: (node, mountpoint, message, plain, groups).
-
-        ``plain``: that node's own non-shared subscribers want the message; ``groups``: the
-        "group/filter" of each shared group that node serves once. In publish order.
-        """
-        forwards, self.forwards = self.forwards, []
-        return forwards
+        return entry.pick(self.router.choose, self.ctx.share_policy)
 
     def deliver_matching(self, session: Session, msg: Message) -> None:
         """Deliver to a session whose matching filters carry MQTT 5 options: highest QoS, every subscription id."""
@@ -3735,7 +4010,7 @@ class Delivery:
         """Deliver one message with its Retain As Published flag and subscription identifiers."""
         if self.handouts and session in self.handouts:
             self.retained_first(session, msg)
-        qos = sub_qos if self.upgrade_qos else min(msg.qos, sub_qos)
+        qos = sub_qos if self.ctx.upgrade_qos else min(msg.qos, sub_qos)
         out = Outgoing(msg, qos, 0, rap and msg.retain, ids)
         client = session.client
         if qos == 0 and client is not None and not session.queue and not session.stored \
@@ -3755,8 +4030,9 @@ class Delivery:
         QoS 1 or 2 to a connected subscriber it is marked shared (``out``): queued, it costs
         max_queued_bytes once for all its queues, and waits in drain for room in the outboxes.
         """
-        limit, byte_limit = (self.max_online, self.max_online_bytes) if online else \
-            (self.max_offline, self.max_offline_bytes)
+        ctx = self.ctx
+        limit, byte_limit = (ctx.max_online, ctx.max_online_bytes) if online else \
+            (ctx.max_offline, ctx.max_offline_bytes)
         bounds = QUEUE_BOUNDS[None if session.relay else online]
         if session.relay:
             limit, byte_limit = session.limit, session.max_bytes  # a bridge's own bounds
@@ -3775,13 +4051,13 @@ class Delivery:
                 # such big ones, copied for every subscriber (in this batch's outboxes, then in the buffers of
                 # peers that do not read), share the node-wide bound
                 total += self.outbox_bytes()
-                if 0 <= self.max_queued_bytes < total:
+                if 0 <= ctx.max_queued_bytes < total:
                     return "max_queued_bytes, with the large messages in outboxes and unread peer buffers"
-        return "max_queued_bytes" if 0 <= self.max_queued_bytes < total else ""
+        return "max_queued_bytes" if 0 <= ctx.max_queued_bytes < total else ""
 
     def outbox_bytes(self) -> int:
         """Bytes in this batch's outboxes and in the transports of peers that do not read."""
-        return self.unsent_bytes + sum(c.out_bytes for c in self.dirty)
+        return self.unsent_bytes + sum(c.out_bytes for c in self.output.dirty)
 
     def _share(self, out: Outgoing, size: int) -> None:
         """Count a shared message's bytes node-wide when its first queue takes it."""
@@ -3800,12 +4076,12 @@ class Delivery:
 
     def room_for_big(self, size: int) -> bool:
         """Whether one more copy of a shared message fits in the outboxes (always, when they hold none)."""
-        pending = self.outbox_bytes()
-        return not pending or self.max_queued_bytes < 0 or self.queued_bytes + pending + size <= self.max_queued_bytes
+        pending, limit = self.outbox_bytes(), self.ctx.max_queued_bytes
+        return not pending or limit < 0 or self.queued_bytes + pending + size <= limit
 
     def retry_big(self, now: float) -> bool:
         """Drain the sessions whose large message waited for outbox room; return whether any sent."""
-        self.now = now
+        self.ctx.now = now
         waiters, self.big_waiters = self.big_waiters, {}
         for session in waiters:
             self.drain(session)
@@ -3916,7 +4192,7 @@ class Delivery:
         client = session.client
         if client is None or session.waiting:
             return
-        window = self.max_inflight
+        window, now = self.ctx.max_inflight, self.ctx.now
         if client.receive_max and (not window or client.receive_max < window):
             window = client.receive_max  # [MQTT-3.3.4-7]
         queue, inflight = session.queue, session.inflight
@@ -3940,7 +4216,7 @@ class Delivery:
                 self._unshare(out, size)
             else:
                 self.queued_bytes -= size
-            if out.msg.expires is not None and out.msg.expires <= self.now:
+            if out.msg.expires is not None and out.msg.expires <= now:
                 self.counters["queue_message_expired", ()] += 1  # MQTT 5.0 3.3.2.3.3
                 if out.row:
                     self.store.delete_message(out.row)
@@ -3948,7 +4224,7 @@ class Delivery:
             pid = None
             if out.qos:
                 pid = session.take_pid()
-                out.stage, out.sent_at = Stage.SENT, self.now
+                out.stage, out.sent_at = Stage.SENT, now
                 inflight[pid] = out
                 if out.qos == 2 and out.row:
                     self.store.mark_sent(out.row, pid)  # exactly once survives a restart too
@@ -3975,12 +4251,34 @@ class Delivery:
         for pid, out in list(session.inflight.items()):
             if not client.writable:
                 break  # a peer that takes nothing gets nothing again: the next tick tries
-            if self.now - out.sent_at >= older_than:
-                out.sent_at = self.now
+            if self.ctx.now - out.sent_at >= older_than:
+                out.sent_at = self.ctx.now
                 if out.stage is Stage.RELEASED:
                     self.emit_packet(client, Pubrel(pid))
                 else:
                     self.send_publish(client, out, pid, dup=True)
+
+    # -- retained messages --------------------------------------------------
+    def retain(self, mountpoint: str, msg: Message) -> bool | None:
+        """Retain (or with an empty payload delete) a message, in the store too; False: refused, counted."""
+        kept = self.router.retain(mountpoint, msg, self.ctx.max_retained, self.ctx.max_retained_bytes)
+        if kept:
+            self.store.put_retained(mountpoint, msg)
+        elif kept is None:
+            self.store.delete_retained(mountpoint, msg.topic)
+        else:
+            self.counters["retain_message_refused", ()] += 1
+            return kept
+        self.seam.retained_changed(mountpoint, msg.topic)
+        return kept
+
+    def delete_retained(self, mountpoint: str, topic: str) -> bool:
+        """Delete one retained message, in the store too; return whether it existed."""
+        if self.router.unretain(mountpoint, topic) is None:
+            return False
+        self.store.delete_retained(mountpoint, topic)
+        self.seam.retained_changed(mountpoint, topic)
+        return True
 
     def send_retained(self, session: Session, topic_filter: str, opts: SubOptions) -> None:
         """Deliver retained messages matching a new subscription, retain flag set [MQTT-3.3.1-8].
@@ -4010,7 +4308,7 @@ class Delivery:
 
     def hand(self, session: Session, opts: SubOptions, msg: Message) -> None:
         """Queue one retained message for a new subscription (an expired one is deleted instead)."""
-        if msg.expires is not None and msg.expires <= self.now:
+        if msg.expires is not None and msg.expires <= self.ctx.now:
             self.delete_retained(session.mountpoint, msg.topic)  # expired (MQTT 5.0 3.3.2.3.3)
             return
         self.enqueue(session, Outgoing(msg, min(opts.qos, msg.qos), 0, True, opts.ids, retained=True))
@@ -4036,7 +4334,7 @@ class Delivery:
         A session whose connection takes no more waits (its queue would drop them) until it does;
         one that ended gets no more (``unsubscribe`` ends a subscription's hand-out).
         """
-        self.now = now
+        self.ctx.now = now
         budget = RETAINED_CHUNK
         for session, jobs in list(self.handouts.items()):
             if budget <= 0:
@@ -4064,163 +4362,130 @@ class Delivery:
 
     def writable_again(self, conn: Connection, now: float) -> None:
         """The I/O shell sent a full outbox: go on with the messages held back for it."""
-        self.now = now
+        self.ctx.now = now
         conn.held_back = False
         session = conn.session
         if session is not None and session.client is conn and not conn.closed:
             self.drain(session)
-
-    def delete_retained(self, mountpoint: str, topic: str) -> bool:
-        """Delete one retained message, in the store too; return whether it existed."""
-        if self.router.unretain(mountpoint, topic) is None:
-            return False
-        self.store.delete_retained(mountpoint, topic)
-        self.retained_changes.append((mountpoint, topic))
-        return True
-
-    # -- encoding ---------------------------------------------------------
-    def send_publish(self, client: Connection, out: Outgoing, pid: int | None, dup: bool = False) -> None:
-        """Leave one PUBLISH of ``out`` in the client's outbox, in its protocol version.
-
-        A message larger than an MQTT 5 client's Maximum Packet Size is dropped as if
-        delivered [MQTT-3.1.2-25].
-        """
-        msg = out.msg
-        if client.proto == 5:
-            retain = out.retain
-            frame = self.publish_frame5(client, msg, out.qos, pid, dup, retain, out.ids)
-            if client.max_packet and len(frame) > client.max_packet:
-                self.counters["queue_message_drop", ()] += 1
-                if pid is not None and pid in client.session.inflight:
-                    self.forget(client.session, pid)
-                return
-            self.emit(client, frame)
-            self.counters["mqtt_publish_sent", V5] += 1
-        else:  # MQTT 3.1.1 sets retain only for a retained message of a new subscription [MQTT-3.3.1-8..9]
-            retain = out.retain if client.bridge else out.retained  # a bridge's: Retain As Published
-            self.emit(client, encode_publish_header(_str(msg.topic), len(msg.payload), out.qos, retain, dup,
-                                                    pid) + msg.payload)
-            self.counters["mqtt_publish_sent", V4] += 1
-        if self.hooks.on_deliver:
-            notify(self.hooks.on_deliver, client.user, client.session.key, msg.topic, msg.payload)
-
-    def publish_frame5(self, client: Connection, msg: Message, qos: int, pid: int | None, dup: bool,
-                       retain: bool, ids: tuple = ()) -> bytes:
-        """Encode an MQTT 5 PUBLISH: the message's properties, its remaining expiry, ids, a topic alias."""
-        topic, alias, new_alias = msg.topic, 0, False
-        if client.alias_max:  # MQTT 5.0 3.3.2.3.4: the node picks its aliases
-            alias = client.aliases_out.get(topic, 0)
-            if alias:
-                topic = ""
-            elif len(client.aliases_out) < client.alias_max:
-                alias = client.aliases_out[topic] = len(client.aliases_out) + 1
-                new_alias = True
-        frame = self._encode5(msg, topic, alias, qos, pid, dup, retain, ids)
-        if new_alias and client.max_packet and len(frame) > client.max_packet:
-            del client.aliases_out[msg.topic]  # this frame will be dropped: the client never learns the alias
-        return frame
-
-    def _encode5(self, msg: Message, topic: str, alias: int, qos: int, pid: int | None, dup: bool, retain: bool,
-                 ids: tuple) -> bytes:
-        props = msg.props
-        if msg.expires is not None or alias or ids:
-            extra = [("subscription_identifier", i) for i in ids]
-            if msg.expires is not None:
-                extra.append(("message_expiry_interval", max(0, math.ceil(msg.expires - self.now))))
-            if alias:
-                extra.append(("topic_alias", alias))
-            props = props + tuple(extra)
-        if not props:  # the common case: an empty property list is one zero byte
-            return encode_publish_header(_str(topic), len(msg.payload) + 1, qos, retain, dup, pid) + b"\x00" \
-                + msg.payload
-        return encode_packet(Publish(topic, msg.payload, qos, retain, dup, pid, props), 5)
 
 
 ###############################################################################
 # 10. Sessions: connections, CONNECT, wills, administration ###################
 ###############################################################################
 # Owns: a connection's life (CONNECT and authentication, takeover, wills, close),
-#       session life (expiry, drop, restore) and the named operations the admin
-#       commands call. Its output is left in each connection's outbox.
+#       session life (expiry, drop, restore, subscriptions) and the named operations
+#       the admin commands call. Its output is left in each connection's outbox.
 # Must not know: sockets, the clock (``now`` comes with every entry point),
-#       randomness and id generation (handed in), files (rules are handed in).
+#       randomness and id generation (handed in), files (rules are handed in),
+#       other nodes (only through ``ClusterSeam``).
 
 STORE_DOWN = "the message store cannot write"  # the Reason String of a QoS 1/2 PUBLISH refused for it
 CLUSTER_FULL = "a cluster node has too much unacknowledged (cluster_max_unacknowledged_bytes)"
 
 
-class Sessions(Delivery):
-    """The sessions half of the engine: connections, CONNECT, wills, session life, admin operations.
+class Gate:
+    """Who may connect, publish and subscribe: the auth hooks, vmq_passwd and vmq_acl on the rules in force.
 
-    ``Engine`` adds what each packet means and time. ``settings()`` returns the Config
-    in force, so ``set`` takes effect at once. The I/O shell hands in ``new_client_id``
-    (assigned client ids), ``choose`` (a shared group's member) and, through
-    ``set_rules``, the password and ACL rules it reads from their files; it sets
-    ``now`` before it calls an admin operation.
+    The I/O shell hands in the password and ACL rules it reads from their files (``set_rules``)
+    and sets ``anonymous_default`` (every MQTT listener on loopback).
     """
 
-    def __init__(self, settings: Callable[[], Config], store: Any, hooks: Any, new_client_id: Callable[[], str],
-                 choose: Callable[[Sequence[Any]], Any], now: float = 0.0):
-        super().__init__()
-        self.settings, self.store, self.hooks, self.now = settings, store, hooks, now
-        self.new_client_id = new_client_id
-        self.router = Router(choose)
-        self.sessions: dict[tuple[str, str], Session] = {}
-        self.persistent = 0  # sessions in ``sessions`` that outlive their connection (max_persistent_sessions)
-        self.clients: set[Connection] = set()
-        self.counters: dict[tuple, int] = collections.defaultdict(int)
+    def __init__(self, ctx: Context, hooks: Any):
+        self.ctx, self.hooks = ctx, hooks
         self.anonymous_default = True  # the node sets it: every MQTT listener on loopback
         self.users: Mapping[str, str] = {}  # vmq_passwd: user -> hash
         self.acl_rules: AclRules | None = None  # vmq_acl (None: a configured file that never loaded)
         self._acl_warned: set[tuple[str, str, str | None]] = set()  # clients told patterns skip them
-        self._next_ref = 1
-        self.tracers: dict[tuple[str, str], Any] = {}
-        self.mountpoints: set[str] = {""}
-        self._tick_sessions: list[Session] = []  # what the next ticks still have to look at
-        self._config: Config | None = None
-        # For the cluster: sessions whose summary (session_summary) changed since the cluster last took them,
-        # and what the cluster sets: the reason of a netsplit ('' when whole), and who has a client id elsewhere
-        self.session_changes: set[tuple[str, str]] | _Discard = DISCARD
-        self.netsplit = ""
-        self.elsewhere: Callable[[str, str], dict | None] | None = None
-        self.refresh_settings()
-
-    def refresh_settings(self) -> Config:
-        """Read the Config in force; cache the values the hot path needs when it changed."""
-        config = self.settings()
-        if config is not self._config:
-            self._config = config
-            self.upgrade_qos = config["upgrade_outgoing_qos"]
-            self.max_inflight = config["max_inflight_messages"]
-            self.max_online = config["max_online_messages"]
-            self.max_offline = config["max_offline_messages"]
-            self.max_online_bytes = config["max_online_bytes"]
-            self.max_offline_bytes = config["max_offline_bytes"]
-            self.max_queued_bytes = config["max_queued_bytes"]
-            self.max_retained = config["max_retained_messages"]
-            self.max_retained_bytes = config["max_retained_bytes"]
-            self.acl_file = config["vmq_acl.acl_file"]
-            self.max_rate = config["max_message_rate"]
-            self.max_levels = config["max_topic_levels"]
-            self.share_policy = config["shared_subscription_policy"]
-            self.publish_in_netsplit = config["allow_publish_during_netsplit"]
-            self.max_subs = config["max_subscriptions_per_client"]
-            self.max_subs_total = config["max_subscriptions_total"]
-            self.max_persistent = config["max_persistent_sessions"]
-            self.packet_limits = Limits(config["max_properties_per_packet"], self.max_subs)
-        return config
 
     def set_rules(self, users: Mapping[str, str], acl_rules: AclRules | None) -> None:
         """Take the vmq_passwd users and vmq_acl rules in force (the I/O shell reloads their files)."""
         self.users, self.acl_rules = users, acl_rules
 
-    def gauges(self) -> dict[str, int]:
-        """Return the live gauges."""
-        clients = list(self.clients)  # copies, so another thread may read a consistent view
-        return {"active_mqtt_connections": sum(1 for c in clients if c.connected),
-                "total_active_connections": len(clients), "queue_processes": len(self.sessions),
-                "router_subscriptions": self.router.subscription_count(),
-                "retain_messages": self.router.retained_count()}
+    def lets_in_unasked(self, listener: Any, config: Config) -> bool:
+        """Whether a client of ``listener`` is let in without asking the auth plugins."""
+        return getattr(listener, "allow_anonymous_override", False) or \
+            anonymous_allowed(config, self.anonymous_default, self.hooks)
+
+    def authenticate(self, client: Connection, p: Connect, client_id: str, config: Config) -> int:
+        """Return 0 to accept, or CONNACK 4 (bad credentials) / 5 (not authorized)."""
+        if self.lets_in_unasked(client.listener, config):
+            return 0  # VerneMQ: allow_anonymous skips the auth plugins
+        answer = run_auth_hooks(self.hooks.auth_on_register, client.peer, (client.listener.mountpoint, client_id),
+                                p.username, p.password, p.clean_session)
+        if answer is not None:
+            return CONNACK_NOT_AUTHORIZED if answer == "error" else 0
+        if not self.hooks.builtin["vmq_passwd"]:
+            return CONNACK_NOT_AUTHORIZED  # every plugin said next
+        users = self.users
+        if p.username is None or p.password is None or p.username not in users:
+            return CONNACK_NOT_AUTHORIZED  # every plugin said next
+        return 0 if check_password(p.password, users[p.username]) else CONNACK_BAD_CREDENTIALS
+
+    def acl(self, client: Connection, access: str, topic: str) -> bool:
+        """Ask vmq_acl about a connected client; with no ACL file configured (or vmq_acl disabled) all is allowed."""
+        if not self.ctx.acl_file or not self.hooks.builtin["vmq_acl"]:
+            return True  # the common case, without a call
+        session = client.session
+        return self.acl_check(client.user, session.client_id, session.mountpoint, access, topic)
+
+    def acl_check(self, user: str | None, client_id: str, mountpoint: str, access: str, topic: str) -> bool:
+        """Ask vmq_acl whether ``user``/``client_id`` may ``access`` (read or write) ``topic``."""
+        if not self.ctx.acl_file or not self.hooks.builtin["vmq_acl"]:
+            return True
+        rules = self.acl_rules
+        if rules is None:
+            return False  # a file is configured but never loaded: refuse rather than grant all
+        if rules.patterns:
+            self._warn_unsafe_id(user, mountpoint, client_id)
+        return acl_allows(rules, access, topic, user, client_id, mountpoint)
+
+    def will_allowed(self, p: Connect, client_id: str, mountpoint: str) -> bool:
+        """Whether a CONNECT's will may be published: asked of auth_on_publish and vmq_acl like a PUBLISH."""
+        answer = run_auth_hooks(self.hooks.auth_on_publish, p.username, (mountpoint, client_id), p.will_qos,
+                                p.will_topic, p.will_payload, p.will_retain)
+        if answer is not None:
+            return answer != "error"
+        return self.acl_check(p.username, client_id, mountpoint, "write", p.will_topic)
+
+    def _warn_unsafe_id(self, user: str | None, mountpoint: str, client_id: str) -> None:
+        """Log once per client that vmq_acl patterns do not apply to it, and why."""
+        key = (mountpoint, client_id, user)
+        if key in self._acl_warned:
+            return
+        reason = acl_unsafe_id(user, client_id)
+        if reason:
+            if len(self._acl_warned) >= ACL_WARNED_MAX:
+                self._acl_warned.clear()  # bounded: a flood of odd ids cannot grow it without end
+            self._acl_warned.add(key)
+            log.warning("vmq_acl: patterns do not apply to client %r: %s", client_id, reason)
+
+
+class Sessions:
+    """Connections and sessions: CONNECT, authentication, takeover, wills, session life, admin operations.
+
+    Built with what it uses: the context, the delivery part (with its output, router, counters
+    and sessions by key), the gate, the message store and the hooks; ``seam`` is the
+    cluster's (``NO_CLUSTER`` on its own). The I/O shell hands in ``new_client_id`` (assigned
+    client ids) and sets ``now`` before it calls an admin operation.
+    """
+
+    def __init__(self, ctx: Context, delivery: Delivery, gate: Gate, store: Store, hooks: Any,
+                 new_client_id: Callable[[], str]):
+        self.ctx, self.delivery, self.output, self.gate = ctx, delivery, delivery.output, gate
+        self.router, self.store, self.hooks, self.counters = delivery.router, store, hooks, delivery.counters
+        self.sessions = delivery.sessions
+        self.seam: ClusterSeam = NO_CLUSTER
+        self.new_client_id = new_client_id
+        self.emit_packet, self.request_close = delivery.output.emit_packet, delivery.output.request_close
+        self.route, self.drain, self.resend = delivery.route, delivery.drain, delivery.resend
+        self.retain, self.delete_retained = delivery.retain, delivery.delete_retained
+        self.forget_queue, self.unstore = delivery.forget_queue, delivery.unstore
+        self.load_parked = delivery.load_parked
+        self.persistent = 0  # sessions in ``sessions`` that outlive their connection (max_persistent_sessions)
+        self.clients: set[Connection] = set()
+        self._next_ref = 1
+        self.tracers: dict[tuple[str, str], Any] = {}
+        self.mountpoints: set[str] = {""}
 
     def new_ref(self) -> int:
         """Return a fresh message reference."""
@@ -4230,7 +4495,7 @@ class Sessions(Delivery):
     # -- connections ------------------------------------------------------
     def connection_made(self, link: Any, listener: Any, peer: tuple, identity: str | None, now: float) -> Connection:
         """Register a new network connection (``listener``: its mountpoint, versions and options)."""
-        self.now = now
+        self.ctx.now = now
         client = Connection(link, listener, peer, identity, now)
         self.clients.add(client)
         self.counters["socket_open", ()] += 1
@@ -4238,7 +4503,7 @@ class Sessions(Delivery):
 
     def connection_lost(self, client: Connection, now: float) -> None:
         """The network connection ended; publish the will unless it said DISCONNECT."""
-        self.now = now
+        self.ctx.now = now
         self.close_client(client, close_link=False)
         self.clients.discard(client)
 
@@ -4279,8 +4544,8 @@ class Sessions(Delivery):
         session = client.session
         attached = session is not None and session.client is client
         if attached:  # first: the will must not go back to the connection that is closing
-            session.client, session.offline_since = None, self.now
-            self.session_changes.add(session.key)
+            session.client, session.offline_since = None, self.ctx.now
+            self.seam.session_changed(session.key)
         if client.connected and not client.clean_exit and client.will is not None:
             self.publish_will(client, session, attached)
         if attached:
@@ -4296,12 +4561,12 @@ class Sessions(Delivery):
         ``attached``: the session was this client's until now (not taken over).
         """
         will, client.will = client.will, None
-        delay = min(client.will_delay, self._config["max_last_will_delay"])
-        size = message_bytes(will)
+        delay = min(client.will_delay, self.ctx.config["max_last_will_delay"])
+        size, limit = message_bytes(will), self.ctx.max_queued_bytes
         if delay and attached and not session.clean \
-                and not 0 <= self.max_queued_bytes < self.queued_bytes + size:  # waiting wills count as queued
-            session.will = (will, self.now + delay)  # sent by tick, or when the session ends [MQTT-3.1.3-9]
-            self.queued_bytes += size
+                and not 0 <= limit < self.delivery.queued_bytes + size:  # waiting wills count as queued
+            session.will = (will, self.ctx.now + delay)  # sent by tick, or when the session ends [MQTT-3.1.3-9]
+            self.delivery.queued_bytes += size
             return
         self.send_will(session.mountpoint if session else "", will)
 
@@ -4310,20 +4575,20 @@ class Sessions(Delivery):
         if session.will is None:
             return None
         will, session.will = session.will[0], None
-        self.queued_bytes -= message_bytes(will)
+        self.delivery.queued_bytes -= message_bytes(will)
         return will
 
     def send_will(self, mountpoint: str, will: Message) -> None:
         """Route (and retain) a will; its Message Expiry Interval counts from now."""
         if will.expires is not None:  # a will keeps its interval, not a clock time, until it is sent
-            will = dataclasses.replace(will, expires=self.now + will.expires)
+            will = dataclasses.replace(will, expires=self.ctx.now + will.expires)
         if will.retain:
             self.retain(mountpoint, will)
         self.route(mountpoint, will)
 
     def add_session(self, mountpoint: str, client_id: str, expiry: int | None) -> Session:
         """Make a session and keep it (counted in ``persistent`` unless it ends with its connection)."""
-        session = self.sessions[(mountpoint, client_id)] = Session(mountpoint, client_id, self.now, expiry)
+        session = self.sessions[(mountpoint, client_id)] = Session(mountpoint, client_id, self.ctx.now, expiry)
         self.persistent += not session.clean
         return session
 
@@ -4334,9 +4599,9 @@ class Sessions(Delivery):
         if self.sessions.pop(session.key, None) is session:
             self.persistent -= not session.clean
         if session.relay:
-            self.relays.pop(session.key, None)
-            self.drops_unsaved.pop(session, None)
-        self.session_changes.add(session.key)
+            self.delivery.relays.pop(session.key, None)
+            self.delivery.drops_unsaved.pop(session, None)
+        self.seam.session_changed(session.key)
         self.forget_queue(session)
         if not session.clean:
             self.store.delete_session(session.mountpoint, session.client_id)
@@ -4355,7 +4620,7 @@ class Sessions(Delivery):
                 for topic_filter, opts in session.subs.items():
                     self.store.put_subscription(session.mountpoint, session.client_id, topic_filter, opts.packed())
         if (expiry == 0) != session.clean:
-            self.session_changes.add(session.key)
+            self.seam.session_changed(session.key)
             if self.sessions.get(session.key) is session:
                 self.persistent += 1 if session.clean else -1
         session.expiry = expiry
@@ -4365,32 +4630,28 @@ class Sessions(Delivery):
         """Check version, client id, keep-alive and credentials; then accept."""
         if client.auth is not None:
             raise ProtocolError("CONNECT during enhanced authentication")  # [MQTT-3.1.0-2]
-        config = self.settings()
+        config = self.ctx.settings()
         listener = client.listener
-        v5 = p.proto_level == 5
         client.bridge = p.proto_level in BRIDGE_LEVELS  # VerneMQ answers 131/132 as a bridge too
         level = p.proto_level & ~BRIDGE_BIT if client.bridge else p.proto_level
         client.speak(level if level in DIALECTS else 4)  # an MQTT 5 refusal is said in MQTT 5
         self.counters["mqtt_connect_received", client.labels] += 1
         if level not in PROTOCOLS or level not in listener.allowed_versions:
             return self.refuse(client, CONNACK_BAD_VERSION, f"protocol level {p.proto_level} is not accepted here")
-        props = dict(p.properties)
-        if v5:
-            self.connect_options(client, props, config)  # first: a refusal must fit its Maximum Packet Size too
+        props, dialect = dict(p.properties), client.dialect
+        dialect.connect_options(client, props, config)  # first: a refusal must fit its Maximum Packet Size too
         client_id, assigned = p.client_id, False
         if not client_id:
-            if not p.clean_session and not v5:
+            if not p.clean_session and not dialect.assigns_client_id:
                 return self.refuse(client, CONNACK_BAD_ID)  # [MQTT-3.1.3-8]
-            client_id, assigned = self.new_client_id(), v5  # [MQTT-3.1.3-6], MQTT 5.0 3.1.3.1
+            client_id, assigned = self.new_client_id(), dialect.assigns_client_id  # [MQTT-3.1.3-6]
         if len(client_id) > config["max_client_id_size"]:
             return self.refuse(client, CONNACK_BAD_ID, f"client id longer than {config['max_client_id_size']}")
         if client_id.startswith(BRIDGE_CLIENT_PREFIX):
             return self.refuse(client, CONNACK_BAD_ID, f"client ids beginning {BRIDGE_CLIENT_PREFIX} are the bridges'")
-        keepalive, max_keepalive = p.keepalive, config["max_keepalive"]
-        if keepalive > max_keepalive or (v5 and not keepalive and max_keepalive < 65535):
-            if not v5:
-                return self.refuse(client, CONNACK_BAD_ID)  # MQTT 3 cannot be told another keep-alive
-            keepalive = max_keepalive  # sent back as Server Keep Alive (MQTT 5.0 3.2.2.3.14)
+        keepalive = dialect.keepalive(p.keepalive, config["max_keepalive"])
+        if keepalive is None:
+            return self.refuse(client, CONNACK_BAD_ID)  # MQTT 3 cannot be told another keep-alive
         client.keepalive = keepalive
         method = props.get("authentication_method")
         if method is not None:  # enhanced authentication (MQTT 5.0 4.12) through the on_auth_m5 hook
@@ -4405,45 +4666,38 @@ class Sessions(Delivery):
             p = dataclasses.replace(p, username=client.identity, password=None)
             verdict = 0  # the verified certificate is the credential
         else:
-            verdict = self.authenticate(client, p, client_id, config)
+            verdict = self.gate.authenticate(client, p, client_id, config)
         if verdict:
             return self.refuse(client, verdict)
         self.accept(client, p, client_id, assigned)
 
-    def connect_options(self, client: Connection, props: Mapping[str, Any], config: Config) -> None:
-        """Take an MQTT 5 client's limits from its CONNECT properties, within the node's settings."""
-        receive_max = props.get("receive_maximum", 65535)
-        max_packet = props.get("maximum_packet_size")
-        if receive_max == 0 or max_packet == 0:
-            raise ProtocolError("Receive Maximum or Maximum Packet Size of 0")  # MQTT 5.0 3.1.2.11.3-4
-        client.receive_max = min(receive_max, config["receive_max_client"])
-        client.receive_max_in = config["receive_max_broker"]
-        client.max_packet = max_packet or 0
-        client.alias_max = min(props.get("topic_alias_maximum", 0), config["topic_alias_max_client"])
-        client.alias_max_in = config["topic_alias_max_broker"]
-        if client.alias_max:
-            client.aliases_out = {}
-        if client.alias_max_in:
-            client.aliases_in = {}
-        client.plain = not client.alias_max and not client.max_packet
-        client.expiry_at_connect = props.get("session_expiry_interval", 0)
-
     def accept(self, client: Connection, p: Connect, client_id: str, assigned: bool = False,
+               auth_props: tuple = ()) -> None:
+        """Refuse during a netsplit (unless allowed); take a session over from another node; then attach."""
+        seam = self.seam
+        if seam.netsplit and not self.ctx.config["allow_register_during_netsplit"]:
+            return self.refuse(client, CONNACK_UNAVAILABLE, f"netsplit: {seam.netsplit}")  # MQTT 5: 0x88
+        claim = seam.claim((client.listener.mountpoint, client_id), p.clean_session)
+        try:
+            self.attach(client, p, client_id, assigned, auth_props)
+        finally:
+            if claim is not None and not client.connected:
+                seam.release(claim)  # refused after all: the session stays on its node
+        if claim is not None and client.connected:
+            seam.took_over(claim)
+
+    def attach(self, client: Connection, p: Connect, client_id: str, assigned: bool = False,
                auth_props: tuple = ()) -> None:
         """Attach the client to its session (a takeover closes the old link) and answer CONNACK."""
         mountpoint = client.listener.mountpoint
-        if p.will_topic is not None and p.will_topic.count("/") >= self.max_levels:
-            raise TopicTooDeep(f"will topic of more than {self.max_levels} levels (max_topic_levels)")
-        if p.will_topic is not None and not self.will_allowed(p, client_id, mountpoint):
+        if p.will_topic is not None and p.will_topic.count("/") >= self.ctx.max_levels:
+            raise TopicTooDeep(f"will topic of more than {self.ctx.max_levels} levels (max_topic_levels)")
+        if p.will_topic is not None and not self.gate.will_allowed(p, client_id, mountpoint):
             self.counters["mqtt_publish_auth_error", ()] += 1
             return self.refuse(client, CONNACK_NOT_AUTHORIZED, "the will's topic is not allowed")
         self.mountpoints.add(mountpoint)
         key = (mountpoint, client_id)
-        if client.dialect.v5:
-            interval = client.expiry_at_connect
-            expiry = None if interval == 0xFFFFFFFF else interval  # MQTT 5.0 3.1.2.11.2
-        else:
-            expiry = 0 if p.clean_session else None
+        expiry = client.dialect.session_expiry(client, p)
         old = self.sessions.get(key)
         if old is not None and old.client is not None:
             self.close_client(old.client, reason=Reason.SESSION_TAKEN_OVER)  # takeover [MQTT-3.1.4-2]
@@ -4454,7 +4708,7 @@ class Sessions(Delivery):
                 self.drop_session(old)
                 old = None
         if old is None:
-            if expiry != 0 and 0 < self.max_persistent <= self.persistent:
+            if expiry != 0 and 0 < self.ctx.max_persistent <= self.persistent:
                 self.counters["mqtt_session_quota_error", ()] += 1
                 return self.refuse(client, client.dialect.session_quota,
                                    f"the node holds {self.persistent} persistent sessions (max_persistent_sessions)")
@@ -4465,7 +4719,7 @@ class Sessions(Delivery):
             session = old
             self.set_expiry(session, expiry)
         session.client, session.offline_since = client, None
-        self.session_changes.add(key)
+        self.seam.session_changed(key)
         session.user, session.peer, session.protocol = p.username, client.peer, p.proto_level
         client.session, client.connected, client.user = session, True, p.username
         client.tracer = self.tracers.get(key)
@@ -4475,9 +4729,8 @@ class Sessions(Delivery):
                                   props=forwarded_properties(p.will_properties),
                                   expires=will_props.get("message_expiry_interval"), origin=client_id)
             client.will_delay = will_props.get("will_delay_interval", 0)
-        props = connack_properties(self._config, client, p, client_id if assigned else None) + auth_props \
-            if client.dialect.v5 else ()
-        connack, labels = client.dialect.connack(old is not None, props)
+        props = client.dialect.connack_properties(self.ctx.config, client, p, client_id if assigned else None)
+        connack, labels = client.dialect.connack(old is not None, props + auth_props)
         self.emit_packet(client, connack)
         self.counters["mqtt_connack_sent", labels] += 1
         if self.hooks.on_register or self.hooks.on_client_wakeup:
@@ -4500,7 +4753,7 @@ class Sessions(Delivery):
         level = p.proto_level & ~BRIDGE_BIT if p.proto_level in BRIDGE_LEVELS else p.proto_level
         client.speak(level if level in DIALECTS else 4)
         self.counters["mqtt_connect_received", client.labels] += 1
-        self.refuse(client, Reason.SERVER_BUSY if client.dialect.v5 else CONNACK_UNAVAILABLE, text)
+        self.refuse(client, client.dialect.busy, text)
 
     def auth_step(self, client: Connection, data: bytes | None) -> None:
         """Ask the on_auth_m5 hooks about one step of enhanced authentication and answer it."""
@@ -4541,70 +4794,33 @@ class Sessions(Delivery):
             raise ProtocolError(f"AUTH reason code {p.reason_code:#x} out of turn")
         self.auth_step(client, props.get("authentication_data"))
 
-    def lets_in_unasked(self, listener: Any, config: Config) -> bool:
-        """Whether a client of ``listener`` is let in without asking the auth plugins."""
-        return getattr(listener, "allow_anonymous_override", False) or \
-            anonymous_allowed(config, self.anonymous_default, self.hooks)
-
-    def authenticate(self, client: Connection, p: Connect, client_id: str, config: Config) -> int:
-        """Return 0 to accept, or CONNACK 4 (bad credentials) / 5 (not authorized)."""
-        if self.lets_in_unasked(client.listener, config):
-            return 0  # VerneMQ: allow_anonymous skips the auth plugins
-        answer = run_auth_hooks(self.hooks.auth_on_register, client.peer, (client.listener.mountpoint, client_id),
-                                p.username, p.password, p.clean_session)
-        if answer is not None:
-            return CONNACK_NOT_AUTHORIZED if answer == "error" else 0
-        if not self.hooks.builtin["vmq_passwd"]:
-            return CONNACK_NOT_AUTHORIZED  # every plugin said next
-        users = self.users
-        if p.username is None or p.password is None or p.username not in users:
-            return CONNACK_NOT_AUTHORIZED  # every plugin said next
-        return 0 if check_password(p.password, users[p.username]) else CONNACK_BAD_CREDENTIALS
-
-    def acl(self, client: Connection, access: str, topic: str) -> bool:
-        """Ask vmq_acl about a connected client; with no ACL file configured (or vmq_acl disabled) all is allowed."""
-        if not self.acl_file or not self.hooks.builtin["vmq_acl"]:
-            return True  # the common case, without a call
-        session = client.session
-        return self.acl_check(client.user, session.client_id, session.mountpoint, access, topic)
-
-    def acl_check(self, user: str | None, client_id: str, mountpoint: str, access: str, topic: str) -> bool:
-        """Ask vmq_acl whether ``user``/``client_id`` may ``access`` (read or write) ``topic``."""
-        if not self.acl_file or not self.hooks.builtin["vmq_acl"]:
-            return True
-        rules = self.acl_rules
-        if rules is None:
-            return False  # a file is configured but never loaded: refuse rather than grant all
-        if rules.patterns:
-            self._warn_unsafe_id(user, mountpoint, client_id)
-        return acl_allows(rules, access, topic, user, client_id, mountpoint)
-
-    def will_allowed(self, p: Connect, client_id: str, mountpoint: str) -> bool:
-        """Whether a CONNECT's will may be published: asked of auth_on_publish and vmq_acl like a PUBLISH."""
-        answer = run_auth_hooks(self.hooks.auth_on_publish, p.username, (mountpoint, client_id), p.will_qos,
-                                p.will_topic, p.will_payload, p.will_retain)
-        if answer is not None:
-            return answer != "error"
-        return self.acl_check(p.username, client_id, mountpoint, "write", p.will_topic)
-
-    def _warn_unsafe_id(self, user: str | None, mountpoint: str, client_id: str) -> None:
-        """Log once per client that vmq_acl patterns do not apply to it, and why."""
-        key = (mountpoint, client_id, user)
-        if key in self._acl_warned:
-            return
-        reason = acl_unsafe_id(user, client_id)
-        if reason:
-            if len(self._acl_warned) >= ACL_WARNED_MAX:
-                self._acl_warned.clear()  # bounded: a flood of odd ids cannot grow it without end
-            self._acl_warned.add(key)
-            log.warning("vmq_acl: patterns do not apply to client %r: %s", client_id, reason)
-
     def resume(self, session: Session) -> None:
         """Send again what was in flight (DUP), then drain the queue."""
         if session.parked:  # in flight when the node stopped: the same packet ids again
             self.load_parked(session)
         self.resend(session)
         self.drain(session)
+
+    # -- subscriptions ----------------------------------------------------
+    def subscribe(self, session: Session, topic_filter: str, opts: SubOptions) -> None:
+        """Add or replace one subscription [MQTT-3.8.4-3]."""
+        self.router.add(session, topic_filter, opts)
+        session.subs[topic_filter] = opts
+        self.seam.session_changed(session.key)
+        if not session.clean:
+            self.store.put_subscription(session.mountpoint, session.client_id, topic_filter, opts.packed())
+
+    def unsubscribe(self, session: Session, topic_filter: str) -> bool:
+        """Remove one subscription; return whether it existed."""
+        if session.subs.pop(topic_filter, None) is None:
+            return False
+        self.router.remove(session, topic_filter)
+        self.seam.session_changed(session.key)
+        if not session.clean:
+            self.store.delete_subscription(session.mountpoint, session.client_id, topic_filter)
+        if session in self.delivery.handouts:  # its retained messages still to come are not wanted now
+            self.delivery.cancel_handout(session, topic_filter)
+        return True
 
     # -- administration ---------------------------------------------------
     def disconnect(self, client_id: str, mountpoint: str = "", cleanup: bool = False) -> bool:
@@ -4660,16 +4876,16 @@ class Sessions(Delivery):
         session = self.sessions.get((mountpoint, client_id))
         if session is None:
             return 0
-        probe = Connection(None, None, ("", 0), None, self.now)
+        probe = Connection(None, None, ("", 0), None, self.ctx.now)
         probe.user, probe.session = username, session
-        refused = [t for t in list(session.subs) if not self.acl(probe, "read", split_shared(t)[1])]
+        refused = [t for t in list(session.subs) if not self.gate.acl(probe, "read", split_shared(t)[1])]
         for topic_filter in refused:
             self.unsubscribe(session, topic_filter)
         return len(refused)
 
     def delete_expired_retained(self) -> int:
         """Delete the retained messages whose MQTT 5 Message Expiry Interval has passed; return how many."""
-        expired = self.router.expired_retained(self.now)
+        expired = self.router.expired_retained(self.ctx.now)
         for mountpoint, topic in expired:
             self.delete_retained(mountpoint, topic)
         return len(expired)
@@ -4682,13 +4898,13 @@ class Sessions(Delivery):
         Queued messages stay in the store: ``queues`` says how many each session has (and their
         bytes); they are read a page at a time once the session is back online.
         """
-        self.now = now
+        self.ctx.now = now
         for mountpoint, msg in retained:
             self.router.restore_retained(mountpoint, msg)
             self._next_ref = max(self._next_ref, msg.ref)
         for mountpoint, client_id, expiry in sessions:
             self.add_session(mountpoint, client_id, expiry)
-            self.session_changes.add((mountpoint, client_id))
+            self.seam.session_changed((mountpoint, client_id))
             self.mountpoints.add(mountpoint)
         for mountpoint, client_id, topic_filter, packed in subscriptions:
             session = self.sessions.get((mountpoint, client_id))
@@ -4701,7 +4917,7 @@ class Sessions(Delivery):
             if session is not None:
                 session.stored, session.stored_bytes, session.parked = waiting or 0, size or 0, parked or 0
                 session.queue_bytes = session.stored_bytes
-                self.queued_bytes += session.stored_bytes
+                self.delivery.queued_bytes += session.stored_bytes
             self._next_ref = max(self._next_ref, last_ref or 0)
 
     def session_keys(self, client_id: str | None = None) -> list[tuple[str, str]]:
@@ -4748,14 +4964,27 @@ class Sessions(Delivery):
 
 
 ###############################################################################
-# 11. Engine: packets and time ################################################
+# 11. Peers: the engine's side of a cluster ###################################
 ###############################################################################
-# Owns: what each packet means (one dispatch table from connection state and
-#       packet type to its handler), acknowledgements, subscriptions, deadlines
-#       and the tick; the engine's side of a cluster (forwards in and out,
-#       sessions taken over from or by other nodes, netsplits, change lists).
+# Owns: the ``ClusterSeam`` of a clustered node: forwards out and in, sessions
+#       taken over from or by other nodes, netsplits, full nodes, and the change
+#       lists the cluster drains.
 # Must not know: sockets, the clock (``now`` comes with every entry point),
-#       links between nodes (the cluster drains and feeds the seams of ``Peers``).
+#       links between nodes (the cluster drains and feeds these seams).
+
+class _Discard:
+    """A change list that keeps nothing: a node outside a cluster records no changes for it."""
+
+    __slots__ = ()
+
+    def add(self, item: Any) -> None:
+        """Keep nothing."""
+
+    append = add
+
+
+DISCARD = _Discard()
+
 
 def summary_subs(subs: Mapping[str, Sequence[Any]]) -> dict[str, SubOptions]:
     """Read the ``subs`` of a session summary ({filter: [qos, no_local, rap, retain_handling, id]}).
@@ -4779,22 +5008,31 @@ def summary_fields(opts: SubOptions) -> list:
     return [opts.qos, opts.no_local, opts.retain_as_published, opts.retain_handling, opts.identifier]
 
 
-class Peers(Sessions):
+class Peers:
     """The engine's side of a cluster: it never sends to another node, it leaves lists the cluster drains.
 
-    The cluster sets ``netsplit`` (a reason, '' when whole), ``elsewhere`` ((mountpoint,
+    The engine's parts ask it as their ``ClusterSeam`` once the node is clustered. The
+    cluster sets ``netsplit`` (a reason, '' when whole), ``elsewhere`` ((mountpoint,
     client id) -> None or {"node", "clean", "subs"} of a session on another node),
-    ``clustered`` (record changes for it) and, through ``router.set_remote``, other nodes'
-    interest; it drains ``take_forwards``, ``take_session_changes``,
+    ``full_nodes``, ``clustered`` (record changes for it) and, through ``router.set_remote``,
+    other nodes' interest; it drains ``take_forwards``, ``take_session_changes``,
     ``take_retained_changes`` and ``take_takeovers``, and feeds ``deliver_forwarded``,
     ``apply_remote_retained``, ``hand_over`` and ``adopt_messages``.
     """
 
-    def __init__(self, *args: Any, **kwargs: Any):
-        super().__init__(*args, **kwargs)
+    def __init__(self, ctx: Context, life: Sessions):
+        self.ctx, self.life, self.delivery = ctx, life, life.delivery
+        self.router, self.store, self.counters, self.sessions = life.router, life.store, life.counters, life.sessions
+        self.netsplit = ""
+        self.elsewhere: Callable[[str, str], dict | None] | None = None
+        self.full_nodes: set[str] = set()  # nodes with too much unacknowledged: QoS 1/2 for them is refused
+        # sessions whose summary (session_summary) and retained messages that changed since the cluster last took them
+        self.session_changes: set[tuple[str, str]] | _Discard = DISCARD
+        self.retained_changes: list[tuple[str, str]] | _Discard = DISCARD
+        # (node, mountpoint, message, plain, groups) for other nodes, in publish order, until the shell takes them
+        self.forwards: list[tuple[str, str, Message, bool, tuple[str, ...]]] = []
         self.takeovers: list[tuple[str, str, str]] = []  # (old node, mountpoint, client id)
         self.adopting: set[tuple[str, str]] = set()  # sessions taken over with their state: messages to come
-        self.full_nodes: set[str] = set()  # nodes with too much unacknowledged: QoS 1/2 for them is refused
         self.waits = 0  # takeovers so far whose session waited for the old node's messages (Session.waiting)
 
     @property
@@ -4811,7 +5049,55 @@ class Peers(Sessions):
         elif not on:
             self.session_changes = self.retained_changes = DISCARD
 
+    # -- the seam the engine's parts ask ------------------------------------
+    def forward(self, mountpoint: str, msg: Message, nodes: Mapping[str, list]) -> None:
+        """Keep a routed message for the nodes that get it (``take_forwards``)."""
+        self.forwards += [(node, mountpoint, msg, plain, tuple(groups)) for node, (plain, groups) in nodes.items()]
+
+    def session_changed(self, key: tuple[str, str]) -> None:
+        """Note a session whose summary changed (nothing while not clustered)."""
+        self.session_changes.add(key)
+
+    def retained_changed(self, mountpoint: str, topic: str) -> None:
+        """Note a retained message a client or command changed here (nothing while not clustered)."""
+        self.retained_changes.append((mountpoint, topic))
+
+    def claim(self, key: tuple[str, str], clean_start: bool) -> tuple | None:
+        """Find the session of a CONNECT on another node; made here, offline with its subscriptions, when it
+        is persistent and Clean Start is off (CONNACK then says session present). None: not elsewhere."""
+        there = self.elsewhere(*key) if self.elsewhere is not None and key not in self.sessions else None
+        if there is None:
+            return None
+        made = not clean_start and not there.get("clean", True)
+        if made:
+            self.make_session(key, summary_subs(there.get("subs") or {}))
+        return key, there, made
+
+    def release(self, claim: tuple) -> None:
+        """The CONNECT was refused after all: the session made here goes, it stays on its node."""
+        key, _, made = claim
+        if made:
+            self.life.drop_session(self.sessions[key])
+
+    def took_over(self, claim: tuple) -> None:
+        """The CONNECT was accepted: the old node gives the session up; one made here waits for its messages."""
+        key, there, made = claim
+        self.takeovers.append((str(there.get("node", "")), *key))
+        if made:
+            self.adopting.add(key)
+            self.waits += 1
+            self.sessions[key].waiting = self.waits  # until its messages come (adopt_messages) or stop_waiting
+
     # -- forwards -----------------------------------------------------------
+    def take_forwards(self) -> list[tuple[str, str, Message, bool, tuple[str, ...]]]:
+        """Return (and forget) the forwards for other nodes: (node, mountpoint, message, plain, groups).
+
+        ``plain``: that node's own non-shared subscribers want the message; ``groups``: the
+        "group/filter" of each shared group that node serves once. In publish order.
+        """
+        forwards, self.forwards = self.forwards, []
+        return forwards
+
     def deliver_forwarded(self, mountpoint: str, msg: Message, plain: bool, groups: Sequence[str],
                           now: float) -> None:
         """Deliver a message another node forwarded, to local subscribers only; never forward it again.
@@ -4819,12 +5105,12 @@ class Peers(Sessions):
         ``plain``: every local non-shared match; ``groups``: "group/filter" of each shared group
         that gets one local member (online first). Retained messages are not touched here.
         """
-        self.now = now
-        if self.settings() is not self._config:
-            self.refresh_settings()
-        msg = dataclasses.replace(msg, ref=self.new_ref())  # references are this node's own
+        self.ctx.now = now
+        if self.ctx.settings() is not self.ctx.config:
+            self.ctx.refresh()
+        msg = dataclasses.replace(msg, ref=self.life.new_ref())  # references are this node's own
         if plain:
-            self.route(mountpoint, msg, forward=False)
+            self.delivery.route(mountpoint, msg, forward=False)
         for label in groups:
             name, _, topic_filter = label.partition("/")
             shared = self.router.groups.get((mountpoint, name, topic_filter))
@@ -4833,19 +5119,19 @@ class Peers(Sessions):
                 self.counters["queue_message_unhandled", ()] += 1  # its members here left meanwhile
                 continue
             opts = shared.members[member]
-            self.deliver(member, msg, opts.qos, opts.retain_as_published, opts.ids)
+            self.delivery.deliver(member, msg, opts.qos, opts.retain_as_published, opts.ids)
 
     def deliver_to(self, mountpoint: str, client_id: str, msg: Message, now: float) -> bool:
         """Deliver a message passed on by the node that held a session before, to that session only.
 
         False when it is not here (it moved on, or ended).
         """
-        self.now = now
+        self.ctx.now = now
         session = self.sessions.get((mountpoint, client_id))
         if session is None:
             return False
-        msg = dataclasses.replace(msg, ref=self.new_ref())
-        self.put_ahead(session, lambda: self.deliver_matching(session, msg))
+        msg = dataclasses.replace(msg, ref=self.life.new_ref())
+        self.put_ahead(session, lambda: self.delivery.deliver_matching(session, msg))
         return True
 
     def full_for(self, mountpoint: str, msg: Message) -> list[tuple[str, str]]:
@@ -4856,11 +5142,11 @@ class Peers(Sessions):
         if not msg.qos:
             return []
         matches = self.router.cache.get((mountpoint, msg.topic)) or self.router.match(mountpoint, msg.topic)
-        size, full = message_bytes(msg), []
+        size, full, ctx = message_bytes(msg), [], self.ctx
         for session in matches:
             if type(session) is Session and not session.clean:
-                limit, byte_limit = (self.max_online, self.max_online_bytes) if session.client is not None else \
-                    (self.max_offline, self.max_offline_bytes)
+                limit, byte_limit = (ctx.max_online, ctx.max_online_bytes) if session.client is not None else \
+                    (ctx.max_offline, ctx.max_offline_bytes)
                 queued = _queued(session)
                 if 0 <= limit <= queued or (queued and 0 <= byte_limit < session.queue_bytes + size):
                     full.append(session.key)
@@ -4906,41 +5192,19 @@ class Peers(Sessions):
             if self.router.unretain(mountpoint, topic) is not None:
                 self.store.delete_retained(mountpoint, topic)
             return True
-        msg = dataclasses.replace(msg, topic=topic, ref=self.new_ref(), frame=b"")
-        if not self.router.retain(mountpoint, msg, self.max_retained, self.max_retained_bytes):
+        msg = dataclasses.replace(msg, topic=topic, ref=self.life.new_ref(), frame=b"")
+        if not self.router.retain(mountpoint, msg, self.ctx.max_retained, self.ctx.max_retained_bytes):
             self.counters["retain_message_refused", ()] += 1
             return False
         self.store.put_retained(mountpoint, msg)
         return True
 
     # -- sessions across nodes ----------------------------------------------
-    def accept(self, client: Connection, p: Connect, client_id: str, assigned: bool = False,
-               auth_props: tuple = ()) -> None:
-        """Refuse during a netsplit (unless allowed); take a session over from another node; then accept."""
-        if self.netsplit and not self._config["allow_register_during_netsplit"]:
-            return self.refuse(client, CONNACK_UNAVAILABLE, f"netsplit: {self.netsplit}")  # MQTT 5: 0x88
-        key = (client.listener.mountpoint, client_id)
-        there = self.elsewhere(*key) if self.elsewhere is not None and key not in self.sessions else None
-        made = there is not None and not p.clean_session and not there.get("clean", True)
-        if made:  # found here as an offline session, with its subscriptions: CONNACK says session present
-            self.make_session(key, summary_subs(there.get("subs") or {}))
-        try:
-            super().accept(client, p, client_id, assigned, auth_props)
-        finally:
-            if made and not client.connected:  # refused after all: the session stays on its node
-                self.drop_session(self.sessions[key])
-        if there is not None and client.connected:
-            self.takeovers.append((str(there.get("node", "")), *key))
-            if made:
-                self.adopting.add(key)
-                self.waits += 1
-                self.sessions[key].waiting = self.waits  # until its messages come (adopt_messages) or stop_waiting
-
     def make_session(self, key: tuple[str, str], subs: Mapping[str, SubOptions]) -> Session:
         """Make an offline persistent session with ``subs`` (one taken over from another node)."""
         mountpoint, client_id = key
-        session = self.add_session(mountpoint, client_id, None)
-        self.mountpoints.add(mountpoint)
+        session = self.life.add_session(mountpoint, client_id, None)
+        self.life.mountpoints.add(mountpoint)
         self.store.put_session(mountpoint, client_id, None)
         for topic_filter, opts in subs.items():
             self.router.add(session, topic_filter, opts)
@@ -4954,7 +5218,7 @@ class Peers(Sessions):
         Its messages may follow with ``adopt_messages``. Return False when a session of that
         name is here already (it wins) or the summary is of a clean session.
         """
-        self.now = now
+        self.ctx.now = now
         key = (mountpoint, client_id)
         if key in self.sessions or summary.get("clean", True):
             return False
@@ -4975,20 +5239,20 @@ class Peers(Sessions):
         with the QoS of its delivery; a QoS 2 message the client already received (PUBREL
         sent) is not among them. Also removes a session that a newer owner elsewhere won.
         """
-        self.now = now
+        self.ctx.now = now
         key = (mountpoint, client_id)
         session = self.sessions.get(key)
         if session is not None and session.client is not None:
-            self.close_client(session.client, reason=Reason.SESSION_TAKEN_OVER)  # [MQTT-3.1.4-2]
+            self.life.close_client(session.client, reason=Reason.SESSION_TAKEN_OVER)  # [MQTT-3.1.4-2]
             session = self.sessions.get(key)  # a clean session ended with its connection
         if session is None:
             return []
-        self.take_will(session)  # its client connects elsewhere: no delayed will [MQTT-3.1.3-9]
-        self.unstore(session)
+        self.life.take_will(session)  # its client connects elsewhere: no delayed will [MQTT-3.1.3-9]
+        self.delivery.unstore(session)
         moving = [dataclasses.replace(out.msg, qos=out.qos, retain=out.retain, frame=b"")
                   for out in itertools.chain(session.inflight.values(), session.queue)
                   if out.stage is not Stage.RELEASED]
-        self.drop_session(session)
+        self.life.drop_session(session)
         self.adopting.discard(key)
         return moving
 
@@ -5003,7 +5267,7 @@ class Peers(Sessions):
         ``deliver_to``) until ``stop_waiting``. Return how many were offered to its queue (its
         limits still hold).
         """
-        self.now = now
+        self.ctx.now = now
         key = (mountpoint, client_id)
         session = self.sessions.get(key)
         if session is None or (key not in self.adopting and not (force and not session.clean)):
@@ -5013,9 +5277,9 @@ class Peers(Sessions):
         for msg in messages:
             ids = tuple(o.identifier for t, o in session.subs.items()
                         if o.identifier and topic_matches(split_shared(t)[1], msg.topic))
-            out = Outgoing(dataclasses.replace(msg, ref=self.new_ref()), msg.qos, 0, msg.retain, ids,
+            out = Outgoing(dataclasses.replace(msg, ref=self.life.new_ref()), msg.qos, 0, msg.retain, ids,
                            retained=msg.retain)
-            self.put_ahead(session, lambda: self.enqueue(session, out))
+            self.put_ahead(session, lambda: self.delivery.enqueue(session, out))
             count += 1
         if not settle:
             self.stop_waiting(mountpoint, client_id, now)
@@ -5039,55 +5303,150 @@ class Peers(Sessions):
 
         ``which``: only if it still waits for that takeover (``waiting``); 0: whichever.
         """
-        self.now = now
+        self.ctx.now = now
         session = self.sessions.get((mountpoint, client_id))
         if session is not None and session.waiting and which in (0, session.waiting):
             session.waiting, session.ahead = 0, 0
-            self.drain(session)
+            self.delivery.drain(session)
 
 
-class Engine(Peers):
+###############################################################################
+# 12. Engine: packets and time ################################################
+###############################################################################
+# Owns: what each packet means (one dispatch table from connection state and
+#       packet type to its handler), acknowledgements, subscriptions, deadlines
+#       and the tick; the engine as its parts put together.
+# Must not know: sockets, the clock (``now`` comes with every entry point),
+#       other nodes (only through ``ClusterSeam``; the cluster's side is ``Peers``).
+
+ENGINE_PARTS: Mapping[str, tuple[str, ...]] = types.MappingProxyType({
+    # part -> its operations that the engine offers as its own (the I/O shell, the node, the commands, the
+    # cluster, the bridge and webhooks call them on the engine); each is the part's bound method
+    "output": ("emit", "emit_packet", "request_close", "take_dirty"),
+    "delivery": ("route", "deliver", "complete", "resend", "queue_full", "send_retained", "cancel_handout", "retain",
+                 "delete_retained", "retry_big", "save_drops", "hand_out", "handout_ready", "writable_again"),
+    "gate": ("set_rules", "lets_in_unasked", "authenticate", "acl", "acl_check"),
+    "life": ("new_ref", "connection_made", "connection_lost", "say_disconnect", "refuse_packet", "goodbye",
+             "close_client", "take_will", "send_will", "add_session", "drop_session", "set_expiry", "accept", "refuse",
+             "refuse_busy", "subscribe", "unsubscribe", "disconnect", "client_status", "close_listener_clients",
+             "trace", "disconnect_batch", "admin_unsubscribe", "reauthorize", "delete_expired_retained", "restore",
+             "session_keys", "session_records", "session_rows", "retained_rows"),
+    "peers": ("take_forwards", "deliver_forwarded", "deliver_to", "full_for", "forwards_to_full",
+              "take_session_changes", "session_summary", "take_retained_changes", "apply_remote_retained",
+              "adopt_session", "take_takeovers", "hand_over", "adopt_messages", "waiting", "stop_waiting"),
+})
+
+
+def _part_attribute(part: str, name: str, joins: bool = False) -> property:
+    """An attribute of the engine that is its part's (``joins``: setting it makes the cluster's side the seam)."""
+    def get(self: Engine) -> Any:
+        return getattr(getattr(self, part), name)
+
+    def put(self: Engine, value: Any) -> None:
+        if joins:
+            self.join_cluster()
+        setattr(getattr(self, part), name, value)
+    return property(get, put, doc=f"``{part}.{name}``")
+
+
+class Engine:
     """MQTT 3.1/3.1.1/5.0 broker state, driven by packets; output goes to each Connection's outbox.
 
-    Entry points: ``connection_made``, ``handle(conn, packet, now)``, ``deadline``,
-    ``tick(now)``, ``connection_lost`` and the admin operations of ``Sessions``.
+    Composed of parts, each built with what it uses: ``ctx`` (the settings in force and
+    ``now``), ``output``, ``delivery``, ``gate`` (authentication and ACL), ``life``
+    (``Sessions``: connections and sessions) and ``peers`` (the side a cluster drains and
+    feeds; the parts' ``ClusterSeam`` once the node is clustered, ``NO_CLUSTER`` before).
+    The operations of ``ENGINE_PARTS`` are the engine's own names. Entry points: ``connection_made``, ``handle(conn, packet, now)``,
+    ``deadline``, ``tick(now)``, ``connection_lost`` and the admin operations of ``Sessions``.
     """
+
+    now = _part_attribute("ctx", "now")
+    packet_limits = _part_attribute("ctx", "packet_limits")
+    dirty = _part_attribute("output", "dirty")
+    queued_bytes = _part_attribute("delivery", "queued_bytes")
+    unsent_bytes = _part_attribute("delivery", "unsent_bytes")
+    big_waiters = _part_attribute("delivery", "big_waiters")
+    anonymous_default = _part_attribute("gate", "anonymous_default")
+    persistent = _part_attribute("life", "persistent")
+    new_client_id = _part_attribute("life", "new_client_id")
+    netsplit = _part_attribute("peers", "netsplit", joins=True)
+    elsewhere = _part_attribute("peers", "elsewhere", joins=True)
+    full_nodes = _part_attribute("peers", "full_nodes", joins=True)
+    clustered = _part_attribute("peers", "clustered", joins=True)
+
+    def __init__(self, settings: Callable[[], Config], store: Store, hooks: Any, new_client_id: Callable[[], str],
+                 choose: Callable[[Sequence[Any]], Any], now: float = 0.0):
+        self.ctx = ctx = Context(settings, now)
+        self.store, self.hooks, self.router = store, hooks, Router(choose)
+        self.counters: dict[tuple, int] = collections.defaultdict(int)
+        self.sessions: dict[tuple[str, str], Session] = {}
+        self.output = Output(ctx, self.counters, hooks, store)
+        self.delivery = Delivery(ctx, self.output, self.router, store, hooks, self.counters, self.sessions)
+        self.gate = Gate(ctx, hooks)
+        self.life = Sessions(ctx, self.delivery, self.gate, store, hooks, new_client_id)
+        self.peers = Peers(ctx, self.life)
+        self.seam: ClusterSeam = NO_CLUSTER
+        self.clients, self.handouts, self.relays = self.life.clients, self.delivery.handouts, self.delivery.relays
+        for part, names in ENGINE_PARTS.items():
+            for name in names:
+                setattr(self, name, getattr(getattr(self, part), name))
+        self.refresh_settings = ctx.refresh
+        self._tick_sessions: list[Session] = []  # what the next ticks still have to look at
+        self._dispatch: dict[bool, dict[type, Callable[..., None]]] = {  # connected? -> packet type -> handler
+            False: {Connect: self.life.on_connect, Auth: self.life.on_auth},
+            True: {Publish: self.on_publish, Puback: self.on_puback, Pubrec: self.on_pubrec, Pubrel: self.on_pubrel,
+                   Pubcomp: self.on_pubcomp, Subscribe: self.on_subscribe, Unsubscribe: self.on_unsubscribe,
+                   Pingreq: self.on_pingreq, Disconnect: self.on_disconnect, Auth: self.life.on_auth},
+        }
+
+    def join_cluster(self) -> None:
+        """Ask the cluster's side (``peers``) instead of ``NO_CLUSTER`` from now on: the node is in a cluster."""
+        if self.seam is NO_CLUSTER:
+            self.seam = self.delivery.seam = self.life.seam = self.peers
 
     def handle(self, client: Connection, packet: Any, now: float, raw: bytes = b"") -> None:
         """Act on one decoded packet from ``client``; ``raw`` is its wire form if it is a plain QoS 0 PUBLISH."""
-        self.now = client.last_seen = now
-        if self.settings() is not self._config:
-            self.refresh_settings()
-        handler = self._DISPATCH[client.connected].get(type(packet))
+        ctx = self.ctx
+        ctx.now = client.last_seen = now
+        if ctx.settings() is not ctx.config:
+            ctx.refresh()
+        handler = self._dispatch[client.connected].get(type(packet))
         if handler is None:
             if not client.connected:
                 raise ProtocolError("the first packet must be CONNECT")  # [MQTT-3.1.0-1]
             raise ProtocolError(f"a client may not send {type(packet).__name__.upper()}")  # [MQTT-3.1.0-2] too
-        handler(self, client, packet, raw)
+        handler(client, packet, raw)
+
+    def gauges(self) -> dict[str, int]:
+        """Return the live gauges."""
+        clients = list(self.clients)  # copies, so another thread may read a consistent view
+        return {"active_mqtt_connections": sum(1 for c in clients if c.connected),
+                "total_active_connections": len(clients), "queue_processes": len(self.sessions),
+                "router_subscriptions": self.router.subscription_count(),
+                "retain_messages": self.router.retained_count()}
 
     # -- publishing -------------------------------------------------------
     def on_publish(self, client: Connection, p: Publish, raw: bytes = b"") -> None:
         """Route an incoming PUBLISH and acknowledge it; ``raw`` lets QoS 0 go out as it came in."""
+        ctx, seam = self.ctx, self.seam
         self.counters["mqtt_publish_received", client.labels] += 1
-        session = client.session
-        v5 = client.dialect.v5
+        session, dialect = client.session, client.dialect
         if p.qos == 2 and p.packet_id in session.incoming:
             self.emit_packet(client, Pubrec(p.packet_id))  # a resent QoS 2 message is routed once
             return
-        if self.max_rate:
+        if ctx.max_rate:
             self.throttle(client)
-        if self.netsplit and not self.publish_in_netsplit:
-            return self.refuse_unsaved(client, p, f"netsplit: {self.netsplit}")
+        if seam.netsplit and not ctx.publish_in_netsplit:
+            return self.refuse_unsaved(client, p, f"netsplit: {seam.netsplit}")
         if p.qos and self.store.error is not None:
             return self.refuse_unsaved(client, p)
         topic, props, expires = p.topic, (), None
-        if v5:
-            if p.properties:
-                topic, props, expires, raw = self.publish_properties(client, p, raw)
-            if p.qos == 2 and len(session.incoming) >= client.receive_max_in:
-                raise ReceiveMaxExceeded(f"more than {client.receive_max_in} QoS 2 messages unacknowledged")
-        if len(topic) >= self.max_levels and topic.count("/") >= self.max_levels:  # a short topic cannot be deep
-            raise TopicTooDeep(f"topic of more than {self.max_levels} levels (max_topic_levels)")
+        if p.properties:  # MQTT 5
+            topic, props, expires, raw = self.publish_properties(client, p, raw)
+        if p.qos == 2 and len(session.incoming) >= client.receive_max_in:  # (65535 packet ids: never MQTT 3)
+            raise ReceiveMaxExceeded(f"more than {client.receive_max_in} QoS 2 messages unacknowledged")
+        if len(topic) >= ctx.max_levels and topic.count("/") >= ctx.max_levels:  # a short topic cannot be deep
+            raise TopicTooDeep(f"topic of more than {ctx.max_levels} levels (max_topic_levels)")
         reason, hooks = Reason.SUCCESS, self.hooks
         if props and ("payload_format_indicator", 1) in props and not utf8_payload(p.payload):
             msg, reason = None, Reason.PAYLOAD_FORMAT_INVALID  # MQTT 5.0 3.3.2.3.2: dropped, and said so
@@ -5095,7 +5454,7 @@ class Engine(Peers):
         elif hooks.auth_on_publish or hooks.on_publish:
             msg = self.authorize_publish(client, p, topic, props, expires)
         elif self.acl(client, "write", topic):
-            msg = Message(topic, p.payload, p.qos, p.retain, self.new_ref(), raw, v5, props, expires,
+            msg = Message(topic, p.payload, p.qos, p.retain, self.new_ref(), raw, dialect.v5, props, expires,
                           session.client_id, client.bridge)
         else:
             msg = None
@@ -5105,7 +5464,7 @@ class Engine(Peers):
                 reason = Reason.NOT_AUTHORIZED
         elif msg.qos and self.relays and (full := self.relay_full(session.mountpoint, msg)):
             return self.refuse_unsaved(client, p, full, Reason.QUOTA_EXCEEDED)  # kept by its publisher, not lost
-        elif msg.qos and self.full_nodes and self.forwards_to_full(session.mountpoint, msg.topic):
+        elif msg.qos and seam.full_nodes and seam.forwards_to_full(session.mountpoint, msg.topic):
             return self.refuse_unsaved(client, p, CLUSTER_FULL, Reason.QUOTA_EXCEEDED)  # refused, never dropped later
         elif msg.retain and self.retain(session.mountpoint, msg) is False:
             reason = Reason.QUOTA_EXCEEDED  # MQTT 5.0 3.4.2.1: max_retained_messages or max_retained_bytes
@@ -5115,19 +5474,19 @@ class Engine(Peers):
             return
         if self.store.error is not None:  # the store failed while keeping this message
             return self.refuse_unsaved(client, p)
-        if not v5 or not reason:  # MQTT 3.1.1 acknowledges a refused message as if delivered
+        if not reason or not dialect.reason_codes:  # MQTT 3.1.1 acknowledges a refused message as if delivered
             if p.qos == 1:
                 self.emit(client, ack_frame(PUBACK, p.packet_id))  # the same bytes in MQTT 5
-                self.counters["mqtt_puback_sent", client.labels if not v5 else V5_SUCCESS] += 1
+                self.counters["mqtt_puback_sent", dialect.success_labels] += 1
             else:
                 session.incoming.add(p.packet_id)
                 self.emit(client, ack_frame(PUBREC, p.packet_id))
-                self.counters["mqtt_pubrec_sent", client.labels if not v5 else V5_SUCCESS] += 1
+                self.counters["mqtt_pubrec_sent", dialect.success_labels] += 1
             return
         kind = Puback if p.qos == 1 else Pubrec
         if kind is Pubrec and reason < REASON_FAILURE:
             session.incoming.add(p.packet_id)  # an error reason ends the exchange (MQTT 5.0 4.3.3)
-        self.emit_packet(client, client.dialect.ack(kind, p.packet_id, reason))
+        self.emit_packet(client, dialect.ack(kind, p.packet_id, reason))
         self.counters["mqtt_puback_sent" if kind is Puback else "mqtt_pubrec_sent", reason_labels(reason)] += 1
 
     def relay_full(self, mountpoint: str, msg: Message) -> str:
@@ -5156,7 +5515,7 @@ class Engine(Peers):
         self.counters["mqtt_publish_error", ()] += 1
         if not p.qos:
             return  # nothing to acknowledge, so nothing to refuse
-        if not client.dialect.v5:
+        if not client.dialect.reason_codes:
             return self.close_client(client)  # 3.1.1 has no negative acknowledgement
         kind = Puback if p.qos == 1 else Pubrec
         self.emit_packet(client, client.dialect.ack(kind, p.packet_id, reason, text))
@@ -5173,7 +5532,7 @@ class Engine(Peers):
             return self.refuse_unsaved(client, p, text, Reason.QUOTA_EXCEEDED)
         self.counters["mqtt_subscribe_received", client.labels] += 1
         self.counters["mqtt_subscribe_error", ()] += len(p.topics)
-        props = (("reason_string", text),) if client.dialect.v5 else ()
+        props = client.dialect.reason_string(text)
         self.emit_packet(client, Suback(p.packet_id, (client.dialect.subscribe_quota,) * len(p.topics), props))
         self.counters["mqtt_suback_sent", client.labels] += 1
 
@@ -5192,7 +5551,7 @@ class Engine(Peers):
                         raise ProtocolError(f"topic alias {value} was never set")
                 raw = b""  # the frame names an alias of this connection: it cannot be passed on
             elif name == "message_expiry_interval":
-                expires = self.now + value
+                expires = self.ctx.now + value
             elif name == "subscription_identifier":
                 raise ProtocolError("a client PUBLISH with a subscription identifier")  # [MQTT-3.3.4-6]
             else:
@@ -5201,14 +5560,14 @@ class Engine(Peers):
 
     def throttle(self, client: Connection) -> None:
         """Enforce max_message_rate: at the limit, ask the I/O shell to stop reading until the next second."""
-        second = int(self.now)
+        second = int(self.ctx.now)
         if client.rate_second != second:
             client.rate_second, client.rate_count = second, 0
         client.rate_count += 1
-        if client.rate_count >= self.max_rate and not client.pause_for:
+        if client.rate_count >= self.ctx.max_rate and not client.pause_for:
             if not client.out and not client.closing:
-                self.dirty.append(client)
-            client.pause_for = second + 1 - self.now
+                self.output.dirty.append(client)
+            client.pause_for = second + 1 - self.ctx.now
 
     def authorize_publish(self, client: Connection, p: Publish, topic: str, props: tuple = (),
                           expires: float | None = None) -> Message | None:
@@ -5238,13 +5597,13 @@ class Engine(Peers):
         alone. Returns published, authentication_failed, authorization_failed, quota_exceeded, store_down,
         bridge_full or cluster_full.
         """
-        if self.settings() is not self._config:
-            self.refresh_settings()
-        probe = Connection(None, types.SimpleNamespace(mountpoint=mountpoint), peer, None, self.now)
+        if self.ctx.settings() is not self.ctx.config:
+            self.ctx.refresh()
+        probe = Connection(None, types.SimpleNamespace(mountpoint=mountpoint), peer, None, self.ctx.now)
         connect = Connect(client_id, username=user, password=password if user is not None else None)
-        if self.authenticate(probe, connect, client_id, self._config):
+        if self.authenticate(probe, connect, client_id, self.ctx.config):
             return "authentication_failed"
-        probe.user, probe.session = user, Session(mountpoint, client_id, self.now)
+        probe.user, probe.session = user, Session(mountpoint, client_id, self.ctx.now)
         msg = self.authorize_publish(probe, p, p.topic, p.properties)
         if msg is None:
             self.counters["mqtt_publish_auth_error", ()] += 1
@@ -5253,25 +5612,12 @@ class Engine(Peers):
             return "store_down"
         if msg.qos and self.relays and self.relay_full(mountpoint, msg):
             return "bridge_full"  # refused, not acknowledged and then dropped
-        if msg.qos and self.full_nodes and self.forwards_to_full(mountpoint, msg.topic):
+        if msg.qos and self.seam.full_nodes and self.seam.forwards_to_full(mountpoint, msg.topic):
             return "cluster_full"
         if msg.retain and self.retain(mountpoint, msg) is False:
             return "quota_exceeded"  # max_retained_messages or max_retained_bytes: not routed either, as for MQTT
         self.route(mountpoint, msg)
         return "published"
-
-    def retain(self, mountpoint: str, msg: Message) -> bool | None:
-        """Retain (or with an empty payload delete) a message, in the store too; False: refused, counted."""
-        kept = self.router.retain(mountpoint, msg, self.max_retained, self.max_retained_bytes)
-        if kept:
-            self.store.put_retained(mountpoint, msg)
-        elif kept is None:
-            self.store.delete_retained(mountpoint, msg.topic)
-        else:
-            self.counters["retain_message_refused", ()] += 1
-            return kept
-        self.retained_changes.append((mountpoint, msg.topic))
-        return kept
 
     # -- acknowledgements -------------------------------------------------
     def on_puback(self, client: Connection, p: Puback, raw: bytes = b"") -> None:
@@ -5286,34 +5632,28 @@ class Engine(Peers):
     def on_pubrec(self, client: Connection, p: Pubrec, raw: bytes = b"") -> None:
         """QoS 2 received by the client: answer PUBREL [MQTT-4.3.3-1]; an MQTT 5 error reason ends it."""
         self.counters["mqtt_pubrec_received", client.dialect.ack_labels(p.reason_code)] += 1
-        session = client.session
+        session, dialect, reason = client.session, client.dialect, Reason.SUCCESS
         out = session.inflight.get(p.packet_id)
         if out is None or out.qos != 2:
             self.counters["mqtt_pubrec_invalid_error", ()] += 1
-            if client.dialect.v5:
-                self.emit_packet(client, Pubrel(p.packet_id, Reason.PACKET_ID_NOT_FOUND))
-                self.counters["mqtt_pubrel_sent", reason_labels(Reason.PACKET_ID_NOT_FOUND)] += 1
-                return
+            reason = dialect.ack_reason(Reason.PACKET_ID_NOT_FOUND)
         elif out.stage is Stage.SENT:
             if p.reason_code >= REASON_FAILURE:
                 return self.complete(session, p.packet_id)  # MQTT 5.0 4.3.3: no PUBREL after an error
-            out.stage, out.sent_at = Stage.RELEASED, self.now
+            out.stage, out.sent_at = Stage.RELEASED, self.ctx.now
             if out.row:
                 self.store.mark_released(out.row)
-        self.emit_packet(client, Pubrel(p.packet_id))
-        self.counters["mqtt_pubrel_sent", client.dialect.ack_labels(0)] += 1
+        self.emit_packet(client, dialect.ack(Pubrel, p.packet_id, reason))
+        self.counters["mqtt_pubrel_sent", dialect.ack_labels(reason)] += 1
 
     def on_pubrel(self, client: Connection, p: Pubrel, raw: bytes = b"") -> None:
         """The client releases a QoS 2 message it sent: answer PUBCOMP [MQTT-4.3.3-2]."""
         self.counters["mqtt_pubrel_received", client.dialect.ack_labels(p.reason_code)] += 1
-        incoming = client.session.incoming
-        if p.packet_id not in incoming and client.dialect.v5:
-            self.emit_packet(client, Pubcomp(p.packet_id, Reason.PACKET_ID_NOT_FOUND))
-            self.counters["mqtt_pubcomp_sent", reason_labels(Reason.PACKET_ID_NOT_FOUND)] += 1
-            return
+        incoming, dialect = client.session.incoming, client.dialect
+        reason = Reason.SUCCESS if p.packet_id in incoming else dialect.ack_reason(Reason.PACKET_ID_NOT_FOUND)
         incoming.discard(p.packet_id)
-        self.emit_packet(client, Pubcomp(p.packet_id))
-        self.counters["mqtt_pubcomp_sent", client.dialect.ack_labels(0)] += 1
+        self.emit_packet(client, dialect.ack(Pubcomp, p.packet_id, reason))
+        self.counters["mqtt_pubcomp_sent", dialect.ack_labels(reason)] += 1
 
     def on_pubcomp(self, client: Connection, p: Pubcomp, raw: bytes = b"") -> None:
         """QoS 2 complete: forget it, send the next."""
@@ -5329,14 +5669,12 @@ class Engine(Peers):
         """Subscribe each filter (a failure code when invalid or refused), then send retained matches."""
         self.counters["mqtt_subscribe_received", client.labels] += 1
         session, dialect = client.session, client.dialect
-        if self.netsplit and not self._config["allow_subscribe_during_netsplit"]:
+        if self.seam.netsplit and not self.ctx.config["allow_subscribe_during_netsplit"]:
             return self.refuse_split(client, p)
-        sub_id = 0
-        if dialect.v5:
-            ids = [value for name, value in p.properties if name == "subscription_identifier"]
-            if len(ids) > 1:
-                raise ProtocolError("SUBSCRIBE with more than one subscription identifier")  # MQTT 5.0 3.8.2.1.2
-            sub_id = ids[0] if ids else 0
+        ids = [value for name, value in p.properties if name == "subscription_identifier"]  # MQTT 5
+        if len(ids) > 1:
+            raise ProtocolError("SUBSCRIBE with more than one subscription identifier")  # MQTT 5.0 3.8.2.1.2
+        sub_id = ids[0] if ids else 0
         topics = [(t, o & 3) for t, o in p.topics]
         answer = run_auth_hooks(self.hooks.auth_on_subscribe, client.user, session.key, topics) \
             if self.hooks.auth_on_subscribe else None
@@ -5352,19 +5690,18 @@ class Engine(Peers):
                 codes.append(dialect.hook_refusal(qos))
                 self.counters["mqtt_subscribe_auth_error", ()] += 1
                 continue
-            valid = valid_subscription(topic_filter) and topic_filter.count("/") < self.max_levels
+            valid = valid_subscription(topic_filter) and topic_filter.count("/") < self.ctx.max_levels
             shared, plain = split_shared(topic_filter)
-            if dialect.v5 and options & 4 and shared is not None:
+            if options & 4 and shared is not None:  # (MQTT 3.1.1 options are a QoS alone)
                 raise ProtocolError("No Local on a shared subscription")  # [MQTT-3.8.3-4]
             if not valid or answer == "error" or (answer is None and not self.acl(client, "read", plain)):
                 codes.append(dialect.subscribe_failure(valid))
                 self.counters["mqtt_subscribe_auth_error" if valid else "mqtt_subscribe_error", ()] += 1
                 continue
-            opts = SubOptions(qos, bool(options & 4), bool(options & 8), (options >> 4) & 3, sub_id) \
-                if dialect.v5 else BRIDGE_OPTIONS[qos] if client.bridge else QOS_ONLY[qos]
+            opts = dialect.sub_options(qos, options, sub_id, client.bridge)
             existed = topic_filter in session.subs
-            if not existed and (0 < self.max_subs <= len(session.subs)
-                                or 0 < self.max_subs_total <= self.router.subscription_count()):
+            if not existed and (0 < self.ctx.max_subs <= len(session.subs)
+                                or 0 < self.ctx.max_subs_total <= self.router.subscription_count()):
                 codes.append(dialect.subscribe_quota)
                 self.counters["mqtt_subscription_quota_error", ()] += 1
                 continue
@@ -5381,19 +5718,11 @@ class Engine(Peers):
             if not topic_filter.startswith(SHARE_PREFIX) and handling != 2 and not (handling == 1 and existed):
                 self.send_retained(session, topic_filter, opts)
 
-    def subscribe(self, session: Session, topic_filter: str, opts: SubOptions) -> None:
-        """Add or replace one subscription [MQTT-3.8.4-3]."""
-        self.router.add(session, topic_filter, opts)
-        session.subs[topic_filter] = opts
-        self.session_changes.add(session.key)
-        if not session.clean:
-            self.store.put_subscription(session.mountpoint, session.client_id, topic_filter, opts.packed())
-
     def on_unsubscribe(self, client: Connection, p: Unsubscribe, raw: bytes = b"") -> None:
         """Drop filters and answer UNSUBACK [MQTT-3.10.4-4]; MQTT 5 says per filter whether it existed."""
         self.counters["mqtt_unsubscribe_received", client.labels] += 1
         session = client.session
-        if self.netsplit and not self._config["allow_unsubscribe_during_netsplit"]:
+        if self.seam.netsplit and not self.ctx.config["allow_unsubscribe_during_netsplit"]:
             return self.refuse_split(client, p)
         existed = [self.unsubscribe(session, topic_filter) for topic_filter in p.topics]
         notify(self.hooks.on_unsubscribe, client.user, session.key, list(p.topics))
@@ -5408,29 +5737,17 @@ class Engine(Peers):
         for a PUBLISH the node cannot take; the client unsubscribes again once it is back.
         """
         codes = (SUBACK_FAILURE,) * len(p.topics)  # MQTT 3.1.1 3.9.3, MQTT 5.0 3.9.3 and 3.11.3: 0x80
-        text = (("reason_string", f"netsplit: {self.netsplit}"),) if client.dialect.v5 else ()
+        text = client.dialect.reason_string(f"netsplit: {self.seam.netsplit}")
         if isinstance(p, Subscribe):
             self.counters["mqtt_subscribe_error", ()] += len(codes)
             self.emit_packet(client, Suback(p.packet_id, codes, text))
             self.counters["mqtt_suback_sent", client.labels] += 1
             return
         self.counters["mqtt_unsubscribe_error", ()] += 1
-        if not client.dialect.v5:
+        if not client.dialect.reason_codes:
             return self.close_client(client)
         self.emit_packet(client, Unsuback(p.packet_id, codes, text))
         self.counters["mqtt_unsuback_sent", client.labels] += 1
-
-    def unsubscribe(self, session: Session, topic_filter: str) -> bool:
-        """Remove one subscription; return whether it existed."""
-        if session.subs.pop(topic_filter, None) is None:
-            return False
-        self.router.remove(session, topic_filter)
-        self.session_changes.add(session.key)
-        if not session.clean:
-            self.store.delete_subscription(session.mountpoint, session.client_id, topic_filter)
-        if session in self.handouts:  # its retained messages still to come are not wanted now
-            self.cancel_handout(session, topic_filter)
-        return True
 
     def on_pingreq(self, client: Connection, p: Pingreq, raw: bytes = b"") -> None:
         """Answer PINGRESP [MQTT-3.12.4-1]."""
@@ -5440,24 +5757,14 @@ class Engine(Peers):
 
     def on_disconnect(self, client: Connection, p: Disconnect, raw: bytes = b"") -> None:
         """A goodbye: drop the will [MQTT-3.14.4-3] (MQTT 5: unless reason 0x04 asks for it) and close."""
-        if client.dialect.v5:
-            self.counters["mqtt_disconnect_received", reason_labels(p.reason_code, "normal_disconnect")] += 1
-            for name, value in p.properties:
-                if name == "session_expiry_interval":
-                    if not client.expiry_at_connect and value:
-                        raise ProtocolError("DISCONNECT sets a Session Expiry Interval CONNECT had at 0")
-                    self.set_expiry(client.session, None if value == 0xFFFFFFFF else value)  # [MQTT-3.14.2-2]
-        else:
-            self.counters["mqtt_disconnect_received", V4] += 1
+        self.counters["mqtt_disconnect_received", client.dialect.disconnect_labels(p.reason_code)] += 1
+        for name, value in p.properties:  # MQTT 5
+            if name == "session_expiry_interval":
+                if not client.expiry_at_connect and value:
+                    raise ProtocolError("DISCONNECT sets a Session Expiry Interval CONNECT had at 0")
+                self.set_expiry(client.session, None if value == 0xFFFFFFFF else value)  # [MQTT-3.14.2-2]
         client.clean_exit = p.reason_code != Reason.DISCONNECT_WITH_WILL
         self.close_client(client)
-
-    _DISPATCH: dict[bool, dict[type, Callable[..., None]]] = {  # connected? -> packet type -> handler
-        False: {Connect: Sessions.on_connect, Auth: Sessions.on_auth},
-        True: {Publish: on_publish, Puback: on_puback, Pubrec: on_pubrec, Pubrel: on_pubrel, Pubcomp: on_pubcomp,
-               Subscribe: on_subscribe, Unsubscribe: on_unsubscribe, Pingreq: on_pingreq,
-               Disconnect: on_disconnect, Auth: Sessions.on_auth},
-    }
 
     # -- time -------------------------------------------------------------
     def deadline(self, client: Connection, now: float, partial_since: float | None = None) -> float | None:
@@ -5469,8 +5776,8 @@ class Engine(Peers):
         """
         if client.closed:
             return None
-        self.now = now
-        config = self.settings()
+        self.ctx.now = now
+        config = self.ctx.settings()
         due: list[float] = []
         if partial_since is not None:
             due.append(partial_since + config["mqtt_packet_timeout"] / 1000)
@@ -5499,8 +5806,8 @@ class Engine(Peers):
         sessions never hold up deliveries for long. Connections keep their own deadlines
         (``deadline``), which the I/O shell times exactly.
         """
-        self.now = now
-        config = self.settings()
+        self.ctx.now = now
+        config = self.ctx.settings()
         retry = config["retry_interval"]
         limit = config["persistent_client_expiration"]
         expired = []
@@ -5525,7 +5832,7 @@ class Engine(Peers):
             self.drop_session(session)
 
 ###############################################################################
-# 12. Cluster state: replicated metadata and the node-to-node codec ###########
+# 13. Cluster state: replicated metadata and the node-to-node codec ###########
 ###############################################################################
 # Owns: the replicated state of a cluster (last writer wins per key, tombstones,
 #       anti-entropy digests) and the codec of node-to-node frames, as pure values.
@@ -6238,7 +6545,7 @@ class Inbox:
 
 
 ###############################################################################
-# 13. Message store ###########################################################
+# 14. Message store ###########################################################
 ###############################################################################
 # Owns: retained messages and persistent sessions (subscriptions, queued QoS 1/2
 #       messages) in SQLite, committed once per batch of packets.
@@ -6707,7 +7014,7 @@ class SqliteStore(MemoryStore):
 
 
 ###############################################################################
-# 14. Broker shell: plugin hooks, rule files, tracing #########################
+# 15. Broker shell: plugin hooks, rule files, tracing #########################
 ###############################################################################
 # Owns: what the engine is handed from outside: the hook registry (threads add to
 #       it), the password and ACL files (read and reloaded), password hashing (with
@@ -6881,7 +7188,7 @@ class Tracer:
 
 
 ###############################################################################
-# 15. MQTT connections: TCP, TLS and WebSocket links ##########################
+# 16. MQTT connections: TCP, TLS and WebSocket links ##########################
 ###############################################################################
 # Owns: bytes in and out of one connection: packets decoded per read and handed
 #       to the engine with the time, input bounds (CONNECT, the partial-packet
@@ -7536,7 +7843,7 @@ class WsLink(asyncio.Protocol):
 
 
 ###############################################################################
-# 16. MQTT listeners and the broker's loop ####################################
+# 17. MQTT listeners and the broker's loop ####################################
 ###############################################################################
 # Owns: file descriptor limits, the MQTT listeners and the event loop
 #       thread that runs the engine, drains outboxes after each commit, and
@@ -7970,7 +8277,7 @@ class MqttIO:
 
 
 ###############################################################################
-# 17. Key store: the API key file #############################################
+# 18. Key store: the API key file #############################################
 ###############################################################################
 # Owns: api_keys.json (atomic writes, inter-process lock, reload on change),
 #       key generation, expiry parsing, constant-time authentication; the
@@ -8489,7 +8796,7 @@ class KeyStore:
 
 
 ###############################################################################
-# 18. Command machinery: argv grammar, command table, result elements #########
+# 19. Command machinery: argv grammar, command table, result elements #########
 ###############################################################################
 # Owns: the vmq-admin argv grammar and its query-string form, Command specs,
 #       the CommandTable, binding argv to a command, result elements and their
@@ -9200,7 +9507,7 @@ def render_human(elements: Sequence) -> tuple[str, str]:
 
 
 ###############################################################################
-# 19. Command catalogue #######################################################
+# 20. Command catalogue #######################################################
 ###############################################################################
 # Owns: one cmd_<words> function per vmq-admin command; its docstring is its usage.
 # Must not know: sockets, HTTP, how the answer is rendered.
@@ -9985,7 +10292,7 @@ def cmd_describe(call: Call) -> Any:
 
 
 ###############################################################################
-# 20. Cluster links: node-to-node connections #################################
+# 21. Cluster links: node-to-node connections #################################
 ###############################################################################
 # Owns: the cluster listener and the links to peers on the broker's loop: the
 #       cookie's HMAC challenge, heartbeats, reconnects, per-peer buffers.
@@ -10829,7 +11136,7 @@ class ClusterLinks:
 
 
 ###############################################################################
-# 21. Cluster requests: joins, leaves and calls between nodes #################
+# 22. Cluster requests: joins, leaves and calls between nodes #################
 ###############################################################################
 # Owns: the cluster's constants, its replicated rows (their store and their
 #       flow), requests to other nodes and their answers, sessions moving
@@ -11604,7 +11911,7 @@ class KeptFrames:
 
 
 ###############################################################################
-# 22. Cluster: membership, replication, routing and sessions across nodes #####
+# 23. Cluster: membership, replication, routing and sessions across nodes #####
 ###############################################################################
 # Owns: applying replicated state to the router, keys and config, membership
 #       (joins, leaves, netsplits), forwarding messages; the Cluster that
@@ -12446,7 +12753,7 @@ def cmd_cluster_leave(call: Call) -> Any:
 
 
 ###############################################################################
-# 23. Bridge: vmq_bridge ######################################################
+# 24. Bridge: vmq_bridge ######################################################
 ###############################################################################
 # Owns: bridges to other brokers (vmq_bridge): an MQTT client per bridge, its
 #       store-backed outgoing buffer, loop prevention; bridge commands.
@@ -13096,7 +13403,7 @@ def cmd_bridge_start(call: Call) -> Any:
 
 
 ###############################################################################
-# 24. Webhooks: bodies, answers, the cache and the client #####################
+# 25. Webhooks: bodies, answers, the cache and the client #####################
 ###############################################################################
 # Owns: webhooks (vmq_webhooks) as values: endpoints per hook, VerneMQ's JSON
 #       bodies and answers, the auth answer cache, the keep-alive HTTP client.
@@ -13588,7 +13895,7 @@ class WebhookClient:
 # -- the plugin --------------------------------------------------------------
 
 ###############################################################################
-# 25. Webhooks: the plugin, its gate and commands #############################
+# 26. Webhooks: the plugin, its gate and commands #############################
 ###############################################################################
 # Owns: the vmq_webhooks plugin: its hooks in the chain, the gate that holds a
 #       connection's packet while its answer comes, the bounded pools; webhooks commands.
@@ -14118,7 +14425,7 @@ del _catalogue
 
 
 ###############################################################################
-# 26. HTTP: the admin API #####################################################
+# 27. HTTP: the admin API #####################################################
 ###############################################################################
 # Owns: the admin API's rules (method, auth, command, OPTIONS, Accept, run) as
 #       pure functions from a Request to a Response; /api/v2 and HTTP publish (README, "HTTP publish").
@@ -14717,7 +15024,7 @@ def serve_api_v2(node: NodeApi, req: Request, rest: str, query: str) -> Response
 
 
 ###############################################################################
-# 27. Observability endpoints #################################################
+# 28. Observability endpoints #################################################
 ###############################################################################
 # Owns: /metrics (Prometheus text 0.0.4), /health, /status.json and the /status page.
 # Must not know: sockets, MQTT internals (it reads the metrics registry and the node).
@@ -15128,7 +15435,7 @@ loop();
 
 
 ###############################################################################
-# 28. HTTP server #############################################################
+# 29. HTTP server #############################################################
 ###############################################################################
 # Owns: the route table, handle_http, and http.server's ThreadingHTTPServer (a
 #       thread per connection) with the limits and timeouts around it; the
@@ -15746,7 +16053,7 @@ class HttpListener:
 
 
 ###############################################################################
-# 29. Node ####################################################################
+# 30. Node ####################################################################
 ###############################################################################
 # Owns: the running node: its config snapshot, key store, command table,
 #       listeners, node.json, start and stop.
@@ -16322,7 +16629,7 @@ class Node:
 
 
 ###############################################################################
-# 30. CLI #####################################################################
+# 31. CLI #####################################################################
 ###############################################################################
 # Owns: argv of the process: start a node, or run vmq-admin commands locally or
 #       against the live node found through node.json.

@@ -70,7 +70,7 @@ def sections():
             for k, (start, number, title) in enumerate(marks)}
 
 
-CORE = ("MQTT codec", "Topics", "Broker values", "Policy", "Routing", "Delivery", "Sessions", "Engine",
+CORE = ("MQTT codec", "Topics", "Broker values", "Policy", "Routing", "Delivery", "Sessions", "Peers", "Engine",
         "Cluster state")
 FORBIDDEN_MODULES = {"time", "secrets", "random", "threading", "socket", "asyncio", "os", "sqlite3", "ssl"}
 FORBIDDEN_CALLS = {"open", "print", "input"}
