@@ -21,39 +21,55 @@ Quick start, embedded::
 
 Contents (``grep -nE '^# [0-9]+\\. ' vmqapi.py`` prints them with line numbers):
 
+  Part 0. Foundations: the preamble, errors, configuration, metrics
     0. Preamble
     1. Errors
     2. Configuration: the settings table and the frozen Config
     3. Metrics registry
-    4. MQTT codec
-    5. Topics: validation and trie
-    6. Broker values: messages, options, deliveries, sessions, connections
-    7. Policy: passwords, ACL rules and the hook chain
-    8. Routing and retained messages
-    9. Delivery: queues, in-flight windows, packet ids, resends
-    10. Sessions: connections, CONNECT, wills, administration
-    11. Peers: the engine's side of a cluster
-    12. Engine: packets and time
-    13. Cluster state: replicated metadata and the node-to-node codec
-    14. Message store
-    15. Broker shell: plugin hooks, rule files, tracing
-    16. MQTT connections: TCP, TLS and WebSocket links
-    17. MQTT listeners and the broker's loop
-    18. Key store: the API key file
-    19. Command machinery: argv grammar, command table, result elements
-    20. Command catalogue
-    21. Cluster links: node-to-node connections
-    22. Cluster requests: joins, leaves and calls between nodes
-    23. Cluster: membership, replication, routing and sessions across nodes
-    24. Bridge: vmq_bridge
-    25. Webhooks: bodies, answers, the cache and the client
-    26. Webhooks: the plugin, its gate and commands
-    27. HTTP: the admin API
-    28. Observability endpoints
-    29. HTTP server
+
+  Part I. The admin API
+    4. Key store: the API key file
+    5. Command machinery: argv grammar, command table, result elements
+    6. Command catalogue
+    7. HTTP: the admin API
+    8. Observability endpoints
+    9. HTTP server
+
+  Part II. The broker
+    10. MQTT codec
+    11. Topics: validation and trie
+    12. Broker values: messages, options, deliveries, sessions, connections
+    13. Policy: passwords, ACL rules and the hook chain
+    14. Routing and retained messages
+    15. Delivery: queues, in-flight windows, packet ids, resends
+    16. Sessions: connections, CONNECT, wills, administration
+    17. Peers: the engine's side of a cluster
+    18. Engine: packets and time
+    19. Message store
+    20. Broker shell: plugin hooks, rule files, tracing
+    21. MQTT connections: TCP, TLS and WebSocket links
+    22. MQTT listeners and the broker's loop
+
+  Part III. Plugins: the cluster, the bridge, webhooks
+    23. Cluster state: replicated metadata and the node-to-node codec
+    24. Cluster links: node-to-node connections
+    25. Cluster requests: joins, leaves and calls between nodes
+    26. Cluster: membership, replication, routing and sessions across nodes
+    27. Bridge: vmq_bridge
+    28. Webhooks: bodies, answers, the cache and the client
+    29. Webhooks: the plugin, its gate and commands
+
+  Part IV. The node and the CLI
     30. Node
     31. CLI
 """
+
+###############################################################################
+# Part 0. Foundations: the preamble, errors, configuration, metrics           #
+###############################################################################
+# The map, one VmqError root, the settings table and the frozen Config, the counters.
+# Everything below may use these; they know no socket.
+
 
 ###############################################################################
 # 0. Preamble #################################################################
@@ -1458,7 +1474,3666 @@ class Metrics:
 
 
 ###############################################################################
-# 4. MQTT codec ###############################################################
+# Part I. The admin API                                                       #
+###############################################################################
+# What vmqapi grew from: API keys, the vmq-admin command table and its argv grammar,
+# HTTP requests to commands and back, the ThreadingHTTPServer, observability. It reaches
+# the node only through NodeApi (Command machinery) and knows nothing of the broker.
+
+
+###############################################################################
+# 4. Key store: the API key file ##############################################
+###############################################################################
+# Owns: api_keys.json (atomic writes, inter-process lock, reload on change),
+#       key generation, expiry parsing, constant-time authentication; the
+#       data dir's start marker (starting.pid) and waiting on it.
+# Must not know: HTTP, commands, the node.
+
+_EXPIRY_RE = re.compile(
+    r"([0-9]{4})-([0-9]{2})-([0-9]{2})T([0-9]{2}):([0-9]{2}):([0-9]{2})(Z|[+-][0-9]{2}:?[0-9]{2})?")
+
+
+def parse_expiry(text: str | None, now: float, max_days: int | None = None) -> int | None:
+    """Parse an expiry into UTC epoch seconds, or None for no expiry.
+
+    Accepts VerneMQ's ``YYYY-MM-DDThh:mm:ss`` (the node's local time) and the
+    same with ``Z`` or an offset. Raises KeyRejected("invalid_expiry_date") for
+    another form, a date not in the future, or one past ``max_days``.
+    """
+    if not text:
+        if max_days is not None:  # VerneMQ: with a maximum, a key must expire
+            raise KeyRejected("invalid_expiry_date")
+        return None
+    match = _EXPIRY_RE.fullmatch(text.strip())
+    if not match:
+        raise KeyRejected("invalid_expiry_date")
+    try:
+        moment = _dt.datetime(*(int(g) for g in match.groups()[:6]))
+        zone = match.group(7)
+        if zone:
+            offset = _dt.timedelta(0) if zone == "Z" else _dt.timedelta(
+                hours=int(zone[1:3]), minutes=int(zone[-2:])) * (-1 if zone[0] == "-" else 1)
+            moment = moment.replace(tzinfo=_dt.timezone(offset))
+        else:
+            moment = moment.astimezone()  # naive: the node's local time
+        expires = int(moment.timestamp())
+    except (ValueError, OverflowError, OSError):
+        raise KeyRejected("invalid_expiry_date") from None
+    if expires <= now or (max_days is not None and expires > now + max_days * 86400):
+        raise KeyRejected("invalid_expiry_date")
+    return expires
+
+
+def render_expiry(expires: int | None) -> str:
+    """Render an expiry as ``api-key show`` does: UTC ``YYYY-MM-DD hh:mm:ss`` or never."""
+    if expires is None:
+        return "never"
+    return _dt.datetime.fromtimestamp(expires, _dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+
+
+@dataclass(frozen=True, slots=True)
+class StoredKey:
+    """One entry of api_keys.json; ``key`` is None when only its hash is kept.
+
+    ``salt`` (hex) is set only on a hashed key that another node of the cluster made: its
+    hash was taken with that node's salt, which this file's salt cannot replace.
+    """
+
+    scope: str
+    expires: int | None
+    digest: str
+    key: str | None = None
+    prefix: str = ""
+    salt: str = ""
+    rid: str = ""  # the cluster's name of a plain key another node made, kept here only hashed
+
+    def __post_init__(self):
+        if self.scope not in SCOPES:
+            raise ValueError(f"unknown scope {self.scope!r}")
+        if self.expires is not None and (type(self.expires) is not int):
+            raise ValueError("expires must be an integer or null")
+        if not re.fullmatch(r"[0-9a-f]{64}", self.digest):
+            raise ValueError("bad digest")
+        if self.salt and (self.key is not None or not re.fullmatch(r"(?:[0-9a-f]{2}){1,64}", self.salt)):
+            raise ValueError("bad salt")
+
+    def shown(self) -> str:
+        """Return the key as api-key show prints it."""
+        return self.key if self.key is not None else self.prefix + "\u2026"
+
+    def to_json(self) -> dict:
+        """Return the entry as stored on disk."""
+        if self.key is not None:
+            return {"key": self.key, "scope": self.scope, "expires": self.expires}
+        entry = {"hash": self.digest, "prefix": self.prefix, "scope": self.scope, "expires": self.expires}
+        if self.salt:
+            entry["salt"] = self.salt
+        if self.rid:
+            entry["rid"] = self.rid
+        return entry
+
+    def replica_id(self, file_salt: bytes) -> str:
+        """Return the name the cluster knows this key by: the same on every node that holds it.
+
+        A plain key is named by an unsalted hash of itself (never the key); a hashed one by
+        its salt and hash, since nothing else of it is known.
+        """
+        if self.key is not None:
+            return f"{self.scope}:{hashlib.sha256(self.key.encode('utf-8', 'surrogatepass')).hexdigest()}"
+        return self.rid or f"{self.scope}:{self.salt or file_salt.hex()}:{self.digest}"
+
+    def replica_value(self, file_salt: bytes) -> dict:
+        """Return the entry as the cluster carries it (a hashed key with the salt its hash needs)."""
+        entry = self.to_json()
+        if self.key is None:
+            entry["salt"] = self.salt or file_salt.hex()
+        return entry
+
+
+def _key_digest(salt: bytes, key: str) -> str:
+    # Keys are looked up by this digest; a salted SHA-256 costs ~1 us where OpenSSL's HMAC costs ~8.
+    return hashlib.sha256(salt + key.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def _holds(entry: StoredKey, file_salt: bytes, key: str) -> bool:
+    """Whether ``entry`` is ``key`` (its hash taken with its own salt, or the file's)."""
+    if entry.key is not None:
+        return entry.key == key
+    return entry.digest == _key_digest(bytes.fromhex(entry.salt) if entry.salt else file_salt, key)
+
+
+@contextlib.contextmanager
+def _file_lock(path: str):
+    """Hold an exclusive inter-process lock on ``path`` + ``.lock``."""
+    fd = os.open(path + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        if fcntl is not None:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        else:  # pragma: no cover - Windows
+            import msvcrt
+            msvcrt.locking(fd, msvcrt.LK_LOCK, 1)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
+
+
+def write_file_atomically(path: str, data: bytes) -> None:
+    """Replace ``path`` with ``data``: temp file (0600), fsync, rename, fsync dir.
+
+    A failure at any step leaves the old file as it was.
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    with contextlib.suppress(OSError):  # make the rename itself durable
+        dfd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+
+def _pid_alive(pid: Any) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    if os.name != "posix":
+        return True  # Windows' os.kill(pid, 0) would end the process: assume it runs
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError):  # gone; or a number no process can have
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+# A node writes its pid to DATA_DIR/starting.pid first thing in its start and removes it once
+# node.json is written (or the start failed), so that a command run a moment after the node
+# was started with "&" (the README's cluster lines) waits for it instead of finding no node.
+START_FILE_MAX = 64  # bytes of a start marker read at most (a pid and a newline)
+
+
+def mark_start(data_dir: str) -> None:
+    """Write the start marker: this process's pid in ``data_dir``/starting.pid (0600)."""
+    path = os.path.join(data_dir, START_FILE)
+    try:
+        write_file_atomically(path, f"{os.getpid()}\n".encode())
+    except OSError as exc:  # bad configuration, as a data dir that cannot be made
+        raise FileRefused(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
+def unmark_start(data_dir: str) -> None:
+    """Remove this process's start marker (node.json supersedes it, or the start failed)."""
+    _remove_marker(os.path.join(data_dir, START_FILE), os.getpid())
+
+
+def starting_pid(data_dir: str) -> int | None:
+    """Return the pid of the node whose start is under way in ``data_dir``, or None.
+
+    A marker whose process is gone (a start killed half-way) is stale: it is removed and counts as none.
+    """
+    path = os.path.join(data_dir, START_FILE)
+    pid = _marker_pid(path)
+    if pid is None or _pid_alive(pid):
+        return pid
+    _remove_marker(path, pid)
+    return None
+
+
+def _marker_pid(path: str) -> int | None:
+    try:
+        return int(read_regular_file(path, START_FILE_MAX, START_FILE)[0])
+    except (OSError, ValueError, FileRefused):  # none, unreadable, garbled, a FIFO (left alone): no start
+        return None
+
+
+def _remove_marker(path: str, pid: int) -> None:
+    """Remove the marker at ``path`` if it still names ``pid`` (a new start may have replaced it meanwhile)."""
+    if _marker_pid(path) == pid:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+
+
+def wait_for_start(data_dir: str, ready: Callable[[], bool], announce: Callable[[int], None],
+                   clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep) -> bool:
+    """Wait until ``ready()`` while a node's start is under way in ``data_dir``; return ``ready()``.
+
+    A start is under way while ``data_dir`` holds a live start marker: wait up to NODE_START_WAIT
+    seconds for it. With no marker, look again for NODE_START_GRACE seconds: a node started at the
+    same moment writes it a moment later. ``announce(pid)`` is called once, when a marker is seen.
+    """
+    began, told = clock(), False
+    while not ready():
+        pid = starting_pid(data_dir)
+        if pid is not None and not told:
+            announce(pid)
+            told = True
+        if clock() - began >= (NODE_START_WAIT if pid is not None else NODE_START_GRACE):
+            return ready()
+        sleep(NODE_START_POLL)
+    return True
+
+
+def _cookie_written(path: str) -> bool:
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        return os.path.lexists(path)  # a dangling symlink: read_cookie_file says so at once
+    except OSError:
+        return True  # read_cookie_file says why
+    return not stat.S_ISREG(info.st_mode) or info.st_size > 0  # an empty one may be half made
+
+
+def await_cookie_file(path: str) -> None:
+    """Wait for a data dir's cookie file (``DIR/cookie``) not there yet while a node starting on DIR may make it.
+
+    The README's cluster lines start three nodes at once: the first makes ``n1/cookie``, which
+    the other two name. A file that stays missing fails as before, after the wait.
+    """
+    if os.path.basename(path) != COOKIE_FILE:
+        return  # no node makes it
+    folder = os.path.dirname(os.path.abspath(path))
+    wait_for_start(folder, lambda: _cookie_written(path), lambda pid: log.info(
+        "waiting for the cookie file %s: the node starting on %s (pid %d) makes it", path, folder, pid))
+
+
+def _file_signature(st: os.stat_result) -> tuple:
+    """What tells one version of a file from another without reading it; a chmod is a change."""
+    return st.st_ino, st.st_size, st.st_mtime_ns, st.st_mode
+
+
+class KeyStore:
+    """API keys in one JSON file, shared by a running node and the CLI.
+
+    Every change takes the file lock, re-reads the file, applies itself and
+    writes atomically. Readers stat the file on each check and reload when it
+    changed, so a key the CLI adds or deletes counts on the next request.
+    Keys are looked up by a SHA-256 of the file's salt and the key, so the
+    lookup compares digests, never the secret itself.
+    """
+
+    def __init__(self, path: str, *, storage: str = "plain", min_length: int = 0,
+                 max_expiry_days: int | None = None, clock: Callable[[], float] = time.time):
+        self.path = path
+        self.storage = storage
+        self.min_length = min_length
+        self.max_expiry_days = max_expiry_days
+        self._clock = clock
+        self._lock = threading.Lock()  # held by writers and reloaders; readers use the current view
+        # One immutable view (signature, salt, entries, index), swapped whole, read without a lock.
+        # The salts: the file's, then those of keys other nodes hashed (usually none).
+        self._view: tuple[tuple | None, bytes, tuple[StoredKey, ...], dict, tuple[bytes, ...]] = \
+            (("unread",), b"", (), {}, (b"",))
+        self._refused: tuple | None = None  # (signature, why) of the version of the file refused (logged once)
+
+    # -- reading ----------------------------------------------------------
+    def load(self) -> None:
+        """Read the file now; raise KeyStoreError if it is corrupt or unreadable."""
+        with self._lock:
+            self._install(*self._read())
+
+    def _read(self) -> tuple[tuple | None, bytes, tuple[StoredKey, ...]]:
+        try:
+            data, st = read_regular_file(self.path, MAX_SMALL_FILE, "the API key file", self._check_mode)
+        except (FileNotFoundError, NotADirectoryError):
+            return None, b"", ()
+        except FileRefused as exc:  # a FIFO or an oversized file: a key store problem, as a corrupt file is
+            raise KeyFileRefused(exc.text) from None
+        except OSError as exc:
+            raise KeyStoreError(f"cannot read the API key file {self.path}: {exc.strerror}") from None
+        salt, entries = self._parse(data)
+        return _file_signature(st), salt, entries
+
+    def _check_mode(self, st: os.stat_result) -> None:
+        """Refuse, before reading it, a key file others may read (as at start-up)."""
+        if os.name == "posix" and st.st_mode & 0o077:
+            raise KeyStoreError(f"the API key file {self.path} can be read by others (mode {st.st_mode & 0o777:o}); "
+                                f"vmqapi uses none of its keys until you run: chmod 600 {self.path}")
+
+    def _parse(self, data: bytes) -> tuple[bytes, tuple[StoredKey, ...]]:
+        try:
+            doc = json.loads(data)
+            if not isinstance(doc, dict) or not isinstance(doc.get("keys"), list):
+                raise ValueError('expected an object with a "keys" list')
+            salt = bytes.fromhex(doc.get("salt", ""))
+            entries = tuple(self._parse_entry(salt, item) for item in doc["keys"])
+        except RecursionError:  # json nests deeper than the interpreter's stack
+            raise KeyStoreError(
+                f"the API key file {self.path} is corrupt (nested too deeply); fix or move it away, "
+                "vmqapi will not overwrite it") from None
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            raise KeyStoreError(
+                f"the API key file {self.path} is corrupt ({exc}); fix or move it away, "
+                "vmqapi will not overwrite it") from None
+        return salt, entries
+
+    @staticmethod
+    def _parse_entry(salt: bytes, item: dict) -> StoredKey:
+        expires = item.get("expires")
+        if "key" in item:
+            key = item["key"]
+            if not isinstance(key, str) or not key:
+                raise ValueError("a key must be a non-empty string")
+            return StoredKey(item["scope"], expires, _key_digest(salt, key), key=key)
+        own_salt = str(item.get("salt", ""))
+        return StoredKey(item["scope"], expires, item["hash"], prefix=str(item.get("prefix", "")),
+                         salt="" if own_salt == salt.hex() else own_salt, rid=str(item.get("rid", "")))
+
+    def _install(self, signature, salt, entries) -> None:
+        salts = (salt, *sorted({bytes.fromhex(e.salt) for e in entries if e.salt}))
+        self._view = (signature, salt, entries, {(e.scope, e.digest): e for e in entries}, salts)
+
+    def _current(self) -> tuple:
+        """Return the view of the file as it is on disk now: one stat, a reload only when it changed."""
+        view = self._view
+        try:
+            signature = _file_signature(os.stat(self.path))
+        except (FileNotFoundError, NotADirectoryError):  # no file, or a file where its directory should be: no keys
+            signature = None
+        if signature != view[0]:
+            with self._lock:
+                refused = self._refused
+                if refused is not None and refused[0] == signature:  # the same version: not read again
+                    raise KeyStoreError(refused[1])
+                if signature != self._view[0]:
+                    try:
+                        self._install(*self._read())
+                    except VmqError as exc:  # fail closed: no key is valid until the file is fixed
+                        self._refused = (signature, exc.text)
+                        log.error("%s", exc.text)  # once per version of the file
+                        raise
+                    self._refused = None
+                view = self._view
+        return view
+
+    def authenticate(self, key: str, scopes: Iterable[str]) -> str | None:
+        """Return the first of ``scopes`` for which ``key`` is valid now, or None."""
+        _, _, _, index, salts = self._current()
+        now = self._clock()
+        for salt in salts:
+            digest = _key_digest(salt, key)
+            for scope in scopes:
+                entry = index.get((scope, digest))
+                if entry is not None and hmac.compare_digest(entry.digest, digest) \
+                        and (entry.expires is None or now < entry.expires):
+                    return scope
+        return None
+
+    def entries(self) -> tuple[StoredKey, ...]:
+        """Return the stored keys, oldest first, as on disk now."""
+        return self._current()[2]
+
+    # -- changing ---------------------------------------------------------
+    def _mutate(self, change: Callable[[bytes, list[StoredKey]], Any]) -> Any:
+        folder = os.path.dirname(os.path.abspath(self.path))
+        try:
+            os.makedirs(folder, mode=0o700, exist_ok=True)
+        except OSError as exc:  # a file on the way, /proc, a parent of another user: bad configuration
+            raise KeyFileRefused(f"cannot create the directory {folder}: {exc.strerror or exc}") from None
+        with self._lock, _file_lock(self.path):
+            _, salt, entries = self._read()
+            salt = salt or secrets.token_bytes(16)
+            entries = list(entries)
+            result = change(salt, entries)
+            doc = {"version": 1, "salt": salt.hex(), "keys": [e.to_json() for e in entries]}
+            try:
+                write_file_atomically(self.path, json.dumps(doc, indent=1).encode() + b"\n")
+            except OSError as exc:  # a full disk, a read-only folder: the old file stands, nothing changed
+                raise KeyStoreError(f"cannot write {self.path}: {exc.strerror or exc}; nothing was changed") \
+                    from None
+            self._install(_file_signature(os.stat(self.path)), salt, tuple(entries))
+            self._refused = None
+            return result
+
+    def _check_scope(self, scope: str) -> None:
+        if scope not in SCOPES:
+            raise KeyRejected("invalid_scope")
+
+    def add(self, key: str, scope: str = "mgmt", expires: str | None = None) -> None:
+        """Add ``key``; raise KeyRejected with VerneMQ's error name on refusal."""
+        self._check_scope(scope)
+        if not key or any(c in key for c in ":\0") or not key.isprintable() or key != key.strip():
+            raise KeyRejected("invalid_key")  # Basic auth splits at ':'; no spaces or controls
+        if len(key) < self.min_length:
+            raise KeyRejected("invalid_key_length")
+        expiry = parse_expiry(expires, self._clock(), self.max_expiry_days)
+
+        def change(salt: bytes, entries: list[StoredKey]) -> None:
+            digest = _key_digest(salt, key)
+            if any(e.scope == scope and _holds(e, salt, key) for e in entries):
+                raise KeyRejected("key_already_exists")
+            if self.storage == "hashed":
+                entries.append(StoredKey(scope, expiry, digest, prefix=key[:HASHED_PREFIX_LENGTH]))
+            else:
+                entries.append(StoredKey(scope, expiry, digest, key=key))
+        self._mutate(change)
+
+    def create(self, scope: str = "mgmt", expires: str | None = None) -> str:
+        """Generate, store and return a new key (``secrets``, [A-Za-z0-9])."""
+        length = max(DEFAULT_KEY_LENGTH, self.min_length)
+        while True:
+            key = "".join(secrets.choice(KEY_ALPHABET) for _ in range(length))
+            try:
+                self.add(key, scope, expires)
+                return key
+            except KeyRejected as exc:
+                if exc.code != "key_already_exists":
+                    raise
+
+    def delete(self, key: str, scope: str = "mgmt") -> None:
+        """Remove ``key`` from ``scope``; raise KeyRejected("key_not_found") if absent."""
+        self._check_scope(scope)
+
+        def change(salt: bytes, entries: list[StoredKey]) -> None:
+            keep = [e for e in entries if not (e.scope == scope and _holds(e, salt, key))]
+            if len(keep) == len(entries):
+                raise KeyRejected("key_not_found")
+            entries[:] = keep
+        self._mutate(change)
+
+    def replicated(self) -> dict[str, dict]:
+        """Return every key as the cluster carries it, by its replica id."""
+        _, salt, entries, _, _ = self._current()
+        return {e.replica_id(salt): e.replica_value(salt) for e in entries}
+
+    def apply_replicated(self, adds: Mapping[str, dict], removes: Iterable[str]) -> None:
+        """Take keys added and deleted elsewhere in the cluster: one locked rewrite of the file.
+
+        An entry that cannot be read is skipped and logged: a peer never corrupts this file.
+        """
+        removes = set(removes)
+
+        def change(salt: bytes, entries: list[StoredKey]) -> None:
+            held = {e.replica_id(salt) for e in entries}
+            entries[:] = [e for e in entries if e.replica_id(salt) not in removes]
+            for rid, item in adds.items():
+                if rid in held:
+                    continue
+                try:
+                    entry = self._parse_entry(salt, dict(item))
+                    if entry.key is not None and self.storage == "hashed":  # this file keeps no key itself
+                        entry = StoredKey(entry.scope, entry.expires, entry.digest,
+                                          prefix=entry.key[:HASHED_PREFIX_LENGTH], rid=entry.replica_id(salt))
+                except (ValueError, TypeError, KeyError, AttributeError) as exc:
+                    log.warning("cluster: skipped an API key that cannot be read (%s)", exc)
+                    continue
+                if entry.replica_id(salt) == rid:
+                    entries.append(entry)
+        self._mutate(change)
+
+    def rows(self, scope: str = "all") -> list[dict]:
+        """Return api-key show's table rows for ``scope`` (a scope or ``all``)."""
+        if scope != "all":
+            self._check_scope(scope)
+        now = self._clock()
+        return [{"Key": e.shown(), "Scope": e.scope, "Expires (UTC)": render_expiry(e.expires),
+                 "has expired": e.expires is not None and now >= e.expires}
+                for e in self.entries() if scope in ("all", e.scope)]
+
+    def provision(self, lines: Iterable[str], source: str) -> int:
+        """Add ``key[:scope[:expires]]`` entries that are not there yet; return how many.
+
+        Raises ConfigError naming ``source`` and the entry's position, never the key.
+        """
+        added = 0
+        for position, line in enumerate(lines, 1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            key, _, rest = line.partition(":")
+            scope, _, expires = rest.partition(":")
+            try:
+                self.add(key, scope or "mgmt", expires or None)
+                added += 1
+            except KeyRejected as exc:
+                if exc.code != "key_already_exists":
+                    raise ConfigError(f"{source}, entry {position}: {exc.code}") from None
+        return added
+
+
+###############################################################################
+# 5. Command machinery: argv grammar, command table, result elements ##########
+###############################################################################
+# Owns: the vmq-admin argv grammar and its query-string form, Command specs,
+#       the CommandTable, binding argv to a command, result elements and their
+#       JSON and boxed-table renderings.
+# Must not know: sockets, the broker, the key file.
+
+FLAG_VALUES = ("none", "optional", "required")
+_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+
+
+@dataclass(frozen=True, slots=True)
+class Param:
+    """One argument key or flag of a command.
+
+    ``value`` says whether a flag takes a value: ``none`` (``--cleanup``),
+    ``optional`` (``--topic`` selects, ``--topic=x`` filters) or ``required``.
+    Argument keys always take one. ``secret``: given at all (to select or to
+    filter), the flag shows message payloads, so a read-only key may not use it.
+    """
+
+    name: str
+    parse: Callable[[str], Any] = str
+    short: str = ""
+    doc: str = ""
+    value: str = "required"
+    secret: bool = False
+
+    def __post_init__(self):
+        if not _NAME_RE.fullmatch(self.name):
+            raise ValueError(f"bad parameter name {self.name!r}")
+        if len(self.short) > 1 or self.value not in FLAG_VALUES:
+            raise ValueError(f"bad short name or value kind for {self.name!r}")
+
+    def cast(self, text: str | None) -> Any:
+        """Parse ``text`` (None: given bare) or raise InvalidValue."""
+        if text is None:
+            if self.value == "required":
+                raise InvalidValue(f"{self.name} needs a value")
+            return None
+        if self.value == "none":
+            raise InvalidValue(f"--{self.name} takes no value")
+        try:
+            return self.parse(text)
+        except (ValueError, TypeError) as exc:
+            raise InvalidValue(f"bad value for {self.name}: {exc}") from None
+
+
+def _params(items: Iterable[Any], flag: bool) -> tuple[Param, ...]:
+    """Normalise names, (name, parser) pairs and Params into Params."""
+    out = []
+    for item in items:
+        if isinstance(item, Param):
+            out.append(item)
+        elif isinstance(item, str):
+            out.append(Param(item, value="optional" if flag else "required"))
+        else:
+            name, parse = item
+            out.append(Param(name, parse))
+    return tuple(out)
+
+
+@dataclass(frozen=True, slots=True)
+class Command:
+    """One vmq-admin command: its words, parameters, usage and handler.
+
+    What a read-only (``mgmt_ro``) key may run is marked here, not in the HTTP
+    handler: ``read_only`` (it changes nothing), ``secret`` (its answer holds
+    key material or payloads, whatever the flags), a Param's ``secret`` (that
+    flag shows payloads), and ``default_columns`` (the columns shown when no
+    ``optional`` flag selects one, so a secret default column counts as given).
+    """
+
+    words: tuple[str, ...]
+    handler: Callable[[Call], Any]
+    keys: tuple[Param, ...] = ()
+    flags: tuple[Param, ...] = ()
+    required: tuple[str, ...] = ()
+    doc: str = ""
+    read_only: bool = False
+    local: bool = False
+    extra_words: str = ""
+    open_keys: bool = False
+    quick: bool | Callable[[NodeApi], bool] = False  # small, bounded work: no slow-command slot (callable: ask node)
+    secret: bool = False
+    default_columns: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if not self.words or not all(_NAME_RE.fullmatch(w) for w in self.words):
+            raise ValueError(f"bad command words {self.words!r}")
+        names = {k.name for k in self.keys}
+        if not set(self.required) <= names:
+            raise ValueError(f"required keys not declared: {set(self.required) - names}")
+
+    def read_only_refusal(self, flags: Mapping[str, Any]) -> str:
+        """Return why a read-only key may not run this command with ``flags`` ('' when it may)."""
+        words = " ".join(self.words)
+        if not self.read_only:
+            return f"a mgmt_ro key may not run {words}, which changes the node"
+        if self.secret:
+            return f"a mgmt_ro key may not run {words}, which shows key material or message payloads"
+        selecting = any(flags.get(f.name, "") is None for f in self.flags if f.value == "optional")
+        for f in self.flags:
+            if f.secret and (f.name in flags or (not selecting and f.name in self.default_columns)):
+                return f"a mgmt_ro key may not see --{f.name} of {words}, which shows message payloads"
+        return ""
+
+    def key(self, name: str) -> Param | None:
+        """Return the argument key ``name``, or None."""
+        return next((k for k in self.keys if k.name == name), None)
+
+    def flag(self, name: str) -> Param | None:
+        """Return the flag written ``--name`` or ``-n``, or None."""
+        if name.startswith("--"):
+            return next((f for f in self.flags if f.name == name[2:]), None)
+        return next((f for f in self.flags if f.short and f.short == name[1:]), None)
+
+    def synopsis(self) -> str:
+        """Return the one-line form: words, keys, flags."""
+        parts = ["vmq-admin", *self.words]
+        if self.extra_words:
+            parts.append(f"<{self.extra_words}> ...")
+        for k in self.keys:
+            parts.append(f"{k.name}=<{k.name}>" if k.name in self.required else f"[{k.name}=<{k.name}>]")
+        if self.open_keys:
+            parts.append("<key>=<value> ...")
+        for f in self.flags:
+            shown = {"none": f"--{f.name}", "optional": f"--{f.name}[=<value>]",
+                     "required": f"--{f.name}=<value>"}[f.value]
+            parts.append(f"[{shown}]")
+        return " ".join(parts)
+
+    def usage(self) -> str:
+        """Return the usage text generated from the spec and the handler's docstring."""
+        lines = [self.synopsis(), ""]
+        doc = " ".join((self.doc or "").split())
+        if doc:
+            lines += [f"  {doc}", ""]
+        for title, params, prefix in (("Keys", self.keys, ""), ("Flags", self.flags, "--")):
+            if params:
+                lines.append(f"  {title}:")
+                for p in params:
+                    short = f"-{p.short}, " if p.short else ""
+                    lines.append(f"    {short}{prefix}{p.name}  {p.doc}".rstrip())
+                lines.append("")
+        return "\n".join(lines).rstrip() + "\n"
+
+
+# -- the node's interface --------------------------------------------------
+
+class Listener(Protocol):
+    """What listener show, stop, restart, delete and tls show read of a listener, MQTT or HTTP."""
+
+    name: str
+    kind: str  # tcp, ssl, ws, wss, http or https
+    address: str
+    port: int
+    status: str  # running, suspended or stopped
+    tls: ssl.SSLContext | None
+
+    def option(self, key: str) -> Any:
+        """Return one of the listener's settings (certfile, max_connections, ...)."""
+
+    def row(self, tls: bool = False, mqtt: bool = False) -> dict:
+        """Return the listener's row of listener show."""
+
+    def suspend(self, kill_sessions: bool = False) -> None:
+        """Stop accepting (suspended); with ``kill_sessions`` also close the connections (stopped)."""
+
+    def resume(self) -> None:
+        """Accept again on the same address and port; raise OSError when it is taken."""
+
+    def delete(self) -> None:
+        """Stop for good and close the connections."""
+
+
+class NodeApi(Protocol):
+    """What the admin API (commands, HTTP endpoints, observability) asks of the node; ``Node`` implements it.
+
+    Whatever touches the broker runs in the broker's loop thread: these methods are called
+    from HTTP connection threads and return values, never the broker's own objects.
+    ``local=True`` keeps a call on this node; otherwise it reaches every node of the cluster.
+    Commands marked ``local`` (api-key) run in the CLI against ``name``, ``config`` and
+    ``keystore`` alone.
+    """
+
+    name: str
+    data_dir: str
+    secret: str  # node.json's: the local CLI's credential
+    keystore: KeyStore
+    metrics: Metrics
+    commands: CommandTable
+    slow_commands: threading.BoundedSemaphore  # see slow_command_slot
+    history: StatusHistory
+    status_rows: StatusRows
+    unfinished_http: UnfinishedRequests
+
+    @property
+    def config(self) -> Config:
+        """The configuration in force now."""
+
+    def apply_settings(self, changes: Mapping[str, Any]) -> None:
+        """Swap in a Config with ``changes`` (already parsed) applied."""
+
+    def request_stop(self) -> None:
+        """Stop the node from another thread."""
+
+    def in_broker(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run ``fn(*args)`` in the broker's thread, committed (for the plugins, which own broker objects)."""
+
+    # -- status and metrics
+    def status(self) -> dict[str, Any]:
+        """Return node status's values."""
+
+    def metric_samples(self) -> dict[tuple[str, LabelSet], int]:
+        """Return every metric series."""
+
+    def reset_metrics(self) -> None:
+        """Zero every counter."""
+
+    def health_reasons(self) -> list[str]:
+        """Return why the node is not healthy (empty: it is)."""
+
+    def plugin_rows(self) -> list[dict]:
+        """Return the rows of plugin show."""
+
+    def enable_plugin(self, name: str, on: bool) -> bool:
+        """Switch a plugin on or off; return False when there is no such plugin."""
+
+    # -- listeners
+    def listener_rows(self, tls: bool = False, mqtt: bool = False) -> list[dict]:
+        """Return the rows of listener show."""
+
+    def find_listener(self, address: str, port: int) -> Listener | None:
+        """Return the listener at address:port, or None."""
+
+    def tls_listeners(self) -> list[Listener]:
+        """Return the listeners that speak TLS."""
+
+    def start_listener(self, address: str, port: int, options: Mapping[str, Any], kind: str = "tcp") -> None:
+        """Start a listener; raise OSError when it cannot bind or load its certificate."""
+
+    def delete_listener(self, listener: Listener) -> None:
+        """Stop a listener, close its connections and forget it."""
+
+    # -- sessions, subscriptions, retained messages
+    def session_count(self) -> int:
+        """Return how many sessions this node holds."""
+
+    def session_records(self, client_id: str | None = None, subscriptions: bool = True, messages: bool = True,
+                        local: bool = False) -> list[dict]:
+        """Return every session show field of each session (or ``client_id``'s)."""
+
+    def session_rows(self, client_id: str | None, columns: Sequence[str], window: slice,
+                     local: bool = False) -> list[dict]:
+        """Return session show rows of ``columns`` for a listing without filters, paged by ``window``."""
+
+    def client_status(self, key: tuple[str, str]) -> tuple[str, dict[str, int]] | None:
+        """Return (online or offline, {filter: QoS}) of the session of (mountpoint, client id), or None."""
+
+    def disconnect_session(self, client_id: str, mountpoint: str = "", cleanup: bool = False,
+                           local: bool = False) -> bool:
+        """Disconnect a client (``cleanup``: drop its session); return whether it existed."""
+
+    def disconnect_batch(self, count: int, mountpoint: str, cleanup: bool, keep: Iterable[str]) -> int:
+        """Disconnect up to ``count`` online clients of this node, sparing ``keep``; return how many."""
+
+    def unsubscribe(self, client_id: str, topic: str, mountpoint: str = "", local: bool = False) -> bool:
+        """Remove one subscription of a session; return whether it existed."""
+
+    def reauthorize(self, username: str, client_id: str, mountpoint: str = "", local: bool = False) -> int:
+        """Check a session's subscriptions against the ACL as ``username``; return how many were dropped."""
+
+    def retained_rows(self) -> list[dict]:
+        """Return mountpoint, topic and payload of every retained message."""
+
+    def delete_retained(self, mountpoint: str, topic: str) -> bool:
+        """Delete one retained message; return whether there was one."""
+
+    def delete_expired_retained(self) -> int:
+        """Delete the retained messages whose expiry has passed; return how many."""
+
+    def http_publish(self, peer: tuple, user: str | None, password: bytes | None, client_id: str,
+                     mountpoint: str, message: HttpMessage) -> str | None:
+        """Publish as an MQTT client would; return HTTP_PUB_ANSWERS' reason (None: no broker)."""
+
+    def trace_client(self, client_id: str, mountpoint: str, duration: float, rate: tuple[int, int, int],
+                     follow: str | None = None) -> list[str]:
+        """Trace a client for ``duration`` seconds (``rate``: lines, per ms, payload bytes); return the lines."""
+
+    def topic_problem(self, topic: str, max_levels: int = 0) -> str | None:
+        """Return why a PUBLISH to ``topic`` is refused (``max_levels`` 0: any depth), or None."""
+
+    def string_problem(self, text: str) -> str | None:
+        """Return why ``text`` cannot travel as an MQTT string, or None."""
+
+    # -- the cluster (alone, this node is the only member)
+    def cluster_members(self) -> list[str]:
+        """Return every member's name (empty when the node is in no cluster)."""
+
+    def cluster_peers(self) -> list[str]:
+        """Return the other members."""
+
+    def call_node(self, target: str, op: str, *args: Any) -> Any:
+        """Ask node ``target`` to run cluster op ``op``; raise ClusterError."""
+
+    def gather(self, op: str, *args: Any) -> list[tuple[str, Any]]:
+        """Ask every other reachable member to run ``op``; return (node, answer) pairs."""
+
+    def replicate_settings(self, target: str, texts: Mapping[str, str]) -> None:
+        """Hand ``set``'s changes to ``target`` (a node name or ``*``); a node that is down takes them on return."""
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    """A command bound to its arguments, ready to run against ``node``."""
+
+    command: Command
+    node: NodeApi
+    args: Mapping[str, Any]
+    flags: Mapping[str, Any]
+    extra: tuple[str, ...] = ()
+    after: list = field(default_factory=list)  # run once the answer has been sent
+    read_only: bool = False  # for a mgmt_ro key: the answer masks what such a key may not see
+
+
+class CommandTable:
+    """The commands one node serves: CLI, HTTP and --help all read this table."""
+
+    def __init__(self, commands: Iterable[Command] = ()):
+        self._lock = threading.Lock()
+        self._commands: dict[tuple[str, ...], Command] = {}
+        for cmd in commands:
+            self.add(cmd)
+
+    def add(self, command: Command) -> Command:
+        """Add (or replace) ``command``."""
+        with self._lock:  # copy on write: readers use the dict they got, no lock
+            self._commands = {**self._commands, command.words: command}
+        return command
+
+    def register(self, words: Sequence[str], fn: Callable[[Call], Any], *, keys: Iterable[Any] = (),
+                 flags: Iterable[Any] = (), usage: str | None = None, required: Iterable[str] = (),
+                 read_only: bool = False, quick: bool | Callable[[NodeApi], bool] = False,
+                 secret: bool = False) -> Command:
+        """Add a command from an embedding program; it then exists in CLI, HTTP and --help.
+
+        ``keys`` and ``flags`` are names, ``(name, parser)`` pairs or Params;
+        ``fn(call)`` returns a string, an element, or a list of elements. Over HTTP it
+        runs in the connection's thread and takes one of the node's SLOW_COMMANDS slots
+        (past them: 503), unless ``quick`` says its work is small and bounded.
+        ``read_only`` lets mgmt_ro keys run it, unless ``secret`` says its answer shows secrets.
+        """
+        return self.add(Command(tuple(words), fn, keys=_params(keys, False), flags=_params(flags, True),
+                                required=tuple(required), doc=usage or fn.__doc__ or "",
+                                read_only=read_only, quick=quick, secret=secret))
+
+    def __iter__(self):
+        return iter(sorted(self._commands.values(), key=lambda c: c.words))
+
+    def table(self) -> Mapping[tuple[str, ...], Command]:
+        """Return the commands as they are now (a new mapping after every change)."""
+        return self._commands
+
+    def resolve(self, words: Sequence[str]) -> tuple[Command, tuple[str, ...]]:
+        """Return the command with the longest matching prefix and the words left over."""
+        words, commands = tuple(words), self._commands
+        for n in range(len(words), 0, -1):
+            cmd = commands.get(words[:n])
+            if cmd is not None and (n == len(words) or cmd.extra_words):
+                return cmd, words[n:]
+        below = sorted({c.words[len(words)] for c in commands.values()
+                        if len(c.words) > len(words) and c.words[:len(words)] == words})
+        shown = " ".join(words) or "(none)"
+        if below:
+            raise UnknownCommand(f"{shown!r} is not a whole command; it continues with: {', '.join(below)}")
+        raise UnknownCommand(f"unknown command {shown!r}")
+
+    def usage(self) -> str:
+        """Return the synopsis of every command."""
+        return "".join(c.synopsis() + "\n" for c in self)
+
+
+# -- argv grammar ----------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class Argv:
+    """A parsed command line: words, ``key=value`` arguments and flags, in order.
+
+    Flags keep their dashes: ``("--cleanup", None)``, ``("-l", "10")``.
+    """
+
+    words: tuple[str, ...] = ()
+    args: tuple[tuple[str, str], ...] = ()
+    flags: tuple[tuple[str, str | None], ...] = ()
+
+
+def _classify(key: str, value: str | None) -> tuple[str, str, str | None]:
+    """Sort one decoded ``key[=value]`` item into ("arg"|"flag", name, value)."""
+    if key.startswith("--"):
+        if len(key) == 2:
+            raise BadRequest("a flag needs a name after '--'")
+        return "flag", key, value
+    if key.startswith("-"):
+        if len(key) == 1:
+            raise BadRequest("a flag needs a name after '-'")
+        rest = key[2:]
+        if value is None:
+            return "flag", key[:2], rest or None
+        return "flag", key[:2], rest + "=" + value if rest else value
+    if not key:
+        raise BadRequest("an argument has an empty name")
+    if value is None:
+        raise BadRequest(f"argument {key!r} has no value (write {key}=<value>)")
+    if value == "":
+        raise BadRequest(f"argument {key!r} has an empty value")
+    return "arg", key, value
+
+
+def _build_argv(words: Sequence[str], items: Iterable[tuple[str, str | None]]) -> Argv:
+    args, flags = [], []
+    for key, value in items:
+        kind, name, val = _classify(key, value)
+        (args if kind == "arg" else flags).append((name, val))
+    return Argv(tuple(words), tuple(args), tuple(flags))
+
+
+_BAD_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")
+
+
+def _unquote(text: str, plus: bool) -> str:
+    if _BAD_PERCENT.search(text):
+        raise BadRequest("bad percent-encoding")
+    try:
+        return (urllib.parse.unquote_plus if plus else urllib.parse.unquote)(text, errors="strict")
+    except UnicodeDecodeError:
+        raise BadRequest("percent-encoding that is not UTF-8") from None
+
+
+def parse_query(words: Sequence[str], query: str) -> Argv:
+    """Translate path words and a query string into an Argv (README, "How a request becomes a command").
+
+    ``k=v`` is an argument, ``--f`` a bare flag, ``--f=v`` a flag with a value,
+    ``-x``/``-xV`` a short flag; values may hold ``=``; ``+`` is a space.
+    """
+    items = []
+    for piece in query.split("&"):
+        if not piece:
+            continue
+        raw_key, sep, raw_value = piece.partition("=")
+        items.append((_unquote(raw_key, True), _unquote(raw_value, True) if sep else None))
+    return _build_argv(words, items)
+
+
+def render_query(argv: Argv) -> tuple[str, str]:
+    """Return the (path, query) that ``parse_query`` reads back as ``argv``."""
+    q = urllib.parse.quote_plus
+    path = "/api/v1/" + "/".join(urllib.parse.quote(w, safe="") for w in argv.words)
+    pieces = [f"{q(k, safe='')}={q(v, safe='')}" for k, v in argv.args]
+    for name, value in argv.flags:
+        if name.startswith("--"):
+            pieces.append(q(name, safe="") + ("" if value is None else "=" + q(value, safe="")))
+        elif value is None:
+            pieces.append(q(name, safe=""))
+        else:
+            pieces.append(q(name, safe="") + (q(value, safe="") if value else "="))
+    return path, "&".join(pieces)
+
+
+def parse_path_words(path: str) -> tuple[str, ...]:
+    """Split and percent-decode the segments of a path ('+' stays '+'); drop a trailing '/'."""
+    segments = path.split("/")
+    if segments and segments[-1] == "":
+        segments.pop()
+    return tuple(_unquote(s, False) for s in segments)
+
+
+def parse_cli_tokens(tokens: Sequence[str]) -> Argv:
+    """Parse vmq-admin's argv: leading words, then ``k=v`` and flags in any order."""
+    tokens = list(tokens)
+    n = 0
+    while n < len(tokens) and not tokens[n].startswith("-") and "=" not in tokens[n]:
+        n += 1
+    items = []
+    for token in tokens[n:]:
+        key, sep, value = token.partition("=")
+        if not sep and not token.startswith("-"):
+            raise BadRequest(f"unexpected word {token!r} after arguments (write key=value)")
+        items.append((key, value if sep else None))
+    return _build_argv(tokens[:n], items)
+
+
+# -- binding and running ---------------------------------------------------
+
+GLOBAL_FLAGS = ("--format", "--help", "-h")
+
+
+def bind(command: Command, argv: Argv, extra: tuple[str, ...], node: NodeApi) -> tuple[Call, bool]:
+    """Check ``argv`` against ``command``; return the Call and whether --help was asked."""
+    try:
+        return _bind(command, argv, extra, node)
+    except BadRequest as exc:
+        exc.usage = exc.usage or command.usage()
+        raise
+
+
+def _bind(command: Command, argv: Argv, extra: tuple[str, ...], node: NodeApi) -> tuple[Call, bool]:
+    args: dict[str, Any] = {}
+    for key, value in argv.args:
+        if key in args:
+            raise BadRequest(f"argument {key!r} is given twice")
+        spec = command.key(key)
+        if spec is None and not command.open_keys:
+            raise InvalidKey(f"{' '.join(command.words)} takes no argument {key!r}")
+        args[key] = spec.cast(value) if spec else value
+    flags: dict[str, Any] = {}
+    wants_help = False
+    for name, value in argv.flags:
+        if name in GLOBAL_FLAGS:
+            wants_help = wants_help or name != "--format"
+            if name == "--format" and value not in ("json", "human", None):
+                raise InvalidValue("--format takes json or human")
+            continue
+        spec = command.flag(name)
+        if spec is None:
+            raise InvalidFlag(f"{' '.join(command.words)} takes no flag {name!r}")
+        if spec.name in flags:
+            raise BadRequest(f"flag --{spec.name} is given twice")
+        flags[spec.name] = spec.cast(value)
+    return Call(command, node, types.MappingProxyType(args), types.MappingProxyType(flags), extra), wants_help
+
+
+def prepare(table: CommandTable, argv: Argv, node: NodeApi) -> tuple[Call, bool]:
+    """Resolve and bind ``argv``; raise a BadRequest subclass on any mistake."""
+    command, extra = table.resolve(argv.words)
+    call, wants_help = bind(command, argv, extra, node)
+    if not wants_help:
+        missing = [k for k in command.required if k not in call.args]
+        if missing:
+            raise MissingArgument(f"{' '.join(command.words)} needs {', '.join(m + '=' for m in missing)}",
+                                  command.usage())
+    return call, wants_help
+
+
+def execute(call: Call, wants_help: bool = False) -> list:
+    """Run a prepared call and return its result elements."""
+    if wants_help:
+        return [Text(call.command.usage())]
+    return as_elements(call.command.handler(call))
+
+
+# -- result elements -------------------------------------------------------
+
+_CELL_TYPES = (str, int, float, bool, type(None))
+_CELL_TYPE_SET = frozenset(_CELL_TYPES)
+
+
+@dataclass(frozen=True, slots=True)
+class Text:
+    """A text element."""
+
+    text: str
+
+    def to_json(self) -> dict:
+        """Return the element as VerneMQ's JSON writer shapes it."""
+        return {"text": self.text, "type": "text"}
+
+
+@dataclass(frozen=True, slots=True)
+class Table:
+    """A table element; rows keep the column order the command gives."""
+
+    rows: tuple
+    columns: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        rows = tuple(r if type(r) is dict else dict(r) for r in self.rows)
+        for row in rows:
+            for key, value in row.items():
+                if type(value) not in _CELL_TYPE_SET and not isinstance(value, _CELL_TYPES) \
+                        or type(key) is not str:
+                    raise TypeError(f"table cell {key!r} must be a string, number, bool or None")
+        object.__setattr__(self, "rows", rows)
+        if not self.columns and rows:
+            object.__setattr__(self, "columns", tuple(rows[0]))
+
+    def to_json(self) -> dict:
+        """Return the element as VerneMQ's JSON writer shapes it."""
+        return {"table": list(self.rows), "type": "table"}
+
+
+@dataclass(frozen=True, slots=True)
+class Alert:
+    """An alert: the command ran but could not do its job."""
+
+    items: tuple
+
+    def to_json(self) -> dict:
+        """Return the element as VerneMQ's JSON writer shapes it."""
+        return {"alert": [i.to_json() for i in self.items], "type": "alert"}
+
+
+@dataclass(frozen=True, slots=True)
+class ListElement:
+    """A list element, optionally titled."""
+
+    items: tuple
+    title: str | None = None
+
+    def to_json(self) -> dict:
+        """Return the element as VerneMQ's JSON writer shapes it."""
+        body: dict[str, Any] = {"list": list(self.items)}
+        if self.title is not None:
+            body["title"] = self.title
+        body["type"] = "list"
+        return body
+
+
+def alert(text: str) -> Alert:
+    """Return an alert holding one text."""
+    return Alert((Text(text),))
+
+
+def as_elements(result: Any) -> list:
+    """Normalise a handler's return value (str, element, list of them) into elements."""
+    if result is None:
+        return []
+    if isinstance(result, (str, Text, Table, Alert, ListElement)):
+        result = [result]
+    return [Text(r) if isinstance(r, str) else r for r in result]
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+def _element_json(element: Any) -> str:
+    """Encode one element; a big table goes JSON_CHUNK rows per call, letting other threads run between."""
+    if isinstance(element, Table) and len(element.rows) > JSON_CHUNK:
+        rows = element.rows
+        parts = [_dumps(list(rows[i:i + JSON_CHUNK]))[1:-1] for i in range(0, len(rows), JSON_CHUNK)]
+        return '{"table":[' + ",".join(parts) + '],"type":"table"}'
+    return _dumps(element.to_json())
+
+
+def render_json(elements: Sequence) -> bytes:
+    """Frame elements as VerneMQ does: one -> the object; else an array and a newline."""
+    if len(elements) == 1:
+        return _element_json(elements[0]).encode()
+    return ("[" + ",".join(_element_json(e) for e in elements) + "]\n").encode()
+
+
+def elements_from_json(data: Any) -> list:
+    """Rebuild elements from the JSON body (the CLI renders what the node answered)."""
+    items = data if isinstance(data, list) else [data]
+    out = []
+    for item in items:
+        kind = item.get("type")
+        if kind == "text":
+            out.append(Text(item["text"]))
+        elif kind == "table":
+            out.append(Table(tuple(item["table"])))
+        elif kind == "alert":
+            out.append(Alert(tuple(elements_from_json(item["alert"]))))
+        elif kind == "list":
+            out.append(ListElement(tuple(item["list"]), item.get("title")))
+        else:
+            raise ValueError(f"unknown element type {kind!r}")
+    return out
+
+
+def _cell(value: Any) -> str:
+    if value is True:
+        return "true"
+    if value is False:
+        return "false"
+    return "" if value is None else str(value)
+
+
+def render_box(table: Table) -> str:
+    """Render a table boxed, as vmq-admin prints it; multi-line cells span lines."""
+    if not table.columns:
+        return ""
+    cells = [[_cell(row.get(c)).rstrip("\n").split("\n") for c in table.columns] for row in table.rows]
+    widths = [max([len(c)] + [len(line) for row in cells for line in row[i]])
+              for i, c in enumerate(table.columns)]
+    rule = "+" + "+".join("-" * w for w in widths) + "+\n"
+    out = [rule, "|" + "|".join(c.center(w) for c, w in zip(table.columns, widths)) + "|\n", rule]
+    for row in cells:
+        for n in range(max(len(c) for c in row)):
+            out.append("|" + "|".join((c[n] if n < len(c) else "").ljust(w) for c, w in zip(row, widths)) + "|\n")
+    out.append(rule)
+    return "".join(out)
+
+
+def render_human(elements: Sequence) -> tuple[str, str]:
+    """Return (stdout, stderr) text for a terminal; alerts go to stderr."""
+    out, err = [], []
+    for e in elements:
+        if isinstance(e, Alert):
+            err.append(render_human(e.items)[0])
+        elif isinstance(e, Table):
+            out.append(render_box(e))
+        elif isinstance(e, ListElement):
+            out.append((e.title + "\n" if e.title else "") + "".join(f"{i}\n" for i in e.items))
+        else:
+            out.append(e.text if not e.text or e.text.endswith("\n") else e.text + "\n")
+    return "".join(out), "".join(err)
+
+
+###############################################################################
+# 6. Command catalogue ########################################################
+###############################################################################
+# Owns: one cmd_<words> function per vmq-admin command; its docstring is its usage.
+# Must not know: sockets, HTTP, how the answer is rendered.
+
+_catalogue: list[Command] = []  # filled by @command below, frozen into CATALOGUE
+
+
+def command(*words: str, keys: Iterable[Param] = (), flags: Iterable[Param] = (), required: Iterable[str] = (),
+            read_only: bool = False, local: bool = False, extra_words: str = "", open_keys: bool = False,
+            quick: bool | Callable[[NodeApi], bool] = False, secret: bool = False, default_columns: Iterable[str] = ()):
+    """Declare a catalogue command; the decorated function is its handler."""
+    def register(fn: Callable[[Call], Any]) -> Callable[[Call], Any]:
+        _catalogue.append(Command(tuple(words), fn, tuple(keys), tuple(flags), tuple(required), fn.__doc__ or "",
+                                  read_only, local, extra_words, open_keys, quick, secret, tuple(default_columns)))
+        return fn
+    return register
+
+
+def parse_positive_int(text: str) -> int:
+    """Parse an integer >= 1."""
+    return parse_int_range(1)(text)
+
+
+# A ~regex filter runs in Python's re, which backtracks while holding the GIL, so one search
+# can stop every thread (the broker's too). What could backtrack without bound is refused;
+# what is left costs about len(text) ** (quantifiers + 1) * 4 ** alternations steps (measured:
+# 2**24 of them take a few ms), so the text a regex looks at is capped to keep one search that short.
+REGEX_MAX_LENGTH = 100  # characters of a ~regex
+REGEX_MAX_REPEATS = 3  # quantifiers (* + ? {m,n}) in one ~regex
+REGEX_MAX_ALTERNATIONS = 8  # | in one ~regex: at most 2**8 ways through its groups
+REGEX_WORK = 2 ** 24  # steps one search may take: a few milliseconds with the GIL held
+REGEX_TEXT_MAX = 65536  # characters of a value any ~regex looks at
+_REGEX_QUANTIFIER = re.compile(r"[*+?]|\{[0-9]*(?:,[0-9]*)?\}")
+_REGEX_GROUP_OPENINGS = ("(?:", "(?P<", "(?>")  # groups that only group; flags (?i) are fine too
+
+
+def _regex_group(pattern: str, i: int) -> str:
+    """Return why the group opening at ``pattern[i]`` is refused ('' when it is a plain group)."""
+    if not pattern.startswith("(?", i) or pattern.startswith(_REGEX_GROUP_OPENINGS, i):
+        return ""
+    if re.match(r"\(\?[aiLmsux]+(?:-[imsx]+)?[:)]", pattern[i:]):
+        return ""
+    return "backreferences, lookarounds and conditional groups are not supported"
+
+
+def _regex_quantifier(pattern: str, i: int) -> int:
+    """Return the length of the quantifier at ``pattern[i]`` (0: none), a lazy or possessive suffix included."""
+    match = _REGEX_QUANTIFIER.match(pattern, i)
+    if match is None:
+        return 0
+    return match.end() - i + (match.end() < len(pattern) and pattern[match.end()] in "?+")
+
+
+def analyse_regex(pattern: str) -> tuple[str, int, int]:
+    """Return (why ``pattern`` may backtrack without bound or '', its quantifiers, its alternations).
+
+    A refused pattern's counts are 0.
+
+    Refused: more than REGEX_MAX_LENGTH characters, backreferences, lookarounds,
+    a repeated group that holds a repetition or an alternation (``(a+)+``,
+    ``(a|aa)*``), more than REGEX_MAX_REPEATS quantifiers or REGEX_MAX_ALTERNATIONS ``|``.
+    """
+    if len(pattern) > REGEX_MAX_LENGTH:
+        return f"longer than {REGEX_MAX_LENGTH} characters", 0, 0
+    groups, repeats, alternations, i = [[False]], 0, 0, 0  # per open group: holds a repetition or |
+    while i < len(pattern):
+        char, atom = pattern[i], None
+        if char == "\\":
+            if pattern[i + 1:i + 2].isdigit() and pattern[i + 1] != "0":
+                return "backreferences are not supported", 0, 0
+            atom, i = False, i + 2
+        elif char == "[":
+            end = re.match(r"\[\^?\]?(?:\\.|[^\]\\])*\]", pattern[i:])
+            atom, i = False, i + (end.end() if end else len(pattern))
+        elif char == "(":
+            reason = _regex_group(pattern, i)
+            if reason:
+                return reason, 0, 0
+            groups.append([False])
+            i += 1
+            continue
+        elif char == ")" and len(groups) > 1:
+            atom, i = groups.pop()[0], i + 1
+        elif char == "|":
+            alternations += 1
+            groups[-1][0] = True
+            i += 1
+            continue
+        else:
+            atom, i = False, i + 1
+        size = _regex_quantifier(pattern, i)
+        if size:
+            if atom:
+                return "a repeated group holds a repetition or an alternation (nested repetition)", 0, 0
+            repeats, i = repeats + 1, i + size
+        groups[-1][0] = groups[-1][0] or atom or bool(size)
+    if repeats > REGEX_MAX_REPEATS or alternations > REGEX_MAX_ALTERNATIONS:
+        return f"more than {REGEX_MAX_REPEATS} quantifiers or {REGEX_MAX_ALTERNATIONS} alternations", 0, 0
+    return "", repeats, alternations
+
+
+def regex_text_limit(pattern: str) -> int:
+    """Return how many characters of a value the (accepted) ``pattern`` looks at."""
+    _, repeats, alternations = analyse_regex(pattern)
+    return min(REGEX_TEXT_MAX, int((REGEX_WORK / 4 ** alternations) ** (1 / (repeats + 1)) + 1e-6))
+
+
+def parse_regex_or_text(text: str) -> str:
+    """Accept a filter value; ``~regex`` must compile and be one whose work is bounded."""
+    if text.startswith("~"):
+        reason = analyse_regex(text[1:])[0]
+        if reason:
+            raise ValueError(f"regular expression refused: {reason}")
+        try:
+            re.compile(text[1:])
+        except re.error as exc:
+            raise ValueError(f"bad regular expression: {exc}") from None
+    return text
+
+
+_SCOPE = Param("scope", doc="mgmt (default), mgmt_ro, status, metrics, health, api2 or httppub")
+_EXPIRES = Param("expires", doc="YYYY-MM-DDThh:mm:ss local time, or ISO 8601 with Z or an offset")
+
+
+def _key_change(fn: Callable[[], Any]) -> Any:
+    try:
+        return fn()
+    except KeyRejected as exc:
+        return alert(exc.code)
+
+
+@command("api-key", "create", keys=(_SCOPE, _EXPIRES), local=True)
+def cmd_api_key_create(call: Call) -> Any:
+    """Create a new random API key and print it."""
+    return _key_change(lambda: call.node.keystore.create(call.args.get("scope", "mgmt"), call.args.get("expires")))
+
+
+@command("api-key", "add", keys=(Param("key", doc="the key to add"), _SCOPE, _EXPIRES), required=("key",),
+         local=True)
+def cmd_api_key_add(call: Call) -> Any:
+    """Add an API key of your own choosing."""
+    return _key_change(lambda: call.node.keystore.add(
+        call.args["key"], call.args.get("scope", "mgmt"), call.args.get("expires")) or "ok")
+
+
+@command("api-key", "delete", keys=(Param("key", doc="the key to delete"), _SCOPE), required=("key",), local=True)
+def cmd_api_key_delete(call: Call) -> Any:
+    """Delete an API key from one scope."""
+    return _key_change(lambda: call.node.keystore.delete(call.args["key"], call.args.get("scope", "mgmt")) or "ok")
+
+
+@command("api-key", "show", quick=True, keys=(Param("scope", doc="a scope, or all (default)"),), read_only=True,
+         local=True, secret=True)
+def cmd_api_key_show(call: Call) -> Any:
+    """List the API keys with their scope and expiry, oldest first."""
+    columns = ("Key", "Scope", "Expires (UTC)", "has expired")
+    return _key_change(lambda: Table(tuple(call.node.keystore.rows(call.args.get("scope", "all"))), columns))
+
+
+@command("node", "status", quick=True, read_only=True)
+def cmd_node_status(call: Call) -> Any:
+    """Show the node's counters: sessions, messages, queues, subscriptions."""
+    status = call.node.status()
+    return Table(tuple({"Status": k, "Value": status[k]} for k in STATUS_KEYS))
+
+
+@command("node", "stop")
+def cmd_node_stop(call: Call) -> Any:
+    """Stop the node cleanly once this answer has been sent."""
+    call.after.append(call.node.request_stop)
+    return "Done"
+
+
+@command("listener", "show", quick=True, read_only=True,
+         flags=(Param("tls", short="t", value="none", doc="add the TLS columns"),
+                Param("mqtt", short="m", value="none", doc="add the MQTT columns")))
+def cmd_listener_show(call: Call) -> Any:
+    """Show the listeners: type, status, address, port and connections."""
+    return Table(tuple(call.node.listener_rows(tls="tls" in call.flags, mqtt="mqtt" in call.flags)))
+
+
+def parse_ip(text: str) -> str:
+    """Parse an IP address."""
+    return str(ipaddress.ip_address(text.strip()))
+
+
+_LISTENER_KEYS = (Param("address", parse_ip, doc="IP address of the listener"),
+                  Param("port", parse_int_range(0, 65535), doc="port of the listener"))
+HTTP_LISTENER_OPTIONS = ("max_connections", *LISTENER_TLS_OPTIONS)
+
+
+@command("listener", "start", keys=_LISTENER_KEYS, required=("address", "port"), flags=(
+    Param("mountpoint", short="m", doc="topic prefix of the listener's clients"),
+    Param("max_connections", parse_max_connections, doc="connections at once (integer or infinity)"),
+    Param("allowed_protocol_versions", parse_versions, doc="comma list of 3 (3.1), 4 (3.1.1) and 5"),
+    Param("allow_anonymous_override", parse_flag, doc="on: let clients in without credentials"),
+    Param("websocket", value="none", doc="MQTT over WebSocket (with --ssl: over TLS)"),
+    Param("http", value="none", doc="an HTTP listener of the admin API (with --ssl: HTTPS)"),
+    Param("ssl", value="none", doc="MQTT over TLS"),
+    *(Param(f, doc="TLS: as listener.ssl.<name>." + f) for f in ("certfile", "keyfile", "cafile", "ciphers")),
+    *(Param(f, parse_flag, doc="TLS: on or off") for f in ("require_certificate", "use_identity_as_username")),
+    Param("tls_version", parse_tls_versions, doc="TLS: tlsv1.2 and/or tlsv1.3")))
+def cmd_listener_start(call: Call) -> Any:
+    """Start a listener at run time (not kept across restarts): MQTT, WebSocket or HTTP, each with --ssl."""
+    ssl_on = "ssl" in call.flags
+    if "http" in call.flags:
+        kind, names = ("https" if ssl_on else "http"), HTTP_LISTENER_OPTIONS
+    else:
+        kind = {(False, False): "tcp", (True, False): "ssl", (False, True): "ws", (True, True): "wss"}[
+            (ssl_on, "websocket" in call.flags)]
+        names = LISTENER_MQTT_OPTIONS
+    address, port = call.args["address"], call.args["port"]
+    if call.node.find_listener(address, port) is not None:
+        return alert(f"can't start listener due to 'a listener exists at {address}:{port}'")
+    config = call.node.config
+    options = {o: call.flags.get(o, config.listener_option(kind, "default", o)) for o in names}
+    if "mountpoint" in call.flags:
+        options["mountpoint"] = call.flags["mountpoint"] or ""
+    try:
+        call.node.start_listener(address, port, options, kind)
+    except OSError as exc:  # ssl.SSLError too: a bad certificate or key
+        return alert(f"can't start listener due to '{exc.strerror or exc}'")
+    return "Done"
+
+
+def _find_listener(call: Call, verb: str) -> Listener | Alert:
+    """Return the listener named by address= and port=, or the alert to answer."""
+    listener = call.node.find_listener(call.args["address"], call.args["port"])
+    if listener is None:
+        return alert(f"can't {verb} listener due to 'not_found'")
+    return listener
+
+
+@command("listener", "stop", keys=_LISTENER_KEYS, required=("address", "port"), flags=(
+    Param("kill_sessions", short="k", value="none", doc="also close the listener's clients"),))
+def cmd_listener_stop(call: Call) -> Any:
+    """Stop accepting connections; without --kill_sessions the clients stay (status suspended)."""
+    listener = _find_listener(call, "stop")
+    if isinstance(listener, Alert):
+        return listener
+    listener.suspend("kill_sessions" in call.flags)
+    return "Done"
+
+
+@command("listener", "restart", keys=_LISTENER_KEYS, required=("address", "port"))
+def cmd_listener_restart(call: Call) -> Any:
+    """Accept connections again on a stopped or suspended listener."""
+    listener = _find_listener(call, "restart")
+    if isinstance(listener, Alert):
+        return listener
+    try:
+        listener.resume()
+    except OSError as exc:
+        return alert(f"can't restart listener due to '{exc.strerror or exc}'")
+    return "Done"
+
+
+@command("listener", "delete", keys=_LISTENER_KEYS, required=("address", "port"))
+def cmd_listener_delete(call: Call) -> Any:
+    """Stop a listener, close its clients and remove it."""
+    listener = _find_listener(call, "delete")
+    if isinstance(listener, Alert):
+        return listener
+    call.node.delete_listener(listener)
+    return "Done"
+
+
+# -- the certificates of tls show: X.509 (RFC 5280) read as far as its columns need -----
+
+_PEM_CERTIFICATE = re.compile(rb"-----BEGIN CERTIFICATE-----([A-Za-z0-9+/=\s]+)-----END CERTIFICATE-----")
+_OID_CN, _OID_SAN = b"\x55\x04\x03", b"\x55\x1d\x11"  # 2.5.4.3 commonName, 2.5.29.17 subjectAltName
+_DER_TEXT = {0x0C: "utf-8", 0x13: "latin-1", 0x14: "latin-1", 0x16: "latin-1", 0x1E: "utf-16-be", 0x1C: "utf-32-be"}
+_SAN_KINDS = {0x81: "email", 0x82: "DNS", 0x86: "URI"}  # GeneralName's IA5String choices, named as ssl names them
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+
+
+def der_items(data: bytes, start: int = 0, end: int | None = None) -> list[tuple[int, bytes]]:
+    """Return the (tag, contents) of each DER element in ``data[start:end]``; raise ValueError when malformed."""
+    items, i, end = [], start, len(data) if end is None else end
+    while i < end:
+        tag, size, i = data[i], data[i + 1], i + 2
+        if size & 0x80:
+            n = size & 0x7F
+            size, i = int.from_bytes(data[i:i + n], "big"), i + n
+        if i + size > end:
+            raise ValueError("a DER element runs past its end")
+        items.append((tag, data[i:i + size]))
+        i += size
+    return items
+
+
+def _der_cn(name: bytes) -> str:
+    """Return the first commonName of an X.509 Name, '' when it has none."""
+    for _, rdn in der_items(name):
+        for _, pair in der_items(rdn):
+            (_, oid), (kind, value) = der_items(pair)[:2]
+            if oid == _OID_CN:
+                return value.decode(_DER_TEXT.get(kind, "latin-1"))
+    return ""
+
+
+def _der_time(tag: int, value: bytes) -> str:
+    """Return an X.509 UTCTime or GeneralizedTime as ssl shows it: 'Jan  5 09:34:43 2018 GMT'."""
+    text = value.decode("ascii")
+    if tag == 0x17:  # UTCTime: YY from 50 is 19YY (RFC 5280 4.1.2.5.1)
+        text = ("19" if int(text[:2]) >= 50 else "20") + text
+    year, month, day, hh, mm, ss = (int(text[a:b]) for a, b in ((0, 4), (4, 6), (6, 8), (8, 10), (10, 12), (12, 14)))
+    return f"{_MONTHS[month - 1]} {day:2d} {hh:02d}:{mm:02d}:{ss:02d} {year} GMT"
+
+
+def _san_value(kind: int, value: bytes) -> str:
+    """Return one GeneralName as ssl shows it (an IPv6 address as eight uncompressed hex groups)."""
+    if kind == 0x87 and len(value) == 16:
+        return ":".join(f"{int.from_bytes(value[i:i + 2], 'big'):X}" for i in range(0, 16, 2))
+    if kind == 0x87:
+        return str(ipaddress.ip_address(value))
+    return value.decode("latin-1") if kind in _SAN_KINDS else "<unsupported>"
+
+
+def _der_san(extensions: bytes) -> list[str]:
+    """Return the subjectAltName entries of X.509 extensions: DNS names, IP addresses, e-mails, URIs."""
+    for _, extension in der_items(der_items(extensions)[0][1]):
+        parts = der_items(extension)
+        if parts[0][1] == _OID_SAN:
+            names = der_items(parts[-1][1])[0][1]
+            return [_san_value(kind, value) for kind, value in der_items(names)]
+    return []
+
+
+def decode_certificate(pem: bytes) -> dict:
+    """Return CN, Issuer (its CN), Not_Before, Not_After and SAN of the first certificate of a PEM text."""
+    found = _PEM_CERTIFICATE.search(pem)
+    if found is None:
+        raise ValueError("no PEM certificate in it")
+    der = base64.b64decode(b"".join(found.group(1).split()))
+    tbs = der_items(der_items(der)[0][1])[0][1]
+    fields = der_items(tbs)
+    if fields[0][0] == 0xA0:  # [0] version
+        fields = fields[1:]
+    issuer, validity, subject = fields[2][1], der_items(fields[3][1]), fields[4][1]
+    extensions = next((v for t, v in fields[6:] if t == 0xA3), b"")
+    return {"CN": _der_cn(subject), "Issuer": _der_cn(issuer), "Not_Before": _der_time(*validity[0]),
+            "Not_After": _der_time(*validity[1]), "SAN": ", ".join(_der_san(extensions)) if extensions else ""}
+
+
+def certificate_rows(files: Iterable[str], now: float) -> list[dict]:
+    """Describe PEM certificate files as tls show does (the first certificate of each file)."""
+    rows = []
+    for path in files:
+        try:
+            cert = decode_certificate(read_regular_file(path, MAX_SMALL_FILE, "a certificate file")[0])
+        except (OSError, ValueError, IndexError, FileRefused) as exc:  # UnicodeDecodeError is a ValueError
+            rows.append({"File": path, "Not_Before": "", "Not_After": "", "CN": f"unreadable: {exc}", "Issuer": "",
+                         "SAN": "", "expires": now})
+            continue
+        rows.append({"File": path, **cert, "expires": ssl.cert_time_to_seconds(cert["Not_After"]),
+                     "valid_from": ssl.cert_time_to_seconds(cert["Not_Before"])})
+    return rows
+
+
+def _certificate_files(node: NodeApi) -> list[str]:
+    files = []
+    for listener in node.tls_listeners():
+        for key in ("certfile", "cafile"):
+            path = listener.option(key)
+            if path and path not in files:
+                files.append(path)
+    return files
+
+
+@command("tls", "show", read_only=True)
+def cmd_tls_show(call: Call) -> Any:
+    """Show the certificates of the TLS listeners: validity, CN, issuer, SAN."""
+    rows = certificate_rows(_certificate_files(call.node), time.time())
+    return Table(tuple({k: r[k] for k in ("File", "Not_Before", "Not_After", "CN", "Issuer", "SAN")} for r in rows),
+                 ("File", "Not_Before", "Not_After", "CN", "Issuer", "SAN"))
+
+
+@command("tls", "check", read_only=True, flags=(
+    Param("validity", parse_int_range(0), short="v", doc="seconds a certificate must stay valid (172800)"),))
+def cmd_tls_check(call: Call) -> Any:
+    """Check that every TLS certificate stays valid for --validity seconds."""
+    now, validity = time.time(), call.flags.get("validity")
+    validity = 172800 if validity is None else validity
+    bad = [r for r in certificate_rows(_certificate_files(call.node), now)
+           if r["expires"] - now < validity or r.get("valid_from", now) > now]
+    if not bad:
+        return "All fine"
+    return Table(tuple({"File": r["File"], "Not_Before": r["Not_Before"], "Not_After": r["Not_After"],
+                        "SecExp": int(r["expires"] - now), "SecToVal": int(max(0, r.get("valid_from", now) - now))}
+                       for r in bad))
+
+
+METRIC_LABELS = ("mqtt_version", "reason_code", "return_code")
+
+
+@command("metrics", "show", quick=True, read_only=True, flags=(
+    Param("with-descriptions", short="d", value="none", doc="print each metric's description"),
+    Param("aggregate", lambda v: v == "true", short="a", doc="true (default): sum series of one name"),
+    *(Param(label, doc=f"only metrics with this {label}") for label in METRIC_LABELS)))
+def cmd_metrics_show(call: Call) -> Any:
+    """Show every metric as lines of <type>.<name> = <value>."""
+    wanted = {k: call.flags[k] for k in METRIC_LABELS if k in call.flags}
+    series = [(name, labels, value) for (name, labels), value in call.node.metric_samples().items()
+              if all(dict(labels).get(k) == v for k, v in wanted.items())]
+    if call.flags.get("aggregate", True):
+        totals: dict[str, int] = {}
+        for name, _, value in series:
+            totals[name] = totals.get(name, 0) + value
+        series = [(name, (), value) for name, value in totals.items()]
+    lines = []
+    for name, labels, value in series:
+        kind, doc = METRIC_DEFINITIONS.get(name, ("gauge", name, ()))[:2]
+        shown = name + ("{" + ",".join(f'{k}="{v}"' for k, v in labels) + "}" if labels else "")
+        line = f"{kind}.{shown} = {value}\n"
+        lines.append(f"# {doc}\n{line}\n" if "with-descriptions" in call.flags else line)
+    return Text("".join(lines))
+
+
+@command("metrics", "reset")
+def cmd_metrics_reset(call: Call) -> Any:
+    """Set every counter back to zero."""
+    call.node.reset_metrics()
+    return "Done"
+
+
+SESSION_FIELDS = (  # README, "The command catalogue"; VerneMQ vmq_info:fields_config/0
+    "node", "mountpoint", "client_id", "queue_pid", "queue_size", "session_pid", "is_offline", "is_online",
+    "statename", "deliver_mode", "offline_messages", "online_messages", "num_sessions", "clean_session",
+    "is_plugin", "queue_started_at", "user", "peer_host", "peer_port", "protocol", "waiting_acks",
+    "session_started_at", "topic", "qos", "rap", "no_local", "msg_ref", "msg_qos", "routing_key", "dup", "payload",
+)
+SESSION_DEFAULT_COLUMNS = ("client_id", "is_online", "mountpoint", "peer_host", "peer_port", "user")
+SUBSCRIPTION_FIELDS = ("topic", "qos", "rap", "no_local")
+MESSAGE_FIELDS = ("msg_ref", "msg_qos", "routing_key", "dup", "payload")
+SECRET_SESSION_FIELDS = ("payload",)  # what a mgmt_ro key may not select or filter on (README, "API keys")
+
+
+def _expand(record: Mapping[str, Any], fields: set[str]) -> list[Mapping[str, Any]]:
+    """One row per subscription and/or queued message when their fields are used."""
+    rows: list[Mapping[str, Any]] = [record]
+    for group, items in ((SUBSCRIPTION_FIELDS, "subscriptions"), (MESSAGE_FIELDS, "messages")):
+        if not fields.isdisjoint(group):
+            rows = [{**row, **item} for row in rows for item in record.get(items, ())]
+    return rows
+
+
+def session_query(flags: Mapping[str, Any]) -> tuple[list[str], dict[str, str], set[str]]:
+    """Return session show's (selected columns, filters, every field used) for its flags."""
+    selected = [f for f in SESSION_FIELDS if f in flags and flags[f] is None] or list(SESSION_DEFAULT_COLUMNS)
+    filters = {f: flags[f] for f in SESSION_FIELDS if flags.get(f) is not None}
+    return selected, filters, set(selected) | set(filters)
+
+
+def compile_filters(filters: Mapping[str, str]) -> list[tuple[str, str, Any, int]]:
+    """Return (field, wanted text, compiled ~regex or None, characters the regex sees) per filter."""
+    out = []
+    for name, wanted in filters.items():
+        regex = wanted[1:] if wanted.startswith("~") else None
+        out.append((name, wanted, regex and re.compile(regex), regex and regex_text_limit(regex)))
+    return out
+
+
+def _matches(row: Mapping[str, Any], filters: Sequence[tuple[str, str, Any, int]]) -> bool:
+    for name, wanted, regex, limit in filters:
+        shown = _cell(row.get(name)) if row.get(name) is not None else "null"
+        if regex is not None:
+            if not regex.search(shown, 0, limit):
+                return False
+        elif shown != wanted:
+            return False
+    return True
+
+
+ROWTIMEOUT_DEFAULT = 100  # ms, VerneMQ session show --rowtimeout
+
+
+def session_table(records: Iterable[Mapping[str, Any]], flags: Mapping[str, Any],
+                  clock: Callable[[], float] = time.monotonic) -> Any:
+    """Select, filter, expand, order and page session records as session show does.
+
+    ``--field`` selects a column, ``--field=v`` filters (``~regex`` by regular
+    expression); filters AND; rows come ordered by (mountpoint, client_id) and
+    their keys alphabetically. A scan that finds no row within ``--rowtimeout``
+    ms stops: the answer is the rows found and an alert saying so.
+    """
+    selected, filters, used = session_query(flags)
+    matchers = compile_filters(filters)
+    ordered = sorted(records, key=lambda r: (r.get("mountpoint", ""), r.get("client_id", "")))
+    offset, limit = flags.get("offset") or 0, flags.get("limit") or 100
+    budget = (flags.get("rowtimeout") or ROWTIMEOUT_DEFAULT) / 1000
+    rows, last, cut = [], clock(), False
+    for row in (row for rec in ordered for row in _expand(rec, used)):
+        if not matchers or _matches(row, matchers):
+            rows.append(row)
+            last = clock()
+            if len(rows) >= offset + limit:
+                break
+        elif clock() - last > budget:
+            cut = True
+            break
+    columns = tuple(sorted(selected))
+    table = Table(tuple({c: row.get(c) for c in columns} for row in rows[offset:offset + limit]), columns)
+    if not cut:
+        return table
+    return [table, alert(f"session show stopped after {len(rows)} rows: no further row matched within "
+                         f"--rowtimeout={int(budget * 1000)} ms; narrow the filter or raise --rowtimeout")]
+
+
+@command("session", "show", read_only=True, quick=lambda node: node.session_count() <= QUICK_SESSION_SHOW,
+         flags=(
+    Param("limit", parse_positive_int, doc="rows to return at most (default 100)"),
+    Param("rowtimeout", parse_positive_int, doc="milliseconds to wait for a row (default 100)"),
+    Param("offset", parse_int_range(0), doc="rows to skip first, for paging"),
+    *(Param(f, parse_regex_or_text, value="optional", doc="select; =value or =~regex filters",
+            secret=f in SECRET_SESSION_FIELDS) for f in SESSION_FIELDS)))
+def cmd_session_show(call: Call) -> Any:
+    """Show sessions; --field selects a column, --field=value filters (=~regex too)."""
+    wanted = call.flags.get("client_id")
+    lookup = wanted if wanted is not None and not wanted.startswith("~") else None
+    selected, filters, used = session_query(call.flags)
+    subs, msgs = not used.isdisjoint(SUBSCRIPTION_FIELDS), not used.isdisjoint(MESSAGE_FIELDS)
+    if filters or subs or msgs:
+        return session_table(call.node.session_records(lookup, subs, msgs), call.flags)
+    offset, limit = call.flags.get("offset") or 0, call.flags.get("limit") or 100
+    columns = tuple(sorted(selected))
+    return Table(tuple(call.node.session_rows(lookup, columns, slice(offset, offset + limit))), columns)
+
+
+_MOUNTPOINT = Param("mountpoint", short="m", doc="the session's mountpoint (default none)")
+
+
+@command("session", "disconnect", keys=(Param("client-id", doc="the client to disconnect"),),
+         required=("client-id",),
+         flags=(_MOUNTPOINT, Param("cleanup", short="c", value="none", doc="also remove the session and its queue")))
+def cmd_session_disconnect(call: Call) -> Any:
+    """Disconnect a client; with --cleanup also delete its session."""
+    call.node.disconnect_session(call.args["client-id"], call.flags.get("mountpoint") or "", "cleanup" in call.flags)
+    return "Done"
+
+
+def parse_id_list(text: str) -> tuple[str, ...]:
+    """Parse a comma separated list of client ids."""
+    ids = tuple(i for i in text.split(",") if i)
+    if not ids:
+        raise ValueError("expected a comma separated list of client ids")
+    return ids
+
+
+@command("session", "disconnect", "clients", keys=(Param("client-ids", parse_id_list, doc="a,b,c"),),
+         required=("client-ids",),
+         flags=(_MOUNTPOINT, Param("cleanup", short="c", value="none", doc="also remove the sessions")))
+def cmd_session_disconnect_clients(call: Call) -> Any:
+    """Disconnect several clients at once."""
+    for client_id in call.args["client-ids"]:
+        call.node.disconnect_session(client_id, call.flags.get("mountpoint") or "", "cleanup" in call.flags)
+    return "Done"
+
+
+@command("session", "disconnect", "batch", keys=(Param("count", parse_positive_int, doc="clients to disconnect"),),
+         required=("count",), flags=(
+             _MOUNTPOINT, Param("cleanup", short="c", value="none", doc="also remove the sessions"),
+             Param("filter-client-ids", parse_id_list, short="f", doc="client ids to spare (a,b)"),
+             Param("node", short="n", doc="only on this node")))
+def cmd_session_disconnect_batch(call: Call) -> Any:
+    """Disconnect up to count online clients, for example to move load off a node."""
+    target = call.flags.get("node")
+    if target not in (None, call.node.name):
+        if target in call.node.cluster_peers():
+            try:
+                call.node.call_node(target, "broker", "disconnect_batch", call.args["count"],
+                                    call.flags.get("mountpoint") or "", "cleanup" in call.flags,
+                                    list(call.flags.get("filter-client-ids") or ()))
+            except ClusterError as exc:
+                return alert(f"cannot reach {target}: {exc.text}")
+        return "Done"  # VerneMQ: no session of a node outside the cluster matches
+    call.node.disconnect_batch(call.args["count"], call.flags.get("mountpoint") or "", "cleanup" in call.flags,
+                               call.flags.get("filter-client-ids") or ())
+    return "Done"
+
+
+@command("session", "unsubscribe", keys=(Param("client-id", doc="the session's client id"),
+                                         Param("topic", doc="the subscription's filter")),
+         required=("client-id", "topic"), flags=(_MOUNTPOINT,))
+def cmd_session_unsubscribe(call: Call) -> Any:
+    """Remove one subscription from a session."""
+    done = call.node.unsubscribe(call.args["client-id"], call.args["topic"], call.flags.get("mountpoint") or "")
+    return "Done" if done else "Not successful"
+
+
+@command("session", "reauthorize", keys=(Param("username", doc="the user to check as"),
+                                         Param("client-id", doc="the session's client id")),
+         required=("username", "client-id"), flags=(_MOUNTPOINT,))
+def cmd_session_reauthorize(call: Call) -> Any:
+    """Check a session's subscriptions against the ACL again and drop the refused ones."""
+    dropped = call.node.reauthorize(call.args["username"], call.args["client-id"], call.flags.get("mountpoint") or "")
+    return "Done" if dropped else "Unchanged"
+
+
+@command("retain", "delete", flags=(Param("topic", short="t", value="optional", doc="the retained topic"),
+                                    Param("mountpoint", short="m", doc="its mountpoint (default none)")))
+def cmd_retain_delete(call: Call) -> Any:
+    """Delete one retained message."""
+    topic = call.flags.get("topic")
+    if not topic or call.node.topic_problem(topic) is not None:
+        return alert("No valid topic given.")
+    if not call.node.delete_retained(call.flags.get("mountpoint") or "", topic):
+        return alert(f"No retained message for topic {topic!r}.")
+    return "Done"
+
+
+@command("retain", "delete-expired")
+def cmd_retain_delete_expired(call: Call) -> Any:
+    """Delete the retained messages whose MQTT 5 Message Expiry Interval has passed (3.1.1 ones never expire)."""
+    return Table(({"expired": call.node.delete_expired_retained() or 0},))
+
+
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+@command("log", "show", "config", quick=True, read_only=True)
+def cmd_log_show_config(call: Call) -> Any:
+    """Show the loggers: name, level, where they write."""
+    rows = [{"logger": "vmqapi", "level": logging.getLevelName(log.getEffectiveLevel()).lower(),
+             "type": "logger", "file": "-"}]
+    for n, handler in enumerate(logging.getLogger().handlers + log.handlers):
+        rows.append({"logger": f"handler{n}", "level": logging.getLevelName(handler.level).lower(),
+                     "type": "file" if isinstance(handler, logging.FileHandler) else "console",
+                     "file": getattr(handler, "baseFilename", "-")})
+    return Table(tuple(rows), ("logger", "level", "type", "file"))
+
+
+@command("log", "level", keys=(Param("logger", doc="vmqapi or a handlerN of log show config"),
+                               Param("level", parse_choice(*LOG_LEVELS), doc=", ".join(LOG_LEVELS))),
+         required=("logger", "level"))
+def cmd_log_level(call: Call) -> Any:
+    """Change a logger's level at run time."""
+    name, level = call.args["logger"], call.args["level"].upper()
+    handlers = logging.getLogger().handlers + log.handlers
+    if name == "vmqapi":
+        log.setLevel(level)
+    elif re.fullmatch(r"handler[0-9]+", name) and int(name[7:]) < len(handlers):
+        handlers[int(name[7:])].setLevel(level)
+    else:
+        return alert(f"unknown logger {name!r}; log show config lists them")
+    return "Done"
+
+
+@command("trace", "client", keys=(Param("client-id", doc="the client to trace"),), required=("client-id",),
+         read_only=True, secret=True, flags=(
+             _MOUNTPOINT, Param("rate-max", parse_positive_int, doc="lines per interval (10)"),
+             Param("rate-interval", parse_positive_int, doc="the interval in ms (100)"),
+             Param("trunc-payload", parse_int_range(0), doc="payload bytes shown (200)"),
+             Param("duration", parse_int_range(1, 600), doc="seconds to trace over HTTP (5)"),
+             Param("follow", doc="a token of your choosing: the trace stays on between calls that give it, "
+                                 "so repeated calls miss nothing (the CLI's streaming uses it)")))
+def cmd_trace_client(call: Call) -> Any:
+    """Trace a client's packets both ways (the CLI streams until Ctrl-C; HTTP answers after --duration)."""
+    trunc = call.flags.get("trunc-payload")
+    rate = (call.flags.get("rate-max") or 10, call.flags.get("rate-interval") or 100, 200 if trunc is None else trunc)
+    lines = call.node.trace_client(call.args["client-id"], call.flags.get("mountpoint") or "",
+                                   call.flags.get("duration") or 5, rate, call.flags.get("follow"))
+    return Text("".join(line + "\n" for line in lines))
+
+
+@command("plugin", "show", quick=True, read_only=True, flags=(
+    Param("plugin", doc="show only this plugin"), Param("hook", doc="show only plugins with this hook"),
+    Param("internal", value="none", doc="show internal hooks too (accepted as in VerneMQ; vmqapi has none)")))
+def cmd_plugin_show(call: Call) -> Any:
+    """Show the enabled plugins and the hooks they register."""
+    rows = [r for r in call.node.plugin_rows()
+            if call.flags.get("plugin") in (None, r["Plugin"])
+            and (call.flags.get("hook") is None or call.flags["hook"] in r["Hook(s)"].split("\n"))]
+    return Table(tuple(rows), ("Plugin", "Type", "Hook(s)", "M:F/A"))
+
+
+@command("retain", "show", read_only=True, default_columns=("payload", "topic"), flags=(
+    Param("limit", parse_positive_int, doc="rows to return at most (default 100)"),
+    Param("rowtimeout", parse_positive_int, doc="milliseconds to wait for a row (default 100)"),
+    Param("payload", value="optional", doc="select; =value filters", secret=True),
+    Param("topic", value="optional", doc="select; =value filters"),
+    Param("mountpoint", value="optional", doc="select; =value filters (default: the empty mountpoint)")))
+def cmd_retain_show(call: Call) -> Any:
+    """Show retained messages; --field selects a column, --field=value filters."""
+    fields = ("mountpoint", "payload", "topic")
+    selected = [f for f in fields if f in call.flags and call.flags[f] is None] or list(call.command.default_columns)
+    filters = {f: call.flags[f] for f in fields if call.flags.get(f) is not None}
+    filters.setdefault("mountpoint", "")
+    rows = [r for r in call.node.retained_rows() if all(r[f] == v for f, v in filters.items())]
+    limit = call.flags.get("limit") or 100
+    return Table(tuple({f: r[f] for f in sorted(selected)} for r in rows[:limit]), tuple(sorted(selected)))
+
+
+def _plugin_switch(call: Call, on: bool) -> Any:
+    name = call.flags.get("name")
+    if not name:
+        return alert("Incomplete plugin specification")
+    if not call.node.enable_plugin(name, on):
+        return alert(f"Can't {'enable' if on else 'disable'} plugin: {name} due to 'not_found'")
+    return "Done"
+
+
+@command("plugin", "enable", flags=(Param("name", short="n", doc="the plugin to enable"),))
+def cmd_plugin_enable(call: Call) -> Any:
+    """Turn a plugin's checks and hooks on."""
+    return _plugin_switch(call, True)
+
+
+@command("plugin", "disable", flags=(Param("name", short="n", doc="the plugin to disable"),))
+def cmd_plugin_disable(call: Call) -> Any:
+    """Turn a plugin's checks and hooks off (vmq_passwd off: nobody logs in with a password)."""
+    return _plugin_switch(call, False)
+
+
+_NODE_FLAGS = (Param("node", short="n", doc="the node to act on (this node)"),
+               Param("all", short="a", value="none", doc="act on every node of the cluster"))
+
+
+def _check_node_flags(call: Call) -> None:
+    if "node" in call.flags and "all" in call.flags:
+        raise BadRequest("--node and --all exclude each other", call.command.usage())
+    if call.flags.get("node") not in (None, call.node.name, *call.node.cluster_members()):
+        raise InvalidValue(f"bad_node: {call.flags['node']!r} is not a node of this cluster", call.command.usage())
+
+
+@command("set", open_keys=True, flags=_NODE_FLAGS)
+def cmd_set(call: Call) -> Any:
+    """Change settings at run time: set key=value ... (see describe <key>)."""
+    _check_node_flags(call)
+    if not call.args:
+        raise MissingArgument("set needs at least one key=value", call.command.usage())
+    changes = {}
+    for key, text in call.args.items():
+        if not find_setting(key).settable:
+            raise InvalidKey(f"{key} cannot be set at run time", call.command.usage())
+        changes[key] = parse_setting(key, text)
+    target = "*" if "all" in call.flags else call.flags.get("node") or call.node.name
+    if target in ("*", call.node.name):
+        call.node.apply_settings(changes)
+    if target != call.node.name:  # replicated: a node that is down takes it on return
+        call.node.replicate_settings(target, {key: str(text) for key, text in call.args.items()})
+    return []
+
+
+def _shown_setting(value: Any) -> Any:
+    return value if isinstance(value, int) and not isinstance(value, bool) else render_value(value)
+
+
+@command("show", extra_words="key", quick=True, read_only=True, flags=_NODE_FLAGS)
+def cmd_show(call: Call) -> Any:
+    """Show the current value of settings: show <key> [<key> ...]."""
+    _check_node_flags(call)
+    if not call.extra:
+        raise MissingArgument("show needs at least one setting name", call.command.usage())
+    rows = [_setting_row(call.node, call.extra)]
+    if "all" in call.flags or call.flags.get("node") not in (None, call.node.name):
+        wanted = call.flags.get("node")
+        rows = [r for r in rows if wanted in (None, r["node"])]
+        rows += [row for peer, row in call.node.gather("show", list(call.extra)) if wanted in (None, peer)]
+    return Table(tuple(rows))
+
+
+def _setting_row(node: NodeApi, keys: Sequence[str]) -> dict:
+    """Return show's row of one node: its name and each setting's value (a secret one masked)."""
+    config = node.config
+    row = {"node": node.name}
+    for key in keys:
+        setting, value = find_setting(key), config[key]
+        if setting.secret and value:
+            row[key] = SECRET_SHOWN
+        else:
+            row[key] = setting.masked(value) if setting.masked and value else _shown_setting(value)
+    return row
+
+
+@command("describe", extra_words="key", quick=True, read_only=True)
+def cmd_describe(call: Call) -> Any:
+    """Describe settings: describe <key> [<key> ...]."""
+    if not call.extra:
+        raise MissingArgument("describe needs at least one setting name", call.command.usage())
+    return [Text(f"{key}:\n  {find_setting(key).doc}\n") for key in call.extra]
+
+
+###############################################################################
+# 7. HTTP: the admin API ######################################################
+###############################################################################
+# Owns: the admin API's rules (method, auth, command, OPTIONS, Accept, run) as
+#       pure functions from a Request to a Response; /api/v2 and HTTP publish (README, "HTTP publish").
+# Must not know: sockets, MQTT internals, the key file's format.
+
+HTTP_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "POST"})
+# Known to HTTP (RFC 9110 9.3), refused with 405 and Allow; 501 is for methods not known (15.6.2).
+REFUSED_METHODS = frozenset({"PUT", "PATCH", "DELETE", "TRACE", "CONNECT"})
+JSON_TYPE = "application/json"
+FORM_TYPE = "application/x-www-form-urlencoded"
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """An HTTP request as read off the wire; header names are lower case."""
+
+    method: str
+    target: str
+    headers: Mapping[str, str] = field(default_factory=dict)
+    body: bytes = b""
+    peer: tuple = ("", 0)  # the client's (address, port), for the plugin hooks of an HTTP publish
+    scheme: str = "http"  # the listener's (http or https): the node's own origin is scheme://Host
+
+
+@dataclass(frozen=True, slots=True)
+class Response:
+    """An HTTP response; ``after`` runs once it has been sent."""
+
+    status: int
+    headers: tuple[tuple[str, str], ...] = ()
+    body: bytes = b""
+    after: tuple[Callable[[], Any], ...] = ()
+
+
+def error_response(exc: VmqError, extra: Iterable[tuple[str, str]] = ()) -> Response:
+    """Return the JSON error answer of README, "The API by example" for ``exc``."""
+    headers = [("Content-Type", JSON_TYPE), *extra]
+    if exc.http_status == 401:
+        headers.append(("WWW-Authenticate", REALM))
+    if exc.http_status == 405:
+        headers.append(("Allow", getattr(exc, "allow", ALLOW)))
+    if exc.http_status == 503:
+        headers.append(("Retry-After", str(getattr(exc, "retry_after", 1))))
+    body = json.dumps(exc.to_json(), separators=(",", ":"), ensure_ascii=False).encode()
+    return Response(exc.http_status, tuple(headers), body)
+
+
+@functools.lru_cache(maxsize=256)
+def _basic_user(credentials: str) -> str:
+    """Return the user part of Basic credentials (memoised: a client sends the same header each time)."""
+    try:
+        decoded = base64.b64decode(credentials, validate=True).decode("utf-8")
+    except (binascii.Error, ValueError):
+        raise BadRequest("malformed Authorization header: the credentials are not base64 of UTF-8") from None
+    if ":" not in decoded:
+        raise BadRequest("malformed Authorization header: the credentials have no ':'")
+    return decoded.partition(":")[0]
+
+
+def request_key(headers: Mapping[str, str]) -> str:
+    """Return the API key a request carries (Basic user name, else x-api-key).
+
+    Raises Unauthorized when there is none, BadRequest when Authorization is malformed.
+    """
+    auth = headers.get("authorization")
+    if auth is None:
+        key = headers.get("x-api-key", "").strip()
+        if not key:
+            raise Unauthorized("an API key is needed: Authorization: Basic base64(<key>:) or x-api-key: <key>")
+        return key
+    scheme, _, credentials = auth.strip().partition(" ")
+    if scheme.lower() in ("bearer", "digest"):
+        raise Unauthorized(f"{scheme} credentials are not accepted; send the API key with Basic")
+    if scheme.lower() != "basic":
+        raise BadRequest("malformed Authorization header: expected Basic base64(<key>:)")
+    key = _basic_user(credentials.strip())
+    if not key:
+        raise Unauthorized("the Authorization header carries an empty key")
+    return key
+
+
+def authenticate(node: NodeApi, module: str, headers: Mapping[str, str], scopes: Sequence[str]) -> str:
+    """Return the scope a request may act in for ``module``; raise on failure."""
+    if node.config[f"http_module.{module}.auth.mode"] == "noauth":
+        return scopes[0]
+    secret = headers.get(SECRET_HEADER)
+    if secret is not None and hmac.compare_digest(secret.encode("utf-8", "replace"), node.secret.encode()):
+        return scopes[0]
+    try:
+        key = request_key(headers)
+        scope = node.keystore.authenticate(key, scopes)
+        if scope is None:
+            raise Unauthorized("the API key is unknown, expired, or not valid for this endpoint")
+    except (Unauthorized, BadRequest):
+        node.metrics.incr("http_api_auth_failed")
+        raise
+    return scope
+
+
+def accepts_json(accept: str | None) -> bool:
+    """Return whether an Accept header admits application/json (no header does)."""
+    if accept is None or not accept.strip():
+        return True
+    for part in accept.split(","):
+        media, *params = (p.strip() for p in part.split(";"))
+        q = 1.0
+        for p in params:
+            name, _, value = p.partition("=")
+            if name.strip().lower() == "q":
+                try:
+                    q = float(value)
+                except ValueError:
+                    q = 0.0
+        if media.lower() in (JSON_TYPE, "application/*", "*/*") and q > 0:
+            return True
+    return False
+
+
+def apply_alias(words: tuple[str, ...]) -> tuple[str, ...]:
+    """Map ``sessions`` to ``session show``, ``sessions/x`` to ``session/x``, and so on."""
+    if words and words[0] in PATH_ALIASES:
+        target = PATH_ALIASES[words[0]]
+        return target if len(words) == 1 else (target[0], *words[1:])
+    return words
+
+
+@functools.lru_cache(maxsize=1024)
+def parse_target(rest: str, query: str) -> Argv:
+    """Parse the path after /api/v1/ and the query into an Argv (memoised: dashboards repeat themselves)."""
+    return parse_query(apply_alias(parse_path_words(rest)), query)
+
+
+def request_argv(req: Request, rest: str, query: str) -> Argv:
+    """Build the Argv from the path, query string and (for POST) a form body."""
+    if req.method == "POST" and req.body:
+        ctype = req.headers.get("content-type", "").split(";")[0].strip().lower()
+        if ctype != FORM_TYPE:
+            raise BadRequest(f"a POST body must be {FORM_TYPE}")
+        try:
+            form = req.body.decode("ascii")
+        except UnicodeDecodeError:
+            raise BadRequest("a form body must be percent-encoded ASCII") from None
+        query = f"{query}&{form}" if query else form
+    return parse_target(rest, query)
+
+
+_ELEMENT_SCHEMAS = {
+    "Text": {"type": "object", "required": ["text", "type"],
+             "properties": {"text": {"type": "string"}, "type": {"const": "text"}}},
+    "Table": {"type": "object", "required": ["table", "type"],
+              "properties": {"table": {"type": "array", "items": {"type": "object"}}, "type": {"const": "table"}}},
+    "Alert": {"type": "object", "required": ["alert", "type"],
+              "properties": {"alert": {"type": "array", "items": {"$ref": "#/components/schemas/Element"}},
+                             "type": {"const": "alert"}}},
+    "List": {"type": "object", "required": ["list", "type"],
+             "properties": {"list": {"type": "array"}, "title": {"type": "string"}, "type": {"const": "list"}}},
+    "Element": {"oneOf": [{"$ref": f"#/components/schemas/{n}"} for n in ("Text", "Table", "Alert", "List")]},
+    "Result": {"oneOf": [{"$ref": "#/components/schemas/Element"},
+                         {"type": "array", "items": {"$ref": "#/components/schemas/Element"}}]},
+    "Error": {"type": "object", "required": ["error", "text", "type"],
+              "properties": {"error": {"type": "string"}, "text": {"type": "string"}, "type": {"const": "error"},
+                             "usage": {"type": "string"}}},
+}
+
+
+def _openapi_operation(cmd: Command) -> dict:
+    params = [{"name": k.name, "in": "query", "required": k.name in cmd.required, "description": k.doc,
+               "schema": {"type": "string", "minLength": 1}} for k in cmd.keys]
+    for f in cmd.flags:
+        schema = {"type": "string", "maxLength": 0} if f.value == "none" else {"type": "string"}
+        params.append({"name": f"--{f.name}", "in": "query", "required": False, "description": f.doc,
+                       "allowEmptyValue": f.value != "required", "schema": schema})
+    if cmd.extra_words:
+        params.append({"name": cmd.extra_words, "in": "path", "required": True, "schema": {"type": "string"},
+                       "description": "one or more words, separated by /"})
+    error = {"description": "error", "content": {JSON_TYPE: {"schema": {"$ref": "#/components/schemas/Error"}}}}
+    return {"summary": " ".join((cmd.doc or "").split()) or " ".join(cmd.words),
+            "operationId": "_".join(w.replace("-", "_") for w in cmd.words),
+            "tags": [cmd.words[0]], "parameters": params,
+            "responses": {"200": {"description": "the command's result",
+                                  "content": {JSON_TYPE: {"schema": {"$ref": "#/components/schemas/Result"}}}},
+                          **{code: error for code in ("400", "401", "403", "406", "500")}}}
+
+
+OPENAPI_HTTP_ERRORS = {  # JSON errors the HTTP layer may answer to any request (README, "The API by example")
+    "400": "a request that cannot be read (header lines, Content-Length, a query not UTF-8, Authorization)",
+    "413": "a body over listener.max_body_size", "414": "a request line over listener.max_request_line_length",
+    "431": "header fields over the listener's limits", "500": "a bug, logged; the node serves on",
+    "503": "no thread to answer now (Retry-After)", "505": "an HTTP version other than 1.0 and 1.1"}
+
+
+OPENAPI_CROSS_SITE = "a change asked by another site's page (Sec-Fetch-Site, Origin)"
+
+
+def _openapi_answers(texts: Iterable[tuple[int, str]], errors: Mapping[str, str]) -> dict:
+    """Return OpenAPI responses: plain-text answers (status, text) and JSON errors ({status: when}), merged
+    per status, each with the content type the node sends it as."""
+    answers: dict[str, dict] = {}
+
+    def add(code: str, kind: str, schema: dict, line: str) -> None:
+        entry = answers.setdefault(code, {"description": "", "content": {}})
+        entry["content"][kind] = {"schema": schema}
+        entry["description"] = f"{entry['description']}; {line}" if entry["description"] else line
+    for code, line in texts:
+        add(str(code), TEXT_TYPE, {"type": "string"}, line)
+    for code, when in errors.items():
+        add(code, JSON_TYPE, {"$ref": "#/components/schemas/Error"}, f"JSON error: {when}")
+    return dict(sorted(answers.items()))
+
+
+def _openapi_plugin_paths() -> dict:
+    """Return the OpenAPI paths of /api/v2 and HTTP publish, which are not commands."""
+    def query(name: str, doc: str, required: bool = False, empty: bool = False) -> dict:
+        return {"name": name, "in": "query", "required": required, "description": doc,
+                "allowEmptyValue": empty, "schema": {"type": "string"}}
+    subscriber = [query("client_id", "the client id", True), query("mountpoint", "its mountpoint (default empty)")]
+    v2_errors = {**OPENAPI_HTTP_ERRORS, "400": "client_id missing, or an id no MQTT client could have; " +
+                 OPENAPI_HTTP_ERRORS["400"], "401": "no API key of scope api2", "406": "Accept excludes application/json"}
+    v2 = _openapi_answers([(400, "invalid_command: no such command")], v2_errors)
+    client = {"summary": "A session's status (online, offline, unknown), with &topics its subscriptions",
+              "operationId": "api_v2_client", "tags": ["api2"],
+              "parameters": [*subscriber, query("topics", "list the subscriptions too", empty=True)],
+              "responses": {"200": {"description": "status and topics", "content": {JSON_TYPE: {"schema": {
+                  "type": "object", "required": ["status"], "properties": {
+                      "status": {"enum": ["online", "offline", "unknown", "no_queue"]},
+                      "topics": {"oneOf": [{"type": "object", "additionalProperties": {"type": "integer"}},
+                                           {"type": "array", "maxItems": 0}]}}}}}}, **v2}}
+    disconnect = {"summary": "Disconnect a client; with &cleanup drop its session too",
+                  "operationId": "api_v2_disconnect", "tags": ["api2"],
+                  "parameters": [*subscriber, query("cleanup", "drop the session too", empty=True)],
+                  "responses": {"200": {"description": "ok, or unknown when there is no such session",
+                                        "content": {JSON_TYPE: {"schema": {"enum": ["ok", "unknown"]}}}},
+                                **_openapi_answers([(400, "invalid_command: no such command")], {
+                                    **v2_errors, "403": OPENAPI_CROSS_SITE})}}
+    answers = _openapi_answers(HTTP_PUB_ANSWERS.values(), {  # the plain-text body names the case
+        **OPENAPI_HTTP_ERRORS, "401": "no API key of scope httppub", "403": OPENAPI_CROSS_SITE})
+    body = {"type": "object", "required": ["topic", "payload"], "properties": {
+        **{k: {"type": "string"} for k in ("topic", "payload", "user", "password", "client_id")},
+        "qos": {"enum": [0, 1, 2]}, "retain": {"type": "boolean"},
+        "user_properties": {"type": "array", "items": {"type": "object"}}}}
+    publish = {"summary": "Publish a message as an MQTT client would (vmq_http_pub); the fields in a JSON "
+                          "body, or in headers or the query with the payload as the body",
+               "tags": ["httppub"], "responses": answers,
+               "parameters": [query("encoding", "plain (default) or base64: how the JSON payload is written")],
+               "requestBody": {"content": {JSON_TYPE: {"schema": body},
+                                           "application/octet-stream": {"schema": {"type": "string"}}}}}
+    return {"/api/v2/client": {"get": client}, "/api/v2/disconnect": {"get": disconnect},
+            "/restmqtt/api/v1/publish": {"post": {**publish, "operationId": "http_publish"},
+                                         "put": {**publish, "operationId": "http_publish_put"}}}
+
+
+def openapi_document(commands: CommandTable) -> dict:
+    """Return an OpenAPI 3.1 description of /api/v1, generated from the command table."""
+    paths = {}
+    for cmd in commands:
+        path = "/api/v1/" + "/".join(cmd.words) + (f"/{{{cmd.extra_words}}}" if cmd.extra_words else "")
+        paths[path] = {"get": _openapi_operation(cmd)}
+    paths.update(_openapi_plugin_paths())
+    return {"openapi": "3.1.0",
+            "info": {"title": "vmqapi admin API (VerneMQ /api/v1)", "version": __version__,
+                     "description": "Every vmq-admin command as GET /api/v1/<words>?key=value&--flag; "
+                                    "POST with a form body takes the same arguments."},
+            "paths": paths,
+            "components": {"schemas": _ELEMENT_SCHEMAS, "securitySchemes": {
+                "apiKeyBasic": {"type": "http", "scheme": "basic",
+                                "description": "the API key as user name, empty password"},
+                "apiKeyHeader": {"type": "apiKey", "in": "header", "name": "x-api-key"}}},
+            "security": [{"apiKeyBasic": []}, {"apiKeyHeader": []}]}
+
+
+def refuse_cross_site(req: Request, what: str) -> None:
+    """Refuse (403) a request another site's page made a browser send: it may carry the browser's cached Basic key.
+
+    A form POST or an <img> GET from elsewhere gets the key a browser remembers for this
+    node; requests that change the node answer only to the node's own pages and to clients
+    that are no browser page (curl sends neither header). Fetch Metadata: ``same-site``
+    is refused too, since every port of the same host is the same site.
+    """
+    site = req.headers.get("sec-fetch-site", "").strip().lower()
+    if site in ("cross-site", "same-site"):
+        raise Forbidden(f"{what}: refused for a request sent from another site's page (Sec-Fetch-Site: {site})")
+    origin, host = req.headers.get("origin"), req.headers.get("host", "")
+    if origin is not None and not is_own_origin(origin, host, (req.scheme,)):
+        own = f"{req.scheme}://{host.strip()}"
+        raise Forbidden(f"{what}: refused for a request sent from another origin ({origin.strip()[:100]!r}, "
+                        f"not {own[:100]!r})")
+
+
+@contextlib.contextmanager
+def slow_command_slot(node: NodeApi, command: Command, wants_help: bool = False) -> Iterable[None]:
+    """Hold one of the node's SLOW_COMMANDS slots while a command not marked quick runs.
+
+    Each connection has its own thread, so a slow command holds up nobody else; the slots
+    bound how many run at once (trace client waits, a big session show builds megabytes and
+    competes with MQTT for the GIL). Past them the answer is 503 with Retry-After.
+    """
+    quick = command.quick
+    if wants_help or quick is True or (callable(quick) and quick(node)):
+        yield
+        return
+    slots = node.slow_commands
+    if not slots.acquire(blocking=False):
+        raise ServiceUnavailable(f"{SLOW_COMMANDS} slow commands (session show, trace client, ...) run already; "
+                                 f"try again in a moment")
+    try:
+        yield
+    finally:
+        slots.release()
+
+
+def serve_api(node: NodeApi, req: Request, rest: str, query: str) -> Response:
+    """Answer /api/v1: method, auth, command, OPTIONS, Accept, run (README, "The API by example")."""
+    if req.method in REFUSED_METHODS:
+        raise MethodNotAllowed(f"{req.method} is not allowed; use GET, HEAD, POST or OPTIONS")
+    if req.method not in HTTP_METHODS:
+        raise NotImplementedMethod(f"method {req.method} is not implemented")
+    scope = authenticate(node, "vmq_http_mgmt_api", req.headers, ("mgmt", "mgmt_ro"))
+    if rest == "openapi.json" and req.method in ("GET", "HEAD"):
+        body = json.dumps(openapi_document(node.commands), separators=(",", ":")).encode()
+        return Response(200, (("Content-Type", JSON_TYPE),), body)
+    argv = request_argv(req, rest, query)
+    call, wants_help = prepare(node.commands, argv, node)
+    refusal = "" if wants_help else call.command.read_only_refusal(call.flags)
+    if refusal and scope == "mgmt_ro":
+        raise Forbidden(refusal)
+    if refusal:  # it changes the node (or shows secrets): never for another site's page
+        refuse_cross_site(req, " ".join(call.command.words))
+    if scope == "mgmt_ro":
+        call = dataclasses.replace(call, read_only=True)
+    if req.method == "OPTIONS":
+        return Response(200, CORS_HEADERS)
+    if not accepts_json(req.headers.get("accept")):
+        raise NotAcceptable("this API answers application/json only")
+    with slow_command_slot(node, call.command, wants_help):
+        elements = execute(call, wants_help)
+        body = render_json(elements)
+    headers = [("Content-Type", JSON_TYPE)]
+    empty = next((e.columns for e in elements if isinstance(e, Table) and not e.rows and e.columns), None)
+    if empty:
+        headers.append((COLUMNS_HEADER, json.dumps(empty)))
+    return Response(200, tuple(headers), body, tuple(call.after))
+
+
+# -- HTTP publish (vmq_http_pub) and API v2 (vmq_http_v2_api) --------------------------------------
+
+HTTP_PUB_ALLOW = "PUT, POST"  # VerneMQ vmq_http_pub:allowed_methods/2
+API_V2_ALLOW = "GET, OPTIONS, HEAD"  # VerneMQ vmq_http_v2_api:allowed_methods/2
+TEXT_TYPE = "text/plain"
+HTTP_PUB_FIELDS = ("topic", "qos", "retain", "user", "password", "client_id", "user_properties")
+HTTP_PUB_ANSWERS = {  # VerneMQ vmq_http_pub:map_to_response_code/1 and map_to_response_text/1
+    "published": (200, "Published"),
+    "invalid_topic": (400, "Invalid topic"),
+    "invalid_qos_value": (400, "Invalid QoS value. Must be in range 0..2"),
+    "invalid_retain_value": (400, "Invalid retain flag. Must be in true or false"),
+    "invalid_user_properties": (400, "User properties need to be a key/value list (json encoded)"),
+    "parameters_in_header_and_url": (400, "Parameters found in header as well as url-encoded"),
+    "content_not_json": (400, "Content is not a valid json"),
+    "wrong_url_parameters": (400, "Only encoding plain or base64 allows. No more URL parameters supported."),
+    "unknown_payload_encoding": (400, "Unknown payload encoding"),
+    "authentication_failed": (401, "Authentication failure."),
+    "authorization_failed": (403, "Authorization failure."),
+    "message_too_large": (413, "Payload too large."),
+    # vmqapi's own, where VerneMQ crashes (500) or has no such case
+    "payload_missing": (400, "Payload missing: the JSON form needs a \"payload\" string"),
+    "invalid_credentials": (400, "user, password and client_id must be strings"),
+    "invalid_payload": (400, "Payload is not well-formed UTF-8"),
+    "quota_exceeded": (507, "Retained message refused: max_retained_messages or max_retained_bytes reached"),
+    "store_down": (503, "The message store cannot keep a QoS 1 or 2 message now; try again later"),
+    "cluster_full": (503, "A cluster node with subscribers of this topic has cluster_max_unacknowledged_bytes "
+                          "of messages it has not confirmed yet; try again later"),
+    "bridge_full": (503, "A bridge's buffer for its remote is full (max_outgoing_buffered_bytes or "
+                         "max_outgoing_buffered_messages); try a QoS 1 or 2 message again later"),
+    "no_broker": (503, "The node runs no MQTT broker"),
+}
+
+
+def query_pairs(query: str) -> dict[str, str]:
+    """Return a query string's parameters, the first of repeated ones (as proplists:get_value); a bare one is ""."""
+    try:
+        pairs = urllib.parse.parse_qsl(query, keep_blank_values=True, errors="strict")
+    except (UnicodeDecodeError, ValueError):
+        raise BadRequest("malformed query string: bad percent-encoding or not UTF-8") from None
+    found: dict[str, str] = {}
+    for name, value in pairs:
+        found.setdefault(name, value)
+    return found
+
+
+def _pub_json(body: bytes, encoding: str) -> tuple[dict, bytes]:
+    """Read the JSON form: the fields and the payload, decoded by ``?encoding``."""
+    try:
+        doc = json.loads(body)
+    except (ValueError, UnicodeDecodeError):  # json.JSONDecodeError is a ValueError
+        raise PublishRefused("content_not_json") from None
+    if not isinstance(doc, dict):
+        raise PublishRefused("content_not_json")
+    payload = doc.get("payload")
+    if not isinstance(payload, str):
+        raise PublishRefused("payload_missing")
+    if encoding != "base64":
+        try:
+            return doc, payload.encode()
+        except UnicodeEncodeError:  # JSON may escape a lone surrogate: "\ud800"
+            raise PublishRefused("invalid_payload", "it holds a lone surrogate") from None
+    try:
+        return doc, base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise PublishRefused("unknown_payload_encoding") from None
+
+
+def publish_fields(req: Request, query: str) -> tuple[dict, bytes]:
+    """Return an HTTP publish's fields and payload, in VerneMQ's three forms.
+
+    A ``topic`` header: the fields in headers, the body is the payload. A ``topic`` query
+    parameter: the fields in the query. Neither: a JSON body, ``?encoding=plain|base64``
+    its only query parameter (VerneMQ vmq_http_pub:process_post/2).
+    """
+    params = query_pairs(query)
+    in_header, in_query = "topic" in req.headers, "topic" in params
+    if in_header and in_query:
+        raise PublishRefused("parameters_in_header_and_url")
+    if in_header:
+        fields = {k: req.headers[k] for k in HTTP_PUB_FIELDS if k in req.headers}
+        if "user_properties" in fields:
+            try:
+                fields["user_properties"] = json.loads(fields["user_properties"])
+            except ValueError:
+                raise PublishRefused("invalid_user_properties") from None
+        return fields, req.body
+    if in_query:
+        return {k: params[k] for k in HTTP_PUB_FIELDS if k in params and k != "user_properties"}, req.body
+    if set(params) - {"encoding"} or params.get("encoding", "plain") not in ("plain", "base64"):
+        raise PublishRefused("wrong_url_parameters")
+    return _pub_json(req.body, params.get("encoding", "plain"))
+
+
+def _pub_qos(value: Any) -> int:
+    if isinstance(value, str) and value.isascii() and value.isdigit():
+        value = int(value)
+    if type(value) is not int or value not in (0, 1, 2):
+        raise PublishRefused("invalid_qos_value")
+    return value
+
+
+def _pub_retain(value: Any) -> bool:
+    flag = {"true": True, "false": False}.get(value) if isinstance(value, str) else value
+    if not isinstance(flag, bool):
+        raise PublishRefused("invalid_retain_value")
+    return flag
+
+
+def _pub_user_properties(value: Any, node: NodeApi, limit: int = 0) -> tuple:
+    """Return MQTT 5 user properties from ``{"k": "v"}`` or VerneMQ's ``[{"k": "v"}]``, at most ``limit`` (0: any).
+
+    The limit is max_properties_per_packet, which every node applies to a message forwarded to it:
+    a message with more would reach no other node, and its retained row would differ between them.
+    """
+    if value is None:
+        return ()
+    if isinstance(value, list) and len(value) == 1:
+        value = value[0]  # VerneMQ vmq_http_pub:list_from_map/1 reads the first map
+    if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+        raise PublishRefused("invalid_user_properties")
+    if limit and len(value) > limit:
+        raise PublishRefused("invalid_user_properties", f"more than {limit} (max_properties_per_packet)")
+    for text in (*value, *value.values()):
+        problem = node.string_problem(text)
+        if problem is not None:
+            raise PublishRefused("invalid_user_properties", f"{text[:40]!r}: {problem}")
+    return tuple(("user_property", (k, v)) for k, v in value.items())
+
+
+@dataclass(frozen=True, slots=True)
+class HttpMessage:
+    """An HTTP publish's message, checked: the node makes it the PUBLISH of an MQTT client."""
+
+    topic: str
+    payload: bytes
+    qos: int
+    retain: bool
+    properties: tuple = ()  # ("user_property", (key, value)) pairs, the only properties it sets
+
+
+def publish_message(fields: Mapping[str, Any], payload: bytes, node: NodeApi, max_levels: int = 200,
+                    max_props: int = 0) -> HttpMessage:
+    """Check an HTTP publish's fields as VerneMQ does (check_values/2), and its topic and properties as an
+    MQTT PUBLISH's are checked (by ``node``); return its message."""
+    topic = fields.get("topic")
+    if not isinstance(topic, str):
+        raise PublishRefused("invalid_topic", "the topic must be a string")
+    if topic.startswith("$"):
+        raise PublishRefused("invalid_topic", "topics beginning with $ are not published over HTTP")  # as VerneMQ
+    problem = node.topic_problem(topic, max_levels)
+    if problem is not None:
+        raise PublishRefused("invalid_topic", problem)
+    qos = _pub_qos(fields.get("qos", 0))
+    retain = _pub_retain(fields.get("retain", False))
+    props = _pub_user_properties(fields.get("user_properties"), node, max_props)
+    return HttpMessage(topic, payload, qos, retain, props)
+
+
+def publish_credentials(config: Config, fields: Mapping[str, Any],
+                        node: NodeApi) -> tuple[str | None, bytes | None, str]:
+    """Return (user, password, client id) to authenticate as: the request's, or predefined ones."""
+    if config["vmq_http_pub.mqtt_auth.mode"] == "predefined":
+        fields = {k: config[f"vmq_http_pub.mqtt_auth.{k}"] for k in ("user", "password", "client_id")}
+    user, password, client_id = (fields.get(k) for k in ("user", "password", "client_id"))
+    if any(v is not None and not isinstance(v, str) for v in (user, password, client_id)):
+        raise PublishRefused("invalid_credentials")
+    for name, value in (("user", user), ("password", password), ("client_id", client_id)):
+        problem = None if value is None else node.string_problem(value)
+        if problem is not None:
+            raise PublishRefused("invalid_credentials", f"{name}: {problem}")
+    return user or None, None if password is None else password.encode(), client_id or ""
+
+
+def publish_answer(reason: str, detail: str = "") -> Response:
+    """Return VerneMQ's plain-text answer for an HTTP publish (``detail`` after it)."""
+    status, text = HTTP_PUB_ANSWERS[reason]
+    return Response(status, (("Content-Type", TEXT_TYPE),), (f"{text}: {detail}" if detail else text).encode())
+
+
+def serve_http_pub(node: NodeApi, req: Request, rest: str, query: str) -> Response:
+    """Answer POST/PUT /restmqtt/api/v1/publish: publish as an MQTT client would (README, "HTTP publish")."""
+    if rest:
+        raise NotFound(f"no endpoint at /restmqtt/api/v1/publish/{rest}")
+    if req.method not in HTTP_PUB_ALLOW.split(", "):
+        exc = MethodNotAllowed(f"{req.method} is not allowed here; use POST or PUT")
+        exc.allow = HTTP_PUB_ALLOW
+        raise exc
+    authenticate(node, "vmq_http_pub", req.headers, ("httppub",))
+    refuse_cross_site(req, "HTTP publish")
+    config = node.config
+    try:
+        fields, payload = publish_fields(req, query)
+        message = publish_message(fields, payload, node, config["max_topic_levels"],
+                                  config["max_properties_per_packet"])
+        user, password, client_id = publish_credentials(config, fields, node)
+        limit = config["max_message_size"]
+        if limit and len(payload) > limit:
+            raise PublishRefused("message_too_large")
+    except PublishRefused as exc:
+        return publish_answer(exc.reason, exc.detail)
+    reason = node.http_publish(req.peer, user, password, client_id, config["vmq_http_pub.mountpoint"], message)
+    return publish_answer(reason or "no_broker")
+
+
+def _api_v2_client(node: NodeApi, key: tuple[str, str], topics: bool) -> Any:
+    """The answer of /api/v2/client: the session's status and, when asked, its subscriptions."""
+    record = node.client_status(key)
+    status, subs = record if record is not None else ("unknown", {})
+    answer: dict[str, Any] = {"status": status}
+    if topics:
+        answer["topics"] = subs or []  # VerneMQ: jsx writes no subscriptions as []
+    return answer
+
+
+def _api_v2_disconnect(node: NodeApi, key: tuple[str, str], cleanup: bool) -> Any:
+    """The answer of /api/v2/disconnect: ok, or unknown when there is no such session."""
+    return "ok" if node.disconnect_session(key[1], key[0], cleanup) else "unknown"
+
+
+API_V2_COMMANDS = {  # name: (answer, its flag, whether it changes the node)
+    "client": (_api_v2_client, "topics", False), "disconnect": (_api_v2_disconnect, "cleanup", True)}
+
+
+def serve_api_v2(node: NodeApi, req: Request, rest: str, query: str) -> Response:
+    """Answer GET /api/v2/client and /api/v2/disconnect (VerneMQ vmq_http_v2_api)."""
+    if req.method in ("POST", *REFUSED_METHODS):
+        exc = MethodNotAllowed(f"{req.method} is not allowed here; use GET, HEAD or OPTIONS")
+        exc.allow = API_V2_ALLOW
+        raise exc
+    if req.method not in HTTP_METHODS:
+        raise NotImplementedMethod(f"method {req.method} is not implemented")
+    authenticate(node, "vmq_http_v2_api", req.headers, ("api2",))
+    if req.method == "OPTIONS":
+        return Response(200, CORS_HEADERS)
+    if not accepts_json(req.headers.get("accept")):
+        raise NotAcceptable("this API answers application/json only")
+    command = API_V2_COMMANDS.get(rest)
+    if command is None:
+        return Response(400, (("Content-Type", TEXT_TYPE),), b"invalid_command")  # VerneMQ's answer
+    params = query_pairs(query)
+    client_id = params.get("client_id", "")
+    if not client_id:
+        raise BadRequest("client_id is required: /api/v2/<command>?client_id=<id>[&mountpoint=<mp>]")
+    for name in ("client_id", "mountpoint"):  # what an MQTT client could not have sent is nobody's
+        problem = node.string_problem(params.get(name, ""))
+        if problem is not None:
+            raise BadRequest(f"{name}: {problem}")
+    fn, flag, changes = command
+    if changes:
+        refuse_cross_site(req, f"/api/v2/{rest}")
+    answer = fn(node, (params.get("mountpoint", ""), client_id), flag in params)
+    return Response(200, (("Content-Type", JSON_TYPE),), json.dumps(answer, separators=(",", ":")).encode())
+
+
+###############################################################################
+# 8. Observability endpoints ##################################################
+###############################################################################
+# Owns: /metrics (Prometheus text 0.0.4), /health, /status.json and the /status page.
+# Must not know: sockets, MQTT internals (it reads the metrics registry and the node).
+
+PROMETHEUS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+STATUS_GAUGES = {  # README, "Monitoring" [better]: the status page's numbers as gauges too
+    "num_online": "Sessions with a connected client.",
+    "num_offline": "Persistent sessions without a connected client.",
+    "msg_in": "PUBLISH packets received (mqtt_publish_received).",
+    "msg_out": "PUBLISH packets sent (mqtt_publish_sent).",
+    "queue_in": "Messages that entered a queue (queue_message_in).",
+    "queue_out": "Messages that left a queue (queue_message_out).",
+    "queue_drop": "Messages dropped from queues (queue_message_drop).",
+    "queue_unhandled": "Messages no subscription matched (queue_message_unhandled).",
+    "num_subscriptions": "Subscriptions in the routing table.",
+    "num_retained": "Retained messages.",
+    "matches_local": "Matched local subscriptions (router_matches_local).",
+    "matches_remote": "Matched remote subscriptions (router_matches_remote).",
+}
+
+
+def _label_value(text: str) -> str:
+    return text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def render_prometheus(samples: Mapping[tuple[str, LabelSet], int], node: str, namespace: str,
+                      status: Mapping[str, Any]) -> str:
+    """Render series as Prometheus text 0.0.4: HELP and TYPE once per name, ``node`` the first label."""
+    order: dict[str, int] = {}
+    for name, _ in samples:
+        order.setdefault(name, len(order))
+    lines: list[str] = []
+    current = None
+    node_label = f'node="{_label_value(node)}"'
+    for (name, labels), value in sorted(samples.items(), key=lambda kv: order[kv[0][0]]):
+        full = namespace + name
+        if name != current:
+            kind, doc = METRIC_DEFINITIONS.get(name, ("gauge", name, ()))[:2]
+            help_text = doc.replace("\\", "\\\\").replace("\n", "\\n")
+            lines += [f"# HELP {full} {help_text}", f"# TYPE {full} {kind}"]
+            current = name
+        extra = "".join(f',{k}="{_label_value(v)}"' for k, v in labels)
+        lines.append(f"{full}{{{node_label}{extra}}} {value}")
+    for name, doc in STATUS_GAUGES.items():
+        full = namespace + name
+        lines += [f"# HELP {full} {doc}", f"# TYPE {full} gauge", f"{full}{{{node_label}}} {status[name]}"]
+    return "\n".join(lines) + "\n"
+
+
+def _only_get(req: Request) -> None:
+    if req.method not in ("GET", "HEAD"):
+        exc = MethodNotAllowed(f"{req.method} is not allowed here; use GET or HEAD")
+        exc.allow = "GET, HEAD"
+        raise exc
+
+
+def serve_metrics(node: NodeApi, req: Request, rest: str, query: str) -> Response:
+    """Answer /metrics in Prometheus text format (any Accept header is fine)."""
+    _only_get(req)
+    if rest:
+        raise NotFound(f"no endpoint at /metrics/{rest}")
+    authenticate(node, "vmq_metrics_http", req.headers, ("metrics",))
+    body = render_prometheus(node.metric_samples(), node.name, node.config["prometheus_namespace"], node.status())
+    return Response(200, (("Content-Type", PROMETHEUS_TYPE),), body.encode())
+
+
+def serve_health(node: NodeApi, req: Request, rest: str, query: str) -> Response:
+    """Answer /health, /health/ping and /health/listeners: 200 OK, or 503 with the reasons."""
+    _only_get(req)
+    if rest not in ("", "ping", "listeners"):
+        raise NotFound(f"no endpoint at /health/{rest}")
+    authenticate(node, "vmq_health_http", req.headers, ("health",))
+    reasons = [] if rest == "ping" else node.health_reasons()
+    body = {"status": "DOWN", "reasons": reasons} if reasons else {"status": "OK"}
+    return Response(503 if reasons else 200, (("Content-Type", JSON_TYPE),),
+                    json.dumps(body, separators=(",", ":")).encode())
+
+
+def status_document(node: NodeApi) -> list:
+    """Return /status.json: ``[{node: {node status..., listeners, mystatus}}]`` as VerneMQ shapes it."""
+    listeners = [{"type": r["type"], "status": r["status"], "ip": r["address"], "port": int(r["port"]),
+                  "mountpoint": r["mountpoint"], "max_conns": r["max_conns"], "active_conns": r["active_conns"]}
+                 for r in node.listener_rows()]
+    return [{node.name: {**node.status(), "listeners": listeners, "mystatus": [{r["Node"]: r["Running"]} for r in _command_rows(node, ("cluster", "show"), ())]}}]
+
+
+def serve_status_json(node: NodeApi, req: Request, rest: str, query: str) -> Response:
+    """Answer /status.json, with CORS from http_cors_allow_origin."""
+    _only_get(req)
+    authenticate(node, "vmq_status_http", req.headers, ("status",))
+    body = json.dumps(status_document(node), separators=(",", ":"), ensure_ascii=False).encode()
+    return Response(200, (("Content-Type", JSON_TYPE),
+                          ("Access-Control-Allow-Origin", node.config["http_cors_allow_origin"])), body)
+
+
+HISTORY_INTERVAL = 2.0  # s between two samples of the status page's charts (the page polls as often)
+HISTORY_SAMPLES = 450  # 15 minutes at HISTORY_INTERVAL
+HISTORY_FIELDS = ("at", "msg_in", "msg_out", "num_online", "num_offline", "queued")
+STATUS_PAGE_ROWS = 100  # sessions and retained topics the page lists
+STATUS_SESSION_ROWS = 5000  # session show rows the page's filter looks through (sessions, subscriptions)
+
+
+def history_sample(status: Mapping[str, Any], at: float) -> tuple:
+    """Return one history point (HISTORY_FIELDS) from node status values."""
+    queued = max(0, status["queue_in"] - status["queue_out"] - status["queue_drop"])  # entered, not yet left
+    return (round(at, 1), status["msg_in"], status["msg_out"], status["num_online"], status["num_offline"], queued)
+
+
+class StatusHistory:
+    """The last HISTORY_SAMPLES points of the node's status, sampled by a thread of its own."""
+
+    def __init__(self, status: Callable[[], Mapping[str, Any]], interval: float = HISTORY_INTERVAL,
+                 size: int = HISTORY_SAMPLES, clock: Callable[[], float] = time.time):
+        self._status, self.interval, self._clock = status, interval, clock
+        self._lock = threading.Lock()
+        self._points: collections.deque = collections.deque(maxlen=size)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Take a first sample now, then one every ``interval`` seconds until stop()."""
+        self._stop.clear()
+        self.record()
+        self._thread = threading.Thread(target=self._run, name="vmqapi-status-history", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop sampling and wait for the thread; safe to call twice."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(10)
+            self._thread = None
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.record()
+            except (RuntimeError, concurrent.futures.CancelledError, TimeoutError):
+                log.debug("status history: the broker did not answer (stopping?)")  # the next turn retries
+
+    def record(self) -> None:
+        """Add one sample of the node's status."""
+        point = history_sample(self._status(), self._clock())
+        with self._lock:
+            self._points.append(point)
+
+    def points(self) -> list[tuple]:
+        """Return the samples, oldest first."""
+        with self._lock:
+            return list(self._points)
+
+
+def _command_rows(node: NodeApi, words: tuple[str, ...], flags: Iterable[tuple[str, str | None]]) -> list[dict]:
+    """Run a read-only command of the node's own table and return its first table's rows."""
+    call, _ = prepare(node.commands, Argv(words, (), tuple(flags)), node)
+    return next((list(e.rows) for e in execute(call) if isinstance(e, Table)), [])
+
+
+def status_rows(node: NodeApi) -> dict:
+    """Return what /status/details.json reads from commands: sessions, their subscription counts, retained, cluster."""
+    listed = _command_rows(node, ("session", "show"), (("--client_id", None), ("--is_online", None),
+                                                       ("--protocol", None), ("--limit", str(STATUS_SESSION_ROWS))))
+    counts = collections.Counter(r["client_id"] for r in _command_rows(
+        node, ("session", "show"), (("--client_id", None), ("--topic", None), ("--limit", str(STATUS_SESSION_ROWS)))))
+    retained = _command_rows(node, ("retain", "show"), (("--topic", None), ("--limit", str(STATUS_PAGE_ROWS))))
+    return {"sessions": listed, "counts": counts, "retained": [r["topic"] for r in retained],
+            "cluster": _command_rows(node, ("cluster", "show"), ())}
+
+
+class StatusRows:
+    """status_rows shared by every reader: computed by one of them at most once per ``interval``.
+
+    Each computation scans thousands of sessions twice; a page open in many browsers (or a
+    loop of clients) must not multiply that work, which competes with MQTT for the GIL.
+    """
+
+    def __init__(self, compute: Callable[[], dict], interval: float = HISTORY_INTERVAL,
+                 clock: Callable[[], float] = time.monotonic):
+        self._compute, self.interval, self._clock = compute, interval, clock
+        self._lock = threading.Lock()  # held while one reader computes: the others wait for its result
+        self._rows: dict | None = None
+        self._at = 0.0
+        self.computations = 0
+
+    def get(self) -> dict:
+        """Return the rows, computed now when the last ones are ``interval`` old."""
+        with self._lock:
+            if self._rows is None or self._clock() - self._at >= self.interval:
+                self._rows = self._compute()
+                self._at = self._clock()
+                self.computations += 1
+            return self._rows
+
+
+def status_sessions(rows: Mapping[str, Any], contains: str, state: str) -> list[dict]:
+    """Return the page's sessions (client id, online, protocol, subscriptions) from the shared rows."""
+    wanted = {"online": True, "offline": False}.get(state)
+    picked = [r for r in rows["sessions"] if contains in r["client_id"] and wanted in (None, r["is_online"])]
+    counts = rows["counts"]
+    return [{"client_id": r["client_id"], "online": r["is_online"], "protocol": r["protocol"],
+             "subscriptions": counts[r["client_id"]]} for r in picked[:STATUS_PAGE_ROWS]]
+
+
+def status_details(node: NodeApi, query: str) -> dict:
+    """Return /status/details.json: the charts' history, sessions, retained topics and cluster members."""
+    params = urllib.parse.parse_qs(query)
+    contains, state = params.get("client_id", [""])[0], params.get("state", ["all"])[0]
+    now = history_sample(node.status(), time.time())
+    rows = node.status_rows.get()
+    return {"interval": node.history.interval, "fields": HISTORY_FIELDS, "history": [*node.history.points(), now],
+            "sessions": status_sessions(rows, contains, state), "retained": rows["retained"],
+            "cluster": rows["cluster"], "health": node.health_reasons()}  # what /health says, for the badge
+
+
+def serve_status_page(node: NodeApi, req: Request, rest: str, query: str) -> Response:
+    """Answer /status, one self-contained page, and /status/details.json, the data it draws."""
+    _only_get(req)
+    if rest == "details.json":
+        authenticate(node, "vmq_status_http", req.headers, ("status",))
+        body = json.dumps(status_details(node, query), separators=(",", ":"), ensure_ascii=False).encode()
+        return Response(200, (("Content-Type", JSON_TYPE), ("Cache-Control", "no-store")), body)
+    if rest:
+        raise NotFound(f"no endpoint at /status/{rest}")
+    return Response(200, (("Content-Type", "text/html; charset=utf-8"),
+                          ("Content-Security-Policy", "default-src 'self'; style-src 'unsafe-inline'; "
+                                                      "script-src 'unsafe-inline'")), STATUS_PAGE.encode())
+
+
+ENDPOINTS = {  # GET / for a JSON client: where to go
+    "/status": "the status page, for a browser",
+    "/status.json": "the node's status, sessions and listeners as JSON",
+    "/api/v1": "the admin API: /api/v1/<vmq-admin words>?key=value&--flag (an API key as Basic user name)",
+    "/api/v1/openapi.json": "the admin API described as OpenAPI 3.1",
+    "/metrics": "Prometheus text format 0.0.4",
+    "/health": "200 OK, or 503 with the reasons",
+}
+
+
+def serve_root(node: NodeApi, req: Request, rest: str, query: str) -> Response:
+    """Answer /: a redirect to /status for browsers, an index of the endpoints for JSON clients."""
+    _only_get(req)
+    if rest:
+        raise NotFound(f"no endpoint at //{rest}")
+    accept = req.headers.get("accept", "")
+    if JSON_TYPE in accept.lower() and accepts_json(accept):
+        body = json.dumps({"endpoints": ENDPOINTS}, separators=(",", ":")).encode()
+        return Response(200, (("Content-Type", JSON_TYPE),), body)
+    text = "The status page is at /status, the admin API at /api/v1 (GET / with Accept: application/json lists all).\n"
+    return Response(302, (("Location", "/status"), ("Content-Type", "text/plain; charset=utf-8")), text.encode())
+
+
+STATUS_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>vmqapi status</title>
+<style>
+:root{--bg:#f6f7f9;--card:#fff;--ink:#1d2330;--mute:#667085;--line:#e3e6ea;--grid:#eef0f3;--in:#2e7d32;--out:#1565c0;
+--on:#2e7d32;--off:#b26a00;--q:#6a1b9a;--bad:#c62828}
+@media (prefers-color-scheme:dark){:root{--bg:#14171c;--card:#1c2027;--ink:#e8eaed;--mute:#9aa3af;--line:#2b313a;
+--grid:#252a32;--in:#66bb6a;--out:#64b5f6;--on:#66bb6a;--off:#ffb74d;--q:#ce93d8}}
+*{box-sizing:border-box}body{margin:0;font:15px/1.4 system-ui,sans-serif;background:var(--bg);color:var(--ink)}
+header{padding:14px 20px;border-bottom:1px solid var(--line);display:flex;flex-wrap:wrap;gap:6px 18px;align-items:baseline}
+h1{font-size:20px;margin:0}#state,#version{color:var(--mute);font-size:14px}#health{font-weight:600}
+main{padding:16px 20px;display:grid;gap:16px;grid-template-columns:repeat(2,minmax(0,1fr))}
+@media (max-width:700px){main{grid-template-columns:1fr;padding:12px}}
+.card{background:var(--card);border:1px solid var(--line);border-radius:10px;padding:14px 16px;min-width:0}
+.card h2{font-size:13px;text-transform:uppercase;letter-spacing:.04em;color:var(--mute);margin:0 0 8px}
+.wide{grid-column:1/-1}.nums{display:grid;grid-template-columns:repeat(auto-fit,minmax(130px,1fr));gap:10px}
+.num b{display:block;font-size:24px}.num span{color:var(--mute);font-size:13px}.num small{display:block;color:var(--mute);font-size:12px}
+svg.chart{width:100%;height:190px;display:block}svg text{fill:var(--mute);font-size:11px}
+.legend{display:flex;gap:14px;font-size:13px;color:var(--mute);margin-top:4px}.legend i{display:inline-block;width:12px;height:3px;margin-right:5px;vertical-align:middle}
+.scroll{overflow-x:auto}table{width:100%;border-collapse:collapse;font-size:14px}
+th,td{text-align:left;padding:5px 8px;border-bottom:1px solid var(--line);white-space:nowrap}th{color:var(--mute);font-weight:600}
+td.n,th.n{text-align:right}.running,.online,.ok{color:var(--on)}.offline{color:var(--off)}.suspended,.stopped,.down{color:var(--bad)}
+.filters{display:flex;gap:8px;flex-wrap:wrap;margin-bottom:8px}.filters input,.filters select{font:inherit;padding:4px 8px;border:1px solid var(--line);border-radius:6px;background:var(--bg);color:var(--ink)}
+.empty{color:var(--mute);font-size:14px;padding:6px 0}.note{color:var(--mute);font-size:12px;margin:6px 0 0}
+</style></head><body>
+<header><h1 id="node">vmqapi</h1><span id="health"></span><span id="version"></span><span id="state">loading status.json ...</span></header>
+<main>
+<section class="card"><h2>Sessions</h2><div class="nums">
+<div class="num"><b id="num_online">-</b><span>online</span><small>clients connected now</small></div>
+<div class="num"><b id="num_offline">-</b><span>offline</span><small>persistent sessions whose client is away</small></div>
+<div class="num"><b id="num_subscriptions">-</b><span>subscriptions</span><small>in the routing table</small></div>
+<div class="num"><b id="num_retained">-</b><span>retained</span><small>retained messages kept</small></div></div></section>
+<section class="card"><h2>Messages since start</h2><div class="nums">
+<div class="num"><b id="msg_in">-</b><span>received</span><small>PUBLISH packets from clients</small></div>
+<div class="num"><b id="msg_out">-</b><span>sent</span><small>PUBLISH packets to subscribers</small></div>
+<div class="num"><b id="queue_drop">-</b><span>dropped</span><small>lost: a queue was full or a slow client could not take QoS 0</small></div>
+<div class="num"><b id="queue_unhandled">-</b><span>unhandled</span><small>published to a topic no subscription matched</small></div></div></section>
+<section class="card"><h2>Messages per second</h2><svg class="chart" id="chart_rate" viewBox="0 0 600 190" role="img" aria-label="messages in and out per second"></svg>
+<div class="legend"><span><i style="background:var(--in)"></i>in (received)</span><span><i style="background:var(--out)"></i>out (sent)</span></div></section>
+<section class="card"><h2>Connections</h2><svg class="chart" id="chart_conn" viewBox="0 0 600 190" role="img" aria-label="sessions online and offline"></svg>
+<div class="legend"><span><i style="background:var(--on)"></i>online sessions</span><span><i style="background:var(--off)"></i>offline sessions</span></div></section>
+<section class="card"><h2>Queued messages</h2><svg class="chart" id="chart_queue" viewBox="0 0 600 190" role="img" aria-label="messages waiting in queues"></svg>
+<div class="legend"><span><i style="background:var(--q)"></i>waiting in session queues (entered, not yet sent or dropped)</span></div></section>
+<section class="card"><h2>Listeners</h2><div class="scroll"><table id="listeners"><thead><tr><th>type</th><th>status</th>
+<th>address</th><th class="n">port</th><th>mountpoint</th><th class="n">connections</th><th class="n">max</th></tr></thead><tbody></tbody></table></div>
+<h2 style="margin-top:14px">Cluster</h2><div class="scroll"><table id="cluster"><thead><tr><th>node</th><th>running</th></tr></thead><tbody></tbody></table></div></section>
+<section class="card wide"><h2>Sessions <span id="sessions_note" class="note"></span></h2>
+<div class="filters"><input id="filter" type="search" placeholder="client id contains ..." aria-label="filter by client id">
+<select id="stateFilter" aria-label="online or offline"><option value="all">online and offline</option><option value="online">online</option><option value="offline">offline</option></select></div>
+<div class="scroll"><table id="sessions"><thead><tr><th>client id</th><th>state</th><th class="n">protocol</th><th class="n">subscriptions</th></tr></thead><tbody></tbody></table></div>
+<div class="empty" id="sessions_empty" hidden>no session matches</div></section>
+<section class="card wide"><h2>Retained topics <span id="retained_note" class="note"></span></h2><div class="scroll"><table id="retained"><thead><tr><th>topic</th></tr></thead><tbody></tbody></table></div>
+<div class="empty" id="retained_empty" hidden>no retained messages</div></section>
+</main>
+<script>
+"use strict";
+const POLL_MS = 2000, H = 190, L = 48, R = 12, T = 24, B = 26, PROTOCOLS = {3: "3.1", 4: "3.1.1", 5: "5.0"};
+function $(id) { return document.getElementById(id); }
+function text(id, value) { $(id).textContent = String(value); }
+function fmt(v) { return v >= 1e6 ? (v / 1e6).toFixed(1) + "M" : v >= 1e4 ? (v / 1e3).toFixed(0) + "k" : v >= 100 ? v.toFixed(0) : v >= 10 ? String(+v.toFixed(1)) : String(+v.toFixed(2)); }
+function niceMax(v) { if (v <= 0) return 1; const p = Math.pow(10, Math.floor(Math.log10(v))); for (const m of [1, 2, 2.5, 5, 10]) if (m * p >= v) return m * p; return 10 * p; }
+function clock(t, seconds) { return new Date(t * 1000).toTimeString().slice(0, seconds ? 8 : 5); }
+function el(name, attrs, content) {  // numbers and clock times only: nothing to escape
+  let out = "<" + name;
+  for (const k in attrs) out += " " + k + '="' + attrs[k] + '"';
+  return out + (content === undefined ? "/>" : ">" + content + "</" + name + ">");
+}
+function chart(id, times, series, unit) {
+  const svg = $(id), W = Math.max(280, Math.round(svg.getBoundingClientRect().width) || 600);
+  const now = times[times.length - 1] || Date.now() / 1000, span = Math.max(60, now - (times[0] || now));
+  svg.setAttribute("viewBox", "0 0 " + W + " " + H);
+  const top = niceMax(Math.max(0, ...series.flatMap(s => s.values))), x = t => L + (W - L - R) * (1 - (now - t) / span);
+  const y = v => H - B - (H - B - T) * v / top, parts = [];
+  for (let i = 0; i <= 4; i++) {
+    const v = top * i / 4;
+    parts.push(el("line", {x1: L, x2: W - R, y1: y(v), y2: y(v), stroke: "var(--grid)"}));
+    parts.push(el("text", {x: L - 6, y: y(v) + 4, "text-anchor": "end"}, fmt(v)));
+  }
+  parts.push(el("text", {x: 4, y: 12}, unit));
+  for (let i = 0; i <= 4; i++) {
+    const t = now - span * (4 - i) / 4;
+    if (W < 420 && i % 2) continue;  // a phone: three labels fit
+    parts.push(el("text", {x: x(t), y: H - 8, "text-anchor": i === 0 ? "start" : i === 4 ? "end" : "middle"},
+                  clock(t, span < 600)));
+  }
+  parts.push(el("line", {x1: L, x2: W - R, y1: H - B, y2: H - B, stroke: "var(--line)"}));
+  for (const s of series) {
+    if (!s.values.length) continue;
+    const d = s.values.map((v, i) => (i ? "L" : "M") + x(s.times[i]).toFixed(1) + "," + y(v).toFixed(1)).join("");
+    parts.push(el("path", {d: d, fill: "none", stroke: s.colour, "stroke-width": 2, "data-points": s.values.length}));
+  }
+  svg.innerHTML = parts.join("");
+}
+function rows(id, items, cells) {
+  $(id).querySelector("tbody").replaceChildren(...items.map(item => {
+    const row = document.createElement("tr");
+    for (const [value, cls] of cells(item)) {
+      const cell = document.createElement("td"); cell.textContent = String(value);
+      if (cls) cell.className = cls; row.appendChild(cell);
+    }
+    return row;
+  }));
+}
+function renderStatus(doc) {
+  const name = Object.keys(doc[0])[0], s = doc[0][name];
+  text("node", name); text("version", "vmqapi " + s.version);
+  for (const key of ["num_online", "num_offline", "num_subscriptions", "num_retained", "msg_in", "msg_out",
+                     "queue_drop", "queue_unhandled"]) text(key, s[key]);
+  rows("listeners", s.listeners, l => [[l.type], [l.status, l.status], [l.ip], [l.port, "n"], [l.mountpoint || "-"],
+                                      [l.active_conns, "n"], [l.max_conns, "n"]]);
+}
+function renderDetails(d) {
+  const at = d.fields.indexOf("at"), h = d.history, col = name => h.map(p => p[d.fields.indexOf(name)]);
+  const times = col("at"), rate = name => {
+    const v = col(name), out = [];
+    for (let i = 1; i < v.length; i++) out.push(Math.max(0, (v[i] - v[i - 1]) / Math.max(0.1, times[i] - times[i - 1])));
+    return out;
+  };
+  const later = times.slice(1);
+  chart("chart_rate", times, [{values: rate("msg_in"), times: later, colour: "var(--in)"},
+                              {values: rate("msg_out"), times: later, colour: "var(--out)"}], "msg/s");
+  chart("chart_conn", times, [{values: col("num_online"), times: times, colour: "var(--on)"},
+                              {values: col("num_offline"), times: times, colour: "var(--off)"}], "sessions");
+  chart("chart_queue", times, [{values: col("queued"), times: times, colour: "var(--q)"}], "messages");
+  rows("sessions", d.sessions, s => [[s.client_id], [s.online ? "online" : "offline", s.online ? "online" : "offline"],
+                                     [PROTOCOLS[s.protocol] || s.protocol, "n"], [s.subscriptions, "n"]]);
+  $("sessions_empty").hidden = d.sessions.length > 0;
+  text("sessions_note", d.sessions.length >= 100 ? "(the first 100)" : "");
+  rows("retained", d.retained, t => [[t]]);
+  $("retained_empty").hidden = d.retained.length > 0;
+  text("retained_note", d.retained.length >= 100 ? "(the first 100)" : "");
+  rows("cluster", d.cluster, m => [[m.Node], [m.Running ? "yes" : "no", m.Running ? "running" : "down"]]);
+  text("health", d.health.length ? d.health.join("; ") : "healthy");  // as /health: listeners, store, cluster
+  $("health").className = d.health.length ? "down" : "ok";
+}
+async function fetchJson(url) {
+  const answer = await fetch(url, {cache: "no-store"});
+  if (answer.status === 401) throw new Error(url + " needs an API key with scope status");
+  if (!answer.ok) throw new Error(url + " answered " + answer.status);
+  return answer.json();
+}
+async function poll() {
+  try {
+    const query = "?client_id=" + encodeURIComponent($("filter").value) + "&state=" + $("stateFilter").value;
+    const [doc, details] = await Promise.all([fetchJson("status.json"), fetchJson("status/details.json" + query)]);
+    renderStatus(doc); renderDetails(details);
+    text("state", "updated " + new Date().toLocaleTimeString() + ", every 2 s; charts: the last 15 minutes");
+  } catch (err) { text("state", "node unreachable: " + err.message); }
+}
+let timer = null;
+function loop() { clearTimeout(timer); poll().finally(() => { timer = setTimeout(loop, POLL_MS); }); }
+$("filter").addEventListener("input", loop); $("stateFilter").addEventListener("change", loop);
+loop();
+</script></body></html>
+"""
+
+
+###############################################################################
+# 9. HTTP server ##############################################################
+###############################################################################
+# Owns: the route table, handle_http, and http.server's ThreadingHTTPServer (a
+#       thread per connection) with the limits and timeouts around it; the
+#       listeners' TLS contexts (the MQTT listeners' too).
+# Must not know: MQTT internals, the key file's format.
+
+def tls_context(options: Mapping[str, Any]) -> ssl.SSLContext:
+    """Build a server TLS context from a listener's certfile, keyfile, cafile, versions and ciphers."""
+    require_tls_files(options)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = TLS_VERSIONS[min(options["tls_version"])]
+    ctx.load_cert_chain(options["certfile"], options["keyfile"] or None)
+    if options["cafile"]:
+        ctx.load_verify_locations(options["cafile"])
+        ctx.verify_mode = ssl.CERT_REQUIRED if options["require_certificate"] else ssl.CERT_OPTIONAL
+    elif options["require_certificate"]:
+        raise ssl.SSLError("require_certificate needs a cafile")
+    if options["ciphers"]:
+        ctx.set_ciphers(options["ciphers"])
+    return ctx
+
+
+def tls_columns(option: Callable[[str], Any] | None) -> dict[str, str]:
+    """Return listener show --tls's columns for a listener (``option`` reads its settings; None: no TLS)."""
+    row = {}
+    for key in ("tls_version", "certfile", "cafile", "keyfile", "require_certificate", "use_identity_as_username"):
+        value = option(key) if option else ""
+        row[key] = render_value(value) if value != "" else ""
+    return {**row, "psk_support": "", "pskfile": ""}
+
+
+def route(path: str) -> tuple[Callable[..., Response], str]:
+    """Return the endpoint serving ``path`` and the rest of the path after its prefix."""
+    for prefix, endpoint in ROUTES:
+        if path == prefix or path.startswith(prefix + "/"):
+            return endpoint, path[len(prefix) + 1:]
+    raise NotFound(f"no endpoint at {path}")
+
+
+ROUTES: tuple[tuple[str, Callable[..., Response]], ...] = (
+    ("/api/v1", serve_api), ("/api/v2", serve_api_v2), ("/restmqtt/api/v1/publish", serve_http_pub),
+    ("/metrics", serve_metrics), ("/health", serve_health),
+    ("/status.json", serve_status_json), ("/status", serve_status_page), ("/", serve_root))
+
+
+def handle_http(node: NodeApi, req: Request) -> Response:
+    """Answer one request; every VmqError becomes its JSON error, any other one a logged 500."""
+    try:
+        path, _, query = req.target.partition("?")
+        if req.method == "CONNECT":  # a tunnel, which no resource here is (RFC 9110 9.3.6)
+            raise MethodNotAllowed("CONNECT is not allowed; use GET, HEAD, POST or OPTIONS")
+        endpoint, rest = route(path)
+        return endpoint(node, req, rest, query)
+    except VmqError as exc:
+        return error_response(exc)
+    except Exception:
+        log.exception("internal error answering %s %s", req.method, redact(req.target))
+        return error_response(VmqError("the command crashed; the node logged the error and keeps serving"))
+
+
+_SECRET_ARG = re.compile(r"(?i)((?:^|[?&])(?:--)?[a-z0-9_.$%-]*(?:key|password|cookie|endpoint|secret|token)=)[^&]*")
+
+
+def redact(target: str) -> str:
+    """Hide the value of every argument that may hold a secret (``key=``, ``endpoint=``, ``...password=``,
+    ``distributed_cookie=``), for logs."""
+    return _SECRET_ARG.sub(r"\1***", target)
+
+
+@functools.lru_cache(maxsize=2)
+def _http_date(second: int) -> str:
+    """Return the Date header for a second (cached: every answer of that second shares it)."""
+    return email.utils.formatdate(second, usegmt=True)
+
+
+_STATUS_LINES: dict[int, bytes] = {}
+HTTP_THREAD_STACK = 512 * 1024  # bytes per connection thread (Python's default: 8 MiB). Measured on 3.11:
+# 256 KiB already runs our deepest paths (TLS handshake, JSON of nested results, 1,000 Python frames);
+# twice that leaves room for an embedding program's command. Recursion hundreds of levels deep
+# through C code (map/sorted calling back into Python) needs about 2 MiB: do such work in a thread of its own.
+REFUSED_LINGER = 1.0  # s a refused connection is drained before it is closed (a close with unread data is a RST)
+_STACK_LOCK = threading.Lock()  # threading.stack_size is process-wide: set and restore it around one start
+BUSY_ANSWER = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
+               b"Connection: close\r\nContent-Length: 89\r\n\r\n"
+               b'{"error":"service_unavailable","text":"the node cannot start a thread now","type":"error"}')
+
+
+@functools.lru_cache(maxsize=2)
+def _server_and_date(second: int) -> bytes:
+    """Return the Server and Date header lines for a second (every answer of that second shares them)."""
+    return SERVER_HEADER + f"Date: {_http_date(second)}\r\n".encode()
+
+
+def _status_line(status: int) -> bytes:
+    line = _STATUS_LINES.get(status)
+    if line is None:
+        line = _STATUS_LINES[status] = f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}\r\n".encode()
+    return line
+
+
+def start_with_small_stack(thread: threading.Thread) -> None:
+    """Start ``thread`` with an HTTP_THREAD_STACK stack; the process default is back afterwards."""
+    with _STACK_LOCK:
+        previous = threading.stack_size(HTTP_THREAD_STACK)
+        try:
+            thread.start()
+        finally:
+            threading.stack_size(previous)
+
+
+class _DeadlineReader(socket.SocketIO):
+    """A connection's reads, each allowed only what is left of its handler's deadline.
+
+    A socket timeout bounds one recv; a client trickling a byte at a time would renew it
+    forever. Setting the timeout to what is left before each recv bounds the whole request.
+    """
+
+    def __init__(self, sock: socket.socket, handler: HttpHandler):
+        super().__init__(sock, "rb")
+        self._handler = handler
+
+    def readinto(self, buffer: Any) -> int | None:
+        left = self._handler.deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("http_request_timeout passed")
+        self._sock.settimeout(left)
+        return super().readinto(buffer)
+
+
+HEAD_CHUNK = 4096  # bytes read at a time while a request's head is read: the most one look can overshoot
+
+
+class UnfinishedRequests:
+    """The bytes that HTTP requests still being read hold, node-wide (http_max_unfinished_bytes).
+
+    Past the budget the requests holding the most are cut, the newest one too when it is the
+    biggest: trickled heads cannot grow the node, and a small request still gets through.
+    """
+
+    def __init__(self, budget: Callable[[], int]):
+        self._budget = budget
+        self._lock = threading.Lock()
+        self._held: dict[HttpHandler, int] = {}
+        self.total = 0
+
+    def hold(self, handler: HttpHandler, n: int) -> None:
+        """Count ``n`` more bytes for ``handler``; past the budget evict the biggest holders."""
+        budget = self._budget()
+        with self._lock:  # evicted under the lock: a request released meanwhile (read whole) is never cut
+            self._held[handler] = self._held.get(handler, 0) + n
+            self.total += n
+            if self.total > budget:
+                for holder, held in sorted(self._held.items(), key=lambda item: -item[1]):
+                    if self.total <= budget:
+                        break
+                    self.total -= held
+                    del self._held[holder]
+                    holder.evict()
+
+    def release(self, handler: HttpHandler) -> None:
+        """Forget what ``handler`` held: its request is read (or given up)."""
+        with self._lock:
+            self.total -= self._held.pop(handler, 0)
+
+
+class _HeadReader:
+    """A request's head, read a line at a time within http_max_header_bytes and the node's budget.
+
+    http.client.parse_headers takes up to 100 lines of 64 KiB each before anyone looks at
+    them; handed this reader instead of the socket's, it meets the bound while it reads.
+    """
+
+    def __init__(self, handler: HttpHandler, limit: int):
+        self._handler, self._raw, self.limit, self.left = handler, handler.rfile, limit, limit
+
+    def readline(self, size: int = -1) -> bytes:
+        """Return one line (at most ``size`` bytes); raise HeaderTooLarge past the head's bound."""
+        parts: list[bytes] = []
+        got, size = 0, size if size >= 0 else self.left + 1
+        while got < size:
+            piece = self._raw.readline(min(HEAD_CHUNK, size - got, self.left + 1))
+            self._handler.hold(len(piece))
+            if not piece:
+                break
+            self.left -= len(piece)
+            if self.left < 0:
+                raise HeaderTooLarge(f"the request head is longer than {self.limit} bytes (http_max_header_bytes)")
+            parts.append(piece)
+            got += len(piece)
+            if piece.endswith(b"\n"):
+                break
+        return b"".join(parts)
+
+
+class HttpServer(http.server.ThreadingHTTPServer):
+    """http.server's threading server for one listener: a thread per connection, counted and capped."""
+
+    request_queue_size = 128  # socketserver's 5 turns 16 clients into a 300 ms p99
+    daemon_threads = True
+    block_on_close = False  # stop cuts the connections and joins their threads itself, bounded
+
+    def __init__(self, listener: HttpListener, address: tuple[str, int]):
+        self.listener = listener
+        self.node = listener.node
+        self._lock = threading.Lock()
+        self.conns: dict[socket.socket, socket.socket] = {}  # accepted socket -> the one its thread uses
+        self.threads: set[threading.Thread] = set()
+        self.all_conns = 0
+        self.closing = False  # stop: a TLS handshake that ends now is not served
+        self._refused: list[tuple[socket.socket, float]] = []  # touched by the serving thread only
+        if ":" in address[0]:
+            self.address_family = socket.AF_INET6
+        super().__init__(address, HttpHandler)
+
+    @property
+    def max_connections(self) -> int | None:
+        """Connections served at once (listener.max_connections; None: no limit)."""
+        return self.listener.option("max_connections")
+
+    def connections(self) -> int:
+        """Return the number of open connections (each has its thread)."""
+        return len(self.conns)
+
+    def server_bind(self) -> None:
+        socketserver.TCPServer.server_bind(self)  # not HTTPServer's: its getfqdn may wait on DNS, for CGI only
+        self.server_name, self.server_port = self.server_address[:2]
+
+    def reopen(self) -> None:
+        """Bind and listen again on the same address and port (after suspend); raise OSError when taken."""
+        self.socket = socket.socket(self.address_family, self.socket_type)
+        try:
+            self.server_bind()
+            self.server_activate()
+        except OSError:
+            self.socket.close()
+            raise
+
+    def process_request(self, request: socket.socket, client_address: Any) -> None:
+        """Give the connection its thread, or refuse it past max_connections."""
+        limit = self.max_connections
+        with self._lock:
+            full = limit is not None and len(self.conns) >= limit
+            if not full:
+                self.conns[request] = request
+                self.all_conns += 1
+        if full:
+            self._refuse(request)
+            return
+        thread = threading.Thread(target=self.process_request_thread, args=(request, client_address),
+                                  name=f"vmqapi-http-{self.listener.name}-conn", daemon=True)
+        with self._lock:
+            self.threads.add(thread)
+        try:
+            start_with_small_stack(thread)
+        except RuntimeError:  # no thread to be had: answer, never drop the request silently
+            log.warning("http %s: cannot start a connection thread; answered 503", self.listener.name)
+            with self._lock:
+                self.conns.pop(request, None)
+                self.threads.discard(thread)
+            self._refuse(request, b"" if self.listener.tls else BUSY_ANSWER)
+
+    def _refuse(self, sock: socket.socket, answer: bytes = b"") -> None:
+        """Send ``answer`` and a FIN now; drain what the client sends until it closes, REFUSED_LINGER at most."""
+        try:
+            sock.setblocking(False)
+            if answer:
+                sock.send(answer)
+            sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            sock.close()
+            return
+        self._refused.append((sock, time.monotonic() + REFUSED_LINGER))
+
+    def service_actions(self) -> None:
+        """Close refused connections once their client closed, or REFUSED_LINGER passed."""
+        if not self._refused:
+            return
+        now, keep = time.monotonic(), []
+        for sock, until in self._refused:
+            try:
+                done = not sock.recv(65536) or now > until  # b"": the client closed
+            except BlockingIOError:
+                done = now > until
+            except OSError:
+                done = True
+            if done:
+                sock.close()
+            else:
+                keep.append((sock, until))
+        self._refused = keep
+
+    def close_refused(self) -> None:
+        """Close every refused connection still draining (the serving thread has stopped)."""
+        for sock, _ in self._refused:
+            sock.close()
+        self._refused = []
+
+    def finish_request(self, request: socket.socket, client_address: Any) -> None:
+        """Serve one connection; an HTTPS one first finishes its handshake here, in its own thread."""
+        tls = self.listener.tls
+        if tls is not None:
+            try:
+                wrapped = tls.wrap_socket(request, server_side=True, do_handshake_on_connect=False)
+                with self._lock:
+                    self.conns[request] = wrapped  # stop cuts the TLS socket from now on
+                if self.closing:
+                    return
+                wrapped.settimeout(self.listener.option("tls_handshake_timeout") / 1000)
+                wrapped.do_handshake()
+            except (OSError, ValueError) as exc:  # ssl.SSLError, a timeout, a reset
+                log.info("TLS handshake with %s failed: %s", client_address[0], exc)
+                return
+            request = wrapped
+        self.RequestHandlerClass(request, client_address, self)
+
+    def shutdown_request(self, request: socket.socket) -> None:
+        with self._lock:
+            used = self.conns.pop(request, request)
+            self.threads.discard(threading.current_thread())
+        if used is not request:  # the TLS socket: the accepted one was detached into it
+            used.close()
+        super().shutdown_request(request)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        if isinstance(sys.exc_info()[1], OSError):  # the client went away mid-answer
+            return
+        log.exception("error serving %s", client_address[0])
+
+    def cut(self) -> None:
+        """Cut every open connection: its thread sees the end of its stream and finishes."""
+        with self._lock:
+            socks = list(self.conns.values())
+        for sock in socks:
+            with contextlib.suppress(OSError):  # the plain socket's shutdown: SSLSocket's drops its TLS state
+                socket.socket.shutdown(sock, socket.SHUT_RDWR)
+
+
+class HttpHandler(http.server.BaseHTTPRequestHandler):
+    """One connection: http.server reads each request; handle_http answers it in one write.
+
+    The head reaches http.server's parser through _HeadReader, which keeps http_max_header_bytes
+    and the node's http_max_unfinished_bytes while it reads; listener.max_* are checked on what
+    http.server parsed, http_request_timeout on every read. Every error is the JSON answer of
+    README, "The API by example".
+    """
+
+    protocol_version = "HTTP/1.1"  # keep-alive, 100-continue
+    server_version = "vmqapi/" + __version__
+    sys_version = ""
+    disable_nagle_algorithm = True  # one write per answer plus no Nagle: no 40 ms delayed-ACK stall
+    server: HttpServer
+    deadline = 0.0  # time.monotonic() by which the request being read must be whole
+    fields: dict[str, str] | None = None  # the request's header fields, once check_head passed them
+    evicted = False  # http_max_unfinished_bytes was exceeded and this request held the most
+    ERRORS = {400: BadRequest, 414: UriTooLong, 431: HeaderTooLarge, 501: NotImplementedMethod,
+              505: VersionNotSupported}  # what http.server's send_error codes mean here
+
+    def setup(self) -> None:
+        self._thread = threading.current_thread()
+        super().setup()
+        self.rfile.close()  # http.server's reader, replaced by one that keeps the request's deadline
+        self.rfile = io.BufferedReader(_DeadlineReader(self.connection, self))
+
+    def handle_one_request(self) -> None:
+        """Read one request within the limits and the deadline, answer it, run its ``after`` actions."""
+        node = self.server.node
+        self.deadline = time.monotonic() + node.config["http_request_timeout"]  # also the keep-alive idle limit
+        try:
+            request = self.read_request()
+        except VmqError as exc:  # the request could not be read: answer and close
+            self.close_connection = True
+            self.answer(None, error_response(exc))
+            return
+        except (OSError, ValueError):  # a timeout, a reset, a client gone mid-request: nobody to answer
+            self.close_connection = True
+            return
+        finally:
+            node.unfinished_http.release(self)
+        if request is None:
+            self.close_connection = True
+            return
+        response = handle_http(node, request)
+        self.answer(request, response)
+        for fn in response.after:
+            fn()
+
+    def read_request(self) -> Request | None:
+        """Return the next request, None when the connection ended (or http.server already answered)."""
+        line_limit = self.server.listener.limits()[0]
+        head = _HeadReader(self, self.server.node.config["http_max_header_bytes"])
+        self.raw_requestline = head.readline(line_limit + 3)
+        if len(self.raw_requestline.rstrip(b"\r\n")) > line_limit:
+            raise UriTooLong(f"request line longer than {line_limit} bytes")
+        self.fields = None
+        if not self.raw_requestline.endswith(b"\n"):
+            return None  # ended mid-line
+        reader, self.rfile = self.rfile, head  # http.server reads the header lines through the bound
+        try:
+            if not self.parse_request():
+                return None  # http.server's send_error (below) answered
+        finally:
+            self.rfile = reader
+        fields = self.fields or self.check_head()
+        body = self.read_body(int(fields.get("content-length", "0")))
+        if body is None:
+            return None  # the client went away inside the body
+        return Request(self.command, self.path, fields, body, tuple(self.client_address[:2]), self.server.listener.kind)
+
+    def read_body(self, length: int) -> bytes | None:
+        """Read a body of ``length`` bytes, counted in the node's budget; None when the client went away."""
+        parts, got = [], 0
+        while got < length:
+            piece = self.rfile.read(min(65536, length - got))
+            self.hold(len(piece))
+            if not piece:
+                return None
+            parts.append(piece)
+            got += len(piece)
+        return b"".join(parts)
+
+    def hold(self, n: int) -> None:
+        """Count ``n`` bytes read in the node's budget; raise once this request was evicted from it."""
+        if n:
+            self.server.node.unfinished_http.hold(self, n)
+        if self.evicted:
+            raise ServiceUnavailable("requests being read hold more than http_max_unfinished_bytes; "
+                                     "this one held the most")
+
+    def evict(self) -> None:
+        """Give up this request (the node's budget is exceeded): its reads end now, then it answers 503."""
+        self.evicted = True
+        if threading.current_thread() is not self._thread:
+            with contextlib.suppress(OSError):  # the plain socket's shutdown: the answer can still be written
+                socket.socket.shutdown(self.connection, socket.SHUT_RD)
+
+    def check_head(self) -> dict[str, str]:
+        """Return the header fields http.server read (lower-case names, the first of repeated ones).
+
+        Raise for a head that the limits or RFC 9112 refuse.
+        """
+        if self.request_version == "HTTP/0.9":
+            raise BadRequest(f"bad request line {self.requestline[:80]!r}")
+        headers = self.headers
+        if headers.defects or headers.get_payload():  # email's parser stopped at a line that is no header
+            raise BadRequest("malformed header line")  # RFC 9112 5.1: no space before ':', a name
+        _, value_limit, most, body_limit = self.server.listener.limits()
+        raw = list(headers.raw_items())
+        fields: dict[str, str] = {}
+        for n, (name, value) in enumerate(raw):
+            if n == most:
+                raise HeaderTooLarge(f"more than {most} headers (listener.max_headers)")
+            if len(value) > value_limit:
+                raise HeaderTooLarge(f"header {name} is longer than {value_limit} bytes")
+            if "\n" in value:
+                raise BadRequest("malformed header line: obsolete line folding")  # RFC 9112 5.2
+            fields.setdefault(name.lower(), value.strip())
+        self.check_framing(fields, [v.strip() for n, v in raw if n.lower() == "content-length"])
+        length = fields.get("content-length", "0")
+        if not (length.isascii() and length.isdigit()):
+            raise BadRequest("bad Content-Length")
+        if int(length) > body_limit:
+            raise PayloadTooLarge(f"a request body may hold {body_limit} bytes at most (listener.max_body_size)")
+        self.fields = fields
+        return fields
+
+    @staticmethod
+    def check_framing(fields: Mapping[str, str], lengths: Sequence[str]) -> None:
+        """Refuse a head whose body length is not one sure number (RFC 9112 6.3): the connection then closes.
+
+        Two readings of where a body ends let a second, smuggled request ride in the first.
+        """
+        if len(set(lengths)) > 1:
+            raise BadRequest("Content-Length fields with different values")
+        if "transfer-encoding" in fields:
+            if lengths:
+                raise BadRequest("Transfer-Encoding together with Content-Length")
+            raise NotImplementedMethod("Transfer-Encoding is not supported; send the body with a Content-Length")
+
+    def handle_expect_100(self) -> bool:
+        """Send 100 Continue only for a request that will be read (RFC 9110 10.1.1)."""
+        try:
+            self.check_head()
+        except VmqError as exc:
+            self.close_connection = True
+            self.answer(None, error_response(exc))
+            return False
+        return super().handle_expect_100()
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """Answer http.server's own refusals (bad request line, version, header lines) as JSON errors."""
+        exc = self.ERRORS.get(code, BadRequest)(message or http.HTTPStatus(code).phrase)
+        self.close_connection = True
+        self.answer(None, error_response(exc))
+
+    def answer(self, req: Request | None, resp: Response) -> None:
+        """Write the whole answer in one call (HEAD: without its body), then log it without keys."""
+        head = "".join([f"{k}: {v}\r\n" for k, v in resp.headers])
+        end = "Connection: close\r\n\r\n" if self.close_connection else "\r\n"
+        data = b"".join((_status_line(resp.status), _server_and_date(int(time.time())),
+                         f"{head}Content-Length: {len(resp.body)}\r\n{end}".encode("latin-1"),
+                         b"" if req is not None and req.method == "HEAD" else resp.body))
+        # A client that reads nothing: the write gives up after http_request_timeout.
+        self.connection.settimeout(self.server.node.config["http_request_timeout"])
+        try:
+            self.wfile.write(data)
+        except OSError:
+            self.close_connection = True
+        if log.isEnabledFor(logging.INFO):
+            log.info('%s "%s %s" %d %d', self.client_address[0], req.method if req else "-",
+                     redact(req.target) if req else "-", resp.status, len(resp.body))
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log.info("http %s: %s", self.client_address[0], redact(format % args))
+
+
+SERVER_HEADER = f"Server: vmqapi/{__version__}\r\n".encode()
+
+
+class HttpListener:
+    """One HTTP listener of the node: its HttpServer and the thread that accepts for it."""
+
+    def __init__(self, node: NodeApi, name: str, address: tuple[str, int], tls: bool = False,
+                 options: Mapping[str, Any] | None = None):
+        self.node, self.name = node, name
+        self.kind = "https" if tls else "http"
+        self.options = dict(options or {})  # a listener started at run time: its own options
+        self.status = "running"
+        self.tls = tls_context({o: self.option(o) for o in LISTENER_TLS_OPTIONS}) if tls else None
+        self.server = HttpServer(self, address)
+        self.address, self.port = self.server.server_address[:2]
+        self._thread: threading.Thread | None = None
+        self._limits: tuple[Any, tuple[int, int, int, int]] | None = None
+
+    @property
+    def all_conns(self) -> int:
+        """Connections accepted since the listener started."""
+        return self.server.all_conns
+
+    def option(self, name: str) -> Any:
+        """Return a listener option: its own, else the most specific config key."""
+        if name in self.options:
+            return self.options[name]
+        return self.node.config.listener_option(self.kind, self.name, name)
+
+    def limits(self) -> tuple[int, int, int, int]:
+        """Return (request line, header value, header count, body) limits, read again after a ``set``."""
+        config = self.node.config
+        if self._limits is None or self._limits[0] is not config:
+            self._limits = (config, tuple(self.option(o) for o in ("max_request_line_length", "max_header_value_length",
+                                                                   "max_headers", "max_body_size")))
+        return self._limits[1]
+
+    def start(self) -> None:
+        """Start accepting."""
+        poll = self.node.config["http_poll_interval"] / 1000  # s between looks at suspend/stop and refused sockets
+        self._thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": poll},
+                                        name=f"vmqapi-http-{self.name}", daemon=True)
+        self._thread.start()
+
+    def active(self) -> int:
+        """Return the number of open connections."""
+        return self.server.connections()
+
+    def _stop_accepting(self) -> None:
+        if self._thread is not None and self._thread.is_alive():
+            self.server.shutdown()  # serve_forever returns within http_poll_interval
+            self._thread.join(5)
+        self._thread = None
+        self.server.close_refused()
+        self.server.socket.close()
+
+    def suspend(self, kill_sessions: bool = False) -> None:
+        """Stop accepting (status suspended); with ``kill_sessions`` also cut every connection (stopped)."""
+        self._stop_accepting()
+        if kill_sessions:
+            self.server.cut()
+        self.status = "stopped" if kill_sessions else "suspended"
+
+    def resume(self) -> None:
+        """Accept again on the same address and port; raise OSError when it is taken meanwhile."""
+        if self.status == "running":
+            return
+        self.server.reopen()
+        self.status = "running"
+        self.start()
+
+    def stop(self) -> None:
+        """Stop serving, cut every connection and wait for their threads (5 s at most in all)."""
+        self.server.closing = True
+        self._stop_accepting()
+        self.server.cut()
+        end = time.monotonic() + 5
+        with self.server._lock:
+            threads = list(self.server.threads)
+        for thread in threads:  # one busy in a command ends with it; its write then fails
+            if thread.is_alive() and thread is not threading.current_thread():
+                thread.join(max(0.0, end - time.monotonic()))
+        self.status = "stopped"
+
+    def delete(self) -> None:
+        """Stop for good (listener delete)."""
+        self.stop()
+
+    def row(self, tls: bool = False, mqtt: bool = False) -> dict:
+        """Return this listener's row of listener show."""
+        limit = self.option("max_connections")
+        row = {"type": self.kind, "status": self.status, "address": self.address, "port": str(self.port),
+               "mountpoint": "", "max_conns": "infinity" if limit is None else limit,
+               "active_conns": self.active(), "all_conns": self.all_conns}
+        if tls:
+            row.update(tls_columns(self.option if self.tls else None))
+        if mqtt:
+            row.update(allowed_protocol_versions="", allow_anonymous_override="")
+        return row
+
+
+###############################################################################
+# Part II. The broker                                                         #
+###############################################################################
+# MQTT from bytes to the subscriber's socket: a pure core (codec to engine) that takes
+# packets and the time and leaves output in outboxes, the store, and the I/O shell that
+# drains them. Other nodes are reached only through ClusterSeam; HTTP is unknown here.
+
+
+###############################################################################
+# 10. MQTT codec ##############################################################
 ###############################################################################
 # Owns: MQTT 3.1/3.1.1/5.0 bytes <-> frozen packet dataclasses, strict validation
 #       with the conformance statement it enforces, incremental decoding.
@@ -2302,7 +5977,7 @@ ENCODERS5: dict[type, Callable[[Any], bytes]] = {
 
 
 ###############################################################################
-# 5. Topics: validation and trie ##############################################
+# 11. Topics: validation and trie #############################################
 ###############################################################################
 # Owns: topic name and filter rules, and a subscription trie whose matching
 #       cost grows with the depth of the topic, not with the subscriptions.
@@ -2601,7 +6276,7 @@ def _merge(out: dict[Any, Any], subscribers: dict[Any, Any]) -> None:
 
 
 ###############################################################################
-# 6. Broker values: messages, options, deliveries, sessions, connections ######
+# 12. Broker values: messages, options, deliveries, sessions, connections #####
 ###############################################################################
 # Owns: the values the engine works on, and the two protocol dialects that put
 #       them into packets (MQTT 3.1/3.1.1 and MQTT 5).
@@ -3111,7 +6786,7 @@ def describe_packet(packet: Any, trunc: int = 200) -> str:
 
 
 ###############################################################################
-# 7. Policy: passwords, ACL rules and the hook chain ##########################
+# 13. Policy: passwords, ACL rules and the hook chain #########################
 ###############################################################################
 # Owns: vmq_passwd and vmq_acl decisions on rules they are given, and calling
 #       plugin hooks in order.
@@ -3303,7 +6978,7 @@ def notify(hooks: tuple[Callable[..., Any], ...], *args: Any) -> None:
 
 
 ###############################################################################
-# 8. Routing and retained messages ############################################
+# 14. Routing and retained messages ###########################################
 ###############################################################################
 # Owns: who wants a topic (the subscription tries and shared groups of every
 #       mountpoint) and the retained messages, with their limits.
@@ -3572,7 +7247,7 @@ class Router:
 
 
 ###############################################################################
-# 9. Delivery: queues, in-flight windows, packet ids, resends #################
+# 15. Delivery: queues, in-flight windows, packet ids, resends ################
 ###############################################################################
 # Owns: getting a routed message to each session: the QoS 0 fast path, bounded
 #       queues (in memory and in the store), windows, packet ids, one resend path,
@@ -4370,7 +8045,7 @@ class Delivery:
 
 
 ###############################################################################
-# 10. Sessions: connections, CONNECT, wills, administration ###################
+# 16. Sessions: connections, CONNECT, wills, administration ###################
 ###############################################################################
 # Owns: a connection's life (CONNECT and authentication, takeover, wills, close),
 #       session life (expiry, drop, restore, subscriptions) and the named operations
@@ -4964,7 +8639,7 @@ class Sessions:
 
 
 ###############################################################################
-# 11. Peers: the engine's side of a cluster ###################################
+# 17. Peers: the engine's side of a cluster ###################################
 ###############################################################################
 # Owns: the ``ClusterSeam`` of a clustered node: forwards out and in, sessions
 #       taken over from or by other nodes, netsplits, full nodes, and the change
@@ -5311,7 +8986,7 @@ class Peers:
 
 
 ###############################################################################
-# 12. Engine: packets and time ################################################
+# 18. Engine: packets and time ################################################
 ###############################################################################
 # Owns: what each packet means (one dispatch table from connection state and
 #       packet type to its handler), acknowledgements, subscriptions, deadlines
@@ -5832,7 +9507,1746 @@ class Engine:
             self.drop_session(session)
 
 ###############################################################################
-# 13. Cluster state: replicated metadata and the node-to-node codec ###########
+# 19. Message store ###########################################################
+###############################################################################
+# Owns: retained messages and persistent sessions (subscriptions, queued QoS 1/2
+#       messages) in SQLite, committed once per batch of packets.
+# Must not know: sockets, packets, the broker's in-memory shapes beyond Message.
+
+MESSAGE_DB = "messages.db"
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS retained (mountpoint TEXT, topic TEXT, payload BLOB, qos INTEGER, ref INTEGER,
+                                     props BLOB, expires REAL, PRIMARY KEY (mountpoint, topic));
+CREATE TABLE IF NOT EXISTS sessions (mountpoint TEXT, client_id TEXT, expiry INTEGER,
+                                     PRIMARY KEY (mountpoint, client_id));
+CREATE TABLE IF NOT EXISTS subscriptions (mountpoint TEXT, client_id TEXT, filter TEXT, qos INTEGER,
+                                          PRIMARY KEY (mountpoint, client_id, filter));
+CREATE TABLE IF NOT EXISTS messages (id INTEGER PRIMARY KEY AUTOINCREMENT, mountpoint TEXT, client_id TEXT,
+                                     topic TEXT, payload BLOB, qos INTEGER, msg_qos INTEGER, ref INTEGER,
+                                     pid INTEGER DEFAULT 0, released INTEGER DEFAULT 0, props BLOB,
+                                     expires REAL, extra TEXT);
+CREATE INDEX IF NOT EXISTS messages_by_session ON messages (mountpoint, client_id);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value);
+CREATE TABLE IF NOT EXISTS kept (id INTEGER PRIMARY KEY AUTOINCREMENT, peer TEXT, epoch INTEGER, seq INTEGER,
+                                 kind INTEGER, body BLOB);
+CREATE TABLE IF NOT EXISTS kept_marks (origin TEXT, epoch INTEGER, seq INTEGER, PRIMARY KEY (origin, epoch));
+"""
+_ADDED_COLUMNS = {  # columns newer than the first stores: table -> ((name, type), ...)
+    "messages": (("pid", "INTEGER DEFAULT 0"), ("released", "INTEGER DEFAULT 0"), ("props", "BLOB"),
+                 ("expires", "REAL"), ("extra", "TEXT")),
+    "retained": (("props", "BLOB"), ("expires", "REAL")),
+    "sessions": (("expiry", "INTEGER"),),
+}
+
+
+def _dropped_key(mountpoint: str, client_id: str) -> str:
+    """The meta key of a bridge session's count of dropped messages."""
+    return f"dropped\x00{mountpoint}\x00{client_id}"
+
+
+def _props_blob(props: tuple) -> bytes | None:
+    return encode_properties(props) if props else None
+
+
+def _blob_props(blob: bytes | None) -> tuple:
+    return decode_properties(blob, 0, len(blob))[0] if blob else ()
+
+
+def _extra_text(extra: Any) -> str | None:
+    """Write a delivery's (retain flag, subscription ids) as text: ``1:3,4``."""
+    return f"{int(extra[0])}:{','.join(map(str, extra[1]))}" if extra else None
+
+
+def _text_extra(text: str | None) -> Any:
+    if not text:
+        return None
+    flag, _, ids = text.partition(":")
+    return (flag == "1", tuple(int(i) for i in ids.split(",") if i))
+
+
+class MemoryStore:
+    """``message_store = memory``: nothing is kept across restarts."""
+
+    error: str | None = None  # why the store cannot write now (None: it can)
+
+    def __init__(self):
+        self.counters: dict[tuple, int] = collections.defaultdict(int)  # a metrics source
+
+    def load(self) -> tuple[list, list, list, list]:
+        """Return nothing to restore."""
+        return [], [], [], []
+
+    def load_queue(self, mountpoint: str, client_id: str, after: int) -> list:
+        """Return nothing: no message is ever kept here."""
+        return []
+
+    def load_inflight(self, mountpoint: str, client_id: str) -> list:
+        """Return nothing: no message is ever kept here."""
+        return []
+
+    def put_retained(self, mountpoint: str, msg: Message) -> None:
+        """Keep nothing."""
+
+    def delete_retained(self, mountpoint: str, topic: str) -> None:
+        """Keep nothing."""
+
+    def put_session(self, mountpoint: str, client_id: str, expiry: int | None = None) -> None:
+        """Keep nothing."""
+
+    def delete_session(self, mountpoint: str, client_id: str) -> None:
+        """Keep nothing."""
+
+    def put_subscription(self, mountpoint: str, client_id: str, topic_filter: str, qos: int) -> None:
+        """Keep nothing."""
+
+    def delete_subscription(self, mountpoint: str, client_id: str, topic_filter: str) -> None:
+        """Keep nothing."""
+
+    def add_message(self, mountpoint: str, client_id: str, msg: Message, qos: int, extra: Any = None) -> int:
+        """Keep nothing; 0 means no row."""
+        return 0
+
+    def delete_message(self, row: int) -> None:
+        """Keep nothing."""
+
+    def mark_sent(self, row: int, pid: int) -> None:
+        """Keep nothing."""
+
+    def mark_released(self, row: int) -> None:
+        """Keep nothing."""
+
+    def add_kept(self, peer: str, epoch: int, seq: int, kind: int, body: bytes) -> int:
+        """Keep nothing; 0 means no row (the cluster keeps kept frames in memory only)."""
+        return 0
+
+    def delete_kept(self, rows: Iterable[int]) -> None:
+        """Keep nothing."""
+
+    def load_kept(self) -> list:
+        """Return nothing: no kept frame is ever stored here."""
+        return []
+
+    def put_mark(self, origin: str, epoch: int, seq: int) -> None:
+        """Keep nothing."""
+
+    def delete_mark(self, origin: str, epoch: int) -> None:
+        """Keep nothing."""
+
+    def load_marks(self) -> list:
+        """Return nothing."""
+        return []
+
+    def put_dropped(self, mountpoint: str, client_id: str, count: int) -> None:
+        """Keep nothing."""
+
+    def load_dropped(self, mountpoint: str, client_id: str) -> int:
+        """Return 0: nothing is kept here."""
+        return 0
+
+    def commit(self) -> bool:
+        """Nothing to commit: nothing acknowledged is ever lost here."""
+        return True
+
+    def probe(self) -> None:
+        """Nothing to try."""
+
+    def close(self) -> None:
+        """Nothing to close."""
+
+
+STORE_PAGE = 100  # queued messages read from the store at a time, so memory never holds a whole stored queue
+STORE_PAGE_BYTES = 1 << 20  # ... and at most about this many payload bytes per read
+_SQLITE_OK = [("ok",)]  # what PRAGMA quick_check answers for a sound file (sqlite.org/pragma.html#pragma_quick_check)
+
+
+def create_private_file(path: str) -> None:
+    """Create ``path`` (mode 0600, whatever the umask) if missing; make an existing one 0600."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        if os.name == "posix":
+            os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
+
+
+def _corrupt_store(path: str, detail: str) -> ConfigError:
+    detail = " ".join(detail.split())  # quick_check's lines, on the one line of the error
+    return ConfigError(f"the message store {path} is corrupt ({detail}); vmqapi did not change it. Move it away "
+                       "(the node then starts with no retained messages or persistent sessions) or restore it "
+                       "from a backup, then start again")
+
+
+class SqliteStore(MemoryStore):
+    """SQLite in WAL mode; ``commit`` once per batch makes acknowledged messages survive kill -9.
+
+    A write that fails (disk full, I/O error) never raises: it sets ``error`` and is counted
+    in ``store_error``; the broker then refuses QoS 1/2 messages until a write succeeds again
+    (``probe`` tries one).
+    """
+
+    def __init__(self, path: str):
+        super().__init__()
+        self.path = path
+        for suffix in ("", "-wal", "-shm"):  # SQLite gives -wal and -shm the database file's mode
+            require_regular_file(path + suffix, "the message store")
+            if suffix == "" or os.path.exists(path + suffix):
+                try:
+                    create_private_file(path + suffix)
+                except OSError as exc:
+                    raise ConfigError(f"cannot open the message store {path}{suffix}: {exc.strerror}") from None
+        try:
+            self.db = sqlite3.connect(path, check_same_thread=False, isolation_level="DEFERRED")
+        except sqlite3.Error as exc:
+            raise ConfigError(f"cannot open the message store {path}: {exc}") from None
+        try:
+            self._check()
+            self._prepare()
+        except BaseException:
+            self.db.close()
+            raise
+        self._dirty = False
+        self._promised = False  # the open transaction holds messages a QoS 1/2 publisher may hear were kept
+        self._lost = False  # a transaction that failed since the last commit held such messages
+        self._next_row = self._last_row()
+        self._kept_rows: list[tuple] = []  # kept frames of this batch, written at its commit
+        self._next_kept = self.db.execute("SELECT MAX(id) FROM kept").fetchone()[0] or 0
+
+    def _check(self) -> None:
+        """Refuse a damaged file before anything writes to it."""
+        try:
+            found = self.db.execute("PRAGMA quick_check").fetchall()
+        except sqlite3.DatabaseError as exc:
+            raise _corrupt_store(self.path, str(exc)) from None
+        if found != _SQLITE_OK:
+            raise _corrupt_store(self.path, "; ".join(str(row[0]) for row in found[:3]))
+
+    def _prepare(self) -> None:
+        try:
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=NORMAL")  # WAL: durable across process crashes
+            self.db.executescript(_SCHEMA)
+            for table, added in _ADDED_COLUMNS.items():
+                columns = {row[1] for row in self.db.execute(f"PRAGMA table_info({table})")}
+                for column, kind in added:
+                    if column not in columns:
+                        self.db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")  # an older store
+        except sqlite3.DatabaseError as exc:
+            raise _corrupt_store(self.path, str(exc)) from None
+        except sqlite3.Error as exc:
+            raise ConfigError(f"cannot open the message store {self.path}: {exc}") from None
+
+    def _last_row(self) -> int:
+        """Return the highest message row id ever given out (row ids are never reused, even after a failure)."""
+        ids = [self.db.execute("SELECT MAX(id) FROM messages").fetchone()[0] or 0]
+        ids += [row[0] for row in self.db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'messages'")]
+        return max(ids)
+
+    def _failed(self, exc: sqlite3.Error) -> None:
+        """Note a failed write: the transaction is gone (SQLite rolls it back on a full disk, so do we)."""
+        if self.error is None:
+            log.error("the message store %s cannot write: %s; QoS 1/2 messages are refused until it can",
+                      self.path, exc)
+        self.error = str(exc)
+        self.counters["store_error", ()] += 1
+        with contextlib.suppress(sqlite3.Error):
+            self.db.rollback()
+        self._dirty = False
+
+    def _run(self, sql: str, args: tuple) -> bool:
+        self._dirty = True
+        try:
+            self.db.execute(sql, args)
+        except sqlite3.Error as exc:
+            self._lost, self._promised = self._lost or self._promised, False
+            self._failed(exc)
+            return False
+        return True
+
+    def load(self) -> tuple[list, list, list, list]:
+        """Return (retained, sessions, subscriptions, queue summaries); queued messages stay on disk.
+
+        A queue summary is (mountpoint, client id, messages waiting, their bytes, messages in
+        flight, highest message reference).
+        """
+        q = self.db.execute
+        try:
+            retained = [(mp, Message(t, p, qos, True, ref, props=_blob_props(props), expires=expires))
+                        for mp, t, p, qos, ref, props, expires in
+                        q("SELECT mountpoint, topic, payload, qos, ref, props, expires FROM retained")]
+            sessions = list(q("SELECT mountpoint, client_id, expiry FROM sessions"))
+            subs = list(q("SELECT mountpoint, client_id, filter, qos FROM subscriptions"))
+            queues = list(q("SELECT mountpoint, client_id, SUM(pid = 0), "  # length() reads no payload
+                            "SUM(CASE WHEN pid = 0 THEN length(payload) + length(topic) ELSE 0 END), "
+                            "SUM(pid != 0), MAX(ref) FROM messages GROUP BY mountpoint, client_id"))
+        except sqlite3.DatabaseError as exc:
+            raise _corrupt_store(self.path, str(exc)) from None
+        return retained, sessions, subs, queues
+
+    def _messages(self, where: str, args: tuple, limit: int = -1) -> sqlite3.Cursor:
+        return self.db.execute("SELECT id, topic, payload, qos, msg_qos, ref, pid, released, props, expires, extra "
+                               f"FROM messages WHERE mountpoint = ? AND client_id = ? AND {where} ORDER BY id LIMIT ?",
+                               (*args, limit))
+
+    def load_queue(self, mountpoint: str, client_id: str, after: int) -> list:
+        """Return the next page of a session's waiting messages after row ``after``: (msg, qos, row, extra)."""
+        page, size = [], 0
+        try:
+            for row, t, p, qos, mq, ref, _pid, _rel, props, expires, extra in self._messages(
+                    "pid = 0 AND id > ?", (mountpoint, client_id, after), STORE_PAGE):
+                page.append((Message(t, p, mq, False, ref, props=_blob_props(props), expires=expires), qos, row,
+                             _text_extra(extra)))
+                size += len(p)
+                if size >= STORE_PAGE_BYTES:
+                    break
+        except sqlite3.Error as exc:
+            log.error("cannot read the queue of %r from the message store: %s", client_id, exc)
+            self.counters["store_error", ()] += 1
+        return page
+
+    def load_inflight(self, mountpoint: str, client_id: str) -> list:
+        """Return a session's QoS 2 messages in flight when the node stopped: (msg, qos, row, pid, released, extra)."""
+        try:
+            return [(Message(t, p, mq, False, ref, props=_blob_props(props), expires=expires), qos, row, pid,
+                     bool(released), _text_extra(extra))
+                    for row, t, p, qos, mq, ref, pid, released, props, expires, extra in
+                    self._messages("pid != 0", (mountpoint, client_id))]
+        except sqlite3.Error as exc:
+            log.error("cannot read the messages in flight to %r from the message store: %s", client_id, exc)
+            self.counters["store_error", ()] += 1
+            return []
+
+    def put_retained(self, mountpoint: str, msg: Message) -> None:
+        """Store or replace a retained message."""
+        if self._run("INSERT OR REPLACE INTO retained (mountpoint, topic, payload, qos, ref, props, expires) "
+                     "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                     (mountpoint, msg.topic, msg.payload, msg.qos, msg.ref, _props_blob(msg.props), msg.expires)):
+            self._promised = self._promised or msg.qos > 0
+
+    def delete_retained(self, mountpoint: str, topic: str) -> None:
+        """Delete a retained message."""
+        self._run("DELETE FROM retained WHERE mountpoint = ? AND topic = ?", (mountpoint, topic))
+
+    def put_session(self, mountpoint: str, client_id: str, expiry: int | None = None) -> None:
+        """Record a persistent session and how long it outlives its connection (None: no limit of its own)."""
+        self._run("INSERT OR REPLACE INTO sessions (mountpoint, client_id, expiry) VALUES (?, ?, ?)",
+                  (mountpoint, client_id, expiry))
+
+    def delete_session(self, mountpoint: str, client_id: str) -> None:
+        """Forget a session with its subscriptions and messages (and a bridge's, its count of drops)."""
+        for table in ("sessions", "subscriptions", "messages"):
+            self._run(f"DELETE FROM {table} WHERE mountpoint = ? AND client_id = ?", (mountpoint, client_id))
+        if client_id.startswith(BRIDGE_CLIENT_PREFIX):
+            self._run("DELETE FROM meta WHERE key = ?", (_dropped_key(mountpoint, client_id),))
+
+    def put_subscription(self, mountpoint: str, client_id: str, topic_filter: str, qos: int) -> None:
+        """Store or replace a subscription."""
+        self._run("INSERT OR REPLACE INTO subscriptions VALUES (?, ?, ?, ?)", (mountpoint, client_id, topic_filter, qos))
+
+    def delete_subscription(self, mountpoint: str, client_id: str, topic_filter: str) -> None:
+        """Delete a subscription."""
+        self._run("DELETE FROM subscriptions WHERE mountpoint = ? AND client_id = ? AND filter = ?",
+                  (mountpoint, client_id, topic_filter))
+
+    def add_message(self, mountpoint: str, client_id: str, msg: Message, qos: int, extra: Any = None) -> int:
+        """Store a message queued for a persistent session; return its row id (0: it could not be stored)."""
+        row = self._next_row + 1
+        if not self._run("INSERT INTO messages (id, mountpoint, client_id, topic, payload, qos, msg_qos, ref, props, "
+                         "expires, extra) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                         (row, mountpoint, client_id, msg.topic, msg.payload, qos, msg.qos, msg.ref,
+                          _props_blob(msg.props), msg.expires, _extra_text(extra))):
+            return 0
+        self._next_row, self._promised = row, self._promised or qos > 0
+        return row
+
+    def delete_message(self, row: int) -> None:
+        """Delete a delivered message."""
+        self._run("DELETE FROM messages WHERE id = ?", (row,))
+
+    def mark_sent(self, row: int, pid: int) -> None:
+        """Record the packet id a QoS 2 message went out with (a restart resends it with that id)."""
+        self._run("UPDATE messages SET pid = ? WHERE id = ?", (pid, row))
+
+    def mark_released(self, row: int) -> None:
+        """Record that PUBREC came for a QoS 2 message (a restart resends PUBREL, not the message)."""
+        self._run("UPDATE messages SET released = 1 WHERE id = ?", (row,))
+
+    # -- kept frames for other nodes, and what this node has of theirs (Outbox and Inbox, in the cluster state) --
+    def add_kept(self, peer: str, epoch: int, seq: int, kind: int, body: bytes) -> int:
+        """Keep a frame for ``peer`` until it acknowledges it; return its row.
+
+        The rows of a batch are written together when it commits (one statement for all of them).
+        """
+        self._next_kept += 1
+        self._kept_rows.append((self._next_kept, peer, epoch, seq, kind, body))
+        self._dirty = self._promised = True  # a publisher hears its message was kept once this commits
+        return self._next_kept
+
+    def _write_kept(self) -> None:
+        rows, self._kept_rows = self._kept_rows, []
+        try:
+            self.db.executemany("INSERT INTO kept (id, peer, epoch, seq, kind, body) VALUES (?, ?, ?, ?, ?, ?)", rows)
+        except sqlite3.Error as exc:
+            self._lost, self._promised = True, False  # their publishers' acknowledgements are in this batch
+            self._failed(exc)
+
+    def delete_kept(self, rows: Iterable[int]) -> None:
+        """Forget kept frames a peer has acknowledged."""
+        rows = [(row,) for row in rows if row]
+        if rows and self._kept_rows:
+            self._write_kept()  # an acknowledgement may come before the batch that kept them commits
+        if rows:
+            self._dirty = True
+            try:
+                self.db.executemany("DELETE FROM kept WHERE id = ?", rows)
+            except sqlite3.Error as exc:
+                self._lost, self._promised = self._lost or self._promised, False
+                self._failed(exc)
+
+    def load_kept(self) -> list:
+        """Return every kept frame, oldest first: (peer, epoch, seq, kind, body, row)."""
+        return self._read_all("SELECT peer, epoch, seq, kind, body, id FROM kept ORDER BY id")
+
+    def _read_all(self, sql: str) -> list:
+        """Every row a query gives, at start; a damaged file stops the node, naming it."""
+        try:
+            return list(self.db.execute(sql))
+        except sqlite3.DatabaseError as exc:
+            raise _corrupt_store(self.path, str(exc)) from None
+
+    def put_mark(self, origin: str, epoch: int, seq: int) -> None:
+        """Record the highest seq of (origin, epoch) this node has used."""
+        self._run("INSERT OR REPLACE INTO kept_marks (origin, epoch, seq) VALUES (?, ?, ?)", (origin, epoch, seq))
+
+    def delete_mark(self, origin: str, epoch: int) -> None:
+        """Forget an old epoch's mark."""
+        self._run("DELETE FROM kept_marks WHERE origin = ? AND epoch = ?", (origin, epoch))
+
+    def load_marks(self) -> list:
+        """Return every (origin, epoch, seq) recorded, the least recently written first."""
+        return self._read_all("SELECT origin, epoch, seq FROM kept_marks ORDER BY rowid")
+
+    def put_dropped(self, mountpoint: str, client_id: str, count: int) -> None:
+        """Record how many messages a bridge's session has dropped (committed with the batch that dropped them)."""
+        self._run("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+                  (_dropped_key(mountpoint, client_id), count))
+
+    def load_dropped(self, mountpoint: str, client_id: str) -> int:
+        """Return how many messages a bridge's session has dropped, over every run of the node."""
+        try:
+            key = _dropped_key(mountpoint, client_id)
+            row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        except sqlite3.Error as exc:
+            log.error("cannot read the drops of %r from the message store: %s", client_id, exc)
+            self.counters["store_error", ()] += 1
+            return 0
+        return row[0] if row and isinstance(row[0], int) else 0
+
+    def commit(self) -> bool:
+        """Commit what the last batch of packets changed.
+
+        Return False when this batch's changes are lost and held messages that may have been
+        acknowledged (the caller must not send those acknowledgements).
+        """
+        if self._kept_rows:
+            self._write_kept()
+        if self._dirty:
+            try:
+                self.db.commit()
+            except sqlite3.Error as exc:
+                self._lost = self._lost or self._promised
+                self._failed(exc)
+            else:
+                self._dirty = False
+                if self.error is not None:
+                    log.warning("the message store %s writes again", self.path)
+                self.error = None
+        lost, self._lost, self._promised = self._lost, False, False
+        return not lost
+
+    def probe(self) -> None:
+        """While ``error`` is set, try a small write; success clears it."""
+        if self.error is not None and self._run("INSERT OR REPLACE INTO meta (key, value) VALUES ('probe', ?)",
+                                                (time.time(),)):
+            self.commit()
+
+    def close(self) -> None:
+        """Commit and close."""
+        self.commit()
+        self.db.close()
+
+
+###############################################################################
+# 20. Broker shell: plugin hooks, rule files, tracing #########################
+###############################################################################
+# Owns: what the engine is handed from outside: the hook registry (threads add to
+#       it), the password and ACL files (read and reloaded), password hashing (with
+#       its random salt) and packet tracing (with its clock).
+# Must not know: sockets, packets' meaning.
+
+PASSWD_SALT_BYTES = 12  # VerneMQ vmq_passwd: 12-byte salt, sha512(password ++ salt)
+
+
+def hash_password(password: str, salt: bytes | None = None) -> str:
+    """Return vmq_passwd's ``$6$<b64 salt>$<b64 sha512(password + salt)>``."""
+    salt = secrets.token_bytes(PASSWD_SALT_BYTES) if salt is None else salt
+    digest = hashlib.sha512(password.encode() + salt).digest()
+    return f"$6${base64.b64encode(salt).decode()}${base64.b64encode(digest).decode()}"
+
+
+class ReloadingFile:
+    """A file parsed again when its mtime changes, checked at most every ``interval`` s."""
+
+    def __init__(self, parse: Callable[[str], Any], empty: Any, on_error: Callable[[], None] = lambda: None,
+                 what: str = "the file"):
+        self._parse, self._empty, self._on_error, self._what = parse, empty, on_error, what
+        self.path, self.value = "", empty
+        self._signature: tuple | None = None
+        self._checked = -1e18
+
+    def get(self, path: str, interval: int, now: float) -> Any:
+        """Return the parsed content of ``path`` (``empty`` when no path)."""
+        if path != self.path:
+            self.path, self._signature, self._checked = path, None, -1e18
+        if not path:
+            return self._empty
+        if self._signature is None or (interval and now - self._checked >= interval):
+            self._checked = now
+            signature = ("failed",)
+            try:
+                st = os.stat(path)
+                signature = (st.st_ino, st.st_mtime_ns, st.st_size)
+                if signature != self._signature:
+                    data = read_regular_file(path, MAX_RULES_FILE, self._what)[0]  # never blocks the loop
+                    self.value = self._parse(data.decode("utf-8"))
+                    self._signature = signature
+            except (OSError, ValueError, UnicodeDecodeError, FileRefused) as exc:
+                log.error("cannot load %s: %s; keeping the previous rules", path, getattr(exc, "text", exc))
+                self._signature = signature  # a bad version is reported once, tried again when it changes
+                self._on_error()
+        return self.value
+
+
+def check_passwd_file(path: str) -> None:
+    """Raise FileRefused when the vmq_passwd file is not a regular file or too large (start-up; a missing
+    or bad one is reported when it is read, and refuses every password meanwhile)."""
+    with contextlib.suppress(OSError):
+        read_regular_file(path, MAX_RULES_FILE, "vmq_passwd.password_file")
+
+
+def check_acl_file(path: str) -> None:
+    """Raise ConfigError naming the file and line when the vmq_acl file cannot be used (start-up)."""
+    try:
+        parse_acl(read_regular_file(path, MAX_RULES_FILE, "vmq_acl.acl_file")[0].decode("utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"vmq_acl.acl_file {path}: cannot read it: {getattr(exc, 'strerror', None) or exc}") \
+            from None
+    except ValueError as exc:
+        raise ConfigError(f"vmq_acl.acl_file {path}: {exc}") from None
+
+
+class Hooks:
+    """Python plugin hooks by VerneMQ hook name, called in the broker's thread.
+
+    Each hook name is also an attribute holding a tuple of functions, so the
+    broker's hot path pays one attribute read when nothing is registered.
+    An ``auth_on_*`` hook returns ``"ok"``/True (allow), ``"next"``/None (ask the
+    next plugin), ``"error"``/False (refuse) or a dict of changes (allow with
+    them: ``topic``, ``payload``, ``qos``, ``retain`` for publish; for subscribe
+    a list of (topic, qos) pairs replaces the request).
+
+    ``on_auth_m5(username, subscriber_id, {"authentication_method": m,
+    "authentication_data": d})`` runs MQTT 5 enhanced authentication: it answers
+    like an ``auth_on_*`` hook, or with a dict ``{"reason": "success" |
+    "continue_authentication", "authentication_data": bytes}``; "continue"
+    sends the data to the client in AUTH and asks the hook again with its reply.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._entries: list[tuple[str, Callable[..., Any], str, bool]] = []  # hook, fn, plugin, enabled
+        self.builtin = dict.fromkeys(BUILTIN_PLUGINS, True)
+        self._publish()
+
+    def _publish(self) -> None:
+        for name in HOOK_NAMES:
+            setattr(self, name, tuple(fn for hook, fn, _, on in self._entries if hook == name and on))
+
+    def register(self, name: str, fn: Callable[..., Any], plugin: str | None = None) -> None:
+        """Add ``fn`` to hook ``name``; ``plugin`` (default: fn's module) groups it in plugin show."""
+        if name not in HOOK_NAMES:
+            raise ValueError(f"unknown hook {name!r}; hooks: {', '.join(HOOK_NAMES)}")
+        with self._lock:
+            self._entries.append((name, fn, plugin or getattr(fn, "__module__", None) or "python", True))
+            self._publish()
+
+    def unregister(self, name: str, fn: Callable[..., Any]) -> None:
+        """Remove ``fn`` from hook ``name`` (webhooks deregister takes a hook's last endpoint away)."""
+        with self._lock:
+            self._entries = [e for e in self._entries if not (e[0] == name and e[1] is fn)]
+            self._publish()
+
+    def enable(self, plugin: str, on: bool) -> bool:
+        """Turn a plugin's hooks on or off; return whether such a plugin exists."""
+        with self._lock:
+            if plugin in self.builtin:
+                self.builtin[plugin] = on
+                return True
+            found = [e for e in self._entries if e[2] == plugin]
+            self._entries = [(h, f, p, on if p == plugin else e) for h, f, p, e in self._entries]
+            self._publish()
+            return bool(found)
+
+    def rows(self) -> list[dict]:
+        """Return plugin show's rows: enabled plugins, their hooks and module:function/arity."""
+        with self._lock:
+            plugins: dict[str, list[tuple[str, str]]] = {}
+            kinds = {}
+            for plugin, hooks in BUILTIN_PLUGINS.items():
+                if self.builtin[plugin]:
+                    plugins[plugin] = [(h, f"{plugin}:{h}/{arity}") for h, arity in hooks]
+                    kinds[plugin] = "application"
+            for hook, fn, plugin, on in self._entries:
+                if on:
+                    plugins.setdefault(plugin, []).append((hook, f"{_mfa(fn)}"))
+                    kinds.setdefault(plugin, "python")
+        return [{"Plugin": p, "Type": kinds[p], "Hook(s)": "".join(h + "\n" for h, _ in hooks),
+                 "M:F/A": "".join(m + "\n" for _, m in hooks)} for p, hooks in plugins.items()]
+
+
+class Tracer:
+    """Collects one client's packets, both ways, as lines; at most ``rate_max`` per ``rate_interval`` ms."""
+
+    def __init__(self, client_id: str, rate_max: int = 10, rate_interval: int = 100, trunc: int = 200):
+        self.client_id, self.rate_max, self.rate_interval, self.trunc = client_id, rate_max, rate_interval, trunc
+        self._lock = threading.Lock()
+        self._lines: collections.deque[str] = collections.deque(maxlen=100_000)
+        self._window, self._in_window, self._skipped = 0.0, 0, 0
+
+    def packet(self, direction: str, packet: Any, now: float) -> None:
+        """Record one packet (``in`` from the client, ``out`` to it)."""
+        window = now - now % (self.rate_interval / 1000)
+        with self._lock:
+            if window != self._window:
+                if self._skipped:
+                    self._lines.append(f"... {self._skipped} packets not shown (rate limit)")
+                self._window, self._in_window, self._skipped = window, 0, 0
+            self._in_window += 1
+            if self._in_window > self.rate_max:
+                self._skipped += 1
+                return
+            stamp = _dt.datetime.fromtimestamp(now, _dt.timezone.utc).strftime("%H:%M:%S.%f")[:-3]
+            arrow = "MQTT RECV" if direction == "in" else "MQTT SEND"
+            self._lines.append(f"{stamp} {arrow}: CID: {self.client_id!r} {describe_packet(packet, self.trunc)}")
+
+    def take(self) -> list[str]:
+        """Return and forget the lines collected so far."""
+        with self._lock:
+            lines = list(self._lines)
+            self._lines.clear()
+            if self._skipped:
+                lines.append(f"... {self._skipped} packets not shown (rate limit)")
+                self._skipped = 0
+        return lines
+
+
+###############################################################################
+# 21. MQTT connections: TCP, TLS and WebSocket links ##########################
+###############################################################################
+# Owns: bytes in and out of one connection: packets decoded per read and handed
+#       to the engine with the time, input bounds (CONNECT, the partial-packet
+#       budget), deadlines, and one write per batch of what its outbox holds.
+# Must not know: HTTP, commands, what a packet means.
+
+PARTIAL_BIG = 65536  # bytes: an unfinished packet this large grows in a bytearray, not by copying per read
+WAIT_READ_AHEAD = 65536  # bytes read while a packet waits for webhook answers, so a peer that hangs up is seen
+FD_RESERVE = 128  # file descriptors MQTT connections leave to the admin API, the store and the listeners
+CONNECT_FIRST_BYTE = 0x10  # CONNECT, flags 0 [MQTT-3.1.0-1]: a new connection starting otherwise is closed at once
+BATCH_SECONDS = 0.005  # one read's packets hold the loop this long at most; the rest waits for others' turn
+
+
+def certificate_cn(cert: Mapping[str, Any] | None) -> str | None:
+    """Return the common name of a peer certificate as ``ssl`` decodes it."""
+    for rdn in (cert or {}).get("subject", ()):
+        for key, value in rdn:
+            if key == "commonName":
+                return value
+    return None
+
+
+class MqttLink(asyncio.Protocol):
+    """One MQTT connection: decodes every packet of a read, then writes once.
+
+    Reading pauses while the outgoing buffer is over its high-water mark (a peer gets
+    answers only as fast as it takes them), and for ``throttle``; the connection's
+    deadlines (CONNECT, keep-alive, a begun packet) are timed by one timer.
+    """
+
+    def __init__(self, listener: MqttListener, counted: bool = True):
+        self.listener = listener
+        self.io = listener.io
+        self.counted = counted  # False inside a WsLink, which counts the socket itself
+        self.transport: asyncio.Transport | None = None
+        self.client: Connection | None = None
+        self.buffer = b""  # the unfinished end of the last read
+        self.big: bytearray | None = None  # an unfinished packet over PARTIAL_BIG, growing in place
+        self.need = 0  # the whole size of ``big``
+        self.held = 0  # unfinished bytes this link holds, counted in the node's partial_packet_budget
+        self.writable = True
+        self.closing = self.paused = False
+        self.waiting = False  # a packet waits for webhook answers (the webhooks plugin): read and decode nothing more
+        self.waiting_size = 0  # its bytes, counted in partial_packet_budget while it waits
+        self.on_gone: Callable[[], Any] | None = None  # forgets its webhook call if the connection closes first
+        self.on_ready: Callable[[], Any] | None = None  # a WsLink's: it may feed the frames it kept back
+        self.reading = True
+        self.fresh = True  # nothing received yet
+        self.partial_since: float | None = None  # when the unfinished packet in ``buffer`` began
+        self.timer: asyncio.TimerHandle | None = None
+        self.timer_at = 0.0
+        self.armed_connected = False  # whether the timer was set for a connected client
+        self.stall: asyncio.TimerHandle | None = None
+        self.unsent = 0  # bytes its transport held when it last paused writing (in the engine's unsent_bytes)
+        self.peer = ("", 0)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        if not self.listener.admit():
+            self.closing = True
+            transport.abort()
+            return
+        self.attach(transport, time.time())
+
+    def attach(self, transport: Any, opened_at: float) -> None:
+        """Start the MQTT side of an admitted connection (``opened_at``: when its socket was accepted)."""
+        self.transport = transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.peer = tuple(transport.get_extra_info("peername") or ("", 0))[:2]
+        identity = certificate_cn(transport.get_extra_info("peercert")) if self.listener.tls else None
+        # mqtt_connect_timeout counts from the accept, handshakes included
+        self.client = self.io.engine.connection_made(self, self.listener, self.peer, identity, opened_at)
+        self.arm(time.time())
+
+    def data_received(self, data: bytes) -> None:
+        self.feed(data, time.perf_counter() + BATCH_SECONDS)
+
+    def feed(self, data: bytes, turn_ends: float) -> None:
+        """Decode ``data`` after what is kept; past ``turn_ends`` (a perf_counter time) the rest waits its turn."""
+        if self.closing or self.client is None:
+            return
+        self.io.engine.counters["bytes_received", ()] += len(data)
+        if self.fresh and data:
+            self.fresh = False
+            if data[0] != CONNECT_FIRST_BYTE:
+                log.info("closing MQTT connection from %s: it did not begin with CONNECT", self.peer[0])
+                self.io.engine.counters["mqtt_malformed_packet_error", ()] += 1
+                self.abort()
+                return
+        if self.big is not None:
+            self.big += data
+            if len(self.big) < self.need:
+                self.io.hold(self, len(self.big))
+                return
+            buf, self.big = bytes(self.big), None  # complete: one copy, then decoded as usual
+        else:
+            buf = self.buffer + data if self.buffer else data
+        self._decode(buf, turn_ends=turn_ends)
+        if self.waiting:
+            self._reading()  # read ahead is bounded
+        self.io.after_batch()
+
+    def _max_size(self) -> int:
+        config = self.io.settings()
+        limit = config["max_message_size"]
+        if self.client.connected:
+            return limit
+        return min(limit, config["max_connect_size"]) if limit else config["max_connect_size"]
+
+    def _decode(self, buf: bytes, held: tuple | None = None, turn_ends: float | None = None) -> None:
+        pos, engine, client, io = 0, self.io.engine, self.client, self.io
+        now = time.time()
+        if io.settings() is not io.rules_config:
+            io.refresh_rules(now)  # a set of vmq_acl.* or vmq_passwd.* counts from the next packet
+        max_size, connected = self._max_size(), client.connected
+        engine.refresh_settings()
+        limits = engine.packet_limits
+        turn_ends = time.perf_counter() + BATCH_SECONDS if turn_ends is None else turn_ends
+        try:
+            if held is not None:  # it waited for webhook answers, which the gate has set
+                engine.handle(client, held[0], now, held[1])
+                max_size, connected = self._max_size(), client.connected
+            while not self.closing and not self.paused and not self.waiting and not client.closing \
+                    and not client.pause_for:
+                start = pos
+                result = decode_packet(buf, pos, max_size, client.proto, limits)  # CONNECT may change the version
+                if result is None:
+                    break
+                packet, pos = result
+                # A plain QoS 0 PUBLISH (first byte 0x30) is forwarded as the bytes it came in.
+                frame = buf[start:pos] if buf[start] == 0x30 else b""
+                if io.gate is None:
+                    engine.handle(client, packet, now, frame)
+                elif not io.gate(self, packet, frame, now):
+                    self.waiting_size = pos - start  # a held CONNECT counts as an unfinished one
+                    break  # held until its webhook answers come (release)
+                if client.tracer is not None:
+                    client.tracer.packet("in", packet, now)
+                if client.connected != connected:  # accepted: max_message_size from the next packet on
+                    max_size, connected = self._max_size(), client.connected
+                if time.perf_counter() > turn_ends and pos < len(buf) and not client.pause_for:
+                    self.throttle(0.0)  # the rest is decoded on a later turn of the loop
+        except MalformedPacket as exc:
+            log.info("closing MQTT connection from %s: %s", self.peer[0], exc.text)
+            engine.counters[exc.metric, ()] += 1
+            engine.refuse_packet(client, exc)
+        except Exception:  # a bug: it costs this connection, never the node or its other clients
+            log.exception("internal error on the MQTT connection from %s; closing it", self.peer[0])
+            engine.close_client(client, reason=Reason.IMPLEMENTATION_SPECIFIC_ERROR)
+        self._keep(buf, pos)
+
+    def _keep(self, buf: bytes, pos: int) -> None:
+        """Keep the unfinished end of ``buf`` (from ``pos``) for the next read, and time it."""
+        if self.closing or self.client.closing or pos >= len(buf):
+            self.buffer, self.partial_since = b"", None
+            self.io.hold(self, 0 if self.closing or self.client.closing else self.waiting_size)
+        else:
+            now = time.time()
+            began = self.partial_since is None or pos > 0  # a new packet has begun; mqtt_packet_timeout runs
+            self.buffer = buf[pos:] if pos else buf
+            if began:
+                self.partial_since = now
+            try:
+                header = None if self.paused or self.waiting or self.client.pause_for else fixed_header(self.buffer)
+            except MalformedPacket:
+                header = None  # the next read's decode says so, and closes
+
+            if header is not None and sum(header) > max(len(self.buffer), PARTIAL_BIG):
+                self.big, self.need, self.buffer = bytearray(self.buffer), sum(header), b""
+            # Complete packets left for a later turn (the 5 ms turn, max_message_rate, webhook answers) are not
+            # unfinished: they are bounded per link by one read (reading pauses meanwhile) and WAIT_READ_AHEAD.
+            deferred = self.paused or self.waiting or self.client.pause_for
+            unfinished = 0 if deferred else len(self.buffer) or len(self.big or b"")
+            self.io.hold(self, unfinished + self.waiting_size)
+            if began:
+                self.arm(now)
+        if self.client.connected != self.armed_connected:
+            self.arm(time.time())
+
+    def arm(self, now: float) -> None:
+        """Set the deadline timer for this connection's next deadline (the broker closes it once one passes)."""
+        if self.client is None or self.closing:
+            return
+        self.armed_connected = self.client.connected
+        when = self.io.engine.deadline(self.client, now, self.partial_since)
+        if when is None:
+            return
+        if self.timer is not None:
+            if self.timer_at <= when:
+                return  # it fires first and sets the next one then
+            self.timer.cancel()
+        self.timer_at = when
+        self.timer = self.io.loop.call_later(max(0.0, when - now), self._deadline)
+
+    def _deadline(self) -> None:
+        self.timer = None
+        self.arm(time.time())
+        self.io.after_batch()
+
+    def throttle(self, delay: float) -> None:
+        """Read nothing more from this client for ``delay`` seconds (max_message_rate)."""
+        if not self.paused and not self.closing:
+            self.paused = True
+            self._reading()
+            self.io.loop.call_later(delay, self._unthrottle)
+
+    def _unthrottle(self) -> None:
+        self.paused = False
+        if not self.closing:
+            self._reading()
+            if self.buffer:
+                self.data_received(b"")
+
+    def hold(self, on_gone: Callable[[], Any] | None = None) -> None:
+        """Read nothing more until ``release``: the packet just decoded waits for webhook answers
+        (``on_gone``: what to call if the connection closes before they come)."""
+        self.waiting, self.on_gone = True, on_gone
+        self._reading()
+
+    def release(self, packet: Any, raw: bytes) -> None:
+        """Hand the engine the packet that waited, then decode what came after it and read on."""
+        self.waiting, self.waiting_size, self.on_gone = False, 0, None
+        if self.closing or self.client is None or self.client.closed:
+            return
+        self._reading()
+        self._decode(self.buffer, (packet, raw))
+        self.io.after_batch()
+
+    def _reading(self) -> None:
+        """Read while neither throttled, nor holding answers the peer has not taken, nor waiting for webhooks
+        with WAIT_READ_AHEAD bytes read (reading on while waiting sees a peer that hangs up, and forgets its call)."""
+        want = self.writable and not self.paused and not self.closing \
+            and not (self.waiting and len(self.buffer) >= WAIT_READ_AHEAD)
+        if want != self.reading and self.transport is not None:
+            self.reading = want
+            (self.transport.resume_reading if want else self.transport.pause_reading)()
+        if self.on_ready is not None and self.decoding():
+            self.on_ready()
+
+    def decoding(self) -> bool:
+        """Whether a packet fed now would be decoded (not throttled, paused, waiting or closing)."""
+        client = self.client
+        return not (self.closing or self.paused or self.waiting or client is None or client.closing
+                    or client.pause_for)
+
+    def drain(self) -> None:
+        """Send what the engine left in this connection's outbox in one write; then pause or close as it asked."""
+        conn = self.client
+        if self.closing or self.transport is None:
+            conn.out.clear()
+            return
+        if conn.out:
+            data = conn.out[0] if len(conn.out) == 1 else b"".join(conn.out)
+            conn.out.clear()
+            conn.out_bytes = 0
+            self.io.engine.counters["bytes_sent", ()] += len(data)
+            if conn.tracer is not None:
+                self._trace_out(conn, data)
+            self.transport.write(data)  # may call pause_writing: then resume_writing goes on
+            if not self.writable:
+                self._unsent(self.transport.get_write_buffer_size())
+            if conn.held_back and self.writable:
+                self.io.loop.call_soon(self._deliver_more)
+        if conn.pause_for:
+            delay, conn.pause_for = conn.pause_for, 0.0
+            self.throttle(delay)
+        if conn.closing:
+            self.closing = True
+            self.transport.close()  # asyncio sends what is buffered first
+
+    @staticmethod
+    def _trace_out(conn: Connection, data: bytes) -> None:
+        pos, now = 0, time.time()
+        while pos < len(data):
+            packet, pos = decode_packet(data, pos, 0, conn.proto)
+            conn.tracer.packet("out", packet, now)
+
+    def abort(self) -> None:
+        """Close at once, dropping what is buffered (the peer is not reading, or never spoke MQTT)."""
+        if self.client is not None:
+            self.client.out.clear()
+            if not self.client.closed:
+                self.io.engine.close_client(self.client, close_link=False)
+        self.closing = True
+        if self.transport is not None:
+            self.transport.abort()
+
+    def drop_partial(self) -> None:
+        """Give up the unfinished packet (the node-wide partial_packet_budget is exceeded) and close."""
+        self.buffer, self.big = b"", None
+        self.io.hold(self, 0)
+        self.abort()
+
+    def pause_writing(self) -> None:
+        self.writable = False
+        if self.client is not None:
+            self.client.writable = False
+        self._reading()
+        if self.stall is None:  # closing too: a close waits for the buffer, which a peer that never reads keeps full
+            self.stall = self.io.loop.call_later(self.io.settings()["mqtt_write_timeout"] / 1000, self._stalled)
+
+    def _unsent(self, size: int) -> None:
+        """Tell the engine how many bytes this peer leaves unread in its transport (0: none that matter)."""
+        self.io.engine.unsent_bytes += size - self.unsent
+        self.unsent = size
+
+    def resume_writing(self) -> None:
+        self._unsent(0)
+        self.writable = True
+        if self.client is not None:
+            self.client.writable = True
+        if self.stall is not None:
+            self.stall.cancel()
+            self.stall = None
+        self._reading()
+        self._deliver_more()
+
+    def _deliver_more(self) -> None:
+        conn = self.client
+        if conn is not None and conn.held_back and self.writable and not self.closing:
+            self.io.engine.writable_again(conn, time.time())
+            self.io.after_batch()
+        elif self.io.engine.handouts:
+            self.io.schedule_handout()  # it may have waited for this connection
+
+    def _stalled(self) -> None:
+        self.stall = None
+        if not self.writable and self.transport is not None:  # closing or not: its buffer never drained
+            log.info("closing MQTT connection from %s: it left its answers unread", self.peer[0])
+            self.io.engine.counters["socket_close_write_timeout", ()] += 1
+            self.abort()
+            self.io.after_batch()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.counted:
+            self.listener.release()
+        self.closing = True
+        self.buffer, self.big = b"", None
+        self.io.hold(self, 0)
+        self._unsent(0)
+        if self.on_gone is not None:  # its webhook call is not made (or its answer not used)
+            on_gone, self.on_gone = self.on_gone, None
+            on_gone()
+        for handle in (self.timer, self.stall):
+            if handle is not None:
+                handle.cancel()
+        if self.client is not None:
+            self.client.out.clear()
+            self.io.engine.connection_lost(self.client, time.time())
+            self.io.after_batch()
+
+
+WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455 1.3
+WS_PATH = "/mqtt"  # README, "The MQTT broker"
+WS_MAX_HANDSHAKE = 8192  # bytes of an opening handshake; a browser's is well under 1 KB
+WS_CLOSE_PROTOCOL, WS_CLOSE_UNSUPPORTED, WS_CLOSE_TOO_BIG = 1002, 1003, 1009  # RFC 6455 7.4.1
+
+
+def ws_frame(opcode: int, payload: bytes) -> bytes:
+    """Encode one unmasked, final server frame (RFC 6455 5.2)."""
+    n = len(payload)
+    if n < 126:
+        head = bytes((0x80 | opcode, n))
+    elif n < 65536:
+        head = bytes((0x80 | opcode, 126)) + n.to_bytes(2, "big")
+    else:
+        head = bytes((0x80 | opcode, 127)) + n.to_bytes(8, "big")
+    return head + payload
+
+
+def ws_decode(buf: bytes, pos: int, max_size: int) -> tuple[int, bool, bytes, int] | None:
+    """Decode one client frame at ``buf[pos:]``: (opcode, fin, unmasked payload, next pos), or None.
+
+    Raises WsError for an unmasked frame, reserved bits, a bad control frame or one over ``max_size``.
+    """
+    if len(buf) - pos < 2:
+        return None
+    b0, b1 = buf[pos], buf[pos + 1]
+    if b0 & 0x70:
+        raise WsError(WS_CLOSE_PROTOCOL, "reserved bits set")  # RFC 6455 5.2: no extension was agreed
+    if not b1 & 0x80:
+        raise WsError(WS_CLOSE_PROTOCOL, "client frame not masked")  # RFC 6455 5.1
+    opcode, fin, n, i = b0 & 0x0F, bool(b0 & 0x80), b1 & 0x7F, pos + 2
+    if n >= 126:
+        width = 2 if n == 126 else 8
+        if len(buf) < i + width:
+            return None
+        n, i = int.from_bytes(buf[i:i + width], "big"), i + width
+    if opcode >= 8 and (not fin or n > 125):
+        raise WsError(WS_CLOSE_PROTOCOL, "bad control frame")  # RFC 6455 5.5
+    if n > max_size:
+        raise WsError(WS_CLOSE_TOO_BIG, f"frame of {n} bytes is over max_ws_frame_size")
+    if len(buf) < i + 4 + n:
+        return None
+    mask, data = buf[i:i + 4], buf[i + 4:i + 4 + n]
+    payload = (int.from_bytes(data, "little") ^ int.from_bytes(mask * (n // 4 + 1), "little")
+               ).to_bytes(n + 4, "little")[:n] if n else b""
+    return opcode, fin, payload, i + 4 + n
+
+
+def ws_handshake(request: bytes, allowed_origins: tuple[str, ...] = ()) -> tuple[bytes, bool]:
+    """Answer an opening handshake: (response bytes, accepted) (RFC 6455 4.2).
+
+    A browser sends Origin with every handshake, and its page is not the user: another site's page
+    could publish and subscribe through a local listener with the anonymous access of loopback.
+    Only the node's own origin and ``allowed_origins`` are taken (RFC 6455 10.2).
+    """
+    lines = request.decode("iso-8859-1").split("\r\n")
+    words = lines[0].split()
+    headers = {}
+    for line in lines[1:]:
+        name, sep, value = line.partition(":")
+        if sep:
+            headers[name.strip().lower()] = value.strip()
+    protocols = [p.strip() for p in headers.get("sec-websocket-protocol", "").split(",")]
+    key = headers.get("sec-websocket-key", "")
+    if len(words) != 3 or words[0] != "GET" or words[1].split("?")[0] != WS_PATH:
+        return b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n", False
+    if headers.get("upgrade", "").lower() != "websocket" or "upgrade" not in headers.get("connection", "").lower() \
+            or headers.get("sec-websocket-version") != "13" or len(key) != 24 or "mqtt" not in protocols:
+        return (b"HTTP/1.1 400 Bad Request\r\nSec-WebSocket-Version: 13\r\nContent-Length: 0\r\n"
+                b"Connection: close\r\n\r\n"), False
+    origin = headers.get("origin")
+    if origin is not None and not ws_origin_allowed(origin, headers.get("host", ""), allowed_origins):
+        return b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\nConnection: close\r\n\r\n", False
+    accept = base64.b64encode(hashlib.sha1(key.encode() + WS_GUID).digest()).decode()
+    return (f"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            f"Sec-WebSocket-Accept: {accept}\r\nSec-WebSocket-Protocol: mqtt\r\n\r\n").encode(), True
+
+
+def ws_origin_allowed(origin: str, host: str, allowed: tuple[str, ...]) -> bool:
+    """Whether a page of ``origin`` may open a WebSocket to the node reached as ``host`` (its Host header)."""
+    return is_own_origin(origin, host, ("http", "https")) or origin.strip().lower() in allowed
+
+
+class WsTransport:
+    """What an MqttLink needs of a transport, carried in WebSocket binary frames."""
+
+    def __init__(self, transport: asyncio.Transport, link: WsLink):
+        self._transport, self._link = transport, link
+
+    def write(self, data: bytes) -> None:
+        self._transport.write(ws_frame(2, data))
+
+    def close(self) -> None:
+        if not self._transport.is_closing():
+            self._transport.write(ws_frame(8, (1000).to_bytes(2, "big")))
+        self._transport.close()
+
+    def abort(self) -> None:
+        self._transport.abort()
+
+    def pause_reading(self) -> None:
+        self._link.inner_reading(False)
+
+    def get_write_buffer_size(self) -> int:
+        return self._transport.get_write_buffer_size()
+
+    def resume_reading(self) -> None:
+        self._link.inner_reading(True)
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self._transport.get_extra_info(name, default)
+
+
+class WsLink(asyncio.Protocol):
+    """MQTT over WebSocket: the opening handshake, then frames in, MqttLink inside.
+
+    The socket is counted against the listener's max_connections from the accept, and the
+    handshake shares mqtt_connect_timeout with the CONNECT that must follow it.
+    """
+
+    def __init__(self, listener: MqttListener):
+        self.listener = listener
+        self.io = listener.io
+        self.inner = MqttLink(listener, counted=False)
+        self.transport: asyncio.Transport | None = None
+        self.buffer = bytearray()
+        self.held = 0  # unfinished bytes, counted in the node's partial_packet_budget
+        self.open = self.admitted = self.fragmented = False
+        self.opened_at = 0.0
+        self.timer: asyncio.TimerHandle | None = None
+        self.wanted = self.reading = True  # whether the inner link reads; whether the socket is read
+        self.kept = False  # ``buffer`` may hold whole frames kept back for a later turn of the loop
+        self.turn: asyncio.Handle | None = None  # the later turn, when one is due
+        self.inner.on_ready = self._ready
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.admitted = True
+        if not self.listener.admit():
+            self.open = False
+            transport.abort()
+            return
+        self.opened_at = time.time()
+        timeout = self.io.settings()["mqtt_connect_timeout"] / 1000
+        self.timer = self.io.loop.call_later(timeout, self._handshake_timeout)
+
+    def _handshake_timeout(self) -> None:
+        self.timer = None
+        if not self.open and not self.transport.is_closing():
+            self.io.engine.counters["socket_close_timeout", ()] += 1
+            self.transport.abort()
+
+    def data_received(self, data: bytes) -> None:
+        if self.transport.is_closing():
+            return
+        self.buffer += data
+        if not self.open and not self._handshake():
+            return
+        self._frames()
+
+    def _handshake(self) -> bool:
+        end = self.buffer.find(b"\r\n\r\n")
+        if end < 0 and len(self.buffer) <= WS_MAX_HANDSHAKE:
+            return False
+        if end < 0 or end + 4 > WS_MAX_HANDSHAKE:  # whether it came in one read or many
+            self.transport.write(b"HTTP/1.1 431 Request Header Fields Too Large\r\nContent-Length: 0\r\n"
+                                 b"Connection: close\r\n\r\n")
+            self.transport.close()
+            return False
+        allowed = self.io.settings()["websocket_allowed_origins"]
+        answer, self.open = ws_handshake(bytes(self.buffer[:end]), allowed)
+        self.transport.write(answer)
+        if not self.open:
+            self.transport.close()
+            return False
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        del self.buffer[:end + 4]
+        self.inner.attach(WsTransport(self.transport, self), self.opened_at)
+        return True
+
+    def _frames(self) -> None:
+        """Feed the inner link the frames read, for one turn of the loop (BATCH_SECONDS across all of them).
+
+        Frames the inner link cannot take now (throttled, waiting for webhook answers, its turn over)
+        stay in ``buffer``, unsliced, until it can; the socket is read meanwhile only up to
+        WAIT_READ_AHEAD bytes kept (so a peer that hangs up is still seen).
+        """
+        pos, inner = 0, self.inner
+        turn_ends = time.perf_counter() + BATCH_SECONDS
+        self.kept = False
+        try:
+            while not inner.closing:
+                if not inner.decoding() or time.perf_counter() > turn_ends:
+                    self.kept = True
+                    break
+                frame = ws_decode(self.buffer, pos, self._max_frame())
+                if frame is None:
+                    break
+                opcode, fin, payload, pos = frame
+                if opcode in (0, 2):
+                    if (opcode == 0) != self.fragmented:  # RFC 6455 5.4: a continuation needs a start, a start none
+                        raise WsError(WS_CLOSE_PROTOCOL, "continuation frame out of place")
+                    self.fragmented = not fin
+                    inner.feed(payload, turn_ends)  # MQTT is a byte stream: fragments feed it as they come
+                elif opcode == 1:  # inside a fragmented message a new data frame is itself a violation (5.4)
+                    raise WsError(WS_CLOSE_PROTOCOL if self.fragmented else WS_CLOSE_UNSUPPORTED,
+                                  "MQTT needs binary frames")
+                elif opcode == 8:
+                    self._close(int.from_bytes(payload[:2], "big") if len(payload) >= 2 else 1000)
+                    return
+                elif opcode == 9:
+                    self.transport.write(ws_frame(10, payload))  # ping -> pong, RFC 6455 5.5.2
+                elif opcode != 10:
+                    raise WsError(WS_CLOSE_PROTOCOL, f"unknown opcode {opcode}")
+        except WsError as exc:
+            log.info("closing WebSocket from %s: %s", self.inner.peer[0], exc.reason)
+            self._close(exc.close_code)
+            return
+        del self.buffer[:pos]
+        # Whole frames kept back are not unfinished: one read's worth at most (the socket waits meanwhile)
+        self.io.hold(self, 0 if self.kept else len(self.buffer))
+        if self.kept and inner.decoding() and self.turn is None:
+            self.turn = self.io.loop.call_soon(self._next_turn)
+        self._socket_reading()
+
+    def _ready(self) -> None:
+        """The inner link decodes again: the frames kept back get a turn soon."""
+        if self.kept and self.turn is None:
+            self.turn = self.io.loop.call_soon(self._next_turn)
+
+    def _next_turn(self) -> None:
+        self.turn = None
+        if self.open and not self.transport.is_closing():
+            self._frames()
+            self.io.after_batch()
+
+    def inner_reading(self, want: bool) -> None:
+        """The inner link's pause_reading or resume_reading."""
+        self.wanted = want
+        self._socket_reading()
+
+    def _socket_reading(self) -> None:
+        want = self.wanted and not (self.kept and (self.turn is not None or len(self.buffer) >= WAIT_READ_AHEAD))
+        if want != self.reading and not self.transport.is_closing():
+            self.reading = want
+            (self.transport.resume_reading if want else self.transport.pause_reading)()
+
+    def _max_frame(self) -> int:
+        config = self.io.settings()
+        if self.inner.client is None or not self.inner.client.connected:  # nobody is known yet: a CONNECT's worth
+            return min(config["max_ws_frame_size"], config["max_connect_size"])
+        return config["max_ws_frame_size"]
+
+    def _close(self, code: int) -> None:
+        self.buffer = bytearray()
+        self.io.hold(self, 0)
+        if self.inner.client is not None:
+            self.io.engine.close_client(self.inner.client, close_link=False)
+            self.io.after_batch()
+        if not self.transport.is_closing():
+            self.transport.write(ws_frame(8, code.to_bytes(2, "big")))
+            self.transport.close()
+
+    def drop_partial(self) -> None:
+        """Give up the unfinished frame (the node-wide partial_packet_budget is exceeded) and close."""
+        self.buffer = bytearray()
+        self.io.hold(self, 0)
+        if self.inner.client is not None:
+            self.inner.abort()
+        else:
+            self.transport.abort()
+
+    def pause_writing(self) -> None:
+        if self.open:
+            self.inner.pause_writing()
+        else:
+            self.transport.pause_reading()  # a handshake answer is small; a peer that takes none waits
+
+    def resume_writing(self) -> None:
+        if self.open:
+            self.inner.resume_writing()
+        else:
+            self.transport.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.admitted:
+            self.listener.release()
+        if self.timer is not None:
+            self.timer.cancel()
+        if self.turn is not None:
+            self.turn.cancel()
+        self.buffer = bytearray()
+        self.io.hold(self, 0)
+        if self.open:
+            self.inner.connection_lost(exc)
+
+
+###############################################################################
+# 22. MQTT listeners and the broker's loop ####################################
+###############################################################################
+# Owns: file descriptor limits, the MQTT listeners and the event loop
+#       thread that runs the engine, drains outboxes after each commit, and
+#       takes calls from other threads.
+# Must not know: HTTP, the meaning of packets.
+
+def descriptor_limit() -> int | None:
+    """Return the soft limit on open file descriptors (None: unknown or unlimited)."""
+    if resource is None:
+        return None
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return None if soft == resource.RLIM_INFINITY else soft
+
+
+def raise_descriptor_limit() -> int | None:
+    """Raise the soft file descriptor limit to the hard one (as far as the kernel allows); return the soft limit."""
+    if resource is None:
+        return None
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    for wanted in (hard, 1 << 20, 1 << 16):
+        if wanted == resource.RLIM_INFINITY or wanted <= soft:
+            continue
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+            break
+        except (ValueError, OSError):
+            continue  # above the kernel's nr_open: try a lower one
+    return descriptor_limit()
+
+
+def socket_budget() -> float:
+    """Return how many MQTT sockets may be open at once so that FD_RESERVE descriptors stay for the rest."""
+    soft = descriptor_limit()
+    return math.inf if soft is None else max(1, soft - min(FD_RESERVE, soft // 4))
+
+
+def _budget_order(link: Any) -> tuple[bool, int]:
+    """Who goes first when the partial packet budget is exceeded: connections not yet accepted, then the biggest."""
+    client = link.client if isinstance(link, MqttLink) else link.inner.client
+    return client is not None and client.connected, -link.held
+
+
+class MqttListener:
+    """One MQTT listener (TCP, TLS, WebSocket or both): address, options, status and counters."""
+
+    def __init__(self, io: MqttIO, name: str, address: tuple[str, int], options: Mapping[str, Any],
+                 kind: str = "tcp"):
+        self.io, self.name = io, name
+        self.kind = MQTT_LISTENER_KINDS[kind]
+        self.websocket = kind in ("ws", "wss")
+        self.options = dict(options)
+        self.tls = tls_context(options) if kind in ("ssl", "wss") else None
+        self.use_identity_as_username = bool(self.tls) and options["use_identity_as_username"]
+        self.address, self.port = address
+        self.mountpoint = options["mountpoint"]
+        self.max_connections = options["max_connections"]
+        self.allowed_versions = options["allowed_protocol_versions"]
+        self.allow_anonymous_override = options["allow_anonymous_override"]
+        self.status = "running"
+        self.active = self.all_conns = 0
+        self.server: asyncio.base_events.Server | None = None
+
+    def admit(self) -> bool:
+        """Count a new socket; say whether to keep it (running, under max_connections, descriptors to spare)."""
+        self.active += 1
+        self.all_conns += 1
+        io = self.io
+        io.sockets += 1
+        limit = self.max_connections
+        if self.status != "running" or (limit is not None and self.active > limit):
+            return False
+        if io.sockets > io.socket_budget:
+            io.engine.counters["socket_close_no_descriptors", ()] += 1
+            if not io.warned_descriptors:
+                io.warned_descriptors = True
+                log.warning("refusing MQTT connections: %d are open, the most the file descriptor limit allows "
+                            "while keeping some for the admin API and the store (raise ulimit -n)", io.sockets - 1)
+            return False
+        return True
+
+    def release(self) -> None:
+        """Uncount a socket that closed."""
+        self.active -= 1
+        self.io.sockets -= 1
+
+    @property
+    def loopback(self) -> bool:
+        """Whether this listener accepts only local connections."""
+        return ipaddress.ip_address(self.address).is_loopback
+
+    def option(self, key: str) -> Any:
+        """Return one of the listener's settings (None when it has no such one)."""
+        return self.options.get(key)
+
+    def suspend(self, kill_sessions: bool = False) -> None:
+        """Stop accepting (suspended); with ``kill_sessions`` also close the clients (stopped)."""
+        self.io.suspend_listener(self, kill_sessions)
+
+    def resume(self) -> None:
+        """Accept again on the same address and port; raise OSError when it is taken."""
+        self.io.resume_listener(self)
+
+    def delete(self) -> None:
+        """Stop for good, close the clients and leave the loop's listeners."""
+        self.io.delete_listener(self)
+
+    def row(self, tls: bool = False, mqtt: bool = False) -> dict:
+        """Return this listener's row of listener show."""
+        row = {"type": self.kind, "status": self.status, "address": self.address, "port": str(self.port),
+               "mountpoint": self.mountpoint, "max_conns": "infinity" if self.max_connections is None
+               else self.max_connections, "active_conns": self.active, "all_conns": self.all_conns}
+        if tls:
+            row.update(tls_columns(self.options.get if self.tls else None))
+        if mqtt:
+            names = {3: "mqtt 3.1", 4: "mqtt 3.1.1", 5: "mqtt 5"}
+            row["allowed_protocol_versions"] = ", ".join(names.get(v, str(v)) for v in self.allowed_versions)
+            row["allow_anonymous_override"] = "on" if self.allow_anonymous_override else "off"
+        return row
+
+
+class MqttIO:
+    """The broker's event loop thread: listeners, ticks, and calls from other threads."""
+
+    def __init__(self, settings: Callable[[], Config], store: Any, metrics: Metrics, node_name: str,
+                 hooks: Hooks | None = None):
+        self.settings = settings
+        self.store = store
+        self.metrics, self.node_name = metrics, node_name
+        self._systree_at = time.time()
+        self.engine = Engine(settings, store, hooks, new_client_id=lambda: "anon-" + secrets.token_hex(8),
+                             choose=random.choice, now=time.time())
+        self._passwd = ReloadingFile(parse_passwd, {}, what="vmq_passwd.password_file")
+        self._acl = ReloadingFile(parse_acl, None, self._acl_failed, what="vmq_acl.acl_file")
+        self.rules_config: Config | None = None  # the Config the rules were last read for
+        self.listeners: list[MqttListener] = []
+        self.sockets = 0  # MQTT sockets open on every listener
+        self.socket_budget = socket_budget()
+        self.warned_descriptors = False
+        self._resource_warned = -math.inf
+        self.partial_bytes = 0  # unfinished packet and frame bytes held for all connections
+        self.holders: set[Any] = set()  # the links holding some
+        self.gate: Callable[..., bool] | None = None  # webhooks (plugins.vmq_webhooks) see packets first: handled, or held
+        self.loop = asyncio.new_event_loop()
+        self.big_retry: asyncio.Handle | None = None  # retry_big on the next turn of the loop
+        self._thread = threading.Thread(target=self._run, name="vmqapi-mqtt", daemon=True)
+        self._tick_handle: asyncio.TimerHandle | None = None
+        self._tick_error_at = 0.0  # when a failed tick was last logged
+        self.batch_hooks: list[Callable[[], None]] = []  # run first in after_batch (the cluster's sends)
+        self.commit_hooks: list[Callable[[], None]] = []  # run once a batch is committed (the cluster's acks)
+        self.rollback_hooks: list[Callable[[], None]] = []  # run when its commit failed
+        self._handout_handle: asyncio.Handle | None = None  # the next turn's retained messages (Engine.hand_out)
+        self.session_total = 0  # len(engine.sessions) after the last batch, published for other threads
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.set_exception_handler(self._loop_error)
+        self.loop.run_forever()
+
+    def _loop_error(self, loop: asyncio.AbstractEventLoop, context: dict) -> None:
+        """Log what asyncio reports; running out of descriptors is a condition, not a bug: no traceback."""
+        exc = context.get("exception")
+        if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+            self.engine.counters["socket_close_no_descriptors", ()] += 1
+            now = time.monotonic()
+            if now - self._resource_warned >= 10:  # asyncio retries the accept every second: say it now and then
+                self._resource_warned = now
+                log.warning("MQTT listeners wait: %s (raise ulimit -n)", exc.strerror)
+            return
+        loop.default_exception_handler(context)
+
+    def start(self) -> None:
+        """Start the loop thread and bind every MQTT listener; raise ConfigError on a failure."""
+        self._thread.start()
+        config = self.settings()
+        for kind in MQTT_LISTENER_KINDS:
+            for name, address in sorted(config.listeners(kind).items()):
+                options = {o: config.listener_option(kind, name, o) for o in LISTENER_MQTT_OPTIONS}
+                try:
+                    self.open_listener(name, address, options, kind)
+                except (OSError, ssl.SSLError) as exc:  # SSLError: a bad certificate or key file
+                    raise ConfigError(f"cannot start listener.{kind}.{name} on {render_value(address)}: "
+                                      f"{getattr(exc, 'strerror', None) or exc}") from None
+        self.call(self._tick)
+
+    def open_listener(self, name: str, address: tuple[str, int], options: Mapping[str, Any],
+                      kind: str = "tcp") -> MqttListener:
+        """Bind a new MQTT listener (from any thread but the loop's); raise OSError on failure."""
+        listener = MqttListener(self, name, address, options, kind)
+        self.call_async(self._bind(listener))
+        self.listeners.append(listener)
+        return listener
+
+    def find_listener(self, address: str, port: int) -> MqttListener | None:
+        """Return the MQTT listener bound to address:port."""
+        return next((x for x in self.listeners if (x.address, x.port) == (address, port)), None)
+
+    def suspend_listener(self, listener: MqttListener, kill_sessions: bool = False) -> None:
+        """Stop accepting; keep the clients (status suspended) or close them (status stopped)."""
+        self.call_async(self._unbind(listener))
+        if kill_sessions:
+            self.call(self._kill_clients, listener)
+
+    def resume_listener(self, listener: MqttListener) -> None:
+        """Accept again on the same address and port; raise OSError on failure."""
+        if self.read(lambda: listener.status) != "running":
+            self.call_async(self._bind(listener))
+
+    def delete_listener(self, listener: MqttListener) -> None:
+        """Stop a listener, close its clients and forget it."""
+        self.suspend_listener(listener, kill_sessions=True)
+        self.listeners.remove(listener)
+
+    async def _unbind(self, listener: MqttListener) -> None:
+        listener.status = "suspended"  # written in the loop, where admit reads it
+        if listener.server is not None:
+            listener.server.close()  # stops accepting at once; its clients stay (wait_closed would wait for them)
+            listener.server = None
+            await asyncio.sleep(0)
+
+    def _kill_clients(self, listener: MqttListener) -> None:
+        self.engine.close_listener_clients(listener)
+        listener.status = "stopped"
+
+    async def _bind(self, listener: MqttListener) -> None:
+        protocol = (lambda: WsLink(listener)) if listener.websocket else (lambda: MqttLink(listener))
+        # A TLS socket reaches the listener's accounting only once its handshake is done (asyncio calls
+        # connection_made then): the handshake therefore gets no longer than a CONNECT would.
+        handshake = min(listener.options["tls_handshake_timeout"], self.settings()["mqtt_connect_timeout"]) / 1000
+        listener.server = await self.loop.create_server(protocol, listener.address, listener.port, backlog=1024,
+                                                        reuse_address=True, ssl=listener.tls,
+                                                        ssl_handshake_timeout=handshake if listener.tls else None)
+        listener.port = listener.server.sockets[0].getsockname()[1]
+        listener.status = "running"
+
+    def _tick(self) -> None:
+        """Run the housekeeping; whatever fails is logged and counted, and the next tick is always due."""
+        delay = TICK_INTERVAL
+        try:
+            delay = self._housekeeping()
+        except Exception as exc:  # keep-alive, retries, expiry and wills must outlive any one failure
+            self.engine.counters["tick_error", ()] += 1
+            now = time.time()
+            if now - self._tick_error_at >= TICK_ERROR_LOG_INTERVAL:
+                self._tick_error_at = now
+                log.error("housekeeping failed, trying again in %.1f s: %s", delay, exc, exc_info=True)
+        finally:
+            if not self.loop.is_closed():
+                self._tick_handle = self.loop.call_later(delay, self._tick)
+
+    def _housekeeping(self) -> float:
+        """Tick the broker, publish $SYS when due, commit and flush; return when to run again."""
+        now = time.time()
+        self.store.probe()
+        self.refresh_rules(now)
+        self.engine.tick(now)
+        config = self.settings()
+        interval = config["systree_interval"] / 1000
+        if config["systree_enabled"] and interval and now - self._systree_at >= interval:
+            self._systree_at = now
+            self.publish_systree()
+        self.after_batch()
+        return min(TICK_INTERVAL, interval or TICK_INTERVAL)
+
+    def publish_systree(self) -> None:
+        """Publish every metric, aggregated, as ``$SYS/<node>/<name split on _>`` (QoS 0)."""
+        for name, value in self.metrics.totals().items():
+            topic = f"$SYS/{self.node_name}/" + name.replace("_", "/")
+            if self.engine.router.match("", topic):  # nobody listening: not an unhandled message
+                self.engine.route("", Message(topic, str(value).encode(), 0))
+
+    def hold(self, link: Any, n: int) -> None:
+        """Record that ``link`` holds ``n`` unfinished bytes; past partial_packet_budget close the biggest holders."""
+        delta = n - link.held
+        if not delta:
+            return
+        link.held = n
+        self.partial_bytes += delta
+        if n:
+            self.holders.add(link)
+        else:
+            self.holders.discard(link)
+        budget = self.settings()["partial_packet_budget"]
+        if delta > 0 and self.partial_bytes > budget:
+            for holder in sorted(self.holders, key=_budget_order):
+                if self.partial_bytes <= budget:
+                    break
+                log.info("closing the connection holding %d unfinished bytes: partial_packet_budget is exceeded",
+                         holder.held)
+                self.engine.counters["socket_close_partial_budget", ()] += 1
+                holder.drop_partial()
+
+    def after_batch(self) -> None:
+        """Commit the store, then flush every connection written to in this batch.
+
+        When the commit failed and lost messages whose PUBACK or PUBREC this batch wrote, no
+        connection of the batch gets its output: each is closed (MQTT 5: DISCONNECT 0x80) and
+        its client resends what was not acknowledged.
+        """
+        for hook in self.batch_hooks:
+            try:
+                hook()
+            except Exception:  # the commit and the flush below must happen whatever a hook did
+                log.exception("a batch hook failed")
+        self.engine.save_drops()
+        saved = self.store.commit()
+        engine = self.engine
+        dirty = engine.take_dirty()
+        if not saved:
+            for hook in self.rollback_hooks:
+                try:
+                    hook()
+                except Exception:
+                    log.exception("a rollback hook failed")
+            for conn in dirty:
+                conn.out.clear()
+            for conn in dirty:
+                engine.close_client(conn, reason=Reason.UNSPECIFIED_ERROR, text=STORE_DOWN)
+            dirty = engine.take_dirty()  # the DISCONNECTs, and wills routed to others
+        else:
+            for hook in self.commit_hooks:
+                try:
+                    hook()
+                except Exception:
+                    log.exception("a commit hook failed")
+        for conn in dirty:
+            conn.link.drain()
+        self.session_total = len(engine.sessions)
+        if engine.handouts:
+            self.schedule_handout()
+        if engine.big_waiters and self.big_retry is None:
+            self.big_retry = self.loop.call_soon(self._retry_big)
+
+    def schedule_handout(self) -> None:
+        """Hand out more retained messages at the next turn of the loop, after what is ready to read."""
+        if self._handout_handle is None and self.engine.handout_ready():
+            self._handout_handle = self.loop.call_soon(self._hand_out)
+
+    def _hand_out(self) -> None:
+        self._handout_handle = None
+        try:
+            self.engine.hand_out(time.time())
+        except Exception:  # not again at every turn: the subscribers keep what they got
+            log.exception("handing out retained messages failed; the rest are not sent")
+            self.engine.handouts.clear()
+        self.after_batch()
+
+    def _retry_big(self) -> None:
+        """Large messages waiting for outbox room go on; when none could, the next tick tries again."""
+        self.big_retry = None
+        if self.engine.retry_big(time.time()):
+            self.after_batch()
+
+    def refresh_rules(self, now: float) -> None:
+        """Hand the engine the vmq_passwd users and vmq_acl rules in force (files reloaded as configured)."""
+        config = self.rules_config = self.settings()
+        users = self._passwd.get(config["vmq_passwd.password_file"], config["vmq_passwd.password_reload_interval"],
+                                 now)
+        rules = self._acl.get(config["vmq_acl.acl_file"], config["vmq_acl.acl_reload_interval"], now)
+        self.engine.set_rules(users, rules)
+
+    def _acl_failed(self) -> None:
+        self.engine.counters["acl_reload_error", ()] += 1
+
+    def in_loop_thread(self) -> bool:
+        """Whether the caller runs in the broker's event loop thread."""
+        return threading.current_thread() is self._thread
+
+    def call(self, fn: Callable[..., Any], *args: Any, timeout: float = 30) -> Any:
+        """Run ``fn(*args)`` in the loop thread and return its result (from any other thread)."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+
+        def run() -> None:
+            try:
+                self.engine.now = time.time()
+                result = fn(*args)
+            except BaseException as exc:  # re-raised in the calling thread
+                self.after_batch()
+                future.set_exception(exc)
+                return
+            self.after_batch()  # the answer leaves only once what it did is committed
+            future.set_result(result)
+        self.loop.call_soon_threadsafe(run)
+        return future.result(timeout)
+
+    def read(self, fn: Callable[..., Any], *args: Any, timeout: float = 30) -> Any:
+        """Run ``fn(*args)``, which changes nothing, in the loop thread and return its result: nothing to commit.
+
+        It runs a turn of the loop later, after what the sockets had delivered when it was asked:
+        a client that disconnected before the question is seen gone.
+        """
+        future: concurrent.futures.Future = concurrent.futures.Future()
+
+        def run() -> None:
+            try:
+                self.engine.now = time.time()
+                future.set_result(fn(*args))
+            except BaseException as exc:  # re-raised in the calling thread
+                future.set_exception(exc)
+        self.loop.call_soon_threadsafe(self.loop.call_soon, run)
+        return future.result(timeout)
+
+    def call_async(self, coro: Any, timeout: float = 30) -> Any:
+        """Run a coroutine in the loop thread and return its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def stop(self) -> None:
+        """Close listeners and connections, stop the loop, close the store."""
+        if not self._thread.is_alive():
+            return
+        with contextlib.suppress(concurrent.futures.TimeoutError, RuntimeError):
+            self.call_async(self._shutdown(), timeout=10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+        self.loop.close()
+        self.store.close()
+
+    async def _shutdown(self) -> None:
+        if self._tick_handle is not None:
+            self._tick_handle.cancel()
+        for listener in self.listeners:
+            if listener.server is not None:
+                listener.server.close()
+        for client in list(self.engine.clients):
+            self.engine.goodbye(client, Reason.SERVER_SHUTTING_DOWN)
+        self.after_batch()
+        for listener in self.listeners:
+            if listener.server is not None:  # since 3.12 this also waits for the connections: bounded
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(listener.server.wait_closed(), 2)
+        await asyncio.sleep(0)
+
+
+###############################################################################
+# Part III. Plugins: the cluster, the bridge, webhooks                        #
+###############################################################################
+# What reaches beyond this node: the cluster (replicated state, links, requests, the
+# cluster itself, which feeds the engine's Peers), the MQTT bridge and webhooks.
+
+
+###############################################################################
+# 23. Cluster state: replicated metadata and the node-to-node codec ###########
 ###############################################################################
 # Owns: the replicated state of a cluster (last writer wins per key, tombstones,
 #       anti-entropy digests) and the codec of node-to-node frames, as pure values.
@@ -6545,3754 +11959,7 @@ class Inbox:
 
 
 ###############################################################################
-# 14. Message store ###########################################################
-###############################################################################
-# Owns: retained messages and persistent sessions (subscriptions, queued QoS 1/2
-#       messages) in SQLite, committed once per batch of packets.
-# Must not know: sockets, packets, the broker's in-memory shapes beyond Message.
-
-MESSAGE_DB = "messages.db"
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS retained (mountpoint TEXT, topic TEXT, payload BLOB, qos INTEGER, ref INTEGER,
-                                     props BLOB, expires REAL, PRIMARY KEY (mountpoint, topic));
-CREATE TABLE IF NOT EXISTS sessions (mountpoint TEXT, client_id TEXT, expiry INTEGER,
-                                     PRIMARY KEY (mountpoint, client_id));
-CREATE TABLE IF NOT EXISTS subscriptions (mountpoint TEXT, client_id TEXT, filter TEXT, qos INTEGER,
-                                          PRIMARY KEY (mountpoint, client_id, filter));
-CREATE TABLE IF NOT EXISTS messages (id INTEGER PRIMARY KEY AUTOINCREMENT, mountpoint TEXT, client_id TEXT,
-                                     topic TEXT, payload BLOB, qos INTEGER, msg_qos INTEGER, ref INTEGER,
-                                     pid INTEGER DEFAULT 0, released INTEGER DEFAULT 0, props BLOB,
-                                     expires REAL, extra TEXT);
-CREATE INDEX IF NOT EXISTS messages_by_session ON messages (mountpoint, client_id);
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value);
-CREATE TABLE IF NOT EXISTS kept (id INTEGER PRIMARY KEY AUTOINCREMENT, peer TEXT, epoch INTEGER, seq INTEGER,
-                                 kind INTEGER, body BLOB);
-CREATE TABLE IF NOT EXISTS kept_marks (origin TEXT, epoch INTEGER, seq INTEGER, PRIMARY KEY (origin, epoch));
-"""
-_ADDED_COLUMNS = {  # columns newer than the first stores: table -> ((name, type), ...)
-    "messages": (("pid", "INTEGER DEFAULT 0"), ("released", "INTEGER DEFAULT 0"), ("props", "BLOB"),
-                 ("expires", "REAL"), ("extra", "TEXT")),
-    "retained": (("props", "BLOB"), ("expires", "REAL")),
-    "sessions": (("expiry", "INTEGER"),),
-}
-
-
-def _dropped_key(mountpoint: str, client_id: str) -> str:
-    """The meta key of a bridge session's count of dropped messages."""
-    return f"dropped\x00{mountpoint}\x00{client_id}"
-
-
-def _props_blob(props: tuple) -> bytes | None:
-    return encode_properties(props) if props else None
-
-
-def _blob_props(blob: bytes | None) -> tuple:
-    return decode_properties(blob, 0, len(blob))[0] if blob else ()
-
-
-def _extra_text(extra: Any) -> str | None:
-    """Write a delivery's (retain flag, subscription ids) as text: ``1:3,4``."""
-    return f"{int(extra[0])}:{','.join(map(str, extra[1]))}" if extra else None
-
-
-def _text_extra(text: str | None) -> Any:
-    if not text:
-        return None
-    flag, _, ids = text.partition(":")
-    return (flag == "1", tuple(int(i) for i in ids.split(",") if i))
-
-
-class MemoryStore:
-    """``message_store = memory``: nothing is kept across restarts."""
-
-    error: str | None = None  # why the store cannot write now (None: it can)
-
-    def __init__(self):
-        self.counters: dict[tuple, int] = collections.defaultdict(int)  # a metrics source
-
-    def load(self) -> tuple[list, list, list, list]:
-        """Return nothing to restore."""
-        return [], [], [], []
-
-    def load_queue(self, mountpoint: str, client_id: str, after: int) -> list:
-        """Return nothing: no message is ever kept here."""
-        return []
-
-    def load_inflight(self, mountpoint: str, client_id: str) -> list:
-        """Return nothing: no message is ever kept here."""
-        return []
-
-    def put_retained(self, mountpoint: str, msg: Message) -> None:
-        """Keep nothing."""
-
-    def delete_retained(self, mountpoint: str, topic: str) -> None:
-        """Keep nothing."""
-
-    def put_session(self, mountpoint: str, client_id: str, expiry: int | None = None) -> None:
-        """Keep nothing."""
-
-    def delete_session(self, mountpoint: str, client_id: str) -> None:
-        """Keep nothing."""
-
-    def put_subscription(self, mountpoint: str, client_id: str, topic_filter: str, qos: int) -> None:
-        """Keep nothing."""
-
-    def delete_subscription(self, mountpoint: str, client_id: str, topic_filter: str) -> None:
-        """Keep nothing."""
-
-    def add_message(self, mountpoint: str, client_id: str, msg: Message, qos: int, extra: Any = None) -> int:
-        """Keep nothing; 0 means no row."""
-        return 0
-
-    def delete_message(self, row: int) -> None:
-        """Keep nothing."""
-
-    def mark_sent(self, row: int, pid: int) -> None:
-        """Keep nothing."""
-
-    def mark_released(self, row: int) -> None:
-        """Keep nothing."""
-
-    def add_kept(self, peer: str, epoch: int, seq: int, kind: int, body: bytes) -> int:
-        """Keep nothing; 0 means no row (the cluster keeps kept frames in memory only)."""
-        return 0
-
-    def delete_kept(self, rows: Iterable[int]) -> None:
-        """Keep nothing."""
-
-    def load_kept(self) -> list:
-        """Return nothing: no kept frame is ever stored here."""
-        return []
-
-    def put_mark(self, origin: str, epoch: int, seq: int) -> None:
-        """Keep nothing."""
-
-    def delete_mark(self, origin: str, epoch: int) -> None:
-        """Keep nothing."""
-
-    def load_marks(self) -> list:
-        """Return nothing."""
-        return []
-
-    def put_dropped(self, mountpoint: str, client_id: str, count: int) -> None:
-        """Keep nothing."""
-
-    def load_dropped(self, mountpoint: str, client_id: str) -> int:
-        """Return 0: nothing is kept here."""
-        return 0
-
-    def commit(self) -> bool:
-        """Nothing to commit: nothing acknowledged is ever lost here."""
-        return True
-
-    def probe(self) -> None:
-        """Nothing to try."""
-
-    def close(self) -> None:
-        """Nothing to close."""
-
-
-STORE_PAGE = 100  # queued messages read from the store at a time, so memory never holds a whole stored queue
-STORE_PAGE_BYTES = 1 << 20  # ... and at most about this many payload bytes per read
-_SQLITE_OK = [("ok",)]  # what PRAGMA quick_check answers for a sound file (sqlite.org/pragma.html#pragma_quick_check)
-
-
-def create_private_file(path: str) -> None:
-    """Create ``path`` (mode 0600, whatever the umask) if missing; make an existing one 0600."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        if os.name == "posix":
-            os.fchmod(fd, 0o600)
-    finally:
-        os.close(fd)
-
-
-def _corrupt_store(path: str, detail: str) -> ConfigError:
-    detail = " ".join(detail.split())  # quick_check's lines, on the one line of the error
-    return ConfigError(f"the message store {path} is corrupt ({detail}); vmqapi did not change it. Move it away "
-                       "(the node then starts with no retained messages or persistent sessions) or restore it "
-                       "from a backup, then start again")
-
-
-class SqliteStore(MemoryStore):
-    """SQLite in WAL mode; ``commit`` once per batch makes acknowledged messages survive kill -9.
-
-    A write that fails (disk full, I/O error) never raises: it sets ``error`` and is counted
-    in ``store_error``; the broker then refuses QoS 1/2 messages until a write succeeds again
-    (``probe`` tries one).
-    """
-
-    def __init__(self, path: str):
-        super().__init__()
-        self.path = path
-        for suffix in ("", "-wal", "-shm"):  # SQLite gives -wal and -shm the database file's mode
-            require_regular_file(path + suffix, "the message store")
-            if suffix == "" or os.path.exists(path + suffix):
-                try:
-                    create_private_file(path + suffix)
-                except OSError as exc:
-                    raise ConfigError(f"cannot open the message store {path}{suffix}: {exc.strerror}") from None
-        try:
-            self.db = sqlite3.connect(path, check_same_thread=False, isolation_level="DEFERRED")
-        except sqlite3.Error as exc:
-            raise ConfigError(f"cannot open the message store {path}: {exc}") from None
-        try:
-            self._check()
-            self._prepare()
-        except BaseException:
-            self.db.close()
-            raise
-        self._dirty = False
-        self._promised = False  # the open transaction holds messages a QoS 1/2 publisher may hear were kept
-        self._lost = False  # a transaction that failed since the last commit held such messages
-        self._next_row = self._last_row()
-        self._kept_rows: list[tuple] = []  # kept frames of this batch, written at its commit
-        self._next_kept = self.db.execute("SELECT MAX(id) FROM kept").fetchone()[0] or 0
-
-    def _check(self) -> None:
-        """Refuse a damaged file before anything writes to it."""
-        try:
-            found = self.db.execute("PRAGMA quick_check").fetchall()
-        except sqlite3.DatabaseError as exc:
-            raise _corrupt_store(self.path, str(exc)) from None
-        if found != _SQLITE_OK:
-            raise _corrupt_store(self.path, "; ".join(str(row[0]) for row in found[:3]))
-
-    def _prepare(self) -> None:
-        try:
-            self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.execute("PRAGMA synchronous=NORMAL")  # WAL: durable across process crashes
-            self.db.executescript(_SCHEMA)
-            for table, added in _ADDED_COLUMNS.items():
-                columns = {row[1] for row in self.db.execute(f"PRAGMA table_info({table})")}
-                for column, kind in added:
-                    if column not in columns:
-                        self.db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")  # an older store
-        except sqlite3.DatabaseError as exc:
-            raise _corrupt_store(self.path, str(exc)) from None
-        except sqlite3.Error as exc:
-            raise ConfigError(f"cannot open the message store {self.path}: {exc}") from None
-
-    def _last_row(self) -> int:
-        """Return the highest message row id ever given out (row ids are never reused, even after a failure)."""
-        ids = [self.db.execute("SELECT MAX(id) FROM messages").fetchone()[0] or 0]
-        ids += [row[0] for row in self.db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'messages'")]
-        return max(ids)
-
-    def _failed(self, exc: sqlite3.Error) -> None:
-        """Note a failed write: the transaction is gone (SQLite rolls it back on a full disk, so do we)."""
-        if self.error is None:
-            log.error("the message store %s cannot write: %s; QoS 1/2 messages are refused until it can",
-                      self.path, exc)
-        self.error = str(exc)
-        self.counters["store_error", ()] += 1
-        with contextlib.suppress(sqlite3.Error):
-            self.db.rollback()
-        self._dirty = False
-
-    def _run(self, sql: str, args: tuple) -> bool:
-        self._dirty = True
-        try:
-            self.db.execute(sql, args)
-        except sqlite3.Error as exc:
-            self._lost, self._promised = self._lost or self._promised, False
-            self._failed(exc)
-            return False
-        return True
-
-    def load(self) -> tuple[list, list, list, list]:
-        """Return (retained, sessions, subscriptions, queue summaries); queued messages stay on disk.
-
-        A queue summary is (mountpoint, client id, messages waiting, their bytes, messages in
-        flight, highest message reference).
-        """
-        q = self.db.execute
-        try:
-            retained = [(mp, Message(t, p, qos, True, ref, props=_blob_props(props), expires=expires))
-                        for mp, t, p, qos, ref, props, expires in
-                        q("SELECT mountpoint, topic, payload, qos, ref, props, expires FROM retained")]
-            sessions = list(q("SELECT mountpoint, client_id, expiry FROM sessions"))
-            subs = list(q("SELECT mountpoint, client_id, filter, qos FROM subscriptions"))
-            queues = list(q("SELECT mountpoint, client_id, SUM(pid = 0), "  # length() reads no payload
-                            "SUM(CASE WHEN pid = 0 THEN length(payload) + length(topic) ELSE 0 END), "
-                            "SUM(pid != 0), MAX(ref) FROM messages GROUP BY mountpoint, client_id"))
-        except sqlite3.DatabaseError as exc:
-            raise _corrupt_store(self.path, str(exc)) from None
-        return retained, sessions, subs, queues
-
-    def _messages(self, where: str, args: tuple, limit: int = -1) -> sqlite3.Cursor:
-        return self.db.execute("SELECT id, topic, payload, qos, msg_qos, ref, pid, released, props, expires, extra "
-                               f"FROM messages WHERE mountpoint = ? AND client_id = ? AND {where} ORDER BY id LIMIT ?",
-                               (*args, limit))
-
-    def load_queue(self, mountpoint: str, client_id: str, after: int) -> list:
-        """Return the next page of a session's waiting messages after row ``after``: (msg, qos, row, extra)."""
-        page, size = [], 0
-        try:
-            for row, t, p, qos, mq, ref, _pid, _rel, props, expires, extra in self._messages(
-                    "pid = 0 AND id > ?", (mountpoint, client_id, after), STORE_PAGE):
-                page.append((Message(t, p, mq, False, ref, props=_blob_props(props), expires=expires), qos, row,
-                             _text_extra(extra)))
-                size += len(p)
-                if size >= STORE_PAGE_BYTES:
-                    break
-        except sqlite3.Error as exc:
-            log.error("cannot read the queue of %r from the message store: %s", client_id, exc)
-            self.counters["store_error", ()] += 1
-        return page
-
-    def load_inflight(self, mountpoint: str, client_id: str) -> list:
-        """Return a session's QoS 2 messages in flight when the node stopped: (msg, qos, row, pid, released, extra)."""
-        try:
-            return [(Message(t, p, mq, False, ref, props=_blob_props(props), expires=expires), qos, row, pid,
-                     bool(released), _text_extra(extra))
-                    for row, t, p, qos, mq, ref, pid, released, props, expires, extra in
-                    self._messages("pid != 0", (mountpoint, client_id))]
-        except sqlite3.Error as exc:
-            log.error("cannot read the messages in flight to %r from the message store: %s", client_id, exc)
-            self.counters["store_error", ()] += 1
-            return []
-
-    def put_retained(self, mountpoint: str, msg: Message) -> None:
-        """Store or replace a retained message."""
-        if self._run("INSERT OR REPLACE INTO retained (mountpoint, topic, payload, qos, ref, props, expires) "
-                     "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                     (mountpoint, msg.topic, msg.payload, msg.qos, msg.ref, _props_blob(msg.props), msg.expires)):
-            self._promised = self._promised or msg.qos > 0
-
-    def delete_retained(self, mountpoint: str, topic: str) -> None:
-        """Delete a retained message."""
-        self._run("DELETE FROM retained WHERE mountpoint = ? AND topic = ?", (mountpoint, topic))
-
-    def put_session(self, mountpoint: str, client_id: str, expiry: int | None = None) -> None:
-        """Record a persistent session and how long it outlives its connection (None: no limit of its own)."""
-        self._run("INSERT OR REPLACE INTO sessions (mountpoint, client_id, expiry) VALUES (?, ?, ?)",
-                  (mountpoint, client_id, expiry))
-
-    def delete_session(self, mountpoint: str, client_id: str) -> None:
-        """Forget a session with its subscriptions and messages (and a bridge's, its count of drops)."""
-        for table in ("sessions", "subscriptions", "messages"):
-            self._run(f"DELETE FROM {table} WHERE mountpoint = ? AND client_id = ?", (mountpoint, client_id))
-        if client_id.startswith(BRIDGE_CLIENT_PREFIX):
-            self._run("DELETE FROM meta WHERE key = ?", (_dropped_key(mountpoint, client_id),))
-
-    def put_subscription(self, mountpoint: str, client_id: str, topic_filter: str, qos: int) -> None:
-        """Store or replace a subscription."""
-        self._run("INSERT OR REPLACE INTO subscriptions VALUES (?, ?, ?, ?)", (mountpoint, client_id, topic_filter, qos))
-
-    def delete_subscription(self, mountpoint: str, client_id: str, topic_filter: str) -> None:
-        """Delete a subscription."""
-        self._run("DELETE FROM subscriptions WHERE mountpoint = ? AND client_id = ? AND filter = ?",
-                  (mountpoint, client_id, topic_filter))
-
-    def add_message(self, mountpoint: str, client_id: str, msg: Message, qos: int, extra: Any = None) -> int:
-        """Store a message queued for a persistent session; return its row id (0: it could not be stored)."""
-        row = self._next_row + 1
-        if not self._run("INSERT INTO messages (id, mountpoint, client_id, topic, payload, qos, msg_qos, ref, props, "
-                         "expires, extra) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                         (row, mountpoint, client_id, msg.topic, msg.payload, qos, msg.qos, msg.ref,
-                          _props_blob(msg.props), msg.expires, _extra_text(extra))):
-            return 0
-        self._next_row, self._promised = row, self._promised or qos > 0
-        return row
-
-    def delete_message(self, row: int) -> None:
-        """Delete a delivered message."""
-        self._run("DELETE FROM messages WHERE id = ?", (row,))
-
-    def mark_sent(self, row: int, pid: int) -> None:
-        """Record the packet id a QoS 2 message went out with (a restart resends it with that id)."""
-        self._run("UPDATE messages SET pid = ? WHERE id = ?", (pid, row))
-
-    def mark_released(self, row: int) -> None:
-        """Record that PUBREC came for a QoS 2 message (a restart resends PUBREL, not the message)."""
-        self._run("UPDATE messages SET released = 1 WHERE id = ?", (row,))
-
-    # -- kept frames for other nodes, and what this node has of theirs (Outbox and Inbox, in the cluster state) --
-    def add_kept(self, peer: str, epoch: int, seq: int, kind: int, body: bytes) -> int:
-        """Keep a frame for ``peer`` until it acknowledges it; return its row.
-
-        The rows of a batch are written together when it commits (one statement for all of them).
-        """
-        self._next_kept += 1
-        self._kept_rows.append((self._next_kept, peer, epoch, seq, kind, body))
-        self._dirty = self._promised = True  # a publisher hears its message was kept once this commits
-        return self._next_kept
-
-    def _write_kept(self) -> None:
-        rows, self._kept_rows = self._kept_rows, []
-        try:
-            self.db.executemany("INSERT INTO kept (id, peer, epoch, seq, kind, body) VALUES (?, ?, ?, ?, ?, ?)", rows)
-        except sqlite3.Error as exc:
-            self._lost, self._promised = True, False  # their publishers' acknowledgements are in this batch
-            self._failed(exc)
-
-    def delete_kept(self, rows: Iterable[int]) -> None:
-        """Forget kept frames a peer has acknowledged."""
-        rows = [(row,) for row in rows if row]
-        if rows and self._kept_rows:
-            self._write_kept()  # an acknowledgement may come before the batch that kept them commits
-        if rows:
-            self._dirty = True
-            try:
-                self.db.executemany("DELETE FROM kept WHERE id = ?", rows)
-            except sqlite3.Error as exc:
-                self._lost, self._promised = self._lost or self._promised, False
-                self._failed(exc)
-
-    def load_kept(self) -> list:
-        """Return every kept frame, oldest first: (peer, epoch, seq, kind, body, row)."""
-        return self._read_all("SELECT peer, epoch, seq, kind, body, id FROM kept ORDER BY id")
-
-    def _read_all(self, sql: str) -> list:
-        """Every row a query gives, at start; a damaged file stops the node, naming it."""
-        try:
-            return list(self.db.execute(sql))
-        except sqlite3.DatabaseError as exc:
-            raise _corrupt_store(self.path, str(exc)) from None
-
-    def put_mark(self, origin: str, epoch: int, seq: int) -> None:
-        """Record the highest seq of (origin, epoch) this node has used."""
-        self._run("INSERT OR REPLACE INTO kept_marks (origin, epoch, seq) VALUES (?, ?, ?)", (origin, epoch, seq))
-
-    def delete_mark(self, origin: str, epoch: int) -> None:
-        """Forget an old epoch's mark."""
-        self._run("DELETE FROM kept_marks WHERE origin = ? AND epoch = ?", (origin, epoch))
-
-    def load_marks(self) -> list:
-        """Return every (origin, epoch, seq) recorded, the least recently written first."""
-        return self._read_all("SELECT origin, epoch, seq FROM kept_marks ORDER BY rowid")
-
-    def put_dropped(self, mountpoint: str, client_id: str, count: int) -> None:
-        """Record how many messages a bridge's session has dropped (committed with the batch that dropped them)."""
-        self._run("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
-                  (_dropped_key(mountpoint, client_id), count))
-
-    def load_dropped(self, mountpoint: str, client_id: str) -> int:
-        """Return how many messages a bridge's session has dropped, over every run of the node."""
-        try:
-            key = _dropped_key(mountpoint, client_id)
-            row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
-        except sqlite3.Error as exc:
-            log.error("cannot read the drops of %r from the message store: %s", client_id, exc)
-            self.counters["store_error", ()] += 1
-            return 0
-        return row[0] if row and isinstance(row[0], int) else 0
-
-    def commit(self) -> bool:
-        """Commit what the last batch of packets changed.
-
-        Return False when this batch's changes are lost and held messages that may have been
-        acknowledged (the caller must not send those acknowledgements).
-        """
-        if self._kept_rows:
-            self._write_kept()
-        if self._dirty:
-            try:
-                self.db.commit()
-            except sqlite3.Error as exc:
-                self._lost = self._lost or self._promised
-                self._failed(exc)
-            else:
-                self._dirty = False
-                if self.error is not None:
-                    log.warning("the message store %s writes again", self.path)
-                self.error = None
-        lost, self._lost, self._promised = self._lost, False, False
-        return not lost
-
-    def probe(self) -> None:
-        """While ``error`` is set, try a small write; success clears it."""
-        if self.error is not None and self._run("INSERT OR REPLACE INTO meta (key, value) VALUES ('probe', ?)",
-                                                (time.time(),)):
-            self.commit()
-
-    def close(self) -> None:
-        """Commit and close."""
-        self.commit()
-        self.db.close()
-
-
-###############################################################################
-# 15. Broker shell: plugin hooks, rule files, tracing #########################
-###############################################################################
-# Owns: what the engine is handed from outside: the hook registry (threads add to
-#       it), the password and ACL files (read and reloaded), password hashing (with
-#       its random salt) and packet tracing (with its clock).
-# Must not know: sockets, packets' meaning.
-
-PASSWD_SALT_BYTES = 12  # VerneMQ vmq_passwd: 12-byte salt, sha512(password ++ salt)
-
-
-def hash_password(password: str, salt: bytes | None = None) -> str:
-    """Return vmq_passwd's ``$6$<b64 salt>$<b64 sha512(password + salt)>``."""
-    salt = secrets.token_bytes(PASSWD_SALT_BYTES) if salt is None else salt
-    digest = hashlib.sha512(password.encode() + salt).digest()
-    return f"$6${base64.b64encode(salt).decode()}${base64.b64encode(digest).decode()}"
-
-
-class ReloadingFile:
-    """A file parsed again when its mtime changes, checked at most every ``interval`` s."""
-
-    def __init__(self, parse: Callable[[str], Any], empty: Any, on_error: Callable[[], None] = lambda: None,
-                 what: str = "the file"):
-        self._parse, self._empty, self._on_error, self._what = parse, empty, on_error, what
-        self.path, self.value = "", empty
-        self._signature: tuple | None = None
-        self._checked = -1e18
-
-    def get(self, path: str, interval: int, now: float) -> Any:
-        """Return the parsed content of ``path`` (``empty`` when no path)."""
-        if path != self.path:
-            self.path, self._signature, self._checked = path, None, -1e18
-        if not path:
-            return self._empty
-        if self._signature is None or (interval and now - self._checked >= interval):
-            self._checked = now
-            signature = ("failed",)
-            try:
-                st = os.stat(path)
-                signature = (st.st_ino, st.st_mtime_ns, st.st_size)
-                if signature != self._signature:
-                    data = read_regular_file(path, MAX_RULES_FILE, self._what)[0]  # never blocks the loop
-                    self.value = self._parse(data.decode("utf-8"))
-                    self._signature = signature
-            except (OSError, ValueError, UnicodeDecodeError, FileRefused) as exc:
-                log.error("cannot load %s: %s; keeping the previous rules", path, getattr(exc, "text", exc))
-                self._signature = signature  # a bad version is reported once, tried again when it changes
-                self._on_error()
-        return self.value
-
-
-def check_passwd_file(path: str) -> None:
-    """Raise FileRefused when the vmq_passwd file is not a regular file or too large (start-up; a missing
-    or bad one is reported when it is read, and refuses every password meanwhile)."""
-    with contextlib.suppress(OSError):
-        read_regular_file(path, MAX_RULES_FILE, "vmq_passwd.password_file")
-
-
-def check_acl_file(path: str) -> None:
-    """Raise ConfigError naming the file and line when the vmq_acl file cannot be used (start-up)."""
-    try:
-        parse_acl(read_regular_file(path, MAX_RULES_FILE, "vmq_acl.acl_file")[0].decode("utf-8"))
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"vmq_acl.acl_file {path}: cannot read it: {getattr(exc, 'strerror', None) or exc}") \
-            from None
-    except ValueError as exc:
-        raise ConfigError(f"vmq_acl.acl_file {path}: {exc}") from None
-
-
-class Hooks:
-    """Python plugin hooks by VerneMQ hook name, called in the broker's thread.
-
-    Each hook name is also an attribute holding a tuple of functions, so the
-    broker's hot path pays one attribute read when nothing is registered.
-    An ``auth_on_*`` hook returns ``"ok"``/True (allow), ``"next"``/None (ask the
-    next plugin), ``"error"``/False (refuse) or a dict of changes (allow with
-    them: ``topic``, ``payload``, ``qos``, ``retain`` for publish; for subscribe
-    a list of (topic, qos) pairs replaces the request).
-
-    ``on_auth_m5(username, subscriber_id, {"authentication_method": m,
-    "authentication_data": d})`` runs MQTT 5 enhanced authentication: it answers
-    like an ``auth_on_*`` hook, or with a dict ``{"reason": "success" |
-    "continue_authentication", "authentication_data": bytes}``; "continue"
-    sends the data to the client in AUTH and asks the hook again with its reply.
-    """
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self._entries: list[tuple[str, Callable[..., Any], str, bool]] = []  # hook, fn, plugin, enabled
-        self.builtin = dict.fromkeys(BUILTIN_PLUGINS, True)
-        self._publish()
-
-    def _publish(self) -> None:
-        for name in HOOK_NAMES:
-            setattr(self, name, tuple(fn for hook, fn, _, on in self._entries if hook == name and on))
-
-    def register(self, name: str, fn: Callable[..., Any], plugin: str | None = None) -> None:
-        """Add ``fn`` to hook ``name``; ``plugin`` (default: fn's module) groups it in plugin show."""
-        if name not in HOOK_NAMES:
-            raise ValueError(f"unknown hook {name!r}; hooks: {', '.join(HOOK_NAMES)}")
-        with self._lock:
-            self._entries.append((name, fn, plugin or getattr(fn, "__module__", None) or "python", True))
-            self._publish()
-
-    def unregister(self, name: str, fn: Callable[..., Any]) -> None:
-        """Remove ``fn`` from hook ``name`` (webhooks deregister takes a hook's last endpoint away)."""
-        with self._lock:
-            self._entries = [e for e in self._entries if not (e[0] == name and e[1] is fn)]
-            self._publish()
-
-    def enable(self, plugin: str, on: bool) -> bool:
-        """Turn a plugin's hooks on or off; return whether such a plugin exists."""
-        with self._lock:
-            if plugin in self.builtin:
-                self.builtin[plugin] = on
-                return True
-            found = [e for e in self._entries if e[2] == plugin]
-            self._entries = [(h, f, p, on if p == plugin else e) for h, f, p, e in self._entries]
-            self._publish()
-            return bool(found)
-
-    def rows(self) -> list[dict]:
-        """Return plugin show's rows: enabled plugins, their hooks and module:function/arity."""
-        with self._lock:
-            plugins: dict[str, list[tuple[str, str]]] = {}
-            kinds = {}
-            for plugin, hooks in BUILTIN_PLUGINS.items():
-                if self.builtin[plugin]:
-                    plugins[plugin] = [(h, f"{plugin}:{h}/{arity}") for h, arity in hooks]
-                    kinds[plugin] = "application"
-            for hook, fn, plugin, on in self._entries:
-                if on:
-                    plugins.setdefault(plugin, []).append((hook, f"{_mfa(fn)}"))
-                    kinds.setdefault(plugin, "python")
-        return [{"Plugin": p, "Type": kinds[p], "Hook(s)": "".join(h + "\n" for h, _ in hooks),
-                 "M:F/A": "".join(m + "\n" for _, m in hooks)} for p, hooks in plugins.items()]
-
-
-class Tracer:
-    """Collects one client's packets, both ways, as lines; at most ``rate_max`` per ``rate_interval`` ms."""
-
-    def __init__(self, client_id: str, rate_max: int = 10, rate_interval: int = 100, trunc: int = 200):
-        self.client_id, self.rate_max, self.rate_interval, self.trunc = client_id, rate_max, rate_interval, trunc
-        self._lock = threading.Lock()
-        self._lines: collections.deque[str] = collections.deque(maxlen=100_000)
-        self._window, self._in_window, self._skipped = 0.0, 0, 0
-
-    def packet(self, direction: str, packet: Any, now: float) -> None:
-        """Record one packet (``in`` from the client, ``out`` to it)."""
-        window = now - now % (self.rate_interval / 1000)
-        with self._lock:
-            if window != self._window:
-                if self._skipped:
-                    self._lines.append(f"... {self._skipped} packets not shown (rate limit)")
-                self._window, self._in_window, self._skipped = window, 0, 0
-            self._in_window += 1
-            if self._in_window > self.rate_max:
-                self._skipped += 1
-                return
-            stamp = _dt.datetime.fromtimestamp(now, _dt.timezone.utc).strftime("%H:%M:%S.%f")[:-3]
-            arrow = "MQTT RECV" if direction == "in" else "MQTT SEND"
-            self._lines.append(f"{stamp} {arrow}: CID: {self.client_id!r} {describe_packet(packet, self.trunc)}")
-
-    def take(self) -> list[str]:
-        """Return and forget the lines collected so far."""
-        with self._lock:
-            lines = list(self._lines)
-            self._lines.clear()
-            if self._skipped:
-                lines.append(f"... {self._skipped} packets not shown (rate limit)")
-                self._skipped = 0
-        return lines
-
-
-###############################################################################
-# 16. MQTT connections: TCP, TLS and WebSocket links ##########################
-###############################################################################
-# Owns: bytes in and out of one connection: packets decoded per read and handed
-#       to the engine with the time, input bounds (CONNECT, the partial-packet
-#       budget), deadlines, and one write per batch of what its outbox holds.
-# Must not know: HTTP, commands, what a packet means.
-
-PARTIAL_BIG = 65536  # bytes: an unfinished packet this large grows in a bytearray, not by copying per read
-WAIT_READ_AHEAD = 65536  # bytes read while a packet waits for webhook answers, so a peer that hangs up is seen
-FD_RESERVE = 128  # file descriptors MQTT connections leave to the admin API, the store and the listeners
-CONNECT_FIRST_BYTE = 0x10  # CONNECT, flags 0 [MQTT-3.1.0-1]: a new connection starting otherwise is closed at once
-BATCH_SECONDS = 0.005  # one read's packets hold the loop this long at most; the rest waits for others' turn
-
-
-def certificate_cn(cert: Mapping[str, Any] | None) -> str | None:
-    """Return the common name of a peer certificate as ``ssl`` decodes it."""
-    for rdn in (cert or {}).get("subject", ()):
-        for key, value in rdn:
-            if key == "commonName":
-                return value
-    return None
-
-
-class MqttLink(asyncio.Protocol):
-    """One MQTT connection: decodes every packet of a read, then writes once.
-
-    Reading pauses while the outgoing buffer is over its high-water mark (a peer gets
-    answers only as fast as it takes them), and for ``throttle``; the connection's
-    deadlines (CONNECT, keep-alive, a begun packet) are timed by one timer.
-    """
-
-    def __init__(self, listener: MqttListener, counted: bool = True):
-        self.listener = listener
-        self.io = listener.io
-        self.counted = counted  # False inside a WsLink, which counts the socket itself
-        self.transport: asyncio.Transport | None = None
-        self.client: Connection | None = None
-        self.buffer = b""  # the unfinished end of the last read
-        self.big: bytearray | None = None  # an unfinished packet over PARTIAL_BIG, growing in place
-        self.need = 0  # the whole size of ``big``
-        self.held = 0  # unfinished bytes this link holds, counted in the node's partial_packet_budget
-        self.writable = True
-        self.closing = self.paused = False
-        self.waiting = False  # a packet waits for webhook answers (the webhooks plugin): read and decode nothing more
-        self.waiting_size = 0  # its bytes, counted in partial_packet_budget while it waits
-        self.on_gone: Callable[[], Any] | None = None  # forgets its webhook call if the connection closes first
-        self.on_ready: Callable[[], Any] | None = None  # a WsLink's: it may feed the frames it kept back
-        self.reading = True
-        self.fresh = True  # nothing received yet
-        self.partial_since: float | None = None  # when the unfinished packet in ``buffer`` began
-        self.timer: asyncio.TimerHandle | None = None
-        self.timer_at = 0.0
-        self.armed_connected = False  # whether the timer was set for a connected client
-        self.stall: asyncio.TimerHandle | None = None
-        self.unsent = 0  # bytes its transport held when it last paused writing (in the engine's unsent_bytes)
-        self.peer = ("", 0)
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-        if not self.listener.admit():
-            self.closing = True
-            transport.abort()
-            return
-        self.attach(transport, time.time())
-
-    def attach(self, transport: Any, opened_at: float) -> None:
-        """Start the MQTT side of an admitted connection (``opened_at``: when its socket was accepted)."""
-        self.transport = transport
-        sock = transport.get_extra_info("socket")
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.peer = tuple(transport.get_extra_info("peername") or ("", 0))[:2]
-        identity = certificate_cn(transport.get_extra_info("peercert")) if self.listener.tls else None
-        # mqtt_connect_timeout counts from the accept, handshakes included
-        self.client = self.io.engine.connection_made(self, self.listener, self.peer, identity, opened_at)
-        self.arm(time.time())
-
-    def data_received(self, data: bytes) -> None:
-        self.feed(data, time.perf_counter() + BATCH_SECONDS)
-
-    def feed(self, data: bytes, turn_ends: float) -> None:
-        """Decode ``data`` after what is kept; past ``turn_ends`` (a perf_counter time) the rest waits its turn."""
-        if self.closing or self.client is None:
-            return
-        self.io.engine.counters["bytes_received", ()] += len(data)
-        if self.fresh and data:
-            self.fresh = False
-            if data[0] != CONNECT_FIRST_BYTE:
-                log.info("closing MQTT connection from %s: it did not begin with CONNECT", self.peer[0])
-                self.io.engine.counters["mqtt_malformed_packet_error", ()] += 1
-                self.abort()
-                return
-        if self.big is not None:
-            self.big += data
-            if len(self.big) < self.need:
-                self.io.hold(self, len(self.big))
-                return
-            buf, self.big = bytes(self.big), None  # complete: one copy, then decoded as usual
-        else:
-            buf = self.buffer + data if self.buffer else data
-        self._decode(buf, turn_ends=turn_ends)
-        if self.waiting:
-            self._reading()  # read ahead is bounded
-        self.io.after_batch()
-
-    def _max_size(self) -> int:
-        config = self.io.settings()
-        limit = config["max_message_size"]
-        if self.client.connected:
-            return limit
-        return min(limit, config["max_connect_size"]) if limit else config["max_connect_size"]
-
-    def _decode(self, buf: bytes, held: tuple | None = None, turn_ends: float | None = None) -> None:
-        pos, engine, client, io = 0, self.io.engine, self.client, self.io
-        now = time.time()
-        if io.settings() is not io.rules_config:
-            io.refresh_rules(now)  # a set of vmq_acl.* or vmq_passwd.* counts from the next packet
-        max_size, connected = self._max_size(), client.connected
-        engine.refresh_settings()
-        limits = engine.packet_limits
-        turn_ends = time.perf_counter() + BATCH_SECONDS if turn_ends is None else turn_ends
-        try:
-            if held is not None:  # it waited for webhook answers, which the gate has set
-                engine.handle(client, held[0], now, held[1])
-                max_size, connected = self._max_size(), client.connected
-            while not self.closing and not self.paused and not self.waiting and not client.closing \
-                    and not client.pause_for:
-                start = pos
-                result = decode_packet(buf, pos, max_size, client.proto, limits)  # CONNECT may change the version
-                if result is None:
-                    break
-                packet, pos = result
-                # A plain QoS 0 PUBLISH (first byte 0x30) is forwarded as the bytes it came in.
-                frame = buf[start:pos] if buf[start] == 0x30 else b""
-                if io.gate is None:
-                    engine.handle(client, packet, now, frame)
-                elif not io.gate(self, packet, frame, now):
-                    self.waiting_size = pos - start  # a held CONNECT counts as an unfinished one
-                    break  # held until its webhook answers come (release)
-                if client.tracer is not None:
-                    client.tracer.packet("in", packet, now)
-                if client.connected != connected:  # accepted: max_message_size from the next packet on
-                    max_size, connected = self._max_size(), client.connected
-                if time.perf_counter() > turn_ends and pos < len(buf) and not client.pause_for:
-                    self.throttle(0.0)  # the rest is decoded on a later turn of the loop
-        except MalformedPacket as exc:
-            log.info("closing MQTT connection from %s: %s", self.peer[0], exc.text)
-            engine.counters[exc.metric, ()] += 1
-            engine.refuse_packet(client, exc)
-        except Exception:  # a bug: it costs this connection, never the node or its other clients
-            log.exception("internal error on the MQTT connection from %s; closing it", self.peer[0])
-            engine.close_client(client, reason=Reason.IMPLEMENTATION_SPECIFIC_ERROR)
-        self._keep(buf, pos)
-
-    def _keep(self, buf: bytes, pos: int) -> None:
-        """Keep the unfinished end of ``buf`` (from ``pos``) for the next read, and time it."""
-        if self.closing or self.client.closing or pos >= len(buf):
-            self.buffer, self.partial_since = b"", None
-            self.io.hold(self, 0 if self.closing or self.client.closing else self.waiting_size)
-        else:
-            now = time.time()
-            began = self.partial_since is None or pos > 0  # a new packet has begun; mqtt_packet_timeout runs
-            self.buffer = buf[pos:] if pos else buf
-            if began:
-                self.partial_since = now
-            try:
-                header = None if self.paused or self.waiting or self.client.pause_for else fixed_header(self.buffer)
-            except MalformedPacket:
-                header = None  # the next read's decode says so, and closes
-
-            if header is not None and sum(header) > max(len(self.buffer), PARTIAL_BIG):
-                self.big, self.need, self.buffer = bytearray(self.buffer), sum(header), b""
-            # Complete packets left for a later turn (the 5 ms turn, max_message_rate, webhook answers) are not
-            # unfinished: they are bounded per link by one read (reading pauses meanwhile) and WAIT_READ_AHEAD.
-            deferred = self.paused or self.waiting or self.client.pause_for
-            unfinished = 0 if deferred else len(self.buffer) or len(self.big or b"")
-            self.io.hold(self, unfinished + self.waiting_size)
-            if began:
-                self.arm(now)
-        if self.client.connected != self.armed_connected:
-            self.arm(time.time())
-
-    def arm(self, now: float) -> None:
-        """Set the deadline timer for this connection's next deadline (the broker closes it once one passes)."""
-        if self.client is None or self.closing:
-            return
-        self.armed_connected = self.client.connected
-        when = self.io.engine.deadline(self.client, now, self.partial_since)
-        if when is None:
-            return
-        if self.timer is not None:
-            if self.timer_at <= when:
-                return  # it fires first and sets the next one then
-            self.timer.cancel()
-        self.timer_at = when
-        self.timer = self.io.loop.call_later(max(0.0, when - now), self._deadline)
-
-    def _deadline(self) -> None:
-        self.timer = None
-        self.arm(time.time())
-        self.io.after_batch()
-
-    def throttle(self, delay: float) -> None:
-        """Read nothing more from this client for ``delay`` seconds (max_message_rate)."""
-        if not self.paused and not self.closing:
-            self.paused = True
-            self._reading()
-            self.io.loop.call_later(delay, self._unthrottle)
-
-    def _unthrottle(self) -> None:
-        self.paused = False
-        if not self.closing:
-            self._reading()
-            if self.buffer:
-                self.data_received(b"")
-
-    def hold(self, on_gone: Callable[[], Any] | None = None) -> None:
-        """Read nothing more until ``release``: the packet just decoded waits for webhook answers
-        (``on_gone``: what to call if the connection closes before they come)."""
-        self.waiting, self.on_gone = True, on_gone
-        self._reading()
-
-    def release(self, packet: Any, raw: bytes) -> None:
-        """Hand the engine the packet that waited, then decode what came after it and read on."""
-        self.waiting, self.waiting_size, self.on_gone = False, 0, None
-        if self.closing or self.client is None or self.client.closed:
-            return
-        self._reading()
-        self._decode(self.buffer, (packet, raw))
-        self.io.after_batch()
-
-    def _reading(self) -> None:
-        """Read while neither throttled, nor holding answers the peer has not taken, nor waiting for webhooks
-        with WAIT_READ_AHEAD bytes read (reading on while waiting sees a peer that hangs up, and forgets its call)."""
-        want = self.writable and not self.paused and not self.closing \
-            and not (self.waiting and len(self.buffer) >= WAIT_READ_AHEAD)
-        if want != self.reading and self.transport is not None:
-            self.reading = want
-            (self.transport.resume_reading if want else self.transport.pause_reading)()
-        if self.on_ready is not None and self.decoding():
-            self.on_ready()
-
-    def decoding(self) -> bool:
-        """Whether a packet fed now would be decoded (not throttled, paused, waiting or closing)."""
-        client = self.client
-        return not (self.closing or self.paused or self.waiting or client is None or client.closing
-                    or client.pause_for)
-
-    def drain(self) -> None:
-        """Send what the engine left in this connection's outbox in one write; then pause or close as it asked."""
-        conn = self.client
-        if self.closing or self.transport is None:
-            conn.out.clear()
-            return
-        if conn.out:
-            data = conn.out[0] if len(conn.out) == 1 else b"".join(conn.out)
-            conn.out.clear()
-            conn.out_bytes = 0
-            self.io.engine.counters["bytes_sent", ()] += len(data)
-            if conn.tracer is not None:
-                self._trace_out(conn, data)
-            self.transport.write(data)  # may call pause_writing: then resume_writing goes on
-            if not self.writable:
-                self._unsent(self.transport.get_write_buffer_size())
-            if conn.held_back and self.writable:
-                self.io.loop.call_soon(self._deliver_more)
-        if conn.pause_for:
-            delay, conn.pause_for = conn.pause_for, 0.0
-            self.throttle(delay)
-        if conn.closing:
-            self.closing = True
-            self.transport.close()  # asyncio sends what is buffered first
-
-    @staticmethod
-    def _trace_out(conn: Connection, data: bytes) -> None:
-        pos, now = 0, time.time()
-        while pos < len(data):
-            packet, pos = decode_packet(data, pos, 0, conn.proto)
-            conn.tracer.packet("out", packet, now)
-
-    def abort(self) -> None:
-        """Close at once, dropping what is buffered (the peer is not reading, or never spoke MQTT)."""
-        if self.client is not None:
-            self.client.out.clear()
-            if not self.client.closed:
-                self.io.engine.close_client(self.client, close_link=False)
-        self.closing = True
-        if self.transport is not None:
-            self.transport.abort()
-
-    def drop_partial(self) -> None:
-        """Give up the unfinished packet (the node-wide partial_packet_budget is exceeded) and close."""
-        self.buffer, self.big = b"", None
-        self.io.hold(self, 0)
-        self.abort()
-
-    def pause_writing(self) -> None:
-        self.writable = False
-        if self.client is not None:
-            self.client.writable = False
-        self._reading()
-        if self.stall is None:  # closing too: a close waits for the buffer, which a peer that never reads keeps full
-            self.stall = self.io.loop.call_later(self.io.settings()["mqtt_write_timeout"] / 1000, self._stalled)
-
-    def _unsent(self, size: int) -> None:
-        """Tell the engine how many bytes this peer leaves unread in its transport (0: none that matter)."""
-        self.io.engine.unsent_bytes += size - self.unsent
-        self.unsent = size
-
-    def resume_writing(self) -> None:
-        self._unsent(0)
-        self.writable = True
-        if self.client is not None:
-            self.client.writable = True
-        if self.stall is not None:
-            self.stall.cancel()
-            self.stall = None
-        self._reading()
-        self._deliver_more()
-
-    def _deliver_more(self) -> None:
-        conn = self.client
-        if conn is not None and conn.held_back and self.writable and not self.closing:
-            self.io.engine.writable_again(conn, time.time())
-            self.io.after_batch()
-        elif self.io.engine.handouts:
-            self.io.schedule_handout()  # it may have waited for this connection
-
-    def _stalled(self) -> None:
-        self.stall = None
-        if not self.writable and self.transport is not None:  # closing or not: its buffer never drained
-            log.info("closing MQTT connection from %s: it left its answers unread", self.peer[0])
-            self.io.engine.counters["socket_close_write_timeout", ()] += 1
-            self.abort()
-            self.io.after_batch()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self.counted:
-            self.listener.release()
-        self.closing = True
-        self.buffer, self.big = b"", None
-        self.io.hold(self, 0)
-        self._unsent(0)
-        if self.on_gone is not None:  # its webhook call is not made (or its answer not used)
-            on_gone, self.on_gone = self.on_gone, None
-            on_gone()
-        for handle in (self.timer, self.stall):
-            if handle is not None:
-                handle.cancel()
-        if self.client is not None:
-            self.client.out.clear()
-            self.io.engine.connection_lost(self.client, time.time())
-            self.io.after_batch()
-
-
-WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455 1.3
-WS_PATH = "/mqtt"  # README, "The MQTT broker"
-WS_MAX_HANDSHAKE = 8192  # bytes of an opening handshake; a browser's is well under 1 KB
-WS_CLOSE_PROTOCOL, WS_CLOSE_UNSUPPORTED, WS_CLOSE_TOO_BIG = 1002, 1003, 1009  # RFC 6455 7.4.1
-
-
-def ws_frame(opcode: int, payload: bytes) -> bytes:
-    """Encode one unmasked, final server frame (RFC 6455 5.2)."""
-    n = len(payload)
-    if n < 126:
-        head = bytes((0x80 | opcode, n))
-    elif n < 65536:
-        head = bytes((0x80 | opcode, 126)) + n.to_bytes(2, "big")
-    else:
-        head = bytes((0x80 | opcode, 127)) + n.to_bytes(8, "big")
-    return head + payload
-
-
-def ws_decode(buf: bytes, pos: int, max_size: int) -> tuple[int, bool, bytes, int] | None:
-    """Decode one client frame at ``buf[pos:]``: (opcode, fin, unmasked payload, next pos), or None.
-
-    Raises WsError for an unmasked frame, reserved bits, a bad control frame or one over ``max_size``.
-    """
-    if len(buf) - pos < 2:
-        return None
-    b0, b1 = buf[pos], buf[pos + 1]
-    if b0 & 0x70:
-        raise WsError(WS_CLOSE_PROTOCOL, "reserved bits set")  # RFC 6455 5.2: no extension was agreed
-    if not b1 & 0x80:
-        raise WsError(WS_CLOSE_PROTOCOL, "client frame not masked")  # RFC 6455 5.1
-    opcode, fin, n, i = b0 & 0x0F, bool(b0 & 0x80), b1 & 0x7F, pos + 2
-    if n >= 126:
-        width = 2 if n == 126 else 8
-        if len(buf) < i + width:
-            return None
-        n, i = int.from_bytes(buf[i:i + width], "big"), i + width
-    if opcode >= 8 and (not fin or n > 125):
-        raise WsError(WS_CLOSE_PROTOCOL, "bad control frame")  # RFC 6455 5.5
-    if n > max_size:
-        raise WsError(WS_CLOSE_TOO_BIG, f"frame of {n} bytes is over max_ws_frame_size")
-    if len(buf) < i + 4 + n:
-        return None
-    mask, data = buf[i:i + 4], buf[i + 4:i + 4 + n]
-    payload = (int.from_bytes(data, "little") ^ int.from_bytes(mask * (n // 4 + 1), "little")
-               ).to_bytes(n + 4, "little")[:n] if n else b""
-    return opcode, fin, payload, i + 4 + n
-
-
-def ws_handshake(request: bytes, allowed_origins: tuple[str, ...] = ()) -> tuple[bytes, bool]:
-    """Answer an opening handshake: (response bytes, accepted) (RFC 6455 4.2).
-
-    A browser sends Origin with every handshake, and its page is not the user: another site's page
-    could publish and subscribe through a local listener with the anonymous access of loopback.
-    Only the node's own origin and ``allowed_origins`` are taken (RFC 6455 10.2).
-    """
-    lines = request.decode("iso-8859-1").split("\r\n")
-    words = lines[0].split()
-    headers = {}
-    for line in lines[1:]:
-        name, sep, value = line.partition(":")
-        if sep:
-            headers[name.strip().lower()] = value.strip()
-    protocols = [p.strip() for p in headers.get("sec-websocket-protocol", "").split(",")]
-    key = headers.get("sec-websocket-key", "")
-    if len(words) != 3 or words[0] != "GET" or words[1].split("?")[0] != WS_PATH:
-        return b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n", False
-    if headers.get("upgrade", "").lower() != "websocket" or "upgrade" not in headers.get("connection", "").lower() \
-            or headers.get("sec-websocket-version") != "13" or len(key) != 24 or "mqtt" not in protocols:
-        return (b"HTTP/1.1 400 Bad Request\r\nSec-WebSocket-Version: 13\r\nContent-Length: 0\r\n"
-                b"Connection: close\r\n\r\n"), False
-    origin = headers.get("origin")
-    if origin is not None and not ws_origin_allowed(origin, headers.get("host", ""), allowed_origins):
-        return b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\nConnection: close\r\n\r\n", False
-    accept = base64.b64encode(hashlib.sha1(key.encode() + WS_GUID).digest()).decode()
-    return (f"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-            f"Sec-WebSocket-Accept: {accept}\r\nSec-WebSocket-Protocol: mqtt\r\n\r\n").encode(), True
-
-
-def ws_origin_allowed(origin: str, host: str, allowed: tuple[str, ...]) -> bool:
-    """Whether a page of ``origin`` may open a WebSocket to the node reached as ``host`` (its Host header)."""
-    return is_own_origin(origin, host, ("http", "https")) or origin.strip().lower() in allowed
-
-
-class WsTransport:
-    """What an MqttLink needs of a transport, carried in WebSocket binary frames."""
-
-    def __init__(self, transport: asyncio.Transport, link: WsLink):
-        self._transport, self._link = transport, link
-
-    def write(self, data: bytes) -> None:
-        self._transport.write(ws_frame(2, data))
-
-    def close(self) -> None:
-        if not self._transport.is_closing():
-            self._transport.write(ws_frame(8, (1000).to_bytes(2, "big")))
-        self._transport.close()
-
-    def abort(self) -> None:
-        self._transport.abort()
-
-    def pause_reading(self) -> None:
-        self._link.inner_reading(False)
-
-    def get_write_buffer_size(self) -> int:
-        return self._transport.get_write_buffer_size()
-
-    def resume_reading(self) -> None:
-        self._link.inner_reading(True)
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return self._transport.get_extra_info(name, default)
-
-
-class WsLink(asyncio.Protocol):
-    """MQTT over WebSocket: the opening handshake, then frames in, MqttLink inside.
-
-    The socket is counted against the listener's max_connections from the accept, and the
-    handshake shares mqtt_connect_timeout with the CONNECT that must follow it.
-    """
-
-    def __init__(self, listener: MqttListener):
-        self.listener = listener
-        self.io = listener.io
-        self.inner = MqttLink(listener, counted=False)
-        self.transport: asyncio.Transport | None = None
-        self.buffer = bytearray()
-        self.held = 0  # unfinished bytes, counted in the node's partial_packet_budget
-        self.open = self.admitted = self.fragmented = False
-        self.opened_at = 0.0
-        self.timer: asyncio.TimerHandle | None = None
-        self.wanted = self.reading = True  # whether the inner link reads; whether the socket is read
-        self.kept = False  # ``buffer`` may hold whole frames kept back for a later turn of the loop
-        self.turn: asyncio.Handle | None = None  # the later turn, when one is due
-        self.inner.on_ready = self._ready
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-        self.admitted = True
-        if not self.listener.admit():
-            self.open = False
-            transport.abort()
-            return
-        self.opened_at = time.time()
-        timeout = self.io.settings()["mqtt_connect_timeout"] / 1000
-        self.timer = self.io.loop.call_later(timeout, self._handshake_timeout)
-
-    def _handshake_timeout(self) -> None:
-        self.timer = None
-        if not self.open and not self.transport.is_closing():
-            self.io.engine.counters["socket_close_timeout", ()] += 1
-            self.transport.abort()
-
-    def data_received(self, data: bytes) -> None:
-        if self.transport.is_closing():
-            return
-        self.buffer += data
-        if not self.open and not self._handshake():
-            return
-        self._frames()
-
-    def _handshake(self) -> bool:
-        end = self.buffer.find(b"\r\n\r\n")
-        if end < 0 and len(self.buffer) <= WS_MAX_HANDSHAKE:
-            return False
-        if end < 0 or end + 4 > WS_MAX_HANDSHAKE:  # whether it came in one read or many
-            self.transport.write(b"HTTP/1.1 431 Request Header Fields Too Large\r\nContent-Length: 0\r\n"
-                                 b"Connection: close\r\n\r\n")
-            self.transport.close()
-            return False
-        allowed = self.io.settings()["websocket_allowed_origins"]
-        answer, self.open = ws_handshake(bytes(self.buffer[:end]), allowed)
-        self.transport.write(answer)
-        if not self.open:
-            self.transport.close()
-            return False
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-        del self.buffer[:end + 4]
-        self.inner.attach(WsTransport(self.transport, self), self.opened_at)
-        return True
-
-    def _frames(self) -> None:
-        """Feed the inner link the frames read, for one turn of the loop (BATCH_SECONDS across all of them).
-
-        Frames the inner link cannot take now (throttled, waiting for webhook answers, its turn over)
-        stay in ``buffer``, unsliced, until it can; the socket is read meanwhile only up to
-        WAIT_READ_AHEAD bytes kept (so a peer that hangs up is still seen).
-        """
-        pos, inner = 0, self.inner
-        turn_ends = time.perf_counter() + BATCH_SECONDS
-        self.kept = False
-        try:
-            while not inner.closing:
-                if not inner.decoding() or time.perf_counter() > turn_ends:
-                    self.kept = True
-                    break
-                frame = ws_decode(self.buffer, pos, self._max_frame())
-                if frame is None:
-                    break
-                opcode, fin, payload, pos = frame
-                if opcode in (0, 2):
-                    if (opcode == 0) != self.fragmented:  # RFC 6455 5.4: a continuation needs a start, a start none
-                        raise WsError(WS_CLOSE_PROTOCOL, "continuation frame out of place")
-                    self.fragmented = not fin
-                    inner.feed(payload, turn_ends)  # MQTT is a byte stream: fragments feed it as they come
-                elif opcode == 1:  # inside a fragmented message a new data frame is itself a violation (5.4)
-                    raise WsError(WS_CLOSE_PROTOCOL if self.fragmented else WS_CLOSE_UNSUPPORTED,
-                                  "MQTT needs binary frames")
-                elif opcode == 8:
-                    self._close(int.from_bytes(payload[:2], "big") if len(payload) >= 2 else 1000)
-                    return
-                elif opcode == 9:
-                    self.transport.write(ws_frame(10, payload))  # ping -> pong, RFC 6455 5.5.2
-                elif opcode != 10:
-                    raise WsError(WS_CLOSE_PROTOCOL, f"unknown opcode {opcode}")
-        except WsError as exc:
-            log.info("closing WebSocket from %s: %s", self.inner.peer[0], exc.reason)
-            self._close(exc.close_code)
-            return
-        del self.buffer[:pos]
-        # Whole frames kept back are not unfinished: one read's worth at most (the socket waits meanwhile)
-        self.io.hold(self, 0 if self.kept else len(self.buffer))
-        if self.kept and inner.decoding() and self.turn is None:
-            self.turn = self.io.loop.call_soon(self._next_turn)
-        self._socket_reading()
-
-    def _ready(self) -> None:
-        """The inner link decodes again: the frames kept back get a turn soon."""
-        if self.kept and self.turn is None:
-            self.turn = self.io.loop.call_soon(self._next_turn)
-
-    def _next_turn(self) -> None:
-        self.turn = None
-        if self.open and not self.transport.is_closing():
-            self._frames()
-            self.io.after_batch()
-
-    def inner_reading(self, want: bool) -> None:
-        """The inner link's pause_reading or resume_reading."""
-        self.wanted = want
-        self._socket_reading()
-
-    def _socket_reading(self) -> None:
-        want = self.wanted and not (self.kept and (self.turn is not None or len(self.buffer) >= WAIT_READ_AHEAD))
-        if want != self.reading and not self.transport.is_closing():
-            self.reading = want
-            (self.transport.resume_reading if want else self.transport.pause_reading)()
-
-    def _max_frame(self) -> int:
-        config = self.io.settings()
-        if self.inner.client is None or not self.inner.client.connected:  # nobody is known yet: a CONNECT's worth
-            return min(config["max_ws_frame_size"], config["max_connect_size"])
-        return config["max_ws_frame_size"]
-
-    def _close(self, code: int) -> None:
-        self.buffer = bytearray()
-        self.io.hold(self, 0)
-        if self.inner.client is not None:
-            self.io.engine.close_client(self.inner.client, close_link=False)
-            self.io.after_batch()
-        if not self.transport.is_closing():
-            self.transport.write(ws_frame(8, code.to_bytes(2, "big")))
-            self.transport.close()
-
-    def drop_partial(self) -> None:
-        """Give up the unfinished frame (the node-wide partial_packet_budget is exceeded) and close."""
-        self.buffer = bytearray()
-        self.io.hold(self, 0)
-        if self.inner.client is not None:
-            self.inner.abort()
-        else:
-            self.transport.abort()
-
-    def pause_writing(self) -> None:
-        if self.open:
-            self.inner.pause_writing()
-        else:
-            self.transport.pause_reading()  # a handshake answer is small; a peer that takes none waits
-
-    def resume_writing(self) -> None:
-        if self.open:
-            self.inner.resume_writing()
-        else:
-            self.transport.resume_reading()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self.admitted:
-            self.listener.release()
-        if self.timer is not None:
-            self.timer.cancel()
-        if self.turn is not None:
-            self.turn.cancel()
-        self.buffer = bytearray()
-        self.io.hold(self, 0)
-        if self.open:
-            self.inner.connection_lost(exc)
-
-
-###############################################################################
-# 17. MQTT listeners and the broker's loop ####################################
-###############################################################################
-# Owns: file descriptor limits, the MQTT listeners and the event loop
-#       thread that runs the engine, drains outboxes after each commit, and
-#       takes calls from other threads.
-# Must not know: HTTP, the meaning of packets.
-
-def descriptor_limit() -> int | None:
-    """Return the soft limit on open file descriptors (None: unknown or unlimited)."""
-    if resource is None:
-        return None
-    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    return None if soft == resource.RLIM_INFINITY else soft
-
-
-def raise_descriptor_limit() -> int | None:
-    """Raise the soft file descriptor limit to the hard one (as far as the kernel allows); return the soft limit."""
-    if resource is None:
-        return None
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    for wanted in (hard, 1 << 20, 1 << 16):
-        if wanted == resource.RLIM_INFINITY or wanted <= soft:
-            continue
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
-            break
-        except (ValueError, OSError):
-            continue  # above the kernel's nr_open: try a lower one
-    return descriptor_limit()
-
-
-def socket_budget() -> float:
-    """Return how many MQTT sockets may be open at once so that FD_RESERVE descriptors stay for the rest."""
-    soft = descriptor_limit()
-    return math.inf if soft is None else max(1, soft - min(FD_RESERVE, soft // 4))
-
-
-def _budget_order(link: Any) -> tuple[bool, int]:
-    """Who goes first when the partial packet budget is exceeded: connections not yet accepted, then the biggest."""
-    client = link.client if isinstance(link, MqttLink) else link.inner.client
-    return client is not None and client.connected, -link.held
-
-
-class MqttListener:
-    """One MQTT listener (TCP, TLS, WebSocket or both): address, options, status and counters."""
-
-    def __init__(self, io: MqttIO, name: str, address: tuple[str, int], options: Mapping[str, Any],
-                 kind: str = "tcp"):
-        self.io, self.name = io, name
-        self.kind = MQTT_LISTENER_KINDS[kind]
-        self.websocket = kind in ("ws", "wss")
-        self.options = dict(options)
-        self.tls = tls_context(options) if kind in ("ssl", "wss") else None
-        self.use_identity_as_username = bool(self.tls) and options["use_identity_as_username"]
-        self.address, self.port = address
-        self.mountpoint = options["mountpoint"]
-        self.max_connections = options["max_connections"]
-        self.allowed_versions = options["allowed_protocol_versions"]
-        self.allow_anonymous_override = options["allow_anonymous_override"]
-        self.status = "running"
-        self.active = self.all_conns = 0
-        self.server: asyncio.base_events.Server | None = None
-
-    def admit(self) -> bool:
-        """Count a new socket; say whether to keep it (running, under max_connections, descriptors to spare)."""
-        self.active += 1
-        self.all_conns += 1
-        io = self.io
-        io.sockets += 1
-        limit = self.max_connections
-        if self.status != "running" or (limit is not None and self.active > limit):
-            return False
-        if io.sockets > io.socket_budget:
-            io.engine.counters["socket_close_no_descriptors", ()] += 1
-            if not io.warned_descriptors:
-                io.warned_descriptors = True
-                log.warning("refusing MQTT connections: %d are open, the most the file descriptor limit allows "
-                            "while keeping some for the admin API and the store (raise ulimit -n)", io.sockets - 1)
-            return False
-        return True
-
-    def release(self) -> None:
-        """Uncount a socket that closed."""
-        self.active -= 1
-        self.io.sockets -= 1
-
-    @property
-    def loopback(self) -> bool:
-        """Whether this listener accepts only local connections."""
-        return ipaddress.ip_address(self.address).is_loopback
-
-    def option(self, key: str) -> Any:
-        """Return one of the listener's settings (None when it has no such one)."""
-        return self.options.get(key)
-
-    def suspend(self, kill_sessions: bool = False) -> None:
-        """Stop accepting (suspended); with ``kill_sessions`` also close the clients (stopped)."""
-        self.io.suspend_listener(self, kill_sessions)
-
-    def resume(self) -> None:
-        """Accept again on the same address and port; raise OSError when it is taken."""
-        self.io.resume_listener(self)
-
-    def delete(self) -> None:
-        """Stop for good, close the clients and leave the loop's listeners."""
-        self.io.delete_listener(self)
-
-    def row(self, tls: bool = False, mqtt: bool = False) -> dict:
-        """Return this listener's row of listener show."""
-        row = {"type": self.kind, "status": self.status, "address": self.address, "port": str(self.port),
-               "mountpoint": self.mountpoint, "max_conns": "infinity" if self.max_connections is None
-               else self.max_connections, "active_conns": self.active, "all_conns": self.all_conns}
-        if tls:
-            row.update(tls_columns(self.options.get if self.tls else None))
-        if mqtt:
-            names = {3: "mqtt 3.1", 4: "mqtt 3.1.1", 5: "mqtt 5"}
-            row["allowed_protocol_versions"] = ", ".join(names.get(v, str(v)) for v in self.allowed_versions)
-            row["allow_anonymous_override"] = "on" if self.allow_anonymous_override else "off"
-        return row
-
-
-class MqttIO:
-    """The broker's event loop thread: listeners, ticks, and calls from other threads."""
-
-    def __init__(self, settings: Callable[[], Config], store: Any, metrics: Metrics, node_name: str,
-                 hooks: Hooks | None = None):
-        self.settings = settings
-        self.store = store
-        self.metrics, self.node_name = metrics, node_name
-        self._systree_at = time.time()
-        self.engine = Engine(settings, store, hooks, new_client_id=lambda: "anon-" + secrets.token_hex(8),
-                             choose=random.choice, now=time.time())
-        self._passwd = ReloadingFile(parse_passwd, {}, what="vmq_passwd.password_file")
-        self._acl = ReloadingFile(parse_acl, None, self._acl_failed, what="vmq_acl.acl_file")
-        self.rules_config: Config | None = None  # the Config the rules were last read for
-        self.listeners: list[MqttListener] = []
-        self.sockets = 0  # MQTT sockets open on every listener
-        self.socket_budget = socket_budget()
-        self.warned_descriptors = False
-        self._resource_warned = -math.inf
-        self.partial_bytes = 0  # unfinished packet and frame bytes held for all connections
-        self.holders: set[Any] = set()  # the links holding some
-        self.gate: Callable[..., bool] | None = None  # webhooks (plugins.vmq_webhooks) see packets first: handled, or held
-        self.loop = asyncio.new_event_loop()
-        self.big_retry: asyncio.Handle | None = None  # retry_big on the next turn of the loop
-        self._thread = threading.Thread(target=self._run, name="vmqapi-mqtt", daemon=True)
-        self._tick_handle: asyncio.TimerHandle | None = None
-        self._tick_error_at = 0.0  # when a failed tick was last logged
-        self.batch_hooks: list[Callable[[], None]] = []  # run first in after_batch (the cluster's sends)
-        self.commit_hooks: list[Callable[[], None]] = []  # run once a batch is committed (the cluster's acks)
-        self.rollback_hooks: list[Callable[[], None]] = []  # run when its commit failed
-        self._handout_handle: asyncio.Handle | None = None  # the next turn's retained messages (Engine.hand_out)
-        self.session_total = 0  # len(engine.sessions) after the last batch, published for other threads
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self.loop)
-        self.loop.set_exception_handler(self._loop_error)
-        self.loop.run_forever()
-
-    def _loop_error(self, loop: asyncio.AbstractEventLoop, context: dict) -> None:
-        """Log what asyncio reports; running out of descriptors is a condition, not a bug: no traceback."""
-        exc = context.get("exception")
-        if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-            self.engine.counters["socket_close_no_descriptors", ()] += 1
-            now = time.monotonic()
-            if now - self._resource_warned >= 10:  # asyncio retries the accept every second: say it now and then
-                self._resource_warned = now
-                log.warning("MQTT listeners wait: %s (raise ulimit -n)", exc.strerror)
-            return
-        loop.default_exception_handler(context)
-
-    def start(self) -> None:
-        """Start the loop thread and bind every MQTT listener; raise ConfigError on a failure."""
-        self._thread.start()
-        config = self.settings()
-        for kind in MQTT_LISTENER_KINDS:
-            for name, address in sorted(config.listeners(kind).items()):
-                options = {o: config.listener_option(kind, name, o) for o in LISTENER_MQTT_OPTIONS}
-                try:
-                    self.open_listener(name, address, options, kind)
-                except (OSError, ssl.SSLError) as exc:  # SSLError: a bad certificate or key file
-                    raise ConfigError(f"cannot start listener.{kind}.{name} on {render_value(address)}: "
-                                      f"{getattr(exc, 'strerror', None) or exc}") from None
-        self.call(self._tick)
-
-    def open_listener(self, name: str, address: tuple[str, int], options: Mapping[str, Any],
-                      kind: str = "tcp") -> MqttListener:
-        """Bind a new MQTT listener (from any thread but the loop's); raise OSError on failure."""
-        listener = MqttListener(self, name, address, options, kind)
-        self.call_async(self._bind(listener))
-        self.listeners.append(listener)
-        return listener
-
-    def find_listener(self, address: str, port: int) -> MqttListener | None:
-        """Return the MQTT listener bound to address:port."""
-        return next((x for x in self.listeners if (x.address, x.port) == (address, port)), None)
-
-    def suspend_listener(self, listener: MqttListener, kill_sessions: bool = False) -> None:
-        """Stop accepting; keep the clients (status suspended) or close them (status stopped)."""
-        self.call_async(self._unbind(listener))
-        if kill_sessions:
-            self.call(self._kill_clients, listener)
-
-    def resume_listener(self, listener: MqttListener) -> None:
-        """Accept again on the same address and port; raise OSError on failure."""
-        if self.read(lambda: listener.status) != "running":
-            self.call_async(self._bind(listener))
-
-    def delete_listener(self, listener: MqttListener) -> None:
-        """Stop a listener, close its clients and forget it."""
-        self.suspend_listener(listener, kill_sessions=True)
-        self.listeners.remove(listener)
-
-    async def _unbind(self, listener: MqttListener) -> None:
-        listener.status = "suspended"  # written in the loop, where admit reads it
-        if listener.server is not None:
-            listener.server.close()  # stops accepting at once; its clients stay (wait_closed would wait for them)
-            listener.server = None
-            await asyncio.sleep(0)
-
-    def _kill_clients(self, listener: MqttListener) -> None:
-        self.engine.close_listener_clients(listener)
-        listener.status = "stopped"
-
-    async def _bind(self, listener: MqttListener) -> None:
-        protocol = (lambda: WsLink(listener)) if listener.websocket else (lambda: MqttLink(listener))
-        # A TLS socket reaches the listener's accounting only once its handshake is done (asyncio calls
-        # connection_made then): the handshake therefore gets no longer than a CONNECT would.
-        handshake = min(listener.options["tls_handshake_timeout"], self.settings()["mqtt_connect_timeout"]) / 1000
-        listener.server = await self.loop.create_server(protocol, listener.address, listener.port, backlog=1024,
-                                                        reuse_address=True, ssl=listener.tls,
-                                                        ssl_handshake_timeout=handshake if listener.tls else None)
-        listener.port = listener.server.sockets[0].getsockname()[1]
-        listener.status = "running"
-
-    def _tick(self) -> None:
-        """Run the housekeeping; whatever fails is logged and counted, and the next tick is always due."""
-        delay = TICK_INTERVAL
-        try:
-            delay = self._housekeeping()
-        except Exception as exc:  # keep-alive, retries, expiry and wills must outlive any one failure
-            self.engine.counters["tick_error", ()] += 1
-            now = time.time()
-            if now - self._tick_error_at >= TICK_ERROR_LOG_INTERVAL:
-                self._tick_error_at = now
-                log.error("housekeeping failed, trying again in %.1f s: %s", delay, exc, exc_info=True)
-        finally:
-            if not self.loop.is_closed():
-                self._tick_handle = self.loop.call_later(delay, self._tick)
-
-    def _housekeeping(self) -> float:
-        """Tick the broker, publish $SYS when due, commit and flush; return when to run again."""
-        now = time.time()
-        self.store.probe()
-        self.refresh_rules(now)
-        self.engine.tick(now)
-        config = self.settings()
-        interval = config["systree_interval"] / 1000
-        if config["systree_enabled"] and interval and now - self._systree_at >= interval:
-            self._systree_at = now
-            self.publish_systree()
-        self.after_batch()
-        return min(TICK_INTERVAL, interval or TICK_INTERVAL)
-
-    def publish_systree(self) -> None:
-        """Publish every metric, aggregated, as ``$SYS/<node>/<name split on _>`` (QoS 0)."""
-        for name, value in self.metrics.totals().items():
-            topic = f"$SYS/{self.node_name}/" + name.replace("_", "/")
-            if self.engine.router.match("", topic):  # nobody listening: not an unhandled message
-                self.engine.route("", Message(topic, str(value).encode(), 0))
-
-    def hold(self, link: Any, n: int) -> None:
-        """Record that ``link`` holds ``n`` unfinished bytes; past partial_packet_budget close the biggest holders."""
-        delta = n - link.held
-        if not delta:
-            return
-        link.held = n
-        self.partial_bytes += delta
-        if n:
-            self.holders.add(link)
-        else:
-            self.holders.discard(link)
-        budget = self.settings()["partial_packet_budget"]
-        if delta > 0 and self.partial_bytes > budget:
-            for holder in sorted(self.holders, key=_budget_order):
-                if self.partial_bytes <= budget:
-                    break
-                log.info("closing the connection holding %d unfinished bytes: partial_packet_budget is exceeded",
-                         holder.held)
-                self.engine.counters["socket_close_partial_budget", ()] += 1
-                holder.drop_partial()
-
-    def after_batch(self) -> None:
-        """Commit the store, then flush every connection written to in this batch.
-
-        When the commit failed and lost messages whose PUBACK or PUBREC this batch wrote, no
-        connection of the batch gets its output: each is closed (MQTT 5: DISCONNECT 0x80) and
-        its client resends what was not acknowledged.
-        """
-        for hook in self.batch_hooks:
-            try:
-                hook()
-            except Exception:  # the commit and the flush below must happen whatever a hook did
-                log.exception("a batch hook failed")
-        self.engine.save_drops()
-        saved = self.store.commit()
-        engine = self.engine
-        dirty = engine.take_dirty()
-        if not saved:
-            for hook in self.rollback_hooks:
-                try:
-                    hook()
-                except Exception:
-                    log.exception("a rollback hook failed")
-            for conn in dirty:
-                conn.out.clear()
-            for conn in dirty:
-                engine.close_client(conn, reason=Reason.UNSPECIFIED_ERROR, text=STORE_DOWN)
-            dirty = engine.take_dirty()  # the DISCONNECTs, and wills routed to others
-        else:
-            for hook in self.commit_hooks:
-                try:
-                    hook()
-                except Exception:
-                    log.exception("a commit hook failed")
-        for conn in dirty:
-            conn.link.drain()
-        self.session_total = len(engine.sessions)
-        if engine.handouts:
-            self.schedule_handout()
-        if engine.big_waiters and self.big_retry is None:
-            self.big_retry = self.loop.call_soon(self._retry_big)
-
-    def schedule_handout(self) -> None:
-        """Hand out more retained messages at the next turn of the loop, after what is ready to read."""
-        if self._handout_handle is None and self.engine.handout_ready():
-            self._handout_handle = self.loop.call_soon(self._hand_out)
-
-    def _hand_out(self) -> None:
-        self._handout_handle = None
-        try:
-            self.engine.hand_out(time.time())
-        except Exception:  # not again at every turn: the subscribers keep what they got
-            log.exception("handing out retained messages failed; the rest are not sent")
-            self.engine.handouts.clear()
-        self.after_batch()
-
-    def _retry_big(self) -> None:
-        """Large messages waiting for outbox room go on; when none could, the next tick tries again."""
-        self.big_retry = None
-        if self.engine.retry_big(time.time()):
-            self.after_batch()
-
-    def refresh_rules(self, now: float) -> None:
-        """Hand the engine the vmq_passwd users and vmq_acl rules in force (files reloaded as configured)."""
-        config = self.rules_config = self.settings()
-        users = self._passwd.get(config["vmq_passwd.password_file"], config["vmq_passwd.password_reload_interval"],
-                                 now)
-        rules = self._acl.get(config["vmq_acl.acl_file"], config["vmq_acl.acl_reload_interval"], now)
-        self.engine.set_rules(users, rules)
-
-    def _acl_failed(self) -> None:
-        self.engine.counters["acl_reload_error", ()] += 1
-
-    def in_loop_thread(self) -> bool:
-        """Whether the caller runs in the broker's event loop thread."""
-        return threading.current_thread() is self._thread
-
-    def call(self, fn: Callable[..., Any], *args: Any, timeout: float = 30) -> Any:
-        """Run ``fn(*args)`` in the loop thread and return its result (from any other thread)."""
-        future: concurrent.futures.Future = concurrent.futures.Future()
-
-        def run() -> None:
-            try:
-                self.engine.now = time.time()
-                result = fn(*args)
-            except BaseException as exc:  # re-raised in the calling thread
-                self.after_batch()
-                future.set_exception(exc)
-                return
-            self.after_batch()  # the answer leaves only once what it did is committed
-            future.set_result(result)
-        self.loop.call_soon_threadsafe(run)
-        return future.result(timeout)
-
-    def read(self, fn: Callable[..., Any], *args: Any, timeout: float = 30) -> Any:
-        """Run ``fn(*args)``, which changes nothing, in the loop thread and return its result: nothing to commit.
-
-        It runs a turn of the loop later, after what the sockets had delivered when it was asked:
-        a client that disconnected before the question is seen gone.
-        """
-        future: concurrent.futures.Future = concurrent.futures.Future()
-
-        def run() -> None:
-            try:
-                self.engine.now = time.time()
-                future.set_result(fn(*args))
-            except BaseException as exc:  # re-raised in the calling thread
-                future.set_exception(exc)
-        self.loop.call_soon_threadsafe(self.loop.call_soon, run)
-        return future.result(timeout)
-
-    def call_async(self, coro: Any, timeout: float = 30) -> Any:
-        """Run a coroutine in the loop thread and return its result."""
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def stop(self) -> None:
-        """Close listeners and connections, stop the loop, close the store."""
-        if not self._thread.is_alive():
-            return
-        with contextlib.suppress(concurrent.futures.TimeoutError, RuntimeError):
-            self.call_async(self._shutdown(), timeout=10)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(10)
-        self.loop.close()
-        self.store.close()
-
-    async def _shutdown(self) -> None:
-        if self._tick_handle is not None:
-            self._tick_handle.cancel()
-        for listener in self.listeners:
-            if listener.server is not None:
-                listener.server.close()
-        for client in list(self.engine.clients):
-            self.engine.goodbye(client, Reason.SERVER_SHUTTING_DOWN)
-        self.after_batch()
-        for listener in self.listeners:
-            if listener.server is not None:  # since 3.12 this also waits for the connections: bounded
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(listener.server.wait_closed(), 2)
-        await asyncio.sleep(0)
-
-
-###############################################################################
-# 18. Key store: the API key file #############################################
-###############################################################################
-# Owns: api_keys.json (atomic writes, inter-process lock, reload on change),
-#       key generation, expiry parsing, constant-time authentication; the
-#       data dir's start marker (starting.pid) and waiting on it.
-# Must not know: HTTP, commands, the node.
-
-_EXPIRY_RE = re.compile(
-    r"([0-9]{4})-([0-9]{2})-([0-9]{2})T([0-9]{2}):([0-9]{2}):([0-9]{2})(Z|[+-][0-9]{2}:?[0-9]{2})?")
-
-
-def parse_expiry(text: str | None, now: float, max_days: int | None = None) -> int | None:
-    """Parse an expiry into UTC epoch seconds, or None for no expiry.
-
-    Accepts VerneMQ's ``YYYY-MM-DDThh:mm:ss`` (the node's local time) and the
-    same with ``Z`` or an offset. Raises KeyRejected("invalid_expiry_date") for
-    another form, a date not in the future, or one past ``max_days``.
-    """
-    if not text:
-        if max_days is not None:  # VerneMQ: with a maximum, a key must expire
-            raise KeyRejected("invalid_expiry_date")
-        return None
-    match = _EXPIRY_RE.fullmatch(text.strip())
-    if not match:
-        raise KeyRejected("invalid_expiry_date")
-    try:
-        moment = _dt.datetime(*(int(g) for g in match.groups()[:6]))
-        zone = match.group(7)
-        if zone:
-            offset = _dt.timedelta(0) if zone == "Z" else _dt.timedelta(
-                hours=int(zone[1:3]), minutes=int(zone[-2:])) * (-1 if zone[0] == "-" else 1)
-            moment = moment.replace(tzinfo=_dt.timezone(offset))
-        else:
-            moment = moment.astimezone()  # naive: the node's local time
-        expires = int(moment.timestamp())
-    except (ValueError, OverflowError, OSError):
-        raise KeyRejected("invalid_expiry_date") from None
-    if expires <= now or (max_days is not None and expires > now + max_days * 86400):
-        raise KeyRejected("invalid_expiry_date")
-    return expires
-
-
-def render_expiry(expires: int | None) -> str:
-    """Render an expiry as ``api-key show`` does: UTC ``YYYY-MM-DD hh:mm:ss`` or never."""
-    if expires is None:
-        return "never"
-    return _dt.datetime.fromtimestamp(expires, _dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
-
-
-@dataclass(frozen=True, slots=True)
-class StoredKey:
-    """One entry of api_keys.json; ``key`` is None when only its hash is kept.
-
-    ``salt`` (hex) is set only on a hashed key that another node of the cluster made: its
-    hash was taken with that node's salt, which this file's salt cannot replace.
-    """
-
-    scope: str
-    expires: int | None
-    digest: str
-    key: str | None = None
-    prefix: str = ""
-    salt: str = ""
-    rid: str = ""  # the cluster's name of a plain key another node made, kept here only hashed
-
-    def __post_init__(self):
-        if self.scope not in SCOPES:
-            raise ValueError(f"unknown scope {self.scope!r}")
-        if self.expires is not None and (type(self.expires) is not int):
-            raise ValueError("expires must be an integer or null")
-        if not re.fullmatch(r"[0-9a-f]{64}", self.digest):
-            raise ValueError("bad digest")
-        if self.salt and (self.key is not None or not re.fullmatch(r"(?:[0-9a-f]{2}){1,64}", self.salt)):
-            raise ValueError("bad salt")
-
-    def shown(self) -> str:
-        """Return the key as api-key show prints it."""
-        return self.key if self.key is not None else self.prefix + "\u2026"
-
-    def to_json(self) -> dict:
-        """Return the entry as stored on disk."""
-        if self.key is not None:
-            return {"key": self.key, "scope": self.scope, "expires": self.expires}
-        entry = {"hash": self.digest, "prefix": self.prefix, "scope": self.scope, "expires": self.expires}
-        if self.salt:
-            entry["salt"] = self.salt
-        if self.rid:
-            entry["rid"] = self.rid
-        return entry
-
-    def replica_id(self, file_salt: bytes) -> str:
-        """Return the name the cluster knows this key by: the same on every node that holds it.
-
-        A plain key is named by an unsalted hash of itself (never the key); a hashed one by
-        its salt and hash, since nothing else of it is known.
-        """
-        if self.key is not None:
-            return f"{self.scope}:{hashlib.sha256(self.key.encode('utf-8', 'surrogatepass')).hexdigest()}"
-        return self.rid or f"{self.scope}:{self.salt or file_salt.hex()}:{self.digest}"
-
-    def replica_value(self, file_salt: bytes) -> dict:
-        """Return the entry as the cluster carries it (a hashed key with the salt its hash needs)."""
-        entry = self.to_json()
-        if self.key is None:
-            entry["salt"] = self.salt or file_salt.hex()
-        return entry
-
-
-def _key_digest(salt: bytes, key: str) -> str:
-    # Keys are looked up by this digest; a salted SHA-256 costs ~1 us where OpenSSL's HMAC costs ~8.
-    return hashlib.sha256(salt + key.encode("utf-8", "surrogatepass")).hexdigest()
-
-
-def _holds(entry: StoredKey, file_salt: bytes, key: str) -> bool:
-    """Whether ``entry`` is ``key`` (its hash taken with its own salt, or the file's)."""
-    if entry.key is not None:
-        return entry.key == key
-    return entry.digest == _key_digest(bytes.fromhex(entry.salt) if entry.salt else file_salt, key)
-
-
-@contextlib.contextmanager
-def _file_lock(path: str):
-    """Hold an exclusive inter-process lock on ``path`` + ``.lock``."""
-    fd = os.open(path + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        if fcntl is not None:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        else:  # pragma: no cover - Windows
-            import msvcrt
-            msvcrt.locking(fd, msvcrt.LK_LOCK, 1)
-        yield
-    finally:
-        os.close(fd)  # closing the descriptor releases the lock
-
-
-def write_file_atomically(path: str, data: bytes) -> None:
-    """Replace ``path`` with ``data``: temp file (0600), fsync, rename, fsync dir.
-
-    A failure at any step leaves the old file as it was.
-    """
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    with contextlib.suppress(OSError):  # make the rename itself durable
-        dfd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-
-
-def _pid_alive(pid: Any) -> bool:
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    if os.name != "posix":
-        return True  # Windows' os.kill(pid, 0) would end the process: assume it runs
-    try:
-        os.kill(pid, 0)
-    except (ProcessLookupError, OverflowError):  # gone; or a number no process can have
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-# A node writes its pid to DATA_DIR/starting.pid first thing in its start and removes it once
-# node.json is written (or the start failed), so that a command run a moment after the node
-# was started with "&" (the README's cluster lines) waits for it instead of finding no node.
-START_FILE_MAX = 64  # bytes of a start marker read at most (a pid and a newline)
-
-
-def mark_start(data_dir: str) -> None:
-    """Write the start marker: this process's pid in ``data_dir``/starting.pid (0600)."""
-    path = os.path.join(data_dir, START_FILE)
-    try:
-        write_file_atomically(path, f"{os.getpid()}\n".encode())
-    except OSError as exc:  # bad configuration, as a data dir that cannot be made
-        raise FileRefused(f"cannot write {path}: {exc.strerror or exc}") from None
-
-
-def unmark_start(data_dir: str) -> None:
-    """Remove this process's start marker (node.json supersedes it, or the start failed)."""
-    _remove_marker(os.path.join(data_dir, START_FILE), os.getpid())
-
-
-def starting_pid(data_dir: str) -> int | None:
-    """Return the pid of the node whose start is under way in ``data_dir``, or None.
-
-    A marker whose process is gone (a start killed half-way) is stale: it is removed and counts as none.
-    """
-    path = os.path.join(data_dir, START_FILE)
-    pid = _marker_pid(path)
-    if pid is None or _pid_alive(pid):
-        return pid
-    _remove_marker(path, pid)
-    return None
-
-
-def _marker_pid(path: str) -> int | None:
-    try:
-        return int(read_regular_file(path, START_FILE_MAX, START_FILE)[0])
-    except (OSError, ValueError, FileRefused):  # none, unreadable, garbled, a FIFO (left alone): no start
-        return None
-
-
-def _remove_marker(path: str, pid: int) -> None:
-    """Remove the marker at ``path`` if it still names ``pid`` (a new start may have replaced it meanwhile)."""
-    if _marker_pid(path) == pid:
-        with contextlib.suppress(OSError):
-            os.unlink(path)
-
-
-def wait_for_start(data_dir: str, ready: Callable[[], bool], announce: Callable[[int], None],
-                   clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep) -> bool:
-    """Wait until ``ready()`` while a node's start is under way in ``data_dir``; return ``ready()``.
-
-    A start is under way while ``data_dir`` holds a live start marker: wait up to NODE_START_WAIT
-    seconds for it. With no marker, look again for NODE_START_GRACE seconds: a node started at the
-    same moment writes it a moment later. ``announce(pid)`` is called once, when a marker is seen.
-    """
-    began, told = clock(), False
-    while not ready():
-        pid = starting_pid(data_dir)
-        if pid is not None and not told:
-            announce(pid)
-            told = True
-        if clock() - began >= (NODE_START_WAIT if pid is not None else NODE_START_GRACE):
-            return ready()
-        sleep(NODE_START_POLL)
-    return True
-
-
-def _cookie_written(path: str) -> bool:
-    try:
-        info = os.stat(path)
-    except FileNotFoundError:
-        return os.path.lexists(path)  # a dangling symlink: read_cookie_file says so at once
-    except OSError:
-        return True  # read_cookie_file says why
-    return not stat.S_ISREG(info.st_mode) or info.st_size > 0  # an empty one may be half made
-
-
-def await_cookie_file(path: str) -> None:
-    """Wait for a data dir's cookie file (``DIR/cookie``) not there yet while a node starting on DIR may make it.
-
-    The README's cluster lines start three nodes at once: the first makes ``n1/cookie``, which
-    the other two name. A file that stays missing fails as before, after the wait.
-    """
-    if os.path.basename(path) != COOKIE_FILE:
-        return  # no node makes it
-    folder = os.path.dirname(os.path.abspath(path))
-    wait_for_start(folder, lambda: _cookie_written(path), lambda pid: log.info(
-        "waiting for the cookie file %s: the node starting on %s (pid %d) makes it", path, folder, pid))
-
-
-def _file_signature(st: os.stat_result) -> tuple:
-    """What tells one version of a file from another without reading it; a chmod is a change."""
-    return st.st_ino, st.st_size, st.st_mtime_ns, st.st_mode
-
-
-class KeyStore:
-    """API keys in one JSON file, shared by a running node and the CLI.
-
-    Every change takes the file lock, re-reads the file, applies itself and
-    writes atomically. Readers stat the file on each check and reload when it
-    changed, so a key the CLI adds or deletes counts on the next request.
-    Keys are looked up by a SHA-256 of the file's salt and the key, so the
-    lookup compares digests, never the secret itself.
-    """
-
-    def __init__(self, path: str, *, storage: str = "plain", min_length: int = 0,
-                 max_expiry_days: int | None = None, clock: Callable[[], float] = time.time):
-        self.path = path
-        self.storage = storage
-        self.min_length = min_length
-        self.max_expiry_days = max_expiry_days
-        self._clock = clock
-        self._lock = threading.Lock()  # held by writers and reloaders; readers use the current view
-        # One immutable view (signature, salt, entries, index), swapped whole, read without a lock.
-        # The salts: the file's, then those of keys other nodes hashed (usually none).
-        self._view: tuple[tuple | None, bytes, tuple[StoredKey, ...], dict, tuple[bytes, ...]] = \
-            (("unread",), b"", (), {}, (b"",))
-        self._refused: tuple | None = None  # (signature, why) of the version of the file refused (logged once)
-
-    # -- reading ----------------------------------------------------------
-    def load(self) -> None:
-        """Read the file now; raise KeyStoreError if it is corrupt or unreadable."""
-        with self._lock:
-            self._install(*self._read())
-
-    def _read(self) -> tuple[tuple | None, bytes, tuple[StoredKey, ...]]:
-        try:
-            data, st = read_regular_file(self.path, MAX_SMALL_FILE, "the API key file", self._check_mode)
-        except (FileNotFoundError, NotADirectoryError):
-            return None, b"", ()
-        except FileRefused as exc:  # a FIFO or an oversized file: a key store problem, as a corrupt file is
-            raise KeyFileRefused(exc.text) from None
-        except OSError as exc:
-            raise KeyStoreError(f"cannot read the API key file {self.path}: {exc.strerror}") from None
-        salt, entries = self._parse(data)
-        return _file_signature(st), salt, entries
-
-    def _check_mode(self, st: os.stat_result) -> None:
-        """Refuse, before reading it, a key file others may read (as at start-up)."""
-        if os.name == "posix" and st.st_mode & 0o077:
-            raise KeyStoreError(f"the API key file {self.path} can be read by others (mode {st.st_mode & 0o777:o}); "
-                                f"vmqapi uses none of its keys until you run: chmod 600 {self.path}")
-
-    def _parse(self, data: bytes) -> tuple[bytes, tuple[StoredKey, ...]]:
-        try:
-            doc = json.loads(data)
-            if not isinstance(doc, dict) or not isinstance(doc.get("keys"), list):
-                raise ValueError('expected an object with a "keys" list')
-            salt = bytes.fromhex(doc.get("salt", ""))
-            entries = tuple(self._parse_entry(salt, item) for item in doc["keys"])
-        except RecursionError:  # json nests deeper than the interpreter's stack
-            raise KeyStoreError(
-                f"the API key file {self.path} is corrupt (nested too deeply); fix or move it away, "
-                "vmqapi will not overwrite it") from None
-        except (ValueError, TypeError, KeyError, AttributeError) as exc:
-            raise KeyStoreError(
-                f"the API key file {self.path} is corrupt ({exc}); fix or move it away, "
-                "vmqapi will not overwrite it") from None
-        return salt, entries
-
-    @staticmethod
-    def _parse_entry(salt: bytes, item: dict) -> StoredKey:
-        expires = item.get("expires")
-        if "key" in item:
-            key = item["key"]
-            if not isinstance(key, str) or not key:
-                raise ValueError("a key must be a non-empty string")
-            return StoredKey(item["scope"], expires, _key_digest(salt, key), key=key)
-        own_salt = str(item.get("salt", ""))
-        return StoredKey(item["scope"], expires, item["hash"], prefix=str(item.get("prefix", "")),
-                         salt="" if own_salt == salt.hex() else own_salt, rid=str(item.get("rid", "")))
-
-    def _install(self, signature, salt, entries) -> None:
-        salts = (salt, *sorted({bytes.fromhex(e.salt) for e in entries if e.salt}))
-        self._view = (signature, salt, entries, {(e.scope, e.digest): e for e in entries}, salts)
-
-    def _current(self) -> tuple:
-        """Return the view of the file as it is on disk now: one stat, a reload only when it changed."""
-        view = self._view
-        try:
-            signature = _file_signature(os.stat(self.path))
-        except (FileNotFoundError, NotADirectoryError):  # no file, or a file where its directory should be: no keys
-            signature = None
-        if signature != view[0]:
-            with self._lock:
-                refused = self._refused
-                if refused is not None and refused[0] == signature:  # the same version: not read again
-                    raise KeyStoreError(refused[1])
-                if signature != self._view[0]:
-                    try:
-                        self._install(*self._read())
-                    except VmqError as exc:  # fail closed: no key is valid until the file is fixed
-                        self._refused = (signature, exc.text)
-                        log.error("%s", exc.text)  # once per version of the file
-                        raise
-                    self._refused = None
-                view = self._view
-        return view
-
-    def authenticate(self, key: str, scopes: Iterable[str]) -> str | None:
-        """Return the first of ``scopes`` for which ``key`` is valid now, or None."""
-        _, _, _, index, salts = self._current()
-        now = self._clock()
-        for salt in salts:
-            digest = _key_digest(salt, key)
-            for scope in scopes:
-                entry = index.get((scope, digest))
-                if entry is not None and hmac.compare_digest(entry.digest, digest) \
-                        and (entry.expires is None or now < entry.expires):
-                    return scope
-        return None
-
-    def entries(self) -> tuple[StoredKey, ...]:
-        """Return the stored keys, oldest first, as on disk now."""
-        return self._current()[2]
-
-    # -- changing ---------------------------------------------------------
-    def _mutate(self, change: Callable[[bytes, list[StoredKey]], Any]) -> Any:
-        folder = os.path.dirname(os.path.abspath(self.path))
-        try:
-            os.makedirs(folder, mode=0o700, exist_ok=True)
-        except OSError as exc:  # a file on the way, /proc, a parent of another user: bad configuration
-            raise KeyFileRefused(f"cannot create the directory {folder}: {exc.strerror or exc}") from None
-        with self._lock, _file_lock(self.path):
-            _, salt, entries = self._read()
-            salt = salt or secrets.token_bytes(16)
-            entries = list(entries)
-            result = change(salt, entries)
-            doc = {"version": 1, "salt": salt.hex(), "keys": [e.to_json() for e in entries]}
-            try:
-                write_file_atomically(self.path, json.dumps(doc, indent=1).encode() + b"\n")
-            except OSError as exc:  # a full disk, a read-only folder: the old file stands, nothing changed
-                raise KeyStoreError(f"cannot write {self.path}: {exc.strerror or exc}; nothing was changed") \
-                    from None
-            self._install(_file_signature(os.stat(self.path)), salt, tuple(entries))
-            self._refused = None
-            return result
-
-    def _check_scope(self, scope: str) -> None:
-        if scope not in SCOPES:
-            raise KeyRejected("invalid_scope")
-
-    def add(self, key: str, scope: str = "mgmt", expires: str | None = None) -> None:
-        """Add ``key``; raise KeyRejected with VerneMQ's error name on refusal."""
-        self._check_scope(scope)
-        if not key or any(c in key for c in ":\0") or not key.isprintable() or key != key.strip():
-            raise KeyRejected("invalid_key")  # Basic auth splits at ':'; no spaces or controls
-        if len(key) < self.min_length:
-            raise KeyRejected("invalid_key_length")
-        expiry = parse_expiry(expires, self._clock(), self.max_expiry_days)
-
-        def change(salt: bytes, entries: list[StoredKey]) -> None:
-            digest = _key_digest(salt, key)
-            if any(e.scope == scope and _holds(e, salt, key) for e in entries):
-                raise KeyRejected("key_already_exists")
-            if self.storage == "hashed":
-                entries.append(StoredKey(scope, expiry, digest, prefix=key[:HASHED_PREFIX_LENGTH]))
-            else:
-                entries.append(StoredKey(scope, expiry, digest, key=key))
-        self._mutate(change)
-
-    def create(self, scope: str = "mgmt", expires: str | None = None) -> str:
-        """Generate, store and return a new key (``secrets``, [A-Za-z0-9])."""
-        length = max(DEFAULT_KEY_LENGTH, self.min_length)
-        while True:
-            key = "".join(secrets.choice(KEY_ALPHABET) for _ in range(length))
-            try:
-                self.add(key, scope, expires)
-                return key
-            except KeyRejected as exc:
-                if exc.code != "key_already_exists":
-                    raise
-
-    def delete(self, key: str, scope: str = "mgmt") -> None:
-        """Remove ``key`` from ``scope``; raise KeyRejected("key_not_found") if absent."""
-        self._check_scope(scope)
-
-        def change(salt: bytes, entries: list[StoredKey]) -> None:
-            keep = [e for e in entries if not (e.scope == scope and _holds(e, salt, key))]
-            if len(keep) == len(entries):
-                raise KeyRejected("key_not_found")
-            entries[:] = keep
-        self._mutate(change)
-
-    def replicated(self) -> dict[str, dict]:
-        """Return every key as the cluster carries it, by its replica id."""
-        _, salt, entries, _, _ = self._current()
-        return {e.replica_id(salt): e.replica_value(salt) for e in entries}
-
-    def apply_replicated(self, adds: Mapping[str, dict], removes: Iterable[str]) -> None:
-        """Take keys added and deleted elsewhere in the cluster: one locked rewrite of the file.
-
-        An entry that cannot be read is skipped and logged: a peer never corrupts this file.
-        """
-        removes = set(removes)
-
-        def change(salt: bytes, entries: list[StoredKey]) -> None:
-            held = {e.replica_id(salt) for e in entries}
-            entries[:] = [e for e in entries if e.replica_id(salt) not in removes]
-            for rid, item in adds.items():
-                if rid in held:
-                    continue
-                try:
-                    entry = self._parse_entry(salt, dict(item))
-                    if entry.key is not None and self.storage == "hashed":  # this file keeps no key itself
-                        entry = StoredKey(entry.scope, entry.expires, entry.digest,
-                                          prefix=entry.key[:HASHED_PREFIX_LENGTH], rid=entry.replica_id(salt))
-                except (ValueError, TypeError, KeyError, AttributeError) as exc:
-                    log.warning("cluster: skipped an API key that cannot be read (%s)", exc)
-                    continue
-                if entry.replica_id(salt) == rid:
-                    entries.append(entry)
-        self._mutate(change)
-
-    def rows(self, scope: str = "all") -> list[dict]:
-        """Return api-key show's table rows for ``scope`` (a scope or ``all``)."""
-        if scope != "all":
-            self._check_scope(scope)
-        now = self._clock()
-        return [{"Key": e.shown(), "Scope": e.scope, "Expires (UTC)": render_expiry(e.expires),
-                 "has expired": e.expires is not None and now >= e.expires}
-                for e in self.entries() if scope in ("all", e.scope)]
-
-    def provision(self, lines: Iterable[str], source: str) -> int:
-        """Add ``key[:scope[:expires]]`` entries that are not there yet; return how many.
-
-        Raises ConfigError naming ``source`` and the entry's position, never the key.
-        """
-        added = 0
-        for position, line in enumerate(lines, 1):
-            line = line.strip()
-            if not line or line.startswith("#"):
-                continue
-            key, _, rest = line.partition(":")
-            scope, _, expires = rest.partition(":")
-            try:
-                self.add(key, scope or "mgmt", expires or None)
-                added += 1
-            except KeyRejected as exc:
-                if exc.code != "key_already_exists":
-                    raise ConfigError(f"{source}, entry {position}: {exc.code}") from None
-        return added
-
-
-###############################################################################
-# 19. Command machinery: argv grammar, command table, result elements #########
-###############################################################################
-# Owns: the vmq-admin argv grammar and its query-string form, Command specs,
-#       the CommandTable, binding argv to a command, result elements and their
-#       JSON and boxed-table renderings.
-# Must not know: sockets, the broker, the key file.
-
-FLAG_VALUES = ("none", "optional", "required")
-_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
-
-
-@dataclass(frozen=True, slots=True)
-class Param:
-    """One argument key or flag of a command.
-
-    ``value`` says whether a flag takes a value: ``none`` (``--cleanup``),
-    ``optional`` (``--topic`` selects, ``--topic=x`` filters) or ``required``.
-    Argument keys always take one. ``secret``: given at all (to select or to
-    filter), the flag shows message payloads, so a read-only key may not use it.
-    """
-
-    name: str
-    parse: Callable[[str], Any] = str
-    short: str = ""
-    doc: str = ""
-    value: str = "required"
-    secret: bool = False
-
-    def __post_init__(self):
-        if not _NAME_RE.fullmatch(self.name):
-            raise ValueError(f"bad parameter name {self.name!r}")
-        if len(self.short) > 1 or self.value not in FLAG_VALUES:
-            raise ValueError(f"bad short name or value kind for {self.name!r}")
-
-    def cast(self, text: str | None) -> Any:
-        """Parse ``text`` (None: given bare) or raise InvalidValue."""
-        if text is None:
-            if self.value == "required":
-                raise InvalidValue(f"{self.name} needs a value")
-            return None
-        if self.value == "none":
-            raise InvalidValue(f"--{self.name} takes no value")
-        try:
-            return self.parse(text)
-        except (ValueError, TypeError) as exc:
-            raise InvalidValue(f"bad value for {self.name}: {exc}") from None
-
-
-def _params(items: Iterable[Any], flag: bool) -> tuple[Param, ...]:
-    """Normalise names, (name, parser) pairs and Params into Params."""
-    out = []
-    for item in items:
-        if isinstance(item, Param):
-            out.append(item)
-        elif isinstance(item, str):
-            out.append(Param(item, value="optional" if flag else "required"))
-        else:
-            name, parse = item
-            out.append(Param(name, parse))
-    return tuple(out)
-
-
-@dataclass(frozen=True, slots=True)
-class Command:
-    """One vmq-admin command: its words, parameters, usage and handler.
-
-    What a read-only (``mgmt_ro``) key may run is marked here, not in the HTTP
-    handler: ``read_only`` (it changes nothing), ``secret`` (its answer holds
-    key material or payloads, whatever the flags), a Param's ``secret`` (that
-    flag shows payloads), and ``default_columns`` (the columns shown when no
-    ``optional`` flag selects one, so a secret default column counts as given).
-    """
-
-    words: tuple[str, ...]
-    handler: Callable[[Call], Any]
-    keys: tuple[Param, ...] = ()
-    flags: tuple[Param, ...] = ()
-    required: tuple[str, ...] = ()
-    doc: str = ""
-    read_only: bool = False
-    local: bool = False
-    extra_words: str = ""
-    open_keys: bool = False
-    quick: bool | Callable[[NodeApi], bool] = False  # small, bounded work: no slow-command slot (callable: ask node)
-    secret: bool = False
-    default_columns: tuple[str, ...] = ()
-
-    def __post_init__(self):
-        if not self.words or not all(_NAME_RE.fullmatch(w) for w in self.words):
-            raise ValueError(f"bad command words {self.words!r}")
-        names = {k.name for k in self.keys}
-        if not set(self.required) <= names:
-            raise ValueError(f"required keys not declared: {set(self.required) - names}")
-
-    def read_only_refusal(self, flags: Mapping[str, Any]) -> str:
-        """Return why a read-only key may not run this command with ``flags`` ('' when it may)."""
-        words = " ".join(self.words)
-        if not self.read_only:
-            return f"a mgmt_ro key may not run {words}, which changes the node"
-        if self.secret:
-            return f"a mgmt_ro key may not run {words}, which shows key material or message payloads"
-        selecting = any(flags.get(f.name, "") is None for f in self.flags if f.value == "optional")
-        for f in self.flags:
-            if f.secret and (f.name in flags or (not selecting and f.name in self.default_columns)):
-                return f"a mgmt_ro key may not see --{f.name} of {words}, which shows message payloads"
-        return ""
-
-    def key(self, name: str) -> Param | None:
-        """Return the argument key ``name``, or None."""
-        return next((k for k in self.keys if k.name == name), None)
-
-    def flag(self, name: str) -> Param | None:
-        """Return the flag written ``--name`` or ``-n``, or None."""
-        if name.startswith("--"):
-            return next((f for f in self.flags if f.name == name[2:]), None)
-        return next((f for f in self.flags if f.short and f.short == name[1:]), None)
-
-    def synopsis(self) -> str:
-        """Return the one-line form: words, keys, flags."""
-        parts = ["vmq-admin", *self.words]
-        if self.extra_words:
-            parts.append(f"<{self.extra_words}> ...")
-        for k in self.keys:
-            parts.append(f"{k.name}=<{k.name}>" if k.name in self.required else f"[{k.name}=<{k.name}>]")
-        if self.open_keys:
-            parts.append("<key>=<value> ...")
-        for f in self.flags:
-            shown = {"none": f"--{f.name}", "optional": f"--{f.name}[=<value>]",
-                     "required": f"--{f.name}=<value>"}[f.value]
-            parts.append(f"[{shown}]")
-        return " ".join(parts)
-
-    def usage(self) -> str:
-        """Return the usage text generated from the spec and the handler's docstring."""
-        lines = [self.synopsis(), ""]
-        doc = " ".join((self.doc or "").split())
-        if doc:
-            lines += [f"  {doc}", ""]
-        for title, params, prefix in (("Keys", self.keys, ""), ("Flags", self.flags, "--")):
-            if params:
-                lines.append(f"  {title}:")
-                for p in params:
-                    short = f"-{p.short}, " if p.short else ""
-                    lines.append(f"    {short}{prefix}{p.name}  {p.doc}".rstrip())
-                lines.append("")
-        return "\n".join(lines).rstrip() + "\n"
-
-
-# -- the node's interface --------------------------------------------------
-
-class Listener(Protocol):
-    """What listener show, stop, restart, delete and tls show read of a listener, MQTT or HTTP."""
-
-    name: str
-    kind: str  # tcp, ssl, ws, wss, http or https
-    address: str
-    port: int
-    status: str  # running, suspended or stopped
-    tls: ssl.SSLContext | None
-
-    def option(self, key: str) -> Any:
-        """Return one of the listener's settings (certfile, max_connections, ...)."""
-
-    def row(self, tls: bool = False, mqtt: bool = False) -> dict:
-        """Return the listener's row of listener show."""
-
-    def suspend(self, kill_sessions: bool = False) -> None:
-        """Stop accepting (suspended); with ``kill_sessions`` also close the connections (stopped)."""
-
-    def resume(self) -> None:
-        """Accept again on the same address and port; raise OSError when it is taken."""
-
-    def delete(self) -> None:
-        """Stop for good and close the connections."""
-
-
-class NodeApi(Protocol):
-    """What the admin API (commands, HTTP endpoints, observability) asks of the node; ``Node`` implements it.
-
-    Whatever touches the broker runs in the broker's loop thread: these methods are called
-    from HTTP connection threads and return values, never the broker's own objects.
-    ``local=True`` keeps a call on this node; otherwise it reaches every node of the cluster.
-    Commands marked ``local`` (api-key) run in the CLI against ``name``, ``config`` and
-    ``keystore`` alone.
-    """
-
-    name: str
-    data_dir: str
-    secret: str  # node.json's: the local CLI's credential
-    keystore: KeyStore
-    metrics: Metrics
-    commands: CommandTable
-    slow_commands: threading.BoundedSemaphore  # see slow_command_slot
-    history: StatusHistory
-    status_rows: StatusRows
-    unfinished_http: UnfinishedRequests
-
-    @property
-    def config(self) -> Config:
-        """The configuration in force now."""
-
-    def apply_settings(self, changes: Mapping[str, Any]) -> None:
-        """Swap in a Config with ``changes`` (already parsed) applied."""
-
-    def request_stop(self) -> None:
-        """Stop the node from another thread."""
-
-    def in_broker(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """Run ``fn(*args)`` in the broker's thread, committed (for the plugins, which own broker objects)."""
-
-    # -- status and metrics
-    def status(self) -> dict[str, Any]:
-        """Return node status's values."""
-
-    def metric_samples(self) -> dict[tuple[str, LabelSet], int]:
-        """Return every metric series."""
-
-    def reset_metrics(self) -> None:
-        """Zero every counter."""
-
-    def health_reasons(self) -> list[str]:
-        """Return why the node is not healthy (empty: it is)."""
-
-    def plugin_rows(self) -> list[dict]:
-        """Return the rows of plugin show."""
-
-    def enable_plugin(self, name: str, on: bool) -> bool:
-        """Switch a plugin on or off; return False when there is no such plugin."""
-
-    # -- listeners
-    def listener_rows(self, tls: bool = False, mqtt: bool = False) -> list[dict]:
-        """Return the rows of listener show."""
-
-    def find_listener(self, address: str, port: int) -> Listener | None:
-        """Return the listener at address:port, or None."""
-
-    def tls_listeners(self) -> list[Listener]:
-        """Return the listeners that speak TLS."""
-
-    def start_listener(self, address: str, port: int, options: Mapping[str, Any], kind: str = "tcp") -> None:
-        """Start a listener; raise OSError when it cannot bind or load its certificate."""
-
-    def delete_listener(self, listener: Listener) -> None:
-        """Stop a listener, close its connections and forget it."""
-
-    # -- sessions, subscriptions, retained messages
-    def session_count(self) -> int:
-        """Return how many sessions this node holds."""
-
-    def session_records(self, client_id: str | None = None, subscriptions: bool = True, messages: bool = True,
-                        local: bool = False) -> list[dict]:
-        """Return every session show field of each session (or ``client_id``'s)."""
-
-    def session_rows(self, client_id: str | None, columns: Sequence[str], window: slice,
-                     local: bool = False) -> list[dict]:
-        """Return session show rows of ``columns`` for a listing without filters, paged by ``window``."""
-
-    def client_status(self, key: tuple[str, str]) -> tuple[str, dict[str, int]] | None:
-        """Return (online or offline, {filter: QoS}) of the session of (mountpoint, client id), or None."""
-
-    def disconnect_session(self, client_id: str, mountpoint: str = "", cleanup: bool = False,
-                           local: bool = False) -> bool:
-        """Disconnect a client (``cleanup``: drop its session); return whether it existed."""
-
-    def disconnect_batch(self, count: int, mountpoint: str, cleanup: bool, keep: Iterable[str]) -> int:
-        """Disconnect up to ``count`` online clients of this node, sparing ``keep``; return how many."""
-
-    def unsubscribe(self, client_id: str, topic: str, mountpoint: str = "", local: bool = False) -> bool:
-        """Remove one subscription of a session; return whether it existed."""
-
-    def reauthorize(self, username: str, client_id: str, mountpoint: str = "", local: bool = False) -> int:
-        """Check a session's subscriptions against the ACL as ``username``; return how many were dropped."""
-
-    def retained_rows(self) -> list[dict]:
-        """Return mountpoint, topic and payload of every retained message."""
-
-    def delete_retained(self, mountpoint: str, topic: str) -> bool:
-        """Delete one retained message; return whether there was one."""
-
-    def delete_expired_retained(self) -> int:
-        """Delete the retained messages whose expiry has passed; return how many."""
-
-    def http_publish(self, peer: tuple, user: str | None, password: bytes | None, client_id: str,
-                     mountpoint: str, message: HttpMessage) -> str | None:
-        """Publish as an MQTT client would; return HTTP_PUB_ANSWERS' reason (None: no broker)."""
-
-    def trace_client(self, client_id: str, mountpoint: str, duration: float, rate: tuple[int, int, int],
-                     follow: str | None = None) -> list[str]:
-        """Trace a client for ``duration`` seconds (``rate``: lines, per ms, payload bytes); return the lines."""
-
-    def topic_problem(self, topic: str, max_levels: int = 0) -> str | None:
-        """Return why a PUBLISH to ``topic`` is refused (``max_levels`` 0: any depth), or None."""
-
-    def string_problem(self, text: str) -> str | None:
-        """Return why ``text`` cannot travel as an MQTT string, or None."""
-
-    # -- the cluster (alone, this node is the only member)
-    def cluster_members(self) -> list[str]:
-        """Return every member's name (empty when the node is in no cluster)."""
-
-    def cluster_peers(self) -> list[str]:
-        """Return the other members."""
-
-    def call_node(self, target: str, op: str, *args: Any) -> Any:
-        """Ask node ``target`` to run cluster op ``op``; raise ClusterError."""
-
-    def gather(self, op: str, *args: Any) -> list[tuple[str, Any]]:
-        """Ask every other reachable member to run ``op``; return (node, answer) pairs."""
-
-    def replicate_settings(self, target: str, texts: Mapping[str, str]) -> None:
-        """Hand ``set``'s changes to ``target`` (a node name or ``*``); a node that is down takes them on return."""
-
-
-@dataclass(frozen=True, slots=True)
-class Call:
-    """A command bound to its arguments, ready to run against ``node``."""
-
-    command: Command
-    node: NodeApi
-    args: Mapping[str, Any]
-    flags: Mapping[str, Any]
-    extra: tuple[str, ...] = ()
-    after: list = field(default_factory=list)  # run once the answer has been sent
-    read_only: bool = False  # for a mgmt_ro key: the answer masks what such a key may not see
-
-
-class CommandTable:
-    """The commands one node serves: CLI, HTTP and --help all read this table."""
-
-    def __init__(self, commands: Iterable[Command] = ()):
-        self._lock = threading.Lock()
-        self._commands: dict[tuple[str, ...], Command] = {}
-        for cmd in commands:
-            self.add(cmd)
-
-    def add(self, command: Command) -> Command:
-        """Add (or replace) ``command``."""
-        with self._lock:  # copy on write: readers use the dict they got, no lock
-            self._commands = {**self._commands, command.words: command}
-        return command
-
-    def register(self, words: Sequence[str], fn: Callable[[Call], Any], *, keys: Iterable[Any] = (),
-                 flags: Iterable[Any] = (), usage: str | None = None, required: Iterable[str] = (),
-                 read_only: bool = False, quick: bool | Callable[[NodeApi], bool] = False,
-                 secret: bool = False) -> Command:
-        """Add a command from an embedding program; it then exists in CLI, HTTP and --help.
-
-        ``keys`` and ``flags`` are names, ``(name, parser)`` pairs or Params;
-        ``fn(call)`` returns a string, an element, or a list of elements. Over HTTP it
-        runs in the connection's thread and takes one of the node's SLOW_COMMANDS slots
-        (past them: 503), unless ``quick`` says its work is small and bounded.
-        ``read_only`` lets mgmt_ro keys run it, unless ``secret`` says its answer shows secrets.
-        """
-        return self.add(Command(tuple(words), fn, keys=_params(keys, False), flags=_params(flags, True),
-                                required=tuple(required), doc=usage or fn.__doc__ or "",
-                                read_only=read_only, quick=quick, secret=secret))
-
-    def __iter__(self):
-        return iter(sorted(self._commands.values(), key=lambda c: c.words))
-
-    def table(self) -> Mapping[tuple[str, ...], Command]:
-        """Return the commands as they are now (a new mapping after every change)."""
-        return self._commands
-
-    def resolve(self, words: Sequence[str]) -> tuple[Command, tuple[str, ...]]:
-        """Return the command with the longest matching prefix and the words left over."""
-        words, commands = tuple(words), self._commands
-        for n in range(len(words), 0, -1):
-            cmd = commands.get(words[:n])
-            if cmd is not None and (n == len(words) or cmd.extra_words):
-                return cmd, words[n:]
-        below = sorted({c.words[len(words)] for c in commands.values()
-                        if len(c.words) > len(words) and c.words[:len(words)] == words})
-        shown = " ".join(words) or "(none)"
-        if below:
-            raise UnknownCommand(f"{shown!r} is not a whole command; it continues with: {', '.join(below)}")
-        raise UnknownCommand(f"unknown command {shown!r}")
-
-    def usage(self) -> str:
-        """Return the synopsis of every command."""
-        return "".join(c.synopsis() + "\n" for c in self)
-
-
-# -- argv grammar ----------------------------------------------------------
-
-@dataclass(frozen=True, slots=True)
-class Argv:
-    """A parsed command line: words, ``key=value`` arguments and flags, in order.
-
-    Flags keep their dashes: ``("--cleanup", None)``, ``("-l", "10")``.
-    """
-
-    words: tuple[str, ...] = ()
-    args: tuple[tuple[str, str], ...] = ()
-    flags: tuple[tuple[str, str | None], ...] = ()
-
-
-def _classify(key: str, value: str | None) -> tuple[str, str, str | None]:
-    """Sort one decoded ``key[=value]`` item into ("arg"|"flag", name, value)."""
-    if key.startswith("--"):
-        if len(key) == 2:
-            raise BadRequest("a flag needs a name after '--'")
-        return "flag", key, value
-    if key.startswith("-"):
-        if len(key) == 1:
-            raise BadRequest("a flag needs a name after '-'")
-        rest = key[2:]
-        if value is None:
-            return "flag", key[:2], rest or None
-        return "flag", key[:2], rest + "=" + value if rest else value
-    if not key:
-        raise BadRequest("an argument has an empty name")
-    if value is None:
-        raise BadRequest(f"argument {key!r} has no value (write {key}=<value>)")
-    if value == "":
-        raise BadRequest(f"argument {key!r} has an empty value")
-    return "arg", key, value
-
-
-def _build_argv(words: Sequence[str], items: Iterable[tuple[str, str | None]]) -> Argv:
-    args, flags = [], []
-    for key, value in items:
-        kind, name, val = _classify(key, value)
-        (args if kind == "arg" else flags).append((name, val))
-    return Argv(tuple(words), tuple(args), tuple(flags))
-
-
-_BAD_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")
-
-
-def _unquote(text: str, plus: bool) -> str:
-    if _BAD_PERCENT.search(text):
-        raise BadRequest("bad percent-encoding")
-    try:
-        return (urllib.parse.unquote_plus if plus else urllib.parse.unquote)(text, errors="strict")
-    except UnicodeDecodeError:
-        raise BadRequest("percent-encoding that is not UTF-8") from None
-
-
-def parse_query(words: Sequence[str], query: str) -> Argv:
-    """Translate path words and a query string into an Argv (README, "How a request becomes a command").
-
-    ``k=v`` is an argument, ``--f`` a bare flag, ``--f=v`` a flag with a value,
-    ``-x``/``-xV`` a short flag; values may hold ``=``; ``+`` is a space.
-    """
-    items = []
-    for piece in query.split("&"):
-        if not piece:
-            continue
-        raw_key, sep, raw_value = piece.partition("=")
-        items.append((_unquote(raw_key, True), _unquote(raw_value, True) if sep else None))
-    return _build_argv(words, items)
-
-
-def render_query(argv: Argv) -> tuple[str, str]:
-    """Return the (path, query) that ``parse_query`` reads back as ``argv``."""
-    q = urllib.parse.quote_plus
-    path = "/api/v1/" + "/".join(urllib.parse.quote(w, safe="") for w in argv.words)
-    pieces = [f"{q(k, safe='')}={q(v, safe='')}" for k, v in argv.args]
-    for name, value in argv.flags:
-        if name.startswith("--"):
-            pieces.append(q(name, safe="") + ("" if value is None else "=" + q(value, safe="")))
-        elif value is None:
-            pieces.append(q(name, safe=""))
-        else:
-            pieces.append(q(name, safe="") + (q(value, safe="") if value else "="))
-    return path, "&".join(pieces)
-
-
-def parse_path_words(path: str) -> tuple[str, ...]:
-    """Split and percent-decode the segments of a path ('+' stays '+'); drop a trailing '/'."""
-    segments = path.split("/")
-    if segments and segments[-1] == "":
-        segments.pop()
-    return tuple(_unquote(s, False) for s in segments)
-
-
-def parse_cli_tokens(tokens: Sequence[str]) -> Argv:
-    """Parse vmq-admin's argv: leading words, then ``k=v`` and flags in any order."""
-    tokens = list(tokens)
-    n = 0
-    while n < len(tokens) and not tokens[n].startswith("-") and "=" not in tokens[n]:
-        n += 1
-    items = []
-    for token in tokens[n:]:
-        key, sep, value = token.partition("=")
-        if not sep and not token.startswith("-"):
-            raise BadRequest(f"unexpected word {token!r} after arguments (write key=value)")
-        items.append((key, value if sep else None))
-    return _build_argv(tokens[:n], items)
-
-
-# -- binding and running ---------------------------------------------------
-
-GLOBAL_FLAGS = ("--format", "--help", "-h")
-
-
-def bind(command: Command, argv: Argv, extra: tuple[str, ...], node: NodeApi) -> tuple[Call, bool]:
-    """Check ``argv`` against ``command``; return the Call and whether --help was asked."""
-    try:
-        return _bind(command, argv, extra, node)
-    except BadRequest as exc:
-        exc.usage = exc.usage or command.usage()
-        raise
-
-
-def _bind(command: Command, argv: Argv, extra: tuple[str, ...], node: NodeApi) -> tuple[Call, bool]:
-    args: dict[str, Any] = {}
-    for key, value in argv.args:
-        if key in args:
-            raise BadRequest(f"argument {key!r} is given twice")
-        spec = command.key(key)
-        if spec is None and not command.open_keys:
-            raise InvalidKey(f"{' '.join(command.words)} takes no argument {key!r}")
-        args[key] = spec.cast(value) if spec else value
-    flags: dict[str, Any] = {}
-    wants_help = False
-    for name, value in argv.flags:
-        if name in GLOBAL_FLAGS:
-            wants_help = wants_help or name != "--format"
-            if name == "--format" and value not in ("json", "human", None):
-                raise InvalidValue("--format takes json or human")
-            continue
-        spec = command.flag(name)
-        if spec is None:
-            raise InvalidFlag(f"{' '.join(command.words)} takes no flag {name!r}")
-        if spec.name in flags:
-            raise BadRequest(f"flag --{spec.name} is given twice")
-        flags[spec.name] = spec.cast(value)
-    return Call(command, node, types.MappingProxyType(args), types.MappingProxyType(flags), extra), wants_help
-
-
-def prepare(table: CommandTable, argv: Argv, node: NodeApi) -> tuple[Call, bool]:
-    """Resolve and bind ``argv``; raise a BadRequest subclass on any mistake."""
-    command, extra = table.resolve(argv.words)
-    call, wants_help = bind(command, argv, extra, node)
-    if not wants_help:
-        missing = [k for k in command.required if k not in call.args]
-        if missing:
-            raise MissingArgument(f"{' '.join(command.words)} needs {', '.join(m + '=' for m in missing)}",
-                                  command.usage())
-    return call, wants_help
-
-
-def execute(call: Call, wants_help: bool = False) -> list:
-    """Run a prepared call and return its result elements."""
-    if wants_help:
-        return [Text(call.command.usage())]
-    return as_elements(call.command.handler(call))
-
-
-# -- result elements -------------------------------------------------------
-
-_CELL_TYPES = (str, int, float, bool, type(None))
-_CELL_TYPE_SET = frozenset(_CELL_TYPES)
-
-
-@dataclass(frozen=True, slots=True)
-class Text:
-    """A text element."""
-
-    text: str
-
-    def to_json(self) -> dict:
-        """Return the element as VerneMQ's JSON writer shapes it."""
-        return {"text": self.text, "type": "text"}
-
-
-@dataclass(frozen=True, slots=True)
-class Table:
-    """A table element; rows keep the column order the command gives."""
-
-    rows: tuple
-    columns: tuple[str, ...] = ()
-
-    def __post_init__(self):
-        rows = tuple(r if type(r) is dict else dict(r) for r in self.rows)
-        for row in rows:
-            for key, value in row.items():
-                if type(value) not in _CELL_TYPE_SET and not isinstance(value, _CELL_TYPES) \
-                        or type(key) is not str:
-                    raise TypeError(f"table cell {key!r} must be a string, number, bool or None")
-        object.__setattr__(self, "rows", rows)
-        if not self.columns and rows:
-            object.__setattr__(self, "columns", tuple(rows[0]))
-
-    def to_json(self) -> dict:
-        """Return the element as VerneMQ's JSON writer shapes it."""
-        return {"table": list(self.rows), "type": "table"}
-
-
-@dataclass(frozen=True, slots=True)
-class Alert:
-    """An alert: the command ran but could not do its job."""
-
-    items: tuple
-
-    def to_json(self) -> dict:
-        """Return the element as VerneMQ's JSON writer shapes it."""
-        return {"alert": [i.to_json() for i in self.items], "type": "alert"}
-
-
-@dataclass(frozen=True, slots=True)
-class ListElement:
-    """A list element, optionally titled."""
-
-    items: tuple
-    title: str | None = None
-
-    def to_json(self) -> dict:
-        """Return the element as VerneMQ's JSON writer shapes it."""
-        body: dict[str, Any] = {"list": list(self.items)}
-        if self.title is not None:
-            body["title"] = self.title
-        body["type"] = "list"
-        return body
-
-
-def alert(text: str) -> Alert:
-    """Return an alert holding one text."""
-    return Alert((Text(text),))
-
-
-def as_elements(result: Any) -> list:
-    """Normalise a handler's return value (str, element, list of them) into elements."""
-    if result is None:
-        return []
-    if isinstance(result, (str, Text, Table, Alert, ListElement)):
-        result = [result]
-    return [Text(r) if isinstance(r, str) else r for r in result]
-
-
-def _dumps(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
-
-
-def _element_json(element: Any) -> str:
-    """Encode one element; a big table goes JSON_CHUNK rows per call, letting other threads run between."""
-    if isinstance(element, Table) and len(element.rows) > JSON_CHUNK:
-        rows = element.rows
-        parts = [_dumps(list(rows[i:i + JSON_CHUNK]))[1:-1] for i in range(0, len(rows), JSON_CHUNK)]
-        return '{"table":[' + ",".join(parts) + '],"type":"table"}'
-    return _dumps(element.to_json())
-
-
-def render_json(elements: Sequence) -> bytes:
-    """Frame elements as VerneMQ does: one -> the object; else an array and a newline."""
-    if len(elements) == 1:
-        return _element_json(elements[0]).encode()
-    return ("[" + ",".join(_element_json(e) for e in elements) + "]\n").encode()
-
-
-def elements_from_json(data: Any) -> list:
-    """Rebuild elements from the JSON body (the CLI renders what the node answered)."""
-    items = data if isinstance(data, list) else [data]
-    out = []
-    for item in items:
-        kind = item.get("type")
-        if kind == "text":
-            out.append(Text(item["text"]))
-        elif kind == "table":
-            out.append(Table(tuple(item["table"])))
-        elif kind == "alert":
-            out.append(Alert(tuple(elements_from_json(item["alert"]))))
-        elif kind == "list":
-            out.append(ListElement(tuple(item["list"]), item.get("title")))
-        else:
-            raise ValueError(f"unknown element type {kind!r}")
-    return out
-
-
-def _cell(value: Any) -> str:
-    if value is True:
-        return "true"
-    if value is False:
-        return "false"
-    return "" if value is None else str(value)
-
-
-def render_box(table: Table) -> str:
-    """Render a table boxed, as vmq-admin prints it; multi-line cells span lines."""
-    if not table.columns:
-        return ""
-    cells = [[_cell(row.get(c)).rstrip("\n").split("\n") for c in table.columns] for row in table.rows]
-    widths = [max([len(c)] + [len(line) for row in cells for line in row[i]])
-              for i, c in enumerate(table.columns)]
-    rule = "+" + "+".join("-" * w for w in widths) + "+\n"
-    out = [rule, "|" + "|".join(c.center(w) for c, w in zip(table.columns, widths)) + "|\n", rule]
-    for row in cells:
-        for n in range(max(len(c) for c in row)):
-            out.append("|" + "|".join((c[n] if n < len(c) else "").ljust(w) for c, w in zip(row, widths)) + "|\n")
-    out.append(rule)
-    return "".join(out)
-
-
-def render_human(elements: Sequence) -> tuple[str, str]:
-    """Return (stdout, stderr) text for a terminal; alerts go to stderr."""
-    out, err = [], []
-    for e in elements:
-        if isinstance(e, Alert):
-            err.append(render_human(e.items)[0])
-        elif isinstance(e, Table):
-            out.append(render_box(e))
-        elif isinstance(e, ListElement):
-            out.append((e.title + "\n" if e.title else "") + "".join(f"{i}\n" for i in e.items))
-        else:
-            out.append(e.text if not e.text or e.text.endswith("\n") else e.text + "\n")
-    return "".join(out), "".join(err)
-
-
-###############################################################################
-# 20. Command catalogue #######################################################
-###############################################################################
-# Owns: one cmd_<words> function per vmq-admin command; its docstring is its usage.
-# Must not know: sockets, HTTP, how the answer is rendered.
-
-_catalogue: list[Command] = []  # filled by @command below, frozen into CATALOGUE
-
-
-def command(*words: str, keys: Iterable[Param] = (), flags: Iterable[Param] = (), required: Iterable[str] = (),
-            read_only: bool = False, local: bool = False, extra_words: str = "", open_keys: bool = False,
-            quick: bool | Callable[[NodeApi], bool] = False, secret: bool = False, default_columns: Iterable[str] = ()):
-    """Declare a catalogue command; the decorated function is its handler."""
-    def register(fn: Callable[[Call], Any]) -> Callable[[Call], Any]:
-        _catalogue.append(Command(tuple(words), fn, tuple(keys), tuple(flags), tuple(required), fn.__doc__ or "",
-                                  read_only, local, extra_words, open_keys, quick, secret, tuple(default_columns)))
-        return fn
-    return register
-
-
-def parse_positive_int(text: str) -> int:
-    """Parse an integer >= 1."""
-    return parse_int_range(1)(text)
-
-
-# A ~regex filter runs in Python's re, which backtracks while holding the GIL, so one search
-# can stop every thread (the broker's too). What could backtrack without bound is refused;
-# what is left costs about len(text) ** (quantifiers + 1) * 4 ** alternations steps (measured:
-# 2**24 of them take a few ms), so the text a regex looks at is capped to keep one search that short.
-REGEX_MAX_LENGTH = 100  # characters of a ~regex
-REGEX_MAX_REPEATS = 3  # quantifiers (* + ? {m,n}) in one ~regex
-REGEX_MAX_ALTERNATIONS = 8  # | in one ~regex: at most 2**8 ways through its groups
-REGEX_WORK = 2 ** 24  # steps one search may take: a few milliseconds with the GIL held
-REGEX_TEXT_MAX = 65536  # characters of a value any ~regex looks at
-_REGEX_QUANTIFIER = re.compile(r"[*+?]|\{[0-9]*(?:,[0-9]*)?\}")
-_REGEX_GROUP_OPENINGS = ("(?:", "(?P<", "(?>")  # groups that only group; flags (?i) are fine too
-
-
-def _regex_group(pattern: str, i: int) -> str:
-    """Return why the group opening at ``pattern[i]`` is refused ('' when it is a plain group)."""
-    if not pattern.startswith("(?", i) or pattern.startswith(_REGEX_GROUP_OPENINGS, i):
-        return ""
-    if re.match(r"\(\?[aiLmsux]+(?:-[imsx]+)?[:)]", pattern[i:]):
-        return ""
-    return "backreferences, lookarounds and conditional groups are not supported"
-
-
-def _regex_quantifier(pattern: str, i: int) -> int:
-    """Return the length of the quantifier at ``pattern[i]`` (0: none), a lazy or possessive suffix included."""
-    match = _REGEX_QUANTIFIER.match(pattern, i)
-    if match is None:
-        return 0
-    return match.end() - i + (match.end() < len(pattern) and pattern[match.end()] in "?+")
-
-
-def analyse_regex(pattern: str) -> tuple[str, int, int]:
-    """Return (why ``pattern`` may backtrack without bound or '', its quantifiers, its alternations).
-
-    A refused pattern's counts are 0.
-
-    Refused: more than REGEX_MAX_LENGTH characters, backreferences, lookarounds,
-    a repeated group that holds a repetition or an alternation (``(a+)+``,
-    ``(a|aa)*``), more than REGEX_MAX_REPEATS quantifiers or REGEX_MAX_ALTERNATIONS ``|``.
-    """
-    if len(pattern) > REGEX_MAX_LENGTH:
-        return f"longer than {REGEX_MAX_LENGTH} characters", 0, 0
-    groups, repeats, alternations, i = [[False]], 0, 0, 0  # per open group: holds a repetition or |
-    while i < len(pattern):
-        char, atom = pattern[i], None
-        if char == "\\":
-            if pattern[i + 1:i + 2].isdigit() and pattern[i + 1] != "0":
-                return "backreferences are not supported", 0, 0
-            atom, i = False, i + 2
-        elif char == "[":
-            end = re.match(r"\[\^?\]?(?:\\.|[^\]\\])*\]", pattern[i:])
-            atom, i = False, i + (end.end() if end else len(pattern))
-        elif char == "(":
-            reason = _regex_group(pattern, i)
-            if reason:
-                return reason, 0, 0
-            groups.append([False])
-            i += 1
-            continue
-        elif char == ")" and len(groups) > 1:
-            atom, i = groups.pop()[0], i + 1
-        elif char == "|":
-            alternations += 1
-            groups[-1][0] = True
-            i += 1
-            continue
-        else:
-            atom, i = False, i + 1
-        size = _regex_quantifier(pattern, i)
-        if size:
-            if atom:
-                return "a repeated group holds a repetition or an alternation (nested repetition)", 0, 0
-            repeats, i = repeats + 1, i + size
-        groups[-1][0] = groups[-1][0] or atom or bool(size)
-    if repeats > REGEX_MAX_REPEATS or alternations > REGEX_MAX_ALTERNATIONS:
-        return f"more than {REGEX_MAX_REPEATS} quantifiers or {REGEX_MAX_ALTERNATIONS} alternations", 0, 0
-    return "", repeats, alternations
-
-
-def regex_text_limit(pattern: str) -> int:
-    """Return how many characters of a value the (accepted) ``pattern`` looks at."""
-    _, repeats, alternations = analyse_regex(pattern)
-    return min(REGEX_TEXT_MAX, int((REGEX_WORK / 4 ** alternations) ** (1 / (repeats + 1)) + 1e-6))
-
-
-def parse_regex_or_text(text: str) -> str:
-    """Accept a filter value; ``~regex`` must compile and be one whose work is bounded."""
-    if text.startswith("~"):
-        reason = analyse_regex(text[1:])[0]
-        if reason:
-            raise ValueError(f"regular expression refused: {reason}")
-        try:
-            re.compile(text[1:])
-        except re.error as exc:
-            raise ValueError(f"bad regular expression: {exc}") from None
-    return text
-
-
-_SCOPE = Param("scope", doc="mgmt (default), mgmt_ro, status, metrics, health, api2 or httppub")
-_EXPIRES = Param("expires", doc="YYYY-MM-DDThh:mm:ss local time, or ISO 8601 with Z or an offset")
-
-
-def _key_change(fn: Callable[[], Any]) -> Any:
-    try:
-        return fn()
-    except KeyRejected as exc:
-        return alert(exc.code)
-
-
-@command("api-key", "create", keys=(_SCOPE, _EXPIRES), local=True)
-def cmd_api_key_create(call: Call) -> Any:
-    """Create a new random API key and print it."""
-    return _key_change(lambda: call.node.keystore.create(call.args.get("scope", "mgmt"), call.args.get("expires")))
-
-
-@command("api-key", "add", keys=(Param("key", doc="the key to add"), _SCOPE, _EXPIRES), required=("key",),
-         local=True)
-def cmd_api_key_add(call: Call) -> Any:
-    """Add an API key of your own choosing."""
-    return _key_change(lambda: call.node.keystore.add(
-        call.args["key"], call.args.get("scope", "mgmt"), call.args.get("expires")) or "ok")
-
-
-@command("api-key", "delete", keys=(Param("key", doc="the key to delete"), _SCOPE), required=("key",), local=True)
-def cmd_api_key_delete(call: Call) -> Any:
-    """Delete an API key from one scope."""
-    return _key_change(lambda: call.node.keystore.delete(call.args["key"], call.args.get("scope", "mgmt")) or "ok")
-
-
-@command("api-key", "show", quick=True, keys=(Param("scope", doc="a scope, or all (default)"),), read_only=True,
-         local=True, secret=True)
-def cmd_api_key_show(call: Call) -> Any:
-    """List the API keys with their scope and expiry, oldest first."""
-    columns = ("Key", "Scope", "Expires (UTC)", "has expired")
-    return _key_change(lambda: Table(tuple(call.node.keystore.rows(call.args.get("scope", "all"))), columns))
-
-
-@command("node", "status", quick=True, read_only=True)
-def cmd_node_status(call: Call) -> Any:
-    """Show the node's counters: sessions, messages, queues, subscriptions."""
-    status = call.node.status()
-    return Table(tuple({"Status": k, "Value": status[k]} for k in STATUS_KEYS))
-
-
-@command("node", "stop")
-def cmd_node_stop(call: Call) -> Any:
-    """Stop the node cleanly once this answer has been sent."""
-    call.after.append(call.node.request_stop)
-    return "Done"
-
-
-@command("listener", "show", quick=True, read_only=True,
-         flags=(Param("tls", short="t", value="none", doc="add the TLS columns"),
-                Param("mqtt", short="m", value="none", doc="add the MQTT columns")))
-def cmd_listener_show(call: Call) -> Any:
-    """Show the listeners: type, status, address, port and connections."""
-    return Table(tuple(call.node.listener_rows(tls="tls" in call.flags, mqtt="mqtt" in call.flags)))
-
-
-def parse_ip(text: str) -> str:
-    """Parse an IP address."""
-    return str(ipaddress.ip_address(text.strip()))
-
-
-_LISTENER_KEYS = (Param("address", parse_ip, doc="IP address of the listener"),
-                  Param("port", parse_int_range(0, 65535), doc="port of the listener"))
-HTTP_LISTENER_OPTIONS = ("max_connections", *LISTENER_TLS_OPTIONS)
-
-
-@command("listener", "start", keys=_LISTENER_KEYS, required=("address", "port"), flags=(
-    Param("mountpoint", short="m", doc="topic prefix of the listener's clients"),
-    Param("max_connections", parse_max_connections, doc="connections at once (integer or infinity)"),
-    Param("allowed_protocol_versions", parse_versions, doc="comma list of 3 (3.1), 4 (3.1.1) and 5"),
-    Param("allow_anonymous_override", parse_flag, doc="on: let clients in without credentials"),
-    Param("websocket", value="none", doc="MQTT over WebSocket (with --ssl: over TLS)"),
-    Param("http", value="none", doc="an HTTP listener of the admin API (with --ssl: HTTPS)"),
-    Param("ssl", value="none", doc="MQTT over TLS"),
-    *(Param(f, doc="TLS: as listener.ssl.<name>." + f) for f in ("certfile", "keyfile", "cafile", "ciphers")),
-    *(Param(f, parse_flag, doc="TLS: on or off") for f in ("require_certificate", "use_identity_as_username")),
-    Param("tls_version", parse_tls_versions, doc="TLS: tlsv1.2 and/or tlsv1.3")))
-def cmd_listener_start(call: Call) -> Any:
-    """Start a listener at run time (not kept across restarts): MQTT, WebSocket or HTTP, each with --ssl."""
-    ssl_on = "ssl" in call.flags
-    if "http" in call.flags:
-        kind, names = ("https" if ssl_on else "http"), HTTP_LISTENER_OPTIONS
-    else:
-        kind = {(False, False): "tcp", (True, False): "ssl", (False, True): "ws", (True, True): "wss"}[
-            (ssl_on, "websocket" in call.flags)]
-        names = LISTENER_MQTT_OPTIONS
-    address, port = call.args["address"], call.args["port"]
-    if call.node.find_listener(address, port) is not None:
-        return alert(f"can't start listener due to 'a listener exists at {address}:{port}'")
-    config = call.node.config
-    options = {o: call.flags.get(o, config.listener_option(kind, "default", o)) for o in names}
-    if "mountpoint" in call.flags:
-        options["mountpoint"] = call.flags["mountpoint"] or ""
-    try:
-        call.node.start_listener(address, port, options, kind)
-    except OSError as exc:  # ssl.SSLError too: a bad certificate or key
-        return alert(f"can't start listener due to '{exc.strerror or exc}'")
-    return "Done"
-
-
-def _find_listener(call: Call, verb: str) -> Listener | Alert:
-    """Return the listener named by address= and port=, or the alert to answer."""
-    listener = call.node.find_listener(call.args["address"], call.args["port"])
-    if listener is None:
-        return alert(f"can't {verb} listener due to 'not_found'")
-    return listener
-
-
-@command("listener", "stop", keys=_LISTENER_KEYS, required=("address", "port"), flags=(
-    Param("kill_sessions", short="k", value="none", doc="also close the listener's clients"),))
-def cmd_listener_stop(call: Call) -> Any:
-    """Stop accepting connections; without --kill_sessions the clients stay (status suspended)."""
-    listener = _find_listener(call, "stop")
-    if isinstance(listener, Alert):
-        return listener
-    listener.suspend("kill_sessions" in call.flags)
-    return "Done"
-
-
-@command("listener", "restart", keys=_LISTENER_KEYS, required=("address", "port"))
-def cmd_listener_restart(call: Call) -> Any:
-    """Accept connections again on a stopped or suspended listener."""
-    listener = _find_listener(call, "restart")
-    if isinstance(listener, Alert):
-        return listener
-    try:
-        listener.resume()
-    except OSError as exc:
-        return alert(f"can't restart listener due to '{exc.strerror or exc}'")
-    return "Done"
-
-
-@command("listener", "delete", keys=_LISTENER_KEYS, required=("address", "port"))
-def cmd_listener_delete(call: Call) -> Any:
-    """Stop a listener, close its clients and remove it."""
-    listener = _find_listener(call, "delete")
-    if isinstance(listener, Alert):
-        return listener
-    call.node.delete_listener(listener)
-    return "Done"
-
-
-# -- the certificates of tls show: X.509 (RFC 5280) read as far as its columns need -----
-
-_PEM_CERTIFICATE = re.compile(rb"-----BEGIN CERTIFICATE-----([A-Za-z0-9+/=\s]+)-----END CERTIFICATE-----")
-_OID_CN, _OID_SAN = b"\x55\x04\x03", b"\x55\x1d\x11"  # 2.5.4.3 commonName, 2.5.29.17 subjectAltName
-_DER_TEXT = {0x0C: "utf-8", 0x13: "latin-1", 0x14: "latin-1", 0x16: "latin-1", 0x1E: "utf-16-be", 0x1C: "utf-32-be"}
-_SAN_KINDS = {0x81: "email", 0x82: "DNS", 0x86: "URI"}  # GeneralName's IA5String choices, named as ssl names them
-_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
-
-
-def der_items(data: bytes, start: int = 0, end: int | None = None) -> list[tuple[int, bytes]]:
-    """Return the (tag, contents) of each DER element in ``data[start:end]``; raise ValueError when malformed."""
-    items, i, end = [], start, len(data) if end is None else end
-    while i < end:
-        tag, size, i = data[i], data[i + 1], i + 2
-        if size & 0x80:
-            n = size & 0x7F
-            size, i = int.from_bytes(data[i:i + n], "big"), i + n
-        if i + size > end:
-            raise ValueError("a DER element runs past its end")
-        items.append((tag, data[i:i + size]))
-        i += size
-    return items
-
-
-def _der_cn(name: bytes) -> str:
-    """Return the first commonName of an X.509 Name, '' when it has none."""
-    for _, rdn in der_items(name):
-        for _, pair in der_items(rdn):
-            (_, oid), (kind, value) = der_items(pair)[:2]
-            if oid == _OID_CN:
-                return value.decode(_DER_TEXT.get(kind, "latin-1"))
-    return ""
-
-
-def _der_time(tag: int, value: bytes) -> str:
-    """Return an X.509 UTCTime or GeneralizedTime as ssl shows it: 'Jan  5 09:34:43 2018 GMT'."""
-    text = value.decode("ascii")
-    if tag == 0x17:  # UTCTime: YY from 50 is 19YY (RFC 5280 4.1.2.5.1)
-        text = ("19" if int(text[:2]) >= 50 else "20") + text
-    year, month, day, hh, mm, ss = (int(text[a:b]) for a, b in ((0, 4), (4, 6), (6, 8), (8, 10), (10, 12), (12, 14)))
-    return f"{_MONTHS[month - 1]} {day:2d} {hh:02d}:{mm:02d}:{ss:02d} {year} GMT"
-
-
-def _san_value(kind: int, value: bytes) -> str:
-    """Return one GeneralName as ssl shows it (an IPv6 address as eight uncompressed hex groups)."""
-    if kind == 0x87 and len(value) == 16:
-        return ":".join(f"{int.from_bytes(value[i:i + 2], 'big'):X}" for i in range(0, 16, 2))
-    if kind == 0x87:
-        return str(ipaddress.ip_address(value))
-    return value.decode("latin-1") if kind in _SAN_KINDS else "<unsupported>"
-
-
-def _der_san(extensions: bytes) -> list[str]:
-    """Return the subjectAltName entries of X.509 extensions: DNS names, IP addresses, e-mails, URIs."""
-    for _, extension in der_items(der_items(extensions)[0][1]):
-        parts = der_items(extension)
-        if parts[0][1] == _OID_SAN:
-            names = der_items(parts[-1][1])[0][1]
-            return [_san_value(kind, value) for kind, value in der_items(names)]
-    return []
-
-
-def decode_certificate(pem: bytes) -> dict:
-    """Return CN, Issuer (its CN), Not_Before, Not_After and SAN of the first certificate of a PEM text."""
-    found = _PEM_CERTIFICATE.search(pem)
-    if found is None:
-        raise ValueError("no PEM certificate in it")
-    der = base64.b64decode(b"".join(found.group(1).split()))
-    tbs = der_items(der_items(der)[0][1])[0][1]
-    fields = der_items(tbs)
-    if fields[0][0] == 0xA0:  # [0] version
-        fields = fields[1:]
-    issuer, validity, subject = fields[2][1], der_items(fields[3][1]), fields[4][1]
-    extensions = next((v for t, v in fields[6:] if t == 0xA3), b"")
-    return {"CN": _der_cn(subject), "Issuer": _der_cn(issuer), "Not_Before": _der_time(*validity[0]),
-            "Not_After": _der_time(*validity[1]), "SAN": ", ".join(_der_san(extensions)) if extensions else ""}
-
-
-def certificate_rows(files: Iterable[str], now: float) -> list[dict]:
-    """Describe PEM certificate files as tls show does (the first certificate of each file)."""
-    rows = []
-    for path in files:
-        try:
-            cert = decode_certificate(read_regular_file(path, MAX_SMALL_FILE, "a certificate file")[0])
-        except (OSError, ValueError, IndexError, FileRefused) as exc:  # UnicodeDecodeError is a ValueError
-            rows.append({"File": path, "Not_Before": "", "Not_After": "", "CN": f"unreadable: {exc}", "Issuer": "",
-                         "SAN": "", "expires": now})
-            continue
-        rows.append({"File": path, **cert, "expires": ssl.cert_time_to_seconds(cert["Not_After"]),
-                     "valid_from": ssl.cert_time_to_seconds(cert["Not_Before"])})
-    return rows
-
-
-def _certificate_files(node: NodeApi) -> list[str]:
-    files = []
-    for listener in node.tls_listeners():
-        for key in ("certfile", "cafile"):
-            path = listener.option(key)
-            if path and path not in files:
-                files.append(path)
-    return files
-
-
-@command("tls", "show", read_only=True)
-def cmd_tls_show(call: Call) -> Any:
-    """Show the certificates of the TLS listeners: validity, CN, issuer, SAN."""
-    rows = certificate_rows(_certificate_files(call.node), time.time())
-    return Table(tuple({k: r[k] for k in ("File", "Not_Before", "Not_After", "CN", "Issuer", "SAN")} for r in rows),
-                 ("File", "Not_Before", "Not_After", "CN", "Issuer", "SAN"))
-
-
-@command("tls", "check", read_only=True, flags=(
-    Param("validity", parse_int_range(0), short="v", doc="seconds a certificate must stay valid (172800)"),))
-def cmd_tls_check(call: Call) -> Any:
-    """Check that every TLS certificate stays valid for --validity seconds."""
-    now, validity = time.time(), call.flags.get("validity")
-    validity = 172800 if validity is None else validity
-    bad = [r for r in certificate_rows(_certificate_files(call.node), now)
-           if r["expires"] - now < validity or r.get("valid_from", now) > now]
-    if not bad:
-        return "All fine"
-    return Table(tuple({"File": r["File"], "Not_Before": r["Not_Before"], "Not_After": r["Not_After"],
-                        "SecExp": int(r["expires"] - now), "SecToVal": int(max(0, r.get("valid_from", now) - now))}
-                       for r in bad))
-
-
-METRIC_LABELS = ("mqtt_version", "reason_code", "return_code")
-
-
-@command("metrics", "show", quick=True, read_only=True, flags=(
-    Param("with-descriptions", short="d", value="none", doc="print each metric's description"),
-    Param("aggregate", lambda v: v == "true", short="a", doc="true (default): sum series of one name"),
-    *(Param(label, doc=f"only metrics with this {label}") for label in METRIC_LABELS)))
-def cmd_metrics_show(call: Call) -> Any:
-    """Show every metric as lines of <type>.<name> = <value>."""
-    wanted = {k: call.flags[k] for k in METRIC_LABELS if k in call.flags}
-    series = [(name, labels, value) for (name, labels), value in call.node.metric_samples().items()
-              if all(dict(labels).get(k) == v for k, v in wanted.items())]
-    if call.flags.get("aggregate", True):
-        totals: dict[str, int] = {}
-        for name, _, value in series:
-            totals[name] = totals.get(name, 0) + value
-        series = [(name, (), value) for name, value in totals.items()]
-    lines = []
-    for name, labels, value in series:
-        kind, doc = METRIC_DEFINITIONS.get(name, ("gauge", name, ()))[:2]
-        shown = name + ("{" + ",".join(f'{k}="{v}"' for k, v in labels) + "}" if labels else "")
-        line = f"{kind}.{shown} = {value}\n"
-        lines.append(f"# {doc}\n{line}\n" if "with-descriptions" in call.flags else line)
-    return Text("".join(lines))
-
-
-@command("metrics", "reset")
-def cmd_metrics_reset(call: Call) -> Any:
-    """Set every counter back to zero."""
-    call.node.reset_metrics()
-    return "Done"
-
-
-SESSION_FIELDS = (  # README, "The command catalogue"; VerneMQ vmq_info:fields_config/0
-    "node", "mountpoint", "client_id", "queue_pid", "queue_size", "session_pid", "is_offline", "is_online",
-    "statename", "deliver_mode", "offline_messages", "online_messages", "num_sessions", "clean_session",
-    "is_plugin", "queue_started_at", "user", "peer_host", "peer_port", "protocol", "waiting_acks",
-    "session_started_at", "topic", "qos", "rap", "no_local", "msg_ref", "msg_qos", "routing_key", "dup", "payload",
-)
-SESSION_DEFAULT_COLUMNS = ("client_id", "is_online", "mountpoint", "peer_host", "peer_port", "user")
-SUBSCRIPTION_FIELDS = ("topic", "qos", "rap", "no_local")
-MESSAGE_FIELDS = ("msg_ref", "msg_qos", "routing_key", "dup", "payload")
-SECRET_SESSION_FIELDS = ("payload",)  # what a mgmt_ro key may not select or filter on (README, "API keys")
-
-
-def _expand(record: Mapping[str, Any], fields: set[str]) -> list[Mapping[str, Any]]:
-    """One row per subscription and/or queued message when their fields are used."""
-    rows: list[Mapping[str, Any]] = [record]
-    for group, items in ((SUBSCRIPTION_FIELDS, "subscriptions"), (MESSAGE_FIELDS, "messages")):
-        if not fields.isdisjoint(group):
-            rows = [{**row, **item} for row in rows for item in record.get(items, ())]
-    return rows
-
-
-def session_query(flags: Mapping[str, Any]) -> tuple[list[str], dict[str, str], set[str]]:
-    """Return session show's (selected columns, filters, every field used) for its flags."""
-    selected = [f for f in SESSION_FIELDS if f in flags and flags[f] is None] or list(SESSION_DEFAULT_COLUMNS)
-    filters = {f: flags[f] for f in SESSION_FIELDS if flags.get(f) is not None}
-    return selected, filters, set(selected) | set(filters)
-
-
-def compile_filters(filters: Mapping[str, str]) -> list[tuple[str, str, Any, int]]:
-    """Return (field, wanted text, compiled ~regex or None, characters the regex sees) per filter."""
-    out = []
-    for name, wanted in filters.items():
-        regex = wanted[1:] if wanted.startswith("~") else None
-        out.append((name, wanted, regex and re.compile(regex), regex and regex_text_limit(regex)))
-    return out
-
-
-def _matches(row: Mapping[str, Any], filters: Sequence[tuple[str, str, Any, int]]) -> bool:
-    for name, wanted, regex, limit in filters:
-        shown = _cell(row.get(name)) if row.get(name) is not None else "null"
-        if regex is not None:
-            if not regex.search(shown, 0, limit):
-                return False
-        elif shown != wanted:
-            return False
-    return True
-
-
-ROWTIMEOUT_DEFAULT = 100  # ms, VerneMQ session show --rowtimeout
-
-
-def session_table(records: Iterable[Mapping[str, Any]], flags: Mapping[str, Any],
-                  clock: Callable[[], float] = time.monotonic) -> Any:
-    """Select, filter, expand, order and page session records as session show does.
-
-    ``--field`` selects a column, ``--field=v`` filters (``~regex`` by regular
-    expression); filters AND; rows come ordered by (mountpoint, client_id) and
-    their keys alphabetically. A scan that finds no row within ``--rowtimeout``
-    ms stops: the answer is the rows found and an alert saying so.
-    """
-    selected, filters, used = session_query(flags)
-    matchers = compile_filters(filters)
-    ordered = sorted(records, key=lambda r: (r.get("mountpoint", ""), r.get("client_id", "")))
-    offset, limit = flags.get("offset") or 0, flags.get("limit") or 100
-    budget = (flags.get("rowtimeout") or ROWTIMEOUT_DEFAULT) / 1000
-    rows, last, cut = [], clock(), False
-    for row in (row for rec in ordered for row in _expand(rec, used)):
-        if not matchers or _matches(row, matchers):
-            rows.append(row)
-            last = clock()
-            if len(rows) >= offset + limit:
-                break
-        elif clock() - last > budget:
-            cut = True
-            break
-    columns = tuple(sorted(selected))
-    table = Table(tuple({c: row.get(c) for c in columns} for row in rows[offset:offset + limit]), columns)
-    if not cut:
-        return table
-    return [table, alert(f"session show stopped after {len(rows)} rows: no further row matched within "
-                         f"--rowtimeout={int(budget * 1000)} ms; narrow the filter or raise --rowtimeout")]
-
-
-@command("session", "show", read_only=True, quick=lambda node: node.session_count() <= QUICK_SESSION_SHOW,
-         flags=(
-    Param("limit", parse_positive_int, doc="rows to return at most (default 100)"),
-    Param("rowtimeout", parse_positive_int, doc="milliseconds to wait for a row (default 100)"),
-    Param("offset", parse_int_range(0), doc="rows to skip first, for paging"),
-    *(Param(f, parse_regex_or_text, value="optional", doc="select; =value or =~regex filters",
-            secret=f in SECRET_SESSION_FIELDS) for f in SESSION_FIELDS)))
-def cmd_session_show(call: Call) -> Any:
-    """Show sessions; --field selects a column, --field=value filters (=~regex too)."""
-    wanted = call.flags.get("client_id")
-    lookup = wanted if wanted is not None and not wanted.startswith("~") else None
-    selected, filters, used = session_query(call.flags)
-    subs, msgs = not used.isdisjoint(SUBSCRIPTION_FIELDS), not used.isdisjoint(MESSAGE_FIELDS)
-    if filters or subs or msgs:
-        return session_table(call.node.session_records(lookup, subs, msgs), call.flags)
-    offset, limit = call.flags.get("offset") or 0, call.flags.get("limit") or 100
-    columns = tuple(sorted(selected))
-    return Table(tuple(call.node.session_rows(lookup, columns, slice(offset, offset + limit))), columns)
-
-
-_MOUNTPOINT = Param("mountpoint", short="m", doc="the session's mountpoint (default none)")
-
-
-@command("session", "disconnect", keys=(Param("client-id", doc="the client to disconnect"),),
-         required=("client-id",),
-         flags=(_MOUNTPOINT, Param("cleanup", short="c", value="none", doc="also remove the session and its queue")))
-def cmd_session_disconnect(call: Call) -> Any:
-    """Disconnect a client; with --cleanup also delete its session."""
-    call.node.disconnect_session(call.args["client-id"], call.flags.get("mountpoint") or "", "cleanup" in call.flags)
-    return "Done"
-
-
-def parse_id_list(text: str) -> tuple[str, ...]:
-    """Parse a comma separated list of client ids."""
-    ids = tuple(i for i in text.split(",") if i)
-    if not ids:
-        raise ValueError("expected a comma separated list of client ids")
-    return ids
-
-
-@command("session", "disconnect", "clients", keys=(Param("client-ids", parse_id_list, doc="a,b,c"),),
-         required=("client-ids",),
-         flags=(_MOUNTPOINT, Param("cleanup", short="c", value="none", doc="also remove the sessions")))
-def cmd_session_disconnect_clients(call: Call) -> Any:
-    """Disconnect several clients at once."""
-    for client_id in call.args["client-ids"]:
-        call.node.disconnect_session(client_id, call.flags.get("mountpoint") or "", "cleanup" in call.flags)
-    return "Done"
-
-
-@command("session", "disconnect", "batch", keys=(Param("count", parse_positive_int, doc="clients to disconnect"),),
-         required=("count",), flags=(
-             _MOUNTPOINT, Param("cleanup", short="c", value="none", doc="also remove the sessions"),
-             Param("filter-client-ids", parse_id_list, short="f", doc="client ids to spare (a,b)"),
-             Param("node", short="n", doc="only on this node")))
-def cmd_session_disconnect_batch(call: Call) -> Any:
-    """Disconnect up to count online clients, for example to move load off a node."""
-    target = call.flags.get("node")
-    if target not in (None, call.node.name):
-        if target in call.node.cluster_peers():
-            try:
-                call.node.call_node(target, "broker", "disconnect_batch", call.args["count"],
-                                    call.flags.get("mountpoint") or "", "cleanup" in call.flags,
-                                    list(call.flags.get("filter-client-ids") or ()))
-            except ClusterError as exc:
-                return alert(f"cannot reach {target}: {exc.text}")
-        return "Done"  # VerneMQ: no session of a node outside the cluster matches
-    call.node.disconnect_batch(call.args["count"], call.flags.get("mountpoint") or "", "cleanup" in call.flags,
-                               call.flags.get("filter-client-ids") or ())
-    return "Done"
-
-
-@command("session", "unsubscribe", keys=(Param("client-id", doc="the session's client id"),
-                                         Param("topic", doc="the subscription's filter")),
-         required=("client-id", "topic"), flags=(_MOUNTPOINT,))
-def cmd_session_unsubscribe(call: Call) -> Any:
-    """Remove one subscription from a session."""
-    done = call.node.unsubscribe(call.args["client-id"], call.args["topic"], call.flags.get("mountpoint") or "")
-    return "Done" if done else "Not successful"
-
-
-@command("session", "reauthorize", keys=(Param("username", doc="the user to check as"),
-                                         Param("client-id", doc="the session's client id")),
-         required=("username", "client-id"), flags=(_MOUNTPOINT,))
-def cmd_session_reauthorize(call: Call) -> Any:
-    """Check a session's subscriptions against the ACL again and drop the refused ones."""
-    dropped = call.node.reauthorize(call.args["username"], call.args["client-id"], call.flags.get("mountpoint") or "")
-    return "Done" if dropped else "Unchanged"
-
-
-@command("retain", "delete", flags=(Param("topic", short="t", value="optional", doc="the retained topic"),
-                                    Param("mountpoint", short="m", doc="its mountpoint (default none)")))
-def cmd_retain_delete(call: Call) -> Any:
-    """Delete one retained message."""
-    topic = call.flags.get("topic")
-    if not topic or call.node.topic_problem(topic) is not None:
-        return alert("No valid topic given.")
-    if not call.node.delete_retained(call.flags.get("mountpoint") or "", topic):
-        return alert(f"No retained message for topic {topic!r}.")
-    return "Done"
-
-
-@command("retain", "delete-expired")
-def cmd_retain_delete_expired(call: Call) -> Any:
-    """Delete the retained messages whose MQTT 5 Message Expiry Interval has passed (3.1.1 ones never expire)."""
-    return Table(({"expired": call.node.delete_expired_retained() or 0},))
-
-
-LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
-
-
-@command("log", "show", "config", quick=True, read_only=True)
-def cmd_log_show_config(call: Call) -> Any:
-    """Show the loggers: name, level, where they write."""
-    rows = [{"logger": "vmqapi", "level": logging.getLevelName(log.getEffectiveLevel()).lower(),
-             "type": "logger", "file": "-"}]
-    for n, handler in enumerate(logging.getLogger().handlers + log.handlers):
-        rows.append({"logger": f"handler{n}", "level": logging.getLevelName(handler.level).lower(),
-                     "type": "file" if isinstance(handler, logging.FileHandler) else "console",
-                     "file": getattr(handler, "baseFilename", "-")})
-    return Table(tuple(rows), ("logger", "level", "type", "file"))
-
-
-@command("log", "level", keys=(Param("logger", doc="vmqapi or a handlerN of log show config"),
-                               Param("level", parse_choice(*LOG_LEVELS), doc=", ".join(LOG_LEVELS))),
-         required=("logger", "level"))
-def cmd_log_level(call: Call) -> Any:
-    """Change a logger's level at run time."""
-    name, level = call.args["logger"], call.args["level"].upper()
-    handlers = logging.getLogger().handlers + log.handlers
-    if name == "vmqapi":
-        log.setLevel(level)
-    elif re.fullmatch(r"handler[0-9]+", name) and int(name[7:]) < len(handlers):
-        handlers[int(name[7:])].setLevel(level)
-    else:
-        return alert(f"unknown logger {name!r}; log show config lists them")
-    return "Done"
-
-
-@command("trace", "client", keys=(Param("client-id", doc="the client to trace"),), required=("client-id",),
-         read_only=True, secret=True, flags=(
-             _MOUNTPOINT, Param("rate-max", parse_positive_int, doc="lines per interval (10)"),
-             Param("rate-interval", parse_positive_int, doc="the interval in ms (100)"),
-             Param("trunc-payload", parse_int_range(0), doc="payload bytes shown (200)"),
-             Param("duration", parse_int_range(1, 600), doc="seconds to trace over HTTP (5)"),
-             Param("follow", doc="a token of your choosing: the trace stays on between calls that give it, "
-                                 "so repeated calls miss nothing (the CLI's streaming uses it)")))
-def cmd_trace_client(call: Call) -> Any:
-    """Trace a client's packets both ways (the CLI streams until Ctrl-C; HTTP answers after --duration)."""
-    trunc = call.flags.get("trunc-payload")
-    rate = (call.flags.get("rate-max") or 10, call.flags.get("rate-interval") or 100, 200 if trunc is None else trunc)
-    lines = call.node.trace_client(call.args["client-id"], call.flags.get("mountpoint") or "",
-                                   call.flags.get("duration") or 5, rate, call.flags.get("follow"))
-    return Text("".join(line + "\n" for line in lines))
-
-
-@command("plugin", "show", quick=True, read_only=True, flags=(
-    Param("plugin", doc="show only this plugin"), Param("hook", doc="show only plugins with this hook"),
-    Param("internal", value="none", doc="show internal hooks too (accepted as in VerneMQ; vmqapi has none)")))
-def cmd_plugin_show(call: Call) -> Any:
-    """Show the enabled plugins and the hooks they register."""
-    rows = [r for r in call.node.plugin_rows()
-            if call.flags.get("plugin") in (None, r["Plugin"])
-            and (call.flags.get("hook") is None or call.flags["hook"] in r["Hook(s)"].split("\n"))]
-    return Table(tuple(rows), ("Plugin", "Type", "Hook(s)", "M:F/A"))
-
-
-@command("retain", "show", read_only=True, default_columns=("payload", "topic"), flags=(
-    Param("limit", parse_positive_int, doc="rows to return at most (default 100)"),
-    Param("rowtimeout", parse_positive_int, doc="milliseconds to wait for a row (default 100)"),
-    Param("payload", value="optional", doc="select; =value filters", secret=True),
-    Param("topic", value="optional", doc="select; =value filters"),
-    Param("mountpoint", value="optional", doc="select; =value filters (default: the empty mountpoint)")))
-def cmd_retain_show(call: Call) -> Any:
-    """Show retained messages; --field selects a column, --field=value filters."""
-    fields = ("mountpoint", "payload", "topic")
-    selected = [f for f in fields if f in call.flags and call.flags[f] is None] or list(call.command.default_columns)
-    filters = {f: call.flags[f] for f in fields if call.flags.get(f) is not None}
-    filters.setdefault("mountpoint", "")
-    rows = [r for r in call.node.retained_rows() if all(r[f] == v for f, v in filters.items())]
-    limit = call.flags.get("limit") or 100
-    return Table(tuple({f: r[f] for f in sorted(selected)} for r in rows[:limit]), tuple(sorted(selected)))
-
-
-def _plugin_switch(call: Call, on: bool) -> Any:
-    name = call.flags.get("name")
-    if not name:
-        return alert("Incomplete plugin specification")
-    if not call.node.enable_plugin(name, on):
-        return alert(f"Can't {'enable' if on else 'disable'} plugin: {name} due to 'not_found'")
-    return "Done"
-
-
-@command("plugin", "enable", flags=(Param("name", short="n", doc="the plugin to enable"),))
-def cmd_plugin_enable(call: Call) -> Any:
-    """Turn a plugin's checks and hooks on."""
-    return _plugin_switch(call, True)
-
-
-@command("plugin", "disable", flags=(Param("name", short="n", doc="the plugin to disable"),))
-def cmd_plugin_disable(call: Call) -> Any:
-    """Turn a plugin's checks and hooks off (vmq_passwd off: nobody logs in with a password)."""
-    return _plugin_switch(call, False)
-
-
-_NODE_FLAGS = (Param("node", short="n", doc="the node to act on (this node)"),
-               Param("all", short="a", value="none", doc="act on every node of the cluster"))
-
-
-def _check_node_flags(call: Call) -> None:
-    if "node" in call.flags and "all" in call.flags:
-        raise BadRequest("--node and --all exclude each other", call.command.usage())
-    if call.flags.get("node") not in (None, call.node.name, *call.node.cluster_members()):
-        raise InvalidValue(f"bad_node: {call.flags['node']!r} is not a node of this cluster", call.command.usage())
-
-
-@command("set", open_keys=True, flags=_NODE_FLAGS)
-def cmd_set(call: Call) -> Any:
-    """Change settings at run time: set key=value ... (see describe <key>)."""
-    _check_node_flags(call)
-    if not call.args:
-        raise MissingArgument("set needs at least one key=value", call.command.usage())
-    changes = {}
-    for key, text in call.args.items():
-        if not find_setting(key).settable:
-            raise InvalidKey(f"{key} cannot be set at run time", call.command.usage())
-        changes[key] = parse_setting(key, text)
-    target = "*" if "all" in call.flags else call.flags.get("node") or call.node.name
-    if target in ("*", call.node.name):
-        call.node.apply_settings(changes)
-    if target != call.node.name:  # replicated: a node that is down takes it on return
-        call.node.replicate_settings(target, {key: str(text) for key, text in call.args.items()})
-    return []
-
-
-def _shown_setting(value: Any) -> Any:
-    return value if isinstance(value, int) and not isinstance(value, bool) else render_value(value)
-
-
-@command("show", extra_words="key", quick=True, read_only=True, flags=_NODE_FLAGS)
-def cmd_show(call: Call) -> Any:
-    """Show the current value of settings: show <key> [<key> ...]."""
-    _check_node_flags(call)
-    if not call.extra:
-        raise MissingArgument("show needs at least one setting name", call.command.usage())
-    rows = [_setting_row(call.node, call.extra)]
-    if "all" in call.flags or call.flags.get("node") not in (None, call.node.name):
-        wanted = call.flags.get("node")
-        rows = [r for r in rows if wanted in (None, r["node"])]
-        rows += [row for peer, row in call.node.gather("show", list(call.extra)) if wanted in (None, peer)]
-    return Table(tuple(rows))
-
-
-def _setting_row(node: NodeApi, keys: Sequence[str]) -> dict:
-    """Return show's row of one node: its name and each setting's value (a secret one masked)."""
-    config = node.config
-    row = {"node": node.name}
-    for key in keys:
-        setting, value = find_setting(key), config[key]
-        if setting.secret and value:
-            row[key] = SECRET_SHOWN
-        else:
-            row[key] = setting.masked(value) if setting.masked and value else _shown_setting(value)
-    return row
-
-
-@command("describe", extra_words="key", quick=True, read_only=True)
-def cmd_describe(call: Call) -> Any:
-    """Describe settings: describe <key> [<key> ...]."""
-    if not call.extra:
-        raise MissingArgument("describe needs at least one setting name", call.command.usage())
-    return [Text(f"{key}:\n  {find_setting(key).doc}\n") for key in call.extra]
-
-
-###############################################################################
-# 21. Cluster links: node-to-node connections #################################
+# 24. Cluster links: node-to-node connections #################################
 ###############################################################################
 # Owns: the cluster listener and the links to peers on the broker's loop: the
 #       cookie's HMAC challenge, heartbeats, reconnects, per-peer buffers.
@@ -11136,7 +12803,7 @@ class ClusterLinks:
 
 
 ###############################################################################
-# 22. Cluster requests: joins, leaves and calls between nodes #################
+# 25. Cluster requests: joins, leaves and calls between nodes #################
 ###############################################################################
 # Owns: the cluster's constants, its replicated rows (their store and their
 #       flow), requests to other nodes and their answers, sessions moving
@@ -11911,7 +13578,7 @@ class KeptFrames:
 
 
 ###############################################################################
-# 23. Cluster: membership, replication, routing and sessions across nodes #####
+# 26. Cluster: membership, replication, routing and sessions across nodes #####
 ###############################################################################
 # Owns: applying replicated state to the router, keys and config, membership
 #       (joins, leaves, netsplits), forwarding messages; the Cluster that
@@ -12753,7 +14420,7 @@ def cmd_cluster_leave(call: Call) -> Any:
 
 
 ###############################################################################
-# 24. Bridge: vmq_bridge ######################################################
+# 27. Bridge: vmq_bridge ######################################################
 ###############################################################################
 # Owns: bridges to other brokers (vmq_bridge): an MQTT client per bridge, its
 #       store-backed outgoing buffer, loop prevention; bridge commands.
@@ -13403,7 +15070,7 @@ def cmd_bridge_start(call: Call) -> Any:
 
 
 ###############################################################################
-# 25. Webhooks: bodies, answers, the cache and the client #####################
+# 28. Webhooks: bodies, answers, the cache and the client #####################
 ###############################################################################
 # Owns: webhooks (vmq_webhooks) as values: endpoints per hook, VerneMQ's JSON
 #       bodies and answers, the auth answer cache, the keep-alive HTTP client.
@@ -13895,7 +15562,7 @@ class WebhookClient:
 # -- the plugin --------------------------------------------------------------
 
 ###############################################################################
-# 26. Webhooks: the plugin, its gate and commands #############################
+# 29. Webhooks: the plugin, its gate and commands #############################
 ###############################################################################
 # Owns: the vmq_webhooks plugin: its hooks in the chain, the gate that holds a
 #       connection's packet while its answer comes, the bounded pools; webhooks commands.
@@ -14425,1631 +16092,9 @@ del _catalogue
 
 
 ###############################################################################
-# 27. HTTP: the admin API #####################################################
+# Part IV. The node and the CLI                                               #
 ###############################################################################
-# Owns: the admin API's rules (method, auth, command, OPTIONS, Accept, run) as
-#       pure functions from a Request to a Response; /api/v2 and HTTP publish (README, "HTTP publish").
-# Must not know: sockets, MQTT internals, the key file's format.
-
-HTTP_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "POST"})
-# Known to HTTP (RFC 9110 9.3), refused with 405 and Allow; 501 is for methods not known (15.6.2).
-REFUSED_METHODS = frozenset({"PUT", "PATCH", "DELETE", "TRACE", "CONNECT"})
-JSON_TYPE = "application/json"
-FORM_TYPE = "application/x-www-form-urlencoded"
-
-
-@dataclass(frozen=True, slots=True)
-class Request:
-    """An HTTP request as read off the wire; header names are lower case."""
-
-    method: str
-    target: str
-    headers: Mapping[str, str] = field(default_factory=dict)
-    body: bytes = b""
-    peer: tuple = ("", 0)  # the client's (address, port), for the plugin hooks of an HTTP publish
-    scheme: str = "http"  # the listener's (http or https): the node's own origin is scheme://Host
-
-
-@dataclass(frozen=True, slots=True)
-class Response:
-    """An HTTP response; ``after`` runs once it has been sent."""
-
-    status: int
-    headers: tuple[tuple[str, str], ...] = ()
-    body: bytes = b""
-    after: tuple[Callable[[], Any], ...] = ()
-
-
-def error_response(exc: VmqError, extra: Iterable[tuple[str, str]] = ()) -> Response:
-    """Return the JSON error answer of README, "The API by example" for ``exc``."""
-    headers = [("Content-Type", JSON_TYPE), *extra]
-    if exc.http_status == 401:
-        headers.append(("WWW-Authenticate", REALM))
-    if exc.http_status == 405:
-        headers.append(("Allow", getattr(exc, "allow", ALLOW)))
-    if exc.http_status == 503:
-        headers.append(("Retry-After", str(getattr(exc, "retry_after", 1))))
-    body = json.dumps(exc.to_json(), separators=(",", ":"), ensure_ascii=False).encode()
-    return Response(exc.http_status, tuple(headers), body)
-
-
-@functools.lru_cache(maxsize=256)
-def _basic_user(credentials: str) -> str:
-    """Return the user part of Basic credentials (memoised: a client sends the same header each time)."""
-    try:
-        decoded = base64.b64decode(credentials, validate=True).decode("utf-8")
-    except (binascii.Error, ValueError):
-        raise BadRequest("malformed Authorization header: the credentials are not base64 of UTF-8") from None
-    if ":" not in decoded:
-        raise BadRequest("malformed Authorization header: the credentials have no ':'")
-    return decoded.partition(":")[0]
-
-
-def request_key(headers: Mapping[str, str]) -> str:
-    """Return the API key a request carries (Basic user name, else x-api-key).
-
-    Raises Unauthorized when there is none, BadRequest when Authorization is malformed.
-    """
-    auth = headers.get("authorization")
-    if auth is None:
-        key = headers.get("x-api-key", "").strip()
-        if not key:
-            raise Unauthorized("an API key is needed: Authorization: Basic base64(<key>:) or x-api-key: <key>")
-        return key
-    scheme, _, credentials = auth.strip().partition(" ")
-    if scheme.lower() in ("bearer", "digest"):
-        raise Unauthorized(f"{scheme} credentials are not accepted; send the API key with Basic")
-    if scheme.lower() != "basic":
-        raise BadRequest("malformed Authorization header: expected Basic base64(<key>:)")
-    key = _basic_user(credentials.strip())
-    if not key:
-        raise Unauthorized("the Authorization header carries an empty key")
-    return key
-
-
-def authenticate(node: NodeApi, module: str, headers: Mapping[str, str], scopes: Sequence[str]) -> str:
-    """Return the scope a request may act in for ``module``; raise on failure."""
-    if node.config[f"http_module.{module}.auth.mode"] == "noauth":
-        return scopes[0]
-    secret = headers.get(SECRET_HEADER)
-    if secret is not None and hmac.compare_digest(secret.encode("utf-8", "replace"), node.secret.encode()):
-        return scopes[0]
-    try:
-        key = request_key(headers)
-        scope = node.keystore.authenticate(key, scopes)
-        if scope is None:
-            raise Unauthorized("the API key is unknown, expired, or not valid for this endpoint")
-    except (Unauthorized, BadRequest):
-        node.metrics.incr("http_api_auth_failed")
-        raise
-    return scope
-
-
-def accepts_json(accept: str | None) -> bool:
-    """Return whether an Accept header admits application/json (no header does)."""
-    if accept is None or not accept.strip():
-        return True
-    for part in accept.split(","):
-        media, *params = (p.strip() for p in part.split(";"))
-        q = 1.0
-        for p in params:
-            name, _, value = p.partition("=")
-            if name.strip().lower() == "q":
-                try:
-                    q = float(value)
-                except ValueError:
-                    q = 0.0
-        if media.lower() in (JSON_TYPE, "application/*", "*/*") and q > 0:
-            return True
-    return False
-
-
-def apply_alias(words: tuple[str, ...]) -> tuple[str, ...]:
-    """Map ``sessions`` to ``session show``, ``sessions/x`` to ``session/x``, and so on."""
-    if words and words[0] in PATH_ALIASES:
-        target = PATH_ALIASES[words[0]]
-        return target if len(words) == 1 else (target[0], *words[1:])
-    return words
-
-
-@functools.lru_cache(maxsize=1024)
-def parse_target(rest: str, query: str) -> Argv:
-    """Parse the path after /api/v1/ and the query into an Argv (memoised: dashboards repeat themselves)."""
-    return parse_query(apply_alias(parse_path_words(rest)), query)
-
-
-def request_argv(req: Request, rest: str, query: str) -> Argv:
-    """Build the Argv from the path, query string and (for POST) a form body."""
-    if req.method == "POST" and req.body:
-        ctype = req.headers.get("content-type", "").split(";")[0].strip().lower()
-        if ctype != FORM_TYPE:
-            raise BadRequest(f"a POST body must be {FORM_TYPE}")
-        try:
-            form = req.body.decode("ascii")
-        except UnicodeDecodeError:
-            raise BadRequest("a form body must be percent-encoded ASCII") from None
-        query = f"{query}&{form}" if query else form
-    return parse_target(rest, query)
-
-
-_ELEMENT_SCHEMAS = {
-    "Text": {"type": "object", "required": ["text", "type"],
-             "properties": {"text": {"type": "string"}, "type": {"const": "text"}}},
-    "Table": {"type": "object", "required": ["table", "type"],
-              "properties": {"table": {"type": "array", "items": {"type": "object"}}, "type": {"const": "table"}}},
-    "Alert": {"type": "object", "required": ["alert", "type"],
-              "properties": {"alert": {"type": "array", "items": {"$ref": "#/components/schemas/Element"}},
-                             "type": {"const": "alert"}}},
-    "List": {"type": "object", "required": ["list", "type"],
-             "properties": {"list": {"type": "array"}, "title": {"type": "string"}, "type": {"const": "list"}}},
-    "Element": {"oneOf": [{"$ref": f"#/components/schemas/{n}"} for n in ("Text", "Table", "Alert", "List")]},
-    "Result": {"oneOf": [{"$ref": "#/components/schemas/Element"},
-                         {"type": "array", "items": {"$ref": "#/components/schemas/Element"}}]},
-    "Error": {"type": "object", "required": ["error", "text", "type"],
-              "properties": {"error": {"type": "string"}, "text": {"type": "string"}, "type": {"const": "error"},
-                             "usage": {"type": "string"}}},
-}
-
-
-def _openapi_operation(cmd: Command) -> dict:
-    params = [{"name": k.name, "in": "query", "required": k.name in cmd.required, "description": k.doc,
-               "schema": {"type": "string", "minLength": 1}} for k in cmd.keys]
-    for f in cmd.flags:
-        schema = {"type": "string", "maxLength": 0} if f.value == "none" else {"type": "string"}
-        params.append({"name": f"--{f.name}", "in": "query", "required": False, "description": f.doc,
-                       "allowEmptyValue": f.value != "required", "schema": schema})
-    if cmd.extra_words:
-        params.append({"name": cmd.extra_words, "in": "path", "required": True, "schema": {"type": "string"},
-                       "description": "one or more words, separated by /"})
-    error = {"description": "error", "content": {JSON_TYPE: {"schema": {"$ref": "#/components/schemas/Error"}}}}
-    return {"summary": " ".join((cmd.doc or "").split()) or " ".join(cmd.words),
-            "operationId": "_".join(w.replace("-", "_") for w in cmd.words),
-            "tags": [cmd.words[0]], "parameters": params,
-            "responses": {"200": {"description": "the command's result",
-                                  "content": {JSON_TYPE: {"schema": {"$ref": "#/components/schemas/Result"}}}},
-                          **{code: error for code in ("400", "401", "403", "406", "500")}}}
-
-
-OPENAPI_HTTP_ERRORS = {  # JSON errors the HTTP layer may answer to any request (README, "The API by example")
-    "400": "a request that cannot be read (header lines, Content-Length, a query not UTF-8, Authorization)",
-    "413": "a body over listener.max_body_size", "414": "a request line over listener.max_request_line_length",
-    "431": "header fields over the listener's limits", "500": "a bug, logged; the node serves on",
-    "503": "no thread to answer now (Retry-After)", "505": "an HTTP version other than 1.0 and 1.1"}
-
-
-OPENAPI_CROSS_SITE = "a change asked by another site's page (Sec-Fetch-Site, Origin)"
-
-
-def _openapi_answers(texts: Iterable[tuple[int, str]], errors: Mapping[str, str]) -> dict:
-    """Return OpenAPI responses: plain-text answers (status, text) and JSON errors ({status: when}), merged
-    per status, each with the content type the node sends it as."""
-    answers: dict[str, dict] = {}
-
-    def add(code: str, kind: str, schema: dict, line: str) -> None:
-        entry = answers.setdefault(code, {"description": "", "content": {}})
-        entry["content"][kind] = {"schema": schema}
-        entry["description"] = f"{entry['description']}; {line}" if entry["description"] else line
-    for code, line in texts:
-        add(str(code), TEXT_TYPE, {"type": "string"}, line)
-    for code, when in errors.items():
-        add(code, JSON_TYPE, {"$ref": "#/components/schemas/Error"}, f"JSON error: {when}")
-    return dict(sorted(answers.items()))
-
-
-def _openapi_plugin_paths() -> dict:
-    """Return the OpenAPI paths of /api/v2 and HTTP publish, which are not commands."""
-    def query(name: str, doc: str, required: bool = False, empty: bool = False) -> dict:
-        return {"name": name, "in": "query", "required": required, "description": doc,
-                "allowEmptyValue": empty, "schema": {"type": "string"}}
-    subscriber = [query("client_id", "the client id", True), query("mountpoint", "its mountpoint (default empty)")]
-    v2_errors = {**OPENAPI_HTTP_ERRORS, "400": "client_id missing, or an id no MQTT client could have; " +
-                 OPENAPI_HTTP_ERRORS["400"], "401": "no API key of scope api2", "406": "Accept excludes application/json"}
-    v2 = _openapi_answers([(400, "invalid_command: no such command")], v2_errors)
-    client = {"summary": "A session's status (online, offline, unknown), with &topics its subscriptions",
-              "operationId": "api_v2_client", "tags": ["api2"],
-              "parameters": [*subscriber, query("topics", "list the subscriptions too", empty=True)],
-              "responses": {"200": {"description": "status and topics", "content": {JSON_TYPE: {"schema": {
-                  "type": "object", "required": ["status"], "properties": {
-                      "status": {"enum": ["online", "offline", "unknown", "no_queue"]},
-                      "topics": {"oneOf": [{"type": "object", "additionalProperties": {"type": "integer"}},
-                                           {"type": "array", "maxItems": 0}]}}}}}}, **v2}}
-    disconnect = {"summary": "Disconnect a client; with &cleanup drop its session too",
-                  "operationId": "api_v2_disconnect", "tags": ["api2"],
-                  "parameters": [*subscriber, query("cleanup", "drop the session too", empty=True)],
-                  "responses": {"200": {"description": "ok, or unknown when there is no such session",
-                                        "content": {JSON_TYPE: {"schema": {"enum": ["ok", "unknown"]}}}},
-                                **_openapi_answers([(400, "invalid_command: no such command")], {
-                                    **v2_errors, "403": OPENAPI_CROSS_SITE})}}
-    answers = _openapi_answers(HTTP_PUB_ANSWERS.values(), {  # the plain-text body names the case
-        **OPENAPI_HTTP_ERRORS, "401": "no API key of scope httppub", "403": OPENAPI_CROSS_SITE})
-    body = {"type": "object", "required": ["topic", "payload"], "properties": {
-        **{k: {"type": "string"} for k in ("topic", "payload", "user", "password", "client_id")},
-        "qos": {"enum": [0, 1, 2]}, "retain": {"type": "boolean"},
-        "user_properties": {"type": "array", "items": {"type": "object"}}}}
-    publish = {"summary": "Publish a message as an MQTT client would (vmq_http_pub); the fields in a JSON "
-                          "body, or in headers or the query with the payload as the body",
-               "tags": ["httppub"], "responses": answers,
-               "parameters": [query("encoding", "plain (default) or base64: how the JSON payload is written")],
-               "requestBody": {"content": {JSON_TYPE: {"schema": body},
-                                           "application/octet-stream": {"schema": {"type": "string"}}}}}
-    return {"/api/v2/client": {"get": client}, "/api/v2/disconnect": {"get": disconnect},
-            "/restmqtt/api/v1/publish": {"post": {**publish, "operationId": "http_publish"},
-                                         "put": {**publish, "operationId": "http_publish_put"}}}
-
-
-def openapi_document(commands: CommandTable) -> dict:
-    """Return an OpenAPI 3.1 description of /api/v1, generated from the command table."""
-    paths = {}
-    for cmd in commands:
-        path = "/api/v1/" + "/".join(cmd.words) + (f"/{{{cmd.extra_words}}}" if cmd.extra_words else "")
-        paths[path] = {"get": _openapi_operation(cmd)}
-    paths.update(_openapi_plugin_paths())
-    return {"openapi": "3.1.0",
-            "info": {"title": "vmqapi admin API (VerneMQ /api/v1)", "version": __version__,
-                     "description": "Every vmq-admin command as GET /api/v1/<words>?key=value&--flag; "
-                                    "POST with a form body takes the same arguments."},
-            "paths": paths,
-            "components": {"schemas": _ELEMENT_SCHEMAS, "securitySchemes": {
-                "apiKeyBasic": {"type": "http", "scheme": "basic",
-                                "description": "the API key as user name, empty password"},
-                "apiKeyHeader": {"type": "apiKey", "in": "header", "name": "x-api-key"}}},
-            "security": [{"apiKeyBasic": []}, {"apiKeyHeader": []}]}
-
-
-def refuse_cross_site(req: Request, what: str) -> None:
-    """Refuse (403) a request another site's page made a browser send: it may carry the browser's cached Basic key.
-
-    A form POST or an <img> GET from elsewhere gets the key a browser remembers for this
-    node; requests that change the node answer only to the node's own pages and to clients
-    that are no browser page (curl sends neither header). Fetch Metadata: ``same-site``
-    is refused too, since every port of the same host is the same site.
-    """
-    site = req.headers.get("sec-fetch-site", "").strip().lower()
-    if site in ("cross-site", "same-site"):
-        raise Forbidden(f"{what}: refused for a request sent from another site's page (Sec-Fetch-Site: {site})")
-    origin, host = req.headers.get("origin"), req.headers.get("host", "")
-    if origin is not None and not is_own_origin(origin, host, (req.scheme,)):
-        own = f"{req.scheme}://{host.strip()}"
-        raise Forbidden(f"{what}: refused for a request sent from another origin ({origin.strip()[:100]!r}, "
-                        f"not {own[:100]!r})")
-
-
-@contextlib.contextmanager
-def slow_command_slot(node: NodeApi, command: Command, wants_help: bool = False) -> Iterable[None]:
-    """Hold one of the node's SLOW_COMMANDS slots while a command not marked quick runs.
-
-    Each connection has its own thread, so a slow command holds up nobody else; the slots
-    bound how many run at once (trace client waits, a big session show builds megabytes and
-    competes with MQTT for the GIL). Past them the answer is 503 with Retry-After.
-    """
-    quick = command.quick
-    if wants_help or quick is True or (callable(quick) and quick(node)):
-        yield
-        return
-    slots = node.slow_commands
-    if not slots.acquire(blocking=False):
-        raise ServiceUnavailable(f"{SLOW_COMMANDS} slow commands (session show, trace client, ...) run already; "
-                                 f"try again in a moment")
-    try:
-        yield
-    finally:
-        slots.release()
-
-
-def serve_api(node: NodeApi, req: Request, rest: str, query: str) -> Response:
-    """Answer /api/v1: method, auth, command, OPTIONS, Accept, run (README, "The API by example")."""
-    if req.method in REFUSED_METHODS:
-        raise MethodNotAllowed(f"{req.method} is not allowed; use GET, HEAD, POST or OPTIONS")
-    if req.method not in HTTP_METHODS:
-        raise NotImplementedMethod(f"method {req.method} is not implemented")
-    scope = authenticate(node, "vmq_http_mgmt_api", req.headers, ("mgmt", "mgmt_ro"))
-    if rest == "openapi.json" and req.method in ("GET", "HEAD"):
-        body = json.dumps(openapi_document(node.commands), separators=(",", ":")).encode()
-        return Response(200, (("Content-Type", JSON_TYPE),), body)
-    argv = request_argv(req, rest, query)
-    call, wants_help = prepare(node.commands, argv, node)
-    refusal = "" if wants_help else call.command.read_only_refusal(call.flags)
-    if refusal and scope == "mgmt_ro":
-        raise Forbidden(refusal)
-    if refusal:  # it changes the node (or shows secrets): never for another site's page
-        refuse_cross_site(req, " ".join(call.command.words))
-    if scope == "mgmt_ro":
-        call = dataclasses.replace(call, read_only=True)
-    if req.method == "OPTIONS":
-        return Response(200, CORS_HEADERS)
-    if not accepts_json(req.headers.get("accept")):
-        raise NotAcceptable("this API answers application/json only")
-    with slow_command_slot(node, call.command, wants_help):
-        elements = execute(call, wants_help)
-        body = render_json(elements)
-    headers = [("Content-Type", JSON_TYPE)]
-    empty = next((e.columns for e in elements if isinstance(e, Table) and not e.rows and e.columns), None)
-    if empty:
-        headers.append((COLUMNS_HEADER, json.dumps(empty)))
-    return Response(200, tuple(headers), body, tuple(call.after))
-
-
-# -- HTTP publish (vmq_http_pub) and API v2 (vmq_http_v2_api) --------------------------------------
-
-HTTP_PUB_ALLOW = "PUT, POST"  # VerneMQ vmq_http_pub:allowed_methods/2
-API_V2_ALLOW = "GET, OPTIONS, HEAD"  # VerneMQ vmq_http_v2_api:allowed_methods/2
-TEXT_TYPE = "text/plain"
-HTTP_PUB_FIELDS = ("topic", "qos", "retain", "user", "password", "client_id", "user_properties")
-HTTP_PUB_ANSWERS = {  # VerneMQ vmq_http_pub:map_to_response_code/1 and map_to_response_text/1
-    "published": (200, "Published"),
-    "invalid_topic": (400, "Invalid topic"),
-    "invalid_qos_value": (400, "Invalid QoS value. Must be in range 0..2"),
-    "invalid_retain_value": (400, "Invalid retain flag. Must be in true or false"),
-    "invalid_user_properties": (400, "User properties need to be a key/value list (json encoded)"),
-    "parameters_in_header_and_url": (400, "Parameters found in header as well as url-encoded"),
-    "content_not_json": (400, "Content is not a valid json"),
-    "wrong_url_parameters": (400, "Only encoding plain or base64 allows. No more URL parameters supported."),
-    "unknown_payload_encoding": (400, "Unknown payload encoding"),
-    "authentication_failed": (401, "Authentication failure."),
-    "authorization_failed": (403, "Authorization failure."),
-    "message_too_large": (413, "Payload too large."),
-    # vmqapi's own, where VerneMQ crashes (500) or has no such case
-    "payload_missing": (400, "Payload missing: the JSON form needs a \"payload\" string"),
-    "invalid_credentials": (400, "user, password and client_id must be strings"),
-    "invalid_payload": (400, "Payload is not well-formed UTF-8"),
-    "quota_exceeded": (507, "Retained message refused: max_retained_messages or max_retained_bytes reached"),
-    "store_down": (503, "The message store cannot keep a QoS 1 or 2 message now; try again later"),
-    "cluster_full": (503, "A cluster node with subscribers of this topic has cluster_max_unacknowledged_bytes "
-                          "of messages it has not confirmed yet; try again later"),
-    "bridge_full": (503, "A bridge's buffer for its remote is full (max_outgoing_buffered_bytes or "
-                         "max_outgoing_buffered_messages); try a QoS 1 or 2 message again later"),
-    "no_broker": (503, "The node runs no MQTT broker"),
-}
-
-
-def query_pairs(query: str) -> dict[str, str]:
-    """Return a query string's parameters, the first of repeated ones (as proplists:get_value); a bare one is ""."""
-    try:
-        pairs = urllib.parse.parse_qsl(query, keep_blank_values=True, errors="strict")
-    except (UnicodeDecodeError, ValueError):
-        raise BadRequest("malformed query string: bad percent-encoding or not UTF-8") from None
-    found: dict[str, str] = {}
-    for name, value in pairs:
-        found.setdefault(name, value)
-    return found
-
-
-def _pub_json(body: bytes, encoding: str) -> tuple[dict, bytes]:
-    """Read the JSON form: the fields and the payload, decoded by ``?encoding``."""
-    try:
-        doc = json.loads(body)
-    except (ValueError, UnicodeDecodeError):  # json.JSONDecodeError is a ValueError
-        raise PublishRefused("content_not_json") from None
-    if not isinstance(doc, dict):
-        raise PublishRefused("content_not_json")
-    payload = doc.get("payload")
-    if not isinstance(payload, str):
-        raise PublishRefused("payload_missing")
-    if encoding != "base64":
-        try:
-            return doc, payload.encode()
-        except UnicodeEncodeError:  # JSON may escape a lone surrogate: "\ud800"
-            raise PublishRefused("invalid_payload", "it holds a lone surrogate") from None
-    try:
-        return doc, base64.b64decode(payload, validate=True)
-    except (binascii.Error, ValueError):
-        raise PublishRefused("unknown_payload_encoding") from None
-
-
-def publish_fields(req: Request, query: str) -> tuple[dict, bytes]:
-    """Return an HTTP publish's fields and payload, in VerneMQ's three forms.
-
-    A ``topic`` header: the fields in headers, the body is the payload. A ``topic`` query
-    parameter: the fields in the query. Neither: a JSON body, ``?encoding=plain|base64``
-    its only query parameter (VerneMQ vmq_http_pub:process_post/2).
-    """
-    params = query_pairs(query)
-    in_header, in_query = "topic" in req.headers, "topic" in params
-    if in_header and in_query:
-        raise PublishRefused("parameters_in_header_and_url")
-    if in_header:
-        fields = {k: req.headers[k] for k in HTTP_PUB_FIELDS if k in req.headers}
-        if "user_properties" in fields:
-            try:
-                fields["user_properties"] = json.loads(fields["user_properties"])
-            except ValueError:
-                raise PublishRefused("invalid_user_properties") from None
-        return fields, req.body
-    if in_query:
-        return {k: params[k] for k in HTTP_PUB_FIELDS if k in params and k != "user_properties"}, req.body
-    if set(params) - {"encoding"} or params.get("encoding", "plain") not in ("plain", "base64"):
-        raise PublishRefused("wrong_url_parameters")
-    return _pub_json(req.body, params.get("encoding", "plain"))
-
-
-def _pub_qos(value: Any) -> int:
-    if isinstance(value, str) and value.isascii() and value.isdigit():
-        value = int(value)
-    if type(value) is not int or value not in (0, 1, 2):
-        raise PublishRefused("invalid_qos_value")
-    return value
-
-
-def _pub_retain(value: Any) -> bool:
-    flag = {"true": True, "false": False}.get(value) if isinstance(value, str) else value
-    if not isinstance(flag, bool):
-        raise PublishRefused("invalid_retain_value")
-    return flag
-
-
-def _pub_user_properties(value: Any, node: NodeApi, limit: int = 0) -> tuple:
-    """Return MQTT 5 user properties from ``{"k": "v"}`` or VerneMQ's ``[{"k": "v"}]``, at most ``limit`` (0: any).
-
-    The limit is max_properties_per_packet, which every node applies to a message forwarded to it:
-    a message with more would reach no other node, and its retained row would differ between them.
-    """
-    if value is None:
-        return ()
-    if isinstance(value, list) and len(value) == 1:
-        value = value[0]  # VerneMQ vmq_http_pub:list_from_map/1 reads the first map
-    if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
-        raise PublishRefused("invalid_user_properties")
-    if limit and len(value) > limit:
-        raise PublishRefused("invalid_user_properties", f"more than {limit} (max_properties_per_packet)")
-    for text in (*value, *value.values()):
-        problem = node.string_problem(text)
-        if problem is not None:
-            raise PublishRefused("invalid_user_properties", f"{text[:40]!r}: {problem}")
-    return tuple(("user_property", (k, v)) for k, v in value.items())
-
-
-@dataclass(frozen=True, slots=True)
-class HttpMessage:
-    """An HTTP publish's message, checked: the node makes it the PUBLISH of an MQTT client."""
-
-    topic: str
-    payload: bytes
-    qos: int
-    retain: bool
-    properties: tuple = ()  # ("user_property", (key, value)) pairs, the only properties it sets
-
-
-def publish_message(fields: Mapping[str, Any], payload: bytes, node: NodeApi, max_levels: int = 200,
-                    max_props: int = 0) -> HttpMessage:
-    """Check an HTTP publish's fields as VerneMQ does (check_values/2), and its topic and properties as an
-    MQTT PUBLISH's are checked (by ``node``); return its message."""
-    topic = fields.get("topic")
-    if not isinstance(topic, str):
-        raise PublishRefused("invalid_topic", "the topic must be a string")
-    if topic.startswith("$"):
-        raise PublishRefused("invalid_topic", "topics beginning with $ are not published over HTTP")  # as VerneMQ
-    problem = node.topic_problem(topic, max_levels)
-    if problem is not None:
-        raise PublishRefused("invalid_topic", problem)
-    qos = _pub_qos(fields.get("qos", 0))
-    retain = _pub_retain(fields.get("retain", False))
-    props = _pub_user_properties(fields.get("user_properties"), node, max_props)
-    return HttpMessage(topic, payload, qos, retain, props)
-
-
-def publish_credentials(config: Config, fields: Mapping[str, Any],
-                        node: NodeApi) -> tuple[str | None, bytes | None, str]:
-    """Return (user, password, client id) to authenticate as: the request's, or predefined ones."""
-    if config["vmq_http_pub.mqtt_auth.mode"] == "predefined":
-        fields = {k: config[f"vmq_http_pub.mqtt_auth.{k}"] for k in ("user", "password", "client_id")}
-    user, password, client_id = (fields.get(k) for k in ("user", "password", "client_id"))
-    if any(v is not None and not isinstance(v, str) for v in (user, password, client_id)):
-        raise PublishRefused("invalid_credentials")
-    for name, value in (("user", user), ("password", password), ("client_id", client_id)):
-        problem = None if value is None else node.string_problem(value)
-        if problem is not None:
-            raise PublishRefused("invalid_credentials", f"{name}: {problem}")
-    return user or None, None if password is None else password.encode(), client_id or ""
-
-
-def publish_answer(reason: str, detail: str = "") -> Response:
-    """Return VerneMQ's plain-text answer for an HTTP publish (``detail`` after it)."""
-    status, text = HTTP_PUB_ANSWERS[reason]
-    return Response(status, (("Content-Type", TEXT_TYPE),), (f"{text}: {detail}" if detail else text).encode())
-
-
-def serve_http_pub(node: NodeApi, req: Request, rest: str, query: str) -> Response:
-    """Answer POST/PUT /restmqtt/api/v1/publish: publish as an MQTT client would (README, "HTTP publish")."""
-    if rest:
-        raise NotFound(f"no endpoint at /restmqtt/api/v1/publish/{rest}")
-    if req.method not in HTTP_PUB_ALLOW.split(", "):
-        exc = MethodNotAllowed(f"{req.method} is not allowed here; use POST or PUT")
-        exc.allow = HTTP_PUB_ALLOW
-        raise exc
-    authenticate(node, "vmq_http_pub", req.headers, ("httppub",))
-    refuse_cross_site(req, "HTTP publish")
-    config = node.config
-    try:
-        fields, payload = publish_fields(req, query)
-        message = publish_message(fields, payload, node, config["max_topic_levels"],
-                                  config["max_properties_per_packet"])
-        user, password, client_id = publish_credentials(config, fields, node)
-        limit = config["max_message_size"]
-        if limit and len(payload) > limit:
-            raise PublishRefused("message_too_large")
-    except PublishRefused as exc:
-        return publish_answer(exc.reason, exc.detail)
-    reason = node.http_publish(req.peer, user, password, client_id, config["vmq_http_pub.mountpoint"], message)
-    return publish_answer(reason or "no_broker")
-
-
-def _api_v2_client(node: NodeApi, key: tuple[str, str], topics: bool) -> Any:
-    """The answer of /api/v2/client: the session's status and, when asked, its subscriptions."""
-    record = node.client_status(key)
-    status, subs = record if record is not None else ("unknown", {})
-    answer: dict[str, Any] = {"status": status}
-    if topics:
-        answer["topics"] = subs or []  # VerneMQ: jsx writes no subscriptions as []
-    return answer
-
-
-def _api_v2_disconnect(node: NodeApi, key: tuple[str, str], cleanup: bool) -> Any:
-    """The answer of /api/v2/disconnect: ok, or unknown when there is no such session."""
-    return "ok" if node.disconnect_session(key[1], key[0], cleanup) else "unknown"
-
-
-API_V2_COMMANDS = {  # name: (answer, its flag, whether it changes the node)
-    "client": (_api_v2_client, "topics", False), "disconnect": (_api_v2_disconnect, "cleanup", True)}
-
-
-def serve_api_v2(node: NodeApi, req: Request, rest: str, query: str) -> Response:
-    """Answer GET /api/v2/client and /api/v2/disconnect (VerneMQ vmq_http_v2_api)."""
-    if req.method in ("POST", *REFUSED_METHODS):
-        exc = MethodNotAllowed(f"{req.method} is not allowed here; use GET, HEAD or OPTIONS")
-        exc.allow = API_V2_ALLOW
-        raise exc
-    if req.method not in HTTP_METHODS:
-        raise NotImplementedMethod(f"method {req.method} is not implemented")
-    authenticate(node, "vmq_http_v2_api", req.headers, ("api2",))
-    if req.method == "OPTIONS":
-        return Response(200, CORS_HEADERS)
-    if not accepts_json(req.headers.get("accept")):
-        raise NotAcceptable("this API answers application/json only")
-    command = API_V2_COMMANDS.get(rest)
-    if command is None:
-        return Response(400, (("Content-Type", TEXT_TYPE),), b"invalid_command")  # VerneMQ's answer
-    params = query_pairs(query)
-    client_id = params.get("client_id", "")
-    if not client_id:
-        raise BadRequest("client_id is required: /api/v2/<command>?client_id=<id>[&mountpoint=<mp>]")
-    for name in ("client_id", "mountpoint"):  # what an MQTT client could not have sent is nobody's
-        problem = node.string_problem(params.get(name, ""))
-        if problem is not None:
-            raise BadRequest(f"{name}: {problem}")
-    fn, flag, changes = command
-    if changes:
-        refuse_cross_site(req, f"/api/v2/{rest}")
-    answer = fn(node, (params.get("mountpoint", ""), client_id), flag in params)
-    return Response(200, (("Content-Type", JSON_TYPE),), json.dumps(answer, separators=(",", ":")).encode())
-
-
-###############################################################################
-# 28. Observability endpoints #################################################
-###############################################################################
-# Owns: /metrics (Prometheus text 0.0.4), /health, /status.json and the /status page.
-# Must not know: sockets, MQTT internals (it reads the metrics registry and the node).
-
-PROMETHEUS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-STATUS_GAUGES = {  # README, "Monitoring" [better]: the status page's numbers as gauges too
-    "num_online": "Sessions with a connected client.",
-    "num_offline": "Persistent sessions without a connected client.",
-    "msg_in": "PUBLISH packets received (mqtt_publish_received).",
-    "msg_out": "PUBLISH packets sent (mqtt_publish_sent).",
-    "queue_in": "Messages that entered a queue (queue_message_in).",
-    "queue_out": "Messages that left a queue (queue_message_out).",
-    "queue_drop": "Messages dropped from queues (queue_message_drop).",
-    "queue_unhandled": "Messages no subscription matched (queue_message_unhandled).",
-    "num_subscriptions": "Subscriptions in the routing table.",
-    "num_retained": "Retained messages.",
-    "matches_local": "Matched local subscriptions (router_matches_local).",
-    "matches_remote": "Matched remote subscriptions (router_matches_remote).",
-}
-
-
-def _label_value(text: str) -> str:
-    return text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-
-def render_prometheus(samples: Mapping[tuple[str, LabelSet], int], node: str, namespace: str,
-                      status: Mapping[str, Any]) -> str:
-    """Render series as Prometheus text 0.0.4: HELP and TYPE once per name, ``node`` the first label."""
-    order: dict[str, int] = {}
-    for name, _ in samples:
-        order.setdefault(name, len(order))
-    lines: list[str] = []
-    current = None
-    node_label = f'node="{_label_value(node)}"'
-    for (name, labels), value in sorted(samples.items(), key=lambda kv: order[kv[0][0]]):
-        full = namespace + name
-        if name != current:
-            kind, doc = METRIC_DEFINITIONS.get(name, ("gauge", name, ()))[:2]
-            help_text = doc.replace("\\", "\\\\").replace("\n", "\\n")
-            lines += [f"# HELP {full} {help_text}", f"# TYPE {full} {kind}"]
-            current = name
-        extra = "".join(f',{k}="{_label_value(v)}"' for k, v in labels)
-        lines.append(f"{full}{{{node_label}{extra}}} {value}")
-    for name, doc in STATUS_GAUGES.items():
-        full = namespace + name
-        lines += [f"# HELP {full} {doc}", f"# TYPE {full} gauge", f"{full}{{{node_label}}} {status[name]}"]
-    return "\n".join(lines) + "\n"
-
-
-def _only_get(req: Request) -> None:
-    if req.method not in ("GET", "HEAD"):
-        exc = MethodNotAllowed(f"{req.method} is not allowed here; use GET or HEAD")
-        exc.allow = "GET, HEAD"
-        raise exc
-
-
-def serve_metrics(node: NodeApi, req: Request, rest: str, query: str) -> Response:
-    """Answer /metrics in Prometheus text format (any Accept header is fine)."""
-    _only_get(req)
-    if rest:
-        raise NotFound(f"no endpoint at /metrics/{rest}")
-    authenticate(node, "vmq_metrics_http", req.headers, ("metrics",))
-    body = render_prometheus(node.metric_samples(), node.name, node.config["prometheus_namespace"], node.status())
-    return Response(200, (("Content-Type", PROMETHEUS_TYPE),), body.encode())
-
-
-def serve_health(node: NodeApi, req: Request, rest: str, query: str) -> Response:
-    """Answer /health, /health/ping and /health/listeners: 200 OK, or 503 with the reasons."""
-    _only_get(req)
-    if rest not in ("", "ping", "listeners"):
-        raise NotFound(f"no endpoint at /health/{rest}")
-    authenticate(node, "vmq_health_http", req.headers, ("health",))
-    reasons = [] if rest == "ping" else node.health_reasons()
-    body = {"status": "DOWN", "reasons": reasons} if reasons else {"status": "OK"}
-    return Response(503 if reasons else 200, (("Content-Type", JSON_TYPE),),
-                    json.dumps(body, separators=(",", ":")).encode())
-
-
-def status_document(node: NodeApi) -> list:
-    """Return /status.json: ``[{node: {node status..., listeners, mystatus}}]`` as VerneMQ shapes it."""
-    listeners = [{"type": r["type"], "status": r["status"], "ip": r["address"], "port": int(r["port"]),
-                  "mountpoint": r["mountpoint"], "max_conns": r["max_conns"], "active_conns": r["active_conns"]}
-                 for r in node.listener_rows()]
-    return [{node.name: {**node.status(), "listeners": listeners, "mystatus": [{r["Node"]: r["Running"]} for r in _command_rows(node, ("cluster", "show"), ())]}}]
-
-
-def serve_status_json(node: NodeApi, req: Request, rest: str, query: str) -> Response:
-    """Answer /status.json, with CORS from http_cors_allow_origin."""
-    _only_get(req)
-    authenticate(node, "vmq_status_http", req.headers, ("status",))
-    body = json.dumps(status_document(node), separators=(",", ":"), ensure_ascii=False).encode()
-    return Response(200, (("Content-Type", JSON_TYPE),
-                          ("Access-Control-Allow-Origin", node.config["http_cors_allow_origin"])), body)
-
-
-HISTORY_INTERVAL = 2.0  # s between two samples of the status page's charts (the page polls as often)
-HISTORY_SAMPLES = 450  # 15 minutes at HISTORY_INTERVAL
-HISTORY_FIELDS = ("at", "msg_in", "msg_out", "num_online", "num_offline", "queued")
-STATUS_PAGE_ROWS = 100  # sessions and retained topics the page lists
-STATUS_SESSION_ROWS = 5000  # session show rows the page's filter looks through (sessions, subscriptions)
-
-
-def history_sample(status: Mapping[str, Any], at: float) -> tuple:
-    """Return one history point (HISTORY_FIELDS) from node status values."""
-    queued = max(0, status["queue_in"] - status["queue_out"] - status["queue_drop"])  # entered, not yet left
-    return (round(at, 1), status["msg_in"], status["msg_out"], status["num_online"], status["num_offline"], queued)
-
-
-class StatusHistory:
-    """The last HISTORY_SAMPLES points of the node's status, sampled by a thread of its own."""
-
-    def __init__(self, status: Callable[[], Mapping[str, Any]], interval: float = HISTORY_INTERVAL,
-                 size: int = HISTORY_SAMPLES, clock: Callable[[], float] = time.time):
-        self._status, self.interval, self._clock = status, interval, clock
-        self._lock = threading.Lock()
-        self._points: collections.deque = collections.deque(maxlen=size)
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def start(self) -> None:
-        """Take a first sample now, then one every ``interval`` seconds until stop()."""
-        self._stop.clear()
-        self.record()
-        self._thread = threading.Thread(target=self._run, name="vmqapi-status-history", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        """Stop sampling and wait for the thread; safe to call twice."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(10)
-            self._thread = None
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            try:
-                self.record()
-            except (RuntimeError, concurrent.futures.CancelledError, TimeoutError):
-                log.debug("status history: the broker did not answer (stopping?)")  # the next turn retries
-
-    def record(self) -> None:
-        """Add one sample of the node's status."""
-        point = history_sample(self._status(), self._clock())
-        with self._lock:
-            self._points.append(point)
-
-    def points(self) -> list[tuple]:
-        """Return the samples, oldest first."""
-        with self._lock:
-            return list(self._points)
-
-
-def _command_rows(node: NodeApi, words: tuple[str, ...], flags: Iterable[tuple[str, str | None]]) -> list[dict]:
-    """Run a read-only command of the node's own table and return its first table's rows."""
-    call, _ = prepare(node.commands, Argv(words, (), tuple(flags)), node)
-    return next((list(e.rows) for e in execute(call) if isinstance(e, Table)), [])
-
-
-def status_rows(node: NodeApi) -> dict:
-    """Return what /status/details.json reads from commands: sessions, their subscription counts, retained, cluster."""
-    listed = _command_rows(node, ("session", "show"), (("--client_id", None), ("--is_online", None),
-                                                       ("--protocol", None), ("--limit", str(STATUS_SESSION_ROWS))))
-    counts = collections.Counter(r["client_id"] for r in _command_rows(
-        node, ("session", "show"), (("--client_id", None), ("--topic", None), ("--limit", str(STATUS_SESSION_ROWS)))))
-    retained = _command_rows(node, ("retain", "show"), (("--topic", None), ("--limit", str(STATUS_PAGE_ROWS))))
-    return {"sessions": listed, "counts": counts, "retained": [r["topic"] for r in retained],
-            "cluster": _command_rows(node, ("cluster", "show"), ())}
-
-
-class StatusRows:
-    """status_rows shared by every reader: computed by one of them at most once per ``interval``.
-
-    Each computation scans thousands of sessions twice; a page open in many browsers (or a
-    loop of clients) must not multiply that work, which competes with MQTT for the GIL.
-    """
-
-    def __init__(self, compute: Callable[[], dict], interval: float = HISTORY_INTERVAL,
-                 clock: Callable[[], float] = time.monotonic):
-        self._compute, self.interval, self._clock = compute, interval, clock
-        self._lock = threading.Lock()  # held while one reader computes: the others wait for its result
-        self._rows: dict | None = None
-        self._at = 0.0
-        self.computations = 0
-
-    def get(self) -> dict:
-        """Return the rows, computed now when the last ones are ``interval`` old."""
-        with self._lock:
-            if self._rows is None or self._clock() - self._at >= self.interval:
-                self._rows = self._compute()
-                self._at = self._clock()
-                self.computations += 1
-            return self._rows
-
-
-def status_sessions(rows: Mapping[str, Any], contains: str, state: str) -> list[dict]:
-    """Return the page's sessions (client id, online, protocol, subscriptions) from the shared rows."""
-    wanted = {"online": True, "offline": False}.get(state)
-    picked = [r for r in rows["sessions"] if contains in r["client_id"] and wanted in (None, r["is_online"])]
-    counts = rows["counts"]
-    return [{"client_id": r["client_id"], "online": r["is_online"], "protocol": r["protocol"],
-             "subscriptions": counts[r["client_id"]]} for r in picked[:STATUS_PAGE_ROWS]]
-
-
-def status_details(node: NodeApi, query: str) -> dict:
-    """Return /status/details.json: the charts' history, sessions, retained topics and cluster members."""
-    params = urllib.parse.parse_qs(query)
-    contains, state = params.get("client_id", [""])[0], params.get("state", ["all"])[0]
-    now = history_sample(node.status(), time.time())
-    rows = node.status_rows.get()
-    return {"interval": node.history.interval, "fields": HISTORY_FIELDS, "history": [*node.history.points(), now],
-            "sessions": status_sessions(rows, contains, state), "retained": rows["retained"],
-            "cluster": rows["cluster"], "health": node.health_reasons()}  # what /health says, for the badge
-
-
-def serve_status_page(node: NodeApi, req: Request, rest: str, query: str) -> Response:
-    """Answer /status, one self-contained page, and /status/details.json, the data it draws."""
-    _only_get(req)
-    if rest == "details.json":
-        authenticate(node, "vmq_status_http", req.headers, ("status",))
-        body = json.dumps(status_details(node, query), separators=(",", ":"), ensure_ascii=False).encode()
-        return Response(200, (("Content-Type", JSON_TYPE), ("Cache-Control", "no-store")), body)
-    if rest:
-        raise NotFound(f"no endpoint at /status/{rest}")
-    return Response(200, (("Content-Type", "text/html; charset=utf-8"),
-                          ("Content-Security-Policy", "default-src 'self'; style-src 'unsafe-inline'; "
-                                                      "script-src 'unsafe-inline'")), STATUS_PAGE.encode())
-
-
-ENDPOINTS = {  # GET / for a JSON client: where to go
-    "/status": "the status page, for a browser",
-    "/status.json": "the node's status, sessions and listeners as JSON",
-    "/api/v1": "the admin API: /api/v1/<vmq-admin words>?key=value&--flag (an API key as Basic user name)",
-    "/api/v1/openapi.json": "the admin API described as OpenAPI 3.1",
-    "/metrics": "Prometheus text format 0.0.4",
-    "/health": "200 OK, or 503 with the reasons",
-}
-
-
-def serve_root(node: NodeApi, req: Request, rest: str, query: str) -> Response:
-    """Answer /: a redirect to /status for browsers, an index of the endpoints for JSON clients."""
-    _only_get(req)
-    if rest:
-        raise NotFound(f"no endpoint at //{rest}")
-    accept = req.headers.get("accept", "")
-    if JSON_TYPE in accept.lower() and accepts_json(accept):
-        body = json.dumps({"endpoints": ENDPOINTS}, separators=(",", ":")).encode()
-        return Response(200, (("Content-Type", JSON_TYPE),), body)
-    text = "The status page is at /status, the admin API at /api/v1 (GET / with Accept: application/json lists all).\n"
-    return Response(302, (("Location", "/status"), ("Content-Type", "text/plain; charset=utf-8")), text.encode())
-
-
-STATUS_PAGE = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>vmqapi status</title>
-<style>
-:root{--bg:#f6f7f9;--card:#fff;--ink:#1d2330;--mute:#667085;--line:#e3e6ea;--grid:#eef0f3;--in:#2e7d32;--out:#1565c0;
---on:#2e7d32;--off:#b26a00;--q:#6a1b9a;--bad:#c62828}
-@media (prefers-color-scheme:dark){:root{--bg:#14171c;--card:#1c2027;--ink:#e8eaed;--mute:#9aa3af;--line:#2b313a;
---grid:#252a32;--in:#66bb6a;--out:#64b5f6;--on:#66bb6a;--off:#ffb74d;--q:#ce93d8}}
-*{box-sizing:border-box}body{margin:0;font:15px/1.4 system-ui,sans-serif;background:var(--bg);color:var(--ink)}
-header{padding:14px 20px;border-bottom:1px solid var(--line);display:flex;flex-wrap:wrap;gap:6px 18px;align-items:baseline}
-h1{font-size:20px;margin:0}#state,#version{color:var(--mute);font-size:14px}#health{font-weight:600}
-main{padding:16px 20px;display:grid;gap:16px;grid-template-columns:repeat(2,minmax(0,1fr))}
-@media (max-width:700px){main{grid-template-columns:1fr;padding:12px}}
-.card{background:var(--card);border:1px solid var(--line);border-radius:10px;padding:14px 16px;min-width:0}
-.card h2{font-size:13px;text-transform:uppercase;letter-spacing:.04em;color:var(--mute);margin:0 0 8px}
-.wide{grid-column:1/-1}.nums{display:grid;grid-template-columns:repeat(auto-fit,minmax(130px,1fr));gap:10px}
-.num b{display:block;font-size:24px}.num span{color:var(--mute);font-size:13px}.num small{display:block;color:var(--mute);font-size:12px}
-svg.chart{width:100%;height:190px;display:block}svg text{fill:var(--mute);font-size:11px}
-.legend{display:flex;gap:14px;font-size:13px;color:var(--mute);margin-top:4px}.legend i{display:inline-block;width:12px;height:3px;margin-right:5px;vertical-align:middle}
-.scroll{overflow-x:auto}table{width:100%;border-collapse:collapse;font-size:14px}
-th,td{text-align:left;padding:5px 8px;border-bottom:1px solid var(--line);white-space:nowrap}th{color:var(--mute);font-weight:600}
-td.n,th.n{text-align:right}.running,.online,.ok{color:var(--on)}.offline{color:var(--off)}.suspended,.stopped,.down{color:var(--bad)}
-.filters{display:flex;gap:8px;flex-wrap:wrap;margin-bottom:8px}.filters input,.filters select{font:inherit;padding:4px 8px;border:1px solid var(--line);border-radius:6px;background:var(--bg);color:var(--ink)}
-.empty{color:var(--mute);font-size:14px;padding:6px 0}.note{color:var(--mute);font-size:12px;margin:6px 0 0}
-</style></head><body>
-<header><h1 id="node">vmqapi</h1><span id="health"></span><span id="version"></span><span id="state">loading status.json ...</span></header>
-<main>
-<section class="card"><h2>Sessions</h2><div class="nums">
-<div class="num"><b id="num_online">-</b><span>online</span><small>clients connected now</small></div>
-<div class="num"><b id="num_offline">-</b><span>offline</span><small>persistent sessions whose client is away</small></div>
-<div class="num"><b id="num_subscriptions">-</b><span>subscriptions</span><small>in the routing table</small></div>
-<div class="num"><b id="num_retained">-</b><span>retained</span><small>retained messages kept</small></div></div></section>
-<section class="card"><h2>Messages since start</h2><div class="nums">
-<div class="num"><b id="msg_in">-</b><span>received</span><small>PUBLISH packets from clients</small></div>
-<div class="num"><b id="msg_out">-</b><span>sent</span><small>PUBLISH packets to subscribers</small></div>
-<div class="num"><b id="queue_drop">-</b><span>dropped</span><small>lost: a queue was full or a slow client could not take QoS 0</small></div>
-<div class="num"><b id="queue_unhandled">-</b><span>unhandled</span><small>published to a topic no subscription matched</small></div></div></section>
-<section class="card"><h2>Messages per second</h2><svg class="chart" id="chart_rate" viewBox="0 0 600 190" role="img" aria-label="messages in and out per second"></svg>
-<div class="legend"><span><i style="background:var(--in)"></i>in (received)</span><span><i style="background:var(--out)"></i>out (sent)</span></div></section>
-<section class="card"><h2>Connections</h2><svg class="chart" id="chart_conn" viewBox="0 0 600 190" role="img" aria-label="sessions online and offline"></svg>
-<div class="legend"><span><i style="background:var(--on)"></i>online sessions</span><span><i style="background:var(--off)"></i>offline sessions</span></div></section>
-<section class="card"><h2>Queued messages</h2><svg class="chart" id="chart_queue" viewBox="0 0 600 190" role="img" aria-label="messages waiting in queues"></svg>
-<div class="legend"><span><i style="background:var(--q)"></i>waiting in session queues (entered, not yet sent or dropped)</span></div></section>
-<section class="card"><h2>Listeners</h2><div class="scroll"><table id="listeners"><thead><tr><th>type</th><th>status</th>
-<th>address</th><th class="n">port</th><th>mountpoint</th><th class="n">connections</th><th class="n">max</th></tr></thead><tbody></tbody></table></div>
-<h2 style="margin-top:14px">Cluster</h2><div class="scroll"><table id="cluster"><thead><tr><th>node</th><th>running</th></tr></thead><tbody></tbody></table></div></section>
-<section class="card wide"><h2>Sessions <span id="sessions_note" class="note"></span></h2>
-<div class="filters"><input id="filter" type="search" placeholder="client id contains ..." aria-label="filter by client id">
-<select id="stateFilter" aria-label="online or offline"><option value="all">online and offline</option><option value="online">online</option><option value="offline">offline</option></select></div>
-<div class="scroll"><table id="sessions"><thead><tr><th>client id</th><th>state</th><th class="n">protocol</th><th class="n">subscriptions</th></tr></thead><tbody></tbody></table></div>
-<div class="empty" id="sessions_empty" hidden>no session matches</div></section>
-<section class="card wide"><h2>Retained topics <span id="retained_note" class="note"></span></h2><div class="scroll"><table id="retained"><thead><tr><th>topic</th></tr></thead><tbody></tbody></table></div>
-<div class="empty" id="retained_empty" hidden>no retained messages</div></section>
-</main>
-<script>
-"use strict";
-const POLL_MS = 2000, H = 190, L = 48, R = 12, T = 24, B = 26, PROTOCOLS = {3: "3.1", 4: "3.1.1", 5: "5.0"};
-function $(id) { return document.getElementById(id); }
-function text(id, value) { $(id).textContent = String(value); }
-function fmt(v) { return v >= 1e6 ? (v / 1e6).toFixed(1) + "M" : v >= 1e4 ? (v / 1e3).toFixed(0) + "k" : v >= 100 ? v.toFixed(0) : v >= 10 ? String(+v.toFixed(1)) : String(+v.toFixed(2)); }
-function niceMax(v) { if (v <= 0) return 1; const p = Math.pow(10, Math.floor(Math.log10(v))); for (const m of [1, 2, 2.5, 5, 10]) if (m * p >= v) return m * p; return 10 * p; }
-function clock(t, seconds) { return new Date(t * 1000).toTimeString().slice(0, seconds ? 8 : 5); }
-function el(name, attrs, content) {  // numbers and clock times only: nothing to escape
-  let out = "<" + name;
-  for (const k in attrs) out += " " + k + '="' + attrs[k] + '"';
-  return out + (content === undefined ? "/>" : ">" + content + "</" + name + ">");
-}
-function chart(id, times, series, unit) {
-  const svg = $(id), W = Math.max(280, Math.round(svg.getBoundingClientRect().width) || 600);
-  const now = times[times.length - 1] || Date.now() / 1000, span = Math.max(60, now - (times[0] || now));
-  svg.setAttribute("viewBox", "0 0 " + W + " " + H);
-  const top = niceMax(Math.max(0, ...series.flatMap(s => s.values))), x = t => L + (W - L - R) * (1 - (now - t) / span);
-  const y = v => H - B - (H - B - T) * v / top, parts = [];
-  for (let i = 0; i <= 4; i++) {
-    const v = top * i / 4;
-    parts.push(el("line", {x1: L, x2: W - R, y1: y(v), y2: y(v), stroke: "var(--grid)"}));
-    parts.push(el("text", {x: L - 6, y: y(v) + 4, "text-anchor": "end"}, fmt(v)));
-  }
-  parts.push(el("text", {x: 4, y: 12}, unit));
-  for (let i = 0; i <= 4; i++) {
-    const t = now - span * (4 - i) / 4;
-    if (W < 420 && i % 2) continue;  // a phone: three labels fit
-    parts.push(el("text", {x: x(t), y: H - 8, "text-anchor": i === 0 ? "start" : i === 4 ? "end" : "middle"},
-                  clock(t, span < 600)));
-  }
-  parts.push(el("line", {x1: L, x2: W - R, y1: H - B, y2: H - B, stroke: "var(--line)"}));
-  for (const s of series) {
-    if (!s.values.length) continue;
-    const d = s.values.map((v, i) => (i ? "L" : "M") + x(s.times[i]).toFixed(1) + "," + y(v).toFixed(1)).join("");
-    parts.push(el("path", {d: d, fill: "none", stroke: s.colour, "stroke-width": 2, "data-points": s.values.length}));
-  }
-  svg.innerHTML = parts.join("");
-}
-function rows(id, items, cells) {
-  $(id).querySelector("tbody").replaceChildren(...items.map(item => {
-    const row = document.createElement("tr");
-    for (const [value, cls] of cells(item)) {
-      const cell = document.createElement("td"); cell.textContent = String(value);
-      if (cls) cell.className = cls; row.appendChild(cell);
-    }
-    return row;
-  }));
-}
-function renderStatus(doc) {
-  const name = Object.keys(doc[0])[0], s = doc[0][name];
-  text("node", name); text("version", "vmqapi " + s.version);
-  for (const key of ["num_online", "num_offline", "num_subscriptions", "num_retained", "msg_in", "msg_out",
-                     "queue_drop", "queue_unhandled"]) text(key, s[key]);
-  rows("listeners", s.listeners, l => [[l.type], [l.status, l.status], [l.ip], [l.port, "n"], [l.mountpoint || "-"],
-                                      [l.active_conns, "n"], [l.max_conns, "n"]]);
-}
-function renderDetails(d) {
-  const at = d.fields.indexOf("at"), h = d.history, col = name => h.map(p => p[d.fields.indexOf(name)]);
-  const times = col("at"), rate = name => {
-    const v = col(name), out = [];
-    for (let i = 1; i < v.length; i++) out.push(Math.max(0, (v[i] - v[i - 1]) / Math.max(0.1, times[i] - times[i - 1])));
-    return out;
-  };
-  const later = times.slice(1);
-  chart("chart_rate", times, [{values: rate("msg_in"), times: later, colour: "var(--in)"},
-                              {values: rate("msg_out"), times: later, colour: "var(--out)"}], "msg/s");
-  chart("chart_conn", times, [{values: col("num_online"), times: times, colour: "var(--on)"},
-                              {values: col("num_offline"), times: times, colour: "var(--off)"}], "sessions");
-  chart("chart_queue", times, [{values: col("queued"), times: times, colour: "var(--q)"}], "messages");
-  rows("sessions", d.sessions, s => [[s.client_id], [s.online ? "online" : "offline", s.online ? "online" : "offline"],
-                                     [PROTOCOLS[s.protocol] || s.protocol, "n"], [s.subscriptions, "n"]]);
-  $("sessions_empty").hidden = d.sessions.length > 0;
-  text("sessions_note", d.sessions.length >= 100 ? "(the first 100)" : "");
-  rows("retained", d.retained, t => [[t]]);
-  $("retained_empty").hidden = d.retained.length > 0;
-  text("retained_note", d.retained.length >= 100 ? "(the first 100)" : "");
-  rows("cluster", d.cluster, m => [[m.Node], [m.Running ? "yes" : "no", m.Running ? "running" : "down"]]);
-  text("health", d.health.length ? d.health.join("; ") : "healthy");  // as /health: listeners, store, cluster
-  $("health").className = d.health.length ? "down" : "ok";
-}
-async function fetchJson(url) {
-  const answer = await fetch(url, {cache: "no-store"});
-  if (answer.status === 401) throw new Error(url + " needs an API key with scope status");
-  if (!answer.ok) throw new Error(url + " answered " + answer.status);
-  return answer.json();
-}
-async function poll() {
-  try {
-    const query = "?client_id=" + encodeURIComponent($("filter").value) + "&state=" + $("stateFilter").value;
-    const [doc, details] = await Promise.all([fetchJson("status.json"), fetchJson("status/details.json" + query)]);
-    renderStatus(doc); renderDetails(details);
-    text("state", "updated " + new Date().toLocaleTimeString() + ", every 2 s; charts: the last 15 minutes");
-  } catch (err) { text("state", "node unreachable: " + err.message); }
-}
-let timer = null;
-function loop() { clearTimeout(timer); poll().finally(() => { timer = setTimeout(loop, POLL_MS); }); }
-$("filter").addEventListener("input", loop); $("stateFilter").addEventListener("change", loop);
-loop();
-</script></body></html>
-"""
-
-
-###############################################################################
-# 29. HTTP server #############################################################
-###############################################################################
-# Owns: the route table, handle_http, and http.server's ThreadingHTTPServer (a
-#       thread per connection) with the limits and timeouts around it; the
-#       listeners' TLS contexts (the MQTT listeners' too).
-# Must not know: MQTT internals, the key file's format.
-
-def tls_context(options: Mapping[str, Any]) -> ssl.SSLContext:
-    """Build a server TLS context from a listener's certfile, keyfile, cafile, versions and ciphers."""
-    require_tls_files(options)
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.minimum_version = TLS_VERSIONS[min(options["tls_version"])]
-    ctx.load_cert_chain(options["certfile"], options["keyfile"] or None)
-    if options["cafile"]:
-        ctx.load_verify_locations(options["cafile"])
-        ctx.verify_mode = ssl.CERT_REQUIRED if options["require_certificate"] else ssl.CERT_OPTIONAL
-    elif options["require_certificate"]:
-        raise ssl.SSLError("require_certificate needs a cafile")
-    if options["ciphers"]:
-        ctx.set_ciphers(options["ciphers"])
-    return ctx
-
-
-def tls_columns(option: Callable[[str], Any] | None) -> dict[str, str]:
-    """Return listener show --tls's columns for a listener (``option`` reads its settings; None: no TLS)."""
-    row = {}
-    for key in ("tls_version", "certfile", "cafile", "keyfile", "require_certificate", "use_identity_as_username"):
-        value = option(key) if option else ""
-        row[key] = render_value(value) if value != "" else ""
-    return {**row, "psk_support": "", "pskfile": ""}
-
-
-def route(path: str) -> tuple[Callable[..., Response], str]:
-    """Return the endpoint serving ``path`` and the rest of the path after its prefix."""
-    for prefix, endpoint in ROUTES:
-        if path == prefix or path.startswith(prefix + "/"):
-            return endpoint, path[len(prefix) + 1:]
-    raise NotFound(f"no endpoint at {path}")
-
-
-ROUTES: tuple[tuple[str, Callable[..., Response]], ...] = (
-    ("/api/v1", serve_api), ("/api/v2", serve_api_v2), ("/restmqtt/api/v1/publish", serve_http_pub),
-    ("/metrics", serve_metrics), ("/health", serve_health),
-    ("/status.json", serve_status_json), ("/status", serve_status_page), ("/", serve_root))
-
-
-def handle_http(node: NodeApi, req: Request) -> Response:
-    """Answer one request; every VmqError becomes its JSON error, any other one a logged 500."""
-    try:
-        path, _, query = req.target.partition("?")
-        if req.method == "CONNECT":  # a tunnel, which no resource here is (RFC 9110 9.3.6)
-            raise MethodNotAllowed("CONNECT is not allowed; use GET, HEAD, POST or OPTIONS")
-        endpoint, rest = route(path)
-        return endpoint(node, req, rest, query)
-    except VmqError as exc:
-        return error_response(exc)
-    except Exception:
-        log.exception("internal error answering %s %s", req.method, redact(req.target))
-        return error_response(VmqError("the command crashed; the node logged the error and keeps serving"))
-
-
-_SECRET_ARG = re.compile(r"(?i)((?:^|[?&])(?:--)?[a-z0-9_.$%-]*(?:key|password|cookie|endpoint|secret|token)=)[^&]*")
-
-
-def redact(target: str) -> str:
-    """Hide the value of every argument that may hold a secret (``key=``, ``endpoint=``, ``...password=``,
-    ``distributed_cookie=``), for logs."""
-    return _SECRET_ARG.sub(r"\1***", target)
-
-
-@functools.lru_cache(maxsize=2)
-def _http_date(second: int) -> str:
-    """Return the Date header for a second (cached: every answer of that second shares it)."""
-    return email.utils.formatdate(second, usegmt=True)
-
-
-_STATUS_LINES: dict[int, bytes] = {}
-HTTP_THREAD_STACK = 512 * 1024  # bytes per connection thread (Python's default: 8 MiB). Measured on 3.11:
-# 256 KiB already runs our deepest paths (TLS handshake, JSON of nested results, 1,000 Python frames);
-# twice that leaves room for an embedding program's command. Recursion hundreds of levels deep
-# through C code (map/sorted calling back into Python) needs about 2 MiB: do such work in a thread of its own.
-REFUSED_LINGER = 1.0  # s a refused connection is drained before it is closed (a close with unread data is a RST)
-_STACK_LOCK = threading.Lock()  # threading.stack_size is process-wide: set and restore it around one start
-BUSY_ANSWER = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
-               b"Connection: close\r\nContent-Length: 89\r\n\r\n"
-               b'{"error":"service_unavailable","text":"the node cannot start a thread now","type":"error"}')
-
-
-@functools.lru_cache(maxsize=2)
-def _server_and_date(second: int) -> bytes:
-    """Return the Server and Date header lines for a second (every answer of that second shares them)."""
-    return SERVER_HEADER + f"Date: {_http_date(second)}\r\n".encode()
-
-
-def _status_line(status: int) -> bytes:
-    line = _STATUS_LINES.get(status)
-    if line is None:
-        line = _STATUS_LINES[status] = f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}\r\n".encode()
-    return line
-
-
-def start_with_small_stack(thread: threading.Thread) -> None:
-    """Start ``thread`` with an HTTP_THREAD_STACK stack; the process default is back afterwards."""
-    with _STACK_LOCK:
-        previous = threading.stack_size(HTTP_THREAD_STACK)
-        try:
-            thread.start()
-        finally:
-            threading.stack_size(previous)
-
-
-class _DeadlineReader(socket.SocketIO):
-    """A connection's reads, each allowed only what is left of its handler's deadline.
-
-    A socket timeout bounds one recv; a client trickling a byte at a time would renew it
-    forever. Setting the timeout to what is left before each recv bounds the whole request.
-    """
-
-    def __init__(self, sock: socket.socket, handler: HttpHandler):
-        super().__init__(sock, "rb")
-        self._handler = handler
-
-    def readinto(self, buffer: Any) -> int | None:
-        left = self._handler.deadline - time.monotonic()
-        if left <= 0:
-            raise TimeoutError("http_request_timeout passed")
-        self._sock.settimeout(left)
-        return super().readinto(buffer)
-
-
-HEAD_CHUNK = 4096  # bytes read at a time while a request's head is read: the most one look can overshoot
-
-
-class UnfinishedRequests:
-    """The bytes that HTTP requests still being read hold, node-wide (http_max_unfinished_bytes).
-
-    Past the budget the requests holding the most are cut, the newest one too when it is the
-    biggest: trickled heads cannot grow the node, and a small request still gets through.
-    """
-
-    def __init__(self, budget: Callable[[], int]):
-        self._budget = budget
-        self._lock = threading.Lock()
-        self._held: dict[HttpHandler, int] = {}
-        self.total = 0
-
-    def hold(self, handler: HttpHandler, n: int) -> None:
-        """Count ``n`` more bytes for ``handler``; past the budget evict the biggest holders."""
-        budget = self._budget()
-        with self._lock:  # evicted under the lock: a request released meanwhile (read whole) is never cut
-            self._held[handler] = self._held.get(handler, 0) + n
-            self.total += n
-            if self.total > budget:
-                for holder, held in sorted(self._held.items(), key=lambda item: -item[1]):
-                    if self.total <= budget:
-                        break
-                    self.total -= held
-                    del self._held[holder]
-                    holder.evict()
-
-    def release(self, handler: HttpHandler) -> None:
-        """Forget what ``handler`` held: its request is read (or given up)."""
-        with self._lock:
-            self.total -= self._held.pop(handler, 0)
-
-
-class _HeadReader:
-    """A request's head, read a line at a time within http_max_header_bytes and the node's budget.
-
-    http.client.parse_headers takes up to 100 lines of 64 KiB each before anyone looks at
-    them; handed this reader instead of the socket's, it meets the bound while it reads.
-    """
-
-    def __init__(self, handler: HttpHandler, limit: int):
-        self._handler, self._raw, self.limit, self.left = handler, handler.rfile, limit, limit
-
-    def readline(self, size: int = -1) -> bytes:
-        """Return one line (at most ``size`` bytes); raise HeaderTooLarge past the head's bound."""
-        parts: list[bytes] = []
-        got, size = 0, size if size >= 0 else self.left + 1
-        while got < size:
-            piece = self._raw.readline(min(HEAD_CHUNK, size - got, self.left + 1))
-            self._handler.hold(len(piece))
-            if not piece:
-                break
-            self.left -= len(piece)
-            if self.left < 0:
-                raise HeaderTooLarge(f"the request head is longer than {self.limit} bytes (http_max_header_bytes)")
-            parts.append(piece)
-            got += len(piece)
-            if piece.endswith(b"\n"):
-                break
-        return b"".join(parts)
-
-
-class HttpServer(http.server.ThreadingHTTPServer):
-    """http.server's threading server for one listener: a thread per connection, counted and capped."""
-
-    request_queue_size = 128  # socketserver's 5 turns 16 clients into a 300 ms p99
-    daemon_threads = True
-    block_on_close = False  # stop cuts the connections and joins their threads itself, bounded
-
-    def __init__(self, listener: HttpListener, address: tuple[str, int]):
-        self.listener = listener
-        self.node = listener.node
-        self._lock = threading.Lock()
-        self.conns: dict[socket.socket, socket.socket] = {}  # accepted socket -> the one its thread uses
-        self.threads: set[threading.Thread] = set()
-        self.all_conns = 0
-        self.closing = False  # stop: a TLS handshake that ends now is not served
-        self._refused: list[tuple[socket.socket, float]] = []  # touched by the serving thread only
-        if ":" in address[0]:
-            self.address_family = socket.AF_INET6
-        super().__init__(address, HttpHandler)
-
-    @property
-    def max_connections(self) -> int | None:
-        """Connections served at once (listener.max_connections; None: no limit)."""
-        return self.listener.option("max_connections")
-
-    def connections(self) -> int:
-        """Return the number of open connections (each has its thread)."""
-        return len(self.conns)
-
-    def server_bind(self) -> None:
-        socketserver.TCPServer.server_bind(self)  # not HTTPServer's: its getfqdn may wait on DNS, for CGI only
-        self.server_name, self.server_port = self.server_address[:2]
-
-    def reopen(self) -> None:
-        """Bind and listen again on the same address and port (after suspend); raise OSError when taken."""
-        self.socket = socket.socket(self.address_family, self.socket_type)
-        try:
-            self.server_bind()
-            self.server_activate()
-        except OSError:
-            self.socket.close()
-            raise
-
-    def process_request(self, request: socket.socket, client_address: Any) -> None:
-        """Give the connection its thread, or refuse it past max_connections."""
-        limit = self.max_connections
-        with self._lock:
-            full = limit is not None and len(self.conns) >= limit
-            if not full:
-                self.conns[request] = request
-                self.all_conns += 1
-        if full:
-            self._refuse(request)
-            return
-        thread = threading.Thread(target=self.process_request_thread, args=(request, client_address),
-                                  name=f"vmqapi-http-{self.listener.name}-conn", daemon=True)
-        with self._lock:
-            self.threads.add(thread)
-        try:
-            start_with_small_stack(thread)
-        except RuntimeError:  # no thread to be had: answer, never drop the request silently
-            log.warning("http %s: cannot start a connection thread; answered 503", self.listener.name)
-            with self._lock:
-                self.conns.pop(request, None)
-                self.threads.discard(thread)
-            self._refuse(request, b"" if self.listener.tls else BUSY_ANSWER)
-
-    def _refuse(self, sock: socket.socket, answer: bytes = b"") -> None:
-        """Send ``answer`` and a FIN now; drain what the client sends until it closes, REFUSED_LINGER at most."""
-        try:
-            sock.setblocking(False)
-            if answer:
-                sock.send(answer)
-            sock.shutdown(socket.SHUT_WR)
-        except OSError:
-            sock.close()
-            return
-        self._refused.append((sock, time.monotonic() + REFUSED_LINGER))
-
-    def service_actions(self) -> None:
-        """Close refused connections once their client closed, or REFUSED_LINGER passed."""
-        if not self._refused:
-            return
-        now, keep = time.monotonic(), []
-        for sock, until in self._refused:
-            try:
-                done = not sock.recv(65536) or now > until  # b"": the client closed
-            except BlockingIOError:
-                done = now > until
-            except OSError:
-                done = True
-            if done:
-                sock.close()
-            else:
-                keep.append((sock, until))
-        self._refused = keep
-
-    def close_refused(self) -> None:
-        """Close every refused connection still draining (the serving thread has stopped)."""
-        for sock, _ in self._refused:
-            sock.close()
-        self._refused = []
-
-    def finish_request(self, request: socket.socket, client_address: Any) -> None:
-        """Serve one connection; an HTTPS one first finishes its handshake here, in its own thread."""
-        tls = self.listener.tls
-        if tls is not None:
-            try:
-                wrapped = tls.wrap_socket(request, server_side=True, do_handshake_on_connect=False)
-                with self._lock:
-                    self.conns[request] = wrapped  # stop cuts the TLS socket from now on
-                if self.closing:
-                    return
-                wrapped.settimeout(self.listener.option("tls_handshake_timeout") / 1000)
-                wrapped.do_handshake()
-            except (OSError, ValueError) as exc:  # ssl.SSLError, a timeout, a reset
-                log.info("TLS handshake with %s failed: %s", client_address[0], exc)
-                return
-            request = wrapped
-        self.RequestHandlerClass(request, client_address, self)
-
-    def shutdown_request(self, request: socket.socket) -> None:
-        with self._lock:
-            used = self.conns.pop(request, request)
-            self.threads.discard(threading.current_thread())
-        if used is not request:  # the TLS socket: the accepted one was detached into it
-            used.close()
-        super().shutdown_request(request)
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        if isinstance(sys.exc_info()[1], OSError):  # the client went away mid-answer
-            return
-        log.exception("error serving %s", client_address[0])
-
-    def cut(self) -> None:
-        """Cut every open connection: its thread sees the end of its stream and finishes."""
-        with self._lock:
-            socks = list(self.conns.values())
-        for sock in socks:
-            with contextlib.suppress(OSError):  # the plain socket's shutdown: SSLSocket's drops its TLS state
-                socket.socket.shutdown(sock, socket.SHUT_RDWR)
-
-
-class HttpHandler(http.server.BaseHTTPRequestHandler):
-    """One connection: http.server reads each request; handle_http answers it in one write.
-
-    The head reaches http.server's parser through _HeadReader, which keeps http_max_header_bytes
-    and the node's http_max_unfinished_bytes while it reads; listener.max_* are checked on what
-    http.server parsed, http_request_timeout on every read. Every error is the JSON answer of
-    README, "The API by example".
-    """
-
-    protocol_version = "HTTP/1.1"  # keep-alive, 100-continue
-    server_version = "vmqapi/" + __version__
-    sys_version = ""
-    disable_nagle_algorithm = True  # one write per answer plus no Nagle: no 40 ms delayed-ACK stall
-    server: HttpServer
-    deadline = 0.0  # time.monotonic() by which the request being read must be whole
-    fields: dict[str, str] | None = None  # the request's header fields, once check_head passed them
-    evicted = False  # http_max_unfinished_bytes was exceeded and this request held the most
-    ERRORS = {400: BadRequest, 414: UriTooLong, 431: HeaderTooLarge, 501: NotImplementedMethod,
-              505: VersionNotSupported}  # what http.server's send_error codes mean here
-
-    def setup(self) -> None:
-        self._thread = threading.current_thread()
-        super().setup()
-        self.rfile.close()  # http.server's reader, replaced by one that keeps the request's deadline
-        self.rfile = io.BufferedReader(_DeadlineReader(self.connection, self))
-
-    def handle_one_request(self) -> None:
-        """Read one request within the limits and the deadline, answer it, run its ``after`` actions."""
-        node = self.server.node
-        self.deadline = time.monotonic() + node.config["http_request_timeout"]  # also the keep-alive idle limit
-        try:
-            request = self.read_request()
-        except VmqError as exc:  # the request could not be read: answer and close
-            self.close_connection = True
-            self.answer(None, error_response(exc))
-            return
-        except (OSError, ValueError):  # a timeout, a reset, a client gone mid-request: nobody to answer
-            self.close_connection = True
-            return
-        finally:
-            node.unfinished_http.release(self)
-        if request is None:
-            self.close_connection = True
-            return
-        response = handle_http(node, request)
-        self.answer(request, response)
-        for fn in response.after:
-            fn()
-
-    def read_request(self) -> Request | None:
-        """Return the next request, None when the connection ended (or http.server already answered)."""
-        line_limit = self.server.listener.limits()[0]
-        head = _HeadReader(self, self.server.node.config["http_max_header_bytes"])
-        self.raw_requestline = head.readline(line_limit + 3)
-        if len(self.raw_requestline.rstrip(b"\r\n")) > line_limit:
-            raise UriTooLong(f"request line longer than {line_limit} bytes")
-        self.fields = None
-        if not self.raw_requestline.endswith(b"\n"):
-            return None  # ended mid-line
-        reader, self.rfile = self.rfile, head  # http.server reads the header lines through the bound
-        try:
-            if not self.parse_request():
-                return None  # http.server's send_error (below) answered
-        finally:
-            self.rfile = reader
-        fields = self.fields or self.check_head()
-        body = self.read_body(int(fields.get("content-length", "0")))
-        if body is None:
-            return None  # the client went away inside the body
-        return Request(self.command, self.path, fields, body, tuple(self.client_address[:2]), self.server.listener.kind)
-
-    def read_body(self, length: int) -> bytes | None:
-        """Read a body of ``length`` bytes, counted in the node's budget; None when the client went away."""
-        parts, got = [], 0
-        while got < length:
-            piece = self.rfile.read(min(65536, length - got))
-            self.hold(len(piece))
-            if not piece:
-                return None
-            parts.append(piece)
-            got += len(piece)
-        return b"".join(parts)
-
-    def hold(self, n: int) -> None:
-        """Count ``n`` bytes read in the node's budget; raise once this request was evicted from it."""
-        if n:
-            self.server.node.unfinished_http.hold(self, n)
-        if self.evicted:
-            raise ServiceUnavailable("requests being read hold more than http_max_unfinished_bytes; "
-                                     "this one held the most")
-
-    def evict(self) -> None:
-        """Give up this request (the node's budget is exceeded): its reads end now, then it answers 503."""
-        self.evicted = True
-        if threading.current_thread() is not self._thread:
-            with contextlib.suppress(OSError):  # the plain socket's shutdown: the answer can still be written
-                socket.socket.shutdown(self.connection, socket.SHUT_RD)
-
-    def check_head(self) -> dict[str, str]:
-        """Return the header fields http.server read (lower-case names, the first of repeated ones).
-
-        Raise for a head that the limits or RFC 9112 refuse.
-        """
-        if self.request_version == "HTTP/0.9":
-            raise BadRequest(f"bad request line {self.requestline[:80]!r}")
-        headers = self.headers
-        if headers.defects or headers.get_payload():  # email's parser stopped at a line that is no header
-            raise BadRequest("malformed header line")  # RFC 9112 5.1: no space before ':', a name
-        _, value_limit, most, body_limit = self.server.listener.limits()
-        raw = list(headers.raw_items())
-        fields: dict[str, str] = {}
-        for n, (name, value) in enumerate(raw):
-            if n == most:
-                raise HeaderTooLarge(f"more than {most} headers (listener.max_headers)")
-            if len(value) > value_limit:
-                raise HeaderTooLarge(f"header {name} is longer than {value_limit} bytes")
-            if "\n" in value:
-                raise BadRequest("malformed header line: obsolete line folding")  # RFC 9112 5.2
-            fields.setdefault(name.lower(), value.strip())
-        self.check_framing(fields, [v.strip() for n, v in raw if n.lower() == "content-length"])
-        length = fields.get("content-length", "0")
-        if not (length.isascii() and length.isdigit()):
-            raise BadRequest("bad Content-Length")
-        if int(length) > body_limit:
-            raise PayloadTooLarge(f"a request body may hold {body_limit} bytes at most (listener.max_body_size)")
-        self.fields = fields
-        return fields
-
-    @staticmethod
-    def check_framing(fields: Mapping[str, str], lengths: Sequence[str]) -> None:
-        """Refuse a head whose body length is not one sure number (RFC 9112 6.3): the connection then closes.
-
-        Two readings of where a body ends let a second, smuggled request ride in the first.
-        """
-        if len(set(lengths)) > 1:
-            raise BadRequest("Content-Length fields with different values")
-        if "transfer-encoding" in fields:
-            if lengths:
-                raise BadRequest("Transfer-Encoding together with Content-Length")
-            raise NotImplementedMethod("Transfer-Encoding is not supported; send the body with a Content-Length")
-
-    def handle_expect_100(self) -> bool:
-        """Send 100 Continue only for a request that will be read (RFC 9110 10.1.1)."""
-        try:
-            self.check_head()
-        except VmqError as exc:
-            self.close_connection = True
-            self.answer(None, error_response(exc))
-            return False
-        return super().handle_expect_100()
-
-    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
-        """Answer http.server's own refusals (bad request line, version, header lines) as JSON errors."""
-        exc = self.ERRORS.get(code, BadRequest)(message or http.HTTPStatus(code).phrase)
-        self.close_connection = True
-        self.answer(None, error_response(exc))
-
-    def answer(self, req: Request | None, resp: Response) -> None:
-        """Write the whole answer in one call (HEAD: without its body), then log it without keys."""
-        head = "".join([f"{k}: {v}\r\n" for k, v in resp.headers])
-        end = "Connection: close\r\n\r\n" if self.close_connection else "\r\n"
-        data = b"".join((_status_line(resp.status), _server_and_date(int(time.time())),
-                         f"{head}Content-Length: {len(resp.body)}\r\n{end}".encode("latin-1"),
-                         b"" if req is not None and req.method == "HEAD" else resp.body))
-        # A client that reads nothing: the write gives up after http_request_timeout.
-        self.connection.settimeout(self.server.node.config["http_request_timeout"])
-        try:
-            self.wfile.write(data)
-        except OSError:
-            self.close_connection = True
-        if log.isEnabledFor(logging.INFO):
-            log.info('%s "%s %s" %d %d', self.client_address[0], req.method if req else "-",
-                     redact(req.target) if req else "-", resp.status, len(resp.body))
-
-    def log_message(self, format: str, *args: Any) -> None:
-        log.info("http %s: %s", self.client_address[0], redact(format % args))
-
-
-SERVER_HEADER = f"Server: vmqapi/{__version__}\r\n".encode()
-
-
-class HttpListener:
-    """One HTTP listener of the node: its HttpServer and the thread that accepts for it."""
-
-    def __init__(self, node: NodeApi, name: str, address: tuple[str, int], tls: bool = False,
-                 options: Mapping[str, Any] | None = None):
-        self.node, self.name = node, name
-        self.kind = "https" if tls else "http"
-        self.options = dict(options or {})  # a listener started at run time: its own options
-        self.status = "running"
-        self.tls = tls_context({o: self.option(o) for o in LISTENER_TLS_OPTIONS}) if tls else None
-        self.server = HttpServer(self, address)
-        self.address, self.port = self.server.server_address[:2]
-        self._thread: threading.Thread | None = None
-        self._limits: tuple[Any, tuple[int, int, int, int]] | None = None
-
-    @property
-    def all_conns(self) -> int:
-        """Connections accepted since the listener started."""
-        return self.server.all_conns
-
-    def option(self, name: str) -> Any:
-        """Return a listener option: its own, else the most specific config key."""
-        if name in self.options:
-            return self.options[name]
-        return self.node.config.listener_option(self.kind, self.name, name)
-
-    def limits(self) -> tuple[int, int, int, int]:
-        """Return (request line, header value, header count, body) limits, read again after a ``set``."""
-        config = self.node.config
-        if self._limits is None or self._limits[0] is not config:
-            self._limits = (config, tuple(self.option(o) for o in ("max_request_line_length", "max_header_value_length",
-                                                                   "max_headers", "max_body_size")))
-        return self._limits[1]
-
-    def start(self) -> None:
-        """Start accepting."""
-        poll = self.node.config["http_poll_interval"] / 1000  # s between looks at suspend/stop and refused sockets
-        self._thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": poll},
-                                        name=f"vmqapi-http-{self.name}", daemon=True)
-        self._thread.start()
-
-    def active(self) -> int:
-        """Return the number of open connections."""
-        return self.server.connections()
-
-    def _stop_accepting(self) -> None:
-        if self._thread is not None and self._thread.is_alive():
-            self.server.shutdown()  # serve_forever returns within http_poll_interval
-            self._thread.join(5)
-        self._thread = None
-        self.server.close_refused()
-        self.server.socket.close()
-
-    def suspend(self, kill_sessions: bool = False) -> None:
-        """Stop accepting (status suspended); with ``kill_sessions`` also cut every connection (stopped)."""
-        self._stop_accepting()
-        if kill_sessions:
-            self.server.cut()
-        self.status = "stopped" if kill_sessions else "suspended"
-
-    def resume(self) -> None:
-        """Accept again on the same address and port; raise OSError when it is taken meanwhile."""
-        if self.status == "running":
-            return
-        self.server.reopen()
-        self.status = "running"
-        self.start()
-
-    def stop(self) -> None:
-        """Stop serving, cut every connection and wait for their threads (5 s at most in all)."""
-        self.server.closing = True
-        self._stop_accepting()
-        self.server.cut()
-        end = time.monotonic() + 5
-        with self.server._lock:
-            threads = list(self.server.threads)
-        for thread in threads:  # one busy in a command ends with it; its write then fails
-            if thread.is_alive() and thread is not threading.current_thread():
-                thread.join(max(0.0, end - time.monotonic()))
-        self.status = "stopped"
-
-    def delete(self) -> None:
-        """Stop for good (listener delete)."""
-        self.stop()
-
-    def row(self, tls: bool = False, mqtt: bool = False) -> dict:
-        """Return this listener's row of listener show."""
-        limit = self.option("max_connections")
-        row = {"type": self.kind, "status": self.status, "address": self.address, "port": str(self.port),
-               "mountpoint": "", "max_conns": "infinity" if limit is None else limit,
-               "active_conns": self.active(), "all_conns": self.all_conns}
-        if tls:
-            row.update(tls_columns(self.option if self.tls else None))
-        if mqtt:
-            row.update(allowed_protocol_versions="", allow_anonymous_override="")
-        return row
+# Node owns and starts everything above and implements NodeApi; main(argv) is last.
 
 
 ###############################################################################

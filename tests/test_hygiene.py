@@ -122,3 +122,93 @@ def test_the_quick_run_names_real_tests_and_covers_the_pure_sections():
     pure = {"test_config.py", "test_codec.py", "test_topics.py", "test_commands.py", "test_broker_model.py",
             "test_cluster_state.py", "test_cluster_kept.py", "test_engine_cluster.py", "test_keystore.py"}
     assert {name for name, spec in QUICK.items() if spec == "*"} >= pure
+
+
+def _top_level_names(tree):
+    """Return {module-level name: its defining statement's first line}."""
+    names = {}
+    for node in tree.body:
+        targets = []
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            targets = [node.name]
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            for target in node.targets if isinstance(node, ast.Assign) else [node.target]:
+                targets += [n.id for n in ast.walk(target) if isinstance(n, ast.Name)]
+        for name in targets:
+            names.setdefault(name, node.lineno)
+    return names
+
+
+def _annotation_names(tree):
+    """Return the ids of Name nodes inside annotations (strings at run time: ``from __future__ import annotations``)."""
+    found = set()
+    for node in ast.walk(tree):
+        annotations = []
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            args = node.args
+            annotations = [a.annotation for a in args.args + args.kwonlyargs + args.posonlyargs + [args.vararg, args.kwarg]
+                           if a is not None and a.annotation is not None] + [node.returns]
+        elif isinstance(node, ast.AnnAssign):
+            annotations = [node.annotation]
+        found |= {id(n) for a in annotations if a is not None for n in ast.walk(a)}
+    return found
+
+
+# Annotations that name a class defined further down, each for a reason: a link and the listener
+# that made it name each other; NodeApi's attributes are values the HTTP part defines; the
+# cluster's calls run on the Node that owns the cluster.
+FORWARD_ANNOTATIONS = {"MqttListener", "HttpMessage", "StatusHistory", "StatusRows", "UnfinishedRequests", "Node"}
+
+
+def _local_loads(tree):
+    """Return the ids of Name nodes that read a function's own argument or local variable."""
+    local = set()
+    for fn in ast.walk(tree):
+        if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            args = fn.args
+            own = {a.arg for a in args.args + args.kwonlyargs + args.posonlyargs}
+            own |= {a.arg for a in (args.vararg, args.kwarg) if a}
+            if not isinstance(fn, ast.Lambda):
+                own |= {n.id for n in ast.walk(fn) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
+            local |= {id(n) for n in ast.walk(fn) if isinstance(n, ast.Name) and n.id in own}
+    return local
+
+
+def test_each_section_uses_only_what_stands_above_it():
+    tree = ast.parse(SOURCE)
+    spans = sorted((start, number) for number, (title, start, end) in sections().items())
+
+    def section_of(line):
+        return max((number for start, number in spans if start <= line), default=-1)
+    defined = {name: section_of(line) for name, line in _top_level_names(tree).items()}
+    local, annotations = _local_loads(tree), _annotation_names(tree)
+    found = set()
+    for top in tree.body:
+        here = section_of(top.lineno)
+        for node in ast.walk(top):
+            if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load) and id(node) not in local \
+                    and defined.get(node.id, -1) > here \
+                    and not (id(node) in annotations and node.id in FORWARD_ANNOTATIONS):
+                found.add(f"{node.id} (section {defined[node.id]}) used in section {here}, line {node.lineno}")
+    assert not found, "\n".join(sorted(found))
+
+
+def test_no_class_with_its_bases_is_over_600_lines():
+    classes = {node.name: node for node in ast.parse(SOURCE).body if isinstance(node, ast.ClassDef)}
+
+    def size(name):
+        node = classes[name]
+        bases = [b.id for b in node.bases if isinstance(b, ast.Name) and b.id in classes]
+        return node.end_lineno - node.lineno + 1 + sum(size(b) for b in bases)
+    for name in classes:
+        assert size(name) <= 600, f"class {name} with its bases is {size(name)} lines"
+
+
+def test_the_node_is_reached_through_its_written_interface():
+    assert "node: Any" not in SOURCE
+    assert "broker_call(" not in SOURCE
+
+
+def test_comments_cite_only_what_a_reader_of_the_repository_can_open():
+    assert not re.search(r"\bSPEC\b", SOURCE)
+    assert not re.search(r"\bsection [0-9]+\b", SOURCE, re.I), "cite a section by its name: numbers move"
