@@ -3064,12 +3064,13 @@ def certificate_rows(files: Iterable[str], now: float) -> list[dict]:
     for path in files:
         try:
             cert = decode_certificate(read_regular_file(path, MAX_SMALL_FILE, "a certificate file")[0])
+            times = {"expires": ssl.cert_time_to_seconds(cert["Not_After"]),  # a date no calendar has: unreadable
+                     "valid_from": ssl.cert_time_to_seconds(cert["Not_Before"])}
         except (OSError, ValueError, IndexError, FileRefused) as exc:  # UnicodeDecodeError is a ValueError
             rows.append({"File": path, "Not_Before": "", "Not_After": "", "CN": f"unreadable: {exc}", "Issuer": "",
                          "SAN": "", "expires": now})
             continue
-        rows.append({"File": path, **cert, "expires": ssl.cert_time_to_seconds(cert["Not_After"]),
-                     "valid_from": ssl.cert_time_to_seconds(cert["Not_Before"])})
+        rows.append({"File": path, **cert, **times})
     return rows
 
 

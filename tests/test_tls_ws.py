@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import base64
 import shutil
 import ssl
 import subprocess
 
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from conftest import Client, body_json
 from mqtt_client import MqttClient, WsMqttClient
@@ -254,6 +256,24 @@ def test_tls_show_reads_certificates_as_ssl_decodes_them(pki, tmp_path):
     assert row["expires"] == ssl.cert_time_to_seconds(got["Not_After"])
     (row,) = vmqapi.certificate_rows([str(tmp_path / "s.key")], 7)
     assert row["CN"].startswith("unreadable") and row["expires"] == 7
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.data())
+def test_any_bytes_in_a_certificate_file_give_a_row_never_an_exception(tmp_path_factory, pki, data):
+    """tls show's X.509 reader on a damaged certificate (a byte changed, cut short, a date no calendar has)."""
+    pem = (pki / "server.pem").read_bytes()
+    der = bytearray(base64.b64decode(b"".join(pem.split(b"-----")[2].split())))
+    dates = [i + 2 + k for i in range(len(der) - 15) if der[i] == 0x17 and der[i + 1] == 13 for k in range(13)]
+    for _ in range(data.draw(st.integers(1, 4))):  # anywhere, or in the validity's UTCTime digits
+        at = data.draw(st.one_of(st.integers(0, len(der) - 1), st.sampled_from(dates)))
+        der[at] = data.draw(st.sampled_from(b"0123456789Z+-\x00\x17\x18\x30\xff"))
+    if data.draw(st.booleans()):
+        der = der[:data.draw(st.integers(0, len(der)))]
+    path = tmp_path_factory.mktemp("cert") / "bad.pem"
+    path.write_bytes(b"-----BEGIN CERTIFICATE-----\n" + base64.encodebytes(bytes(der)) + b"-----END CERTIFICATE-----\n")
+    (row,) = vmqapi.certificate_rows([str(path)], 5)
+    assert row["File"] == str(path) and isinstance(row["expires"], float | int)
 
 
 def test_https_connections_beyond_max_connections_are_closed(make_node, pki):
