@@ -196,6 +196,7 @@ NODE_START_GRACE = 2.0
 NODE_START_POLL = 0.05  # s between looks while waiting for a starting node
 TRACE_FOLLOW_GRACE = 5.0  # seconds a followed trace stays on after its last call
 GIL_SWITCH_INTERVAL = 0.0005  # s; the CLI node's: MQTT waits less for the GIL while HTTP builds a big answer
+HEALTH_LOOP_WAIT = 5.0  # s /health waits for the broker's loop; past it the answer is 503, naming the stuck loop
 QUICK_SESSION_SHOW = 1000  # sessions up to which session show (a few ms) is quick: it takes no slow-command slot
 SLOW_COMMANDS = 16  # commands not marked quick that run at once, node-wide; more get 503 (a thread each is no cap)
 TICK_BATCH = 2000  # sessions the broker's tick (every 0.5 s) looks at
@@ -365,6 +366,11 @@ class ServiceUnavailable(VmqError):
 
     http_status, code = 503, "service_unavailable"
     retry_after = 1  # seconds
+
+
+class BrokerStopped(ServiceUnavailable, RuntimeError):
+    """The broker's loop stopped before it ran what another thread asked of it (a RuntimeError too, as
+    asking a closed loop is, so that what stops the node carries on)."""
 
 
 class NotImplementedMethod(VmqError):
@@ -2982,7 +2988,8 @@ def cmd_listener_delete(call: Call) -> Any:
 
 # -- the certificates of tls show: X.509 (RFC 5280) read as far as its columns need -----
 
-_PEM_CERTIFICATE = re.compile(rb"-----BEGIN CERTIFICATE-----([A-Za-z0-9+/=\s]+)-----END CERTIFICATE-----")
+_PEM_CERTIFICATE = re.compile(  # RFC 7468 5.1, and the older "X509 CERTIFICATE" label OpenSSL also reads
+    rb"-----BEGIN (?:X509 )?CERTIFICATE-----([A-Za-z0-9+/=\s]+)-----END (?:X509 )?CERTIFICATE-----")
 _OID_CN, _OID_SAN = b"\x55\x04\x03", b"\x55\x1d\x11"  # 2.5.4.3 commonName, 2.5.29.17 subjectAltName
 _DER_TEXT = {0x0C: "utf-8", 0x13: "latin-1", 0x14: "latin-1", 0x16: "latin-1", 0x1E: "utf-16-be", 0x1C: "utf-32-be"}
 _SAN_KINDS = {0x81: "email", 0x82: "DNS", 0x86: "URI"}  # GeneralName's IA5String choices, named as ssl names them
@@ -3020,6 +3027,8 @@ def _der_time(tag: int, value: bytes) -> str:
     if tag == 0x17:  # UTCTime: YY from 50 is 19YY (RFC 5280 4.1.2.5.1)
         text = ("19" if int(text[:2]) >= 50 else "20") + text
     year, month, day, hh, mm, ss = (int(text[a:b]) for a, b in ((0, 4), (4, 6), (6, 8), (8, 10), (10, 12), (12, 14)))
+    if not 1 <= month <= 12:
+        raise ValueError(f"a certificate date with month {month}")
     return f"{_MONTHS[month - 1]} {day:2d} {hh:02d}:{mm:02d}:{ss:02d} {year} GMT"
 
 
@@ -3027,9 +3036,9 @@ def _san_value(kind: int, value: bytes) -> str:
     """Return one GeneralName as ssl shows it (an IPv6 address as eight uncompressed hex groups)."""
     if kind == 0x87 and len(value) == 16:
         return ":".join(f"{int.from_bytes(value[i:i + 2], 'big'):X}" for i in range(0, 16, 2))
-    if kind == 0x87:
-        return str(ipaddress.ip_address(value))
-    return value.decode("latin-1") if kind in _SAN_KINDS else "<unsupported>"
+    if kind == 0x87:  # four bytes, or what ssl calls invalid (an address with its mask, say)
+        return str(ipaddress.ip_address(value)) if len(value) == 4 else "<invalid>"
+    return value.decode("utf-8", "backslashreplace") if kind in _SAN_KINDS else "<unsupported>"
 
 
 def _der_san(extensions: bytes) -> list[str]:
@@ -10952,6 +10961,8 @@ class MqttIO:
         self.loop = asyncio.new_event_loop()
         self.big_retry: asyncio.Handle | None = None  # retry_big on the next turn of the loop
         self._thread = threading.Thread(target=self._run, name="vmqapi-mqtt", daemon=True)
+        self._lock = threading.Lock()  # guards _waiting: other threads' questions to the loop
+        self._waiting: set[concurrent.futures.Future] = set()
         self._tick_handle: asyncio.TimerHandle | None = None
         self._tick_error_at = 0.0  # when a failed tick was last logged
         self.batch_hooks: list[Callable[[], None]] = []  # run first in after_batch (the cluster's sends)
@@ -10963,7 +10974,18 @@ class MqttIO:
     def _run(self) -> None:
         asyncio.set_event_loop(self.loop)
         self.loop.set_exception_handler(self._loop_error)
-        self.loop.run_forever()
+        try:
+            self.loop.run_forever()
+        finally:
+            self._fail_waiting()
+
+    def _fail_waiting(self) -> None:
+        """Answer the questions the stopped loop will never run: asked while it stopped, they get 503 now."""
+        with self._lock:
+            unanswered, self._waiting = list(self._waiting), set()
+        for future in unanswered:
+            with contextlib.suppress(concurrent.futures.InvalidStateError):
+                future.set_exception(BrokerStopped("the broker stopped before it answered"))
 
     def _loop_error(self, loop: asyncio.AbstractEventLoop, context: dict) -> None:
         """Log what asyncio reports; running out of descriptors is a condition, not a bug: no traceback."""
@@ -11174,9 +11196,23 @@ class MqttIO:
         """Whether the caller runs in the broker's event loop thread."""
         return threading.current_thread() is self._thread
 
+    def _future(self) -> concurrent.futures.Future:
+        """Return a future for an answer from the loop, failed by stop() if the loop stops before it runs."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self._lock:
+            self._waiting.add(future)
+        future.add_done_callback(self._answered)
+        if self._thread.ident is not None and not self._thread.is_alive():
+            self._fail_waiting()  # the loop has ended: nothing would ever run it
+        return future
+
+    def _answered(self, future: concurrent.futures.Future) -> None:
+        with self._lock:
+            self._waiting.discard(future)
+
     def call(self, fn: Callable[..., Any], *args: Any, timeout: float = 30) -> Any:
         """Run ``fn(*args)`` in the loop thread and return its result (from any other thread)."""
-        future: concurrent.futures.Future = concurrent.futures.Future()
+        future = self._future()
 
         def run() -> None:
             try:
@@ -11197,7 +11233,7 @@ class MqttIO:
         It runs a turn of the loop later, after what the sockets had delivered when it was asked:
         a client that disconnected before the question is seen gone.
         """
-        future: concurrent.futures.Future = concurrent.futures.Future()
+        future = self._future()
 
         def run() -> None:
             try:
@@ -14186,6 +14222,7 @@ class Cluster:
         self.io.call(self._started)
 
     def _started(self) -> None:
+        self.engine.join_cluster()  # first: from now on the engine's parts ask Peers, which keeps every forward
         self.engine.elsewhere = self.sessions.elsewhere
         self.io.batch_hooks.append(self.after_batch)
         self.settings.apply_all()
@@ -16307,11 +16344,11 @@ class Node:
             return fn(*args)  # no loop to ask; or a hook calling back into the node, already in the loop
         return self.mqtt.call(fn, *args)
 
-    def _read(self, fn: Callable[..., Any], *args: Any) -> Any:
+    def _read(self, fn: Callable[..., Any], *args: Any, timeout: float = 30) -> Any:
         """Run ``fn(*args)``, which changes nothing, in the broker's thread: as in_broker, without a commit."""
         if self.mqtt is None or not self.mqtt.loop.is_running() or self.mqtt.in_loop_thread():
             return fn(*args)
-        return self.mqtt.read(fn, *args)
+        return self.mqtt.read(fn, *args, timeout=timeout)
 
     def _provision(self) -> None:
         env = os.environ.get("VMQAPI_API_KEYS", "")
@@ -16625,7 +16662,10 @@ class Node:
                 return [], None, ""
             return ([(x, x.status) for x in self.mqtt.listeners], self.mqtt.store.error,
                     self.cluster.split if self.cluster is not None else "")
-        mqtt, error, split = self._read(in_loop)
+        try:
+            mqtt, error, split = self._read(in_loop, timeout=HEALTH_LOOP_WAIT)
+        except concurrent.futures.TimeoutError:  # a probe must get its answer even then: the broker is stuck
+            return [f"The broker's loop has not answered for {HEALTH_LOOP_WAIT:g} s"]
         listeners = [*((x, x.status) for x in self._listeners), *mqtt]
         down = [f"{x.kind} {x.address}:{x.port} ({status})" for x, status in listeners if status != "running"]
         reasons = [f"Listeners are not ready: [{', '.join(down)}]"] if down else []

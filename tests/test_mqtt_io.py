@@ -83,6 +83,37 @@ def is_closed(sock, timeout):
 
 # -- before CONNECT ------------------------------------------------------------------------
 
+def test_a_question_to_the_loop_gets_an_answer_when_the_loop_stops_first(make_node):
+    """A read queued just before the loop stops is answered 503 at once, not after its 30 s timeout."""
+    node = make_node()
+    io = node.mqtt
+    holding = threading.Event()
+
+    def hold():  # the question and the stop then meet in one turn of the loop, the question's first
+        holding.set()
+        time.sleep(0.5)
+    io.loop.call_soon_threadsafe(hold)
+    assert holding.wait(5)
+    got = []
+
+    def ask():
+        began = time.monotonic()
+        try:
+            got.append(io.read(lambda: "answered", timeout=20))
+        except vmqapi.VmqError as exc:
+            got.append(exc)
+        got.append(time.monotonic() - began)
+    asker = threading.Thread(target=ask)
+    asker.start()
+    time.sleep(0.1)
+    io.loop.call_soon_threadsafe(io.loop.stop)
+    asker.join(25)
+    assert not asker.is_alive()
+    answer, waited = got
+    assert waited < 5
+    assert answer == "answered" or isinstance(answer, vmqapi.BrokerStopped)
+
+
 def test_a_connection_that_does_not_begin_with_connect_is_closed_at_once(make_node):
     node = make_node(mqtt_connect_timeout="30000")
     with socket.create_connection(("127.0.0.1", mqtt_port(node)), timeout=5) as sock:

@@ -117,6 +117,20 @@ def test_health_follows_the_listeners(node, client, key):
     c.close()
 
 
+def test_health_answers_503_at_once_when_the_brokers_loop_is_stuck(node, client, monkeypatch):
+    """A probe gets its answer within the bound, naming the stuck loop, not a 500 after 30 s."""
+    monkeypatch.setattr(vmqapi, "HEALTH_LOOP_WAIT", 0.5)
+    node.mqtt.loop.call_soon_threadsafe(time.sleep, 2.5)  # a callback that hogs the loop
+    began = time.monotonic()
+    status, _, data = client.get("/health")
+    assert time.monotonic() - began < 2.0
+    assert status == 503 and body_json(data)["reasons"] == ["The broker's loop has not answered for 0.5 s"]
+    deadline = time.monotonic() + 10
+    while client.get("/health")[0] != 200 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert client.get("/health")[0] == 200
+
+
 def test_suspended_listener_keeps_its_clients(node, client, key):
     port = mqtt_port(node)
     c = MqttClient(port)
