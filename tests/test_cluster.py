@@ -853,7 +853,8 @@ def test_past_the_unacknowledged_bound_qos_1_is_refused_and_nothing_acknowledged
         OPENER.open(request, timeout=10)
     assert refused.value.code == 503 and b"cluster_max_unacknowledged_bytes" in refused.value.read()
     back = restarted(b)
-    try:
+    try:  # until b's link to a is up, b is in a netsplit of its own and refuses CONNECT (return code 3)
+        wait_for(lambda: back.running().get(a.name) is True, what="b to see a again")
         sub = back.client("keeper", clean=False)
         got = [sub.message().payload[:3] for _ in acked]
         assert got == [f"{n:03d}".encode() for n in acked]
