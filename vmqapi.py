@@ -43,14 +43,14 @@ Contents (``grep -nE '^# [0-9]+\\. ' vmqapi.py`` prints them with line numbers):
     14. Routing and retained messages
     15. Delivery: queues, in-flight windows, packet ids, resends
     16. Sessions: connections, CONNECT, wills, administration
-    17. Peers: the engine's side of a cluster
-    18. Engine: packets and time
-    19. Message store
-    20. Broker shell: plugin hooks, rule files, tracing
-    21. MQTT connections: TCP, TLS and WebSocket links
-    22. MQTT listeners and the broker's loop
+    17. Engine: packets and time
+    18. Message store
+    19. Broker shell: plugin hooks, rule files, tracing
+    20. MQTT connections: TCP, TLS and WebSocket links
+    21. MQTT listeners and the broker's loop
 
   Part III. Plugins: the cluster, the bridge, webhooks
+    22. Peers: the engine's side of a cluster
     23. Cluster state: replicated metadata and the node-to-node codec
     24. Cluster links: node-to-node connections
     25. Cluster requests: joins, leaves and calls between nodes
@@ -7317,8 +7317,8 @@ class Store(Protocol):
 class ClusterSeam(Protocol):
     """What the core asks of the cluster, besides the router: the one small interface to other nodes.
 
-    ``NO_CLUSTER`` answers for a node on its own; ``Peers`` (the engine's cluster side) for a
-    member of a cluster.
+    ``NO_CLUSTER`` answers for a node on its own; for a member of a cluster, the cluster's
+    ``Peers``, handed to ``Engine.join_cluster``.
     """
 
     netsplit: str  # why the cluster is split ('' when whole): registers, publishes, (un)subscribes may be refused
@@ -8649,360 +8649,14 @@ class Sessions:
 
 
 ###############################################################################
-# 17. Peers: the engine's side of a cluster ###################################
-###############################################################################
-# Owns: the ``ClusterSeam`` of a clustered node: forwards out and in, sessions
-#       taken over from or by other nodes, netsplits, full nodes, and the change
-#       lists the cluster drains.
-# Must not know: sockets, the clock (``now`` comes with every entry point),
-#       links between nodes (the cluster drains and feeds these seams).
-
-class _Discard:
-    """A change list that keeps nothing: a node outside a cluster records no changes for it."""
-
-    __slots__ = ()
-
-    def add(self, item: Any) -> None:
-        """Keep nothing."""
-
-    append = add
-
-
-DISCARD = _Discard()
-
-
-def summary_subs(subs: Mapping[str, Sequence[Any]]) -> dict[str, SubOptions]:
-    """Read the ``subs`` of a session summary ({filter: [qos, no_local, rap, retain_handling, id]}).
-
-    Entries that are not valid are left out (and logged): a peer's bad data loses only them.
-    """
-    out: dict[str, SubOptions] = {}
-    for topic_filter, fields in subs.items():
-        try:
-            qos, no_local, rap, handling, identifier = fields
-            if not isinstance(topic_filter, str) or not valid_subscription(topic_filter):
-                raise ValueError(topic_filter)
-            out[topic_filter] = SubOptions(int(qos), bool(no_local), bool(rap), int(handling), int(identifier))
-        except (TypeError, ValueError):
-            log.warning("a session summary from another node has a bad subscription %r: %r", topic_filter, fields)
-    return out
-
-
-def summary_fields(opts: SubOptions) -> list:
-    """Return one subscription of a session summary: [qos, no_local, rap, retain_handling, identifier]."""
-    return [opts.qos, opts.no_local, opts.retain_as_published, opts.retain_handling, opts.identifier]
-
-
-class Peers:
-    """The engine's side of a cluster: it never sends to another node, it leaves lists the cluster drains.
-
-    The engine's parts ask it as their ``ClusterSeam`` once the node is clustered. The
-    cluster sets ``netsplit`` (a reason, '' when whole), ``elsewhere`` ((mountpoint,
-    client id) -> None or {"node", "clean", "subs"} of a session on another node),
-    ``full_nodes``, ``clustered`` (record changes for it) and, through ``router.set_remote``,
-    other nodes' interest; it drains ``take_forwards``, ``take_session_changes``,
-    ``take_retained_changes`` and ``take_takeovers``, and feeds ``deliver_forwarded``,
-    ``apply_remote_retained``, ``hand_over`` and ``adopt_messages``.
-    """
-
-    def __init__(self, ctx: Context, life: Sessions):
-        self.ctx, self.life, self.delivery = ctx, life, life.delivery
-        self.router, self.store, self.counters, self.sessions = life.router, life.store, life.counters, life.sessions
-        self.netsplit = ""
-        self.elsewhere: Callable[[str, str], dict | None] | None = None
-        self.full_nodes: set[str] = set()  # nodes with too much unacknowledged: QoS 1/2 for them is refused
-        # sessions whose summary (session_summary) and retained messages that changed since the cluster last took them
-        self.session_changes: set[tuple[str, str]] | _Discard = DISCARD
-        self.retained_changes: list[tuple[str, str]] | _Discard = DISCARD
-        # (node, mountpoint, message, plain, groups) for other nodes, in publish order, until the shell takes them
-        self.forwards: list[tuple[str, str, Message, bool, tuple[str, ...]]] = []
-        self.takeovers: list[tuple[str, str, str]] = []  # (old node, mountpoint, client id)
-        self.adopting: set[tuple[str, str]] = set()  # sessions taken over with their state: messages to come
-        self.waits = 0  # takeovers so far whose session waited for the old node's messages (Session.waiting)
-
-    @property
-    def clustered(self) -> bool:
-        """Whether changes are recorded for the cluster (off: a standalone node keeps no change lists)."""
-        return self.session_changes is not DISCARD
-
-    @clustered.setter
-    def clustered(self, on: bool) -> None:
-        # Turned on, every session and retained message counts as changed: the first take is the whole state.
-        if on and not self.clustered:
-            self.session_changes = set(self.sessions)
-            self.retained_changes = [(mp, t) for mp, table in self.router.retained.items() for t, _ in table.items()]
-        elif not on:
-            self.session_changes = self.retained_changes = DISCARD
-
-    # -- the seam the engine's parts ask ------------------------------------
-    def forward(self, mountpoint: str, msg: Message, nodes: Mapping[str, list]) -> None:
-        """Keep a routed message for the nodes that get it (``take_forwards``)."""
-        self.forwards += [(node, mountpoint, msg, plain, tuple(groups)) for node, (plain, groups) in nodes.items()]
-
-    def session_changed(self, key: tuple[str, str]) -> None:
-        """Note a session whose summary changed (nothing while not clustered)."""
-        self.session_changes.add(key)
-
-    def retained_changed(self, mountpoint: str, topic: str) -> None:
-        """Note a retained message a client or command changed here (nothing while not clustered)."""
-        self.retained_changes.append((mountpoint, topic))
-
-    def claim(self, key: tuple[str, str], clean_start: bool) -> tuple | None:
-        """Find the session of a CONNECT on another node; made here, offline with its subscriptions, when it
-        is persistent and Clean Start is off (CONNACK then says session present). None: not elsewhere."""
-        there = self.elsewhere(*key) if self.elsewhere is not None and key not in self.sessions else None
-        if there is None:
-            return None
-        made = not clean_start and not there.get("clean", True)
-        if made:
-            self.make_session(key, summary_subs(there.get("subs") or {}))
-        return key, there, made
-
-    def release(self, claim: tuple) -> None:
-        """The CONNECT was refused after all: the session made here goes, it stays on its node."""
-        key, _, made = claim
-        if made:
-            self.life.drop_session(self.sessions[key])
-
-    def took_over(self, claim: tuple) -> None:
-        """The CONNECT was accepted: the old node gives the session up; one made here waits for its messages."""
-        key, there, made = claim
-        self.takeovers.append((str(there.get("node", "")), *key))
-        if made:
-            self.adopting.add(key)
-            self.waits += 1
-            self.sessions[key].waiting = self.waits  # until its messages come (adopt_messages) or stop_waiting
-
-    # -- forwards -----------------------------------------------------------
-    def take_forwards(self) -> list[tuple[str, str, Message, bool, tuple[str, ...]]]:
-        """Return (and forget) the forwards for other nodes: (node, mountpoint, message, plain, groups).
-
-        ``plain``: that node's own non-shared subscribers want the message; ``groups``: the
-        "group/filter" of each shared group that node serves once. In publish order.
-        """
-        forwards, self.forwards = self.forwards, []
-        return forwards
-
-    def deliver_forwarded(self, mountpoint: str, msg: Message, plain: bool, groups: Sequence[str],
-                          now: float) -> None:
-        """Deliver a message another node forwarded, to local subscribers only; never forward it again.
-
-        ``plain``: every local non-shared match; ``groups``: "group/filter" of each shared group
-        that gets one local member (online first). Retained messages are not touched here.
-        """
-        self.ctx.now = now
-        if self.ctx.settings() is not self.ctx.config:
-            self.ctx.refresh()
-        msg = dataclasses.replace(msg, ref=self.life.new_ref())  # references are this node's own
-        if plain:
-            self.delivery.route(mountpoint, msg, forward=False)
-        for label in groups:
-            name, _, topic_filter = label.partition("/")
-            shared = self.router.groups.get((mountpoint, name, topic_filter))
-            member = shared.pick(self.router.choose, "local_only") if shared is not None else None
-            if member is None:
-                self.counters["queue_message_unhandled", ()] += 1  # its members here left meanwhile
-                continue
-            opts = shared.members[member]
-            self.delivery.deliver(member, msg, opts.qos, opts.retain_as_published, opts.ids)
-
-    def deliver_to(self, mountpoint: str, client_id: str, msg: Message, now: float) -> bool:
-        """Deliver a message passed on by the node that held a session before, to that session only.
-
-        False when it is not here (it moved on, or ended).
-        """
-        self.ctx.now = now
-        session = self.sessions.get((mountpoint, client_id))
-        if session is None:
-            return False
-        msg = dataclasses.replace(msg, ref=self.life.new_ref())
-        self.put_ahead(session, lambda: self.delivery.deliver_matching(session, msg))
-        return True
-
-    def full_for(self, mountpoint: str, msg: Message) -> list[tuple[str, str]]:
-        """The local subscribers of a forwarded QoS 1/2 message whose queue has no room for it now (their keys).
-
-        Only each queue's own bounds count (max_online_*/max_offline_*), not the node-wide one.
-        """
-        if not msg.qos:
-            return []
-        matches = self.router.cache.get((mountpoint, msg.topic)) or self.router.match(mountpoint, msg.topic)
-        size, full, ctx = message_bytes(msg), [], self.ctx
-        for session in matches:
-            if type(session) is Session and not session.clean:
-                limit, byte_limit = (ctx.max_online, ctx.max_online_bytes) if session.client is not None else \
-                    (ctx.max_offline, ctx.max_offline_bytes)
-                queued = _queued(session)
-                if 0 <= limit <= queued or (queued and 0 <= byte_limit < session.queue_bytes + size):
-                    full.append(session.key)
-        return full
-
-    def forwards_to_full(self, mountpoint: str, topic: str) -> bool:
-        """Whether a message on ``topic`` would go to a node with too much unacknowledged (``full_nodes``)."""
-        matches = self.router.cache.get((mountpoint, topic)) or self.router.match(mountpoint, topic)
-        return any(type(entry) is RemoteNode and entry.name in self.full_nodes for entry in matches)
-
-    # -- change lists -------------------------------------------------------
-    def take_session_changes(self) -> set[tuple[str, str]]:
-        """Return (and forget) the (mountpoint, client id) of sessions made, ended, (un)subscribed, on or off line."""
-        changes = self.session_changes
-        if changes is DISCARD:
-            return set()
-        self.session_changes = set()
-        return changes
-
-    def session_summary(self, mountpoint: str, client_id: str) -> dict | None:
-        """Return what other nodes know of a local session: clean, online, subs; None: no session here."""
-        session = self.sessions.get((mountpoint, client_id))
-        if session is None:
-            return None
-        return {"clean": session.clean, "online": session.client is not None,
-                "subs": {t: summary_fields(o) for t, o in session.subs.items()}}
-
-    def take_retained_changes(self) -> list[tuple[str, str]]:
-        """Return (and forget) the (mountpoint, topic) whose retained message a client or command changed here."""
-        changes = self.retained_changes
-        if changes is DISCARD:
-            return []
-        self.retained_changes = []
-        return changes
-
-    def apply_remote_retained(self, mountpoint: str, topic: str, msg: Message | None) -> bool:
-        """Set (or with None or an empty payload delete) a retained message another node changed.
-
-        Kept in the store as any retained message, not reported back as a local change. The
-        node's own limits hold: False when refused (counted in retain_message_refused).
-        """
-        if msg is None or not msg.payload:
-            if self.router.unretain(mountpoint, topic) is not None:
-                self.store.delete_retained(mountpoint, topic)
-            return True
-        msg = dataclasses.replace(msg, topic=topic, ref=self.life.new_ref(), frame=b"")
-        if not self.router.retain(mountpoint, msg, self.ctx.max_retained, self.ctx.max_retained_bytes):
-            self.counters["retain_message_refused", ()] += 1
-            return False
-        self.store.put_retained(mountpoint, msg)
-        return True
-
-    # -- sessions across nodes ----------------------------------------------
-    def make_session(self, key: tuple[str, str], subs: Mapping[str, SubOptions]) -> Session:
-        """Make an offline persistent session with ``subs`` (one taken over from another node)."""
-        mountpoint, client_id = key
-        session = self.life.add_session(mountpoint, client_id, None)
-        self.life.mountpoints.add(mountpoint)
-        self.store.put_session(mountpoint, client_id, None)
-        for topic_filter, opts in subs.items():
-            self.router.add(session, topic_filter, opts)
-            session.subs[topic_filter] = opts
-            self.store.put_subscription(mountpoint, client_id, topic_filter, opts.packed())
-        return session
-
-    def adopt_session(self, mountpoint: str, client_id: str, summary: Mapping[str, Any], now: float) -> bool:
-        """Make here, offline, a persistent session another node gave up (it left, or was removed while down).
-
-        Its messages may follow with ``adopt_messages``. Return False when a session of that
-        name is here already (it wins) or the summary is of a clean session.
-        """
-        self.ctx.now = now
-        key = (mountpoint, client_id)
-        if key in self.sessions or summary.get("clean", True):
-            return False
-        self.make_session(key, summary_subs(summary.get("subs") or {}))
-        self.adopting.add(key)
-        self.session_changes.add(key)
-        return True
-
-    def take_takeovers(self) -> list[tuple[str, str, str]]:
-        """Return (and forget) (old node, mountpoint, client id) of sessions clients took over from other nodes."""
-        takeovers, self.takeovers = self.takeovers, []
-        return takeovers
-
-    def hand_over(self, mountpoint: str, client_id: str, now: float) -> list[Message]:
-        """Give a session up to another node: close its connection (MQTT 5: 0x8E), end it here, return its messages.
-
-        The messages are those queued and those sent but not acknowledged, in order, each
-        with the QoS of its delivery; a QoS 2 message the client already received (PUBREL
-        sent) is not among them. Also removes a session that a newer owner elsewhere won.
-        """
-        self.ctx.now = now
-        key = (mountpoint, client_id)
-        session = self.sessions.get(key)
-        if session is not None and session.client is not None:
-            self.life.close_client(session.client, reason=Reason.SESSION_TAKEN_OVER)  # [MQTT-3.1.4-2]
-            session = self.sessions.get(key)  # a clean session ended with its connection
-        if session is None:
-            return []
-        self.life.take_will(session)  # its client connects elsewhere: no delayed will [MQTT-3.1.3-9]
-        self.delivery.unstore(session)
-        moving = [dataclasses.replace(out.msg, qos=out.qos, retain=out.retain, frame=b"")
-                  for out in itertools.chain(session.inflight.values(), session.queue)
-                  if out.stage is not Stage.RELEASED]
-        self.life.drop_session(session)
-        self.adopting.discard(key)
-        return moving
-
-    def adopt_messages(self, mountpoint: str, client_id: str, messages: Iterable[Message], now: float,
-                       force: bool = False, settle: bool = False) -> int:
-        """Queue the messages ``hand_over`` gave up on the old node into the session that took it over.
-
-        Only a session made here with the old one's state (session present) takes them, once;
-        ``force``: a persistent session the cluster says is here takes them too (this node
-        restarted since it took the session over). They go before what came directly since the
-        takeover. ``settle``: the queue goes on waiting (for what the old node still passes on,
-        ``deliver_to``) until ``stop_waiting``. Return how many were offered to its queue (its
-        limits still hold).
-        """
-        self.ctx.now = now
-        key = (mountpoint, client_id)
-        session = self.sessions.get(key)
-        if session is None or (key not in self.adopting and not (force and not session.clean)):
-            return 0
-        self.adopting.discard(key)
-        count = 0
-        for msg in messages:
-            ids = tuple(o.identifier for t, o in session.subs.items()
-                        if o.identifier and topic_matches(split_shared(t)[1], msg.topic))
-            out = Outgoing(dataclasses.replace(msg, ref=self.life.new_ref()), msg.qos, 0, msg.retain, ids,
-                           retained=msg.retain)
-            self.put_ahead(session, lambda: self.delivery.enqueue(session, out))
-            count += 1
-        if not settle:
-            self.stop_waiting(mountpoint, client_id, now)
-        return count
-
-    def put_ahead(self, session: Session, deliver: Callable[[], None]) -> None:
-        """Run ``deliver`` for a session; while it waits, what it queued goes before what came directly (newer)."""
-        queue, before = session.queue, len(session.queue)
-        deliver()
-        if session.waiting and len(queue) == before + 1 and session.ahead < before:
-            queue.insert(session.ahead, queue.pop())
-        session.ahead += session.waiting and len(queue) == before + 1
-
-    def waiting(self, mountpoint: str, client_id: str) -> int:
-        """Which takeover a session waits for (0: it does not wait)."""
-        session = self.sessions.get((mountpoint, client_id))
-        return session.waiting if session is not None else 0
-
-    def stop_waiting(self, mountpoint: str, client_id: str, now: float, which: int = 0) -> None:
-        """Deliver a taken-over session's queue without waiting any longer for the old node's messages.
-
-        ``which``: only if it still waits for that takeover (``waiting``); 0: whichever.
-        """
-        self.ctx.now = now
-        session = self.sessions.get((mountpoint, client_id))
-        if session is not None and session.waiting and which in (0, session.waiting):
-            session.waiting, session.ahead = 0, 0
-            self.delivery.drain(session)
-
-
-###############################################################################
-# 18. Engine: packets and time ################################################
+# 17. Engine: packets and time ################################################
 ###############################################################################
 # Owns: what each packet means (one dispatch table from connection state and
 #       packet type to its handler), acknowledgements, subscriptions, deadlines
 #       and the tick; the engine as its parts put together.
 # Must not know: sockets, the clock (``now`` comes with every entry point),
-#       other nodes (only through ``ClusterSeam``; the cluster's side is ``Peers``).
+#       other nodes (only through ``ClusterSeam``, the one the cluster hands to
+#       ``join_cluster``).
 
 ENGINE_PARTS: Mapping[str, tuple[str, ...]] = types.MappingProxyType({
     # part -> its operations that the engine offers as its own (the I/O shell, the node, the commands, the
@@ -9016,20 +8670,15 @@ ENGINE_PARTS: Mapping[str, tuple[str, ...]] = types.MappingProxyType({
              "refuse_busy", "subscribe", "unsubscribe", "disconnect", "client_status", "close_listener_clients",
              "trace", "disconnect_batch", "admin_unsubscribe", "reauthorize", "delete_expired_retained", "restore",
              "session_keys", "session_records", "session_rows", "retained_rows"),
-    "peers": ("take_forwards", "deliver_forwarded", "deliver_to", "full_for", "forwards_to_full",
-              "take_session_changes", "session_summary", "take_retained_changes", "apply_remote_retained",
-              "adopt_session", "take_takeovers", "hand_over", "adopt_messages", "waiting", "stop_waiting"),
 })
 
 
-def _part_attribute(part: str, name: str, joins: bool = False) -> property:
-    """An attribute of the engine that is its part's (``joins``: setting it makes the cluster's side the seam)."""
+def _part_attribute(part: str, name: str) -> property:
+    """An attribute of the engine that is its part's."""
     def get(self: Engine) -> Any:
         return getattr(getattr(self, part), name)
 
     def put(self: Engine, value: Any) -> None:
-        if joins:
-            self.join_cluster()
         setattr(getattr(self, part), name, value)
     return property(get, put, doc=f"``{part}.{name}``")
 
@@ -9039,8 +8688,8 @@ class Engine:
 
     Composed of parts, each built with what it uses: ``ctx`` (the settings in force and
     ``now``), ``output``, ``delivery``, ``gate`` (authentication and ACL), ``life``
-    (``Sessions``: connections and sessions) and ``peers`` (the side a cluster drains and
-    feeds; the parts' ``ClusterSeam`` once the node is clustered, ``NO_CLUSTER`` before).
+    (``Sessions``: connections and sessions). Other nodes are asked through ``seam``, the
+    parts' ``ClusterSeam``: ``NO_CLUSTER`` until the cluster hands its own to ``join_cluster``.
     The operations of ``ENGINE_PARTS`` are the engine's own names. Entry points: ``connection_made``, ``handle(conn, packet, now)``,
     ``deadline``, ``tick(now)``, ``connection_lost`` and the admin operations of ``Sessions``.
     """
@@ -9054,10 +8703,6 @@ class Engine:
     anonymous_default = _part_attribute("gate", "anonymous_default")
     persistent = _part_attribute("life", "persistent")
     new_client_id = _part_attribute("life", "new_client_id")
-    netsplit = _part_attribute("peers", "netsplit", joins=True)
-    elsewhere = _part_attribute("peers", "elsewhere", joins=True)
-    full_nodes = _part_attribute("peers", "full_nodes", joins=True)
-    clustered = _part_attribute("peers", "clustered", joins=True)
 
     def __init__(self, settings: Callable[[], Config], store: Store, hooks: Any, new_client_id: Callable[[], str],
                  choose: Callable[[Sequence[Any]], Any], now: float = 0.0):
@@ -9069,7 +8714,6 @@ class Engine:
         self.delivery = Delivery(ctx, self.output, self.router, store, hooks, self.counters, self.sessions)
         self.gate = Gate(ctx, hooks)
         self.life = Sessions(ctx, self.delivery, self.gate, store, hooks, new_client_id)
-        self.peers = Peers(ctx, self.life)
         self.seam: ClusterSeam = NO_CLUSTER
         self.clients, self.handouts, self.relays = self.life.clients, self.delivery.handouts, self.delivery.relays
         for part, names in ENGINE_PARTS.items():
@@ -9084,10 +8728,10 @@ class Engine:
                    Pingreq: self.on_pingreq, Disconnect: self.on_disconnect, Auth: self.life.on_auth},
         }
 
-    def join_cluster(self) -> None:
-        """Ask the cluster's side (``peers``) instead of ``NO_CLUSTER`` from now on: the node is in a cluster."""
+    def join_cluster(self, seam: ClusterSeam) -> None:
+        """Ask ``seam`` (the cluster's ``Peers``) instead of ``NO_CLUSTER`` from now on: the node is in a cluster."""
         if self.seam is NO_CLUSTER:
-            self.seam = self.delivery.seam = self.life.seam = self.peers
+            self.seam = self.delivery.seam = self.life.seam = seam
 
     def handle(self, client: Connection, packet: Any, now: float, raw: bytes = b"") -> None:
         """Act on one decoded packet from ``client``; ``raw`` is its wire form if it is a plain QoS 0 PUBLISH."""
@@ -9517,7 +9161,7 @@ class Engine:
             self.drop_session(session)
 
 ###############################################################################
-# 19. Message store ###########################################################
+# 18. Message store ###########################################################
 ###############################################################################
 # Owns: retained messages and persistent sessions (subscriptions, queued QoS 1/2
 #       messages) in SQLite, committed once per batch of packets.
@@ -9986,7 +9630,7 @@ class SqliteStore(MemoryStore):
 
 
 ###############################################################################
-# 20. Broker shell: plugin hooks, rule files, tracing #########################
+# 19. Broker shell: plugin hooks, rule files, tracing #########################
 ###############################################################################
 # Owns: what the engine is handed from outside: the hook registry (threads add to
 #       it), the password and ACL files (read and reloaded), password hashing (with
@@ -10160,7 +9804,7 @@ class Tracer:
 
 
 ###############################################################################
-# 21. MQTT connections: TCP, TLS and WebSocket links ##########################
+# 20. MQTT connections: TCP, TLS and WebSocket links ##########################
 ###############################################################################
 # Owns: bytes in and out of one connection: packets decoded per read and handed
 #       to the engine with the time, input bounds (CONNECT, the partial-packet
@@ -10815,7 +10459,7 @@ class WsLink(asyncio.Protocol):
 
 
 ###############################################################################
-# 22. MQTT listeners and the broker's loop ####################################
+# 21. MQTT listeners and the broker's loop ####################################
 ###############################################################################
 # Owns: file descriptor limits, the MQTT listeners and the event loop
 #       thread that runs the engine, drains outboxes after each commit, and
@@ -11278,8 +10922,355 @@ class MqttIO:
 ###############################################################################
 # Part III. Plugins: the cluster, the bridge, webhooks                        #
 ###############################################################################
-# What reaches beyond this node: the cluster (replicated state, links, requests, the
-# cluster itself, which feeds the engine's Peers), the MQTT bridge and webhooks.
+# What reaches beyond this node: the cluster (Peers, its side of the engine, then the
+# replicated state, links, requests, the cluster itself), the MQTT bridge and webhooks.
+
+
+###############################################################################
+# 22. Peers: the engine's side of a cluster ###################################
+###############################################################################
+# Owns: the ``ClusterSeam`` of a clustered node: forwards out and in, sessions
+#       taken over from or by other nodes, netsplits, full nodes, and the change
+#       lists the cluster drains.
+# Must not know: sockets, the clock (``now`` comes with every entry point),
+#       links between nodes (the cluster drains and feeds these seams).
+
+class _Discard:
+    """A change list that keeps nothing: a node outside a cluster records no changes for it."""
+
+    __slots__ = ()
+
+    def add(self, item: Any) -> None:
+        """Keep nothing."""
+
+    append = add
+
+
+DISCARD = _Discard()
+
+
+def summary_subs(subs: Mapping[str, Sequence[Any]]) -> dict[str, SubOptions]:
+    """Read the ``subs`` of a session summary ({filter: [qos, no_local, rap, retain_handling, id]}).
+
+    Entries that are not valid are left out (and logged): a peer's bad data loses only them.
+    """
+    out: dict[str, SubOptions] = {}
+    for topic_filter, fields in subs.items():
+        try:
+            qos, no_local, rap, handling, identifier = fields
+            if not isinstance(topic_filter, str) or not valid_subscription(topic_filter):
+                raise ValueError(topic_filter)
+            out[topic_filter] = SubOptions(int(qos), bool(no_local), bool(rap), int(handling), int(identifier))
+        except (TypeError, ValueError):
+            log.warning("a session summary from another node has a bad subscription %r: %r", topic_filter, fields)
+    return out
+
+
+def summary_fields(opts: SubOptions) -> list:
+    """Return one subscription of a session summary: [qos, no_local, rap, retain_handling, identifier]."""
+    return [opts.qos, opts.no_local, opts.retain_as_published, opts.retain_handling, opts.identifier]
+
+
+class Peers:
+    """The engine's side of a cluster: it never sends to another node, it leaves lists the cluster drains.
+
+    The cluster builds it on the engine's parts and hands it to ``Engine.join_cluster``:
+    from then on the engine's parts ask it as their ``ClusterSeam``. The cluster sets ``netsplit`` (a reason, '' when whole), ``elsewhere`` ((mountpoint,
+    client id) -> None or {"node", "clean", "subs"} of a session on another node),
+    ``full_nodes``, ``clustered`` (record changes for it) and, through ``router.set_remote``,
+    other nodes' interest; it drains ``take_forwards``, ``take_session_changes``,
+    ``take_retained_changes`` and ``take_takeovers``, and feeds ``deliver_forwarded``,
+    ``apply_remote_retained``, ``hand_over`` and ``adopt_messages``.
+    """
+
+    def __init__(self, ctx: Context, life: Sessions):
+        self.ctx, self.life, self.delivery = ctx, life, life.delivery
+        self.router, self.store, self.counters, self.sessions = life.router, life.store, life.counters, life.sessions
+        self.netsplit = ""
+        self.elsewhere: Callable[[str, str], dict | None] | None = None
+        self.full_nodes: set[str] = set()  # nodes with too much unacknowledged: QoS 1/2 for them is refused
+        # sessions whose summary (session_summary) and retained messages that changed since the cluster last took them
+        self.session_changes: set[tuple[str, str]] | _Discard = DISCARD
+        self.retained_changes: list[tuple[str, str]] | _Discard = DISCARD
+        # (node, mountpoint, message, plain, groups) for other nodes, in publish order, until the shell takes them
+        self.forwards: list[tuple[str, str, Message, bool, tuple[str, ...]]] = []
+        self.takeovers: list[tuple[str, str, str]] = []  # (old node, mountpoint, client id)
+        self.adopting: set[tuple[str, str]] = set()  # sessions taken over with their state: messages to come
+        self.waits = 0  # takeovers so far whose session waited for the old node's messages (Session.waiting)
+
+    @property
+    def clustered(self) -> bool:
+        """Whether changes are recorded for the cluster (off: a standalone node keeps no change lists)."""
+        return self.session_changes is not DISCARD
+
+    @clustered.setter
+    def clustered(self, on: bool) -> None:
+        # Turned on, every session and retained message counts as changed: the first take is the whole state.
+        if on and not self.clustered:
+            self.session_changes = set(self.sessions)
+            self.retained_changes = [(mp, t) for mp, table in self.router.retained.items() for t, _ in table.items()]
+        elif not on:
+            self.session_changes = self.retained_changes = DISCARD
+
+    # -- the seam the engine's parts ask ------------------------------------
+    def forward(self, mountpoint: str, msg: Message, nodes: Mapping[str, list]) -> None:
+        """Keep a routed message for the nodes that get it (``take_forwards``)."""
+        self.forwards += [(node, mountpoint, msg, plain, tuple(groups)) for node, (plain, groups) in nodes.items()]
+
+    def session_changed(self, key: tuple[str, str]) -> None:
+        """Note a session whose summary changed (nothing while not clustered)."""
+        self.session_changes.add(key)
+
+    def retained_changed(self, mountpoint: str, topic: str) -> None:
+        """Note a retained message a client or command changed here (nothing while not clustered)."""
+        self.retained_changes.append((mountpoint, topic))
+
+    def claim(self, key: tuple[str, str], clean_start: bool) -> tuple | None:
+        """Find the session of a CONNECT on another node; made here, offline with its subscriptions, when it
+        is persistent and Clean Start is off (CONNACK then says session present). None: not elsewhere."""
+        there = self.elsewhere(*key) if self.elsewhere is not None and key not in self.sessions else None
+        if there is None:
+            return None
+        made = not clean_start and not there.get("clean", True)
+        if made:
+            self.make_session(key, summary_subs(there.get("subs") or {}))
+        return key, there, made
+
+    def release(self, claim: tuple) -> None:
+        """The CONNECT was refused after all: the session made here goes, it stays on its node."""
+        key, _, made = claim
+        if made:
+            self.life.drop_session(self.sessions[key])
+
+    def took_over(self, claim: tuple) -> None:
+        """The CONNECT was accepted: the old node gives the session up; one made here waits for its messages."""
+        key, there, made = claim
+        self.takeovers.append((str(there.get("node", "")), *key))
+        if made:
+            self.adopting.add(key)
+            self.waits += 1
+            self.sessions[key].waiting = self.waits  # until its messages come (adopt_messages) or stop_waiting
+
+    # -- forwards -----------------------------------------------------------
+    def take_forwards(self) -> list[tuple[str, str, Message, bool, tuple[str, ...]]]:
+        """Return (and forget) the forwards for other nodes: (node, mountpoint, message, plain, groups).
+
+        ``plain``: that node's own non-shared subscribers want the message; ``groups``: the
+        "group/filter" of each shared group that node serves once. In publish order.
+        """
+        forwards, self.forwards = self.forwards, []
+        return forwards
+
+    def deliver_forwarded(self, mountpoint: str, msg: Message, plain: bool, groups: Sequence[str],
+                          now: float) -> None:
+        """Deliver a message another node forwarded, to local subscribers only; never forward it again.
+
+        ``plain``: every local non-shared match; ``groups``: "group/filter" of each shared group
+        that gets one local member (online first). Retained messages are not touched here.
+        """
+        self.ctx.now = now
+        if self.ctx.settings() is not self.ctx.config:
+            self.ctx.refresh()
+        msg = dataclasses.replace(msg, ref=self.life.new_ref())  # references are this node's own
+        if plain:
+            self.delivery.route(mountpoint, msg, forward=False)
+        for label in groups:
+            name, _, topic_filter = label.partition("/")
+            shared = self.router.groups.get((mountpoint, name, topic_filter))
+            member = shared.pick(self.router.choose, "local_only") if shared is not None else None
+            if member is None:
+                self.counters["queue_message_unhandled", ()] += 1  # its members here left meanwhile
+                continue
+            opts = shared.members[member]
+            self.delivery.deliver(member, msg, opts.qos, opts.retain_as_published, opts.ids)
+
+    def deliver_to(self, mountpoint: str, client_id: str, msg: Message, now: float) -> bool:
+        """Deliver a message passed on by the node that held a session before, to that session only.
+
+        False when it is not here (it moved on, or ended).
+        """
+        self.ctx.now = now
+        session = self.sessions.get((mountpoint, client_id))
+        if session is None:
+            return False
+        msg = dataclasses.replace(msg, ref=self.life.new_ref())
+        self.put_ahead(session, lambda: self.delivery.deliver_matching(session, msg))
+        return True
+
+    def full_for(self, mountpoint: str, msg: Message) -> list[tuple[str, str]]:
+        """The local subscribers of a forwarded QoS 1/2 message whose queue has no room for it now (their keys).
+
+        Only each queue's own bounds count (max_online_*/max_offline_*), not the node-wide one.
+        """
+        if not msg.qos:
+            return []
+        matches = self.router.cache.get((mountpoint, msg.topic)) or self.router.match(mountpoint, msg.topic)
+        size, full, ctx = message_bytes(msg), [], self.ctx
+        for session in matches:
+            if type(session) is Session and not session.clean:
+                limit, byte_limit = (ctx.max_online, ctx.max_online_bytes) if session.client is not None else \
+                    (ctx.max_offline, ctx.max_offline_bytes)
+                queued = _queued(session)
+                if 0 <= limit <= queued or (queued and 0 <= byte_limit < session.queue_bytes + size):
+                    full.append(session.key)
+        return full
+
+    def forwards_to_full(self, mountpoint: str, topic: str) -> bool:
+        """Whether a message on ``topic`` would go to a node with too much unacknowledged (``full_nodes``)."""
+        matches = self.router.cache.get((mountpoint, topic)) or self.router.match(mountpoint, topic)
+        return any(type(entry) is RemoteNode and entry.name in self.full_nodes for entry in matches)
+
+    # -- change lists -------------------------------------------------------
+    def take_session_changes(self) -> set[tuple[str, str]]:
+        """Return (and forget) the (mountpoint, client id) of sessions made, ended, (un)subscribed, on or off line."""
+        changes = self.session_changes
+        if changes is DISCARD:
+            return set()
+        self.session_changes = set()
+        return changes
+
+    def session_summary(self, mountpoint: str, client_id: str) -> dict | None:
+        """Return what other nodes know of a local session: clean, online, subs; None: no session here."""
+        session = self.sessions.get((mountpoint, client_id))
+        if session is None:
+            return None
+        return {"clean": session.clean, "online": session.client is not None,
+                "subs": {t: summary_fields(o) for t, o in session.subs.items()}}
+
+    def take_retained_changes(self) -> list[tuple[str, str]]:
+        """Return (and forget) the (mountpoint, topic) whose retained message a client or command changed here."""
+        changes = self.retained_changes
+        if changes is DISCARD:
+            return []
+        self.retained_changes = []
+        return changes
+
+    def apply_remote_retained(self, mountpoint: str, topic: str, msg: Message | None) -> bool:
+        """Set (or with None or an empty payload delete) a retained message another node changed.
+
+        Kept in the store as any retained message, not reported back as a local change. The
+        node's own limits hold: False when refused (counted in retain_message_refused).
+        """
+        if msg is None or not msg.payload:
+            if self.router.unretain(mountpoint, topic) is not None:
+                self.store.delete_retained(mountpoint, topic)
+            return True
+        msg = dataclasses.replace(msg, topic=topic, ref=self.life.new_ref(), frame=b"")
+        if not self.router.retain(mountpoint, msg, self.ctx.max_retained, self.ctx.max_retained_bytes):
+            self.counters["retain_message_refused", ()] += 1
+            return False
+        self.store.put_retained(mountpoint, msg)
+        return True
+
+    # -- sessions across nodes ----------------------------------------------
+    def make_session(self, key: tuple[str, str], subs: Mapping[str, SubOptions]) -> Session:
+        """Make an offline persistent session with ``subs`` (one taken over from another node)."""
+        mountpoint, client_id = key
+        session = self.life.add_session(mountpoint, client_id, None)
+        self.life.mountpoints.add(mountpoint)
+        self.store.put_session(mountpoint, client_id, None)
+        for topic_filter, opts in subs.items():
+            self.router.add(session, topic_filter, opts)
+            session.subs[topic_filter] = opts
+            self.store.put_subscription(mountpoint, client_id, topic_filter, opts.packed())
+        return session
+
+    def adopt_session(self, mountpoint: str, client_id: str, summary: Mapping[str, Any], now: float) -> bool:
+        """Make here, offline, a persistent session another node gave up (it left, or was removed while down).
+
+        Its messages may follow with ``adopt_messages``. Return False when a session of that
+        name is here already (it wins) or the summary is of a clean session.
+        """
+        self.ctx.now = now
+        key = (mountpoint, client_id)
+        if key in self.sessions or summary.get("clean", True):
+            return False
+        self.make_session(key, summary_subs(summary.get("subs") or {}))
+        self.adopting.add(key)
+        self.session_changes.add(key)
+        return True
+
+    def take_takeovers(self) -> list[tuple[str, str, str]]:
+        """Return (and forget) (old node, mountpoint, client id) of sessions clients took over from other nodes."""
+        takeovers, self.takeovers = self.takeovers, []
+        return takeovers
+
+    def hand_over(self, mountpoint: str, client_id: str, now: float) -> list[Message]:
+        """Give a session up to another node: close its connection (MQTT 5: 0x8E), end it here, return its messages.
+
+        The messages are those queued and those sent but not acknowledged, in order, each
+        with the QoS of its delivery; a QoS 2 message the client already received (PUBREL
+        sent) is not among them. Also removes a session that a newer owner elsewhere won.
+        """
+        self.ctx.now = now
+        key = (mountpoint, client_id)
+        session = self.sessions.get(key)
+        if session is not None and session.client is not None:
+            self.life.close_client(session.client, reason=Reason.SESSION_TAKEN_OVER)  # [MQTT-3.1.4-2]
+            session = self.sessions.get(key)  # a clean session ended with its connection
+        if session is None:
+            return []
+        self.life.take_will(session)  # its client connects elsewhere: no delayed will [MQTT-3.1.3-9]
+        self.delivery.unstore(session)
+        moving = [dataclasses.replace(out.msg, qos=out.qos, retain=out.retain, frame=b"")
+                  for out in itertools.chain(session.inflight.values(), session.queue)
+                  if out.stage is not Stage.RELEASED]
+        self.life.drop_session(session)
+        self.adopting.discard(key)
+        return moving
+
+    def adopt_messages(self, mountpoint: str, client_id: str, messages: Iterable[Message], now: float,
+                       force: bool = False, settle: bool = False) -> int:
+        """Queue the messages ``hand_over`` gave up on the old node into the session that took it over.
+
+        Only a session made here with the old one's state (session present) takes them, once;
+        ``force``: a persistent session the cluster says is here takes them too (this node
+        restarted since it took the session over). They go before what came directly since the
+        takeover. ``settle``: the queue goes on waiting (for what the old node still passes on,
+        ``deliver_to``) until ``stop_waiting``. Return how many were offered to its queue (its
+        limits still hold).
+        """
+        self.ctx.now = now
+        key = (mountpoint, client_id)
+        session = self.sessions.get(key)
+        if session is None or (key not in self.adopting and not (force and not session.clean)):
+            return 0
+        self.adopting.discard(key)
+        count = 0
+        for msg in messages:
+            ids = tuple(o.identifier for t, o in session.subs.items()
+                        if o.identifier and topic_matches(split_shared(t)[1], msg.topic))
+            out = Outgoing(dataclasses.replace(msg, ref=self.life.new_ref()), msg.qos, 0, msg.retain, ids,
+                           retained=msg.retain)
+            self.put_ahead(session, lambda: self.delivery.enqueue(session, out))
+            count += 1
+        if not settle:
+            self.stop_waiting(mountpoint, client_id, now)
+        return count
+
+    def put_ahead(self, session: Session, deliver: Callable[[], None]) -> None:
+        """Run ``deliver`` for a session; while it waits, what it queued goes before what came directly (newer)."""
+        queue, before = session.queue, len(session.queue)
+        deliver()
+        if session.waiting and len(queue) == before + 1 and session.ahead < before:
+            queue.insert(session.ahead, queue.pop())
+        session.ahead += session.waiting and len(queue) == before + 1
+
+    def waiting(self, mountpoint: str, client_id: str) -> int:
+        """Which takeover a session waits for (0: it does not wait)."""
+        session = self.sessions.get((mountpoint, client_id))
+        return session.waiting if session is not None else 0
+
+    def stop_waiting(self, mountpoint: str, client_id: str, now: float, which: int = 0) -> None:
+        """Deliver a taken-over session's queue without waiting any longer for the old node's messages.
+
+        ``which``: only if it still waits for that takeover (``waiting``); 0: whichever.
+        """
+        self.ctx.now = now
+        session = self.sessions.get((mountpoint, client_id))
+        if session is not None and session.waiting and which in (0, session.waiting):
+            session.waiting, session.ahead = 0, 0
+            self.delivery.drain(session)
 
 
 ###############################################################################
@@ -13250,8 +13241,8 @@ class HandedOver:
 
 
 class SessionMoves:
-    """Sessions moving between nodes, with their messages in order (the cluster's part; the engine's is
-    ``hand_over``, ``adopt_messages``, ``deliver_to`` and ``stop_waiting``).
+    """Sessions moving between nodes, with their messages in order (the cluster's part; the engine's
+    side, ``Peers``, does ``hand_over``, ``adopt_messages``, ``deliver_to`` and ``stop_waiting``).
 
     The old node hands a session over (``moved``) as a kept frame and passes on, for a while, what
     still reaches it (``HandedOver``). Every other node, on seeing the session's row move, sends
@@ -13261,9 +13252,9 @@ class SessionMoves:
     up have come, at most ADOPT_WAIT: then every older message is ahead of every newer one.
     """
 
-    def __init__(self, engine: Engine, kept: KeptFrames, me: str, replica: Replica, loop: asyncio.AbstractEventLoop,
+    def __init__(self, seam: Peers, kept: KeptFrames, me: str, replica: Replica, loop: asyncio.AbstractEventLoop,
                  flush_soon: Callable[[], None]):
-        self.engine, self.kept, self.me, self.replica, self.loop = engine, kept, me, replica, loop
+        self.seam, self.kept, self.me, self.replica, self.loop = seam, kept, me, replica, loop
         self.flush_soon = flush_soon  # the cluster's: what a timer did here is committed and sent
         self.handed = HandedOver()
         # session taken over here -> [its wait (Session.waiting), nodes whose marker is due, migrated, row stamp]
@@ -13275,10 +13266,10 @@ class SessionMoves:
     def moved(self, key: str, owner: str, stamp: float) -> None:
         """A newer row (of time ``stamp``) puts a session this node holds on ``owner``: hand it over there."""
         mountpoint, client_id = split_session_key(key)
-        summary = self.engine.session_summary(mountpoint, client_id)
+        summary = self.seam.session_summary(mountpoint, client_id)
         if summary is None:
             return
-        messages = self.engine.hand_over(mountpoint, client_id, time.time())
+        messages = self.seam.hand_over(mountpoint, client_id, time.time())
         self.migrate(owner, mountpoint, client_id, None, messages)
         if not summary["clean"]:  # what still comes here for it, sent before its publisher's node knew, follows it
             self.handed.add(mountpoint, client_id, owner, summary["subs"], time.monotonic())
@@ -13302,7 +13293,7 @@ class SessionMoves:
         key, owner, stamp = decode_marker(body)
         mountpoint, client_id = split_session_key(key)
         target = self.handed.owner(mountpoint, client_id)
-        if target is None and self.engine.session_summary(mountpoint, client_id) is not None:
+        if target is None and self.seam.session_summary(mountpoint, client_id) is not None:
             waiting = self.markers.setdefault((mountpoint, client_id), [])  # the row reaches this node later
             if len(waiting) < MARKERS_MAX:
                 waiting.append((peer, stamp))
@@ -13315,7 +13306,7 @@ class SessionMoves:
     def took_over(self, old: str, mountpoint: str, client_id: str, up: Iterable[str]) -> None:
         """A client took a session over here from ``old``: its queue waits for what the others owe it."""
         self.handed.forget(mountpoint, client_id)  # back here: nothing to pass on any more
-        which = self.engine.waiting(mountpoint, client_id)
+        which = self.seam.waiting(mountpoint, client_id)
         if not which:
             return
         if old not in up:  # a node down sends later: nothing to wait for
@@ -13338,7 +13329,7 @@ class SessionMoves:
         entry = self.awaiting.get((mountpoint, client_id))
         if entry is not None and entry[0] == which:
             del self.awaiting[mountpoint, client_id]
-        self.engine.stop_waiting(mountpoint, client_id, time.time(), which)
+        self.seam.stop_waiting(mountpoint, client_id, time.time(), which)
         self.flush_soon()
 
     def down(self, peer: str) -> None:
@@ -13349,15 +13340,15 @@ class SessionMoves:
 
     def on_migrate(self, body: bytes) -> None:
         """A session (or its messages) handed over to this node."""
-        engine = self.engine
+        seam = self.seam
         mountpoint, client_id, summary, bodies = decode_term(body)
         if not (isinstance(mountpoint, str) and isinstance(client_id, str) and isinstance(bodies, list)
                 and (summary is None or _summary_ok(summary))):
             raise ClusterError(f"a session handed over with a bad summary: {str(client_id)[:100]!r}")
         now = time.time()
         if summary is not None:
-            engine.adopt_session(mountpoint, client_id, summary, now)
-        limit = engine.packet_limits.properties
+            seam.adopt_session(mountpoint, client_id, summary, now)
+        limit = seam.ctx.packet_limits.properties
         messages = [msg for msg in (migrated_message(b, limit) for b in bodies) if msg is not None]
         if len(messages) < len(bodies):
             log.warning("cluster: %d of the %d queued message(s) of %r handed over could not be used",
@@ -13365,15 +13356,15 @@ class SessionMoves:
         held = self.replica.get("session", session_key(mountpoint, client_id))
         ours = isinstance(held, dict) and held.get("node") == self.me  # here, whatever this node forgot
         owner = self.handed.owner(mountpoint, client_id)
-        if owner is not None and engine.session_summary(mountpoint, client_id) is None:
+        if owner is not None and seam.session_summary(mountpoint, client_id) is None:
             self.kept.keep(owner, KEPT_MIGRATE, body)  # it moved on from here meanwhile: its queue follows it
             return
-        if not engine.adopt_messages(mountpoint, client_id, messages, now, force=ours, settle=True) and messages:
+        if not seam.adopt_messages(mountpoint, client_id, messages, now, force=ours, settle=True) and messages:
             log.warning("cluster: %d queued message(s) of %r handed over have no session here to go to",
                         len(messages), client_id[:100])
         entry = self.awaiting.get((mountpoint, client_id))
         if entry is None:
-            self._done(mountpoint, client_id, engine.waiting(mountpoint, client_id))
+            self._done(mountpoint, client_id, seam.waiting(mountpoint, client_id))
         else:
             entry[2] = True
             self._check(mountpoint, client_id)
@@ -13381,12 +13372,12 @@ class SessionMoves:
     # -- every node -------------------------------------------------------
     def use(self, peer: str, kind: int, body: bytes, force: bool) -> str:
         """Act on a kept frame (KeptFrames.receive): "used", "full" (not now) or "forced" (see KeptFrames)."""
-        engine = self.engine
+        seam = self.seam
         if kind == KEPT_FORWARD:
-            mountpoint, msg, plain, groups = decode_forward(body, engine.packet_limits.properties)
+            mountpoint, msg, plain, groups = decode_forward(body, seam.ctx.packet_limits.properties)
             check_publishable(msg.topic)
             now = time.monotonic()
-            full = [key for key in engine.full_for(mountpoint, msg) if self.given_up.get(key, 0) < now] if plain \
+            full = [key for key in seam.full_for(mountpoint, msg) if self.given_up.get(key, 0) < now] if plain \
                 else []
             if full and not force:
                 return "full"
@@ -13394,21 +13385,21 @@ class SessionMoves:
                 self.given_up[key] = now + KEPT_GIVEN_UP
             if len(self.given_up) > MOVED_MAX:
                 self.given_up = {k: t for k, t in self.given_up.items() if t >= now}
-            engine.deliver_forwarded(mountpoint, msg, plain, groups, time.time())
+            seam.deliver_forwarded(mountpoint, msg, plain, groups, time.time())
             for client_id, owner in self.handed.wanting(mountpoint, msg.topic) if plain else ():
-                if engine.session_summary(mountpoint, client_id) is None:  # not made here again meanwhile
+                if seam.session_summary(mountpoint, client_id) is None:  # not made here again meanwhile
                     self.kept.keep(owner, KEPT_PASSED, encode_term([client_id, body]))
             return "forced" if full else "used"
         if kind == KEPT_MIGRATE:
             self.on_migrate(body)
         elif kind == KEPT_PASSED:
             client_id, forward = decode_passed(body)
-            mountpoint, msg = decode_forward(forward, engine.packet_limits.properties)[:2]
+            mountpoint, msg = decode_forward(forward, seam.ctx.packet_limits.properties)[:2]
             check_publishable(msg.topic)
-            if not engine.deliver_to(mountpoint, client_id, msg, time.time()):
+            if not seam.deliver_to(mountpoint, client_id, msg, time.time()):
                 owner = self.handed.owner(mountpoint, client_id)
                 if owner is None:
-                    engine.counters["queue_message_unhandled", ()] += 1
+                    seam.counters["queue_message_unhandled", ()] += 1
                 else:  # it moved on again
                     self.kept.keep(owner, KEPT_PASSED, body)
         elif kind == KEPT_FLUSH:
@@ -13441,9 +13432,9 @@ class KeptFrames:
     queue bound drops it, as on one node, and SessionMoves stops waiting for that subscriber).
     """
 
-    def __init__(self, io: MqttIO, limit: Callable[[], int], epoch: int,
+    def __init__(self, io: MqttIO, seam: Peers, limit: Callable[[], int], epoch: int,
                  use: Callable[[str, int, bytes, bool], str]):
-        self.io, self.limit, self.use = io, limit, use
+        self.io, self.seam, self.limit, self.use = io, seam, limit, use
         self.links: ClusterLinks | None = None
         self.outbox, self.inbox = Outbox(epoch), Inbox()
         self.unsent: dict[str, collections.deque[tuple[int, int]]] = {}  # up peer -> kept numbers to write
@@ -13517,7 +13508,7 @@ class KeptFrames:
     def check_room(self) -> None:
         """Tell the engine which nodes have too much unacknowledged: QoS 1/2 publishes for them are refused."""
         limit = self.limit()
-        self.io.engine.full_nodes = {peer for peer, size in self.outbox.size.items() if size > limit}
+        self.seam.full_nodes = {peer for peer, size in self.outbox.size.items() if size > limit}
 
     def receive(self, peer: str, frame: bytes) -> None:
         """Take a kept frame from ``peer``: use a new one, acknowledge it after the commit; or park it."""
@@ -13575,7 +13566,7 @@ class KeptFrames:
     def acknowledged(self, peer: str, frame: bytes) -> None:
         """``peer`` committed kept frames: forget them here."""
         epoch, upto = decode_kept_ack(frame)
-        full = peer in self.io.engine.full_nodes
+        full = peer in self.seam.full_nodes
         rows = self.outbox.ack(peer, epoch, upto)
         if rows:
             self.progress[peer] = time.monotonic()
@@ -13624,15 +13615,15 @@ class KeptFrames:
 
 
 class SessionRows:
-    """The replica's session and retained rows and the engine, kept in step (loop thread).
+    """The replica's session and retained rows and the engine (through ``Peers``), kept in step (loop thread).
 
     Other nodes' sessions give the router their subscriptions (``index``); this node's session and
     retained changes become rows (``record``); a session row that moves hands the session over
     (``SessionMoves``); a member removed while down leaves its persistent sessions to the others.
     """
 
-    def __init__(self, me: str, engine: Engine, rows: Replication, moves: SessionMoves):
-        self.me, self.engine, self.rows, self.moves = me, engine, rows, moves
+    def __init__(self, me: str, seam: Peers, rows: Replication, moves: SessionMoves):
+        self.me, self.seam, self.rows, self.moves = me, seam, rows, moves
         self.replica = rows.replica
         self.owned: dict[str, tuple[str, tuple[str, ...], bool]] = {}  # session key -> node, filters, online
         self.interest: dict[tuple[str, str, str], list[int]] = {}  # (node, mp, filter) -> [members, online]
@@ -13674,7 +13665,7 @@ class SessionRows:
             members, online = self.interest[node, mp, topic_filter]
             if members <= 0:
                 del self.interest[node, mp, topic_filter]
-            self.engine.router.set_remote(node, mp, topic_filter, max(members, 0), max(online, 0))
+            self.seam.router.set_remote(node, mp, topic_filter, max(members, 0), max(online, 0))
 
     def written(self, update: Update) -> None:
         """This node wrote a session's row: the node it moved from no longer wants its filters."""
@@ -13697,8 +13688,8 @@ class SessionRows:
         mountpoint, topic = split_session_key(update.key)
         check_publishable(topic)
         value = update.value
-        msg = decode_forward(value, self.engine.packet_limits.properties)[1] if isinstance(value, bytes) else None
-        self.engine.apply_remote_retained(mountpoint, topic, msg)
+        msg = decode_forward(value, self.seam.ctx.packet_limits.properties)[1] if isinstance(value, bytes) else None
+        self.seam.apply_remote_retained(mountpoint, topic, msg)
 
     def elsewhere(self, mountpoint: str, client_id: str) -> dict | None:
         """Return the row of a session another node holds (the engine's ``elsewhere``), else None."""
@@ -13710,24 +13701,24 @@ class SessionRows:
     def record(self) -> None:
         """Write the rows of what the engine changed in this batch: its sessions, its retained messages."""
         self._session_changes()
-        engine = self.engine
-        for mountpoint, topic in engine.take_retained_changes():
-            msg = engine.router.retained[mountpoint].get(topic)
+        seam = self.seam
+        for mountpoint, topic in seam.take_retained_changes():
+            msg = seam.router.retained[mountpoint].get(topic)
             self.rows.put("retain", session_key(mountpoint, topic),
                           None if msg is None else retained_value(mountpoint, msg))
 
     def _session_changes(self) -> None:
-        engine, put = self.engine, self.rows.put
-        changes = engine.take_session_changes()
+        seam, put = self.seam, self.rows.put
+        changes = seam.take_session_changes()
         initial, self.initial = self.initial, False
         if initial:  # rows of this node's that name sessions it no longer has (it stopped, or was killed)
             for key, value in self.replica.items("session"):
                 if isinstance(value, dict) and value.get("node") == self.me \
-                        and split_session_key(key) not in engine.sessions:
+                        and split_session_key(key) not in seam.sessions:
                     put("session", key, None)
         for mountpoint, client_id in changes:
             key = session_key(mountpoint, client_id)
-            summary = engine.session_summary(mountpoint, client_id)
+            summary = seam.session_summary(mountpoint, client_id)
             held = self.replica.get("session", key)
             ours = isinstance(held, dict) and held.get("node") == self.me
             if summary is None:
@@ -13747,7 +13738,7 @@ class SessionRows:
 
     def member_gone(self, name: str, alive: list[str]) -> None:
         """A member was removed while down: its persistent sessions live on among ``alive`` (sorted)."""
-        self.engine.router.drop_remote(name)
+        self.seam.router.drop_remote(name)
         for key, value in self.replica.items("session"):
             if not isinstance(value, dict) or value.get("node") != name:
                 continue
@@ -13758,12 +13749,12 @@ class SessionRows:
                 continue
             if alive[zlib.crc32(key.encode()) % len(alive)] == self.me:
                 mountpoint, client_id = split_session_key(key)
-                self.engine.adopt_session(mountpoint, client_id, value, time.time())
+                self.seam.adopt_session(mountpoint, client_id, value, time.time())
 
     def forget_others(self) -> None:
         """This node was taken out: no other node's subscription counts any more."""
-        for peer in list(self.engine.router.remote):
-            self.engine.router.drop_remote(peer)
+        for peer in list(self.seam.router.remote):
+            self.seam.router.drop_remote(peer)
         self.owned.clear()
         self.interest.clear()
 
@@ -13776,10 +13767,10 @@ class Membership:
     ``after_batch`` is the cluster's, run when a join here changed rows outside a batch.
     """
 
-    def __init__(self, me: str, address: tuple[str, int], engine: Engine, loop: asyncio.AbstractEventLoop,
+    def __init__(self, me: str, address: tuple[str, int], seam: Peers, loop: asyncio.AbstractEventLoop,
                  rows: Replication, sessions: SessionRows, kept: KeptFrames, moves: SessionMoves,
                  after_batch: Callable[[], None]):
-        self.me, self.address, self.engine, self.loop = me, address, engine, loop
+        self.me, self.address, self.seam, self.loop = me, address, seam, loop
         self.rows, self.replica, self.sessions, self.kept, self.moves = rows, rows.replica, sessions, kept, moves
         self.after_batch = after_batch
         self.links: ClusterLinks | None = None
@@ -13842,9 +13833,9 @@ class Membership:
     def maybe_record(self) -> None:
         """Let the engine record changes once this node is in a cluster (a standalone node keeps none)."""
         self.advertise()
-        if not self.engine.clustered and self.peers() and \
+        if not self.seam.clustered and self.peers() and \
                 (not self.rows.unsynced or time.monotonic() >= self.record_after):
-            self.engine.clustered = True
+            self.seam.clustered = True
             self.sessions.initial = True  # the first take is every session: see SessionRows.record
 
     def advertised(self) -> str:
@@ -13885,12 +13876,12 @@ class Membership:
         """This node leaves: with ``kill_sessions`` its sessions move to the others first."""
         others = self.peers()
         if kill_sessions and others:
-            engine, now = self.engine, time.time()
-            for mountpoint, client_id in list(engine.session_keys(None)):
-                summary = engine.session_summary(mountpoint, client_id)
+            seam, now = self.seam, time.time()
+            for mountpoint, client_id in list(seam.life.session_keys(None)):
+                summary = seam.session_summary(mountpoint, client_id)
                 if summary is None:
                     continue
-                messages = engine.hand_over(mountpoint, client_id, now)
+                messages = seam.hand_over(mountpoint, client_id, now)
                 if not summary["clean"]:
                     key = session_key(mountpoint, client_id)
                     target = others[zlib.crc32(key.encode()) % len(others)]
@@ -13917,7 +13908,7 @@ class Membership:
         self.sessions.forget_others()
         for row in self.links.rows():  # after a moment: hand-overs to the others are still on their way
             self.loop.call_later(FORGET_DELAY, self.forget_if_out, row["name"])
-        self.engine.clustered = False
+        self.seam.clustered = False
 
     def gone(self, name: str) -> None:
         """A member was removed while down: its persistent sessions live on among the others."""
@@ -13985,9 +13976,9 @@ class Membership:
                 and p not in self.arriving]  # a member being joined is not missing yet
         split = f"cluster nodes not reachable: {', '.join(down)}" if down else ""
         if bool(split) != bool(self.split):
-            self.engine.counters["netsplit_detected" if split else "netsplit_resolved", ()] += 1
+            self.seam.counters["netsplit_detected" if split else "netsplit_resolved", ()] += 1
             log.warning("cluster: netsplit: %s", split) if split else log.info("cluster: every member is back")
-        self.split = self.engine.netsplit = split
+        self.split = self.seam.netsplit = split
 
 
 class SharedSettings:
@@ -14063,8 +14054,8 @@ class SharedSettings:
 class Cluster:
     """This node's part in a cluster: the links, and the parts that say what they mean for the engine.
 
-    Its parts: ``rows`` (the replica and its flow), ``sessions`` (session and retained rows and the
-    engine), ``membership`` (members, joins, leaves, netsplits), ``moves`` (sessions moving between
+    Its parts: ``seam`` (``Peers``, the engine's side, which it drains and feeds), ``rows`` (the
+    replica and its flow), ``sessions`` (session and retained rows and the engine), ``membership`` (members, joins, leaves, netsplits), ``moves`` (sessions moving between
     nodes), ``kept`` (frames kept until acknowledged), ``settings`` (shared keys and ``set --all``)
     and ``calls`` (requests between nodes). Of the node it uses its name, config, data_dir, metrics,
     keystore, apply_settings, in_broker and request_stop; CLUSTER_OPS run on it whole.
@@ -14086,11 +14077,12 @@ class Cluster:
         self._timer: asyncio.TimerHandle | None = None
         self._flush_due = False
         self.rows = Replication(self.me, self.store)
-        self.kept = KeptFrames(io, lambda: node.config["cluster_max_unacknowledged_bytes"], secrets.randbits(62) + 1,
-                               lambda *args: self.moves.use(*args))
-        self.moves = SessionMoves(self.engine, self.kept, self.me, self.rows.replica, io.loop, self.flush_soon)
-        self.sessions = SessionRows(self.me, self.engine, self.rows, self.moves)
-        self.membership = Membership(self.me, address, self.engine, io.loop, self.rows, self.sessions, self.kept,
+        self.seam = Peers(self.engine.ctx, self.engine.life)  # the engine asks it once the cluster starts
+        self.kept = KeptFrames(io, self.seam, lambda: node.config["cluster_max_unacknowledged_bytes"],
+                               secrets.randbits(62) + 1, lambda *args: self.moves.use(*args))
+        self.moves = SessionMoves(self.seam, self.kept, self.me, self.rows.replica, io.loop, self.flush_soon)
+        self.sessions = SessionRows(self.me, self.seam, self.rows, self.moves)
+        self.membership = Membership(self.me, address, self.seam, io.loop, self.rows, self.sessions, self.kept,
                                      self.moves, self.after_batch)
         self.settings = SharedSettings(self.me, node.keystore, node.apply_settings, self.rows, self.peers)
         self.calls = ClusterCalls(node, CLUSTER_OPS, io.loop, self.peers, self.in_loop)
@@ -14202,6 +14194,7 @@ class Cluster:
         server_tls, client_tls = cluster_tls_contexts(config)
         cookie, source = load_cookie(config, self.node.data_dir, os.environ)
         log.info("cluster cookie: %s", source)  # where it is, never what
+        self.io.call(self.engine.join_cluster, self.seam)  # first: no forward may meet NO_CLUSTER from now on
         self.io.call(self.kept.load)  # before any link can bring a frame
         self.links = ClusterLinks(self.io.loop, self.me, cookie, self.node.metrics,
                                   buffer_size=config["outgoing_clustering_buffer_size"], on_up=self._on_up,
@@ -14222,8 +14215,7 @@ class Cluster:
         self.io.call(self._started)
 
     def _started(self) -> None:
-        self.engine.join_cluster()  # first: from now on the engine's parts ask Peers, which keeps every forward
-        self.engine.elsewhere = self.sessions.elsewhere
+        self.seam.elsewhere = self.sessions.elsewhere
         self.io.batch_hooks.append(self.after_batch)
         self.settings.apply_all()
         self.membership.start()
@@ -14285,7 +14277,7 @@ class Cluster:
     def _on_forward(self, peer: str, body: bytes) -> None:
         mountpoint, msg, plain, groups = decode_forward(body, self.engine.packet_limits.properties)
         check_publishable(msg.topic)
-        self.engine.deliver_forwarded(mountpoint, msg, plain, groups, time.time())
+        self.seam.deliver_forwarded(mountpoint, msg, plain, groups, time.time())
 
     # -- after each batch, and housekeeping ---------------------------------
     def flush_soon(self) -> None:
@@ -14300,10 +14292,9 @@ class Cluster:
 
     def after_batch(self) -> None:
         """Send what the engine left for other nodes; announce local changes (MqttIO.after_batch calls this)."""
-        engine = self.engine
         if self.links is not None:
             send = self.links.send
-            for node, mountpoint, msg, plain, groups in engine.take_forwards():
+            for node, mountpoint, msg, plain, groups in self.seam.take_forwards():
                 body = encode_forward(mountpoint, msg, plain, groups)
                 if msg.qos:  # kept until that node has committed it: committed here before the PUBACK
                     self.kept.keep(node, KEPT_FORWARD, body)
@@ -14311,7 +14302,7 @@ class Cluster:
                     send(node, FRAME_FORWARD, body)
         self.kept.retry()
         self.kept.write_marks()
-        for old, mountpoint, client_id in engine.take_takeovers():  # the old node hands over on the newer row
+        for old, mountpoint, client_id in self.seam.take_takeovers():  # the old node hands over on the newer row
             self.moves.took_over(old, mountpoint, client_id, [p for p in self.peers() if self.links.is_up(p)])
         self.sessions.record()
         self.rows.announce()

@@ -190,11 +190,11 @@ def test_a_member_learned_with_other_rows_is_arriving_not_split(make_cluster):
         cluster.membership.check_split()
     cluster.in_loop(expire)
     assert b.node.metric_samples().get(("netsplit_detected", ()), 0) == 1
-    assert newcomer in b.node.mqtt.engine.netsplit
+    assert newcomer in b.node.mqtt.engine.seam.netsplit
     # a later row of a member already missing (its address written again) gives it no new time
     again = [["member", newcomer, {"address": "127.0.0.1:1"}, time.time() + 1, a.name]]
     cluster.in_loop(cluster._on_frame, a.name, vmqapi.FRAME_META, vmqapi.encode_term(["r", again, False]))
-    assert newcomer in b.node.mqtt.engine.netsplit
+    assert newcomer in b.node.mqtt.engine.seam.netsplit
     assert b.node.metric_samples().get(("netsplit_resolved", ()), 0) == 0
 
 
@@ -265,7 +265,7 @@ def test_takeover_moves_a_persistent_session_and_its_queue(make_cluster):
     second.no_message(0.3)
     pub.publish("q/y", b"after", 1)  # now routed to b
     assert second.message().payload == b"after"
-    assert a.node.mqtt.engine.session_summary("", "mover") is None
+    assert a.node.cluster.seam.session_summary("", "mover") is None
     # b no longer sends q/... to a: the session's filters moved with it
     assert not any(isinstance(k, vmqapi.RemoteNode) for k in b.node.mqtt.engine.router.match("", "q/z"))
 

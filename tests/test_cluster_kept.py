@@ -207,9 +207,9 @@ class SimNode:
 
     def restart(self):
         self.store.pending = []
-        self.io = types.SimpleNamespace(store=self.store, engine=types.SimpleNamespace(full_nodes=set()),
-                                        commit_hooks=[], rollback_hooks=[])
-        self.kept = KeptFrames(self.io, lambda: 10 ** 9, next(self.epochs), self.use)
+        self.io = types.SimpleNamespace(store=self.store, commit_hooks=[], rollback_hooks=[])
+        self.kept = KeptFrames(self.io, types.SimpleNamespace(full_nodes=set()), lambda: 10 ** 9, next(self.epochs),
+                               self.use)
         self.kept.links = SimLinks(self.net, self.name)
         self.kept.load()
         self.promised = []  # message ids whose PUBACK waits for the commit

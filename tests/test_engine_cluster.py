@@ -34,7 +34,9 @@ class Node:
         ids = itertools.count()
         self.engine = vmqapi.Engine(lambda: self.config, store or vmqapi.MemoryStore(), vmqapi.Hooks(),
                                     new_client_id=lambda: f"anon-{next(ids)}", choose=choose, now=NOW)
-        self.engine.clustered = True
+        self.peers = vmqapi.Peers(self.engine.ctx, self.engine.life)  # the engine's side, as the cluster builds it
+        self.engine.join_cluster(self.peers)
+        self.peers.clustered = True
 
     def set(self, **values):
         self.config = self.config.with_values(values)
@@ -48,12 +50,12 @@ class Cluster:
         self.summaries = {n.name: {} for n in nodes}  # node -> (mp, client id) -> summary
         self.forwarded = []  # every forward taken, for the tests to look at
         for node in nodes:
-            node.engine.elsewhere = self.elsewhere_of(node.name)
+            node.peers.elsewhere = self.elsewhere_of(node.name)
 
     def elsewhere_of(self, here):
         def elsewhere(mountpoint, client_id):
             for name, node in self.nodes.items():
-                summary = node.engine.session_summary(mountpoint, client_id)
+                summary = node.peers.session_summary(mountpoint, client_id)
                 if name != here and summary is not None:
                     return {"node": name, "clean": summary["clean"], "subs": summary["subs"]}
             return None
@@ -62,12 +64,12 @@ class Cluster:
     def sync(self):
         """Send every node's changed sessions to the others as (members, online) per filter."""
         for name, node in self.nodes.items():
-            changed = node.engine.take_session_changes()
+            changed = node.peers.take_session_changes()
             if not changed:
                 continue
             table = self.summaries[name]
             for key in changed:
-                summary = node.engine.session_summary(*key)
+                summary = node.peers.session_summary(*key)
                 if summary is None:
                     table.pop(key, None)
                 else:
@@ -91,17 +93,17 @@ class Cluster:
         """Carry each node's forwards to their nodes; return how many went."""
         moved = 0
         for node in self.nodes.values():
-            for target, mountpoint, msg, plain, groups in node.engine.take_forwards():
+            for target, mountpoint, msg, plain, groups in node.peers.take_forwards():
                 self.forwarded.append((node.name, target, msg, plain, groups))
-                self.nodes[target].engine.deliver_forwarded(mountpoint, msg, plain, groups, NOW)
+                self.nodes[target].peers.deliver_forwarded(mountpoint, msg, plain, groups, NOW)
                 moved += 1
         return moved
 
     def takeovers(self):
         for name, node in self.nodes.items():
-            for old, mountpoint, client_id in node.engine.take_takeovers():
-                messages = self.nodes[old].engine.hand_over(mountpoint, client_id, NOW)
-                node.engine.adopt_messages(mountpoint, client_id, messages, NOW)
+            for old, mountpoint, client_id in node.peers.take_takeovers():
+                messages = self.nodes[old].peers.hand_over(mountpoint, client_id, NOW)
+                node.peers.adopt_messages(mountpoint, client_id, messages, NOW)
 
 
 class Client:
@@ -195,14 +197,14 @@ def test_no_forward_without_interest_and_after_unsubscribe():
     cluster.sync()
     pub = Client(a, "pub")
     pub.publish("t", b"nobody")
-    assert a.engine.take_forwards() == []
+    assert a.peers.take_forwards() == []
     sub.subscribe("t")
     cluster.sync()
     pub.publish("t", b"one")
     sub.unsubscribe("t")
     cluster.sync()
     pub.publish("t", b"none")
-    assert [f[2].payload for f in a.engine.take_forwards()] == [b"one"]
+    assert [f[2].payload for f in a.peers.take_forwards()] == [b"one"]
 
 
 def test_one_forward_per_node_whatever_number_of_filters_match():
@@ -212,11 +214,11 @@ def test_one_forward_per_node_whatever_number_of_filters_match():
     s2.subscribe("t/x")
     cluster.sync()
     Client(a, "pub").publish("t/x", b"m", 1)
-    forwards = a.engine.take_forwards()
+    forwards = a.peers.take_forwards()
     assert [(node, mp, plain, groups) for node, mp, _, plain, groups in forwards] == [("b@x", "", True, ())]
     assert a.engine.counters["router_matches_remote", ()] == 1
     assert a.engine.counters["router_matches_local", ()] == 0
-    b.engine.deliver_forwarded(*forwards[0][1:], NOW)
+    b.peers.deliver_forwarded(*forwards[0][1:], NOW)
     assert s1.payloads() == [b"m"] and s2.payloads() == [b"m"]  # one copy per session, as on one node
 
 
@@ -228,11 +230,11 @@ def test_a_forwarded_message_is_never_forwarded_again():
         s.subscribe("t")
     cluster.sync()
     Client(a, "pub").publish("t", b"once", 1)
-    forwards = a.engine.take_forwards()
+    forwards = a.peers.take_forwards()
     assert sorted(f[0] for f in forwards) == ["b@x", "c@x"]
     for target, mp, msg, plain, groups in forwards:
-        cluster.nodes[target].engine.deliver_forwarded(mp, msg, plain, groups, NOW)
-    assert b.engine.take_forwards() == [] and c.engine.take_forwards() == []
+        cluster.nodes[target].peers.deliver_forwarded(mp, msg, plain, groups, NOW)
+    assert b.peers.take_forwards() == [] and c.peers.take_forwards() == []
     assert [s.payloads() for s in subs] == [[b"once"]] * 3
 
 
@@ -242,12 +244,12 @@ def test_a_retained_publish_is_forwarded_as_published_and_not_stored_there():
     sub.send(Subscribe(1, (("r", 1 | 8),)))  # Retain As Published
     cluster.sync()
     Client(a, "pub").publish("r", b"kept", 1, retain=True)
-    (node, mp, msg, plain, groups), = a.engine.take_forwards()
+    (node, mp, msg, plain, groups), = a.peers.take_forwards()
     assert msg.retain
-    b.engine.deliver_forwarded(mp, msg, plain, groups, NOW)
+    b.peers.deliver_forwarded(mp, msg, plain, groups, NOW)
     assert [(p.payload, p.retain) for p in sub.received] == [(b"kept", True)]
     assert b.engine.router.retained_count() == 0  # retained messages travel apart (apply_remote_retained)
-    assert b.engine.take_retained_changes() == []
+    assert b.peers.take_retained_changes() == []
 
 
 def test_remote_interest_is_idempotent_clears_the_cache_and_is_checked():
@@ -345,7 +347,7 @@ def test_a_group_with_members_on_both_sides_and_a_plain_subscriber_gets_one_forw
     Client(b, "b-other-group").subscribe("$share/h/t")
     cluster.sync()
     Client(a, "pub").publish("t", b"m", 1)
-    (node, _, _, plain, groups), = a.engine.take_forwards()
+    (node, _, _, plain, groups), = a.peers.take_forwards()
     assert (node, plain, sorted(groups)) == ("b@x", True, ["g/t", "h/t"])
 
 
@@ -353,7 +355,7 @@ def test_a_group_with_members_on_both_sides_and_a_plain_subscriber_gets_one_forw
 @pytest.mark.parametrize("version", [4, 5])
 def test_netsplit_refuses_connect_unless_allowed(version):
     a = Node("a@x")
-    a.engine.netsplit = "b@x unreachable"
+    a.peers.netsplit = "b@x unreachable"
     refused = Client(a, "c", version=version)
     assert refused.connack.return_code == (3 if version == 4 else 0x88) and refused.conn.closing
     label = ("return_code", "server_unavailable") if version == 4 else ("reason_code", "server_unavailable")
@@ -367,7 +369,7 @@ def test_netsplit_refuses_subscribe_and_unsubscribe_unless_allowed(version):
     a = Node("a@x", allow_register_during_netsplit="on")
     c = Client(a, "c", version=version, clean=False, expiry=100)
     c.subscribe("kept")
-    a.engine.netsplit = "b@x unreachable"
+    a.peers.netsplit = "b@x unreachable"
     assert c.subscribe("t", "u").return_codes == (0x80, 0x80)
     assert a.engine.counters["mqtt_subscribe_error", ()] == 2 and c.engine.sessions[("", "c")].subs.keys() == {"kept"}
     answer = c.unsubscribe("kept")
@@ -391,7 +393,7 @@ def test_netsplit_refuses_publish_unless_allowed(version, qos):
     sub = Client(a, "sub")
     sub.subscribe("t")
     pub = Client(a, "pub", version=version)
-    a.engine.netsplit = "b@x unreachable"
+    a.peers.netsplit = "b@x unreachable"
     pub.publish("t", b"refused", qos)
     assert sub.payloads() == [] and a.engine.counters["mqtt_publish_error", ()] == 1
     answer = pub.packets[-1]
@@ -405,7 +407,7 @@ def test_netsplit_refuses_publish_unless_allowed(version, qos):
     pub = Client(a, "pub", version=version)
     pub.publish("t", b"taken", qos)
     assert sub.payloads() == [b"taken"]
-    a.engine.netsplit = ""
+    a.peers.netsplit = ""
     a.set(allow_publish_during_netsplit="off")
     pub.publish("t", b"whole again", qos)
     assert sub.payloads() == [b"taken", b"whole again"]
@@ -414,29 +416,29 @@ def test_netsplit_refuses_publish_unless_allowed(version, qos):
 # -- sessions and takeover ------------------------------------------------------------
 def test_session_changes_and_summaries():
     a = Node("a@x")
-    a.engine.take_session_changes()
+    a.peers.take_session_changes()
     c = Client(a, "c", version=5, clean=False, expiry=100)
-    assert a.engine.take_session_changes() == {("", "c")}
+    assert a.peers.take_session_changes() == {("", "c")}
     c.send(Subscribe(1, (("t/+", 2 | 4 | 8 | 16),), (("subscription_identifier", 7),)))
-    assert a.engine.take_session_changes() == {("", "c")}
-    assert a.engine.session_summary("", "c") == {"clean": False, "online": True,
+    assert a.peers.take_session_changes() == {("", "c")}
+    assert a.peers.session_summary("", "c") == {"clean": False, "online": True,
                                                  "subs": {"t/+": [2, True, True, 1, 7]}}
-    assert a.engine.take_session_changes() == set()
+    assert a.peers.take_session_changes() == set()
     c.send(Disconnect())
-    assert a.engine.take_session_changes() == {("", "c")}
-    assert a.engine.session_summary("", "c")["online"] is False
+    assert a.peers.take_session_changes() == {("", "c")}
+    assert a.peers.session_summary("", "c")["online"] is False
     a.engine.disconnect("c", cleanup=True)
-    assert a.engine.take_session_changes() == {("", "c")} and a.engine.session_summary("", "c") is None
+    assert a.peers.take_session_changes() == {("", "c")} and a.peers.session_summary("", "c") is None
 
 
 def test_a_standalone_engine_records_no_changes():
     a = Node("a@x")
-    a.engine.clustered = False
+    a.peers.clustered = False
     Client(a, "c").publish("r", b"x", retain=True)
-    assert a.engine.take_session_changes() == set() and a.engine.take_retained_changes() == []
-    a.engine.clustered = True  # the first take is then the whole state
-    assert a.engine.take_session_changes() == {("", "c")}
-    assert a.engine.take_retained_changes() == [("", "r")]
+    assert a.peers.take_session_changes() == set() and a.peers.take_retained_changes() == []
+    a.peers.clustered = True  # the first take is then the whole state
+    assert a.peers.take_session_changes() == {("", "c")}
+    assert a.peers.take_retained_changes() == [("", "r")]
 
 
 @pytest.mark.parametrize("store", ["memory", "sqlite"])
@@ -458,11 +460,11 @@ def test_takeover_moves_a_persistent_session_and_its_messages(tmp_path, store):
         stores["a"].commit()
         new = Client(b, "mover", version=5, clean=False, expiry=3600)
         assert new.connack.session_present
-        assert b.engine.session_summary("", "mover")["subs"] == {"q/#": [1, False, False, 0, 0]}
+        assert b.peers.session_summary("", "mover")["subs"] == {"q/#": [1, False, False, 0, 0]}
         cluster.takeovers()
         old.read()
         assert isinstance(old.packets[-1], Disconnect) and old.packets[-1].reason_code == 0x8E
-        assert old.conn.closed and a.engine.session_summary("", "mover") is None
+        assert old.conn.closed and a.peers.session_summary("", "mover") is None
         assert [p.payload for p in new.received] == [str(n).encode() for n in range(1, 6)]  # each once, in order
         cluster.sync()
         pub.publish("q/y", b"after", 1)  # the subscription now lives on B
@@ -487,17 +489,17 @@ def test_a_taken_over_queue_goes_before_what_came_directly_meanwhile():
         pub.publish("q/x", f"old{n}".encode(), 1)
     new = Client(b, "mover", clean=False)
     assert new.connack.session_present
-    [(_, mountpoint, client_id)] = b.engine.take_takeovers()
+    [(_, mountpoint, client_id)] = b.peers.take_takeovers()
     cluster.sync()
     direct = vmqapi.Message("q/x", b"new0", 1, False, 1)
-    b.engine.deliver_forwarded("", direct, True, (), NOW)  # the publisher's node already sends to B
+    b.peers.deliver_forwarded("", direct, True, (), NOW)  # the publisher's node already sends to B
     assert new.payloads() == []  # held: older messages are on their way
-    moving = a.engine.hand_over(mountpoint, client_id, NOW)
-    assert b.engine.adopt_messages("", "mover", moving, NOW, settle=True) == 4
+    moving = a.peers.hand_over(mountpoint, client_id, NOW)
+    assert b.peers.adopt_messages("", "mover", moving, NOW, settle=True) == 4
     late = vmqapi.Message("q/x", b"old4", 1, False, 2)  # reached A after the hand-over: A passes it on
-    assert b.engine.deliver_to("", "mover", late, NOW)
+    assert b.peers.deliver_to("", "mover", late, NOW)
     assert new.payloads() == []
-    b.engine.stop_waiting("", "mover", NOW)
+    b.peers.stop_waiting("", "mover", NOW)
     for _ in range(5):
         new.read()
     assert new.payloads() == [b"old0", b"old1", b"old2", b"old3", b"old4", b"new0"]
@@ -510,25 +512,25 @@ def test_a_clean_start_elsewhere_ends_the_old_session_and_takes_nothing():
     old.send(Disconnect())
     Client(a, "pub").publish("t", b"queued", 1)
     new = Client(b, "c", clean=True)
-    assert not new.connack.session_present and b.engine.session_summary("", "c")["subs"] == {}
+    assert not new.connack.session_present and b.peers.session_summary("", "c")["subs"] == {}
     cluster.takeovers()
-    assert a.engine.session_summary("", "c") is None and new.payloads() == []
+    assert a.peers.session_summary("", "c") is None and new.payloads() == []
 
 
 def test_a_connect_refused_after_the_lookup_leaves_the_session_where_it_was():
     a, b, cluster = pair(max_topic_levels=3)
     Client(a, "c", clean=False).subscribe("t")
-    b.engine.netsplit = "a@x unreachable"
+    b.peers.netsplit = "a@x unreachable"
     refused = Client(b, "c", clean=False)
     assert refused.connack.return_code == 3
-    assert b.engine.session_summary("", "c") is None and b.engine.take_takeovers() == []
-    b.engine.netsplit = ""
+    assert b.peers.session_summary("", "c") is None and b.peers.take_takeovers() == []
+    b.peers.netsplit = ""
     with pytest.raises(vmqapi.TopicTooDeep):
         Client(b, "c", clean=False, will_topic="w/x/y/z")  # closes this connection
     b.engine.hooks.register("auth_on_publish", lambda *args: "error")  # refuses the will: CONNACK 5
     assert Client(b, "c", clean=False, will_topic="w").connack.return_code == 5
-    assert b.engine.session_summary("", "c") is None and b.engine.take_takeovers() == []
-    assert a.engine.session_summary("", "c")["subs"] == {"t": [1, False, False, 0, 0]}
+    assert b.peers.session_summary("", "c") is None and b.peers.take_takeovers() == []
+    assert a.peers.session_summary("", "c")["subs"] == {"t": [1, False, False, 0, 0]}
     assert b.engine.router.match("", "t") == {}
 
 
@@ -538,19 +540,19 @@ def test_retained_changes_are_reported_and_remote_ones_not_echoed():
     pub = Client(a, "pub")
     pub.publish("r/1", b"one", 1, retain=True)
     pub.publish("r/2", b"two", 0, retain=True)
-    assert a.engine.take_retained_changes() == [("", "r/1"), ("", "r/2")]
+    assert a.peers.take_retained_changes() == [("", "r/1"), ("", "r/2")]
     for mp, topic in [("", "r/1"), ("", "r/2")]:
-        b.engine.apply_remote_retained(mp, topic, a.engine.router.retained[mp].get(topic))
-    assert b.engine.take_retained_changes() == []
+        b.peers.apply_remote_retained(mp, topic, a.engine.router.retained[mp].get(topic))
+    assert b.peers.take_retained_changes() == []
     late = Client(b, "late")
     late.subscribe("r/#")
     assert sorted(late.payloads()) == [b"one", b"two"]
     assert a.engine.delete_retained("", "r/1")  # an admin command
     pub.publish("r/2", b"", 0, retain=True)  # a client
-    assert a.engine.take_retained_changes() == [("", "r/1"), ("", "r/2")]
-    b.engine.apply_remote_retained("", "r/1", None)
-    b.engine.apply_remote_retained("", "r/2", vmqapi.Message("r/2", b"", 0, True))
-    assert b.engine.router.retained_count() == 0 and b.engine.take_retained_changes() == []
+    assert a.peers.take_retained_changes() == [("", "r/1"), ("", "r/2")]
+    b.peers.apply_remote_retained("", "r/1", None)
+    b.peers.apply_remote_retained("", "r/2", vmqapi.Message("r/2", b"", 0, True))
+    assert b.engine.router.retained_count() == 0 and b.peers.take_retained_changes() == []
 
 
 # -- a property: the cluster delivers as one broker would -----------------------------

@@ -105,5 +105,7 @@ def test_the_engine_offers_its_parts_operations_as_its_own():
         for name in names:
             assert getattr(engine, name) == getattr(getattr(engine, part), name), name
     assert engine.seam is vmqapi.NO_CLUSTER
-    engine.clustered = True
-    assert engine.seam is engine.delivery.seam is engine.life.seam is engine.peers
+    peers = vmqapi.Peers(engine.ctx, engine.life)  # the cluster's side, which the cluster builds and hands in
+    engine.join_cluster(peers)
+    peers.clustered = True
+    assert engine.seam is engine.delivery.seam is engine.life.seam is peers
