@@ -1,4 +1,4 @@
-"""Cluster links (section 20): handshake, frames, buffers, reconnects, heartbeats, hostile clients.
+"""Cluster links: handshake, frames, buffers, reconnects, heartbeats, hostile clients.
 
 Every test runs its ClusterLinks on one asyncio loop of its own, on 127.0.0.1 port 0.
 """

@@ -1,4 +1,4 @@
-"""Section 12: terms, the forward codec, and the replicated state with its anti-entropy protocol.
+"""Cluster state: terms, the forward codec, and the replicated state with its anti-entropy protocol.
 
 Pure values throughout: no sockets, no clock. The network between replicas is simulated
 (a list of messages in flight that rules deliver, drop, duplicate or swap).

@@ -361,7 +361,7 @@ def test_data_dir_and_files_are_private_whatever_the_umask(tmp_path, umask):
 
 
 def test_kept_frames_and_marks_survive_a_restart_in_order(tmp_path):
-    """What the cluster keeps for other nodes (section 21, KeptFrames) is written in the batch's commit."""
+    """What the cluster keeps for other nodes (KeptFrames) is written in the batch's commit."""
     path = str(tmp_path / "messages.db")
     store = vmqapi.SqliteStore(path)
     rows = [store.add_kept("n2@host", 7, seq, vmqapi.KEPT_FORWARD, f"body{seq}".encode()) for seq in (1, 2, 3)]
