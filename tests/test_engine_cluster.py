@@ -1,7 +1,7 @@
 """The engine's side of a cluster: two or three Engines wired by hand, as the cluster would wire them.
 
-The test plays the cluster: it copies each engine's ``take_forwards()`` into the named
-engine's ``deliver_forwarded``, sets other nodes' interest from ``take_session_changes()``
+The test plays the cluster: it copies each node's Peers' ``take_forwards()`` into the named
+node's Peers' ``deliver_forwarded``, sets other nodes' interest from ``take_session_changes()``
 and ``session_summary``, and answers ``elsewhere`` from the other engines' sessions.
 """
 
