@@ -10662,7 +10662,7 @@ class MqttIO:
         """Bind a new MQTT listener (from any thread but the loop's); raise OSError on failure."""
         listener = MqttListener(self, name, address, options, kind)
         self.call_async(self._bind(listener))
-        self.listeners.append(listener)
+        self.call(self.listeners.append, listener)  # the loop owns the list (the tick and health walk it)
         return listener
 
     def find_listener(self, address: str, port: int) -> MqttListener | None:
@@ -10683,7 +10683,7 @@ class MqttIO:
     def delete_listener(self, listener: MqttListener) -> None:
         """Stop a listener, close its clients and forget it."""
         self.suspend_listener(listener, kill_sessions=True)
-        self.listeners.remove(listener)
+        self.call(self.listeners.remove, listener)
 
     async def _unbind(self, listener: MqttListener) -> None:
         listener.status = "suspended"  # written in the loop, where admit reads it
