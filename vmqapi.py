@@ -53,8 +53,8 @@ Contents (``grep -nE '^# [0-9]+\\. ' vmqapi.py`` prints them with line numbers):
     22. Peers: the engine's side of a cluster
     23. Cluster state: replicated metadata and the node-to-node codec
     24. Cluster links: node-to-node connections
-    25. Cluster requests: joins, leaves and calls between nodes
-    26. Cluster: membership, replication, routing and sessions across nodes
+    25. Cluster requests: replication, calls between nodes, sessions moving
+    26. Cluster: membership, joins and leaves, routing, the Cluster itself
     27. Bridge: vmq_bridge
     28. Webhooks: bodies, answers, the cache and the client
     29. Webhooks: the plugin, its gate and commands
@@ -9807,8 +9807,9 @@ class Tracer:
 # 20. MQTT connections: TCP, TLS and WebSocket links ##########################
 ###############################################################################
 # Owns: bytes in and out of one connection: packets decoded per read and handed
-#       to the engine with the time, input bounds (CONNECT, the partial-packet
-#       budget), deadlines, and one write per batch of what its outbox holds.
+#       to the engine with the time, input bounds (CONNECT; its share of the
+#       node-wide partial-packet budget, which MqttIO keeps), deadlines, and one
+#       write per batch of what its outbox holds.
 # Must not know: HTTP, commands, what a packet means.
 
 PARTIAL_BIG = 65536  # bytes: an unfinished packet this large grows in a bytearray, not by copying per read
@@ -12831,7 +12832,7 @@ class ClusterLinks:
 
 
 ###############################################################################
-# 25. Cluster requests: joins, leaves and calls between nodes #################
+# 25. Cluster requests: replication, calls between nodes, sessions moving #####
 ###############################################################################
 # Owns: the cluster's constants, its replicated rows (their store and their
 #       flow), requests to other nodes and their answers, sessions moving
@@ -13606,7 +13607,7 @@ class KeptFrames:
 
 
 ###############################################################################
-# 26. Cluster: membership, replication, routing and sessions across nodes #####
+# 26. Cluster: membership, joins and leaves, routing, the Cluster itself ######
 ###############################################################################
 # Owns: applying replicated state to the router, keys and config, membership
 #       (joins, leaves, netsplits), forwarding messages; the Cluster that
