@@ -78,6 +78,13 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.quick)
 
 
+def password_file(path, **users):
+    """Write a vmq_passwd file (mode 0600, as the node demands) of ``users``' passwords; return ``path``."""
+    path.write_text("".join(f"{user}:{vmqapi.hash_password(password)}\n" for user, password in users.items()))
+    path.chmod(0o600)
+    return path
+
+
 def wait_for(predicate, timeout=10.0, what="a condition"):
     """Poll ``predicate`` until it returns something true (returned); fail after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout

@@ -13,6 +13,7 @@ from hypothesis import example, given, settings, strategies as st
 from mqtt_client import MqttClient
 from test_broker import client_maker, mqtt_port
 from test_topics import naive_match
+from conftest import password_file
 import vmqapi
 
 
@@ -247,9 +248,7 @@ def test_a_password_file_swapped_for_a_fifo_never_freezes_the_broker(tmp_path):
     """README (files): the reload read whatever the path named, in the broker's loop: a FIFO froze every
     client. Now it is refused and logged, the rules read before stay, and the loop goes on."""
     from capped import capped_node
-    passwd = tmp_path / "passwd"
-    passwd.write_text("u:" + vmqapi.hash_password("p") + "\n")
-    os.chmod(passwd, 0o600)
+    passwd = password_file(tmp_path / "passwd", u="p")
     with capped_node(tmp_path / "n", f"vmq_passwd.password_file={passwd}", "allow_anonymous=off",
                      "vmq_passwd.password_reload_interval=1") as node:
         def connect(name):

@@ -15,7 +15,7 @@ import time
 import pytest
 
 from capped import capped_node, child_setup
-from conftest import Client, body_json, wait_for
+from conftest import Client, body_json, wait_for, password_file
 from mqtt_client import MqttClient
 from test_tls_ws import pki  # noqa: F401 - the module's CA and server certificate, made with openssl
 import vmqapi
@@ -549,9 +549,7 @@ def test_tls_to_a_remote_with_a_ca_made_at_test_time(make_node, pki):  # noqa: F
 
 
 def test_refused_credentials_show_down_with_the_reason(make_node, tmp_path, caplog):
-    passwd = tmp_path / "passwd"
-    passwd.write_text(f"gw:{vmqapi.hash_password('right')}\n")
-    passwd.chmod(0o600)
+    passwd = password_file(tmp_path / "passwd", gw="right")
     remote = make_node(**{"allow_anonymous": "off", "vmq_passwd.password_file": str(passwd)})
     with caplog.at_level(logging.WARNING, logger="vmqapi"):
         wrong = make_node(**bridge_config(port_of(remote), "c/* out 1", username="gw", password="wrong"))
@@ -648,9 +646,7 @@ def test_the_readme_gateway_config_works_as_printed(make_node, pki, tmp_path):  
     readme = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")).read()
     section = readme[readme.index("## Bridge\n"):]
     block = section[section.index("    plugins.vmq_bridge = on"):].split("\n\n")[0]
-    passwd = tmp_path / "passwd"
-    passwd.write_text(f"gateway-17:{vmqapi.hash_password('s3cret')}\n")
-    passwd.chmod(0o600)
+    passwd = password_file(tmp_path / "passwd", **{"gateway-17": "s3cret"})
     cloud = make_node(**{"listener.ssl.secure": "127.0.0.1:0", "listener.ssl.certfile": str(pki / "server.pem"),
                          "listener.ssl.keyfile": str(pki / "server.key"), "allow_anonymous": "off",
                          "vmq_passwd.password_file": str(passwd)})

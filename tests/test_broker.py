@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import Client, basic, body_json, run_cli
+from conftest import Client, basic, body_json, run_cli, password_file
 from mqtt_client import MqttClient
 from test_cli import stop_process
 import vmqapi
@@ -164,9 +164,7 @@ def test_connack_refusals(node, make_node, tmp_path):
 
 
 def test_passwords_and_anonymous(make_node, tmp_path):
-    passwd = tmp_path / "vmq.passwd"
-    passwd.write_text("alice:" + vmqapi.hash_password("secret") + "\n")
-    passwd.chmod(0o600)
+    passwd = password_file(tmp_path / "vmq.passwd", alice="secret")
     node = make_node(allow_anonymous="off", **{"vmq_passwd.password_file": str(passwd)})
     port = mqtt_port(node)
     for kwargs, code in [({}, 5), ({"username": "bob", "password": b"x"}, 5),
@@ -179,9 +177,7 @@ def test_passwords_and_anonymous(make_node, tmp_path):
 
 def test_a_password_file_is_asked_on_a_loopback_node_with_allow_anonymous_unset(make_node, tmp_path):
     """Unset, allow_anonymous lets clients in unasked only while no authentication plugin is configured."""
-    passwd = tmp_path / "vmq.passwd"
-    passwd.write_text("joe:" + vmqapi.hash_password("secret") + "\n")
-    passwd.chmod(0o600)
+    passwd = password_file(tmp_path / "vmq.passwd", joe="secret")
     node = make_node(**{"vmq_passwd.password_file": str(passwd)})  # every listener on 127.0.0.1
     assert node.config["allow_anonymous"] is None
     port = mqtt_port(node)
@@ -198,9 +194,7 @@ def test_a_password_file_is_asked_on_a_loopback_node_with_allow_anonymous_unset(
 
 def test_allow_anonymous_on_still_lets_clients_in_before_the_password_file(make_node, tmp_path):
     """VerneMQ's meaning of an explicit allow_anonymous = on: anonymous clients in, no plugin asked."""
-    passwd = tmp_path / "vmq.passwd"
-    passwd.write_text("joe:" + vmqapi.hash_password("secret") + "\n")
-    passwd.chmod(0o600)
+    passwd = password_file(tmp_path / "vmq.passwd", joe="secret")
     node = make_node(allow_anonymous="on", **{"vmq_passwd.password_file": str(passwd)})
     c = MqttClient(mqtt_port(node))
     try:

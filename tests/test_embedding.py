@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import re
 
-from conftest import ROOT, Client, body_json, node_config, run_cli
+from conftest import ROOT, Client, body_json, node_config, run_cli, password_file
 from mqtt_client import MqttClient
 from test_broker import mqtt_port
 import vmqapi
@@ -137,9 +137,7 @@ def test_an_auth_on_register_hook_is_asked_on_a_loopback_node_with_allow_anonymo
 
 
 def test_disabling_vmq_passwd_turns_its_checks_off(make_node, tmp_path):
-    passwd = tmp_path / "pw"
-    passwd.write_text("alice:" + vmqapi.hash_password("pw") + "\n")
-    passwd.chmod(0o600)
+    passwd = password_file(tmp_path / "pw", alice="pw")
     node = make_node(allow_anonymous="off", **{"vmq_passwd.password_file": str(passwd)})
     key = node.keystore.create()
     http = Client(node)

@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from conftest import Client, basic, body_json
+from conftest import Client, basic, body_json, password_file
 from mqtt_client import MqttClient
 
 import vmqapi
@@ -150,9 +150,7 @@ def test_max_message_size_gives_413(make_node):
 @pytest.fixture
 def secured(make_node, tmp_path):
     """A node with vmq_passwd (alice/secret) and vmq_acl (alice may write t/alice/# only)."""
-    passwd = tmp_path / "vmq.passwd"
-    passwd.write_text("alice:" + vmqapi.hash_password("secret") + "\n")
-    passwd.chmod(0o600)
+    passwd = password_file(tmp_path / "vmq.passwd", alice="secret")
     acl = tmp_path / "vmq.acl"
     acl.write_text("user alice\ntopic write t/alice/#\ntopic read t/#\n")
     return make_node(allow_anonymous="off", **{"vmq_passwd.password_file": str(passwd),

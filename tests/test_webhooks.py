@@ -15,7 +15,7 @@ import urllib.parse
 
 import pytest
 
-from conftest import ROOT, Client, body_json, run_cli
+from conftest import ROOT, Client, body_json, run_cli, password_file
 from mqtt_client import MqttClient, WsMqttClient
 from test_tls_ws import pki  # noqa: F401  (the certificates fixture)
 
@@ -221,9 +221,7 @@ def test_base64encode_off_and_no_payload(make_node, endpoint):
 # -- answers ---------------------------------------------------------------------------
 
 def test_register_allow_deny_and_next_to_vmq_passwd(make_node, endpoint, tmp_path):
-    passwd = tmp_path / "passwd"
-    passwd.write_text("sam:" + vmqapi.hash_password("sesame") + "\n")
-    passwd.chmod(0o600)
+    passwd = password_file(tmp_path / "passwd", sam="sesame")
     node = hooked(make_node, endpoint, "auth_on_register", **{"vmq_passwd.password_file": str(passwd)})
     endpoint.answers["auth_on_register"] = lambda body: {
         "joe": OK, "eve": {"result": {"error": "not allowed"}}}.get(body["username"], {"result": "next"})
