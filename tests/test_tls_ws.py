@@ -258,6 +258,19 @@ def test_tls_show_reads_certificates_as_ssl_decodes_them(pki, tmp_path):
     assert row["CN"].startswith("unreadable") and row["expires"] == 7
 
 
+def test_the_certificate_reader_takes_what_openssl_takes(pki):
+    """The older X509 CERTIFICATE label, an IP entry that is no address (shown <invalid>, as ssl shows it)."""
+    pem = (pki / "server.pem").read_bytes()
+    labelled = pem.replace(b"BEGIN CERTIFICATE", b"BEGIN X509 CERTIFICATE").replace(b"END CERTIFICATE",
+                                                                                    b"END X509 CERTIFICATE")
+    assert vmqapi.decode_certificate(labelled) == vmqapi.decode_certificate(pem)
+    assert vmqapi._san_value(0x87, bytes([127, 0, 0, 1])) == "127.0.0.1"
+    assert vmqapi._san_value(0x87, bytes(8)) == "<invalid>"  # an address with its mask
+    assert vmqapi._san_value(0x82, "b\u00fccher.example".encode()) == "b\u00fccher.example"
+    with pytest.raises(ValueError):
+        vmqapi._der_time(0x17, b"260007083400Z")  # month 00
+
+
 @settings(max_examples=300, deadline=None)
 @given(data=st.data())
 def test_any_bytes_in_a_certificate_file_give_a_row_never_an_exception(tmp_path_factory, pki, data):
