@@ -973,6 +973,14 @@ SETTINGS: tuple[Setting, ...] = (
     _S("cluster_max_unacknowledged_bytes", parse_int_range(1 << 16), 16 << 20,
        "Bytes of QoS 1/2 messages forwarded to one peer node and not yet acknowledged by it (kept in the store "
        "until it has committed them); past it QoS 1/2 publishes for its subscribers are refused (MQTT 5: 0x97)."),
+    _S("queue_replicas", parse_int_range(1, 2), 1,
+       "Nodes each persistent session is kept on: 1 (VerneMQ's way: its home node only) or 2 (also on one "
+       "other member, which takes it up with every acknowledged message when its home node is removed; a QoS "
+       "1/2 publish is acknowledged once both have committed it). Needs message_store = sqlite."),
+    _S("cluster_remove_down_after", parse_int_range(0), 0,
+       "Seconds after which a member whose link is down is removed, as cluster leave node=<it> does (its "
+       "persistent sessions go on elsewhere); 0: never, as VerneMQ. Both sides of a netsplit longer than "
+       "this remove each other: set it only where a node that is gone this long is gone for good."),
 
     # -- vmq_bridge (README, "Bridge") --
 
@@ -3153,7 +3161,8 @@ SESSION_FIELDS = (  # README, "The command catalogue"; VerneMQ vmq_info:fields_c
     "node", "mountpoint", "client_id", "queue_pid", "queue_size", "session_pid", "is_offline", "is_online",
     "statename", "deliver_mode", "offline_messages", "online_messages", "num_sessions", "clean_session",
     "is_plugin", "queue_started_at", "user", "peer_host", "peer_port", "protocol", "waiting_acks",
-    "session_started_at", "topic", "qos", "rap", "no_local", "msg_ref", "msg_qos", "routing_key", "dup", "payload",
+    "session_started_at", "copy_node", "topic", "qos", "rap", "no_local", "msg_ref", "msg_qos", "routing_key", "dup",
+    "payload",
 )
 SESSION_DEFAULT_COLUMNS = ("client_id", "is_online", "mountpoint", "peer_host", "peer_port", "user")
 SUBSCRIPTION_FIELDS = ("topic", "qos", "rap", "no_local")
@@ -6400,7 +6409,7 @@ class Session:
     __slots__ = ("mountpoint", "client_id", "subs", "client", "queue", "inflight", "incoming",
                  "next_pid", "user", "peer", "protocol", "started_at", "offline_since", "expiry", "will",
                  "queue_bytes", "stored", "stored_bytes", "loaded_upto", "parked", "relay", "limit", "max_bytes",
-                 "dropped", "warned", "waiting", "ahead")
+                 "dropped", "warned", "waiting", "ahead", "copy")
 
     def __init__(self, mountpoint: str, client_id: str, now: float, expiry: int | None = 0):
         self.mountpoint, self.client_id = mountpoint, client_id
@@ -6433,6 +6442,7 @@ class Session:
         # and the first ``ahead`` of the queue are the old node's, put before what came directly meanwhile
         self.waiting = 0  # (0: not waiting) which takeover it waits for: a timer of an earlier one does not end it
         self.ahead = 0
+        self.copy = ""  # the other node that keeps a copy of it (queue_replicas = 2; '': none)
 
     @property
     def clean(self) -> bool:
@@ -6499,7 +6509,7 @@ SESSION_GETTERS: dict[str, Callable[[Session], Any]] = {  # session show's per-s
     "is_plugin": lambda s: False, "queue_started_at": lambda s: int(s.started_at * 1000),
     "user": lambda s: s.user, "peer_host": lambda s: s.peer[0], "peer_port": lambda s: s.peer[1],
     "protocol": lambda s: s.protocol, "waiting_acks": lambda s: len(s.inflight) + s.parked,
-    "session_started_at": lambda s: int(s.started_at * 1000),
+    "session_started_at": lambda s: int(s.started_at * 1000), "copy_node": lambda s: s.copy,
 }
 
 
@@ -9184,6 +9194,9 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value);
 CREATE TABLE IF NOT EXISTS kept (id INTEGER PRIMARY KEY AUTOINCREMENT, peer TEXT, epoch INTEGER, seq INTEGER,
                                  kind INTEGER, body BLOB);
 CREATE TABLE IF NOT EXISTS kept_marks (origin TEXT, epoch INTEGER, seq INTEGER, PRIMARY KEY (origin, epoch));
+CREATE TABLE IF NOT EXISTS copies (home TEXT, row INTEGER, mountpoint TEXT, client_id TEXT, body BLOB,
+                                   PRIMARY KEY (home, row));
+CREATE INDEX IF NOT EXISTS copies_by_session ON copies (mountpoint, client_id);
 """
 _ADDED_COLUMNS = {  # columns newer than the first stores: table -> ((name, type), ...)
     "messages": (("pid", "INTEGER DEFAULT 0"), ("released", "INTEGER DEFAULT 0"), ("props", "BLOB"),
@@ -9218,10 +9231,25 @@ def _text_extra(text: str | None) -> Any:
     return (flag == "1", tuple(int(i) for i in ids.split(",") if i))
 
 
+class StoreWatch(Protocol):
+    """What a store tells of the queued messages it keeps and forgets (``MemoryStore.watch``)."""
+
+    def added(self, mountpoint: str, client_id: str, row: int, msg: Message, qos: int) -> None:
+        """A message queued for a persistent session was kept as ``row`` (``qos``: its delivery's)."""
+
+    def deleted(self, row: int) -> None:
+        """A kept message is done with (delivered, expired, dropped), or its QoS 2 delivery was released."""
+
+    def ended(self, mountpoint: str, client_id: str) -> None:
+        """A persistent session was forgotten with every message it had."""
+
+
 class MemoryStore:
     """``message_store = memory``: nothing is kept across restarts."""
 
     error: str | None = None  # why the store cannot write now (None: it can)
+    # told of every queued message kept and forgotten (the cluster's copies on a second node, queue_replicas)
+    watch: StoreWatch | None = None
 
     def __init__(self):
         self.counters: dict[tuple, int] = collections.defaultdict(int)  # a metrics source
@@ -9287,6 +9315,21 @@ class MemoryStore:
         """Keep nothing."""
 
     def load_marks(self) -> list:
+        """Return nothing."""
+        return []
+
+    def session_messages(self, mountpoint: str, client_id: str) -> list:
+        """Return nothing: no message is ever kept here."""
+        return []
+
+    def put_copy(self, home: str, row: int, mountpoint: str, client_id: str, body: bytes) -> None:
+        """Keep nothing."""
+
+    def delete_copies(self, home: str, rows: Iterable[int] = (), session: tuple[str, str] | None = None,
+                      whole: bool = False) -> None:
+        """Keep nothing."""
+
+    def load_copies(self, home: str | None = None, session: tuple[str, str] | None = None) -> list:
         """Return nothing."""
         return []
 
@@ -9491,6 +9534,8 @@ class SqliteStore(MemoryStore):
             self._run(f"DELETE FROM {table} WHERE mountpoint = ? AND client_id = ?", (mountpoint, client_id))
         if client_id.startswith(BRIDGE_CLIENT_PREFIX):
             self._run("DELETE FROM meta WHERE key = ?", (_dropped_key(mountpoint, client_id),))
+        if self.watch is not None:
+            self.watch.ended(mountpoint, client_id)
 
     def put_subscription(self, mountpoint: str, client_id: str, topic_filter: str, qos: int) -> None:
         """Store or replace a subscription."""
@@ -9510,11 +9555,15 @@ class SqliteStore(MemoryStore):
                           _props_blob(msg.props), msg.expires, _extra_text(extra))):
             return 0
         self._next_row, self._promised = row, self._promised or qos > 0
+        if self.watch is not None:
+            self.watch.added(mountpoint, client_id, row, msg, qos)
         return row
 
     def delete_message(self, row: int) -> None:
         """Delete a delivered message."""
         self._run("DELETE FROM messages WHERE id = ?", (row,))
+        if self.watch is not None:
+            self.watch.deleted(row)
 
     def mark_sent(self, row: int, pid: int) -> None:
         """Record the packet id a QoS 2 message went out with (a restart resends it with that id)."""
@@ -9523,6 +9572,8 @@ class SqliteStore(MemoryStore):
     def mark_released(self, row: int) -> None:
         """Record that PUBREC came for a QoS 2 message (a restart resends PUBREL, not the message)."""
         self._run("UPDATE messages SET released = 1 WHERE id = ?", (row,))
+        if self.watch is not None:  # the client has it: a session handed over or taken up again leaves it out
+            self.watch.deleted(row)
 
     # -- kept frames for other nodes, and what this node has of theirs (Outbox and Inbox, in the cluster state) --
     def add_kept(self, peer: str, epoch: int, seq: int, kind: int, body: bytes) -> int:
@@ -9578,6 +9629,52 @@ class SqliteStore(MemoryStore):
     def load_marks(self) -> list:
         """Return every (origin, epoch, seq) recorded, the least recently written first."""
         return self._read_all("SELECT origin, epoch, seq FROM kept_marks ORDER BY rowid")
+
+    # -- copies of other nodes' persistent sessions (queue_replicas = 2), by the row their home node gave --
+    def session_messages(self, mountpoint: str, client_id: str) -> list:
+        """Return a session's kept messages not yet released, in order: (row, msg, qos)."""
+        try:
+            return [(row, Message(t, p, mq, False, ref, props=_blob_props(props), expires=expires), qos)
+                    for row, t, p, qos, mq, ref, _pid, _rel, props, expires, _extra in
+                    self._messages("released = 0", (mountpoint, client_id))]
+        except sqlite3.Error as exc:
+            log.error("cannot read the messages of %r from the message store: %s", client_id, exc)
+            self.counters["store_error", ()] += 1
+            return []
+
+    def put_copy(self, home: str, row: int, mountpoint: str, client_id: str, body: bytes) -> None:
+        """Keep a copy of message ``row`` of a session whose home is node ``home``."""
+        self._run("INSERT OR REPLACE INTO copies (home, row, mountpoint, client_id, body) VALUES (?, ?, ?, ?, ?)",
+                  (home, row, mountpoint, client_id, body))
+
+    def delete_copies(self, home: str, rows: Iterable[int] = (), session: tuple[str, str] | None = None,
+                      whole: bool = False) -> None:
+        """Forget copies of ``home``'s messages: those ``rows``, all of ``session``'s, or (``whole``) every one."""
+        rows = [(home, row) for row in rows]
+        if rows:
+            self._dirty = True
+            try:
+                self.db.executemany("DELETE FROM copies WHERE home = ? AND row = ?", rows)
+            except sqlite3.Error as exc:
+                self._failed(exc)
+        if session is not None:
+            self._run("DELETE FROM copies WHERE home = ? AND mountpoint = ? AND client_id = ?", (home, *session))
+        if whole:
+            self._run("DELETE FROM copies WHERE home = ?", (home,))
+
+    def load_copies(self, home: str | None = None, session: tuple[str, str] | None = None) -> list:
+        """Return the copies kept (of ``home``'s, of ``session`` when given), in order: (home, row, mountpoint,
+        client id, body)."""
+        where, args = ("WHERE home = ?", (home,)) if home is not None else ("", ())
+        if session is not None:
+            where, args = where + " AND mountpoint = ? AND client_id = ?", (*args, *session)
+        try:
+            return list(self.db.execute(f"SELECT home, row, mountpoint, client_id, body FROM copies {where} "
+                                        "ORDER BY home, row", args))
+        except sqlite3.Error as exc:
+            log.error("cannot read the copies of other nodes' sessions from the message store: %s", exc)
+            self.counters["store_error", ()] += 1
+            return []
 
     def put_dropped(self, mountpoint: str, client_id: str, count: int) -> None:
         """Record how many messages a bridge's session has dropped (committed with the batch that dropped them)."""
@@ -9828,6 +9925,32 @@ def certificate_cn(cert: Mapping[str, Any] | None) -> str | None:
     return None
 
 
+AWAITING_MAX = 8 << 20  # bytes of a connection's output that may wait for other nodes' acknowledgements
+AWAIT_FAILED = "a node that had to keep a copy of a message was removed first: publish it again"
+
+
+class Awaited:
+    """What held output waits for: ``count`` acknowledgements from other nodes (queue_replicas = 2).
+
+    ``settle`` counts one; a failed one (the node that was to commit it was removed) fails it
+    whole. ``done`` runs once, when the count reaches 0 or it failed.
+    """
+
+    __slots__ = ("count", "done", "failed")
+
+    def __init__(self, count: int, done: Callable[[], None], failed: bool = False):
+        self.count, self.done, self.failed = count, done, failed
+
+    def settle(self, ok: bool = True) -> None:
+        """One acknowledgement came (``ok``), or will never come."""
+        if self.count <= 0:
+            return
+        self.count = self.count - 1 if ok else 0
+        self.failed = self.failed or not ok
+        if self.count == 0:
+            self.done()
+
+
 class MqttLink(asyncio.Protocol):
     """One MQTT connection: decodes every packet of a read, then writes once.
 
@@ -9861,6 +9984,10 @@ class MqttLink(asyncio.Protocol):
         self.stall: asyncio.TimerHandle | None = None
         self.unsent = 0  # bytes its transport held when it last paused writing (in the engine's unsent_bytes)
         self.peer = ("", 0)
+        # output that waits for other nodes to commit what it acknowledges (queue_replicas = 2): [Awaited, chunks]
+        self.awaiting: collections.deque[tuple[Awaited, list[bytes]]] = collections.deque()
+        self.next_wait: Awaited | None = None  # what the next drain's output waits for
+        self.awaiting_bytes = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -10063,14 +10190,56 @@ class MqttLink(asyncio.Protocol):
             data = conn.out[0] if len(conn.out) == 1 else b"".join(conn.out)
             conn.out.clear()
             conn.out_bytes = 0
-            self.io.engine.counters["bytes_sent", ()] += len(data)
-            if conn.tracer is not None:
-                self._trace_out(conn, data)
-            self.transport.write(data)  # may call pause_writing: then resume_writing goes on
-            if not self.writable:
-                self._unsent(self.transport.get_write_buffer_size())
-            if conn.held_back and self.writable:
-                self.io.loop.call_soon(self._deliver_more)
+            if self.next_wait is not None and self.next_wait.count <= 0 and not self.awaiting:
+                self.next_wait = None  # what it waited for came before any output did
+            if self.next_wait is not None or self.awaiting:
+                self._hold(data)
+            else:
+                self._write(conn, data)
+        self._after_drain(conn)
+
+    def _write(self, conn: Connection, data: bytes) -> None:
+        self.io.engine.counters["bytes_sent", ()] += len(data)
+        if conn.tracer is not None:
+            self._trace_out(conn, data)
+        self.transport.write(data)  # may call pause_writing: then resume_writing goes on
+        if not self.writable:
+            self._unsent(self.transport.get_write_buffer_size())
+        if conn.held_back and self.writable:
+            self.io.loop.call_soon(self._deliver_more)
+
+    def _hold(self, data: bytes) -> None:
+        """Keep output behind what it waits for (and behind output that waits already: the order holds)."""
+        if self.next_wait is not None:
+            self.awaiting.append((self.next_wait, [data]))
+            self.next_wait = None
+        else:
+            self.awaiting[-1][1].append(data)
+        self.awaiting_bytes += len(data)
+        if self.awaiting_bytes > AWAITING_MAX:  # deliveries pile up behind acknowledgements that do not come
+            log.info("closing %s: %d bytes of output wait for other nodes", self.client.session and
+                     self.client.session.client_id, self.awaiting_bytes)
+            self.awaited(Awaited(0, lambda: None, failed=True))
+
+    def awaited(self, what: Awaited) -> None:
+        """Something held output waits for has come (or failed: the connection closes, unacknowledged)."""
+        conn = self.client
+        if conn is None or self.closing or self.transport is None:
+            return
+        if what.failed:
+            self.awaiting.clear()
+            self.next_wait, self.awaiting_bytes = None, 0
+            conn.out.clear()
+            self.io.engine.close_client(conn, reason=Reason.UNSPECIFIED_ERROR, text=AWAIT_FAILED)
+            self.io.loop.call_soon(self.io.after_batch)  # its DISCONNECT, its will
+            return
+        while self.awaiting and self.awaiting[0][0].count <= 0:
+            _, chunks = self.awaiting.popleft()
+            data = b"".join(chunks)
+            self.awaiting_bytes -= len(data)
+            self._write(conn, data)
+
+    def _after_drain(self, conn: Connection) -> None:
         if conn.pause_for:
             delay, conn.pause_for = conn.pause_for, 0.0
             self.throttle(delay)
@@ -11843,6 +12012,7 @@ _REPLICA_HANDLERS: Mapping[str, Callable] = types.MappingProxyType({
 
 KEPT_FORWARD, KEPT_MIGRATE, KEPT_PASSED = 1, 2, 3  # what a kept frame carries (see SessionMoves.use)
 KEPT_FLUSH, KEPT_FLUSHED = 4, 5  # the end of what a node sent the old node of a session that moved, and its echo
+KEPT_COPY = 6  # changes to the copies a node keeps of another node's persistent sessions (queue_replicas = 2)
 _KEPT = struct.Struct(">QQQB")  # epoch, seq, the lowest seq of that epoch still kept (floor), kind
 _KEPT_ACK = struct.Struct(">QQ")  # epoch, the highest seq of it committed
 
@@ -12103,8 +12273,11 @@ def cluster_tls_contexts(config: Config) -> tuple[ssl.SSLContext | None, ssl.SSL
 
 
 def check_cluster_config(config: Config) -> None:
-    """Raise ConfigError for bad TLS files of the cluster listener."""
+    """Raise ConfigError for bad TLS files of the cluster listener, or copies a memory store cannot keep."""
     cluster_tls_contexts(config)
+    if config["queue_replicas"] > 1 and config["message_store"] != "sqlite":
+        raise ConfigError("queue_replicas = 2 needs message_store = sqlite: the copies of persistent sessions "
+                          "are kept in the message store")
 
 
 COOKIE_MAX_BYTES = 4096  # a cookie file longer than this is not one (a device, a log file named by mistake)
@@ -13445,6 +13618,11 @@ class KeptFrames:
         # peer -> its frames (decoded) waiting for queue room or for the store to write again
         self.parked: dict[str, collections.deque[tuple[int, int, int, int, bytes]]] = {}
         self.parked_at: dict[str, float] = {}  # peer -> since when its first parked frame waits
+        # what waits for a peer's acknowledgements: peer -> (epoch, seq, Awaited, fatal) in seq order; ``fatal``:
+        # it fails (rather than goes on) when the peer is removed first
+        self.waits: dict[str, collections.deque[tuple[int, int, Awaited, bool]]] = {}
+        self.ack_wait: Awaited | None = None  # what this batch's acknowledgements wait for (set by the cluster)
+        self.held_acks: collections.deque[tuple[Awaited | None, dict[tuple[str, int], int]]] = collections.deque()
 
     def load(self) -> None:
         """Bring back what the store keeps (before any link is up)."""
@@ -13456,12 +13634,12 @@ class KeptFrames:
         self.io.rollback_hooks.append(self.rolled_back)
         self.check_room()
 
-    def keep(self, peer: str, kind: int, body: bytes) -> None:
-        """Keep a frame for ``peer`` until it says it committed it, and send it."""
+    def keep(self, peer: str, kind: int, body: bytes) -> tuple[int, int] | None:
+        """Keep a frame for ``peer`` until it says it committed it, and send it; return its (epoch, seq)."""
         if len(body) + _KEPT.size > CLUSTER_MAX_FRAME:  # no link carries it: said, not kept for ever
             log.error("cluster: a frame of %d bytes for %s is over the %d a link carries; it is dropped",
                       len(body), peer, CLUSTER_MAX_FRAME)
-            return
+            return None
         epoch, seq = self.outbox.number(peer)
         row = self.io.store.add_kept(peer, epoch, seq, kind, body)
         self.outbox.keep(peer, epoch, seq, kind, body, row)
@@ -13471,6 +13649,17 @@ class KeptFrames:
             self.pump(peer)
         if self.outbox.size[peer] > self.limit():
             self.check_room()
+        return epoch, seq
+
+    def wait(self, peer: str, number: tuple[int, int], what: Awaited, fatal: bool) -> None:
+        """Let ``what`` count the acknowledgement of frame ``number`` kept for ``peer``."""
+        self.waits.setdefault(peer, collections.deque()).append((*number, what, fatal))
+
+    def settle_waits(self, peer: str, removed: bool) -> None:
+        """Nothing more waits for ``peer``: it is down and the cluster lets publishes go on without it, or it was
+        ``removed`` (then what was ``fatal`` fails: the frames it waited for are dropped, never committed)."""
+        for _, _, what, fatal in self.waits.pop(peer, ()):
+            what.settle(not (removed and fatal))
 
     def up(self, peer: str) -> None:
         """A link to ``peer`` came up: everything kept goes again (the last link may have lost some)."""
@@ -13569,6 +13758,9 @@ class KeptFrames:
         epoch, upto = decode_kept_ack(frame)
         full = peer in self.seam.full_nodes
         rows = self.outbox.ack(peer, epoch, upto)
+        waits = self.waits.get(peer)
+        while waits and waits[0][0] == epoch and waits[0][1] <= upto:
+            waits.popleft()[2].settle()
         if rows:
             self.progress[peer] = time.monotonic()
         self.io.store.delete_kept(rows)
@@ -13584,17 +13776,32 @@ class KeptFrames:
         self.marks_due.clear()
 
     def send_acks(self) -> None:
-        """Acknowledge the kept frames this commit made safe (MqttIO runs this after each commit)."""
+        """Acknowledge the kept frames this commit made safe (MqttIO runs this after each commit); with copies
+        made in this batch (``ack_wait``), once the nodes that keep them have committed them too, in order."""
+        wait, self.ack_wait = self.ack_wait, None
+        if (wait is not None or self.held_acks) and (self.acks_due or wait is not None):
+            self.held_acks.append((wait, dict(self.acks_due)))
+            self.acks_due.clear()
+            return self.send_held()
         if self.acks_due and self.links is not None:
             for (peer, epoch), seq in self.acks_due.items():
                 self.links.send(peer, FRAME_KEPT_ACK, _KEPT_ACK.pack(epoch, seq))
             self.acks_due.clear()
+
+    def send_held(self) -> None:
+        """Send the held acknowledgements whose copies are committed, oldest first."""
+        held = self.held_acks
+        while held and (held[0][0] is None or held[0][0].count <= 0):
+            for (peer, epoch), seq in held.popleft()[1].items():
+                if self.links is not None:
+                    self.links.send(peer, FRAME_KEPT_ACK, _KEPT_ACK.pack(epoch, seq))
 
     def rolled_back(self) -> None:
         """A commit failed: what this batch used is not kept, so nothing of it is acknowledged and the
         marks are those of the store again (the peers send it again when KEPT_RESEND passes)."""
         self.acks_due.clear()
         self.marks_due.clear()
+        self.ack_wait = None
         self.inbox = Inbox(self.io.store.load_marks())
 
     def drop(self, peer: str) -> None:
@@ -13603,7 +13810,202 @@ class KeptFrames:
         if dropped:
             log.warning("cluster: %d kept frame(s) for %s are dropped: it left the cluster", len(dropped), peer)
         self.io.store.delete_kept(dropped)
+        self.settle_waits(peer, removed=True)
         self.check_room()
+
+
+COPY_FRAME_BYTES = 1 << 20  # about how many bytes of copies one kept frame carries (a reset takes several)
+
+
+def copy_node(key: str, home: str, members: Iterable[str]) -> str | None:
+    """Return the member that keeps the second copy of session ``key`` (``session_key``) whose home is
+    ``home``; None when there is no other member.
+
+    Each member scores the key (rendezvous hashing) and the highest score wins: every node finds
+    the same one from the member list alone, and a member leaving moves only the copies it kept.
+    """
+    best: tuple[int, str] | None = None
+    for member in members:
+        if member != home:
+            score = (zlib.crc32(f"{key}\0{member}".encode()), member)
+            if best is None or score > best:
+                best = score
+    return best[1] if best is not None else None
+
+
+class Copies:
+    """Persistent sessions kept on two nodes (queue_replicas = 2), both halves (loop thread).
+
+    The home node: the message store tells it (``StoreWatch``) of every queued message kept and
+    done with; each goes, in the batch that kept it, to the session's second node
+    (``copy_node``) as a kept frame of KEPT_COPY ops: ``["a", mountpoint, client id, row,
+    message]``, ``["d", row]``, ``["e", mountpoint, client id]`` (the copy ends; followed by
+    adds, it is a session sent whole). ``flush`` keeps this batch's frames and says which
+    publishers' acknowledgements wait for which of them. The session's subscriptions travel
+    in its replicated row, as for every session.
+
+    The second node: ``use`` applies the ops to its store's copies (committed before the
+    acknowledgement); ``take`` hands them over when the home node is removed or a client takes
+    the session up here while its home is down.
+    """
+
+    def __init__(self, me: str, seam: Peers, kept: KeptFrames, store: Any, members: Callable[[], list[str]],
+                 replicas: Callable[[], int]):
+        self.me, self.seam, self.kept, self.store, self.members, self.replicas = me, seam, kept, store, members, replicas
+        self.ops: dict[str, list[list]] = {}  # peer -> this batch's ops for it, in order
+        self.resets: dict[str, set[tuple[str, str]]] = {}  # peer -> sessions it gets whole at this batch's end
+        self.publishers: dict[str, set[tuple[str, str]]] = {}  # peer -> publishers whose PUBACK waits for it
+        self.rows: dict[int, tuple[str, str]] = {}  # row of a message copied -> its session
+        self.by_session: dict[tuple[str, str], set[int]] = {}  # ... and the other way
+        self.assigned: dict[tuple[str, str], str] = {}  # session -> the node that has (or is being sent) its copy
+
+    # -- the home node: what the store tells ---------------------------------
+    def target(self, key: tuple[str, str]) -> str | None:
+        """The node that is to keep a copy of this node's persistent session ``key`` (None: none)."""
+        if self.replicas() < 2 or key[1].startswith(BRIDGE_CLIENT_PREFIX):  # a bridge's session stays here
+            return None
+        return copy_node(session_key(*key), self.me, self.members())
+
+    def added(self, mountpoint: str, client_id: str, row: int, msg: Message, qos: int) -> None:
+        """A message was queued (and kept) for a persistent session here: its copy goes too."""
+        key = (mountpoint, client_id)
+        peer = self.target(key)
+        if peer is None:
+            return
+        self.rows[row] = key
+        self.by_session.setdefault(key, set()).add(row)
+        if self.assigned.get(key) != peer:
+            self.assign(key, peer)  # sent whole at the batch's end, this message with it
+        else:
+            body = encode_forward(mountpoint, dataclasses.replace(msg, qos=qos, ref=0, frame=b"", frame5=False),
+                                  True, ())
+            self.ops.setdefault(peer, []).append(["a", mountpoint, client_id, row, body])
+        if msg.qos and msg.origin is not None:
+            self.publishers.setdefault(peer, set()).add((mountpoint, msg.origin))
+
+    def deleted(self, row: int) -> None:
+        """A kept message is done with: its copy goes."""
+        key = self.rows.pop(row, None)
+        if key is None:
+            return
+        rows = self.by_session.get(key)
+        if rows is not None:
+            rows.discard(row)
+        peer = self.assigned.get(key)
+        if peer is not None:
+            self.ops.setdefault(peer, []).append(["d", row])
+
+    def ended(self, mountpoint: str, client_id: str) -> None:
+        """A persistent session ended (or moved to another node): its copy ends."""
+        key = (mountpoint, client_id)
+        peer = self.assigned.pop(key, None)
+        session = self.seam.sessions.get(key)
+        if session is not None:
+            session.copy = ""
+        if peer is not None:
+            self.ops.setdefault(peer, []).append(["e", mountpoint, client_id])
+            self.resets.get(peer, set()).discard(key)
+        for row in self.by_session.pop(key, ()):
+            self.rows.pop(row, None)
+
+    def assign(self, key: tuple[str, str], peer: str | None) -> None:
+        """Give a session's copy to ``peer`` (None: to no node): the old one ends, the new one gets it whole."""
+        old = self.assigned.pop(key, None)
+        if old is not None and old != peer:
+            self.ops.setdefault(old, []).append(["e", *key])
+            self.resets.get(old, set()).discard(key)
+        session = self.seam.sessions.get(key)
+        if session is not None:
+            session.copy = peer or ""
+        if peer is not None:
+            self.assigned[key] = peer
+            self.resets.setdefault(peer, set()).add(key)
+
+    def retarget(self) -> None:
+        """Members changed (or the node started): every persistent session's copy goes where it belongs now."""
+        if self.replicas() < 2:
+            return
+        for key, session in self.seam.sessions.items():
+            if not session.clean:
+                peer = self.target(key)
+                if self.assigned.get(key) != peer:
+                    self.assign(key, peer)
+        for key in [k for k in self.assigned if k not in self.seam.sessions]:
+            self.assign(key, None)
+
+    def flush(self) -> tuple[dict[str, tuple[int, int]], dict[str, set[tuple[str, str]]]]:
+        """Keep this batch's copy frames; return the last (epoch, seq) kept for each peer, and the publishers
+        (mountpoint, client id) whose acknowledgement waits for each peer."""
+        for peer, keys in self.resets.items():
+            ops = self.ops.setdefault(peer, [])
+            for mountpoint, client_id in sorted(keys):
+                ops.append(["e", mountpoint, client_id])
+                for row, msg, qos in self.store.session_messages(mountpoint, client_id):
+                    self.rows[row] = (mountpoint, client_id)
+                    self.by_session.setdefault((mountpoint, client_id), set()).add(row)
+                    msg = dataclasses.replace(msg, qos=qos)
+                    ops.append(["a", mountpoint, client_id, row, encode_forward(mountpoint, msg, True, ())])
+        self.resets.clear()
+        numbers: dict[str, tuple[int, int]] = {}
+        for peer, ops in self.ops.items():
+            chunk: list[list] = []
+            size = 0
+            for op in ops:
+                chunk.append(op)
+                size += len(op[-1]) + 64 if op[0] == "a" else 64
+                if size >= COPY_FRAME_BYTES:
+                    numbers[peer] = self.kept.keep(peer, KEPT_COPY, encode_term(chunk)) or numbers.get(peer)
+                    chunk, size = [], 0
+            if chunk:
+                numbers[peer] = self.kept.keep(peer, KEPT_COPY, encode_term(chunk)) or numbers.get(peer)
+        self.ops.clear()
+        publishers, self.publishers = self.publishers, {}
+        return {p: n for p, n in numbers.items() if n is not None}, publishers
+
+    def one_copy(self, up: Callable[[str], bool]) -> int:
+        """How many persistent sessions here are kept on this node only now (no other member, or it is down)."""
+        if self.replicas() < 2:
+            return 0
+        return sum(1 for key, s in self.seam.sessions.items()
+                   if not s.clean and not key[1].startswith(BRIDGE_CLIENT_PREFIX)
+                   and not (s.copy and up(s.copy)))
+
+    # -- the second node ----------------------------------------------------
+    def use(self, home: str, body: bytes) -> None:
+        """Apply a KEPT_COPY frame from ``home`` to the copies kept here (committed before it is acknowledged)."""
+        ops = decode_term(body)
+        if not isinstance(ops, list):
+            raise ClusterError("a copy frame that is not a list")
+        store, gone = self.store, []
+        for op in ops:
+            if not isinstance(op, list) or not op:
+                raise ClusterError("a bad copy op")
+            if op[0] == "d" and len(op) == 2 and isinstance(op[1], int):
+                gone.append(op[1])
+                continue
+            if gone:
+                store.delete_copies(home, gone)
+                gone = []
+            if op[0] == "a" and len(op) == 5 and isinstance(op[1], str) and isinstance(op[2], str) \
+                    and isinstance(op[3], int) and isinstance(op[4], bytes):
+                store.put_copy(home, op[3], op[1], op[2], op[4])
+            elif op[0] == "e" and len(op) == 3 and isinstance(op[1], str) and isinstance(op[2], str):
+                store.delete_copies(home, session=(op[1], op[2]))
+            else:
+                raise ClusterError(f"a bad copy op {str(op[0])[:20]!r}")
+        if gone:
+            store.delete_copies(home, gone)
+
+    def take(self, home: str, session: tuple[str, str] | None = None) -> dict[tuple[str, str], list[Message]]:
+        """Return (and forget) the copies kept here of ``home``'s sessions (or of that one): their messages, in order."""
+        found: dict[tuple[str, str], list[Message]] = {}
+        limit = self.seam.ctx.packet_limits.properties
+        for _, _, mountpoint, client_id, body in self.store.load_copies(home, session):
+            msg = migrated_message(body, limit)
+            if msg is not None:
+                found.setdefault((mountpoint, client_id), []).append(msg)
+        self.store.delete_copies(home, session=session, whole=session is None)
+        return found
 
 
 ###############################################################################
@@ -13623,8 +14025,8 @@ class SessionRows:
     (``SessionMoves``); a member removed while down leaves its persistent sessions to the others.
     """
 
-    def __init__(self, me: str, seam: Peers, rows: Replication, moves: SessionMoves):
-        self.me, self.seam, self.rows, self.moves = me, seam, rows, moves
+    def __init__(self, me: str, seam: Peers, rows: Replication, moves: SessionMoves, copies: Copies):
+        self.me, self.seam, self.rows, self.moves, self.copies = me, seam, rows, moves, copies
         self.replica = rows.replica
         self.owned: dict[str, tuple[str, tuple[str, ...], bool]] = {}  # session key -> node, filters, online
         self.interest: dict[tuple[str, str, str], list[int]] = {}  # (node, mp, filter) -> [members, online]
@@ -13738,8 +14140,14 @@ class SessionRows:
             put("session", key, row, quiet=ours and not (row["online"] and not held.get("online")))
 
     def member_gone(self, name: str, alive: list[str]) -> None:
-        """A member was removed while down: its persistent sessions live on among ``alive`` (sorted)."""
+        """A member was removed while down: its persistent sessions live on among ``alive`` (sorted).
+
+        With queue_replicas = 2 each goes on at the node that kept its copy, with every message of
+        it; the others route its subscriptions there at once, before that node's row comes.
+        """
         self.seam.router.drop_remote(name)
+        copied = self.copies.replicas() > 1
+        kept = self.copies.take(name)  # whatever the setting now: copies made while it was on are used
         for key, value in self.replica.items("session"):
             if not isinstance(value, dict) or value.get("node") != name:
                 continue
@@ -13748,9 +14156,18 @@ class SessionRows:
                 continue
             if not _summary_ok(value):
                 continue
-            if alive[zlib.crc32(key.encode()) % len(alive)] == self.me:
-                mountpoint, client_id = split_session_key(key)
-                self.seam.adopt_session(mountpoint, client_id, value, time.time())
+            mountpoint, client_id = split_session_key(key)
+            heir = copy_node(key, name, alive) if copied else alive[zlib.crc32(key.encode()) % len(alive)]
+            if heir == self.me or (mountpoint, client_id) in kept:
+                now = time.time()
+                self.seam.adopt_session(mountpoint, client_id, value, now)
+                self.seam.adopt_messages(mountpoint, client_id, kept.pop((mountpoint, client_id), ()), now, force=True)
+            elif heir is not None and copied:
+                with contextlib.suppress(ClusterError):
+                    self.index(key, {**value, "node": heir})
+        for (mountpoint, client_id), messages in kept.items():  # a session that ended there meanwhile
+            log.warning("cluster: %d message(s) kept for %r of the removed %s have no session left to go to",
+                        len(messages), client_id[:100], name)
 
     def forget_others(self) -> None:
         """This node was taken out: no other node's subscription counts any more."""
@@ -13781,6 +14198,7 @@ class Membership:
         self.known: set[str] = set()  # the peers the last split check saw (a member not among them is new)
         self.record_after = 0.0  # when a restarted node records its sessions even if a peer was not heard
         self.new_address = False  # this node's address is to be put once a peer is heard: see advertise
+        self.down_since: dict[str, float] = {}  # members without a link -> since when (monotonic)
 
     def start(self) -> None:
         """Take up the kept membership: index the others' sessions, link to the members, count the missing."""
@@ -13975,6 +14393,7 @@ class Membership:
             del self.arriving[peer]
         down = [p for p in peers if (self.links is None or not self.links.is_up(p))
                 and p not in self.arriving]  # a member being joined is not missing yet
+        self.down_since = {p: self.down_since.get(p, now) for p in down}
         split = f"cluster nodes not reachable: {', '.join(down)}" if down else ""
         if bool(split) != bool(self.split):
             self.seam.counters["netsplit_detected" if split else "netsplit_resolved", ()] += 1
@@ -14080,9 +14499,12 @@ class Cluster:
         self.rows = Replication(self.me, self.store)
         self.seam = Peers(self.engine.ctx, self.engine.life)  # the engine asks it once the cluster starts
         self.kept = KeptFrames(io, self.seam, lambda: node.config["cluster_max_unacknowledged_bytes"],
-                               secrets.randbits(62) + 1, lambda *args: self.moves.use(*args))
+                               secrets.randbits(62) + 1, self._use)
         self.moves = SessionMoves(self.seam, self.kept, self.me, self.rows.replica, io.loop, self.flush_soon)
-        self.sessions = SessionRows(self.me, self.seam, self.rows, self.moves)
+        self.copies = Copies(self.me, self.seam, self.kept, io.store, lambda: self.membership.members(),
+                             lambda: node.config["queue_replicas"])
+        self.sessions = SessionRows(self.me, self.seam, self.rows, self.moves, self.copies)
+        self._members_seen: tuple[str, ...] = ()  # the members the copies were last placed among
         self.membership = Membership(self.me, address, self.seam, io.loop, self.rows, self.sessions, self.kept,
                                      self.moves, self.after_batch)
         self.settings = SharedSettings(self.me, node.keystore, node.apply_settings, self.rows, self.peers)
@@ -14218,6 +14640,8 @@ class Cluster:
     def _started(self) -> None:
         self.seam.elsewhere = self.sessions.elsewhere
         self.io.batch_hooks.append(self.after_batch)
+        if self.node.config["queue_replicas"] > 1:
+            self.io.store.watch = self.copies
         self.settings.apply_all()
         self.membership.start()
         self._timer = self.io.loop.call_later(self._interval(), self._tick)
@@ -14256,6 +14680,8 @@ class Cluster:
     def _on_down(self, peer: str, reason: str) -> None:
         self.rows.quiet.pop(peer, None)
         self.kept.down(peer)
+        if reason != "replaced" and self.node.config["allow_publish_during_netsplit"]:
+            self.kept.settle_waits(peer, removed=False)  # publishes go on without it: acknowledged on this side
         self.moves.down(peer)
         if reason == "replaced":  # a fresher link to the same peer comes up at once
             return
@@ -14275,6 +14701,13 @@ class Cluster:
         if self.rows.merge(peer, body):  # in step with that peer now
             self.membership.maybe_record()
 
+    def _use(self, peer: str, kind: int, body: bytes, force: bool) -> str:
+        """Act on a kept frame from ``peer`` (KeptFrames.receive)."""
+        if kind == KEPT_COPY:
+            self.copies.use(peer, body)
+            return "used"
+        return self.moves.use(peer, kind, body, force)
+
     def _on_forward(self, peer: str, body: bytes) -> None:
         mountpoint, msg, plain, groups = decode_forward(body, self.engine.packet_limits.properties)
         check_publishable(msg.topic)
@@ -14293,20 +14726,56 @@ class Cluster:
 
     def after_batch(self) -> None:
         """Send what the engine left for other nodes; announce local changes (MqttIO.after_batch calls this)."""
+        copies = self.node.config["queue_replicas"] > 1
+        waits: dict[tuple[str, str], dict[str, tuple[int, int, bool]]] = {}  # publisher -> peer -> frame, fatal
         if self.links is not None:
-            send = self.links.send
+            send, up = self.links.send, self.links.is_up
             for node, mountpoint, msg, plain, groups in self.seam.take_forwards():
                 body = encode_forward(mountpoint, msg, plain, groups)
                 if msg.qos:  # kept until that node has committed it: committed here before the PUBACK
-                    self.kept.keep(node, KEPT_FORWARD, body)
+                    number = self.kept.keep(node, KEPT_FORWARD, body)
+                    if copies and number is not None and msg.origin is not None and up(node):
+                        waits.setdefault((mountpoint, msg.origin), {})[node] = (*number, True)  # and there too
                 else:
                     send(node, FRAME_FORWARD, body)
         self.kept.retry()
         self.kept.write_marks()
         for old, mountpoint, client_id in self.seam.take_takeovers():  # the old node hands over on the newer row
-            self.moves.took_over(old, mountpoint, client_id, [p for p in self.peers() if self.links.is_up(p)])
+            up_peers = [p for p in self.peers() if self.links.is_up(p)]
+            if copies and old not in up_peers:  # its home is away: the copy kept here is what it had
+                for key, messages in self.copies.take(old, (mountpoint, client_id)).items():
+                    self.seam.adopt_messages(*key, messages, time.time(), settle=True)
+            self.moves.took_over(old, mountpoint, client_id, up_peers)
         self.sessions.record()
+        if copies:
+            self._copy(waits)
         self.rows.announce()
+
+    def _copy(self, waits: dict[tuple[str, str], dict[str, tuple[int, int, bool]]]) -> None:
+        """Send this batch's copies; hold the acknowledgements of what they copy until the copies are committed."""
+        members = tuple(self.members())
+        if members != self._members_seen:
+            self._members_seen = members
+            self.copies.retarget()
+        numbers, publishers = self.copies.flush()
+        numbers = {peer: n for peer, n in numbers.items() if self.links is not None and self.links.is_up(peer)}
+        if numbers:  # the frames this batch acknowledges to other nodes were copied: they wait for the copies
+            batch = Awaited(len(numbers), self.kept.send_held)
+            self.kept.ack_wait = batch
+            for peer, number in numbers.items():
+                self.kept.wait(peer, number, batch, False)
+                for publisher in publishers.get(peer, ()):
+                    waits.setdefault(publisher, {})[peer] = (*number, False)
+        for publisher, frames in waits.items():
+            session = self.seam.sessions.get(publisher)
+            link = session.client.link if session is not None and session.client is not None else None
+            if not isinstance(link, MqttLink):
+                continue
+            what = Awaited(len(frames), lambda: None)
+            what.done = functools.partial(link.awaited, what)
+            link.next_wait = what
+            for peer, (epoch, seq, fatal) in frames.items():
+                self.kept.wait(peer, (epoch, seq), what, fatal)
 
     def _tick(self) -> None:
         try:
@@ -14320,6 +14789,7 @@ class Cluster:
             self.rows.announce()
             self.rows.save()
             self.kept.pump_all()
+            self._remove_down()
             if self.kept.parked:  # their patience may be over: the next batch offers them again
                 self.flush_soon()
             self.moves.handed.expire(time.monotonic())
@@ -14327,6 +14797,16 @@ class Cluster:
             log.exception("cluster housekeeping failed")
         finally:
             self._timer = self.io.loop.call_later(self._interval(), self._tick)
+
+    def _remove_down(self) -> None:
+        """Remove the members down longer than cluster_remove_down_after (0: never)."""
+        after, now = self.node.config["cluster_remove_down_after"], time.monotonic()
+        for peer, since in list(self.membership.down_since.items()) if after else ():
+            if now - since >= after and peer in self.peers() and not self.links.is_up(peer):
+                log.warning("cluster: %s has been unreachable for %d s (cluster_remove_down_after): it is removed",
+                            peer, after)
+                self.membership.remove_down(peer)
+                self.flush_soon()
 
     def _interval(self) -> float:
         """Return the seconds between two housekeeping rounds (cluster_sync_interval)."""

@@ -122,7 +122,8 @@ class NodeProcess:
             return fh.read()
 
     def api(self, path, **params):
-        query = urllib.parse.urlencode({k.replace("_", "-"): v for k, v in params.items()})
+        query = "&".join(k if k.startswith("--") and v is None else urllib.parse.urlencode({k.replace("_", "-")
+                         if not k.startswith("--") else k: v}) for k, v in params.items())  # --flag: a column
         auth = base64.b64encode(f"{self.key}:".encode()).decode()
         request = urllib.request.Request(f"http://127.0.0.1:{self.ports['http']}/api/v1/{path}?{query}",
                                          headers={"Authorization": f"Basic {auth}"})
@@ -139,13 +140,13 @@ class NodeProcess:
 
 
 class Cluster:
-    """Three nodes a, b, c joined into one cluster."""
+    """Nodes a, b, c (or ``names``) joined into one cluster."""
 
-    def __init__(self, root, settings=()):
+    def __init__(self, root, settings=(), names="abc"):
         cookie = os.path.join(root, "cookie")
         with open(os.open(cookie, os.O_WRONLY | os.O_CREAT, 0o600), "w") as fh:
             fh.write("faults-test-cookie-" + os.urandom(8).hex() + "\n")
-        self.nodes = {n: NodeProcess(root, n, cookie, settings) for n in "abc"}
+        self.nodes = {n: NodeProcess(root, n, cookie, settings) for n in names}
 
     def start(self):
         for node in self.nodes.values():
@@ -153,7 +154,7 @@ class Cluster:
         for node in self.nodes.values():
             node.ready()
         a = self.nodes["a"]
-        for name in "bc":
+        for name in list(self.nodes)[1:]:
             answer = self.nodes[name].api("cluster/join", discovery_node=f"{a.name}:{a.ports['vmq']}")
             assert answer.get("text") == "Done", answer
         self.wait_whole()
