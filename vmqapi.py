@@ -54,14 +54,15 @@ Contents (``grep -nE '^# [0-9]+\\. ' vmqapi.py`` prints them with line numbers):
     23. Cluster state: replicated metadata and the node-to-node codec
     24. Cluster links: node-to-node connections
     25. Cluster requests: replication, calls between nodes, sessions moving
-    26. Cluster: membership, joins and leaves, routing, the Cluster itself
-    27. Bridge: vmq_bridge
-    28. Webhooks: bodies, answers, the cache and the client
-    29. Webhooks: the plugin, its gate and commands
+    26. Cluster: sessions across nodes, and copies on a second node
+    27. Cluster: membership, joins and leaves, routing, the Cluster itself
+    28. Bridge: vmq_bridge
+    29. Webhooks: bodies, answers, the cache and the client
+    30. Webhooks: the plugin, its gate and commands
 
   Part IV. The node and the CLI
-    30. Node
-    31. CLI
+    31. Node
+    32. CLI
 """
 
 ###############################################################################
@@ -2238,6 +2239,9 @@ class NodeApi(Protocol):
     def health_reasons(self) -> list[str]:
         """Return why the node is not healthy (empty: it is)."""
 
+    def health_warnings(self) -> list[str]:
+        """Return what /health says of a healthy node (sessions kept on one node only)."""
+
     def plugin_rows(self) -> list[dict]:
         """Return the rows of plugin show."""
 
@@ -4190,6 +4194,9 @@ def serve_health(node: NodeApi, req: Request, rest: str, query: str) -> Response
     authenticate(node, "vmq_health_http", req.headers, ("health",))
     reasons = [] if rest == "ping" else node.health_reasons()
     body = {"status": "DOWN", "reasons": reasons} if reasons else {"status": "OK"}
+    warnings = [] if rest == "ping" else node.health_warnings()
+    if warnings:
+        body["warnings"] = warnings
     return Response(503 if reasons else 200, (("Content-Type", JSON_TYPE),),
                     json.dumps(body, separators=(",", ":")).encode())
 
@@ -13814,6 +13821,14 @@ class KeptFrames:
         self.check_room()
 
 
+###############################################################################
+# 26. Cluster: sessions across nodes, and copies on a second node #############
+###############################################################################
+# Owns: other nodes' sessions in the router, this node's sessions as rows,
+#       sessions taken up when their node is removed, and the copies of
+#       persistent sessions kept on a second node (queue_replicas = 2).
+# Must not know: the bytes on a link, the links themselves.
+
 COPY_FRAME_BYTES = 1 << 20  # about how many bytes of copies one kept frame carries (a reset takes several)
 
 
@@ -14008,15 +14023,6 @@ class Copies:
         return found
 
 
-###############################################################################
-# 26. Cluster: membership, joins and leaves, routing, the Cluster itself ######
-###############################################################################
-# Owns: applying replicated state to the router, keys and config, membership
-#       (joins, leaves, netsplits), forwarding messages; the Cluster that
-#       holds the parts; the cluster commands.
-# Must not know: the bytes on a link.
-
-
 class SessionRows:
     """The replica's session and retained rows and the engine (through ``Peers``), kept in step (loop thread).
 
@@ -14175,6 +14181,15 @@ class SessionRows:
             self.seam.router.drop_remote(peer)
         self.owned.clear()
         self.interest.clear()
+
+
+###############################################################################
+# 27. Cluster: membership, joins and leaves, routing, the Cluster itself ######
+###############################################################################
+# Owns: membership (joins, leaves, netsplits), shared keys and config,
+#       forwarding messages; the Cluster that holds the parts; the cluster
+#       commands.
+# Must not know: the bytes on a link.
 
 
 class Membership:
@@ -14555,8 +14570,38 @@ class Cluster:
         return self.membership.links_up()
 
     def show_rows(self) -> list[dict]:
-        """Return cluster show's rows."""
-        return self.in_loop(self.membership.show_rows)
+        """Return cluster show's rows; with queue_replicas = 2 each says how many persistent sessions of that
+        node are kept on one node only (their second node is missing, or down as this node sees it)."""
+        def rows() -> list[dict]:
+            shown = self.membership.show_rows()
+            if self.node.config["queue_replicas"] > 1:
+                counts = self.one_copy()
+                for row in shown:
+                    row["Sessions on one copy"] = counts.get(row["Node"], 0)
+            return shown
+        return self.in_loop(rows)
+
+    def one_copy(self) -> dict[str, int]:
+        """Members -> how many of their persistent sessions are kept on one node only, as this node sees it
+        (loop thread): this node's own from its sessions, the others' from their session rows."""
+        members = self.members() or [self.me]
+        running = {r["Node"] for r in self.membership.show_rows() if r["Running"]}
+        counts = {self.me: self.copies.one_copy(lambda peer: peer in running)}
+        for key, value in self.rows.replica.items("session"):
+            if isinstance(value, dict) and value.get("node") in members and value["node"] != self.me \
+                    and not value.get("clean", True):
+                copy = copy_node(key, value["node"], members)
+                if copy is None or copy not in running:
+                    counts[value["node"]] = counts.get(value["node"], 0) + 1
+        return counts
+
+    def health_warnings(self) -> list[str]:
+        """What /health says without answering 503 (loop thread): sessions kept on one node only."""
+        if self.node.config["queue_replicas"] < 2:
+            return []
+        alone = self.one_copy().get(self.me, 0)
+        return [f"{alone} persistent session(s) of this node are kept on this node only: queue_replicas = 2 and "
+                "their second node is missing or down"] if alone else []
 
     def call(self, peer: str, op: str, *args: Any, timeout: float = CALL_TIMEOUT) -> Any:
         """Ask ``peer`` to run ``op`` (one of CLUSTER_OPS) and return its answer; raise ClusterError."""
@@ -14930,7 +14975,7 @@ def cmd_cluster_leave(call: Call) -> Any:
 
 
 ###############################################################################
-# 27. Bridge: vmq_bridge ######################################################
+# 28. Bridge: vmq_bridge ######################################################
 ###############################################################################
 # Owns: bridges to other brokers (vmq_bridge): an MQTT client per bridge, its
 #       store-backed outgoing buffer, loop prevention; bridge commands.
@@ -15580,7 +15625,7 @@ def cmd_bridge_start(call: Call) -> Any:
 
 
 ###############################################################################
-# 28. Webhooks: bodies, answers, the cache and the client #####################
+# 29. Webhooks: bodies, answers, the cache and the client #####################
 ###############################################################################
 # Owns: webhooks (vmq_webhooks) as values: endpoints per hook, VerneMQ's JSON
 #       bodies and answers, the auth answer cache, the keep-alive HTTP client.
@@ -16072,7 +16117,7 @@ class WebhookClient:
 # -- the plugin --------------------------------------------------------------
 
 ###############################################################################
-# 29. Webhooks: the plugin, its gate and commands #############################
+# 30. Webhooks: the plugin, its gate and commands #############################
 ###############################################################################
 # Owns: the vmq_webhooks plugin: its hooks in the chain, the gate that holds a
 #       connection's packet while its answer comes, the bounded pools; webhooks commands.
@@ -16608,7 +16653,7 @@ del _catalogue
 
 
 ###############################################################################
-# 30. Node ####################################################################
+# 31. Node ####################################################################
 ###############################################################################
 # Owns: the running node: its config snapshot, key store, command table,
 #       listeners, node.json, start and stop.
@@ -17147,6 +17192,15 @@ class Node:
             reasons.append(f"The cluster is not ready: {split}")
         return reasons
 
+    def health_warnings(self) -> list[str]:
+        """Return what /health says of a healthy node: persistent sessions kept on this node only."""
+        if self.cluster is None or self.mqtt is None:
+            return []
+        try:
+            return self._read(self.cluster.health_warnings, timeout=HEALTH_LOOP_WAIT)
+        except concurrent.futures.TimeoutError:
+            return []
+
     def retained_rows(self) -> list[dict]:
         """Return mountpoint, topic and payload of every retained message."""
         return [] if self.mqtt is None else self._read(self.mqtt.engine.retained_rows)
@@ -17187,7 +17241,7 @@ class Node:
 
 
 ###############################################################################
-# 31. CLI #####################################################################
+# 32. CLI #####################################################################
 ###############################################################################
 # Owns: argv of the process: start a node, or run vmq-admin commands locally or
 #       against the live node found through node.json.
