@@ -163,7 +163,7 @@ def detection(a, b):
 # -- QoS 1 into a persistent session (queue_replicas) -------------------------------------
 
 PUB_WINDOW = 200  # unacknowledged QoS 1 publishes the publisher keeps, as bench/mqtt.py's publisher
-SESSION_WAIT = 10.0  # seconds a new session may take to show on its node (and its copy node)
+SESSION_WAIT = 10.0  # seconds a new session may take to show on the other node of the pair
 
 
 def persistent_connect(port, client_id):
@@ -242,13 +242,17 @@ def acked_publisher(port, count, go, results, client_id):
     sock.close()
 
 
-def session_ready(node, client_id, copy):
-    """Wait until ``node`` shows ``client_id``'s session (kept on ``copy`` too, when given); False past SESSION_WAIT."""
-    query = f"?--client_id={client_id}&--node&--copy_node"
+def session_rows(node, client_id):
+    """session show --client_id=<it> --node --copy_node on ``node``: its rows (a list, empty while none)."""
+    return node.api("session/show", f"?--client_id={client_id}&--node&--copy_node").get("table") or []
+
+
+def session_known(a, b, client_id):
+    """Wait until ``b`` shows ``client_id``'s session at home on ``a`` (its row carries its subscriptions);
+    False past SESSION_WAIT."""
     end_by = time.monotonic() + SESSION_WAIT
     while time.monotonic() < end_by:
-        rows = node.api("session/show", query).get("table") or []
-        if rows and (copy is None or rows[0].get("copy_node") == copy):
+        if any(r.get("node") == a.name for r in session_rows(b, client_id)):
             return True
         time.sleep(0.05)
     return False
@@ -271,10 +275,10 @@ def persistent_flow(a, b, replicas, count, tag):
     try:
         sub.start()
         ready.get(timeout=load.DEADLINE)
-        if not session_ready(a, sub_id, b.name if replicas > 1 else None):
-            print(f"  note: queue_replicas={replicas}: {sub_id} did not show on {a.name}"
-                  f"{' with copy node ' + b.name if replicas > 1 else ''} within {SESSION_WAIT:g} s", file=sys.stderr)
-        time.sleep(0.5)  # the subscription reaches the other node
+        if not session_known(a, b, sub_id):
+            print(f"  note: queue_replicas={replicas}: {b.name} did not show {sub_id} at home on {a.name} "
+                  f"within {SESSION_WAIT:g} s", file=sys.stderr)
+        time.sleep(0.5)  # the subscription reaches the other node's routes
         pub = ctx.Process(target=acked_publisher, args=(b.mqtt, count, go, results, pub_id))
         pub.start()
         time.sleep(0.2)
@@ -304,6 +308,9 @@ def persistent_flow(a, b, replicas, count, tag):
     if delivered < count:
         print(f"  note: queue_replicas={replicas}: the persistent subscriber received {delivered} of {count}",
               file=sys.stderr)
+    copy = [r.get("copy_node") for r in session_rows(a, sub_id)]  # given at the first message kept for it
+    if copy != [b.name if replicas > 1 else ""]:
+        print(f"  note: queue_replicas={replicas}: {sub_id}'s copy node on {a.name} is {copy}", file=sys.stderr)
     drop_session(a, sub_id)
     acked_rate = acked / (acked_at - start) if acked and acked_at > start else 0.0
     received_rate = delivered / (received_at - start) if delivered and received_at > start else 0.0

@@ -496,7 +496,7 @@ def test_a_node_removed_while_down_joins_again_at_once(tmp_path, joiner, address
                 client.close()
 
 
-NODE_LINE = re.compile(r"n[0-9]@127\.0\.0\.1 \S+ listener on ")  # what a node started with & prints
+NODE_LINE = re.compile(r"[a-z][0-9]@127\.0\.0\.1 \S+ listener on ")  # what a node started with & prints
 
 
 @pytest.mark.slow
@@ -509,7 +509,7 @@ def test_the_readme_cluster_section_works_pasted_as_one_script(tmp_path):
     from capped import child_setup
     from conftest import ROOT
     readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
-    lines = readme.split("\n## Cluster\n", 1)[1].split("\n## ", 1)[0].splitlines()
+    lines = readme.split("\n## Cluster\n", 1)[1].split("\n## ", 1)[0].split("\n### ", 1)[0].splitlines()
     fixed = sorted({int(p) for p in re.findall(r"127\.0\.0\.1:(\d+)", "\n".join(lines))})
     ports = {}
     with contextlib.ExitStack() as held:  # every one held until all are chosen: no two the same
