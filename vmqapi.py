@@ -9329,7 +9329,7 @@ class MemoryStore:
         """Return nothing: no message is ever kept here."""
         return []
 
-    def put_copy(self, home: str, row: int, mountpoint: str, client_id: str, body: bytes) -> None:
+    def put_copies(self, home: str, mountpoint: str, client_id: str, rows: Sequence[tuple[int, bytes]]) -> None:
         """Keep nothing."""
 
     def delete_copies(self, home: str, rows: Iterable[int] = (), session: tuple[str, str] | None = None,
@@ -9649,10 +9649,14 @@ class SqliteStore(MemoryStore):
             self.counters["store_error", ()] += 1
             return []
 
-    def put_copy(self, home: str, row: int, mountpoint: str, client_id: str, body: bytes) -> None:
-        """Keep a copy of message ``row`` of a session whose home is node ``home``."""
-        self._run("INSERT OR REPLACE INTO copies (home, row, mountpoint, client_id, body) VALUES (?, ?, ?, ?, ?)",
-                  (home, row, mountpoint, client_id, body))
+    def put_copies(self, home: str, mountpoint: str, client_id: str, rows: Sequence[tuple[int, bytes]]) -> None:
+        """Keep copies of messages (their row there, the message) of a session whose home is node ``home``."""
+        self._dirty = True
+        try:
+            self.db.executemany("INSERT OR REPLACE INTO copies (home, row, mountpoint, client_id, body) "
+                                "VALUES (?, ?, ?, ?, ?)", [(home, row, mountpoint, client_id, body) for row, body in rows])
+        except sqlite3.Error as exc:
+            self._failed(exc)
 
     def delete_copies(self, home: str, rows: Iterable[int] = (), session: tuple[str, str] | None = None,
                       whole: bool = False) -> None:
@@ -13854,8 +13858,8 @@ class Copies:
     The home node: the message store tells it (``StoreWatch``) of every queued message kept and
     done with; each goes, in the batch that kept it, to the session's second node
     (``copy_node``) as a kept frame of KEPT_COPY ops: ``["a", mountpoint, client id, row,
-    message]``, ``["d", row]``, ``["e", mountpoint, client id]`` (the copy ends; followed by
-    adds, it is a session sent whole). ``flush`` keeps this batch's frames and says which
+    [row, message, row, message...]]``, ``["d", [row...]]``, ``["e", mountpoint, client id]``
+    (the copy ends; followed by adds, it is a session sent whole). ``flush`` keeps this batch's frames and says which
     publishers' acknowledgements wait for which of them. The session's subscriptions travel
     in its replicated row, as for every session.
 
@@ -13884,19 +13888,29 @@ class Copies:
     def added(self, mountpoint: str, client_id: str, row: int, msg: Message, qos: int) -> None:
         """A message was queued (and kept) for a persistent session here: its copy goes too."""
         key = (mountpoint, client_id)
-        peer = self.target(key)
+        peer = self.assigned.get(key)  # members changed: retarget moves it at the batch's end
         if peer is None:
-            return
-        self.rows[row] = key
-        self.by_session.setdefault(key, set()).add(row)
-        if self.assigned.get(key) != peer:
+            peer = self.target(key)
+            if peer is None:
+                return
             self.assign(key, peer)  # sent whole at the batch's end, this message with it
         else:
-            body = encode_forward(mountpoint, dataclasses.replace(msg, qos=qos, ref=0, frame=b"", frame5=False),
-                                  True, ())
-            self.ops.setdefault(peer, []).append(["a", mountpoint, client_id, row, body])
+            self.add(peer, key, row, msg, qos)
+        self.rows[row] = key
+        self.by_session.setdefault(key, set()).add(row)
         if msg.qos and msg.origin is not None:
             self.publishers.setdefault(peer, set()).add((mountpoint, msg.origin))
+
+    def add(self, peer: str, key: tuple[str, str], row: int, msg: Message, qos: int) -> None:
+        """Put the copy of a message into this batch's ops for ``peer`` (with the adds before it, when of ``key``)."""
+        if msg.qos != qos or msg.frame:
+            msg = dataclasses.replace(msg, qos=qos, frame=b"", frame5=False)
+        body = encode_forward(key[0], msg, True, ())
+        ops = self.ops.setdefault(peer, [])
+        if ops and ops[-1][0] == "a" and ops[-1][1] == key[0] and ops[-1][2] == key[1]:
+            ops[-1][3] += (row, body)
+        else:
+            ops.append(["a", key[0], key[1], [row, body]])
 
     def deleted(self, row: int) -> None:
         """A kept message is done with: its copy goes."""
@@ -13908,7 +13922,11 @@ class Copies:
             rows.discard(row)
         peer = self.assigned.get(key)
         if peer is not None:
-            self.ops.setdefault(peer, []).append(["d", row])
+            ops = self.ops.setdefault(peer, [])
+            if ops and ops[-1][0] == "d":
+                ops[-1][1].append(row)
+            else:
+                ops.append(["d", [row]])
 
     def ended(self, mountpoint: str, client_id: str) -> None:
         """A persistent session ended (or moved to another node): its copy ends."""
@@ -13952,14 +13970,12 @@ class Copies:
         """Keep this batch's copy frames; return the last (epoch, seq) kept for each peer, and the publishers
         (mountpoint, client id) whose acknowledgement waits for each peer."""
         for peer, keys in self.resets.items():
-            ops = self.ops.setdefault(peer, [])
-            for mountpoint, client_id in sorted(keys):
-                ops.append(["e", mountpoint, client_id])
-                for row, msg, qos in self.store.session_messages(mountpoint, client_id):
-                    self.rows[row] = (mountpoint, client_id)
-                    self.by_session.setdefault((mountpoint, client_id), set()).add(row)
-                    msg = dataclasses.replace(msg, qos=qos)
-                    ops.append(["a", mountpoint, client_id, row, encode_forward(mountpoint, msg, True, ())])
+            for key in sorted(keys):
+                self.ops.setdefault(peer, []).append(["e", *key])
+                for row, msg, qos in self.store.session_messages(*key):
+                    self.rows[row] = key
+                    self.by_session.setdefault(key, set()).add(row)
+                    self.add(peer, key, row, msg, qos)
         self.resets.clear()
         numbers: dict[str, tuple[int, int]] = {}
         for peer, ops in self.ops.items():
@@ -13967,7 +13983,7 @@ class Copies:
             size = 0
             for op in ops:
                 chunk.append(op)
-                size += len(op[-1]) + 64 if op[0] == "a" else 64
+                size += sum(map(len, op[3][1::2])) + 16 * len(op[3]) + 64 if op[0] == "a" else 16 * len(op[-1]) + 64
                 if size >= COPY_FRAME_BYTES:
                     numbers[peer] = self.kept.keep(peer, KEPT_COPY, encode_term(chunk)) or numbers.get(peer)
                     chunk, size = [], 0
@@ -13991,25 +14007,20 @@ class Copies:
         ops = decode_term(body)
         if not isinstance(ops, list):
             raise ClusterError("a copy frame that is not a list")
-        store, gone = self.store, []
+        store = self.store
         for op in ops:
             if not isinstance(op, list) or not op:
                 raise ClusterError("a bad copy op")
-            if op[0] == "d" and len(op) == 2 and isinstance(op[1], int):
-                gone.append(op[1])
-                continue
-            if gone:
-                store.delete_copies(home, gone)
-                gone = []
-            if op[0] == "a" and len(op) == 5 and isinstance(op[1], str) and isinstance(op[2], str) \
-                    and isinstance(op[3], int) and isinstance(op[4], bytes):
-                store.put_copy(home, op[3], op[1], op[2], op[4])
+            if op[0] == "d" and len(op) == 2 and isinstance(op[1], list) and all(type(r) is int for r in op[1]):
+                store.delete_copies(home, op[1])
+            elif op[0] == "a" and len(op) == 4 and isinstance(op[1], str) and isinstance(op[2], str) \
+                    and isinstance(op[3], list) and len(op[3]) % 2 == 0 \
+                    and all(type(r) is int and type(b) is bytes for r, b in zip(op[3][::2], op[3][1::2])):
+                store.put_copies(home, op[1], op[2], list(zip(op[3][::2], op[3][1::2])))
             elif op[0] == "e" and len(op) == 3 and isinstance(op[1], str) and isinstance(op[2], str):
                 store.delete_copies(home, session=(op[1], op[2]))
             else:
                 raise ClusterError(f"a bad copy op {str(op[0])[:20]!r}")
-        if gone:
-            store.delete_copies(home, gone)
 
     def take(self, home: str, session: tuple[str, str] | None = None) -> dict[tuple[str, str], list[Message]]:
         """Return (and forget) the copies kept here of ``home``'s sessions (or of that one): their messages, in order."""
