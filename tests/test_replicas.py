@@ -100,6 +100,8 @@ def test_a_subscriber_whose_node_dies_mid_stream_resumes_on_a_third(tmp_path):
         drain(publisher, [subscriber])
         verdict = check(publisher.acked, subscriber.arrivals)
         assert verdict.ok, f"{verdict}; acknowledged at the kill {at_kill}; connections {subscriber.events}"
+        rows = session_rows(b, "replica-sub")  # kept on two nodes again: the two alive
+        assert [(r["node"], r["copy_node"]) for r in rows] == [(c.name, b.name)]
     finally:
         for party in (publisher, subscriber):
             if party is not None:
@@ -190,3 +192,35 @@ def seen_on(device, sink):
         return sink.message(timeout=0.2).payload == PROBE
     except TimeoutError:
         return False
+
+
+# -- in-process nodes: removal by itself, and what cluster show and /health say ------------------
+
+from test_cluster import health, make_cluster  # noqa: E402,F401  (make_cluster is a fixture)
+
+
+def test_a_node_down_past_cluster_remove_down_after_is_removed_and_its_sessions_go_on(make_cluster):
+    """b holds a persistent session with 20 acknowledged messages; b stops; a removes it after 1 s by itself
+    and the client finds its session, with the 20, on a. a says it keeps that session alone."""
+    a, b = make_cluster(2, queue_replicas="2", cluster_remove_down_after="1")
+    keeper = b.client("keeper", clean=False)
+    assert keeper.subscribe(("auto/#", 1)) == (1,)
+    device = a.client("device")
+    wait_for(lambda: a.node.mqtt.engine.router.match("", "auto/x"), what="keeper's subscription on a")
+    keeper.disconnect()
+    for n in range(20):
+        assert device.publish("auto/x", str(n).encode(), 1) == 0
+    status, body = b.api("session/show", "--client_id=keeper", "--node", "--copy_node")
+    assert [(r["node"], r["copy_node"]) for r in body["table"]] == [(b.name, a.name)]
+    assert health(a.http) == (200, {"status": "OK"})
+    b.node.stop()
+    wait_for(lambda: list(a.running()) == [a.name], timeout=15, what="b removed by a")
+    status, body = a.api("cluster/show")
+    assert body["table"] == [{"Node": a.name, "Running": True, "Sessions on one copy": 1}]
+    status, answer = health(a.http)
+    assert status == 200 and answer["status"] == "OK" and "kept on this node only" in answer["warnings"][0]
+    again = a.client("keeper", clean=False)
+    got = [again.message(timeout=5).payload for _ in range(20)]
+    assert got == [str(n).encode() for n in range(20)]
+    for client in (again, device):
+        client.close()
