@@ -13877,6 +13877,7 @@ class Copies:
         self.rows: dict[int, tuple[str, str]] = {}  # row of a message copied -> its session
         self.by_session: dict[tuple[str, str], set[int]] = {}  # ... and the other way
         self.assigned: dict[tuple[str, str], str] = {}  # session -> the node that has (or is being sent) its copy
+        self.tail: dict[str, int] = {}  # peer -> bytes of the last op of this batch's ops for it
 
     # -- the home node: what the store tells ---------------------------------
     def target(self, key: tuple[str, str]) -> str | None:
@@ -13907,10 +13908,14 @@ class Copies:
             msg = dataclasses.replace(msg, qos=qos, frame=b"", frame5=False)
         body = encode_forward(key[0], msg, True, ())
         ops = self.ops.setdefault(peer, [])
-        if ops and ops[-1][0] == "a" and ops[-1][1] == key[0] and ops[-1][2] == key[1]:
+        size = len(body) + 16
+        if ops and ops[-1][0] == "a" and ops[-1][1] == key[0] and ops[-1][2] == key[1] \
+                and self.tail[peer] + size <= COPY_FRAME_BYTES:  # one op never outgrows a frame
             ops[-1][3] += (row, body)
+            self.tail[peer] += size
         else:
             ops.append(["a", key[0], key[1], [row, body]])
+            self.tail[peer] = size
 
     def deleted(self, row: int) -> None:
         """A kept message is done with: its copy goes."""
@@ -13990,6 +13995,7 @@ class Copies:
             if chunk:
                 numbers[peer] = self.kept.keep(peer, KEPT_COPY, encode_term(chunk)) or numbers.get(peer)
         self.ops.clear()
+        self.tail.clear()
         publishers, self.publishers = self.publishers, {}
         return {p: n for p, n in numbers.items() if n is not None}, publishers
 

@@ -1,0 +1,693 @@
+"""Section 26: persistent sessions kept on a second node (``queue_replicas = 2``).
+
+First ``copy_node`` (rendezvous hashing) and the copy side of ``Copies`` (``use``, ``take``) on a
+real ``SqliteStore``. Then the main test, a simulated network of 2-5 nodes, each running the
+real ``Copies`` over a real ``SqliteStore`` of its own (``store.watch = copies``), with
+stand-ins for what Section 25 and 27 do around it:
+
+- a batch at a session's home queues messages (``add_message``), consumes the oldest
+  (``delete_message``) or ends the session (``delete_session``); at the batch's end, as
+  ``Cluster._copy`` does, ``retarget()`` when the member list changed since the last batch (and
+  always at a node's first batch), then ``flush()``, then the store commits;
+- ``keep`` (a stand-in of ``KeptFrames.keep``) stores the frame in the batch's commit and sends it
+  when the link is up; a link carries frames in order; the copy node applies a new one with
+  ``use`` and records its mark in the same commit, then acknowledges; a link that comes up sends
+  every frame still unacknowledged again, in order;
+- a QoS 1 message's PUBACK goes exactly when ``Cluster._copy`` lets it: at the commit when no
+  frame of the batch for an up peer carries it, else when the copy node acknowledged the last
+  frame the batch kept for that peer (or when that peer is removed);
+- as with ``allow_publish_during_netsplit = off`` (the default), a home refuses publishes while
+  one of its links to a member is down;
+- links break (what is in flight is lost) and heal; a node crashes (its uncommitted changes and
+  in-flight frames are lost) and restarts with an empty ``Copies``; a node dies for good and is
+  then removed from the member list everywhere: each survivor takes up with ``take(dead)`` the
+  copies it kept, the session's heir (``copy_node`` among the survivors, as
+  ``SessionRows.member_gone`` picks it) adopts the session with those messages, and every home
+  runs a batch (whose ``retarget`` gives the sessions the dead node kept to their new copy node).
+
+Deaths allowed (the guarantee covers them): one at a time: a node dies only while no other node
+is dead and not yet removed, and not before every frame kept since the last removal (the new copy
+nodes' whole sessions) was acknowledged. The oracle, a naive model of which messages were
+acknowledged and which consumed (committed), checks that every acknowledged, not consumed
+message of a live session is in its home's store in order; that it is on the copy node when
+the PUBACK goes (when the copy node is an up member); that once nothing is unacknowledged the
+copy node holds exactly the home's messages in row order; and that a session taken up after its
+home's removal has every acknowledged, not consumed message, in order (duplicates allowed).
+
+Not covered: the real KeptFrames (test_cluster_kept.py covers it), QoS 2 (``mark_released``),
+frames bigger than one link frame, subscriptions (they travel in replicated rows), takeovers of a
+session on another node while its home is down, nodes joining, failing store writes, and
+processes (test_replicas.py runs those). Examples at the end pin behaviours found doubtful.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+import tempfile
+import types
+
+import pytest
+from hypothesis import HealthCheck, event, given, settings, strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
+
+import vmqapi
+from vmqapi import KEPT_COPY, ClusterError, Copies, Message, SqliteStore, copy_node, encode_term, session_key
+
+NAMES = ["n0", "n1", "n2", "n3", "n4"]
+LIMITS = types.SimpleNamespace(packet_limits=types.SimpleNamespace(properties=0))
+
+
+def message(n: int) -> Message:
+    return Message("plant/line-1", b"m%d" % n, 1, origin="device")
+
+
+def payloads(messages) -> list[bytes]:
+    return [m.payload for m in messages]
+
+
+def is_subsequence(small: list, big: list) -> bool:
+    it = iter(big)
+    return all(any(x == y for y in it) for x in small)
+
+
+class Recorder:
+    """A ``kept`` stand-in: records each frame, numbered as KeptFrames numbers them."""
+
+    def __init__(self):
+        self.frames: list[tuple[str, int, bytes]] = []
+
+    def keep(self, peer, kind, body):
+        self.frames.append((peer, kind, body))
+        return 1, len(self.frames)
+
+
+def copies_on(store, me="n0", members=("n0", "n1"), sessions=None):
+    seam = types.SimpleNamespace(sessions={} if sessions is None else sessions, ctx=LIMITS)
+    kept = Recorder()
+    copies = Copies(me, seam, kept, store, lambda: list(members), lambda: 2)
+    return copies, kept
+
+
+@pytest.fixture
+def store(tmp_path):
+    store = SqliteStore(str(tmp_path / "messages.db"))
+    yield store
+    store.close()
+
+
+# -- copy_node: rendezvous hashing ----------------------------------------------------------------
+
+
+def test_copy_node_is_another_member_the_same_on_every_reckoning():
+    members = ["n0", "n1", "n2", "n3"]
+    key = session_key("", "sink")
+    chosen = copy_node(key, "n0", members)
+    assert chosen in members[1:]
+    assert copy_node(key, "n0", list(reversed(members))) == chosen  # the order of the list does not matter
+    assert copy_node(key, "n0", ["n0"]) is None and copy_node(key, "n0", []) is None
+    assert copy_node(key, "n0", ["n0", "n1"]) == "n1"
+
+
+@given(members=st.sets(st.sampled_from(NAMES), min_size=1), home=st.sampled_from(NAMES),
+       gone=st.sampled_from(NAMES), key=st.text(max_size=10))
+def test_a_member_leaving_moves_only_the_copies_it_kept(members, home, gone, key):
+    chosen = copy_node(key, home, sorted(members))
+    assert chosen != home and (chosen is None) == (members <= {home})
+    after = copy_node(key, home, sorted(members - {gone}))
+    if gone != chosen:
+        assert after == chosen
+    else:
+        assert after != gone
+
+
+# -- the copy side: use and take --------------------------------------------------------------------
+
+
+def test_use_keeps_adds_per_session_deletes_and_ends_and_take_forgets_them(store):
+    copies, _ = copies_on(store, me="n1")
+    body = lambda n, mp="": vmqapi.encode_forward(mp, message(n), True, ())  # noqa: E731
+    copies.use("n0", encode_term([["a", "", "c1", [3, body(3), 1, body(1), 5, body(5)]],
+                                  ["a", "mp", "c2", [2, body(2, "mp")]], ["d", [3]]]))
+    copies.use("n2", encode_term([["a", "", "c1", [1, body(9)]]]))  # another home's row 1 is another copy
+    assert [(h, r, mp, c) for h, r, mp, c, _ in store.load_copies("n0")] == [("n0", 1, "", "c1"), ("n0", 2, "mp", "c2"),
+                                                                          ("n0", 5, "", "c1")]
+    copies.use("n0", encode_term([["e", "mp", "c2"]]))
+    found = copies.take("n0")
+    assert {k: payloads(v) for k, v in found.items()} == {("", "c1"): [b"m1", b"m5"]}  # in row order
+    assert store.load_copies("n0") == [] and copies.take("n0") == {}
+    assert payloads(copies.take("n2", ("", "c1"))[("", "c1")]) == [b"m9"]
+    assert store.load_copies() == []
+
+
+TERMS = st.recursive(st.none() | st.booleans() | st.integers(-2, 2 ** 70) | st.text(max_size=5)
+                     | st.binary(max_size=8) | st.sampled_from(["a", "d", "e"]),
+                     lambda inner: st.lists(inner, max_size=5), max_leaves=20)
+
+
+@settings(max_examples=150, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops=TERMS | st.lists(st.lists(TERMS, max_size=5).map(lambda op: [["a", "d", "e"][len(op) % 3], *op]),
+                            max_size=4))
+def test_any_copy_frame_is_used_or_a_cluster_error(store, ops):
+    copies, _ = copies_on(store, me="n1")
+    try:
+        copies.use("n0", encode_term(ops))
+    except ClusterError:
+        pass
+    copies.take("n0")  # whatever was kept, bad or not, take reads it without raising
+    assert store.load_copies("n0") == []
+
+
+@settings(max_examples=100, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.binary(max_size=30))
+def test_any_bytes_as_a_copy_frame_are_used_or_a_cluster_error(store, data):
+    copies, _ = copies_on(store, me="n1")
+    try:
+        copies.use("n0", data)
+    except ClusterError:
+        pass
+
+
+# -- the simulated network -------------------------------------------------------------------------
+
+
+class SimNode:
+    """One node: its store (what it committed survives a crash), its Copies, its kept frames and marks."""
+
+    def __init__(self, net: CopiesNetwork, name: str):
+        self.net, self.name = net, name
+        self.path = os.path.join(net.tmp, name, "messages.db")
+        os.makedirs(os.path.dirname(self.path))
+        self.start()
+
+    def start(self):
+        self.store = SqliteStore(self.path)
+        self.epoch, self.seqs = next(self.net.epochs), {}  # peer -> the last seq given, as Outbox.number
+        self.sessions = {(mp, cid): types.SimpleNamespace(clean=False, copy="")
+                         for mp, cid, _ in self.store.load()[1]}
+        seam = types.SimpleNamespace(sessions=self.sessions, ctx=LIMITS)
+        self.copies = Copies(self.name, seam, self, self.store, self.net.member_list, lambda: 2)
+        self.store.watch = self.copies
+        # peer -> [(epoch, seq, body, row)] kept and not acknowledged, oldest first
+        self.outbox: dict[str, list] = {}
+        for peer, epoch, seq, kind, body, row in self.store.load_kept():
+            assert kind == KEPT_COPY
+            self.outbox.setdefault(peer, []).append((epoch, seq, body, row))
+        self.marks = {(origin, epoch): seq for origin, epoch, seq in self.store.load_marks()}
+        self.members_seen: tuple = ()
+        self.waits: list = []  # (peer, epoch, seq, session, message ids): PUBACKs waiting for a copy
+        self.batch: list = []  # (session, message id) published in the open batch
+
+    def crash(self):
+        self.store.db.rollback()
+        self.store.db.close()
+
+    # -- what Copies calls: the kept-frame stand-in --
+    def keep(self, peer, kind, body):
+        assert kind == KEPT_COPY
+        seq = self.seqs[peer] = self.seqs.get(peer, 0) + 1
+        row = self.store.add_kept(peer, self.epoch, seq, kind, body)
+        self.outbox.setdefault(peer, []).append((self.epoch, seq, body, row))
+        self.net.send(self.name, peer, ("frame", self.epoch, seq, body))
+        return self.epoch, seq
+
+    def end_batch(self, late_crash=False):
+        """As Cluster._copy, then the commit; return the message ids acknowledged at once.
+
+        ``late_crash``: the node is killed after its frames went out, before its commit."""
+        members = tuple(self.net.members)
+        if members != self.members_seen:
+            self.members_seen = members
+            self.copies.retarget()
+        numbers, publishers = self.copies.flush()
+        numbers = {peer: n for peer, n in numbers.items() if self.net.is_up(self.name, peer)}
+        if late_crash:
+            return None
+        assert self.store.commit()
+        batch, self.batch = self.batch, []
+        now = []
+        for key, msg_id in batch:  # every message here has the same publisher ("device" in mountpoint key[0])
+            waiting = [peer for peer in numbers if (key[0], "device") in publishers.get(peer, ())]
+            if not waiting:
+                now.append((key, msg_id))
+            for peer in waiting:
+                self.waits.append([peer, *numbers[peer], key, msg_id])
+        return now
+
+    # -- the copy node's side --
+    def receive(self, origin, epoch, seq, body):
+        last = self.marks.get((origin, epoch), 0)
+        if seq > last:
+            assert seq == last + 1, f"a gap in {origin}'s frames: {last} then {seq}"
+            self.copies.use(origin, body)
+            self.marks[origin, epoch] = seq
+            self.store.put_mark(origin, epoch, seq)
+            assert self.store.commit()
+        self.net.send(self.name, origin, ("ack", epoch, seq, None))
+
+    def acknowledged(self, peer, epoch, upto):
+        """Return the (session, message id) whose PUBACK this acknowledgement lets go."""
+        kept = self.outbox.get(peer, [])
+        done = [f for f in kept if f[0] == epoch and f[1] <= upto]
+        self.outbox[peer] = [f for f in kept if not (f[0] == epoch and f[1] <= upto)]
+        self.store.delete_kept([f[3] for f in done])
+        self.store.commit()
+        return self.settle(lambda w: w[0] == peer and w[1] == epoch and w[2] <= upto)
+
+    def settle(self, which):
+        settled = [w for w in self.waits if which(w)]
+        self.waits = [w for w in self.waits if not which(w)]
+        return [(w[3], w[4]) for w in settled]
+
+    def pending(self) -> bool:
+        return any(self.outbox.values())
+
+
+SESSIONS = [("", "c0"), ("", "c1"), ("mp", "c2")]
+CRASHES = st.sampled_from([None, None, "early", "late"])
+
+
+class CopiesNetwork(RuleBasedStateMachine):
+    """2-5 nodes with persistent sessions kept on two of them; links break, nodes crash or die for good."""
+
+    @initialize(n=st.integers(2, 5))
+    def start(self, n):
+        self.tmp = tempfile.mkdtemp(prefix="copies-")
+        self.epochs = itertools.count(1)
+        self.names = NAMES[:n]
+        self.members = list(self.names)  # the member list, the same on every node (removal is instant)
+        self.up = {frozenset(p) for p in itertools.combinations(self.names, 2)}
+        self.flight: dict[tuple[str, str], list] = {}
+        self.nodes = {name: SimNode(self, name) for name in self.names}
+        self.dead: str | None = None  # died for good, not yet removed
+        self.settling = False  # frames kept since the last removal may be unacknowledged
+        self.ids = itertools.count(1)
+        self.home: dict[tuple[str, str], str] = {}  # live session -> its node
+        self.acked: dict[tuple[str, str], list[int]] = {}  # session -> message ids acknowledged, in order
+        self.consumed: set[int] = set()  # message ids whose deletion was committed
+        for name in self.names:
+            self.batch(name)
+
+    # -- the network --
+    def member_list(self):
+        return list(self.members)
+
+    def is_up(self, a, b):
+        return frozenset((a, b)) in self.up
+
+    def send(self, src, dst, item):
+        if self.is_up(src, dst):
+            self.flight.setdefault((src, dst), []).append(item)
+
+    def link_up(self, a, b):
+        """Both ends resend every frame still unacknowledged, in order."""
+        self.up.add(frozenset((a, b)))
+        for src, dst in ((a, b), (b, a)):
+            self.flight[src, dst] = [("frame", e, s, body, ) for e, s, body, _ in self.nodes[src].outbox.get(dst, [])]
+
+    def link_down(self, a, b):
+        self.up.discard(frozenset((a, b)))
+        self.flight.pop((a, b), None)
+        self.flight.pop((b, a), None)
+
+    def live(self):
+        return [n for n in self.members if n != self.dead]
+
+    def pick(self, i, live=True):
+        names = self.live() if live else self.members
+        return names[i % len(names)]
+
+    # -- the oracle's bookkeeping --
+    def acknowledge(self, done, check=True):
+        for key, msg_id in done:
+            if self.home.get(key) is None:
+                continue  # the session ended meanwhile
+            self.acked.setdefault(key, []).append(msg_id)
+            home = self.home[key]
+            peer = copy_node(session_key(*key), home, self.members)
+            if check and peer is not None and peer != self.dead and msg_id not in self.consumed:
+                # the PUBACK goes once the copy node committed it (unless the client had it first)
+                copied = [vmqapi.decode_forward(body)[1].payload
+                          for _, _, _, _, body in self.nodes[peer].store.load_copies(home, key)]
+                assert message(msg_id).payload in copied, (key, msg_id, home, peer)
+
+    def batch(self, name, crash=None):
+        """End a batch at ``name``; ``crash``: it is killed "early" (before the batch's end) or "late" (its
+        frames went out, and arrived, but it did not commit)."""
+        if crash == "early":
+            return self.crash_node(name)
+        done = self.nodes[name].end_batch(late_crash=crash == "late")
+        if done is None:
+            for peer in self.live():  # what was sent before the kill arrives and is used
+                if peer != name:
+                    for item in [i for i in self.flight.get((name, peer), []) if i[0] == "frame"]:
+                        self.nodes[peer].receive(name, *item[1:])
+            return self.crash_node(name)
+        self.acknowledge(done)
+
+    def waiting_for(self, key):
+        return [m for m in self.acked.get(key, []) if m not in self.consumed]
+
+    def messages_at_home(self, key):
+        return [(row, m) for row, m, _ in self.nodes[self.home[key]].store.session_messages(*key)]
+
+    # -- rules --
+    @rule(s=st.sampled_from(SESSIONS), a=st.integers(0, 4), count=st.integers(1, 3), crash=CRASHES)
+    def publish(self, s, a, count, crash):
+        """QoS 1 messages for a persistent session (made at node ``a`` when it has none)."""
+        home = self.home.get(s) or self.pick(a)
+        if home == self.dead or any(not self.is_up(home, m) for m in self.members if m != home):
+            return  # a netsplit as the home sees it: publishes are refused
+        node = self.nodes[home]
+        if s not in self.home:
+            node.store.put_session(*s)
+            node.sessions[s] = types.SimpleNamespace(clean=False, copy="")
+        for _ in range(count):
+            msg_id = next(self.ids)
+            assert node.store.add_message(*s, message(msg_id), 1)
+            node.batch.append((s, msg_id))
+        if crash:
+            return self.batch(home, crash)
+        self.home[s] = home
+        self.batch(home)
+
+    @rule(s=st.sampled_from(SESSIONS), count=st.integers(1, 3), crash=CRASHES)
+    def consume(self, s, count, crash):
+        """The session's client takes its oldest messages (deleted at its home)."""
+        home = self.home.get(s)
+        if home is None or home == self.dead:
+            return
+        taken = self.messages_at_home(s)[:count]
+        for row, _ in taken:
+            self.nodes[home].store.delete_message(row)
+        if crash:
+            return self.batch(home, crash)
+        self.batch(home)
+        self.consumed |= {int(m.payload[1:]) for _, m in taken}
+
+    @rule(s=st.sampled_from(SESSIONS))
+    def expire(self, s):
+        """The session ends with its messages."""
+        home = self.home.get(s)
+        if home is None or home == self.dead:
+            return
+        node = self.nodes[home]
+        node.store.delete_session(*s)
+        del node.sessions[s]
+        node.waits = [w for w in node.waits if w[3] != s]  # its PUBACKs go, of no concern to the copies
+        self.batch(home)
+        del self.home[s]
+        self.acked.pop(s, None)
+
+    @rule(a=st.integers(0, 4), b=st.integers(0, 4), count=st.integers(1, 4))
+    def deliver(self, a, b, count):
+        src, dst = self.pick(a, live=False), self.pick(b, live=False)
+        frames = self.flight.get((src, dst), [])
+        for _ in range(min(count, len(frames))):
+            kind, epoch, seq, body = frames.pop(0)
+            if kind == "frame":
+                self.nodes[dst].receive(src, epoch, seq, body)
+            else:
+                self.acknowledge(self.nodes[dst].acknowledged(src, epoch, seq))
+
+    @rule()
+    def calm(self):
+        """Every up link carries all it has, both ways, until nothing is in flight."""
+        for _ in range(50):
+            busy = [key for key, frames in self.flight.items() if frames]
+            if not busy:
+                return
+            for src, dst in busy:
+                self.deliver(self.members.index(src), self.members.index(dst), 100)
+        pytest.fail("frames still in flight after 50 rounds")
+
+    @rule(a=st.integers(0, 4), b=st.integers(0, 4))
+    def split(self, a, b):
+        a, b = self.pick(a), self.pick(b)
+        if a != b:
+            self.link_down(a, b)
+
+    @rule(a=st.integers(0, 4), b=st.integers(0, 4))
+    def heal(self, a, b):
+        a, b = self.pick(a), self.pick(b)
+        if a != b and not self.is_up(a, b):
+            self.link_up(a, b)
+
+    @rule(a=st.integers(0, 4))
+    def restart(self, a):
+        self.crash_node(self.pick(a))
+
+    def crash_node(self, name):
+        """Killed: what it did not commit is gone, its links drop; it starts again and links up again."""
+        node = self.nodes[name]
+        node.crash()
+        for other in self.members:
+            if other != name:
+                self.link_down(name, other)
+        node.start()
+        event("a restart with kept frames" if node.pending() else "a restart")
+        for other in self.live():
+            if other != name:
+                self.link_up(name, other)
+        self.batch(name)  # Cluster._copy: the first batch after a start retargets every session
+
+    @rule(s=st.sampled_from(SESSIONS), a=st.integers(0, 4), home=st.booleans())
+    def die(self, s, a, home):
+        """A node dies for good (allowed: see the module's docstring): session ``s``'s home, or node ``a``."""
+        name = self.home[s] if home and s in self.home else self.pick(a)
+        if self.dead is not None or self.settling or len(self.members) < 2:
+            return
+        self.nodes[name].crash()
+        for other in self.members:
+            if other != name:
+                self.link_down(name, other)
+        self.dead = name
+
+    @rule()
+    def remove(self):
+        """The dead node is removed everywhere: its sessions go on at their heirs with the copies kept."""
+        dead = self.dead
+        if dead is None:
+            return
+        self.members.remove(dead)
+        self.dead, self.settling = None, True
+        alive = sorted(self.members)
+        taken = {}
+        for name in alive:
+            for key, messages in self.nodes[name].copies.take(dead).items():
+                assert key not in taken, f"two nodes kept a copy of {key}"
+                taken[key] = (name, messages)
+        for key in [k for k, home in self.home.items() if home == dead]:
+            heir = copy_node(session_key(*key), dead, alive)
+            holder, messages = taken.pop(key, (heir, []))
+            assert holder == heir, (key, holder, heir)
+            got = [int(p[1:]) for p in payloads(messages)]
+            assert is_subsequence(self.waiting_for(key), got), (key, self.waiting_for(key), got)
+            event("a session taken up with acknowledged messages" if self.waiting_for(key) else "a session taken up")
+            node = self.nodes[heir]
+            node.store.put_session(*key)
+            node.sessions[key] = types.SimpleNamespace(clean=False, copy="")
+            for msg in messages:
+                node.store.add_message(*key, msg, 1)
+            self.home[key] = heir
+            self.acked[key] = self.waiting_for(key)
+        # copies of sessions that ended there (an ["e"] not yet used) or were never committed: no session takes them
+        event("copies with no session taken" if taken else "every copy taken has its session")
+        for name in alive:
+            node = self.nodes[name]
+            self.batch(name)  # members changed: retarget
+            node.outbox.pop(dead, None)  # what was kept for it is dropped (KeptFrames.drop) ...
+            for row in [r for peer, _, _, _, _, r in node.store.load_kept() if peer == dead]:
+                node.store.delete_kept([row])
+            node.store.commit()
+            # ... and the PUBACKs waiting for it go (KeptFrames.settle_waits: a copy's wait is not fatal)
+            self.acknowledge(node.settle(lambda w: w[0] == dead), check=False)
+
+    # -- invariants --
+    @invariant()
+    def acknowledged_messages_are_at_home(self):
+        if not hasattr(self, "nodes"):
+            return
+        for key, home in self.home.items():
+            if home == self.dead:
+                continue
+            there = [int(m.payload[1:]) for _, m in self.messages_at_home(key)]
+            assert is_subsequence(self.waiting_for(key), there), (key, self.waiting_for(key), there)
+
+    @invariant()
+    def quiet_copies_are_the_home(self):
+        if not hasattr(self, "nodes"):
+            return
+        if any(self.nodes[n].pending() for n in self.live()):
+            return
+        self.settling = False
+        if self.dead is not None:
+            return
+        for key, home in self.home.items():
+            peer = copy_node(session_key(*key), home, self.members)
+            if peer is None:
+                continue
+            at_home = [(row, m.payload) for row, m in self.messages_at_home(key)]
+            copied = [(row, vmqapi.decode_forward(body)[1].payload)
+                      for _, row, _, _, body in self.nodes[peer].store.load_copies(home, key)]
+            assert copied == at_home, (key, home, peer)
+
+    def teardown(self):
+        if not hasattr(self, "nodes"):
+            return
+        try:
+            self.remove()
+            for a, b in itertools.combinations(self.members, 2):
+                if not self.is_up(a, b):
+                    self.link_up(a, b)
+            self.calm()
+            assert not any(self.nodes[n].pending() for n in self.members)
+            self.acknowledged_messages_are_at_home()
+            self.quiet_copies_are_the_home()
+            for name in self.members:
+                assert not self.nodes[name].waits
+        finally:
+            for name, node in self.nodes.items():
+                if name in self.members and name != self.dead:
+                    node.crash()
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+CopiesNetwork.TestCase.settings = settings(max_examples=1000, stateful_step_count=40, deadline=None)
+test_acknowledged_messages_survive_one_death_at_a_time = CopiesNetwork.TestCase
+
+
+# -- examples of behaviours found doubtful -------------------------------------------------------------
+
+
+class Pair:
+    """A home node's Copies and its copy nodes' Copies, over real stores; frames are delivered by hand."""
+
+    def __init__(self, tmp_path, members):
+        self.members = list(members)
+        self.stores = {n: SqliteStore(str(tmp_path / f"{n}.db")) for n in self.members + ["n2"]}
+        self.sessions = {}
+        self.copies = {n: copies_on(self.stores[n], me=n, members=self.members, sessions=self.sessions if n == "n0"
+                                    else {})[0] for n in self.stores}
+        for copies in self.copies.values():
+            copies.members = lambda: list(self.members)
+        self.home = self.copies["n0"]
+        self.stores["n0"].watch = self.home
+        self.frames = self.home.kept.frames
+
+    def session(self, key):
+        self.stores["n0"].put_session(*key)
+        self.sessions[key] = types.SimpleNamespace(clean=False, copy="")
+
+    def batch(self, retarget=False):
+        """Cluster._copy's order: the batch's adds went to the watch, then retarget, flush, commit."""
+        if retarget:
+            self.home.retarget()
+        numbers, publishers = self.home.flush()
+        self.stores["n0"].commit()
+        return numbers, publishers
+
+    def deliver(self, upto=None):
+        """The copy nodes use the frames kept so far (the first ``upto`` of them), each committed."""
+        frames, self.frames[:] = self.frames[:upto], self.frames[upto:] if upto is not None else []
+        for peer, _, body in frames:
+            self.copies[peer].use("n0", body)
+            self.stores[peer].commit()
+
+    def copied(self, key):
+        return {n: [vmqapi.decode_forward(b)[1].payload for _, _, _, _, b in self.stores[n].load_copies("n0", key)]
+                for n in self.stores if n != "n0"}
+
+    def close(self):
+        for store in self.stores.values():
+            store.close()
+
+
+@pytest.mark.xfail(strict=True, reason="a joining node takes a session's copy over: the old copy node is told to "
+                   "forget it in the same batch that sends it whole to the new one, so until the new one "
+                   "committed it the acknowledged messages are on their home only")
+def test_a_join_never_leaves_an_acknowledged_message_on_one_node(tmp_path):
+    pair, key = Pair(tmp_path, ["n0", "n1"]), ("", "s1")  # s1: n1 keeps its copy, n2 when n2 joins
+    assert copy_node(session_key(*key), "n0", ["n0", "n1", "n2"]) == "n2"
+    pair.session(key)
+    pair.stores["n0"].add_message(*key, message(1), 1)
+    pair.batch()
+    pair.deliver()  # n1 committed m1: its PUBACK went
+    pair.members.append("n2")  # n2 joins
+    pair.batch(retarget=True)  # ["e"] for n1, the session whole for n2
+    assert [peer for peer, _, _ in pair.frames] == ["n1", "n2"]
+    pair.deliver(upto=1)  # n1's link is the quicker; then n0 dies for good
+    try:
+        assert any(b"m1" in found for found in pair.copied(key).values())
+    finally:
+        pair.close()
+
+
+@pytest.mark.xfail(strict=True, reason="in the first batch after the member list changed, a message queued "
+                   "before retarget() runs is waited for on the session's old copy node (Copies.added uses the "
+                   "stale assignment), while retarget() sends it to the new one: its PUBACK does not wait for "
+                   "the node that keeps it (on a join the old node is even told to forget it)")
+def test_the_publisher_waits_for_the_node_that_keeps_the_copy_after_the_members_changed(tmp_path):
+    pair, key = Pair(tmp_path, ["n0", "n1"]), ("", "s1")
+    pair.session(key)
+    pair.stores["n0"].add_message(*key, message(1), 1)
+    pair.batch()
+    pair.deliver()
+    pair.members.append("n2")  # n2 joins; in the next batch, a QoS 1 message comes before the retarget
+    pair.stores["n0"].add_message(*key, message(2), 1)
+    numbers, publishers = pair.batch(retarget=True)
+    try:
+        keeper = copy_node(session_key(*key), "n0", pair.members)
+        assert ("", "device") in publishers.get(keeper, ())
+    finally:
+        pair.close()
+
+
+def reset_split(pair, big, small):
+    """Sessions ``big`` and ``small`` (sent whole after it) sized so that a reset puts ``small``'s ["e"]
+    at the end of one frame and its adds in the next."""
+    pair.session(big)
+    pair.session(small)
+    overhead = len(vmqapi.encode_forward("", message(0), True, ())) - 2
+    # the flush's reckoning: ["e"] of big, then ["a"] of big (body + 16 per list item + 64), then ["e"] of small
+    reckoned = 16 * len(big[1]) + 64 + 16 * 2 + 64
+    payload = vmqapi.COPY_FRAME_BYTES - reckoned - overhead - 10  # just under the bound after big's adds
+    pair.stores["n0"].add_message(*big, Message("plant/line-1", b"x" * payload, 1, origin="device"), 1)
+    pair.stores["n0"].add_message(*small, message(1), 1)
+
+
+@pytest.mark.xfail(strict=True, reason="Copies.flush cuts a reset's frames after any op: a session's ['e'] can end "
+                   "one frame and its adds start the next, so between the two the copy node has nothing of a "
+                   "session it had whole (its home restarted, then dies: acknowledged messages are lost)")
+def test_a_session_sent_whole_is_never_cut_between_its_end_and_its_adds(tmp_path):
+    pair, big, small = Pair(tmp_path, ["n0", "n1"]), ("", "a"), ("", "b")
+    reset_split(pair, big, small)
+    pair.batch()
+    pair.deliver()
+    assert pair.copied(small)["n1"] == [b"m1"]  # m1 is copied: its PUBACK went
+    restarted = Copies("n0", pair.home.seam, pair.home.kept, pair.stores["n0"], lambda: list(pair.members),
+                       lambda: 2)
+    pair.stores["n0"].watch = pair.home = restarted  # the home restarts: its first batch sends every session whole
+    pair.batch(retarget=True)
+    try:
+        assert len(pair.frames) == 2
+        pair.deliver(upto=1)  # then the home dies for good
+        assert pair.copied(small)["n1"] == [b"m1"]
+    finally:
+        pair.close()
+
+
+def test_no_copy_frame_carries_much_more_than_copy_frame_bytes(tmp_path):
+    """A session's queue sent whole is cut into frames of about COPY_FRAME_BYTES: one frame past
+    CLUSTER_MAX_FRAME (64 MB) would be dropped by KeptFrames.keep, the copy lost and no PUBACK waiting."""
+    pair, key = Pair(tmp_path, ["n0", "n1"]), ("", "s1")
+    pair.session(key)
+    for n in range(4):  # 2 MB of messages, half a frame's worth each
+        pair.stores["n0"].add_message(*key, Message("t", b"%d" % n * (vmqapi.COPY_FRAME_BYTES // 2), 1), 1)
+    pair.batch()
+    try:
+        biggest = max(len(body) for _, _, body in pair.frames)
+        assert biggest < vmqapi.COPY_FRAME_BYTES + vmqapi.COPY_FRAME_BYTES // 2 + 1000  # the bound and one message
+    finally:
+        pair.close()
