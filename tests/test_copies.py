@@ -376,6 +376,12 @@ class CopiesNetwork(RuleBasedStateMachine):
         self.home[s] = home
         self.batch(home)
 
+    @rule(s=st.sampled_from(SESSIONS), a=st.integers(0, 4), count=st.integers(1, 3))
+    def publish_acknowledged(self, s, a, count):
+        """QoS 1 messages, then every up link carries all it has."""
+        self.publish(s, a, count, None)
+        self.calm()
+
     @rule(s=st.sampled_from(SESSIONS), count=st.integers(1, 3), crash=CRASHES)
     def consume(self, s, count, crash):
         """The session's client takes its oldest messages (deleted at its home)."""
@@ -430,17 +436,12 @@ class CopiesNetwork(RuleBasedStateMachine):
                 self.deliver(self.members.index(src), self.members.index(dst), 100)
         pytest.fail("frames still in flight after 50 rounds")
 
-    @rule(a=st.integers(0, 4), b=st.integers(0, 4))
-    def split(self, a, b):
+    @rule(a=st.integers(0, 4), b=st.integers(0, 4), up=st.booleans())
+    def link(self, a, b, up):
+        """The link between ``a`` and ``b`` breaks (what is in flight is lost), or heals."""
         a, b = self.pick(a), self.pick(b)
-        if a != b:
-            self.link_down(a, b)
-
-    @rule(a=st.integers(0, 4), b=st.integers(0, 4))
-    def heal(self, a, b):
-        a, b = self.pick(a), self.pick(b)
-        if a != b and not self.is_up(a, b):
-            self.link_up(a, b)
+        if a != b and up != self.is_up(a, b):
+            self.link_up(a, b) if up else self.link_down(a, b)
 
     @rule(a=st.integers(0, 4))
     def restart(self, a):

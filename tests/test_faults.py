@@ -472,6 +472,7 @@ class Case:
     after: str = "a"  # where subscriber 0 reconnects after the fault
     flags: bool = False  # the allow_*_during_netsplit flags on
     rounds: int = 1  # faults in one run, BETWEEN ids apart: a race is then met in most runs
+    replicas: int = 1  # queue_replicas: with 2 a PUBACK also waits for the copy of subscriber 0's session
 
 
 def nothing(cluster, name, publisher):
@@ -507,13 +508,21 @@ CASES = {
     "sigstop-subscriber-node-netsplit-flags-on": Case(stall, "a", flags=True),
     "session-moves-nothing-fails": Case(move_session, "c", during="a", after="c", rounds=16),
     "kill9-publisher-node": Case(kill9, "b", subscribers=("a", "c"), rounds=2),
+    # queue_replicas = 2: each session is kept on a second node too (subscriber 1's: COPY_NODE, not b)
+    "replicas-kill9-subscriber-node-back-on-it": Case(kill9, "a", replicas=2),
+    "replicas-sigstop-copy-node-past-heartbeat": None,  # set below, once COPY_NODE is known
 }
 BETWEEN = 50  # ids acknowledged between two faults of one run
+COPY_NODE = vmqapi.copy_node(vmqapi.session_key("", "faults-sub-1"), "a@127.0.0.1",
+                             [f"{n}@127.0.0.1" for n in "abc"])[0]  # keeps subscriber 1's second copy
+assert COPY_NODE != "b"  # the publisher's node would stall the stream itself
+CASES["replicas-sigstop-copy-node-past-heartbeat"] = Case(stall, COPY_NODE, subscribers=("a", "a"), replicas=2)
 
 
 def run_case(tmp_path, case):
     """Run one case; return a Verdict per subscriber and what happened, for the message."""
-    cluster = Cluster(str(tmp_path), [f"{flag}=on" for flag in FLAGS] if case.flags else ())
+    settings = [f"{flag}=on" for flag in FLAGS] if case.flags else []
+    cluster = Cluster(str(tmp_path), settings + [f"queue_replicas={case.replicas}"])
     subscribers, publisher, marks = [], None, []
     clock = [time.monotonic()]
     try:
