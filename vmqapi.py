@@ -14318,6 +14318,7 @@ class Membership:
         self.rows.put("member", name, None)
         self.gone(name)
         self.links.forget(name)
+        self.kept.drop(name)  # never to be acknowledged: what waited for it goes on, or fails (KeptFrames.drop)
         self.connect()
         self.check_split()
         self.rows.announce()
