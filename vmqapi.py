@@ -11299,7 +11299,9 @@ class Peers:
     def forwards_to_full(self, mountpoint: str, topic: str) -> bool:
         """Whether a message on ``topic`` would go to a node with too much unacknowledged (``full_nodes``)."""
         matches = self.router.cache.get((mountpoint, topic)) or self.router.match(mountpoint, topic)
-        return any(type(entry) is RemoteNode and entry.name in self.full_nodes for entry in matches)
+        full = self.full_nodes
+        return any(type(entry) is RemoteNode and entry.name in full or type(entry) is Session and entry.copy in full
+                   for entry in matches)  # (a persistent session kept on a full node too: queue_replicas = 2)
 
     # -- change lists -------------------------------------------------------
     def take_session_changes(self) -> set[tuple[str, str]]:
@@ -12024,6 +12026,7 @@ _REPLICA_HANDLERS: Mapping[str, Callable] = types.MappingProxyType({
 KEPT_FORWARD, KEPT_MIGRATE, KEPT_PASSED = 1, 2, 3  # what a kept frame carries (see SessionMoves.use)
 KEPT_FLUSH, KEPT_FLUSHED = 4, 5  # the end of what a node sent the old node of a session that moved, and its echo
 KEPT_COPY = 6  # changes to the copies a node keeps of another node's persistent sessions (queue_replicas = 2)
+COPY_STREAM = 1  # KEPT_COPY frames are numbered in an epoch of their own (the sender's epoch + 1)
 _KEPT = struct.Struct(">QQQB")  # epoch, seq, the lowest seq of that epoch still kept (floor), kind
 _KEPT_ACK = struct.Struct(">QQ")  # epoch, the highest seq of it committed
 
@@ -12080,15 +12083,17 @@ class Outbox:
 
     def __init__(self, epoch: int):
         self.epoch = epoch
-        self.seq: dict[str, int] = collections.defaultdict(int)  # peer -> the last seq given: one run per peer
+        # (peer, stream) -> the last seq given: one run per peer and stream, each stream an epoch of its own
+        self.seq: dict[tuple[str, int], int] = collections.defaultdict(int)
         # peer -> epoch -> seq -> (row in the store, kind, body); epochs in the order they were made
         self.kept: dict[str, dict[int, collections.OrderedDict[int, tuple[int, int, bytes]]]] = {}
         self.size: dict[str, int] = collections.defaultdict(int)
 
-    def number(self, peer: str) -> tuple[int, int]:
-        """Return the number (epoch, seq) of a new entry for ``peer``."""
-        self.seq[peer] += 1
-        return self.epoch, self.seq[peer]
+    def number(self, peer: str, stream: int = 0) -> tuple[int, int]:
+        """Return the number (epoch, seq) of a new entry for ``peer``; each ``stream`` is numbered (and
+        acknowledged) on its own, as an epoch of its own."""
+        self.seq[peer, stream] += 1
+        return self.epoch + stream, self.seq[peer, stream]
 
     def keep(self, peer: str, epoch: int, seq: int, kind: int, body: bytes, row: int = 0) -> None:
         """Keep an entry for ``peer``, numbered by ``number`` or earlier (from the store, in the order made)."""
@@ -13629,11 +13634,13 @@ class KeptFrames:
         # peer -> its frames (decoded) waiting for queue room or for the store to write again
         self.parked: dict[str, collections.deque[tuple[int, int, int, int, bytes]]] = {}
         self.parked_at: dict[str, float] = {}  # peer -> since when its first parked frame waits
-        # what waits for a peer's acknowledgements: peer -> (epoch, seq, Awaited, fatal) in seq order; ``fatal``:
-        # it fails (rather than goes on) when the peer is removed first
-        self.waits: dict[str, collections.deque[tuple[int, int, Awaited, bool]]] = {}
+        # what waits for a peer's acknowledgements: (seq, Awaited, fatal) in seq order; ``fatal``: it fails
+        # (rather than goes on) when the peer is removed first
+        self.waits: dict[tuple[str, int], collections.deque[tuple[int, Awaited, bool]]] = {}  # (peer, epoch) ->
         self.ack_wait: Awaited | None = None  # what this batch's acknowledgements wait for (set by the cluster)
         self.held_acks: collections.deque[tuple[Awaited | None, dict[tuple[str, int], int]]] = collections.deque()
+        self.copy_acks: dict[tuple[str, int], int] = {}  # acknowledgements of KEPT_COPY frames: never held
+        self.batch_numbers: dict[str, tuple[int, int]] = {}  # peer -> the last other frame kept in this batch
 
     def load(self) -> None:
         """Bring back what the store keeps (before any link is up)."""
@@ -13646,12 +13653,18 @@ class KeptFrames:
         self.check_room()
 
     def keep(self, peer: str, kind: int, body: bytes) -> tuple[int, int] | None:
-        """Keep a frame for ``peer`` until it says it committed it, and send it; return its (epoch, seq)."""
+        """Keep a frame for ``peer`` until it says it committed it, and send it; return its (epoch, seq).
+
+        KEPT_COPY frames are a stream of their own (COPY_STREAM): their acknowledgements never wait
+        behind others (see ``send_acks``), so two nodes copying to each other never wait for each other.
+        """
         if len(body) + _KEPT.size > CLUSTER_MAX_FRAME:  # no link carries it: said, not kept for ever
             log.error("cluster: a frame of %d bytes for %s is over the %d a link carries; it is dropped",
                       len(body), peer, CLUSTER_MAX_FRAME)
             return None
-        epoch, seq = self.outbox.number(peer)
+        epoch, seq = self.outbox.number(peer, COPY_STREAM if kind == KEPT_COPY else 0)
+        if kind != KEPT_COPY:
+            self.batch_numbers[peer] = (epoch, seq)
         row = self.io.store.add_kept(peer, epoch, seq, kind, body)
         self.outbox.keep(peer, epoch, seq, kind, body, row)
         unsent = self.unsent.get(peer)
@@ -13662,15 +13675,21 @@ class KeptFrames:
             self.check_room()
         return epoch, seq
 
+    def is_up(self, peer: str) -> bool:
+        """Whether the link to ``peer`` is up (what waits for it is then acknowledged in time)."""
+        return self.links is not None and self.links.is_up(peer)
+
     def wait(self, peer: str, number: tuple[int, int], what: Awaited, fatal: bool) -> None:
         """Let ``what`` count the acknowledgement of frame ``number`` kept for ``peer``."""
-        self.waits.setdefault(peer, collections.deque()).append((*number, what, fatal))
+        epoch, seq = number
+        self.waits.setdefault((peer, epoch), collections.deque()).append((seq, what, fatal))
 
     def settle_waits(self, peer: str, removed: bool) -> None:
         """Nothing more waits for ``peer``: it is down and the cluster lets publishes go on without it, or it was
         ``removed`` (then what was ``fatal`` fails: the frames it waited for are dropped, never committed)."""
-        for _, _, what, fatal in self.waits.pop(peer, ()):
-            what.settle(not (removed and fatal))
+        for key in [k for k in self.waits if k[0] == peer]:
+            for _, what, fatal in self.waits.pop(key):
+                what.settle(not (removed and fatal))
 
     def up(self, peer: str) -> None:
         """A link to ``peer`` came up: everything kept goes again (the last link may have lost some)."""
@@ -13761,7 +13780,7 @@ class KeptFrames:
             if forgotten is not None:
                 self.marks_due.pop((peer, forgotten), None)
                 self.io.store.delete_mark(peer, forgotten)
-        self.acks_due[peer, epoch] = self.inbox.last(peer, epoch)
+        (self.copy_acks if kind == KEPT_COPY else self.acks_due)[peer, epoch] = self.inbox.last(peer, epoch)
         return True
 
     def acknowledged(self, peer: str, frame: bytes) -> None:
@@ -13769,9 +13788,9 @@ class KeptFrames:
         epoch, upto = decode_kept_ack(frame)
         full = peer in self.seam.full_nodes
         rows = self.outbox.ack(peer, epoch, upto)
-        waits = self.waits.get(peer)
-        while waits and waits[0][0] == epoch and waits[0][1] <= upto:
-            waits.popleft()[2].settle()
+        waits = self.waits.get((peer, epoch))
+        while waits and waits[0][0] <= upto:
+            waits.popleft()[1].settle()
         if rows:
             self.progress[peer] = time.monotonic()
         self.io.store.delete_kept(rows)
@@ -13790,6 +13809,10 @@ class KeptFrames:
         """Acknowledge the kept frames this commit made safe (MqttIO runs this after each commit); with copies
         made in this batch (``ack_wait``), once the nodes that keep them have committed them too, in order."""
         wait, self.ack_wait = self.ack_wait, None
+        if self.copy_acks and self.links is not None:  # copies make no copies: nothing to wait for
+            for (peer, epoch), seq in self.copy_acks.items():
+                self.links.send(peer, FRAME_KEPT_ACK, _KEPT_ACK.pack(epoch, seq))
+        self.copy_acks.clear()
         if (wait is not None or self.held_acks) and (self.acks_due or wait is not None):
             self.held_acks.append((wait, dict(self.acks_due)))
             self.acks_due.clear()
@@ -13811,6 +13834,7 @@ class KeptFrames:
         """A commit failed: what this batch used is not kept, so nothing of it is acknowledged and the
         marks are those of the store again (the peers send it again when KEPT_RESEND passes)."""
         self.acks_due.clear()
+        self.copy_acks.clear()
         self.marks_due.clear()
         self.ack_wait = None
         self.inbox = Inbox(self.io.store.load_marks())
@@ -13834,6 +13858,7 @@ class KeptFrames:
 # Must not know: the bytes on a link, the links themselves.
 
 COPY_FRAME_BYTES = 1 << 20  # about how many bytes of copies one kept frame carries (a reset takes several)
+COPY_RESETS = 64  # sessions sent whole per batch (the rest in the next ones): a start never builds them all at once
 
 
 def copy_node(key: str, home: str, members: Iterable[str]) -> str | None:
@@ -13869,8 +13894,9 @@ class Copies:
     """
 
     def __init__(self, me: str, seam: Peers, kept: KeptFrames, store: Any, members: Callable[[], list[str]],
-                 replicas: Callable[[], int]):
+                 replicas: Callable[[], int], flush_soon: Callable[[], None] = lambda: None):
         self.me, self.seam, self.kept, self.store, self.members, self.replicas = me, seam, kept, store, members, replicas
+        self.flush_soon = flush_soon  # the cluster's: a batch runs soon (resets left, ends released)
         self.ops: dict[str, list[list]] = {}  # peer -> this batch's ops for it, in order
         self.resets: dict[str, set[tuple[str, str]]] = {}  # peer -> sessions it gets whole at this batch's end
         self.publishers: dict[str, set[tuple[str, str]]] = {}  # peer -> publishers whose PUBACK waits for it
@@ -13878,6 +13904,10 @@ class Copies:
         self.by_session: dict[tuple[str, str], set[int]] = {}  # ... and the other way
         self.assigned: dict[tuple[str, str], str] = {}  # session -> the node that has (or is being sent) its copy
         self.tail: dict[str, int] = {}  # peer -> bytes of the last op of this batch's ops for it
+        # copies to end on a node once what replaces them is committed elsewhere: (node, session), this batch's
+        # (``ending``) and those whose replacement has been acknowledged (``ends_due``, sent at the next flush)
+        self.ending: list[tuple[str, tuple[str, str]]] = []
+        self.ends_due: list[tuple[str, tuple[str, str]]] = []
 
     # -- the home node: what the store tells ---------------------------------
     def target(self, key: tuple[str, str]) -> str | None:
@@ -13940,8 +13970,8 @@ class Copies:
         session = self.seam.sessions.get(key)
         if session is not None:
             session.copy = ""
-        if peer is not None:
-            self.ops.setdefault(peer, []).append(["e", mountpoint, client_id])
+        if peer is not None:  # once this batch's frames (the session handed over, say) are committed
+            self.ending.append((peer, key))
             self.resets.get(peer, set()).discard(key)
         for row in self.by_session.pop(key, ()):
             self.rows.pop(row, None)
@@ -13949,8 +13979,8 @@ class Copies:
     def assign(self, key: tuple[str, str], peer: str | None) -> None:
         """Give a session's copy to ``peer`` (None: to no node): the old one ends, the new one gets it whole."""
         old = self.assigned.pop(key, None)
-        if old is not None and old != peer:
-            self.ops.setdefault(old, []).append(["e", *key])
+        if old is not None and old != peer:  # once the new one has it
+            self.ending.append((old, key))
             self.resets.get(old, set()).discard(key)
         session = self.seam.sessions.get(key)
         if session is not None:
@@ -13974,30 +14004,67 @@ class Copies:
     def flush(self) -> tuple[dict[str, tuple[int, int]], dict[str, set[tuple[str, str]]]]:
         """Keep this batch's copy frames; return the last (epoch, seq) kept for each peer, and the publishers
         (mountpoint, client id) whose acknowledgement waits for each peer."""
+        budget = COPY_RESETS
         for peer, keys in self.resets.items():
-            for key in sorted(keys):
+            while keys and budget > 0:
+                key = min(keys)
+                keys.discard(key)
+                budget -= 1
                 self.ops.setdefault(peer, []).append(["e", *key])
                 for row, msg, qos in self.store.session_messages(*key):
                     self.rows[row] = key
                     self.by_session.setdefault(key, set()).add(row)
                     self.add(peer, key, row, msg, qos)
-        self.resets.clear()
-        numbers: dict[str, tuple[int, int]] = {}
-        for peer, ops in self.ops.items():
-            chunk: list[list] = []
-            size = 0
-            for op in ops:
-                chunk.append(op)
-                size += sum(map(len, op[3][1::2])) + 16 * len(op[3]) + 64 if op[0] == "a" else 16 * len(op[-1]) + 64
-                if size >= COPY_FRAME_BYTES:
-                    numbers[peer] = self.kept.keep(peer, KEPT_COPY, encode_term(chunk)) or numbers.get(peer)
-                    chunk, size = [], 0
-            if chunk:
-                numbers[peer] = self.kept.keep(peer, KEPT_COPY, encode_term(chunk)) or numbers.get(peer)
+        self.resets = {peer: keys for peer, keys in self.resets.items() if keys}
+        due, self.ends_due = self.ends_due, []
+        for peer, key in due:
+            if self.assigned.get(key) != peer:  # not given back to it meanwhile (its reset ends it first)
+                self.ops.setdefault(peer, []).append(["e", *key])
+        numbers = self._keep(self.ops)
         self.ops.clear()
         self.tail.clear()
+        self._defer_ends(numbers)
+        if self.resets:
+            self.flush_soon()
         publishers, self.publishers = self.publishers, {}
-        return {p: n for p, n in numbers.items() if n is not None}, publishers
+        return numbers, publishers
+
+    def _keep(self, ops_by_peer: Mapping[str, list[list]]) -> dict[str, tuple[int, int]]:
+        """Keep ops as KEPT_COPY frames of about COPY_FRAME_BYTES; return the last number kept for each peer."""
+        numbers: dict[str, tuple[int, int]] = {}
+        members = set(self.members())
+        for peer, ops in ops_by_peer.items():
+            if peer not in members:  # removed: it will never acknowledge them
+                continue
+            chunk: list[list] = []
+            size = 0
+            for n, op in enumerate(ops):
+                chunk.append(op)
+                size += sum(map(len, op[3][1::2])) + 16 * len(op[3]) + 64 if op[0] == "a" else 16 * len(op[-1]) + 64
+                if size >= COPY_FRAME_BYTES or n == len(ops) - 1:
+                    number = self.kept.keep(peer, KEPT_COPY, encode_term(chunk))
+                    if number is not None:
+                        numbers[peer] = number
+                    chunk, size = [], 0
+        return numbers
+
+    def _defer_ends(self, numbers: Mapping[str, tuple[int, int]]) -> None:
+        """Send this batch's ends of copies once every frame this batch kept is acknowledged: the new copy
+        node's copy, or the session handed over to another node, is committed there before the old copy goes."""
+        ending, self.ending = self.ending, []
+        if not ending:
+            return
+        frames = [(p, n) for p, n in (*numbers.items(), *self.kept.batch_numbers.items()) if self.kept.is_up(p)]
+        if not frames:
+            self.ends_due += ending
+            return self.flush_soon()
+
+        def released() -> None:
+            self.ends_due += ending
+            self.flush_soon()
+        what = Awaited(len(frames), released)
+        for peer, number in frames:
+            self.kept.wait(peer, number, what, False)
 
     def one_copy(self, up: Callable[[str], bool]) -> int:
         """How many persistent sessions here are kept on this node only now (no other member, or it is down)."""
@@ -14172,6 +14239,14 @@ class SessionRows:
         copied = self.copies.replicas() > 1
         kept = self.copies.take(name)  # whatever the setting now: copies made while it was on are used
         for key, value in self.replica.items("session"):
+            if isinstance(value, dict) and value.get("node") not in (None, name) \
+                    and split_session_key(key) in kept:  # taken over elsewhere while its node was away
+                mountpoint, client_id = split_session_key(key)
+                messages = kept.pop((mountpoint, client_id))
+                if value["node"] == self.me:
+                    self.seam.adopt_messages(mountpoint, client_id, messages, time.time(), force=True)
+                else:
+                    self.moves.migrate(value["node"], mountpoint, client_id, None, messages)
             if not isinstance(value, dict) or value.get("node") != name:
                 continue
             if value.get("clean"):  # its client was connected there: that session is gone
@@ -14180,7 +14255,7 @@ class SessionRows:
             if not _summary_ok(value):
                 continue
             mountpoint, client_id = split_session_key(key)
-            heir = copy_node(key, name, alive) if copied else alive[zlib.crc32(key.encode()) % len(alive)]
+            heir = self.heir(key, name, alive)
             if heir == self.me or (mountpoint, client_id) in kept:
                 now = time.time()
                 self.seam.adopt_session(mountpoint, client_id, value, now)
@@ -14191,6 +14266,14 @@ class SessionRows:
         for (mountpoint, client_id), messages in kept.items():  # a session that ended there meanwhile
             log.warning("cluster: %d message(s) kept for %r of the removed %s have no session left to go to",
                         len(messages), client_id[:100], name)
+
+    def heir(self, key: str, gone: str, others: list[str]) -> str | None:
+        """The node that takes up session ``key`` of ``gone`` among ``others`` (sorted): the one that kept its
+        copy (queue_replicas = 2), else one by the key's hash."""
+        if self.copies.replicas() > 1:
+            return copy_node(key, gone, others)
+        others = [m for m in others if m != gone]
+        return others[zlib.crc32(key.encode()) % len(others)] if others else None
 
     def forget_others(self) -> None:
         """This node was taken out: no other node's subscription counts any more."""
@@ -14335,8 +14418,7 @@ class Membership:
                     continue
                 messages = seam.hand_over(mountpoint, client_id, now)
                 if not summary["clean"]:
-                    key = session_key(mountpoint, client_id)
-                    target = others[zlib.crc32(key.encode()) % len(others)]
+                    target = self.sessions.heir(session_key(mountpoint, client_id), self.me, others)
                     self.moves.migrate(target, mountpoint, client_id, summary, messages)
         self.rows.put("member", self.me, None)
         self.rows.announce()
@@ -14363,7 +14445,9 @@ class Membership:
         self.seam.clustered = False
 
     def gone(self, name: str) -> None:
-        """A member was removed while down: its persistent sessions live on among the others."""
+        """A member was removed while down: its persistent sessions live on among the others; what waited for
+        it goes on, or fails at once (its publisher resends after what it sent later, not before)."""
+        self.kept.settle_waits(name, removed=True)
         self.sessions.member_gone(name, sorted(set(self.members()) | {self.me}))
 
     # -- the links --------------------------------------------------------
@@ -14535,7 +14619,7 @@ class Cluster:
                                secrets.randbits(62) + 1, self._use)
         self.moves = SessionMoves(self.seam, self.kept, self.me, self.rows.replica, io.loop, self.flush_soon)
         self.copies = Copies(self.me, self.seam, self.kept, io.store, lambda: self.membership.members(),
-                             lambda: node.config["queue_replicas"])
+                             lambda: node.config["queue_replicas"], self.flush_soon)
         self.sessions = SessionRows(self.me, self.seam, self.rows, self.moves, self.copies)
         self._members_seen: tuple[str, ...] = ()  # the members the copies were last placed among
         self.membership = Membership(self.me, address, self.seam, io.loop, self.rows, self.sessions, self.kept,
@@ -14790,15 +14874,15 @@ class Cluster:
     def after_batch(self) -> None:
         """Send what the engine left for other nodes; announce local changes (MqttIO.after_batch calls this)."""
         copies = self.node.config["queue_replicas"] > 1
-        waits: dict[tuple[str, str], dict[str, tuple[int, int, bool]]] = {}  # publisher -> peer -> frame, fatal
+        waits: dict[tuple[str, str], dict[tuple[str, int], tuple[int, bool]]] = {}  # publisher -> (peer, epoch) ->
         if self.links is not None:
             send, up = self.links.send, self.links.is_up
             for node, mountpoint, msg, plain, groups in self.seam.take_forwards():
                 body = encode_forward(mountpoint, msg, plain, groups)
                 if msg.qos:  # kept until that node has committed it: committed here before the PUBACK
                     number = self.kept.keep(node, KEPT_FORWARD, body)
-                    if copies and number is not None and msg.origin is not None and up(node):
-                        waits.setdefault((mountpoint, msg.origin), {})[node] = (*number, True)  # and there too
+                    if copies and number is not None and msg.origin is not None and up(node):  # and there too
+                        waits.setdefault((mountpoint, msg.origin), {})[node, number[0]] = (number[1], True)
                 else:
                     send(node, FRAME_FORWARD, body)
         self.kept.retry()
@@ -14812,9 +14896,10 @@ class Cluster:
         self.sessions.record()
         if copies:
             self._copy(waits)
+        self.kept.batch_numbers.clear()
         self.rows.announce()
 
-    def _copy(self, waits: dict[tuple[str, str], dict[str, tuple[int, int, bool]]]) -> None:
+    def _copy(self, waits: dict[tuple[str, str], dict[tuple[str, int], tuple[int, bool]]]) -> None:
         """Send this batch's copies; hold the acknowledgements of what they copy until the copies are committed."""
         members = tuple(self.members())
         if members != self._members_seen:
@@ -14827,8 +14912,8 @@ class Cluster:
             self.kept.ack_wait = batch
             for peer, number in numbers.items():
                 self.kept.wait(peer, number, batch, False)
-                for publisher in publishers.get(peer, ()):
-                    waits.setdefault(publisher, {})[peer] = (*number, False)
+                for publisher in publishers.get(peer, ()):  # the copy stream: never the same key as a forward's
+                    waits.setdefault(publisher, {})[peer, number[0]] = (number[1], False)
         for publisher, frames in waits.items():
             session = self.seam.sessions.get(publisher)
             link = session.client.link if session is not None and session.client is not None else None
@@ -14837,7 +14922,7 @@ class Cluster:
             what = Awaited(len(frames), lambda: None)
             what.done = functools.partial(link.awaited, what)
             link.next_wait = what
-            for peer, (epoch, seq, fatal) in frames.items():
+            for (peer, epoch), (seq, fatal) in frames.items():
                 self.kept.wait(peer, (epoch, seq), what, fatal)
 
     def _tick(self) -> None:

@@ -1,9 +1,9 @@
-"""Section 26: persistent sessions kept on a second node (``queue_replicas = 2``).
+"""Persistent sessions kept on a second node (``queue_replicas = 2``): ``copy_node`` and ``Copies``.
 
 First ``copy_node`` (rendezvous hashing) and the copy side of ``Copies`` (``use``, ``take``) on a
 real ``SqliteStore``. Then the main test, a simulated network of 2-5 nodes, each running the
 real ``Copies`` over a real ``SqliteStore`` of its own (``store.watch = copies``), with
-stand-ins for what Section 25 and 27 do around it:
+stand-ins for what ``KeptFrames`` and ``Cluster._copy`` do around it:
 
 - a batch at a session's home queues messages (``add_message``), consumes the oldest
   (``delete_message``) or ends the session (``delete_session``); at the batch's end, as
@@ -18,26 +18,33 @@ stand-ins for what Section 25 and 27 do around it:
   frame the batch kept for that peer (or when that peer is removed);
 - as with ``allow_publish_during_netsplit = off`` (the default), a home refuses publishes while
   one of its links to a member is down;
-- links break (what is in flight is lost) and heal; a node crashes (its uncommitted changes and
-  in-flight frames are lost) and restarts with an empty ``Copies``; a node dies for good and is
-  then removed from the member list everywhere: each survivor takes up with ``take(dead)`` the
-  copies it kept, the session's heir (``copy_node`` among the survivors, as
-  ``SessionRows.member_gone`` picks it) adopts the session with those messages, and every home
-  runs a batch (whose ``retarget`` gives the sessions the dead node kept to their new copy node).
+- links break (what is in flight is lost) and heal; a node is killed (before a batch's end, or
+  after its frames went out and were used but before its commit: its uncommitted changes are
+  lost) and restarts with an empty ``Copies`` and the frames its store kept; a node dies for good
+  and is then removed from the member list everywhere: each survivor takes up with ``take(dead)``
+  the copies it kept, the session's heir (``copy_node`` among the survivors, as
+  ``SessionRows.member_gone`` picks it) adopts the session with those messages, then every
+  survivor runs a batch (its ``retarget`` gives the sessions the dead node kept to their new copy
+  node), and what was kept for the dead node is dropped, its PUBACKs let go (a copy's wait is not
+  fatal in ``KeptFrames.settle_waits``).
 
 Deaths allowed (the guarantee covers them): one at a time: a node dies only while no other node
 is dead and not yet removed, and not before every frame kept since the last removal (the new copy
-nodes' whole sessions) was acknowledged. The oracle, a naive model of which messages were
-acknowledged and which consumed (committed), checks that every acknowledged, not consumed
-message of a live session is in its home's store in order; that it is on the copy node when
-the PUBACK goes (when the copy node is an up member); that once nothing is unacknowledged the
-copy node holds exactly the home's messages in row order; and that a session taken up after its
-home's removal has every acknowledged, not consumed message, in order (duplicates allowed).
+nodes' whole sessions) was acknowledged. Restarts are allowed at any time, deaths right after
+them too. The oracle, a naive model of which messages were acknowledged and which consumed (the
+client had them: a kill before the commit may give them again), checks that every acknowledged,
+not consumed message of a live session is in its home's store, in order; that it is on the copy
+node when its PUBACK goes (the copy node being an up member); that once no frame is
+unacknowledged the copy node holds exactly the home's messages in row order; and that a session
+taken up after its home's removal has every acknowledged, not consumed message, in order
+(duplicates allowed, losses never).
 
-Not covered: the real KeptFrames (test_cluster_kept.py covers it), QoS 2 (``mark_released``),
-frames bigger than one link frame, subscriptions (they travel in replicated rows), takeovers of a
-session on another node while its home is down, nodes joining, failing store writes, and
-processes (test_replicas.py runs those). Examples at the end pin behaviours found doubtful.
+Not covered by the simulation: the real KeptFrames (test_cluster_kept.py), QoS 2
+(``mark_released``), messages big enough for a batch to take several frames per peer, nodes
+joining, a publish in the first batch after a removal (the examples at the end show what goes
+wrong in those three), takeovers of a session on another node while its home is down,
+subscriptions (they travel in replicated rows), failing store writes, and processes
+(test_replicas.py runs those).
 """
 
 from __future__ import annotations
@@ -115,6 +122,7 @@ def test_copy_node_is_another_member_the_same_on_every_reckoning():
 def test_a_member_leaving_moves_only_the_copies_it_kept(members, home, gone, key):
     chosen = copy_node(key, home, sorted(members))
     assert chosen != home and (chosen is None) == (members <= {home})
+    assert copy_node(key, home, sorted(members, reverse=True)) == chosen  # every node reckons the same
     after = copy_node(key, home, sorted(members - {gone}))
     if gone != chosen:
         assert after == chosen
@@ -139,6 +147,32 @@ def test_use_keeps_adds_per_session_deletes_and_ends_and_take_forgets_them(store
     assert store.load_copies("n0") == [] and copies.take("n0") == {}
     assert payloads(copies.take("n2", ("", "c1"))[("", "c1")]) == [b"m9"]
     assert store.load_copies() == []
+
+
+def test_a_home_copies_each_persistent_session_but_a_bridges_and_counts_those_on_one_node(store):
+    members = ["n0"]
+    sessions = {key: types.SimpleNamespace(clean=False, copy="") for key in [("", "s1"), ("", "$bridge/up")]}
+    sessions["", "c"] = types.SimpleNamespace(clean=True, copy="")  # a clean session is never copied
+    copies, kept = copies_on(store, me="n0", members=members, sessions=sessions)
+    store.watch = copies
+    for key in sessions:
+        store.add_message(*key, message(1), 1)
+    assert copies.flush() == ({}, {}) and kept.frames == []  # no other member: no copy
+    assert copies.one_copy(lambda peer: True) == 1  # s1 (a bridge's session stays on its node, uncounted)
+    members.append("n1")
+    copies.retarget()
+    numbers, publishers = copies.flush()
+    assert numbers == {"n1": (1, 1)} and publishers == {}  # sent whole: no publisher of this batch waits
+    assert vmqapi.decode_term(kept.frames[0][2])[0] == ["e", "", "s1"] and len(kept.frames) == 1
+    assert sessions["", "s1"].copy == "n1"
+    assert copies.one_copy(lambda peer: True) == 0 and copies.one_copy(lambda peer: False) == 1
+    store.add_message("", "s1", message(2), 1)
+    numbers, publishers = copies.flush()
+    assert numbers == {"n1": (1, 2)} and publishers == {"n1": {("", "device")}}
+    store.delete_session("", "s1")
+    del sessions["", "s1"]
+    copies.flush()
+    assert vmqapi.decode_term(kept.frames[-1][2]) == [["e", "", "s1"]]
 
 
 TERMS = st.recursive(st.none() | st.booleans() | st.integers(-2, 2 ** 70) | st.text(max_size=5)
@@ -320,7 +354,7 @@ class CopiesNetwork(RuleBasedStateMachine):
         self.ids = itertools.count(1)
         self.home: dict[tuple[str, str], str] = {}  # live session -> its node
         self.acked: dict[tuple[str, str], list[int]] = {}  # session -> message ids acknowledged, in order
-        self.consumed: set[int] = set()  # message ids whose deletion was committed
+        self.consumed: set[int] = set()  # message ids the client has had
         for i, key in enumerate(SESSIONS):  # every session starts at a node, with no message
             home = self.home[key] = self.names[i % n]
             self.nodes[home].store.put_session(*key)
@@ -343,7 +377,7 @@ class CopiesNetwork(RuleBasedStateMachine):
         """Both ends resend every frame still unacknowledged, in order."""
         self.up.add(frozenset((a, b)))
         for src, dst in ((a, b), (b, a)):
-            self.flight[src, dst] = [("frame", e, s, body, ) for e, s, body, _ in self.nodes[src].outbox.get(dst, [])]
+            self.flight[src, dst] = [("frame", e, s, body) for e, s, body, _ in self.nodes[src].outbox.get(dst, [])]
 
     def link_down(self, a, b):
         self.up.discard(frozenset((a, b)))
@@ -378,10 +412,9 @@ class CopiesNetwork(RuleBasedStateMachine):
             return self.crash_node(name)
         done = self.nodes[name].end_batch(late_crash=crash == "late")
         if done is None:
-            for peer in self.live():  # what was sent before the kill arrives and is used
+            for peer in self.live():  # what it sent before the kill arrives and is used
                 if peer != name:
-                    for item in [i for i in self.flight.get((name, peer), []) if i[0] == "frame"]:
-                        self.nodes[peer].receive(name, *item[1:])
+                    self.deliver(self.members.index(name), self.members.index(peer), 1000)
             return self.crash_node(name)
         self.acknowledge(done)
 
@@ -393,11 +426,13 @@ class CopiesNetwork(RuleBasedStateMachine):
 
     # -- rules --
     @rule(s=st.sampled_from(SESSIONS), a=st.integers(0, 4), count=st.integers(1, 3), crash=CRASHES)
-    def publish(self, s, a, count, crash):
-        """QoS 1 messages for a persistent session (made at node ``a`` when it has none)."""
+    def publish(self, s, a, count, crash, via=None):
+        """QoS 1 messages for a persistent session (made at node ``a`` when it has none), from a client of its
+        home (``via``: of that node, which forwards them to the home)."""
         home = self.home.get(s) or self.pick(a)
-        if home == self.dead or any(not self.is_up(home, m) for m in self.members if m != home):
-            return  # a netsplit as the home sees it: publishes are refused
+        via = via or home
+        if home == self.dead or any(not self.is_up(via, m) for m in self.members if m != via):
+            return  # a netsplit as the publisher's node sees it: publishes are refused
         node = self.nodes[home]
         if s not in self.home:
             node.store.put_session(*s)
@@ -426,10 +461,9 @@ class CopiesNetwork(RuleBasedStateMachine):
         taken = self.messages_at_home(s)[:count]
         for row, _ in taken:
             self.nodes[home].store.delete_message(row)
-        if crash:
-            return self.batch(home, crash)
-        self.batch(home)
+        # the client has them (their PUBACKs deleted them): a crash before the commit may give them again
         self.consumed |= {int(m.payload[1:]) for _, m in taken}
+        self.batch(home, crash)
 
     @rule(s=st.sampled_from(SESSIONS))
     def expire(self, s):
@@ -589,17 +623,36 @@ class CopiesNetwork(RuleBasedStateMachine):
             for name in self.members:
                 assert not self.nodes[name].waits
         finally:
-            for name, node in self.nodes.items():
-                if name in self.members and name != self.dead:
-                    node.crash()
-            shutil.rmtree(self.tmp, ignore_errors=True)
+            self.close()
+
+    def close(self):
+        for name in self.live():
+            self.nodes[name].crash()
+        shutil.rmtree(self.tmp, ignore_errors=True)
 
 
-CopiesNetwork.TestCase.settings = settings(max_examples=300, stateful_step_count=40, deadline=None)
+CopiesNetwork.TestCase.settings = settings(max_examples=100, stateful_step_count=40, deadline=None)
 test_acknowledged_messages_survive_one_death_at_a_time = CopiesNetwork.TestCase
 
 
 # -- examples of behaviours found doubtful -------------------------------------------------------------
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason="Cluster._copy waits only for copy nodes whose link "
+                   "is up, and a home refuses only its own clients' publishes in a netsplit: a message forwarded "
+                   "by a node that sees no split, to a home cut off from the session's copy node, is acknowledged "
+                   "on the home's commit alone (the home then dying for good loses it)")
+def test_a_forwarded_message_is_acknowledged_only_once_its_copy_is_committed():
+    net, key = CopiesNetwork(), ("", "c0")
+    net.start(n=3)
+    try:
+        home = net.home[key]
+        keeper = copy_node(session_key(*key), home, net.members)
+        publisher = next(n for n in net.members if n not in (home, keeper))
+        net.link_down(home, keeper)  # a partial split: the publisher's node still reaches both
+        net.publish(key, 0, 1, None, via=publisher)  # the oracle checks the copy when the PUBACK goes
+    finally:
+        net.close()
 
 
 class Pair:
@@ -685,36 +738,42 @@ def test_the_publisher_waits_for_the_node_that_keeps_the_copy_after_the_members_
         pair.close()
 
 
-def reset_split(pair, big, small):
-    """Sessions ``big`` and ``small`` (sent whole after it) sized so that a reset puts ``small``'s ["e"]
-    at the end of one frame and its adds in the next."""
-    pair.session(big)
-    pair.session(small)
-    overhead = len(vmqapi.encode_forward("", message(0), True, ())) - 2
-    # the flush's reckoning: ["e"] of big, then ["a"] of big (body + 16 per list item + 64), then ["e"] of small
-    reckoned = 16 * len(big[1]) + 64 + 16 * 2 + 64
-    payload = vmqapi.COPY_FRAME_BYTES - reckoned - overhead - 10  # just under the bound after big's adds
-    pair.stores["n0"].add_message(*big, Message("plant/line-1", b"x" * payload, 1, origin="device"), 1)
-    pair.stores["n0"].add_message(*small, message(1), 1)
+def split_by_the_end_of_a_frame(pair):
+    """Sessions a and b, sized so that a session-whole puts b's ["e"] at the end of one frame, its adds in the next
+    (by the flush's reckoning: ["e"] of a, 16 + 64; ["a"] of a, its body, 16 a list item, 64; ["e"] of b)."""
+    overhead = len(vmqapi.encode_forward("", Message("plant/line-1", b"", 1), True, ()))  # as the store gives it
+    payload = vmqapi.COPY_FRAME_BYTES - 40 - (16 + 64) - (overhead + 2 * 16 + 64)  # 40 short after a's adds
+    pair.stores["n0"].add_message("", "a", Message("plant/line-1", b"x" * payload, 1, origin="device"), 1)
+    pair.stores["n0"].add_message("", "b", message(1), 1)
 
 
-@pytest.mark.xfail(strict=True, reason="Copies.flush cuts a reset's frames after any op: a session's ['e'] can end "
-                   "one frame and its adds start the next, so between the two the copy node has nothing of a "
-                   "session it had whole (its home restarted, then dies: acknowledged messages are lost)")
-def test_a_session_sent_whole_is_never_cut_between_its_end_and_its_adds(tmp_path):
-    pair, big, small = Pair(tmp_path, ["n0", "n1"]), ("", "a"), ("", "b")
-    reset_split(pair, big, small)
-    pair.batch()
-    pair.deliver()
-    assert pair.copied(small)["n1"] == [b"m1"]  # m1 is copied: its PUBACK went
-    restarted = Copies("n0", pair.home.seam, pair.home.kept, pair.stores["n0"], lambda: list(pair.members),
-                       lambda: 2)
-    pair.stores["n0"].watch = pair.home = restarted  # the home restarts: its first batch sends every session whole
-    pair.batch(retarget=True)
+def split_by_its_size(pair):
+    """Session a, 1.5 times COPY_FRAME_BYTES of messages; b empty."""
+    for n in range(3):
+        pair.stores["n0"].add_message("", "a", Message("t", b"%d" % n * (vmqapi.COPY_FRAME_BYTES // 2), 1), 1)
+
+
+@pytest.mark.xfail(strict=True, reason="Copies.flush cuts a session sent whole into several frames (after its ['e'] "
+                   "when the frame is full there, or when its messages are over COPY_FRAME_BYTES): between them "
+                   "the copy node lacks messages it had, so when a restarted home dies for good before the last "
+                   "frame is committed, acknowledged messages are lost")
+@pytest.mark.parametrize("fill", [split_by_the_end_of_a_frame, split_by_its_size])
+def test_a_session_sent_whole_never_leaves_its_copy_node_short(tmp_path, fill):
+    pair, keys = Pair(tmp_path, ["n0", "n1"]), [("", "a"), ("", "b")]
     try:
-        assert len(pair.frames) == 2
-        pair.deliver(upto=1)  # then the home dies for good
-        assert pair.copied(small)["n1"] == [b"m1"]
+        for key in keys:
+            pair.session(key)
+        fill(pair)
+        pair.batch()
+        pair.deliver()
+        before = {key: pair.copied(key)["n1"] for key in keys}  # committed on n1: their PUBACKs went
+        restarted = Copies("n0", pair.home.seam, pair.home.kept, pair.stores["n0"], lambda: list(pair.members),
+                           lambda: 2)
+        pair.stores["n0"].watch = pair.home = restarted  # the home restarts: its first batch sends all whole
+        pair.batch(retarget=True)
+        for _ in range(len(pair.frames)):  # the home may die for good after any of them
+            pair.deliver(upto=1)
+            assert {key: pair.copied(key)["n1"] for key in keys} == before
     finally:
         pair.close()
 
@@ -730,5 +789,22 @@ def test_no_copy_frame_carries_much_more_than_copy_frame_bytes(tmp_path):
     try:
         biggest = max(len(body) for _, _, body in pair.frames)
         assert biggest < vmqapi.COPY_FRAME_BYTES + vmqapi.COPY_FRAME_BYTES // 2 + 1000  # the bound and one message
+    finally:
+        pair.close()
+
+
+@pytest.mark.xfail(strict=True, reason="the first message of a session not yet assigned a copy node makes the "
+                   "session go whole at the batch's end, but the later ones of that batch also go as adds: "
+                   "they travel (and are written on the copy node) twice")
+def test_a_batch_sends_each_message_to_the_copy_node_once(tmp_path):
+    pair, key = Pair(tmp_path, ["n0", "n1"]), ("", "s1")
+    pair.session(key)
+    for n in range(3):
+        pair.stores["n0"].add_message(*key, message(n), 1)
+    pair.batch()
+    try:
+        rows = [row for _, _, body in pair.frames for op in vmqapi.decode_term(body) if op[0] == "a"
+                for row in op[3][::2]]
+        assert sorted(rows) == [1, 2, 3]
     finally:
         pair.close()

@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 
 import pytest
 
@@ -224,3 +225,36 @@ def test_a_node_down_past_cluster_remove_down_after_is_removed_and_its_sessions_
     assert got == [str(n).encode() for n in range(20)]
     for client in (again, device):
         client.close()
+
+
+def test_two_nodes_copying_to_each_other_never_wait_for_each_other(make_cluster):
+    """A persistent session on each node of a pair, and a publisher on each node: every message goes into
+    both sessions, so each node copies to the other while the other copies to it. Every PUBACK comes
+    (acknowledgements of copies once waited behind acknowledgements that waited for the other's copies)."""
+    a, b = make_cluster(2, queue_replicas="2")
+    sinks = [a.client("sink-a", clean=False), b.client("sink-b", clean=False)]
+    for sink in sinks:
+        assert sink.subscribe(("both/#", 1)) == (1,)
+    for node in (a, b):
+        wait_for(lambda: len(node.node.mqtt.engine.router.match("", "both/x")) == 2, what="both sessions routed")
+    errors = []
+
+    def publish(member, name):
+        client = member.client(name)
+        try:
+            for n in range(150):
+                assert client.publish("both/x", f"{name} {n}".encode(), 1) == 0
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(f"{name}: {exc!r}")
+        finally:
+            client.close()
+    threads = [threading.Thread(target=publish, args=(m, f"pub-{m.name[:2]}")) for m in (a, b)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert not errors and not any(t.is_alive() for t in threads), errors
+    for sink in sinks:
+        got = {sink.message(timeout=10).payload for _ in range(300)}
+        assert len(got) == 300
+        sink.close()
