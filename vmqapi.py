@@ -977,7 +977,8 @@ SETTINGS: tuple[Setting, ...] = (
     _S("queue_replicas", parse_int_range(1, 2), 1,
        "Nodes each persistent session is kept on: 1 (VerneMQ's way: its home node only) or 2 (also on one "
        "other member, which takes it up with every acknowledged message when its home node is removed; a QoS "
-       "1/2 publish is acknowledged once both have committed it). Needs message_store = sqlite."),
+       "1/2 publish is acknowledged once both have committed it). Needs message_store = sqlite, and the same "
+       "value on every node of the cluster."),
     _S("cluster_remove_down_after", parse_int_range(0), 0,
        "Seconds after which a member whose link is down is removed, as cluster leave node=<it> does (its "
        "persistent sessions go on elsewhere); 0: never, as VerneMQ. Both sides of a netsplit longer than "
