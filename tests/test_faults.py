@@ -510,6 +510,7 @@ CASES = {
     "kill9-publisher-node": Case(kill9, "b", subscribers=("a", "c"), rounds=2),
     # queue_replicas = 2: each session is kept on a second node too (subscriber 1's: COPY_NODE, not b)
     "replicas-kill9-subscriber-node-back-on-it": Case(kill9, "a", replicas=2),
+    "replicas-session-moves-nothing-fails": Case(move_session, "c", during="a", after="c", rounds=16, replicas=2),
     "replicas-sigstop-copy-node-past-heartbeat": None,  # set below, once COPY_NODE is known
 }
 BETWEEN = 50  # ids acknowledged between two faults of one run
