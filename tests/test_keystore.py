@@ -248,6 +248,9 @@ def _add_keys(data_dir, prefix, count):
         assert rc == 0
 
 
+KEYS_EACH = 100  # keys each of four writer processes adds, each write rewriting the whole file
+
+
 @pytest.mark.slow
 def test_concurrent_cli_writers_lose_nothing(make_node):
     node = make_node()
@@ -274,7 +277,7 @@ def test_concurrent_cli_writers_lose_nothing(make_node):
     watcher = threading.Thread(target=watch_file_and_serve)
     watcher.start()
     ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=_add_keys, args=(data_dir, f"p{i}k", 200)) for i in range(4)]
+    procs = [ctx.Process(target=_add_keys, args=(data_dir, f"p{i}k", KEYS_EACH)) for i in range(4)]
     try:
         for p in procs:
             p.start()
@@ -290,7 +293,7 @@ def test_concurrent_cli_writers_lose_nothing(make_node):
     assert not problems
     with open(path) as fh:
         stored = {k["key"] for k in json.load(fh)["keys"]}
-    expected = {f"p{i}k{n:04d}xyz" for i in range(4) for n in range(200)}
+    expected = {f"p{i}k{n:04d}xyz" for i in range(4) for n in range(KEYS_EACH)}
     assert stored == expected
     client = Client(node)
     try:
