@@ -13862,6 +13862,11 @@ COPY_FRAME_BYTES = 1 << 20  # about how many bytes of copies one kept frame carr
 COPY_RESETS = 64  # sessions sent whole per batch (the rest in the next ones): a start never builds them all at once
 
 
+def _rows_ok(rows: Any) -> bool:
+    """Whether a copy op's rows are a list of row numbers a store can hold."""
+    return isinstance(rows, list) and all(type(r) is int and 0 < r < 1 << 63 for r in rows)
+
+
 def copy_node(key: str, home: str, members: Iterable[str]) -> str | None:
     """Return the member that keeps the second copy of session ``key`` (``session_key``) whose home is
     ``home``; None when there is no other member.
@@ -13883,11 +13888,13 @@ class Copies:
 
     The home node: the message store tells it (``StoreWatch``) of every queued message kept and
     done with; each goes, in the batch that kept it, to the session's second node
-    (``copy_node``) as a kept frame of KEPT_COPY ops: ``["a", mountpoint, client id, row,
-    [row, message, row, message...]]``, ``["d", [row...]]``, ``["e", mountpoint, client id]``
-    (the copy ends; followed by adds, it is a session sent whole). ``flush`` keeps this batch's frames and says which
-    publishers' acknowledgements wait for which of them. The session's subscriptions travel
-    in its replicated row, as for every session.
+    (``copy_node``) as a kept frame of KEPT_COPY ops: ``["a", mountpoint, client id, [row,
+    message, row, message...]]``, ``["d", [row...]]``, ``["e", mountpoint, client id]`` (the
+    copy ends) and ``["k", mountpoint, client id, [row...]]`` (only these rows stay: after its
+    adds, a session sent whole; its copy is never shorter meanwhile, whatever frame a death
+    cuts it at). ``flush`` keeps this batch's frames and says which publishers'
+    acknowledgements wait for which of them. The session's subscriptions travel in its
+    replicated row, as for every session.
 
     The second node: ``use`` applies the ops to its store's copies (committed before the
     acknowledgement); ``take`` hands them over when the home node is removed or a client takes
@@ -13900,7 +13907,8 @@ class Copies:
         self.flush_soon = flush_soon  # the cluster's: a batch runs soon (resets left, ends released)
         self.ops: dict[str, list[list]] = {}  # peer -> this batch's ops for it, in order
         self.resets: dict[str, set[tuple[str, str]]] = {}  # peer -> sessions it gets whole at this batch's end
-        self.publishers: dict[str, set[tuple[str, str]]] = {}  # peer -> publishers whose PUBACK waits for it
+        # session -> publishers (mountpoint, client id) whose PUBACK waits for its copy node (known at flush)
+        self.publishers: dict[tuple[str, str], set[tuple[str, str]]] = {}
         self.rows: dict[int, tuple[str, str]] = {}  # row of a message copied -> its session
         self.by_session: dict[tuple[str, str], set[int]] = {}  # ... and the other way
         self.assigned: dict[tuple[str, str], str] = {}  # session -> the node that has (or is being sent) its copy
@@ -13926,12 +13934,12 @@ class Copies:
             if peer is None:
                 return
             self.assign(key, peer)  # sent whole at the batch's end, this message with it
-        else:
+        elif key not in self.resets.get(peer, ()):  # (one sent whole takes it from the store then)
             self.add(peer, key, row, msg, qos)
         self.rows[row] = key
         self.by_session.setdefault(key, set()).add(row)
         if msg.qos and msg.origin is not None:
-            self.publishers.setdefault(peer, set()).add((mountpoint, msg.origin))
+            self.publishers.setdefault(key, set()).add((mountpoint, msg.origin))
 
     def add(self, peer: str, key: tuple[str, str], row: int, msg: Message, qos: int) -> None:
         """Put the copy of a message into this batch's ops for ``peer`` (with the adds before it, when of ``key``)."""
@@ -14011,11 +14019,13 @@ class Copies:
                 key = min(keys)
                 keys.discard(key)
                 budget -= 1
-                self.ops.setdefault(peer, []).append(["e", *key])
+                rows = []
                 for row, msg, qos in self.store.session_messages(*key):
                     self.rows[row] = key
                     self.by_session.setdefault(key, set()).add(row)
                     self.add(peer, key, row, msg, qos)
+                    rows.append(row)
+                self.ops.setdefault(peer, []).append(["k", *key, rows])
         self.resets = {peer: keys for peer, keys in self.resets.items() if keys}
         due, self.ends_due = self.ends_due, []
         for peer, key in due:
@@ -14027,7 +14037,12 @@ class Copies:
         self._defer_ends(numbers)
         if self.resets:
             self.flush_soon()
-        publishers, self.publishers = self.publishers, {}
+        publishers: dict[str, set[tuple[str, str]]] = {}
+        for key, waiting in self.publishers.items():  # the node that has the copy now, members changed or not
+            peer = self.assigned.get(key)
+            if peer is not None:
+                publishers.setdefault(peer, set()).update(waiting)
+        self.publishers = {}
         return numbers, publishers
 
     def _keep(self, ops_by_peer: Mapping[str, list[list]]) -> dict[str, tuple[int, int]]:
@@ -14041,7 +14056,8 @@ class Copies:
             size = 0
             for n, op in enumerate(ops):
                 chunk.append(op)
-                size += sum(map(len, op[3][1::2])) + 16 * len(op[3]) + 64 if op[0] == "a" else 16 * len(op[-1]) + 64
+                size += sum(map(len, op[3][1::2])) + 16 * len(op[3]) + 64 if op[0] == "a" else \
+                    16 * len(op[-1]) + 64
                 if size >= COPY_FRAME_BYTES or n == len(ops) - 1:
                     number = self.kept.keep(peer, KEPT_COPY, encode_term(chunk))
                     if number is not None:
@@ -14085,14 +14101,19 @@ class Copies:
         for op in ops:
             if not isinstance(op, list) or not op:
                 raise ClusterError("a bad copy op")
-            if op[0] == "d" and len(op) == 2 and isinstance(op[1], list) and all(type(r) is int for r in op[1]):
+            if op[0] == "d" and len(op) == 2 and _rows_ok(op[1]):
                 store.delete_copies(home, op[1])
             elif op[0] == "a" and len(op) == 4 and isinstance(op[1], str) and isinstance(op[2], str) \
-                    and isinstance(op[3], list) and len(op[3]) % 2 == 0 \
-                    and all(type(r) is int and type(b) is bytes for r, b in zip(op[3][::2], op[3][1::2])):
+                    and isinstance(op[3], list) and len(op[3]) % 2 == 0 and _rows_ok(op[3][::2]) \
+                    and all(type(b) is bytes for b in op[3][1::2]):
                 store.put_copies(home, op[1], op[2], list(zip(op[3][::2], op[3][1::2])))
             elif op[0] == "e" and len(op) == 3 and isinstance(op[1], str) and isinstance(op[2], str):
                 store.delete_copies(home, session=(op[1], op[2]))
+            elif op[0] == "k" and len(op) == 4 and isinstance(op[1], str) and isinstance(op[2], str) \
+                    and _rows_ok(op[3]):
+                keep = set(op[3])
+                store.delete_copies(home, [row for _, row, _, _, _ in store.load_copies(home, (op[1], op[2]))
+                                           if row not in keep])
             else:
                 raise ClusterError(f"a bad copy op {str(op[0])[:20]!r}")
 
@@ -14907,7 +14928,10 @@ class Cluster:
             self._members_seen = members
             self.copies.retarget()
         numbers, publishers = self.copies.flush()
-        numbers = {peer: n for peer, n in numbers.items() if self.links is not None and self.links.is_up(peer)}
+        # a copy node that is down is waited for until it is back (or removed), unless publishes go on in a
+        # netsplit: a node that cannot reach it refuses its own clients' publishes, not other nodes' forwards
+        lenient = self.node.config["allow_publish_during_netsplit"]
+        numbers = {peer: n for peer, n in numbers.items() if not lenient or self.kept.is_up(peer)}
         if numbers:  # the frames this batch acknowledges to other nodes were copied: they wait for the copies
             batch = Awaited(len(numbers), self.kept.send_held)
             self.kept.ack_wait = batch

@@ -34,6 +34,7 @@ QUICK = {
     "test_broker_model.py": "*",
     "test_cluster_state.py": "*",
     "test_cluster_kept.py": "*",
+    "test_copies.py": "*",
     "test_engine_cluster.py": "*",
     "test_keystore.py": "*",
     "test_hygiene.py": "*",
