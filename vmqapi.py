@@ -12028,6 +12028,7 @@ KEPT_FORWARD, KEPT_MIGRATE, KEPT_PASSED = 1, 2, 3  # what a kept frame carries (
 KEPT_FLUSH, KEPT_FLUSHED = 4, 5  # the end of what a node sent the old node of a session that moved, and its echo
 KEPT_COPY = 6  # changes to the copies a node keeps of another node's persistent sessions (queue_replicas = 2)
 COPY_STREAM = 1  # KEPT_COPY frames are numbered in an epoch of their own (the sender's epoch + 1)
+WAIT_FATAL, WAIT_GOES_ON, WAIT_FIRM = "fatal", "goes on", "firm"  # what a wait does when no acknowledgement comes
 _KEPT = struct.Struct(">QQQB")  # epoch, seq, the lowest seq of that epoch still kept (floor), kind
 _KEPT_ACK = struct.Struct(">QQ")  # epoch, the highest seq of it committed
 
@@ -12135,7 +12136,7 @@ class Outbox:
         return [row for entries in self.kept.pop(peer, {}).values() for row, _, _ in entries.values()]
 
 
-INBOX_EPOCHS = 16  # epochs of one origin whose highest number is remembered (older ones are forgotten)
+INBOX_EPOCHS = 32  # epochs of one origin whose highest number is remembered (older ones are forgotten; two a run)
 
 
 class Inbox:
@@ -13635,9 +13636,11 @@ class KeptFrames:
         # peer -> its frames (decoded) waiting for queue room or for the store to write again
         self.parked: dict[str, collections.deque[tuple[int, int, int, int, bytes]]] = {}
         self.parked_at: dict[str, float] = {}  # peer -> since when its first parked frame waits
-        # what waits for a peer's acknowledgements: (seq, Awaited, fatal) in seq order; ``fatal``: it fails
-        # (rather than goes on) when the peer is removed first
-        self.waits: dict[tuple[str, int], collections.deque[tuple[int, Awaited, bool]]] = {}  # (peer, epoch) ->
+        # (seq, n, Awaited, mode) that wait for a peer's acknowledgements; ``mode`` says what happens when
+        # they will not come: WAIT_FATAL fails when the peer is removed first, WAIT_GOES_ON goes on then (and
+        # when the peer is down and publishes go on in a netsplit), WAIT_FIRM only when it is removed
+        self.waits_made = 0
+        self.waits: dict[tuple[str, int], list[tuple[int, int, Awaited, str]]] = {}  # (peer, epoch) -> a heap of
         self.ack_wait: Awaited | None = None  # what this batch's acknowledgements wait for (set by the cluster)
         self.held_acks: collections.deque[tuple[Awaited | None, dict[tuple[str, int], int]]] = collections.deque()
         self.copy_acks: dict[tuple[str, int], int] = {}  # acknowledgements of KEPT_COPY frames: never held
@@ -13680,17 +13683,25 @@ class KeptFrames:
         """Whether the link to ``peer`` is up (what waits for it is then acknowledged in time)."""
         return self.links is not None and self.links.is_up(peer)
 
-    def wait(self, peer: str, number: tuple[int, int], what: Awaited, fatal: bool) -> None:
-        """Let ``what`` count the acknowledgement of frame ``number`` kept for ``peer``."""
+    def wait(self, peer: str, number: tuple[int, int], what: Awaited, mode: str) -> None:
+        """Let ``what`` count the acknowledgement of frame ``number`` kept for ``peer`` (``mode``: see ``waits``)."""
         epoch, seq = number
-        self.waits.setdefault((peer, epoch), collections.deque()).append((seq, what, fatal))
+        self.waits_made += 1
+        heapq.heappush(self.waits.setdefault((peer, epoch), []), (seq, self.waits_made, what, mode))
 
     def settle_waits(self, peer: str, removed: bool) -> None:
         """Nothing more waits for ``peer``: it is down and the cluster lets publishes go on without it, or it was
-        ``removed`` (then what was ``fatal`` fails: the frames it waited for are dropped, never committed)."""
+        ``removed`` (then what was WAIT_FATAL fails: the frames it waited for are dropped, never committed)."""
         for key in [k for k in self.waits if k[0] == peer]:
-            for _, what, fatal in self.waits.pop(key):
-                what.settle(not (removed and fatal))
+            kept = []
+            for entry in self.waits.pop(key):
+                if entry[3] == WAIT_FIRM and not removed:
+                    kept.append(entry)
+                else:
+                    entry[2].settle(not (removed and entry[3] == WAIT_FATAL))
+            if kept:
+                heapq.heapify(kept)
+                self.waits[key] = kept
 
     def up(self, peer: str) -> None:
         """A link to ``peer`` came up: everything kept goes again (the last link may have lost some)."""
@@ -13791,7 +13802,7 @@ class KeptFrames:
         rows = self.outbox.ack(peer, epoch, upto)
         waits = self.waits.get((peer, epoch))
         while waits and waits[0][0] <= upto:
-            waits.popleft()[1].settle()
+            heapq.heappop(waits)[2].settle()
         if rows:
             self.progress[peer] = time.monotonic()
         self.io.store.delete_kept(rows)
@@ -13917,6 +13928,8 @@ class Copies:
         # (``ending``) and those whose replacement has been acknowledged (``ends_due``, sent at the next flush)
         self.ending: list[tuple[str, tuple[str, str]]] = []
         self.ends_due: list[tuple[str, tuple[str, str]]] = []
+        self.urgent: set[tuple[str, str]] = set()  # sessions to send whole in this batch (a publisher waits)
+        self.started = False  # retarget ran once since this node started
 
     # -- the home node: what the store tells ---------------------------------
     def target(self, key: tuple[str, str]) -> str | None:
@@ -13927,6 +13940,8 @@ class Copies:
 
     def added(self, mountpoint: str, client_id: str, row: int, msg: Message, qos: int) -> None:
         """A message was queued (and kept) for a persistent session here: its copy goes too."""
+        if not qos:  # QoS 0 is not kept for anyone (its copy would cost without promising anything)
+            return
         key = (mountpoint, client_id)
         peer = self.assigned.get(key)  # members changed: retarget moves it at the batch's end
         if peer is None:
@@ -13934,7 +13949,10 @@ class Copies:
             if peer is None:
                 return
             self.assign(key, peer)  # sent whole at the batch's end, this message with it
-        elif key not in self.resets.get(peer, ()):  # (one sent whole takes it from the store then)
+            self.urgent.add(key)
+        elif key in self.resets.get(peer, ()):  # sent whole in this batch, this message with it
+            self.urgent.add(key)
+        else:
             self.add(peer, key, row, msg, qos)
         self.rows[row] = key
         self.by_session.setdefault(key, set()).add(row)
@@ -14009,26 +14027,28 @@ class Copies:
                     self.assign(key, peer)
         for key in [k for k in self.assigned if k not in self.seam.sessions]:
             self.assign(key, None)
+        if not self.started:  # what this node's last run left on other nodes (an end that never went) ends
+            self.started = True
+            for key, peer in self.assigned.items():
+                self.ending += [(other, key) for other in self.members() if other not in (self.me, peer)]
 
     def flush(self) -> tuple[dict[str, tuple[int, int]], dict[str, set[tuple[str, str]]]]:
         """Keep this batch's copy frames; return the last (epoch, seq) kept for each peer, and the publishers
         (mountpoint, client id) whose acknowledgement waits for each peer."""
         budget = COPY_RESETS
         for peer, keys in self.resets.items():
+            for key in sorted(keys & self.urgent):  # a publisher waits for these: whatever the budget
+                keys.discard(key)
+                self._whole(peer, key)
             while keys and budget > 0:
                 key = min(keys)
                 keys.discard(key)
                 budget -= 1
-                rows = []
-                for row, msg, qos in self.store.session_messages(*key):
-                    self.rows[row] = key
-                    self.by_session.setdefault(key, set()).add(row)
-                    self.add(peer, key, row, msg, qos)
-                    rows.append(row)
-                self.ops.setdefault(peer, []).append(["k", *key, rows])
+                self._whole(peer, key)
+        self.urgent.clear()
         self.resets = {peer: keys for peer, keys in self.resets.items() if keys}
         due, self.ends_due = self.ends_due, []
-        for peer, key in due:
+        for peer, key in dict.fromkeys(due):  # (once each)
             if self.assigned.get(key) != peer:  # not given back to it meanwhile (its reset ends it first)
                 self.ops.setdefault(peer, []).append(["e", *key])
         numbers = self._keep(self.ops)
@@ -14044,6 +14064,17 @@ class Copies:
                 publishers.setdefault(peer, set()).update(waiting)
         self.publishers = {}
         return numbers, publishers
+
+    def _whole(self, peer: str, key: tuple[str, str]) -> None:
+        """Send a session whole: its QoS 1/2 messages, then which rows stay (older copies of others go)."""
+        rows = []
+        for row, msg, qos in self.store.session_messages(*key):
+            if qos:
+                self.rows[row] = key
+                self.by_session.setdefault(key, set()).add(row)
+                self.add(peer, key, row, msg, qos)
+                rows.append(row)
+        self.ops.setdefault(peer, []).append(["k", *key, rows])
 
     def _keep(self, ops_by_peer: Mapping[str, list[list]]) -> dict[str, tuple[int, int]]:
         """Keep ops as KEPT_COPY frames of about COPY_FRAME_BYTES; return the last number kept for each peer."""
@@ -14068,10 +14099,12 @@ class Copies:
     def _defer_ends(self, numbers: Mapping[str, tuple[int, int]]) -> None:
         """Send this batch's ends of copies once every frame this batch kept is acknowledged: the new copy
         node's copy, or the session handed over to another node, is committed there before the old copy goes."""
-        ending, self.ending = self.ending, []
+        pending = {key for keys in self.resets.values() for key in keys}  # not sent whole yet: their ends wait
+        ending = [e for e in self.ending if e[1] not in pending]
+        self.ending = [e for e in self.ending if e[1] in pending]
         if not ending:
             return
-        frames = [(p, n) for p, n in (*numbers.items(), *self.kept.batch_numbers.items()) if self.kept.is_up(p)]
+        frames = [*numbers.items(), *self.kept.batch_numbers.items()]
         if not frames:
             self.ends_due += ending
             return self.flush_soon()
@@ -14080,8 +14113,8 @@ class Copies:
             self.ends_due += ending
             self.flush_soon()
         what = Awaited(len(frames), released)
-        for peer, number in frames:
-            self.kept.wait(peer, number, what, False)
+        for peer, number in frames:  # acknowledged, or that node removed: a netsplit alone never ends a copy
+            self.kept.wait(peer, number, what, WAIT_FIRM)
 
     def one_copy(self, up: Callable[[str], bool]) -> int:
         """How many persistent sessions here are kept on this node only now (no other member, or it is down)."""
@@ -14896,6 +14929,7 @@ class Cluster:
     def after_batch(self) -> None:
         """Send what the engine left for other nodes; announce local changes (MqttIO.after_batch calls this)."""
         copies = self.node.config["queue_replicas"] > 1
+        lenient = self.node.config["allow_publish_during_netsplit"]
         waits: dict[tuple[str, str], dict[tuple[str, int], tuple[int, bool]]] = {}  # publisher -> (peer, epoch) ->
         if self.links is not None:
             send, up = self.links.send, self.links.is_up
@@ -14903,7 +14937,7 @@ class Cluster:
                 body = encode_forward(mountpoint, msg, plain, groups)
                 if msg.qos:  # kept until that node has committed it: committed here before the PUBACK
                     number = self.kept.keep(node, KEPT_FORWARD, body)
-                    if copies and number is not None and msg.origin is not None and up(node):  # and there too
+                    if copies and number is not None and msg.origin is not None and (up(node) or not lenient):
                         waits.setdefault((mountpoint, msg.origin), {})[node, number[0]] = (number[1], True)
                 else:
                     send(node, FRAME_FORWARD, body)
@@ -14916,9 +14950,11 @@ class Cluster:
                     self.seam.adopt_messages(*key, messages, time.time(), settle=True)
             self.moves.took_over(old, mountpoint, client_id, up_peers)
         self.sessions.record()
-        if copies:
-            self._copy(waits)
-        self.kept.batch_numbers.clear()
+        try:
+            if copies:
+                self._copy(waits)
+        finally:
+            self.kept.batch_numbers.clear()
         self.rows.announce()
 
     def _copy(self, waits: dict[tuple[str, str], dict[tuple[str, int], tuple[int, bool]]]) -> None:
@@ -14936,7 +14972,7 @@ class Cluster:
             batch = Awaited(len(numbers), self.kept.send_held)
             self.kept.ack_wait = batch
             for peer, number in numbers.items():
-                self.kept.wait(peer, number, batch, False)
+                self.kept.wait(peer, number, batch, WAIT_GOES_ON)
                 for publisher in publishers.get(peer, ()):  # the copy stream: never the same key as a forward's
                     waits.setdefault(publisher, {})[peer, number[0]] = (number[1], False)
         for publisher, frames in waits.items():
@@ -14948,7 +14984,7 @@ class Cluster:
             what.done = functools.partial(link.awaited, what)
             link.next_wait = what
             for (peer, epoch), (seq, fatal) in frames.items():
-                self.kept.wait(peer, (epoch, seq), what, fatal)
+                self.kept.wait(peer, (epoch, seq), what, WAIT_FATAL if fatal else WAIT_GOES_ON)
 
     def _tick(self) -> None:
         try:

@@ -91,7 +91,7 @@ class Recorder:
         self.numbers: list[tuple[int, int]] = []  # of each frame in ``frames``
         self.count = 0
         self.batch_numbers: dict[str, tuple[int, int]] = {}  # no other frame is kept here
-        self.waits: list = []  # (peer, number, Awaited)
+        self.waits: list = []  # (peer, number, Awaited, mode)
 
     def keep(self, peer, kind, body):
         self.count += 1
@@ -102,8 +102,8 @@ class Recorder:
     def is_up(self, peer):
         return True
 
-    def wait(self, peer, number, what, fatal):
-        self.waits.append((peer, number, what))
+    def wait(self, peer, number, what, mode):
+        self.waits.append((peer, number, what, mode))
 
     def acknowledged(self, peer, number):
         for w in [w for w in self.waits if w[0] == peer and w[1] <= number]:
@@ -847,3 +847,48 @@ def test_a_batch_sends_each_message_to_the_copy_node_once(tmp_path):
         assert sorted(rows) == [1, 2, 3]
     finally:
         pair.close()
+
+
+def test_a_session_with_a_waiting_publisher_is_sent_whole_at_once_whatever_the_budget(tmp_path):
+    """More sessions to send whole than COPY_RESETS (a start, a join): the one a publisher's PUBACK waits for
+    goes in this batch, and the publisher waits for the node it goes to."""
+    pair = Pair(tmp_path, ["n0", "n1"])
+    keys = [("", f"s{n:03d}") for n in range(vmqapi.COPY_RESETS + 20)]
+    try:
+        for key in keys:
+            pair.session(key)
+        pair.home.retarget()  # every session to be sent whole, COPY_RESETS per batch
+        last = keys[-1]  # the last in line
+        pair.stores["n0"].add_message(*last, message(1), 1)
+        numbers, publishers = pair.batch()
+        sent = {(op[1], op[2]) for _, _, body in pair.frames for op in vmqapi.decode_term(body) if op[0] == "k"}
+        assert last in sent and publishers == {"n1": {("", "device")}} and "n1" in numbers
+    finally:
+        pair.close()
+
+
+def test_an_old_copy_ends_only_once_the_new_one_is_acknowledged_even_across_a_netsplit(tmp_path):
+    """The end of a copy waits for the new copy node's acknowledgement firmly: a netsplit with publishes
+    going on (KeptFrames.settle_waits, removed=False) does not release it; the node's removal does."""
+    pair, key = Pair(tmp_path, ["n0", "n1"]), ("", "s1")
+    try:
+        pair.session(key)
+        pair.stores["n0"].add_message(*key, message(1), 1)
+        pair.batch()
+        pair.deliver()
+        pair.members.append("n2")
+        pair.batch(retarget=True)
+        waits = pair.home.kept.waits
+        assert [mode for _, _, _, mode in waits] == [vmqapi.WAIT_FIRM]
+    finally:
+        pair.close()
+    kept = vmqapi.KeptFrames(None, None, lambda: 0, 1, None)  # what the real one does with each mode
+    done = []
+    whats = {mode: vmqapi.Awaited(1, lambda mode=mode: done.append(mode))
+             for mode in (vmqapi.WAIT_FIRM, vmqapi.WAIT_GOES_ON, vmqapi.WAIT_FATAL)}
+    for n, (mode, what) in enumerate(whats.items()):
+        kept.wait("n2", (1, 5 - n), what, mode)
+    kept.settle_waits("n2", removed=False)  # down, publishes going on in a netsplit
+    assert sorted(done) == sorted([vmqapi.WAIT_GOES_ON, vmqapi.WAIT_FATAL]) and not whats[vmqapi.WAIT_FATAL].failed
+    kept.settle_waits("n2", removed=True)
+    assert done[-1] == vmqapi.WAIT_FIRM and not whats[vmqapi.WAIT_FIRM].failed
