@@ -503,55 +503,21 @@ NODE_LINE = re.compile(r"[a-z][0-9]@127\.0\.0\.1 \S+ listener on ")  # what a no
 def test_the_readme_cluster_section_works_pasted_as_one_script(tmp_path):
     """The README's cluster lines, pasted at once: no sleep between them, so each `cluster join` runs
     while its node (and the first node, whose cookie the others name) is still starting."""
-    import shlex
-    import subprocess
-    import sys
-    from capped import child_setup
     from conftest import ROOT
+    from pasted import commands, free_ports, pasted
     readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
     lines = readme.split("\n## Cluster\n", 1)[1].split("\n## ", 1)[0].split("\n### ", 1)[0].splitlines()
-    fixed = sorted({int(p) for p in re.findall(r"127\.0\.0\.1:(\d+)", "\n".join(lines))})
-    ports = {}
-    with contextlib.ExitStack() as held:  # every one held until all are chosen: no two the same
-        for p in fixed:  # the README's ports, each replaced by one that is free now
-            s = held.enter_context(socket.socket())
-            s.bind(("127.0.0.1", 0))
-            ports[p] = s.getsockname()[1]
-    script, expected = [], []
-    python = f"{shlex.quote(sys.executable)} {shlex.quote(os.path.join(ROOT, 'vmqapi.py'))}"
-    for n, line in enumerate(lines):
-        if not line.startswith("    $ python vmqapi.py "):
-            continue
-        assert "distributed_cookie=" not in line  # a cookie on a command line is in /proc/PID/cmdline
-        command = re.sub(r"127\.0\.0\.1:(\d+)", lambda m: f"127.0.0.1:{ports[int(m.group(1))]}", line[6:])
-        script.append(command.replace("python vmqapi.py", python, 1))
-        for following in lines[n + 1:]:
-            if not following.startswith("    ") or following.startswith("    $"):
-                break
-            expected.append(following[4:])
+    script, expected = commands(lines, free_ports(lines), prefix="    $ python vmqapi.py ")
+    assert not any("distributed_cookie=" in x for x in script)  # a cookie on a command line is in /proc/PID/cmdline
     assert sum(x.endswith(" &") for x in script) == 3 and len(script) == 6
     script += ["jobs -p > pids.new", "mv pids.new pids", "wait"]  # the nodes' pids, for the test to stop them
-    with open(tmp_path / "out", "w") as out, open(tmp_path / "err", "w") as err:
-        shell = subprocess.Popen(["bash", "-c", "\n".join(script)], cwd=tmp_path, stdout=out, stderr=err,
-                                 preexec_fn=child_setup(), start_new_session=True)
-    pids = []
-    try:
+    with pasted(tmp_path, script) as shell:
         wait_for(lambda: (tmp_path / "pids").exists() or shell.poll() is not None, timeout=120, what="the script")
         pids = [int(x) for x in (tmp_path / "pids").read_text().split()]
         printed = [x for x in (tmp_path / "out").read_text().splitlines() if not NODE_LINE.match(x)]
         assert printed == expected, (tmp_path / "err").read_text()
         assert len(pids) == 3
         assert os.stat(tmp_path / "n1" / vmqapi.COOKIE_FILE).st_mode & 0o777 == 0o600
-    finally:
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
-        try:
-            shell.wait(30)
-        finally:
-            with contextlib.suppress(ProcessLookupError):  # the shell's own group: only what it started
-                os.killpg(shell.pid, signal.SIGKILL)
-            shell.wait(10)
 
 
 def restarted(member):

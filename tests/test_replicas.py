@@ -8,21 +8,15 @@ node still alive. The checker: every acknowledged id arrived (0 lost), first arr
 
 from __future__ import annotations
 
-import contextlib
 import os
-import re
-import shlex
 import signal
-import socket
-import subprocess
-import sys
 import threading
 
 import pytest
 
-from capped import child_setup
 from conftest import ROOT, wait_for
 from mqtt_client import MqttClient
+from pasted import commands, free_ports, pasted
 from test_cluster import NODE_LINE
 from test_faults import CASE_DEADLINE, PROBE, Cluster, Publisher, Subscriber, check, connect, drain, probe
 
@@ -116,74 +110,49 @@ def test_the_readme_gateway_pair_works_as_printed(tmp_path):
     test's own clients make the session on g1 and publish 100 acknowledged messages on g2."""
     readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
     lines = readme.split("\n### A gateway pair", 1)[1].split("\n## ", 1)[0].splitlines()
-    fixed = sorted({int(p) for p in re.findall(r"127\.0\.0\.1:(\d+)", "\n".join(lines))})
-    ports = {}
-    with contextlib.ExitStack() as held:  # every one held until all are chosen: no two the same
-        for p in fixed:
-            s = held.enter_context(socket.socket())
-            s.bind(("127.0.0.1", 0))
-            ports[p] = s.getsockname()[1]
-    python = f"{shlex.quote(sys.executable)} {shlex.quote(os.path.join(ROOT, 'vmqapi.py'))}"
-    script, expected = ["set -m"], []  # job control: %1 is the first node
-    for n, line in enumerate(lines):
-        if not line.startswith("    $ "):
-            continue
-        command = re.sub(r"127\.0\.0\.1:(\d+)", lambda m: f"127.0.0.1:{ports[int(m.group(1))]}", line[6:])
+    ports = free_ports(lines)
+    found, expected = commands(lines, ports)
+    script = ["set -m"]  # job control: %1 is the first node
+    for command in found:
         if command.startswith("kill"):  # the clients' part, then the pids for the test to stop them
             script += ["jobs -p > pids.new", "mv pids.new pids", "while [ ! -e go ]; do sleep 0.05; done"]
-        script.append(command.replace("python vmqapi.py", python, 1))
-        for following in lines[n + 1:]:
-            if not following.startswith("    ") or following.startswith("    $"):
-                break
-            expected.append(following[4:])
+        script.append(command)
     assert len(script) == 10 and script[-3].startswith("kill -9 %1")
     script += ["touch done", "wait"]
     mqtt = {name: ports[port] for name, port in (("g1", 1883), ("g2", 1884))}
-    with open(tmp_path / "out", "w") as out, open(tmp_path / "err", "w") as err:
-        shell = subprocess.Popen(["bash", "-c", "\n".join(script)], cwd=tmp_path, stdout=out, stderr=err,
-                                 preexec_fn=child_setup(), start_new_session=True)
-    pids, clients = [], []
-    try:
-        wait_for(lambda: (tmp_path / "pids").exists() or shell.poll() is not None, timeout=60, what="the join")
-        pids = [int(x) for x in (tmp_path / "pids").read_text().split()]
-        assert len(pids) == 2, (tmp_path / "err").read_text()
-        sink = MqttClient(mqtt["g1"])
-        clients.append(sink)
-        sink.connect("sink", clean=False)
-        assert sink.subscribe(("plant/#", 1)) == (1,)
-        device = MqttClient(mqtt["g2"])
-        clients.append(device)
-        device.connect("device")
-        wait_for(lambda: seen_on(device, sink), CASE_DEADLINE, "the subscription on g2")
-        sink.disconnect()
-        for n in range(100):
-            device.publish("plant/line-1", str(n).encode(), 1)  # returns once its PUBACK is read
-        device.disconnect()
-        (tmp_path / "go").touch()
-        wait_for(lambda: (tmp_path / "done").exists() or shell.poll() is not None, timeout=60, what="the script")
-        printed = [x for x in (tmp_path / "out").read_text().splitlines() if not NODE_LINE.match(x)]
-        assert printed == expected, (tmp_path / "err").read_text()
-        again = MqttClient(mqtt["g2"])
-        clients.append(again)
-        assert again.connect("sink", clean=False).session_present
-        got = []
-        while len(got) < 100:
-            payload = again.message(timeout=10).payload
-            if payload != PROBE:
-                got.append(int(payload))
-        assert got == list(range(100))
-    finally:
-        for client in clients:
-            client.close()
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
+    clients = []
+    with pasted(tmp_path, script) as shell:
         try:
-            shell.wait(30)
+            wait_for(lambda: (tmp_path / "pids").exists() or shell.poll() is not None, timeout=60, what="the join")
+            assert len((tmp_path / "pids").read_text().split()) == 2, (tmp_path / "err").read_text()
+            sink = MqttClient(mqtt["g1"])
+            clients.append(sink)
+            sink.connect("sink", clean=False)
+            assert sink.subscribe(("plant/#", 1)) == (1,)
+            device = MqttClient(mqtt["g2"])
+            clients.append(device)
+            device.connect("device")
+            wait_for(lambda: seen_on(device, sink), CASE_DEADLINE, "the subscription on g2")
+            sink.disconnect()
+            for n in range(100):
+                device.publish("plant/line-1", str(n).encode(), 1)  # returns once its PUBACK is read
+            device.disconnect()
+            (tmp_path / "go").touch()
+            wait_for(lambda: (tmp_path / "done").exists() or shell.poll() is not None, timeout=60, what="the script")
+            printed = [x for x in (tmp_path / "out").read_text().splitlines() if not NODE_LINE.match(x)]
+            assert printed == expected, (tmp_path / "err").read_text()
+            again = MqttClient(mqtt["g2"])
+            clients.append(again)
+            assert again.connect("sink", clean=False).session_present
+            got = []
+            while len(got) < 100:
+                payload = again.message(timeout=10).payload
+                if payload != PROBE:
+                    got.append(int(payload))
+            assert got == list(range(100))
         finally:
-            with contextlib.suppress(ProcessLookupError):  # the shell's own group: only what it started
-                os.killpg(shell.pid, signal.SIGKILL)
-            shell.wait(10)
+            for client in clients:
+                client.close()
 
 
 def seen_on(device, sink):
