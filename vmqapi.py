@@ -9333,7 +9333,7 @@ class MemoryStore:
     def put_copies(self, home: str, mountpoint: str, client_id: str, rows: Sequence[tuple[int, bytes]]) -> None:
         """Keep nothing."""
 
-    def delete_copies(self, home: str, rows: Iterable[int] = (), session: tuple[str, str] | None = None,
+    def delete_copies(self, home: str | None, rows: Iterable[int] = (), session: tuple[str, str] | None = None,
                       whole: bool = False) -> None:
         """Keep nothing."""
 
@@ -9659,9 +9659,14 @@ class SqliteStore(MemoryStore):
         except sqlite3.Error as exc:
             self._failed(exc)
 
-    def delete_copies(self, home: str, rows: Iterable[int] = (), session: tuple[str, str] | None = None,
+    def delete_copies(self, home: str | None, rows: Iterable[int] = (), session: tuple[str, str] | None = None,
                       whole: bool = False) -> None:
-        """Forget copies of ``home``'s messages: those ``rows``, all of ``session``'s, or (``whole``) every one."""
+        """Forget copies of ``home``'s messages: those ``rows``, all of ``session``'s, or (``whole``) every one;
+        ``home`` None: ``session``'s of every home."""
+        if home is None:
+            if session is not None:
+                self._run("DELETE FROM copies WHERE mountpoint = ? AND client_id = ?", session)
+            return
         rows = [(home, row) for row in rows]
         if rows:
             self._dirty = True
@@ -9677,9 +9682,11 @@ class SqliteStore(MemoryStore):
     def load_copies(self, home: str | None = None, session: tuple[str, str] | None = None) -> list:
         """Return the copies kept (of ``home``'s, of ``session`` when given), in order: (home, row, mountpoint,
         client id, body)."""
-        where, args = ("WHERE home = ?", (home,)) if home is not None else ("", ())
+        clauses, args = (["home = ?"], [home]) if home is not None else ([], [])
         if session is not None:
-            where, args = where + " AND mountpoint = ? AND client_id = ?", (*args, *session)
+            clauses.append("mountpoint = ? AND client_id = ?")
+            args += session
+        where = "WHERE " + " AND ".join(clauses) if clauses else ""
         try:
             return list(self.db.execute(f"SELECT home, row, mountpoint, client_id, body FROM copies {where} "
                                         "ORDER BY home, row", args))
@@ -13638,7 +13645,8 @@ class KeptFrames:
         self.parked_at: dict[str, float] = {}  # peer -> since when its first parked frame waits
         # (seq, n, Awaited, mode) that wait for a peer's acknowledgements; ``mode`` says what happens when
         # they will not come: WAIT_FATAL fails when the peer is removed first, WAIT_GOES_ON goes on then (and
-        # when the peer is down and publishes go on in a netsplit), WAIT_FIRM only when it is removed
+        # when the peer is down and publishes go on in a netsplit), WAIT_FIRM fails when it is removed and
+        # waits on through a netsplit
         self.waits_made = 0
         self.waits: dict[tuple[str, int], list[tuple[int, int, Awaited, str]]] = {}  # (peer, epoch) -> a heap of
         self.ack_wait: Awaited | None = None  # what this batch's acknowledgements wait for (set by the cluster)
@@ -13698,7 +13706,7 @@ class KeptFrames:
                 if entry[3] == WAIT_FIRM and not removed:
                     kept.append(entry)
                 else:
-                    entry[2].settle(not (removed and entry[3] == WAIT_FATAL))
+                    entry[2].settle(not (removed and entry[3] in (WAIT_FATAL, WAIT_FIRM)))
             if kept:
                 heapq.heapify(kept)
                 self.waits[key] = kept
@@ -14110,10 +14118,11 @@ class Copies:
             return self.flush_soon()
 
         def released() -> None:
-            self.ends_due += ending
-            self.flush_soon()
+            if not what.failed:  # a node removed before it had what replaces them: the old copies stay
+                self.ends_due += ending
+                self.flush_soon()
         what = Awaited(len(frames), released)
-        for peer, number in frames:  # acknowledged, or that node removed: a netsplit alone never ends a copy
+        for peer, number in frames:  # acknowledged: a netsplit never ends a copy, a removal keeps it
             self.kept.wait(peer, number, what, WAIT_FIRM)
 
     def one_copy(self, up: Callable[[str], bool]) -> int:
@@ -14150,8 +14159,9 @@ class Copies:
             else:
                 raise ClusterError(f"a bad copy op {str(op[0])[:20]!r}")
 
-    def take(self, home: str, session: tuple[str, str] | None = None) -> dict[tuple[str, str], list[Message]]:
-        """Return (and forget) the copies kept here of ``home``'s sessions (or of that one): their messages, in order."""
+    def take(self, home: str | None, session: tuple[str, str] | None = None) -> dict[tuple[str, str], list[Message]]:
+        """Return (and forget) the copies kept here of ``home``'s sessions (or of that one; ``home`` None: that
+        one's, whatever node they were copied from): their messages, in each home's order."""
         found: dict[tuple[str, str], list[Message]] = {}
         limit = self.seam.ctx.packet_limits.properties
         for _, _, mountpoint, client_id, body in self.store.load_copies(home, session):
@@ -14311,10 +14321,13 @@ class SessionRows:
                 continue
             mountpoint, client_id = split_session_key(key)
             heir = self.heir(key, name, alive)
-            if heir == self.me or (mountpoint, client_id) in kept:
+            # a copy from the node that handed it to the removed one is kept until that one had its own
+            earlier = self.copies.take(None, (mountpoint, client_id)).get((mountpoint, client_id), [])
+            messages = earlier + kept.pop((mountpoint, client_id), [])
+            if heir == self.me or messages:
                 now = time.time()
                 self.seam.adopt_session(mountpoint, client_id, value, now)
-                self.seam.adopt_messages(mountpoint, client_id, kept.pop((mountpoint, client_id), ()), now, force=True)
+                self.seam.adopt_messages(mountpoint, client_id, messages, now, force=True)
             elif heir is not None and copied:
                 with contextlib.suppress(ClusterError):
                     self.index(key, {**value, "node": heir})

@@ -29,30 +29,70 @@ stand-ins for what ``KeptFrames`` and ``Cluster._copy`` do around it:
   node), and what was kept for the dead node is dropped, its PUBACKs let go (a copy's wait is not
   fatal in ``KeptFrames.settle_waits``);
 - the ends of copies ``Copies`` defers (``wait`` on the batch's frames) are released by the
-  acknowledgements, and its ``flush_soon`` runs a batch then.
+  acknowledgements, and its ``flush_soon`` runs a batch then;
+- takeovers: a session's client connects at another live node X (X makes the session in a batch
+  of its own), and the home H hands the session over in one batch, as ``Peers.hand_over`` and
+  ``SessionMoves.migrate`` do: its messages in order (``session_messages``), ``delete_session``
+  (``Copies.ended`` defers the end of the copy on H's copy node until this batch's frames are
+  acknowledged: ``batch_numbers``, the last main-stream frame kept per peer, names the
+  hand-over), and a KEPT_MIGRATE frame for X on the main stream (numbered in an epoch of its
+  own, delivered, acknowledged and sent again in order like the copy stream). X uses it in a
+  batch (``SessionMoves.on_migrate``: ``add_message`` each message, new rows there, so X's
+  ``Copies`` copies them to X's copy node) and acknowledges it after the commit, held while that
+  batch's copy frames are unacknowledged, in order behind earlier held ones (``KeptFrames.send_acks``
+  with ``ack_wait``; a restarted node has none held). H may be killed in the hand-over's batch
+  (it hands the session over again once restarted), X in the batch that used it (after its copies
+  went out and were used: the hand-over comes again). When a dead node is removed, the copies its
+  copy nodes kept of a session taken over meanwhile go to the session's home (``member_gone``:
+  a KEPT_MIGRATE frame, or added there when the holder is the home).
 
 Deaths allowed (the guarantee covers them): one at a time: a node dies only while no other node
 is dead and not yet removed, and not before every frame kept since the last removal (the new copy
-nodes' whole sessions) was acknowledged. Restarts are allowed at any time, deaths right after
-them too. The oracle, a naive model of which messages were acknowledged and which consumed (the
-client had them: a kill before the commit may give them again), checks that every acknowledged,
-not consumed message of a live session is in its home's store, in order; that it is on the copy
-node when its PUBACK goes (the copy node being an up member); that once no frame is
-unacknowledged the copy node holds exactly the home's messages in row order; and that a session
-taken up after its home's removal has every acknowledged, not consumed message, in order
-(duplicates allowed, losses never).
+nodes' whole sessions) was acknowledged; and not while a hand-over to it is unacknowledged (see
+below). Restarts are allowed at any time, deaths right after them too.
+
+What a takeover guarantees, from the code: while a session moves, each acknowledged message is on
+two nodes at every moment: H's kept hand-over and H's copy node's copy until X used it; X and that
+copy until X's copy node acknowledged X's copy (X's acknowledgement of the hand-over waits for it,
+and the old copy's end waits, firmly, for that acknowledgement); then X and X's copy node. So H
+dying for good at any point loses nothing (before X used the hand-over, the copy is taken at H's
+removal and goes to X: duplicates, never losses), nor does either copy node dying. Two defects are
+pinned by strict xfail examples at the end: X dying for good before it acknowledged the hand-over
+loses the messages (its removal releases the old copy's end, the hand-over is dropped, the heir
+takes the session up empty): the simulation does not let X die then; and a home killed between a
+hand-over's commit and its acknowledgement never ends its old copy (deferred in memory): it stays
+on its copy node for ever, part of the session's copy again if the session comes back to that home,
+and goes into the session when that home is removed, messages the client had long ago with it: the
+oracle lets a restarted home's copies hold more than its sessions (without a kill they hold exactly
+them).
+
+The oracle, a naive model of which messages were acknowledged and which consumed (the client had
+them: a kill before the commit may give them again), checks that every acknowledged, not consumed
+message of a live session is in its home's store, in order (or, for one taken over, on its way
+there: in a hand-over kept at a live node, or in the copies of a dead node that its removal sends
+there); that, with no node dead and the copies settled since the last removal, it is committed on
+two live nodes (in a session, a copy, or a kept hand-over: an old copy never ends too early); that
+it is on the copy node when its PUBACK goes (the copy node being an up member; for a session taken
+over since, there or in the session); that once no frame is unacknowledged the copy node holds
+exactly the home's messages in row order and no node keeps any other copy; and that a session taken
+up after its home's removal has every acknowledged, not consumed message, in order (duplicates
+allowed, losses never). Messages published at X before the hand-over arrived get rows before the
+moved ones (a restart reads them first): for such a session the oracle checks only that every
+message is there.
 
 Not covered by the simulation: the real KeptFrames (test_cluster_kept.py), QoS 2
-(``mark_released``), messages big enough for a batch to take several frames per peer, a publish
-in the first batch after the members changed, messages forwarded by a node that sees no
-netsplit (examples at the end pin those three), nodes joining (an example shows a copy
-moving), more than COPY_RESETS sessions, takeovers of a session on another node while its home
-is down, subscriptions (they travel in replicated rows), failing store writes, and processes
-(test_replicas.py runs those).
+(``mark_released``), messages big enough for a batch to take several frames per peer, a publish in
+the first batch after the members changed, messages forwarded by a node that sees no netsplit
+(examples at the end pin those three), nodes joining (an example shows a copy moving), more than
+COPY_RESETS sessions, takeovers of a session on another node while its home is down, a session
+taken over again before the last hand-over was used (``HandedOver`` passing it on), the markers
+that order a moved queue (KEPT_FLUSH), QoS 0 messages, subscriptions (they travel in replicated rows), failing store
+writes, and processes (test_replicas.py runs those).
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import shutil
@@ -61,10 +101,12 @@ import types
 
 import pytest
 from hypothesis import HealthCheck, event, given, settings, strategies as st
+from hypothesis.errors import InvalidArgument
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 import vmqapi
-from vmqapi import KEPT_COPY, ClusterError, Copies, Message, SqliteStore, copy_node, encode_term, session_key
+from vmqapi import (KEPT_COPY, KEPT_MIGRATE, ClusterError, Copies, Message, SqliteStore, copy_node, decode_term,
+                    encode_forward, encode_term, migrated_message, session_key)
 
 NAMES = ["n0", "n1", "n2", "n3", "n4"]
 LIMITS = types.SimpleNamespace(packet_limits=types.SimpleNamespace(properties=0))
@@ -76,6 +118,12 @@ def message(n: int) -> Message:
 
 def payloads(messages) -> list[bytes]:
     return [m.payload for m in messages]
+
+
+def note(text: str) -> None:
+    """Hypothesis's ``event``, also callable from a plain example (where it records nothing)."""
+    with contextlib.suppress(InvalidArgument):
+        event(text)
 
 
 def is_subsequence(small: list, big: list) -> bool:
@@ -273,24 +321,28 @@ class SimNode:
 
     def start(self):
         self.store = SqliteStore(self.path)
-        self.epoch, self.seqs = next(self.net.epochs), {}  # peer -> the last seq given, as Outbox.number
+        # as Outbox.number: the main stream's epoch (even) and the copy stream's (the next, odd); (peer, stream) -> seq
+        self.epoch, self.seqs = 2 * next(self.net.epochs), {}
         self.sessions = {(mp, cid): types.SimpleNamespace(clean=False, copy="")
                          for mp, cid, _ in self.store.load()[1]}
         seam = types.SimpleNamespace(sessions=self.sessions, ctx=LIMITS)
         self.copies = Copies(self.name, seam, self, self.store, self.net.member_list, lambda: 2, self.flush_soon)
-        self.batch_numbers: dict = {}  # no other kind of frame is kept here
+        self.batch_numbers: dict = {}  # peer -> the last main-stream frame kept in this batch (KeptFrames')
         self.kept_waits: list = []  # (peer, epoch, seq, Awaited): what waits for a copy frame (ends of copies)
         self.due = False  # Copies asked for a batch soon
         self.store.watch = self.copies
         # peer -> [(epoch, seq, body, row)] kept and not acknowledged, oldest first
         self.outbox: dict[str, list] = {}
         for peer, epoch, seq, kind, body, row in self.store.load_kept():
-            assert kind == KEPT_COPY
+            assert kind == (KEPT_COPY if epoch % 2 else KEPT_MIGRATE)
             self.outbox.setdefault(peer, []).append((epoch, seq, body, row))
         self.marks = {(origin, epoch): seq for origin, epoch, seq in self.store.load_marks()}
         self.members_seen: tuple = ()
         self.waits: list = []  # (peer, epoch, seq, session, message ids): PUBACKs waiting for a copy
         self.batch: list = []  # (session, message id) published in the open batch
+        self.acks_due: dict = {}  # (origin, epoch) -> seq of main-stream frames used in the open batch
+        # KeptFrames.held_acks: [copy frames (peer, epoch, seq) a batch's acknowledgements wait for, those acks]
+        self.held: list = []
 
     def crash(self):
         self.store.db.rollback()
@@ -307,12 +359,16 @@ class SimNode:
         self.kept_waits.append((peer, *number, what))
 
     def keep(self, peer, kind, body):
-        assert kind == KEPT_COPY
-        seq = self.seqs[peer] = self.seqs.get(peer, 0) + 1
-        row = self.store.add_kept(peer, self.epoch, seq, kind, body)
-        self.outbox.setdefault(peer, []).append((self.epoch, seq, body, row))
-        self.net.send(self.name, peer, ("frame", self.epoch, seq, body))
-        return self.epoch, seq
+        assert kind in (KEPT_COPY, KEPT_MIGRATE)
+        stream = 1 if kind == KEPT_COPY else 0
+        epoch, seq = self.epoch + stream, self.seqs.get((peer, stream), 0) + 1
+        self.seqs[peer, stream] = seq
+        if kind != KEPT_COPY:
+            self.batch_numbers[peer] = (epoch, seq)
+        row = self.store.add_kept(peer, epoch, seq, kind, body)
+        self.outbox.setdefault(peer, []).append((epoch, seq, body, row))
+        self.net.send(self.name, peer, ("frame", epoch, seq, body))
+        return epoch, seq
 
     def end_batch(self, late_crash=False):
         """As Cluster._copy, then the commit; return the message ids acknowledged at once.
@@ -322,25 +378,60 @@ class SimNode:
         if members != self.members_seen:
             self.members_seen = members
             self.copies.retarget()
+        self.due = False  # (this batch's flush may ask for another: ends of copies due at once)
         numbers, publishers = self.copies.flush()
-        self.due = False
+        self.batch_numbers = {}  # Cluster.after_batch clears them after _copy
         # allow_publish_during_netsplit = off: a copy node that is down is waited for until it is back or removed
         if late_crash:
             return None
         assert self.store.commit()
+        self.send_acks(numbers)
         batch, self.batch = self.batch, []
         now = []
         for key, msg_id in batch:  # every message here has the same publisher ("device" in mountpoint key[0])
             waiting = [peer for peer in numbers if (key[0], "device") in publishers.get(peer, ())]
             if not waiting:
-                now.append((key, msg_id))
+                now.append((key, msg_id, self.name))
             for peer in waiting:
                 self.waits.append([peer, *numbers[peer], key, msg_id])
         return now
 
+    def send_acks(self, numbers):
+        """KeptFrames.send_acks after the commit: with copies made in this batch (Cluster._copy's ``ack_wait``),
+        the acknowledgements of main-stream frames wait until the copy nodes acknowledged them, in order."""
+        wait = {(peer, *number) for peer, number in numbers.items()} if numbers else None
+        if (wait is not None or self.held) and (self.acks_due or wait is not None):
+            self.held.append([wait, dict(self.acks_due)])
+            self.acks_due.clear()
+            return self.send_held()
+        for (peer, epoch), seq in self.acks_due.items():
+            self.net.send(self.name, peer, ("ack", epoch, seq, None))
+        self.acks_due.clear()
+
+    def send_held(self):
+        while self.held and not self.held[0][0]:
+            for (peer, epoch), seq in self.held.pop(0)[1].items():
+                self.net.send(self.name, peer, ("ack", epoch, seq, None))
+
+    def settle_held(self, which):
+        for entry in self.held:
+            if entry[0]:
+                entry[0] -= {w for w in entry[0] if which(w)}
+        self.send_held()
+
     # -- the copy node's side --
     def receive(self, origin, epoch, seq, body):
+        """Use a frame; return True when a batch must end now (a main-stream frame: its acknowledgement follows
+        that batch's commit, held while its copies are unacknowledged)."""
         last = self.marks.get((origin, epoch), 0)
+        if epoch % 2 == 0:  # the main stream: a session's messages handed over (KEPT_MIGRATE)
+            if seq > last:
+                assert seq == last + 1, f"a gap in {origin}'s frames: {last} then {seq}"
+                self.adopt(body)
+                self.marks[origin, epoch] = last = seq
+                self.store.put_mark(origin, epoch, seq)
+            self.acks_due[origin, epoch] = last
+            return True
         if seq > last:
             assert seq == last + 1, f"a gap in {origin}'s frames: {last} then {seq}"
             self.copies.use(origin, body)
@@ -348,6 +439,30 @@ class SimNode:
             self.store.put_mark(origin, epoch, seq)
             assert self.store.commit()
         self.net.send(self.name, origin, ("ack", epoch, seq, None))
+        return False
+
+    def adopt(self, body):
+        """SessionMoves.on_migrate: the messages go into the session here as new rows (its copies go to this
+        node's copy node in this batch); no session here (it ended meanwhile): they are dropped."""
+        mountpoint, client_id, _, bodies = decode_term(body)
+        key = (mountpoint, client_id)
+        if key not in self.sessions:
+            return
+        self.store.put_session(*key)
+        for item in bodies:
+            msg = migrated_message(item, 0)
+            assert self.store.add_message(*key, msg, msg.qos)
+
+    def moving(self):
+        """{(target, session): [message ids]} of the main-stream frames kept here, unacknowledged."""
+        found = {}
+        for peer, entries in self.outbox.items():
+            for epoch, _, body, _ in entries:
+                if epoch % 2 == 0:
+                    mountpoint, client_id, _, bodies = decode_term(body)
+                    found.setdefault((peer, (mountpoint, client_id)), []).extend(
+                        int(migrated_message(b, 0).payload[1:]) for b in bodies)
+        return found
 
     def acknowledged(self, peer, epoch, upto):
         """Return the (session, message id) whose PUBACK this acknowledgement lets go."""
@@ -357,6 +472,7 @@ class SimNode:
         self.store.delete_kept([f[3] for f in done])
         self.store.commit()
         self.settle_kept(lambda w: w[0] == peer and w[1] == epoch and w[2] <= upto)
+        self.settle_held(lambda w: w[0] == peer and w[1] == epoch and w[2] <= upto)
         return self.settle(lambda w: w[0] == peer and w[1] == epoch and w[2] <= upto)
 
     def settle_kept(self, which):
@@ -367,7 +483,7 @@ class SimNode:
     def settle(self, which):
         settled = [w for w in self.waits if which(w)]
         self.waits = [w for w in self.waits if not which(w)]
-        return [(w[3], w[4]) for w in settled]
+        return [(w[3], w[4], self.name) for w in settled]
 
     def pending(self) -> bool:
         return any(self.outbox.values())
@@ -395,6 +511,9 @@ class CopiesNetwork(RuleBasedStateMachine):
         self.home: dict[tuple[str, str], str] = {}  # live session -> its node
         self.acked: dict[tuple[str, str], list[int]] = {}  # session -> message ids acknowledged, in order
         self.consumed: set[int] = set()  # message ids the client has had
+        self.unordered: set = set()  # sessions published to while older messages were on their way to them
+        self.old_home: dict = {}  # session -> the node it was last taken over from
+        self.restarted: set = set()  # nodes killed once (a copy they left may stay: see the examples at the end)
         for i, key in enumerate(SESSIONS):  # every session starts at a node, with no message
             home = self.home[key] = self.names[i % n]
             self.nodes[home].store.put_session(*key)
@@ -433,17 +552,19 @@ class CopiesNetwork(RuleBasedStateMachine):
 
     # -- the oracle's bookkeeping --
     def acknowledge(self, done, check=True):
-        for key, msg_id in done:
+        for key, msg_id, home in done:  # home: where it was published (the session may have moved on since)
             if self.home.get(key) is None:
                 continue  # the session ended meanwhile
             self.acked.setdefault(key, []).append(msg_id)
-            home = self.home[key]
             peer = copy_node(session_key(*key), home, self.members)
             if check and peer is not None and peer != self.dead and msg_id not in self.consumed:
-                # the PUBACK goes once the copy node committed it (unless the client had it first)
-                copied = [vmqapi.decode_forward(body)[1].payload
+                # the PUBACK goes once the copy node committed it (unless the client had it first) ...
+                copied = [int(vmqapi.decode_forward(body)[1].payload[1:])
                           for _, _, _, _, body in self.nodes[peer].store.load_copies(home, key)]
-                assert message(msg_id).payload in copied, (key, msg_id, home, peer)
+                if home != self.home[key] and msg_id not in copied:
+                    # ... or, taken over since, that copy ended once the new home acknowledged the hand-over
+                    copied = [int(m.payload[1:]) for _, m in self.messages_at_home(key)] + self.on_their_way(key)
+                assert msg_id in copied, (key, msg_id, home, peer)
 
     def batch(self, name, crash=None):
         """End a batch at ``name``; ``crash``: it is killed "early" (before the batch's end) or "late" (its
@@ -457,12 +578,36 @@ class CopiesNetwork(RuleBasedStateMachine):
                     self.deliver(self.members.index(name), self.members.index(peer), 1000)
             return self.crash_node(name)
         self.acknowledge(done)
+        if self.nodes[name].due:  # Copies.flush_soon (ends of copies due now): the cluster runs a batch soon
+            self.batch(name)
 
     def waiting_for(self, key):
         return [m for m in self.acked.get(key, []) if m not in self.consumed]
 
     def messages_at_home(self, key):
         return [(row, m) for row, m, _ in self.nodes[self.home[key]].store.session_messages(*key)]
+
+    def on_their_way(self, key):
+        """Message ids of session ``key`` not at its home yet: in a hand-over kept (committed) at a live node for
+        its home, or in the copies a dead node's copy nodes keep of it (its removal sends them to the home)."""
+        found = []
+        for name in self.live():
+            found += self.nodes[name].moving().get((self.home[key], key), [])
+            if self.dead is not None:
+                found += [int(vmqapi.decode_forward(body)[1].payload[1:])
+                          for _, _, _, _, body in self.nodes[name].store.load_copies(self.dead, key)]
+        return found
+
+    def moving(self, key):
+        """Whether a hand-over of ``key`` is kept at a live node and not yet used by the node it goes to."""
+        for name in self.live():
+            node = self.nodes[name]
+            for peer, entries in node.outbox.items():
+                marks = self.nodes[peer].marks
+                if any(epoch % 2 == 0 and seq > marks.get((name, epoch), 0) and tuple(decode_term(body)[:2]) == key
+                       for epoch, seq, body, _ in entries):
+                    return True
+        return False
 
     # -- rules --
     @rule(s=st.sampled_from(SESSIONS), a=st.integers(0, 4), count=st.integers(1, 3), crash=CRASHES)
@@ -474,6 +619,8 @@ class CopiesNetwork(RuleBasedStateMachine):
         if home == self.dead or any(not self.is_up(via, m) for m in self.members if m != via):
             return  # a netsplit as the publisher's node sees it: publishes are refused
         node = self.nodes[home]
+        if s in self.home and self.moving(s):
+            self.unordered.add(s)  # older messages arrive after these (the store's rows say so; see the docstring)
         if s not in self.home:
             node.store.put_session(*s)
             node.sessions[s] = types.SimpleNamespace(clean=False, copy="")
@@ -514,10 +661,57 @@ class CopiesNetwork(RuleBasedStateMachine):
         node = self.nodes[home]
         node.store.delete_session(*s)
         del node.sessions[s]
-        node.waits = [w for w in node.waits if w[3] != s]  # its PUBACKs go, of no concern to the copies
+        for other in self.live():  # its PUBACKs go (at the nodes it was at), of no concern to the copies
+            self.nodes[other].waits = [w for w in self.nodes[other].waits if w[3] != s]
         self.batch(home)
         del self.home[s]
         self.acked.pop(s, None)
+
+    @rule(s=st.sampled_from(SESSIONS), a=st.integers(0, 4), crash=CRASHES)
+    def take_over(self, s, a, crash):
+        """Session ``s``'s client connects at another live node: the old home hands the session over there."""
+        old = self.home.get(s)
+        others = [n for n in self.live() if n != old]
+        if old is None or old == self.dead or not others or self.moving(s):
+            return  # (a move of a session whose last move is not used yet: not covered)
+        new = others[a % len(others)]
+        node = self.nodes[new]  # the client's CONNECT makes the session there (its row claims it)
+        node.store.put_session(*s)
+        node.sessions[s] = types.SimpleNamespace(clean=False, copy="")
+        self.batch(new)
+        if crash:  # the old home is killed in its hand-over's batch: restarted, it hands the session over again
+            self.hand_over(s, old, new, crash)
+        self.hand_over(s, old, new)
+        self.home[s], self.old_home[s] = new, old
+        note("a session taken over with acknowledged messages" if self.waiting_for(s) else "a session taken over")
+
+    def hand_over(self, key, old, new, crash=None):
+        """Peers.hand_over and SessionMoves.migrate at the old home, in one batch: its messages in order, the
+        session's end (Copies.ended defers the end of its copy), a KEPT_MIGRATE frame for the new home."""
+        node = self.nodes[old]
+        messages = [m for _, m, _ in node.store.session_messages(*key)]
+        node.store.delete_session(*key)
+        del node.sessions[key]
+        node.keep(new, KEPT_MIGRATE, encode_term([*key, None, [encode_forward(key[0], m, True, ()) for m in messages]]))
+        self.batch(old, crash)
+
+    @rule(a=st.integers(0, 4))
+    def hand_over_used_then_killed(self, a):
+        """A link carrying a hand-over delivers up to it; the node it goes to uses it and is killed before its
+        commit, once the copies of that batch went out and were used."""
+        live = self.live()
+        pairs = [pair for pair, frames in sorted(self.flight.items()) if set(pair) <= set(live)
+                 and any(item[0] == "frame" and item[1] % 2 == 0 for item in frames)]
+        if not pairs:
+            return
+        src, dst = pairs[a % len(pairs)]
+        frames = self.flight[src, dst]
+        while not (frames[0][0] == "frame" and frames[0][1] % 2 == 0):
+            self.deliver(self.members.index(src), self.members.index(dst), 1)
+        _, epoch, seq, body = frames.pop(0)
+        if self.nodes[dst].receive(src, epoch, seq, body):
+            note("a hand-over used, then its node killed before the commit")
+            self.batch(dst, "late")
 
     @rule(a=st.integers(0, 4), b=st.integers(0, 4), count=st.integers(1, 4))
     def deliver(self, a, b, count):
@@ -526,7 +720,8 @@ class CopiesNetwork(RuleBasedStateMachine):
         for _ in range(min(count, len(frames))):
             kind, epoch, seq, body = frames.pop(0)
             if kind == "frame":
-                self.nodes[dst].receive(src, epoch, seq, body)
+                if self.nodes[dst].receive(src, epoch, seq, body):
+                    self.batch(dst)
             else:
                 self.acknowledge(self.nodes[dst].acknowledged(src, epoch, seq))
                 if self.nodes[dst].due:  # ends of copies released: a batch sends them
@@ -565,19 +760,27 @@ class CopiesNetwork(RuleBasedStateMachine):
         for other in self.members:
             if other != name:
                 self.link_down(name, other)
+        self.restarted.add(name)
         node.start()
-        event("a restart with kept frames" if node.pending() else "a restart")
+        note("a restart with kept frames" if node.pending() else "a restart")
         for other in self.live():
             if other != name:
                 self.link_up(name, other)
         self.batch(name)  # Cluster._copy: the first batch after a start retargets every session
 
-    @rule(s=st.sampled_from(SESSIONS), a=st.integers(0, 4), home=st.booleans())
-    def die(self, s, a, home):
-        """A node dies for good (allowed: see the module's docstring): session ``s``'s home, or node ``a``."""
-        name = self.home[s] if home and s in self.home else self.pick(a)
+    @rule(s=st.sampled_from(SESSIONS), a=st.integers(0, 4), who=st.sampled_from(["node", "home", "old home"]))
+    def die(self, s, a, who):
+        """A node dies for good (allowed: see the module's docstring): node ``a``, session ``s``'s home, or the
+        node it was last taken over from."""
+        name = {"home": self.home, "old home": self.old_home}[who].get(s) if who != "node" else None
+        name = name if name in self.live() else self.pick(a)
         if self.dead is not None or self.settling or len(self.members) < 2:
             return
+        if any(peer == name for other in self.live() for peer, _ in self.nodes[other].moving()):
+            return  # a node a session is being handed over to: a known loss (see the examples at the end)
+        self.kill_for_good(name)
+
+    def kill_for_good(self, name):
         self.nodes[name].crash()
         for other in self.members:
             if other != name:
@@ -603,8 +806,10 @@ class CopiesNetwork(RuleBasedStateMachine):
             holder, messages = taken.pop(key, (heir, []))
             assert holder == heir, (key, holder, heir)
             got = [int(p[1:]) for p in payloads(messages)]
-            assert is_subsequence(self.waiting_for(key), got), (key, self.waiting_for(key), got)
-            event("a session taken up with acknowledged messages" if self.waiting_for(key) else "a session taken up")
+            waiting = self.waiting_for(key)
+            assert set(waiting) <= set(got) if key in self.unordered else is_subsequence(waiting, got), \
+                (key, waiting, got)
+            note("a session taken up with acknowledged messages" if self.waiting_for(key) else "a session taken up")
             node = self.nodes[heir]
             node.store.put_session(*key)
             node.sessions[key] = types.SimpleNamespace(clean=False, copy="")
@@ -612,8 +817,19 @@ class CopiesNetwork(RuleBasedStateMachine):
                 node.store.add_message(*key, msg, 1)
             self.home[key] = heir
             self.acked[key] = self.waiting_for(key)
-        # copies of sessions that ended there (an ["e"] not yet used) or were never committed: no session takes them
-        event("copies with no session taken" if taken else "every copy taken has its session")
+        for key, (holder, messages) in taken.items():
+            home = self.home.get(key)
+            if home is None:  # ended there (an ["e"] not yet used) or never committed: no session takes them
+                note("copies with no session taken")
+                continue
+            # taken over elsewhere while its node was away (SessionRows.member_gone): they go to its home
+            note("copies of a session taken over sent to its home")
+            if home == holder:
+                for msg in messages:
+                    self.nodes[holder].store.add_message(*key, msg, msg.qos)
+            else:
+                self.nodes[holder].keep(home, KEPT_MIGRATE, encode_term(
+                    [*key, None, [encode_forward(key[0], m, True, ()) for m in messages]]))
         for name in alive:
             node = self.nodes[name]
             self.batch(name)  # members changed: retarget
@@ -624,6 +840,7 @@ class CopiesNetwork(RuleBasedStateMachine):
             # ... and the PUBACKs waiting for it go (KeptFrames.settle_waits: a copy's wait is not fatal)
             self.acknowledge(node.settle(lambda w: w[0] == dead), check=False)
             node.settle_kept(lambda w: w[0] == dead)
+            node.settle_held(lambda w: w[0] == dead)
             if node.due:
                 self.batch(name)
 
@@ -636,7 +853,34 @@ class CopiesNetwork(RuleBasedStateMachine):
             if home == self.dead:
                 continue
             there = [int(m.payload[1:]) for _, m in self.messages_at_home(key)]
-            assert is_subsequence(self.waiting_for(key), there), (key, self.waiting_for(key), there)
+            waiting = self.waiting_for(key)
+            if key not in self.unordered and is_subsequence(waiting, there):
+                continue
+            there += self.on_their_way(key)
+            assert set(waiting) <= set(there), (key, waiting, there)
+
+    @invariant()
+    def acknowledged_messages_are_on_two_nodes(self):
+        """With no node dead and the copies settled since the last removal, every acknowledged, not consumed
+        message is committed on two live nodes (in a session, a copy, or a hand-over kept): a takeover's old copy
+        ends only once the new home's copy is committed."""
+        if not hasattr(self, "nodes") or self.dead is not None or self.settling or len(self.members) < 2:
+            return
+        places: dict[tuple, set] = {}
+        for name in self.members:
+            node = self.nodes[name]
+            for key in self.home:
+                for _, m, _ in node.store.session_messages(*key):
+                    places.setdefault((key, int(m.payload[1:])), set()).add(name)
+            for _, _, mountpoint, client_id, body in node.store.load_copies():
+                msg_id = int(vmqapi.decode_forward(body)[1].payload[1:])
+                places.setdefault(((mountpoint, client_id), msg_id), set()).add(name)
+            for (_, key), ids in node.moving().items():
+                for msg_id in ids:
+                    places.setdefault((key, msg_id), set()).add(name)
+        for key in self.home:
+            for msg_id in self.waiting_for(key):
+                assert len(places.get((key, msg_id), ())) >= 2, (key, msg_id, places.get((key, msg_id)))
 
     @invariant()
     def quiet_copies_are_the_home(self):
@@ -654,7 +898,20 @@ class CopiesNetwork(RuleBasedStateMachine):
             at_home = [(row, m.payload) for row, m in self.messages_at_home(key)]
             copied = [(row, vmqapi.decode_forward(body)[1].payload)
                       for _, row, _, _, body in self.nodes[peer].store.load_copies(home, key)]
+            if home in self.restarted and copied != at_home:  # a copy its last run left, the session back since
+                note("a copy left behind by a restarted home, its session back there")
+                assert is_subsequence(at_home, copied), (key, home, peer, at_home, copied)
+                continue
             assert copied == at_home, (key, home, peer)
+        for name in self.members:  # and no node keeps any other copy (an old copy node's, a session's that ended)
+            for home, _, mountpoint, client_id, _ in self.nodes[name].store.load_copies():
+                key = (mountpoint, client_id)
+                if home in self.restarted and (self.home.get(key) != home or copy_node(
+                        session_key(*key), home, self.members) != name):
+                    note("a copy left behind by a restarted home")
+                    continue
+                assert self.home.get(key) == home and copy_node(session_key(*key), home, self.members) == name, \
+                    (name, home, key, self.home.get(key))
 
     def teardown(self):
         if not hasattr(self, "nodes"):
@@ -676,7 +933,7 @@ class CopiesNetwork(RuleBasedStateMachine):
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
-CopiesNetwork.TestCase.settings = settings(max_examples=80, stateful_step_count=40, deadline=None)
+CopiesNetwork.TestCase.settings = settings(max_examples=120, stateful_step_count=40, deadline=None)
 test_acknowledged_messages_survive_one_death_at_a_time = CopiesNetwork.TestCase
 
 
@@ -891,4 +1148,80 @@ def test_an_old_copy_ends_only_once_the_new_one_is_acknowledged_even_across_a_ne
     kept.settle_waits("n2", removed=False)  # down, publishes going on in a netsplit
     assert sorted(done) == sorted([vmqapi.WAIT_GOES_ON, vmqapi.WAIT_FATAL]) and not whats[vmqapi.WAIT_FATAL].failed
     kept.settle_waits("n2", removed=True)
-    assert done[-1] == vmqapi.WAIT_FIRM and not whats[vmqapi.WAIT_FIRM].failed
+    assert done[-1] == vmqapi.WAIT_FIRM  # released by the removal (failed or not: KeptFrames says, Copies acts on it)
+
+
+# -- sessions taken over: examples of what the simulation leaves out ----------------------------------
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason="Copies: a removal of the new home ends the old copy")
+@pytest.mark.parametrize("used", [False, True])
+def test_a_session_handed_over_to_a_node_that_dies_before_it_acknowledged_the_hand_over_keeps_its_messages(used):
+    """The new home X dies for good before it acknowledged the hand-over: before it used it, or once it did but
+    before its copy node acknowledged its copy (``used``). X's removal releases the old home's wait for it
+    (WAIT_FIRM ends at a removal): the old copy node ends its copy, the KEPT_MIGRATE frame is dropped, and the
+    heir takes the session up with what X's copy node kept of it: nothing. (Smallest: 2 nodes, publish m1 at
+    n0, take over to n1, n1 dies, removed.)"""
+    net, key = CopiesNetwork(), ("", "c0")
+    net.start(n=3 if used else 2)
+    try:
+        net.publish_acknowledged(key, 0, 1)  # m1 at its home, its copy on the copy node: acknowledged
+        old = net.home[key]
+        new = next(n for n in net.members if n != old and (
+            not used or copy_node(session_key(*key), n, net.members) != old))
+        keeper = copy_node(session_key(*key), new, net.members)
+        if used:
+            net.link(net.members.index(new), net.members.index(keeper), False)  # X's copy does not get there
+        net.take_over(key, [n for n in net.members if n != old].index(new), None)
+        if used:
+            net.calm()  # X used the hand-over; its acknowledgement waits for its copy node
+            assert net.nodes[new].held and net.nodes[old].pending()
+        net.kill_for_good(new)
+        net.remove()  # the heir's session: every acknowledged message? (no: m1 is lost)
+    finally:
+        net.close()
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="Copies: an end of a copy deferred in memory is lost with a restart (a copy left for ever)")
+def test_an_old_home_restarted_before_the_hand_over_is_acknowledged_still_ends_its_copy():
+    """The old home is killed after its hand-over's commit, before the new home acknowledged it: the end of the
+    copy it deferred (in memory) never goes; its copy node keeps the copy for ever, and when the old home is
+    removed one day that copy goes to the session again: messages the client had long ago come back."""
+    net, key = CopiesNetwork(), ("", "c0")
+    net.start(n=2)
+    try:
+        net.publish_acknowledged(key, 0, 1)  # m1 at n0, its copy on n1
+        net.take_over(key, 0, None)  # to n1 (n0's copy node): the end of n0's copy waits for n1's acknowledgement
+        net.restart(0)  # n0 is killed and starts again: it has no session to end a copy of
+        net.calm(heal=True)
+        net.consume(key, 1, None)  # the client at n1 had m1
+        net.calm(heal=True)
+        assert not any(net.nodes[n].pending() for n in net.members)
+        left = net.nodes["n1"].store.load_copies("n0", key)
+        assert left == [], [vmqapi.decode_forward(body)[1].payload for *_, body in left]
+    finally:
+        net.close()
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="Copies: a copy left by a restarted home comes back into its session")
+def test_a_message_the_client_had_does_not_come_back_from_a_copy_a_restarted_home_left():
+    """The same copy left behind, the session back at that home later (n0 sends no reset for it: its copy node is
+    the same): the copy of n0's session on n1 holds m1 again, and n0's removal gives it to the session."""
+    net, key = CopiesNetwork(), ("", "c0")
+    net.start(n=2)
+    try:
+        net.publish_acknowledged(key, 0, 1)  # m1 at n0, its copy on n1
+        net.take_over(key, 0, None)  # to n1
+        net.restart(0)  # n0 forgets the end of its copy
+        net.calm(heal=True)
+        net.consume(key, 1, None)  # the client at n1 had m1
+        net.take_over(key, 0, None)  # back to n0 (copy node n1, as before)
+        net.calm(heal=True)
+        net.kill_for_good("n0")
+        net.remove()  # n1 takes the session up with n0's copy
+        back = [m.payload for _, m in net.messages_at_home(key)]
+        assert b"m1" not in back, back
+    finally:
+        net.close()
