@@ -12137,10 +12137,10 @@ class Outbox:
             del self.kept[peer][epoch]
         return rows
 
-    def drop(self, peer: str) -> list[int]:
-        """Forget everything kept for a peer that left the cluster; return the rows."""
+    def drop(self, peer: str) -> list[tuple[int, int, bytes]]:
+        """Forget everything kept for a peer that left the cluster; return (row, kind, body) of each, in order."""
         self.size.pop(peer, None)
-        return [row for entries in self.kept.pop(peer, {}).values() for row, _, _ in entries.values()]
+        return [entry for entries in self.kept.pop(peer, {}).values() for entry in entries.values()]
 
 
 INBOX_EPOCHS = 32  # epochs of one origin whose highest number is remembered (older ones are forgotten; two a run)
@@ -13568,6 +13568,25 @@ class SessionMoves:
             entry[2] = True
             self._check(mountpoint, client_id)
 
+    def rehome(self, body: bytes, heir: str | None) -> None:
+        """A session handed over to a node removed before it acknowledged it: its messages go to the node that
+        took that node's sessions up (``heir``), here or there."""
+        mountpoint, client_id, summary, bodies = decode_term(body)
+        if not (isinstance(mountpoint, str) and isinstance(client_id, str) and isinstance(bodies, list)):
+            raise ClusterError("a session handed over with a bad summary")
+        if heir is None:
+            log.warning("cluster: %d message(s) of %r handed over to a removed node have no node to go to",
+                        len(bodies), client_id[:100])
+        elif heir != self.me:
+            self.kept.keep(heir, KEPT_MIGRATE, body)
+        else:
+            seam, now = self.seam, time.time()
+            if summary is not None and _summary_ok(summary):
+                seam.adopt_session(mountpoint, client_id, summary, now)
+            limit = seam.ctx.packet_limits.properties
+            messages = [msg for msg in (migrated_message(b, limit) for b in bodies) if msg is not None]
+            seam.adopt_messages(mountpoint, client_id, messages, now, force=True)
+
     # -- every node -------------------------------------------------------
     def use(self, peer: str, kind: int, body: bytes, force: bool) -> str:
         """Act on a kept frame (KeptFrames.receive): "used", "full" (not now) or "forced" (see KeptFrames)."""
@@ -13653,12 +13672,16 @@ class KeptFrames:
         self.held_acks: collections.deque[tuple[Awaited | None, dict[tuple[str, int], int]]] = collections.deque()
         self.copy_acks: dict[tuple[str, int], int] = {}  # acknowledgements of KEPT_COPY frames: never held
         self.batch_numbers: dict[str, tuple[int, int]] = {}  # peer -> the last other frame kept in this batch
+        self.start_tails: list[tuple[str, tuple[int, int]]] = []  # the last frame of each (peer, epoch) at the start
 
     def load(self) -> None:
         """Bring back what the store keeps (before any link is up)."""
         store = self.io.store
+        tails: dict[tuple[str, int], int] = {}
         for peer, epoch, seq, kind, body, row in store.load_kept():
             self.outbox.keep(peer, epoch, seq, kind, body, row)
+            tails[peer, epoch] = max(seq, tails.get((peer, epoch), 0))
+        self.start_tails = [(peer, (epoch, seq)) for (peer, epoch), seq in tails.items()]
         self.inbox = Inbox(store.load_marks())
         self.io.commit_hooks.append(self.send_acks)
         self.io.rollback_hooks.append(self.rolled_back)
@@ -13859,14 +13882,18 @@ class KeptFrames:
         self.ack_wait = None
         self.inbox = Inbox(self.io.store.load_marks())
 
-    def drop(self, peer: str) -> None:
-        """Forget what was kept for a node that left the cluster."""
+    def drop(self, peer: str) -> list[bytes]:
+        """Forget what was kept for a node that left the cluster; return the sessions handed over to it that it
+        never acknowledged (KEPT_MIGRATE bodies: they go on elsewhere, ``SessionMoves.rehome``)."""
         dropped = self.outbox.drop(peer)
-        if dropped:
-            log.warning("cluster: %d kept frame(s) for %s are dropped: it left the cluster", len(dropped), peer)
-        self.io.store.delete_kept(dropped)
+        moving = [body for _, kind, body in dropped if kind == KEPT_MIGRATE]
+        if len(dropped) > len(moving):
+            log.warning("cluster: %d kept frame(s) for %s are dropped: it left the cluster",
+                        len(dropped) - len(moving), peer)
+        self.io.store.delete_kept([row for row, _, _ in dropped])
         self.settle_waits(peer, removed=True)
         self.check_room()
+        return moving
 
 
 ###############################################################################
@@ -13911,8 +13938,9 @@ class Copies:
     message, row, message...]]``, ``["d", [row...]]``, ``["e", mountpoint, client id]`` (the
     copy ends) and ``["k", mountpoint, client id, [row...]]`` (only these rows stay: after its
     adds, a session sent whole; its copy is never shorter meanwhile, whatever frame a death
-    cuts it at). ``flush`` keeps this batch's frames and says which publishers'
-    acknowledgements wait for which of them. The session's subscriptions travel in its
+    cuts it at), and after a start ``["s", [[mountpoint, client id]...]]`` (copies of this
+    node's other sessions go: what an earlier run left). ``flush`` keeps this batch's frames and
+    says which publishers' acknowledgements wait for which of them. The session's subscriptions travel in its
     replicated row, as for every session.
 
     The second node: ``use`` applies the ops to its store's copies (committed before the
@@ -13938,6 +13966,9 @@ class Copies:
         self.ends_due: list[tuple[str, tuple[str, str]]] = []
         self.urgent: set[tuple[str, str]] = set()  # sessions to send whole in this batch (a publisher waits)
         self.started = False  # retarget ran once since this node started
+        # the sync after a start ("s": each node keeps copies of this node's sessions it is assigned, only):
+        # "" none, "waits" (for the sessions sent whole, then acknowledgements), "due" (at the next flush)
+        self.sync = ""
 
     # -- the home node: what the store tells ---------------------------------
     def target(self, key: tuple[str, str]) -> str | None:
@@ -14035,10 +14066,9 @@ class Copies:
                     self.assign(key, peer)
         for key in [k for k in self.assigned if k not in self.seam.sessions]:
             self.assign(key, None)
-        if not self.started:  # what this node's last run left on other nodes (an end that never went) ends
-            self.started = True
-            for key, peer in self.assigned.items():
-                self.ending += [(other, key) for other in self.members() if other not in (self.me, peer)]
+        if not self.started:  # what this node's last run left on other nodes (an end that never went) ends:
+            self.started = True  # once every session is sent whole and what that run kept is acknowledged
+            self.sync = "waits"
 
     def flush(self) -> tuple[dict[str, tuple[int, int]], dict[str, set[tuple[str, str]]]]:
         """Keep this batch's copy frames; return the last (epoch, seq) kept for each peer, and the publishers
@@ -14059,6 +14089,12 @@ class Copies:
         for peer, key in dict.fromkeys(due):  # (once each)
             if self.assigned.get(key) != peer:  # not given back to it meanwhile (its reset ends it first)
                 self.ops.setdefault(peer, []).append(["e", *key])
+        if self.sync == "due":
+            self.sync = ""
+            for peer in self.members():
+                if peer != self.me:
+                    self.ops.setdefault(peer, []).append(
+                        ["s", sorted([*key] for key, there in self.assigned.items() if there == peer)])
         numbers = self._keep(self.ops)
         self.ops.clear()
         self.tail.clear()
@@ -14107,22 +14143,29 @@ class Copies:
     def _defer_ends(self, numbers: Mapping[str, tuple[int, int]]) -> None:
         """Send this batch's ends of copies once every frame this batch kept is acknowledged: the new copy
         node's copy, or the session handed over to another node, is committed there before the old copy goes."""
+        if self.sync == "waits" and not self.resets:  # every session sent whole (in this batch, or before)
+            self.sync = "acknowledged"
+            self._after_frames(numbers, self.kept.start_tails, lambda: setattr(self, "sync", "due"))
         pending = {key for keys in self.resets.values() for key in keys}  # not sent whole yet: their ends wait
         ending = [e for e in self.ending if e[1] not in pending]
         self.ending = [e for e in self.ending if e[1] in pending]
-        if not ending:
-            return
-        frames = [*numbers.items(), *self.kept.batch_numbers.items()]
-        if not frames:
-            self.ends_due += ending
-            return self.flush_soon()
+        if ending:
+            self._after_frames(numbers, [], lambda: self.ends_due.extend(ending))
+
+    def _after_frames(self, numbers: Mapping[str, tuple[int, int]], more: Sequence[tuple[str, tuple[int, int]]],
+                      then: Callable[[], None]) -> None:
+        """Run ``then`` (and a batch soon) once every frame this batch kept, and ``more``, is acknowledged; never
+        when a node is removed before it acknowledged (what ends copies must not run without what replaces them)."""
+        frames = [*numbers.items(), *self.kept.batch_numbers.items(), *more]
 
         def released() -> None:
-            if not what.failed:  # a node removed before it had what replaces them: the old copies stay
-                self.ends_due += ending
+            if not what.failed:
+                then()
                 self.flush_soon()
         what = Awaited(len(frames), released)
-        for peer, number in frames:  # acknowledged: a netsplit never ends a copy, a removal keeps it
+        if not frames:
+            return released()
+        for peer, number in frames:  # acknowledged: a netsplit never releases it, a removal cancels it
             self.kept.wait(peer, number, what, WAIT_FIRM)
 
     def one_copy(self, up: Callable[[str], bool]) -> int:
@@ -14151,6 +14194,11 @@ class Copies:
                 store.put_copies(home, op[1], op[2], list(zip(op[3][::2], op[3][1::2])))
             elif op[0] == "e" and len(op) == 3 and isinstance(op[1], str) and isinstance(op[2], str):
                 store.delete_copies(home, session=(op[1], op[2]))
+            elif op[0] == "s" and len(op) == 2 and isinstance(op[1], list) \
+                    and all(isinstance(k, list) and len(k) == 2 and all(type(x) is str for x in k) for k in op[1]):
+                keep = {tuple(k) for k in op[1]}
+                for session in {(mp, cid) for _, _, mp, cid, _ in store.load_copies(home)} - keep:
+                    store.delete_copies(home, session=session)
             elif op[0] == "k" and len(op) == 4 and isinstance(op[1], str) and isinstance(op[2], str) \
                     and _rows_ok(op[3]):
                 keep = set(op[3])
@@ -14469,7 +14517,7 @@ class Membership:
         self.rows.put("member", name, None)
         self.gone(name)
         self.links.forget(name)
-        self.kept.drop(name)  # never to be acknowledged: what waited for it goes on, or fails (KeptFrames.drop)
+        self.drop_kept(name)  # never to be acknowledged: what waited for it goes on, or fails (KeptFrames.drop)
         self.connect()
         self.check_split()
         self.rows.announce()
@@ -14536,7 +14584,17 @@ class Membership:
         """Drop the link to, and what is kept for, a member removed FORGET_DELAY ago (if still out)."""
         if name not in self.members() and self.links is not None:
             self.links.forget(name)
-            self.kept.drop(name)
+            self.drop_kept(name)
+
+    def drop_kept(self, name: str) -> None:
+        """Drop what was kept for a removed member; sessions handed over to it go to its sessions' heirs."""
+        alive = sorted(set(self.members()) | {self.me})
+        for body in self.kept.drop(name):
+            try:
+                key = session_key(*decode_term(body)[:2])
+                self.moves.rehome(body, self.sessions.heir(key, name, alive))
+            except (ClusterError, TypeError, ValueError) as exc:
+                log.warning("cluster: a session handed over to %s cannot go on elsewhere: %s", name, exc)
 
     def forget_if_out(self, name: str) -> None:
         """Drop the link to a peer, this node being out of the cluster still."""
