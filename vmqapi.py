@@ -53,8 +53,8 @@ Contents (``grep -nE '^# [0-9]+\\. ' vmqapi.py`` prints them with line numbers):
     22. Peers: the engine's side of a cluster
     23. Cluster state: replicated metadata and the node-to-node codec
     24. Cluster links: node-to-node connections
-    25. Cluster requests: replication, calls between nodes, sessions moving
-    26. Cluster: sessions across nodes, and copies on a second node
+    25. Cluster requests: replication, calls between nodes, kept frames
+    26. Cluster: sessions moving between nodes, and their copies
     27. Cluster: membership, joins and leaves, routing, the Cluster itself
     28. Bridge: vmq_bridge
     29. Webhooks: bodies, answers, the cache and the client
@@ -13030,11 +13030,11 @@ class ClusterLinks:
 
 
 ###############################################################################
-# 25. Cluster requests: replication, calls between nodes, sessions moving #####
+# 25. Cluster requests: replication, calls between nodes, kept frames #########
 ###############################################################################
 # Owns: the cluster's constants, its replicated rows (their store and their
-#       flow), requests to other nodes and their answers, sessions moving
-#       between nodes, and the frames kept until another node committed them.
+#       flow), requests to other nodes and their answers, and the frames kept
+#       until another node committed them.
 # Must not know: the bytes on a link, the engine's shapes.
 
 CLUSTER_PORT = 44053  # VerneMQ's cluster port: a discovery node without one is asked there
@@ -13391,249 +13391,6 @@ def _summary_ok(summary: Any) -> bool:
     return isinstance(summary, dict) and isinstance(summary.get("subs") or {}, dict)
 
 
-class HandedOver:
-    """Persistent sessions this node handed to another node lately: what still arrives for them follows them.
-
-    Kept MOVED_KEEP seconds (a publisher's node learns of the move well before), MOVED_MAX at most;
-    their filters sit in a trie per mountpoint, so ``wanting`` costs a topic's levels, not a scan.
-    """
-
-    def __init__(self):
-        self.sessions: dict[tuple[str, str], tuple[str, tuple[str, ...], float]] = {}  # -> owner, filters, until
-        self.tries: dict[str, TopicTrie] = {}
-
-    def add(self, mountpoint: str, client_id: str, owner: str, filters: Iterable[str], now: float) -> None:
-        """Remember that a session went to ``owner`` with these subscriptions."""
-        self.forget(mountpoint, client_id)
-        plain = tuple(f for f in filters if not f.startswith(SHARE_PREFIX))
-        self.sessions[mountpoint, client_id] = (owner, plain, now + MOVED_KEEP)
-        trie = self.tries.setdefault(mountpoint, TopicTrie())
-        for topic_filter in plain:
-            trie.add(topic_filter, client_id, 0)
-        if len(self.sessions) > MOVED_MAX:
-            self.forget(*next(iter(self.sessions)))
-
-    def forget(self, mountpoint: str, client_id: str) -> None:
-        """The session is back here (or gone): nothing follows it any more."""
-        entry = self.sessions.pop((mountpoint, client_id), None)
-        if entry is not None:
-            trie = self.tries[mountpoint]
-            for topic_filter in entry[1]:
-                trie.remove(topic_filter, client_id)  # an emptied trie stays: mountpoints are few
-
-    def expire(self, now: float) -> None:
-        """Forget those handed over more than MOVED_KEEP ago."""
-        while self.sessions and next(iter(self.sessions.values()))[2] <= now:
-            self.forget(*next(iter(self.sessions)))
-
-    def owner(self, mountpoint: str, client_id: str) -> str | None:
-        """Where a session handed over went (None: not handed over lately)."""
-        entry = self.sessions.get((mountpoint, client_id))
-        return entry[0] if entry is not None else None
-
-    def wanting(self, mountpoint: str, topic: str) -> list[tuple[str, str]]:
-        """(client id, owner) of each session handed over with a subscription matching ``topic``."""
-        trie = self.tries.get(mountpoint)
-        if trie is None:
-            return []
-        return [(client_id, self.sessions[mountpoint, client_id][0]) for client_id in trie.match(topic)]
-
-
-class SessionMoves:
-    """Sessions moving between nodes, with their messages in order (the cluster's part; the engine's
-    side, ``Peers``, does ``hand_over``, ``adopt_messages``, ``deliver_to`` and ``stop_waiting``).
-
-    The old node hands a session over (``moved``) as a kept frame and passes on, for a while, what
-    still reaches it (``HandedOver``). Every other node, on seeing the session's row move, sends
-    the old node a marker behind what it sent there (``row_moved``: KEPT_FLUSH); the old node
-    passes each marker on to the new one (KEPT_FLUSHED) behind what it passed on. The new node's
-    queue waits (``took_over``) until the old node's messages and the marker of every other node
-    up have come, at most ADOPT_WAIT: then every older message is ahead of every newer one.
-    """
-
-    def __init__(self, seam: Peers, kept: KeptFrames, me: str, replica: Replica, loop: asyncio.AbstractEventLoop,
-                 flush_soon: Callable[[], None]):
-        self.seam, self.kept, self.me, self.replica, self.loop = seam, kept, me, replica, loop
-        self.flush_soon = flush_soon  # the cluster's: what a timer did here is committed and sent
-        self.handed = HandedOver()
-        # session taken over here -> [its wait (Session.waiting), nodes whose marker is due, migrated, row stamp]
-        self.awaiting: dict[tuple[str, str], list[Any]] = {}
-        self.markers: dict[tuple[str, str], list[tuple[str, float]]] = {}  # sessions still here: markers that wait
-        self.given_up: dict[tuple[str, str], float] = {}  # full queues forwards do not wait for, until when
-
-    # -- the old node -----------------------------------------------------
-    def moved(self, key: str, owner: str, stamp: float) -> None:
-        """A newer row (of time ``stamp``) puts a session this node holds on ``owner``: hand it over there."""
-        mountpoint, client_id = split_session_key(key)
-        summary = self.seam.session_summary(mountpoint, client_id)
-        if summary is None:
-            return
-        messages = self.seam.hand_over(mountpoint, client_id, time.time())
-        self.migrate(owner, mountpoint, client_id, None, messages)
-        if not summary["clean"]:  # what still comes here for it, sent before its publisher's node knew, follows it
-            self.handed.add(mountpoint, client_id, owner, summary["subs"], time.monotonic())
-        for node, of in self.markers.pop((mountpoint, client_id), ()):
-            if of >= stamp:  # an older one is of an earlier move
-                self.kept.keep(owner, KEPT_FLUSHED, encode_term([key, node, of]))
-
-    def migrate(self, owner: str, mountpoint: str, client_id: str, summary: dict | None,
-                messages: Sequence[Message]) -> None:
-        """Send a session's messages (and with ``summary`` the session itself) to ``owner``."""
-        body = encode_term([mountpoint, client_id, summary,
-                            [encode_forward(mountpoint, m, True, ()) for m in messages]])
-        self.kept.keep(owner, KEPT_MIGRATE, body)  # committed with the session's end here
-
-    def row_moved(self, key: str, old: str, owner: str, stamp: float) -> None:
-        """Another node's session row moved from ``old`` to ``owner``: mark the end of what went to ``old``."""
-        if old != self.me:
-            self.kept.keep(old, KEPT_FLUSH, encode_term([key, owner, stamp]))
-
-    def _on_flush(self, peer: str, body: bytes) -> None:
-        key, owner, stamp = decode_marker(body)
-        mountpoint, client_id = split_session_key(key)
-        target = self.handed.owner(mountpoint, client_id)
-        if target is None and self.seam.session_summary(mountpoint, client_id) is not None:
-            waiting = self.markers.setdefault((mountpoint, client_id), [])  # the row reaches this node later
-            if len(waiting) < MARKERS_MAX:
-                waiting.append((peer, stamp))
-            if len(self.markers) > MOVED_MAX:  # of sessions that never moved after all: the oldest go
-                del self.markers[next(iter(self.markers))]
-        elif (target or owner) != self.me:
-            self.kept.keep(target or owner, KEPT_FLUSHED, encode_term([key, peer, stamp]))
-
-    # -- the new node -----------------------------------------------------
-    def took_over(self, old: str, mountpoint: str, client_id: str, up: Iterable[str]) -> None:
-        """A client took a session over here from ``old``: its queue waits for what the others owe it."""
-        self.handed.forget(mountpoint, client_id)  # back here: nothing to pass on any more
-        which = self.seam.waiting(mountpoint, client_id)
-        if not which:
-            return
-        if old not in up:  # a node down sends later: nothing to wait for
-            return self._done(mountpoint, client_id, which)
-        self.awaiting[mountpoint, client_id] = [which, set(up) - {old}, False, None]
-        self.loop.call_later(ADOPT_WAIT, self._done, mountpoint, client_id, which)
-
-    def _check(self, mountpoint: str, client_id: str) -> None:
-        entry = self.awaiting.get((mountpoint, client_id))
-        if entry is not None and entry[2] and not entry[1]:
-            self._done(mountpoint, client_id, entry[0])
-
-    def stamped(self, key: str, stamp: float) -> None:
-        """This node wrote a session's row: the first one since a takeover is the move the markers name."""
-        entry = self.awaiting.get(split_session_key(key))
-        if entry is not None and entry[3] is None:
-            entry[3] = stamp
-
-    def _done(self, mountpoint: str, client_id: str, which: int) -> None:
-        entry = self.awaiting.get((mountpoint, client_id))
-        if entry is not None and entry[0] == which:
-            del self.awaiting[mountpoint, client_id]
-        self.seam.stop_waiting(mountpoint, client_id, time.time(), which)
-        self.flush_soon()
-
-    def down(self, peer: str) -> None:
-        """A node is gone: no marker will come from it."""
-        for (mountpoint, client_id), entry in list(self.awaiting.items()):
-            entry[1].discard(peer)
-            self._check(mountpoint, client_id)
-
-    def on_migrate(self, body: bytes) -> None:
-        """A session (or its messages) handed over to this node."""
-        seam = self.seam
-        mountpoint, client_id, summary, bodies = decode_term(body)
-        if not (isinstance(mountpoint, str) and isinstance(client_id, str) and isinstance(bodies, list)
-                and (summary is None or _summary_ok(summary))):
-            raise ClusterError(f"a session handed over with a bad summary: {str(client_id)[:100]!r}")
-        now = time.time()
-        if summary is not None:
-            seam.adopt_session(mountpoint, client_id, summary, now)
-        limit = seam.ctx.packet_limits.properties
-        messages = [msg for msg in (migrated_message(b, limit) for b in bodies) if msg is not None]
-        if len(messages) < len(bodies):
-            log.warning("cluster: %d of the %d queued message(s) of %r handed over could not be used",
-                        len(bodies) - len(messages), len(bodies), client_id[:100])
-        held = self.replica.get("session", session_key(mountpoint, client_id))
-        ours = isinstance(held, dict) and held.get("node") == self.me  # here, whatever this node forgot
-        owner = self.handed.owner(mountpoint, client_id)
-        if owner is not None and seam.session_summary(mountpoint, client_id) is None:
-            self.kept.keep(owner, KEPT_MIGRATE, body)  # it moved on from here meanwhile: its queue follows it
-            return
-        if not seam.adopt_messages(mountpoint, client_id, messages, now, force=ours, settle=True) and messages:
-            log.warning("cluster: %d queued message(s) of %r handed over have no session here to go to",
-                        len(messages), client_id[:100])
-        entry = self.awaiting.get((mountpoint, client_id))
-        if entry is None:
-            self._done(mountpoint, client_id, seam.waiting(mountpoint, client_id))
-        else:
-            entry[2] = True
-            self._check(mountpoint, client_id)
-
-    def rehome(self, body: bytes, heir: str | None) -> None:
-        """A session handed over to a node removed before it acknowledged it: its messages go to the node that
-        took that node's sessions up (``heir``), here or there."""
-        mountpoint, client_id, summary, bodies = decode_term(body)
-        if not (isinstance(mountpoint, str) and isinstance(client_id, str) and isinstance(bodies, list)):
-            raise ClusterError("a session handed over with a bad summary")
-        if heir is None:
-            log.warning("cluster: %d message(s) of %r handed over to a removed node have no node to go to",
-                        len(bodies), client_id[:100])
-        elif heir != self.me:
-            self.kept.keep(heir, KEPT_MIGRATE, body)
-        else:
-            seam, now = self.seam, time.time()
-            if summary is not None and _summary_ok(summary):
-                seam.adopt_session(mountpoint, client_id, summary, now)
-            limit = seam.ctx.packet_limits.properties
-            messages = [msg for msg in (migrated_message(b, limit) for b in bodies) if msg is not None]
-            seam.adopt_messages(mountpoint, client_id, messages, now, force=True)
-
-    # -- every node -------------------------------------------------------
-    def use(self, peer: str, kind: int, body: bytes, force: bool) -> str:
-        """Act on a kept frame (KeptFrames.receive): "used", "full" (not now) or "forced" (see KeptFrames)."""
-        seam = self.seam
-        if kind == KEPT_FORWARD:
-            mountpoint, msg, plain, groups = decode_forward(body, seam.ctx.packet_limits.properties)
-            check_publishable(msg.topic)
-            now = time.monotonic()
-            full = [key for key in seam.full_for(mountpoint, msg) if self.given_up.get(key, 0) < now] if plain \
-                else []
-            if full and not force:
-                return "full"
-            for key in full:  # a queue that did not drain in KEPT_PATIENCE: its bound drops, as on one node
-                self.given_up[key] = now + KEPT_GIVEN_UP
-            if len(self.given_up) > MOVED_MAX:
-                self.given_up = {k: t for k, t in self.given_up.items() if t >= now}
-            seam.deliver_forwarded(mountpoint, msg, plain, groups, time.time())
-            for client_id, owner in self.handed.wanting(mountpoint, msg.topic) if plain else ():
-                if seam.session_summary(mountpoint, client_id) is None:  # not made here again meanwhile
-                    self.kept.keep(owner, KEPT_PASSED, encode_term([client_id, body]))
-            return "forced" if full else "used"
-        if kind == KEPT_MIGRATE:
-            self.on_migrate(body)
-        elif kind == KEPT_PASSED:
-            client_id, forward = decode_passed(body)
-            mountpoint, msg = decode_forward(forward, seam.ctx.packet_limits.properties)[:2]
-            check_publishable(msg.topic)
-            if not seam.deliver_to(mountpoint, client_id, msg, time.time()):
-                owner = self.handed.owner(mountpoint, client_id)
-                if owner is None:
-                    seam.counters["queue_message_unhandled", ()] += 1
-                else:  # it moved on again
-                    self.kept.keep(owner, KEPT_PASSED, body)
-        elif kind == KEPT_FLUSH:
-            self._on_flush(peer, body)
-        elif kind == KEPT_FLUSHED:
-            key, node, stamp = decode_marker(body)
-            mountpoint, client_id = split_session_key(key)
-            entry = self.awaiting.get((mountpoint, client_id))
-            if entry is not None and entry[3] is not None and stamp >= entry[3]:  # of this move, not an earlier
-                entry[1].discard(node)
-                self._check(mountpoint, client_id)
-        else:
-            raise ClusterError(f"a kept frame of unknown kind {kind}")
-        return "used"
-
-
 class KeptFrames:
     """Frames to other nodes that must arrive (the cluster state's ``Outbox`` and ``Inbox``), on the links and the store.
 
@@ -13897,12 +13654,256 @@ class KeptFrames:
 
 
 ###############################################################################
-# 26. Cluster: sessions across nodes, and copies on a second node #############
+# 26. Cluster: sessions moving between nodes, and their copies ################
 ###############################################################################
-# Owns: other nodes' sessions in the router, this node's sessions as rows,
-#       sessions taken up when their node is removed, and the copies of
-#       persistent sessions kept on a second node (queue_replicas = 2).
+# Owns: sessions moving between nodes with their messages, other nodes'
+#       sessions in the router, this node's sessions as rows, sessions taken
+#       up when their node is removed, and the copies of persistent sessions
+#       kept on a second node (queue_replicas = 2).
 # Must not know: the bytes on a link, the links themselves.
+
+class HandedOver:
+    """Persistent sessions this node handed to another node lately: what still arrives for them follows them.
+
+    Kept MOVED_KEEP seconds (a publisher's node learns of the move well before), MOVED_MAX at most;
+    their filters sit in a trie per mountpoint, so ``wanting`` costs a topic's levels, not a scan.
+    """
+
+    def __init__(self):
+        self.sessions: dict[tuple[str, str], tuple[str, tuple[str, ...], float]] = {}  # -> owner, filters, until
+        self.tries: dict[str, TopicTrie] = {}
+
+    def add(self, mountpoint: str, client_id: str, owner: str, filters: Iterable[str], now: float) -> None:
+        """Remember that a session went to ``owner`` with these subscriptions."""
+        self.forget(mountpoint, client_id)
+        plain = tuple(f for f in filters if not f.startswith(SHARE_PREFIX))
+        self.sessions[mountpoint, client_id] = (owner, plain, now + MOVED_KEEP)
+        trie = self.tries.setdefault(mountpoint, TopicTrie())
+        for topic_filter in plain:
+            trie.add(topic_filter, client_id, 0)
+        if len(self.sessions) > MOVED_MAX:
+            self.forget(*next(iter(self.sessions)))
+
+    def forget(self, mountpoint: str, client_id: str) -> None:
+        """The session is back here (or gone): nothing follows it any more."""
+        entry = self.sessions.pop((mountpoint, client_id), None)
+        if entry is not None:
+            trie = self.tries[mountpoint]
+            for topic_filter in entry[1]:
+                trie.remove(topic_filter, client_id)  # an emptied trie stays: mountpoints are few
+
+    def expire(self, now: float) -> None:
+        """Forget those handed over more than MOVED_KEEP ago."""
+        while self.sessions and next(iter(self.sessions.values()))[2] <= now:
+            self.forget(*next(iter(self.sessions)))
+
+    def owner(self, mountpoint: str, client_id: str) -> str | None:
+        """Where a session handed over went (None: not handed over lately)."""
+        entry = self.sessions.get((mountpoint, client_id))
+        return entry[0] if entry is not None else None
+
+    def wanting(self, mountpoint: str, topic: str) -> list[tuple[str, str]]:
+        """(client id, owner) of each session handed over with a subscription matching ``topic``."""
+        trie = self.tries.get(mountpoint)
+        if trie is None:
+            return []
+        return [(client_id, self.sessions[mountpoint, client_id][0]) for client_id in trie.match(topic)]
+
+
+class SessionMoves:
+    """Sessions moving between nodes, with their messages in order (the cluster's part; the engine's
+    side, ``Peers``, does ``hand_over``, ``adopt_messages``, ``deliver_to`` and ``stop_waiting``).
+
+    The old node hands a session over (``moved``) as a kept frame and passes on, for a while, what
+    still reaches it (``HandedOver``). Every other node, on seeing the session's row move, sends
+    the old node a marker behind what it sent there (``row_moved``: KEPT_FLUSH); the old node
+    passes each marker on to the new one (KEPT_FLUSHED) behind what it passed on. The new node's
+    queue waits (``took_over``) until the old node's messages and the marker of every other node
+    up have come, at most ADOPT_WAIT: then every older message is ahead of every newer one.
+    """
+
+    def __init__(self, seam: Peers, kept: KeptFrames, me: str, replica: Replica, loop: asyncio.AbstractEventLoop,
+                 flush_soon: Callable[[], None]):
+        self.seam, self.kept, self.me, self.replica, self.loop = seam, kept, me, replica, loop
+        self.flush_soon = flush_soon  # the cluster's: what a timer did here is committed and sent
+        self.handed = HandedOver()
+        # session taken over here -> [its wait (Session.waiting), nodes whose marker is due, migrated, row stamp]
+        self.awaiting: dict[tuple[str, str], list[Any]] = {}
+        self.markers: dict[tuple[str, str], list[tuple[str, float]]] = {}  # sessions still here: markers that wait
+        self.given_up: dict[tuple[str, str], float] = {}  # full queues forwards do not wait for, until when
+
+    # -- the old node -----------------------------------------------------
+    def moved(self, key: str, owner: str, stamp: float) -> None:
+        """A newer row (of time ``stamp``) puts a session this node holds on ``owner``: hand it over there."""
+        mountpoint, client_id = split_session_key(key)
+        summary = self.seam.session_summary(mountpoint, client_id)
+        if summary is None:
+            return
+        messages = self.seam.hand_over(mountpoint, client_id, time.time())
+        self.migrate(owner, mountpoint, client_id, None, messages)
+        if not summary["clean"]:  # what still comes here for it, sent before its publisher's node knew, follows it
+            self.handed.add(mountpoint, client_id, owner, summary["subs"], time.monotonic())
+        for node, of in self.markers.pop((mountpoint, client_id), ()):
+            if of >= stamp:  # an older one is of an earlier move
+                self.kept.keep(owner, KEPT_FLUSHED, encode_term([key, node, of]))
+
+    def migrate(self, owner: str, mountpoint: str, client_id: str, summary: dict | None,
+                messages: Sequence[Message]) -> None:
+        """Send a session's messages (and with ``summary`` the session itself) to ``owner``."""
+        body = encode_term([mountpoint, client_id, summary,
+                            [encode_forward(mountpoint, m, True, ()) for m in messages]])
+        self.kept.keep(owner, KEPT_MIGRATE, body)  # committed with the session's end here
+
+    def row_moved(self, key: str, old: str, owner: str, stamp: float) -> None:
+        """Another node's session row moved from ``old`` to ``owner``: mark the end of what went to ``old``."""
+        if old != self.me:
+            self.kept.keep(old, KEPT_FLUSH, encode_term([key, owner, stamp]))
+
+    def _on_flush(self, peer: str, body: bytes) -> None:
+        key, owner, stamp = decode_marker(body)
+        mountpoint, client_id = split_session_key(key)
+        target = self.handed.owner(mountpoint, client_id)
+        if target is None and self.seam.session_summary(mountpoint, client_id) is not None:
+            waiting = self.markers.setdefault((mountpoint, client_id), [])  # the row reaches this node later
+            if len(waiting) < MARKERS_MAX:
+                waiting.append((peer, stamp))
+            if len(self.markers) > MOVED_MAX:  # of sessions that never moved after all: the oldest go
+                del self.markers[next(iter(self.markers))]
+        elif (target or owner) != self.me:
+            self.kept.keep(target or owner, KEPT_FLUSHED, encode_term([key, peer, stamp]))
+
+    # -- the new node -----------------------------------------------------
+    def took_over(self, old: str, mountpoint: str, client_id: str, up: Iterable[str]) -> None:
+        """A client took a session over here from ``old``: its queue waits for what the others owe it."""
+        self.handed.forget(mountpoint, client_id)  # back here: nothing to pass on any more
+        which = self.seam.waiting(mountpoint, client_id)
+        if not which:
+            return
+        if old not in up:  # a node down sends later: nothing to wait for
+            return self._done(mountpoint, client_id, which)
+        self.awaiting[mountpoint, client_id] = [which, set(up) - {old}, False, None]
+        self.loop.call_later(ADOPT_WAIT, self._done, mountpoint, client_id, which)
+
+    def _check(self, mountpoint: str, client_id: str) -> None:
+        entry = self.awaiting.get((mountpoint, client_id))
+        if entry is not None and entry[2] and not entry[1]:
+            self._done(mountpoint, client_id, entry[0])
+
+    def stamped(self, key: str, stamp: float) -> None:
+        """This node wrote a session's row: the first one since a takeover is the move the markers name."""
+        entry = self.awaiting.get(split_session_key(key))
+        if entry is not None and entry[3] is None:
+            entry[3] = stamp
+
+    def _done(self, mountpoint: str, client_id: str, which: int) -> None:
+        entry = self.awaiting.get((mountpoint, client_id))
+        if entry is not None and entry[0] == which:
+            del self.awaiting[mountpoint, client_id]
+        self.seam.stop_waiting(mountpoint, client_id, time.time(), which)
+        self.flush_soon()
+
+    def down(self, peer: str) -> None:
+        """A node is gone: no marker will come from it."""
+        for (mountpoint, client_id), entry in list(self.awaiting.items()):
+            entry[1].discard(peer)
+            self._check(mountpoint, client_id)
+
+    def on_migrate(self, body: bytes) -> None:
+        """A session (or its messages) handed over to this node."""
+        seam = self.seam
+        mountpoint, client_id, summary, bodies = decode_term(body)
+        if not (isinstance(mountpoint, str) and isinstance(client_id, str) and isinstance(bodies, list)
+                and (summary is None or _summary_ok(summary))):
+            raise ClusterError(f"a session handed over with a bad summary: {str(client_id)[:100]!r}")
+        now = time.time()
+        if summary is not None:
+            seam.adopt_session(mountpoint, client_id, summary, now)
+        limit = seam.ctx.packet_limits.properties
+        messages = [msg for msg in (migrated_message(b, limit) for b in bodies) if msg is not None]
+        if len(messages) < len(bodies):
+            log.warning("cluster: %d of the %d queued message(s) of %r handed over could not be used",
+                        len(bodies) - len(messages), len(bodies), client_id[:100])
+        held = self.replica.get("session", session_key(mountpoint, client_id))
+        ours = isinstance(held, dict) and held.get("node") == self.me  # here, whatever this node forgot
+        owner = self.handed.owner(mountpoint, client_id)
+        if owner is not None and seam.session_summary(mountpoint, client_id) is None:
+            self.kept.keep(owner, KEPT_MIGRATE, body)  # it moved on from here meanwhile: its queue follows it
+            return
+        if not seam.adopt_messages(mountpoint, client_id, messages, now, force=ours, settle=True) and messages:
+            log.warning("cluster: %d queued message(s) of %r handed over have no session here to go to",
+                        len(messages), client_id[:100])
+        entry = self.awaiting.get((mountpoint, client_id))
+        if entry is None:
+            self._done(mountpoint, client_id, seam.waiting(mountpoint, client_id))
+        else:
+            entry[2] = True
+            self._check(mountpoint, client_id)
+
+    def rehome(self, body: bytes, heir: str | None) -> None:
+        """A session handed over to a node removed before it acknowledged it: its messages go to the node that
+        took that node's sessions up (``heir``), here or there."""
+        mountpoint, client_id, summary, bodies = decode_term(body)
+        if not (isinstance(mountpoint, str) and isinstance(client_id, str) and isinstance(bodies, list)):
+            raise ClusterError("a session handed over with a bad summary")
+        if heir is None:
+            log.warning("cluster: %d message(s) of %r handed over to a removed node have no node to go to",
+                        len(bodies), client_id[:100])
+        elif heir != self.me:
+            self.kept.keep(heir, KEPT_MIGRATE, body)
+        else:
+            seam, now = self.seam, time.time()
+            if summary is not None and _summary_ok(summary):
+                seam.adopt_session(mountpoint, client_id, summary, now)
+            limit = seam.ctx.packet_limits.properties
+            messages = [msg for msg in (migrated_message(b, limit) for b in bodies) if msg is not None]
+            seam.adopt_messages(mountpoint, client_id, messages, now, force=True)
+
+    # -- every node -------------------------------------------------------
+    def use(self, peer: str, kind: int, body: bytes, force: bool) -> str:
+        """Act on a kept frame (KeptFrames.receive): "used", "full" (not now) or "forced" (see KeptFrames)."""
+        seam = self.seam
+        if kind == KEPT_FORWARD:
+            mountpoint, msg, plain, groups = decode_forward(body, seam.ctx.packet_limits.properties)
+            check_publishable(msg.topic)
+            now = time.monotonic()
+            full = [key for key in seam.full_for(mountpoint, msg) if self.given_up.get(key, 0) < now] if plain \
+                else []
+            if full and not force:
+                return "full"
+            for key in full:  # a queue that did not drain in KEPT_PATIENCE: its bound drops, as on one node
+                self.given_up[key] = now + KEPT_GIVEN_UP
+            if len(self.given_up) > MOVED_MAX:
+                self.given_up = {k: t for k, t in self.given_up.items() if t >= now}
+            seam.deliver_forwarded(mountpoint, msg, plain, groups, time.time())
+            for client_id, owner in self.handed.wanting(mountpoint, msg.topic) if plain else ():
+                if seam.session_summary(mountpoint, client_id) is None:  # not made here again meanwhile
+                    self.kept.keep(owner, KEPT_PASSED, encode_term([client_id, body]))
+            return "forced" if full else "used"
+        if kind == KEPT_MIGRATE:
+            self.on_migrate(body)
+        elif kind == KEPT_PASSED:
+            client_id, forward = decode_passed(body)
+            mountpoint, msg = decode_forward(forward, seam.ctx.packet_limits.properties)[:2]
+            check_publishable(msg.topic)
+            if not seam.deliver_to(mountpoint, client_id, msg, time.time()):
+                owner = self.handed.owner(mountpoint, client_id)
+                if owner is None:
+                    seam.counters["queue_message_unhandled", ()] += 1
+                else:  # it moved on again
+                    self.kept.keep(owner, KEPT_PASSED, body)
+        elif kind == KEPT_FLUSH:
+            self._on_flush(peer, body)
+        elif kind == KEPT_FLUSHED:
+            key, node, stamp = decode_marker(body)
+            mountpoint, client_id = split_session_key(key)
+            entry = self.awaiting.get((mountpoint, client_id))
+            if entry is not None and entry[3] is not None and stamp >= entry[3]:  # of this move, not an earlier
+                entry[1].discard(node)
+                self._check(mountpoint, client_id)
+        else:
+            raise ClusterError(f"a kept frame of unknown kind {kind}")
+        return "used"
+
 
 COPY_FRAME_BYTES = 1 << 20  # about how many bytes of copies one kept frame carries (a reset takes several)
 COPY_RESETS = 64  # sessions sent whole per batch (the rest in the next ones): a start never builds them all at once
