@@ -9946,6 +9946,7 @@ def certificate_cn(cert: Mapping[str, Any] | None) -> str | None:
 
 AWAITING_MAX = 8 << 20  # bytes of a connection's output that may wait for other nodes' acknowledgements
 AWAIT_FAILED = "a node that had to keep a copy of a message was removed first: publish it again"
+AWAIT_TOO_LONG = "too much output waits for other nodes to keep what it acknowledges: publish again"
 
 
 class Awaited:
@@ -10238,7 +10239,7 @@ class MqttLink(asyncio.Protocol):
         if self.awaiting_bytes > AWAITING_MAX:  # deliveries pile up behind acknowledgements that do not come
             log.info("closing %s: %d bytes of output wait for other nodes", self.client.session and
                      self.client.session.client_id, self.awaiting_bytes)
-            self.awaited(Awaited(0, lambda: None, failed=True))
+            self._give_up(AWAIT_TOO_LONG)
 
     def awaited(self, what: Awaited) -> None:
         """Something held output waits for has come (or failed: the connection closes, unacknowledged)."""
@@ -10246,17 +10247,20 @@ class MqttLink(asyncio.Protocol):
         if conn is None or self.closing or self.transport is None:
             return
         if what.failed:
-            self.awaiting.clear()
-            self.next_wait, self.awaiting_bytes = None, 0
-            conn.out.clear()
-            self.io.engine.close_client(conn, reason=Reason.UNSPECIFIED_ERROR, text=AWAIT_FAILED)
-            self.io.loop.call_soon(self.io.after_batch)  # its DISCONNECT, its will
-            return
+            return self._give_up(AWAIT_FAILED)
         while self.awaiting and self.awaiting[0][0].count <= 0:
             _, chunks = self.awaiting.popleft()
             data = b"".join(chunks)
             self.awaiting_bytes -= len(data)
             self._write(conn, data)
+
+    def _give_up(self, text: str) -> None:
+        """Close the connection without its held output (what it acknowledges is resent by the client)."""
+        self.awaiting.clear()
+        self.next_wait, self.awaiting_bytes = None, 0
+        self.client.out.clear()
+        self.io.engine.close_client(self.client, reason=Reason.UNSPECIFIED_ERROR, text=text)
+        self.io.loop.call_soon(self.io.after_batch)  # its DISCONNECT, its will
 
     def _after_drain(self, conn: Connection) -> None:
         if conn.pause_for:
@@ -13808,21 +13812,30 @@ class SessionMoves:
             entry[1].discard(peer)
             self._check(mountpoint, client_id)
 
-    def on_migrate(self, body: bytes) -> None:
-        """A session (or its messages) handed over to this node."""
-        seam = self.seam
-        mountpoint, client_id, summary, bodies = decode_term(body)
+    def handed(self, body: bytes) -> tuple[str, str, dict | None, list[Message]]:
+        """Read a KEPT_MIGRATE body: mountpoint, client id, the session's summary (None: messages only) and
+        its messages (one that cannot be used is left out, logged); ClusterError for a bad one."""
+        try:
+            mountpoint, client_id, summary, bodies = decode_term(body)
+        except (TypeError, ValueError):
+            raise ClusterError("a session handed over that is not one") from None
         if not (isinstance(mountpoint, str) and isinstance(client_id, str) and isinstance(bodies, list)
                 and (summary is None or _summary_ok(summary))):
             raise ClusterError(f"a session handed over with a bad summary: {str(client_id)[:100]!r}")
-        now = time.time()
-        if summary is not None:
-            seam.adopt_session(mountpoint, client_id, summary, now)
-        limit = seam.ctx.packet_limits.properties
+        limit = self.seam.ctx.packet_limits.properties
         messages = [msg for msg in (migrated_message(b, limit) for b in bodies) if msg is not None]
         if len(messages) < len(bodies):
             log.warning("cluster: %d of the %d queued message(s) of %r handed over could not be used",
                         len(bodies) - len(messages), len(bodies), client_id[:100])
+        return mountpoint, client_id, summary, messages
+
+    def on_migrate(self, body: bytes) -> None:
+        """A session (or its messages) handed over to this node."""
+        seam = self.seam
+        mountpoint, client_id, summary, messages = self.handed(body)
+        now = time.time()
+        if summary is not None:
+            seam.adopt_session(mountpoint, client_id, summary, now)
         held = self.replica.get("session", session_key(mountpoint, client_id))
         ours = isinstance(held, dict) and held.get("node") == self.me  # here, whatever this node forgot
         owner = self.handed.owner(mountpoint, client_id)
@@ -13839,23 +13852,19 @@ class SessionMoves:
             entry[2] = True
             self._check(mountpoint, client_id)
 
-    def rehome(self, body: bytes, heir: str | None) -> None:
-        """A session handed over to a node removed before it acknowledged it: its messages go to the node that
-        took that node's sessions up (``heir``), here or there."""
-        mountpoint, client_id, summary, bodies = decode_term(body)
-        if not (isinstance(mountpoint, str) and isinstance(client_id, str) and isinstance(bodies, list)):
-            raise ClusterError("a session handed over with a bad summary")
+    def rehome(self, body: bytes, handed: tuple[str, str, dict | None, list[Message]], heir: str | None) -> None:
+        """A session handed over to a node removed before it acknowledged it (``body``, read by ``handed``): its
+        messages go to the node that took that node's sessions up (``heir``), here or there."""
+        mountpoint, client_id, summary, messages = handed
         if heir is None:
             log.warning("cluster: %d message(s) of %r handed over to a removed node have no node to go to",
-                        len(bodies), client_id[:100])
+                        len(messages), client_id[:100])
         elif heir != self.me:
             self.kept.keep(heir, KEPT_MIGRATE, body)
         else:
             seam, now = self.seam, time.time()
-            if summary is not None and _summary_ok(summary):
+            if summary is not None:
                 seam.adopt_session(mountpoint, client_id, summary, now)
-            limit = seam.ctx.packet_limits.properties
-            messages = [msg for msg in (migrated_message(b, limit) for b in bodies) if msg is not None]
             seam.adopt_messages(mountpoint, client_id, messages, now, force=True)
 
     # -- every node -------------------------------------------------------
@@ -14592,9 +14601,9 @@ class Membership:
         alive = sorted(set(self.members()) | {self.me})
         for body in self.kept.drop(name):
             try:
-                key = session_key(*decode_term(body)[:2])
-                self.moves.rehome(body, self.sessions.heir(key, name, alive))
-            except (ClusterError, TypeError, ValueError) as exc:
+                handed = self.moves.handed(body)
+                self.moves.rehome(body, handed, self.sessions.heir(session_key(*handed[:2]), name, alive))
+            except ClusterError as exc:
                 log.warning("cluster: a session handed over to %s cannot go on elsewhere: %s", name, exc)
 
     def forget_if_out(self, name: str) -> None:

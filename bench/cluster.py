@@ -194,16 +194,10 @@ def persistent_subscriber(port, count, ready, results, client_id):
         if not chunk:
             break
         buf += chunk
-        acks, consumed, before = [], 0, got
-        for head, body, end in load.packets(buf, 0):
-            consumed = end
-            if head >> 4 == 3:
-                got += 1
-                if head & 6:
-                    tlen = buf[body] << 8 | buf[body + 1]
-                    acks.append(b"\x40\x02" + buf[body + 2 + tlen:body + 4 + tlen])
+        taken, acks, consumed = load.take_publishes(buf)
         buf = buf[consumed:]
-        if got > before:
+        if taken:
+            got += taken
             last = time.perf_counter()
         if acks:
             sock.sendall(b"".join(acks))

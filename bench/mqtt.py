@@ -116,6 +116,19 @@ def packets(buf, pos):
         pos = i + length
 
 
+def take_publishes(buf):
+    """Return (PUBLISHes whole in ``buf``, the acknowledgements a subscriber owes for them, bytes used)."""
+    got, acks, consumed = 0, [], 0
+    for head, body, end in packets(buf, 0):
+        consumed = end
+        if head >> 4 == 3:
+            got += 1
+            if head & 6:
+                tlen = buf[body] << 8 | buf[body + 1]
+                acks.append(b"\x40\x02" + buf[body + 2 + tlen:body + 4 + tlen])
+    return got, acks, consumed
+
+
 # -- load processes ----------------------------------------------------------------------
 
 def subscriber(port, qos, count, ready, results, name, version):
@@ -131,14 +144,8 @@ def subscriber(port, qos, count, ready, results, name, version):
         if first is None:
             first = time.perf_counter()
         buf += chunk
-        acks, consumed = [], 0
-        for head, body, end in packets(buf, 0):
-            consumed = end
-            if head >> 4 == 3:
-                got += 1
-                if head & 6:
-                    tlen = buf[body] << 8 | buf[body + 1]
-                    acks.append(b"\x40\x02" + buf[body + 2 + tlen:body + 4 + tlen])
+        taken, acks, consumed = take_publishes(buf)
+        got += taken
         buf = buf[consumed:]
         if acks:
             sock.sendall(b"".join(acks))

@@ -247,12 +247,12 @@ def test_a_home_copies_each_persistent_session_but_a_bridges_and_counts_those_on
 
 
 TERMS = st.recursive(st.none() | st.booleans() | st.integers(-2, 2 ** 70) | st.text(max_size=5)
-                     | st.binary(max_size=8) | st.sampled_from(["a", "d", "e"]),
+                     | st.binary(max_size=8) | st.sampled_from(["a", "d", "e", "k", "s"]),
                      lambda inner: st.lists(inner, max_size=5), max_leaves=20)
 
 
 @settings(max_examples=150, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(ops=TERMS | st.lists(st.lists(TERMS, max_size=5).map(lambda op: [["a", "d", "e"][len(op) % 3], *op]),
+@given(ops=TERMS | st.lists(st.lists(TERMS, max_size=5).map(lambda op: [["a", "d", "e", "k", "s"][len(op) % 5], *op]),
                             max_size=4))
 def test_any_copy_frame_is_used_or_a_cluster_error(store, ops):
     copies, _ = copies_on(store, me="n1")
@@ -271,7 +271,9 @@ SHAPED = st.one_of(
                   lambda n: vmqapi.encode_forward("", message(n), True, ()), st.integers(0, 9))),
                   max_size=3).map(lambda pairs: [x for pair in pairs for x in pair])),
     st.tuples(st.just("d"), st.lists(ROWS, max_size=3)),
-    st.tuples(st.just("e"), st.text(max_size=3), st.text(max_size=3))).map(list)
+    st.tuples(st.just("e"), st.text(max_size=3), st.text(max_size=3)),
+    st.tuples(st.just("k"), st.text(max_size=3), st.text(max_size=3), st.lists(ROWS, max_size=3)),
+    st.tuples(st.just("s"), st.lists(st.lists(st.text(max_size=3), min_size=2, max_size=2), max_size=3))).map(list)
 
 
 @settings(max_examples=150, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -1171,7 +1173,7 @@ def test_an_old_copy_ends_only_once_the_new_one_is_acknowledged_even_across_a_ne
     kept.settle_waits("n2", removed=False)  # down, publishes going on in a netsplit
     assert sorted(done) == sorted([vmqapi.WAIT_GOES_ON, vmqapi.WAIT_FATAL]) and not whats[vmqapi.WAIT_FATAL].failed
     kept.settle_waits("n2", removed=True)
-    assert done[-1] == vmqapi.WAIT_FIRM  # released by the removal (failed or not: KeptFrames says, Copies acts on it)
+    assert done[-1] == vmqapi.WAIT_FIRM and whats[vmqapi.WAIT_FIRM].failed  # a removal cancels what it waited for
 
 
 # -- sessions taken over: examples, two of them past what the machine lets happen --------------------

@@ -8,6 +8,7 @@ node still alive. The checker: every acknowledged id arrived (0 lost), first arr
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
@@ -29,6 +30,19 @@ def session_rows(node, client_id):
     return node.api("session/show", **flags).get("table") or None
 
 
+@contextlib.contextmanager
+def streaming(cluster):
+    """Start ``cluster``; yield a list for the publishers and subscribers made; stop them all, then the nodes."""
+    parties = []
+    try:
+        cluster.start()
+        yield parties
+    finally:
+        for party in parties:
+            party.stop()
+        cluster.stop()
+
+
 def remove(survivor, dead):
     """``cluster leave node=<dead>`` on ``survivor`` once it sees the dead node down."""
     wait_for(lambda: not survivor.whole([dead.name]), CASE_DEADLINE, f"{survivor.name} to see {dead.name} down")
@@ -41,14 +55,14 @@ def test_an_offline_queue_survives_its_node_dying_for_good(tmp_path):
     """A pair: 500 acknowledged messages queued for an offline session on a; a is killed and removed;
     the client connects to b: session present, all 500, in order."""
     cluster = Cluster(str(tmp_path), REPLICAS, names="ab")
-    subscriber = publisher = None
-    try:
-        cluster.start()
+    with streaming(cluster) as parties:
         a, b = cluster["a"], cluster["b"]
         subscriber = Subscriber("replica-sub").subscribe(a)
+        parties.append(subscriber)
         probe(b, [subscriber])
         subscriber.offline()
         publisher = Publisher(b, "replica-pub").start()
+        parties.append(publisher)
         publisher.wait_acked(500)
         publisher.stop()
         rows = wait_for(lambda: session_rows(b, "replica-sub"), CASE_DEADLINE, "the session row on b")
@@ -63,11 +77,6 @@ def test_an_offline_queue_survives_its_node_dying_for_good(tmp_path):
         verdict = check(publisher.acked, subscriber.arrivals)
         assert verdict.ok, verdict
         assert len(publisher.acked) >= 500
-    finally:
-        for party in (publisher, subscriber):
-            if party is not None:
-                party.stop()
-        cluster.stop()
 
 
 @pytest.mark.slow
@@ -75,13 +84,13 @@ def test_a_subscriber_whose_node_dies_mid_stream_resumes_on_a_third(tmp_path):
     """Three nodes: the publisher on b, the subscriber online on a; a is killed mid-stream and removed;
     the subscriber resumes on c and misses nothing that was acknowledged."""
     cluster = Cluster(str(tmp_path), REPLICAS)
-    subscriber = publisher = None
-    try:
-        cluster.start()
+    with streaming(cluster) as parties:
         a, b, c = cluster["a"], cluster["b"], cluster["c"]
         subscriber = Subscriber("replica-sub").subscribe(a)
+        parties.append(subscriber)
         probe(b, [subscriber])
         publisher = Publisher(b, "replica-pub").start()
+        parties.append(publisher)
         publisher.wait_acked(300)
         subscriber.target = c  # where it reconnects once its connection breaks
         publisher.on_ack = lambda: a.signal(signal.SIGKILL)
@@ -97,11 +106,6 @@ def test_a_subscriber_whose_node_dies_mid_stream_resumes_on_a_third(tmp_path):
         assert verdict.ok, f"{verdict}; acknowledged at the kill {at_kill}; connections {subscriber.events}"
         rows = session_rows(b, "replica-sub")  # kept on two nodes again: the two alive
         assert [(r["node"], r["copy_node"]) for r in rows] == [(c.name, b.name)]
-    finally:
-        for party in (publisher, subscriber):
-            if party is not None:
-                party.stop()
-        cluster.stop()
 
 
 @pytest.mark.slow
