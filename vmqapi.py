@@ -13812,7 +13812,7 @@ class SessionMoves:
             entry[1].discard(peer)
             self._check(mountpoint, client_id)
 
-    def handed(self, body: bytes) -> tuple[str, str, dict | None, list[Message]]:
+    def read_migrate(self, body: bytes) -> tuple[str, str, dict | None, list[Message]]:
         """Read a KEPT_MIGRATE body: mountpoint, client id, the session's summary (None: messages only) and
         its messages (one that cannot be used is left out, logged); ClusterError for a bad one."""
         try:
@@ -13832,7 +13832,7 @@ class SessionMoves:
     def on_migrate(self, body: bytes) -> None:
         """A session (or its messages) handed over to this node."""
         seam = self.seam
-        mountpoint, client_id, summary, messages = self.handed(body)
+        mountpoint, client_id, summary, messages = self.read_migrate(body)
         now = time.time()
         if summary is not None:
             seam.adopt_session(mountpoint, client_id, summary, now)
@@ -13853,8 +13853,8 @@ class SessionMoves:
             self._check(mountpoint, client_id)
 
     def rehome(self, body: bytes, handed: tuple[str, str, dict | None, list[Message]], heir: str | None) -> None:
-        """A session handed over to a node removed before it acknowledged it (``body``, read by ``handed``): its
-        messages go to the node that took that node's sessions up (``heir``), here or there."""
+        """A session handed over to a node removed before it acknowledged it (``body``, as ``read_migrate``
+        read it: ``handed``): its messages go to the node that took that node's sessions up (``heir``)."""
         mountpoint, client_id, summary, messages = handed
         if heir is None:
             log.warning("cluster: %d message(s) of %r handed over to a removed node have no node to go to",
@@ -14601,7 +14601,7 @@ class Membership:
         alive = sorted(set(self.members()) | {self.me})
         for body in self.kept.drop(name):
             try:
-                handed = self.moves.handed(body)
+                handed = self.moves.read_migrate(body)
                 self.moves.rehome(body, handed, self.sessions.heir(session_key(*handed[:2]), name, alive))
             except ClusterError as exc:
                 log.warning("cluster: a session handed over to %s cannot go on elsewhere: %s", name, exc)
