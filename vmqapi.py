@@ -4645,11 +4645,24 @@ def start_with_small_stack(thread: threading.Thread) -> None:
             threading.stack_size(previous)
 
 
+def socket_deadline(sock: socket.socket, option: int, seconds: float) -> None:
+    """Let the kernel end one blocking recv or send (``option``: SO_RCVTIMEO, SO_SNDTIMEO) after ``seconds``.
+
+    A Python timeout would do the same with a poll before every call and a mode switch each time it
+    changes, each letting go of the GIL: with many connections at once that costs more than the request.
+    """
+    whole = max(seconds, 0.001)  # 0 would mean no limit at all
+    sock.setsockopt(socket.SOL_SOCKET, option, struct.pack("ll", int(whole), int(whole % 1 * 1e6)))
+
+
+_WOULD_BLOCK = (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError)  # a kernel timeout came first
+
+
 class _DeadlineReader(socket.SocketIO):
     """A connection's reads, each allowed only what is left of its handler's deadline.
 
-    A socket timeout bounds one recv; a client trickling a byte at a time would renew it
-    forever. Setting the timeout to what is left before each recv bounds the whole request.
+    A timeout per recv would let a client trickling a byte at a time renew it forever; the kernel's
+    receive timeout, set to what is left before each recv, bounds the whole request.
     """
 
     def __init__(self, sock: socket.socket, handler: HttpHandler):
@@ -4660,8 +4673,27 @@ class _DeadlineReader(socket.SocketIO):
         left = self._handler.deadline - time.monotonic()
         if left <= 0:
             raise TimeoutError("http_request_timeout passed")
-        self._sock.settimeout(left)
-        return super().readinto(buffer)
+        socket_deadline(self._sock, socket.SO_RCVTIMEO, left)
+        try:
+            got = self._sock.recv_into(buffer)
+        except _WOULD_BLOCK:
+            raise TimeoutError("http_request_timeout passed") from None
+        self._handler.hold(got)  # what a request being read holds, counted as it arrives
+        return got
+
+
+def send_within(sock: socket.socket, data: bytes, seconds: float) -> None:
+    """Send all of ``data`` within ``seconds`` in all (a client that reads nothing is given up: TimeoutError)."""
+    deadline, view = time.monotonic() + seconds, memoryview(data)
+    while view:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("the client took nothing for http_request_timeout")
+        socket_deadline(sock, socket.SO_SNDTIMEO, left)
+        try:
+            view = view[sock.send(view):]
+        except _WOULD_BLOCK:
+            raise TimeoutError("the client took nothing for http_request_timeout") from None
 
 
 HEAD_CHUNK = 4096  # bytes read at a time while a request's head is read: the most one look can overshoot
@@ -4701,7 +4733,8 @@ class UnfinishedRequests:
 
 
 class _HeadReader:
-    """A request's head, read a line at a time within http_max_header_bytes and the node's budget.
+    """A request's head, read a line at a time within http_max_header_bytes (what it receives counts in
+    the node's budget as _DeadlineReader receives it).
 
     http.client.parse_headers takes up to 100 lines of 64 KiB each before anyone looks at
     them; handed this reader instead of the socket's, it meets the bound while it reads.
@@ -4715,8 +4748,7 @@ class _HeadReader:
         parts: list[bytes] = []
         got, size = 0, size if size >= 0 else self.left + 1
         while got < size:
-            piece = self._raw.readline(min(HEAD_CHUNK, size - got, self.left + 1))
-            self._handler.hold(len(piece))
+            piece = self._raw.readline(min(HEAD_CHUNK, size - got, self.left + 1))  # counted by _DeadlineReader
             if not piece:
                 break
             self.left -= len(piece)
@@ -4895,8 +4927,10 @@ class HttpHandler(http.server.BaseHTTPRequestHandler):
     def setup(self) -> None:
         self._thread = threading.current_thread()
         super().setup()
+        self.connection.settimeout(None)  # blocking: the kernel times each call (socket_deadline)
         self.rfile.close()  # http.server's reader, replaced by one that keeps the request's deadline
         self.rfile = io.BufferedReader(_DeadlineReader(self.connection, self))
+        socket_deadline(self.connection, socket.SO_SNDTIMEO, self.server.node.config["http_request_timeout"])
 
     def handle_one_request(self) -> None:
         """Read one request within the limits and the deadline, answer it, run its ``after`` actions."""
@@ -4947,8 +4981,7 @@ class HttpHandler(http.server.BaseHTTPRequestHandler):
         """Read a body of ``length`` bytes, counted in the node's budget; None when the client went away."""
         parts, got = [], 0
         while got < length:
-            piece = self.rfile.read(min(65536, length - got))
-            self.hold(len(piece))
+            piece = self.rfile.read(min(65536, length - got))  # counted by _DeadlineReader
             if not piece:
                 return None
             parts.append(piece)
@@ -5036,10 +5069,8 @@ class HttpHandler(http.server.BaseHTTPRequestHandler):
         data = b"".join((_status_line(resp.status), _server_and_date(int(time.time())),
                          f"{head}Content-Length: {len(resp.body)}\r\n{end}".encode("latin-1"),
                          b"" if req is not None and req.method == "HEAD" else resp.body))
-        # A client that reads nothing: the write gives up after http_request_timeout.
-        self.connection.settimeout(self.server.node.config["http_request_timeout"])
-        try:
-            self.wfile.write(data)
+        try:  # a client that reads nothing: the write gives up after http_request_timeout
+            send_within(self.connection, data, self.server.node.config["http_request_timeout"])
         except OSError:
             self.close_connection = True
         if log.isEnabledFor(logging.INFO):
@@ -14470,7 +14501,8 @@ class Membership:
         return sum(row["up"] for row in self.links.rows()) if self.links is not None else 0
 
     def show_rows(self) -> list[dict]:
-        """Return cluster show's rows."""
+        """Return cluster show's rows (any thread: it reads the member rows' keys and each peer's link entry,
+        every read whole under the interpreter's lock; a change the loop makes meanwhile shows next time)."""
         members = [*self.peers(), self.me]  # a node in no cluster (or taken out) lists itself alone
         return [{"Node": m, "Running": m == self.me or (self.links is not None and self.links.is_up(m))}
                 for m in sorted(members)]
@@ -14808,14 +14840,17 @@ class Cluster:
         return self.membership.links_up()
 
     def show_rows(self) -> list[dict]:
-        """Return cluster show's rows; with queue_replicas = 2 each says how many persistent sessions of that
-        node are kept on one node only (their second node is missing, or down as this node sees it)."""
+        """Return cluster show's rows (any thread); with queue_replicas = 2 each says how many persistent
+        sessions of that node are kept on one node only (their second node is missing, or down as this node
+        sees it), which the loop thread counts."""
+        if self.node.config["queue_replicas"] < 2:
+            return self.membership.show_rows()  # no wait for the loop: an API call never queues behind MQTT
+
         def rows() -> list[dict]:
             shown = self.membership.show_rows()
-            if self.node.config["queue_replicas"] > 1:
-                counts = self.one_copy()
-                for row in shown:
-                    row["Sessions on one copy"] = counts.get(row["Node"], 0)
+            counts = self.one_copy()
+            for row in shown:
+                row["Sessions on one copy"] = counts.get(row["Node"], 0)
             return shown
         return self.in_loop(rows)
 
