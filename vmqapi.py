@@ -4645,14 +4645,21 @@ def start_with_small_stack(thread: threading.Thread) -> None:
             threading.stack_size(previous)
 
 
-def socket_deadline(sock: socket.socket, option: int, seconds: float) -> None:
-    """Let the kernel end one blocking recv or send (``option``: SO_RCVTIMEO, SO_SNDTIMEO) after ``seconds``.
+DEADLINE_SLACK = 0.01  # s a kernel timeout set earlier may run past a deadline before it is set again
+
+
+def socket_deadline(sock: socket.socket, option: int, seconds: float, held: float | None = None) -> float:
+    """Let the kernel end one blocking recv or send (``option``: SO_RCVTIMEO, SO_SNDTIMEO) after ``seconds``;
+    return the timeout now set. ``held`` (the one set before) is kept while it ends at most DEADLINE_SLACK late.
 
     A Python timeout would do the same with a poll before every call and a mode switch each time it
     changes, each letting go of the GIL: with many connections at once that costs more than the request.
     """
+    if held is not None and held <= seconds + DEADLINE_SLACK:
+        return held
     whole = max(seconds, 0.001)  # 0 would mean no limit at all
     sock.setsockopt(socket.SOL_SOCKET, option, struct.pack("ll", int(whole), int(whole % 1 * 1e6)))
+    return whole
 
 
 _WOULD_BLOCK = (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError)  # a kernel timeout came first
@@ -4668,12 +4675,13 @@ class _DeadlineReader(socket.SocketIO):
     def __init__(self, sock: socket.socket, handler: HttpHandler):
         super().__init__(sock, "rb")
         self._handler = handler
+        self.timeout: float | None = None  # the receive timeout set on the socket
 
     def readinto(self, buffer: Any) -> int | None:
         left = self._handler.deadline - time.monotonic()
         if left <= 0:
             raise TimeoutError("http_request_timeout passed")
-        socket_deadline(self._sock, socket.SO_RCVTIMEO, left)
+        self.timeout = socket_deadline(self._sock, socket.SO_RCVTIMEO, left, self.timeout)
         try:
             got = self._sock.recv_into(buffer)
         except _WOULD_BLOCK:
@@ -4682,21 +4690,25 @@ class _DeadlineReader(socket.SocketIO):
         return got
 
 
-def send_within(sock: socket.socket, data: bytes, seconds: float) -> None:
-    """Send all of ``data`` within ``seconds`` in all (a client that reads nothing is given up: TimeoutError)."""
+def send_within(sock: socket.socket, data: bytes, seconds: float, held: float | None = None) -> float | None:
+    """Send all of ``data`` within ``seconds`` in all (a client that reads nothing is given up: TimeoutError);
+    return the send timeout left set on the socket (``held``: the one set before)."""
     deadline, view = time.monotonic() + seconds, memoryview(data)
     while view:
         left = deadline - time.monotonic()
         if left <= 0:
             raise TimeoutError("the client took nothing for http_request_timeout")
-        socket_deadline(sock, socket.SO_SNDTIMEO, left)
+        held = socket_deadline(sock, socket.SO_SNDTIMEO, left, held)
         try:
             view = view[sock.send(view):]
         except _WOULD_BLOCK:
             raise TimeoutError("the client took nothing for http_request_timeout") from None
+    return held
 
 
 HEAD_CHUNK = 4096  # bytes read at a time while a request's head is read: the most one look can overshoot
+HEAD_LINE_MAX = 65536  # bytes of one header line at most (http.client's bound), whatever http_max_header_bytes says
+FIELD_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # a field name: a token (RFC 9110 5.1, 5.6.2)
 
 
 class UnfinishedRequests:
@@ -4920,6 +4932,8 @@ class HttpHandler(http.server.BaseHTTPRequestHandler):
     server: HttpServer
     deadline = 0.0  # time.monotonic() by which the request being read must be whole
     fields: dict[str, str] | None = None  # the request's header fields, once check_head passed them
+    raw_head: list[tuple[str, str]] = []  # the request's field lines as read_field_lines read them
+    send_timeout: float | None = None  # the send timeout set on the socket (send_within)
     evicted = False  # http_max_unfinished_bytes was exceeded and this request held the most
     ERRORS = {400: BadRequest, 414: UriTooLong, 431: HeaderTooLarge, 501: NotImplementedMethod,
               505: VersionNotSupported}  # what http.server's send_error codes mean here
@@ -4930,7 +4944,6 @@ class HttpHandler(http.server.BaseHTTPRequestHandler):
         self.connection.settimeout(None)  # blocking: the kernel times each call (socket_deadline)
         self.rfile.close()  # http.server's reader, replaced by one that keeps the request's deadline
         self.rfile = io.BufferedReader(_DeadlineReader(self.connection, self))
-        socket_deadline(self.connection, socket.SO_SNDTIMEO, self.server.node.config["http_request_timeout"])
 
     def handle_one_request(self) -> None:
         """Read one request within the limits and the deadline, answer it, run its ``after`` actions."""
@@ -4977,6 +4990,72 @@ class HttpHandler(http.server.BaseHTTPRequestHandler):
             return None  # the client went away inside the body
         return Request(self.command, self.path, fields, body, tuple(self.client_address[:2]), self.server.listener.kind)
 
+    def parse_request(self) -> bool:
+        """Parse the request line as http.server does (answering its errors through ``send_error``), and the
+        head's field lines here (RFC 9112 5): email's parser, which http.server uses, costs more than all
+        the rest of answering a request. Raise BadRequest for a line that is no field line, HeaderTooLarge
+        past listener.max_headers; return False when nothing is to be answered (or http.server's error was)."""
+        self.command, self.request_version, self.close_connection = None, self.default_request_version, True
+        self.requestline = str(self.raw_requestline, "iso-8859-1").rstrip("\r\n")
+        words = self.requestline.split()
+        if not words:
+            return False
+        if len(words) >= 3:  # the version, RFC 9112 2.3 (as http.server reads it)
+            version = words[-1]
+            number = version[5:].split(".") if version.startswith("HTTP/") else []
+            if len(number) != 2 or not all(n.isdigit() and len(n) <= 10 for n in number):
+                self.send_error(400, f"Bad request version ({version!r})")
+                return False
+            major, minor = int(number[0]), int(number[1])
+            if major >= 2:
+                self.send_error(505, f"Invalid HTTP version ({version[5:]})")
+                return False
+            self.close_connection = (major, minor) < (1, 1)
+            self.request_version = version
+        if not 2 <= len(words) <= 3:
+            self.send_error(400, f"Bad request syntax ({self.requestline!r})")
+            return False
+        self.command, self.path = words[:2]
+        if len(words) == 2:  # HTTP/0.9: refused once the head is read (check_head)
+            self.close_connection = True
+        if self.path.startswith("//"):  # never an absolute URI without a scheme
+            self.path = "/" + self.path.lstrip("/")
+        self.raw_head = self.read_field_lines()
+        if self.raw_head is None:
+            return False  # the client went away inside the head
+        first = {}
+        for name, value in self.raw_head:
+            first.setdefault(name.lower(), value)
+        connection = first.get("connection", "").lower()
+        if connection == "close":
+            self.close_connection = True
+        elif connection == "keep-alive":
+            self.close_connection = False
+        if first.get("expect", "").lower() == "100-continue" and self.request_version >= "HTTP/1.1":
+            return self.handle_expect_100()
+        return True
+
+    def read_field_lines(self) -> list[tuple[str, str]] | None:
+        """Read the head's field lines up to the empty one: (name, value without the whitespace around it)."""
+        most = self.server.listener.limits()[2]
+        lines: list[tuple[str, str]] = []
+        while True:
+            line = self.rfile.readline(HEAD_LINE_MAX + 1)
+            if line in (b"\r\n", b"\n"):
+                return lines
+            if not line.endswith(b"\n"):
+                if len(line) > HEAD_LINE_MAX:
+                    raise HeaderTooLarge(f"a header line is longer than {HEAD_LINE_MAX} bytes")
+                return None
+            if line[0] in b" \t":
+                raise BadRequest("malformed header line: obsolete line folding")  # RFC 9112 5.2
+            name, colon, value = line.decode("iso-8859-1").partition(":")
+            if not colon or FIELD_NAME.fullmatch(name) is None:
+                raise BadRequest("malformed header line")  # RFC 9112 5.1: a token, no space before ':'
+            if len(lines) == most:
+                raise HeaderTooLarge(f"more than {most} headers (listener.max_headers)")
+            lines.append((name, value.strip(" \t\r\n")))
+
     def read_body(self, length: int) -> bytes | None:
         """Read a body of ``length`` bytes, counted in the node's budget; None when the client went away."""
         parts, got = [], 0
@@ -5010,21 +5089,14 @@ class HttpHandler(http.server.BaseHTTPRequestHandler):
         """
         if self.request_version == "HTTP/0.9":
             raise BadRequest(f"bad request line {self.requestline[:80]!r}")
-        headers = self.headers
-        if headers.defects or headers.get_payload():  # email's parser stopped at a line that is no header
-            raise BadRequest("malformed header line")  # RFC 9112 5.1: no space before ':', a name
-        _, value_limit, most, body_limit = self.server.listener.limits()
-        raw = list(headers.raw_items())
+        _, value_limit, _, body_limit = self.server.listener.limits()
+        raw = self.raw_head  # read_field_lines kept the count and the syntax
         fields: dict[str, str] = {}
-        for n, (name, value) in enumerate(raw):
-            if n == most:
-                raise HeaderTooLarge(f"more than {most} headers (listener.max_headers)")
+        for name, value in raw:
             if len(value) > value_limit:
                 raise HeaderTooLarge(f"header {name} is longer than {value_limit} bytes")
-            if "\n" in value:
-                raise BadRequest("malformed header line: obsolete line folding")  # RFC 9112 5.2
-            fields.setdefault(name.lower(), value.strip())
-        self.check_framing(fields, [v.strip() for n, v in raw if n.lower() == "content-length"])
+            fields.setdefault(name.lower(), value)
+        self.check_framing(fields, [v for n, v in raw if n.lower() == "content-length"])
         length = fields.get("content-length", "0")
         if not (length.isascii() and length.isdigit()):
             raise BadRequest("bad Content-Length")
@@ -5070,7 +5142,8 @@ class HttpHandler(http.server.BaseHTTPRequestHandler):
                          f"{head}Content-Length: {len(resp.body)}\r\n{end}".encode("latin-1"),
                          b"" if req is not None and req.method == "HEAD" else resp.body))
         try:  # a client that reads nothing: the write gives up after http_request_timeout
-            send_within(self.connection, data, self.server.node.config["http_request_timeout"])
+            self.send_timeout = send_within(self.connection, data, self.server.node.config["http_request_timeout"],
+                                            self.send_timeout)
         except OSError:
             self.close_connection = True
         if log.isEnabledFor(logging.INFO):

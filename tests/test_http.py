@@ -919,3 +919,86 @@ def test_150_connections_trickling_huge_heads_cannot_grow_the_node(tmp_path):
         assert [s for s, _ in gets] == [200] * 6 and max(t for _, t in gets) < 2.0, gets
         assert max(rtts) < 2.0, rtts
         assert node.alive() and "Traceback" not in node.log()
+
+
+# -- the head's field lines, read without email's parser ----------------------------------
+
+def head_reader(head: bytes, most: int = 100):
+    """An HttpHandler that reads ``head`` as its field lines (no socket, no server)."""
+    import io
+    import types
+    handler = vmqapi.HttpHandler.__new__(vmqapi.HttpHandler)
+    handler.rfile = io.BytesIO(head)
+    handler.server = types.SimpleNamespace(listener=types.SimpleNamespace(limits=lambda: (8190, 8190, most, 1 << 20)))
+    return handler
+
+
+_TOKEN = st.text(alphabet="!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ",
+                 min_size=1, max_size=20)
+_VALUE = st.text(alphabet=st.characters(min_codepoint=0x21, max_codepoint=0xFF, blacklist_characters="\x7f"),
+                 max_size=40).flatmap(lambda core: st.sampled_from(["", " ", "\t", "  "]).map(
+                     lambda pad: pad + core + pad))
+
+
+@given(st.lists(st.tuples(_TOKEN, _VALUE), max_size=12), st.sampled_from([b"\r\n", b"\n"]))
+def test_field_lines_are_read_as_http_client_reads_them(fields, newline):
+    """Oracle: http.client.parse_headers (email's parser, which http.server uses) on the same well-formed head."""
+    import http.client
+    import io
+    head = b"".join(f"{name}:{value}".encode("latin-1") + newline for name, value in fields) + newline
+    ours = head_reader(head).read_field_lines()
+    theirs = http.client.parse_headers(io.BytesIO(head))
+    assert [name for name, _ in ours] == [name for name, _ in theirs.raw_items()]
+    assert [value for _, value in ours] == [value.strip(" \t\r\n") for _, value in theirs.raw_items()]
+
+
+@given(st.binary(max_size=300))
+def test_any_head_bytes_give_fields_or_a_refusal(data):
+    """Any bytes: field lines, a 400/431 refusal, or None (the head ended before its empty line); nothing else."""
+    try:
+        lines = head_reader(data, most=5).read_field_lines()
+    except (vmqapi.BadRequest, vmqapi.HeaderTooLarge):
+        return
+    if lines is None:
+        assert b"\n\n" not in data and b"\n\r\n" not in data and data[:1] not in (b"\n", b"\r")
+        return
+    assert len(lines) <= 5
+    for name, value in lines:
+        assert vmqapi.FIELD_NAME.fullmatch(name) and value == value.strip(" \t\r\n")
+
+
+@pytest.mark.parametrize("line, error", [
+    (b"Host : x\r\n", vmqapi.BadRequest), (b" folded\r\n", vmqapi.BadRequest), (b"NoColon\r\n", vmqapi.BadRequest),
+    (b":empty-name\r\n", vmqapi.BadRequest), (b"X-A: " + b"v" * 70000 + b"\r\n", vmqapi.HeaderTooLarge),
+])
+def test_field_lines_refused(line, error):
+    with pytest.raises(error):
+        head_reader(b"X-Ok: 1\r\n" + line + b"\r\n").read_field_lines()
+
+
+def test_a_head_cut_before_its_empty_line_is_not_answered():
+    assert head_reader(b"Host: x\r\nX-A: 1").read_field_lines() is None
+    assert head_reader(b"Host: x\r\n").read_field_lines() is None
+
+
+def test_an_answer_the_client_never_reads_is_given_up_after_http_request_timeout(make_node):
+    """The kernel's send timeout (set per send to what is left) bounds a whole answer: a client that asks
+    for hundreds of answers and reads none has its connection cut, instead of holding a thread for ever."""
+    node = make_node(http_request_timeout="1")
+    port = node.listeners()[0]["port"]
+    asked = 300
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n" * asked)  # answers pile up unread
+        time.sleep(4)  # the node gives up a send after 1 s
+        started, data = time.monotonic(), b""
+        while time.monotonic() - started < 20:
+            try:
+                chunk = sock.recv(1 << 16)
+            except (ConnectionResetError, TimeoutError):
+                break
+            if not chunk:
+                break
+            data += chunk
+        answers = data.count(b"HTTP/1.1 200 ")
+        assert 0 < answers < asked and time.monotonic() - started < 20
