@@ -4654,15 +4654,20 @@ def socket_deadline(sock: socket.socket, option: int, seconds: float, held: floa
 
     A Python timeout would do the same with a poll before every call and a mode switch each time it
     changes, each letting go of the GIL: with many connections at once that costs more than the request.
+    A TLS socket gets a Python timeout all the same: in blocking mode ``ssl`` calls SSL_read again when
+    the kernel's timeout ends one recv, and would wait for ever.
     """
-    if held is not None and held <= seconds + DEADLINE_SLACK:
+    if isinstance(sock, ssl.SSLSocket):  # a blocking TLS socket retries its read past a kernel timeout
+        sock.settimeout(max(seconds, 0.001))
+        return None
+    if held is not None and abs(held - seconds) <= DEADLINE_SLACK:
         return held
     whole = max(seconds, 0.001)  # 0 would mean no limit at all
     sock.setsockopt(socket.SOL_SOCKET, option, struct.pack("ll", int(whole), int(whole % 1 * 1e6)))
     return whole
 
 
-_WOULD_BLOCK = (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError)  # a kernel timeout came first
+_WOULD_BLOCK = BlockingIOError  # a kernel timeout ended the call (a TLS socket raises TimeoutError itself)
 
 
 class _DeadlineReader(socket.SocketIO):
@@ -4941,7 +4946,8 @@ class HttpHandler(http.server.BaseHTTPRequestHandler):
     def setup(self) -> None:
         self._thread = threading.current_thread()
         super().setup()
-        self.connection.settimeout(None)  # blocking: the kernel times each call (socket_deadline)
+        if not isinstance(self.connection, ssl.SSLSocket):
+            self.connection.settimeout(None)  # blocking: the kernel times each call (socket_deadline)
         self.rfile.close()  # http.server's reader, replaced by one that keeps the request's deadline
         self.rfile = io.BufferedReader(_DeadlineReader(self.connection, self))
 
@@ -5003,7 +5009,7 @@ class HttpHandler(http.server.BaseHTTPRequestHandler):
         if len(words) >= 3:  # the version, RFC 9112 2.3 (as http.server reads it)
             version = words[-1]
             number = version[5:].split(".") if version.startswith("HTTP/") else []
-            if len(number) != 2 or not all(n.isdigit() and len(n) <= 10 for n in number):
+            if len(number) != 2 or not all(n.isascii() and n.isdigit() and len(n) <= 10 for n in number):
                 self.send_error(400, f"Bad request version ({version!r})")
                 return False
             major, minor = int(number[0]), int(number[1])
@@ -5016,8 +5022,11 @@ class HttpHandler(http.server.BaseHTTPRequestHandler):
             self.send_error(400, f"Bad request syntax ({self.requestline!r})")
             return False
         self.command, self.path = words[:2]
-        if len(words) == 2:  # HTTP/0.9: refused once the head is read (check_head)
+        if len(words) == 2:  # HTTP/0.9: a GET is refused once the head is read (check_head)
             self.close_connection = True
+            if self.command != "GET":
+                self.send_error(400, f"Bad HTTP/0.9 request type ({self.command!r})")
+                return False
         if self.path.startswith("//"):  # never an absolute URI without a scheme
             self.path = "/" + self.path.lstrip("/")
         self.raw_head = self.read_field_lines()
@@ -11991,7 +12000,9 @@ class Replica:
     def items(self, kind: str) -> list[tuple[str, Any]]:
         """Return the live (key, value) pairs of a kind, sorted by key."""
         rows = self._kinds[kind].rows if kind in self._kinds else {}
-        return [(key, rows[key].value) for key in sorted(rows) if rows[key].value is not None]
+        # get, not rows[key]: cluster show reads members from an HTTP thread while the loop may purge a tombstone
+        return [(key, held.value) for key in sorted(rows) if (held := rows.get(key)) is not None
+                and held.value is not None]
 
     def rows(self) -> list[Update]:
         """Return every row, tombstones too (what the store keeps), by kind and key."""

@@ -8,6 +8,7 @@ import logging
 import os
 import re
 import socket
+import struct
 import time
 
 import pytest
@@ -1002,3 +1003,22 @@ def test_an_answer_the_client_never_reads_is_given_up_after_http_request_timeout
             data += chunk
         answers = data.count(b"HTTP/1.1 200 ")
         assert 0 < answers < asked and time.monotonic() - started < 20
+
+
+def test_a_kernel_timeout_is_kept_only_while_it_ends_near_the_deadline():
+    """One set shorter for a request's last read (5 ms left) must not cut the next request short."""
+    a, b = socket.socketpair()
+    with a, b:
+        held = vmqapi.socket_deadline(a, socket.SO_RCVTIMEO, 0.005)
+        assert vmqapi.socket_deadline(a, socket.SO_RCVTIMEO, 0.008, held) == held  # within 10 ms: kept
+        assert vmqapi.socket_deadline(a, socket.SO_RCVTIMEO, 30, held) == 30  # the next request: set again
+        seconds, micros = struct.unpack("ll", a.getsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, 16))
+        assert (seconds, micros) == (30, 0)
+        assert vmqapi.socket_deadline(a, socket.SO_RCVTIMEO, 29.0, 30) == 29.0  # past the slack: set again
+
+
+@pytest.mark.parametrize("request_bytes", [b"GET / HTTP/1.\xb2\r\n\r\n", b"POST /api/v1/cluster/show\r\n"])
+def test_odd_request_lines_are_answered_400_at_once(node, request_bytes):
+    started = time.monotonic()
+    answer = raw_exchange(node, request_bytes)
+    assert answer.startswith(b"HTTP/1.1 400 ") and b'"type":"error"' in answer and time.monotonic() - started < 3

@@ -435,3 +435,22 @@ def test_tls_and_websocket_listeners_started_at_run_time(node, pki):
         assert body_json(data)["alert"][0]["text"].startswith("can't start listener due to")
     finally:
         http.close()
+
+
+def test_an_https_client_that_sends_nothing_after_its_handshake_is_cut_after_http_request_timeout(make_node, pki):
+    """A TLS connection keeps a Python timeout per read: in blocking mode ssl would retry past the kernel's."""
+    import socket
+    import time
+    node = make_node(**{"listener.https.admin": "127.0.0.1:0", "listener.https.admin.certfile": str(pki / "server.pem"),
+                        "listener.https.admin.keyfile": str(pki / "server.key"), "http_request_timeout": "1"})
+    port = port_of(node, "https")
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+        with client_context(pki).wrap_socket(raw, server_hostname="localhost") as tls:
+            started = time.monotonic()
+            try:
+                ended = tls.recv(1024)  # the node closes: the end of the stream (or its TLS alert)
+            except (ssl.SSLError, ConnectionResetError):
+                ended = b""
+            assert ended == b"" and time.monotonic() - started < 6
+    key = node.keystore.create()
+    assert https_get(port, "/api/v1/cluster/show", key, pki)[0] == 200
