@@ -4645,12 +4645,13 @@ def start_with_small_stack(thread: threading.Thread) -> None:
             threading.stack_size(previous)
 
 
-DEADLINE_SLACK = 0.01  # s a kernel timeout set earlier may run past a deadline before it is set again
+DEADLINE_SLACK = 0.01  # s a kernel timeout set earlier may end off a deadline before it is set again
 
 
-def socket_deadline(sock: socket.socket, option: int, seconds: float, held: float | None = None) -> float:
+def socket_deadline(sock: socket.socket, option: int, seconds: float, held: float | None = None) -> float | None:
     """Let the kernel end one blocking recv or send (``option``: SO_RCVTIMEO, SO_SNDTIMEO) after ``seconds``;
-    return the timeout now set. ``held`` (the one set before) is kept while it ends at most DEADLINE_SLACK late.
+    return the timeout now set (None: a TLS socket's own). ``held`` (the one set before) is kept while it
+    ends within DEADLINE_SLACK of the deadline, either way.
 
     A Python timeout would do the same with a poll before every call and a mode switch each time it
     changes, each letting go of the GIL: with many connections at once that costs more than the request.
