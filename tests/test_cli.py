@@ -282,23 +282,28 @@ def idle_node_rss(folder, data_dir, argv, env):
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs /proc")
-@pytest.mark.parametrize("keep_pyc", [True, False])
+@pytest.mark.parametrize("keep_pyc", [True, False, "written"])
 def test_script_start_costs_no_more_than_an_import(tmp_path, keep_pyc):
     # Compiling the module as __main__ used to leave ~18 MB in the node (46 MB idle against 28 MB
     # for a node started by ``import vmqapi``). A copy keeps the .pyc out of the source tree.
+    # "written": the first start after the file changed compiles it and writes the .pyc (that
+    # start kept the compiler's memory, 72 MB idle, until the check looked at when it was written).
     folder = tmp_path / "app"
     folder.mkdir()
     (folder / "vmqapi.py").write_bytes(Path(ROOT, "vmqapi.py").read_bytes())
     env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
     imported = [sys.executable, "-c", "import sys, vmqapi; sys.argv[0] = 'vmqapi'; sys.exit(vmqapi.main())"]
-    baseline = idle_node_rss(folder, tmp_path / "a", imported, env)  # writes and then uses the .pyc
+    idle_node_rss(folder, tmp_path / "a0", imported, env)  # writes the .pyc (and keeps what compiling cost)
+    baseline = idle_node_rss(folder, tmp_path / "a", imported, env)  # uses it: the import's own cost
     assert (folder / "__pycache__").is_dir()
-    if not keep_pyc:
-        env["PYTHONDONTWRITEBYTECODE"] = "1"
+    if keep_pyc is not True:
+        if not keep_pyc:
+            env["PYTHONDONTWRITEBYTECODE"] = "1"
         for pyc in (folder / "__pycache__").iterdir():
             pyc.unlink()
     script = idle_node_rss(folder, tmp_path / "b", [sys.executable, "vmqapi.py"], env)
-    assert script < baseline + 3, (script, baseline)
+    # compiled in the node (no .pyc, or written now): the compiler's 40 MB given back, a few MB stay
+    assert script < baseline + (3 if keep_pyc is True else 8), (script, baseline)
     assert sorted(p.name for p in folder.iterdir()) == ["__pycache__", "vmqapi.py"]
     assert len(list((folder / "__pycache__").iterdir())) == (1 if keep_pyc else 0)
 
