@@ -18035,16 +18035,30 @@ def settle_after_hand_over() -> None:
 
 
 def _compiled_here() -> bool:
-    """Whether this process compiled the file: it has no .pyc, or one written since the process started."""
+    """Whether this process compiled the file: it has no .pyc, one written since the process started, or
+    one that does not match the file (stale, and not written again)."""
     try:
         written = os.stat(__spec__.cached or "").st_mtime
+        with open(__spec__.cached, "rb") as fh:
+            head = fh.read(16)
     except OSError:
         return True
     with open("/proc/self/stat", "rb") as fh:
         ticks = int(fh.read().rpartition(b")")[2].split()[19])  # starttime, field 22 of proc(5)
     with open("/proc/stat", "rb") as fh:
         boot = next(int(line.split()[1]) for line in fh if line.startswith(b"btime "))
-    return written >= boot + ticks / os.sysconf("SC_CLK_TCK") - 1  # btime is in whole seconds
+    if written >= boot + ticks / os.sysconf("SC_CLK_TCK") - 1:  # btime is in whole seconds
+        return True
+    import importlib.util
+    source = os.stat(__spec__.origin)
+    flags = int.from_bytes(head[4:8], "little")  # the .pyc header of PEP 552
+    if head[:4] != importlib.util.MAGIC_NUMBER or flags & ~3:
+        return True
+    if flags & 1:  # hash-based: used as it is unless checked against the source
+        with open(__spec__.origin, "rb") as fh:
+            return bool(flags & 2) and head[8:16] != importlib.util.source_hash(fh.read())
+    return head[8:16] != ((int(source.st_mtime) & 0xFFFFFFFF).to_bytes(4, "little")
+                          + (source.st_size & 0xFFFFFFFF).to_bytes(4, "little"))
 
 
 if __name__ == "__main__":

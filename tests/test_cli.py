@@ -282,12 +282,13 @@ def idle_node_rss(folder, data_dir, argv, env):
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs /proc")
-@pytest.mark.parametrize("keep_pyc", [True, False, "written"])
+@pytest.mark.parametrize("keep_pyc", [True, False, "written", "stale"])
 def test_script_start_costs_no_more_than_an_import(tmp_path, keep_pyc):
     # Compiling the module as __main__ used to leave ~18 MB in the node (46 MB idle against 28 MB
     # for a node started by ``import vmqapi``). A copy keeps the .pyc out of the source tree.
     # "written": the first start after the file changed compiles it and writes the .pyc (that
-    # start kept the compiler's memory, 72 MB idle, until the check looked at when it was written).
+    # start kept the compiler's memory, 72 MB idle, until the check looked at when it was written);
+    # "stale": the file changed and its old .pyc cannot be written again (so every start compiles).
     folder = tmp_path / "app"
     folder.mkdir()
     (folder / "vmqapi.py").write_bytes(Path(ROOT, "vmqapi.py").read_bytes())
@@ -296,7 +297,11 @@ def test_script_start_costs_no_more_than_an_import(tmp_path, keep_pyc):
     idle_node_rss(folder, tmp_path / "a0", imported, env)  # writes the .pyc (and keeps what compiling cost)
     baseline = idle_node_rss(folder, tmp_path / "a", imported, env)  # uses it: the import's own cost
     assert (folder / "__pycache__").is_dir()
-    if keep_pyc is not True:
+    if keep_pyc == "stale":
+        env["PYTHONDONTWRITEBYTECODE"] = "1"
+        with open(folder / "vmqapi.py", "a") as fh:
+            fh.write("# changed\n")
+    elif keep_pyc is not True:
         if not keep_pyc:
             env["PYTHONDONTWRITEBYTECODE"] = "1"
         for pyc in (folder / "__pycache__").iterdir():
@@ -306,6 +311,8 @@ def test_script_start_costs_no_more_than_an_import(tmp_path, keep_pyc):
     assert script < baseline + (3 if keep_pyc is True else 8), (script, baseline)
     assert sorted(p.name for p in folder.iterdir()) == ["__pycache__", "vmqapi.py"]
     assert len(list((folder / "__pycache__").iterdir())) == (1 if keep_pyc else 0)
+    if keep_pyc == "stale":  # and it is still the old file's
+        assert idle_node_rss(folder, tmp_path / "c", [sys.executable, "vmqapi.py"], env) < baseline + 8
 
 
 def test_script_start_keeps_exit_codes_and_stdin(tmp_path):
