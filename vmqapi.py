@@ -4980,6 +4980,8 @@ class HttpHandler(http.server.BaseHTTPRequestHandler):
         line_limit = self.server.listener.limits()[0]
         head = _HeadReader(self, self.server.node.config["http_max_header_bytes"])
         self.raw_requestline = head.readline(line_limit + 3)
+        if self.raw_requestline in (b"\r\n", b"\n"):  # an empty line before a request is ignored (RFC 9112 2.2)
+            self.raw_requestline = head.readline(line_limit + 3)
         if len(self.raw_requestline.rstrip(b"\r\n")) > line_limit:
             raise UriTooLong(f"request line longer than {line_limit} bytes")
         self.fields = None
@@ -5018,7 +5020,9 @@ class HttpHandler(http.server.BaseHTTPRequestHandler):
                 self.send_error(505, f"Invalid HTTP version ({version[5:]})")
                 return False
             self.close_connection = (major, minor) < (1, 1)
-            self.request_version = version
+            self.request_version, one_one = version, (major, minor) >= (1, 1)
+        else:
+            one_one = False
         if not 2 <= len(words) <= 3:
             self.send_error(400, f"Bad request syntax ({self.requestline!r})")
             return False
@@ -5033,15 +5037,18 @@ class HttpHandler(http.server.BaseHTTPRequestHandler):
         self.raw_head = self.read_field_lines()
         if self.raw_head is None:
             return False  # the client went away inside the head
-        first = {}
+        options, expect = set(), ""
         for name, value in self.raw_head:
-            first.setdefault(name.lower(), value)
-        connection = first.get("connection", "").lower()
-        if connection == "close":
+            lower = name.lower()
+            if lower == "connection":  # a list, maybe over several lines (RFC 9110 7.6.1)
+                options.update(option.strip().lower() for option in value.split(","))
+            elif lower == "expect" and not expect:
+                expect = value.lower()
+        if "close" in options:  # RFC 9112 9.6: the connection closes after the answer
             self.close_connection = True
-        elif connection == "keep-alive":
+        elif "keep-alive" in options:
             self.close_connection = False
-        if first.get("expect", "").lower() == "100-continue" and self.request_version >= "HTTP/1.1":
+        if expect == "100-continue" and one_one:
             return self.handle_expect_100()
         return True
 
@@ -5062,9 +5069,12 @@ class HttpHandler(http.server.BaseHTTPRequestHandler):
             name, colon, value = line.decode("iso-8859-1").partition(":")
             if not colon or FIELD_NAME.fullmatch(name) is None:
                 raise BadRequest("malformed header line")  # RFC 9112 5.1: a token, no space before ':'
+            value = value.strip(" \t\r\n")
+            if "\0" in value or "\r" in value or "\n" in value:
+                raise BadRequest(f"header {name} holds a NUL or a bare CR")  # RFC 9110 5.5
             if len(lines) == most:
                 raise HeaderTooLarge(f"more than {most} headers (listener.max_headers)")
-            lines.append((name, value.strip(" \t\r\n")))
+            lines.append((name, value))
 
     def read_body(self, length: int) -> bytes | None:
         """Read a body of ``length`` bytes, counted in the node's budget; None when the client went away."""

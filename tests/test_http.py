@@ -961,7 +961,8 @@ def test_any_head_bytes_give_fields_or_a_refusal(data):
     except (vmqapi.BadRequest, vmqapi.HeaderTooLarge):
         return
     if lines is None:
-        assert b"\n\n" not in data and b"\n\r\n" not in data and data[:1] not in (b"\n", b"\r")
+        lines = re.findall(rb"[^\n]*\n?", data)  # None: no empty line ended the head
+        assert b"\n" not in lines and b"\r\n" not in lines
         return
     assert len(lines) <= 5
     for name, value in lines:
@@ -1022,3 +1023,29 @@ def test_odd_request_lines_are_answered_400_at_once(node, request_bytes):
     started = time.monotonic()
     answer = raw_exchange(node, request_bytes)
     assert answer.startswith(b"HTTP/1.1 400 ") and b'"type":"error"' in answer and time.monotonic() - started < 3
+
+
+@pytest.mark.parametrize("connection", [b"Connection: TE, close\r\n", b"Connection: close, TE\r\n",
+                                        b"Connection: keep-alive\r\nConnection: Close\r\n"])
+def test_close_anywhere_in_the_connection_options_closes_after_the_answer(node, key, connection):
+    """RFC 9112 9.6 and RFC 9110 7.6.1: Connection is a list, over one line or several."""
+    started = time.monotonic()
+    answer = raw_exchange(node, b"GET /api/v1/cluster/show HTTP/1.1\r\nAuthorization: " + basic(key).encode()
+                          + b"\r\n" + connection + b"\r\n")
+    assert answer.startswith(b"HTTP/1.1 200 ") and b"Connection: close\r\n" in answer
+    assert time.monotonic() - started < 3  # closed by the node, not by the reader's timeout
+
+
+def test_a_head_with_a_nul_or_bare_cr_in_a_value_gets_400(node):
+    for value in (b"v\x00w", b"v\rw"):
+        answer = raw_exchange(node, b"GET /api/v1/cluster/show HTTP/1.1\r\nX-A: " + value + b"\r\n\r\n")
+        assert answer.startswith(b"HTTP/1.1 400 ") and b"NUL or a bare CR" in answer
+
+
+def test_an_empty_line_before_the_request_and_a_version_written_01_1(node, key):
+    auth = b"Authorization: " + basic(key).encode() + b"\r\n"
+    answer = raw_exchange(node, b"\r\nGET /api/v1/cluster/show HTTP/1.1\r\nConnection: close\r\n" + auth + b"\r\n")
+    assert answer.startswith(b"HTTP/1.1 200 ")  # RFC 9112 2.2: one empty line first is ignored
+    answer = raw_exchange(node, b"POST /api/v1/cluster/show HTTP/01.1\r\nConnection: close\r\nExpect: 100-continue\r\n"
+                          + auth + b"Content-Length: 0\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 ")  # 01.1 is 1.1 (RFC 9112 2.3)
