@@ -105,9 +105,12 @@ def _start_from_bytecode() -> None:
     options = sys.orig_argv[1:len(sys.orig_argv) - len(sys.argv)]
     # pthread_sigmask raises a KeyboardInterrupt that came before the block: no exec then.
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    # glibc reserves 64 MB of address space per thread that allocates (up to 8 per core): with a
+    # thread per HTTP connection, 50 connections passed a 1 GB ulimit -v. Two areas serve them all.
+    env = os.environ if "MALLOC_ARENA_MAX" in os.environ else {**os.environ, "MALLOC_ARENA_MAX": "2"}
     try:
-        os.execv(sys.executable, [sys.executable, *options, "-c", _FROM_BYTECODE, os.path.abspath(__file__),
-                                  *sys.argv[1:]])
+        os.execve(sys.executable, [sys.executable, *options, "-c", _FROM_BYTECODE, os.path.abspath(__file__),
+                                   *sys.argv[1:]], env)
     except OSError:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # run on from the source, as Python started it
 

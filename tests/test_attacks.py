@@ -644,3 +644,34 @@ def _settled(node, metric, seconds=10.0):
             return now
         last = now
     raise AssertionError(f"{metric} still moving after {seconds} s")
+
+
+def test_1000_stalled_http_connections_fit_under_a_1_gib_address_space_cap(child_node):
+    """A thread per connection: glibc's per-thread malloc areas (64 MB of address space each) made about 50
+    connections exhaust a 1 GiB ulimit -v, and a thread dying at its start then hung the listener for good.
+    The node started as a script keeps two areas (MALLOC_ARENA_MAX), so the default 1,000 connections (990 here, and the control client) fit."""
+    if raise_nofile_soft_limit() < 1200:
+        pytest.skip("needs 1200 open files (RLIMIT_NOFILE hard limit is lower)")
+    proc, port = child_node(1024, "http_request_timeout=8")
+    assert control_get(port)[0] == 200
+    base_threads = settled_threads(proc.pid)
+    socks = []
+    try:
+        while len(socks) < 990:  # the control client takes one of the 1,000 the listener allows
+            for _ in range(min(100, 990 - len(socks))):
+                s = socket.create_connection(("127.0.0.1", port), timeout=10)
+                s.sendall(b"GET /api/v1/cluster/show HTTP/1.1\r\nX-Slow: ")
+                socks.append(s)
+            for _ in range(100):
+                if int(proc_status(proc.pid)["Threads"]) >= base_threads + len(socks):
+                    break
+                time.sleep(0.02)
+        assert int(proc_status(proc.pid)["Threads"]) >= base_threads + 990  # every one has its thread
+        assert int(proc_status(proc.pid)["VmSize"].split()[0]) < 1 << 20  # KiB: under the cap, with room
+        assert control_get(port)[0] == 200
+        closed, received = wait_all_closed(socks, 25)
+        assert (closed, received) == (990, 0)  # all cut by http_request_timeout, without an answer
+        assert control_get(port)[0] == 200 and proc.poll() is None
+    finally:
+        for s in socks:
+            s.close()
