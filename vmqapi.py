@@ -5073,7 +5073,7 @@ class HttpHandler(http.server.BaseHTTPRequestHandler):
             if not colon or FIELD_NAME.fullmatch(name) is None:
                 raise BadRequest("malformed header line")  # RFC 9112 5.1: a token, no space before ':'
             value = value.strip(" \t\r\n")
-            if "\0" in value or "\r" in value or "\n" in value:
+            if "\0" in value or "\r" in value:  # (a line ends at its first LF)
                 raise BadRequest(f"header {name} holds a NUL or a bare CR")  # RFC 9110 5.5
             if len(lines) == most:
                 raise HeaderTooLarge(f"more than {most} headers (listener.max_headers)")
@@ -5106,7 +5106,7 @@ class HttpHandler(http.server.BaseHTTPRequestHandler):
                 socket.socket.shutdown(self.connection, socket.SHUT_RD)
 
     def check_head(self) -> dict[str, str]:
-        """Return the header fields http.server read (lower-case names, the first of repeated ones).
+        """Return the header fields read_field_lines read (lower-case names, the first of repeated ones).
 
         Raise for a head that the limits or RFC 9112 refuse.
         """
