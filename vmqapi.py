@@ -17742,8 +17742,11 @@ def run_node(config: Config) -> int:
     if asked:  # stopped before it served: 128 + the signal, as a shell shows it (INTERRUPTED_EXIT for Ctrl-C)
         node.stop()
         return 128 + asked[0]
-    for x in node.listeners():
-        print(f"{node.name} {x['type']} listener on {x['address']}:{x['port']}", flush=True)
+    # One write: nodes started together into one file (a pasted script, PYTHONUNBUFFERED, where print writes
+    # the text and its newline apart) must not cut each other's lines.
+    sys.stdout.write("".join(f"{node.name} {x['type']} listener on {x['address']}:{x['port']}\n"
+                             for x in node.listeners()))
+    sys.stdout.flush()
     while not asked and not node.wait(0.2):
         pass
     node.stop()
