@@ -4671,9 +4671,6 @@ def socket_deadline(sock: socket.socket, option: int, seconds: float, held: floa
     return whole
 
 
-_WOULD_BLOCK = BlockingIOError  # a kernel timeout ended the call (a TLS socket raises TimeoutError itself)
-
-
 class _DeadlineReader(socket.SocketIO):
     """A connection's reads, each allowed only what is left of its handler's deadline.
 
@@ -4693,7 +4690,7 @@ class _DeadlineReader(socket.SocketIO):
         self.timeout = socket_deadline(self._sock, socket.SO_RCVTIMEO, left, self.timeout)
         try:
             got = self._sock.recv_into(buffer)
-        except _WOULD_BLOCK:
+        except BlockingIOError:  # the kernel's timeout ended the call (a TLS socket raises TimeoutError)
             raise TimeoutError("http_request_timeout passed") from None
         self._handler.hold(got)  # what a request being read holds, counted as it arrives
         return got
@@ -4710,7 +4707,7 @@ def send_within(sock: socket.socket, data: bytes, seconds: float, held: float | 
         held = socket_deadline(sock, socket.SO_SNDTIMEO, left, held)
         try:
             view = view[sock.send(view):]
-        except _WOULD_BLOCK:
+        except BlockingIOError:  # the kernel's timeout ended the call (a TLS socket raises TimeoutError)
             raise TimeoutError("the client took nothing for http_request_timeout") from None
     return held
 

@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import multiprocessing as mp
 import os
 import shutil
+import socket
 import statistics
 import sys
 import tempfile
 import time
-import multiprocessing as mp
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _spec = importlib.util.spec_from_file_location("mqttbench", os.path.join(_HERE, "mqtt.py"))
@@ -52,7 +53,6 @@ def subscribe_packet(pid: int, filters: list[bytes], qos: int = 1) -> bytes:
 
 def make_sessions(port: int, count: int, results) -> None:
     """One connection after another: CONNECT (clean session off), SUBSCRIBE, DISCONNECT."""
-    import socket
     start, end_by = time.perf_counter(), time.monotonic() + DEADLINE
     made = 0
     for n in range(count):
