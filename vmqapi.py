@@ -122,6 +122,20 @@ if __name__ == "__main__" and os.name == "posix" and sys.executable and __spec__
     except KeyboardInterrupt:  # Ctrl-C before the hand-over: nothing has started
         sys.exit(INTERRUPTED_EXIT)
 
+# A node started as a script leaves OpenSSL out until it needs TLS: asyncio and http.client import
+# ssl as they are imported, and hashlib loads OpenSSL's libcrypto for its hashes, which costs
+# about 4.5 MB of resident memory a node without TLS never uses. Their imports below see ssl and
+# _hashlib as absent (a name mapped to None in sys.modules is not importable), so hashlib keeps
+# Python's own SHA-1, SHA-2 and BLAKE2; tls_module() imports ssl at the first TLS context and
+# gives asyncio the module it could not import. Not for `admin` and `passwd` (the CLI's urllib
+# needs https at once), nor when vmqapi is imported (the program owns its modules), nor for a
+# Python whose asyncio has not been checked (3.10 to 3.13 were).
+_SSL_LATER = (__name__ == "__main__" and (3, 10) <= sys.version_info[:2] <= (3, 13)
+              and not {"ssl", "_hashlib", "hashlib", "asyncio", "http.client"} & sys.modules.keys()
+              and not {"admin", "passwd"} & set(sys.argv[1:]))
+if _SSL_LATER:
+    sys.modules["ssl"] = sys.modules["_hashlib"] = None  # type: ignore[assignment]
+
 import argparse
 import asyncio
 import base64
@@ -152,7 +166,6 @@ import secrets
 import signal
 import socket
 import socketserver
-import ssl
 import sqlite3
 import string
 import struct
@@ -160,12 +173,42 @@ import tempfile
 import threading
 import time
 import types
-import urllib.error
 import urllib.parse
-import urllib.request
 import zlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Collection, Coroutine, Iterable, Iterator, Mapping, Protocol, Sequence
+
+if _SSL_LATER:
+    del sys.modules["ssl"], sys.modules["_hashlib"]
+    if not all(hasattr(hashlib, name) for name in ("sha1", "sha256", "sha512", "blake2b")):
+        import importlib  # a Python built without its own hashes: OpenSSL's, after all
+        importlib.reload(hashlib)
+
+
+def tls_module() -> types.ModuleType:
+    """Return the ssl module, which a node started as a script imports here, at its first TLS context.
+
+    asyncio could not import it then (see the imports at the top): it gets it now, before any TLS
+    connection can exist (each needs a context, built through here). asyncio keeps the module in
+    three of its modules' globals, and since 3.11 the errors that mean "again" in one of them.
+    """
+    import ssl
+    if _SSL_LATER:
+        for name in ("asyncio.base_events", "asyncio.selector_events", "asyncio.sslproto"):
+            module = sys.modules.get(name)
+            if module is not None and getattr(module, "ssl", ssl) is None:
+                module.ssl = ssl  # type: ignore[attr-defined]
+        proto = sys.modules.get("asyncio.sslproto")
+        if proto is not None and not hasattr(proto, "SSLAgainErrors"):
+            proto.SSLAgainErrors = (ssl.SSLWantReadError, ssl.SSLSyscallError)  # type: ignore[attr-defined]
+    return ssl
+
+
+def is_tls(sock: socket.socket) -> bool:
+    """Whether ``sock`` is a TLS socket (none is while ssl was never imported)."""
+    ssl = sys.modules.get("ssl")
+    return ssl is not None and isinstance(sock, ssl.SSLSocket)
+
 
 try:  # POSIX advisory locks; Windows falls back to msvcrt below.
     import fcntl
@@ -775,10 +818,15 @@ HTTP_MODULES = ("vmq_http_mgmt_api", "vmq_status_http", "vmq_metrics_http", "vmq
 APIKEY_MODULES = ("vmq_http_mgmt_api", "vmq_http_v2_api", "vmq_http_pub")  # VerneMQ schema: auth.mode apikey
 LISTENER_TYPES = ("http", "https", "tcp", "ssl", "ws", "wss")  # VerneMQ's listener types
 MQTT_LISTENER_KINDS = {"tcp": "mqtt", "ssl": "mqtts", "ws": "mqttws", "wss": "mqttwss"}  # as listener show names them
-TLS_VERSIONS = {"tlsv1.2": ssl.TLSVersion.TLSv1_2, "tlsv1.3": ssl.TLSVersion.TLSv1_3}
+TLS_VERSIONS = {"tlsv1.2": "TLSv1_2", "tlsv1.3": "TLSv1_3"}  # names of ssl.TLSVersion members (tls_version())
 # A bridge's outgoing buffer is bounded by bytes on disk, not by a message count: an outage of hours at
 # a sensor gateway's rate fits, and half of max_queued_bytes (128 MiB) is left to the node's own clients.
 BRIDGE_BUFFER_BYTES = 64 << 20
+
+def tls_version(name: str) -> Any:
+    """The ssl.TLSVersion a ``tls_version`` setting's word names."""
+    return getattr(tls_module().TLSVersion, TLS_VERSIONS[name])
+
 
 _S = Setting
 SETTINGS: tuple[Setting, ...] = (
@@ -3089,8 +3137,8 @@ def certificate_rows(files: Iterable[str], now: float) -> list[dict]:
     for path in files:
         try:
             cert = decode_certificate(read_regular_file(path, MAX_SMALL_FILE, "a certificate file")[0])
-            times = {"expires": ssl.cert_time_to_seconds(cert["Not_After"]),  # a date no calendar has: unreadable
-                     "valid_from": ssl.cert_time_to_seconds(cert["Not_Before"])}
+            seconds = tls_module().cert_time_to_seconds  # a date no calendar has: unreadable
+            times = {"expires": seconds(cert["Not_After"]), "valid_from": seconds(cert["Not_Before"])}
         except (OSError, ValueError, IndexError, FileRefused) as exc:  # UnicodeDecodeError is a ValueError
             rows.append({"File": path, "Not_Before": "", "Not_After": "", "CN": f"unreadable: {exc}", "Issuer": "",
                          "SAN": "", "expires": now})
@@ -4547,8 +4595,9 @@ loop();
 def tls_context(options: Mapping[str, Any]) -> ssl.SSLContext:
     """Build a server TLS context from a listener's certfile, keyfile, cafile, versions and ciphers."""
     require_tls_files(options)
+    ssl = tls_module()
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.minimum_version = TLS_VERSIONS[min(options["tls_version"])]
+    ctx.minimum_version = tls_version(min(options["tls_version"]))
     ctx.load_cert_chain(options["certfile"], options["keyfile"] or None)
     if options["cafile"]:
         ctx.load_verify_locations(options["cafile"])
@@ -4661,7 +4710,7 @@ def socket_deadline(sock: socket.socket, option: int, seconds: float, held: floa
     A TLS socket gets a Python timeout all the same: in blocking mode ``ssl`` calls SSL_read again when
     the kernel's timeout ends one recv, and would wait for ever.
     """
-    if isinstance(sock, ssl.SSLSocket):  # a blocking TLS socket retries its read past a kernel timeout
+    if is_tls(sock):  # a blocking TLS socket retries its read past a kernel timeout
         sock.settimeout(max(seconds, 0.001))
         return None
     if held is not None and abs(held - seconds) <= DEADLINE_SLACK:
@@ -4947,7 +4996,7 @@ class HttpHandler(http.server.BaseHTTPRequestHandler):
     def setup(self) -> None:
         self._thread = threading.current_thread()
         super().setup()
-        if not isinstance(self.connection, ssl.SSLSocket):
+        if not is_tls(self.connection):
             self.connection.settimeout(None)  # blocking: the kernel times each call (socket_deadline)
         self.rfile.close()  # http.server's reader, replaced by one that keeps the request's deadline
         self.rfile = io.BufferedReader(_DeadlineReader(self.connection, self))
@@ -10969,7 +11018,7 @@ class MqttIO:
                 options = {o: config.listener_option(kind, name, o) for o in LISTENER_MQTT_OPTIONS}
                 try:
                     self.open_listener(name, address, options, kind)
-                except (OSError, ssl.SSLError) as exc:  # SSLError: a bad certificate or key file
+                except OSError as exc:  # ssl.SSLError too: a bad certificate or key file
                     raise ConfigError(f"cannot start listener.{kind}.{name} on {render_value(address)}: "
                                       f"{getattr(exc, 'strerror', None) or exc}") from None
         self.call(self._tick)
@@ -12411,17 +12460,17 @@ def cluster_tls_contexts(config: Config) -> tuple[ssl.SSLContext | None, ssl.SSL
         raise ConfigError("listener.vmqs.clustering needs listener.vmqs.certfile and listener.vmqs.cafile: "
                           "nodes show each other certificates from that CA")
     require_tls_files(opts)
-    contexts = []
+    contexts, ssl = [], tls_module()
     try:
         for purpose in (ssl.PROTOCOL_TLS_SERVER, ssl.PROTOCOL_TLS_CLIENT):
             ctx = ssl.SSLContext(purpose)
-            ctx.minimum_version = TLS_VERSIONS[min(opts["tls_version"])]
+            ctx.minimum_version = tls_version(min(opts["tls_version"]))
             ctx.load_cert_chain(opts["certfile"], opts["keyfile"] or None)
             ctx.load_verify_locations(opts["cafile"])
             ctx.check_hostname = False
             ctx.verify_mode = ssl.CERT_REQUIRED
             contexts.append(ctx)
-    except (OSError, ssl.SSLError) as exc:
+    except OSError as exc:  # ssl.SSLError too
         raise ConfigError(f"listener.vmqs.clustering: cannot load its certificates: "
                           f"{getattr(exc, 'strerror', None) or exc}") from None
     return contexts[0], contexts[1]
@@ -12584,7 +12633,7 @@ class PeerLink(asyncio.Protocol):
         try:
             tls = await self.links.loop.start_tls(raw, self, self.links.server_tls, server_side=True,
                                                   ssl_handshake_timeout=self.links.handshake_timeout)
-        except (OSError, ssl.SSLError, asyncio.TimeoutError, ConnectionError) as exc:
+        except (OSError, asyncio.TimeoutError) as exc:  # ssl.SSLError and ConnectionError are OSErrors
             why = exc or why
         self.in_tls = False
         # start_tls gives None when the raw transport was closed under it (evict, the handshake deadline).
@@ -15502,10 +15551,10 @@ def _bridge_spec(config: Config, kind: str, name: str) -> BridgeSpec:
 
 def bridge_tls_context(spec: BridgeSpec) -> ssl.SSLContext:
     """Build the client TLS context of a bridge; raise ConfigError for a file that cannot be used."""
-    options = spec.tls_options
+    options, ssl = spec.tls_options, tls_module()
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.minimum_version = TLS_VERSIONS[min(options["tls_version"])]
-    ctx.maximum_version = TLS_VERSIONS[max(options["tls_version"])]
+    ctx.minimum_version = tls_version(min(options["tls_version"]))
+    ctx.maximum_version = tls_version(max(options["tls_version"]))
     option, path = ("cafile", options["cafile"]) if options["cafile"] else ("certfile", options["certfile"])
     require_tls_files(options)
     try:
@@ -15516,7 +15565,7 @@ def bridge_tls_context(spec: BridgeSpec) -> ssl.SSLContext:
         option, path = "certfile", options["certfile"]
         if options["certfile"]:
             ctx.load_cert_chain(options["certfile"], options["keyfile"] or None)
-    except (OSError, ssl.SSLError) as exc:  # bad configuration: exit 2, as README, "The CLI"
+    except OSError as exc:  # ssl.SSLError too; bad configuration: exit 2, as README, "The CLI"
         raise FileRefused(f"vmq_bridge.ssl.{spec.name}.{option} {path}: {getattr(exc, 'strerror', None) or exc}") \
             from None
     if options["insecure"]:
@@ -16365,6 +16414,24 @@ class CallDeadlines:
 
 
 
+class TlsConnection(http.client.HTTPConnection):
+    """An HTTPS connection: http.client's, its socket wrapped in ``context`` once connected.
+
+    http.client.HTTPSConnection does the same, but exists only where ssl was imported before
+    http.client was; a node started as a script imports ssl later (see tls_module()).
+    """
+
+    default_port = 443
+
+    def __init__(self, host: str | None, port: int | None, *, context: Any):
+        super().__init__(host, port)  # type: ignore[arg-type]
+        self.context = context
+
+    def connect(self) -> None:
+        super().connect()
+        self.sock = self.context.wrap_socket(self.sock, server_hostname=self.host)
+
+
 class WebhookClient:
     """POSTs to endpoints from worker threads, over keep-alive connections (one per thread and endpoint)."""
 
@@ -16385,8 +16452,9 @@ class WebhookClient:
         if held is not None and held[0] == options:
             return held[1]
         cafile, certfile, keyfile, verify, versions = options
+        ssl = tls_module()
         ctx = ssl.create_default_context(cafile=cafile or None)
-        ctx.minimum_version = TLS_VERSIONS[min(versions)]
+        ctx.minimum_version = tls_version(min(versions))
         if certfile:
             ctx.load_cert_chain(certfile, keyfile or None)
         if not verify:
@@ -16401,7 +16469,7 @@ class WebhookClient:
         conn = conns.get(key)
         if conn is None:
             tls = {"context": self.tls_context()} if url.scheme == "https" else {}
-            conn = conns[key] = (http.client.HTTPSConnection if tls else http.client.HTTPConnection)(
+            conn = conns[key] = (TlsConnection if tls else http.client.HTTPConnection)(
                 url.hostname, url.port, **tls)
             with self._lock:
                 self._open.add(conn)
@@ -17165,7 +17233,7 @@ class Node:
                     listener = HttpListener(self, name, address, tls=kind == "https")
                     self._listeners.append(listener)
                     listener.start()
-        except (OSError, ssl.SSLError) as exc:
+        except OSError as exc:  # ssl.SSLError too
             self._close_listeners()
             self._stop_mqtt()
             raise ConfigError(f"cannot start listener.{kind}.{name} on {render_value(address)}: "
@@ -17941,6 +18009,7 @@ def find_node(data_dir: str) -> dict:
 
 def _remote(config: Config, argv: Argv, fmt: str) -> int:
     """Run ``argv`` on the live node through its HTTP listener and node secret."""
+    import urllib.request  # the CLI's alone: a node does without it (0.5 MB)
     info = find_node(config["data_dir"])
     scheme, host, port = _http_address(config)
     path, form = render_query(argv)
@@ -17948,7 +18017,7 @@ def _remote(config: Config, argv: Argv, fmt: str) -> int:
         f"{scheme}://{host}:{port}{path}", data=form.encode("ascii"), method="POST",
         headers={"Content-Type": FORM_TYPE, "Accept": JSON_TYPE, SECRET_HEADER: str(info.get("secret", ""))})
     # The node's own listener, found through node.json: its certificate needs no check here.
-    local_tls = ssl._create_unverified_context() if scheme == "https" else None
+    local_tls = tls_module()._create_unverified_context() if scheme == "https" else None
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}),
                                          urllib.request.HTTPSHandler(context=local_tls))
     try:

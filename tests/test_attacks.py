@@ -276,7 +276,8 @@ def test_a_catastrophic_regex_cannot_freeze_the_node(tmp_path):
     key = "k" * 32
     proc = subprocess.Popen(
         [sys.executable, os.path.join(ROOT, "vmqapi.py"), "--data-dir", str(tmp_path / "d"),
-         "--set", "listener.http.default=127.0.0.1:0", "--set", "listener.tcp.default=127.0.0.1:0"],
+         "--set", "listener.http.default=127.0.0.1:0", "--set", "listener.tcp.default=127.0.0.1:0",
+         "--set", "listener.vmq.clustering=127.0.0.1:0"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ, VMQAPI_API_KEYS=f"{key}:mgmt"),
         preexec_fn=_capped_child)
     clients = []
@@ -353,7 +354,7 @@ def child_node(tmp_path):
             raise_nofile_soft_limit()
         data = tmp_path / f"child{len(procs)}"
         sets = ["listener.http.default=127.0.0.1:0", "listener.tcp.default=127.0.0.1:0", "log.console.level=error",
-                *settings]
+                "listener.vmq.clustering=127.0.0.1:0", *settings]
         proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "vmqapi.py"), "--data-dir", str(data),
                                  *(a for s in sets for a in ("--set", s))],
                                 env=dict(os.environ, VMQAPI_API_KEYS=CHILD_KEY), preexec_fn=limits,

@@ -135,7 +135,8 @@ def test_key_added_by_cli_works_at_once_and_deleted_fails_at_once(make_node):
 
 def start_node_process(data_dir, *extra, env=None):
     cmd = [sys.executable, os.path.join(ROOT, "vmqapi.py"), "--data-dir", str(data_dir),
-           "--set", "listener.http.default=127.0.0.1:0", "--set", "listener.tcp.default=127.0.0.1:0", *extra]
+           "--set", "listener.http.default=127.0.0.1:0", "--set", "listener.tcp.default=127.0.0.1:0",
+           "--set", "listener.vmq.clustering=127.0.0.1:0", *extra]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=dict(os.environ, **(env or {})))
 
@@ -266,7 +267,7 @@ def test_secret_files_readable_by_others_are_refused(data_dir, tmp_path):
 def idle_node_rss(folder, data_dir, argv, env):
     """Start a node with ``argv`` in ``folder``; return its VmRSS in MB once listening and idle."""
     cmd = [*argv, "--data-dir", str(data_dir), "--set", "listener.http.default=127.0.0.1:0",
-           "--set", "listener.tcp.default=127.0.0.1:0"]
+           "--set", "listener.tcp.default=127.0.0.1:0", "--set", "listener.vmq.clustering=127.0.0.1:0"]
     proc = subprocess.Popen(cmd, cwd=folder, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         wait_for_node_file(data_dir, proc)  # same pid: the hand-over keeps it

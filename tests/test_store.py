@@ -326,7 +326,8 @@ def test_a_corrupt_store_stops_the_node_with_one_message(tmp_path, which):
         fh.write(bytes(range(256)) * (page_size // 256))
     digest = hashlib.sha256(db.read_bytes()).hexdigest()
     cmd = [sys.executable, os.path.join(ROOT, "vmqapi.py"), "--data-dir", str(data),
-           "--set", "listener.tcp.default=127.0.0.1:0", "--set", "listener.http.default=127.0.0.1:0"]
+           "--set", "listener.tcp.default=127.0.0.1:0", "--set", "listener.http.default=127.0.0.1:0",
+           "--set", "listener.vmq.clustering=127.0.0.1:0"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=child_setup())
     try:
         out, err = proc.communicate(timeout=20)

@@ -454,3 +454,63 @@ def test_an_https_client_that_sends_nothing_after_its_handshake_is_cut_after_htt
             assert ended == b"" and time.monotonic() - started < 6
     key = node.keystore.create()
     assert https_get(port, "/api/v1/cluster/show", key, pki)[0] == 200
+
+
+def _mapped_libraries(pid):
+    with open(f"/proc/{pid}/maps") as fh:
+        return {line.rsplit("/", 1)[-1].strip() for line in fh if ".so" in line}
+
+
+def _openssl_loaded(pid):
+    return any(name.startswith(("libcrypto", "libssl", "_ssl", "_hashlib")) for name in _mapped_libraries(pid))
+
+
+def test_a_node_started_as_a_script_loads_openssl_at_its_first_tls_listener(tmp_path, pki):
+    """Passwords (SHA-512), API keys (SHA-256), a WebSocket handshake (SHA-1) need no OpenSSL; TLS brings it."""
+    import http.client
+    from conftest import password_file, run_cli
+    from test_cli import start_node_process, stop_process, wait_for_node_file
+    data_dir = tmp_path / "d"
+    data_dir.mkdir()
+    passwd = password_file(tmp_path / "passwd", joe="secret")
+    proc = start_node_process(data_dir, "--set", "listener.ws.web=127.0.0.1:0", "--set", "allow_anonymous=off",
+                              "--set", f"vmq_passwd.password_file={passwd}")
+    try:
+        info = wait_for_node_file(data_dir, proc)
+        ports = {x["type"]: x["port"] for x in info["listeners"]}
+        key = run_cli("admin", "api-key", "create", data_dir=data_dir).stdout.strip()
+        conn = http.client.HTTPConnection("127.0.0.1", ports["http"], timeout=10)
+        conn.request("GET", "/api/v1/session/show", headers={"Authorization": "Basic " + base64.b64encode(
+            f"{key}:".encode()).decode()})
+        assert conn.getresponse().status == 200
+        conn.close()
+        for client in (MqttClient(ports["mqtt"]), WsMqttClient(ports["mqttws"])):
+            try:
+                assert client.connect("joe-" + type(client).__name__, username="joe", password=b"secret").return_code == 0
+            finally:
+                client.close()
+        refused = MqttClient(ports["mqtt"])
+        try:
+            assert refused.connect("intruder", username="joe", password=b"wrong").return_code != 0
+        finally:
+            refused.close()
+        assert not _openssl_loaded(proc.pid), "OpenSSL loaded without TLS"
+
+        import socket
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        started = run_cli("admin", "listener", "start", "address=127.0.0.1", f"port={port}", "--ssl",
+                          f"--certfile={pki / 'server.pem'}", f"--keyfile={pki / 'server.key'}", data_dir=data_dir)
+        assert started.returncode == 0, started.stderr
+        tls = MqttClient(port, tls=client_context(pki))
+        try:
+            assert tls.connect("joe-tls", username="joe", password=b"secret").return_code == 0
+            tls.subscribe(("t", 1))
+            tls.publish("t", b"over tls", 1)
+            assert tls.message().payload == b"over tls"
+        finally:
+            tls.close()
+        assert _openssl_loaded(proc.pid)
+    finally:
+        stop_process(proc)
