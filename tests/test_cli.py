@@ -308,8 +308,9 @@ def test_script_start_costs_no_more_than_an_import(tmp_path, keep_pyc):
         for pyc in (folder / "__pycache__").iterdir():
             pyc.unlink()
     script = idle_node_rss(folder, tmp_path / "b", [sys.executable, "vmqapi.py"], env)
-    # compiled in the node (no .pyc, or written now): the compiler's 40 MB given back, a few MB stay
-    assert script < baseline + (3 if keep_pyc is True else 8), (script, baseline)
+    # compiled in the node (no .pyc, or written now): the compiler's 40 MB given back, a few MB stay;
+    # from the .pyc, the node has not loaded OpenSSL (about 4.5 MB), which an import of vmqapi does
+    assert script < baseline + (-2 if keep_pyc is True else 8), (script, baseline)
     assert sorted(p.name for p in folder.iterdir()) == ["__pycache__", "vmqapi.py"]
     assert len(list((folder / "__pycache__").iterdir())) == (1 if keep_pyc else 0)
     if keep_pyc == "stale":  # and it is still the old file's
