@@ -129,10 +129,21 @@ if __name__ == "__main__" and os.name == "posix" and sys.executable and __spec__
 # Python's own SHA-1, SHA-2 and BLAKE2; tls_module() imports ssl at the first TLS context and
 # gives asyncio the module it could not import. Not for `admin` and `passwd` (the CLI's urllib
 # needs https at once), nor when vmqapi is imported (the program owns its modules), nor for a
-# Python whose asyncio has not been checked (3.10 to 3.13 were).
+# Python whose asyncio was not read for it (3.10 to 3.13 keep ssl in the same three modules' globals,
+# see tls_module(); the tests run 3.11), nor for one built without its own hashes (FIPS builds:
+# hashlib and random need OpenSSL's there).
+
+
+def _own_hashes() -> bool:
+    """Whether this Python has its own MD5, SHA-1, SHA-2, SHA-3 and BLAKE2 (what hashlib falls back to)."""
+    import importlib.util
+    sha2 = ("_sha2",) if sys.version_info >= (3, 12) else ("_sha256", "_sha512")
+    return all(importlib.util.find_spec(name) is not None for name in ("_md5", "_sha1", "_sha3", "_blake2", *sha2))
+
+
 _SSL_LATER = (__name__ == "__main__" and (3, 10) <= sys.version_info[:2] <= (3, 13)
               and not {"ssl", "_hashlib", "hashlib", "asyncio", "http.client"} & sys.modules.keys()
-              and not {"admin", "passwd"} & set(sys.argv[1:]))
+              and not {"admin", "passwd"} & set(sys.argv[1:]) and _own_hashes())
 if _SSL_LATER:
     sys.modules["ssl"] = sys.modules["_hashlib"] = None  # type: ignore[assignment]
 
@@ -180,9 +191,6 @@ from typing import Any, Callable, Collection, Coroutine, Iterable, Iterator, Map
 
 if _SSL_LATER:
     del sys.modules["ssl"], sys.modules["_hashlib"]
-    if not all(hasattr(hashlib, name) for name in ("sha1", "sha256", "sha512", "blake2b")):
-        import importlib  # a Python built without its own hashes: OpenSSL's, after all
-        importlib.reload(hashlib)
 
 
 def tls_module() -> types.ModuleType:

@@ -317,6 +317,27 @@ def test_script_start_costs_no_more_than_an_import(tmp_path, keep_pyc):
         assert idle_node_rss(folder, tmp_path / "c", [sys.executable, "vmqapi.py"], env) < baseline + 8
 
 
+@pytest.mark.parametrize("own_hashes", [True, False])
+def test_a_script_node_holds_openssl_back_only_where_python_has_its_own_hashes(tmp_path, own_hashes):
+    # Run the file as the hand-over's interpreter does. Without _md5, _sha1... (a FIPS build) hashlib
+    # and random need OpenSSL's hashes, so the node must import it at once, as before.
+    missing = "" if own_hashes else "".join(f"sys.modules[{n!r}] = None\n" for n in (
+        "_md5", "_sha1", "_sha2", "_sha256", "_sha512", "_sha3"))
+    stub = (f"import atexit, sys, importlib.util as u\n{missing}"
+            f"sys.argv = [{os.path.join(ROOT, 'vmqapi.py')!r}, '--version']\n"
+            "s = u.spec_from_file_location('__main__', sys.argv[0]); m = u.module_from_spec(s)\n"
+            "atexit.register(lambda: print(m._SSL_LATER, 'ssl' in sys.modules, "
+            "sys.modules['hashlib'].sha256(b'x').hexdigest()[:8]))\n"
+            "sys.modules['__main__'] = m; s.loader.exec_module(m)\n")
+    result = subprocess.run([sys.executable, "-S", "-c", stub], capture_output=True, text=True, timeout=60,
+                            cwd=str(tmp_path))
+    assert result.returncode == 0 and not result.stderr, result.stderr
+    version, later, loaded, digest = result.stdout.rsplit(maxsplit=3)
+    assert version.startswith("vmqapi ")
+    assert (later, loaded) == (("True", "False") if own_hashes else ("False", "True"))
+    assert digest == "2d711642"  # sha256(b"x"), by Python's own code or by OpenSSL's
+
+
 def test_script_start_keeps_exit_codes_and_stdin(tmp_path):
     cmd = [sys.executable, "-X", "utf8", os.path.join(ROOT, "vmqapi.py")]
     passwd = subprocess.run([*cmd, "passwd", "-c", str(tmp_path / "pw"), "alice"], input="s3cret\n",
