@@ -13363,6 +13363,11 @@ class ClusterStore:
             self.db.close()
 
 
+# Kinds of rows kept as they change, not at the next housekeeping round: a join is Done once both
+# nodes have heard each other in step, and a node killed at once must come back a member all the same.
+SAVED_AT_ONCE = frozenset({"member"})
+
+
 class Replication:
     """The replicated rows and their flow (loop thread): this node's writes (``put``) go to the peers after
     the batch (``announce``) and to the store at the next round (``save``); a peer's rows come in through
@@ -13393,16 +13398,22 @@ class Replication:
             written = self.written.get(kind)
             if written is not None:
                 written(update)
+            if kind in SAVED_AT_ONCE:
+                self.save()
 
     def merge(self, peer: str, body: bytes) -> bool:
         """Merge a peer's FRAME_META and answer it; True when it brought nothing new and asked nothing."""
         changed, replies = self.replica.receive(decode_term(body))
         self.take_remote(changed)
+        if any(update.kind in SAVED_AT_ONCE for update in changed):
+            self.save()  # before the answer: a peer that hears this node in step may count on it
         for reply in replies:
             self.links.send(peer, FRAME_META, encode_term(reply))
         if changed or replies:
             return False
-        self.quiet[peer] = True
+        if not self.quiet.get(peer, False):  # quiet now: say so with this digest, and the peer is quiet at once too
+            self.quiet[peer] = True          # (not at its next digest round, two cluster_sync_interval away)
+            self.links.send(peer, FRAME_META, encode_term(self.replica.digest_message()))
         self.unsynced.discard(peer)
         return True
 

@@ -576,3 +576,47 @@ class ClusterNetwork(RuleBasedStateMachine):
 
 ClusterNetwork.TestCase.settings = settings(deadline=None)
 test_replicas_converge_on_a_lossy_network = ClusterNetwork.TestCase
+
+
+# -- Replication: when a link's two sides know they are in step --------------------------------------
+
+
+class _Wire:
+    """ClusterLinks as Replication sees it: every frame sent, in order, per direction."""
+
+    def __init__(self, me, flight):
+        self.me, self.flight = me, flight
+
+    def send(self, peer, frame, body):
+        self.flight.append((self.me, peer, body))
+
+
+class _NoStore:
+    def load(self):
+        return []
+
+
+@given(st.lists(st.tuples(st.sampled_from("ab"), KINDS, KEYS, VALUES, TIMES), max_size=12), st.randoms())
+def test_both_sides_of_a_new_link_are_quiet_once_its_frames_are_delivered(puts, rnd):
+    # A join is Done once the joined node has been heard in step (quiet): that must not wait for the
+    # next digest round (two cluster_sync_interval away), only for the frames the link-up set off.
+    flight = []
+    rows = {}
+    for name in "ab":
+        rows[name] = vmqapi.Replication(name, _NoStore())
+        rows[name].links = _Wire(name, flight)
+    for name, kind, key, value, now in puts:
+        rows[name].replica.put(kind, key, value, now)
+    rows["a"].hello("b")
+    rows["b"].hello("a")
+    for _ in range(1000):  # each direction in order (a TCP link), the two directions interleaved at random
+        if not flight:
+            break
+        firsts = {}
+        for index, (src, _, _) in enumerate(flight):
+            firsts.setdefault(src, index)
+        src, dst, body = flight.pop(rnd.choice(sorted(firsts.values())))
+        rows[dst].merge(src, body)
+    assert not flight, "the link-up exchange did not end"
+    assert rows["a"].quiet == {"b": True} and rows["b"].quiet == {"a": True}
+    assert rows_of(rows["a"].replica) == rows_of(rows["b"].replica)
