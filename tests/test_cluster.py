@@ -70,7 +70,7 @@ def table_of(body):
 
 def cluster_settings(name, **extra):
     values = {"nodename": f"{name}@127.0.0.1", "listener.vmq.clustering": "127.0.0.1:0",
-              "distributed_cookie": COOKIE, "cluster_sync_interval": "100"}  # a join waits for a digest round
+              "distributed_cookie": COOKIE, "cluster_sync_interval": "100"}  # housekeeping (key sync, rows) 10 times a second
     values.update(extra)
     return values
 
