@@ -13224,7 +13224,6 @@ class ClusterLinks:
 #       until another node committed them.
 # Must not know: the bytes on a link, the engine's shapes.
 
-CLUSTER_PORT = 44053  # VerneMQ's cluster port: a discovery node without one is asked there
 CLUSTER_DB = "cluster.db"  # the replicated state, kept so a restarted node knows its peers
 FRAME_META, FRAME_FORWARD, FRAME_CALL, FRAME_REPLY, FRAME_MIGRATE = 16, 17, 18, 19, 20
 FRAME_KEPT, FRAME_KEPT_ACK = 21, 22  # a frame kept until acknowledged, and its acknowledgement (Outbox and Inbox)
