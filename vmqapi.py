@@ -831,6 +831,7 @@ TLS_VERSIONS = {"tlsv1.2": "TLSv1_2", "tlsv1.3": "TLSv1_3"}  # names of ssl.TLSV
 # a sensor gateway's rate fits, and half of max_queued_bytes (128 MiB) is left to the node's own clients.
 BRIDGE_BUFFER_BYTES = 64 << 20
 
+
 def tls_version(name: str) -> Any:
     """The ssl.TLSVersion a ``tls_version`` setting's word names."""
     return getattr(tls_module().TLSVersion, TLS_VERSIONS[name])
@@ -13369,8 +13370,9 @@ SAVED_AT_ONCE = frozenset({"member"})
 
 class Replication:
     """The replicated rows and their flow (loop thread): this node's writes (``put``) go to the peers after
-    the batch (``announce``) and to the store at the next round (``save``); a peer's rows come in through
-    ``merge``, each changed row given to its kind's applier (``appliers``, filled by the cluster).
+    the batch (``announce``) and to the store at the next round (``save``; SAVED_AT_ONCE kinds at once); a
+    peer's rows come in through ``merge``, each changed row given to its kind's applier (``appliers``, filled
+    by the cluster).
 
     ``written`` holds what follows this node's own write of a row of a kind (a session's: its index).
     """
