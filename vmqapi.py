@@ -6593,6 +6593,10 @@ class Outgoing:
         return (self.retain, self.ids) if self.retain or self.ids else None
 
 
+NO_QUEUE = ()  # a session's queue before its first message: read as empty, never appended to
+NO_IDS: frozenset[int] = frozenset()  # a session's QoS 2 ids before its first (an empty set is 216 bytes)
+
+
 class Session:
     """An MQTT session: subscriptions, queue and in-flight window of one client id."""
 
@@ -6607,9 +6611,11 @@ class Session:
         self.will: tuple[Message, float] | None = None  # a delayed will (MQTT 5) and when it is due
         self.subs: dict[str, SubOptions] = {}
         self.client: Connection | None = None
-        self.queue: collections.deque[Outgoing] = collections.deque()
+        # What waits to be sent: NO_QUEUE (nothing ever queued: an empty deque is 760 bytes, more than a
+        # third of an idle persistent session) until the first message (``queue_for``), then a deque.
+        self.queue: collections.deque[Outgoing] | tuple[()] = NO_QUEUE
         self.inflight: dict[int, Outgoing] = {}  # packet id -> delivery awaiting its acknowledgement
-        self.incoming: set[int] = set()  # QoS 2 packet ids received, PUBREL pending
+        self.incoming: set[int] | frozenset[int] = NO_IDS  # QoS 2 packet ids received, PUBREL pending (incoming_for)
         self.next_pid = 1
         self.user: str | None = None
         self.peer = ("", 0)
@@ -6643,6 +6649,18 @@ class Session:
     def key(self) -> tuple[str, str]:
         """(mountpoint, client id): the session's name, and VerneMQ's subscriber id."""
         return self.mountpoint, self.client_id
+
+    def queue_for(self) -> collections.deque[Outgoing]:
+        """Return the queue to append to (made at the first message)."""
+        if self.queue is NO_QUEUE:
+            self.queue = collections.deque()
+        return self.queue  # type: ignore[return-value]
+
+    def incoming_for(self) -> set[int]:
+        """Return the QoS 2 ids received to add to (made at the first one)."""
+        if self.incoming is NO_IDS:
+            self.incoming = set()
+        return self.incoming  # type: ignore[return-value]
 
     def take_pid(self) -> int:
         """Return a packet id not in flight (MQTT 3.1.1 2.3.1)."""
@@ -7999,7 +8017,7 @@ class Delivery:
             session.stored += 1
             session.stored_bytes += size
         else:
-            session.queue.append(out)
+            session.queue_for().append(out)
             session.loaded_upto = max(session.loaded_upto, out.row)
         self.counters["queue_message_in", ()] += 1
         if online:
@@ -8034,7 +8052,7 @@ class Delivery:
         page = self.store.load_queue(session.mountpoint, session.client_id, session.loaded_upto)
         for msg, qos, row, extra in page:
             retain, ids = extra or (False, ())
-            session.queue.append(Outgoing(msg, qos, row, retain, ids))
+            session.queue_for().append(Outgoing(msg, qos, row, retain, ids))
             session.loaded_upto = row
             session.stored_bytes -= message_bytes(msg)
         session.stored = max(0, session.stored - len(page))
@@ -8080,11 +8098,12 @@ class Delivery:
         window, now = self.ctx.max_inflight, self.ctx.now
         if client.receive_max and (not window or client.receive_max < window):
             window = client.receive_max  # [MQTT-3.3.4-7]
-        queue, inflight = session.queue, session.inflight
+        inflight = session.inflight
         while True:
             room = (not window or len(inflight) < window) and len(inflight) < MAX_PACKET_ID
-            if not queue and not (room and session.stored and self.fill(session)):
+            if not session.queue and not (room and session.stored and self.fill(session)):
                 break
+            queue = session.queue  # read again: fill made it if it was NO_QUEUE
             head = queue[0]
             if head.qos and not room:
                 break
@@ -9008,13 +9027,13 @@ class Engine:
                 self.emit(client, ack_frame(PUBACK, p.packet_id))  # the same bytes in MQTT 5
                 self.counters["mqtt_puback_sent", dialect.success_labels] += 1
             else:
-                session.incoming.add(p.packet_id)
+                session.incoming_for().add(p.packet_id)
                 self.emit(client, ack_frame(PUBREC, p.packet_id))
                 self.counters["mqtt_pubrec_sent", dialect.success_labels] += 1
             return
         kind = Puback if p.qos == 1 else Pubrec
         if kind is Pubrec and reason < REASON_FAILURE:
-            session.incoming.add(p.packet_id)  # an error reason ends the exchange (MQTT 5.0 4.3.3)
+            session.incoming_for().add(p.packet_id)  # an error reason ends the exchange (MQTT 5.0 4.3.3)
         self.emit_packet(client, dialect.ack(kind, p.packet_id, reason))
         self.counters["mqtt_puback_sent" if kind is Puback else "mqtt_pubrec_sent", reason_labels(reason)] += 1
 
@@ -9178,9 +9197,11 @@ class Engine:
     def on_pubrel(self, client: Connection, p: Pubrel, raw: bytes = b"") -> None:
         """The client releases a QoS 2 message it sent: answer PUBCOMP [MQTT-4.3.3-2]."""
         self.counters["mqtt_pubrel_received", client.dialect.ack_labels(p.reason_code)] += 1
-        incoming, dialect = client.session.incoming, client.dialect
-        reason = Reason.SUCCESS if p.packet_id in incoming else dialect.ack_reason(Reason.PACKET_ID_NOT_FOUND)
-        incoming.discard(p.packet_id)
+        session, dialect = client.session, client.dialect
+        known = p.packet_id in session.incoming
+        reason = Reason.SUCCESS if known else dialect.ack_reason(Reason.PACKET_ID_NOT_FOUND)
+        if known:  # a set, then: it holds an id
+            session.incoming_for().discard(p.packet_id)
         self.emit_packet(client, dialect.ack(Pubcomp, p.packet_id, reason))
         self.counters["mqtt_pubcomp_sent", dialect.ack_labels(reason)] += 1
 
@@ -11627,8 +11648,9 @@ class Peers:
 
     def put_ahead(self, session: Session, deliver: Callable[[], None]) -> None:
         """Run ``deliver`` for a session; while it waits, what it queued goes before what came directly (newer)."""
-        queue, before = session.queue, len(session.queue)
+        before = len(session.queue)
         deliver()
+        queue = session.queue  # read after: deliver makes it if it was NO_QUEUE
         if session.waiting and len(queue) == before + 1 and session.ahead < before:
             queue.insert(session.ahead, queue.pop())
         session.ahead += session.waiting and len(queue) == before + 1
