@@ -17205,6 +17205,7 @@ class Node:
         self.name: str = self._config["nodename"]
         self.data_dir = os.path.abspath(self._config["data_dir"])
         self.secret = secrets.token_urlsafe(32)
+        self.announced = False  # node.json is written: whoever waits for it may use the node
         self.metrics = Metrics()
         self.hooks = Hooks()
         self.commands = CommandTable(CATALOGUE)
@@ -17369,6 +17370,7 @@ class Node:
     def _write_node_file(self) -> None:
         info = {"node": self.name, "pid": os.getpid(), "secret": self.secret, "listeners": self.listeners()}
         write_file_atomically(os.path.join(self.data_dir, NODE_FILE), json.dumps(info, indent=1).encode())
+        self.announced = True
 
     def _close_listeners(self) -> None:
         for listener in self._listeners:
@@ -17837,18 +17839,22 @@ def run_node(config: Config) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     sys.setswitchinterval(GIL_SWITCH_INTERVAL)
     # From here on Ctrl-C and SIGTERM only ask for a stop: a node half started is stopped in order.
-    asked: list[int] = []  # the signals that asked
+    # Each signal that asked, and whether node.json was out by then: a signal sent once that file
+    # appeared (by whoever waited for it) stops a node that served, even before start() returned here.
+    asked: list[tuple[int, bool]] = []
+    started: list[Node] = []
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda signum, _: asked.append(signum))
+        signal.signal(sig, lambda signum, _: asked.append((signum, bool(started) and started[0].announced)))
     node = Node(config)
+    started.append(node)
     try:
         node.start()
     except VmqError as exc:
         print(f"vmqapi: {exc.text}", file=sys.stderr)
         return exc.exit_code
-    if asked:  # stopped before it served: 128 + the signal, as a shell shows it (INTERRUPTED_EXIT for Ctrl-C)
+    if asked and not asked[0][1]:  # stopped before it served: 128 + the signal, as a shell shows it (130: Ctrl-C)
         node.stop()
-        return 128 + asked[0]
+        return 128 + asked[0][0]
     # One write: nodes started together into one file (a pasted script, PYTHONUNBUFFERED, where print writes
     # the text and its newline apart) must not cut each other's lines.
     sys.stdout.write("".join(f"{node.name} {x['type']} listener on {x['address']}:{x['port']}\n"

@@ -838,3 +838,25 @@ def test_the_start_marker_lives_while_the_node_starts(make_node, tmp_path, monke
     with pytest.raises(vmqapi.ConfigError):
         failing.start()
     assert seen[-1] == os.getpid() and not (tmp_path / "other" / vmqapi.START_FILE).exists()
+
+
+def test_a_signal_sent_once_node_json_is_out_stops_a_node_that_served(tmp_path, monkeypatch, capsys):
+    # Whoever waits for node.json may signal at once, before start() has returned to run_node: that is
+    # a node that served (exit 0, its listener lines printed), not one stopped during its start (143).
+    from conftest import node_config
+    written = vmqapi.Node._write_node_file
+
+    def write_then_signal(self):
+        written(self)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(vmqapi.Node, "_write_node_file", write_then_signal)
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    interval = sys.getswitchinterval()
+    try:
+        assert vmqapi.run_node(vmqapi.Config(node_config(tmp_path / "d"))) == 0
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+        sys.setswitchinterval(interval)
+    assert "http listener on 127.0.0.1:" in capsys.readouterr().out
