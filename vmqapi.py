@@ -17369,8 +17369,12 @@ class Node:
 
     def _write_node_file(self) -> None:
         info = {"node": self.name, "pid": os.getpid(), "secret": self.secret, "listeners": self.listeners()}
-        write_file_atomically(os.path.join(self.data_dir, NODE_FILE), json.dumps(info, indent=1).encode())
-        self.announced = True
+        self.announced = True  # before the file can be seen: a signal sent by whoever saw it finds it set
+        try:
+            write_file_atomically(os.path.join(self.data_dir, NODE_FILE), json.dumps(info, indent=1).encode())
+        except BaseException:
+            self.announced = False
+            raise
 
     def _close_listeners(self) -> None:
         for listener in self._listeners:

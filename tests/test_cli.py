@@ -844,13 +844,15 @@ def test_a_signal_sent_once_node_json_is_out_stops_a_node_that_served(tmp_path, 
     # Whoever waits for node.json may signal at once, before start() has returned to run_node: that is
     # a node that served (exit 0, its listener lines printed), not one stopped during its start (143).
     from conftest import node_config
-    written = vmqapi.Node._write_node_file
+    write = vmqapi.write_file_atomically
 
-    def write_then_signal(self):
-        written(self)
-        os.kill(os.getpid(), signal.SIGTERM)
+    def write_then_signal(path, data, *args, **kwargs):  # the signal comes as soon as the file can be seen
+        result = write(path, data, *args, **kwargs)
+        if os.path.basename(path) == vmqapi.NODE_FILE:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return result
 
-    monkeypatch.setattr(vmqapi.Node, "_write_node_file", write_then_signal)
+    monkeypatch.setattr(vmqapi, "write_file_atomically", write_then_signal)
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     interval = sys.getswitchinterval()
     try:
