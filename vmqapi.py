@@ -17223,6 +17223,7 @@ class Node:
         self._follows: dict[str, tuple[Tracer, tuple[str, str], float]] = {}  # trace client --follow tokens
         self._stopped = threading.Event()
         self._running = False
+        self._stop_asked = False  # request_stop came while the node was starting: start() stops it when whole
 
     @property
     def config(self) -> Config:
@@ -17242,15 +17243,21 @@ class Node:
         if other and other.get("pid") != os.getpid() and _pid_alive(other.get("pid")):
             raise ConfigError(f"another node (pid {other['pid']}) runs with data dir {self.data_dir}")
         mark_start(self.data_dir)  # a CLI finding no node.json yet waits for this start (README, Cluster)
+        self._stop_asked = False
         try:
             self._start()
         except BaseException:
             unmark_start(self.data_dir)  # a failed start leaves none
             raise
-        self._running = True
         self._stopped.clear()
-        self.history.start()
-        unmark_start(self.data_dir)  # node.json supersedes it
+        try:
+            self.history.start()
+        finally:
+            with self._lock:  # a node stop that came through the API meanwhile (its listener was up): now
+                self._running, asked = True, self._stop_asked
+            unmark_start(self.data_dir)  # node.json supersedes it
+        if asked:
+            self.request_stop()
         return self
 
     def _start(self) -> None:
@@ -17400,7 +17407,12 @@ class Node:
         self._stopped.set()
 
     def request_stop(self) -> None:
-        """Stop from another thread (node stop answers first, then this runs)."""
+        """Stop from another thread (node stop answers first, then this runs); a node still starting
+        stops once it is whole (stopped halfway, its start would have brought it back up)."""
+        with self._lock:
+            if not self._running:
+                self._stop_asked = True
+                return
         threading.Thread(target=self.stop, name="vmqapi-stop", daemon=True).start()
 
     def wait(self, timeout: float | None = None) -> bool:

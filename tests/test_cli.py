@@ -862,3 +862,25 @@ def test_a_signal_sent_once_node_json_is_out_stops_a_node_that_served(tmp_path, 
             signal.signal(sig, handler)
         sys.setswitchinterval(interval)
     assert "http listener on 127.0.0.1:" in capsys.readouterr().out
+
+
+def test_a_node_stop_asked_while_the_node_starts_stops_it_once_it_is_whole(tmp_path, monkeypatch):
+    # node stop through the API can come before start() is done (the HTTP listener is up before
+    # node.json is written): it used to stop only the HTTP listeners and leave the node running.
+    from conftest import node_config
+    write = vmqapi.write_file_atomically
+    node = vmqapi.Node(node_config(tmp_path / "d"))
+
+    def write_then_stop(path, data, *args, **kwargs):
+        result = write(path, data, *args, **kwargs)
+        if os.path.basename(path) == vmqapi.NODE_FILE:
+            node.request_stop()
+        return result
+
+    monkeypatch.setattr(vmqapi, "write_file_atomically", write_then_stop)
+    try:
+        node.start()
+        assert node.wait(20), "the node kept running"
+        assert not (tmp_path / "d" / vmqapi.NODE_FILE).exists()
+    finally:
+        node.stop()
