@@ -13385,16 +13385,18 @@ class ClusterStore:
             self.db.close()
 
 
-# Kinds of rows kept as they change, not at the next housekeeping round: a join is Done once both
-# nodes have heard each other in step, and a node killed at once must come back a member all the same.
+# Kinds of rows a peer sends that are kept as they arrive, not at the next housekeeping round: a join
+# is Done once both nodes have heard each other in step, and a node killed at once must come back a
+# member all the same. (This node's own member changes are saved where it makes them: Membership.add,
+# remove_down, leave_now.)
 SAVED_AT_ONCE = frozenset({"member"})
 
 
 class Replication:
     """The replicated rows and their flow (loop thread): this node's writes (``put``) go to the peers after
-    the batch (``announce``) and to the store at the next round (``save``; SAVED_AT_ONCE kinds at once); a
-    peer's rows come in through ``merge``, each changed row given to its kind's applier (``appliers``, filled
-    by the cluster).
+    the batch (``announce``) and to the store at the next round (``save``); a peer's rows come in through
+    ``merge`` (saved at once for SAVED_AT_ONCE kinds), each changed row given to its kind's applier
+    (``appliers``, filled by the cluster).
 
     ``written`` holds what follows this node's own write of a row of a kind (a session's: its index).
     """
@@ -13421,8 +13423,6 @@ class Replication:
             written = self.written.get(kind)
             if written is not None:
                 written(update)
-            if kind in SAVED_AT_ONCE:
-                self.save()
 
     def merge(self, peer: str, body: bytes) -> bool:
         """Merge a peer's FRAME_META and answer it; True when it brought nothing new and asked nothing."""

@@ -571,8 +571,9 @@ def test_acknowledged_means_kept(tmp_path, name):
 def test_a_node_killed_right_after_a_join_comes_back_a_member(tmp_path, victim):
     # A join is Done within a few ms (both nodes heard each other in step): each must have kept the
     # membership by then, not at its next housekeeping round, or a restart finds itself alone (on
-    # port 0 its address changed, so the other cannot find it either).
-    cluster = Cluster(str(tmp_path), names="ab")
+    # port 0 its address changed, so the other cannot find it either). Rounds a minute apart: no
+    # housekeeping round can have saved the rows before the kill.
+    cluster = Cluster(str(tmp_path), ["cluster_sync_interval=60000"], names="ab")
     try:
         cluster.start()
         cluster[victim].signal(signal.SIGKILL)
