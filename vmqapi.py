@@ -7516,8 +7516,8 @@ class Store(Protocol):
     def delete_retained(self, mountpoint: str, topic: str) -> None:
         """Forget a retained message."""
 
-    def put_session(self, mountpoint: str, client_id: str, expiry: int | None = None) -> None:
-        """Keep a persistent session."""
+    def put_session(self, mountpoint: str, client_id: str, expiry: int | None = None, new: bool = False) -> None:
+        """Keep a persistent session (``new``: one just made, whose row may wait for the next write)."""
 
     def delete_session(self, mountpoint: str, client_id: str) -> None:
         """Forget a session with its subscriptions and messages."""
@@ -8618,7 +8618,7 @@ class Sessions:
                                    f"the node holds {self.persistent} persistent sessions (max_persistent_sessions)")
             session = self.add_session(mountpoint, client_id, expiry)
             if expiry != 0:
-                self.store.put_session(mountpoint, client_id, expiry)
+                self.store.put_session(mountpoint, client_id, expiry, new=True)
         else:
             session = old
             self.set_expiry(session, expiry)
@@ -9393,9 +9393,9 @@ _SCHEMA = """
 CREATE TABLE IF NOT EXISTS retained (mountpoint TEXT, topic TEXT, payload BLOB, qos INTEGER, ref INTEGER,
                                      props BLOB, expires REAL, PRIMARY KEY (mountpoint, topic));
 CREATE TABLE IF NOT EXISTS sessions (mountpoint TEXT, client_id TEXT, expiry INTEGER,
-                                     PRIMARY KEY (mountpoint, client_id));
+                                     PRIMARY KEY (mountpoint, client_id)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS subscriptions (mountpoint TEXT, client_id TEXT, filter TEXT, qos INTEGER,
-                                          PRIMARY KEY (mountpoint, client_id, filter));
+                                          PRIMARY KEY (mountpoint, client_id, filter)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS messages (id INTEGER PRIMARY KEY AUTOINCREMENT, mountpoint TEXT, client_id TEXT,
                                      topic TEXT, payload BLOB, qos INTEGER, msg_qos INTEGER, ref INTEGER,
                                      pid INTEGER DEFAULT 0, released INTEGER DEFAULT 0, props BLOB,
@@ -9409,6 +9409,7 @@ CREATE TABLE IF NOT EXISTS copies (home TEXT, row INTEGER, mountpoint TEXT, clie
                                    PRIMARY KEY (home, row));
 CREATE INDEX IF NOT EXISTS copies_by_session ON copies (mountpoint, client_id);
 """
+_PUT_SESSION = "INSERT OR REPLACE INTO sessions (mountpoint, client_id, expiry) VALUES (?, ?, ?)"
 _ADDED_COLUMNS = {  # columns newer than the first stores: table -> ((name, type), ...)
     "messages": (("pid", "INTEGER DEFAULT 0"), ("released", "INTEGER DEFAULT 0"), ("props", "BLOB"),
                  ("expires", "REAL"), ("extra", "TEXT")),
@@ -9483,7 +9484,7 @@ class MemoryStore:
     def delete_retained(self, mountpoint: str, topic: str) -> None:
         """Keep nothing."""
 
-    def put_session(self, mountpoint: str, client_id: str, expiry: int | None = None) -> None:
+    def put_session(self, mountpoint: str, client_id: str, expiry: int | None = None, new: bool = False) -> None:
         """Keep nothing."""
 
     def delete_session(self, mountpoint: str, client_id: str) -> None:
@@ -9555,6 +9556,9 @@ class MemoryStore:
         """Nothing to commit: nothing acknowledged is ever lost here."""
         return True
 
+    def settle(self) -> None:
+        """Nothing waits."""
+
     def probe(self) -> None:
         """Nothing to try."""
 
@@ -9617,6 +9621,7 @@ class SqliteStore(MemoryStore):
         self._lost = False  # a transaction that failed since the last commit held such messages
         self._next_row = self._last_row()
         self._kept_rows: list[tuple] = []  # kept frames of this batch, written at its commit
+        self._new_sessions: list[tuple] = []  # rows of sessions just made, written with the next write (put_session)
         self._next_kept = self.db.execute("SELECT MAX(id) FROM kept").fetchone()[0] or 0
 
     def _check(self) -> None:
@@ -9663,6 +9668,8 @@ class SqliteStore(MemoryStore):
     def _run(self, sql: str, args: tuple) -> bool:
         self._dirty = True
         try:
+            if self._new_sessions:
+                self._write_new_sessions()
             self.db.execute(sql, args)
         except sqlite3.Error as exc:
             self._lost, self._promised = self._lost or self._promised, False
@@ -9734,10 +9741,20 @@ class SqliteStore(MemoryStore):
         """Delete a retained message."""
         self._run("DELETE FROM retained WHERE mountpoint = ? AND topic = ?", (mountpoint, topic))
 
-    def put_session(self, mountpoint: str, client_id: str, expiry: int | None = None) -> None:
-        """Record a persistent session and how long it outlives its connection (None: no limit of its own)."""
-        self._run("INSERT OR REPLACE INTO sessions (mountpoint, client_id, expiry) VALUES (?, ?, ?)",
-                  (mountpoint, client_id, expiry))
+    def put_session(self, mountpoint: str, client_id: str, expiry: int | None = None, new: bool = False) -> None:
+        """Record a persistent session and how long it outlives its connection (None: no limit of its own).
+
+        The row of a ``new`` session (one a CONNECT just made) waits for the next write, which
+        comes first in its transaction, or for ``settle``: its CONNACK says "no session present",
+        which stays true of a session lost to a crash before that commit, so the CONNACK need not
+        wait for one. Anything that makes the session worth keeping (a subscription, a queued
+        message) is a write, and commits the row with it.
+        """
+        row = (mountpoint, client_id, expiry)
+        if new:
+            self._new_sessions.append(row)
+        else:
+            self._run(_PUT_SESSION, row)
 
     def delete_session(self, mountpoint: str, client_id: str) -> None:
         """Forget a session with its subscriptions and messages (and a bridge's, its count of drops)."""
@@ -9797,9 +9814,26 @@ class SqliteStore(MemoryStore):
         self._dirty = self._promised = True  # a publisher hears its message was kept once this commits
         return self._next_kept
 
+    def _write_new_sessions(self) -> None:
+        """Write the rows of new sessions (``put_session``) into the open transaction, before anything else."""
+        rows, self._new_sessions = self._new_sessions, []
+        self._dirty = True
+        self.db.executemany(_PUT_SESSION, rows)
+
+    def settle(self) -> None:
+        """Commit the rows of new sessions that no write has taken along (each housekeeping round, and at close)."""
+        if self._new_sessions:
+            try:
+                self._write_new_sessions()
+            except sqlite3.Error as exc:
+                self._failed(exc)
+            self.commit()
+
     def _write_kept(self) -> None:
         rows, self._kept_rows = self._kept_rows, []
         try:
+            if self._new_sessions:
+                self._write_new_sessions()
             self.db.executemany("INSERT INTO kept (id, peer, epoch, seq, kind, body) VALUES (?, ?, ?, ?, ?, ?)", rows)
         except sqlite3.Error as exc:
             self._lost, self._promised = True, False  # their publishers' acknowledgements are in this batch
@@ -9944,6 +9978,7 @@ class SqliteStore(MemoryStore):
 
     def close(self) -> None:
         """Commit and close."""
+        self.settle()
         self.commit()
         self.db.close()
 
@@ -11122,6 +11157,7 @@ class MqttIO:
         """Tick the broker, publish $SYS when due, commit and flush; return when to run again."""
         now = time.time()
         self.store.probe()
+        self.store.settle()
         self.refresh_rules(now)
         self.engine.tick(now)
         config = self.settings()
@@ -13295,8 +13331,15 @@ def retained_value(mountpoint: str, msg: Message) -> bytes:
 
 
 def session_key(mountpoint: str, client_id: str) -> str:
-    """Return the replica key of a session."""
+    """Return the replica key of a session: ``[mountpoint, client id]`` as compact JSON, same on every node."""
+    if _plain_json(mountpoint) and _plain_json(client_id):  # nothing to escape: JSON's text is the string's
+        return f'["{mountpoint}","{client_id}"]'
     return json.dumps([mountpoint, client_id], ensure_ascii=False, separators=(",", ":"))
+
+
+def _plain_json(text: str) -> bool:
+    """Whether JSON (ensure_ascii off) writes ``text`` as it is: no quote, backslash or control character."""
+    return text.isprintable() and '"' not in text and "\\" not in text
 
 
 def check_publishable(topic: str) -> None:

@@ -620,3 +620,14 @@ def test_both_sides_of_a_new_link_are_quiet_once_its_frames_are_delivered(puts, 
     assert not flight, "the link-up exchange did not end"
     assert rows["a"].quiet == {"b": True} and rows["b"].quiet == {"a": True}
     assert rows_of(rows["a"].replica) == rows_of(rows["b"].replica)
+
+
+@given(st.text(), st.text())
+@example("", 'quote"and\\back\nslash')
+@example("mp", "\u2028\ud800\x7f")
+def test_a_session_key_is_the_compact_json_of_its_two_strings_and_splits_back(mountpoint, client_id):
+    """Every node must write the same key for a session: the plain strings' shortcut against json.dumps."""
+    import json
+    key = vmqapi.session_key(mountpoint, client_id)
+    assert key == json.dumps([mountpoint, client_id], ensure_ascii=False, separators=(",", ":"))
+    assert vmqapi.split_session_key(key) == (mountpoint, client_id)

@@ -15,6 +15,8 @@ import urllib.error
 import urllib.request
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from capped import capped_node, child_setup
 from conftest import ROOT, node_config, run_cli
@@ -381,3 +383,113 @@ def test_kept_frames_and_marks_survive_a_restart_in_order(tmp_path):
         assert store.add_kept("n2@host", 8, 1, vmqapi.KEPT_FORWARD, b"new") > max(r for *_, r in store.load_kept())
     finally:
         store.close()
+
+
+# -- a new session's row waits for the next write ----------------------------------
+_SESSION_OPS = st.lists(st.one_of(
+    st.tuples(st.sampled_from(["new", "put", "sub", "unsub", "delete"]), st.sampled_from("abc"),
+              st.sampled_from(["t/1", "t/+", "#"])),
+    st.tuples(st.sampled_from(["commit", "settle"]), st.just(""), st.just(""))), max_size=30)
+
+
+def _committed(path):
+    """The sessions and subscriptions another connection reads: what is committed."""
+    db = vmqapi.sqlite3.connect(path)
+    try:
+        return ({cid for _, cid, _ in db.execute("SELECT * FROM sessions")},
+                {(cid, f) for _, cid, f, _ in db.execute("SELECT * FROM subscriptions")})
+    finally:
+        db.close()
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops=_SESSION_OPS)
+def test_a_new_sessions_row_is_committed_with_the_next_write_or_at_settle(tmp_path_factory, ops):
+    """A CONNECT's new session (``put_session(new=True)``) needs no commit of its own before its CONNACK,
+    which says "no session present" (true again if a crash loses it): its row goes in with the next
+    write, first, or at ``settle`` (every housekeeping round, and at close). Whatever was done, what is
+    committed is what the engine holds but for new sessions no write has followed yet, and a
+    subscription is never committed without its session."""
+    path = str(tmp_path_factory.mktemp("store") / "messages.db")
+    store = vmqapi.SqliteStore(path)
+    sessions, subs, waiting = set(), set(), set()  # the model; waiting: new sessions no write has taken along
+    try:
+        for op, cid, topic in ops:
+            if op == "new" and cid not in sessions:
+                store.put_session("", cid, None, new=True)
+                sessions.add(cid)
+                waiting.add(cid)
+                continue
+            if op in ("commit", "settle"):
+                if op == "settle":
+                    store.settle()
+                    waiting.clear()
+                assert store.commit()
+                committed_sessions, committed_subs = _committed(path)
+                assert committed_subs == subs
+                assert committed_sessions == sessions - waiting
+                continue
+            if op == "put":
+                store.put_session("", cid, 60)
+                sessions.add(cid)
+            elif op == "sub" and cid in sessions:
+                store.put_subscription("", cid, topic, 1)
+                subs.add((cid, topic))
+            elif op == "unsub" and cid in sessions:
+                store.delete_subscription("", cid, topic)
+                subs.discard((cid, topic))
+            elif op == "delete":
+                store.delete_session("", cid)
+                sessions.discard(cid)
+                subs = {(c, f) for c, f in subs if c != cid}
+            else:
+                continue
+            waiting.clear()  # a write takes the waiting rows along, before itself
+    finally:
+        store.close()
+    assert _committed(path) == (sessions, subs)  # close settles
+    store = vmqapi.SqliteStore(path)
+    try:
+        _, stored_sessions, stored_subs, _ = store.load()
+        assert {cid for _, cid, _ in stored_sessions} == sessions
+        assert {(cid, f) for _, cid, f, _ in stored_subs} == subs
+    finally:
+        store.close()
+
+
+def test_a_session_killed_right_after_its_suback_comes_back_with_its_subscription(tmp_path):
+    """The SUBACK waits for the commit that holds the subscription and, first in it, the new session's row."""
+    import signal
+    data_dir = tmp_path / "data"
+    with child_node(data_dir) as (proc, info):
+        port = port_of(info)
+        for n in range(3):
+            client = MqttClient(port)
+            client.connect(f"quick{n}", clean=False)
+            client.subscribe((f"q/{n}", 1))
+            client.close()
+        proc.send_signal(signal.SIGKILL)  # before a housekeeping round can have committed anything else
+        proc.wait(10)
+    with child_node(data_dir) as (proc, info):
+        port = port_of(info)
+        pub = MqttClient(port)
+        pub.connect("pub")
+        for n in range(3):
+            pub.publish(f"q/{n}", b"after", 1)
+        pub.close()
+        for n in range(3):
+            back = MqttClient(port)
+            assert back.connect(f"quick{n}", clean=False).session_present
+            assert back.message().payload == b"after"
+            back.close()
+
+
+def test_a_new_session_without_writes_is_committed_by_the_next_housekeeping_round(make_node, tmp_path):
+    node = make_node()
+    with client_maker(node) as connect:
+        connect("idle", clean=False).disconnect()
+        path = str(tmp_path / "data0" / "messages.db")
+        deadline = time.monotonic() + 5
+        while "idle" not in _committed(path)[0] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert "idle" in _committed(path)[0]
