@@ -4306,7 +4306,7 @@ class StatusHistory:
     def start(self) -> None:
         """Take a first sample now, then one every ``interval`` seconds until stop()."""
         self._stop.clear()
-        self.record()
+        self._sample()
         self._thread = threading.Thread(target=self._run, name="vmqapi-status-history", daemon=True)
         self._thread.start()
 
@@ -4319,10 +4319,13 @@ class StatusHistory:
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
-            try:
-                self.record()
-            except (RuntimeError, concurrent.futures.CancelledError, TimeoutError):
-                log.debug("status history: the broker did not answer (stopping?)")  # the next turn retries
+            self._sample()
+
+    def _sample(self) -> None:
+        try:
+            self.record()
+        except (RuntimeError, concurrent.futures.CancelledError, TimeoutError):
+            log.debug("status history: the broker did not answer (stopping?)")  # the next turn retries
 
     def record(self) -> None:
         """Add one sample of the node's status."""
@@ -17266,7 +17269,10 @@ class Node:
         self._follows: dict[str, tuple[Tracer, tuple[str, str], float]] = {}  # trace client --follow tokens
         self._stopped = threading.Event()
         self._running = False
-        self._stop_asked = False  # request_stop came while the node was starting: start() stops it when whole
+        self._stop_asked = False  # a stop asked while the node was starting: start() stops it when whole
+        self._starter: int | None = None  # the thread running start(), while it does
+        self._start_ended = threading.Event()  # no start() under way: stop() from another thread waits for it
+        self._start_ended.set()
 
     @property
     def config(self) -> Config:
@@ -17286,21 +17292,32 @@ class Node:
         if other and other.get("pid") != os.getpid() and _pid_alive(other.get("pid")):
             raise ConfigError(f"another node (pid {other['pid']}) runs with data dir {self.data_dir}")
         mark_start(self.data_dir)  # a CLI finding no node.json yet waits for this start (README, Cluster)
-        self._stop_asked = False
+        with self._lock:
+            self._stop_asked, self._starter = False, threading.get_ident()
+            self._start_ended.clear()
         try:
-            self._start()
-        except BaseException:
-            unmark_start(self.data_dir)  # a failed start leaves none
-            raise
-        self._stopped.clear()
-        try:
-            self.history.start()
-        finally:
-            with self._lock:  # a node stop that came through the API meanwhile (its listener was up): now
+            try:
+                self._start()
+            except BaseException:
+                unmark_start(self.data_dir)  # a failed start leaves none
+                raise
+            self._stopped.clear()
+            failure = None
+            try:
+                self.history.start()
+            except RuntimeError as exc:  # no thread for it (out of memory or threads): the node stops, whole
+                failure = VmqError(f"cannot start the node: {exc}")
+            with self._lock:  # a stop asked meanwhile (node stop through the API, stop() from another thread)
                 self._running, asked = True, self._stop_asked
             unmark_start(self.data_dir)  # node.json supersedes it
-        if asked:
-            self.request_stop()
+            if asked or failure is not None:
+                self.stop()
+            if failure is not None:
+                raise failure
+        finally:
+            with self._lock:
+                self._starter = None
+            self._start_ended.set()
         return self
 
     def _start(self) -> None:
@@ -17432,7 +17449,14 @@ class Node:
         self._listeners = []
 
     def stop(self) -> None:
-        """Stop every listener and remove node.json; safe to call twice."""
+        """Stop every listener and remove node.json; safe to call twice. Called while another thread
+        starts the node, it waits for that start, which stops the node once whole."""
+        with self._lock:
+            elsewhere = self._starter not in (None, threading.get_ident())
+            if elsewhere:
+                self._stop_asked = True
+        if elsewhere:
+            self._start_ended.wait()
         with self._lock:
             listeners, self._listeners = self._listeners, []
             was_running, self._running = self._running, False

@@ -884,3 +884,73 @@ def test_a_node_stop_asked_while_the_node_starts_stops_it_once_it_is_whole(tmp_p
         assert not (tmp_path / "d" / vmqapi.NODE_FILE).exists()
     finally:
         node.stop()
+
+
+def test_stop_called_by_another_thread_while_the_node_starts_waits_and_stops_it_whole(tmp_path, monkeypatch):
+    # An embedding program may call stop() while start() runs in another thread: it used to see a node not
+    # yet running, close the HTTP listeners and return, and start() then left MQTT serving.
+    from conftest import node_config
+    write = vmqapi.write_file_atomically
+    node = vmqapi.Node(node_config(tmp_path / "d"))
+    stopper = threading.Thread(target=node.stop)
+    ports = []
+
+    def write_while_stopping(path, data, *args, **kwargs):
+        if os.path.basename(path) == vmqapi.NODE_FILE:
+            ports.extend(x["port"] for x in json.loads(data)["listeners"])
+            stopper.start()
+            deadline = time.monotonic() + 10
+            while not node._stop_asked and time.monotonic() < deadline:  # stop() is waiting for this start
+                time.sleep(0.01)
+            assert stopper.is_alive(), "stop() returned while the node was starting"
+        return write(path, data, *args, **kwargs)
+
+    monkeypatch.setattr(vmqapi, "write_file_atomically", write_while_stopping)
+    try:
+        node.start()
+        stopper.join(20)
+        assert not stopper.is_alive()
+        assert node.wait(0), "the node kept running"
+        assert not (tmp_path / "d" / vmqapi.NODE_FILE).exists()
+        for port in ports:  # MQTT's and HTTP's
+            with pytest.raises(ConnectionRefusedError):
+                socket.create_connection(("127.0.0.1", port), timeout=5).close()
+    finally:
+        node.stop()
+
+
+def test_a_node_that_cannot_start_its_status_thread_stops_whole_and_says_why(tmp_path, monkeypatch):
+    from conftest import node_config
+    node = vmqapi.Node(node_config(tmp_path / "d"))
+
+    def no_thread(self):
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(vmqapi.StatusHistory, "start", no_thread)
+    with pytest.raises(vmqapi.VmqError, match="cannot start the node: can't start new thread"):
+        node.start()
+    assert node.wait(0) and not (tmp_path / "d" / vmqapi.NODE_FILE).exists()
+    for port in [x["port"] for x in node.listeners()]:
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", port), timeout=5).close()
+
+
+def test_the_first_status_sample_failing_does_not_stop_the_start(monkeypatch):
+    calls = []
+
+    def status():
+        calls.append(1)
+        if len(calls) == 1:
+            raise TimeoutError("the broker did not answer")
+        return {}
+
+    monkeypatch.setattr(vmqapi, "history_sample", lambda values, at: (at,))
+    history = vmqapi.StatusHistory(status, interval=0.01)
+    history.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not history.points() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert history.points()
+    finally:
+        history.stop()
