@@ -10260,10 +10260,7 @@ class MqttLink(asyncio.Protocol):
 
     def attach(self, transport: Any, opened_at: float) -> None:
         """Start the MQTT side of an admitted connection (``opened_at``: when its socket was accepted)."""
-        self.transport = transport
-        sock = transport.get_extra_info("socket")
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.transport = transport  # (asyncio's socket transports set TCP_NODELAY themselves)
         self.peer = tuple(transport.get_extra_info("peername") or ("", 0))[:2]
         identity = certificate_cn(transport.get_extra_info("peercert")) if self.listener.tls else None
         # mqtt_connect_timeout counts from the accept, handshakes included

@@ -15,7 +15,7 @@ import sys
 import time
 
 import vmqapi
-from conftest import ROOT
+from conftest import ROOT, vmqapi_command
 
 CAP = 1 << 30  # bytes of address space: well above an idle node (~300 MB of it), far below the attacks
 
@@ -77,7 +77,7 @@ def capped_node(data_dir, *settings, cap=CAP, nofile=None, umask=None, env=None,
     """
     os.makedirs(os.path.dirname(os.path.abspath(str(data_dir))), exist_ok=True)
     log_path = os.path.join(os.path.dirname(str(data_dir)), os.path.basename(str(data_dir)) + ".log")
-    cmd = [sys.executable, os.path.join(ROOT, "vmqapi.py"), "--data-dir", str(data_dir), *args,
+    cmd = [*vmqapi_command("--data-dir", str(data_dir), *args),
            "--set", "listener.http.default=127.0.0.1:0", "--set", "listener.tcp.default=127.0.0.1:0",
            "--set", "listener.vmq.clustering=127.0.0.1:0"]
     for item in settings:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, Client, basic, run_cli
+from conftest import ROOT, Client, basic, run_cli, vmqapi_command, vmqapi_env
 import vmqapi
 
 
@@ -134,11 +134,11 @@ def test_key_added_by_cli_works_at_once_and_deleted_fails_at_once(make_node):
 # -- node processes --------------------------------------------------------------------
 
 def start_node_process(data_dir, *extra, env=None):
-    cmd = [sys.executable, os.path.join(ROOT, "vmqapi.py"), "--data-dir", str(data_dir),
-           "--set", "listener.http.default=127.0.0.1:0", "--set", "listener.tcp.default=127.0.0.1:0",
-           "--set", "listener.vmq.clustering=127.0.0.1:0", *extra]
+    cmd = vmqapi_command("--data-dir", str(data_dir), "--set", "listener.http.default=127.0.0.1:0",
+                         "--set", "listener.tcp.default=127.0.0.1:0", "--set", "listener.vmq.clustering=127.0.0.1:0",
+                         *extra)
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=dict(os.environ, **(env or {})))
+                            env=vmqapi_env(**(env or {})))
 
 
 def wait_for_node_file(data_dir, proc, timeout=20):

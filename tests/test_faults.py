@@ -39,7 +39,7 @@ import pytest
 
 import vmqapi
 from capped import child_setup
-from conftest import ROOT, wait_for
+from conftest import ROOT, vmqapi_command, vmqapi_env, wait_for
 from mqtt_client import MqttClient
 from vmqapi import Puback, Publish
 
@@ -74,12 +74,12 @@ class NodeProcess:
 
     def spawn(self):
         """Start the child; ``ready`` waits until it listens."""
-        cmd = [sys.executable, os.path.join(ROOT, "vmqapi.py"), "--data-dir", self.data]
+        cmd = vmqapi_command("--data-dir", self.data)
         for item in self.settings:
             cmd += ["--set", item]
         with open(self.log_path, "a") as log:  # a file, not a pipe: a chatty node never blocks
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=os.path.dirname(self.data),
-                                         preexec_fn=child_setup())
+                                         env=vmqapi_env(), preexec_fn=child_setup())
         return self
 
     def ready(self, timeout=30.0):

@@ -867,3 +867,20 @@ def test_a_large_qos1_message_reaches_every_subscriber_however_many(tmp_path):
             pub.close()
             for sub in subs:
                 sub.close()
+
+
+def test_every_mqtt_connection_is_sent_without_nagle_delay(make_node):
+    """A small acknowledgement is sent at once (TCP_NODELAY on the node's side), over TCP and WebSocket alike."""
+    node = make_node(**{"listener.ws.default": "127.0.0.1:0"})
+    clients = [MqttClient(mqtt_port(node)), WsMqttClient(ws_port(node))]
+    try:
+        for n, c in enumerate(clients):
+            c.connect(f"nagle{n}")
+
+        def nodelay():
+            return sorted((c.session.client_id, c.link.transport.get_extra_info("socket").getsockopt(
+                socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0) for c in node.mqtt.engine.clients)
+        assert node._read(nodelay) == [("nagle0", True), ("nagle1", True)]
+    finally:
+        for c in clients:
+            c.close()
