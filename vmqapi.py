@@ -4307,8 +4307,9 @@ class StatusHistory:
         """Take a first sample now, then one every ``interval`` seconds until stop()."""
         self._stop.clear()
         self._sample()
-        self._thread = threading.Thread(target=self._run, name="vmqapi-status-history", daemon=True)
-        self._thread.start()
+        thread = threading.Thread(target=self._run, name="vmqapi-status-history", daemon=True)
+        thread.start()
+        self._thread = thread  # (one that never started cannot be joined)
 
     def stop(self) -> None:
         """Stop sampling and wait for the thread; safe to call twice."""
@@ -9625,6 +9626,7 @@ class SqliteStore(MemoryStore):
         self._next_row = self._last_row()
         self._kept_rows: list[tuple] = []  # kept frames of this batch, written at its commit
         self._new_sessions: list[tuple] = []  # rows of sessions just made, written with the next write (put_session)
+        self._new_unsaved: list[tuple] = []  # those written into the open transaction: waiting again if it fails
         self._next_kept = self.db.execute("SELECT MAX(id) FROM kept").fetchone()[0] or 0
 
     def _check(self) -> None:
@@ -9667,6 +9669,7 @@ class SqliteStore(MemoryStore):
         with contextlib.suppress(sqlite3.Error):
             self.db.rollback()
         self._dirty = False
+        self._new_sessions[:0], self._new_unsaved = self._new_unsaved, []  # they wait for the next write again
 
     def _run(self, sql: str, args: tuple) -> bool:
         self._dirty = True
@@ -9747,11 +9750,12 @@ class SqliteStore(MemoryStore):
     def put_session(self, mountpoint: str, client_id: str, expiry: int | None = None, new: bool = False) -> None:
         """Record a persistent session and how long it outlives its connection (None: no limit of its own).
 
-        The row of a ``new`` session (one a CONNECT just made) waits for the next write, which
-        comes first in its transaction, or for ``settle``: its CONNACK says "no session present",
-        which stays true of a session lost to a crash before that commit, so the CONNACK need not
-        wait for one. Anything that makes the session worth keeping (a subscription, a queued
-        message) is a write, and commits the row with it.
+        The row of a ``new`` session (one a CONNECT just made) waits for the next write of a
+        session, subscription, message or kept frame, and goes first in its transaction, or for
+        ``settle``: its CONNACK says "no session present", which stays true of a session lost to a
+        crash before that commit, so the CONNACK need not wait for one. Anything that makes the
+        session worth keeping (a subscription, a queued message) is such a write, and commits the
+        row with it; a transaction that fails puts the row back to wait.
         """
         row = (mountpoint, client_id, expiry)
         if new:
@@ -9761,6 +9765,10 @@ class SqliteStore(MemoryStore):
 
     def delete_session(self, mountpoint: str, client_id: str) -> None:
         """Forget a session with its subscriptions and messages (and a bridge's, its count of drops)."""
+        key = (mountpoint, client_id)
+        if self._new_sessions or self._new_unsaved:  # its row, if still waiting, must not come back
+            self._new_sessions = [row for row in self._new_sessions if row[:2] != key]
+            self._new_unsaved = [row for row in self._new_unsaved if row[:2] != key]
         for table in ("sessions", "subscriptions", "messages"):
             self._run(f"DELETE FROM {table} WHERE mountpoint = ? AND client_id = ?", (mountpoint, client_id))
         if client_id.startswith(BRIDGE_CLIENT_PREFIX):
@@ -9769,8 +9777,13 @@ class SqliteStore(MemoryStore):
             self.watch.ended(mountpoint, client_id)
 
     def put_subscription(self, mountpoint: str, client_id: str, topic_filter: str, qos: int) -> None:
-        """Store or replace a subscription."""
-        self._run("INSERT OR REPLACE INTO subscriptions VALUES (?, ?, ?, ?)", (mountpoint, client_id, topic_filter, qos))
+        """Store or replace a subscription; the batch's SUBACK leaves only once it is committed (a write or
+        commit that fails loses it: the batch's connections are closed unanswered, as for a QoS 1 message)."""
+        if self._run("INSERT OR REPLACE INTO subscriptions VALUES (?, ?, ?, ?)",
+                     (mountpoint, client_id, topic_filter, qos)):
+            self._promised = True
+        else:
+            self._lost = True
 
     def delete_subscription(self, mountpoint: str, client_id: str, topic_filter: str) -> None:
         """Delete a subscription."""
@@ -9820,6 +9833,7 @@ class SqliteStore(MemoryStore):
     def _write_new_sessions(self) -> None:
         """Write the rows of new sessions (``put_session``) into the open transaction, before anything else."""
         rows, self._new_sessions = self._new_sessions, []
+        self._new_unsaved += rows  # until the commit: a rollback puts them back to wait (``_failed``)
         self._dirty = True
         self.db.executemany(_PUT_SESSION, rows)
 
@@ -9967,6 +9981,7 @@ class SqliteStore(MemoryStore):
                 self._failed(exc)
             else:
                 self._dirty = False
+                self._new_unsaved = []
                 if self.error is not None:
                     log.warning("the message store %s writes again", self.path)
                 self.error = None
@@ -17354,7 +17369,12 @@ class Node:
             log.warning("allow_anonymous is not set, every MQTT listener is on loopback and no authentication "
                         "plugin is configured: clients may connect without credentials (set allow_anonymous = off "
                         "to refuse them; a password file or an auth_on_register hook is asked once configured)")
-        self._write_node_file()
+        try:
+            self._write_node_file()
+        except OSError as exc:  # a full disk, say: what started stops, and the start says why
+            self._close_listeners()
+            self._stop_mqtt()
+            raise ConfigError(f"cannot write {os.path.join(self.data_dir, NODE_FILE)}: {exc.strerror or exc}") from None
 
     def _check_descriptors(self) -> None:
         """Raise the file descriptor limit as far as allowed; warn when it is below what the listeners may hold."""

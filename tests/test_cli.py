@@ -922,11 +922,14 @@ def test_stop_called_by_another_thread_while_the_node_starts_waits_and_stops_it_
 def test_a_node_that_cannot_start_its_status_thread_stops_whole_and_says_why(tmp_path, monkeypatch):
     from conftest import node_config
     node = vmqapi.Node(node_config(tmp_path / "d"))
+    start = threading.Thread.start
 
-    def no_thread(self):
-        raise RuntimeError("can't start new thread")
+    def no_status_thread(thread):
+        if thread.name == "vmqapi-status-history":
+            raise RuntimeError("can't start new thread")
+        return start(thread)
 
-    monkeypatch.setattr(vmqapi.StatusHistory, "start", no_thread)
+    monkeypatch.setattr(threading.Thread, "start", no_status_thread)
     with pytest.raises(vmqapi.VmqError, match="cannot start the node: can't start new thread"):
         node.start()
     assert node.wait(0) and not (tmp_path / "d" / vmqapi.NODE_FILE).exists()
@@ -954,3 +957,26 @@ def test_the_first_status_sample_failing_does_not_stop_the_start(monkeypatch):
         assert history.points()
     finally:
         history.stop()
+
+
+def test_a_node_json_that_cannot_be_written_stops_what_started_and_says_why(tmp_path, monkeypatch):
+    from conftest import node_config
+    import errno
+    write = vmqapi.write_file_atomically
+    ports = []
+    node = vmqapi.Node(node_config(tmp_path / "d"))
+
+    def disk_full(path, data, *args, **kwargs):
+        if os.path.basename(path) == vmqapi.NODE_FILE:
+            ports.extend(x["port"] for x in json.loads(data)["listeners"])
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return write(path, data, *args, **kwargs)
+
+    monkeypatch.setattr(vmqapi, "write_file_atomically", disk_full)
+    with pytest.raises(vmqapi.ConfigError, match="cannot write .*node.json: No space left on device"):
+        node.start()
+    assert len(ports) >= 3 and not (tmp_path / "d" / vmqapi.NODE_FILE).exists()
+    for port in ports:  # MQTT, HTTP and the cluster's
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", port), timeout=5).close()
+    node.stop()

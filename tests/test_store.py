@@ -493,3 +493,97 @@ def test_a_new_session_without_writes_is_committed_by_the_next_housekeeping_roun
         while "idle" not in _committed(path)[0] and time.monotonic() < deadline:
             time.sleep(0.05)
         assert "idle" in _committed(path)[0]
+
+
+class _FailingDb:
+    """A store's connection whose statements containing ``fail`` (or, with "COMMIT", its commit) fail once."""
+
+    def __init__(self, db):
+        self.db, self.fail = db, None
+
+    def __getattr__(self, name):
+        return getattr(self.db, name)
+
+    def _check(self, sql):
+        if self.fail is not None and self.fail in sql:
+            self.fail = None
+            raise vmqapi.sqlite3.OperationalError("database or disk is full")
+
+    def execute(self, sql, *args):
+        self._check(sql)
+        return self.db.execute(sql, *args)
+
+    def executemany(self, sql, rows):
+        self._check(sql)
+        return self.db.executemany(sql, rows)
+
+    def commit(self):
+        self._check("COMMIT")
+        return self.db.commit()
+
+
+def _stored(path):
+    store = vmqapi.SqliteStore(path)
+    try:
+        _, sessions, subs, _ = store.load()
+        return {cid for _, cid, _ in sessions}, {(cid, f) for _, cid, f, _ in subs}
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("fails", ["INSERT INTO messages", "COMMIT"])
+def test_a_failed_transaction_puts_a_new_sessions_row_back_to_wait(tmp_path, fails):
+    """Another client's write (or the commit) failing must not lose the row of a session just made:
+    its next subscription would be committed without it, and dropped at the next start."""
+    path = str(tmp_path / "messages.db")
+    store = vmqapi.SqliteStore(path)
+    store.db = failing = _FailingDb(store.db)
+    try:
+        store.put_session("", "a", None, new=True)
+        failing.fail = fails
+        store.add_message("", "b", vmqapi.Message("t", b"x", 1, ref=1), 1)  # takes a's row along, then fails
+        store.commit()
+        assert store.error is not None
+        store.put_subscription("", "a", "a/#", 1)
+        assert store.commit()
+    finally:
+        store.db = failing.db
+        store.close()
+    assert _stored(path) == ({"a"}, {("a", "a/#")})
+
+
+def test_a_subscription_whose_write_fails_is_not_acknowledged(tmp_path):
+    """commit() says the batch lost what it promised, so the I/O shell sends no SUBACK (it closes the
+    batch's connections, as for a QoS 1 message whose write failed)."""
+    path = str(tmp_path / "messages.db")
+    store = vmqapi.SqliteStore(path)
+    store.db = failing = _FailingDb(store.db)
+    try:
+        failing.fail = "INSERT OR REPLACE INTO subscriptions"
+        store.put_subscription("", "a", "a/#", 1)
+        assert not store.commit()
+        store.put_subscription("", "a", "a/#", 1)
+        failing.fail = "COMMIT"
+        assert not store.commit()
+        store.put_subscription("", "a", "a/#", 1)
+        assert store.commit()
+    finally:
+        store.db = failing.db
+        store.close()
+
+
+def test_a_session_deleted_while_its_row_waits_does_not_come_back(tmp_path):
+    path = str(tmp_path / "messages.db")
+    store = vmqapi.SqliteStore(path)
+    store.db = failing = _FailingDb(store.db)
+    try:
+        store.put_session("", "a", None, new=True)
+        store.put_subscription("", "z", "z", 1)  # a's row goes into this transaction...
+        store.delete_session("", "a")  # ...and a ends in it
+        failing.fail = "COMMIT"
+        assert not store.commit()  # the transaction is rolled back: a's row must not wait again
+        store.settle()
+    finally:
+        store.db = failing.db
+        store.close()
+    assert "a" not in _stored(path)[0]
