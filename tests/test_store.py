@@ -10,6 +10,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -587,3 +588,52 @@ def test_a_session_deleted_while_its_row_waits_does_not_come_back(tmp_path):
         store.db = failing.db
         store.close()
     assert "a" not in _stored(path)[0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("round_", range(3))
+def test_every_subscription_acknowledged_before_a_kill_9_is_there_after_it(tmp_path, round_):
+    """Clients make persistent sessions and subscribe, one after another on two threads, while the node
+    is killed at a random moment: every client that got its SUBACK finds its session (session present)
+    and its subscription (a message queued for it while it was away) on the restarted node."""
+    import random
+    import signal
+    data_dir = tmp_path / "data"
+    acked, stop = [], threading.Event()
+
+    def subscribe_on(port, thread):
+        n = 0
+        while not stop.is_set() and n < 5000:
+            client_id, n = f"k{thread}-{n}", n + 1
+            c = MqttClient(port, timeout=2)
+            try:
+                c.connect(client_id, clean=False)
+                if list(c.subscribe(("k/all", 1))) == [1]:
+                    acked.append(client_id)
+            except (OSError, AssertionError):
+                return  # the node is gone
+            finally:
+                c.close()
+
+    with child_node(data_dir) as (proc, info):
+        threads = [threading.Thread(target=subscribe_on, args=(port_of(info), t)) for t in range(2)]
+        for t in threads:
+            t.start()
+        time.sleep(random.Random(round_).uniform(0.2, 0.8))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        stop.set()
+        for t in threads:
+            t.join(10)
+    assert len(acked) > 20, acked  # the load ran
+    with child_node(data_dir) as (proc, info):
+        port = port_of(info)
+        pub = MqttClient(port)
+        pub.connect("pub")
+        pub.publish("k/all", b"after", 1)
+        pub.close()
+        for client_id in acked:
+            back = MqttClient(port)
+            assert back.connect(client_id, clean=False).session_present, client_id
+            assert back.message().payload == b"after", client_id
+            back.close()
