@@ -1,6 +1,6 @@
 """Persistent sessions and subscriptions at scale: vmqapi, and mosquitto when installed.
 
-    python bench/scale.py [--sessions 10000] [--filters 10000] [--rounds 3]
+    python bench/scale.py [--sessions 10000] [--filters 10000] [--rounds 3] [--floor]
 
 Three figures per broker, from one run, each load a separate process speaking raw MQTT 3.1.1
 over loopback:
@@ -13,19 +13,26 @@ over loopback:
   ``--filters`` distinct filters over connections of 1,000 each (100 per SUBSCRIBE; vmqapi's
   max_subscriptions_per_client is 1,000); the RSS they add, per filter.
 
-vmqapi runs with its defaults (sessions committed to its SQLite store before the CONNACK and
-SUBACK go); mosquitto with its own (sessions in memory, written only to its periodic
-snapshot when persistence is on, which it is not here).
+vmqapi runs with its defaults (sessions committed to its SQLite store before the SUBACK goes);
+mosquitto with its own (sessions in memory, written only to its periodic snapshot when
+persistence is on, which it is not here).
+
+``--floor`` adds two rows of sessions made against what any asyncio broker pays: a server of
+a few lines in this file that answers the load's CONNECT and SUBSCRIBE at once and keeps
+nothing, and the same server committing a session row and a subscription row to SQLite
+(WAL, synchronous NORMAL, as vmqapi's store) before each SUBACK.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import importlib.util
 import multiprocessing as mp
 import os
 import shutil
 import socket
+import sqlite3
 import statistics
 import sys
 import tempfile
@@ -89,6 +96,73 @@ def subscribe_many(port: int, count: int, ready, done) -> None:
         sock.close()
 
 
+class FloorProtocol(asyncio.Protocol):
+    """Answer the load's CONNECT with CONNACK and its SUBSCRIBE with SUBACK (granted QoS 1), at once."""
+
+    db: sqlite3.Connection | None = None  # set: commit the session and its subscription before the SUBACK
+
+    def connection_made(self, transport):
+        self.transport, self.buffer, self.client_id = transport, b"", ""
+
+    def data_received(self, data):
+        buf = self.buffer + data
+        while len(buf) >= 2 and len(buf) >= 2 + buf[1]:  # the load's packets are under 128 bytes
+            packet, buf = buf[:2 + buf[1]], buf[2 + buf[1]:]
+            kind = packet[0] >> 4
+            if kind == 1:  # CONNECT: its client id follows the 10 bytes of the variable header
+                self.client_id = packet[14:].decode()
+                self.transport.write(b"\x20\x02\x00\x00")
+            elif kind == 8:  # SUBSCRIBE: packet id, then one filter and its options byte
+                if self.db is not None:
+                    self.db.execute("INSERT OR REPLACE INTO sessions VALUES ('', ?)", (self.client_id,))
+                    self.db.execute("INSERT OR REPLACE INTO subscriptions VALUES ('', ?, ?, 1)",
+                                    (self.client_id, packet[6:-1].decode()))
+                    self.db.commit()
+                self.transport.write(b"\x90\x03" + packet[2:4] + b"\x01")
+            elif kind == 14:  # DISCONNECT
+                self.transport.close()
+        self.buffer = buf
+
+
+def floor_server(tmp: str, commit: bool, ports) -> None:
+    """Serve FloorProtocol on a free loopback port (sent to ``ports``) until killed."""
+    if commit:
+        db = sqlite3.connect(os.path.join(tmp, "floor.db"), isolation_level="DEFERRED")
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+        db.execute("CREATE TABLE sessions (mountpoint TEXT, client_id TEXT, PRIMARY KEY (mountpoint, client_id)) "
+                   "WITHOUT ROWID")
+        db.execute("CREATE TABLE subscriptions (mountpoint TEXT, client_id TEXT, filter TEXT, qos INTEGER, "
+                   "PRIMARY KEY (mountpoint, client_id, filter)) WITHOUT ROWID")
+        FloorProtocol.db = db
+
+    async def serve():
+        server = await asyncio.get_running_loop().create_server(FloorProtocol, "127.0.0.1", 0)
+        ports.put(server.sockets[0].getsockname()[1])
+        await asyncio.sleep(DEADLINE * 10)
+
+    asyncio.run(serve())
+
+
+def measure_floor(commit: bool, sessions: int) -> float:
+    """Seconds the load takes against the floor server."""
+    ctx = mp.get_context("fork")
+    ports, results = ctx.Queue(), ctx.Queue()
+    with tempfile.TemporaryDirectory() as tmp:
+        server = ctx.Process(target=floor_server, args=(tmp, commit, ports), daemon=True)
+        server.start()
+        try:
+            port = ports.get(timeout=30)
+            load = ctx.Process(target=make_sessions, args=(port, sessions, results))
+            load.start()
+            made, seconds = results.get(timeout=DEADLINE + 30)
+            load.join(30)
+        finally:
+            server.kill()
+            server.join(10)
+    return seconds * sessions / max(made, 1)
+
+
 def settle(broker, seconds: float = 0.5) -> int:
     time.sleep(seconds)
     return broker.rss()
@@ -129,12 +203,17 @@ def main() -> None:
     parser.add_argument("--sessions", type=int, default=10_000)
     parser.add_argument("--filters", type=int, default=10_000)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--floor", action="store_true", help="add the asyncio floor's rows (see above)")
     args = parser.parse_args()
     mqttbench.raise_fd_limit()
     peers = [mqttbench.start_vmqapi] + ([mqttbench.start_mosquitto] if shutil.which("mosquitto") else [])
     rows: dict[str, dict[str, list[float]]] = {}
+    floors: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for _ in range(args.rounds):
+            for commit in (False, True) if args.floor else ():
+                label = "floor: asyncio + SQLite, per s" if commit else "floor: asyncio alone, per s"
+                floors.setdefault(label, []).append(args.sessions / measure_floor(commit, args.sessions))
             for start in peers:  # interleaved, so both see the same machine
                 for measure, size in ((measure_sessions, args.sessions), (measure_filters, args.filters)):
                     broker = start(tmp)  # each figure on a broker of its own, that has not grown yet
@@ -152,7 +231,14 @@ def main() -> None:
         if len(values) > 1 and values[1]:
             line += f"{values[0] / values[1]:14.2f}"
         print(line)
-    print("ratio: vmqapi / mosquitto (for seconds and KB, lower is better; for the rate, higher)")
+    made = rows.get("sessions made per s", {})
+    for label, rates in floors.items():  # the floor's rate in the first column, its ratio to mosquitto's
+        line = f"{label:34}{statistics.median(rates):14,.2f}"
+        if "mosquitto" in made:
+            line += f"{statistics.median(made['mosquitto']):14,.2f}{statistics.median(rates) / statistics.median(made['mosquitto']):14.2f}"
+        print(line)
+    print("ratio: vmqapi / mosquitto (for seconds and KB, lower is better; for the rate, higher)"
+          + ("; floor rows: the floor server's rate / mosquitto's" if floors else ""))
 
 
 if __name__ == "__main__":
