@@ -9760,8 +9760,11 @@ class SqliteStore(MemoryStore):
         row = (mountpoint, client_id, expiry)
         if new:
             self._new_sessions.append(row)
-        else:
-            self._run(_PUT_SESSION, row)
+            return
+        if self._new_sessions or self._new_unsaved:  # a row that waits, or would wait again: with this expiry
+            self._new_sessions = [row if waiting[:2] == row[:2] else waiting for waiting in self._new_sessions]
+            self._new_unsaved = [row if waiting[:2] == row[:2] else waiting for waiting in self._new_unsaved]
+        self._run(_PUT_SESSION, row)
 
     def delete_session(self, mountpoint: str, client_id: str) -> None:
         """Forget a session with its subscriptions and messages (and a bridge's, its count of drops)."""
@@ -9786,9 +9789,12 @@ class SqliteStore(MemoryStore):
             self._lost = True
 
     def delete_subscription(self, mountpoint: str, client_id: str, topic_filter: str) -> None:
-        """Delete a subscription."""
-        self._run("DELETE FROM subscriptions WHERE mountpoint = ? AND client_id = ? AND filter = ?",
-                  (mountpoint, client_id, topic_filter))
+        """Delete a subscription; as ``put_subscription``, the batch's UNSUBACK waits for the commit."""
+        if self._run("DELETE FROM subscriptions WHERE mountpoint = ? AND client_id = ? AND filter = ?",
+                     (mountpoint, client_id, topic_filter)):
+            self._promised = True
+        else:
+            self._lost = True
 
     def add_message(self, mountpoint: str, client_id: str, msg: Message, qos: int, extra: Any = None) -> int:
         """Store a message queued for a persistent session; return its row id (0: it could not be stored)."""
@@ -9838,13 +9844,15 @@ class SqliteStore(MemoryStore):
         self.db.executemany(_PUT_SESSION, rows)
 
     def settle(self) -> None:
-        """Commit the rows of new sessions that no write has taken along (each housekeeping round, and at close)."""
+        """Write the rows of new sessions no write has taken along into the open transaction, which the
+        caller's commit ends: each housekeeping round's (its batch's commit, which alone may say what
+        the batch lost), and close's."""
         if self._new_sessions:
             try:
                 self._write_new_sessions()
             except sqlite3.Error as exc:
+                self._lost, self._promised = self._lost or self._promised, False
                 self._failed(exc)
-            self.commit()
 
     def _write_kept(self) -> None:
         rows, self._kept_rows = self._kept_rows, []
@@ -9989,10 +9997,10 @@ class SqliteStore(MemoryStore):
         return not lost
 
     def probe(self) -> None:
-        """While ``error`` is set, try a small write; success clears it."""
-        if self.error is not None and self._run("INSERT OR REPLACE INTO meta (key, value) VALUES ('probe', ?)",
-                                                (time.time(),)):
-            self.commit()
+        """While ``error`` is set, try a small write; the housekeeping round's commit that ends it clears
+        ``error`` when it succeeds (a commit here would clear what the open batch lost, unsaid)."""
+        if self.error is not None:
+            self._run("INSERT OR REPLACE INTO meta (key, value) VALUES ('probe', ?)", (time.time(),))
 
     def close(self) -> None:
         """Commit and close."""
