@@ -9767,13 +9767,18 @@ class SqliteStore(MemoryStore):
         self._run(_PUT_SESSION, row)
 
     def delete_session(self, mountpoint: str, client_id: str) -> None:
-        """Forget a session with its subscriptions and messages (and a bridge's, its count of drops)."""
+        """Forget a session with its subscriptions and messages (and a bridge's, its count of drops); as a
+        subscription, a delete that fails loses the batch's answers (a restart would bring the session back)."""
         key = (mountpoint, client_id)
         if self._new_sessions or self._new_unsaved:  # its row, if still waiting, must not come back
             self._new_sessions = [row for row in self._new_sessions if row[:2] != key]
             self._new_unsaved = [row for row in self._new_unsaved if row[:2] != key]
-        for table in ("sessions", "subscriptions", "messages"):
-            self._run(f"DELETE FROM {table} WHERE mountpoint = ? AND client_id = ?", (mountpoint, client_id))
+        deleted = [self._run(f"DELETE FROM {table} WHERE mountpoint = ? AND client_id = ?", (mountpoint, client_id))
+                   for table in ("sessions", "subscriptions", "messages")]
+        if all(deleted):  # what the batch answers (CONNACK "no session present", say) waits for the commit
+            self._promised = True
+        else:
+            self._lost = True
         if client_id.startswith(BRIDGE_CLIENT_PREFIX):
             self._run("DELETE FROM meta WHERE key = ?", (_dropped_key(mountpoint, client_id),))
         if self.watch is not None:

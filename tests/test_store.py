@@ -686,3 +686,23 @@ def test_a_waiting_row_put_back_after_a_failure_has_the_latest_expiry(tmp_path):
         assert store.load()[1] == [("", "a", None)]
     finally:
         store.close()
+
+
+def test_a_session_whose_delete_fails_is_not_said_gone(tmp_path):
+    """A clean start answers "no session present" only once the old session's delete is committed."""
+    path = str(tmp_path / "messages.db")
+    store = vmqapi.SqliteStore(path)
+    store.db = failing = _FailingDb(store.db)
+    try:
+        store.put_session("", "a", None)
+        store.put_subscription("", "a", "a/#", 1)
+        assert store.commit()
+        failing.fail = "DELETE FROM sessions"
+        store.delete_session("", "a")
+        assert not store.commit()
+        store.delete_session("", "a")
+        assert store.commit()
+    finally:
+        store.db = failing.db
+        store.close()
+    assert _stored(path) == (set(), set())
