@@ -233,9 +233,11 @@ def main() -> None:
         print(line)
     made = rows.get("sessions made per s", {})
     for label, rates in floors.items():  # the floor's rate in the first column, its ratio to mosquitto's
-        line = f"{label:34}{statistics.median(rates):14,.2f}"
+        rate = statistics.median(rates)
+        line = f"{label:34}{rate:14,.2f}"
         if "mosquitto" in made:
-            line += f"{statistics.median(made['mosquitto']):14,.2f}{statistics.median(rates) / statistics.median(made['mosquitto']):14.2f}"
+            peer = statistics.median(made["mosquitto"])
+            line += f"{peer:14,.2f}{rate / peer:14.2f}"
         print(line)
     print("ratio: vmqapi / mosquitto (for seconds and KB, lower is better; for the rate, higher)"
           + ("; floor rows: the floor server's rate / mosquitto's" if floors else ""))
