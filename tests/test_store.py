@@ -523,6 +523,18 @@ class _FailingDb:
         return self.db.commit()
 
 
+@contextlib.contextmanager
+def failing_store(path):
+    """A SqliteStore at ``path`` whose connection fails what ``failing.fail`` names; closed at the end."""
+    store = vmqapi.SqliteStore(path)
+    store.db = failing = _FailingDb(store.db)
+    try:
+        yield store, failing
+    finally:
+        store.db = failing.db
+        store.close()
+
+
 def _stored(path):
     store = vmqapi.SqliteStore(path)
     try:
@@ -537,9 +549,7 @@ def test_a_failed_transaction_puts_a_new_sessions_row_back_to_wait(tmp_path, fai
     """Another client's write (or the commit) failing must not lose the row of a session just made:
     its next subscription would be committed without it, and dropped at the next start."""
     path = str(tmp_path / "messages.db")
-    store = vmqapi.SqliteStore(path)
-    store.db = failing = _FailingDb(store.db)
-    try:
+    with failing_store(path) as (store, failing):
         store.put_session("", "a", None, new=True)
         failing.fail = fails
         store.add_message("", "b", vmqapi.Message("t", b"x", 1, ref=1), 1)  # takes a's row along, then fails
@@ -547,9 +557,6 @@ def test_a_failed_transaction_puts_a_new_sessions_row_back_to_wait(tmp_path, fai
         assert store.error is not None
         store.put_subscription("", "a", "a/#", 1)
         assert store.commit()
-    finally:
-        store.db = failing.db
-        store.close()
     assert _stored(path) == ({"a"}, {("a", "a/#")})
 
 
@@ -557,9 +564,7 @@ def test_a_subscription_whose_write_fails_is_not_acknowledged(tmp_path):
     """commit() says the batch lost what it promised, so the I/O shell sends no SUBACK (it closes the
     batch's connections, as for a QoS 1 message whose write failed)."""
     path = str(tmp_path / "messages.db")
-    store = vmqapi.SqliteStore(path)
-    store.db = failing = _FailingDb(store.db)
-    try:
+    with failing_store(path) as (store, failing):
         failing.fail = "INSERT OR REPLACE INTO subscriptions"
         store.put_subscription("", "a", "a/#", 1)
         assert not store.commit()
@@ -571,25 +576,17 @@ def test_a_subscription_whose_write_fails_is_not_acknowledged(tmp_path):
         failing.fail = "DELETE FROM subscriptions"  # an UNSUBACK too: a restart would bring it back
         store.delete_subscription("", "a", "a/#")
         assert not store.commit()
-    finally:
-        store.db = failing.db
-        store.close()
 
 
 def test_a_session_deleted_while_its_row_waits_does_not_come_back(tmp_path):
     path = str(tmp_path / "messages.db")
-    store = vmqapi.SqliteStore(path)
-    store.db = failing = _FailingDb(store.db)
-    try:
+    with failing_store(path) as (store, failing):
         store.put_session("", "a", None, new=True)
         store.put_subscription("", "z", "z", 1)  # a's row goes into this transaction...
         store.delete_session("", "a")  # ...and a ends in it
         failing.fail = "COMMIT"
         assert not store.commit()  # the transaction is rolled back: a's row must not wait again
         store.settle()
-    finally:
-        store.db = failing.db
-        store.close()
     assert "a" not in _stored(path)[0]
 
 
@@ -649,9 +646,7 @@ def test_housekeeping_never_says_a_failed_batch_was_kept(tmp_path):
     """settle() and probe() run in the housekeeping round, perhaps between a batch's writes and its
     commit: they write into the open transaction and leave the commit, and what it says, to the batch."""
     path = str(tmp_path / "messages.db")
-    store = vmqapi.SqliteStore(path)
-    store.db = failing = _FailingDb(store.db)
-    try:
+    with failing_store(path) as (store, failing):
         store.put_session("", "a", None, new=True)
         failing.fail = "INSERT OR REPLACE INTO subscriptions"
         store.put_subscription("", "z", "z", 1)  # fails: a's row goes back to wait
@@ -660,17 +655,12 @@ def test_housekeeping_never_says_a_failed_batch_was_kept(tmp_path):
         assert not store.commit()  # the subscription was lost: said, once
         assert store.error is None  # the probe's commit wrote
         assert store.commit()
-    finally:
-        store.db = failing.db
-        store.close()
     assert _stored(path) == ({"a"}, set())
 
 
 def test_a_waiting_row_put_back_after_a_failure_has_the_latest_expiry(tmp_path):
     path = str(tmp_path / "messages.db")
-    store = vmqapi.SqliteStore(path)
-    store.db = failing = _FailingDb(store.db)
-    try:
+    with failing_store(path) as (store, failing):
         store.put_session("", "a", 10, new=True)
         store.put_subscription("", "a", "a/#", 1)  # a's row goes in first
         store.put_session("", "a", None)  # no limit now (MQTT 5: DISCONNECT with a new expiry)
@@ -678,9 +668,6 @@ def test_a_waiting_row_put_back_after_a_failure_has_the_latest_expiry(tmp_path):
         assert not store.commit()
         store.settle()
         assert store.commit()
-    finally:
-        store.db = failing.db
-        store.close()
     store = vmqapi.SqliteStore(path)
     try:
         assert store.load()[1] == [("", "a", None)]
@@ -691,9 +678,7 @@ def test_a_waiting_row_put_back_after_a_failure_has_the_latest_expiry(tmp_path):
 def test_a_session_whose_delete_fails_is_not_said_gone(tmp_path):
     """A clean start answers "no session present" only once the old session's delete is committed."""
     path = str(tmp_path / "messages.db")
-    store = vmqapi.SqliteStore(path)
-    store.db = failing = _FailingDb(store.db)
-    try:
+    with failing_store(path) as (store, failing):
         store.put_session("", "a", None)
         store.put_subscription("", "a", "a/#", 1)
         assert store.commit()
@@ -702,7 +687,4 @@ def test_a_session_whose_delete_fails_is_not_said_gone(tmp_path):
         assert not store.commit()
         store.delete_session("", "a")
         assert store.commit()
-    finally:
-        store.db = failing.db
-        store.close()
     assert _stored(path) == (set(), set())
