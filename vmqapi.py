@@ -108,9 +108,11 @@ def _start_from_bytecode() -> None:
     # glibc reserves 64 MB of address space per thread that allocates (up to 8 per core): with a
     # thread per HTTP connection, 50 connections passed a 1 GB ulimit -v. Two areas serve them all.
     env = os.environ if "MALLOC_ARENA_MAX" in os.environ else {**os.environ, "MALLOC_ARENA_MAX": "2"}
+    # -S: the new interpreter leaves out `site` (site-packages, their .pth files, sitecustomize): the
+    # program imports only the standard library, and what is installed beside it stays out of the node.
     try:
-        os.execve(sys.executable, [sys.executable, *options, "-c", _FROM_BYTECODE, os.path.abspath(__file__),
-                                   *sys.argv[1:]], env)
+        os.execve(sys.executable, [sys.executable, *options, "-S", "-c", _FROM_BYTECODE,
+                                   os.path.abspath(__file__), *sys.argv[1:]], env)
     except OSError:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # run on from the source, as Python started it
 
@@ -7526,11 +7528,11 @@ class Store(Protocol):
     def delete_session(self, mountpoint: str, client_id: str) -> None:
         """Forget a session with its subscriptions and messages."""
 
-    def put_subscription(self, mountpoint: str, client_id: str, topic_filter: str, qos: int) -> None:
-        """Keep a subscription (``qos``: ``SubOptions.packed()``)."""
+    def put_subscription(self, mountpoint: str, client_id: str, topic_filter: str, qos: int) -> bool:
+        """Keep a subscription (``qos``: ``SubOptions.packed()``); False when it could not be written."""
 
-    def delete_subscription(self, mountpoint: str, client_id: str, topic_filter: str) -> None:
-        """Forget a subscription."""
+    def delete_subscription(self, mountpoint: str, client_id: str, topic_filter: str) -> bool:
+        """Forget a subscription; False when the delete could not be written."""
 
     def put_dropped(self, mountpoint: str, client_id: str, count: int) -> None:
         """Keep how many messages a bridge's session dropped."""
@@ -8710,22 +8712,26 @@ class Sessions:
         self.drain(session)
 
     # -- subscriptions ----------------------------------------------------
-    def subscribe(self, session: Session, topic_filter: str, opts: SubOptions) -> None:
-        """Add or replace one subscription [MQTT-3.8.4-3]."""
+    def subscribe(self, session: Session, topic_filter: str, opts: SubOptions) -> bool:
+        """Add or replace one subscription [MQTT-3.8.4-3]; False, and nothing changed, when a persistent
+        session's cannot be written (it would be in force here and gone after a restart)."""
+        if not session.clean and not self.store.put_subscription(session.mountpoint, session.client_id,
+                                                                  topic_filter, opts.packed()):
+            return False
         self.router.add(session, topic_filter, opts)
         session.subs[topic_filter] = opts
         self.seam.session_changed(session.key)
-        if not session.clean:
-            self.store.put_subscription(session.mountpoint, session.client_id, topic_filter, opts.packed())
+        return True
 
     def unsubscribe(self, session: Session, topic_filter: str) -> bool:
-        """Remove one subscription; return whether it existed."""
-        if session.subs.pop(topic_filter, None) is None:
-            return False
+        """Remove one subscription; return whether it existed (a persistent session's whose delete cannot
+        be written stays, as a restart would bring it back; the batch then answers nobody)."""
+        if topic_filter not in session.subs or not session.clean and not self.store.delete_subscription(
+                session.mountpoint, session.client_id, topic_filter):
+            return topic_filter in session.subs
+        del session.subs[topic_filter]
         self.router.remove(session, topic_filter)
         self.seam.session_changed(session.key)
-        if not session.clean:
-            self.store.delete_subscription(session.mountpoint, session.client_id, topic_filter)
         if session in self.delivery.handouts:  # its retained messages still to come are not wanted now
             self.delivery.cancel_handout(session, topic_filter)
         return True
@@ -9224,7 +9230,9 @@ class Engine:
         self.counters["mqtt_subscribe_received", client.labels] += 1
         session, dialect = client.session, client.dialect
         if self.seam.netsplit and not self.ctx.config["allow_subscribe_during_netsplit"]:
-            return self.refuse_split(client, p)
+            return self.refuse_change(client, p, f"netsplit: {self.seam.netsplit}")
+        if not session.clean and self.store.error is not None:  # its subscriptions could not be kept
+            return self.refuse_change(client, p, STORE_DOWN)
         ids = [value for name, value in p.properties if name == "subscription_identifier"]  # MQTT 5
         if len(ids) > 1:
             raise ProtocolError("SUBSCRIBE with more than one subscription identifier")  # MQTT 5.0 3.8.2.1.2
@@ -9259,7 +9267,10 @@ class Engine:
                 codes.append(dialect.subscribe_quota)
                 self.counters["mqtt_subscription_quota_error", ()] += 1
                 continue
-            self.subscribe(session, topic_filter, opts)
+            if not self.subscribe(session, topic_filter, opts):  # its write failed: the batch answers nobody
+                codes.append(SUBACK_FAILURE)
+                self.counters["mqtt_subscribe_error", ()] += 1
+                continue
             codes.append(qos)
             granted.append((topic_filter, opts, existed))
         self.emit_packet(client, Suback(p.packet_id, tuple(codes)))
@@ -9277,21 +9288,24 @@ class Engine:
         self.counters["mqtt_unsubscribe_received", client.labels] += 1
         session = client.session
         if self.seam.netsplit and not self.ctx.config["allow_unsubscribe_during_netsplit"]:
-            return self.refuse_split(client, p)
+            return self.refuse_change(client, p, f"netsplit: {self.seam.netsplit}")
+        if not session.clean and self.store.error is not None:
+            return self.refuse_change(client, p, STORE_DOWN)
         existed = [self.unsubscribe(session, topic_filter) for topic_filter in p.topics]
         notify(self.hooks.on_unsubscribe, client.user, session.key, list(p.topics))
         self.emit_packet(client, client.dialect.unsuback(p.packet_id, existed))
         self.counters["mqtt_unsuback_sent", client.labels] += 1
 
-    def refuse_split(self, client: Connection, p: Subscribe | Unsubscribe) -> None:
-        """Refuse a SUBSCRIBE or UNSUBSCRIBE during a netsplit, every filter with 0x80.
+    def refuse_change(self, client: Connection, p: Subscribe | Unsubscribe, why: str) -> None:
+        """Refuse a SUBSCRIBE or UNSUBSCRIBE the node cannot carry out now (a netsplit; a persistent
+        session's while the store cannot write), every filter with 0x80 and, in MQTT 5, ``why``.
 
         MQTT 3.1.1 has no failure code in UNSUBACK (3.11.3): acknowledging would say the
         filters are gone while messages keep coming, so the connection is closed instead, as
         for a PUBLISH the node cannot take; the client unsubscribes again once it is back.
         """
         codes = (SUBACK_FAILURE,) * len(p.topics)  # MQTT 3.1.1 3.9.3, MQTT 5.0 3.9.3 and 3.11.3: 0x80
-        text = client.dialect.reason_string(f"netsplit: {self.seam.netsplit}")
+        text = client.dialect.reason_string(why)
         if isinstance(p, Subscribe):
             self.counters["mqtt_subscribe_error", ()] += len(codes)
             self.emit_packet(client, Suback(p.packet_id, codes, text))
@@ -9494,11 +9508,13 @@ class MemoryStore:
     def delete_session(self, mountpoint: str, client_id: str) -> None:
         """Keep nothing."""
 
-    def put_subscription(self, mountpoint: str, client_id: str, topic_filter: str, qos: int) -> None:
+    def put_subscription(self, mountpoint: str, client_id: str, topic_filter: str, qos: int) -> bool:
         """Keep nothing."""
+        return True
 
-    def delete_subscription(self, mountpoint: str, client_id: str, topic_filter: str) -> None:
+    def delete_subscription(self, mountpoint: str, client_id: str, topic_filter: str) -> bool:
         """Keep nothing."""
+        return True
 
     def add_message(self, mountpoint: str, client_id: str, msg: Message, qos: int, extra: Any = None) -> int:
         """Keep nothing; 0 means no row."""
@@ -9784,22 +9800,26 @@ class SqliteStore(MemoryStore):
         if self.watch is not None:
             self.watch.ended(mountpoint, client_id)
 
-    def put_subscription(self, mountpoint: str, client_id: str, topic_filter: str, qos: int) -> None:
+    def put_subscription(self, mountpoint: str, client_id: str, topic_filter: str, qos: int) -> bool:
         """Store or replace a subscription; the batch's SUBACK leaves only once it is committed (a write or
         commit that fails loses it: the batch's connections are closed unanswered, as for a QoS 1 message)."""
-        if self._run("INSERT OR REPLACE INTO subscriptions VALUES (?, ?, ?, ?)",
-                     (mountpoint, client_id, topic_filter, qos)):
+        written = self._run("INSERT OR REPLACE INTO subscriptions VALUES (?, ?, ?, ?)",
+                            (mountpoint, client_id, topic_filter, qos))
+        if written:
             self._promised = True
         else:
             self._lost = True
+        return written
 
-    def delete_subscription(self, mountpoint: str, client_id: str, topic_filter: str) -> None:
+    def delete_subscription(self, mountpoint: str, client_id: str, topic_filter: str) -> bool:
         """Delete a subscription; as ``put_subscription``, the batch's UNSUBACK waits for the commit."""
-        if self._run("DELETE FROM subscriptions WHERE mountpoint = ? AND client_id = ? AND filter = ?",
-                     (mountpoint, client_id, topic_filter)):
+        written = self._run("DELETE FROM subscriptions WHERE mountpoint = ? AND client_id = ? AND filter = ?",
+                            (mountpoint, client_id, topic_filter))
+        if written:
             self._promised = True
         else:
             self._lost = True
+        return written
 
     def add_message(self, mountpoint: str, client_id: str, msg: Message, qos: int, extra: Any = None) -> int:
         """Store a message queued for a persistent session; return its row id (0: it could not be stored)."""
@@ -18246,8 +18266,10 @@ def _show_script_in_cmdline() -> None:
     with open("/proc/self/cmdline", "rb") as fh:
         old = fh.read()
     start, end = int(fields[45]), int(fields[46])  # arg_start and arg_end, fields 48 and 49 of proc(5)
-    stub = sys.orig_argv.index(_FROM_BYTECODE) - 1  # "-c" and the stub go
-    new = b"".join(os.fsencode(arg) + b"\0" for arg in [*sys.orig_argv[:stub], *sys.orig_argv[stub + 2:]])
+    stub = sys.orig_argv.index(_FROM_BYTECODE) - 2  # the hand-over's "-S", "-c" and the stub go
+    if sys.orig_argv[stub] != "-S":
+        return
+    new = b"".join(os.fsencode(arg) + b"\0" for arg in [*sys.orig_argv[:stub], *sys.orig_argv[stub + 3:]])
     if not start or end - start != len(old) or len(new) > len(old):
         return
     with open("/proc/self/mem", "r+b", buffering=0) as mem:

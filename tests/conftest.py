@@ -179,7 +179,7 @@ def vmqapi_command(*args):
     bytecode (the hand-over at the top of vmqapi.py): the same program in the same process, without
     compiling the whole file again at every start (about 0.2 s each). test_cli's script tests, and a
     few others, start the file itself."""
-    return [sys.executable, "-c", vmqapi._FROM_BYTECODE, os.path.join(ROOT, "vmqapi.py"), *args]
+    return [sys.executable, "-S", "-c", vmqapi._FROM_BYTECODE, os.path.join(ROOT, "vmqapi.py"), *args]
 
 
 def vmqapi_env(**extra):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import concurrent.futures
 import json
 import os
@@ -457,6 +458,33 @@ def test_ps_shows_the_node_as_the_script_it_was_started_as(tmp_path, cached):
         stop_process(proc)
     assert shown == [sys.executable, str(script), *proc.args[2:]]
     assert proc.returncode == 0
+
+
+def test_the_interpreter_a_script_hands_over_to_runs_nothing_installed_beside_python(tmp_path):
+    # Python's `site` runs sitecustomize and every .pth file of site-packages at each start (code
+    # of whatever is installed there; here it cost the node 0.7 MB and imports it never used).
+    # The new interpreter starts with -S: only the first one, which hands over, still runs it.
+    script, env = script_copy(tmp_path, cached=True)
+    hooks, log = tmp_path / "hooks", tmp_path / "site-ran.log"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(f"import sys\nwith open({str(log)!r}, 'a') as fh:\n"
+                                           "    fh.write(repr(sys.orig_argv) + '\\n')\n")
+    env["PYTHONPATH"] = str(hooks)
+    subprocess.run([sys.executable, "-c", "pass"], env=env, timeout=60, check=True)
+    if not log.exists():
+        pytest.skip("this Python does not run sitecustomize at start")
+    log.unlink()
+    data_dir = tmp_path / "data"
+    proc = start_script(script, data_dir, env)
+    try:
+        wait_until_serving(proc, data_dir)
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=20)
+    finally:
+        stop_process(proc)
+    assert proc.returncode == 0
+    runs = [ast.literal_eval(line) for line in log.read_text().splitlines()]
+    assert runs == [[sys.executable, str(script), *proc.args[2:]]]  # the first interpreter, not the node's
 
 
 # -- what a newcomer trips on ------------------------------------------------------------

@@ -578,6 +578,79 @@ def test_a_subscription_whose_write_fails_is_not_acknowledged(tmp_path):
         assert not store.commit()
 
 
+_LISTENER = vmqapi.types.SimpleNamespace(mountpoint="", allowed_versions=(3, 4, 5), allow_anonymous_override=False)
+
+
+def _engine_on(store):
+    return vmqapi.Engine(lambda: vmqapi.Config({}), store, vmqapi.Hooks(), new_client_id=lambda: "anon",
+                         choose=lambda pool: pool[0], now=1000.0)
+
+
+def _packets(engine, conn, version):
+    """What the engine left for ``conn`` (after the batch's commit), decoded."""
+    assert engine.store.commit() or conn.closed
+    engine.take_dirty()
+    data, pos, out = b"".join(conn.out), 0, []
+    conn.out.clear()
+    conn.out_bytes = 0
+    while pos < len(data):
+        packet, pos = vmqapi.decode_packet(data, pos, 0, version)
+        out.append(packet)
+    return out
+
+
+def _persistent(engine, cid, version):
+    conn = engine.connection_made(None, _LISTENER, ("127.0.0.1", 1), None, 1000.0)
+    props = (("session_expiry_interval", 3600),) if version == 5 else ()
+    engine.handle(conn, vmqapi.Connect(cid, version, False, properties=props), 1000.0)
+    engine.handle(conn, vmqapi.Subscribe(1, (("kept/#", 1),)), 1000.0)
+    assert [type(p) for p in _packets(engine, conn, version)] == [vmqapi.Connack, vmqapi.Suback]
+    return conn
+
+
+def test_while_the_store_cannot_write_a_persistent_sessions_subscribe_is_refused_and_changes_nothing(tmp_path):
+    """SUBACK 0x80 (MQTT 5: with the reason), nothing subscribed that a restart would drop, and the client
+    stays connected; an UNSUBSCRIBE leaves the subscription (MQTT 5: UNSUBACK 0x80; MQTT 3.1.1, which has
+    no failure code there, is closed). A clean session's subscriptions are not written: they go on."""
+    with failing_store(str(tmp_path / "messages.db")) as (store, _):
+        engine = _engine_on(store)
+        v5, v3 = _persistent(engine, "v5", 5), _persistent(engine, "v3", 4)
+        clean = engine.connection_made(None, _LISTENER, ("127.0.0.1", 1), None, 1000.0)
+        engine.handle(clean, vmqapi.Connect("clean", 4, True), 1000.0)
+        _packets(engine, clean, 4)
+        store.error = "database or disk is full"  # what a failed write leaves until a commit succeeds
+        for conn, version in ((v5, 5), (v3, 4)):
+            engine.handle(conn, vmqapi.Subscribe(2, (("new/#", 1), ("kept/#", 0))), 1000.0)
+            [suback] = _packets(engine, conn, version)
+            assert suback.return_codes == (0x80, 0x80) and not conn.closed
+            assert suback.properties == ((("reason_string", vmqapi.STORE_DOWN),) if version == 5 else ())
+            assert list(conn.session.subs) == ["kept/#"] and conn.session.subs["kept/#"].qos == 1
+            engine.handle(conn, vmqapi.Unsubscribe(3, ("kept/#",)), 1000.0)
+            out = _packets(engine, conn, version)
+            if version == 5:
+                assert [p.reason_codes for p in out] == [(0x80,)] and not conn.closed
+            else:
+                assert conn.closed
+            assert "kept/#" in conn.session.subs
+        engine.handle(clean, vmqapi.Subscribe(2, (("new/#", 1),)), 1000.0)
+        assert [p.return_codes for p in _packets(engine, clean, 4)] == [(1,)]
+        routed = {session.client_id for session in engine.router.match("", "new/x")}
+        assert routed == {"clean"}
+
+
+def test_a_subscription_whose_write_fails_is_not_in_force(tmp_path):
+    """The one filter whose write failed is not subscribed in memory (nor any session's, in the router):
+    a restart would not bring it back. The batch answers nobody (see the test above it)."""
+    with failing_store(str(tmp_path / "messages.db")) as (store, failing):
+        engine = _engine_on(store)
+        conn = _persistent(engine, "c", 5)
+        failing.fail = "INSERT OR REPLACE INTO subscriptions"
+        engine.handle(conn, vmqapi.Subscribe(2, (("lost/#", 1),)), 1000.0)
+        assert not store.commit()
+        assert "lost/#" not in conn.session.subs
+        assert not list(engine.router.match("", "lost/x"))
+
+
 def test_a_session_deleted_while_its_row_waits_does_not_come_back(tmp_path):
     path = str(tmp_path / "messages.db")
     with failing_store(path) as (store, failing):
