@@ -7528,11 +7528,11 @@ class Store(Protocol):
     def delete_session(self, mountpoint: str, client_id: str) -> None:
         """Forget a session with its subscriptions and messages."""
 
-    def put_subscription(self, mountpoint: str, client_id: str, topic_filter: str, qos: int) -> bool:
-        """Keep a subscription (``qos``: ``SubOptions.packed()``); False when it could not be written."""
+    def put_subscription(self, mountpoint: str, client_id: str, topic_filter: str, qos: int) -> None:
+        """Keep a subscription (``qos``: ``SubOptions.packed()``)."""
 
-    def delete_subscription(self, mountpoint: str, client_id: str, topic_filter: str) -> bool:
-        """Forget a subscription; False when the delete could not be written."""
+    def delete_subscription(self, mountpoint: str, client_id: str, topic_filter: str) -> None:
+        """Forget a subscription."""
 
     def put_dropped(self, mountpoint: str, client_id: str, count: int) -> None:
         """Keep how many messages a bridge's session dropped."""
@@ -8712,26 +8712,22 @@ class Sessions:
         self.drain(session)
 
     # -- subscriptions ----------------------------------------------------
-    def subscribe(self, session: Session, topic_filter: str, opts: SubOptions) -> bool:
-        """Add or replace one subscription [MQTT-3.8.4-3]; False, and nothing changed, when a persistent
-        session's cannot be written (it would be in force here and gone after a restart)."""
-        if not session.clean and not self.store.put_subscription(session.mountpoint, session.client_id,
-                                                                  topic_filter, opts.packed()):
-            return False
+    def subscribe(self, session: Session, topic_filter: str, opts: SubOptions) -> None:
+        """Add or replace one subscription [MQTT-3.8.4-3]."""
         self.router.add(session, topic_filter, opts)
         session.subs[topic_filter] = opts
         self.seam.session_changed(session.key)
-        return True
+        if not session.clean:
+            self.store.put_subscription(session.mountpoint, session.client_id, topic_filter, opts.packed())
 
     def unsubscribe(self, session: Session, topic_filter: str) -> bool:
-        """Remove one subscription; return whether it existed (a persistent session's whose delete cannot
-        be written stays, as a restart would bring it back; the batch then answers nobody)."""
-        if topic_filter not in session.subs or not session.clean and not self.store.delete_subscription(
-                session.mountpoint, session.client_id, topic_filter):
-            return topic_filter in session.subs
-        del session.subs[topic_filter]
+        """Remove one subscription; return whether it existed."""
+        if session.subs.pop(topic_filter, None) is None:
+            return False
         self.router.remove(session, topic_filter)
         self.seam.session_changed(session.key)
+        if not session.clean:
+            self.store.delete_subscription(session.mountpoint, session.client_id, topic_filter)
         if session in self.delivery.handouts:  # its retained messages still to come are not wanted now
             self.delivery.cancel_handout(session, topic_filter)
         return True
@@ -9267,10 +9263,7 @@ class Engine:
                 codes.append(dialect.subscribe_quota)
                 self.counters["mqtt_subscription_quota_error", ()] += 1
                 continue
-            if not self.subscribe(session, topic_filter, opts):  # its write failed: the batch answers nobody
-                codes.append(SUBACK_FAILURE)
-                self.counters["mqtt_subscribe_error", ()] += 1
-                continue
+            self.subscribe(session, topic_filter, opts)
             codes.append(qos)
             granted.append((topic_filter, opts, existed))
         self.emit_packet(client, Suback(p.packet_id, tuple(codes)))
@@ -9508,13 +9501,11 @@ class MemoryStore:
     def delete_session(self, mountpoint: str, client_id: str) -> None:
         """Keep nothing."""
 
-    def put_subscription(self, mountpoint: str, client_id: str, topic_filter: str, qos: int) -> bool:
+    def put_subscription(self, mountpoint: str, client_id: str, topic_filter: str, qos: int) -> None:
         """Keep nothing."""
-        return True
 
-    def delete_subscription(self, mountpoint: str, client_id: str, topic_filter: str) -> bool:
+    def delete_subscription(self, mountpoint: str, client_id: str, topic_filter: str) -> None:
         """Keep nothing."""
-        return True
 
     def add_message(self, mountpoint: str, client_id: str, msg: Message, qos: int, extra: Any = None) -> int:
         """Keep nothing; 0 means no row."""
@@ -9601,11 +9592,25 @@ def create_private_file(path: str) -> None:
         os.close(fd)
 
 
-def _corrupt_store(path: str, detail: str) -> ConfigError:
-    detail = " ".join(detail.split())  # quick_check's lines, on the one line of the error
+def _corrupt_store(path: str, detail: str | sqlite3.Error) -> ConfigError:
+    if isinstance(detail, sqlite3.Error) and _in_use(detail):
+        return _file_in_use("the message store", path)
+    detail = " ".join(str(detail).split())  # quick_check's lines, on the one line of the error
     return ConfigError(f"the message store {path} is corrupt ({detail}); vmqapi did not change it. Move it away "
                        "(the node then starts with no retained messages or persistent sessions) or restore it "
                        "from a backup, then start again")
+
+
+def _in_use(exc: sqlite3.Error) -> bool:
+    """Whether SQLite said busy or locked: another connection holds the file, which is not damage."""
+    code = getattr(exc, "sqlite_errorcode", None)  # Python 3.11 on
+    return code & 0xFF in (5, 6) if isinstance(code, int) else "is locked" in str(exc)  # SQLITE_BUSY, _LOCKED
+
+
+def _file_in_use(what: str, path: str) -> ConfigError:
+    return ConfigError(f"{what} {path} is in use by another process (database is locked); vmqapi did not change "
+                       "it. Stop what holds it (a second node on this data dir, a tool with the file open) and "
+                       "start again")
 
 
 class SqliteStore(MemoryStore):
@@ -9633,24 +9638,27 @@ class SqliteStore(MemoryStore):
         try:
             self._check()
             self._prepare()
+            self._next_row = self._last_row()
+            self._next_kept = self.db.execute("SELECT MAX(id) FROM kept").fetchone()[0] or 0
+        except sqlite3.DatabaseError as exc:
+            self.db.close()
+            raise _corrupt_store(path, exc) from None
         except BaseException:
             self.db.close()
             raise
         self._dirty = False
         self._promised = False  # the open transaction holds messages a QoS 1/2 publisher may hear were kept
         self._lost = False  # a transaction that failed since the last commit held such messages
-        self._next_row = self._last_row()
         self._kept_rows: list[tuple] = []  # kept frames of this batch, written at its commit
         self._new_sessions: list[tuple] = []  # rows of sessions just made, written with the next write (put_session)
         self._new_unsaved: list[tuple] = []  # those written into the open transaction: waiting again if it fails
-        self._next_kept = self.db.execute("SELECT MAX(id) FROM kept").fetchone()[0] or 0
 
     def _check(self) -> None:
         """Refuse a damaged file before anything writes to it."""
         try:
             found = self.db.execute("PRAGMA quick_check").fetchall()
         except sqlite3.DatabaseError as exc:
-            raise _corrupt_store(self.path, str(exc)) from None
+            raise _corrupt_store(self.path, exc) from None
         if found != _SQLITE_OK:
             raise _corrupt_store(self.path, "; ".join(str(row[0]) for row in found[:3]))
 
@@ -9665,7 +9673,7 @@ class SqliteStore(MemoryStore):
                     if column not in columns:
                         self.db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")  # an older store
         except sqlite3.DatabaseError as exc:
-            raise _corrupt_store(self.path, str(exc)) from None
+            raise _corrupt_store(self.path, exc) from None
         except sqlite3.Error as exc:
             raise ConfigError(f"cannot open the message store {self.path}: {exc}") from None
 
@@ -9716,7 +9724,7 @@ class SqliteStore(MemoryStore):
                             "SUM(CASE WHEN pid = 0 THEN length(payload) + length(topic) ELSE 0 END), "
                             "SUM(pid != 0), MAX(ref) FROM messages GROUP BY mountpoint, client_id"))
         except sqlite3.DatabaseError as exc:
-            raise _corrupt_store(self.path, str(exc)) from None
+            raise _corrupt_store(self.path, exc) from None
         return retained, sessions, subs, queues
 
     def _messages(self, where: str, args: tuple, limit: int = -1) -> sqlite3.Cursor:
@@ -9800,26 +9808,22 @@ class SqliteStore(MemoryStore):
         if self.watch is not None:
             self.watch.ended(mountpoint, client_id)
 
-    def put_subscription(self, mountpoint: str, client_id: str, topic_filter: str, qos: int) -> bool:
+    def put_subscription(self, mountpoint: str, client_id: str, topic_filter: str, qos: int) -> None:
         """Store or replace a subscription; the batch's SUBACK leaves only once it is committed (a write or
         commit that fails loses it: the batch's connections are closed unanswered, as for a QoS 1 message)."""
-        written = self._run("INSERT OR REPLACE INTO subscriptions VALUES (?, ?, ?, ?)",
-                            (mountpoint, client_id, topic_filter, qos))
-        if written:
+        if self._run("INSERT OR REPLACE INTO subscriptions VALUES (?, ?, ?, ?)",
+                     (mountpoint, client_id, topic_filter, qos)):
             self._promised = True
         else:
             self._lost = True
-        return written
 
-    def delete_subscription(self, mountpoint: str, client_id: str, topic_filter: str) -> bool:
+    def delete_subscription(self, mountpoint: str, client_id: str, topic_filter: str) -> None:
         """Delete a subscription; as ``put_subscription``, the batch's UNSUBACK waits for the commit."""
-        written = self._run("DELETE FROM subscriptions WHERE mountpoint = ? AND client_id = ? AND filter = ?",
-                            (mountpoint, client_id, topic_filter))
-        if written:
+        if self._run("DELETE FROM subscriptions WHERE mountpoint = ? AND client_id = ? AND filter = ?",
+                     (mountpoint, client_id, topic_filter)):
             self._promised = True
         else:
             self._lost = True
-        return written
 
     def add_message(self, mountpoint: str, client_id: str, msg: Message, qos: int, extra: Any = None) -> int:
         """Store a message queued for a persistent session; return its row id (0: it could not be stored)."""
@@ -9911,7 +9915,7 @@ class SqliteStore(MemoryStore):
         try:
             return list(self.db.execute(sql))
         except sqlite3.DatabaseError as exc:
-            raise _corrupt_store(self.path, str(exc)) from None
+            raise _corrupt_store(self.path, exc) from None
 
     def put_mark(self, origin: str, epoch: int, seq: int) -> None:
         """Record the highest seq of (origin, epoch) this node has used."""
@@ -13424,6 +13428,8 @@ class ClusterStore:
             self.db.execute("CREATE TABLE IF NOT EXISTS local (name TEXT PRIMARY KEY, value BLOB)")  # not replicated
             self.db.commit()
         except sqlite3.DatabaseError as exc:
+            if _in_use(exc):
+                raise _file_in_use("the cluster state", path) from None
             raise ConfigError(f"the cluster state {path} is corrupt ({' '.join(str(exc).split())}); vmqapi did "
                               "not change it. Move it away (the node then starts outside any cluster) and "
                               "start again") from None
@@ -13436,6 +13442,8 @@ class ClusterStore:
             return [Update(kind, key, decode_term(value), (at, node))
                     for kind, key, value, at, node in self.db.execute("SELECT kind, key, value, at, node FROM rows")]
         except (sqlite3.Error, ClusterError) as exc:
+            if isinstance(exc, sqlite3.Error) and _in_use(exc):
+                raise _file_in_use("the cluster state", self.path) from None
             raise ConfigError(f"the cluster state {self.path} cannot be read ({exc}); vmqapi did not change it. "
                               "Move it away and start again") from None
 
