@@ -182,6 +182,18 @@ def vmqapi_command(*args):
     return [sys.executable, "-S", "-c", vmqapi._FROM_BYTECODE, os.path.join(ROOT, "vmqapi.py"), *args]
 
 
+def engine_output(engine, conn, version=4):
+    """Take what an engine left in ``conn``'s outbox, as the I/O shell would send it, decoded."""
+    engine.take_dirty()
+    data, pos, out = b"".join(conn.out), 0, []
+    conn.out.clear()
+    conn.out_bytes = 0
+    while pos < len(data):
+        packet, pos = vmqapi.decode_packet(data, pos, 0, version)
+        out.append(packet)
+    return out
+
+
 def vmqapi_env(**extra):
     """The environment ``vmqapi_command`` runs in: the hand-over's (MALLOC_ARENA_MAX=2 unless set), with ``extra``."""
     return {"MALLOC_ARENA_MAX": "2", **os.environ, **extra}

@@ -13,6 +13,7 @@ from hypothesis import given, settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 import vmqapi
+from conftest import engine_output
 from vmqapi import Puback, Pubcomp, Publish, Pubrec, Pubrel
 
 LISTENER = types.SimpleNamespace(mountpoint="", allowed_versions=(3, 4, 5), allow_anonymous_override=False)
@@ -224,15 +225,7 @@ def _connected(engine, cid, version=4):
 
 def _publishes(engine, conn, version=4):
     """Decode what the engine left for ``conn``: its PUBLISHes as (topic, payload, retain)."""
-    engine.take_dirty()
-    data, pos, out = b"".join(conn.out), 0, []
-    conn.out.clear()
-    conn.out_bytes = 0
-    while pos < len(data):
-        packet, pos = vmqapi.decode_packet(data, pos, 0, version)
-        if isinstance(packet, Publish):
-            out.append((packet.topic, packet.payload, packet.retain))
-    return out
+    return [(p.topic, p.payload, p.retain) for p in engine_output(engine, conn, version) if isinstance(p, Publish)]
 
 
 def test_retained_messages_past_a_chunk_go_out_a_chunk_a_turn_never_after_a_live_one(monkeypatch):

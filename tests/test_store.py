@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from capped import capped_node, child_setup
-from conftest import ROOT, node_config, run_cli
+from conftest import ROOT, engine_output, node_config, run_cli
 from mqtt_client import MqttClient
 from test_broker import client_maker
 import vmqapi
@@ -650,14 +650,7 @@ def _engine_on(store):
 def _packets(engine, conn, version):
     """What the engine left for ``conn`` (after the batch's commit), decoded."""
     assert engine.store.commit() or conn.closed
-    engine.take_dirty()
-    data, pos, out = b"".join(conn.out), 0, []
-    conn.out.clear()
-    conn.out_bytes = 0
-    while pos < len(data):
-        packet, pos = vmqapi.decode_packet(data, pos, 0, version)
-        out.append(packet)
-    return out
+    return engine_output(engine, conn, version)
 
 
 def _persistent(engine, cid, version):
