@@ -9604,7 +9604,7 @@ def _corrupt_store(path: str, detail: str | sqlite3.Error) -> ConfigError:
 def _in_use(exc: sqlite3.Error) -> bool:
     """Whether SQLite said busy or locked: another connection holds the file, which is not damage."""
     code = getattr(exc, "sqlite_errorcode", None)  # Python 3.11 on
-    return code & 0xFF in (5, 6) if isinstance(code, int) else "is locked" in str(exc)  # SQLITE_BUSY, _LOCKED
+    return (code & 0xFF) in (5, 6) if isinstance(code, int) else "is locked" in str(exc)  # SQLITE_BUSY, _LOCKED
 
 
 def _file_in_use(what: str, path: str) -> ConfigError:
