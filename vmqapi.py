@@ -9684,7 +9684,9 @@ class SqliteStore(MemoryStore):
         return max(ids)
 
     def _failed(self, exc: sqlite3.Error) -> None:
-        """Note a failed write: the transaction is gone (SQLite rolls it back on a full disk, so do we)."""
+        """Note a failed write: the transaction is gone (SQLite rolls it back on a full disk, so do we), and
+        with it whatever it held that the batch's answers promise (``commit`` then says so)."""
+        self._lost, self._promised = self._lost or self._promised, False
         if self.error is None:
             log.error("the message store %s cannot write: %s; QoS 1/2 messages are refused until it can",
                       self.path, exc)
@@ -9702,7 +9704,6 @@ class SqliteStore(MemoryStore):
                 self._write_new_sessions()
             self.db.execute(sql, args)
         except sqlite3.Error as exc:
-            self._lost, self._promised = self._lost or self._promised, False
             self._failed(exc)
             return False
         return True
@@ -9797,12 +9798,9 @@ class SqliteStore(MemoryStore):
         if self._new_sessions or self._new_unsaved:  # its row, if still waiting, must not come back
             self._new_sessions = [row for row in self._new_sessions if row[:2] != key]
             self._new_unsaved = [row for row in self._new_unsaved if row[:2] != key]
-        deleted = [self._run(f"DELETE FROM {table} WHERE mountpoint = ? AND client_id = ?", (mountpoint, client_id))
-                   for table in ("sessions", "subscriptions", "messages")]
-        if all(deleted):  # what the batch answers (CONNACK "no session present", say) waits for the commit
-            self._promised = True
-        else:
-            self._lost = True
+        self._promised = True  # what the batch answers (CONNACK "no session present", say) waits for the commit
+        for table in ("sessions", "subscriptions", "messages"):
+            self._run(f"DELETE FROM {table} WHERE mountpoint = ? AND client_id = ?", (mountpoint, client_id))
         if client_id.startswith(BRIDGE_CLIENT_PREFIX):
             self._run("DELETE FROM meta WHERE key = ?", (_dropped_key(mountpoint, client_id),))
         if self.watch is not None:
@@ -9811,19 +9809,14 @@ class SqliteStore(MemoryStore):
     def put_subscription(self, mountpoint: str, client_id: str, topic_filter: str, qos: int) -> None:
         """Store or replace a subscription; the batch's SUBACK leaves only once it is committed (a write or
         commit that fails loses it: the batch's connections are closed unanswered, as for a QoS 1 message)."""
-        if self._run("INSERT OR REPLACE INTO subscriptions VALUES (?, ?, ?, ?)",
-                     (mountpoint, client_id, topic_filter, qos)):
-            self._promised = True
-        else:
-            self._lost = True
+        self._promised = True
+        self._run("INSERT OR REPLACE INTO subscriptions VALUES (?, ?, ?, ?)", (mountpoint, client_id, topic_filter, qos))
 
     def delete_subscription(self, mountpoint: str, client_id: str, topic_filter: str) -> None:
         """Delete a subscription; as ``put_subscription``, the batch's UNSUBACK waits for the commit."""
-        if self._run("DELETE FROM subscriptions WHERE mountpoint = ? AND client_id = ? AND filter = ?",
-                     (mountpoint, client_id, topic_filter)):
-            self._promised = True
-        else:
-            self._lost = True
+        self._promised = True
+        self._run("DELETE FROM subscriptions WHERE mountpoint = ? AND client_id = ? AND filter = ?",
+                  (mountpoint, client_id, topic_filter))
 
     def add_message(self, mountpoint: str, client_id: str, msg: Message, qos: int, extra: Any = None) -> int:
         """Store a message queued for a persistent session; return its row id (0: it could not be stored)."""
@@ -9880,7 +9873,6 @@ class SqliteStore(MemoryStore):
             try:
                 self._write_new_sessions()
             except sqlite3.Error as exc:
-                self._lost, self._promised = self._lost or self._promised, False
                 self._failed(exc)
 
     def _write_kept(self) -> None:
@@ -9890,7 +9882,7 @@ class SqliteStore(MemoryStore):
                 self._write_new_sessions()
             self.db.executemany("INSERT INTO kept (id, peer, epoch, seq, kind, body) VALUES (?, ?, ?, ?, ?, ?)", rows)
         except sqlite3.Error as exc:
-            self._lost, self._promised = True, False  # their publishers' acknowledgements are in this batch
+            self._lost = True  # their publishers' acknowledgements are in this batch
             self._failed(exc)
 
     def delete_kept(self, rows: Iterable[int]) -> None:
@@ -9903,7 +9895,6 @@ class SqliteStore(MemoryStore):
             try:
                 self.db.executemany("DELETE FROM kept WHERE id = ?", rows)
             except sqlite3.Error as exc:
-                self._lost, self._promised = self._lost or self._promised, False
                 self._failed(exc)
 
     def load_kept(self) -> list:
@@ -9942,8 +9933,9 @@ class SqliteStore(MemoryStore):
             return []
 
     def put_copies(self, home: str, mountpoint: str, client_id: str, rows: Sequence[tuple[int, bytes]]) -> None:
-        """Keep copies of messages (their row there, the message) of a session whose home is node ``home``."""
-        self._dirty = True
+        """Keep copies of messages (their row there, the message) of a session whose home is node ``home``; the
+        kept frame they came in is acknowledged to ``home`` once they are committed (a failure loses that)."""
+        self._dirty = self._promised = True
         try:
             self.db.executemany("INSERT OR REPLACE INTO copies (home, row, mountpoint, client_id, body) "
                                 "VALUES (?, ?, ?, ?, ?)", [(home, row, mountpoint, client_id, body) for row, body in rows])
@@ -10014,7 +10006,6 @@ class SqliteStore(MemoryStore):
             try:
                 self.db.commit()
             except sqlite3.Error as exc:
-                self._lost = self._lost or self._promised
                 self._failed(exc)
             else:
                 self._dirty = False

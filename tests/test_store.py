@@ -692,6 +692,24 @@ def test_while_the_store_cannot_write_a_persistent_sessions_subscribe_is_refused
         assert routed == {"clean"}
 
 
+@pytest.mark.parametrize("fails", ["INSERT OR REPLACE INTO copies", "INSERT OR REPLACE INTO retained"])
+def test_a_rolled_back_transaction_never_lets_its_promises_be_acknowledged(tmp_path, fails):
+    """Any write that fails rolls back the whole open transaction: a QoS 1 message written before it, and
+    copies of another node's messages (acknowledged to it after the commit), must then count as lost,
+    whichever statement failed. A failed copy write used to leave the message acknowledged; copies
+    rolled back by another statement's failure used to be acknowledged."""
+    with failing_store(str(tmp_path / "messages.db")) as (store, failing):
+        if "copies" in fails:
+            store.add_message("", "a", vmqapi.Message("t", b"x", 1, ref=1), 1)
+        store.put_copies("home", "", "b", [(7, b"frame")])
+        failing.fail = fails
+        store.put_copies("home", "", "b", [(8, b"frame")])
+        store.put_retained("", vmqapi.Message("r", b"kept", 0, True, 2))
+        assert not store.commit()
+        store.put_copies("home", "", "b", [(9, b"frame")])
+        assert store.commit()
+
+
 def test_a_session_deleted_while_its_row_waits_does_not_come_back(tmp_path):
     path = str(tmp_path / "messages.db")
     with failing_store(path) as (store, failing):
